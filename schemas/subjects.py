@@ -1,0 +1,30 @@
+"""Every NATS subject, queue group and header name Lifeline uses, in one place."""
+
+# Clients send chat requests here (core request/reply).
+COMPLETE = "llm.complete"
+DISPATCHER_QUEUE = "lifeline-dispatchers"
+
+# One subject per provider; the replicas of a provider's worker share its queue group.
+PROVIDER_PREFIX = "llm.provider."
+# One audit event per request, on llm.audit.ok or llm.audit.error.
+AUDIT_PREFIX = "llm.audit."
+AUDIT_ALL = AUDIT_PREFIX + ">"
+
+# W3C trace context travels in NATS headers under its HTTP name.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# Absolute deadline of an attempt, Unix epoch milliseconds: a worker drops work past it.
+DEADLINE_MS = "Lifeline-Deadline-Ms"
+REQUEST_ID = "Lifeline-Request-Id"
+
+
+def provider_subject(name: str) -> str:
+    return PROVIDER_PREFIX + name
+
+
+def provider_queue(name: str) -> str:
+    return "lifeline-provider-" + name
+
+
+def audit_subject(status: str) -> str:
+    return AUDIT_PREFIX + status

@@ -1,0 +1,99 @@
+"""Wiring: connect to NATS and start a dispatcher, a worker, or all of them.
+
+Each component gets its own NATS connection, exactly as if it ran in its own process:
+`lifeline run` is the same thing as one `lifeline dispatcher` plus one `lifeline worker`
+per provider, just in one process for convenience.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client
+from opentelemetry.sdk.trace import TracerProvider
+
+from service.config import Config
+from service.dispatcher import Dispatcher
+from workers.registry import build_provider
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("lifeline")
+
+
+class NatsUnreachable(RuntimeError):
+    pass
+
+
+async def connect(url: str, name: str) -> Client:
+    async def on_error(exc: Exception) -> None:
+        log.warning("%s: NATS connection problem: %s", name, exc)
+
+    try:
+        return await nats.connect(
+            url, name=name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True, error_cb=on_error
+        )
+    except Exception as exc:  # nats-py raises several unrelated types here
+        raise NatsUnreachable(
+            f"cannot reach NATS at {url} ({type(exc).__name__}: {exc}). Start one, set NATS_URL or --nats-url, "
+            "or use `lifeline run`, which starts an embedded server"
+        ) from None
+
+
+@dataclass
+class Component:
+    """A started dispatcher or worker and its connection."""
+
+    name: str
+    nc: Client
+    stop_runtime: Callable[[], Awaitable[None]]
+
+    async def stop(self) -> None:
+        await self.stop_runtime()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def start_dispatcher(config: Config, url: str, tracers: TracerProvider) -> tuple[Component, Dispatcher]:
+    nc = await connect(url, "lifeline-dispatcher")
+    dispatcher = Dispatcher(nc, config, tracers.get_tracer("lifeline.dispatcher"))
+    await dispatcher.start()
+    return Component("dispatcher", nc, dispatcher.stop), dispatcher
+
+
+async def start_worker(config: Config, name: str, url: str, tracers: TracerProvider) -> Component:
+    settings = config.providers[name]
+    provider = build_provider(settings)  # fails here, before connecting, on a missing API key
+    nc = await connect(url, f"lifeline-worker-{name}")
+    runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.get_tracer("lifeline.worker"), settings.timeout_s)
+    await runtime.start()
+    return Component(f"worker {name}", nc, runtime.stop)
+
+
+@dataclass
+class Stack:
+    """Everything `lifeline run` starts; stopped in reverse order."""
+
+    components: list[Component] = field(default_factory=list)
+    dispatcher: Dispatcher | None = None
+
+    async def stop(self) -> None:
+        for component in reversed(self.components):
+            await component.stop()
+        self.components.clear()
+
+
+async def start_stack(config: Config, url: str, tracers: TracerProvider, workers: list[str] | None = None) -> Stack:
+    """One dispatcher and one worker per provider (or per name in `workers`)."""
+    stack = Stack()
+    try:
+        for name in config.providers if workers is None else workers:
+            stack.components.append(await start_worker(config, name, url, tracers))
+        component, stack.dispatcher = await start_dispatcher(config, url, tracers)
+        stack.components.append(component)
+    except BaseException:
+        await stack.stop()
+        raise
+    return stack

@@ -1,0 +1,255 @@
+"""The `lifeline` command: run the service, run one part of it, or ask it something."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import uuid
+
+import msgspec
+
+from schemas import AuditEvent, ChatMessage, CompletionReply, CompletionRequest
+from schemas import subjects
+from schemas.wire import audit_decoder, encoder, reply_decoder
+from service import telemetry
+from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
+from service.config import Config, ConfigError, load_config
+from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url
+
+log = logging.getLogger("lifeline")
+
+DEFAULT_CONFIG = "lifeline.example.toml"
+LOCAL_NATS = "nats://127.0.0.1:4222"
+
+EPILOG = """\
+examples:
+  lifeline run                                  # everything, on an embedded NATS, example config
+  lifeline ask "Why did the chicken cross the road?"
+  lifeline dispatcher --config prod.toml --nats-url nats://nats:4222
+  lifeline worker openai --config prod.toml     # one provider worker; run N for N replicas
+
+NATS: --nats-url, else $NATS_URL; `run` starts an embedded server when neither is set.
+Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lifeline",
+        description="Lifeline: an LLM fallback service on NATS. Clients request llm.complete; "
+        "Lifeline tries the route's providers in order and answers with the first good result.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker")
+    _config_arg(run)
+    run.add_argument("--nats-url", help="use this NATS server instead of starting one (default: $NATS_URL)")
+    run.add_argument("--port", type=int, default=4222, help="port of the embedded NATS server (default: 4222; -1: any free port)")
+    run.add_argument("--quiet", action="store_true", help="do not print a line per request")
+
+    dispatcher = commands.add_parser("dispatcher", help="run one dispatcher against an existing NATS")
+    _config_arg(dispatcher)
+    _nats_arg(dispatcher)
+
+    worker = commands.add_parser("worker", help="run one provider worker against an existing NATS")
+    worker.add_argument("name", help="provider name, a [providers.<name>] table in the config")
+    _config_arg(worker)
+    _nats_arg(worker)
+
+    ask = commands.add_parser("ask", help="send one request and print the answer and every attempt")
+    ask.add_argument("prompt", help="the user message")
+    ask.add_argument("--system", help="a system message to send first")
+    ask.add_argument("--route", default="default", help="route name (default: default)")
+    ask.add_argument("--target", action="append", dest="targets", help="explicit provider, repeatable; overrides the route")
+    ask.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole request (default: 30)")
+    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _nats_arg(ask)
+
+    check = commands.add_parser("check-config", help="validate a config file and print what it defines")
+    _config_arg(check)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})")
+
+
+def _nats_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-url", help=f"NATS server (default: $NATS_URL, else {LOCAL_NATS})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    handlers = {"run": cmd_run, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "ask": cmd_ask, "check-config": cmd_check}
+    try:
+        return asyncio.run(handlers[args.command](args))
+    except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    url = default_nats_url(args.nats_url)
+    server = None
+    if url is None:
+        server = EmbeddedNats(port=args.port)
+        try:
+            url = server.start()
+        except EmbeddedNatsError as exc:
+            raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
+        print(f"embedded NATS (JetStream) listening on {url}")
+    tracers = telemetry.tracer_provider_from_env("lifeline")
+    stack: Stack | None = None
+    try:
+        stack = await start_stack(config, url, tracers)
+        _print_started(config, url)
+        watcher = None if args.quiet else await _watch_audit(url)
+        await _until_signalled()
+        print("\nshutting down: finishing requests in flight...")
+        if watcher is not None:
+            await watcher.drain()
+    finally:
+        if stack is not None:
+            await stack.stop()
+        tracers.shutdown()
+        if server is not None:
+            server.stop()
+    print("stopped")
+    return 0
+
+
+def _describe(config: Config) -> None:
+    for name, p in config.providers.items():
+        print(f"provider {name:<12} kind={p.kind} model={p.model or '-'} timeout_s={p.timeout_s:g}")
+    for name, route in config.routes.items():
+        fallback_on = ", ".join(map(str, route.fallback_on)) if route.fallback_on is not None else "any failure"
+        print(f"route    {name:<12} {' -> '.join(route.targets)}  (falls back on: {fallback_on})")
+
+
+def _print_started(config: Config, url: str) -> None:
+    _describe(config)
+    hint = "" if url == LOCAL_NATS else f" --nats-url {url}"
+    print(f"dispatcher ready on {subjects.COMPLETE}. In another shell:\n"
+          f"  lifeline ask{hint} \"Why did the chicken cross the road?\"\nCtrl-C to stop.")  # fmt: skip
+
+
+async def _watch_audit(url: str):
+    """Print one line per request from the audit subject: the service's live log."""
+    nc = await connect(url, "lifeline-run-watch")
+
+    async def show(msg) -> None:
+        try:
+            event: AuditEvent = audit_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        chain = " -> ".join(f"{a.provider}:{a.error_type or a.outcome}" for a in event.attempts) or "-"
+        why = f" ({event.error_type})" if event.error_type else ""
+        print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}")
+
+    await nc.subscribe(subjects.AUDIT_ALL, cb=show)
+    return nc
+
+
+async def cmd_dispatcher(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
+    component, _ = await start_dispatcher(config, url, tracers)
+    log.info("dispatcher serving %s on %s (queue group %s)", subjects.COMPLETE, url, subjects.DISPATCHER_QUEUE)
+    await _serve(component, tracers)
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.name not in config.providers:
+        raise ConfigError(f"{args.config}: no [providers.{args.name}] table (configured: {', '.join(config.providers)})")
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
+    component = await start_worker(config, args.name, url, tracers)
+    log.info("worker %s serving %s on %s", args.name, subjects.provider_subject(args.name), url)
+    await _serve(component, tracers)
+    return 0
+
+
+async def _serve(component, tracers) -> None:
+    try:
+        await _until_signalled()
+        log.info("stopping %s: finishing requests in flight", component.name)
+    finally:
+        await component.stop()
+        tracers.shutdown()
+
+
+async def cmd_ask(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
+    request = CompletionRequest(
+        messages=messages, id=uuid.uuid4().hex, route=args.route, targets=args.targets,
+        max_tokens=args.max_tokens, timeout_s=args.timeout,
+    )  # fmt: skip
+    nc = await connect(url, "lifeline-ask")
+    try:
+        # A little over the request's own timeout: the dispatcher always answers first.
+        msg = await nc.request(subjects.COMPLETE, encoder.encode(request), timeout=args.timeout + 2)
+    except Exception as exc:
+        print(f"lifeline: no answer from a dispatcher on {url} ({type(exc).__name__}); is `lifeline run` up?", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if args.json:
+        print(msg.data.decode())
+    else:
+        _print_reply(reply_decoder.decode(msg.data))
+    return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
+
+
+def _print_reply(reply: CompletionReply) -> None:
+    if reply.status == "ok":
+        print(reply.content)
+        print(f"\nserved by {reply.provider} ({reply.model}) in {reply.latency_ms:.1f} ms")
+    else:
+        assert reply.error is not None
+        print(f"error: {reply.error.type}: {reply.error.message}")
+    if reply.attempts:
+        print("attempts:")
+        for i, a in enumerate(reply.attempts, 1):
+            outcome = "ok" if a.outcome == "ok" else f"{a.error_type} {a.status_code or ''}"
+            print(f"  {i}. {a.provider:<12} {a.model:<20} {outcome:<18} {a.latency_ms:8.1f} ms")
+            if a.message:
+                print(f"     {a.message}")
+    print(f"id {reply.id}  trace {reply.trace_id or '-'}")
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK")
+    _describe(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

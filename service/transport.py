@@ -1,0 +1,44 @@
+"""The dispatcher's NATS seam: ask a provider worker, answer a client, publish audit.
+
+Transport outcomes become ProviderFailures here, so the fallback loop sees one shape:
+no worker subscribed -> "no_responders" at once; no reply in time -> "timeout". A reply
+that arrives after its attempt was given up is dropped by nats-py (its inbox token is gone).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+
+from schemas import AuditEvent, CompletionReply, ProviderFailure, ProviderReply
+from schemas.subjects import audit_subject, provider_subject
+from schemas.wire import encoder, provider_reply_decoder
+
+
+class NatsTransport:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+
+    async def ask_provider(
+        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+    ) -> ProviderReply:
+        subject = provider_subject(provider)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=headers)
+        except NoRespondersError:
+            return ProviderFailure(
+                "no_responders", f"no worker is listening on {subject}: start one with `lifeline worker {provider}`"
+            )
+        except NatsTimeoutError:
+            return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
+        try:
+            return provider_reply_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            return ProviderFailure("server_error", f"worker on {subject} sent a reply that breaks the protocol: {exc}")
+
+    async def answer(self, reply_subject: str, reply: CompletionReply) -> None:
+        await self.nc.publish(reply_subject, encoder.encode(reply))
+
+    async def audit(self, event: AuditEvent) -> None:
+        await self.nc.publish(audit_subject(event.status), encoder.encode(event))

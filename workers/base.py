@@ -1,0 +1,121 @@
+"""What every provider kind implements, and the error mapping they share.
+
+    ProviderError            a provider call failed; `kind` is one of schemas.ERROR_KINDS
+    classify_status(code)    HTTP status -> error kind (429 rate_limit, 5xx server_error, ...)
+    post_json(...)           one HTTP attempt, transport errors mapped to ProviderError
+
+Workers make exactly one HTTP attempt per request: retries, fallback and deadlines
+belong to the dispatcher, so nothing here retries.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from schemas import ProviderOk, ProviderRequest
+
+
+class ProviderError(Exception):
+    """A provider call failed in a way the dispatcher may fall back on."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class Provider(Protocol):
+    """One provider kind. `complete` makes one call and returns or raises ProviderError."""
+
+    model: str
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Keys every [providers.<name>] table accepts; each kind adds its own."""
+
+    kind: str
+    model: str = ""
+    timeout_s: float = 30.0
+
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def classify_status(status_code: int) -> str:
+    if status_code == 429:
+        return "rate_limit"
+    if status_code in (401, 403):
+        return "auth"
+    if status_code == 408:
+        return "timeout"
+    if status_code >= 500:
+        return "server_error"
+    return "bad_request"
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds (delta form only; dates are ignored)."""
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    """The provider's JSON error object, or {} when the body is not JSON."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def http_client(base_url: str, headers: dict[str, str], timeout_s: float) -> httpx.AsyncClient:
+    """The one pooled client a worker keeps for its provider. httpx never retries on its own."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+    )
+
+
+async def post_json(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One POST; transport failures become ProviderError(timeout | connection).
+
+    The current trace context goes out as `traceparent`, so the provider call is part of
+    the request's trace.
+    """
+    headers = dict(headers or {})
+    _propagator.inject(headers)
+    try:
+        return await client.post(url, json=body, timeout=timeout_s, headers=headers)
+    except httpx.TimeoutException as exc:
+        raise ProviderError("timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,105 @@
+"""The provider worker runtime: subscribe, decode, call the provider once, always reply.
+
+A worker serves one provider on llm.provider.<name>, in the queue group of that provider,
+so N replicas share the load. It knows its provider, never the routes. Protocol (any
+language can implement it): the request body is a ProviderRequest; the reply is a
+ProviderOk or ProviderFailure; the `Lifeline-Deadline-Ms` header is the Unix time in ms
+after which the dispatcher no longer waits, so work past it is dropped unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
+from schemas.subjects import DEADLINE_MS, provider_queue, provider_subject
+from schemas.wire import encoder, provider_request_decoder
+from service import telemetry
+from workers.base import Provider, ProviderError
+
+log = logging.getLogger("lifeline.worker")
+
+
+class WorkerRuntime:
+    def __init__(
+        self, name: str, kind: str, provider: Provider, nc: Client, tracer: trace.Tracer, timeout_s: float
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.provider = provider
+        self.nc = nc
+        self.tracer = tracer
+        self.timeout_s = timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            provider_subject(self.name), queue=provider_queue(self.name), cb=self._on_msg, pending_msgs_limit=-1
+        )
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        await self.provider.aclose()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        task = asyncio.create_task(self.handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def handle(self, msg: Msg) -> None:
+        timeout_s = self._time_left(msg.headers)
+        if timeout_s <= 0:
+            return  # the dispatcher has already moved on; calling now would only cost money
+        started = time.perf_counter()
+        try:
+            request = provider_request_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            reply: ProviderReply = ProviderFailure("bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}")
+        else:
+            reply = await self._call(request, timeout_s, msg.headers)
+        if msg.reply:
+            reply = msgspec.structs.replace(reply, latency_ms=(time.perf_counter() - started) * 1000)
+            await self.nc.publish(msg.reply, encoder.encode(reply))
+
+    def _time_left(self, headers: dict[str, str] | None) -> float:
+        deadline = headers.get(DEADLINE_MS) if headers else None
+        if deadline is None:
+            return self.timeout_s
+        try:
+            return min(self.timeout_s, int(deadline) / 1000 - time.time())
+        except ValueError:
+            return self.timeout_s
+
+    async def _call(self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None) -> ProviderReply:
+        model = request.model or self.provider.model
+        parent = telemetry.extract(headers)
+        with self.tracer.start_as_current_span(f"chat {model}", context=parent, kind=SpanKind.CLIENT) as span:
+            try:
+                # The provider gets the time left before the dispatcher's deadline, and no more:
+                # a call nobody waits for is cancelled, not left running (and billing).
+                async with asyncio.timeout(timeout_s):
+                    reply: ProviderReply = await self.provider.complete(request, timeout_s)
+            except ProviderError as exc:
+                reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
+            except TimeoutError:
+                reply = ProviderFailure("timeout", f"{self.name} did not answer within {timeout_s:.3g} s")
+            except Exception as exc:
+                log.exception("provider %s raised unexpectedly", self.name)
+                reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
+            if span.is_recording():
+                telemetry.annotate_attempt(span, self.name, self.kind, model, reply)
+        return reply
+
