@@ -35,7 +35,7 @@ from schemas.wire import (
 from service import telemetry
 from service.config import Config
 from service.policy import ChainResult, Target, run_chain
-from service.transport import NatsTransport
+from service.transport import NatsTransport, ensure_subscribed
 
 log = logging.getLogger("lifeline.dispatcher")
 
@@ -79,6 +79,7 @@ class Dispatcher:
         self._sub = await self.transport.nc.subscribe(
             subjects.COMPLETE, queue=subjects.DISPATCHER_QUEUE, cb=self._on_msg, pending_msgs_limit=-1
         )
+        await ensure_subscribed(self.transport.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, then let the ones in flight finish (up to grace_s)."""

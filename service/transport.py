@@ -16,6 +16,18 @@ from schemas.subjects import audit_subject, provider_subject
 from schemas.wire import encoder, provider_reply_decoder
 
 
+async def ensure_subscribed(nc: Client) -> None:
+    """Return once the server has registered every subscription made so far on `nc`.
+
+    One flush is not enough with nats-py 2.16: flush() writes its PING straight to the
+    socket, ahead of a SUB still waiting in the pending buffer, so the PONG can come back
+    before the server has seen the SUB. The first flush pushes the buffer out; the second
+    PING then travels behind the SUB.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 class NatsTransport:
     def __init__(self, nc: Client) -> None:
         self.nc = nc

@@ -3,6 +3,7 @@
     ProviderError            a provider call failed; `kind` is one of schemas.ERROR_KINDS
     classify_status(code)    HTTP status -> error kind (429 rate_limit, 5xx server_error, ...)
     post_json(...)           one HTTP attempt, transport errors mapped to ProviderError
+    error_message(...)       a provider's error text, short, one line, never the API key
 
 Workers make exactly one HTTP attempt per request: retries, fallback and deadlines
 belong to the dispatcher, so nothing here retries.
@@ -11,6 +12,7 @@ belong to the dispatcher, so nothing here retries.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -56,6 +58,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 
 _propagator = TraceContextTextMapPropagator()
+_MESSAGE_LIMIT = 300
 
 
 def classify_status(status_code: int) -> str:
@@ -119,3 +122,22 @@ async def post_json(
         raise ProviderError("timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
+
+
+def require_api_key(environ: Mapping[str, str], name: str) -> str:
+    key = environ.get(name, "")
+    if not key:
+        raise ValueError(f"provider needs an API key: set the environment variable {name}")
+    return key
+
+
+def error_message(label: str, status: int, text: str, secret: str) -> str:
+    """'<label> <status>: <text>', one line, short, and never carrying the API key."""
+    if secret:
+        text = text.replace(secret, "***")
+    return f"{label} {status}: {' '.join(text.split())}"[:_MESSAGE_LIMIT]
+
+
+def unexpected_body(response: httpx.Response, detail: str) -> ProviderError:
+    message = f"provider returned an unexpected response body: {detail}"[:_MESSAGE_LIMIT]
+    return ProviderError("server_error", message, response.status_code)

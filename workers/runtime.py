@@ -23,6 +23,7 @@ from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.subjects import DEADLINE_MS, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
+from service.transport import ensure_subscribed
 from workers.base import Provider, ProviderError
 
 log = logging.getLogger("lifeline.worker")
@@ -45,6 +46,7 @@ class WorkerRuntime:
         self._sub = await self.nc.subscribe(
             provider_subject(self.name), queue=provider_queue(self.name), cb=self._on_msg, pending_msgs_limit=-1
         )
+        await ensure_subscribed(self.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._sub is not None:

@@ -1,0 +1,278 @@
+"""The anthropic provider against the documented Messages API request, response and error bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.base import ProviderError
+
+KEY = "sk-ant-api03-test-0123456789abcdef"
+ENV = {"ANTHROPIC_API_KEY": KEY}
+
+# https://docs.anthropic.com/en/api/messages (response example)
+MESSAGE = {
+    "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-20250514",
+    "content": [{"type": "text", "text": "Hi! My name is Claude."}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {
+        "input_tokens": 2095,
+        "output_tokens": 503,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "service_tier": "standard",
+    },
+}
+
+
+def error(type_: str, message: str) -> dict[str, Any]:
+    """Anthropic's documented error body (https://docs.anthropic.com/en/api/errors)."""
+    return {"type": "error", "error": {"type": type_, "message": message}, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
+
+
+class Server:
+    """A MockTransport handler: records every request and gives each the same JSON answer (or raises)."""
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: Any = MESSAGE,
+        headers: dict[str, str] | None = None,
+        raises: type[httpx.TransportError] | None = None,
+    ) -> None:
+        self.status, self.body, self.headers, self.raises = status, body, headers or {}, raises
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.raises is not None:
+            raise self.raises("simulated", request=request)
+        return httpx.Response(self.status, json=self.body, headers=self.headers)
+
+    @property
+    def request(self) -> httpx.Request:
+        assert len(self.requests) == 1
+        return self.requests[0]
+
+    def sent_json(self) -> dict[str, Any]:
+        return json.loads(self.request.content)
+
+
+def settings(**overrides: Any) -> AnthropicSettings:
+    return msgspec.convert({"kind": "anthropic", "model": "claude-sonnet-4-20250514", **overrides}, AnthropicSettings)
+
+
+@pytest.fixture
+async def make():
+    """make(server, **settings) -> an AnthropicProvider talking to `server`; all are closed after the test."""
+    providers: list[AnthropicProvider] = []
+
+    def _make(server: Server, **overrides: Any) -> AnthropicProvider:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(server))
+        provider = AnthropicProvider(settings(**overrides), client, environ=ENV)
+        providers.append(provider)
+        return provider
+
+    yield _make
+    for provider in providers:
+        await provider.aclose()
+
+
+def request(*messages: tuple[str, str], **fields: Any) -> ProviderRequest:
+    chat = [ChatMessage(role, content) for role, content in messages or [("user", "Hello, Claude")]]
+    return ProviderRequest(id="r1", messages=chat, **fields)
+
+
+async def failure(provider: AnthropicProvider) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(request(), timeout_s=5)
+    return caught.value
+
+
+# ---- the request ----------------------------------------------------------------------
+
+
+async def test_posts_to_the_messages_url(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert server.request.method == "POST"
+    assert str(server.request.url) == "https://api.anthropic.com/v1/messages"
+
+
+async def test_sends_the_api_key_and_the_api_version_headers(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert server.request.headers["x-api-key"] == KEY
+    assert server.request.headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in server.request.headers
+
+
+async def test_sends_model_messages_and_the_default_max_tokens(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert server.sent_json() == {
+        "model": "claude-sonnet-4-20250514",
+        "max_tokens": 1024,
+        "messages": [{"role": "user", "content": "Hello, Claude"}],
+    }
+
+
+async def test_sends_the_requests_max_tokens_and_temperature(make):
+    server = Server()
+    await make(server).complete(request(max_tokens=256, temperature=0.5), timeout_s=5)
+    assert (server.sent_json()["max_tokens"], server.sent_json()["temperature"]) == (256, 0.5)
+
+
+async def test_system_messages_are_joined_into_the_system_field(make):
+    server = Server()
+    chat = request(("system", "You are terse."), ("user", "Hi"), ("system", "Answer in French."))
+    await make(server).complete(chat, timeout_s=5)
+    assert server.sent_json()["system"] == "You are terse.\n\nAnswer in French."
+    assert server.sent_json()["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+async def test_consecutive_messages_of_one_role_are_passed_through(make):
+    server = Server()
+    await make(server).complete(request(("user", "One."), ("user", "Two.")), timeout_s=5)
+    assert server.sent_json()["messages"] == [{"role": "user", "content": "One."}, {"role": "user", "content": "Two."}]
+
+
+async def test_request_model_overrides_the_configured_model(make):
+    server = Server()
+    await make(server).complete(request(model="claude-3-5-haiku-20241022"), timeout_s=5)
+    assert server.sent_json()["model"] == "claude-3-5-haiku-20241022"
+
+
+# ---- the answer -----------------------------------------------------------------------
+
+
+async def test_parses_content_model_and_usage_from_the_message(make):
+    ok = await make(Server()).complete(request(), timeout_s=5)
+    assert ok == ProviderOk(
+        content="Hi! My name is Claude.",
+        model="claude-sonnet-4-20250514",
+        usage=Usage(input_tokens=2095, output_tokens=503),
+    )
+
+
+async def test_text_blocks_are_concatenated_and_other_blocks_skipped(make):
+    blocks = [
+        {"type": "thinking", "thinking": "The user greets me.", "signature": "EqQBCgIYAhIM"},
+        {"type": "text", "text": "Hi! "},
+        {"type": "text", "text": "My name is Claude."},
+    ]
+    ok = await make(Server(body={**MESSAGE, "content": blocks})).complete(request(), timeout_s=5)
+    assert ok.content == "Hi! My name is Claude."
+
+
+async def test_a_refusal_maps_to_content_filter(make):
+    err = await failure(make(Server(body={**MESSAGE, "content": [], "stop_reason": "refusal"})))
+    assert (err.kind, err.status_code) == ("content_filter", 200)
+
+
+async def test_a_200_without_content_is_a_server_error(make):
+    err = await failure(make(Server(body={"id": "msg_1", "type": "message", "role": "assistant"})))
+    assert err.kind == "server_error"
+    assert err.message.startswith("provider returned an unexpected response body")
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
+    message = "This request would exceed the rate limit for your organization of 50,000 input tokens per minute."
+    err = await failure(make(Server(429, error("rate_limit_error", message), headers={"retry-after": "17"})))
+    assert (err.kind, err.status_code, err.retry_after_s) == ("rate_limit", 429, 17.0)
+    assert err.message.startswith("anthropic 429: This request would exceed the rate limit")
+
+
+async def test_overloaded_529_maps_to_server_error(make):
+    err = await failure(make(Server(529, error("overloaded_error", "Overloaded"))))
+    assert (err.kind, err.status_code) == ("server_error", 529)
+
+
+@pytest.mark.parametrize(("status", "type_"), [(401, "authentication_error"), (403, "permission_error")])
+async def test_authentication_and_permission_errors_map_to_auth(make, status, type_):
+    err = await failure(make(Server(status, error(type_, "invalid x-api-key"))))
+    assert (err.kind, err.status_code) == ("auth", status)
+
+
+async def test_a_prompt_that_is_too_long_maps_to_context_length(make):
+    body = error("invalid_request_error", "prompt is too long: 208310 tokens > 200000 maximum")
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+
+
+async def test_input_plus_max_tokens_over_the_context_limit_maps_to_context_length(make):
+    message = "input length and `max_tokens` exceed context limit: 197779 + 20000 > 200000, decrease input length"
+    err = await failure(make(Server(400, error("invalid_request_error", message))))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+
+
+async def test_request_too_large_maps_to_context_length(make):
+    body = error("request_too_large", "Request exceeds the maximum allowed number of bytes.")
+    err = await failure(make(Server(413, body)))
+    assert (err.kind, err.status_code) == ("context_length", 413)
+
+
+async def test_other_invalid_requests_map_to_bad_request(make):
+    body = error("invalid_request_error", "temperature: range: 0..1")
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("bad_request", 400)
+
+
+async def test_not_found_maps_to_bad_request(make):
+    body = error("not_found_error", "model: claude-nonexistent")
+    err = await failure(make(Server(404, body)))
+    assert (err.kind, err.status_code) == ("bad_request", 404)
+
+
+async def test_an_api_error_is_a_server_error_after_exactly_one_call(make):
+    server = Server(500, error("api_error", "Internal server error"))
+    err = await failure(make(server))
+    assert (err.kind, err.status_code) == ("server_error", 500)
+    assert len(server.requests) == 1
+
+
+async def test_a_read_timeout_maps_to_timeout(make):
+    err = await failure(make(Server(raises=httpx.ReadTimeout)))
+    assert err.kind == "timeout"
+
+
+async def test_a_connect_error_maps_to_connection(make):
+    err = await failure(make(Server(raises=httpx.ConnectError)))
+    assert err.kind == "connection"
+
+
+async def test_the_api_key_never_appears_in_an_error_message(make):
+    err = await failure(make(Server(401, error("authentication_error", f"invalid x-api-key: {KEY}"))))
+    assert KEY not in err.message
+    assert "***" in err.message
+
+
+# ---- settings and keys ----------------------------------------------------------------
+
+
+def test_a_missing_api_key_env_var_raises_naming_the_variable():
+    with pytest.raises(ValueError, match="ANTHROPIC_API_KEY"):
+        AnthropicProvider(settings(), environ={})
+
+
+def test_settings_require_a_model():
+    with pytest.raises(msgspec.ValidationError, match="model"):
+        msgspec.convert({"kind": "anthropic"}, AnthropicSettings)
+
+
+def test_settings_reject_a_default_max_tokens_below_one():
+    with pytest.raises(msgspec.ValidationError, match="default_max_tokens"):
+        settings(default_max_tokens=0)

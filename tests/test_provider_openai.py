@@ -1,0 +1,298 @@
+"""The openai provider against OpenAI's documented Chat Completions request, response and error bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from workers.base import ProviderError
+from workers.openai import OpenAIProvider, OpenAISettings
+
+KEY = "sk-proj-test-0123456789abcdef"
+ENV = {"OPENAI_API_KEY": KEY}
+
+# https://platform.openai.com/docs/api-reference/chat/object
+COMPLETION = {
+    "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+    "object": "chat.completion",
+    "created": 1741569952,
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Hello! How can I assist you today?",
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 19,
+        "completion_tokens": 10,
+        "total_tokens": 29,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    },
+    "service_tier": "default",
+    "system_fingerprint": "fp_06737a9306",
+}
+
+
+def error(message: str, type_: str | None, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's documented error body."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Server:
+    """A MockTransport handler: records every request and gives each the same answer.
+
+    `body` is sent as JSON, or as plain text when it is a str; `raises` is an httpx
+    transport error to raise instead of answering.
+    """
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: Any = COMPLETION,
+        headers: dict[str, str] | None = None,
+        raises: type[httpx.TransportError] | None = None,
+    ) -> None:
+        self.status, self.body, self.headers, self.raises = status, body, headers or {}, raises
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.raises is not None:
+            raise self.raises("simulated", request=request)
+        if isinstance(self.body, str):
+            return httpx.Response(self.status, text=self.body, headers=self.headers)
+        return httpx.Response(self.status, json=self.body, headers=self.headers)
+
+    @property
+    def request(self) -> httpx.Request:
+        assert len(self.requests) == 1
+        return self.requests[0]
+
+    def sent_json(self) -> dict[str, Any]:
+        return json.loads(self.request.content)
+
+
+@pytest.fixture
+async def make():
+    """make(server, **settings) -> an OpenAIProvider talking to `server`; all are closed after the test."""
+    providers: list[OpenAIProvider] = []
+
+    def _make(server: Server, environ: dict[str, str] = ENV, **settings: Any) -> OpenAIProvider:
+        s = msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", **settings}, OpenAISettings)
+        provider = OpenAIProvider(s, httpx.AsyncClient(transport=httpx.MockTransport(server)), environ=environ)
+        providers.append(provider)
+        return provider
+
+    yield _make
+    for provider in providers:
+        await provider.aclose()
+
+
+def request(**fields: Any) -> ProviderRequest:
+    return ProviderRequest(id="r1", messages=[ChatMessage("user", "Hello!")], **fields)
+
+
+async def failure(provider: OpenAIProvider) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(request(), timeout_s=5)
+    return caught.value
+
+
+# ---- the request ----------------------------------------------------------------------
+
+
+async def test_posts_to_the_chat_completions_url(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert server.request.method == "POST"
+    assert str(server.request.url) == "https://api.openai.com/v1/chat/completions"
+
+
+async def test_sends_the_api_key_as_a_bearer_token(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert server.request.headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_sends_the_organization_header_when_configured(make):
+    server = Server()
+    await make(server, organization="org-abc123").complete(request(), timeout_s=5)
+    assert server.request.headers["openai-organization"] == "org-abc123"
+
+
+async def test_sends_model_and_messages_in_the_body(make):
+    server = Server()
+    messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!")]
+    await make(server).complete(ProviderRequest(id="r1", messages=messages), timeout_s=5)
+    assert server.sent_json() == {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+    }
+
+
+async def test_sends_max_tokens_and_temperature_when_set(make):
+    server = Server()
+    await make(server).complete(request(max_tokens=64, temperature=0.2), timeout_s=5)
+    assert server.sent_json()["max_tokens"] == 64
+    assert server.sent_json()["temperature"] == 0.2
+
+
+async def test_request_model_overrides_the_configured_model(make):
+    server = Server()
+    await make(server).complete(request(model="gpt-4o"), timeout_s=5)
+    assert server.sent_json()["model"] == "gpt-4o"
+
+
+# ---- the answer -----------------------------------------------------------------------
+
+
+async def test_parses_content_model_and_usage_from_the_completion(make):
+    ok = await make(Server()).complete(request(), timeout_s=5)
+    assert ok == ProviderOk(
+        content="Hello! How can I assist you today?",
+        model="gpt-4o-mini-2024-07-18",
+        usage=Usage(input_tokens=19, output_tokens=10),
+    )
+
+
+async def test_a_200_without_choices_is_a_server_error(make):
+    err = await failure(make(Server(body={"id": "chatcmpl-1", "object": "chat.completion"})))
+    assert err.kind == "server_error"
+    assert err.message.startswith("provider returned an unexpected response body")
+
+
+async def test_a_200_that_is_not_json_is_a_server_error(make):
+    err = await failure(make(Server(body="<html>upstream proxy page</html>")))
+    assert (err.kind, err.status_code) == ("server_error", 200)
+
+
+async def test_a_filtered_answer_maps_to_content_filter(make):
+    body = json.loads(json.dumps(COMPLETION))
+    body["choices"][0]["message"]["content"] = None
+    body["choices"][0]["finish_reason"] = "content_filter"
+    err = await failure(make(Server(body=body)))
+    assert err.kind == "content_filter"
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
+    body = error(
+        "Rate limit reached for gpt-4o-mini in organization org-abc123 on requests per min (RPM): "
+        "Limit 3, Used 3, Requested 1. Please try again in 20s.",
+        "requests",
+        "rate_limit_exceeded",
+    )
+    err = await failure(make(Server(429, body, headers={"retry-after": "20"})))
+    assert (err.kind, err.status_code, err.retry_after_s) == ("rate_limit", 429, 20.0)
+    assert err.message.startswith("openai 429: Rate limit reached for gpt-4o-mini")
+
+
+async def test_invalid_api_key_maps_to_auth(make):
+    body = error("Incorrect API key provided: sk-proj-****cdef.", "invalid_request_error", "invalid_api_key")
+    err = await failure(make(Server(401, body)))
+    assert (err.kind, err.status_code) == ("auth", 401)
+
+
+async def test_context_length_exceeded_maps_to_context_length(make):
+    body = error(
+        "This model's maximum context length is 128000 tokens. However, your messages resulted in "
+        "130123 tokens. Please reduce the length of the messages.",
+        "invalid_request_error",
+        "context_length_exceeded",
+        param="messages",
+    )
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+
+
+@pytest.mark.parametrize("code", ["content_filter", "content_policy_violation"])
+async def test_content_policy_codes_map_to_content_filter(make, code):
+    body = error("Your request was rejected as a result of our safety system.", "invalid_request_error", code)
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("content_filter", 400)
+
+
+async def test_other_400s_map_to_bad_request(make):
+    message = "Invalid value for 'temperature': expected a number <= 2."
+    body = error(message, "invalid_request_error", "invalid_value", param="temperature")
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("bad_request", 400)
+
+
+async def test_a_500_is_a_server_error_after_exactly_one_call(make):
+    message = "The server had an error while processing your request. Sorry about that!"
+    server = Server(500, error(message, "server_error", None))
+    err = await failure(make(server))
+    assert (err.kind, err.status_code) == ("server_error", 500)
+    assert len(server.requests) == 1
+
+
+async def test_a_read_timeout_maps_to_timeout(make):
+    err = await failure(make(Server(raises=httpx.ReadTimeout)))
+    assert err.kind == "timeout"
+
+
+async def test_a_connect_error_maps_to_connection(make):
+    err = await failure(make(Server(raises=httpx.ConnectError)))
+    assert err.kind == "connection"
+
+
+async def test_the_api_key_never_appears_in_an_error_message(make):
+    body = error(f"Incorrect API key provided: {KEY}.", "invalid_request_error", "invalid_api_key")
+    err = await failure(make(Server(401, body)))
+    assert KEY not in err.message
+    assert "***" in err.message
+
+
+async def test_error_messages_are_trimmed(make):
+    err = await failure(make(Server(400, error("x" * 5000, "invalid_request_error", None))))
+    assert len(err.message) <= 300
+
+
+# ---- settings and keys ----------------------------------------------------------------
+
+
+def test_a_missing_api_key_env_var_raises_naming_the_variable():
+    settings = msgspec.convert({"kind": "openai", "model": "gpt-4o-mini"}, OpenAISettings)
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        OpenAIProvider(settings, environ={})
+
+
+def test_settings_require_a_model():
+    with pytest.raises(msgspec.ValidationError, match="model"):
+        msgspec.convert({"kind": "openai", "model": ""}, OpenAISettings)
+
+
+def test_settings_reject_unknown_keys():
+    with pytest.raises(msgspec.ValidationError, match="api_key"):
+        msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", "api_key": KEY}, OpenAISettings)
+
+
+async def test_an_openai_compatible_server_needs_no_key_and_gets_no_authorization_header(make):
+    server = Server(body={**COMPLETION, "model": "llama3.1:8b"})
+    provider = make(server, environ={}, api_key_env="", base_url="http://localhost:11434/v1/", model="llama3.1:8b")
+    ok = await provider.complete(request(), timeout_s=5)
+    assert str(server.request.url) == "http://localhost:11434/v1/chat/completions"
+    assert "authorization" not in server.request.headers
+    assert ok.model == "llama3.1:8b"

@@ -1,0 +1,126 @@
+"""The `anthropic` provider: the Anthropic Messages API.
+
+    POST {base_url}/v1/messages     x-api-key: <key>, anthropic-version: <version>
+    {"model", "max_tokens", "system"?, "messages": [{"role": "user"|"assistant", "content"}], "temperature"?}
+    200 -> {"id", "type": "message", "role": "assistant", "model",
+            "content": [{"type": "text", "text"}, ...], "stop_reason", "usage": {"input_tokens", "output_tokens"}}
+    4xx/5xx -> {"type": "error", "error": {"type", "message"}}   (529 overloaded_error)
+
+System prompts are a top-level field, not a message role, and max_tokens is required.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from schemas import ProviderOk, ProviderRequest, Usage
+from workers.base import (
+    ProviderError,
+    ProviderSettings,
+    classify_status,
+    error_body,
+    error_message,
+    http_client,
+    post_json,
+    require_api_key,
+    retry_after_s,
+    unexpected_body,
+)
+
+# How the API words a prompt that does not fit the model's context window (invalid_request_error).
+_TOO_LONG = ("prompt is too long", "exceed context limit")
+
+
+class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = 1024  # the API requires max_tokens; used when a request sets none
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError('model must be set, e.g. model = "claude-sonnet-4-20250514"')
+        if not self.api_key_env:
+            raise ValueError("api_key_env must name the environment variable holding the API key")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+
+
+def messages_body(request: ProviderRequest, model: str, default_max_tokens: int) -> dict[str, Any]:
+    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"],
+    }
+    if system:
+        body["system"] = system
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    return body
+
+
+def parse_message(response: httpx.Response, model: str) -> ProviderOk:
+    """A 200 message object as ProviderOk; `model` stands in when the body names none."""
+    try:
+        data = response.json()
+        text = "".join(block["text"] for block in data["content"] if block.get("type") == "text")
+        usage = data.get("usage") or {}
+        tokens = Usage(input_tokens=usage.get("input_tokens") or 0, output_tokens=usage.get("output_tokens") or 0)
+        answered_by = data.get("model") or model
+        stop_reason = data.get("stop_reason")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise unexpected_body(response, repr(exc)) from exc
+    # stop_reason "refusal": the safety classifiers stopped the answer; it is not one to pass on.
+    if stop_reason == "refusal":
+        raise ProviderError("content_filter", "provider refused to answer (stop_reason refusal)", response.status_code)
+    return ProviderOk(content=text, model=answered_by, usage=tokens)
+
+
+def message_error(response: httpx.Response, secret: str) -> ProviderError:
+    error = error_body(response)
+    error_type = error.get("type")
+    text = str(error.get("message") or response.text)
+    kind = classify_status(response.status_code)
+    if error_type == "request_too_large" or (
+        error_type == "invalid_request_error" and any(phrase in text.lower() for phrase in _TOO_LONG)
+    ):
+        kind = "context_length"
+    elif error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
+        kind = "server_error"
+    message = error_message("anthropic", response.status_code, text, secret)
+    return ProviderError(kind, message, response.status_code, retry_after_s(response))
+
+
+class AnthropicProvider:
+    def __init__(
+        self,
+        settings: AnthropicSettings,
+        client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.settings = settings
+        self.model = settings.model
+        self._key = require_api_key(environ, settings.api_key_env)
+        self._url = settings.base_url.rstrip("/") + "/v1/messages"
+        # Auth goes with each request (not on the client), so an injected client sends it too.
+        self._headers = {"x-api-key": self._key, "anthropic-version": settings.anthropic_version}
+        self._client = client or http_client(settings.base_url, {}, settings.timeout_s)
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        model = request.model or self.model
+        body = messages_body(request, model, self.settings.default_max_tokens)
+        response = await post_json(self._client, self._url, body, timeout_s, self._headers)
+        if response.status_code != 200:
+            raise message_error(response, self._key)
+        return parse_message(response, model)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,69 @@
+"""The `azure_openai` provider: Azure OpenAI chat completions on one deployment.
+
+    POST {endpoint}/openai/deployments/{deployment}/chat/completions?api-version={api_version}
+    api-key: <key>
+    Request, 200 and error bodies have the OpenAI Chat Completions shape (see workers.openai),
+    so this module reuses its body builder and parsing. Azure's content filter answers a
+    prompt with 400 {"error": {"code": "content_filter", "innererror": {"code":
+    "ResponsibleAIPolicyViolation", ...}}} and an answer with finish_reason "content_filter".
+
+The deployment picks the model; the `model` sent in the body is informational to Azure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import httpx
+import msgspec
+
+from schemas import ProviderOk, ProviderRequest
+from workers.base import ProviderSettings, http_client, post_json, require_api_key
+from workers.openai import chat_body, chat_error, parse_chat_completion
+
+
+class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    endpoint: str  # https://<resource>.openai.azure.com
+    deployment: str
+    api_version: str = "2024-10-21"
+    api_key_env: str = "AZURE_OPENAI_API_KEY"
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith(("https://", "http://")):
+            raise ValueError(f"endpoint must be a URL like https://myres.openai.azure.com, got {self.endpoint!r}")
+        for name in ("deployment", "api_version", "api_key_env"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if not self.model:
+            # Frozen struct: the default is filled in the one place msgspec allows it.
+            msgspec.structs.force_setattr(self, "model", self.deployment)
+
+
+class AzureOpenAIProvider:
+    def __init__(
+        self,
+        settings: AzureOpenAISettings,
+        client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.settings = settings
+        self.model = settings.model
+        self._key = require_api_key(environ, settings.api_key_env)
+        endpoint = settings.endpoint.rstrip("/")
+        self._url = (
+            f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
+        )
+        # Auth goes with each request (not on the client), so an injected client sends it too.
+        self._headers = {"api-key": self._key}
+        self._client = client or http_client(endpoint, {}, settings.timeout_s)
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        model = request.model or self.model
+        response = await post_json(self._client, self._url, chat_body(request, model), timeout_s, self._headers)
+        if response.status_code != 200:
+            raise chat_error(response, "azure_openai", self._key)
+        return parse_chat_completion(response, model)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

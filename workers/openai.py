@@ -1,0 +1,128 @@
+"""The `openai` provider: OpenAI Chat Completions, and any server that speaks it.
+
+    POST {base_url}/chat/completions     Authorization: Bearer <key>, OpenAI-Organization: <org>
+    {"model", "messages": [{"role", "content"}], "max_tokens"?, "temperature"?}
+    200 -> {"id", "object": "chat.completion", "model",
+            "choices": [{"message": {"role", "content"}, "finish_reason"}],
+            "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+    4xx/5xx -> {"error": {"message", "type", "param", "code"}}
+
+Local OpenAI-compatible servers (vLLM, Ollama, llama.cpp, LM Studio) work with
+`base_url` pointed at them and `api_key_env = ""` (no Authorization header).
+The body builder and the response and error parsing are shared with workers.azure_openai.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from schemas import ProviderOk, ProviderRequest, Usage
+from workers.base import (
+    ProviderError,
+    ProviderSettings,
+    classify_status,
+    error_body,
+    error_message,
+    http_client,
+    post_json,
+    require_api_key,
+    retry_after_s,
+    unexpected_body,
+)
+
+# error.code (and Azure's error.innererror.code) values that mean more than the HTTP status says.
+_CODE_KINDS = {
+    "context_length_exceeded": "context_length",
+    "content_filter": "content_filter",
+    "content_policy_violation": "content_filter",
+    "ResponsibleAIPolicyViolation": "content_filter",
+}
+
+
+class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"  # None or "": send no Authorization header
+    base_url: str = "https://api.openai.com/v1"
+    organization: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError('model must be set, e.g. model = "gpt-4o-mini"')
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+
+
+def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+    }
+    # Unset options are left out so the provider's own defaults apply.
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    return body
+
+
+def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
+    """A 200 chat.completion as ProviderOk; `model` stands in when the body names none."""
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
+        usage = data.get("usage") or {}  # some compatible servers leave usage out
+        tokens = Usage(input_tokens=usage.get("prompt_tokens") or 0, output_tokens=usage.get("completion_tokens") or 0)
+        answered_by = data.get("model") or model
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise unexpected_body(response, repr(exc)) from exc
+    # A filtered answer is missing or cut short: a failure the route may fall back on, not an answer.
+    if choice.get("finish_reason") == "content_filter":
+        status = response.status_code
+        raise ProviderError("content_filter", "provider withheld the answer (finish_reason content_filter)", status)
+    if not isinstance(content, str):
+        raise unexpected_body(response, f"message.content is {content!r}")
+    return ProviderOk(content=content, model=answered_by, usage=tokens)
+
+
+def chat_error(response: httpx.Response, label: str, secret: str) -> ProviderError:
+    error = error_body(response)
+    inner = error.get("innererror")
+    codes = [error.get("code"), inner.get("code") if isinstance(inner, dict) else None]
+    kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
+    kind = kinds[0] if kinds else classify_status(response.status_code)
+    text = str(error.get("message") or response.text)
+    message = error_message(label, response.status_code, text, secret)
+    return ProviderError(kind, message, response.status_code, retry_after_s(response))
+
+
+class OpenAIProvider:
+    def __init__(
+        self,
+        settings: OpenAISettings,
+        client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.settings = settings
+        self.model = settings.model
+        self._key = require_api_key(environ, settings.api_key_env) if settings.api_key_env else ""
+        self._url = settings.base_url.rstrip("/") + "/chat/completions"
+        # Auth goes with each request (not on the client), so an injected client sends it too.
+        self._headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        if settings.organization:
+            self._headers["OpenAI-Organization"] = settings.organization
+        self._client = client or http_client(settings.base_url, {}, settings.timeout_s)
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        model = request.model or self.model
+        response = await post_json(self._client, self._url, chat_body(request, model), timeout_s, self._headers)
+        if response.status_code != 200:
+            raise chat_error(response, "openai", self._key)
+        return parse_chat_completion(response, model)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
