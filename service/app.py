@@ -27,13 +27,21 @@ class NatsUnreachable(RuntimeError):
     pass
 
 
-async def connect(url: str, name: str) -> Client:
+async def connect(url: str, name: str, *, wait_for_server: bool = True) -> Client:
+    """Connect to NATS. Services wait for the server (logging each retry), clients give up fast."""
+
     async def on_error(exc: Exception) -> None:
-        log.warning("%s: NATS connection problem: %s", name, exc)
+        log.warning("%s: NATS at %s: %s: %s", name, url, type(exc).__name__, exc or "retrying")
 
     try:
         return await nats.connect(
-            url, name=name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True, error_cb=on_error
+            url,
+            name=name,
+            connect_timeout=5,
+            # nats-py retries the first connect too; -1 waits for a server that starts later.
+            max_reconnect_attempts=-1 if wait_for_server else 1,
+            reconnect_time_wait=2 if wait_for_server else 0.2,
+            error_cb=on_error,
         )
     except Exception as exc:  # nats-py raises several unrelated types here
         raise NatsUnreachable(
@@ -63,13 +71,13 @@ async def start_dispatcher(config: Config, url: str, tracers: TracerProvider) ->
     return Component("dispatcher", nc, dispatcher.stop), dispatcher
 
 
-async def start_worker(config: Config, name: str, url: str, tracers: TracerProvider) -> Component:
+async def start_worker(config: Config, name: str, url: str, tracers: TracerProvider) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
     provider = build_provider(settings)  # fails here, before connecting, on a missing API key
     nc = await connect(url, f"lifeline-worker-{name}")
     runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.get_tracer("lifeline.worker"), settings.timeout_s)
     await runtime.start()
-    return Component(f"worker {name}", nc, runtime.stop)
+    return Component(f"worker {name}", nc, runtime.stop), runtime
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Stack:
 
     components: list[Component] = field(default_factory=list)
     dispatcher: Dispatcher | None = None
+    workers: dict[str, WorkerRuntime] = field(default_factory=dict)
 
     async def stop(self) -> None:
         for component in reversed(self.components):
@@ -90,7 +99,8 @@ async def start_stack(config: Config, url: str, tracers: TracerProvider, workers
     stack = Stack()
     try:
         for name in config.providers if workers is None else workers:
-            stack.components.append(await start_worker(config, name, url, tracers))
+            component, stack.workers[name] = await start_worker(config, name, url, tracers)
+            stack.components.append(component)
         component, stack.dispatcher = await start_dispatcher(config, url, tracers)
         stack.components.append(component)
     except BaseException:

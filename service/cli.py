@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
 import uuid
+from pathlib import Path
 
 import msgspec
 
@@ -119,7 +122,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             url = server.start()
         except EmbeddedNatsError as exc:
             raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
-        print(f"embedded NATS (JetStream) listening on {url}")
+        print(f"embedded NATS (JetStream) listening on {url}", flush=True)
     tracers = telemetry.tracer_provider_from_env("lifeline")
     stack: Stack | None = None
     try:
@@ -151,8 +154,18 @@ def _describe(config: Config) -> None:
 def _print_started(config: Config, url: str) -> None:
     _describe(config)
     hint = "" if url == LOCAL_NATS else f" --nats-url {url}"
-    print(f"dispatcher ready on {subjects.COMPLETE}. In another shell:\n"
-          f"  lifeline ask{hint} \"Why did the chicken cross the road?\"\nCtrl-C to stop.")  # fmt: skip
+    print(f"dispatcher ready on {subjects.COMPLETE} at {url}. In another shell:\n"
+          f"  {_own_command()} ask{hint} \"Why did the chicken cross the road?\"\nCtrl-C to stop.", flush=True)  # fmt: skip
+
+
+def _own_command() -> str:
+    """How to call this same `lifeline` from another shell, venv activated or not."""
+    script = Path(sys.executable).parent / "lifeline"
+    if not script.exists():
+        return f"{sys.executable} -m service.cli"
+    if shutil.which("lifeline") == str(script):
+        return "lifeline"
+    return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
 
 
 async def _watch_audit(url: str):
@@ -166,7 +179,7 @@ async def _watch_audit(url: str):
             return
         chain = " -> ".join(f"{a.provider}:{a.error_type or a.outcome}" for a in event.attempts) or "-"
         why = f" ({event.error_type})" if event.error_type else ""
-        print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}")
+        print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}", flush=True)
 
     await nc.subscribe(subjects.AUDIT_ALL, cb=show)
     return nc
@@ -188,7 +201,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: no [providers.{args.name}] table (configured: {', '.join(config.providers)})")
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
-    component = await start_worker(config, args.name, url, tracers)
+    component, _ = await start_worker(config, args.name, url, tracers)
     log.info("worker %s serving %s on %s", args.name, subjects.provider_subject(args.name), url)
     await _serve(component, tracers)
     return 0
@@ -210,7 +223,11 @@ async def cmd_ask(args: argparse.Namespace) -> int:
         messages=messages, id=uuid.uuid4().hex, route=args.route, targets=args.targets,
         max_tokens=args.max_tokens, timeout_s=args.timeout,
     )  # fmt: skip
-    nc = await connect(url, "lifeline-ask")
+    try:
+        nc = await connect(url, "lifeline-ask", wait_for_server=False)
+    except NatsUnreachable as exc:
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 1
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
         msg = await nc.request(subjects.COMPLETE, encoder.encode(request), timeout=args.timeout + 2)

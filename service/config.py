@@ -36,6 +36,13 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     default_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     max_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
 
+    def __post_init__(self) -> None:
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError(
+                f"default_timeout_s ({self.default_timeout_s:g}) is above max_timeout_s ({self.max_timeout_s:g}): "
+                "every request without its own timeout_s would be refused"
+            )
+
 
 class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     targets: Annotated[list[str], Meta(min_length=1)]
@@ -44,9 +51,11 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    providers: dict[str, dict[str, Any]]
-    routes: dict[str, RouteConfig] = {}
-    dispatcher: DispatcherSettings = DispatcherSettings()
+    # Tables are validated one entry at a time below, so errors can name the entry
+    # (msgspec writes dict keys as `[...]` in its paths).
+    providers: dict[str, Any]
+    routes: dict[str, Any] = {}
+    dispatcher: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -62,6 +71,8 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (pass --config, or copy lifeline.example.toml)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
@@ -75,9 +86,11 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     if not raw.providers:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
     providers = {name: _provider(name, table) for name, table in raw.providers.items()}
-    for name, route in raw.routes.items():
+    routes = {name: _convert(table, RouteConfig, f"routes.{name}") for name, table in raw.routes.items()}
+    for name, route in routes.items():
         _check_route(name, route, providers)
-    return Config(providers=providers, routes=raw.routes, dispatcher=raw.dispatcher, source=source)
+    dispatcher = _convert(raw.dispatcher, DispatcherSettings, "dispatcher")
+    return Config(providers=providers, routes=routes, dispatcher=dispatcher, source=source)
 
 
 def _provider(name: str, table: Any) -> ProviderSettings:
@@ -121,7 +134,7 @@ def _located(prefix: str, exc: msgspec.ValidationError) -> str:
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$")
     if not sep:
-        return f"{prefix}: {text}" if prefix else text
+        message, where = text, ""
     path = (prefix + where.rstrip("`")).lstrip(".")
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:

@@ -54,10 +54,13 @@ async def run_chain(
 ) -> ChainResult:
     """Try each target until one answers; `deadline` is on `clock`'s scale."""
     attempts: list[Attempt] = []
+    previous: tuple[Target, ProviderFailure] | None = None
     for i, target in enumerate(targets):
         remaining_s = deadline - clock()
         if remaining_s <= 0:
             return ChainResult(None, None, attempts, _deadline_error(targets[i:]))
+        if previous is not None and on_fallback is not None:
+            on_fallback(previous[0], target, previous[1])  # only once the successor really starts
         started = clock()
         reply = await call(target, min(target.timeout_s, remaining_s))
         latency_ms = (clock() - started) * 1000
@@ -67,8 +70,7 @@ async def run_chain(
         attempts.append(_failed_attempt(target, reply, latency_ms))
         if not falls_back(reply, fallback_on):
             return ChainResult(None, None, attempts, _stopped_error(target, reply, targets[i + 1 :]))
-        if on_fallback is not None and i + 1 < len(targets):
-            on_fallback(target, targets[i + 1], reply)
+        previous = (target, reply)
     return ChainResult(None, None, attempts, _all_failed_error(attempts))
 
 

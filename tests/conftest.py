@@ -72,9 +72,11 @@ async def lifeline(nats_url: str, tracers: TracerProvider) -> AsyncIterator[Any]
 class AuditFeed:
     def __init__(self) -> None:
         self.events: list[tuple[str, AuditEvent]] = []
+        self.raw: list[bytes] = []
         self._changed = asyncio.Event()
 
     async def on_msg(self, msg: Any) -> None:
+        self.raw.append(msg.data)
         self.events.append((msg.subject, audit_decoder.decode(msg.data)))
         self._changed.set()
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import httpx
 import msgspec
+from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
@@ -54,7 +55,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     kind: str
     model: str = ""
-    timeout_s: float = 30.0
+    timeout_s: Annotated[float, Meta(gt=0)] = 30.0  # per attempt; a request's timeout_s can only shorten it
 
 
 _propagator = TraceContextTextMapPropagator()

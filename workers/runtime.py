@@ -56,6 +56,10 @@ class WorkerRuntime:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
         await self.provider.aclose()
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
     async def _on_msg(self, msg: Msg) -> None:
         task = asyncio.create_task(self.handle(msg))
         self._tasks.add(task)

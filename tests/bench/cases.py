@@ -1,0 +1,296 @@
+"""The benchmark cases and how a run goes: one nats-server, one fleet, interleaved rounds.
+
+A run starts one embedded nats-server and, each in its own process: the load generator,
+the direct responder, the relay and its responder, two Lifeline dispatchers (the second
+paused: it joins the queue group only for the scaling case) and one Lifeline worker per
+fake provider. It then measures every case once per round, round-robin (case A round 1,
+case B round 1, ..., case A round 2, ...), so slow drift of the machine spreads over all
+cases instead of biasing one; a case's figure is the median of its rounds. The memory case
+runs last, on the warm dispatcher.
+
+Per measurement the server-side CPU time is read from /proc before and after and divided
+by the requests handled (warm-up and drain included, so the division is exact).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import ChatMessage, ProviderRequest, subjects
+from schemas.wire import encoder
+from service.embedded import EmbeddedNats
+from tests.bench import loadgen, servers
+from tests.bench.harness import Fleet, Setup, cpu_seconds, cpu_snapshot, rss_bytes
+
+Log = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rounds: int
+    duration_s: float  # measured window per case and round
+    warmup_s: float  # unmeasured load before each window
+    memory_requests: int
+    memory_loads: int  # bursts in a row (the later ones show whether memory keeps growing)
+    slow_latency_ms: float  # the slow provider of the memory case
+    settle_s: float  # wait after a drain before reading RSS
+
+
+FULL = Profile("full", rounds=5, duration_s=2.0, warmup_s=0.3, memory_requests=10_000, memory_loads=2,
+               slow_latency_ms=3000, settle_s=1.0)  # fmt: skip
+QUICK = Profile("quick", rounds=2, duration_s=0.2, warmup_s=0.05, memory_requests=200, memory_loads=2,
+                slow_latency_ms=300, settle_s=0.2)  # fmt: skip
+
+HANG_TIMEOUT_S = 0.1  # timeout_s of the hung provider
+TICK_MS = 10.0  # latency of the provider of the concurrency check
+REQUEST_TIMEOUT_S = 10.0  # client-side timeout of one request
+
+# ---- subjects, payloads, Lifeline config ---------------------------------------------
+
+DIRECT_SUBJECT = "bench.direct"
+RELAY_SUBJECT = "bench.relay"
+RELAY_UPSTREAM = "bench.relay.upstream"
+
+PROVIDER_REQUEST = encoder.encode(ProviderRequest(id="bench", messages=[ChatMessage("user", "Hello")]))
+
+# Route name -> the providers it tries, in order.
+ROUTES = {
+    "main": ["ok"],
+    "fail_ok": ["fail", "ok"],
+    "ghost_ok": ["ghost", "ok"],
+    "hang_ok": ["hang", "ok"],
+    "tick": ["tick"],
+    "slow": ["slow"],
+}
+WORKERS = ["ok", "fail", "hang", "tick", "slow"]  # "ghost" is configured but has no worker
+
+
+def completion_request(route: str) -> bytes:
+    return encoder.encode({"messages": [{"role": "user", "content": "Hello"}], "route": route})
+
+
+def fake(**settings: Any) -> dict[str, Any]:
+    return {"kind": "fake", **settings}
+
+
+def lifeline_config(profile: Profile) -> dict[str, Any]:
+    """The config dict every dispatcher and worker parses (service.config.parse_config)."""
+    return {
+        "providers": {
+            "ok": fake(),
+            "fail": fake(fail_status=503),
+            "hang": fake(hang=True, timeout_s=HANG_TIMEOUT_S),
+            "ghost": fake(),
+            "tick": fake(latency_ms=TICK_MS),
+            "slow": fake(latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120),
+        },
+        "routes": {name: {"targets": targets} for name, targets in ROUTES.items()},
+        "dispatcher": {"default_timeout_s": profile.slow_latency_ms / 1000 + 120},
+    }
+
+
+# ---- the fleet -----------------------------------------------------------------------
+
+# Whose CPU time counts as "server side" for each system.
+SERVER_PROCESSES = {
+    "direct": ["responder-direct"],
+    "relay": ["relay", "responder-relay"],
+    "lifeline": ["dispatcher-1", "dispatcher-2", *(f"worker-{name}" for name in WORKERS)],
+}
+
+
+def fleet_specs(url: str, profile: Profile) -> list[tuple[str, Setup, dict[str, Any]]]:
+    config = lifeline_config(profile)
+    return [
+        ("loadgen", loadgen.setup, {"url": url}),
+        ("responder-direct", servers.responder, {"url": url, "subject": DIRECT_SUBJECT}),
+        ("responder-relay", servers.responder, {"url": url, "subject": RELAY_UPSTREAM}),
+        ("relay", servers.relay, {"url": url, "subject": RELAY_SUBJECT, "upstream": RELAY_UPSTREAM}),
+        ("dispatcher-1", servers.dispatcher, {"url": url, "config": config}),
+        ("dispatcher-2", servers.dispatcher, {"url": url, "config": config, "paused": True}),
+        *((f"worker-{name}", servers.worker, {"url": url, "config": config, "provider": name}) for name in WORKERS),
+    ]
+
+
+# ---- cases ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str  # unique id, also the key in results.json
+    section: str  # overhead | fallback | scaling | concurrency
+    label: str  # what the progress lines say
+    system: str  # direct | relay | lifeline: whose CPU counts
+    subject: str
+    payload: bytes
+    in_flight: int
+    decode: str  # "provider" (ProviderReply) or "lifeline" (CompletionReply)
+    lateness_of_ms: float | None = None  # hung case: report attempts[0].latency_ms - this
+    dispatchers: int = 1
+
+
+def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
+    return Case(key, section, label, "lifeline", subjects.COMPLETE, completion_request(route), in_flight, "lifeline", **kw)
+
+
+def all_cases() -> list[Case]:
+    """Every round-robin case, in the order each round runs them."""
+    cases: list[Case] = []
+    for n in (1, 64):
+        cases += [
+            Case(f"direct@{n}", "overhead", "direct", "direct", DIRECT_SUBJECT, PROVIDER_REQUEST, n, "provider"),
+            Case(f"relay@{n}", "overhead", "relay", "relay", RELAY_SUBJECT, PROVIDER_REQUEST, n, "provider"),
+            _lifeline(f"lifeline@{n}", "overhead", "lifeline", "main", n),
+        ]
+    cases += [
+        _lifeline("fallback-503@1", "fallback", "lifeline [fail 503, ok]", "fail_ok", 1),
+        _lifeline("fallback-noresp@1", "fallback", "lifeline [no responders, ok]", "ghost_ok", 1),
+        _lifeline("fallback-hang@64", "fallback", "lifeline [hung 100 ms, ok]", "hang_ok", 64,
+                  lateness_of_ms=HANG_TIMEOUT_S * 1000),  # fmt: skip
+        _lifeline("scaling-2@64", "scaling", "lifeline, 2 dispatchers", "main", 64, dispatchers=2),
+    ]
+    cases += [_lifeline(f"tick@{n}", "concurrency", f"lifeline, {TICK_MS:g} ms provider", "tick", n) for n in (1, 8, 64)]
+    return cases
+
+
+def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) -> dict[str, Any]:
+    """One closed-loop measurement of one case, with the CPU time it cost each server process."""
+    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]}
+    spec = {
+        "subject": case.subject, "payload": case.payload, "in_flight": case.in_flight, "decode": case.decode,
+        "warmup_s": profile.warmup_s, "duration_s": profile.duration_s, "timeout_s": REQUEST_TIMEOUT_S,
+        "lateness_of_ms": case.lateness_of_ms,
+    }  # fmt: skip
+    if case.dispatchers == 2:
+        fleet["dispatcher-2"].call("resume")
+    try:
+        cpu_before = cpu_snapshot(pids)
+        nats_before = cpu_seconds(nats_pid) if nats_pid else 0.0
+        result = fleet["loadgen"].call("run", spec, timeout_s=profile.warmup_s + profile.duration_s + 60)
+        cpu_after = cpu_snapshot(pids)
+        nats_after = cpu_seconds(nats_pid) if nats_pid else 0.0
+    finally:
+        if case.dispatchers == 2:
+            fleet["dispatcher-2"].call("pause")
+    handled = max(1, result["handled"])
+    per_process = {name: (cpu_after[name] - cpu_before[name]) / handled * 1e6 for name in pids}
+    result["cpu_us_per_req"] = {name: us for name, us in per_process.items() if us > 0}
+    result["server_cpu_us_per_req"] = sum(per_process.values())
+    result["nats_cpu_us_per_req"] = (nats_after - nats_before) / handled * 1e6 if nats_pid else None
+    return result
+
+
+def run_rounds(fleet: Fleet, cases: list[Case], profile: Profile, nats_pid: int | None, log: Log) -> dict[str, list[dict]]:
+    rounds: dict[str, list[dict]] = {case.key: [] for case in cases}
+    for r in range(1, profile.rounds + 1):
+        for case in cases:
+            log(f"round {r}/{profile.rounds}: {case.label} @{case.in_flight} ...", end=" ", flush=True)
+            result = measure(fleet, case, profile, nats_pid)
+            rounds[case.key].append(result)
+            log(_progress(result))
+    return rounds
+
+
+def _progress(result: dict[str, Any]) -> str:
+    text = (
+        f"{result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+        f"server CPU {result['server_cpu_us_per_req']:.0f} µs/req"
+    )
+    if result["errors"]:
+        text += f", {result['errors']} ERRORS (first: {result['first_error']})"
+    return text
+
+
+# ---- memory --------------------------------------------------------------------------
+
+
+def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
+    """RSS of dispatcher-1 with `memory_requests` requests waiting on the slow provider, and after."""
+    dispatcher, gen = fleet["dispatcher-1"], fleet["loadgen"]
+    pid = dispatcher.pid
+    spec = {
+        "subject": subjects.COMPLETE, "payload": completion_request("slow"), "count": profile.memory_requests,
+        "decode": "lifeline", "timeout_s": profile.slow_latency_ms / 1000 + 60,
+    }  # fmt: skip
+    baseline = rss_bytes(pid)
+    loads = []
+    for i in range(1, profile.memory_loads + 1):
+        log(f"memory load {i}/{profile.memory_loads}: {profile.memory_requests:,} requests on a "
+            f"{profile.slow_latency_ms:g} ms provider ...", end=" ", flush=True)  # fmt: skip
+        load = _memory_load(dispatcher, gen, spec, profile)
+        loads.append(load)
+        log(f"peak {load['peak_in_flight']:,} in flight, RSS {_mib(load['before'])} -> {_mib(load['peak'])} "
+            f"-> {_mib(load['after_drain'])} after drain, {load['errors']} errors")  # fmt: skip
+    first, last = loads[0], loads[-1]
+    growth = first["peak"] - baseline
+    return {
+        "requests": profile.memory_requests,
+        "provider_latency_ms": profile.slow_latency_ms,
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": first["peak"],
+        "peak_in_flight": first["peak_in_flight"],
+        "growth_bytes": growth,
+        "bytes_per_in_flight": growth / max(1, first["peak_in_flight"]),
+        "after_drain_rss_bytes": last["after_drain"],
+        "retained_bytes": last["after_drain"] - baseline,
+        "retained_share": (last["after_drain"] - baseline) / growth if growth > 0 else 0.0,
+        "loads": loads,
+    }
+
+
+def _memory_load(dispatcher: Any, gen: Any, spec: dict[str, Any], profile: Profile) -> dict[str, Any]:
+    before = rss_bytes(dispatcher.pid)
+    peak, peak_in_flight = before, 0
+    gen.send("burst", spec)
+    while not gen.poll(0.05):
+        in_flight = dispatcher.call("stats")["in_flight"]
+        peak, peak_in_flight = max(peak, rss_bytes(dispatcher.pid)), max(peak_in_flight, in_flight)
+    burst = gen.result(timeout_s=spec["timeout_s"] + 60, what="burst")
+    _wait_drained(dispatcher)
+    time.sleep(profile.settle_s)
+    return {
+        "before": before, "peak": peak, "peak_in_flight": peak_in_flight,
+        "after_drain": rss_bytes(dispatcher.pid), "errors": burst["errors"], "first_error": burst["first_error"],
+        "p50_ms": burst["p50_ms"], "burst_s": burst["window_s"],
+    }  # fmt: skip
+
+
+def _wait_drained(dispatcher: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while dispatcher.call("stats")["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ---- a whole run ---------------------------------------------------------------------
+
+
+def nats_server_pid(server: EmbeddedNats) -> int | None:
+    # EmbeddedNats has no public pid; its Popen is private. Without it nats-server CPU is not reported.
+    proc = getattr(server, "_proc", None)
+    return proc.pid if proc is not None else None
+
+
+def run(profile: Profile, log: Log) -> dict[str, Any]:
+    """Everything but the reporting: returns raw rounds and memory figures."""
+    server, fleet = EmbeddedNats(port=-1), Fleet()
+    try:
+        server.start()
+        log(f"nats-server on {server.url}; starting {len(fleet_specs(server.url, profile))} processes ...")
+        started = time.monotonic()
+        fleet.spawn(fleet_specs(server.url, profile))
+        log(f"all processes ready in {time.monotonic() - started:.1f} s")
+        cases = all_cases()
+        rounds = run_rounds(fleet, cases, profile, nats_server_pid(server), log)
+        memory = measure_memory(fleet, profile, log)
+        return {"cases": cases, "rounds": rounds, "memory": memory}
+    finally:
+        fleet.stop_all()
+        server.stop()

@@ -1,0 +1,131 @@
+"""The server-side processes under test; each function is the setup of one child process.
+
+    responder   a plain nats-py subscriber that answers every message with one fixed
+                ProviderOk JSON, one asyncio task per message (the "instant provider")
+    relay       the plain nats-py baseline for a hop: for each message a task does
+                nc.request(<responder subject>) and publishes the answer to msg.reply
+    dispatcher  the real Lifeline dispatcher (service.app.start_dispatcher), with tracing on
+    worker      a real Lifeline worker (service.app.start_worker) for one provider
+
+Lifeline runs with its real default features: msgspec decoding, one audit event per
+request, and tracing through an SDK TracerProvider with the default sampler (parent-based
+always-on) and a BatchSpanProcessor whose exporter drops the spans, so spans are created,
+recorded and queued for real, and only the export (network I/O) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from schemas import ProviderOk, Usage
+from schemas.wire import encoder
+from service.app import start_dispatcher, start_worker
+from service.config import parse_config
+from service.transport import ensure_subscribed
+from tests.bench.harness import Served
+
+INSTANT_ANSWER = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
+
+
+class DropSpans(SpanExporter):
+    """An exporter that accepts every batch and throws it away."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def tracer_provider() -> TracerProvider:
+    provider = TracerProvider()  # default sampler: ParentBased(ALWAYS_ON)
+    provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    return provider
+
+
+class _Tasks:
+    """One asyncio task per message, referenced until done (as Lifeline does)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+async def responder(params: dict[str, Any]) -> Served:
+    nc = await nats.connect(params["url"], name=params["name"])
+    tasks = _Tasks()
+
+    async def answer(msg: Msg) -> None:
+        await nc.publish(msg.reply, INSTANT_ANSWER)
+
+    async def on_msg(msg: Msg) -> None:
+        tasks.spawn(answer(msg))
+
+    await nc.subscribe(params["subject"], cb=on_msg)
+    await ensure_subscribed(nc)
+    return Served(stop=nc.close)
+
+
+async def relay(params: dict[str, Any]) -> Served:
+    nc = await nats.connect(params["url"], name=params["name"])
+    tasks = _Tasks()
+    upstream = params["upstream"]
+
+    async def forward(msg: Msg) -> None:
+        try:
+            answer = await nc.request(upstream, msg.data, timeout=params.get("timeout_s", 30.0))
+        except Exception:
+            return  # the client times out; a baseline needs no error path
+        await nc.publish(msg.reply, answer.data)
+
+    async def on_msg(msg: Msg) -> None:
+        tasks.spawn(forward(msg))
+
+    await nc.subscribe(params["subject"], cb=on_msg)
+    await ensure_subscribed(nc)
+    return Served(stop=nc.close)
+
+
+async def dispatcher(params: dict[str, Any]) -> Served:
+    """A Lifeline dispatcher; "pause"/"resume" leave/rejoin its queue group, "stats" reports in-flight."""
+    tracers = tracer_provider()
+    component, disp = await start_dispatcher(parse_config(params["config"]), params["url"], tracers)
+    if params.get("paused"):
+        await disp.stop()
+
+    async def pause(_: Any) -> None:
+        await disp.stop()
+
+    async def resume(_: Any) -> None:
+        await disp.start()
+
+    async def stats(_: Any) -> dict[str, int]:
+        return {"in_flight": disp.in_flight}
+
+    async def stop() -> None:
+        await component.stop()
+        tracers.shutdown()
+
+    return Served({"pause": pause, "resume": resume, "stats": stats}, stop)
+
+
+async def worker(params: dict[str, Any]) -> Served:
+    tracers = tracer_provider()
+    component = await start_worker(parse_config(params["config"]), params["provider"], params["url"], tracers)
+
+    async def stop() -> None:
+        await component.stop()
+        tracers.shutdown()
+
+    return Served(stop=stop)

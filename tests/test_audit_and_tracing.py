@@ -1,0 +1,105 @@
+"""The audit event and the trace of each request: what operators see of every fallback."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from conftest import USER_HELLO, ask, config, fake
+
+SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
+
+
+async def test_each_request_yields_exactly_one_audit_event_with_its_attempts(lifeline, client, audit):
+    await lifeline(config({"primary": fake(fail_status=503), "backup": fake()}))
+    replies = [await ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(3)]
+    events = await audit.wait_for(3)
+    await asyncio.sleep(0.2)  # room for a duplicate to show up
+    assert sorted(e.id for _, e in audit.events) == ["r0", "r1", "r2"]
+    for (subject, event), reply in zip(sorted(events, key=lambda x: x[1].id), replies):
+        assert subject == "llm.audit.ok"
+        assert (event.route, event.provider, event.trace_id) == ("default", "backup", reply.trace_id)
+        assert [a.provider for a in event.attempts] == ["primary", "backup"]
+        assert event.attempts[0].error_type == "server_error"
+
+
+async def test_audit_events_never_carry_the_prompt_or_the_answer(lifeline, client, audit):
+    await lifeline(config({"primary": fake(reply="echo")}))
+    reply = await ask(client, {"messages": [{"role": "user", "content": SECRET_PROMPT}]})
+    assert reply.content == SECRET_PROMPT  # the echo provider answers with the prompt itself
+    await audit.wait_for(1)
+    raw = audit.raw[0]
+    assert b"4111" not in raw
+
+
+async def test_a_failed_request_is_audited_on_the_error_subject(lifeline, client, audit):
+    await lifeline(config({"primary": fake(fail_status=500)}))
+    await ask(client, USER_HELLO)
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.status, event.error_type) == ("llm.audit.error", "error", "all_failed")
+    assert event.attempts[0].status_code == 500
+
+
+async def test_spans_follow_the_genai_conventions_and_record_each_fallback(lifeline, client, exporter):
+    await lifeline(config({"primary": fake(model="gpt-x", fail_status=429), "backup": fake(model="claude-y")}))
+    reply = await ask(client, USER_HELLO)
+    request_span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    attempts = [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == request_span.context.span_id]
+    assert format(request_span.context.trace_id, "032x") == reply.trace_id
+    assert request_span.attributes["gen_ai.operation.name"] == "chat"
+    assert request_span.attributes["lifeline.route"] == "default"
+    assert request_span.attributes["gen_ai.usage.output_tokens"] == reply.usage.output_tokens
+    failed, served = sorted(attempts, key=lambda s: s.start_time)
+    assert failed.attributes["gen_ai.provider.name"] == "lifeline.fake"
+    assert failed.attributes["gen_ai.request.model"] == "gpt-x"
+    assert failed.attributes["error.type"] == "rate_limit"
+    assert failed.status.status_code == StatusCode.ERROR
+    assert served.attributes["gen_ai.response.model"] == "claude-y"
+    [event] = [e for e in request_span.events if e.name == "lifeline.fallback"]
+    assert event.attributes["lifeline.fallback.from"] == "primary"
+    assert event.attributes["lifeline.fallback.to"] == "backup"
+    assert event.attributes["lifeline.fallback.reason"] == "rate_limit"
+    assert event.attributes["lifeline.fallback.status_code"] == 429
+
+
+async def test_a_failed_request_span_has_error_status_and_type(lifeline, client, exporter):
+    await lifeline(config({"primary": fake(fail_status=503)}))
+    await ask(client, USER_HELLO)
+    request_span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    assert request_span.status.status_code == StatusCode.ERROR
+    assert request_span.attributes["error.type"] == "all_failed"
+
+
+async def test_one_trace_spans_the_client_the_dispatcher_and_the_worker(lifeline, client, exporter, tracers):
+    """A client that sends traceparent sees the dispatcher's and the worker's spans in its trace."""
+    await lifeline(config({"primary": fake()}))
+    tracer = tracers.get_tracer("test-client")
+    with tracer.start_as_current_span("client request") as client_span:
+        headers: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(headers)
+        reply = await ask(client, USER_HELLO, headers=headers)
+    trace_id = client_span.get_span_context().trace_id
+    assert reply.trace_id == format(trace_id, "032x")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {s.context.trace_id for s in spans.values()} == {trace_id}
+    dispatcher_span = next(s for s in spans.values() if s.kind == SpanKind.SERVER)
+    assert dispatcher_span.parent.span_id == client_span.get_span_context().span_id
+    # client -> dispatcher request span -> attempt span -> worker's provider-call span
+    chain = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT and s.name.startswith("chat ")]
+    attempt = next(s for s in chain if s.parent.span_id == dispatcher_span.context.span_id)
+    worker = next(s for s in chain if s.parent.span_id == attempt.context.span_id)
+    assert worker.attributes["gen_ai.provider.name"] == "lifeline.fake"
+
+
+async def test_without_an_exporter_nothing_is_recorded_but_trace_ids_still_flow():
+    from service.telemetry import tracer_provider_from_env
+
+    provider = tracer_provider_from_env("lifeline", environ={})
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("x") as span:
+        assert not span.is_recording()
+        assert span.get_span_context().is_valid
+    assert trace.get_current_span() is not span

@@ -1,0 +1,137 @@
+"""The `lifeline` command as a user runs it: real processes, a real nats-server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "lifeline.example.toml")
+LIFELINE = [sys.executable, "-m", "service.cli"]
+
+
+def lifeline(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LIFELINE, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env or _env()
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 20) -> tuple[str, list[str]]:
+    deadline, seen = time.monotonic() + timeout_s, []
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line, seen
+    raise AssertionError(f"never printed {pattern!r}; got:\n{''.join(seen)}\n{proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.fixture
+def running() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`lifeline run` on an embedded NATS on a free port, with the example config."""
+    proc = subprocess.Popen(
+        [*LIFELINE, "run", "--port", "-1", "--config", EXAMPLE],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+    )  # fmt: skip
+    try:
+        line, _ = _wait_for_line(proc, r"dispatcher ready")
+        url = re.search(r"nats://[\d.]+:\d+", line).group(0)  # type: ignore[union-attr]
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            stream and stream.close()
+
+
+def test_help_lists_every_command_with_an_example():
+    out = lifeline("--help").stdout
+    for command in ("run", "dispatcher", "worker", "ask", "check-config"):
+        assert command in out
+    assert 'lifeline ask "Why did the chicken cross the road?"' in out
+
+
+def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
+    proc, url = running
+    result = lifeline("ask", "--nats-url", url, "Why did the chicken cross the road?")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("Why did the chicken cross the road?")  # the example's backup echoes
+    assert "served by backup" in out
+    assert re.search(r"1\. flaky .* rate_limit 429", out)
+    assert re.search(r"2\. sleepy .* timeout", out)
+    assert re.search(r"3\. backup .* ok", out)
+    # `run` prints a line per request from the audit subject, and stops cleanly on Ctrl-C.
+    _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit -> sleepy:timeout -> backup:ok")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
+
+
+def test_ask_exits_non_zero_and_explains_an_error_reply(running):
+    _, url = running
+    result = lifeline("ask", "--nats-url", url, "--route", "nope", "hi")
+    assert result.returncode == 1
+    assert "unknown_route" in result.stdout and "'default'" in result.stdout
+
+
+def test_dispatcher_and_worker_run_as_separate_processes(nats_url):
+    procs = [
+        subprocess.Popen([*LIFELINE, *args, "--config", EXAMPLE, "--nats-url", nats_url], cwd=ROOT, env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for args in (["worker", "backup"], ["dispatcher"])
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # until both have subscribed
+            result = lifeline("ask", "--nats-url", nats_url, "--target", "backup", "--timeout", "2", "ping")
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "served by backup" in result.stdout
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=15) for proc in procs] == [0, 0]
+        for proc in procs:
+            proc.stderr and proc.stderr.close()
+
+
+def test_a_bad_config_fails_at_start_up_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[providers.a]\nkind = "fake"\ntimeout_s = "soon"\n')
+    result = lifeline("dispatcher", "--config", str(bad), "--nats-url", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "providers.a.timeout_s" in result.stderr
+
+
+def test_a_worker_without_its_api_key_says_which_variable_to_set(tmp_path):
+    cfg = tmp_path / "openai.toml"
+    cfg.write_text('[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "LIFELINE_TEST_KEY"\n')
+    result = lifeline("worker", "gpt", "--config", str(cfg), "--nats-url", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "LIFELINE_TEST_KEY" in result.stderr
+
+
+def test_ask_without_a_server_says_how_to_start_one():
+    result = lifeline("ask", "--nats-url", "nats://127.0.0.1:1", "hi")
+    assert result.returncode != 0
+    assert "lifeline run" in result.stderr

@@ -1,0 +1,198 @@
+"""The TOML config: what parses, and what a user reads when it does not (the bad key first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import config, fake
+from service.config import ConfigError, load_config, parse_config
+from workers.registry import KINDS
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "lifeline.example.toml"
+
+ISSUE_EXAMPLE = """
+[providers.primary]
+kind = "openai"
+model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"
+timeout_s = 10
+[providers.backup]
+kind = "fake"
+reply = "echo"
+[routes.default]
+targets = ["primary", "backup"]
+fallback_on = ["timeout", "rate_limit", "server_error", "no_responders"]
+"""
+
+
+def error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    return str(exc.value)
+
+
+def file_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    return str(exc.value)
+
+
+def route(*targets: str, **settings: Any) -> dict[str, Any]:
+    return {"default": {"targets": list(targets), **settings}}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lifeline.toml"
+    path.write_text(text)
+    return path
+
+
+# ---- what parses ----------------------------------------------------------------------
+
+
+def test_the_example_config_parses_and_its_default_route_shows_a_fallback():
+    parsed = load_config(EXAMPLE)
+    assert len(parsed.routes["default"].targets) >= 2
+    assert parsed.source == str(EXAMPLE)
+
+
+def test_the_documented_config_parses_without_the_api_key_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    parsed = load_config(write(tmp_path, ISSUE_EXAMPLE))
+    primary = parsed.providers["primary"]
+    assert (primary.kind, primary.model, primary.timeout_s) == ("openai", "gpt-4o-mini", 10)
+    assert parsed.routes["default"].targets == ["primary", "backup"]
+    assert parsed.routes["default"].fallback_on == ["timeout", "rate_limit", "server_error", "no_responders"]
+
+
+def test_fallback_on_accepts_the_edges_of_the_http_error_range():
+    parsed = parse_config(config({"p": fake()}, route("p", fallback_on=[400, 599, "rate_limit"])))
+    assert parsed.routes["default"].fallback_on == [400, 599, "rate_limit"]
+
+
+# ---- provider tables ------------------------------------------------------------------
+
+
+def test_a_wrong_type_names_the_provider_key_first():
+    assert error(config({"primary": fake(timeout_s="ten")})).startswith("providers.primary.timeout_s: ")
+
+
+def test_a_misspelled_provider_key_is_named_first_as_an_unknown_key():
+    assert error(config({"primary": fake(colour="red")})).startswith("providers.primary.colour: unknown key")
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1])
+def test_a_provider_timeout_must_be_positive(timeout_s):
+    assert error(config({"primary": fake(timeout_s=timeout_s)})).startswith("providers.primary.timeout_s: ")
+
+
+def test_an_unknown_kind_names_the_key_and_lists_the_known_kinds():
+    message = error(config({"primary": {"kind": "gemini"}}))
+    assert message.startswith("providers.primary.kind: ")
+    assert "gemini" in message
+    assert all(kind in message for kind in KINDS)
+
+
+def test_a_provider_without_a_kind_is_refused_at_its_kind_key():
+    assert error(config({"primary": {"model": "m"}})).startswith("providers.primary.kind: ")
+
+
+@pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>"])
+def test_a_provider_name_that_is_not_a_subject_token_is_refused(name):
+    assert error(config({name: fake()})).startswith(f"providers.{name}: ")
+
+
+def test_a_config_without_providers_is_refused():
+    assert error({"providers": {}, "routes": {}}).startswith("providers: ")
+
+
+def test_an_empty_config_file_is_refused_and_mentions_providers(tmp_path):
+    message = file_error(write(tmp_path, ""))
+    assert message.startswith(f"{tmp_path / 'lifeline.toml'}: ") and "providers" in message
+
+
+def test_an_out_of_range_fail_rate_names_the_file_the_provider_and_the_field(tmp_path):
+    path = write(tmp_path, '[providers.primary]\nkind = "fake"\nfail_rate = 2\n')
+    message = file_error(path)
+    assert message.startswith(f"{path}: providers.primary")
+    assert "fail_rate" in message
+
+
+def test_a_fake_fail_status_that_is_not_an_http_error_is_refused():
+    message = error(config({"primary": fake(fail_status=200)}))
+    assert message.startswith("providers.primary") and "fail_status" in message
+
+
+@pytest.mark.parametrize("table", [{"kind": "openai"}, {"kind": "openai", "model": ""}])
+def test_an_openai_provider_needs_a_model(table):
+    message = error(config({"primary": table}))
+    assert message.startswith("providers.primary") and "model" in message
+
+
+# ---- routes ---------------------------------------------------------------------------
+
+
+def test_an_unknown_target_names_its_index_and_the_configured_providers():
+    message = error(config({"primary": fake(), "backup": fake()}, route("primary", "nope")))
+    assert message.startswith("routes.default.targets[1]: unknown provider 'nope'")
+    assert "configured: backup, primary" in message
+
+
+def test_an_unknown_error_kind_in_fallback_on_is_named_by_index():
+    message = error(config({"p": fake()}, route("p", fallback_on=["rate_limit", "timout"])))
+    assert message.startswith("routes.default.fallback_on[1]: unknown error kind 'timout'")
+    assert "rate_limit" in message  # lists the known kinds
+
+
+@pytest.mark.parametrize("status", [200, 302, 399, 600])
+def test_a_status_outside_400_to_599_in_fallback_on_is_refused(status):
+    message = error(config({"p": fake()}, route("p", fallback_on=[status])))
+    assert message.startswith("routes.default.fallback_on[0]: ")
+    assert str(status) in message and "400..599" in message
+
+
+@pytest.mark.parametrize("name", ["a.b", "a b"])
+def test_a_route_name_that_is_not_a_subject_token_is_refused(name):
+    assert error(config({"p": fake()}, {name: {"targets": ["p"]}})).startswith(f"routes.{name}: ")
+
+
+def test_a_route_without_targets_is_refused():
+    assert "targets" in error(config({"p": fake()}, route()))
+
+
+def test_a_misspelled_route_key_names_the_route():
+    assert error(config({"p": fake()}, route("p", retries=2))).startswith("routes.default.retries: unknown key")
+
+
+# ---- dispatcher and the file itself ---------------------------------------------------
+
+
+def test_a_misspelled_dispatcher_key_is_named_first_as_an_unknown_key():
+    assert error(config({"p": fake()}, max_request_byte=10)).startswith("dispatcher.max_request_byte: unknown key")
+
+
+def test_a_default_timeout_above_the_maximum_is_refused():
+    message = error(config({"p": fake()}, default_timeout_s=100, max_timeout_s=10))
+    assert message.startswith("dispatcher: default_timeout_s (100) is above max_timeout_s (10)")
+
+
+def test_an_unknown_top_level_table_is_refused_by_name():
+    assert error({**config({"p": fake()}), "extra": {"a": 1}}).startswith("extra: unknown key")
+
+
+def test_a_missing_file_says_to_pass_config(tmp_path):
+    path = tmp_path / "nowhere.toml"
+    message = file_error(path)
+    assert message.startswith(f"{path}: ") and "--config" in message
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    message = file_error(write(tmp_path, "[providers.p\nkind = "))
+    assert message.startswith(f"{tmp_path / 'lifeline.toml'}: ") and "TOML" in message
+
+
+def test_a_directory_passed_as_the_config_is_a_config_error(tmp_path):
+    assert file_error(tmp_path).startswith(f"{tmp_path}: ")

@@ -1,0 +1,124 @@
+"""End to end over real sockets: client -> NATS -> dispatcher -> worker -> local HTTP server.
+
+The local server speaks OpenAI's Chat Completions shape, so this also covers any
+OpenAI-compatible server (vLLM, Ollama, llama.cpp) reached through `base_url`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from conftest import USER_HELLO, ask, config, fake
+
+
+class FakeOpenAI(ThreadingHTTPServer):
+    """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, error) | ("hang", s)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.script: list[tuple[object, object]] = []
+        self.requests: list[dict] = []
+        self.finished_hangs = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeOpenAI
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        action, arg = self.server.script.pop(0) if self.server.script else ("ok", "hi")
+        if action == "hang":
+            time.sleep(float(arg))  # type: ignore[arg-type]
+            self.server.finished_hangs += 1
+            return
+        if action == "ok":
+            self._send(200, _completion(str(arg), body["model"]))
+        else:
+            self._send(int(action), {"error": {"message": str(arg), "type": "x", "param": None, "code": None}})  # type: ignore[call-overload]
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _completion(text: str, model: str) -> dict:
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    }  # fmt: skip
+
+
+@pytest.fixture
+def http_server() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def openai_at(server: FakeOpenAI, **extra: object) -> dict:
+    return {"kind": "openai", "model": "local-llama", "base_url": server.base_url, "api_key_env": "", **extra}
+
+
+async def test_an_openai_compatible_server_answers_through_nats(lifeline, client, http_server):
+    await lifeline(config({"local": openai_at(http_server)}))
+    http_server.script = [("ok", "Because.")]
+    reply = await ask(client, {**USER_HELLO, "max_tokens": 5})
+    assert (reply.status, reply.content, reply.model) == ("ok", "Because.", "local-llama")
+    assert reply.usage is not None and (reply.usage.input_tokens, reply.usage.output_tokens) == (9, 2)
+    [sent] = http_server.requests
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["body"]["max_tokens"] == 5 and sent["body"]["messages"] == USER_HELLO["messages"]
+
+
+async def test_an_http_429_falls_back_with_the_providers_message(lifeline, client, http_server):
+    await lifeline(config({"local": openai_at(http_server), "backup": fake(reply="b")}))
+    http_server.script = [(429, "Rate limit reached for requests")]
+    reply = await ask(client, USER_HELLO)
+    assert reply.provider == "backup"
+    failed = reply.attempts[0]
+    assert (failed.error_type, failed.status_code) == ("rate_limit", 429)
+    assert "Rate limit reached" in (failed.message or "")
+
+
+async def test_the_provider_http_call_carries_the_requests_trace(lifeline, client, http_server, tracers):
+    await lifeline(config({"local": openai_at(http_server)}))
+    with tracers.get_tracer("client").start_as_current_span("client") as span:
+        headers: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(headers)
+        await ask(client, USER_HELLO, headers=headers)
+    [sent] = http_server.requests
+    traceparent = {k.lower(): v for k, v in sent["headers"].items()}["traceparent"]
+    assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
+
+
+async def test_a_hung_http_provider_is_abandoned_at_its_timeout_and_the_next_one_serves(lifeline, client, http_server):
+    await lifeline(config({"local": openai_at(http_server, timeout_s=0.2), "backup": fake(reply="b")}))
+    http_server.script = [("hang", 1.0)]
+    reply = await ask(client, USER_HELLO)
+    assert (reply.provider, reply.attempts[0].error_type) == ("backup", "timeout")
+    assert len(http_server.requests) == 1  # no hidden retry inside the worker

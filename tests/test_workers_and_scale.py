@@ -1,0 +1,68 @@
+"""The provider-worker protocol as another language would see it, and scale-out by queue groups."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+
+from conftest import USER_HELLO, ask, config, fake
+from schemas import subjects
+from schemas.wire import encoder, provider_reply_decoder
+
+PROVIDER_REQUEST = {"id": "r1", "messages": USER_HELLO["messages"]}
+
+
+async def test_a_worker_answers_the_documented_provider_protocol(lifeline, client):
+    await lifeline(config({"primary": fake(model="m", reply="yes")}))
+    msg = await client.request(subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), timeout=5)
+    raw = msg.data
+    assert b'"status":"ok"' in raw
+    reply = provider_reply_decoder.decode(raw)
+    assert (reply.content, reply.model) == ("yes", "m")
+
+
+async def test_a_worker_answers_a_malformed_provider_request_with_bad_request(lifeline, client):
+    await lifeline(config({"primary": fake()}))
+    msg = await client.request(subjects.provider_subject("primary"), b"{nope", timeout=5)
+    reply = provider_reply_decoder.decode(msg.data)
+    assert (reply.kind, "invalid ProviderRequest" in reply.message) == ("bad_request", True)
+
+
+async def test_a_worker_drops_work_whose_deadline_has_passed(lifeline, client):
+    stack = await lifeline(config({"primary": fake()}))
+    past = {subjects.DEADLINE_MS: str(int(time.time() * 1000) - 1000)}
+    with pytest.raises(nats.errors.TimeoutError):
+        await client.request(subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), timeout=0.3, headers=past)
+    assert stack.workers["primary"].in_flight == 0
+
+
+async def test_a_worker_cancels_a_hung_call_when_the_dispatcher_gives_up(lifeline, client):
+    stack = await lifeline(config({"primary": fake(hang=True, timeout_s=0.2), "backup": fake()}))
+    reply = await ask(client, USER_HELLO)
+    assert reply.provider == "backup"
+    # The worker got the same deadline and cancelled its call: nothing keeps running unseen.
+    async with asyncio.timeout(2):
+        while stack.workers["primary"].in_flight:
+            await asyncio.sleep(0.01)
+
+
+async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):
+    first = await lifeline(config({"primary": fake()}))
+    second = await lifeline(config({"primary": fake()}), workers=["primary"])
+    await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(40)))
+    served = [s.components[0].nc.stats["in_msgs"] for s in (first, second)]
+    assert sum(served) >= 40 and min(served) > 0
+
+
+async def test_several_dispatchers_share_requests_and_each_is_answered_once(lifeline, client, audit):
+    stacks = [await lifeline(config({"primary": fake()})) for _ in range(2)]
+    replies = await asyncio.gather(*(ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(40)))
+    assert sorted(r.id for r in replies) == sorted(f"r{i}" for i in range(40))
+    await audit.wait_for(40)
+    await asyncio.sleep(0.1)
+    assert len(audit.events) == 40
+    handled = [s.components[-1].nc.stats["in_msgs"] for s in stacks]
+    assert min(handled) > 0
