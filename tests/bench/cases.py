@@ -14,6 +14,7 @@ by the requests handled (warm-up and drain included, so the division is exact).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 from service.embedded import EmbeddedNats
 from tests.bench import loadgen, servers
-from tests.bench.harness import Fleet, Setup, cpu_seconds, cpu_snapshot, rss_bytes
+from tests.bench.harness import Child, Fleet, Setup, cpu_seconds, cpu_snapshot, machine_busy_seconds, rss_bytes
 
 Log = Callable[..., None]
 
@@ -159,7 +160,7 @@ def all_cases() -> list[Case]:
 
 def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) -> dict[str, Any]:
     """One closed-loop measurement of one case, with the CPU time it cost each server process."""
-    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]}
+    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]} | {"loadgen": fleet["loadgen"].pid}
     spec = {
         "subject": case.subject, "payload": case.payload, "in_flight": case.in_flight, "decode": case.decode,
         "warmup_s": profile.warmup_s, "duration_s": profile.duration_s, "timeout_s": REQUEST_TIMEOUT_S,
@@ -178,6 +179,7 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
             fleet["dispatcher-2"].call("pause")
     handled = max(1, result["handled"])
     per_process = {name: (cpu_after[name] - cpu_before[name]) / handled * 1e6 for name in pids}
+    result["client_cpu_us_per_req"] = per_process.pop("loadgen")
     result["cpu_us_per_req"] = {name: us for name, us in per_process.items() if us > 0}
     result["server_cpu_us_per_req"] = sum(per_process.values())
     result["nats_cpu_us_per_req"] = (nats_after - nats_before) / handled * 1e6 if nats_pid else None
@@ -216,6 +218,7 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
         "subject": subjects.COMPLETE, "payload": completion_request("slow"), "count": profile.memory_requests,
         "decode": "lifeline", "timeout_s": profile.slow_latency_ms / 1000 + 60,
     }  # fmt: skip
+    objects_before = dispatcher.call("heap", False)["gc_objects"]
     baseline = rss_bytes(pid)
     loads = []
     for i in range(1, profile.memory_loads + 1):
@@ -227,6 +230,8 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
             f"-> {_mib(load['after_drain'])} after drain, {load['errors']} errors")  # fmt: skip
     first, last = loads[0], loads[-1]
     growth = first["peak"] - baseline
+    objects_after = dispatcher.call("heap", False)["gc_objects"]
+    objects_collected = dispatcher.call("heap", True)["gc_objects"]
     return {
         "requests": profile.memory_requests,
         "provider_latency_ms": profile.slow_latency_ms,
@@ -239,10 +244,15 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
         "retained_bytes": last["after_drain"] - baseline,
         "retained_share": (last["after_drain"] - baseline) / growth if growth > 0 else 0.0,
         "loads": loads,
+        # diagnostics: live objects vs allocator slack
+        "gc_objects_before": objects_before,
+        "gc_objects_after_drain": objects_after,
+        "gc_objects_after_collect": objects_collected,
+        "after_collect_and_trim_rss_bytes": rss_bytes(pid),
     }
 
 
-def _memory_load(dispatcher: Any, gen: Any, spec: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def _memory_load(dispatcher: Child, gen: Child, spec: dict[str, Any], profile: Profile) -> dict[str, Any]:
     before = rss_bytes(dispatcher.pid)
     peak, peak_in_flight = before, 0
     gen.send("burst", spec)
@@ -259,7 +269,7 @@ def _memory_load(dispatcher: Any, gen: Any, spec: dict[str, Any], profile: Profi
     }  # fmt: skip
 
 
-def _wait_drained(dispatcher: Any, timeout_s: float = 60.0) -> None:
+def _wait_drained(dispatcher: Child, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while dispatcher.call("stats")["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -278,19 +288,44 @@ def nats_server_pid(server: EmbeddedNats) -> int | None:
     return proc.pid if proc is not None else None
 
 
-def run(profile: Profile, log: Log) -> dict[str, Any]:
-    """Everything but the reporting: returns raw rounds and memory figures."""
+def run(
+    profile: Profile,
+    log: Log,
+    on_rounds: Callable[[list[Case], dict[str, list[dict]]], None],
+    on_memory: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Start everything, measure, hand each finished section to its callback, stop everything.
+
+    Returns how busy the machine was with other work meanwhile (figures are only as good
+    as the machine was quiet).
+    """
     server, fleet = EmbeddedNats(port=-1), Fleet()
     try:
         server.start()
-        log(f"nats-server on {server.url}; starting {len(fleet_specs(server.url, profile))} processes ...")
+        specs = fleet_specs(server.url, profile)
+        log(f"nats-server on {server.url}; starting {len(specs)} processes ...")
         started = time.monotonic()
-        fleet.spawn(fleet_specs(server.url, profile))
+        fleet.spawn(specs)
         log(f"all processes ready in {time.monotonic() - started:.1f} s")
+        ours = {child.name: child.pid for child in fleet.children.values()} | {"bench": os.getpid()}
+        if (nats_pid := nats_server_pid(server)) is not None:
+            ours["nats-server"] = nats_pid
+        before = _busy(ours)
         cases = all_cases()
-        rounds = run_rounds(fleet, cases, profile, nats_server_pid(server), log)
-        memory = measure_memory(fleet, profile, log)
-        return {"cases": cases, "rounds": rounds, "memory": memory}
+        on_rounds(cases, run_rounds(fleet, cases, profile, nats_pid, log))
+        on_memory(measure_memory(fleet, profile, log))
+        return _other_load(before, _busy(ours))
     finally:
         fleet.stop_all()
         server.stop()
+
+
+def _busy(ours: dict[str, int]) -> tuple[float, float, float]:
+    """(wall clock, machine busy CPU, our processes' CPU), in seconds."""
+    return time.monotonic(), machine_busy_seconds(), sum(cpu_snapshot(ours).values())
+
+
+def _other_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> dict[str, Any]:
+    wall = after[0] - before[0]
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return {"measured_wall_s": wall, "other_cpu_cores": max(0.0, other / wall), "loadavg": os.getloadavg()}

@@ -27,6 +27,7 @@ from typing import Any
 
 _CTX = multiprocessing.get_context("spawn")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_STOP_TIMEOUT_S = 5.0
 
 Handler = Callable[[Any], Awaitable[Any]]
 
@@ -69,7 +70,10 @@ async def _serve(conn: Connection, setup: Setup, params: dict[str, Any]) -> None
     conn.send(("ready", served.info))
     stop_requested = await _obey(conn, served.handlers)
     if served.stop is not None:
-        await served.stop()
+        try:  # bounded: with nats-server gone, a drain could wait for reconnects forever
+            await asyncio.wait_for(served.stop(), _STOP_TIMEOUT_S)
+        except TimeoutError:
+            pass
     if stop_requested:
         conn.send(("ok", None))
 
@@ -162,16 +166,18 @@ class Child:
         except EOFError:
             raise ChildFailed(f"{self.name} closed its pipe during {what}") from None
 
-    def stop(self, grace_s: float = 3.0) -> None:
-        """Ask politely, then SIGTERM, then SIGKILL. Safe to call more than once."""
-        if self.process.pid is None:
-            return
-        if self.process.is_alive():
+    def request_stop(self) -> None:
+        """Send the stop command, if the child is still there to read it."""
+        if self.process.pid is not None and self.process.is_alive():
             try:
                 self.send("stop")
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(grace_s)
+
+    def kill(self) -> None:
+        """SIGTERM, then SIGKILL if that was not enough. Safe to call more than once."""
+        if self.process.pid is None:
+            return
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(2.0)
@@ -201,10 +207,18 @@ class Fleet:
         for child in started:
             child.wait_ready(timeout_s)
 
-    def stop_all(self) -> None:
-        for child in reversed(list(self.children.values())):
+    def stop_all(self, grace_s: float = _STOP_TIMEOUT_S + 1) -> None:
+        """Ask every child to stop, give them `grace_s` together, then kill what is left."""
+        children = list(self.children.values())
+        for child in children:
+            child.request_stop()
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            if child.process.pid is not None:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+        for child in children:
             try:
-                child.stop()
+                child.kill()
             except Exception as exc:  # keep reaping the others
                 print(f"warning: stopping {child.name}: {exc}")
         self.children.clear()
@@ -227,6 +241,14 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent on anything but idle/iowait since boot (first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:

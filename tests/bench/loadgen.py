@@ -29,6 +29,10 @@ from schemas.wire import provider_reply_decoder, reply_decoder
 from tests.bench.harness import Served
 
 
+async def _quiet(exc: Exception) -> None:
+    """Connection trouble shows up as failed requests; no need to log it too."""
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (q in 0..1); NaN when empty."""
     if not sorted_values:
@@ -118,17 +122,27 @@ class LoadGen:
             while time.perf_counter() < end:
                 await self._one(spec, tally, in_window)
 
-        await asyncio.gather(*(client() for _ in range(spec["in_flight"])))
+        await self._bounded(asyncio.gather(*(client() for _ in range(spec["in_flight"]))),
+                            spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"])  # fmt: skip
         return tally.summary(spec["duration_s"])
+
+    async def _bounded(self, work: Any, limit_s: float) -> None:
+        """Fail loudly instead of hanging when requests never finish (e.g. nats-server died)."""
+        try:
+            async with asyncio.timeout(limit_s + 5):
+                await work
+        except TimeoutError:
+            raise RuntimeError(f"requests still unfinished after {limit_s + 5:g} s; is nats-server alive?") from None
 
     async def burst(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally()
         started = time.perf_counter()
-        await asyncio.gather(*(self._one(spec, tally, lambda s, d: True) for _ in range(spec["count"])))
+        await self._bounded(asyncio.gather(*(self._one(spec, tally, lambda s, d: True) for _ in range(spec["count"]))),
+                            spec["timeout_s"])  # fmt: skip
         return tally.summary(time.perf_counter() - started)
 
 
 async def setup(params: dict[str, Any]) -> Served:
-    nc = await nats.connect(params["url"], name=params["name"])
+    nc = await nats.connect(params["url"], name=params["name"], error_cb=_quiet)
     gen = LoadGen(nc)
     return Served({"run": gen.run, "burst": gen.burst}, stop=nc.close)

@@ -16,6 +16,8 @@ recorded and queued for real, and only the export (network I/O) is skipped.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,14 @@ from tests.bench.harness import Served
 INSTANT_ANSWER = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
 
 
+def _malloc_trim() -> None:
+    """Give glibc's free heap memory back to the OS, to tell allocator slack from live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the figure after trim is then just after gc.collect()
+
+
 class DropSpans(SpanExporter):
     """An exporter that accepts every batch and throws it away."""
 
@@ -50,6 +60,14 @@ def tracer_provider() -> TracerProvider:
     return provider
 
 
+async def _quiet(exc: Exception) -> None:
+    """Error callback of the plain clients: connection trouble is the harness's business."""
+
+
+async def _connect(params: dict[str, Any]) -> nats.NATS:
+    return await nats.connect(params["url"], name=params["name"], error_cb=_quiet)
+
+
 class _Tasks:
     """One asyncio task per message, referenced until done (as Lifeline does)."""
 
@@ -63,7 +81,7 @@ class _Tasks:
 
 
 async def responder(params: dict[str, Any]) -> Served:
-    nc = await nats.connect(params["url"], name=params["name"])
+    nc = await _connect(params)
     tasks = _Tasks()
 
     async def answer(msg: Msg) -> None:
@@ -78,7 +96,7 @@ async def responder(params: dict[str, Any]) -> Served:
 
 
 async def relay(params: dict[str, Any]) -> Served:
-    nc = await nats.connect(params["url"], name=params["name"])
+    nc = await _connect(params)
     tasks = _Tasks()
     upstream = params["upstream"]
 
@@ -98,7 +116,8 @@ async def relay(params: dict[str, Any]) -> Served:
 
 
 async def dispatcher(params: dict[str, Any]) -> Served:
-    """A Lifeline dispatcher; "pause"/"resume" leave/rejoin its queue group, "stats" reports in-flight."""
+    """A Lifeline dispatcher; "pause"/"resume" leave/rejoin its queue group, "stats" reports in-flight,
+    "heap" counts live objects (and can collect garbage and trim malloc's free memory first)."""
     tracers = tracer_provider()
     component, disp = await start_dispatcher(parse_config(params["config"]), params["url"], tracers)
     if params.get("paused"):
@@ -113,16 +132,23 @@ async def dispatcher(params: dict[str, Any]) -> Served:
     async def stats(_: Any) -> dict[str, int]:
         return {"in_flight": disp.in_flight}
 
+    async def heap(collect: bool) -> dict[str, int]:
+        """Live GC-tracked objects; with `collect`, after a full collection and malloc_trim(0)."""
+        if collect:
+            gc.collect()
+            _malloc_trim()
+        return {"gc_objects": len(gc.get_objects())}
+
     async def stop() -> None:
         await component.stop()
         tracers.shutdown()
 
-    return Served({"pause": pause, "resume": resume, "stats": stats}, stop)
+    return Served({"pause": pause, "resume": resume, "stats": stats, "heap": heap}, stop)
 
 
 async def worker(params: dict[str, Any]) -> Served:
     tracers = tracer_provider()
-    component = await start_worker(parse_config(params["config"]), params["provider"], params["url"], tracers)
+    component, _runtime = await start_worker(parse_config(params["config"]), params["provider"], params["url"], tracers)
 
     async def stop() -> None:
         await component.stop()

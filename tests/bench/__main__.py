@@ -1,0 +1,101 @@
+"""`python -m tests.bench [--quick] [--out DIR]`: run every benchmark case, print and save the results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tests.bench.cases import FULL, HANG_TIMEOUT_S, QUICK, TICK_MS, run
+from tests.bench.report import Report
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench-results"
+
+CASES_HELP = f"""\
+cases (all on one embedded nats-server; every component and the load generator in its
+own process; rounds interleaved round-robin, the median of the rounds reported):
+
+  direct       the load generator does request/reply straight to an instant responder
+               (a plain nats-py subscriber answering a fixed ProviderOk, one task per
+               message): the cost of one NATS round trip, at 1 and 64 in flight.
+  relay        client -> relay -> responder, the relay being plain nats-py (one task per
+               message doing nc.request and publishing the answer): the baseline for a hop.
+  lifeline     client -> real dispatcher -> real worker for an instant fake provider,
+               with msgspec decoding, audit events and tracing on (SDK TracerProvider,
+               default sampler, batch processor, exporter that drops the spans).
+               Reported: req/s, p50/p99 latency, server-side CPU per request (from
+               /proc), and lifeline/relay for req/s at 64 and p50 at 1 in flight.
+  fallback     time to fallback: p50 of [failing, ok] minus p50 of [ok], at 1 in flight,
+               for a provider answering 503 at once and for a provider with no worker
+               (no responders); and, at 64 in flight, a hung provider with a
+               {HANG_TIMEOUT_S * 1000:g} ms timeout: how late after the timeout the next attempt starts.
+  scaling      lifeline at 64 in flight with 1 and with 2 dispatcher processes.
+  concurrency  lifeline with a {TICK_MS:g} ms provider at 1, 8 and 64 in flight: throughput must grow.
+  memory       dispatcher RSS growth per in-flight request with 10,000 requests (200 with
+               --quick) waiting on a slow provider, and RSS after they drain.
+
+targets (printed with PASS/FAIL next to the measured values):
+  lifeline/relay req/s at 64 in flight >= 0.6 (stretch 0.8); lifeline p50 at 1 in flight
+  <= relay p50 + 0.3 ms; a fast fallback (503, no responders) adds <= one round trip
+  (direct p50 at 1 in flight) + 0.3 ms; after a hung provider's timeout the next attempt
+  starts within 5 ms at p99; <= 10 KiB of dispatcher RSS per in-flight request, and at
+  most 20 % of that growth still there after the drain; with the {TICK_MS:g} ms provider,
+  req/s at 8 in flight >= 4x that at 1, and at 64 >= 1.2x that at 8.
+
+Results are printed as Markdown tables with pass/fail against the targets and written
+to DIR/results.json (every figure, every round, machine info) and DIR/results.md.
+Exit status: 0 when every request succeeded (targets may still fail), 1 otherwise.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description="Lifeline benchmark suite: overhead vs a plain NATS relay, fallback, memory, scaling.",
+        epilog=CASES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny counts and short rounds (a few seconds): proves the suite works, figures are noise")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=f"where results.json and results.md go (default: {DEFAULT_OUT}, git-ignored)")
+    parser.add_argument("--rounds", type=int, help="rounds per case (default: 5, quick: 2)")
+    parser.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="measured seconds per case and round (default: 2, quick: 0.2)")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the `finally` blocks stop every child process
+
+
+def log(*args: object, **kwargs: object) -> None:
+    print(*args, **kwargs)  # type: ignore[call-overload]
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    if args.rounds:
+        profile = dataclasses.replace(profile, rounds=args.rounds)
+    if args.duration:
+        profile = dataclasses.replace(profile, duration_s=args.duration)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    report = Report(profile, log)
+    started = time.monotonic()
+    try:
+        environment = run(profile, log, report.rounds_done, report.memory_done)
+    except KeyboardInterrupt:
+        log("\ninterrupted: every process was stopped; no results written")
+        return 130
+    ok = report.finish(args.out, environment)
+    log(f"done in {time.monotonic() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
