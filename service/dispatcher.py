@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Collection
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.nuid import NUID
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas import AuditEvent, CompletionReply, CompletionRequest, ErrorInfo, ProviderFailure, ProviderRequest
+from schemas import AuditEvent, CompletionReply, CompletionRequest, ErrorInfo, ProviderFailure, ProviderReply, ProviderRequest
 from schemas import subjects
 from schemas.wire import (
     INTERNAL,
@@ -72,6 +73,9 @@ class Dispatcher:
             name: ([self.targets[t] for t in r.targets], frozenset(r.fallback_on) if r.fallback_on is not None else None)
             for name, r in config.routes.items()
         }
+        # Per-provider span name and attributes, built once rather than per attempt.
+        self._span_templates = {name: telemetry.attempt_span_template(t) for name, t in self.targets.items()}
+        self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub = None
 
@@ -100,28 +104,31 @@ class Dispatcher:
 
     async def handle(self, msg: Msg) -> None:
         started = time.perf_counter()
-        parent = telemetry.extract(msg.headers)
-        with self.tracer.start_as_current_span("chat", context=parent, kind=SpanKind.SERVER) as span:
-            trace_id = telemetry.trace_id_of(span)
-            route: str | None = None
-            try:
-                plan = self.plan(msg.data)
-                route = plan.request.route if plan.request.targets is None else None
-                result = await self._run(plan, span)
-                reply = _reply(plan.request_id, result, trace_id)
-            except Rejected as exc:
-                route = exc.route
-                reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
-            except Exception:
-                log.exception("bug while handling a request; answering with an internal error")
-                reply = CompletionReply(
-                    salvage_id(msg.data), "error", trace_id=trace_id,
-                    error=ErrorInfo(INTERNAL, "Lifeline failed unexpectedly; the dispatcher log has the traceback"),
-                )  # fmt: skip
-            latency_ms = (time.perf_counter() - started) * 1000
-            reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
-            _annotate(span, reply, route)
+        # Spans are started and ended explicitly rather than made current: attaching and
+        # detaching the context (start_as_current_span) was ~9% of dispatcher CPU in py-spy.
+        span = self.tracer.start_span("chat", context=telemetry.extract(msg.headers), kind=SpanKind.SERVER)
+        trace_id = telemetry.trace_id_of(span)
+        route: str | None = None
+        try:
+            plan = self.plan(msg.data)
+            route = plan.request.route if plan.request.targets is None else None
+            result = await self._run(plan, span)
+            reply = _reply(plan.request_id, result, trace_id)
+        except Rejected as exc:
+            route = exc.route
+            reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
+        except Exception:
+            log.exception("bug while handling a request; answering with an internal error")
+            reply = CompletionReply(
+                salvage_id(msg.data), "error", trace_id=trace_id,
+                error=ErrorInfo(INTERNAL, "Lifeline failed unexpectedly; the dispatcher log has the traceback"),
+            )  # fmt: skip
+        reply = msgspec.structs.replace(reply, latency_ms=(time.perf_counter() - started) * 1000)
+        try:
             await self._finish(msg, reply, route, len(msg.data))
+        finally:
+            _annotate(span, reply, route)
+            span.end()
 
     def plan(self, data: bytes) -> Plan:
         """Validate a raw request and resolve its targets; raises Rejected."""
@@ -136,7 +143,7 @@ class Dispatcher:
             request = request_decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise Rejected(INVALID_REQUEST, f"invalid request: {exc}. Expected JSON like {_EXAMPLE}", salvage_id(data)) from None
-        request_id = request.id or uuid.uuid4().hex
+        request_id = request.id or self._ids.next().decode()
         timeout_s = request.timeout_s or limits.default_timeout_s
         if timeout_s > limits.max_timeout_s:
             raise Rejected(
@@ -180,8 +187,10 @@ class Dispatcher:
         deadline_mono = time.monotonic() + plan.timeout_s
         deadline_wall_ms = int((time.time() + plan.timeout_s) * 1000)
 
+        parent = trace.set_span_in_context(span)
+
         async def call(target: Target, timeout_s: float):
-            return await self._attempt(target, payload, plan.request_id, timeout_s, deadline_wall_ms)
+            return await self._attempt(target, payload, plan.request_id, timeout_s, deadline_wall_ms, parent)
 
         def on_fallback(failed: Target, successor: Target, failure: ProviderFailure) -> None:
             span.add_event(
@@ -198,16 +207,22 @@ class Dispatcher:
             plan.targets, call, deadline=deadline_mono, fallback_on=plan.fallback_on, on_fallback=on_fallback
         )
 
-    async def _attempt(self, target: Target, payload: bytes, request_id: str, timeout_s: float, deadline_ms: int):
+    async def _attempt(
+        self, target: Target, payload: bytes, request_id: str, timeout_s: float, deadline_ms: int, parent: Context
+    ) -> ProviderReply:
         # The attempt's deadline is the sooner of its own timeout and the request's.
         attempt_deadline_ms = min(deadline_ms, int((time.time() + timeout_s) * 1000))
-        with self.tracer.start_as_current_span(f"chat {target.model}", kind=SpanKind.CLIENT) as span:
-            headers = {subjects.DEADLINE_MS: str(attempt_deadline_ms), subjects.REQUEST_ID: request_id}
-            telemetry.inject(headers, span)
+        name, attributes = self._span_templates[target.provider]
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+        headers = {subjects.DEADLINE_MS: str(attempt_deadline_ms), subjects.REQUEST_ID: request_id}
+        telemetry.inject(headers, span)
+        try:
             reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
             if span.is_recording():
-                telemetry.annotate_attempt(span, target.provider, target.kind, target.model, reply)
+                telemetry.annotate_outcome(span, reply)
             return reply
+        finally:
+            span.end()
 
     async def _finish(self, msg: Msg, reply: CompletionReply, route: str | None, request_bytes: int) -> None:
         if msg.reply:

@@ -103,3 +103,18 @@ async def test_without_an_exporter_nothing_is_recorded_but_trace_ids_still_flow(
         assert not span.is_recording()
         assert span.get_span_context().is_valid
     assert trace.get_current_span() is not span
+
+
+def test_trace_context_from_headers_round_trips_and_bad_headers_are_ignored():
+    from service.telemetry import extract, inject
+
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(0x1234, 0x5678, is_remote=False, trace_flags=trace.TraceFlags(1))
+    )
+    headers: dict[str, str] = {}
+    inject(headers, span)
+    assert headers["traceparent"] == f"00-{0x1234:032x}-{0x5678:016x}-01"
+    parent = trace.get_current_span(extract(headers)).get_span_context()
+    assert (parent.trace_id, parent.span_id, parent.is_remote, parent.trace_flags) == (0x1234, 0x5678, True, 1)
+    for bad in ("garbage", f"00-{'0' * 32}-{0x5678:016x}-01", f"00-{'z' * 32}-{0x5678:016x}-01"):
+        assert not trace.get_current_span(extract({"traceparent": bad})).get_span_context().is_valid

@@ -91,8 +91,12 @@ class WorkerRuntime:
 
     async def _call(self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None) -> ProviderReply:
         model = request.model or self.provider.model
+        attributes = telemetry.provider_attributes(self.name, self.kind, model)
         parent = telemetry.extract(headers)
-        with self.tracer.start_as_current_span(f"chat {model}", context=parent, kind=SpanKind.CLIENT) as span:
+        # The span is current during the call: providers' HTTP requests carry its traceparent.
+        with self.tracer.start_as_current_span(
+            f"chat {model}", context=parent, kind=SpanKind.CLIENT, attributes=attributes
+        ) as span:
             try:
                 # The provider gets the time left before the dispatcher's deadline, and no more:
                 # a call nobody waits for is cancelled, not left running (and billing).
@@ -106,6 +110,6 @@ class WorkerRuntime:
                 log.exception("provider %s raised unexpectedly", self.name)
                 reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
             if span.is_recording():
-                telemetry.annotate_attempt(span, self.name, self.kind, model, reply)
+                telemetry.annotate_outcome(span, reply)
         return reply
 
