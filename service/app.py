@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client
-from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import Config
 from service.dispatcher import Dispatcher
+from service.telemetry import Tracing
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
 
@@ -64,18 +64,18 @@ class Component:
             await self.nc.drain()
 
 
-async def start_dispatcher(config: Config, url: str, tracers: TracerProvider) -> tuple[Component, Dispatcher]:
+async def start_dispatcher(config: Config, url: str, tracers: Tracing) -> tuple[Component, Dispatcher]:
     nc = await connect(url, "lifeline-dispatcher")
-    dispatcher = Dispatcher(nc, config, tracers.get_tracer("lifeline.dispatcher"))
+    dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
     return Component("dispatcher", nc, dispatcher.stop), dispatcher
 
 
-async def start_worker(config: Config, name: str, url: str, tracers: TracerProvider) -> tuple[Component, WorkerRuntime]:
+async def start_worker(config: Config, name: str, url: str, tracers: Tracing) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
     provider = build_provider(settings)  # fails here, before connecting, on a missing API key
     nc = await connect(url, f"lifeline-worker-{name}")
-    runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.get_tracer("lifeline.worker"), settings.timeout_s)
+    runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.recorder("lifeline.worker"), settings.timeout_s)
     await runtime.start()
     return Component(f"worker {name}", nc, runtime.stop), runtime
 
@@ -94,7 +94,7 @@ class Stack:
         self.components.clear()
 
 
-async def start_stack(config: Config, url: str, tracers: TracerProvider, workers: list[str] | None = None) -> Stack:
+async def start_stack(config: Config, url: str, tracers: Tracing, workers: list[str] | None = None) -> Stack:
     """One dispatcher and one worker per provider (or per name in `workers`)."""
     stack = Stack()
     try:

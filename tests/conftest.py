@@ -14,7 +14,6 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -23,6 +22,7 @@ from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.app import Stack, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
+from service.telemetry import Tracing
 from service.transport import ensure_subscribed
 
 USER_HELLO = {"messages": [{"role": "user", "content": "Why did the chicken cross the road?"}]}
@@ -40,8 +40,8 @@ def exporter() -> InMemorySpanExporter:
 
 
 @pytest.fixture
-def tracers(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
-    provider = TracerProvider()
+def tracers(exporter: InMemorySpanExporter) -> Iterator[Tracing]:
+    provider = Tracing()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider
     provider.shutdown()
@@ -55,7 +55,7 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-async def lifeline(nats_url: str, tracers: TracerProvider) -> AsyncIterator[Any]:
+async def lifeline(nats_url: str, tracers: Tracing) -> AsyncIterator[Any]:
     """Factory: `await lifeline(toml_dict, workers=[...])` starts a stack; all are stopped at the end."""
     stacks: list[Stack] = []
 

@@ -16,7 +16,7 @@ import time
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from opentelemetry import trace
+from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
@@ -31,13 +31,13 @@ log = logging.getLogger("lifeline.worker")
 
 class WorkerRuntime:
     def __init__(
-        self, name: str, kind: str, provider: Provider, nc: Client, tracer: trace.Tracer, timeout_s: float
+        self, name: str, kind: str, provider: Provider, nc: Client, spans: telemetry.SpanRecorder, timeout_s: float
     ) -> None:
         self.name = name
         self.kind = kind
         self.provider = provider
         self.nc = nc
-        self.tracer = tracer
+        self.spans = spans
         self.timeout_s = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub = None
@@ -92,24 +92,25 @@ class WorkerRuntime:
     async def _call(self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None) -> ProviderReply:
         model = request.model or self.provider.model
         attributes = telemetry.provider_attributes(self.name, self.kind, model)
-        parent = telemetry.extract(headers)
-        # The span is current during the call: providers' HTTP requests carry its traceparent.
-        with self.tracer.start_as_current_span(
-            f"chat {model}", context=parent, kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            try:
-                # The provider gets the time left before the dispatcher's deadline, and no more:
-                # a call nobody waits for is cancelled, not left running (and billing).
-                async with asyncio.timeout(timeout_s):
-                    reply: ProviderReply = await self.provider.complete(request, timeout_s)
-            except ProviderError as exc:
-                reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
-            except TimeoutError:
-                reply = ProviderFailure("timeout", f"{self.name} did not answer within {timeout_s:.3g} s")
-            except Exception as exc:
-                log.exception("provider %s raised unexpectedly", self.name)
-                reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
-            if span.is_recording():
-                telemetry.annotate_outcome(span, reply)
+        span = self.spans.start(f"chat {model}", SpanKind.CLIENT, attributes, telemetry.extract(headers))
+        # The span is current during the call, so providers' HTTP requests carry its traceparent.
+        token = context.attach(span.as_context())
+        try:
+            # The provider gets the time left before the dispatcher's deadline, and no more:
+            # a call nobody waits for is cancelled, not left running (and billing).
+            async with asyncio.timeout(timeout_s):
+                reply: ProviderReply = await self.provider.complete(request, timeout_s)
+        except ProviderError as exc:
+            reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
+        except TimeoutError:
+            reply = ProviderFailure("timeout", f"{self.name} did not answer within {timeout_s:.3g} s")
+        except Exception as exc:
+            log.exception("provider %s raised unexpectedly", self.name)
+            reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
+        finally:
+            context.detach(token)
+        if span.is_recording():
+            telemetry.annotate_outcome(span, reply)
+        span.end()
         return reply
 

@@ -23,13 +23,14 @@ from typing import Any
 
 import nats
 from nats.aio.msg import Msg
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from schemas import ProviderOk, Usage
 from schemas.wire import encoder
 from service.app import start_dispatcher, start_worker
 from service.config import parse_config
+from service.telemetry import Tracing
 from service.transport import ensure_subscribed
 from tests.bench.harness import Served
 
@@ -54,8 +55,8 @@ class DropSpans(SpanExporter):
         return None
 
 
-def tracer_provider() -> TracerProvider:
-    provider = TracerProvider()  # default sampler: ParentBased(ALWAYS_ON)
+def tracer_provider() -> Tracing:
+    provider = Tracing()  # default sampler: ParentBased(ALWAYS_ON)
     provider.add_span_processor(BatchSpanProcessor(DropSpans()))
     return provider
 
