@@ -282,12 +282,6 @@ def _mib(n: int) -> str:
 # ---- a whole run ---------------------------------------------------------------------
 
 
-def nats_server_pid(server: EmbeddedNats) -> int | None:
-    # EmbeddedNats has no public pid; its Popen is private. Without it nats-server CPU is not reported.
-    proc = getattr(server, "_proc", None)
-    return proc.pid if proc is not None else None
-
-
 def run(
     profile: Profile,
     log: Log,
@@ -308,7 +302,7 @@ def run(
         fleet.spawn(specs)
         log(f"all processes ready in {time.monotonic() - started:.1f} s")
         ours = {child.name: child.pid for child in fleet.children.values()} | {"bench": os.getpid()}
-        if (nats_pid := nats_server_pid(server)) is not None:
+        if (nats_pid := server.pid) is not None:
             ours["nats-server"] = nats_pid
         before = _busy(ours)
         cases = all_cases()

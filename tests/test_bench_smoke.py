@@ -1,0 +1,29 @@
+"""The benchmark suite keeps working: one tiny run of `python -m tests.bench --quick`.
+
+Its figures are noise at these counts and nothing here asserts on them: speed is judged
+by `make bench`, whose ratios come from one run, never by timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    figures = json.loads((tmp_path / "results.json").read_text())
+    assert figures["request_errors"] == 0
+    cases = ("direct@1", "relay@64", "lifeline@64", "fallback-503@1", "fallback-noresp@1", "fallback-hang@64",
+             "scaling-2@64", "tick@8")  # fmt: skip
+    assert set(cases) <= set(figures["cases"])
+    assert {t["target"] for t in figures["targets"]} >= {"throughput vs relay", "memory per in-flight request"}
+    assert "| lifeline | 64 |" in (tmp_path / "results.md").read_text()
