@@ -19,13 +19,12 @@ import httpx
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import (
+    HttpProvider,
     ProviderError,
     ProviderSettings,
     classify_status,
     error_body,
     error_message,
-    http_client,
-    post_json,
     require_api_key,
     retry_after_s,
     unexpected_body,
@@ -99,28 +98,23 @@ def message_error(response: httpx.Response, secret: str) -> ProviderError:
     return ProviderError(kind, message, response.status_code, retry_after_s(response))
 
 
-class AnthropicProvider:
-    def __init__(
-        self,
-        settings: AnthropicSettings,
-        client: httpx.AsyncClient | None = None,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.settings = settings
-        self.model = settings.model
-        self._key = require_api_key(environ, settings.api_key_env)
-        self._url = settings.base_url.rstrip("/") + "/v1/messages"
-        # Auth goes with each request (not on the client), so an injected client sends it too.
-        self._headers = {"x-api-key": self._key, "anthropic-version": settings.anthropic_version}
-        self._client = client or http_client(settings.base_url, {}, settings.timeout_s)
+class AnthropicProvider(HttpProvider):
+    label = "anthropic"
 
-    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
-        model = request.model or self.model
-        body = messages_body(request, model, self.settings.default_max_tokens)
-        response = await post_json(self._client, self._url, body, timeout_s, self._headers)
-        if response.status_code != 200:
-            raise message_error(response, self._key)
+    def __init__(
+        self, settings: AnthropicSettings, client: httpx.AsyncClient | None = None, environ: Mapping[str, str] = os.environ
+    ) -> None:
+        key = require_api_key(environ, settings.api_key_env)
+        headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
+        url = settings.base_url.rstrip("/") + "/v1/messages"
+        super().__init__(settings, url, key, headers, client, settings.base_url)
+        self.default_max_tokens = settings.default_max_tokens
+
+    def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        return messages_body(request, model, self.default_max_tokens)
+
+    def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_message(response, model)
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def error(self, response: httpx.Response) -> ProviderError:
+        return message_error(response, self._key)

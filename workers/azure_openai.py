@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import msgspec
 
 from schemas import ProviderOk, ProviderRequest
-from workers.base import ProviderSettings, http_client, post_json, require_api_key
+from workers.base import HttpProvider, ProviderError, ProviderSettings, require_api_key
 from workers.openai import chat_body, chat_error, parse_chat_completion
 
 
@@ -40,30 +41,23 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
             msgspec.structs.force_setattr(self, "model", self.deployment)
 
 
-class AzureOpenAIProvider:
-    def __init__(
-        self,
-        settings: AzureOpenAISettings,
-        client: httpx.AsyncClient | None = None,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.settings = settings
-        self.model = settings.model
-        self._key = require_api_key(environ, settings.api_key_env)
-        endpoint = settings.endpoint.rstrip("/")
-        self._url = (
-            f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
-        )
-        # Auth goes with each request (not on the client), so an injected client sends it too.
-        self._headers = {"api-key": self._key}
-        self._client = client or http_client(endpoint, {}, settings.timeout_s)
+class AzureOpenAIProvider(HttpProvider):
+    label = "azure_openai"
 
-    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
-        model = request.model or self.model
-        response = await post_json(self._client, self._url, chat_body(request, model), timeout_s, self._headers)
-        if response.status_code != 200:
-            raise chat_error(response, "azure_openai", self._key)
+    def __init__(
+        self, settings: AzureOpenAISettings, client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:  # fmt: skip
+        key = require_api_key(environ, settings.api_key_env)
+        endpoint = settings.endpoint.rstrip("/")
+        url = f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
+        super().__init__(settings, url, key, {"api-key": key}, client, endpoint)
+
+    def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        return chat_body(request, model)
+
+    def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_chat_completion(response, model)
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def error(self, response: httpx.Response) -> ProviderError:
+        return chat_error(response, self.label, self._key)

@@ -125,6 +125,45 @@ async def post_json(
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
 
 
+class HttpProvider:
+    """A provider behind one HTTP endpoint: a pooled client, one POST per call, no retries.
+
+    A kind supplies its URL and auth headers, and `body`, `parse` and `error` for its
+    documented request, response and error shapes.
+    """
+
+    label = "provider"  # names the provider in error messages
+
+    def __init__(self, settings: ProviderSettings, url: str, key: str, headers: dict[str, str],
+                 client: httpx.AsyncClient | None, base_url: str) -> None:  # fmt: skip
+        self.settings = settings
+        self.model = settings.model
+        self._url = url
+        self._key = key
+        # Auth goes with each request (not on the client), so an injected client sends it too.
+        self._headers = headers
+        self._client = client or http_client(base_url, {}, settings.timeout_s)
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        model = request.model or self.model
+        response = await post_json(self._client, self._url, self.body(request, model), timeout_s, self._headers)
+        if response.status_code != 200:
+            raise self.error(response)
+        return self.parse(response, model)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, response: httpx.Response, model: str) -> ProviderOk:
+        raise NotImplementedError
+
+    def error(self, response: httpx.Response) -> ProviderError:
+        raise NotImplementedError
+
+
 def require_api_key(environ: Mapping[str, str], name: str) -> str:
     key = environ.get(name, "")
     if not key:

@@ -22,13 +22,12 @@ import httpx
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import (
+    HttpProvider,
     ProviderError,
     ProviderSettings,
     classify_status,
     error_body,
     error_message,
-    http_client,
-    post_json,
     require_api_key,
     retry_after_s,
     unexpected_body,
@@ -100,29 +99,24 @@ def chat_error(response: httpx.Response, label: str, secret: str) -> ProviderErr
     return ProviderError(kind, message, response.status_code, retry_after_s(response))
 
 
-class OpenAIProvider:
-    def __init__(
-        self,
-        settings: OpenAISettings,
-        client: httpx.AsyncClient | None = None,
-        environ: Mapping[str, str] = os.environ,
-    ) -> None:
-        self.settings = settings
-        self.model = settings.model
-        self._key = require_api_key(environ, settings.api_key_env) if settings.api_key_env else ""
-        self._url = settings.base_url.rstrip("/") + "/chat/completions"
-        # Auth goes with each request (not on the client), so an injected client sends it too.
-        self._headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        if settings.organization:
-            self._headers["OpenAI-Organization"] = settings.organization
-        self._client = client or http_client(settings.base_url, {}, settings.timeout_s)
+class OpenAIProvider(HttpProvider):
+    label = "openai"
 
-    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
-        model = request.model or self.model
-        response = await post_json(self._client, self._url, chat_body(request, model), timeout_s, self._headers)
-        if response.status_code != 200:
-            raise chat_error(response, "openai", self._key)
+    def __init__(
+        self, settings: OpenAISettings, client: httpx.AsyncClient | None = None, environ: Mapping[str, str] = os.environ
+    ) -> None:
+        key = require_api_key(environ, settings.api_key_env) if settings.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if settings.organization:
+            headers["OpenAI-Organization"] = settings.organization
+        url = settings.base_url.rstrip("/") + "/chat/completions"
+        super().__init__(settings, url, key, headers, client, settings.base_url)
+
+    def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        return chat_body(request, model)
+
+    def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_chat_completion(response, model)
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def error(self, response: httpx.Response) -> ProviderError:
+        return chat_error(response, self.label, self._key)

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
-from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
+from schemas import ProviderFailure, ProviderReply, ProviderRequest
 from schemas.subjects import DEADLINE_MS, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
