@@ -7,6 +7,7 @@ per provider, just in one process for convenience.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,10 +59,14 @@ class Component:
     nc: Client
     stop_runtime: Callable[[], Awaitable[None]]
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout_s: float = 5.0) -> None:
         await self.stop_runtime()
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        if self.nc.is_closed:
+            return
+        try:  # drain flushes replies still buffered; a vanished server must not hang shutdown
+            await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
+        except (asyncio.TimeoutError, nats.errors.Error):
+            await self.nc.close()
 
 
 async def start_dispatcher(config: Config, url: str, tracers: Tracing) -> tuple[Component, Dispatcher]:

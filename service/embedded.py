@@ -7,8 +7,10 @@ cleaned up by `stop()` or the context manager.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,14 @@ import time
 from pathlib import Path
 
 _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+def _die_with_parent() -> None:
+    """In the child: have Linux send SIGTERM if Lifeline dies without stopping us."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still stops the server on every normal exit
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -56,7 +66,12 @@ class EmbeddedNats:
         args = [server_binary(), "-a", self.host, "-p", str(self.port), "-l", str(log_path)]
         if self.jetstream:
             args += ["-js", "-sd", self.store_dir]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # Its own session: a Ctrl-C in the terminal reaches Lifeline, which drains its
+        # connections and only then stops the server (not both at once).
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
         self._wait_ready(log_path, timeout_s)
         return self.url
 

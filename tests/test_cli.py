@@ -48,6 +48,7 @@ def running() -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
         [*LIFELINE, "run", "--port", "-1", "--config", EXAMPLE],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+        start_new_session=True,  # its own process group, as in a terminal
     )  # fmt: skip
     try:
         line, _ = _wait_for_line(proc, r"dispatcher ready")
@@ -78,9 +79,10 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     assert re.search(r"1\. flaky .* rate_limit 429", out)
     assert re.search(r"2\. sleepy .* timeout", out)
     assert re.search(r"3\. backup .* ok", out)
-    # `run` prints a line per request from the audit subject, and stops cleanly on Ctrl-C.
+    # `run` prints a line per request from the audit subject, and stops cleanly on Ctrl-C,
+    # which a terminal sends to the whole process group (the embedded server included).
     _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit -> sleepy:timeout -> backup:ok")
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
 
