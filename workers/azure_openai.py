@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import httpx
 import msgspec
 
-from schemas import ProviderOk, ProviderRequest
-from workers.base import HttpProvider, ProviderError, ProviderSettings, require_api_key
-from workers.openai import chat_body, chat_error, parse_chat_completion
+from workers.base import HttpProvider, ProviderSettings, require_api_key
+from workers.openai import OpenAIProvider
 
 
 class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -41,7 +39,9 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
             msgspec.structs.force_setattr(self, "model", self.deployment)
 
 
-class AzureOpenAIProvider(HttpProvider):
+class AzureOpenAIProvider(OpenAIProvider):
+    """OpenAI's body, response and error shapes; Azure's URL and `api-key` header."""
+
     label = "azure_openai"
 
     def __init__(
@@ -51,13 +51,4 @@ class AzureOpenAIProvider(HttpProvider):
         key = require_api_key(environ, settings.api_key_env)
         endpoint = settings.endpoint.rstrip("/")
         url = f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
-        super().__init__(settings, url, key, {"api-key": key}, client, endpoint)
-
-    def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        return chat_body(request, model)
-
-    def parse(self, response: httpx.Response, model: str) -> ProviderOk:
-        return parse_chat_completion(response, model)
-
-    def error(self, response: httpx.Response) -> ProviderError:
-        return chat_error(response, self.label, self._key)
+        HttpProvider.__init__(self, settings, url, key, {"api-key": key}, client, endpoint)
