@@ -180,11 +180,8 @@ class Dispatcher:
                 metadata=request.metadata,
             )
         )
-        deadline_mono = time.monotonic() + plan.timeout_s
-        deadline_wall_ms = int((time.time() + plan.timeout_s) * 1000)
-
         async def call(target: Target, timeout_s: float):
-            return await self._attempt(target, payload, plan.request_id, timeout_s, deadline_wall_ms, span)
+            return await self._attempt(target, payload, plan.request_id, timeout_s, span)
 
         def on_fallback(failed: Target, successor: Target, failure: ProviderFailure) -> None:
             span.add_event(
@@ -198,15 +195,15 @@ class Dispatcher:
             )
 
         return await run_chain(
-            plan.targets, call, deadline=deadline_mono, fallback_on=plan.fallback_on, on_fallback=on_fallback
+            plan.targets, call, deadline=time.monotonic() + plan.timeout_s, fallback_on=plan.fallback_on,
+            on_fallback=on_fallback,
         )
 
     async def _attempt(
-        self, target: Target, payload: bytes, request_id: str, timeout_s: float, deadline_ms: int,
-        parent: telemetry.LiteSpan,
-    ) -> ProviderReply:  # fmt: skip
-        # The attempt's deadline is the sooner of its own timeout and the request's.
-        attempt_deadline_ms = min(deadline_ms, int((time.time() + timeout_s) * 1000))
+        self, target: Target, payload: bytes, request_id: str, timeout_s: float, parent: telemetry.LiteSpan
+    ) -> ProviderReply:
+        # run_chain already bounds timeout_s by what is left of the request's own deadline.
+        attempt_deadline_ms = int((time.time() + timeout_s) * 1000)
         name, attributes = self._span_templates[target.provider]
         span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
         headers = {subjects.DEADLINE_MS: str(attempt_deadline_ms), subjects.REQUEST_ID: request_id}
