@@ -6,6 +6,9 @@ DISPATCHER_QUEUE = "lifeline-dispatchers"
 
 # One subject per provider; the replicas of a provider's worker share its queue group.
 PROVIDER_PREFIX = "llm.provider."
+# "Stop that attempt": every replica of a provider's worker listens (no queue group), the one
+# running the attempt named in the body (its Lifeline-Attempt-Id) cancels it and its HTTP call.
+CANCEL_PREFIX = "llm.cancel."
 # One audit event per request, on llm.audit.ok or llm.audit.error.
 AUDIT_PREFIX = "llm.audit."
 AUDIT_ALL = AUDIT_PREFIX + ">"
@@ -16,6 +19,8 @@ TRACESTATE = "tracestate"
 # Absolute deadline of an attempt, Unix epoch milliseconds: a worker drops work past it.
 DEADLINE_MS = "Lifeline-Deadline-Ms"
 REQUEST_ID = "Lifeline-Request-Id"
+# Unique per physical attempt (a retry gets a new one); what a cancel message names.
+ATTEMPT_ID = "Lifeline-Attempt-Id"
 
 
 def provider_subject(name: str) -> str:
@@ -24,6 +29,10 @@ def provider_subject(name: str) -> str:
 
 def provider_queue(name: str) -> str:
     return "lifeline-provider-" + name
+
+
+def cancel_subject(provider: str) -> str:
+    return CANCEL_PREFIX + provider
 
 
 def audit_subject(status: str) -> str:

@@ -29,6 +29,15 @@ ERROR_KINDS = (
     "content_filter",
     "connection",
     "no_responders",
+    "invalid_output",  # the answer failed the request's response_format (checked by the dispatcher)
+)
+
+# Why a target was passed over without a call (Attempt.reason when outcome is "skipped").
+SKIP_REASONS = (
+    "max_input_tokens",  # the estimated input is longer than the target's max_input_tokens
+    "json_output",  # the request wants JSON and the target declares json_output = false
+    "deadline",  # the request's deadline left no time to start it
+    "max_attempts",  # the request's cap on physical attempts was reached
 )
 
 # Why a whole request failed (CompletionReply.error.type).
@@ -39,6 +48,8 @@ INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, empty messag
 PAYLOAD_TOO_LARGE = "payload_too_large"
 UNKNOWN_ROUTE = "unknown_route"
 UNKNOWN_PROVIDER = "unknown_provider"
+NO_CAPABLE_TARGET = "no_capable_target"  # every target was skipped by a capability check; none was called
+MAX_ATTEMPTS_REACHED = "max_attempts_reached"  # the cap on physical attempts ended the chain
 INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
 
 
@@ -47,17 +58,82 @@ class ChatMessage(Struct, frozen=True):
     content: str
 
 
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+TopP = Annotated[float, Meta(ge=0, le=1)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+# An error kind (ERROR_KINDS) or an HTTP error status, as in fallback_on and retry_on.
+KindOrStatus = str | int
+
+
+class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One step of a chain: a provider plus how to call it. Used in config and in requests.
+
+    Parameters set here win over the request's: they exist because this model needs them.
+    """
+
+    provider: str
+    name: str | None = None  # label in replies, attempts and faults; default: provider[:model]
+    model: str | None = None  # default: the provider's configured model
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    top_p: TopP | None = None
+    template: str | None = None  # a [templates.<name>] of the config
+    timeout_s: Annotated[float, Meta(gt=0)] | None = None  # default: the provider's timeout_s
+    # Capabilities, checked before any call.
+    max_input_tokens: Annotated[int, Meta(ge=1)] | None = None
+    json_output: bool = True
+    # Retries on this target, before falling back.
+    retries: Annotated[int, Meta(ge=0, le=10)] = 0
+    retry_on: list[KindOrStatus] | None = None  # default: rate_limit, server_error, timeout, connection
+    backoff_s: Annotated[float, Meta(ge=0, le=60)] = 0.25  # first retry's backoff; doubles, full jitter
+    max_backoff_s: Annotated[float, Meta(ge=0, le=300)] = 10.0  # a longer Retry-After falls back instead
+    # Opt in to get the error kinds of the attempts before this one in metadata["lifeline_previous_errors"].
+    pass_failures: bool = False
+
+
+class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
+    name: str
+    schema: dict[str, Any] = {}
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """OpenAI's response_format. An answer that does not parse (or validate) is an invalid_output failure."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# The metadata key under which a target with pass_failures gets the error kinds of the
+# attempts before it (LangChain's exception_key), e.g. ["rate_limit", "timeout"].
+PREVIOUS_ERRORS = "lifeline_previous_errors"
+
+# A simulated failure for one target (see CompletionRequest.faults): "timeout", an error
+# kind, "invalid_output" or an HTTP status; "ok" or null lets the real call through.
+Fault = str | int | None
+
+
 class CompletionRequest(Struct, frozen=True):
     """What a client sends to llm.complete."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     id: str = ""
     route: str = "default"
-    targets: list[str] | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    targets: list[str | TargetSpec] | None = None  # instead of the route's chain
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    timeout_s: Annotated[float, Meta(gt=0)] | None = None  # bounds the whole chain
+    deadline_unix_ms: Annotated[int, Meta(gt=0)] | None = None  # absolute; the earlier of the two wins
     metadata: dict[str, Any] = {}
+    response_format: ResponseFormat | None = None
+    fallback: bool = True  # false: only the first target is tried (its own retries still apply)
+    max_attempts: Annotated[int, Meta(ge=1)] | None = None  # cap on physical attempts, at most the config's
+    fallback_on: list[KindOrStatus] | None = None  # narrows the route's fallback_on
+    # Per target name (or provider name): a Fault, or a list applied to its attempts in turn.
+    # Refused unless the config sets dispatcher.allow_fault_injection.
+    faults: dict[str, Fault | list[Fault]] | None = None
 
 
 class Usage(Struct, frozen=True):
@@ -66,15 +142,19 @@ class Usage(Struct, frozen=True):
 
 
 class Attempt(Struct, frozen=True):
-    """One call of one target, as the client, the audit and the trace see it."""
+    """One call of one target (or one target passed over), as the client, the audit and the trace see it."""
 
     provider: str
     model: str
-    outcome: Literal["ok", "timeout", "no_responders", "error"]
+    outcome: Literal["ok", "timeout", "no_responders", "error", "skipped"]
     latency_ms: float
     error_type: str | None = None
     status_code: int | None = None
     message: str | None = None
+    target: str | None = None  # the target's name (differs from provider when a chain shapes it)
+    retry: int = 0  # 0 for the first call of this target, 1 for its first retry, ...
+    reason: str | None = None  # why it was skipped: one of SKIP_REASONS
+    next: Literal["retry", "fallback", "stop"] | None = None  # what the dispatcher did after this failure
 
 
 class ErrorInfo(Struct, frozen=True):
@@ -95,6 +175,8 @@ class CompletionReply(Struct, frozen=True):
     latency_ms: float = 0.0
     trace_id: str | None = None
     error: ErrorInfo | None = None
+    target: str | None = None  # the name of the target that served
+    template: str | None = None  # the prompt template that target used, if any
 
 
 class AuditEvent(Struct, frozen=True):
@@ -112,6 +194,8 @@ class AuditEvent(Struct, frozen=True):
     error_type: str | None = None
     usage: Usage | None = None
     request_bytes: int = 0
+    target: str | None = None
+    template: str | None = None
 
 
 # ---- dispatcher <-> provider worker -------------------------------------------------
@@ -126,6 +210,8 @@ class ProviderRequest(Struct, frozen=True):
     temperature: float | None = None
     model: str | None = None  # overrides the worker's configured model when set
     metadata: dict[str, Any] = {}
+    top_p: float | None = None
+    response_format: ResponseFormat | None = None  # passed on where the provider supports it
 
 
 class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
@@ -159,6 +245,19 @@ class _IdOnly(Struct):
 
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def classify_status(status_code: int) -> str:
+    """HTTP error status -> error kind, the one mapping every worker and the dispatcher share."""
+    if status_code == 429:
+        return "rate_limit"
+    if status_code in (401, 403):
+        return "auth"
+    if status_code == 408:
+        return "timeout"
+    if status_code >= 500:
+        return "server_error"
+    return "bad_request"
 
 
 def salvage_id(data: bytes) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgspec
 
-from schemas import AuditEvent, ChatMessage, CompletionReply, CompletionRequest
+from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest
 from schemas import subjects
-from schemas.wire import audit_decoder, encoder, reply_decoder
+from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
 from service import telemetry
 from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
 from service.config import Config, ConfigError, load_config
@@ -70,9 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="a system message to send first")
     ask.add_argument("--route", default="default", help="route name (default: default)")
-    ask.add_argument("--target", action="append", dest="targets", help="explicit provider, repeatable; overrides the route")
+    ask.add_argument("--target", action="append", dest="targets",
+                     help="a target or provider name, repeatable, tried in order; overrides the route")  # fmt: skip
     ask.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole request (default: 30)")
     ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--json-output", action="store_true",
+                     help='ask for a JSON object (response_format json_object); other answers count as invalid_output')  # fmt: skip
+    ask.add_argument("--no-fallback", action="store_true", help="try only the first target (and its retries)")
+    ask.add_argument("--max-attempts", type=int, help="cap on calls across retries and fallbacks")
+    ask.add_argument("--fault", action="append", default=[], metavar="TARGET=FAULT",
+                     help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP status; "
+                          "comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
+                          "dispatcher.allow_fault_injection")  # fmt: skip
     ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
     _nats_arg(ask)
 
@@ -146,9 +155,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
 def _describe(config: Config) -> None:
     for name, p in config.providers.items():
         print(f"provider {name:<12} kind={p.kind} model={p.model or '-'} timeout_s={p.timeout_s:g}")
+    for name, spec in config.targets.items():
+        print(f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} template={spec.template or '-'}")
     for name, route in config.routes.items():
-        fallback_on = ", ".join(map(str, route.fallback_on)) if route.fallback_on is not None else "any failure"
-        print(f"route    {name:<12} {' -> '.join(route.targets)}  (falls back on: {fallback_on})")
+        fallback_on = ", ".join(map(str, sorted(route.fallback_on, key=str))) if route.fallback_on is not None else "any failure"
+        chain = " -> ".join(t.name or t.provider for t in route.targets)
+        print(f"route    {name:<12} {chain}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})")
+        for kind, targets in route.by_kind.items():
+            print(f"         {'':<12} on {kind}: {' -> '.join(t.name or t.provider for t in targets)}")
 
 
 def _print_started(config: Config, url: str) -> None:
@@ -177,7 +191,7 @@ async def _watch_audit(url: str):
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        chain = " -> ".join(f"{a.provider}:{a.error_type or a.outcome}" for a in event.attempts) or "-"
+        chain = " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
         why = f" ({event.error_type})" if event.error_type else ""
         print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}", flush=True)
 
@@ -221,7 +235,9 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
     request = CompletionRequest(
         messages=messages, id=uuid.uuid4().hex, route=args.route, targets=args.targets,
-        max_tokens=args.max_tokens, timeout_s=args.timeout,
+        max_tokens=args.max_tokens, timeout_s=args.timeout, fallback=not args.no_fallback,
+        max_attempts=args.max_attempts, faults=_faults(args.fault) or None,
+        response_format=ResponseFormat("json_object") if args.json_output else None,
     )  # fmt: skip
     try:
         nc = await connect(url, "lifeline-ask", wait_for_server=False)
@@ -244,18 +260,39 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
 
 
+def _faults(entries: list[str]) -> dict[str, list[str | int]]:
+    """--fault flaky=429,ok -> {"flaky": [429, "ok"]}"""
+    faults: dict[str, list[str | int]] = {}
+    for entry in entries:
+        target, sep, values = entry.partition("=")
+        if not sep or not target or not values:
+            raise ValueError(f"--fault {entry!r}: expected TARGET=FAULT, e.g. --fault flaky=429")
+        faults[target] = [int(v) if v.isdigit() else v for v in values.split(",")]
+    return faults
+
+
+def _outcome(a: Attempt) -> str:
+    if a.outcome == "ok":
+        return "ok"
+    if a.outcome == "skipped":
+        return f"skipped:{a.reason}"
+    return f"{a.error_type}{' ' + str(a.status_code) if a.status_code else ''}{'->' + a.next if a.next else ''}"
+
+
 def _print_reply(reply: CompletionReply) -> None:
     if reply.status == "ok":
         print(reply.content)
-        print(f"\nserved by {reply.provider} ({reply.model}) in {reply.latency_ms:.1f} ms")
+        template = f", template {reply.template}" if reply.template else ""
+        print(f"\nserved by {reply.target or reply.provider} ({reply.provider}, {reply.model}{template}) "
+              f"in {reply.latency_ms:.1f} ms")  # fmt: skip
     else:
         assert reply.error is not None
         print(f"error: {reply.error.type}: {reply.error.message}")
     if reply.attempts:
         print("attempts:")
         for i, a in enumerate(reply.attempts, 1):
-            outcome = "ok" if a.outcome == "ok" else f"{a.error_type} {a.status_code or ''}"
-            print(f"  {i}. {a.provider:<12} {a.model:<20} {outcome:<18} {a.latency_ms:8.1f} ms")
+            name = (a.target or a.provider) + (f" (retry {a.retry})" if a.retry else "")
+            print(f"  {i}. {name:<20} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
             if a.message:
                 print(f"     {a.message}")
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")

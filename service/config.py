@@ -1,11 +1,15 @@
 """The TOML config: read once at start-up, validated, errors naming the bad key.
 
-    [dispatcher]            optional: request limits
+    [dispatcher]            optional: request limits, max_attempts, allow_fault_injection
     [providers.<name>]      one per provider worker; `kind` picks the provider module
-    [routes.<name>]         ordered `targets` and an optional `fallback_on`
+    [templates.<name>]      optional: a system prompt and/or user template a target can use
+    [targets.<name>]        optional: a named, shaped target (provider + model, params, ...)
+    [routes.<name>]         ordered `targets`, `fallback_on`, chains per error class, max_attempts
+    [fallbacks]             optional: default chains per error class, for routes that name none
 
 Provider tables are validated by their kind's settings type (workers/), so a typo in
-any key fails here, before anything connects.
+any key fails here, before anything connects. Every chain entry is resolved here to a
+TargetSpec with its name set, so the dispatcher never meets an unknown name from config.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas import ERROR_KINDS
+from schemas.wire import TargetSpec
 from workers.base import ProviderSettings
 from workers.registry import KINDS, parse_settings
 
@@ -35,6 +40,11 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_request_bytes: Annotated[int, Meta(gt=0)] = 1024 * 1024
     default_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     max_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    # Physical attempts per request across retries and fallbacks: the default and the ceiling
+    # (a route or a request may set less), so chains cannot multiply into retry storms.
+    max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
+    # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in production.
+    allow_fault_injection: bool = False
 
     def __post_init__(self) -> None:
         if self.default_timeout_s > self.max_timeout_s:
@@ -44,10 +54,51 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
             )
 
 
+class Template(Struct, frozen=True, forbid_unknown_fields=True):
+    """A per-target prompt. `{system}` stands for the request's system messages, `{input}` for
+    its last user message; placeholders are replaced literally, so braces in prompts are safe."""
+
+    system: str | None = None  # replaces the request's system messages
+    user: str | None = None  # replaces the last user message; must contain {input}
+
+    def __post_init__(self) -> None:
+        if self.system is None and self.user is None:
+            raise ValueError("a template needs `system`, `user` or both")
+        if self.user is not None and "{input}" not in self.user:
+            raise ValueError("`user` must contain {input}, or the user's message would be dropped")
+
+
+Chain = list[str | TargetSpec]
+
+
 class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    targets: Annotated[list[str], Meta(min_length=1)]
+    targets: Annotated[Chain, Meta(min_length=1)]
     # None: every provider failure falls back. Otherwise error kinds and/or HTTP statuses.
     fallback_on: list[str | int] | None = None
+    # Entered instead of the rest of `targets` when an attempt fails with that kind.
+    context_length_fallbacks: Chain | None = None
+    content_filter_fallbacks: Chain | None = None
+    max_attempts: Annotated[int, Meta(ge=1)] | None = None
+
+
+class FallbacksConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Default error-class chains, for every route that does not name its own."""
+
+    context_length: Chain | None = None
+    content_filter: Chain | None = None
+
+
+# Error kinds that can have chains of their own: route key -> kind.
+CLASS_CHAINS = {"context_length_fallbacks": "context_length", "content_filter_fallbacks": "content_filter"}
+
+
+class Route(Struct, frozen=True):
+    """A route with every chain resolved: each entry a TargetSpec whose `name` is set."""
+
+    targets: list[TargetSpec]
+    fallback_on: frozenset[str | int] | None
+    by_kind: dict[str, list[TargetSpec]]  # error kind -> the chain entered on that failure
+    max_attempts: int
 
 
 class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -56,13 +107,24 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, Any]
     routes: dict[str, Any] = {}
     dispatcher: dict[str, Any] = {}
+    templates: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    fallbacks: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
     providers: dict[str, ProviderSettings]
-    routes: dict[str, RouteConfig]
+    routes: dict[str, Route]
     dispatcher: DispatcherSettings
+    templates: dict[str, Template] = {}
+    targets: dict[str, TargetSpec] = {}  # named targets, each with its name set
+    default_chains: dict[str, list[TargetSpec]] = {}  # [fallbacks]: error kind -> chain
     source: str = "<memory>"
+
+    def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
+        """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
+        with its name set; raises ValueError saying what is wrong. Requests use it too."""
+        return resolve_target(ref, self.providers, self.templates, self.targets, self.dispatcher)
 
 
 def load_config(path: str | Path) -> Config:
@@ -86,11 +148,55 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     if not raw.providers:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
     providers = {name: _provider(name, table) for name, table in raw.providers.items()}
-    routes = {name: _convert(table, RouteConfig, f"routes.{name}") for name, table in raw.routes.items()}
-    for name, route in routes.items():
-        _check_route(name, route, providers)
     dispatcher = _convert(raw.dispatcher, DispatcherSettings, "dispatcher")
-    return Config(providers=providers, routes=routes, dispatcher=dispatcher, source=source)
+    templates = {name: _convert(table, Template, f"templates.{name}") for name, table in raw.templates.items()}
+    targets: dict[str, TargetSpec] = {}
+    for name, table in raw.targets.items():
+        key = f"targets.{name}"
+        if name in providers:
+            raise ConfigError(f"{key}: a provider has this name too; give the target another one")
+        spec = _convert(table, TargetSpec, key)
+        if spec.name is not None and spec.name != name:
+            raise ConfigError(f"{key}.name: a named target's name is its table key; drop `name`")
+        targets[name] = _checked(key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher)
+    defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
+
+    def resolve(key: str, chain: Chain) -> list[TargetSpec]:
+        return _chain(key, chain, providers, templates, targets, dispatcher)
+
+    default_chains = {
+        kind: resolve(f"fallbacks.{kind}", getattr(defaults, kind))
+        for kind in CLASS_CHAINS.values()
+        if getattr(defaults, kind) is not None
+    }
+    routes = {}
+    for name, table in raw.routes.items():
+        key = f"routes.{name}"
+        route = _convert(table, RouteConfig, key)
+        if not _NAME.match(name):
+            raise ConfigError(f"{key}: route names may use only letters, digits, '_' and '-'")
+        problem = _bad_kind(route.fallback_on)
+        if problem is not None:
+            raise ConfigError(f"{key}.fallback_on[{problem[0]}]: {problem[1]}")
+        if route.max_attempts is not None and route.max_attempts > dispatcher.max_attempts:
+            raise ConfigError(
+                f"{key}.max_attempts: {route.max_attempts} is above dispatcher.max_attempts ({dispatcher.max_attempts})"
+            )
+        by_kind = dict(default_chains)
+        for field, kind in CLASS_CHAINS.items():
+            chain = getattr(route, field)
+            if chain is not None:  # [] turns a default chain off for this route
+                by_kind[kind] = resolve(f"{key}.{field}", chain)
+        routes[name] = Route(
+            targets=resolve(f"{key}.targets", route.targets),
+            fallback_on=frozenset(route.fallback_on) if route.fallback_on is not None else None,
+            by_kind={kind: chain for kind, chain in by_kind.items() if chain},
+            max_attempts=route.max_attempts or dispatcher.max_attempts,
+        )
+    return Config(
+        providers=providers, routes=routes, dispatcher=dispatcher, templates=templates, targets=targets,
+        default_chains=default_chains, source=source,
+    )  # fmt: skip
 
 
 def _provider(name: str, table: Any) -> ProviderSettings:
@@ -107,19 +213,76 @@ def _provider(name: str, table: Any) -> ProviderSettings:
         raise ConfigError(_located(key, exc)) from None
 
 
-def _check_route(name: str, route: RouteConfig, providers: dict[str, ProviderSettings]) -> None:
-    key = f"routes.{name}"
-    if not _NAME.match(name):
-        raise ConfigError(f"{key}: route names may use only letters, digits, '_' and '-'")
-    for i, target in enumerate(route.targets):
-        if target not in providers:
-            known = ", ".join(sorted(providers))
-            raise ConfigError(f"{key}.targets[{i}]: unknown provider {target!r} (configured: {known})")
-    for i, entry in enumerate(route.fallback_on or ()):
+def _chain(key: str, chain: Chain, *known: Any) -> list[TargetSpec]:
+    specs = []
+    for i, ref in enumerate(chain):
+        try:
+            specs.append(resolve_target(ref, *known))
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]{_field_of(exc)}: {exc}") from None
+    return specs
+
+
+def _checked(key: str, spec: TargetSpec, *known: Any) -> TargetSpec:
+    try:
+        return resolve_target(spec, *known)
+    except ValueError as exc:
+        raise ConfigError(f"{key}{_field_of(exc)}: {exc}") from None
+
+
+class TargetError(ValueError):
+    """A chain entry is invalid; `field` names the offending key inside it, if any."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _field_of(exc: ValueError) -> str:
+    field = getattr(exc, "field", "")
+    return f".{field}" if field else ""
+
+
+def resolve_target(
+    ref: str | TargetSpec,
+    providers: dict[str, ProviderSettings],
+    templates: dict[str, Template],
+    targets: dict[str, TargetSpec],
+    dispatcher: DispatcherSettings,
+) -> TargetSpec:
+    if isinstance(ref, str):
+        if ref in targets:
+            return targets[ref]
+        if ref in providers:
+            return TargetSpec(provider=ref, name=ref)
+        known = ", ".join(sorted([*targets, *providers]))
+        raise TargetError(f"unknown target or provider {ref!r} (configured: {known})")
+    if ref.provider not in providers:
+        raise TargetError(f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})", "provider")
+    if ref.template is not None and ref.template not in templates:
+        known = ", ".join(sorted(templates)) or "none"
+        raise TargetError(f"unknown template {ref.template!r} (configured: {known})", "template")
+    if ref.timeout_s is not None and ref.timeout_s > dispatcher.max_timeout_s:
+        raise TargetError(
+            f"{ref.timeout_s:g} is above dispatcher.max_timeout_s ({dispatcher.max_timeout_s:g})", "timeout_s"
+        )
+    problem = _bad_kind(ref.retry_on)
+    if problem is not None:
+        raise TargetError(problem[1], f"retry_on[{problem[0]}]")
+    if ref.name is not None:
+        return ref
+    name = ref.provider if ref.model is None else f"{ref.provider}:{ref.model}"
+    return msgspec.structs.replace(ref, name=name)
+
+
+def _bad_kind(entries: list[str | int] | None) -> tuple[int, str] | None:
+    """The first entry of a fallback_on / retry_on list that is neither an error kind nor an HTTP error status."""
+    for i, entry in enumerate(entries or ()):
         if isinstance(entry, int) and not 400 <= entry <= 599:
-            raise ConfigError(f"{key}.fallback_on[{i}]: status {entry} is not an HTTP error status (400..599)")
+            return i, f"status {entry} is not an HTTP error status (400..599)"
         if isinstance(entry, str) and entry not in ERROR_KINDS:
-            raise ConfigError(f"{key}.fallback_on[{i}]: unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})")
+            return i, f"unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})"
+    return None
 
 
 def _convert(data: Any, type_: type, prefix: str) -> Any:

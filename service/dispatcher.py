@@ -3,7 +3,8 @@
 Each message gets its own asyncio task (a NATS callback that awaited the work would
 serve one request at a time). For every message, whatever happens, the dispatcher sends
 exactly one CompletionReply (when the message has a reply subject) and publishes exactly
-one AuditEvent. The fallback decision itself lives in service/policy.py.
+one AuditEvent. A request becomes a plan in service/routing.py; the fallback decisions
+are made in service/policy.py; what a target's request looks like is service/shaping.py.
 """
 
 from __future__ import annotations
@@ -11,69 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
-
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas import AuditEvent, CompletionReply, CompletionRequest, ErrorInfo, ProviderFailure, ProviderReply, ProviderRequest
-from schemas import subjects
-from schemas.wire import (
-    INTERNAL,
-    INVALID_REQUEST,
-    PAYLOAD_TOO_LARGE,
-    UNKNOWN_PROVIDER,
-    UNKNOWN_ROUTE,
-    encoder,
-    request_decoder,
-    salvage_id,
-)
+from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest, subjects
+from schemas.wire import INTERNAL, PREVIOUS_ERRORS, encoder, salvage_id
 from service import telemetry
 from service.config import Config
+from service.faults import simulate
 from service.policy import ChainResult, Target, run_chain
+from service.routing import Plan, Rejected, Router
+from service.shaping import shape
 from service.transport import NatsTransport, ensure_subscribed
 
 log = logging.getLogger("lifeline.dispatcher")
-
-_EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
-
-
-class Rejected(Exception):
-    """A request refused before any provider is tried."""
-
-    def __init__(self, error_type: str, message: str, request_id: str = "", route: str | None = None) -> None:
-        super().__init__(message)
-        self.error = ErrorInfo(error_type, message)
-        self.request_id = request_id
-        self.route = route
-
-
-class Plan(msgspec.Struct, frozen=True):
-    request: CompletionRequest
-    request_id: str
-    targets: list[Target]
-    fallback_on: Collection[str | int] | None
-    timeout_s: float
 
 
 class Dispatcher:
     def __init__(self, nc: Client, config: Config, spans: telemetry.SpanRecorder) -> None:
         self.transport = NatsTransport(nc)
         self.config = config
+        self.router = Router(config)
         self.spans = spans
-        self.targets = {
-            name: Target(name, p.kind, p.model, p.timeout_s) for name, p in config.providers.items()
-        }
-        self.routes = {
-            name: ([self.targets[t] for t in r.targets], frozenset(r.fallback_on) if r.fallback_on is not None else None)
-            for name, r in config.routes.items()
-        }
-        # Per-provider span name and attributes, built once rather than per attempt.
-        self._span_templates = {name: telemetry.attempt_span_template(t) for name, t in self.targets.items()}
-        self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
+        # Span name and attributes per (provider, model, target), built once rather than per attempt.
+        self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
+        self._attempt_ids = NUID()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub = None
 
@@ -106,8 +72,8 @@ class Dispatcher:
         trace_id = telemetry.trace_id_of(span)
         route: str | None = None
         try:
-            plan = self.plan(msg.data)
-            route = plan.request.route if plan.request.targets is None else None
+            plan = self.router.plan(msg.data)
+            route = plan.route
             result = await self._run(plan, span)
             reply = _reply(plan.request_id, result, trace_id)
         except Rejected as exc:
@@ -126,77 +92,39 @@ class Dispatcher:
             _annotate(span, reply, route)
             span.end()
 
-    def plan(self, data: bytes) -> Plan:
-        """Validate a raw request and resolve its targets; raises Rejected."""
-        limits = self.config.dispatcher
-        if len(data) > limits.max_request_bytes:
-            raise Rejected(
-                PAYLOAD_TOO_LARGE,
-                f"request is {len(data)} bytes; this dispatcher accepts at most {limits.max_request_bytes} "
-                "(dispatcher.max_request_bytes in the config)",
-            )
-        try:
-            request = request_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise Rejected(INVALID_REQUEST, f"invalid request: {exc}. Expected JSON like {_EXAMPLE}", salvage_id(data)) from None
-        request_id = request.id or self._ids.next().decode()
-        timeout_s = request.timeout_s or limits.default_timeout_s
-        if timeout_s > limits.max_timeout_s:
-            raise Rejected(
-                INVALID_REQUEST,
-                f"timeout_s {timeout_s:g} is above this dispatcher's maximum of {limits.max_timeout_s:g}",
-                request_id, request.route,
-            )  # fmt: skip
-        targets, fallback_on = self._resolve(request, request_id)
-        return Plan(request, request_id, targets, fallback_on, timeout_s)
-
-    def _resolve(self, request: CompletionRequest, request_id: str) -> tuple[list[Target], Collection[str | int] | None]:
-        if request.targets is not None:
-            unknown = [t for t in request.targets if t not in self.targets]
-            if unknown or not request.targets:
-                raise Rejected(
-                    UNKNOWN_PROVIDER,
-                    f"unknown provider(s) {unknown} in targets; configured: {sorted(self.targets)}",
-                    request_id,
-                )
-            return [self.targets[t] for t in request.targets], None
-        route = self.routes.get(request.route)
-        if route is None:
-            raise Rejected(
-                UNKNOWN_ROUTE,
-                f"unknown route {request.route!r}; configured routes: {sorted(self.routes)}",
-                request_id, request.route,
-            )  # fmt: skip
-        return route
-
     async def _run(self, plan: Plan, span: telemetry.LiteSpan) -> ChainResult:
         request = plan.request
-        payload = encoder.encode(
-            ProviderRequest(
-                id=plan.request_id,
-                messages=request.messages,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                metadata=request.metadata,
-            )
+        base = ProviderRequest(
+            id=plan.request_id,
+            messages=request.messages,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            metadata=request.metadata,
+            top_p=request.top_p,
+            response_format=request.response_format,
         )
-        async def call(target: Target, timeout_s: float):
+        payloads: dict[str, bytes] = {}  # per target label: retries and plain targets reuse one encoding
+        calls: dict[str, int] = {}  # per target label: how many attempts so far (for faults)
+
+        async def call(target: Target, timeout_s: float, previous_errors: tuple[str, ...]) -> ProviderReply:
+            if plan.faults is not None:
+                n = calls[target.label] = calls.get(target.label, 0) + 1
+                faults = plan.faults.get(target.label) or plan.faults.get(target.provider) or ()
+                if n <= len(faults):
+                    simulated = await simulate(faults[n - 1], target.label, timeout_s)
+                    if simulated is not None:
+                        return simulated
+            if target.pass_failures:
+                payload = encoder.encode(_shaped(base, target, previous_errors))
+            else:
+                payload = payloads.get(target.label) or payloads.setdefault(
+                    target.label, encoder.encode(_shaped(base, target, None))
+                )
             return await self._attempt(target, payload, plan.request_id, timeout_s, span)
 
-        def on_fallback(failed: Target, successor: Target, failure: ProviderFailure) -> None:
-            span.add_event(
-                "lifeline.fallback",
-                {
-                    "lifeline.fallback.from": failed.provider,
-                    "lifeline.fallback.to": successor.provider,
-                    "lifeline.fallback.reason": failure.kind,
-                    "lifeline.fallback.status_code": failure.status_code or 0,
-                },
-            )
-
+        on_event = span.add_event if span.is_recording() else None
         return await run_chain(
-            plan.targets, call, deadline=time.monotonic() + plan.timeout_s, fallback_on=plan.fallback_on,
-            on_fallback=on_fallback,
+            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event
         )
 
     async def _attempt(
@@ -204,12 +132,20 @@ class Dispatcher:
     ) -> ProviderReply:
         # run_chain already bounds timeout_s by what is left of the request's own deadline.
         attempt_deadline_ms = int((time.time() + timeout_s) * 1000)
-        name, attributes = self._span_templates[target.provider]
-        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
-        headers = {subjects.DEADLINE_MS: str(attempt_deadline_ms), subjects.REQUEST_ID: request_id}
+        key = (target.provider, target.model, target.label)
+        template = self._span_templates.get(key) or self._span_templates.setdefault(
+            key, telemetry.attempt_span_template(target)
+        )
+        span = self.spans.start(template[0], SpanKind.CLIENT, template[1], parent)
+        attempt_id = self._attempt_ids.next().decode()
+        headers = {
+            subjects.DEADLINE_MS: str(attempt_deadline_ms),
+            subjects.REQUEST_ID: request_id,
+            subjects.ATTEMPT_ID: attempt_id,
+        }
         telemetry.inject(headers, span)
         try:
-            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
+            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers, attempt_id)
             if span.is_recording():
                 telemetry.annotate_outcome(span, reply)
             return reply
@@ -233,22 +169,35 @@ class Dispatcher:
                 error_type=reply.error.type if reply.error else None,
                 usage=reply.usage,
                 request_bytes=request_bytes,
+                target=reply.target,
+                template=reply.template,
             )
         )
+
+
+def _shaped(base: ProviderRequest, target: Target, previous_errors: tuple[str, ...] | None) -> ProviderRequest:
+    request = base if target.shaping is None else shape(base, target.shaping)
+    if previous_errors is not None:  # the target opted in to pass_failures
+        metadata = {**request.metadata, PREVIOUS_ERRORS: list(previous_errors)}
+        request = msgspec.structs.replace(request, metadata=metadata)
+    return request
 
 
 def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> CompletionReply:
     if result.answer is None or result.target is None:
         return CompletionReply(request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error)
+    target = result.target
     return CompletionReply(
         request_id,
         "ok",
         content=result.answer.content,
-        provider=result.target.provider,
-        model=result.answer.model or result.target.model,
+        provider=target.provider,
+        model=result.answer.model or target.model,
         attempts=result.attempts,
         usage=result.answer.usage,
         trace_id=trace_id,
+        target=target.label,
+        template=target.shaping.template_name if target.shaping is not None else None,
     )
 
 

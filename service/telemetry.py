@@ -217,7 +217,10 @@ def annotate_request(span: trace.Span, reply, route: str | None) -> None:
         attributes["lifeline.route"] = route
     if reply.provider is not None:
         attributes["lifeline.provider"] = reply.provider
+        attributes["lifeline.target"] = reply.target or reply.provider
         attributes["gen_ai.response.model"] = reply.model or ""
+    if reply.template is not None:
+        attributes["lifeline.template"] = reply.template
     if reply.usage is not None:
         attributes["gen_ai.usage.input_tokens"] = reply.usage.input_tokens
         attributes["gen_ai.usage.output_tokens"] = reply.usage.output_tokens
@@ -228,7 +231,10 @@ def annotate_request(span: trace.Span, reply, route: str | None) -> None:
 
 def attempt_span_template(target) -> tuple[str, dict[str, str]]:
     """Name and fixed attributes of the span of an attempt on `target` (a policy.Target)."""
-    return f"chat {target.model}", provider_attributes(target.provider, target.kind, target.model)
+    return f"chat {target.model}", {
+        **provider_attributes(target.provider, target.kind, target.model),
+        "lifeline.target": target.label,
+    }
 
 
 def provider_attributes(provider: str, kind: str, model: str) -> dict[str, str]:

@@ -2,17 +2,20 @@
 
 Transport outcomes become ProviderFailures here, so the fallback loop sees one shape:
 no worker subscribed -> "no_responders" at once; no reply in time -> "timeout". A reply
-that arrives after its attempt was given up is dropped by nats-py (its inbox token is gone).
+that arrives after its attempt was given up is dropped by nats-py (its inbox token is gone),
+and the worker is told to cancel it, so no abandoned HTTP call keeps running and billing.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
 
 from schemas import AuditEvent, CompletionReply, ProviderFailure, ProviderReply
-from schemas.subjects import audit_subject, provider_subject
+from schemas.subjects import audit_subject, cancel_subject, provider_subject
 from schemas.wire import encoder, provider_reply_decoder
 
 
@@ -33,7 +36,7 @@ class NatsTransport:
         self.nc = nc
 
     async def ask_provider(
-        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str], attempt_id: str
     ) -> ProviderReply:
         subject = provider_subject(provider)
         try:
@@ -43,11 +46,19 @@ class NatsTransport:
                 "no_responders", f"no worker is listening on {subject}: start one with `lifeline worker {provider}`"
             )
         except NatsTimeoutError:
+            await self.cancel(provider, attempt_id)
             return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel(provider, attempt_id))  # e.g. a dispatcher shutting down
+            raise
         try:
             return provider_reply_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
             return ProviderFailure("server_error", f"worker on {subject} sent a reply that breaks the protocol: {exc}")
+
+    async def cancel(self, provider: str, attempt_id: str) -> None:
+        """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP call."""
+        await self.nc.publish(cancel_subject(provider), attempt_id.encode())
 
     async def answer(self, reply_subject: str, reply: CompletionReply) -> None:
         await self.nc.publish(reply_subject, encoder.encode(reply))

@@ -81,7 +81,7 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     assert re.search(r"3\. backup .* ok", out)
     # `run` prints a line per request from the audit subject, and stops cleanly on Ctrl-C,
     # which a terminal sends to the whole process group (the embedded server included).
-    _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit -> sleepy:timeout -> backup:ok")
+    _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit 429->fallback -> sleepy:timeout->fallback -> backup:ok")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]

@@ -64,13 +64,13 @@ def test_the_documented_config_parses_without_the_api_key_in_the_environment(tmp
     parsed = load_config(write(tmp_path, ISSUE_EXAMPLE))
     primary = parsed.providers["primary"]
     assert (primary.kind, primary.model, primary.timeout_s) == ("openai", "gpt-4o-mini", 10)
-    assert parsed.routes["default"].targets == ["primary", "backup"]
-    assert parsed.routes["default"].fallback_on == ["timeout", "rate_limit", "server_error", "no_responders"]
+    assert [t.name for t in parsed.routes["default"].targets] == ["primary", "backup"]
+    assert parsed.routes["default"].fallback_on == {"timeout", "rate_limit", "server_error", "no_responders"}
 
 
 def test_fallback_on_accepts_the_edges_of_the_http_error_range():
     parsed = parse_config(config({"p": fake()}, route("p", fallback_on=[400, 599, "rate_limit"])))
-    assert parsed.routes["default"].fallback_on == [400, 599, "rate_limit"]
+    assert parsed.routes["default"].fallback_on == {400, 599, "rate_limit"}
 
 
 # ---- provider tables ------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_an_openai_provider_needs_a_model(table):
 
 def test_an_unknown_target_names_its_index_and_the_configured_providers():
     message = error(config({"primary": fake(), "backup": fake()}, route("primary", "nope")))
-    assert message.startswith("routes.default.targets[1]: unknown provider 'nope'")
+    assert message.startswith("routes.default.targets[1]: unknown target or provider 'nope'")
     assert "configured: backup, primary" in message
 
 

@@ -2,58 +2,91 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
-from service.policy import Target, run_chain
+from service.policy import Chain, Limits, Needs, Target, run_chain
 
 
 class Clock:
     def __init__(self, now: float = 100.0) -> None:
         self.now = now
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
 
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
 
 class Script:
-    """A fake `call`: one queued reply per target name; each call may spend fake-clock time."""
+    """A fake `call`: replies queued per target name (one, or a list in turn); each call may
+    spend fake-clock time."""
 
-    def __init__(self, clock: Clock, replies: dict[str, ProviderReply], took: dict[str, float] | None = None) -> None:
+    def __init__(self, clock: Clock, replies: dict[str, Any], took: dict[str, float] | None = None) -> None:
         self.clock = clock
-        self.replies = {name: [reply] for name, reply in replies.items()}
+        self.replies = {name: list(r) if isinstance(r, list) else [r] for name, r in replies.items()}
         self.took = took or {}
-        self.calls: list[tuple[str, float]] = []  # (provider, timeout_s it was given)
+        self.calls: list[tuple[str, float]] = []  # (target, timeout_s it was given)
+        self.previous: list[tuple[str, ...]] = []
 
-    async def __call__(self, target: Target, timeout_s: float) -> ProviderReply:
-        self.calls.append((target.provider, timeout_s))
-        self.clock.now += self.took.get(target.provider, 0.0)
-        return self.replies[target.provider].pop(0)
+    @property
+    def slept(self) -> list[float]:
+        return self.clock.slept
+
+    async def __call__(self, target: Target, timeout_s: float, previous: tuple[str, ...]) -> ProviderReply:
+        self.calls.append((target.label, timeout_s))
+        self.previous.append(previous)
+        self.clock.now += self.took.get(target.label, 0.0)
+        queue = self.replies[target.label]
+        return queue.pop(0) if len(queue) > 1 else queue[0]
 
     @property
     def called(self) -> list[str]:
         return [name for name, _ in self.calls]
 
 
-def target(name: str, timeout_s: float = 30.0) -> Target:
-    return Target(name, "fake", f"{name}-model", timeout_s)
+def target(name: str, timeout_s: float = 30.0, **kw: Any) -> Target:
+    return Target(name, "fake", f"{name}-model", timeout_s, **kw)
 
 
 def ok(model: str = "served-model", content: str = "hi") -> ProviderOk:
     return ProviderOk(content=content, model=model)
 
 
-def fail(kind: str = "server_error", status: int | None = None, message: str = "boom") -> ProviderFailure:
-    return ProviderFailure(kind=kind, message=message, status_code=status)
+def fail(kind: str = "server_error", status: int | None = None, message: str = "boom", retry_after_s=None) -> ProviderFailure:
+    return ProviderFailure(kind=kind, message=message, status_code=status, retry_after_s=retry_after_s)
 
 
-async def run(replies: dict[str, ProviderReply], *, took=None, deadline_in: float = 60.0, timeouts=None, **kw):
-    """Run a chain over the targets named in `replies`, in order; returns (result, script)."""
+async def run(
+    replies: dict[str, Any], *, took=None, deadline_in: float = 60.0, timeouts=None, targets=None, by_kind=None,
+    max_attempts: int = 6, fallback_on=None, fallback: bool = True, rand=lambda: 0.5, **kw,
+):
+    """Run a chain over the targets named in `replies` (or `targets`), in order; returns (result, script).
+    `replies` may also hold the replies of targets only reached through `by_kind`."""
     clock = Clock()
     script = Script(clock, replies, took)
-    targets = [target(name, (timeouts or {}).get(name, 30.0)) for name in replies]
-    result = await run_chain(targets, script, deadline=clock.now + deadline_in, clock=clock, **kw)
+    if targets is None:
+        targets = [target(name, (timeouts or {}).get(name, 30.0)) for name in replies]
+    limits = Limits(clock.now + deadline_in, max_attempts, fallback_on, fallback)
+    result = await run_chain(
+        Chain(targets, by_kind or {}), script, limits, clock=clock, sleep=clock.sleep, rand=rand, **kw
+    )
     return result, script
+
+
+def events(kind: str | None = None):
+    seen: list[tuple[str, dict]] = []
+
+    def on_event(name: str, attributes: dict) -> None:
+        if kind is None or name == kind:
+            seen.append((name, attributes))
+
+    return seen, on_event
 
 
 async def test_the_first_ok_answers_and_later_targets_are_never_called():
@@ -104,7 +137,7 @@ async def test_all_failed_lists_every_attempt_in_order():
     assert result.error is not None and result.error.type == "all_failed"
     got = [(a.provider, a.error_type, a.status_code, a.message) for a in result.attempts]
     assert got == [("a", "server_error", 500, "oops"), ("b", "rate_limit", 429, "slow down"), ("c", "timeout", None, "boom")]
-    assert "all 3 targets failed" in result.error.message
+    assert "all 3 attempts failed" in result.error.message
 
 
 async def test_each_attempt_gets_its_own_timeout_capped_by_the_time_left():
@@ -120,26 +153,31 @@ async def test_a_target_that_cannot_start_before_the_deadline_is_not_called():
     assert result.answer is None
     assert result.error is not None and result.error.type == "deadline_exceeded"
     assert "b, c" in result.error.message
-    assert [a.provider for a in result.attempts] == ["a"]
+    assert [(a.target, a.outcome, a.reason) for a in result.attempts] == [
+        ("a", "timeout", None), ("b", "skipped", "deadline"), ("c", "skipped", "deadline")
+    ]
 
 
 async def test_a_deadline_already_past_calls_nobody():
     result, script = await run({"a": ok()}, deadline_in=-1.0)
-    assert script.calls == [] and result.attempts == []
+    assert script.calls == []
+    assert [(a.outcome, a.reason) for a in result.attempts] == [("skipped", "deadline")]
     assert result.error is not None and result.error.type == "deadline_exceeded"
 
 
-async def test_on_fallback_is_called_once_per_move_and_not_after_the_last_target():
-    seen = []
+async def test_a_fallback_event_is_sent_once_per_move_and_not_after_the_last_target():
+    seen, on_event = events("lifeline.fallback")
     replies = {"a": fail("rate_limit", 429), "b": fail("server_error", 503), "c": fail("timeout")}
-    await run(replies, on_fallback=lambda failed, nxt, why: seen.append((failed.provider, nxt.provider, why)))
-    assert seen == [("a", "b", replies["a"]), ("b", "c", replies["b"])]
+    await run(replies, on_event=on_event)
+    moves = [(e["lifeline.fallback.from"], e["lifeline.fallback.to"], e["lifeline.fallback.reason"]) for _, e in seen]
+    assert moves == [("a", "b", "rate_limit"), ("b", "c", "server_error")]
+    assert seen[0][1]["lifeline.fallback.status_code"] == 429
 
 
-async def test_on_fallback_is_not_called_when_the_chain_stops_or_answers():
-    seen = []
-    await run({"a": fail("auth", 401), "b": ok()}, fallback_on=["rate_limit"], on_fallback=lambda *a: seen.append(a))
-    await run({"a": ok(), "b": ok()}, on_fallback=lambda *a: seen.append(a))
+async def test_no_fallback_event_when_the_chain_stops_or_answers():
+    seen, on_event = events("lifeline.fallback")
+    await run({"a": fail("auth", 401), "b": ok()}, fallback_on=["rate_limit"], on_event=on_event)
+    await run({"a": ok(), "b": ok()}, on_event=on_event)
     assert seen == []
 
 
@@ -171,11 +209,219 @@ async def test_attempt_latency_is_measured_on_the_clock():
 
 
 async def test_no_fallback_is_reported_to_a_target_the_deadline_kept_from_starting():
-    clock = Clock(now=0.0)
-    script = Script(clock, {"a": fail()}, took={"a": 5.0})  # a's failure uses up the whole request
-    seen: list[tuple] = []
-    result = await run_chain(
-        [target("a"), target("b")], script, deadline=5.0, clock=clock, on_fallback=lambda *args: seen.append(args)
-    )
+    seen, on_event = events("lifeline.fallback")
+    result, script = await run({"a": fail(), "b": ok()}, took={"a": 5.0}, deadline_in=5.0, on_event=on_event)
     assert result.error is not None and result.error.type == "deadline_exceeded"
     assert (script.called, seen) == (["a"], [])
+
+
+# ---- every decision says what came next --------------------------------------------
+
+
+async def test_each_failed_attempt_says_what_the_dispatcher_did_next():
+    result, _ = await run({"a": fail("rate_limit"), "b": fail("auth"), "c": ok()}, fallback_on=["rate_limit"])
+    assert [(a.target, a.next) for a in result.attempts] == [("a", "fallback"), ("b", "stop")]
+
+
+# ---- capability checks -------------------------------------------------------------
+
+
+async def test_a_target_whose_max_input_tokens_the_input_exceeds_is_skipped_without_a_call():
+    seen, on_event = events("lifeline.skip")
+    targets = [target("short", max_input_tokens=1000), target("long", max_input_tokens=100_000)]
+    result, script = await run({"short": ok(), "long": ok(content="long")}, targets=targets,
+                               needs=Needs(input_tokens=5000), on_event=on_event)  # fmt: skip
+    assert script.called == ["long"]
+    assert result.target is not None and result.target.label == "long"
+    skipped = result.attempts[0]
+    assert (skipped.target, skipped.outcome, skipped.reason) == ("short", "skipped", "max_input_tokens")
+    assert "5000" in (skipped.message or "") and "1000" in (skipped.message or "")
+    assert [e["lifeline.skip.reason"] for _, e in seen] == ["max_input_tokens"]
+
+
+async def test_a_target_without_json_output_is_skipped_when_the_request_wants_json():
+    targets = [target("plain", json_output=False), target("json")]
+    result, script = await run({"plain": ok(), "json": ok()}, targets=targets, needs=Needs(json=True))
+    assert script.called == ["json"]
+    assert (result.attempts[0].outcome, result.attempts[0].reason) == ("skipped", "json_output")
+
+
+async def test_when_every_target_is_skipped_nothing_is_called_and_the_error_says_so():
+    targets = [target("a", max_input_tokens=10), target("b", max_input_tokens=20)]
+    result, script = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
+    assert script.calls == []
+    assert result.error is not None and result.error.type == "no_capable_target"
+    assert "a: skipped (max_input_tokens)" in result.error.message
+
+
+async def test_a_skip_is_not_a_failure_the_fallback_event_names_the_failed_target():
+    seen, on_event = events("lifeline.fallback")
+    targets = [target("a"), target("b", max_input_tokens=1), target("c")]
+    await run({"a": fail("rate_limit"), "b": ok(), "c": ok()}, targets=targets, needs=Needs(input_tokens=9),
+              on_event=on_event)  # fmt: skip
+    assert [(e["lifeline.fallback.from"], e["lifeline.fallback.to"]) for _, e in seen] == [("a", "c")]
+
+
+# ---- output validation -------------------------------------------------------------
+
+
+async def test_an_answer_that_fails_validation_is_an_invalid_output_failure_and_falls_back():
+    def validate(answer: ProviderOk):
+        return answer if answer.content.startswith("{") else fail("invalid_output", message="not JSON")
+
+    result, script = await run({"cheap": ok(content="Sure! Here"), "better": ok(content="{}")}, validate=validate)
+    assert script.called == ["cheap", "better"]
+    assert result.answer is not None and result.answer.content == "{}"
+    first = result.attempts[0]
+    assert (first.outcome, first.error_type, first.message, first.next) == ("error", "invalid_output", "not JSON", "fallback")
+
+
+# ---- retries -----------------------------------------------------------------------
+
+
+async def test_a_retry_on_failure_is_retried_on_the_same_target_before_falling_back():
+    seen, on_event = events("lifeline.retry")
+    targets = [target("a", retries=2), target("b")]
+    result, script = await run({"a": [fail("rate_limit", 429), fail("server_error", 500), ok()], "b": ok()},
+                               targets=targets, on_event=on_event)  # fmt: skip
+    assert script.called == ["a", "a", "a"]
+    assert [(a.target, a.retry, a.outcome, a.next) for a in result.attempts] == [
+        ("a", 0, "error", "retry"), ("a", 1, "error", "retry"), ("a", 2, "ok", None)
+    ]
+    assert [e["lifeline.reason"] for _, e in seen] == ["rate_limit", "server_error"]
+
+
+async def test_retries_run_out_then_the_chain_falls_back():
+    targets = [target("a", retries=1), target("b")]
+    result, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets)
+    assert script.called == ["a", "a", "b"]
+    assert [a.next for a in result.attempts[:2]] == ["retry", "fallback"]
+
+
+async def test_a_failure_outside_retry_on_falls_back_at_once():
+    targets = [target("a", retries=3, retry_on=frozenset({"rate_limit"})), target("b")]
+    _, script = await run({"a": fail("auth", 401), "b": ok()}, targets=targets)
+    assert script.called == ["a", "b"]
+
+
+async def test_retry_on_may_name_an_http_status():
+    targets = [target("a", retries=1, retry_on=frozenset({529})), target("b")]
+    _, script = await run({"a": [fail("server_error", 529), ok()], "b": ok()}, targets=targets)
+    assert script.called == ["a", "a"]
+
+
+async def test_backoff_doubles_with_full_jitter_up_to_max_backoff():
+    targets = [target("a", retries=4, backoff_s=1.0, max_backoff_s=3.0)]
+    _, script = await run({"a": fail("server_error")}, targets=targets, rand=lambda: 1.0)
+    assert script.slept == [1.0, 2.0, 3.0, 3.0]
+    _, script = await run({"a": fail("server_error")}, targets=targets, rand=lambda: 0.25)
+    assert script.slept == [0.25, 0.5, 0.75, 0.75]
+
+
+async def test_retry_after_is_honoured_when_longer_than_the_backoff():
+    targets = [target("a", retries=1, backoff_s=0.1)]
+    _, script = await run({"a": [fail("rate_limit", 429, retry_after_s=2.0), ok()]}, targets=targets)
+    assert script.slept == [2.0]
+
+
+async def test_a_retry_after_longer_than_max_backoff_falls_back_instead_of_waiting():
+    targets = [target("a", retries=3, max_backoff_s=5.0), target("b")]
+    result, script = await run({"a": fail("rate_limit", 429, retry_after_s=60.0), "b": ok()}, targets=targets)
+    assert script.called == ["a", "b"] and script.slept == []
+    assert result.attempts[0].next == "fallback"
+
+
+async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
+    targets = [target("a", retries=3, backoff_s=4.0), target("b")]
+    _, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, deadline_in=3.0, rand=lambda: 1.0)
+    assert script.called == ["a", "b"] and script.slept == []
+
+
+# ---- the cap on physical attempts --------------------------------------------------
+
+
+async def test_max_attempts_caps_retries_and_fallbacks_together():
+    targets = [target("a", retries=5), target("b", retries=5)]
+    result, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, max_attempts=3)
+    assert script.called == ["a", "a", "a"]
+    assert result.error is not None and result.error.type == "max_attempts_reached"
+    assert "max_attempts (3)" in result.error.message
+    assert [(a.target, a.outcome, a.reason) for a in result.attempts][-1] == ("b", "skipped", "max_attempts")
+
+
+async def test_skipped_targets_do_not_count_as_attempts():
+    targets = [target("a", max_input_tokens=1), target("b", max_input_tokens=1), target("c")]
+    result, _ = await run({"a": ok(), "b": ok(), "c": ok()}, targets=targets, needs=Needs(input_tokens=9), max_attempts=1)
+    assert result.target is not None and result.target.label == "c"
+
+
+# ---- chains per error class --------------------------------------------------------
+
+
+async def test_a_context_length_failure_enters_its_own_chain_instead_of_the_rest():
+    seen, on_event = events("lifeline.fallback")
+    by_kind = {"context_length": [target("long")]}
+    replies = {"a": fail("context_length", 400), "b": ok(), "long": ok(content="long answer")}
+    result, script = await run(replies, targets=[target("a"), target("b")], by_kind=by_kind, on_event=on_event)
+    assert script.called == ["a", "long"]
+    assert result.answer is not None and result.answer.content == "long answer"
+    assert seen[0][1]["lifeline.fallback.chain"] == "context_length"
+
+
+async def test_a_content_filter_failure_enters_its_chain_even_when_fallback_on_excludes_it():
+    by_kind = {"content_filter": [target("lenient")]}
+    replies = {"strict": fail("content_filter"), "b": ok(), "lenient": ok()}
+    _, script = await run(replies, targets=[target("strict"), target("b")], by_kind=by_kind, fallback_on=["rate_limit"])
+    assert script.called == ["strict", "lenient"]
+
+
+async def test_other_failures_keep_to_the_main_chain():
+    by_kind = {"context_length": [target("long")]}
+    _, script = await run({"a": fail("rate_limit"), "b": ok(), "long": ok()}, targets=[target("a"), target("b")],
+                          by_kind=by_kind)  # fmt: skip
+    assert script.called == ["a", "b"]
+
+
+async def test_an_error_class_chain_is_entered_only_once():
+    by_kind = {"context_length": [target("long"), target("longer")]}
+    replies = {"a": fail("context_length"), "long": fail("context_length"), "longer": fail("context_length")}
+    result, script = await run(replies, targets=[target("a")], by_kind=by_kind)
+    assert script.called == ["a", "long", "longer"]
+    assert result.error is not None and result.error.type == "all_failed"
+
+
+# ---- fallback disabled -------------------------------------------------------------
+
+
+async def test_fallback_false_tries_only_the_first_target_but_keeps_its_retries():
+    targets = [target("a", retries=1), target("b")]
+    result, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, fallback=False)
+    assert script.called == ["a", "a"]
+    assert result.error is not None and result.error.type == "fallback_stopped"
+    assert '"fallback": false' in result.error.message and "not tried: b" in result.error.message
+    assert result.attempts[-1].next == "stop"
+
+
+async def test_fallback_false_also_keeps_error_class_chains_shut():
+    by_kind = {"context_length": [target("long")]}
+    _, script = await run({"a": fail("context_length"), "long": ok()}, targets=[target("a")], by_kind=by_kind,
+                          fallback=False)  # fmt: skip
+    assert script.called == ["a"]
+
+
+async def test_fallback_false_with_a_skipped_first_target_calls_nobody():
+    targets = [target("a", max_input_tokens=1), target("b")]
+    result, script = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=9), fallback=False)
+    assert script.calls == []
+    assert result.error is not None and result.error.type == "fallback_stopped"
+    assert "skipped (max_input_tokens)" in result.error.message
+
+
+# ---- failure passed forward --------------------------------------------------------
+
+
+async def test_a_target_with_pass_failures_gets_the_earlier_error_kinds():
+    targets = [target("a", retries=1), target("b"), target("c", pass_failures=True)]
+    replies = {"a": [fail("rate_limit"), fail("timeout")], "b": fail("server_error"), "c": ok()}
+    _, script = await run(replies, targets=targets)
+    assert script.previous == [(), (), (), ("rate_limit", "timeout", "server_error")]

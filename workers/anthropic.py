@@ -63,6 +63,9 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
         body["system"] = system
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
     return body
 
 

@@ -21,6 +21,7 @@ from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
+from schemas.wire import classify_status as classify_status  # re-exported for the provider modules
 
 
 class ProviderError(Exception):
@@ -60,18 +61,6 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 _propagator = TraceContextTextMapPropagator()
 _MESSAGE_LIMIT = 300
-
-
-def classify_status(status_code: int) -> str:
-    if status_code == 429:
-        return "rate_limit"
-    if status_code in (401, 403):
-        return "auth"
-    if status_code == 408:
-        return "timeout"
-    if status_code >= 500:
-        return "server_error"
-    return "bad_request"
 
 
 def retry_after_s(response: httpx.Response) -> float | None:

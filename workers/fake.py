@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import random
 
+import msgspec
+
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import ProviderError, ProviderSettings, classify_status
 
 
 class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: str = "fake-1"
-    reply: str = "echo"  # "echo" repeats the last user message; anything else is the answer
+    # "echo" repeats the last user message; "request" answers with the ProviderRequest it got,
+    # as JSON (shows what a target's shaping sent); anything else is the answer.
+    reply: str = "echo"
     latency_ms: float = 0.0
     fail_status: int | None = None  # answer every call with this HTTP-like status
     fail_rate: float = 0.0  # 0..1: share of calls that fail with fail_status (or 503)
@@ -59,6 +63,8 @@ class FakeProvider:
         return self.settings.fail_status is not None
 
     def _answer(self, request: ProviderRequest) -> str:
+        if self.settings.reply == "request":
+            return msgspec.json.encode(request).decode()
         if self.settings.reply != "echo":
             return self.settings.reply
         users = [m.content for m in request.messages if m.role == "user"]

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import msgspec
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import (
@@ -65,6 +66,10 @@ def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.response_format is not None:  # json_object / json_schema, OpenAI's own shape
+        body["response_format"] = msgspec.to_builtins(request.response_format)
     return body
 
 

@@ -4,7 +4,9 @@ A worker serves one provider on llm.provider.<name>, in the queue group of that 
 so N replicas share the load. It knows its provider, never the routes. Protocol (any
 language can implement it): the request body is a ProviderRequest; the reply is a
 ProviderOk or ProviderFailure; the `Lifeline-Deadline-Ms` header is the Unix time in ms
-after which the dispatcher no longer waits, so work past it is dropped unanswered.
+after which the dispatcher no longer waits, so work past it is dropped unanswered. Every
+replica also listens on llm.cancel.<name>: a message there names a `Lifeline-Attempt-Id`
+the dispatcher gave up on, and the replica running it cancels it, HTTP call included.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderReply, ProviderRequest
-from schemas.subjects import DEADLINE_MS, provider_queue, provider_subject
+from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, cancel_subject, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
 from service.transport import ensure_subscribed
@@ -40,12 +42,16 @@ class WorkerRuntime:
         self.spans = spans
         self.timeout_s = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
+        self._by_attempt: dict[str, asyncio.Task[None]] = {}  # attempt id -> its task, for cancels
         self._sub = None
+        self._cancel_sub = None
+        self.cancelled = 0  # attempts stopped by a cancel message
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
             provider_subject(self.name), queue=provider_queue(self.name), cb=self._on_msg, pending_msgs_limit=-1
         )
+        self._cancel_sub = await self.nc.subscribe(cancel_subject(self.name), cb=self._on_cancel)
         await ensure_subscribed(self.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -54,6 +60,9 @@ class WorkerRuntime:
             self._sub = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        if self._cancel_sub is not None:
+            await self._cancel_sub.unsubscribe()
+            self._cancel_sub = None
         await self.provider.aclose()
 
     @property
@@ -64,6 +73,15 @@ class WorkerRuntime:
         task = asyncio.create_task(self.handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
+        if attempt_id is not None:
+            self._by_attempt[attempt_id] = task
+            task.add_done_callback(lambda _: self._by_attempt.pop(attempt_id, None))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        task = self._by_attempt.pop(msg.data.decode(errors="replace"), None)
+        if task is not None and task.cancel():
+            self.cancelled += 1
 
     async def handle(self, msg: Msg) -> None:
         timeout_s = self._time_left(msg.headers)
@@ -107,6 +125,10 @@ class WorkerRuntime:
         except Exception as exc:
             log.exception("provider %s raised unexpectedly", self.name)
             reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
+        except asyncio.CancelledError:  # the dispatcher gave up on this attempt: nobody gets a reply
+            span.add_event("lifeline.cancelled", {})
+            span.end()
+            raise
         finally:
             context.detach(token)
         if span.is_recording():

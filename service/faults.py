@@ -1,0 +1,55 @@
+"""Deterministic fault injection: a request's `faults` simulate failures of its targets.
+
+For teams proving their own fallbacks (LiteLLM's mock_testing_* flags are the model). The
+dispatcher applies a fault instead of calling the worker, so no provider is touched:
+
+    "timeout"          waits out the attempt's timeout, then fails with timeout
+    "invalid_output"   an answer that failed the request's response_format
+    an error kind      fails at once with that kind ("rate_limit", "server_error", ...)
+    an HTTP status     fails at once as the provider would (429 -> rate_limit, 503 -> server_error)
+    "ok" or null       lets the real call through
+
+A list applies its entries to the target's attempts in turn (retries included); once the
+list runs out, calls go through. Only when the config sets dispatcher.allow_fault_injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from schemas import ERROR_KINDS, ProviderFailure
+from schemas.wire import Fault, classify_status
+
+PASS = "ok"
+
+
+def check_faults(faults: Mapping[str, Fault | list[Fault]]) -> dict[str, tuple[Fault, ...]]:
+    """Each entry as a tuple of faults; raises ValueError naming a bad one."""
+    checked = {}
+    for name, value in faults.items():
+        entries = tuple(value) if isinstance(value, list) else (value,)
+        for entry in entries:
+            if entry is None or entry == PASS or entry in ERROR_KINDS:
+                continue
+            if isinstance(entry, int) and not isinstance(entry, bool) and 400 <= entry <= 599:
+                continue
+            raise ValueError(
+                f"faults.{name}: {entry!r} is not a fault; use \"timeout\", \"invalid_output\", an error kind "
+                f"({', '.join(ERROR_KINDS)}), an HTTP status 400..599, or \"ok\""
+            )
+        checked[name] = entries
+    return checked
+
+
+async def simulate(fault: Fault, target: str, timeout_s: float) -> ProviderFailure | None:
+    """The failure `fault` stands for (None: make the real call)."""
+    if fault is None or fault == PASS:
+        return None
+    note = f"simulated for {target} by the request's faults"
+    if fault == "timeout":
+        await asyncio.sleep(timeout_s)
+        return ProviderFailure("timeout", f"{note}: no answer within {timeout_s:.3g} s")
+    if isinstance(fault, int):
+        return ProviderFailure(classify_status(fault), f"{note}: HTTP {fault}", fault)
+    return ProviderFailure(str(fault), note)

@@ -1,0 +1,234 @@
+"""Where a raw request becomes a plan, or a clear refusal.
+
+`Router.plan(data)` checks the size, decodes, resolves the route (or the request's own
+targets) into policy Targets, and checks every per-request override against what the
+config allows: timeout_s and deadline_unix_ms against max_timeout_s, max_attempts against
+the configured ceiling, fallback_on only narrowing the route's, faults only where allowed,
+response_format's schema compiled. Anything else raises Rejected, which the dispatcher
+answers with an error reply and an audit event, before any provider is called.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from typing import NamedTuple
+
+import msgspec
+from nats.nuid import NUID
+
+from schemas import ERROR_KINDS, CompletionRequest, ErrorInfo
+from schemas.wire import (
+    DEADLINE_EXCEEDED,
+    INVALID_REQUEST,
+    PAYLOAD_TOO_LARGE,
+    UNKNOWN_PROVIDER,
+    UNKNOWN_ROUTE,
+    Fault,
+    TargetSpec,
+    request_decoder,
+    salvage_id,
+)
+from service.config import Config
+from service.faults import check_faults
+from service.policy import DEFAULT_RETRY_ON, Chain, Limits, Needs, Target
+from service.shaping import Shaping, Validator, estimate_tokens, output_validator
+
+_EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
+
+
+class Rejected(Exception):
+    """A request refused before any provider is tried."""
+
+    def __init__(self, error_type: str, message: str, request_id: str = "", route: str | None = None) -> None:
+        super().__init__(message)
+        self.error = ErrorInfo(error_type, message)
+        self.request_id = request_id
+        self.route = route
+
+
+class Plan(NamedTuple):
+    request: CompletionRequest
+    request_id: str
+    route: str | None  # None when the request named its own targets
+    chain: Chain
+    limits: Limits
+    needs: Needs
+    validate: Validator | None
+    faults: dict[str, tuple[Fault, ...]] | None
+
+
+class _Route(NamedTuple):
+    chain: Chain
+    fallback_on: frozenset[str | int] | None
+    max_attempts: int
+    counts_tokens: bool  # some target declares max_input_tokens
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        # Request targets may name a configured target or a bare provider.
+        self.named = {name: self.build(spec) for name, spec in config.targets.items()}
+        for name in config.providers:
+            self.named[name] = self.build(config.resolve_target(name))
+        self.default_by_kind = {kind: self.build_all(chain) for kind, chain in config.default_chains.items()}
+        self.routes = {
+            name: self._route(Chain(self.build_all(r.targets), {k: self.build_all(c) for k, c in r.by_kind.items()}),
+                              r.fallback_on, r.max_attempts)
+            for name, r in config.routes.items()
+        }  # fmt: skip
+        self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
+
+    def build(self, spec: TargetSpec) -> Target:
+        """A checked TargetSpec (name set) as the policy's Target."""
+        provider = self.config.providers[spec.provider]
+        shaping = None
+        if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, spec.template) != (None,) * 5:
+            template = self.config.templates[spec.template] if spec.template is not None else None
+            shaping = Shaping(spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.template)
+        return Target(
+            provider=spec.provider,
+            kind=provider.kind,
+            model=spec.model or provider.model,
+            timeout_s=spec.timeout_s or provider.timeout_s,
+            name=spec.name or spec.provider,
+            retries=spec.retries,
+            retry_on=frozenset(spec.retry_on) if spec.retry_on is not None else DEFAULT_RETRY_ON,
+            backoff_s=spec.backoff_s,
+            max_backoff_s=spec.max_backoff_s,
+            max_input_tokens=spec.max_input_tokens,
+            json_output=spec.json_output,
+            pass_failures=spec.pass_failures,
+            shaping=shaping,
+        )
+
+    def build_all(self, specs: Sequence[TargetSpec]) -> list[Target]:
+        return [self.build(spec) for spec in specs]
+
+    @staticmethod
+    def _route(chain: Chain, fallback_on: frozenset[str | int] | None, max_attempts: int) -> _Route:
+        every = [*chain.targets, *(t for c in chain.by_kind.values() for t in c)]
+        return _Route(chain, fallback_on, max_attempts, any(t.max_input_tokens is not None for t in every))
+
+    def plan(self, data: bytes) -> Plan:
+        """Validate a raw request and resolve its chain; raises Rejected."""
+        limits = self.config.dispatcher
+        if len(data) > limits.max_request_bytes:
+            raise Rejected(
+                PAYLOAD_TOO_LARGE,
+                f"request is {len(data)} bytes; this dispatcher accepts at most {limits.max_request_bytes} "
+                "(dispatcher.max_request_bytes in the config)",
+            )
+        try:
+            request = request_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise Rejected(INVALID_REQUEST, f"invalid request: {exc}. Expected JSON like {_EXAMPLE}", salvage_id(data)) from None
+        request_id = request.id or self._ids.next().decode()
+        route_name = request.route if request.targets is None else None
+
+        def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:
+            return Rejected(error_type, message, request_id, route_name)
+
+        timeout_s = self._timeout_s(request, refuse)
+        route = self._resolve(request, refuse)
+        fallback_on = route.fallback_on
+        if request.fallback_on is not None:
+            fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
+        max_attempts = route.max_attempts
+        if request.max_attempts is not None:
+            if request.max_attempts > limits.max_attempts:
+                raise refuse(f"max_attempts {request.max_attempts} is above this dispatcher's maximum of {limits.max_attempts}")
+            max_attempts = request.max_attempts
+        try:
+            validate = output_validator(request.response_format)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        faults = None
+        if request.faults:
+            faults = self._faults(request.faults, route.chain, refuse)
+        needs = Needs(
+            input_tokens=estimate_tokens(request.messages) if route.counts_tokens else None,
+            json=validate is not None,
+        )
+        deadline = time.monotonic() + timeout_s
+        return Plan(
+            request, request_id, route_name, route.chain,
+            Limits(deadline, max_attempts, fallback_on, request.fallback), needs, validate, faults,
+        )  # fmt: skip
+
+    def _timeout_s(self, request: CompletionRequest, refuse) -> float:
+        limits = self.config.dispatcher
+        timeout_s = request.timeout_s
+        if timeout_s is not None and timeout_s > limits.max_timeout_s:
+            raise refuse(f"timeout_s {timeout_s:g} is above this dispatcher's maximum of {limits.max_timeout_s:g}")
+        if request.deadline_unix_ms is not None:
+            left_s = request.deadline_unix_ms / 1000 - time.time()
+            if left_s <= 0:
+                raise refuse(
+                    f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the request; "
+                    "no target was tried", DEADLINE_EXCEEDED,
+                )  # fmt: skip
+            if left_s > limits.max_timeout_s:
+                raise refuse(
+                    f"deadline_unix_ms is {left_s:.0f} s away, above this dispatcher's maximum of {limits.max_timeout_s:g} s"
+                )
+            timeout_s = left_s if timeout_s is None else min(timeout_s, left_s)
+        return timeout_s if timeout_s is not None else limits.default_timeout_s
+
+    def _resolve(self, request: CompletionRequest, refuse) -> _Route:
+        if request.targets is None:
+            route = self.routes.get(request.route)
+            if route is None:
+                raise refuse(f"unknown route {request.route!r}; configured routes: {sorted(self.routes)}", UNKNOWN_ROUTE)
+            return route
+        if not request.targets:
+            raise refuse(f"targets is empty; name at least one of {sorted(self.named)}", UNKNOWN_PROVIDER)
+        targets = []
+        for i, ref in enumerate(request.targets):
+            if isinstance(ref, str):
+                if ref not in self.named:
+                    raise refuse(f"targets[{i}]: unknown target or provider {ref!r}; configured: {sorted(self.named)}",
+                                 UNKNOWN_PROVIDER)  # fmt: skip
+                targets.append(self.named[ref])
+                continue
+            try:
+                spec = self.config.resolve_target(ref)
+            except ValueError as exc:
+                field = getattr(exc, "field", "")
+                raise refuse(
+                    f"targets[{i}]{'.' + field if field else ''}: {exc}",
+                    UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
+                ) from None
+            targets.append(self.build(spec))
+        return self._route(Chain(targets, self.default_by_kind), None, self.config.dispatcher.max_attempts)
+
+    @staticmethod
+    def _narrowed(asked: list[str | int], allowed: Collection[str | int] | None, refuse) -> frozenset[str | int]:
+        for entry in asked:
+            if isinstance(entry, str) and entry not in ERROR_KINDS:
+                raise refuse(f"fallback_on: unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})")
+            if isinstance(entry, int) and not 400 <= entry <= 599:
+                raise refuse(f"fallback_on: status {entry} is not an HTTP error status (400..599)")
+            if allowed is not None and entry not in allowed:
+                raise refuse(
+                    f"fallback_on: {entry!r} is not in the route's fallback_on ({sorted(map(str, allowed))}); "
+                    "a request can only narrow it"
+                )
+        return frozenset(asked)
+
+    def _faults(self, faults, chain: Chain, refuse) -> dict[str, tuple[Fault, ...]]:
+        if not self.config.dispatcher.allow_fault_injection:
+            raise refuse(
+                "this dispatcher does not accept faults; set dispatcher.allow_fault_injection = true "
+                "in a test or staging config (never in production)"
+            )
+        names = {t.label for t in chain.targets} | {t.provider for t in chain.targets}
+        names |= {t.label for c in chain.by_kind.values() for t in c} | {t.provider for c in chain.by_kind.values() for t in c}
+        unknown = sorted(set(faults) - names)
+        if unknown:
+            raise refuse(f"faults name {unknown}, which are not targets of this request (targets: {sorted(names)})")
+        try:
+            return check_faults(faults)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None

@@ -1,0 +1,154 @@
+"""What a request looks like to one target, and whether an answer is what it asked for.
+
+    Shaping / shape()        a target's model, parameters and prompt template applied to the
+                             request, giving that target's ProviderRequest
+    estimate_tokens()        input size in tokens, estimated offline (for max_input_tokens)
+    output_validator()       response_format as a check: JSON that parses, and validates
+                             against the request's JSON Schema (jsonschema, draft 2020-12)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jsonschema
+import msgspec
+
+from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
+from schemas.wire import ResponseFormat
+from service.config import Template
+
+
+class Shaping(NamedTuple):
+    """A target's own request parameters; None leaves the request's value."""
+
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    template: Template | None = None
+    template_name: str | None = None
+
+
+def shape(base: ProviderRequest, shaping: Shaping) -> ProviderRequest:
+    return msgspec.structs.replace(
+        base,
+        model=shaping.model if shaping.model is not None else base.model,
+        temperature=shaping.temperature if shaping.temperature is not None else base.temperature,
+        max_tokens=shaping.max_tokens if shaping.max_tokens is not None else base.max_tokens,
+        top_p=shaping.top_p if shaping.top_p is not None else base.top_p,
+        messages=apply_template(base.messages, shaping.template) if shaping.template else base.messages,
+    )
+
+
+def apply_template(messages: Sequence[ChatMessage], template: Template) -> list[ChatMessage]:
+    """`system` replaces the request's system messages ({system} stands for their text);
+    `user` replaces the last user message ({input} stands for its text)."""
+    out = list(messages)
+    if template.system is not None:
+        own = "\n\n".join(m.content for m in out if m.role == "system")
+        text = template.system.replace("{system}", own).strip()
+        out = ([ChatMessage("system", text)] if text else []) + [m for m in out if m.role != "system"]
+    if template.user is not None:
+        for i in range(len(out) - 1, -1, -1):
+            if out[i].role == "user":
+                out[i] = ChatMessage("user", template.user.replace("{input}", out[i].content))
+                break
+    return out
+
+
+# ---- token estimate ----------------------------------------------------------------
+
+_PER_MESSAGE = 4  # role and separators, as OpenAI's chat format counts them
+_ASCII_CHARS_PER_TOKEN = 4  # English prose in the GPT and Claude tokenizers
+
+
+def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
+    """About how many tokens the messages take, without a tokenizer or the network.
+
+    ASCII text counts 4 characters per token; every other character counts a whole token,
+    which is close for CJK scripts and errs high for accented Latin text. Errors either
+    way are caught: an estimate too high sends the request to a longer-context target; one
+    too low gets a context_length failure, which has its own fallback chain.
+    """
+    total = 3
+    for m in messages:
+        text = m.content
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        total += _PER_MESSAGE + math.ceil(ascii_chars / _ASCII_CHARS_PER_TOKEN) + (len(text) - ascii_chars)
+    return total
+
+
+# ---- output validation -------------------------------------------------------------
+
+_decode = msgspec.json.decode
+_validators: OrderedDict[bytes, jsonschema.protocols.Validator] = OrderedDict()
+_VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
+
+
+class Validator:
+    """Checks a good answer against response_format; a failed check is an invalid_output failure."""
+
+    __slots__ = ("schema_name", "validator")
+
+    def __init__(self, schema_name: str | None, validator: jsonschema.protocols.Validator | None) -> None:
+        self.schema_name = schema_name
+        self.validator = validator
+
+    def __call__(self, answer: ProviderOk) -> ProviderOk | ProviderFailure:
+        text = _unfenced(answer.content)
+        try:
+            value = _decode(text)
+        except msgspec.DecodeError as exc:
+            return ProviderFailure("invalid_output", f"the answer is not valid JSON ({exc}): {answer.content[:80]!r}")
+        if self.validator is None:
+            if not isinstance(value, dict):
+                return ProviderFailure("invalid_output", f"json_object asks for an object; the answer is a {type(value).__name__}")
+        else:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+                return ProviderFailure(
+                    "invalid_output", f"the answer does not match schema {self.schema_name!r} at {where}: {error.message}"
+                )
+        return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
+
+
+def output_validator(response_format: ResponseFormat | None) -> Validator | None:
+    """The check for a request's response_format; raises ValueError for an unusable one."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return Validator(None, None)
+    spec = response_format.json_schema
+    if spec is None:
+        raise ValueError('response_format type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}')
+    key = msgspec.json.encode(spec.schema)
+    validator = _validators.get(key)
+    if validator is None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(spec.schema)
+        except jsonschema.exceptions.SchemaError as exc:
+            raise ValueError(f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}") from None
+        validator = jsonschema.Draft202012Validator(spec.schema)
+        _validators[key] = validator
+        if len(_validators) > _VALIDATORS_KEPT:
+            _validators.popitem(last=False)
+    else:
+        _validators.move_to_end(key)
+    return Validator(spec.name, validator)
+
+
+def _unfenced(text: str) -> str:
+    """The JSON inside a Markdown code fence, which models add even when asked for JSON."""
+    stripped = text.strip()
+    if stripped.startswith("```") and stripped.endswith("```") and len(stripped) > 6:
+        body = stripped[3:-3]
+        newline = body.find("\n")
+        if newline != -1 and body[:newline].strip().isalpha():  # ```json
+            body = body[newline + 1 :]
+        return body.strip()
+    return stripped
