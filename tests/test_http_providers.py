@@ -6,16 +6,20 @@ OpenAI-compatible server (vLLM, Ollama, llama.cpp) reached through `base_url`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import nats
 import pytest
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from conftest import USER_HELLO, ask, config, fake
+from schemas import ChatMessage, ProviderRequest, subjects
+from schemas.wire import encoder
 
 
 class FakeOpenAI(ThreadingHTTPServer):
@@ -122,3 +126,25 @@ async def test_a_hung_http_provider_is_abandoned_at_its_timeout_and_the_next_one
     reply = await ask(client, USER_HELLO)
     assert (reply.provider, reply.attempts[0].error_type) == ("backup", "timeout")
     assert len(http_server.requests) == 1  # no hidden retry inside the worker
+
+
+async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, http_server):
+    stack = await lifeline(config({"local": openai_at(http_server, timeout_s=30)}))
+    worker = stack.workers["local"]
+    http_server.script = [("hang", 3.0)]
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    far = str(int((time.time() + 30) * 1000))
+    request = encoder.encode(ProviderRequest(id="r1", messages=[ChatMessage("user", "hi")]))
+    headers = {subjects.ATTEMPT_ID: "attempt-1", subjects.DEADLINE_MS: far}
+    await client.publish(subjects.provider_subject("local"), request, reply=inbox, headers=headers)
+    async with asyncio.timeout(2):
+        while not http_server.requests:  # the HTTP call is under way
+            await asyncio.sleep(0.01)
+    await client.publish(subjects.cancel_subject("local"), b"attempt-1")
+    async with asyncio.timeout(1):  # well before the 3 s hang would end
+        while worker.in_flight:
+            await asyncio.sleep(0.01)
+    assert worker.cancelled == 1
+    with pytest.raises(nats.errors.TimeoutError):
+        await replies.next_msg(timeout=0.2)  # nobody waits for it, so no reply is sent

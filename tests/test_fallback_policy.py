@@ -1,0 +1,356 @@
+"""Fallback policy over a real nats-server: each capability as a user configures and sees it.
+
+The `fake` provider with reply="request" answers with the ProviderRequest its worker got,
+so a test can see what a target's shaping sent over NATS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+from conftest import USER_HELLO, ask, config, fake
+from schemas import subjects
+from service.transport import ensure_subscribed
+
+LONG_INPUT = {"messages": [{"role": "user", "content": "Summarise this: " + "lorem ipsum dolor sit amet " * 200}]}
+
+
+def sent(reply) -> dict[str, Any]:
+    """The ProviderRequest a reply="request" fake provider received."""
+    assert reply.status == "ok", reply.error
+    return json.loads(reply.content)
+
+
+def outcomes(reply) -> list[tuple]:
+    return [(a.target, a.outcome, a.error_type or a.reason, a.next) for a in reply.attempts]
+
+
+# ---- the seeds ---------------------------------------------------------------------
+
+
+async def test_seed_a_rate_limit_moves_to_the_second_provider(lifeline, client):
+    await lifeline(config({"gpt": fake(fail_status=429), "claude": fake(reply="from claude")}))
+    reply = await ask(client, USER_HELLO)
+    assert (reply.content, reply.provider) == ("from claude", "claude")
+    assert outcomes(reply) == [("gpt", "error", "rate_limit", "fallback"), ("claude", "ok", None, None)]
+
+
+async def test_seed_each_model_gets_its_own_prompt_and_the_reply_names_the_template(lifeline, client):
+    await lifeline({
+        "providers": {"gpt": fake(fail_status=503), "claude": fake(model="claude-default", reply="request")},
+        "templates": {
+            "for-gpt": {"system": "You are GPT. {system}"},
+            "for-claude": {"system": "<role>Claude</role> {system}", "user": "<q>{input}</q>"},
+        },
+        "routes": {"default": {"targets": [
+            {"provider": "gpt", "template": "for-gpt"},
+            {"provider": "claude", "model": "claude-big", "template": "for-claude", "temperature": 0.2, "max_tokens": 77},
+        ]}},
+    })  # fmt: skip
+    reply = await ask(client, {"messages": [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Why?"}], "temperature": 1.5})  # fmt: skip
+    got = sent(reply)
+    assert got["messages"] == [
+        {"role": "system", "content": "<role>Claude</role> Be brief."},
+        {"role": "user", "content": "<q>Why?</q>"},
+    ]
+    assert (got["model"], got["temperature"], got["max_tokens"]) == ("claude-big", 0.2, 77)
+    assert (reply.target, reply.template, reply.model) == ("claude:claude-big", "for-claude", "claude-big")
+
+
+async def test_seed_a_long_input_goes_straight_to_the_long_context_model(lifeline, client, audit):
+    await lifeline({
+        "providers": {"small": fake(reply="small"), "large": fake(reply="large")},
+        "targets": {
+            "small-8k": {"provider": "small", "max_input_tokens": 200},
+            "large-1m": {"provider": "large", "max_input_tokens": 1_000_000},
+        },
+        "routes": {"default": {"targets": ["small-8k", "large-1m"]}},
+    })  # fmt: skip
+    reply = await ask(client, LONG_INPUT)
+    assert (reply.content, reply.target) == ("large", "large-1m")
+    skipped = reply.attempts[0]
+    assert (skipped.target, skipped.outcome, skipped.reason) == ("small-8k", "skipped", "max_input_tokens")
+    assert "takes at most 200" in (skipped.message or "")
+    [(_, event)] = await audit.wait_for(1)
+    assert [(a.outcome, a.reason) for a in event.attempts] == [("skipped", "max_input_tokens"), ("ok", None)]
+    # A short input still goes to the cheap model first.
+    assert (await ask(client, USER_HELLO)).target == "small-8k"
+
+
+async def test_seed_unparseable_output_moves_to_the_better_model(lifeline, client):
+    await lifeline(config({
+        "cheap": fake(reply="Sure! Here is the JSON you asked for: {answer: 42"),
+        "better": fake(reply='```json\n{"answer": 42}\n```'),
+    }))  # fmt: skip
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    request = {**USER_HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+    reply = await ask(client, request)
+    assert (reply.provider, json.loads(reply.content or "")) == ("better", {"answer": 42})
+    assert reply.attempts[0].error_type == "invalid_output"
+    assert "not valid JSON" in (reply.attempts[0].message or "")
+
+
+async def test_an_answer_that_parses_but_breaks_the_schema_is_invalid_output(lifeline, client):
+    await lifeline(config({"cheap": fake(reply='{"answer": "forty-two"}'), "better": fake(reply='{"answer": 42}')}))
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    reply = await ask(client, {**USER_HELLO, "response_format": {"type": "json_schema",
+                                                                 "json_schema": {"name": "a", "schema": schema}}})  # fmt: skip
+    assert reply.provider == "better"
+    assert "answer" in (reply.attempts[0].message or "") and reply.attempts[0].error_type == "invalid_output"
+
+
+# ---- fallback by error class -------------------------------------------------------
+
+
+def _class_chain_config(**route: Any) -> dict[str, Any]:
+    return {
+        "providers": {"main": fake(), "next": fake(reply="next"), "long": fake(reply="long"), "safe": fake(reply="safe")},
+        "dispatcher": {"allow_fault_injection": True},
+        "fallbacks": {"content_filter": ["safe"]},
+        "routes": {"default": {"targets": ["main", "next"], **route}},
+    }
+
+
+async def test_a_context_length_failure_goes_to_the_routes_long_context_chain(lifeline, client, exporter):
+    await lifeline(_class_chain_config(context_length_fallbacks=["long"]))
+    reply = await ask(client, {**USER_HELLO, "faults": {"main": "context_length"}})
+    assert reply.content == "long"
+    assert outcomes(reply) == [("main", "error", "context_length", "fallback"), ("long", "ok", None, None)]
+    span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    [event] = [e for e in span.events if e.name == "lifeline.fallback"]
+    assert (event.attributes["lifeline.fallback.to"], event.attributes["lifeline.fallback.chain"]) == ("long", "context_length")
+
+
+async def test_a_content_filter_failure_uses_the_default_chain_when_the_route_names_none(lifeline, client):
+    await lifeline(_class_chain_config())
+    reply = await ask(client, {**USER_HELLO, "faults": {"main": "content_filter"}})
+    assert reply.content == "safe"
+
+
+async def test_other_failures_stay_on_the_routes_own_chain(lifeline, client):
+    await lifeline(_class_chain_config(context_length_fallbacks=["long"]))
+    reply = await ask(client, {**USER_HELLO, "faults": {"main": 503}})
+    assert reply.content == "next"
+
+
+# ---- capability checks -------------------------------------------------------------
+
+
+async def test_a_target_without_json_output_is_skipped_for_a_json_request(lifeline, client):
+    await lifeline({
+        "providers": {"old": fake(reply="prose"), "new": fake(reply='{"ok": true}')},
+        "routes": {"default": {"targets": [{"provider": "old", "json_output": False}, "new"]}},
+    })  # fmt: skip
+    reply = await ask(client, {**USER_HELLO, "response_format": {"type": "json_object"}})
+    assert reply.provider == "new"
+    assert (reply.attempts[0].outcome, reply.attempts[0].reason) == ("skipped", "json_output")
+    # Without response_format the old model is fine.
+    assert (await ask(client, USER_HELLO)).provider == "old"
+
+
+async def test_when_no_target_can_take_the_input_none_is_called(lifeline, client, audit):
+    await lifeline({
+        "providers": {"small": fake()},
+        "routes": {"default": {"targets": [{"provider": "small", "max_input_tokens": 100}]}},
+    })  # fmt: skip
+    reply = await ask(client, LONG_INPUT)
+    assert reply.error is not None and reply.error.type == "no_capable_target"
+    assert "shorten the input" in reply.error.message
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.error_type) == ("llm.audit.error", "no_capable_target")
+
+
+# ---- retries -----------------------------------------------------------------------
+
+
+async def test_a_retry_on_the_same_target_recovers_before_any_fallback(lifeline, client, exporter):
+    await lifeline({
+        "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
+        "dispatcher": {"allow_fault_injection": True},
+        "routes": {"default": {"targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]}},
+    })  # fmt: skip
+    reply = await ask(client, {**USER_HELLO, "faults": {"gpt": [429, 503, "ok"]}})
+    assert reply.content == "gpt"
+    assert [(a.target, a.retry, a.error_type, a.next) for a in reply.attempts] == [
+        ("gpt", 0, "rate_limit", "retry"), ("gpt", 1, "server_error", "retry"), ("gpt", 2, None, None)
+    ]  # fmt: skip
+    span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    assert [e.attributes["lifeline.reason"] for e in span.events if e.name == "lifeline.retry"] == ["rate_limit", "server_error"]
+
+
+async def test_max_attempts_stops_a_chain_of_retries_and_fallbacks(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503), "c": fake()},
+        "routes": {"default": {"targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b", "c"]}},
+    })  # fmt: skip
+    reply = await ask(client, {**USER_HELLO, "max_attempts": 3})
+    assert reply.error is not None and reply.error.type == "max_attempts_reached"
+    made = [a for a in reply.attempts if a.outcome != "skipped"]
+    assert len(made) == 3
+    assert [(a.target, a.reason) for a in reply.attempts if a.outcome == "skipped"] == [("b", "max_attempts"), ("c", "max_attempts")]
+
+
+async def test_the_default_cap_is_six_physical_attempts(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503)},
+        "routes": {"default": {"targets": [{"provider": "a", "retries": 10, "backoff_s": 0},
+                                           {"provider": "b", "retries": 10, "backoff_s": 0}]}},
+    })  # fmt: skip
+    reply = await ask(client, USER_HELLO)
+    assert sum(1 for a in reply.attempts if a.outcome != "skipped") == 6
+
+
+# ---- the request's deadline --------------------------------------------------------
+
+
+async def test_the_deadline_bounds_the_whole_chain_and_skips_what_cannot_start(lifeline, client, audit):
+    await lifeline(config({"slow": fake(hang=True, timeout_s=30), "backup": fake()}))
+    started = time.monotonic()
+    reply = await ask(client, {**USER_HELLO, "timeout_s": 0.3})
+    assert time.monotonic() - started < 5  # bounded by the request, not by slow's own 30 s
+    assert reply.error is not None and reply.error.type == "deadline_exceeded"
+    assert outcomes(reply) == [("slow", "timeout", "timeout", "fallback"), ("backup", "skipped", "deadline", None)]
+    [(_, event)] = await audit.wait_for(1)
+    assert event.attempts[1].reason == "deadline"
+
+
+async def test_an_absolute_deadline_works_like_timeout_s(lifeline, client):
+    await lifeline(config({"slow": fake(hang=True, timeout_s=30), "backup": fake()}))
+    reply = await ask(client, {**USER_HELLO, "deadline_unix_ms": int(time.time() * 1000) + 300})
+    assert reply.error is not None and reply.error.type == "deadline_exceeded"
+
+
+async def test_a_deadline_already_past_is_refused_without_calling_anyone(lifeline, client, audit):
+    await lifeline(config({"a": fake()}))
+    reply = await ask(client, {**USER_HELLO, "deadline_unix_ms": int(time.time() * 1000) - 1000})
+    assert reply.error is not None and reply.error.type == "deadline_exceeded"
+    assert reply.attempts == []
+    await audit.wait_for(1)
+
+
+async def test_the_dispatcher_tells_the_worker_which_attempt_it_gave_up_on(lifeline, client):
+    await lifeline(config({"slow": fake(hang=True, timeout_s=0.2), "backup": fake()}))
+    seen = await client.subscribe("llm.provider.slow")  # a copy of what the worker gets
+    cancels = await client.subscribe("llm.cancel.slow")
+    await ensure_subscribed(client)
+    reply = await ask(client, USER_HELLO)
+    assert reply.provider == "backup"
+    attempt = await seen.next_msg(timeout=2)
+    cancel = await cancels.next_msg(timeout=2)
+    assert cancel.data.decode() == attempt.headers[subjects.ATTEMPT_ID]
+
+
+# ---- per-request control -----------------------------------------------------------
+
+
+async def test_a_request_can_give_full_target_objects(lifeline, client):
+    await lifeline(config({"a": fake(fail_status=500), "echo": fake(reply="request")}))
+    reply = await ask(client, {**USER_HELLO, "targets": ["a", {"provider": "echo", "model": "mini", "top_p": 0.5}]})
+    got = sent(reply)
+    assert (got["model"], got["top_p"], reply.target) == ("mini", 0.5, "echo:mini")
+
+
+async def test_fallback_false_tries_only_the_first_target(lifeline, client):
+    await lifeline(config({"a": fake(fail_status=503), "b": fake()}))
+    reply = await ask(client, {**USER_HELLO, "fallback": False})
+    assert reply.error is not None and reply.error.type == "fallback_stopped"
+    assert [a.target for a in reply.attempts] == ["a"]
+    assert "not tried: b" in reply.error.message
+
+
+async def test_a_request_can_narrow_fallback_on(lifeline, client):
+    routes = {"default": {"targets": ["a", "b"], "fallback_on": ["rate_limit", "server_error"]}}
+    await lifeline(config({"a": fake(fail_status=503), "b": fake()}, routes))
+    assert (await ask(client, USER_HELLO)).provider == "b"
+    reply = await ask(client, {**USER_HELLO, "fallback_on": ["rate_limit"]})
+    assert reply.error is not None and reply.error.type == "fallback_stopped"
+
+
+async def test_what_the_config_forbids_is_refused_with_invalid_request(lifeline, client, audit):
+    routes = {"default": {"targets": ["a"], "fallback_on": ["rate_limit"]}}
+    await lifeline(config({"a": fake()}, routes, max_attempts=4))
+    cases = {
+        "max_attempts above the configured maximum": ({"max_attempts": 5}, "maximum of 4"),
+        "fallback_on wider than the route's": ({"fallback_on": ["auth"]}, "can only narrow"),
+        "an unknown template": ({"targets": [{"provider": "a", "template": "nope"}]}, "targets[0].template"),
+        "faults where they are not allowed": ({"faults": {"a": 503}}, "allow_fault_injection"),
+        "a bad JSON Schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+                              "not a valid JSON Schema"),
+    }  # fmt: skip
+    for name, (extra, words) in cases.items():
+        reply = await ask(client, {**USER_HELLO, **extra})
+        assert reply.error is not None, name
+        assert (reply.error.type, words in reply.error.message) == ("invalid_request", True), (name, reply.error)
+        assert reply.attempts == [], name
+    await audit.wait_for(len(cases))
+    unknown = await ask(client, {**USER_HELLO, "targets": [{"provider": "ghost"}]})
+    assert unknown.error is not None and unknown.error.type == "unknown_provider"
+
+
+# ---- failure passed forward --------------------------------------------------------
+
+
+async def test_a_target_can_opt_in_to_the_earlier_error_kinds(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=429), "b": fake(hang=True, timeout_s=0.1), "c": fake(reply="request")},
+        "routes": {"default": {"targets": ["a", "b", {"provider": "c", "pass_failures": True}]}},
+    })  # fmt: skip
+    reply = await ask(client, {**USER_HELLO, "metadata": {"team": "search"}})
+    assert sent(reply)["metadata"] == {"team": "search", "lifeline_previous_errors": ["rate_limit", "timeout"]}
+
+
+async def test_without_opting_in_a_target_sees_only_the_requests_metadata(lifeline, client):
+    await lifeline(config({"a": fake(fail_status=429), "c": fake(reply="request")}))
+    reply = await ask(client, {**USER_HELLO, "metadata": {"team": "search"}})
+    assert sent(reply)["metadata"] == {"team": "search"}
+
+
+# ---- fault injection ---------------------------------------------------------------
+
+
+async def test_faults_prove_a_fallback_without_breaking_a_provider(lifeline, client):
+    await lifeline(config({"primary": fake(reply="primary"), "backup": fake(reply="backup")}, allow_fault_injection=True))
+    timed_out = await ask(client, {**USER_HELLO, "faults": {"primary": "timeout"},
+                                   "targets": [{"provider": "primary", "timeout_s": 0.1}, "backup"]})  # fmt: skip
+    assert (timed_out.content, timed_out.attempts[0].error_type) == ("backup", "timeout")
+    assert "simulated" in (timed_out.attempts[0].message or "")
+    rate_limited = await ask(client, {**USER_HELLO, "faults": {"primary": 429}})
+    assert (rate_limited.content, rate_limited.attempts[0].status_code) == ("backup", 429)
+    invalid = await ask(client, {**USER_HELLO, "faults": {"primary": "invalid_output"}})
+    assert (invalid.content, invalid.attempts[0].error_type) == ("backup", "invalid_output")
+    # Without faults the real provider answers: nothing was broken.
+    assert (await ask(client, USER_HELLO)).content == "primary"
+
+
+async def test_faults_must_name_a_target_of_the_request(lifeline, client):
+    await lifeline(config({"primary": fake()}, allow_fault_injection=True))
+    reply = await ask(client, {**USER_HELLO, "faults": {"primray": 503}})
+    assert reply.error is not None and "primray" in reply.error.message and "primary" in reply.error.message
+
+
+# ---- every decision, everywhere ----------------------------------------------------
+
+
+async def test_skip_retry_and_fallback_show_alike_in_reply_audit_and_trace(lifeline, client, audit, exporter):
+    await lifeline({
+        "providers": {"small": fake(), "flaky": fake(fail_status=503), "backup": fake()},
+        "routes": {"default": {"targets": [{"provider": "small", "max_input_tokens": 50},
+                                           {"provider": "flaky", "retries": 1, "backoff_s": 0}, "backup"]}},
+    })  # fmt: skip
+    reply = await ask(client, LONG_INPUT)
+    assert outcomes(reply) == [
+        ("small", "skipped", "max_input_tokens", None),
+        ("flaky", "error", "server_error", "retry"),
+        ("flaky", "error", "server_error", "fallback"),
+        ("backup", "ok", None, None),
+    ]
+    [(_, event)] = await audit.wait_for(1)
+    assert event.attempts == reply.attempts
+    span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    assert [e.name for e in span.events] == ["lifeline.skip", "lifeline.retry", "lifeline.fallback"]
+    assert span.attributes["lifeline.target"] == "backup"
