@@ -125,6 +125,38 @@ def test_a_bad_config_fails_at_start_up_naming_the_key(tmp_path):
     assert "providers.a.timeout_s" in result.stderr
 
 
+def test_a_bad_policy_key_fails_at_start_up_naming_it(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[providers.a]\nkind = "fake"\n\n[templates.terse]\nuser = "Be terse."\n\n'
+        '[routes.default]\ntargets = [{ provider = "a", template = "terse" }]\n'
+    )
+    result = lifeline("dispatcher", "--config", str(bad), "--nats-url", "nats://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "templates.terse: `user` must contain {input}" in result.stderr
+
+
+def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
+    cfg = tmp_path / "faults.toml"
+    cfg.write_text(
+        '[dispatcher]\nallow_fault_injection = true\n\n[providers.a]\nkind = "fake"\nreply = "from a"\n\n'
+        '[routes.default]\ntargets = [{ provider = "a", retries = 1, backoff_s = 0 }]\n'
+    )
+    proc = subprocess.Popen([*LIFELINE, "run", "--config", str(cfg), "--nats-url", nats_url, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())  # fmt: skip
+    try:
+        _wait_for_line(proc, r"dispatcher ready")
+        result = lifeline("ask", "--nats-url", nats_url, "--fault", "a=503,ok", "hi")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"1\. a .* server_error 503->retry", result.stdout)
+        assert re.search(r"2\. a \(retry 1\) .* ok", result.stdout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        for stream in (proc.stdout, proc.stderr):
+            stream and stream.close()
+
+
 def test_a_worker_without_its_api_key_says_which_variable_to_set(tmp_path):
     cfg = tmp_path / "openai.toml"
     cfg.write_text('[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "LIFELINE_TEST_KEY"\n')
