@@ -103,16 +103,20 @@ class Validator:
         try:
             value = _decode(text)
         except msgspec.DecodeError as exc:
-            return ProviderFailure("invalid_output", f"the answer is not valid JSON ({exc}): {answer.content[:80]!r}")
+            # The answer's text stays out: attempts reach the audit event, which never carries it.
+            return ProviderFailure("invalid_output", f"the answer is not valid JSON ({exc}; {len(text)} characters)")
         if self.validator is None:
             if not isinstance(value, dict):
                 return ProviderFailure("invalid_output", f"json_object asks for an object; the answer is a {type(value).__name__}")
         else:
             error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
             if error is not None:
+                # Said from the schema's side: jsonschema's own message quotes the answer's values.
                 where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+                rule = msgspec.json.encode(error.validator_value).decode()[:120]
                 return ProviderFailure(
-                    "invalid_output", f"the answer does not match schema {self.schema_name!r} at {where}: {error.message}"
+                    "invalid_output",
+                    f"the answer does not match schema {self.schema_name!r}: at {where}, {error.validator} {rule} fails",
                 )
         return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
 

@@ -196,3 +196,87 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 def test_a_directory_passed_as_the_config_is_a_config_error(tmp_path):
     assert file_error(tmp_path).startswith(f"{tmp_path}: ")
+
+
+# ---- templates, named targets and fallback chains -------------------------------------
+
+
+def policy(routes: dict[str, Any], **tables: Any) -> dict[str, Any]:
+    """A config with providers p and q, the routes given and any other tables (templates, targets, ...)."""
+    return {**config({"p": fake(), "q": fake()}, routes), **tables}
+
+
+def inline(**target: Any) -> dict[str, Any]:
+    return {"r": {"targets": [{"provider": "p", **target}]}}
+
+
+def test_an_unknown_template_in_an_inline_target_names_the_targets_key():
+    message = error(policy(inline(template="terse")))
+    assert message.startswith("routes.r.targets[0].template: unknown template 'terse'")
+
+
+def test_a_misspelled_key_in_an_inline_target_is_an_unknown_key():
+    message = error(policy(inline(tempreature=0.2)))
+    assert message.startswith("routes.r.targets[0].tempreature: unknown key")
+
+
+def test_a_target_timeout_above_the_dispatchers_maximum_is_refused():
+    message = error(policy(inline(timeout_s=900)))
+    assert message.startswith("routes.r.targets[0].timeout_s: 900 is above dispatcher.max_timeout_s (600)")
+
+
+def test_an_unknown_kind_in_retry_on_is_named_by_index():
+    message = error(policy(inline(retry_on=["timout"])))
+    assert message.startswith("routes.r.targets[0].retry_on[0]: unknown error kind 'timout'")
+
+
+def test_a_named_target_with_an_unknown_provider_names_its_provider_key():
+    message = error(policy({"r": {"targets": ["x"]}}, targets={"x": {"provider": "nope"}}))
+    assert message.startswith("targets.x.provider: unknown provider 'nope'")
+
+
+def test_a_named_target_may_not_share_a_providers_name():
+    message = error(policy({"r": {"targets": ["p"]}}, targets={"p": {"provider": "q"}}))
+    assert message.startswith("targets.p: a provider has this name too")
+
+
+def test_a_user_template_without_input_is_refused():
+    message = error(policy({"r": {"targets": ["p"]}}, templates={"t": {"user": "Answer briefly."}}))
+    assert message.startswith("templates.t: `user` must contain {input}")
+
+
+def test_a_template_with_neither_system_nor_user_is_refused():
+    assert error(policy({"r": {"targets": ["p"]}}, templates={"t": {}})).startswith("templates.t: a template needs")
+
+
+def test_a_route_max_attempts_above_the_dispatchers_is_refused():
+    message = error(policy({"r": {"targets": ["p"], "max_attempts": 10}}))
+    assert message.startswith("routes.r.max_attempts: 10 is above dispatcher.max_attempts (6)")
+
+
+def test_an_unknown_target_in_a_context_length_chain_is_named_by_index():
+    message = error(policy({"r": {"targets": ["p"], "context_length_fallbacks": ["big"]}}))
+    assert message.startswith("routes.r.context_length_fallbacks[0]: unknown target or provider 'big'")
+
+
+def test_an_unknown_key_in_fallbacks_is_refused():
+    message = error(policy({"r": {"targets": ["p"]}}, fallbacks={"rate_limit": ["q"]}))
+    assert message.startswith("fallbacks.rate_limit: unknown key")
+
+
+def test_a_named_target_is_resolved_under_its_table_key():
+    parsed = parse_config(policy({"r": {"targets": ["fast"]}}, targets={"fast": {"provider": "p", "model": "m-mini"}}))
+    [spec] = parsed.routes["r"].targets
+    assert (spec.name, spec.provider, spec.model) == ("fast", "p", "m-mini")
+
+
+def test_an_inline_target_without_a_name_is_named_after_its_provider_and_model():
+    parsed = parse_config(policy({"r": {"targets": [{"provider": "p", "model": "m-large"}, {"provider": "q"}]}}))
+    assert [t.name for t in parsed.routes["r"].targets] == ["p:m-large", "q"]
+
+
+def test_default_fallback_chains_apply_unless_a_route_turns_them_off():
+    routes = {"plain": {"targets": ["p"]}, "strict": {"targets": ["p"], "context_length_fallbacks": []}}
+    parsed = parse_config(policy(routes, fallbacks={"context_length": ["q"]}))
+    assert [t.name for t in parsed.routes["plain"].by_kind["context_length"]] == ["q"]
+    assert "context_length" not in parsed.routes["strict"].by_kind

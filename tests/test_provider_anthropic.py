@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import ResponseFormat
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.base import ProviderError
 
@@ -151,6 +152,18 @@ async def test_request_model_overrides_the_configured_model(make):
     server = Server()
     await make(server).complete(request(model="claude-3-5-haiku-20241022"), timeout_s=5)
     assert server.sent_json()["model"] == "claude-3-5-haiku-20241022"
+
+
+async def test_sends_the_requests_top_p(make):
+    server = Server()
+    await make(server).complete(request(top_p=0.9), timeout_s=5)
+    assert server.sent_json()["top_p"] == 0.9
+
+
+async def test_never_sends_response_format_which_the_messages_api_does_not_know(make):
+    server = Server()
+    await make(server).complete(request(response_format=ResponseFormat("json_object")), timeout_s=5)
+    assert "response_format" not in server.sent_json()
 
 
 # ---- the answer -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import JsonSchemaFormat, ResponseFormat
 from workers.base import ProviderError
 from workers.openai import OpenAIProvider, OpenAISettings
 
@@ -160,6 +161,46 @@ async def test_request_model_overrides_the_configured_model(make):
     server = Server()
     await make(server).complete(request(model="gpt-4o"), timeout_s=5)
     assert server.sent_json()["model"] == "gpt-4o"
+
+
+async def test_sends_top_p_when_set(make):
+    server = Server()
+    await make(server).complete(request(top_p=0.9), timeout_s=5)
+    assert server.sent_json()["top_p"] == 0.9
+
+
+async def test_leaves_unset_top_p_and_response_format_out(make):
+    server = Server()
+    await make(server).complete(request(), timeout_s=5)
+    assert "top_p" not in server.sent_json() and "response_format" not in server.sent_json()
+
+
+# https://platform.openai.com/docs/guides/structured-outputs
+async def test_sends_a_json_schema_response_format_in_openais_shape(make):
+    server = Server()
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    response_format = ResponseFormat("json_schema", JsonSchemaFormat(name="person", schema=schema, strict=True))
+    await make(server).complete(request(response_format=response_format), timeout_s=5)
+    assert server.sent_json()["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": schema, "strict": True},
+    }
+
+
+async def test_unset_response_format_fields_are_left_out_not_sent_as_null(make):
+    server = Server()
+    response_format = ResponseFormat("json_schema", JsonSchemaFormat(name="person", schema={"type": "object"}))
+    await make(server).complete(request(response_format=response_format), timeout_s=5)
+    assert server.sent_json()["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": {"type": "object"}},
+    }
+
+
+async def test_sends_a_json_object_response_format_as_its_type_alone(make):
+    server = Server()
+    await make(server).complete(request(response_format=ResponseFormat("json_object")), timeout_s=5)
+    assert server.sent_json()["response_format"] == {"type": "json_object"}
 
 
 # ---- the answer -----------------------------------------------------------------------

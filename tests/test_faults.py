@@ -1,0 +1,52 @@
+"""Fault injection: which faults a request may carry, and the failure each one simulates."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas import ProviderFailure
+from service.faults import check_faults, simulate
+
+
+def test_kinds_statuses_ok_none_and_lists_are_accepted_as_tuples():
+    faults = {"a": "timeout", "b": 429, "c": ["rate_limit", None, "ok", 503], "d": "invalid_output"}
+    assert check_faults(faults) == {
+        "a": ("timeout",),
+        "b": (429,),
+        "c": ("rate_limit", None, "ok", 503),
+        "d": ("invalid_output",),
+    }
+
+
+@pytest.mark.parametrize("bad", [200, True, "explode", ["ok", 600]])
+def test_a_value_that_is_not_a_fault_is_refused_naming_the_key(bad):
+    with pytest.raises(ValueError) as exc:
+        check_faults({"primary": bad})
+    assert str(exc.value).startswith("faults.primary: ")
+    assert "rate_limit" in str(exc.value)  # lists what would do
+
+
+@pytest.mark.parametrize(("status", "kind"), [(429, "rate_limit"), (503, "server_error"), (401, "auth"), (400, "bad_request")])
+async def test_an_http_status_fails_as_the_provider_would(status, kind):
+    failure = await simulate(status, "primary", 5.0)
+    assert isinstance(failure, ProviderFailure)
+    assert (failure.kind, failure.status_code) == (kind, status)
+    assert "primary" in failure.message
+
+
+@pytest.mark.parametrize("kind", ["rate_limit", "context_length", "invalid_output"])
+async def test_an_error_kind_fails_with_that_kind(kind):
+    failure = await simulate(kind, "primary", 5.0)
+    assert isinstance(failure, ProviderFailure)
+    assert failure.kind == kind
+
+
+async def test_timeout_waits_out_the_timeout_then_fails_as_a_timeout():
+    failure = await simulate("timeout", "primary", 0.01)
+    assert isinstance(failure, ProviderFailure)
+    assert failure.kind == "timeout"
+
+
+@pytest.mark.parametrize("fault", ["ok", None])
+async def test_ok_and_none_let_the_real_call_through(fault):
+    assert await simulate(fault, "primary", 5.0) is None

@@ -1,0 +1,178 @@
+"""Shaping a request for one target, the offline token estimate, and response_format as a check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
+from schemas.wire import JsonSchemaFormat, ResponseFormat
+from service.config import Template
+from service.shaping import Shaping, apply_template, estimate_tokens, output_validator, shape
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name"],
+}
+
+
+def chat(*messages: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role, content) for role, content in messages]
+
+
+def answer(content: str) -> ProviderOk:
+    return ProviderOk(content=content, model="m")
+
+
+def check(response_format: ResponseFormat, content: str) -> ProviderOk | ProviderFailure:
+    validator = output_validator(response_format)
+    assert validator is not None
+    return validator(answer(content))
+
+
+def schema(spec: dict[str, Any], name: str = "person") -> ResponseFormat:
+    return ResponseFormat("json_schema", JsonSchemaFormat(name=name, schema=spec))
+
+
+JSON_OBJECT = ResponseFormat("json_object")
+
+
+# ---- apply_template -------------------------------------------------------------------
+
+
+def test_a_system_template_replaces_the_system_messages_and_includes_their_text():
+    messages = chat(("system", "Be brief."), ("user", "Hi"), ("system", "Answer in French."))
+    out = apply_template(messages, Template(system="You are Lifeline.\n{system}"))
+    assert out == chat(("system", "You are Lifeline.\nBe brief.\n\nAnswer in French."), ("user", "Hi"))
+
+
+def test_without_a_system_message_the_placeholder_is_empty():
+    out = apply_template(chat(("user", "Hi")), Template(system="{system}\nBe kind."))
+    assert out == chat(("system", "Be kind."), ("user", "Hi"))
+
+
+def test_a_system_template_that_comes_out_empty_drops_the_system_message():
+    out = apply_template(chat(("user", "Hi")), Template(system="{system}"))
+    assert out == chat(("user", "Hi"))
+
+
+def test_a_user_template_wraps_only_the_last_user_message():
+    messages = chat(("user", "first"), ("assistant", "ok"), ("user", "second"))
+    out = apply_template(messages, Template(user="<q>{input}</q>"))
+    assert out == chat(("user", "first"), ("assistant", "ok"), ("user", "<q>second</q>"))
+
+
+def test_placeholders_inside_the_users_text_are_left_literal():
+    messages = chat(("system", "SECRET"), ("user", "{system} and {input}"))
+    out = apply_template(messages, Template(system="S: {system}", user="Q: {input}"))
+    assert out == chat(("system", "S: SECRET"), ("user", "Q: {system} and {input}"))
+
+
+# ---- shape ----------------------------------------------------------------------------
+
+
+def base(**fields: Any) -> ProviderRequest:
+    return ProviderRequest(id="r1", messages=chat(("user", "Hi")), **fields)
+
+
+def test_the_targets_parameters_win_over_the_requests():
+    request = base(model="a", temperature=1.0, max_tokens=100, top_p=0.5)
+    shaped = shape(request, Shaping(model="b", temperature=0.0, max_tokens=10, top_p=0.9))
+    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == ("b", 0.0, 10, 0.9)
+
+
+def test_parameters_the_target_leaves_unset_keep_the_requests_values():
+    request = base(model="a", temperature=1.0, max_tokens=100, top_p=0.5)
+    shaped = shape(request, Shaping())
+    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == ("a", 1.0, 100, 0.5)
+    assert shaped.messages == request.messages
+
+
+def test_shape_applies_the_targets_template():
+    shaped = shape(base(), Shaping(template=Template(user="Q: {input}"), template_name="q"))
+    assert shaped.messages == chat(("user", "Q: Hi"))
+
+
+# ---- estimate_tokens ------------------------------------------------------------------
+
+
+def test_the_estimate_grows_with_the_text():
+    assert estimate_tokens(chat(("user", "word " * 200))) > estimate_tokens(chat(("user", "word")))
+
+
+def test_ascii_text_counts_about_four_characters_per_token():
+    short, long = estimate_tokens(chat(("user", ""))), estimate_tokens(chat(("user", "a" * 400)))
+    assert long - short == 100
+
+
+def test_each_cjk_character_counts_as_a_token():
+    ascii_400 = estimate_tokens(chat(("user", "a" * 400)))
+    cjk_400 = estimate_tokens(chat(("user", "漢" * 400)))
+    assert cjk_400 - estimate_tokens(chat(("user", ""))) == 400
+    assert cjk_400 > 3 * ascii_400
+
+
+# ---- output_validator: json_object ----------------------------------------------------
+
+
+@pytest.mark.parametrize("response_format", [None, ResponseFormat("text")])
+def test_text_and_no_response_format_need_no_check(response_format):
+    assert output_validator(response_format) is None
+
+
+def test_json_object_accepts_an_object_unchanged():
+    assert check(JSON_OBJECT, '{"a": 1}') == answer('{"a": 1}')
+
+
+def test_an_answer_that_is_not_json_is_invalid_output():
+    result = check(JSON_OBJECT, "Sure! Here is the JSON you asked for.")
+    assert isinstance(result, ProviderFailure)
+    assert result.kind == "invalid_output"
+    assert "not valid JSON" in result.message
+    assert "Sure! Here is" not in result.message  # attempts reach the audit event, which never holds answer text
+
+
+def test_json_object_refuses_a_json_array():
+    result = check(JSON_OBJECT, "[1, 2]")
+    assert isinstance(result, ProviderFailure)
+    assert result.kind == "invalid_output"
+    assert "object" in result.message and "list" in result.message
+
+
+@pytest.mark.parametrize("content", ['```json\n{"a": 1}\n```', '```\n{"a": 1}\n```', '  \n{"a": 1}\n\n'])
+def test_a_code_fence_and_surrounding_whitespace_are_stripped_from_the_answer(content):
+    assert check(JSON_OBJECT, content) == answer('{"a": 1}')
+
+
+# ---- output_validator: json_schema ----------------------------------------------------
+
+
+def test_an_answer_matching_the_schema_passes():
+    assert check(schema(PERSON), '{"name": "Ada", "age": 36}') == answer('{"name": "Ada", "age": 36}')
+
+
+def test_a_missing_required_property_is_invalid_output_naming_it():
+    result = check(schema(PERSON), '{"age": 36}')
+    assert isinstance(result, ProviderFailure)
+    assert result.kind == "invalid_output"
+    assert "'person'" in result.message and 'required ["name"]' in result.message
+
+
+def test_a_wrong_type_is_invalid_output_naming_its_path():
+    result = check(schema(PERSON), '{"name": "Ada", "age": "old"}')
+    assert isinstance(result, ProviderFailure)
+    assert result.kind == "invalid_output"
+    assert 'at age, type "integer" fails' in result.message
+    assert "old" not in result.message  # the answer's own values stay out
+
+
+def test_an_invalid_schema_is_a_value_error():
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        output_validator(schema({"type": "person"}))
+
+
+def test_json_schema_without_its_schema_object_is_a_value_error():
+    with pytest.raises(ValueError, match="json_schema"):
+        output_validator(ResponseFormat("json_schema"))
