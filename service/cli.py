@@ -292,7 +292,7 @@ def _print_reply(reply: CompletionReply) -> None:
         print("attempts:")
         for i, a in enumerate(reply.attempts, 1):
             name = (a.target or a.provider) + (f" (retry {a.retry})" if a.retry else "")
-            print(f"  {i}. {name:<20} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
+            print(f"  {i}. {name:<24} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
             if a.message:
                 print(f"     {a.message}")
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")

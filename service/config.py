@@ -40,8 +40,8 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_request_bytes: Annotated[int, Meta(gt=0)] = 1024 * 1024
     default_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     max_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
-    # Physical attempts per request across retries and fallbacks: the default and the ceiling
-    # (a route or a request may set less), so chains cannot multiply into retry storms.
+    # Physical attempts per request across retries and fallbacks, so chains cannot multiply
+    # into retry storms: the default, and the ceiling for a route's or a request's own value.
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
     # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in production.
     allow_fault_injection: bool = False
@@ -55,11 +55,12 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Template(Struct, frozen=True, forbid_unknown_fields=True):
-    """A per-target prompt. `{system}` stands for the request's system messages, `{input}` for
-    its last user message; placeholders are replaced literally, so braces in prompts are safe."""
+    """A per-target prompt. Placeholders are replaced literally (braces in prompts are safe);
+    {previous_errors} works in both fields: the error kinds of the attempts before this one,
+    comma-separated, for a target with pass_failures (empty otherwise)."""
 
-    system: str | None = None  # replaces the request's system messages
-    user: str | None = None  # replaces the last user message; must contain {input}
+    system: str | None = None  # replaces the request's system messages; {system} stands for their text
+    user: str | None = None  # replaces the last user message; must contain {input}, its text
 
     def __post_init__(self) -> None:
         if self.system is None and self.user is None:
@@ -78,7 +79,7 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     # Entered instead of the rest of `targets` when an attempt fails with that kind.
     context_length_fallbacks: Chain | None = None
     content_filter_fallbacks: Chain | None = None
-    max_attempts: Annotated[int, Meta(ge=1)] | None = None
+    max_attempts: Annotated[int, Meta(ge=1)] | None = None  # the default for this route's requests
 
 
 class FallbacksConfig(Struct, frozen=True, forbid_unknown_fields=True):

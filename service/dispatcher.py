@@ -176,8 +176,12 @@ class Dispatcher:
 
 
 def _shaped(base: ProviderRequest, target: Target, previous_errors: tuple[str, ...] | None) -> ProviderRequest:
-    request = base if target.shaping is None else shape(base, target.shaping)
-    if previous_errors is not None:  # the target opted in to pass_failures
+    """`previous_errors` is None unless the target opted in to pass_failures."""
+    if target.shaping is None:
+        request = base
+    else:
+        request = shape(base, target.shaping, previous_errors or ())
+    if previous_errors is not None:
         metadata = {**request.metadata, PREVIOUS_ERRORS: list(previous_errors)}
         request = msgspec.structs.replace(request, metadata=metadata)
     return request

@@ -48,6 +48,7 @@ class Target(NamedTuple):
     backoff_s: float = 0.25
     max_backoff_s: float = 10.0
     max_input_tokens: int | None = None
+    prompt_tokens: int = 0  # what the target's own template adds to the input, estimated
     json_output: bool = True
     pass_failures: bool = False
     shaping: Any = None  # opaque here: what the dispatcher needs to build this target's request
@@ -105,9 +106,10 @@ def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
     """(reason, message) when the request exceeds what the target declares it can take."""
     if target.max_input_tokens is not None and needs.input_tokens is not None:
-        if needs.input_tokens > target.max_input_tokens:
+        tokens = needs.input_tokens + target.prompt_tokens
+        if tokens > target.max_input_tokens:
             return "max_input_tokens", (
-                f"the input is about {needs.input_tokens} tokens; {target.label} takes at most {target.max_input_tokens}"
+                f"the input is about {tokens} tokens; {target.label} takes at most {target.max_input_tokens}"
             )
     if needs.json and not target.json_output:
         return "json_output", f"the request wants JSON output; {target.label} sets json_output = false"
@@ -182,11 +184,11 @@ async def run_chain(
                 if not limits.fallback:
                     return run.fail(_fallback_disabled(run.attempts[-1], targets[i:]))
                 return run.fail(_stopped_error(target, reply, targets[i:]))
-            run.attempts.append(_failed(target, reply, latency_ms, retry, "fallback"))
-            run.failed = (target, reply)
             if chain_of_kind is not None:  # e.g. context_length: on to the long-context chain
                 targets, current, i = chain_of_kind, reply.kind, 0
                 entered.add(reply.kind)
+            run.attempts.append(_failed(target, reply, latency_ms, retry, "fallback" if i < len(targets) else "stop"))
+            run.failed = (target, reply)
             break
     if run.physical == 0:
         return run.fail(_nothing_capable_error(run.attempts))

@@ -32,7 +32,7 @@ from schemas.wire import (
 from service.config import Config
 from service.faults import check_faults
 from service.policy import DEFAULT_RETRY_ON, Chain, Limits, Needs, Target
-from service.shaping import Shaping, Validator, estimate_tokens, output_validator
+from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
 
@@ -84,8 +84,8 @@ class Router:
         """A checked TargetSpec (name set) as the policy's Target."""
         provider = self.config.providers[spec.provider]
         shaping = None
-        if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, spec.template) != (None,) * 5:
-            template = self.config.templates[spec.template] if spec.template is not None else None
+        template = self.config.templates[spec.template] if spec.template is not None else None
+        if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template) != (None,) * 5:
             shaping = Shaping(spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.template)
         return Target(
             provider=spec.provider,
@@ -98,6 +98,7 @@ class Router:
             backoff_s=spec.backoff_s,
             max_backoff_s=spec.max_backoff_s,
             max_input_tokens=spec.max_input_tokens,
+            prompt_tokens=template_tokens(template) if template is not None else 0,
             json_output=spec.json_output,
             pass_failures=spec.pass_failures,
             shaping=shaping,

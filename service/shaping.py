@@ -33,31 +33,47 @@ class Shaping(NamedTuple):
     template_name: str | None = None
 
 
-def shape(base: ProviderRequest, shaping: Shaping) -> ProviderRequest:
+def shape(base: ProviderRequest, shaping: Shaping, previous_errors: Sequence[str] = ()) -> ProviderRequest:
+    messages = base.messages
+    if shaping.template is not None:
+        messages = apply_template(messages, shaping.template, previous_errors)
     return msgspec.structs.replace(
         base,
         model=shaping.model if shaping.model is not None else base.model,
         temperature=shaping.temperature if shaping.temperature is not None else base.temperature,
         max_tokens=shaping.max_tokens if shaping.max_tokens is not None else base.max_tokens,
         top_p=shaping.top_p if shaping.top_p is not None else base.top_p,
-        messages=apply_template(base.messages, shaping.template) if shaping.template else base.messages,
+        messages=messages,
     )
 
 
-def apply_template(messages: Sequence[ChatMessage], template: Template) -> list[ChatMessage]:
+def apply_template(
+    messages: Sequence[ChatMessage], template: Template, previous_errors: Sequence[str] = ()
+) -> list[ChatMessage]:
     """`system` replaces the request's system messages ({system} stands for their text);
-    `user` replaces the last user message ({input} stands for its text)."""
+    `user` replaces the last user message ({input} stands for its text). In both,
+    {previous_errors} stands for the error kinds of the attempts before (pass_failures)."""
     out = list(messages)
+    errors = ", ".join(previous_errors)
     if template.system is not None:
         own = "\n\n".join(m.content for m in out if m.role == "system")
-        text = template.system.replace("{system}", own).strip()
+        text = template.system.replace("{previous_errors}", errors).replace("{system}", own).strip()
         out = ([ChatMessage("system", text)] if text else []) + [m for m in out if m.role != "system"]
     if template.user is not None:
         for i in range(len(out) - 1, -1, -1):
             if out[i].role == "user":
-                out[i] = ChatMessage("user", template.user.replace("{input}", out[i].content))
+                text = template.user.replace("{previous_errors}", errors).replace("{input}", out[i].content)
+                out[i] = ChatMessage("user", text)
                 break
     return out
+
+
+def template_tokens(template: Template) -> int:
+    """What a template adds to a request, estimated like the input itself."""
+    text = "".join(part for part in (template.system, template.user) if part)
+    for placeholder in ("{system}", "{input}", "{previous_errors}"):
+        text = text.replace(placeholder, "")
+    return text_tokens(text)
 
 
 # ---- token estimate ----------------------------------------------------------------
@@ -74,12 +90,12 @@ def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
     way are caught: an estimate too high sends the request to a longer-context target; one
     too low gets a context_length failure, which has its own fallback chain.
     """
-    total = 3
-    for m in messages:
-        text = m.content
-        ascii_chars = len(text.encode("ascii", "ignore"))
-        total += _PER_MESSAGE + math.ceil(ascii_chars / _ASCII_CHARS_PER_TOKEN) + (len(text) - ascii_chars)
-    return total
+    return 3 + sum(_PER_MESSAGE + text_tokens(m.content) for m in messages)
+
+
+def text_tokens(text: str) -> int:
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return math.ceil(ascii_chars / _ASCII_CHARS_PER_TOKEN) + (len(text) - ascii_chars)
 
 
 # ---- output validation -------------------------------------------------------------

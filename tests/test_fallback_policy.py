@@ -310,6 +310,16 @@ async def test_a_target_can_opt_in_to_the_earlier_error_kinds(lifeline, client):
     assert sent(reply)["metadata"] == {"team": "search", "lifeline_previous_errors": ["rate_limit", "timeout"]}
 
 
+async def test_a_template_can_adapt_its_prompt_to_the_earlier_failures(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=429), "c": fake(reply="request")},
+        "templates": {"adapt": {"system": "Earlier attempts failed: {previous_errors}. Keep it short."}},
+        "routes": {"default": {"targets": ["a", {"provider": "c", "pass_failures": True, "template": "adapt"}]}},
+    })  # fmt: skip
+    reply = await ask(client, USER_HELLO)
+    assert sent(reply)["messages"][0] == {"role": "system", "content": "Earlier attempts failed: rate_limit. Keep it short."}
+
+
 async def test_without_opting_in_a_target_sees_only_the_requests_metadata(lifeline, client):
     await lifeline(config({"a": fake(fail_status=429), "c": fake(reply="request")}))
     reply = await ask(client, {**USER_HELLO, "metadata": {"team": "search"}})

@@ -425,3 +425,14 @@ async def test_a_target_with_pass_failures_gets_the_earlier_error_kinds():
     replies = {"a": [fail("rate_limit"), fail("timeout")], "b": fail("server_error"), "c": ok()}
     _, script = await run(replies, targets=targets)
     assert script.previous == [(), (), (), ("rate_limit", "timeout", "server_error")]
+
+
+async def test_the_last_failure_of_a_chain_says_stop_not_fallback():
+    result, _ = await run({"a": fail("rate_limit"), "b": fail("server_error")})
+    assert [a.next for a in result.attempts] == ["fallback", "stop"]
+
+
+async def test_a_targets_template_counts_toward_its_max_input_tokens():
+    targets = [target("a", max_input_tokens=100, prompt_tokens=60), target("b")]
+    result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
+    assert (result.attempts[0].reason, result.target.label) == ("max_input_tokens", "b")

@@ -9,7 +9,7 @@ import pytest
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import JsonSchemaFormat, ResponseFormat
 from service.config import Template
-from service.shaping import Shaping, apply_template, estimate_tokens, output_validator, shape
+from service.shaping import Shaping, apply_template, estimate_tokens, output_validator, shape, template_tokens
 
 PERSON = {
     "type": "object",
@@ -176,3 +176,18 @@ def test_an_invalid_schema_is_a_value_error():
 def test_json_schema_without_its_schema_object_is_a_value_error():
     with pytest.raises(ValueError, match="json_schema"):
         output_validator(ResponseFormat("json_schema"))
+
+
+def test_previous_errors_fill_their_placeholder_in_both_template_fields():
+    template = Template(system="Earlier: {previous_errors}. {system}", user="{input} (after {previous_errors})")
+    out = apply_template([ChatMessage("user", "Hi")], template, ("rate_limit", "timeout"))
+    assert out == [
+        ChatMessage("system", "Earlier: rate_limit, timeout."),
+        ChatMessage("user", "Hi (after rate_limit, timeout)"),
+    ]
+
+
+def test_template_tokens_count_the_templates_own_text_but_not_its_placeholders():
+    short = template_tokens(Template(user="{input}"))
+    long = template_tokens(Template(system="You answer in valid JSON only. " * 10 + "{system}", user="{input}"))
+    assert short == 0 and long > 60
