@@ -104,10 +104,10 @@ class Dispatcher:
             response_format=request.response_format,
         )
         payloads: dict[str, bytes] = {}  # per target label: retries and plain targets reuse one encoding
-        calls: dict[str, int] = {}  # per target label: how many attempts so far (for faults)
+        calls: dict[str, int] | None = {} if plan.faults is not None else None  # per target label, for faults
 
         async def call(target: Target, timeout_s: float, previous_errors: tuple[str, ...]) -> ProviderReply:
-            if plan.faults is not None:
+            if plan.faults is not None and calls is not None:
                 n = calls[target.label] = calls.get(target.label, 0) + 1
                 faults = plan.faults.get(target.label) or plan.faults.get(target.provider) or ()
                 if n <= len(faults):

@@ -37,6 +37,9 @@ from service.shaping import Shaping, Validator, estimate_tokens, output_validato
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
 
 
+_NO_NEEDS = Needs()  # shared by every request that asks nothing special of its targets
+
+
 class Rejected(Exception):
     """A request refused before any provider is tried."""
 
@@ -148,10 +151,9 @@ class Router:
         faults = None
         if request.faults:
             faults = self._faults(request.faults, route.chain, refuse)
-        needs = Needs(
-            input_tokens=estimate_tokens(request.messages) if route.counts_tokens else None,
-            json=validate is not None,
-        )
+        needs = _NO_NEEDS
+        if route.counts_tokens or validate is not None:
+            needs = Needs(estimate_tokens(request.messages) if route.counts_tokens else None, validate is not None)
         deadline = time.monotonic() + timeout_s
         return Plan(
             request, request_id, route_name, route.chain,
