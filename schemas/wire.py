@@ -89,6 +89,7 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_backoff_s: Annotated[float, Meta(ge=0, le=300)] = 10.0  # a longer Retry-After falls back instead
     # Opt in to get the error kinds of the attempts before this one in metadata["lifeline_previous_errors"].
     pass_failures: bool = False
+    weight: Annotated[float, Meta(gt=0)] = 1.0  # its share within a load-balanced group
 
 
 class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):

@@ -159,10 +159,20 @@ def _describe(config: Config) -> None:
         print(f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} template={spec.template or '-'}")
     for name, route in config.routes.items():
         fallback_on = ", ".join(map(str, sorted(route.fallback_on, key=str))) if route.fallback_on is not None else "any failure"
-        chain = " -> ".join(t.name or t.provider for t in route.targets)
-        print(f"route    {name:<12} {chain}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})")
+        print(f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})")
         for kind, targets in route.by_kind.items():
-            print(f"         {'':<12} on {kind}: {' -> '.join(t.name or t.provider for t in targets)}")
+            print(f"         {'':<12} on {kind}: {_chain(targets)}")
+
+
+def _chain(steps) -> str:
+    """a -> {b x3 | c} -> d: a group shows its members and their weights."""
+
+    def step(s) -> str:
+        if isinstance(s, list):
+            return "{" + " | ".join(f"{t.name}{f' x{t.weight:g}' if t.weight != 1 else ''}" for t in s) + "}"
+        return s.name or s.provider
+
+    return " -> ".join(map(step, steps))
 
 
 def _print_started(config: Config, url: str) -> None:

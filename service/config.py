@@ -69,7 +69,20 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("`user` must contain {input}, or the user's message would be dropped")
 
 
-Chain = list[str | TargetSpec]
+# A chain entry: a target or provider name, an inline target table, or a load-balanced
+# group `{ group = [...] }` of such (decoded one entry at a time in _chain, so that
+# errors can say which entry and which key are wrong).
+Chain = list[str | dict[str, Any]]
+
+
+class GroupSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """Equivalent targets: one is picked per request by `weight`, the others tried next."""
+
+    group: Annotated[list[str | dict[str, Any]], Meta(min_length=2)]
+
+
+# A resolved chain step: one target, or a group of them.
+Step = TargetSpec | list[TargetSpec]
 
 
 class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -94,11 +107,11 @@ CLASS_CHAINS = {"context_length_fallbacks": "context_length", "content_filter_fa
 
 
 class Route(Struct, frozen=True):
-    """A route with every chain resolved: each entry a TargetSpec whose `name` is set."""
+    """A route with every chain resolved: each entry a TargetSpec whose `name` is set, or a group."""
 
-    targets: list[TargetSpec]
+    targets: list[Step]
     fallback_on: frozenset[str | int] | None
-    by_kind: dict[str, list[TargetSpec]]  # error kind -> the chain entered on that failure
+    by_kind: dict[str, list[Step]]  # error kind -> the chain entered on that failure
     max_attempts: int
 
 
@@ -119,7 +132,7 @@ class Config(Struct, frozen=True):
     dispatcher: DispatcherSettings
     templates: dict[str, Template] = {}
     targets: dict[str, TargetSpec] = {}  # named targets, each with its name set
-    default_chains: dict[str, list[TargetSpec]] = {}  # [fallbacks]: error kind -> chain
+    default_chains: dict[str, list[Step]] = {}  # [fallbacks]: error kind -> chain
     source: str = "<memory>"
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
@@ -162,7 +175,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         targets[name] = _checked(key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher)
     defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
 
-    def resolve(key: str, chain: Chain) -> list[TargetSpec]:
+    def resolve(key: str, chain: Chain) -> list[Step]:
         return _chain(key, chain, providers, templates, targets, dispatcher)
 
     default_chains = {
@@ -214,14 +227,24 @@ def _provider(name: str, table: Any) -> ProviderSettings:
         raise ConfigError(_located(key, exc)) from None
 
 
-def _chain(key: str, chain: Chain, *known: Any) -> list[TargetSpec]:
-    specs = []
-    for i, ref in enumerate(chain):
-        try:
-            specs.append(resolve_target(ref, *known))
-        except ValueError as exc:
-            raise ConfigError(f"{key}[{i}]{_field_of(exc)}: {exc}") from None
-    return specs
+def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
+    steps: list[Step] = []
+    for i, entry in enumerate(chain):
+        where = f"{key}[{i}]"
+        if isinstance(entry, dict) and "group" in entry:
+            group = _convert(entry, GroupSpec, where)
+            steps.append([_entry(f"{where}.group[{j}]", member, *known) for j, member in enumerate(group.group)])
+        else:
+            steps.append(_entry(where, entry, *known))
+    return steps
+
+
+def _entry(key: str, entry: str | dict[str, Any], *known: Any) -> TargetSpec:
+    ref = entry if isinstance(entry, str) else _convert(entry, TargetSpec, key)
+    try:
+        return resolve_target(ref, *known)
+    except ValueError as exc:
+        raise ConfigError(f"{key}{_field_of(exc)}: {exc}") from None
 
 
 def _checked(key: str, spec: TargetSpec, *known: Any) -> TargetSpec:

@@ -51,6 +51,7 @@ class Target(NamedTuple):
     prompt_tokens: int = 0  # what the target's own template adds to the input, estimated
     json_output: bool = True
     pass_failures: bool = False
+    weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
     shaping: Any = None  # opaque here: what the dispatcher needs to build this target's request
 
     @property

@@ -10,8 +10,9 @@ answers with an error reply and an audit event, before any provider is called.
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -29,7 +30,7 @@ from schemas.wire import (
     request_decoder,
     salvage_id,
 )
-from service.config import Config
+from service.config import Config, Step
 from service.faults import check_faults
 from service.policy import DEFAULT_RETRY_ON, Chain, Limits, Needs, Target
 from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
@@ -62,10 +63,22 @@ class Plan(NamedTuple):
 
 
 class _Route(NamedTuple):
-    chain: Chain
+    chain: Chain  # groups flattened in config order; used as is when the route has no groups
     fallback_on: frozenset[str | int] | None
     max_attempts: int
     counts_tokens: bool  # some target declares max_input_tokens
+    groups: tuple | None = None  # (steps, by_kind steps) when some step is a load-balanced group
+
+
+def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[Target]:
+    """The group's targets in a random order where each comes first with probability
+    weight / total, and so on down (Efraimidis-Spirakis weighted sampling without replacement)."""
+    keyed = [((1.0 - rand()) ** (1.0 / t.weight), i) for i, t in enumerate(group)]
+    return [group[i] for _, i in sorted(keyed, reverse=True)]
+
+
+def _flat(steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
+    return [t for step in steps for t in ((step,) if isinstance(step, Target) else step)]
 
 
 class Router:
@@ -77,11 +90,12 @@ class Router:
             self.named[name] = self.build(config.resolve_target(name))
         self.default_by_kind = {kind: self.build_all(chain) for kind, chain in config.default_chains.items()}
         self.routes = {
-            name: self._route(Chain(self.build_all(r.targets), {k: self.build_all(c) for k, c in r.by_kind.items()}),
+            name: self._route(self.build_all(r.targets), {k: self.build_all(c) for k, c in r.by_kind.items()},
                               r.fallback_on, r.max_attempts)
             for name, r in config.routes.items()
         }  # fmt: skip
         self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
+        self.random = random.Random()
 
     def build(self, spec: TargetSpec) -> Target:
         """A checked TargetSpec (name set) as the policy's Target."""
@@ -104,16 +118,44 @@ class Router:
             prompt_tokens=template_tokens(template) if template is not None else 0,
             json_output=spec.json_output,
             pass_failures=spec.pass_failures,
+            weight=spec.weight,
             shaping=shaping,
         )
 
-    def build_all(self, specs: Sequence[TargetSpec]) -> list[Target]:
-        return [self.build(spec) for spec in specs]
+    def build_all(self, steps: Sequence[Step]) -> list[Target | tuple[Target, ...]]:
+        return [tuple(map(self.build, step)) if isinstance(step, list) else self.build(step) for step in steps]
 
     @staticmethod
-    def _route(chain: Chain, fallback_on: frozenset[str | int] | None, max_attempts: int) -> _Route:
-        every = [*chain.targets, *(t for c in chain.by_kind.values() for t in c)]
-        return _Route(chain, fallback_on, max_attempts, any(t.max_input_tokens is not None for t in every))
+    def _route(
+        targets: Sequence[Target | tuple[Target, ...]],
+        by_kind: Mapping[str, Sequence[Target | tuple[Target, ...]]],
+        fallback_on: frozenset[str | int] | None,
+        max_attempts: int,
+    ) -> _Route:
+        chains = [targets, *by_kind.values()]
+        grouped = any(not isinstance(step, Target) for chain in chains for step in chain)
+        every = [t for chain in chains for t in _flat(chain)]
+        chain = Chain(_flat(targets), {kind: _flat(c) for kind, c in by_kind.items()})
+        return _Route(
+            chain, fallback_on, max_attempts, any(t.max_input_tokens is not None for t in every),
+            (targets, by_kind) if grouped else None,
+        )  # fmt: skip
+
+    def _chain_for_request(self, route: _Route) -> Chain:
+        """The route's chain, with each load-balanced group in this request's weighted order."""
+        if route.groups is None:
+            return route.chain
+        targets, by_kind = route.groups
+        return Chain(self._ordered(targets), {kind: self._ordered(c) for kind, c in by_kind.items()})
+
+    def _ordered(self, steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
+        out: list[Target] = []
+        for step in steps:
+            if isinstance(step, Target):  # a Target is a NamedTuple: test for it, not for a group
+                out.append(step)
+            else:
+                out.extend(weighted_order(step, self.random.random))
+        return out
 
     def plan(self, data: bytes) -> Plan:
         """Validate a raw request and resolve its chain; raises Rejected."""
@@ -136,6 +178,7 @@ class Router:
 
         timeout_s = self._timeout_s(request, refuse)
         route = self._resolve(request, refuse)
+        chain = self._chain_for_request(route)
         fallback_on = route.fallback_on
         if request.fallback_on is not None:
             fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
@@ -150,13 +193,13 @@ class Router:
             raise refuse(str(exc)) from None
         faults = None
         if request.faults:
-            faults = self._faults(request.faults, route.chain, refuse)
+            faults = self._faults(request.faults, chain, refuse)
         needs = _NO_NEEDS
         if route.counts_tokens or validate is not None:
             needs = Needs(estimate_tokens(request.messages) if route.counts_tokens else None, validate is not None)
         deadline = time.monotonic() + timeout_s
         return Plan(
-            request, request_id, route_name, route.chain,
+            request, request_id, route_name, chain,
             Limits(deadline, max_attempts, fallback_on, request.fallback), needs, validate, faults,
         )  # fmt: skip
 
@@ -204,7 +247,7 @@ class Router:
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
             targets.append(self.build(spec))
-        return self._route(Chain(targets, self.default_by_kind), None, self.config.dispatcher.max_attempts)
+        return self._route(targets, self.default_by_kind, None, self.config.dispatcher.max_attempts)
 
     @staticmethod
     def _narrowed(asked: list[str | int], allowed: Collection[str | int] | None, refuse) -> frozenset[str | int]:

@@ -169,3 +169,15 @@ def test_ask_without_a_server_says_how_to_start_one():
     result = lifeline("ask", "--nats-url", "nats://127.0.0.1:1", "hi")
     assert result.returncode != 0
     assert "lifeline run" in result.stderr
+
+
+def test_check_config_shows_groups_and_error_class_chains(tmp_path):
+    cfg = tmp_path / "groups.toml"
+    cfg.write_text(
+        '[providers.a]\nkind = "fake"\n[providers.b]\nkind = "fake"\n\n[routes.default]\n'
+        'targets = [{ group = [{ provider = "a", weight = 3 }, "b"] }, "b"]\ncontext_length_fallbacks = ["b"]\n'
+    )
+    result = lifeline("check-config", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "{a x3 | b} -> b" in result.stdout
+    assert "on context_length: b" in result.stdout

@@ -280,3 +280,28 @@ def test_default_fallback_chains_apply_unless_a_route_turns_them_off():
     parsed = parse_config(policy(routes, fallbacks={"context_length": ["q"]}))
     assert [t.name for t in parsed.routes["plain"].by_kind["context_length"]] == ["q"]
     assert "context_length" not in parsed.routes["strict"].by_kind
+
+
+def test_a_load_balanced_group_resolves_each_member():
+    parsed = parse_config({
+        "providers": {"a": {"kind": "fake"}, "b": {"kind": "fake"}, "c": {"kind": "fake"}},
+        "routes": {"default": {"targets": [{"group": [{"provider": "a", "weight": 3}, "b"]}, "c"]}},
+    })  # fmt: skip
+    group, last = parsed.routes["default"].targets
+    assert [(t.name, t.weight) for t in group] == [("a", 3.0), ("b", 1.0)]
+    assert last.name == "c"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"group": ["a", "nope"]}, "routes.r.targets[0].group[1]: unknown target or provider 'nope'"),
+        ({"group": ["a"]}, "routes.r.targets[0].group: Expected `array` of length >= 2"),
+        ({"group": ["a", {"provider": "a", "weight": 0}]}, "routes.r.targets[0].group[1].weight: Expected `float` > 0.0"),
+        ({"group": ["a", "a"], "wieghts": [1, 2]}, "routes.r.targets[0].wieghts: unknown key"),
+    ],
+)
+def test_a_bad_group_is_refused_naming_the_entry(entry, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"providers": {"a": {"kind": "fake"}}, "routes": {"r": {"targets": [entry]}}})
+    assert str(exc.value).startswith(message), str(exc.value)

@@ -6,6 +6,7 @@ so a test can see what a target's shaping sent over NATS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -370,3 +371,30 @@ async def test_skip_retry_and_fallback_show_alike_in_reply_audit_and_trace(lifel
     span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
     assert [e.name for e in span.events] == ["lifeline.skip", "lifeline.retry", "lifeline.fallback"]
     assert span.attributes["lifeline.target"] == "backup"
+
+
+# ---- load-balanced groups ----------------------------------------------------------
+
+
+async def test_a_weighted_group_spreads_requests_by_weight(lifeline, client):
+    await lifeline({
+        "providers": {"east": fake(reply="east"), "west": fake(reply="west")},
+        "routes": {"default": {"targets": [{"group": [{"provider": "east", "weight": 3}, "west"]}]}},
+    })  # fmt: skip
+    replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(400)))
+    east = sum(1 for r in replies if r.content == "east")
+    assert 240 <= east <= 360  # 300 expected; binomial sd ~8.7, so this is about ±7 sd
+
+
+async def test_a_failed_group_member_hands_over_to_the_others_before_the_next_step(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503), "next": fake(reply="next")},
+        "routes": {"default": {"targets": [{"group": ["a", "b"]}, "next"]}},
+    })  # fmt: skip
+    firsts = set()
+    for _ in range(20):
+        reply = await ask(client, USER_HELLO)
+        assert reply.content == "next"
+        assert sorted(a.target for a in reply.attempts[:2]) == ["a", "b"]
+        firsts.add(reply.attempts[0].target)
+    assert firsts == {"a", "b"}  # equal weights: each leads sometimes (chance of not: 2 in a million)
