@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import ResponseFormat
 from workers.anthropic import AnthropicProvider, AnthropicSettings
+from mock_provider import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "sk-ant-api03-test-0123456789abcdef"
@@ -41,52 +41,15 @@ def error(type_: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": type_, "message": message}, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
 
 
-class Server:
-    """A MockTransport handler: records every request and gives each the same JSON answer (or raises)."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: Any = MESSAGE,
-        headers: dict[str, str] | None = None,
-        raises: type[httpx.TransportError] | None = None,
-    ) -> None:
-        self.status, self.body, self.headers, self.raises = status, body, headers or {}, raises
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.raises is not None:
-            raise self.raises("simulated", request=request)
-        return httpx.Response(self.status, json=self.body, headers=self.headers)
-
-    @property
-    def request(self) -> httpx.Request:
-        assert len(self.requests) == 1
-        return self.requests[0]
-
-    def sent_json(self) -> dict[str, Any]:
-        return json.loads(self.request.content)
+class Server(MockServer):
+    default_body = MESSAGE
 
 
 def settings(**overrides: Any) -> AnthropicSettings:
     return msgspec.convert({"kind": "anthropic", "model": "claude-sonnet-4-20250514", **overrides}, AnthropicSettings)
 
 
-@pytest.fixture
-async def make():
-    """make(server, **settings) -> an AnthropicProvider talking to `server`; all are closed after the test."""
-    providers: list[AnthropicProvider] = []
-
-    def _make(server: Server, **overrides: Any) -> AnthropicProvider:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(server))
-        provider = AnthropicProvider(settings(**overrides), client, environ=ENV)
-        providers.append(provider)
-        return provider
-
-    yield _make
-    for provider in providers:
-        await provider.aclose()
+make = provider_fixture(lambda client, **overrides: AnthropicProvider(settings(**overrides), client, environ=ENV))
 
 
 def request(*messages: tuple[str, str], **fields: Any) -> ProviderRequest:
@@ -95,9 +58,7 @@ def request(*messages: tuple[str, str], **fields: Any) -> ProviderRequest:
 
 
 async def failure(provider: AnthropicProvider) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await provider.complete(request(), timeout_s=5)
-    return caught.value
+    return await expect_failure(provider, request())
 
 
 # ---- the request ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
+from mock_provider import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -69,32 +70,8 @@ def error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-class Server:
-    """A MockTransport handler: records every request and gives each the same JSON answer (or raises)."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: Any = COMPLETION,
-        headers: dict[str, str] | None = None,
-        raises: type[httpx.TransportError] | None = None,
-    ) -> None:
-        self.status, self.body, self.headers, self.raises = status, body, headers or {}, raises
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.raises is not None:
-            raise self.raises("simulated", request=request)
-        return httpx.Response(self.status, json=self.body, headers=self.headers)
-
-    @property
-    def request(self) -> httpx.Request:
-        assert len(self.requests) == 1
-        return self.requests[0]
-
-    def sent_json(self) -> dict[str, Any]:
-        return json.loads(self.request.content)
+class Server(MockServer):
+    default_body = COMPLETION
 
 
 def settings(**overrides: Any) -> AzureOpenAISettings:
@@ -102,20 +79,7 @@ def settings(**overrides: Any) -> AzureOpenAISettings:
     return msgspec.convert({**table, **overrides}, AzureOpenAISettings)
 
 
-@pytest.fixture
-async def make():
-    """make(server, **settings) -> an AzureOpenAIProvider talking to `server`; all are closed after the test."""
-    providers: list[AzureOpenAIProvider] = []
-
-    def _make(server: Server, **overrides: Any) -> AzureOpenAIProvider:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(server))
-        provider = AzureOpenAIProvider(settings(**overrides), client, environ=ENV)
-        providers.append(provider)
-        return provider
-
-    yield _make
-    for provider in providers:
-        await provider.aclose()
+make = provider_fixture(lambda client, **overrides: AzureOpenAIProvider(settings(**overrides), client, environ=ENV))
 
 
 def request(**fields: Any) -> ProviderRequest:
@@ -123,9 +87,7 @@ def request(**fields: Any) -> ProviderRequest:
 
 
 async def failure(provider: AzureOpenAIProvider) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await provider.complete(request(), timeout_s=5)
-    return caught.value
+    return await expect_failure(provider, request())
 
 
 # ---- the request ----------------------------------------------------------------------

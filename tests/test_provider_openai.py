@@ -11,6 +11,7 @@ import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import JsonSchemaFormat, ResponseFormat
+from mock_provider import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 from workers.openai import OpenAIProvider, OpenAISettings
 
@@ -58,54 +59,15 @@ def error(message: str, type_: str | None, code: str | None, param: str | None =
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-class Server:
-    """A MockTransport handler: records every request and gives each the same answer.
-
-    `body` is sent as JSON, or as plain text when it is a str; `raises` is an httpx
-    transport error to raise instead of answering.
-    """
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: Any = COMPLETION,
-        headers: dict[str, str] | None = None,
-        raises: type[httpx.TransportError] | None = None,
-    ) -> None:
-        self.status, self.body, self.headers, self.raises = status, body, headers or {}, raises
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.raises is not None:
-            raise self.raises("simulated", request=request)
-        if isinstance(self.body, str):
-            return httpx.Response(self.status, text=self.body, headers=self.headers)
-        return httpx.Response(self.status, json=self.body, headers=self.headers)
-
-    @property
-    def request(self) -> httpx.Request:
-        assert len(self.requests) == 1
-        return self.requests[0]
-
-    def sent_json(self) -> dict[str, Any]:
-        return json.loads(self.request.content)
+class Server(MockServer):
+    default_body = COMPLETION
 
 
-@pytest.fixture
-async def make():
-    """make(server, **settings) -> an OpenAIProvider talking to `server`; all are closed after the test."""
-    providers: list[OpenAIProvider] = []
-
-    def _make(server: Server, environ: dict[str, str] = ENV, **settings: Any) -> OpenAIProvider:
-        s = msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", **settings}, OpenAISettings)
-        provider = OpenAIProvider(s, httpx.AsyncClient(transport=httpx.MockTransport(server)), environ=environ)
-        providers.append(provider)
-        return provider
-
-    yield _make
-    for provider in providers:
-        await provider.aclose()
+make = provider_fixture(
+    lambda client, environ=ENV, **settings: OpenAIProvider(
+        msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", **settings}, OpenAISettings), client, environ=environ
+    )
+)
 
 
 def request(**fields: Any) -> ProviderRequest:
@@ -113,9 +75,7 @@ def request(**fields: Any) -> ProviderRequest:
 
 
 async def failure(provider: OpenAIProvider) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await provider.complete(request(), timeout_s=5)
-    return caught.value
+    return await expect_failure(provider, request())
 
 
 # ---- the request ----------------------------------------------------------------------
