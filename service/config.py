@@ -172,7 +172,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         spec = _convert(table, TargetSpec, key)
         if spec.name is not None and spec.name != name:
             raise ConfigError(f"{key}.name: a named target's name is its table key; drop `name`")
-        targets[name] = _checked(key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher)
+        targets[name] = _entry(key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher)
     defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
 
     def resolve(key: str, chain: Chain) -> list[Step]:
@@ -239,17 +239,10 @@ def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
     return steps
 
 
-def _entry(key: str, entry: str | dict[str, Any], *known: Any) -> TargetSpec:
-    ref = entry if isinstance(entry, str) else _convert(entry, TargetSpec, key)
+def _entry(key: str, entry: str | TargetSpec | dict[str, Any], *known: Any) -> TargetSpec:
+    ref = _convert(entry, TargetSpec, key) if isinstance(entry, dict) else entry
     try:
         return resolve_target(ref, *known)
-    except ValueError as exc:
-        raise ConfigError(f"{key}{_field_of(exc)}: {exc}") from None
-
-
-def _checked(key: str, spec: TargetSpec, *known: Any) -> TargetSpec:
-    try:
-        return resolve_target(spec, *known)
     except ValueError as exc:
         raise ConfigError(f"{key}{_field_of(exc)}: {exc}") from None
 

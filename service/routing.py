@@ -269,8 +269,8 @@ class Router:
                 "this dispatcher does not accept faults; set dispatcher.allow_fault_injection = true "
                 "in a test or staging config (never in production)"
             )
-        names = {t.label for t in chain.targets} | {t.provider for t in chain.targets}
-        names |= {t.label for c in chain.by_kind.values() for t in c} | {t.provider for c in chain.by_kind.values() for t in c}
+        every = [*chain.targets, *(t for c in chain.by_kind.values() for t in c)]
+        names = {t.label for t in every} | {t.provider for t in every}
         unknown = sorted(set(faults) - names)
         if unknown:
             raise refuse(f"faults name {unknown}, which are not targets of this request (targets: {sorted(names)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -29,17 +30,38 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
+_unread: dict[int, bytes] = {}  # per process: output read past the last line waited for
+
+
 def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 20) -> tuple[str, list[str]]:
+    """The first new line of proc's stdout matching `pattern`. Reads the pipe with select(),
+    so a process that goes quiet fails the test after timeout_s instead of hanging it."""
     deadline, seen = time.monotonic() + timeout_s, []
     assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
+    fd, buffer = proc.stdout.fileno(), _unread.pop(proc.pid, b"")
+    while True:
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            line = raw.decode() + "\n"
+            seen.append(line)
+            if re.search(pattern, line):
+                _unread[proc.pid] = buffer
+                return line, seen
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
             break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line, seen
-    raise AssertionError(f"never printed {pattern!r}; got:\n{''.join(seen)}\n{proc.stderr.read() if proc.stderr else ''}")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+    stderr = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+    raise AssertionError(f"never printed {pattern!r}; got:\n{''.join(seen)}{buffer.decode()}\n{stderr}")
+
+
+def _rest(proc: subprocess.Popen[str]) -> str:
+    """What proc printed after the last line waited for, up to its exit."""
+    assert proc.stdout is not None
+    return _unread.pop(proc.pid, b"").decode() + proc.stdout.read()
 
 
 @pytest.fixture
@@ -84,7 +106,7 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit 429->fallback -> sleepy:timeout->fallback -> backup:ok")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=15) == 0
-    assert "stopped" in proc.stdout.read()  # type: ignore[union-attr]
+    assert "stopped" in _rest(proc)
 
 
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
