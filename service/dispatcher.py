@@ -137,15 +137,14 @@ class Dispatcher:
             key, telemetry.attempt_span_template(target)
         )
         span = self.spans.start(template[0], SpanKind.CLIENT, template[1], parent)
-        attempt_id = self._attempt_ids.next().decode()
         headers = {
             subjects.DEADLINE_MS: str(attempt_deadline_ms),
             subjects.REQUEST_ID: request_id,
-            subjects.ATTEMPT_ID: attempt_id,
+            subjects.ATTEMPT_ID: self._attempt_ids.next().decode(),
         }
         telemetry.inject(headers, span)
         try:
-            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers, attempt_id)
+            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
             if span.is_recording():
                 telemetry.annotate_outcome(span, reply)
             return reply

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
 
 from schemas import AuditEvent, CompletionReply, ProviderFailure, ProviderReply
-from schemas.subjects import audit_subject, cancel_subject, provider_subject
+from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
 from schemas.wire import encoder, provider_reply_decoder
 
 
@@ -36,8 +36,9 @@ class NatsTransport:
         self.nc = nc
 
     async def ask_provider(
-        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str], attempt_id: str
+        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
     ) -> ProviderReply:
+        """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
         subject = provider_subject(provider)
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=headers)
@@ -46,10 +47,10 @@ class NatsTransport:
                 "no_responders", f"no worker is listening on {subject}: start one with `lifeline worker {provider}`"
             )
         except NatsTimeoutError:
-            await self.cancel(provider, attempt_id)
+            await self.cancel(provider, headers[ATTEMPT_ID])
             return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
         except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(provider, attempt_id))  # e.g. a dispatcher shutting down
+            await asyncio.shield(self.cancel(provider, headers[ATTEMPT_ID]))  # e.g. a dispatcher shutting down
             raise
         try:
             return provider_reply_decoder.decode(msg.data)
