@@ -38,7 +38,13 @@ SKIP_REASONS = (
     "json_output",  # the request wants JSON and the target declares json_output = false
     "deadline",  # the request's deadline left no time to start it
     "max_attempts",  # the request's cap on physical attempts was reached
+    "circuit_open",  # the target's circuit breaker is open (it is still called when it is the last one left)
 )
+
+# Why a failed attempt was not retried although its target's retries allowed it (Attempt.reason),
+# and why a cancelled attempt was cancelled.
+RETRY_BUDGET = "retry_budget"  # the route's retry budget was spent: the dispatcher fell back instead
+HEDGE_LOST = "hedge_lost"  # a hedged attempt's rival answered first; this one was cancelled at its worker
 
 # Why a whole request failed (CompletionReply.error.type).
 ALL_FAILED = "all_failed"  # every target was tried and failed
@@ -90,6 +96,9 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Opt in to get the error kinds of the attempts before this one in metadata["lifeline_previous_errors"].
     pass_failures: bool = False
     weight: Annotated[float, Meta(gt=0)] = 1.0  # its share within a load-balanced group
+    # Circuit-breaker settings for this target, over the route's and [breaker]'s (config only;
+    # checked against service.health.BreakerSettings at start-up).
+    breaker: dict[str, Any] | None = None
 
 
 class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
@@ -147,15 +156,16 @@ class Attempt(Struct, frozen=True):
 
     provider: str
     model: str
-    outcome: Literal["ok", "timeout", "no_responders", "error", "skipped"]
+    outcome: Literal["ok", "timeout", "no_responders", "error", "skipped", "cancelled"]
     latency_ms: float
     error_type: str | None = None
     status_code: int | None = None
     message: str | None = None
     target: str | None = None  # the target's name (differs from provider when a chain shapes it)
     retry: int = 0  # 0 for the first call of this target, 1 for its first retry, ...
-    reason: str | None = None  # why it was skipped: one of SKIP_REASONS
+    reason: str | None = None  # why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost)
     next: Literal["retry", "fallback", "stop"] | None = None  # what the dispatcher did after this failure
+    hedge: bool = False  # started as a hedge while the attempt before it was still running
 
 
 class ErrorInfo(Struct, frozen=True):

@@ -6,6 +6,7 @@
     [targets.<name>]        optional: a named, shaped target (provider + model, params, ...)
     [routes.<name>]         ordered `targets`, `fallback_on`, chains per error class, max_attempts
     [fallbacks]             optional: default chains per error class, for routes that name none
+    [breaker]               optional: circuit-breaker defaults for every target (service/health.py)
 
 Provider tables are validated by their kind's settings type (workers/), so a typo in
 any key fails here, before anything connects. Every chain entry is resolved here to a
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from schemas import ERROR_KINDS
 from schemas.wire import TargetSpec
+from service.health import BreakerSettings
 from workers.base import ProviderSettings
 from workers.registry import KINDS, parse_settings
 
@@ -45,6 +48,10 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
     # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in production.
     allow_fault_injection: bool = False
+    # Breaker state shared by every dispatcher through this JetStream key-value bucket; when
+    # false, or when the bucket cannot be reached, each dispatcher acts on its own view.
+    shared_health: bool = True
+    health_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_health"
 
     def __post_init__(self) -> None:
         if self.default_timeout_s > self.max_timeout_s:
@@ -93,6 +100,16 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     context_length_fallbacks: Chain | None = None
     content_filter_fallbacks: Chain | None = None
     max_attempts: Annotated[int, Meta(ge=1)] | None = None  # the default for this route's requests
+    # Circuit-breaker settings for this route's targets, over [breaker] (a target's own win).
+    breaker: dict[str, Any] | None = None
+    # Hedging: start the next target when a call is still running after hedge_after_ms, or
+    # after the target's recent p95 (hedge = "p95"; hedge_after_ms is then the least wait).
+    hedge_after_ms: Annotated[float, Meta(gt=0)] | None = None
+    hedge: Literal["p95"] | None = None
+    # Shares of the route's requests (over the last 10 s, plus a reserve of 3): hedges may use
+    # hedge_budget; retries and hedges together may use retry_budget.
+    hedge_budget: Annotated[float, Meta(ge=0, le=1)] = 0.1
+    retry_budget: Annotated[float, Meta(ge=0, le=10)] = 0.2
 
 
 class FallbacksConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,6 +130,11 @@ class Route(Struct, frozen=True):
     fallback_on: frozenset[str | int] | None
     by_kind: dict[str, list[Step]]  # error kind -> the chain entered on that failure
     max_attempts: int
+    breaker: dict[str, Any] | None = None  # over [breaker], under each target's own
+    hedge_after_ms: float | None = None
+    hedge_p95: bool = False
+    hedge_budget: float = 0.1
+    retry_budget: float = 0.2
 
 
 class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -124,6 +146,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     templates: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     fallbacks: dict[str, Any] = {}
+    breaker: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -133,6 +156,7 @@ class Config(Struct, frozen=True):
     templates: dict[str, Template] = {}
     targets: dict[str, TargetSpec] = {}  # named targets, each with its name set
     default_chains: dict[str, list[Step]] = {}  # [fallbacks]: error kind -> chain
+    breaker: dict[str, Any] = {}  # [breaker]: every target's circuit-breaker defaults
     source: str = "<memory>"
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
@@ -163,6 +187,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
     providers = {name: _provider(name, table) for name, table in raw.providers.items()}
     dispatcher = _convert(raw.dispatcher, DispatcherSettings, "dispatcher")
+    _breaker("breaker", raw.breaker)
     templates = {name: _convert(table, Template, f"templates.{name}") for name, table in raw.templates.items()}
     targets: dict[str, TargetSpec] = {}
     for name, table in raw.targets.items():
@@ -196,6 +221,8 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
             raise ConfigError(
                 f"{key}.max_attempts: {route.max_attempts} is above dispatcher.max_attempts ({dispatcher.max_attempts})"
             )
+        if route.breaker is not None:
+            _breaker(f"{key}.breaker", route.breaker)
         by_kind = dict(default_chains)
         for field, kind in CLASS_CHAINS.items():
             chain = getattr(route, field)
@@ -206,10 +233,15 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
             fallback_on=frozenset(route.fallback_on) if route.fallback_on is not None else None,
             by_kind={kind: chain for kind, chain in by_kind.items() if chain},
             max_attempts=route.max_attempts or dispatcher.max_attempts,
+            breaker=route.breaker,
+            hedge_after_ms=route.hedge_after_ms,
+            hedge_p95=route.hedge == "p95",
+            hedge_budget=route.hedge_budget,
+            retry_budget=route.retry_budget,
         )
     return Config(
         providers=providers, routes=routes, dispatcher=dispatcher, templates=templates, targets=targets,
-        default_chains=default_chains, source=source,
+        default_chains=default_chains, breaker=raw.breaker, source=source,
     )  # fmt: skip
 
 
@@ -286,13 +318,34 @@ def resolve_target(
     problem = _bad_kind(ref.retry_on)
     if problem is not None:
         raise TargetError(problem[1], f"retry_on[{problem[0]}]")
+    if ref.breaker is not None:
+        try:
+            _breaker("breaker", ref.breaker)
+        except ConfigError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise TargetError(message, field) from None
     if ref.name is not None:
         return ref
     name = ref.provider if ref.model is None else f"{ref.provider}:{ref.model}"
     return msgspec.structs.replace(ref, name=name)
 
 
-def _bad_kind(entries: list[str | int] | None) -> tuple[int, str] | None:
+def breaker_settings(*layers: dict[str, Any] | None) -> BreakerSettings:
+    """[breaker], a route's and a target's settings, later layers winning key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer or {})
+    return msgspec.convert(merged, BreakerSettings)
+
+
+def _breaker(key: str, table: dict[str, Any]) -> None:
+    settings = _convert(table, BreakerSettings, key)
+    problem = _bad_kind(list(settings.trip_on))
+    if problem is not None:
+        raise ConfigError(f"{key}.trip_on: {problem[1]}")
+
+
+def _bad_kind(entries: Collection[str | int] | None) -> tuple[int, str] | None:
     """The first entry of a fallback_on / retry_on list that is neither an error kind nor an HTTP error status."""
     for i, entry in enumerate(entries or ()):
         if isinstance(entry, int) and not 400 <= entry <= 599:

@@ -23,9 +23,11 @@ from schemas.wire import INTERNAL, PREVIOUS_ERRORS, encoder, salvage_id
 from service import telemetry
 from service.config import Config
 from service.faults import simulate
+from service.health import Health
 from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
+from service.shared_health import SharedHealth
 from service.transport import NatsTransport, ensure_subscribed
 
 log = logging.getLogger("lifeline.dispatcher")
@@ -37,6 +39,8 @@ class Dispatcher:
         self.config = config
         self.router = Router(config)
         self.spans = spans
+        # Circuit breakers and recent figures; shared with the other replicas through JetStream KV.
+        self.health: Health = SharedHealth(nc, config.dispatcher.health_bucket) if config.dispatcher.shared_health else Health()
         # Span name and attributes per (provider, model, target), built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
         self._attempt_ids = NUID()
@@ -44,6 +48,8 @@ class Dispatcher:
         self._sub = None
 
     async def start(self) -> None:
+        if isinstance(self.health, SharedHealth):
+            await self.health.start()
         self._sub = await self.transport.nc.subscribe(
             subjects.COMPLETE, queue=subjects.DISPATCHER_QUEUE, cb=self._on_msg, pending_msgs_limit=-1
         )
@@ -56,6 +62,8 @@ class Dispatcher:
             self._sub = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        if isinstance(self.health, SharedHealth):
+            await self.health.stop()
 
     @property
     def in_flight(self) -> int:
@@ -124,7 +132,7 @@ class Dispatcher:
 
         on_event = span.add_event if span.is_recording() else None
         return await run_chain(
-            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event
+            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event, health=self.health
         )
 
     async def _attempt(

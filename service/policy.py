@@ -10,16 +10,22 @@ One request walks one chain: the route's targets, or, after a failure of a kind 
 chain of its own (context_length, content_filter), that chain instead of the rest. For each
 target, in order:
 
-    skip it      its capabilities do not fit the request (max_input_tokens, json_output), the
-                 request's deadline has passed, or max_attempts physical attempts were made
+    skip it      its capabilities do not fit the request (max_input_tokens, json_output), its
+                 circuit breaker is open and it is not the last target left, the request's
+                 deadline has passed, or max_attempts physical attempts were made
     call it      with the smaller of its timeout_s and the time the request has left
+    hedge it     when the route hedges and the call is still running after hedge_after_ms
+                 (or the target's recent p95): the next target starts too, the first good
+                 answer wins and the other call is cancelled; the hedge budget allows it
     retry it     on a retry_on failure, up to `retries` times, after a backoff with full
                  jitter (or the provider's Retry-After, when that is longer), if the wait fits
-                 before the deadline
+                 before the deadline and the route's retry budget allows it
     fall back    to the next target, if fallback_on allows it (None: every failure does)
     stop         on a failure fallback_on excludes, or when the request disabled fallback
 
-Every attempt, skipped or made, lands in `attempts` with what happened next.
+Every attempt, skipped or made, lands in `attempts` with what happened next. Breaker
+state and recent latencies come from an injected `health` (service/health.py), which
+also hears every call's outcome.
 """
 
 from __future__ import annotations
@@ -31,7 +37,16 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
-from schemas.wire import ALL_FAILED, DEADLINE_EXCEEDED, FALLBACK_STOPPED, MAX_ATTEMPTS_REACHED, NO_CAPABLE_TARGET
+from schemas.wire import (
+    ALL_FAILED,
+    DEADLINE_EXCEEDED,
+    FALLBACK_STOPPED,
+    HEDGE_LOST,
+    MAX_ATTEMPTS_REACHED,
+    NO_CAPABLE_TARGET,
+    RETRY_BUDGET,
+)
+from service.health import CALL, PROBE, Health
 
 # What a target retries on when its config names nothing: failures that a second try can fix.
 DEFAULT_RETRY_ON = frozenset({"rate_limit", "server_error", "timeout", "connection"})
@@ -52,6 +67,7 @@ class Target(NamedTuple):
     json_output: bool = True
     pass_failures: bool = False
     weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
+    breaker: Any = None  # its health.BreakerSettings; None: no circuit breaker
     shaping: Any = None  # opaque here: what the dispatcher needs to build this target's request
 
     @property
@@ -64,11 +80,65 @@ class Chain(NamedTuple):
     by_kind: Mapping[str, Sequence[Target]] = {}  # error kind -> chain entered on that failure
 
 
+class Budget:
+    """At most `ratio` extra attempts per request of a route over the last 10 seconds, plus a
+    reserve of 3 so a quiet route can still retry (Finagle's RetryBudget; Envoy's retry budget
+    has the same aim). Each dispatcher keeps its own, so the share holds across replicas too."""
+
+    __slots__ = ("ratio", "reserve", "clock", "_epochs", "_requests", "_spent")
+    SLOTS = 10
+
+    def __init__(self, ratio: float, reserve: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ratio = ratio
+        self.reserve = reserve
+        self.clock = clock
+        self._epochs = [-1] * self.SLOTS
+        self._requests = [0] * self.SLOTS
+        self._spent = [0] * self.SLOTS
+
+    def _slot(self) -> int:
+        second = int(self.clock())
+        i = second % self.SLOTS
+        if self._epochs[i] != second:
+            self._epochs[i] = second
+            self._requests[i] = self._spent[i] = 0
+        return i
+
+    def deposit(self) -> None:
+        self._requests[self._slot()] += 1
+
+    def available(self) -> float:
+        self._slot()
+        oldest = int(self.clock()) - self.SLOTS + 1
+        live = [i for i, epoch in enumerate(self._epochs) if epoch >= oldest]
+        return self.ratio * sum(self._requests[i] for i in live) + self.reserve - sum(self._spent[i] for i in live)
+
+    def spend(self) -> bool:
+        if self.available() < 1:
+            return False
+        self._spent[self._slot()] += 1
+        return True
+
+
+class Budgets(NamedTuple):
+    """A route's budgets: retries and hedges spend `retry`; hedges spend `hedge` as well."""
+
+    retry: Budget
+    hedge: Budget
+
+
+class Hedge(NamedTuple):
+    after_s: float | None  # a fixed delay; with p95, the least delay
+    p95: bool = False  # hedge when the call is slower than the target's recent p95
+
+
 class Limits(NamedTuple):
     deadline: float  # on the clock's scale
     max_attempts: int = 6  # physical attempts across retries and fallbacks
     fallback_on: Collection[str | int] | None = None
     fallback: bool = True  # False: only the first target (and its retries)
+    hedge: Hedge | None = None
+    budgets: Budgets | None = None  # None: retries and hedges are not budgeted
 
 
 class Needs(NamedTuple):
@@ -130,11 +200,15 @@ async def run_chain(
     needs: Needs = Needs(),
     validate: Validate | None = None,
     on_event: OnEvent | None = None,
+    health: Health | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
 ) -> ChainResult:
-    run = _Run(limits, on_event, clock)
+    run = _Run(limits, on_event, clock, health, validate)
+    if limits.budgets is not None:
+        limits.budgets.retry.deposit()
+        limits.budgets.hedge.deposit()
     targets, current = chain.targets, ""  # current: the error kind whose chain we are on, "" for targets
     entered: set[str] = set()  # each error-class chain is entered at most once
     i = 0
@@ -148,6 +222,16 @@ async def run_chain(
         if reason is not None:
             run.skip(target, *reason)
             continue
+        probe = False
+        if health is not None and target.breaker is not None:
+            admitted = health.admit(target.provider, target.model)
+            if admitted != CALL:
+                probe = admitted == PROBE and await health.claim(target.provider, target.model, target.timeout_s + 1)
+                if not probe and i < len(targets):
+                    health.skipped(target.provider, target.model)
+                    run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
+                    continue
+                probe = True  # the probe, or the last target left: called anyway, and its outcome decides
         retry = 0
         while True:
             remaining_s = limits.deadline - clock()
@@ -160,19 +244,29 @@ async def run_chain(
             if retry == 0 and run.failed is not None:
                 run.fallback_event(run.failed, target, current)
             run.physical += 1
-            started = clock()
             previous = tuple(run.errors) if target.pass_failures else ()
-            reply = await call(target, min(target.timeout_s, remaining_s), previous)
-            if isinstance(reply, ProviderOk) and validate is not None:
-                reply = validate(reply)
-            latency_ms = (clock() - started) * 1000
+            timeout_s = min(target.timeout_s, remaining_s)
+            rival = targets[i] if i < len(targets) and retry == 0 else None
+            hedge_s = run.hedge_delay(target) if rival is not None and limits.hedge is not None else None
+            if hedge_s is None:
+                started = clock()
+                reply, latency_ms = run.finish(target, await call(target, timeout_s, previous), started, probe)
+                hedged = raced_past = False
+            else:
+                raced = await run.race(call, target, timeout_s, previous, probe, hedge_s, rival, needs)  # type: ignore[arg-type]
+                if isinstance(raced, ChainResult):
+                    return raced
+                hedged = raced[0] is rival
+                target, reply, latency_ms, raced_past = raced
+                if raced_past:
+                    i += 1  # the rival ran as the hedge: the chain goes on after it
             if isinstance(reply, ProviderOk):
                 run.attempts.append(
                     Attempt(target.provider, reply.model or target.model, "ok", latency_ms, target=target.label, retry=retry)
                 )
                 return ChainResult(reply, target, run.attempts, None)
             run.errors.append(reply.kind)
-            delay_s = _retry_delay(target, reply, retry, run, rand)
+            delay_s = None if raced_past else _retry_delay(target, reply, retry, run, rand)
             if delay_s is not None:
                 run.attempts.append(_failed(target, reply, latency_ms, retry, "retry"))
                 run.event("lifeline.retry", target, reply, {"lifeline.retry.delay_ms": delay_s * 1000})
@@ -181,14 +275,15 @@ async def run_chain(
                 continue
             chain_of_kind = chain.by_kind.get(reply.kind) if reply.kind not in entered else None
             if not limits.fallback or (chain_of_kind is None and not falls_back(reply, limits.fallback_on)):
-                run.attempts.append(_failed(target, reply, latency_ms, retry, "stop"))
+                run.attempts.append(_failed(target, reply, latency_ms, retry, "stop", run.take_denied()))
                 if not limits.fallback:
                     return run.fail(_fallback_disabled(run.attempts[-1], targets[i:]))
                 return run.fail(_stopped_error(target, reply, targets[i:]))
             if chain_of_kind is not None:  # e.g. context_length: on to the long-context chain
                 targets, current, i = chain_of_kind, reply.kind, 0
                 entered.add(reply.kind)
-            run.attempts.append(_failed(target, reply, latency_ms, retry, "fallback" if i < len(targets) else "stop"))
+            next_ = "fallback" if i < len(targets) else "stop"
+            run.attempts.append(_failed(target, reply, latency_ms, retry, next_, run.take_denied(), hedged))
             run.failed = (target, reply)
             break
     if run.physical == 0:
@@ -196,61 +291,193 @@ async def run_chain(
     return run.fail(_all_failed_error(run.attempts))
 
 
+def _why_open(health: Health, target: Target) -> str:
+    state = health.targets.get((target.provider, target.model))
+    return state.reason if state is not None and state.reason else "it failed recently"
+
+
 class _Run:
     """The state of one walk along a chain."""
 
-    __slots__ = ("limits", "on_event", "clock", "attempts", "errors", "physical", "failed", "ended_one")
+    __slots__ = (
+        "limits", "on_event", "clock", "health", "validate", "attempts", "errors", "physical", "failed",
+        "ended_one", "denied",
+    )  # fmt: skip
 
-    def __init__(self, limits: Limits, on_event: OnEvent | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        on_event: OnEvent | None,
+        clock: Callable[[], float],
+        health: Health | None = None,
+        validate: Validate | None = None,
+    ) -> None:
         self.limits = limits
         self.on_event = on_event
         self.clock = clock
+        self.health = health
+        self.validate = validate
         self.attempts: list[Attempt] = []
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
         self.physical = 0
         self.failed: tuple[Target, ProviderFailure] | None = None  # the last failure that fell back
         self.ended_one = False
+        self.denied: str | None = None  # why the last failure was not retried, when a budget said no
+
+    def take_denied(self) -> str | None:
+        denied, self.denied = self.denied, None
+        return denied
+
+    def finish(self, target: Target, reply: ProviderReply, started: float, probe: bool) -> tuple[ProviderReply, float]:
+        """A call came back: validate a good answer, take its latency, tell health."""
+        if isinstance(reply, ProviderOk) and self.validate is not None:
+            reply = self.validate(reply)
+        latency_ms = (self.clock() - started) * 1000
+        if self.health is not None:
+            if isinstance(reply, ProviderOk):
+                self.health.record(target.provider, target.model, target.breaker, True, latency_ms=latency_ms, probe=probe)
+            else:
+                self.health.record(
+                    target.provider, target.model, target.breaker, False, reply.kind, reply.status_code, probe=probe
+                )
+        return reply, latency_ms
+
+    def hedge_delay(self, target: Target) -> float | None:
+        """Seconds after which `rival` may start next to `target`; None: no hedge for this call."""
+        hedge = self.limits.hedge
+        if hedge is None or not self.limits.fallback:
+            return None
+        delay_s = hedge.after_s
+        if hedge.p95 and self.health is not None:
+            p95_ms = self.health.p95_ms(target.provider, target.model)
+            if p95_ms is not None:
+                delay_s = max(delay_s or 0.0, p95_ms / 1000)
+            elif delay_s is None:
+                return None  # too few recent answers to know this target's p95
+        return delay_s
+
+    def may_hedge(self, rival: Target, needs: Needs) -> bool:
+        """Whether `rival` can start now as a hedge: it fits, its breaker is closed, the budgets allow it."""
+        if self.physical >= self.limits.max_attempts or self.limits.deadline - self.clock() <= 0:
+            return False
+        if skip_reason(rival, needs) is not None:
+            return False
+        if self.health is not None and rival.breaker is not None and self.health.admit(rival.provider, rival.model) != CALL:
+            return False
+        budgets = self.limits.budgets
+        if budgets is not None:
+            if budgets.hedge.available() < 1 or budgets.retry.available() < 1:
+                self.budget_event("hedge", rival)
+                return False
+            budgets.hedge.spend()
+            budgets.retry.spend()
+        return True
+
+    async def race(
+        self, call: CallTarget, first: Target, timeout_s: float, previous: tuple[str, ...], probe: bool,
+        delay_s: float, rival: Target, needs: Needs,
+    ) -> ChainResult | tuple[Target, ProviderReply, float, bool]:  # fmt: skip
+        """Call `first`; if it is still running after delay_s, start `rival` too and take the first
+        good answer. Returns the winner's ChainResult, or (target, failure, latency_ms, raced)
+        for the failure the chain goes on from; raced: the rival ran too, so neither is retried."""
+        started = self.clock()
+        first_task = asyncio.ensure_future(call(first, timeout_s, previous))
+        running: dict[asyncio.Future[ProviderReply], tuple[Target, float, bool]] = {first_task: (first, started, probe)}
+        try:
+            done, _ = await asyncio.wait({first_task}, timeout=delay_s)
+            if done or not self.may_hedge(rival, needs):
+                reply, latency_ms = self.finish(first, await first_task, started, probe)
+                return first, reply, latency_ms, False
+            self.physical += 1
+            hedge_started = self.clock()
+            self._emit("lifeline.hedge", {
+                "lifeline.hedge.from": first.label, "lifeline.hedge.to": rival.label,
+                "lifeline.hedge.after_ms": (hedge_started - started) * 1000,
+            })  # fmt: skip
+            rival_timeout_s = min(rival.timeout_s, self.limits.deadline - hedge_started)
+            rival_previous = tuple(self.errors) if rival.pass_failures else ()
+            rival_task = asyncio.ensure_future(call(rival, rival_timeout_s, rival_previous))
+            running[rival_task] = (rival, hedge_started, False)
+            last: tuple[Target, ProviderReply, float] | None = None
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    target, t0, was_probe = running.pop(task)
+                    reply, latency_ms = self.finish(target, task.result(), t0, was_probe)
+                    if isinstance(reply, ProviderOk):
+                        return await self._won(target, reply, latency_ms, target is rival, running)
+                    if running:  # the other call is still running: it takes over
+                        self.attempts.append(_failed(target, reply, latency_ms, 0, "fallback", hedge=target is rival))
+                        self.errors.append(reply.kind)
+                    last = (target, reply, latency_ms)
+            assert last is not None
+            return (*last, True)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _won(
+        self, target: Target, reply: ProviderOk, latency_ms: float, is_hedge: bool,
+        running: dict[asyncio.Future[ProviderReply], tuple[Target, float, bool]],
+    ) -> ChainResult:  # fmt: skip
+        """The first good answer of a race: cancel the rival (its worker aborts the call) and record both."""
+        won = Attempt(target.provider, reply.model or target.model, "ok", latency_ms, target=target.label, hedge=is_hedge)
+        lost = []
+        for task, (other, t0, _) in running.items():
+            task.cancel()
+            lost.append(Attempt(
+                other.provider, other.model, "cancelled", (self.clock() - t0) * 1000, target=other.label,
+                reason=HEDGE_LOST, hedge=not is_hedge,
+            ))  # fmt: skip
+        await asyncio.gather(*running, return_exceptions=True)  # the cancel reaches the worker before we answer
+        running.clear()
+        self.attempts.extend([*lost, won] if is_hedge else [won, *lost])
+        return ChainResult(reply, target, self.attempts, None)
 
     def skip(self, target: Target, reason: str, message: str) -> None:
         self.attempts.append(
             Attempt(target.provider, target.model, "skipped", 0.0, target=target.label, reason=reason, message=message)
         )
-        if self.on_event is not None:
-            self.on_event(
-                "lifeline.skip",
-                {"lifeline.target": target.label, "lifeline.skip.reason": reason, "lifeline.skip.message": message},
-            )
+        self._emit(
+            "lifeline.skip",
+            {"lifeline.target": target.label, "lifeline.skip.reason": reason, "lifeline.skip.message": message},
+        )
 
     def skip_rest(self, rest: Sequence[Target], reason: str, message: str) -> None:
         for target in rest:
             self.skip(target, reason, message)
 
-    def event(self, name: str, target: Target, failure: ProviderFailure, extra: dict[str, Any]) -> None:
+    def _emit(self, name: str, attributes: dict[str, Any]) -> None:
         if self.on_event is not None:
-            self.on_event(
-                name,
-                {
-                    "lifeline.target": target.label,
-                    "lifeline.reason": failure.kind,
-                    "lifeline.status_code": failure.status_code or 0,
-                    **extra,
-                },
-            )
+            self.on_event(name, attributes)
+
+    def budget_event(self, budget: str, target: Target) -> None:
+        self._emit("lifeline.budget_spent", {"lifeline.budget": budget, "lifeline.target": target.label})
+
+    def event(self, name: str, target: Target, failure: ProviderFailure, extra: dict[str, Any]) -> None:
+        self._emit(
+            name,
+            {
+                "lifeline.target": target.label,
+                "lifeline.reason": failure.kind,
+                "lifeline.status_code": failure.status_code or 0,
+                **extra,
+            },
+        )
 
     def fallback_event(self, failed: tuple[Target, ProviderFailure], successor: Target, chain: str) -> None:
         """Sent only once the successor really starts, so a skipped target gets no fallback event."""
-        if self.on_event is not None:
-            target, failure = failed
-            self.on_event(
-                "lifeline.fallback",
-                {
-                    "lifeline.fallback.from": target.label,
-                    "lifeline.fallback.to": successor.label,
-                    "lifeline.fallback.reason": failure.kind,
-                    "lifeline.fallback.status_code": failure.status_code or 0,
-                    "lifeline.fallback.chain": chain or "targets",
-                },
-            )
+        target, failure = failed
+        self._emit(
+            "lifeline.fallback",
+            {
+                "lifeline.fallback.from": target.label,
+                "lifeline.fallback.to": successor.label,
+                "lifeline.fallback.reason": failure.kind,
+                "lifeline.fallback.status_code": failure.status_code or 0,
+                "lifeline.fallback.chain": chain or "targets",
+            },
+        )
 
     def fail(self, error: ErrorInfo) -> ChainResult:
         return ChainResult(None, None, self.attempts, error)
@@ -269,10 +496,18 @@ def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run
         delay_s = max(delay_s, failure.retry_after_s)
     if run.clock() + delay_s >= run.limits.deadline:
         return None
+    budgets = run.limits.budgets
+    if budgets is not None and not budgets.retry.spend():
+        run.denied = RETRY_BUDGET
+        run.budget_event("retry", target)
+        return None
     return delay_s
 
 
-def _failed(target: Target, failure: ProviderFailure, latency_ms: float, retry: int, next_: str) -> Attempt:
+def _failed(
+    target: Target, failure: ProviderFailure, latency_ms: float, retry: int, next_: str,
+    reason: str | None = None, hedge: bool = False,
+) -> Attempt:  # fmt: skip
     return Attempt(
         provider=target.provider,
         model=target.model,
@@ -283,7 +518,9 @@ def _failed(target: Target, failure: ProviderFailure, latency_ms: float, retry: 
         message=failure.message,
         target=target.label,
         retry=retry,
+        reason=reason,
         next=next_,  # type: ignore[arg-type]
+        hedge=hedge,
     )
 
 

@@ -30,9 +30,9 @@ from schemas.wire import (
     request_decoder,
     salvage_id,
 )
-from service.config import Config, Step
+from service.config import Config, Step, breaker_settings
 from service.faults import check_faults
-from service.policy import DEFAULT_RETRY_ON, Chain, Limits, Needs, Target
+from service.policy import DEFAULT_RETRY_ON, Budget, Budgets, Chain, Hedge, Limits, Needs, Target
 from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
@@ -68,6 +68,8 @@ class _Route(NamedTuple):
     max_attempts: int
     counts_tokens: bool  # some target declares max_input_tokens
     groups: tuple | None = None  # (steps, by_kind steps) when some step is a load-balanced group
+    hedge: Hedge | None = None
+    budgets: Budgets | None = None  # shared by every request of the route
 
 
 def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[Target]:
@@ -89,17 +91,23 @@ class Router:
         for name in config.providers:
             self.named[name] = self.build(config.resolve_target(name))
         self.default_by_kind = {kind: self.build_all(chain) for kind, chain in config.default_chains.items()}
-        self.routes = {
-            name: self._route(self.build_all(r.targets), {k: self.build_all(c) for k, c in r.by_kind.items()},
-                              r.fallback_on, r.max_attempts)
-            for name, r in config.routes.items()
-        }  # fmt: skip
+        self.routes = {}
+        for name, r in config.routes.items():
+            hedge = Hedge(r.hedge_after_ms / 1000 if r.hedge_after_ms else None, r.hedge_p95)
+            self.routes[name] = self._route(
+                self.build_all(r.targets, r.breaker), {k: self.build_all(c, r.breaker) for k, c in r.by_kind.items()},
+                r.fallback_on, r.max_attempts,
+                hedge if hedge.after_s is not None or hedge.p95 else None, Budgets(Budget(r.retry_budget), Budget(r.hedge_budget)),
+            )  # fmt: skip
+        # Requests that name their own targets share one budget (at the routes' defaults).
+        self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
         self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
         self.random = random.Random()
 
-    def build(self, spec: TargetSpec) -> Target:
+    def build(self, spec: TargetSpec, route_breaker: dict | None = None) -> Target:
         """A checked TargetSpec (name set) as the policy's Target."""
         provider = self.config.providers[spec.provider]
+        breaker = breaker_settings(self.config.breaker, route_breaker, spec.breaker)
         shaping = None
         template = self.config.templates[spec.template] if spec.template is not None else None
         if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template) != (None,) * 5:
@@ -119,11 +127,15 @@ class Router:
             json_output=spec.json_output,
             pass_failures=spec.pass_failures,
             weight=spec.weight,
+            breaker=breaker if breaker.enabled else None,
             shaping=shaping,
         )
 
-    def build_all(self, steps: Sequence[Step]) -> list[Target | tuple[Target, ...]]:
-        return [tuple(map(self.build, step)) if isinstance(step, list) else self.build(step) for step in steps]
+    def build_all(self, steps: Sequence[Step], route_breaker: dict | None = None) -> list[Target | tuple[Target, ...]]:
+        return [
+            tuple(self.build(s, route_breaker) for s in step) if isinstance(step, list) else self.build(step, route_breaker)
+            for step in steps
+        ]
 
     @staticmethod
     def _route(
@@ -131,6 +143,8 @@ class Router:
         by_kind: Mapping[str, Sequence[Target | tuple[Target, ...]]],
         fallback_on: frozenset[str | int] | None,
         max_attempts: int,
+        hedge: Hedge | None = None,
+        budgets: Budgets | None = None,
     ) -> _Route:
         chains = [targets, *by_kind.values()]
         grouped = any(not isinstance(step, Target) for chain in chains for step in chain)
@@ -138,7 +152,7 @@ class Router:
         chain = Chain(_flat(targets), {kind: _flat(c) for kind, c in by_kind.items()})
         return _Route(
             chain, fallback_on, max_attempts, any(t.max_input_tokens is not None for t in every),
-            (targets, by_kind) if grouped else None,
+            (targets, by_kind) if grouped else None, hedge, budgets,
         )  # fmt: skip
 
     def _chain_for_request(self, route: _Route) -> Chain:
@@ -200,7 +214,8 @@ class Router:
         deadline = time.monotonic() + timeout_s
         return Plan(
             request, request_id, route_name, chain,
-            Limits(deadline, max_attempts, fallback_on, request.fallback), needs, validate, faults,
+            Limits(deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets), needs, validate,
+            faults,
         )  # fmt: skip
 
     def _timeout_s(self, request: CompletionRequest, refuse) -> float:
@@ -238,6 +253,8 @@ class Router:
                                  UNKNOWN_PROVIDER)  # fmt: skip
                 targets.append(self.named[ref])
                 continue
+            if ref.breaker is not None:
+                raise refuse(f"targets[{i}].breaker: circuit breakers are set in the config, not per request")
             try:
                 spec = self.config.resolve_target(ref)
             except ValueError as exc:
@@ -247,7 +264,9 @@ class Router:
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
             targets.append(self.build(spec))
-        return self._route(targets, self.default_by_kind, None, self.config.dispatcher.max_attempts)
+        return self._route(
+            targets, self.default_by_kind, None, self.config.dispatcher.max_attempts, None, self.request_budgets
+        )
 
     @staticmethod
     def _narrowed(asked: list[str | int], allowed: Collection[str | int] | None, refuse) -> frozenset[str | int]:

@@ -204,7 +204,8 @@ async def test_the_default_cap_is_six_physical_attempts(lifeline, client):
     await lifeline({
         "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503)},
         "routes": {"default": {"targets": [{"provider": "a", "retries": 10, "backoff_s": 0},
-                                           {"provider": "b", "retries": 10, "backoff_s": 0}]}},
+                                           {"provider": "b", "retries": 10, "backoff_s": 0}],
+                               "retry_budget": 10}},  # the retry budget would stop it first
     })  # fmt: skip
     reply = await ask(client, USER_HELLO)
     assert sum(1 for a in reply.attempts if a.outcome != "skipped") == 6

@@ -1,0 +1,351 @@
+"""Target health, in one place: circuit breakers and the recent figures behind them.
+
+Pure: no NATS. The dispatcher's policy asks `admit(target)` before each call and tells
+`record(...)` what happened after it; service/shared_health.py mirrors every state change
+into a JetStream key-value bucket so that all dispatcher replicas act on one breaker state.
+
+A breaker is kept per target (provider + model). Its settings come from the target, the
+route and [breaker], in that order, and are read when a call is recorded:
+
+    closed      calls go through. It opens after `consecutive_failures` counted failures in
+                a row, or when counted failures are at least `failure_rate` of the calls in the
+                last `window_s` (once there were `min_requests` of them). Counted failures are
+                the kinds in `trip_on`: by default those that say the provider is unwell
+                (rate_limit, server_error, timeout, connection), never the request's own fault.
+    open        the target is skipped (reason circuit_open) for `cooldown_s`, unless it is the
+                last target a request has left; then it is called anyway, as a probe.
+    half_open   after the cooldown one call goes through as a probe; the others still skip it.
+                A probe that succeeds (or gets an answer that is the request's fault) closes
+                the breaker; one that fails opens it for another cooldown.
+
+Alongside the breaker, each target keeps 1-second slots of outcomes (the last 5 minutes) and
+two 30-second latency histograms of its good answers, for the failure rate, `lifeline status`,
+the OpenTelemetry gauges and hedge = "p95".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+log = logging.getLogger("lifeline.health")
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+State = Literal["closed", "half_open", "open"]
+
+# What admit() answers.
+CALL, PROBE, SKIP = 0, 1, 2
+
+_RING_S = 300  # 1-second outcome slots kept: the longest window_s
+_RECENT_S = 60  # what "recent" means in status and metrics
+_LATENCY_EPOCH_S = 30.0  # a latency histogram covers the last 30 to 60 seconds
+_GROWTH = 1.15  # latency buckets: each 15% wider than the one before (an estimate within 15%)
+_BUCKETS = 100  # up to 1.15**100 ms, about 20 minutes
+_LOG_GROWTH = math.log(_GROWTH)
+MIN_SAMPLES = 20  # good answers needed before a p95 is trusted (hedge = "p95" waits for them)
+
+
+class BreakerSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """One target's circuit breaker ([breaker], a route's `breaker`, a target's `breaker`)."""
+
+    enabled: bool = True
+    consecutive_failures: Annotated[int, Meta(ge=1)] = 5
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    min_requests: Annotated[int, Meta(ge=1)] = 10
+    window_s: Annotated[float, Meta(gt=0, le=_RING_S)] = 60.0
+    cooldown_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    trip_on: frozenset[str | int] = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+
+
+def trips(settings: BreakerSettings, kind: str, status_code: int | None) -> bool:
+    return kind in settings.trip_on or (status_code is not None and status_code in settings.trip_on)
+
+
+def bucket_of(latency_ms: float) -> int:
+    if latency_ms < _GROWTH:
+        return 0
+    return min(_BUCKETS - 1, int(math.log(latency_ms) / _LOG_GROWTH))
+
+
+def bucket_ms(bucket: int) -> float:
+    """The upper edge of a latency bucket, in ms."""
+    return _GROWTH ** (bucket + 1)
+
+
+def percentile_ms(histogram: dict[int, int] | list[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram (bucket -> count), as its bucket's upper edge."""
+    items = sorted(histogram.items()) if isinstance(histogram, dict) else list(enumerate(histogram))
+    total = sum(count for _, count in items)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for bucket, count in items:
+        seen += count
+        if seen >= rank and count:
+            return bucket_ms(bucket)
+    return bucket_ms(items[-1][0])
+
+
+class TargetHealth:
+    """Breaker state and recent figures of one target (provider + model)."""
+
+    __slots__ = (
+        "provider", "model", "state", "open_until", "probe_until", "consecutive", "reason", "since_unix_ms",
+        "epochs", "ok", "failed", "other", "cleared_s", "latency", "latency_prev", "latency_epoch",
+        "p95_ms", "p95_at", "skipped", "changed",
+    )  # fmt: skip
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.state: State = CLOSED
+        self.open_until = 0.0  # monotonic
+        self.probe_until = 0.0  # monotonic: when a probe in flight counts as lost
+        self.consecutive = 0
+        self.reason = ""
+        self.since_unix_ms = int(time.time() * 1000)
+        self.epochs = [-1] * _RING_S
+        self.ok = [0] * _RING_S
+        self.failed = [0] * _RING_S  # counted (trip_on) failures
+        self.other = [0] * _RING_S  # failures that were the request's fault: the provider answered
+        self.cleared_s = -1  # slots up to this second are ignored by the failure rate (set on close)
+        self.latency = [0] * _BUCKETS
+        self.latency_prev = [0] * _BUCKETS
+        self.latency_epoch = -1
+        self.p95_ms: float | None = None
+        self.p95_at = -1.0
+        self.skipped = 0  # calls passed over because the breaker was open (since start)
+        self.changed = True  # since the last snapshot
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}:{self.model}" if self.model else self.provider
+
+    def _slot(self, now: float) -> int:
+        second = int(now)
+        i = second % _RING_S
+        if self.epochs[i] != second:
+            self.epochs[i] = second
+            self.ok[i] = self.failed[i] = self.other[i] = 0
+        return i
+
+    def counts(self, now: float, window_s: float, since_s: int = -1) -> tuple[int, int, int]:
+        """(ok, counted failures, other failures) in the last window_s seconds (after since_s)."""
+        first = max(int(now) - int(math.ceil(window_s)) + 1, since_s + 1)
+        ok = failed = other = 0
+        for i, epoch in enumerate(self.epochs):
+            if epoch >= first:
+                ok += self.ok[i]
+                failed += self.failed[i]
+                other += self.other[i]
+        return ok, failed, other
+
+    def _observe_latency(self, now: float, latency_ms: float) -> None:
+        epoch = int(now // _LATENCY_EPOCH_S)
+        if epoch != self.latency_epoch:
+            self.latency_prev = self.latency if epoch == self.latency_epoch + 1 else [0] * _BUCKETS
+            self.latency = [0] * _BUCKETS
+            self.latency_epoch = epoch
+        self.latency[bucket_of(latency_ms)] += 1
+
+    def histogram(self, now: float) -> dict[int, int]:
+        """Recent good answers' latencies, bucket -> count (sparse, for the shared snapshot)."""
+        epoch = int(now // _LATENCY_EPOCH_S)
+        if epoch == self.latency_epoch:
+            parts = (self.latency, self.latency_prev)
+        elif epoch == self.latency_epoch + 1:
+            parts = (self.latency,)
+        else:
+            return {}
+        merged: dict[int, int] = {}
+        for part in parts:
+            for bucket, count in enumerate(part):
+                if count:
+                    merged[bucket] = merged.get(bucket, 0) + count
+        return merged
+
+    def p95(self, now: float) -> float | None:
+        """Recent p95 of good answers in ms, None until MIN_SAMPLES; recomputed at most 4 times a second."""
+        if now - self.p95_at >= 0.25:
+            histogram = self.histogram(now)
+            self.p95_ms = percentile_ms(histogram, 0.95) if sum(histogram.values()) >= MIN_SAMPLES else None
+            self.p95_at = now
+        return self.p95_ms
+
+
+OnChange = Callable[[TargetHealth], None]
+
+
+class Health:
+    """Every target's breaker and figures, as this dispatcher sees them."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        on_change: OnChange | None = None,
+    ) -> None:
+        self.clock = clock
+        self.wall = wall
+        self.on_change = on_change  # a breaker changed state here (not when told by another replica)
+        self.targets: dict[tuple[str, str], TargetHealth] = {}
+
+    def of(self, provider: str, model: str) -> TargetHealth:
+        key = (provider, model)
+        health = self.targets.get(key)
+        if health is None:
+            health = self.targets[key] = TargetHealth(provider, model)
+        return health
+
+    def admit(self, provider: str, model: str) -> int:
+        """CALL, SKIP (open, or a probe is out), or PROBE: the cooldown is over; claim() the probe first."""
+        health = self.targets.get((provider, model))
+        if health is None or health.state == CLOSED:
+            return CALL
+        now = self.clock()
+        if health.state == OPEN:
+            return SKIP if now < health.open_until else PROBE
+        return SKIP if now < health.probe_until else PROBE  # half-open: a lost probe's lease runs out
+
+    def skipped(self, provider: str, model: str) -> None:
+        health = self.of(provider, model)
+        health.skipped += 1
+        health.changed = True
+
+    async def claim(self, provider: str, model: str, lease_s: float) -> bool:
+        """Take the half-open probe: True when this call is it. Shared health asks the bucket first."""
+        self.claim_locally(provider, model, lease_s)
+        return True
+
+    def claim_locally(self, provider: str, model: str, lease_s: float, announce: bool = True) -> None:
+        """This dispatcher sends the probe; others (here and, via the bucket, elsewhere) keep skipping."""
+        health = self.of(provider, model)
+        health.state = HALF_OPEN
+        health.probe_until = self.clock() + lease_s
+        health.reason = "cooldown over: one probe is out"
+        health.since_unix_ms = int(self.wall() * 1000)
+        health.changed = True
+        if announce:
+            self._changed(health)
+
+    def record(
+        self,
+        provider: str,
+        model: str,
+        settings: BreakerSettings | None,
+        ok: bool,
+        kind: str | None = None,
+        status_code: int | None = None,
+        latency_ms: float = 0.0,
+        probe: bool = False,
+    ) -> None:
+        """One finished call. `probe`: it was let through while the breaker was not closed."""
+        health = self.of(provider, model)
+        now = self.clock()
+        i = health._slot(now)
+        health.changed = True
+        counted = not ok and kind is not None and settings is not None and trips(settings, kind, status_code)
+        if ok:
+            health.ok[i] += 1
+            health._observe_latency(now, latency_ms)
+        elif counted:
+            health.failed[i] += 1
+        else:
+            health.other[i] += 1
+        if settings is None or not settings.enabled:
+            return
+        if not counted:
+            health.consecutive = 0
+            if probe and health.state != CLOSED:
+                self._close(health, now, "a probe got an answer")
+            return
+        health.consecutive += 1
+        if health.state != CLOSED:
+            if probe:
+                self._open(health, settings, now, f"the probe failed ({kind})")
+            return
+        if health.consecutive >= settings.consecutive_failures:
+            self._open(health, settings, now, f"{health.consecutive} failures in a row (last: {kind})")
+            return
+        good, failed, other = health.counts(now, settings.window_s, health.cleared_s)
+        total = good + failed + other
+        if total >= settings.min_requests and failed >= settings.failure_rate * total:
+            self._open(
+                health, settings, now,
+                f"{failed} of the last {total} calls failed within {settings.window_s:g} s (last: {kind})",
+            )  # fmt: skip
+
+    def _open(self, health: TargetHealth, settings: BreakerSettings, now: float, reason: str) -> None:
+        health.state = OPEN
+        health.open_until = now + settings.cooldown_s
+        health.reason = reason
+        health.since_unix_ms = int(self.wall() * 1000)
+        log.warning("circuit for %s opened: %s; skipping it for %g s", health.label, reason, settings.cooldown_s)
+        self._changed(health)
+
+    def _close(self, health: TargetHealth, now: float, reason: str) -> None:
+        health.state = CLOSED
+        health.consecutive = 0
+        health.cleared_s = int(now)
+        health.reason = reason
+        health.since_unix_ms = int(self.wall() * 1000)
+        log.info("circuit for %s closed: %s", health.label, reason)
+        self._changed(health)
+
+    def _changed(self, health: TargetHealth) -> None:
+        if self.on_change is not None:
+            self.on_change(health)
+
+    def apply(self, provider: str, model: str, state: State, until_unix_ms: int, reason: str, since_unix_ms: int) -> None:
+        """A state another replica set (from the shared bucket): adopt it without announcing it again."""
+        health = self.of(provider, model)
+        now = self.clock()
+        until = now + (until_unix_ms / 1000 - self.wall())
+        if state == OPEN:
+            health.open_until = until
+        elif state == HALF_OPEN:
+            health.probe_until = until
+        elif health.state != CLOSED:
+            health.consecutive = 0
+            health.cleared_s = int(now)
+        if state != health.state:
+            log.info("circuit for %s is %s (set by another dispatcher: %s)", health.label, state, reason)
+        health.state = state
+        health.reason = reason
+        health.since_unix_ms = since_unix_ms
+        health.changed = True
+
+    def until_unix_ms(self, health: TargetHealth) -> int:
+        """When an open breaker's cooldown (or a half-open probe's lease) ends, on the wall clock."""
+        until = health.open_until if health.state == OPEN else health.probe_until if health.state == HALF_OPEN else 0.0
+        return int((self.wall() + (until - self.clock())) * 1000) if until else 0
+
+    def p95_ms(self, provider: str, model: str) -> float | None:
+        health = self.targets.get((provider, model))
+        return None if health is None else health.p95(self.clock())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every target's state and recent figures, as plain data (for the shared bucket and metrics)."""
+        now = self.clock()
+        out: dict[str, Any] = {}
+        for health in self.targets.values():
+            ok, failed, other = health.counts(now, _RECENT_S)
+            out[health.label] = {
+                "provider": health.provider,
+                "model": health.model,
+                "state": health.state,
+                "reason": health.reason,
+                "since_unix_ms": health.since_unix_ms,
+                "until_unix_ms": self.until_unix_ms(health),
+                "ok": ok,
+                "failed": failed + other,
+                "skipped": health.skipped,
+                "latency": {str(b): n for b, n in health.histogram(now).items()},
+            }
+        return out

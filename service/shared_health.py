@@ -1,0 +1,271 @@
+"""Breaker state shared by every dispatcher replica, through a NATS JetStream key-value bucket.
+
+No extra service: the bucket lives in the NATS that already carries the requests.
+
+    breaker.<provider>.<model>   the breaker's state, written by the dispatcher that changed it
+                                 and watched by all: a breaker one replica opens is open
+                                 everywhere within a network round trip. The half-open probe
+                                 is claimed with a compare-and-set on the key's revision, so
+                                 only one replica sends it.
+    stats.<dispatcher>           one dispatcher's recent figures per target (outcomes, latency
+                                 histogram, skips), written once a second when they changed;
+                                 `lifeline status` merges them.
+
+A dispatcher that cannot reach the bucket (JetStream off, NATS trouble, a timeout) says so
+in its log, keeps acting on its own view (service/health.py), and tries again every few
+seconds. Requests never wait on the bucket, except for the rare probe claim (bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import time
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+from nats.nuid import NUID
+
+from service.health import CLOSED, HALF_OPEN, OPEN, Health, TargetHealth
+
+log = logging.getLogger("lifeline.health")
+
+BREAKER_PREFIX = "breaker."
+STATS_PREFIX = "stats."
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachable
+_CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
+_PUBLISH_EVERY_S = 1.0
+_RETRY_EVERY_S = 5.0
+STALE_AFTER_S = 120.0  # a dispatcher's stats older than this are from one that is gone
+
+
+def key_token(text: str) -> str:
+    """A model name as one bucket-key token: '.', '/', ':' and the like become =XX."""
+    return _UNSAFE.sub(lambda m: "".join(f"={b:02X}" for b in m.group().encode()), text) or "="
+
+
+def breaker_key(provider: str, model: str) -> str:
+    return f"{BREAKER_PREFIX}{provider}.{key_token(model)}"
+
+
+class SharedHealth(Health):
+    """Health whose breaker changes go to, and come from, the shared bucket."""
+
+    def __init__(self, nc: Client, bucket: str, **kwargs: Any) -> None:
+        super().__init__(on_change=self._announce, **kwargs)
+        self.nc = nc
+        self.bucket = bucket
+        self.id = f"{os.getpid()}-{NUID().next().decode()[:8]}"
+        self.host = socket.gethostname()
+        self.kv: KeyValue | None = None
+        self.problem: str | None = "not connected yet"  # why the bucket is not in use; None when it is
+        self._revisions: dict[str, int] = {}  # breaker key -> last revision seen
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watcher: Any = None
+        self._follower: asyncio.Task[None] | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.kv is not None
+
+    async def start(self) -> None:
+        await self._connect()
+        self._loop = asyncio.create_task(self._maintain())
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
+        if self._tasks:  # breaker changes still being written
+            await asyncio.wait(set(self._tasks), timeout=_OP_TIMEOUT_S)
+        kv, self.kv = self.kv, None
+        if kv is not None:
+            try:
+                await asyncio.wait_for(kv.delete(STATS_PREFIX + self.id), _OP_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - going away anyway; status drops stale stats
+                pass
+        await self._stop_watcher()
+
+    async def _connect(self) -> None:
+        try:
+            js = self.nc.jetstream(timeout=_OP_TIMEOUT_S * 2)
+            try:
+                kv = await js.key_value(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                kv = await js.create_key_value(bucket=self.bucket, history=1, description="Lifeline breaker state")
+            self._watcher = await kv.watch(BREAKER_PREFIX + ">")
+        except Exception as exc:  # noqa: BLE001 - nats-py raises many types; each means "not reachable"
+            self._degrade(exc)
+            return
+        self._follower = asyncio.create_task(self._follow(self._watcher))
+        self.kv = kv
+        if self.problem != "not connected yet":
+            log.warning("shared health restored: breaker state is shared again through bucket %s", self.bucket)
+        else:
+            log.info("shared health: breaker state is shared through JetStream bucket %s", self.bucket)
+        self.problem = None
+        for health in self.targets.values():  # what changed here meanwhile becomes everyone's
+            if health.state != CLOSED:
+                self._announce(health)
+
+    def _degrade(self, exc: BaseException) -> None:
+        problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if self.kv is not None or self.problem == "not connected yet":
+            log.warning(
+                "shared health unavailable (bucket %s: %s); breakers use this dispatcher's own view "
+                "until it is back (is JetStream enabled on the NATS server?)", self.bucket, problem,
+            )  # fmt: skip
+        self.kv = None
+        self.problem = problem
+
+    async def _stop_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                await watcher.stop()
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    async def _follow(self, watcher: Any) -> None:
+        """Adopt every breaker change another dispatcher writes."""
+        async for entry in watcher:
+            if entry is None or entry.value is None or entry.operation is not None:
+                continue  # the end-of-history marker, or a delete
+            self._revisions[entry.key] = entry.revision
+            try:
+                value = json.loads(entry.value)
+                if value.get("by") == self.id:
+                    continue
+                self.apply(
+                    value["provider"], value["model"], value["state"], value["until_unix_ms"],
+                    value.get("reason", ""), value.get("since_unix_ms", 0),
+                )  # fmt: skip
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring a malformed breaker entry %s in bucket %s: %s", entry.key, self.bucket, exc)
+
+    async def _maintain(self) -> None:
+        """Publish this dispatcher's figures every second; reconnect to the bucket when it was lost."""
+        while True:
+            await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
+            if self.kv is None:
+                await self._stop_watcher()
+                await self._connect()
+                continue
+            if not any(h.changed for h in self.targets.values()):
+                continue
+            await self.publish_stats()
+
+    async def publish_stats(self) -> None:
+        if self.kv is None:
+            return
+        for health in self.targets.values():
+            health.changed = False
+        document = {
+            "dispatcher": self.id, "host": self.host, "ts_unix_ms": int(time.time() * 1000),
+            "targets": self.snapshot(),
+        }  # fmt: skip
+        try:
+            await asyncio.wait_for(self.kv.put(STATS_PREFIX + self.id, json.dumps(document).encode()), _OP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            self._degrade(exc)
+
+    def _value(self, health: TargetHealth) -> bytes:
+        return json.dumps({
+            "provider": health.provider, "model": health.model, "state": health.state,
+            "until_unix_ms": self.until_unix_ms(health), "reason": health.reason,
+            "since_unix_ms": health.since_unix_ms, "by": self.id,
+        }).encode()  # fmt: skip
+
+    def _announce(self, health: TargetHealth) -> None:
+        """A breaker changed here: write it to the bucket, off the request's path."""
+        if self.kv is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._put(health.provider, health.model, self._value(health)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _put(self, provider: str, model: str, value: bytes) -> None:
+        if self.kv is None:
+            return
+        key = breaker_key(provider, model)
+        try:
+            self._revisions[key] = await asyncio.wait_for(self.kv.put(key, value), _OP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            self._degrade(exc)
+
+    async def claim(self, provider: str, model: str, lease_s: float) -> bool:
+        """Only one replica probes: the claim is a compare-and-set on the breaker's revision."""
+        if self.kv is None:
+            return await super().claim(provider, model, lease_s)
+        key = breaker_key(provider, model)
+        health = self.of(provider, model)
+        health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it here while we ask
+        value = self._value(health)
+        revision = self._revisions.get(key)
+        try:
+            if revision is None:
+                revision = await asyncio.wait_for(self.kv.create(key, value), _CLAIM_TIMEOUT_S)
+            else:
+                revision = await asyncio.wait_for(self.kv.update(key, value, last=revision), _CLAIM_TIMEOUT_S)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # another replica changed it first (its probe, or a newer state): keep skipping
+        except Exception as exc:  # noqa: BLE001
+            self._degrade(exc)
+            return await super().claim(provider, model, lease_s)
+        self._revisions[key] = revision
+        self.claim_locally(provider, model, lease_s, announce=False)
+        return True
+
+
+def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> dict[str, Any]:
+    """The bucket's contents as one view per target: breaker state from `breaker.*`, figures
+    summed over the live dispatchers' `stats.*`. Used by `lifeline status` and its tests."""
+    now_unix_ms = now_unix_ms if now_unix_ms is not None else int(time.time() * 1000)
+    targets: dict[str, dict[str, Any]] = {}
+    dispatchers = []
+    for key, raw in sorted(entries.items()):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if key.startswith(STATS_PREFIX):
+            if now_unix_ms - value.get("ts_unix_ms", 0) > STALE_AFTER_S * 1000:
+                continue
+            dispatchers.append({"id": value.get("dispatcher"), "host": value.get("host")})
+            for label, figures in value.get("targets", {}).items():
+                view = targets.setdefault(label, _empty(figures["provider"], figures["model"]))
+                view["ok"] += figures.get("ok", 0)
+                view["failed"] += figures.get("failed", 0)
+                view["skipped"] += figures.get("skipped", 0)
+                for bucket, count in figures.get("latency", {}).items():
+                    view["latency"][int(bucket)] = view["latency"].get(int(bucket), 0) + count
+        elif key.startswith(BREAKER_PREFIX):
+            label = f"{value['provider']}:{value['model']}" if value.get("model") else value["provider"]
+            view = targets.setdefault(label, _empty(value["provider"], value.get("model", "")))
+            state = value.get("state", CLOSED)
+            if state in (OPEN, HALF_OPEN) and value.get("until_unix_ms", 0) <= now_unix_ms and state == OPEN:
+                state = "open (cooldown over: next call probes)"
+            view.update(state=state, reason=value.get("reason", ""), since_unix_ms=value.get("since_unix_ms", 0),
+                        until_unix_ms=value.get("until_unix_ms", 0))  # fmt: skip
+    return {"dispatchers": dispatchers, "targets": targets}
+
+
+def _empty(provider: str, model: str) -> dict[str, Any]:
+    return {
+        "provider": provider, "model": model, "state": CLOSED, "reason": "", "since_unix_ms": 0, "until_unix_ms": 0,
+        "ok": 0, "failed": 0, "skipped": 0, "latency": {},
+    }  # fmt: skip

@@ -1,0 +1,291 @@
+"""Health-aware and latency-aware routing over a real nats-server: circuit breakers (shared by
+dispatcher processes through JetStream KV), hedged requests, and the hedge and retry budgets.
+
+Failures come from fault injection (the dispatcher simulates them), so the same provider
+can fail in one request and answer in the next, the way an outage comes and goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from conftest import USER_HELLO, ask, fake
+from service.app import start_stack
+from service.config import parse_config
+from service.embedded import EmbeddedNats
+from service.health import CLOSED, OPEN
+from service.shared_health import breaker_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def outcomes(reply) -> list[tuple]:
+    return [(a.target, a.outcome, a.error_type or a.reason) for a in reply.attempts]
+
+
+def breaker_config(breaker: dict[str, Any] | None = None, **route: Any) -> dict[str, Any]:
+    return {
+        "providers": {"a": fake(reply="from a"), "b": fake(reply="from b")},
+        "dispatcher": {"allow_fault_injection": True},
+        "breaker": {"consecutive_failures": 2, "cooldown_s": 0.3, **(breaker or {})},
+        "routes": {"default": {"targets": ["a", "b"], **route}},
+    }
+
+
+FAIL_A = {**USER_HELLO, "faults": {"a": [503]}}
+
+
+async def until(predicate, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+# ---- a breaker's life ------------------------------------------------------------------
+
+
+async def test_a_breaker_opens_skips_probes_and_closes(lifeline, client, audit):
+    stack = await lifeline(breaker_config())
+    health = stack.dispatcher.health
+    for _ in range(2):  # two failures in a row open it
+        reply = await ask(client, FAIL_A)
+        assert outcomes(reply) == [("a", "error", "server_error"), ("b", "ok", None)]
+    assert health.of("a", "fake-1").state == OPEN
+
+    reply = await ask(client, USER_HELLO)  # a is skipped at once, without a call
+    assert outcomes(reply) == [("a", "skipped", "circuit_open"), ("b", "ok", None)]
+    assert "2 failures in a row" in (reply.attempts[0].message or "")
+    events = await audit.wait_for(3)
+    assert [(a.outcome, a.reason) for a in events[2][1].attempts] == [("skipped", "circuit_open"), ("ok", None)]
+
+    await asyncio.sleep(0.35)  # the cooldown ends: the next request probes a, and a answers
+    reply = await ask(client, USER_HELLO)
+    assert outcomes(reply) == [("a", "ok", None)]
+    assert health.of("a", "fake-1").state == CLOSED
+    assert (await ask(client, USER_HELLO)).provider == "a"
+
+
+async def test_a_failed_probe_opens_the_breaker_for_another_cooldown(lifeline, client):
+    stack = await lifeline(breaker_config())
+    for _ in range(2):
+        await ask(client, FAIL_A)
+    await asyncio.sleep(0.35)
+    reply = await ask(client, FAIL_A)  # the probe fails
+    assert outcomes(reply) == [("a", "error", "server_error"), ("b", "ok", None)]
+    assert stack.dispatcher.health.of("a", "fake-1").state == OPEN
+    assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
+
+
+async def test_the_failure_rate_over_the_window_opens_it_too(lifeline, client):
+    await lifeline(breaker_config({"consecutive_failures": 100, "failure_rate": 0.5, "min_requests": 6}))
+    for fault in ["ok", 503, "ok", 503, "ok", 503]:  # never two in a row, but half of six
+        await ask(client, {**USER_HELLO, "faults": {"a": [fault]}})
+    assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
+
+
+async def test_the_last_target_left_is_called_even_when_its_breaker_is_open(lifeline, client):
+    await lifeline(breaker_config())
+    for _ in range(2):
+        await ask(client, FAIL_A)
+    reply = await ask(client, {**USER_HELLO, "targets": ["a"]})
+    assert outcomes(reply) == [("a", "ok", None)]  # better a call than a certain error
+
+
+async def test_failures_that_are_the_requests_fault_do_not_open_it(lifeline, client):
+    await lifeline(breaker_config())
+    for _ in range(4):
+        await ask(client, {**USER_HELLO, "faults": {"a": [400]}})
+    assert (await ask(client, USER_HELLO)).provider == "a"
+
+
+async def test_settings_per_route_and_per_target(lifeline, client):
+    config = breaker_config()
+    config["routes"] = {
+        "tolerant": {"targets": ["a", "b"], "breaker": {"consecutive_failures": 3}},
+        "off": {"targets": [{"provider": "a", "name": "a-unguarded", "breaker": {"enabled": False}}, "b"]},
+    }
+    stack = await lifeline(config)
+    for _ in range(2):
+        await ask(client, {**FAIL_A, "route": "tolerant"})
+    assert stack.dispatcher.health.of("a", "fake-1").state == CLOSED  # the route asks for 3
+    for _ in range(3):
+        await ask(client, {**USER_HELLO, "route": "off", "faults": {"a-unguarded": [503]}})
+    reply = await ask(client, {**USER_HELLO, "route": "off"})
+    assert outcomes(reply) == [("a-unguarded", "ok", None)]  # never skipped: no breaker
+
+
+# ---- shared state ----------------------------------------------------------------------
+
+
+def _toml(config: dict[str, Any]) -> str:
+    lines = ['[dispatcher]\nallow_fault_injection = true\n', "[breaker]\nconsecutive_failures = 2\ncooldown_s = 30\n"]
+    for name, table in config["providers"].items():
+        lines.append(f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+    lines.append('[routes.default]\ntargets = ["a", "b"]\n')
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def second_dispatcher(tmp_path, nats_url):
+    """`lifeline dispatcher` in its own process, on the same NATS and config."""
+    path = tmp_path / "lifeline.toml"
+    path.write_text(_toml(breaker_config()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dispatcher", "--config", str(path), "--nats-url", nats_url],
+        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log, deadline = b"", time.monotonic() + 20
+    while b"dispatcher serving" not in log:  # it logs this once subscribed
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stderr], [], [], left)[0]:
+            proc.kill()
+            raise AssertionError(f"the second dispatcher did not start: {log.decode()}")
+        chunk = os.read(proc.stderr.fileno(), 65536)  # type: ignore[union-attr]
+        if not chunk:
+            raise AssertionError(f"the second dispatcher exited: {log.decode()}")
+        log += chunk
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=15)
+    proc.stderr and proc.stderr.close()
+
+
+async def test_two_dispatcher_processes_share_one_breaker_state(lifeline, client, second_dispatcher):
+    stack = await lifeline(breaker_config({"cooldown_s": 30}))
+    kv = await client.jetstream().key_value("lifeline_health")
+    # The breaker opens in whichever dispatcher sees a failure twice (each counts its own);
+    # the other one learns it from the bucket.
+    async with asyncio.timeout(10):
+        while (await _state(kv)) != OPEN:
+            await asyncio.gather(*(ask(client, FAIL_A) for _ in range(2)))
+    await asyncio.sleep(0.2)  # the watch delivers it within milliseconds; leave room on a busy machine
+    health = stack.dispatcher.health.of("a", "fake-1")
+    skipped_here = health.skipped
+    replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(40)))
+    assert {outcomes(r)[0] for r in replies} == {("a", "skipped", "circuit_open")}
+    assert 0 < health.skipped - skipped_here < 40  # both processes served some, and both skipped a
+
+
+async def _state(kv) -> str | None:
+    try:
+        entry = await kv.get(breaker_key("a", "fake-1"))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return json.loads(entry.value)["state"]
+
+
+async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(lifeline, client, nats_url, tracers):
+    first = await lifeline(breaker_config({"cooldown_s": 0.3}))
+    second = await start_stack(parse_config(breaker_config({"cooldown_s": 0.3})), nats_url, tracers, workers=[])
+    both = [first.dispatcher.health.of("a", "fake-1"), second.dispatcher.health.of("a", "fake-1")]
+    try:
+        async with asyncio.timeout(10):
+            while not all(h.state == OPEN for h in both):  # opened by one, adopted by the other
+                await ask(client, FAIL_A)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.35)
+            while not all(h.state == CLOSED for h in both):  # one replica's probe closes it for both
+                await ask(client, USER_HELLO)
+                await asyncio.sleep(0.01)
+    finally:
+        await second.stop()
+
+
+async def test_without_jetstream_a_dispatcher_says_so_and_uses_its_own_view(tracers, caplog):
+    caplog.set_level(logging.WARNING, "lifeline.health")
+    with EmbeddedNats(port=-1, jetstream=False) as server:
+        stack = await start_stack(parse_config(breaker_config()), server.url, tracers)
+        nc = await nats.connect(server.url)
+        try:
+            for _ in range(2):
+                await ask(nc, FAIL_A)
+            assert outcomes(await ask(nc, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
+        finally:
+            await nc.close()
+            await stack.stop()
+    assert any("shared health unavailable" in r.message and "own view" in r.message for r in caplog.records)
+
+
+# ---- hedging ---------------------------------------------------------------------------
+
+
+def hedge_config(**route: Any) -> dict[str, Any]:
+    return {
+        "providers": {"slow": fake(reply="slow", latency_ms=3000), "fast": fake(reply="fast")},
+        "routes": {"default": {"targets": ["slow", "fast"], "hedge_after_ms": 50, **route}},
+    }
+
+
+async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(lifeline, client, audit, exporter):
+    stack = await lifeline(hedge_config())
+    reply = await ask(client, USER_HELLO, timeout_s=2)
+    assert reply.content == "fast"
+    assert [(a.target, a.outcome, a.reason, a.hedge) for a in reply.attempts] == [
+        ("slow", "cancelled", "hedge_lost", False),
+        ("fast", "ok", None, True),
+    ]
+    slow = stack.workers["slow"]
+    await until(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1)  # well before its 3 s
+    [(_, event)] = await audit.wait_for(1)
+    assert [a.outcome for a in event.attempts] == ["cancelled", "ok"]
+    [request] = [s for s in exporter.get_finished_spans() if s.name == "chat"]
+    [hedge] = [e for e in request.events if e.name == "lifeline.hedge"]
+    assert (hedge.attributes["lifeline.hedge.from"], hedge.attributes["lifeline.hedge.to"]) == ("slow", "fast")
+
+
+async def test_a_fast_first_target_is_never_hedged(lifeline, client):
+    config = hedge_config(hedge_after_ms=2000)
+    config["providers"]["slow"] = fake(reply="slow", latency_ms=20)
+    await lifeline(config)
+    reply = await ask(client, USER_HELLO, timeout_s=5)
+    assert outcomes(reply) == [("slow", "ok", None)]  # a hedge would show as a cancelled attempt
+
+
+async def test_hedge_p95_waits_for_the_targets_recent_p95(lifeline, client):
+    config = hedge_config(hedge="p95")
+    del config["routes"]["default"]["hedge_after_ms"]
+    config["providers"]["slow"] = fake(reply="slow", latency_ms=20)
+    stack = await lifeline(config)
+    for _ in range(25):  # a history of ~20 ms answers; no hedging before there is one
+        assert outcomes(await ask(client, USER_HELLO)) == [("slow", "ok", None)]
+    p95_ms = stack.dispatcher.health.p95_ms("slow", "fake-1")
+    assert p95_ms is not None and 20 <= p95_ms < 200
+
+
+# ---- budgets under load ----------------------------------------------------------------
+
+
+async def test_the_hedge_budget_holds_under_load(lifeline, client):
+    config = hedge_config(hedge_budget=0.1)
+    config["providers"]["slow"] = fake(reply="slow", latency_ms=300)
+    await lifeline(config)
+    replies = await asyncio.gather(*(ask(client, USER_HELLO, timeout_s=10) for _ in range(80)))
+    hedged = sum(1 for r in replies if any(a.hedge for a in r.attempts))
+    assert all(r.status == "ok" for r in replies)
+    assert 3 <= hedged <= 0.1 * 80 + 3  # the reserve of 3, then one hedge per ten requests at most
+
+
+async def test_the_retry_budget_holds_under_load_and_the_attempt_says_why(lifeline, client):
+    await lifeline({
+        "providers": {"a": fake(fail_status=503), "b": fake(reply="b")},
+        "routes": {"default": {"targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b"], "retry_budget": 0.2}},
+    })  # fmt: skip
+    replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(80)))
+    assert all(r.provider == "b" for r in replies)
+    retries = sum(1 for r in replies for a in r.attempts if a.retry > 0)
+    assert 3 <= retries <= 0.2 * 80 + 3  # without the budget: 3 per request, 240
+    denied = [a for r in replies for a in r.attempts if a.reason == "retry_budget"]
+    assert denied and all(a.next == "fallback" for a in denied)
