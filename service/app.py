@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client
+from opentelemetry.sdk.metrics import MeterProvider
 
 from service.config import Config
 from service.dispatcher import Dispatcher
-from service.telemetry import Tracing
+from service.telemetry import Tracing, observe_health
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
 
@@ -69,10 +70,14 @@ class Component:
             await self.nc.close()
 
 
-async def start_dispatcher(config: Config, url: str, tracers: Tracing) -> tuple[Component, Dispatcher]:
+async def start_dispatcher(
+    config: Config, url: str, tracers: Tracing, meters: MeterProvider | None = None
+) -> tuple[Component, Dispatcher]:
     nc = await connect(url, "lifeline-dispatcher")
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
+    if meters is not None:
+        observe_health(meters, dispatcher.health)
     return Component("dispatcher", nc, dispatcher.stop), dispatcher
 
 
@@ -99,14 +104,16 @@ class Stack:
         self.components.clear()
 
 
-async def start_stack(config: Config, url: str, tracers: Tracing, workers: list[str] | None = None) -> Stack:
+async def start_stack(
+    config: Config, url: str, tracers: Tracing, workers: list[str] | None = None, meters: MeterProvider | None = None
+) -> Stack:
     """One dispatcher and one worker per provider (or per name in `workers`)."""
     stack = Stack()
     try:
         for name in config.providers if workers is None else workers:
             component, stack.workers[name] = await start_worker(config, name, url, tracers)
             stack.components.append(component)
-        component, stack.dispatcher = await start_dispatcher(config, url, tracers)
+        component, stack.dispatcher = await start_dispatcher(config, url, tracers, meters)
         stack.components.append(component)
     except BaseException:
         await stack.stop()

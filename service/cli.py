@@ -13,15 +13,21 @@ import sys
 import uuid
 from pathlib import Path
 
+import json
+import time
+
 import msgspec
+import nats.js.errors
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest
 from schemas import subjects
 from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
 from service import telemetry
 from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
-from service.config import Config, ConfigError, load_config
+from service.config import Config, ConfigError, breaker_settings, load_config
 from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url
+from service.health import percentile_ms
+from service.shared_health import merge_status, read_bucket
 
 log = logging.getLogger("lifeline")
 
@@ -87,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print what it defines")
     _config_arg(check)
+
+    status = commands.add_parser(
+        "status", help="every target's circuit breaker, recent success rate and p50/p95, from the shared health bucket",
+        description="Reads the JetStream key-value bucket the dispatchers share (dispatcher.health_bucket) and "
+        "shows, per target (provider:model): its breaker (closed, open, half_open) and why, the calls of the last "
+        "60 s summed over every live dispatcher, their success rate, the p50/p95 latency of good answers "
+        "(last 30-60 s), and how many calls skipped it while its breaker was open.",
+    )  # fmt: skip
+    status.add_argument("--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)")
+    status.add_argument("--json", action="store_true", help="print the merged view as JSON")
+    _nats_arg(status)
     return parser
 
 
@@ -103,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    handlers = {"run": cmd_run, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "ask": cmd_ask, "check-config": cmd_check}
+    handlers = {
+        "run": cmd_run, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "ask": cmd_ask, "check-config": cmd_check,
+        "status": cmd_status,
+    }  # fmt: skip
     try:
         return asyncio.run(handlers[args.command](args))
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
@@ -133,9 +153,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
             raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
         print(f"embedded NATS (JetStream) listening on {url}", flush=True)
     tracers = telemetry.tracer_provider_from_env("lifeline")
+    meters = telemetry.meter_provider_from_env("lifeline")
     stack: Stack | None = None
     try:
-        stack = await start_stack(config, url, tracers)
+        stack = await start_stack(config, url, tracers, meters=meters)
         _print_started(config, url)
         watcher = None if args.quiet else await _watch_audit(url)
         await _until_signalled()
@@ -146,6 +167,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if stack is not None:
             await stack.stop()
         tracers.shutdown()
+        if meters is not None:
+            meters.shutdown()
         if server is not None:
             server.stop()
     print("stopped")
@@ -162,6 +185,16 @@ def _describe(config: Config) -> None:
         print(f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})")
         for kind, targets in route.by_kind.items():
             print(f"         {'':<12} on {kind}: {_chain(targets)}")
+        if route.hedge_after_ms is not None or route.hedge_p95:
+            after = "the target's recent p95" if route.hedge_p95 else f"{route.hedge_after_ms:g} ms"
+            if route.hedge_p95 and route.hedge_after_ms is not None:
+                after += f" (at least {route.hedge_after_ms:g} ms)"
+            print(f"         {'':<12} hedges after {after}; hedge_budget {route.hedge_budget:g}, "
+                  f"retry_budget {route.retry_budget:g}")  # fmt: skip
+    breaker = breaker_settings(config.breaker)
+    print(f"breaker  opens after {breaker.consecutive_failures} failures in a row or {breaker.failure_rate:.0%} of "
+          f"{breaker.min_requests}+ calls in {breaker.window_s:g} s; cooldown {breaker.cooldown_s:g} s"
+          + ("" if breaker.enabled else " (disabled)"))  # fmt: skip
 
 
 def _chain(steps) -> str:
@@ -213,9 +246,14 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
-    component, _ = await start_dispatcher(config, url, tracers)
+    meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
+    component, _ = await start_dispatcher(config, url, tracers, meters)
     log.info("dispatcher serving %s on %s (queue group %s)", subjects.COMPLETE, url, subjects.DISPATCHER_QUEUE)
-    await _serve(component, tracers)
+    try:
+        await _serve(component, tracers)
+    finally:
+        if meters is not None:
+            meters.shutdown()
     return 0
 
 
@@ -282,11 +320,16 @@ def _faults(entries: list[str]) -> dict[str, list[str | int]]:
 
 
 def _outcome(a: Attempt) -> str:
+    hedge = " (hedge)" if a.hedge else ""
     if a.outcome == "ok":
-        return "ok"
+        return "ok" + hedge
     if a.outcome == "skipped":
         return f"skipped:{a.reason}"
-    return f"{a.error_type}{' ' + str(a.status_code) if a.status_code else ''}{'->' + a.next if a.next else ''}"
+    if a.outcome == "cancelled":
+        return f"cancelled:{a.reason}{hedge}"
+    status = f" {a.status_code}" if a.status_code else ""
+    retry = f" ({a.reason})" if a.reason else ""  # e.g. retry_budget: why it was not retried
+    return f"{a.error_type}{status}{'->' + a.next if a.next else ''}{retry}{hedge}"
 
 
 def _print_reply(reply: CompletionReply) -> None:
@@ -306,6 +349,60 @@ def _print_reply(reply: CompletionReply) -> None:
             if a.message:
                 print(f"     {a.message}")
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    try:
+        nc = await connect(url, "lifeline-status", wait_for_server=False)
+    except NatsUnreachable as exc:
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 1
+    try:
+        entries = await read_bucket(nc, args.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        print(f"lifeline: no bucket {args.bucket} on {url}: no dispatcher has shared its health there yet. "
+              "Start one (`lifeline run` or `lifeline dispatcher`), or pass --bucket", file=sys.stderr)  # fmt: skip
+        return 1
+    except Exception as exc:  # nats-py: no JetStream answers with several types
+        print(f"lifeline: cannot read bucket {args.bucket} on {url} ({type(exc).__name__}: {exc}); is JetStream "
+              "enabled on that server? Without it each dispatcher keeps its own breaker view", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    view = merge_status(entries)
+    if args.json:
+        print(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        _print_status(view, args.bucket, url)
+    return 0
+
+
+def _print_status(view: dict, bucket: str, url: str) -> None:
+    now_ms = time.time() * 1000
+    dispatchers = view["dispatchers"]
+    who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
+    print(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
+    if not view["targets"]:
+        print("no target has been called yet")
+        return
+    print(f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} {'P50':>10} {'P95':>10} {'SKIPPED':>8}")
+    for label, t in sorted(view["targets"].items()):
+        calls = t["ok"] + t["failed"]
+        success = f"{100 * t['ok'] / calls:.1f}%" if calls else "-"
+        p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
+        state = t["state"].split(" ")[0]
+        print(f"{label:<28} {state:<10} {calls:>9} {success:>8} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}")
+        if t["state"] != "closed" and t["reason"]:
+            left_s = (t["until_unix_ms"] - now_ms) / 1000
+            until = f"; cooldown ends in {left_s:.0f} s" if left_s > 0 and state == "open" else (
+                "; cooldown over: the next call probes it" if state == "open" else "")
+            print(f"{'':<28} \u2514 {t['reason']}{until}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
 async def cmd_check(args: argparse.Namespace) -> int:

@@ -336,6 +336,7 @@ class Health:
         out: dict[str, Any] = {}
         for health in self.targets.values():
             ok, failed, other = health.counts(now, _RECENT_S)
+            histogram = health.histogram(now)
             out[health.label] = {
                 "provider": health.provider,
                 "model": health.model,
@@ -346,6 +347,8 @@ class Health:
                 "ok": ok,
                 "failed": failed + other,
                 "skipped": health.skipped,
-                "latency": {str(b): n for b, n in health.histogram(now).items()},
+                "p50_ms": percentile_ms(histogram, 0.5),
+                "p95_ms": percentile_ms(histogram, 0.95),
+                "latency": {str(b): n for b, n in histogram.items()},
             }
         return out

@@ -257,7 +257,7 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
             label = f"{value['provider']}:{value['model']}" if value.get("model") else value["provider"]
             view = targets.setdefault(label, _empty(value["provider"], value.get("model", "")))
             state = value.get("state", CLOSED)
-            if state in (OPEN, HALF_OPEN) and value.get("until_unix_ms", 0) <= now_unix_ms and state == OPEN:
+            if state == OPEN and value.get("until_unix_ms", 0) <= now_unix_ms:
                 state = "open (cooldown over: next call probes)"
             view.update(state=state, reason=value.get("reason", ""), since_unix_ms=value.get("since_unix_ms", 0),
                         until_unix_ms=value.get("until_unix_ms", 0))  # fmt: skip
@@ -269,3 +269,21 @@ def _empty(provider: str, model: str) -> dict[str, Any]:
         "provider": provider, "model": model, "state": CLOSED, "reason": "", "since_unix_ms": 0, "until_unix_ms": 0,
         "ok": 0, "failed": 0, "skipped": 0, "latency": {},
     }  # fmt: skip
+
+
+async def read_bucket(nc: Client, bucket: str) -> dict[str, bytes]:
+    """Every live key of the health bucket; raises nats.js.errors.BucketNotFoundError."""
+    kv = await nc.jetstream(timeout=_OP_TIMEOUT_S * 2).key_value(bucket)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    entries: dict[str, bytes] = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # deleted meanwhile (a dispatcher stopped)
+            continue
+        if entry.value:
+            entries[key] = entry.value
+    return entries

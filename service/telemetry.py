@@ -22,6 +22,9 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -83,6 +86,72 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
+
+
+def metrics_exporter_configured(environ: Mapping[str, str] = os.environ) -> str | None:
+    """"otlp", "console" or None, from OTEL_METRICS_EXPORTER and the OTLP endpoint variables."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    chosen = environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    if chosen in ("none", "console"):
+        return None if chosen == "none" else "console"
+    if chosen == "otlp" or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        return "otlp"
+    return None
+
+
+def meter_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> MeterProvider | None:
+    """A MeterProvider exporting every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), or None when
+    no metrics exporter is configured (then nothing is collected at all)."""
+    exporter = metrics_exporter_configured(environ)
+    if exporter is None:
+        return None
+    if exporter == "console":
+        reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    resource = Resource.create({} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name})
+    return MeterProvider(resource=resource, metric_readers=[reader])
+
+
+_BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def observe_health(meters: MeterProvider, health: Any) -> None:
+    """Export the figures `lifeline status` shows as observable instruments, read from the
+    dispatcher's health (service/health.py) when the reader collects: nothing on the hot path."""
+    meter = meters.get_meter("lifeline.dispatcher")
+
+    def gauge(name: str, unit: str, description: str, value_of) -> None:  # type: ignore[no-untyped-def]
+        def callback(options: CallbackOptions):  # type: ignore[no-untyped-def]
+            for label, figures in health.snapshot().items():
+                value = value_of(figures)
+                if value is not None:
+                    attributes = {"lifeline.target": label, "lifeline.provider": figures["provider"],
+                                  "gen_ai.request.model": figures["model"]}  # fmt: skip
+                    yield Observation(value, attributes)
+
+        meter.create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
+
+    gauge("lifeline.breaker.state", "1", "circuit breaker per target: 0 closed, 1 half-open, 2 open",
+          lambda f: _BREAKER_STATE[f["state"]])  # fmt: skip
+    gauge("lifeline.target.requests", "{request}", "calls of the target in the last 60 s", lambda f: f["ok"] + f["failed"])
+    gauge("lifeline.target.success_rate", "1", "share of the target's calls in the last 60 s that answered well",
+          lambda f: f["ok"] / (f["ok"] + f["failed"]) if f["ok"] + f["failed"] else None)  # fmt: skip
+    gauge("lifeline.target.latency.p50", "ms", "median latency of the target's good answers (last 30-60 s)",
+          lambda f: f["p50_ms"])  # fmt: skip
+    gauge("lifeline.target.latency.p95", "ms", "p95 latency of the target's good answers (last 30-60 s)",
+          lambda f: f["p95_ms"])  # fmt: skip
+
+    def shared(options: CallbackOptions):  # type: ignore[no-untyped-def]
+        yield Observation(1 if getattr(health, "shared", False) else 0)
+
+    meter.create_observable_gauge(
+        "lifeline.health.shared", callbacks=[shared], unit="1",
+        description="1 while breaker state is shared through the JetStream bucket, 0 on this dispatcher's own view",
+    )  # fmt: skip
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:

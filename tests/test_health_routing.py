@@ -289,3 +289,72 @@ async def test_the_retry_budget_holds_under_load_and_the_attempt_says_why(lifeli
     assert 3 <= retries <= 0.2 * 80 + 3  # without the budget: 3 per request, 240
     denied = [a for r in replies for a in r.attempts if a.reason == "retry_budget"]
     assert denied and all(a.next == "fallback" for a in denied)
+
+
+# ---- health made visible ---------------------------------------------------------------
+
+
+async def lifeline_cli(*args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", *args, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, client, nats_url):
+    stack = await lifeline(breaker_config({"cooldown_s": 30}))
+    for _ in range(2):
+        await ask(client, FAIL_A)
+    await ask(client, USER_HELLO)  # skips a
+    await stack.dispatcher.health.publish_stats()  # it does so every second anyway
+
+    code, out, err = await lifeline_cli("status", "--nats-url", nats_url)
+    assert code == 0, err
+    assert "1 dispatcher(s) reporting" in out
+    [a_line] = [line for line in out.splitlines() if line.startswith("a:fake-1")]
+    assert a_line.split()[1:5] == ["open", "2", "0.0%", "-"]
+    assert "2 failures in a row (last: server_error); cooldown ends in" in out
+    [b_line] = [line for line in out.splitlines() if line.startswith("b:fake-1")]
+    assert b_line.split()[1:4] == ["closed", "3", "100.0%"]
+
+    code, out, _ = await lifeline_cli("status", "--nats-url", nats_url, "--json")
+    view = json.loads(out)["targets"]
+    assert (view["a:fake-1"]["state"], view["a:fake-1"]["failed"], view["a:fake-1"]["skipped"]) == ("open", 2, 1)
+
+
+async def test_lifeline_status_says_what_to_do_when_no_dispatcher_shared_anything(nats_url):
+    code, _, err = await lifeline_cli("status", "--nats-url", nats_url)
+    assert code == 1
+    assert "no bucket lifeline_health" in err and "lifeline run" in err
+
+
+async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tracers, client):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    stack = await start_stack(parse_config(breaker_config()), nats_url, tracers, meters=meters)
+    try:
+        for _ in range(2):
+            await ask(client, FAIL_A)
+        points = {
+            (metric.name, point.attributes["lifeline.target"]): point.value
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            for point in metric.data.data_points
+            if "lifeline.target" in point.attributes
+        }
+    finally:
+        await stack.stop()
+        meters.shutdown()
+    assert points[("lifeline.breaker.state", "a:fake-1")] == 2  # open
+    assert points[("lifeline.breaker.state", "b:fake-1")] == 0
+    assert points[("lifeline.target.success_rate", "a:fake-1")] == 0.0
+    assert points[("lifeline.target.success_rate", "b:fake-1")] == 1.0
+    assert points[("lifeline.target.requests", "b:fake-1")] == 2
+    assert points[("lifeline.target.latency.p95", "b:fake-1")] > 0

@@ -148,3 +148,23 @@ async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, h
     assert worker.cancelled == 1
     with pytest.raises(nats.errors.TimeoutError):
         await replies.next_msg(timeout=0.2)  # nobody waits for it, so no reply is sent
+
+
+async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cancelled(lifeline, client, http_server):
+    stack = await lifeline(config(
+        {"local": openai_at(http_server, timeout_s=30), "backup": fake(reply="b")},
+        routes={"default": {"targets": ["local", "backup"], "hedge_after_ms": 100}},
+    ))  # fmt: skip
+    http_server.script = [("hang", 3.0)]
+    reply = await ask(client, USER_HELLO, timeout_s=2)  # long before the 3 s hang ends
+    assert (reply.provider, reply.content) == ("backup", "b")
+    assert [(a.provider, a.outcome, a.hedge) for a in reply.attempts] == [
+        ("local", "cancelled", False),
+        ("backup", "ok", True),
+    ]
+    worker = stack.workers["local"]
+    async with asyncio.timeout(1):  # the dispatcher's cancel reaches the worker, which drops the HTTP call
+        while worker.in_flight:
+            await asyncio.sleep(0.01)
+    assert worker.cancelled == 1
+    assert len(http_server.requests) == 1 and http_server.finished_hangs == 0
