@@ -101,7 +101,7 @@ class TargetHealth:
         "p95_ms", "p95_at", "skipped", "changed",
     )  # fmt: skip
 
-    def __init__(self, provider: str, model: str) -> None:
+    def __init__(self, provider: str, model: str, since_unix_ms: int = 0) -> None:
         self.provider = provider
         self.model = model
         self.state: State = CLOSED
@@ -109,7 +109,7 @@ class TargetHealth:
         self.probe_until = 0.0  # monotonic: when a probe in flight counts as lost
         self.consecutive = 0
         self.reason = ""
-        self.since_unix_ms = int(time.time() * 1000)
+        self.since_unix_ms = since_unix_ms  # when the breaker took its state
         self.epochs = [-1] * _RING_S
         self.ok = [0] * _RING_S
         self.failed = [0] * _RING_S  # counted (trip_on) failures
@@ -200,7 +200,7 @@ class Health:
         key = (provider, model)
         health = self.targets.get(key)
         if health is None:
-            health = self.targets[key] = TargetHealth(provider, model)
+            health = self.targets[key] = TargetHealth(provider, model, int(self.wall() * 1000))
         return health
 
     def admit(self, provider: str, model: str) -> int:

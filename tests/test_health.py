@@ -1,0 +1,385 @@
+"""Circuit breakers, recent latencies and budgets, as pure units: no NATS, no sleeps.
+
+service/health.py runs on an injected fake clock (`t[0]`, with a wall clock 1000 s ahead);
+Budget takes the same kind of clock; run_chain gets a real Health and, for hedging only,
+real asyncio time (a 0.01 s hedge delay; no test asserts on durations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.health import (
+    CALL, CLOSED, HALF_OPEN, MIN_SAMPLES, OPEN, PROBE, SKIP, BreakerSettings, Health, TargetHealth,
+    bucket_ms, bucket_of, percentile_ms,
+)  # fmt: skip
+from service.policy import Budget, Budgets, Chain, Hedge, Limits, run_chain
+from test_policy import Clock, Script, events, fail, ok, target
+
+P, M = "p", "m"
+FAST = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
+RATE = BreakerSettings(consecutive_failures=100, failure_rate=0.5, min_requests=10, window_s=10.0)
+
+
+def make_health(on_change=None, start: float = 0.0) -> tuple[Health, list[float]]:
+    t = [start]
+    return Health(clock=lambda: t[0], wall=lambda: 1000.0 + t[0], on_change=on_change), t
+
+
+def failures(h: Health, n: int, settings=FAST, kind: str = "server_error", status=None, probe=False) -> None:
+    for _ in range(n):
+        h.record(P, M, settings, False, kind, status, probe=probe)
+
+
+def answers(h: Health, n: int, latency_ms: float = 10.0, settings=FAST, probe=False) -> None:
+    for _ in range(n):
+        h.record(P, M, settings, True, latency_ms=latency_ms, probe=probe)
+
+
+def opened(on_change=None, settings=FAST) -> tuple[Health, list[float]]:
+    """A Health whose p:m breaker opened at t = 0 after 3 failures in a row (cooldown 5 s)."""
+    h, t = make_health(on_change)
+    failures(h, 3, settings)
+    return h, t
+
+
+def admits(h: Health, t: list[float], *times: float) -> list[int]:
+    out = []
+    for t[0] in times:  # the fake clock moves to each time in turn
+        out.append(h.admit(P, M))
+    return out
+
+
+def state(h: Health) -> str:
+    return h.of(P, M).state
+
+
+# ---- the breaker ---------------------------------------------------------------------
+
+
+def test_consecutive_counted_failures_open_it_and_a_good_answer_restarts_the_count():
+    h, t = make_health()
+    failures(h, 2)
+    answers(h, 1)
+    failures(h, 2)
+    assert (state(h), admits(h, t, 0.0)) == (CLOSED, [CALL])
+    failures(h, 1)
+    assert (state(h), admits(h, t, 0.0)) == (OPEN, [SKIP])
+
+
+async def test_open_skips_until_the_cooldown_then_one_probe_whose_lease_runs_out():
+    h, t = opened()
+    t[0] = 1.0
+    answers(h, 1, probe=False)  # a good answer that was not a probe does not close it
+    assert (state(h), admits(h, t, 4.99, 5.0)) == (OPEN, [SKIP, PROBE])
+    assert await h.claim(P, M, 2.0) is True
+    assert state(h) == HALF_OPEN
+    assert admits(h, t, 5.0, 6.99, 7.0) == [SKIP, SKIP, PROBE]  # others skip; then the lost probe's lease ends
+
+
+@pytest.mark.parametrize("outcome", ["ok", "bad_request"])
+def test_a_probe_that_gets_an_answer_closes_it_and_the_failures_before_no_longer_count(outcome):
+    settings = BreakerSettings(consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0)
+    h, t = opened(settings=settings)
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    if outcome == "ok":
+        answers(h, 1, settings=settings, probe=True)
+    else:  # the request's own fault: the provider did answer
+        failures(h, 1, settings, kind=outcome, status=400, probe=True)
+    assert (state(h), h.of(P, M).consecutive, admits(h, t, 5.0)) == (CLOSED, 0, [CALL])
+    t[0] = 6.0
+    failures(h, 2, settings)  # counting the three before the close, 5 of 6 calls failed: the rate would open it
+    assert state(h) == CLOSED
+
+
+def test_a_failed_probe_reopens_it_for_a_fresh_cooldown():
+    h, t = opened()
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    t[0] = 6.0
+    failures(h, 1, probe=True)
+    assert state(h) == OPEN
+    assert admits(h, t, 10.99, 11.0) == [SKIP, PROBE]
+
+
+def test_the_failure_rate_waits_for_min_requests_then_opens_at_its_share():
+    h, _ = make_health()
+    failures(h, 9, RATE)  # every call failed, but only 9 of them
+    assert state(h) == CLOSED
+    failures(h, 1, RATE)
+    assert state(h) == OPEN
+    h, _ = make_health()
+    answers(h, 6, settings=RATE)
+    failures(h, 5, RATE)  # 5 of 11 < 50%
+    assert state(h) == CLOSED
+    failures(h, 1, RATE)  # 6 of 12
+    assert state(h) == OPEN
+
+
+@pytest.mark.parametrize(("later_s", "expected"), [(5.0, CLOSED), (11.0, OPEN)])
+def test_calls_older_than_window_s_leave_the_failure_rate(later_s, expected):
+    h, t = make_health()
+    answers(h, 20, settings=RATE)
+    t[0] = later_s
+    failures(h, 10, RATE)  # within 10 s of the answers: 10 of 30 failed; after: 10 of 10
+    assert state(h) == expected
+
+
+@pytest.mark.parametrize("kind", ["bad_request", "invalid_output"])
+def test_only_trip_on_failures_count_and_the_others_break_the_run(kind):
+    h, _ = make_health()
+    failures(h, 2)
+    failures(h, 1, kind=kind, status=400)
+    failures(h, 2)
+    assert state(h) == CLOSED  # never three counted failures in a row
+    failures(h, 9, RATE, kind=kind, status=400)
+    failures(h, 1, RATE)  # they count as calls, not failures: 5 of 15 failed
+    assert state(h) == CLOSED
+    by_status = BreakerSettings(consecutive_failures=2, trip_on=frozenset({503}))
+    failures(h, 5, by_status, "server_error", 500)
+    assert state(h) == CLOSED
+    failures(h, 2, by_status, "server_error", 503)
+    assert state(h) == OPEN
+
+
+@pytest.mark.parametrize("settings", [None, BreakerSettings(enabled=False, consecutive_failures=1)])
+def test_without_a_breaker_the_figures_are_kept_but_the_state_never_changes(settings):
+    changes: list[str] = []
+    h, t = make_health(changes.append)
+    failures(h, 10, settings)
+    answers(h, 2, settings=settings)
+    assert (state(h), admits(h, t, 0.0), changes) == (CLOSED, [CALL], [])
+    figures = h.snapshot()["p:m"]
+    assert (figures["ok"], figures["failed"]) == (2, 10)
+
+
+def test_on_change_hears_open_close_and_a_local_claim_but_not_another_replicas_state():
+    seen: list[str] = []
+    h, t = opened(lambda health: seen.append(health.state))
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    answers(h, 1, probe=True)
+    h.claim_locally(P, M, 2.0, announce=False)
+    h.apply(P, M, OPEN, 1_100_000, "told by another replica", 1_005_000)
+    assert (seen, state(h)) == ([OPEN, HALF_OPEN, CLOSED], OPEN)
+
+
+@pytest.mark.parametrize("told", [OPEN, HALF_OPEN])
+def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
+    h, t = make_health(start=100.0)  # wall clock: 1100 s
+    h.apply(P, M, told, 1_105_000, "another replica", 1_100_000)  # until wall 1105 s = monotonic 105 s
+    assert h.until_unix_ms(h.of(P, M)) == 1_105_000
+    assert admits(h, t, 104.99, 105.0) == [SKIP, PROBE]
+    h.apply(P, M, CLOSED, 0, "closed elsewhere", 1_106_000)
+    assert admits(h, t, 105.0) == [CALL]
+
+
+# ---- latency -------------------------------------------------------------------------
+
+
+def test_p95_waits_for_min_samples_then_lies_within_one_bucket_of_most_answers():
+    h, t = make_health()
+    assert h.p95_ms(P, M) is None  # a target never seen
+    answers(h, MIN_SAMPLES - 1)
+    assert h.p95_ms(P, M) is None
+    answers(h, 100 - MIN_SAMPLES + 1, 10.0)
+    answers(h, 5, 1000.0)
+    t[0] = 0.25  # p95 is recomputed at most four times a second
+    p95 = h.p95_ms(P, M)
+    assert p95 is not None and 10.0 <= p95 <= 11.5
+
+
+def test_answers_older_than_60_s_drop_out_of_p95():
+    h, t = make_health()
+    t[0] = 1.0
+    answers(h, 25, 1000.0)
+    t[0] = 31.0
+    answers(h, 25, 10.0)
+    t[0] = 45.0
+    assert h.p95_ms(P, M) == pytest.approx(bucket_ms(bucket_of(1000.0)))
+    t[0] = 65.0  # the slow answers are 64 s old, the fast ones 34 s
+    assert h.p95_ms(P, M) == pytest.approx(bucket_ms(bucket_of(10.0)))
+    t[0] = 95.0
+    assert h.p95_ms(P, M) is None
+
+
+def test_snapshot_reports_each_targets_recent_figures():
+    h, t = opened()
+    answers(h, 2, 10.0)
+    failures(h, 1, kind="bad_request")
+    h.skipped(P, M)
+    h.record("solo", "", None, True, latency_ms=3.0)
+    snap = h.snapshot()
+    assert set(snap) == {"p:m", "solo"}
+    mine = snap["p:m"]
+    assert (mine["provider"], mine["model"], mine["state"]) == (P, M, OPEN)
+    assert (mine["ok"], mine["failed"], mine["skipped"]) == (2, 4, 1)
+    assert mine["until_unix_ms"] == 1_005_000
+    assert mine["latency"] == {str(bucket_of(10.0)): 2}
+    t[0] = 61.0
+    later = h.snapshot()["p:m"]
+    assert (later["ok"], later["failed"], later["skipped"], later["latency"]) == (0, 0, 1, {})
+    assert (TargetHealth(P, M).label, TargetHealth("solo", "").label) == ("p:m", "solo")
+
+
+def test_percentile_reads_dict_and_list_histograms_alike():
+    as_dict = {1: 0, 3: 1, 10: 9}
+    as_list = [0] * 11
+    as_list[3], as_list[10] = 1, 9
+    for histogram in (as_dict, as_list):
+        assert percentile_ms(histogram, 0.0) == bucket_ms(3)  # empty buckets are passed over
+        assert percentile_ms(histogram, 0.1) == bucket_ms(3)
+        assert percentile_ms(histogram, 0.5) == bucket_ms(10)
+        assert percentile_ms(histogram, 1.0) == bucket_ms(10)
+    assert percentile_ms({}, 0.95) is None and percentile_ms([0, 0], 0.95) is None
+
+
+def test_bucket_of_small_exact_and_huge_latencies():
+    assert [bucket_of(ms) for ms in (0.0, 0.5, 0.999, 1.149)] == [0, 0, 0, 0]
+    assert bucket_of(1.15) == 1
+    for k in range(1, 100):  # the upper edge never understates, by at most 15% (rounding may pick the bucket below)
+        ms = 1.15**k
+        edge = bucket_ms(bucket_of(ms))
+        assert bucket_of(ms) in (k - 1, k) and ms <= edge * (1 + 1e-12) and edge <= ms * 1.15 * (1 + 1e-12)
+    assert bucket_of(1e9) == bucket_of(1e300) == 99
+    assert bucket_ms(99) == pytest.approx(1.15**100)
+
+
+# ---- budgets -------------------------------------------------------------------------
+
+
+def test_a_budget_allows_its_reserve_then_ratio_per_request():
+    budget = Budget(0.5, clock=lambda: 0.0)
+    assert [budget.spend() for _ in range(4)] == [True, True, True, False]
+    budget.deposit()
+    budget.deposit()
+    assert [budget.spend() for _ in range(2)] == [True, False]
+
+
+def test_deposits_and_spends_older_than_10_s_stop_counting_and_ratio_zero_leaves_the_reserve():
+    t = [0.0]
+    budget, zero = Budget(1.0, clock=lambda: t[0]), Budget(0.0, clock=lambda: t[0])
+    for _ in range(10):
+        budget.deposit()
+        zero.deposit()
+    assert [budget.spend() for _ in range(14)] == [True] * 13 + [False]
+    assert [zero.spend() for _ in range(4)] == [True, True, True, False]
+    t[0] = 11.0  # only the reserve again: the 10 requests and the 13 spends are gone
+    assert [budget.spend() for _ in range(4)] == [True, True, True, False]
+    assert Budget(0.0, reserve=0, clock=lambda: 0.0).spend() is False
+
+
+# ---- run_chain with a real Health --------------------------------------------------------
+
+
+async def with_a_open(*after_a: str):
+    """run_chain over a (its breaker just opened) and then `after_a`; returns (result, script, health)."""
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = target("a", breaker=BreakerSettings(consecutive_failures=1))
+    h.record("a", "a-model", a.breaker, False, "server_error")
+    script = Script(clock, {"a": ok(content="from a"), "b": ok(content="from b")})
+    chain = Chain([a, *(target(name) for name in after_a)])
+    return await run_chain(chain, script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep), script, h
+
+
+async def test_an_open_breaker_is_skipped_unless_it_is_the_last_target_left():
+    result, script, h = await with_a_open("b")
+    assert script.called == ["b"] and result.answer is not None and result.answer.content == "from b"
+    assert [(x.target, x.outcome, x.reason) for x in result.attempts] == [
+        ("a", "skipped", "circuit_open"), ("b", "ok", None)]  # fmt: skip
+    assert h.snapshot()["a:a-model"]["skipped"] == 1
+    result, script, h = await with_a_open()
+    assert script.called == ["a"] and result.answer is not None and result.answer.content == "from a"
+    assert h.of("a", "a-model").state == CLOSED  # its answer, as a probe, closed the breaker
+
+
+class Racer:
+    """A fake `call` on real asyncio time: runs each target's coroutine function, keeps calls and cancellations."""
+
+    def __init__(self, **behaviour) -> None:
+        self.behaviour, self.called, self.cancelled = behaviour, [], []
+
+    async def __call__(self, target, timeout_s, previous):
+        self.called.append(target.label)
+        try:
+            return await self.behaviour[target.label]()
+        except asyncio.CancelledError:
+            self.cancelled.append(target.label)
+            raise
+
+
+def after(reply, seconds: float = 0.0):
+    async def respond():
+        await asyncio.sleep(seconds)
+        return reply
+
+    return respond
+
+
+async def hedged(call, targets, budgets=None, on_event=None):
+    limits = Limits(time.monotonic() + 30, hedge=Hedge(after_s=0.01), budgets=budgets)
+    return await run_chain(Chain(targets), call, limits, on_event=on_event)
+
+
+async def test_a_hedge_that_answers_first_wins_and_the_slow_call_is_cancelled():
+    racer = Racer(a=after(ok(content="too late"), 10.0), b=after(ok(content="from b")))
+    result = await hedged(racer, [target("a"), target("b")])
+    assert result.target is not None and result.target.label == "b"
+    assert [(x.target, x.outcome, x.reason, x.hedge) for x in result.attempts] == [
+        ("a", "cancelled", "hedge_lost", False), ("b", "ok", None, True)]  # fmt: skip
+    assert racer.cancelled == ["a"]
+
+
+async def test_a_first_target_that_answers_before_the_hedge_delay_is_not_hedged():
+    racer = Racer(a=after(ok(content="from a")), b=after(ok()))
+    result = await hedged(racer, [target("a"), target("b")])
+    assert racer.called == ["a"]
+    assert [(x.target, x.outcome, x.hedge) for x in result.attempts] == [("a", "ok", False)]
+
+
+async def test_when_both_raced_targets_fail_the_chain_goes_on_and_retries_neither():
+    b_called = asyncio.Event()
+
+    async def a_fails_after_b_started():
+        await b_called.wait()
+        return fail("server_error", 503)
+
+    async def b_fails():
+        b_called.set()
+        return fail("server_error", 503)
+
+    racer = Racer(a=a_fails_after_b_started, b=b_fails, c=after(ok(content="from c")))
+    result = await hedged(racer, [target("a", retries=2), target("b", retries=2), target("c")])
+    assert result.answer is not None and result.answer.content == "from c"
+    assert racer.called == ["a", "b", "c"]
+    raced = sorted((x.target, x.outcome, x.retry, x.next, x.hedge) for x in result.attempts[:2])
+    assert raced == [("a", "error", 0, "fallback", False), ("b", "error", 0, "fallback", True)]
+
+
+async def test_an_empty_hedge_budget_starts_no_hedge_and_says_so():
+    seen, on_event = events()
+    racer = Racer(a=after(ok(content="from a"), 0.05), b=after(ok()))
+    budgets = Budgets(Budget(1.0), Budget(0.0, reserve=0))
+    result = await hedged(racer, [target("a"), target("b")], budgets, on_event)
+    assert racer.called == ["a"] and result.answer is not None and result.answer.content == "from a"
+    assert [attrs["lifeline.budget"] for name, attrs in seen if name == "lifeline.budget_spent"] == ["hedge"]
+    assert "lifeline.hedge" not in [name for name, _ in seen]
+
+
+async def test_the_retry_budget_allows_one_retry_then_falls_back():
+    clock = Clock()
+    seen, on_event = events("lifeline.budget_spent")
+    script = Script(clock, {"a": fail("server_error", 503), "b": ok(content="from b")})
+    budgets = Budgets(Budget(0.0, reserve=1, clock=clock), Budget(0.1, clock=clock))
+    limits = Limits(clock.now + 60, budgets=budgets)
+    chain = Chain([target("a", retries=3), target("b")])
+    result = await run_chain(chain, script, limits, clock=clock, sleep=clock.sleep, rand=lambda: 0.5, on_event=on_event)
+    assert script.called == ["a", "a", "b"]
+    assert [(x.target, x.retry, x.next, x.reason) for x in result.attempts[:2]] == [
+        ("a", 0, "retry", None), ("a", 1, "fallback", "retry_budget")]  # fmt: skip
+    assert [attrs["lifeline.budget"] for _, attrs in seen] == ["retry"]
