@@ -2,7 +2,8 @@
 
 It measures what Lifeline costs on top of NATS request/reply, against a plain nats-py
 relay doing the same hop, plus time to fallback, memory per in-flight request, scaling
-over dispatcher processes and a concurrency check. Modules:
+over dispatcher processes, a concurrency check and p99 with a slow primary, with and
+without hedging. Modules:
 
     __main__   the command line (`--help` explains every case)
     cases      the cases, the Lifeline config they use, and how a run goes

@@ -9,7 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from tests.bench.cases import FULL, HANG_TIMEOUT_S, QUICK, TICK_MS, run
+from tests.bench.cases import (
+    FULL,
+    HANG_TIMEOUT_S,
+    HEDGE_AFTER_MS,
+    QUICK,
+    TAIL_DURATION_SHARE,
+    TAIL_IN_FLIGHT,
+    TAIL_SHARE,
+    TICK_MS,
+    run,
+)
 from tests.bench.report import Report
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench-results"
@@ -34,6 +44,11 @@ own process; rounds interleaved round-robin, the median of the rounds reported):
                {HANG_TIMEOUT_S * 1000:g} ms timeout: how late after the timeout the next attempt starts.
   scaling      lifeline at 64 in flight with 1 and with 2 dispatcher processes.
   concurrency  lifeline with a {TICK_MS:g} ms provider at 1, 8 and 64 in flight: throughput must grow.
+  hedging      p50/p99 at {TAIL_IN_FLIGHT} in flight with a slow primary: a weighted group of two fake
+               providers, {TAIL_SHARE * 100:g} % of calls taking {FULL.tail_latency_ms:g} ms ({QUICK.tail_latency_ms:g} with --quick), the rest
+               instant; without hedging, hedged after {HEDGE_AFTER_MS:g} ms with budgets that never say no,
+               and hedged with the default budgets (hedge 0.1, retry 0.2), with the share of
+               requests hedged. Measured for {TAIL_DURATION_SHARE:g}x the --duration of the other cases.
   memory       dispatcher RSS growth per in-flight request with 10,000 requests (200 with
                --quick) waiting on a slow provider, and RSS after they drain.
 
@@ -43,7 +58,9 @@ targets (printed with PASS/FAIL next to the measured values):
   (direct p50 at 1 in flight) + 0.3 ms; after a hung provider's timeout the next attempt
   starts within 5 ms at p99; <= 10 KiB of dispatcher RSS per in-flight request, and at
   most 20 % of that growth still there after the drain; with the {TICK_MS:g} ms provider,
-  req/s at 8 in flight >= 4x that at 1, and at 64 >= 1.2x that at 8.
+  req/s at 8 in flight >= 4x that at 1, and at 64 >= 1.2x that at 8; hedged after
+  {HEDGE_AFTER_MS:g} ms, the slow primary's p99 <= {HEDGE_AFTER_MS:g} ms + its p50 without hedging (a fast
+  call) + 5 ms.
 
 Results are printed as Markdown tables with pass/fail against the targets and written
 to DIR/results.json (every figure, every round, machine info) and DIR/results.md.
@@ -54,7 +71,7 @@ Exit status: 0 when every request succeeded (targets may still fail), 1 otherwis
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
-        description="Lifeline benchmark suite: overhead vs a plain NATS relay, fallback, memory, scaling.",
+        description="Lifeline benchmark suite: overhead vs a plain NATS relay, fallback, memory, scaling, hedging.",
         epilog=CASES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

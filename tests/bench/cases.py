@@ -14,6 +14,7 @@ by the requests handled (warm-up and drain included, so the division is exact).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -39,16 +40,26 @@ class Profile:
     memory_loads: int  # bursts in a row (the later ones show whether memory keeps growing)
     slow_latency_ms: float  # the slow provider of the memory case
     settle_s: float  # wait after a drain before reading RSS
+    tail_latency_ms: float  # the slow share of the hedging case's primary
 
 
 FULL = Profile("full", rounds=5, duration_s=2.0, warmup_s=0.3, memory_requests=10_000, memory_loads=2,
-               slow_latency_ms=3000, settle_s=1.0)  # fmt: skip
+               slow_latency_ms=3000, settle_s=1.0, tail_latency_ms=200)  # fmt: skip
 QUICK = Profile("quick", rounds=2, duration_s=0.2, warmup_s=0.05, memory_requests=200, memory_loads=2,
-                slow_latency_ms=300, settle_s=0.2)  # fmt: skip
+                slow_latency_ms=300, settle_s=0.2, tail_latency_ms=100)  # fmt: skip
 
 HANG_TIMEOUT_S = 0.1  # timeout_s of the hung provider
 TICK_MS = 10.0  # latency of the provider of the concurrency check
 REQUEST_TIMEOUT_S = 10.0  # client-side timeout of one request
+
+# The hedging case: a primary whose calls are slow TAIL_SHARE of the time. The fake provider
+# has one fixed latency, so the primary is a load-balanced group of two fakes: "ok" (instant)
+# and "slowtail" (tail_latency_ms), picked by weight. A hedge of a slow call starts the other
+# member; the first good answer wins and the slow call is cancelled at its worker.
+TAIL_SHARE = 0.2  # twice the default hedge budget (0.1), so the budgeted route cannot hedge it all
+HEDGE_AFTER_MS = 20.0
+TAIL_IN_FLIGHT = 8
+TAIL_DURATION_SHARE = 0.35  # these cases measure for this share of duration_s (keeps the suite short)
 
 # ---- subjects, payloads, Lifeline config ---------------------------------------------
 
@@ -67,7 +78,19 @@ ROUTES = {
     "tick": ["tick"],
     "slow": ["slow"],
 }
-WORKERS = ["ok", "fail", "hang", "tick", "slow"]  # "ghost" is configured but has no worker
+UNGUARDED = {"fail_ok", "hang_ok"}  # routes without circuit breakers (see lifeline_config)
+WORKERS = ["ok", "fail", "hang", "tick", "slow", "slowtail"]  # "ghost" is configured but has no worker
+
+
+def tail_routes() -> dict[str, dict[str, Any]]:
+    """The hedging case's routes: one primary with a slow tail, without hedging, hedged with
+    budgets that never say no, and hedged with the default budgets (hedge 0.1, retry 0.2)."""
+    primary = [{"group": [{"provider": "ok", "weight": 1 - TAIL_SHARE}, {"provider": "slowtail", "weight": TAIL_SHARE}]}]
+    return {
+        "tail": {"targets": primary},
+        "tail_hedged": {"targets": primary, "hedge_after_ms": HEDGE_AFTER_MS, "hedge_budget": 1.0, "retry_budget": 10.0},
+        "tail_budget": {"targets": primary, "hedge_after_ms": HEDGE_AFTER_MS},
+    }
 
 
 def completion_request(route: str) -> bytes:
@@ -88,8 +111,12 @@ def lifeline_config(profile: Profile) -> dict[str, Any]:
             "ghost": fake(),
             "tick": fake(latency_ms=TICK_MS),
             "slow": fake(latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120),
+            "slowtail": fake(latency_ms=profile.tail_latency_ms),
         },
-        "routes": {name: {"targets": targets} for name, targets in ROUTES.items()},
+        # The fallback cases measure the fallback itself, on every request: with its breaker on,
+        # an always-failing provider would be skipped after five failures instead.
+        "routes": {name: {"targets": targets, **({"breaker": {"enabled": False}} if name in UNGUARDED else {})}
+                   for name, targets in ROUTES.items()} | tail_routes(),  # fmt: skip
         "dispatcher": {"default_timeout_s": profile.slow_latency_ms / 1000 + 120},
     }
 
@@ -123,7 +150,7 @@ def fleet_specs(url: str, profile: Profile) -> list[tuple[str, Setup, dict[str, 
 @dataclass(frozen=True)
 class Case:
     key: str  # unique id, also the key in results.json
-    section: str  # overhead | fallback | scaling | concurrency
+    section: str  # overhead | fallback | scaling | concurrency | hedging
     label: str  # what the progress lines say
     system: str  # direct | relay | lifeline: whose CPU counts
     subject: str
@@ -132,6 +159,8 @@ class Case:
     decode: str  # "provider" (ProviderReply) or "lifeline" (CompletionReply)
     lateness_of_ms: float | None = None  # hung case: report attempts[0].latency_ms - this
     dispatchers: int = 1
+    count_hedged: bool = False  # count the replies with a hedged attempt (reads reply.attempts)
+    duration_share: float = 1.0  # measured window = this × the profile's duration_s
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
@@ -155,23 +184,34 @@ def all_cases() -> list[Case]:
         _lifeline("scaling-2@64", "scaling", "lifeline, 2 dispatchers", "main", 64, dispatchers=2),
     ]
     cases += [_lifeline(f"tick@{n}", "concurrency", f"lifeline, {TICK_MS:g} ms provider", "tick", n) for n in (1, 8, 64)]
+    tail = f"lifeline, {TAIL_SHARE * 100:g} % slow primary"
+    cases += [
+        _lifeline(key, "hedging", f"{tail}, {how}", route, TAIL_IN_FLIGHT, count_hedged=True,
+                  duration_share=TAIL_DURATION_SHARE)
+        for key, how, route in (
+            ("tail@8", "no hedging", "tail"),
+            ("tail-hedged@8", f"hedge after {HEDGE_AFTER_MS:g} ms", "tail_hedged"),
+            ("tail-budget@8", f"hedge after {HEDGE_AFTER_MS:g} ms, default budget", "tail_budget"),
+        )
+    ]  # fmt: skip
     return cases
 
 
 def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) -> dict[str, Any]:
     """One closed-loop measurement of one case, with the CPU time it cost each server process."""
     pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]} | {"loadgen": fleet["loadgen"].pid}
+    duration_s = profile.duration_s * case.duration_share
     spec = {
         "subject": case.subject, "payload": case.payload, "in_flight": case.in_flight, "decode": case.decode,
-        "warmup_s": profile.warmup_s, "duration_s": profile.duration_s, "timeout_s": REQUEST_TIMEOUT_S,
-        "lateness_of_ms": case.lateness_of_ms,
+        "warmup_s": profile.warmup_s, "duration_s": duration_s, "timeout_s": REQUEST_TIMEOUT_S,
+        "lateness_of_ms": case.lateness_of_ms, "count_hedged": case.count_hedged,
     }  # fmt: skip
     if case.dispatchers == 2:
         fleet["dispatcher-2"].call("resume")
     try:
         cpu_before = cpu_snapshot(pids)
         nats_before = cpu_seconds(nats_pid) if nats_pid else 0.0
-        result = fleet["loadgen"].call("run", spec, timeout_s=profile.warmup_s + profile.duration_s + 60)
+        result = fleet["loadgen"].call("run", spec, timeout_s=profile.warmup_s + duration_s + 60)
         cpu_after = cpu_snapshot(pids)
         nats_after = cpu_seconds(nats_pid) if nats_pid else 0.0
     finally:
@@ -202,6 +242,8 @@ def _progress(result: dict[str, Any]) -> str:
         f"{result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
         f"server CPU {result['server_cpu_us_per_req']:.0f} µs/req"
     )
+    if not math.isnan(result["hedged_share"]):
+        text += f", {result['hedged_share'] * 100:.1f} % hedged"
     if result["errors"]:
         text += f", {result['errors']} ERRORS (first: {result['first_error']})"
     return text

@@ -13,6 +13,8 @@ Two commands:
 Every reply is decoded (ProviderReply for direct/relay, CompletionReply for Lifeline) and
 anything but a success counts as an error. For the hung-provider case, `lateness_of_ms`
 asks for the lateness of the first attempt's timeout: attempts[0].latency_ms minus it.
+For the hedging case, `count_hedged` counts the measured replies with a hedged attempt
+(and those a hedge won); other cases never look at the attempts.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def _describe_error(reply: Any) -> str:
 class _Tally:
     """What one measurement collects."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_hedged: bool = False) -> None:
+        self.count_hedged = count_hedged
+        self.hedged = 0  # measured replies with an attempt started as a hedge
+        self.hedge_won = 0  # ... whose answer came from that hedge
         self.latencies_ms: list[float] = []
         self.lateness_ms: list[float] = []
         self.errors = 0
@@ -69,9 +74,16 @@ class _Tally:
         self.errors += 1
         self.first_error = self.first_error or text
 
+    def hedges(self, attempts: Any) -> None:
+        hedges = [a for a in attempts if a.hedge]
+        if hedges:
+            self.hedged += 1
+            self.hedge_won += any(a.outcome == "ok" for a in hedges)
+
     def summary(self, window_s: float) -> dict[str, Any]:
         latencies = sorted(self.latencies_ms)
         lateness = sorted(self.lateness_ms)
+        counted = self.count_hedged and bool(latencies)
         return {
             "completed": len(latencies),
             "handled": self.handled,
@@ -83,6 +95,8 @@ class _Tally:
             "p99_ms": percentile(latencies, 0.99),
             "lateness_p50_ms": percentile(lateness, 0.50),
             "lateness_p99_ms": percentile(lateness, 0.99),
+            "hedged_share": self.hedged / len(latencies) if counted else math.nan,
+            "hedge_won_share": self.hedge_won / len(latencies) if counted else math.nan,
         }
 
 
@@ -109,9 +123,11 @@ class LoadGen:
         late_of = spec.get("lateness_of_ms")
         if late_of is not None and len(reply.attempts) > 1:
             tally.lateness_ms.append(reply.attempts[0].latency_ms - late_of)
+        if tally.count_hedged:
+            tally.hedges(reply.attempts)
 
     async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        tally = _Tally()
+        tally = _Tally(spec.get("count_hedged", False))
         begin = time.perf_counter() + spec["warmup_s"]
         end = begin + spec["duration_s"]
 
