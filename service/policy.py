@@ -227,7 +227,7 @@ async def run_chain(
             admitted = health.admit(target.provider, target.model)
             if admitted != CALL:
                 probe = admitted == PROBE and await health.claim(target.provider, target.model, target.timeout_s + 1)
-                if not probe and i < len(targets):
+                if not probe and i < len(targets) and limits.fallback:  # else it is the last one left
                     health.skipped(target.provider, target.model)
                     run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
                     continue

@@ -86,6 +86,7 @@ def _flat(steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.default_breaker = breaker_settings(config.breaker)
         # Request targets may name a configured target or a bare provider.
         self.named = {name: self.build(spec) for name, spec in config.targets.items()}
         for name in config.providers:
@@ -107,7 +108,10 @@ class Router:
     def build(self, spec: TargetSpec, route_breaker: dict | None = None) -> Target:
         """A checked TargetSpec (name set) as the policy's Target."""
         provider = self.config.providers[spec.provider]
-        breaker = breaker_settings(self.config.breaker, route_breaker, spec.breaker)
+        if route_breaker is None and spec.breaker is None:
+            breaker = self.default_breaker
+        else:
+            breaker = breaker_settings(self.config.breaker, route_breaker, spec.breaker)
         shaping = None
         template = self.config.templates[spec.template] if spec.template is not None else None
         if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template) != (None,) * 5:

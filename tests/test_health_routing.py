@@ -358,3 +358,11 @@ async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tra
     assert points[("lifeline.target.success_rate", "b:fake-1")] == 1.0
     assert points[("lifeline.target.requests", "b:fake-1")] == 2
     assert points[("lifeline.target.latency.p95", "b:fake-1")] > 0
+
+
+async def test_with_fallback_off_an_open_first_target_is_still_called(lifeline, client):
+    await lifeline(breaker_config())
+    for _ in range(2):
+        await ask(client, FAIL_A)
+    reply = await ask(client, {**USER_HELLO, "fallback": False})
+    assert outcomes(reply) == [("a", "ok", None)]  # the only target this request may use
