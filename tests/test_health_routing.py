@@ -366,3 +366,21 @@ async def test_with_fallback_off_an_open_first_target_is_still_called(lifeline, 
         await ask(client, FAIL_A)
     reply = await ask(client, {**USER_HELLO, "fallback": False})
     assert outcomes(reply) == [("a", "ok", None)]  # the only target this request may use
+
+
+async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats_url, tracers):
+    config = breaker_config({"cooldown_s": 0.3})
+    config["providers"]["a"] = fake(reply="from a", latency_ms=300)  # the probe is still out when the others arrive
+    first = await lifeline(config)
+    second = await start_stack(parse_config(config), nats_url, tracers, workers=[])
+    both = [first.dispatcher.health, second.dispatcher.health]
+    try:
+        async with asyncio.timeout(10):
+            while not all(h.of("a", "fake-1").state == OPEN for h in both):
+                await ask(client, FAIL_A)
+        await asyncio.sleep(0.35)
+        replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(12)))
+    finally:
+        await second.stop()
+    first_outcomes = sorted(outcomes(r)[0] for r in replies)
+    assert first_outcomes == [("a", "ok", None)] + [("a", "skipped", "circuit_open")] * 11
