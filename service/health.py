@@ -234,6 +234,15 @@ class Health:
         if announce:
             self._changed(health)
 
+    def release(self, provider: str, model: str) -> None:
+        """A probe that could not decide (its request's deadline cut it short): the next call probes."""
+        health = self.of(provider, model)
+        if health.state == HALF_OPEN:
+            health.state = OPEN
+            health.open_until = self.clock()
+            health.changed = True
+            self._changed(health)
+
     def record(
         self,
         provider: str,
@@ -334,7 +343,7 @@ class Health:
         """Every target's state and recent figures, as plain data (for the shared bucket and metrics)."""
         now = self.clock()
         out: dict[str, Any] = {}
-        for health in self.targets.values():
+        for health in list(self.targets.values()):  # the metrics reader calls this from its own thread
             ok, failed, other = health.counts(now, _RECENT_S)
             histogram = health.histogram(now)
             out[health.label] = {

@@ -222,17 +222,8 @@ async def run_chain(
         if reason is not None:
             run.skip(target, *reason)
             continue
-        probe = False
-        if health is not None and target.breaker is not None:
-            admitted = health.admit(target.provider, target.model)
-            if admitted != CALL:
-                probe = admitted == PROBE and await health.claim(target.provider, target.model, target.timeout_s + 1)
-                if not probe and i < len(targets) and limits.fallback:  # else it is the last one left
-                    health.skipped(target.provider, target.model)
-                    run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
-                    continue
-                probe = True  # the probe, or the last target left: called anyway, and its outcome decides
         retry = 0
+        probe = False  # this call was let through a breaker that is not closed: its outcome decides
         while True:
             remaining_s = limits.deadline - clock()
             if remaining_s <= 0:
@@ -241,19 +232,35 @@ async def run_chain(
             if run.physical >= limits.max_attempts:
                 run.skip_rest(targets[i - 1 :], "max_attempts", f"max_attempts ({limits.max_attempts}) reached")
                 return run.fail(_max_attempts_error(limits.max_attempts, run.attempts))
+            if retry == 0 and health is not None and target.breaker is not None:
+                admitted = health.admit(target.provider, target.model)
+                if admitted != CALL:
+                    probe = admitted == PROBE and await health.claim(target.provider, target.model, target.timeout_s + 1)
+                    if not probe and limits.fallback and any(skip_reason(t, needs) is None for t in targets[i:]):
+                        health.skipped(target.provider, target.model)
+                        run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
+                        break
+                    probe = True  # the probe, or the last target left: called anyway
             if retry == 0 and run.failed is not None:
                 run.fallback_event(run.failed, target, current)
             run.physical += 1
             previous = tuple(run.errors) if target.pass_failures else ()
             timeout_s = min(target.timeout_s, remaining_s)
-            rival = targets[i] if i < len(targets) and retry == 0 else None
+            rival = targets[i] if i < len(targets) and retry == 0 and not probe else None  # a probe is never hedged
             hedge_s = run.hedge_delay(target) if rival is not None and limits.hedge is not None else None
             if hedge_s is None:
                 started = clock()
-                reply, latency_ms = run.finish(target, await call(target, timeout_s, previous), started, probe)
+                reply = await call(target, timeout_s, previous)
+                reply, latency_ms = run.finish(target, reply, started, probe, timeout_s < target.timeout_s)
                 hedged = raced_past = False
             else:
-                raced = await run.race(call, target, timeout_s, previous, probe, hedge_s, rival, needs)  # type: ignore[arg-type]
+
+                def settles(failure: ProviderFailure) -> bool:
+                    """A failure that ends the chain or switches it wins a race too: the rival is cancelled."""
+                    in_class_chain = failure.kind in chain.by_kind and failure.kind not in entered
+                    return in_class_chain or not falls_back(failure, limits.fallback_on)
+
+                raced = await run.race(call, target, timeout_s, previous, hedge_s, rival, needs, settles)  # type: ignore[arg-type]
                 if isinstance(raced, ChainResult):
                     return raced
                 hedged = raced[0] is rival
@@ -328,16 +335,25 @@ class _Run:
         denied, self.denied = self.denied, None
         return denied
 
-    def finish(self, target: Target, reply: ProviderReply, started: float, probe: bool) -> tuple[ProviderReply, float]:
-        """A call came back: validate a good answer, take its latency, tell health."""
+    def finish(
+        self, target: Target, reply: ProviderReply, started: float, probe: bool = False, capped: bool = False
+    ) -> tuple[ProviderReply, float]:
+        """A call came back: validate a good answer, take its latency, tell health.
+        `capped`: the request's deadline cut the call's timeout short, so a timeout says nothing
+        about the target's health (short client deadlines must not open breakers)."""
         if isinstance(reply, ProviderOk) and self.validate is not None:
             reply = self.validate(reply)
         latency_ms = (self.clock() - started) * 1000
-        if self.health is not None:
+        health = self.health
+        if health is not None:
             if isinstance(reply, ProviderOk):
-                self.health.record(target.provider, target.model, target.breaker, True, latency_ms=latency_ms, probe=probe)
+                health.record(target.provider, target.model, target.breaker, True, latency_ms=latency_ms, probe=probe)
+            elif capped and reply.kind == "timeout":
+                health.record(target.provider, target.model, None, False, reply.kind)
+                if probe:
+                    health.release(target.provider, target.model)  # undecided: the next request probes
             else:
-                self.health.record(
+                health.record(
                     target.provider, target.model, target.breaker, False, reply.kind, reply.status_code, probe=probe
                 )
         return reply, latency_ms
@@ -374,19 +390,22 @@ class _Run:
         return True
 
     async def race(
-        self, call: CallTarget, first: Target, timeout_s: float, previous: tuple[str, ...], probe: bool,
-        delay_s: float, rival: Target, needs: Needs,
+        self, call: CallTarget, first: Target, timeout_s: float, previous: tuple[str, ...], delay_s: float,
+        rival: Target, needs: Needs, settles: Callable[[ProviderFailure], bool],
     ) -> ChainResult | tuple[Target, ProviderReply, float, bool]:  # fmt: skip
         """Call `first`; if it is still running after delay_s, start `rival` too and take the first
-        good answer. Returns the winner's ChainResult, or (target, failure, latency_ms, raced)
-        for the failure the chain goes on from; raced: the rival ran too, so neither is retried."""
+        good answer, or the first failure that `settles` the chain (it would stop it or switch
+        to an error-class chain). Returns the winner's ChainResult, or (target, failure,
+        latency_ms, raced) for the failure the chain goes on from; raced: the rival ran too,
+        so neither is retried."""
         started = self.clock()
         first_task = asyncio.ensure_future(call(first, timeout_s, previous))
-        running: dict[asyncio.Future[ProviderReply], tuple[Target, float, bool]] = {first_task: (first, started, probe)}
+        capped = {first: timeout_s < first.timeout_s}
+        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]] = {first_task: (first, started)}
         try:
             done, _ = await asyncio.wait({first_task}, timeout=delay_s)
             if done or not self.may_hedge(rival, needs):
-                reply, latency_ms = self.finish(first, await first_task, started, probe)
+                reply, latency_ms = self.finish(first, await first_task, started, capped=capped[first])
                 return first, reply, latency_ms, False
             self.physical += 1
             hedge_started = self.clock()
@@ -397,15 +416,19 @@ class _Run:
             rival_timeout_s = min(rival.timeout_s, self.limits.deadline - hedge_started)
             rival_previous = tuple(self.errors) if rival.pass_failures else ()
             rival_task = asyncio.ensure_future(call(rival, rival_timeout_s, rival_previous))
-            running[rival_task] = (rival, hedge_started, False)
+            capped[rival] = rival_timeout_s < rival.timeout_s
+            running[rival_task] = (rival, hedge_started)
             last: tuple[Target, ProviderReply, float] | None = None
             while running:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    target, t0, was_probe = running.pop(task)
-                    reply, latency_ms = self.finish(target, task.result(), t0, was_probe)
+                    target, t0 = running.pop(task)
+                    reply, latency_ms = self.finish(target, task.result(), t0, capped=capped[target])
                     if isinstance(reply, ProviderOk):
                         return await self._won(target, reply, latency_ms, target is rival, running)
+                    if running and settles(reply):  # e.g. bad_request, when fallback_on excludes it
+                        self.attempts.extend(await self._cancel(running, is_hedge=target is not rival))
+                        return target, reply, latency_ms, True
                     if running:  # the other call is still running: it takes over
                         self.attempts.append(_failed(target, reply, latency_ms, 0, "fallback", hedge=target is rival))
                         self.errors.append(reply.kind)
@@ -418,21 +441,28 @@ class _Run:
 
     async def _won(
         self, target: Target, reply: ProviderOk, latency_ms: float, is_hedge: bool,
-        running: dict[asyncio.Future[ProviderReply], tuple[Target, float, bool]],
+        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]],
     ) -> ChainResult:  # fmt: skip
         """The first good answer of a race: cancel the rival (its worker aborts the call) and record both."""
         won = Attempt(target.provider, reply.model or target.model, "ok", latency_ms, target=target.label, hedge=is_hedge)
+        lost = await self._cancel(running, is_hedge=not is_hedge)
+        self.attempts.extend([*lost, won] if is_hedge else [won, *lost])
+        return ChainResult(reply, target, self.attempts, None)
+
+    async def _cancel(
+        self, running: dict[asyncio.Future[ProviderReply], tuple[Target, float]], is_hedge: bool
+    ) -> list[Attempt]:
+        """Cancel the calls still running in a race (their workers abort them); their attempts."""
         lost = []
-        for task, (other, t0, _) in running.items():
+        for task, (other, t0) in running.items():
             task.cancel()
             lost.append(Attempt(
                 other.provider, other.model, "cancelled", (self.clock() - t0) * 1000, target=other.label,
-                reason=HEDGE_LOST, hedge=not is_hedge,
+                reason=HEDGE_LOST, hedge=is_hedge,
             ))  # fmt: skip
         await asyncio.gather(*running, return_exceptions=True)  # the cancel reaches the worker before we answer
         running.clear()
-        self.attempts.extend([*lost, won] if is_hedge else [won, *lost])
-        return ChainResult(reply, target, self.attempts, None)
+        return lost
 
     def skip(self, target: Target, reason: str, message: str) -> None:
         self.attempts.append(
@@ -489,6 +519,8 @@ def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run
         return None
     if run.physical >= run.limits.max_attempts:
         return None
+    if run.health is not None and target.breaker is not None and run.health.admit(target.provider, target.model) != CALL:
+        return None  # this failure (or a failed probe) opened its breaker: no retries into it
     delay_s = backoff_s(target, retry, rand)
     if failure.retry_after_s is not None:
         if failure.retry_after_s > target.max_backoff_s:

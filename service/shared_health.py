@@ -44,6 +44,7 @@ _OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachab
 _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
+_REFRESH_EVERY_S = 30.0
 STALE_AFTER_S = 120.0  # a dispatcher's stats older than this are from one that is gone
 
 
@@ -114,9 +115,9 @@ class SharedHealth(Health):
         else:
             log.info("shared health: breaker state is shared through JetStream bucket %s", self.bucket)
         self.problem = None
-        for health in self.targets.values():  # what changed here meanwhile becomes everyone's
+        for health in self.targets.values():  # what opened here meanwhile, unless the bucket knows better
             if health.state != CLOSED:
-                self._announce(health)
+                self._spawn(self._put(health.provider, health.model, self._value(health), only_if_new=True))
 
     def _degrade(self, exc: BaseException) -> None:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
@@ -145,7 +146,8 @@ class SharedHealth(Health):
         async for entry in watcher:
             if entry is None or entry.value is None or entry.operation is not None:
                 continue  # the end-of-history marker, or a delete
-            self._revisions[entry.key] = entry.revision
+            # An echo of our own write can arrive after a later write's revision was stored.
+            self._revisions[entry.key] = max(entry.revision, self._revisions.get(entry.key, 0))
             try:
                 value = json.loads(entry.value)
                 if value.get("by") == self.id:
@@ -154,20 +156,23 @@ class SharedHealth(Health):
                     value["provider"], value["model"], value["state"], value["until_unix_ms"],
                     value.get("reason", ""), value.get("since_unix_ms", 0),
                 )  # fmt: skip
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("ignoring a malformed breaker entry %s in bucket %s: %s", entry.key, self.bucket, exc)
 
     async def _maintain(self) -> None:
-        """Publish this dispatcher's figures every second; reconnect to the bucket when it was lost."""
+        """Publish this dispatcher's figures every second when they changed, and every 30 s
+        anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket was lost."""
+        published = 0.0
         while True:
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
             if self.kv is None:
                 await self._stop_watcher()
                 await self._connect()
                 continue
-            if not any(h.changed for h in self.targets.values()):
-                continue
-            await self.publish_stats()
+            now = time.monotonic()
+            if any(h.changed for h in self.targets.values()) or now - published >= _REFRESH_EVERY_S:
+                published = now
+                await self.publish_stats()
 
     async def publish_stats(self) -> None:
         if self.kv is None:
@@ -192,18 +197,23 @@ class SharedHealth(Health):
 
     def _announce(self, health: TargetHealth) -> None:
         """A breaker changed here: write it to the bucket, off the request's path."""
-        if self.kv is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._put(health.provider, health.model, self._value(health)))
+        if self.kv is not None:
+            self._spawn(self._put(health.provider, health.model, self._value(health)))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _put(self, provider: str, model: str, value: bytes) -> None:
+    async def _put(self, provider: str, model: str, value: bytes, only_if_new: bool = False) -> None:
         if self.kv is None:
             return
         key = breaker_key(provider, model)
         try:
-            self._revisions[key] = await asyncio.wait_for(self.kv.put(key, value), _OP_TIMEOUT_S)
+            write = self.kv.create(key, value) if only_if_new else self.kv.put(key, value)
+            self._revisions[key] = max(await asyncio.wait_for(write, _OP_TIMEOUT_S), self._revisions.get(key, 0))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # only_if_new: the bucket has a state already; the watcher brings it here
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 

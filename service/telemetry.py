@@ -123,10 +123,17 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
     """Export the figures `lifeline status` shows as observable instruments, read from the
     dispatcher's health (service/health.py) when the reader collects: nothing on the hot path."""
     meter = meters.get_meter("lifeline.dispatcher")
+    cached: list[Any] = [0.0, {}]  # one snapshot serves every gauge of a collection
+
+    def snapshot() -> dict[str, Any]:
+        now = time.monotonic()
+        if now - cached[0] > 1.0:
+            cached[0], cached[1] = now, health.snapshot()
+        return cached[1]
 
     def gauge(name: str, unit: str, description: str, value_of) -> None:  # type: ignore[no-untyped-def]
         def callback(options: CallbackOptions):  # type: ignore[no-untyped-def]
-            for label, figures in health.snapshot().items():
+            for label, figures in snapshot().items():
                 value = value_of(figures)
                 if value is not None:
                     attributes = {"lifeline.target": label, "lifeline.provider": figures["provider"],

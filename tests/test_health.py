@@ -16,7 +16,7 @@ from service.health import (
     CALL, CLOSED, HALF_OPEN, MIN_SAMPLES, OPEN, PROBE, SKIP, BreakerSettings, Health, TargetHealth,
     bucket_ms, bucket_of, percentile_ms,
 )  # fmt: skip
-from service.policy import Budget, Budgets, Chain, Hedge, Limits, run_chain
+from service.policy import Budget, Budgets, Chain, Hedge, Limits, Needs, run_chain
 from test_policy import Clock, Script, events, fail, ok, target
 
 P, M = "p", "m"
@@ -383,3 +383,91 @@ async def test_the_retry_budget_allows_one_retry_then_falls_back():
     assert [(x.target, x.retry, x.next, x.reason) for x in result.attempts[:2]] == [
         ("a", 0, "retry", None), ("a", 1, "fallback", "retry_budget")]  # fmt: skip
     assert [attrs["lifeline.budget"] for _, attrs in seen] == ["retry"]
+
+
+# ---- breakers inside a chain: the edge cases a review found --------------------------------
+
+
+def tripped(clock: Clock, h: Health, name: str, cooldown_s: float = 5.0):
+    """A target whose breaker opened on one failure; returns it."""
+    t = target(name, breaker=BreakerSettings(consecutive_failures=1, cooldown_s=cooldown_s))
+    h.record(t.provider, t.model, t.breaker, False, "server_error")
+    return t
+
+
+async def test_a_probe_the_request_cannot_send_is_not_claimed():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    b = tripped(clock, h, "b")
+    clock.now += 6  # b's cooldown is over: the next call of b would be its probe
+    script = Script(clock, {"a": fail("server_error", 503)})
+    limits = Limits(clock.now + 60, max_attempts=1)  # a takes the only attempt
+    await run_chain(Chain([target("a"), b]), script, limits, health=h, clock=clock, sleep=clock.sleep)
+    assert h.admit("b", "b-model") == PROBE  # still free for the next request
+
+
+async def test_a_probe_is_never_hedged():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = tripped(clock, h, "a")
+    clock.now += 6
+    racer = Racer(a=after(ok(content="from a"), 0.05), b=after(ok(content="from b")))
+    limits = Limits(time.monotonic() + 30, hedge=Hedge(after_s=0.01))
+    result = await run_chain(Chain([a, target("b")]), racer, limits, health=h)
+    assert racer.called == ["a"] and result.answer is not None and result.answer.content == "from a"
+    assert h.of("a", "a-model").state == CLOSED  # the probe's answer decided
+
+
+async def test_a_timeout_the_requests_own_deadline_caused_does_not_count():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = target("a", timeout_s=30, breaker=BreakerSettings(consecutive_failures=1))
+    script = Script(clock, {"a": fail("timeout"), "b": ok()})
+    limits = Limits(clock.now + 1)  # the client gives the whole request 1 s: a's 30 s are cut short
+    await run_chain(Chain([a, target("b")]), script, limits, health=h, clock=clock, sleep=clock.sleep)
+    assert h.of("a", "a-model").state == CLOSED
+    limits = Limits(clock.now + 60)  # a timeout at a's own timeout_s counts
+    await run_chain(Chain([a, target("b")]), Script(clock, {"a": fail("timeout"), "b": ok()}), limits, health=h,
+                    clock=clock, sleep=clock.sleep)  # fmt: skip
+    assert h.of("a", "a-model").state == OPEN
+
+
+async def test_no_retries_into_a_breaker_the_failure_just_opened():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = target("a", retries=3, breaker=BreakerSettings(consecutive_failures=1))
+    script = Script(clock, {"a": fail("server_error", 503), "b": ok()})
+    await run_chain(Chain([a, target("b")]), script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep)
+    assert script.called == ["a", "b"]
+
+
+async def test_a_failure_that_stops_the_chain_settles_a_race():
+    b_started = asyncio.Event()
+
+    async def a_bad_request():
+        await b_started.wait()
+        return fail("bad_request", 400)
+
+    async def b_slow():
+        b_started.set()
+        await asyncio.sleep(10)
+        return ok(content="from b")
+
+    racer = Racer(a=a_bad_request, b=b_slow)
+    limits = Limits(time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01))
+    result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
+    assert result.answer is None and result.error is not None and result.error.type == "fallback_stopped"
+    assert racer.cancelled == ["b"]
+    assert sorted((x.target, x.outcome, x.next) for x in result.attempts) == [
+        ("a", "error", "stop"), ("b", "cancelled", None)]  # fmt: skip
+
+
+async def test_an_open_target_is_called_when_every_later_target_would_be_skipped_anyway():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = tripped(clock, h, "a")
+    too_small = target("b", max_input_tokens=10)
+    script = Script(clock, {"a": ok(content="from a")})
+    result = await run_chain(Chain([a, too_small]), script, Limits(clock.now + 60), needs=Needs(input_tokens=500),
+                             health=h, clock=clock, sleep=clock.sleep)  # fmt: skip
+    assert result.answer is not None and result.answer.content == "from a"
