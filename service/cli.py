@@ -287,10 +287,8 @@ async def cmd_ask(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts, faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
     )  # fmt: skip
-    try:
-        nc = await connect(url, "lifeline-ask", wait_for_server=False)
-    except NatsUnreachable as exc:
-        print(f"lifeline: {exc}", file=sys.stderr)
+    nc = await _client(url, "lifeline-ask")
+    if nc is None:
         return 1
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
@@ -351,12 +349,19 @@ def _print_reply(reply: CompletionReply) -> None:
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
 
-async def cmd_status(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+async def _client(url: str, name: str):  # type: ignore[no-untyped-def]
+    """A short-lived client connection, or None after saying why there is none."""
     try:
-        nc = await connect(url, "lifeline-status", wait_for_server=False)
+        return await connect(url, name, wait_for_server=False)
     except NatsUnreachable as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
+        return None
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nc = await _client(url, "lifeline-status")
+    if nc is None:
         return 1
     try:
         entries = await read_bucket(nc, args.bucket)

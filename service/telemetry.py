@@ -46,14 +46,15 @@ GEN_AI_PROVIDER = {
 _propagator = TraceContextTextMapPropagator()
 
 
-def exporter_configured(environ: Mapping[str, str] = os.environ) -> str | None:
-    """"otlp", "console" or None, from the standard OTEL_* variables."""
+def exporter_configured(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> str | None:
+    """"otlp", "console" or None for TRACES or METRICS, from the standard OTEL_* variables
+    (OTEL_<signal>_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_<signal>_ENDPOINT)."""
     if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    chosen = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    chosen = environ.get(f"OTEL_{signal}_EXPORTER", "").strip().lower()
     if chosen in ("none", "console"):
         return None if chosen == "none" else "console"
-    if chosen == "otlp" or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    if chosen == "otlp" or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"):
         return "otlp"
     return None
 
@@ -88,22 +89,10 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     return provider
 
 
-def metrics_exporter_configured(environ: Mapping[str, str] = os.environ) -> str | None:
-    """"otlp", "console" or None, from OTEL_METRICS_EXPORTER and the OTLP endpoint variables."""
-    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
-    chosen = environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
-    if chosen in ("none", "console"):
-        return None if chosen == "none" else "console"
-    if chosen == "otlp" or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        return "otlp"
-    return None
-
-
 def meter_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> MeterProvider | None:
     """A MeterProvider exporting every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), or None when
     no metrics exporter is configured (then nothing is collected at all)."""
-    exporter = metrics_exporter_configured(environ)
+    exporter = exporter_configured(environ, "METRICS")
     if exporter is None:
         return None
     if exporter == "console":
