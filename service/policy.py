@@ -208,7 +208,8 @@ async def run_chain(
     run = _Run(limits, on_event, clock, health, validate)
     if limits.budgets is not None:
         limits.budgets.retry.deposit()
-        limits.budgets.hedge.deposit()
+        if limits.hedge is not None:  # only a hedging route ever spends its hedge budget
+            limits.budgets.hedge.deposit()
     targets, current = chain.targets, ""  # current: the error kind whose chain we are on, "" for targets
     entered: set[str] = set()  # each error-class chain is entered at most once
     i = 0
