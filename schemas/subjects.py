@@ -1,5 +1,8 @@
 """Every NATS subject, queue group and header name Lifeline uses, in one place."""
 
+# Lifeline owns every subject under this prefix; no client may name one as its reply subject.
+NAMESPACE = "llm."
+
 # Clients send chat requests here (core request/reply).
 COMPLETE = "llm.complete"
 DISPATCHER_QUEUE = "lifeline-dispatchers"
@@ -37,3 +40,19 @@ def cancel_subject(provider: str) -> str:
 
 def audit_subject(status: str) -> str:
     return AUDIT_PREFIX + status
+
+
+def reply_subject_refused(subject: str) -> str | None:
+    """Why a client's reply subject may not be answered on, or None when it is fine.
+
+    A reply published there would land on Lifeline's own subjects (a second audit event,
+    a loop through llm.complete, an answer on the audit feed) or on the server's ($JS, $KV,
+    $SYS, $SRV, ...). Wildcards cannot name one inbox.
+    """
+    if subject.startswith(NAMESPACE):
+        return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
+    if subject.startswith("$"):
+        return "it is one of the NATS server's own subjects ($...)"
+    if any(token in ("*", ">") for token in subject.split(".")):
+        return "it contains a wildcard"
+    return None

@@ -10,6 +10,8 @@ Every field added after v1 must have a default, so old senders stay valid
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,6 +32,9 @@ ERROR_KINDS = (
     "connection",
     "no_responders",
     "invalid_output",  # the answer failed the request's response_format (checked by the dispatcher)
+    # The provider's answer is above the worker's max_response_bytes, or its reply would not
+    # fit the NATS server's max_payload: another target may answer shorter.
+    "response_too_large",
 )
 
 # Why a target was passed over without a call (Attempt.reason when outcome is "skipped").
@@ -51,7 +56,10 @@ ALL_FAILED = "all_failed"  # every target was tried and failed
 FALLBACK_STOPPED = "fallback_stopped"  # a failure outside the route's fallback_on ended the chain
 DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's timeout_s ran out before a target could start
 INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, empty messages, ...
-PAYLOAD_TOO_LARGE = "payload_too_large"
+PAYLOAD_TOO_LARGE = "payload_too_large"  # the request (or what it becomes for a worker) does not fit
+REPLY_TOO_LARGE = "reply_too_large"  # an answer came, but the reply carrying it would not fit max_payload
+OVERLOADED = "overloaded"  # the dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s
+REPLY_SUBJECT_REFUSED = "reply_subject_refused"  # the reply subject is inside Lifeline's or the server's namespace
 UNKNOWN_ROUTE = "unknown_route"
 UNKNOWN_PROVIDER = "unknown_provider"
 NO_CAPABLE_TARGET = "no_capable_target"  # every target was skipped by a capability check; none was called
@@ -124,11 +132,16 @@ PREVIOUS_ERRORS = "lifeline_previous_errors"
 Fault = str | int | None
 
 
+# A request id travels in the body, in a header and in every reply and audit event.
+MAX_ID_LENGTH = 256
+RequestId = Annotated[str, Meta(max_length=MAX_ID_LENGTH)]
+
+
 class CompletionRequest(Struct, frozen=True):
     """What a client sends to llm.complete."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    id: str = ""
+    id: RequestId = ""
     route: str = "default"
     targets: list[str | TargetSpec] | None = None  # instead of the route's chain
     max_tokens: MaxTokens | None = None
@@ -168,9 +181,10 @@ class Attempt(Struct, frozen=True):
     hedge: bool = False  # started as a hedge while the attempt before it was still running
 
 
-class ErrorInfo(Struct, frozen=True):
+class ErrorInfo(Struct, frozen=True, omit_defaults=True):
     type: str
     message: str
+    retry_after_s: float | None = None  # set with "overloaded": when trying again makes sense
 
 
 class CompletionReply(Struct, frozen=True):
@@ -252,7 +266,7 @@ provider_reply_decoder = msgspec.json.Decoder(ProviderReply)
 
 
 class _IdOnly(Struct):
-    id: str = ""
+    id: RequestId = ""
 
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
@@ -272,8 +286,48 @@ def classify_status(status_code: int) -> str:
 
 
 def salvage_id(data: bytes) -> str:
-    """The request id of a message that failed full validation, if it has a readable one."""
+    """The request id of a message that failed full validation, if it has a readable one
+    (and a sane length). Never raises: it runs on the error path."""
     try:
         return _id_decoder.decode(data).id
     except msgspec.DecodeError:
         return ""
+    except RecursionError:  # msgspec's answer to nesting deeper than it follows, even when skipping
+        return _scan_id(data[:_SCAN_BYTES])
+
+
+_SCAN_BYTES = 64 * 1024  # how far into a too-deeply-nested message the id is looked for
+_ID_KEY = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*")')
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _scan_id(data: bytes) -> str:
+    """The top-level "id" of a JSON object msgspec could not walk: the first `"id": "..."` at
+    depth 1, found by counting brackets outside strings before it."""
+    for match in _ID_KEY.finditer(data):
+        depth = 0
+        for token in _TOKENS.finditer(data, 0, match.start()):
+            text = token.group()
+            depth += 1 if text in (b"{", b"[") else -1 if text in (b"}", b"]") else 0
+        if depth == 1:
+            try:
+                return msgspec.json.decode(match.group(1), type=RequestId)
+            except msgspec.DecodeError:
+                return ""
+    return ""
+
+
+def message_bytes(payload: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """What a NATS message counts against the server's max_payload: headers and payload.
+
+    nats-py checks only the payload before publishing; a message whose headers push it over
+    max_payload is refused by the server, which then closes the whole connection. So every
+    publish of Lifeline's is measured here first. The header block is nats-py's encoding:
+    "NATS/1.0\r\n", "key: value\r\n" per header, "\r\n".
+    """
+    if not headers:
+        return len(payload)
+    size = 12
+    for key, value in headers.items():
+        size += len(key.encode()) + len(value.encode()) + 4
+    return size + len(payload)

@@ -45,10 +45,11 @@ def server_binary() -> str:
 
 
 class EmbeddedNats:
-    def __init__(self, port: int = -1, host: str = "127.0.0.1", jetstream: bool = True) -> None:
+    def __init__(self, port: int = -1, host: str = "127.0.0.1", jetstream: bool = True, conf: str = "") -> None:
         self.host = host
         self.port = port
         self.jetstream = jetstream
+        self.conf = conf  # extra nats-server configuration, e.g. "max_payload: 65536"
         self.store_dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -66,6 +67,10 @@ class EmbeddedNats:
         args = [server_binary(), "-a", self.host, "-p", str(self.port), "-l", str(log_path)]
         if self.jetstream:
             args += ["-js", "-sd", self.store_dir]
+        if self.conf:
+            conf_path = Path(self.store_dir) / "nats.conf"
+            conf_path.write_text(self.conf)
+            args += ["-c", str(conf_path)]
         # Its own session: a Ctrl-C in the terminal reaches Lifeline, which drains its
         # connections and only then stops the server (not both at once).
         self._proc = subprocess.Popen(
@@ -114,3 +119,15 @@ class EmbeddedNats:
 def default_nats_url(explicit: str | None = None) -> str | None:
     """--nats-url, else NATS_URL, else None (meaning: start an embedded server)."""
     return explicit or os.environ.get("NATS_URL") or None
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or comma-separated list) fit to print: user info becomes '***'.
+
+    nats://alice:s3cret@host:4222 and nats://TOKEN@host:4222 both carry a secret."""
+    shown = []
+    for part in url.split(","):
+        scheme, sep, rest = part.strip().rpartition("://")
+        userinfo, at, host = rest.rpartition("@")
+        shown.append(f"{scheme}{sep}***@{host}" if at else part.strip())
+    return ",".join(shown)

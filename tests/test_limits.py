@@ -1,0 +1,71 @@
+"""The pure pieces behind the limits: message sizes as the server counts them, reply-subject
+refusal, id salvage on the error path, and URLs printed without their secrets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from schemas.subjects import reply_subject_refused
+from schemas.wire import MAX_ID_LENGTH, message_bytes, salvage_id
+from service.embedded import EmbeddedNats, redact_url
+
+HEADERS = {"Lifeline-Deadline-Ms": "1893456000000", "Lifeline-Request-Id": "r\u00e9q-1", "traceparent": "00-" + "a" * 49}
+
+
+@pytest.fixture
+def small_server():
+    with EmbeddedNats(port=-1, jetstream=False, conf="max_payload: 4096\n") as server:
+        yield server
+
+
+async def publish_sized(url: str, size: int) -> bool:
+    """Publish a message of `size` bytes as message_bytes counts them; True if the server kept the connection."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    payload = b"x" * (size - message_bytes(b"", HEADERS))
+    assert message_bytes(payload, HEADERS) == size
+    await nc.publish("sized", payload, headers=HEADERS)
+    try:
+        await nc.flush(timeout=2)
+        await asyncio.sleep(0.1)
+        return not nc.is_closed
+    except Exception:
+        return False
+    finally:
+        await nc.close()
+
+
+async def test_message_bytes_counts_headers_as_the_server_does(small_server):
+    assert await publish_sized(small_server.url, 4096) is True
+    # One byte more and the server closes the connection (nats-py's own check sees only the payload):
+    assert await publish_sized(small_server.url, 4097) is False
+
+
+@pytest.mark.parametrize(
+    "subject, refused",
+    [("_INBOX.abc.1", False), ("my.replies.7", False), ("llm.complete", True), ("llm.audit.ok", True),
+     ("llm.provider.openai", True), ("llm.cancel.openai", True), ("llm.jobs.result.x", True), ("$JS.API.INFO", True),
+     ("$KV.bucket.key", True), ("$SYS.REQ.SERVER.PING", True), ("_INBOX.*", True), ("a.>", True)],
+)  # fmt: skip
+def test_reply_subjects_in_lifelines_or_the_servers_namespace_are_refused(subject, refused):
+    assert (reply_subject_refused(subject) is not None) is refused
+
+
+def test_an_id_is_salvaged_from_input_too_deeply_nested_to_decode():
+    nested = b"[" * 10_000 + b"]" * 10_000
+    assert salvage_id(b'{"meta": {"id": "inner"}, "id": "outer", "x": ' + nested + b"}") == "outer"
+    assert salvage_id(b'{"x": ' + nested + b', "id": "after"}') == "after"
+    far = b"[" * 40_000 + b"]" * 40_000
+    assert salvage_id(b'{"x": ' + far + b', "id": "after"}') == ""  # beyond the first 64 KiB: not looked for
+    assert salvage_id(b'{"id": "' + b"i" * (MAX_ID_LENGTH + 1) + b'"}') == ""  # too long to carry
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [("nats://alice:s3cret@host:4222", "nats://***@host:4222"), ("nats://TOKEN@host:4222", "nats://***@host:4222"),
+     ("nats://host:4222", "nats://host:4222"), ("tls://u:p@a:1, nats://b:2", "tls://***@a:1,nats://b:2")],
+)  # fmt: skip
+def test_nats_urls_are_shown_without_their_secrets(url, shown):
+    assert redact_url(url) == shown
