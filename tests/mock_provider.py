@@ -17,9 +17,10 @@ from workers.base import Provider, ProviderError
 class MockServer:
     """A MockTransport handler: records every request and gives each the same answer.
 
-    `body` is sent as JSON, or as plain text when it is a str (default: the subclass's
-    `default_body`, the provider's documented success body); `raises` is an httpx
-    transport error to raise instead of answering.
+    `body` is sent as JSON, as plain text when it is a str, as is when it is bytes (default:
+    the subclass's `default_body`, the provider's documented success body); `raises` is an
+    httpx transport error to raise instead of answering. The body is an unread stream, as a
+    real transport's is, so the workers' streaming read runs as it does against a server.
     """
 
     default_body: Any = {}
@@ -39,9 +40,14 @@ class MockServer:
         self.requests.append(request)
         if self.raises is not None:
             raise self.raises("simulated", request=request)
-        if isinstance(self.body, str):
-            return httpx.Response(self.status, text=self.body, headers=self.headers)
-        return httpx.Response(self.status, json=self.body, headers=self.headers)
+        if isinstance(self.body, bytes):
+            content, content_type = self.body, "application/octet-stream"
+        elif isinstance(self.body, str):
+            content, content_type = self.body.encode(), "text/plain; charset=utf-8"
+        else:
+            content, content_type = json.dumps(self.body).encode(), "application/json"
+        headers = {"content-type": content_type, "content-length": str(len(content)), **self.headers}
+        return httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(content))
 
     @property
     def request(self) -> httpx.Request:

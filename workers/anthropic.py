@@ -12,19 +12,23 @@ System prompts are a top-level field, not a message role, and max_tokens is requ
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
+import msgspec
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import (
     HttpProvider,
     ProviderError,
     ProviderSettings,
+    TokenCount,
     classify_status,
+    decode_body,
     error_body,
     error_message,
+    error_text,
     require_api_key,
     retry_after_s,
     unexpected_body,
@@ -69,27 +73,46 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     return body
 
 
+# The parts of a message object Lifeline reads, typed: msgspec skips the rest, and a body
+# that differs fails with the path and the type it found, never a value (see decode_body).
+class _Block(msgspec.Struct):
+    type: str | None = None  # "text", "thinking", "tool_use", ...: only text blocks are the answer
+    text: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
+
+
+class _Message(msgspec.Struct):
+    content: list[_Block]
+    model: str | None = None
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+_message_decoder = msgspec.json.Decoder(_Message)
+
+
 def parse_message(response: httpx.Response, model: str) -> ProviderOk:
     """A 200 message object as ProviderOk; `model` stands in when the body names none."""
-    try:
-        data = response.json()
-        text = "".join(block["text"] for block in data["content"] if block.get("type") == "text")
-        usage = data.get("usage") or {}
-        tokens = Usage(input_tokens=usage.get("input_tokens") or 0, output_tokens=usage.get("output_tokens") or 0)
-        answered_by = data.get("model") or model
-        stop_reason = data.get("stop_reason")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise unexpected_body(response, repr(exc)) from exc
+    data = decode_body(response, _message_decoder)
+    texts = [block.text for block in data.content if block.type == "text"]
+    if None in texts:
+        raise unexpected_body(response, "a content block of type text has no text")
     # stop_reason "refusal": the safety classifiers stopped the answer; it is not one to pass on.
-    if stop_reason == "refusal":
+    if data.stop_reason == "refusal":
         raise ProviderError("content_filter", "provider refused to answer (stop_reason refusal)", response.status_code)
-    return ProviderOk(content=text, model=answered_by, usage=tokens)
+    usage = data.usage or _Usage()
+    tokens = Usage(input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0)
+    return ProviderOk(content="".join(t for t in texts if t is not None), model=data.model or model, usage=tokens)
 
 
-def message_error(response: httpx.Response, secret: str) -> ProviderError:
+def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderError:
     error = error_body(response)
     error_type = error.get("type")
-    text = str(error.get("message") or response.text)
+    text = error_text(error, response)
     kind = classify_status(response.status_code)
     if error_type == "request_too_large" or (
         error_type == "invalid_request_error" and any(phrase in text.lower() for phrase in _TOO_LONG)
@@ -97,7 +120,7 @@ def message_error(response: httpx.Response, secret: str) -> ProviderError:
         kind = "context_length"
     elif error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         kind = "server_error"
-    message = error_message("anthropic", response.status_code, text, secret)
+    message = error_message("anthropic", response.status_code, text, secrets)
     return ProviderError(kind, message, response.status_code, retry_after_s(response))
 
 
@@ -110,7 +133,7 @@ class AnthropicProvider(HttpProvider):
         key = require_api_key(environ, settings.api_key_env)
         headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
         url = settings.base_url.rstrip("/") + "/v1/messages"
-        super().__init__(settings, url, key, headers, client, settings.base_url)
+        super().__init__(settings, url, (key,), headers, client, settings.base_url)
         self.default_max_tokens = settings.default_max_tokens
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
@@ -120,4 +143,4 @@ class AnthropicProvider(HttpProvider):
         return parse_message(response, model)
 
     def error(self, response: httpx.Response) -> ProviderError:
-        return message_error(response, self._key)
+        return message_error(response, self.secrets)

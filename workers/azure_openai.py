@@ -51,4 +51,4 @@ class AzureOpenAIProvider(OpenAIProvider):
         key = require_api_key(environ, settings.api_key_env)
         endpoint = settings.endpoint.rstrip("/")
         url = f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
-        HttpProvider.__init__(self, settings, url, key, {"api-key": key}, client, endpoint)
+        HttpProvider.__init__(self, settings, url, (key,), {"api-key": key}, client, endpoint)

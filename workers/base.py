@@ -2,17 +2,22 @@
 
     ProviderError            a provider call failed; `kind` is one of schemas.ERROR_KINDS
     classify_status(code)    HTTP status -> error kind (429 rate_limit, 5xx server_error, ...)
-    post_json(...)           one HTTP attempt, transport errors mapped to ProviderError
+    post_json(...)           one HTTP attempt, transport errors mapped to ProviderError, the
+                             answer read up to max_response_bytes (decoded) and no further
     error_message(...)       a provider's error text, short, one line, never the API key
+    scrub(text, secrets)     text with every credential value replaced by "***"
 
 Workers make exactly one HTTP attempt per request: retries, fallback and deadlines
-belong to the dispatcher, so nothing here retries.
+belong to the dispatcher, so nothing here retries. Whatever a provider answers, a worker
+keeps at most max_response_bytes of it in memory and quotes none of its credentials.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Annotated, Any, Protocol
 
 import httpx
@@ -22,6 +27,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas import ProviderOk, ProviderRequest
 from schemas.wire import classify_status as classify_status  # re-exported for the provider modules
+
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # 4 MiB: far above any chat answer's JSON, far below a worker's memory
 
 
 class ProviderError(Exception):
@@ -57,29 +64,101 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     kind: str
     model: str = ""
     timeout_s: Annotated[float, Meta(gt=0)] = 30.0  # per attempt; a request's timeout_s can only shorten it
+    # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
+    # answer, a compression bomb) fails as response_too_large instead of filling the worker's memory.
+    max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
 
 
 _propagator = TraceContextTextMapPropagator()
 _MESSAGE_LIMIT = 300
+# The Content-Encodings a worker asks for: only those read_capped can decode with a bound. httpx
+# would add br and zstd on its own if their packages happened to be installed.
+_ACCEPT_ENCODING = "gzip, deflate"
+_PIECE_BYTES = 64 * 1024  # the most one decompress step may produce
+
+# A token count as the documented bodies carry it; a negative one means the body is not what it claims.
+TokenCount = Annotated[int, Meta(ge=0)]
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every non-empty credential value in `secrets` replaced by "***".
+
+    By value, not by place: a provider may echo a key anywhere (an error message, a nested
+    field, a dump of the request headers, an HTML page), raw or JSON-escaped, so every
+    occurrence of either form goes. Scrub before cutting a text short, or a key cut in two
+    would leave its first half behind.
+    """
+    if isinstance(secrets, str):  # one key passed bare is one secret, not one per character
+        secrets = (secrets,)
+    forms = {form for secret in secrets if secret for form in _written_forms(secret)}
+    for form in sorted(forms, key=len, reverse=True):  # longest first: one form may contain another
+        text = text.replace(form, "***")
+    return text
+
+
+def _written_forms(secret: str) -> tuple[str, ...]:
+    """How a secret can appear in a body: as is, and JSON-escaped (with and without \\u escapes)."""
+    return secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:_MESSAGE_LIMIT]
+
+
+def redact(error: ProviderError, secrets: Iterable[str]) -> ProviderError:
+    """`error` itself, its message (and so its str and repr) scrubbed of `secrets`, one short line."""
+    error.message = _one_line(scrub(error.message, secrets))
+    error.args = (error.message,)
+    return error
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only; dates are ignored)."""
+    """The Retry-After header in seconds (delta form only; dates, and nan, inf or negatives, are ignored)."""
     value = response.headers.get("retry-after")
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
-    """The provider's JSON error object, or {} when the body is not JSON."""
+    """The provider's JSON error object, or {} when the body is not JSON (or nested too deep to read)."""
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return {}
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) else {}
+
+
+def error_text(error: dict[str, Any], response: httpx.Response) -> str:
+    """What the provider says went wrong: error.message, as JSON when it is not a string, else the body.
+
+    The result quotes the provider, credentials included: pass it through error_message.
+    """
+    message = error.get("message")
+    if isinstance(message, str) and message:
+        return message
+    if message:  # a dict, list or number: some gateways nest the real message
+        try:
+            return json.dumps(message)
+        except RecursionError:
+            pass
+    return response.text
+
+
+def decode_body(response: httpx.Response, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """The body as a kind's documented type, or ProviderError(server_error) saying how it differs.
+
+    msgspec's errors name a type and a path (``Expected `str | null`, got `object` - at
+    `$.choices[0].message.content` ``), never a value, as long as the type has no Literal,
+    enum or forbid_unknown_fields: so the message describes the body without quoting it.
+    """
+    try:
+        return decoder.decode(response.content)
+    except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError is a DecodeError
+        raise unexpected_body(response, str(exc)) from exc
 
 
 def http_client(base_url: str, headers: dict[str, str], timeout_s: float) -> httpx.AsyncClient:
@@ -98,47 +177,189 @@ async def post_json(
     body: dict[str, Any],
     timeout_s: float,
     headers: dict[str, str] | None = None,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> httpx.Response:
     """One POST; transport failures become ProviderError(timeout | connection).
 
     The current trace context goes out as `traceparent`, so the provider call is part of
-    the request's trace.
+    the request's trace. The answer, error or not, comes back read and decoded, at most
+    `max_response_bytes` of it: a longer one raises ProviderError(response_too_large) as
+    soon as it passes the limit (see read_capped).
     """
-    headers = dict(headers or {})
+    headers = {"Accept-Encoding": _ACCEPT_ENCODING, **(headers or {})}
     _propagator.inject(headers)
     try:
-        return await client.post(url, json=body, timeout=timeout_s, headers=headers)
+        async with client.stream("POST", url, json=body, timeout=timeout_s, headers=headers) as response:
+            content = await read_capped(response, max_response_bytes)
     except httpx.TimeoutException as exc:
         raise ProviderError("timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
+    return _in_memory(response, content)
+
+
+async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    """A streamed response's body, decoded; ProviderError(response_too_large) as soon as it passes `max_bytes`.
+
+    The limit holds for the decoded body and for what came over the wire (so trailing junk
+    after a gzip stream cannot run on either), and a Content-Length above it is refused
+    before any of the body is read. Leaving the body unread is safe: closing the response
+    closes its connection rather than returning it to the pool.
+
+    Decoding happens here, from the raw bytes, not in httpx: httpx has no bound on decoded
+    output (its gzip and deflate decoders call zlib without max_length, and neither the
+    client nor the response takes a limit), so one 64 KiB network read of a gzip bomb came
+    out as one 66 MB chunk, and `Content-Encoding: gzip, gzip` turned 2.5 KB into one 1 GiB
+    chunk (httpx 0.28.1: 148 MB and 2.2 GB peak memory before a 4 MiB limit could be
+    checked). zlib's own max_length bounds every step to _PIECE_BYTES instead: about
+    `max_bytes` plus one network read is ever held (5-6 MiB measured for a 4 MiB limit,
+    for a 50 MB answer and for both bombs).
+    """
+    if _declared_bytes(response) > max_bytes:
+        raise response_too_large(response.status_code, max_bytes)
+    layers = _inflaters(response)
+    body = bytearray()
+    wire_bytes = 0
+    async for chunk in response.aiter_raw():
+        wire_bytes += len(chunk)
+        if wire_bytes > max_bytes:
+            raise response_too_large(response.status_code, max_bytes)
+        try:
+            for piece in _decoded(chunk, layers):
+                body += piece
+                if len(body) > max_bytes:
+                    raise response_too_large(response.status_code, max_bytes)
+        except zlib.error as exc:
+            encoding = response.headers.get("content-encoding")
+            raise ProviderError("server_error", f"provider's {encoding} body does not decode: {exc}",
+                                response.status_code) from exc  # fmt: skip
+    return bytes(body)
+
+
+def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError:
+    """The answer is over max_response_bytes: the message says the limit and the two ways out.
+
+    An HTTP error status still says more than the size of its body (a 429 stays a rate limit)."""
+    if status_code is not None and status_code >= 400:
+        return ProviderError(classify_status(status_code), f"provider answered HTTP {status_code} with a body over "
+                             f"max_response_bytes ({max_bytes} bytes decoded), left unread", status_code)  # fmt: skip
+    return ProviderError(
+        "response_too_large",
+        f"provider answer is over max_response_bytes ({max_bytes} bytes decoded); raise max_response_bytes "
+        "in this provider's [providers.<name>] table, or ask for fewer max_tokens",
+        status_code,
+    )
+
+
+def _declared_bytes(response: httpx.Response) -> float:
+    """The Content-Length (the encoded size), or 0 when there is none to go by."""
+    value = response.headers.get("content-length", "")
+    if not (value.isascii() and value.isdigit()):
+        return 0  # absent, or several (h11 has refused a malformed one): the read itself counts
+    return int(value) if len(value) <= 18 else math.inf  # int() refuses thousands of digits
+
+
+class _Inflater:
+    """One gzip or deflate layer whose every step yields at most _PIECE_BYTES.
+
+    zlib's max_length is the bound; input it has not consumed yet waits in unconsumed_tail.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        # deflate should be zlib-wrapped, but some servers send it raw: like httpx, try the
+        # wrapped form and fall back to raw if the very first step fails.
+        self._raw_fallback = encoding == "deflate"
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
+
+    def decode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for data in chunks:
+            # After the end of the stream, whatever follows is junk: dropped, not kept in unused_data.
+            while not self._zlib.eof:
+                piece = self._step(data)
+                data = self._zlib.unconsumed_tail
+                if piece:
+                    yield piece
+                if not data and len(piece) < _PIECE_BYTES:
+                    break  # zlib has said all it can until more input comes
+
+    def _step(self, data: bytes) -> bytes:
+        try:
+            return self._zlib.decompress(data, _PIECE_BYTES)
+        except zlib.error:
+            if not self._raw_fallback:
+                raise
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._zlib.decompress(data, _PIECE_BYTES)
+        finally:
+            self._raw_fallback = False
+
+
+def _inflaters(response: httpx.Response) -> list[_Inflater]:
+    """One bounded decoder per Content-Encoding, in the order that undoes them (none for identity)."""
+    header = response.headers.get("content-encoding", "")
+    encodings = [e for e in (e.strip().lower() for e in header.split(",")) if e and e != "identity"]
+    if any(e not in ("gzip", "deflate") for e in encodings):
+        raise ProviderError(
+            "server_error",
+            # The header as sent, not lowercased: scrub() finds a credential echoed here by its exact value.
+            f"provider answered in Content-Encoding {header.strip()}, which the worker did not ask for "
+            f"and cannot read with a bound (it sends Accept-Encoding: {_ACCEPT_ENCODING})",
+            response.status_code,
+        )
+    return [_Inflater(e) for e in reversed(encodings)]
+
+
+def _decoded(chunk: bytes, layers: list[_Inflater]) -> Iterator[bytes]:
+    """One network read through every layer, lazily: no layer ever holds more than one piece."""
+    pieces: Iterable[bytes] = (chunk,)
+    for layer in layers:
+        pieces = layer.decode(pieces)
+    return iter(pieces)
+
+
+def _in_memory(response: httpx.Response, content: bytes) -> httpx.Response:
+    """The response again, with the decoded body in memory, as the kinds' parsers read it.
+
+    The framing headers go: the body is no longer encoded, and httpx would decode it again.
+    """
+    framing = ("content-encoding", "content-length", "transfer-encoding")
+    headers = [(name, value) for name, value in response.headers.multi_items() if name not in framing]
+    return httpx.Response(response.status_code, headers=headers, content=content, request=response.request)
 
 
 class HttpProvider:
     """A provider behind one HTTP endpoint: a pooled client, one POST per call, no retries.
 
     A kind supplies its URL and auth headers, and `body`, `parse` and `error` for its
-    documented request, response and error shapes.
+    documented request, response and error shapes. `secrets` holds every credential value
+    it sends (the API key, and anything else a kind authenticates with): no message that
+    leaves `complete` carries one, whatever shape of body quoted it.
     """
 
     label = "provider"  # names the provider in error messages
 
-    def __init__(self, settings: ProviderSettings, url: str, key: str, headers: dict[str, str],
+    def __init__(self, settings: ProviderSettings, url: str, secrets: Iterable[str], headers: dict[str, str],
                  client: httpx.AsyncClient | None, base_url: str) -> None:  # fmt: skip
         self.settings = settings
         self.model = settings.model
         self._url = url
-        self._key = key
+        self.secrets: tuple[str, ...] = tuple(secret for secret in secrets if secret)
         # Auth goes with each request (not on the client), so an injected client sends it too.
         self._headers = headers
         self._client = client or http_client(base_url, {}, settings.timeout_s)
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         model = request.model or self.model
-        response = await post_json(self._client, self._url, self.body(request, model), timeout_s, self._headers)
-        if response.status_code != 200:
-            raise self.error(response)
-        return self.parse(response, model)
+        body = self.body(request, model)
+        try:
+            response = await post_json(self._client, self._url, body, timeout_s, self._headers,
+                                       self.settings.max_response_bytes)  # fmt: skip
+            if response.status_code != 200:
+                raise self.error(response)
+            return self.parse(response, model)
+        except ProviderError as exc:
+            redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
+            raise
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -160,13 +381,14 @@ def require_api_key(environ: Mapping[str, str], name: str) -> str:
     return key
 
 
-def error_message(label: str, status: int, text: str, secret: str) -> str:
-    """'<label> <status>: <text>', one line, short, and never carrying the API key."""
-    if secret:
-        text = text.replace(secret, "***")
-    return f"{label} {status}: {' '.join(text.split())}"[:_MESSAGE_LIMIT]
+def error_message(label: str, status: int, text: str, secrets: Iterable[str]) -> str:
+    """'<label> <status>: <text>', one line, short, and never carrying a credential in `secrets`."""
+    return _one_line(f"{label} {status}: {scrub(text, secrets)}")
 
 
 def unexpected_body(response: httpx.Response, detail: str) -> ProviderError:
-    message = f"provider returned an unexpected response body: {detail}"[:_MESSAGE_LIMIT]
+    """A 200 that is not the documented answer: server_error. `detail` must describe the body's
+    shape (types, missing fields), never quote it; HttpProvider.complete scrubs it anyway."""
+    size = len(response.content)
+    message = f"provider returned an unexpected response body ({size} bytes): {detail}"
     return ProviderError("server_error", message, response.status_code)

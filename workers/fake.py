@@ -1,7 +1,8 @@
 """The `fake` provider: deterministic behaviour from config, for demos and tests.
 
 It never touches the network. Its failures are shaped like HTTP ones (`fail_status = 429`
-is a rate limit, 503 a server error), so fallback can be shown and tested offline.
+is a rate limit, 503 a server error), so fallback can be shown and tested offline. An
+answer over `max_response_bytes` fails as response_too_large, as an HTTP kind's would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import msgspec
 
 from schemas import ProviderOk, ProviderRequest, Usage
-from workers.base import ProviderError, ProviderSettings, classify_status
+from workers.base import ProviderError, ProviderSettings, classify_status, response_too_large
 
 
 class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,6 +52,8 @@ class FakeProvider:
             status = s.fail_status or 503
             raise ProviderError(classify_status(status), f"fake provider configured to fail with {status}", status)
         content = self._answer(request)
+        if len(content.encode()) > s.max_response_bytes:  # as an HTTP kind would: the limit is the same setting
+            raise response_too_large(200, s.max_response_bytes)
         usage = Usage(
             input_tokens=sum(len(m.content.split()) for m in request.messages),
             output_tokens=len(content.split()),

@@ -15,8 +15,8 @@ The body builder and the response and error parsing are shared with workers.azur
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
 
 import httpx
 import msgspec
@@ -26,9 +26,12 @@ from workers.base import (
     HttpProvider,
     ProviderError,
     ProviderSettings,
+    TokenCount,
     classify_status,
+    decode_body,
     error_body,
     error_message,
+    error_text,
     require_api_key,
     retry_after_s,
     unexpected_body,
@@ -73,34 +76,53 @@ def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
     return body
 
 
+# The parts of a chat.completion Lifeline reads, typed: msgspec skips the rest, and a body
+# that differs fails with the path and the type it found, never a value (see decode_body).
+class _Message(msgspec.Struct):
+    content: str | None = None  # null when the answer was filtered
+
+
+class _Choice(msgspec.Struct):
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: Annotated[list[_Choice], msgspec.Meta(min_length=1)]
+    model: str | None = None
+    usage: _Usage | None = None  # some compatible servers leave usage out
+
+
+_completion_decoder = msgspec.json.Decoder(_Completion)
+
+
 def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     """A 200 chat.completion as ProviderOk; `model` stands in when the body names none."""
-    try:
-        data = response.json()
-        choice = data["choices"][0]
-        content = choice["message"]["content"]
-        usage = data.get("usage") or {}  # some compatible servers leave usage out
-        tokens = Usage(input_tokens=usage.get("prompt_tokens") or 0, output_tokens=usage.get("completion_tokens") or 0)
-        answered_by = data.get("model") or model
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise unexpected_body(response, repr(exc)) from exc
+    data = decode_body(response, _completion_decoder)
+    choice = data.choices[0]
     # A filtered answer is missing or cut short: a failure the route may fall back on, not an answer.
-    if choice.get("finish_reason") == "content_filter":
+    if choice.finish_reason == "content_filter":
         status = response.status_code
         raise ProviderError("content_filter", "provider withheld the answer (finish_reason content_filter)", status)
-    if not isinstance(content, str):
-        raise unexpected_body(response, f"message.content is {content!r}")
-    return ProviderOk(content=content, model=answered_by, usage=tokens)
+    if choice.message.content is None:
+        raise unexpected_body(response, "choices[0].message.content is null or missing")
+    usage = data.usage or _Usage()
+    tokens = Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
+    return ProviderOk(content=choice.message.content, model=data.model or model, usage=tokens)
 
 
-def chat_error(response: httpx.Response, label: str, secret: str) -> ProviderError:
+def chat_error(response: httpx.Response, label: str, secrets: Iterable[str]) -> ProviderError:
     error = error_body(response)
     inner = error.get("innererror")
     codes = [error.get("code"), inner.get("code") if isinstance(inner, dict) else None]
     kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
     kind = kinds[0] if kinds else classify_status(response.status_code)
-    text = str(error.get("message") or response.text)
-    message = error_message(label, response.status_code, text, secret)
+    message = error_message(label, response.status_code, error_text(error, response), secrets)
     return ProviderError(kind, message, response.status_code, retry_after_s(response))
 
 
@@ -115,7 +137,7 @@ class OpenAIProvider(HttpProvider):
         if settings.organization:
             headers["OpenAI-Organization"] = settings.organization
         url = settings.base_url.rstrip("/") + "/chat/completions"
-        super().__init__(settings, url, key, headers, client, settings.base_url)
+        super().__init__(settings, url, (key,), headers, client, settings.base_url)
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
         return chat_body(request, model)
@@ -124,4 +146,4 @@ class OpenAIProvider(HttpProvider):
         return parse_chat_completion(response, model)
 
     def error(self, response: httpx.Response) -> ProviderError:
-        return chat_error(response, self.label, self._key)
+        return chat_error(response, self.label, self.secrets)

@@ -1,0 +1,530 @@
+"""What no provider answer can make a worker do: hold more than max_response_bytes, or quote a credential.
+
+The size limits run against a real HTTP server on 127.0.0.1 (a 50 MB answer, a gzip bomb
+that expands to 1 GiB), with each kind's documented answer shape, and measure the worker's
+memory with tracemalloc. The credential checks feed each HTTP kind bodies that echo its key
+in every place a provider or a proxy in front of it might.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from mock_provider import MockServer, expect_failure
+from schemas import ChatMessage, ProviderRequest
+from schemas.wire import ERROR_KINDS, classify_status
+from test_provider_anthropic import MESSAGE
+from test_provider_openai import COMPLETION
+from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
+from workers.base import DEFAULT_MAX_RESPONSE_BYTES, HttpProvider, ProviderError, scrub
+from workers.fake import FakeProvider, FakeSettings
+from workers.openai import OpenAIProvider, OpenAISettings
+
+MiB = 1024 * 1024
+REQUEST = ProviderRequest(id="r1", messages=[ChatMessage("user", "Hello!")])
+
+
+# ---- the kinds, each with its key and its documented answer ----------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # also the label that starts its error messages
+    key: str
+    build: Callable[..., HttpProvider]  # build(base_url, client, **settings)
+
+    def answer(self, text: str) -> dict[str, Any]:
+        """The kind's documented success body, answering `text`."""
+        if self.name == "anthropic":
+            return {**MESSAGE, "content": [{"type": "text", "text": text}]}
+        completion = json.loads(json.dumps(COMPLETION))
+        completion["choices"][0]["message"]["content"] = text
+        return completion
+
+    def answer_around(self) -> tuple[bytes, bytes]:
+        """The success body's bytes before and after its answer text, to stream a long answer between."""
+        before, after = json.dumps(self.answer("\x00")).encode().split(b"\\u0000")
+        return before, after
+
+
+def _openai(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
+    table = {"kind": "openai", "model": "gpt-4o-mini", "base_url": f"{base_url}/v1", **settings}
+    return OpenAIProvider(msgspec.convert(table, OpenAISettings), client, environ={"OPENAI_API_KEY": OPENAI.key})
+
+
+def _azure(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
+    table = {"kind": "azure_openai", "endpoint": base_url, "deployment": "gpt4o-prod", **settings}
+    environ = {"AZURE_OPENAI_API_KEY": AZURE.key}
+    return AzureOpenAIProvider(msgspec.convert(table, AzureOpenAISettings), client, environ=environ)
+
+
+def _anthropic(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
+    table = {"kind": "anthropic", "model": "claude-sonnet-4-20250514", "base_url": base_url, **settings}
+    environ = {"ANTHROPIC_API_KEY": ANTHROPIC.key}
+    return AnthropicProvider(msgspec.convert(table, AnthropicSettings), client, environ=environ)
+
+
+OPENAI = Kind("openai", "sk-proj-limits-Zq7xW2vB9nK4mT1r", _openai)
+AZURE = Kind("azure_openai", "5f0c9e2ab7d14c83a6e1f2b3c4d5e6f7", _azure)
+ANTHROPIC = Kind("anthropic", "sk-ant-api03-limits-Hs3kP8dQ2wX5", _anthropic)
+KINDS = [OPENAI, AZURE, ANTHROPIC]
+each_kind = pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+
+
+@pytest.fixture
+async def providers():
+    """providers(kind, base_url, client=None, **settings): a provider, closed after the test."""
+    built: list[HttpProvider] = []
+
+    def build(kind: Kind, base_url: str, client: httpx.AsyncClient | None = None, **settings: Any) -> HttpProvider:
+        built.append(kind.build(base_url, client, **settings))
+        return built[-1]
+
+    yield build
+    for provider in built:
+        await provider.aclose()
+
+
+# ---- a real HTTP server -----------------------------------------------------------------
+
+
+class Server(ThreadingHTTPServer):
+    """Answers every POST with `answer(handler)`; counts what it sent and whether the client hung up."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.answer: Callable[[_Handler], None] = lambda handler: send(handler, 200, [b"{}"])
+        self.request_headers: list[dict[str, str]] = []
+        self.sent_bytes = 0
+        self.hung_up = threading.Event()  # the client closed the connection before the server was done
+        self.finished = threading.Event()  # the handler has returned
+        self.release = threading.Event()  # set at teardown: ends any handler still waiting
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.server.request_headers.append({k.lower(): v for k, v in self.headers.items()})
+        self.connection.settimeout(10)  # never block a test for long, whatever the client does
+        try:
+            self.server.answer(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.hung_up.set()
+        finally:
+            self.server.finished.set()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def send(handler: _Handler, status: int, chunks: Iterable[bytes], headers: dict[str, str] | None = None) -> None:
+    """Status, headers, then the body chunk by chunk (HTTP/1.0: without a Content-Length it ends at close)."""
+    handler.send_response(status)
+    for name, value in {"content-type": "application/json", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    for chunk in chunks:
+        handler.wfile.write(chunk)
+        handler.server.sent_bytes += len(chunk)
+
+
+def wait_for_hang_up(handler: _Handler) -> None:
+    """Send nothing more; return when the client closes the connection (or after the 10 s socket timeout)."""
+    if handler.rfile.read(1) == b"":
+        handler.server.hung_up.set()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+# ---- big answers and compression bombs --------------------------------------------------
+
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+
+
+def gzip_of(before: bytes, block: bytes, repeats: int, after: bytes) -> bytes:
+    """gzip of before + block * repeats + after, made in about the time one block takes.
+
+    After a full flush deflate starts afresh, so every copy of `block` compresses to the
+    same bytes: they are repeated rather than compressed again (1 GiB of answer in ~1 MB).
+    """
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflate.compress(before) + deflate.flush(zlib.Z_FULL_FLUSH)
+    middle = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.compress(after) + deflate.flush()
+    crc = zlib.crc32(before)
+    for _ in range(repeats):
+        crc = zlib.crc32(block, crc)
+    size = len(before) + len(block) * repeats + len(after)
+    trailer = zlib.crc32(after, crc).to_bytes(4, "little") + (size % 2**32).to_bytes(4, "little")
+    return GZIP_HEADER + head + middle * repeats + tail + trailer
+
+
+def test_gzip_of_makes_a_valid_gzip_stream():
+    assert gzip.decompress(gzip_of(b"<", b"ab" * 1000, 5, b">")) == b"<" + b"ab" * 5000 + b">"
+
+
+BOMB_BLOCK = b"a" * MiB
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, tuple[bytes, bytes]]:
+    """Per kind: (gzip, gzip-of-gzip) of its documented answer with 1 GiB of text in it."""
+    made = {}
+    for kind in KINDS:
+        before, after = kind.answer_around()
+        once = gzip_of(before, BOMB_BLOCK, 1024, after)
+        made[kind.name] = (once, gzip.compress(once, 9))
+    return made
+
+
+async def failure_and_peak_bytes(provider: HttpProvider) -> tuple[ProviderError, int]:
+    """The call's ProviderError, and the most memory Python held at once while it ran."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        error = await expect_failure(provider, REQUEST)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return error, peak
+
+
+# The memory bound asserted: about the limit (4 MiB) plus one network read, with room to
+# spare. Reading a 50 MB answer whole needs 50 MB; httpx's own gzip decoding measured
+# 148 MB for the single bomb below and 2.2 GB for the double one.
+PEAK_LIMIT_BYTES = 16 * MiB
+
+
+def assert_too_large(error: ProviderError, status: int = 200) -> None:
+    assert (error.kind, error.status_code) == ("response_too_large", status)
+    assert "max_response_bytes" in error.message and f"({DEFAULT_MAX_RESPONSE_BYTES} bytes" in error.message
+    assert "max_tokens" in error.message  # says what to do about it
+
+
+@each_kind
+async def test_a_50_mb_answer_fails_as_too_large_and_memory_stays_near_the_limit(kind, server, providers):
+    before, after = kind.answer_around()
+    total = len(before) + 50 * MiB + len(after)
+    chunks = [before, *[b"a" * 65536] * (50 * 16), after]
+    server.answer = lambda handler: send(handler, 200, chunks)  # no Content-Length: read until the server closes
+    error, peak = await failure_and_peak_bytes(providers(kind, server.url))
+    assert_too_large(error)
+    assert peak < PEAK_LIMIT_BYTES
+    assert server.finished.wait(5) and server.hung_up.is_set()  # the worker stopped reading and hung up
+    assert server.sent_bytes < total
+
+
+@each_kind
+async def test_a_content_length_over_the_limit_is_refused_before_any_of_the_body_is_read(kind, server, providers):
+    def headers_only(handler: _Handler) -> None:
+        send(handler, 200, [], {"content-length": str(50 * MiB)})
+        wait_for_hang_up(handler)
+
+    server.answer = headers_only
+    # A worker that read on would wait for a body that never comes, and fail as a timeout.
+    error = await expect_failure(providers(kind, server.url, timeout_s=3), REQUEST)
+    assert_too_large(error)
+    assert server.hung_up.wait(5) and server.sent_bytes == 0
+
+
+@each_kind
+async def test_a_gzip_bomb_fails_as_too_large_and_memory_stays_near_the_limit(kind, server, providers, bombs):
+    bomb, _ = bombs[kind.name]
+    assert len(bomb) < DEFAULT_MAX_RESPONSE_BYTES  # its Content-Length passes: the decoded size must be counted
+    headers = {"content-encoding": "gzip", "content-length": str(len(bomb))}
+    server.answer = lambda handler: send(handler, 200, [bomb], headers)
+    error, peak = await failure_and_peak_bytes(providers(kind, server.url))
+    assert_too_large(error)
+    assert peak < PEAK_LIMIT_BYTES
+
+
+@each_kind
+async def test_a_2_kb_double_gzip_bomb_of_1_gib_fails_as_too_large_and_memory_stays_near_the_limit(
+    kind, server, providers, bombs
+):
+    _, bomb = bombs[kind.name]
+    assert len(bomb) < 10_000
+    headers = {"content-encoding": "gzip, gzip", "content-length": str(len(bomb))}
+    server.answer = lambda handler: send(handler, 200, [bomb], headers)
+    error, peak = await failure_and_peak_bytes(providers(kind, server.url))
+    assert_too_large(error)
+    assert peak < PEAK_LIMIT_BYTES
+
+
+@each_kind
+@pytest.mark.parametrize("status, kind_of_status", [(500, "server_error"), (429, "rate_limit")])
+async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status(kind, server, providers, status, kind_of_status):
+    error_body = {"error": {"message": "x" * (8 * MiB), "type": "server_error"}}
+    server.answer = lambda handler: send(handler, status, [json.dumps(error_body).encode()])
+    error = await expect_failure(providers(kind, server.url), REQUEST)
+    assert (error.kind, error.status_code) == (kind_of_status, status)
+    assert "max_response_bytes" in error.message and "left unread" in error.message
+
+
+async def test_bytes_after_the_end_of_a_gzip_stream_count_against_the_limit(server, providers):
+    body = gzip.compress(json.dumps(OPENAI.answer("hi")).encode()) + b"\x00" * (2 * MiB)
+    server.answer = lambda handler: send(handler, 200, [body], {"content-encoding": "gzip"})
+    error = await expect_failure(providers(OPENAI, server.url, max_response_bytes=MiB), REQUEST)
+    assert error.kind == "response_too_large"
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_an_answer_of_exactly_max_response_bytes_is_read_and_one_byte_more_is_not(encoding, server, providers):
+    body = json.dumps(OPENAI.answer("exactly")).encode()
+    wire = gzip.compress(body) if encoding == "gzip" else body
+    server.answer = lambda handler: send(handler, 200, [wire], {"content-encoding": encoding})
+    ok = await providers(OPENAI, server.url, max_response_bytes=len(body)).complete(REQUEST, timeout_s=5)
+    assert ok.content == "exactly"
+    error = await expect_failure(providers(OPENAI, server.url, max_response_bytes=len(body) - 1), REQUEST)
+    assert error.kind == "response_too_large"
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [gzip.compress, zlib.compress, lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)],
+    ids=["gzip", "deflate", "raw-deflate"],
+)
+@each_kind
+async def test_gzip_and_deflate_answers_are_decoded(kind, compress, server, providers):
+    encoding = "gzip" if compress is gzip.compress else "deflate"
+    text = random.Random(7).randbytes(300_000).hex()  # compresses to ~300 KB: several network reads and pieces
+    body = compress(json.dumps(kind.answer(text)).encode())
+    server.answer = lambda handler: send(handler, 200, [body], {"content-encoding": encoding})
+    ok = await providers(kind, server.url).complete(REQUEST, timeout_s=5)
+    assert ok.content == text
+    assert server.request_headers[0]["accept-encoding"] == "gzip, deflate"  # never br or zstd: no bound for those
+
+
+async def test_an_encoding_the_worker_did_not_ask_for_is_a_server_error(server, providers):
+    server.answer = lambda handler: send(handler, 200, [b"\x1b\x00"], {"content-encoding": "br"})
+    error = await expect_failure(providers(OPENAI, server.url), REQUEST)
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert "Content-Encoding br" in error.message
+
+
+async def test_a_corrupt_gzip_body_is_a_server_error(server, providers):
+    server.answer = lambda handler: send(handler, 200, [b"not gzip at all"], {"content-encoding": "gzip"})
+    error = await expect_failure(providers(OPENAI, server.url), REQUEST)
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert "does not decode" in error.message
+
+
+async def test_a_body_cut_short_is_a_connection_error(server, providers):
+    server.answer = lambda handler: send(handler, 200, [b'{"choices": ['], {"content-length": "1000"})
+    error = await expect_failure(providers(OPENAI, server.url), REQUEST)
+    assert error.kind == "connection"
+
+
+async def test_a_body_that_stops_coming_is_a_timeout(server, providers):
+    def stall(handler: _Handler) -> None:
+        send(handler, 200, [b'{"choices": ['], {"content-length": "1000"})
+        server.release.wait(10)
+
+    server.answer = stall
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as caught:
+        await providers(OPENAI, server.url).complete(REQUEST, timeout_s=0.3)
+    assert caught.value.kind == "timeout"
+    assert time.monotonic() - started < 5  # the read timeout, not the server's 10 s stall
+
+
+# ---- the setting ------------------------------------------------------------------------
+
+
+SETTINGS = {
+    "openai": (OpenAISettings, {"kind": "openai", "model": "gpt-4o-mini"}),
+    "azure_openai": (AzureOpenAISettings, {"kind": "azure_openai", "endpoint": "https://r.azure.com", "deployment": "d"}),
+    "anthropic": (AnthropicSettings, {"kind": "anthropic", "model": "claude-sonnet-4-20250514"}),
+    "fake": (FakeSettings, {"kind": "fake"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", SETTINGS)
+def test_every_kind_takes_max_response_bytes_defaulting_to_4_mib(kind):
+    settings_type, table = SETTINGS[kind]
+    assert msgspec.convert(table, settings_type).max_response_bytes == 4 * MiB == DEFAULT_MAX_RESPONSE_BYTES
+    assert msgspec.convert({**table, "max_response_bytes": 1024}, settings_type).max_response_bytes == 1024
+
+
+@pytest.mark.parametrize("kind", SETTINGS)
+@pytest.mark.parametrize("value", [0, -1, 1.5, "4MB"])
+def test_a_max_response_bytes_that_is_not_a_positive_integer_is_refused_naming_it(kind, value):
+    settings_type, table = SETTINGS[kind]
+    with pytest.raises(msgspec.ValidationError, match="max_response_bytes"):
+        msgspec.convert({**table, "max_response_bytes": value}, settings_type)
+
+
+async def test_the_fake_provider_honours_max_response_bytes_too():
+    settings = msgspec.convert({"kind": "fake", "reply": "x" * 100, "max_response_bytes": 99}, FakeSettings)
+    error = await expect_failure(FakeProvider(settings), REQUEST)
+    assert (error.kind, error.status_code) == ("response_too_large", 200)
+    settings = msgspec.convert({"kind": "fake", "reply": "x" * 100, "max_response_bytes": 100}, FakeSettings)
+    assert (await FakeProvider(settings).complete(REQUEST, timeout_s=1)).content == "x" * 100
+
+
+def test_response_too_large_is_a_wire_error_kind():
+    assert "response_too_large" in ERROR_KINDS
+
+
+# ---- no credential in any message -------------------------------------------------------
+
+
+def test_scrub_replaces_every_occurrence_raw_and_json_escaped():
+    secret = 'k"ey\\é'
+    text = f"a {secret} b {json.dumps(secret)} c {json.dumps(secret, ensure_ascii=False)} d {secret}"
+    assert scrub(text, [secret]) == 'a *** b "***" c "***" d ***'
+
+
+def test_scrub_skips_empty_secrets_and_takes_a_bare_string_as_one_secret():
+    assert scrub("abc", ["", ""]) == "abc"
+    assert scrub("abc key", "key") == "abc ***"
+
+
+def test_scrub_replaces_the_longer_of_two_overlapping_secrets_whole():
+    assert scrub("token-123-extra", ["token-123", "token-123-extra"]) == "***"
+
+
+@each_kind
+async def test_every_kind_lists_the_key_it_sends_as_its_secrets(kind, providers):
+    assert providers(kind, "http://127.0.0.1:1").secrets == (kind.key,)
+
+
+def test_a_keyless_openai_compatible_server_has_no_secrets():
+    settings = msgspec.convert({"kind": "openai", "model": "m", "api_key_env": ""}, OpenAISettings)
+    assert OpenAIProvider(settings, environ={}).secrets == ()
+
+
+def unexpected_200s(key: str) -> dict[str, Any]:
+    """200 bodies that are no documented answer and echo the key somewhere."""
+    return {
+        "key-as-only-field": {"echo": key},
+        "key-as-a-field-name": {key: 1},
+        "key-in-wrongly-typed-fields": {"choices": key, "content": key},
+        "content-is-a-dict": {
+            "choices": [{"message": {"content": {"echo": key}}}],
+            "content": [{"type": "text", "text": {"echo": key}}],
+        },
+        "content-is-a-list": {
+            "choices": [{"message": {"content": [key]}}],
+            "content": [{"type": "text", "text": [key]}],
+        },
+        "model-is-a-dict": {
+            "choices": [{"message": {"content": "hi"}}],
+            "content": [{"type": "text", "text": "hi"}],
+            "model": {"echo": key},
+        },
+        "usage-is-a-string": {
+            "choices": [{"message": {"content": "hi"}}],
+            "content": [{"type": "text", "text": "hi"}],
+            "usage": key,
+        },
+        "a-json-string": key,
+        "headers-echo": {"headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}},
+        "nested-too-deep": "[" * 100_000 + json.dumps(key) + "]" * 100_000,
+        "not-json": f"<html><body>502 Bad Gateway (upstream got key {key})</body></html>",
+    }
+
+
+@pytest.mark.parametrize("shape", list(unexpected_200s("k")))
+@each_kind
+async def test_an_unexpected_200_describes_its_shape_and_never_quotes_the_key(kind, shape, providers):
+    body = unexpected_200s(kind.key)[shape]
+    if shape == "a-json-string":
+        body = json.dumps(body).encode()
+    elif isinstance(body, str):
+        body = body.encode()  # sent as is, not as a JSON string
+    error = await expect_failure(providers(kind, "https://provider.test", mock_client(200, body)), REQUEST)
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert error.message.startswith("provider returned an unexpected response body")
+    assert_no_key(error, kind.key)
+    assert "***" not in error.message  # described, not quoted (and so nothing to scrub)
+
+
+def errors_echoing(key: str, label: str) -> dict[str, Any]:
+    """Error bodies that echo the key, in the kinds' documented shape and in others."""
+    before_cut = 290 - len(f"{label} 400: ")  # unscrubbed, the key would start 10 characters before the cut
+    return {
+        "in-error-message": {"error": {"message": f"Incorrect API key provided: {key}.", "type": "x", "code": None}},
+        "in-a-nested-dict-message": {"error": {"message": {"detail": {"key": key}}, "type": "x"}},
+        "in-a-list-message": {"error": {"message": ["bad key", key]}},
+        "error-is-a-string": {"error": f"invalid key {key}"},
+        "headers-echo": {"headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}},
+        "not-json": f"<html>denied for {key}</html>",
+        "json-escaped": json.dumps({"error": {"message": json.dumps({"key": key})}}),
+        "cut-at-the-limit": {"error": {"message": "x" * before_cut + key}},
+        "nested-too-deep": "[" * 100_000 + json.dumps(key) + "]" * 100_000,
+    }
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+@pytest.mark.parametrize("shape", list(errors_echoing("k", "")))
+@each_kind
+async def test_an_error_answer_never_carries_the_key_and_still_says_what_failed(kind, shape, status, providers):
+    body = errors_echoing(kind.key, kind.name)[shape]
+    error = await expect_failure(providers(kind, "https://provider.test", mock_client(status, body)), REQUEST)
+    assert (error.kind, error.status_code) == (classify_status(status), status)
+    assert error.message.startswith(f"{kind.name} {status}: ")
+    assert_no_key(error, kind.key)
+    if shape not in ("cut-at-the-limit", "nested-too-deep"):  # where the key is past the first 300 characters
+        assert "***" in error.message  # the provider's text is kept, the key in it is not
+
+
+@each_kind
+async def test_a_key_echoed_in_a_response_header_stays_out_of_the_message(kind, server, providers):
+    server.answer = lambda handler: send(handler, 200, [b"{}"], {"content-encoding": kind.key})
+    error = await expect_failure(providers(kind, server.url), REQUEST)
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert_no_key(error, kind.key)
+
+
+@each_kind
+async def test_a_key_echoed_in_a_malformed_header_line_stays_out_of_the_transport_error(kind, server, providers):
+    def malformed(handler: _Handler) -> None:
+        handler.wfile.write(f"HTTP/1.0 200 OK\r\nnot a header {kind.key}\r\n\r\n{{}}".encode())
+
+    server.answer = malformed
+    error = await expect_failure(providers(kind, server.url), REQUEST)
+    assert error.kind == "connection"
+    assert_no_key(error, kind.key)
+
+
+def mock_client(status: int, body: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(MockServer(status, body)))
+
+
+def assert_no_key(error: ProviderError, key: str) -> None:
+    """Neither the key nor any 8-character piece of it, in the message, str or repr."""
+    for text in (error.message, str(error), repr(error)):
+        assert not any(key[i : i + 8] in text for i in range(len(key) - 7)), text
