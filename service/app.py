@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from service.config import Config
 from service.dispatcher import Dispatcher
+from service.embedded import redact_url
 from service.telemetry import Tracing, observe_health
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
@@ -29,14 +30,38 @@ class NatsUnreachable(RuntimeError):
     pass
 
 
-async def connect(url: str, name: str, *, wait_for_server: bool = True) -> Client:
+class ConnectionWatch:
+    """Tells a component whose NATS connection nats-py gave up on (closed, not reconnecting).
+
+    nats-py closes a connection for good on some server errors (a publish over max_payload,
+    an authorization violation) and never reconnects it; a process left like that looks
+    alive to its supervisor while it serves nothing. So the component stops and the process
+    exits non-zero, and compose, systemd or Kubernetes start a fresh one.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self.closing = False  # set by Component.stop: our own close is not a loss
+        self.nc: Client | None = None
+
+    async def on_closed(self) -> None:
+        if self.closing:
+            return
+        error = self.nc.last_error if self.nc is not None else None
+        why = f"{type(error).__name__}: {error}" if error is not None else "closed"
+        log.error("%s: the NATS connection is gone for good (%s); stopping so a supervisor can restart it", self.name, why)
+        self.lost.set()
+
+
+async def connect(url: str, name: str, *, wait_for_server: bool = True, watch: ConnectionWatch | None = None) -> Client:
     """Connect to NATS. Services wait for the server (logging each retry), clients give up fast."""
 
     async def on_error(exc: Exception) -> None:
-        log.warning("%s: NATS at %s: %s: %s", name, url, type(exc).__name__, exc or "retrying")
+        log.warning("%s: NATS at %s: %s: %s", name, redact_url(url), type(exc).__name__, exc or "retrying")
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             url,
             name=name,
             connect_timeout=5,
@@ -44,12 +69,16 @@ async def connect(url: str, name: str, *, wait_for_server: bool = True) -> Clien
             max_reconnect_attempts=-1 if wait_for_server else 1,
             reconnect_time_wait=2 if wait_for_server else 0.2,
             error_cb=on_error,
+            closed_cb=watch.on_closed if watch is not None else None,
         )
     except Exception as exc:  # nats-py raises several unrelated types here
         raise NatsUnreachable(
-            f"cannot reach NATS at {url} ({type(exc).__name__}: {exc}). Start one, set NATS_URL or --nats-url, "
+            f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__}: {exc}). Start one, set NATS_URL or --nats-url, "
             "or use `lifeline run`, which starts an embedded server"
         ) from None
+    if watch is not None:
+        watch.nc = nc
+    return nc
 
 
 @dataclass
@@ -59,8 +88,10 @@ class Component:
     name: str
     nc: Client
     stop_runtime: Callable[[], Awaitable[None]]
+    watch: ConnectionWatch
 
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
+        self.watch.closing = True
         await self.stop_runtime()
         if self.nc.is_closed:
             return
@@ -73,21 +104,23 @@ class Component:
 async def start_dispatcher(
     config: Config, url: str, tracers: Tracing, meters: MeterProvider | None = None
 ) -> tuple[Component, Dispatcher]:
-    nc = await connect(url, "lifeline-dispatcher")
+    watch = ConnectionWatch("dispatcher")
+    nc = await connect(url, "lifeline-dispatcher", watch=watch)
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
     if meters is not None:
         observe_health(meters, dispatcher.health)
-    return Component("dispatcher", nc, dispatcher.stop), dispatcher
+    return Component("dispatcher", nc, dispatcher.stop, watch), dispatcher
 
 
 async def start_worker(config: Config, name: str, url: str, tracers: Tracing) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
     provider = build_provider(settings)  # fails here, before connecting, on a missing API key
-    nc = await connect(url, f"lifeline-worker-{name}")
+    watch = ConnectionWatch(f"worker {name}")
+    nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
     runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.recorder("lifeline.worker"), settings.timeout_s)
     await runtime.start()
-    return Component(f"worker {name}", nc, runtime.stop), runtime
+    return Component(f"worker {name}", nc, runtime.stop, watch), runtime
 
 
 @dataclass
@@ -102,6 +135,16 @@ class Stack:
         for component in reversed(self.components):
             await component.stop()
         self.components.clear()
+
+    async def lost(self) -> str:
+        """Wait until some component's connection is gone for good; returns its name."""
+        waits = {asyncio.ensure_future(c.watch.lost.wait()): c.name for c in self.components}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return waits[next(iter(done))]
 
 
 async def start_stack(

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 
 import json
@@ -25,7 +26,7 @@ from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
 from service import telemetry
 from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
 from service.config import Config, ConfigError, breaker_settings, load_config
-from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url
+from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
 from service.health import percentile_ms
 from service.shared_health import merge_status, read_bucket
 
@@ -133,12 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-async def _until_signalled() -> None:
+async def _until_signalled(lost: Awaitable[str] | None = None) -> str | None:
+    """Wait for Ctrl-C or SIGTERM (returns None), or for `lost` (returns the name of the
+    component whose NATS connection is gone for good)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    signalled = asyncio.ensure_future(stop.wait())
+    waits = {signalled} if lost is None else {signalled, asyncio.ensure_future(lost)}
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in pending:
+        wait.cancel()
+    return None if signalled in done else next(iter(done)).result()
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -152,6 +160,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         except EmbeddedNatsError as exc:
             raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
         print(f"embedded NATS (JetStream) listening on {url}", flush=True)
+    lost = None
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
     stack: Stack | None = None
@@ -159,8 +168,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
         stack = await start_stack(config, url, tracers, meters=meters)
         _print_started(config, url)
         watcher = None if args.quiet else await _watch_audit(url)
-        await _until_signalled()
-        print("\nshutting down: finishing requests in flight...")
+        lost = await _until_signalled(stack.lost())
+        if lost is not None:
+            print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
+        else:
+            print("\nshutting down: finishing requests in flight...")
         if watcher is not None:
             await watcher.drain()
     finally:
@@ -172,7 +184,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
     print("stopped")
-    return 0
+    return 0 if lost is None else 1
 
 
 def _describe(config: Config) -> None:
@@ -210,8 +222,8 @@ def _chain(steps) -> str:
 
 def _print_started(config: Config, url: str) -> None:
     _describe(config)
-    hint = "" if url == LOCAL_NATS else f" --nats-url {url}"
-    print(f"dispatcher ready on {subjects.COMPLETE} at {url}. In another shell:\n"
+    hint = "" if url == LOCAL_NATS else f" --nats-url {redact_url(url)}"
+    print(f"dispatcher ready on {subjects.COMPLETE} at {redact_url(url)}. In another shell:\n"
           f"  {_own_command()} ask{hint} \"Why did the chicken cross the road?\"\nCtrl-C to stop.", flush=True)  # fmt: skip
 
 
@@ -248,13 +260,12 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
     component, _ = await start_dispatcher(config, url, tracers, meters)
-    log.info("dispatcher serving %s on %s (queue group %s)", subjects.COMPLETE, url, subjects.DISPATCHER_QUEUE)
+    log.info("dispatcher serving %s on %s (queue group %s)", subjects.COMPLETE, redact_url(url), subjects.DISPATCHER_QUEUE)
     try:
-        await _serve(component, tracers)
+        return await _serve(component, tracers)
     finally:
         if meters is not None:
             meters.shutdown()
-    return 0
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
@@ -264,18 +275,22 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
     component, _ = await start_worker(config, args.name, url, tracers)
-    log.info("worker %s serving %s on %s", args.name, subjects.provider_subject(args.name), url)
-    await _serve(component, tracers)
-    return 0
+    log.info("worker %s serving %s on %s", args.name, subjects.provider_subject(args.name), redact_url(url))
+    return await _serve(component, tracers)
 
 
-async def _serve(component, tracers) -> None:
+async def _serve(component, tracers) -> int:  # type: ignore[no-untyped-def]
+    """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
+    so a supervisor restarts the process)."""
+    lost = None
     try:
-        await _until_signalled()
-        log.info("stopping %s: finishing requests in flight", component.name)
+        lost = await _until_signalled(component.watch.lost.wait())
+        if lost is None:
+            log.info("stopping %s: finishing requests in flight", component.name)
     finally:
         await component.stop()
         tracers.shutdown()
+    return 0 if lost is None else 1
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
@@ -290,11 +305,17 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     nc = await _client(url, "lifeline-ask")
     if nc is None:
         return 1
+    payload = encoder.encode(request)
+    if len(payload) > nc.max_payload:
+        await nc.close()
+        print(f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload of "
+              f"{nc.max_payload}; shorten the prompt", file=sys.stderr)  # fmt: skip
+        return 1
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
-        msg = await nc.request(subjects.COMPLETE, encoder.encode(request), timeout=args.timeout + 2)
+        msg = await nc.request(subjects.COMPLETE, payload, timeout=args.timeout + 2)
     except Exception as exc:
-        print(f"lifeline: no answer from a dispatcher on {url} ({type(exc).__name__}); is `lifeline run` up?", file=sys.stderr)
+        print(f"lifeline: no answer from a dispatcher on {redact_url(url)} ({type(exc).__name__}); is `lifeline run` up?", file=sys.stderr)
         return 1
     finally:
         with contextlib.suppress(Exception):
@@ -366,11 +387,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     try:
         entries = await read_bucket(nc, args.bucket)
     except nats.js.errors.BucketNotFoundError:
-        print(f"lifeline: no bucket {args.bucket} on {url}: no dispatcher has shared its health there yet. "
+        print(f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared its health there yet. "
               "Start one (`lifeline run` or `lifeline dispatcher`), or pass --bucket", file=sys.stderr)  # fmt: skip
         return 1
     except Exception as exc:  # nats-py: no JetStream answers with several types
-        print(f"lifeline: cannot read bucket {args.bucket} on {url} ({type(exc).__name__}: {exc}); is JetStream "
+        print(f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} ({type(exc).__name__}: {exc}); is JetStream "
               "enabled on that server? Without it each dispatcher keeps its own breaker view", file=sys.stderr)  # fmt: skip
         return 1
     finally:
@@ -380,7 +401,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2, sort_keys=True))
     else:
-        _print_status(view, args.bucket, url)
+        _print_status(view, args.bucket, redact_url(url))
     return 0
 
 

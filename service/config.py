@@ -43,6 +43,9 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_request_bytes: Annotated[int, Meta(gt=0)] = 1024 * 1024
     default_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     max_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    # Requests a dispatcher works on at once; beyond it a request is answered at once with
+    # "overloaded" (and a retry_after_s hint) instead of queueing without limit.
+    max_in_flight: Annotated[int, Meta(ge=1)] = 1000
     # Physical attempts per request across retries and fallbacks, so chains cannot multiply
     # into retry storms: the default, and the ceiling for a route's or a request's own value.
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6

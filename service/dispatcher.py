@@ -19,11 +19,20 @@ from nats.nuid import NUID
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest, subjects
-from schemas.wire import INTERNAL, PREVIOUS_ERRORS, encoder, salvage_id
+from schemas.wire import (
+    INTERNAL,
+    OVERLOADED,
+    PAYLOAD_TOO_LARGE,
+    PREVIOUS_ERRORS,
+    REPLY_SUBJECT_REFUSED,
+    encoder,
+    salvage_id,
+)
 from service import telemetry
 from service.config import Config
 from service.faults import simulate
 from service.health import Health
+from service.memory import release_memory_soon
 from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
@@ -31,6 +40,13 @@ from service.shared_health import SharedHealth
 from service.transport import NatsTransport, ensure_subscribed
 
 log = logging.getLogger("lifeline.dispatcher")
+
+_TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth trimming memory after
+_YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
+_SPAN_TEMPLATES_MAX = 1024  # a request can name its own target labels: the cache must not grow with them
+# Room kept for an attempt's headers (deadline, ids, traceparent, a client's tracestate) when
+# checking that a request fits a worker's subject; the exact size is checked per attempt.
+_HEADER_ROOM = 1024
 
 
 class Dispatcher:
@@ -45,6 +61,10 @@ class Dispatcher:
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
         self._attempt_ids = NUID()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.max_in_flight = config.dispatcher.max_in_flight
+        self._latency_s = 1.0  # moving average of answered requests: the overloaded reply's retry_after_s
+        self._peak = 0  # most requests in flight since memory was last trimmed
+        self._refused = 0  # requests answered "overloaded"
         self._sub = None
 
     async def start(self) -> None:
@@ -70,20 +90,55 @@ class Dispatcher:
         return len(self._tasks)
 
     async def _on_msg(self, msg: Msg) -> None:
-        task = asyncio.create_task(self.handle(msg))
+        arrived = time.monotonic()
+        if len(self._tasks) >= self.max_in_flight:
+            # Answered here, without a task: shedding must cost less than the work it sheds.
+            await self.handle(msg, arrived, self._overloaded(msg.data))
+            # nats-py hands queued messages over without suspending: yield now and then, or a
+            # backlog of refusals would starve the requests in flight of their replies (not
+            # after each one: every yield lets nats-py's flusher make one small socket write).
+            self._refused += 1
+            if self._refused % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            return
+        task = asyncio.create_task(self.handle(msg, arrived))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
 
-    async def handle(self, msg: Msg) -> None:
-        started = time.perf_counter()
-        span = self.spans.start("chat", SpanKind.SERVER, {}, telemetry.extract(msg.headers))
-        trace_id = telemetry.trace_id_of(span)
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._peak = max(self._peak, len(self._tasks) + 1)
+        if not self._tasks and self._peak >= _TRIM_AFTER_PEAK:
+            self._peak = 0
+            release_memory_soon()  # a burst is over: hand its memory back to the system
+
+    def _overloaded(self, data: bytes) -> Rejected:
+        retry_after_s = round(min(max(self._latency_s, 0.05), 30.0), 2)
+        return Rejected(
+            OVERLOADED,
+            f"this dispatcher is working on its maximum of {self.max_in_flight} requests "
+            f"(dispatcher.max_in_flight); retry after {retry_after_s:g} s, or add dispatcher replicas",
+            salvage_id(data), retry_after_s=retry_after_s,
+        )  # fmt: skip
+
+    async def handle(self, msg: Msg, arrived: float | None = None, refused: Rejected | None = None) -> None:
+        """Answer one llm.complete message: exactly one reply (if it has a reply subject that
+        may be answered on) and exactly one audit event, whatever the message holds."""
+        arrived = time.monotonic() if arrived is None else arrived
         route: str | None = None
+        reply_to: str | None = msg.reply or None
+        span = self.spans.start("chat", SpanKind.SERVER, {}, _trace_context(msg))
+        trace_id = telemetry.trace_id_of(span)
         try:
-            plan = self.router.plan(msg.data)
+            if reply_to is not None and (why := subjects.reply_subject_refused(reply_to)) is not None:
+                refused, reply_to = _refused_reply_subject(reply_to, why, msg.data), None
+            if refused is not None:
+                raise refused
+            plan = self.router.plan(msg.data, arrived)
             route = plan.route
             result = await self._run(plan, span)
             reply = _reply(plan.request_id, result, trace_id)
+            self._latency_s += (time.monotonic() - arrived - self._latency_s) / 16  # a moving average
         except Rejected as exc:
             route = exc.route
             reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
@@ -93,9 +148,11 @@ class Dispatcher:
                 salvage_id(msg.data), "error", trace_id=trace_id,
                 error=ErrorInfo(INTERNAL, "Lifeline failed unexpectedly; the dispatcher log has the traceback"),
             )  # fmt: skip
-        reply = msgspec.structs.replace(reply, latency_ms=(time.perf_counter() - started) * 1000)
+        reply = msgspec.structs.replace(reply, latency_ms=(time.monotonic() - arrived) * 1000)
         try:
-            await self._finish(msg, reply, route, len(msg.data))
+            reply = await self._finish(reply_to, reply, route, len(msg.data))
+        except Exception:  # the last line: nothing may escape a request's task unlogged
+            log.exception("bug while answering request %r", reply.id)
         finally:
             _annotate(span, reply, route)
             span.end()
@@ -111,7 +168,9 @@ class Dispatcher:
             top_p=request.top_p,
             response_format=request.response_format,
         )
-        payloads: dict[str, bytes] = {}  # per target label: retries and plain targets reuse one encoding
+        base_payload = encoder.encode(base)
+        self._check_fits(base_payload, plan)
+        payloads: dict[str, bytes] = {}  # per shaped target label: its retries reuse one encoding
         calls: dict[str, int] | None = {} if plan.faults is not None else None  # per target label, for faults
 
         async def call(target: Target, timeout_s: float, previous_errors: tuple[str, ...]) -> ProviderReply:
@@ -124,6 +183,8 @@ class Dispatcher:
                         return simulated
             if target.pass_failures:
                 payload = encoder.encode(_shaped(base, target, previous_errors))
+            elif target.shaping is None:
+                payload = base_payload
             else:
                 payload = payloads.get(target.label) or payloads.setdefault(
                     target.label, encoder.encode(_shaped(base, target, None))
@@ -141,9 +202,11 @@ class Dispatcher:
         # run_chain already bounds timeout_s by what is left of the request's own deadline.
         attempt_deadline_ms = int((time.time() + timeout_s) * 1000)
         key = (target.provider, target.model, target.label)
-        template = self._span_templates.get(key) or self._span_templates.setdefault(
-            key, telemetry.attempt_span_template(target)
-        )
+        template = self._span_templates.get(key)
+        if template is None:
+            template = telemetry.attempt_span_template(target)
+            if len(self._span_templates) < _SPAN_TEMPLATES_MAX:
+                self._span_templates[key] = template
         span = self.spans.start(template[0], SpanKind.CLIENT, template[1], parent)
         headers = {
             subjects.DEADLINE_MS: str(attempt_deadline_ms),
@@ -159,9 +222,23 @@ class Dispatcher:
         finally:
             span.end()
 
-    async def _finish(self, msg: Msg, reply: CompletionReply, route: str | None, request_bytes: int) -> None:
-        if msg.reply:
-            await self.transport.answer(msg.reply, reply)
+    def _check_fits(self, payload: bytes, plan: Plan) -> None:
+        """Refuse a request that would not fit the workers' subject once headers are added."""
+        size = len(payload) + _HEADER_ROOM + len(plan.request_id)
+        if size > self.transport.max_payload:
+            raise Rejected(
+                PAYLOAD_TOO_LARGE,
+                f"request is {size} bytes as sent to a provider worker (with {_HEADER_ROOM} bytes kept for headers), "
+                f"above the NATS server's max_payload of {self.transport.max_payload}; shorten the messages, "
+                "or raise max_payload in nats-server's config",
+                plan.request_id, plan.route,
+            )  # fmt: skip
+
+    async def _finish(
+        self, reply_to: str | None, reply: CompletionReply, route: str | None, request_bytes: int
+    ) -> CompletionReply:
+        if reply_to is not None:
+            reply = await self.transport.answer(reply_to, reply)  # an error reply if the answer does not fit
         await self.transport.audit(
             AuditEvent(
                 id=reply.id,
@@ -180,6 +257,23 @@ class Dispatcher:
                 template=reply.template,
             )
         )
+        return reply
+
+
+def _trace_context(msg: Msg):  # type: ignore[no-untyped-def]
+    """The caller's trace context; a malformed one starts a new trace rather than failing the request."""
+    try:
+        return telemetry.extract(msg.headers)
+    except Exception:
+        return None
+
+
+def _refused_reply_subject(reply_to: str, why: str, data: bytes) -> Rejected:
+    return Rejected(
+        REPLY_SUBJECT_REFUSED,
+        f"reply subject {reply_to[:200]!r} refused: {why}; use an inbox (nc.request does) or a subject of your own",
+        salvage_id(data),
+    )
 
 
 def _shaped(base: ProviderRequest, target: Target, previous_errors: tuple[str, ...] | None) -> ProviderRequest:

@@ -44,9 +44,12 @@ _NO_NEEDS = Needs()  # shared by every request that asks nothing special of its 
 class Rejected(Exception):
     """A request refused before any provider is tried."""
 
-    def __init__(self, error_type: str, message: str, request_id: str = "", route: str | None = None) -> None:
+    def __init__(
+        self, error_type: str, message: str, request_id: str = "", route: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
-        self.error = ErrorInfo(error_type, message)
+        self.error = ErrorInfo(error_type, message, retry_after_s)
         self.request_id = request_id
         self.route = route
 
@@ -175,8 +178,11 @@ class Router:
                 out.extend(weighted_order(step, self.random.random))
         return out
 
-    def plan(self, data: bytes) -> Plan:
-        """Validate a raw request and resolve its chain; raises Rejected."""
+    def plan(self, data: bytes, arrived: float | None = None) -> Plan:
+        """Validate a raw request and resolve its chain; raises Rejected.
+
+        The request's deadline counts from `arrived` (time.monotonic() when the message came
+        in), so time spent waiting for a free slot is part of its timeout_s."""
         limits = self.config.dispatcher
         if len(data) > limits.max_request_bytes:
             raise Rejected(
@@ -188,6 +194,8 @@ class Router:
             request = request_decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise Rejected(INVALID_REQUEST, f"invalid request: {exc}. Expected JSON like {_EXAMPLE}", salvage_id(data)) from None
+        except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow
+            raise Rejected(INVALID_REQUEST, "invalid request: JSON nested too deeply", salvage_id(data)) from None
         request_id = request.id or self._ids.next().decode()
         route_name = request.route if request.targets is None else None
 
@@ -215,7 +223,7 @@ class Router:
         needs = _NO_NEEDS
         if route.counts_tokens or validate is not None:
             needs = Needs(estimate_tokens(request.messages) if route.counts_tokens else None, validate is not None)
-        deadline = time.monotonic() + timeout_s
+        deadline = (time.monotonic() if arrived is None else arrived) + timeout_s
         return Plan(
             request, request_id, route_name, chain,
             Limits(deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets), needs, validate,

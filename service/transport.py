@@ -4,19 +4,30 @@ Transport outcomes become ProviderFailures here, so the fallback loop sees one s
 no worker subscribed -> "no_responders" at once; no reply in time -> "timeout". A reply
 that arrives after its attempt was given up is dropped by nats-py (its inbox token is gone),
 and the worker is told to cancel it, so no abandoned HTTP call keeps running and billing.
+
+Every message leaves through a size check against the server's max_payload (headers
+included): one message over it makes the server close the whole connection, which would
+take every other request in flight down with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.errors import Error as NatsError, NoRespondersError, TimeoutError as NatsTimeoutError
 
-from schemas import AuditEvent, CompletionReply, ProviderFailure, ProviderReply
+from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
 from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
-from schemas.wire import encoder, provider_reply_decoder
+from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
+
+log = logging.getLogger("lifeline.transport")
+
+# What a worker's reply may put into replies and audit events: its texts are untrusted input.
+MAX_MESSAGE_CHARS = 1000
+MAX_MODEL_CHARS = 256
 
 
 async def ensure_subscribed(nc: Client) -> None:
@@ -31,15 +42,39 @@ async def ensure_subscribed(nc: Client) -> None:
     await nc.flush()
 
 
+async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -> bool:
+    """Publish unless the message cannot go out; a failure is logged, never raised."""
+    if message_bytes(payload) > nc.max_payload:
+        log.error("not publishing %s on %s: %d bytes, above max_payload %d", what, subject, len(payload), nc.max_payload)
+        return False
+    try:
+        await nc.publish(subject, payload)
+    except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
+        log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
+        return False
+    return True
+
+
 class NatsTransport:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
+
+    @property
+    def max_payload(self) -> int:
+        """The server's limit on one message, headers included (from its INFO)."""
+        return self.nc.max_payload
 
     async def ask_provider(
         self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
     ) -> ProviderReply:
         """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
         subject = provider_subject(provider)
+        size = message_bytes(payload, headers)
+        if size > self.nc.max_payload:  # e.g. a template made it longer; never let the server see it
+            return ProviderFailure(
+                "bad_request", f"the request for {provider} is {size} bytes with headers, above the NATS server's "
+                f"max_payload of {self.nc.max_payload}; shorten the messages or the target's template",
+            )  # fmt: skip
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=headers)
         except NoRespondersError:
@@ -52,17 +87,62 @@ class NatsTransport:
         except asyncio.CancelledError:
             await asyncio.shield(self.cancel(provider, headers[ATTEMPT_ID]))  # e.g. a dispatcher shutting down
             raise
+        except NatsError as exc:  # the connection is closed or cannot buffer: a failure of this attempt
+            return ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
         try:
-            return provider_reply_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            return ProviderFailure("server_error", f"worker on {subject} sent a reply that breaks the protocol: {exc}")
+            return _bounded(provider_reply_decoder.decode(msg.data))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return ProviderFailure("server_error", f"worker on {subject} sent a reply that breaks the protocol: {exc}"[:MAX_MESSAGE_CHARS])
 
     async def cancel(self, provider: str, attempt_id: str) -> None:
         """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP call."""
-        await self.nc.publish(cancel_subject(provider), attempt_id.encode())
+        try:
+            await self.nc.publish(cancel_subject(provider), attempt_id.encode())
+        except NatsError:
+            pass  # no connection: the worker drops the call at its deadline anyway
 
-    async def answer(self, reply_subject: str, reply: CompletionReply) -> None:
-        await self.nc.publish(reply_subject, encoder.encode(reply))
+    async def answer(self, reply_subject: str, reply: CompletionReply) -> CompletionReply:
+        """Send `reply`, or, when it would not fit max_payload, an error reply that does.
+        Returns what was sent (the audit event must say the same)."""
+        payload = encoder.encode(reply)
+        if len(payload) > self.nc.max_payload:
+            reply = _too_large(reply, len(payload), self.nc.max_payload)
+            payload = _fitting(reply, self.nc.max_payload)
+        await publish_checked(self.nc, reply_subject, payload, f"the reply to {reply.id!r}")
+        return reply
 
     async def audit(self, event: AuditEvent) -> None:
-        await self.nc.publish(audit_subject(event.status), encoder.encode(event))
+        await publish_checked(self.nc, audit_subject(event.status), _fitting(event, self.nc.max_payload), "an audit event")
+
+
+def _bounded(reply: ProviderReply) -> ProviderReply:
+    """A worker's reply with its free texts cut to a size that replies and audit events can carry."""
+    if isinstance(reply, ProviderOk):
+        if len(reply.model) > MAX_MODEL_CHARS:
+            return msgspec.structs.replace(reply, model=reply.model[:MAX_MODEL_CHARS])
+        return reply
+    if len(reply.message) > MAX_MESSAGE_CHARS or len(reply.kind) > 64:
+        return msgspec.structs.replace(reply, kind=reply.kind[:64], message=reply.message[:MAX_MESSAGE_CHARS])
+    return reply
+
+
+def _too_large(reply: CompletionReply, size: int, max_payload: int) -> CompletionReply:
+    who = f" from {reply.target or reply.provider}" if reply.provider else ""
+    message = (
+        f"the answer{who} makes a reply of {size} bytes, above the NATS server's max_payload of {max_payload}; "
+        "ask for fewer max_tokens, or raise max_payload in nats-server's config"
+    )
+    return msgspec.structs.replace(reply, status="error", content=None, error=ErrorInfo(REPLY_TOO_LARGE, message))
+
+
+def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
+    """The encoded message, with its attempts' texts and then its attempts dropped if that is
+    what it takes to fit (ids, error types and status always stay)."""
+    payload = encoder.encode(message)
+    if len(payload) <= max_payload:
+        return payload
+    attempts: list[Attempt] = [msgspec.structs.replace(a, message=None) for a in message.attempts]
+    payload = encoder.encode(msgspec.structs.replace(message, attempts=attempts))
+    if len(payload) <= max_payload:
+        return payload
+    return encoder.encode(msgspec.structs.replace(message, attempts=[]))

@@ -25,8 +25,8 @@ from schemas import ProviderFailure, ProviderReply, ProviderRequest
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, cancel_subject, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
-from service.transport import ensure_subscribed
-from workers.base import Provider, ProviderError
+from service.transport import ensure_subscribed, publish_checked
+from workers.base import Provider, ProviderError, scrub
 
 log = logging.getLogger("lifeline.worker")
 
@@ -46,6 +46,7 @@ class WorkerRuntime:
         self._sub = None
         self._cancel_sub = None
         self.cancelled = 0  # attempts stopped by a cancel message
+        self._secrets: tuple[str, ...] = tuple(getattr(provider, "secrets", ()))  # scrubbed from every message
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -79,24 +80,46 @@ class WorkerRuntime:
             task.add_done_callback(lambda _: self._by_attempt.pop(attempt_id, None))
 
     async def _on_cancel(self, msg: Msg) -> None:
-        task = self._by_attempt.pop(msg.data.decode(errors="replace"), None)
+        task = self._by_attempt.pop(msg.data[:64].decode(errors="replace"), None)
         if task is not None and task.cancel():
             self.cancelled += 1
 
     async def handle(self, msg: Msg) -> None:
+        """Answer one ProviderRequest; never raises (a reply that cannot be built is logged)."""
+        try:
+            await self._handle(msg)
+        except Exception:
+            log.exception("worker %s: bug while answering a request", self.name)
+
+    async def _handle(self, msg: Msg) -> None:
         timeout_s = self._time_left(msg.headers)
         if timeout_s <= 0:
             return  # the dispatcher has already moved on; calling now would only cost money
         started = time.perf_counter()
         try:
             request = provider_request_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            reply: ProviderReply = ProviderFailure("bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            reply: ProviderReply = ProviderFailure("bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000])
         else:
             reply = await self._call(request, timeout_s, msg.headers)
         if msg.reply:
             reply = msgspec.structs.replace(reply, latency_ms=(time.perf_counter() - started) * 1000)
-            await self.nc.publish(msg.reply, encoder.encode(reply))
+            await self._send(msg.reply, reply)
+
+    async def _send(self, subject: str, reply: ProviderReply) -> None:
+        """Publish a reply that fits the server's max_payload, scrubbed of this worker's credentials."""
+        if isinstance(reply, ProviderFailure):
+            reply = msgspec.structs.replace(reply, message=scrub(reply.message, self._secrets))
+        payload = encoder.encode(reply)
+        if len(payload) > self.nc.max_payload:
+            reply = ProviderFailure(
+                "response_too_large",
+                f"{self.name}'s answer makes a reply of {len(payload)} bytes, above the NATS server's max_payload "
+                f"of {self.nc.max_payload}; ask for fewer max_tokens, or raise max_payload in nats-server's config",
+                latency_ms=reply.latency_ms,
+            )  # fmt: skip
+            payload = encoder.encode(reply)
+        await publish_checked(self.nc, subject, payload, f"{self.name}'s reply")
 
     def _time_left(self, headers: dict[str, str] | None) -> float:
         deadline = headers.get(DEADLINE_MS) if headers else None

@@ -117,7 +117,9 @@ def lifeline_config(profile: Profile) -> dict[str, Any]:
         # an always-failing provider would be skipped after five failures instead.
         "routes": {name: {"targets": targets, **({"breaker": {"enabled": False}} if name in UNGUARDED else {})}
                    for name, targets in ROUTES.items()} | tail_routes(),  # fmt: skip
-        "dispatcher": {"default_timeout_s": profile.slow_latency_ms / 1000 + 120},
+        # The memory case holds memory_requests in flight at once: admission must not refuse them.
+        "dispatcher": {"default_timeout_s": profile.slow_latency_ms / 1000 + 120,
+                       "max_in_flight": profile.memory_requests + 1000},  # fmt: skip
     }
 
 

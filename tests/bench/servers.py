@@ -16,7 +16,6 @@ recorded and queued for real, and only the export (network I/O) is skipped.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 from collections.abc import Sequence
 from typing import Any
@@ -30,19 +29,12 @@ from schemas import ProviderOk, Usage
 from schemas.wire import encoder
 from service.app import start_dispatcher, start_worker
 from service.config import parse_config
+from service.memory import release_memory
 from service.telemetry import Tracing
 from service.transport import ensure_subscribed
 from tests.bench.harness import Served
 
 INSTANT_ANSWER = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
-
-
-def _malloc_trim() -> None:
-    """Give glibc's free heap memory back to the OS, to tell allocator slack from live memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the figure after trim is then just after gc.collect()
 
 
 class DropSpans(SpanExporter):
@@ -135,9 +127,8 @@ async def dispatcher(params: dict[str, Any]) -> Served:
 
     async def heap(collect: bool) -> dict[str, int]:
         """Live GC-tracked objects; with `collect`, after a full collection and malloc_trim(0)."""
-        if collect:
-            gc.collect()
-            _malloc_trim()
+        if collect:  # to tell allocator slack from live memory
+            release_memory()
         return {"gc_objects": len(gc.get_objects())}
 
     async def stop() -> None:

@@ -1,0 +1,37 @@
+"""Handing memory back to the system after a burst.
+
+CPython frees its small-object arenas, but glibc keeps the freed heap of a burst (thousands
+of requests' buffers and structs) mapped until told otherwise, so a dispatcher that once
+took a flood would keep that memory for good. `malloc_trim(0)` returns it; on other C
+libraries (musl, macOS) this is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+
+_TRIM_DELAY_S = 1.0  # let the burst's last replies and spans go first
+
+
+def _load_trim():  # type: ignore[no-untyped-def]
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_trim()
+
+
+def release_memory() -> None:
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def release_memory_soon() -> None:
+    """Trim once the event loop has finished what the burst left behind."""
+    asyncio.get_running_loop().call_later(_TRIM_DELAY_S, release_memory)
