@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install run test bench clean
+.PHONY: help install run test bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP)  ## run the whole test suite (starts its own nats-server)
 
 bench: $(STAMP)  ## run the benchmark suite and write bench-results/
 	$(BIN)/python -m tests.bench
+
+soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request bursts); writes bench-results/soak.json
+	$(BIN)/python -m tests.soak
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache *.egg-info

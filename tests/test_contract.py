@@ -1,0 +1,374 @@
+"""The fault suite: hostile input, floods and misbehaving providers against real `lifeline`
+processes on a real nats-server. Every test counts, per request id, the replies a client
+got and the audit events Lifeline published, and asserts exactly one of each.
+
+The server runs with max_payload = 256 KiB (not NATS's default 1 MiB), so these tests also
+prove Lifeline learns the limit from the connection instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from contract_kit import SECRET_KEY, Ledger, LifelineProcess, MisbehavingProvider, free_port, iter_sizes, write_config
+from schemas import subjects
+from schemas.wire import MAX_ID_LENGTH, encoder
+from service.embedded import EmbeddedNats
+
+MAX_PAYLOAD = 256 * 1024
+MAX_IN_FLIGHT = 40
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def request(request_id: str, content: str = "hello", **fields: Any) -> bytes:
+    return encoder.encode({"id": request_id, "messages": [{"role": "user", "content": content}], **fields})
+
+
+@pytest.fixture
+def provider() -> Iterator[MisbehavingProvider]:
+    with MisbehavingProvider() as server:
+        yield server
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(port=-1, conf=f"max_payload: {MAX_PAYLOAD}\n") as nats_server:
+        yield nats_server
+
+
+def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[str, Any]:
+    return {
+        "dispatcher": {"max_in_flight": MAX_IN_FLIGHT, "max_timeout_s": 60, **dispatcher},
+        "providers": {
+            "echo": {"kind": "fake", "model": "echo-1"},
+            "slow": {"kind": "fake", "model": "slow-1", "latency_ms": 1000},
+            "http": {"kind": "openai", "model": "gpt-test", "base_url": provider.base_url, "timeout_s": 10},
+        },
+        "routes": {
+            "default": {"targets": ["echo"]},
+            "slow": {"targets": ["slow"]},
+            "http": {"targets": ["http"]},
+        },
+    }
+
+
+class Service:
+    """Workers and dispatchers as real processes on one nats-server."""
+
+    def __init__(self, tmp_path: Path, url: str, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        self.tmp_path, self.url, self.env = tmp_path, url, env
+        self.config_path = write_config(tmp_path / "lifeline.toml", config)
+        self.procs: list[LifelineProcess] = []
+
+    def start(self, *args: str, ready: str) -> LifelineProcess:
+        log = self.tmp_path / f"{args[0]}-{len(self.procs)}.log"
+        proc = LifelineProcess([*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env)
+        self.procs.append(proc)
+        proc.wait_for_log(ready)
+        return proc
+
+    def worker(self, name: str) -> LifelineProcess:
+        return self.start("worker", name, ready=f"worker {name} serving")
+
+    def dispatcher(self) -> LifelineProcess:
+        return self.start("dispatcher", ready="dispatcher serving")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def service(tmp_path: Path, server: EmbeddedNats, provider: MisbehavingProvider) -> Iterator[Service]:
+    svc = Service(tmp_path, server.url, contract_config(provider))
+    for name in ("echo", "slow", "http"):
+        svc.worker(name)
+    svc.dispatcher()
+    svc.dispatcher()  # two replicas: one bad request must not take down either
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+async def ledger(server: EmbeddedNats) -> AsyncIterator[Ledger]:
+    nc = await nats.connect(server.url)
+    yield await Ledger(nc).start()
+    await nc.close()
+
+
+async def still_serving(ledger: Ledger, rounds: int = 8) -> None:
+    """Both dispatchers still answer: the queue group spreads these over them."""
+    ids = [f"alive-{random.getrandbits(48):x}" for _ in range(rounds)]
+    before = sum(ledger.replies.values()), ledger.audit_events
+    for request_id in ids:
+        await ledger.send(request_id, request(request_id))
+    await ledger.settle(before[0] + rounds, before[1] + rounds)
+    assert all(ledger.reply_of[i].status == "ok" for i in ids)
+
+
+def padded(request_id: str, size: int, route: str = "default") -> bytes:
+    """A request of exactly `size` bytes (its one message padded)."""
+    bare = len(request(request_id, "", route=route))
+    payload = request(request_id, "x" * (size - bare), route=route)
+    assert len(payload) == size
+    return payload
+
+
+async def test_requests_swept_up_to_max_payload_each_get_one_answer_and_the_dispatchers_survive(service, ledger):
+    ids = []
+    for size in iter_sizes(MAX_PAYLOAD, 512, 32):
+        ids.append(f"size-{size}")
+        await ledger.send(ids[-1], padded(ids[-1], size))
+    await ledger.settle(len(ids), len(ids))
+    ledger.assert_exactly_once(ids)
+    for request_id in ids:
+        error = ledger.reply_of[request_id].error
+        assert error is not None and error.type == "payload_too_large", request_id
+        assert "max_payload" in error.message and str(MAX_PAYLOAD) in error.message
+    await still_serving(ledger)
+
+
+async def test_answers_swept_up_to_max_payload_get_one_reply_each_and_say_why_they_failed(service, ledger):
+    # The echo provider answers with the request's text: small requests, answers near the limit.
+    ids, sizes = [], list(iter_sizes(MAX_PAYLOAD, 400, 25)) + [MAX_PAYLOAD - 1500]
+    for size in sizes:
+        ids.append(f"answer-{size}")
+        await ledger.send(ids[-1], request(ids[-1], f"size {size}", route="http"))
+    await ledger.settle(len(ids), len(ids))
+    ledger.assert_exactly_once(ids)
+    for request_id in ids[:-1]:
+        reply = ledger.reply_of[request_id]
+        assert reply.status == "error" and reply.error is not None
+        kinds = {a.error_type for a in reply.attempts}
+        # Too large for the worker's reply, or (a few bytes under) too large for the client's.
+        assert reply.error.type == "reply_too_large" or kinds == {"response_too_large"}, (request_id, reply)
+        assert ledger.audit_types[request_id] == reply.error.type
+    assert ledger.reply_of[ids[-1]].status == "ok"
+    await still_serving(ledger)
+
+
+async def test_request_ids_have_a_length_limit_and_a_huge_id_is_refused_once(service, ledger):
+    ok_id = "i" * MAX_ID_LENGTH
+    await ledger.send(ok_id, request(ok_id))
+    for n, size in enumerate((MAX_ID_LENGTH + 1, 100_000, MAX_PAYLOAD - 200)):
+        await ledger.send("", request("j" * size))
+        await ledger.settle(n + 2, n + 2)
+        reply = ledger.reply_of[""]
+        assert reply.error is not None and reply.error.type == "invalid_request"
+        assert f"length <= {MAX_ID_LENGTH}" in reply.error.message and "$.id" in reply.error.message
+    assert ledger.replies == {ok_id: 1, "": 3} and ledger.audits == {ok_id: 1, "": 3}
+    assert ledger.reply_of[ok_id].status == "ok"
+    await still_serving(ledger)
+
+
+@pytest.mark.parametrize("depth", [10_000, 100_000])
+async def test_deeply_nested_input_gets_an_invalid_request_answer(service, ledger, depth):
+    nested = b"[" * depth + b"]" * depth
+    payloads = {
+        "in-metadata": b'{"id": "in-metadata", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": ' + nested + b"}}",
+        "top": b'{"id": "top", "x": ' + nested + b"}",
+    }
+    for request_id, payload in payloads.items():
+        await ledger.send(request_id, payload)
+    await ledger.settle(2, 2)
+    ledger.assert_exactly_once(list(payloads))
+    for request_id in payloads:
+        error = ledger.reply_of[request_id].error
+        assert error is not None and error.type == "invalid_request" and "nested too deeply" in error.message
+    await still_serving(ledger)
+
+
+RESERVED = [
+    "llm.complete", "llm.audit.ok", "llm.audit.error", "llm.provider.echo", "llm.cancel.echo", "llm.stream",
+    "$JS.API.INFO", "$KV.lifeline_health.x", "$SYS.REQ.SERVER.PING", "$SRV.PING", "_INBOX.*", "_INBOX.>",
+]  # fmt: skip
+
+
+async def test_a_reply_subject_in_lifelines_or_the_servers_namespace_gets_nothing_and_one_audit(service, ledger):
+    landed: dict[str, int] = {}
+
+    async def count(msg) -> None:  # type: ignore[no-untyped-def]
+        landed[msg.subject] = landed.get(msg.subject, 0) + 1
+
+    for subject in {s for s in RESERVED if "*" not in s and ">" not in s} - {"llm.audit.ok", "llm.audit.error"}:
+        await ledger.nc.subscribe(subject, cb=count)
+    await ledger.nc.flush()
+    ids = []
+    for n, subject in enumerate(RESERVED):
+        ids.append(f"reserved-{n}")
+        await ledger.send(ids[-1], request(ids[-1]), reply=subject)
+    await ledger.settle(0, len(ids))
+    ledger.assert_exactly_once(ids, replied=False)
+    assert {ledger.audit_types[i] for i in ids} == {"reply_subject_refused"}
+    assert landed == {"llm.complete": len(ids)}  # only the requests themselves: no reply looped back
+    assert all(b"hello" not in raw for raw in ledger.audit_bytes)  # no answer text on the audit subject
+    await still_serving(ledger)
+
+
+async def test_any_bytes_get_one_answer_each(service, ledger):
+    rng = random.Random(10)
+    pieces = [b"{", b"}", b"[", b"]", b'"', b"\\", b":", b",", b"null", b"1e999", b"\xff", b"\x00", b"\xe2\x80\xa8",
+              b'"messages"', b'"id"', b'{"role":"user","content":"x"}', b"\xf0\x9f\x92\xa9", b"-0", b"9" * 400]  # fmt: skip
+    payloads = [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) for _ in range(150)]
+    payloads += [os.urandom(rng.randint(1, 5000)) for _ in range(50)]
+    payloads += [b"", b"null", b"{}", b'{"messages": null}', "\ufeff{}".encode("utf-16")]
+    for n, payload in enumerate(payloads):
+        await ledger.send(f"fuzz-{n}", payload)
+    await ledger.settle(len(payloads), len(payloads))
+    # Ids are unreadable in most of these: count per reply subject and in total.
+    assert sum(ledger.replies.values()) == len(payloads) and ledger.audit_events == len(payloads)
+    assert all(count == 1 for request_id, count in ledger.replies.items())
+    await still_serving(ledger)
+
+
+async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_logs_or_spans(tmp_path, server, provider):
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": provider.base_url.removesuffix("/v1"), "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_METRIC_EXPORT_INTERVAL": "200"}  # fmt: skip
+    svc = Service(tmp_path, server.url, contract_config(provider), env=otel)
+    try:
+        svc.worker("http")
+        svc.dispatcher()
+        nc = await nats.connect(server.url)
+        ledger = await Ledger(nc).start()
+        ids = ["echo key", "shape key"]
+        for request_id in ids:
+            await ledger.send(request_id, request(request_id, request_id, route="http"))
+        await ledger.settle(2, 2)
+        ledger.assert_exactly_once(ids)
+        replies = [encoder.encode(ledger.reply_of[i]) for i in ids]
+        assert [ledger.reply_of[i].attempts[0].error_type for i in ids] == ["auth", "server_error"]
+        await nc.close()
+    finally:
+        svc.stop()  # flushes the spans
+    secret = SECRET_KEY.encode()
+    assert provider.exported, "no spans were exported"
+    for text in [*replies, *ledger.audit_bytes, *provider.exported, *(p.log().encode() for p in svc.procs)]:
+        assert secret not in text
+
+
+async def test_huge_and_compression_bomb_answers_are_cut_off_and_the_worker_stays_small(service, ledger):
+    worker = service.procs[2]  # the http worker
+    ids = ["size 50000000", "bomb 1000000000"]
+    for request_id in ids:
+        await ledger.send(request_id, request(request_id, request_id, route="http"))
+    await ledger.settle(2, 2, timeout_s=60)
+    ledger.assert_exactly_once(ids)
+    for request_id in ids:
+        [attempt] = ledger.reply_of[request_id].attempts
+        assert attempt.error_type == "response_too_large" and "max_response_bytes" in (attempt.message or "")
+    assert worker.memory_kib()["VmHWM"] < 200 * 1024, worker.memory_kib()
+
+
+async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_deadline(service, ledger):
+    timeout_s, slack_s, burst = 3.0, 1.0, 20 * MAX_IN_FLIGHT
+    ids = [f"burst-{n}" for n in range(burst)]
+    for request_id in ids:
+        await ledger.send(request_id, request(request_id, route="slow", timeout_s=timeout_s))
+    await ledger.settle(burst, burst, timeout_s=timeout_s + 10)
+    ledger.assert_exactly_once(ids)
+    late = {i: ledger.reply_after_s[i] for i in ids if ledger.reply_after_s[i] > timeout_s + slack_s}
+    assert not late, f"{len(late)} replies after the deadline + slack, e.g. {list(late.items())[:3]}"
+    errors = Counter(r.error.type if r.error else "ok" for r in ledger.reply_of.values() if r.id in set(ids))
+    assert set(errors) <= {"ok", "overloaded"} and errors["ok"] >= 2 * MAX_IN_FLIGHT and errors["overloaded"], errors
+    overloaded = next(r for r in ledger.reply_of.values() if r.error and r.error.type == "overloaded")
+    assert overloaded.error.retry_after_s and "max_in_flight" in overloaded.error.message
+    for dispatcher in service.procs[-2:]:
+        assert dispatcher.memory_kib()["VmHWM"] < 250 * 1024, dispatcher.memory_kib()
+    await still_serving(ledger)
+
+
+async def test_a_request_that_cannot_start_before_its_deadline_is_not_sent_to_a_provider(service, ledger):
+    # deadline_unix_ms counts from the client's clock: a request queued past it is answered without a call.
+    ids = [f"late-{n}" for n in range(3)]
+    for request_id in ids:
+        await ledger.send(request_id, request(request_id, deadline_unix_ms=1_000))
+    await ledger.settle(3, 3)
+    ledger.assert_exactly_once(ids)
+    assert {ledger.reply_of[i].error.type for i in ids} == {"deadline_exceeded"}
+    assert all(ledger.reply_of[i].attempts == [] for i in ids)
+
+
+# ---- the connection -----------------------------------------------------------------------
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(port=free_port(), conf=f'authorization {{ token: "{TOKEN}" }}\n') as nats_server:
+        yield nats_server
+
+
+def revoke(server: EmbeddedNats) -> None:
+    """Change the server's token and reload its config: it closes the connections that used the old one."""
+    assert server.store_dir is not None and server.pid is not None
+    (Path(server.store_dir) / "nats.conf").write_text('authorization { token: "another-token" }\n')
+    os.kill(server.pid, signal.SIGHUP)
+
+
+def authed(server: EmbeddedNats) -> str:
+    return f"nats://{TOKEN}@{server.host}:{server.port}"
+
+
+async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non_zero(tmp_path, auth_server, provider):
+    svc = Service(tmp_path, authed(auth_server), contract_config(provider))
+    try:
+        worker, dispatcher = svc.worker("echo"), svc.dispatcher()
+        revoke(auth_server)
+        for proc in (worker, dispatcher):
+            assert proc.proc.wait(timeout=20) == 1
+            assert "gone for good" in proc.log() and "Authorization" in proc.log()
+            assert TOKEN not in proc.log()  # the URL is logged without its secret
+    finally:
+        svc.stop()
+
+
+async def test_lifeline_run_stops_as_a_whole_when_its_connection_is_closed_for_good(tmp_path, auth_server, provider):
+    svc = Service(tmp_path, authed(auth_server), contract_config(provider))
+    try:
+        run = svc.start("run", ready="dispatcher ready")
+        revoke(auth_server)
+        assert run.proc.wait(timeout=30) == 1
+        assert "lost its NATS connection for good" in run.log() and TOKEN not in run.log()
+    finally:
+        svc.stop()
+
+
+async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
+    port = free_port()
+    first = EmbeddedNats(port=port)
+    first.start()
+    svc = Service(tmp_path, first.url, contract_config(provider))
+    second = None
+    try:
+        svc.worker("echo")
+        dispatcher = svc.dispatcher()
+        first.stop()
+        second = EmbeddedNats(port=port)
+        second.start()
+        nc = await nats.connect(second.url)
+        ledger = await Ledger(nc).start()
+        for _ in range(100):  # until the dispatcher and the worker have reconnected
+            await ledger.send("after-restart", request("after-restart"))
+            await asyncio.sleep(0.1)
+            if ledger.replies["after-restart"]:
+                break
+        assert ledger.reply_of["after-restart"].status == "ok"
+        assert dispatcher.proc.poll() is None
+        await nc.close()
+    finally:
+        svc.stop()
+        if second is not None:
+            second.stop()
+
