@@ -1,7 +1,8 @@
 """The TOML config: read once at start-up, validated, errors naming the bad key.
 
     [dispatcher]            optional: request limits, max_attempts, allow_fault_injection
-    [providers.<name>]      one per provider worker; `kind` picks the provider module
+    [providers.<name>]      one per provider worker; `kind` picks the provider module, `models`
+                            (optional) the only models its targets and requests may name
     [templates.<name>]      optional: a system prompt and/or user template a target can use
     [targets.<name>]        optional: a named, shaped target (provider + model, params, ...)
     [routes.<name>]         ordered `targets`, `fallback_on`, chains per error class, max_attempts
@@ -257,9 +258,20 @@ def _provider(name: str, table: Any) -> ProviderSettings:
     if table.get("kind") not in KINDS:
         raise ConfigError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {table.get('kind')!r}")
     try:
-        return parse_settings(table)
+        settings = parse_settings(table)
     except msgspec.ValidationError as exc:
         raise ConfigError(_located(key, exc)) from None
+    for i, model in enumerate(settings.models):
+        if not model.strip():
+            raise ConfigError(f"{key}.models[{i}]: a model name cannot be empty")
+    return settings
+
+
+def allowed_models(settings: ProviderSettings) -> list[str]:
+    """The models a provider's targets and requests may name: `model` and `models`; [] means any."""
+    if not settings.models:
+        return []
+    return [model for model in dict.fromkeys([settings.model, *settings.models]) if model]
 
 
 def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
@@ -311,6 +323,12 @@ def resolve_target(
         raise TargetError(f"unknown target or provider {ref!r} (configured: {known})")
     if ref.provider not in providers:
         raise TargetError(f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})", "provider")
+    allowed = allowed_models(providers[ref.provider])
+    if ref.model is not None and allowed and ref.model not in allowed:
+        raise TargetError(
+            f"model {ref.model!r} is not one provider {ref.provider} allows ({', '.join(allowed)}); "
+            f"to allow it, add it to providers.{ref.provider}.models in the config", "model",
+        )  # fmt: skip
     if ref.template is not None and ref.template not in templates:
         known = ", ".join(sorted(templates)) or "none"
         raise TargetError(f"unknown template {ref.template!r} (configured: {known})", "template")

@@ -4,8 +4,9 @@ Pure: no NATS. The dispatcher's policy asks `admit(target)` before each call and
 `record(...)` what happened after it; service/shared_health.py mirrors every state change
 into a JetStream key-value bucket so that all dispatcher replicas act on one breaker state.
 
-A breaker is kept per target (provider + model). Its settings come from the target, the
-route and [breaker], in that order, and are read when a call is recorded:
+A breaker is kept per target (provider + model; the models the config does not name share
+one per provider, ADHOC_MODEL). Its settings come from the target, the route and [breaker],
+in that order, and are read when a call is recorded:
 
     closed      calls go through. It opens after `consecutive_failures` counted failures in
                 a row, or when counted failures are at least `failure_rate` of the calls in the
@@ -17,6 +18,15 @@ route and [breaker], in that order, and are read when a call is recorded:
     half_open   after the cooldown one call goes through as a probe; the others still skip it.
                 A probe that succeeds (or gets an answer that is the request's fault) closes
                 the breaker; one that fails opens it for another cooldown.
+
+Outcomes are weighed in the order their calls were made, not the order they end: a timeout
+arrives `timeout_s` after its call started, long after calls made later have answered. So a
+failed call made before the breaker last closed counts for nothing (the probe that closed it
+is newer evidence), and a failed call made before one that has since answered well does not
+extend a run of consecutive failures. Without this, a replica that dies with attempts in flight
+benches its provider: its attempts time out in a burst while the surviving replica answers,
+and the ones that time out after a probe closed the breaker open it again, for as long as
+they keep coming in.
 
 Alongside the breaker, each target keeps 1-second slots of outcomes (the last 5 minutes) and
 two 30-second latency histograms of its good answers, for the failure rate, `lifeline status`,
@@ -41,6 +51,15 @@ State = Literal["closed", "half_open", "open"]
 # What admit() answers.
 CALL, PROBE, SKIP = 0, 1, 2
 
+# The model key shared, per provider, by every model the config does not name (service/routing.py
+# maps them to it). A request may name any model of a provider without a `models` allowlist; one
+# entry per name would grow without limit (about 12 KiB each), and a cap would have to evict
+# configured targets' breakers. Sharing keeps every configured target's breaker exact and bounds
+# the entries by the config. The breaker semantics stay sensible: a provider that rate-limits,
+# errs or hangs for one made-up name usually does so for all of them, and a name the provider
+# does not know fails as bad_request, which never counts, so no name can bench the others.
+ADHOC_MODEL = "*"
+
 _RING_S = 300  # 1-second outcome slots kept: the longest window_s
 _RECENT_S = 60  # what "recent" means in status and metrics
 _LATENCY_EPOCH_S = 30.0  # a latency histogram covers the last 30 to 60 seconds
@@ -48,6 +67,9 @@ _GROWTH = 1.15  # latency buckets: each 15% wider than the one before (an estima
 _BUCKETS = 100  # up to 1.15**100 ms, about 20 minutes
 _LOG_GROWTH = math.log(_GROWTH)
 MIN_SAMPLES = 20  # good answers needed before a p95 is trusted (hedge = "p95" waits for them)
+# Beyond this many entries, breaker states other dispatchers write are no longer adopted for
+# targets never seen here: a peer (or keys an older version left in the bucket) cannot grow us.
+MAX_ADOPTED = 1000
 
 
 class BreakerSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,8 +119,8 @@ class TargetHealth:
 
     __slots__ = (
         "provider", "model", "state", "open_until", "probe_until", "consecutive", "reason", "since_unix_ms",
-        "epochs", "ok", "failed", "other", "cleared_s", "latency", "latency_prev", "latency_epoch",
-        "p95_ms", "p95_at", "skipped", "changed",
+        "closed_at", "ok_started", "epochs", "ok", "failed", "other", "cleared_s", "latency", "latency_prev",
+        "latency_epoch", "p95_ms", "p95_at", "skipped", "changed",
     )  # fmt: skip
 
     def __init__(self, provider: str, model: str, since_unix_ms: int = 0) -> None:
@@ -110,10 +132,12 @@ class TargetHealth:
         self.consecutive = 0
         self.reason = ""
         self.since_unix_ms = since_unix_ms  # when the breaker took its state
+        self.closed_at = -math.inf  # monotonic: when it last closed; failed calls made before count for nothing
+        self.ok_started = -math.inf  # monotonic: when the latest call that answered well was made
         self.epochs = [-1] * _RING_S
         self.ok = [0] * _RING_S
         self.failed = [0] * _RING_S  # counted (trip_on) failures
-        self.other = [0] * _RING_S  # failures that were the request's fault: the provider answered
+        self.other = [0] * _RING_S  # failures that do not count: the request's fault, or outdated by a close
         self.cleared_s = -1  # slots up to this second are ignored by the failure rate (set on close)
         self.latency = [0] * _BUCKETS
         self.latency_prev = [0] * _BUCKETS
@@ -253,32 +277,38 @@ class Health:
         status_code: int | None = None,
         latency_ms: float = 0.0,
         probe: bool = False,
+        started: float | None = None,
     ) -> None:
-        """One finished call. `probe`: it was let through while the breaker was not closed."""
+        """One finished call. `probe`: it was let through while the breaker was not closed.
+        `started`: when the call was made, on this Health's clock (None: now)."""
         health = self.of(provider, model)
         now = self.clock()
+        started = now if started is None else started
         i = health._slot(now)
         health.changed = True
         counted = not ok and kind is not None and settings is not None and trips(settings, kind, status_code)
+        outdated = started < health.closed_at  # made before the breaker last closed: what closed it is newer
         if ok:
             health.ok[i] += 1
             health._observe_latency(now, latency_ms)
-        elif counted:
+            health.ok_started = max(health.ok_started, started)
+        elif counted and not outdated:
             health.failed[i] += 1
         else:
             health.other[i] += 1
-        if settings is None or not settings.enabled:
+        if settings is None or not settings.enabled or outdated:
             return
         if not counted:
             health.consecutive = 0
             if probe and health.state != CLOSED:
                 self._close(health, now, "a probe got an answer")
             return
-        health.consecutive += 1
         if health.state != CLOSED:
             if probe:
                 self._open(health, settings, now, f"the probe failed ({kind})")
             return
+        if started >= health.ok_started:  # else a call made after this one has answered well since: old news
+            health.consecutive += 1
         if health.consecutive >= settings.consecutive_failures:
             self._open(health, settings, now, f"{health.consecutive} failures in a row (last: {kind})")
             return
@@ -302,6 +332,7 @@ class Health:
         health.state = CLOSED
         health.consecutive = 0
         health.cleared_s = int(now)
+        health.closed_at = now
         health.reason = reason
         health.since_unix_ms = int(self.wall() * 1000)
         log.info("circuit for %s closed: %s", health.label, reason)
@@ -313,6 +344,8 @@ class Health:
 
     def apply(self, provider: str, model: str, state: State, until_unix_ms: int, reason: str, since_unix_ms: int) -> None:
         """A state another replica set (from the shared bucket): adopt it without announcing it again."""
+        if (provider, model) not in self.targets and (state == CLOSED or len(self.targets) >= MAX_ADOPTED):
+            return  # a target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us
         health = self.of(provider, model)
         now = self.clock()
         until = now + (until_unix_ms / 1000 - self.wall())
@@ -323,6 +356,7 @@ class Health:
         elif health.state != CLOSED:
             health.consecutive = 0
             health.cleared_s = int(now)
+            health.closed_at = now
         if state != health.state:
             log.info("circuit for %s is %s (set by another dispatcher: %s)", health.label, state, reason)
         health.state = state

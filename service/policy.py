@@ -69,10 +69,17 @@ class Target(NamedTuple):
     weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
     breaker: Any = None  # its health.BreakerSettings; None: no circuit breaker
     shaping: Any = None  # opaque here: what the dispatcher needs to build this target's request
+    # The model its breaker and figures are kept under, when not `model`: routing gives every
+    # model the config never names one shared key per provider, so requests cannot grow health.
+    health_key: str | None = None
 
     @property
     def label(self) -> str:
         return self.name or self.provider
+
+    @property
+    def health_model(self) -> str:
+        return self.model if self.health_key is None else self.health_key
 
 
 class Chain(NamedTuple):
@@ -234,11 +241,12 @@ async def run_chain(
                 run.skip_rest(targets[i - 1 :], "max_attempts", f"max_attempts ({limits.max_attempts}) reached")
                 return run.fail(_max_attempts_error(limits.max_attempts, run.attempts))
             if retry == 0 and health is not None and target.breaker is not None:
-                admitted = health.admit(target.provider, target.model)
+                admitted = health.admit(target.provider, target.health_model)
                 if admitted != CALL:
-                    probe = admitted == PROBE and await health.claim(target.provider, target.model, target.timeout_s + 1)
+                    lease_s = target.timeout_s + 1
+                    probe = admitted == PROBE and await health.claim(target.provider, target.health_model, lease_s)
                     if not probe and limits.fallback and any(skip_reason(t, needs) is None for t in targets[i:]):
-                        health.skipped(target.provider, target.model)
+                        health.skipped(target.provider, target.health_model)
                         run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
                         break
                     probe = True  # the probe, or the last target left: called anyway
@@ -300,7 +308,7 @@ async def run_chain(
 
 
 def _why_open(health: Health, target: Target) -> str:
-    state = health.targets.get((target.provider, target.model))
+    state = health.targets.get((target.provider, target.health_model))
     return state.reason if state is not None and state.reason else "it failed recently"
 
 
@@ -341,22 +349,27 @@ class _Run:
     ) -> tuple[ProviderReply, float]:
         """A call came back: validate a good answer, take its latency, tell health.
         `capped`: the request's deadline cut the call's timeout short, so a timeout says nothing
-        about the target's health (short client deadlines must not open breakers)."""
+        about the target's health (short client deadlines must not open breakers). `started`
+        goes to health too: a breaker weighs calls in the order they were made."""
         if isinstance(reply, ProviderOk) and self.validate is not None:
             reply = self.validate(reply)
         latency_ms = (self.clock() - started) * 1000
         health = self.health
         if health is not None:
+            model = target.health_model
             if isinstance(reply, ProviderOk):
-                health.record(target.provider, target.model, target.breaker, True, latency_ms=latency_ms, probe=probe)
+                health.record(
+                    target.provider, model, target.breaker, True, latency_ms=latency_ms, probe=probe, started=started
+                )
             elif capped and reply.kind == "timeout":
-                health.record(target.provider, target.model, None, False, reply.kind)
+                health.record(target.provider, model, None, False, reply.kind, started=started)
                 if probe:
-                    health.release(target.provider, target.model)  # undecided: the next request probes
+                    health.release(target.provider, model)  # undecided: the next request probes
             else:
                 health.record(
-                    target.provider, target.model, target.breaker, False, reply.kind, reply.status_code, probe=probe
-                )
+                    target.provider, model, target.breaker, False, reply.kind, reply.status_code,
+                    probe=probe, started=started,
+                )  # fmt: skip
         return reply, latency_ms
 
     def hedge_delay(self, target: Target) -> float | None:
@@ -366,7 +379,7 @@ class _Run:
             return None
         delay_s = hedge.after_s
         if hedge.p95 and self.health is not None:
-            p95_ms = self.health.p95_ms(target.provider, target.model)
+            p95_ms = self.health.p95_ms(target.provider, target.health_model)
             if p95_ms is not None:
                 delay_s = max(delay_s or 0.0, p95_ms / 1000)
             elif delay_s is None:
@@ -379,8 +392,9 @@ class _Run:
             return False
         if skip_reason(rival, needs) is not None:
             return False
-        if self.health is not None and rival.breaker is not None and self.health.admit(rival.provider, rival.model) != CALL:
-            return False
+        if self.health is not None and rival.breaker is not None:
+            if self.health.admit(rival.provider, rival.health_model) != CALL:
+                return False
         budgets = self.limits.budgets
         if budgets is not None:
             if budgets.hedge.available() < 1 or budgets.retry.available() < 1:
@@ -520,7 +534,8 @@ def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run
         return None
     if run.physical >= run.limits.max_attempts:
         return None
-    if run.health is not None and target.breaker is not None and run.health.admit(target.provider, target.model) != CALL:
+    health = run.health
+    if health is not None and target.breaker is not None and health.admit(target.provider, target.health_model) != CALL:
         return None  # this failure (or a failed probe) opened its breaker: no retries into it
     delay_s = backoff_s(target, retry, rand)
     if failure.retry_after_s is not None:

@@ -4,8 +4,11 @@
 targets) into policy Targets, and checks every per-request override against what the
 config allows: timeout_s and deadline_unix_ms against max_timeout_s, max_attempts against
 the configured ceiling, fallback_on only narrowing the route's, faults only where allowed,
-response_format's schema compiled. Anything else raises Rejected, which the dispatcher
-answers with an error reply and an audit event, before any provider is called.
+response_format's schema compiled, a target's model inside its provider's `models` (when the
+config lists them). Anything else raises Rejected, which the dispatcher answers with an error
+reply and an audit event, before any provider is called. A request target naming a model the
+config does not name shares its provider's one health entry (health.ADHOC_MODEL), so what
+requests make up cannot grow the dispatcher.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from schemas.wire import (
 )
 from service.config import Config, Step, breaker_settings
 from service.faults import check_faults
+from service.health import ADHOC_MODEL
 from service.policy import DEFAULT_RETRY_ON, Budget, Budgets, Chain, Hedge, Limits, Needs, Target
 from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
 
@@ -105,6 +109,8 @@ class Router:
             )  # fmt: skip
         # Requests that name their own targets share one budget (at the routes' defaults).
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
+        # Per provider, the models the config names: each keeps a breaker and figures of its own.
+        self.models = self._configured_models()
         self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
         self.random = random.Random()
 
@@ -137,6 +143,15 @@ class Router:
             breaker=breaker if breaker.enabled else None,
             shaping=shaping,
         )
+
+    def _configured_models(self) -> dict[str, frozenset[str]]:
+        every = [*self.named.values(), *(t for chain in self.default_by_kind.values() for t in _flat(chain))]
+        for route in self.routes.values():
+            every += [*route.chain.targets, *(t for chain in route.chain.by_kind.values() for t in chain)]
+        models = {name: set(settings.models) for name, settings in self.config.providers.items()}
+        for target in every:
+            models[target.provider].add(target.model)
+        return {name: frozenset(names) for name, names in models.items()}
 
     def build_all(self, steps: Sequence[Step], route_breaker: dict | None = None) -> list[Target | tuple[Target, ...]]:
         return [
@@ -275,7 +290,11 @@ class Router:
                     f"targets[{i}]{'.' + field if field else ''}: {exc}",
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
-            targets.append(self.build(spec))
+            target = self.build(spec)
+            if target.model not in self.models[target.provider]:
+                # A model the config never names: its health is the provider's one shared entry.
+                target = target._replace(health_key=ADHOC_MODEL)
+            targets.append(target)
         return self._route(
             targets, self.default_by_kind, None, self.config.dispatcher.max_attempts, None, self.request_budgets
         )

@@ -9,7 +9,9 @@ No extra service: the bucket lives in the NATS that already carries the requests
                                  only one replica sends it.
     stats.<dispatcher>           one dispatcher's recent figures per target (outcomes, latency
                                  histogram, skips), written once a second when they changed;
-                                 `lifeline status` merges them.
+                                 `lifeline status` merges them. At most STATS_MAX_BYTES (or a
+                                 quarter of the server's max_payload), whatever the traffic:
+                                 the targets that say the most go first, the rest are counted.
 
 A dispatcher that cannot reach the bucket (JetStream off, NATS trouble, a timeout) says so
 in its log, keeps acting on its own view (service/health.py), and tries again every few
@@ -46,6 +48,11 @@ _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
 _REFRESH_EVERY_S = 30.0
 STALE_AFTER_S = 120.0  # a dispatcher's stats older than this are from one that is gone
+# A stats document's ceiling. One put over the server's max_payload is refused (and the bucket
+# then counts as lost), so the document is kept far below it: 64 KiB holds a few hundred targets.
+STATS_MAX_BYTES = 64 * 1024
+# What `lifeline status` reads of each target's figures (merge_status); the rest stays local.
+_STATS_FIELDS = ("provider", "model", "ok", "failed", "skipped", "latency")
 
 
 def key_token(text: str) -> str:
@@ -146,18 +153,22 @@ class SharedHealth(Health):
         async for entry in watcher:
             if entry is None or entry.value is None or entry.operation is not None:
                 continue  # the end-of-history marker, or a delete
-            # An echo of our own write can arrive after a later write's revision was stored.
-            self._revisions[entry.key] = max(entry.revision, self._revisions.get(entry.key, 0))
             try:
                 value = json.loads(entry.value)
-                if value.get("by") == self.id:
-                    continue
-                self.apply(
-                    value["provider"], value["model"], value["state"], value["until_unix_ms"],
-                    value.get("reason", ""), value.get("since_unix_ms", 0),
-                )  # fmt: skip
+                target = (value["provider"], value["model"])
+                if value.get("by") != self.id:
+                    self.apply(
+                        *target, value["state"], value["until_unix_ms"], value.get("reason", ""),
+                        value.get("since_unix_ms", 0),
+                    )  # fmt: skip
+                kept = target in self.targets
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("ignoring a malformed breaker entry %s in bucket %s: %s", entry.key, self.bucket, exc)
+                kept = False
+            # Revisions are kept for the breakers kept here only: the bucket may hold many more keys.
+            # An echo of our own write can arrive after a later write's revision was stored.
+            if kept or entry.key in self._revisions:
+                self._revisions[entry.key] = max(entry.revision, self._revisions.get(entry.key, 0))
 
     async def _maintain(self) -> None:
         """Publish this dispatcher's figures every second when they changed, and every 30 s
@@ -179,12 +190,13 @@ class SharedHealth(Health):
             return
         for health in self.targets.values():
             health.changed = False
-        document = {
-            "dispatcher": self.id, "host": self.host, "ts_unix_ms": int(time.time() * 1000),
-            "targets": self.snapshot(),
-        }  # fmt: skip
+        limit_bytes = min(STATS_MAX_BYTES, self.nc.max_payload // 4)
+        payload = stats_document(self.id, self.host, int(time.time() * 1000), self.snapshot(), limit_bytes)
+        if len(payload) > limit_bytes:  # only a host name of kilobytes gets here; never send what may not fit
+            log.warning("not sharing figures: the stats document is %d bytes, above %d", len(payload), limit_bytes)
+            return
         try:
-            await asyncio.wait_for(self.kv.put(STATS_PREFIX + self.id, json.dumps(document).encode()), _OP_TIMEOUT_S)
+            await asyncio.wait_for(self.kv.put(STATS_PREFIX + self.id, payload), _OP_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 
@@ -241,6 +253,27 @@ class SharedHealth(Health):
         return True
 
 
+def stats_document(
+    dispatcher: str, host: str, ts_unix_ms: int, snapshot: dict[str, dict[str, Any]], limit_bytes: int
+) -> bytes:
+    """One dispatcher's figures for `lifeline status`, at most limit_bytes of JSON however many
+    targets there are (unless its host name alone is longer): a breaker that is not closed first,
+    then the busiest targets; those that do not fit are only counted, in `omitted`."""
+    ranked = sorted(snapshot.items(), key=lambda item: (item[1]["state"] == CLOSED, -item[1]["ok"] - item[1]["failed"]))
+    document: dict[str, Any] = {"dispatcher": dispatcher, "host": host, "ts_unix_ms": ts_unix_ms, "targets": {}}
+    # json.dumps writes ASCII, so characters are bytes; ', "omitted": N' takes at most 30 of them.
+    room = limit_bytes - len(json.dumps(document)) - 30
+    for label, figures in ranked:
+        entry = {field: figures[field] for field in _STATS_FIELDS}
+        size = len(json.dumps({label: entry}))  # its braces count for the ", " that goes before it
+        if size > room:
+            break
+        document["targets"][label] = entry
+        room -= size
+    document["omitted"] = len(ranked) - len(document["targets"])
+    return json.dumps(document).encode()
+
+
 def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> dict[str, Any]:
     """The bucket's contents as one view per target: breaker state from `breaker.*`, figures
     summed over the live dispatchers' `stats.*`. Used by `lifeline status` and its tests."""
@@ -255,7 +288,9 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
         if key.startswith(STATS_PREFIX):
             if now_unix_ms - value.get("ts_unix_ms", 0) > STALE_AFTER_S * 1000:
                 continue
-            dispatchers.append({"id": value.get("dispatcher"), "host": value.get("host")})
+            dispatchers.append(
+                {"id": value.get("dispatcher"), "host": value.get("host"), "omitted": value.get("omitted", 0)}
+            )
             for label, figures in value.get("targets", {}).items():
                 view = targets.setdefault(label, _empty(figures["provider"], figures["model"]))
                 view["ok"] += figures.get("ok", 0)

@@ -305,3 +305,39 @@ def test_a_bad_group_is_refused_naming_the_entry(entry, message):
     with pytest.raises(ConfigError) as exc:
         parse_config({"providers": {"a": {"kind": "fake"}}, "routes": {"r": {"targets": [entry]}}})
     assert str(exc.value).startswith(message), str(exc.value)
+
+
+# ---- a provider's model allowlist -----------------------------------------------------
+
+
+def listed(routes: dict[str, Any], **tables: Any) -> dict[str, Any]:
+    """Provider p allows fake-1 (its model), m2 and m3; provider q allows any model."""
+    return {**config({"p": fake(models=["m2", "m3"]), "q": fake()}, routes), **tables}
+
+
+def test_targets_may_name_the_models_a_provider_allows():
+    parsed = parse_config(listed({"r": {"targets": [{"provider": "p", "model": "m3"}, {"provider": "q", "model": "x"}]}}))
+    assert [spec.model for spec in parsed.routes["r"].targets] == ["m3", "x"]  # type: ignore[union-attr]
+    assert parsed.providers["p"].models == ["m2", "m3"] and parsed.providers["q"].models == []
+
+
+@pytest.mark.parametrize(
+    ("routes", "tables", "key"),
+    [
+        ({"r": {"targets": [{"provider": "p", "model": "m9"}]}}, {}, "routes.r.targets[0].model"),
+        ({"r": {"targets": ["q", {"group": ["q", {"provider": "p", "model": "m9"}]}]}}, {},
+         "routes.r.targets[1].group[1].model"),
+        ({"r": {"targets": ["x"]}}, {"targets": {"x": {"provider": "p", "model": "m9"}}}, "targets.x.model"),
+        ({"r": {"targets": ["q"]}}, {"fallbacks": {"context_length": [{"provider": "p", "model": "m9"}]}},
+         "fallbacks.context_length[0].model"),
+    ],
+)  # fmt: skip
+def test_a_model_outside_the_allowlist_is_refused_at_start_up_naming_both_keys(routes, tables, key):
+    message = error(listed(routes, **tables))
+    assert message.startswith(f"{key}: model 'm9' is not one provider p allows (fake-1, m2, m3)"), message
+    assert "add it to providers.p.models" in message
+
+
+def test_an_empty_model_in_an_allowlist_is_refused_by_index():
+    message = error(config({"p": fake(models=["m2", " "])}))
+    assert message.startswith("providers.p.models[1]: a model name cannot be empty")

@@ -178,6 +178,63 @@ def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
     assert admits(h, t, 105.0) == [CALL]
 
 
+# ---- outcomes weighed in the order their calls were made -----------------------------------
+
+
+def test_failed_calls_made_before_the_breaker_closed_count_for_nothing():
+    settings = BreakerSettings(consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0)
+    h, t = opened(settings=settings)
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    t[0] = 5.1
+    answers(h, 1, settings=settings, probe=True)
+    t[0] = 7.0  # calls made at t = 1 time out now: a replica died with them in flight
+    for _ in range(10):
+        h.record(P, M, settings, False, "timeout", started=1.0)
+    assert (state(h), h.of(P, M).consecutive) == (CLOSED, 0)  # neither in a row nor as a rate
+    assert h.snapshot()["p:m"]["failed"] == 3 + 10  # the figures still show them
+    h.record(P, M, settings, False, "timeout", started=6.0)  # a call made after the close counts
+    assert h.of(P, M).consecutive == 1
+
+
+def test_a_failure_older_than_a_good_answer_does_not_extend_a_run():
+    h, t = make_health()
+    t[0] = 2.1
+    h.record(P, M, FAST, True, latency_ms=100.0, started=2.0)
+    t[0] = 31.0  # calls made at t = 1, before the one that answered, time out only now
+    for _ in range(5):
+        h.record(P, M, FAST, False, "timeout", started=1.0)
+    assert (state(h), h.of(P, M).consecutive) == (CLOSED, 0)
+    for _ in range(3):  # calls made after the good answer fail: that is a run
+        h.record(P, M, FAST, False, "timeout", started=3.0)
+    assert state(h) == OPEN
+    h, t = make_health()
+    failures(h, 9, RATE)  # the failure rate still counts old failures: half the calls failing is unwell
+    t[0] = 1.0
+    h.record(P, M, RATE, True, started=1.0)
+    h.record(P, M, RATE, False, "timeout", started=0.5)
+    assert state(h) == OPEN
+
+
+async def test_run_chain_tells_health_when_each_call_was_made():
+    clock = Clock()
+    h = Health(clock=clock, wall=clock)
+    a = target("a", breaker=BreakerSettings(consecutive_failures=1))
+
+    async def call(t, timeout_s, previous):
+        if t.label == "a":  # while this call hangs, a call of a that another request made later answers
+            made = clock.now
+            clock.now += 1
+            h.record("a", "a-model", a.breaker, True, started=made + 0.5)
+            clock.now += 29
+            return fail("timeout")
+        return ok(content="from b")
+
+    result = await run_chain(Chain([a, target("b")]), call, Limits(clock.now + 60), health=h, clock=clock)
+    assert result.answer is not None and result.answer.content == "from b"
+    assert h.of("a", "a-model").state == CLOSED  # one counted failure opens it, but this one is old news
+
+
 # ---- latency -------------------------------------------------------------------------
 
 

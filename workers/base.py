@@ -63,6 +63,8 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     kind: str
     model: str = ""
+    # The other models targets and requests may name for this provider; empty: any model.
+    models: list[str] = []
     timeout_s: Annotated[float, Meta(gt=0)] = 30.0  # per attempt; a request's timeout_s can only shorten it
     # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
     # answer, a compression bomb) fails as response_too_large instead of filling the worker's memory.

@@ -1,0 +1,88 @@
+"""A worker replica that dies with attempts in flight costs those attempts, not its provider.
+
+Two replicas of `slow` share its queue group. One dies abruptly: its subscription goes and the
+attempts it was working on are never answered, which is what the rest of the system sees of a
+SIGKILLed process. Those attempts time out, each at the timeout of the route that made it, while
+the surviving replica answers everything sent since. The breaker must not keep the survivor
+benched once those late timeouts come in (service/health.py weighs calls in the order they were
+made): within about one cooldown it serves the requests again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from conftest import USER_HELLO, ask, fake
+from service.app import start_worker
+from service.config import parse_config
+
+COOLDOWN_S = 0.4
+QUICK_TIMEOUT_S = 0.4  # the routes share one breaker (slow:fake-1) but not their timeouts,
+PATIENT_TIMEOUT_S = 1.6  # so the dead replica's attempts time out in two bursts, 1.2 s apart
+SLACK_S = 0.4  # a probe's call (100 ms) and a busy machine
+
+
+def replica_config(latency_ms: float = 100) -> dict[str, Any]:
+    return {
+        "providers": {"slow": fake(reply="slow", latency_ms=latency_ms), "backup": fake(reply="backup")},
+        "breaker": {"consecutive_failures": 3, "cooldown_s": COOLDOWN_S},
+        "routes": {
+            "quick": {"targets": [{"provider": "slow", "timeout_s": QUICK_TIMEOUT_S}, "backup"]},
+            "patient": {"targets": [{"provider": "slow", "timeout_s": PATIENT_TIMEOUT_S}, "backup"]},
+        },
+    }
+
+
+async def die(runtime: Any) -> None:
+    """Kill a replica abruptly: its interest goes and its attempts in flight are never answered."""
+    sub, runtime._sub = runtime._sub, None
+    await sub.unsubscribe()
+    for task in list(runtime._tasks):
+        task.cancel()
+    await runtime.nc.flush()  # the server has dropped the subscription before the test goes on
+
+
+async def steady(client: Any, until: float, log: list[tuple[float, Any]], started_at: float) -> None:
+    """One client sending requests one after another: (start, reply), start relative to started_at."""
+    while time.monotonic() < until:
+        start = time.monotonic() - started_at
+        log.append((start, await ask(client, {**USER_HELLO, "route": "quick"})))
+
+
+async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(lifeline, client, nats_url, tracers):
+    await lifeline(replica_config(), workers=["backup"])
+    # The replica that dies is busy with long calls, so its attempts are still in flight when it
+    # goes; it is alone at first so that it takes the whole burst.
+    doomed_component, doomed = await start_worker(parse_config(replica_config(5000)), "slow", nats_url, tracers)
+    survivor_component = None
+    try:
+        burst = [asyncio.create_task(ask(client, {**USER_HELLO, "route": route}, timeout_s=10))
+                 for route in ["quick", "patient"] for _ in range(6)]  # fmt: skip
+        async with asyncio.timeout(5):
+            while doomed.in_flight < len(burst):
+                await asyncio.sleep(0.005)
+        survivor_component, _ = await start_worker(parse_config(replica_config()), "slow", nats_url, tracers)
+        await die(doomed)
+        killed = time.monotonic()
+
+        log: list[tuple[float, Any]] = []
+        until = killed + PATIENT_TIMEOUT_S + COOLDOWN_S + 2 * SLACK_S
+        await asyncio.gather(*(steady(client, until, log, killed) for _ in range(3)))
+        burst_replies = await asyncio.gather(*burst)
+    finally:
+        if survivor_component is not None:
+            await survivor_component.stop()
+        await doomed_component.stop()
+
+    # What the dead replica cost: its attempts in flight, each falling back after its timeout.
+    assert {tuple((a.target, a.outcome) for a in r.attempts) for r in burst_replies} == {
+        (("slow", "timeout"), ("backup", "ok"))}  # fmt: skip
+    # Within one cooldown of the first timeouts (plus slack) the survivor serves every request,
+    # and goes on doing so when the second burst of timeouts comes in.
+    back_by_s = QUICK_TIMEOUT_S + COOLDOWN_S + SLACK_S
+    later = [(round(start, 2), [(a.target, a.outcome, a.reason) for a in reply.attempts])
+             for start, reply in log if start >= back_by_s]  # fmt: skip
+    assert len(later) > 10
+    assert [entry for entry in later if entry[1] != [("slow", "ok", None)]] == []
