@@ -103,6 +103,7 @@ def text_tokens(text: str) -> int:
 _decode = msgspec.json.decode
 _validators: OrderedDict[bytes, jsonschema.protocols.Validator] = OrderedDict()
 _VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
+_CACHED_SCHEMA_BYTES = 16 * 1024  # a larger schema is compiled per request: 256 of them could hold 256 MiB
 
 
 class Validator:
@@ -154,9 +155,10 @@ def output_validator(response_format: ResponseFormat | None) -> Validator | None
         except jsonschema.exceptions.SchemaError as exc:
             raise ValueError(f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}") from None
         validator = jsonschema.Draft202012Validator(spec.schema)
-        _validators[key] = validator
-        if len(_validators) > _VALIDATORS_KEPT:
-            _validators.popitem(last=False)
+        if len(key) <= _CACHED_SCHEMA_BYTES:
+            _validators[key] = validator
+            if len(_validators) > _VALIDATORS_KEPT:
+                _validators.popitem(last=False)
     else:
         _validators.move_to_end(key)
     return Validator(spec.name, validator)
