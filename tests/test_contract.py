@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -168,6 +169,18 @@ async def test_request_ids_have_a_length_limit_and_a_huge_id_is_refused_once(ser
         assert f"length <= {MAX_ID_LENGTH}" in reply.error.message and "$.id" in reply.error.message
     assert ledger.replies == {ok_id: 1, "": 3} and ledger.audits == {ok_id: 1, "": 3}
     assert ledger.reply_of[ok_id].status == "ok"
+    await still_serving(ledger)
+
+
+async def test_requests_whose_id_fills_them_up_to_max_payload_each_get_one_refusal(service, ledger):
+    bare = len(request(""))
+    sizes = list(iter_sizes(MAX_PAYLOAD, 400, 20))
+    for n, size in enumerate(sizes):
+        await ledger.send(f"#{n}", request("k" * (size - bare)))  # the ledger files it under its reply subject
+    await ledger.settle(len(sizes), len(sizes))
+    assert sum(ledger.replies.values()) == ledger.audit_events == len(sizes)
+    assert all(count == 1 for count in ledger.replies.values()) and ledger.audits == {"": len(sizes)}
+    assert {ledger.reply_of[f"#{n}"].error.type for n in range(len(sizes))} == {"invalid_request"}
     await still_serving(ledger)
 
 
@@ -372,3 +385,80 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
         if second is not None:
             second.stop()
 
+
+
+# ---- what a request can name, and a replica that dies ----------------------------------
+
+
+async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_shared_stats(tmp_path, server, provider):
+    config = contract_config(provider)
+    config["providers"]["listed"] = {"kind": "fake", "model": "m1", "models": ["m2"]}
+    config["dispatcher"]["max_in_flight"] = 10_000  # this test is about state, not admission
+    svc = Service(tmp_path, server.url, config)
+    try:
+        svc.worker("echo"), svc.worker("listed")
+        dispatcher = svc.dispatcher()
+        nc = await nats.connect(server.url)
+        ledger = await Ledger(nc).start()
+        await still_serving(ledger)
+        before_kib = dispatcher.memory_kib()["VmRSS"]
+        ids = []
+        for n in range(4000):
+            ids.append(f"model-{n}")
+            provider_name = "listed" if n % 8 == 0 else "echo"
+            await ledger.send(ids[-1], request(ids[-1], targets=[{"provider": provider_name, "model": f"made-up-{n}"}]))
+            if n % 500 == 499:  # in batches: what is measured is state, not requests in flight
+                await ledger.settle(n + 9, n + 9, timeout_s=60, quiet_s=0)
+        await ledger.settle(len(ids) + 8, len(ids) + 8, timeout_s=60)
+        await asyncio.sleep(1.5)  # the stats document is written once a second; memory is trimmed after a burst
+        ledger.assert_exactly_once([*ids, *(i for i in ledger.audits if i.startswith("alive-"))])
+        refused = [ledger.reply_of[i].error for i in ids[::8]]
+        assert all(e is not None and e.type == "invalid_request" and "providers.listed.models" in e.message
+                   for e in refused), [e for e in refused if e is None or "providers.listed.models" not in e.message][:2]
+        assert all(ledger.reply_of[i].status == "ok" for n, i in enumerate(ids) if n % 8)
+        grown_mib = (dispatcher.memory_kib()["VmRSS"] - before_kib) / 1024
+        assert grown_mib < 25, f"the dispatcher grew {grown_mib:.1f} MiB for 3,500 made-up models"
+        kv = await nc.jetstream().key_value("lifeline_health")
+        stats = [await kv.get(key) for key in await kv.keys() if key.startswith("stats.")]
+        assert stats and all(len(entry.value) < 8 * 1024 for entry in stats), [len(e.value) for e in stats]
+        await nc.close()
+    finally:
+        svc.stop()
+
+
+async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_takes_the_traffic(tmp_path, server, provider):
+    timeout_s, cooldown_s, slack_s = 1.0, 1.0, 1.0
+    config = contract_config(provider)
+    config["providers"]["pair"] = {"kind": "fake", "model": "pair-1", "latency_ms": 200}
+    config["routes"]["pair"] = {"targets": [{"provider": "pair", "timeout_s": timeout_s}, "echo"],
+                                "breaker": {"cooldown_s": cooldown_s}}  # fmt: skip
+    svc = Service(tmp_path, server.url, config)
+    try:
+        svc.worker("echo")
+        doomed, _survivor = svc.worker("pair"), svc.worker("pair")
+        svc.dispatcher()
+        nc = await nats.connect(server.url)
+        ledger = await Ledger(nc).start()
+        ids: list[str] = []
+
+        async def steady(seconds: float) -> None:
+            end = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < end:
+                ids.append(f"pair-{len(ids)}")
+                await ledger.send(ids[-1], request(ids[-1], route="pair"))
+                await asyncio.sleep(0.02)
+
+        await steady(1.0)
+        doomed.proc.kill()  # SIGKILL: no goodbye, its attempts in flight are never answered
+        killed = time.monotonic()
+        await steady(timeout_s + cooldown_s + slack_s + 1.5)
+        await ledger.settle(len(ids), len(ids), timeout_s=30)
+        ledger.assert_exactly_once(ids)
+        assert all(ledger.reply_of[i].status == "ok" for i in ids)  # what was in flight fell back to echo
+        fell_back = [i for i in ids if [a.outcome for a in ledger.reply_of[i].attempts] == ["timeout", "ok"]]
+        assert fell_back and all(ledger.sent_at[i] < killed for i in fell_back)
+        later = [i for i in ids if ledger.sent_at[i] > killed + timeout_s + cooldown_s + slack_s]
+        assert later and all(ledger.reply_of[i].target == "pair" for i in later), "the survivor is still benched"
+        await nc.close()
+    finally:
+        svc.stop()
