@@ -410,6 +410,9 @@ def _print_status(view: dict, bucket: str, url: str) -> None:
     dispatchers = view["dispatchers"]
     who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
     print(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
+    for d in dispatchers:
+        if d.get("omitted"):  # its stats document is capped: the quietest closed targets were left out
+            print(f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) to keep its figures small")
     if not view["targets"]:
         print("no target has been called yet")
         return

@@ -141,6 +141,15 @@ def test_the_stats_document_stays_within_its_limit_however_many_targets_there_ar
     assert view["targets"]["p:model-7"]["ok"] == 7
 
 
+def test_lifeline_status_says_how_many_targets_a_dispatcher_left_out(capsys):
+    from service.cli import _print_status
+
+    document = stats_document("d1", "host", 1_000, snapshot_of(500), 2048)
+    _print_status(merge_status({STATS_PREFIX + "d1": document}, now_unix_ms=1_000), "lifeline_health", "nats://x:4222")
+    omitted = json.loads(document)["omitted"]
+    assert f"host/d1 left out {omitted} quiet target(s)" in capsys.readouterr().out
+
+
 async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_payload(tracers):
     """Before the stats document was bounded, one put over max_payload turned shared health off."""
     config = {"providers": {"open": fake()}, "routes": {"default": {"targets": ["open"]}}}
