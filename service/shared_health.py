@@ -44,6 +44,7 @@ STATS_PREFIX = "stats."
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachable
 _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
+_RECLAIM_AFTER_S = 1.0  # after a lost claim nobody announced, when this dispatcher may claim again
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
 _REFRESH_EVERY_S = 30.0
@@ -236,6 +237,7 @@ class SharedHealth(Health):
         key = breaker_key(provider, model)
         health = self.of(provider, model)
         health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it here while we ask
+        asked_until = health.probe_until
         value = self._value(health)
         revision = self._revisions.get(key)
         try:
@@ -244,7 +246,12 @@ class SharedHealth(Health):
             else:
                 revision = await asyncio.wait_for(self.kv.update(key, value, last=revision), _CLAIM_TIMEOUT_S)
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False  # another replica changed it first (its probe, or a newer state): keep skipping
+            # Someone changed the key first. Another replica's claim or state reaches us through the
+            # watcher and sets the lease it holds; but the newer revision may be our own write whose
+            # echo has not come back, and then nothing would: ask again soon, not after our whole lease.
+            if health.probe_until == asked_until:
+                health.probe_until = self.clock() + _RECLAIM_AFTER_S
+            return False
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
             return await super().claim(provider, model, lease_s)

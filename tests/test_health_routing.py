@@ -25,8 +25,8 @@ from conftest import USER_HELLO, ask, fake
 from service.app import start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
-from service.health import CLOSED, MIN_SAMPLES, OPEN
-from service.shared_health import breaker_key
+from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE
+from service.shared_health import SharedHealth, breaker_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -389,3 +389,25 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
         await second.stop()
     first_outcomes = sorted(outcomes(r)[0] for r in replies)
     assert first_outcomes == [("a", "ok", None)] + [("a", "skipped", "circuit_open")] * 11
+
+
+async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_again_soon(nats_url):
+    """The bucket's newer revision can be our own write whose echo has not arrived: nobody else
+    will announce a probe, so the next claim comes after about a second, not after the whole lease."""
+    now = [100.0]
+    nc = await nats.connect(nats_url)
+    health = SharedHealth(nc, "claims", clock=lambda: now[0])
+    await health.start()
+    try:
+        target = health.of("a", "m")
+        target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
+        key = breaker_key("a", "m")
+        stale = await health.kv.put(key, health._value(target))
+        await health.kv.put(key, health._value(target))  # our own later write, its echo not followed yet
+        health._revisions[key] = stale
+        assert await health.claim("a", "m", lease_s=31) is False
+        now[0] += 1.5
+        assert health.admit("a", "m") == PROBE  # before: SKIP for the 31 s lease
+    finally:
+        await health.stop()
+        await nc.close()
