@@ -46,7 +46,7 @@ from schemas.wire import (
     NO_CAPABLE_TARGET,
     RETRY_BUDGET,
 )
-from service.health import CALL, PROBE, Health
+from service.health import CALL, PROBE, Health, Untouched
 
 # What a target retries on when its config names nothing: failures that a second try can fix.
 DEFAULT_RETRY_ON = frozenset({"rate_limit", "server_error", "timeout", "connection"})
@@ -207,7 +207,7 @@ async def run_chain(
     needs: Needs = Needs(),
     validate: Validate | None = None,
     on_event: OnEvent | None = None,
-    health: Health | None = None,
+    health: Health | Untouched | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
@@ -291,7 +291,7 @@ async def run_chain(
                 continue
             chain_of_kind = chain.by_kind.get(reply.kind) if reply.kind not in entered else None
             if not limits.fallback or (chain_of_kind is None and not falls_back(reply, limits.fallback_on)):
-                run.attempts.append(_failed(target, reply, latency_ms, retry, "stop", run.take_denied()))
+                run.attempts.append(_failed(target, reply, latency_ms, retry, "stop", run.take_denied(), hedged))
                 if not limits.fallback:
                     return run.fail(_fallback_disabled(run.attempts[-1], targets[i:]))
                 return run.fail(_stopped_error(target, reply, targets[i:]))
@@ -325,7 +325,7 @@ class _Run:
         limits: Limits,
         on_event: OnEvent | None,
         clock: Callable[[], float],
-        health: Health | None = None,
+        health: Health | Untouched | None = None,
         validate: Validate | None = None,
     ) -> None:
         self.limits = limits

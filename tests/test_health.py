@@ -528,3 +528,23 @@ async def test_an_open_target_is_called_when_every_later_target_would_be_skipped
     result = await run_chain(Chain([a, too_small]), script, Limits(clock.now + 60), needs=Needs(input_tokens=500),
                              health=h, clock=clock, sleep=clock.sleep)  # fmt: skip
     assert result.answer is not None and result.answer.content == "from a"
+
+
+async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge():
+    b_started = asyncio.Event()
+
+    async def a_slow():
+        b_started.set()
+        await asyncio.sleep(10)
+        return ok(content="from a")
+
+    async def b_bad_request():
+        await b_started.wait()
+        return fail("bad_request", 400)
+
+    racer = Racer(a=a_slow, b=b_bad_request)
+    limits = Limits(time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01))
+    result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
+    assert result.error is not None and result.error.type == "fallback_stopped"
+    assert sorted((x.target, x.outcome, x.next, x.hedge) for x in result.attempts) == [
+        ("a", "cancelled", None, False), ("b", "error", "stop", True)]  # fmt: skip
