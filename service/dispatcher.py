@@ -31,7 +31,7 @@ from schemas.wire import (
 from service import telemetry
 from service.config import Config
 from service.faults import simulate
-from service.health import Health
+from service.health import Health, Untouched
 from service.memory import release_memory_soon
 from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
@@ -192,8 +192,10 @@ class Dispatcher:
             return await self._attempt(target, payload, plan.request_id, timeout_s, span)
 
         on_event = span.add_event if span.is_recording() else None
+        # Simulated outcomes belong to the request that asked for them, not to the shared breakers.
+        health = self.health if plan.faults is None else Untouched(self.health)
         return await run_chain(
-            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event, health=self.health
+            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event, health=health
         )
 
     async def _attempt(

@@ -395,3 +395,32 @@ class Health:
                 "latency": {str(b): n for b, n in histogram.items()},
             }
         return out
+
+
+class Untouched:
+    """A Health seen by a request whose outcomes must not change it: one carrying simulated
+    `faults`. Its breakers still apply (an open target is skipped), but it never probes and
+    never records, so five simulated 503s cannot bench a real provider for every client."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.targets = health.targets
+
+    def admit(self, provider: str, model: str) -> int:
+        admitted = self.health.admit(provider, model)
+        return SKIP if admitted == PROBE else admitted  # a real request sends the probe
+
+    async def claim(self, provider: str, model: str, lease_s: float) -> bool:
+        return False
+
+    def p95_ms(self, provider: str, model: str) -> float | None:
+        return self.health.p95_ms(provider, model)
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def skipped(self, provider: str, model: str) -> None:
+        pass
+
+    def release(self, provider: str, model: str) -> None:
+        pass

@@ -37,14 +37,19 @@ def outcomes(reply) -> list[tuple]:
 
 def breaker_config(breaker: dict[str, Any] | None = None, **route: Any) -> dict[str, Any]:
     return {
-        "providers": {"a": fake(reply="from a"), "b": fake(reply="from b")},
+        "providers": {"a": fake(reply="from a", fail_on_request=True), "b": fake(reply="from b")},
         "dispatcher": {"allow_fault_injection": True},
         "breaker": {"consecutive_failures": 2, "cooldown_s": 0.3, **(breaker or {})},
         "routes": {"default": {"targets": ["a", "b"], **route}},
     }
 
 
-FAIL_A = {**USER_HELLO, "faults": {"a": [503]}}
+def asking_to_fail(status: int) -> dict[str, Any]:
+    """A request that a (configured with fail_on_request) really fails, through its worker."""
+    return {"messages": [{"role": "user", "content": f"fail {status}"}]}
+
+
+FAIL_A = asking_to_fail(503)
 
 
 async def until(predicate, timeout_s: float = 5.0) -> None:
@@ -90,8 +95,8 @@ async def test_a_failed_probe_opens_the_breaker_for_another_cooldown(lifeline, c
 
 async def test_the_failure_rate_over_the_window_opens_it_too(lifeline, client):
     await lifeline(breaker_config({"consecutive_failures": 100, "failure_rate": 0.5, "min_requests": 6}))
-    for fault in ["ok", 503, "ok", 503, "ok", 503]:  # never two in a row, but half of six
-        await ask(client, {**USER_HELLO, "faults": {"a": [fault]}})
+    for request in [USER_HELLO, FAIL_A] * 3:  # never two in a row, but half of six
+        await ask(client, request)
     assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
 
 
@@ -106,7 +111,7 @@ async def test_the_last_target_left_is_called_even_when_its_breaker_is_open(life
 async def test_failures_that_are_the_requests_fault_do_not_open_it(lifeline, client):
     await lifeline(breaker_config())
     for _ in range(4):
-        await ask(client, {**USER_HELLO, "faults": {"a": [400]}})
+        await ask(client, asking_to_fail(400))
     assert (await ask(client, USER_HELLO)).provider == "a"
 
 
@@ -121,7 +126,7 @@ async def test_settings_per_route_and_per_target(lifeline, client):
         await ask(client, {**FAIL_A, "route": "tolerant"})
     assert stack.dispatcher.health.of("a", "fake-1").state == CLOSED  # the route asks for 3
     for _ in range(3):
-        await ask(client, {**USER_HELLO, "route": "off", "faults": {"a-unguarded": [503]}})
+        await ask(client, {**FAIL_A, "route": "off"})
     reply = await ask(client, {**USER_HELLO, "route": "off"})
     assert outcomes(reply) == [("a-unguarded", "ok", None)]  # never skipped: no breaker
 
@@ -375,7 +380,7 @@ async def test_with_fallback_off_an_open_first_target_is_still_called(lifeline, 
 
 async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats_url, tracers):
     config = breaker_config({"cooldown_s": 0.3})
-    config["providers"]["a"] = fake(reply="from a", latency_ms=300)  # the probe is still out when the others arrive
+    config["providers"]["a"] = fake(reply="from a", latency_ms=300, fail_on_request=True)  # the probe is still out when the others arrive
     first = await lifeline(config)
     second = await start_stack(parse_config(config), nats_url, tracers, workers=[])
     both = [first.dispatcher.health, second.dispatcher.health]
@@ -411,3 +416,24 @@ async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_agai
     finally:
         await health.stop()
         await nc.close()
+
+
+async def test_simulated_failures_never_change_the_real_shared_breakers(lifeline, client):
+    stack = await lifeline(breaker_config())
+    for _ in range(5):  # five simulated 503s: the request that asked for them falls back
+        reply = await ask(client, {**USER_HELLO, "faults": {"a": [503]}})
+        assert outcomes(reply) == [("a", "error", "server_error"), ("b", "ok", None)]
+    assert stack.dispatcher.health.of("a", "fake-1").state == CLOSED
+    assert (await ask(client, USER_HELLO)).provider == "a"  # every other client still gets a
+
+
+async def test_a_simulated_answer_does_not_close_a_really_open_breaker(lifeline, client):
+    stack = await lifeline(breaker_config())
+    health = stack.dispatcher.health
+    for _ in range(2):
+        await ask(client, FAIL_A)
+    assert health.of("a", "fake-1").state == OPEN
+    await until(lambda: health.admit("a", "fake-1") == PROBE)  # the cooldown is over: the next real call probes
+    reply = await ask(client, {**USER_HELLO, "faults": {"a": [401]}})  # a 401 is the request's fault: would close it
+    assert outcomes(reply)[0] == ("a", "skipped", "circuit_open")  # no probe from a simulated request either
+    assert stack.dispatcher.health.of("a", "fake-1").state == OPEN

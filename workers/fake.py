@@ -26,6 +26,9 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
     fail_rate: float = 0.0  # 0..1: share of calls that fail with fail_status (or 503)
     seed: int = 0
     hang: bool = False  # never answer: shows a timeout fallback
+    # A last user message "fail <status>" (e.g. "fail 503") fails that call with that HTTP status:
+    # real failures on demand, through a real worker, for tests and demos.
+    fail_on_request: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -51,6 +54,9 @@ class FakeProvider:
         if self._fails():
             status = s.fail_status or 503
             raise ProviderError(classify_status(status), f"fake provider configured to fail with {status}", status)
+        asked = self._asked_status(request) if s.fail_on_request else None
+        if asked is not None:
+            raise ProviderError(classify_status(asked), f"fake provider asked to fail with {asked}", asked)
         content = self._answer(request)
         if len(content.encode()) > s.max_response_bytes:  # as an HTTP kind would: the limit is the same setting
             raise response_too_large(200, s.max_response_bytes)
@@ -64,6 +70,14 @@ class FakeProvider:
         if self.settings.fail_rate:
             return self._random.random() < self.settings.fail_rate
         return self.settings.fail_status is not None
+
+    @staticmethod
+    def _asked_status(request: ProviderRequest) -> int | None:
+        users = [m.content for m in request.messages if m.role == "user"]
+        verb, _, status = (users[-1] if users else "").partition(" ")
+        if verb == "fail" and status.isdigit() and 400 <= int(status) <= 599:
+            return int(status)
+        return None
 
     def _answer(self, request: ProviderRequest) -> str:
         if self.settings.reply == "request":
