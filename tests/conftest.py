@@ -96,6 +96,24 @@ async def audit(client: Client) -> AuditFeed:
     return feed
 
 
+async def settled(client: Client, *stacks: Stack) -> None:
+    """Return once everything the stacks' dispatchers will ever send for the requests so far has
+    reached `client`'s callbacks: a barrier for "no duplicate came", instead of a sleep.
+
+    No request in flight means no more publishes; a flush of each dispatcher's connection means
+    the server has routed what they published; a flush of the client's then means the server
+    wrote those messages to it before its PONG; a few loop turns let the callbacks run."""
+    for stack in stacks:
+        assert stack.dispatcher is not None
+        async with asyncio.timeout(10):
+            while stack.dispatcher.in_flight:
+                await asyncio.sleep(0.005)
+        await stack.components[-1].nc.flush()
+    await client.flush()
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
 async def ask(client: Client, request: dict[str, Any] | bytes, timeout_s: float = 5.0, **kw: Any) -> CompletionReply:
     payload = request if isinstance(request, bytes) else encoder.encode(request)
     msg = await client.request(subjects.COMPLETE, payload, timeout=timeout_s, **kw)

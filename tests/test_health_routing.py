@@ -75,7 +75,7 @@ async def test_a_breaker_opens_skips_probes_and_closes(lifeline, client, audit):
     events = await audit.wait_for(3)
     assert [(a.outcome, a.reason) for a in events[2][1].attempts] == [("skipped", "circuit_open"), ("ok", None)]
 
-    await asyncio.sleep(0.35)  # the cooldown ends: the next request probes a, and a answers
+    await until(lambda: health.admit("a", "fake-1") == PROBE)  # the cooldown ends: the next request probes a
     reply = await ask(client, USER_HELLO)
     assert outcomes(reply) == [("a", "ok", None)]
     assert health.of("a", "fake-1").state == CLOSED
@@ -86,7 +86,7 @@ async def test_a_failed_probe_opens_the_breaker_for_another_cooldown(lifeline, c
     stack = await lifeline(breaker_config())
     for _ in range(2):
         await ask(client, FAIL_A)
-    await asyncio.sleep(0.35)
+    await until(lambda: stack.dispatcher.health.admit("a", "fake-1") == PROBE)
     reply = await ask(client, FAIL_A)  # the probe fails
     assert outcomes(reply) == [("a", "error", "server_error"), ("b", "ok", None)]
     assert stack.dispatcher.health.of("a", "fake-1").state == OPEN
@@ -201,12 +201,14 @@ async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(lif
             while not all(h.state == OPEN for h in both):  # opened by one, adopted by the other
                 await ask(client, FAIL_A)
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.35)
+            await until(lambda: first.dispatcher.health.admit("a", "fake-1") == PROBE)
             while not all(h.state == CLOSED for h in both):  # one replica's probe closes it for both
                 await ask(client, USER_HELLO)
                 await asyncio.sleep(0.01)
     finally:
         await second.stop()
+    # One replica closed it on its own probe; the other adopted that close from the bucket.
+    assert [h.reason for h in both] == ["a probe got an answer"] * 2
 
 
 async def test_without_jetstream_a_dispatcher_says_so_and_uses_its_own_view(tracers, caplog):
@@ -388,7 +390,7 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
         async with asyncio.timeout(10):
             while not all(h.of("a", "fake-1").state == OPEN for h in both):
                 await ask(client, FAIL_A)
-        await asyncio.sleep(0.35)
+        await until(lambda: all(h.admit("a", "fake-1") == PROBE for h in both))  # the cooldown is over for both
         replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(12)))
     finally:
         await second.stop()

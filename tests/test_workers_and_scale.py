@@ -8,7 +8,7 @@ import time
 import nats
 import pytest
 
-from conftest import USER_HELLO, ask, config, fake
+from conftest import USER_HELLO, ask, config, fake, settled
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
 
@@ -62,7 +62,7 @@ async def test_several_dispatchers_share_requests_and_each_is_answered_once(life
     replies = await asyncio.gather(*(ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(40)))
     assert sorted(r.id for r in replies) == sorted(f"r{i}" for i in range(40))
     await audit.wait_for(40)
-    await asyncio.sleep(0.1)
+    await settled(client, *stacks)
     assert len(audit.events) == 40
     handled = [s.components[-1].nc.stats["in_msgs"] for s in stacks]
     assert min(handled) > 0
