@@ -151,6 +151,9 @@ async def _until_signalled(lost: Awaitable[str] | None = None) -> str | None:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
+    tracers = telemetry.tracer_provider_from_env("lifeline")
+    meters = telemetry.meter_provider_from_env("lifeline")
     url = default_nats_url(args.nats_url)
     server = None
     if url is None:
@@ -161,8 +164,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
             raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
         print(f"embedded NATS (JetStream) listening on {url}", flush=True)
     lost = None
-    tracers = telemetry.tracer_provider_from_env("lifeline")
-    meters = telemetry.meter_provider_from_env("lifeline")
     stack: Stack | None = None
     try:
         stack = await start_stack(config, url, tracers, meters=meters)

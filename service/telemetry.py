@@ -1,15 +1,20 @@
 """OpenTelemetry set-up, Lifeline's span recorder, and trace context in NATS headers.
 
-Export follows the standard OTEL_* environment variables (OTLP over HTTP). With no
-exporter configured, spans are sampled out: trace ids are still made and propagated, so
-replies and audit events carry one, but nothing is recorded and the cost is a few µs.
+Export follows the standard OTEL_* environment variables. Exporters are looked up by name
+in the entry points the SDK and exporter packages register (the SDK's own mechanism), so
+`OTEL_TRACES_EXPORTER=console,otlp` gets both, and a name or an OTLP protocol that is not
+installed stops start-up with a message instead of turning export off. The resource, the
+sampler and each exporter's settings (endpoint, headers, timeout) are the SDK's own, read
+from the environment by the SDK. With no exporter configured, spans are sampled out: trace
+ids are still made and propagated, so replies and audit events carry one, but nothing is
+recorded and the cost is a few µs.
 
 The dispatcher's and workers' own spans go through `SpanRecorder`, not the SDK's Tracer:
 an SDK span costs ~15 µs to start and end (locks, attribute cleaning, a sampler call per
 span), three of them per request were a third of the hot path's CPU. The recorder keeps
-ids, times and attributes as plain values and hands each finished span to the SDK's span
-processors as a ReadableSpan, so sampling config, resource, batching and exporters stay
-the SDK's own.
+ids, times and attributes as plain values, shows a recording span to the processors'
+`on_start` as it starts and hands each finished span to the SDK's span processors as a
+ReadableSpan, so sampling config, resource, batching and exporters stay the SDK's own.
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ import os
 import random
 import time
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -46,17 +52,94 @@ GEN_AI_PROVIDER = {
 _propagator = TraceContextTextMapPropagator()
 
 
-def exporter_configured(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> str | None:
-    """"otlp", "console" or None for TRACES or METRICS, from the standard OTEL_* variables
-    (OTEL_<signal>_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_<signal>_ENDPOINT)."""
-    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
-    chosen = environ.get(f"OTEL_{signal}_EXPORTER", "").strip().lower()
-    if chosen in ("none", "console"):
-        return None if chosen == "none" else "console"
-    if chosen == "otlp" or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"):
-        return "otlp"
-    return None
+class TelemetryConfigError(ValueError):
+    """An OTEL_* variable asks for something that is not installed or not supported.
+
+    A ValueError, so the CLI prints it and exits 2 like any other bad configuration."""
+
+
+# OTLP's protocol picks the exporter package: the entry-point names those packages register.
+_OTLP_ENTRY_POINT = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
+_OTLP_PACKAGE = {
+    "http/protobuf": "opentelemetry-exporter-otlp-proto-http",
+    "grpc": "opentelemetry-exporter-otlp-proto-grpc",
+}
+# The spec's default, and what Lifeline has always sent; the SDK's own configurator says grpc.
+_DEFAULT_OTLP_PROTOCOL = "http/protobuf"
+# Exporter classes each signal's entry points must give.
+_EXPORTER_TYPES: dict[str, tuple[type, ...]] = {"TRACES": (SpanExporter,), "METRICS": (MetricExporter, MetricReader)}
+
+
+def exporter_names(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> list[str]:
+    """The exporters asked for TRACES or METRICS, in order: OTEL_<signal>_EXPORTER as a
+    comma-separated list ("none" entries add nothing), or ["otlp"] when it is unset and
+    OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_<signal>_ENDPOINT is set; [] when
+    OTEL_SDK_DISABLED=true. The names are not checked here: see `exporter_classes`."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    listed = environ.get(f"OTEL_{signal}_EXPORTER", "")
+    names = [name.strip().lower() for name in listed.split(",") if name.strip()]
+    if not names:
+        # Not the spec's default of otlp to localhost: without a collector that would log
+        # export failures on every run, so OTLP waits for an endpoint to be named.
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    return list(dict.fromkeys(name for name in names if name != "none"))  # one exporter per name, as the SDK
+
+
+def exporter_classes(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> list[type]:
+    """The exporter class of each name of `exporter_names`, loaded from the entry points the
+    SDK and exporter packages register ("otlp" by OTLP protocol). Raises TelemetryConfigError
+    for a name or protocol that is not installed, naming the variable and what would work."""
+    return [_exporter_class(name, environ, signal) for name in exporter_names(environ, signal)]
+
+
+def _exporter_class(name: str, environ: Mapping[str, str], signal: str) -> type:
+    group = f"opentelemetry_{signal.lower()}_exporter"
+    entry_point = _otlp_entry_point(environ, signal) if name == "otlp" else name
+    found = entry_points(group=group, name=entry_point)
+    if not found:
+        installed = ", ".join(sorted({"none", "otlp", *entry_points(group=group).names}))
+        raise TelemetryConfigError(
+            f"OTEL_{signal}_EXPORTER: no exporter {name!r} is installed (installed: {installed})"
+        )
+    exporter = next(iter(found)).load()
+    if not (isinstance(exporter, type) and issubclass(exporter, _EXPORTER_TYPES[signal])):
+        raise TelemetryConfigError(
+            f"OTEL_{signal}_EXPORTER: {name!r} ({exporter!r}) is not a {signal.lower()} exporter"
+        )
+    return exporter
+
+
+def _otlp_entry_point(environ: Mapping[str, str], signal: str) -> str:
+    """The OTLP exporter's entry-point name for the protocol the environment asks for, if its
+    package is installed: a protocol is never ignored, it works or start-up stops."""
+    variable = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
+    if not environ.get(variable, "").strip():
+        variable = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = environ.get(variable, "").strip().lower() or _DEFAULT_OTLP_PROTOCOL
+    if protocol not in _OTLP_ENTRY_POINT:
+        raise TelemetryConfigError(
+            f"{variable}={protocol} is not supported by the Python OTLP exporters: use http/protobuf or grpc"
+        )
+    entry_point = _OTLP_ENTRY_POINT[protocol]
+    if not entry_points(group=f"opentelemetry_{signal.lower()}_exporter", name=entry_point):
+        other = "http/protobuf" if protocol == "grpc" else "grpc"
+        raise TelemetryConfigError(
+            f"{variable}={protocol} needs the {_OTLP_PACKAGE[protocol]} package, which is not installed: "
+            f"pip install {_OTLP_PACKAGE[protocol]}, or set {variable}={other}"
+        )
+    return entry_point
+
+
+def service_resource(service_name: str) -> Resource:
+    """The SDK's resource from the environment (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME,
+    the detectors of OTEL_EXPERIMENTAL_RESOURCE_DETECTORS), with service.name `service_name`
+    unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES names the service."""
+    resource = Resource.create()
+    if SERVICE_NAME in OTELResourceDetector().detect().attributes:
+        return resource
+    return resource.merge(Resource({SERVICE_NAME: service_name}))
 
 
 class Tracing(TracerProvider):
@@ -65,44 +148,57 @@ class Tracing(TracerProvider):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.processors = SynchronousMultiSpanProcessor()  # the same processors, for the recorder
+        self.starters: list[SpanProcessor] = []  # those whose on_start does something
 
-    def add_span_processor(self, span_processor) -> None:  # type: ignore[no-untyped-def]
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
         self.processors.add_span_processor(span_processor)
+        if _acts_on_start(span_processor):
+            self.starters.append(span_processor)
 
     def recorder(self, scope: str) -> "SpanRecorder":
-        return SpanRecorder(self.sampler, self.resource, self.processors, InstrumentationScope(scope))
+        """A SpanRecorder sharing this provider's sampler, resource and processors (also those added later)."""
+        return SpanRecorder(self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters)
+
+
+# on_start of these does nothing: the recorder need not call it, which keeps starting a
+# sampled span as cheap as before when only the exporters' processors are there.
+_NOOP_ON_START = {SpanProcessor.on_start, BatchSpanProcessor.on_start, SimpleSpanProcessor.on_start}
+
+
+def _acts_on_start(processor: SpanProcessor) -> bool:
+    return getattr(type(processor), "on_start", None) not in _NOOP_ON_START
 
 
 def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> Tracing:
-    resource = Resource.create({} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name})
-    exporter = exporter_configured(environ)
-    if exporter is None:
+    """A Tracing provider with a BatchSpanProcessor per exporter of OTEL_TRACES_EXPORTER (see
+    `exporter_names`), sampling as OTEL_TRACES_SAMPLER(_ARG) say (the SDK's default sampler);
+    with no exporter, sampling everything out. Raises TelemetryConfigError, before building
+    anything, for an exporter or OTLP protocol that is not installed.
+
+    `environ` holds the variables Lifeline reads itself (which exporters, which protocol);
+    the SDK reads the resource, the sampler and each exporter's settings from os.environ."""
+    classes = exporter_classes(environ, "TRACES")
+    resource = service_resource(service_name)
+    if not classes:
         return Tracing(resource=resource, sampler=ALWAYS_OFF)
     provider = Tracing(resource=resource)  # sampler from OTEL_TRACES_SAMPLER, else parent-based always-on
-    if exporter == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for exporter in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
+        provider.add_span_processor(BatchSpanProcessor(exporter()))
     return provider
 
 
 def meter_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> MeterProvider | None:
-    """A MeterProvider exporting every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), or None when
-    no metrics exporter is configured (then nothing is collected at all)."""
-    exporter = exporter_configured(environ, "METRICS")
-    if exporter is None:
+    """A MeterProvider with a reader per exporter of OTEL_METRICS_EXPORTER (see `exporter_names`),
+    exporting every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), or None when no metrics exporter
+    is configured (then nothing is collected at all). Raises TelemetryConfigError as
+    `tracer_provider_from_env` does."""
+    classes = exporter_classes(environ, "METRICS")
+    if not classes:
         return None
-    if exporter == "console":
-        reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-    resource = Resource.create({} if environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name})
-    return MeterProvider(resource=resource, metric_readers=[reader])
+    # An entry point may be a pull reader (e.g. Prometheus) rather than a push exporter.
+    readers = [cls() if issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls()) for cls in classes]
+    return MeterProvider(resource=service_resource(service_name), metric_readers=readers)
 
 
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
@@ -176,32 +272,51 @@ def extract(headers: Mapping[str, str] | None) -> Context | None:
 
 class SpanRecorder:
     """Starts LiteSpans: the sampler is asked once per local root (a remote or no parent);
-    children follow their local parent's decision, as the default parent-based sampler would."""
+    children follow their local parent's decision, as the default parent-based sampler would.
+    A recording span is shown to `starters` (processors with an on_start) as it starts."""
 
-    def __init__(self, sampler: Sampler, resource: Resource, processor, scope: InstrumentationScope) -> None:
+    def __init__(self, sampler: Sampler, resource: Resource, processor, scope: InstrumentationScope,
+                 starters: list[SpanProcessor] | None = None) -> None:  # fmt: skip
         self.sampler = sampler
         self.resource = resource
         self.processor = processor
         self.scope = scope
+        self.starters = starters if starters is not None else []  # shared with Tracing: sees later additions
 
     def start(
         self, name: str, kind: trace.SpanKind, attributes: dict[str, Any], parent: "Context | LiteSpan | None" = None
     ) -> "LiteSpan":
         if isinstance(parent, LiteSpan):
-            return LiteSpan(self, name, kind, attributes, parent.context, parent.recording)
+            span = LiteSpan(self, name, kind, attributes, parent.context, parent.recording)
+            if span.recording and self.starters:
+                self._started(span, parent.as_context())
+            return span
         remote = trace.get_current_span(parent).get_span_context() if parent is not None else None
         trace_id = remote.trace_id if remote is not None and remote.is_valid else random.getrandbits(128)
         result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
         recording = result.decision.is_sampled()
         parent_ctx = remote if remote is not None and remote.is_valid else None
         span = LiteSpan(self, name, kind, attributes, parent_ctx, recording, trace_id, result.trace_state)
-        if recording and result.attributes:
-            span.attributes.update(result.attributes)
+        if recording:
+            if result.attributes:
+                span.attributes.update(result.attributes)
+            if self.starters:
+                self._started(span, parent)
         return span
+
+    def _started(self, span: "LiteSpan", parent_context: Context | None) -> None:
+        # As the SDK's Span.start does: the span itself, still open, so a processor can read
+        # it or add attributes (which then reach on_end), and the context it was started in.
+        for processor in self.starters:
+            processor.on_start(span, parent_context=parent_context)  # type: ignore[arg-type]
 
 
 class LiteSpan:
-    """One span in progress; ended spans are emitted to the processors if sampled."""
+    """One span in progress; ended spans are emitted to the processors if sampled.
+
+    While it runs it reads like the SDK's Span for processors' on_start (name, context,
+    parent, kind, attributes, events, status, start_time, resource, instrumentation_scope)
+    and takes set_attribute(s), add_event and set_status."""
 
     __slots__ = ("recorder", "name", "kind", "attributes", "parent", "recording", "context", "start_ns",
                  "events", "status")  # fmt: skip
@@ -233,12 +348,36 @@ class LiteSpan:
     def set_attributes(self, attributes: dict[str, Any]) -> None:
         self.attributes.update(attributes)
 
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
     def set_status(self, status: trace.Status) -> None:
         self.status = status
 
-    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
         if self.recording:
             self.events.append(Event(name, attributes))
+
+    # The rest of what a processor's on_start may read of an SDK Span (a ReadableSpan).
+    @property
+    def start_time(self) -> int:
+        return self.start_ns
+
+    @property
+    def end_time(self) -> None:
+        return None  # still running: on_end gets the finished ReadableSpan
+
+    @property
+    def resource(self) -> Resource:
+        return self.recorder.resource
+
+    @property
+    def instrumentation_scope(self) -> InstrumentationScope:
+        return self.recorder.scope
+
+    @property
+    def links(self) -> tuple[()]:
+        return ()
 
     def end(self) -> None:
         if not self.recording:

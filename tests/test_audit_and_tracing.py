@@ -8,16 +8,16 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from conftest import USER_HELLO, ask, config, fake
+from conftest import USER_HELLO, ask, config, fake, settled
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
 
 
 async def test_each_request_yields_exactly_one_audit_event_with_its_attempts(lifeline, client, audit):
-    await lifeline(config({"primary": fake(fail_status=503), "backup": fake()}))
+    stack = await lifeline(config({"primary": fake(fail_status=503), "backup": fake()}))
     replies = [await ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(3)]
     events = await audit.wait_for(3)
-    await asyncio.sleep(0.2)  # room for a duplicate to show up
+    await settled(client, stack)  # a duplicate would have arrived by now
     assert sorted(e.id for _, e in audit.events) == ["r0", "r1", "r2"]
     for (subject, event), reply in zip(sorted(events, key=lambda x: x[1].id), replies):
         assert subject == "llm.audit.ok"
