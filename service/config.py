@@ -28,6 +28,7 @@ from msgspec import Meta, Struct
 from schemas import ERROR_KINDS
 from schemas.wire import TargetSpec
 from service.health import BreakerSettings
+from service.shaping import Template
 from workers.base import ProviderSettings
 from workers.registry import KINDS, parse_settings
 
@@ -63,21 +64,6 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
                 f"default_timeout_s ({self.default_timeout_s:g}) is above max_timeout_s ({self.max_timeout_s:g}): "
                 "every request without its own timeout_s would be refused"
             )
-
-
-class Template(Struct, frozen=True, forbid_unknown_fields=True):
-    """A per-target prompt. Placeholders are replaced literally (braces in prompts are safe);
-    {previous_errors} works in both fields: the error kinds of the attempts before this one,
-    comma-separated, for a target with pass_failures (empty otherwise)."""
-
-    system: str | None = None  # replaces the request's system messages; {system} stands for their text
-    user: str | None = None  # replaces the last user message; must contain {input}, its text
-
-    def __post_init__(self) -> None:
-        if self.system is None and self.user is None:
-            raise ValueError("a template needs `system`, `user` or both")
-        if self.user is not None and "{input}" not in self.user:
-            raise ValueError("`user` must contain {input}, or the user's message would be dropped")
 
 
 # A chain entry: a target or provider name, an inline target table, or a load-balanced

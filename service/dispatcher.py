@@ -37,7 +37,8 @@ from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
 from service.shared_health import SharedHealth
-from service.transport import NatsTransport, ensure_subscribed
+from service.natsio import ensure_subscribed
+from service.transport import NatsTransport
 
 log = logging.getLogger("lifeline.dispatcher")
 

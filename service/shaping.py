@@ -16,10 +16,25 @@ from typing import NamedTuple
 
 import jsonschema
 import msgspec
+from msgspec import Struct
 
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import ResponseFormat
-from service.config import Template
+
+
+class Template(Struct, frozen=True, forbid_unknown_fields=True):
+    """A per-target prompt. Placeholders are replaced literally (braces in prompts are safe);
+    {previous_errors} works in both fields: the error kinds of the attempts before this one,
+    comma-separated, for a target with pass_failures (empty otherwise)."""
+
+    system: str | None = None  # replaces the request's system messages; {system} stands for their text
+    user: str | None = None  # replaces the last user message; must contain {input}, its text
+
+    def __post_init__(self) -> None:
+        if self.system is None and self.user is None:
+            raise ValueError("a template needs `system`, `user` or both")
+        if self.user is not None and "{input}" not in self.user:
+            raise ValueError("`user` must contain {input}, or the user's message would be dropped")
 
 
 class Shaping(NamedTuple):

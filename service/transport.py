@@ -22,37 +22,13 @@ from nats.errors import Error as NatsError, NoRespondersError, TimeoutError as N
 from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
 from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
 from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
+from service.natsio import publish_checked
 
 log = logging.getLogger("lifeline.transport")
 
 # What a worker's reply may put into replies and audit events: its texts are untrusted input.
 MAX_MESSAGE_CHARS = 1000
 MAX_MODEL_CHARS = 256
-
-
-async def ensure_subscribed(nc: Client) -> None:
-    """Return once the server has registered every subscription made so far on `nc`.
-
-    One flush is not enough with nats-py 2.16: flush() writes its PING straight to the
-    socket, ahead of a SUB still waiting in the pending buffer, so the PONG can come back
-    before the server has seen the SUB. The first flush pushes the buffer out; the second
-    PING then travels behind the SUB.
-    """
-    await nc.flush()
-    await nc.flush()
-
-
-async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -> bool:
-    """Publish unless the message cannot go out; a failure is logged, never raised."""
-    if message_bytes(payload) > nc.max_payload:
-        log.error("not publishing %s on %s: %d bytes, above max_payload %d", what, subject, len(payload), nc.max_payload)
-        return False
-    try:
-        await nc.publish(subject, payload)
-    except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
-        log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
-        return False
-    return True
 
 
 class NatsTransport:

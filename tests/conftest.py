@@ -23,7 +23,7 @@ from service.app import Stack, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.telemetry import Tracing
-from service.transport import ensure_subscribed
+from service.natsio import ensure_subscribed
 
 USER_HELLO = {"messages": [{"role": "user", "content": "Why did the chicken cross the road?"}]}
 

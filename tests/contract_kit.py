@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 
 from schemas import subjects
 from schemas.wire import CompletionReply, audit_decoder, reply_decoder
-from service.transport import ensure_subscribed
+from service.natsio import ensure_subscribed
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_KEY = "sk-contract-0123456789abcdefSECRET"  # the API key the workers under test send

@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from conftest import USER_HELLO, ask, config, fake
 from schemas import subjects
-from service.transport import ensure_subscribed
+from service.natsio import ensure_subscribed
 
 LONG_INPUT = {"messages": [{"role": "user", "content": "Summarise this: " + "lorem ipsum dolor sit amet " * 200}]}
 

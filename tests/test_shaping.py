@@ -8,7 +8,7 @@ import pytest
 
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import JsonSchemaFormat, ResponseFormat
-from service.config import Template
+from service.shaping import Template
 from service.shaping import Shaping, apply_template, estimate_tokens, output_validator, shape, template_tokens
 
 PERSON = {

@@ -1,16 +1,26 @@
-"""Provider workers: the runtime that serves llm.provider.<name>, and one module per provider kind."""
+"""Provider workers: one module per provider kind, what every kind implements (workers.base),
+and the runtime that serves llm.provider.<name> (workers.runtime).
 
-from workers.base import Provider, ProviderError, ProviderSettings, classify_status
-from workers.registry import KINDS, build_provider, parse_settings
-from workers.runtime import WorkerRuntime
+Nothing is imported here eagerly: a provider author's `import workers.base` loads the wire,
+httpx and msgspec, not the runtime, NATS or the dispatcher (checked by tests/test_layers.py).
+"""
 
-__all__ = [
-    "KINDS",
-    "Provider",
-    "ProviderError",
-    "ProviderSettings",
-    "WorkerRuntime",
-    "build_provider",
-    "classify_status",
-    "parse_settings",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Provider": "workers.base", "ProviderError": "workers.base", "ProviderSettings": "workers.base",
+    "classify_status": "workers.base", "KINDS": "workers.registry", "build_provider": "workers.registry",
+    "parse_settings": "workers.registry", "WorkerRuntime": "workers.runtime",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """`from workers import WorkerRuntime` still works, loading only what it names."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

@@ -31,7 +31,7 @@ from service.app import start_dispatcher, start_worker
 from service.config import parse_config
 from service.memory import release_memory
 from service.telemetry import Tracing
-from service.transport import ensure_subscribed
+from service.natsio import ensure_subscribed
 from tests.bench.harness import Served
 
 INSTANT_ANSWER = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
