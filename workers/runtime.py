@@ -25,7 +25,7 @@ from schemas import ProviderFailure, ProviderReply, ProviderRequest
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, cancel_subject, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
-from service.transport import ensure_subscribed, publish_checked
+from service.natsio import ensure_subscribed, publish_checked
 from workers.base import Provider, ProviderError, scrub
 
 log = logging.getLogger("lifeline.worker")
