@@ -1,6 +1,7 @@
-"""Lifeline's wire contract: subjects, headers and message types. No I/O here."""
+"""Lifeline's wire contract: subjects, headers, message types and error kinds. No I/O here."""
 
-from schemas import subjects
+from schemas import errors, subjects
+from schemas.errors import ProviderError
 from schemas.wire import (
     ERROR_KINDS,
     Attempt,
@@ -24,10 +25,12 @@ __all__ = [
     "CompletionReply",
     "CompletionRequest",
     "ErrorInfo",
+    "ProviderError",
     "ProviderFailure",
     "ProviderOk",
     "ProviderReply",
     "ProviderRequest",
     "Usage",
+    "errors",
     "subjects",
 ]

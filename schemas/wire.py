@@ -17,55 +17,30 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+# The error kinds and request error types live in schemas.errors; re-exported here, where
+# the messages that carry them are defined.
+from schemas.errors import (  # noqa: F401
+    ALL_FAILED,
+    DEADLINE_EXCEEDED,
+    ERROR_KINDS,
+    FALLBACK_STOPPED,
+    HEDGE_LOST,
+    INTERNAL,
+    INVALID_REQUEST,
+    MAX_ATTEMPTS_REACHED,
+    NO_CAPABLE_TARGET,
+    OVERLOADED,
+    PAYLOAD_TOO_LARGE,
+    REPLY_SUBJECT_REFUSED,
+    REPLY_TOO_LARGE,
+    RETRY_BUDGET,
+    SKIP_REASONS,
+    UNKNOWN_PROVIDER,
+    UNKNOWN_ROUTE,
+    classify_status,
+)
+
 Role = Literal["system", "user", "assistant"]
-
-# What a provider call can fail with. Workers map HTTP statuses and transport errors
-# to these; the dispatcher adds "no_responders" (no worker is running).
-ERROR_KINDS = (
-    "timeout",
-    "rate_limit",
-    "server_error",
-    "auth",
-    "bad_request",
-    "context_length",
-    "content_filter",
-    "connection",
-    "no_responders",
-    "invalid_output",  # the answer failed the request's response_format (checked by the dispatcher)
-    # The provider's answer is above the worker's max_response_bytes, or its reply would not
-    # fit the NATS server's max_payload: another target may answer shorter.
-    "response_too_large",
-)
-
-# Why a target was passed over without a call (Attempt.reason when outcome is "skipped").
-SKIP_REASONS = (
-    "max_input_tokens",  # the estimated input is longer than the target's max_input_tokens
-    "json_output",  # the request wants JSON and the target declares json_output = false
-    "deadline",  # the request's deadline left no time to start it
-    "max_attempts",  # the request's cap on physical attempts was reached
-    "circuit_open",  # the target's circuit breaker is open (it is still called when it is the last one left)
-)
-
-# Why a failed attempt was not retried although its target's retries allowed it (Attempt.reason),
-# and why a cancelled attempt was cancelled.
-RETRY_BUDGET = "retry_budget"  # the route's retry budget was spent: the dispatcher fell back instead
-HEDGE_LOST = "hedge_lost"  # a hedged attempt's rival answered first; this one was cancelled at its worker
-
-# Why a whole request failed (CompletionReply.error.type).
-ALL_FAILED = "all_failed"  # every target was tried and failed
-FALLBACK_STOPPED = "fallback_stopped"  # a failure outside the route's fallback_on ended the chain
-DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's timeout_s ran out before a target could start
-INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, empty messages, ...
-PAYLOAD_TOO_LARGE = "payload_too_large"  # the request (or what it becomes for a worker) does not fit
-REPLY_TOO_LARGE = "reply_too_large"  # an answer came, but the reply carrying it would not fit max_payload
-OVERLOADED = "overloaded"  # the dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s
-REPLY_SUBJECT_REFUSED = "reply_subject_refused"  # the reply subject is inside Lifeline's or the server's namespace
-UNKNOWN_ROUTE = "unknown_route"
-UNKNOWN_PROVIDER = "unknown_provider"
-NO_CAPABLE_TARGET = "no_capable_target"  # every target was skipped by a capability check; none was called
-MAX_ATTEMPTS_REACHED = "max_attempts_reached"  # the cap on physical attempts ended the chain
-INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
-
 
 class ChatMessage(Struct, frozen=True):
     role: Role
@@ -247,6 +222,8 @@ class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
 
 
 class ProviderFailure(Struct, frozen=True, tag_field="status", tag="error"):
+    """A failed call on the wire; inside a worker it is raised as schemas.errors.ProviderError."""
+
     kind: str  # one of ERROR_KINDS
     message: str
     status_code: int | None = None
@@ -270,19 +247,6 @@ class _IdOnly(Struct):
 
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
-
-
-def classify_status(status_code: int) -> str:
-    """HTTP error status -> error kind, the one mapping every worker and the dispatcher share."""
-    if status_code == 429:
-        return "rate_limit"
-    if status_code in (401, 403):
-        return "auth"
-    if status_code == 408:
-        return "timeout"
-    if status_code >= 500:
-        return "server_error"
-    return "bad_request"
 
 
 def salvage_id(data: bytes) -> str:

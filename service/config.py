@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas import ERROR_KINDS
+from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import TargetSpec
 from service.health import BreakerSettings
 from service.shaping import Template
@@ -110,7 +110,7 @@ class FallbacksConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 # Error kinds that can have chains of their own: route key -> kind.
-CLASS_CHAINS = {"context_length_fallbacks": "context_length", "content_filter_fallbacks": "content_filter"}
+CLASS_CHAINS = {f"{kind}_fallbacks": kind for kind in CHAIN_KINDS}
 
 
 class Route(Struct, frozen=True):
@@ -353,12 +353,11 @@ def _breaker(key: str, table: dict[str, Any]) -> None:
 
 
 def _bad_kind(entries: Collection[str | int] | None) -> tuple[int, str] | None:
-    """The first entry of a fallback_on / retry_on list that is neither an error kind nor an HTTP error status."""
+    """The first entry of a fallback_on / retry_on / trip_on list that is neither an error kind nor an HTTP error status."""
     for i, entry in enumerate(entries or ()):
-        if isinstance(entry, int) and not 400 <= entry <= 599:
-            return i, f"status {entry} is not an HTTP error status (400..599)"
-        if isinstance(entry, str) and entry not in ERROR_KINDS:
-            return i, f"unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})"
+        problem = kind_or_status_problem(entry)
+        if problem is not None:
+            return i, problem
     return None
 
 

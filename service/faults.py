@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Mapping
 
 from schemas import ERROR_KINDS, ProviderFailure
+from schemas.errors import kind_or_status_problem
 from schemas.wire import Fault, classify_status
 
 PASS = "ok"
@@ -30,9 +31,7 @@ def check_faults(faults: Mapping[str, Fault | list[Fault]]) -> dict[str, tuple[F
     for name, value in faults.items():
         entries = tuple(value) if isinstance(value, list) else (value,)
         for entry in entries:
-            if entry is None or entry == PASS or entry in ERROR_KINDS:
-                continue
-            if isinstance(entry, int) and not isinstance(entry, bool) and 400 <= entry <= 599:
+            if entry is None or entry == PASS or kind_or_status_problem(entry) is None:
                 continue
             raise ValueError(
                 f"faults.{name}: {entry!r} is not a fault; use \"timeout\", \"invalid_output\", an error kind "

@@ -43,6 +43,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from schemas.errors import DEFAULT_TRIP_ON
+
 log = logging.getLogger("lifeline.health")
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
@@ -81,7 +83,7 @@ class BreakerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     min_requests: Annotated[int, Meta(ge=1)] = 10
     window_s: Annotated[float, Meta(gt=0, le=_RING_S)] = 60.0
     cooldown_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
-    trip_on: frozenset[str | int] = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+    trip_on: frozenset[str | int] = DEFAULT_TRIP_ON  # the kinds schemas.errors marks as tripping
 
 
 def trips(settings: BreakerSettings, kind: str, status_code: int | None) -> bool:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
+from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply, errors
 from schemas.wire import (
     ALL_FAILED,
     DEADLINE_EXCEEDED,
@@ -49,7 +49,7 @@ from schemas.wire import (
 from service.health import CALL, PROBE, Health, Untouched
 
 # What a target retries on when its config names nothing: failures that a second try can fix.
-DEFAULT_RETRY_ON = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+DEFAULT_RETRY_ON = errors.DEFAULT_RETRY_ON  # the kinds schemas.errors marks as retried
 
 
 class Target(NamedTuple):

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import msgspec
 from nats.nuid import NUID
 
-from schemas import ERROR_KINDS, CompletionRequest, ErrorInfo
+from schemas import CompletionRequest, ErrorInfo
+from schemas.errors import kind_or_status_problem
 from schemas.wire import (
     DEADLINE_EXCEEDED,
     INVALID_REQUEST,
@@ -302,10 +303,9 @@ class Router:
     @staticmethod
     def _narrowed(asked: list[str | int], allowed: Collection[str | int] | None, refuse) -> frozenset[str | int]:
         for entry in asked:
-            if isinstance(entry, str) and entry not in ERROR_KINDS:
-                raise refuse(f"fallback_on: unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})")
-            if isinstance(entry, int) and not 400 <= entry <= 599:
-                raise refuse(f"fallback_on: status {entry} is not an HTTP error status (400..599)")
+            problem = kind_or_status_problem(entry)
+            if problem is not None:
+                raise refuse(f"fallback_on: {problem}")
             if allowed is not None and entry not in allowed:
                 raise refuse(
                     f"fallback_on: {entry!r} is not in the route's fallback_on ({sorted(map(str, allowed))}); "

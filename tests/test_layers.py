@@ -28,7 +28,8 @@ def loaded_by(statement: str) -> list[str]:
 
 
 def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
-    assert loaded_by("import workers.base") == ["schemas", "schemas.subjects", "schemas.wire", "workers", "workers.base"]
+    expected = ["schemas", "schemas.errors", "schemas.subjects", "schemas.wire", "workers", "workers.base"]
+    assert loaded_by("import workers.base") == expected
 
 
 def test_a_worker_does_not_load_the_dispatcher():

@@ -26,26 +26,10 @@ from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
-from schemas.wire import classify_status as classify_status  # re-exported for the provider modules
+# The one exception type and status mapping of providers, re-exported for the provider modules.
+from schemas.errors import ProviderError as ProviderError, classify_status as classify_status
 
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # 4 MiB: far above any chat answer's JSON, far below a worker's memory
-
-
-class ProviderError(Exception):
-    """A provider call failed in a way the dispatcher may fall back on."""
-
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        status_code: int | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.status_code = status_code
-        self.retry_after_s = retry_after_s
 
 
 class Provider(Protocol):
