@@ -26,26 +26,58 @@ class Kind(NamedTuple):
 
     name: str
     meaning: str
-    statuses: tuple[int, ...] = ()  # HTTP statuses that map to it (classify_status; else 5xx and 4xx rules)
+    statuses: tuple[
+        int, ...
+    ] = ()  # HTTP statuses that map to it (classify_status; else 5xx and 4xx rules)
     retried: bool = False  # in a target's default retry_on
     trips: bool = False  # in a breaker's default trip_on: it says the provider is unwell
     own_chain: bool = False  # a route may name a chain for it (<kind>_fallbacks)
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("timeout", "no answer before the attempt's timeout, an HTTP timeout or 408", (408,), True, True),
-    Kind("rate_limit", "HTTP 429; the provider's Retry-After comes as retry_after_s", (429,), True, True),
-    Kind("server_error", "HTTP 5xx (every other 5xx status), Anthropic's 529, an unparseable 200", (), True, True),
-    Kind("connection", "the provider could not be reached", (), True, True),
-    Kind("auth", "HTTP 401, 403", (401, 403)),
-    Kind("bad_request", "HTTP 4xx (every other 4xx status)"),
-    Kind("context_length", "the input is too long for the model (the provider's error code, Anthropic's 413)",
-         own_chain=True),
-    Kind("content_filter", "the provider withheld the answer", own_chain=True),
-    Kind("response_too_large", "the answer is over max_response_bytes, or its reply would not fit max_payload"),
-    Kind("no_responders", "no worker is running for the provider (dispatcher side): falls back at once"),
-    Kind("invalid_output", "the answer failed the request's response_format (dispatcher side)"),
-)}  # fmt: skip
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(
+            "timeout",
+            "no answer before the attempt's timeout, an HTTP timeout or 408",
+            (408,),
+            True,
+            True,
+        ),
+        Kind(
+            "rate_limit",
+            "HTTP 429; the provider's Retry-After comes as retry_after_s",
+            (429,),
+            True,
+            True,
+        ),
+        Kind(
+            "server_error",
+            "HTTP 5xx (every other 5xx status), Anthropic's 529, an unparseable 200",
+            (),
+            True,
+            True,
+        ),
+        Kind("connection", "the provider could not be reached", (), True, True),
+        Kind("auth", "HTTP 401, 403", (401, 403)),
+        Kind("bad_request", "HTTP 4xx (every other 4xx status)"),
+        Kind(
+            "context_length",
+            "the input is too long for the model (the provider's error code, Anthropic's 413)",
+            own_chain=True,
+        ),
+        Kind("content_filter", "the provider withheld the answer", own_chain=True),
+        Kind(
+            "response_too_large",
+            "the answer is over max_response_bytes, or its reply would not fit max_payload",
+        ),
+        Kind(
+            "no_responders",
+            "no worker is running for the provider (dispatcher side): falls back at once",
+        ),
+        Kind("invalid_output", "the answer failed the request's response_format (dispatcher side)"),
+    )
+}
 
 ERROR_KINDS = tuple(KINDS)
 DEFAULT_RETRY_ON = frozenset(k.name for k in KINDS.values() if k.retried)
@@ -66,7 +98,11 @@ def kind_or_status_problem(entry: object) -> str | None:
     """What is wrong with one entry of fallback_on, retry_on or trip_on, or None when it is an
     error kind or an HTTP error status."""
     if isinstance(entry, int) and not isinstance(entry, bool):
-        return None if 400 <= entry <= 599 else f"status {entry} is not an HTTP error status (400..599)"
+        return (
+            None
+            if 400 <= entry <= 599
+            else f"status {entry} is not an HTTP error status (400..599)"
+        )
     if isinstance(entry, str) and entry in KINDS:
         return None
     return f"unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})"
@@ -76,7 +112,13 @@ class ProviderError(Exception):
     """A provider call failed in a way the dispatcher may fall back on: what a provider raises,
     and what a worker answers as a ProviderFailure (schemas.wire) with the same fields."""
 
-    def __init__(self, kind: str, message: str, status_code: int | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -95,25 +137,52 @@ SKIP_REASONS = (
 
 # Why a failed attempt was not retried although its target's retries allowed it (Attempt.reason),
 # and why a cancelled attempt was cancelled.
-RETRY_BUDGET = "retry_budget"  # the route's retry budget was spent: the dispatcher fell back instead
-HEDGE_LOST = "hedge_lost"  # a hedged attempt's rival answered first; this one was cancelled at its worker
+RETRY_BUDGET = (
+    "retry_budget"  # the route's retry budget was spent: the dispatcher fell back instead
+)
+HEDGE_LOST = (
+    "hedge_lost"  # a hedged attempt's rival answered first; this one was cancelled at its worker
+)
 
 # Why a whole request failed (CompletionReply.error.type).
 ALL_FAILED = "all_failed"  # every target was tried and failed
 FALLBACK_STOPPED = "fallback_stopped"  # a failure outside the route's fallback_on ended the chain
-DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's timeout_s ran out before a target could start
+DEADLINE_EXCEEDED = (
+    "deadline_exceeded"  # the request's timeout_s ran out before a target could start
+)
 INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, empty messages, ...
-PAYLOAD_TOO_LARGE = "payload_too_large"  # the request (or what it becomes for a worker) does not fit
-REPLY_TOO_LARGE = "reply_too_large"  # an answer came, but the reply carrying it would not fit max_payload
-OVERLOADED = "overloaded"  # the dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s
-REPLY_SUBJECT_REFUSED = "reply_subject_refused"  # the reply subject is inside Lifeline's or the server's namespace
+PAYLOAD_TOO_LARGE = (
+    "payload_too_large"  # the request (or what it becomes for a worker) does not fit
+)
+REPLY_TOO_LARGE = (
+    "reply_too_large"  # an answer came, but the reply carrying it would not fit max_payload
+)
+OVERLOADED = (
+    "overloaded"  # the dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s
+)
+REPLY_SUBJECT_REFUSED = (
+    "reply_subject_refused"  # the reply subject is inside Lifeline's or the server's namespace
+)
 UNKNOWN_ROUTE = "unknown_route"
 UNKNOWN_PROVIDER = "unknown_provider"
-NO_CAPABLE_TARGET = "no_capable_target"  # every target was skipped by a capability check; none was called
+NO_CAPABLE_TARGET = (
+    "no_capable_target"  # every target was skipped by a capability check; none was called
+)
 MAX_ATTEMPTS_REACHED = "max_attempts_reached"  # the cap on physical attempts ended the chain
 INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
 
 REQUEST_ERRORS = (
-    ALL_FAILED, FALLBACK_STOPPED, DEADLINE_EXCEEDED, INVALID_REQUEST, PAYLOAD_TOO_LARGE, REPLY_TOO_LARGE, OVERLOADED,
-    REPLY_SUBJECT_REFUSED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER, NO_CAPABLE_TARGET, MAX_ATTEMPTS_REACHED, INTERNAL,
-)  # fmt: skip
+    ALL_FAILED,
+    FALLBACK_STOPPED,
+    DEADLINE_EXCEEDED,
+    INVALID_REQUEST,
+    PAYLOAD_TOO_LARGE,
+    REPLY_TOO_LARGE,
+    OVERLOADED,
+    REPLY_SUBJECT_REFUSED,
+    UNKNOWN_ROUTE,
+    UNKNOWN_PROVIDER,
+    NO_CAPABLE_TARGET,
+    MAX_ATTEMPTS_REACHED,
+    INTERNAL,
+)

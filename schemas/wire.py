@@ -42,6 +42,7 @@ from schemas.errors import (  # noqa: F401
 
 Role = Literal["system", "user", "assistant"]
 
+
 class ChatMessage(Struct, frozen=True):
     role: Role
     content: str

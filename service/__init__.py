@@ -11,10 +11,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Config": "service.config", "ConfigError": "service.config", "load_config": "service.config",
-    "parse_config": "service.config", "Dispatcher": "service.dispatcher", "ChainResult": "service.policy",
-    "Target": "service.policy", "run_chain": "service.policy",
-}  # fmt: skip
+    "Config": "service.config",
+    "ConfigError": "service.config",
+    "load_config": "service.config",
+    "parse_config": "service.config",
+    "Dispatcher": "service.dispatcher",
+    "ChainResult": "service.policy",
+    "Target": "service.policy",
+    "run_chain": "service.policy",
+}
 
 __all__ = sorted(_EXPORTS)
 

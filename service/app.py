@@ -50,15 +50,23 @@ class ConnectionWatch:
             return
         error = self.nc.last_error if self.nc is not None else None
         why = f"{type(error).__name__}: {error}" if error is not None else "closed"
-        log.error("%s: the NATS connection is gone for good (%s); stopping so a supervisor can restart it", self.name, why)
+        log.error(
+            "%s: the NATS connection is gone for good (%s); stopping so a supervisor can restart it",
+            self.name,
+            why,
+        )
         self.lost.set()
 
 
-async def connect(url: str, name: str, *, wait_for_server: bool = True, watch: ConnectionWatch | None = None) -> Client:
+async def connect(
+    url: str, name: str, *, wait_for_server: bool = True, watch: ConnectionWatch | None = None
+) -> Client:
     """Connect to NATS. Services wait for the server (logging each retry), clients give up fast."""
 
     async def on_error(exc: Exception) -> None:
-        log.warning("%s: NATS at %s: %s: %s", name, redact_url(url), type(exc).__name__, exc or "retrying")
+        log.warning(
+            "%s: NATS at %s: %s: %s", name, redact_url(url), type(exc).__name__, exc or "retrying"
+        )
 
     try:
         nc = await nats.connect(

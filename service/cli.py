@@ -171,7 +171,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
         watcher = None if args.quiet else await _watch_audit(url)
         lost = await _until_signalled(stack.lost())
         if lost is not None:
-            print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
+            print(
+                f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr
+            )
         else:
             print("\nshutting down: finishing requests in flight...")
         if watcher is not None:
@@ -261,7 +263,12 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
     component, _ = await start_dispatcher(config, url, tracers, meters)
-    log.info("dispatcher serving %s on %s (queue group %s)", subjects.COMPLETE, redact_url(url), subjects.DISPATCHER_QUEUE)
+    log.info(
+        "dispatcher serving %s on %s (queue group %s)",
+        subjects.COMPLETE,
+        redact_url(url),
+        subjects.DISPATCHER_QUEUE,
+    )
     try:
         return await _serve(component, tracers)
     finally:
@@ -276,7 +283,12 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
     component, _ = await start_worker(config, args.name, url, tracers)
-    log.info("worker %s serving %s on %s", args.name, subjects.provider_subject(args.name), redact_url(url))
+    log.info(
+        "worker %s serving %s on %s",
+        args.name,
+        subjects.provider_subject(args.name),
+        redact_url(url),
+    )
     return await _serve(component, tracers)
 
 
@@ -309,14 +321,20 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     payload = encoder.encode(request)
     if len(payload) > nc.max_payload:
         await nc.close()
-        print(f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload of "
-              f"{nc.max_payload}; shorten the prompt", file=sys.stderr)  # fmt: skip
+        print(
+            f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload of "
+            f"{nc.max_payload}; shorten the prompt",
+            file=sys.stderr,
+        )
         return 1
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
         msg = await nc.request(subjects.COMPLETE, payload, timeout=args.timeout + 2)
     except Exception as exc:
-        print(f"lifeline: no answer from a dispatcher on {redact_url(url)} ({type(exc).__name__}); is `lifeline run` up?", file=sys.stderr)
+        print(
+            f"lifeline: no answer from a dispatcher on {redact_url(url)} ({type(exc).__name__}); is `lifeline run` up?",
+            file=sys.stderr,
+        )
         return 1
     finally:
         with contextlib.suppress(Exception):
@@ -412,8 +430,12 @@ def _print_status(view: dict, bucket: str, url: str) -> None:
     who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
     print(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
     for d in dispatchers:
-        if d.get("omitted"):  # its stats document is capped: the quietest closed targets were left out
-            print(f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) to keep its figures small")
+        if d.get(
+            "omitted"
+        ):  # its stats document is capped: the quietest closed targets were left out
+            print(
+                f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) to keep its figures small"
+            )
     if not view["targets"]:
         print("no target has been called yet")
         return

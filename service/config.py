@@ -313,8 +313,9 @@ def resolve_target(
     if ref.model is not None and allowed and ref.model not in allowed:
         raise TargetError(
             f"model {ref.model!r} is not one provider {ref.provider} allows ({', '.join(allowed)}); "
-            f"to allow it, add it to providers.{ref.provider}.models in the config", "model",
-        )  # fmt: skip
+            f"to allow it, add it to providers.{ref.provider}.models in the config",
+            "model",
+        )
     if ref.template is not None and ref.template not in templates:
         known = ", ".join(sorted(templates)) or "none"
         raise TargetError(f"unknown template {ref.template!r} (configured: {known})", "template")

@@ -44,7 +44,9 @@ log = logging.getLogger("lifeline.dispatcher")
 
 _TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth trimming memory after
 _YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
-_SPAN_TEMPLATES_MAX = 1024  # a request can name its own target labels: the cache must not grow with them
+_SPAN_TEMPLATES_MAX = (
+    1024  # a request can name its own target labels: the cache must not grow with them
+)
 # Room kept for an attempt's headers (deadline, ids, traceparent, a client's tracestate) when
 # checking that a request fits a worker's subject; the exact size is checked per attempt.
 _HEADER_ROOM = 1024
@@ -63,7 +65,9 @@ class Dispatcher:
         self._attempt_ids = NUID()
         self._tasks: set[asyncio.Task[None]] = set()
         self.max_in_flight = config.dispatcher.max_in_flight
-        self._latency_s = 1.0  # moving average of answered requests: the overloaded reply's retry_after_s
+        self._latency_s = (
+            1.0  # moving average of answered requests: the overloaded reply's retry_after_s
+        )
         self._peak = 0  # most requests in flight since memory was last trimmed
         self._refused = 0  # requests answered "overloaded"
         self._sub = None
@@ -119,10 +123,13 @@ class Dispatcher:
             OVERLOADED,
             f"this dispatcher is working on its maximum of {self.max_in_flight} requests "
             f"(dispatcher.max_in_flight); retry after {retry_after_s:g} s, or add dispatcher replicas",
-            salvage_id(data), retry_after_s=retry_after_s,
-        )  # fmt: skip
+            salvage_id(data),
+            retry_after_s=retry_after_s,
+        )
 
-    async def handle(self, msg: Msg, arrived: float | None = None, refused: Rejected | None = None) -> None:
+    async def handle(
+        self, msg: Msg, arrived: float | None = None, refused: Rejected | None = None
+    ) -> None:
         """Answer one llm.complete message: exactly one reply (if it has a reply subject that
         may be answered on) and exactly one audit event, whatever the message holds."""
         arrived = time.monotonic() if arrived is None else arrived
@@ -131,7 +138,10 @@ class Dispatcher:
         span = self.spans.start("chat", SpanKind.SERVER, {}, _trace_context(msg))
         trace_id = telemetry.trace_id_of(span)
         try:
-            if reply_to is not None and (why := subjects.reply_subject_refused(reply_to)) is not None:
+            if (
+                reply_to is not None
+                and (why := subjects.reply_subject_refused(reply_to)) is not None
+            ):
                 refused, reply_to = _refused_reply_subject(reply_to, why, msg.data), None
             if refused is not None:
                 raise refused
@@ -139,7 +149,9 @@ class Dispatcher:
             route = plan.route
             result = await self._run(plan, span)
             reply = _reply(plan.request_id, result, trace_id)
-            self._latency_s += (time.monotonic() - arrived - self._latency_s) / 16  # a moving average
+            self._latency_s += (
+                time.monotonic() - arrived - self._latency_s
+            ) / 16  # a moving average
         except Rejected as exc:
             route = exc.route
             reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
@@ -196,7 +208,13 @@ class Dispatcher:
         # Simulated outcomes belong to the request that asked for them, not to the shared breakers.
         health = self.health if plan.faults is None else Untouched(self.health)
         return await run_chain(
-            plan.chain, call, plan.limits, needs=plan.needs, validate=plan.validate, on_event=on_event, health=health
+            plan.chain,
+            call,
+            plan.limits,
+            needs=plan.needs,
+            validate=plan.validate,
+            on_event=on_event,
+            health=health,
         )
 
     async def _attempt(
@@ -234,14 +252,17 @@ class Dispatcher:
                 f"request is {size} bytes as sent to a provider worker (with {_HEADER_ROOM} bytes kept for headers), "
                 f"above the NATS server's max_payload of {self.transport.max_payload}; shorten the messages, "
                 "or raise max_payload in nats-server's config",
-                plan.request_id, plan.route,
-            )  # fmt: skip
+                plan.request_id,
+                plan.route,
+            )
 
     async def _finish(
         self, reply_to: str | None, reply: CompletionReply, route: str | None, request_bytes: int
     ) -> CompletionReply:
         if reply_to is not None:
-            reply = await self.transport.answer(reply_to, reply)  # an error reply if the answer does not fit
+            reply = await self.transport.answer(
+                reply_to, reply
+            )  # an error reply if the answer does not fit
         await self.transport.audit(
             AuditEvent(
                 id=reply.id,

@@ -45,7 +45,9 @@ def server_binary() -> str:
 
 
 class EmbeddedNats:
-    def __init__(self, port: int = -1, host: str = "127.0.0.1", jetstream: bool = True, conf: str = "") -> None:
+    def __init__(
+        self, port: int = -1, host: str = "127.0.0.1", jetstream: bool = True, conf: str = ""
+    ) -> None:
         self.host = host
         self.port = port
         self.jetstream = jetstream

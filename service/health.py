@@ -134,12 +134,16 @@ class TargetHealth:
         self.consecutive = 0
         self.reason = ""
         self.since_unix_ms = since_unix_ms  # when the breaker took its state
-        self.closed_at = -math.inf  # monotonic: when it last closed; failed calls made before count for nothing
+        self.closed_at = (
+            -math.inf
+        )  # monotonic: when it last closed; failed calls made before count for nothing
         self.ok_started = -math.inf  # monotonic: when the latest call that answered well was made
         self.epochs = [-1] * _RING_S
         self.ok = [0] * _RING_S
         self.failed = [0] * _RING_S  # counted (trip_on) failures
-        self.other = [0] * _RING_S  # failures that do not count: the request's fault, or outdated by a close
+        self.other = [
+            0
+        ] * _RING_S  # failures that do not count: the request's fault, or outdated by a close
         self.cleared_s = -1  # slots up to this second are ignored by the failure rate (set on close)
         self.latency = [0] * _BUCKETS
         self.latency_prev = [0] * _BUCKETS
@@ -289,7 +293,9 @@ class Health:
         i = health._slot(now)
         health.changed = True
         counted = not ok and kind is not None and settings is not None and trips(settings, kind, status_code)
-        outdated = started < health.closed_at  # made before the breaker last closed: what closed it is newer
+        outdated = (
+            started < health.closed_at
+        )  # made before the breaker last closed: what closed it is newer
         if ok:
             health.ok[i] += 1
             health._observe_latency(now, latency_ms)
@@ -309,7 +315,9 @@ class Health:
             if probe:
                 self._open(health, settings, now, f"the probe failed ({kind})")
             return
-        if started >= health.ok_started:  # else a call made after this one has answered well since: old news
+        if (
+            started >= health.ok_started
+        ):  # else a call made after this one has answered well since: old news
             health.consecutive += 1
         if health.consecutive >= settings.consecutive_failures:
             self._open(health, settings, now, f"{health.consecutive} failures in a row (last: {kind})")
@@ -346,7 +354,9 @@ class Health:
 
     def apply(self, provider: str, model: str, state: State, until_unix_ms: int, reason: str, since_unix_ms: int) -> None:
         """A state another replica set (from the shared bucket): adopt it without announcing it again."""
-        if (provider, model) not in self.targets and (state == CLOSED or len(self.targets) >= MAX_ADOPTED):
+        if (provider, model) not in self.targets and (
+            state == CLOSED or len(self.targets) >= MAX_ADOPTED
+        ):
             return  # a target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us
         health = self.of(provider, model)
         now = self.clock()

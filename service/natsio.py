@@ -28,7 +28,13 @@ async def ensure_subscribed(nc: Client) -> None:
 async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -> bool:
     """Publish unless the message cannot go out; a failure is logged, never raised."""
     if message_bytes(payload) > nc.max_payload:
-        log.error("not publishing %s on %s: %d bytes, above max_payload %d", what, subject, len(payload), nc.max_payload)
+        log.error(
+            "not publishing %s on %s: %d bytes, above max_payload %d",
+            what,
+            subject,
+            len(payload),
+            nc.max_payload,
+        )
         return False
     try:
         await nc.publish(subject, payload)

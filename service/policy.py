@@ -244,7 +244,9 @@ async def run_chain(
                 admitted = health.admit(target.provider, target.health_model)
                 if admitted != CALL:
                     lease_s = target.timeout_s + 1
-                    probe = admitted == PROBE and await health.claim(target.provider, target.health_model, lease_s)
+                    probe = admitted == PROBE and await health.claim(
+                        target.provider, target.health_model, lease_s
+                    )
                     if not probe and limits.fallback and any(skip_reason(t, needs) is None for t in targets[i:]):
                         health.skipped(target.provider, target.health_model)
                         run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
@@ -291,7 +293,9 @@ async def run_chain(
                 continue
             chain_of_kind = chain.by_kind.get(reply.kind) if reply.kind not in entered else None
             if not limits.fallback or (chain_of_kind is None and not falls_back(reply, limits.fallback_on)):
-                run.attempts.append(_failed(target, reply, latency_ms, retry, "stop", run.take_denied(), hedged))
+                run.attempts.append(
+                    _failed(target, reply, latency_ms, retry, "stop", run.take_denied(), hedged)
+                )
                 if not limits.fallback:
                     return run.fail(_fallback_disabled(run.attempts[-1], targets[i:]))
                 return run.fail(_stopped_error(target, reply, targets[i:]))
@@ -359,7 +363,13 @@ class _Run:
             model = target.health_model
             if isinstance(reply, ProviderOk):
                 health.record(
-                    target.provider, model, target.breaker, True, latency_ms=latency_ms, probe=probe, started=started
+                    target.provider,
+                    model,
+                    target.breaker,
+                    True,
+                    latency_ms=latency_ms,
+                    probe=probe,
+                    started=started,
                 )
             elif capped and reply.kind == "timeout":
                 health.record(target.provider, model, None, False, reply.kind, started=started)
@@ -367,9 +377,15 @@ class _Run:
                     health.release(target.provider, model)  # undecided: the next request probes
             else:
                 health.record(
-                    target.provider, model, target.breaker, False, reply.kind, reply.status_code,
-                    probe=probe, started=started,
-                )  # fmt: skip
+                    target.provider,
+                    model,
+                    target.breaker,
+                    False,
+                    reply.kind,
+                    reply.status_code,
+                    probe=probe,
+                    started=started,
+                )
         return reply, latency_ms
 
     def hedge_delay(self, target: Target) -> float | None:
@@ -535,7 +551,11 @@ def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run
     if run.physical >= run.limits.max_attempts:
         return None
     health = run.health
-    if health is not None and target.breaker is not None and health.admit(target.provider, target.health_model) != CALL:
+    if (
+        health is not None
+        and target.breaker is not None
+        and health.admit(target.provider, target.health_model) != CALL
+    ):
         return None  # this failure (or a failed probe) opened its breaker: no retries into it
     delay_s = backoff_s(target, retry, rand)
     if failure.retry_after_s is not None:

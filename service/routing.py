@@ -50,9 +50,13 @@ class Rejected(Exception):
     """A request refused before any provider is tried."""
 
     def __init__(
-        self, error_type: str, message: str, request_id: str = "", route: str | None = None,
+        self,
+        error_type: str,
+        message: str,
+        request_id: str = "",
+        route: str | None = None,
         retry_after_s: float | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         self.error = ErrorInfo(error_type, message, retry_after_s)
         self.request_id = request_id
@@ -146,9 +150,15 @@ class Router:
         )
 
     def _configured_models(self) -> dict[str, frozenset[str]]:
-        every = [*self.named.values(), *(t for chain in self.default_by_kind.values() for t in _flat(chain))]
+        every = [
+            *self.named.values(),
+            *(t for chain in self.default_by_kind.values() for t in _flat(chain)),
+        ]
         for route in self.routes.values():
-            every += [*route.chain.targets, *(t for chain in route.chain.by_kind.values() for t in chain)]
+            every += [
+                *route.chain.targets,
+                *(t for chain in route.chain.by_kind.values() for t in chain),
+            ]
         models = {name: set(settings.models) for name, settings in self.config.providers.items()}
         for target in every:
             models[target.provider].add(target.model)
@@ -209,9 +219,15 @@ class Router:
         try:
             request = request_decoder.decode(data)
         except msgspec.DecodeError as exc:
-            raise Rejected(INVALID_REQUEST, f"invalid request: {exc}. Expected JSON like {_EXAMPLE}", salvage_id(data)) from None
+            raise Rejected(
+                INVALID_REQUEST,
+                f"invalid request: {exc}. Expected JSON like {_EXAMPLE}",
+                salvage_id(data),
+            ) from None
         except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow
-            raise Rejected(INVALID_REQUEST, "invalid request: JSON nested too deeply", salvage_id(data)) from None
+            raise Rejected(
+                INVALID_REQUEST, "invalid request: JSON nested too deeply", salvage_id(data)
+            ) from None
         request_id = request.id or self._ids.next().decode()
         route_name = request.route if request.targets is None else None
 

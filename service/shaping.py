@@ -27,7 +27,9 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
     {previous_errors} works in both fields: the error kinds of the attempts before this one,
     comma-separated, for a target with pass_failures (empty otherwise)."""
 
-    system: str | None = None  # replaces the request's system messages; {system} stands for their text
+    system: str | None = (
+        None  # replaces the request's system messages; {system} stands for their text
+    )
     user: str | None = None  # replaces the last user message; must contain {input}, its text
 
     def __post_init__(self) -> None:
@@ -118,7 +120,9 @@ def text_tokens(text: str) -> int:
 _decode = msgspec.json.decode
 _validators: OrderedDict[bytes, jsonschema.protocols.Validator] = OrderedDict()
 _VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
-_CACHED_SCHEMA_BYTES = 16 * 1024  # a larger schema is compiled per request: 256 of them could hold 256 MiB
+_CACHED_SCHEMA_BYTES = (
+    16 * 1024
+)  # a larger schema is compiled per request: 256 of them could hold 256 MiB
 
 
 class Validator:

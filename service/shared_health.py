@@ -159,12 +159,20 @@ class SharedHealth(Health):
                 target = (value["provider"], value["model"])
                 if value.get("by") != self.id:
                     self.apply(
-                        *target, value["state"], value["until_unix_ms"], value.get("reason", ""),
+                        *target,
+                        value["state"],
+                        value["until_unix_ms"],
+                        value.get("reason", ""),
                         value.get("since_unix_ms", 0),
-                    )  # fmt: skip
+                    )
                 kept = target in self.targets
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("ignoring a malformed breaker entry %s in bucket %s: %s", entry.key, self.bucket, exc)
+                log.warning(
+                    "ignoring a malformed breaker entry %s in bucket %s: %s",
+                    entry.key,
+                    self.bucket,
+                    exc,
+                )
                 kept = False
             # Revisions are kept for the breakers kept here only: the bucket may hold many more keys.
             # An echo of our own write can arrive after a later write's revision was stored.
@@ -192,9 +200,17 @@ class SharedHealth(Health):
         for health in self.targets.values():
             health.changed = False
         limit_bytes = min(STATS_MAX_BYTES, self.nc.max_payload // 4)
-        payload = stats_document(self.id, self.host, int(time.time() * 1000), self.snapshot(), limit_bytes)
-        if len(payload) > limit_bytes:  # only a host name of kilobytes gets here; never send what may not fit
-            log.warning("not sharing figures: the stats document is %d bytes, above %d", len(payload), limit_bytes)
+        payload = stats_document(
+            self.id, self.host, int(time.time() * 1000), self.snapshot(), limit_bytes
+        )
+        if (
+            len(payload) > limit_bytes
+        ):  # only a host name of kilobytes gets here; never send what may not fit
+            log.warning(
+                "not sharing figures: the stats document is %d bytes, above %d",
+                len(payload),
+                limit_bytes,
+            )
             return
         try:
             await asyncio.wait_for(self.kv.put(STATS_PREFIX + self.id, payload), _OP_TIMEOUT_S)
@@ -261,13 +277,25 @@ class SharedHealth(Health):
 
 
 def stats_document(
-    dispatcher: str, host: str, ts_unix_ms: int, snapshot: dict[str, dict[str, Any]], limit_bytes: int
+    dispatcher: str,
+    host: str,
+    ts_unix_ms: int,
+    snapshot: dict[str, dict[str, Any]],
+    limit_bytes: int,
 ) -> bytes:
     """One dispatcher's figures for `lifeline status`, at most limit_bytes of JSON however many
     targets there are (unless its host name alone is longer): a breaker that is not closed first,
     then the busiest targets; those that do not fit are only counted, in `omitted`."""
-    ranked = sorted(snapshot.items(), key=lambda item: (item[1]["state"] == CLOSED, -item[1]["ok"] - item[1]["failed"]))
-    document: dict[str, Any] = {"dispatcher": dispatcher, "host": host, "ts_unix_ms": ts_unix_ms, "targets": {}}
+    ranked = sorted(
+        snapshot.items(),
+        key=lambda item: (item[1]["state"] == CLOSED, -item[1]["ok"] - item[1]["failed"]),
+    )
+    document: dict[str, Any] = {
+        "dispatcher": dispatcher,
+        "host": host,
+        "ts_unix_ms": ts_unix_ms,
+        "targets": {},
+    }
     # json.dumps writes ASCII, so characters are bytes; ', "omitted": N' takes at most 30 of them.
     room = limit_bytes - len(json.dumps(document)) - 30
     for label, figures in ranked:
@@ -296,7 +324,11 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
             if now_unix_ms - value.get("ts_unix_ms", 0) > STALE_AFTER_S * 1000:
                 continue
             dispatchers.append(
-                {"id": value.get("dispatcher"), "host": value.get("host"), "omitted": value.get("omitted", 0)}
+                {
+                    "id": value.get("dispatcher"),
+                    "host": value.get("host"),
+                    "omitted": value.get("omitted", 0),
+                }
             )
             for label, figures in value.get("targets", {}).items():
                 view = targets.setdefault(label, _empty(figures["provider"], figures["model"]))

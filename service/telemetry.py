@@ -30,9 +30,19 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -67,7 +77,10 @@ _OTLP_PACKAGE = {
 # The spec's default, and what Lifeline has always sent; the SDK's own configurator says grpc.
 _DEFAULT_OTLP_PROTOCOL = "http/protobuf"
 # Exporter classes each signal's entry points must give.
-_EXPORTER_TYPES: dict[str, tuple[type, ...]] = {"TRACES": (SpanExporter,), "METRICS": (MetricExporter, MetricReader)}
+_EXPORTER_TYPES: dict[str, tuple[type, ...]] = {
+    "TRACES": (SpanExporter,),
+    "METRICS": (MetricExporter, MetricReader),
+}
 
 
 def exporter_names(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> list[str]:
@@ -82,9 +95,13 @@ def exporter_names(environ: Mapping[str, str] = os.environ, signal: str = "TRACE
     if not names:
         # Not the spec's default of otlp to localhost: without a collector that would log
         # export failures on every run, so OTLP waits for an endpoint to be named.
-        endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+        )
         return ["otlp"] if endpoint else []
-    return list(dict.fromkeys(name for name in names if name != "none"))  # one exporter per name, as the SDK
+    return list(
+        dict.fromkeys(name for name in names if name != "none")
+    )  # one exporter per name, as the SDK
 
 
 def exporter_classes(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> list[type]:
@@ -158,7 +175,9 @@ class Tracing(TracerProvider):
 
     def recorder(self, scope: str) -> "SpanRecorder":
         """A SpanRecorder sharing this provider's sampler, resource and processors (also those added later)."""
-        return SpanRecorder(self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters)
+        return SpanRecorder(
+            self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters
+        )
 
 
 # on_start of these does nothing: the recorder need not call it, which keeps starting a
@@ -183,7 +202,9 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     if not classes:
         return Tracing(resource=resource, sampler=ALWAYS_OFF)
     provider = Tracing(resource=resource)  # sampler from OTEL_TRACES_SAMPLER, else parent-based always-on
-    for exporter in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
+    for (
+        exporter
+    ) in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
         provider.add_span_processor(BatchSpanProcessor(exporter()))
     return provider
 
@@ -197,7 +218,10 @@ def meter_provider_from_env(service_name: str, environ: Mapping[str, str] = os.e
     if not classes:
         return None
     # An entry point may be a pull reader (e.g. Prometheus) rather than a push exporter.
-    readers = [cls() if issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls()) for cls in classes]
+    readers = [
+        cls() if issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls())
+        for cls in classes
+    ]
     return MeterProvider(resource=service_resource(service_name), metric_readers=readers)
 
 
@@ -275,13 +299,21 @@ class SpanRecorder:
     children follow their local parent's decision, as the default parent-based sampler would.
     A recording span is shown to `starters` (processors with an on_start) as it starts."""
 
-    def __init__(self, sampler: Sampler, resource: Resource, processor, scope: InstrumentationScope,
-                 starters: list[SpanProcessor] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sampler: Sampler,
+        resource: Resource,
+        processor,
+        scope: InstrumentationScope,
+        starters: list[SpanProcessor] | None = None,
+    ) -> None:
         self.sampler = sampler
         self.resource = resource
         self.processor = processor
         self.scope = scope
-        self.starters = starters if starters is not None else []  # shared with Tracing: sees later additions
+        self.starters = (
+            starters if starters is not None else []
+        )  # shared with Tracing: sees later additions
 
     def start(
         self, name: str, kind: trace.SpanKind, attributes: dict[str, Any], parent: "Context | LiteSpan | None" = None

@@ -19,7 +19,15 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import Error as NatsError, NoRespondersError, TimeoutError as NatsTimeoutError
 
-from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
+from schemas import (
+    Attempt,
+    AuditEvent,
+    CompletionReply,
+    ErrorInfo,
+    ProviderFailure,
+    ProviderOk,
+    ProviderReply,
+)
 from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
 from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
 from service.natsio import publish_checked
@@ -46,29 +54,42 @@ class NatsTransport:
         """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
         subject = provider_subject(provider)
         size = message_bytes(payload, headers)
-        if size > self.nc.max_payload:  # e.g. a template made it longer; never let the server see it
+        if (
+            size > self.nc.max_payload
+        ):  # e.g. a template made it longer; never let the server see it
             return ProviderFailure(
-                "bad_request", f"the request for {provider} is {size} bytes with headers, above the NATS server's "
+                "bad_request",
+                f"the request for {provider} is {size} bytes with headers, above the NATS server's "
                 f"max_payload of {self.nc.max_payload}; shorten the messages or the target's template",
-            )  # fmt: skip
+            )
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=headers)
         except NoRespondersError:
             return ProviderFailure(
-                "no_responders", f"no worker is listening on {subject}: start one with `lifeline worker {provider}`"
+                "no_responders",
+                f"no worker is listening on {subject}: start one with `lifeline worker {provider}`",
             )
         except NatsTimeoutError:
             await self.cancel(provider, headers[ATTEMPT_ID])
             return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
         except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(provider, headers[ATTEMPT_ID]))  # e.g. a dispatcher shutting down
+            await asyncio.shield(
+                self.cancel(provider, headers[ATTEMPT_ID])
+            )  # e.g. a dispatcher shutting down
             raise
-        except NatsError as exc:  # the connection is closed or cannot buffer: a failure of this attempt
+        except (
+            NatsError
+        ) as exc:  # the connection is closed or cannot buffer: a failure of this attempt
             return ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
         try:
             return _bounded(provider_reply_decoder.decode(msg.data))
         except (msgspec.DecodeError, RecursionError) as exc:
-            return ProviderFailure("server_error", f"worker on {subject} sent a reply that breaks the protocol: {exc}"[:MAX_MESSAGE_CHARS])
+            return ProviderFailure(
+                "server_error",
+                f"worker on {subject} sent a reply that breaks the protocol: {exc}"[
+                    :MAX_MESSAGE_CHARS
+                ],
+            )
 
     async def cancel(self, provider: str, attempt_id: str) -> None:
         """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP call."""
@@ -88,7 +109,12 @@ class NatsTransport:
         return reply
 
     async def audit(self, event: AuditEvent) -> None:
-        await publish_checked(self.nc, audit_subject(event.status), _fitting(event, self.nc.max_payload), "an audit event")
+        await publish_checked(
+            self.nc,
+            audit_subject(event.status),
+            _fitting(event, self.nc.max_payload),
+            "an audit event",
+        )
 
 
 def _bounded(reply: ProviderReply) -> ProviderReply:
@@ -98,7 +124,9 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
             return msgspec.structs.replace(reply, model=reply.model[:MAX_MODEL_CHARS])
         return reply
     if len(reply.message) > MAX_MESSAGE_CHARS or len(reply.kind) > 64:
-        return msgspec.structs.replace(reply, kind=reply.kind[:64], message=reply.message[:MAX_MESSAGE_CHARS])
+        return msgspec.structs.replace(
+            reply, kind=reply.kind[:64], message=reply.message[:MAX_MESSAGE_CHARS]
+        )
     return reply
 
 
@@ -108,7 +136,9 @@ def _too_large(reply: CompletionReply, size: int, max_payload: int) -> Completio
         f"the answer{who} makes a reply of {size} bytes, above the NATS server's max_payload of {max_payload}; "
         "ask for fewer max_tokens, or raise max_payload in nats-server's config"
     )
-    return msgspec.structs.replace(reply, status="error", content=None, error=ErrorInfo(REPLY_TOO_LARGE, message))
+    return msgspec.structs.replace(
+        reply, status="error", content=None, error=ErrorInfo(REPLY_TOO_LARGE, message)
+    )
 
 
 def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:

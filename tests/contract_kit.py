@@ -72,9 +72,13 @@ class LifelineProcess:
         environment.update({"PYTHONPATH": str(ROOT), "OPENAI_API_KEY": SECRET_KEY, **(env or {})})
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=environment,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=ROOT,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:
@@ -91,7 +95,9 @@ class LifelineProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"never logged {pattern!r} (exit {self.proc.poll()}); log:\n{self.log()[-3000:]}")
+        raise AssertionError(
+            f"never logged {pattern!r} (exit {self.proc.poll()}); log:\n{self.log()[-3000:]}"
+        )
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) from /proc, in KiB."""
@@ -145,7 +151,9 @@ class Ledger:
             return  # the server's "no responders": no dispatcher was subscribed yet
         request_id = self.ids.get(msg.subject.rsplit(".", 1)[1], "?")
         self.replies[request_id] += 1
-        self.reply_after_s[request_id] = time.monotonic() - self.sent_at.get(request_id, time.monotonic())
+        self.reply_after_s[request_id] = time.monotonic() - self.sent_at.get(
+            request_id, time.monotonic()
+        )
         self.reply_of[request_id] = reply_decoder.decode(msg.data)
 
     async def _on_audit(self, msg: Msg) -> None:
@@ -165,7 +173,9 @@ class Ledger:
             reply = f"{self.inbox}.{token}"
         await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "")
 
-    async def settle(self, replies: int, audits: int, timeout_s: float = 30, quiet_s: float = 0.3) -> None:
+    async def settle(
+        self, replies: int, audits: int, timeout_s: float = 30, quiet_s: float = 0.3
+    ) -> None:
         """Wait for at least this many replies and audit events, then a quiet spell in which
         nothing more arrives (a duplicate would show up in it)."""
         deadline = time.monotonic() + timeout_s
@@ -180,20 +190,36 @@ class Ledger:
     def assert_exactly_once(self, ids: list[str], replied: bool = True) -> None:
         """Every id: one reply (when `replied`) and one audit event, and nothing for any other id."""
         for request_id in ids:
-            assert self.audits[request_id] == 1, f"{request_id[:60]!r}: {self.audits[request_id]} audit events"
-            assert self.replies[request_id] == (1 if replied else 0), f"{request_id[:60]!r}: {self.replies[request_id]} replies"
-        assert sum(self.audits.values()) == len(ids), f"audit events for unknown ids: {set(self.audits) - set(ids)}"
+            assert self.audits[request_id] == 1, (
+                f"{request_id[:60]!r}: {self.audits[request_id]} audit events"
+            )
+            assert self.replies[request_id] == (1 if replied else 0), (
+                f"{request_id[:60]!r}: {self.replies[request_id]} replies"
+            )
+        assert sum(self.audits.values()) == len(ids), (
+            f"audit events for unknown ids: {set(self.audits) - set(ids)}"
+        )
 
 
 # ---- a provider that misbehaves on request ----------------------------------------------
 
 
 def _completion(content: str) -> bytes:
-    return json.dumps({
-        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-test",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-test",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    ).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -221,10 +247,20 @@ class _Handler(BaseHTTPRequestHandler):
         if verb == "size":
             self._send(200, _completion("x" * int(arg)))
         elif command == "echo key":
-            error = {"error": {"message": {"detail": f"bad key {key}", "got": key}, "type": "invalid_request_error"}}
+            error = {
+                "error": {
+                    "message": {"detail": f"bad key {key}", "got": key},
+                    "type": "invalid_request_error",
+                }
+            }
             self._send(401, json.dumps(error).encode())
         elif command == "shape key":
-            self._send(200, json.dumps({"choices": [{"message": {"content": {"echo": key}}}], "debug": key}).encode())
+            self._send(
+                200,
+                json.dumps(
+                    {"choices": [{"message": {"content": {"echo": key}}}], "debug": key}
+                ).encode(),
+            )
         elif verb == "bomb":
             self._send(200, _bomb(int(arg)), {"Content-Encoding": "gzip"})
         else:

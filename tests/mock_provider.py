@@ -46,7 +46,11 @@ class MockServer:
             content, content_type = self.body.encode(), "text/plain; charset=utf-8"
         else:
             content, content_type = json.dumps(self.body).encode(), "application/json"
-        headers = {"content-type": content_type, "content-length": str(len(content)), **self.headers}
+        headers = {
+            "content-type": content_type,
+            "content-length": str(len(content)),
+            **self.headers,
+        }
         return httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(content))
 
     @property

@@ -52,11 +52,19 @@ class RssSampler(threading.Thread):
 
 
 def request(request_id: str) -> bytes:
-    return encoder.encode({"id": request_id, "route": "slow", "timeout_s": TIMEOUT_S,
-                           "messages": [{"role": "user", "content": "soak"}]})  # fmt: skip
+    return encoder.encode(
+        {
+            "id": request_id,
+            "route": "slow",
+            "timeout_s": TIMEOUT_S,
+            "messages": [{"role": "user", "content": "soak"}],
+        }
+    )
 
 
-async def burst(ledger: Ledger, dispatcher: LifelineProcess, prefix: str, count: int) -> dict[str, Any]:
+async def burst(
+    ledger: Ledger, dispatcher: LifelineProcess, prefix: str, count: int
+) -> dict[str, Any]:
     sampler = RssSampler(dispatcher)
     sampler.start()
     ids = [f"{prefix}-{n}" for n in range(count)]
@@ -69,10 +77,14 @@ async def burst(ledger: Ledger, dispatcher: LifelineProcess, prefix: str, count:
     drained_s = time.monotonic() - started
     await asyncio.sleep(3)  # the dispatcher trims its memory a moment after the drain
     sampler.running = False
-    return _figures(ledger, ids, sent_s, drained_s, sampler.peak_kib, dispatcher.memory_kib()["VmRSS"])
+    return _figures(
+        ledger, ids, sent_s, drained_s, sampler.peak_kib, dispatcher.memory_kib()["VmRSS"]
+    )
 
 
-async def steady(ledger: Ledger, dispatcher: LifelineProcess, seconds: float, rate_per_s: int) -> dict[str, Any]:
+async def steady(
+    ledger: Ledger, dispatcher: LifelineProcess, seconds: float, rate_per_s: int
+) -> dict[str, Any]:
     sampler = RssSampler(dispatcher)
     sampler.start()
     ids: list[str] = []
@@ -89,7 +101,9 @@ async def steady(ledger: Ledger, dispatcher: LifelineProcess, seconds: float, ra
     drained_s = time.monotonic() - started
     await asyncio.sleep(3)
     sampler.running = False
-    return _figures(ledger, ids, sent_s, drained_s, sampler.peak_kib, dispatcher.memory_kib()["VmRSS"])
+    return _figures(
+        ledger, ids, sent_s, drained_s, sampler.peak_kib, dispatcher.memory_kib()["VmRSS"]
+    )
 
 
 async def _wait(ledger: Ledger, replies: int, audits: int, timeout_s: float, label: str) -> None:
@@ -98,16 +112,23 @@ async def _wait(ledger: Ledger, replies: int, audits: int, timeout_s: float, lab
         if time.monotonic() > deadline:
             break  # the figures will show what is missing
         if time.monotonic() - shown > 5:
-            print(f"  {label}{sum(ledger.replies.values()):,}/{replies:,} replies, "
-                  f"{ledger.audit_events:,}/{audits:,} audit events", flush=True)  # fmt: skip
+            print(
+                f"  {label}{sum(ledger.replies.values()):,}/{replies:,} replies, "
+                f"{ledger.audit_events:,}/{audits:,} audit events",
+                flush=True,
+            )
             shown = time.monotonic()
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # a duplicate would arrive in this spell
 
 
-def _figures(ledger: Ledger, ids: list[str], sent_s: float, drained_s: float, peak_kib: int, after_kib: int) -> dict:
+def _figures(
+    ledger: Ledger, ids: list[str], sent_s: float, drained_s: float, peak_kib: int, after_kib: int
+) -> dict:
     outcomes = Counter(
-        (ledger.reply_of[i].error.type if ledger.reply_of[i].error else "ok") if i in ledger.reply_of else "no reply"
+        (ledger.reply_of[i].error.type if ledger.reply_of[i].error else "ok")
+        if i in ledger.reply_of
+        else "no reply"
         for i in ids
     )
     after = sorted(ledger.reply_after_s.get(i, float("inf")) for i in ids)
@@ -128,21 +149,32 @@ def _figures(ledger: Ledger, ids: list[str], sent_s: float, drained_s: float, pe
 
 
 def _print(name: str, f: dict[str, Any]) -> None:
-    print(f"\n{name}: {f['requests']:,} requests sent in {f['sent_s']} s, all answered after {f['drained_s']} s")
-    print(f"  exactly one reply: {f['exactly_one_reply']:,}   exactly one audit event: {f['exactly_one_audit']:,}")
+    print(
+        f"\n{name}: {f['requests']:,} requests sent in {f['sent_s']} s, all answered after {f['drained_s']} s"
+    )
+    print(
+        f"  exactly one reply: {f['exactly_one_reply']:,}   exactly one audit event: {f['exactly_one_audit']:,}"
+    )
     print(f"  outcomes: {', '.join(f'{k} {v:,}' for k, v in sorted(f['outcomes'].items()))}")
-    print(f"  reply after p50 {f['reply_p50_s']} s, p99 {f['reply_p99_s']} s, max {f['reply_max_s']} s; "
-          f"later than timeout_s + {SLACK_S:g} s: {f['late']}")  # fmt: skip
-    print(f"  dispatcher RSS: peak {f['rss_peak_mib']} MiB, {f['rss_after_drain_mib']} MiB after the drain")
+    print(
+        f"  reply after p50 {f['reply_p50_s']} s, p99 {f['reply_p99_s']} s, max {f['reply_max_s']} s; "
+        f"later than timeout_s + {SLACK_S:g} s: {f['late']}"
+    )
+    print(
+        f"  dispatcher RSS: peak {f['rss_peak_mib']} MiB, {f['rss_after_drain_mib']} MiB after the drain"
+    )
 
 
 async def main(minutes: float, count: int, rate_per_s: int) -> int:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(port=-1) as server:
-        config = write_config(Path(tmp) / "soak.toml", {
-            "dispatcher": {"max_in_flight": MAX_IN_FLIGHT},
-            "providers": {"slow": {"kind": "fake", "latency_ms": PROVIDER_LATENCY_MS}},
-            "routes": {"slow": {"targets": ["slow"]}},
-        })  # fmt: skip
+        config = write_config(
+            Path(tmp) / "soak.toml",
+            {
+                "dispatcher": {"max_in_flight": MAX_IN_FLIGHT},
+                "providers": {"slow": {"kind": "fake", "latency_ms": PROVIDER_LATENCY_MS}},
+                "routes": {"slow": {"targets": ["slow"]}},
+            },
+        )
         common = ["--config", str(config), "--nats-url", server.url]
         worker = LifelineProcess(["worker", "slow", *common], Path(tmp) / "worker.log")
         dispatcher = LifelineProcess(["dispatcher", *common], Path(tmp) / "dispatcher.log")
@@ -150,8 +182,11 @@ async def main(minutes: float, count: int, rate_per_s: int) -> int:
             worker.wait_for_log("worker slow serving")
             dispatcher.wait_for_log("dispatcher serving")
             idle_kib = dispatcher.memory_kib()["VmRSS"]
-            print(f"dispatcher idle RSS {idle_kib / 1024:.1f} MiB; max_in_flight {MAX_IN_FLIGHT}, provider "
-                  f"{PROVIDER_LATENCY_MS} ms, timeout_s {TIMEOUT_S:g}", flush=True)  # fmt: skip
+            print(
+                f"dispatcher idle RSS {idle_kib / 1024:.1f} MiB; max_in_flight {MAX_IN_FLIGHT}, provider "
+                f"{PROVIDER_LATENCY_MS} ms, timeout_s {TIMEOUT_S:g}",
+                flush=True,
+            )
             nc = await nats.connect(server.url, pending_size=256 * 1024 * 1024)
             ledger = await Ledger(nc).start()
             started = time.monotonic()
@@ -175,16 +210,26 @@ async def main(minutes: float, count: int, rate_per_s: int) -> int:
     OUT.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {OUT}")
     phases = [v for v in results.values() if isinstance(v, dict)]
-    kept = all(p["exactly_one_reply"] == p["exactly_one_audit"] == p["requests"] and not p["late"] for p in phases)
+    kept = all(
+        p["exactly_one_reply"] == p["exactly_one_audit"] == p["requests"] and not p["late"]
+        for p in phases
+    )
     print("contract held" if kept else "CONTRACT BROKEN: see the figures above")
     return 0 if kept else 1
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--minutes", type=float, default=3.0, help="total length (default: 3)")
-    parser.add_argument("--burst", type=int, default=60_000, help="requests per burst (default: 60000)")
-    parser.add_argument("--rate", type=int, default=300, help="steady requests per second (default: 300)")
+    parser.add_argument(
+        "--burst", type=int, default=60_000, help="requests per burst (default: 60000)"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=300, help="steady requests per second (default: 300)"
+    )
     args = parser.parse_args()
     sys.exit(asyncio.run(main(args.minutes, args.burst, args.rate)))

@@ -23,14 +23,22 @@ from service.embedded import EmbeddedNats
 from service.health import ADHOC_MODEL, CLOSED, MAX_ADOPTED, OPEN, BreakerSettings, Health
 from service.policy import run_chain
 from service.routing import Rejected, Router
-from service.shared_health import STATS_MAX_BYTES, STATS_PREFIX, breaker_key, merge_status, stats_document
+from service.shared_health import (
+    STATS_MAX_BYTES,
+    STATS_PREFIX,
+    breaker_key,
+    merge_status,
+    stats_document,
+)
 
 NAMES = 5000  # made-up model names per test: enough to show growth, cheap enough to stay fast
 
 CONFIG: dict[str, Any] = {
     "providers": {"open": fake(model="m0"), "listed": fake(model="m1", models=["m2", "m3"])},
     "breaker": {"consecutive_failures": 2},
-    "routes": {"default": {"targets": ["open", {"provider": "open", "model": "m-route"}, "listed"]}},
+    "routes": {
+        "default": {"targets": ["open", {"provider": "open", "model": "m-route"}, "listed"]}
+    },
 }
 
 
@@ -58,7 +66,9 @@ async def test_thousands_of_made_up_models_and_labels_share_one_health_entry_per
     for i in range(NAMES):
         p = plan(router, {"provider": "open", "model": f"made-up-{i}", "name": f"label-{i}"})
         result = await run_chain(p.chain, answer, p.limits, health=health)
-        assert result.attempts[0].model == f"made-up-{i}"  # replies and audit still name the real model
+        assert (
+            result.attempts[0].model == f"made-up-{i}"
+        )  # replies and audit still name the real model
     assert set(health.targets) == {("open", ADHOC_MODEL)}
     assert health.snapshot()["open:*"]["ok"] == NAMES
     for model in ["m0", "m-route"]:  # models the config names keep entries of their own
@@ -69,7 +79,9 @@ async def test_thousands_of_made_up_models_and_labels_share_one_health_entry_per
 
 async def test_made_up_models_share_a_breaker_that_leaves_the_configured_ones_alone():
     router, health = Router(parse_config(CONFIG)), Health()
-    for i in range(NAMES):  # a name the provider does not know is the request's fault: it never counts
+    for i in range(
+        NAMES
+    ):  # a name the provider does not know is the request's fault: it never counts
         p = plan(router, {"provider": "open", "model": f"typo-{i}"})
         await run_chain(p.chain, unknown_model, p.limits, health=health)
     assert health.of("open", ADHOC_MODEL).state == CLOSED
@@ -79,7 +91,9 @@ async def test_made_up_models_share_a_breaker_that_leaves_the_configured_ones_al
     p = plan(router, {"provider": "open", "model": "another"}, "listed")
     result = await run_chain(p.chain, answer, p.limits, health=health)
     assert [(a.model, a.outcome, a.reason) for a in result.attempts] == [
-        ("another", "skipped", "circuit_open"), ("m1", "ok", None)]  # fmt: skip
+        ("another", "skipped", "circuit_open"),
+        ("m1", "ok", None),
+    ]
     p = plan(router, {"provider": "open", "model": "m-route"}, "listed")
     result = await run_chain(p.chain, answer, p.limits, health=health)
     assert [(a.model, a.outcome) for a in result.attempts] == [("m-route", "ok")]
@@ -111,7 +125,9 @@ def test_breaker_states_other_dispatchers_write_cannot_grow_health_either():
         health.apply("p", f"open-{i}", OPEN, 2_000_000_000_000, "opened elsewhere", 0)
     assert len(health.targets) == MAX_ADOPTED
     health.apply("p", "seen", OPEN, 2_000_000_000_000, "opened elsewhere", 0)
-    assert health.of("p", "seen").state == OPEN  # a target this dispatcher uses still follows the others
+    assert (
+        health.of("p", "seen").state == OPEN
+    )  # a target this dispatcher uses still follows the others
 
 
 # ---- the shared stats document ---------------------------------------------------------------
@@ -123,7 +139,9 @@ def snapshot_of(targets: int) -> dict[str, dict[str, Any]]:
     health.record("p", "m", None, True, latency_ms=1.0)
     figures = health.snapshot()["p:m"]
     figures["latency"] = {str(bucket): 1000 + bucket for bucket in range(60)}
-    return {f"p:model-{i}": {**figures, "model": f"model-{i}", "ok": i % 97} for i in range(targets)}
+    return {
+        f"p:model-{i}": {**figures, "model": f"model-{i}", "ok": i % 97} for i in range(targets)
+    }
 
 
 @pytest.mark.parametrize("limit_bytes", [STATS_MAX_BYTES, 2048])
@@ -135,7 +153,9 @@ def test_the_stats_document_stays_within_its_limit_however_many_targets_there_ar
     parsed = json.loads(document)
     assert 0 < len(parsed["targets"]) and parsed["omitted"] == 20_000 - len(parsed["targets"])
     assert next(iter(parsed["targets"])) == "p:model-7"  # a breaker that is not closed goes first
-    assert {figures["ok"] for figures in list(parsed["targets"].values())[1:]} == {96}  # then the busiest
+    assert {figures["ok"] for figures in list(parsed["targets"].values())[1:]} == {
+        96
+    }  # then the busiest
     view = merge_status({STATS_PREFIX + "d1": document}, now_unix_ms=1_000)
     assert view["dispatchers"] == [{"id": "d1", "host": "host", "omitted": parsed["omitted"]}]
     assert view["targets"]["p:model-7"]["ok"] == 7
@@ -145,7 +165,11 @@ def test_lifeline_status_says_how_many_targets_a_dispatcher_left_out(capsys):
     from service.cli import _print_status
 
     document = stats_document("d1", "host", 1_000, snapshot_of(500), 2048)
-    _print_status(merge_status({STATS_PREFIX + "d1": document}, now_unix_ms=1_000), "lifeline_health", "nats://x:4222")
+    _print_status(
+        merge_status({STATS_PREFIX + "d1": document}, now_unix_ms=1_000),
+        "lifeline_health",
+        "nats://x:4222",
+    )
     omitted = json.loads(document)["omitted"]
     assert f"host/d1 left out {omitted} quiet target(s)" in capsys.readouterr().out
 
@@ -157,21 +181,44 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
         nc = await nats.connect(server.url)
         kv = await nc.jetstream().create_key_value(bucket="lifeline_health", history=1)
         for i in range(500):  # breakers an older dispatcher left behind for names it was sent
-            value = {"provider": "open", "model": f"old-{i}", "state": CLOSED, "until_unix_ms": 0, "by": "old"}
+            value = {
+                "provider": "open",
+                "model": f"old-{i}",
+                "state": CLOSED,
+                "until_unix_ms": 0,
+                "by": "old",
+            }
             await kv.put(breaker_key("open", f"old-{i}"), json.dumps(value).encode())
-        await kv.put("breaker.open.bad", b'{"provider": "open", "model": ["not", "a", "name"], "state": "open"}')
+        await kv.put(
+            "breaker.open.bad",
+            b'{"provider": "open", "model": ["not", "a", "name"], "state": "open"}',
+        )
         stack = await start_stack(parse_config(config), server.url, tracers)
         health = stack.dispatcher.health  # type: ignore[union-attr]
         try:
-            replies = await asyncio.gather(*(
-                ask(nc, {**USER_HELLO, "targets": [{"provider": "open", "model": f"made-up-{i}"}]}) for i in range(1000)
-            ))  # fmt: skip
+            replies = await asyncio.gather(
+                *(
+                    ask(
+                        nc,
+                        {**USER_HELLO, "targets": [{"provider": "open", "model": f"made-up-{i}"}]},
+                    )
+                    for i in range(1000)
+                )
+            )
             assert {r.status for r in replies} == {"ok"}
             assert set(health.targets) == {("open", ADHOC_MODEL)}
             assert len(health._revisions) <= 1  # the old keys are not tracked either
-            peer = {"provider": "open", "model": ADHOC_MODEL, "state": OPEN, "until_unix_ms": 2 * 10**12, "by": "peer"}
+            peer = {
+                "provider": "open",
+                "model": ADHOC_MODEL,
+                "state": OPEN,
+                "until_unix_ms": 2 * 10**12,
+                "by": "peer",
+            }
             await kv.put(breaker_key("open", ADHOC_MODEL), json.dumps(peer).encode())
-            async with asyncio.timeout(5):  # the watcher outlived the malformed entry and still follows the peers
+            async with asyncio.timeout(
+                5
+            ):  # the watcher outlived the malformed entry and still follows the peers
                 while health.of("open", ADHOC_MODEL).state != OPEN:
                     await asyncio.sleep(0.01)
             for i in range(400):  # as many targets as a config naming 400 models would give
@@ -192,7 +239,11 @@ def test_compiled_output_schemas_are_cached_only_while_small():
     shaping._validators.clear()
     big = {"type": "object", "description": "x" * (64 * 1024)}
     for n in range(20):
-        shaping.output_validator(ResponseFormat("json_schema", JsonSchemaFormat(f"s{n}", {**big, "title": str(n)})))
-    assert len(shaping._validators) == 0  # each 64 KiB schema is compiled for its request and dropped
+        shaping.output_validator(
+            ResponseFormat("json_schema", JsonSchemaFormat(f"s{n}", {**big, "title": str(n)}))
+        )
+    assert (
+        len(shaping._validators) == 0
+    )  # each 64 KiB schema is compiled for its request and dropped
     small = ResponseFormat("json_schema", JsonSchemaFormat("small", {"type": "object"}))
     assert shaping.output_validator(small).validator is shaping.output_validator(small).validator

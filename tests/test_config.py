@@ -316,7 +316,11 @@ def listed(routes: dict[str, Any], **tables: Any) -> dict[str, Any]:
 
 
 def test_targets_may_name_the_models_a_provider_allows():
-    parsed = parse_config(listed({"r": {"targets": [{"provider": "p", "model": "m3"}, {"provider": "q", "model": "x"}]}}))
+    parsed = parse_config(
+        listed(
+            {"r": {"targets": [{"provider": "p", "model": "m3"}, {"provider": "q", "model": "x"}]}}
+        )
+    )
     assert [spec.model for spec in parsed.routes["r"].targets] == ["m3", "x"]  # type: ignore[union-attr]
     assert parsed.providers["p"].models == ["m2", "m3"] and parsed.providers["q"].models == []
 
@@ -325,16 +329,28 @@ def test_targets_may_name_the_models_a_provider_allows():
     ("routes", "tables", "key"),
     [
         ({"r": {"targets": [{"provider": "p", "model": "m9"}]}}, {}, "routes.r.targets[0].model"),
-        ({"r": {"targets": ["q", {"group": ["q", {"provider": "p", "model": "m9"}]}]}}, {},
-         "routes.r.targets[1].group[1].model"),
-        ({"r": {"targets": ["x"]}}, {"targets": {"x": {"provider": "p", "model": "m9"}}}, "targets.x.model"),
-        ({"r": {"targets": ["q"]}}, {"fallbacks": {"context_length": [{"provider": "p", "model": "m9"}]}},
-         "fallbacks.context_length[0].model"),
+        (
+            {"r": {"targets": ["q", {"group": ["q", {"provider": "p", "model": "m9"}]}]}},
+            {},
+            "routes.r.targets[1].group[1].model",
+        ),
+        (
+            {"r": {"targets": ["x"]}},
+            {"targets": {"x": {"provider": "p", "model": "m9"}}},
+            "targets.x.model",
+        ),
+        (
+            {"r": {"targets": ["q"]}},
+            {"fallbacks": {"context_length": [{"provider": "p", "model": "m9"}]}},
+            "fallbacks.context_length[0].model",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_model_outside_the_allowlist_is_refused_at_start_up_naming_both_keys(routes, tables, key):
     message = error(listed(routes, **tables))
-    assert message.startswith(f"{key}: model 'm9' is not one provider p allows (fake-1, m2, m3)"), message
+    assert message.startswith(f"{key}: model 'm9' is not one provider p allows (fake-1, m2, m3)"), (
+        message
+    )
     assert "add it to providers.p.models" in message
 
 

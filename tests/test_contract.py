@@ -21,7 +21,15 @@ from typing import Any
 import nats
 import pytest
 
-from contract_kit import SECRET_KEY, Ledger, LifelineProcess, MisbehavingProvider, free_port, iter_sizes, write_config
+from contract_kit import (
+    SECRET_KEY,
+    Ledger,
+    LifelineProcess,
+    MisbehavingProvider,
+    free_port,
+    iter_sizes,
+    write_config,
+)
 from schemas import subjects
 from schemas.wire import MAX_ID_LENGTH, encoder
 from service.embedded import EmbeddedNats
@@ -32,7 +40,9 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def request(request_id: str, content: str = "hello", **fields: Any) -> bytes:
-    return encoder.encode({"id": request_id, "messages": [{"role": "user", "content": content}], **fields})
+    return encoder.encode(
+        {"id": request_id, "messages": [{"role": "user", "content": content}], **fields}
+    )
 
 
 @pytest.fixture
@@ -53,7 +63,12 @@ def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[st
         "providers": {
             "echo": {"kind": "fake", "model": "echo-1"},
             "slow": {"kind": "fake", "model": "slow-1", "latency_ms": 1000},
-            "http": {"kind": "openai", "model": "gpt-test", "base_url": provider.base_url, "timeout_s": 10},
+            "http": {
+                "kind": "openai",
+                "model": "gpt-test",
+                "base_url": provider.base_url,
+                "timeout_s": 10,
+            },
         },
         "routes": {
             "default": {"targets": ["echo"]},
@@ -66,14 +81,18 @@ def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[st
 class Service:
     """Workers and dispatchers as real processes on one nats-server."""
 
-    def __init__(self, tmp_path: Path, url: str, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, url: str, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
         self.tmp_path, self.url, self.env = tmp_path, url, env
         self.config_path = write_config(tmp_path / "lifeline.toml", config)
         self.procs: list[LifelineProcess] = []
 
     def start(self, *args: str, ready: str) -> LifelineProcess:
         log = self.tmp_path / f"{args[0]}-{len(self.procs)}.log"
-        proc = LifelineProcess([*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env)
+        proc = LifelineProcess(
+            [*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env
+        )
         self.procs.append(proc)
         proc.wait_for_log(ready)
         return proc
@@ -90,7 +109,9 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path: Path, server: EmbeddedNats, provider: MisbehavingProvider) -> Iterator[Service]:
+def service(
+    tmp_path: Path, server: EmbeddedNats, provider: MisbehavingProvider
+) -> Iterator[Service]:
     svc = Service(tmp_path, server.url, contract_config(provider))
     for name in ("echo", "slow", "http"):
         svc.worker(name)
@@ -125,7 +146,9 @@ def padded(request_id: str, size: int, route: str = "default") -> bytes:
     return payload
 
 
-async def test_requests_swept_up_to_max_payload_each_get_one_answer_and_the_dispatchers_survive(service, ledger):
+async def test_requests_swept_up_to_max_payload_each_get_one_answer_and_the_dispatchers_survive(
+    service, ledger
+):
     ids = []
     for size in iter_sizes(MAX_PAYLOAD, 512, 32):
         ids.append(f"size-{size}")
@@ -139,7 +162,9 @@ async def test_requests_swept_up_to_max_payload_each_get_one_answer_and_the_disp
     await still_serving(ledger)
 
 
-async def test_answers_swept_up_to_max_payload_get_one_reply_each_and_say_why_they_failed(service, ledger):
+async def test_answers_swept_up_to_max_payload_get_one_reply_each_and_say_why_they_failed(
+    service, ledger
+):
     # The echo provider answers with the request's text: small requests, answers near the limit.
     ids, sizes = [], list(iter_sizes(MAX_PAYLOAD, 400, 25)) + [MAX_PAYLOAD - 1500]
     for size in sizes:
@@ -152,7 +177,10 @@ async def test_answers_swept_up_to_max_payload_get_one_reply_each_and_say_why_th
         assert reply.status == "error" and reply.error is not None
         kinds = {a.error_type for a in reply.attempts}
         # Too large for the worker's reply, or (a few bytes under) too large for the client's.
-        assert reply.error.type == "reply_too_large" or kinds == {"response_too_large"}, (request_id, reply)
+        assert reply.error.type == "reply_too_large" or kinds == {"response_too_large"}, (
+            request_id,
+            reply,
+        )
         assert ledger.audit_types[request_id] == reply.error.type
     assert ledger.reply_of[ids[-1]].status == "ok"
     await still_serving(ledger)
@@ -176,10 +204,14 @@ async def test_requests_whose_id_fills_them_up_to_max_payload_each_get_one_refus
     bare = len(request(""))
     sizes = list(iter_sizes(MAX_PAYLOAD, 400, 20))
     for n, size in enumerate(sizes):
-        await ledger.send(f"#{n}", request("k" * (size - bare)))  # the ledger files it under its reply subject
+        await ledger.send(
+            f"#{n}", request("k" * (size - bare))
+        )  # the ledger files it under its reply subject
     await ledger.settle(len(sizes), len(sizes))
     assert sum(ledger.replies.values()) == ledger.audit_events == len(sizes)
-    assert all(count == 1 for count in ledger.replies.values()) and ledger.audits == {"": len(sizes)}
+    assert all(count == 1 for count in ledger.replies.values()) and ledger.audits == {
+        "": len(sizes)
+    }
     assert {ledger.reply_of[f"#{n}"].error.type for n in range(len(sizes))} == {"invalid_request"}
     await still_serving(ledger)
 
@@ -188,7 +220,9 @@ async def test_requests_whose_id_fills_them_up_to_max_payload_each_get_one_refus
 async def test_deeply_nested_input_gets_an_invalid_request_answer(service, ledger, depth):
     nested = b"[" * depth + b"]" * depth
     payloads = {
-        "in-metadata": b'{"id": "in-metadata", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": ' + nested + b"}}",
+        "in-metadata": b'{"id": "in-metadata", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": '
+        + nested
+        + b"}}",
         "top": b'{"id": "top", "x": ' + nested + b"}",
     }
     for request_id, payload in payloads.items():
@@ -197,23 +231,42 @@ async def test_deeply_nested_input_gets_an_invalid_request_answer(service, ledge
     ledger.assert_exactly_once(list(payloads))
     for request_id in payloads:
         error = ledger.reply_of[request_id].error
-        assert error is not None and error.type == "invalid_request" and "nested too deeply" in error.message
+        assert (
+            error is not None
+            and error.type == "invalid_request"
+            and "nested too deeply" in error.message
+        )
     await still_serving(ledger)
 
 
 RESERVED = [
-    "llm.complete", "llm.audit.ok", "llm.audit.error", "llm.provider.echo", "llm.cancel.echo", "llm.stream",
-    "$JS.API.INFO", "$KV.lifeline_health.x", "$SYS.REQ.SERVER.PING", "$SRV.PING", "_INBOX.*", "_INBOX.>",
-]  # fmt: skip
+    "llm.complete",
+    "llm.audit.ok",
+    "llm.audit.error",
+    "llm.provider.echo",
+    "llm.cancel.echo",
+    "llm.stream",
+    "$JS.API.INFO",
+    "$KV.lifeline_health.x",
+    "$SYS.REQ.SERVER.PING",
+    "$SRV.PING",
+    "_INBOX.*",
+    "_INBOX.>",
+]
 
 
-async def test_a_reply_subject_in_lifelines_or_the_servers_namespace_gets_nothing_and_one_audit(service, ledger):
+async def test_a_reply_subject_in_lifelines_or_the_servers_namespace_gets_nothing_and_one_audit(
+    service, ledger
+):
     landed: dict[str, int] = {}
 
     async def count(msg) -> None:  # type: ignore[no-untyped-def]
         landed[msg.subject] = landed.get(msg.subject, 0) + 1
 
-    for subject in {s for s in RESERVED if "*" not in s and ">" not in s} - {"llm.audit.ok", "llm.audit.error"}:
+    for subject in {s for s in RESERVED if "*" not in s and ">" not in s} - {
+        "llm.audit.ok",
+        "llm.audit.error",
+    }:
         await ledger.nc.subscribe(subject, cb=count)
     await ledger.nc.flush()
     ids = []
@@ -223,15 +276,38 @@ async def test_a_reply_subject_in_lifelines_or_the_servers_namespace_gets_nothin
     await ledger.settle(0, len(ids))
     ledger.assert_exactly_once(ids, replied=False)
     assert {ledger.audit_types[i] for i in ids} == {"reply_subject_refused"}
-    assert landed == {"llm.complete": len(ids)}  # only the requests themselves: no reply looped back
-    assert all(b"hello" not in raw for raw in ledger.audit_bytes)  # no answer text on the audit subject
+    assert landed == {
+        "llm.complete": len(ids)
+    }  # only the requests themselves: no reply looped back
+    assert all(
+        b"hello" not in raw for raw in ledger.audit_bytes
+    )  # no answer text on the audit subject
     await still_serving(ledger)
 
 
 async def test_any_bytes_get_one_answer_each(service, ledger):
     rng = random.Random(10)
-    pieces = [b"{", b"}", b"[", b"]", b'"', b"\\", b":", b",", b"null", b"1e999", b"\xff", b"\x00", b"\xe2\x80\xa8",
-              b'"messages"', b'"id"', b'{"role":"user","content":"x"}', b"\xf0\x9f\x92\xa9", b"-0", b"9" * 400]  # fmt: skip
+    pieces = [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b'"',
+        b"\\",
+        b":",
+        b",",
+        b"null",
+        b"1e999",
+        b"\xff",
+        b"\x00",
+        b"\xe2\x80\xa8",
+        b'"messages"',
+        b'"id"',
+        b'{"role":"user","content":"x"}',
+        b"\xf0\x9f\x92\xa9",
+        b"-0",
+        b"9" * 400,
+    ]
     payloads = [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) for _ in range(150)]
     payloads += [os.urandom(rng.randint(1, 5000)) for _ in range(50)]
     payloads += [b"", b"null", b"{}", b'{"messages": null}', "\ufeff{}".encode("utf-16")]
@@ -244,9 +320,14 @@ async def test_any_bytes_get_one_answer_each(service, ledger):
     await still_serving(ledger)
 
 
-async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_logs_or_spans(tmp_path, server, provider):
-    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": provider.base_url.removesuffix("/v1"), "OTEL_BSP_SCHEDULE_DELAY": "50",
-            "OTEL_METRIC_EXPORT_INTERVAL": "200"}  # fmt: skip
+async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_logs_or_spans(
+    tmp_path, server, provider
+):
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": provider.base_url.removesuffix("/v1"),
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+    }
     svc = Service(tmp_path, server.url, contract_config(provider), env=otel)
     try:
         svc.worker("http")
@@ -265,11 +346,18 @@ async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_l
         svc.stop()  # flushes the spans
     secret = SECRET_KEY.encode()
     assert provider.exported, "no spans were exported"
-    for text in [*replies, *ledger.audit_bytes, *provider.exported, *(p.log().encode() for p in svc.procs)]:
+    for text in [
+        *replies,
+        *ledger.audit_bytes,
+        *provider.exported,
+        *(p.log().encode() for p in svc.procs),
+    ]:
         assert secret not in text
 
 
-async def test_huge_and_compression_bomb_answers_are_cut_off_and_the_worker_stays_small(service, ledger):
+async def test_huge_and_compression_bomb_answers_are_cut_off_and_the_worker_stays_small(
+    service, ledger
+):
     worker = service.procs[2]  # the http worker
     ids = ["size 50000000", "bomb 1000000000"]
     for request_id in ids:
@@ -278,29 +366,47 @@ async def test_huge_and_compression_bomb_answers_are_cut_off_and_the_worker_stay
     ledger.assert_exactly_once(ids)
     for request_id in ids:
         [attempt] = ledger.reply_of[request_id].attempts
-        assert attempt.error_type == "response_too_large" and "max_response_bytes" in (attempt.message or "")
+        assert attempt.error_type == "response_too_large" and "max_response_bytes" in (
+            attempt.message or ""
+        )
     assert worker.memory_kib()["VmHWM"] < 200 * 1024, worker.memory_kib()
 
 
-async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_deadline(service, ledger):
+async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_deadline(
+    service, ledger
+):
     timeout_s, slack_s, burst = 3.0, 1.0, 20 * MAX_IN_FLIGHT
     ids = [f"burst-{n}" for n in range(burst)]
     for request_id in ids:
         await ledger.send(request_id, request(request_id, route="slow", timeout_s=timeout_s))
     await ledger.settle(burst, burst, timeout_s=timeout_s + 10)
     ledger.assert_exactly_once(ids)
-    late = {i: ledger.reply_after_s[i] for i in ids if ledger.reply_after_s[i] > timeout_s + slack_s}
-    assert not late, f"{len(late)} replies after the deadline + slack, e.g. {list(late.items())[:3]}"
-    errors = Counter(r.error.type if r.error else "ok" for r in ledger.reply_of.values() if r.id in set(ids))
-    assert set(errors) <= {"ok", "overloaded"} and errors["ok"] >= 2 * MAX_IN_FLIGHT and errors["overloaded"], errors
-    overloaded = next(r for r in ledger.reply_of.values() if r.error and r.error.type == "overloaded")
+    late = {
+        i: ledger.reply_after_s[i] for i in ids if ledger.reply_after_s[i] > timeout_s + slack_s
+    }
+    assert not late, (
+        f"{len(late)} replies after the deadline + slack, e.g. {list(late.items())[:3]}"
+    )
+    errors = Counter(
+        r.error.type if r.error else "ok" for r in ledger.reply_of.values() if r.id in set(ids)
+    )
+    assert (
+        set(errors) <= {"ok", "overloaded"}
+        and errors["ok"] >= 2 * MAX_IN_FLIGHT
+        and errors["overloaded"]
+    ), errors
+    overloaded = next(
+        r for r in ledger.reply_of.values() if r.error and r.error.type == "overloaded"
+    )
     assert overloaded.error.retry_after_s and "max_in_flight" in overloaded.error.message
     for dispatcher in service.procs[-2:]:
         assert dispatcher.memory_kib()["VmHWM"] < 250 * 1024, dispatcher.memory_kib()
     await still_serving(ledger)
 
 
-async def test_a_request_that_cannot_start_before_its_deadline_is_not_sent_to_a_provider(service, ledger):
+async def test_a_request_that_cannot_start_before_its_deadline_is_not_sent_to_a_provider(
+    service, ledger
+):
     # deadline_unix_ms counts from the client's clock: a request queued past it is answered without a call.
     ids = [f"late-{n}" for n in range(3)]
     for request_id in ids:
@@ -319,7 +425,9 @@ TOKEN = "s3cret-token-0123456789"
 
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    with EmbeddedNats(port=free_port(), conf=f'authorization {{ token: "{TOKEN}" }}\n') as nats_server:
+    with EmbeddedNats(
+        port=free_port(), conf=f'authorization {{ token: "{TOKEN}" }}\n'
+    ) as nats_server:
         yield nats_server
 
 
@@ -334,7 +442,9 @@ def authed(server: EmbeddedNats) -> str:
     return f"nats://{TOKEN}@{server.host}:{server.port}"
 
 
-async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non_zero(tmp_path, auth_server, provider):
+async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non_zero(
+    tmp_path, auth_server, provider
+):
     svc = Service(tmp_path, authed(auth_server), contract_config(provider))
     try:
         worker, dispatcher = svc.worker("echo"), svc.dispatcher()
@@ -347,7 +457,9 @@ async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non
         svc.stop()
 
 
-async def test_lifeline_run_stops_as_a_whole_when_its_connection_is_closed_for_good(tmp_path, auth_server, provider):
+async def test_lifeline_run_stops_as_a_whole_when_its_connection_is_closed_for_good(
+    tmp_path, auth_server, provider
+):
     svc = Service(tmp_path, authed(auth_server), contract_config(provider))
     try:
         run = svc.start("run", ready="dispatcher ready")
@@ -386,11 +498,12 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
             second.stop()
 
 
-
 # ---- what a request can name, and a replica that dies ----------------------------------
 
 
-async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_shared_stats(tmp_path, server, provider):
+async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_shared_stats(
+    tmp_path, server, provider
+):
     config = contract_config(provider)
     config["providers"]["listed"] = {"kind": "fake", "model": "m1", "models": ["m2"]}
     config["dispatcher"]["max_in_flight"] = 10_000  # this test is about state, not admission
@@ -406,32 +519,45 @@ async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_s
         for n in range(4000):
             ids.append(f"model-{n}")
             provider_name = "listed" if n % 8 == 0 else "echo"
-            await ledger.send(ids[-1], request(ids[-1], targets=[{"provider": provider_name, "model": f"made-up-{n}"}]))
+            await ledger.send(
+                ids[-1],
+                request(ids[-1], targets=[{"provider": provider_name, "model": f"made-up-{n}"}]),
+            )
             if n % 500 == 499:  # in batches: what is measured is state, not requests in flight
                 await ledger.settle(n + 9, n + 9, timeout_s=60, quiet_s=0)
         await ledger.settle(len(ids) + 8, len(ids) + 8, timeout_s=60)
-        await asyncio.sleep(1.5)  # the stats document is written once a second; memory is trimmed after a burst
+        await asyncio.sleep(
+            1.5
+        )  # the stats document is written once a second; memory is trimmed after a burst
         ledger.assert_exactly_once([*ids, *(i for i in ledger.audits if i.startswith("alive-"))])
         refused = [ledger.reply_of[i].error for i in ids[::8]]
-        assert all(e is not None and e.type == "invalid_request" and "providers.listed.models" in e.message
-                   for e in refused), [e for e in refused if e is None or "providers.listed.models" not in e.message][:2]
+        assert all(
+            e is not None and e.type == "invalid_request" and "providers.listed.models" in e.message
+            for e in refused
+        ), [e for e in refused if e is None or "providers.listed.models" not in e.message][:2]
         assert all(ledger.reply_of[i].status == "ok" for n, i in enumerate(ids) if n % 8)
         grown_mib = (dispatcher.memory_kib()["VmRSS"] - before_kib) / 1024
         assert grown_mib < 25, f"the dispatcher grew {grown_mib:.1f} MiB for 3,500 made-up models"
         kv = await nc.jetstream().key_value("lifeline_health")
         stats = [await kv.get(key) for key in await kv.keys() if key.startswith("stats.")]
-        assert stats and all(len(entry.value) < 8 * 1024 for entry in stats), [len(e.value) for e in stats]
+        assert stats and all(len(entry.value) < 8 * 1024 for entry in stats), [
+            len(e.value) for e in stats
+        ]
         await nc.close()
     finally:
         svc.stop()
 
 
-async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_takes_the_traffic(tmp_path, server, provider):
+async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_takes_the_traffic(
+    tmp_path, server, provider
+):
     timeout_s, cooldown_s, slack_s = 1.0, 1.0, 1.0
     config = contract_config(provider)
     config["providers"]["pair"] = {"kind": "fake", "model": "pair-1", "latency_ms": 200}
-    config["routes"]["pair"] = {"targets": [{"provider": "pair", "timeout_s": timeout_s}, "echo"],
-                                "breaker": {"cooldown_s": cooldown_s}}  # fmt: skip
+    config["routes"]["pair"] = {
+        "targets": [{"provider": "pair", "timeout_s": timeout_s}, "echo"],
+        "breaker": {"cooldown_s": cooldown_s},
+    }
     svc = Service(tmp_path, server.url, config)
     try:
         svc.worker("echo")
@@ -455,12 +581,18 @@ async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_ta
         await steady(timeout_s + cooldown_s + slack_s + 1.5)
         await ledger.settle(len(ids), len(ids), timeout_s=30)
         ledger.assert_exactly_once(ids)
-        assert all(ledger.reply_of[i].status == "ok" for i in ids)  # what was in flight fell back to echo
-        fell_back = [i for i in ids if [a.outcome for a in ledger.reply_of[i].attempts] == ["timeout", "ok"]]
+        assert all(
+            ledger.reply_of[i].status == "ok" for i in ids
+        )  # what was in flight fell back to echo
+        fell_back = [
+            i for i in ids if [a.outcome for a in ledger.reply_of[i].attempts] == ["timeout", "ok"]
+        ]
         # Only what was sent before the server noticed the closed socket went to the dead replica.
         assert fell_back and all(ledger.sent_at[i] < killed + slack_s for i in fell_back)
         later = [i for i in ids if ledger.sent_at[i] > killed + timeout_s + cooldown_s + slack_s]
-        assert later and all(ledger.reply_of[i].target == "pair" for i in later), "the survivor is still benched"
+        assert later and all(ledger.reply_of[i].target == "pair" for i in later), (
+            "the survivor is still benched"
+        )
         await nc.close()
     finally:
         svc.stop()

@@ -18,7 +18,11 @@ def test_the_readme_lists_exactly_the_error_kinds_and_request_errors_of_the_tabl
     kinds_table = README.split("### Error kinds", 1)[1].split("\n### ", 1)[0]
     assert set(re.findall(r"^\| `([a-z_]+)` \|", kinds_table, re.M)) == set(errors.ERROR_KINDS)
     request_table = README.split("| `error.type` | when |", 1)[1].split("\n\n", 1)[0]
-    listed = {name for row in re.findall(r"^\| (`.+?`) \|", request_table, re.M) for name in re.findall(r"`([a-z_]+)`", row)}
+    listed = {
+        name
+        for row in re.findall(r"^\| (`.+?`) \|", request_table, re.M)
+        for name in re.findall(r"`([a-z_]+)`", row)
+    }
     assert listed == set(errors.REQUEST_ERRORS)
 
 
@@ -27,14 +31,34 @@ def test_retries_and_breakers_default_to_the_kinds_the_table_marks():
     assert BreakerSettings().trip_on == errors.DEFAULT_TRIP_ON == DEFAULT_RETRY_ON
 
 
-@pytest.mark.parametrize("status, kind", [(429, "rate_limit"), (401, "auth"), (403, "auth"), (408, "timeout"),
-                                          (500, "server_error"), (529, "server_error"), (404, "bad_request"),
-                                          (413, "bad_request")])  # fmt: skip
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (429, "rate_limit"),
+        (401, "auth"),
+        (403, "auth"),
+        (408, "timeout"),
+        (500, "server_error"),
+        (529, "server_error"),
+        (404, "bad_request"),
+        (413, "bad_request"),
+    ],
+)
 def test_http_statuses_map_to_kinds_through_the_table(status, kind):
     assert errors.classify_status(status) == kind
 
 
-@pytest.mark.parametrize("entry, ok", [("rate_limit", True), (503, True), (399, False), (600, False),
-                                       ("nope", False), (True, False), (None, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "entry, ok",
+    [
+        ("rate_limit", True),
+        (503, True),
+        (399, False),
+        (600, False),
+        ("nope", False),
+        (True, False),
+        (None, False),
+    ],
+)
 def test_one_check_for_a_kind_or_a_status(entry, ok):
     assert (errors.kind_or_status_problem(entry) is None) is ok

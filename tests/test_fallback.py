@@ -104,7 +104,9 @@ async def test_request_timeout_bounds_the_whole_chain(lifeline, client):
 async def test_a_late_reply_from_an_abandoned_attempt_is_ignored(lifeline, client, audit):
     # A worker that ignores the deadline header and answers after 300 ms, when the
     # dispatcher gave up at 100 ms: backup serves, and the late answer changes nothing.
-    stack = await lifeline(config({"primary": fake(timeout_s=0.1), "backup": fake(reply="b")}), workers=["backup"])
+    stack = await lifeline(
+        config({"primary": fake(timeout_s=0.1), "backup": fake(reply="b")}), workers=["backup"]
+    )
     late_sent = asyncio.Event()
 
     async def late_worker(msg):
@@ -124,7 +126,9 @@ async def test_a_late_reply_from_an_abandoned_attempt_is_ignored(lifeline, clien
     assert sub.pending_msgs == 0  # no second reply
     [(_, event)] = audit.events  # and no second audit event
     assert (event.provider, [a.outcome for a in event.attempts]) == ("backup", ["timeout", "ok"])
-    assert (await ask(client, {**USER_HELLO, "targets": ["backup"]})).content == "b"  # and it serves on
+    assert (
+        await ask(client, {**USER_HELLO, "targets": ["backup"]})
+    ).content == "b"  # and it serves on
 
 
 async def test_results_go_to_a_reply_subject_the_caller_consumes_later(lifeline, client):

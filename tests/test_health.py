@@ -182,7 +182,9 @@ def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
 
 
 def test_failed_calls_made_before_the_breaker_closed_count_for_nothing():
-    settings = BreakerSettings(consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0)
+    settings = BreakerSettings(
+        consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0
+    )
     h, t = opened(settings=settings)
     t[0] = 5.0
     h.claim_locally(P, M, 2.0)
@@ -209,7 +211,9 @@ def test_a_failure_older_than_a_good_answer_does_not_extend_a_run():
         h.record(P, M, FAST, False, "timeout", started=3.0)
     assert state(h) == OPEN
     h, t = make_health()
-    failures(h, 9, RATE)  # the failure rate still counts old failures: half the calls failing is unwell
+    failures(
+        h, 9, RATE
+    )  # the failure rate still counts old failures: half the calls failing is unwell
     t[0] = 1.0
     h.record(P, M, RATE, True, started=1.0)
     h.record(P, M, RATE, False, "timeout", started=0.5)
@@ -222,7 +226,9 @@ async def test_run_chain_tells_health_when_each_call_was_made():
     a = target("a", breaker=BreakerSettings(consecutive_failures=1))
 
     async def call(t, timeout_s, previous):
-        if t.label == "a":  # while this call hangs, a call of a that another request made later answers
+        if (
+            t.label == "a"
+        ):  # while this call hangs, a call of a that another request made later answers
             made = clock.now
             clock.now += 1
             h.record("a", "a-model", a.breaker, True, started=made + 0.5)
@@ -230,9 +236,13 @@ async def test_run_chain_tells_health_when_each_call_was_made():
             return fail("timeout")
         return ok(content="from b")
 
-    result = await run_chain(Chain([a, target("b")]), call, Limits(clock.now + 60), health=h, clock=clock)
+    result = await run_chain(
+        Chain([a, target("b")]), call, Limits(clock.now + 60), health=h, clock=clock
+    )
     assert result.answer is not None and result.answer.content == "from b"
-    assert h.of("a", "a-model").state == CLOSED  # one counted failure opens it, but this one is old news
+    assert (
+        h.of("a", "a-model").state == CLOSED
+    )  # one counted failure opens it, but this one is old news
 
 
 # ---- latency -------------------------------------------------------------------------
@@ -543,8 +553,12 @@ async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge(
         return fail("bad_request", 400)
 
     racer = Racer(a=a_slow, b=b_bad_request)
-    limits = Limits(time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01))
+    limits = Limits(
+        time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01)
+    )
     result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
     assert result.error is not None and result.error.type == "fallback_stopped"
     assert sorted((x.target, x.outcome, x.next, x.hedge) for x in result.attempts) == [
-        ("a", "cancelled", None, False), ("b", "error", "stop", True)]  # fmt: skip
+        ("a", "cancelled", None, False),
+        ("b", "error", "stop", True),
+    ]

@@ -75,7 +75,9 @@ async def test_a_breaker_opens_skips_probes_and_closes(lifeline, client, audit):
     events = await audit.wait_for(3)
     assert [(a.outcome, a.reason) for a in events[2][1].attempts] == [("skipped", "circuit_open"), ("ok", None)]
 
-    await until(lambda: health.admit("a", "fake-1") == PROBE)  # the cooldown ends: the next request probes a
+    await until(
+        lambda: health.admit("a", "fake-1") == PROBE
+    )  # the cooldown ends: the next request probes a
     reply = await ask(client, USER_HELLO)
     assert outcomes(reply) == [("a", "ok", None)]
     assert health.of("a", "fake-1").state == CLOSED
@@ -382,7 +384,9 @@ async def test_with_fallback_off_an_open_first_target_is_still_called(lifeline, 
 
 async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats_url, tracers):
     config = breaker_config({"cooldown_s": 0.3})
-    config["providers"]["a"] = fake(reply="from a", latency_ms=300, fail_on_request=True)  # the probe is still out when the others arrive
+    config["providers"]["a"] = fake(
+        reply="from a", latency_ms=300, fail_on_request=True
+    )  # the probe is still out when the others arrive
     first = await lifeline(config)
     second = await start_stack(parse_config(config), nats_url, tracers, workers=[])
     both = [first.dispatcher.health, second.dispatcher.health]
@@ -390,7 +394,9 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
         async with asyncio.timeout(10):
             while not all(h.of("a", "fake-1").state == OPEN for h in both):
                 await ask(client, FAIL_A)
-        await until(lambda: all(h.admit("a", "fake-1") == PROBE for h in both))  # the cooldown is over for both
+        await until(
+            lambda: all(h.admit("a", "fake-1") == PROBE for h in both)
+        )  # the cooldown is over for both
         replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(12)))
     finally:
         await second.stop()
@@ -410,7 +416,9 @@ async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_agai
         target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
         key = breaker_key("a", "m")
         stale = await health.kv.put(key, health._value(target))
-        await health.kv.put(key, health._value(target))  # our own later write, its echo not followed yet
+        await health.kv.put(
+            key, health._value(target)
+        )  # our own later write, its echo not followed yet
         health._revisions[key] = stale
         assert await health.claim("a", "m", lease_s=31) is False
         now[0] += 1.5
@@ -435,7 +443,15 @@ async def test_a_simulated_answer_does_not_close_a_really_open_breaker(lifeline,
     for _ in range(2):
         await ask(client, FAIL_A)
     assert health.of("a", "fake-1").state == OPEN
-    await until(lambda: health.admit("a", "fake-1") == PROBE)  # the cooldown is over: the next real call probes
-    reply = await ask(client, {**USER_HELLO, "faults": {"a": [401]}})  # a 401 is the request's fault: would close it
-    assert outcomes(reply)[0] == ("a", "skipped", "circuit_open")  # no probe from a simulated request either
+    await until(
+        lambda: health.admit("a", "fake-1") == PROBE
+    )  # the cooldown is over: the next real call probes
+    reply = await ask(
+        client, {**USER_HELLO, "faults": {"a": [401]}}
+    )  # a 401 is the request's fault: would close it
+    assert outcomes(reply)[0] == (
+        "a",
+        "skipped",
+        "circuit_open",
+    )  # no probe from a simulated request either
     assert stack.dispatcher.health.of("a", "fake-1").state == OPEN

@@ -13,25 +13,42 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_import_contracts_in_pyproject_are_kept():
     lint = Path(sys.executable).parent / "lint-imports"
-    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
 
 
 def loaded_by(statement: str) -> list[str]:
     """The Lifeline modules, NATS and FastStream that one statement loads in a fresh interpreter."""
-    code = (f"import sys, json; {statement}; print(json.dumps(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema'))))")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    code = (
+        f"import sys, json; {statement}; print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
-    expected = ["schemas", "schemas.errors", "schemas.subjects", "schemas.wire", "workers", "workers.base"]
+    expected = [
+        "schemas",
+        "schemas.errors",
+        "schemas.subjects",
+        "schemas.wire",
+        "workers",
+        "workers.base",
+    ]
     assert loaded_by("import workers.base") == expected
 
 
 def test_a_worker_does_not_load_the_dispatcher():
     loaded = loaded_by("import workers.runtime")
-    assert {m for m in loaded if m.startswith("service")} == {"service", "service.natsio", "service.telemetry"}
+    assert {m for m in loaded if m.startswith("service")} == {
+        "service",
+        "service.natsio",
+        "service.telemetry",
+    }

@@ -12,7 +12,11 @@ from schemas.subjects import reply_subject_refused
 from schemas.wire import MAX_ID_LENGTH, message_bytes, salvage_id
 from service.embedded import EmbeddedNats, redact_url
 
-HEADERS = {"Lifeline-Deadline-Ms": "1893456000000", "Lifeline-Request-Id": "r\u00e9q-1", "traceparent": "00-" + "a" * 49}
+HEADERS = {
+    "Lifeline-Deadline-Ms": "1893456000000",
+    "Lifeline-Request-Id": "r\u00e9q-1",
+    "traceparent": "00-" + "a" * 49,
+}
 
 
 @pytest.fixture
@@ -45,10 +49,21 @@ async def test_message_bytes_counts_headers_as_the_server_does(small_server):
 
 @pytest.mark.parametrize(
     "subject, refused",
-    [("_INBOX.abc.1", False), ("my.replies.7", False), ("llm.complete", True), ("llm.audit.ok", True),
-     ("llm.provider.openai", True), ("llm.cancel.openai", True), ("llm.jobs.result.x", True), ("$JS.API.INFO", True),
-     ("$KV.bucket.key", True), ("$SYS.REQ.SERVER.PING", True), ("_INBOX.*", True), ("a.>", True)],
-)  # fmt: skip
+    [
+        ("_INBOX.abc.1", False),
+        ("my.replies.7", False),
+        ("llm.complete", True),
+        ("llm.audit.ok", True),
+        ("llm.provider.openai", True),
+        ("llm.cancel.openai", True),
+        ("llm.jobs.result.x", True),
+        ("$JS.API.INFO", True),
+        ("$KV.bucket.key", True),
+        ("$SYS.REQ.SERVER.PING", True),
+        ("_INBOX.*", True),
+        ("a.>", True),
+    ],
+)
 def test_reply_subjects_in_lifelines_or_the_servers_namespace_are_refused(subject, refused):
     assert (reply_subject_refused(subject) is not None) is refused
 
@@ -58,14 +73,20 @@ def test_an_id_is_salvaged_from_input_too_deeply_nested_to_decode():
     assert salvage_id(b'{"meta": {"id": "inner"}, "id": "outer", "x": ' + nested + b"}") == "outer"
     assert salvage_id(b'{"x": ' + nested + b', "id": "after"}') == "after"
     far = b"[" * 40_000 + b"]" * 40_000
-    assert salvage_id(b'{"x": ' + far + b', "id": "after"}') == ""  # beyond the first 64 KiB: not looked for
+    assert (
+        salvage_id(b'{"x": ' + far + b', "id": "after"}') == ""
+    )  # beyond the first 64 KiB: not looked for
     assert salvage_id(b'{"id": "' + b"i" * (MAX_ID_LENGTH + 1) + b'"}') == ""  # too long to carry
 
 
 @pytest.mark.parametrize(
     "url, shown",
-    [("nats://alice:s3cret@host:4222", "nats://***@host:4222"), ("nats://TOKEN@host:4222", "nats://***@host:4222"),
-     ("nats://host:4222", "nats://host:4222"), ("tls://u:p@a:1, nats://b:2", "tls://***@a:1,nats://b:2")],
-)  # fmt: skip
+    [
+        ("nats://alice:s3cret@host:4222", "nats://***@host:4222"),
+        ("nats://TOKEN@host:4222", "nats://***@host:4222"),
+        ("nats://host:4222", "nats://host:4222"),
+        ("tls://u:p@a:1, nats://b:2", "tls://***@a:1,nats://b:2"),
+    ],
+)
 def test_nats_urls_are_shown_without_their_secrets(url, shown):
     assert redact_url(url) == shown

@@ -64,7 +64,9 @@ class Kind:
 
 def _openai(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
     table = {"kind": "openai", "model": "gpt-4o-mini", "base_url": f"{base_url}/v1", **settings}
-    return OpenAIProvider(msgspec.convert(table, OpenAISettings), client, environ={"OPENAI_API_KEY": OPENAI.key})
+    return OpenAIProvider(
+        msgspec.convert(table, OpenAISettings), client, environ={"OPENAI_API_KEY": OPENAI.key}
+    )
 
 
 def _azure(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
@@ -74,7 +76,12 @@ def _azure(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> 
 
 
 def _anthropic(base_url: str, client: httpx.AsyncClient | None, **settings: Any) -> HttpProvider:
-    table = {"kind": "anthropic", "model": "claude-sonnet-4-20250514", "base_url": base_url, **settings}
+    table = {
+        "kind": "anthropic",
+        "model": "claude-sonnet-4-20250514",
+        "base_url": base_url,
+        **settings,
+    }
     environ = {"ANTHROPIC_API_KEY": ANTHROPIC.key}
     return AnthropicProvider(msgspec.convert(table, AnthropicSettings), client, environ=environ)
 
@@ -91,7 +98,9 @@ async def providers():
     """providers(kind, base_url, client=None, **settings): a provider, closed after the test."""
     built: list[HttpProvider] = []
 
-    def build(kind: Kind, base_url: str, client: httpx.AsyncClient | None = None, **settings: Any) -> HttpProvider:
+    def build(
+        kind: Kind, base_url: str, client: httpx.AsyncClient | None = None, **settings: Any
+    ) -> HttpProvider:
         built.append(kind.build(base_url, client, **settings))
         return built[-1]
 
@@ -113,7 +122,9 @@ class Server(ThreadingHTTPServer):
         self.answer: Callable[[_Handler], None] = lambda handler: send(handler, 200, [b"{}"])
         self.request_headers: list[dict[str, str]] = []
         self.sent_bytes = 0
-        self.hung_up = threading.Event()  # the client closed the connection before the server was done
+        self.hung_up = (
+            threading.Event()
+        )  # the client closed the connection before the server was done
         self.finished = threading.Event()  # the handler has returned
         self.release = threading.Event()  # set at teardown: ends any handler still waiting
 
@@ -140,7 +151,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def send(handler: _Handler, status: int, chunks: Iterable[bytes], headers: dict[str, str] | None = None) -> None:
+def send(
+    handler: _Handler, status: int, chunks: Iterable[bytes], headers: dict[str, str] | None = None
+) -> None:
     """Status, headers, then the body chunk by chunk (HTTP/1.0: without a Content-Length it ends at close)."""
     handler.send_response(status)
     for name, value in {"content-type": "application/json", **(headers or {})}.items():
@@ -160,7 +173,9 @@ def wait_for_hang_up(handler: _Handler) -> None:
 @pytest.fixture
 def server() -> Iterator[Server]:
     server = Server()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     yield server
     server.release.set()
@@ -229,25 +244,36 @@ PEAK_LIMIT_BYTES = 16 * MiB
 
 def assert_too_large(error: ProviderError, status: int = 200) -> None:
     assert (error.kind, error.status_code) == ("response_too_large", status)
-    assert "max_response_bytes" in error.message and f"({DEFAULT_MAX_RESPONSE_BYTES} bytes" in error.message
+    assert (
+        "max_response_bytes" in error.message
+        and f"({DEFAULT_MAX_RESPONSE_BYTES} bytes" in error.message
+    )
     assert "max_tokens" in error.message  # says what to do about it
 
 
 @each_kind
-async def test_a_50_mb_answer_fails_as_too_large_and_memory_stays_near_the_limit(kind, server, providers):
+async def test_a_50_mb_answer_fails_as_too_large_and_memory_stays_near_the_limit(
+    kind, server, providers
+):
     before, after = kind.answer_around()
     total = len(before) + 50 * MiB + len(after)
     chunks = [before, *[b"a" * 65536] * (50 * 16), after]
-    server.answer = lambda handler: send(handler, 200, chunks)  # no Content-Length: read until the server closes
+    server.answer = lambda handler: send(
+        handler, 200, chunks
+    )  # no Content-Length: read until the server closes
     error, peak = await failure_and_peak_bytes(providers(kind, server.url))
     assert_too_large(error)
     assert peak < PEAK_LIMIT_BYTES
-    assert server.finished.wait(5) and server.hung_up.is_set()  # the worker stopped reading and hung up
+    assert (
+        server.finished.wait(5) and server.hung_up.is_set()
+    )  # the worker stopped reading and hung up
     assert server.sent_bytes < total
 
 
 @each_kind
-async def test_a_content_length_over_the_limit_is_refused_before_any_of_the_body_is_read(kind, server, providers):
+async def test_a_content_length_over_the_limit_is_refused_before_any_of_the_body_is_read(
+    kind, server, providers
+):
     def headers_only(handler: _Handler) -> None:
         send(handler, 200, [], {"content-length": str(50 * MiB)})
         wait_for_hang_up(handler)
@@ -260,9 +286,13 @@ async def test_a_content_length_over_the_limit_is_refused_before_any_of_the_body
 
 
 @each_kind
-async def test_a_gzip_bomb_fails_as_too_large_and_memory_stays_near_the_limit(kind, server, providers, bombs):
+async def test_a_gzip_bomb_fails_as_too_large_and_memory_stays_near_the_limit(
+    kind, server, providers, bombs
+):
     bomb, _ = bombs[kind.name]
-    assert len(bomb) < DEFAULT_MAX_RESPONSE_BYTES  # its Content-Length passes: the decoded size must be counted
+    assert (
+        len(bomb) < DEFAULT_MAX_RESPONSE_BYTES
+    )  # its Content-Length passes: the decoded size must be counted
     headers = {"content-encoding": "gzip", "content-length": str(len(bomb))}
     server.answer = lambda handler: send(handler, 200, [bomb], headers)
     error, peak = await failure_and_peak_bytes(providers(kind, server.url))
@@ -285,7 +315,9 @@ async def test_a_2_kb_double_gzip_bomb_of_1_gib_fails_as_too_large_and_memory_st
 
 @each_kind
 @pytest.mark.parametrize("status, kind_of_status", [(500, "server_error"), (429, "rate_limit")])
-async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status(kind, server, providers, status, kind_of_status):
+async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status(
+    kind, server, providers, status, kind_of_status
+):
     error_body = {"error": {"message": "x" * (8 * MiB), "type": "server_error"}}
     server.answer = lambda handler: send(handler, status, [json.dumps(error_body).encode()])
     error = await expect_failure(providers(kind, server.url), REQUEST)
@@ -301,13 +333,19 @@ async def test_bytes_after_the_end_of_a_gzip_stream_count_against_the_limit(serv
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])
-async def test_an_answer_of_exactly_max_response_bytes_is_read_and_one_byte_more_is_not(encoding, server, providers):
+async def test_an_answer_of_exactly_max_response_bytes_is_read_and_one_byte_more_is_not(
+    encoding, server, providers
+):
     body = json.dumps(OPENAI.answer("exactly")).encode()
     wire = gzip.compress(body) if encoding == "gzip" else body
     server.answer = lambda handler: send(handler, 200, [wire], {"content-encoding": encoding})
-    ok = await providers(OPENAI, server.url, max_response_bytes=len(body)).complete(REQUEST, timeout_s=5)
+    ok = await providers(OPENAI, server.url, max_response_bytes=len(body)).complete(
+        REQUEST, timeout_s=5
+    )
     assert ok.content == "exactly"
-    error = await expect_failure(providers(OPENAI, server.url, max_response_bytes=len(body) - 1), REQUEST)
+    error = await expect_failure(
+        providers(OPENAI, server.url, max_response_bytes=len(body) - 1), REQUEST
+    )
     assert error.kind == "response_too_large"
 
 
@@ -319,12 +357,16 @@ async def test_an_answer_of_exactly_max_response_bytes_is_read_and_one_byte_more
 @each_kind
 async def test_gzip_and_deflate_answers_are_decoded(kind, compress, server, providers):
     encoding = "gzip" if compress is gzip.compress else "deflate"
-    text = random.Random(7).randbytes(300_000).hex()  # compresses to ~300 KB: several network reads and pieces
+    text = (
+        random.Random(7).randbytes(300_000).hex()
+    )  # compresses to ~300 KB: several network reads and pieces
     body = compress(json.dumps(kind.answer(text)).encode())
     server.answer = lambda handler: send(handler, 200, [body], {"content-encoding": encoding})
     ok = await providers(kind, server.url).complete(REQUEST, timeout_s=5)
     assert ok.content == text
-    assert server.request_headers[0]["accept-encoding"] == "gzip, deflate"  # never br or zstd: no bound for those
+    assert (
+        server.request_headers[0]["accept-encoding"] == "gzip, deflate"
+    )  # never br or zstd: no bound for those
 
 
 async def test_an_encoding_the_worker_did_not_ask_for_is_a_server_error(server, providers):
@@ -335,14 +377,18 @@ async def test_an_encoding_the_worker_did_not_ask_for_is_a_server_error(server, 
 
 
 async def test_a_corrupt_gzip_body_is_a_server_error(server, providers):
-    server.answer = lambda handler: send(handler, 200, [b"not gzip at all"], {"content-encoding": "gzip"})
+    server.answer = lambda handler: send(
+        handler, 200, [b"not gzip at all"], {"content-encoding": "gzip"}
+    )
     error = await expect_failure(providers(OPENAI, server.url), REQUEST)
     assert (error.kind, error.status_code) == ("server_error", 200)
     assert "does not decode" in error.message
 
 
 async def test_a_body_cut_short_is_a_connection_error(server, providers):
-    server.answer = lambda handler: send(handler, 200, [b'{"choices": ['], {"content-length": "1000"})
+    server.answer = lambda handler: send(
+        handler, 200, [b'{"choices": ['], {"content-length": "1000"}
+    )
     error = await expect_failure(providers(OPENAI, server.url), REQUEST)
     assert error.kind == "connection"
 
@@ -365,17 +411,27 @@ async def test_a_body_that_stops_coming_is_a_timeout(server, providers):
 
 SETTINGS = {
     "openai": (OpenAISettings, {"kind": "openai", "model": "gpt-4o-mini"}),
-    "azure_openai": (AzureOpenAISettings, {"kind": "azure_openai", "endpoint": "https://r.azure.com", "deployment": "d"}),
+    "azure_openai": (
+        AzureOpenAISettings,
+        {"kind": "azure_openai", "endpoint": "https://r.azure.com", "deployment": "d"},
+    ),
     "anthropic": (AnthropicSettings, {"kind": "anthropic", "model": "claude-sonnet-4-20250514"}),
     "fake": (FakeSettings, {"kind": "fake"}),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", SETTINGS)
 def test_every_kind_takes_max_response_bytes_defaulting_to_4_mib(kind):
     settings_type, table = SETTINGS[kind]
-    assert msgspec.convert(table, settings_type).max_response_bytes == 4 * MiB == DEFAULT_MAX_RESPONSE_BYTES
-    assert msgspec.convert({**table, "max_response_bytes": 1024}, settings_type).max_response_bytes == 1024
+    assert (
+        msgspec.convert(table, settings_type).max_response_bytes
+        == 4 * MiB
+        == DEFAULT_MAX_RESPONSE_BYTES
+    )
+    assert (
+        msgspec.convert({**table, "max_response_bytes": 1024}, settings_type).max_response_bytes
+        == 1024
+    )
 
 
 @pytest.mark.parametrize("kind", SETTINGS)
@@ -387,10 +443,14 @@ def test_a_max_response_bytes_that_is_not_a_positive_integer_is_refused_naming_i
 
 
 async def test_the_fake_provider_honours_max_response_bytes_too():
-    settings = msgspec.convert({"kind": "fake", "reply": "x" * 100, "max_response_bytes": 99}, FakeSettings)
+    settings = msgspec.convert(
+        {"kind": "fake", "reply": "x" * 100, "max_response_bytes": 99}, FakeSettings
+    )
     error = await expect_failure(FakeProvider(settings), REQUEST)
     assert (error.kind, error.status_code) == ("response_too_large", 200)
-    settings = msgspec.convert({"kind": "fake", "reply": "x" * 100, "max_response_bytes": 100}, FakeSettings)
+    settings = msgspec.convert(
+        {"kind": "fake", "reply": "x" * 100, "max_response_bytes": 100}, FakeSettings
+    )
     assert (await FakeProvider(settings).complete(REQUEST, timeout_s=1)).content == "x" * 100
 
 
@@ -403,7 +463,9 @@ def test_response_too_large_is_a_wire_error_kind():
 
 def test_scrub_replaces_every_occurrence_raw_and_json_escaped():
     secret = 'k"ey\\é'
-    text = f"a {secret} b {json.dumps(secret)} c {json.dumps(secret, ensure_ascii=False)} d {secret}"
+    text = (
+        f"a {secret} b {json.dumps(secret)} c {json.dumps(secret, ensure_ascii=False)} d {secret}"
+    )
     assert scrub(text, [secret]) == 'a *** b "***" c "***" d ***'
 
 
@@ -451,7 +513,9 @@ def unexpected_200s(key: str) -> dict[str, Any]:
             "usage": key,
         },
         "a-json-string": key,
-        "headers-echo": {"headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}},
+        "headers-echo": {
+            "headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}
+        },
         "nested-too-deep": "[" * 100_000 + json.dumps(key) + "]" * 100_000,
         "not-json": f"<html><body>502 Bad Gateway (upstream got key {key})</body></html>",
     }
@@ -459,13 +523,17 @@ def unexpected_200s(key: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("shape", list(unexpected_200s("k")))
 @each_kind
-async def test_an_unexpected_200_describes_its_shape_and_never_quotes_the_key(kind, shape, providers):
+async def test_an_unexpected_200_describes_its_shape_and_never_quotes_the_key(
+    kind, shape, providers
+):
     body = unexpected_200s(kind.key)[shape]
     if shape == "a-json-string":
         body = json.dumps(body).encode()
     elif isinstance(body, str):
         body = body.encode()  # sent as is, not as a JSON string
-    error = await expect_failure(providers(kind, "https://provider.test", mock_client(200, body)), REQUEST)
+    error = await expect_failure(
+        providers(kind, "https://provider.test", mock_client(200, body)), REQUEST
+    )
     assert (error.kind, error.status_code) == ("server_error", 200)
     assert error.message.startswith("provider returned an unexpected response body")
     assert_no_key(error, kind.key)
@@ -474,13 +542,19 @@ async def test_an_unexpected_200_describes_its_shape_and_never_quotes_the_key(ki
 
 def errors_echoing(key: str, label: str) -> dict[str, Any]:
     """Error bodies that echo the key, in the kinds' documented shape and in others."""
-    before_cut = 290 - len(f"{label} 400: ")  # unscrubbed, the key would start 10 characters before the cut
+    before_cut = 290 - len(
+        f"{label} 400: "
+    )  # unscrubbed, the key would start 10 characters before the cut
     return {
-        "in-error-message": {"error": {"message": f"Incorrect API key provided: {key}.", "type": "x", "code": None}},
+        "in-error-message": {
+            "error": {"message": f"Incorrect API key provided: {key}.", "type": "x", "code": None}
+        },
         "in-a-nested-dict-message": {"error": {"message": {"detail": {"key": key}}, "type": "x"}},
         "in-a-list-message": {"error": {"message": ["bad key", key]}},
         "error-is-a-string": {"error": f"invalid key {key}"},
-        "headers-echo": {"headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}},
+        "headers-echo": {
+            "headers": {"Authorization": f"Bearer {key}", "api-key": key, "x-api-key": key}
+        },
         "not-json": f"<html>denied for {key}</html>",
         "json-escaped": json.dumps({"error": {"message": json.dumps({"key": key})}}),
         "cut-at-the-limit": {"error": {"message": "x" * before_cut + key}},
@@ -491,13 +565,20 @@ def errors_echoing(key: str, label: str) -> dict[str, Any]:
 @pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
 @pytest.mark.parametrize("shape", list(errors_echoing("k", "")))
 @each_kind
-async def test_an_error_answer_never_carries_the_key_and_still_says_what_failed(kind, shape, status, providers):
+async def test_an_error_answer_never_carries_the_key_and_still_says_what_failed(
+    kind, shape, status, providers
+):
     body = errors_echoing(kind.key, kind.name)[shape]
-    error = await expect_failure(providers(kind, "https://provider.test", mock_client(status, body)), REQUEST)
+    error = await expect_failure(
+        providers(kind, "https://provider.test", mock_client(status, body)), REQUEST
+    )
     assert (error.kind, error.status_code) == (classify_status(status), status)
     assert error.message.startswith(f"{kind.name} {status}: ")
     assert_no_key(error, kind.key)
-    if shape not in ("cut-at-the-limit", "nested-too-deep"):  # where the key is past the first 300 characters
+    if shape not in (
+        "cut-at-the-limit",
+        "nested-too-deep",
+    ):  # where the key is past the first 300 characters
         assert "***" in error.message  # the provider's text is kept, the key in it is not
 
 
@@ -510,7 +591,9 @@ async def test_a_key_echoed_in_a_response_header_stays_out_of_the_message(kind, 
 
 
 @each_kind
-async def test_a_key_echoed_in_a_malformed_header_line_stays_out_of_the_transport_error(kind, server, providers):
+async def test_a_key_echoed_in_a_malformed_header_line_stays_out_of_the_transport_error(
+    kind, server, providers
+):
     def malformed(handler: _Handler) -> None:
         handler.wfile.write(f"HTTP/1.0 200 OK\r\nnot a header {kind.key}\r\n\r\n{{}}".encode())
 

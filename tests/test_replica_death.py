@@ -26,11 +26,16 @@ SLACK_S = 0.4  # a probe's call (100 ms) and a busy machine
 
 def replica_config(latency_ms: float = 100) -> dict[str, Any]:
     return {
-        "providers": {"slow": fake(reply="slow", latency_ms=latency_ms), "backup": fake(reply="backup")},
+        "providers": {
+            "slow": fake(reply="slow", latency_ms=latency_ms),
+            "backup": fake(reply="backup"),
+        },
         "breaker": {"consecutive_failures": 3, "cooldown_s": COOLDOWN_S},
         "routes": {
             "quick": {"targets": [{"provider": "slow", "timeout_s": QUICK_TIMEOUT_S}, "backup"]},
-            "patient": {"targets": [{"provider": "slow", "timeout_s": PATIENT_TIMEOUT_S}, "backup"]},
+            "patient": {
+                "targets": [{"provider": "slow", "timeout_s": PATIENT_TIMEOUT_S}, "backup"]
+            },
         },
     }
 
@@ -44,26 +49,37 @@ async def die(runtime: Any) -> None:
     await runtime.nc.flush()  # the server has dropped the subscription before the test goes on
 
 
-async def steady(client: Any, until: float, log: list[tuple[float, Any]], started_at: float) -> None:
+async def steady(
+    client: Any, until: float, log: list[tuple[float, Any]], started_at: float
+) -> None:
     """One client sending requests one after another: (start, reply), start relative to started_at."""
     while time.monotonic() < until:
         start = time.monotonic() - started_at
         log.append((start, await ask(client, {**USER_HELLO, "route": "quick"})))
 
 
-async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(lifeline, client, nats_url, tracers):
+async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(
+    lifeline, client, nats_url, tracers
+):
     await lifeline(replica_config(), workers=["backup"])
     # The replica that dies is busy with long calls, so its attempts are still in flight when it
     # goes; it is alone at first so that it takes the whole burst.
-    doomed_component, doomed = await start_worker(parse_config(replica_config(5000)), "slow", nats_url, tracers)
+    doomed_component, doomed = await start_worker(
+        parse_config(replica_config(5000)), "slow", nats_url, tracers
+    )
     survivor_component = None
     try:
-        burst = [asyncio.create_task(ask(client, {**USER_HELLO, "route": route}, timeout_s=10))
-                 for route in ["quick", "patient"] for _ in range(6)]  # fmt: skip
+        burst = [
+            asyncio.create_task(ask(client, {**USER_HELLO, "route": route}, timeout_s=10))
+            for route in ["quick", "patient"]
+            for _ in range(6)
+        ]
         async with asyncio.timeout(5):
             while doomed.in_flight < len(burst):
                 await asyncio.sleep(0.005)
-        survivor_component, _ = await start_worker(parse_config(replica_config()), "slow", nats_url, tracers)
+        survivor_component, _ = await start_worker(
+            parse_config(replica_config()), "slow", nats_url, tracers
+        )
         await die(doomed)
         killed = time.monotonic()
 
@@ -78,11 +94,15 @@ async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(life
 
     # What the dead replica cost: its attempts in flight, each falling back after its timeout.
     assert {tuple((a.target, a.outcome) for a in r.attempts) for r in burst_replies} == {
-        (("slow", "timeout"), ("backup", "ok"))}  # fmt: skip
+        (("slow", "timeout"), ("backup", "ok"))
+    }
     # Within one cooldown of the first timeouts (plus slack) the survivor serves every request,
     # and goes on doing so when the second burst of timeouts comes in.
     back_by_s = QUICK_TIMEOUT_S + COOLDOWN_S + SLACK_S
-    later = [(round(start, 2), [(a.target, a.outcome, a.reason) for a in reply.attempts])
-             for start, reply in log if start >= back_by_s]  # fmt: skip
+    later = [
+        (round(start, 2), [(a.target, a.outcome, a.reason) for a in reply.attempts])
+        for start, reply in log
+        if start >= back_by_s
+    ]
     assert len(later) > 10
     assert [entry for entry in later if entry[1] != [("slow", "ok", None)]] == []

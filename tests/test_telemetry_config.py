@@ -16,7 +16,11 @@ from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExp
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
@@ -52,7 +56,11 @@ def providers():
 
 
 def span_exporters(provider: Tracing) -> list[type]:
-    return [type(p.span_exporter) for p in provider.processors._span_processors if isinstance(p, BatchSpanProcessor)]
+    return [
+        type(p.span_exporter)
+        for p in provider.processors._span_processors
+        if isinstance(p, BatchSpanProcessor)
+    ]
 
 
 class Starts(SpanProcessor):
@@ -62,9 +70,20 @@ class Starts(SpanProcessor):
         self.started: list[tuple[str, int, int | None, trace.SpanContext | None, int]] = []
 
     def on_start(self, span, parent_context=None) -> None:  # type: ignore[no-untyped-def]
-        parent = trace.get_current_span(parent_context).get_span_context() if parent_context is not None else None
-        self.started.append((span.name, span.context.span_id, span.parent and span.parent.span_id, parent,
-                             span.start_time))  # fmt: skip
+        parent = (
+            trace.get_current_span(parent_context).get_span_context()
+            if parent_context is not None
+            else None
+        )
+        self.started.append(
+            (
+                span.name,
+                span.context.span_id,
+                span.parent and span.parent.span_id,
+                parent,
+                span.start_time,
+            )
+        )
         span.set_attribute("tagged.on_start", span.resource.attributes["service.name"])
 
 
@@ -92,9 +111,18 @@ def test_a_metrics_exporter_list_gets_one_reader_per_entry(providers):
     ("environ", "names"),
     [
         ({}, []),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),  # what docker-compose sets
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+            ["otlp"],
+        ),  # what docker-compose sets
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
-        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, []),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "none",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            },
+            [],
+        ),
         ({"OTEL_TRACES_EXPORTER": "console,none"}, ["console"]),
         ({"OTEL_TRACES_EXPORTER": "CONSOLE,console"}, ["console"]),
         ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, []),
@@ -105,7 +133,9 @@ def test_exporter_names_follow_the_variables(environ, names):
 
 
 def test_an_endpoint_alone_exports_over_otlp_http():
-    assert exporter_classes({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}) == [OTLPSpanExporter]
+    assert exporter_classes({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}) == [
+        OTLPSpanExporter
+    ]
 
 
 @pytest.mark.parametrize("signal", ["TRACES", "METRICS"])
@@ -121,10 +151,22 @@ def test_an_unknown_exporter_stops_the_cli_at_start_up():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
     env.update(PYTHONPATH=str(ROOT), OTEL_TRACES_EXPORTER="console,jaeger")
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "dispatcher", "--config", str(ROOT / "lifeline.example.toml"),
-         "--nats-url", "nats://127.0.0.1:1"],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "dispatcher",
+            "--config",
+            str(ROOT / "lifeline.example.toml"),
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 2
     assert "OTEL_TRACES_EXPORTER" in done.stderr and "'jaeger'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -133,7 +175,9 @@ def test_an_unknown_exporter_stops_the_cli_at_start_up():
 # --- OTLP protocol ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"])
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+)
 def test_grpc_works_if_installed_and_is_refused_with_the_fix_if_not(variable):
     environ = {"OTEL_TRACES_EXPORTER": "otlp", variable: "grpc"}
     if GRPC_INSTALLED:
@@ -144,32 +188,46 @@ def test_grpc_works_if_installed_and_is_refused_with_the_fix_if_not(variable):
         exporter_classes(environ)
     message = str(refused.value)
     assert f"{variable}=grpc" in message
-    assert "pip install opentelemetry-exporter-otlp-proto-grpc" in message and "http/protobuf" in message
+    assert (
+        "pip install opentelemetry-exporter-otlp-proto-grpc" in message
+        and "http/protobuf" in message
+    )
 
 
 def test_the_signal_protocol_overrides_the_general_one():
-    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-               "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}  # fmt: skip
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+    }
     assert exporter_classes(environ) == [OTLPSpanExporter]
 
 
 def test_an_unsupported_protocol_is_refused():
-    with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL=http/json .*http/protobuf or grpc"):
-        exporter_classes({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    with pytest.raises(
+        TelemetryConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL=http/json .*http/protobuf or grpc"
+    ):
+        exporter_classes(
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+        )
 
 
 def test_the_protocol_only_matters_when_otlp_is_asked_for():
-    assert exporter_classes({"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}) == [
-        ConsoleSpanExporter
-    ]
+    assert exporter_classes(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}
+    ) == [ConsoleSpanExporter]
 
 
 # --- resource and sampler: the SDK's own ------------------------------------------------------
 
 
 def test_the_service_name_is_lifelines_unless_the_environment_names_it(monkeypatch):
-    assert service_resource("lifeline-dispatcher").attributes["service.name"] == "lifeline-dispatcher"
-    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes,deployment.environment=prod")
+    assert (
+        service_resource("lifeline-dispatcher").attributes["service.name"] == "lifeline-dispatcher"
+    )
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes,deployment.environment=prod"
+    )
     resource = service_resource("lifeline-dispatcher")
     assert resource.attributes["service.name"] == "from-attributes"
     assert resource.attributes["deployment.environment"] == "prod"
@@ -203,13 +261,25 @@ def test_processors_get_on_start_for_recording_spans_and_can_tag_them(providers)
     child.end()
     root.end()
 
-    [(name, span_id, parent_id, _, started), (child_name, child_id, child_parent, context_parent, _)] = starts.started
+    [
+        (name, span_id, parent_id, _, started),
+        (child_name, child_id, child_parent, context_parent, _),
+    ] = starts.started
     assert (name, span_id, parent_id) == ("request", root.context.span_id, None)
     assert started == root.start_time > 0
-    assert (child_name, child_id, child_parent) == ("attempt", child.context.span_id, root.context.span_id)
-    assert context_parent == root.context  # the parent context holds the parent span, as the SDK's does
+    assert (child_name, child_id, child_parent) == (
+        "attempt",
+        child.context.span_id,
+        root.context.span_id,
+    )
+    assert (
+        context_parent == root.context
+    )  # the parent context holds the parent span, as the SDK's does
     finished = {s.name: s for s in exported.get_finished_spans()}
-    assert finished["request"].attributes["tagged.on_start"] == provider.resource.attributes["service.name"]
+    assert (
+        finished["request"].attributes["tagged.on_start"]
+        == provider.resource.attributes["service.name"]
+    )
     assert finished["attempt"].attributes["tagged.on_start"]
 
 

@@ -11,10 +11,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Provider": "workers.base", "ProviderError": "workers.base", "ProviderSettings": "workers.base",
-    "classify_status": "workers.base", "KINDS": "workers.registry", "build_provider": "workers.registry",
-    "parse_settings": "workers.registry", "WorkerRuntime": "workers.runtime",
-}  # fmt: skip
+    "Provider": "workers.base",
+    "ProviderError": "workers.base",
+    "ProviderSettings": "workers.base",
+    "classify_status": "workers.base",
+    "KINDS": "workers.registry",
+    "build_provider": "workers.registry",
+    "parse_settings": "workers.registry",
+    "WorkerRuntime": "workers.runtime",
+}
 
 __all__ = sorted(_EXPORTS)
 

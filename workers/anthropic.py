@@ -106,7 +106,9 @@ def parse_message(response: httpx.Response, model: str) -> ProviderOk:
         raise ProviderError("content_filter", "provider refused to answer (stop_reason refusal)", response.status_code)
     usage = data.usage or _Usage()
     tokens = Usage(input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0)
-    return ProviderOk(content="".join(t for t in texts if t is not None), model=data.model or model, usage=tokens)
+    return ProviderOk(
+        content="".join(t for t in texts if t is not None), model=data.model or model, usage=tokens
+    )
 
 
 def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderError:

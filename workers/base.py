@@ -29,7 +29,9 @@ from schemas import ProviderOk, ProviderRequest
 # The one exception type and status mapping of providers, re-exported for the provider modules.
 from schemas.errors import ProviderError as ProviderError, classify_status as classify_status
 
-DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # 4 MiB: far above any chat answer's JSON, far below a worker's memory
+DEFAULT_MAX_RESPONSE_BYTES = (
+    4 * 1024 * 1024
+)  # 4 MiB: far above any chat answer's JSON, far below a worker's memory
 
 
 class Provider(Protocol):
@@ -49,7 +51,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     model: str = ""
     # The other models targets and requests may name for this provider; empty: any model.
     models: list[str] = []
-    timeout_s: Annotated[float, Meta(gt=0)] = 30.0  # per attempt; a request's timeout_s can only shorten it
+    timeout_s: Annotated[float, Meta(gt=0)] = 30.0
     # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
     # answer, a compression bomb) fails as response_too_large instead of filling the worker's memory.
     max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
@@ -175,10 +177,14 @@ async def post_json(
     headers = {"Accept-Encoding": _ACCEPT_ENCODING, **(headers or {})}
     _propagator.inject(headers)
     try:
-        async with client.stream("POST", url, json=body, timeout=timeout_s, headers=headers) as response:
+        async with client.stream(
+            "POST", url, json=body, timeout=timeout_s, headers=headers
+        ) as response:
             content = await read_capped(response, max_response_bytes)
     except httpx.TimeoutException as exc:
-        raise ProviderError("timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})") from exc
+        raise ProviderError(
+            "timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})"
+        ) from exc
     except httpx.TransportError as exc:
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
     return _in_memory(response, content)
@@ -217,8 +223,11 @@ async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
                     raise response_too_large(response.status_code, max_bytes)
         except zlib.error as exc:
             encoding = response.headers.get("content-encoding")
-            raise ProviderError("server_error", f"provider's {encoding} body does not decode: {exc}",
-                                response.status_code) from exc  # fmt: skip
+            raise ProviderError(
+                "server_error",
+                f"provider's {encoding} body does not decode: {exc}",
+                response.status_code,
+            ) from exc
     return bytes(body)
 
 
@@ -227,8 +236,12 @@ def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError
 
     An HTTP error status still says more than the size of its body (a 429 stays a rate limit)."""
     if status_code is not None and status_code >= 400:
-        return ProviderError(classify_status(status_code), f"provider answered HTTP {status_code} with a body over "
-                             f"max_response_bytes ({max_bytes} bytes decoded), left unread", status_code)  # fmt: skip
+        return ProviderError(
+            classify_status(status_code),
+            f"provider answered HTTP {status_code} with a body over "
+            f"max_response_bytes ({max_bytes} bytes decoded), left unread",
+            status_code,
+        )
     return ProviderError(
         "response_too_large",
         f"provider answer is over max_response_bytes ({max_bytes} bytes decoded); raise max_response_bytes "
@@ -255,7 +268,9 @@ class _Inflater:
         # deflate should be zlib-wrapped, but some servers send it raw: like httpx, try the
         # wrapped form and fall back to raw if the very first step fails.
         self._raw_fallback = encoding == "deflate"
-        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
+        self._zlib = zlib.decompressobj(
+            zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS
+        )
 
     def decode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for data in chunks:
@@ -309,8 +324,12 @@ def _in_memory(response: httpx.Response, content: bytes) -> httpx.Response:
     The framing headers go: the body is no longer encoded, and httpx would decode it again.
     """
     framing = ("content-encoding", "content-length", "transfer-encoding")
-    headers = [(name, value) for name, value in response.headers.multi_items() if name not in framing]
-    return httpx.Response(response.status_code, headers=headers, content=content, request=response.request)
+    headers = [
+        (name, value) for name, value in response.headers.multi_items() if name not in framing
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=content, request=response.request
+    )
 
 
 class HttpProvider:
@@ -324,8 +343,15 @@ class HttpProvider:
 
     label = "provider"  # names the provider in error messages
 
-    def __init__(self, settings: ProviderSettings, url: str, secrets: Iterable[str], headers: dict[str, str],
-                 client: httpx.AsyncClient | None, base_url: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: ProviderSettings,
+        url: str,
+        secrets: Iterable[str],
+        headers: dict[str, str],
+        client: httpx.AsyncClient | None,
+        base_url: str,
+    ) -> None:
         self.settings = settings
         self.model = settings.model
         self._url = url
@@ -338,8 +364,14 @@ class HttpProvider:
         model = request.model or self.model
         body = self.body(request, model)
         try:
-            response = await post_json(self._client, self._url, body, timeout_s, self._headers,
-                                       self.settings.max_response_bytes)  # fmt: skip
+            response = await post_json(
+                self._client,
+                self._url,
+                body,
+                timeout_s,
+                self._headers,
+                self.settings.max_response_bytes,
+            )
             if response.status_code != 200:
                 raise self.error(response)
             return self.parse(response, model)

@@ -56,9 +56,13 @@ class FakeProvider:
             raise ProviderError(classify_status(status), f"fake provider configured to fail with {status}", status)
         asked = self._asked_status(request) if s.fail_on_request else None
         if asked is not None:
-            raise ProviderError(classify_status(asked), f"fake provider asked to fail with {asked}", asked)
+            raise ProviderError(
+                classify_status(asked), f"fake provider asked to fail with {asked}", asked
+            )
         content = self._answer(request)
-        if len(content.encode()) > s.max_response_bytes:  # as an HTTP kind would: the limit is the same setting
+        if (
+            len(content.encode()) > s.max_response_bytes
+        ):  # as an HTTP kind would: the limit is the same setting
             raise response_too_large(200, s.max_response_bytes)
         usage = Usage(
             input_tokens=sum(len(m.content.split()) for m in request.messages),

@@ -112,7 +112,9 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     if choice.message.content is None:
         raise unexpected_body(response, "choices[0].message.content is null or missing")
     usage = data.usage or _Usage()
-    tokens = Usage(input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0)
+    tokens = Usage(
+        input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0
+    )
     return ProviderOk(content=choice.message.content, model=data.model or model, usage=tokens)
 
 

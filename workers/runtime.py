@@ -46,7 +46,9 @@ class WorkerRuntime:
         self._sub = None
         self._cancel_sub = None
         self.cancelled = 0  # attempts stopped by a cancel message
-        self._secrets: tuple[str, ...] = tuple(getattr(provider, "secrets", ()))  # scrubbed from every message
+        self._secrets: tuple[str, ...] = tuple(
+            getattr(provider, "secrets", ())
+        )  # scrubbed from every message
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -99,7 +101,9 @@ class WorkerRuntime:
         try:
             request = provider_request_decoder.decode(msg.data)
         except (msgspec.DecodeError, RecursionError) as exc:
-            reply: ProviderReply = ProviderFailure("bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000])
+            reply: ProviderReply = ProviderFailure(
+                "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
+            )
         else:
             reply = await self._call(request, timeout_s, msg.headers)
         if msg.reply:
@@ -117,7 +121,7 @@ class WorkerRuntime:
                 f"{self.name}'s answer makes a reply of {len(payload)} bytes, above the NATS server's max_payload "
                 f"of {self.nc.max_payload}; ask for fewer max_tokens, or raise max_payload in nats-server's config",
                 latency_ms=reply.latency_ms,
-            )  # fmt: skip
+            )
             payload = encoder.encode(reply)
         await publish_checked(self.nc, subject, payload, f"{self.name}'s reply")
 

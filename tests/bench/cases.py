@@ -110,16 +110,26 @@ def lifeline_config(profile: Profile) -> dict[str, Any]:
             "hang": fake(hang=True, timeout_s=HANG_TIMEOUT_S),
             "ghost": fake(),
             "tick": fake(latency_ms=TICK_MS),
-            "slow": fake(latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120),
+            "slow": fake(
+                latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120
+            ),
             "slowtail": fake(latency_ms=profile.tail_latency_ms),
         },
         # The fallback cases measure the fallback itself, on every request: with its breaker on,
         # an always-failing provider would be skipped after five failures instead.
-        "routes": {name: {"targets": targets, **({"breaker": {"enabled": False}} if name in UNGUARDED else {})}
-                   for name, targets in ROUTES.items()} | tail_routes(),  # fmt: skip
+        "routes": {
+            name: {
+                "targets": targets,
+                **({"breaker": {"enabled": False}} if name in UNGUARDED else {}),
+            }
+            for name, targets in ROUTES.items()
+        }
+        | tail_routes(),
         # The memory case holds memory_requests in flight at once: admission must not refuse them.
-        "dispatcher": {"default_timeout_s": profile.slow_latency_ms / 1000 + 120,
-                       "max_in_flight": profile.memory_requests + 1000},  # fmt: skip
+        "dispatcher": {
+            "default_timeout_s": profile.slow_latency_ms / 1000 + 120,
+            "max_in_flight": profile.memory_requests + 1000,
+        },
     }
 
 
