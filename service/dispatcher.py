@@ -37,7 +37,7 @@ from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
 from service.shared_health import SharedHealth
-from service.natsio import ensure_subscribed
+from service.natsio import ensure_subscribed, stop_taking
 from service.transport import NatsTransport
 
 log = logging.getLogger("lifeline.dispatcher")
@@ -81,10 +81,11 @@ class Dispatcher:
         await ensure_subscribed(self.transport.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking requests, then let the ones in flight finish (up to grace_s)."""
+        """Stop taking requests, answer those already received, then let the ones in flight
+        finish (up to grace_s)."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+            sub, self._sub = self._sub, None
+            await stop_taking(sub)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
         if isinstance(self.health, SharedHealth):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from schemas.wire import message_bytes
@@ -42,3 +43,13 @@ async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -
         log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
         return False
     return True
+
+
+async def stop_taking(sub: Subscription) -> None:
+    """Stop a subscription's intake but handle what it has already received: `unsubscribe()`
+    would drop the messages still queued in nats-py, and a request dropped there would get
+    neither a reply nor an audit event. Without a usable connection nothing can be answered."""
+    try:
+        await sub.drain()
+    except NatsError:  # closed or draining already
+        pass

@@ -138,6 +138,7 @@ class Ledger:
         self.audit_types: dict[str, str | None] = {}
         self.audit_events = 0
         self.audit_bytes: list[bytes] = []
+        self.unheard: set[str] = set()  # requests the server answered "no responders" to
         self._n = 0
 
     async def start(self) -> "Ledger":
@@ -148,7 +149,9 @@ class Ledger:
 
     async def _on_reply(self, msg: Msg) -> None:
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            return  # the server's "no responders": no dispatcher was subscribed yet
+            # The server's "no responders": no dispatcher was subscribed, Lifeline never saw it.
+            self.unheard.add(self.ids.get(msg.subject.rsplit(".", 1)[1], "?"))
+            return
         request_id = self.ids.get(msg.subject.rsplit(".", 1)[1], "?")
         self.replies[request_id] += 1
         self.reply_after_s[request_id] = time.monotonic() - self.sent_at.get(

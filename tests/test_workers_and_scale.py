@@ -9,8 +9,10 @@ import nats
 import pytest
 
 from conftest import USER_HELLO, ask, config, fake, settled
+from contract_kit import Ledger
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
+from service.natsio import ensure_subscribed
 
 PROVIDER_REQUEST = {"id": "r1", "messages": USER_HELLO["messages"]}
 
@@ -66,3 +68,22 @@ async def test_several_dispatchers_share_requests_and_each_is_answered_once(life
     assert len(audit.events) == 40
     handled = [s.components[-1].nc.stats["in_msgs"] for s in stacks]
     assert min(handled) > 0
+
+
+async def test_a_dispatcher_stopping_answers_every_request_it_had_already_received(
+    lifeline, client
+):
+    stack = await lifeline(config({"primary": fake(latency_ms=50)}, max_in_flight=100))
+    ledger = await Ledger(client).start()
+    ids = [f"s{i}" for i in range(3000)]
+    for request_id in ids:
+        await ledger.send(request_id, encoder.encode({**USER_HELLO, "id": request_id}))
+    await ensure_subscribed(client)  # two flushes: every request has reached the server
+    await stack.dispatcher.stop()  # with most of them still queued inside nats-py
+    await ensure_subscribed(client)  # any "no responders" has come back by now
+    heard = [i for i in ids if i not in ledger.unheard]
+    await ledger.settle(len(heard), len(heard), quiet_s=0.1)
+    await settled(client)
+    ledger.assert_exactly_once(
+        heard
+    )  # none dropped from the queue: a reply and an audit event each

@@ -25,7 +25,7 @@ from schemas import ProviderFailure, ProviderReply, ProviderRequest
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, cancel_subject, provider_queue, provider_subject
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
-from service.natsio import ensure_subscribed, publish_checked
+from service.natsio import ensure_subscribed, publish_checked, stop_taking
 from workers.base import Provider, ProviderError, scrub
 
 log = logging.getLogger("lifeline.worker")
@@ -59,8 +59,8 @@ class WorkerRuntime:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+            sub, self._sub = self._sub, None
+            await stop_taking(sub)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
         if self._cancel_sub is not None:
