@@ -136,7 +136,7 @@ class Dispatcher:
         arrived = time.monotonic() if arrived is None else arrived
         route: str | None = None
         reply_to: str | None = msg.reply or None
-        span = self.spans.start("chat", SpanKind.SERVER, {}, _trace_context(msg))
+        span = self.spans.start("chat", SpanKind.SERVER, {}, telemetry.extract(msg.headers))
         trace_id = telemetry.trace_id_of(span)
         try:
             if (
@@ -283,14 +283,6 @@ class Dispatcher:
             )
         )
         return reply
-
-
-def _trace_context(msg: Msg):  # type: ignore[no-untyped-def]
-    """The caller's trace context; a malformed one starts a new trace rather than failing the request."""
-    try:
-        return telemetry.extract(msg.headers)
-    except Exception:
-        return None
 
 
 def _refused_reply_subject(reply_to: str, why: str, data: bytes) -> Rejected:

@@ -166,7 +166,9 @@ class Ledger:
         self.audits[event.id] += 1
         self.audit_types[event.id] = event.error_type
 
-    async def send(self, request_id: str, payload: bytes, reply: str | None = "") -> None:
+    async def send(
+        self, request_id: str, payload: bytes, reply: str | None = "", headers: dict[str, str] | None = None
+    ) -> None:
         """Publish `payload` as request `request_id`; reply="" means the ledger's own inbox."""
         self._n += 1
         token = str(self._n)
@@ -174,7 +176,7 @@ class Ledger:
         self.sent_at[request_id] = time.monotonic()
         if reply == "":
             reply = f"{self.inbox}.{token}"
-        await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "")
+        await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "", headers=headers)
 
     async def settle(
         self, replies: int, audits: int, timeout_s: float = 30, quiet_s: float = 0.3

@@ -320,6 +320,28 @@ async def test_any_bytes_get_one_answer_each(service, ledger):
     await still_serving(ledger)
 
 
+TRACE_HEADERS = [
+    {"traceparent": "garbage"},
+    {"traceparent": "00-" + "0" * 32 + "-" + "0" * 16 + "-01"},
+    {"traceparent": "00-" + "z" * 32 + "-" + "1" * 16 + "-zz"},
+    {"traceparent": "ff-" + "1" * 32 + "-" + "1" * 16 + "-01-extra"},
+    {"traceparent": "00-" + "1" * 32 + "-" + "1" * 16 + "-01", "tracestate": "a=" + "b" * 5000},
+    {"traceparent": "00-" + "1" * 32 + "-" + "1" * 16 + "-01", "tracestate": ",,=,=x,\u0000"},
+    {"tracestate": "only=state"},
+    {"Status": "503"},
+    {"Lifeline-Deadline-Ms": "yesterday", "Nats-Msg-Id": "x" * 2000},
+]
+
+
+async def test_any_trace_and_other_headers_get_one_answer_each(service, ledger):
+    ids = [f"headers-{n}" for n in range(len(TRACE_HEADERS))]
+    for request_id, headers in zip(ids, TRACE_HEADERS):
+        await ledger.send(request_id, request(request_id), headers=headers)
+    await ledger.settle(len(ids), len(ids))
+    ledger.assert_exactly_once(ids)
+    assert {ledger.reply_of[i].status for i in ids} == {"ok"}
+
+
 async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_logs_or_spans(
     tmp_path, server, provider
 ):
