@@ -74,9 +74,15 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     json_output: bool = True
     # Retries on this target, before falling back.
     retries: Annotated[int, Meta(ge=0, le=10)] = 0
-    retry_on: list[KindOrStatus] | None = None  # default: rate_limit, server_error, timeout, connection
-    backoff_s: Annotated[float, Meta(ge=0, le=60)] = 0.25  # first retry's backoff; doubles, full jitter
-    max_backoff_s: Annotated[float, Meta(ge=0, le=300)] = 10.0  # a longer Retry-After falls back instead
+    retry_on: list[KindOrStatus] | None = (
+        None  # default: rate_limit, server_error, timeout, connection
+    )
+    backoff_s: Annotated[float, Meta(ge=0, le=60)] = (
+        0.25  # first retry's backoff; doubles, full jitter
+    )
+    max_backoff_s: Annotated[float, Meta(ge=0, le=300)] = (
+        10.0  # a longer Retry-After falls back instead
+    )
     # Opt in to get the error kinds of the attempts before this one in metadata["lifeline_previous_errors"].
     pass_failures: bool = False
     weight: Annotated[float, Meta(gt=0)] = 1.0  # its share within a load-balanced group
@@ -124,11 +130,15 @@ class CompletionRequest(Struct, frozen=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     timeout_s: Annotated[float, Meta(gt=0)] | None = None  # bounds the whole chain
-    deadline_unix_ms: Annotated[int, Meta(gt=0)] | None = None  # absolute; the earlier of the two wins
+    deadline_unix_ms: Annotated[int, Meta(gt=0)] | None = (
+        None  # absolute; the earlier of the two wins
+    )
     metadata: dict[str, Any] = {}
     response_format: ResponseFormat | None = None
     fallback: bool = True  # false: only the first target is tried (its own retries still apply)
-    max_attempts: Annotated[int, Meta(ge=1)] | None = None  # cap on physical attempts, at most the config's
+    max_attempts: Annotated[int, Meta(ge=1)] | None = (
+        None  # cap on physical attempts, at most the config's
+    )
     fallback_on: list[KindOrStatus] | None = None  # narrows the route's fallback_on
     # Per target name (or provider name): a Fault, or a list applied to its attempts in turn.
     # Refused unless the config sets dispatcher.allow_fault_injection.
@@ -152,8 +162,12 @@ class Attempt(Struct, frozen=True):
     message: str | None = None
     target: str | None = None  # the target's name (differs from provider when a chain shapes it)
     retry: int = 0  # 0 for the first call of this target, 1 for its first retry, ...
-    reason: str | None = None  # why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost)
-    next: Literal["retry", "fallback", "stop"] | None = None  # what the dispatcher did after this failure
+    reason: str | None = (
+        None  # why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost)
+    )
+    next: Literal["retry", "fallback", "stop"] | None = (
+        None  # what the dispatcher did after this failure
+    )
     hedge: bool = False  # started as a hedge while the attempt before it was still running
 
 

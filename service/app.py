@@ -105,7 +105,7 @@ class Component:
             return
         try:  # drain flushes replies still buffered; a vanished server must not hang shutdown
             await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
-        except (asyncio.TimeoutError, nats.errors.Error):
+        except (TimeoutError, nats.errors.Error):
             await self.nc.close()
 
 
@@ -121,12 +121,16 @@ async def start_dispatcher(
     return Component("dispatcher", nc, dispatcher.stop, watch), dispatcher
 
 
-async def start_worker(config: Config, name: str, url: str, tracers: Tracing) -> tuple[Component, WorkerRuntime]:
+async def start_worker(
+    config: Config, name: str, url: str, tracers: Tracing
+) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
     provider = build_provider(settings)  # fails here, before connecting, on a missing API key
     watch = ConnectionWatch(f"worker {name}")
     nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
-    runtime = WorkerRuntime(name, settings.kind, provider, nc, tracers.recorder("lifeline.worker"), settings.timeout_s)
+    runtime = WorkerRuntime(
+        name, settings.kind, provider, nc, tracers.recorder("lifeline.worker"), settings.timeout_s
+    )
     await runtime.start()
     return Component(f"worker {name}", nc, runtime.stop, watch), runtime
 
@@ -156,7 +160,11 @@ class Stack:
 
 
 async def start_stack(
-    config: Config, url: str, tracers: Tracing, workers: list[str] | None = None, meters: MeterProvider | None = None
+    config: Config,
+    url: str,
+    tracers: Tracing,
+    workers: list[str] | None = None,
+    meters: MeterProvider | None = None,
 ) -> Stack:
     """One dispatcher and one worker per provider (or per name in `workers`)."""
     stack = Stack()

@@ -5,23 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 
-import json
-import time
-
 import msgspec
 import nats.js.errors
 
-from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest
-from schemas import subjects
+from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
 from service import telemetry
 from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
@@ -58,13 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker")
+    run = commands.add_parser(
+        "run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker"
+    )
     _config_arg(run)
-    run.add_argument("--nats-url", help="use this NATS server instead of starting one (default: $NATS_URL)")
-    run.add_argument("--port", type=int, default=4222, help="port of the embedded NATS server (default: 4222; -1: any free port)")
+    run.add_argument(
+        "--nats-url", help="use this NATS server instead of starting one (default: $NATS_URL)"
+    )
+    run.add_argument(
+        "--port",
+        type=int,
+        default=4222,
+        help="port of the embedded NATS server (default: 4222; -1: any free port)",
+    )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
 
-    dispatcher = commands.add_parser("dispatcher", help="run one dispatcher against an existing NATS")
+    dispatcher = commands.add_parser(
+        "dispatcher", help="run one dispatcher against an existing NATS"
+    )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
 
@@ -77,39 +86,62 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="a system message to send first")
     ask.add_argument("--route", default="default", help="route name (default: default)")
-    ask.add_argument("--target", action="append", dest="targets",
-                     help="a target or provider name, repeatable, tried in order; overrides the route")  # fmt: skip
-    ask.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole request (default: 30)")
+    ask.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        help="a target or provider name, repeatable, tried in order; overrides the route",
+    )
+    ask.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the whole request (default: 30)"
+    )
     ask.add_argument("--max-tokens", type=int)
-    ask.add_argument("--json-output", action="store_true",
-                     help='ask for a JSON object (response_format json_object); other answers count as invalid_output')  # fmt: skip
-    ask.add_argument("--no-fallback", action="store_true", help="try only the first target (and its retries)")
+    ask.add_argument(
+        "--json-output",
+        action="store_true",
+        help="ask for a JSON object (response_format json_object); other answers count as invalid_output",
+    )
+    ask.add_argument(
+        "--no-fallback", action="store_true", help="try only the first target (and its retries)"
+    )
     ask.add_argument("--max-attempts", type=int, help="cap on calls across retries and fallbacks")
-    ask.add_argument("--fault", action="append", default=[], metavar="TARGET=FAULT",
-                     help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP status; "
-                          "comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
-                          "dispatcher.allow_fault_injection")  # fmt: skip
+    ask.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="TARGET=FAULT",
+        help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP status; "
+        "comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
+        "dispatcher.allow_fault_injection",
+    )
     ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
     _nats_arg(ask)
 
-    check = commands.add_parser("check-config", help="validate a config file and print what it defines")
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print what it defines"
+    )
     _config_arg(check)
 
     status = commands.add_parser(
-        "status", help="every target's circuit breaker, recent success rate and p50/p95, from the shared health bucket",
+        "status",
+        help="every target's circuit breaker, recent success rate and p50/p95, from the shared health bucket",
         description="Reads the JetStream key-value bucket the dispatchers share (dispatcher.health_bucket) and "
         "shows, per target (provider:model): its breaker (closed, open, half_open) and why, the calls of the last "
         "60 s summed over every live dispatcher, their success rate, the p50/p95 latency of good answers "
         "(last 30-60 s), and how many calls skipped it while its breaker was open.",
-    )  # fmt: skip
-    status.add_argument("--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)")
+    )
+    status.add_argument(
+        "--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)"
+    )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
     _nats_arg(status)
     return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})"
+    )
 
 
 def _nats_arg(parser: argparse.ArgumentParser) -> None:
@@ -119,12 +151,17 @@ def _nats_arg(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     handlers = {
-        "run": cmd_run, "dispatcher": cmd_dispatcher, "worker": cmd_worker, "ask": cmd_ask, "check-config": cmd_check,
+        "run": cmd_run,
+        "dispatcher": cmd_dispatcher,
+        "worker": cmd_worker,
+        "ask": cmd_ask,
+        "check-config": cmd_check,
         "status": cmd_status,
-    }  # fmt: skip
+    }
     try:
         return asyncio.run(handlers[args.command](args))
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
@@ -161,7 +198,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
         try:
             url = server.start()
         except EmbeddedNatsError as exc:
-            raise EmbeddedNatsError(f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url.") from None
+            raise EmbeddedNatsError(
+                f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url."
+            ) from None
         print(f"embedded NATS (JetStream) listening on {url}", flush=True)
     lost = None
     stack: Stack | None = None
@@ -194,22 +233,34 @@ def _describe(config: Config) -> None:
     for name, p in config.providers.items():
         print(f"provider {name:<12} kind={p.kind} model={p.model or '-'} timeout_s={p.timeout_s:g}")
     for name, spec in config.targets.items():
-        print(f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} template={spec.template or '-'}")
+        print(
+            f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} template={spec.template or '-'}"
+        )
     for name, route in config.routes.items():
-        fallback_on = ", ".join(map(str, sorted(route.fallback_on, key=str))) if route.fallback_on is not None else "any failure"
-        print(f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})")
+        fallback_on = (
+            ", ".join(map(str, sorted(route.fallback_on, key=str)))
+            if route.fallback_on is not None
+            else "any failure"
+        )
+        print(
+            f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})"
+        )
         for kind, targets in route.by_kind.items():
             print(f"         {'':<12} on {kind}: {_chain(targets)}")
         if route.hedge_after_ms is not None or route.hedge_p95:
             after = "the target's recent p95" if route.hedge_p95 else f"{route.hedge_after_ms:g} ms"
             if route.hedge_p95 and route.hedge_after_ms is not None:
                 after += f" (at least {route.hedge_after_ms:g} ms)"
-            print(f"         {'':<12} hedges after {after}; hedge_budget {route.hedge_budget:g}, "
-                  f"retry_budget {route.retry_budget:g}")  # fmt: skip
+            print(
+                f"         {'':<12} hedges after {after}; hedge_budget {route.hedge_budget:g}, "
+                f"retry_budget {route.retry_budget:g}"
+            )
     breaker = breaker_settings(config.breaker)
-    print(f"breaker  opens after {breaker.consecutive_failures} failures in a row or {breaker.failure_rate:.0%} of "
-          f"{breaker.min_requests}+ calls in {breaker.window_s:g} s; cooldown {breaker.cooldown_s:g} s"
-          + ("" if breaker.enabled else " (disabled)"))  # fmt: skip
+    print(
+        f"breaker  opens after {breaker.consecutive_failures} failures in a row or {breaker.failure_rate:.0%} of "
+        f"{breaker.min_requests}+ calls in {breaker.window_s:g} s; cooldown {breaker.cooldown_s:g} s"
+        + ("" if breaker.enabled else " (disabled)")
+    )
 
 
 def _chain(steps) -> str:
@@ -217,7 +268,11 @@ def _chain(steps) -> str:
 
     def step(s) -> str:
         if isinstance(s, list):
-            return "{" + " | ".join(f"{t.name}{f' x{t.weight:g}' if t.weight != 1 else ''}" for t in s) + "}"
+            return (
+                "{"
+                + " | ".join(f"{t.name}{f' x{t.weight:g}' if t.weight != 1 else ''}" for t in s)
+                + "}"
+            )
         return s.name or s.provider
 
     return " -> ".join(map(step, steps))
@@ -226,8 +281,11 @@ def _chain(steps) -> str:
 def _print_started(config: Config, url: str) -> None:
     _describe(config)
     hint = "" if url == LOCAL_NATS else f" --nats-url {redact_url(url)}"
-    print(f"dispatcher ready on {subjects.COMPLETE} at {redact_url(url)}. In another shell:\n"
-          f"  {_own_command()} ask{hint} \"Why did the chicken cross the road?\"\nCtrl-C to stop.", flush=True)  # fmt: skip
+    print(
+        f"dispatcher ready on {subjects.COMPLETE} at {redact_url(url)}. In another shell:\n"
+        f'  {_own_command()} ask{hint} "Why did the chicken cross the road?"\nCtrl-C to stop.',
+        flush=True,
+    )
 
 
 def _own_command() -> str:
@@ -249,7 +307,9 @@ async def _watch_audit(url: str):
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        chain = " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
+        chain = (
+            " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
+        )
         why = f" ({event.error_type})" if event.error_type else ""
         print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}", flush=True)
 
@@ -279,7 +339,9 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.name not in config.providers:
-        raise ConfigError(f"{args.config}: no [providers.{args.name}] table (configured: {', '.join(config.providers)})")
+        raise ConfigError(
+            f"{args.config}: no [providers.{args.name}] table (configured: {', '.join(config.providers)})"
+        )
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
     component, _ = await start_worker(config, args.name, url, tracers)
@@ -308,13 +370,21 @@ async def _serve(component, tracers) -> int:  # type: ignore[no-untyped-def]
 
 async def cmd_ask(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
-    messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", args.prompt)]
+    messages = ([ChatMessage("system", args.system)] if args.system else []) + [
+        ChatMessage("user", args.prompt)
+    ]
     request = CompletionRequest(
-        messages=messages, id=uuid.uuid4().hex, route=args.route, targets=args.targets,
-        max_tokens=args.max_tokens, timeout_s=args.timeout, fallback=not args.no_fallback,
-        max_attempts=args.max_attempts, faults=_faults(args.fault) or None,
+        messages=messages,
+        id=uuid.uuid4().hex,
+        route=args.route,
+        targets=args.targets,
+        max_tokens=args.max_tokens,
+        timeout_s=args.timeout,
+        fallback=not args.no_fallback,
+        max_attempts=args.max_attempts,
+        faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
-    )  # fmt: skip
+    )
     nc = await _client(url, "lifeline-ask")
     if nc is None:
         return 1
@@ -374,8 +444,10 @@ def _print_reply(reply: CompletionReply) -> None:
     if reply.status == "ok":
         print(reply.content)
         template = f", template {reply.template}" if reply.template else ""
-        print(f"\nserved by {reply.target or reply.provider} ({reply.provider}, {reply.model}{template}) "
-              f"in {reply.latency_ms:.1f} ms")  # fmt: skip
+        print(
+            f"\nserved by {reply.target or reply.provider} ({reply.provider}, {reply.model}{template}) "
+            f"in {reply.latency_ms:.1f} ms"
+        )
     else:
         assert reply.error is not None
         print(f"error: {reply.error.type}: {reply.error.message}")
@@ -406,12 +478,18 @@ async def cmd_status(args: argparse.Namespace) -> int:
     try:
         entries = await read_bucket(nc, args.bucket)
     except nats.js.errors.BucketNotFoundError:
-        print(f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared its health there yet. "
-              "Start one (`lifeline run` or `lifeline dispatcher`), or pass --bucket", file=sys.stderr)  # fmt: skip
+        print(
+            f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared its health there yet. "
+            "Start one (`lifeline run` or `lifeline dispatcher`), or pass --bucket",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:  # nats-py: no JetStream answers with several types
-        print(f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} ({type(exc).__name__}: {exc}); is JetStream "
-              "enabled on that server? Without it each dispatcher keeps its own breaker view", file=sys.stderr)  # fmt: skip
+        print(
+            f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} ({type(exc).__name__}: {exc}); is JetStream "
+            "enabled on that server? Without it each dispatcher keeps its own breaker view",
+            file=sys.stderr,
+        )
         return 1
     finally:
         with contextlib.suppress(Exception):
@@ -439,17 +517,24 @@ def _print_status(view: dict, bucket: str, url: str) -> None:
     if not view["targets"]:
         print("no target has been called yet")
         return
-    print(f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} {'P50':>10} {'P95':>10} {'SKIPPED':>8}")
+    print(
+        f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} {'P50':>10} {'P95':>10} {'SKIPPED':>8}"
+    )
     for label, t in sorted(view["targets"].items()):
         calls = t["ok"] + t["failed"]
         success = f"{100 * t['ok'] / calls:.1f}%" if calls else "-"
         p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
         state = t["state"].split(" ")[0]
-        print(f"{label:<28} {state:<10} {calls:>9} {success:>8} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}")
+        print(
+            f"{label:<28} {state:<10} {calls:>9} {success:>8} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
+        )
         if t["state"] != "closed" and t["reason"]:
             left_s = (t["until_unix_ms"] - now_ms) / 1000
-            until = f"; cooldown ends in {left_s:.0f} s" if left_s > 0 and state == "open" else (
-                "; cooldown over: the next call probes it" if state == "open" else "")
+            until = (
+                f"; cooldown ends in {left_s:.0f} s"
+                if left_s > 0 and state == "open"
+                else ("; cooldown over: the next call probes it" if state == "open" else "")
+            )
             print(f"{'':<28} \u2514 {t['reason']}{until}")
 
 

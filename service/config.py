@@ -160,7 +160,9 @@ def load_config(path: str | Path) -> Config:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (pass --config, or copy lifeline.example.toml)") from None
+        raise ConfigError(
+            f"{path}: no such file (pass --config, or copy lifeline.example.toml)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -178,7 +180,10 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     providers = {name: _provider(name, table) for name, table in raw.providers.items()}
     dispatcher = _convert(raw.dispatcher, DispatcherSettings, "dispatcher")
     _breaker("breaker", raw.breaker)
-    templates = {name: _convert(table, Template, f"templates.{name}") for name, table in raw.templates.items()}
+    templates = {
+        name: _convert(table, Template, f"templates.{name}")
+        for name, table in raw.templates.items()
+    }
     targets: dict[str, TargetSpec] = {}
     for name, table in raw.targets.items():
         key = f"targets.{name}"
@@ -187,7 +192,9 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         spec = _convert(table, TargetSpec, key)
         if spec.name is not None and spec.name != name:
             raise ConfigError(f"{key}.name: a named target's name is its table key; drop `name`")
-        targets[name] = _entry(key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher)
+        targets[name] = _entry(
+            key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher
+        )
     defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
 
     def resolve(key: str, chain: Chain) -> list[Step]:
@@ -230,9 +237,15 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
             retry_budget=route.retry_budget,
         )
     return Config(
-        providers=providers, routes=routes, dispatcher=dispatcher, templates=templates, targets=targets,
-        default_chains=default_chains, breaker=raw.breaker, source=source,
-    )  # fmt: skip
+        providers=providers,
+        routes=routes,
+        dispatcher=dispatcher,
+        templates=templates,
+        targets=targets,
+        default_chains=default_chains,
+        breaker=raw.breaker,
+        source=source,
+    )
 
 
 def _provider(name: str, table: Any) -> ProviderSettings:
@@ -242,7 +255,9 @@ def _provider(name: str, table: Any) -> ProviderSettings:
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table")
     if table.get("kind") not in KINDS:
-        raise ConfigError(f"{key}.kind: expected one of {', '.join(KINDS)}, got {table.get('kind')!r}")
+        raise ConfigError(
+            f"{key}.kind: expected one of {', '.join(KINDS)}, got {table.get('kind')!r}"
+        )
     try:
         settings = parse_settings(table)
     except msgspec.ValidationError as exc:
@@ -266,7 +281,12 @@ def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
         where = f"{key}[{i}]"
         if isinstance(entry, dict) and "group" in entry:
             group = _convert(entry, GroupSpec, where)
-            steps.append([_entry(f"{where}.group[{j}]", member, *known) for j, member in enumerate(group.group)])
+            steps.append(
+                [
+                    _entry(f"{where}.group[{j}]", member, *known)
+                    for j, member in enumerate(group.group)
+                ]
+            )
         else:
             steps.append(_entry(where, entry, *known))
     return steps
@@ -308,7 +328,10 @@ def resolve_target(
         known = ", ".join(sorted([*targets, *providers]))
         raise TargetError(f"unknown target or provider {ref!r} (configured: {known})")
     if ref.provider not in providers:
-        raise TargetError(f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})", "provider")
+        raise TargetError(
+            f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})",
+            "provider",
+        )
     allowed = allowed_models(providers[ref.provider])
     if ref.model is not None and allowed and ref.model not in allowed:
         raise TargetError(
@@ -321,7 +344,8 @@ def resolve_target(
         raise TargetError(f"unknown template {ref.template!r} (configured: {known})", "template")
     if ref.timeout_s is not None and ref.timeout_s > dispatcher.max_timeout_s:
         raise TargetError(
-            f"{ref.timeout_s:g} is above dispatcher.max_timeout_s ({dispatcher.max_timeout_s:g})", "timeout_s"
+            f"{ref.timeout_s:g} is above dispatcher.max_timeout_s ({dispatcher.max_timeout_s:g})",
+            "timeout_s",
         )
     problem = _bad_kind(ref.retry_on)
     if problem is not None:

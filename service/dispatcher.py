@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -33,11 +34,11 @@ from service.config import Config
 from service.faults import simulate
 from service.health import Health, Untouched
 from service.memory import release_memory_soon
+from service.natsio import ensure_subscribed, stop_taking
 from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
 from service.shared_health import SharedHealth
-from service.natsio import ensure_subscribed, stop_taking
 from service.transport import NatsTransport
 
 log = logging.getLogger("lifeline.dispatcher")
@@ -59,7 +60,11 @@ class Dispatcher:
         self.router = Router(config)
         self.spans = spans
         # Circuit breakers and recent figures; shared with the other replicas through JetStream KV.
-        self.health: Health = SharedHealth(nc, config.dispatcher.health_bucket) if config.dispatcher.shared_health else Health()
+        self.health: Health = (
+            SharedHealth(nc, config.dispatcher.health_bucket)
+            if config.dispatcher.shared_health
+            else Health()
+        )
         # Span name and attributes per (provider, model, target), built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
         self._attempt_ids = NUID()
@@ -76,7 +81,10 @@ class Dispatcher:
         if isinstance(self.health, SharedHealth):
             await self.health.start()
         self._sub = await self.transport.nc.subscribe(
-            subjects.COMPLETE, queue=subjects.DISPATCHER_QUEUE, cb=self._on_msg, pending_msgs_limit=-1
+            subjects.COMPLETE,
+            queue=subjects.DISPATCHER_QUEUE,
+            cb=self._on_msg,
+            pending_msgs_limit=-1,
         )
         await ensure_subscribed(self.transport.nc)
 
@@ -159,9 +167,13 @@ class Dispatcher:
         except Exception:
             log.exception("bug while handling a request; answering with an internal error")
             reply = CompletionReply(
-                salvage_id(msg.data), "error", trace_id=trace_id,
-                error=ErrorInfo(INTERNAL, "Lifeline failed unexpectedly; the dispatcher log has the traceback"),
-            )  # fmt: skip
+                salvage_id(msg.data),
+                "error",
+                trace_id=trace_id,
+                error=ErrorInfo(
+                    INTERNAL, "Lifeline failed unexpectedly; the dispatcher log has the traceback"
+                ),
+            )
         reply = msgspec.structs.replace(reply, latency_ms=(time.monotonic() - arrived) * 1000)
         try:
             reply = await self._finish(reply_to, reply, route, len(msg.data))
@@ -185,9 +197,13 @@ class Dispatcher:
         base_payload = encoder.encode(base)
         self._check_fits(base_payload, plan)
         payloads: dict[str, bytes] = {}  # per shaped target label: its retries reuse one encoding
-        calls: dict[str, int] | None = {} if plan.faults is not None else None  # per target label, for faults
+        calls: dict[str, int] | None = (
+            {} if plan.faults is not None else None
+        )  # per target label, for faults
 
-        async def call(target: Target, timeout_s: float, previous_errors: tuple[str, ...]) -> ProviderReply:
+        async def call(
+            target: Target, timeout_s: float, previous_errors: tuple[str, ...]
+        ) -> ProviderReply:
             if plan.faults is not None and calls is not None:
                 n = calls[target.label] = calls.get(target.label, 0) + 1
                 faults = plan.faults.get(target.label) or plan.faults.get(target.provider) or ()
@@ -219,7 +235,12 @@ class Dispatcher:
         )
 
     async def _attempt(
-        self, target: Target, payload: bytes, request_id: str, timeout_s: float, parent: telemetry.LiteSpan
+        self,
+        target: Target,
+        payload: bytes,
+        request_id: str,
+        timeout_s: float,
+        parent: telemetry.LiteSpan,
     ) -> ProviderReply:
         # run_chain already bounds timeout_s by what is left of the request's own deadline.
         attempt_deadline_ms = int((time.time() + timeout_s) * 1000)
@@ -293,7 +314,9 @@ def _refused_reply_subject(reply_to: str, why: str, data: bytes) -> Rejected:
     )
 
 
-def _shaped(base: ProviderRequest, target: Target, previous_errors: tuple[str, ...] | None) -> ProviderRequest:
+def _shaped(
+    base: ProviderRequest, target: Target, previous_errors: tuple[str, ...] | None
+) -> ProviderRequest:
     """`previous_errors` is None unless the target opted in to pass_failures."""
     if target.shaping is None:
         request = base
@@ -307,7 +330,9 @@ def _shaped(base: ProviderRequest, target: Target, previous_errors: tuple[str, .
 
 def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> CompletionReply:
     if result.answer is None or result.target is None:
-        return CompletionReply(request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error)
+        return CompletionReply(
+            request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error
+        )
     target = result.target
     return CompletionReply(
         request_id,

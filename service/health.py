@@ -120,10 +120,29 @@ class TargetHealth:
     """Breaker state and recent figures of one target (provider + model)."""
 
     __slots__ = (
-        "provider", "model", "state", "open_until", "probe_until", "consecutive", "reason", "since_unix_ms",
-        "closed_at", "ok_started", "epochs", "ok", "failed", "other", "cleared_s", "latency", "latency_prev",
-        "latency_epoch", "p95_ms", "p95_at", "skipped", "changed",
-    )  # fmt: skip
+        "changed",
+        "cleared_s",
+        "closed_at",
+        "consecutive",
+        "epochs",
+        "failed",
+        "latency",
+        "latency_epoch",
+        "latency_prev",
+        "model",
+        "ok",
+        "ok_started",
+        "open_until",
+        "other",
+        "p95_at",
+        "p95_ms",
+        "probe_until",
+        "provider",
+        "reason",
+        "since_unix_ms",
+        "skipped",
+        "state",
+    )
 
     def __init__(self, provider: str, model: str, since_unix_ms: int = 0) -> None:
         self.provider = provider
@@ -144,7 +163,9 @@ class TargetHealth:
         self.other = [
             0
         ] * _RING_S  # failures that do not count: the request's fault, or outdated by a close
-        self.cleared_s = -1  # slots up to this second are ignored by the failure rate (set on close)
+        self.cleared_s = (
+            -1
+        )  # slots up to this second are ignored by the failure rate (set on close)
         self.latency = [0] * _BUCKETS
         self.latency_prev = [0] * _BUCKETS
         self.latency_epoch = -1
@@ -204,7 +225,9 @@ class TargetHealth:
         """Recent p95 of good answers in ms, None until MIN_SAMPLES; recomputed at most 4 times a second."""
         if now - self.p95_at >= 0.25:
             histogram = self.histogram(now)
-            self.p95_ms = percentile_ms(histogram, 0.95) if sum(histogram.values()) >= MIN_SAMPLES else None
+            self.p95_ms = (
+                percentile_ms(histogram, 0.95) if sum(histogram.values()) >= MIN_SAMPLES else None
+            )
             self.p95_at = now
         return self.p95_ms
 
@@ -223,7 +246,9 @@ class Health:
     ) -> None:
         self.clock = clock
         self.wall = wall
-        self.on_change = on_change  # a breaker changed state here (not when told by another replica)
+        self.on_change = (
+            on_change  # a breaker changed state here (not when told by another replica)
+        )
         self.targets: dict[tuple[str, str], TargetHealth] = {}
 
     def of(self, provider: str, model: str) -> TargetHealth:
@@ -241,7 +266,9 @@ class Health:
         now = self.clock()
         if health.state == OPEN:
             return SKIP if now < health.open_until else PROBE
-        return SKIP if now < health.probe_until else PROBE  # half-open: a lost probe's lease runs out
+        return (
+            SKIP if now < health.probe_until else PROBE
+        )  # half-open: a lost probe's lease runs out
 
     def skipped(self, provider: str, model: str) -> None:
         health = self.of(provider, model)
@@ -253,7 +280,9 @@ class Health:
         self.claim_locally(provider, model, lease_s)
         return True
 
-    def claim_locally(self, provider: str, model: str, lease_s: float, announce: bool = True) -> None:
+    def claim_locally(
+        self, provider: str, model: str, lease_s: float, announce: bool = True
+    ) -> None:
         """This dispatcher sends the probe; others (here and, via the bucket, elsewhere) keep skipping."""
         health = self.of(provider, model)
         health.state = HALF_OPEN
@@ -292,7 +321,12 @@ class Health:
         started = now if started is None else started
         i = health._slot(now)
         health.changed = True
-        counted = not ok and kind is not None and settings is not None and trips(settings, kind, status_code)
+        counted = (
+            not ok
+            and kind is not None
+            and settings is not None
+            and trips(settings, kind, status_code)
+        )
         outdated = (
             started < health.closed_at
         )  # made before the breaker last closed: what closed it is newer
@@ -320,22 +354,33 @@ class Health:
         ):  # else a call made after this one has answered well since: old news
             health.consecutive += 1
         if health.consecutive >= settings.consecutive_failures:
-            self._open(health, settings, now, f"{health.consecutive} failures in a row (last: {kind})")
+            self._open(
+                health, settings, now, f"{health.consecutive} failures in a row (last: {kind})"
+            )
             return
         good, failed, other = health.counts(now, settings.window_s, health.cleared_s)
         total = good + failed + other
         if total >= settings.min_requests and failed >= settings.failure_rate * total:
             self._open(
-                health, settings, now,
+                health,
+                settings,
+                now,
                 f"{failed} of the last {total} calls failed within {settings.window_s:g} s (last: {kind})",
-            )  # fmt: skip
+            )
 
-    def _open(self, health: TargetHealth, settings: BreakerSettings, now: float, reason: str) -> None:
+    def _open(
+        self, health: TargetHealth, settings: BreakerSettings, now: float, reason: str
+    ) -> None:
         health.state = OPEN
         health.open_until = now + settings.cooldown_s
         health.reason = reason
         health.since_unix_ms = int(self.wall() * 1000)
-        log.warning("circuit for %s opened: %s; skipping it for %g s", health.label, reason, settings.cooldown_s)
+        log.warning(
+            "circuit for %s opened: %s; skipping it for %g s",
+            health.label,
+            reason,
+            settings.cooldown_s,
+        )
         self._changed(health)
 
     def _close(self, health: TargetHealth, now: float, reason: str) -> None:
@@ -352,7 +397,15 @@ class Health:
         if self.on_change is not None:
             self.on_change(health)
 
-    def apply(self, provider: str, model: str, state: State, until_unix_ms: int, reason: str, since_unix_ms: int) -> None:
+    def apply(
+        self,
+        provider: str,
+        model: str,
+        state: State,
+        until_unix_ms: int,
+        reason: str,
+        since_unix_ms: int,
+    ) -> None:
         """A state another replica set (from the shared bucket): adopt it without announcing it again."""
         if (provider, model) not in self.targets and (
             state == CLOSED or len(self.targets) >= MAX_ADOPTED
@@ -370,7 +423,9 @@ class Health:
             health.cleared_s = int(now)
             health.closed_at = now
         if state != health.state:
-            log.info("circuit for %s is %s (set by another dispatcher: %s)", health.label, state, reason)
+            log.info(
+                "circuit for %s is %s (set by another dispatcher: %s)", health.label, state, reason
+            )
         health.state = state
         health.reason = reason
         health.since_unix_ms = since_unix_ms
@@ -378,7 +433,13 @@ class Health:
 
     def until_unix_ms(self, health: TargetHealth) -> int:
         """When an open breaker's cooldown (or a half-open probe's lease) ends, on the wall clock."""
-        until = health.open_until if health.state == OPEN else health.probe_until if health.state == HALF_OPEN else 0.0
+        until = (
+            health.open_until
+            if health.state == OPEN
+            else health.probe_until
+            if health.state == HALF_OPEN
+            else 0.0
+        )
         return int((self.wall() + (until - self.clock())) * 1000) if until else 0
 
     def p95_ms(self, provider: str, model: str) -> float | None:
@@ -389,7 +450,9 @@ class Health:
         """Every target's state and recent figures, as plain data (for the shared bucket and metrics)."""
         now = self.clock()
         out: dict[str, Any] = {}
-        for health in list(self.targets.values()):  # the metrics reader calls this from its own thread
+        for health in list(
+            self.targets.values()
+        ):  # the metrics reader calls this from its own thread
             ok, failed, other = health.counts(now, _RECENT_S)
             histogram = health.histogram(now)
             out[health.label] = {

@@ -92,10 +92,12 @@ class Budget:
     reserve of 3 so a quiet route can still retry (Finagle's RetryBudget; Envoy's retry budget
     has the same aim). Each dispatcher keeps its own, so the share holds across replicas too."""
 
-    __slots__ = ("ratio", "reserve", "clock", "_epochs", "_requests", "_spent")
+    __slots__ = ("_epochs", "_requests", "_spent", "clock", "ratio", "reserve")
     SLOTS = 10
 
-    def __init__(self, ratio: float, reserve: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ratio: float, reserve: float = 3.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ratio = ratio
         self.reserve = reserve
         self.clock = clock
@@ -118,7 +120,11 @@ class Budget:
         self._slot()
         oldest = int(self.clock()) - self.SLOTS + 1
         live = [i for i, epoch in enumerate(self._epochs) if epoch >= oldest]
-        return self.ratio * sum(self._requests[i] for i in live) + self.reserve - sum(self._spent[i] for i in live)
+        return (
+            self.ratio * sum(self._requests[i] for i in live)
+            + self.reserve
+            - sum(self._spent[i] for i in live)
+        )
 
     def spend(self) -> bool:
         if self.available() < 1:
@@ -178,7 +184,9 @@ def falls_back(failure: ProviderFailure, fallback_on: Collection[str | int] | No
 
 
 def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
-    return failure.kind in kinds or (failure.status_code is not None and failure.status_code in kinds)
+    return failure.kind in kinds or (
+        failure.status_code is not None and failure.status_code in kinds
+    )
 
 
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
@@ -190,7 +198,10 @@ def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
                 f"the input is about {tokens} tokens; {target.label} takes at most {target.max_input_tokens}"
             )
     if needs.json and not target.json_output:
-        return "json_output", f"the request wants JSON output; {target.label} sets json_output = false"
+        return (
+            "json_output",
+            f"the request wants JSON output; {target.label} sets json_output = false",
+        )
     return None
 
 
@@ -217,7 +228,10 @@ async def run_chain(
         limits.budgets.retry.deposit()
         if limits.hedge is not None:  # only a hedging route ever spends its hedge budget
             limits.budgets.hedge.deposit()
-    targets, current = chain.targets, ""  # current: the error kind whose chain we are on, "" for targets
+    targets, current = (
+        chain.targets,
+        "",
+    )  # current: the error kind whose chain we are on, "" for targets
     entered: set[str] = set()  # each error-class chain is entered at most once
     i = 0
     while i < len(targets):
@@ -235,10 +249,18 @@ async def run_chain(
         while True:
             remaining_s = limits.deadline - clock()
             if remaining_s <= 0:
-                run.skip_rest(targets[i - 1 :], "deadline", "the request's deadline passed before it could start")
+                run.skip_rest(
+                    targets[i - 1 :],
+                    "deadline",
+                    "the request's deadline passed before it could start",
+                )
                 return run.fail(_deadline_error(targets[i - 1 :]))
             if run.physical >= limits.max_attempts:
-                run.skip_rest(targets[i - 1 :], "max_attempts", f"max_attempts ({limits.max_attempts}) reached")
+                run.skip_rest(
+                    targets[i - 1 :],
+                    "max_attempts",
+                    f"max_attempts ({limits.max_attempts}) reached",
+                )
                 return run.fail(_max_attempts_error(limits.max_attempts, run.attempts))
             if retry == 0 and health is not None and target.breaker is not None:
                 admitted = health.admit(target.provider, target.health_model)
@@ -247,9 +269,17 @@ async def run_chain(
                     probe = admitted == PROBE and await health.claim(
                         target.provider, target.health_model, lease_s
                     )
-                    if not probe and limits.fallback and any(skip_reason(t, needs) is None for t in targets[i:]):
+                    if (
+                        not probe
+                        and limits.fallback
+                        and any(skip_reason(t, needs) is None for t in targets[i:])
+                    ):
                         health.skipped(target.provider, target.health_model)
-                        run.skip(target, "circuit_open", f"{target.label}'s circuit breaker is open: {_why_open(health, target)}")
+                        run.skip(
+                            target,
+                            "circuit_open",
+                            f"{target.label}'s circuit breaker is open: {_why_open(health, target)}",
+                        )
                         break
                     probe = True  # the probe, or the last target left: called anyway
             if retry == 0 and run.failed is not None:
@@ -257,12 +287,18 @@ async def run_chain(
             run.physical += 1
             previous = tuple(run.errors) if target.pass_failures else ()
             timeout_s = min(target.timeout_s, remaining_s)
-            rival = targets[i] if i < len(targets) and retry == 0 and not probe else None  # a probe is never hedged
-            hedge_s = run.hedge_delay(target) if rival is not None and limits.hedge is not None else None
+            rival = (
+                targets[i] if i < len(targets) and retry == 0 and not probe else None
+            )  # a probe is never hedged
+            hedge_s = (
+                run.hedge_delay(target) if rival is not None and limits.hedge is not None else None
+            )
             if hedge_s is None:
                 started = clock()
                 reply = await call(target, timeout_s, previous)
-                reply, latency_ms = run.finish(target, reply, started, probe, timeout_s < target.timeout_s)
+                reply, latency_ms = run.finish(
+                    target, reply, started, probe, timeout_s < target.timeout_s
+                )
                 hedged = raced_past = False
             else:
 
@@ -271,7 +307,9 @@ async def run_chain(
                     in_class_chain = failure.kind in chain.by_kind and failure.kind not in entered
                     return in_class_chain or not falls_back(failure, limits.fallback_on)
 
-                raced = await run.race(call, target, timeout_s, previous, hedge_s, rival, needs, settles)  # type: ignore[arg-type]
+                raced = await run.race(
+                    call, target, timeout_s, previous, hedge_s, rival, needs, settles
+                )  # type: ignore[arg-type]
                 if isinstance(raced, ChainResult):
                     return raced
                 hedged = raced[0] is rival
@@ -280,19 +318,30 @@ async def run_chain(
                     i += 1  # the rival ran as the hedge: the chain goes on after it
             if isinstance(reply, ProviderOk):
                 run.attempts.append(
-                    Attempt(target.provider, reply.model or target.model, "ok", latency_ms, target=target.label, retry=retry)
+                    Attempt(
+                        target.provider,
+                        reply.model or target.model,
+                        "ok",
+                        latency_ms,
+                        target=target.label,
+                        retry=retry,
+                    )
                 )
                 return ChainResult(reply, target, run.attempts, None)
             run.errors.append(reply.kind)
             delay_s = None if raced_past else _retry_delay(target, reply, retry, run, rand)
             if delay_s is not None:
                 run.attempts.append(_failed(target, reply, latency_ms, retry, "retry"))
-                run.event("lifeline.retry", target, reply, {"lifeline.retry.delay_ms": delay_s * 1000})
+                run.event(
+                    "lifeline.retry", target, reply, {"lifeline.retry.delay_ms": delay_s * 1000}
+                )
                 await sleep(delay_s)
                 retry += 1
                 continue
             chain_of_kind = chain.by_kind.get(reply.kind) if reply.kind not in entered else None
-            if not limits.fallback or (chain_of_kind is None and not falls_back(reply, limits.fallback_on)):
+            if not limits.fallback or (
+                chain_of_kind is None and not falls_back(reply, limits.fallback_on)
+            ):
                 run.attempts.append(
                     _failed(target, reply, latency_ms, retry, "stop", run.take_denied(), hedged)
                 )
@@ -303,7 +352,9 @@ async def run_chain(
                 targets, current, i = chain_of_kind, reply.kind, 0
                 entered.add(reply.kind)
             next_ = "fallback" if i < len(targets) else "stop"
-            run.attempts.append(_failed(target, reply, latency_ms, retry, next_, run.take_denied(), hedged))
+            run.attempts.append(
+                _failed(target, reply, latency_ms, retry, next_, run.take_denied(), hedged)
+            )
             run.failed = (target, reply)
             break
     if run.physical == 0:
@@ -320,9 +371,18 @@ class _Run:
     """The state of one walk along a chain."""
 
     __slots__ = (
-        "limits", "on_event", "clock", "health", "validate", "attempts", "errors", "physical", "failed",
-        "ended_one", "denied",
-    )  # fmt: skip
+        "attempts",
+        "clock",
+        "denied",
+        "ended_one",
+        "errors",
+        "failed",
+        "health",
+        "limits",
+        "on_event",
+        "physical",
+        "validate",
+    )
 
     def __init__(
         self,
@@ -342,14 +402,21 @@ class _Run:
         self.physical = 0
         self.failed: tuple[Target, ProviderFailure] | None = None  # the last failure that fell back
         self.ended_one = False
-        self.denied: str | None = None  # why the last failure was not retried, when a budget said no
+        self.denied: str | None = (
+            None  # why the last failure was not retried, when a budget said no
+        )
 
     def take_denied(self) -> str | None:
         denied, self.denied = self.denied, None
         return denied
 
     def finish(
-        self, target: Target, reply: ProviderReply, started: float, probe: bool = False, capped: bool = False
+        self,
+        target: Target,
+        reply: ProviderReply,
+        started: float,
+        probe: bool = False,
+        capped: bool = False,
     ) -> tuple[ProviderReply, float]:
         """A call came back: validate a good answer, take its latency, tell health.
         `capped`: the request's deadline cut the call's timeout short, so a timeout says nothing
@@ -421,9 +488,16 @@ class _Run:
         return True
 
     async def race(
-        self, call: CallTarget, first: Target, timeout_s: float, previous: tuple[str, ...], delay_s: float,
-        rival: Target, needs: Needs, settles: Callable[[ProviderFailure], bool],
-    ) -> ChainResult | tuple[Target, ProviderReply, float, bool]:  # fmt: skip
+        self,
+        call: CallTarget,
+        first: Target,
+        timeout_s: float,
+        previous: tuple[str, ...],
+        delay_s: float,
+        rival: Target,
+        needs: Needs,
+        settles: Callable[[ProviderFailure], bool],
+    ) -> ChainResult | tuple[Target, ProviderReply, float, bool]:
         """Call `first`; if it is still running after delay_s, start `rival` too and take the first
         good answer, or the first failure that `settles` the chain (it would stop it or switch
         to an error-class chain). Returns the winner's ChainResult, or (target, failure,
@@ -432,18 +506,26 @@ class _Run:
         started = self.clock()
         first_task = asyncio.ensure_future(call(first, timeout_s, previous))
         capped = {first: timeout_s < first.timeout_s}
-        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]] = {first_task: (first, started)}
+        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]] = {
+            first_task: (first, started)
+        }
         try:
             done, _ = await asyncio.wait({first_task}, timeout=delay_s)
             if done or not self.may_hedge(rival, needs):
-                reply, latency_ms = self.finish(first, await first_task, started, capped=capped[first])
+                reply, latency_ms = self.finish(
+                    first, await first_task, started, capped=capped[first]
+                )
                 return first, reply, latency_ms, False
             self.physical += 1
             hedge_started = self.clock()
-            self._emit("lifeline.hedge", {
-                "lifeline.hedge.from": first.label, "lifeline.hedge.to": rival.label,
-                "lifeline.hedge.after_ms": (hedge_started - started) * 1000,
-            })  # fmt: skip
+            self._emit(
+                "lifeline.hedge",
+                {
+                    "lifeline.hedge.from": first.label,
+                    "lifeline.hedge.to": rival.label,
+                    "lifeline.hedge.after_ms": (hedge_started - started) * 1000,
+                },
+            )
             rival_timeout_s = min(rival.timeout_s, self.limits.deadline - hedge_started)
             rival_previous = tuple(self.errors) if rival.pass_failures else ()
             rival_task = asyncio.ensure_future(call(rival, rival_timeout_s, rival_previous))
@@ -454,14 +536,20 @@ class _Run:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     target, t0 = running.pop(task)
-                    reply, latency_ms = self.finish(target, task.result(), t0, capped=capped[target])
+                    reply, latency_ms = self.finish(
+                        target, task.result(), t0, capped=capped[target]
+                    )
                     if isinstance(reply, ProviderOk):
                         return await self._won(target, reply, latency_ms, target is rival, running)
                     if running and settles(reply):  # e.g. bad_request, when fallback_on excludes it
-                        self.attempts.extend(await self._cancel(running, is_hedge=target is not rival))
+                        self.attempts.extend(
+                            await self._cancel(running, is_hedge=target is not rival)
+                        )
                         return target, reply, latency_ms, True
                     if running:  # the other call is still running: it takes over
-                        self.attempts.append(_failed(target, reply, latency_ms, 0, "fallback", hedge=target is rival))
+                        self.attempts.append(
+                            _failed(target, reply, latency_ms, 0, "fallback", hedge=target is rival)
+                        )
                         self.errors.append(reply.kind)
                     last = (target, reply, latency_ms)
             assert last is not None
@@ -471,11 +559,22 @@ class _Run:
                 task.cancel()
 
     async def _won(
-        self, target: Target, reply: ProviderOk, latency_ms: float, is_hedge: bool,
+        self,
+        target: Target,
+        reply: ProviderOk,
+        latency_ms: float,
+        is_hedge: bool,
         running: dict[asyncio.Future[ProviderReply], tuple[Target, float]],
-    ) -> ChainResult:  # fmt: skip
+    ) -> ChainResult:
         """The first good answer of a race: cancel the rival (its worker aborts the call) and record both."""
-        won = Attempt(target.provider, reply.model or target.model, "ok", latency_ms, target=target.label, hedge=is_hedge)
+        won = Attempt(
+            target.provider,
+            reply.model or target.model,
+            "ok",
+            latency_ms,
+            target=target.label,
+            hedge=is_hedge,
+        )
         lost = await self._cancel(running, is_hedge=not is_hedge)
         self.attempts.extend([*lost, won] if is_hedge else [won, *lost])
         return ChainResult(reply, target, self.attempts, None)
@@ -487,21 +586,42 @@ class _Run:
         lost = []
         for task, (other, t0) in running.items():
             task.cancel()
-            lost.append(Attempt(
-                other.provider, other.model, "cancelled", (self.clock() - t0) * 1000, target=other.label,
-                reason=HEDGE_LOST, hedge=is_hedge,
-            ))  # fmt: skip
-        await asyncio.gather(*running, return_exceptions=True)  # the cancel reaches the worker before we answer
+            lost.append(
+                Attempt(
+                    other.provider,
+                    other.model,
+                    "cancelled",
+                    (self.clock() - t0) * 1000,
+                    target=other.label,
+                    reason=HEDGE_LOST,
+                    hedge=is_hedge,
+                )
+            )
+        await asyncio.gather(
+            *running, return_exceptions=True
+        )  # the cancel reaches the worker before we answer
         running.clear()
         return lost
 
     def skip(self, target: Target, reason: str, message: str) -> None:
         self.attempts.append(
-            Attempt(target.provider, target.model, "skipped", 0.0, target=target.label, reason=reason, message=message)
+            Attempt(
+                target.provider,
+                target.model,
+                "skipped",
+                0.0,
+                target=target.label,
+                reason=reason,
+                message=message,
+            )
         )
         self._emit(
             "lifeline.skip",
-            {"lifeline.target": target.label, "lifeline.skip.reason": reason, "lifeline.skip.message": message},
+            {
+                "lifeline.target": target.label,
+                "lifeline.skip.reason": reason,
+                "lifeline.skip.message": message,
+            },
         )
 
     def skip_rest(self, rest: Sequence[Target], reason: str, message: str) -> None:
@@ -513,9 +633,13 @@ class _Run:
             self.on_event(name, attributes)
 
     def budget_event(self, budget: str, target: Target) -> None:
-        self._emit("lifeline.budget_spent", {"lifeline.budget": budget, "lifeline.target": target.label})
+        self._emit(
+            "lifeline.budget_spent", {"lifeline.budget": budget, "lifeline.target": target.label}
+        )
 
-    def event(self, name: str, target: Target, failure: ProviderFailure, extra: dict[str, Any]) -> None:
+    def event(
+        self, name: str, target: Target, failure: ProviderFailure, extra: dict[str, Any]
+    ) -> None:
         self._emit(
             name,
             {
@@ -526,7 +650,9 @@ class _Run:
             },
         )
 
-    def fallback_event(self, failed: tuple[Target, ProviderFailure], successor: Target, chain: str) -> None:
+    def fallback_event(
+        self, failed: tuple[Target, ProviderFailure], successor: Target, chain: str
+    ) -> None:
         """Sent only once the successor really starts, so a skipped target gets no fallback event."""
         target, failure = failed
         self._emit(
@@ -544,7 +670,9 @@ class _Run:
         return ChainResult(None, None, self.attempts, error)
 
 
-def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run, rand: Callable[[], float]) -> float | None:
+def _retry_delay(
+    target: Target, failure: ProviderFailure, retry: int, run: _Run, rand: Callable[[], float]
+) -> float | None:
     """Seconds to wait before retrying `target`, or None when it should not be retried."""
     if retry >= target.retries or not matches(failure, target.retry_on):
         return None
@@ -573,9 +701,14 @@ def _retry_delay(target: Target, failure: ProviderFailure, retry: int, run: _Run
 
 
 def _failed(
-    target: Target, failure: ProviderFailure, latency_ms: float, retry: int, next_: str,
-    reason: str | None = None, hedge: bool = False,
-) -> Attempt:  # fmt: skip
+    target: Target,
+    failure: ProviderFailure,
+    latency_ms: float,
+    retry: int,
+    next_: str,
+    reason: str | None = None,
+    hedge: bool = False,
+) -> Attempt:
     return Attempt(
         provider=target.provider,
         model=target.model,
@@ -610,7 +743,9 @@ def _names(targets: Sequence[Target]) -> str:
 
 def _all_failed_error(attempts: list[Attempt]) -> ErrorInfo:
     made = sum(1 for a in attempts if a.outcome != "skipped")
-    return ErrorInfo(ALL_FAILED, f"all {made} attempts failed ({_summary(attempts)}); see attempts for details")
+    return ErrorInfo(
+        ALL_FAILED, f"all {made} attempts failed ({_summary(attempts)}); see attempts for details"
+    )
 
 
 def _nothing_capable_error(attempts: list[Attempt]) -> ErrorInfo:
@@ -631,10 +766,14 @@ def _stopped_error(target: Target, failure: ProviderFailure, rest: Sequence[Targ
 
 
 def _fallback_disabled(last: Attempt, rest: Sequence[Target]) -> ErrorInfo:
-    what = f"was skipped ({last.reason})" if last.outcome == "skipped" else f"failed with {last.error_type}"
+    what = (
+        f"was skipped ({last.reason})"
+        if last.outcome == "skipped"
+        else f"failed with {last.error_type}"
+    )
     return ErrorInfo(
         FALLBACK_STOPPED,
-        f"{last.target} {what}; the request set \"fallback\": false, so no fallback was tried "
+        f'{last.target} {what}; the request set "fallback": false, so no fallback was tried '
         f"(not tried: {_names(rest)}): {last.message}",
     )
 

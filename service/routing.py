@@ -103,15 +103,20 @@ class Router:
         self.named = {name: self.build(spec) for name, spec in config.targets.items()}
         for name in config.providers:
             self.named[name] = self.build(config.resolve_target(name))
-        self.default_by_kind = {kind: self.build_all(chain) for kind, chain in config.default_chains.items()}
+        self.default_by_kind = {
+            kind: self.build_all(chain) for kind, chain in config.default_chains.items()
+        }
         self.routes = {}
         for name, r in config.routes.items():
             hedge = Hedge(r.hedge_after_ms / 1000 if r.hedge_after_ms else None, r.hedge_p95)
             self.routes[name] = self._route(
-                self.build_all(r.targets, r.breaker), {k: self.build_all(c, r.breaker) for k, c in r.by_kind.items()},
-                r.fallback_on, r.max_attempts,
-                hedge if hedge.after_s is not None or hedge.p95 else None, Budgets(Budget(r.retry_budget), Budget(r.hedge_budget)),
-            )  # fmt: skip
+                self.build_all(r.targets, r.breaker),
+                {k: self.build_all(c, r.breaker) for k, c in r.by_kind.items()},
+                r.fallback_on,
+                r.max_attempts,
+                hedge if hedge.after_s is not None or hedge.p95 else None,
+                Budgets(Budget(r.retry_budget), Budget(r.hedge_budget)),
+            )
         # Requests that name their own targets share one budget (at the routes' defaults).
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
         # Per provider, the models the config names: each keeps a breaker and figures of its own.
@@ -129,7 +134,9 @@ class Router:
         shaping = None
         template = self.config.templates[spec.template] if spec.template is not None else None
         if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template) != (None,) * 5:
-            shaping = Shaping(spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.template)
+            shaping = Shaping(
+                spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.template
+            )
         return Target(
             provider=spec.provider,
             kind=provider.kind,
@@ -164,9 +171,13 @@ class Router:
             models[target.provider].add(target.model)
         return {name: frozenset(names) for name, names in models.items()}
 
-    def build_all(self, steps: Sequence[Step], route_breaker: dict | None = None) -> list[Target | tuple[Target, ...]]:
+    def build_all(
+        self, steps: Sequence[Step], route_breaker: dict | None = None
+    ) -> list[Target | tuple[Target, ...]]:
         return [
-            tuple(self.build(s, route_breaker) for s in step) if isinstance(step, list) else self.build(step, route_breaker)
+            tuple(self.build(s, route_breaker) for s in step)
+            if isinstance(step, list)
+            else self.build(step, route_breaker)
             for step in steps
         ]
 
@@ -184,16 +195,23 @@ class Router:
         every = [t for chain in chains for t in _flat(chain)]
         chain = Chain(_flat(targets), {kind: _flat(c) for kind, c in by_kind.items()})
         return _Route(
-            chain, fallback_on, max_attempts, any(t.max_input_tokens is not None for t in every),
-            (targets, by_kind) if grouped else None, hedge, budgets,
-        )  # fmt: skip
+            chain,
+            fallback_on,
+            max_attempts,
+            any(t.max_input_tokens is not None for t in every),
+            (targets, by_kind) if grouped else None,
+            hedge,
+            budgets,
+        )
 
     def _chain_for_request(self, route: _Route) -> Chain:
         """The route's chain, with each load-balanced group in this request's weighted order."""
         if route.groups is None:
             return route.chain
         targets, by_kind = route.groups
-        return Chain(self._ordered(targets), {kind: self._ordered(c) for kind, c in by_kind.items()})
+        return Chain(
+            self._ordered(targets), {kind: self._ordered(c) for kind, c in by_kind.items()}
+        )
 
     def _ordered(self, steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
         out: list[Target] = []
@@ -243,7 +261,9 @@ class Router:
         max_attempts = route.max_attempts
         if request.max_attempts is not None:
             if request.max_attempts > limits.max_attempts:
-                raise refuse(f"max_attempts {request.max_attempts} is above this dispatcher's maximum of {limits.max_attempts}")
+                raise refuse(
+                    f"max_attempts {request.max_attempts} is above this dispatcher's maximum of {limits.max_attempts}"
+                )
             max_attempts = request.max_attempts
         try:
             validate = output_validator(request.response_format)
@@ -254,26 +274,39 @@ class Router:
             faults = self._faults(request.faults, chain, refuse)
         needs = _NO_NEEDS
         if route.counts_tokens or validate is not None:
-            needs = Needs(estimate_tokens(request.messages) if route.counts_tokens else None, validate is not None)
+            needs = Needs(
+                estimate_tokens(request.messages) if route.counts_tokens else None,
+                validate is not None,
+            )
         deadline = (time.monotonic() if arrived is None else arrived) + timeout_s
         return Plan(
-            request, request_id, route_name, chain,
-            Limits(deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets), needs, validate,
+            request,
+            request_id,
+            route_name,
+            chain,
+            Limits(
+                deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets
+            ),
+            needs,
+            validate,
             faults,
-        )  # fmt: skip
+        )
 
     def _timeout_s(self, request: CompletionRequest, refuse) -> float:
         limits = self.config.dispatcher
         timeout_s = request.timeout_s
         if timeout_s is not None and timeout_s > limits.max_timeout_s:
-            raise refuse(f"timeout_s {timeout_s:g} is above this dispatcher's maximum of {limits.max_timeout_s:g}")
+            raise refuse(
+                f"timeout_s {timeout_s:g} is above this dispatcher's maximum of {limits.max_timeout_s:g}"
+            )
         if request.deadline_unix_ms is not None:
             left_s = request.deadline_unix_ms / 1000 - time.time()
             if left_s <= 0:
                 raise refuse(
                     f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the request; "
-                    "no target was tried", DEADLINE_EXCEEDED,
-                )  # fmt: skip
+                    "no target was tried",
+                    DEADLINE_EXCEEDED,
+                )
             if left_s > limits.max_timeout_s:
                 raise refuse(
                     f"deadline_unix_ms is {left_s:.0f} s away, above this dispatcher's maximum of {limits.max_timeout_s:g} s"
@@ -285,20 +318,29 @@ class Router:
         if request.targets is None:
             route = self.routes.get(request.route)
             if route is None:
-                raise refuse(f"unknown route {request.route!r}; configured routes: {sorted(self.routes)}", UNKNOWN_ROUTE)
+                raise refuse(
+                    f"unknown route {request.route!r}; configured routes: {sorted(self.routes)}",
+                    UNKNOWN_ROUTE,
+                )
             return route
         if not request.targets:
-            raise refuse(f"targets is empty; name at least one of {sorted(self.named)}", UNKNOWN_PROVIDER)
+            raise refuse(
+                f"targets is empty; name at least one of {sorted(self.named)}", UNKNOWN_PROVIDER
+            )
         targets = []
         for i, ref in enumerate(request.targets):
             if isinstance(ref, str):
                 if ref not in self.named:
-                    raise refuse(f"targets[{i}]: unknown target or provider {ref!r}; configured: {sorted(self.named)}",
-                                 UNKNOWN_PROVIDER)  # fmt: skip
+                    raise refuse(
+                        f"targets[{i}]: unknown target or provider {ref!r}; configured: {sorted(self.named)}",
+                        UNKNOWN_PROVIDER,
+                    )
                 targets.append(self.named[ref])
                 continue
             if ref.breaker is not None:
-                raise refuse(f"targets[{i}].breaker: circuit breakers are set in the config, not per request")
+                raise refuse(
+                    f"targets[{i}].breaker: circuit breakers are set in the config, not per request"
+                )
             try:
                 spec = self.config.resolve_target(ref)
             except ValueError as exc:
@@ -313,11 +355,18 @@ class Router:
                 target = target._replace(health_key=ADHOC_MODEL)
             targets.append(target)
         return self._route(
-            targets, self.default_by_kind, None, self.config.dispatcher.max_attempts, None, self.request_budgets
+            targets,
+            self.default_by_kind,
+            None,
+            self.config.dispatcher.max_attempts,
+            None,
+            self.request_budgets,
         )
 
     @staticmethod
-    def _narrowed(asked: list[str | int], allowed: Collection[str | int] | None, refuse) -> frozenset[str | int]:
+    def _narrowed(
+        asked: list[str | int], allowed: Collection[str | int] | None, refuse
+    ) -> frozenset[str | int]:
         for entry in asked:
             problem = kind_or_status_problem(entry)
             if problem is not None:
@@ -339,7 +388,9 @@ class Router:
         names = {t.label for t in every} | {t.provider for t in every}
         unknown = sorted(set(faults) - names)
         if unknown:
-            raise refuse(f"faults name {unknown}, which are not targets of this request (targets: {sorted(names)})")
+            raise refuse(
+                f"faults name {unknown}, which are not targets of this request (targets: {sorted(names)})"
+            )
         try:
             return check_faults(faults)
         except ValueError as exc:

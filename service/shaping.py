@@ -1,10 +1,10 @@
 """What a request looks like to one target, and whether an answer is what it asked for.
 
-    Shaping / shape()        a target's model, parameters and prompt template applied to the
-                             request, giving that target's ProviderRequest
-    estimate_tokens()        input size in tokens, estimated offline (for max_input_tokens)
-    output_validator()       response_format as a check: JSON that parses, and validates
-                             against the request's JSON Schema (jsonschema, draft 2020-12)
+Shaping / shape()        a target's model, parameters and prompt template applied to the
+                         request, giving that target's ProviderRequest
+estimate_tokens()        input size in tokens, estimated offline (for max_input_tokens)
+output_validator()       response_format as a check: JSON that parses, and validates
+                         against the request's JSON Schema (jsonschema, draft 2020-12)
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Shaping(NamedTuple):
     template_name: str | None = None
 
 
-def shape(base: ProviderRequest, shaping: Shaping, previous_errors: Sequence[str] = ()) -> ProviderRequest:
+def shape(
+    base: ProviderRequest, shaping: Shaping, previous_errors: Sequence[str] = ()
+) -> ProviderRequest:
     messages = base.messages
     if shaping.template is not None:
         messages = apply_template(messages, shaping.template, previous_errors)
@@ -75,11 +77,15 @@ def apply_template(
     if template.system is not None:
         own = "\n\n".join(m.content for m in out if m.role == "system")
         text = template.system.replace("{previous_errors}", errors).replace("{system}", own).strip()
-        out = ([ChatMessage("system", text)] if text else []) + [m for m in out if m.role != "system"]
+        out = ([ChatMessage("system", text)] if text else []) + [
+            m for m in out if m.role != "system"
+        ]
     if template.user is not None:
         for i in range(len(out) - 1, -1, -1):
             if out[i].role == "user":
-                text = template.user.replace("{previous_errors}", errors).replace("{input}", out[i].content)
+                text = template.user.replace("{previous_errors}", errors).replace(
+                    "{input}", out[i].content
+                )
                 out[i] = ChatMessage("user", text)
                 break
     return out
@@ -130,7 +136,9 @@ class Validator:
 
     __slots__ = ("schema_name", "validator")
 
-    def __init__(self, schema_name: str | None, validator: jsonschema.protocols.Validator | None) -> None:
+    def __init__(
+        self, schema_name: str | None, validator: jsonschema.protocols.Validator | None
+    ) -> None:
         self.schema_name = schema_name
         self.validator = validator
 
@@ -140,10 +148,15 @@ class Validator:
             value = _decode(text)
         except msgspec.DecodeError as exc:
             # The answer's text stays out: attempts reach the audit event, which never carries it.
-            return ProviderFailure("invalid_output", f"the answer is not valid JSON ({exc}; {len(text)} characters)")
+            return ProviderFailure(
+                "invalid_output", f"the answer is not valid JSON ({exc}; {len(text)} characters)"
+            )
         if self.validator is None:
             if not isinstance(value, dict):
-                return ProviderFailure("invalid_output", f"json_object asks for an object; the answer is a {type(value).__name__}")
+                return ProviderFailure(
+                    "invalid_output",
+                    f"json_object asks for an object; the answer is a {type(value).__name__}",
+                )
         else:
             error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
             if error is not None:
@@ -165,14 +178,18 @@ def output_validator(response_format: ResponseFormat | None) -> Validator | None
         return Validator(None, None)
     spec = response_format.json_schema
     if spec is None:
-        raise ValueError('response_format type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}')
+        raise ValueError(
+            'response_format type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}'
+        )
     key = msgspec.json.encode(spec.schema)
     validator = _validators.get(key)
     if validator is None:
         try:
             jsonschema.Draft202012Validator.check_schema(spec.schema)
         except jsonschema.exceptions.SchemaError as exc:
-            raise ValueError(f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}") from None
+            raise ValueError(
+                f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}"
+            ) from None
         validator = jsonschema.Draft202012Validator(spec.schema)
         if len(key) <= _CACHED_SCHEMA_BYTES:
             _validators[key] = validator

@@ -75,7 +75,9 @@ class SharedHealth(Health):
         self.id = f"{os.getpid()}-{NUID().next().decode()[:8]}"
         self.host = socket.gethostname()
         self.kv: KeyValue | None = None
-        self.problem: str | None = "not connected yet"  # why the bucket is not in use; None when it is
+        self.problem: str | None = (
+            "not connected yet"  # why the bucket is not in use; None when it is
+        )
         self._revisions: dict[str, int] = {}  # breaker key -> last revision seen
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: Any = None
@@ -111,7 +113,9 @@ class SharedHealth(Health):
             try:
                 kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(bucket=self.bucket, history=1, description="Lifeline breaker state")
+                kv = await js.create_key_value(
+                    bucket=self.bucket, history=1, description="Lifeline breaker state"
+                )
             self._watcher = await kv.watch(BREAKER_PREFIX + ">")
         except Exception as exc:  # noqa: BLE001 - nats-py raises many types; each means "not reachable"
             self._degrade(exc)
@@ -119,21 +123,32 @@ class SharedHealth(Health):
         self._follower = asyncio.create_task(self._follow(self._watcher))
         self.kv = kv
         if self.problem != "not connected yet":
-            log.warning("shared health restored: breaker state is shared again through bucket %s", self.bucket)
+            log.warning(
+                "shared health restored: breaker state is shared again through bucket %s",
+                self.bucket,
+            )
         else:
-            log.info("shared health: breaker state is shared through JetStream bucket %s", self.bucket)
+            log.info(
+                "shared health: breaker state is shared through JetStream bucket %s", self.bucket
+            )
         self.problem = None
-        for health in self.targets.values():  # what opened here meanwhile, unless the bucket knows better
+        for (
+            health
+        ) in self.targets.values():  # what opened here meanwhile, unless the bucket knows better
             if health.state != CLOSED:
-                self._spawn(self._put(health.provider, health.model, self._value(health), only_if_new=True))
+                self._spawn(
+                    self._put(health.provider, health.model, self._value(health), only_if_new=True)
+                )
 
     def _degrade(self, exc: BaseException) -> None:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
         if self.kv is not None or self.problem == "not connected yet":
             log.warning(
                 "shared health unavailable (bucket %s: %s); breakers use this dispatcher's own view "
-                "until it is back (is JetStream enabled on the NATS server?)", self.bucket, problem,
-            )  # fmt: skip
+                "until it is back (is JetStream enabled on the NATS server?)",
+                self.bucket,
+                problem,
+            )
         self.kv = None
         self.problem = problem
 
@@ -218,11 +233,17 @@ class SharedHealth(Health):
             self._degrade(exc)
 
     def _value(self, health: TargetHealth) -> bytes:
-        return json.dumps({
-            "provider": health.provider, "model": health.model, "state": health.state,
-            "until_unix_ms": self.until_unix_ms(health), "reason": health.reason,
-            "since_unix_ms": health.since_unix_ms, "by": self.id,
-        }).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "provider": health.provider,
+                "model": health.model,
+                "state": health.state,
+                "until_unix_ms": self.until_unix_ms(health),
+                "reason": health.reason,
+                "since_unix_ms": health.since_unix_ms,
+                "by": self.id,
+            }
+        ).encode()
 
     def _announce(self, health: TargetHealth) -> None:
         """A breaker changed here: write it to the bucket, off the request's path."""
@@ -234,13 +255,17 @@ class SharedHealth(Health):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _put(self, provider: str, model: str, value: bytes, only_if_new: bool = False) -> None:
+    async def _put(
+        self, provider: str, model: str, value: bytes, only_if_new: bool = False
+    ) -> None:
         if self.kv is None:
             return
         key = breaker_key(provider, model)
         try:
             write = self.kv.create(key, value) if only_if_new else self.kv.put(key, value)
-            self._revisions[key] = max(await asyncio.wait_for(write, _OP_TIMEOUT_S), self._revisions.get(key, 0))
+            self._revisions[key] = max(
+                await asyncio.wait_for(write, _OP_TIMEOUT_S), self._revisions.get(key, 0)
+            )
         except nats.js.errors.KeyWrongLastSequenceError:
             pass  # only_if_new: the bucket has a state already; the watcher brings it here
         except Exception as exc:  # noqa: BLE001
@@ -252,7 +277,10 @@ class SharedHealth(Health):
             return await super().claim(provider, model, lease_s)
         key = breaker_key(provider, model)
         health = self.of(provider, model)
-        health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it here while we ask
+        health.state, health.probe_until = (
+            HALF_OPEN,
+            self.clock() + lease_s,
+        )  # skip it here while we ask
         asked_until = health.probe_until
         value = self._value(health)
         revision = self._revisions.get(key)
@@ -260,7 +288,9 @@ class SharedHealth(Health):
             if revision is None:
                 revision = await asyncio.wait_for(self.kv.create(key, value), _CLAIM_TIMEOUT_S)
             else:
-                revision = await asyncio.wait_for(self.kv.update(key, value, last=revision), _CLAIM_TIMEOUT_S)
+                revision = await asyncio.wait_for(
+                    self.kv.update(key, value, last=revision), _CLAIM_TIMEOUT_S
+                )
         except nats.js.errors.KeyWrongLastSequenceError:
             # Someone changed the key first. Another replica's claim or state reaches us through the
             # watcher and sets the lease it holds; but the newer revision may be our own write whose
@@ -338,21 +368,35 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
                 for bucket, count in figures.get("latency", {}).items():
                     view["latency"][int(bucket)] = view["latency"].get(int(bucket), 0) + count
         elif key.startswith(BREAKER_PREFIX):
-            label = f"{value['provider']}:{value['model']}" if value.get("model") else value["provider"]
+            label = (
+                f"{value['provider']}:{value['model']}" if value.get("model") else value["provider"]
+            )
             view = targets.setdefault(label, _empty(value["provider"], value.get("model", "")))
             state = value.get("state", CLOSED)
             if state == OPEN and value.get("until_unix_ms", 0) <= now_unix_ms:
                 state = "open (cooldown over: next call probes)"
-            view.update(state=state, reason=value.get("reason", ""), since_unix_ms=value.get("since_unix_ms", 0),
-                        until_unix_ms=value.get("until_unix_ms", 0))  # fmt: skip
+            view.update(
+                state=state,
+                reason=value.get("reason", ""),
+                since_unix_ms=value.get("since_unix_ms", 0),
+                until_unix_ms=value.get("until_unix_ms", 0),
+            )
     return {"dispatchers": dispatchers, "targets": targets}
 
 
 def _empty(provider: str, model: str) -> dict[str, Any]:
     return {
-        "provider": provider, "model": model, "state": CLOSED, "reason": "", "since_unix_ms": 0, "until_unix_ms": 0,
-        "ok": 0, "failed": 0, "skipped": 0, "latency": {},
-    }  # fmt: skip
+        "provider": provider,
+        "model": model,
+        "state": CLOSED,
+        "reason": "",
+        "since_unix_ms": 0,
+        "until_unix_ms": 0,
+        "ok": 0,
+        "failed": 0,
+        "skipped": 0,
+        "latency": {},
+    }
 
 
 async def read_bucket(nc: Client, bucket: str) -> dict[str, bytes]:

@@ -173,7 +173,7 @@ class Tracing(TracerProvider):
         if _acts_on_start(span_processor):
             self.starters.append(span_processor)
 
-    def recorder(self, scope: str) -> "SpanRecorder":
+    def recorder(self, scope: str) -> SpanRecorder:
         """A SpanRecorder sharing this provider's sampler, resource and processors (also those added later)."""
         return SpanRecorder(
             self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters
@@ -201,7 +201,9 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     resource = service_resource(service_name)
     if not classes:
         return Tracing(resource=resource, sampler=ALWAYS_OFF)
-    provider = Tracing(resource=resource)  # sampler from OTEL_TRACES_SAMPLER, else parent-based always-on
+    provider = Tracing(
+        resource=resource
+    )  # sampler from OTEL_TRACES_SAMPLER, else parent-based always-on
     for (
         exporter
     ) in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
@@ -209,7 +211,9 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     return provider
 
 
-def meter_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> MeterProvider | None:
+def meter_provider_from_env(
+    service_name: str, environ: Mapping[str, str] = os.environ
+) -> MeterProvider | None:
     """A MeterProvider with a reader per exporter of OTEL_METRICS_EXPORTER (see `exporter_names`),
     exporting every OTEL_METRIC_EXPORT_INTERVAL (default 60 s), or None when no metrics exporter
     is configured (then nothing is collected at all). Raises TelemetryConfigError as
@@ -245,29 +249,57 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
             for label, figures in snapshot().items():
                 value = value_of(figures)
                 if value is not None:
-                    attributes = {"lifeline.target": label, "lifeline.provider": figures["provider"],
-                                  "gen_ai.request.model": figures["model"]}  # fmt: skip
+                    attributes = {
+                        "lifeline.target": label,
+                        "lifeline.provider": figures["provider"],
+                        "gen_ai.request.model": figures["model"],
+                    }
                     yield Observation(value, attributes)
 
-        meter.create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
+        meter.create_observable_gauge(
+            name, callbacks=[callback], unit=unit, description=description
+        )
 
-    gauge("lifeline.breaker.state", "1", "circuit breaker per target: 0 closed, 1 half-open, 2 open",
-          lambda f: _BREAKER_STATE[f["state"]])  # fmt: skip
-    gauge("lifeline.target.requests", "{request}", "calls of the target in the last 60 s", lambda f: f["ok"] + f["failed"])
-    gauge("lifeline.target.success_rate", "1", "share of the target's calls in the last 60 s that answered well",
-          lambda f: f["ok"] / (f["ok"] + f["failed"]) if f["ok"] + f["failed"] else None)  # fmt: skip
-    gauge("lifeline.target.latency.p50", "ms", "median latency of the target's good answers (last 30-60 s)",
-          lambda f: f["p50_ms"])  # fmt: skip
-    gauge("lifeline.target.latency.p95", "ms", "p95 latency of the target's good answers (last 30-60 s)",
-          lambda f: f["p95_ms"])  # fmt: skip
+    gauge(
+        "lifeline.breaker.state",
+        "1",
+        "circuit breaker per target: 0 closed, 1 half-open, 2 open",
+        lambda f: _BREAKER_STATE[f["state"]],
+    )
+    gauge(
+        "lifeline.target.requests",
+        "{request}",
+        "calls of the target in the last 60 s",
+        lambda f: f["ok"] + f["failed"],
+    )
+    gauge(
+        "lifeline.target.success_rate",
+        "1",
+        "share of the target's calls in the last 60 s that answered well",
+        lambda f: f["ok"] / (f["ok"] + f["failed"]) if f["ok"] + f["failed"] else None,
+    )
+    gauge(
+        "lifeline.target.latency.p50",
+        "ms",
+        "median latency of the target's good answers (last 30-60 s)",
+        lambda f: f["p50_ms"],
+    )
+    gauge(
+        "lifeline.target.latency.p95",
+        "ms",
+        "p95 latency of the target's good answers (last 30-60 s)",
+        lambda f: f["p95_ms"],
+    )
 
     def shared(options: CallbackOptions):  # type: ignore[no-untyped-def]
         yield Observation(1 if getattr(health, "shared", False) else 0)
 
     meter.create_observable_gauge(
-        "lifeline.health.shared", callbacks=[shared], unit="1",
+        "lifeline.health.shared",
+        callbacks=[shared],
+        unit="1",
         description="1 while breaker state is shared through the JetStream bucket, 0 on this dispatcher's own view",
-    )  # fmt: skip
+    )
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:
@@ -282,7 +314,13 @@ def extract(headers: Mapping[str, str] | None) -> Context | None:
     if traceparent is None:
         return None
     parts = traceparent.split("-")
-    if TRACESTATE in headers or len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
+    if (
+        TRACESTATE in headers
+        or len(parts) != 4
+        or parts[0] != "00"
+        or len(parts[1]) != 32
+        or len(parts[2]) != 16
+    ):
         return _propagator.extract(headers)
     try:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
@@ -290,7 +328,9 @@ def extract(headers: Mapping[str, str] | None) -> Context | None:
         return None
     if not trace_id or not span_id:
         return None
-    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 1))
+    parent = trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 1)
+    )
     return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
@@ -316,19 +356,27 @@ class SpanRecorder:
         )  # shared with Tracing: sees later additions
 
     def start(
-        self, name: str, kind: trace.SpanKind, attributes: dict[str, Any], parent: "Context | LiteSpan | None" = None
-    ) -> "LiteSpan":
+        self,
+        name: str,
+        kind: trace.SpanKind,
+        attributes: dict[str, Any],
+        parent: Context | LiteSpan | None = None,
+    ) -> LiteSpan:
         if isinstance(parent, LiteSpan):
             span = LiteSpan(self, name, kind, attributes, parent.context, parent.recording)
             if span.recording and self.starters:
                 self._started(span, parent.as_context())
             return span
         remote = trace.get_current_span(parent).get_span_context() if parent is not None else None
-        trace_id = remote.trace_id if remote is not None and remote.is_valid else random.getrandbits(128)
+        trace_id = (
+            remote.trace_id if remote is not None and remote.is_valid else random.getrandbits(128)
+        )
         result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
         recording = result.decision.is_sampled()
         parent_ctx = remote if remote is not None and remote.is_valid else None
-        span = LiteSpan(self, name, kind, attributes, parent_ctx, recording, trace_id, result.trace_state)
+        span = LiteSpan(
+            self, name, kind, attributes, parent_ctx, recording, trace_id, result.trace_state
+        )
         if recording:
             if result.attributes:
                 span.attributes.update(result.attributes)
@@ -336,7 +384,7 @@ class SpanRecorder:
                 self._started(span, parent)
         return span
 
-    def _started(self, span: "LiteSpan", parent_context: Context | None) -> None:
+    def _started(self, span: LiteSpan, parent_context: Context | None) -> None:
         # As the SDK's Span.start does: the span itself, still open, so a processor can read
         # it or add attributes (which then reach on_end), and the context it was started in.
         for processor in self.starters:
@@ -350,12 +398,30 @@ class LiteSpan:
     parent, kind, attributes, events, status, start_time, resource, instrumentation_scope)
     and takes set_attribute(s), add_event and set_status."""
 
-    __slots__ = ("recorder", "name", "kind", "attributes", "parent", "recording", "context", "start_ns",
-                 "events", "status")  # fmt: skip
+    __slots__ = (
+        "attributes",
+        "context",
+        "events",
+        "kind",
+        "name",
+        "parent",
+        "recorder",
+        "recording",
+        "start_ns",
+        "status",
+    )
 
-    def __init__(self, recorder: SpanRecorder, name: str, kind: trace.SpanKind, attributes: dict[str, Any],
-                 parent: trace.SpanContext | None, recording: bool, trace_id: int | None = None,
-                 trace_state: trace.TraceState | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        recorder: SpanRecorder,
+        name: str,
+        kind: trace.SpanKind,
+        attributes: dict[str, Any],
+        parent: trace.SpanContext | None,
+        recording: bool,
+        trace_id: int | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> None:
         self.recorder = recorder
         self.name = name
         self.kind = kind
@@ -366,7 +432,9 @@ class LiteSpan:
         if trace_id is None:  # a local child: same trace, same state
             assert parent is not None
             trace_id, trace_state = parent.trace_id, parent.trace_state
-        self.context = trace.SpanContext(trace_id, random.getrandbits(64), False, flags, trace_state)
+        self.context = trace.SpanContext(
+            trace_id, random.getrandbits(64), False, flags, trace_state
+        )
         self.start_ns = time.time_ns()
         self.events: list[Event] = []
         self.status = trace.Status(trace.StatusCode.UNSET)
@@ -416,10 +484,18 @@ class LiteSpan:
             return
         self.recorder.processor.on_end(
             ReadableSpan(
-                self.name, self.context, self.parent, self.recorder.resource, self.attributes, self.events,
-                kind=self.kind, status=self.status, start_time=self.start_ns, end_time=time.time_ns(),
+                self.name,
+                self.context,
+                self.parent,
+                self.recorder.resource,
+                self.attributes,
+                self.events,
+                kind=self.kind,
+                status=self.status,
+                start_time=self.start_ns,
+                end_time=time.time_ns(),
                 instrumentation_scope=self.recorder.scope,
-            )  # fmt: skip
+            )
         )
 
     def as_context(self) -> Context:

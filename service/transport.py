@@ -17,7 +17,9 @@ import logging
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import Error as NatsError, NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import (
     Attempt,

@@ -114,7 +114,9 @@ async def settled(client: Client, *stacks: Stack) -> None:
         await asyncio.sleep(0)
 
 
-async def ask(client: Client, request: dict[str, Any] | bytes, timeout_s: float = 5.0, **kw: Any) -> CompletionReply:
+async def ask(
+    client: Client, request: dict[str, Any] | bytes, timeout_s: float = 5.0, **kw: Any
+) -> CompletionReply:
     payload = request if isinstance(request, bytes) else encoder.encode(request)
     msg = await client.request(subjects.COMPLETE, payload, timeout=timeout_s, **kw)
     return reply_decoder.decode(msg.data)
@@ -124,7 +126,9 @@ def fake(**settings: Any) -> dict[str, Any]:
     return {"kind": "fake", **settings}
 
 
-def config(providers: dict[str, dict[str, Any]], routes: dict[str, Any] | None = None, **dispatcher: Any) -> dict:
+def config(
+    providers: dict[str, dict[str, Any]], routes: dict[str, Any] | None = None, **dispatcher: Any
+) -> dict:
     """A config dict; the default route tries the providers in the order given."""
     data: dict[str, Any] = {
         "providers": providers,

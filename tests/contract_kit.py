@@ -167,7 +167,11 @@ class Ledger:
         self.audit_types[event.id] = event.error_type
 
     async def send(
-        self, request_id: str, payload: bytes, reply: str | None = "", headers: dict[str, str] | None = None
+        self,
+        request_id: str,
+        payload: bytes,
+        reply: str | None = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Publish `payload` as request `request_id`; reply="" means the ledger's own inbox."""
         self._n += 1

@@ -13,7 +13,9 @@ from conftest import USER_HELLO, ask, config, fake, settled
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
 
 
-async def test_each_request_yields_exactly_one_audit_event_with_its_attempts(lifeline, client, audit):
+async def test_each_request_yields_exactly_one_audit_event_with_its_attempts(
+    lifeline, client, audit
+):
     stack = await lifeline(config({"primary": fake(fail_status=503), "backup": fake()}))
     replies = [await ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(3)]
     events = await audit.wait_for(3)
@@ -21,7 +23,11 @@ async def test_each_request_yields_exactly_one_audit_event_with_its_attempts(lif
     assert sorted(e.id for _, e in audit.events) == ["r0", "r1", "r2"]
     for (subject, event), reply in zip(sorted(events, key=lambda x: x[1].id), replies):
         assert subject == "llm.audit.ok"
-        assert (event.route, event.provider, event.trace_id) == ("default", "backup", reply.trace_id)
+        assert (event.route, event.provider, event.trace_id) == (
+            "default",
+            "backup",
+            reply.trace_id,
+        )
         assert [a.provider for a in event.attempts] == ["primary", "backup"]
         assert event.attempts[0].error_type == "server_error"
 
@@ -44,11 +50,19 @@ async def test_a_failed_request_is_audited_on_the_error_subject(lifeline, client
     assert event.attempts[0].status_code == 500
 
 
-async def test_spans_follow_the_genai_conventions_and_record_each_fallback(lifeline, client, exporter):
-    await lifeline(config({"primary": fake(model="gpt-x", fail_status=429), "backup": fake(model="claude-y")}))
+async def test_spans_follow_the_genai_conventions_and_record_each_fallback(
+    lifeline, client, exporter
+):
+    await lifeline(
+        config({"primary": fake(model="gpt-x", fail_status=429), "backup": fake(model="claude-y")})
+    )
     reply = await ask(client, USER_HELLO)
     request_span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
-    attempts = [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == request_span.context.span_id]
+    attempts = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.parent and s.parent.span_id == request_span.context.span_id
+    ]
     assert format(request_span.context.trace_id, "032x") == reply.trace_id
     assert request_span.attributes["gen_ai.operation.name"] == "chat"
     assert request_span.attributes["lifeline.route"] == "default"
@@ -74,7 +88,9 @@ async def test_a_failed_request_span_has_error_status_and_type(lifeline, client,
     assert request_span.attributes["error.type"] == "all_failed"
 
 
-async def test_one_trace_spans_the_client_the_dispatcher_and_the_worker(lifeline, client, exporter, tracers):
+async def test_one_trace_spans_the_client_the_dispatcher_and_the_worker(
+    lifeline, client, exporter, tracers
+):
     """A client that sends traceparent sees the dispatcher's and the worker's spans in its trace."""
     await lifeline(config({"primary": fake()}))
     tracer = tracers.get_tracer("test-client")
@@ -89,7 +105,11 @@ async def test_one_trace_spans_the_client_the_dispatcher_and_the_worker(lifeline
     dispatcher_span = next(s for s in spans.values() if s.kind == SpanKind.SERVER)
     assert dispatcher_span.parent.span_id == client_span.get_span_context().span_id
     # client -> dispatcher request span -> attempt span -> worker's provider-call span
-    chain = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT and s.name.startswith("chat ")]
+    chain = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.kind == SpanKind.CLIENT and s.name.startswith("chat ")
+    ]
     attempt = next(s for s in chain if s.parent.span_id == dispatcher_span.context.span_id)
     worker = next(s for s in chain if s.parent.span_id == attempt.context.span_id)
     assert worker.attributes["gen_ai.provider.name"] == "lifeline.fake"
@@ -116,6 +136,11 @@ def test_trace_context_from_headers_round_trips_and_bad_headers_are_ignored():
     inject(headers, span)
     assert headers["traceparent"] == f"00-{0x1234:032x}-{0x5678:016x}-01"
     parent = trace.get_current_span(extract(headers)).get_span_context()
-    assert (parent.trace_id, parent.span_id, parent.is_remote, parent.trace_flags) == (0x1234, 0x5678, True, 1)
+    assert (parent.trace_id, parent.span_id, parent.is_remote, parent.trace_flags) == (
+        0x1234,
+        0x5678,
+        True,
+        1,
+    )
     for bad in ("garbage", f"00-{'0' * 32}-{0x5678:016x}-01", f"00-{'z' * 32}-{0x5678:016x}-01"):
         assert not trace.get_current_span(extract({"traceparent": bad})).get_span_context().is_valid

@@ -13,12 +13,28 @@ CASES = {
     "wrong type": (encoder.encode({"messages": "hello"}), "invalid_request", "$.messages"),
     "empty messages": (encoder.encode({"messages": []}), "invalid_request", "$.messages"),
     "missing messages": (encoder.encode({"route": "default"}), "invalid_request", "messages"),
-    "unknown role": (encoder.encode({"messages": [{"role": "robot", "content": "x"}]}), "invalid_request", "role"),
-    "negative max_tokens": (encoder.encode({**USER_HELLO, "max_tokens": -1}), "invalid_request", "max_tokens"),
+    "unknown role": (
+        encoder.encode({"messages": [{"role": "robot", "content": "x"}]}),
+        "invalid_request",
+        "role",
+    ),
+    "negative max_tokens": (
+        encoder.encode({**USER_HELLO, "max_tokens": -1}),
+        "invalid_request",
+        "max_tokens",
+    ),
     "unknown route": (encoder.encode({**USER_HELLO, "route": "nope"}), "unknown_route", "'nope'"),
-    "unknown provider": (encoder.encode({**USER_HELLO, "targets": ["nope"]}), "unknown_provider", "'nope'"),
+    "unknown provider": (
+        encoder.encode({**USER_HELLO, "targets": ["nope"]}),
+        "unknown_provider",
+        "'nope'",
+    ),
     "empty targets": (encoder.encode({**USER_HELLO, "targets": []}), "unknown_provider", "targets"),
-    "timeout above max": (encoder.encode({**USER_HELLO, "timeout_s": 10_000}), "invalid_request", "timeout_s"),
+    "timeout above max": (
+        encoder.encode({**USER_HELLO, "timeout_s": 10_000}),
+        "invalid_request",
+        "timeout_s",
+    ),
     "not UTF-8": (b"\xff\xfe\x00", "invalid_request", "invalid request"),
 }
 
@@ -29,7 +45,9 @@ async def stack(lifeline):
 
 
 @pytest.mark.parametrize("payload, error_type, mentions", CASES.values(), ids=CASES.keys())
-async def test_bad_request_gets_a_clear_error_reply_and_an_audit_event(stack, client, audit, payload, error_type, mentions):
+async def test_bad_request_gets_a_clear_error_reply_and_an_audit_event(
+    stack, client, audit, payload, error_type, mentions
+):
     reply = await ask(client, payload)
     assert reply.status == "error" and reply.error is not None
     assert reply.error.type == error_type

@@ -17,17 +17,36 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tests.bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     figures = json.loads((tmp_path / "results.json").read_text())
     assert figures["request_errors"] == 0
-    cases = ("direct@1", "relay@64", "lifeline@64", "fallback-503@1", "fallback-noresp@1", "fallback-hang@64",
-             "scaling-2@64", "tick@8", "tail@8", "tail-hedged@8", "tail-budget@8")  # fmt: skip
+    cases = (
+        "direct@1",
+        "relay@64",
+        "lifeline@64",
+        "fallback-503@1",
+        "fallback-noresp@1",
+        "fallback-hang@64",
+        "scaling-2@64",
+        "tick@8",
+        "tail@8",
+        "tail-hedged@8",
+        "tail-budget@8",
+    )
     assert set(cases) <= set(figures["cases"])
-    assert {t["target"] for t in figures["targets"]} >= {"throughput vs relay", "memory per in-flight request",
-                                                          "hedging cuts the tail"}  # fmt: skip
-    assert figures["cases"]["tail-hedged@8"]["median"]["hedged_share"] > 0  # the hedged route did hedge
+    assert {t["target"] for t in figures["targets"]} >= {
+        "throughput vs relay",
+        "memory per in-flight request",
+        "hedging cuts the tail",
+    }
+    assert (
+        figures["cases"]["tail-hedged@8"]["median"]["hedged_share"] > 0
+    )  # the hedged route did hedge
     report = (tmp_path / "results.md").read_text()
     assert "| lifeline | 64 |" in report
     assert "### Hedging: p99 with a slow primary" in report

@@ -19,9 +19,16 @@ EXAMPLE = str(ROOT / "lifeline.example.toml")
 LIFELINE = [sys.executable, "-m", "service.cli"]
 
 
-def lifeline(*args: str, env: dict[str, str] | None = None, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+def lifeline(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*LIFELINE, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env or _env()
+        [*LIFELINE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env=env or _env(),
     )
 
 
@@ -33,7 +40,9 @@ def _env(**extra: str) -> dict[str, str]:
 _unread: dict[int, bytes] = {}  # per process: output read past the last line waited for
 
 
-def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout_s: float = 20) -> tuple[str, list[str]]:
+def _wait_for_line(
+    proc: subprocess.Popen[str], pattern: str, timeout_s: float = 20
+) -> tuple[str, list[str]]:
     """The first new line of proc's stdout matching `pattern`. Reads the pipe with select(),
     so a process that goes quiet fails the test after timeout_s instead of hanging it."""
     deadline, seen = time.monotonic() + timeout_s, []
@@ -55,7 +64,9 @@ def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout_s: float =
             break
         buffer += chunk
     stderr = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
-    raise AssertionError(f"never printed {pattern!r}; got:\n{''.join(seen)}{buffer.decode()}\n{stderr}")
+    raise AssertionError(
+        f"never printed {pattern!r}; got:\n{''.join(seen)}{buffer.decode()}\n{stderr}"
+    )
 
 
 def _rest(proc: subprocess.Popen[str]) -> str:
@@ -69,9 +80,13 @@ def running() -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`lifeline run` on an embedded NATS on a free port, with the example config."""
     proc = subprocess.Popen(
         [*LIFELINE, "run", "--port", "-1", "--config", EXAMPLE],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
         start_new_session=True,  # its own process group, as in a terminal
-    )  # fmt: skip
+    )
     try:
         line, _ = _wait_for_line(proc, r"dispatcher ready")
         url = re.search(r"nats://[\d.]+:\d+", line).group(0)  # type: ignore[union-attr]
@@ -103,7 +118,10 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     assert re.search(r"3\. backup .* ok", out)
     # `run` prints a line per request from the audit subject, and stops cleanly on Ctrl-C,
     # which a terminal sends to the whole process group (the embedded server included).
-    _wait_for_line(proc, r"\[ok\] id=\w+ .*flaky:rate_limit 429->fallback -> sleepy:timeout->fallback -> backup:ok")
+    _wait_for_line(
+        proc,
+        r"\[ok\] id=\w+ .*flaky:rate_limit 429->fallback -> sleepy:timeout->fallback -> backup:ok",
+    )
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopped" in _rest(proc)
@@ -118,14 +136,22 @@ def test_ask_exits_non_zero_and_explains_an_error_reply(running):
 
 def test_dispatcher_and_worker_run_as_separate_processes(nats_url):
     procs = [
-        subprocess.Popen([*LIFELINE, *args, "--config", EXAMPLE, "--nats-url", nats_url], cwd=ROOT, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [*LIFELINE, *args, "--config", EXAMPLE, "--nats-url", nats_url],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for args in (["worker", "backup"], ["dispatcher"])
     ]
     try:
         deadline = time.monotonic() + 20
         while True:  # until both have subscribed
-            result = lifeline("ask", "--nats-url", nats_url, "--target", "backup", "--timeout", "2", "ping")
+            result = lifeline(
+                "ask", "--nats-url", nats_url, "--target", "backup", "--timeout", "2", "ping"
+            )
             if result.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -164,8 +190,14 @@ def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
         '[dispatcher]\nallow_fault_injection = true\n\n[providers.a]\nkind = "fake"\nreply = "from a"\n\n'
         '[routes.default]\ntargets = [{ provider = "a", retries = 1, backoff_s = 0 }]\n'
     )
-    proc = subprocess.Popen([*LIFELINE, "run", "--config", str(cfg), "--nats-url", nats_url, "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [*LIFELINE, "run", "--config", str(cfg), "--nats-url", nats_url, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
     try:
         _wait_for_line(proc, r"dispatcher ready")
         result = lifeline("ask", "--nats-url", nats_url, "--fault", "a=503,ok", "hi")
@@ -181,7 +213,9 @@ def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
 
 def test_a_worker_without_its_api_key_says_which_variable_to_set(tmp_path):
     cfg = tmp_path / "openai.toml"
-    cfg.write_text('[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "LIFELINE_TEST_KEY"\n')
+    cfg.write_text(
+        '[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "LIFELINE_TEST_KEY"\n'
+    )
     result = lifeline("worker", "gpt", "--config", str(cfg), "--nats-url", "nats://127.0.0.1:1")
     assert result.returncode == 2
     assert "LIFELINE_TEST_KEY" in result.stderr

@@ -65,7 +65,12 @@ def test_the_documented_config_parses_without_the_api_key_in_the_environment(tmp
     primary = parsed.providers["primary"]
     assert (primary.kind, primary.model, primary.timeout_s) == ("openai", "gpt-4o-mini", 10)
     assert [t.name for t in parsed.routes["default"].targets] == ["primary", "backup"]
-    assert parsed.routes["default"].fallback_on == {"timeout", "rate_limit", "server_error", "no_responders"}
+    assert parsed.routes["default"].fallback_on == {
+        "timeout",
+        "rate_limit",
+        "server_error",
+        "no_responders",
+    }
 
 
 def test_fallback_on_accepts_the_edges_of_the_http_error_range():
@@ -77,16 +82,22 @@ def test_fallback_on_accepts_the_edges_of_the_http_error_range():
 
 
 def test_a_wrong_type_names_the_provider_key_first():
-    assert error(config({"primary": fake(timeout_s="ten")})).startswith("providers.primary.timeout_s: ")
+    assert error(config({"primary": fake(timeout_s="ten")})).startswith(
+        "providers.primary.timeout_s: "
+    )
 
 
 def test_a_misspelled_provider_key_is_named_first_as_an_unknown_key():
-    assert error(config({"primary": fake(colour="red")})).startswith("providers.primary.colour: unknown key")
+    assert error(config({"primary": fake(colour="red")})).startswith(
+        "providers.primary.colour: unknown key"
+    )
 
 
 @pytest.mark.parametrize("timeout_s", [0, -1])
 def test_a_provider_timeout_must_be_positive(timeout_s):
-    assert error(config({"primary": fake(timeout_s=timeout_s)})).startswith("providers.primary.timeout_s: ")
+    assert error(config({"primary": fake(timeout_s=timeout_s)})).startswith(
+        "providers.primary.timeout_s: "
+    )
 
 
 def test_an_unknown_kind_names_the_key_and_lists_the_known_kinds():
@@ -164,14 +175,18 @@ def test_a_route_without_targets_is_refused():
 
 
 def test_a_misspelled_route_key_names_the_route():
-    assert error(config({"p": fake()}, route("p", retries=2))).startswith("routes.default.retries: unknown key")
+    assert error(config({"p": fake()}, route("p", retries=2))).startswith(
+        "routes.default.retries: unknown key"
+    )
 
 
 # ---- dispatcher and the file itself ---------------------------------------------------
 
 
 def test_a_misspelled_dispatcher_key_is_named_first_as_an_unknown_key():
-    assert error(config({"p": fake()}, max_request_byte=10)).startswith("dispatcher.max_request_byte: unknown key")
+    assert error(config({"p": fake()}, max_request_byte=10)).startswith(
+        "dispatcher.max_request_byte: unknown key"
+    )
 
 
 def test_a_default_timeout_above_the_maximum_is_refused():
@@ -222,7 +237,9 @@ def test_a_misspelled_key_in_an_inline_target_is_an_unknown_key():
 
 def test_a_target_timeout_above_the_dispatchers_maximum_is_refused():
     message = error(policy(inline(timeout_s=900)))
-    assert message.startswith("routes.r.targets[0].timeout_s: 900 is above dispatcher.max_timeout_s (600)")
+    assert message.startswith(
+        "routes.r.targets[0].timeout_s: 900 is above dispatcher.max_timeout_s (600)"
+    )
 
 
 def test_an_unknown_kind_in_retry_on_is_named_by_index():
@@ -246,7 +263,9 @@ def test_a_user_template_without_input_is_refused():
 
 
 def test_a_template_with_neither_system_nor_user_is_refused():
-    assert error(policy({"r": {"targets": ["p"]}}, templates={"t": {}})).startswith("templates.t: a template needs")
+    assert error(policy({"r": {"targets": ["p"]}}, templates={"t": {}})).startswith(
+        "templates.t: a template needs"
+    )
 
 
 def test_a_route_max_attempts_above_the_dispatchers_is_refused():
@@ -256,7 +275,9 @@ def test_a_route_max_attempts_above_the_dispatchers_is_refused():
 
 def test_an_unknown_target_in_a_context_length_chain_is_named_by_index():
     message = error(policy({"r": {"targets": ["p"], "context_length_fallbacks": ["big"]}}))
-    assert message.startswith("routes.r.context_length_fallbacks[0]: unknown target or provider 'big'")
+    assert message.startswith(
+        "routes.r.context_length_fallbacks[0]: unknown target or provider 'big'"
+    )
 
 
 def test_an_unknown_key_in_fallbacks_is_refused():
@@ -265,28 +286,39 @@ def test_an_unknown_key_in_fallbacks_is_refused():
 
 
 def test_a_named_target_is_resolved_under_its_table_key():
-    parsed = parse_config(policy({"r": {"targets": ["fast"]}}, targets={"fast": {"provider": "p", "model": "m-mini"}}))
+    parsed = parse_config(
+        policy({"r": {"targets": ["fast"]}}, targets={"fast": {"provider": "p", "model": "m-mini"}})
+    )
     [spec] = parsed.routes["r"].targets
     assert (spec.name, spec.provider, spec.model) == ("fast", "p", "m-mini")
 
 
 def test_an_inline_target_without_a_name_is_named_after_its_provider_and_model():
-    parsed = parse_config(policy({"r": {"targets": [{"provider": "p", "model": "m-large"}, {"provider": "q"}]}}))
+    parsed = parse_config(
+        policy({"r": {"targets": [{"provider": "p", "model": "m-large"}, {"provider": "q"}]}})
+    )
     assert [t.name for t in parsed.routes["r"].targets] == ["p:m-large", "q"]
 
 
 def test_default_fallback_chains_apply_unless_a_route_turns_them_off():
-    routes = {"plain": {"targets": ["p"]}, "strict": {"targets": ["p"], "context_length_fallbacks": []}}
+    routes = {
+        "plain": {"targets": ["p"]},
+        "strict": {"targets": ["p"], "context_length_fallbacks": []},
+    }
     parsed = parse_config(policy(routes, fallbacks={"context_length": ["q"]}))
     assert [t.name for t in parsed.routes["plain"].by_kind["context_length"]] == ["q"]
     assert "context_length" not in parsed.routes["strict"].by_kind
 
 
 def test_a_load_balanced_group_resolves_each_member():
-    parsed = parse_config({
-        "providers": {"a": {"kind": "fake"}, "b": {"kind": "fake"}, "c": {"kind": "fake"}},
-        "routes": {"default": {"targets": [{"group": [{"provider": "a", "weight": 3}, "b"]}, "c"]}},
-    })  # fmt: skip
+    parsed = parse_config(
+        {
+            "providers": {"a": {"kind": "fake"}, "b": {"kind": "fake"}, "c": {"kind": "fake"}},
+            "routes": {
+                "default": {"targets": [{"group": [{"provider": "a", "weight": 3}, "b"]}, "c"]}
+            },
+        }
+    )
     group, last = parsed.routes["default"].targets
     assert [(t.name, t.weight) for t in group] == [("a", 3.0), ("b", 1.0)]
     assert last.name == "c"
@@ -295,9 +327,15 @@ def test_a_load_balanced_group_resolves_each_member():
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"group": ["a", "nope"]}, "routes.r.targets[0].group[1]: unknown target or provider 'nope'"),
+        (
+            {"group": ["a", "nope"]},
+            "routes.r.targets[0].group[1]: unknown target or provider 'nope'",
+        ),
         ({"group": ["a"]}, "routes.r.targets[0].group: Expected `array` of length >= 2"),
-        ({"group": ["a", {"provider": "a", "weight": 0}]}, "routes.r.targets[0].group[1].weight: Expected `float` > 0.0"),
+        (
+            {"group": ["a", {"provider": "a", "weight": 0}]},
+            "routes.r.targets[0].group[1].weight: Expected `float` > 0.0",
+        ),
         ({"group": ["a", "a"], "wieghts": [1, 2]}, "routes.r.targets[0].wieghts: unknown key"),
     ],
 )

@@ -41,7 +41,11 @@ async def outcomes(p: FakeProvider, calls: int) -> list[bool]:
 
 async def test_echo_answers_with_the_last_user_message():
     conversation = request(
-        ("system", "be brief"), ("user", "first"), ("assistant", "ok"), ("user", "second"), ("assistant", "sure")
+        ("system", "be brief"),
+        ("user", "first"),
+        ("assistant", "ok"),
+        ("user", "second"),
+        ("assistant", "sure"),
     )
     answer = await provider(reply="echo").complete(conversation, timeout_s=1)
     assert answer.content == "second"
@@ -52,10 +56,14 @@ async def test_echo_is_the_default_reply():
 
 
 async def test_a_fixed_reply_is_the_answer_whatever_was_asked():
-    assert (await provider(reply="I am a fake").complete(HELLO, timeout_s=1)).content == "I am a fake"
+    assert (
+        await provider(reply="I am a fake").complete(HELLO, timeout_s=1)
+    ).content == "I am a fake"
 
 
-@pytest.mark.parametrize(("status", "kind"), [(429, "rate_limit"), (503, "server_error"), (401, "auth")])
+@pytest.mark.parametrize(
+    ("status", "kind"), [(429, "rate_limit"), (503, "server_error"), (401, "auth")]
+)
 async def test_fail_status_raises_a_provider_error_of_the_matching_kind(status, kind):
     with pytest.raises(ProviderError) as exc:
         await provider(fail_status=status).complete(HELLO, timeout_s=1)
@@ -83,7 +91,9 @@ async def test_the_same_seed_gives_the_same_sequence_of_failures():
 
 
 async def test_another_seed_gives_another_sequence_of_failures():
-    assert await outcomes(provider(fail_rate=0.5, seed=7), 50) != await outcomes(provider(fail_rate=0.5, seed=8), 50)
+    assert await outcomes(provider(fail_rate=0.5, seed=7), 50) != await outcomes(
+        provider(fail_rate=0.5, seed=8), 50
+    )
 
 
 async def test_fail_rate_fails_roughly_that_share_of_calls():
@@ -103,7 +113,9 @@ async def test_latency_delays_the_answer():
 
 
 async def test_usage_counts_the_words_in_and_out():
-    answer = await provider(reply="two words").complete(request(("system", "be brief"), ("user", "a b c")), 1)
+    answer = await provider(reply="two words").complete(
+        request(("system", "be brief"), ("user", "a b c")), 1
+    )
     assert (answer.usage.input_tokens, answer.usage.output_tokens) == (5, 2)
 
 
@@ -112,15 +124,21 @@ async def test_the_answer_carries_the_configured_model():
 
 
 async def test_the_request_model_overrides_the_configured_one():
-    answer = await provider(model="fake-gpt").complete(request(("user", "hi"), model="other-model"), 1)
+    answer = await provider(model="fake-gpt").complete(
+        request(("user", "hi"), model="other-model"), 1
+    )
     assert answer.model == "other-model"
 
 
 @pytest.mark.parametrize(
     ("settings", "field"),
-    [({"fail_rate": 2}, "fail_rate"), ({"fail_rate": -0.1}, "fail_rate"),
-     ({"fail_status": 200}, "fail_status"), ({"latency_ms": -1}, "latency_ms")],
-)  # fmt: skip
+    [
+        ({"fail_rate": 2}, "fail_rate"),
+        ({"fail_rate": -0.1}, "fail_rate"),
+        ({"fail_status": 200}, "fail_status"),
+        ({"latency_ms": -1}, "latency_ms"),
+    ],
+)
 def test_out_of_range_settings_are_refused_naming_the_field(settings, field):
     with pytest.raises(msgspec.ValidationError, match=field):
         provider(**settings)

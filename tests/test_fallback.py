@@ -54,7 +54,9 @@ async def test_no_responders_falls_back_at_once_without_waiting_for_the_timeout(
 
 
 async def test_fallback_on_stops_the_chain_on_a_failure_it_does_not_list(lifeline, client):
-    routes = {"default": {"targets": ["primary", "backup"], "fallback_on": ["rate_limit", "timeout"]}}
+    routes = {
+        "default": {"targets": ["primary", "backup"], "fallback_on": ["rate_limit", "timeout"]}
+    }
     await lifeline(config({"primary": fake(fail_status=401), "backup": fake()}, routes))
     reply = await ask(client, USER_HELLO)
     assert reply.status == "error"
@@ -81,7 +83,12 @@ async def test_all_failed_lists_every_attempt_with_its_own_error(lifeline, clien
     assert reply.status == "error" and reply.error is not None
     assert reply.error.type == "all_failed"
     kinds = [(a.provider, a.error_type) for a in reply.attempts]
-    assert kinds == [("a", "server_error"), ("b", "rate_limit"), ("c", "timeout"), ("d", "no_responders")]
+    assert kinds == [
+        ("a", "server_error"),
+        ("b", "rate_limit"),
+        ("c", "timeout"),
+        ("d", "no_responders"),
+    ]
     for name in "abcd":
         assert f"{name}:" in reply.error.message
 
@@ -137,6 +144,10 @@ async def test_results_go_to_a_reply_subject_the_caller_consumes_later(lifeline,
     results = await client.subscribe("results.billing-service")
     for i in range(3):
         request = {**USER_HELLO, "id": f"job-{i}"}
-        await client.publish(subjects.COMPLETE, encoder.encode(request), reply="results.billing-service")
-    ids = sorted([reply_decoder.decode((await results.next_msg(timeout=5)).data).id for _ in range(3)])
+        await client.publish(
+            subjects.COMPLETE, encoder.encode(request), reply="results.billing-service"
+        )
+    ids = sorted(
+        [reply_decoder.decode((await results.next_msg(timeout=5)).data).id for _ in range(3)]
+    )
     assert ids == ["job-0", "job-1", "job-2"]

@@ -17,7 +17,11 @@ from conftest import USER_HELLO, ask, config, fake
 from schemas import subjects
 from service.natsio import ensure_subscribed
 
-LONG_INPUT = {"messages": [{"role": "user", "content": "Summarise this: " + "lorem ipsum dolor sit amet " * 200}]}
+LONG_INPUT = {
+    "messages": [
+        {"role": "user", "content": "Summarise this: " + "lorem ipsum dolor sit amet " * 200}
+    ]
+}
 
 
 def sent(reply) -> dict[str, Any]:
@@ -37,59 +41,114 @@ async def test_seed_a_rate_limit_moves_to_the_second_provider(lifeline, client):
     await lifeline(config({"gpt": fake(fail_status=429), "claude": fake(reply="from claude")}))
     reply = await ask(client, USER_HELLO)
     assert (reply.content, reply.provider) == ("from claude", "claude")
-    assert outcomes(reply) == [("gpt", "error", "rate_limit", "fallback"), ("claude", "ok", None, None)]
+    assert outcomes(reply) == [
+        ("gpt", "error", "rate_limit", "fallback"),
+        ("claude", "ok", None, None),
+    ]
 
 
-async def test_seed_each_model_gets_its_own_prompt_and_the_reply_names_the_template(lifeline, client):
-    await lifeline({
-        "providers": {"gpt": fake(fail_status=503), "claude": fake(model="claude-default", reply="request")},
-        "templates": {
-            "for-gpt": {"system": "You are GPT. {system}"},
-            "for-claude": {"system": "<role>Claude</role> {system}", "user": "<q>{input}</q>"},
+async def test_seed_each_model_gets_its_own_prompt_and_the_reply_names_the_template(
+    lifeline, client
+):
+    await lifeline(
+        {
+            "providers": {
+                "gpt": fake(fail_status=503),
+                "claude": fake(model="claude-default", reply="request"),
+            },
+            "templates": {
+                "for-gpt": {"system": "You are GPT. {system}"},
+                "for-claude": {"system": "<role>Claude</role> {system}", "user": "<q>{input}</q>"},
+            },
+            "routes": {
+                "default": {
+                    "targets": [
+                        {"provider": "gpt", "template": "for-gpt"},
+                        {
+                            "provider": "claude",
+                            "model": "claude-big",
+                            "template": "for-claude",
+                            "temperature": 0.2,
+                            "max_tokens": 77,
+                        },
+                    ]
+                }
+            },
+        }
+    )
+    reply = await ask(
+        client,
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Why?"},
+            ],
+            "temperature": 1.5,
         },
-        "routes": {"default": {"targets": [
-            {"provider": "gpt", "template": "for-gpt"},
-            {"provider": "claude", "model": "claude-big", "template": "for-claude", "temperature": 0.2, "max_tokens": 77},
-        ]}},
-    })  # fmt: skip
-    reply = await ask(client, {"messages": [{"role": "system", "content": "Be brief."},
-                                            {"role": "user", "content": "Why?"}], "temperature": 1.5})  # fmt: skip
+    )
     got = sent(reply)
     assert got["messages"] == [
         {"role": "system", "content": "<role>Claude</role> Be brief."},
         {"role": "user", "content": "<q>Why?</q>"},
     ]
     assert (got["model"], got["temperature"], got["max_tokens"]) == ("claude-big", 0.2, 77)
-    assert (reply.target, reply.template, reply.model) == ("claude:claude-big", "for-claude", "claude-big")
+    assert (reply.target, reply.template, reply.model) == (
+        "claude:claude-big",
+        "for-claude",
+        "claude-big",
+    )
 
 
 async def test_seed_a_long_input_goes_straight_to_the_long_context_model(lifeline, client, audit):
-    await lifeline({
-        "providers": {"small": fake(reply="small"), "large": fake(reply="large")},
-        "targets": {
-            "small-8k": {"provider": "small", "max_input_tokens": 200},
-            "large-1m": {"provider": "large", "max_input_tokens": 1_000_000},
-        },
-        "routes": {"default": {"targets": ["small-8k", "large-1m"]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"small": fake(reply="small"), "large": fake(reply="large")},
+            "targets": {
+                "small-8k": {"provider": "small", "max_input_tokens": 200},
+                "large-1m": {"provider": "large", "max_input_tokens": 1_000_000},
+            },
+            "routes": {"default": {"targets": ["small-8k", "large-1m"]}},
+        }
+    )
     reply = await ask(client, LONG_INPUT)
     assert (reply.content, reply.target) == ("large", "large-1m")
     skipped = reply.attempts[0]
-    assert (skipped.target, skipped.outcome, skipped.reason) == ("small-8k", "skipped", "max_input_tokens")
+    assert (skipped.target, skipped.outcome, skipped.reason) == (
+        "small-8k",
+        "skipped",
+        "max_input_tokens",
+    )
     assert "takes at most 200" in (skipped.message or "")
     [(_, event)] = await audit.wait_for(1)
-    assert [(a.outcome, a.reason) for a in event.attempts] == [("skipped", "max_input_tokens"), ("ok", None)]
+    assert [(a.outcome, a.reason) for a in event.attempts] == [
+        ("skipped", "max_input_tokens"),
+        ("ok", None),
+    ]
     # A short input still goes to the cheap model first.
     assert (await ask(client, USER_HELLO)).target == "small-8k"
 
 
 async def test_seed_unparseable_output_moves_to_the_better_model(lifeline, client, audit):
-    await lifeline(config({
-        "cheap": fake(reply="Sure! Here is the JSON you asked for: {answer: 42"),
-        "better": fake(reply='```json\n{"answer": 42}\n```'),
-    }))  # fmt: skip
-    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
-    request = {**USER_HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+    await lifeline(
+        config(
+            {
+                "cheap": fake(reply="Sure! Here is the JSON you asked for: {answer: 42"),
+                "better": fake(reply='```json\n{"answer": 42}\n```'),
+            }
+        )
+    )
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    request = {
+        **USER_HELLO,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema},
+        },
+    }
     reply = await ask(client, request)
     assert (reply.provider, json.loads(reply.content or "")) == ("better", {"answer": 42})
     assert reply.attempts[0].error_type == "invalid_output"
@@ -99,13 +158,29 @@ async def test_seed_unparseable_output_moves_to_the_better_model(lifeline, clien
 
 
 async def test_an_answer_that_parses_but_breaks_the_schema_is_invalid_output(lifeline, client):
-    await lifeline(config({"cheap": fake(reply='{"answer": "forty-two"}'), "better": fake(reply='{"answer": 42}')}))
-    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
-    reply = await ask(client, {**USER_HELLO, "response_format": {"type": "json_schema",
-                                                                 "json_schema": {"name": "a", "schema": schema}}})  # fmt: skip
+    await lifeline(
+        config(
+            {"cheap": fake(reply='{"answer": "forty-two"}'), "better": fake(reply='{"answer": 42}')}
+        )
+    )
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    reply = await ask(
+        client,
+        {
+            **USER_HELLO,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "a", "schema": schema},
+            },
+        },
+    )
     assert reply.provider == "better"
     assert reply.attempts[0].error_type == "invalid_output"
-    assert "at answer, type \"integer\" fails" in (reply.attempts[0].message or "")
+    assert 'at answer, type "integer" fails' in (reply.attempts[0].message or "")
     assert "forty-two" not in (reply.attempts[0].message or "")
 
 
@@ -114,24 +189,39 @@ async def test_an_answer_that_parses_but_breaks_the_schema_is_invalid_output(lif
 
 def _class_chain_config(**route: Any) -> dict[str, Any]:
     return {
-        "providers": {"main": fake(), "next": fake(reply="next"), "long": fake(reply="long"), "safe": fake(reply="safe")},
+        "providers": {
+            "main": fake(),
+            "next": fake(reply="next"),
+            "long": fake(reply="long"),
+            "safe": fake(reply="safe"),
+        },
         "dispatcher": {"allow_fault_injection": True},
         "fallbacks": {"content_filter": ["safe"]},
         "routes": {"default": {"targets": ["main", "next"], **route}},
     }
 
 
-async def test_a_context_length_failure_goes_to_the_routes_long_context_chain(lifeline, client, exporter):
+async def test_a_context_length_failure_goes_to_the_routes_long_context_chain(
+    lifeline, client, exporter
+):
     await lifeline(_class_chain_config(context_length_fallbacks=["long"]))
     reply = await ask(client, {**USER_HELLO, "faults": {"main": "context_length"}})
     assert reply.content == "long"
-    assert outcomes(reply) == [("main", "error", "context_length", "fallback"), ("long", "ok", None, None)]
+    assert outcomes(reply) == [
+        ("main", "error", "context_length", "fallback"),
+        ("long", "ok", None, None),
+    ]
     span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
     [event] = [e for e in span.events if e.name == "lifeline.fallback"]
-    assert (event.attributes["lifeline.fallback.to"], event.attributes["lifeline.fallback.chain"]) == ("long", "context_length")
+    assert (
+        event.attributes["lifeline.fallback.to"],
+        event.attributes["lifeline.fallback.chain"],
+    ) == ("long", "context_length")
 
 
-async def test_a_content_filter_failure_uses_the_default_chain_when_the_route_names_none(lifeline, client):
+async def test_a_content_filter_failure_uses_the_default_chain_when_the_route_names_none(
+    lifeline, client
+):
     await lifeline(_class_chain_config())
     reply = await ask(client, {**USER_HELLO, "faults": {"main": "content_filter"}})
     assert reply.content == "safe"
@@ -147,10 +237,12 @@ async def test_other_failures_stay_on_the_routes_own_chain(lifeline, client):
 
 
 async def test_a_target_without_json_output_is_skipped_for_a_json_request(lifeline, client):
-    await lifeline({
-        "providers": {"old": fake(reply="prose"), "new": fake(reply='{"ok": true}')},
-        "routes": {"default": {"targets": [{"provider": "old", "json_output": False}, "new"]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"old": fake(reply="prose"), "new": fake(reply='{"ok": true}')},
+            "routes": {"default": {"targets": [{"provider": "old", "json_output": False}, "new"]}},
+        }
+    )
     reply = await ask(client, {**USER_HELLO, "response_format": {"type": "json_object"}})
     assert reply.provider == "new"
     assert (reply.attempts[0].outcome, reply.attempts[0].reason) == ("skipped", "json_output")
@@ -159,10 +251,12 @@ async def test_a_target_without_json_output_is_skipped_for_a_json_request(lifeli
 
 
 async def test_when_no_target_can_take_the_input_none_is_called(lifeline, client, audit):
-    await lifeline({
-        "providers": {"small": fake()},
-        "routes": {"default": {"targets": [{"provider": "small", "max_input_tokens": 100}]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"small": fake()},
+            "routes": {"default": {"targets": [{"provider": "small", "max_input_tokens": 100}]}},
+        }
+    )
     reply = await ask(client, LONG_INPUT)
     assert reply.error is not None and reply.error.type == "no_capable_target"
     assert "shorten the input" in reply.error.message
@@ -174,39 +268,65 @@ async def test_when_no_target_can_take_the_input_none_is_called(lifeline, client
 
 
 async def test_a_retry_on_the_same_target_recovers_before_any_fallback(lifeline, client, exporter):
-    await lifeline({
-        "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
-        "dispatcher": {"allow_fault_injection": True},
-        "routes": {"default": {"targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
+            "dispatcher": {"allow_fault_injection": True},
+            "routes": {
+                "default": {
+                    "targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]
+                }
+            },
+        }
+    )
     reply = await ask(client, {**USER_HELLO, "faults": {"gpt": [429, 503, "ok"]}})
     assert reply.content == "gpt"
     assert [(a.target, a.retry, a.error_type, a.next) for a in reply.attempts] == [
-        ("gpt", 0, "rate_limit", "retry"), ("gpt", 1, "server_error", "retry"), ("gpt", 2, None, None)
-    ]  # fmt: skip
+        ("gpt", 0, "rate_limit", "retry"),
+        ("gpt", 1, "server_error", "retry"),
+        ("gpt", 2, None, None),
+    ]
     span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
-    assert [e.attributes["lifeline.reason"] for e in span.events if e.name == "lifeline.retry"] == ["rate_limit", "server_error"]
+    assert [e.attributes["lifeline.reason"] for e in span.events if e.name == "lifeline.retry"] == [
+        "rate_limit",
+        "server_error",
+    ]
 
 
 async def test_max_attempts_stops_a_chain_of_retries_and_fallbacks(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503), "c": fake()},
-        "routes": {"default": {"targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b", "c"]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503), "c": fake()},
+            "routes": {
+                "default": {"targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b", "c"]}
+            },
+        }
+    )
     reply = await ask(client, {**USER_HELLO, "max_attempts": 3})
     assert reply.error is not None and reply.error.type == "max_attempts_reached"
     made = [a for a in reply.attempts if a.outcome != "skipped"]
     assert len(made) == 3
-    assert [(a.target, a.reason) for a in reply.attempts if a.outcome == "skipped"] == [("b", "max_attempts"), ("c", "max_attempts")]
+    assert [(a.target, a.reason) for a in reply.attempts if a.outcome == "skipped"] == [
+        ("b", "max_attempts"),
+        ("c", "max_attempts"),
+    ]
 
 
 async def test_the_default_cap_is_six_physical_attempts(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503)},
-        "routes": {"default": {"targets": [{"provider": "a", "retries": 10, "backoff_s": 0},
-                                           {"provider": "b", "retries": 10, "backoff_s": 0}],
-                               "retry_budget": 10}},  # the retry budget would stop it first
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503)},
+            "routes": {
+                "default": {
+                    "targets": [
+                        {"provider": "a", "retries": 10, "backoff_s": 0},
+                        {"provider": "b", "retries": 10, "backoff_s": 0},
+                    ],
+                    "retry_budget": 10,
+                }
+            },  # the retry budget would stop it first
+        }
+    )
     reply = await ask(client, USER_HELLO)
     assert sum(1 for a in reply.attempts if a.outcome != "skipped") == 6
 
@@ -214,13 +334,18 @@ async def test_the_default_cap_is_six_physical_attempts(lifeline, client):
 # ---- the request's deadline --------------------------------------------------------
 
 
-async def test_the_deadline_bounds_the_whole_chain_and_skips_what_cannot_start(lifeline, client, audit):
+async def test_the_deadline_bounds_the_whole_chain_and_skips_what_cannot_start(
+    lifeline, client, audit
+):
     await lifeline(config({"slow": fake(hang=True, timeout_s=30), "backup": fake()}))
     started = time.monotonic()
     reply = await ask(client, {**USER_HELLO, "timeout_s": 0.3})
     assert time.monotonic() - started < 5  # bounded by the request, not by slow's own 30 s
     assert reply.error is not None and reply.error.type == "deadline_exceeded"
-    assert outcomes(reply) == [("slow", "timeout", "timeout", "fallback"), ("backup", "skipped", "deadline", None)]
+    assert outcomes(reply) == [
+        ("slow", "timeout", "timeout", "fallback"),
+        ("backup", "skipped", "deadline", None),
+    ]
     [(_, event)] = await audit.wait_for(1)
     assert event.attempts[1].reason == "deadline"
 
@@ -258,7 +383,10 @@ async def test_the_dispatcher_tells_the_worker_which_attempt_it_gave_up_on(lifel
 
 async def test_a_request_can_give_full_target_objects(lifeline, client):
     await lifeline(config({"a": fake(fail_status=500), "echo": fake(reply="request")}))
-    reply = await ask(client, {**USER_HELLO, "targets": ["a", {"provider": "echo", "model": "mini", "top_p": 0.5}]})
+    reply = await ask(
+        client,
+        {**USER_HELLO, "targets": ["a", {"provider": "echo", "model": "mini", "top_p": 0.5}]},
+    )
     got = sent(reply)
     assert (got["model"], got["top_p"], reply.target) == ("mini", 0.5, "echo:mini")
 
@@ -285,15 +413,28 @@ async def test_what_the_config_forbids_is_refused_with_invalid_request(lifeline,
     cases = {
         "max_attempts above the configured maximum": ({"max_attempts": 5}, "maximum of 4"),
         "fallback_on wider than the route's": ({"fallback_on": ["auth"]}, "can only narrow"),
-        "an unknown template": ({"targets": [{"provider": "a", "template": "nope"}]}, "targets[0].template"),
+        "an unknown template": (
+            {"targets": [{"provider": "a", "template": "nope"}]},
+            "targets[0].template",
+        ),
         "faults where they are not allowed": ({"faults": {"a": 503}}, "allow_fault_injection"),
-        "a bad JSON Schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
-                              "not a valid JSON Schema"),
-    }  # fmt: skip
+        "a bad JSON Schema": (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": 5}},
+                }
+            },
+            "not a valid JSON Schema",
+        ),
+    }
     for name, (extra, words) in cases.items():
         reply = await ask(client, {**USER_HELLO, **extra})
         assert reply.error is not None, name
-        assert (reply.error.type, words in reply.error.message) == ("invalid_request", True), (name, reply.error)
+        assert (reply.error.type, words in reply.error.message) == ("invalid_request", True), (
+            name,
+            reply.error,
+        )
         assert reply.attempts == [], name
     await audit.wait_for(len(cases))
     unknown = await ask(client, {**USER_HELLO, "targets": [{"provider": "ghost"}]})
@@ -304,22 +445,44 @@ async def test_what_the_config_forbids_is_refused_with_invalid_request(lifeline,
 
 
 async def test_a_target_can_opt_in_to_the_earlier_error_kinds(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=429), "b": fake(hang=True, timeout_s=0.1), "c": fake(reply="request")},
-        "routes": {"default": {"targets": ["a", "b", {"provider": "c", "pass_failures": True}]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {
+                "a": fake(fail_status=429),
+                "b": fake(hang=True, timeout_s=0.1),
+                "c": fake(reply="request"),
+            },
+            "routes": {
+                "default": {"targets": ["a", "b", {"provider": "c", "pass_failures": True}]}
+            },
+        }
+    )
     reply = await ask(client, {**USER_HELLO, "metadata": {"team": "search"}})
-    assert sent(reply)["metadata"] == {"team": "search", "lifeline_previous_errors": ["rate_limit", "timeout"]}
+    assert sent(reply)["metadata"] == {
+        "team": "search",
+        "lifeline_previous_errors": ["rate_limit", "timeout"],
+    }
 
 
 async def test_a_template_can_adapt_its_prompt_to_the_earlier_failures(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=429), "c": fake(reply="request")},
-        "templates": {"adapt": {"system": "Earlier attempts failed: {previous_errors}. Keep it short."}},
-        "routes": {"default": {"targets": ["a", {"provider": "c", "pass_failures": True, "template": "adapt"}]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"a": fake(fail_status=429), "c": fake(reply="request")},
+            "templates": {
+                "adapt": {"system": "Earlier attempts failed: {previous_errors}. Keep it short."}
+            },
+            "routes": {
+                "default": {
+                    "targets": ["a", {"provider": "c", "pass_failures": True, "template": "adapt"}]
+                }
+            },
+        }
+    )
     reply = await ask(client, USER_HELLO)
-    assert sent(reply)["messages"][0] == {"role": "system", "content": "Earlier attempts failed: rate_limit. Keep it short."}
+    assert sent(reply)["messages"][0] == {
+        "role": "system",
+        "content": "Earlier attempts failed: rate_limit. Keep it short.",
+    }
 
 
 async def test_without_opting_in_a_target_sees_only_the_requests_metadata(lifeline, client):
@@ -332,9 +495,20 @@ async def test_without_opting_in_a_target_sees_only_the_requests_metadata(lifeli
 
 
 async def test_faults_prove_a_fallback_without_breaking_a_provider(lifeline, client):
-    await lifeline(config({"primary": fake(reply="primary"), "backup": fake(reply="backup")}, allow_fault_injection=True))
-    timed_out = await ask(client, {**USER_HELLO, "faults": {"primary": "timeout"},
-                                   "targets": [{"provider": "primary", "timeout_s": 0.1}, "backup"]})  # fmt: skip
+    await lifeline(
+        config(
+            {"primary": fake(reply="primary"), "backup": fake(reply="backup")},
+            allow_fault_injection=True,
+        )
+    )
+    timed_out = await ask(
+        client,
+        {
+            **USER_HELLO,
+            "faults": {"primary": "timeout"},
+            "targets": [{"provider": "primary", "timeout_s": 0.1}, "backup"],
+        },
+    )
     assert (timed_out.content, timed_out.attempts[0].error_type) == ("backup", "timeout")
     assert "simulated" in (timed_out.attempts[0].message or "")
     rate_limited = await ask(client, {**USER_HELLO, "faults": {"primary": 429}})
@@ -348,18 +522,33 @@ async def test_faults_prove_a_fallback_without_breaking_a_provider(lifeline, cli
 async def test_faults_must_name_a_target_of_the_request(lifeline, client):
     await lifeline(config({"primary": fake()}, allow_fault_injection=True))
     reply = await ask(client, {**USER_HELLO, "faults": {"primray": 503}})
-    assert reply.error is not None and "primray" in reply.error.message and "primary" in reply.error.message
+    assert (
+        reply.error is not None
+        and "primray" in reply.error.message
+        and "primary" in reply.error.message
+    )
 
 
 # ---- every decision, everywhere ----------------------------------------------------
 
 
-async def test_skip_retry_and_fallback_show_alike_in_reply_audit_and_trace(lifeline, client, audit, exporter):
-    await lifeline({
-        "providers": {"small": fake(), "flaky": fake(fail_status=503), "backup": fake()},
-        "routes": {"default": {"targets": [{"provider": "small", "max_input_tokens": 50},
-                                           {"provider": "flaky", "retries": 1, "backoff_s": 0}, "backup"]}},
-    })  # fmt: skip
+async def test_skip_retry_and_fallback_show_alike_in_reply_audit_and_trace(
+    lifeline, client, audit, exporter
+):
+    await lifeline(
+        {
+            "providers": {"small": fake(), "flaky": fake(fail_status=503), "backup": fake()},
+            "routes": {
+                "default": {
+                    "targets": [
+                        {"provider": "small", "max_input_tokens": 50},
+                        {"provider": "flaky", "retries": 1, "backoff_s": 0},
+                        "backup",
+                    ]
+                }
+            },
+        }
+    )
     reply = await ask(client, LONG_INPUT)
     assert outcomes(reply) == [
         ("small", "skipped", "max_input_tokens", None),
@@ -378,24 +567,39 @@ async def test_skip_retry_and_fallback_show_alike_in_reply_audit_and_trace(lifel
 
 
 async def test_a_weighted_group_spreads_requests_by_weight(lifeline, client):
-    await lifeline({
-        "providers": {"east": fake(reply="east"), "west": fake(reply="west")},
-        "routes": {"default": {"targets": [{"group": [{"provider": "east", "weight": 3}, "west"]}]}},
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"east": fake(reply="east"), "west": fake(reply="west")},
+            "routes": {
+                "default": {"targets": [{"group": [{"provider": "east", "weight": 3}, "west"]}]}
+            },
+        }
+    )
     replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(400)))
     east = sum(1 for r in replies if r.content == "east")
     assert 240 <= east <= 360  # 300 expected; binomial sd ~8.7, so this is about ±7 sd
 
 
-async def test_a_failed_group_member_hands_over_to_the_others_before_the_next_step(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=503), "b": fake(fail_status=503), "next": fake(reply="next")},
-        "routes": {"default": {"targets": [{"group": ["a", "b"]}, "next"]}},
-    })  # fmt: skip
+async def test_a_failed_group_member_hands_over_to_the_others_before_the_next_step(
+    lifeline, client
+):
+    await lifeline(
+        {
+            "providers": {
+                "a": fake(fail_status=503),
+                "b": fake(fail_status=503),
+                "next": fake(reply="next"),
+            },
+            "routes": {"default": {"targets": [{"group": ["a", "b"]}, "next"]}},
+        }
+    )
     firsts = set()
     for _ in range(20):
         reply = await ask(client, USER_HELLO)
         assert reply.content == "next"
         assert sorted(a.target for a in reply.attempts[:2]) == ["a", "b"]
         firsts.add(reply.attempts[0].target)
-    assert firsts == {"a", "b"}  # equal weights: each leads sometimes (chance of not: 2 in a million)
+    assert firsts == {
+        "a",
+        "b",
+    }  # equal weights: each leads sometimes (chance of not: 2 in a million)

@@ -26,7 +26,10 @@ def test_a_value_that_is_not_a_fault_is_refused_naming_the_key(bad):
     assert "rate_limit" in str(exc.value)  # lists what would do
 
 
-@pytest.mark.parametrize(("status", "kind"), [(429, "rate_limit"), (503, "server_error"), (401, "auth"), (400, "bad_request")])
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(429, "rate_limit"), (503, "server_error"), (401, "auth"), (400, "bad_request")],
+)
 async def test_an_http_status_fails_as_the_provider_would(status, kind):
     failure = await simulate(status, "primary", 5.0)
     assert isinstance(failure, ProviderFailure)

@@ -13,9 +13,20 @@ import time
 import pytest
 
 from service.health import (
-    CALL, CLOSED, HALF_OPEN, MIN_SAMPLES, OPEN, PROBE, SKIP, BreakerSettings, Health, TargetHealth,
-    bucket_ms, bucket_of, percentile_ms,
-)  # fmt: skip
+    CALL,
+    CLOSED,
+    HALF_OPEN,
+    MIN_SAMPLES,
+    OPEN,
+    PROBE,
+    SKIP,
+    BreakerSettings,
+    Health,
+    TargetHealth,
+    bucket_ms,
+    bucket_of,
+    percentile_ms,
+)
 from service.policy import Budget, Budgets, Chain, Hedge, Limits, Needs, run_chain
 from test_policy import Clock, Script, events, fail, ok, target
 
@@ -29,7 +40,9 @@ def make_health(on_change=None, start: float = 0.0) -> tuple[Health, list[float]
     return Health(clock=lambda: t[0], wall=lambda: 1000.0 + t[0], on_change=on_change), t
 
 
-def failures(h: Health, n: int, settings=FAST, kind: str = "server_error", status=None, probe=False) -> None:
+def failures(
+    h: Health, n: int, settings=FAST, kind: str = "server_error", status=None, probe=False
+) -> None:
     for _ in range(n):
         h.record(P, M, settings, False, kind, status, probe=probe)
 
@@ -77,12 +90,18 @@ async def test_open_skips_until_the_cooldown_then_one_probe_whose_lease_runs_out
     assert (state(h), admits(h, t, 4.99, 5.0)) == (OPEN, [SKIP, PROBE])
     assert await h.claim(P, M, 2.0) is True
     assert state(h) == HALF_OPEN
-    assert admits(h, t, 5.0, 6.99, 7.0) == [SKIP, SKIP, PROBE]  # others skip; then the lost probe's lease ends
+    assert admits(h, t, 5.0, 6.99, 7.0) == [
+        SKIP,
+        SKIP,
+        PROBE,
+    ]  # others skip; then the lost probe's lease ends
 
 
 @pytest.mark.parametrize("outcome", ["ok", "bad_request"])
 def test_a_probe_that_gets_an_answer_closes_it_and_the_failures_before_no_longer_count(outcome):
-    settings = BreakerSettings(consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0)
+    settings = BreakerSettings(
+        consecutive_failures=3, failure_rate=0.5, min_requests=4, cooldown_s=5.0
+    )
     h, t = opened(settings=settings)
     t[0] = 5.0
     h.claim_locally(P, M, 2.0)
@@ -92,7 +111,9 @@ def test_a_probe_that_gets_an_answer_closes_it_and_the_failures_before_no_longer
         failures(h, 1, settings, kind=outcome, status=400, probe=True)
     assert (state(h), h.of(P, M).consecutive, admits(h, t, 5.0)) == (CLOSED, 0, [CALL])
     t[0] = 6.0
-    failures(h, 2, settings)  # counting the three before the close, 5 of 6 calls failed: the rate would open it
+    failures(
+        h, 2, settings
+    )  # counting the three before the close, 5 of 6 calls failed: the rate would open it
     assert state(h) == CLOSED
 
 
@@ -171,7 +192,9 @@ def test_on_change_hears_open_close_and_a_local_claim_but_not_another_replicas_s
 @pytest.mark.parametrize("told", [OPEN, HALF_OPEN])
 def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
     h, t = make_health(start=100.0)  # wall clock: 1100 s
-    h.apply(P, M, told, 1_105_000, "another replica", 1_100_000)  # until wall 1105 s = monotonic 105 s
+    h.apply(
+        P, M, told, 1_105_000, "another replica", 1_100_000
+    )  # until wall 1105 s = monotonic 105 s
     assert h.until_unix_ms(h.of(P, M)) == 1_105_000
     assert admits(h, t, 104.99, 105.0) == [SKIP, PROBE]
     h.apply(P, M, CLOSED, 0, "closed elsewhere", 1_106_000)
@@ -308,10 +331,16 @@ def test_percentile_reads_dict_and_list_histograms_alike():
 def test_bucket_of_small_exact_and_huge_latencies():
     assert [bucket_of(ms) for ms in (0.0, 0.5, 0.999, 1.149)] == [0, 0, 0, 0]
     assert bucket_of(1.15) == 1
-    for k in range(1, 100):  # the upper edge never understates, by at most 15% (rounding may pick the bucket below)
+    for k in range(
+        1, 100
+    ):  # the upper edge never understates, by at most 15% (rounding may pick the bucket below)
         ms = 1.15**k
         edge = bucket_ms(bucket_of(ms))
-        assert bucket_of(ms) in (k - 1, k) and ms <= edge * (1 + 1e-12) and edge <= ms * 1.15 * (1 + 1e-12)
+        assert (
+            bucket_of(ms) in (k - 1, k)
+            and ms <= edge * (1 + 1e-12)
+            and edge <= ms * 1.15 * (1 + 1e-12)
+        )
     assert bucket_of(1e9) == bucket_of(1e300) == 99
     assert bucket_ms(99) == pytest.approx(1.15**100)
 
@@ -351,17 +380,29 @@ async def with_a_open(*after_a: str):
     h.record("a", "a-model", a.breaker, False, "server_error")
     script = Script(clock, {"a": ok(content="from a"), "b": ok(content="from b")})
     chain = Chain([a, *(target(name) for name in after_a)])
-    return await run_chain(chain, script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep), script, h
+    return (
+        await run_chain(
+            chain, script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep
+        ),
+        script,
+        h,
+    )
 
 
 async def test_an_open_breaker_is_skipped_unless_it_is_the_last_target_left():
     result, script, h = await with_a_open("b")
-    assert script.called == ["b"] and result.answer is not None and result.answer.content == "from b"
+    assert (
+        script.called == ["b"] and result.answer is not None and result.answer.content == "from b"
+    )
     assert [(x.target, x.outcome, x.reason) for x in result.attempts] == [
-        ("a", "skipped", "circuit_open"), ("b", "ok", None)]  # fmt: skip
+        ("a", "skipped", "circuit_open"),
+        ("b", "ok", None),
+    ]
     assert h.snapshot()["a:a-model"]["skipped"] == 1
     result, script, h = await with_a_open()
-    assert script.called == ["a"] and result.answer is not None and result.answer.content == "from a"
+    assert (
+        script.called == ["a"] and result.answer is not None and result.answer.content == "from a"
+    )
     assert h.of("a", "a-model").state == CLOSED  # its answer, as a probe, closed the breaker
 
 
@@ -398,7 +439,9 @@ async def test_a_hedge_that_answers_first_wins_and_the_slow_call_is_cancelled():
     result = await hedged(racer, [target("a"), target("b")])
     assert result.target is not None and result.target.label == "b"
     assert [(x.target, x.outcome, x.reason, x.hedge) for x in result.attempts] == [
-        ("a", "cancelled", "hedge_lost", False), ("b", "ok", None, True)]  # fmt: skip
+        ("a", "cancelled", "hedge_lost", False),
+        ("b", "ok", None, True),
+    ]
     assert racer.cancelled == ["a"]
 
 
@@ -434,7 +477,9 @@ async def test_an_empty_hedge_budget_starts_no_hedge_and_says_so():
     budgets = Budgets(Budget(1.0), Budget(0.0, reserve=0))
     result = await hedged(racer, [target("a"), target("b")], budgets, on_event)
     assert racer.called == ["a"] and result.answer is not None and result.answer.content == "from a"
-    assert [attrs["lifeline.budget"] for name, attrs in seen if name == "lifeline.budget_spent"] == ["hedge"]
+    assert [
+        attrs["lifeline.budget"] for name, attrs in seen if name == "lifeline.budget_spent"
+    ] == ["hedge"]
     assert "lifeline.hedge" not in [name for name, _ in seen]
 
 
@@ -445,10 +490,14 @@ async def test_the_retry_budget_allows_one_retry_then_falls_back():
     budgets = Budgets(Budget(0.0, reserve=1, clock=clock), Budget(0.1, clock=clock))
     limits = Limits(clock.now + 60, budgets=budgets)
     chain = Chain([target("a", retries=3), target("b")])
-    result = await run_chain(chain, script, limits, clock=clock, sleep=clock.sleep, rand=lambda: 0.5, on_event=on_event)
+    result = await run_chain(
+        chain, script, limits, clock=clock, sleep=clock.sleep, rand=lambda: 0.5, on_event=on_event
+    )
     assert script.called == ["a", "a", "b"]
     assert [(x.target, x.retry, x.next, x.reason) for x in result.attempts[:2]] == [
-        ("a", 0, "retry", None), ("a", 1, "fallback", "retry_budget")]  # fmt: skip
+        ("a", 0, "retry", None),
+        ("a", 1, "fallback", "retry_budget"),
+    ]
     assert [attrs["lifeline.budget"] for _, attrs in seen] == ["retry"]
 
 
@@ -469,7 +518,9 @@ async def test_a_probe_the_request_cannot_send_is_not_claimed():
     clock.now += 6  # b's cooldown is over: the next call of b would be its probe
     script = Script(clock, {"a": fail("server_error", 503)})
     limits = Limits(clock.now + 60, max_attempts=1)  # a takes the only attempt
-    await run_chain(Chain([target("a"), b]), script, limits, health=h, clock=clock, sleep=clock.sleep)
+    await run_chain(
+        Chain([target("a"), b]), script, limits, health=h, clock=clock, sleep=clock.sleep
+    )
     assert h.admit("b", "b-model") == PROBE  # still free for the next request
 
 
@@ -491,11 +542,19 @@ async def test_a_timeout_the_requests_own_deadline_caused_does_not_count():
     a = target("a", timeout_s=30, breaker=BreakerSettings(consecutive_failures=1))
     script = Script(clock, {"a": fail("timeout"), "b": ok()})
     limits = Limits(clock.now + 1)  # the client gives the whole request 1 s: a's 30 s are cut short
-    await run_chain(Chain([a, target("b")]), script, limits, health=h, clock=clock, sleep=clock.sleep)
+    await run_chain(
+        Chain([a, target("b")]), script, limits, health=h, clock=clock, sleep=clock.sleep
+    )
     assert h.of("a", "a-model").state == CLOSED
     limits = Limits(clock.now + 60)  # a timeout at a's own timeout_s counts
-    await run_chain(Chain([a, target("b")]), Script(clock, {"a": fail("timeout"), "b": ok()}), limits, health=h,
-                    clock=clock, sleep=clock.sleep)  # fmt: skip
+    await run_chain(
+        Chain([a, target("b")]),
+        Script(clock, {"a": fail("timeout"), "b": ok()}),
+        limits,
+        health=h,
+        clock=clock,
+        sleep=clock.sleep,
+    )
     assert h.of("a", "a-model").state == OPEN
 
 
@@ -504,7 +563,14 @@ async def test_no_retries_into_a_breaker_the_failure_just_opened():
     h = Health(clock=clock, wall=clock)
     a = target("a", retries=3, breaker=BreakerSettings(consecutive_failures=1))
     script = Script(clock, {"a": fail("server_error", 503), "b": ok()})
-    await run_chain(Chain([a, target("b")]), script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep)
+    await run_chain(
+        Chain([a, target("b")]),
+        script,
+        Limits(clock.now + 60),
+        health=h,
+        clock=clock,
+        sleep=clock.sleep,
+    )
     assert script.called == ["a", "b"]
 
 
@@ -521,12 +587,20 @@ async def test_a_failure_that_stops_the_chain_settles_a_race():
         return ok(content="from b")
 
     racer = Racer(a=a_bad_request, b=b_slow)
-    limits = Limits(time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01))
+    limits = Limits(
+        time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01)
+    )
     result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
-    assert result.answer is None and result.error is not None and result.error.type == "fallback_stopped"
+    assert (
+        result.answer is None
+        and result.error is not None
+        and result.error.type == "fallback_stopped"
+    )
     assert racer.cancelled == ["b"]
     assert sorted((x.target, x.outcome, x.next) for x in result.attempts) == [
-        ("a", "error", "stop"), ("b", "cancelled", None)]  # fmt: skip
+        ("a", "error", "stop"),
+        ("b", "cancelled", None),
+    ]
 
 
 async def test_an_open_target_is_called_when_every_later_target_would_be_skipped_anyway():
@@ -535,8 +609,15 @@ async def test_an_open_target_is_called_when_every_later_target_would_be_skipped
     a = tripped(clock, h, "a")
     too_small = target("b", max_input_tokens=10)
     script = Script(clock, {"a": ok(content="from a")})
-    result = await run_chain(Chain([a, too_small]), script, Limits(clock.now + 60), needs=Needs(input_tokens=500),
-                             health=h, clock=clock, sleep=clock.sleep)  # fmt: skip
+    result = await run_chain(
+        Chain([a, too_small]),
+        script,
+        Limits(clock.now + 60),
+        needs=Needs(input_tokens=500),
+        health=h,
+        clock=clock,
+        sleep=clock.sleep,
+    )
     assert result.answer is not None and result.answer.content == "from a"
 
 

@@ -73,7 +73,10 @@ async def test_a_breaker_opens_skips_probes_and_closes(lifeline, client, audit):
     assert outcomes(reply) == [("a", "skipped", "circuit_open"), ("b", "ok", None)]
     assert "2 failures in a row" in (reply.attempts[0].message or "")
     events = await audit.wait_for(3)
-    assert [(a.outcome, a.reason) for a in events[2][1].attempts] == [("skipped", "circuit_open"), ("ok", None)]
+    assert [(a.outcome, a.reason) for a in events[2][1].attempts] == [
+        ("skipped", "circuit_open"),
+        ("ok", None),
+    ]
 
     await until(
         lambda: health.admit("a", "fake-1") == PROBE
@@ -96,7 +99,9 @@ async def test_a_failed_probe_opens_the_breaker_for_another_cooldown(lifeline, c
 
 
 async def test_the_failure_rate_over_the_window_opens_it_too(lifeline, client):
-    await lifeline(breaker_config({"consecutive_failures": 100, "failure_rate": 0.5, "min_requests": 6}))
+    await lifeline(
+        breaker_config({"consecutive_failures": 100, "failure_rate": 0.5, "min_requests": 6})
+    )
     for request in [USER_HELLO, FAIL_A] * 3:  # never two in a row, but half of six
         await ask(client, request)
     assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
@@ -121,7 +126,12 @@ async def test_settings_per_route_and_per_target(lifeline, client):
     config = breaker_config()
     config["routes"] = {
         "tolerant": {"targets": ["a", "b"], "breaker": {"consecutive_failures": 3}},
-        "off": {"targets": [{"provider": "a", "name": "a-unguarded", "breaker": {"enabled": False}}, "b"]},
+        "off": {
+            "targets": [
+                {"provider": "a", "name": "a-unguarded", "breaker": {"enabled": False}},
+                "b",
+            ]
+        },
     }
     stack = await lifeline(config)
     for _ in range(2):
@@ -137,9 +147,14 @@ async def test_settings_per_route_and_per_target(lifeline, client):
 
 
 def _toml(config: dict[str, Any]) -> str:
-    lines = ['[dispatcher]\nallow_fault_injection = true\n', "[breaker]\nconsecutive_failures = 2\ncooldown_s = 30\n"]
+    lines = [
+        "[dispatcher]\nallow_fault_injection = true\n",
+        "[breaker]\nconsecutive_failures = 2\ncooldown_s = 30\n",
+    ]
     for name, table in config["providers"].items():
-        lines.append(f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+        lines.append(
+            f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+        )
     lines.append('[routes.default]\ntargets = ["a", "b"]\n')
     return "\n".join(lines)
 
@@ -151,9 +166,22 @@ def second_dispatcher(tmp_path, nats_url):
     path.write_text(_toml(breaker_config()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dispatcher", "--config", str(path), "--nats-url", nats_url],
-        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "dispatcher",
+            "--config",
+            str(path),
+            "--nats-url",
+            nats_url,
+        ],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log, deadline = b"", time.monotonic() + 20
     while b"dispatcher serving" not in log:  # it logs this once subscribed
         left = deadline - time.monotonic()
@@ -170,7 +198,9 @@ def second_dispatcher(tmp_path, nats_url):
     proc.stderr and proc.stderr.close()
 
 
-async def test_two_dispatcher_processes_share_one_breaker_state(lifeline, client, second_dispatcher):
+async def test_two_dispatcher_processes_share_one_breaker_state(
+    lifeline, client, second_dispatcher
+):
     stack = await lifeline(breaker_config({"cooldown_s": 30}))
     kv = await client.jetstream().key_value("lifeline_health")
     # The breaker opens in whichever dispatcher sees a failure twice (each counts its own);
@@ -178,7 +208,9 @@ async def test_two_dispatcher_processes_share_one_breaker_state(lifeline, client
     async with asyncio.timeout(10):
         while (await _state(kv)) != OPEN:
             await asyncio.gather(*(ask(client, FAIL_A) for _ in range(2)))
-    await asyncio.sleep(0.2)  # the watch delivers it within milliseconds; leave room on a busy machine
+    await asyncio.sleep(
+        0.2
+    )  # the watch delivers it within milliseconds; leave room on a busy machine
     health = stack.dispatcher.health.of("a", "fake-1")
     skipped_here = health.skipped
     replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(40)))
@@ -194,9 +226,13 @@ async def _state(kv) -> str | None:
     return json.loads(entry.value)["state"]
 
 
-async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(lifeline, client, nats_url, tracers):
+async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(
+    lifeline, client, nats_url, tracers
+):
     first = await lifeline(breaker_config({"cooldown_s": 0.3}))
-    second = await start_stack(parse_config(breaker_config({"cooldown_s": 0.3})), nats_url, tracers, workers=[])
+    second = await start_stack(
+        parse_config(breaker_config({"cooldown_s": 0.3})), nats_url, tracers, workers=[]
+    )
     both = [first.dispatcher.health.of("a", "fake-1"), second.dispatcher.health.of("a", "fake-1")]
     try:
         async with asyncio.timeout(10):
@@ -204,7 +240,9 @@ async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(lif
                 await ask(client, FAIL_A)
                 await asyncio.sleep(0.01)
             await until(lambda: first.dispatcher.health.admit("a", "fake-1") == PROBE)
-            while not all(h.state == CLOSED for h in both):  # one replica's probe closes it for both
+            while not all(
+                h.state == CLOSED for h in both
+            ):  # one replica's probe closes it for both
                 await ask(client, USER_HELLO)
                 await asyncio.sleep(0.01)
     finally:
@@ -225,7 +263,9 @@ async def test_without_jetstream_a_dispatcher_says_so_and_uses_its_own_view(trac
         finally:
             await nc.close()
             await stack.stop()
-    assert any("shared health unavailable" in r.message and "own view" in r.message for r in caplog.records)
+    assert any(
+        "shared health unavailable" in r.message and "own view" in r.message for r in caplog.records
+    )
 
 
 # ---- hedging ---------------------------------------------------------------------------
@@ -238,7 +278,9 @@ def hedge_config(**route: Any) -> dict[str, Any]:
     }
 
 
-async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(lifeline, client, audit, exporter):
+async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(
+    lifeline, client, audit, exporter
+):
     stack = await lifeline(hedge_config())
     reply = await ask(client, USER_HELLO, timeout_s=2)
     assert reply.content == "fast"
@@ -247,12 +289,17 @@ async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(li
         ("fast", "ok", None, True),
     ]
     slow = stack.workers["slow"]
-    await until(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1)  # well before its 3 s
+    await until(
+        lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1
+    )  # well before its 3 s
     [(_, event)] = await audit.wait_for(1)
     assert [a.outcome for a in event.attempts] == ["cancelled", "ok"]
     [request] = [s for s in exporter.get_finished_spans() if s.name == "chat"]
     [hedge] = [e for e in request.events if e.name == "lifeline.hedge"]
-    assert (hedge.attributes["lifeline.hedge.from"], hedge.attributes["lifeline.hedge.to"]) == ("slow", "fast")
+    assert (hedge.attributes["lifeline.hedge.from"], hedge.attributes["lifeline.hedge.to"]) == (
+        "slow",
+        "fast",
+    )
 
 
 async def test_a_fast_first_target_is_never_hedged(lifeline, client):
@@ -292,11 +339,18 @@ async def test_the_hedge_budget_holds_under_load(lifeline, client):
 
 
 async def test_the_retry_budget_holds_under_load_and_the_attempt_says_why(lifeline, client):
-    await lifeline({
-        "providers": {"a": fake(fail_status=503), "b": fake(reply="b")},
-        "routes": {"default": {"targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b"], "retry_budget": 0.2,
-                               "breaker": {"enabled": False}}},  # else a's breaker would end the retries first
-    })  # fmt: skip
+    await lifeline(
+        {
+            "providers": {"a": fake(fail_status=503), "b": fake(reply="b")},
+            "routes": {
+                "default": {
+                    "targets": [{"provider": "a", "retries": 3, "backoff_s": 0}, "b"],
+                    "retry_budget": 0.2,
+                    "breaker": {"enabled": False},
+                }
+            },  # else a's breaker would end the retries first
+        }
+    )
     replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(80)))
     assert all(r.provider == "b" for r in replies)
     retries = sum(1 for r in replies for a in r.attempts if a.retry > 0)
@@ -311,9 +365,15 @@ async def test_the_retry_budget_holds_under_load_and_the_attempt_says_why(lifeli
 async def lifeline_cli(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", *args, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "service.cli",
+        *args,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -336,7 +396,11 @@ async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, 
 
     code, out, _ = await lifeline_cli("status", "--nats-url", nats_url, "--json")
     view = json.loads(out)["targets"]
-    assert (view["a:fake-1"]["state"], view["a:fake-1"]["failed"], view["a:fake-1"]["skipped"]) == ("open", 2, 1)
+    assert (view["a:fake-1"]["state"], view["a:fake-1"]["failed"], view["a:fake-1"]["skipped"]) == (
+        "open",
+        2,
+        1,
+    )
 
 
 async def test_lifeline_status_says_what_to_do_when_no_dispatcher_shared_anything(nats_url):

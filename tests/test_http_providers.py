@@ -43,7 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        self.server.requests.append(
+            {"path": self.path, "headers": dict(self.headers), "body": body}
+        )
         action, arg = self.server.script.pop(0) if self.server.script else ("ok", "hi")
         if action == "hang":
             time.sleep(float(arg))  # type: ignore[arg-type]
@@ -52,7 +54,10 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "ok":
             self._send(200, _completion(str(arg), body["model"]))
         else:
-            self._send(int(action), {"error": {"message": str(arg), "type": "x", "param": None, "code": None}})  # type: ignore[call-overload]
+            self._send(
+                int(action),
+                {"error": {"message": str(arg), "type": "x", "param": None, "code": None}},
+            )  # type: ignore[call-overload]
 
     def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -68,10 +73,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _completion(text: str, model: str) -> dict:
     return {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture
@@ -85,7 +95,13 @@ def http_server() -> Iterator[FakeOpenAI]:
 
 
 def openai_at(server: FakeOpenAI, **extra: object) -> dict:
-    return {"kind": "openai", "model": "local-llama", "base_url": server.base_url, "api_key_env": "", **extra}
+    return {
+        "kind": "openai",
+        "model": "local-llama",
+        "base_url": server.base_url,
+        "api_key_env": "",
+        **extra,
+    }
 
 
 async def test_an_openai_compatible_server_answers_through_nats(lifeline, client, http_server):
@@ -93,7 +109,10 @@ async def test_an_openai_compatible_server_answers_through_nats(lifeline, client
     http_server.script = [("ok", "Because.")]
     reply = await ask(client, {**USER_HELLO, "max_tokens": 5})
     assert (reply.status, reply.content, reply.model) == ("ok", "Because.", "local-llama")
-    assert reply.usage is not None and (reply.usage.input_tokens, reply.usage.output_tokens) == (9, 2)
+    assert reply.usage is not None and (reply.usage.input_tokens, reply.usage.output_tokens) == (
+        9,
+        2,
+    )
     [sent] = http_server.requests
     assert sent["path"] == "/v1/chat/completions"
     assert sent["body"]["max_tokens"] == 5 and sent["body"]["messages"] == USER_HELLO["messages"]
@@ -109,7 +128,9 @@ async def test_an_http_429_falls_back_with_the_providers_message(lifeline, clien
     assert "Rate limit reached" in (failed.message or "")
 
 
-async def test_the_provider_http_call_carries_the_requests_trace(lifeline, client, http_server, tracers):
+async def test_the_provider_http_call_carries_the_requests_trace(
+    lifeline, client, http_server, tracers
+):
     await lifeline(config({"local": openai_at(http_server)}))
     with tracers.get_tracer("client").start_as_current_span("client") as span:
         headers: dict[str, str] = {}
@@ -120,8 +141,12 @@ async def test_the_provider_http_call_carries_the_requests_trace(lifeline, clien
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
 
 
-async def test_a_hung_http_provider_is_abandoned_at_its_timeout_and_the_next_one_serves(lifeline, client, http_server):
-    await lifeline(config({"local": openai_at(http_server, timeout_s=0.2), "backup": fake(reply="b")}))
+async def test_a_hung_http_provider_is_abandoned_at_its_timeout_and_the_next_one_serves(
+    lifeline, client, http_server
+):
+    await lifeline(
+        config({"local": openai_at(http_server, timeout_s=0.2), "backup": fake(reply="b")})
+    )
     http_server.script = [("hang", 1.0)]
     reply = await ask(client, USER_HELLO)
     assert (reply.provider, reply.attempts[0].error_type) == ("backup", "timeout")
@@ -150,11 +175,15 @@ async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, h
         await replies.next_msg(timeout=0.2)  # nobody waits for it, so no reply is sent
 
 
-async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cancelled(lifeline, client, http_server):
-    stack = await lifeline(config(
-        {"local": openai_at(http_server, timeout_s=30), "backup": fake(reply="b")},
-        routes={"default": {"targets": ["local", "backup"], "hedge_after_ms": 100}},
-    ))  # fmt: skip
+async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cancelled(
+    lifeline, client, http_server
+):
+    stack = await lifeline(
+        config(
+            {"local": openai_at(http_server, timeout_s=30), "backup": fake(reply="b")},
+            routes={"default": {"targets": ["local", "backup"], "hedge_after_ms": 100}},
+        )
+    )
     http_server.script = [("hang", 3.0)]
     reply = await ask(client, USER_HELLO, timeout_s=2)  # long before the 3 s hang ends
     assert (reply.provider, reply.content) == ("backup", "b")
@@ -163,7 +192,9 @@ async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cance
         ("backup", "ok", True),
     ]
     worker = stack.workers["local"]
-    async with asyncio.timeout(1):  # the dispatcher's cancel reaches the worker, which drops the HTTP call
+    async with asyncio.timeout(
+        1
+    ):  # the dispatcher's cancel reaches the worker, which drops the HTTP call
         while worker.in_flight:
             await asyncio.sleep(0.01)
     assert worker.cancelled == 1

@@ -27,9 +27,13 @@ class Script:
     """A fake `call`: replies queued per target name (one, or a list in turn); each call may
     spend fake-clock time."""
 
-    def __init__(self, clock: Clock, replies: dict[str, Any], took: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, clock: Clock, replies: dict[str, Any], took: dict[str, float] | None = None
+    ) -> None:
         self.clock = clock
-        self.replies = {name: list(r) if isinstance(r, list) else [r] for name, r in replies.items()}
+        self.replies = {
+            name: list(r) if isinstance(r, list) else [r] for name, r in replies.items()
+        }
         self.took = took or {}
         self.calls: list[tuple[str, float]] = []  # (target, timeout_s it was given)
         self.previous: list[tuple[str, ...]] = []
@@ -38,7 +42,9 @@ class Script:
     def slept(self) -> list[float]:
         return self.clock.slept
 
-    async def __call__(self, target: Target, timeout_s: float, previous: tuple[str, ...]) -> ProviderReply:
+    async def __call__(
+        self, target: Target, timeout_s: float, previous: tuple[str, ...]
+    ) -> ProviderReply:
         self.calls.append((target.label, timeout_s))
         self.previous.append(previous)
         self.clock.now += self.took.get(target.label, 0.0)
@@ -58,13 +64,27 @@ def ok(model: str = "served-model", content: str = "hi") -> ProviderOk:
     return ProviderOk(content=content, model=model)
 
 
-def fail(kind: str = "server_error", status: int | None = None, message: str = "boom", retry_after_s=None) -> ProviderFailure:
-    return ProviderFailure(kind=kind, message=message, status_code=status, retry_after_s=retry_after_s)
+def fail(
+    kind: str = "server_error", status: int | None = None, message: str = "boom", retry_after_s=None
+) -> ProviderFailure:
+    return ProviderFailure(
+        kind=kind, message=message, status_code=status, retry_after_s=retry_after_s
+    )
 
 
 async def run(
-    replies: dict[str, Any], *, took=None, deadline_in: float = 60.0, timeouts=None, targets=None, by_kind=None,
-    max_attempts: int = 6, fallback_on=None, fallback: bool = True, rand=lambda: 0.5, **kw,
+    replies: dict[str, Any],
+    *,
+    took=None,
+    deadline_in: float = 60.0,
+    timeouts=None,
+    targets=None,
+    by_kind=None,
+    max_attempts: int = 6,
+    fallback_on=None,
+    fallback: bool = True,
+    rand=lambda: 0.5,
+    **kw,
 ):
     """Run a chain over the targets named in `replies` (or `targets`), in order; returns (result, script).
     `replies` may also hold the replies of targets only reached through `by_kind`."""
@@ -74,7 +94,13 @@ async def run(
         targets = [target(name, (timeouts or {}).get(name, 30.0)) for name in replies]
     limits = Limits(clock.now + deadline_in, max_attempts, fallback_on, fallback)
     result = await run_chain(
-        Chain(targets, by_kind or {}), script, limits, clock=clock, sleep=clock.sleep, rand=rand, **kw
+        Chain(targets, by_kind or {}),
+        script,
+        limits,
+        clock=clock,
+        sleep=clock.sleep,
+        rand=rand,
+        **kw,
     )
     return result, script
 
@@ -109,7 +135,9 @@ async def test_a_kind_listed_in_fallback_on_falls_back():
 
 
 async def test_a_status_listed_in_fallback_on_falls_back_even_when_its_kind_is_not():
-    result, _ = await run({"a": fail("server_error", 503), "b": ok()}, fallback_on=["rate_limit", 503])
+    result, _ = await run(
+        {"a": fail("server_error", 503), "b": ok()}, fallback_on=["rate_limit", 503]
+    )
     assert result.target is not None and result.target.provider == "b"
 
 
@@ -131,18 +159,28 @@ async def test_a_failure_without_a_status_is_not_matched_by_a_status_in_fallback
 
 
 async def test_all_failed_lists_every_attempt_in_order():
-    replies = {"a": fail("server_error", 500, "oops"), "b": fail("rate_limit", 429, "slow down"), "c": fail("timeout")}
+    replies = {
+        "a": fail("server_error", 500, "oops"),
+        "b": fail("rate_limit", 429, "slow down"),
+        "c": fail("timeout"),
+    }
     result, script = await run(replies)
     assert script.called == ["a", "b", "c"]
     assert result.error is not None and result.error.type == "all_failed"
     got = [(a.provider, a.error_type, a.status_code, a.message) for a in result.attempts]
-    assert got == [("a", "server_error", 500, "oops"), ("b", "rate_limit", 429, "slow down"), ("c", "timeout", None, "boom")]
+    assert got == [
+        ("a", "server_error", 500, "oops"),
+        ("b", "rate_limit", 429, "slow down"),
+        ("c", "timeout", None, "boom"),
+    ]
     assert "all 3 attempts failed" in result.error.message
 
 
 async def test_each_attempt_gets_its_own_timeout_capped_by_the_time_left():
     replies = {"a": fail("timeout"), "b": fail("timeout"), "c": ok()}
-    _, script = await run(replies, took={"a": 4.0, "b": 5.0}, deadline_in=10.0, timeouts={"a": 4.0, "b": 5.0})
+    _, script = await run(
+        replies, took={"a": 4.0, "b": 5.0}, deadline_in=10.0, timeouts={"a": 4.0, "b": 5.0}
+    )
     assert script.calls == [("a", 4.0), ("b", 5.0), ("c", 1.0)]  # c: 30 s of its own, 1 s left
 
 
@@ -154,7 +192,9 @@ async def test_a_target_that_cannot_start_before_the_deadline_is_not_called():
     assert result.error is not None and result.error.type == "deadline_exceeded"
     assert "b, c" in result.error.message
     assert [(a.target, a.outcome, a.reason) for a in result.attempts] == [
-        ("a", "timeout", None), ("b", "skipped", "deadline"), ("c", "skipped", "deadline")
+        ("a", "timeout", None),
+        ("b", "skipped", "deadline"),
+        ("c", "skipped", "deadline"),
     ]
 
 
@@ -169,7 +209,10 @@ async def test_a_fallback_event_is_sent_once_per_move_and_not_after_the_last_tar
     seen, on_event = events("lifeline.fallback")
     replies = {"a": fail("rate_limit", 429), "b": fail("server_error", 503), "c": fail("timeout")}
     await run(replies, on_event=on_event)
-    moves = [(e["lifeline.fallback.from"], e["lifeline.fallback.to"], e["lifeline.fallback.reason"]) for _, e in seen]
+    moves = [
+        (e["lifeline.fallback.from"], e["lifeline.fallback.to"], e["lifeline.fallback.reason"])
+        for _, e in seen
+    ]
     assert moves == [("a", "b", "rate_limit"), ("b", "c", "server_error")]
     assert seen[0][1]["lifeline.fallback.status_code"] == 429
 
@@ -183,9 +226,15 @@ async def test_no_fallback_event_when_the_chain_stops_or_answers():
 
 @pytest.mark.parametrize(
     ("kind", "outcome"),
-    [("timeout", "timeout"), ("no_responders", "no_responders"), ("rate_limit", "error"),
-     ("server_error", "error"), ("connection", "error"), ("auth", "error")],
-)  # fmt: skip
+    [
+        ("timeout", "timeout"),
+        ("no_responders", "no_responders"),
+        ("rate_limit", "error"),
+        ("server_error", "error"),
+        ("connection", "error"),
+        ("auth", "error"),
+    ],
+)
 async def test_a_failed_attempt_outcome_follows_the_failure_kind(kind, outcome):
     result, _ = await run({"a": fail(kind), "b": ok()})
     assert (result.attempts[0].outcome, result.attempts[0].error_type) == (outcome, kind)
@@ -210,7 +259,9 @@ async def test_attempt_latency_is_measured_on_the_clock():
 
 async def test_no_fallback_is_reported_to_a_target_the_deadline_kept_from_starting():
     seen, on_event = events("lifeline.fallback")
-    result, script = await run({"a": fail(), "b": ok()}, took={"a": 5.0}, deadline_in=5.0, on_event=on_event)
+    result, script = await run(
+        {"a": fail(), "b": ok()}, took={"a": 5.0}, deadline_in=5.0, on_event=on_event
+    )
     assert result.error is not None and result.error.type == "deadline_exceeded"
     assert (script.called, seen) == (["a"], [])
 
@@ -219,7 +270,9 @@ async def test_no_fallback_is_reported_to_a_target_the_deadline_kept_from_starti
 
 
 async def test_each_failed_attempt_says_what_the_dispatcher_did_next():
-    result, _ = await run({"a": fail("rate_limit"), "b": fail("auth"), "c": ok()}, fallback_on=["rate_limit"])
+    result, _ = await run(
+        {"a": fail("rate_limit"), "b": fail("auth"), "c": ok()}, fallback_on=["rate_limit"]
+    )
     assert [(a.target, a.next) for a in result.attempts] == [("a", "fallback"), ("b", "stop")]
 
 
@@ -229,26 +282,38 @@ async def test_each_failed_attempt_says_what_the_dispatcher_did_next():
 async def test_a_target_whose_max_input_tokens_the_input_exceeds_is_skipped_without_a_call():
     seen, on_event = events("lifeline.skip")
     targets = [target("short", max_input_tokens=1000), target("long", max_input_tokens=100_000)]
-    result, script = await run({"short": ok(), "long": ok(content="long")}, targets=targets,
-                               needs=Needs(input_tokens=5000), on_event=on_event)  # fmt: skip
+    result, script = await run(
+        {"short": ok(), "long": ok(content="long")},
+        targets=targets,
+        needs=Needs(input_tokens=5000),
+        on_event=on_event,
+    )
     assert script.called == ["long"]
     assert result.target is not None and result.target.label == "long"
     skipped = result.attempts[0]
-    assert (skipped.target, skipped.outcome, skipped.reason) == ("short", "skipped", "max_input_tokens")
+    assert (skipped.target, skipped.outcome, skipped.reason) == (
+        "short",
+        "skipped",
+        "max_input_tokens",
+    )
     assert "5000" in (skipped.message or "") and "1000" in (skipped.message or "")
     assert [e["lifeline.skip.reason"] for _, e in seen] == ["max_input_tokens"]
 
 
 async def test_a_target_without_json_output_is_skipped_when_the_request_wants_json():
     targets = [target("plain", json_output=False), target("json")]
-    result, script = await run({"plain": ok(), "json": ok()}, targets=targets, needs=Needs(json=True))
+    result, script = await run(
+        {"plain": ok(), "json": ok()}, targets=targets, needs=Needs(json=True)
+    )
     assert script.called == ["json"]
     assert (result.attempts[0].outcome, result.attempts[0].reason) == ("skipped", "json_output")
 
 
 async def test_when_every_target_is_skipped_nothing_is_called_and_the_error_says_so():
     targets = [target("a", max_input_tokens=10), target("b", max_input_tokens=20)]
-    result, script = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
+    result, script = await run(
+        {"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50)
+    )
     assert script.calls == []
     assert result.error is not None and result.error.type == "no_capable_target"
     assert "a: skipped (max_input_tokens)" in result.error.message
@@ -257,9 +322,15 @@ async def test_when_every_target_is_skipped_nothing_is_called_and_the_error_says
 async def test_a_skip_is_not_a_failure_the_fallback_event_names_the_failed_target():
     seen, on_event = events("lifeline.fallback")
     targets = [target("a"), target("b", max_input_tokens=1), target("c")]
-    await run({"a": fail("rate_limit"), "b": ok(), "c": ok()}, targets=targets, needs=Needs(input_tokens=9),
-              on_event=on_event)  # fmt: skip
-    assert [(e["lifeline.fallback.from"], e["lifeline.fallback.to"]) for _, e in seen] == [("a", "c")]
+    await run(
+        {"a": fail("rate_limit"), "b": ok(), "c": ok()},
+        targets=targets,
+        needs=Needs(input_tokens=9),
+        on_event=on_event,
+    )
+    assert [(e["lifeline.fallback.from"], e["lifeline.fallback.to"]) for _, e in seen] == [
+        ("a", "c")
+    ]
 
 
 # ---- output validation -------------------------------------------------------------
@@ -267,13 +338,22 @@ async def test_a_skip_is_not_a_failure_the_fallback_event_names_the_failed_targe
 
 async def test_an_answer_that_fails_validation_is_an_invalid_output_failure_and_falls_back():
     def validate(answer: ProviderOk):
-        return answer if answer.content.startswith("{") else fail("invalid_output", message="not JSON")
+        return (
+            answer if answer.content.startswith("{") else fail("invalid_output", message="not JSON")
+        )
 
-    result, script = await run({"cheap": ok(content="Sure! Here"), "better": ok(content="{}")}, validate=validate)
+    result, script = await run(
+        {"cheap": ok(content="Sure! Here"), "better": ok(content="{}")}, validate=validate
+    )
     assert script.called == ["cheap", "better"]
     assert result.answer is not None and result.answer.content == "{}"
     first = result.attempts[0]
-    assert (first.outcome, first.error_type, first.message, first.next) == ("error", "invalid_output", "not JSON", "fallback")
+    assert (first.outcome, first.error_type, first.message, first.next) == (
+        "error",
+        "invalid_output",
+        "not JSON",
+        "fallback",
+    )
 
 
 # ---- retries -----------------------------------------------------------------------
@@ -282,11 +362,16 @@ async def test_an_answer_that_fails_validation_is_an_invalid_output_failure_and_
 async def test_a_retry_on_failure_is_retried_on_the_same_target_before_falling_back():
     seen, on_event = events("lifeline.retry")
     targets = [target("a", retries=2), target("b")]
-    result, script = await run({"a": [fail("rate_limit", 429), fail("server_error", 500), ok()], "b": ok()},
-                               targets=targets, on_event=on_event)  # fmt: skip
+    result, script = await run(
+        {"a": [fail("rate_limit", 429), fail("server_error", 500), ok()], "b": ok()},
+        targets=targets,
+        on_event=on_event,
+    )
     assert script.called == ["a", "a", "a"]
     assert [(a.target, a.retry, a.outcome, a.next) for a in result.attempts] == [
-        ("a", 0, "error", "retry"), ("a", 1, "error", "retry"), ("a", 2, "ok", None)
+        ("a", 0, "error", "retry"),
+        ("a", 1, "error", "retry"),
+        ("a", 2, "ok", None),
     ]
     assert [e["lifeline.reason"] for _, e in seen] == ["rate_limit", "server_error"]
 
@@ -320,20 +405,26 @@ async def test_backoff_doubles_with_full_jitter_up_to_max_backoff():
 
 async def test_retry_after_is_honoured_when_longer_than_the_backoff():
     targets = [target("a", retries=1, backoff_s=0.1)]
-    _, script = await run({"a": [fail("rate_limit", 429, retry_after_s=2.0), ok()]}, targets=targets)
+    _, script = await run(
+        {"a": [fail("rate_limit", 429, retry_after_s=2.0), ok()]}, targets=targets
+    )
     assert script.slept == [2.0]
 
 
 async def test_a_retry_after_longer_than_max_backoff_falls_back_instead_of_waiting():
     targets = [target("a", retries=3, max_backoff_s=5.0), target("b")]
-    result, script = await run({"a": fail("rate_limit", 429, retry_after_s=60.0), "b": ok()}, targets=targets)
+    result, script = await run(
+        {"a": fail("rate_limit", 429, retry_after_s=60.0), "b": ok()}, targets=targets
+    )
     assert script.called == ["a", "b"] and script.slept == []
     assert result.attempts[0].next == "fallback"
 
 
 async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
     targets = [target("a", retries=3, backoff_s=4.0), target("b")]
-    _, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, deadline_in=3.0, rand=lambda: 1.0)
+    _, script = await run(
+        {"a": fail("server_error"), "b": ok()}, targets=targets, deadline_in=3.0, rand=lambda: 1.0
+    )
     assert script.called == ["a", "b"] and script.slept == []
 
 
@@ -342,16 +433,27 @@ async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
 
 async def test_max_attempts_caps_retries_and_fallbacks_together():
     targets = [target("a", retries=5), target("b", retries=5)]
-    result, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, max_attempts=3)
+    result, script = await run(
+        {"a": fail("server_error"), "b": ok()}, targets=targets, max_attempts=3
+    )
     assert script.called == ["a", "a", "a"]
     assert result.error is not None and result.error.type == "max_attempts_reached"
     assert "max_attempts (3)" in result.error.message
-    assert [(a.target, a.outcome, a.reason) for a in result.attempts][-1] == ("b", "skipped", "max_attempts")
+    assert [(a.target, a.outcome, a.reason) for a in result.attempts][-1] == (
+        "b",
+        "skipped",
+        "max_attempts",
+    )
 
 
 async def test_skipped_targets_do_not_count_as_attempts():
     targets = [target("a", max_input_tokens=1), target("b", max_input_tokens=1), target("c")]
-    result, _ = await run({"a": ok(), "b": ok(), "c": ok()}, targets=targets, needs=Needs(input_tokens=9), max_attempts=1)
+    result, _ = await run(
+        {"a": ok(), "b": ok(), "c": ok()},
+        targets=targets,
+        needs=Needs(input_tokens=9),
+        max_attempts=1,
+    )
     assert result.target is not None and result.target.label == "c"
 
 
@@ -362,7 +464,9 @@ async def test_a_context_length_failure_enters_its_own_chain_instead_of_the_rest
     seen, on_event = events("lifeline.fallback")
     by_kind = {"context_length": [target("long")]}
     replies = {"a": fail("context_length", 400), "b": ok(), "long": ok(content="long answer")}
-    result, script = await run(replies, targets=[target("a"), target("b")], by_kind=by_kind, on_event=on_event)
+    result, script = await run(
+        replies, targets=[target("a"), target("b")], by_kind=by_kind, on_event=on_event
+    )
     assert script.called == ["a", "long"]
     assert result.answer is not None and result.answer.content == "long answer"
     assert seen[0][1]["lifeline.fallback.chain"] == "context_length"
@@ -371,20 +475,32 @@ async def test_a_context_length_failure_enters_its_own_chain_instead_of_the_rest
 async def test_a_content_filter_failure_enters_its_chain_even_when_fallback_on_excludes_it():
     by_kind = {"content_filter": [target("lenient")]}
     replies = {"strict": fail("content_filter"), "b": ok(), "lenient": ok()}
-    _, script = await run(replies, targets=[target("strict"), target("b")], by_kind=by_kind, fallback_on=["rate_limit"])
+    _, script = await run(
+        replies,
+        targets=[target("strict"), target("b")],
+        by_kind=by_kind,
+        fallback_on=["rate_limit"],
+    )
     assert script.called == ["strict", "lenient"]
 
 
 async def test_other_failures_keep_to_the_main_chain():
     by_kind = {"context_length": [target("long")]}
-    _, script = await run({"a": fail("rate_limit"), "b": ok(), "long": ok()}, targets=[target("a"), target("b")],
-                          by_kind=by_kind)  # fmt: skip
+    _, script = await run(
+        {"a": fail("rate_limit"), "b": ok(), "long": ok()},
+        targets=[target("a"), target("b")],
+        by_kind=by_kind,
+    )
     assert script.called == ["a", "b"]
 
 
 async def test_an_error_class_chain_is_entered_only_once():
     by_kind = {"context_length": [target("long"), target("longer")]}
-    replies = {"a": fail("context_length"), "long": fail("context_length"), "longer": fail("context_length")}
+    replies = {
+        "a": fail("context_length"),
+        "long": fail("context_length"),
+        "longer": fail("context_length"),
+    }
     result, script = await run(replies, targets=[target("a")], by_kind=by_kind)
     assert script.called == ["a", "long", "longer"]
     assert result.error is not None and result.error.type == "all_failed"
@@ -395,7 +511,9 @@ async def test_an_error_class_chain_is_entered_only_once():
 
 async def test_fallback_false_tries_only_the_first_target_but_keeps_its_retries():
     targets = [target("a", retries=1), target("b")]
-    result, script = await run({"a": fail("server_error"), "b": ok()}, targets=targets, fallback=False)
+    result, script = await run(
+        {"a": fail("server_error"), "b": ok()}, targets=targets, fallback=False
+    )
     assert script.called == ["a", "a"]
     assert result.error is not None and result.error.type == "fallback_stopped"
     assert '"fallback": false' in result.error.message and "not tried: b" in result.error.message
@@ -404,14 +522,20 @@ async def test_fallback_false_tries_only_the_first_target_but_keeps_its_retries(
 
 async def test_fallback_false_also_keeps_error_class_chains_shut():
     by_kind = {"context_length": [target("long")]}
-    _, script = await run({"a": fail("context_length"), "long": ok()}, targets=[target("a")], by_kind=by_kind,
-                          fallback=False)  # fmt: skip
+    _, script = await run(
+        {"a": fail("context_length"), "long": ok()},
+        targets=[target("a")],
+        by_kind=by_kind,
+        fallback=False,
+    )
     assert script.called == ["a"]
 
 
 async def test_fallback_false_with_a_skipped_first_target_calls_nobody():
     targets = [target("a", max_input_tokens=1), target("b")]
-    result, script = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=9), fallback=False)
+    result, script = await run(
+        {"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=9), fallback=False
+    )
     assert script.calls == []
     assert result.error is not None and result.error.type == "fallback_stopped"
     assert "skipped (max_input_tokens)" in result.error.message

@@ -38,7 +38,11 @@ MESSAGE = {
 
 def error(type_: str, message: str) -> dict[str, Any]:
     """Anthropic's documented error body (https://docs.anthropic.com/en/api/errors)."""
-    return {"type": "error", "error": {"type": type_, "message": message}, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
+    return {
+        "type": "error",
+        "error": {"type": type_, "message": message},
+        "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy",
+    }
 
 
 class Server(MockServer):
@@ -46,10 +50,14 @@ class Server(MockServer):
 
 
 def settings(**overrides: Any) -> AnthropicSettings:
-    return msgspec.convert({"kind": "anthropic", "model": "claude-sonnet-4-20250514", **overrides}, AnthropicSettings)
+    return msgspec.convert(
+        {"kind": "anthropic", "model": "claude-sonnet-4-20250514", **overrides}, AnthropicSettings
+    )
 
 
-make = provider_fixture(lambda client, **overrides: AnthropicProvider(settings(**overrides), client, environ=ENV))
+make = provider_fixture(
+    lambda client, **overrides: AnthropicProvider(settings(**overrides), client, environ=ENV)
+)
 
 
 def request(*messages: tuple[str, str], **fields: Any) -> ProviderRequest:
@@ -106,7 +114,10 @@ async def test_system_messages_are_joined_into_the_system_field(make):
 async def test_consecutive_messages_of_one_role_are_passed_through(make):
     server = Server()
     await make(server).complete(request(("user", "One."), ("user", "Two.")), timeout_s=5)
-    assert server.sent_json()["messages"] == [{"role": "user", "content": "One."}, {"role": "user", "content": "Two."}]
+    assert server.sent_json()["messages"] == [
+        {"role": "user", "content": "One."},
+        {"role": "user", "content": "Two."},
+    ]
 
 
 async def test_request_model_overrides_the_configured_model(make):
@@ -165,7 +176,9 @@ async def test_a_200_without_content_is_a_server_error(make):
 
 async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
     message = "This request would exceed the rate limit for your organization of 50,000 input tokens per minute."
-    err = await failure(make(Server(429, error("rate_limit_error", message), headers={"retry-after": "17"})))
+    err = await failure(
+        make(Server(429, error("rate_limit_error", message), headers={"retry-after": "17"}))
+    )
     assert (err.kind, err.status_code, err.retry_after_s) == ("rate_limit", 429, 17.0)
     assert err.message.startswith("anthropic 429: This request would exceed the rate limit")
 
@@ -175,7 +188,9 @@ async def test_overloaded_529_maps_to_server_error(make):
     assert (err.kind, err.status_code) == ("server_error", 529)
 
 
-@pytest.mark.parametrize(("status", "type_"), [(401, "authentication_error"), (403, "permission_error")])
+@pytest.mark.parametrize(
+    ("status", "type_"), [(401, "authentication_error"), (403, "permission_error")]
+)
 async def test_authentication_and_permission_errors_map_to_auth(make, status, type_):
     err = await failure(make(Server(status, error(type_, "invalid x-api-key"))))
     assert (err.kind, err.status_code) == ("auth", status)
@@ -229,7 +244,9 @@ async def test_a_connect_error_maps_to_connection(make):
 
 
 async def test_the_api_key_never_appears_in_an_error_message(make):
-    err = await failure(make(Server(401, error("authentication_error", f"invalid x-api-key: {KEY}"))))
+    err = await failure(
+        make(Server(401, error("authentication_error", f"invalid x-api-key: {KEY}")))
+    )
     assert KEY not in err.message
     assert "***" in err.message
 

@@ -28,15 +28,25 @@ COMPLETION = {
     "model": "gpt-4o-2024-08-06",
     "system_fingerprint": "fp_b705f0c291",
     "prompt_filter_results": [
-        {"prompt_index": 0, "content_filter_results": {k: _SAFE for k in ("hate", "self_harm", "sexual", "violence")}}
+        {
+            "prompt_index": 0,
+            "content_filter_results": {
+                k: _SAFE for k in ("hate", "self_harm", "sexual", "violence")
+            },
+        }
     ],
     "choices": [
         {
             "index": 0,
             "finish_reason": "stop",
             "logprobs": None,
-            "message": {"role": "assistant", "content": "Yes, customer managed keys are supported."},
-            "content_filter_results": {k: _SAFE for k in ("hate", "self_harm", "sexual", "violence")},
+            "message": {
+                "role": "assistant",
+                "content": "Yes, customer managed keys are supported.",
+            },
+            "content_filter_results": {
+                k: _SAFE for k in ("hate", "self_harm", "sexual", "violence")
+            },
         }
     ],
     "usage": {"completion_tokens": 557, "prompt_tokens": 33, "total_tokens": 590},
@@ -75,11 +85,17 @@ class Server(MockServer):
 
 
 def settings(**overrides: Any) -> AzureOpenAISettings:
-    table = {"kind": "azure_openai", "endpoint": "https://myres.openai.azure.com", "deployment": "gpt4o-prod"}
+    table = {
+        "kind": "azure_openai",
+        "endpoint": "https://myres.openai.azure.com",
+        "deployment": "gpt4o-prod",
+    }
     return msgspec.convert({**table, **overrides}, AzureOpenAISettings)
 
 
-make = provider_fixture(lambda client, **overrides: AzureOpenAIProvider(settings(**overrides), client, environ=ENV))
+make = provider_fixture(
+    lambda client, **overrides: AzureOpenAIProvider(settings(**overrides), client, environ=ENV)
+)
 
 
 def request(**fields: Any) -> ProviderRequest:
@@ -152,13 +168,18 @@ async def test_parses_content_model_and_usage_from_the_completion(make):
 async def test_a_filtered_answer_maps_to_content_filter(make):
     body = json.loads(json.dumps(COMPLETION))
     body["choices"][0]["finish_reason"] = "content_filter"
-    body["choices"][0]["content_filter_results"]["violence"] = {"filtered": True, "severity": "medium"}
+    body["choices"][0]["content_filter_results"]["violence"] = {
+        "filtered": True,
+        "severity": "medium",
+    }
     err = await failure(make(Server(body=body)))
     assert (err.kind, err.status_code) == ("content_filter", 200)
 
 
 async def test_a_200_without_choices_is_a_server_error(make):
-    err = await failure(make(Server(body={"id": "chatcmpl-1", "object": "chat.completion", "choices": []})))
+    err = await failure(
+        make(Server(body={"id": "chatcmpl-1", "object": "chat.completion", "choices": []}))
+    )
     assert err.kind == "server_error"
     assert err.message.startswith("provider returned an unexpected response body")
 
@@ -211,7 +232,9 @@ async def test_context_length_exceeded_maps_to_context_length(make):
 
 
 async def test_a_500_is_a_server_error_after_exactly_one_call(make):
-    server = Server(500, error("InternalServerError", "The server had an error while processing your request."))
+    server = Server(
+        500, error("InternalServerError", "The server had an error while processing your request.")
+    )
     err = await failure(make(server))
     assert (err.kind, err.status_code) == ("server_error", 500)
     assert len(server.requests) == 1

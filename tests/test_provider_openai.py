@@ -54,7 +54,9 @@ COMPLETION = {
 }
 
 
-def error(message: str, type_: str | None, code: str | None, param: str | None = None) -> dict[str, Any]:
+def error(
+    message: str, type_: str | None, code: str | None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's documented error body."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -65,7 +67,9 @@ class Server(MockServer):
 
 make = provider_fixture(
     lambda client, environ=ENV, **settings: OpenAIProvider(
-        msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", **settings}, OpenAISettings), client, environ=environ
+        msgspec.convert({"kind": "openai", "model": "gpt-4o-mini", **settings}, OpenAISettings),
+        client,
+        environ=environ,
     )
 )
 
@@ -106,7 +110,10 @@ async def test_sends_model_and_messages_in_the_body(make):
     await make(server).complete(ProviderRequest(id="r1", messages=messages), timeout_s=5)
     assert server.sent_json() == {
         "model": "gpt-4o-mini",
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello!"},
+        ],
     }
 
 
@@ -139,7 +146,9 @@ async def test_leaves_unset_top_p_and_response_format_out(make):
 async def test_sends_a_json_schema_response_format_in_openais_shape(make):
     server = Server()
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
-    response_format = ResponseFormat("json_schema", JsonSchemaFormat(name="person", schema=schema, strict=True))
+    response_format = ResponseFormat(
+        "json_schema", JsonSchemaFormat(name="person", schema=schema, strict=True)
+    )
     await make(server).complete(request(response_format=response_format), timeout_s=5)
     assert server.sent_json()["response_format"] == {
         "type": "json_schema",
@@ -149,7 +158,9 @@ async def test_sends_a_json_schema_response_format_in_openais_shape(make):
 
 async def test_unset_response_format_fields_are_left_out_not_sent_as_null(make):
     server = Server()
-    response_format = ResponseFormat("json_schema", JsonSchemaFormat(name="person", schema={"type": "object"}))
+    response_format = ResponseFormat(
+        "json_schema", JsonSchemaFormat(name="person", schema={"type": "object"})
+    )
     await make(server).complete(request(response_format=response_format), timeout_s=5)
     assert server.sent_json()["response_format"] == {
         "type": "json_schema",
@@ -210,7 +221,9 @@ async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
 
 
 async def test_invalid_api_key_maps_to_auth(make):
-    body = error("Incorrect API key provided: sk-proj-****cdef.", "invalid_request_error", "invalid_api_key")
+    body = error(
+        "Incorrect API key provided: sk-proj-****cdef.", "invalid_request_error", "invalid_api_key"
+    )
     err = await failure(make(Server(401, body)))
     assert (err.kind, err.status_code) == ("auth", 401)
 
@@ -229,7 +242,9 @@ async def test_context_length_exceeded_maps_to_context_length(make):
 
 @pytest.mark.parametrize("code", ["content_filter", "content_policy_violation"])
 async def test_content_policy_codes_map_to_content_filter(make, code):
-    body = error("Your request was rejected as a result of our safety system.", "invalid_request_error", code)
+    body = error(
+        "Your request was rejected as a result of our safety system.", "invalid_request_error", code
+    )
     err = await failure(make(Server(400, body)))
     assert (err.kind, err.status_code) == ("content_filter", 400)
 
@@ -292,7 +307,13 @@ def test_settings_reject_unknown_keys():
 
 async def test_an_openai_compatible_server_needs_no_key_and_gets_no_authorization_header(make):
     server = Server(body={**COMPLETION, "model": "llama3.1:8b"})
-    provider = make(server, environ={}, api_key_env="", base_url="http://localhost:11434/v1/", model="llama3.1:8b")
+    provider = make(
+        server,
+        environ={},
+        api_key_env="",
+        base_url="http://localhost:11434/v1/",
+        model="llama3.1:8b",
+    )
     ok = await provider.complete(request(), timeout_s=5)
     assert str(server.request.url) == "http://localhost:11434/v1/chat/completions"
     assert "authorization" not in server.request.headers

@@ -9,7 +9,14 @@ import pytest
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import JsonSchemaFormat, ResponseFormat
 from service.shaping import Template
-from service.shaping import Shaping, apply_template, estimate_tokens, output_validator, shape, template_tokens
+from service.shaping import (
+    Shaping,
+    apply_template,
+    estimate_tokens,
+    output_validator,
+    shape,
+    template_tokens,
+)
 
 PERSON = {
     "type": "object",
@@ -45,7 +52,9 @@ JSON_OBJECT = ResponseFormat("json_object")
 def test_a_system_template_replaces_the_system_messages_and_includes_their_text():
     messages = chat(("system", "Be brief."), ("user", "Hi"), ("system", "Answer in French."))
     out = apply_template(messages, Template(system="You are Lifeline.\n{system}"))
-    assert out == chat(("system", "You are Lifeline.\nBe brief.\n\nAnswer in French."), ("user", "Hi"))
+    assert out == chat(
+        ("system", "You are Lifeline.\nBe brief.\n\nAnswer in French."), ("user", "Hi")
+    )
 
 
 def test_without_a_system_message_the_placeholder_is_empty():
@@ -80,13 +89,23 @@ def base(**fields: Any) -> ProviderRequest:
 def test_the_targets_parameters_win_over_the_requests():
     request = base(model="a", temperature=1.0, max_tokens=100, top_p=0.5)
     shaped = shape(request, Shaping(model="b", temperature=0.0, max_tokens=10, top_p=0.9))
-    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == ("b", 0.0, 10, 0.9)
+    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == (
+        "b",
+        0.0,
+        10,
+        0.9,
+    )
 
 
 def test_parameters_the_target_leaves_unset_keep_the_requests_values():
     request = base(model="a", temperature=1.0, max_tokens=100, top_p=0.5)
     shaped = shape(request, Shaping())
-    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == ("a", 1.0, 100, 0.5)
+    assert (shaped.model, shaped.temperature, shaped.max_tokens, shaped.top_p) == (
+        "a",
+        1.0,
+        100,
+        0.5,
+    )
     assert shaped.messages == request.messages
 
 
@@ -131,7 +150,9 @@ def test_an_answer_that_is_not_json_is_invalid_output():
     assert isinstance(result, ProviderFailure)
     assert result.kind == "invalid_output"
     assert "not valid JSON" in result.message
-    assert "Sure! Here is" not in result.message  # attempts reach the audit event, which never holds answer text
+    assert (
+        "Sure! Here is" not in result.message
+    )  # attempts reach the audit event, which never holds answer text
 
 
 def test_json_object_refuses_a_json_array():
@@ -141,7 +162,9 @@ def test_json_object_refuses_a_json_array():
     assert "object" in result.message and "list" in result.message
 
 
-@pytest.mark.parametrize("content", ['```json\n{"a": 1}\n```', '```\n{"a": 1}\n```', '  \n{"a": 1}\n\n'])
+@pytest.mark.parametrize(
+    "content", ['```json\n{"a": 1}\n```', '```\n{"a": 1}\n```', '  \n{"a": 1}\n\n']
+)
 def test_a_code_fence_and_surrounding_whitespace_are_stripped_from_the_answer(content):
     assert check(JSON_OBJECT, content) == answer('{"a": 1}')
 
@@ -150,7 +173,9 @@ def test_a_code_fence_and_surrounding_whitespace_are_stripped_from_the_answer(co
 
 
 def test_an_answer_matching_the_schema_passes():
-    assert check(schema(PERSON), '{"name": "Ada", "age": 36}') == answer('{"name": "Ada", "age": 36}')
+    assert check(schema(PERSON), '{"name": "Ada", "age": 36}') == answer(
+        '{"name": "Ada", "age": 36}'
+    )
 
 
 def test_a_missing_required_property_is_invalid_output_naming_it():
@@ -179,7 +204,9 @@ def test_json_schema_without_its_schema_object_is_a_value_error():
 
 
 def test_previous_errors_fill_their_placeholder_in_both_template_fields():
-    template = Template(system="Earlier: {previous_errors}. {system}", user="{input} (after {previous_errors})")
+    template = Template(
+        system="Earlier: {previous_errors}. {system}", user="{input} (after {previous_errors})"
+    )
     out = apply_template([ChatMessage("user", "Hi")], template, ("rate_limit", "timeout"))
     assert out == [
         ChatMessage("system", "Earlier: rate_limit, timeout."),
@@ -189,5 +216,7 @@ def test_previous_errors_fill_their_placeholder_in_both_template_fields():
 
 def test_template_tokens_count_the_templates_own_text_but_not_its_placeholders():
     short = template_tokens(Template(user="{input}"))
-    long = template_tokens(Template(system="You answer in valid JSON only. " * 10 + "{system}", user="{input}"))
+    long = template_tokens(
+        Template(system="You answer in valid JSON only. " * 10 + "{system}", user="{input}")
+    )
     assert short == 0 and long > 60

@@ -19,7 +19,9 @@ PROVIDER_REQUEST = {"id": "r1", "messages": USER_HELLO["messages"]}
 
 async def test_a_worker_answers_the_documented_provider_protocol(lifeline, client):
     await lifeline(config({"primary": fake(model="m", reply="yes")}))
-    msg = await client.request(subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), timeout=5)
+    msg = await client.request(
+        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), timeout=5
+    )
     raw = msg.data
     assert b'"status":"ok"' in raw
     reply = provider_reply_decoder.decode(raw)
@@ -37,7 +39,12 @@ async def test_a_worker_drops_work_whose_deadline_has_passed(lifeline, client):
     stack = await lifeline(config({"primary": fake()}))
     past = {subjects.DEADLINE_MS: str(int(time.time() * 1000) - 1000)}
     with pytest.raises(nats.errors.TimeoutError):
-        await client.request(subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), timeout=0.3, headers=past)
+        await client.request(
+            subjects.provider_subject("primary"),
+            encoder.encode(PROVIDER_REQUEST),
+            timeout=0.3,
+            headers=past,
+        )
     assert stack.workers["primary"].in_flight == 0
 
 
@@ -59,7 +66,9 @@ async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):
     assert sum(served) >= 40 and min(served) > 0
 
 
-async def test_several_dispatchers_share_requests_and_each_is_answered_once(lifeline, client, audit):
+async def test_several_dispatchers_share_requests_and_each_is_answered_once(
+    lifeline, client, audit
+):
     stacks = [await lifeline(config({"primary": fake()})) for _ in range(2)]
     replies = await asyncio.gather(*(ask(client, {**USER_HELLO, "id": f"r{i}"}) for i in range(40)))
     assert sorted(r.id for r in replies) == sorted(f"r{i}" for i in range(40))

@@ -61,7 +61,9 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"],
+        "messages": [
+            {"role": m.role, "content": m.content} for m in request.messages if m.role != "system"
+        ],
     }
     if system:
         body["system"] = system
@@ -103,7 +105,11 @@ def parse_message(response: httpx.Response, model: str) -> ProviderOk:
         raise unexpected_body(response, "a content block of type text has no text")
     # stop_reason "refusal": the safety classifiers stopped the answer; it is not one to pass on.
     if data.stop_reason == "refusal":
-        raise ProviderError("content_filter", "provider refused to answer (stop_reason refusal)", response.status_code)
+        raise ProviderError(
+            "content_filter",
+            "provider refused to answer (stop_reason refusal)",
+            response.status_code,
+        )
     usage = data.usage or _Usage()
     tokens = Usage(input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0)
     return ProviderOk(
@@ -117,7 +123,8 @@ def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderE
     text = error_text(error, response)
     kind = classify_status(response.status_code)
     if error_type == "request_too_large" or (
-        error_type == "invalid_request_error" and any(phrase in text.lower() for phrase in _TOO_LONG)
+        error_type == "invalid_request_error"
+        and any(phrase in text.lower() for phrase in _TOO_LONG)
     ):
         kind = "context_length"
     elif error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
@@ -130,7 +137,10 @@ class AnthropicProvider(HttpProvider):
     label = "anthropic"
 
     def __init__(
-        self, settings: AnthropicSettings, client: httpx.AsyncClient | None = None, environ: Mapping[str, str] = os.environ
+        self,
+        settings: AnthropicSettings,
+        client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}

@@ -30,7 +30,9 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("https://", "http://")):
-            raise ValueError(f"endpoint must be a URL like https://myres.openai.azure.com, got {self.endpoint!r}")
+            raise ValueError(
+                f"endpoint must be a URL like https://myres.openai.azure.com, got {self.endpoint!r}"
+            )
         for name in ("deployment", "api_version", "api_key_env"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
@@ -45,9 +47,11 @@ class AzureOpenAIProvider(OpenAIProvider):
     label = "azure_openai"
 
     def __init__(
-        self, settings: AzureOpenAISettings, client: httpx.AsyncClient | None = None,
+        self,
+        settings: AzureOpenAISettings,
+        client: httpx.AsyncClient | None = None,
         environ: Mapping[str, str] = os.environ,
-    ) -> None:  # fmt: skip
+    ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         endpoint = settings.endpoint.rstrip("/")
         url = f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"

@@ -26,8 +26,10 @@ from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
+
 # The one exception type and status mapping of providers, re-exported for the provider modules.
-from schemas.errors import ProviderError as ProviderError, classify_status as classify_status
+from schemas.errors import ProviderError as ProviderError
+from schemas.errors import classify_status as classify_status
 
 DEFAULT_MAX_RESPONSE_BYTES = (
     4 * 1024 * 1024

@@ -36,7 +36,9 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
         if self.latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
         if self.fail_status is not None and not 400 <= self.fail_status <= 599:
-            raise ValueError(f"fail_status must be an HTTP error status (400..599), got {self.fail_status}")
+            raise ValueError(
+                f"fail_status must be an HTTP error status (400..599), got {self.fail_status}"
+            )
 
 
 class FakeProvider:
@@ -53,7 +55,9 @@ class FakeProvider:
             await asyncio.sleep(s.latency_ms / 1000)
         if self._fails():
             status = s.fail_status or 503
-            raise ProviderError(classify_status(status), f"fake provider configured to fail with {status}", status)
+            raise ProviderError(
+                classify_status(status), f"fake provider configured to fail with {status}", status
+            )
         asked = self._asked_status(request) if s.fail_on_request else None
         if asked is not None:
             raise ProviderError(

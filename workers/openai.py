@@ -108,7 +108,9 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     # A filtered answer is missing or cut short: a failure the route may fall back on, not an answer.
     if choice.finish_reason == "content_filter":
         status = response.status_code
-        raise ProviderError("content_filter", "provider withheld the answer (finish_reason content_filter)", status)
+        raise ProviderError(
+            "content_filter", "provider withheld the answer (finish_reason content_filter)", status
+        )
     if choice.message.content is None:
         raise unexpected_body(response, "choices[0].message.content is null or missing")
     usage = data.usage or _Usage()
@@ -132,7 +134,10 @@ class OpenAIProvider(HttpProvider):
     label = "openai"
 
     def __init__(
-        self, settings: OpenAISettings, client: httpx.AsyncClient | None = None, environ: Mapping[str, str] = os.environ
+        self,
+        settings: OpenAISettings,
+        client: httpx.AsyncClient | None = None,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         key = require_api_key(environ, settings.api_key_env) if settings.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}

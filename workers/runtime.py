@@ -22,7 +22,13 @@ from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderReply, ProviderRequest
-from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, cancel_subject, provider_queue, provider_subject
+from schemas.subjects import (
+    ATTEMPT_ID,
+    DEADLINE_MS,
+    cancel_subject,
+    provider_queue,
+    provider_subject,
+)
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
 from service.natsio import ensure_subscribed, publish_checked, stop_taking
@@ -33,7 +39,13 @@ log = logging.getLogger("lifeline.worker")
 
 class WorkerRuntime:
     def __init__(
-        self, name: str, kind: str, provider: Provider, nc: Client, spans: telemetry.SpanRecorder, timeout_s: float
+        self,
+        name: str,
+        kind: str,
+        provider: Provider,
+        nc: Client,
+        spans: telemetry.SpanRecorder,
+        timeout_s: float,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -52,7 +64,10 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
-            provider_subject(self.name), queue=provider_queue(self.name), cb=self._on_msg, pending_msgs_limit=-1
+            provider_subject(self.name),
+            queue=provider_queue(self.name),
+            cb=self._on_msg,
+            pending_msgs_limit=-1,
         )
         self._cancel_sub = await self.nc.subscribe(cancel_subject(self.name), cb=self._on_cancel)
         await ensure_subscribed(self.nc)
@@ -107,7 +122,9 @@ class WorkerRuntime:
         else:
             reply = await self._call(request, timeout_s, msg.headers)
         if msg.reply:
-            reply = msgspec.structs.replace(reply, latency_ms=(time.perf_counter() - started) * 1000)
+            reply = msgspec.structs.replace(
+                reply, latency_ms=(time.perf_counter() - started) * 1000
+            )
             await self._send(msg.reply, reply)
 
     async def _send(self, subject: str, reply: ProviderReply) -> None:
@@ -134,10 +151,14 @@ class WorkerRuntime:
         except ValueError:
             return self.timeout_s
 
-    async def _call(self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None) -> ProviderReply:
+    async def _call(
+        self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None
+    ) -> ProviderReply:
         model = request.model or self.provider.model
         attributes = telemetry.provider_attributes(self.name, self.kind, model)
-        span = self.spans.start(f"chat {model}", SpanKind.CLIENT, attributes, telemetry.extract(headers))
+        span = self.spans.start(
+            f"chat {model}", SpanKind.CLIENT, attributes, telemetry.extract(headers)
+        )
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
         token = context.attach(span.as_context())
         try:
@@ -148,11 +169,17 @@ class WorkerRuntime:
         except ProviderError as exc:
             reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
         except TimeoutError:
-            reply = ProviderFailure("timeout", f"{self.name} did not answer within {timeout_s:.3g} s")
+            reply = ProviderFailure(
+                "timeout", f"{self.name} did not answer within {timeout_s:.3g} s"
+            )
         except Exception as exc:
             log.exception("provider %s raised unexpectedly", self.name)
-            reply = ProviderFailure("server_error", f"worker {self.name} failed: {type(exc).__name__}")
-        except asyncio.CancelledError:  # the dispatcher gave up on this attempt: nobody gets a reply
+            reply = ProviderFailure(
+                "server_error", f"worker {self.name} failed: {type(exc).__name__}"
+            )
+        except (
+            asyncio.CancelledError
+        ):  # the dispatcher gave up on this attempt: nobody gets a reply
             span.add_event("lifeline.cancelled", {})
             span.end()
             raise
@@ -162,4 +189,3 @@ class WorkerRuntime:
             telemetry.annotate_outcome(span, reply)
         span.end()
         return reply
-

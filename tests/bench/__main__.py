@@ -75,14 +75,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=CASES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny counts and short rounds (a few seconds): proves the suite works, figures are noise")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=f"where results.json and results.md go (default: {DEFAULT_OUT}, git-ignored)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny counts and short rounds (a few seconds): proves the suite works, figures are noise",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"where results.json and results.md go (default: {DEFAULT_OUT}, git-ignored)",
+    )
     parser.add_argument("--rounds", type=int, help="rounds per case (default: 5, quick: 2)")
-    parser.add_argument("--duration", type=float, metavar="SECONDS",
-                        help="measured seconds per case and round (default: 2, quick: 0.2)")
-    return parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="measured seconds per case and round (default: 2, quick: 0.2)",
+    )
+    return parser.parse_args(argv)
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:

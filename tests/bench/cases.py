@@ -25,7 +25,15 @@ from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 from service.embedded import EmbeddedNats
 from tests.bench import loadgen, servers
-from tests.bench.harness import Child, Fleet, Setup, cpu_seconds, cpu_snapshot, machine_busy_seconds, rss_bytes
+from tests.bench.harness import (
+    Child,
+    Fleet,
+    Setup,
+    cpu_seconds,
+    cpu_snapshot,
+    machine_busy_seconds,
+    rss_bytes,
+)
 
 Log = Callable[..., None]
 
@@ -43,10 +51,28 @@ class Profile:
     tail_latency_ms: float  # the slow share of the hedging case's primary
 
 
-FULL = Profile("full", rounds=5, duration_s=2.0, warmup_s=0.3, memory_requests=10_000, memory_loads=2,
-               slow_latency_ms=3000, settle_s=1.0, tail_latency_ms=200)  # fmt: skip
-QUICK = Profile("quick", rounds=2, duration_s=0.2, warmup_s=0.05, memory_requests=200, memory_loads=2,
-                slow_latency_ms=300, settle_s=0.2, tail_latency_ms=100)  # fmt: skip
+FULL = Profile(
+    "full",
+    rounds=5,
+    duration_s=2.0,
+    warmup_s=0.3,
+    memory_requests=10_000,
+    memory_loads=2,
+    slow_latency_ms=3000,
+    settle_s=1.0,
+    tail_latency_ms=200,
+)
+QUICK = Profile(
+    "quick",
+    rounds=2,
+    duration_s=0.2,
+    warmup_s=0.05,
+    memory_requests=200,
+    memory_loads=2,
+    slow_latency_ms=300,
+    settle_s=0.2,
+    tail_latency_ms=100,
+)
 
 HANG_TIMEOUT_S = 0.1  # timeout_s of the hung provider
 TICK_MS = 10.0  # latency of the provider of the concurrency check
@@ -59,7 +85,9 @@ REQUEST_TIMEOUT_S = 10.0  # client-side timeout of one request
 TAIL_SHARE = 0.2  # twice the default hedge budget (0.1), so the budgeted route cannot hedge it all
 HEDGE_AFTER_MS = 20.0
 TAIL_IN_FLIGHT = 8
-TAIL_DURATION_SHARE = 0.35  # these cases measure for this share of duration_s (keeps the suite short)
+TAIL_DURATION_SHARE = (
+    0.35  # these cases measure for this share of duration_s (keeps the suite short)
+)
 
 # ---- subjects, payloads, Lifeline config ---------------------------------------------
 
@@ -67,7 +95,9 @@ DIRECT_SUBJECT = "bench.direct"
 RELAY_SUBJECT = "bench.relay"
 RELAY_UPSTREAM = "bench.relay.upstream"
 
-PROVIDER_REQUEST = encoder.encode(ProviderRequest(id="bench", messages=[ChatMessage("user", "Hello")]))
+PROVIDER_REQUEST = encoder.encode(
+    ProviderRequest(id="bench", messages=[ChatMessage("user", "Hello")])
+)
 
 # Route name -> the providers it tries, in order.
 ROUTES = {
@@ -79,16 +109,35 @@ ROUTES = {
     "slow": ["slow"],
 }
 UNGUARDED = {"fail_ok", "hang_ok"}  # routes without circuit breakers (see lifeline_config)
-WORKERS = ["ok", "fail", "hang", "tick", "slow", "slowtail"]  # "ghost" is configured but has no worker
+WORKERS = [
+    "ok",
+    "fail",
+    "hang",
+    "tick",
+    "slow",
+    "slowtail",
+]  # "ghost" is configured but has no worker
 
 
 def tail_routes() -> dict[str, dict[str, Any]]:
     """The hedging case's routes: one primary with a slow tail, without hedging, hedged with
     budgets that never say no, and hedged with the default budgets (hedge 0.1, retry 0.2)."""
-    primary = [{"group": [{"provider": "ok", "weight": 1 - TAIL_SHARE}, {"provider": "slowtail", "weight": TAIL_SHARE}]}]
+    primary = [
+        {
+            "group": [
+                {"provider": "ok", "weight": 1 - TAIL_SHARE},
+                {"provider": "slowtail", "weight": TAIL_SHARE},
+            ]
+        }
+    ]
     return {
         "tail": {"targets": primary},
-        "tail_hedged": {"targets": primary, "hedge_after_ms": HEDGE_AFTER_MS, "hedge_budget": 1.0, "retry_budget": 10.0},
+        "tail_hedged": {
+            "targets": primary,
+            "hedge_after_ms": HEDGE_AFTER_MS,
+            "hedge_budget": 1.0,
+            "retry_budget": 10.0,
+        },
         "tail_budget": {"targets": primary, "hedge_after_ms": HEDGE_AFTER_MS},
     }
 
@@ -149,10 +198,17 @@ def fleet_specs(url: str, profile: Profile) -> list[tuple[str, Setup, dict[str, 
         ("loadgen", loadgen.setup, {"url": url}),
         ("responder-direct", servers.responder, {"url": url, "subject": DIRECT_SUBJECT}),
         ("responder-relay", servers.responder, {"url": url, "subject": RELAY_UPSTREAM}),
-        ("relay", servers.relay, {"url": url, "subject": RELAY_SUBJECT, "upstream": RELAY_UPSTREAM}),
+        (
+            "relay",
+            servers.relay,
+            {"url": url, "subject": RELAY_SUBJECT, "upstream": RELAY_UPSTREAM},
+        ),
         ("dispatcher-1", servers.dispatcher, {"url": url, "config": config}),
         ("dispatcher-2", servers.dispatcher, {"url": url, "config": config, "paused": True}),
-        *((f"worker-{name}", servers.worker, {"url": url, "config": config, "provider": name}) for name in WORKERS),
+        *(
+            (f"worker-{name}", servers.worker, {"url": url, "config": config, "provider": name})
+            for name in WORKERS
+        ),
     ]
 
 
@@ -176,7 +232,17 @@ class Case:
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
-    return Case(key, section, label, "lifeline", subjects.COMPLETE, completion_request(route), in_flight, "lifeline", **kw)
+    return Case(
+        key,
+        section,
+        label,
+        "lifeline",
+        subjects.COMPLETE,
+        completion_request(route),
+        in_flight,
+        "lifeline",
+        **kw,
+    )
 
 
 def all_cases() -> list[Case]:
@@ -184,40 +250,82 @@ def all_cases() -> list[Case]:
     cases: list[Case] = []
     for n in (1, 64):
         cases += [
-            Case(f"direct@{n}", "overhead", "direct", "direct", DIRECT_SUBJECT, PROVIDER_REQUEST, n, "provider"),
-            Case(f"relay@{n}", "overhead", "relay", "relay", RELAY_SUBJECT, PROVIDER_REQUEST, n, "provider"),
+            Case(
+                f"direct@{n}",
+                "overhead",
+                "direct",
+                "direct",
+                DIRECT_SUBJECT,
+                PROVIDER_REQUEST,
+                n,
+                "provider",
+            ),
+            Case(
+                f"relay@{n}",
+                "overhead",
+                "relay",
+                "relay",
+                RELAY_SUBJECT,
+                PROVIDER_REQUEST,
+                n,
+                "provider",
+            ),
             _lifeline(f"lifeline@{n}", "overhead", "lifeline", "main", n),
         ]
     cases += [
         _lifeline("fallback-503@1", "fallback", "lifeline [fail 503, ok]", "fail_ok", 1),
         _lifeline("fallback-noresp@1", "fallback", "lifeline [no responders, ok]", "ghost_ok", 1),
-        _lifeline("fallback-hang@64", "fallback", "lifeline [hung 100 ms, ok]", "hang_ok", 64,
-                  lateness_of_ms=HANG_TIMEOUT_S * 1000),  # fmt: skip
+        _lifeline(
+            "fallback-hang@64",
+            "fallback",
+            "lifeline [hung 100 ms, ok]",
+            "hang_ok",
+            64,
+            lateness_of_ms=HANG_TIMEOUT_S * 1000,
+        ),
         _lifeline("scaling-2@64", "scaling", "lifeline, 2 dispatchers", "main", 64, dispatchers=2),
     ]
-    cases += [_lifeline(f"tick@{n}", "concurrency", f"lifeline, {TICK_MS:g} ms provider", "tick", n) for n in (1, 8, 64)]
+    cases += [
+        _lifeline(f"tick@{n}", "concurrency", f"lifeline, {TICK_MS:g} ms provider", "tick", n)
+        for n in (1, 8, 64)
+    ]
     tail = f"lifeline, {TAIL_SHARE * 100:g} % slow primary"
     cases += [
-        _lifeline(key, "hedging", f"{tail}, {how}", route, TAIL_IN_FLIGHT, count_hedged=True,
-                  duration_share=TAIL_DURATION_SHARE)
+        _lifeline(
+            key,
+            "hedging",
+            f"{tail}, {how}",
+            route,
+            TAIL_IN_FLIGHT,
+            count_hedged=True,
+            duration_share=TAIL_DURATION_SHARE,
+        )
         for key, how, route in (
             ("tail@8", "no hedging", "tail"),
             ("tail-hedged@8", f"hedge after {HEDGE_AFTER_MS:g} ms", "tail_hedged"),
             ("tail-budget@8", f"hedge after {HEDGE_AFTER_MS:g} ms, default budget", "tail_budget"),
         )
-    ]  # fmt: skip
+    ]
     return cases
 
 
 def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) -> dict[str, Any]:
     """One closed-loop measurement of one case, with the CPU time it cost each server process."""
-    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]} | {"loadgen": fleet["loadgen"].pid}
+    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]} | {
+        "loadgen": fleet["loadgen"].pid
+    }
     duration_s = profile.duration_s * case.duration_share
     spec = {
-        "subject": case.subject, "payload": case.payload, "in_flight": case.in_flight, "decode": case.decode,
-        "warmup_s": profile.warmup_s, "duration_s": duration_s, "timeout_s": REQUEST_TIMEOUT_S,
-        "lateness_of_ms": case.lateness_of_ms, "count_hedged": case.count_hedged,
-    }  # fmt: skip
+        "subject": case.subject,
+        "payload": case.payload,
+        "in_flight": case.in_flight,
+        "decode": case.decode,
+        "warmup_s": profile.warmup_s,
+        "duration_s": duration_s,
+        "timeout_s": REQUEST_TIMEOUT_S,
+        "lateness_of_ms": case.lateness_of_ms,
+        "count_hedged": case.count_hedged,
+    }
     if case.dispatchers == 2:
         fleet["dispatcher-2"].call("resume")
     try:
@@ -238,11 +346,17 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
     return result
 
 
-def run_rounds(fleet: Fleet, cases: list[Case], profile: Profile, nats_pid: int | None, log: Log) -> dict[str, list[dict]]:
+def run_rounds(
+    fleet: Fleet, cases: list[Case], profile: Profile, nats_pid: int | None, log: Log
+) -> dict[str, list[dict]]:
     rounds: dict[str, list[dict]] = {case.key: [] for case in cases}
     for r in range(1, profile.rounds + 1):
         for case in cases:
-            log(f"round {r}/{profile.rounds}: {case.label} @{case.in_flight} ...", end=" ", flush=True)
+            log(
+                f"round {r}/{profile.rounds}: {case.label} @{case.in_flight} ...",
+                end=" ",
+                flush=True,
+            )
             result = measure(fleet, case, profile, nats_pid)
             rounds[case.key].append(result)
             log(_progress(result))
@@ -269,19 +383,28 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
     dispatcher, gen = fleet["dispatcher-1"], fleet["loadgen"]
     pid = dispatcher.pid
     spec = {
-        "subject": subjects.COMPLETE, "payload": completion_request("slow"), "count": profile.memory_requests,
-        "decode": "lifeline", "timeout_s": profile.slow_latency_ms / 1000 + 60,
-    }  # fmt: skip
+        "subject": subjects.COMPLETE,
+        "payload": completion_request("slow"),
+        "count": profile.memory_requests,
+        "decode": "lifeline",
+        "timeout_s": profile.slow_latency_ms / 1000 + 60,
+    }
     objects_before = dispatcher.call("heap", False)["gc_objects"]
     baseline = rss_bytes(pid)
     loads = []
     for i in range(1, profile.memory_loads + 1):
-        log(f"memory load {i}/{profile.memory_loads}: {profile.memory_requests:,} requests on a "
-            f"{profile.slow_latency_ms:g} ms provider ...", end=" ", flush=True)  # fmt: skip
+        log(
+            f"memory load {i}/{profile.memory_loads}: {profile.memory_requests:,} requests on a "
+            f"{profile.slow_latency_ms:g} ms provider ...",
+            end=" ",
+            flush=True,
+        )
         load = _memory_load(dispatcher, gen, spec, profile)
         loads.append(load)
-        log(f"peak {load['peak_in_flight']:,} in flight, RSS {_mib(load['before'])} -> {_mib(load['peak'])} "
-            f"-> {_mib(load['after_drain'])} after drain, {load['errors']} errors")  # fmt: skip
+        log(
+            f"peak {load['peak_in_flight']:,} in flight, RSS {_mib(load['before'])} -> {_mib(load['peak'])} "
+            f"-> {_mib(load['after_drain'])} after drain, {load['errors']} errors"
+        )
     first, last = loads[0], loads[-1]
     growth = first["peak"] - baseline
     objects_after = dispatcher.call("heap", False)["gc_objects"]
@@ -306,7 +429,9 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
     }
 
 
-def _memory_load(dispatcher: Child, gen: Child, spec: dict[str, Any], profile: Profile) -> dict[str, Any]:
+def _memory_load(
+    dispatcher: Child, gen: Child, spec: dict[str, Any], profile: Profile
+) -> dict[str, Any]:
     before = rss_bytes(dispatcher.pid)
     peak, peak_in_flight = before, 0
     gen.send("burst", spec)
@@ -317,10 +442,15 @@ def _memory_load(dispatcher: Child, gen: Child, spec: dict[str, Any], profile: P
     _wait_drained(dispatcher)
     time.sleep(profile.settle_s)
     return {
-        "before": before, "peak": peak, "peak_in_flight": peak_in_flight,
-        "after_drain": rss_bytes(dispatcher.pid), "errors": burst["errors"], "first_error": burst["first_error"],
-        "p50_ms": burst["p50_ms"], "burst_s": burst["window_s"],
-    }  # fmt: skip
+        "before": before,
+        "peak": peak,
+        "peak_in_flight": peak_in_flight,
+        "after_drain": rss_bytes(dispatcher.pid),
+        "errors": burst["errors"],
+        "first_error": burst["first_error"],
+        "p50_ms": burst["p50_ms"],
+        "burst_s": burst["window_s"],
+    }
 
 
 def _wait_drained(dispatcher: Child, timeout_s: float = 60.0) -> None:
@@ -373,7 +503,13 @@ def _busy(ours: dict[str, int]) -> tuple[float, float, float]:
     return time.monotonic(), machine_busy_seconds(), sum(cpu_snapshot(ours).values())
 
 
-def _other_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> dict[str, Any]:
+def _other_load(
+    before: tuple[float, float, float], after: tuple[float, float, float]
+) -> dict[str, Any]:
     wall = after[0] - before[0]
     other = (after[1] - before[1]) - (after[2] - before[2])
-    return {"measured_wall_s": wall, "other_cpu_cores": max(0.0, other / wall), "loadavg": os.getloadavg()}
+    return {
+        "measured_wall_s": wall,
+        "other_cpu_cores": max(0.0, other / wall),
+        "loadavg": os.getloadavg(),
+    }

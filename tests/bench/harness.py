@@ -54,7 +54,10 @@ class ChildFailed(RuntimeError):
 def child_main(conn: Connection, setup: Setup, params: dict[str, Any]) -> None:
     """Entry point of every child process (runs after spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    logging.basicConfig(level=logging.WARNING, format=f"[{params.get('name', 'child')}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"[{params.get('name', 'child')}] %(levelname)s %(name)s: %(message)s",
+    )
     try:
         asyncio.run(_serve(conn, setup, params))
     finally:
@@ -118,7 +121,10 @@ class Child:
         self.name = name
         self.conn, child_conn = _CTX.Pipe()
         self.process = _CTX.Process(
-            target=child_main, args=(child_conn, setup, {"name": name, **params}), name=name, daemon=True
+            target=child_main,
+            args=(child_conn, setup, {"name": name, **params}),
+            name=name,
+            daemon=True,
         )
         self._child_conn = child_conn
         self.info: dict[str, Any] = {}
@@ -158,7 +164,9 @@ class Child:
         deadline = time.monotonic() + timeout_s
         while not self.conn.poll(0.1):
             if not self.process.is_alive():
-                raise ChildFailed(f"{self.name} died (exit code {self.process.exitcode}) during {what}")
+                raise ChildFailed(
+                    f"{self.name} died (exit code {self.process.exitcode}) during {what}"
+                )
             if time.monotonic() > deadline:
                 raise ChildFailed(f"{self.name} did not answer {what} within {timeout_s:g} s")
         try:
@@ -196,7 +204,9 @@ class Fleet:
     def __getitem__(self, name: str) -> Child:
         return self.children[name]
 
-    def spawn(self, specs: list[tuple[str, Setup, dict[str, Any]]], timeout_s: float = 90.0) -> None:
+    def spawn(
+        self, specs: list[tuple[str, Setup, dict[str, Any]]], timeout_s: float = 90.0
+    ) -> None:
         """Start the children together (spawn is slow), then wait for each to be ready."""
         started = []
         for name, setup, params in specs:

@@ -138,8 +138,10 @@ class LoadGen:
             while time.perf_counter() < end:
                 await self._one(spec, tally, in_window)
 
-        await self._bounded(asyncio.gather(*(client() for _ in range(spec["in_flight"]))),
-                            spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"])  # fmt: skip
+        await self._bounded(
+            asyncio.gather(*(client() for _ in range(spec["in_flight"]))),
+            spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"],
+        )
         return tally.summary(spec["duration_s"])
 
     async def _bounded(self, work: Any, limit_s: float) -> None:
@@ -148,13 +150,19 @@ class LoadGen:
             async with asyncio.timeout(limit_s + 5):
                 await work
         except TimeoutError:
-            raise RuntimeError(f"requests still unfinished after {limit_s + 5:g} s; is nats-server alive?") from None
+            raise RuntimeError(
+                f"requests still unfinished after {limit_s + 5:g} s; is nats-server alive?"
+            ) from None
 
     async def burst(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally()
         started = time.perf_counter()
-        await self._bounded(asyncio.gather(*(self._one(spec, tally, lambda s, d: True) for _ in range(spec["count"]))),
-                            spec["timeout_s"])  # fmt: skip
+        await self._bounded(
+            asyncio.gather(
+                *(self._one(spec, tally, lambda s, d: True) for _ in range(spec["count"]))
+            ),
+            spec["timeout_s"],
+        )
         return tally.summary(time.perf_counter() - started)
 
 

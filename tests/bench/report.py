@@ -23,13 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from service.embedded import server_binary
-from tests.bench.cases import HANG_TIMEOUT_S, HEDGE_AFTER_MS, TAIL_IN_FLIGHT, TAIL_SHARE, TICK_MS, Case, Profile
+from tests.bench.cases import (
+    HANG_TIMEOUT_S,
+    HEDGE_AFTER_MS,
+    TAIL_IN_FLIGHT,
+    TAIL_SHARE,
+    TICK_MS,
+    Case,
+    Profile,
+)
 
 Log = Callable[..., None]
 
-_MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "lateness_p50_ms", "lateness_p99_ms",
-                "server_cpu_us_per_req", "nats_cpu_us_per_req", "client_cpu_us_per_req",
-                "hedged_share", "hedge_won_share")  # fmt: skip
+_MEDIAN_KEYS = (
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "lateness_p50_ms",
+    "lateness_p99_ms",
+    "server_cpu_us_per_req",
+    "nats_cpu_us_per_req",
+    "client_cpu_us_per_req",
+    "hedged_share",
+    "hedge_won_share",
+)
 
 # ---- numbers -------------------------------------------------------------------------
 
@@ -43,7 +60,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure over a case's rounds; errors are summed."""
     summary = {key: _median([r[key] for r in rounds]) for key in _MEDIAN_KEYS}
     names = sorted({name for r in rounds for name in r["cpu_us_per_req"]})
-    summary["cpu_us_per_req"] = {n: _median([r["cpu_us_per_req"].get(n, 0.0) for r in rounds]) for n in names}
+    summary["cpu_us_per_req"] = {
+        n: _median([r["cpu_us_per_req"].get(n, 0.0) for r in rounds]) for n in names
+    }
     summary["errors"] = sum(r["errors"] for r in rounds)
     summary["first_error"] = next((r["first_error"] for r in rounds if r["first_error"]), "")
     summary["completed_per_round"] = [r["completed"] for r in rounds]
@@ -84,7 +103,9 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _breakdown(cpu: dict[str, float]) -> str:
-    parts = [f"{name} {us:.0f}" for name, us in sorted(cpu.items(), key=lambda kv: -kv[1]) if us >= 1]
+    parts = [
+        f"{name} {us:.0f}" for name, us in sorted(cpu.items(), key=lambda kv: -kv[1]) if us >= 1
+    ]
     return ", ".join(parts) or "-"
 
 
@@ -93,12 +114,37 @@ def overhead_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
     for n in (1, 64):
         for system in ("direct", "relay", "lifeline"):
             c = s[f"{system}@{n}"]
-            rows.append([system, str(n), _rps(c["rps"]), _f(c["p50_ms"]), _f(c["p99_ms"]),
-                         _us(c["server_cpu_us_per_req"]), _breakdown(c["cpu_us_per_req"]),
-                         _us(c["nats_cpu_us_per_req"]), _us(c["client_cpu_us_per_req"]), _cores(c),
-                         str(c["errors"])])  # fmt: skip
-    main = table(["system", "in flight", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "by process (µs/req)",
-                  "nats-server CPU µs/req", "client CPU µs/req", "cores busy", "errors"], rows)  # fmt: skip
+            rows.append(
+                [
+                    system,
+                    str(n),
+                    _rps(c["rps"]),
+                    _f(c["p50_ms"]),
+                    _f(c["p99_ms"]),
+                    _us(c["server_cpu_us_per_req"]),
+                    _breakdown(c["cpu_us_per_req"]),
+                    _us(c["nats_cpu_us_per_req"]),
+                    _us(c["client_cpu_us_per_req"]),
+                    _cores(c),
+                    str(c["errors"]),
+                ]
+            )
+    main = table(
+        [
+            "system",
+            "in flight",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU µs/req",
+            "by process (µs/req)",
+            "nats-server CPU µs/req",
+            "client CPU µs/req",
+            "cores busy",
+            "errors",
+        ],
+        rows,
+    )
     note = (
         "Server CPU is the relay and its responder, or the dispatcher and worker(s); the client is the load "
         "generator. Cores busy = (server + nats-server + client CPU per request) × req/s, out of this machine's "
@@ -109,17 +155,32 @@ def overhead_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
         ["lifeline / relay, req/s at 64 in flight", _f(comparisons["rps_ratio_64"], "{:.2f}")],
         ["lifeline / relay, req/s at 1 in flight", _f(comparisons["rps_ratio_1"], "{:.2f}")],
         ["lifeline − relay, p50 at 1 in flight", _f(comparisons["p50_delta_1_ms"], "{:+.2f} ms")],
-        ["lifeline − direct, p50 at 1 in flight", _f(comparisons["p50_vs_direct_1_ms"], "{:+.2f} ms")],
-        ["lifeline / relay, server CPU per request at 64 in flight", _f(comparisons["cpu_ratio_64"], "{:.2f}")],
+        [
+            "lifeline − direct, p50 at 1 in flight",
+            _f(comparisons["p50_vs_direct_1_ms"], "{:+.2f} ms"),
+        ],
+        [
+            "lifeline / relay, server CPU per request at 64 in flight",
+            _f(comparisons["cpu_ratio_64"], "{:.2f}"),
+        ],
     ]
-    return "### Overhead: direct vs relay vs Lifeline (instant provider)\n\n" + main + "\n\n" + note + "\n\n" + table(
-        ["comparison", "value"], ratio_rows
+    return (
+        "### Overhead: direct vs relay vs Lifeline (instant provider)\n\n"
+        + main
+        + "\n\n"
+        + note
+        + "\n\n"
+        + table(["comparison", "value"], ratio_rows)
     )
 
 
 def _cores(c: dict[str, Any]) -> str:
     """CPU cores the whole set-up kept busy: every process's CPU per request times req/s."""
-    parts = (c["server_cpu_us_per_req"], c["nats_cpu_us_per_req"] or 0.0, c["client_cpu_us_per_req"])
+    parts = (
+        c["server_cpu_us_per_req"],
+        c["nats_cpu_us_per_req"] or 0.0,
+        c["client_cpu_us_per_req"],
+    )
     return _f(sum(parts) * c["rps"] / 1e6, "{:.2f}")
 
 
@@ -127,18 +188,48 @@ def fallback_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
     base = s["lifeline@1"]["p50_ms"]
     rows = [
         ["[ok]", _f(base), _f(s["lifeline@1"]["p99_ms"]), "-", str(s["lifeline@1"]["errors"])],
-        ["[fail 503, ok]", _f(s["fallback-503@1"]["p50_ms"]), _f(s["fallback-503@1"]["p99_ms"]),
-         _f(comparisons["fallback_503_added_ms"], "{:+.2f} ms"), str(s["fallback-503@1"]["errors"])],
-        ["[no responders, ok]", _f(s["fallback-noresp@1"]["p50_ms"]), _f(s["fallback-noresp@1"]["p99_ms"]),
-         _f(comparisons["fallback_noresp_added_ms"], "{:+.2f} ms"), str(s["fallback-noresp@1"]["errors"])],
-    ]  # fmt: skip
-    fast = table(["chain, 1 in flight", "p50 ms", "p99 ms", "time to fallback (p50 − [ok] p50)", "errors"], rows)
+        [
+            "[fail 503, ok]",
+            _f(s["fallback-503@1"]["p50_ms"]),
+            _f(s["fallback-503@1"]["p99_ms"]),
+            _f(comparisons["fallback_503_added_ms"], "{:+.2f} ms"),
+            str(s["fallback-503@1"]["errors"]),
+        ],
+        [
+            "[no responders, ok]",
+            _f(s["fallback-noresp@1"]["p50_ms"]),
+            _f(s["fallback-noresp@1"]["p99_ms"]),
+            _f(comparisons["fallback_noresp_added_ms"], "{:+.2f} ms"),
+            str(s["fallback-noresp@1"]["errors"]),
+        ],
+    ]
+    fast = table(
+        ["chain, 1 in flight", "p50 ms", "p99 ms", "time to fallback (p50 − [ok] p50)", "errors"],
+        rows,
+    )
     h = s["fallback-hang@64"]
     hung = table(
-        ["chain, 64 in flight", "req/s", "p50 ms", "p99 ms", "timeout lateness p50", "timeout lateness p99", "errors"],
-        [[f"[hung, timeout {HANG_TIMEOUT_S * 1000:g} ms, ok]", _rps(h["rps"]), _f(h["p50_ms"]), _f(h["p99_ms"]),
-          _f(h["lateness_p50_ms"], "{:.2f} ms"), _f(h["lateness_p99_ms"], "{:.2f} ms"), str(h["errors"])]],
-    )  # fmt: skip
+        [
+            "chain, 64 in flight",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "timeout lateness p50",
+            "timeout lateness p99",
+            "errors",
+        ],
+        [
+            [
+                f"[hung, timeout {HANG_TIMEOUT_S * 1000:g} ms, ok]",
+                _rps(h["rps"]),
+                _f(h["p50_ms"]),
+                _f(h["p99_ms"]),
+                _f(h["lateness_p50_ms"], "{:.2f} ms"),
+                _f(h["lateness_p99_ms"], "{:.2f} ms"),
+                str(h["errors"]),
+            ]
+        ],
+    )
     note = (
         "Timeout lateness = attempts[0].latency_ms − the 100 ms timeout: how long after the timeout "
         "the next attempt starts."
@@ -151,16 +242,31 @@ def scaling_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
     for n, key in ((1, "lifeline@64"), (2, "scaling-2@64")):
         c = s[key]
         speedup = "1.00" if n == 1 else _f(comparisons["scaling_speedup"])
-        rows.append([str(n), _rps(c["rps"]), _f(c["p50_ms"]), _f(c["p99_ms"]), _us(c["server_cpu_us_per_req"]),
-                     speedup, str(c["errors"])])  # fmt: skip
+        rows.append(
+            [
+                str(n),
+                _rps(c["rps"]),
+                _f(c["p50_ms"]),
+                _f(c["p99_ms"]),
+                _us(c["server_cpu_us_per_req"]),
+                speedup,
+                str(c["errors"]),
+            ]
+        )
     note = (
         f"The 1-dispatcher row is the lifeline @64 case. All processes share this machine's {os.cpu_count()} cores "
         "(load generator, nats-server, worker and dispatchers), so this shows whether a second dispatcher "
         "helps here, not the ceiling of a bigger machine."
     )
-    return "### Scaling: dispatcher processes in one queue group (64 in flight)\n\n" + table(
-        ["dispatchers", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "speedup", "errors"], rows
-    ) + "\n\n" + note
+    return (
+        "### Scaling: dispatcher processes in one queue group (64 in flight)\n\n"
+        + table(
+            ["dispatchers", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "speedup", "errors"],
+            rows,
+        )
+        + "\n\n"
+        + note
+    )
 
 
 def concurrency_section(s: dict[str, dict]) -> str:
@@ -169,7 +275,17 @@ def concurrency_section(s: dict[str, dict]) -> str:
         c = s[f"tick@{n}"]
         growth = "-" if previous is None else _f(c["rps"] / previous, "{:.1f}×")
         ideal = 1000 / TICK_MS * n
-        rows.append([str(n), _rps(c["rps"]), _rps(ideal), _f(c["p50_ms"]), _f(c["p99_ms"]), growth, str(c["errors"])])
+        rows.append(
+            [
+                str(n),
+                _rps(c["rps"]),
+                _rps(ideal),
+                _f(c["p50_ms"]),
+                _f(c["p99_ms"]),
+                growth,
+                str(c["errors"]),
+            ]
+        )
         previous = c["rps"]
     return f"### Concurrency check: provider with {TICK_MS:g} ms latency\n\n" + table(
         ["in flight", "req/s", "ideal req/s", "p50 ms", "p99 ms", "× previous row", "errors"], rows
@@ -180,14 +296,43 @@ def hedging_section(s: dict[str, dict], profile: Profile) -> str:
     rows = []
     for key, hedging, budget in (
         ("tail@8", "no", "-"),
-        ("tail-hedged@8", f"after {HEDGE_AFTER_MS:g} ms", "never says no (hedge_budget 1, retry_budget 10)"),
-        ("tail-budget@8", f"after {HEDGE_AFTER_MS:g} ms", "default (hedge_budget 0.1, retry_budget 0.2)"),
+        (
+            "tail-hedged@8",
+            f"after {HEDGE_AFTER_MS:g} ms",
+            "never says no (hedge_budget 1, retry_budget 10)",
+        ),
+        (
+            "tail-budget@8",
+            f"after {HEDGE_AFTER_MS:g} ms",
+            "default (hedge_budget 0.1, retry_budget 0.2)",
+        ),
     ):
         c = s[key]
-        rows.append([hedging, budget, _rps(c["rps"]), _f(c["p50_ms"]), _f(c["p99_ms"]), _pct(c["hedged_share"]),
-                     _pct(c["hedge_won_share"]), str(c["errors"])])  # fmt: skip
-    main = table(["hedging", "budget", "req/s", "p50 ms", "p99 ms", "requests hedged", "answered by the hedge",
-                  "errors"], rows)  # fmt: skip
+        rows.append(
+            [
+                hedging,
+                budget,
+                _rps(c["rps"]),
+                _f(c["p50_ms"]),
+                _f(c["p99_ms"]),
+                _pct(c["hedged_share"]),
+                _pct(c["hedge_won_share"]),
+                str(c["errors"]),
+            ]
+        )
+    main = table(
+        [
+            "hedging",
+            "budget",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "requests hedged",
+            "answered by the hedge",
+            "errors",
+        ],
+        rows,
+    )
     slow = f"{profile.tail_latency_ms:g} ms"
     note = (
         f"{TAIL_IN_FLIGHT} in flight. The primary has a slow tail: it is a load-balanced group of two fake providers "
@@ -208,18 +353,36 @@ def hedging_section(s: dict[str, dict], profile: Profile) -> str:
 
 def memory_section(m: dict[str, Any]) -> str:
     rows = [
-        ["requests waiting at once", f"{m['requests']:,} (provider latency {m['provider_latency_ms']:g} ms)"],
+        [
+            "requests waiting at once",
+            f"{m['requests']:,} (provider latency {m['provider_latency_ms']:g} ms)",
+        ],
         ["dispatcher RSS before", _mib(m["baseline_rss_bytes"])],
         ["peak RSS / peak in flight", f"{_mib(m['peak_rss_bytes'])} / {m['peak_in_flight']:,}"],
         ["RSS growth per in-flight request", _kib(m["bytes_per_in_flight"])],
     ]
     for i, load in enumerate(m["loads"], 1):
-        rows.append([f"RSS after drain, load {i}", f"{_mib(load['after_drain'])} ({load['errors']} errors)"])
-    rows.append(["retained after the last drain / growth", _f(m["retained_share"] * 100, "{:.0f} %")])
-    rows.append(["RSS after gc.collect() + malloc_trim(0) (diagnostic)", _mib(m["after_collect_and_trim_rss_bytes"])])
-    rows.append(["live GC-tracked objects: before / after drain / after collect",
-                 f"{m['gc_objects_before']:,} / {m['gc_objects_after_drain']:,} / {m['gc_objects_after_collect']:,}"])
-    return "### Memory: dispatcher RSS with requests waiting on a slow provider\n\n" + table(["figure", "value"], rows)
+        rows.append(
+            [f"RSS after drain, load {i}", f"{_mib(load['after_drain'])} ({load['errors']} errors)"]
+        )
+    rows.append(
+        ["retained after the last drain / growth", _f(m["retained_share"] * 100, "{:.0f} %")]
+    )
+    rows.append(
+        [
+            "RSS after gc.collect() + malloc_trim(0) (diagnostic)",
+            _mib(m["after_collect_and_trim_rss_bytes"]),
+        ]
+    )
+    rows.append(
+        [
+            "live GC-tracked objects: before / after drain / after collect",
+            f"{m['gc_objects_before']:,} / {m['gc_objects_after_drain']:,} / {m['gc_objects_after_collect']:,}",
+        ]
+    )
+    return "### Memory: dispatcher RSS with requests waiting on a slow provider\n\n" + table(
+        ["figure", "value"], rows
+    )
 
 
 # ---- comparisons and targets ---------------------------------------------------------
@@ -259,35 +422,75 @@ def targets_of(c: dict[str, float], m: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = c["rps_ratio_64"]
     fast_limit = rtt + 0.3
     return [
-        _target("throughput vs relay", "lifeline/relay req/s at 64 in flight ≥ 0.6 (stretch 0.8)", f"{ratio:.2f}",
-                ratio >= 0.6, "stretch met" if ratio >= 0.8 else "stretch not met"),
-        _target("latency vs relay", "lifeline p50 ≤ relay p50 + 0.3 ms at 1 in flight",
-                f"{c['p50_delta_1_ms']:+.2f} ms", c["p50_delta_1_ms"] <= 0.3),
-        _target("fallback on an error", f"[fail 503, ok] p50 − [ok] p50 ≤ round trip ({rtt:.2f} ms, direct p50 @1) + 0.3 ms",
-                f"{c['fallback_503_added_ms']:+.2f} ms", c["fallback_503_added_ms"] <= fast_limit),
-        _target("fallback on no responders", f"[no responders, ok] p50 − [ok] p50 ≤ round trip ({rtt:.2f} ms) + 0.3 ms",
-                f"{c['fallback_noresp_added_ms']:+.2f} ms", c["fallback_noresp_added_ms"] <= fast_limit),
-        _target("hung provider", "next attempt starts ≤ timeout + 5 ms at p99 (64 in flight)",
-                f"+{c['hang_lateness_p99_ms']:.2f} ms (p50 +{c['hang_lateness_p50_ms']:.2f} ms)",
-                c["hang_lateness_p99_ms"] <= 5.0),
-        _target("memory per in-flight request", "dispatcher RSS growth / peak in flight ≤ 10 KiB",
-                _kib(m["bytes_per_in_flight"]), m["bytes_per_in_flight"] <= 10 * 1024),
-        _target("memory returns after drain", "RSS after the last drain − RSS before ≤ 20 % of the peak growth",
-                f"{m['retained_share'] * 100:.0f} % ({_mib(m['retained_bytes'])})", m["retained_share"] <= 0.2),
-        _target("handles requests concurrently", f"{TICK_MS:g} ms provider: req/s @8 ≥ 4× @1 and @64 ≥ 1.2× @8",
-                f"{c['tick_growth_1_to_8']:.1f}× then {c['tick_growth_8_to_64']:.1f}×",
-                c["tick_growth_1_to_8"] >= 4 and c["tick_growth_8_to_64"] >= 1.2),
-        _target("hedging cuts the tail",
-                f"slow primary hedged after {HEDGE_AFTER_MS:g} ms (budget never says no): p99 ≤ {HEDGE_AFTER_MS:g} ms "
-                f"+ p50 without hedging ({c['tail_p50_ms']:.2f} ms, a fast call) + 5 ms, {TAIL_IN_FLIGHT} in flight",
-                f"{c['tail_hedged_p99_ms']:.2f} ms (without hedging {c['tail_p99_ms']:.2f} ms)",
-                c["tail_hedged_p99_ms"] <= HEDGE_AFTER_MS + c["tail_p50_ms"] + 5.0),
-    ]  # fmt: skip
+        _target(
+            "throughput vs relay",
+            "lifeline/relay req/s at 64 in flight ≥ 0.6 (stretch 0.8)",
+            f"{ratio:.2f}",
+            ratio >= 0.6,
+            "stretch met" if ratio >= 0.8 else "stretch not met",
+        ),
+        _target(
+            "latency vs relay",
+            "lifeline p50 ≤ relay p50 + 0.3 ms at 1 in flight",
+            f"{c['p50_delta_1_ms']:+.2f} ms",
+            c["p50_delta_1_ms"] <= 0.3,
+        ),
+        _target(
+            "fallback on an error",
+            f"[fail 503, ok] p50 − [ok] p50 ≤ round trip ({rtt:.2f} ms, direct p50 @1) + 0.3 ms",
+            f"{c['fallback_503_added_ms']:+.2f} ms",
+            c["fallback_503_added_ms"] <= fast_limit,
+        ),
+        _target(
+            "fallback on no responders",
+            f"[no responders, ok] p50 − [ok] p50 ≤ round trip ({rtt:.2f} ms) + 0.3 ms",
+            f"{c['fallback_noresp_added_ms']:+.2f} ms",
+            c["fallback_noresp_added_ms"] <= fast_limit,
+        ),
+        _target(
+            "hung provider",
+            "next attempt starts ≤ timeout + 5 ms at p99 (64 in flight)",
+            f"+{c['hang_lateness_p99_ms']:.2f} ms (p50 +{c['hang_lateness_p50_ms']:.2f} ms)",
+            c["hang_lateness_p99_ms"] <= 5.0,
+        ),
+        _target(
+            "memory per in-flight request",
+            "dispatcher RSS growth / peak in flight ≤ 10 KiB",
+            _kib(m["bytes_per_in_flight"]),
+            m["bytes_per_in_flight"] <= 10 * 1024,
+        ),
+        _target(
+            "memory returns after drain",
+            "RSS after the last drain − RSS before ≤ 20 % of the peak growth",
+            f"{m['retained_share'] * 100:.0f} % ({_mib(m['retained_bytes'])})",
+            m["retained_share"] <= 0.2,
+        ),
+        _target(
+            "handles requests concurrently",
+            f"{TICK_MS:g} ms provider: req/s @8 ≥ 4× @1 and @64 ≥ 1.2× @8",
+            f"{c['tick_growth_1_to_8']:.1f}× then {c['tick_growth_8_to_64']:.1f}×",
+            c["tick_growth_1_to_8"] >= 4 and c["tick_growth_8_to_64"] >= 1.2,
+        ),
+        _target(
+            "hedging cuts the tail",
+            f"slow primary hedged after {HEDGE_AFTER_MS:g} ms (budget never says no): p99 ≤ {HEDGE_AFTER_MS:g} ms "
+            f"+ p50 without hedging ({c['tail_p50_ms']:.2f} ms, a fast call) + 5 ms, {TAIL_IN_FLIGHT} in flight",
+            f"{c['tail_hedged_p99_ms']:.2f} ms (without hedging {c['tail_p99_ms']:.2f} ms)",
+            c["tail_hedged_p99_ms"] <= HEDGE_AFTER_MS + c["tail_p50_ms"] + 5.0,
+        ),
+    ]
 
 
 def targets_section(targets: list[dict[str, Any]], profile: Profile) -> str:
-    rows = [[t["target"], t["rule"], t["measured"], ("PASS" if t["pass"] else "FAIL") + (f" ({t['note']})" if t["note"] else "")]
-            for t in targets]  # fmt: skip
+    rows = [
+        [
+            t["target"],
+            t["rule"],
+            t["measured"],
+            ("PASS" if t["pass"] else "FAIL") + (f" ({t['note']})" if t["note"] else ""),
+        ]
+        for t in targets
+    ]
     text = "### Targets\n\n" + table(["target", "rule", "measured", "result"], rows)
     if profile.name == "quick":
         text += "\n\n(quick run: tiny counts, so these figures only prove the suite works; do not quote them)"
@@ -317,7 +520,9 @@ def _version(package: str) -> str:
 
 def _nats_server_version() -> str:
     try:
-        out = subprocess.run([server_binary(), "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            [server_binary(), "--version"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip().removeprefix("nats-server: ") or out.stderr.strip()
     except Exception as exc:
         return f"unknown ({exc})"
@@ -368,10 +573,15 @@ class Report:
         summaries = {case.key: summarize(rounds[case.key]) for case in cases}
         comparisons = comparisons_of(summaries)
         self.data["cases"] = {
-            case.key: {"label": case.label, "section": case.section, "in_flight": case.in_flight,
-                       "median": summaries[case.key], "rounds": rounds[case.key]}
+            case.key: {
+                "label": case.label,
+                "section": case.section,
+                "in_flight": case.in_flight,
+                "median": summaries[case.key],
+                "rounds": rounds[case.key],
+            }
             for case in cases
-        }  # fmt: skip
+        }
         self.data["comparisons"] = comparisons
         self._emit(overhead_section(summaries, comparisons))
         self._emit(fallback_section(summaries, comparisons))
@@ -392,7 +602,9 @@ class Report:
         errors += sum(load["errors"] for load in self.data["memory"]["loads"])
         self.data["request_errors"] = errors
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(_jsonable(self.data), indent=2, allow_nan=False) + "\n")
+        (out_dir / "results.json").write_text(
+            json.dumps(_jsonable(self.data), indent=2, allow_nan=False) + "\n"
+        )
         header = "## Benchmark results\n\n" + machine_section(self.data["machine"], self.profile)
         (out_dir / "results.md").write_text("\n\n".join([header, *self.sections]) + "\n")
         self.log(machine_section(self.data["machine"], self.profile))

@@ -140,7 +140,9 @@ async def dispatcher(params: dict[str, Any]) -> Served:
 
 async def worker(params: dict[str, Any]) -> Served:
     tracers = tracer_provider()
-    component, _runtime = await start_worker(parse_config(params["config"]), params["provider"], params["url"], tracers)
+    component, _runtime = await start_worker(
+        parse_config(params["config"]), params["provider"], params["url"], tracers
+    )
 
     async def stop() -> None:
         await component.stop()
