@@ -32,13 +32,13 @@ from schemas.wire import (
 from service import telemetry
 from service.config import Config
 from service.faults import simulate
-from service.health import Health, Untouched
+from service.health import Health, LocalStore, Untouched
 from service.memory import release_memory_soon
 from service.natsio import ensure_subscribed, stop_taking
 from service.policy import ChainResult, Target, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
-from service.shared_health import SharedHealth
+from service.shared_health import BucketStore
 from service.transport import NatsTransport
 
 log = logging.getLogger("lifeline.dispatcher")
@@ -59,11 +59,12 @@ class Dispatcher:
         self.config = config
         self.router = Router(config)
         self.spans = spans
-        # Circuit breakers and recent figures; shared with the other replicas through JetStream KV.
-        self.health: Health = (
-            SharedHealth(nc, config.dispatcher.health_bucket)
+        # Circuit breakers and recent figures; with shared_health, shared with the other replicas
+        # through JetStream KV.
+        self.health = Health(
+            store=BucketStore(nc, config.dispatcher.health_bucket)
             if config.dispatcher.shared_health
-            else Health()
+            else LocalStore()
         )
         # Span name and attributes per (provider, model, target), built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
@@ -78,8 +79,7 @@ class Dispatcher:
         self._sub = None
 
     async def start(self) -> None:
-        if isinstance(self.health, SharedHealth):
-            await self.health.start()
+        await self.health.start()
         self._sub = await self.transport.nc.subscribe(
             subjects.COMPLETE,
             queue=subjects.DISPATCHER_QUEUE,
@@ -96,8 +96,7 @@ class Dispatcher:
             await stop_taking(sub)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
-        if isinstance(self.health, SharedHealth):
-            await self.health.stop()
+        await self.health.stop()
 
     @property
     def in_flight(self) -> int:

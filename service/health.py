@@ -1,8 +1,10 @@
 """Target health, in one place: circuit breakers and the recent figures behind them.
 
 Pure: no NATS. The dispatcher's policy asks `admit(target)` before each call and tells
-`record(...)` what happened after it; service/shared_health.py mirrors every state change
-into a JetStream key-value bucket so that all dispatcher replicas act on one breaker state.
+`record(...)` what happened after it. A Health takes a store (HealthStore, below): it announces
+every state change it makes to the store and asks the store before it sends a half-open probe.
+LocalStore, the default, keeps the breakers to this dispatcher; service/shared_health.py's
+BucketStore shares them with every replica through a JetStream key-value bucket.
 
 A breaker is kept per target (provider + model; the models the config does not name share
 one per provider, ADHOC_MODEL). Its settings come from the target, the route and [breaker],
@@ -39,7 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from msgspec import Meta, Struct
 
@@ -72,6 +74,9 @@ MIN_SAMPLES = 20  # good answers needed before a p95 is trusted (hedge = "p95" w
 # Beyond this many entries, breaker states other dispatchers write are no longer adopted for
 # targets never seen here: a peer (or keys an older version left in the bucket) cannot grow us.
 MAX_ADOPTED = 1000
+_PROBE_OUT = "cooldown over: one probe is out"
+# After a store refused a claim and nobody has told us who holds the probe, when to ask again.
+_RECLAIM_AFTER_S = 1.0
 
 
 class BreakerSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -232,7 +237,58 @@ class TargetHealth:
         return self.p95_ms
 
 
-OnChange = Callable[[TargetHealth], None]
+class BreakerState(Struct, frozen=True):
+    """One breaker's state as a store keeps it: what another dispatcher needs to adopt it."""
+
+    provider: str
+    model: str
+    state: State
+    # When an open breaker's cooldown or a half-open probe's lease ends, on the wall clock (0: none).
+    until_unix_ms: int
+    reason: str = ""
+    since_unix_ms: int = 0  # when the breaker took this state
+
+
+class HealthStore(Protocol):
+    """Where a Health's breaker changes go and who may send a half-open probe. A store serves one
+    Health, from start() to stop(); it may tell that Health what others decided (Health.apply)."""
+
+    @property
+    def shared(self) -> bool:
+        """True while breaker state is shared with other dispatchers."""
+        ...
+
+    async def start(self, health: Health) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def announce(self, breaker: BreakerState) -> None:
+        """A breaker changed here. Called on a request's path: it must not block."""
+        ...
+
+    async def claim(self, breaker: BreakerState) -> bool | None:
+        """Ask to send the half-open probe `breaker` describes. True: it is ours (the store has
+        recorded the claim); False: another dispatcher holds it; None: the store has no say
+        (local, or out of reach), so this dispatcher claims it on its own."""
+        ...
+
+
+class LocalStore:
+    """This dispatcher's own view: nothing is shared, every probe is this dispatcher's to claim."""
+
+    shared = False
+
+    async def start(self, health: Health) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def announce(self, breaker: BreakerState) -> None:
+        pass
+
+    async def claim(self, breaker: BreakerState) -> bool | None:
+        return None
 
 
 class Health:
@@ -240,16 +296,24 @@ class Health:
 
     def __init__(
         self,
+        store: HealthStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        on_change: OnChange | None = None,
     ) -> None:
+        self.store: HealthStore = LocalStore() if store is None else store
         self.clock = clock
         self.wall = wall
-        self.on_change = (
-            on_change  # a breaker changed state here (not when told by another replica)
-        )
         self.targets: dict[tuple[str, str], TargetHealth] = {}
+
+    @property
+    def shared(self) -> bool:
+        return self.store.shared
+
+    async def start(self) -> None:
+        await self.store.start(self)
+
+    async def stop(self) -> None:
+        await self.store.stop()
 
     def of(self, provider: str, model: str) -> TargetHealth:
         key = (provider, model)
@@ -276,18 +340,37 @@ class Health:
         health.changed = True
 
     async def claim(self, provider: str, model: str, lease_s: float) -> bool:
-        """Take the half-open probe: True when this call is it. Shared health asks the bucket first."""
-        self.claim_locally(provider, model, lease_s)
+        """Take the half-open probe: True when this call is it. The store decides first."""
+        health = self.of(provider, model)
+        health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it while we ask
+        asked_until = health.probe_until
+        claimed = BreakerState(
+            provider,
+            model,
+            HALF_OPEN,
+            self.until_unix_ms(health),
+            _PROBE_OUT,
+            int(self.wall() * 1000),
+        )
+        won = await self.store.claim(claimed)
+        if won is False:
+            # Another dispatcher's claim reaches us through the store and sets the lease it holds.
+            # But what beat us may be our own earlier write whose echo has not come back, and then
+            # nothing would: ask again soon, not after our whole lease.
+            if health.probe_until == asked_until:
+                health.probe_until = self.clock() + _RECLAIM_AFTER_S
+            return False
+        self.claim_locally(provider, model, lease_s, announce=won is None)
         return True
 
     def claim_locally(
         self, provider: str, model: str, lease_s: float, announce: bool = True
     ) -> None:
-        """This dispatcher sends the probe; others (here and, via the bucket, elsewhere) keep skipping."""
+        """This dispatcher sends the probe; others (here and, via a shared store, elsewhere) keep skipping."""
         health = self.of(provider, model)
         health.state = HALF_OPEN
         health.probe_until = self.clock() + lease_s
-        health.reason = "cooldown over: one probe is out"
+        health.reason = _PROBE_OUT
         health.since_unix_ms = int(self.wall() * 1000)
         health.changed = True
         if announce:
@@ -394,8 +477,8 @@ class Health:
         self._changed(health)
 
     def _changed(self, health: TargetHealth) -> None:
-        if self.on_change is not None:
-            self.on_change(health)
+        """A breaker changed state here (not when told by another replica): tell the store."""
+        self.store.announce(self.state_of(health))
 
     def apply(
         self,
@@ -406,7 +489,7 @@ class Health:
         reason: str,
         since_unix_ms: int,
     ) -> None:
-        """A state another replica set (from the shared bucket): adopt it without announcing it again."""
+        """A state another replica set (told by a shared store): adopt it without announcing it again."""
         if (provider, model) not in self.targets and (
             state == CLOSED or len(self.targets) >= MAX_ADOPTED
         ):
@@ -441,6 +524,16 @@ class Health:
             else 0.0
         )
         return int((self.wall() + (until - self.clock())) * 1000) if until else 0
+
+    def state_of(self, health: TargetHealth) -> BreakerState:
+        return BreakerState(
+            health.provider,
+            health.model,
+            health.state,
+            self.until_unix_ms(health),
+            health.reason,
+            health.since_unix_ms,
+        )
 
     def p95_ms(self, provider: str, model: str) -> float | None:
         health = self.targets.get((provider, model))

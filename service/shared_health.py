@@ -1,27 +1,29 @@
 """Breaker state shared by every dispatcher replica, through a NATS JetStream key-value bucket.
 
-No extra service: the bucket lives in the NATS that already carries the requests.
+BucketStore is the store (service/health.py's HealthStore) a dispatcher's Health takes when
+`dispatcher.shared_health` is on. No extra service: the bucket lives in the NATS that already
+carries the requests. Its entries are msgspec Structs, as JSON:
 
-    breaker.<provider>.<model>   the breaker's state, written by the dispatcher that changed it
-                                 and watched by all: a breaker one replica opens is open
-                                 everywhere within a network round trip. The half-open probe
-                                 is claimed with a compare-and-set on the key's revision, so
-                                 only one replica sends it.
-    stats.<dispatcher>           one dispatcher's recent figures per target (outcomes, latency
-                                 histogram, skips), written once a second when they changed;
-                                 `lifeline status` merges them. At most STATS_MAX_BYTES (or a
-                                 quarter of the server's max_payload), whatever the traffic:
-                                 the targets that say the most go first, the rest are counted.
+    breaker.<provider>.<model>   BreakerRecord: the breaker's state, written by the dispatcher
+                                 that changed it and watched by all: a breaker one replica
+                                 opens is open everywhere within a network round trip. The
+                                 half-open probe is claimed with a compare-and-set on the key's
+                                 revision, so only one replica sends it.
+    stats.<dispatcher>           StatsDocument: one dispatcher's recent figures per target
+                                 (outcomes, latency histogram, skips), written once a second
+                                 when they changed; `lifeline status` merges them. At most
+                                 STATS_MAX_BYTES (or a quarter of the server's max_payload),
+                                 whatever the traffic: the targets that say the most go
+                                 first, the rest are counted.
 
 A dispatcher that cannot reach the bucket (JetStream off, NATS trouble, a timeout) says so
-in its log, keeps acting on its own view (service/health.py), and tries again every few
-seconds. Requests never wait on the bucket, except for the rare probe claim (bounded).
+in its log, keeps acting on its own view (as with service/health.py's LocalStore), and tries
+again every few seconds. Requests never wait on the bucket, except for the rare probe claim (bounded).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -29,13 +31,14 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
-from service.health import CLOSED, HALF_OPEN, OPEN, Health, TargetHealth
+from service.health import CLOSED, OPEN, BreakerState, Health
 
 log = logging.getLogger("lifeline.health")
 
@@ -44,7 +47,6 @@ STATS_PREFIX = "stats."
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachable
 _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
-_RECLAIM_AFTER_S = 1.0  # after a lost claim nobody announced, when this dispatcher may claim again
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
 _REFRESH_EVERY_S = 30.0
@@ -52,8 +54,36 @@ STALE_AFTER_S = 120.0  # a dispatcher's stats older than this are from one that 
 # A stats document's ceiling. One put over the server's max_payload is refused (and the bucket
 # then counts as lost), so the document is kept far below it: 64 KiB holds a few hundred targets.
 STATS_MAX_BYTES = 64 * 1024
-# What `lifeline status` reads of each target's figures (merge_status); the rest stays local.
-_STATS_FIELDS = ("provider", "model", "ok", "failed", "skipped", "latency")
+
+
+class BreakerRecord(BreakerState, frozen=True):
+    """A breaker's state in the bucket, and the dispatcher that wrote it (which ignores its echo)."""
+
+    by: str = ""
+
+
+class TargetFigures(msgspec.Struct):
+    """What `lifeline status` reads of one target's figures (merge_status); the rest stays local."""
+
+    provider: str
+    model: str
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    latency: dict[int, int] = {}  # latency bucket -> good answers (service/health.py's histogram)
+
+
+class StatsDocument(msgspec.Struct):
+    dispatcher: str
+    host: str
+    ts_unix_ms: int
+    targets: dict[str, TargetFigures] = {}
+    omitted: int = 0  # targets left out to keep the document under its limit
+
+
+_encoder = msgspec.json.Encoder()
+_breaker_decoder = msgspec.json.Decoder(BreakerRecord)
+_stats_decoder = msgspec.json.Decoder(StatsDocument)
 
 
 def key_token(text: str) -> str:
@@ -65,19 +95,19 @@ def breaker_key(provider: str, model: str) -> str:
     return f"{BREAKER_PREFIX}{provider}.{key_token(model)}"
 
 
-class SharedHealth(Health):
-    """Health whose breaker changes go to, and come from, the shared bucket."""
+class BucketStore:
+    """A Health's store (service/health.py's HealthStore) in the shared bucket: the breaker
+    changes this dispatcher makes go to it, those the others make come from it."""
 
-    def __init__(self, nc: Client, bucket: str, **kwargs: Any) -> None:
-        super().__init__(on_change=self._announce, **kwargs)
+    def __init__(self, nc: Client, bucket: str) -> None:
         self.nc = nc
         self.bucket = bucket
         self.id = f"{os.getpid()}-{NUID().next().decode()[:8]}"
         self.host = socket.gethostname()
+        self.health: Health | None = None  # the one this store serves, from start()
         self.kv: KeyValue | None = None
-        self.problem: str | None = (
-            "not connected yet"  # why the bucket is not in use; None when it is
-        )
+        # Why the bucket is not in use; None when it is.
+        self.problem: str | None = "not connected yet"
         self._revisions: dict[str, int] = {}  # breaker key -> last revision seen
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: Any = None
@@ -88,9 +118,10 @@ class SharedHealth(Health):
     def shared(self) -> bool:
         return self.kv is not None
 
-    async def start(self) -> None:
-        await self._connect()
-        self._loop = asyncio.create_task(self._maintain())
+    async def start(self, health: Health) -> None:
+        self.health = health
+        await self._connect(health)
+        self._loop = asyncio.create_task(self._maintain(health))
 
     async def stop(self) -> None:
         if self._loop is not None:
@@ -107,7 +138,7 @@ class SharedHealth(Health):
                 pass
         await self._stop_watcher()
 
-    async def _connect(self) -> None:
+    async def _connect(self, health: Health) -> None:
         try:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S * 2)
             try:
@@ -120,7 +151,7 @@ class SharedHealth(Health):
         except Exception as exc:  # noqa: BLE001 - nats-py raises many types; each means "not reachable"
             self._degrade(exc)
             return
-        self._follower = asyncio.create_task(self._follow(self._watcher))
+        self._follower = asyncio.create_task(self._follow(health, self._watcher))
         self.kv = kv
         if self.problem != "not connected yet":
             log.warning(
@@ -132,13 +163,10 @@ class SharedHealth(Health):
                 "shared health: breaker state is shared through JetStream bucket %s", self.bucket
             )
         self.problem = None
-        for (
-            health
-        ) in self.targets.values():  # what opened here meanwhile, unless the bucket knows better
-            if health.state != CLOSED:
-                self._spawn(
-                    self._put(health.provider, health.model, self._value(health), only_if_new=True)
-                )
+        # What opened here meanwhile, unless the bucket knows better.
+        for target in health.targets.values():
+            if target.state != CLOSED:
+                self._spawn(self._put(health.state_of(target), only_if_new=True))
 
     def _degrade(self, exc: BaseException) -> None:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
@@ -164,24 +192,14 @@ class SharedHealth(Health):
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
 
-    async def _follow(self, watcher: Any) -> None:
+    async def _follow(self, health: Health, watcher: Any) -> None:
         """Adopt every breaker change another dispatcher writes."""
         async for entry in watcher:
             if entry is None or entry.value is None or entry.operation is not None:
                 continue  # the end-of-history marker, or a delete
             try:
-                value = json.loads(entry.value)
-                target = (value["provider"], value["model"])
-                if value.get("by") != self.id:
-                    self.apply(
-                        *target,
-                        value["state"],
-                        value["until_unix_ms"],
-                        value.get("reason", ""),
-                        value.get("since_unix_ms", 0),
-                    )
-                kept = target in self.targets
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                record = _breaker_decoder.decode(entry.value)
+            except msgspec.DecodeError as exc:
                 log.warning(
                     "ignoring a malformed breaker entry %s in bucket %s: %s",
                     entry.key,
@@ -189,12 +207,23 @@ class SharedHealth(Health):
                     exc,
                 )
                 kept = False
+            else:
+                if record.by != self.id:
+                    health.apply(
+                        record.provider,
+                        record.model,
+                        record.state,
+                        record.until_unix_ms,
+                        record.reason,
+                        record.since_unix_ms,
+                    )
+                kept = (record.provider, record.model) in health.targets
             # Revisions are kept for the breakers kept here only: the bucket may hold many more keys.
             # An echo of our own write can arrive after a later write's revision was stored.
             if kept or entry.key in self._revisions:
                 self._revisions[entry.key] = max(entry.revision, self._revisions.get(entry.key, 0))
 
-    async def _maintain(self) -> None:
+    async def _maintain(self, health: Health) -> None:
         """Publish this dispatcher's figures every second when they changed, and every 30 s
         anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket was lost."""
         published = 0.0
@@ -202,25 +231,25 @@ class SharedHealth(Health):
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
             if self.kv is None:
                 await self._stop_watcher()
-                await self._connect()
+                await self._connect(health)
                 continue
             now = time.monotonic()
-            if any(h.changed for h in self.targets.values()) or now - published >= _REFRESH_EVERY_S:
+            changed = any(target.changed for target in health.targets.values())
+            if changed or now - published >= _REFRESH_EVERY_S:
                 published = now
                 await self.publish_stats()
 
     async def publish_stats(self) -> None:
-        if self.kv is None:
+        if self.kv is None or self.health is None:
             return
-        for health in self.targets.values():
-            health.changed = False
+        for target in self.health.targets.values():
+            target.changed = False
         limit_bytes = min(STATS_MAX_BYTES, self.nc.max_payload // 4)
         payload = stats_document(
-            self.id, self.host, int(time.time() * 1000), self.snapshot(), limit_bytes
+            self.id, self.host, int(time.time() * 1000), self.health.snapshot(), limit_bytes
         )
-        if (
-            len(payload) > limit_bytes
-        ):  # only a host name of kilobytes gets here; never send what may not fit
+        # Only a host name of kilobytes gets here; never send what may not fit.
+        if len(payload) > limit_bytes:
             log.warning(
                 "not sharing figures: the stats document is %d bytes, above %d",
                 len(payload),
@@ -232,77 +261,52 @@ class SharedHealth(Health):
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 
-    def _value(self, health: TargetHealth) -> bytes:
-        return json.dumps(
-            {
-                "provider": health.provider,
-                "model": health.model,
-                "state": health.state,
-                "until_unix_ms": self.until_unix_ms(health),
-                "reason": health.reason,
-                "since_unix_ms": health.since_unix_ms,
-                "by": self.id,
-            }
-        ).encode()
+    def _value(self, breaker: BreakerState) -> bytes:
+        record = BreakerRecord(*msgspec.structs.astuple(breaker), by=self.id)
+        return _encoder.encode(record)
 
-    def _announce(self, health: TargetHealth) -> None:
+    def announce(self, breaker: BreakerState) -> None:
         """A breaker changed here: write it to the bucket, off the request's path."""
         if self.kv is not None:
-            self._spawn(self._put(health.provider, health.model, self._value(health)))
+            self._spawn(self._put(breaker))
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _put(
-        self, provider: str, model: str, value: bytes, only_if_new: bool = False
-    ) -> None:
+    async def _put(self, breaker: BreakerState, only_if_new: bool = False) -> None:
         if self.kv is None:
             return
-        key = breaker_key(provider, model)
+        key, value = breaker_key(breaker.provider, breaker.model), self._value(breaker)
         try:
             write = self.kv.create(key, value) if only_if_new else self.kv.put(key, value)
-            self._revisions[key] = max(
-                await asyncio.wait_for(write, _OP_TIMEOUT_S), self._revisions.get(key, 0)
-            )
+            revision = await asyncio.wait_for(write, _OP_TIMEOUT_S)
+            self._revisions[key] = max(revision, self._revisions.get(key, 0))
         except nats.js.errors.KeyWrongLastSequenceError:
             pass  # only_if_new: the bucket has a state already; the watcher brings it here
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 
-    async def claim(self, provider: str, model: str, lease_s: float) -> bool:
-        """Only one replica probes: the claim is a compare-and-set on the breaker's revision."""
+    async def claim(self, breaker: BreakerState) -> bool | None:
+        """Only one replica probes: the claim is a compare-and-set on the breaker's revision.
+        None while the bucket is out of reach: then this dispatcher decides alone."""
         if self.kv is None:
-            return await super().claim(provider, model, lease_s)
-        key = breaker_key(provider, model)
-        health = self.of(provider, model)
-        health.state, health.probe_until = (
-            HALF_OPEN,
-            self.clock() + lease_s,
-        )  # skip it here while we ask
-        asked_until = health.probe_until
-        value = self._value(health)
+            return None
+        key, value = breaker_key(breaker.provider, breaker.model), self._value(breaker)
         revision = self._revisions.get(key)
         try:
             if revision is None:
                 revision = await asyncio.wait_for(self.kv.create(key, value), _CLAIM_TIMEOUT_S)
             else:
-                revision = await asyncio.wait_for(
-                    self.kv.update(key, value, last=revision), _CLAIM_TIMEOUT_S
-                )
+                update = self.kv.update(key, value, last=revision)
+                revision = await asyncio.wait_for(update, _CLAIM_TIMEOUT_S)
         except nats.js.errors.KeyWrongLastSequenceError:
-            # Someone changed the key first. Another replica's claim or state reaches us through the
-            # watcher and sets the lease it holds; but the newer revision may be our own write whose
-            # echo has not come back, and then nothing would: ask again soon, not after our whole lease.
-            if health.probe_until == asked_until:
-                health.probe_until = self.clock() + _RECLAIM_AFTER_S
-            return False
+            return False  # someone changed the key first; what they wrote comes through the watcher
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
-            return await super().claim(provider, model, lease_s)
+            return None
         self._revisions[key] = revision
-        self.claim_locally(provider, model, lease_s, announce=False)
         return True
 
 
@@ -320,68 +324,80 @@ def stats_document(
         snapshot.items(),
         key=lambda item: (item[1]["state"] == CLOSED, -item[1]["ok"] - item[1]["failed"]),
     )
-    document: dict[str, Any] = {
-        "dispatcher": dispatcher,
-        "host": host,
-        "ts_unix_ms": ts_unix_ms,
-        "targets": {},
-    }
-    # json.dumps writes ASCII, so characters are bytes; ', "omitted": N' takes at most 30 of them.
-    room = limit_bytes - len(json.dumps(document)) - 30
+    document = StatsDocument(dispatcher, host, ts_unix_ms, omitted=len(ranked))
+    # The largest `omitted` there can be is counted in; each entry costs its label, ':', its
+    # figures and a ','.
+    room = limit_bytes - len(_encoder.encode(document))
     for label, figures in ranked:
-        entry = {field: figures[field] for field in _STATS_FIELDS}
-        size = len(json.dumps({label: entry}))  # its braces count for the ", " that goes before it
+        entry = _figures(figures)
+        size = len(_encoder.encode(label)) + len(_encoder.encode(entry)) + 2
         if size > room:
             break
-        document["targets"][label] = entry
+        document.targets[label] = entry
         room -= size
-    document["omitted"] = len(ranked) - len(document["targets"])
-    return json.dumps(document).encode()
+    document.omitted = len(ranked) - len(document.targets)
+    return _encoder.encode(document)
+
+
+def _figures(figures: dict[str, Any]) -> TargetFigures:
+    latency = {int(bucket): count for bucket, count in figures["latency"].items()}
+    return TargetFigures(
+        figures["provider"],
+        figures["model"],
+        figures["ok"],
+        figures["failed"],
+        figures["skipped"],
+        latency,
+    )
 
 
 def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> dict[str, Any]:
     """The bucket's contents as one view per target: breaker state from `breaker.*`, figures
-    summed over the live dispatchers' `stats.*`. Used by `lifeline status` and its tests."""
+    summed over the live dispatchers' `stats.*`. Used by `lifeline status` and its tests.
+    Entries that do not decode are left out."""
     now_unix_ms = now_unix_ms if now_unix_ms is not None else int(time.time() * 1000)
     targets: dict[str, dict[str, Any]] = {}
     dispatchers = []
     for key, raw in sorted(entries.items()):
         try:
-            value = json.loads(raw)
-        except ValueError:
-            continue
-        if key.startswith(STATS_PREFIX):
-            if now_unix_ms - value.get("ts_unix_ms", 0) > STALE_AFTER_S * 1000:
-                continue
-            dispatchers.append(
-                {
-                    "id": value.get("dispatcher"),
-                    "host": value.get("host"),
-                    "omitted": value.get("omitted", 0),
-                }
-            )
-            for label, figures in value.get("targets", {}).items():
-                view = targets.setdefault(label, _empty(figures["provider"], figures["model"]))
-                view["ok"] += figures.get("ok", 0)
-                view["failed"] += figures.get("failed", 0)
-                view["skipped"] += figures.get("skipped", 0)
-                for bucket, count in figures.get("latency", {}).items():
-                    view["latency"][int(bucket)] = view["latency"].get(int(bucket), 0) + count
-        elif key.startswith(BREAKER_PREFIX):
-            label = (
-                f"{value['provider']}:{value['model']}" if value.get("model") else value["provider"]
-            )
-            view = targets.setdefault(label, _empty(value["provider"], value.get("model", "")))
-            state = value.get("state", CLOSED)
-            if state == OPEN and value.get("until_unix_ms", 0) <= now_unix_ms:
-                state = "open (cooldown over: next call probes)"
-            view.update(
-                state=state,
-                reason=value.get("reason", ""),
-                since_unix_ms=value.get("since_unix_ms", 0),
-                until_unix_ms=value.get("until_unix_ms", 0),
-            )
+            if key.startswith(STATS_PREFIX):
+                stats = _stats_decoder.decode(raw)
+                if now_unix_ms - stats.ts_unix_ms <= STALE_AFTER_S * 1000:
+                    dispatchers.append(
+                        {"id": stats.dispatcher, "host": stats.host, "omitted": stats.omitted}
+                    )
+                    _merge_stats(targets, stats)
+            elif key.startswith(BREAKER_PREFIX):
+                _merge_breaker(targets, _breaker_decoder.decode(raw), now_unix_ms)
+        except msgspec.DecodeError:
+            continue  # not one of ours (or from a version that wrote it differently): left out
     return {"dispatchers": dispatchers, "targets": targets}
+
+
+def _merge_stats(targets: dict[str, dict[str, Any]], stats: StatsDocument) -> None:
+    for label, figures in stats.targets.items():
+        view = targets.setdefault(label, _empty(figures.provider, figures.model))
+        view["ok"] += figures.ok
+        view["failed"] += figures.failed
+        view["skipped"] += figures.skipped
+        for bucket, count in figures.latency.items():
+            view["latency"][bucket] = view["latency"].get(bucket, 0) + count
+
+
+def _merge_breaker(
+    targets: dict[str, dict[str, Any]], breaker: BreakerRecord, now_unix_ms: int
+) -> None:
+    label = f"{breaker.provider}:{breaker.model}" if breaker.model else breaker.provider
+    view = targets.setdefault(label, _empty(breaker.provider, breaker.model))
+    state: str = breaker.state
+    if state == OPEN and breaker.until_unix_ms <= now_unix_ms:
+        state = "open (cooldown over: next call probes)"
+    view.update(
+        state=state,
+        reason=breaker.reason,
+        since_unix_ms=breaker.since_unix_ms,
+        until_unix_ms=breaker.until_unix_ms,
+    )
 
 
 def _empty(provider: str, model: str) -> dict[str, Any]:

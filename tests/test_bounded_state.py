@@ -26,6 +26,7 @@ from service.routing import Rejected, Router
 from service.shared_health import (
     STATS_MAX_BYTES,
     STATS_PREFIX,
+    BucketStore,
     breaker_key,
     merge_status,
     stats_document,
@@ -161,6 +162,23 @@ def test_the_stats_document_stays_within_its_limit_however_many_targets_there_ar
     assert view["targets"]["p:model-7"]["ok"] == 7
 
 
+def test_lifeline_status_leaves_out_entries_it_cannot_read():
+    document = stats_document("d1", "host", 1_000, snapshot_of(3), STATS_MAX_BYTES)
+    entries = {
+        STATS_PREFIX + "d1": document,
+        STATS_PREFIX + "d2": b'{"dispatcher": "d2", "targets": "none"}',
+        breaker_key("p", "model-1"): b'{"provider": "p", "model": "model-1", "state": "open", '
+        b'"until_unix_ms": 2000, "reason": "down", "since_unix_ms": 900, "by": "d1"}',
+        breaker_key("p", "bad"): b'{"provider": "p", "model": ["not", "a", "name"]}',
+        breaker_key("p", "odd"): b'{"provider": "p", "model": "odd", "state": "ajar", '
+        b'"until_unix_ms": 0}',
+    }
+    view = merge_status(entries, now_unix_ms=1_000)
+    assert [d["id"] for d in view["dispatchers"]] == ["d1"]
+    assert sorted(view["targets"]) == ["p:model-0", "p:model-1", "p:model-2"]
+    assert (view["targets"]["p:model-1"]["state"], view["targets"]["p:model-1"]["ok"]) == (OPEN, 1)
+
+
 def test_lifeline_status_says_how_many_targets_a_dispatcher_left_out(capsys):
     from service.cli import _print_status
 
@@ -195,6 +213,8 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
         )
         stack = await start_stack(parse_config(config), server.url, tracers)
         health = stack.dispatcher.health  # type: ignore[union-attr]
+        store = health.store
+        assert isinstance(store, BucketStore)
         try:
             replies = await asyncio.gather(
                 *(
@@ -207,7 +227,7 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
             )
             assert {r.status for r in replies} == {"ok"}
             assert set(health.targets) == {("open", ADHOC_MODEL)}
-            assert len(health._revisions) <= 1  # the old keys are not tracked either
+            assert len(store._revisions) <= 1  # the old keys are not tracked either
             peer = {
                 "provider": "open",
                 "model": ADHOC_MODEL,
@@ -223,9 +243,9 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
                     await asyncio.sleep(0.01)
             for i in range(400):  # as many targets as a config naming 400 models would give
                 health.record("open", f"configured-{i}", None, True, latency_ms=float(i))
-            await health.publish_stats()
-            assert health.shared, health.problem
-            document = (await kv.get(STATS_PREFIX + health.id)).value
+            await store.publish_stats()
+            assert health.shared, store.problem
+            document = (await kv.get(STATS_PREFIX + store.id)).value
             assert len(document) <= 16384 // 4 and json.loads(document)["omitted"] > 0
         finally:
             await stack.stop()

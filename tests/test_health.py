@@ -1,6 +1,7 @@
 """Circuit breakers, recent latencies and budgets, as pure units: no NATS, no sleeps.
 
-service/health.py runs on an injected fake clock (`t[0]`, with a wall clock 1000 s ahead);
+service/health.py runs on an injected fake clock (`t[0]`, with a wall clock 1000 s ahead)
+and, where its store matters, an in-memory one (MemoryStore) instead of the JetStream bucket;
 Budget takes the same kind of clock; run_chain gets a real Health and, for hedging only,
 real asyncio time (a 0.01 s hedge delay; no test asserts on durations).
 """
@@ -21,6 +22,7 @@ from service.health import (
     PROBE,
     SKIP,
     BreakerSettings,
+    BreakerState,
     Health,
     TargetHealth,
     bucket_ms,
@@ -35,9 +37,34 @@ FAST = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
 RATE = BreakerSettings(consecutive_failures=100, failure_rate=0.5, min_requests=10, window_s=10.0)
 
 
-def make_health(on_change=None, start: float = 0.0) -> tuple[Health, list[float]]:
+class MemoryStore:
+    """A HealthStore in memory: keeps what it is told and answers claims with `answer`."""
+
+    shared = True
+
+    def __init__(self, answer: bool | None = True) -> None:
+        self.answer = answer
+        self.announced: list[BreakerState] = []
+        self.claims: list[BreakerState] = []
+        self.started: list[Health] = []
+
+    async def start(self, health: Health) -> None:
+        self.started.append(health)
+
+    async def stop(self) -> None:
+        self.started.clear()
+
+    def announce(self, breaker: BreakerState) -> None:
+        self.announced.append(breaker)
+
+    async def claim(self, breaker: BreakerState) -> bool | None:
+        self.claims.append(breaker)
+        return self.answer
+
+
+def make_health(store=None, start: float = 0.0) -> tuple[Health, list[float]]:
     t = [start]
-    return Health(clock=lambda: t[0], wall=lambda: 1000.0 + t[0], on_change=on_change), t
+    return Health(store, clock=lambda: t[0], wall=lambda: 1000.0 + t[0]), t
 
 
 def failures(
@@ -52,9 +79,9 @@ def answers(h: Health, n: int, latency_ms: float = 10.0, settings=FAST, probe=Fa
         h.record(P, M, settings, True, latency_ms=latency_ms, probe=probe)
 
 
-def opened(on_change=None, settings=FAST) -> tuple[Health, list[float]]:
+def opened(store=None, settings=FAST) -> tuple[Health, list[float]]:
     """A Health whose p:m breaker opened at t = 0 after 3 failures in a row (cooldown 5 s)."""
-    h, t = make_health(on_change)
+    h, t = make_health(store)
     failures(h, 3, settings)
     return h, t
 
@@ -169,24 +196,91 @@ def test_only_trip_on_failures_count_and_the_others_break_the_run(kind):
 
 @pytest.mark.parametrize("settings", [None, BreakerSettings(enabled=False, consecutive_failures=1)])
 def test_without_a_breaker_the_figures_are_kept_but_the_state_never_changes(settings):
-    changes: list[str] = []
-    h, t = make_health(changes.append)
+    store = MemoryStore()
+    h, t = make_health(store)
     failures(h, 10, settings)
     answers(h, 2, settings=settings)
-    assert (state(h), admits(h, t, 0.0), changes) == (CLOSED, [CALL], [])
+    assert (state(h), admits(h, t, 0.0), store.announced) == (CLOSED, [CALL], [])
     figures = h.snapshot()["p:m"]
     assert (figures["ok"], figures["failed"]) == (2, 10)
 
 
-def test_on_change_hears_open_close_and_a_local_claim_but_not_another_replicas_state():
-    seen: list[str] = []
-    h, t = opened(lambda health: seen.append(health.state))
+# ---- the store: where state changes go, and who sends the probe ----------------------------
+
+
+def test_the_store_hears_open_close_and_a_local_claim_but_not_another_replicas_state():
+    store = MemoryStore()
+    h, t = opened(store)  # wall clock: 1000 s
     t[0] = 5.0
     h.claim_locally(P, M, 2.0)
     answers(h, 1, probe=True)
     h.claim_locally(P, M, 2.0, announce=False)
     h.apply(P, M, OPEN, 1_100_000, "told by another replica", 1_005_000)
-    assert (seen, state(h)) == ([OPEN, HALF_OPEN, CLOSED], OPEN)
+    assert store.announced == [
+        BreakerState(P, M, OPEN, 1_005_000, "3 failures in a row (last: server_error)", 1_000_000),
+        BreakerState(P, M, HALF_OPEN, 1_007_000, "cooldown over: one probe is out", 1_005_000),
+        BreakerState(P, M, CLOSED, 0, "a probe got an answer", 1_005_000),
+    ]
+    assert state(h) == OPEN
+
+
+async def test_a_probe_the_store_grants_is_sent_and_not_announced_again():
+    store = MemoryStore(answer=True)
+    h, t = opened(store)
+    t[0] = 5.0
+    assert await h.claim(P, M, 2.0) is True
+    assert store.claims == [
+        BreakerState(P, M, HALF_OPEN, 1_007_000, "cooldown over: one probe is out", 1_005_000)
+    ]
+    assert [b.state for b in store.announced] == [OPEN]  # the store recorded the claim itself
+    assert (state(h), admits(h, t, 5.0, 6.99, 7.0)) == (HALF_OPEN, [SKIP, SKIP, PROBE])
+
+
+async def test_a_probe_the_store_refuses_is_not_sent_and_is_asked_for_again_a_second_later():
+    store = MemoryStore(answer=False)
+    h, t = opened(store)
+    t[0] = 5.0
+    assert await h.claim(P, M, 30.0) is False
+    assert [b.state for b in store.announced] == [OPEN]
+    assert admits(h, t, 5.0, 5.99, 6.0) == [SKIP, SKIP, PROBE]  # not after the whole 30 s lease
+
+
+async def test_a_refused_probe_keeps_the_lease_the_store_reports_for_the_dispatcher_holding_it():
+    class Beaten(MemoryStore):
+        async def claim(self, breaker: BreakerState) -> bool | None:
+            [health] = self.started  # another dispatcher's claim arrives while we ask
+            health.apply(P, M, HALF_OPEN, 1_020_000, "their probe is out", 1_005_000)
+            return False
+
+    h, t = opened(Beaten())
+    await h.start()
+    t[0] = 5.0
+    assert await h.claim(P, M, 2.0) is False
+    assert (h.of(P, M).reason, admits(h, t, 6.0, 19.99, 20.0)) == (
+        "their probe is out",
+        [SKIP, SKIP, PROBE],
+    )
+    await h.stop()
+
+
+async def test_a_store_with_no_say_leaves_the_probe_to_this_dispatcher_and_hears_the_claim():
+    store = MemoryStore(answer=None)
+    h, t = opened(store)
+    t[0] = 5.0
+    assert await h.claim(P, M, 2.0) is True
+    assert [b.state for b in store.announced] == [OPEN, HALF_OPEN]
+    assert admits(h, t, 5.0, 7.0) == [SKIP, PROBE]
+
+
+async def test_health_starts_and_stops_its_store_and_says_whether_it_shares():
+    store = MemoryStore()
+    h = Health(store)
+    await h.start()
+    assert (store.started, h.shared, Health().shared) == ([h], True, False)
+    await h.stop()
+    assert store.started == []
+    await Health().start()  # the local store: nothing to start or stop
+    await Health().stop()
 
 
 @pytest.mark.parametrize("told", [OPEN, HALF_OPEN])

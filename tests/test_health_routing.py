@@ -25,8 +25,8 @@ from conftest import USER_HELLO, ask, fake
 from service.app import start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
-from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE
-from service.shared_health import SharedHealth, breaker_key
+from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE, Health
+from service.shared_health import BucketStore, breaker_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -383,7 +383,7 @@ async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, 
     for _ in range(2):
         await ask(client, FAIL_A)
     await ask(client, USER_HELLO)  # skips a
-    await stack.dispatcher.health.publish_stats()  # it does so every second anyway
+    await stack.dispatcher.health.store.publish_stats()  # it does so every second anyway
 
     code, out, err = await lifeline_cli("status", "--nats-url", nats_url)
     assert code == 0, err
@@ -473,17 +473,17 @@ async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_agai
     will announce a probe, so the next claim comes after about a second, not after the whole lease."""
     now = [100.0]
     nc = await nats.connect(nats_url)
-    health = SharedHealth(nc, "claims", clock=lambda: now[0])
+    store = BucketStore(nc, "claims")
+    health = Health(store, clock=lambda: now[0])
     await health.start()
     try:
+        assert health.shared, store.problem
         target = health.of("a", "m")
         target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
-        key = breaker_key("a", "m")
-        stale = await health.kv.put(key, health._value(target))
-        await health.kv.put(
-            key, health._value(target)
-        )  # our own later write, its echo not followed yet
-        health._revisions[key] = stale
+        key, value = breaker_key("a", "m"), store._value(health.state_of(target))
+        stale = await store.kv.put(key, value)
+        await store.kv.put(key, value)  # our own later write, its echo not followed yet
+        store._revisions[key] = stale
         assert await health.claim("a", "m", lease_s=31) is False
         now[0] += 1.5
         assert health.admit("a", "m") == PROBE  # before: SKIP for the 31 s lease
