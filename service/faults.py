@@ -1,7 +1,8 @@
 """Deterministic fault injection: a request's `faults` simulate failures of its targets.
 
 For teams proving their own fallbacks (LiteLLM's mock_testing_* flags are the model). The
-dispatcher applies a fault instead of calling the worker, so no provider is touched:
+engine wraps a request's calls in `injecting`, which answers with a fault instead of calling
+the worker, so no provider is touched:
 
     "timeout"          waits out the attempt's timeout, then fails with timeout
     "invalid_output"   an answer that failed the request's response_format
@@ -16,11 +17,13 @@ list runs out, calls go through. Only when the config sets dispatcher.allow_faul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from schemas import ERROR_KINDS, ProviderFailure
+from schemas import ERROR_KINDS, ProviderFailure, ProviderReply
 from schemas.errors import kind_or_status_problem
 from schemas.wire import Fault, classify_status
+from service.policy import CallTarget
+from service.target import Target
 
 PASS = "ok"
 
@@ -52,3 +55,20 @@ async def simulate(fault: Fault, target: str, timeout_s: float) -> ProviderFailu
     if isinstance(fault, int):
         return ProviderFailure(classify_status(fault), f"{note}: HTTP {fault}", fault)
     return ProviderFailure(str(fault), note)
+
+
+def injecting(call: CallTarget, faults: Mapping[str, Sequence[Fault]]) -> CallTarget:
+    """`call`, behind the request's simulated failures: the n-th call of a target meets its
+    n-th fault (listed under the target's name, else its provider's); later calls go through."""
+    calls: dict[str, int] = {}
+
+    async def faulty(target: Target, timeout_s: float, previous: tuple[str, ...]) -> ProviderReply:
+        n = calls[target.name] = calls.get(target.name, 0) + 1
+        planned = faults.get(target.name) or faults.get(target.provider) or ()
+        if n <= len(planned):
+            simulated = await simulate(planned[n - 1], target.name, timeout_s)
+            if simulated is not None:
+                return simulated
+        return await call(target, timeout_s, previous)
+
+    return faulty

@@ -6,26 +6,28 @@ which returns the worker's reply or a ProviderFailure for transport outcomes (ti
 no_responders), an optional `validate` that checks a good answer (response_format), and an
 optional `on_event(name, attributes)` that sees every decision as it is taken.
 
-One request walks one chain: the route's targets, or, after a failure of a kind that has a
-chain of its own (context_length, content_filter), that chain instead of the rest. For each
-target, in order:
+One request walks one chain with a Cursor: the route's targets, or, after a failure of a
+kind that has a chain of its own (context_length, content_filter), that chain instead of the
+rest. Each step is a decision, a value the loop in `run_chain` acts on:
 
-    skip it      its capabilities do not fit the request (max_input_tokens, json_output), its
-                 circuit breaker is open and it is not the last target left, the request's
-                 deadline has passed, or max_attempts physical attempts were made
-    call it      with the smaller of its timeout_s and the time the request has left
-    hedge it     when the route hedges and the call is still running after hedge_after_ms
-                 (or the target's recent p95): the next target starts too, the first good
-                 answer wins and the other call is cancelled; the hedge budget allows it
-    retry it     on a retry_on failure, up to `retries` times, after a backoff with full
-                 jitter (or the provider's Retry-After, when that is longer), if the wait fits
-                 before the deadline and the route's retry budget allows it
-    fall back    to the next target, if fallback_on allows it (None: every failure does)
-    stop         on a failure fallback_on excludes, or when the request disabled fallback
+    Call      the target fits and may be called: with the smaller of its timeout_s and the
+              time the request has left. When the route hedges and the call is still running
+              after hedge_after_ms (or the target's recent p95), the next target starts too
+              (a hedge, one kind of attempt): the first good answer wins, the other is cancelled
+    Skip      its capabilities do not fit the request (max_input_tokens, json_output), or its
+              circuit breaker is open and another target that fits is left
+    Retry     a retry_on failure, up to `retries` times, after a backoff with full jitter (or
+              the provider's Retry-After, when that is longer), if the wait fits before the
+              deadline and the route's retry budget allows it
+    FallBack  on to the next target, when fallback_on allows it (None: every failure does)
+    Switch    on to the chain of the failure's kind, instead of the rest (each entered once)
+    Stop      a failure fallback_on excludes, fallback disabled by the request, the deadline
+              passed, or max_attempts physical attempts made
 
-Every attempt, skipped or made, lands in `attempts` with what happened next. Breaker
-state and recent latencies come from an injected `health` (service/health.py), which
-also hears every call's outcome.
+Every attempt, skipped or made, lands in `attempts` with what happened next. Breaker state
+and recent latencies come from an injected `health` (service/health.py), which also hears
+every call's outcome. An attempt that streams (its own issue) adds to Outcome how much output
+was already sent; `_Run.decide` is where that changes what a failure leads to.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
-from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply, errors
+from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
+from schemas.deadline import Deadline
 from schemas.wire import (
     ALL_FAILED,
     DEADLINE_EXCEEDED,
@@ -46,98 +50,14 @@ from schemas.wire import (
     NO_CAPABLE_TARGET,
     RETRY_BUDGET,
 )
+from service.budgets import Budgets
 from service.health import CALL, PROBE, Health, Untouched
-
-# What a target retries on when its config names nothing: failures that a second try can fix.
-DEFAULT_RETRY_ON = errors.DEFAULT_RETRY_ON  # the kinds schemas.errors marks as retried
-
-
-class Target(NamedTuple):
-    provider: str  # name in config, also the subject token
-    kind: str  # provider kind: openai, anthropic, fake, ...
-    model: str
-    timeout_s: float
-    name: str = ""  # label in replies and attempts; "" means the provider's name
-    retries: int = 0
-    retry_on: Collection[str | int] = DEFAULT_RETRY_ON
-    backoff_s: float = 0.25
-    max_backoff_s: float = 10.0
-    max_input_tokens: int | None = None
-    prompt_tokens: int = 0  # what the target's own template adds to the input, estimated
-    json_output: bool = True
-    pass_failures: bool = False
-    weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
-    breaker: Any = None  # its health.BreakerSettings; None: no circuit breaker
-    shaping: Any = None  # opaque here: what the dispatcher needs to build this target's request
-    # The model its breaker and figures are kept under, when not `model`: routing gives every
-    # model the config never names one shared key per provider, so requests cannot grow health.
-    health_key: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name or self.provider
-
-    @property
-    def health_model(self) -> str:
-        return self.model if self.health_key is None else self.health_key
+from service.target import Target
 
 
 class Chain(NamedTuple):
     targets: Sequence[Target]
     by_kind: Mapping[str, Sequence[Target]] = {}  # error kind -> chain entered on that failure
-
-
-class Budget:
-    """At most `ratio` extra attempts per request of a route over the last 10 seconds, plus a
-    reserve of 3 so a quiet route can still retry (Finagle's RetryBudget; Envoy's retry budget
-    has the same aim). Each dispatcher keeps its own, so the share holds across replicas too."""
-
-    __slots__ = ("_epochs", "_requests", "_spent", "clock", "ratio", "reserve")
-    SLOTS = 10
-
-    def __init__(
-        self, ratio: float, reserve: float = 3.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.ratio = ratio
-        self.reserve = reserve
-        self.clock = clock
-        self._epochs = [-1] * self.SLOTS
-        self._requests = [0] * self.SLOTS
-        self._spent = [0] * self.SLOTS
-
-    def _slot(self) -> int:
-        second = int(self.clock())
-        i = second % self.SLOTS
-        if self._epochs[i] != second:
-            self._epochs[i] = second
-            self._requests[i] = self._spent[i] = 0
-        return i
-
-    def deposit(self) -> None:
-        self._requests[self._slot()] += 1
-
-    def available(self) -> float:
-        self._slot()
-        oldest = int(self.clock()) - self.SLOTS + 1
-        live = [i for i, epoch in enumerate(self._epochs) if epoch >= oldest]
-        return (
-            self.ratio * sum(self._requests[i] for i in live)
-            + self.reserve
-            - sum(self._spent[i] for i in live)
-        )
-
-    def spend(self) -> bool:
-        if self.available() < 1:
-            return False
-        self._spent[self._slot()] += 1
-        return True
-
-
-class Budgets(NamedTuple):
-    """A route's budgets: retries and hedges spend `retry`; hedges spend `hedge` as well."""
-
-    retry: Budget
-    hedge: Budget
 
 
 class Hedge(NamedTuple):
@@ -146,7 +66,7 @@ class Hedge(NamedTuple):
 
 
 class Limits(NamedTuple):
-    deadline: float  # on the clock's scale
+    deadline: Deadline  # on the injected clock's scale
     max_attempts: int = 6  # physical attempts across retries and fallbacks
     fallback_on: Collection[str | int] | None = None
     fallback: bool = True  # False: only the first target (and its retries)
@@ -171,9 +91,96 @@ class ChainResult(NamedTuple):
 CallTarget = Callable[[Target, float, tuple[str, ...]], Awaitable[ProviderReply]]
 Validate = Callable[[ProviderOk], ProviderOk | ProviderFailure]
 OnEvent = Callable[[str, dict[str, Any]], None]
+Next = Literal["retry", "fallback", "stop"]
 
-# Outcomes that are not provider errors proper have their own outcome name.
-_OUTCOMES = {"timeout": "timeout", "no_responders": "no_responders"}
+_NO_NEEDS = Needs()
+
+
+# The decisions: what the loop does next.
+@dataclass(frozen=True, slots=True)
+class Call:
+    probe: bool = False  # let through a breaker that is not closed: its outcome decides it
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    reason: str  # one of schemas.errors.SKIP_REASONS
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallBack:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    kind: str  # the error kind whose chain comes next
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    error: ErrorInfo
+    # The targets left, recorded as skipped for this reason (deadline, max_attempts).
+    skip_rest: tuple[Sequence[Target], str, str] | None = None
+
+
+class Outcome(NamedTuple):
+    """How one call ended (for a race: the call that decides it)."""
+
+    target: Target
+    reply: ProviderReply
+    latency_ms: float
+    hedge: bool = False  # the call was started as a hedge
+    raced: bool = False  # another call ran beside it, so neither is retried
+    cancelled: tuple[Attempt, ...] = ()  # the calls the race cancelled when this one settled it
+
+
+class Cursor:
+    """Where a request is along its chain."""
+
+    __slots__ = ("_chain", "_entered", "_i", "_targets", "kind")
+
+    def __init__(self, chain: Chain) -> None:
+        self._chain = chain
+        self._targets = chain.targets
+        self._i = 0  # the index of the target after the current one
+        self.kind = ""  # the error kind whose chain this is; "" for the route's own
+        self._entered: set[str] = set()
+
+    def next(self) -> Target | None:
+        if self._i >= len(self._targets):
+            return None
+        self._i += 1
+        return self._targets[self._i - 1]
+
+    def peek(self) -> Target | None:
+        """The target after the current one: a hedge's rival."""
+        return self._targets[self._i] if self._i < len(self._targets) else None
+
+    def pass_next(self) -> None:
+        """The next target already ran, as a hedge: the chain goes on after it."""
+        self._i += 1
+
+    def rest(self) -> Sequence[Target]:
+        """The targets after the current one."""
+        return self._targets[self._i :]
+
+    def from_current(self) -> Sequence[Target]:
+        return self._targets[max(self._i - 1, 0) :]
+
+    def chain_for(self, kind: str) -> Sequence[Target] | None:
+        """The chain a failure of `kind` switches to; None when it has none or was entered."""
+        return None if kind in self._entered else self._chain.by_kind.get(kind)
+
+    def switch(self, kind: str) -> None:
+        self._targets, self.kind, self._i = self._chain.by_kind[kind], kind, 0
+        self._entered.add(kind)
 
 
 def falls_back(failure: ProviderFailure, fallback_on: Collection[str | int] | None) -> bool:
@@ -184,9 +191,8 @@ def falls_back(failure: ProviderFailure, fallback_on: Collection[str | int] | No
 
 
 def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
-    return failure.kind in kinds or (
-        failure.status_code is not None and failure.status_code in kinds
-    )
+    status = failure.status_code
+    return failure.kind in kinds or (status is not None and status in kinds)
 
 
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
@@ -195,12 +201,13 @@ def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
         tokens = needs.input_tokens + target.prompt_tokens
         if tokens > target.max_input_tokens:
             return "max_input_tokens", (
-                f"the input is about {tokens} tokens; {target.label} takes at most {target.max_input_tokens}"
+                f"the input is about {tokens} tokens; "
+                f"{target.name} takes at most {target.max_input_tokens}"
             )
     if needs.json and not target.json_output:
         return (
             "json_output",
-            f"the request wants JSON output; {target.label} sets json_output = false",
+            f"the request wants JSON output; {target.name} sets json_output = false",
         )
     return None
 
@@ -215,7 +222,7 @@ async def run_chain(
     call: CallTarget,
     limits: Limits,
     *,
-    needs: Needs = Needs(),
+    needs: Needs = _NO_NEEDS,
     validate: Validate | None = None,
     on_event: OnEvent | None = None,
     health: Health | Untouched | None = None,
@@ -223,385 +230,409 @@ async def run_chain(
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
 ) -> ChainResult:
-    run = _Run(limits, on_event, clock, health, validate)
-    if limits.budgets is not None:
-        limits.budgets.retry.deposit()
-        if limits.hedge is not None:  # only a hedging route ever spends its hedge budget
-            limits.budgets.hedge.deposit()
-    targets, current = (
-        chain.targets,
-        "",
-    )  # current: the error kind whose chain we are on, "" for targets
-    entered: set[str] = set()  # each error-class chain is entered at most once
-    i = 0
-    while i < len(targets):
-        target = targets[i]
-        i += 1
-        if run.ended_one and not limits.fallback:
-            return run.fail(_fallback_disabled(run.attempts[-1], targets[i - 1 :]))
-        run.ended_one = True
-        reason = skip_reason(target, needs)
-        if reason is not None:
-            run.skip(target, *reason)
-            continue
+    run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand)
+    while (target := run.cursor.next()) is not None:
         retry = 0
-        probe = False  # this call was let through a breaker that is not closed: its outcome decides
-        while True:
-            remaining_s = limits.deadline - clock()
-            if remaining_s <= 0:
-                run.skip_rest(
-                    targets[i - 1 :],
-                    "deadline",
-                    "the request's deadline passed before it could start",
-                )
-                return run.fail(_deadline_error(targets[i - 1 :]))
-            if run.physical >= limits.max_attempts:
-                run.skip_rest(
-                    targets[i - 1 :],
-                    "max_attempts",
-                    f"max_attempts ({limits.max_attempts}) reached",
-                )
-                return run.fail(_max_attempts_error(limits.max_attempts, run.attempts))
-            if retry == 0 and health is not None and target.breaker is not None:
-                admitted = health.admit(target.provider, target.health_model)
-                if admitted != CALL:
-                    lease_s = target.timeout_s + 1
-                    probe = admitted == PROBE and await health.claim(
-                        target.provider, target.health_model, lease_s
-                    )
-                    if (
-                        not probe
-                        and limits.fallback
-                        and any(skip_reason(t, needs) is None for t in targets[i:])
-                    ):
-                        health.skipped(target.provider, target.health_model)
-                        run.skip(
-                            target,
-                            "circuit_open",
-                            f"{target.label}'s circuit breaker is open: {_why_open(health, target)}",
-                        )
-                        break
-                    probe = True  # the probe, or the last target left: called anyway
-            if retry == 0 and run.failed is not None:
-                run.fallback_event(run.failed, target, current)
-            run.physical += 1
-            previous = tuple(run.errors) if target.pass_failures else ()
-            timeout_s = min(target.timeout_s, remaining_s)
-            rival = (
-                targets[i] if i < len(targets) and retry == 0 and not probe else None
-            )  # a probe is never hedged
-            hedge_s = (
-                run.hedge_delay(target) if rival is not None and limits.hedge is not None else None
-            )
-            if hedge_s is None:
-                started = clock()
-                reply = await call(target, timeout_s, previous)
-                reply, latency_ms = run.finish(
-                    target, reply, started, probe, timeout_s < target.timeout_s
-                )
-                hedged = raced_past = False
-            else:
-
-                def settles(failure: ProviderFailure) -> bool:
-                    """A failure that ends the chain or switches it wins a race too: the rival is cancelled."""
-                    in_class_chain = failure.kind in chain.by_kind and failure.kind not in entered
-                    return in_class_chain or not falls_back(failure, limits.fallback_on)
-
-                raced = await run.race(
-                    call, target, timeout_s, previous, hedge_s, rival, needs, settles
-                )  # type: ignore[arg-type]
-                if isinstance(raced, ChainResult):
-                    return raced
-                hedged = raced[0] is rival
-                target, reply, latency_ms, raced_past = raced
-                if raced_past:
-                    i += 1  # the rival ran as the hedge: the chain goes on after it
-            if isinstance(reply, ProviderOk):
-                run.attempts.append(
-                    Attempt(
-                        target.provider,
-                        reply.model or target.model,
-                        "ok",
-                        latency_ms,
-                        target=target.label,
-                        retry=retry,
-                    )
-                )
-                return ChainResult(reply, target, run.attempts, None)
-            run.errors.append(reply.kind)
-            delay_s = None if raced_past else _retry_delay(target, reply, retry, run, rand)
-            if delay_s is not None:
-                run.attempts.append(_failed(target, reply, latency_ms, retry, "retry"))
-                run.event(
-                    "lifeline.retry", target, reply, {"lifeline.retry.delay_ms": delay_s * 1000}
-                )
-                await sleep(delay_s)
+        decision = await run.admit(target)
+        while isinstance(decision, Call):
+            probe = decision.probe
+            outcome = await run.attempt(target, retry, probe)
+            if isinstance(outcome.reply, ProviderOk):
+                return run.succeed(outcome, retry)
+            decision = run.decide(outcome, retry)
+            if isinstance(decision, Retry):
+                await sleep(decision.delay_s)
                 retry += 1
-                continue
-            chain_of_kind = chain.by_kind.get(reply.kind) if reply.kind not in entered else None
-            if not limits.fallback or (
-                chain_of_kind is None and not falls_back(reply, limits.fallback_on)
-            ):
-                run.attempts.append(
-                    _failed(target, reply, latency_ms, retry, "stop", run.take_denied(), hedged)
-                )
-                if not limits.fallback:
-                    return run.fail(_fallback_disabled(run.attempts[-1], targets[i:]))
-                return run.fail(_stopped_error(target, reply, targets[i:]))
-            if chain_of_kind is not None:  # e.g. context_length: on to the long-context chain
-                targets, current, i = chain_of_kind, reply.kind, 0
-                entered.add(reply.kind)
-            next_ = "fallback" if i < len(targets) else "stop"
-            run.attempts.append(
-                _failed(target, reply, latency_ms, retry, next_, run.take_denied(), hedged)
-            )
-            run.failed = (target, reply)
-            break
-    if run.physical == 0:
-        return run.fail(_nothing_capable_error(run.attempts))
-    return run.fail(_all_failed_error(run.attempts))
-
-
-def _why_open(health: Health, target: Target) -> str:
-    state = health.targets.get((target.provider, target.health_model))
-    return state.reason if state is not None and state.reason else "it failed recently"
+                decision = run.out_of_room() or Call(probe)
+        match decision:
+            case Skip(reason, message):
+                run.skip(target, reason, message)
+            case Switch(kind):
+                run.cursor.switch(kind)
+            case Stop():
+                return run.fail(decision)
+    return run.fail(run.exhausted())
 
 
 class _Run:
-    """The state of one walk along a chain."""
+    """One walk along a chain: what it has done so far, and the decisions at each step."""
 
     __slots__ = (
         "attempts",
+        "call",
         "clock",
-        "denied",
-        "ended_one",
+        "cursor",
         "errors",
-        "failed",
+        "fell_back",
         "health",
         "limits",
+        "needs",
         "on_event",
         "physical",
+        "rand",
         "validate",
     )
 
     def __init__(
         self,
+        chain: Chain,
+        call: CallTarget,
         limits: Limits,
+        needs: Needs,
+        validate: Validate | None,
         on_event: OnEvent | None,
+        health: Health | Untouched | None,
         clock: Callable[[], float],
-        health: Health | Untouched | None = None,
-        validate: Validate | None = None,
+        rand: Callable[[], float],
     ) -> None:
+        self.cursor = Cursor(chain)
+        self.call = call
         self.limits = limits
-        self.on_event = on_event
-        self.clock = clock
-        self.health = health
+        self.needs = needs
         self.validate = validate
+        self.on_event = on_event
+        self.health = health
+        self.clock = clock
+        self.rand = rand
         self.attempts: list[Attempt] = []
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
         self.physical = 0
-        self.failed: tuple[Target, ProviderFailure] | None = None  # the last failure that fell back
-        self.ended_one = False
-        self.denied: str | None = (
-            None  # why the last failure was not retried, when a budget said no
+        self.fell_back: Outcome | None = (
+            None  # the last failure that fell back, until its successor starts
         )
+        if limits.budgets is not None:
+            limits.budgets.retry.deposit()
+            if limits.hedge is not None:  # only a hedging route ever spends its hedge budget
+                limits.budgets.hedge.deposit()
 
-    def take_denied(self) -> str | None:
-        denied, self.denied = self.denied, None
-        return denied
+    # Before a target: Call, Skip or Stop.
+
+    async def admit(self, target: Target) -> Call | Skip | Stop:
+        if self.attempts and not self.limits.fallback:
+            return Stop(_fallback_disabled(self.attempts[-1], self.cursor.from_current()))
+        reason = skip_reason(target, self.needs)
+        if reason is not None:
+            return Skip(*reason)
+        return self.out_of_room() or await self.breaker(target)
+
+    def out_of_room(self) -> Stop | None:
+        """Stop when the deadline has passed or max_attempts were made; checked before every call."""
+        rest = self.cursor.from_current()
+        if self.limits.deadline.passed(self.clock()):
+            message = "the request's deadline passed before it could start"
+            return Stop(_deadline_error(rest), (rest, "deadline", message))
+        max_attempts = self.limits.max_attempts
+        if self.physical >= max_attempts:
+            error = _max_attempts_error(max_attempts, self.attempts)
+            return Stop(error, (rest, "max_attempts", f"max_attempts ({max_attempts}) reached"))
+        return None
+
+    async def breaker(self, target: Target) -> Call | Skip:
+        health = self.health
+        if health is None or target.breaker is None:
+            return Call()
+        key = target.health_key
+        admitted = health.admit(*key)
+        if admitted == CALL:
+            return Call()
+        probe = admitted == PROBE and await health.claim(*key, target.timeout_s + 1)
+        if not probe and self.limits.fallback and self._fits_later():
+            health.skipped(*key)
+            state = health.targets.get(key)
+            why = state.reason if state is not None and state.reason else "it failed recently"
+            return Skip("circuit_open", f"{target.name}'s circuit breaker ({key}) is open: {why}")
+        return Call(probe=True)  # the probe, or the last target left: called anyway
+
+    def _fits_later(self) -> bool:
+        return any(skip_reason(t, self.needs) is None for t in self.cursor.rest())
+
+    # The attempt: one call, or a race with a hedge.
+
+    async def attempt(self, target: Target, retry: int, probe: bool) -> Outcome:
+        if retry == 0 and self.fell_back is not None:
+            self._fallback_event(self.fell_back, target)
+            self.fell_back = None
+        self.physical += 1
+        timeout_s = min(target.timeout_s, self.limits.deadline.left_s(self.clock()))
+        rival = self.cursor.peek() if retry == 0 and not probe else None
+        delay_s = self._hedge_delay(target) if rival is not None else None
+        if rival is None or delay_s is None:
+            started = self.clock()
+            reply = await self.call(target, timeout_s, self._previous(target))
+            return self.finish(target, reply, started, timeout_s, probe)
+        return await self.race(target, timeout_s, delay_s, rival)
+
+    def _previous(self, target: Target) -> tuple[str, ...]:
+        return tuple(self.errors) if target.pass_failures else ()
 
     def finish(
         self,
         target: Target,
         reply: ProviderReply,
         started: float,
+        timeout_s: float,
         probe: bool = False,
-        capped: bool = False,
-    ) -> tuple[ProviderReply, float]:
-        """A call came back: validate a good answer, take its latency, tell health.
-        `capped`: the request's deadline cut the call's timeout short, so a timeout says nothing
-        about the target's health (short client deadlines must not open breakers). `started`
-        goes to health too: a breaker weighs calls in the order they were made."""
+    ) -> Outcome:
+        """A call came back: validate a good answer, take its latency, tell health."""
         if isinstance(reply, ProviderOk) and self.validate is not None:
             reply = self.validate(reply)
         latency_ms = (self.clock() - started) * 1000
-        health = self.health
-        if health is not None:
-            model = target.health_model
-            if isinstance(reply, ProviderOk):
-                health.record(
-                    target.provider,
-                    model,
-                    target.breaker,
-                    True,
-                    latency_ms=latency_ms,
-                    probe=probe,
-                    started=started,
-                )
-            elif capped and reply.kind == "timeout":
-                health.record(target.provider, model, None, False, reply.kind, started=started)
-                if probe:
-                    health.release(target.provider, model)  # undecided: the next request probes
-            else:
-                health.record(
-                    target.provider,
-                    model,
-                    target.breaker,
-                    False,
-                    reply.kind,
-                    reply.status_code,
-                    probe=probe,
-                    started=started,
-                )
-        return reply, latency_ms
+        if self.health is not None:
+            # A timeout the request's own deadline cut short says nothing about the target's
+            # health (short client deadlines must not open breakers).
+            capped = timeout_s < target.timeout_s
+            self._record_health(target, reply, started, latency_ms, probe, capped)
+        return Outcome(target, reply, latency_ms)
 
-    def hedge_delay(self, target: Target) -> float | None:
-        """Seconds after which `rival` may start next to `target`; None: no hedge for this call."""
+    def _record_health(
+        self,
+        target: Target,
+        reply: ProviderReply,
+        started: float,
+        latency_ms: float,
+        probe: bool,
+        capped: bool,
+    ) -> None:
+        """`started` goes to health too: a breaker weighs calls in the order they were made."""
+        health, (provider, model) = self.health, target.health_key
+        assert health is not None
+        if isinstance(reply, ProviderOk):
+            health.record(
+                provider,
+                model,
+                target.breaker,
+                True,
+                latency_ms=latency_ms,
+                probe=probe,
+                started=started,
+            )
+        elif capped and reply.kind == "timeout":
+            health.record(provider, model, None, False, reply.kind, started=started)
+            if probe:
+                health.release(provider, model)  # undecided: the next request probes
+        else:
+            health.record(
+                provider,
+                model,
+                target.breaker,
+                False,
+                reply.kind,
+                reply.status_code,
+                probe=probe,
+                started=started,
+            )
+
+    def _hedge_delay(self, target: Target) -> float | None:
+        """Seconds after which the next target may start beside `target`; None: no hedge."""
         hedge = self.limits.hedge
         if hedge is None or not self.limits.fallback:
             return None
         delay_s = hedge.after_s
         if hedge.p95 and self.health is not None:
-            p95_ms = self.health.p95_ms(target.provider, target.health_model)
+            p95_ms = self.health.p95_ms(*target.health_key)
             if p95_ms is not None:
                 delay_s = max(delay_s or 0.0, p95_ms / 1000)
             elif delay_s is None:
                 return None  # too few recent answers to know this target's p95
         return delay_s
 
-    def may_hedge(self, rival: Target, needs: Needs) -> bool:
-        """Whether `rival` can start now as a hedge: it fits, its breaker is closed, the budgets allow it."""
-        if self.physical >= self.limits.max_attempts or self.limits.deadline - self.clock() <= 0:
+    def _may_hedge(self, rival: Target) -> bool:
+        """Whether `rival` can start now as a hedge: it fits, its breaker is closed, the
+        budgets allow it."""
+        if self.physical >= self.limits.max_attempts or self.limits.deadline.passed(self.clock()):
             return False
-        if skip_reason(rival, needs) is not None:
+        if skip_reason(rival, self.needs) is not None:
             return False
         if self.health is not None and rival.breaker is not None:
-            if self.health.admit(rival.provider, rival.health_model) != CALL:
+            if self.health.admit(*rival.health_key) != CALL:
                 return False
         budgets = self.limits.budgets
         if budgets is not None:
             if budgets.hedge.available() < 1 or budgets.retry.available() < 1:
-                self.budget_event("hedge", rival)
+                self._budget_event("hedge", rival)
                 return False
             budgets.hedge.spend()
             budgets.retry.spend()
         return True
 
-    async def race(
-        self,
-        call: CallTarget,
-        first: Target,
-        timeout_s: float,
-        previous: tuple[str, ...],
-        delay_s: float,
-        rival: Target,
-        needs: Needs,
-        settles: Callable[[ProviderFailure], bool],
-    ) -> ChainResult | tuple[Target, ProviderReply, float, bool]:
-        """Call `first`; if it is still running after delay_s, start `rival` too and take the first
-        good answer, or the first failure that `settles` the chain (it would stop it or switch
-        to an error-class chain). Returns the winner's ChainResult, or (target, failure,
-        latency_ms, raced) for the failure the chain goes on from; raced: the rival ran too,
-        so neither is retried."""
+    async def race(self, first: Target, timeout_s: float, delay_s: float, rival: Target) -> Outcome:
+        """Call `first`; if it is still running after delay_s, start `rival` too. The first good
+        answer wins, as does the first failure that settles the chain (it would stop it or
+        switch chains); the other call is cancelled (its worker aborts it)."""
         started = self.clock()
-        first_task = asyncio.ensure_future(call(first, timeout_s, previous))
-        capped = {first: timeout_s < first.timeout_s}
-        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]] = {
-            first_task: (first, started)
+        task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
+        running: dict[asyncio.Future[ProviderReply], _Running] = {
+            task: _Running(first, started, timeout_s, False)
         }
         try:
-            done, _ = await asyncio.wait({first_task}, timeout=delay_s)
-            if done or not self.may_hedge(rival, needs):
-                reply, latency_ms = self.finish(
-                    first, await first_task, started, capped=capped[first]
-                )
-                return first, reply, latency_ms, False
+            done, _ = await asyncio.wait({task}, timeout=delay_s)
+            if done or not self._may_hedge(rival):
+                reply = await task
+                running.clear()
+                return self.finish(first, reply, started, timeout_s)
             self.physical += 1
+            self.cursor.pass_next()
             hedge_started = self.clock()
             self._emit(
                 "lifeline.hedge",
                 {
-                    "lifeline.hedge.from": first.label,
-                    "lifeline.hedge.to": rival.label,
+                    "lifeline.hedge.from": first.name,
+                    "lifeline.hedge.to": rival.name,
                     "lifeline.hedge.after_ms": (hedge_started - started) * 1000,
                 },
             )
-            rival_timeout_s = min(rival.timeout_s, self.limits.deadline - hedge_started)
-            rival_previous = tuple(self.errors) if rival.pass_failures else ()
-            rival_task = asyncio.ensure_future(call(rival, rival_timeout_s, rival_previous))
-            capped[rival] = rival_timeout_s < rival.timeout_s
-            running[rival_task] = (rival, hedge_started)
-            last: tuple[Target, ProviderReply, float] | None = None
-            while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    target, t0 = running.pop(task)
-                    reply, latency_ms = self.finish(
-                        target, task.result(), t0, capped=capped[target]
-                    )
-                    if isinstance(reply, ProviderOk):
-                        return await self._won(target, reply, latency_ms, target is rival, running)
-                    if running and settles(reply):  # e.g. bad_request, when fallback_on excludes it
-                        self.attempts.extend(
-                            await self._cancel(running, is_hedge=target is not rival)
-                        )
-                        return target, reply, latency_ms, True
-                    if running:  # the other call is still running: it takes over
-                        self.attempts.append(
-                            _failed(target, reply, latency_ms, 0, "fallback", hedge=target is rival)
-                        )
-                        self.errors.append(reply.kind)
-                    last = (target, reply, latency_ms)
-            assert last is not None
-            return (*last, True)
+            rival_timeout_s = min(rival.timeout_s, self.limits.deadline.left_s(hedge_started))
+            rival_call = self.call(rival, rival_timeout_s, self._previous(rival))
+            running[asyncio.ensure_future(rival_call)] = _Running(
+                rival, hedge_started, rival_timeout_s, True
+            )
+            return await self._settle(running)
         finally:
-            for task in running:
-                task.cancel()
+            for pending in running:
+                pending.cancel()
 
-    async def _won(
-        self,
-        target: Target,
-        reply: ProviderOk,
-        latency_ms: float,
-        is_hedge: bool,
-        running: dict[asyncio.Future[ProviderReply], tuple[Target, float]],
-    ) -> ChainResult:
-        """The first good answer of a race: cancel the rival (its worker aborts the call) and record both."""
-        won = Attempt(
-            target.provider,
-            reply.model or target.model,
-            "ok",
-            latency_ms,
-            target=target.label,
-            hedge=is_hedge,
-        )
-        lost = await self._cancel(running, is_hedge=not is_hedge)
-        self.attempts.extend([*lost, won] if is_hedge else [won, *lost])
-        return ChainResult(reply, target, self.attempts, None)
+    async def _settle(self, running: dict[asyncio.Future[ProviderReply], _Running]) -> Outcome:
+        """The outcome of a race with both calls running."""
+        last: Outcome | None = None
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                call = running.pop(task)
+                outcome = self.finish(call.target, task.result(), call.started, call.timeout_s)
+                outcome = outcome._replace(hedge=call.hedge, raced=True)
+                if isinstance(outcome.reply, ProviderOk) or (running and self._settles(outcome)):
+                    cancelled = await self._cancel(running, hedge=not call.hedge)
+                    return outcome._replace(cancelled=cancelled)
+                if running:  # the other call is still running: it takes over
+                    self._record(outcome, 0, "fallback")
+                    self.errors.append(outcome.reply.kind)
+                last = outcome
+        assert last is not None
+        return last
+
+    def _settles(self, outcome: Outcome) -> bool:
+        """A failure that ends the chain or switches it wins a race too: the rival is cancelled."""
+        failure = outcome.reply
+        assert isinstance(failure, ProviderFailure)
+        switches = self.cursor.chain_for(failure.kind) is not None
+        return switches or not falls_back(failure, self.limits.fallback_on)
 
     async def _cancel(
-        self, running: dict[asyncio.Future[ProviderReply], tuple[Target, float]], is_hedge: bool
-    ) -> list[Attempt]:
+        self, running: dict[asyncio.Future[ProviderReply], _Running], hedge: bool
+    ) -> tuple[Attempt, ...]:
         """Cancel the calls still running in a race (their workers abort them); their attempts."""
         lost = []
-        for task, (other, t0) in running.items():
+        for task, call in running.items():
             task.cancel()
+            t = call.target
+            latency_ms = (self.clock() - call.started) * 1000
             lost.append(
                 Attempt(
-                    other.provider,
-                    other.model,
+                    t.provider,
+                    t.model,
                     "cancelled",
-                    (self.clock() - t0) * 1000,
-                    target=other.label,
+                    latency_ms,
+                    target=t.name,
                     reason=HEDGE_LOST,
-                    hedge=is_hedge,
+                    hedge=hedge,
                 )
             )
-        await asyncio.gather(
-            *running, return_exceptions=True
-        )  # the cancel reaches the worker before we answer
+        # The cancel reaches the worker before the client gets its answer.
+        await asyncio.gather(*running, return_exceptions=True)
         running.clear()
-        return lost
+        return tuple(lost)
+
+    # After a failure: Retry, FallBack, Switch or Stop.
+
+    def decide(self, outcome: Outcome, retry: int) -> Retry | FallBack | Switch | Stop:
+        target, failure = outcome.target, outcome.reply
+        assert isinstance(failure, ProviderFailure)
+        self.errors.append(failure.kind)
+        denied = None  # why a retry was refused, when a budget said no
+        if not outcome.raced:
+            delay_s, denied = self._retry_delay(target, failure, retry)
+            if delay_s is not None:
+                self._record(outcome, retry, "retry")
+                extra = {"lifeline.retry.delay_ms": delay_s * 1000}
+                self._event("lifeline.retry", target, failure, extra)
+                return Retry(delay_s)
+        chain = self.cursor.chain_for(failure.kind)  # e.g. context_length: a long-context chain
+        rest = self.cursor.rest()
+        if not self.limits.fallback:
+            self._record(outcome, retry, "stop", denied)
+            return Stop(_fallback_disabled(self.attempts[-1], rest))
+        if chain is None and not falls_back(failure, self.limits.fallback_on):
+            self._record(outcome, retry, "stop", denied)
+            return Stop(_stopped_error(target, failure, rest))
+        goes_on = bool(chain) if chain is not None else bool(rest)
+        self._record(outcome, retry, "fallback" if goes_on else "stop", denied)
+        self.fell_back = outcome
+        return FallBack() if chain is None else Switch(failure.kind)
+
+    def _retry_delay(
+        self, target: Target, failure: ProviderFailure, retry: int
+    ) -> tuple[float | None, str | None]:
+        """Seconds to wait before retrying `target` (None: no retry), and why not, when a
+        budget refused it."""
+        if retry >= target.retries or not matches(failure, target.retry_on):
+            return None, None
+        if self.physical >= self.limits.max_attempts:
+            return None, None
+        health = self.health
+        if health is not None and target.breaker is not None:
+            if health.admit(*target.health_key) != CALL:
+                return None, None  # this failure (or a failed probe) opened its breaker
+        delay_s = backoff_s(target, retry, self.rand)
+        if failure.retry_after_s is not None:
+            if failure.retry_after_s > target.max_backoff_s:
+                return None, None  # the provider asks for a longer pause than allowed: fall back
+            delay_s = max(delay_s, failure.retry_after_s)
+        if self.limits.deadline.left_s(self.clock()) <= delay_s:
+            return None, None
+        budgets = self.limits.budgets
+        if budgets is not None and not budgets.retry.spend():
+            self._budget_event("retry", target)
+            return None, RETRY_BUDGET
+        return delay_s, None
+
+    # Endings.
+
+    def succeed(self, outcome: Outcome, retry: int) -> ChainResult:
+        target, answer = outcome.target, outcome.reply
+        assert isinstance(answer, ProviderOk)
+        won = Attempt(
+            target.provider,
+            answer.model or target.model,
+            "ok",
+            outcome.latency_ms,
+            target=target.name,
+            retry=retry,
+            hedge=outcome.hedge,
+        )
+        lost = outcome.cancelled
+        self.attempts.extend([*lost, won] if outcome.hedge else [won, *lost])
+        return ChainResult(answer, target, self.attempts, None)
+
+    def fail(self, stop: Stop) -> ChainResult:
+        if stop.skip_rest is not None:
+            targets, reason, message = stop.skip_rest
+            for target in targets:
+                self.skip(target, reason, message)
+        return ChainResult(None, None, self.attempts, stop.error)
+
+    def exhausted(self) -> Stop:
+        """Every target was skipped or failed."""
+        if self.physical == 0:
+            return Stop(_nothing_capable_error(self.attempts))
+        return Stop(_all_failed_error(self.attempts))
+
+    # What the attempts and the trace say.
+
+    def _record(self, outcome: Outcome, retry: int, next_: Next, reason: str | None = None) -> None:
+        failure = outcome.reply
+        assert isinstance(failure, ProviderFailure)
+        self.attempts.extend(outcome.cancelled)
+        self.attempts.append(_failed(outcome, failure, retry, next_, reason))
 
     def skip(self, target: Target, reason: str, message: str) -> None:
         self.attempts.append(
@@ -610,7 +641,7 @@ class _Run:
                 target.model,
                 "skipped",
                 0.0,
-                target=target.label,
+                target=target.name,
                 reason=reason,
                 message=message,
             )
@@ -618,111 +649,86 @@ class _Run:
         self._emit(
             "lifeline.skip",
             {
-                "lifeline.target": target.label,
+                "lifeline.target": target.name,
                 "lifeline.skip.reason": reason,
                 "lifeline.skip.message": message,
             },
         )
 
-    def skip_rest(self, rest: Sequence[Target], reason: str, message: str) -> None:
-        for target in rest:
-            self.skip(target, reason, message)
-
     def _emit(self, name: str, attributes: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(name, attributes)
 
-    def budget_event(self, budget: str, target: Target) -> None:
+    def _budget_event(self, budget: str, target: Target) -> None:
         self._emit(
-            "lifeline.budget_spent", {"lifeline.budget": budget, "lifeline.target": target.label}
+            "lifeline.budget_spent", {"lifeline.budget": budget, "lifeline.target": target.name}
         )
 
-    def event(
+    def _event(
         self, name: str, target: Target, failure: ProviderFailure, extra: dict[str, Any]
     ) -> None:
         self._emit(
             name,
             {
-                "lifeline.target": target.label,
+                "lifeline.target": target.name,
                 "lifeline.reason": failure.kind,
                 "lifeline.status_code": failure.status_code or 0,
                 **extra,
             },
         )
 
-    def fallback_event(
-        self, failed: tuple[Target, ProviderFailure], successor: Target, chain: str
-    ) -> None:
+    def _fallback_event(self, failed: Outcome, successor: Target) -> None:
         """Sent only once the successor really starts, so a skipped target gets no fallback event."""
-        target, failure = failed
+        failure = failed.reply
+        assert isinstance(failure, ProviderFailure)
         self._emit(
             "lifeline.fallback",
             {
-                "lifeline.fallback.from": target.label,
-                "lifeline.fallback.to": successor.label,
+                "lifeline.fallback.from": failed.target.name,
+                "lifeline.fallback.to": successor.name,
                 "lifeline.fallback.reason": failure.kind,
                 "lifeline.fallback.status_code": failure.status_code or 0,
-                "lifeline.fallback.chain": chain or "targets",
+                "lifeline.fallback.chain": self.cursor.kind or "targets",
             },
         )
 
-    def fail(self, error: ErrorInfo) -> ChainResult:
-        return ChainResult(None, None, self.attempts, error)
 
+class _Running(NamedTuple):
+    """A call in a race."""
 
-def _retry_delay(
-    target: Target, failure: ProviderFailure, retry: int, run: _Run, rand: Callable[[], float]
-) -> float | None:
-    """Seconds to wait before retrying `target`, or None when it should not be retried."""
-    if retry >= target.retries or not matches(failure, target.retry_on):
-        return None
-    if run.physical >= run.limits.max_attempts:
-        return None
-    health = run.health
-    if (
-        health is not None
-        and target.breaker is not None
-        and health.admit(target.provider, target.health_model) != CALL
-    ):
-        return None  # this failure (or a failed probe) opened its breaker: no retries into it
-    delay_s = backoff_s(target, retry, rand)
-    if failure.retry_after_s is not None:
-        if failure.retry_after_s > target.max_backoff_s:
-            return None  # the provider asks for a longer pause than this target may wait: fall back
-        delay_s = max(delay_s, failure.retry_after_s)
-    if run.clock() + delay_s >= run.limits.deadline:
-        return None
-    budgets = run.limits.budgets
-    if budgets is not None and not budgets.retry.spend():
-        run.denied = RETRY_BUDGET
-        run.budget_event("retry", target)
-        return None
-    return delay_s
+    target: Target
+    started: float
+    timeout_s: float
+    hedge: bool
 
 
 def _failed(
-    target: Target,
-    failure: ProviderFailure,
-    latency_ms: float,
-    retry: int,
-    next_: str,
-    reason: str | None = None,
-    hedge: bool = False,
+    outcome: Outcome, failure: ProviderFailure, retry: int, next_: Next, reason: str | None
 ) -> Attempt:
+    target = outcome.target
     return Attempt(
         provider=target.provider,
         model=target.model,
-        outcome=_OUTCOMES.get(failure.kind, "error"),  # type: ignore[arg-type]
-        latency_ms=latency_ms,
+        outcome=_outcome_of(failure.kind),
+        latency_ms=outcome.latency_ms,
         error_type=failure.kind,
         status_code=failure.status_code,
         message=failure.message,
-        target=target.label,
+        target=target.name,
         retry=retry,
         reason=reason,
-        next=next_,  # type: ignore[arg-type]
-        hedge=hedge,
+        next=next_,
+        hedge=outcome.hedge,
     )
+
+
+def _outcome_of(kind: str) -> Literal["timeout", "no_responders", "error"]:
+    """Transport outcomes that are not provider errors proper have their own outcome name."""
+    if kind == "timeout":
+        return "timeout"
+    if kind == "no_responders":
+        return "no_responders"
+    return "error"
 
 
 def describe(attempt: Attempt) -> str:
@@ -738,7 +744,7 @@ def _summary(attempts: Sequence[Attempt]) -> str:
 
 
 def _names(targets: Sequence[Target]) -> str:
-    return ", ".join(t.label for t in targets) or "none"
+    return ", ".join(t.name for t in targets) or "none"
 
 
 def _all_failed_error(attempts: list[Attempt]) -> ErrorInfo:
@@ -760,7 +766,7 @@ def _stopped_error(target: Target, failure: ProviderFailure, rest: Sequence[Targ
     status = f" ({failure.status_code})" if failure.status_code else ""
     return ErrorInfo(
         FALLBACK_STOPPED,
-        f"{target.label} failed with {failure.kind}{status}, which the route's fallback_on does not "
+        f"{target.name} failed with {failure.kind}{status}, which the route's fallback_on does not "
         f"include, so no fallback was tried (not tried: {_names(rest)}): {failure.message}",
     )
 

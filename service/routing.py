@@ -1,8 +1,8 @@
 """Where a raw request becomes a plan, or a clear refusal.
 
 `Router.plan(data)` checks the size, decodes, resolves the route (or the request's own
-targets) into policy Targets, and checks every per-request override against what the
-config allows: timeout_s and deadline_unix_ms against max_timeout_s, max_attempts against
+targets) into frozen Targets (service/target.py), sets the request's Deadline, and checks
+every per-request override against what the config allows: timeout_s and deadline_unix_ms against max_timeout_s, max_attempts against
 the configured ceiling, fallback_on only narrowing the route's, faults only where allowed,
 response_format's schema compiled, a target's model inside its provider's `models` (when the
 config lists them). Anything else raises Rejected, which the dispatcher answers with an error
@@ -13,6 +13,7 @@ requests make up cannot grow the dispatcher.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -22,7 +23,8 @@ import msgspec
 from nats.nuid import NUID
 
 from schemas import CompletionRequest, ErrorInfo
-from schemas.errors import kind_or_status_problem
+from schemas.deadline import Deadline
+from schemas.errors import DEFAULT_RETRY_ON, kind_or_status_problem
 from schemas.wire import (
     DEADLINE_EXCEEDED,
     INVALID_REQUEST,
@@ -34,11 +36,13 @@ from schemas.wire import (
     request_decoder,
     salvage_id,
 )
+from service.budgets import Budget, Budgets
 from service.config import Config, Step, breaker_settings
 from service.faults import check_faults
 from service.health import ADHOC_MODEL
-from service.policy import DEFAULT_RETRY_ON, Budget, Budgets, Chain, Hedge, Limits, Needs, Target
+from service.policy import Chain, Hedge, Limits, Needs
 from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
+from service.target import HealthKey, Target
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
 
@@ -216,7 +220,7 @@ class Router:
     def _ordered(self, steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
         out: list[Target] = []
         for step in steps:
-            if isinstance(step, Target):  # a Target is a NamedTuple: test for it, not for a group
+            if isinstance(step, Target):
                 out.append(step)
             else:
                 out.extend(weighted_order(step, self.random.random))
@@ -227,15 +231,44 @@ class Router:
 
         The request's deadline counts from `arrived` (time.monotonic() when the message came
         in), so time spent waiting for a free slot is part of its timeout_s."""
-        limits = self.config.dispatcher
-        if len(data) > limits.max_request_bytes:
+        request = self._decode(data)
+        request_id = request.id or self._ids.next().decode()
+        route_name = request.route if request.targets is None else None
+
+        def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:
+            return Rejected(error_type, message, request_id, route_name)
+
+        deadline = self._deadline(request, time.monotonic() if arrived is None else arrived, refuse)
+        route = self._resolve(request, refuse)
+        chain = self._chain_for_request(route)
+        fallback_on = route.fallback_on
+        if request.fallback_on is not None:
+            fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
+        max_attempts = self._max_attempts(request, route, refuse)
+        try:
+            validate = output_validator(request.response_format)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        faults = self._faults(request.faults, chain, refuse) if request.faults else None
+        needs = _NO_NEEDS
+        if route.counts_tokens or validate is not None:
+            tokens = estimate_tokens(request.messages) if route.counts_tokens else None
+            needs = Needs(tokens, validate is not None)
+        limits = Limits(
+            deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets
+        )
+        return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)
+
+    def _decode(self, data: bytes) -> CompletionRequest:
+        max_bytes = self.config.dispatcher.max_request_bytes
+        if len(data) > max_bytes:
             raise Rejected(
                 PAYLOAD_TOO_LARGE,
-                f"request is {len(data)} bytes; this dispatcher accepts at most {limits.max_request_bytes} "
+                f"request is {len(data)} bytes; this dispatcher accepts at most {max_bytes} "
                 "(dispatcher.max_request_bytes in the config)",
             )
         try:
-            request = request_decoder.decode(data)
+            return request_decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise Rejected(
                 INVALID_REQUEST,
@@ -246,73 +279,48 @@ class Router:
             raise Rejected(
                 INVALID_REQUEST, "invalid request: JSON nested too deeply", salvage_id(data)
             ) from None
-        request_id = request.id or self._ids.next().decode()
-        route_name = request.route if request.targets is None else None
 
-        def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:
-            return Rejected(error_type, message, request_id, route_name)
-
-        timeout_s = self._timeout_s(request, refuse)
-        route = self._resolve(request, refuse)
-        chain = self._chain_for_request(route)
-        fallback_on = route.fallback_on
-        if request.fallback_on is not None:
-            fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
-        max_attempts = route.max_attempts
-        if request.max_attempts is not None:
-            if request.max_attempts > limits.max_attempts:
-                raise refuse(
-                    f"max_attempts {request.max_attempts} is above this dispatcher's maximum of {limits.max_attempts}"
-                )
-            max_attempts = request.max_attempts
-        try:
-            validate = output_validator(request.response_format)
-        except ValueError as exc:
-            raise refuse(str(exc)) from None
-        faults = None
-        if request.faults:
-            faults = self._faults(request.faults, chain, refuse)
-        needs = _NO_NEEDS
-        if route.counts_tokens or validate is not None:
-            needs = Needs(
-                estimate_tokens(request.messages) if route.counts_tokens else None,
-                validate is not None,
+    def _max_attempts(self, request: CompletionRequest, route: _Route, refuse) -> int:
+        ceiling = self.config.dispatcher.max_attempts
+        if request.max_attempts is None:
+            return route.max_attempts
+        if request.max_attempts > ceiling:
+            raise refuse(
+                f"max_attempts {request.max_attempts} is above this dispatcher's maximum of "
+                f"{ceiling}"
             )
-        deadline = (time.monotonic() if arrived is None else arrived) + timeout_s
-        return Plan(
-            request,
-            request_id,
-            route_name,
-            chain,
-            Limits(
-                deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets
-            ),
-            needs,
-            validate,
-            faults,
-        )
+        return request.max_attempts
 
-    def _timeout_s(self, request: CompletionRequest, refuse) -> float:
+    def _deadline(self, request: CompletionRequest, arrived: float, refuse) -> Deadline:
+        """timeout_s after the request arrived (or the default), or its deadline_unix_ms when
+        that comes sooner; neither may be further away than max_timeout_s."""
         limits = self.config.dispatcher
         timeout_s = request.timeout_s
         if timeout_s is not None and timeout_s > limits.max_timeout_s:
             raise refuse(
-                f"timeout_s {timeout_s:g} is above this dispatcher's maximum of {limits.max_timeout_s:g}"
+                f"timeout_s {timeout_s:g} is above this dispatcher's maximum of "
+                f"{limits.max_timeout_s:g}"
             )
-        if request.deadline_unix_ms is not None:
-            left_s = request.deadline_unix_ms / 1000 - time.time()
-            if left_s <= 0:
-                raise refuse(
-                    f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the request; "
-                    "no target was tried",
-                    DEADLINE_EXCEEDED,
-                )
-            if left_s > limits.max_timeout_s:
-                raise refuse(
-                    f"deadline_unix_ms is {left_s:.0f} s away, above this dispatcher's maximum of {limits.max_timeout_s:g} s"
-                )
-            timeout_s = left_s if timeout_s is None else min(timeout_s, left_s)
-        return timeout_s if timeout_s is not None else limits.default_timeout_s
+        if request.deadline_unix_ms is None:
+            return Deadline.after(
+                limits.default_timeout_s if timeout_s is None else timeout_s, arrived
+            )
+        deadline = Deadline.at_unix_ms(request.deadline_unix_ms)
+        left_s = deadline.left_s()
+        if left_s <= 0:
+            raise refuse(
+                f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the "
+                "request; no target was tried",
+                DEADLINE_EXCEEDED,
+            )
+        if left_s > limits.max_timeout_s:
+            raise refuse(
+                f"deadline_unix_ms is {left_s:.0f} s away, above this dispatcher's maximum of "
+                f"{limits.max_timeout_s:g} s"
+            )
+        return (
+            deadline if timeout_s is None else deadline.sooner(Deadline.after(timeout_s, arrived))
+        )
 
     def _resolve(self, request: CompletionRequest, refuse) -> _Route:
         if request.targets is None:
@@ -352,7 +360,9 @@ class Router:
             target = self.build(spec)
             if target.model not in self.models[target.provider]:
                 # A model the config never names: its health is the provider's one shared entry.
-                target = target._replace(health_key=ADHOC_MODEL)
+                target = dataclasses.replace(
+                    target, health_key=HealthKey(target.provider, ADHOC_MODEL)
+                )
             targets.append(target)
         return self._route(
             targets,
@@ -385,7 +395,7 @@ class Router:
                 "in a test or staging config (never in production)"
             )
         every = [*chain.targets, *(t for c in chain.by_kind.values() for t in c)]
-        names = {t.label for t in every} | {t.provider for t in every}
+        names = {t.name for t in every} | {t.provider for t in every}
         unknown = sorted(set(faults) - names)
         if unknown:
             raise refuse(

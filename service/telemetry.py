@@ -250,7 +250,7 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
                 value = value_of(figures)
                 if value is not None:
                     attributes = {
-                        "lifeline.target": label,
+                        "lifeline.health_key": label,
                         "lifeline.provider": figures["provider"],
                         "gen_ai.request.model": figures["model"],
                     }
@@ -542,10 +542,11 @@ def annotate_request(span: trace.Span, reply, route: str | None) -> None:
 
 
 def attempt_span_template(target) -> tuple[str, dict[str, str]]:
-    """Name and fixed attributes of the span of an attempt on `target` (a policy.Target)."""
+    """Name and fixed attributes of the span of an attempt on `target` (a service.target.Target)."""
     return f"chat {target.model}", {
         **provider_attributes(target.provider, target.kind, target.model),
-        "lifeline.target": target.label,
+        "lifeline.target": target.name,
+        "lifeline.health_key": str(target.health_key),
     }
 
 

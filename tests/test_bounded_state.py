@@ -13,8 +13,8 @@ from typing import Any
 
 import nats
 import pytest
-
 from conftest import USER_HELLO, ask, fake
+
 from schemas import ProviderFailure, ProviderOk
 from schemas.wire import INVALID_REQUEST, encoder
 from service.app import start_stack
@@ -113,7 +113,7 @@ def test_a_model_outside_a_providers_allowlist_is_refused_naming_the_allowed_one
     )
     for model in ["m1", "m2", "m3"]:  # each allowed model keeps its own breaker
         [target] = plan(router, {"provider": "listed", "model": model}).chain.targets
-        assert target.health_model == model
+        assert target.health_key.model == model
 
 
 def test_breaker_states_other_dispatchers_write_cannot_grow_health_either():
@@ -253,8 +253,8 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
 
 
 def test_compiled_output_schemas_are_cached_only_while_small():
-    from service import shaping
     from schemas.wire import JsonSchemaFormat, ResponseFormat
+    from service import shaping
 
     shaping._validators.clear()
     big = {"type": "object", "description": "x" * (64 * 1024)}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from schemas import errors
+from schemas.errors import DEFAULT_RETRY_ON
 from service.health import BreakerSettings
-from service.policy import DEFAULT_RETRY_ON
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

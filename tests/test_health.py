@@ -12,7 +12,10 @@ import asyncio
 import time
 
 import pytest
+from test_policy import Clock, Script, events, fail, ok, target
 
+from schemas.deadline import Deadline
+from service.budgets import Budget, Budgets
 from service.health import (
     CALL,
     CLOSED,
@@ -29,8 +32,7 @@ from service.health import (
     bucket_of,
     percentile_ms,
 )
-from service.policy import Budget, Budgets, Chain, Hedge, Limits, Needs, run_chain
-from test_policy import Clock, Script, events, fail, ok, target
+from service.policy import Chain, Hedge, Limits, Needs, run_chain
 
 P, M = "p", "m"
 FAST = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
@@ -344,7 +346,7 @@ async def test_run_chain_tells_health_when_each_call_was_made():
 
     async def call(t, timeout_s, previous):
         if (
-            t.label == "a"
+            t.name == "a"
         ):  # while this call hangs, a call of a that another request made later answers
             made = clock.now
             clock.now += 1
@@ -354,7 +356,7 @@ async def test_run_chain_tells_health_when_each_call_was_made():
         return ok(content="from b")
 
     result = await run_chain(
-        Chain([a, target("b")]), call, Limits(clock.now + 60), health=h, clock=clock
+        Chain([a, target("b")]), call, Limits(Deadline(clock.now + 60)), health=h, clock=clock
     )
     assert result.answer is not None and result.answer.content == "from b"
     assert (
@@ -476,7 +478,12 @@ async def with_a_open(*after_a: str):
     chain = Chain([a, *(target(name) for name in after_a)])
     return (
         await run_chain(
-            chain, script, Limits(clock.now + 60), health=h, clock=clock, sleep=clock.sleep
+            chain,
+            script,
+            Limits(Deadline(clock.now + 60)),
+            health=h,
+            clock=clock,
+            sleep=clock.sleep,
         ),
         script,
         h,
@@ -507,11 +514,11 @@ class Racer:
         self.behaviour, self.called, self.cancelled = behaviour, [], []
 
     async def __call__(self, target, timeout_s, previous):
-        self.called.append(target.label)
+        self.called.append(target.name)
         try:
-            return await self.behaviour[target.label]()
+            return await self.behaviour[target.name]()
         except asyncio.CancelledError:
-            self.cancelled.append(target.label)
+            self.cancelled.append(target.name)
             raise
 
 
@@ -524,14 +531,14 @@ def after(reply, seconds: float = 0.0):
 
 
 async def hedged(call, targets, budgets=None, on_event=None):
-    limits = Limits(time.monotonic() + 30, hedge=Hedge(after_s=0.01), budgets=budgets)
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01), budgets=budgets)
     return await run_chain(Chain(targets), call, limits, on_event=on_event)
 
 
 async def test_a_hedge_that_answers_first_wins_and_the_slow_call_is_cancelled():
     racer = Racer(a=after(ok(content="too late"), 10.0), b=after(ok(content="from b")))
     result = await hedged(racer, [target("a"), target("b")])
-    assert result.target is not None and result.target.label == "b"
+    assert result.target is not None and result.target.name == "b"
     assert [(x.target, x.outcome, x.reason, x.hedge) for x in result.attempts] == [
         ("a", "cancelled", "hedge_lost", False),
         ("b", "ok", None, True),
@@ -582,7 +589,7 @@ async def test_the_retry_budget_allows_one_retry_then_falls_back():
     seen, on_event = events("lifeline.budget_spent")
     script = Script(clock, {"a": fail("server_error", 503), "b": ok(content="from b")})
     budgets = Budgets(Budget(0.0, reserve=1, clock=clock), Budget(0.1, clock=clock))
-    limits = Limits(clock.now + 60, budgets=budgets)
+    limits = Limits(Deadline(clock.now + 60), budgets=budgets)
     chain = Chain([target("a", retries=3), target("b")])
     result = await run_chain(
         chain, script, limits, clock=clock, sleep=clock.sleep, rand=lambda: 0.5, on_event=on_event
@@ -611,7 +618,7 @@ async def test_a_probe_the_request_cannot_send_is_not_claimed():
     b = tripped(clock, h, "b")
     clock.now += 6  # b's cooldown is over: the next call of b would be its probe
     script = Script(clock, {"a": fail("server_error", 503)})
-    limits = Limits(clock.now + 60, max_attempts=1)  # a takes the only attempt
+    limits = Limits(Deadline(clock.now + 60), max_attempts=1)  # a takes the only attempt
     await run_chain(
         Chain([target("a"), b]), script, limits, health=h, clock=clock, sleep=clock.sleep
     )
@@ -624,7 +631,7 @@ async def test_a_probe_is_never_hedged():
     a = tripped(clock, h, "a")
     clock.now += 6
     racer = Racer(a=after(ok(content="from a"), 0.05), b=after(ok(content="from b")))
-    limits = Limits(time.monotonic() + 30, hedge=Hedge(after_s=0.01))
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01))
     result = await run_chain(Chain([a, target("b")]), racer, limits, health=h)
     assert racer.called == ["a"] and result.answer is not None and result.answer.content == "from a"
     assert h.of("a", "a-model").state == CLOSED  # the probe's answer decided
@@ -635,12 +642,14 @@ async def test_a_timeout_the_requests_own_deadline_caused_does_not_count():
     h = Health(clock=clock, wall=clock)
     a = target("a", timeout_s=30, breaker=BreakerSettings(consecutive_failures=1))
     script = Script(clock, {"a": fail("timeout"), "b": ok()})
-    limits = Limits(clock.now + 1)  # the client gives the whole request 1 s: a's 30 s are cut short
+    limits = Limits(
+        Deadline(clock.now + 1)
+    )  # the client gives the whole request 1 s: a's 30 s are cut short
     await run_chain(
         Chain([a, target("b")]), script, limits, health=h, clock=clock, sleep=clock.sleep
     )
     assert h.of("a", "a-model").state == CLOSED
-    limits = Limits(clock.now + 60)  # a timeout at a's own timeout_s counts
+    limits = Limits(Deadline(clock.now + 60))  # a timeout at a's own timeout_s counts
     await run_chain(
         Chain([a, target("b")]),
         Script(clock, {"a": fail("timeout"), "b": ok()}),
@@ -660,7 +669,7 @@ async def test_no_retries_into_a_breaker_the_failure_just_opened():
     await run_chain(
         Chain([a, target("b")]),
         script,
-        Limits(clock.now + 60),
+        Limits(Deadline(clock.now + 60)),
         health=h,
         clock=clock,
         sleep=clock.sleep,
@@ -682,7 +691,9 @@ async def test_a_failure_that_stops_the_chain_settles_a_race():
 
     racer = Racer(a=a_bad_request, b=b_slow)
     limits = Limits(
-        time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01)
+        Deadline(time.monotonic() + 30),
+        fallback_on=frozenset({"rate_limit"}),
+        hedge=Hedge(after_s=0.01),
     )
     result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
     assert (
@@ -706,7 +717,7 @@ async def test_an_open_target_is_called_when_every_later_target_would_be_skipped
     result = await run_chain(
         Chain([a, too_small]),
         script,
-        Limits(clock.now + 60),
+        Limits(Deadline(clock.now + 60)),
         needs=Needs(input_tokens=500),
         health=h,
         clock=clock,
@@ -729,7 +740,9 @@ async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge(
 
     racer = Racer(a=a_slow, b=b_bad_request)
     limits = Limits(
-        time.monotonic() + 30, fallback_on=frozenset({"rate_limit"}), hedge=Hedge(after_s=0.01)
+        Deadline(time.monotonic() + 30),
+        fallback_on=frozenset({"rate_limit"}),
+        hedge=Hedge(after_s=0.01),
     )
     result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
     assert result.error is not None and result.error.type == "fallback_stopped"

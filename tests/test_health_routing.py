@@ -420,12 +420,12 @@ async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tra
         for _ in range(2):
             await ask(client, FAIL_A)
         points = {
-            (metric.name, point.attributes["lifeline.target"]): point.value
+            (metric.name, point.attributes["lifeline.health_key"]): point.value
             for rm in reader.get_metrics_data().resource_metrics
             for sm in rm.scope_metrics
             for metric in sm.metrics
             for point in metric.data.data_points
-            if "lifeline.target" in point.attributes
+            if "lifeline.health_key" in point.attributes
         }
     finally:
         await stack.stop()

@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
-from service.policy import Chain, Limits, Needs, Target, run_chain
+from schemas.deadline import Deadline
+from service.policy import Chain, Limits, Needs, run_chain
+from service.target import Target
 
 
 class Clock:
@@ -45,10 +47,10 @@ class Script:
     async def __call__(
         self, target: Target, timeout_s: float, previous: tuple[str, ...]
     ) -> ProviderReply:
-        self.calls.append((target.label, timeout_s))
+        self.calls.append((target.name, timeout_s))
         self.previous.append(previous)
-        self.clock.now += self.took.get(target.label, 0.0)
-        queue = self.replies[target.label]
+        self.clock.now += self.took.get(target.name, 0.0)
+        queue = self.replies[target.name]
         return queue.pop(0) if len(queue) > 1 else queue[0]
 
     @property
@@ -57,7 +59,9 @@ class Script:
 
 
 def target(name: str, timeout_s: float = 30.0, **kw: Any) -> Target:
-    return Target(name, "fake", f"{name}-model", timeout_s, **kw)
+    return Target(
+        name=name, provider=name, kind="fake", model=f"{name}-model", timeout_s=timeout_s, **kw
+    )
 
 
 def ok(model: str = "served-model", content: str = "hi") -> ProviderOk:
@@ -92,7 +96,7 @@ async def run(
     script = Script(clock, replies, took)
     if targets is None:
         targets = [target(name, (timeouts or {}).get(name, 30.0)) for name in replies]
-    limits = Limits(clock.now + deadline_in, max_attempts, fallback_on, fallback)
+    limits = Limits(Deadline(clock.now + deadline_in), max_attempts, fallback_on, fallback)
     result = await run_chain(
         Chain(targets, by_kind or {}),
         script,
@@ -289,7 +293,7 @@ async def test_a_target_whose_max_input_tokens_the_input_exceeds_is_skipped_with
         on_event=on_event,
     )
     assert script.called == ["long"]
-    assert result.target is not None and result.target.label == "long"
+    assert result.target is not None and result.target.name == "long"
     skipped = result.attempts[0]
     assert (skipped.target, skipped.outcome, skipped.reason) == (
         "short",
@@ -454,7 +458,7 @@ async def test_skipped_targets_do_not_count_as_attempts():
         needs=Needs(input_tokens=9),
         max_attempts=1,
     )
-    assert result.target is not None and result.target.label == "c"
+    assert result.target is not None and result.target.name == "c"
 
 
 # ---- chains per error class --------------------------------------------------------
@@ -559,4 +563,4 @@ async def test_the_last_failure_of_a_chain_says_stop_not_fallback():
 async def test_a_targets_template_counts_toward_its_max_input_tokens():
     targets = [target("a", max_input_tokens=100, prompt_tokens=60), target("b")]
     result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
-    assert (result.attempts[0].reason, result.target.label) == ("max_input_tokens", "b")
+    assert (result.attempts[0].reason, result.target.name) == ("max_input_tokens", "b")

@@ -22,6 +22,7 @@ from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderReply, ProviderRequest
+from schemas.deadline import Deadline
 from schemas.subjects import (
     ATTEMPT_ID,
     DEADLINE_MS,
@@ -143,13 +144,9 @@ class WorkerRuntime:
         await publish_checked(self.nc, subject, payload, f"{self.name}'s reply")
 
     def _time_left(self, headers: dict[str, str] | None) -> float:
-        deadline = headers.get(DEADLINE_MS) if headers else None
-        if deadline is None:
-            return self.timeout_s
-        try:
-            return min(self.timeout_s, int(deadline) / 1000 - time.time())
-        except ValueError:
-            return self.timeout_s
+        """What the attempt's Deadline leaves, at most this worker's own timeout_s."""
+        deadline = Deadline.from_header(headers.get(DEADLINE_MS)) if headers else None
+        return self.timeout_s if deadline is None else min(self.timeout_s, deadline.left_s())
 
     async def _call(
         self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None

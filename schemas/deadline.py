@@ -1,0 +1,66 @@
+"""A request's deadline: one value from the moment a request arrives to the worker's HTTP call.
+
+Inside a process a Deadline is a point on `time.monotonic()`'s scale, so a wall-clock step
+(NTP, a VM resumed) cannot stretch or cut it. Between processes it travels as wall-clock Unix
+milliseconds in the `Lifeline-Deadline-Ms` header (schemas.subjects.DEADLINE_MS), the one
+form two machines agree on; `header()` and `from_header()` are the only conversions.
+
+    on arrival    Deadline.after(timeout_s, start=arrived), .sooner() than the client's own
+                  Deadline.at_unix_ms(deadline_unix_ms)
+    per attempt   the policy gives each call min(target.timeout_s, deadline.left_s()), and the
+                  attempt's own Deadline.after(that) goes out as deadline.header()
+    in a worker   Deadline.from_header(value).left_s(): what its provider call may take
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class Deadline:
+    """A point in time after which nobody waits for an answer."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at  # on time.monotonic()'s scale (or the injected clock's, in tests)
+
+    @classmethod
+    def after(cls, seconds: float, start: float | None = None) -> Deadline:
+        """`seconds` after `start` (time.monotonic() when the request arrived; now if None)."""
+        return cls((time.monotonic() if start is None else start) + seconds)
+
+    @classmethod
+    def at_unix_ms(cls, unix_ms: float) -> Deadline:
+        """A wall-clock deadline (a client's deadline_unix_ms, or the header's value)."""
+        return cls(time.monotonic() + unix_ms / 1000 - time.time())
+
+    @classmethod
+    def from_header(cls, value: str | None) -> Deadline | None:
+        """The deadline a `Lifeline-Deadline-Ms` header carries; None when absent or malformed."""
+        if value is None or not 0 < len(value) <= 20:
+            return None
+        try:
+            return cls.at_unix_ms(int(value))
+        except ValueError:
+            return None
+
+    def header(self) -> str:
+        """This deadline as the `Lifeline-Deadline-Ms` header's value (Unix time in ms)."""
+        return str(int((time.time() + self.left_s()) * 1000))
+
+    def left_s(self, now: float | None = None) -> float:
+        """Seconds left; zero or less once it has passed."""
+        return self.at - (time.monotonic() if now is None else now)
+
+    def passed(self, now: float | None = None) -> bool:
+        return self.left_s(now) <= 0
+
+    def sooner(self, other: Deadline) -> Deadline:
+        return self if self.at <= other.at else other
+
+    def __repr__(self) -> str:
+        return f"Deadline(left_s={self.left_s():.3f})"

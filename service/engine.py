@@ -1,0 +1,295 @@
+"""The engine: one request, from its bytes to exactly one reply and exactly one audit event.
+
+Front ends take requests off NATS and hand them here: service/dispatcher.py serves core
+request/reply on llm.complete; a streaming or a JetStream jobs front end sits beside it and
+differs only in how it delivers the reply (`Respond`). The engine knows no NATS message:
+
+    plan      service/routing.py turns the bytes into a Plan (route, Targets, Deadline,
+              limits), or a Rejected that is answered as an error
+    chain     service/policy.py walks the plan's chain; each call goes through `Transport`
+              (service/transport.py) to a provider worker, and, for a request with `faults`,
+              through service/faults.py first
+    reply     the first good answer, or the error, with every attempt; handed to `Respond`
+    audit     what was delivered, published through `Transport`
+
+Nothing escapes `serve`: a bug becomes an `internal_error` reply (and a log line with the
+traceback), so the one-reply-one-audit promise holds whatever the request holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple, Protocol
+
+import msgspec
+from nats.nuid import NUID
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest
+from schemas.deadline import Deadline
+from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID
+from schemas.wire import INTERNAL, PAYLOAD_TOO_LARGE, PREVIOUS_ERRORS, encoder, salvage_id
+from service import telemetry
+from service.config import Config
+from service.faults import injecting
+from service.health import Health, Untouched
+from service.policy import CallTarget, ChainResult, run_chain
+from service.routing import Plan, Rejected, Router
+from service.shaping import shape
+from service.target import Target
+
+log = logging.getLogger("lifeline.dispatcher")
+
+# A request can name its own target labels: the span cache must not grow with them.
+_SPAN_TEMPLATES_MAX = 1024
+# Room kept for an attempt's headers (deadline, ids, traceparent, a client's tracestate) when
+# checking that a request fits a worker's subject; the exact size is checked per attempt.
+_HEADER_ROOM = 1024
+
+
+class Transport(Protocol):
+    """What the engine needs of NATS (service/transport.py is the real one)."""
+
+    @property
+    def max_payload(self) -> int: ...
+
+    async def ask_provider(
+        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+    ) -> ProviderReply: ...
+
+    async def audit(self, event: AuditEvent) -> None: ...
+
+
+# Delivers the reply the front end's way; returns what was really delivered (a reply too
+# large for NATS goes out as an error), which the audit event then reports.
+Respond = Callable[[CompletionReply], Awaitable[CompletionReply]]
+
+
+class Inbound(NamedTuple):
+    """A request as a front end received it."""
+
+    data: bytes
+    headers: Mapping[str, str] | None
+    arrived: float  # time.monotonic() when it arrived: its deadline counts from here
+
+
+class Engine:
+    def __init__(
+        self, config: Config, transport: Transport, health: Health, spans: telemetry.SpanRecorder
+    ) -> None:
+        self.router = Router(config)
+        self.transport = transport
+        self.health = health  # circuit breakers and recent figures, shared by every request
+        self.spans = spans
+        # Span name and attributes per target, built once rather than per attempt.
+        self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
+        self._attempt_ids = NUID()
+
+    async def serve(
+        self, inbound: Inbound, respond: Respond | None, refused: Rejected | None = None
+    ) -> CompletionReply:
+        """Answer one request through `respond` (None: nobody to answer) and audit it; with
+        `refused`, the front end already knows the answer is that refusal. Never raises."""
+        span = self.spans.start("chat", SpanKind.SERVER, {}, telemetry.extract(inbound.headers))
+        trace_id = telemetry.trace_id_of(span)
+        route: str | None = None
+        try:
+            if refused is not None:
+                raise refused
+            plan = self.router.plan(inbound.data, inbound.arrived)
+            route = plan.route
+            reply = _reply(plan.request_id, await self._complete(plan, span), trace_id)
+        except Rejected as exc:
+            route = exc.route
+            reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
+        except Exception:
+            log.exception("bug while handling a request; answering with an internal error")
+            reply = _internal_error(inbound.data, trace_id)
+        latency_ms = (time.monotonic() - inbound.arrived) * 1000
+        reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
+        try:
+            if respond is not None:
+                reply = await respond(reply)
+            await self.transport.audit(_audit_event(reply, route, len(inbound.data)))
+        except Exception:  # the last line: nothing may escape a request unlogged
+            log.exception("bug while answering request %r", reply.id)
+        finally:
+            _annotate(span, reply, route)
+            span.end()
+        return reply
+
+    async def _complete(self, plan: Plan, span: telemetry.LiteSpan) -> ChainResult:
+        payloads = _Payloads(_provider_request(plan))
+        self._check_fits(payloads.base, plan)
+
+        async def call(
+            target: Target, timeout_s: float, previous: tuple[str, ...]
+        ) -> ProviderReply:
+            payload = payloads.for_target(target, previous)
+            return await self._attempt(target, payload, plan.request_id, timeout_s, span)
+
+        checked: CallTarget = call
+        health: Health | Untouched = self.health
+        if plan.faults is not None:
+            checked = injecting(call, plan.faults)
+            health = Untouched(self.health)  # simulated outcomes are not the shared breakers'
+        return await run_chain(
+            plan.chain,
+            checked,
+            plan.limits,
+            needs=plan.needs,
+            validate=plan.validate,
+            on_event=span.add_event if span.is_recording() else None,
+            health=health,
+        )
+
+    async def _attempt(
+        self,
+        target: Target,
+        payload: bytes,
+        request_id: str,
+        timeout_s: float,
+        parent: telemetry.LiteSpan,
+    ) -> ProviderReply:
+        """One call of a worker. The policy has already bounded timeout_s by the request's
+        deadline; the attempt's own Deadline tells the worker when to give up."""
+        name, attributes = self._span_template(target)
+        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
+        headers = {
+            DEADLINE_MS: Deadline.after(timeout_s).header(),
+            REQUEST_ID: request_id,
+            ATTEMPT_ID: self._attempt_ids.next().decode(),
+        }
+        telemetry.inject(headers, span)
+        try:
+            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
+            if span.is_recording():
+                telemetry.annotate_outcome(span, reply)
+            return reply
+        finally:
+            span.end()
+
+    def _span_template(self, target: Target) -> tuple[str, dict[str, str]]:
+        key = (target.provider, target.model, target.name)
+        template = self._span_templates.get(key)
+        if template is None:
+            template = telemetry.attempt_span_template(target)
+            if len(self._span_templates) < _SPAN_TEMPLATES_MAX:
+                self._span_templates[key] = template
+        return template
+
+    def _check_fits(self, payload: bytes, plan: Plan) -> None:
+        """Refuse a request that would not fit the workers' subject once headers are added."""
+        size = len(payload) + _HEADER_ROOM + len(plan.request_id)
+        max_payload = self.transport.max_payload
+        if size > max_payload:
+            raise Rejected(
+                PAYLOAD_TOO_LARGE,
+                f"request is {size} bytes as sent to a provider worker (with {_HEADER_ROOM} bytes "
+                f"kept for headers), above the NATS server's max_payload of {max_payload}; "
+                "shorten the messages, or raise max_payload in nats-server's config",
+                plan.request_id,
+                plan.route,
+            )
+
+
+class _Payloads:
+    """What each target is sent: the request encoded once, or once per shaped target, or,
+    for a target with pass_failures, once per attempt (the failures so far change it)."""
+
+    __slots__ = ("_request", "_shaped", "base")
+
+    def __init__(self, request: ProviderRequest) -> None:
+        self._request = request
+        self.base = encoder.encode(request)
+        self._shaped: dict[str, bytes] = {}
+
+    def for_target(self, target: Target, previous: tuple[str, ...]) -> bytes:
+        if target.pass_failures:
+            return encoder.encode(_shaped(self._request, target, previous))
+        if target.shaping is None:
+            return self.base
+        payload = self._shaped.get(target.name)
+        if payload is None:
+            payload = self._shaped[target.name] = encoder.encode(_shaped(self._request, target))
+        return payload
+
+
+def _provider_request(plan: Plan) -> ProviderRequest:
+    request = plan.request
+    return ProviderRequest(
+        id=plan.request_id,
+        messages=request.messages,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        metadata=request.metadata,
+        top_p=request.top_p,
+        response_format=request.response_format,
+    )
+
+
+def _shaped(
+    base: ProviderRequest, target: Target, previous: tuple[str, ...] | None = None
+) -> ProviderRequest:
+    """`previous` (the failures so far) only for a target that opted in to pass_failures."""
+    request = base if target.shaping is None else shape(base, target.shaping, previous or ())
+    if previous is not None:
+        metadata = {**request.metadata, PREVIOUS_ERRORS: list(previous)}
+        request = msgspec.structs.replace(request, metadata=metadata)
+    return request
+
+
+def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> CompletionReply:
+    target, answer = result.target, result.answer
+    if answer is None or target is None:
+        return CompletionReply(
+            request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error
+        )
+    return CompletionReply(
+        request_id,
+        "ok",
+        content=answer.content,
+        provider=target.provider,
+        model=answer.model or target.model,
+        attempts=result.attempts,
+        usage=answer.usage,
+        trace_id=trace_id,
+        target=target.name,
+        template=target.shaping.template_name if target.shaping is not None else None,
+    )
+
+
+def _internal_error(data: bytes, trace_id: str | None) -> CompletionReply:
+    message = "Lifeline failed unexpectedly; the dispatcher log has the traceback"
+    return CompletionReply(
+        salvage_id(data), "error", trace_id=trace_id, error=ErrorInfo(INTERNAL, message)
+    )
+
+
+def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) -> AuditEvent:
+    return AuditEvent(
+        id=reply.id,
+        status=reply.status,
+        route=route,
+        provider=reply.provider,
+        model=reply.model,
+        attempts=reply.attempts,
+        latency_ms=reply.latency_ms,
+        trace_id=reply.trace_id,
+        ts_unix_ms=int(time.time() * 1000),
+        error_type=reply.error.type if reply.error else None,
+        usage=reply.usage,
+        request_bytes=request_bytes,
+        target=reply.target,
+        template=reply.template,
+    )
+
+
+def _annotate(span: telemetry.LiteSpan, reply: CompletionReply, route: str | None) -> None:
+    if not span.is_recording():
+        return
+    telemetry.annotate_request(span, reply, route)
+    if reply.error is not None:
+        span.set_status(Status(StatusCode.ERROR, reply.error.message))
