@@ -53,6 +53,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         await self.health.start()
+        await self.transport.start()
         self._sub = await self.transport.nc.subscribe(
             subjects.COMPLETE,
             queue=subjects.DISPATCHER_QUEUE,

@@ -296,13 +296,19 @@ def _bomb(size: int) -> bytes:
     return _Handler.bombs[size]
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of connections from a worker would
+    # be refused by the kernel, and the test would measure the harness, not Lifeline.
+    request_queue_size = 256
+
+
 class MisbehavingProvider:
     """A real local HTTP server speaking OpenAI's shapes, in a thread."""
 
     def __enter__(self) -> "MisbehavingProvider":
         _Handler.exported.clear()
         self.exported = _Handler.exported
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
