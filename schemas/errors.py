@@ -26,9 +26,8 @@ class Kind(NamedTuple):
 
     name: str
     meaning: str
-    statuses: tuple[
-        int, ...
-    ] = ()  # HTTP statuses that map to it (classify_status; else 5xx and 4xx rules)
+    # HTTP statuses that map to it (classify_status; else 5xx and 4xx rules).
+    statuses: tuple[int, ...] = ()
     retried: bool = False  # in a target's default retry_on
     trips: bool = False  # in a breaker's default trip_on: it says the provider is unwell
     own_chain: bool = False  # a route may name a chain for it (<kind>_fallbacks)
@@ -40,26 +39,25 @@ KINDS: dict[str, Kind] = {
         Kind(
             "timeout",
             "no answer before the attempt's timeout, an HTTP timeout or 408",
-            (408,),
-            True,
-            True,
+            statuses=(408,),
+            retried=True,
+            trips=True,
         ),
         Kind(
             "rate_limit",
             "HTTP 429; the provider's Retry-After comes as retry_after_s",
-            (429,),
-            True,
-            True,
+            statuses=(429,),
+            retried=True,
+            trips=True,
         ),
         Kind(
             "server_error",
             "HTTP 5xx (every other 5xx status), Anthropic's 529, an unparseable 200",
-            (),
-            True,
-            True,
+            retried=True,
+            trips=True,
         ),
-        Kind("connection", "the provider could not be reached", (), True, True),
-        Kind("auth", "HTTP 401, 403", (401, 403)),
+        Kind("connection", "the provider could not be reached", retried=True, trips=True),
+        Kind("auth", "HTTP 401, 403", statuses=(401, 403)),
         Kind("bad_request", "HTTP 4xx (every other 4xx status)"),
         Kind(
             "context_length",
@@ -132,42 +130,34 @@ SKIP_REASONS = (
     "json_output",  # the request wants JSON and the target declares json_output = false
     "deadline",  # the request's deadline left no time to start it
     "max_attempts",  # the request's cap on physical attempts was reached
-    "circuit_open",  # the target's circuit breaker is open (it is still called when it is the last one left)
+    "circuit_open",  # the target's circuit breaker is open (still called if it is the last left)
 )
 
 # Why a failed attempt was not retried although its target's retries allowed it (Attempt.reason),
-# and why a cancelled attempt was cancelled.
-RETRY_BUDGET = (
-    "retry_budget"  # the route's retry budget was spent: the dispatcher fell back instead
-)
-HEDGE_LOST = (
-    "hedge_lost"  # a hedged attempt's rival answered first; this one was cancelled at its worker
-)
+# and why a cancelled attempt was cancelled:
+#   retry_budget   the route's retry budget was spent: the dispatcher fell back instead
+#   hedge_lost     a hedged attempt's rival answered first; this one was cancelled at its worker
+RETRY_BUDGET = "retry_budget"
+HEDGE_LOST = "hedge_lost"
 
 # Why a whole request failed (CompletionReply.error.type).
 ALL_FAILED = "all_failed"  # every target was tried and failed
 FALLBACK_STOPPED = "fallback_stopped"  # a failure outside the route's fallback_on ended the chain
-DEADLINE_EXCEEDED = (
-    "deadline_exceeded"  # the request's timeout_s ran out before a target could start
-)
+# The request's timeout_s ran out before a target could start.
+DEADLINE_EXCEEDED = "deadline_exceeded"
 INVALID_REQUEST = "invalid_request"  # malformed JSON, wrong types, empty messages, ...
-PAYLOAD_TOO_LARGE = (
-    "payload_too_large"  # the request (or what it becomes for a worker) does not fit
-)
-REPLY_TOO_LARGE = (
-    "reply_too_large"  # an answer came, but the reply carrying it would not fit max_payload
-)
-OVERLOADED = (
-    "overloaded"  # the dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s
-)
-REPLY_SUBJECT_REFUSED = (
-    "reply_subject_refused"  # the reply subject is inside Lifeline's or the server's namespace
-)
+# The request (or what it becomes for a worker) does not fit.
+PAYLOAD_TOO_LARGE = "payload_too_large"
+# An answer came, but the reply carrying it would not fit max_payload.
+REPLY_TOO_LARGE = "reply_too_large"
+# The dispatcher is at dispatcher.max_in_flight; retry after error.retry_after_s.
+OVERLOADED = "overloaded"
+# The reply subject is inside Lifeline's or the server's namespace.
+REPLY_SUBJECT_REFUSED = "reply_subject_refused"
 UNKNOWN_ROUTE = "unknown_route"
 UNKNOWN_PROVIDER = "unknown_provider"
-NO_CAPABLE_TARGET = (
-    "no_capable_target"  # every target was skipped by a capability check; none was called
-)
+# Every target was skipped by a capability check; none was called.
+NO_CAPABLE_TARGET = "no_capable_target"
 MAX_ATTEMPTS_REACHED = "max_attempts_reached"  # the cap on physical attempts ended the chain
 INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
 

@@ -51,7 +51,8 @@ class ConnectionWatch:
         error = self.nc.last_error if self.nc is not None else None
         why = f"{type(error).__name__}: {error}" if error is not None else "closed"
         log.error(
-            "%s: the NATS connection is gone for good (%s); stopping so a supervisor can restart it",
+            "%s: the NATS connection is gone for good (%s); "
+            "stopping so a supervisor can restart it",
             self.name,
             why,
         )
@@ -79,9 +80,10 @@ async def connect(
             error_cb=on_error,
             closed_cb=watch.on_closed if watch is not None else None,
         )
-    except Exception as exc:  # nats-py raises several unrelated types here
+    except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
         raise NatsUnreachable(
-            f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__}: {exc}). Start one, set NATS_URL or --nats-url, "
+            f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__}: {exc}). "
+            "Start one, set NATS_URL or --nats-url, "
             "or use `lifeline run`, which starts an embedded server"
         ) from None
     if watch is not None:
@@ -118,7 +120,8 @@ async def start_dispatcher(
     await dispatcher.start()
     if meters is not None:
         observe_health(meters, dispatcher.health)
-    return Component("dispatcher", nc, dispatcher.stop, watch), dispatcher
+    component = Component(name="dispatcher", nc=nc, stop_runtime=dispatcher.stop, watch=watch)
+    return component, dispatcher
 
 
 async def start_worker(
@@ -129,10 +132,16 @@ async def start_worker(
     watch = ConnectionWatch(f"worker {name}")
     nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
     runtime = WorkerRuntime(
-        name, settings.kind, provider, nc, tracers.recorder("lifeline.worker"), settings.timeout_s
+        name=name,
+        kind=settings.kind,
+        provider=provider,
+        nc=nc,
+        spans=tracers.recorder("lifeline.worker"),
+        timeout_s=settings.timeout_s,
     )
     await runtime.start()
-    return Component(f"worker {name}", nc, runtime.stop, watch), runtime
+    component = Component(name=f"worker {name}", nc=nc, stop_runtime=runtime.stop, watch=watch)
+    return component, runtime
 
 
 @dataclass

@@ -13,22 +13,36 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
 from service import telemetry
-from service.app import NatsUnreachable, Stack, connect, start_dispatcher, start_stack, start_worker
-from service.config import Config, ConfigError, breaker_settings, load_config
+from service.app import (
+    Component,
+    NatsUnreachable,
+    Stack,
+    connect,
+    start_dispatcher,
+    start_stack,
+    start_worker,
+)
+from service.config import Config, ConfigError, Step, breaker_settings, load_config
 from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
 from service.health import percentile_ms
 from service.shared_health import merge_status, read_bucket
+from service.telemetry import Tracing
 
 log = logging.getLogger("lifeline")
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "lifeline.example.toml"
 LOCAL_NATS = "nats://127.0.0.1:4222"
@@ -55,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_run, _add_dispatcher, _add_worker, _add_ask, _add_check, _add_status):
+        add_command(commands)
+    return parser
 
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
         "run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker"
     )
@@ -71,17 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
 
+
+def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dispatcher = commands.add_parser(
         "dispatcher", help="run one dispatcher against an existing NATS"
     )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
 
+
+def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = commands.add_parser("worker", help="run one provider worker against an existing NATS")
     worker.add_argument("name", help="provider name, a [providers.<name>] table in the config")
     _config_arg(worker)
     _nats_arg(worker)
 
+
+def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ask = commands.add_parser("ask", help="send one request and print the answer and every attempt")
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="a system message to send first")
@@ -99,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--json-output",
         action="store_true",
-        help="ask for a JSON object (response_format json_object); other answers count as invalid_output",
+        help="ask for a JSON object (response_format json_object); "
+        "other answers count as invalid_output",
     )
     ask.add_argument(
         "--no-fallback", action="store_true", help="try only the first target (and its retries)"
@@ -110,32 +136,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TARGET=FAULT",
-        help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP status; "
-        "comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
+        help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP "
+        "status; comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
         "dispatcher.allow_fault_injection",
     )
     ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
     _nats_arg(ask)
 
+
+def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = commands.add_parser(
         "check-config", help="validate a config file and print what it defines"
     )
     _config_arg(check)
 
+
+def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
-        help="every target's circuit breaker, recent success rate and p50/p95, from the shared health bucket",
-        description="Reads the JetStream key-value bucket the dispatchers share (dispatcher.health_bucket) and "
-        "shows, per target (provider:model): its breaker (closed, open, half_open) and why, the calls of the last "
-        "60 s summed over every live dispatcher, their success rate, the p50/p95 latency of good answers "
-        "(last 30-60 s), and how many calls skipped it while its breaker was open.",
+        help="every target's circuit breaker, recent success rate and p50/p95, "
+        "from the shared health bucket",
+        description="Reads the JetStream key-value bucket the dispatchers share "
+        "(dispatcher.health_bucket) and shows, per target (provider:model): its breaker "
+        "(closed, open, half_open) and why, the calls of the last 60 s summed over every live "
+        "dispatcher, their success rate, the p50/p95 latency of good answers (last 30-60 s), "
+        "and how many calls skipped it while its breaker was open.",
     )
     status.add_argument(
         "--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)"
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
     _nats_arg(status)
-    return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -171,19 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-async def _until_signalled(lost: Awaitable[str] | None = None) -> str | None:
-    """Wait for Ctrl-C or SIGTERM (returns None), or for `lost` (returns the name of the
-    component whose NATS connection is gone for good)."""
+async def _until_signalled(lost: Awaitable[T] | None = None) -> T | None:
+    """Wait for Ctrl-C or SIGTERM (returns None), or for `lost`, which ends when a NATS
+    connection is gone for good (returns what `lost` returns)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     signalled = asyncio.ensure_future(stop.wait())
-    waits = {signalled} if lost is None else {signalled, asyncio.ensure_future(lost)}
+    gone = None if lost is None else asyncio.ensure_future(lost)
+    waits: set[asyncio.Future[Any]] = {signalled} if gone is None else {signalled, gone}
     done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in pending:
         wait.cancel()
-    return None if signalled in done else next(iter(done)).result()
+    return None if gone is None or signalled in done else gone.result()
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -194,29 +226,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url)
     server = None
     if url is None:
-        server = EmbeddedNats(port=args.port)
-        try:
-            url = server.start()
-        except EmbeddedNatsError as exc:
-            raise EmbeddedNatsError(
-                f"{exc}\nIs another server on port {args.port}? Try --port -1 (any free port), or --nats-url."
-            ) from None
-        print(f"embedded NATS (JetStream) listening on {url}", flush=True)
+        server, url = _start_embedded(args.port)
     lost = None
     stack: Stack | None = None
     try:
         stack = await start_stack(config, url, tracers, meters=meters)
         _print_started(config, url)
-        watcher = None if args.quiet else await _watch_audit(url)
-        lost = await _until_signalled(stack.lost())
-        if lost is not None:
-            print(
-                f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr
-            )
-        else:
-            print("\nshutting down: finishing requests in flight...")
-        if watcher is not None:
-            await watcher.drain()
+        lost = await _serve_stack(stack, url, quiet=args.quiet)
     finally:
         if stack is not None:
             await stack.stop()
@@ -229,12 +245,41 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0 if lost is None else 1
 
 
+def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:
+    """An embedded NATS server for `run` when no URL is given, and its URL."""
+    server = EmbeddedNats(port=port)
+    try:
+        url = server.start()
+    except EmbeddedNatsError as exc:
+        raise EmbeddedNatsError(
+            f"{exc}\nIs another server on port {port}? "
+            "Try --port -1 (any free port), or --nats-url."
+        ) from None
+    print(f"embedded NATS (JetStream) listening on {url}", flush=True)
+    return server, url
+
+
+async def _serve_stack(stack: Stack, url: str, quiet: bool) -> str | None:
+    """Serve (printing a line per request unless `quiet`) until a signal (returns None) or
+    until a component's NATS connection is gone for good (returns its name)."""
+    watcher = None if quiet else await _watch_audit(url)
+    lost = await _until_signalled(stack.lost())
+    if lost is not None:
+        print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
+    else:
+        print("\nshutting down: finishing requests in flight...")
+    if watcher is not None:
+        await watcher.drain()
+    return lost
+
+
 def _describe(config: Config) -> None:
     for name, p in config.providers.items():
         print(f"provider {name:<12} kind={p.kind} model={p.model or '-'} timeout_s={p.timeout_s:g}")
     for name, spec in config.targets.items():
         print(
-            f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} template={spec.template or '-'}"
+            f"target   {name:<12} provider={spec.provider} model={spec.model or '-'} "
+            f"template={spec.template or '-'}"
         )
     for name, route in config.routes.items():
         fallback_on = (
@@ -243,7 +288,8 @@ def _describe(config: Config) -> None:
             else "any failure"
         )
         print(
-            f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; max_attempts {route.max_attempts})"
+            f"route    {name:<12} {_chain(route.targets)}  (falls back on: {fallback_on}; "
+            f"max_attempts {route.max_attempts})"
         )
         for kind, targets in route.by_kind.items():
             print(f"         {'':<12} on {kind}: {_chain(targets)}")
@@ -257,16 +303,16 @@ def _describe(config: Config) -> None:
             )
     breaker = breaker_settings(config.breaker)
     print(
-        f"breaker  opens after {breaker.consecutive_failures} failures in a row or {breaker.failure_rate:.0%} of "
-        f"{breaker.min_requests}+ calls in {breaker.window_s:g} s; cooldown {breaker.cooldown_s:g} s"
-        + ("" if breaker.enabled else " (disabled)")
+        f"breaker  opens after {breaker.consecutive_failures} failures in a row or "
+        f"{breaker.failure_rate:.0%} of {breaker.min_requests}+ calls in {breaker.window_s:g} s; "
+        f"cooldown {breaker.cooldown_s:g} s" + ("" if breaker.enabled else " (disabled)")
     )
 
 
-def _chain(steps) -> str:
+def _chain(steps: Sequence[Step]) -> str:
     """a -> {b x3 | c} -> d: a group shows its members and their weights."""
 
-    def step(s) -> str:
+    def step(s: Step) -> str:
         if isinstance(s, list):
             return (
                 "{"
@@ -298,11 +344,11 @@ def _own_command() -> str:
     return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
 
 
-async def _watch_audit(url: str):
+async def _watch_audit(url: str) -> Client:
     """Print one line per request from the audit subject: the service's live log."""
     nc = await connect(url, "lifeline-run-watch")
 
-    async def show(msg) -> None:
+    async def show(msg: Msg) -> None:
         try:
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -339,8 +385,9 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.name not in config.providers:
+        configured = ", ".join(config.providers)
         raise ConfigError(
-            f"{args.config}: no [providers.{args.name}] table (configured: {', '.join(config.providers)})"
+            f"{args.config}: no [providers.{args.name}] table (configured: {configured})"
         )
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
@@ -354,7 +401,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return await _serve(component, tracers)
 
 
-async def _serve(component, tracers) -> int:  # type: ignore[no-untyped-def]
+async def _serve(component: Component, tracers: Tracing) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
     so a supervisor restarts the process)."""
     lost = None
@@ -370,10 +417,25 @@ async def _serve(component, tracers) -> int:  # type: ignore[no-untyped-def]
 
 async def cmd_ask(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
+    request = _ask_request(args)
+    nc = await _client(url, "lifeline-ask")
+    if nc is None:
+        return 1
+    msg = await _send(nc, url, encoder.encode(request), timeout_s=args.timeout)
+    if msg is None:
+        return 1
+    if args.json:
+        print(msg.data.decode())
+    else:
+        _print_reply(reply_decoder.decode(msg.data))
+    return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
+
+
+def _ask_request(args: argparse.Namespace) -> CompletionRequest:
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
         ChatMessage("user", args.prompt)
     ]
-    request = CompletionRequest(
+    return CompletionRequest(
         messages=messages,
         id=uuid.uuid4().hex,
         route=args.route,
@@ -385,35 +447,32 @@ async def cmd_ask(args: argparse.Namespace) -> int:
         faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
     )
-    nc = await _client(url, "lifeline-ask")
-    if nc is None:
-        return 1
-    payload = encoder.encode(request)
+
+
+async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg | None:
+    """Send one request and close `nc`: the dispatcher's answer, or None after saying why
+    there is none."""
     if len(payload) > nc.max_payload:
         await nc.close()
         print(
-            f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload of "
-            f"{nc.max_payload}; shorten the prompt",
+            f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload "
+            f"of {nc.max_payload}; shorten the prompt",
             file=sys.stderr,
         )
-        return 1
+        return None
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
-        msg = await nc.request(subjects.COMPLETE, payload, timeout=args.timeout + 2)
-    except Exception as exc:
+        return await nc.request(subjects.COMPLETE, payload, timeout=timeout_s + 2)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
-            f"lifeline: no answer from a dispatcher on {redact_url(url)} ({type(exc).__name__}); is `lifeline run` up?",
+            f"lifeline: no answer from a dispatcher on {redact_url(url)} "
+            f"({type(exc).__name__}); is `lifeline run` up?",
             file=sys.stderr,
         )
-        return 1
+        return None
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
-    if args.json:
-        print(msg.data.decode())
-    else:
-        _print_reply(reply_decoder.decode(msg.data))
-    return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
 
 
 def _faults(entries: list[str]) -> dict[str, list[str | int]]:
@@ -445,8 +504,8 @@ def _print_reply(reply: CompletionReply) -> None:
         print(reply.content)
         template = f", template {reply.template}" if reply.template else ""
         print(
-            f"\nserved by {reply.target or reply.provider} ({reply.provider}, {reply.model}{template}) "
-            f"in {reply.latency_ms:.1f} ms"
+            f"\nserved by {reply.target or reply.provider} "
+            f"({reply.provider}, {reply.model}{template}) in {reply.latency_ms:.1f} ms"
         )
     else:
         assert reply.error is not None
@@ -461,7 +520,7 @@ def _print_reply(reply: CompletionReply) -> None:
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
 
-async def _client(url: str, name: str):  # type: ignore[no-untyped-def]
+async def _client(url: str, name: str) -> Client | None:
     """A short-lived client connection, or None after saying why there is none."""
     try:
         return await connect(url, name, wait_for_server=False)
@@ -479,15 +538,17 @@ async def cmd_status(args: argparse.Namespace) -> int:
         entries = await read_bucket(nc, args.bucket)
     except nats.js.errors.BucketNotFoundError:
         print(
-            f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared its health there yet. "
-            "Start one (`lifeline run` or `lifeline dispatcher`), or pass --bucket",
+            f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared "
+            "its health there yet. Start one (`lifeline run` or `lifeline dispatcher`), "
+            "or pass --bucket",
             file=sys.stderr,
         )
         return 1
-    except Exception as exc:  # nats-py: no JetStream answers with several types
+    except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with several types
         print(
-            f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} ({type(exc).__name__}: {exc}); is JetStream "
-            "enabled on that server? Without it each dispatcher keeps its own breaker view",
+            f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} "
+            f"({type(exc).__name__}: {exc}); is JetStream enabled on that server? "
+            "Without it each dispatcher keeps its own breaker view",
             file=sys.stderr,
         )
         return 1
@@ -502,23 +563,24 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(view: dict, bucket: str, url: str) -> None:
+def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
     now_ms = time.time() * 1000
     dispatchers = view["dispatchers"]
     who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
     print(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
     for d in dispatchers:
-        if d.get(
-            "omitted"
-        ):  # its stats document is capped: the quietest closed targets were left out
+        # Its stats document is capped: the quietest closed targets were left out.
+        if d.get("omitted"):
             print(
-                f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) to keep its figures small"
+                f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) "
+                "to keep its figures small"
             )
     if not view["targets"]:
         print("no target has been called yet")
         return
     print(
-        f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} {'P50':>10} {'P95':>10} {'SKIPPED':>8}"
+        f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
+        f"{'P50':>10} {'P95':>10} {'SKIPPED':>8}"
     )
     for label, t in sorted(view["targets"].items()):
         calls = t["ok"] + t["failed"]
@@ -526,7 +588,8 @@ def _print_status(view: dict, bucket: str, url: str) -> None:
         p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
         state = t["state"].split(" ")[0]
         print(
-            f"{label:<28} {state:<10} {calls:>9} {success:>8} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
+            f"{label:<28} {state:<10} {calls:>9} {success:>8} "
+            f"{_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
         )
         if t["state"] != "closed" and t["reason"]:
             left_s = (t["until_unix_ms"] - now_ms) / 1000

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,7 +51,8 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Physical attempts per request across retries and fallbacks, so chains cannot multiply
     # into retry storms: the default, and the ceiling for a route's or a request's own value.
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
-    # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in production.
+    # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in
+    # production.
     allow_fault_injection: bool = False
     # Breaker state shared by every dispatcher through this JetStream key-value bucket; when
     # false, or when the bucket cannot be reached, each dispatcher acts on its own view.
@@ -61,8 +62,9 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError(
-                f"default_timeout_s ({self.default_timeout_s:g}) is above max_timeout_s ({self.max_timeout_s:g}): "
-                "every request without its own timeout_s would be refused"
+                f"default_timeout_s ({self.default_timeout_s:g}) is above max_timeout_s "
+                f"({self.max_timeout_s:g}): every request without its own timeout_s "
+                "would be refused"
             )
 
 
@@ -114,7 +116,8 @@ CLASS_CHAINS = {f"{kind}_fallbacks": kind for kind in CHAIN_KINDS}
 
 
 class Route(Struct, frozen=True):
-    """A route with every chain resolved: each entry a TargetSpec whose `name` is set, or a group."""
+    """A route with every chain resolved: each entry a TargetSpec whose `name` is set, or a
+    group."""
 
     targets: list[Step]
     fallback_on: frozenset[str | int] | None
@@ -152,7 +155,13 @@ class Config(Struct, frozen=True):
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
         with its name set; raises ValueError saying what is wrong. Requests use it too."""
-        return resolve_target(ref, self.providers, self.templates, self.targets, self.dispatcher)
+        return resolve_target(
+            ref,
+            providers=self.providers,
+            templates=self.templates,
+            targets=self.targets,
+            dispatcher=self.dispatcher,
+        )
 
 
 def load_config(path: str | Path) -> Config:
@@ -184,58 +193,21 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         name: _convert(table, Template, f"templates.{name}")
         for name, table in raw.templates.items()
     }
-    targets: dict[str, TargetSpec] = {}
-    for name, table in raw.targets.items():
-        key = f"targets.{name}"
-        if name in providers:
-            raise ConfigError(f"{key}: a provider has this name too; give the target another one")
-        spec = _convert(table, TargetSpec, key)
-        if spec.name is not None and spec.name != name:
-            raise ConfigError(f"{key}.name: a named target's name is its table key; drop `name`")
-        targets[name] = _entry(
-            key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher
-        )
-    defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
+    targets = _named_targets(raw.targets, providers, templates, dispatcher)
 
     def resolve(key: str, chain: Chain) -> list[Step]:
         return _chain(key, chain, providers, templates, targets, dispatcher)
 
+    defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
     default_chains = {
         kind: resolve(f"fallbacks.{kind}", getattr(defaults, kind))
         for kind in CLASS_CHAINS.values()
         if getattr(defaults, kind) is not None
     }
-    routes = {}
-    for name, table in raw.routes.items():
-        key = f"routes.{name}"
-        route = _convert(table, RouteConfig, key)
-        if not _NAME.match(name):
-            raise ConfigError(f"{key}: route names may use only letters, digits, '_' and '-'")
-        problem = _bad_kind(route.fallback_on)
-        if problem is not None:
-            raise ConfigError(f"{key}.fallback_on[{problem[0]}]: {problem[1]}")
-        if route.max_attempts is not None and route.max_attempts > dispatcher.max_attempts:
-            raise ConfigError(
-                f"{key}.max_attempts: {route.max_attempts} is above dispatcher.max_attempts ({dispatcher.max_attempts})"
-            )
-        if route.breaker is not None:
-            _breaker(f"{key}.breaker", route.breaker)
-        by_kind = dict(default_chains)
-        for field, kind in CLASS_CHAINS.items():
-            chain = getattr(route, field)
-            if chain is not None:  # [] turns a default chain off for this route
-                by_kind[kind] = resolve(f"{key}.{field}", chain)
-        routes[name] = Route(
-            targets=resolve(f"{key}.targets", route.targets),
-            fallback_on=frozenset(route.fallback_on) if route.fallback_on is not None else None,
-            by_kind={kind: chain for kind, chain in by_kind.items() if chain},
-            max_attempts=route.max_attempts or dispatcher.max_attempts,
-            breaker=route.breaker,
-            hedge_after_ms=route.hedge_after_ms,
-            hedge_p95=route.hedge == "p95",
-            hedge_budget=route.hedge_budget,
-            retry_budget=route.retry_budget,
-        )
+    routes = {
+        name: _route(name, table, dispatcher, default_chains, resolve)
+        for name, table in raw.routes.items()
+    }
     return Config(
         providers=providers,
         routes=routes,
@@ -245,6 +217,67 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         default_chains=default_chains,
         breaker=raw.breaker,
         source=source,
+    )
+
+
+def _named_targets(
+    tables: dict[str, Any],
+    providers: dict[str, ProviderSettings],
+    templates: dict[str, Template],
+    dispatcher: DispatcherSettings,
+) -> dict[str, TargetSpec]:
+    """The [targets.<name>] tables, each resolved with its name set."""
+    targets: dict[str, TargetSpec] = {}
+    for name, table in tables.items():
+        key = f"targets.{name}"
+        if name in providers:
+            raise ConfigError(f"{key}: a provider has this name too; give the target another one")
+        spec = _convert(table, TargetSpec, key)
+        if spec.name is not None and spec.name != name:
+            raise ConfigError(f"{key}.name: a named target's name is its table key; drop `name`")
+        targets[name] = _entry(
+            key, msgspec.structs.replace(spec, name=name), providers, templates, {}, dispatcher
+        )
+    return targets
+
+
+def _route(
+    name: str,
+    table: Any,
+    dispatcher: DispatcherSettings,
+    default_chains: dict[str, list[Step]],
+    resolve: Callable[[str, Chain], list[Step]],
+) -> Route:
+    """One [routes.<name>] table, checked, with its chains resolved by `resolve`."""
+    key = f"routes.{name}"
+    route = _convert(table, RouteConfig, key)
+    if not _NAME.match(name):
+        raise ConfigError(f"{key}: route names may use only letters, digits, '_' and '-'")
+    problem = _bad_kind(route.fallback_on)
+    if problem is not None:
+        raise ConfigError(f"{key}.fallback_on[{problem[0]}]: {problem[1]}")
+    if route.max_attempts is not None and route.max_attempts > dispatcher.max_attempts:
+        raise ConfigError(
+            f"{key}.max_attempts: {route.max_attempts} is above dispatcher.max_attempts "
+            f"({dispatcher.max_attempts})"
+        )
+    if route.breaker is not None:
+        _breaker(f"{key}.breaker", route.breaker)
+    by_kind = dict(default_chains)
+    for field, kind in CLASS_CHAINS.items():
+        chain = getattr(route, field)
+        if chain is not None:  # [] turns a default chain off for this route
+            by_kind[kind] = resolve(f"{key}.{field}", chain)
+    return Route(
+        targets=resolve(f"{key}.targets", route.targets),
+        fallback_on=frozenset(route.fallback_on) if route.fallback_on is not None else None,
+        by_kind={kind: chain for kind, chain in by_kind.items() if chain},
+        max_attempts=route.max_attempts or dispatcher.max_attempts,
+        breaker=route.breaker,
+        hedge_after_ms=route.hedge_after_ms,
+        hedge_p95=route.hedge == "p95",
+        hedge_budget=route.hedge_budget,
+        retry_budget=route.retry_budget,
     )
 
 
@@ -327,6 +360,20 @@ def resolve_target(
             return TargetSpec(provider=ref, name=ref)
         known = ", ".join(sorted([*targets, *providers]))
         raise TargetError(f"unknown target or provider {ref!r} (configured: {known})")
+    _check_target(ref, providers, templates, dispatcher)
+    if ref.name is not None:
+        return ref
+    name = ref.provider if ref.model is None else f"{ref.provider}:{ref.model}"
+    return msgspec.structs.replace(ref, name=name)
+
+
+def _check_target(
+    ref: TargetSpec,
+    providers: dict[str, ProviderSettings],
+    templates: dict[str, Template],
+    dispatcher: DispatcherSettings,
+) -> None:
+    """Raises TargetError naming the first key of an inline target that the config refutes."""
     if ref.provider not in providers:
         raise TargetError(
             f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})",
@@ -335,8 +382,9 @@ def resolve_target(
     allowed = allowed_models(providers[ref.provider])
     if ref.model is not None and allowed and ref.model not in allowed:
         raise TargetError(
-            f"model {ref.model!r} is not one provider {ref.provider} allows ({', '.join(allowed)}); "
-            f"to allow it, add it to providers.{ref.provider}.models in the config",
+            f"model {ref.model!r} is not one provider {ref.provider} allows "
+            f"({', '.join(allowed)}); to allow it, add it to providers.{ref.provider}.models "
+            "in the config",
             "model",
         )
     if ref.template is not None and ref.template not in templates:
@@ -356,10 +404,6 @@ def resolve_target(
         except ConfigError as exc:
             field, _, message = str(exc).partition(": ")
             raise TargetError(message, field) from None
-    if ref.name is not None:
-        return ref
-    name = ref.provider if ref.model is None else f"{ref.provider}:{ref.model}"
-    return msgspec.structs.replace(ref, name=name)
 
 
 def breaker_settings(*layers: dict[str, Any] | None) -> BreakerSettings:
@@ -378,7 +422,8 @@ def _breaker(key: str, table: dict[str, Any]) -> None:
 
 
 def _bad_kind(entries: Collection[str | int] | None) -> tuple[int, str] | None:
-    """The first entry of a fallback_on / retry_on / trip_on list that is neither an error kind nor an HTTP error status."""
+    """The first entry of a fallback_on / retry_on / trip_on list that is neither an error kind
+    nor an HTTP error status."""
     for i, entry in enumerate(entries or ()):
         problem = kind_or_status_problem(entry)
         if problem is not None:

@@ -16,17 +16,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    """Linux's prctl, looked up in the parent so that the forked child only calls it."""
+    try:
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stop() still stops the server on every normal exit
+
+
+_prctl = _load_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child: have Linux send SIGTERM if Lifeline dies without stopping us."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: stop() still stops the server on every normal exit
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -76,14 +87,15 @@ class EmbeddedNats:
             conf_path.write_text(self.conf)
             args += ["-c", str(conf_path)]
         # Its own session: a Ctrl-C in the terminal reaches Lifeline, which drains its
-        # connections and only then stops the server (not both at once).
+        # connections and only then stops the server (not both at once). preexec_fn is the only
+        # way to set the child's parent-death signal; it makes one prctl call, nothing else.
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         self._wait_ready(log_path, timeout_s)
         return self.url
@@ -118,7 +130,7 @@ class EmbeddedNats:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
-    def __enter__(self) -> EmbeddedNats:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -138,6 +150,6 @@ def redact_url(url: str) -> str:
     shown = []
     for part in url.split(","):
         scheme, sep, rest = part.strip().rpartition("://")
-        userinfo, at, host = rest.rpartition("@")
+        _, at, host = rest.rpartition("@")
         shown.append(f"{scheme}{sep}***@{host}" if at else part.strip())
     return ",".join(shown)

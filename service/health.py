@@ -41,7 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 from msgspec import Meta, Struct
 
@@ -49,7 +49,9 @@ from schemas.errors import DEFAULT_TRIP_ON
 
 log = logging.getLogger("lifeline.health")
 
-CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+CLOSED: Final = "closed"
+HALF_OPEN: Final = "half_open"
+OPEN: Final = "open"
 State = Literal["closed", "half_open", "open"]
 
 # What admit() answers.
@@ -158,19 +160,16 @@ class TargetHealth:
         self.consecutive = 0
         self.reason = ""
         self.since_unix_ms = since_unix_ms  # when the breaker took its state
-        self.closed_at = (
-            -math.inf
-        )  # monotonic: when it last closed; failed calls made before count for nothing
+        # Monotonic: when it last closed; failed calls made before count for nothing.
+        self.closed_at = -math.inf
         self.ok_started = -math.inf  # monotonic: when the latest call that answered well was made
         self.epochs = [-1] * _RING_S
         self.ok = [0] * _RING_S
         self.failed = [0] * _RING_S  # counted (trip_on) failures
-        self.other = [
-            0
-        ] * _RING_S  # failures that do not count: the request's fault, or outdated by a close
-        self.cleared_s = (
-            -1
-        )  # slots up to this second are ignored by the failure rate (set on close)
+        # Failures that do not count: the request's fault, or outdated by a close.
+        self.other = [0] * _RING_S
+        # Slots up to this second are ignored by the failure rate (set on close).
+        self.cleared_s = -1
         self.latency = [0] * _BUCKETS
         self.latency_prev = [0] * _BUCKETS
         self.latency_epoch = -1
@@ -193,7 +192,7 @@ class TargetHealth:
 
     def counts(self, now: float, window_s: float, since_s: int = -1) -> tuple[int, int, int]:
         """(ok, counted failures, other failures) in the last window_s seconds (after since_s)."""
-        first = max(int(now) - int(math.ceil(window_s)) + 1, since_s + 1)
+        first = max(int(now) - math.ceil(window_s) + 1, since_s + 1)
         ok = failed = other = 0
         for i, epoch in enumerate(self.epochs):
             if epoch >= first:
@@ -201,6 +200,20 @@ class TargetHealth:
                 failed += self.failed[i]
                 other += self.other[i]
         return ok, failed, other
+
+    def tally(self, now: float, ok: bool, counted: bool, latency_ms: float, started: float) -> None:
+        """One finished call in this second's slot: a good answer (and its latency, and when it
+        was made), a counted failure, or a failure that does not count."""
+        i = self._slot(now)
+        self.changed = True
+        if ok:
+            self.ok[i] += 1
+            self._observe_latency(now, latency_ms)
+            self.ok_started = max(self.ok_started, started)
+        elif counted:
+            self.failed[i] += 1
+        else:
+            self.other[i] += 1
 
     def _observe_latency(self, now: float, latency_ms: float) -> None:
         epoch = int(now // _LATENCY_EPOCH_S)
@@ -213,6 +226,7 @@ class TargetHealth:
     def histogram(self, now: float) -> dict[int, int]:
         """Recent good answers' latencies, bucket -> count (sparse, for the shared snapshot)."""
         epoch = int(now // _LATENCY_EPOCH_S)
+        parts: tuple[list[int], ...]
         if epoch == self.latency_epoch:
             parts = (self.latency, self.latency_prev)
         elif epoch == self.latency_epoch + 1:
@@ -227,7 +241,8 @@ class TargetHealth:
         return merged
 
     def p95(self, now: float) -> float | None:
-        """Recent p95 of good answers in ms, None until MIN_SAMPLES; recomputed at most 4 times a second."""
+        """Recent p95 of good answers in ms, None until MIN_SAMPLES; recomputed at most 4 times
+        a second."""
         if now - self.p95_at >= 0.25:
             histogram = self.histogram(now)
             self.p95_ms = (
@@ -243,7 +258,8 @@ class BreakerState(Struct, frozen=True):
     provider: str
     model: str
     state: State
-    # When an open breaker's cooldown or a half-open probe's lease ends, on the wall clock (0: none).
+    # When an open breaker's cooldown or a half-open probe's lease ends, on the wall clock
+    # (0: none).
     until_unix_ms: int
     reason: str = ""
     since_unix_ms: int = 0  # when the breaker took this state
@@ -323,16 +339,16 @@ class Health:
         return health
 
     def admit(self, provider: str, model: str) -> int:
-        """CALL, SKIP (open, or a probe is out), or PROBE: the cooldown is over; claim() the probe first."""
+        """CALL, SKIP (open, or a probe is out), or PROBE: the cooldown is over; claim() the
+        probe first."""
         health = self.targets.get((provider, model))
         if health is None or health.state == CLOSED:
             return CALL
         now = self.clock()
         if health.state == OPEN:
             return SKIP if now < health.open_until else PROBE
-        return (
-            SKIP if now < health.probe_until else PROBE
-        )  # half-open: a lost probe's lease runs out
+        # Half-open: a lost probe's lease runs out.
+        return SKIP if now < health.probe_until else PROBE
 
     def skipped(self, provider: str, model: str) -> None:
         health = self.of(provider, model)
@@ -345,12 +361,12 @@ class Health:
         health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it while we ask
         asked_until = health.probe_until
         claimed = BreakerState(
-            provider,
-            model,
-            HALF_OPEN,
-            self.until_unix_ms(health),
-            _PROBE_OUT,
-            int(self.wall() * 1000),
+            provider=provider,
+            model=model,
+            state=HALF_OPEN,
+            until_unix_ms=self.until_unix_ms(health),
+            reason=_PROBE_OUT,
+            since_unix_ms=int(self.wall() * 1000),
         )
         won = await self.store.claim(claimed)
         if won is False:
@@ -366,7 +382,8 @@ class Health:
     def claim_locally(
         self, provider: str, model: str, lease_s: float, announce: bool = True
     ) -> None:
-        """This dispatcher sends the probe; others (here and, via a shared store, elsewhere) keep skipping."""
+        """This dispatcher sends the probe; others (here and, via a shared store, elsewhere) keep
+        skipping."""
         health = self.of(provider, model)
         health.state = HALF_OPEN
         health.probe_until = self.clock() + lease_s
@@ -377,7 +394,8 @@ class Health:
             self._changed(health)
 
     def release(self, provider: str, model: str) -> None:
-        """A probe that could not decide (its request's deadline cut it short): the next call probes."""
+        """A probe that could not decide (its request's deadline cut it short): the next call
+        probes."""
         health = self.of(provider, model)
         if health.state == HALF_OPEN:
             health.state = OPEN
@@ -402,25 +420,17 @@ class Health:
         health = self.of(provider, model)
         now = self.clock()
         started = now if started is None else started
-        i = health._slot(now)
-        health.changed = True
         counted = (
             not ok
             and kind is not None
             and settings is not None
             and trips(settings, kind, status_code)
         )
-        outdated = (
-            started < health.closed_at
-        )  # made before the breaker last closed: what closed it is newer
-        if ok:
-            health.ok[i] += 1
-            health._observe_latency(now, latency_ms)
-            health.ok_started = max(health.ok_started, started)
-        elif counted and not outdated:
-            health.failed[i] += 1
-        else:
-            health.other[i] += 1
+        # Made before the breaker last closed: what closed it is newer.
+        outdated = started < health.closed_at
+        health.tally(
+            now, ok=ok, counted=counted and not outdated, latency_ms=latency_ms, started=started
+        )
         if settings is None or not settings.enabled or outdated:
             return
         if not counted:
@@ -432,9 +442,20 @@ class Health:
             if probe:
                 self._open(health, settings, now, f"the probe failed ({kind})")
             return
-        if (
-            started >= health.ok_started
-        ):  # else a call made after this one has answered well since: old news
+        self._failed_while_closed(health, settings, now, started=started, kind=kind)
+
+    def _failed_while_closed(
+        self,
+        health: TargetHealth,
+        settings: BreakerSettings,
+        now: float,
+        started: float,
+        kind: str | None,
+    ) -> None:
+        """A counted failure while the breaker is closed: it opens after `consecutive_failures`
+        in a row, or when the failure rate over `window_s` reaches `failure_rate`."""
+        # Else a call made after this one has answered well since: old news.
+        if started >= health.ok_started:
             health.consecutive += 1
         if health.consecutive >= settings.consecutive_failures:
             self._open(
@@ -448,7 +469,8 @@ class Health:
                 health,
                 settings,
                 now,
-                f"{failed} of the last {total} calls failed within {settings.window_s:g} s (last: {kind})",
+                f"{failed} of the last {total} calls failed within {settings.window_s:g} s "
+                f"(last: {kind})",
             )
 
     def _open(
@@ -489,11 +511,13 @@ class Health:
         reason: str,
         since_unix_ms: int,
     ) -> None:
-        """A state another replica set (told by a shared store): adopt it without announcing it again."""
+        """A state another replica set (told by a shared store): adopt it without announcing it
+        again."""
         if (provider, model) not in self.targets and (
             state == CLOSED or len(self.targets) >= MAX_ADOPTED
         ):
-            return  # a target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us
+            # A target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us.
+            return
         health = self.of(provider, model)
         now = self.clock()
         until = now + (until_unix_ms / 1000 - self.wall())
@@ -515,7 +539,8 @@ class Health:
         health.changed = True
 
     def until_unix_ms(self, health: TargetHealth) -> int:
-        """When an open breaker's cooldown (or a half-open probe's lease) ends, on the wall clock."""
+        """When an open breaker's cooldown (or a half-open probe's lease) ends, on the wall
+        clock."""
         until = (
             health.open_until
             if health.state == OPEN
@@ -527,12 +552,12 @@ class Health:
 
     def state_of(self, health: TargetHealth) -> BreakerState:
         return BreakerState(
-            health.provider,
-            health.model,
-            health.state,
-            self.until_unix_ms(health),
-            health.reason,
-            health.since_unix_ms,
+            provider=health.provider,
+            model=health.model,
+            state=health.state,
+            until_unix_ms=self.until_unix_ms(health),
+            reason=health.reason,
+            since_unix_ms=health.since_unix_ms,
         )
 
     def p95_ms(self, provider: str, model: str) -> float | None:
@@ -540,12 +565,12 @@ class Health:
         return None if health is None else health.p95(self.clock())
 
     def snapshot(self) -> dict[str, Any]:
-        """Every target's state and recent figures, as plain data (for the shared bucket and metrics)."""
+        """Every target's state and recent figures, as plain data (for the shared bucket and
+        metrics)."""
         now = self.clock()
         out: dict[str, Any] = {}
-        for health in list(
-            self.targets.values()
-        ):  # the metrics reader calls this from its own thread
+        # A copy: the metrics reader calls this from its own thread.
+        for health in list(self.targets.values()):
             ok, failed, other = health.counts(now, _RECENT_S)
             histogram = health.histogram(now)
             out[health.label] = {

@@ -12,15 +12,20 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+from collections.abc import Callable
 
 _TRIM_DELAY_S = 1.0  # let the burst's last replies and spans go first
 
 
-def _load_trim():  # type: ignore[no-untyped-def]
+def _load_trim() -> Callable[[int], int] | None:
+    """The C library's malloc_trim, or None where there is none."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 _malloc_trim = _load_trim()

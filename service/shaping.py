@@ -27,9 +27,8 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
     {previous_errors} works in both fields: the error kinds of the attempts before this one,
     comma-separated, for a target with pass_failures (empty otherwise)."""
 
-    system: str | None = (
-        None  # replaces the request's system messages; {system} stands for their text
-    )
+    # Replaces the request's system messages; {system} stands for their text.
+    system: str | None = None
     user: str | None = None  # replaces the last user message; must contain {input}, its text
 
     def __post_init__(self) -> None:
@@ -126,9 +125,8 @@ def text_tokens(text: str) -> int:
 _decode = msgspec.json.decode
 _validators: OrderedDict[bytes, jsonschema.protocols.Validator] = OrderedDict()
 _VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
-_CACHED_SCHEMA_BYTES = (
-    16 * 1024
-)  # a larger schema is compiled per request: 256 of them could hold 256 MiB
+# A larger schema is compiled per request: 256 of them could hold 256 MiB.
+_CACHED_SCHEMA_BYTES = 16 * 1024
 
 
 class Validator:
@@ -165,7 +163,8 @@ class Validator:
                 rule = msgspec.json.encode(error.validator_value).decode()[:120]
                 return ProviderFailure(
                     "invalid_output",
-                    f"the answer does not match schema {self.schema_name!r}: at {where}, {error.validator} {rule} fails",
+                    f"the answer does not match schema {self.schema_name!r}: "
+                    f"at {where}, {error.validator} {rule} fails",
                 )
         return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
 
@@ -179,7 +178,8 @@ def output_validator(response_format: ResponseFormat | None) -> Validator | None
     spec = response_format.json_schema
     if spec is None:
         raise ValueError(
-            'response_format type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}'
+            'response_format type "json_schema" needs a json_schema object: '
+            '{"name": ..., "schema": {...}}'
         )
     key = msgspec.json.encode(spec.schema)
     validator = _validators.get(key)

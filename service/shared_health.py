@@ -18,7 +18,8 @@ carries the requests. Its entries are msgspec Structs, as JSON:
 
 A dispatcher that cannot reach the bucket (JetStream off, NATS trouble, a timeout) says so
 in its log, keeps acting on its own view (as with service/health.py's LocalStore), and tries
-again every few seconds. Requests never wait on the bucket, except for the rare probe claim (bounded).
+again every few seconds. Requests never wait on the bucket, except for the rare probe claim
+(bounded).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ STATS_MAX_BYTES = 64 * 1024
 
 
 class BreakerRecord(BreakerState, frozen=True):
-    """A breaker's state in the bucket, and the dispatcher that wrote it (which ignores its echo)."""
+    """A breaker's state in the bucket, and the dispatcher that wrote it (which ignores its
+    echo)."""
 
     by: str = ""
 
@@ -134,8 +136,8 @@ class BucketStore:
         if kv is not None:
             try:
                 await asyncio.wait_for(kv.delete(STATS_PREFIX + self.id), _OP_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - going away anyway; status drops stale stats
-                pass
+            except Exception as exc:  # noqa: BLE001 - going away anyway; status drops stale stats
+                log.debug("could not delete this dispatcher's stats from %s: %r", self.bucket, exc)
         await self._stop_watcher()
 
     async def _connect(self, health: Health) -> None:
@@ -148,7 +150,7 @@ class BucketStore:
                     bucket=self.bucket, history=1, description="Lifeline breaker state"
                 )
             self._watcher = await kv.watch(BREAKER_PREFIX + ">")
-        except Exception as exc:  # noqa: BLE001 - nats-py raises many types; each means "not reachable"
+        except Exception as exc:  # noqa: BLE001 - nats-py raises many types, all "not reachable"
             self._degrade(exc)
             return
         self._follower = asyncio.create_task(self._follow(health, self._watcher))
@@ -172,8 +174,8 @@ class BucketStore:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
         if self.kv is not None or self.problem == "not connected yet":
             log.warning(
-                "shared health unavailable (bucket %s: %s); breakers use this dispatcher's own view "
-                "until it is back (is JetStream enabled on the NATS server?)",
+                "shared health unavailable (bucket %s: %s); breakers use this dispatcher's own "
+                "view until it is back (is JetStream enabled on the NATS server?)",
                 self.bucket,
                 problem,
             )
@@ -185,8 +187,8 @@ class BucketStore:
         if watcher is not None:
             try:
                 await watcher.stop()
-            except Exception:  # noqa: BLE001 - the connection may be gone already
-                pass
+            except Exception as exc:  # noqa: BLE001 - the connection may be gone already
+                log.debug("could not stop the watcher of bucket %s: %r", self.bucket, exc)
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()
@@ -210,22 +212,24 @@ class BucketStore:
             else:
                 if record.by != self.id:
                     health.apply(
-                        record.provider,
-                        record.model,
-                        record.state,
-                        record.until_unix_ms,
-                        record.reason,
-                        record.since_unix_ms,
+                        provider=record.provider,
+                        model=record.model,
+                        state=record.state,
+                        until_unix_ms=record.until_unix_ms,
+                        reason=record.reason,
+                        since_unix_ms=record.since_unix_ms,
                     )
                 kept = (record.provider, record.model) in health.targets
-            # Revisions are kept for the breakers kept here only: the bucket may hold many more keys.
+            # Revisions are kept for the breakers kept here only: the bucket may hold many more
+            # keys.
             # An echo of our own write can arrive after a later write's revision was stored.
             if kept or entry.key in self._revisions:
                 self._revisions[entry.key] = max(entry.revision, self._revisions.get(entry.key, 0))
 
     async def _maintain(self, health: Health) -> None:
         """Publish this dispatcher's figures every second when they changed, and every 30 s
-        anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket was lost."""
+        anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket
+        was lost."""
         published = 0.0
         while True:
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
@@ -246,7 +250,11 @@ class BucketStore:
             target.changed = False
         limit_bytes = min(STATS_MAX_BYTES, self.nc.max_payload // 4)
         payload = stats_document(
-            self.id, self.host, int(time.time() * 1000), self.health.snapshot(), limit_bytes
+            dispatcher=self.id,
+            host=self.host,
+            ts_unix_ms=int(time.time() * 1000),
+            snapshot=self.health.snapshot(),
+            limit_bytes=limit_bytes,
         )
         # Only a host name of kilobytes gets here; never send what may not fit.
         if len(payload) > limit_bytes:
@@ -262,7 +270,7 @@ class BucketStore:
             self._degrade(exc)
 
     def _value(self, breaker: BreakerState) -> bytes:
-        record = BreakerRecord(*msgspec.structs.astuple(breaker), by=self.id)
+        record = BreakerRecord(**msgspec.structs.asdict(breaker), by=self.id)
         return _encoder.encode(record)
 
     def announce(self, breaker: BreakerState) -> None:
@@ -324,7 +332,9 @@ def stats_document(
         snapshot.items(),
         key=lambda item: (item[1]["state"] == CLOSED, -item[1]["ok"] - item[1]["failed"]),
     )
-    document = StatsDocument(dispatcher, host, ts_unix_ms, omitted=len(ranked))
+    document = StatsDocument(
+        dispatcher=dispatcher, host=host, ts_unix_ms=ts_unix_ms, omitted=len(ranked)
+    )
     # The largest `omitted` there can be is counted in; each entry costs its label, ':', its
     # figures and a ','.
     room = limit_bytes - len(_encoder.encode(document))
@@ -342,12 +352,12 @@ def stats_document(
 def _figures(figures: dict[str, Any]) -> TargetFigures:
     latency = {int(bucket): count for bucket, count in figures["latency"].items()}
     return TargetFigures(
-        figures["provider"],
-        figures["model"],
-        figures["ok"],
-        figures["failed"],
-        figures["skipped"],
-        latency,
+        provider=figures["provider"],
+        model=figures["model"],
+        ok=figures["ok"],
+        failed=figures["failed"],
+        skipped=figures["skipped"],
+        latency=latency,
     )
 
 

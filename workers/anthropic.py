@@ -1,9 +1,11 @@
 """The `anthropic` provider: the Anthropic Messages API.
 
     POST {base_url}/v1/messages     x-api-key: <key>, anthropic-version: <version>
-    {"model", "max_tokens", "system"?, "messages": [{"role": "user"|"assistant", "content"}], "temperature"?}
+    {"model", "max_tokens", "system"?,
+     "messages": [{"role": "user"|"assistant", "content"}], "temperature"?}
     200 -> {"id", "type": "message", "role": "assistant", "model",
-            "content": [{"type": "text", "text"}, ...], "stop_reason", "usage": {"input_tokens", "output_tokens"}}
+            "content": [{"type": "text", "text"}, ...], "stop_reason",
+            "usage": {"input_tokens", "output_tokens"}}
     4xx/5xx -> {"type": "error", "error": {"type", "message"}}   (529 overloaded_error)
 
 System prompts are a top-level field, not a message role, and max_tokens is required.
@@ -130,7 +132,12 @@ def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderE
     elif error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         kind = "server_error"
     message = error_message("anthropic", response.status_code, text, secrets)
-    return ProviderError(kind, message, response.status_code, retry_after_s(response))
+    return ProviderError(
+        kind,
+        message,
+        status_code=response.status_code,
+        retry_after_s=retry_after_s(response),
+    )
 
 
 class AnthropicProvider(HttpProvider):
@@ -145,7 +152,14 @@ class AnthropicProvider(HttpProvider):
         key = require_api_key(environ, settings.api_key_env)
         headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
         url = settings.base_url.rstrip("/") + "/v1/messages"
-        super().__init__(settings, url, (key,), headers, client, settings.base_url)
+        super().__init__(
+            settings,
+            url=url,
+            secrets=(key,),
+            headers=headers,
+            client=client,
+            base_url=settings.base_url,
+        )
         self.default_max_tokens = settings.default_max_tokens
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:

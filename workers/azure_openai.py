@@ -54,5 +54,16 @@ class AzureOpenAIProvider(OpenAIProvider):
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         endpoint = settings.endpoint.rstrip("/")
-        url = f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions?api-version={settings.api_version}"
-        HttpProvider.__init__(self, settings, url, (key,), {"api-key": key}, client, endpoint)
+        url = (
+            f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions"
+            f"?api-version={settings.api_version}"
+        )
+        HttpProvider.__init__(
+            self,
+            settings,
+            url=url,
+            secrets=(key,),
+            headers={"api-key": key},
+            client=client,
+            base_url=endpoint,
+        )

@@ -28,12 +28,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from schemas import ProviderOk, ProviderRequest
 
 # The one exception type and status mapping of providers, re-exported for the provider modules.
-from schemas.errors import ProviderError as ProviderError
-from schemas.errors import classify_status as classify_status
+from schemas.errors import ProviderError, classify_status
 
-DEFAULT_MAX_RESPONSE_BYTES = (
-    4 * 1024 * 1024
-)  # 4 MiB: far above any chat answer's JSON, far below a worker's memory
+# 4 MiB: far above any chat answer's JSON, far below a worker's memory.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
 class Provider(Protocol):
@@ -55,7 +53,8 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     models: list[str] = []
     timeout_s: Annotated[float, Meta(gt=0)] = 30.0
     # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
-    # answer, a compression bomb) fails as response_too_large instead of filling the worker's memory.
+    # answer, a compression bomb) fails as response_too_large instead of filling the worker's
+    # memory.
     max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
 
 
@@ -66,7 +65,8 @@ _MESSAGE_LIMIT = 300
 _ACCEPT_ENCODING = "gzip, deflate"
 _PIECE_BYTES = 64 * 1024  # the most one decompress step may produce
 
-# A token count as the documented bodies carry it; a negative one means the body is not what it claims.
+# A token count as the documented bodies carry it; a negative one means the body is not what it
+# claims.
 TokenCount = Annotated[int, Meta(ge=0)]
 
 
@@ -96,14 +96,16 @@ def _one_line(text: str) -> str:
 
 
 def redact(error: ProviderError, secrets: Iterable[str]) -> ProviderError:
-    """`error` itself, its message (and so its str and repr) scrubbed of `secrets`, one short line."""
+    """`error` itself, its message (and so its str and repr) scrubbed of `secrets`, one short
+    line."""
     error.message = _one_line(scrub(error.message, secrets))
     error.args = (error.message,)
     return error
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only; dates, and nan, inf or negatives, are ignored)."""
+    """The Retry-After header in seconds (delta form only; dates, and nan, inf or negatives,
+    are ignored)."""
     value = response.headers.get("retry-after")
     try:
         seconds = float(value) if value is not None else None
@@ -113,7 +115,8 @@ def retry_after_s(response: httpx.Response) -> float | None:
 
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
-    """The provider's JSON error object, or {} when the body is not JSON (or nested too deep to read)."""
+    """The provider's JSON error object, or {} when the body is not JSON (or nested too deep
+    to read)."""
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -123,7 +126,8 @@ def error_body(response: httpx.Response) -> dict[str, Any]:
 
 
 def error_text(error: dict[str, Any], response: httpx.Response) -> str:
-    """What the provider says went wrong: error.message, as JSON when it is not a string, else the body.
+    """What the provider says went wrong: error.message, as JSON when it is not a string, else
+    the body.
 
     The result quotes the provider, credentials included: pass it through error_message.
     """
@@ -193,7 +197,8 @@ async def post_json(
 
 
 async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
-    """A streamed response's body, decoded; ProviderError(response_too_large) as soon as it passes `max_bytes`.
+    """A streamed response's body, decoded; ProviderError(response_too_large) as soon as it
+    passes `max_bytes`.
 
     The limit holds for the decoded body and for what came over the wire (so trailing junk
     after a gzip stream cannot run on either), and a Content-Length above it is refused
@@ -246,8 +251,9 @@ def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError
         )
     return ProviderError(
         "response_too_large",
-        f"provider answer is over max_response_bytes ({max_bytes} bytes decoded); raise max_response_bytes "
-        "in this provider's [providers.<name>] table, or ask for fewer max_tokens",
+        f"provider answer is over max_response_bytes ({max_bytes} bytes decoded); "
+        "raise max_response_bytes in this provider's [providers.<name>] table, "
+        "or ask for fewer max_tokens",
         status_code,
     )
 
@@ -276,7 +282,8 @@ class _Inflater:
 
     def decode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for data in chunks:
-            # After the end of the stream, whatever follows is junk: dropped, not kept in unused_data.
+            # After the end of the stream, whatever follows is junk: dropped, not kept in
+            # unused_data.
             while not self._zlib.eof:
                 piece = self._step(data)
                 data = self._zlib.unconsumed_tail
@@ -298,15 +305,17 @@ class _Inflater:
 
 
 def _inflaters(response: httpx.Response) -> list[_Inflater]:
-    """One bounded decoder per Content-Encoding, in the order that undoes them (none for identity)."""
+    """One bounded decoder per Content-Encoding, in the order that undoes them (none for
+    identity)."""
     header = response.headers.get("content-encoding", "")
     encodings = [e for e in (e.strip().lower() for e in header.split(",")) if e and e != "identity"]
     if any(e not in ("gzip", "deflate") for e in encodings):
         raise ProviderError(
             "server_error",
-            # The header as sent, not lowercased: scrub() finds a credential echoed here by its exact value.
-            f"provider answered in Content-Encoding {header.strip()}, which the worker did not ask for "
-            f"and cannot read with a bound (it sends Accept-Encoding: {_ACCEPT_ENCODING})",
+            # The header as sent, not lowercased: scrub() finds a credential echoed here by its
+            # exact value.
+            f"provider answered in Content-Encoding {header.strip()}, which the worker did not "
+            f"ask for and cannot read with a bound (it sends Accept-Encoding: {_ACCEPT_ENCODING})",
             response.status_code,
         )
     return [_Inflater(e) for e in reversed(encodings)]
@@ -371,8 +380,8 @@ class HttpProvider:
                 self._url,
                 body,
                 timeout_s,
-                self._headers,
-                self.settings.max_response_bytes,
+                headers=self._headers,
+                max_response_bytes=self.settings.max_response_bytes,
             )
             if response.status_code != 200:
                 raise self.error(response)

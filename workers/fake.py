@@ -64,9 +64,8 @@ class FakeProvider:
                 classify_status(asked), f"fake provider asked to fail with {asked}", asked
             )
         content = self._answer(request)
-        if (
-            len(content.encode()) > s.max_response_bytes
-        ):  # as an HTTP kind would: the limit is the same setting
+        # As an HTTP kind would: the limit is the same setting.
+        if len(content.encode()) > s.max_response_bytes:
             raise response_too_large(200, s.max_response_bytes)
         usage = Usage(
             input_tokens=sum(len(m.content.split()) for m in request.messages),

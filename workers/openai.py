@@ -105,7 +105,8 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     """A 200 chat.completion as ProviderOk; `model` stands in when the body names none."""
     data = decode_body(response, _completion_decoder)
     choice = data.choices[0]
-    # A filtered answer is missing or cut short: a failure the route may fall back on, not an answer.
+    # A filtered answer is missing or cut short: a failure the route may fall back on, not an
+    # answer.
     if choice.finish_reason == "content_filter":
         status = response.status_code
         raise ProviderError(
@@ -127,7 +128,12 @@ def chat_error(response: httpx.Response, label: str, secrets: Iterable[str]) -> 
     kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
     kind = kinds[0] if kinds else classify_status(response.status_code)
     message = error_message(label, response.status_code, error_text(error, response), secrets)
-    return ProviderError(kind, message, response.status_code, retry_after_s(response))
+    return ProviderError(
+        kind,
+        message,
+        status_code=response.status_code,
+        retry_after_s=retry_after_s(response),
+    )
 
 
 class OpenAIProvider(HttpProvider):
@@ -144,7 +150,14 @@ class OpenAIProvider(HttpProvider):
         if settings.organization:
             headers["OpenAI-Organization"] = settings.organization
         url = settings.base_url.rstrip("/") + "/chat/completions"
-        super().__init__(settings, url, (key,), headers, client, settings.base_url)
+        super().__init__(
+            settings,
+            url=url,
+            secrets=(key,),
+            headers=headers,
+            client=client,
+            base_url=settings.base_url,
+        )
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
         return chat_body(request, model)
