@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from schemas import CompletionReply, subjects
 from schemas.wire import OVERLOADED, REPLY_SUBJECT_REFUSED, salvage_id
@@ -24,7 +26,7 @@ from service.config import Config
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
 from service.memory import release_memory_soon
-from service.natsio import ensure_subscribed, stop_taking
+from service.natsio import ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
 from service.transport import NatsTransport
@@ -48,19 +50,18 @@ class Dispatcher:
         self.max_in_flight = settings.max_in_flight
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
         self._peak = 0  # most requests in flight since memory was last trimmed
-        self._refused = 0  # requests answered "overloaded"
-        self._sub = None
+        self._refusals: deque[tuple[Msg, float]] = deque()  # waiting for their "overloaded"
+        self._refuser: asyncio.Task[None] | None = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         await self.health.start()
         await self.transport.start()
-        self._sub = await self.transport.nc.subscribe(
-            subjects.COMPLETE,
-            queue=subjects.DISPATCHER_QUEUE,
-            cb=self._on_msg,
-            pending_msgs_limit=-1,
+        nc = self.transport.nc
+        self._sub = await fast_path(nc).subscribe(
+            subjects.COMPLETE, self._on_msg, queue=subjects.DISPATCHER_QUEUE
         )
-        await ensure_subscribed(self.transport.nc)
+        await ensure_subscribed(nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
@@ -68,29 +69,41 @@ class Dispatcher:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await stop_taking(sub)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        waits = set(self._tasks)
+        if self._refuser is not None:
+            waits.add(self._refuser)
+        if waits:
+            await asyncio.wait(waits, timeout=grace_s)
         await self.health.stop()
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
+        """Called for each request as it is read: starts its task, or queues its refusal."""
         arrived = time.monotonic()
         if len(self._tasks) >= self.max_in_flight:
-            # Answered here, without a task: shedding must cost less than the work it sheds.
-            await self.handle(msg, arrived, self._overloaded(msg.data))
-            # nats-py hands queued messages over without suspending: yield now and then, or a
-            # backlog of refusals would starve the requests in flight of their replies (not
-            # after each one: every yield lets nats-py's flusher make one small socket write).
-            self._refused += 1
-            if self._refused % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+            self._refusals.append((msg, arrived))
+            if self._refuser is None or self._refuser.done():
+                self._refuser = asyncio.create_task(self._refuse_backlog())
             return
         task = asyncio.create_task(self.handle(msg, arrived))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    async def _refuse_backlog(self) -> None:
+        """Answer `overloaded` to the requests over max_in_flight, in one task rather than
+        one each: shedding must cost less than the work it sheds. The answers go out without
+        waiting, so yield now and then, or a backlog of refusals would starve the requests
+        in flight (not after each one: every yield costs a small socket write)."""
+        answered = 0
+        while self._refusals:
+            msg, arrived = self._refusals.popleft()
+            await self.handle(msg, arrived, self._overloaded(msg.data))
+            answered += 1
+            if answered % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -3,11 +3,19 @@ nothing of Lifeline but the wire (see the layers in pyproject.toml's [tool.impor
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
+import importlib.util
 import logging
+import re
+import weakref
+from collections.abc import Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from schemas.wire import message_bytes
 
@@ -27,7 +35,8 @@ async def ensure_subscribed(nc: Client) -> None:
 
 
 async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -> bool:
-    """Publish unless the message cannot go out; a failure is logged, never raised."""
+    """Publish unless the message cannot go out; a failure is logged, never raised. Goes
+    through the connection's fast path when it can."""
     if message_bytes(payload) > nc.max_payload:
         log.error(
             "not publishing %s on %s: %d bytes, above max_payload %d",
@@ -37,6 +46,8 @@ async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -
             nc.max_payload,
         )
         return False
+    if fast_path(nc).publish(subject, payload):
+        return True
     try:
         await nc.publish(subject, payload)
     except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
@@ -53,3 +64,221 @@ async def stop_taking(sub: Subscription) -> None:
         await sub.drain()
     except NatsError:  # closed or draining already
         pass
+
+
+# ---- the hot path: a contained adapter over nats-py's read and write path ------------------
+#
+# nats-py hands each message from its read loop to a coroutine (_process_msg), a per-
+# subscription queue and task, then the callback; each publish builds its header block with a
+# regex per key and wakes the flusher task through an asyncio.Queue and a Future. At 64
+# requests in flight that machinery was most of what separated a dispatcher from a plain
+# relay (see the README's benchmarks). The adapter below takes the common case straight
+# through and leaves everything else to nats-py:
+#
+#   read   a parser subclass (installed per connection by `FastPath.install`) hands a complete
+#          MSG, or an HMSG with a plain header block, for a subscription made with
+#          `FastPath.subscribe` straight to its handler. Every other message, and every
+#          other protocol line (PING, INFO, -ERR, ...), goes to nats-py's own parser.
+#   write  `FastPath.publish` appends the PUB/HPUB command to nats-py's pending buffer and
+#          writes the buffer once per event-loop turn; when the connection is not up, it
+#          falls back to nats-py's publish (which buffers through a reconnect).
+#
+# It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
+# of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
+# ._parse_header_lines, .msg_class, .stats; Subscription._id; Parser.buf, .state and the
+# AWAITING_CONTROL_LINE state.
+# The upstream change that would make it unnecessary: a synchronous per-subscription
+# handler in nats-py (called from the read loop, as nats.go's handlers are), and a publish
+# that schedules one write per loop turn instead of a Future per call.
+
+NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
+
+_paths: weakref.WeakKeyDictionary[Client, FastPath] = weakref.WeakKeyDictionary()
+
+
+def fast_path(nc: Client) -> FastPath:
+    """The connection's FastPath, installed on first use."""
+    path = _paths.get(nc)
+    if path is None:
+        path = _paths[nc] = FastPath(nc).install()
+    return path
+
+
+class FastPath:
+    """The fast read and write path of one connection."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._handlers: dict[int, Callable[[Msg], None]] = {}
+        self._flush_scheduled = False
+        self.enabled = _supported() and isinstance(getattr(nc, "_ps", None), Parser)
+
+    def install(self) -> FastPath:
+        """Put the fast parser in front of nats-py's (after connect; reconnects keep it)."""
+        if self.enabled and not isinstance(self.nc._ps, _FastParser):
+            self.nc._ps = _FastParser(self.nc, self._handlers)
+        return self
+
+    async def subscribe(
+        self, subject: str, handler: Callable[[Msg], None], queue: str = ""
+    ) -> Subscription:
+        """Subscribe with a plain (non-async) handler, called in order from the read loop.
+        It must not block: start a task for anything that waits. Messages nats-py's own
+        parser handles (odd headers) reach the same handler through the subscription."""
+
+        async def through_nats_py(msg: Msg) -> None:
+            handler(msg)
+
+        sub = await self.nc.subscribe(
+            subject, queue=queue, cb=through_nats_py, pending_msgs_limit=-1
+        )
+        if self.enabled:
+            self._handlers[sub._id] = handler
+        return sub
+
+    def publish(
+        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> bool:
+        """Queue one message for the next write; False when it must go through nats-py's
+        publish instead (not connected, or headers that need its checks)."""
+        nc = self.nc
+        if not self.enabled or not nc.is_connected:
+            return False
+        if headers:
+            block = _header_block(headers)
+            if block is None:
+                return False
+            size = len(block) + len(payload)
+            cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+                subject.encode(),
+                reply.encode(),
+                len(block),
+                size,
+                block,
+                payload,
+            )
+        else:
+            cmd = b"PUB %s %s %d\r\n%s\r\n" % (
+                subject.encode(),
+                reply.encode(),
+                len(payload),
+                payload,
+            )
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        nc = self.nc
+        if nc._pending and nc.is_connected and nc._transport is not None:
+            pending, nc._pending, nc._pending_data_size = nc._pending, [], 0
+            nc._transport.writelines(pending)
+
+
+def _supported() -> bool:
+    try:
+        version = importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return version.startswith(NATS_PY_VERSIONS)
+
+
+_SAFE_HEADER = re.compile(r"[!-9;-~]+")  # a header name nats-py accepts: printable, no ':'
+
+
+def _header_block(headers: dict[str, str]) -> bytes | None:
+    """The NATS/1.0 header block, or None for anything unusual (nats-py then checks it)."""
+    parts = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        if not _SAFE_HEADER.fullmatch(key) or "\r" in value or "\n" in value:
+            return None
+        parts.append(b"%s: %s\r\n" % (key.encode(), value.strip().encode()))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _FastParser(Parser):
+    """nats-py's parser, with complete MSG/HMSG for fast-path subscriptions taken first."""
+
+    def __init__(self, nc: Client, handlers: dict[int, Callable[[Msg], None]]) -> None:
+        super().__init__(nc)
+        self.handlers = handlers
+
+    async def parse(self, data: bytes = b"") -> None:
+        self.buf.extend(data)
+        if self.state == AWAITING_CONTROL_LINE:
+            taken = self._take()
+            if taken:
+                del self.buf[:taken]
+        if self.buf and not (self.state == AWAITING_CONTROL_LINE and self._waiting_for_ours()):
+            await super().parse()
+
+    def _take(self) -> int:
+        """Handle the complete fast-path messages at the front of the buffer; bytes used."""
+        buf, pos, nc = self.buf, 0, self.nc
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return pos
+            line = bytes(buf[pos:end]).split()
+            if len(line) < 4 or line[0] not in (b"MSG", b"HMSG"):
+                return pos
+            headered = line[0] == b"HMSG"
+            try:
+                sid, total = int(line[2]), int(line[-1])
+                hsize = int(line[-2]) if headered else 0
+            except ValueError:
+                return pos
+            handler = self.handlers.get(sid)
+            if handler is None or sid not in nc._subs:
+                return pos
+            start = end + 2
+            if len(buf) < start + total + 2:
+                return pos  # the rest is still on its way
+            headers = None
+            if headered:
+                headers = _plain_headers(nc, bytes(buf[start : start + hsize]))
+                if headers is None:
+                    return pos  # a status line or odd headers: nats-py's parser decides
+            reply = line[3] if len(line) == (6 if headered else 5) else b""
+            data = bytes(buf[start + hsize : start + total])
+            nc.stats["in_msgs"] += 1
+            nc.stats["in_bytes"] += len(data)
+            msg = nc.msg_class(
+                subject=line[1].decode(),
+                reply=reply.decode(),
+                data=data,
+                headers=headers,
+                _client=nc,
+                _sid=sid,
+            )
+            pos = start + total + 2
+            handler(msg)
+
+    def _waiting_for_ours(self) -> bool:
+        """The buffer starts with a fast-path message whose payload has not all arrived."""
+        buf = self.buf
+        end = buf.find(b"\r\n")
+        if end < 0 or not buf.startswith((b"MSG ", b"HMSG ")):
+            return False
+        line = bytes(buf[:end]).split()
+        try:
+            return int(line[2]) in self.handlers and len(buf) < end + 2 + int(line[-1]) + 2
+        except (ValueError, IndexError):
+            return False
+
+
+def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
+    """A header block without a status line, parsed as nats-py parses it; None otherwise."""
+    if not block.startswith(b"NATS/1.0\r\n") or _HAS_EMAIL_PARSER:
+        return None
+    return nc._parse_header_lines(block[10:]) or None
+
+
+_HAS_EMAIL_PARSER = importlib.util.find_spec("fast_mail_parser") is not None

@@ -34,7 +34,7 @@ from schemas import (
 )
 from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
 from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
-from service.natsio import publish_checked
+from service.natsio import fast_path, publish_checked
 
 log = logging.getLogger("lifeline.transport")
 
@@ -172,11 +172,9 @@ class _Inbox:
     async def start(self) -> None:
         if self._sub is None:
             self._prefix = self._nc.new_inbox() + "."
-            self._sub = await self._nc.subscribe(
-                self._prefix + "*", cb=self._on_reply, pending_msgs_limit=-1
-            )
+            self._sub = await fast_path(self._nc).subscribe(self._prefix + "*", self._on_reply)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if future is not None and not future.done():
             future.set_result(msg)
@@ -193,7 +191,9 @@ class _Inbox:
         self._waiting[token] = future
         timer = loop.call_later(timeout_s, _expire, future)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            inbox = self._prefix + token
+            if not fast_path(self._nc).publish(subject, payload, inbox, headers):
+                await self._nc.publish(subject, payload, reply=inbox, headers=headers)
             msg = await future
         finally:
             timer.cancel()

@@ -32,7 +32,7 @@ from schemas.subjects import (
 )
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
-from service.natsio import ensure_subscribed, publish_checked, stop_taking
+from service.natsio import ensure_subscribed, fast_path, publish_checked, stop_taking
 from workers.base import Provider, ProviderError, scrub
 
 log = logging.getLogger("lifeline.worker")
@@ -64,13 +64,11 @@ class WorkerRuntime:
         )  # scrubbed from every message
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(
-            provider_subject(self.name),
-            queue=provider_queue(self.name),
-            cb=self._on_msg,
-            pending_msgs_limit=-1,
+        path = fast_path(self.nc)
+        self._sub = await path.subscribe(
+            provider_subject(self.name), self._on_msg, queue=provider_queue(self.name)
         )
-        self._cancel_sub = await self.nc.subscribe(cancel_subject(self.name), cb=self._on_cancel)
+        self._cancel_sub = await path.subscribe(cancel_subject(self.name), self._on_cancel)
         await ensure_subscribed(self.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -88,7 +86,7 @@ class WorkerRuntime:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         task = asyncio.create_task(self.handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -97,7 +95,7 @@ class WorkerRuntime:
             self._by_attempt[attempt_id] = task
             task.add_done_callback(lambda _: self._by_attempt.pop(attempt_id, None))
 
-    async def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Msg) -> None:
         task = self._by_attempt.pop(msg.data[:64].decode(errors="replace"), None)
         if task is not None and task.cancel():
             self.cancelled += 1

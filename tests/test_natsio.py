@@ -1,0 +1,133 @@
+"""The fast read and write path over nats-py (service/natsio.py), against a real nats-server.
+
+The adapter relies on nats-py internals; the first tests fail loudly when they change, so a
+nats-py upgrade cannot quietly turn the fast path off (or break it)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
+
+from service import natsio
+from service.natsio import ensure_subscribed, fast_path, stop_taking
+
+
+def test_the_installed_nats_py_is_one_the_adapter_was_written_for():
+    version = importlib.metadata.version("nats-py")
+    assert version.startswith(natsio.NATS_PY_VERSIONS), (
+        f"nats-py {version}: check service/natsio.py's fast path against its read and write "
+        "path, then add the version to NATS_PY_VERSIONS"
+    )
+
+
+def test_the_internals_the_adapter_relies_on_are_there():
+    nc = Client()
+    for name in ("_ps", "_subs", "_pending", "_pending_data_size", "_transport", "msg_class"):
+        assert hasattr(nc, name), name
+    assert callable(Client._parse_header_lines)
+    assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
+    assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
+    # Subscription._id is checked on a live subscription in `collect` below.
+
+
+async def collect(nc: Client, subject: str) -> tuple[list[Msg], Subscription]:
+    got: list[Msg] = []
+    sub = await fast_path(nc).subscribe(subject, got.append)
+    await ensure_subscribed(nc)
+    assert sub._id in fast_path(nc)._handlers  # the live check of Subscription._id
+    return got, sub
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_messages_reach_a_fast_handler_whole_and_in_order(nats_url, client):
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        assert path.enabled and isinstance(nc._ps, natsio._FastParser)
+        got, _ = await collect(nc, "fast.in")
+        big = bytes(range(256)) * 1024  # 256 KiB: spans many socket reads
+        for i in range(500):
+            await client.publish("fast.in", str(i).encode(), reply=f"r.{i}" if i % 2 else "")
+        await client.publish("fast.in", big, headers={"Lifeline-Request-Id": "x", "k": " v "})
+        await client.flush()
+        await until(lambda: len(got) == 501)
+        assert [m.data for m in got[:500]] == [str(i).encode() for i in range(500)]
+        assert [m.reply for m in got[:4]] == ["", "r.1", "", "r.3"]
+        assert got[500].data == big and got[500].headers == {"Lifeline-Request-Id": "x", "k": "v"}
+        assert got[500].subject == "fast.in"
+        assert nc.stats["in_msgs"] >= 501
+    finally:
+        await nc.close()
+
+
+async def test_a_reply_with_a_status_line_goes_through_nats_py(nats_url):
+    """No responders: the server answers with 'NATS/1.0 503'; nats-py's parser reads it."""
+    nc = await nats.connect(nats_url)
+    try:
+        got, _ = await collect(nc, "_INBOX.t.*")
+        assert fast_path(nc).publish(
+            "nobody.listens", b"hi", reply="_INBOX.t.1", headers={"a": "b"}
+        )
+        await until(lambda: len(got) == 1)
+        assert got[0].headers is not None and got[0].headers.get("Status") == "503"
+    finally:
+        await nc.close()
+
+
+async def test_fast_publishes_arrive_as_nats_py_would_send_them(nats_url, client):
+    received: list[Msg] = []
+
+    async def receive(msg: Msg) -> None:
+        received.append(msg)
+
+    await client.subscribe("fast.out", cb=receive)
+    await ensure_subscribed(client)
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        assert path.publish("fast.out", b"one")
+        assert path.publish("fast.out", b"two", reply="back", headers={"Trace": "t", "n": "1"})
+        # A value nats-py would rewrite (a newline) is left to nats-py's publish.
+        assert not path.publish("fast.out", b"three", headers={"bad": "a\nb"})
+        await nc.publish("fast.out", b"three", headers={"bad": "a\nb"})
+        await nc.flush()
+        await until(lambda: len(received) == 3)
+    finally:
+        await nc.close()
+    assert [m.data for m in received] == [b"one", b"two", b"three"]
+    assert (received[1].reply, received[1].headers) == ("back", {"Trace": "t", "n": "1"})
+
+
+async def test_a_closed_connection_publishes_nothing_through_the_fast_path(nats_url):
+    nc = await nats.connect(nats_url)
+    path = fast_path(nc)
+    await nc.close()
+    assert path.publish("fast.out", b"late") is False
+
+
+async def test_a_drained_fast_subscription_hears_nothing_more(nats_url, client):
+    nc = await nats.connect(nats_url)
+    try:
+        got, sub = await collect(nc, "fast.drain")
+        await client.publish("fast.drain", b"before")
+        await client.flush()
+        await until(lambda: len(got) == 1)
+        await stop_taking(sub)
+        markers, _ = await collect(nc, "fast.marker")
+        await client.publish("fast.drain", b"after")
+        await client.publish("fast.marker", b"")  # the server sends it after "after", if any
+        await until(lambda: len(markers) == 1)
+        assert [m.data for m in got] == [b"before"]
+    finally:
+        await nc.close()
