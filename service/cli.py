@@ -37,6 +37,7 @@ from service.app import (
 from service.config import Config, ConfigError, Step, breaker_settings, load_config
 from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
 from service.health import percentile_ms
+from service.memory import settle_after_start
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
 
@@ -263,6 +264,7 @@ async def _serve_stack(stack: Stack, url: str, quiet: bool) -> str | None:
     """Serve (printing a line per request unless `quiet`) until a signal (returns None) or
     until a component's NATS connection is gone for good (returns its name)."""
     watcher = None if quiet else await _watch_audit(url)
+    settle_after_start()
     lost = await _until_signalled(stack.lost())
     if lost is not None:
         print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
@@ -405,6 +407,7 @@ async def _serve(component: Component, tracers: Tracing) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
     so a supervisor restarts the process)."""
     lost = None
+    settle_after_start()
     try:
         lost = await _until_signalled(component.watch.lost.wait())
         if lost is None:

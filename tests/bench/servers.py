@@ -29,9 +29,9 @@ from schemas import ProviderOk, Usage
 from schemas.wire import encoder
 from service.app import start_dispatcher, start_worker
 from service.config import parse_config
-from service.memory import release_memory
-from service.telemetry import Tracing
+from service.memory import release_memory, settle_after_start
 from service.natsio import ensure_subscribed
+from service.telemetry import Tracing
 from tests.bench.harness import Served
 
 INSTANT_ANSWER = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
@@ -115,6 +115,7 @@ async def dispatcher(params: dict[str, Any]) -> Served:
     component, disp = await start_dispatcher(parse_config(params["config"]), params["url"], tracers)
     if params.get("paused"):
         await disp.stop()
+    settle_after_start()  # as `lifeline dispatcher` does once it is up
 
     async def pause(_: Any) -> None:
         await disp.stop()
@@ -143,6 +144,7 @@ async def worker(params: dict[str, Any]) -> Served:
     component, _runtime = await start_worker(
         parse_config(params["config"]), params["provider"], params["url"], tracers
     )
+    settle_after_start()  # as `lifeline worker` does once it is up
 
     async def stop() -> None:
         await component.stop()
