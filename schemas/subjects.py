@@ -53,6 +53,6 @@ def reply_subject_refused(subject: str) -> str | None:
         return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
     if subject.startswith("$"):
         return "it is one of the NATS server's own subjects ($...)"
-    if any(token in ("*", ">") for token in subject.split(".")):
+    if ("*" in subject or ">" in subject) and any(t in ("*", ">") for t in subject.split(".")):
         return "it contains a wildcard"
     return None

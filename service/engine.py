@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import NamedTuple, Protocol
 
 import msgspec
-from nats.nuid import NUID
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
+from schemas.ids import Ids
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID
 from schemas.wire import INTERNAL, PAYLOAD_TOO_LARGE, PREVIOUS_ERRORS, encoder, salvage_id
 from service import telemetry
@@ -85,7 +85,7 @@ class Engine:
         self.spans = spans
         # Span name and attributes per target, built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
-        self._attempt_ids = NUID()
+        self._attempt_ids = Ids()
 
     async def serve(
         self, inbound: Inbound, respond: Respond | None, refused: Rejected | None = None
@@ -160,7 +160,7 @@ class Engine:
         headers = {
             DEADLINE_MS: Deadline.after(timeout_s).header(),
             REQUEST_ID: request_id,
-            ATTEMPT_ID: self._attempt_ids.next().decode(),
+            ATTEMPT_ID: self._attempt_ids.next(),
         }
         telemetry.inject(headers, span)
         try:

@@ -8,7 +8,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import re
-import weakref
 from collections.abc import Callable
 
 from nats.aio.client import Client
@@ -93,14 +92,13 @@ async def stop_taking(sub: Subscription) -> None:
 
 NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
 
-_paths: weakref.WeakKeyDictionary[Client, FastPath] = weakref.WeakKeyDictionary()
-
 
 def fast_path(nc: Client) -> FastPath:
-    """The connection's FastPath, installed on first use."""
-    path = _paths.get(nc)
+    """The connection's FastPath, installed on first use (kept on the client itself)."""
+    path: FastPath | None = getattr(nc, "_lifeline_fast_path", None)
     if path is None:
-        path = _paths[nc] = FastPath(nc).install()
+        path = FastPath(nc).install()
+        setattr(nc, "_lifeline_fast_path", path)  # noqa: B010 (not an attribute of Client)
     return path
 
 
@@ -190,15 +188,21 @@ def _supported() -> bool:
 
 
 _SAFE_HEADER = re.compile(r"[!-9;-~]+")  # a header name nats-py accepts: printable, no ':'
+_safe_names: dict[str, bytes] = {}  # names seen and checked: Lifeline sends a handful
 
 
 def _header_block(headers: dict[str, str]) -> bytes | None:
     """The NATS/1.0 header block, or None for anything unusual (nats-py then checks it)."""
     parts = [b"NATS/1.0\r\n"]
     for key, value in headers.items():
-        if not _SAFE_HEADER.fullmatch(key) or "\r" in value or "\n" in value:
+        name = _safe_names.get(key)
+        if name is None:
+            if not _SAFE_HEADER.fullmatch(key) or len(_safe_names) > 64:
+                return None
+            name = _safe_names[key] = key.encode() + b": "
+        if "\r" in value or "\n" in value:
             return None
-        parts.append(b"%s: %s\r\n" % (key.encode(), value.strip().encode()))
+        parts += (name, value.strip().encode(), b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -278,7 +282,18 @@ def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
     """A header block without a status line, parsed as nats-py parses it; None otherwise."""
     if not block.startswith(b"NATS/1.0\r\n") or _HAS_EMAIL_PARSER:
         return None
-    return nc._parse_header_lines(block[10:]) or None
+    headers: dict[str, str] = {}
+    for line in block[10:].split(b"\r\n"):
+        if line:
+            name, sep, value = line.partition(b":")
+            name = name.strip()
+            if not sep or _TOKEN.fullmatch(name) is None:  # nats-py's own rules decide
+                return nc._parse_header_lines(block[10:]) or None
+            headers[name.decode()] = value.strip().decode("utf-8", "replace")
+    return headers or None
+
+
+_TOKEN = re.compile(rb"[!-~]+")  # a name nats-py keeps as it is: printable ASCII, no space
 
 
 _HAS_EMAIL_PARSER = importlib.util.find_spec("fast_mail_parser") is not None

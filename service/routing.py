@@ -20,11 +20,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import msgspec
-from nats.nuid import NUID
 
 from schemas import CompletionRequest, ErrorInfo
 from schemas.deadline import Deadline
 from schemas.errors import DEFAULT_RETRY_ON, kind_or_status_problem
+from schemas.ids import Ids
 from schemas.wire import (
     DEADLINE_EXCEEDED,
     INVALID_REQUEST,
@@ -125,7 +125,7 @@ class Router:
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
         # Per provider, the models the config names: each keeps a breaker and figures of its own.
         self.models = self._configured_models()
-        self._ids = NUID()  # unique ids for requests that bring none, cheaper than uuid4
+        self._ids = Ids()  # unique ids for requests that bring none
         self.random = random.Random()
 
     def build(self, spec: TargetSpec, route_breaker: dict | None = None) -> Target:
@@ -232,7 +232,7 @@ class Router:
         The request's deadline counts from `arrived` (time.monotonic() when the message came
         in), so time spent waiting for a free slot is part of its timeout_s."""
         request = self._decode(data)
-        request_id = request.id or self._ids.next().decode()
+        request_id = request.id or self._ids.next()
         route_name = request.route if request.targets is None else None
 
         def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:

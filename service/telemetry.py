@@ -391,6 +391,11 @@ class SpanRecorder:
             processor.on_start(span, parent_context=parent_context)  # type: ignore[arg-type]
 
 
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+_NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+_UNSET = trace.Status(trace.StatusCode.UNSET)
+
+
 class LiteSpan:
     """One span in progress; ended spans are emitted to the processors if sampled.
 
@@ -428,7 +433,7 @@ class LiteSpan:
         self.attributes = dict(attributes)
         self.parent = parent
         self.recording = recording
-        flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if recording else 0)
+        flags = _SAMPLED if recording else _NOT_SAMPLED
         if trace_id is None:  # a local child: same trace, same state
             assert parent is not None
             trace_id, trace_state = parent.trace_id, parent.trace_state
@@ -437,7 +442,7 @@ class LiteSpan:
         )
         self.start_ns = time.time_ns()
         self.events: list[Event] = []
-        self.status = trace.Status(trace.StatusCode.UNSET)
+        self.status = _UNSET  # Status is immutable: one value serves every span
 
     def get_span_context(self) -> trace.SpanContext:
         return self.context
