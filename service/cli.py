@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
-from service import telemetry
+from service import loop, telemetry
 from service.app import (
     Component,
     NatsUnreachable,
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": cmd_status,
     }
     try:
-        return asyncio.run(handlers[args.command](args))
+        return loop.run(handlers[args.command](args))
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2

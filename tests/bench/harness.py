@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from service import loop
+
 _CTX = multiprocessing.get_context("spawn")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _STOP_TIMEOUT_S = 5.0
@@ -59,7 +61,7 @@ def child_main(conn: Connection, setup: Setup, params: dict[str, Any]) -> None:
         format=f"[{params.get('name', 'child')}] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(_serve(conn, setup, params))
+        loop.run(_serve(conn, setup, params))  # every process on the loop Lifeline's run on
     finally:
         conn.close()
 
