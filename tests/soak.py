@@ -29,7 +29,7 @@ import nats
 
 from schemas.wire import encoder
 from service.embedded import EmbeddedNats
-from tests.contract_kit import Ledger, LifelineProcess, write_config
+from tests.helpers import Ledger, LifelineProcess, write_config
 
 TIMEOUT_S = 5.0
 SLACK_S = 1.0

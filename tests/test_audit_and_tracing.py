@@ -8,7 +8,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from conftest import USER_HELLO, ask, config, fake, settled
+from helpers import USER_HELLO, ask, config, fake, settled
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import USER_HELLO, ask, config, fake
+from helpers import USER_HELLO, ask, config, fake
 from schemas.wire import encoder
 
 CASES = {

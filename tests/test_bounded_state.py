@@ -13,8 +13,8 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import USER_HELLO, ask, fake
 
+from helpers import USER_HELLO, ask, fake, wait_for
 from schemas import ProviderFailure, ProviderOk
 from schemas.wire import INVALID_REQUEST, encoder
 from service.app import start_stack
@@ -236,11 +236,8 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
                 "by": "peer",
             }
             await kv.put(breaker_key("open", ADHOC_MODEL), json.dumps(peer).encode())
-            async with asyncio.timeout(
-                5
-            ):  # the watcher outlived the malformed entry and still follows the peers
-                while health.of("open", ADHOC_MODEL).state != OPEN:
-                    await asyncio.sleep(0.01)
+            # The watcher outlived the malformed entry and still follows the peers.
+            await wait_for(lambda: health.of("open", ADHOC_MODEL).state == OPEN)
             for i in range(400):  # as many targets as a config naming 400 models would give
                 health.record("open", f"configured-{i}", None, True, latency_ms=float(i))
             await store.publish_stats()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import config, fake
+from helpers import config, fake
 from service.config import ConfigError, load_config, parse_config
 from workers.registry import KINDS
 

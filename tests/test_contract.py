@@ -21,13 +21,12 @@ from typing import Any
 import nats
 import pytest
 
-from contract_kit import (
+from helpers import (
     SECRET_KEY,
     Ledger,
     LifelineProcess,
     MisbehavingProvider,
     free_port,
-    iter_sizes,
     write_config,
 )
 from schemas import subjects
@@ -136,6 +135,12 @@ async def still_serving(ledger: Ledger, rounds: int = 8) -> None:
         await ledger.send(request_id, request(request_id))
     await ledger.settle(before[0] + rounds, before[1] + rounds)
     assert all(ledger.reply_of[i].status == "ok" for i in ids)
+
+
+def iter_sizes(top: int, span: int, step: int) -> Iterator[int]:
+    """top-span .. top, every `step` bytes, and top itself."""
+    yield from range(top - span, top, step)
+    yield top
 
 
 def padded(request_id: str, size: int, route: str = "default") -> bytes:

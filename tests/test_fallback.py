@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import USER_HELLO, ask, config, fake, settled
+from helpers import USER_HELLO, ask, config, fake, settled
 from schemas import ProviderOk, subjects
 from schemas.wire import encoder, reply_decoder
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from conftest import USER_HELLO, ask, config, fake
+from helpers import USER_HELLO, ask, config, fake
 from schemas import subjects
 from service.natsio import ensure_subscribed
 

@@ -10,25 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import select
 import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
-from conftest import USER_HELLO, ask, fake
+from helpers import (
+    USER_HELLO,
+    ask,
+    fake,
+    run_lifeline,
+    spawn_lifeline,
+    wait_for,
+    wait_for_line,
+    write_config,
+)
 from service.app import start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE, Health
 from service.shared_health import BucketStore, breaker_key
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def outcomes(reply) -> list[tuple]:
@@ -52,12 +54,6 @@ def asking_to_fail(status: int) -> dict[str, Any]:
 FAIL_A = asking_to_fail(503)
 
 
-async def until(predicate, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 # ---- a breaker's life ------------------------------------------------------------------
 
 
@@ -78,7 +74,7 @@ async def test_a_breaker_opens_skips_probes_and_closes(lifeline, client, audit):
         ("ok", None),
     ]
 
-    await until(
+    await wait_for(
         lambda: health.admit("a", "fake-1") == PROBE
     )  # the cooldown ends: the next request probes a
     reply = await ask(client, USER_HELLO)
@@ -91,7 +87,7 @@ async def test_a_failed_probe_opens_the_breaker_for_another_cooldown(lifeline, c
     stack = await lifeline(breaker_config())
     for _ in range(2):
         await ask(client, FAIL_A)
-    await until(lambda: stack.dispatcher.health.admit("a", "fake-1") == PROBE)
+    await wait_for(lambda: stack.dispatcher.health.admit("a", "fake-1") == PROBE)
     reply = await ask(client, FAIL_A)  # the probe fails
     assert outcomes(reply) == [("a", "error", "server_error"), ("b", "ok", None)]
     assert stack.dispatcher.health.of("a", "fake-1").state == OPEN
@@ -146,56 +142,28 @@ async def test_settings_per_route_and_per_target(lifeline, client):
 # ---- shared state ----------------------------------------------------------------------
 
 
-def _toml(config: dict[str, Any]) -> str:
-    lines = [
-        "[dispatcher]\nallow_fault_injection = true\n",
-        "[breaker]\nconsecutive_failures = 2\ncooldown_s = 30\n",
-    ]
-    for name, table in config["providers"].items():
-        lines.append(
-            f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
-        )
-    lines.append('[routes.default]\ntargets = ["a", "b"]\n')
-    return "\n".join(lines)
-
-
 @pytest.fixture
 def second_dispatcher(tmp_path, nats_url):
-    """`lifeline dispatcher` in its own process, on the same NATS and config."""
-    path = tmp_path / "lifeline.toml"
-    path.write_text(_toml(breaker_config()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "dispatcher",
-            "--config",
-            str(path),
-            "--nats-url",
-            nats_url,
-        ],
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
+    """`lifeline dispatcher` in its own process, on the same NATS and config (a 30 s cooldown)."""
+    path = write_config(tmp_path / "lifeline.toml", breaker_config({"cooldown_s": 30}))
+    proc = spawn_lifeline(
+        "dispatcher",
+        "--config",
+        str(path),
+        "--nats-url",
+        nats_url,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
-    log, deadline = b"", time.monotonic() + 20
-    while b"dispatcher serving" not in log:  # it logs this once subscribed
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stderr], [], [], left)[0]:
-            proc.kill()
-            raise AssertionError(f"the second dispatcher did not start: {log.decode()}")
-        chunk = os.read(proc.stderr.fileno(), 65536)  # type: ignore[union-attr]
-        if not chunk:
-            raise AssertionError(f"the second dispatcher exited: {log.decode()}")
-        log += chunk
-    yield proc
-    proc.terminate()
-    proc.wait(timeout=15)
-    proc.stderr and proc.stderr.close()
+    try:
+        wait_for_line(
+            proc, "dispatcher serving", stream=proc.stderr
+        )  # it logs this once subscribed
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        proc.stderr and proc.stderr.close()
 
 
 async def test_two_dispatcher_processes_share_one_breaker_state(
@@ -239,7 +207,7 @@ async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(
             while not all(h.state == OPEN for h in both):  # opened by one, adopted by the other
                 await ask(client, FAIL_A)
                 await asyncio.sleep(0.01)
-            await until(lambda: first.dispatcher.health.admit("a", "fake-1") == PROBE)
+            await wait_for(lambda: first.dispatcher.health.admit("a", "fake-1") == PROBE)
             while not all(
                 h.state == CLOSED for h in both
             ):  # one replica's probe closes it for both
@@ -289,7 +257,7 @@ async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(
         ("fast", "ok", None, True),
     ]
     slow = stack.workers["slow"]
-    await until(
+    await wait_for(
         lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1
     )  # well before its 3 s
     [(_, event)] = await audit.wait_for(1)
@@ -363,19 +331,8 @@ async def test_the_retry_budget_holds_under_load_and_the_attempt_says_why(lifeli
 
 
 async def lifeline_cli(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        *args,
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode(), err.decode()
+    done = await asyncio.to_thread(run_lifeline, *args)  # the loop goes on serving meanwhile
+    return done.returncode, done.stdout, done.stderr
 
 
 async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, client, nats_url):
@@ -458,7 +415,7 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
         async with asyncio.timeout(10):
             while not all(h.of("a", "fake-1").state == OPEN for h in both):
                 await ask(client, FAIL_A)
-        await until(
+        await wait_for(
             lambda: all(h.admit("a", "fake-1") == PROBE for h in both)
         )  # the cooldown is over for both
         replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(12)))
@@ -507,7 +464,7 @@ async def test_a_simulated_answer_does_not_close_a_really_open_breaker(lifeline,
     for _ in range(2):
         await ask(client, FAIL_A)
     assert health.of("a", "fake-1").state == OPEN
-    await until(
+    await wait_for(
         lambda: health.admit("a", "fake-1") == PROBE
     )  # the cooldown is over: the next real call probes
     reply = await ask(

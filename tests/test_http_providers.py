@@ -6,29 +6,25 @@ OpenAI-compatible server (vLLM, Ollama, llama.cpp) reached through `base_url`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import nats
 import pytest
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from conftest import USER_HELLO, ask, config, fake
+from helpers import USER_HELLO, LocalHTTPServer, ask, config, fake, serving, wait_for
 from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 
 
-class FakeOpenAI(ThreadingHTTPServer):
+class FakeOpenAI(LocalHTTPServer):
     """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, error) | ("hang", s)."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.script: list[tuple[object, object]] = []
         self.requests: list[dict] = []
         self.finished_hangs = 0
@@ -86,12 +82,8 @@ def _completion(text: str, model: str) -> dict:
 
 @pytest.fixture
 def http_server() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FakeOpenAI()) as server:
+        yield server
 
 
 def openai_at(server: FakeOpenAI, **extra: object) -> dict:
@@ -163,13 +155,9 @@ async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, h
     request = encoder.encode(ProviderRequest(id="r1", messages=[ChatMessage("user", "hi")]))
     headers = {subjects.ATTEMPT_ID: "attempt-1", subjects.DEADLINE_MS: far}
     await client.publish(subjects.provider_subject("local"), request, reply=inbox, headers=headers)
-    async with asyncio.timeout(2):
-        while not http_server.requests:  # the HTTP call is under way
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: http_server.requests, timeout_s=2)  # the HTTP call is under way
     await client.publish(subjects.cancel_subject("local"), b"attempt-1")
-    async with asyncio.timeout(1):  # well before the 3 s hang would end
-        while worker.in_flight:
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: not worker.in_flight, timeout_s=1)  # well before the 3 s hang ends
     assert worker.cancelled == 1
     with pytest.raises(nats.errors.TimeoutError):
         await replies.next_msg(timeout=0.2)  # nobody waits for it, so no reply is sent
@@ -192,10 +180,7 @@ async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cance
         ("backup", "ok", True),
     ]
     worker = stack.workers["local"]
-    async with asyncio.timeout(
-        1
-    ):  # the dispatcher's cancel reaches the worker, which drops the HTTP call
-        while worker.in_flight:
-            await asyncio.sleep(0.01)
+    # The dispatcher's cancel reaches the worker, which drops the HTTP call.
+    await wait_for(lambda: not worker.in_flight, timeout_s=1)
     assert worker.cancelled == 1
     assert len(http_server.requests) == 1 and http_server.finished_hangs == 0

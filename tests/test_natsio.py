@@ -5,7 +5,6 @@ nats-py upgrade cannot quietly turn the fast path off (or break it)."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 
 import nats
@@ -14,6 +13,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
+from helpers import wait_for
 from service import natsio
 from service.natsio import ensure_subscribed, fast_path, stop_taking
 
@@ -44,12 +44,6 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], Subscription]:
     return got, sub
 
 
-async def until(condition, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_messages_reach_a_fast_handler_whole_and_in_order(nats_url, client):
     nc = await nats.connect(nats_url)
     try:
@@ -61,7 +55,7 @@ async def test_messages_reach_a_fast_handler_whole_and_in_order(nats_url, client
             await client.publish("fast.in", str(i).encode(), reply=f"r.{i}" if i % 2 else "")
         await client.publish("fast.in", big, headers={"Lifeline-Request-Id": "x", "k": " v "})
         await client.flush()
-        await until(lambda: len(got) == 501)
+        await wait_for(lambda: len(got) == 501)
         assert [m.data for m in got[:500]] == [str(i).encode() for i in range(500)]
         assert [m.reply for m in got[:4]] == ["", "r.1", "", "r.3"]
         assert got[500].data == big and got[500].headers == {"Lifeline-Request-Id": "x", "k": "v"}
@@ -79,7 +73,7 @@ async def test_a_reply_with_a_status_line_goes_through_nats_py(nats_url):
         assert fast_path(nc).publish(
             "nobody.listens", b"hi", reply="_INBOX.t.1", headers={"a": "b"}
         )
-        await until(lambda: len(got) == 1)
+        await wait_for(lambda: len(got) == 1)
         assert got[0].headers is not None and got[0].headers.get("Status") == "503"
     finally:
         await nc.close()
@@ -102,7 +96,7 @@ async def test_fast_publishes_arrive_as_nats_py_would_send_them(nats_url, client
         assert not path.publish("fast.out", b"three", headers={"bad": "a\nb"})
         await nc.publish("fast.out", b"three", headers={"bad": "a\nb"})
         await nc.flush()
-        await until(lambda: len(received) == 3)
+        await wait_for(lambda: len(received) == 3)
     finally:
         await nc.close()
     assert [m.data for m in received] == [b"one", b"two", b"three"]
@@ -122,12 +116,12 @@ async def test_a_drained_fast_subscription_hears_nothing_more(nats_url, client):
         got, sub = await collect(nc, "fast.drain")
         await client.publish("fast.drain", b"before")
         await client.flush()
-        await until(lambda: len(got) == 1)
+        await wait_for(lambda: len(got) == 1)
         await stop_taking(sub)
         markers, _ = await collect(nc, "fast.marker")
         await client.publish("fast.drain", b"after")
         await client.publish("fast.marker", b"")  # the server sends it after "after", if any
-        await until(lambda: len(markers) == 1)
+        await wait_for(lambda: len(markers) == 1)
         assert [m.data for m in got] == [b"before"]
     finally:
         await nc.close()

@@ -11,7 +11,7 @@ import pytest
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import ResponseFormat
 from workers.anthropic import AnthropicProvider, AnthropicSettings
-from mock_provider import MockServer, expect_failure, provider_fixture
+from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "sk-ant-api03-test-0123456789abcdef"

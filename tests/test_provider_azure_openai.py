@@ -11,7 +11,7 @@ import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
-from mock_provider import MockServer, expect_failure, provider_fixture
+from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "0123456789abcdef0123456789abcdef"

@@ -17,14 +17,14 @@ import tracemalloc
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
-from mock_provider import MockServer, expect_failure
+from helpers import LocalHTTPServer, MockServer, expect_failure, serving
 from schemas import ChatMessage, ProviderRequest
 from schemas.wire import ERROR_KINDS, classify_status
 from test_provider_anthropic import MESSAGE
@@ -112,13 +112,11 @@ async def providers():
 # ---- a real HTTP server -----------------------------------------------------------------
 
 
-class Server(ThreadingHTTPServer):
+class Server(LocalHTTPServer):
     """Answers every POST with `answer(handler)`; counts what it sent and whether the client hung up."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.answer: Callable[[_Handler], None] = lambda handler: send(handler, 200, [b"{}"])
         self.request_headers: list[dict[str, str]] = []
         self.sent_bytes = 0
@@ -172,15 +170,9 @@ def wait_for_hang_up(handler: _Handler) -> None:
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    server = Server()
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    with serving(Server(), poll_interval_s=0.02) as server:
+        yield server
+        server.release.set()  # ends any handler still waiting
 
 
 # ---- big answers and compression bombs --------------------------------------------------

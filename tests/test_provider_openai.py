@@ -11,7 +11,7 @@ import pytest
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import JsonSchemaFormat, ResponseFormat
-from mock_provider import MockServer, expect_failure, provider_fixture
+from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 from workers.openai import OpenAIProvider, OpenAISettings
 

@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Any
 
-from conftest import USER_HELLO, ask, fake
+from helpers import USER_HELLO, ask, fake, wait_for
 from service.app import start_worker
 from service.config import parse_config
 
@@ -74,9 +74,14 @@ async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(
             for route in ["quick", "patient"]
             for _ in range(6)
         ]
-        async with asyncio.timeout(5):
-            while doomed.in_flight < len(burst):
-                await asyncio.sleep(0.005)
+        await wait_for(
+            lambda: doomed.in_flight >= len(burst),
+            timeout_s=5,
+            what=lambda: (
+                f"{doomed.in_flight} of the burst's {len(burst)} calls reached the replica"
+            ),
+            interval_s=0.005,
+        )
         survivor_component, _ = await start_worker(
             parse_config(replica_config()), "slow", nats_url, tracers
         )

@@ -6,7 +6,7 @@ import time
 
 from opentelemetry.trace import SpanKind
 
-from conftest import USER_HELLO, ask, config, fake
+from helpers import USER_HELLO, ask, config, fake
 from schemas.deadline import Deadline
 from service.health import OPEN
 from service.target import HealthKey, Target

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -25,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
+from helpers import ROOT, cli_env, run_lifeline
 from service.telemetry import (
     TelemetryConfigError,
     Tracing,
@@ -35,7 +33,6 @@ from service.telemetry import (
     tracer_provider_from_env,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 GRPC_INSTALLED = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
 
 
@@ -148,24 +145,13 @@ def test_an_unknown_exporter_is_refused_naming_the_variable_and_the_choices(sign
 
 
 def test_an_unknown_exporter_stops_the_cli_at_start_up():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_URL", "OTEL_"))}
-    env.update(PYTHONPATH=str(ROOT), OTEL_TRACES_EXPORTER="console,jaeger")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "dispatcher",
-            "--config",
-            str(ROOT / "lifeline.example.toml"),
-            "--nats-url",
-            "nats://127.0.0.1:1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env=env,
+    done = run_lifeline(
+        "dispatcher",
+        "--config",
+        str(ROOT / "lifeline.example.toml"),
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        env=cli_env(OTEL_TRACES_EXPORTER="console,jaeger"),
     )
     assert done.returncode == 2
     assert "OTEL_TRACES_EXPORTER" in done.stderr and "'jaeger'" in done.stderr

@@ -8,8 +8,7 @@ import time
 import nats
 import pytest
 
-from conftest import USER_HELLO, ask, config, fake, settled
-from contract_kit import Ledger
+from helpers import USER_HELLO, Ledger, ask, config, fake, settled, wait_for
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
 from service.natsio import ensure_subscribed
@@ -53,9 +52,7 @@ async def test_a_worker_cancels_a_hung_call_when_the_dispatcher_gives_up(lifelin
     reply = await ask(client, USER_HELLO)
     assert reply.provider == "backup"
     # The worker got the same deadline and cancelled its call: nothing keeps running unseen.
-    async with asyncio.timeout(2):
-        while stack.workers["primary"].in_flight:
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: not stack.workers["primary"].in_flight, timeout_s=2)
 
 
 async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):

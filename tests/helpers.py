@@ -1,0 +1,620 @@
+"""Every helper the tests share, in one module; the fixtures stay in conftest.py.
+
+Test files import from here (`from helpers import ask, wait_for`); `python -m tests.soak`
+imports it as `tests.helpers`. A helper two test files need belongs here, not copied.
+
+    waiting         wait_for: poll the state a test needs instead of sleeping
+    configs         fake, config, toml_value, write_config
+    requests        USER_HELLO, ask, settled, AuditFeed, Ledger (per-id replies and audits)
+    processes       ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line,
+                    rest_of_output, LifelineProcess, free_port
+    HTTP servers    LocalHTTPServer, serving, MisbehavingProvider (OpenAI's shapes, misbehaving)
+    provider wire   MockServer, provider_fixture, expect_failure (httpx MockTransport)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from schemas import AuditEvent, ProviderRequest, subjects
+from schemas.wire import CompletionReply, audit_decoder, encoder, reply_decoder
+from service.natsio import ensure_subscribed
+from workers.base import Provider, ProviderError
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET_KEY = "sk-contract-0123456789abcdefSECRET"  # the API key the workers under test send
+USER_HELLO = {"messages": [{"role": "user", "content": "Why did the chicken cross the road?"}]}
+
+
+# ---- waiting ------------------------------------------------------------------------------
+
+
+async def wait_for(
+    condition: Callable[[], Any],
+    timeout_s: float = 5.0,
+    what: str | Callable[[], str] = "",
+    interval_s: float = 0.01,
+) -> Any:
+    """Poll `condition` (a function; it may return an awaitable) until it gives something true,
+    and return that. Fails the test when it has not within timeout_s, saying `what` (a text, or
+    a function giving one then) or else the condition's source line.
+
+    Wait on the state itself, never with a sleep: a sleep long enough on a loaded machine is
+    needlessly long everywhere else, and one too short makes the test fail at random."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() >= deadline:
+            detail = what() if callable(what) else what
+            raise AssertionError(f"not so within {timeout_s:g} s: {detail or _source(condition)}")
+        await asyncio.sleep(interval_s)
+
+
+def _source(function: Callable[..., Any]) -> str:
+    try:
+        return inspect.getsource(function).strip()
+    except (OSError, TypeError):
+        return repr(function)
+
+
+# ---- configs ------------------------------------------------------------------------------
+
+
+def fake(**settings: Any) -> dict[str, Any]:
+    return {"kind": "fake", **settings}
+
+
+def config(
+    providers: dict[str, dict[str, Any]], routes: dict[str, Any] | None = None, **dispatcher: Any
+) -> dict:
+    """A config dict; the default route tries the providers in the order given."""
+    data: dict[str, Any] = {
+        "providers": providers,
+        "routes": routes if routes is not None else {"default": {"targets": list(providers)}},
+    }
+    if dispatcher:
+        data["dispatcher"] = dispatcher
+    return data
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """A config dict as TOML tables (one level of [section.name] nesting, as Lifeline's)."""
+    lines: list[str] = []
+    for section, body in config.items():
+        flat = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        if flat:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in flat.items()]
+        for name, table in body.items():
+            if isinstance(table, dict):
+                lines.append(f"[{section}.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+
+async def ask(
+    client: Client, request: dict[str, Any] | bytes, timeout_s: float = 5.0, **kw: Any
+) -> CompletionReply:
+    payload = request if isinstance(request, bytes) else encoder.encode(request)
+    msg = await client.request(subjects.COMPLETE, payload, timeout=timeout_s, **kw)
+    return reply_decoder.decode(msg.data)
+
+
+async def settled(client: Client, *stacks: Any) -> None:
+    """Return once everything the stacks' dispatchers will ever send for the requests so far has
+    reached `client`'s callbacks: a barrier for "no duplicate came", instead of a sleep.
+
+    No request in flight means no more publishes; a flush of each dispatcher's connection means
+    the server has routed what they published; a flush of the client's then means the server
+    wrote those messages to it before its PONG; a few loop turns let the callbacks run."""
+    for stack in stacks:
+        dispatcher = stack.dispatcher
+        assert dispatcher is not None
+        await wait_for(
+            lambda: not dispatcher.in_flight,
+            10,
+            what=lambda: f"{dispatcher.in_flight} requests still in flight",
+            interval_s=0.005,
+        )
+        await stack.components[-1].nc.flush()
+    await client.flush()
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+class AuditFeed:
+    """Every audit event on subjects.AUDIT_ALL, decoded (the `audit` fixture subscribes it)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, AuditEvent]] = []
+        self.raw: list[bytes] = []
+        self._changed = asyncio.Event()
+
+    async def on_msg(self, msg: Any) -> None:
+        self.raw.append(msg.data)
+        self.events.append((msg.subject, audit_decoder.decode(msg.data)))
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout_s: float = 5.0) -> list[tuple[str, AuditEvent]]:
+        async with asyncio.timeout(timeout_s):
+            while len(self.events) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.events
+
+
+class Ledger:
+    """Sends requests on one inbox subscription and counts every reply and audit event per id.
+
+    Each request gets its own reply subject `<inbox>.<n>`, so a second reply to the same
+    request is seen (nc.request would drop it)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self.ids: dict[str, str] = {}  # reply token -> request id
+        self.sent_at: dict[str, float] = {}
+        self.replies: Counter[str] = Counter()
+        self.reply_of: dict[str, CompletionReply] = {}
+        self.reply_after_s: dict[str, float] = {}
+        self.audits: Counter[str] = Counter()
+        self.audit_types: dict[str, str | None] = {}
+        self.audit_events = 0
+        self.audit_bytes: list[bytes] = []
+        self.unheard: set[str] = set()  # requests the server answered "no responders" to
+        self._n = 0
+
+    async def start(self) -> "Ledger":
+        await self.nc.subscribe(self.inbox + ".*", cb=self._on_reply, pending_msgs_limit=-1)
+        await self.nc.subscribe(subjects.AUDIT_ALL, cb=self._on_audit, pending_msgs_limit=-1)
+        await ensure_subscribed(self.nc)
+        return self
+
+    async def _on_reply(self, msg: Msg) -> None:
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            # The server's "no responders": no dispatcher was subscribed, Lifeline never saw it.
+            self.unheard.add(self.ids.get(msg.subject.rsplit(".", 1)[1], "?"))
+            return
+        request_id = self.ids.get(msg.subject.rsplit(".", 1)[1], "?")
+        self.replies[request_id] += 1
+        self.reply_after_s[request_id] = time.monotonic() - self.sent_at.get(
+            request_id, time.monotonic()
+        )
+        self.reply_of[request_id] = reply_decoder.decode(msg.data)
+
+    async def _on_audit(self, msg: Msg) -> None:
+        self.audit_events += 1
+        self.audit_bytes.append(msg.data)
+        event = audit_decoder.decode(msg.data)
+        self.audits[event.id] += 1
+        self.audit_types[event.id] = event.error_type
+
+    async def send(
+        self,
+        request_id: str,
+        payload: bytes,
+        reply: str | None = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Publish `payload` as request `request_id`; reply="" means the ledger's own inbox."""
+        self._n += 1
+        token = str(self._n)
+        self.ids[token] = request_id
+        self.sent_at[request_id] = time.monotonic()
+        if reply == "":
+            reply = f"{self.inbox}.{token}"
+        await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "", headers=headers)
+
+    async def settle(
+        self, replies: int, audits: int, timeout_s: float = 30, quiet_s: float = 0.3
+    ) -> None:
+        """Wait for at least this many replies and audit events, then a quiet spell in which
+        nothing more arrives (a duplicate would show up in it)."""
+        await wait_for(
+            lambda: sum(self.replies.values()) >= replies and self.audit_events >= audits,
+            timeout_s,
+            what=lambda: (
+                f"got {sum(self.replies.values())}/{replies} replies"
+                f" and {self.audit_events}/{audits} audit events"
+            ),
+            interval_s=0.02,
+        )
+        await asyncio.sleep(quiet_s)
+
+    def assert_exactly_once(self, ids: list[str], replied: bool = True) -> None:
+        """Every id: one reply (when `replied`) and one audit event, and nothing for any other id."""
+        for request_id in ids:
+            assert self.audits[request_id] == 1, (
+                f"{request_id[:60]!r}: {self.audits[request_id]} audit events"
+            )
+            assert self.replies[request_id] == (1 if replied else 0), (
+                f"{request_id[:60]!r}: {self.replies[request_id]} replies"
+            )
+        assert sum(self.audits.values()) == len(ids), (
+            f"audit events for unknown ids: {set(self.audits) - set(ids)}"
+        )
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+LIFELINE = [sys.executable, "-m", "service.cli"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment for a `lifeline` process: without the caller's NATS_* and OTEL_*
+    settings (a test names its server and exporters itself), with this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "OTEL_"))}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_lifeline(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`lifeline <args>` to its end, its output captured."""
+    return subprocess.run(
+        [*LIFELINE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env=env or cli_env(),
+    )
+
+
+def spawn_lifeline(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """`lifeline <args>` started and left running (text streams; Popen's keywords as given)."""
+    settings: dict[str, Any] = {"cwd": ROOT, "env": cli_env(), "text": True, **popen}
+    return subprocess.Popen([*LIFELINE, *args], **settings)
+
+
+_unread: dict[
+    tuple[int, int], bytes
+] = {}  # per process and pipe: read past the last line waited for
+
+
+def wait_for_line(
+    proc: subprocess.Popen[str], pattern: str, timeout_s: float = 20, stream: Any = None
+) -> tuple[str, list[str]]:
+    """The first new line of proc's stdout (or `stream`, say proc.stderr) matching `pattern`,
+    and every line read up to it. Reads the pipe with select(), so a process that goes quiet
+    fails the test after timeout_s instead of hanging it."""
+    stream = stream if stream is not None else proc.stdout
+    assert stream is not None
+    deadline, seen = time.monotonic() + timeout_s, []
+    fd = stream.fileno()
+    buffer = _unread.pop((proc.pid, fd), b"")
+    while True:
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            line = raw.decode() + "\n"
+            seen.append(line)
+            if re.search(pattern, line):
+                _unread[(proc.pid, fd)] = buffer
+                return line, seen
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+    other = proc.stderr if stream is proc.stdout else proc.stdout
+    rest = other.read() if other is not None and proc.poll() is not None else ""
+    raise AssertionError(
+        f"never printed {pattern!r} (exit {proc.poll()}); got:\n{''.join(seen)}{buffer.decode()}\n{rest}"
+    )
+
+
+def rest_of_output(proc: subprocess.Popen[str]) -> str:
+    """What proc printed on stdout after the last line waited for, up to its exit."""
+    assert proc.stdout is not None
+    return _unread.pop((proc.pid, proc.stdout.fileno()), b"").decode() + proc.stdout.read()
+
+
+class LifelineProcess:
+    """One `lifeline ...` command as a real process, its log in a file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = spawn_lifeline(
+            *args,
+            env=cli_env(OPENAI_API_KEY=SECRET_KEY, **(env or {})),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log()):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"never logged {pattern!r} (exit {self.proc.poll()}); log:\n{self.log()[-3000:]}"
+        )
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS) from /proc, in KiB."""
+        figures = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key] = int(value.split()[0])
+        return figures
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- HTTP servers -------------------------------------------------------------------------
+
+
+class LocalHTTPServer(ThreadingHTTPServer):
+    """A test's HTTP server on 127.0.0.1, a free port: a thread per request, all daemons."""
+
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of connections from a worker would
+    # be refused by the kernel, and the test would measure the harness, not Lifeline.
+    request_queue_size = 256
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer, poll_interval_s: float = 0.5) -> Iterator[Any]:
+    """`server` answering from a daemon thread until the block ends; then shut down and closed."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll_interval_s}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _completion(content: str) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-test",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    ).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """OpenAI's chat completions; the last user message says how to misbehave:
+    "size N" answers with N characters, "echo key" answers 401 echoing the Authorization header
+    in the error, "shape key" answers 200 with an unexpected body that echoes it, "bomb N"
+    answers a gzip body that expands to N bytes; anything else is echoed."""
+
+    exported: list[bytes] = []  # OTLP bodies (traces, metrics) posted to this server
+    bombs: dict[int, bytes] = {}
+
+    def log_message(self, *args: Any) -> None:  # keep pytest's output clean
+        pass
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        if self.path.startswith("/v1/") and not self.path.endswith("/chat/completions"):
+            self.exported.append(raw)  # an OTLP export: kept so tests can search it for secrets
+            self._send(200, b"", {"content-type": "application/x-protobuf"})
+            return
+        body = json.loads(raw)
+        command = body["messages"][-1]["content"]
+        key = self.headers.get("authorization", "")
+        verb, _, arg = command.partition(" ")
+        if verb == "size":
+            self._send(200, _completion("x" * int(arg)))
+        elif command == "echo key":
+            error = {
+                "error": {
+                    "message": {"detail": f"bad key {key}", "got": key},
+                    "type": "invalid_request_error",
+                }
+            }
+            self._send(401, json.dumps(error).encode())
+        elif command == "shape key":
+            self._send(
+                200,
+                json.dumps(
+                    {"choices": [{"message": {"content": {"echo": key}}}], "debug": key}
+                ).encode(),
+            )
+        elif verb == "bomb":
+            self._send(200, _bomb(int(arg)), {"Content-Encoding": "gzip"})
+        else:
+            self._send(200, _completion(command))
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        if "content-type" not in (headers or {}):
+            self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _bomb(size: int) -> bytes:
+    """A gzip body that expands to `size` bytes of JSON-ish spaces (built in chunks, kept)."""
+    if size not in _Handler.bombs:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
+        chunk = b" " * (1 << 20)
+        parts = [packer.compress(chunk) for _ in range(size >> 20)]
+        _Handler.bombs[size] = b"".join(parts) + packer.flush()
+    return _Handler.bombs[size]
+
+
+class MisbehavingProvider:
+    """A real local HTTP server speaking OpenAI's shapes, in a thread."""
+
+    def __enter__(self) -> "MisbehavingProvider":
+        _Handler.exported.clear()
+        self.exported = _Handler.exported
+        server = LocalHTTPServer(_Handler)
+        self._running = contextlib.ExitStack()
+        self.server = self._running.enter_context(serving(server))
+        self.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._running.close()
+
+
+# ---- provider wire formats (httpx MockTransport) -----------------------------------------
+
+
+class MockServer:
+    """A MockTransport handler: records every request and gives each the same answer.
+
+    `body` is sent as JSON, as plain text when it is a str, as is when it is bytes (default:
+    the subclass's `default_body`, the provider's documented success body); `raises` is an
+    httpx transport error to raise instead of answering. The body is an unread stream, as a
+    real transport's is, so the workers' streaming read runs as it does against a server.
+    """
+
+    default_body: Any = {}
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raises: type[httpx.TransportError] | None = None,
+    ) -> None:
+        self.status, self.headers, self.raises = status, headers or {}, raises
+        self.body = self.default_body if body is None else body
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.raises is not None:
+            raise self.raises("simulated", request=request)
+        if isinstance(self.body, bytes):
+            content, content_type = self.body, "application/octet-stream"
+        elif isinstance(self.body, str):
+            content, content_type = self.body.encode(), "text/plain; charset=utf-8"
+        else:
+            content, content_type = json.dumps(self.body).encode(), "application/json"
+        headers = {
+            "content-type": content_type,
+            "content-length": str(len(content)),
+            **self.headers,
+        }
+        return httpx.Response(self.status, headers=headers, stream=httpx.ByteStream(content))
+
+    @property
+    def request(self) -> httpx.Request:
+        assert len(self.requests) == 1, f"{len(self.requests)} requests, not one"
+        return self.requests[0]
+
+    def sent_json(self) -> dict[str, Any]:
+        return json.loads(self.request.content)
+
+
+def provider_fixture(build: Callable[..., Any]) -> Any:
+    """A `make` fixture: make(server, **kw) -> build(client_for(server), **kw); all closed after the test."""
+
+    @pytest.fixture
+    async def make():
+        providers: list[Provider] = []
+
+        def _make(server: MockServer, **kw: Any) -> Any:
+            provider = build(httpx.AsyncClient(transport=httpx.MockTransport(server)), **kw)
+            providers.append(provider)
+            return provider
+
+        yield _make
+        for provider in providers:
+            await provider.aclose()
+
+    return make
+
+
+async def expect_failure(provider: Provider, request: ProviderRequest) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(request, timeout_s=5)
+    return caught.value
