@@ -10,7 +10,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
+
+pytestmark = pytest.mark.bench  # `pytest -m "not bench"` leaves it out; `make test` runs it
 
 
 def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
