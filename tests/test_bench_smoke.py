@@ -53,3 +53,13 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| lifeline | 64 |" in report
     assert "### Hedging: p99 with a slow primary" in report
+    # It ends comparing its figures with the README's; without --check that never fails it.
+    assert "### Against the README's figures" in result.stdout.rsplit("### Targets", 1)[1]
+    compared = figures["against_readme"]["figures"]
+    assert {f["figure"] for f in compared} == {
+        "rps_ratio_64",
+        "fallback_503_added_ms",
+        "fallback_noresp_added_ms",
+        "hang_lateness_p99_ms",
+        "kib_per_in_flight",
+    }

@@ -11,6 +11,7 @@ without hedging. Modules:
     loadgen    the load generator process (closed loop and bursts)
     harness    spawning, driving and always reaping the processes; /proc readers
     report     medians, Markdown tables, targets, results.json and results.md
+    regression this run against the README's figures (reference.toml); --check fails on it
 
 No file here is named test_*.py, so pytest does not collect any of it.
 """

@@ -1,4 +1,5 @@
-"""`python -m tests.bench [--quick] [--out DIR]`: run every benchmark case, print and save the results."""
+"""`python -m tests.bench [--quick] [--out DIR] [--check]`: run every benchmark case, print and
+save the results, and compare the headline figures with the README's."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.bench.cases import (
     TICK_MS,
     run,
 )
+from tests.bench.regression import DEFAULT_TOLERANCE
 from tests.bench.report import Report
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench-results"
@@ -64,7 +66,16 @@ targets (printed with PASS/FAIL next to the measured values):
 
 Results are printed as Markdown tables with pass/fail against the targets and written
 to DIR/results.json (every figure, every round, machine info) and DIR/results.md.
-Exit status: 0 when every request succeeded (targets may still fail), 1 otherwise.
+
+The run ends with a regression check: its lifeline/relay req/s ratio at 64 in flight,
+fallback times (503, no responders, p99 after a hung provider's timeout) and RSS per
+in-flight request against the figures README.md quotes, kept in tests/bench/reference.toml.
+A figure regressed when it is worse than the README's by more than --tolerance (15 %) and
+by more than its slack (in that file, for sub-millisecond figures). Ratios come from this
+one run; times and memory compare loosely when this machine is not the README's.
+
+Exit status: 1 when a request failed, or with --check when a figure regressed; else 0
+(targets may still fail).
 """
 
 
@@ -94,6 +105,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="measured seconds per case and round (default: 2, quick: 0.2)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a figure regressed against the README's beyond the tolerance "
+        "(without it the comparison is only printed)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE * 100,
+        metavar="PERCENT",
+        help="how much worse than the README's a figure may be before it counts as regressed "
+        f"(default: {DEFAULT_TOLERANCE * 100:g})",
+    )
     return parser.parse_args(argv)
 
 
@@ -121,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("\ninterrupted: every process was stopped; no results written")
         return 130
-    ok = report.finish(args.out, environment)
+    ok = report.finish(args.out, environment, tolerance=args.tolerance / 100)
     log(f"done in {time.monotonic() - started:.0f} s")
-    return 0 if ok else 1
+    if args.check and report.regressed:
+        log(f"--check: worse than the README beyond the tolerance: {', '.join(report.regressed)}")
+    return exit_status(ok, report.regressed, args.check)
+
+
+def exit_status(requests_ok: bool, regressed: list[str], check: bool) -> int:
+    """1 for a broken run, or with --check for a regressed figure; else 0."""
+    return 0 if requests_ok and not (check and regressed) else 1
 
 
 if __name__ == "__main__":

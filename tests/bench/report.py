@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.embedded import server_binary
+from tests.bench import regression
 from tests.bench.cases import (
     HANG_TIMEOUT_S,
     HEDGE_AFTER_MS,
@@ -32,6 +33,7 @@ from tests.bench.cases import (
     Case,
     Profile,
 )
+from tests.bench.regression import DEFAULT_TOLERANCE
 
 Log = Callable[..., None]
 
@@ -553,6 +555,14 @@ def machine_section(machine: dict[str, Any], profile: Profile) -> str:
     )
 
 
+def this_run(machine: dict[str, Any], profile: Profile) -> str:
+    return (
+        f"{machine['cpu_model']}, {machine['cores']} cores, Python {machine['python']}, "
+        f"nats-server {machine['nats_server']}, nats-py {machine['nats_py']}; "
+        f"{profile.rounds} rounds of {profile.duration_s:g} s"
+    )
+
+
 # ---- the report ----------------------------------------------------------------------
 
 
@@ -564,6 +574,7 @@ class Report:
         self.log = log
         self.sections: list[str] = []
         self.data: dict[str, Any] = {"profile": asdict(profile)}
+        self.regressed: list[str] = []
 
     def _emit(self, section: str) -> None:
         self.sections.append(section)
@@ -593,14 +604,29 @@ class Report:
         self.data["memory"] = memory
         self._emit(memory_section(memory))
 
-    def finish(self, out_dir: Path, environment: dict[str, Any]) -> bool:
-        """Targets, machine info, files. Returns False when any request failed (a broken run)."""
+    def finish(
+        self, out_dir: Path, environment: dict[str, Any], tolerance: float = DEFAULT_TOLERANCE
+    ) -> bool:
+        """Targets, machine info, files, and last the figures against the README's. Returns
+        False when any request failed (a broken run); sets `regressed` (the figures' keys)."""
         self.data["targets"] = targets_of(self.data["comparisons"], self.data["memory"])
         self.data["machine"] = machine_info() | environment
         self._emit(targets_section(self.data["targets"], self.profile))
         errors = sum(c["median"]["errors"] for c in self.data["cases"].values())
         errors += sum(load["errors"] for load in self.data["memory"]["loads"])
         self.data["request_errors"] = errors
+        reference = regression.load_reference()
+        rows = regression.compare(reference, regression.figures_of(self.data), tolerance)
+        self.regressed = [row.figure.key for row in rows if row.verdict == "regressed"]
+        self.data["against_readme"] = regression.as_data(rows, reference, tolerance)
+        against = regression.section(
+            rows,
+            reference,
+            tolerance,
+            this_run(self.data["machine"], self.profile),
+            quick=self.profile.name == "quick",
+        )
+        self.sections.append(against)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(
             json.dumps(_jsonable(self.data), indent=2, allow_nan=False) + "\n"
@@ -609,6 +635,7 @@ class Report:
         (out_dir / "results.md").write_text("\n\n".join([header, *self.sections]) + "\n")
         self.log(machine_section(self.data["machine"], self.profile))
         self.log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+        self.log("\n" + against + "\n")
         if errors:
             self.log(f"ERROR: {errors} requests failed; the figures above are not trustworthy")
         return errors == 0
