@@ -317,12 +317,13 @@ class _Run:
 
     def out_of_room(self) -> Stop | None:
         """Stop when the deadline has passed or max_attempts were made; checked before every call."""
-        rest = self.cursor.from_current()
         if self.limits.deadline.passed(self.clock()):
+            rest = self.cursor.from_current()
             message = "the request's deadline passed before it could start"
             return Stop(_deadline_error(rest), (rest, "deadline", message))
         max_attempts = self.limits.max_attempts
         if self.physical >= max_attempts:
+            rest = self.cursor.from_current()
             error = _max_attempts_error(max_attempts, self.attempts)
             return Stop(error, (rest, "max_attempts", f"max_attempts ({max_attempts}) reached"))
         return None
