@@ -245,25 +245,37 @@ class _FastParser(Parser):
             start = end + 2
             if len(buf) < start + total + 2:
                 return pos  # the rest is still on its way
-            headers = None
-            if headered:
-                headers = _plain_headers(nc, bytes(buf[start : start + hsize]))
-                if headers is None:
-                    return pos  # a status line or odd headers: nats-py's parser decides
-            reply = line[3] if len(line) == (6 if headered else 5) else b""
-            data = bytes(buf[start + hsize : start + total])
-            nc.stats["in_msgs"] += 1
-            nc.stats["in_bytes"] += len(data)
-            msg = nc.msg_class(
-                subject=line[1].decode(),
-                reply=reply.decode(),
-                data=data,
-                headers=headers,
-                _client=nc,
-                _sid=sid,
-            )
+            try:
+                msg = self._message(line, sid, bytes(buf[start : start + total]), hsize)
+            except (UnicodeDecodeError, ValueError):
+                msg = None
+            if msg is None:
+                return pos  # a status line, odd headers or bytes: nats-py's parser decides
             pos = start + total + 2
-            handler(msg)
+            try:
+                handler(msg)
+            except Exception:  # a handler's bug must not stop the connection's read loop
+                log.exception("handler of %s failed", msg.subject)
+
+    def _message(self, line: list[bytes], sid: int, body: bytes, hsize: int) -> Msg | None:
+        nc = self.nc
+        headers = None
+        if hsize:
+            headers = _plain_headers(nc, body[:hsize])
+            if headers is None:
+                return None
+        reply = line[3] if len(line) == (6 if line[0] == b"HMSG" else 5) else b""
+        data = body[hsize:]
+        nc.stats["in_msgs"] += 1
+        nc.stats["in_bytes"] += len(data)
+        return nc.msg_class(
+            subject=line[1].decode(),
+            reply=reply.decode(),
+            data=data,
+            headers=headers,
+            _client=nc,
+            _sid=sid,
+        )
 
     def _waiting_for_ours(self) -> bool:
         """The buffer starts with a fast-path message whose payload has not all arrived."""

@@ -125,3 +125,23 @@ async def test_a_drained_fast_subscription_hears_nothing_more(nats_url, client):
         assert [m.data for m in got] == [b"before"]
     finally:
         await nc.close()
+
+
+async def test_a_handler_that_raises_does_not_stop_the_connection_reading(nats_url, client):
+    nc = await nats.connect(nats_url)
+    got: list[bytes] = []
+
+    def handler(msg: Msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("a bug in a handler")
+        got.append(msg.data)
+
+    try:
+        await fast_path(nc).subscribe("fast.bug", handler)
+        await ensure_subscribed(nc)
+        for data in (b"one", b"boom", b"two"):
+            await client.publish("fast.bug", data)
+        await client.flush()
+        await wait_for(lambda: got == [b"one", b"two"], what="the messages after the bug")
+    finally:
+        await nc.close()
