@@ -57,6 +57,7 @@ examples:
 
 NATS: --nats-url, else $NATS_URL; `run` starts an embedded server when neither is set.
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
+Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's own
 """
 
 
