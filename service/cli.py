@@ -156,10 +156,11 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
-        help="every target's circuit breaker, recent success rate and p50/p95, "
+        help="each provider:model's circuit breaker, recent success rate and p50/p95, "
         "from the shared health bucket",
         description="Reads the JetStream key-value bucket the dispatchers share "
-        "(dispatcher.health_bucket) and shows, per target (provider:model): its breaker "
+        "(dispatcher.health_bucket) and shows, per provider:model (what breakers are kept "
+        "under; named targets on one model share it): its breaker "
         "(closed, open, half_open) and why, the calls of the last 60 s summed over every live "
         "dispatcher, their success rate, the p50/p95 latency of good answers (last 30-60 s), "
         "and how many calls skipped it while its breaker was open.",
@@ -583,7 +584,7 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
         print("no target has been called yet")
         return
     print(
-        f"\n{'TARGET':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
+        f"\n{'PROVIDER:MODEL':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
         f"{'P50':>10} {'P95':>10} {'SKIPPED':>8}"
     )
     for label, t in sorted(view["targets"].items()):
