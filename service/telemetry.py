@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
 )
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -334,6 +334,9 @@ def extract(headers: Mapping[str, str] | None) -> Context | None:
     return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
+_DEFAULT_SAMPLER = ParentBased(ALWAYS_ON).get_description()
+
+
 class SpanRecorder:
     """Starts LiteSpans: the sampler is asked once per local root (a remote or no parent);
     children follow their local parent's decision, as the default parent-based sampler would.
@@ -351,9 +354,11 @@ class SpanRecorder:
         self.resource = resource
         self.processor = processor
         self.scope = scope
-        self.starters = (
-            starters if starters is not None else []
-        )  # shared with Tracing: sees later additions
+        # Shared with Tracing: sees processors added later.
+        self.starters = starters if starters is not None else []
+        self.default_sampler = (
+            type(sampler) is ParentBased and sampler.get_description() == _DEFAULT_SAMPLER
+        )
 
     def start(
         self,
@@ -363,25 +368,39 @@ class SpanRecorder:
         parent: Context | LiteSpan | None = None,
     ) -> LiteSpan:
         if isinstance(parent, LiteSpan):
-            span = LiteSpan(self, name, kind, attributes, parent.context, parent.recording)
+            span = LiteSpan(
+                self,
+                name,
+                kind,
+                attributes,
+                parent.context,
+                parent.recording,
+                trace_hex=parent.trace_hex,
+            )
             if span.recording and self.starters:
                 self._started(span, parent.as_context())
             return span
         remote = trace.get_current_span(parent).get_span_context() if parent is not None else None
-        trace_id = (
-            remote.trace_id if remote is not None and remote.is_valid else random.getrandbits(128)
-        )
-        result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
-        recording = result.decision.is_sampled()
-        parent_ctx = remote if remote is not None and remote.is_valid else None
-        span = LiteSpan(
-            self, name, kind, attributes, parent_ctx, recording, trace_id, result.trace_state
-        )
-        if recording:
-            if result.attributes:
+        if remote is not None and not remote.is_valid:
+            remote = None
+        trace_id = remote.trace_id if remote is not None else random.getrandbits(128)
+        if self.default_sampler:
+            # The SDK's default, ParentBased(ALWAYS_ON), decided as it decides, without the
+            # call: a root records, a child of a remote parent does what the parent did, and
+            # ALWAYS_ON adds no attributes of its own.
+            recording = remote is None or remote.trace_flags.sampled
+            trace_state = remote.trace_state if remote is not None else None
+            span = LiteSpan(self, name, kind, attributes, remote, recording, trace_id, trace_state)
+        else:
+            result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
+            recording = result.decision.is_sampled()
+            span = LiteSpan(
+                self, name, kind, attributes, remote, recording, trace_id, result.trace_state
+            )
+            if recording and result.attributes:
                 span.attributes.update(result.attributes)
-            if self.starters:
-                self._started(span, parent)
+        if recording and self.starters:
+            self._started(span, parent)
         return span
 
     def _started(self, span: LiteSpan, parent_context: Context | None) -> None:
@@ -414,6 +433,7 @@ class LiteSpan:
         "recording",
         "start_ns",
         "status",
+        "trace_hex",
     )
 
     def __init__(
@@ -426,6 +446,7 @@ class LiteSpan:
         recording: bool,
         trace_id: int | None = None,
         trace_state: trace.TraceState | None = None,
+        trace_hex: str | None = None,
     ) -> None:
         self.recorder = recorder
         self.name = name
@@ -440,6 +461,8 @@ class LiteSpan:
         self.context = trace.SpanContext(
             trace_id, random.getrandbits(64), False, flags, trace_state
         )
+        # The trace id as W3C writes it, formatted once per trace: traceparent and replies use it.
+        self.trace_hex = trace_hex if trace_hex is not None else f"{trace_id:032x}"
         self.start_ns = time.time_ns()
         self.events: list[Event] = []
         self.status = _UNSET  # Status is immutable: one value serves every span
@@ -511,14 +534,20 @@ class LiteSpan:
 def inject(headers: dict[str, str], span: trace.Span | LiteSpan) -> None:
     """W3C trace context of `span` into NATS headers (formatted directly: this is per attempt)."""
     ctx = span.get_span_context()
-    if not ctx.is_valid:
+    if isinstance(span, LiteSpan):  # always valid: its ids are made here
+        flags = "01" if span.recording else "00"
+        headers[TRACEPARENT] = f"00-{span.trace_hex}-{ctx.span_id:016x}-{flags}"
+    elif ctx.is_valid:
+        headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    else:
         return
-    headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
     if ctx.trace_state:
         headers[TRACESTATE] = ctx.trace_state.to_header()
 
 
-def trace_id_of(span: trace.Span) -> str | None:
+def trace_id_of(span: trace.Span | LiteSpan) -> str | None:
+    if isinstance(span, LiteSpan):
+        return span.trace_hex
     ctx = span.get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 

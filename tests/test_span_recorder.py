@@ -1,0 +1,83 @@
+"""Lifeline's span recorder decides sampling as the configured sampler does: with the SDK's
+default it decides without calling it, and the decisions must be the same."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind, TraceFlags, TraceState
+
+from service import telemetry
+from service.telemetry import Tracing
+
+TRACE_ID, SPAN_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+
+
+def parents() -> dict[str, Context | None]:
+    """No parent, and remote parents (as read from a client's headers) sampled or not."""
+    state = TraceState([("vendor", "value")])
+
+    def remote(flags: int, trace_state: TraceState | None = None) -> Context:
+        ctx = trace.SpanContext(TRACE_ID, SPAN_ID, True, TraceFlags(flags), trace_state)
+        return trace.set_span_in_context(trace.NonRecordingSpan(ctx))
+
+    return {
+        "none": None,
+        "sampled": remote(1),
+        "sampled, with tracestate": remote(1, state),
+        "not sampled": remote(0),
+    }
+
+
+def sdk_decision(sampler: Sampler, parent: Context | None) -> tuple[bool, object]:
+    """What the SDK's own tracer decides for a span under `parent`."""
+    provider = Tracing(sampler=sampler)
+    span = provider.get_tracer("t").start_span("chat", parent)
+    ctx = span.get_span_context()
+    span.end()
+    return span.is_recording() or ctx.trace_flags.sampled, ctx.trace_state
+
+
+@pytest.mark.parametrize("sampler", [DEFAULT_ON, ParentBased(ALWAYS_ON)])
+def test_the_default_sampler_is_decided_without_a_call_and_as_the_sdk_decides(sampler):
+    recorder = Tracing(sampler=sampler).recorder("lifeline.test")
+    assert recorder.default_sampler
+    for name, parent in parents().items():
+        span = recorder.start("chat", SpanKind.SERVER, {}, parent)
+        recording, trace_state = sdk_decision(sampler, parent)
+        assert (span.recording, span.context.trace_state) == (recording, trace_state), name
+        if parent is not None:
+            assert span.trace_hex == f"{TRACE_ID:032x}" == telemetry.trace_id_of(span)
+
+
+@pytest.mark.parametrize(
+    "sampler", [ALWAYS_OFF, ParentBased(ALWAYS_OFF), ParentBased(TraceIdRatioBased(0.0))]
+)
+def test_any_other_sampler_is_asked(sampler):
+    recorder = Tracing(sampler=sampler).recorder("lifeline.test")
+    assert not recorder.default_sampler
+    for name, parent in parents().items():
+        span = recorder.start("chat", SpanKind.SERVER, {}, parent)
+        assert span.recording == sdk_decision(sampler, parent)[0], name
+
+
+def test_children_and_traceparent_follow_the_request_span():
+    recorder = Tracing().recorder("lifeline.test")
+    for parent in parents().values():
+        root = recorder.start("chat", SpanKind.SERVER, {}, parent)
+        child = recorder.start("chat m", SpanKind.CLIENT, {}, root)
+        headers: dict[str, str] = {}
+        telemetry.inject(headers, child)
+        flags = "01" if root.recording else "00"
+        expected = f"00-{root.trace_hex}-{child.context.span_id:016x}-{flags}"
+        assert headers["traceparent"] == expected and child.recording == root.recording
+        assert (child.trace_hex, child.context.trace_id) == (root.trace_hex, root.context.trace_id)
