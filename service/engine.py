@@ -92,7 +92,9 @@ class Engine:
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer) and audit it; with
         `refused`, the front end already knows the answer is that refusal. Never raises."""
-        span = self.spans.start("chat", SpanKind.SERVER, {}, telemetry.extract(inbound.headers))
+        span = self.spans.start(
+            "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
+        )
         trace_id = telemetry.trace_id_of(span)
         route: str | None = None
         try:

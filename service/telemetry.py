@@ -302,8 +302,8 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
     )
 
 
-def extract(headers: Mapping[str, str] | None) -> Context | None:
-    """The caller's trace context from NATS headers, if it sent one.
+def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None:
+    """The caller's span context from NATS headers, if it sent a valid one.
 
     A plain `traceparent` is parsed here directly (the propagator's regex was ~5% of a
     worker's CPU); anything else, tracestate included, goes through the propagator.
@@ -321,16 +321,24 @@ def extract(headers: Mapping[str, str] | None) -> Context | None:
         or len(parts[1]) != 32
         or len(parts[2]) != 16
     ):
-        return _propagator.extract(headers)
+        ctx = trace.get_current_span(_propagator.extract(headers)).get_span_context()
+        return ctx if ctx.is_valid else None
     try:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
     except ValueError:
         return None
     if not trace_id or not span_id:
         return None
-    parent = trace.SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags & 1)
-    )
+    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_FLAGS[flags & 1])
+
+
+def extract(headers: Mapping[str, str] | None) -> Context | None:
+    """The caller's trace context from NATS headers as an OTel Context, if it sent one."""
+    parent = remote_parent(headers)
+    return None if parent is None else _as_context(parent)
+
+
+def _as_context(parent: trace.SpanContext) -> Context:
     return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
@@ -365,7 +373,7 @@ class SpanRecorder:
         name: str,
         kind: trace.SpanKind,
         attributes: dict[str, Any],
-        parent: Context | LiteSpan | None = None,
+        parent: Context | LiteSpan | trace.SpanContext | None = None,
     ) -> LiteSpan:
         if isinstance(parent, LiteSpan):
             span = LiteSpan(
@@ -380,9 +388,17 @@ class SpanRecorder:
             if span.recording and self.starters:
                 self._started(span, parent.as_context())
             return span
-        remote = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        if isinstance(parent, trace.SpanContext):  # from remote_parent: no Context built
+            remote, context = parent, None
+        else:
+            context = parent
+            remote = (
+                trace.get_current_span(parent).get_span_context() if parent is not None else None
+            )
         if remote is not None and not remote.is_valid:
             remote = None
+        if context is None and remote is not None and (self.starters or not self.default_sampler):
+            context = _as_context(remote)
         trace_id = remote.trace_id if remote is not None else random.getrandbits(128)
         if self.default_sampler:
             # The SDK's default, ParentBased(ALWAYS_ON), decided as it decides, without the
@@ -392,7 +408,7 @@ class SpanRecorder:
             trace_state = remote.trace_state if remote is not None else None
             span = LiteSpan(self, name, kind, attributes, remote, recording, trace_id, trace_state)
         else:
-            result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
+            result = self.sampler.should_sample(context, trace_id, name, kind, attributes)
             recording = result.decision.is_sampled()
             span = LiteSpan(
                 self, name, kind, attributes, remote, recording, trace_id, result.trace_state
@@ -400,7 +416,7 @@ class SpanRecorder:
             if recording and result.attributes:
                 span.attributes.update(result.attributes)
         if recording and self.starters:
-            self._started(span, parent)
+            self._started(span, context)
         return span
 
     def _started(self, span: LiteSpan, parent_context: Context | None) -> None:
@@ -412,6 +428,7 @@ class SpanRecorder:
 
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+_FLAGS = (_NOT_SAMPLED, _SAMPLED)
 _UNSET = trace.Status(trace.StatusCode.UNSET)
 
 

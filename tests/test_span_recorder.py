@@ -81,3 +81,20 @@ def test_children_and_traceparent_follow_the_request_span():
         expected = f"00-{root.trace_hex}-{child.context.span_id:016x}-{flags}"
         assert headers["traceparent"] == expected and child.recording == root.recording
         assert (child.trace_hex, child.context.trace_id) == (root.trace_hex, root.context.trace_id)
+
+
+@pytest.mark.parametrize("sampler", [DEFAULT_ON, ParentBased(TraceIdRatioBased(0.0))])
+def test_a_parent_read_from_headers_decides_as_the_same_parent_as_a_context(sampler):
+    recorder = Tracing(sampler=sampler).recorder("lifeline.test")
+    for flags in ("00", "01"):
+        for extra in ({}, {"tracestate": "vendor=value"}):
+            headers = {"traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-{flags}", **extra}
+            direct = recorder.start("chat", SpanKind.SERVER, {}, telemetry.remote_parent(headers))
+            via = recorder.start("chat", SpanKind.SERVER, {}, telemetry.extract(headers))
+            assert (direct.recording, direct.trace_hex, direct.context.trace_state) == (
+                via.recording,
+                via.trace_hex,
+                via.context.trace_state,
+            )
+            assert direct.recording == (flags == "01")
+            assert direct.parent is not None and direct.parent.span_id == SPAN_ID

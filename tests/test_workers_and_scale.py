@@ -47,6 +47,40 @@ async def test_a_worker_drops_work_whose_deadline_has_passed(lifeline, client):
     assert stack.workers["primary"].in_flight == 0
 
 
+async def test_a_worker_answers_timeout_when_its_deadline_comes_first(lifeline, client):
+    """Someone still listening past the attempt's deadline hears why: the call timed out."""
+    stack = await lifeline(config({"primary": fake(hang=True)}))
+    soon = {subjects.DEADLINE_MS: str(int(time.time() * 1000) + 300)}
+    msg = await client.request(
+        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), 5, headers=soon
+    )
+    reply = provider_reply_decoder.decode(msg.data)
+    assert reply.kind == "timeout" and "did not answer within" in reply.message
+    assert stack.workers["primary"].in_flight == 0 and stack.workers["primary"].cancelled == 0
+
+
+async def test_a_cancelled_call_gets_no_reply_even_past_its_deadline(lifeline, client):
+    """A cancel is not a timeout: the worker stops and answers nothing."""
+    stack = await lifeline(config({"primary": fake(hang=True)}))
+    replies: list[bytes] = []
+
+    async def on_reply(msg: nats.aio.msg.Msg) -> None:
+        replies.append(msg.data)
+
+    inbox = client.new_inbox()
+    await client.subscribe(inbox, cb=on_reply)
+    soon = {subjects.DEADLINE_MS: str(int(time.time() * 1000) + 300), subjects.ATTEMPT_ID: "a-1"}
+    await client.publish(
+        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), inbox, soon
+    )
+    await wait_for(lambda: stack.workers["primary"].in_flight == 1)
+    await client.publish(subjects.cancel_subject("primary"), b"a-1")
+    await wait_for(lambda: stack.workers["primary"].cancelled == 1)
+    await asyncio.sleep(0.5)  # past the deadline: a timeout reply would have come by now
+    await settled(client, stack)
+    assert replies == [] and stack.workers["primary"].in_flight == 0
+
+
 async def test_a_worker_cancels_a_hung_call_when_the_dispatcher_gives_up(lifeline, client):
     stack = await lifeline(config({"primary": fake(hang=True, timeout_s=0.2), "backup": fake()}))
     reply = await ask(client, USER_HELLO)
