@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -39,6 +39,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Reso
 from opentelemetry.sdk.trace import (
     Event,
     ReadableSpan,
+    Span,
     SpanProcessor,
     SynchronousMultiSpanProcessor,
     TracerProvider,
@@ -244,8 +245,10 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
             cached[0], cached[1] = now, health.snapshot()
         return cached[1]
 
-    def gauge(name: str, unit: str, description: str, value_of) -> None:  # type: ignore[no-untyped-def]
-        def callback(options: CallbackOptions):  # type: ignore[no-untyped-def]
+    def gauge(
+        name: str, unit: str, description: str, value_of: Callable[[dict[str, Any]], Any]
+    ) -> None:
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
             for label, figures in snapshot().items():
                 value = value_of(figures)
                 if value is not None:
@@ -291,7 +294,7 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
         lambda f: f["p95_ms"],
     )
 
-    def shared(options: CallbackOptions):  # type: ignore[no-untyped-def]
+    def shared(options: CallbackOptions) -> Iterator[Observation]:
         yield Observation(1 if getattr(health, "shared", False) else 0)
 
     meter.create_observable_gauge(
@@ -423,7 +426,8 @@ class SpanRecorder:
         # As the SDK's Span.start does: the span itself, still open, so a processor can read
         # it or add attributes (which then reach on_end), and the context it was started in.
         for processor in self.starters:
-            processor.on_start(span, parent_context=parent_context)  # type: ignore[arg-type]
+            # A LiteSpan reads like the SDK's Span for on_start (see its docstring).
+            processor.on_start(cast(Span, span), parent_context=parent_context)
 
 
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
