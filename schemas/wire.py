@@ -83,7 +83,8 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_backoff_s: Annotated[float, Meta(ge=0, le=300)] = (
         10.0  # a longer Retry-After falls back instead
     )
-    # Opt in to get the error kinds of the attempts before this one in metadata["lifeline_previous_errors"].
+    # Opt in to get the error kinds of the attempts before this one in
+    # metadata["lifeline_previous_errors"].
     pass_failures: bool = False
     weight: Annotated[float, Meta(gt=0)] = 1.0  # its share within a load-balanced group
     # Circuit-breaker settings for this target, over the route's and [breaker]'s (config only;
@@ -99,7 +100,8 @@ class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
 
 
 class ResponseFormat(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """OpenAI's response_format. An answer that does not parse (or validate) is an invalid_output failure."""
+    """OpenAI's response_format. An answer that does not parse (or validate) is an
+    invalid_output failure."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -151,7 +153,8 @@ class Usage(Struct, frozen=True):
 
 
 class Attempt(Struct, frozen=True):
-    """One call of one target (or one target passed over), as the client, the audit and the trace see it."""
+    """One call of one target (or one target passed over), as the client, the audit and the
+    trace see it."""
 
     provider: str
     model: str
@@ -162,9 +165,8 @@ class Attempt(Struct, frozen=True):
     message: str | None = None
     target: str | None = None  # the target's name (differs from provider when a chain shapes it)
     retry: int = 0  # 0 for the first call of this target, 1 for its first retry, ...
-    reason: str | None = (
-        None  # why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost)
-    )
+    # Why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost).
+    reason: str | None = None
     next: Literal["retry", "fallback", "stop"] | None = (
         None  # what the dispatcher did after this failure
     )

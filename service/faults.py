@@ -37,7 +37,8 @@ def check_faults(faults: Mapping[str, Fault | list[Fault]]) -> dict[str, tuple[F
             if entry is None or entry == PASS or kind_or_status_problem(entry) is None:
                 continue
             raise ValueError(
-                f'faults.{name}: {entry!r} is not a fault; use "timeout", "invalid_output", an error kind '
+                f'faults.{name}: {entry!r} is not a fault; use "timeout", "invalid_output", an '
+                "error kind "
                 f'({", ".join(ERROR_KINDS)}), an HTTP status 400..599, or "ok"'
             )
         checked[name] = entries

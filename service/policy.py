@@ -316,7 +316,8 @@ class _Run:
         return self.out_of_room() or await self.breaker(target)
 
     def out_of_room(self) -> Stop | None:
-        """Stop when the deadline has passed or max_attempts were made; checked before every call."""
+        """Stop when the deadline has passed or max_attempts were made; checked before every
+        call."""
         if self.limits.deadline.passed(self.clock()):
             rest = self.cursor.from_current()
             message = "the request's deadline passed before it could start"
@@ -679,7 +680,8 @@ class _Run:
         )
 
     def _fallback_event(self, failed: Outcome, successor: Target) -> None:
-        """Sent only once the successor really starts, so a skipped target gets no fallback event."""
+        """Sent only once the successor really starts, so a skipped target gets no fallback
+        event."""
         failure = failed.reply
         assert isinstance(failure, ProviderFailure)
         self._emit(
@@ -758,7 +760,8 @@ def _all_failed_error(attempts: list[Attempt]) -> ErrorInfo:
 def _nothing_capable_error(attempts: list[Attempt]) -> ErrorInfo:
     return ErrorInfo(
         NO_CAPABLE_TARGET,
-        f"no target can take this request, so none was called ({_summary(attempts)}); shorten the input, "
+        f"no target can take this request, so none was called ({_summary(attempts)}); shorten "
+        "the input, "
         "drop response_format, or add a target that fits",
     )
 
@@ -788,7 +791,8 @@ def _fallback_disabled(last: Attempt, rest: Sequence[Target]) -> ErrorInfo:
 def _deadline_error(rest: Sequence[Target]) -> ErrorInfo:
     return ErrorInfo(
         DEADLINE_EXCEEDED,
-        f"the request's deadline passed before trying {_names(rest)}; raise timeout_s (or deadline_unix_ms)",
+        f"the request's deadline passed before trying {_names(rest)}; raise timeout_s (or "
+        "deadline_unix_ms)",
     )
 
 

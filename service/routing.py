@@ -2,13 +2,14 @@
 
 `Router.plan(data)` checks the size, decodes, resolves the route (or the request's own
 targets) into frozen Targets (service/target.py), sets the request's Deadline, and checks
-every per-request override against what the config allows: timeout_s and deadline_unix_ms against max_timeout_s, max_attempts against
-the configured ceiling, fallback_on only narrowing the route's, faults only where allowed,
-response_format's schema compiled, a target's model inside its provider's `models` (when the
-config lists them). Anything else raises Rejected, which the dispatcher answers with an error
-reply and an audit event, before any provider is called. A request target naming a model the
-config does not name shares its provider's one health entry (health.ADHOC_MODEL), so what
-requests make up cannot grow the dispatcher.
+every per-request override against what the config allows: timeout_s and deadline_unix_ms
+against max_timeout_s, max_attempts against the configured ceiling, fallback_on only
+narrowing the route's, faults only where allowed, response_format's schema compiled, a
+target's model inside its provider's `models` (when the config lists them). Anything else
+raises Rejected, which the engine answers with an error reply and an audit event, before
+any provider is called. A request target naming a model the config does not name shares its
+provider's one health entry (health.ADHOC_MODEL), so what requests make up cannot grow the
+dispatcher.
 """
 
 from __future__ import annotations
@@ -340,7 +341,8 @@ class Router:
             if isinstance(ref, str):
                 if ref not in self.named:
                     raise refuse(
-                        f"targets[{i}]: unknown target or provider {ref!r}; configured: {sorted(self.named)}",
+                        f"targets[{i}]: unknown target or provider {ref!r}; configured: "
+                        f"{sorted(self.named)}",
                         UNKNOWN_PROVIDER,
                     )
                 targets.append(self.named[ref])
@@ -383,7 +385,8 @@ class Router:
                 raise refuse(f"fallback_on: {problem}")
             if allowed is not None and entry not in allowed:
                 raise refuse(
-                    f"fallback_on: {entry!r} is not in the route's fallback_on ({sorted(map(str, allowed))}); "
+                    f"fallback_on: {entry!r} is not in the route's fallback_on "
+                    f"({sorted(map(str, allowed))}); "
                     "a request can only narrow it"
                 )
         return frozenset(asked)
@@ -391,7 +394,8 @@ class Router:
     def _faults(self, faults, chain: Chain, refuse) -> dict[str, tuple[Fault, ...]]:
         if not self.config.dispatcher.allow_fault_injection:
             raise refuse(
-                "this dispatcher does not accept faults; set dispatcher.allow_fault_injection = true "
+                "this dispatcher does not accept faults; set dispatcher.allow_fault_injection = "
+                "true "
                 "in a test or staging config (never in production)"
             )
         every = [*chain.targets, *(t for c in chain.by_kind.values() for t in c)]
@@ -399,7 +403,8 @@ class Router:
         unknown = sorted(set(faults) - names)
         if unknown:
             raise refuse(
-                f"faults name {unknown}, which are not targets of this request (targets: {sorted(names)})"
+                f"faults name {unknown}, which are not targets of this request (targets: "
+                f"{sorted(names)})"
             )
         try:
             return check_faults(faults)

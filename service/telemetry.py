@@ -138,13 +138,15 @@ def _otlp_entry_point(environ: Mapping[str, str], signal: str) -> str:
     protocol = environ.get(variable, "").strip().lower() or _DEFAULT_OTLP_PROTOCOL
     if protocol not in _OTLP_ENTRY_POINT:
         raise TelemetryConfigError(
-            f"{variable}={protocol} is not supported by the Python OTLP exporters: use http/protobuf or grpc"
+            f"{variable}={protocol} is not supported by the Python OTLP exporters: use "
+            "http/protobuf or grpc"
         )
     entry_point = _OTLP_ENTRY_POINT[protocol]
     if not entry_points(group=f"opentelemetry_{signal.lower()}_exporter", name=entry_point):
         other = "http/protobuf" if protocol == "grpc" else "grpc"
         raise TelemetryConfigError(
-            f"{variable}={protocol} needs the {_OTLP_PACKAGE[protocol]} package, which is not installed: "
+            f"{variable}={protocol} needs the {_OTLP_PACKAGE[protocol]} package, which is not "
+            "installed: "
             f"pip install {_OTLP_PACKAGE[protocol]}, or set {variable}={other}"
         )
     return entry_point
@@ -175,7 +177,8 @@ class Tracing(TracerProvider):
             self.starters.append(span_processor)
 
     def recorder(self, scope: str) -> SpanRecorder:
-        """A SpanRecorder sharing this provider's sampler, resource and processors (also those added later)."""
+        """A SpanRecorder sharing this provider's sampler, resource and processors (also those
+        added later)."""
         return SpanRecorder(
             self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters
         )
@@ -301,7 +304,8 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
         "lifeline.health.shared",
         callbacks=[shared],
         unit="1",
-        description="1 while breaker state is shared through the JetStream bucket, 0 on this dispatcher's own view",
+        description="1 while breaker state is shared through the JetStream bucket, "
+        "0 on this dispatcher's own view",
     )
 
 

@@ -91,7 +91,8 @@ class NatsTransport:
             return ProviderFailure("server_error", message[:MAX_MESSAGE_CHARS])
 
     async def cancel(self, provider: str, attempt_id: str) -> None:
-        """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP call."""
+        """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP
+        call."""
         try:
             await self.nc.publish(cancel_subject(provider), attempt_id.encode())
         except NatsError:
@@ -117,7 +118,8 @@ class NatsTransport:
 
 
 def _bounded(reply: ProviderReply) -> ProviderReply:
-    """A worker's reply with its free texts cut to a size that replies and audit events can carry."""
+    """A worker's reply with its free texts cut to a size that replies and audit events can
+    carry."""
     if isinstance(reply, ProviderOk):
         if len(reply.model) > MAX_MODEL_CHARS:
             return msgspec.structs.replace(reply, model=reply.model[:MAX_MODEL_CHARS])
@@ -132,7 +134,8 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
 def _too_large(reply: CompletionReply, size: int, max_payload: int) -> CompletionReply:
     who = f" from {reply.target or reply.provider}" if reply.provider else ""
     message = (
-        f"the answer{who} makes a reply of {size} bytes, above the NATS server's max_payload of {max_payload}; "
+        f"the answer{who} makes a reply of {size} bytes, above the NATS server's max_payload of "
+        f"{max_payload}; "
         "ask for fewer max_tokens, or raise max_payload in nats-server's config"
     )
     return msgspec.structs.replace(

@@ -127,15 +127,18 @@ class WorkerRuntime:
             await self._send(msg.reply, reply)
 
     async def _send(self, subject: str, reply: ProviderReply) -> None:
-        """Publish a reply that fits the server's max_payload, scrubbed of this worker's credentials."""
+        """Publish a reply that fits the server's max_payload, scrubbed of this worker's
+        credentials."""
         if isinstance(reply, ProviderFailure):
             reply = msgspec.structs.replace(reply, message=scrub(reply.message, self._secrets))
         payload = encoder.encode(reply)
         if len(payload) > self.nc.max_payload:
             reply = ProviderFailure(
                 "response_too_large",
-                f"{self.name}'s answer makes a reply of {len(payload)} bytes, above the NATS server's max_payload "
-                f"of {self.nc.max_payload}; ask for fewer max_tokens, or raise max_payload in nats-server's config",
+                f"{self.name}'s answer makes a reply of {len(payload)} bytes, above the NATS "
+                "server's max_payload "
+                f"of {self.nc.max_payload}; ask for fewer max_tokens, or raise max_payload in "
+                "nats-server's config",
                 latency_ms=reply.latency_ms,
             )
             payload = encoder.encode(reply)
