@@ -131,6 +131,8 @@ class FastPath:
             subject, queue=queue, cb=through_nats_py, pending_msgs_limit=-1
         )
         if self.enabled:
+            for gone in [sid for sid in self._handlers if sid not in self.nc._subs]:
+                del self._handlers[gone]
             self._handlers[sub._id] = handler
         return sub
 
@@ -140,8 +142,8 @@ class FastPath:
         """Queue one message for the next write; False when it must go through nats-py's
         publish instead (not connected, or headers that need its checks)."""
         nc = self.nc
-        if not self.enabled or not nc.is_connected:
-            return False
+        if not self.enabled or not nc.is_connected or nc.is_draining_pubs:
+            return False  # nats-py buffers through a reconnect, or refuses while draining
         if headers:
             block = _header_block(headers)
             if block is None:
@@ -240,7 +242,10 @@ class _FastParser(Parser):
             except ValueError:
                 return pos
             handler = self.handlers.get(sid)
-            if handler is None or sid not in nc._subs:
+            if handler is None:
+                return pos
+            if sid not in nc._subs:  # unsubscribed: nats-py drops what still comes for it
+                del self.handlers[sid]
                 return pos
             start = end + 2
             if len(buf) < start + total + 2:

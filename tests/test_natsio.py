@@ -145,3 +145,32 @@ async def test_a_handler_that_raises_does_not_stop_the_connection_reading(nats_u
         await wait_for(lambda: got == [b"one", b"two"], what="the messages after the bug")
     finally:
         await nc.close()
+
+
+async def test_a_connection_draining_its_publishes_takes_none_through_the_fast_path(nats_url):
+    """nats-py refuses publishes once a drain reaches its publishes; so does the fast path."""
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        assert path.publish("fast.out", b"before")
+        nc._status = Client.DRAINING_PUBS  # the state nats-py's drain() is in at that point
+        assert path.publish("fast.out", b"during") is False
+        nc._status = Client.CONNECTED
+    finally:
+        await nc.close()
+
+
+async def test_an_unsubscribed_fast_handler_hears_nothing_and_is_forgotten(nats_url, client):
+    nc = await nats.connect(nats_url)
+    try:
+        got, sub = await collect(nc, "fast.gone")
+        await sub.unsubscribe()
+        await client.publish("fast.gone", b"late")  # may still reach the client's parser
+        markers, _ = await collect(nc, "fast.marker")
+        await client.publish("fast.marker", b"")
+        await wait_for(lambda: len(markers) == 1)
+        assert got == []
+        await collect(nc, "fast.again")  # a new subscription prunes the handlers of gone ones
+        assert sub._id not in fast_path(nc)._handlers
+    finally:
+        await nc.close()
