@@ -267,7 +267,8 @@ class Ledger:
         await asyncio.sleep(quiet_s)
 
     def assert_exactly_once(self, ids: list[str], replied: bool = True) -> None:
-        """Every id: one reply (when `replied`) and one audit event, and nothing for any other id."""
+        """Every id: one reply (when `replied`) and one audit event, and nothing for any other
+        id."""
         for request_id in ids:
             assert self.audits[request_id] == 1, (
                 f"{request_id[:60]!r}: {self.audits[request_id]} audit events"
@@ -346,7 +347,8 @@ def wait_for_line(
     other = proc.stderr if stream is proc.stdout else proc.stdout
     rest = other.read() if other is not None and proc.poll() is not None else ""
     raise AssertionError(
-        f"never printed {pattern!r} (exit {proc.poll()}); got:\n{''.join(seen)}{buffer.decode()}\n{rest}"
+        f"never printed {pattern!r} (exit {proc.poll()}); got:\n"
+        f"{''.join(seen)}{buffer.decode()}\n{rest}"
     )
 
 
@@ -596,7 +598,8 @@ class MockServer:
 
 
 def provider_fixture(build: Callable[..., Any]) -> Any:
-    """A `make` fixture: make(server, **kw) -> build(client_for(server), **kw); all closed after the test."""
+    """A `make` fixture: make(server, **kw) -> build(client_for(server), **kw); all closed after
+    the test."""
 
     @pytest.fixture
     async def make():

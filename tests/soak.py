@@ -150,18 +150,21 @@ def _figures(
 
 def _print(name: str, f: dict[str, Any]) -> None:
     print(
-        f"\n{name}: {f['requests']:,} requests sent in {f['sent_s']} s, all answered after {f['drained_s']} s"
+        f"\n{name}: {f['requests']:,} requests sent in {f['sent_s']} s, "
+        f"all answered after {f['drained_s']} s"
     )
     print(
-        f"  exactly one reply: {f['exactly_one_reply']:,}   exactly one audit event: {f['exactly_one_audit']:,}"
+        f"  exactly one reply: {f['exactly_one_reply']:,}   "
+        f"exactly one audit event: {f['exactly_one_audit']:,}"
     )
     print(f"  outcomes: {', '.join(f'{k} {v:,}' for k, v in sorted(f['outcomes'].items()))}")
     print(
-        f"  reply after p50 {f['reply_p50_s']} s, p99 {f['reply_p99_s']} s, max {f['reply_max_s']} s; "
-        f"later than timeout_s + {SLACK_S:g} s: {f['late']}"
+        f"  reply after p50 {f['reply_p50_s']} s, p99 {f['reply_p99_s']} s, "
+        f"max {f['reply_max_s']} s; later than timeout_s + {SLACK_S:g} s: {f['late']}"
     )
     print(
-        f"  dispatcher RSS: peak {f['rss_peak_mib']} MiB, {f['rss_after_drain_mib']} MiB after the drain"
+        f"  dispatcher RSS: peak {f['rss_peak_mib']} MiB, "
+        f"{f['rss_after_drain_mib']} MiB after the drain"
     )
 
 
@@ -183,8 +186,8 @@ async def main(minutes: float, count: int, rate_per_s: int) -> int:
             dispatcher.wait_for_log("dispatcher serving")
             idle_kib = dispatcher.memory_kib()["VmRSS"]
             print(
-                f"dispatcher idle RSS {idle_kib / 1024:.1f} MiB; max_in_flight {MAX_IN_FLIGHT}, provider "
-                f"{PROVIDER_LATENCY_MS} ms, timeout_s {TIMEOUT_S:g}",
+                f"dispatcher idle RSS {idle_kib / 1024:.1f} MiB; max_in_flight {MAX_IN_FLIGHT}, "
+                f"provider {PROVIDER_LATENCY_MS} ms, timeout_s {TIMEOUT_S:g}",
                 flush=True,
             )
             nc = await nats.connect(server.url, pending_size=256 * 1024 * 1024)

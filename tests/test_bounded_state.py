@@ -108,8 +108,8 @@ def test_a_model_outside_a_providers_allowlist_is_refused_naming_the_allowed_one
             plan(router, "open", {"provider": "listed", "model": f"made-up-{i}"})
     assert refused.value.error.type == INVALID_REQUEST
     assert refused.value.error.message == (
-        f"targets[1].model: model 'made-up-{NAMES - 1}' is not one provider listed allows (m1, m2, m3); "
-        "to allow it, add it to providers.listed.models in the config"
+        f"targets[1].model: model 'made-up-{NAMES - 1}' is not one provider listed allows "
+        "(m1, m2, m3); to allow it, add it to providers.listed.models in the config"
     )
     for model in ["m1", "m2", "m3"]:  # each allowed model keeps its own breaker
         [target] = plan(router, {"provider": "listed", "model": model}).chain.targets
@@ -135,7 +135,8 @@ def test_breaker_states_other_dispatchers_write_cannot_grow_health_either():
 
 
 def snapshot_of(targets: int) -> dict[str, dict[str, Any]]:
-    """A snapshot as Health.snapshot() makes it, for `targets` targets, each with a busy histogram."""
+    """A snapshot as Health.snapshot() makes it, for `targets` targets, each with a busy
+    histogram."""
     health = Health()
     health.record("p", "m", None, True, latency_ms=1.0)
     figures = health.snapshot()["p:m"]

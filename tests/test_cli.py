@@ -130,7 +130,8 @@ def test_a_bad_policy_key_fails_at_start_up_naming_it(tmp_path):
 def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
     cfg = tmp_path / "faults.toml"
     cfg.write_text(
-        '[dispatcher]\nallow_fault_injection = true\n\n[providers.a]\nkind = "fake"\nreply = "from a"\n\n'
+        "[dispatcher]\nallow_fault_injection = true\n\n"
+        '[providers.a]\nkind = "fake"\nreply = "from a"\n\n'
         '[routes.default]\ntargets = [{ provider = "a", retries = 1, backoff_s = 0 }]\n'
     )
     proc = spawn_lifeline(
@@ -159,7 +160,8 @@ def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
 def test_a_worker_without_its_api_key_says_which_variable_to_set(tmp_path):
     cfg = tmp_path / "openai.toml"
     cfg.write_text(
-        '[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "LIFELINE_TEST_KEY"\n'
+        '[providers.gpt]\nkind = "openai"\nmodel = "gpt-4o-mini"\n'
+        'api_key_env = "LIFELINE_TEST_KEY"\n'
     )
     result = run_lifeline("worker", "gpt", "--config", str(cfg), "--nats-url", "nats://127.0.0.1:1")
     assert result.returncode == 2
@@ -176,7 +178,8 @@ def test_check_config_shows_groups_and_error_class_chains(tmp_path):
     cfg = tmp_path / "groups.toml"
     cfg.write_text(
         '[providers.a]\nkind = "fake"\n[providers.b]\nkind = "fake"\n\n[routes.default]\n'
-        'targets = [{ group = [{ provider = "a", weight = 3 }, "b"] }, "b"]\ncontext_length_fallbacks = ["b"]\n'
+        'targets = [{ group = [{ provider = "a", weight = 3 }, "b"] }, "b"]\n'
+        'context_length_fallbacks = ["b"]\n'
     )
     result = run_lifeline("check-config", "--config", str(cfg))
     assert result.returncode == 0, result.stderr

@@ -217,7 +217,8 @@ def test_a_directory_passed_as_the_config_is_a_config_error(tmp_path):
 
 
 def policy(routes: dict[str, Any], **tables: Any) -> dict[str, Any]:
-    """A config with providers p and q, the routes given and any other tables (templates, targets, ...)."""
+    """A config with providers p and q, the routes given and any other tables (templates,
+    targets, ...)."""
     return {**config({"p": fake(), "q": fake()}, routes), **tables}
 
 
@@ -359,7 +360,10 @@ def test_targets_may_name_the_models_a_provider_allows():
             {"r": {"targets": [{"provider": "p", "model": "m3"}, {"provider": "q", "model": "x"}]}}
         )
     )
-    assert [spec.model for spec in parsed.routes["r"].targets] == ["m3", "x"]  # type: ignore[union-attr]
+    assert [
+        spec.model  # type: ignore[union-attr]
+        for spec in parsed.routes["r"].targets
+    ] == ["m3", "x"]
     assert parsed.providers["p"].models == ["m2", "m3"] and parsed.providers["q"].models == []
 
 

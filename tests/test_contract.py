@@ -227,9 +227,8 @@ async def test_requests_whose_id_fills_them_up_to_max_payload_each_get_one_refus
 async def test_deeply_nested_input_gets_an_invalid_request_answer(service, ledger, depth):
     nested = b"[" * depth + b"]" * depth
     payloads = {
-        "in-metadata": b'{"id": "in-metadata", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": '
-        + nested
-        + b"}}",
+        "in-metadata": b'{"id": "in-metadata", "messages": [{"role": "user", "content": "x"}], '
+        b'"metadata": {"a": ' + nested + b"}}",
         "top": b'{"id": "top", "x": ' + nested + b"}",
     }
     for request_id, payload in payloads.items():
@@ -436,7 +435,8 @@ async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_
 async def test_a_request_that_cannot_start_before_its_deadline_is_not_sent_to_a_provider(
     service, ledger
 ):
-    # deadline_unix_ms counts from the client's clock: a request queued past it is answered without a call.
+    # deadline_unix_ms counts from the client's clock: a request queued past it is answered
+    # without a call.
     ids = [f"late-{n}" for n in range(3)]
     for request_id in ids:
         await ledger.send(request_id, request(request_id, deadline_unix_ms=1_000))
@@ -461,7 +461,8 @@ def auth_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 
 def revoke(server: EmbeddedNats) -> None:
-    """Change the server's token and reload its config: it closes the connections that used the old one."""
+    """Change the server's token and reload its config: it closes the connections that used the
+    old one."""
     assert server.store_dir is not None and server.pid is not None
     (Path(server.store_dir) / "nats.conf").write_text('authorization { token: "another-token" }\n')
     os.kill(server.pid, signal.SIGHUP)
@@ -531,7 +532,8 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
 
 
 async def stats_since(kv: Any, since_ms: int) -> list[Any]:
-    """Every dispatcher's stats document in the bucket, once each was written at or after since_ms."""
+    """Every dispatcher's stats document in the bucket, once each was written at or after
+    since_ms."""
     entries = [await kv.get(key) for key in await kv.keys() if key.startswith("stats.")]
     fresh = all(json.loads(entry.value)["ts_unix_ms"] >= since_ms for entry in entries)
     return entries if entries and fresh else []

@@ -434,7 +434,8 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
 
 async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_again_soon(nats_url):
     """The bucket's newer revision can be our own write whose echo has not arrived: nobody else
-    will announce a probe, so the next claim comes after about a second, not after the whole lease."""
+    will announce a probe, so the next claim comes after about a second, not after the whole
+    lease."""
     now = [100.0]
     nc = await nats.connect(nats_url)
     store = BucketStore(nc, "claims")

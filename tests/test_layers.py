@@ -24,7 +24,8 @@ def loaded_by(statement: str) -> list[str]:
     """The Lifeline modules, NATS and FastStream that one statement loads in a fresh interpreter."""
     code = (
         f"import sys, json; {statement}; print(json.dumps(sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema'))))"
+        "if m.split('.')[0] in "
+        "('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema'))))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -25,7 +25,8 @@ def small_server():
 
 
 async def publish_sized(url: str, size: int) -> bool:
-    """Publish a message of `size` bytes as message_bytes counts them; True if the server kept the connection."""
+    """Publish a message of `size` bytes as message_bytes counts them; True if the server kept the
+    connection."""
     nc = await nats.connect(url, allow_reconnect=False)
     payload = b"x" * (size - message_bytes(b"", HEADERS))
     assert message_bytes(payload, HEADERS) == size
@@ -45,7 +46,8 @@ async def publish_sized(url: str, size: int) -> bool:
 
 async def test_message_bytes_counts_headers_as_the_server_does(small_server):
     assert await publish_sized(small_server.url, 4096) is True
-    # One byte more and the server closes the connection (nats-py's own check sees only the payload):
+    # One byte more and the server closes the connection (nats-py's own check sees only the
+    # payload):
     assert await publish_sized(small_server.url, 4097) is False
 
 

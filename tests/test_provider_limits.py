@@ -1,4 +1,5 @@
-"""What no provider answer can make a worker do: hold more than max_response_bytes, or quote a credential.
+"""What no provider answer can make a worker do: hold more than max_response_bytes, or quote a
+credential.
 
 The size limits run against a real HTTP server on 127.0.0.1 (a 50 MB answer, a gzip bomb
 that expands to 1 GiB), with each kind's documented answer shape, and measure the worker's
@@ -57,7 +58,8 @@ class Kind:
         return completion
 
     def answer_around(self) -> tuple[bytes, bytes]:
-        """The success body's bytes before and after its answer text, to stream a long answer between."""
+        """The success body's bytes before and after its answer text, to stream a long answer
+        between."""
         before, after = json.dumps(self.answer("\x00")).encode().split(b"\\u0000")
         return before, after
 
@@ -113,7 +115,8 @@ async def providers():
 
 
 class Server(LocalHTTPServer):
-    """Answers every POST with `answer(handler)`; counts what it sent and whether the client hung up."""
+    """Answers every POST with `answer(handler)`; counts what it sent and whether the client hung
+    up."""
 
     def __init__(self) -> None:
         super().__init__(_Handler)
@@ -152,7 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
 def send(
     handler: _Handler, status: int, chunks: Iterable[bytes], headers: dict[str, str] | None = None
 ) -> None:
-    """Status, headers, then the body chunk by chunk (HTTP/1.0: without a Content-Length it ends at close)."""
+    """Status, headers, then the body chunk by chunk (HTTP/1.0: without a Content-Length it ends
+    at close)."""
     handler.send_response(status)
     for name, value in {"content-type": "application/json", **(headers or {})}.items():
         handler.send_header(name, value)
@@ -163,7 +167,8 @@ def send(
 
 
 def wait_for_hang_up(handler: _Handler) -> None:
-    """Send nothing more; return when the client closes the connection (or after the 10 s socket timeout)."""
+    """Send nothing more; return when the client closes the connection (or after the 10 s socket
+    timeout)."""
     if handler.rfile.read(1) == b"":
         handler.server.hung_up.set()
 

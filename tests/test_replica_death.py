@@ -52,7 +52,8 @@ async def die(runtime: Any) -> None:
 async def steady(
     client: Any, until: float, log: list[tuple[float, Any]], started_at: float
 ) -> None:
-    """One client sending requests one after another: (start, reply), start relative to started_at."""
+    """One client sending requests one after another: (start, reply), start relative to
+    started_at."""
     while time.monotonic() < until:
         start = time.monotonic() - started_at
         log.append((start, await ask(client, {**USER_HELLO, "route": "quick"})))

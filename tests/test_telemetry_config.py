@@ -292,7 +292,8 @@ def test_spans_sampled_out_are_never_shown_to_processors(providers):
 
 
 def test_exporters_processors_are_not_called_on_start():
-    """BatchSpanProcessor's on_start does nothing: skipping it keeps a sampled span's cost as before."""
+    """BatchSpanProcessor's on_start does nothing: skipping it keeps a sampled span's cost as
+    before."""
     provider = Tracing()
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
     assert provider.starters == []

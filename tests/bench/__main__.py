@@ -26,6 +26,7 @@ from tests.bench.report import Report
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench-results"
 
+# A backslash at the end of a line joins the next line to it: the help keeps its layout.
 CASES_HELP = f"""\
 cases (all on one embedded nats-server; every component and the load generator in its
 own process; rounds interleaved round-robin, the median of the rounds reported):
@@ -43,14 +44,20 @@ own process; rounds interleaved round-robin, the median of the rounds reported):
   fallback     time to fallback: p50 of [failing, ok] minus p50 of [ok], at 1 in flight,
                for a provider answering 503 at once and for a provider with no worker
                (no responders); and, at 64 in flight, a hung provider with a
-               {HANG_TIMEOUT_S * 1000:g} ms timeout: how late after the timeout the next attempt starts.
+               {HANG_TIMEOUT_S * 1000:g} ms timeout: how late after the timeout the next \
+attempt starts.
   scaling      lifeline at 64 in flight with 1 and with 2 dispatcher processes.
-  concurrency  lifeline with a {TICK_MS:g} ms provider at 1, 8 and 64 in flight: throughput must grow.
-  hedging      p50/p99 at {TAIL_IN_FLIGHT} in flight with a slow primary: a weighted group of two fake
-               providers, {TAIL_SHARE * 100:g} % of calls taking {FULL.tail_latency_ms:g} ms ({QUICK.tail_latency_ms:g} with --quick), the rest
-               instant; without hedging, hedged after {HEDGE_AFTER_MS:g} ms with budgets that never say no,
+  concurrency  lifeline with a {TICK_MS:g} ms provider at 1, 8 and 64 in flight: \
+throughput must grow.
+  hedging      p50/p99 at {TAIL_IN_FLIGHT} in flight with a slow primary: \
+a weighted group of two fake
+               providers, {TAIL_SHARE * 100:g} % of calls taking {FULL.tail_latency_ms:g} ms \
+({QUICK.tail_latency_ms:g} with --quick), the rest
+               instant; without hedging, hedged after {HEDGE_AFTER_MS:g} ms with budgets \
+that never say no,
                and hedged with the default budgets (hedge 0.1, retry 0.2), with the share of
-               requests hedged. Measured for {TAIL_DURATION_SHARE:g}x the --duration of the other cases.
+               requests hedged. Measured for {TAIL_DURATION_SHARE:g}x the --duration of \
+the other cases.
   memory       dispatcher RSS growth per in-flight request with 10,000 requests (200 with
                --quick) waiting on a slow provider, and RSS after they drain.
 
@@ -61,7 +68,8 @@ targets (printed with PASS/FAIL next to the measured values):
   starts within 5 ms at p99; <= 10 KiB of dispatcher RSS per in-flight request, and at
   most 20 % of that growth still there after the drain; with the {TICK_MS:g} ms provider,
   req/s at 8 in flight >= 4x that at 1, and at 64 >= 1.2x that at 8; hedged after
-  {HEDGE_AFTER_MS:g} ms, the slow primary's p99 <= {HEDGE_AFTER_MS:g} ms + its p50 without hedging (a fast
+  {HEDGE_AFTER_MS:g} ms, the slow primary's p99 <= {HEDGE_AFTER_MS:g} ms + its p50 without \
+hedging (a fast
   call) + 5 ms.
 
 Results are printed as Markdown tables with pass/fail against the targets and written
@@ -82,14 +90,20 @@ Exit status: 1 when a request failed, or with --check when a figure regressed; e
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
-        description="Lifeline benchmark suite: overhead vs a plain NATS relay, fallback, memory, scaling, hedging.",
+        description=(
+            "Lifeline benchmark suite: overhead vs a plain NATS relay, "
+            "fallback, memory, scaling, hedging."
+        ),
         epilog=CASES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny counts and short rounds (a few seconds): proves the suite works, figures are noise",
+        help=(
+            "tiny counts and short rounds (a few seconds): proves the suite works, "
+            "figures are noise"
+        ),
     )
     parser.add_argument(
         "--out",

@@ -365,8 +365,8 @@ def run_rounds(
 
 def _progress(result: dict[str, Any]) -> str:
     text = (
-        f"{result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-        f"server CPU {result['server_cpu_us_per_req']:.0f} µs/req"
+        f"{result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+        f"p99 {result['p99_ms']:.2f} ms, server CPU {result['server_cpu_us_per_req']:.0f} µs/req"
     )
     if not math.isnan(result["hedged_share"]):
         text += f", {result['hedged_share'] * 100:.1f} % hedged"
@@ -379,7 +379,8 @@ def _progress(result: dict[str, Any]) -> str:
 
 
 def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
-    """RSS of dispatcher-1 with `memory_requests` requests waiting on the slow provider, and after."""
+    """RSS of dispatcher-1 with `memory_requests` requests waiting on the slow provider, and
+    after."""
     dispatcher, gen = fleet["dispatcher-1"], fleet["loadgen"]
     pid = dispatcher.pid
     spec = {
@@ -402,7 +403,8 @@ def measure_memory(fleet: Fleet, profile: Profile, log: Log) -> dict[str, Any]:
         load = _memory_load(dispatcher, gen, spec, profile)
         loads.append(load)
         log(
-            f"peak {load['peak_in_flight']:,} in flight, RSS {_mib(load['before'])} -> {_mib(load['peak'])} "
+            f"peak {load['peak_in_flight']:,} in flight, "
+            f"RSS {_mib(load['before'])} -> {_mib(load['peak'])} "
             f"-> {_mib(load['after_drain'])} after drain, {load['errors']} errors"
         )
     first, last = loads[0], loads[-1]

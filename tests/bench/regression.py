@@ -110,7 +110,8 @@ def section(
         change = "n/a" if row.change is None else f"{row.change * 100:+.1f} %"
         verdict = {"ok": "ok", "regressed": "REGRESSED", "n/a": "n/a"}[row.verdict]
         lines.append(
-            f"| {f.label} | {f.better} | {f.value:g} | {measured} | {change} | {allowed} | {verdict} |"
+            f"| {f.label} | {f.better} | {f.value:g} | {measured} | {change} | {allowed} "
+            f"| {verdict} |"
         )
     regressed = [row for row in rows if row.verdict == "regressed"]
     summary = (

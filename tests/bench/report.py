@@ -148,10 +148,11 @@ def overhead_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
         rows,
     )
     note = (
-        "Server CPU is the relay and its responder, or the dispatcher and worker(s); the client is the load "
-        "generator. Cores busy = (server + nats-server + client CPU per request) × req/s, out of this machine's "
-        f"{os.cpu_count()}: the closer to {os.cpu_count()}, the more req/s at 64 in flight is bounded by the total "
-        "CPU cost per request of all processes rather than by one of them."
+        "Server CPU is the relay and its responder, or the dispatcher and worker(s); the client is "
+        "the load generator. Cores busy = (server + nats-server + client CPU per request) × "
+        f"req/s, out of this machine's {os.cpu_count()}: the closer to {os.cpu_count()}, the more "
+        "req/s at 64 in flight is bounded by the total CPU cost per request of all processes "
+        "rather than by one of them."
     )
     ratio_rows = [
         ["lifeline / relay, req/s at 64 in flight", _f(comparisons["rps_ratio_64"], "{:.2f}")],
@@ -233,8 +234,8 @@ def fallback_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
         ],
     )
     note = (
-        "Timeout lateness = attempts[0].latency_ms − the 100 ms timeout: how long after the timeout "
-        "the next attempt starts."
+        "Timeout lateness = attempts[0].latency_ms − the 100 ms timeout: how long after the "
+        "timeout the next attempt starts."
     )
     return "### Time to fallback\n\n" + fast + "\n\n" + hung + "\n\n" + note
 
@@ -256,9 +257,9 @@ def scaling_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
             ]
         )
     note = (
-        f"The 1-dispatcher row is the lifeline @64 case. All processes share this machine's {os.cpu_count()} cores "
-        "(load generator, nats-server, worker and dispatchers), so this shows whether a second dispatcher "
-        "helps here, not the ceiling of a bigger machine."
+        "The 1-dispatcher row is the lifeline @64 case. All processes share this machine's "
+        f"{os.cpu_count()} cores (load generator, nats-server, worker and dispatchers), so this "
+        "shows whether a second dispatcher helps here, not the ceiling of a bigger machine."
     )
     return (
         "### Scaling: dispatcher processes in one queue group (64 in flight)\n\n"
@@ -337,18 +338,20 @@ def hedging_section(s: dict[str, dict], profile: Profile) -> str:
     )
     slow = f"{profile.tail_latency_ms:g} ms"
     note = (
-        f"{TAIL_IN_FLIGHT} in flight. The primary has a slow tail: it is a load-balanced group of two fake providers "
-        f"picked by weight, so {(1 - TAIL_SHARE) * 100:g} % of calls answer at once and {TAIL_SHARE * 100:g} % take {slow} (the fake "
-        "provider has one fixed latency, so the tail is this mix). Hedged, a call still running after "
-        f"{HEDGE_AFTER_MS:g} ms starts the group's other member too; the first good answer wins and the slow call "
-        f"is cancelled at its worker. Without hedging, p99 is the slow call ({slow}). With budgets that never say "
-        f"no, every slow call is hedged and p99 falls to about {HEDGE_AFTER_MS:g} ms plus one fast call. With the "
-        "default budget, at most 10 % of a route's requests (over the last 10 s, plus a reserve of 3) may hedge; "
-        f"this tail is {TAIL_SHARE * 100:g} %, so about half of the slow calls are not hedged and p99 stays at {slow} "
-        "(in a very short run the reserve of 3 is a bigger share and hedges more). "
-        "That is the budget's point: it caps the extra load hedging can put on providers (at most +10 % calls), "
-        "so a tail fatter than the budget is only partly cut. Raise hedge_budget (and retry_budget, which hedges "
-        "spend too) to cover such a tail; a tail under the budget fits in it."
+        f"{TAIL_IN_FLIGHT} in flight. The primary has a slow tail: it is a load-balanced group of "
+        f"two fake providers picked by weight, so {(1 - TAIL_SHARE) * 100:g} % of calls answer at "
+        f"once and {TAIL_SHARE * 100:g} % take {slow} (the fake provider has one fixed latency, so "
+        f"the tail is this mix). Hedged, a call still running after {HEDGE_AFTER_MS:g} ms starts "
+        "the group's other member too; the first good answer wins and the slow call is cancelled "
+        f"at its worker. Without hedging, p99 is the slow call ({slow}). With budgets that never "
+        f"say no, every slow call is hedged and p99 falls to about {HEDGE_AFTER_MS:g} ms plus one "
+        "fast call. With the default budget, at most 10 % of a route's requests (over the last "
+        f"10 s, plus a reserve of 3) may hedge; this tail is {TAIL_SHARE * 100:g} %, so about half "
+        f"of the slow calls are not hedged and p99 stays at {slow} (in a very short run the "
+        "reserve of 3 is a bigger share and hedges more). That is the budget's point: it caps the "
+        "extra load hedging can put on providers (at most +10 % calls), so a tail fatter than the "
+        "budget is only partly cut. Raise hedge_budget (and retry_budget, which hedges spend too) "
+        "to cover such a tail; a tail under the budget fits in it."
     )
     return "### Hedging: p99 with a slow primary\n\n" + main + "\n\n" + note
 
@@ -379,7 +382,10 @@ def memory_section(m: dict[str, Any]) -> str:
     rows.append(
         [
             "live GC-tracked objects: before / after drain / after collect",
-            f"{m['gc_objects_before']:,} / {m['gc_objects_after_drain']:,} / {m['gc_objects_after_collect']:,}",
+            (
+                f"{m['gc_objects_before']:,} / {m['gc_objects_after_drain']:,} / "
+                f"{m['gc_objects_after_collect']:,}"
+            ),
         ]
     )
     return "### Memory: dispatcher RSS with requests waiting on a slow provider\n\n" + table(
@@ -475,8 +481,9 @@ def targets_of(c: dict[str, float], m: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         _target(
             "hedging cuts the tail",
-            f"slow primary hedged after {HEDGE_AFTER_MS:g} ms (budget never says no): p99 ≤ {HEDGE_AFTER_MS:g} ms "
-            f"+ p50 without hedging ({c['tail_p50_ms']:.2f} ms, a fast call) + 5 ms, {TAIL_IN_FLIGHT} in flight",
+            f"slow primary hedged after {HEDGE_AFTER_MS:g} ms (budget never says no): "
+            f"p99 ≤ {HEDGE_AFTER_MS:g} ms + p50 without hedging "
+            f"({c['tail_p50_ms']:.2f} ms, a fast call) + 5 ms, {TAIL_IN_FLIGHT} in flight",
             f"{c['tail_hedged_p99_ms']:.2f} ms (without hedging {c['tail_p99_ms']:.2f} ms)",
             c["tail_hedged_p99_ms"] <= HEDGE_AFTER_MS + c["tail_p50_ms"] + 5.0,
         ),
@@ -495,7 +502,10 @@ def targets_section(targets: list[dict[str, Any]], profile: Profile) -> str:
     ]
     text = "### Targets\n\n" + table(["target", "rule", "measured", "result"], rows)
     if profile.name == "quick":
-        text += "\n\n(quick run: tiny counts, so these figures only prove the suite works; do not quote them)"
+        text += (
+            "\n\n(quick run: tiny counts, so these figures only prove the suite works; "
+            "do not quote them)"
+        )
     return text
 
 
@@ -546,11 +556,13 @@ def machine_info() -> dict[str, Any]:
 
 def machine_section(machine: dict[str, Any], profile: Profile) -> str:
     return (
-        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['platform']}; Python {machine['python']}, "
-        f"nats-server {machine['nats_server']}, nats-py {machine['nats_py']}, msgspec {machine['msgspec']}, "
-        f"opentelemetry-sdk {machine['opentelemetry_sdk']}; {machine['date']}. Profile {profile.name}: "
-        f"{profile.rounds} interleaved rounds of {profile.duration_s:g} s per case (after {profile.warmup_s:g} s "
-        f"warm-up), medians shown. Other processes used {machine['other_cpu_cores']:.2f} cores on average "
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['platform']}; "
+        f"Python {machine['python']}, nats-server {machine['nats_server']}, "
+        f"nats-py {machine['nats_py']}, msgspec {machine['msgspec']}, "
+        f"opentelemetry-sdk {machine['opentelemetry_sdk']}; {machine['date']}. "
+        f"Profile {profile.name}: {profile.rounds} interleaved rounds of {profile.duration_s:g} s "
+        f"per case (after {profile.warmup_s:g} s warm-up), medians shown. "
+        f"Other processes used {machine['other_cpu_cores']:.2f} cores on average "
         "during the measurements."
     )
 
