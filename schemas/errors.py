@@ -160,6 +160,9 @@ UNKNOWN_PROVIDER = "unknown_provider"
 NO_CAPABLE_TARGET = "no_capable_target"
 MAX_ATTEMPTS_REACHED = "max_attempts_reached"  # the cap on physical attempts ended the chain
 INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
+# On llm.stream, an attempt failed after its first chunks reached the client and the request's
+# (or route's) on_midstream is "fail".
+MIDSTREAM_FAILED = "midstream_failed"
 
 REQUEST_ERRORS = (
     ALL_FAILED,
@@ -175,4 +178,5 @@ REQUEST_ERRORS = (
     NO_CAPABLE_TARGET,
     MAX_ATTEMPTS_REACHED,
     INTERNAL,
+    MIDSTREAM_FAILED,
 )

@@ -5,6 +5,8 @@ NAMESPACE = "llm."
 
 # Clients send chat requests here (core request/reply).
 COMPLETE = "llm.complete"
+# The same requests, answered with a stream of events on the reply subject (schemas/streaming.py).
+STREAM = "llm.stream"
 DISPATCHER_QUEUE = "lifeline-dispatchers"
 
 # One subject per provider; the replicas of a provider's worker share its queue group.
@@ -24,6 +26,16 @@ DEADLINE_MS = "Lifeline-Deadline-Ms"
 REQUEST_ID = "Lifeline-Request-Id"
 # Unique per physical attempt (a retry gets a new one); what a cancel message names.
 ATTEMPT_ID = "Lifeline-Attempt-Id"
+# On a streaming attempt: the subject the worker publishes the answer's text chunks to, in order,
+# as bare UTF-8 bodies, before its one ProviderOk | ProviderFailure on the reply subject. A worker
+# that does not stream ignores it and answers once.
+STREAM_TO = "Lifeline-Stream-To"
+# On the events of llm.stream (schemas/streaming.py): the event's number (1, 2, ... per request),
+# the attempt it belongs to (1, 2, ... in the order the attempts started), and, on every event but
+# a text delta, its kind.
+SEQ = "Lifeline-Seq"
+ATTEMPT_NO = "Lifeline-Attempt"
+EVENT = "Lifeline-Event"
 
 
 def provider_subject(name: str) -> str:

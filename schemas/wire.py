@@ -4,6 +4,7 @@ Every field added after v1 must have a default, so old senders stay valid
 (msgspec's schema-evolution rules). Encoders and decoders are built once, here.
 
     client     --CompletionRequest-->  llm.complete        --CompletionReply--> reply subject
+    client     --CompletionRequest-->  llm.stream          --events (schemas/streaming.py)-->
     dispatcher --ProviderRequest---->  llm.provider.<name> --ProviderOk | ProviderFailure-->
     dispatcher --AuditEvent--------->  llm.audit.<status>
 """
@@ -28,6 +29,7 @@ from schemas.errors import (  # noqa: F401
     INTERNAL,
     INVALID_REQUEST,
     MAX_ATTEMPTS_REACHED,
+    MIDSTREAM_FAILED,
     NO_CAPABLE_TARGET,
     OVERLOADED,
     PAYLOAD_TOO_LARGE,
@@ -41,6 +43,10 @@ from schemas.errors import (  # noqa: F401
 )
 
 Role = Literal["system", "user", "assistant"]
+# What a streamed request does when an attempt fails after its chunks reached the client:
+# "reset" them and stream the next target from the start, let the next target "continue"
+# from them (targets with prefill = true; others reset), or "fail" the request.
+OnMidstream = Literal["reset", "continue", "fail"]
 
 
 class ChatMessage(Struct, frozen=True):
@@ -90,6 +96,13 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Circuit-breaker settings for this target, over the route's and [breaker]'s (config only;
     # checked against service.health.BreakerSettings at start-up).
     breaker: dict[str, Any] | None = None
+    # Streaming only: no first chunk within ttft_s, or no chunk for idle_s once it streams, fails
+    # the attempt as a timeout (None: only timeout_s bounds it).
+    ttft_s: Annotated[float, Meta(gt=0)] | None = None
+    idle_s: Annotated[float, Meta(gt=0)] | None = None
+    # The model continues a partial answer given as a last assistant message (on_midstream =
+    # "continue"); Anthropic's older models do, newer ones and OpenAI's do not.
+    prefill: bool = False
 
 
 class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
@@ -145,6 +158,8 @@ class CompletionRequest(Struct, frozen=True):
     # Per target name (or provider name): a Fault, or a list applied to its attempts in turn.
     # Refused unless the config sets dispatcher.allow_fault_injection.
     faults: dict[str, Fault | list[Fault]] | None = None
+    # On llm.stream: what a failure after the first chunk leads to (None: the route's, "reset").
+    on_midstream: OnMidstream | None = None
 
 
 class Usage(Struct, frozen=True):
@@ -171,6 +186,15 @@ class Attempt(Struct, frozen=True):
         None  # what the dispatcher did after this failure
     )
     hedge: bool = False  # started as a hedge while the attempt before it was still running
+    chunks: int = 0  # on llm.stream: the chunks of this attempt the client received
+
+
+class StreamStats(Struct, frozen=True):
+    """How a request on llm.stream streamed (in its end event and its audit event)."""
+
+    ttft_ms: float | None = None  # from the request's arrival to its first chunk
+    chunks: int = 0  # text chunks sent, including those a reset later voided
+    resets: int = 0  # reset events sent
 
 
 class ErrorInfo(Struct, frozen=True, omit_defaults=True):
@@ -194,6 +218,7 @@ class CompletionReply(Struct, frozen=True):
     error: ErrorInfo | None = None
     target: str | None = None  # the name of the target that served
     template: str | None = None  # the prompt template that target used, if any
+    stream: StreamStats | None = None  # set on llm.stream, where content is null (it streamed)
 
 
 class AuditEvent(Struct, frozen=True):
@@ -213,6 +238,7 @@ class AuditEvent(Struct, frozen=True):
     request_bytes: int = 0
     target: str | None = None
     template: str | None = None
+    stream: StreamStats | None = None
 
 
 # ---- dispatcher <-> provider worker -------------------------------------------------
@@ -232,10 +258,14 @@ class ProviderRequest(Struct, frozen=True):
 
 
 class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
+    """A call's answer. When it streamed, `content` holds only what was not sent as a chunk
+    (normally ""), and `chunks` says how many were, so the dispatcher can tell one was lost."""
+
     content: str
     model: str
     usage: Usage = Usage()
     latency_ms: float = 0.0
+    chunks: int = 0
 
 
 class ProviderFailure(Struct, frozen=True, tag_field="status", tag="error"):

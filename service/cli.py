@@ -23,8 +23,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
+from schemas.streaming import Assembler
 from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
-from service import loop, telemetry
+from service import client, loop, telemetry
 from service.app import (
     Component,
     NatsUnreachable,
@@ -141,6 +142,17 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP "
         "status; comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
         "dispatcher.allow_fault_injection",
+    )
+    ask.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream the answer through llm.stream: tokens print as they arrive, and a failed "
+        "attempt's voided text is shown struck through before the next attempt's",
+    )
+    ask.add_argument(
+        "--on-midstream",
+        choices=("reset", "continue", "fail"),
+        help="with --stream: what a failure after the first token leads to (default: the route's)",
     )
     ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
     _nats_arg(ask)
@@ -426,6 +438,8 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     nc = await _client(url, "lifeline-ask")
     if nc is None:
         return 1
+    if args.stream:
+        return await _ask_streaming(nc, url, request)
     msg = await _send(nc, url, encoder.encode(request), timeout_s=args.timeout)
     if msg is None:
         return 1
@@ -451,7 +465,48 @@ def _ask_request(args: argparse.Namespace) -> CompletionRequest:
         max_attempts=args.max_attempts,
         faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
+        on_midstream=args.on_midstream,
     )
+
+
+async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> int:
+    """Print the answer as its deltas arrive; a reset strikes the voided text through and
+    says why, then the next attempt's text follows."""
+    assembler = Assembler()
+    shown: list[str] = []  # the deltas printed since the last reset
+    try:
+        async for event in client.stream(nc, request, assembler):
+            if event.kind == "delta":
+                shown.append(event.text)
+                print(event.text, end="", flush=True)
+            elif event.kind == "reset" and event.reset is not None:
+                reset = event.reset
+                keep = max(len(shown) - reset.discard, 0)
+                voided, shown = "".join(shown[keep:]), shown[:keep]
+                what = f"{reset.discard} chunks voided" if reset.discard else "continuing from here"
+                print(
+                    f"\n[reset: attempt {reset.attempt} failed with {reset.error.type} "
+                    f"({what}){': ' + _struck(voided) if voided else ''}]",
+                    flush=True,
+                )
+    except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
+        print(f"\nlifeline: {exc} ({redact_url(url)})", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    reply = assembler.reply
+    assert reply is not None
+    print()
+    _print_reply(reply)
+    return 0 if reply.status == "ok" else 1
+
+
+def _struck(text: str) -> str:
+    """`text` struck through (U+0336 after each character), cut to one line."""
+    flat = " ".join(text.split())
+    short = flat if len(flat) <= 60 else flat[:57] + "..."
+    return "".join(c + "\u0336" for c in short)
 
 
 async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg | None:
@@ -506,7 +561,8 @@ def _outcome(a: Attempt) -> str:
 
 def _print_reply(reply: CompletionReply) -> None:
     if reply.status == "ok":
-        print(reply.content)
+        if reply.content is not None:  # a streamed answer was printed as it came
+            print(reply.content)
         template = f", template {reply.template}" if reply.template else ""
         print(
             f"\nserved by {reply.target or reply.provider} "
@@ -522,6 +578,12 @@ def _print_reply(reply: CompletionReply) -> None:
             print(f"  {i}. {name:<24} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
             if a.message:
                 print(f"     {a.message}")
+    if reply.stream is not None:
+        ttft = f"{reply.stream.ttft_ms:.1f} ms" if reply.stream.ttft_ms is not None else "-"
+        print(
+            f"streamed {reply.stream.chunks} chunks, first after {ttft}, "
+            f"{reply.stream.resets} resets"
+        )
     print(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
 

@@ -26,7 +26,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
-from schemas.wire import TargetSpec
+from schemas.wire import OnMidstream, TargetSpec
 from service.health import BreakerSettings
 from service.shaping import Template
 from workers.base import ProviderSettings
@@ -102,6 +102,8 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     # hedge_budget; retries and hedges together may use retry_budget.
     hedge_budget: Annotated[float, Meta(ge=0, le=1)] = 0.1
     retry_budget: Annotated[float, Meta(ge=0, le=10)] = 0.2
+    # On llm.stream, what a failure after the first chunk leads to (a request may choose its own).
+    on_midstream: OnMidstream = "reset"
 
 
 class FallbacksConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -128,6 +130,7 @@ class Route(Struct, frozen=True):
     hedge_p95: bool = False
     hedge_budget: float = 0.1
     retry_budget: float = 0.2
+    on_midstream: str = "reset"
 
 
 class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -278,6 +281,7 @@ def _route(
         hedge_p95=route.hedge == "p95",
         hedge_budget=route.hedge_budget,
         retry_budget=route.retry_budget,
+        on_midstream=route.on_midstream,
     )
 
 

@@ -1,11 +1,12 @@
-"""The core front end: where llm.complete is handled.
+"""The core front end: where llm.complete and llm.stream are handled.
 
 It takes requests off NATS (queue group lifeline-dispatchers, so replicas share them),
 admits at most dispatcher.max_in_flight at once, and hands each one to the engine
 (service/engine.py) in a task of its own, with a `respond` that publishes the reply on the
-message's reply subject. The engine does the rest: the plan, the chain, the reply, the audit
-event. Beyond max_in_flight a request is answered at once with `overloaded`; a reply subject
-inside Lifeline's own namespace (or the server's) is refused, and the refusal audited.
+message's reply subject (on llm.stream, a stream of events there: transport.ClientStream).
+The engine does the rest: the plan, the chain, the reply, the audit event. Beyond
+max_in_flight a request is answered at once with `overloaded`; a reply subject inside
+Lifeline's own namespace (or the server's) is refused, and the refusal audited.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from service.memory import release_memory_soon
 from service.natsio import ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
-from service.transport import NatsTransport
+from service.transport import ClientStream, NatsTransport
 
 log = logging.getLogger("lifeline.dispatcher")
 
@@ -50,24 +51,27 @@ class Dispatcher:
         self.max_in_flight = settings.max_in_flight
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
         self._peak = 0  # most requests in flight since memory was last trimmed
-        self._refusals: deque[tuple[Msg, float]] = deque()  # waiting for their "overloaded"
+        # Waiting for their "overloaded": (message, arrival, streamed).
+        self._refusals: deque[tuple[Msg, float, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
 
     async def start(self) -> None:
         await self.health.start()
         await self.transport.start()
         nc = self.transport.nc
-        self._sub = await fast_path(nc).subscribe(
-            subjects.COMPLETE, self._on_msg, queue=subjects.DISPATCHER_QUEUE
-        )
+        path = fast_path(nc)
+        self._subs = [
+            await path.subscribe(subjects.COMPLETE, self._on_msg, queue=subjects.DISPATCHER_QUEUE),
+            await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),
+        ]
         await ensure_subscribed(nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
         finish (up to grace_s)."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
+        subs, self._subs = self._subs, []
+        for sub in subs:
             await stop_taking(sub)
         waits = set(self._tasks)
         if self._refuser is not None:
@@ -80,17 +84,20 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg, stream: bool = False) -> None:
         """Called for each request as it is read: starts its task, or queues its refusal."""
         arrived = time.monotonic()
         if len(self._tasks) >= self.max_in_flight:
-            self._refusals.append((msg, arrived))
+            self._refusals.append((msg, arrived, stream))
             if self._refuser is None or self._refuser.done():
                 self._refuser = asyncio.create_task(self._refuse_backlog())
             return
-        task = asyncio.create_task(self.handle(msg, arrived))
+        task = asyncio.create_task(self.handle(msg, arrived, stream=stream))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    def _on_stream(self, msg: Msg) -> None:
+        self._on_msg(msg, stream=True)
 
     async def _refuse_backlog(self) -> None:
         """Answer `overloaded` to the requests over max_in_flight, in one task rather than
@@ -99,8 +106,8 @@ class Dispatcher:
         in flight (not after each one: every yield costs a small socket write)."""
         answered = 0
         while self._refusals:
-            msg, arrived = self._refusals.popleft()
-            await self.handle(msg, arrived, self._overloaded(msg.data))
+            msg, arrived, stream = self._refusals.popleft()
+            await self.handle(msg, arrived, self._overloaded(msg.data), stream)
             answered += 1
             if answered % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -124,20 +131,28 @@ class Dispatcher:
         )
 
     async def handle(
-        self, msg: Msg, arrived: float | None = None, refused: Rejected | None = None
+        self,
+        msg: Msg,
+        arrived: float | None = None,
+        refused: Rejected | None = None,
+        stream: bool = False,
     ) -> None:
-        """Answer one llm.complete message: exactly one reply (if it has a reply subject that
-        may be answered on) and exactly one audit event, whatever the message holds."""
+        """Answer one llm.complete message (llm.stream with `stream`): exactly one reply, or
+        one stream ending in one end or error event (if it has a reply subject that may be
+        answered on), and exactly one audit event, whatever the message holds."""
         arrived = time.monotonic() if arrived is None else arrived
         respond: Respond | None = None
+        sink: ClientStream | None = None
         if msg.reply:
             why = subjects.reply_subject_refused(msg.reply)
-            if why is None:
-                respond = self._responder(msg.reply)
-            else:  # the refusal is audited; nobody is answered
+            if why is not None:  # the refusal is audited; nobody is answered
                 refused = _refused_reply_subject(msg.reply, why, msg.data)
+            elif stream:
+                sink = self.transport.client_stream(msg.reply)
+            else:
+                respond = self._responder(msg.reply)
         inbound = Inbound(msg.data, msg.headers, arrived)
-        await self.engine.serve(inbound, respond, refused)
+        await self.engine.serve(inbound, respond, refused, sink)
         if refused is None:
             self._latency_s += (time.monotonic() - arrived - self._latency_s) / 16
 

@@ -1,8 +1,9 @@
 """The engine: one request, from its bytes to exactly one reply and exactly one audit event.
 
 Front ends take requests off NATS and hand them here: service/dispatcher.py serves core
-request/reply on llm.complete; a streaming or a JetStream jobs front end sits beside it and
-differs only in how it delivers the reply (`Respond`). The engine knows no NATS message:
+request/reply on llm.complete and llm.stream; a JetStream jobs front end would sit beside it
+and differ only in how it delivers the reply (`Respond`, or for a stream a `Sink`, whose
+calls go through service/streaming.py's Relay). The engine knows no NATS message:
 
     plan      service/routing.py turns the bytes into a Plan (route, Targets, Deadline,
               limits), or a Rejected that is answered as an error
@@ -35,9 +36,10 @@ from service import telemetry
 from service.config import Config
 from service.faults import injecting
 from service.health import Health, Untouched
-from service.policy import CallTarget, ChainResult, run_chain
+from service.policy import CallTarget, ChainResult, Started, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
+from service.streaming import Relay, Sink, Stream, StreamLimits
 from service.target import Target
 
 log = logging.getLogger("lifeline.dispatcher")
@@ -60,6 +62,15 @@ class Transport(Protocol):
     ) -> ProviderReply: ...
 
     async def audit(self, event: AuditEvent) -> None: ...
+
+    async def stream_provider(
+        self,
+        provider: str,
+        payload: bytes,
+        headers: dict[str, str],
+        limits: StreamLimits,
+        on_chunk: Callable[[bytes], None],
+    ) -> Stream: ...
 
 
 # Delivers the reply the front end's way; returns what was really delivered (a reply too
@@ -88,21 +99,37 @@ class Engine:
         self._attempt_ids = Ids()
 
     async def serve(
-        self, inbound: Inbound, respond: Respond | None, refused: Rejected | None = None
+        self,
+        inbound: Inbound,
+        respond: Respond | None,
+        refused: Rejected | None = None,
+        sink: Sink | None = None,
     ) -> CompletionReply:
-        """Answer one request through `respond` (None: nobody to answer) and audit it; with
-        `refused`, the front end already knows the answer is that refusal. Never raises."""
+        """Answer one request through `respond` (None: nobody to answer), or as a stream of
+        events through `sink`, and audit it; with `refused`, the front end already knows the
+        answer is that refusal. Never raises."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
         trace_id = telemetry.trace_id_of(span)
         route: str | None = None
+        relay: Relay | None = None
+        if sink is not None:
+            relay = Relay(sink, "reset", None, inbound.arrived)
+            respond = relay.end
         try:
             if refused is not None:
                 raise refused
             plan = self.router.plan(inbound.data, inbound.arrived)
             route = plan.route
-            reply = _reply(plan.request_id, await self._complete(plan, span), trace_id)
+            if sink is not None:
+                on_event = span.add_event if span.is_recording() else None
+                relay = Relay(
+                    sink, plan.limits.on_midstream, plan.validate, inbound.arrived, on_event
+                )
+                respond = relay.end
+            result = await self._complete(plan, span, relay)
+            reply = _reply(plan.request_id, result, trace_id)
         except Rejected as exc:
             route = exc.route
             reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
@@ -122,7 +149,9 @@ class Engine:
             span.end()
         return reply
 
-    async def _complete(self, plan: Plan, span: telemetry.LiteSpan) -> ChainResult:
+    async def _complete(
+        self, plan: Plan, span: telemetry.LiteSpan, relay: Relay | None
+    ) -> ChainResult:
         payloads = _Payloads(_provider_request(plan))
         self._check_fits(payloads.base, plan)
 
@@ -132,7 +161,21 @@ class Engine:
             payload = payloads.for_target(target, previous)
             return await self._attempt(target, payload, plan.request_id, timeout_s, span)
 
-        checked: CallTarget = call
+        async def stream(
+            target: Target, timeout_s: float, previous: tuple[str, ...]
+        ) -> ProviderReply | Started:
+            assert relay is not None
+            number = relay.number()
+            if relay.continues(target.prefill):
+                request = relay.prefill(number, payloads.request(target, previous))
+                payload = encoder.encode(request)
+            else:
+                payload = payloads.for_target(target, previous)
+            return await self._stream_attempt(
+                target, payload, plan.request_id, timeout_s, span, relay, number
+            )
+
+        checked: CallTarget = call if relay is None else stream
         health: Health | Untouched = self.health
         if plan.faults is not None:
             checked = injecting(call, plan.faults)
@@ -142,7 +185,7 @@ class Engine:
             checked,
             plan.limits,
             needs=plan.needs,
-            validate=plan.validate,
+            validate=plan.validate if relay is None else None,  # a stream's: in its Relay
             on_event=span.add_event if span.is_recording() else None,
             health=health,
         )
@@ -172,6 +215,45 @@ class Engine:
             return reply
         finally:
             span.end()
+
+    async def _stream_attempt(
+        self,
+        target: Target,
+        payload: bytes,
+        request_id: str,
+        timeout_s: float,
+        parent: telemetry.LiteSpan,
+        relay: Relay,
+        number: int,
+    ) -> ProviderReply | Started:
+        """One streaming call of a worker: its chunks go through `relay`; the attempt's span
+        ends when its stream does, with its time to first token."""
+        name, attributes = self._span_template(target)
+        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
+        headers = {
+            DEADLINE_MS: Deadline.after(timeout_s).header(),
+            REQUEST_ID: request_id,
+            ATTEMPT_ID: self._attempt_ids.next(),
+        }
+        telemetry.inject(headers, span)
+        limits = StreamLimits(timeout_s, target.ttft_s, target.idle_s)
+        opened = time.monotonic()
+        try:
+            stream = await self.transport.stream_provider(
+                target.provider, payload, headers, limits, relay.on_chunk(number)
+            )
+        except BaseException:
+            span.end()
+            raise
+
+        def finished(reply: ProviderReply | None) -> None:
+            if span.is_recording():
+                if reply is not None:
+                    telemetry.annotate_outcome(span, reply)
+                telemetry.annotate_stream(span, stream.chunks, stream.first_at, opened)
+            span.end()
+
+        return await relay.started(number, stream, finished)
 
     def _span_template(self, target: Target) -> tuple[str, dict[str, str]]:
         key = (target.provider, target.model, target.name)
@@ -207,6 +289,12 @@ class _Payloads:
         self._request = request
         self.base = encoder.encode(request)
         self._shaped: dict[str, bytes] = {}
+
+    def request(self, target: Target, previous: tuple[str, ...]) -> ProviderRequest:
+        """What `target` is sent, not yet encoded."""
+        if target.pass_failures:
+            return _shaped(self._request, target, previous)
+        return self._request if target.shaping is None else _shaped(self._request, target)
 
     def for_target(self, target: Target, previous: tuple[str, ...]) -> bytes:
         if target.pass_failures:
@@ -286,6 +374,7 @@ def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) 
         request_bytes=request_bytes,
         target=reply.target,
         template=reply.template,
+        stream=reply.stream,
     )
 
 

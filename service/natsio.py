@@ -137,17 +137,24 @@ class FastPath:
         return sub
 
     def publish(
-        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+        block: bytes | None = None,
     ) -> bool:
         """Queue one message for the next write; False when it must go through nats-py's
-        publish instead (not connected, or headers that need its checks)."""
+        publish instead (not connected, or headers that need its checks). `block` is a header
+        block built by the caller (b"NATS/1.0\r\n...\r\n\r\n"), for a message sent often."""
         nc = self.nc
         if not self.enabled or not nc.is_connected or nc.is_draining_pubs:
             return False  # nats-py buffers through a reconnect, or refuses while draining
-        if headers:
+        if headers and block is None:
             block = _header_block(headers)
             if block is None:
                 return False
+        if block is not None:
             size = len(block) + len(payload)
             cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
                 subject.encode(),

@@ -26,8 +26,14 @@ rest. Each step is a decision, a value the loop in `run_chain` acts on:
 
 Every attempt, skipped or made, lands in `attempts` with what happened next. Breaker state
 and recent latencies come from an injected `health` (service/health.py), which also hears
-every call's outcome. An attempt that streams (its own issue) adds to Outcome how much output
-was already sent; `_Run.decide` is where that changes what a failure leads to.
+every call's outcome.
+
+A streamed call (llm.stream) returns `Started` at its first chunk instead of a reply: from
+then on its output reaches the client, so a race (hedge) is settled by the first chunk, and
+`Started.end()` gives the reply. A failure after that is a mid-stream failure (Outcome's
+`streamed` > 0): never retried, and with on_midstream = "fail" it stops the request
+(`_Run.decide`); otherwise the chain goes on as after any failure, and the front end voids or
+continues the partial output (service/streaming.py).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from schemas.wire import (
     FALLBACK_STOPPED,
     HEDGE_LOST,
     MAX_ATTEMPTS_REACHED,
+    MIDSTREAM_FAILED,
     NO_CAPABLE_TARGET,
     RETRY_BUDGET,
 )
@@ -72,6 +79,7 @@ class Limits(NamedTuple):
     fallback: bool = True  # False: only the first target (and its retries)
     hedge: Hedge | None = None
     budgets: Budgets | None = None  # None: retries and hedges are not budgeted
+    on_midstream: str = "reset"  # "fail": a failure after the first chunk stops the request
 
 
 class Needs(NamedTuple):
@@ -88,7 +96,18 @@ class ChainResult(NamedTuple):
     error: ErrorInfo | None
 
 
-CallTarget = Callable[[Target, float, tuple[str, ...]], Awaitable[ProviderReply]]
+class Started:
+    """What a streamed call returns at its first chunk: its output is reaching the client.
+    `end()` waits for the rest and gives the reply (its `content` the whole text);
+    `delivered` is how many chunks of it the client got."""
+
+    delivered: int = 0
+
+    async def end(self) -> ProviderReply:
+        raise NotImplementedError
+
+
+CallTarget = Callable[[Target, float, tuple[str, ...]], Awaitable[ProviderReply | Started]]
 Validate = Callable[[ProviderOk], ProviderOk | ProviderFailure]
 OnEvent = Callable[[str, dict[str, Any]], None]
 Next = Literal["retry", "fallback", "stop"]
@@ -139,6 +158,7 @@ class Outcome(NamedTuple):
     hedge: bool = False  # the call was started as a hedge
     raced: bool = False  # another call ran beside it, so neither is retried
     cancelled: tuple[Attempt, ...] = ()  # the calls the race cancelled when this one settled it
+    streamed: int = 0  # chunks of its answer the client received before it ended
 
 
 class Cursor:
@@ -361,6 +381,10 @@ class _Run:
         if rival is None or delay_s is None:
             started = self.clock()
             reply = await self.call(target, timeout_s, self._previous(target))
+            if isinstance(reply, Started):
+                output = reply
+                reply = await output.end()
+                return self.finish(target, reply, started, timeout_s, probe, output.delivered)
             return self.finish(target, reply, started, timeout_s, probe)
         return await self.race(target, timeout_s, delay_s, rival)
 
@@ -374,6 +398,7 @@ class _Run:
         started: float,
         timeout_s: float,
         probe: bool = False,
+        streamed: int = 0,
     ) -> Outcome:
         """A call came back: validate a good answer, take its latency, tell health."""
         if isinstance(reply, ProviderOk) and self.validate is not None:
@@ -384,7 +409,7 @@ class _Run:
             # health (short client deadlines must not open breakers).
             capped = timeout_s < target.timeout_s
             self._record_health(target, reply, started, latency_ms, probe, capped)
-        return Outcome(target, reply, latency_ms)
+        return Outcome(target, reply, latency_ms, streamed=streamed)
 
     def _record_health(
         self,
@@ -445,9 +470,13 @@ class _Run:
             return False
         if skip_reason(rival, self.needs) is not None:
             return False
-        if self.health is not None and rival.breaker is not None:
-            if self.health.admit(*rival.health_key) != CALL:
-                return False
+        health = self.health
+        if (
+            health is not None
+            and rival.breaker is not None
+            and health.admit(*rival.health_key) != CALL
+        ):
+            return False
         budgets = self.limits.budgets
         if budgets is not None:
             if budgets.hedge.available() < 1 or budgets.retry.available() < 1:
@@ -463,7 +492,7 @@ class _Run:
         switch chains); the other call is cancelled (its worker aborts it)."""
         started = self.clock()
         task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
-        running: dict[asyncio.Future[ProviderReply], _Running] = {
+        running: dict[asyncio.Future[ProviderReply | Started], _Running] = {
             task: _Running(first, started, timeout_s, False)
         }
         try:
@@ -471,6 +500,10 @@ class _Run:
             if done or not self._may_hedge(rival):
                 reply = await task
                 running.clear()
+                if isinstance(reply, Started):
+                    output = reply
+                    reply = await output.end()
+                    return self.finish(first, reply, started, timeout_s, streamed=output.delivered)
                 return self.finish(first, reply, started, timeout_s)
             self.physical += 1
             self.cursor.pass_next()
@@ -493,14 +526,25 @@ class _Run:
             for pending in running:
                 pending.cancel()
 
-    async def _settle(self, running: dict[asyncio.Future[ProviderReply], _Running]) -> Outcome:
-        """The outcome of a race with both calls running."""
+    async def _settle(
+        self, running: dict[asyncio.Future[ProviderReply | Started], _Running]
+    ) -> Outcome:
+        """The outcome of a race with both calls running. A streamed call that starts
+        streaming wins it: the other is cancelled, then its stream is followed to the end."""
         last: Outcome | None = None
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 call = running.pop(task)
-                outcome = self.finish(call.target, task.result(), call.started, call.timeout_s)
+                reply = task.result()
+                if isinstance(reply, Started):
+                    cancelled = await self._cancel(running, hedge=not call.hedge)
+                    output, reply = reply, await reply.end()
+                    outcome = self.finish(
+                        call.target, reply, call.started, call.timeout_s, streamed=output.delivered
+                    )
+                    return outcome._replace(hedge=call.hedge, raced=True, cancelled=cancelled)
+                outcome = self.finish(call.target, reply, call.started, call.timeout_s)
                 outcome = outcome._replace(hedge=call.hedge, raced=True)
                 if isinstance(outcome.reply, ProviderOk) or (running and self._settles(outcome)):
                     cancelled = await self._cancel(running, hedge=not call.hedge)
@@ -520,7 +564,7 @@ class _Run:
         return switches or not falls_back(failure, self.limits.fallback_on)
 
     async def _cancel(
-        self, running: dict[asyncio.Future[ProviderReply], _Running], hedge: bool
+        self, running: dict[asyncio.Future[ProviderReply | Started], _Running], hedge: bool
     ) -> tuple[Attempt, ...]:
         """Cancel the calls still running in a race (their workers abort them); their attempts."""
         lost = []
@@ -551,7 +595,10 @@ class _Run:
         assert isinstance(failure, ProviderFailure)
         self.errors.append(failure.kind)
         denied = None  # why a retry was refused, when a budget said no
-        if not outcome.raced:
+        if outcome.streamed and self.limits.on_midstream == "fail":
+            self._record(outcome, retry, "stop")
+            return Stop(_midstream_error(target, failure, outcome.streamed, self.cursor.rest()))
+        if not outcome.raced and not outcome.streamed:  # a retry would repeat what was sent
             delay_s, denied = self._retry_delay(target, failure, retry)
             if delay_s is not None:
                 self._record(outcome, retry, "retry")
@@ -581,9 +628,12 @@ class _Run:
         if self.physical >= self.limits.max_attempts:
             return None, None
         health = self.health
-        if health is not None and target.breaker is not None:
-            if health.admit(*target.health_key) != CALL:
-                return None, None  # this failure (or a failed probe) opened its breaker
+        if (
+            health is not None
+            and target.breaker is not None
+            and health.admit(*target.health_key) != CALL
+        ):
+            return None, None  # this failure (or a failed probe) opened its breaker
         delay_s = backoff_s(target, retry, self.rand)
         if failure.retry_after_s is not None:
             if failure.retry_after_s > target.max_backoff_s:
@@ -610,6 +660,7 @@ class _Run:
             target=target.name,
             retry=retry,
             hedge=outcome.hedge,
+            chunks=outcome.streamed,
         )
         lost = outcome.cancelled
         self.attempts.extend([*lost, won] if outcome.hedge else [won, *lost])
@@ -722,6 +773,7 @@ def _failed(
         reason=reason,
         next=next_,
         hedge=outcome.hedge,
+        chunks=outcome.streamed,
     )
 
 
@@ -785,6 +837,17 @@ def _fallback_disabled(last: Attempt, rest: Sequence[Target]) -> ErrorInfo:
         FALLBACK_STOPPED,
         f'{last.target} {what}; the request set "fallback": false, so no fallback was tried '
         f"(not tried: {_names(rest)}): {last.message}",
+    )
+
+
+def _midstream_error(
+    target: Target, failure: ProviderFailure, chunks: int, rest: Sequence[Target]
+) -> ErrorInfo:
+    return ErrorInfo(
+        MIDSTREAM_FAILED,
+        f"{target.name} failed with {failure.kind} after {chunks} chunks had been sent, and "
+        f'on_midstream is "fail", so no fallback was tried (not tried: {_names(rest)}): '
+        f"{failure.message}",
     )
 
 

@@ -87,6 +87,7 @@ class _Route(NamedTuple):
     groups: tuple | None = None  # (steps, by_kind steps) when some step is a load-balanced group
     hedge: Hedge | None = None
     budgets: Budgets | None = None  # shared by every request of the route
+    on_midstream: str = "reset"
 
 
 def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[Target]:
@@ -121,6 +122,7 @@ class Router:
                 r.max_attempts,
                 hedge if hedge.after_s is not None or hedge.p95 else None,
                 Budgets(Budget(r.retry_budget), Budget(r.hedge_budget)),
+                r.on_midstream,
             )
         # Requests that name their own targets share one budget (at the routes' defaults).
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
@@ -159,6 +161,9 @@ class Router:
             weight=spec.weight,
             breaker=breaker if breaker.enabled else None,
             shaping=shaping,
+            ttft_s=spec.ttft_s,
+            idle_s=spec.idle_s,
+            prefill=spec.prefill,
         )
 
     def _configured_models(self) -> dict[str, frozenset[str]]:
@@ -194,6 +199,7 @@ class Router:
         max_attempts: int,
         hedge: Hedge | None = None,
         budgets: Budgets | None = None,
+        on_midstream: str = "reset",
     ) -> _Route:
         chains = [targets, *by_kind.values()]
         grouped = any(not isinstance(step, Target) for chain in chains for step in chain)
@@ -207,6 +213,7 @@ class Router:
             (targets, by_kind) if grouped else None,
             hedge,
             budgets,
+            on_midstream,
         )
 
     def _chain_for_request(self, route: _Route) -> Chain:
@@ -256,7 +263,13 @@ class Router:
             tokens = estimate_tokens(request.messages) if route.counts_tokens else None
             needs = Needs(tokens, validate is not None)
         limits = Limits(
-            deadline, max_attempts, fallback_on, request.fallback, route.hedge, route.budgets
+            deadline,
+            max_attempts,
+            fallback_on,
+            request.fallback,
+            route.hedge,
+            route.budgets,
+            request.on_midstream or route.on_midstream,
         )
         return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)
 

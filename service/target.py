@@ -56,6 +56,11 @@ class Target:
     weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
     breaker: BreakerSettings | None = None  # None: no circuit breaker
     shaping: Shaping | None = None  # the target's own model, parameters and template
+    # Streaming: a first chunk within ttft_s, then one at least every idle_s (None: no limit
+    # but timeout_s); prefill: it can continue a partial answer (on_midstream = "continue").
+    ttft_s: float | None = None
+    idle_s: float | None = None
+    prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.health_key is _DERIVED:

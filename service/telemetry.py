@@ -634,3 +634,12 @@ def annotate_outcome(span: trace.Span, reply) -> None:
         attributes["http.response.status_code"] = reply.status_code
     span.set_attributes(attributes)
     span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message))
+
+
+def annotate_stream(span: trace.Span, chunks: int, first_at: float | None, opened: float) -> None:
+    """A streamed attempt: its chunks, and its time to first token (seconds, as the GenAI
+    semantic conventions' gen_ai.server.time_to_first_token metric counts it)."""
+    attributes: dict[str, int | float] = {"lifeline.stream.chunks": chunks}
+    if first_at is not None:
+        attributes["gen_ai.server.time_to_first_token"] = first_at - opened
+    span.set_attributes(attributes)

@@ -8,12 +8,20 @@ and the worker is told to cancel it, so no abandoned HTTP call keeps running and
 Every message leaves through a size check against the server's max_payload (headers
 included): one message over it makes the server close the whole connection, which would
 take every other request in flight down with it.
+
+Streaming (llm.stream) adds two things here: `ProviderStream`, one streaming attempt at a
+worker (its chunks arrive on the same inbox subscription as replies, under the attempt's
+token plus ".c", and go to a callback as they are read; one timer per attempt covers
+ttft_s, idle_s and timeout_s), and `ClientStream`, the events of one request, published in
+order on the client's reply subject (schemas/streaming.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -32,15 +40,30 @@ from schemas import (
     ProviderOk,
     ProviderReply,
 )
-from schemas.subjects import ATTEMPT_ID, audit_subject, cancel_subject, provider_subject
+from schemas.streaming import END, ERROR, RESET, StreamReset, pieces
+from schemas.subjects import (
+    ATTEMPT_ID,
+    ATTEMPT_NO,
+    EVENT,
+    SEQ,
+    STREAM_TO,
+    audit_subject,
+    cancel_subject,
+    provider_subject,
+)
 from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
 from service.natsio import fast_path, publish_checked
+from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
 
 # What a worker's reply may put into replies and audit events: its texts are untrusted input.
 MAX_MESSAGE_CHARS = 1000
 MAX_MODEL_CHARS = 256
+# Room kept in every message of a stream for its headers: a chunk may use max_payload minus this.
+STREAM_HEADER_ROOM = 1024
+
+OnChunk = Callable[[bytes], None]
 
 
 class NatsTransport:
@@ -89,6 +112,41 @@ class NatsTransport:
         except (msgspec.DecodeError, RecursionError) as exc:
             message = f"worker on {subject} sent a reply that breaks the protocol: {exc}"
             return ProviderFailure("server_error", message[:MAX_MESSAGE_CHARS])
+
+    async def stream_provider(
+        self,
+        provider: str,
+        payload: bytes,
+        headers: dict[str, str],
+        limits: StreamLimits,
+        on_chunk: OnChunk,
+    ) -> ProviderStream:
+        """Start one streaming attempt: the worker streams its chunks to `on_chunk`."""
+        stream = ProviderStream(self, provider, limits, on_chunk, headers[ATTEMPT_ID])
+        size = message_bytes(payload, headers) + STREAM_HEADER_ROOM
+        if size > self.nc.max_payload:
+            stream.end(
+                ProviderFailure(
+                    "bad_request",
+                    f"the request for {provider} is {size} bytes with headers, above the NATS "
+                    f"server's max_payload of {self.nc.max_payload}; shorten the messages or the "
+                    "target's template",
+                )
+            )
+            return stream
+        await self._inbox.open_stream(provider_subject(provider), payload, headers, stream)
+        return stream
+
+    def cancel_now(self, provider: str, attempt_id: str) -> None:
+        """`cancel` from a callback: no waiting (fast path, else a task)."""
+        subject, payload = cancel_subject(provider), attempt_id.encode()
+        if not fast_path(self.nc).publish(subject, payload):
+            task = asyncio.ensure_future(self.cancel(provider, attempt_id))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+    def client_stream(self, reply_subject: str) -> ClientStream:
+        return ClientStream(self.nc, reply_subject)
 
     async def cancel(self, provider: str, attempt_id: str) -> None:
         """Tell the worker running `attempt_id` that nobody waits for it: it aborts the HTTP
@@ -156,31 +214,66 @@ def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
     return encoder.encode(msgspec.structs.replace(message, attempts=[]))
 
 
+_background: set[asyncio.Future[None]] = set()  # cancels sent from callbacks, until sent
+
+
 class _Inbox:
     """Request/reply for the attempts: one wildcard subscription takes every reply, and each
     attempt waits on a future with one timer (what nats-py's request() does with a random
     token, a done-callback and asyncio.wait_for per call, which cost a tenth of the
     dispatcher's CPU at 64 in flight). A reply after its attempt gave up finds no future
-    and is dropped."""
+    and is dropped. A streaming attempt's chunks come to <prefix>.<token>.c and its reply to
+    <prefix>.<token>, both to its ProviderStream."""
 
-    __slots__ = ("_count", "_nc", "_prefix", "_sub", "_waiting")
+    __slots__ = ("_count", "_nc", "_prefix", "_streams", "_sub", "_waiting")
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = ""
         self._count = 0
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._streams: dict[str, ProviderStream] = {}
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
         if self._sub is None:
             self._prefix = self._nc.new_inbox() + "."
-            self._sub = await fast_path(self._nc).subscribe(self._prefix + "*", self._on_reply)
+            self._sub = await fast_path(self._nc).subscribe(self._prefix + ">", self._on_reply)
 
     def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        token = msg.subject[len(self._prefix) :]
+        if token[-2:] == ".c":
+            stream = self._streams.get(token[:-2])
+            if stream is not None:
+                stream.chunk(msg.data)
+            return
+        future = self._waiting.pop(token, None)
+        if future is not None:
+            if not future.done():
+                future.set_result(msg)
+            return
+        stream = self._streams.get(token)
+        if stream is not None:
+            stream.final(msg)
+
+    async def open_stream(
+        self, subject: str, payload: bytes, headers: dict[str, str], stream: ProviderStream
+    ) -> None:
+        if self._sub is None:
+            await self.start()
+        self._count += 1
+        token = str(self._count)
+        inbox = self._prefix + token
+        headers[STREAM_TO] = inbox + ".c"
+        self._streams[token] = stream
+        stream.opened(lambda: self._streams.pop(token, None))
+        try:
+            if not fast_path(self._nc).publish(subject, payload, inbox, headers):
+                await self._nc.publish(subject, payload, reply=inbox, headers=headers)
+        except NatsError as exc:
+            stream.end(
+                ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
+            )
 
     async def request(
         self, subject: str, payload: bytes, timeout_s: float, headers: dict[str, str]
@@ -212,3 +305,228 @@ _NO_RESPONDERS = "503"  # the status the server answers with when nobody is subs
 def _expire(future: asyncio.Future[Msg]) -> None:
     if not future.done():
         future.set_exception(NatsTimeoutError())
+
+
+class ProviderStream:
+    """One streaming attempt at a worker, as the dispatcher sees it.
+
+    Chunks go to `on_chunk` as the read loop hands them over (no task switch per chunk).
+    `first` is done at the first chunk, or at the end when none came; `done` at the end, with
+    the worker's reply (a ProviderOk whose `content` is what did not stream) or the failure:
+    the worker's, no_responders, or a timeout of the attempt's own timer (timeout_s, ttft_s,
+    idle_s), which also tells the worker to cancel. A worker that does not stream answers once:
+    its content is passed on as the stream's chunks, then it ends."""
+
+    __slots__ = (
+        "_close",
+        "_idle_s",
+        "_last",
+        "_limits",
+        "_loop",
+        "_max_chunk",
+        "_on_chunk",
+        "_started",
+        "_timer",
+        "_transport",
+        "attempt_id",
+        "chunks",
+        "done",
+        "first",
+        "first_at",
+        "provider",
+    )
+
+    def __init__(
+        self,
+        transport: NatsTransport,
+        provider: str,
+        limits: StreamLimits,
+        on_chunk: OnChunk,
+        attempt_id: str,
+    ) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self.provider = provider
+        self.attempt_id = attempt_id
+        self._limits = limits
+        self._on_chunk = on_chunk
+        self._max_chunk = transport.nc.max_payload - STREAM_HEADER_ROOM
+        self.first: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[ProviderReply] = loop.create_future()
+        self.chunks = 0
+        self.first_at: float | None = None  # time.monotonic() of the first chunk
+        self._started = self._last = loop.time()
+        self._close: Callable[[], object] | None = None
+        first_check = limits.timeout_s if limits.ttft_s is None else limits.ttft_s
+        self._timer = loop.call_at(self._started + first_check, self._check)
+
+    def opened(self, close: Callable[[], object]) -> None:
+        """The inbox routes to this stream until `close` is called (at the end)."""
+        self._close = close
+
+    def chunk(self, data: bytes) -> None:
+        if self.done.done():
+            return  # after a timeout: the worker is being cancelled
+        if len(data) > self._max_chunk:
+            self._give_up(
+                "response_too_large",
+                f"a chunk from {self.provider} is {len(data)} bytes, above what a stream event "
+                f"may carry ({self._max_chunk}, the NATS server's max_payload less room for "
+                "headers)",
+            )
+            return
+        self.chunks += 1
+        self._last = self._loop.time()
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            self.first.set_result(None)
+        self._on_chunk(data)
+
+    def final(self, msg: Msg) -> None:
+        if self.done.done():
+            return
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            subject = provider_subject(self.provider)
+            self.end(
+                ProviderFailure(
+                    "no_responders",
+                    f"no worker is listening on {subject}: start one with "
+                    f"`lifeline worker {self.provider}`",
+                )
+            )
+            return
+        try:
+            reply = _bounded(provider_reply_decoder.decode(msg.data))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            message = f"worker {self.provider} sent a reply that breaks the protocol: {exc}"
+            self.end(ProviderFailure("server_error", message[:MAX_MESSAGE_CHARS]))
+            return
+        if isinstance(reply, ProviderOk):
+            if reply.chunks > self.chunks:
+                self.end(
+                    ProviderFailure(
+                        "connection",
+                        f"{self.chunks} of the {reply.chunks} chunks {self.provider} streamed "
+                        "arrived: the others were lost on the way",
+                    )
+                )
+                return
+            for piece in pieces(reply.content, self._max_chunk):  # a worker that did not stream
+                self.chunk(piece)
+                if self.done.done():
+                    return
+        self.end(reply)
+
+    def end(self, reply: ProviderReply) -> None:
+        self._timer.cancel()
+        if self._close is not None:
+            self._close()
+        if not self.first.done():
+            self.first.set_result(None)
+        if not self.done.done():
+            self.done.set_result(reply)
+
+    def abandon(self) -> None:
+        """Nobody waits for this attempt any more (a hedge lost, a shutdown): its worker is
+        told to cancel it."""
+        if not self.done.done():
+            self.end(ProviderFailure("timeout", "abandoned"))
+            self._transport.cancel_now(self.provider, self.attempt_id)
+
+    def _check(self) -> None:
+        """The attempt's one timer: it fires at the soonest of its limits and, when a chunk has
+        come since, sets itself again instead of being reset on every chunk."""
+        limits, now = self._limits, self._loop.time()
+        end_at = self._started + limits.timeout_s
+        if now >= end_at:
+            self._give_up(
+                "timeout",
+                f"the stream from {self.provider} did not end within {limits.timeout_s:.3g} s "
+                f"({self.chunks} chunks)",
+            )
+            return
+        if self.first_at is None:
+            if limits.ttft_s is not None and now >= self._started + limits.ttft_s:
+                self._give_up(
+                    "timeout",
+                    f"no first chunk from {self.provider} within ttft_s = {limits.ttft_s:.3g} s",
+                )
+                return
+            due = self._started + limits.ttft_s if limits.ttft_s is not None else end_at
+        else:
+            if limits.idle_s is not None and now >= self._last + limits.idle_s:
+                self._give_up(
+                    "timeout",
+                    f"{self.provider} sent no chunk for idle_s = {limits.idle_s:.3g} s after "
+                    f"{self.chunks} chunks",
+                )
+                return
+            due = self._last + limits.idle_s if limits.idle_s is not None else end_at
+        self._timer = self._loop.call_at(min(due, end_at), self._check)
+
+    def _give_up(self, kind: str, message: str) -> None:
+        self.end(ProviderFailure(kind, message))
+        self._transport.cancel_now(self.provider, self.attempt_id)
+
+
+class ClientStream:
+    """One request's events on the client's reply subject, in order, each with its number
+    (schemas/streaming.py). Deltas are published from the read callback that received their
+    chunk, through the fast path with a header block built by one format; when the fast path
+    cannot take a message (a reconnect), it and every later one go through nats-py in order."""
+
+    __slots__ = ("_backlog", "_drain", "_fast", "_nc", "seq", "subject")
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self._nc = nc
+        self._fast = fast_path(nc)
+        self.subject = subject
+        self.seq = 0
+        self._backlog: list[tuple[dict[str, str], bytes]] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    def delta(self, attempt: int, text: bytes) -> None:
+        self.seq += 1
+        if not self._backlog and self._fast.publish(
+            self.subject, text, block=_DELTA_BLOCK % (self.seq, attempt)
+        ):
+            return
+        self._later({SEQ: str(self.seq), ATTEMPT_NO: str(attempt)}, text)
+
+    def reset(self, reset: StreamReset) -> None:
+        self._control(RESET, reset.attempt, encoder.encode(reset))
+
+    async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
+        """The last event: end, or error. Returns what was sent (the audit event says the same)."""
+        room = self._nc.max_payload - STREAM_HEADER_ROOM
+        payload = encoder.encode(reply)
+        if len(payload) > room:
+            reply = _too_large(reply, len(payload), room)
+            payload = _fitting(reply, room)
+        self._control(END if reply.status == "ok" else ERROR, attempt, payload)
+        if self._drain is not None:
+            await self._drain
+        return reply
+
+    def _control(self, kind: str, attempt: int, payload: bytes) -> None:
+        self.seq += 1
+        headers = {SEQ: str(self.seq), ATTEMPT_NO: str(attempt), EVENT: kind}
+        if self._backlog or not self._fast.publish(self.subject, payload, headers=headers):
+            self._later(headers, payload)
+
+    def _later(self, headers: dict[str, str], payload: bytes) -> None:
+        self._backlog.append((headers, payload))
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.ensure_future(self._send_backlog())
+
+    async def _send_backlog(self) -> None:
+        while self._backlog:
+            headers, payload = self._backlog.pop(0)
+            try:
+                await self._nc.publish(self.subject, payload, headers=headers)
+            except NatsError as exc:
+                log.warning("could not send a stream event to %s: %s", self.subject, exc)
+                self._backlog.clear()  # the client sees a gap, or nothing: never a wrong order
+
+
+_DELTA_BLOCK = b"NATS/1.0\r\n" + SEQ.encode() + b": %d\r\n" + ATTEMPT_NO.encode() + b": %d\r\n\r\n"

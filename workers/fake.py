@@ -3,14 +3,22 @@
 It never touches the network. Its failures are shaped like HTTP ones (`fail_status = 429`
 is a rate limit, 503 a server error), so fallback can be shown and tested offline. An
 answer over `max_response_bytes` fails as response_too_large, as an HTTP kind's would.
+
+It streams too: the answer in `chunks` pieces, `chunk_delay_ms` apart, after `latency_ms`;
+`fail_after_chunks = N` fails the stream after N chunks (with fail_status, else 503),
+`stall_after_chunks = N` stops sending after N chunks without ending (an idle stream). With
+fail_on_request, "fail 503 after 2" as the last user message does the former on demand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import ProviderError, ProviderSettings, classify_status, response_too_large
@@ -29,6 +37,11 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
     # A last user message "fail <status>" (e.g. "fail 503") fails that call with that HTTP status:
     # real failures on demand, through a real worker, for tests and demos.
     fail_on_request: bool = False
+    # Streaming: the answer in this many pieces (fewer when it is shorter), this far apart.
+    chunks: Annotated[int, Meta(ge=1)] = 4
+    chunk_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    fail_after_chunks: Annotated[int, Meta(ge=0)] | None = None
+    stall_after_chunks: Annotated[int, Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -48,6 +61,31 @@ class FakeProvider:
         self._random = random.Random(settings.seed)
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        answer, _, _ = await self._begin(request)
+        return answer
+
+    async def stream(
+        self, request: ProviderRequest, timeout_s: float
+    ) -> AsyncIterator[str | ProviderOk]:
+        s = self.settings
+        answer, fail_after, status = await self._begin(request)
+        for i, piece in enumerate(_split(answer.content, s.chunks)):
+            if i == fail_after:
+                raise ProviderError(
+                    classify_status(status),
+                    f"fake provider configured to fail with {status} after {i} chunks",
+                    status,
+                )
+            if i == s.stall_after_chunks:
+                await asyncio.Event().wait()  # until the worker cancels us
+            if i and s.chunk_delay_ms:
+                await asyncio.sleep(s.chunk_delay_ms / 1000)
+            yield piece
+        yield msgspec.structs.replace(answer, content="")
+
+    async def _begin(self, request: ProviderRequest) -> tuple[ProviderOk, int | None, int]:
+        """The answer after latency_ms, or the configured (or asked-for) failure; after how
+        many chunks a stream of it fails (None: it does not), and with which status."""
         s = self.settings
         if s.hang:
             await asyncio.Event().wait()  # until the worker cancels us
@@ -58,11 +96,15 @@ class FakeProvider:
             raise ProviderError(
                 classify_status(status), f"fake provider configured to fail with {status}", status
             )
-        asked = self._asked_status(request) if s.fail_on_request else None
-        if asked is not None:
+        fail_after = s.fail_after_chunks
+        asked, after = self._asked(request) if s.fail_on_request else (None, None)
+        if asked is not None and after is None:
             raise ProviderError(
                 classify_status(asked), f"fake provider asked to fail with {asked}", asked
             )
+        status = s.fail_status or 503
+        if asked is not None:
+            fail_after, status = after, asked
         content = self._answer(request)
         # As an HTTP kind would: the limit is the same setting.
         if len(content.encode()) > s.max_response_bytes:
@@ -71,7 +113,8 @@ class FakeProvider:
             input_tokens=sum(len(m.content.split()) for m in request.messages),
             output_tokens=len(content.split()),
         )
-        return ProviderOk(content=content, model=request.model or self.model, usage=usage)
+        model = request.model or self.model
+        return ProviderOk(content=content, model=model, usage=usage), fail_after, status
 
     def _fails(self) -> bool:
         if self.settings.fail_rate:
@@ -79,12 +122,21 @@ class FakeProvider:
         return self.settings.fail_status is not None
 
     @staticmethod
-    def _asked_status(request: ProviderRequest) -> int | None:
+    def _asked(request: ProviderRequest) -> tuple[int | None, int | None]:
+        """("fail 503" -> (503, None); "fail 503 after 2" -> (503, 2) (a stream fails after
+        2 chunks; an answer that does not stream is not failed by it)."""
         users = [m.content for m in request.messages if m.role == "user"]
-        verb, _, status = (users[-1] if users else "").partition(" ")
-        if verb == "fail" and status.isdigit() and 400 <= int(status) <= 599:
-            return int(status)
-        return None
+        words = (users[-1] if users else "").split()
+        if len(words) not in (2, 4) or words[0] != "fail" or not words[1].isdigit():
+            return None, None
+        status = int(words[1])
+        if not 400 <= status <= 599:
+            return None, None
+        if len(words) == 4:
+            if words[2] != "after" or not words[3].isdigit():
+                return None, None
+            return status, int(words[3])
+        return status, None
 
     def _answer(self, request: ProviderRequest) -> str:
         if self.settings.reply == "request":
@@ -96,3 +148,15 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         return None
+
+
+def _split(text: str, count: int) -> list[str]:
+    """`text` in `count` pieces of near-equal length (fewer when it is shorter), in order."""
+    count = max(1, min(count, len(text)))
+    size, extra = divmod(len(text), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return [piece for piece in out if piece]

@@ -7,6 +7,11 @@ ProviderOk or ProviderFailure; the `Lifeline-Deadline-Ms` header is the Unix tim
 after which the dispatcher no longer waits, so work past it is dropped unanswered. Every
 replica also listens on llm.cancel.<name>: a message there names a `Lifeline-Attempt-Id`
 the dispatcher gave up on, and the replica running it cancels it, HTTP call included.
+
+Streaming: a request with a `Lifeline-Stream-To` header wants the answer's text as it comes,
+published there as bare UTF-8 chunks, in order, before the one reply, a ProviderOk whose
+`chunks` says how many were sent (its content is only what did not stream). A provider with a
+`stream` method streams; any other answers once, and the dispatcher streams that as one chunk.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from nats.aio.msg import Msg
 from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
-from schemas import ProviderFailure, ProviderReply, ProviderRequest
+from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
+from schemas.streaming import pieces
 from schemas.subjects import (
     ATTEMPT_ID,
     DEADLINE_MS,
+    STREAM_TO,
     cancel_subject,
     provider_queue,
     provider_subject,
+    reply_subject_refused,
 )
 from schemas.wire import encoder, provider_request_decoder
 from service import telemetry
@@ -165,8 +173,13 @@ class WorkerRuntime:
         expiry = _Expiry(timeout_s)
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
         token = context.attach(span.as_context())
+        stream_to = headers.get(STREAM_TO) if headers else None
         try:
-            reply: ProviderReply = await self.provider.complete(request, timeout_s)
+            reply: ProviderReply
+            if stream_to and hasattr(self.provider, "stream"):
+                reply = await self._stream(request, timeout_s, stream_to)
+            else:
+                reply = await self.provider.complete(request, timeout_s)
         except ProviderError as exc:
             reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
         except TimeoutError:  # the provider's own
@@ -189,6 +202,39 @@ class WorkerRuntime:
             telemetry.annotate_outcome(span, reply)
         span.end()
         return reply
+
+    async def _stream(
+        self, request: ProviderRequest, timeout_s: float, stream_to: str
+    ) -> ProviderReply:
+        """Publish the provider's text deltas to `stream_to` as they come; the end's
+        ProviderOk says how many chunks went out."""
+        if reply_subject_refused(stream_to) is not None:  # never onto Lifeline's own subjects
+            return await self.provider.complete(request, timeout_s)
+        path, nc = fast_path(self.nc), self.nc
+        max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
+        chunks = 0
+        end: ProviderOk | None = None
+        deltas = self.provider.stream(request, timeout_s)
+        try:
+            async for item in deltas:
+                if isinstance(item, ProviderOk):
+                    end = item
+                    break
+                for piece in pieces(item, max_bytes):
+                    if not path.publish(stream_to, piece):
+                        await nc.publish(stream_to, piece)
+                    chunks += 1
+        finally:
+            await deltas.aclose()
+        if end is None:
+            raise ProviderError(
+                "connection", f"{self.name}'s stream ended without its end (no usage, no stop)"
+            )
+        return msgspec.structs.replace(end, chunks=chunks)
+
+
+# What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
+_STREAM_HEADER_ROOM = 1024
 
 
 class _Expiry:

@@ -1,0 +1,255 @@
+"""A streamed request's output (llm.stream): which attempt owns it, and what a failure voids.
+
+The engine makes one Relay per streamed request. Every attempt gets a number (1, 2, ... in
+the order attempts start) and hands its chunks to the relay as they arrive. The first
+attempt to send a chunk owns the output: its chunks go to the client as deltas, at once,
+and its call returns `Started` to the policy, which settles a hedged race on it. A chunk of
+any other attempt is dropped (the policy cancels that attempt next).
+
+When the owner fails after its first chunk, or its assembled text fails the request's
+response_format, what the client has seen is dealt with per on_midstream:
+
+    reset     a reset event at once: drop the last N deltas; the next attempt streams from
+              the start
+    continue  the next attempt gets the text so far as a last assistant message (prefill) if
+              its target says it can (prefill = true); when that attempt sends its first
+              chunk, a reset event with discard 0 says the text goes on from there, or, for a
+              target without prefill, discard N as in reset
+    fail      nothing here: the policy stops the request, and the error event ends it
+
+Pure: no NATS (the Sink is), no policy decisions (service/policy.py makes them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import msgspec
+
+from schemas import ChatMessage, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk
+from schemas.streaming import StreamReset
+from schemas.wire import ProviderReply, ProviderRequest, StreamStats
+from service.policy import OnEvent, Started, Validate
+
+RESET, CONTINUE = "reset", "continue"
+
+
+class StreamLimits(NamedTuple):
+    """How long a streaming attempt may take: in all, to its first chunk, between chunks."""
+
+    timeout_s: float
+    ttft_s: float | None = None
+    idle_s: float | None = None
+
+
+Finished = Callable[[ProviderReply | None], None]
+
+
+class Sink(Protocol):
+    """Where a streamed request's events go (transport.ClientStream publishes them)."""
+
+    def delta(self, attempt: int, text: bytes) -> None: ...
+
+    def reset(self, reset: StreamReset) -> None: ...
+
+    async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply: ...
+
+
+class Stream(Protocol):
+    """One streaming attempt as the transport runs it (transport.ProviderStream)."""
+
+    chunks: int
+    first_at: float | None
+
+    @property
+    def first(self) -> Any: ...  # awaitable: the first chunk came, or the attempt ended
+
+    @property
+    def done(self) -> Any: ...  # awaitable ProviderReply: the attempt ended
+
+    def abandon(self) -> None: ...
+
+
+class Relay:
+    __slots__ = (
+        "_arrived",
+        "_continuing",
+        "_first_at",
+        "_mode",
+        "_on_event",
+        "_owner_sent",
+        "_partial",
+        "_parts",
+        "_sink",
+        "_validate",
+        "attempts",
+        "chunks",
+        "owner",
+        "resets",
+    )
+
+    def __init__(
+        self,
+        sink: Sink,
+        on_midstream: str,
+        validate: Validate | None,
+        arrived: float,
+        on_event: OnEvent | None = None,
+    ) -> None:
+        self._sink = sink
+        self._mode = on_midstream
+        self._validate = validate
+        self._arrived = arrived
+        self._on_event = on_event
+        self.attempts = 0  # attempts numbered so far
+        self.owner = 0  # the attempt whose deltas the client gets (0: none now)
+        self._owner_sent = 0  # chunks the owner sent
+        self._parts: list[bytes] = []  # the deltas the client holds now (after resets)
+        self._partial: tuple[int, ProviderFailure] | None = None  # continue: failed, not reset
+        self._continuing: set[int] = set()  # attempts sent the text so far as prefill
+        self._first_at: float | None = None
+        self.chunks = 0
+        self.resets = 0
+
+    # The engine, around each attempt.
+
+    def number(self) -> int:
+        self.attempts += 1
+        return self.attempts
+
+    def continues(self, can: bool) -> bool:
+        """Whether the next attempt, on a target that can (`can`) or cannot take a prefill,
+        continues from the text so far: on_midstream is continue, and an attempt left some."""
+        return can and self._mode == CONTINUE and self._partial is not None and bool(self._parts)
+
+    def prefill(self, number: int, request: ProviderRequest) -> ProviderRequest:
+        """`request` with the text so far as its last message, from the assistant."""
+        self._continuing.add(number)
+        text = b"".join(self._parts).decode()
+        return msgspec.structs.replace(
+            request, messages=[*request.messages, ChatMessage("assistant", text)]
+        )
+
+    def on_chunk(self, number: int) -> Callable[[bytes], None]:
+        def chunk(data: bytes) -> None:
+            if self.owner != number:
+                if self.owner:
+                    return  # a rival that lost the race to the first chunk: it is cancelled next
+                self._claim(number)
+            self._owner_sent += 1
+            self.chunks += 1
+            self._parts.append(data)
+            self._sink.delta(number, data)
+
+        return chunk
+
+    async def started(
+        self, number: int, stream: Stream, finished: Finished
+    ) -> ProviderReply | Started:
+        """What attempt `number`'s call returns to the policy: Started once it owns the
+        output, else its reply (it ended without a chunk). `finished` hears how the attempt
+        ended (None: abandoned), once."""
+        try:
+            await stream.first
+            if self.owner != number:
+                # It ended without a chunk, or a rival owns the output (then the policy
+                # cancels this call before it ends).
+                reply: ProviderReply = await stream.done
+                reply = self._checked(number, reply) if self.owner != number else reply
+                finished(reply)
+                return reply
+        except BaseException:
+            stream.abandon()
+            finished(None)
+            raise
+        return _Output(self, number, stream, finished)
+
+    def ended(self, number: int, reply: ProviderReply) -> ProviderReply:
+        """The owner's stream ended: its answer with the whole text as content, checked
+        against response_format, or its failure, after which the output is voided or kept
+        for the next attempt."""
+        reply = self._checked(number, reply)
+        if isinstance(reply, ProviderFailure) and self.owner == number:
+            self._fail(number, reply)
+        return reply
+
+    def stats(self) -> StreamStats:
+        ttft_ms = None if self._first_at is None else (self._first_at - self._arrived) * 1000
+        return StreamStats(ttft_ms, self.chunks, self.resets)
+
+    def serving(self) -> int:
+        """The attempt the end event names: the owner, or the last one started."""
+        return self.owner or self.attempts
+
+    async def end(self, reply: CompletionReply) -> CompletionReply:
+        reply = msgspec.structs.replace(reply, content=None, stream=self.stats())
+        return await self._sink.end(reply, self.serving())
+
+    # Inside.
+
+    def _checked(self, number: int, reply: ProviderReply) -> ProviderReply:
+        if not isinstance(reply, ProviderOk):
+            return reply
+        if self.owner == number:
+            reply = msgspec.structs.replace(reply, content=b"".join(self._parts).decode())
+        return reply if self._validate is None else self._validate(reply)
+
+    def _claim(self, number: int) -> None:
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        partial, self._partial = self._partial, None
+        if partial is not None:
+            failed, failure = partial
+            discard = 0 if number in self._continuing else len(self._parts)
+            self._reset(failed, discard, failure)
+        self.owner, self._owner_sent = number, 0
+
+    def _fail(self, number: int, failure: ProviderFailure) -> None:
+        self.owner = 0
+        if self._mode == RESET:
+            self._reset(number, len(self._parts), failure)
+        elif self._mode == CONTINUE:
+            self._partial = (number, failure)
+
+    def _reset(self, attempt: int, discard: int, failure: ProviderFailure) -> None:
+        if discard:
+            del self._parts[-discard:]
+        self._sink.reset(StreamReset(attempt, discard, ErrorInfo(failure.kind, failure.message)))
+        self.resets += 1
+        if self._on_event is not None:
+            self._on_event(
+                "lifeline.reset",
+                {
+                    "lifeline.reset.attempt": attempt,
+                    "lifeline.reset.discard": discard,
+                    "lifeline.reset.reason": failure.kind,
+                },
+            )
+
+
+class _Output(Started):
+    """An attempt that owns the output: the policy waits for its end here."""
+
+    __slots__ = ("_finished", "_number", "_relay", "_stream", "delivered")
+
+    def __init__(self, relay: Relay, number: int, stream: Stream, finished: Finished) -> None:
+        self._relay = relay
+        self._number = number
+        self._stream = stream
+        self._finished = finished
+        self.delivered = 0
+
+    async def end(self) -> ProviderReply:
+        try:
+            reply: ProviderReply = await self._stream.done
+        except BaseException:
+            self._stream.abandon()
+            self._finished(None)
+            raise
+        relay = self._relay
+        self.delivered = relay._owner_sent if relay.owner == self._number else 0
+        reply = relay.ended(self._number, reply)
+        self._finished(reply)
+        return reply
