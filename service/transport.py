@@ -380,6 +380,10 @@ class ProviderStream:
         if self.first_at is None:
             self.first_at = time.monotonic()
             self.first.set_result(None)
+            idle_s = self._limits.idle_s
+            if idle_s is not None and self._timer.when() > self._last + idle_s:
+                self._timer.cancel()  # from now on the idle limit is the soonest
+                self._timer = self._loop.call_at(self._last + idle_s, self._check)
         self._on_chunk(data)
 
     def final(self, msg: Msg) -> None:

@@ -1,0 +1,309 @@
+"""llm.stream over a real nats-server: deltas as they come, fallback before the first chunk,
+and reset / continue / fail once output has started."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+from opentelemetry.trace import SpanKind
+
+from helpers import config, fake, settled, wait_for
+from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
+from schemas.streaming import Assembler, StreamGap
+from schemas.wire import encoder, provider_request_decoder
+from service.client import NoDispatcher, stream, stream_text
+from service.natsio import ensure_subscribed
+
+ANSWER = "The quick brown fox jumps over the lazy dog, twice."
+
+
+def request(text: str = ANSWER, **fields: Any) -> CompletionRequest:
+    return CompletionRequest(messages=[ChatMessage("user", text)], timeout_s=5, **fields)
+
+
+async def events_of(client, req: CompletionRequest) -> list:
+    return [event async for event in stream(client, req)]
+
+
+def kinds(events: list) -> list[str]:
+    return [e.kind for e in events]
+
+
+def route(*targets: Any, **settings: Any) -> dict[str, Any]:
+    return {"default": {"targets": list(targets), **settings}}
+
+
+# ---- the happy path ---------------------------------------------------------------------------
+
+
+async def test_deltas_arrive_in_order_and_end_with_the_reply_without_the_text(
+    lifeline, client, audit
+):
+    await lifeline(config({"main": fake(chunks=5)}))
+    events = await events_of(client, request())
+    assert kinds(events) == ["delta"] * 5 + ["end"]
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+    assert "".join(e.text for e in events) == ANSWER
+    end = events[-1].reply
+    assert (end.status, end.content, end.provider) == ("ok", None, "main")
+    assert end.stream is not None and (end.stream.chunks, end.stream.resets) == (5, 0)
+    assert end.stream.ttft_ms is not None and end.stream.ttft_ms > 0
+    assert [(a.outcome, a.chunks) for a in end.attempts] == [("ok", 5)]
+    [(subject, event)] = await audit.wait_for(1)
+    assert subject == "llm.audit.ok" and event.stream == end.stream
+
+
+# ---- before the first chunk: the client never sees the failed attempt -----------------------
+
+
+@pytest.mark.parametrize(
+    "primary, workers, failure",
+    [
+        (fake(fail_status=503), None, "server_error"),
+        (fake(timeout_s=60), ["backup"], "no_responders"),  # no worker runs for primary
+        (fake(latency_ms=3000), None, "timeout"),  # its first token comes too late (ttft_s)
+    ],
+    ids=["error", "no_responders", "ttft"],
+)
+async def test_a_failure_before_the_first_chunk_falls_back_unseen(
+    lifeline, client, primary, workers, failure
+):
+    routes = route({"provider": "primary", "ttft_s": 0.2}, "backup")
+    await lifeline(config({"primary": primary, "backup": fake(chunks=3)}, routes), workers)
+    events = await events_of(client, request())
+    assert kinds(events) == ["delta", "delta", "delta", "end"]  # no reset: nothing to take back
+    assert {e.attempt for e in events} == {2}
+    assert "".join(e.text for e in events) == ANSWER
+    first, second = events[-1].reply.attempts
+    assert (first.target, first.error_type, first.chunks) == ("primary", failure, 0)
+    assert (second.target, second.outcome) == ("backup", "ok")
+
+
+async def test_a_failure_before_the_first_chunk_is_retried_and_one_after_it_is_not(
+    lifeline, client
+):
+    providers = {"flaky": fake(fail_on_request=True, chunks=4), "backup": fake()}
+    await lifeline(config(providers, route({"provider": "flaky", "retries": 2}, "backup")))
+    _, reply = await stream_text(client, request("fail 503"))
+    assert [(a.target, a.retry) for a in reply.attempts][:3] == [
+        ("flaky", 0),
+        ("flaky", 1),
+        ("flaky", 2),
+    ]
+    _, reply = await stream_text(client, request("fail 503 after 2"))
+    assert [(a.target, a.retry, a.chunks) for a in reply.attempts] == [
+        ("flaky", 0, 2),
+        ("backup", 0, 4),
+    ]
+
+
+# ---- after the first chunk ---------------------------------------------------------------------
+
+
+async def test_reset_voids_the_failed_attempts_chunks_and_the_text_is_the_next_answer(
+    lifeline, client, audit, exporter
+):
+    providers = {
+        "flaky": fake(fail_on_request=True, chunks=6),
+        "backup": fake(reply="An answer from the backup, whole.", chunks=4),
+    }
+    await lifeline(config(providers))
+    assembler = Assembler()
+    events = [e async for e in stream(client, request("fail 503 after 3"), assembler)]
+    assert kinds(events) == ["delta"] * 3 + ["reset"] + ["delta"] * 4 + ["end"]
+    reset = events[3].reset
+    assert (reset.attempt, reset.discard, reset.error.type) == (1, 3, "server_error")
+    assert assembler.text == "An answer from the backup, whole."
+    end = events[-1].reply
+    assert end.stream.resets == 1 and end.stream.chunks == 7
+    assert [(a.target, a.outcome, a.chunks, a.next) for a in end.attempts] == [
+        ("flaky", "error", 3, "fallback"),
+        ("backup", "ok", 4, None),
+    ]
+    [(_, audited)] = await audit.wait_for(1)
+    assert audited.stream.resets == 1
+    [request_span] = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    [event] = [e for e in request_span.events if e.name == "lifeline.reset"]
+    assert dict(event.attributes) == {
+        "lifeline.reset.attempt": 1,
+        "lifeline.reset.discard": 3,
+        "lifeline.reset.reason": "server_error",
+    }
+    attempt_spans = [  # the dispatcher's (the workers' spans are CLIENT spans too)
+        s for s in exporter.get_finished_spans() if "lifeline.health_key" in s.attributes
+    ]
+    assert all("gen_ai.server.time_to_first_token" in s.attributes for s in attempt_spans)
+    assert sorted(s.attributes["lifeline.stream.chunks"] for s in attempt_spans) == [3, 4]
+
+
+async def test_continue_hands_the_text_so_far_to_a_target_that_takes_a_prefill(lifeline, client):
+    providers = {
+        "flaky": fake(fail_on_request=True, chunks=4),
+        "resumer": fake(reply="request", chunks=2),  # answers with the request it got, as JSON
+    }
+    routes = route("flaky", {"provider": "resumer", "prefill": True}, on_midstream="continue")
+    await lifeline(config(providers, routes))
+    events = await events_of(client, request("fail 503 after 2"))
+    assert kinds(events) == ["delta", "delta", "reset", "delta", "delta", "end"]
+    reset = events[2].reset
+    assert (reset.attempt, reset.discard) == (1, 0)  # nothing voided: the next one goes on
+    partial = events[0].text + events[1].text
+    assert partial == "fail 503 after 2"[: len(partial)] and partial
+    sent = provider_request_decoder.decode(events[3].text + events[4].text)
+    assert sent.messages[-1] == ChatMessage("assistant", partial)
+
+
+async def test_continue_falls_back_to_reset_for_a_target_without_prefill(lifeline, client):
+    providers = {"flaky": fake(fail_on_request=True, chunks=4), "backup": fake(reply="whole")}
+    await lifeline(config(providers, route("flaky", "backup", on_midstream="continue")))
+    assembler = Assembler()
+    events = [e async for e in stream(client, request("fail 503 after 2"), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert reset.discard == 2
+    assert assembler.text == "whole"
+
+
+async def test_fail_ends_the_stream_with_an_error_and_tries_nothing_else(lifeline, client, audit):
+    providers = {"flaky": fake(fail_on_request=True, chunks=4), "backup": fake()}
+    await lifeline(config(providers))
+    events = await events_of(client, request("fail 503 after 2", on_midstream="fail"))
+    assert kinds(events) == ["delta", "delta", "error"]
+    reply = events[-1].reply
+    assert reply.error.type == "midstream_failed"
+    assert "after 2 chunks" in reply.error.message and "backup" in reply.error.message
+    assert [(a.target, a.next) for a in reply.attempts] == [("flaky", "stop")]
+    [(subject, _)] = await audit.wait_for(1)
+    assert subject == "llm.audit.error"
+
+
+async def test_an_idle_stream_is_given_up_and_its_worker_cancels_the_call(lifeline, client):
+    providers = {"stalls": fake(stall_after_chunks=2, chunks=4), "backup": fake(reply="backup")}
+    stack = await lifeline(
+        config(providers, route({"provider": "stalls", "idle_s": 0.2}, "backup"))
+    )
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert (reset.discard, reset.error.type) == (2, "timeout")
+    assert "idle_s" in reset.error.message
+    assert assembler.text == "backup"
+    stalled = stack.workers["stalls"]
+    await wait_for(lambda: stalled.cancelled == 1 and stalled.in_flight == 0, timeout_s=2)
+
+
+async def test_the_assembled_text_is_checked_against_response_format(lifeline, client):
+    providers = {"prose": fake(reply="not json at all"), "json": fake(reply='{"ok": true}')}
+    await lifeline(config(providers))
+    assembler = Assembler()
+    req = request(response_format={"type": "json_object"})
+    events = [e async for e in stream(client, req, assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert reset.error.type == "invalid_output"
+    assert assembler.text == '{"ok": true}'
+
+
+async def test_a_hedge_races_to_the_first_chunk_and_the_loser_is_cancelled(lifeline, client):
+    providers = {"slow": fake(reply="slow", latency_ms=3000), "fast": fake(reply="fast answer")}
+    stack = await lifeline(config(providers, route("slow", "fast", hedge_after_ms=50)))
+    text, reply = await stream_text(client, request())
+    assert text == "fast answer"
+    assert [(a.target, a.outcome, a.reason, a.hedge) for a in reply.attempts] == [
+        ("slow", "cancelled", "hedge_lost", False),
+        ("fast", "ok", None, True),
+    ]
+    slow = stack.workers["slow"]
+    await wait_for(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1)
+
+
+# ---- the protocol ---------------------------------------------------------------------------
+
+
+async def test_a_worker_that_does_not_stream_is_streamed_as_one_chunk(lifeline, client, nats_url):
+    """A v1 worker in any language: it ignores Lifeline-Stream-To and answers once."""
+    await lifeline(config({"v1": fake()}), workers=[])
+
+    async def answer_once(msg: Any) -> None:
+        asked: ProviderRequest = provider_request_decoder.decode(msg.data)
+        await client.publish(msg.reply, encoder.encode(ProviderOk("whole " + asked.id, "own-1")))
+
+    await client.subscribe(subjects.provider_subject("v1"), cb=answer_once)
+    await ensure_subscribed(client)
+    events = await events_of(client, request(id="r1"))
+    assert kinds(events) == ["delta", "end"]
+    assert events[0].text == "whole r1" and events[-1].reply.model == "own-1"
+
+
+async def test_a_worker_that_loses_a_chunk_fails_the_attempt(lifeline, client):
+    """The reply counts the chunks sent; fewer arrived means the text is not the answer."""
+    await lifeline(config({"liar": fake(), "backup": fake(reply="ok")}), workers=["backup"])
+
+    async def stream_with_a_gap(msg: Any) -> None:
+        to = msg.headers[subjects.STREAM_TO]
+        await client.publish(to, b"one ")
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=2)))
+
+    await client.subscribe(subjects.provider_subject("liar"), cb=stream_with_a_gap)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert reset.error.type == "connection" and "1 of the 2 chunks" in reset.error.message
+    assert assembler.text == "ok"
+
+
+async def test_the_client_helper_raises_on_a_sequence_gap(client):
+    """A stand-in dispatcher that skips event 2: the helper must not hand out that text."""
+
+    async def gappy(msg: Any) -> None:
+        for seq, text in ((1, b"a"), (3, b"c")):
+            headers = {subjects.SEQ: str(seq), subjects.ATTEMPT_NO: "1"}
+            await client.publish(msg.reply, text, headers=headers)
+
+    await client.subscribe(subjects.STREAM, cb=gappy)
+    await ensure_subscribed(client)
+    with pytest.raises(StreamGap, match="event 3 arrived after event 1: 1 lost"):
+        await stream_text(client, request())
+
+
+async def test_the_client_helper_says_when_no_dispatcher_listens(client):
+    with pytest.raises(NoDispatcher, match="lifeline run"):
+        await stream_text(client, request())
+
+
+async def test_a_refused_stream_request_gets_one_error_event_and_one_audit_event(
+    lifeline, client, audit
+):
+    await lifeline(config({"main": fake()}))
+    bad = msgspec.structs.replace(request(), route="nowhere")
+    events = await events_of(client, bad)
+    assert kinds(events) == ["error"] and events[0].seq == 1
+    assert events[0].reply.error.type == "unknown_route"
+    [(subject, _)] = await audit.wait_for(1)
+    assert subject == "llm.audit.error"
+
+
+async def test_every_streamed_request_ends_once_and_is_audited_once(lifeline, client, audit):
+    """Mixed outcomes, all in flight at once: per id, exactly one end or error event (the
+    helper checks order and gaps) and exactly one audit event."""
+    providers = {
+        "flaky": fake(fail_on_request=True, chunks=3, chunk_delay_ms=1),
+        "backup": fake(chunks=2),
+    }
+    stack = await lifeline(config(providers))
+    texts = ["hello there", "fail 503 after 1", "fail 429", "fail 503 after 2"] * 25
+    reqs = [request(text, id=f"r{i}") for i, text in enumerate(texts)]
+    if_fail = [request("fail 503 after 1", id=f"f{i}", on_midstream="fail") for i in range(20)]
+    results = await asyncio.gather(*(stream_text(client, r) for r in reqs + if_fail))
+    assert [reply.id for _, reply in results] == [r.id for r in reqs + if_fail]
+    for (text, reply), req in zip(results[: len(reqs)], reqs, strict=True):
+        assert reply.status == "ok"
+        expected = req.messages[0].content
+        assert text == expected  # both fakes echo: the voided chunks are gone
+    assert all(reply.error.type == "midstream_failed" for _, reply in results[len(reqs) :])
+    await settled(client, stack)
+    await audit.wait_for(len(reqs) + len(if_fail))
+    audited = [event.id for _, event in audit.events]
+    assert sorted(audited) == sorted(r.id for r in reqs + if_fail)
