@@ -8,9 +8,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import config, fake, settled, wait_for
 from opentelemetry.trace import SpanKind
 
-from helpers import config, fake, settled, wait_for
 from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
 from schemas.streaming import Assembler, StreamGap
 from schemas.wire import encoder, provider_request_decoder
