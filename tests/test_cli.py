@@ -69,6 +69,36 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     assert "stopped" in rest_of_output(proc)
 
 
+def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
+    """The example's streaming route: chatty fails after 5 of its chunks, storyteller answers."""
+    _, url = running
+    proc = spawn_lifeline(
+        "ask",
+        "--stream",
+        "--nats-url",
+        url,
+        "--route",
+        "streaming",
+        "hello streaming world",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = os.read(proc.stdout.fileno(), 64)  # the first token(s), printed as they came
+    assert first and "hello streaming world".startswith(first.decode())
+    assert proc.poll() is None  # ... while the answer is still streaming
+    out = first.decode() + proc.stdout.read()
+    assert proc.wait(timeout=15) == 0, proc.stderr and proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr and proc.stderr.close()
+    assert "[reset: attempt 1 failed with server_error (5 chunks voided): " in out
+    story = "Once upon a time, a lighthouse keeper kept the light burning through every storm."
+    assert out.split("]\n", 1)[1].startswith(story)
+    assert "served by storyteller" in out
+    assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 resets", out)
+    assert re.search(r"1\. chatty .* server_error 503->fallback", out)
+
+
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")
