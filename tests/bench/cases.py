@@ -89,6 +89,13 @@ TAIL_DURATION_SHARE = (
     0.35  # these cases measure for this share of duration_s (keeps the suite short)
 )
 
+# The streaming cases: STREAM_IN_FLIGHT streams at once, each of (chunks, interval_ms), from the
+# streamer straight to the load generator, and through a dispatcher's llm.stream.
+STREAM_IN_FLIGHT = 8
+STREAM_PACED = (40, 2.0)  # latency per chunk and time to first token
+STREAM_FLOOD = (200, 0.0)  # the dispatcher's CPU per relayed chunk
+STREAM_DURATION_SHARE = 0.5
+
 # ---- subjects, payloads, Lifeline config ---------------------------------------------
 
 DIRECT_SUBJECT = "bench.direct"
@@ -107,6 +114,7 @@ ROUTES = {
     "hang_ok": ["hang", "ok"],
     "tick": ["tick"],
     "slow": ["slow"],
+    "stream": [servers.STREAMER],
 }
 UNGUARDED = {"fail_ok", "hang_ok"}  # routes without circuit breakers (see lifeline_config)
 WORKERS = [
@@ -163,6 +171,7 @@ def lifeline_config(profile: Profile) -> dict[str, Any]:
                 latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120
             ),
             "slowtail": fake(latency_ms=profile.tail_latency_ms),
+            servers.STREAMER: fake(),  # served by the streamer process, not a Lifeline worker
         },
         # The fallback cases measure the fallback itself, on every request: with its breaker on,
         # an always-failing provider would be skipped after five failures instead.
@@ -189,6 +198,8 @@ SERVER_PROCESSES = {
     "direct": ["responder-direct"],
     "relay": ["relay", "responder-relay"],
     "lifeline": ["dispatcher-1", "dispatcher-2", *(f"worker-{name}" for name in WORKERS)],
+    "stream-direct": ["streamer"],
+    "stream-lifeline": ["dispatcher-1", "streamer"],
 }
 
 
@@ -203,6 +214,7 @@ def fleet_specs(url: str, profile: Profile) -> list[tuple[str, Setup, dict[str, 
             servers.relay,
             {"url": url, "subject": RELAY_SUBJECT, "upstream": RELAY_UPSTREAM},
         ),
+        ("streamer", servers.streamer, {"url": url}),
         ("dispatcher-1", servers.dispatcher, {"url": url, "config": config}),
         ("dispatcher-2", servers.dispatcher, {"url": url, "config": config, "paused": True}),
         *(
@@ -229,6 +241,7 @@ class Case:
     dispatchers: int = 1
     count_hedged: bool = False  # count the replies with a hedged attempt (reads reply.attempts)
     duration_share: float = 1.0  # measured window = this × the profile's duration_s
+    stream: tuple[int, float] | None = None  # streams of (chunks, interval_ms) instead of requests
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
@@ -289,6 +302,28 @@ def all_cases() -> list[Case]:
         _lifeline(f"tick@{n}", "concurrency", f"lifeline, {TICK_MS:g} ms provider", "tick", n)
         for n in (1, 8, 64)
     ]
+    for key, (chunks, interval_ms), what in (
+        ("stream", STREAM_PACED, f"{STREAM_PACED[0]} chunks {STREAM_PACED[1]:g} ms apart"),
+        ("stream-flood", STREAM_FLOOD, f"{STREAM_FLOOD[0]} chunks at once"),
+    ):
+        for system, subject in (
+            ("direct", servers.STREAM_DIRECT_SUBJECT),
+            ("lifeline", subjects.STREAM),
+        ):
+            cases.append(
+                Case(
+                    f"{key}-{system}@{STREAM_IN_FLIGHT}",
+                    "streaming",
+                    f"{system} stream, {what}",
+                    f"stream-{system}",
+                    subject,
+                    b"",
+                    STREAM_IN_FLIGHT,
+                    system,
+                    stream=(chunks, interval_ms),
+                    duration_share=STREAM_DURATION_SHARE,
+                )
+            )
     tail = f"lifeline, {TAIL_SHARE * 100:g} % slow primary"
     cases += [
         _lifeline(
@@ -326,12 +361,17 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
         "lateness_of_ms": case.lateness_of_ms,
         "count_hedged": case.count_hedged,
     }
+    command = "run"
+    if case.stream is not None:
+        command = "stream"
+        spec |= {"mode": case.decode, "chunks": case.stream[0], "interval_ms": case.stream[1]}
+        spec["route"] = "stream"
     if case.dispatchers == 2:
         fleet["dispatcher-2"].call("resume")
     try:
         cpu_before = cpu_snapshot(pids)
         nats_before = cpu_seconds(nats_pid) if nats_pid else 0.0
-        result = fleet["loadgen"].call("run", spec, timeout_s=profile.warmup_s + duration_s + 60)
+        result = fleet["loadgen"].call(command, spec, timeout_s=profile.warmup_s + duration_s + 60)
         cpu_after = cpu_snapshot(pids)
         nats_after = cpu_seconds(nats_pid) if nats_pid else 0.0
     finally:
@@ -343,6 +383,11 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
     result["cpu_us_per_req"] = {name: us for name, us in per_process.items() if us > 0}
     result["server_cpu_us_per_req"] = sum(per_process.values())
     result["nats_cpu_us_per_req"] = (nats_after - nats_before) / handled * 1e6 if nats_pid else None
+    if case.stream is not None:
+        chunks = max(1, result["chunks_handled"])
+        result["cpu_us_per_chunk"] = {
+            name: (cpu_after[name] - cpu_before[name]) / chunks * 1e6 for name in pids
+        }
     return result
 
 
@@ -368,6 +413,11 @@ def _progress(result: dict[str, Any]) -> str:
         f"{result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
         f"p99 {result['p99_ms']:.2f} ms, server CPU {result['server_cpu_us_per_req']:.0f} µs/req"
     )
+    if "chunk_p50_ms" in result:
+        text += (
+            f", first chunk p50 {result['ttft_p50_ms']:.2f} ms, chunk p50 "
+            f"{result['chunk_p50_ms']:.2f} ms p99 {result['chunk_p99_ms']:.2f} ms"
+        )
     if not math.isnan(result["hedged_share"]):
         text += f", {result['hedged_share'] * 100:.1f} % hedged"
     if result["errors"]:

@@ -9,6 +9,9 @@ Two commands:
            coroutines stop sending and the outstanding requests are awaited, so nothing
            spills into the next measurement.
     burst  open burst: `count` requests sent at once, all awaited (for the memory case).
+    stream closed loop of streams, as `run`: straight from the streamer (`direct`), or through
+           Lifeline's llm.stream (`lifeline`). Per stream: time to first chunk; per chunk:
+           its latency from the streamer's send (the time in its text) to its arrival.
 
 Every reply is decoded (ProviderReply for direct/relay, CompletionReply for Lifeline) and
 anything but a success counts as an error. For the hung-provider case, `lateness_of_ms`
@@ -25,9 +28,11 @@ import time
 from typing import Any
 
 import nats
+from nats.aio.msg import Msg
 
-from schemas import ProviderOk
-from schemas.wire import provider_reply_decoder, reply_decoder
+from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
+from schemas.streaming import Assembler
+from schemas.wire import encoder, provider_reply_decoder, reply_decoder
 from tests.bench.harness import Served
 
 
@@ -69,6 +74,9 @@ class _Tally:
         self.errors = 0
         self.handled = 0  # every reply or failure, measured or not (CPU per request uses it)
         self.first_error = ""
+        self.chunks_handled = 0  # streams: every chunk, measured or not (CPU per chunk uses it)
+        self.ttft_ms: list[float] = []
+        self.chunk_ms: list[float] = []
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -166,7 +174,124 @@ class LoadGen:
         return tally.summary(time.perf_counter() - started)
 
 
+class _Stream:
+    """One stream in flight: its events as they arrive."""
+
+    __slots__ = ("assembler", "chunks", "done", "first_ms", "sent", "sent_ns")
+
+    def __init__(self) -> None:
+        self.sent = time.perf_counter()
+        self.first_ms: float | None = None
+        self.chunks: list[float] = []  # each chunk's latency, ms
+        self.assembler = Assembler()
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def chunk(self, data: bytes) -> None:
+        now_ns = time.monotonic_ns()
+        if self.first_ms is None:
+            self.first_ms = (time.perf_counter() - self.sent) * 1000
+        self.chunks.append((now_ns - int(data.split(b" ", 1)[0])) / 1e6)
+
+
+class StreamGen:
+    """Streams over one wildcard inbox: <prefix>.<n> for a stream's end (direct) or all its
+    events (Lifeline), <prefix>.<n>.c for its chunks (direct)."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self.streams: dict[str, _Stream] = {}
+        self.count = 0
+        self.sub: Any = None
+
+    async def on_msg(self, msg: Msg) -> None:
+        token = msg.subject[len(self.prefix) :]
+        direct_chunk = token.endswith(".c")
+        stream = self.streams.get(token[:-2] if direct_chunk else token)
+        if stream is None or stream.done.done():
+            return
+        if direct_chunk:
+            stream.chunk(msg.data)
+            return
+        if msg.headers and subjects.SEQ in msg.headers:  # an llm.stream event
+            try:
+                event = stream.assembler.feed(msg.headers, msg.data)
+            except Exception:
+                stream.done.set_result(False)
+                return
+            if event.kind == "delta":
+                stream.chunk(msg.data)
+            elif event.kind in ("end", "error"):
+                stream.done.set_result(event.kind == "end")
+            return
+        reply = provider_reply_decoder.decode(msg.data)  # the streamer's end (direct)
+        stream.done.set_result(isinstance(reply, ProviderOk) and reply.chunks == len(stream.chunks))
+
+    async def one(self, spec: dict[str, Any], tally: _Tally, counts: Any) -> None:
+        if self.sub is None:
+            self.sub = await self.nc.subscribe(self.prefix + ">", cb=self.on_msg)
+        self.count += 1
+        token = str(self.count)
+        stream = self.streams[token] = _Stream()
+        text = f"{spec['chunks']} {spec['interval_ms']}"
+        reply = self.prefix + token
+        try:
+            if spec["mode"] == "direct":
+                request = ProviderRequest(id=token, messages=[ChatMessage("user", text)])
+                headers = {subjects.STREAM_TO: reply + ".c"}
+                await self.nc.publish(
+                    spec["subject"], encoder.encode(request), reply=reply, headers=headers
+                )
+            else:
+                request = CompletionRequest(
+                    [ChatMessage("user", text)], id=token, route=spec["route"]
+                )
+                await self.nc.publish(spec["subject"], encoder.encode(request), reply=reply)
+            ok = await asyncio.wait_for(stream.done, spec["timeout_s"])
+        except Exception as exc:
+            ok = False
+            tally.first_error = tally.first_error or repr(exc)
+        finally:
+            del self.streams[token]
+        done = time.perf_counter()
+        tally.handled += 1
+        tally.chunks_handled += len(stream.chunks)
+        if not counts(stream.sent, done):
+            return
+        if not ok or stream.first_ms is None:
+            tally.error(f"stream {token} failed after {len(stream.chunks)} chunks")
+            return
+        tally.latencies_ms.append((done - stream.sent) * 1000)
+        tally.ttft_ms.append(stream.first_ms)
+        tally.chunk_ms += stream.chunks
+
+    async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        tally = _Tally()
+        begin = time.perf_counter() + spec["warmup_s"]
+        end = begin + spec["duration_s"]
+
+        def in_window(_sent: float, done: float) -> bool:
+            return begin <= done <= end
+
+        async def client() -> None:
+            while time.perf_counter() < end:
+                await self.one(spec, tally, in_window)
+
+        async with asyncio.timeout(spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"] + 5):
+            await asyncio.gather(*(client() for _ in range(spec["in_flight"])))
+        summary = tally.summary(spec["duration_s"])
+        ttft, chunk_ms = sorted(tally.ttft_ms), sorted(tally.chunk_ms)
+        summary |= {
+            "chunks_handled": tally.chunks_handled,
+            "ttft_p50_ms": percentile(ttft, 0.50),
+            "ttft_p99_ms": percentile(ttft, 0.99),
+            "chunk_p50_ms": percentile(chunk_ms, 0.50),
+            "chunk_p99_ms": percentile(chunk_ms, 0.99),
+        }
+        return summary
+
+
 async def setup(params: dict[str, Any]) -> Served:
     nc = await nats.connect(params["url"], name=params["name"], error_cb=_quiet)
-    gen = LoadGen(nc)
-    return Served({"run": gen.run, "burst": gen.burst}, stop=nc.close)
+    gen, streams = LoadGen(nc), StreamGen(nc)
+    return Served({"run": gen.run, "burst": gen.burst, "stream": streams.run}, stop=nc.close)

@@ -27,6 +27,9 @@ from tests.bench import regression
 from tests.bench.cases import (
     HANG_TIMEOUT_S,
     HEDGE_AFTER_MS,
+    STREAM_FLOOD,
+    STREAM_IN_FLIGHT,
+    STREAM_PACED,
     TAIL_IN_FLIGHT,
     TAIL_SHARE,
     TICK_MS,
@@ -48,6 +51,11 @@ _MEDIAN_KEYS = (
     "client_cpu_us_per_req",
     "hedged_share",
     "hedge_won_share",
+    # streaming cases only (NaN elsewhere)
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "chunk_p50_ms",
+    "chunk_p99_ms",
 )
 
 # ---- numbers -------------------------------------------------------------------------
@@ -60,7 +68,12 @@ def _median(values: list[Any]) -> float:
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure over a case's rounds; errors are summed."""
-    summary = {key: _median([r[key] for r in rounds]) for key in _MEDIAN_KEYS}
+    summary = {key: _median([r.get(key, math.nan) for r in rounds]) for key in _MEDIAN_KEYS}
+    if "cpu_us_per_chunk" in rounds[0]:
+        names = sorted({name for r in rounds for name in r["cpu_us_per_chunk"]})
+        summary["cpu_us_per_chunk"] = {
+            n: _median([r["cpu_us_per_chunk"].get(n, 0.0) for r in rounds]) for n in names
+        }
     names = sorted({name for r in rounds for name in r["cpu_us_per_req"]})
     summary["cpu_us_per_req"] = {
         n: _median([r["cpu_us_per_req"].get(n, 0.0) for r in rounds]) for n in names
@@ -295,6 +308,56 @@ def concurrency_section(s: dict[str, dict]) -> str:
     )
 
 
+def streaming_section(s: dict[str, dict], c: dict[str, float]) -> str:
+    rows = []
+    for key in ("stream", "stream-flood"):
+        for system in ("direct", "lifeline"):
+            r = s[f"{key}-{system}@{STREAM_IN_FLIGHT}"]
+            dispatcher = r.get("cpu_us_per_chunk", {}).get("dispatcher-1")
+            rows.append(
+                [
+                    f"{system}, {_stream_what(key)}",
+                    _f(r["rps"], "{:,.0f}"),
+                    _f(r["ttft_p50_ms"]),
+                    _f(r["ttft_p99_ms"]),
+                    _f(r["chunk_p50_ms"]),
+                    _f(r["chunk_p99_ms"]),
+                    _f(dispatcher, "{:.1f}") if dispatcher is not None else "-",
+                    str(r["errors"]),
+                ]
+            )
+    return (
+        f"### Streaming: {STREAM_IN_FLIGHT} streams in flight, straight from a streaming worker "
+        "and through llm.stream\n\n"
+        + table(
+            [
+                "path",
+                "streams/s",
+                "first chunk p50 ms",
+                "p99 ms",
+                "chunk latency p50 ms",
+                "p99 ms",
+                "dispatcher CPU µs/chunk",
+                "errors",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + f"Through Lifeline, at {STREAM_PACED[0]} chunks {STREAM_PACED[1]:g} ms apart: "
+        f"time to first chunk +{_f(c['stream_ttft_added_p50_ms'])} ms at p50 "
+        f"(+{_f(c['stream_ttft_added_p99_ms'])} at p99); each chunk "
+        f"+{_f(c['stream_chunk_added_p50_ms'])} ms at p50 "
+        f"(+{_f(c['stream_chunk_added_p99_ms'])} at p99). With {STREAM_FLOOD[0]} chunks sent "
+        f"at once the dispatcher spends {_f(c['stream_cpu_us_per_chunk'], '{:.1f}')} µs of CPU "
+        "per relayed chunk (its per-request cost included, spread over the chunks)."
+    )
+
+
+def _stream_what(key: str) -> str:
+    chunks, interval_ms = STREAM_PACED if key == "stream" else STREAM_FLOOD
+    return f"{chunks} chunks {interval_ms:g} ms apart" if interval_ms else f"{chunks} at once"
+
+
 def hedging_section(s: dict[str, dict], profile: Profile) -> str:
     rows = []
     for key, hedging, budget in (
@@ -418,6 +481,19 @@ def comparisons_of(s: dict[str, dict]) -> dict[str, float]:
         "tail_hedged_share": s["tail-hedged@8"]["hedged_share"],
         "tail_budget_p99_ms": s["tail-budget@8"]["p99_ms"],
         "tail_budget_hedged_share": s["tail-budget@8"]["hedged_share"],
+        **_stream_comparisons(s),
+    }
+
+
+def _stream_comparisons(s: dict[str, dict]) -> dict[str, float]:
+    direct, life = s[f"stream-direct@{STREAM_IN_FLIGHT}"], s[f"stream-lifeline@{STREAM_IN_FLIGHT}"]
+    flood = s[f"stream-flood-lifeline@{STREAM_IN_FLIGHT}"]
+    return {
+        "stream_ttft_added_p50_ms": life["ttft_p50_ms"] - direct["ttft_p50_ms"],
+        "stream_ttft_added_p99_ms": life["ttft_p99_ms"] - direct["ttft_p99_ms"],
+        "stream_chunk_added_p50_ms": life["chunk_p50_ms"] - direct["chunk_p50_ms"],
+        "stream_chunk_added_p99_ms": life["chunk_p99_ms"] - direct["chunk_p99_ms"],
+        "stream_cpu_us_per_chunk": flood.get("cpu_us_per_chunk", {}).get("dispatcher-1", math.nan),
     }
 
 
@@ -550,7 +626,7 @@ def machine_info() -> dict[str, Any]:
         "nats_py": _version("nats-py"),
         "msgspec": _version("msgspec"),
         "opentelemetry_sdk": _version("opentelemetry-sdk"),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -611,6 +687,7 @@ class Report:
         self._emit(scaling_section(summaries, comparisons))
         self._emit(concurrency_section(summaries))
         self._emit(hedging_section(summaries, self.profile))
+        self._emit(streaming_section(summaries, comparisons))
 
     def memory_done(self, memory: dict[str, Any]) -> None:
         self.data["memory"] = memory

@@ -6,6 +6,11 @@
                 nc.request(<responder subject>) and publishes the answer to msg.reply
     dispatcher  the real Lifeline dispatcher (service.app.start_dispatcher), with tracing on
     worker      a real Lifeline worker (service.app.start_worker) for one provider
+    streamer    a plain nats-py streaming provider worker (the worker protocol's streaming
+                variant): each chunk's text is the time it was sent (time.monotonic_ns, one
+                clock for every process on the machine), so a client can tell each chunk's
+                latency; it answers Lifeline's dispatcher on llm.provider.streamer and clients
+                directly on bench.stream.direct, the same way
 
 Lifeline runs with its real default features: msgspec decoding, one audit event per
 request, and tracing through an SDK TracerProvider with the default sampler (parent-based
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,8 +31,8 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from schemas import ProviderOk, Usage
-from schemas.wire import encoder
+from schemas import ProviderOk, Usage, subjects
+from schemas.wire import encoder, provider_request_decoder
 from service.app import start_dispatcher, start_worker
 from service.config import parse_config
 from service.memory import release_memory, settle_after_start
@@ -151,3 +157,38 @@ async def worker(params: dict[str, Any]) -> Served:
         tracers.shutdown()
 
     return Served(stop=stop)
+
+
+STREAMER = "streamer"  # its provider name in Lifeline's config
+STREAM_DIRECT_SUBJECT = "bench.stream.direct"
+
+
+def stream_spec(text: str) -> tuple[int, float]:
+    """A streamer request's last message, "CHUNKS INTERVAL_MS": how much to stream, how fast."""
+    chunks, interval_ms = text.split()
+    return int(chunks), float(interval_ms)
+
+
+async def streamer(params: dict[str, Any]) -> Served:
+    nc = await _connect(params)
+    tasks = _Tasks()
+
+    async def stream(msg: Msg) -> None:
+        request = provider_request_decoder.decode(msg.data)
+        chunks, interval_ms = stream_spec(request.messages[-1].content)
+        to = msg.headers[subjects.STREAM_TO] if msg.headers else None
+        if to is None:
+            return
+        for i in range(chunks):
+            if i and interval_ms:
+                await asyncio.sleep(interval_ms / 1000)
+            await nc.publish(to, b"%d token" % time.monotonic_ns())
+        await nc.publish(msg.reply, encoder.encode(ProviderOk("", STREAMER, chunks=chunks)))
+
+    async def on_msg(msg: Msg) -> None:
+        tasks.spawn(stream(msg))
+
+    await nc.subscribe(subjects.provider_subject(STREAMER), "lifeline-provider-streamer", on_msg)
+    await nc.subscribe(STREAM_DIRECT_SUBJECT, cb=on_msg)
+    await ensure_subscribed(nc)
+    return Served(stop=nc.close)
