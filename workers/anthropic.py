@@ -8,6 +8,14 @@
             "usage": {"input_tokens", "output_tokens"}}
     4xx/5xx -> {"type": "error", "error": {"type", "message"}}   (529 overloaded_error)
 
+    streamed: the same body with "stream": true
+    200 -> text/event-stream, each event's data an object whose "type" is its name:
+           message_start {"message": {"model", "usage": {"input_tokens", ...}}}
+           content_block_start, then content_block_delta {"delta": {"type": "text_delta",
+           "text"}} ..., content_block_stop, for each block
+           message_delta {"delta": {"stop_reason"}, "usage": {"output_tokens"}} (cumulative)
+           message_stop (the end); ping at any time; error {"error": {"type", "message"}}
+
 System prompts are a top-level field, not a message role, and max_tokens is required.
 """
 
@@ -19,6 +27,7 @@ from typing import Any
 
 import httpx
 import msgspec
+from httpx_sse import ServerSentEvent
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from workers.base import (
@@ -28,16 +37,32 @@ from workers.base import (
     TokenCount,
     classify_status,
     decode_body,
+    decode_event,
     error_body,
     error_message,
     error_text,
     require_api_key,
     retry_after_s,
+    stream_error_text,
     unexpected_body,
 )
 
 # How the API words a prompt that does not fit the model's context window (invalid_request_error).
 _TOO_LONG = ("prompt is too long", "exceed context limit")
+# Each error type with the HTTP status it comes with (https://docs.anthropic.com/en/api/errors):
+# an error event in a stream has its type, and no status of its own.
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 
 
 class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,6 +124,31 @@ class _Message(msgspec.Struct):
 _message_decoder = msgspec.json.Decoder(_Message)
 
 
+# The parts of a stream's events Lifeline reads, typed as the whole message's are: one shape
+# for every event type (no tagged union, whose Literal tags would quote an unexpected value).
+class _EventDelta(msgspec.Struct):
+    type: str | None = None  # in content_block_delta: "text_delta", "input_json_delta", ...
+    text: str | None = None
+    stop_reason: str | None = None  # in message_delta
+
+
+class _StartedMessage(msgspec.Struct):
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _Event(msgspec.Struct):
+    type: str
+    message: _StartedMessage | None = None  # message_start
+    content_block: _Block | None = None  # content_block_start
+    delta: _EventDelta | None = None  # content_block_delta, message_delta
+    usage: _Usage | None = None  # message_delta
+    error: Any = None  # error: {"type", "message"}
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+
+
 def parse_message(response: httpx.Response, model: str) -> ProviderOk:
     """A 200 message object as ProviderOk; `model` stands in when the body names none."""
     data = decode_body(response, _message_decoder)
@@ -119,18 +169,22 @@ def parse_message(response: httpx.Response, model: str) -> ProviderOk:
     )
 
 
-def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderError:
-    error = error_body(response)
-    error_type = error.get("type")
-    text = error_text(error, response)
-    kind = classify_status(response.status_code)
+def _error_kind(error_type: object, text: str, status: int) -> str:
+    """The kind of an error of `error_type` saying `text`, answered with HTTP `status`."""
     if error_type == "request_too_large" or (
         error_type == "invalid_request_error"
         and any(phrase in text.lower() for phrase in _TOO_LONG)
     ):
-        kind = "context_length"
-    elif error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
-        kind = "server_error"
+        return "context_length"
+    if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
+        return "server_error"
+    return classify_status(status)
+
+
+def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderError:
+    error = error_body(response)
+    text = error_text(error, response)
+    kind = _error_kind(error.get("type"), text, response.status_code)
     message = error_message("anthropic", response.status_code, text, secrets)
     return ProviderError(
         kind,
@@ -138,6 +192,71 @@ def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderE
         status_code=response.status_code,
         retry_after_s=retry_after_s(response),
     )
+
+
+class MessageStream:
+    """One streamed message's events (a StreamReader): its text deltas, the model message_start
+    names and the token counts message_start and message_delta report, until message_stop."""
+
+    end = "message_stop"
+
+    def __init__(self, label: str, model: str) -> None:
+        self.label = label
+        self.model = model
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
+        data: _Event = decode_event(event, _event_decoder)
+        if data.type == "content_block_delta" and data.delta is not None:
+            return self._text(data.delta)
+        if data.type == "content_block_start" and data.content_block is not None:
+            return data.content_block.text if data.content_block.type == "text" else None
+        if data.type == "message_start" and data.message is not None:
+            self.model = data.message.model or self.model
+            self._count(data.message.usage)
+        elif data.type == "message_delta":
+            self._count(data.usage)
+            if data.delta is not None and data.delta.stop_reason == "refusal":
+                raise ProviderError(  # as parse_message: no answer to pass on
+                    "content_filter", "provider refused to answer (stop_reason refusal)", 200
+                )
+        elif data.type == "message_stop":
+            usage = Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+            return ProviderOk(content="", model=self.model, usage=usage)
+        elif data.type == "error":
+            raise self._failed(data.error)
+        return None  # ping, content_block_stop, and event types added later
+
+    def _text(self, delta: _EventDelta) -> str | None:
+        """A text_delta's text; the deltas of other blocks (tool input, thinking) are no part of
+        the answer, as parse_message reads only text blocks."""
+        if delta.type != "text_delta":
+            return None
+        if delta.text is None:
+            raise ProviderError(
+                "server_error",
+                "provider sent an unexpected stream event: a text_delta has no text",
+                200,
+            )
+        return delta.text
+
+    def _count(self, usage: _Usage | None) -> None:
+        """The counts `usage` has replace those held: message_delta's are cumulative."""
+        if usage is not None and usage.input_tokens is not None:
+            self.input_tokens = usage.input_tokens
+        if usage is not None and usage.output_tokens is not None:
+            self.output_tokens = usage.output_tokens
+
+    def _failed(self, error: Any) -> ProviderError:
+        """An error event: the kind message_error gives its type answered with that type's
+        HTTP status; an unknown type is a server_error (the request was accepted)."""
+        error_type = error.get("type") if isinstance(error, dict) else None
+        status = _TYPE_STATUS.get(error_type, 500) if isinstance(error_type, str) else 500
+        text = stream_error_text(error)
+        return ProviderError(
+            _error_kind(error_type, text, status), f"{self.label} failed mid-stream: {text}", 200
+        )
 
 
 class AnthropicProvider(HttpProvider):
@@ -170,3 +289,9 @@ class AnthropicProvider(HttpProvider):
 
     def error(self, response: httpx.Response) -> ProviderError:
         return message_error(response, self.secrets)
+
+    def stream_body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        return {**messages_body(request, model, self.default_max_tokens), "stream": True}
+
+    def stream_reader(self, model: str) -> MessageStream:
+        return MessageStream(self.label, model)

@@ -6,6 +6,9 @@
     so this module reuses its body builder and parsing. Azure's content filter answers a
     prompt with 400 {"error": {"code": "content_filter", "innererror": {"code":
     "ResponsibleAIPolicyViolation", ...}}} and an answer with finish_reason "content_filter".
+    Streamed, the chunks are OpenAI's too, with chunks of empty choices carrying Azure's
+    prompt_filter_results (and model "") first. The stream_options it sends need a recent
+    api_version (the default has them; older ones answer 400 unknown_parameter).
 
 The deployment picks the model; the `model` sent in the body is informational to Azure.
 """

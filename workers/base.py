@@ -4,6 +4,8 @@
     classify_status(code)    HTTP status -> error kind (429 rate_limit, 5xx server_error, ...)
     post_json(...)           one HTTP attempt, transport errors mapped to ProviderError, the
                              answer read up to max_response_bytes (decoded) and no further
+    HttpProvider.stream      the same attempt answered as server-sent events, yielded as text
+                             deltas then one ProviderOk (the kinds read their events: StreamReader)
     error_message(...)       a provider's error text, short, one line, never the API key
     scrub(text, secrets)     text with every credential value replaced by "***"
 
@@ -17,11 +19,13 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from typing import Annotated, Any, Protocol
 
 import httpx
 import msgspec
+from httpx_sse import EventSource, ServerSentEvent, SSEError
 from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -35,7 +39,17 @@ DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
 class Provider(Protocol):
-    """One provider kind. `complete` makes one call and returns or raises ProviderError."""
+    """One provider kind. `complete` makes one call and returns or raises ProviderError.
+
+    A kind may also have `stream` (optional, so not a member here; HttpProvider has it):
+
+        async def stream(self, request, timeout_s) -> AsyncIterator[str | ProviderOk]
+
+    an async generator making the same one call, yielding the answer's text deltas (non-empty
+    str) as they arrive and, last, one ProviderOk(content="", model, usage); it raises
+    ProviderError on any failure, before or after deltas were yielded. A provider without
+    `stream` is streamed by the runtime as one chunk: its `complete` answer.
+    """
 
     model: str
 
@@ -64,6 +78,7 @@ _MESSAGE_LIMIT = 300
 # would add br and zstd on its own if their packages happened to be installed.
 _ACCEPT_ENCODING = "gzip, deflate"
 _PIECE_BYTES = 64 * 1024  # the most one decompress step may produce
+_EVENT_STREAM = "text/event-stream"
 
 # A token count as the documented bodies carry it; a negative one means the body is not what it
 # claims.
@@ -131,6 +146,27 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
 
     The result quotes the provider, credentials included: pass it through error_message.
     """
+    return _message_text(error) or response.text
+
+
+def stream_error_text(error: object) -> str:
+    """What an error event in a stream says went wrong: error.message as error_text reads it,
+    else the error itself (a string as is, anything else as JSON).
+
+    The result quotes the provider, credentials included: HttpProvider.stream scrubs it.
+    """
+    if isinstance(error, str) and error:
+        return error
+    text = _message_text(error) if isinstance(error, dict) else None
+    if text:
+        return text
+    try:
+        return json.dumps(error)
+    except (RecursionError, TypeError, ValueError):
+        return "no message"
+
+
+def _message_text(error: dict[str, Any]) -> str | None:
     message = error.get("message")
     if isinstance(message, str) and message:
         return message
@@ -139,7 +175,7 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
             return json.dumps(message)
         except RecursionError:
             pass
-    return response.text
+    return None
 
 
 def decode_body(response: httpx.Response, decoder: msgspec.json.Decoder[Any]) -> Any:
@@ -182,18 +218,31 @@ async def post_json(
     """
     headers = {"Accept-Encoding": _ACCEPT_ENCODING, **(headers or {})}
     _propagator.inject(headers)
-    try:
+    with _transport_errors(timeout_s):
         async with client.stream(
             "POST", url, json=body, timeout=timeout_s, headers=headers
         ) as response:
             content = await read_capped(response, max_response_bytes)
+    return _in_memory(response, content)
+
+
+@contextmanager
+def _transport_errors(timeout_s: float, silence: str = "no answer") -> Iterator[None]:
+    """httpx's transport failures in the block as ProviderError: a timeout (httpx's timeouts
+    bound each wait: connect, and every read) as `timeout`, anything else that cut or refused
+    the connection as `connection`. `silence` says what the timeout waited for."""
+    try:
+        yield
+    except SSEError as exc:  # httpx-sse's, a TransportError: but the answer is no event stream
+        raise ProviderError(
+            "server_error", f"provider's answer is not an event stream: {exc}", 200
+        ) from exc
     except httpx.TimeoutException as exc:
         raise ProviderError(
-            "timeout", f"no answer within {timeout_s:.3g} s ({type(exc).__name__})"
+            "timeout", f"{silence} within {timeout_s:.3g} s ({type(exc).__name__})"
         ) from exc
     except httpx.TransportError as exc:
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
-    return _in_memory(response, content)
 
 
 async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
@@ -214,20 +263,29 @@ async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     `max_bytes` plus one network read is ever held (5-6 MiB measured for a 4 MiB limit,
     for a 50 MB answer and for both bombs).
     """
+    body = bytearray()
+    async for piece in _capped_pieces(response, max_bytes):
+        body += piece
+    return bytes(body)
+
+
+async def _capped_pieces(response: httpx.Response, max_bytes: int) -> AsyncIterator[bytes]:
+    """A streamed response's body as it comes, decoded, each piece at most _PIECE_BYTES; the
+    checks of read_capped (which keeps the pieces) and of a stream's events (which do not)."""
     if _declared_bytes(response) > max_bytes:
         raise response_too_large(response.status_code, max_bytes)
     layers = _inflaters(response)
-    body = bytearray()
-    wire_bytes = 0
+    body_bytes = wire_bytes = 0
     async for chunk in response.aiter_raw():
         wire_bytes += len(chunk)
         if wire_bytes > max_bytes:
             raise response_too_large(response.status_code, max_bytes)
         try:
             for piece in _decoded(chunk, layers):
-                body += piece
-                if len(body) > max_bytes:
+                body_bytes += len(piece)
+                if body_bytes > max_bytes:
                     raise response_too_large(response.status_code, max_bytes)
+                yield piece
         except zlib.error as exc:
             encoding = response.headers.get("content-encoding")
             raise ProviderError(
@@ -235,7 +293,6 @@ async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
                 f"provider's {encoding} body does not decode: {exc}",
                 response.status_code,
             ) from exc
-    return bytes(body)
 
 
 def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError:
@@ -334,22 +391,83 @@ def _in_memory(response: httpx.Response, content: bytes) -> httpx.Response:
 
     The framing headers go: the body is no longer encoded, and httpx would decode it again.
     """
-    framing = ("content-encoding", "content-length", "transfer-encoding")
-    headers = [
-        (name, value) for name, value in response.headers.multi_items() if name not in framing
-    ]
     return httpx.Response(
-        response.status_code, headers=headers, content=content, request=response.request
+        response.status_code, headers=_unframed(response), content=content, request=response.request
     )
+
+
+def _unframed(response: httpx.Response) -> list[tuple[str, str]]:
+    """The response's headers but the framing ones: its body is no longer encoded, and httpx
+    would decode it again."""
+    framing = ("content-encoding", "content-length", "transfer-encoding")
+    return [(name, value) for name, value in response.headers.multi_items() if name not in framing]
+
+
+class _CappedBody(httpx.AsyncByteStream):
+    """A streamed response's body read through _capped_pieces: decoded with a bound, and
+    ProviderError(response_too_large) once the whole of it passes `max_bytes`."""
+
+    def __init__(self, response: httpx.Response, max_bytes: int) -> None:
+        self._response = response
+        self._max_bytes = max_bytes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async with aclosing(_capped_pieces(self._response, self._max_bytes)) as pieces:
+            async for piece in pieces:
+                yield piece
+
+
+def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
+    """A 200 event stream's events, read by httpx-sse from the capped, decoded body.
+
+    httpx-sse splits lines on CR, LF and CRLF only, as the SSE spec says (httpx's aiter_lines
+    also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings). Its line
+    buffer has no bound of its own: the count of the body's bytes (see _capped_pieces) is the
+    bound, so a stream, however it is framed, holds at most about `max_bytes`.
+    """
+    capped = httpx.Response(
+        response.status_code,
+        headers=_unframed(response),
+        stream=_CappedBody(response, max_bytes),
+        request=response.request,
+    )
+    capped.encoding = "utf-8"  # an event stream is always UTF-8, whatever charset it declares
+    return EventSource(capped)
+
+
+class StreamReader(Protocol):
+    """One streamed answer's events, read in order: HttpProvider.stream_reader makes one per
+    call, and HttpProvider.stream feeds it every event that carries data."""
+
+    # The event that ends a whole answer, as "stream ended without <end>" names it.
+    end: str
+
+    def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
+        """A text delta (yielded if non-empty), the final ProviderOk once `end` arrives, or
+        None for an event that carries neither; ProviderError for an error event or one that
+        is not the documented shape."""
+        ...
+
+
+def decode_event(event: ServerSentEvent, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """One event's data as a kind's documented type, or ProviderError(server_error) saying how
+    it differs, never quoting it (as decode_body)."""
+    try:
+        return decoder.decode(event.data)
+    except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError is a DecodeError
+        size = len(event.data.encode())
+        message = f"provider sent an unexpected stream event ({size} bytes): {exc}"
+        raise ProviderError("server_error", message, 200) from exc
 
 
 class HttpProvider:
     """A provider behind one HTTP endpoint: a pooled client, one POST per call, no retries.
 
     A kind supplies its URL and auth headers, and `body`, `parse` and `error` for its
-    documented request, response and error shapes. `secrets` holds every credential value
-    it sends (the API key, and anything else a kind authenticates with): no message that
-    leaves `complete` carries one, whatever shape of body quoted it.
+    documented request, response and error shapes; for `stream`, `stream_body` (its body with
+    its streaming switch on) and `stream_reader` (its events). `secrets` holds every
+    credential value it sends (the API key, and anything else a kind authenticates with): no
+    message that leaves `complete` or `stream` carries one, whatever shape of body quoted it.
     """
 
     label = "provider"  # names the provider in error messages
@@ -390,6 +508,70 @@ class HttpProvider:
             redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
             raise
 
+    async def stream(
+        self, request: ProviderRequest, timeout_s: float
+    ) -> AsyncIterator[str | ProviderOk]:
+        """The answer as the provider writes it: its text deltas (non-empty, exactly as sent, so
+        they join into the whole answer) and, last, one ProviderOk(content="", model, usage).
+
+        One POST, as `complete`, asking for server-sent events. A non-200 is read (capped) and
+        mapped by the kind's `error`, as `complete` maps it. Every failure raises ProviderError,
+        before or after deltas were yielded, scrubbed of `secrets`; a stream that stops before
+        its reader's `end` event is a connection error, never a short answer passed off as
+        whole. `timeout_s` bounds the connect and each wait for more of the stream; the whole
+        call's deadline is the caller's. A caller that stops early should aclose() the
+        generator (contextlib.aclosing), so that the connection closes at once.
+        """
+        model = request.model or self.model
+        reader = self.stream_reader(model)
+        # identity: a compressing server or proxy would hold deltas back to fill its blocks.
+        headers = {"Accept": _EVENT_STREAM, "Accept-Encoding": "identity", **self._headers}
+        _propagator.inject(headers)
+        body = self.stream_body(request, model)
+        final: ProviderOk | None = None
+        try:
+            with _transport_errors(timeout_s, "no data"):
+                async with (
+                    self._client.stream(
+                        "POST", self._url, json=body, timeout=timeout_s, headers=headers
+                    ) as response,
+                    aclosing(await self._events(response)) as events,
+                ):
+                    async for event in events:
+                        # No data, no event: the SSE spec dispatches none (httpx-sse does, for
+                        # a lone event:, id: or retry: field).
+                        item = reader.read(event) if event.data else None
+                        if isinstance(item, ProviderOk):
+                            final = item
+                            break
+                        if item:
+                            yield item
+            # After the connection is released: a caller may stop at the last item.
+            if final is None:
+                raise ProviderError("connection", f"{self.label} stream ended without {reader.end}")
+            yield final
+        except ProviderError as exc:
+            redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
+            raise
+
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[ServerSentEvent, None]:
+        """The answer's events, after its status and type say it is the stream asked for."""
+        max_bytes = self.settings.max_response_bytes
+        if response.status_code != 200:
+            content = await read_capped(response, max_bytes)
+            raise self.error(_in_memory(response, content))
+        # As sent, not lowercased: scrub() finds a credential echoed here by its exact value.
+        media_type = response.headers.get("content-type", "").partition(";")[0].strip()
+        if media_type.lower() != _EVENT_STREAM:
+            # e.g. a compatible server that ignores the streaming switch and answers whole
+            raise ProviderError(
+                "server_error",
+                f"{self.label} answered a streamed request with Content-Type "
+                f"{media_type or '(none)'}, not {_EVENT_STREAM}",
+                response.status_code,
+            )
+        return _event_source(response, max_bytes).aiter_sse()
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -400,6 +582,14 @@ class HttpProvider:
         raise NotImplementedError
 
     def error(self, response: httpx.Response) -> ProviderError:
+        raise NotImplementedError
+
+    def stream_body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
+        """The kind's body for `stream`: `body` with its streaming switch on."""
+        raise NotImplementedError
+
+    def stream_reader(self, model: str) -> StreamReader:
+        """A reader of one streamed answer's events; `model` stands in when they name none."""
         raise NotImplementedError
 
 

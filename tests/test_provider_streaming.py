@@ -1,0 +1,812 @@
+"""The HTTP providers' `stream` against a real local server writing each kind's documented
+server-sent events: the deltas a caller gets, the final ProviderOk, and every way it fails.
+
+The server writes the events as the providers do (flushed as they are made) or in pieces cut
+at odd places (inside a UTF-8 character, between the CR and LF of a line end), so the
+framing is what a worker meets on a real network.
+
+    OpenAI     https://platform.openai.com/docs/api-reference/chat-streaming
+    Azure      https://learn.microsoft.com/azure/ai-services/openai/reference (same chunks,
+               with prompt_filter_results and content_filter_results)
+    Anthropic  https://docs.anthropic.com/en/docs/build-with-claude/streaming
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import LocalHTTPServer, serving
+from opentelemetry import context, trace
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
+from workers.base import HttpProvider, ProviderError
+from workers.openai import OpenAIProvider, OpenAISettings
+
+MiB = 1024 * 1024
+REQUEST = ProviderRequest(id="r1", messages=[ChatMessage("user", "Hello!")])
+TEXTS = ["Hello", "! How can I", " assist you", " today?"]
+# JSON may carry U+2028 and U+2029 unescaped: a line splitter that takes them for line ends
+# (httpx's aiter_lines) cuts such a chunk in two.
+UNICODE_TEXTS = ["line\u2028separator", " and\u2029paragraph", " 🎉 done", "\u2028"]
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One event as the providers write it: JSON data on one line, U+2028 and all unescaped."""
+    head = f"event: {event}\n" if event else ""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"{head}data: {text}\n\n"
+
+
+# ---- each kind's documented stream ------------------------------------------------------
+
+OPENAI_MODEL = "gpt-4o-mini-2024-07-18"
+
+
+def openai_chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion.chunk",
+        "created": 1741570283,
+        "model": OPENAI_MODEL,
+        "service_tier": "default",
+        "system_fingerprint": "fp_06737a9306",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": None,  # with include_usage, null in every chunk but the last
+    }
+
+
+def openai_events(texts: list[str]) -> list[str]:
+    usage = {
+        "prompt_tokens": 19,
+        "completion_tokens": 10,
+        "total_tokens": 29,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+    chunks = [
+        openai_chunk({"role": "assistant", "content": "", "refusal": None}),
+        *(openai_chunk({"content": text}) for text in texts),
+        openai_chunk({}, "stop"),
+        {**openai_chunk({}), "choices": [], "usage": usage},
+    ]
+    return [sse(chunk) for chunk in chunks] + [sse("[DONE]")]
+
+
+def openai_error(message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+AZURE_MODEL = "gpt-4o-2024-08-06"
+_SAFE = {"filtered": False, "severity": "safe"}
+_FILTERS = {name: _SAFE for name in ("hate", "self_harm", "sexual", "violence")}
+
+
+def azure_chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    choice = {
+        "content_filter_results": _FILTERS if delta.get("content") else {},
+        "delta": delta,
+        "finish_reason": finish_reason,
+        "index": 0,
+        "logprobs": None,
+    }
+    return {
+        "choices": [choice],
+        "created": 1727289863,
+        "id": "chatcmpl-AB7yVj1pT3aVYeFz5bWvrM6a0qC2X",
+        "model": AZURE_MODEL,
+        "object": "chat.completion.chunk",
+        "system_fingerprint": "fp_67802d9a6d",
+    }
+
+
+def azure_events(texts: list[str]) -> list[str]:
+    # Azure's first chunk: the prompt's filter results, with empty choices and no model.
+    prompt_filter = {
+        "choices": [],
+        "created": 0,
+        "id": "",
+        "model": "",
+        "object": "",
+        "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTERS}],
+    }
+    usage = {"completion_tokens": 557, "prompt_tokens": 33, "total_tokens": 590}
+    chunks = [
+        prompt_filter,
+        azure_chunk({"content": "", "refusal": None, "role": "assistant"}),
+        *(azure_chunk({"content": text}) for text in texts),
+        azure_chunk({}, "stop"),
+        {**azure_chunk({}), "choices": [], "usage": usage},
+    ]
+    return [sse(chunk) for chunk in chunks] + [sse("[DONE]")]
+
+
+ANTHROPIC_MODEL = "claude-sonnet-4-20250514"
+
+
+def anthropic_events(texts: list[str]) -> list[str]:
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": ANTHROPIC_MODEL,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 25, "output_tokens": 1},
+        },
+    }
+    block_start = {"type": "content_block_start", "index": 0}
+    block_start["content_block"] = {"type": "text", "text": ""}
+    deltas = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+        for text in texts
+    ]
+    message_delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 15},
+    }
+    events = [
+        (start, "message_start"),
+        (block_start, "content_block_start"),
+        ({"type": "ping"}, "ping"),
+        *((delta, "content_block_delta") for delta in deltas),
+        ({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        (message_delta, "message_delta"),
+        ({"type": "message_stop"}, "message_stop"),
+    ]
+    return [sse(data, event) for data, event in events]
+
+
+def anthropic_error(type_: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": type_, "message": message}}
+
+
+# ---- the kinds --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # also the label its messages start with
+    key: str
+    build: Callable[..., HttpProvider]  # build(base_url, **settings)
+    events: Callable[[list[str]], list[str]]  # a whole stream answering these deltas
+    error_event: Callable[[str], str]  # the event a stream fails with mid-way
+    error_body: Callable[[str], dict[str, Any]]  # the JSON body of an HTTP error
+    end: str  # the terminator
+    model: str  # the model its stream reports
+    usage: Usage  # the usage its stream reports
+
+
+def _openai(base_url: str, **settings: Any) -> HttpProvider:
+    table = {"kind": "openai", "model": "gpt-4o-mini", "base_url": f"{base_url}/v1", **settings}
+    environ = {"OPENAI_API_KEY": OPENAI.key}
+    return OpenAIProvider(msgspec.convert(table, OpenAISettings), environ=environ)
+
+
+def _azure(base_url: str, **settings: Any) -> HttpProvider:
+    table = {"kind": "azure_openai", "endpoint": base_url, "deployment": "gpt4o-prod", **settings}
+    environ = {"AZURE_OPENAI_API_KEY": AZURE.key}
+    return AzureOpenAIProvider(msgspec.convert(table, AzureOpenAISettings), environ=environ)
+
+
+def _anthropic(base_url: str, **settings: Any) -> HttpProvider:
+    table = {"kind": "anthropic", "model": "claude-sonnet-4-0", "base_url": base_url, **settings}
+    environ = {"ANTHROPIC_API_KEY": ANTHROPIC.key}
+    return AnthropicProvider(msgspec.convert(table, AnthropicSettings), environ=environ)
+
+
+OPENAI = Kind(
+    "openai",
+    "sk-proj-stream-Zq7xW2vB9nK4mT1r",
+    _openai,
+    openai_events,
+    lambda message: sse(openai_error(message)),
+    lambda message: openai_error(message),
+    "[DONE]",
+    OPENAI_MODEL,
+    Usage(19, 10),
+)
+AZURE = Kind(
+    "azure_openai",
+    "5f0c9e2ab7d14c83a6e1f2b3c4d5e6f7",
+    _azure,
+    azure_events,
+    lambda message: sse(openai_error(message)),
+    lambda message: {"error": {"code": "429", "message": message}},
+    "[DONE]",
+    AZURE_MODEL,
+    Usage(33, 557),
+)
+ANTHROPIC = Kind(
+    "anthropic",
+    "sk-ant-api03-stream-Hs3kP8dQ2wX5",
+    _anthropic,
+    anthropic_events,
+    lambda message: sse(anthropic_error("overloaded_error", message), "error"),
+    lambda message: anthropic_error("rate_limit_error", message),
+    "message_stop",
+    ANTHROPIC_MODEL,
+    Usage(25, 15),
+)
+KINDS = [OPENAI, AZURE, ANTHROPIC]
+each_kind = pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+
+
+# ---- a real HTTP server -----------------------------------------------------------------
+
+
+class Server(LocalHTTPServer):
+    """Answers every POST with `answer(handler)`; keeps what each request sent."""
+
+    def __init__(self) -> None:
+        super().__init__(_Handler)
+        self.answer: Callable[[_Handler], None] = lambda handler: None
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []  # (headers, body)
+        self.hung_up = threading.Event()  # the client closed the connection mid-answer
+        self.release = threading.Event()  # set at teardown: ends any handler still waiting
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.connection.settimeout(10)  # never block a test for long, whatever the client does
+        try:
+            self.server.answer(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.hung_up.set()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def send(
+    handler: _Handler,
+    pieces: Iterable[bytes | str],
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Status, headers, then each piece written and flushed on its own (HTTP/1.0: without a
+    Content-Length the body ends when the server closes)."""
+    handler.send_response(status)
+    for name, value in {"content-type": "text/event-stream", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    for piece in pieces:
+        handler.wfile.write(piece.encode() if isinstance(piece, str) else piece)
+        handler.wfile.flush()
+
+
+def cut(events: list[str], size: int, newline: str = "\n") -> list[bytes]:
+    """The events' bytes, with `newline` for line ends, in pieces of `size` bytes: cut inside
+    UTF-8 characters, inside CRLF pairs, anywhere."""
+    data = "".join(events).replace("\n", newline).encode()  # JSON escapes its own CR and LF
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    with serving(Server(), poll_interval_s=0.02) as server:
+        yield server
+        server.release.set()
+
+
+@pytest.fixture
+async def providers():
+    """providers(kind, base_url, **settings): a provider, closed after the test."""
+    built: list[HttpProvider] = []
+
+    def build(kind: Kind, base_url: str, **settings: Any) -> HttpProvider:
+        built.append(kind.build(base_url, **settings))
+        return built[-1]
+
+    yield build
+    for provider in built:
+        await provider.aclose()
+
+
+async def streamed(provider: HttpProvider, timeout_s: float = 5) -> tuple[list[str], ProviderOk]:
+    """The deltas and the final ProviderOk of a stream that must succeed."""
+    *deltas, last = [item async for item in provider.stream(REQUEST, timeout_s)]
+    assert isinstance(last, ProviderOk), last
+    assert all(isinstance(delta, str) and delta for delta in deltas), deltas
+    return deltas, last
+
+
+async def failed(provider: HttpProvider, timeout_s: float = 5) -> tuple[list[str], ProviderError]:
+    """The deltas a stream that must fail yielded first, and its ProviderError."""
+    deltas: list[str] = []
+    with pytest.raises(ProviderError) as caught:
+        async for item in provider.stream(REQUEST, timeout_s):
+            assert isinstance(item, str) and item, f"{item!r} before the failure"
+            deltas.append(item)
+    return deltas, caught.value
+
+
+def assert_no_key(error: ProviderError, key: str) -> None:
+    """Neither the key nor any 8-character piece of it, in the message, str or repr."""
+    for text in (error.message, str(error), repr(error)):
+        assert not any(key[i : i + 8] in text for i in range(len(key) - 7)), text
+
+
+# ---- a whole stream ---------------------------------------------------------------------
+
+
+@each_kind
+async def test_the_deltas_join_into_the_answer_and_the_last_item_has_model_and_usage(
+    kind, server, providers
+):
+    server.answer = lambda handler: send(handler, kind.events(TEXTS))
+    deltas, ok = await streamed(providers(kind, server.url))
+    assert deltas == TEXTS
+    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage)
+
+
+@each_kind
+async def test_the_request_is_the_kinds_body_with_its_streaming_switch(kind, server, providers):
+    server.answer = lambda handler: send(handler, kind.events(TEXTS))
+    await streamed(providers(kind, server.url))
+    headers, body = server.requests[0]
+    assert headers["accept"] == "text/event-stream"
+    assert body["stream"] is True
+    assert body["messages"] == [{"role": "user", "content": "Hello!"}]
+    if kind is ANTHROPIC:
+        assert "stream_options" not in body and body["max_tokens"] == 1024
+    else:  # the usage comes in the last chunk only when asked for
+        assert body["stream_options"] == {"include_usage": True}
+    auth = {
+        "openai": ("authorization", f"Bearer {kind.key}"),
+        "azure_openai": ("api-key", kind.key),
+        "anthropic": ("x-api-key", kind.key),
+    }
+    name, value = auth[kind.name]
+    assert headers[name] == value
+
+
+async def test_the_call_carries_the_current_trace_context(server, providers):
+    server.answer = lambda handler: send(handler, OPENAI.events(TEXTS))
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(0x1234, 0x5678, is_remote=False, trace_flags=trace.TraceFlags(1))
+    )
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        await streamed(providers(OPENAI, server.url))
+    finally:
+        context.detach(token)
+    assert server.requests[0][0]["traceparent"] == f"00-{0x1234:032x}-{0x5678:016x}-01"
+
+
+@each_kind
+async def test_each_delta_comes_as_soon_as_it_is_written(kind, server, providers):
+    events = kind.events(TEXTS)
+    first_delta = next(i for i, e in enumerate(events) if TEXTS[0] in e)
+    go_on = threading.Event()
+
+    def answer(handler: _Handler) -> None:
+        send(handler, events[: first_delta + 1])
+        go_on.wait(10)  # the rest only once the client has the first delta
+        for event in events[first_delta + 1 :]:
+            handler.wfile.write(event.encode())
+
+    server.answer = answer
+    stream = providers(kind, server.url).stream(REQUEST, 5)
+    assert await asyncio.wait_for(anext(stream), 3) == TEXTS[0]
+    go_on.set()
+    rest = [item async for item in stream]
+    assert rest[:-1] == TEXTS[1:] and isinstance(rest[-1], ProviderOk)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+@each_kind
+async def test_u2028_u2029_and_emoji_come_through_intact_however_the_bytes_are_cut(
+    kind, size, server, providers
+):
+    server.answer = lambda handler: send(handler, cut(kind.events(UNICODE_TEXTS), size))
+    deltas, ok = await streamed(providers(kind, server.url))
+    assert deltas == UNICODE_TEXTS
+    assert "".join(deltas) == "line\u2028separator and\u2029paragraph 🎉 done\u2028"
+    assert ok.usage == kind.usage
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "cr"])
+@pytest.mark.parametrize("size", [1, 2, 5, 4096])
+@each_kind
+async def test_crlf_and_cr_line_ends_read_as_lf_ones(kind, newline, size, server, providers):
+    server.answer = lambda handler: send(handler, cut(kind.events(TEXTS), size, newline))
+    deltas, ok = await streamed(providers(kind, server.url))
+    assert deltas == TEXTS
+    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage)
+
+
+async def test_deltas_are_passed_on_unstripped(server, providers):
+    texts = ["  leading", "trailing  ", "\n", " \t", "x"]
+    server.answer = lambda handler: send(handler, OPENAI.events(texts))
+    deltas, _ = await streamed(providers(OPENAI, server.url))
+    assert deltas == texts
+
+
+async def test_a_compatible_server_without_usage_or_model_answers_with_the_requested_model(
+    server, providers
+):
+    chunks = [{"choices": [{"index": 0, "delta": {"content": text}}]} for text in TEXTS]
+    server.answer = lambda handler: send(handler, [sse(c) for c in chunks] + [sse("[DONE]")])
+    deltas, ok = await streamed(providers(OPENAI, server.url))
+    assert deltas == TEXTS
+    assert ok == ProviderOk(content="", model="gpt-4o-mini", usage=Usage(0, 0))
+
+
+async def test_comments_and_events_without_data_are_skipped(server, providers):
+    events = [": keep-alive\n\n", "event: ping\n\n", "id: 7\n\n", *OPENAI.events(TEXTS)]
+    server.answer = lambda handler: send(handler, events)
+    deltas, _ = await streamed(providers(OPENAI, server.url))
+    assert deltas == TEXTS
+
+
+async def test_anthropic_passes_on_text_only_and_takes_the_last_cumulative_usage(server, providers):
+    events = anthropic_events(["The answer", " is 4."])
+    thinking = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta"}},
+        {"type": "content_block_stop", "index": 0},
+    ]
+    thinking[1]["delta"]["thinking"] = "2 + 2 is 4"
+    thinking[2]["delta"]["signature"] = "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"
+    tool = [
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use"}},
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": '{"location": "San Fra'},
+        },
+        {"type": "content_block_stop", "index": 2},
+    ]
+    more_usage = {"type": "message_delta", "delta": {"stop_reason": None}}
+    more_usage["usage"] = {"output_tokens": 89}
+    stream = [
+        events[0],
+        *(sse(e, e["type"]) for e in thinking),
+        *events[1:-2],
+        *(sse(e, e["type"]) for e in tool),
+        events[-2],
+        sse(more_usage, "message_delta"),  # cumulative: the last count is the whole
+        events[-1],
+    ]
+    server.answer = lambda handler: send(handler, stream)
+    deltas, ok = await streamed(providers(ANTHROPIC, server.url))
+    assert deltas == ["The answer", " is 4."]
+    assert ok.usage == Usage(25, 89)
+
+
+# ---- failures before the stream ---------------------------------------------------------
+
+
+@each_kind
+async def test_a_429_is_a_rate_limit_with_its_retry_after(kind, server, providers):
+    body = json.dumps(kind.error_body("Rate limit reached for requests"))
+    headers = {"content-type": "application/json", "retry-after": "20"}
+    server.answer = lambda handler: send(handler, [body], 429, headers)
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == []
+    assert (error.kind, error.status_code, error.retry_after_s) == ("rate_limit", 429, 20.0)
+    assert error.message == f"{kind.name} 429: Rate limit reached for requests"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "body"),
+    [
+        (OPENAI, 500, openai_error("The server had an error while processing your request.")),
+        (AZURE, 503, {"error": {"code": "ServiceUnavailable", "message": "Try again later."}}),
+        (ANTHROPIC, 529, anthropic_error("overloaded_error", "Overloaded")),
+        (ANTHROPIC, 500, anthropic_error("api_error", "Internal server error")),
+    ],
+    ids=["openai-500", "azure-503", "anthropic-529", "anthropic-500"],
+)
+async def test_a_5xx_or_overloaded_is_a_server_error(kind, status, body, server, providers):
+    headers = {"content-type": "application/json"}
+    server.answer = lambda handler: send(handler, [json.dumps(body)], status, headers)
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == []
+    assert (error.kind, error.status_code) == ("server_error", status)
+    assert error.message.startswith(f"{kind.name} {status}: ")
+
+
+async def test_a_context_length_error_is_mapped_as_without_streaming(server, providers):
+    body = openai_error("This model's maximum context length is 128000 tokens.")
+    body["error"]["code"] = "context_length_exceeded"
+    headers = {"content-type": "application/json"}
+    server.answer = lambda handler: send(handler, [json.dumps(body)], 400, headers)
+    _, error = await failed(providers(OPENAI, server.url))
+    assert (error.kind, error.status_code) == ("context_length", 400)
+
+
+@each_kind
+async def test_a_200_that_is_not_an_event_stream_is_a_server_error(kind, server, providers):
+    answer = json.dumps({"choices": [{"message": {"content": "whole"}}]})
+    headers = {"content-type": "application/json"}
+    server.answer = lambda handler: send(handler, [answer], 200, headers)
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == []
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert error.message == (
+        f"{kind.name} answered a streamed request with Content-Type application/json, "
+        "not text/event-stream"
+    )
+
+
+async def test_a_200_without_a_content_type_is_a_server_error(server, providers):
+    def answer(handler: _Handler) -> None:
+        handler.wfile.write(b"HTTP/1.0 200 OK\r\n\r\n" + OPENAI.events(TEXTS)[0].encode())
+
+    server.answer = answer
+    _, error = await failed(providers(OPENAI, server.url))
+    assert error.kind == "server_error"
+    assert "Content-Type (none), not text/event-stream" in error.message
+
+
+async def test_an_unreachable_provider_is_a_connection_error(providers):
+    server = LocalHTTPServer(_Handler)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.server_close()  # nothing listens there any more
+    _, error = await failed(providers(OPENAI, url))
+    assert error.kind == "connection"
+
+
+# ---- failures mid-stream ----------------------------------------------------------------
+
+
+@each_kind
+async def test_an_error_event_fails_the_stream_after_the_deltas_before_it(kind, server, providers):
+    events = kind.events(TEXTS)
+    server.answer = lambda handler: send(
+        handler, [*events[:4], kind.error_event("Overloaded, try again"), *events[4:]]
+    )
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == TEXTS[: len(deltas)] and deltas
+    assert error.kind == "server_error"
+    assert error.message == f"{kind.name} failed mid-stream: Overloaded, try again"
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (anthropic_error("overloaded_error", "Overloaded"), "server_error"),
+        (anthropic_error("api_error", "Internal server error"), "server_error"),
+        (anthropic_error("rate_limit_error", "Number of request tokens exceeded"), "rate_limit"),
+        (anthropic_error("invalid_request_error", "prompt is too long: 1 > 0"), "context_length"),
+        (anthropic_error("authentication_error", "invalid x-api-key"), "auth"),
+        (anthropic_error("some_new_error", "?"), "server_error"),
+        ({"type": "error", "error": "a string"}, "server_error"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else str(value["error"])[:30],
+)
+async def test_anthropic_error_events_map_as_their_types_do_without_streaming(
+    error, kind, server, providers
+):
+    events = anthropic_events(TEXTS)
+    server.answer = lambda handler: send(handler, [*events[:3], sse(error, "error")])
+    _, failure = await failed(providers(ANTHROPIC, server.url))
+    assert failure.kind == kind
+    assert failure.message.startswith("anthropic failed mid-stream: ")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("context_length_exceeded", "context_length"),
+        ("content_filter", "content_filter"),
+        (None, "server_error"),
+        ("something_else", "server_error"),
+    ],
+)
+async def test_openai_error_chunks_map_by_their_code(code, kind, server, providers):
+    events = openai_events(TEXTS)
+    error = openai_error("stopped", code)
+    server.answer = lambda handler: send(handler, [*events[:2], sse(error), *events[2:]])
+    _, failure = await failed(providers(OPENAI, server.url))
+    assert (failure.kind, failure.message) == (kind, "openai failed mid-stream: stopped")
+
+
+@pytest.mark.parametrize("kind", [OPENAI, AZURE], ids=lambda kind: kind.name)
+async def test_a_content_filter_finish_reason_is_a_content_filter_error(kind, server, providers):
+    events = kind.events(TEXTS)
+    chunk = (
+        openai_chunk({}, "content_filter") if kind is OPENAI else azure_chunk({}, "content_filter")
+    )
+    server.answer = lambda handler: send(handler, [*events[:-3], sse(chunk), sse("[DONE]")])
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == TEXTS
+    assert error.kind == "content_filter"
+    assert "content_filter" in error.message
+
+
+async def test_an_anthropic_refusal_is_a_content_filter_error(server, providers):
+    events = anthropic_events(TEXTS)
+    refusal = {"type": "message_delta", "delta": {"stop_reason": "refusal"}}
+    refusal["usage"] = {"output_tokens": 3}
+    server.answer = lambda handler: send(
+        handler, [*events[:-2], sse(refusal, "message_delta"), events[-1]]
+    )
+    deltas, error = await failed(providers(ANTHROPIC, server.url))
+    assert deltas == TEXTS
+    assert (error.kind, error.message) == (
+        "content_filter",
+        "provider refused to answer (stop_reason refusal)",
+    )
+
+
+@each_kind
+async def test_a_stream_that_ends_without_its_terminator_is_a_connection_error(
+    kind, server, providers
+):
+    server.answer = lambda handler: send(handler, kind.events(TEXTS)[:-1])
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == TEXTS  # what came is passed on; the answer is still not whole
+    assert (error.kind, error.message) == (
+        "connection",
+        f"{kind.name} stream ended without {kind.end}",
+    )
+
+
+@each_kind
+async def test_a_connection_cut_mid_body_is_a_connection_error(kind, server, providers):
+    events = kind.events(TEXTS)
+    # The Content-Length promises more than comes: httpx sees the body cut short.
+    server.answer = lambda handler: send(handler, events[:4], headers={"content-length": "99999"})
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == TEXTS[: len(deltas)]
+    assert error.kind == "connection"
+    assert "RemoteProtocolError" in error.message
+
+
+@each_kind
+async def test_a_stream_that_stops_coming_is_a_timeout(kind, server, providers):
+    def stall(handler: _Handler) -> None:
+        send(handler, kind.events(TEXTS)[:4])
+        server.release.wait(10)
+
+    server.answer = stall
+    started = time.monotonic()
+    deltas, error = await failed(providers(kind, server.url), timeout_s=0.3)
+    assert deltas == TEXTS[: len(deltas)] and deltas
+    assert error.kind == "timeout"
+    assert error.message == "no data within 0.3 s (ReadTimeout)"
+    assert time.monotonic() - started < 5  # the read timeout, not the server's 10 s stall
+
+
+@pytest.mark.parametrize(
+    "data",
+    ['{"choices": [{"delta": {"content": 42}}]}', "{not json", '["a", "list"]'],
+    ids=["wrong-type", "not-json", "not-an-object"],
+)
+async def test_a_malformed_chunk_is_a_server_error_that_describes_it(data, server, providers):
+    events = OPENAI.events(TEXTS)
+    server.answer = lambda handler: send(handler, [*events[:3], sse(data), *events[3:]])
+    deltas, error = await failed(providers(OPENAI, server.url))
+    assert deltas == TEXTS[:2]
+    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert error.message.startswith("provider sent an unexpected stream event (")
+    assert data not in error.message
+
+
+async def test_an_anthropic_text_delta_without_text_is_a_server_error(server, providers):
+    events = anthropic_events(TEXTS)
+    bad = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+    server.answer = lambda handler: send(handler, [*events[:4], sse(bad), *events[4:]])
+    _, error = await failed(providers(ANTHROPIC, server.url))
+    assert error.kind == "server_error"
+    assert "a text_delta has no text" in error.message
+
+
+async def test_a_caller_that_stops_early_closes_the_connection(server, providers):
+    def answer(handler: _Handler) -> None:
+        send(handler, OPENAI.events(TEXTS)[:2])
+        if handler.rfile.read(1) == b"":  # nothing more is sent: wait for the client to go
+            server.hung_up.set()
+
+    server.answer = answer
+    stream = providers(OPENAI, server.url).stream(REQUEST, 5)
+    assert await anext(stream) == TEXTS[0]
+    await stream.aclose()
+    assert await asyncio.to_thread(server.hung_up.wait, 5)
+
+
+# ---- the size limit ---------------------------------------------------------------------
+
+
+@each_kind
+async def test_a_stream_over_max_response_bytes_fails_as_too_large(kind, server, providers):
+    events = kind.events(["word "] * 5000)
+    server.answer = lambda handler: send(handler, events)
+    deltas, error = await failed(providers(kind, server.url, max_response_bytes=64 * 1024))
+    assert deltas == ["word "] * len(deltas) and len(deltas) < 5000  # never the whole answer
+    assert (error.kind, error.status_code) == ("response_too_large", 200)
+    assert "max_response_bytes (65536 bytes decoded)" in error.message
+
+
+@each_kind
+async def test_a_stream_of_exactly_max_response_bytes_is_read(kind, server, providers):
+    events = kind.events(TEXTS)
+    size = len("".join(events).encode())
+    server.answer = lambda handler: send(handler, events)
+    deltas, _ = await streamed(providers(kind, server.url, max_response_bytes=size))
+    assert deltas == TEXTS
+    _, error = await failed(providers(kind, server.url, max_response_bytes=size - 1))
+    assert error.kind == "response_too_large"
+
+
+async def test_a_line_that_never_ends_is_cut_at_the_limit_and_memory_stays_near_it(
+    server, providers
+):
+    piece = b"x" * 65536
+    server.answer = lambda handler: send(handler, [b"data: ", *[piece] * (32 * 16)])  # 32 MiB
+    provider = providers(OPENAI, server.url, max_response_bytes=MiB)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        _, error = await failed(provider)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.kind == "response_too_large"
+    assert peak < 8 * MiB  # about the 1 MiB limit and one read; the 32 MiB line would be 32+
+
+
+async def test_an_error_answer_over_the_limit_keeps_its_status_kind(server, providers):
+    headers = {"content-type": "application/json"}
+    server.answer = lambda handler: send(handler, [b"x" * 100_000], 503, headers)
+    _, error = await failed(providers(OPENAI, server.url, max_response_bytes=1024))
+    assert (error.kind, error.status_code) == ("server_error", 503)
+
+
+# ---- credentials ------------------------------------------------------------------------
+
+
+def key_echoes(kind: Kind) -> dict[str, Callable[[_Handler], None]]:
+    """Answers that echo the kind's key: each must fail without the key in its message."""
+    key = kind.key
+    events = kind.events(TEXTS)
+    json_type = {"content-type": "application/json"}
+    return {
+        "in-an-error-event": lambda h: send(h, [*events[:3], kind.error_event(f"bad key {key}")]),
+        "in-a-401": lambda h: send(
+            h, [json.dumps(kind.error_body(f"Incorrect API key provided: {key}"))], 401, json_type
+        ),
+        "in-a-malformed-event": lambda h: send(h, [*events[:3], sse(f'{{"{key}": [')]),
+        "in-a-wrongly-typed-event": lambda h: send(
+            h, [*events[:3], sse({"type": key, "choices": key, "error": None})]
+        ),
+        "in-the-content-type": lambda h: send(h, events, headers={"content-type": f"text/{key}"}),
+        "in-a-malformed-header": lambda h: h.wfile.write(
+            f"HTTP/1.0 200 OK\r\nnot a header {key}\r\n\r\n".encode()
+        ),
+    }
+
+
+@pytest.mark.parametrize("where", list(key_echoes(OPENAI)))
+@each_kind
+async def test_the_key_never_appears_in_an_error_message(kind, where, server, providers):
+    server.answer = key_echoes(kind)[where]
+    _, error = await failed(providers(kind, server.url))
+    assert_no_key(error, kind.key)
