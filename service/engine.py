@@ -178,7 +178,7 @@ class Engine:
         checked: CallTarget = call if relay is None else stream
         health: Health | Untouched = self.health
         if plan.faults is not None:
-            checked = injecting(call, plan.faults)
+            checked = injecting(checked, plan.faults, relay.cut if relay is not None else None)
             health = Untouched(self.health)  # simulated outcomes are not the shared breakers'
         return await run_chain(
             plan.chain,
@@ -236,7 +236,7 @@ class Engine:
             ATTEMPT_ID: self._attempt_ids.next(),
         }
         telemetry.inject(headers, span)
-        limits = StreamLimits(timeout_s, target.ttft_s, target.idle_s)
+        limits = StreamLimits(timeout_s, target.ttft_s, target.idle_s, relay.take_cut())
         opened = time.monotonic()
         try:
             stream = await self.transport.stream_provider(

@@ -9,6 +9,9 @@ the worker, so no provider is touched:
     an error kind      fails at once with that kind ("rate_limit", "server_error", ...)
     an HTTP status     fails at once as the provider would (429 -> rate_limit, 503 -> server_error)
     "ok" or null       lets the real call through
+    "<fault> after N"  on llm.stream: the real call streams, and fails with that error kind or
+                       HTTP status after N chunks reached the client (a mid-stream failure;
+                       its worker is told to cancel). Without streaming, it fails at once
 
 A list applies its entries to the target's attempts in turn (retries included); once the
 list runs out, calls go through. Only when the config sets dispatcher.allow_fault_injection.
@@ -17,15 +20,30 @@ list runs out, calls go through. Only when the config sets dispatcher.allow_faul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import msgspec
 
 from schemas import ERROR_KINDS, ProviderFailure, ProviderReply
 from schemas.errors import kind_or_status_problem
 from schemas.wire import Fault, classify_status
-from service.policy import CallTarget
+from service.policy import CallTarget, Started
 from service.target import Target
 
 PASS = "ok"
+# Called before a streamed call that a "<fault> after N" fault cuts short: (target, N, failure).
+Cut = Callable[[Target, int, ProviderFailure], None]
+
+
+def midstream(fault: Fault) -> tuple[Fault, int] | None:
+    """("503 after 2" -> (503, 2)): the fault, and after how many chunks; None for others."""
+    if not isinstance(fault, str):
+        return None
+    what, sep, after = fault.partition(" after ")
+    if not sep or not after.strip().isdigit():
+        return None
+    what = what.strip()
+    return (int(what) if what.isdigit() else what), int(after)
 
 
 def check_faults(faults: Mapping[str, Fault | list[Fault]]) -> dict[str, tuple[Fault, ...]]:
@@ -34,12 +52,18 @@ def check_faults(faults: Mapping[str, Fault | list[Fault]]) -> dict[str, tuple[F
     for name, value in faults.items():
         entries = tuple(value) if isinstance(value, list) else (value,)
         for entry in entries:
-            if entry is None or entry == PASS or kind_or_status_problem(entry) is None:
+            cut = midstream(entry)
+            if cut is None:
+                ok = entry is None or entry == PASS or kind_or_status_problem(entry) is None
+            else:  # a failure that comes at once, after the chunks
+                ok = cut[0] != "timeout" and kind_or_status_problem(cut[0]) is None
+            if ok:
                 continue
             raise ValueError(
                 f'faults.{name}: {entry!r} is not a fault; use "timeout", "invalid_output", an '
                 "error kind "
-                f'({", ".join(ERROR_KINDS)}), an HTTP status 400..599, or "ok"'
+                f'({", ".join(ERROR_KINDS)}), an HTTP status 400..599, or "ok"; on llm.stream, '
+                'an error kind or status "after N" chunks (e.g. "503 after 2")'
             )
         checked[name] = entries
     return checked
@@ -58,17 +82,26 @@ async def simulate(fault: Fault, target: str, timeout_s: float) -> ProviderFailu
     return ProviderFailure(str(fault), note)
 
 
-def injecting(call: CallTarget, faults: Mapping[str, Sequence[Fault]]) -> CallTarget:
+def injecting(
+    call: CallTarget, faults: Mapping[str, Sequence[Fault]], cut: Cut | None = None
+) -> CallTarget:
     """`call`, behind the request's simulated failures: the n-th call of a target meets its
-    n-th fault (listed under the target's name, else its provider's); later calls go through."""
+    n-th fault (listed under the target's name, else its provider's); later calls go through.
+    `cut` (a streamed request's) arranges a "<fault> after N" fault on the call that follows."""
     calls: dict[str, int] = {}
 
-    async def faulty(target: Target, timeout_s: float, previous: tuple[str, ...]) -> ProviderReply:
+    async def faulty(
+        target: Target, timeout_s: float, previous: tuple[str, ...]
+    ) -> ProviderReply | Started:
         n = calls[target.name] = calls.get(target.name, 0) + 1
         planned = faults.get(target.name) or faults.get(target.provider) or ()
         if n <= len(planned):
-            simulated = await simulate(planned[n - 1], target.name, timeout_s)
-            if simulated is not None:
+            fault, after = midstream(planned[n - 1]) or (planned[n - 1], None)
+            simulated = await simulate(fault, target.name, timeout_s)
+            if simulated is not None and after and cut is not None:
+                note = f"{simulated.message}, after {after} chunks"
+                cut(target, after, msgspec.structs.replace(simulated, message=note))
+            elif simulated is not None:
                 return simulated
         return await call(target, timeout_s, previous)
 

@@ -42,6 +42,8 @@ class StreamLimits(NamedTuple):
     timeout_s: float
     ttft_s: float | None = None
     idle_s: float | None = None
+    # A simulated mid-stream failure (a request's faults): after this many chunks, this failure.
+    cut: tuple[int, ProviderFailure] | None = None
 
 
 Finished = Callable[[ProviderReply | None], None]
@@ -76,6 +78,7 @@ class Relay:
     __slots__ = (
         "_arrived",
         "_continuing",
+        "_cut",
         "_first_at",
         "_mode",
         "_on_event",
@@ -110,6 +113,7 @@ class Relay:
         self._partial: tuple[int, ProviderFailure] | None = None  # continue: failed, not reset
         self._continuing: set[int] = set()  # attempts sent the text so far as prefill
         self._first_at: float | None = None
+        self._cut: tuple[int, ProviderFailure] | None = None
         self.chunks = 0
         self.resets = 0
 
@@ -118,6 +122,14 @@ class Relay:
     def number(self) -> int:
         self.attempts += 1
         return self.attempts
+
+    def cut(self, target: object, after: int, failure: ProviderFailure) -> None:
+        """A request's fault: the next attempt fails with `failure` after `after` chunks."""
+        self._cut = (after, failure)
+
+    def take_cut(self) -> tuple[int, ProviderFailure] | None:
+        cut, self._cut = self._cut, None
+        return cut
 
     def continues(self, can: bool) -> bool:
         """Whether the next attempt, on a target that can (`can`) or cannot take a prefill,

@@ -385,6 +385,10 @@ class ProviderStream:
                 self._timer.cancel()  # from now on the idle limit is the soonest
                 self._timer = self._loop.call_at(self._last + idle_s, self._check)
         self._on_chunk(data)
+        cut = self._limits.cut
+        if cut is not None and self.chunks == cut[0]:  # a request's simulated failure
+            self.end(cut[1])
+            self._transport.cancel_now(self.provider, self.attempt_id)
 
     def final(self, msg: Msg) -> None:
         if self.done.done():

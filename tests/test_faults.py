@@ -18,7 +18,14 @@ def test_kinds_statuses_ok_none_and_lists_are_accepted_as_tuples():
     }
 
 
-@pytest.mark.parametrize("bad", [200, True, "explode", ["ok", 600]])
+def test_a_midstream_fault_names_a_kind_or_status_and_a_chunk_count():
+    faults = {"a": "503 after 2", "b": ["server_error after 1", "ok"]}
+    assert check_faults(faults) == {"a": ("503 after 2",), "b": ("server_error after 1", "ok")}
+
+
+@pytest.mark.parametrize(
+    "bad", [200, True, "explode", ["ok", 600], "timeout after 2", "ok after 1", "503 after x"]
+)
 def test_a_value_that_is_not_a_fault_is_refused_naming_the_key(bad):
     with pytest.raises(ValueError) as exc:
         check_faults({"primary": bad})

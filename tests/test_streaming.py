@@ -4,11 +4,16 @@ and reset / continue / fail once output has started."""
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import msgspec
 import pytest
-from helpers import config, fake, settled, wait_for
+from helpers import LocalHTTPServer, ask, config, fake, serving, settled, wait_for
 from opentelemetry.trace import SpanKind
 
 from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
@@ -307,3 +312,122 @@ async def test_every_streamed_request_ends_once_and_is_audited_once(lifeline, cl
     await audit.wait_for(len(reqs) + len(if_fail))
     audited = [event.id for _, event in audit.events]
     assert sorted(audited) == sorted(r.id for r in reqs + if_fail)
+
+
+# ---- end to end through an HTTP provider: client -> NATS -> dispatcher -> worker -> SSE -----
+
+
+class SSEServer(LocalHTTPServer):
+    """An OpenAI-compatible server streaming chat.completion.chunk events from a script:
+    ("ok", pieces) streams them and [DONE]; ("stall", pieces) streams them, then keeps the
+    connection open without a chunk, noting when the client hangs up; ("cut", pieces) streams
+    them and closes without [DONE]."""
+
+    def __init__(self) -> None:
+        super().__init__(_SSEHandler)
+        self.script: list[tuple[str, list[str]]] = []
+        self.hung_up = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _SSEHandler(BaseHTTPRequestHandler):
+    server: SSEServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        assert body["stream"] is True
+        action, pieces = self.server.script.pop(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for piece in pieces:
+            self._event({"choices": [{"index": 0, "delta": {"content": piece}}], "model": "sse-1"})
+        if action == "ok":
+            self._event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}})
+            self.wfile.write(b"data: [DONE]\n\n")
+        elif action == "stall":
+            try:
+                for _ in range(200):  # an SSE comment now and then, until the client is gone
+                    time.sleep(0.05)
+                    self.wfile.write(b": waiting\n\n")
+                    self.wfile.flush()
+            except OSError:
+                self.server.hung_up.set()
+        self.wfile.flush()
+        self.close_connection = True
+
+    def _event(self, chunk: dict[str, Any]) -> None:
+        self.wfile.write(
+            b"data: " + json.dumps({"object": "chat.completion.chunk", **chunk}).encode()
+        )
+        self.wfile.write(b"\n\n")
+        self.wfile.flush()
+
+
+@pytest.fixture
+def sse_server() -> Iterator[SSEServer]:
+    with serving(SSEServer()) as server:
+        yield server
+
+
+def openai_at(server: SSEServer) -> dict[str, Any]:
+    return {"kind": "openai", "model": "sse-1", "base_url": server.base_url, "api_key_env": ""}
+
+
+async def test_an_http_stream_that_goes_idle_is_reset_and_its_http_call_cancelled(
+    lifeline, client, sse_server
+):
+    sse_server.script = [("stall", ["Half ", "an answer"]), ("ok", ["The ", "whole ", "answer"])]
+    routes = route({"provider": "first", "idle_s": 0.3}, "second")
+    await lifeline(
+        config({"first": openai_at(sse_server), "second": openai_at(sse_server)}, routes)
+    )
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    assert kinds(events) == ["delta", "delta", "reset", "delta", "delta", "delta", "end"]
+    assert [e.text for e in events[:2]] == ["Half ", "an answer"]
+    assert events[2].reset.discard == 2 and "idle_s" in events[2].reset.error.message
+    assert assembler.text == "The whole answer"  # exactly the serving target's answer
+    assert events[-1].reply.usage.output_tokens == 3
+    # The dispatcher's cancel reached the worker, which closed the HTTP call.
+    assert await asyncio.to_thread(sse_server.hung_up.wait, 3)
+
+
+async def test_an_http_stream_that_ends_without_done_is_a_midstream_failure(
+    lifeline, client, sse_server
+):
+    sse_server.script = [("cut", ["Cut ", "short"]), ("ok", ["Complete"])]
+    await lifeline(config({"first": openai_at(sse_server), "second": openai_at(sse_server)}))
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert (reset.discard, reset.error.type) == (2, "connection")
+    assert "without [DONE]" in reset.error.message
+    assert assembler.text == "Complete"
+
+
+async def test_a_fault_can_cut_a_real_stream_after_n_chunks(lifeline, client):
+    providers = {"main": fake(chunks=5), "backup": fake(reply="from backup")}
+    stack = await lifeline(config(providers, allow_fault_injection=True))
+    assembler = Assembler()
+    req = request(faults={"main": ["503 after 2", "ok"]})
+    events = [e async for e in stream(client, req, assembler)]
+    assert kinds(events)[:3] == ["delta", "delta", "reset"]
+    reset = events[2].reset
+    assert (reset.discard, reset.error.type) == (2, "server_error")
+    assert "simulated for main" in reset.error.message and "after 2 chunks" in reset.error.message
+    assert assembler.text == "from backup"
+    main = stack.workers["main"]
+    await wait_for(lambda: main.in_flight == 0, timeout_s=2)
+    # Without streaming the same fault fails the call at once.
+    reply = await ask(client, {**msgspec.to_builtins(req), "id": "plain"})
+    assert [(a.target, a.error_type) for a in reply.attempts] == [
+        ("main", "server_error"),
+        ("backup", None),
+    ]
