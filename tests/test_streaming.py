@@ -431,3 +431,18 @@ async def test_a_fault_can_cut_a_real_stream_after_n_chunks(lifeline, client):
         ("main", "server_error"),
         ("backup", None),
     ]
+
+
+async def test_mid_stream_failures_count_for_the_targets_circuit_breaker(lifeline, client):
+    providers = {"flaky": fake(fail_on_request=True, chunks=3), "backup": fake()}
+    data = config(providers)
+    data["breaker"] = {"consecutive_failures": 2, "cooldown_s": 30}
+    await lifeline(data)
+    for _ in range(2):
+        _, reply = await stream_text(client, request("fail 503 after 1"))
+        assert [a.outcome for a in reply.attempts] == ["error", "ok"]
+    _, reply = await stream_text(client, request("fail 503 after 1"))
+    assert [(a.target, a.outcome, a.reason) for a in reply.attempts] == [
+        ("flaky", "skipped", "circuit_open"),
+        ("backup", "ok", None),
+    ]

@@ -61,14 +61,23 @@ class FakeProvider:
         self._random = random.Random(settings.seed)
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
-        answer, _, _ = await self._begin(request)
+        s = self.settings
+        if s.hang:
+            await asyncio.Event().wait()  # until the worker cancels us
+        if s.latency_ms:
+            await asyncio.sleep(s.latency_ms / 1000)
+        answer, _, _ = self._answer_or_failure(request)
         return answer
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
     ) -> AsyncIterator[str | ProviderOk]:
         s = self.settings
-        answer, fail_after, status = await self._begin(request)
+        if s.hang:
+            await asyncio.Event().wait()
+        if s.latency_ms:  # the time to the first chunk
+            await asyncio.sleep(s.latency_ms / 1000)
+        answer, fail_after, status = self._answer_or_failure(request)
         for i, piece in enumerate(_split(answer.content, s.chunks)):
             if i == fail_after:
                 raise ProviderError(
@@ -83,28 +92,24 @@ class FakeProvider:
             yield piece
         yield msgspec.structs.replace(answer, content="")
 
-    async def _begin(self, request: ProviderRequest) -> tuple[ProviderOk, int | None, int]:
-        """The answer after latency_ms, or the configured (or asked-for) failure; after how
-        many chunks a stream of it fails (None: it does not), and with which status."""
+    def _answer_or_failure(self, request: ProviderRequest) -> tuple[ProviderOk, int | None, int]:
+        """The answer, or the configured (or asked-for) failure raised; and, for a stream of
+        it, after how many chunks it fails (None: it does not) and with which status."""
         s = self.settings
-        if s.hang:
-            await asyncio.Event().wait()  # until the worker cancels us
-        if s.latency_ms:
-            await asyncio.sleep(s.latency_ms / 1000)
         if self._fails():
             status = s.fail_status or 503
             raise ProviderError(
                 classify_status(status), f"fake provider configured to fail with {status}", status
             )
-        fail_after = s.fail_after_chunks
-        asked, after = self._asked(request) if s.fail_on_request else (None, None)
-        if asked is not None and after is None:
-            raise ProviderError(
-                classify_status(asked), f"fake provider asked to fail with {asked}", asked
-            )
-        status = s.fail_status or 503
-        if asked is not None:
-            fail_after, status = after, asked
+        fail_after, status = s.fail_after_chunks, s.fail_status or 503
+        if s.fail_on_request:
+            asked, after = self._asked(request)
+            if asked is not None and after is None:
+                raise ProviderError(
+                    classify_status(asked), f"fake provider asked to fail with {asked}", asked
+                )
+            if asked is not None:
+                fail_after, status = after, asked
         content = self._answer(request)
         # As an HTTP kind would: the limit is the same setting.
         if len(content.encode()) > s.max_response_bytes:
