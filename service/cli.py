@@ -53,6 +53,7 @@ EPILOG = """\
 examples:
   lifeline run                                  # everything, on an embedded NATS, example config
   lifeline ask "Why did the chicken cross the road?"
+  lifeline ask --stream --route streaming "hello"  # tokens as they come, and one reset
   lifeline dispatcher --config prod.toml --nats-url nats://nats:4222
   lifeline worker openai --config prod.toml     # one provider worker; run N for N replicas
 
@@ -65,8 +66,9 @@ Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's ow
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lifeline",
-        description="Lifeline: an LLM fallback service on NATS. Clients request llm.complete; "
-        "Lifeline tries the route's providers in order and answers with the first good result.",
+        description="Lifeline: an LLM fallback service on NATS. Clients request llm.complete "
+        "(or llm.stream for tokens as they come); Lifeline tries the route's providers in order "
+        "and answers with the first good result.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

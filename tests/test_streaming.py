@@ -446,3 +446,19 @@ async def test_mid_stream_failures_count_for_the_targets_circuit_breaker(lifelin
         ("flaky", "skipped", "circuit_open"),
         ("backup", "ok", None),
     ]
+
+
+async def test_past_max_in_flight_a_stream_request_gets_one_overloaded_error_event(
+    lifeline, client, audit
+):
+    await lifeline(config({"slow": fake(latency_ms=300)}, max_in_flight=1))
+    results = await asyncio.gather(*(events_of(client, request(id=f"s{i}")) for i in range(3)))
+    ends = sorted(
+        events[-1].reply.error.type if events[-1].reply.error else "ok" for events in results
+    )
+    assert ends == ["ok", "overloaded", "overloaded"]
+    refused = [events for events in results if events[-1].kind == "error"]
+    assert all(kinds(events) == ["error"] and events[0].seq == 1 for events in refused)
+    assert all(events[0].reply.error.retry_after_s for events in refused)
+    await audit.wait_for(3)
+    assert sorted(event.id for _, event in audit.events) == ["s0", "s1", "s2"]

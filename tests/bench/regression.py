@@ -68,6 +68,8 @@ def figures_of(data: dict[str, Any]) -> dict[str, float | None]:
         "fallback_noresp_added_ms": c["fallback_noresp_added_ms"],
         "hang_lateness_p99_ms": c["hang_lateness_p99_ms"],
         "kib_per_in_flight": m["bytes_per_in_flight"] / 1024,
+        "stream_cpu_us_per_chunk": c.get("stream_cpu_us_per_chunk"),
+        "stream_ttft_added_p50_ms": c.get("stream_ttft_added_p50_ms"),
     }
 
 
