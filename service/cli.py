@@ -375,7 +375,11 @@ async def _watch_audit(url: str) -> Client:
             " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
         )
         why = f" ({event.error_type})" if event.error_type else ""
-        print(f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}", flush=True)
+        streamed = ""
+        if event.stream is not None:  # llm.stream
+            streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
+        line = f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
+        print(line, flush=True)
 
     await nc.subscribe(subjects.AUDIT_ALL, cb=show)
     return nc

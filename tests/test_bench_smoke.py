@@ -40,6 +40,10 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
         "tail@8",
         "tail-hedged@8",
         "tail-budget@8",
+        "stream-direct@8",
+        "stream-lifeline@8",
+        "stream-flood-direct@8",
+        "stream-flood-lifeline@8",
     )
     assert set(cases) <= set(figures["cases"])
     assert {t["target"] for t in figures["targets"]} >= {
@@ -53,6 +57,9 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| lifeline | 64 |" in report
     assert "### Hedging: p99 with a slow primary" in report
+    assert "### Streaming: 8 streams in flight" in report
+    streamed = figures["cases"]["stream-lifeline@8"]["median"]
+    assert streamed["chunk_p50_ms"] > 0 and streamed["cpu_us_per_chunk"]["dispatcher-1"] > 0
     # It ends comparing its figures with the README's; without --check that never fails it.
     assert "### Against the README's figures" in result.stdout.rsplit("### Targets", 1)[1]
     compared = figures["against_readme"]["figures"]
@@ -62,4 +69,6 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
         "fallback_noresp_added_ms",
         "hang_lateness_p99_ms",
         "kib_per_in_flight",
+        "stream_cpu_us_per_chunk",
+        "stream_ttft_added_p50_ms",
     }

@@ -97,6 +97,7 @@ def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
     assert "served by storyteller" in out
     assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 resets", out)
     assert re.search(r"1\. chatty .* server_error 503->fallback", out)
+    wait_for_line(running[0], r"chatty:server_error 503->fallback -> storyteller:ok  streamed 21")
 
 
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
