@@ -128,6 +128,8 @@ class ProviderError(Exception):
 SKIP_REASONS = (
     "max_input_tokens",  # the estimated input is longer than the target's max_input_tokens
     "json_output",  # the request wants JSON and the target declares json_output = false
+    "tools",  # the request offers tools and the target declares tools = false
+    "vision",  # the request has images and the target declares vision = false
     "deadline",  # the request's deadline left no time to start it
     "max_attempts",  # the request's cap on physical attempts was reached
     "circuit_open",  # the target's circuit breaker is open (still called if it is the last left)

@@ -42,16 +42,89 @@ from schemas.errors import (  # noqa: F401
     classify_status,
 )
 
-Role = Literal["system", "user", "assistant"]
+# "developer" is OpenAI's newer name for system instructions; a provider without it gets it as
+# a system message. A "tool" message answers one tool call, by tool_call_id.
+Role = Literal["system", "user", "assistant", "tool", "developer"]
 # What a streamed request does when an attempt fails after its chunks reached the client:
 # "reset" them and stream the next target from the start, let the next target "continue"
 # from them (targets with prefill = true; others reset), or "fail" the request.
 OnMidstream = Literal["reset", "continue", "fail"]
 
 
-class ChatMessage(Struct, frozen=True):
+class TextPart(Struct, frozen=True, tag_field="type", tag="text"):
+    text: str
+
+
+class ImagePart(Struct, frozen=True, tag_field="type", tag="image", omit_defaults=True):
+    """An image by URL, or inline as base64 `data` with its `media_type` (image/png, ...)."""
+
+    url: str | None = None
+    data: str | None = None
+    media_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("an image part needs exactly one of url and data")
+        if self.data is not None and not (self.media_type or "").startswith("image/"):
+            raise ValueError("an image part with data needs its media_type, e.g. image/png")
+
+
+Part = TextPart | ImagePart
+
+
+class ToolCall(Struct, frozen=True):
+    """A call the model asks for: `arguments` is a JSON object, encoded (as OpenAI sends it)."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class ChatMessage(Struct, frozen=True, omit_defaults=True):
     role: Role
-    content: str
+    # A string, or parts (text and images); an assistant message with tool_calls may have none.
+    content: str | list[Part] | None = ""
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it asked for
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    def __post_init__(self) -> None:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+
+    @property
+    def text(self) -> str:
+        """The message's text: its string, or its text parts joined (images left out)."""
+        content = self.content
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "".join(part.text for part in content if isinstance(part, TextPart))
+
+    @property
+    def images(self) -> int:
+        content = self.content
+        if content is None or isinstance(content, str):
+            return 0
+        return sum(1 for part in content if isinstance(part, ImagePart))
+
+
+class Tool(Struct, frozen=True, omit_defaults=True):
+    """A function the model may call; `parameters` is its JSON Schema (an object schema)."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] = {}
+
+
+class NamedTool(Struct, frozen=True):
+    """tool_choice naming one tool: the model must call that one."""
+
+    name: str
+
+
+# "auto": the model decides; "none": no tool call; "required": at least one; or one named tool.
+ToolChoice = Literal["auto", "none", "required"] | NamedTool
+# Normalised across providers: why the model stopped.
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
@@ -78,6 +151,8 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Capabilities, checked before any call.
     max_input_tokens: Annotated[int, Meta(ge=1)] | None = None
     json_output: bool = True
+    tools: bool = True  # false: it cannot call tools, so a request with tools skips it
+    vision: bool = True  # false: it cannot read images, so a request with images skips it
     # Retries on this target, before falling back.
     retries: Annotated[int, Meta(ge=0, le=10)] = 0
     retry_on: list[KindOrStatus] | None = (
@@ -103,6 +178,12 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # The model continues a partial answer given as a last assistant message (on_midstream =
     # "continue"); Anthropic's older models do, newer ones and OpenAI's do not.
     prefill: bool = False
+    # Set here, they win over the request's (as temperature does).
+    stop: list[str] | None = None
+    seed: int | None = None
+    parallel_tool_calls: bool | None = None
+    # Request parameters never sent to this target (service.shaping.DROPPABLE), e.g. ["seed"].
+    drop: list[str] = []
 
 
 class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
@@ -113,11 +194,13 @@ class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
 
 
 class ResponseFormat(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """OpenAI's response_format. An answer that does not parse (or validate) is an
-    invalid_output failure."""
+    """OpenAI's response_format, and Lifeline's "regex" (the whole answer must match
+    `pattern`). An answer that does not parse, validate or match is an invalid_output
+    failure."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "regex"]
     json_schema: JsonSchemaFormat | None = None
+    pattern: str | None = None  # for "regex": Python's re syntax, matched against the whole answer
 
 
 # The metadata key under which a target with pass_failures gets the error kinds of the
@@ -160,11 +243,20 @@ class CompletionRequest(Struct, frozen=True):
     faults: dict[str, Fault | list[Fault]] | None = None
     # On llm.stream: what a failure after the first chunk leads to (None: the route's, "reset").
     on_midstream: OnMidstream | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: the provider's default ("auto" with tools)
+    parallel_tool_calls: bool | None = None
+    stop: list[str] | None = None  # stop sequences
+    seed: int | None = None
+    # An answer cut short by max_tokens (finish_reason "length") fails as invalid_output.
+    fail_on_length: bool = False
 
 
 class Usage(Struct, frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    reasoning_tokens: int = 0  # of output_tokens, spent on reasoning the answer does not show
 
 
 class Attempt(Struct, frozen=True):
@@ -219,6 +311,8 @@ class CompletionReply(Struct, frozen=True):
     target: str | None = None  # the name of the target that served
     template: str | None = None  # the prompt template that target used, if any
     stream: StreamStats | None = None  # set on llm.stream, where content is null (it streamed)
+    tool_calls: list[ToolCall] | None = None  # the calls the model asked for, if any
+    finish_reason: FinishReason | None = None
 
 
 class AuditEvent(Struct, frozen=True):
@@ -239,6 +333,8 @@ class AuditEvent(Struct, frozen=True):
     target: str | None = None
     template: str | None = None
     stream: StreamStats | None = None
+    finish_reason: str | None = None
+    tools_called: list[str] = []  # the names of the tools the answer calls (never the arguments)
 
 
 # ---- dispatcher <-> provider worker -------------------------------------------------
@@ -255,6 +351,11 @@ class ProviderRequest(Struct, frozen=True):
     metadata: dict[str, Any] = {}
     top_p: float | None = None
     response_format: ResponseFormat | None = None  # passed on where the provider supports it
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
 
 
 class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
@@ -266,6 +367,8 @@ class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
     usage: Usage = Usage()
     latency_ms: float = 0.0
     chunks: int = 0
+    tool_calls: list[ToolCall] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ProviderFailure(Struct, frozen=True, tag_field="status", tag="error"):

@@ -24,7 +24,15 @@ from nats.aio.msg import Msg
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.streaming import Assembler
-from schemas.wire import ResponseFormat, audit_decoder, encoder, reply_decoder
+from schemas.wire import (
+    NamedTool,
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+    audit_decoder,
+    encoder,
+    reply_decoder,
+)
 from service import client, loop, telemetry
 from service.app import (
     Component,
@@ -144,6 +152,17 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP "
         "status; comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
         "dispatcher.allow_fault_injection",
+    )
+    ask.add_argument(
+        "--tools",
+        metavar="JSON|FILE",
+        help="the tools the model may call, as a JSON list of "
+        '{"name", "description", "parameters": <JSON Schema>}, inline or in a file',
+    )
+    ask.add_argument(
+        "--tool-choice",
+        metavar="CHOICE",
+        help="auto, none, required, or the name of the one tool the model must call",
     )
     ask.add_argument(
         "--stream",
@@ -472,7 +491,34 @@ def _ask_request(args: argparse.Namespace) -> CompletionRequest:
         faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
         on_midstream=args.on_midstream,
+        tools=_tools(args.tools) if args.tools else None,
+        tool_choice=_tool_choice(args.tool_choice),
     )
+
+
+def _tools(source: str) -> list[Tool]:
+    """--tools: a JSON list of tools, inline or in a file; ValueError saying what is wrong."""
+    try:
+        data = source.encode() if source.lstrip().startswith("[") else Path(source).read_bytes()
+        return msgspec.json.decode(data, type=list[Tool])
+    except OSError as exc:
+        raise ValueError(f"--tools {source}: {exc.strerror}") from None
+    except msgspec.ValidationError as exc:
+        raise ValueError(
+            f"--tools: {exc}; expected a JSON list of "
+            '{"name", "description", "parameters"} objects'
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"--tools: not JSON ({exc})") from None
+
+
+_CHOICES: dict[str, ToolChoice] = {"auto": "auto", "none": "none", "required": "required"}
+
+
+def _tool_choice(choice: str | None) -> ToolChoice | None:
+    if choice is None:
+        return None
+    return _CHOICES.get(choice) or NamedTool(choice)
 
 
 async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> int:
@@ -569,6 +615,10 @@ def _print_reply(reply: CompletionReply) -> None:
     if reply.status == "ok":
         if reply.content is not None:  # a streamed answer was printed as it came
             print(reply.content)
+        for call in reply.tool_calls or ():
+            print(f"tool call {call.id}: {call.name}({call.arguments})")
+        if reply.finish_reason is not None:
+            print(f"finish: {reply.finish_reason}")
         template = f", template {reply.template}" if reply.template else ""
         print(
             f"\nserved by {reply.target or reply.provider} "

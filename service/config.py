@@ -28,7 +28,7 @@ from msgspec import Meta, Struct
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import OnMidstream, TargetSpec
 from service.health import BreakerSettings
-from service.shaping import Template
+from service.shaping import DROPPABLE, Template
 from workers.base import ProviderSettings
 from workers.registry import KINDS, parse_settings
 
@@ -402,6 +402,12 @@ def _check_target(
     problem = _bad_kind(ref.retry_on)
     if problem is not None:
         raise TargetError(problem[1], f"retry_on[{problem[0]}]")
+    for i, name in enumerate(ref.drop):
+        if name not in DROPPABLE:
+            raise TargetError(
+                f"{name!r} is not a request parameter a target can drop ({', '.join(DROPPABLE)})",
+                f"drop[{i}]",
+            )
     if ref.breaker is not None:
         try:
             _breaker("breaker", ref.breaker)

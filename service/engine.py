@@ -317,6 +317,11 @@ def _provider_request(plan: Plan) -> ProviderRequest:
         metadata=request.metadata,
         top_p=request.top_p,
         response_format=request.response_format,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        stop=request.stop,
+        seed=request.seed,
     )
 
 
@@ -348,6 +353,8 @@ def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> Comple
         trace_id=trace_id,
         target=target.name,
         template=target.shaping.template_name if target.shaping is not None else None,
+        tool_calls=answer.tool_calls,
+        finish_reason=answer.finish_reason,
     )
 
 
@@ -375,6 +382,8 @@ def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) 
         target=reply.target,
         template=reply.template,
         stream=reply.stream,
+        finish_reason=reply.finish_reason,
+        tools_called=[call.name for call in reply.tool_calls or ()],
     )
 
 

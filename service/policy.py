@@ -87,6 +87,8 @@ class Needs(NamedTuple):
 
     input_tokens: int | None = None  # estimated; None when no target declares max_input_tokens
     json: bool = False
+    tools: bool = False  # the request offers tools
+    images: bool = False  # a message has an image
 
 
 class ChainResult(NamedTuple):
@@ -229,6 +231,10 @@ def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
             "json_output",
             f"the request wants JSON output; {target.name} sets json_output = false",
         )
+    if needs.tools and not target.tools:
+        return "tools", f"the request offers tools; {target.name} sets tools = false"
+    if needs.images and not target.vision:
+        return "vision", f"the request has images; {target.name} sets vision = false"
     return None
 
 

@@ -42,7 +42,14 @@ from service.config import Config, Step, breaker_settings
 from service.faults import check_faults
 from service.health import ADHOC_MODEL
 from service.policy import Chain, Hedge, Limits, Needs
-from service.shaping import Shaping, Validator, estimate_tokens, output_validator, template_tokens
+from service.shaping import (
+    Shaping,
+    Validator,
+    estimate_tokens,
+    output_validator,
+    template_tokens,
+    wants_json,
+)
 from service.target import HealthKey, Target
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
@@ -140,9 +147,19 @@ class Router:
             breaker = breaker_settings(self.config.breaker, route_breaker, spec.breaker)
         shaping = None
         template = self.config.templates[spec.template] if spec.template is not None else None
-        if (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template) != (None,) * 5:
+        own = (spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.stop)
+        if own != (None,) * 6 or (spec.seed, spec.parallel_tool_calls) != (None, None) or spec.drop:
             shaping = Shaping(
-                spec.model, spec.temperature, spec.max_tokens, spec.top_p, template, spec.template
+                spec.model,
+                spec.temperature,
+                spec.max_tokens,
+                spec.top_p,
+                template,
+                spec.template,
+                tuple(spec.stop) if spec.stop is not None else None,
+                spec.seed,
+                spec.parallel_tool_calls,
+                frozenset(spec.drop),
             )
         return Target(
             provider=spec.provider,
@@ -157,6 +174,8 @@ class Router:
             max_input_tokens=spec.max_input_tokens,
             prompt_tokens=template_tokens(template) if template is not None else 0,
             json_output=spec.json_output,
+            tools=spec.tools,
+            vision=spec.vision,
             pass_failures=spec.pass_failures,
             weight=spec.weight,
             breaker=breaker if breaker.enabled else None,
@@ -254,14 +273,20 @@ class Router:
             fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
         max_attempts = self._max_attempts(request, route, refuse)
         try:
-            validate = output_validator(request.response_format)
+            validate = output_validator(request)
         except ValueError as exc:
             raise refuse(str(exc)) from None
         faults = self._faults(request.faults, chain, refuse) if request.faults else None
         needs = _NO_NEEDS
-        if route.counts_tokens or validate is not None:
-            tokens = estimate_tokens(request.messages) if route.counts_tokens else None
-            needs = Needs(tokens, validate is not None)
+        images = any(not isinstance(m.content, str) for m in request.messages) and any(
+            m.images for m in request.messages
+        )
+        json = wants_json(request.response_format)
+        if route.counts_tokens or json or request.tools or images:
+            tokens = (
+                estimate_tokens(request.messages, request.tools) if route.counts_tokens else None
+            )
+            needs = Needs(tokens, json, bool(request.tools), images)
         limits = Limits(
             deadline,
             max_attempts,

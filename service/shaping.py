@@ -1,25 +1,32 @@
 """What a request looks like to one target, and whether an answer is what it asked for.
 
 Shaping / shape()        a target's model, parameters and prompt template applied to the
-                         request, giving that target's ProviderRequest
-estimate_tokens()        input size in tokens, estimated offline (for max_input_tokens)
-output_validator()       response_format as a check: JSON that parses, and validates
-                         against the request's JSON Schema (jsonschema, draft 2020-12)
+                         request, and the request parameters it drops, giving that target's
+                         ProviderRequest
+estimate_tokens()        input size in tokens, estimated offline (for max_input_tokens):
+                         text, images, tool calls and the tools' definitions
+output_validator()       what the request asks of an answer, as checks: response_format
+                         (JSON that parses and validates against its JSON Schema, formats
+                         such as date-time included; or a regular expression the whole
+                         answer matches), tool_choice (a tool call, of the named tool), tool
+                         calls whose arguments validate against their tool's parameters, and
+                         with fail_on_length an answer not cut short by max_tokens
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jsonschema
 import msgspec
+import regex
 from msgspec import Struct
 
-from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
-from schemas.wire import ResponseFormat
+from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
+from schemas.wire import ImagePart, NamedTool, ResponseFormat, TextPart, Tool
 
 
 class Template(Struct, frozen=True, forbid_unknown_fields=True):
@@ -38,6 +45,20 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("`user` must contain {input}, or the user's message would be dropped")
 
 
+# The request parameters a target may drop (`drop = ["seed", "stop"]`): never sent to it.
+DROPPABLE = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+)
+
+
 class Shaping(NamedTuple):
     """A target's own request parameters; None leaves the request's value."""
 
@@ -47,6 +68,10 @@ class Shaping(NamedTuple):
     top_p: float | None = None
     template: Template | None = None
     template_name: str | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    parallel_tool_calls: bool | None = None
+    drop: frozenset[str] = frozenset()  # of DROPPABLE: left out of what this target is sent
 
 
 def shape(
@@ -55,14 +80,21 @@ def shape(
     messages = base.messages
     if shaping.template is not None:
         messages = apply_template(messages, shaping.template, previous_errors)
-    return msgspec.structs.replace(
-        base,
-        model=shaping.model if shaping.model is not None else base.model,
-        temperature=shaping.temperature if shaping.temperature is not None else base.temperature,
-        max_tokens=shaping.max_tokens if shaping.max_tokens is not None else base.max_tokens,
-        top_p=shaping.top_p if shaping.top_p is not None else base.top_p,
-        messages=messages,
-    )
+    own = {
+        "model": shaping.model,
+        "temperature": shaping.temperature,
+        "max_tokens": shaping.max_tokens,
+        "top_p": shaping.top_p,
+        "stop": list(shaping.stop) if shaping.stop is not None else None,
+        "seed": shaping.seed,
+        "parallel_tool_calls": shaping.parallel_tool_calls,
+    }
+    changes: dict[str, Any] = {name: value for name, value in own.items() if value is not None}
+    for name in shaping.drop:
+        changes[name] = None
+    if "tools" in shaping.drop:  # a choice among no tools means nothing to the provider
+        changes["tool_choice"] = changes["parallel_tool_calls"] = None
+    return msgspec.structs.replace(base, messages=messages, **changes)
 
 
 def apply_template(
@@ -74,7 +106,7 @@ def apply_template(
     out = list(messages)
     errors = ", ".join(previous_errors)
     if template.system is not None:
-        own = "\n\n".join(m.content for m in out if m.role == "system")
+        own = "\n\n".join(m.text for m in out if m.role == "system")
         text = template.system.replace("{previous_errors}", errors).replace("{system}", own).strip()
         out = ([ChatMessage("system", text)] if text else []) + [
             m for m in out if m.role != "system"
@@ -83,11 +115,19 @@ def apply_template(
         for i in range(len(out) - 1, -1, -1):
             if out[i].role == "user":
                 text = template.user.replace("{previous_errors}", errors).replace(
-                    "{input}", out[i].content
+                    "{input}", out[i].text
                 )
-                out[i] = ChatMessage("user", text)
+                out[i] = ChatMessage("user", _with_text(out[i], text))
                 break
     return out
+
+
+def _with_text(message: ChatMessage, text: str) -> str | list[Any]:
+    """The message's content with its text replaced by `text`; its images stay."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        return text
+    return [TextPart(text), *(part for part in content if isinstance(part, ImagePart))]
 
 
 def template_tokens(template: Template) -> int:
@@ -102,17 +142,28 @@ def template_tokens(template: Template) -> int:
 
 _PER_MESSAGE = 4  # role and separators, as OpenAI's chat format counts them
 _ASCII_CHARS_PER_TOKEN = 4  # English prose in the GPT and Claude tokenizers
+# An image: OpenAI counts 765 tokens for a high-detail 1024x1024 one, Anthropic about 1,600
+# for its largest (1092x1092); without decoding the image, a middle figure.
+_IMAGE_TOKENS = 1000
 
 
-def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
-    """About how many tokens the messages take, without a tokenizer or the network.
+def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> int:
+    """About how many tokens the messages (and the tools' definitions) take, without a
+    tokenizer or the network.
 
     ASCII text counts 4 characters per token; every other character counts a whole token,
     which is close for CJK scripts and errs high for accented Latin text. Errors either
     way are caught: an estimate too high sends the request to a longer-context target; one
     too low gets a context_length failure, which has its own fallback chain.
     """
-    return 3 + sum(_PER_MESSAGE + text_tokens(m.content) for m in messages)
+    total = 3
+    for m in messages:
+        total += _PER_MESSAGE + text_tokens(m.text) + _IMAGE_TOKENS * m.images
+        for call in m.tool_calls or ():
+            total += _PER_MESSAGE + text_tokens(call.name) + text_tokens(call.arguments)
+    if tools:
+        total += text_tokens(msgspec.json.encode(tools).decode())
+    return total
 
 
 def text_tokens(text: str) -> int:
@@ -127,10 +178,104 @@ _validators: OrderedDict[bytes, jsonschema.protocols.Validator] = OrderedDict()
 _VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
 # A larger schema is compiled per request: 256 of them could hold 256 MiB.
 _CACHED_SCHEMA_BYTES = 16 * 1024
+# A regular expression from a request runs on the event loop: a pathological one (nested
+# quantifiers on a long answer) must not stall every other request for long.
+_REGEX_TIMEOUT_S = 0.05
+_MAX_PATTERN_CHARS = 1000
+
+Check = Callable[[ProviderOk], ProviderOk | str]  # the answer (perhaps unfenced), or what failed
 
 
 class Validator:
-    """Checks a good answer against response_format; a failed check is an invalid_output failure."""
+    """Checks a good answer against what the request asked; the first check that fails makes
+    it an invalid_output failure. Messages say where the answer failed, never quote it (the
+    attempts reach the audit event, which carries no answer text)."""
+
+    __slots__ = ("checks",)
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        self.checks = tuple(checks)
+
+    def __call__(self, answer: ProviderOk) -> ProviderOk | ProviderFailure:
+        for check in self.checks:
+            result = check(answer)
+            if isinstance(result, str):
+                return ProviderFailure("invalid_output", result)
+            answer = result
+        return answer
+
+
+def output_validator(request: CompletionRequest) -> Validator | None:
+    """The checks for what `request` asks of an answer (None: it asks nothing); raises
+    ValueError for an unusable response_format or tool schema."""
+    checks: list[Check] = []
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        checks.append(_format_check(response_format))
+    if request.tools:
+        checks.append(_ToolCheck(request.tools, request.tool_choice))
+    elif isinstance(request.tool_choice, NamedTool) or request.tool_choice == "required":
+        raise ValueError("tool_choice asks for a tool call, but the request has no tools")
+    if request.fail_on_length:
+        checks.append(_not_cut_short)
+    return Validator(checks) if checks else None
+
+
+def wants_json(response_format: ResponseFormat | None) -> bool:
+    """Whether the answer must be JSON (a target with json_output = false cannot give it)."""
+    return response_format is not None and response_format.type in ("json_object", "json_schema")
+
+
+def _format_check(response_format: ResponseFormat) -> Check:
+    if response_format.type == "regex":
+        return _regex_check(response_format.pattern)
+    if response_format.type == "json_object":
+        return _JsonCheck(None, None)
+    spec = response_format.json_schema
+    if spec is None:
+        raise ValueError(
+            'response_format type "json_schema" needs a json_schema object: '
+            '{"name": ..., "schema": {...}}'
+        )
+    return _JsonCheck(spec.name, _compiled(spec.schema, "response_format.json_schema.schema"))
+
+
+def _compiled(schema: dict[str, Any], where: str) -> jsonschema.protocols.Validator:
+    """A validator for `schema` with format checking on (date-time, email, ...), compiled once
+    per schema while it stays in use."""
+    key = msgspec.json.encode(schema)
+    validator = _validators.get(key)
+    if validator is not None:
+        _validators.move_to_end(key)
+        return validator
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        raise ValueError(f"{where} is not a valid JSON Schema: {exc.message}") from None
+    validator = jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    if len(key) <= _CACHED_SCHEMA_BYTES:
+        _validators[key] = validator
+        if len(_validators) > _VALIDATORS_KEPT:
+            _validators.popitem(last=False)
+    return validator
+
+
+def _schema_error(validator: jsonschema.protocols.Validator, value: Any) -> str | None:
+    """Where `value` fails `validator`, said from the schema's side (jsonschema's own message
+    quotes the value)."""
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+    rule = msgspec.json.encode(error.validator_value).decode()[:120]
+    return f"at {where}, {error.validator} {rule} fails"
+
+
+class _JsonCheck:
+    """response_format json_object or json_schema: JSON that parses (from inside a Markdown
+    fence too), an object, and valid against the schema."""
 
     __slots__ = ("schema_name", "validator")
 
@@ -140,64 +285,103 @@ class Validator:
         self.schema_name = schema_name
         self.validator = validator
 
-    def __call__(self, answer: ProviderOk) -> ProviderOk | ProviderFailure:
+    def __call__(self, answer: ProviderOk) -> ProviderOk | str:
+        if answer.tool_calls and not answer.content:
+            return answer  # it calls tools instead of answering: the tool checks judge that
         text = _unfenced(answer.content)
         try:
             value = _decode(text)
         except msgspec.DecodeError as exc:
-            # The answer's text stays out: attempts reach the audit event, which never carries it.
-            return ProviderFailure(
-                "invalid_output", f"the answer is not valid JSON ({exc}; {len(text)} characters)"
-            )
+            return f"the answer is not valid JSON ({exc}; {len(text)} characters)"
         if self.validator is None:
             if not isinstance(value, dict):
-                return ProviderFailure(
-                    "invalid_output",
-                    f"json_object asks for an object; the answer is a {type(value).__name__}",
-                )
+                return f"json_object asks for an object; the answer is a {type(value).__name__}"
         else:
-            error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
+            error = _schema_error(self.validator, value)
             if error is not None:
-                # Said from the schema's side: jsonschema's own message quotes the answer's values.
-                where = "/".join(str(p) for p in error.absolute_path) or "the top level"
-                rule = msgspec.json.encode(error.validator_value).decode()[:120]
-                return ProviderFailure(
-                    "invalid_output",
-                    f"the answer does not match schema {self.schema_name!r}: "
-                    f"at {where}, {error.validator} {rule} fails",
-                )
+                return f"the answer does not match schema {self.schema_name!r}: {error}"
         return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
 
 
-def output_validator(response_format: ResponseFormat | None) -> Validator | None:
-    """The check for a request's response_format; raises ValueError for an unusable one."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return Validator(None, None)
-    spec = response_format.json_schema
-    if spec is None:
-        raise ValueError(
-            'response_format type "json_schema" needs a json_schema object: '
-            '{"name": ..., "schema": {...}}'
-        )
-    key = msgspec.json.encode(spec.schema)
-    validator = _validators.get(key)
-    if validator is None:
+def _regex_check(pattern: str | None) -> Check:
+    """response_format regex: the whole answer (without surrounding whitespace) matches."""
+    if not pattern:
+        raise ValueError('response_format type "regex" needs a pattern')
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise ValueError(f"response_format.pattern is over {_MAX_PATTERN_CHARS} characters")
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"response_format.pattern is not a regular expression: {exc}") from None
+
+    def check(answer: ProviderOk) -> ProviderOk | str:
+        text = answer.content.strip()
         try:
-            jsonschema.Draft202012Validator.check_schema(spec.schema)
-        except jsonschema.exceptions.SchemaError as exc:
+            matched = compiled.fullmatch(text, timeout=_REGEX_TIMEOUT_S)
+        except TimeoutError:
+            return (
+                f"response_format.pattern took over {_REGEX_TIMEOUT_S * 1000:g} ms on the answer "
+                f"({len(text)} characters); simplify the pattern"
+            )
+        if matched is None:
+            return f"the answer ({len(text)} characters) does not match response_format.pattern"
+        return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
+
+    return check
+
+
+class _ToolCheck:
+    """tool_choice kept (required: a tool call; a named tool: calls of that tool only), and
+    every tool call names one of the request's tools with arguments that are a JSON object
+    valid against the tool's parameters."""
+
+    __slots__ = ("choice", "tools")
+
+    def __init__(self, tools: Sequence[Tool], choice: object) -> None:
+        self.tools = {
+            tool.name: _compiled(tool.parameters, f"tools[{i}].parameters")
+            if tool.parameters
+            else None
+            for i, tool in enumerate(tools)
+        }
+        if isinstance(choice, NamedTool) and choice.name not in self.tools:
             raise ValueError(
-                f"response_format.json_schema.schema is not a valid JSON Schema: {exc.message}"
-            ) from None
-        validator = jsonschema.Draft202012Validator(spec.schema)
-        if len(key) <= _CACHED_SCHEMA_BYTES:
-            _validators[key] = validator
-            if len(_validators) > _VALIDATORS_KEPT:
-                _validators.popitem(last=False)
-    else:
-        _validators.move_to_end(key)
-    return Validator(spec.name, validator)
+                f"tool_choice names {choice.name!r}, which is not one of the request's tools "
+                f"({', '.join(self.tools)})"
+            )
+        self.choice = choice
+
+    def __call__(self, answer: ProviderOk) -> ProviderOk | str:
+        calls = answer.tool_calls or []
+        choice = self.choice
+        if not calls and (choice == "required" or isinstance(choice, NamedTool)):
+            wanted = "a call of " + choice.name if isinstance(choice, NamedTool) else "a tool call"
+            return f"tool_choice asks for {wanted}; the answer calls no tool"
+        for call in calls:
+            if isinstance(choice, NamedTool) and call.name != choice.name:
+                return f"tool_choice asks for {choice.name}; the answer calls another tool"
+            if call.name not in self.tools:
+                return f"tool call {call.id!r} names a tool the request does not offer"
+            try:
+                arguments = _decode(call.arguments)
+            except msgspec.DecodeError as exc:
+                return f"the arguments of tool call {call.id!r} are not valid JSON ({exc})"
+            if not isinstance(arguments, dict):
+                return f"the arguments of tool call {call.id!r} are not a JSON object"
+            validator = self.tools[call.name]
+            error = _schema_error(validator, arguments) if validator is not None else None
+            if error is not None:
+                return (
+                    f"the arguments of tool call {call.id!r} ({call.name}) fail its "
+                    f"parameters: {error}"
+                )
+        return answer
+
+
+def _not_cut_short(answer: ProviderOk) -> ProviderOk | str:
+    if answer.finish_reason == "length":
+        return "the answer was cut short by max_tokens (finish_reason length; fail_on_length)"
+    return answer
 
 
 def _unfenced(text: str) -> str:

@@ -52,6 +52,8 @@ class Target:
     max_input_tokens: int | None = None
     prompt_tokens: int = 0  # what the target's own template adds to the input, estimated
     json_output: bool = True
+    tools: bool = True  # it can call tools (false: skipped for a request with tools)
+    vision: bool = True  # it can read images (false: skipped for a request with images)
     pass_failures: bool = False
     weight: float = 1.0  # share within a load-balanced group (routing orders groups per request)
     breaker: BreakerSettings | None = None  # None: no circuit breaker

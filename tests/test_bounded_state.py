@@ -251,17 +251,20 @@ async def test_shared_health_stays_on_with_thousands_of_names_and_a_small_max_pa
 
 
 def test_compiled_output_schemas_are_cached_only_while_small():
+    from schemas import ChatMessage, CompletionRequest
     from schemas.wire import JsonSchemaFormat, ResponseFormat
     from service import shaping
+
+    def compiled(response_format: ResponseFormat) -> Any:
+        request = CompletionRequest([ChatMessage("user", "x")], response_format=response_format)
+        return shaping.output_validator(request).checks[0].validator
 
     shaping._validators.clear()
     big = {"type": "object", "description": "x" * (64 * 1024)}
     for n in range(20):
-        shaping.output_validator(
-            ResponseFormat("json_schema", JsonSchemaFormat(f"s{n}", {**big, "title": str(n)}))
-        )
+        compiled(ResponseFormat("json_schema", JsonSchemaFormat(f"s{n}", {**big, "title": str(n)})))
     assert (
         len(shaping._validators) == 0
     )  # each 64 KiB schema is compiled for its request and dropped
     small = ResponseFormat("json_schema", JsonSchemaFormat("small", {"type": "object"}))
-    assert shaping.output_validator(small).validator is shaping.output_validator(small).validator
+    assert compiled(small) is compiled(small)

@@ -100,6 +100,31 @@ def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
     wait_for_line(running[0], r"chatty:server_error 503->fallback -> storyteller:ok  streamed 21")
 
 
+WEATHER_TOOLS = (
+    '[{"name": "get_weather", "parameters": {"type": "object", '
+    '"properties": {"city": {"type": "string"}}, "required": ["city"]}}]'
+)
+
+
+def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(running):
+    """The example's tools route: backup cannot call tools and is skipped; agent calls one."""
+    _, url = running
+    args = ("--route", "tools", "--tools", WEATHER_TOOLS, "--tool-choice", "required")
+    result = run_lifeline("ask", "--nats-url", url, *args, "Weather in Paris?")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert 'tool call call_1: get_weather({"city": "Paris"})' in out
+    assert "finish: tool_calls" in out
+    assert re.search(r"1\. backup .* skipped:tools", out)
+    assert "served by agent" in out
+
+
+def test_ask_says_what_is_wrong_with_its_tools():
+    result = run_lifeline("ask", "--tools", '[{"description": "no name"}]', "hi")
+    assert result.returncode == 2
+    assert "--tools" in result.stderr and "name" in result.stderr
+
+
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
+from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import JsonSchemaFormat, ResponseFormat
 from service.shaping import Template
 from service.shaping import (
@@ -25,6 +25,13 @@ PERSON = {
 }
 
 
+def validator_for(response_format: ResponseFormat | None, **request: Any) -> Any:
+    """The checks of a request with this response_format (and other fields)."""
+    return output_validator(
+        CompletionRequest([ChatMessage("user", "x")], response_format=response_format, **request)
+    )
+
+
 def chat(*messages: tuple[str, str]) -> list[ChatMessage]:
     return [ChatMessage(role, content) for role, content in messages]
 
@@ -34,7 +41,7 @@ def answer(content: str) -> ProviderOk:
 
 
 def check(response_format: ResponseFormat, content: str) -> ProviderOk | ProviderFailure:
-    validator = output_validator(response_format)
+    validator = validator_for(response_format)
     assert validator is not None
     return validator(answer(content))
 
@@ -138,7 +145,7 @@ def test_each_cjk_character_counts_as_a_token():
 
 @pytest.mark.parametrize("response_format", [None, ResponseFormat("text")])
 def test_text_and_no_response_format_need_no_check(response_format):
-    assert output_validator(response_format) is None
+    assert validator_for(response_format) is None
 
 
 def test_json_object_accepts_an_object_unchanged():
@@ -195,12 +202,12 @@ def test_a_wrong_type_is_invalid_output_naming_its_path():
 
 def test_an_invalid_schema_is_a_value_error():
     with pytest.raises(ValueError, match="not a valid JSON Schema"):
-        output_validator(schema({"type": "person"}))
+        validator_for(schema({"type": "person"}))
 
 
 def test_json_schema_without_its_schema_object_is_a_value_error():
     with pytest.raises(ValueError, match="json_schema"):
-        output_validator(ResponseFormat("json_schema"))
+        validator_for(ResponseFormat("json_schema"))
 
 
 def test_previous_errors_fill_their_placeholder_in_both_template_fields():

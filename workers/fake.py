@@ -21,7 +21,13 @@ import msgspec
 from msgspec import Meta
 
 from schemas import ProviderOk, ProviderRequest, Usage
+from schemas.wire import FinishReason, ToolCall
 from workers.base import ProviderError, ProviderSettings, classify_status, response_too_large
+
+
+class FakeToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    arguments: str = "{}"  # JSON, as a provider sends it (malformed on purpose if you like)
 
 
 class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +48,11 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
     chunk_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
     fail_after_chunks: Annotated[int, Meta(ge=0)] | None = None
     stall_after_chunks: Annotated[int, Meta(ge=0)] | None = None
+    # Tool calls to answer with (finish_reason "tool_calls"), e.g.
+    # [{name = "get_weather", arguments = '{"city": "Paris"}'}]; `reply` is then the text beside
+    # them ("" for none). Only when the request offers tools.
+    tool_calls: tuple[FakeToolCall, ...] = ()
+    finish_reason: FinishReason | None = None  # e.g. "length": an answer cut short
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -115,11 +126,20 @@ class FakeProvider:
         if len(content.encode()) > s.max_response_bytes:
             raise response_too_large(200, s.max_response_bytes)
         usage = Usage(
-            input_tokens=sum(len(m.content.split()) for m in request.messages),
+            input_tokens=sum(len(m.text.split()) for m in request.messages),
             output_tokens=len(content.split()),
         )
         model = request.model or self.model
-        return ProviderOk(content=content, model=model, usage=usage), fail_after, status
+        calls = None
+        finish = s.finish_reason or "stop"
+        if s.tool_calls and request.tools:
+            calls = [
+                ToolCall(f"call_{i + 1}", call.name, call.arguments)
+                for i, call in enumerate(s.tool_calls)
+            ]
+            finish = s.finish_reason or "tool_calls"
+        answer = ProviderOk(content, model, usage, tool_calls=calls, finish_reason=finish)
+        return answer, fail_after, status
 
     def _fails(self) -> bool:
         if self.settings.fail_rate:
@@ -130,7 +150,7 @@ class FakeProvider:
     def _asked(request: ProviderRequest) -> tuple[int | None, int | None]:
         """("fail 503" -> (503, None); "fail 503 after 2" -> (503, 2) (a stream fails after
         2 chunks; an answer that does not stream is not failed by it)."""
-        users = [m.content for m in request.messages if m.role == "user"]
+        users = [m.text for m in request.messages if m.role == "user"]
         words = (users[-1] if users else "").split()
         if len(words) not in (2, 4) or words[0] != "fail" or not words[1].isdigit():
             return None, None
@@ -148,7 +168,7 @@ class FakeProvider:
             return msgspec.json.encode(request).decode()
         if self.settings.reply != "echo":
             return self.settings.reply
-        users = [m.content for m in request.messages if m.role == "user"]
+        users = [m.text for m in request.messages if m.role == "user"]
         return users[-1] if users else ""
 
     async def aclose(self) -> None:

@@ -1,0 +1,208 @@
+"""The whole chat request over a real nats-server: tools, tool calls, images, stop and seed,
+finish reasons, and the checks that make "the model did not do what was asked" fall back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from helpers import ask, config, fake, settled
+
+from schemas.wire import provider_request_decoder
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "when": {"type": "string", "format": "date"}},
+        "required": ["city"],
+    },
+}
+PARIS = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def chat(text: str = "What is the weather in Paris?", **fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **fields}
+
+
+def route(*targets: Any, **settings: Any) -> dict[str, Any]:
+    return {"default": {"targets": list(targets), **settings}}
+
+
+def outcomes(reply: Any) -> list[tuple[str, str, str | None]]:
+    return [(a.target, a.outcome, a.error_type or a.reason) for a in reply.attempts]
+
+
+async def test_a_tool_call_comes_back_normalised_and_the_audit_names_only_the_tool(
+    lifeline, client, audit
+):
+    await lifeline(config({"agent": fake(reply="", tool_calls=[PARIS])}))
+    reply = await ask(client, chat(tools=[WEATHER]))
+    assert reply.status == "ok"
+    assert reply.finish_reason == "tool_calls" and reply.content == ""
+    [call] = reply.tool_calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    [(_, event)] = await audit.wait_for(1)
+    assert event.finish_reason == "tool_calls" and event.tools_called == ["get_weather"]
+    assert b"Paris" not in audit.raw[0]  # never the arguments
+
+
+async def test_tools_stop_and_seed_reach_the_provider_and_a_target_can_drop_or_set_them(
+    lifeline, client
+):
+    # reply = "request": the fake answers with the ProviderRequest it got.
+    providers = {"plain": fake(reply="request"), "shaped": fake(reply="request")}
+    chain = route("plain")
+    chain["shaped"] = {
+        "targets": [{"provider": "shaped", "drop": ["seed", "tools"], "stop": ["END"]}]
+    }
+    await lifeline(config(providers, chain))
+    asked = chat(tools=[WEATHER], tool_choice="auto", stop=["\n\n"], seed=7)
+    sent = provider_request_decoder.decode((await ask(client, asked)).content)
+    assert [t.name for t in sent.tools] == ["get_weather"]
+    assert (sent.tool_choice, sent.stop, sent.seed) == ("auto", ["\n\n"], 7)
+    sent = provider_request_decoder.decode(
+        (await ask(client, {**asked, "route": "shaped"})).content
+    )
+    assert (sent.tools, sent.tool_choice, sent.seed, sent.stop) == (None, None, None, ["END"])
+
+
+# ---- capability checks: skipped, never called ------------------------------------------------
+
+
+async def test_a_target_without_tools_is_skipped_for_a_request_with_tools(lifeline, client):
+    providers = {"textonly": fake(), "agent": fake(tool_calls=[PARIS])}
+    await lifeline(config(providers, route({"provider": "textonly", "tools": False}, "agent")))
+    reply = await ask(client, chat(tools=[WEATHER]))
+    assert outcomes(reply) == [("textonly", "skipped", "tools"), ("agent", "ok", None)]
+    reply = await ask(client, chat())  # without tools it is called
+    assert outcomes(reply) == [("textonly", "ok", None)]
+
+
+async def test_a_target_without_vision_is_skipped_for_a_request_with_an_image(lifeline, client):
+    providers = {"blind": fake(), "seeing": fake(reply="a cat")}
+    await lifeline(config(providers, route({"provider": "blind", "vision": False}, "seeing")))
+    image = {"type": "image", "url": "https://example.com/cat.png"}
+    asked = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What?"}, image]}]}
+    reply = await ask(client, asked)
+    assert outcomes(reply) == [("blind", "skipped", "vision"), ("seeing", "ok", None)]
+
+
+async def test_images_count_towards_max_input_tokens(lifeline, client):
+    providers = {"small": fake(), "large": fake(reply="big enough")}
+    await lifeline(
+        config(providers, route({"provider": "small", "max_input_tokens": 500}, "large"))
+    )
+    image = {"type": "image", "data": "iVBORw0KGgo=", "media_type": "image/png"}
+    reply = await ask(client, {"messages": [{"role": "user", "content": [image]}]})
+    assert outcomes(reply) == [("small", "skipped", "max_input_tokens"), ("large", "ok", None)]
+
+
+# ---- output checks: invalid_output, and the next target answers -----------------------------
+
+
+@pytest.mark.parametrize(
+    "weak, asked, why",
+    [
+        (fake(reply="prose instead"), {"tool_choice": "required"}, "calls no tool"),
+        (
+            fake(tool_calls=[{"name": "get_time", "arguments": "{}"}]),
+            {"tool_choice": {"name": "get_weather"}},
+            "calls another tool",
+        ),
+        (
+            fake(tool_calls=[{"name": "get_weather", "arguments": '{"city": '}]),
+            {},
+            "not valid JSON",
+        ),
+        (
+            fake(tool_calls=[{"name": "get_weather", "arguments": '{"town": "Paris"}'}]),
+            {},
+            "fail its parameters: at the top level, required",
+        ),
+        (
+            fake(tool_calls=[{"name": "get_weather", "arguments": '{"city": "P", "when": "Fri"}'}]),
+            {},
+            'at when, format "date" fails',
+        ),
+    ],
+    ids=["required", "named", "arguments-json", "arguments-schema", "arguments-format"],
+)
+async def test_a_tool_call_that_is_not_what_was_asked_falls_back(
+    lifeline, client, weak, asked, why
+):
+    tools = [WEATHER, {"name": "get_time", "parameters": {"type": "object"}}]
+    await lifeline(config({"weak": weak, "strong": fake(reply="", tool_calls=[PARIS])}))
+    reply = await ask(client, chat(tools=tools, **asked))
+    assert outcomes(reply) == [("weak", "error", "invalid_output"), ("strong", "ok", None)]
+    assert why in reply.attempts[0].message
+    assert "Fri" not in reply.attempts[0].message  # said from the schema's side, never quoted
+    assert reply.tool_calls[0].name == "get_weather"
+
+
+async def test_fail_on_length_treats_a_truncated_answer_as_a_failure(lifeline, client):
+    providers = {"cut": fake(reply="Once upon a", finish_reason="length"), "whole": fake()}
+    await lifeline(config(providers))
+    reply = await ask(client, chat("hi"))  # without the flag a cut answer is an answer
+    assert (reply.provider, reply.finish_reason) == ("cut", "length")
+    reply = await ask(client, chat("hi", fail_on_length=True))
+    assert outcomes(reply) == [("cut", "error", "invalid_output"), ("whole", "ok", None)]
+    assert "max_tokens" in reply.attempts[0].message
+
+
+# LangChain's "better model when parsing fails" example parses a datetime.
+DATE_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "when",
+        "schema": {
+            "type": "object",
+            "properties": {"at": {"type": "string", "format": "date-time"}},
+            "required": ["at"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "response_format, weak, good",
+    [
+        (
+            {"type": "regex", "pattern": r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"},
+            "It happened on the 4th of July",
+            "1776-07-04T12:00:00Z",
+        ),
+        (DATE_SCHEMA, '{"at": "the 4th of July"}', '{"at": "1776-07-04T12:00:00Z"}'),
+    ],
+    ids=["regex", "date-time"],
+)
+async def test_a_datetime_answer_that_does_not_parse_falls_back_to_a_better_model(
+    lifeline, client, response_format, weak, good
+):
+    await lifeline(config({"cheap": fake(reply=weak), "better": fake(reply=good)}))
+    reply = await ask(client, chat("When was it?", response_format=response_format))
+    assert outcomes(reply) == [("cheap", "error", "invalid_output"), ("better", "ok", None)]
+    assert reply.content == good
+    assert "July" not in reply.attempts[0].message
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"tool_choice": "required"}, "no tools"),
+        ({"tools": [WEATHER], "tool_choice": {"name": "nope"}}, "not one of the request's tools"),
+        ({"tools": [{"name": "bad", "parameters": {"type": 12}}]}, "tools[0].parameters"),
+        ({"response_format": {"type": "regex", "pattern": "("}}, "not a regular expression"),
+        ({"response_format": {"type": "regex"}}, "needs a pattern"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "tool_call_id"),
+        ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "exactly one of"),
+    ],
+)
+async def test_an_unusable_tool_or_check_is_refused_before_any_call(lifeline, client, fields, why):
+    stack = await lifeline(config({"main": fake()}))
+    reply = await ask(client, {**chat(), **fields})
+    assert reply.status == "error" and reply.error.type == "invalid_request"
+    assert why in reply.error.message and reply.attempts == []
+    await settled(client, stack)
