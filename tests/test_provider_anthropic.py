@@ -111,12 +111,14 @@ async def test_system_messages_are_joined_into_the_system_field(make):
     assert server.sent_json()["messages"] == [{"role": "user", "content": "Hi"}]
 
 
-async def test_consecutive_messages_of_one_role_are_passed_through(make):
+async def test_consecutive_messages_of_one_role_are_merged_into_one_turn_of_blocks(make):
     server = Server()
     await make(server).complete(request(("user", "One."), ("user", "Two.")), timeout_s=5)
     assert server.sent_json()["messages"] == [
-        {"role": "user", "content": "One."},
-        {"role": "user", "content": "Two."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}],
+        },
     ]
 
 
@@ -147,6 +149,7 @@ async def test_parses_content_model_and_usage_from_the_message(make):
         content="Hi! My name is Claude.",
         model="claude-sonnet-4-20250514",
         usage=Usage(input_tokens=2095, output_tokens=503),
+        finish_reason="stop",
     )
 
 

@@ -162,6 +162,7 @@ async def test_parses_content_model_and_usage_from_the_completion(make):
         content="Yes, customer managed keys are supported.",
         model="gpt-4o-2024-08-06",
         usage=Usage(input_tokens=33, output_tokens=557),
+        finish_reason="stop",
     )
 
 

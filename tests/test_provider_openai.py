@@ -183,6 +183,7 @@ async def test_parses_content_model_and_usage_from_the_completion(make):
         content="Hello! How can I assist you today?",
         model="gpt-4o-mini-2024-07-18",
         usage=Usage(input_tokens=19, output_tokens=10),
+        finish_reason="stop",
     )
 
 

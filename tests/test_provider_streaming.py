@@ -360,7 +360,7 @@ async def test_the_deltas_join_into_the_answer_and_the_last_item_has_model_and_u
     server.answer = lambda handler: send(handler, kind.events(TEXTS))
     deltas, ok = await streamed(providers(kind, server.url))
     assert deltas == TEXTS
-    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage)
+    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage, finish_reason="stop")
 
 
 @each_kind
@@ -436,7 +436,7 @@ async def test_crlf_and_cr_line_ends_read_as_lf_ones(kind, newline, size, server
     server.answer = lambda handler: send(handler, cut(kind.events(TEXTS), size, newline))
     deltas, ok = await streamed(providers(kind, server.url))
     assert deltas == TEXTS
-    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage)
+    assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage, finish_reason="stop")
 
 
 async def test_deltas_are_passed_on_unstripped(server, providers):
@@ -474,7 +474,16 @@ async def test_anthropic_passes_on_text_only_and_takes_the_last_cumulative_usage
     thinking[1]["delta"]["thinking"] = "2 + 2 is 4"
     thinking[2]["delta"]["signature"] = "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"
     tool = [
-        {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use"}},
+        {
+            "type": "content_block_start",
+            "index": 2,
+            "content_block": {
+                "type": "tool_use",
+                "id": "toolu_01A09q90qw90lq917835lq9",
+                "name": "get_weather",
+                "input": {},
+            },
+        },
         {
             "type": "content_block_delta",
             "index": 2,

@@ -2,34 +2,48 @@
 
     POST {base_url}/v1/messages     x-api-key: <key>, anthropic-version: <version>
     {"model", "max_tokens", "system"?,
-     "messages": [{"role": "user"|"assistant", "content"}], "temperature"?}
+     "messages": [{"role": "user"|"assistant", "content": str | [block, ...]}],
+     "temperature"?, "top_p"?, "stop_sequences"?, "tools"?, "tool_choice"?}
+        blocks: {"type": "text", "text"}, {"type": "image", "source": {"type": "url", "url"} |
+                {"type": "base64", "media_type", "data"}}, {"type": "tool_use", "id", "name",
+                "input"} (assistant), {"type": "tool_result", "tool_use_id", "content"} (user)
+        tools: [{"name", "description"?, "input_schema"}]
+        tool_choice: {"type": "auto" | "any" | "none"} | {"type": "tool", "name"},
+                     with "disable_parallel_tool_use"? (not on "none")
     200 -> {"id", "type": "message", "role": "assistant", "model",
-            "content": [{"type": "text", "text"}, ...], "stop_reason",
-            "usage": {"input_tokens", "output_tokens"}}
+            "content": [{"type": "text", "text"} | {"type": "tool_use", "id", "name", "input"},
+                        ...], "stop_reason",
+            "usage": {"input_tokens", "output_tokens", "cache_creation_input_tokens"?,
+                      "cache_read_input_tokens"?}}
     4xx/5xx -> {"type": "error", "error": {"type", "message"}}   (529 overloaded_error)
 
     streamed: the same body with "stream": true
     200 -> text/event-stream, each event's data an object whose "type" is its name:
            message_start {"message": {"model", "usage": {"input_tokens", ...}}}
-           content_block_start, then content_block_delta {"delta": {"type": "text_delta",
-           "text"}} ..., content_block_stop, for each block
-           message_delta {"delta": {"stop_reason"}, "usage": {"output_tokens"}} (cumulative)
+           content_block_start {"index", "content_block": {"type": "text", "text"} |
+           {"type": "tool_use", "id", "name", "input": {}}}, then content_block_delta
+           {"index", "delta": {"type": "text_delta", "text"} |
+           {"type": "input_json_delta", "partial_json"}} ..., content_block_stop, for each block
+           message_delta {"delta": {"stop_reason"}, "usage": {"output_tokens", ...}} (cumulative)
            message_stop (the end); ping at any time; error {"error": {"type", "message"}}
 
-System prompts are a top-level field, not a message role, and max_tokens is required.
+System prompts are a top-level field, not a message role, and max_tokens is required. The
+messages alternate user and assistant: a tool's answer is a block of a user message.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
 import msgspec
 from httpx_sse import ServerSentEvent
 
-from schemas import ProviderOk, ProviderRequest, Usage
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import FinishReason, ImagePart, NamedTool, Part, TextPart, Tool, ToolCall
 from workers.base import (
     HttpProvider,
     ProviderError,
@@ -63,6 +77,23 @@ _TYPE_STATUS = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
+# The roles the Messages API takes as the top-level system prompt, not as messages.
+_SYSTEM_ROLES = ("system", "developer")
+# stop_reason as Lifeline's finish_reason. "refusal" is no answer at all (content_filter
+# error); "pause_turn" is a long turn the API paused, whose answer so far is whole as it is; a
+# stop_reason not listed here (one added later) gives no finish_reason.
+_FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+}
+# Lifeline's tool_choice as the Messages API's: "required" is its "any".
+_TOOL_CHOICE = {"auto": "auto", "none": "none", "required": "any"}
+# The input_schema of a tool declared without parameters: the API requires an object schema.
+_NO_PARAMETERS = {"type": "object", "properties": {}}
 
 
 class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -83,35 +114,151 @@ class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unkn
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
 
 
+# ---- the request ----------------------------------------------------------------------
+
+
 def messages_body(request: ProviderRequest, model: str, default_max_tokens: int) -> dict[str, Any]:
-    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    """The Messages API body of `request`; ProviderError(bad_request) for an assistant tool call
+    whose arguments the API cannot take (not a JSON object)."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
-        "messages": [
-            {"role": m.role, "content": m.content} for m in request.messages if m.role != "system"
-        ],
+        "messages": _turns(request.messages),
     }
+    system = "\n\n".join(m.text for m in request.messages if m.role in _SYSTEM_ROLES and m.text)
     if system:
         body["system"] = system
     if request.temperature is not None:
         body["temperature"] = request.temperature
     if request.top_p is not None:
         body["top_p"] = request.top_p
+    if request.stop:
+        body["stop_sequences"] = list(request.stop)
+    body.update(_tool_fields(request))
     # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
+    # Nor has seed: the API cannot make an answer repeatable, so it is left out.
     return body
+
+
+def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as the API's messages. The API wants user and assistant turns in
+    alternation, and a tool's answer is a user turn's block: so consecutive messages of one
+    resulting role (tool results, then the user's next words) become one turn of blocks."""
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role in _SYSTEM_ROLES:
+            continue
+        role = "assistant" if message.role == "assistant" else "user"
+        content = _content(message)
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = _as_blocks(turns[-1]["content"]) + _as_blocks(content)
+        else:
+            turns.append({"role": role, "content": content})
+    return turns
+
+
+def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """One message's content: a string as is (the API's short form), else blocks."""
+    if message.role == "tool":
+        return [
+            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.text}
+        ]
+    if message.role == "assistant" and message.tool_calls:
+        text = [{"type": "text", "text": message.text}] if message.text else []
+        return text + [_tool_use(call) for call in message.tool_calls]
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    return [_part(part) for part in message.content]
+
+
+def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Content as blocks, to merge with another's; an empty string is no block (the API
+    refuses an empty text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return content
+
+
+def _part(part: Part) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    return {"type": "image", "source": _image_source(part)}
+
+
+def _image_source(part: ImagePart) -> dict[str, Any]:
+    if part.url is not None:
+        return {"type": "url", "url": part.url}
+    return {"type": "base64", "media_type": part.media_type, "data": part.data}
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    """An earlier tool call of the assistant's. The API takes its input as an object, not as
+    the encoded JSON OpenAI's wire carries: arguments that do not decode to one are the
+    client's mistake, named by the call's id (the arguments are the client's data, not quoted)."""
+    try:
+        arguments = json.loads(call.arguments)
+    except (ValueError, RecursionError):
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ProviderError(
+            "bad_request",
+            f"the arguments of assistant tool call {call.id!r} are not a JSON object",
+        )
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": arguments}
+
+
+def _tool_fields(request: ProviderRequest) -> dict[str, Any]:
+    """tools and tool_choice. Without tools there is nothing to choose from, so a tool_choice
+    (or parallel_tool_calls) alone is left out: the API refuses a tool_choice without tools."""
+    if not request.tools:
+        return {}
+    fields: dict[str, Any] = {"tools": [_tool(tool) for tool in request.tools]}
+    choice = _tool_choice(request.tool_choice)
+    # parallel_tool_calls is a flag of the tool_choice here, on every type but "none".
+    if request.parallel_tool_calls is False and (choice is None or choice["type"] != "none"):
+        choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    if choice is not None:
+        fields["tool_choice"] = choice
+    return fields
+
+
+def _tool(tool: Tool) -> dict[str, Any]:
+    declared: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        declared["description"] = tool.description
+    declared["input_schema"] = tool.parameters or _NO_PARAMETERS
+    return declared
+
+
+def _tool_choice(choice: str | NamedTool | None) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, NamedTool):
+        return {"type": "tool", "name": choice.name}
+    return {"type": _TOOL_CHOICE[choice]}
+
+
+# ---- the answer -----------------------------------------------------------------------
 
 
 # The parts of a message object Lifeline reads, typed: msgspec skips the rest, and a body
 # that differs fails with the path and the type it found, never a value (see decode_body).
 class _Block(msgspec.Struct):
-    type: str | None = None  # "text", "thinking", "tool_use", ...: only text blocks are the answer
-    text: str | None = None
+    type: str | None = None  # "text", "tool_use", "thinking", ...: the others are no answer
+    text: str | None = None  # text
+    id: str | None = None  # tool_use
+    name: str | None = None  # tool_use
+    input: dict[str, Any] | None = None  # tool_use: the call's arguments, an object
 
 
 class _Usage(msgspec.Struct):
+    """Token counts. input_tokens leaves out what was read from or written to the prompt
+    cache: the cache_* counts are the rest of the input."""
+
     input_tokens: TokenCount | None = None
     output_tokens: TokenCount | None = None
+    cache_creation_input_tokens: TokenCount | None = None
+    cache_read_input_tokens: TokenCount | None = None
 
 
 class _Message(msgspec.Struct):
@@ -124,49 +271,57 @@ class _Message(msgspec.Struct):
 _message_decoder = msgspec.json.Decoder(_Message)
 
 
-# The parts of a stream's events Lifeline reads, typed as the whole message's are: one shape
-# for every event type (no tagged union, whose Literal tags would quote an unexpected value).
-class _EventDelta(msgspec.Struct):
-    type: str | None = None  # in content_block_delta: "text_delta", "input_json_delta", ...
-    text: str | None = None
-    stop_reason: str | None = None  # in message_delta
+def _usage(usage: _Usage | None) -> Usage:
+    """Lifeline's Usage: input_tokens is the whole input, cache reads and writes included, and
+    cached_input_tokens the part of it read from the cache (as OpenAI counts them)."""
+    usage = usage or _Usage()
+    cache_read = usage.cache_read_input_tokens or 0
+    whole_input = (usage.input_tokens or 0) + cache_read + (usage.cache_creation_input_tokens or 0)
+    return Usage(
+        input_tokens=whole_input,
+        output_tokens=usage.output_tokens or 0,
+        cached_input_tokens=cache_read,
+    )
 
 
-class _StartedMessage(msgspec.Struct):
-    model: str | None = None
-    usage: _Usage | None = None
-
-
-class _Event(msgspec.Struct):
-    type: str
-    message: _StartedMessage | None = None  # message_start
-    content_block: _Block | None = None  # content_block_start
-    delta: _EventDelta | None = None  # content_block_delta, message_delta
-    usage: _Usage | None = None  # message_delta
-    error: Any = None  # error: {"type", "message"}
-
-
-_event_decoder = msgspec.json.Decoder(_Event)
+def _refused() -> ProviderError:
+    """stop_reason "refusal": the safety classifiers stopped the answer; it is not one to pass
+    on, whole or streamed."""
+    return ProviderError("content_filter", "provider refused to answer (stop_reason refusal)", 200)
 
 
 def parse_message(response: httpx.Response, model: str) -> ProviderOk:
-    """A 200 message object as ProviderOk; `model` stands in when the body names none."""
+    """A 200 message object as ProviderOk; `model` stands in when the body names none. An
+    answer may be text, tool calls, or both: one that only calls tools has content ""."""
     data = decode_body(response, _message_decoder)
-    texts = [block.text for block in data.content if block.type == "text"]
-    if None in texts:
-        raise unexpected_body(response, "a content block of type text has no text")
-    # stop_reason "refusal": the safety classifiers stopped the answer; it is not one to pass on.
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in data.content:
+        if block.type == "text":
+            if block.text is None:
+                raise unexpected_body(response, "a content block of type text has no text")
+            texts.append(block.text)
+        elif block.type == "tool_use":
+            calls.append(_tool_call(response, block))
     if data.stop_reason == "refusal":
-        raise ProviderError(
-            "content_filter",
-            "provider refused to answer (stop_reason refusal)",
-            response.status_code,
-        )
-    usage = data.usage or _Usage()
-    tokens = Usage(input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0)
+        raise _refused()
     return ProviderOk(
-        content="".join(t for t in texts if t is not None), model=data.model or model, usage=tokens
+        content="".join(texts),
+        model=data.model or model,
+        usage=_usage(data.usage),
+        tool_calls=calls or None,
+        finish_reason=_FINISH.get(data.stop_reason or ""),
     )
+
+
+def _tool_call(response: httpx.Response, block: _Block) -> ToolCall:
+    """A tool_use block as a ToolCall, its input encoded as OpenAI's arguments are. Without
+    its id or name a call cannot be answered: the body is not the documented one."""
+    for field in ("id", "name"):
+        if not getattr(block, field):
+            raise unexpected_body(response, f"a content block of type tool_use has no {field}")
+    arguments = json.dumps(block.input or {}, ensure_ascii=False)
+    return ToolCall(id=block.id or "", name=block.name or "", arguments=arguments)
 
 
 def _error_kind(error_type: object, text: str, status: int) -> str:
@@ -194,59 +349,144 @@ def message_error(response: httpx.Response, secrets: Iterable[str]) -> ProviderE
     )
 
 
+# ---- the streamed answer --------------------------------------------------------------
+
+
+# The parts of a stream's events Lifeline reads, typed as the whole message's are: one shape
+# for every event type (no tagged union, whose Literal tags would quote an unexpected value).
+class _EventDelta(msgspec.Struct):
+    type: str | None = None  # in content_block_delta: "text_delta", "input_json_delta", ...
+    text: str | None = None  # text_delta
+    partial_json: str | None = None  # input_json_delta: the next piece of a tool call's input
+    stop_reason: str | None = None  # in message_delta
+
+
+class _StartedMessage(msgspec.Struct):
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _Event(msgspec.Struct):
+    type: str
+    index: int | None = None  # content_block_*: the block's place in the message's content
+    message: _StartedMessage | None = None  # message_start
+    content_block: _Block | None = None  # content_block_start
+    delta: _EventDelta | None = None  # content_block_delta, message_delta
+    usage: _Usage | None = None  # message_delta
+    error: Any = None  # error: {"type", "message"}
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+_COUNTS = tuple(_Usage.__struct_fields__)
+
+
+class _StreamedCall:
+    """A tool_use block as it streams: its id and name come first, its input in pieces."""
+
+    def __init__(self, block: _Block) -> None:
+        self.id = block.id or ""
+        self.name = block.name or ""
+        self.start = block.input  # {} as documented; an input given whole stands when no piece
+        self.pieces: list[str] = []
+
+    def call(self) -> ToolCall:
+        """The call, its arguments the pieces joined as the API wrote them: not checked, as a
+        call cut short by max_tokens has only the start of its input."""
+        arguments = "".join(self.pieces) or json.dumps(self.start or {}, ensure_ascii=False)
+        return ToolCall(id=self.id, name=self.name, arguments=arguments)
+
+
 class MessageStream:
-    """One streamed message's events (a StreamReader): its text deltas, the model message_start
-    names and the token counts message_start and message_delta report, until message_stop."""
+    """One streamed message's events (a StreamReader): its text deltas, the tool calls its
+    tool_use blocks make, the model message_start names, the token counts message_start and
+    message_delta report and message_delta's stop_reason, until message_stop."""
 
     end = "message_stop"
 
     def __init__(self, label: str, model: str) -> None:
         self.label = label
         self.model = model
-        self.input_tokens = 0
-        self.output_tokens = 0
+        self.counts: dict[str, int] = dict.fromkeys(_COUNTS, 0)
+        self.calls: dict[int | None, _StreamedCall] = {}  # by block index, in block order
+        self.finish_reason: FinishReason | None = None
 
     def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
         data: _Event = decode_event(event, _event_decoder)
         if data.type == "content_block_delta" and data.delta is not None:
-            return self._text(data.delta)
+            return self._delta(data.index, data.delta)
         if data.type == "content_block_start" and data.content_block is not None:
-            return data.content_block.text if data.content_block.type == "text" else None
+            return self._block(data.index, data.content_block)
         if data.type == "message_start" and data.message is not None:
             self.model = data.message.model or self.model
             self._count(data.message.usage)
         elif data.type == "message_delta":
             self._count(data.usage)
-            if data.delta is not None and data.delta.stop_reason == "refusal":
-                raise ProviderError(  # as parse_message: no answer to pass on
-                    "content_filter", "provider refused to answer (stop_reason refusal)", 200
-                )
+            self._stopped(data.delta)
         elif data.type == "message_stop":
-            usage = Usage(input_tokens=self.input_tokens, output_tokens=self.output_tokens)
-            return ProviderOk(content="", model=self.model, usage=usage)
+            return self._answer()
         elif data.type == "error":
             raise self._failed(data.error)
         return None  # ping, content_block_stop, and event types added later
 
-    def _text(self, delta: _EventDelta) -> str | None:
-        """A text_delta's text; the deltas of other blocks (tool input, thinking) are no part of
-        the answer, as parse_message reads only text blocks."""
-        if delta.type != "text_delta":
-            return None
-        if delta.text is None:
-            raise ProviderError(
-                "server_error",
-                "provider sent an unexpected stream event: a text_delta has no text",
-                200,
-            )
-        return delta.text
+    def _block(self, index: int | None, block: _Block) -> str | None:
+        """A block's start: a text block's first text (normally ""), or a tool call begun.
+        Other blocks (thinking, server tools) are no part of the answer, as in parse_message."""
+        if block.type == "text":
+            return block.text
+        if block.type == "tool_use":
+            for field in ("id", "name"):
+                if not getattr(block, field):
+                    raise self._unexpected(f"a tool_use block has no {field}")
+            self.calls[index] = _StreamedCall(block)
+        return None
+
+    def _delta(self, index: int | None, delta: _EventDelta) -> str | None:
+        """A text_delta's text, passed on; an input_json_delta's piece, kept for its call. The
+        deltas of other blocks (thinking) are no part of the answer."""
+        if delta.type == "text_delta":
+            if delta.text is None:
+                raise self._unexpected("a text_delta has no text")
+            return delta.text
+        if delta.type == "input_json_delta":
+            call = self.calls.get(index)
+            if call is None:
+                raise self._unexpected("an input_json_delta is for no tool_use block")
+            if delta.partial_json is None:
+                raise self._unexpected("an input_json_delta has no partial_json")
+            call.pieces.append(delta.partial_json)
+        return None
+
+    def _stopped(self, delta: _EventDelta | None) -> None:
+        """message_delta's stop_reason, once it names one; a refusal fails the answer."""
+        if delta is None or delta.stop_reason is None:
+            return
+        if delta.stop_reason == "refusal":
+            raise _refused()  # as parse_message: no answer to pass on
+        self.finish_reason = _FINISH.get(delta.stop_reason)
+
+    def _answer(self) -> ProviderOk:
+        calls = [call.call() for call in self.calls.values()]
+        return ProviderOk(
+            content="",
+            model=self.model,
+            usage=_usage(_Usage(**self.counts)),
+            tool_calls=calls or None,
+            finish_reason=self.finish_reason,
+        )
 
     def _count(self, usage: _Usage | None) -> None:
         """The counts `usage` has replace those held: message_delta's are cumulative."""
-        if usage is not None and usage.input_tokens is not None:
-            self.input_tokens = usage.input_tokens
-        if usage is not None and usage.output_tokens is not None:
-            self.output_tokens = usage.output_tokens
+        if usage is None:
+            return
+        for field in _COUNTS:
+            value = getattr(usage, field)
+            if value is not None:
+                self.counts[field] = value
+
+    def _unexpected(self, detail: str) -> ProviderError:
+        return ProviderError(
+            "server_error", f"provider sent an unexpected stream event: {detail}", 200
+        )
 
     def _failed(self, error: Any) -> ProviderError:
         """An error event: the kind message_error gives its type answered with that type's

@@ -3,9 +3,11 @@
     POST {endpoint}/openai/deployments/{deployment}/chat/completions?api-version={api_version}
     api-key: <key>
     Request, 200 and error bodies have the OpenAI Chat Completions shape (see workers.openai),
-    so this module reuses its body builder and parsing. Azure's content filter answers a
-    prompt with 400 {"error": {"code": "content_filter", "innererror": {"code":
-    "ResponsibleAIPolicyViolation", ...}}} and an answer with finish_reason "content_filter".
+    so this module reuses its body builder and parsing: image parts, tools, tool calls and
+    their streamed deltas, finish_reason and the usage details included. Azure's content
+    filter answers a prompt with 400 {"error": {"code": "content_filter", "innererror":
+    {"code": "ResponsibleAIPolicyViolation", ...}}} and an answer with finish_reason
+    "content_filter".
     Streamed, the chunks are OpenAI's too, with chunks of empty choices carrying Azure's
     prompt_filter_results (and model "") first. The stream_options it sends need a recent
     api_version (the default has them; older ones answer 400 unknown_parameter).

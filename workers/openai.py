@@ -1,16 +1,26 @@
 """The `openai` provider: OpenAI Chat Completions, and any server that speaks it.
 
     POST {base_url}/chat/completions     Authorization: Bearer <key>, OpenAI-Organization: <org>
-    {"model", "messages": [{"role", "content"}], "max_tokens"?, "temperature"?}
+    {"model", "messages": [{"role", "content": str | [part] | null, "tool_calls"?,
+                            "tool_call_id"?}],
+     "max_tokens"?, "temperature"?, "top_p"?, "response_format"?, "tools"?, "tool_choice"?,
+     "parallel_tool_calls"?, "stop"?, "seed"?}
+      part:      {"type": "text", "text"} | {"type": "image_url", "image_url": {"url"}}
+      tool_call: {"id", "type": "function", "function": {"name", "arguments": JSON text}}
+      tool:      {"type": "function", "function": {"name", "description"?, "parameters"}}
     200 -> {"id", "object": "chat.completion", "model",
-            "choices": [{"message": {"role", "content"}, "finish_reason"}],
-            "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+            "choices": [{"message": {"role", "content", "tool_calls"?}, "finish_reason"}],
+            "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
+                      "prompt_tokens_details"?: {"cached_tokens"},
+                      "completion_tokens_details"?: {"reasoning_tokens"}}}
     4xx/5xx -> {"error": {"message", "type", "param", "code"}}
 
     streamed: the same body with "stream": true, "stream_options": {"include_usage": true}
     200 -> text/event-stream, one chat.completion.chunk per event
-           data: {"model", "choices": [{"delta": {"role"?, "content"?}, "finish_reason"}],
-                  "usage": null}
+           data: {"model", "choices": [{"delta": {"role"?, "content"?, "tool_calls"?},
+                                        "finish_reason"}], "usage": null}
+             a tool call streams as deltas of one index: the first {"index", "id", "type",
+             "function": {"name", "arguments": ""}}, then {"index", "function": {"arguments"}}
            then one {"choices": [], "usage": {...}}, then data: [DONE];
            an error mid-stream is data: {"error": {"message", "type", "code"}}
 
@@ -29,7 +39,8 @@ import httpx
 import msgspec
 from httpx_sse import ServerSentEvent
 
-from schemas import ProviderOk, ProviderRequest, Usage
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import FinishReason, NamedTool, Part, TextPart, Tool, ToolCall
 from workers.base import (
     HttpProvider,
     ProviderError,
@@ -72,7 +83,7 @@ class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown
 def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [chat_message(message) for message in request.messages],
     }
     # Unset options are left out so the provider's own defaults apply.
     if request.max_tokens is not None:
@@ -81,15 +92,120 @@ def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
         body["temperature"] = request.temperature
     if request.top_p is not None:
         body["top_p"] = request.top_p
-    if request.response_format is not None:  # json_object / json_schema, OpenAI's own shape
+    if request.stop is not None:
+        body["stop"] = request.stop
+    if request.seed is not None:
+        body["seed"] = request.seed
+    # json_object / json_schema, OpenAI's own shape; "regex" is Lifeline's check, not OpenAI's.
+    if request.response_format is not None and request.response_format.type != "regex":
         body["response_format"] = msgspec.to_builtins(request.response_format)
-    return body
+    return body | _tool_options(request)
+
+
+def chat_message(message: ChatMessage) -> dict[str, Any]:
+    """One message in Chat Completions' shape. A developer message goes as system: every
+    compatible server knows system (local ones may not know developer), and OpenAI's newer
+    models read system as developer."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+    if message.role == "assistant" and message.tool_calls:
+        calls = [_tool_call(call) for call in message.tool_calls]
+        return {"role": "assistant", "content": message.text or None, "tool_calls": calls}
+    role = "system" if message.role == "developer" else message.role
+    return {"role": role, "content": _content(message.content)}
+
+
+def _content(content: str | list[Part] | None) -> str | list[dict[str, Any]]:
+    """A message's content: a string as is, parts as OpenAI's content parts. Only an assistant
+    message calling tools may go without content: for any other, none is the empty string."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return [_part(part) for part in content]
+
+
+def _part(part: Part) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    # An inline image goes as a data URL, the one form image_url takes besides a link.
+    url = part.url if part.url is not None else f"data:{part.media_type};base64,{part.data}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _tool_options(request: ProviderRequest) -> dict[str, Any]:
+    """tools, tool_choice and parallel_tool_calls. Without tools the other two are left out:
+    OpenAI refuses them then (400 "only allowed when 'tools' are specified")."""
+    if not request.tools:  # an empty list too: OpenAI refuses "tools": []
+        return {}
+    options: dict[str, Any] = {"tools": [_tool(tool) for tool in request.tools]}
+    choice = request.tool_choice
+    if isinstance(choice, NamedTool):
+        options["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    elif choice is not None:
+        options["tool_choice"] = choice  # "auto", "none" or "required", as OpenAI names them
+    if request.parallel_tool_calls is not None:
+        options["parallel_tool_calls"] = request.parallel_tool_calls
+    return options
+
+
+def _tool(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    # No arguments, spelled as the object schema compatible servers expect rather than {}.
+    function["parameters"] = tool.parameters or {"type": "object", "properties": {}}
+    return {"type": "function", "function": function}
+
+
+# finish_reason as the wire normalises it: "function_call" is the name before tools were. A
+# server's own reasons (vLLM's "abort", ...) say nothing the wire has a name for: None.
+# content_filter never gets here: the call fails instead (see _withheld).
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def finish_reason(reason: str | None, tool_calls: list[ToolCall] | None) -> FinishReason | None:
+    """The wire's finish_reason for OpenAI's. An answer that calls tools but says "stop" (OpenAI's
+    answer to a tool_choice naming a function; Gemini's compatible endpoint's always) reads
+    "tool_calls", so a client can tell from finish_reason alone that tools are to be run."""
+    normalised = _FINISH_REASONS.get(reason) if reason is not None else None
+    return "tool_calls" if tool_calls and normalised == "stop" else normalised
+
+
+def _withheld(status: int) -> ProviderError:
+    """finish_reason content_filter: the answer is missing or cut short, a failure the route
+    may fall back on, not an answer."""
+    return ProviderError(
+        "content_filter", "provider withheld the answer (finish_reason content_filter)", status
+    )
 
 
 # The parts of a chat.completion Lifeline reads, typed: msgspec skips the rest, and a body
 # that differs fails with the path and the type it found, never a value (see decode_body).
+class _Function(msgspec.Struct):
+    name: str
+    arguments: str = "{}"  # a JSON object, encoded: passed on as sent, never parsed here
+
+
+class _ToolCall(msgspec.Struct):
+    id: str
+    function: _Function
+
+    def wire(self) -> ToolCall:
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
 class _Message(msgspec.Struct):
-    content: str | None = None  # null when the answer was filtered
+    content: str | None = None  # null when the answer only calls tools, or was filtered
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -97,9 +213,31 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: TokenCount | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: TokenCount | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: TokenCount | None = None
     completion_tokens: TokenCount | None = None
+    # Newer than the counts, and left out by many compatible servers.
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+    def tokens(self) -> Usage:
+        """The wire's Usage: a count the body leaves out is 0."""
+        prompt = self.prompt_tokens_details or _PromptDetails()
+        completion = self.completion_tokens_details or _CompletionDetails()
+        return Usage(
+            input_tokens=self.prompt_tokens or 0,
+            output_tokens=self.completion_tokens or 0,
+            cached_input_tokens=prompt.cached_tokens or 0,
+            reasoning_tokens=completion.reasoning_tokens or 0,
+        )
 
 
 class _Completion(msgspec.Struct):
@@ -112,8 +250,21 @@ _completion_decoder = msgspec.json.Decoder(_Completion)
 
 
 # The parts of a chat.completion.chunk Lifeline reads, typed as the whole body's are.
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # a piece of the arguments' JSON text, cut anywhere
+
+
+class _ToolCallDelta(msgspec.Struct):
+    # Which call this delta is part of; Gemini's compatible endpoint leaves it out.
+    index: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    id: str | None = None  # in a call's first delta
+    function: _FunctionDelta | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None  # absent from the first chunk (role only) and the last ones
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _ChunkChoice(msgspec.Struct):
@@ -136,20 +287,19 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     """A 200 chat.completion as ProviderOk; `model` stands in when the body names none."""
     data = decode_body(response, _completion_decoder)
     choice = data.choices[0]
-    # A filtered answer is missing or cut short: a failure the route may fall back on, not an
-    # answer.
     if choice.finish_reason == "content_filter":
-        status = response.status_code
-        raise ProviderError(
-            "content_filter", "provider withheld the answer (finish_reason content_filter)", status
-        )
-    if choice.message.content is None:
-        raise unexpected_body(response, "choices[0].message.content is null or missing")
-    usage = data.usage or _Usage()
-    tokens = Usage(
-        input_tokens=usage.prompt_tokens or 0, output_tokens=usage.completion_tokens or 0
+        raise _withheld(response.status_code)
+    message = choice.message
+    calls = [call.wire() for call in message.tool_calls or ()]
+    if message.content is None and not calls:
+        raise unexpected_body(response, "choices[0].message has neither content nor tool_calls")
+    return ProviderOk(
+        content=message.content or "",
+        model=data.model or model,
+        usage=(data.usage or _Usage()).tokens(),
+        tool_calls=calls or None,
+        finish_reason=finish_reason(choice.finish_reason, calls),
     )
-    return ProviderOk(content=choice.message.content, model=data.model or model, usage=tokens)
 
 
 def _code_kind(error: dict[str, Any]) -> str | None:
@@ -172,9 +322,58 @@ def chat_error(response: httpx.Response, label: str, secrets: Iterable[str]) -> 
     )
 
 
+class _StreamedCall:
+    """One tool call as its deltas arrive: id and name from the first, arguments in pieces."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.arguments: list[str] = []  # joined once, at the end
+
+
+class _StreamedCalls:
+    """A stream's tool calls, built from their deltas by index. A delta without an index
+    (Gemini's compatible endpoint sends each call whole, without one) starts a call when it
+    brings an id the last call does not have, and adds to the last call otherwise."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _StreamedCall] = {}
+        self._last: int | None = None
+
+    def add(self, delta: _ToolCallDelta) -> None:
+        index = delta.index if delta.index is not None else self._unindexed(delta)
+        call = self._calls.setdefault(index, _StreamedCall())
+        self._last = index
+        call.id = delta.id or call.id
+        function = delta.function or _FunctionDelta()
+        call.name = function.name or call.name
+        if function.arguments:
+            call.arguments.append(function.arguments)
+
+    def _unindexed(self, delta: _ToolCallDelta) -> int:
+        last = self._last
+        if last is not None and (not delta.id or delta.id == self._calls[last].id):
+            return last
+        return max(self._calls, default=-1) + 1
+
+    def finished(self, label: str) -> list[ToolCall] | None:
+        """The calls in index order, or None without any; a call whose deltas never named its
+        function is a server_error (there is nothing to call)."""
+        calls: list[ToolCall] = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            if not call.name:
+                raise ProviderError(
+                    "server_error", f"{label} streamed tool call {index} without a name", 200
+                )
+            calls.append(ToolCall(call.id, call.name, "".join(call.arguments) or "{}"))
+        return calls or None
+
+
 class ChatStream:
-    """One streamed chat completion's chunks (a StreamReader): the deltas, the model the chunks
-    name and the usage the last one carries, until data: [DONE]."""
+    """One streamed chat completion's chunks (a StreamReader): the text deltas, passed on; the
+    tool-call deltas, the finish_reason, the model the chunks name and the usage the last one
+    carries, kept for the final ProviderOk at data: [DONE]."""
 
     end = "[DONE]"
 
@@ -182,14 +381,12 @@ class ChatStream:
         self.label = label
         self.model = model
         self.usage = _Usage()
+        self.calls = _StreamedCalls()
+        self.finish_reason: str | None = None
 
     def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
         if event.data == "[DONE]":
-            tokens = Usage(
-                input_tokens=self.usage.prompt_tokens or 0,
-                output_tokens=self.usage.completion_tokens or 0,
-            )
-            return ProviderOk(content="", model=self.model, usage=tokens)
+            return self._finished()
         chunk: _Chunk = decode_event(event, _chunk_decoder)
         if chunk.error is not None:
             raise self._failed(chunk.error)
@@ -200,10 +397,22 @@ class ChatStream:
             return None
         choice = chunk.choices[0]
         if choice.finish_reason == "content_filter":  # as parse_chat_completion: no answer
-            raise ProviderError(
-                "content_filter", "provider withheld the answer (finish_reason content_filter)", 200
-            )
-        return choice.delta.content if choice.delta is not None else None
+            raise _withheld(200)
+        self.finish_reason = choice.finish_reason or self.finish_reason
+        delta = choice.delta or _Delta()
+        for call in delta.tool_calls or ():
+            self.calls.add(call)
+        return delta.content
+
+    def _finished(self) -> ProviderOk:
+        calls = self.calls.finished(self.label)
+        return ProviderOk(
+            content="",
+            model=self.model,
+            usage=self.usage.tokens(),
+            tool_calls=calls,
+            finish_reason=finish_reason(self.finish_reason, calls),
+        )
 
     def _failed(self, error: Any) -> ProviderError:
         """An error chunk: its code's kind as chat_error reads it, else a server_error (the

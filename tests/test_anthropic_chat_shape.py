@@ -1,0 +1,461 @@
+"""The anthropic provider and the whole chat request: images, tools, tool calls and their
+results, stop sequences, and the answer's tool calls, finish reason and cache usage, against
+the documented Messages API bodies, whole and streamed.
+
+    https://docs.anthropic.com/en/api/messages
+    https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use
+    https://docs.anthropic.com/en/docs/build-with-claude/vision
+    https://docs.anthropic.com/en/docs/build-with-claude/streaming
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import MockServer, provider_fixture
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import ImagePart, NamedTool, TextPart, Tool, ToolCall
+from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.base import ProviderError
+
+KEY = "sk-ant-api03-shape-7Yq2Lm4Np8Rs"
+MODEL = "claude-sonnet-4-20250514"
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["location"],
+}
+GET_WEATHER = Tool("get_weather", "Get the current weather in a given location", WEATHER_SCHEMA)
+# A 1x1 PNG, base64.
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
+    "rkJggg=="
+)
+IMAGE_URL = "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"
+
+# https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use (response)
+TOOL_USE = {
+    "type": "tool_use",
+    "id": "toolu_01A09q90qw90lq917835lq9",
+    "name": "get_weather",
+    "input": {"location": "San Francisco, CA", "unit": "celsius"},
+}
+MESSAGE = {
+    "id": "msg_01Aq9w938a90dw8q",
+    "type": "message",
+    "role": "assistant",
+    "model": MODEL,
+    "content": [
+        {"type": "text", "text": "I'll check the current weather in San Francisco for you."},
+        TOOL_USE,
+    ],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 384, "output_tokens": 87},
+}
+
+
+class Server(MockServer):
+    default_body = MESSAGE
+
+
+make = provider_fixture(
+    lambda client: AnthropicProvider(
+        msgspec.convert({"kind": "anthropic", "model": MODEL}, AnthropicSettings),
+        client,
+        environ={"ANTHROPIC_API_KEY": KEY},
+    )
+)
+
+
+def request(*messages: ChatMessage, **fields: Any) -> ProviderRequest:
+    chat = list(messages) or [ChatMessage("user", "What's the weather like in San Francisco?")]
+    return ProviderRequest(id="r1", messages=chat, **fields)
+
+
+def answer(**fields: Any) -> Server:
+    """A server answering MESSAGE with `fields` replaced."""
+    return Server(body={**MESSAGE, **fields})
+
+
+def calls(ok: ProviderOk) -> list[tuple[str, str, Any]]:
+    """The answer's tool calls as a client reads them: id, name and the decoded arguments."""
+    return [(call.id, call.name, json.loads(call.arguments)) for call in ok.tool_calls or []]
+
+
+# ---- the request ----------------------------------------------------------------------
+
+CONVERSATION = request(
+    ChatMessage("system", "You are a weather assistant."),
+    ChatMessage("developer", "Answer in one sentence."),
+    ChatMessage(
+        "user",
+        [
+            TextPart("Where were these taken, and what is the weather there now?"),
+            ImagePart(url=IMAGE_URL),
+            ImagePart(data=PNG, media_type="image/png"),
+        ],
+    ),
+    ChatMessage(
+        "assistant",
+        "I'll check the weather in both places.",
+        tool_calls=[
+            ToolCall("toolu_01A09q90qw90lq917835lq9", "get_weather", '{"location": "Paris"}'),
+            ToolCall(
+                "toolu_01B3ZQm5xJr5aT8m9oVYhq2c",
+                "get_weather",
+                '{"location": "San Francisco, CA", "unit": "celsius"}',
+            ),
+        ],
+    ),
+    ChatMessage("tool", "15 degrees, cloudy", tool_call_id="toolu_01A09q90qw90lq917835lq9"),
+    ChatMessage("tool", "18 degrees, sunny", tool_call_id="toolu_01B3ZQm5xJr5aT8m9oVYhq2c"),
+    ChatMessage("user", "Which one is warmer?"),
+    tools=[GET_WEATHER],
+    max_tokens=512,
+)
+
+CONVERSATION_BODY = {
+    "model": MODEL,
+    "max_tokens": 512,
+    "system": "You are a weather assistant.\n\nAnswer in one sentence.",
+    "tools": [
+        {
+            "name": "get_weather",
+            "description": "Get the current weather in a given location",
+            "input_schema": WEATHER_SCHEMA,
+        }
+    ],
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "text",
+                    "text": "Where were these taken, and what is the weather there now?",
+                },
+                {"type": "image", "source": {"type": "url", "url": IMAGE_URL}},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "I'll check the weather in both places."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01A09q90qw90lq917835lq9",
+                    "name": "get_weather",
+                    "input": {"location": "Paris"},
+                },
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01B3ZQm5xJr5aT8m9oVYhq2c",
+                    "name": "get_weather",
+                    "input": {"location": "San Francisco, CA", "unit": "celsius"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+                    "content": "15 degrees, cloudy",
+                },
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01B3ZQm5xJr5aT8m9oVYhq2c",
+                    "content": "18 degrees, sunny",
+                },
+                {"type": "text", "text": "Which one is warmer?"},
+            ],
+        },
+    ],
+}
+
+
+async def test_a_multi_turn_tool_conversation_is_sent_as_the_documented_body(make):
+    server = Server()
+    await make(server).complete(CONVERSATION, timeout_s=5)
+    assert server.sent_json() == CONVERSATION_BODY
+
+
+async def test_the_streamed_request_is_the_same_body_with_stream_true(make):
+    server = stream_server(stream_events())
+    [_ async for _ in make(server).stream(CONVERSATION, timeout_s=5)]
+    assert server.sent_json() == {**CONVERSATION_BODY, "stream": True}
+
+
+async def test_an_assistant_message_calling_tools_without_text_sends_only_tool_use(make):
+    server = Server()
+    call = ToolCall("toolu_01A09q90qw90lq917835lq9", "get_weather", "{}")
+    chat = request(
+        ChatMessage("user", "Weather?"),
+        ChatMessage("assistant", None, tool_calls=[call]),
+        ChatMessage("tool", "15 degrees", tool_call_id=call.id),
+        tools=[GET_WEATHER],
+    )
+    await make(server).complete(chat, timeout_s=5)
+    assert server.sent_json()["messages"][1] == {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": call.id, "name": "get_weather", "input": {}}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "expected"),
+    [
+        ("auto", None, {"type": "auto"}),
+        ("required", None, {"type": "any"}),
+        ("none", None, {"type": "none"}),
+        (NamedTool("get_weather"), None, {"type": "tool", "name": "get_weather"}),
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("auto", False, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
+        (
+            NamedTool("get_weather"),
+            False,
+            {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        ),
+        ("none", False, {"type": "none"}),
+        ("auto", True, {"type": "auto"}),
+    ],
+)
+async def test_tool_choice_and_parallel_tool_calls_map_to_tool_choice(
+    make, choice, parallel, expected
+):
+    server = Server()
+    chat = request(tools=[GET_WEATHER], tool_choice=choice, parallel_tool_calls=parallel)
+    await make(server).complete(chat, timeout_s=5)
+    assert server.sent_json()["tool_choice"] == expected
+
+
+async def test_tools_without_a_tool_choice_send_none(make):
+    server = Server()
+    await make(server).complete(request(tools=[GET_WEATHER]), timeout_s=5)
+    assert "tool_choice" not in server.sent_json()
+
+
+async def test_a_tool_choice_without_tools_is_left_out(make):
+    server = Server()
+    chat = request(tool_choice="required", parallel_tool_calls=False)
+    await make(server).complete(chat, timeout_s=5)
+    assert "tools" not in server.sent_json()
+    assert "tool_choice" not in server.sent_json()
+
+
+async def test_a_tool_without_parameters_or_description_gets_an_empty_object_schema(make):
+    server = Server()
+    await make(server).complete(request(tools=[Tool("get_time")]), timeout_s=5)
+    assert server.sent_json()["tools"] == [
+        {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
+    ]
+
+
+async def test_stop_becomes_stop_sequences_and_seed_is_left_out(make):
+    server = Server()
+    await make(server).complete(request(stop=["\n\nHuman:", "END"], seed=42), timeout_s=5)
+    sent = server.sent_json()
+    assert sent["stop_sequences"] == ["\n\nHuman:", "END"]
+    assert "stop" not in sent
+    assert "seed" not in sent
+
+
+@pytest.mark.parametrize("arguments", ["not json", "[1, 2]", '"Paris"', '{"location": "Par'])
+async def test_assistant_tool_call_arguments_that_are_no_object_are_a_bad_request(make, arguments):
+    server = Server()
+    call = ToolCall("toolu_01A09q90qw90lq917835lq9", "get_weather", arguments)
+    chat = request(
+        ChatMessage("user", "Weather?"),
+        ChatMessage("assistant", None, tool_calls=[call]),
+        ChatMessage("tool", "15 degrees", tool_call_id=call.id),
+    )
+    provider = make(server)
+    with pytest.raises(ProviderError) as complete:
+        await provider.complete(chat, timeout_s=5)
+    with pytest.raises(ProviderError) as streamed:
+        [_ async for _ in provider.stream(chat, timeout_s=5)]
+    for error in (complete.value, streamed.value):
+        assert error.kind == "bad_request"
+        assert "toolu_01A09q90qw90lq917835lq9" in error.message
+        assert arguments not in error.message
+    assert server.requests == []  # refused before any call
+
+
+# ---- the answer -----------------------------------------------------------------------
+
+
+async def test_text_and_tool_use_blocks_answer_content_tool_calls_and_finish_reason(make):
+    ok = await make(Server()).complete(CONVERSATION, timeout_s=5)
+    assert ok.content == "I'll check the current weather in San Francisco for you."
+    assert calls(ok) == [
+        (
+            "toolu_01A09q90qw90lq917835lq9",
+            "get_weather",
+            {"location": "San Francisco, CA", "unit": "celsius"},
+        )
+    ]
+    assert ok.finish_reason == "tool_calls"
+    assert (ok.model, ok.usage) == (MODEL, Usage(input_tokens=384, output_tokens=87))
+
+
+async def test_an_answer_of_tool_use_blocks_only_has_empty_content(make):
+    second = {**TOOL_USE, "id": "toolu_01B3ZQm5xJr5aT8m9oVYhq2c", "input": {"location": "Paris"}}
+    ok = await make(answer(content=[TOOL_USE, second])).complete(request(), timeout_s=5)
+    assert ok.content == ""
+    assert [(call_id, args) for call_id, _, args in calls(ok)] == [
+        ("toolu_01A09q90qw90lq917835lq9", {"location": "San Francisco, CA", "unit": "celsius"}),
+        ("toolu_01B3ZQm5xJr5aT8m9oVYhq2c", {"location": "Paris"}),
+    ]
+    assert ok.finish_reason == "tool_calls"
+
+
+async def test_a_text_answer_has_no_tool_calls(make):
+    body = answer(content=[{"type": "text", "text": "Hi!"}], stop_reason="end_turn")
+    ok = await make(body).complete(request(), timeout_s=5)
+    assert (ok.content, ok.tool_calls, ok.finish_reason) == ("Hi!", None, "stop")
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("pause_turn", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+    ],
+)
+async def test_stop_reason_maps_to_finish_reason(make, stop_reason, finish_reason):
+    ok = await make(answer(stop_reason=stop_reason)).complete(request(), timeout_s=5)
+    assert ok.finish_reason == finish_reason
+
+
+async def test_a_refusal_is_still_a_content_filter_failure(make):
+    with pytest.raises(ProviderError) as caught:
+        await make(answer(stop_reason="refusal")).complete(request(), timeout_s=5)
+    assert caught.value.kind == "content_filter"
+
+
+async def test_cache_reads_and_writes_count_as_input_and_reads_as_cached(make):
+    usage = {
+        "input_tokens": 21,
+        "cache_creation_input_tokens": 188,
+        "cache_read_input_tokens": 1800,
+        "output_tokens": 393,
+    }
+    ok = await make(answer(usage=usage)).complete(request(), timeout_s=5)
+    assert ok.usage == Usage(input_tokens=2009, output_tokens=393, cached_input_tokens=1800)
+
+
+async def test_a_tool_use_block_without_an_id_is_a_server_error(make):
+    block = {key: value for key, value in TOOL_USE.items() if key != "id"}
+    with pytest.raises(ProviderError) as caught:
+        await make(answer(content=[block])).complete(request(), timeout_s=5)
+    assert caught.value.kind == "server_error"
+    assert "tool_use" in caught.value.message
+
+
+# ---- the streamed answer --------------------------------------------------------------
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+
+
+def stream_events(
+    pieces: list[str] | None = None, stop_reason: str = "tool_use", more_blocks: int = 0
+) -> list[dict[str, Any]]:
+    """The documented tool use stream: a text block, then a get_weather tool_use block whose
+    input arrives as `pieces` (and `more_blocks` further tool_use blocks with no delta)."""
+    if pieces is None:
+        pieces = ["", '{"loc', 'ation": "San Fra', 'ncisco, CA", "u', 'nit": "fahr', 'enheit"}']
+    usage = {"input_tokens": 472, "cache_creation_input_tokens": 0, "output_tokens": 2}
+    usage["cache_read_input_tokens"] = 1024
+    message = {"id": "msg_014p7gG3wDgGV9EUtLvnow3U", "type": "message", "role": "assistant"}
+    message |= {"model": MODEL, "content": [], "stop_reason": None, "usage": usage}
+    text = ["Okay", ",", " let's check the weather for San Francisco, CA:"]
+    tool = {"type": "tool_use", "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather"}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}
+            for t in text
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {**tool, "input": {}}},
+        *(
+            {
+                "type": "content_block_delta",
+                "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": piece},
+            }
+            for piece in pieces
+        ),
+        {"type": "content_block_stop", "index": 1},
+    ]
+    for index in range(2, 2 + more_blocks):
+        block = {**tool, "id": f"toolu_0{index}", "name": "get_time", "input": {}}
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
+        events.append({"type": "content_block_stop", "index": index})
+    delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}}
+    delta["usage"] = {"output_tokens": 89}
+    return [*events, delta, {"type": "message_stop"}]
+
+
+def stream_server(events: list[dict[str, Any]]) -> Server:
+    body = "".join(sse(event) for event in events).encode()
+    return Server(body=body, headers={"content-type": "text/event-stream"})
+
+
+async def stream(make: Any, events: list[dict[str, Any]]) -> tuple[list[str], ProviderOk]:
+    *deltas, last = [item async for item in make(stream_server(events)).stream(request(), 5)]
+    assert isinstance(last, ProviderOk), last
+    return deltas, last
+
+
+async def test_a_streamed_tool_use_block_is_a_tool_call_of_the_joined_input(make):
+    deltas, ok = await stream(make, stream_events(more_blocks=1))
+    assert "".join(deltas) == "Okay, let's check the weather for San Francisco, CA:"
+    assert ok.tool_calls == [
+        ToolCall(
+            "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+            "get_weather",
+            '{"location": "San Francisco, CA", "unit": "fahrenheit"}',
+        ),
+        ToolCall("toolu_02", "get_time", "{}"),  # no input_json_delta came: no arguments
+    ]
+    assert ok.finish_reason == "tool_calls"
+    assert ok.usage == Usage(input_tokens=1496, output_tokens=89, cached_input_tokens=1024)
+
+
+async def test_a_streamed_tool_use_block_without_deltas_has_empty_arguments(make):
+    _, ok = await stream(make, stream_events(pieces=[]))
+    assert calls(ok) == [("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", {})]
+
+
+async def test_a_streamed_answer_cut_by_max_tokens_finishes_with_length(make):
+    _, ok = await stream(make, stream_events(stop_reason="max_tokens"))
+    assert ok.finish_reason == "length"
+
+
+async def test_a_streamed_text_answer_has_no_tool_calls(make):
+    events = [e for e in stream_events(stop_reason="end_turn") if e.get("index", 0) == 0]
+    deltas, ok = await stream(make, events)
+    assert "".join(deltas) == "Okay, let's check the weather for San Francisco, CA:"
+    assert (ok.tool_calls, ok.finish_reason) == (None, "stop")

@@ -1,0 +1,472 @@
+"""The whole chat request through the openai kind (and Azure OpenAI, which shares its body and
+parsers), both ways: image parts, tools, tool calls and their results, finish_reason and the
+usage details, against OpenAI's documented Chat Completions bodies and chunks.
+
+    https://platform.openai.com/docs/api-reference/chat/create
+    https://platform.openai.com/docs/api-reference/chat/object
+    https://platform.openai.com/docs/api-reference/chat-streaming
+    https://platform.openai.com/docs/guides/function-calling
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import MockServer, expect_failure, provider_fixture
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import (
+    ImagePart,
+    JsonSchemaFormat,
+    NamedTool,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolCall,
+)
+from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
+from workers.base import ProviderError
+from workers.openai import OpenAIProvider, OpenAISettings
+
+KEY = "sk-proj-shape-0123456789abcdef"
+MODEL = "gpt-4o-2024-08-06"
+IMAGE_URL = "https://upload.wikimedia.org/wikipedia/commons/d/dd/Gfp-wisconsin-madison.jpg"
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
+
+MADISON = ToolCall("call_abc123", "get_weather", '{"location": "Madison, WI", "unit": "c"}')
+PARIS = ToolCall("call_def456", "get_weather", '{"location": "Paris, France", "unit": "c"}')
+
+# A multi-turn tool conversation, in Lifeline's messages ...
+CONVERSATION = [
+    ChatMessage("system", "You are a helpful assistant."),
+    ChatMessage("developer", "Answer in metric units."),
+    ChatMessage(
+        "user",
+        [
+            TextPart("What is the weather where these were taken?"),
+            ImagePart(url=IMAGE_URL),
+            ImagePart(data=PNG, media_type="image/png"),
+        ],
+    ),
+    ChatMessage("assistant", None, tool_calls=[MADISON, PARIS]),
+    ChatMessage("tool", "18 C, sunny", tool_call_id="call_abc123"),
+    ChatMessage("tool", [TextPart("12 C, "), TextPart("light rain")], tool_call_id="call_def456"),
+    ChatMessage("user", "And tomorrow?"),
+]
+# ... and as OpenAI documents them.
+CONVERSATION_SENT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "system", "content": "Answer in metric units."},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is the weather where these were taken?"},
+            {"type": "image_url", "image_url": {"url": IMAGE_URL}},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_abc123",
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "arguments": '{"location": "Madison, WI", "unit": "c"}',
+                },
+            },
+            {
+                "id": "call_def456",
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "arguments": '{"location": "Paris, France", "unit": "c"}',
+                },
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_abc123", "content": "18 C, sunny"},
+    {"role": "tool", "tool_call_id": "call_def456", "content": "12 C, light rain"},
+    {"role": "user", "content": "And tomorrow?"},
+]
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. Boston, MA"},
+        "unit": {"type": "string", "enum": ["c", "f"]},
+    },
+    "required": ["location"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    Tool("get_weather", "Get the current weather in a given location", WEATHER_PARAMETERS),
+    Tool("get_time"),  # no description, no parameters
+]
+TOOLS_SENT = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": WEATHER_PARAMETERS,
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+    },
+]
+
+
+def completion(message: dict[str, Any], finish_reason: str, **usage: Any) -> dict[str, Any]:
+    """A chat.completion as OpenAI documents it, answering `message`."""
+    return {
+        "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
+        "object": "chat.completion",
+        "created": 1741569952,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "refusal": None, "annotations": [], **message},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99, **usage},
+        "service_tier": "default",
+        "system_fingerprint": "fp_06737a9306",
+    }
+
+
+def sent_call(call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+TOOL_CALLS_ANSWER = completion(
+    {"content": None, "tool_calls": [sent_call(MADISON), sent_call(PARIS)]}, "tool_calls"
+)
+
+
+class Server(MockServer):
+    default_body = completion({"content": "Tomorrow: 20 C in Madison, 14 C in Paris."}, "stop")
+
+
+make = provider_fixture(
+    lambda client, **settings: OpenAIProvider(
+        msgspec.convert({"kind": "openai", "model": "gpt-4o", **settings}, OpenAISettings),
+        client,
+        environ={"OPENAI_API_KEY": KEY},
+    )
+)
+make_azure = provider_fixture(
+    lambda client: AzureOpenAIProvider(
+        msgspec.convert(
+            {
+                "kind": "azure_openai",
+                "endpoint": "https://myres.openai.azure.com",
+                "deployment": "gpt4o-prod",
+            },
+            AzureOpenAISettings,
+        ),
+        client,
+        environ={"AZURE_OPENAI_API_KEY": KEY},
+    )
+)
+
+
+def request(messages: list[ChatMessage] | None = None, **fields: Any) -> ProviderRequest:
+    return ProviderRequest(id="r1", messages=messages or [ChatMessage("user", "Hi")], **fields)
+
+
+async def sent(make: Any, **fields: Any) -> dict[str, Any]:
+    """The body the provider posts for a request with `fields`."""
+    server = Server()
+    await make(server).complete(request(**fields), timeout_s=5)
+    return server.sent_json()
+
+
+# ---- the request ----------------------------------------------------------------------
+
+
+async def test_a_multi_turn_tool_conversation_is_sent_as_openai_documents_it(make):
+    body = await sent(make, messages=CONVERSATION, tools=TOOLS)
+    assert body == {"model": "gpt-4o", "messages": CONVERSATION_SENT, "tools": TOOLS_SENT}
+
+
+async def test_the_streamed_request_carries_the_same_messages_and_tools(make):
+    server = events_server(text_chunks(["Sunny."]))
+    await answer_of(make(server).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5))
+    body = server.sent_json()
+    assert (body["messages"], body["tools"]) == (CONVERSATION_SENT, TOOLS_SENT)
+    assert body["stream"] is True
+
+
+@pytest.mark.parametrize(
+    ("choice", "choice_sent"),
+    [
+        ("auto", "auto"),
+        ("none", "none"),
+        ("required", "required"),
+        (NamedTool("get_weather"), {"type": "function", "function": {"name": "get_weather"}}),
+    ],
+    ids=["auto", "none", "required", "named"],
+)
+async def test_tool_choice_is_sent_in_each_of_its_forms(make, choice, choice_sent):
+    body = await sent(make, tools=TOOLS, tool_choice=choice)
+    assert body["tool_choice"] == choice_sent
+
+
+async def test_parallel_tool_calls_stop_and_seed_are_sent_when_set(make):
+    body = await sent(make, tools=TOOLS, parallel_tool_calls=False, stop=["\n\n", "END"], seed=42)
+    assert body["parallel_tool_calls"] is False
+    assert body["stop"] == ["\n\n", "END"]
+    assert body["seed"] == 42
+
+
+async def test_unset_tool_options_stop_and_seed_are_left_out(make):
+    body = await sent(make)
+    assert body == {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def test_without_tools_tool_choice_and_parallel_tool_calls_are_left_out(make):
+    # OpenAI answers either without tools with a 400 ("only allowed when 'tools' are specified").
+    for tools in (None, []):
+        body = await sent(make, tools=tools, tool_choice="none", parallel_tool_calls=True)
+        assert not {"tools", "tool_choice", "parallel_tool_calls"} & body.keys()
+
+
+async def test_a_regex_response_format_is_lifelines_own_check_and_not_sent(make):
+    body = await sent(make, response_format=ResponseFormat("regex", pattern=r"\d+ C"))
+    assert "response_format" not in body
+
+
+async def test_a_json_schema_response_format_is_still_sent(make):
+    schema = JsonSchemaFormat("weather", {"type": "object"}, strict=True)
+    body = await sent(make, response_format=ResponseFormat("json_schema", json_schema=schema))
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "weather", "schema": {"type": "object"}, "strict": True},
+    }
+
+
+# ---- the answer -----------------------------------------------------------------------
+
+
+async def test_an_answer_calling_tools_with_null_content_is_an_answer(make):
+    ok = await make(Server(body=TOOL_CALLS_ANSWER)).complete(request(tools=TOOLS), timeout_s=5)
+    assert ok == ProviderOk(
+        content="",
+        model=MODEL,
+        usage=Usage(input_tokens=82, output_tokens=17),
+        tool_calls=[MADISON, PARIS],  # the arguments exactly as sent
+        finish_reason="tool_calls",
+    )
+
+
+async def test_an_answer_with_neither_content_nor_tool_calls_is_still_a_server_error(make):
+    for message in ({"content": None}, {"content": None, "tool_calls": []}):
+        server = Server(body=completion(message, "stop"))
+        error = await expect_failure(make(server), request())
+        assert (error.kind, error.status_code) == ("server_error", 200)
+        assert "neither content nor tool_calls" in error.message
+
+
+async def test_a_forced_tool_call_that_says_stop_reads_as_tool_calls(make):
+    # OpenAI ends an answer to a tool_choice naming a function with "stop", though it calls it.
+    body = completion({"content": None, "tool_calls": [sent_call(MADISON)]}, "stop")
+    choice = NamedTool("get_weather")
+    ok = await make(Server(body=body)).complete(request(tool_choice=choice), timeout_s=5)
+    assert (ok.tool_calls, ok.finish_reason) == ([MADISON], "tool_calls")
+
+
+@pytest.mark.parametrize(
+    ("reason", "normalised"),
+    [("stop", "stop"), ("length", "length"), ("function_call", "tool_calls"), ("abort", None)],
+)
+async def test_finish_reason_is_normalised(make, reason, normalised):
+    body = completion({"content": "Tomorrow: 20 C in Madi"}, reason)
+    ok = await make(Server(body=body)).complete(request(max_tokens=8), timeout_s=5)
+    assert (ok.content, ok.finish_reason) == ("Tomorrow: 20 C in Madi", normalised)
+    assert ok.tool_calls is None
+
+
+async def test_a_content_filter_finish_reason_is_still_a_content_filter_failure(make):
+    body = completion({"content": None, "tool_calls": [sent_call(MADISON)]}, "content_filter")
+    error = await expect_failure(make(Server(body=body)), request())
+    assert (error.kind, error.status_code) == ("content_filter", 200)
+
+
+async def test_cached_and_reasoning_tokens_are_read_from_the_usage_details(make):
+    details = {
+        "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 12,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    body = completion({"content": "20 C."}, "stop", **details)
+    ok = await make(Server(body=body)).complete(request(), timeout_s=5)
+    assert ok.usage == Usage(
+        input_tokens=82, output_tokens=17, cached_input_tokens=64, reasoning_tokens=12
+    )
+
+
+async def test_usage_without_details_or_with_null_ones_counts_none(make):
+    for details in ({}, {"prompt_tokens_details": None, "completion_tokens_details": None}):
+        body = completion({"content": "20 C."}, "stop", **details)
+        ok = await make(Server(body=body)).complete(request(), timeout_s=5)
+        assert ok.usage == Usage(input_tokens=82, output_tokens=17)
+
+
+# ---- streamed -------------------------------------------------------------------------
+
+
+def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    """A chat.completion.chunk as OpenAI documents it."""
+    return {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion.chunk",
+        "created": 1741570283,
+        "model": MODEL,
+        "system_fingerprint": "fp_06737a9306",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": None,
+    }
+
+
+def usage_chunk(**details: Any) -> dict[str, Any]:
+    usage = {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99, **details}
+    return {**chunk({}), "choices": [], "usage": usage}
+
+
+def first_delta(index: int, call: ToolCall) -> dict[str, Any]:
+    """A call's first delta: its id, type and name, and no arguments yet."""
+    function = {"name": call.name, "arguments": ""}
+    return {"index": index, "id": call.id, "type": "function", "function": function}
+
+
+def arguments_delta(index: int, piece: str) -> dict[str, Any]:
+    """A later delta of a call: only a piece of its arguments (id, type and name null)."""
+    function = {"name": None, "arguments": piece}
+    return {"index": index, "id": None, "type": None, "function": function}
+
+
+def text_chunks(texts: list[str]) -> list[dict[str, Any]]:
+    return [
+        chunk({"role": "assistant", "content": "", "refusal": None}),
+        *(chunk({"content": text}) for text in texts),
+        chunk({}, "stop"),
+        usage_chunk(),
+    ]
+
+
+def events_server(chunks: list[dict[str, Any]]) -> Server:
+    """A server answering with `chunks` as server-sent events, then data: [DONE]."""
+    events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return Server(body=events, headers={"content-type": "text/event-stream"})
+
+
+async def answer_of(stream: Any) -> tuple[list[str], ProviderOk]:
+    """A stream's text deltas and its final ProviderOk."""
+    *deltas, last = [item async for item in stream]
+    assert isinstance(last, ProviderOk), last
+    return deltas, last
+
+
+def pieces(text: str, *cuts: int) -> list[str]:
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+async def test_streamed_parallel_tool_calls_are_put_together_from_their_deltas(make):
+    madison = pieces(MADISON.arguments, 1, 3, 17, 18, 30)  # '{', '"l', 'ocation": "Mad', 'i', ...
+    paris = pieces(PARIS.arguments, 2, 9, 25)
+    chunks = [
+        chunk({"role": "assistant", "content": None, "refusal": None}),
+        chunk({"content": "Let me check both."}),
+        chunk({"tool_calls": [first_delta(0, MADISON)]}),
+        *(chunk({"tool_calls": [arguments_delta(0, piece)]}) for piece in madison),
+        chunk({"tool_calls": [first_delta(1, PARIS)]}),
+        *(chunk({"tool_calls": [arguments_delta(1, piece)]}) for piece in paris),
+        chunk({}, "tool_calls"),
+        usage_chunk(
+            prompt_tokens_details={"cached_tokens": 64, "audio_tokens": 0},
+            completion_tokens_details={"reasoning_tokens": 0, "audio_tokens": 0},
+        ),
+    ]
+    stream = make(events_server(chunks)).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5)
+    deltas, ok = await answer_of(stream)
+    assert deltas == ["Let me check both."]
+    assert ok == ProviderOk(
+        content="",
+        model=MODEL,
+        usage=Usage(input_tokens=82, output_tokens=17, cached_input_tokens=64),
+        tool_calls=[MADISON, PARIS],
+        finish_reason="tool_calls",
+    )
+
+
+async def test_interleaved_call_deltas_are_kept_apart_and_in_index_order(make):
+    chunks = [
+        chunk({"tool_calls": [first_delta(1, PARIS), first_delta(0, MADISON)]}),
+        *(
+            chunk({"tool_calls": [arguments_delta(1, p), arguments_delta(0, m)]})
+            for p, m in zip(pieces(PARIS.arguments, 5), pieces(MADISON.arguments, 11), strict=True)
+        ),
+        chunk({}, "tool_calls"),
+        usage_chunk(),
+    ]
+    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
+    assert ok.tool_calls == [MADISON, PARIS]
+
+
+async def test_streamed_calls_without_an_index_are_told_apart_by_their_ids(make):
+    # Gemini's OpenAI-compatible endpoint: each call whole in one delta, no index, and "stop".
+    chunks = [
+        chunk({"role": "assistant", "tool_calls": [{**sent_call(c), "index": None}]})
+        for c in (MADISON, PARIS)
+    ]
+    chunks += [chunk({}, "stop"), usage_chunk()]
+    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
+    assert (ok.tool_calls, ok.finish_reason) == ([MADISON, PARIS], "tool_calls")
+
+
+async def test_a_streamed_text_answer_has_no_tool_calls_and_its_finish_reason(make):
+    chunks = text_chunks(["Tomorrow: ", "20 C."])
+    chunks[-2] = chunk({}, "length")
+    deltas, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
+    assert deltas == ["Tomorrow: ", "20 C."]
+    assert (ok.tool_calls, ok.finish_reason) == (None, "length")
+
+
+async def test_a_streamed_call_that_never_names_its_function_is_a_server_error(make):
+    chunks = [chunk({"tool_calls": [arguments_delta(0, "{}")]}), chunk({}, "tool_calls")]
+    with pytest.raises(ProviderError) as caught:
+        await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
+    assert (caught.value.kind, caught.value.status_code) == ("server_error", 200)
+
+
+# ---- Azure OpenAI ---------------------------------------------------------------------
+
+
+async def test_azure_sends_the_same_messages_and_tools(make_azure):
+    server = Server()
+    choice = NamedTool("get_weather")
+    await make_azure(server).complete(
+        request(CONVERSATION, tools=TOOLS, tool_choice=choice), timeout_s=5
+    )
+    body = server.sent_json()
+    assert body["messages"] == CONVERSATION_SENT
+    assert body["tools"] == TOOLS_SENT
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
