@@ -3,13 +3,18 @@
 A client sends the same CompletionRequest as to llm.complete, to llm.stream, with a reply
 subject of its own that it subscribed to first, and receives one NATS message per event:
 
-    delta   body: a piece of the answer's text, UTF-8; no Lifeline-Event header
-    reset   Lifeline-Event: reset; body: a StreamReset. Attempt `attempt` failed after its
-            deltas were sent: drop the last `discard` deltas (0 when the next attempt continues
-            from them, on_midstream = "continue"); the text goes on with the next deltas
-    end     Lifeline-Event: end; body: the CompletionReply llm.complete would send, with
-            content null (the text came as deltas) and `stream` (ttft_ms, chunks, resets)
-    error   Lifeline-Event: error; body: the error CompletionReply llm.complete would send
+    delta      body: a piece of the answer's text, UTF-8; no Lifeline-Event header
+    tool_call  Lifeline-Event: tool_call; body: a ToolCallDelta, a piece of a tool call: the
+               first piece of call `index` has its id and name, and the pieces' arguments
+               joined are the call's arguments (a delta too: resets count it)
+    reset      Lifeline-Event: reset; body: a StreamReset. Attempt `attempt` failed after its
+               deltas were sent: drop the last `discard` deltas (0 when the next attempt
+               continues from them, on_midstream = "continue"); the answer goes on with the
+               next deltas
+    end        Lifeline-Event: end; body: the CompletionReply llm.complete would send, with
+               content null (the text came as deltas), its tool_calls whole, and `stream`
+               (ttft_ms, chunks, resets)
+    error      Lifeline-Event: error; body: the error CompletionReply llm.complete would send
 
 Every event carries Lifeline-Seq (1, 2, 3, ... per request) and Lifeline-Attempt (the attempt
 it belongs to: 1, 2, ... in the order attempts started, as the non-skipped entries of the
@@ -26,13 +31,21 @@ from typing import Literal, NamedTuple
 import msgspec
 
 from schemas.subjects import ATTEMPT_NO, EVENT, SEQ
-from schemas.wire import CompletionReply, ErrorInfo, reply_decoder
+from schemas.wire import (
+    CompletionReply,
+    ErrorInfo,
+    ToolCall,
+    ToolCallDelta,
+    reply_decoder,
+    tool_call_delta_decoder,
+)
 
 DELTA = "delta"
+TOOL_CALL = "tool_call"
 RESET = "reset"
 END = "end"
 ERROR = "error"
-EventKind = Literal["delta", "reset", "end", "error"]
+EventKind = Literal["delta", "tool_call", "reset", "end", "error"]
 
 
 class StreamReset(msgspec.Struct, frozen=True):
@@ -57,6 +70,7 @@ class Event(NamedTuple):
     seq: int
     attempt: int
     text: str = ""  # a delta's text
+    tool_call: ToolCallDelta | None = None  # a tool_call event's piece
     reset: StreamReset | None = None
     reply: CompletionReply | None = None  # the end or error event's reply
 
@@ -70,19 +84,37 @@ class Assembler:
             if event.kind == "reset": ...        # e.g. clear what the user saw: assembler.text
             if assembler.done: break
         assembler.text, assembler.reply          # the answer, and llm.complete's reply to it
+        assembler.tool_calls                     # the tool calls so far, put together
 
     Raises StreamGap on a missing event, StreamProtocolError on anything else unreadable."""
 
     __slots__ = ("_deltas", "reply", "seq")
 
     def __init__(self) -> None:
-        self._deltas: list[str] = []
+        self._deltas: list[str | ToolCallDelta] = []
         self.seq = 0  # the last event's Lifeline-Seq
         self.reply: CompletionReply | None = None  # set by the end or error event
 
     @property
     def text(self) -> str:
-        return "".join(self._deltas)
+        return "".join(d for d in self._deltas if isinstance(d, str))
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the deltas so far make, in index order (the end event's reply has
+        them whole too)."""
+        calls: dict[int, list[str]] = {}
+        names: dict[int, tuple[str, str]] = {}
+        for d in self._deltas:
+            if isinstance(d, ToolCallDelta):
+                calls.setdefault(d.index, []).append(d.arguments)
+                if d.name is not None:
+                    names[d.index] = (d.id or "", d.name)
+        return [
+            ToolCall(names[i][0], names[i][1], "".join(calls[i]) or "{}")
+            for i in sorted(calls)
+            if i in names
+        ]
 
     @property
     def done(self) -> bool:
@@ -105,6 +137,10 @@ class Assembler:
                 text = data.decode()
                 self._deltas.append(text)
                 return Event(DELTA, seq, attempt, text=text)
+            if kind == TOOL_CALL:
+                piece = tool_call_delta_decoder.decode(data)
+                self._deltas.append(piece)
+                return Event(TOOL_CALL, seq, attempt, tool_call=piece)
             if kind == RESET:
                 reset = reset_decoder.decode(data)
                 if reset.discard:

@@ -80,6 +80,16 @@ class ToolCall(Struct, frozen=True):
     arguments: str = "{}"
 
 
+class ToolCallDelta(Struct, frozen=True, omit_defaults=True):
+    """A piece of a tool call as it streams: call `index`'s first piece has its id and name;
+    the pieces' `arguments` joined are the call's arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class ChatMessage(Struct, frozen=True, omit_defaults=True):
     role: Role
     # A string, or parts (text and images); an assistant message with tool_calls may have none.
@@ -390,6 +400,7 @@ reply_decoder = msgspec.json.Decoder(CompletionReply)
 audit_decoder = msgspec.json.Decoder(AuditEvent)
 provider_request_decoder = msgspec.json.Decoder(ProviderRequest)
 provider_reply_decoder = msgspec.json.Decoder(ProviderReply)
+tool_call_delta_decoder = msgspec.json.Decoder(ToolCallDelta)
 
 
 class _IdOnly(Struct):

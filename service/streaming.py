@@ -54,6 +54,8 @@ class Sink(Protocol):
 
     def delta(self, attempt: int, text: bytes) -> None: ...
 
+    def tool_call(self, attempt: int, piece: bytes) -> None: ...
+
     def reset(self, reset: StreamReset) -> None: ...
 
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply: ...
@@ -80,12 +82,14 @@ class Relay:
         "_continuing",
         "_cut",
         "_first_at",
+        "_held",
         "_mode",
         "_on_event",
         "_owner_sent",
         "_partial",
         "_parts",
         "_sink",
+        "_tool_held",
         "_validate",
         "attempts",
         "chunks",
@@ -109,7 +113,9 @@ class Relay:
         self.attempts = 0  # attempts numbered so far
         self.owner = 0  # the attempt whose deltas the client gets (0: none now)
         self._owner_sent = 0  # chunks the owner sent
-        self._parts: list[bytes] = []  # the deltas the client holds now (after resets)
+        self._parts: list[bytes] = []  # the text deltas the client holds now (after resets)
+        self._held = 0  # the deltas (text and tool-call pieces) the client holds now
+        self._tool_held = False  # some of them are pieces of tool calls
         self._partial: tuple[int, ProviderFailure] | None = None  # continue: failed, not reset
         self._continuing: set[int] = set()  # attempts sent the text so far as prefill
         self._first_at: float | None = None
@@ -134,7 +140,9 @@ class Relay:
     def continues(self, can: bool) -> bool:
         """Whether the next attempt, on a target that can (`can`) or cannot take a prefill,
         continues from the text so far: on_midstream is continue, and an attempt left some."""
-        return can and self._mode == CONTINUE and self._partial is not None and bool(self._parts)
+        if not can or self._mode != CONTINUE or self._partial is None or self._tool_held:
+            return False  # a half-made tool call cannot be continued as text
+        return bool(self._parts)
 
     def prefill(self, number: int, request: ProviderRequest) -> ProviderRequest:
         """`request` with the text so far as its last message, from the assistant."""
@@ -144,16 +152,21 @@ class Relay:
             request, messages=[*request.messages, ChatMessage("assistant", text)]
         )
 
-    def on_chunk(self, number: int) -> Callable[[bytes], None]:
-        def chunk(data: bytes) -> None:
+    def on_chunk(self, number: int) -> Callable[[bytes, bool], None]:
+        def chunk(data: bytes, tool: bool = False) -> None:
             if self.owner != number:
                 if self.owner:
                     return  # a rival that lost the race to the first chunk: it is cancelled next
                 self._claim(number)
             self._owner_sent += 1
             self.chunks += 1
-            self._parts.append(data)
-            self._sink.delta(number, data)
+            self._held += 1
+            if tool:
+                self._tool_held = True
+                self._sink.tool_call(number, data)
+            else:
+                self._parts.append(data)
+                self._sink.delta(number, data)
 
         return chunk
 
@@ -214,20 +227,21 @@ class Relay:
         partial, self._partial = self._partial, None
         if partial is not None:
             failed, failure = partial
-            discard = 0 if number in self._continuing else len(self._parts)
+            discard = 0 if number in self._continuing else self._held
             self._reset(failed, discard, failure)
         self.owner, self._owner_sent = number, 0
 
     def _fail(self, number: int, failure: ProviderFailure) -> None:
         self.owner = 0
         if self._mode == RESET:
-            self._reset(number, len(self._parts), failure)
+            self._reset(number, self._held, failure)
         elif self._mode == CONTINUE:
             self._partial = (number, failure)
 
     def _reset(self, attempt: int, discard: int, failure: ProviderFailure) -> None:
-        if discard:
-            del self._parts[-discard:]
+        if discard:  # every delta the client holds: nothing of the failed answer stays
+            self._parts.clear()
+            self._held, self._tool_held = 0, False
         self._sink.reset(StreamReset(attempt, discard, ErrorInfo(failure.kind, failure.message)))
         self.resets += 1
         if self._on_event is not None:

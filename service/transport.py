@@ -40,7 +40,7 @@ from schemas import (
     ProviderOk,
     ProviderReply,
 )
-from schemas.streaming import END, ERROR, RESET, StreamReset, pieces
+from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
     ATTEMPT_NO,
@@ -51,7 +51,14 @@ from schemas.subjects import (
     cancel_subject,
     provider_subject,
 )
-from schemas.wire import REPLY_TOO_LARGE, encoder, message_bytes, provider_reply_decoder
+from schemas.wire import (
+    REPLY_TOO_LARGE,
+    ToolCallDelta,
+    encoder,
+    message_bytes,
+    provider_reply_decoder,
+    tool_call_delta_decoder,
+)
 from service.natsio import fast_path, publish_checked
 from service.streaming import StreamLimits
 
@@ -63,7 +70,8 @@ MAX_MODEL_CHARS = 256
 # Room kept in every message of a stream for its headers: a chunk may use max_payload minus this.
 STREAM_HEADER_ROOM = 1024
 
-OnChunk = Callable[[bytes], None]
+OnChunk = Callable[[bytes, bool], None]  # a chunk, and whether it is a piece of a tool call
+_TOOL_CALL_HEADERS = {EVENT: TOOL_CALL}
 
 
 class NatsTransport:
@@ -245,7 +253,7 @@ class _Inbox:
         if token[-2:] == ".c":
             stream = self._streams.get(token[:-2])
             if stream is not None:
-                stream.chunk(msg.data)
+                stream.chunk(msg.data, msg.headers)
             return
         future = self._waiting.pop(token, None)
         if future is not None:
@@ -364,9 +372,20 @@ class ProviderStream:
         """The inbox routes to this stream until `close` is called (at the end)."""
         self._close = close
 
-    def chunk(self, data: bytes) -> None:
+    def chunk(self, data: bytes, headers: dict[str, str] | None = None) -> None:
         if self.done.done():
             return  # after a timeout: the worker is being cancelled
+        tool = headers is not None and headers.get(EVENT) == TOOL_CALL
+        if tool:
+            try:
+                tool_call_delta_decoder.decode(data)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                message = (
+                    f"worker {self.provider} streamed a tool-call piece that is no "
+                    f"ToolCallDelta: {exc}"
+                )
+                self._give_up("server_error", message[:MAX_MESSAGE_CHARS])
+                return
         if len(data) > self._max_chunk:
             self._give_up(
                 "response_too_large",
@@ -384,7 +403,7 @@ class ProviderStream:
             if idle_s is not None and self._timer.when() > self._last + idle_s:
                 self._timer.cancel()  # from now on the idle limit is the soonest
                 self._timer = self._loop.call_at(self._last + idle_s, self._check)
-        self._on_chunk(data)
+        self._on_chunk(data, tool)
         cut = self._limits.cut
         if cut is not None and self.chunks == cut[0]:  # a request's simulated failure
             self.end(cut[1])
@@ -423,6 +442,12 @@ class ProviderStream:
                 self.chunk(piece)
                 if self.done.done():
                     return
+            if not reply.chunks:  # its tool calls, whole, as one piece each
+                for index, call in enumerate(reply.tool_calls or ()):
+                    delta = ToolCallDelta(index, call.id, call.name, call.arguments)
+                    self.chunk(encoder.encode(delta), _TOOL_CALL_HEADERS)
+                    if self.done.done():
+                        return
         self.end(reply)
 
     def end(self, reply: ProviderReply) -> None:
@@ -500,6 +525,9 @@ class ClientStream:
         ):
             return
         self._later({SEQ: str(self.seq), ATTEMPT_NO: str(attempt)}, text)
+
+    def tool_call(self, attempt: int, piece: bytes) -> None:
+        self._control(TOOL_CALL, attempt, piece)
 
     def reset(self, reset: StreamReset) -> None:
         self._control(RESET, reset.attempt, encoder.encode(reset))

@@ -18,7 +18,7 @@ import pytest
 from helpers import MockServer, provider_fixture
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
-from schemas.wire import ImagePart, NamedTool, TextPart, Tool, ToolCall
+from schemas.wire import ImagePart, NamedTool, TextPart, Tool, ToolCall, ToolCallDelta
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.base import ProviderError
 
@@ -423,15 +423,28 @@ def stream_server(events: list[dict[str, Any]]) -> Server:
     return Server(body=body, headers={"content-type": "text/event-stream"})
 
 
-async def stream(make: Any, events: list[dict[str, Any]]) -> tuple[list[str], ProviderOk]:
+async def stream(
+    make: Any, events: list[dict[str, Any]], tool_deltas: list[ToolCallDelta] | None = None
+) -> tuple[list[str], ProviderOk]:
+    """The text deltas and the final ProviderOk; the tool-call deltas go to `tool_deltas`."""
     *deltas, last = [item async for item in make(stream_server(events)).stream(request(), 5)]
     assert isinstance(last, ProviderOk), last
-    return deltas, last
+    if tool_deltas is not None:
+        tool_deltas += [d for d in deltas if isinstance(d, ToolCallDelta)]
+    return [d for d in deltas if isinstance(d, str)], last
 
 
 async def test_a_streamed_tool_use_block_is_a_tool_call_of_the_joined_input(make):
-    deltas, ok = await stream(make, stream_events(more_blocks=1))
+    tool_deltas: list[ToolCallDelta] = []
+    deltas, ok = await stream(make, stream_events(more_blocks=1), tool_deltas)
     assert "".join(deltas) == "Okay, let's check the weather for San Francisco, CA:"
+    # Passed on as they came: each call's first piece names it, numbered in answer order.
+    assert [(d.index, d.id, d.name) for d in tool_deltas if d.name] == [
+        (0, "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather"),
+        (1, "toolu_02", "get_time"),
+    ]
+    joined = "".join(d.arguments for d in tool_deltas if d.index == 0)
+    assert joined == '{"location": "San Francisco, CA", "unit": "fahrenheit"}'
     assert ok.tool_calls == [
         ToolCall(
             "toolu_01T1x1fJ34qAmk2tNTrN7Up6",

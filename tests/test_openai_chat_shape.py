@@ -27,6 +27,7 @@ from schemas.wire import (
     TextPart,
     Tool,
     ToolCall,
+    ToolCallDelta,
 )
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
 from workers.base import ProviderError
@@ -377,11 +378,16 @@ def events_server(chunks: list[dict[str, Any]]) -> Server:
     return Server(body=events, headers={"content-type": "text/event-stream"})
 
 
-async def answer_of(stream: Any) -> tuple[list[str], ProviderOk]:
-    """A stream's text deltas and its final ProviderOk."""
+async def answer_of(
+    stream: Any, tool_deltas: list[ToolCallDelta] | None = None
+) -> tuple[list[str], ProviderOk]:
+    """A stream's text deltas and its final ProviderOk; its tool-call deltas, streamed on as
+    they come, go to `tool_deltas`."""
     *deltas, last = [item async for item in stream]
     assert isinstance(last, ProviderOk), last
-    return deltas, last
+    if tool_deltas is not None:
+        tool_deltas += [d for d in deltas if isinstance(d, ToolCallDelta)]
+    return [d for d in deltas if isinstance(d, str)], last
 
 
 def pieces(text: str, *cuts: int) -> list[str]:
@@ -406,8 +412,15 @@ async def test_streamed_parallel_tool_calls_are_put_together_from_their_deltas(m
         ),
     ]
     stream = make(events_server(chunks)).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5)
-    deltas, ok = await answer_of(stream)
+    calls: list[ToolCallDelta] = []
+    deltas, ok = await answer_of(stream, calls)
     assert deltas == ["Let me check both."]
+    # Streamed on as they came: the first piece of each call names it, the rest add arguments.
+    assert [(d.index, d.id, d.name) for d in calls if d.name] == [
+        (0, MADISON.id, "get_weather"),
+        (1, PARIS.id, "get_weather"),
+    ]
+    assert "".join(d.arguments for d in calls if d.index == 1) == PARIS.arguments
     assert ok == ProviderOk(
         content="",
         model=MODEL,

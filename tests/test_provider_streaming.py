@@ -29,6 +29,7 @@ from helpers import LocalHTTPServer, serving
 from opentelemetry import context, trace
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
+from schemas.wire import ToolCallDelta
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
 from workers.base import HttpProvider, ProviderError
@@ -326,12 +327,22 @@ async def providers():
         await provider.aclose()
 
 
-async def streamed(provider: HttpProvider, timeout_s: float = 5) -> tuple[list[str], ProviderOk]:
-    """The deltas and the final ProviderOk of a stream that must succeed."""
+async def streamed(
+    provider: HttpProvider, timeout_s: float = 5, tool_deltas: list[Any] | None = None
+) -> tuple[list[str], ProviderOk]:
+    """The text deltas and the final ProviderOk of a stream that must succeed; its tool-call
+    deltas go to `tool_deltas` (a stream with any fails without it)."""
     *deltas, last = [item async for item in provider.stream(REQUEST, timeout_s)]
     assert isinstance(last, ProviderOk), last
-    assert all(isinstance(delta, str) and delta for delta in deltas), deltas
-    return deltas, last
+    texts = [delta for delta in deltas if isinstance(delta, str)]
+    assert all(texts), deltas
+    calls = [delta for delta in deltas if isinstance(delta, ToolCallDelta)]
+    assert len(texts) + len(calls) == len(deltas)
+    if tool_deltas is None:
+        assert not calls, calls
+    else:
+        tool_deltas += calls
+    return texts, last
 
 
 async def failed(provider: HttpProvider, timeout_s: float = 5) -> tuple[list[str], ProviderError]:
@@ -503,8 +514,13 @@ async def test_anthropic_passes_on_text_only_and_takes_the_last_cumulative_usage
         events[-1],
     ]
     server.answer = lambda handler: send(handler, stream)
-    deltas, ok = await streamed(providers(ANTHROPIC, server.url))
-    assert deltas == ["The answer", " is 4."]
+    calls: list[Any] = []
+    deltas, ok = await streamed(providers(ANTHROPIC, server.url), tool_deltas=calls)
+    assert deltas == ["The answer", " is 4."]  # the thinking block is no part of the answer
+    assert calls == [  # the tool call is passed on as it streams
+        ToolCallDelta(0, "toolu_01A09q90qw90lq917835lq9", "get_weather", ""),
+        ToolCallDelta(0, arguments='{"location": "San Fra'),
+    ]
     assert ok.usage == Usage(25, 89)
 
 

@@ -462,3 +462,54 @@ async def test_past_max_in_flight_a_stream_request_gets_one_overloaded_error_eve
     assert all(events[0].reply.error.retry_after_s for events in refused)
     await audit.wait_for(3)
     assert sorted(event.id for _, event in audit.events) == ["s0", "s1", "s2"]
+
+
+# ---- tool calls in a stream -------------------------------------------------------------------
+
+WEATHER = {"name": "get_weather", "parameters": {"type": "object"}}
+PARIS = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+async def test_tool_calls_stream_as_tool_call_events_and_come_whole_in_the_end(lifeline, client):
+    await lifeline(config({"agent": fake(reply="Checking.", tool_calls=[PARIS], chunks=2)}))
+    assembler = Assembler()
+    req = request(tools=[WEATHER])
+    events = [e async for e in stream(client, req, assembler)]
+    assert kinds(events) == ["delta", "delta", "tool_call", "tool_call", "end"]
+    first, rest = events[2].tool_call, events[3].tool_call
+    assert (first.index, first.name, rest.name) == (0, "get_weather", None)
+    assert first.arguments + rest.arguments == '{"city": "Paris"}'
+    end = events[-1].reply
+    assert assembler.text == "Checking." and end.finish_reason == "tool_calls"
+    assert assembler.tool_calls == end.tool_calls  # what the pieces make is the whole call
+    assert [(c.name, c.arguments) for c in end.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+
+
+async def test_a_reset_voids_the_failed_attempts_tool_call_pieces_too(lifeline, client):
+    providers = {
+        "agent": fake(reply="", tool_calls=[PARIS]),
+        "backup": fake(reply="", tool_calls=[{"name": "get_weather", "arguments": "{}"}]),
+    }
+    await lifeline(config(providers, allow_fault_injection=True))
+    assembler = Assembler()
+    req = request(tools=[WEATHER], faults={"agent": "503 after 1"})
+    events = [e async for e in stream(client, req, assembler)]
+    assert kinds(events) == ["tool_call", "reset", "tool_call", "tool_call", "end"]
+    assert events[1].reset.discard == 1
+    assert [(c.name, c.arguments) for c in assembler.tool_calls] == [("get_weather", "{}")]
+
+
+async def test_a_worker_that_does_not_stream_has_its_tool_calls_streamed_whole(lifeline, client):
+    await lifeline(config({"v1": fake()}), workers=[])
+
+    async def answer_once(msg: Any) -> None:
+        call = {"id": "c1", "name": "get_weather", "arguments": "{}"}
+        answer = ProviderOk("", "own-1", tool_calls=[call], finish_reason="tool_calls")
+        await client.publish(msg.reply, encoder.encode(answer))
+
+    await client.subscribe(subjects.provider_subject("v1"), cb=answer_once)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(tools=[WEATHER]), assembler)]
+    assert kinds(events) == ["tool_call", "end"]
+    assert assembler.tool_calls == events[-1].reply.tool_calls

@@ -43,8 +43,18 @@ import msgspec
 from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
-from schemas.wire import FinishReason, ImagePart, NamedTool, Part, TextPart, Tool, ToolCall
+from schemas.wire import (
+    FinishReason,
+    ImagePart,
+    NamedTool,
+    Part,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 from workers.base import (
+    Delta,
     HttpProvider,
     ProviderError,
     ProviderSettings,
@@ -383,11 +393,17 @@ _COUNTS = tuple(_Usage.__struct_fields__)
 class _StreamedCall:
     """A tool_use block as it streams: its id and name come first, its input in pieces."""
 
-    def __init__(self, block: _Block) -> None:
+    def __init__(self, block: _Block, ordinal: int) -> None:
         self.id = block.id or ""
         self.name = block.name or ""
         self.start = block.input  # {} as documented; an input given whole stands when no piece
         self.pieces: list[str] = []
+        self.ordinal = ordinal  # its place among the answer's tool calls (0, 1, ...)
+
+    def first(self) -> ToolCallDelta:
+        """The delta that begins this call, streamed on as its block starts."""
+        start = json.dumps(self.start, ensure_ascii=False) if self.start else ""
+        return ToolCallDelta(self.ordinal, self.id, self.name, start)
 
     def call(self) -> ToolCall:
         """The call, its arguments the pieces joined as the API wrote them: not checked, as a
@@ -410,7 +426,7 @@ class MessageStream:
         self.calls: dict[int | None, _StreamedCall] = {}  # by block index, in block order
         self.finish_reason: FinishReason | None = None
 
-    def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
+    def read(self, event: ServerSentEvent) -> Delta | ProviderOk | None:
         data: _Event = decode_event(event, _event_decoder)
         if data.type == "content_block_delta" and data.delta is not None:
             return self._delta(data.index, data.delta)
@@ -428,7 +444,7 @@ class MessageStream:
             raise self._failed(data.error)
         return None  # ping, content_block_stop, and event types added later
 
-    def _block(self, index: int | None, block: _Block) -> str | None:
+    def _block(self, index: int | None, block: _Block) -> Delta | None:
         """A block's start: a text block's first text (normally ""), or a tool call begun.
         Other blocks (thinking, server tools) are no part of the answer, as in parse_message."""
         if block.type == "text":
@@ -437,10 +453,11 @@ class MessageStream:
             for field in ("id", "name"):
                 if not getattr(block, field):
                     raise self._unexpected(f"a tool_use block has no {field}")
-            self.calls[index] = _StreamedCall(block)
+            call = self.calls[index] = _StreamedCall(block, len(self.calls))
+            return call.first()
         return None
 
-    def _delta(self, index: int | None, delta: _EventDelta) -> str | None:
+    def _delta(self, index: int | None, delta: _EventDelta) -> Delta | None:
         """A text_delta's text, passed on; an input_json_delta's piece, kept for its call. The
         deltas of other blocks (thinking) are no part of the answer."""
         if delta.type == "text_delta":
@@ -454,6 +471,7 @@ class MessageStream:
             if delta.partial_json is None:
                 raise self._unexpected("an input_json_delta has no partial_json")
             call.pieces.append(delta.partial_json)
+            return ToolCallDelta(call.ordinal, arguments=delta.partial_json)
         return None
 
     def _stopped(self, delta: _EventDelta | None) -> None:

@@ -33,6 +33,10 @@ from schemas import ProviderOk, ProviderRequest
 
 # The one exception type and status mapping of providers, re-exported for the provider modules.
 from schemas.errors import ProviderError, classify_status
+from schemas.wire import ToolCallDelta
+
+# What a streamed answer yields before its end: a piece of text, or a piece of a tool call.
+Delta = str | ToolCallDelta
 
 # 4 MiB: far above any chat answer's JSON, far below a worker's memory.
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -43,10 +47,11 @@ class Provider(Protocol):
 
     A kind may also have `stream` (optional, so not a member here; HttpProvider has it):
 
-        async def stream(self, request, timeout_s) -> AsyncIterator[str | ProviderOk]
+        async def stream(self, request, timeout_s) -> AsyncIterator[Delta | ProviderOk]
 
     an async generator making the same one call, yielding the answer's text deltas (non-empty
-    str) as they arrive and, last, one ProviderOk(content="", model, usage); it raises
+    str) and tool-call deltas (ToolCallDelta) as they arrive and, last, one
+    ProviderOk(content="", model, usage, tool_calls, finish_reason); it raises
     ProviderError on any failure, before or after deltas were yielded. A provider without
     `stream` is streamed by the runtime as one chunk: its `complete` answer.
     """
@@ -442,10 +447,10 @@ class StreamReader(Protocol):
     # The event that ends a whole answer, as "stream ended without <end>" names it.
     end: str
 
-    def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
-        """A text delta (yielded if non-empty), the final ProviderOk once `end` arrives, or
-        None for an event that carries neither; ProviderError for an error event or one that
-        is not the documented shape."""
+    def read(self, event: ServerSentEvent) -> Delta | list[Delta] | ProviderOk | None:
+        """A text delta (yielded if non-empty) or a tool-call delta, or several, the final
+        ProviderOk once `end` arrives, or None for an event that carries neither;
+        ProviderError for an error event or one that is not the documented shape."""
         ...
 
 
@@ -510,7 +515,7 @@ class HttpProvider:
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
-    ) -> AsyncIterator[str | ProviderOk]:
+    ) -> AsyncIterator[Delta | ProviderOk]:
         """The answer as the provider writes it: its text deltas (non-empty, exactly as sent, so
         they join into the whole answer) and, last, one ProviderOk(content="", model, usage).
 
@@ -544,7 +549,11 @@ class HttpProvider:
                         if isinstance(item, ProviderOk):
                             final = item
                             break
-                        if item:
+                        if isinstance(item, list):
+                            for delta in item:
+                                if delta:
+                                    yield delta
+                        elif item:
                             yield item
             # After the connection is released: a caller may stop at the last item.
             if final is None:

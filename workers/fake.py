@@ -21,7 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from schemas import ProviderOk, ProviderRequest, Usage
-from schemas.wire import FinishReason, ToolCall
+from schemas.wire import FinishReason, ToolCall, ToolCallDelta
 from workers.base import ProviderError, ProviderSettings, classify_status, response_too_large
 
 
@@ -82,7 +82,7 @@ class FakeProvider:
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
-    ) -> AsyncIterator[str | ProviderOk]:
+    ) -> AsyncIterator[str | ToolCallDelta | ProviderOk]:
         s = self.settings
         if s.hang:
             await asyncio.Event().wait()
@@ -101,6 +101,10 @@ class FakeProvider:
             if i and s.chunk_delay_ms:
                 await asyncio.sleep(s.chunk_delay_ms / 1000)
             yield piece
+        for index, call in enumerate(answer.tool_calls or ()):  # each in two pieces, as APIs do
+            half = len(call.arguments) // 2
+            yield ToolCallDelta(index, call.id, call.name, call.arguments[:half])
+            yield ToolCallDelta(index, arguments=call.arguments[half:])
         yield msgspec.structs.replace(answer, content="")
 
     def _answer_or_failure(self, request: ProviderRequest) -> tuple[ProviderOk, int | None, int]:

@@ -40,8 +40,9 @@ import msgspec
 from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
-from schemas.wire import FinishReason, NamedTool, Part, TextPart, Tool, ToolCall
+from schemas.wire import FinishReason, NamedTool, Part, TextPart, Tool, ToolCall, ToolCallDelta
 from workers.base import (
+    Delta,
     HttpProvider,
     ProviderError,
     ProviderSettings,
@@ -340,7 +341,8 @@ class _StreamedCalls:
         self._calls: dict[int, _StreamedCall] = {}
         self._last: int | None = None
 
-    def add(self, delta: _ToolCallDelta) -> None:
+    def add(self, delta: _ToolCallDelta) -> ToolCallDelta:
+        """Keep a delta for the final answer; the same delta, normalised, to stream on."""
         index = delta.index if delta.index is not None else self._unindexed(delta)
         call = self._calls.setdefault(index, _StreamedCall())
         self._last = index
@@ -349,6 +351,7 @@ class _StreamedCalls:
         call.name = function.name or call.name
         if function.arguments:
             call.arguments.append(function.arguments)
+        return ToolCallDelta(index, delta.id, function.name, function.arguments or "")
 
     def _unindexed(self, delta: _ToolCallDelta) -> int:
         last = self._last
@@ -384,7 +387,7 @@ class ChatStream:
         self.calls = _StreamedCalls()
         self.finish_reason: str | None = None
 
-    def read(self, event: ServerSentEvent) -> str | ProviderOk | None:
+    def read(self, event: ServerSentEvent) -> Delta | list[Delta] | ProviderOk | None:
         if event.data == "[DONE]":
             return self._finished()
         chunk: _Chunk = decode_event(event, _chunk_decoder)
@@ -400,9 +403,10 @@ class ChatStream:
             raise _withheld(200)
         self.finish_reason = choice.finish_reason or self.finish_reason
         delta = choice.delta or _Delta()
-        for call in delta.tool_calls or ():
-            self.calls.add(call)
-        return delta.content
+        if not delta.tool_calls:
+            return delta.content
+        calls: list[Delta] = [self.calls.add(call) for call in delta.tool_calls]
+        return [delta.content, *calls] if delta.content else calls
 
     def _finished(self) -> ProviderOk:
         calls = self.calls.finished(self.label)

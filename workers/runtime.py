@@ -8,9 +8,10 @@ after which the dispatcher no longer waits, so work past it is dropped unanswere
 replica also listens on llm.cancel.<name>: a message there names a `Lifeline-Attempt-Id`
 the dispatcher gave up on, and the replica running it cancels it, HTTP call included.
 
-Streaming: a request with a `Lifeline-Stream-To` header wants the answer's text as it comes,
-published there as bare UTF-8 chunks, in order, before the one reply, a ProviderOk whose
-`chunks` says how many were sent (its content is only what did not stream). A provider with a
+Streaming: a request with a `Lifeline-Stream-To` header wants the answer as it comes,
+published there in order: text as bare UTF-8 chunks, and pieces of tool calls as JSON
+ToolCallDeltas with the header `Lifeline-Event: tool_call`; then the one reply, a ProviderOk
+whose `chunks` says how many were sent (its content is only what did not stream). A provider with a
 `stream` method streams; any other answers once, and the dispatcher streams that as one chunk.
 """
 
@@ -28,17 +29,18 @@ from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
-from schemas.streaming import pieces
+from schemas.streaming import TOOL_CALL, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
     DEADLINE_MS,
+    EVENT,
     STREAM_TO,
     cancel_subject,
     provider_queue,
     provider_subject,
     reply_subject_refused,
 )
-from schemas.wire import encoder, provider_request_decoder
+from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.natsio import ensure_subscribed, fast_path, publish_checked, stop_taking
 from workers.base import Provider, ProviderError, scrub
@@ -220,6 +222,18 @@ class WorkerRuntime:
                 if isinstance(item, ProviderOk):
                     end = item
                     break
+                if isinstance(item, ToolCallDelta):
+                    payload = encoder.encode(item)
+                    if len(payload) > max_bytes:
+                        raise ProviderError(
+                            "response_too_large",
+                            f"{self.name} streamed a tool-call piece of {len(payload)} bytes, "
+                            f"above what a stream event may carry ({max_bytes})",
+                        )
+                    if not path.publish(stream_to, payload, headers=_TOOL_CALL):
+                        await nc.publish(stream_to, payload, headers=_TOOL_CALL)
+                    chunks += 1
+                    continue
                 for piece in pieces(item, max_bytes):
                     if not path.publish(stream_to, piece):
                         await nc.publish(stream_to, piece)
@@ -235,6 +249,7 @@ class WorkerRuntime:
 
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
+_TOOL_CALL = {EVENT: TOOL_CALL}
 
 
 class _Expiry:
