@@ -531,6 +531,10 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
             if event.kind == "delta":
                 shown.append(event.text)
                 print(event.text, end="", flush=True)
+            elif event.kind == "tool_call":
+                shown.append("")  # a reset's discard counts tool-call pieces too
+                if event.tool_call is not None and event.tool_call.name:
+                    print(f"[calling {event.tool_call.name}]", end="", flush=True)
             elif event.kind == "reset" and event.reset is not None:
                 reset = event.reset
                 keep = max(len(shown) - reset.discard, 0)

@@ -7,6 +7,8 @@ config, wait_for, the Ledger, the fake HTTP servers ...) are in helpers.py, not 
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -46,11 +48,27 @@ def tracers(exporter: InMemorySpanExporter) -> Iterator[Tracing]:
     provider.shutdown()
 
 
+# Stopping a stack or closing a client takes well under a second; past this a teardown is
+# stuck, and failing it (with every task's stack) beats hanging the whole run until CI's limit.
+_TEARDOWN_S = 30.0
+
+
+async def _bounded_teardown(what: str, work: Any) -> None:
+    try:
+        async with asyncio.timeout(_TEARDOWN_S):
+            await work
+    except TimeoutError:
+        stuck = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in stuck:
+            task.print_stack(file=sys.stderr)
+        pytest.fail(f"{what} did not finish in {_TEARDOWN_S:g} s ({len(stuck)} tasks on stderr)")
+
+
 @pytest.fixture
 async def client(nats_url: str) -> AsyncIterator[Client]:
     nc = await nats.connect(nats_url)
     yield nc
-    await nc.close()
+    await _bounded_teardown("closing the test client", nc.close())
 
 
 @pytest.fixture
@@ -65,7 +83,7 @@ async def lifeline(nats_url: str, tracers: Tracing) -> AsyncIterator[Any]:
 
     yield start
     for stack in stacks:
-        await stack.stop()
+        await _bounded_teardown("stopping a Lifeline stack", stack.stop())
 
 
 @pytest.fixture
