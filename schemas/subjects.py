@@ -1,5 +1,7 @@
 """Every NATS subject, queue group and header name Lifeline uses, in one place."""
 
+import hashlib
+
 # Lifeline owns every subject under this prefix; no client may name one as its reply subject.
 NAMESPACE = "llm."
 
@@ -8,6 +10,14 @@ COMPLETE = "llm.complete"
 # The same requests, answered with a stream of events on the reply subject (schemas/streaming.py).
 STREAM = "llm.stream"
 DISPATCHER_QUEUE = "lifeline-dispatchers"
+
+# Durable jobs: the same request body, published through JetStream with its id as Nats-Msg-Id
+# (service/jobs.py). A job's result is kept in a JetStream KV bucket under job_key(id), and,
+# when the job names one in NOTIFY, published on that subject too.
+JOBS_SUBMIT = "llm.jobs.submit"
+JOBS_CONSUMER = "lifeline-jobs"  # the durable consumer every dispatcher pulls from
+MSG_ID = "Nats-Msg-Id"  # JetStream's deduplication header
+NOTIFY = "Lifeline-Notify"
 
 # One subject per provider; the replicas of a provider's worker share its queue group.
 PROVIDER_PREFIX = "llm.provider."
@@ -52,6 +62,11 @@ def cancel_subject(provider: str) -> str:
 
 def audit_subject(status: str) -> str:
     return AUDIT_PREFIX + status
+
+
+def job_key(job_id: str) -> str:
+    """The results bucket's key for a job id (ids may hold characters keys may not)."""
+    return "job." + hashlib.sha256(job_id.encode()).hexdigest()[:40]
 
 
 def reply_subject_refused(subject: str) -> str | None:

@@ -68,6 +68,22 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
             )
 
 
+class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Durable jobs on llm.jobs.submit (service/jobs.py); needs JetStream on the NATS server."""
+
+    enabled: bool = True  # false: this dispatcher takes no jobs
+    # Jobs one dispatcher works on at once; the rest wait in the stream, not in memory.
+    in_flight: Annotated[int, Meta(ge=1)] = 100
+    # A job not acknowledged (nor heartbeated) within ack_wait_s goes to another dispatcher.
+    ack_wait_s: Annotated[float, Meta(ge=1)] = 30.0
+    max_deliver: Annotated[int, Meta(ge=1)] = 5  # deliveries of one job before it is given up
+    max_jobs: Annotated[int, Meta(ge=1)] = 100_000  # waiting in the stream; more are refused
+    dedup_window_s: Annotated[float, Meta(gt=0)] = 120.0  # a repeated id within it is dropped
+    results_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0  # how long a result is kept
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "LIFELINE_JOBS"
+    results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_results"
+
+
 # A chain entry: a target or provider name, an inline target table, or a load-balanced
 # group `{ group = [...] }` of such (decoded one entry at a time in _chain, so that
 # errors can say which entry and which key are wrong).
@@ -143,6 +159,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     targets: dict[str, Any] = {}
     fallbacks: dict[str, Any] = {}
     breaker: dict[str, Any] = {}
+    jobs: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -154,6 +171,7 @@ class Config(Struct, frozen=True):
     default_chains: dict[str, list[Step]] = {}  # [fallbacks]: error kind -> chain
     breaker: dict[str, Any] = {}  # [breaker]: every target's circuit-breaker defaults
     source: str = "<memory>"
+    jobs: JobsSettings = JobsSettings()
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
@@ -220,6 +238,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         default_chains=default_chains,
         breaker=raw.breaker,
         source=source,
+        jobs=_convert(raw.jobs, JobsSettings, "jobs"),
     )
 
 

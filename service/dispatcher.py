@@ -26,6 +26,7 @@ from service import telemetry
 from service.config import Config
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
+from service.jobs import Jobs
 from service.memory import release_memory_soon
 from service.natsio import ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
@@ -47,6 +48,8 @@ class Dispatcher:
         store = BucketStore(nc, settings.health_bucket) if settings.shared_health else LocalStore()
         self.health = Health(store=store)
         self.engine = Engine(config, self.transport, self.health, spans)
+        # Durable jobs (llm.jobs.submit through JetStream), beside the core front end.
+        self.jobs = Jobs(nc, self.engine, config.jobs) if config.jobs.enabled else None
         self._tasks: set[asyncio.Task[None]] = set()
         self.max_in_flight = settings.max_in_flight
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
@@ -66,6 +69,8 @@ class Dispatcher:
             await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),
         ]
         await ensure_subscribed(nc)
+        if self.jobs is not None:
+            await self.jobs.start()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
@@ -73,6 +78,8 @@ class Dispatcher:
         subs, self._subs = self._subs, []
         for sub in subs:
             await stop_taking(sub)
+        if self.jobs is not None:
+            await self.jobs.stop(grace_s)
         waits = set(self._tasks)
         if self._refuser is not None:
             waits.add(self._refuser)

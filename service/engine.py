@@ -84,6 +84,7 @@ class Inbound(NamedTuple):
     data: bytes
     headers: Mapping[str, str] | None
     arrived: float  # time.monotonic() when it arrived: its deadline counts from here
+    default_id: str = ""  # the request's id when its body has none (a job's Nats-Msg-Id)
 
 
 class Engine:
@@ -120,7 +121,7 @@ class Engine:
         try:
             if refused is not None:
                 raise refused
-            plan = self.router.plan(inbound.data, inbound.arrived)
+            plan = self.router.plan(inbound.data, inbound.arrived, inbound.default_id)
             route = plan.route
             if sink is not None:
                 on_event = span.add_event if span.is_recording() else None

@@ -253,13 +253,13 @@ class Router:
                 out.extend(weighted_order(step, self.random.random))
         return out
 
-    def plan(self, data: bytes, arrived: float | None = None) -> Plan:
+    def plan(self, data: bytes, arrived: float | None = None, default_id: str = "") -> Plan:
         """Validate a raw request and resolve its chain; raises Rejected.
 
         The request's deadline counts from `arrived` (time.monotonic() when the message came
         in), so time spent waiting for a free slot is part of its timeout_s."""
         request = self._decode(data)
-        request_id = request.id or self._ids.next()
+        request_id = request.id or default_id or self._ids.next()
         route_name = request.route if request.targets is None else None
 
         def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:

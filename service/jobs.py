@@ -1,0 +1,221 @@
+"""The jobs front end: requests published through JetStream, results kept by id.
+
+    submit   a client publishes a request body to llm.jobs.submit through JetStream, its id as
+             Nats-Msg-Id. The stream (work queue, bounded, discard new) keeps it until a
+             dispatcher has stored its result, whether or not a dispatcher runs when it is
+             published; a repeat within the dedup window is acknowledged as a duplicate and
+             kept once; a full stream refuses the publish
+    work     every dispatcher pulls from one durable consumer, at most jobs.in_flight at once;
+             a job runs through the engine like a core request (same routes, policy, breakers,
+             trace context from its headers), and is heartbeated (in_progress) while it runs,
+             so a slow provider does not get it delivered again
+    result   the reply goes into the results bucket under subjects.job_key(id), create-if-
+             absent, and only then is the job acknowledged: a dispatcher killed before the ack
+             leaves the job to be delivered again after ack_wait_s, and a delivery that finds a
+             result already stored (or a repeat of the id after the dedup window) is
+             acknowledged without a provider call. A job with a Lifeline-Notify header also gets
+             its reply published on that subject
+    bounds   an invalid job gets an error result at once, never a redelivery; a failure of this
+             front end itself is retried after a delay, at most jobs.max_deliver deliveries
+
+Audit: one event per job handled by the engine (a delivery that finds its result stored adds
+none). Without JetStream on the server the dispatcher logs why and takes no jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from schemas import CompletionReply, subjects
+from schemas.wire import encoder, reply_decoder, salvage_id
+from service.config import JobsSettings
+from service.engine import Engine, Inbound
+from service.natsio import publish_checked
+
+log = logging.getLogger("lifeline.jobs")
+
+_FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop between pulls
+_RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
+_OP_TIMEOUT_S = 5.0
+
+
+async def ensure_jobs(js: JetStreamContext, settings: JobsSettings) -> KeyValue:
+    """The jobs stream and the results bucket, created when missing (dispatchers and
+    `lifeline submit` both call it, so a job can be published before any dispatcher runs)."""
+    config = api.StreamConfig(
+        name=settings.stream,
+        subjects=[subjects.JOBS_SUBMIT],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs=settings.max_jobs,
+        duplicate_window=settings.dedup_window_s,
+        description="Lifeline jobs waiting for a dispatcher",
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:  # it exists with other settings: keep the server's
+        log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
+    try:
+        return await js.key_value(settings.results_bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            bucket=settings.results_bucket,
+            history=1,
+            ttl=settings.results_ttl_s,
+            description="Lifeline job results, by job id",
+        )
+
+
+def job_id_of(msg: Msg) -> str:
+    """A job's id: its body's, else its Nats-Msg-Id."""
+    return salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
+
+
+class Jobs:
+    """Pulls jobs for one dispatcher and answers each into the results bucket."""
+
+    def __init__(self, nc: Client, engine: Engine, settings: JobsSettings) -> None:
+        self.nc = nc
+        self.engine = engine
+        self.settings = settings
+        self.kv: KeyValue | None = None
+        self.problem: str | None = None  # why jobs are not taken, when they are not
+        self._sub: Any = None
+        self._loop: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handled = 0  # jobs answered by the engine
+        self.found = 0  # deliveries answered from a result already stored
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
+            self.kv = await ensure_jobs(js, s)
+            consumer = api.ConsumerConfig(
+                ack_wait=s.ack_wait_s,
+                max_deliver=s.max_deliver,
+                max_ack_pending=-1,
+            )
+            self._sub = await js.pull_subscribe(
+                subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
+            )
+        except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
+            self.problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log.warning(
+                "jobs: not taking jobs on %s (%s); run nats-server with JetStream (-js)",
+                subjects.JOBS_SUBMIT,
+                self.problem,
+            )
+            return
+        self._loop = asyncio.create_task(self._pull())
+        log.info("jobs: taking jobs from %s (stream %s)", subjects.JOBS_SUBMIT, s.stream)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop pulling; jobs in flight finish (up to grace_s), the rest are redelivered."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def _pull(self) -> None:
+        while True:
+            free = self.settings.in_flight - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await self._sub.fetch(min(free, 64), timeout=_FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("jobs: pulling failed (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(_FETCH_WAIT_S)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._job(msg, time.monotonic()))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _job(self, msg: Msg, arrived: float) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            await self._answer(msg, arrived)
+        except Exception:
+            log.exception("jobs: bug while handling a job; it is delivered again later")
+            await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+        finally:
+            heartbeat.cancel()
+
+    async def _answer(self, msg: Msg, arrived: float) -> None:
+        assert self.kv is not None
+        job_id = job_id_of(msg)
+        key = subjects.job_key(job_id)
+        stored = await self._stored(key)
+        if stored is not None:  # answered before: a redelivery, or the id sent again
+            self.found += 1
+            await self._notify(msg, stored)
+            await msg.ack()
+            return
+
+        async def keep(reply: CompletionReply) -> CompletionReply:
+            kept = await self._keep(key, reply)
+            await self._notify(msg, encoder.encode(kept))
+            return kept
+
+        await self.engine.serve(Inbound(msg.data, msg.headers, arrived, job_id), keep)
+        self.handled += 1
+        await msg.ack()
+
+    async def _stored(self, key: str) -> bytes | None:
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def _keep(self, key: str, reply: CompletionReply) -> CompletionReply:
+        """Store `reply` unless a result is stored already (the first one stays); what is
+        stored is what the job's result is."""
+        assert self.kv is not None
+        try:
+            await self.kv.create(key, encoder.encode(reply))
+            return reply
+        except nats.js.errors.KeyWrongLastSequenceError:
+            stored = await self._stored(key)
+            return reply_decoder.decode(stored) if stored is not None else reply
+
+    async def _notify(self, msg: Msg, payload: bytes) -> None:
+        subject = (msg.headers or {}).get(subjects.NOTIFY)
+        if subject and subjects.reply_subject_refused(subject) is None:
+            await publish_checked(self.nc, subject, payload, "a job's result")
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        """Tell JetStream the job is still being worked on, well within each ack wait."""
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            await _quietly(msg.in_progress())
+
+
+async def _quietly(work: Any) -> None:
+    try:
+        await work
+    except (nats.errors.Error, nats.js.errors.Error, msgspec.DecodeError) as exc:
+        log.debug("jobs: %s", exc)

@@ -1,0 +1,122 @@
+"""Durable jobs over a real nats-server with JetStream: publish and forget, results by id,
+one result per id whatever is repeated or redelivered."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats.js.errors
+import pytest
+from helpers import config, fake, wait_for
+
+from schemas import subjects
+from schemas.wire import encoder, reply_decoder
+from service.config import JobsSettings, parse_config
+from service.jobs import ensure_jobs
+
+
+def job(job_id: str, text: str = "hello", **fields: Any) -> bytes:
+    return encoder.encode({"id": job_id, "messages": [{"role": "user", "content": text}], **fields})
+
+
+async def submit(client, payload: bytes, msg_id: str | None = None, **headers: str) -> Any:
+    js = client.jetstream()
+    if msg_id is not None:
+        headers[subjects.MSG_ID] = msg_id
+    return await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers or None)
+
+
+async def result_of(client, job_id: str, timeout_s: float = 10.0) -> Any:
+    kv = await client.jetstream().key_value(JobsSettings().results_bucket)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            entry = await kv.get(subjects.job_key(job_id))
+            return reply_decoder.decode(entry.value)
+        except nats.js.errors.KeyNotFoundError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no result for {job_id!r} after {timeout_s} s") from None
+            await asyncio.sleep(0.05)
+
+
+async def test_a_job_published_before_any_dispatcher_runs_is_answered_when_one_starts(
+    lifeline, client, audit
+):
+    await ensure_jobs(client.jetstream(), JobsSettings())  # as `lifeline submit` does
+    ack = await submit(client, job("early", "published while nobody listened"), "early")
+    assert ack.stream == JobsSettings().stream and not ack.duplicate
+    await lifeline(config({"main": fake()}))
+    reply = await result_of(client, "early")
+    assert (reply.id, reply.status, reply.content) == (
+        "early",
+        "ok",
+        "published while nobody listened",
+    )
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.id) == ("llm.audit.ok", "early")
+
+
+async def test_a_repeat_within_the_dedup_window_is_kept_once_and_answered_once(
+    lifeline, client, audit
+):
+    stack = await lifeline(config({"main": fake()}))
+    acks = [await submit(client, job("twice"), "twice") for _ in range(2)]
+    assert [bool(a.duplicate) for a in acks] == [False, True]
+    reply = await result_of(client, "twice")
+    assert reply.status == "ok"
+    jobs = stack.dispatcher.jobs
+    await wait_for(lambda: jobs.handled == 1 and jobs.in_flight == 0, timeout_s=5)
+    await asyncio.sleep(0.3)  # room for a second answer, which must not come
+    assert (jobs.handled, len(audit.events)) == (1, 1)
+
+
+async def test_a_repeat_after_the_window_gets_the_stored_result_without_a_provider_call(
+    lifeline, client, audit
+):
+    stack = await lifeline(config({"main": fake()}))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    await submit(client, job("again"), "again", **{subjects.NOTIFY: notify})
+    first = reply_decoder.decode((await pushed.next_msg(timeout=5)).data)
+    # Past the window JetStream keeps it as new (another Nats-Msg-Id stands for that here).
+    await submit(client, job("again"), "again-later", **{subjects.NOTIFY: notify})
+    second = reply_decoder.decode((await pushed.next_msg(timeout=5)).data)
+    assert second == first  # the stored result, pushed again
+    jobs = stack.dispatcher.jobs
+    assert (jobs.handled, jobs.found) == (1, 1)
+    assert len(audit.events) == 1
+
+
+async def test_an_invalid_job_gets_an_error_result_at_once_and_is_not_redelivered(
+    lifeline, client, audit
+):
+    stack = await lifeline(config({"main": fake()}))
+    await submit(client, b'{"id": "bad", "messages": []}', "bad")
+    reply = await result_of(client, "bad")
+    assert (reply.status, reply.error.type) == ("error", "invalid_request")
+    await wait_for(lambda: stack.dispatcher.jobs.in_flight == 0, timeout_s=5)
+    info = await client.jetstream().stream_info(JobsSettings().stream)
+    assert info.state.messages == 0  # acknowledged: gone from the work queue
+
+
+async def test_a_long_job_is_held_by_heartbeats_past_its_ack_wait(lifeline, client, audit):
+    data = config({"slow": fake(latency_ms=2500)})
+    data["jobs"] = {"ack_wait_s": 1}
+    stack = await lifeline(data)
+    await submit(client, job("long", timeout_s=10), "long")
+    reply = await result_of(client, "long", timeout_s=10)
+    assert reply.status == "ok"
+    await asyncio.sleep(0.5)
+    jobs = stack.dispatcher.jobs
+    assert (jobs.handled, jobs.found) == (1, 0)  # never delivered a second time
+    assert len(audit.events) == 1
+
+
+async def test_a_full_stream_refuses_new_jobs(lifeline, client, nats_url):
+    settings = parse_config({**config({"main": fake()}), "jobs": {"max_jobs": 2}}).jobs
+    await ensure_jobs(client.jetstream(), settings)  # no dispatcher: they wait
+    await submit(client, job("j1"), "j1")
+    await submit(client, job("j2"), "j2")
+    with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
+        await submit(client, job("j3"), "j3")
