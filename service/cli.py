@@ -43,9 +43,10 @@ from service.app import (
     start_stack,
     start_worker,
 )
-from service.config import Config, ConfigError, Step, breaker_settings, load_config
+from service.config import Config, ConfigError, JobsSettings, Step, breaker_settings, load_config
 from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
 from service.health import percentile_ms
+from service.jobs import ensure_jobs
 from service.memory import settle_after_start
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
@@ -82,7 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_run, _add_dispatcher, _add_worker, _add_ask, _add_check, _add_status):
+    for add_command in (
+        _add_run,
+        _add_dispatcher,
+        _add_worker,
+        _add_ask,
+        _add_submit,
+        _add_result,
+        _add_check,
+        _add_status,
+    ):
         add_command(commands)
     return parser
 
@@ -186,6 +196,44 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _config_arg(check)
 
 
+def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="publish one durable job (llm.jobs.submit); `lifeline result ID` fetches its answer",
+        description="Publishes a request as a durable job through JetStream, with its id as "
+        "Nats-Msg-Id: it waits in the jobs stream until a dispatcher answers it, even if none "
+        "runs now; the answer is kept by id in the results bucket. Sending the same id again "
+        "within the dedup window is acknowledged as a duplicate.",
+    )
+    submit.add_argument("prompt", help="the user message")
+    submit.add_argument("--id", help="the job's id (default: a new random one)")
+    submit.add_argument("--route", default="default", help="route name (default: default)")
+    submit.add_argument("--system", help="a system message to send first")
+    submit.add_argument("--timeout", type=float, help="seconds for the job once it runs")
+    submit.add_argument(
+        "--notify", metavar="SUBJECT", help="also publish the result on this subject"
+    )
+    _config_arg(submit)
+    _nats_arg(submit)
+
+
+def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    result = commands.add_parser(
+        "result",
+        help="print the result of a job by id, from the results bucket",
+        description="Reads a job's result from the results bucket (jobs.results_bucket), "
+        "whether or not anyone listened when it was answered. Exit status 0 for an ok "
+        "result, 1 for an error result, 3 when there is none (yet).",
+    )
+    result.add_argument("id", help="the job's id")
+    result.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for it"
+    )
+    result.add_argument("--json", action="store_true", help="print the raw JSON result")
+    _config_arg(result)
+    _nats_arg(result)
+
+
 def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
@@ -226,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "dispatcher": cmd_dispatcher,
         "worker": cmd_worker,
         "ask": cmd_ask,
+        "submit": cmd_submit,
+        "result": cmd_result,
         "check-config": cmd_check,
         "status": cmd_status,
     }
@@ -473,6 +523,88 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     else:
         _print_reply(reply_decoder.decode(msg.data))
     return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
+
+
+def _jobs_settings(args: argparse.Namespace) -> JobsSettings:
+    """The config's [jobs] (stream and bucket names), or the defaults without a config."""
+    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        return JobsSettings()
+    return load_config(args.config).jobs
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    settings = _jobs_settings(args)
+    messages = ([ChatMessage("system", args.system)] if args.system else []) + [
+        ChatMessage("user", args.prompt)
+    ]
+    job_id = args.id or uuid.uuid4().hex
+    request = CompletionRequest(messages, id=job_id, route=args.route, timeout_s=args.timeout)
+    headers = {subjects.MSG_ID: job_id}
+    if args.notify:
+        headers[subjects.NOTIFY] = args.notify
+    nc = await _client(url, "lifeline-submit")
+    if nc is None:
+        return 1
+    try:
+        js = nc.jetstream(timeout=5)
+        await ensure_jobs(js, settings)
+        ack = await js.publish(subjects.JOBS_SUBMIT, encoder.encode(request), headers=headers)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
+        print(
+            f"lifeline: could not submit the job on {redact_url(url)} "
+            f"({type(exc).__name__}: {exc}); is JetStream on (nats-server -js)?",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if ack.duplicate:
+        print(f"{job_id}: already submitted (a duplicate within the dedup window); kept once")
+    else:
+        print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
+    print(f"result: lifeline result {job_id} --wait 30")
+    return 0
+
+
+async def cmd_result(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    settings = _jobs_settings(args)
+    nc = await _client(url, "lifeline-result")
+    if nc is None:
+        return 1
+    try:
+        data = await _wait_for_result(nc, settings, args.id, args.wait)
+    except nats.js.errors.BucketNotFoundError:
+        data = None
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if data is None:
+        waited = f" after {args.wait:g} s" if args.wait else ""
+        print(f"lifeline: no result for job {args.id!r}{waited}", file=sys.stderr)
+        return 3
+    reply = reply_decoder.decode(data)
+    if args.json:
+        print(data.decode())
+    else:
+        _print_reply(reply)
+    return 0 if reply.status == "ok" else 1
+
+
+async def _wait_for_result(
+    nc: Client, settings: JobsSettings, job_id: str, wait_s: float
+) -> bytes | None:
+    kv = await nc.jetstream(timeout=5).key_value(settings.results_bucket)
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            return (await kv.get(subjects.job_key(job_id))).value
+        except nats.js.errors.KeyNotFoundError:
+            if time.monotonic() >= give_up:
+                return None
+            await asyncio.sleep(0.2)
 
 
 def _ask_request(args: argparse.Namespace) -> CompletionRequest:

@@ -7,7 +7,8 @@ imports it as `tests.helpers`. A helper two test files need belongs here, not co
     configs         fake, config, toml_value, write_config
     requests        USER_HELLO, ask, settled, AuditFeed, Ledger (per-id replies and audits)
     processes       ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line,
-                    rest_of_output, LifelineProcess, free_port
+                    rest_of_output, LifelineProcess, Service (workers and dispatchers as
+                    processes), free_port
     HTTP servers    LocalHTTPServer, serving, MisbehavingProvider (OpenAI's shapes, misbehaving)
     provider wire   MockServer, provider_fixture, expect_failure (httpx MockTransport)
 """
@@ -209,7 +210,7 @@ class Ledger:
         self.unheard: set[str] = set()  # requests the server answered "no responders" to
         self._n = 0
 
-    async def start(self) -> "Ledger":
+    async def start(self) -> Ledger:
         await self.nc.subscribe(self.inbox + ".*", cb=self._on_reply, pending_msgs_limit=-1)
         await self.nc.subscribe(subjects.AUDIT_ALL, cb=self._on_audit, pending_msgs_limit=-1)
         await ensure_subscribed(self.nc)
@@ -412,6 +413,36 @@ class LifelineProcess:
         return self.proc.returncode
 
 
+class Service:
+    """Workers and dispatchers as real processes on one nats-server."""
+
+    def __init__(
+        self, tmp_path: Path, url: str, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
+        self.tmp_path, self.url, self.env = tmp_path, url, env
+        self.config_path = write_config(tmp_path / "lifeline.toml", config)
+        self.procs: list[LifelineProcess] = []
+
+    def start(self, *args: str, ready: str) -> LifelineProcess:
+        log = self.tmp_path / f"{args[0]}-{len(self.procs)}.log"
+        proc = LifelineProcess(
+            [*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env
+        )
+        self.procs.append(proc)
+        proc.wait_for_log(ready)
+        return proc
+
+    def worker(self, name: str) -> LifelineProcess:
+        return self.start("worker", name, ready=f"worker {name} serving")
+
+    def dispatcher(self) -> LifelineProcess:
+        return self.start("dispatcher", ready="dispatcher serving")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -533,7 +564,7 @@ def _bomb(size: int) -> bytes:
 class MisbehavingProvider:
     """A real local HTTP server speaking OpenAI's shapes, in a thread."""
 
-    def __enter__(self) -> "MisbehavingProvider":
+    def __enter__(self) -> MisbehavingProvider:
         _Handler.exported.clear()
         self.exported = _Handler.exported
         server = LocalHTTPServer(_Handler)

@@ -125,6 +125,22 @@ def test_ask_says_what_is_wrong_with_its_tools():
     assert "--tools" in result.stderr and "name" in result.stderr
 
 
+def test_submit_a_job_then_fetch_its_result_by_id(running):
+    _, url = running
+    submitted = run_lifeline("submit", "--nats-url", url, "--id", "cli-job-1", "a durable hello")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "cli-job-1: submitted" in submitted.stdout
+    assert "lifeline result cli-job-1" in submitted.stdout  # says how to get the answer
+    again = run_lifeline("submit", "--nats-url", url, "--id", "cli-job-1", "a durable hello")
+    assert "already submitted" in again.stdout
+    result = run_lifeline("result", "--nats-url", url, "--wait", "10", "cli-job-1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("a durable hello")  # the example's backup echoes
+    assert "served by backup" in result.stdout
+    missing = run_lifeline("result", "--nats-url", url, "no-such-job")
+    assert missing.returncode == 3 and "no result for job 'no-such-job'" in missing.stderr
+
+
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")

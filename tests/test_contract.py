@@ -21,17 +21,15 @@ from typing import Any
 
 import nats
 import pytest
-
 from helpers import (
     SECRET_KEY,
     Ledger,
-    LifelineProcess,
     MisbehavingProvider,
+    Service,
     free_port,
     wait_for,
-    write_config,
 )
-from schemas import subjects
+
 from schemas.wire import MAX_ID_LENGTH, encoder
 from service.embedded import EmbeddedNats
 
@@ -77,36 +75,6 @@ def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[st
             "http": {"targets": ["http"]},
         },
     }
-
-
-class Service:
-    """Workers and dispatchers as real processes on one nats-server."""
-
-    def __init__(
-        self, tmp_path: Path, url: str, config: dict[str, Any], env: dict[str, str] | None = None
-    ) -> None:
-        self.tmp_path, self.url, self.env = tmp_path, url, env
-        self.config_path = write_config(tmp_path / "lifeline.toml", config)
-        self.procs: list[LifelineProcess] = []
-
-    def start(self, *args: str, ready: str) -> LifelineProcess:
-        log = self.tmp_path / f"{args[0]}-{len(self.procs)}.log"
-        proc = LifelineProcess(
-            [*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env
-        )
-        self.procs.append(proc)
-        proc.wait_for_log(ready)
-        return proc
-
-    def worker(self, name: str) -> LifelineProcess:
-        return self.start("worker", name, ready=f"worker {name} serving")
-
-    def dispatcher(self) -> LifelineProcess:
-        return self.start("dispatcher", ready="dispatcher serving")
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
 
 
 @pytest.fixture

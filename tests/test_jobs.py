@@ -4,11 +4,12 @@ one result per id whatever is repeated or redelivered."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import nats.js.errors
 import pytest
-from helpers import config, fake, wait_for
+from helpers import Service, config, fake, wait_for
 
 from schemas import subjects
 from schemas.wire import encoder, reply_decoder
@@ -120,3 +121,35 @@ async def test_a_full_stream_refuses_new_jobs(lifeline, client, nats_url):
     await submit(client, job("j2"), "j2")
     with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
         await submit(client, job("j3"), "j3")
+
+
+async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_each_once(
+    client, nats_url, tmp_path
+):
+    """Real processes: two dispatchers pull jobs from a 300 ms provider; one is SIGKILLed
+    while it holds some. Its jobs come back after their ack wait and the other finishes them:
+    every id ends with exactly one stored result."""
+    data = config({"slow": fake(latency_ms=300)})
+    data["jobs"] = {"ack_wait_s": 2, "in_flight": 10}
+    service = Service(tmp_path, nats_url, data)
+    try:
+        service.worker("slow")
+        doomed = service.dispatcher()
+        service.dispatcher()
+        await ensure_jobs(client.jetstream(), JobsSettings())
+        ids = [f"job-{n}" for n in range(60)]
+        for job_id in ids:
+            await submit(client, job(job_id, timeout_s=20), job_id)
+        await asyncio.sleep(0.5)  # both dispatchers hold jobs now
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        replies = [await result_of(client, job_id, timeout_s=30) for job_id in ids]
+        assert [r.id for r in replies] == ids and all(r.status == "ok" for r in replies)
+        info = await client.jetstream().stream_info(JobsSettings().stream)
+        assert info.state.messages == 0  # every job acknowledged: none left behind
+        consumer = await client.jetstream().consumer_info(
+            JobsSettings().stream, subjects.JOBS_CONSUMER
+        )
+        assert consumer.delivered.consumer_seq > len(ids)  # the killed one's jobs came again
+    finally:
+        service.stop()
