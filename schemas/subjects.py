@@ -18,6 +18,10 @@ JOBS_SUBMIT = "llm.jobs.submit"
 JOBS_CONSUMER = "lifeline-jobs"  # the durable consumer every dispatcher pulls from
 MSG_ID = "Nats-Msg-Id"  # JetStream's deduplication header
 NOTIFY = "Lifeline-Notify"
+# A job whose handling failed max_deliver times (a bug, not a provider failure: those give an
+# error result) is published here, as it was submitted, with the error in JOB_ERROR.
+JOBS_DEAD = "llm.jobs.dead"
+JOB_ERROR = "Lifeline-Error"
 
 # One subject per provider; the replicas of a provider's worker share its queue group.
 PROVIDER_PREFIX = "llm.provider."

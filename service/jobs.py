@@ -16,7 +16,9 @@
              acknowledged without a provider call. A job with a Lifeline-Notify header also gets
              its reply published on that subject
     bounds   an invalid job gets an error result at once, never a redelivery; a failure of this
-             front end itself is retried after a delay, at most jobs.max_deliver deliveries
+             front end itself (a bug, the results bucket unreachable) is retried after a delay,
+             and its last delivery (jobs.max_deliver) goes to llm.jobs.dead with the error in
+             Lifeline-Error and leaves the stream: no hot redelivery loop, nothing kept forever
 
 Audit: one event per job handled by the engine (a delivery that finds its result stored adds
 none). Without JetStream on the server the dispatcher logs why and takes no jobs.
@@ -157,11 +159,26 @@ class Jobs:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             await self._answer(msg, arrived)
-        except Exception:
-            log.exception("jobs: bug while handling a job; it is delivered again later")
-            await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+        except Exception as exc:
+            if msg.metadata.num_delivered < self.settings.max_deliver:
+                log.exception("jobs: bug while handling a job; it is delivered again later")
+                await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+            else:
+                log.exception("jobs: bug while handling a job, its last delivery: dead-lettered")
+                await self._dead_letter(msg, exc)
         finally:
             heartbeat.cancel()
+
+    async def _dead_letter(self, msg: Msg, exc: Exception) -> None:
+        """The job as it was submitted, on llm.jobs.dead with what went wrong; then out of the
+        stream (a work queue keeps a message that reached max_deliver unless it is acked)."""
+        error = f"{type(exc).__name__}: {exc}"[:500].replace("\r", " ").replace("\n", " ")
+        headers = {**(msg.headers or {}), subjects.JOB_ERROR: error}
+        try:
+            await self.nc.publish(subjects.JOBS_DEAD, msg.data, headers=headers)
+        except nats.errors.Error as publish_error:
+            log.error("jobs: could not dead-letter a job: %s", publish_error)
+        await _quietly(msg.term())
 
     async def _answer(self, msg: Msg, arrived: float) -> None:
         assert self.kv is not None

@@ -28,6 +28,16 @@ async def submit(client, payload: bytes, msg_id: str | None = None, **headers: s
     return await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers or None)
 
 
+async def _waiting_jobs(client, settle_s: float = 2.0) -> int:
+    """Jobs left in the stream, once acknowledgements in flight have landed."""
+    deadline = asyncio.get_running_loop().time() + settle_s
+    while True:
+        info = await client.jetstream().stream_info(JobsSettings().stream)
+        if info.state.messages == 0 or asyncio.get_running_loop().time() > deadline:
+            return info.state.messages
+        await asyncio.sleep(0.05)
+
+
 async def result_of(client, job_id: str, timeout_s: float = 10.0) -> Any:
     kv = await client.jetstream().key_value(JobsSettings().results_bucket)
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -97,8 +107,7 @@ async def test_an_invalid_job_gets_an_error_result_at_once_and_is_not_redelivere
     reply = await result_of(client, "bad")
     assert (reply.status, reply.error.type) == ("error", "invalid_request")
     await wait_for(lambda: stack.dispatcher.jobs.in_flight == 0, timeout_s=5)
-    info = await client.jetstream().stream_info(JobsSettings().stream)
-    assert info.state.messages == 0  # acknowledged: gone from the work queue
+    assert await _waiting_jobs(client) == 0  # acknowledged: gone from the work queue
 
 
 async def test_a_long_job_is_held_by_heartbeats_past_its_ack_wait(lifeline, client, audit):
@@ -145,11 +154,33 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         doomed.proc.wait()
         replies = [await result_of(client, job_id, timeout_s=30) for job_id in ids]
         assert [r.id for r in replies] == ids and all(r.status == "ok" for r in replies)
-        info = await client.jetstream().stream_info(JobsSettings().stream)
-        assert info.state.messages == 0  # every job acknowledged: none left behind
+        assert await _waiting_jobs(client) == 0  # every job acknowledged: none left behind
         consumer = await client.jetstream().consumer_info(
             JobsSettings().stream, subjects.JOBS_CONSUMER
         )
         assert consumer.delivered.consumer_seq > len(ids)  # the killed one's jobs came again
     finally:
         service.stop()
+
+
+async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
+    lifeline, client, monkeypatch
+):
+    from service import jobs
+
+    async def broken(self: Any, msg: Any, arrived: float) -> None:
+        raise RuntimeError("results bucket unreachable")
+
+    monkeypatch.setattr(jobs.Jobs, "_answer", broken)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    dead = await client.subscribe(subjects.JOBS_DEAD)
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 3}
+    await lifeline(data)
+    await submit(client, job("doomed"), "doomed")
+    letter = await dead.next_msg(timeout=10)
+    assert letter.data == job("doomed")  # the job as it was submitted
+    assert letter.headers[subjects.JOB_ERROR] == "RuntimeError: results bucket unreachable"
+    consumer = await client.jetstream().consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    assert consumer.delivered.consumer_seq == 3  # max_deliver deliveries, no more
+    assert await _waiting_jobs(client) == 0  # not kept in the stream
