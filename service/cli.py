@@ -43,7 +43,16 @@ from service.app import (
     start_stack,
     start_worker,
 )
-from service.config import Config, ConfigError, JobsSettings, Step, breaker_settings, load_config
+from service.audit import read_events
+from service.config import (
+    Config,
+    ConfigError,
+    JobsSettings,
+    Step,
+    breaker_settings,
+    load_config,
+    parse_config,
+)
 from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
 from service.health import percentile_ms
 from service.jobs import ensure_jobs
@@ -90,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ask,
         _add_submit,
         _add_result,
+        _add_audit,
         _add_check,
         _add_status,
     ):
@@ -234,6 +244,24 @@ def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _nats_arg(result)
 
 
+def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="show audit events from the audit stream: the last ones, one id's, or follow",
+        description="Reads the JetStream stream that keeps every request's audit event "
+        "(audit.stream, LIFELINE_AUDIT by default), including those published while nobody "
+        "listened: one line per event, or each event's JSON with --json.",
+    )
+    audit.add_argument("id", nargs="?", help="only this request's (or job's) events")
+    audit.add_argument(
+        "--last", type=int, default=20, metavar="N", help="how many of the latest (default 20)"
+    )
+    audit.add_argument("--follow", "-f", action="store_true", help="then print new ones")
+    audit.add_argument("--json", action="store_true", help="print each event's JSON")
+    _config_arg(audit)
+    _nats_arg(audit)
+
+
 def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
@@ -276,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": cmd_ask,
         "submit": cmd_submit,
         "result": cmd_result,
+        "audit": cmd_audit,
         "check-config": cmd_check,
         "status": cmd_status,
     }
@@ -440,18 +469,20 @@ async def _watch_audit(url: str) -> Client:
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        chain = (
-            " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
-        )
-        why = f" ({event.error_type})" if event.error_type else ""
-        streamed = ""
-        if event.stream is not None:  # llm.stream
-            streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
-        line = f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
-        print(line, flush=True)
+        print(_audit_line(event), flush=True)
 
     await nc.subscribe(subjects.AUDIT_ALL, cb=show)
     return nc
+
+
+def _audit_line(event: AuditEvent) -> str:
+    """One request's audit event on one line: status, id, latency and the chain it took."""
+    chain = " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
+    why = f" ({event.error_type})" if event.error_type else ""
+    streamed = ""
+    if event.stream is not None:  # llm.stream
+        streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
+    return f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
 
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
@@ -525,16 +556,17 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
 
 
-def _jobs_settings(args: argparse.Namespace) -> JobsSettings:
-    """The config's [jobs] (stream and bucket names), or the defaults without a config."""
+def _config_or_default(args: argparse.Namespace) -> Config:
+    """The config (for its stream and bucket names), or the defaults when the default config
+    file is not there."""
     if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
-        return JobsSettings()
-    return load_config(args.config).jobs
+        return parse_config({"providers": {"none": {"kind": "fake"}}})
+    return load_config(args.config)
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
-    settings = _jobs_settings(args)
+    settings = _config_or_default(args).jobs
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
         ChatMessage("user", args.prompt)
     ]
@@ -570,7 +602,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_result(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
-    settings = _jobs_settings(args)
+    settings = _config_or_default(args).jobs
     nc = await _client(url, "lifeline-result")
     if nc is None:
         return 1
@@ -591,6 +623,38 @@ async def cmd_result(args: argparse.Namespace) -> int:
     else:
         _print_reply(reply)
     return 0 if reply.status == "ok" else 1
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    settings = _config_or_default(args).audit
+    nc = await _client(url, "lifeline-audit")
+    if nc is None:
+        return 1
+    shown = 0
+    try:
+        # One id's events: every event, read through; otherwise the latest --last.
+        last = 0 if args.id else args.last
+        async for data in read_events(nc.jetstream(timeout=5), settings, last, args.follow):
+            event = audit_decoder.decode(data)
+            if args.id and event.id != args.id:
+                continue
+            shown += 1
+            print(data.decode() if args.json else _audit_line(event), flush=True)
+    except nats.js.errors.NotFoundError:
+        print(
+            f"lifeline: no audit stream {settings.stream} on {redact_url(url)}: no dispatcher "
+            "with JetStream has run there yet",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if args.id and not shown:
+        print(f"lifeline: no audit event for {args.id!r}", file=sys.stderr)
+        return 3
+    return 0
 
 
 async def _wait_for_result(

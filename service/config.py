@@ -84,6 +84,15 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_results"
 
 
+class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """The audit events' JetStream stream (service/audit.py), so none is lost when no one
+    listens; needs JetStream on the NATS server."""
+
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*$")] = "LIFELINE_AUDIT"  # "": none
+    max_age_s: Annotated[float, Meta(gt=0)] = 7 * 86_400.0  # older events are dropped
+    max_bytes: Annotated[int, Meta(gt=0)] = 1024**3  # past it the oldest events are dropped
+
+
 # A chain entry: a target or provider name, an inline target table, or a load-balanced
 # group `{ group = [...] }` of such (decoded one entry at a time in _chain, so that
 # errors can say which entry and which key are wrong).
@@ -160,6 +169,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     fallbacks: dict[str, Any] = {}
     breaker: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
+    audit: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -172,6 +182,7 @@ class Config(Struct, frozen=True):
     breaker: dict[str, Any] = {}  # [breaker]: every target's circuit-breaker defaults
     source: str = "<memory>"
     jobs: JobsSettings = JobsSettings()
+    audit: AuditSettings = AuditSettings()
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
@@ -239,6 +250,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         breaker=raw.breaker,
         source=source,
         jobs=_convert(raw.jobs, JobsSettings, "jobs"),
+        audit=_convert(raw.audit, AuditSettings, "audit"),
     )
 
 

@@ -23,6 +23,7 @@ from nats.aio.subscription import Subscription
 from schemas import CompletionReply, subjects
 from schemas.wire import OVERLOADED, REPLY_SUBJECT_REFUSED, salvage_id
 from service import telemetry
+from service.audit import ensure_audit_stream
 from service.config import Config
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
@@ -50,6 +51,7 @@ class Dispatcher:
         self.engine = Engine(config, self.transport, self.health, spans)
         # Durable jobs (llm.jobs.submit through JetStream), beside the core front end.
         self.jobs = Jobs(nc, self.engine, config.jobs) if config.jobs.enabled else None
+        self.audit_settings = config.audit
         self._tasks: set[asyncio.Task[None]] = set()
         self.max_in_flight = settings.max_in_flight
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
@@ -69,6 +71,7 @@ class Dispatcher:
             await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),
         ]
         await ensure_subscribed(nc)
+        await ensure_audit_stream(nc.jetstream(timeout=5), self.audit_settings)
         if self.jobs is not None:
             await self.jobs.start()
 

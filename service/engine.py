@@ -61,7 +61,7 @@ class Transport(Protocol):
         self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
     ) -> ProviderReply: ...
 
-    async def audit(self, event: AuditEvent) -> None: ...
+    async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None: ...
 
     async def stream_provider(
         self,
@@ -85,6 +85,7 @@ class Inbound(NamedTuple):
     headers: Mapping[str, str] | None
     arrived: float  # time.monotonic() when it arrived: its deadline counts from here
     default_id: str = ""  # the request's id when its body has none (a job's Nats-Msg-Id)
+    audit_id: str | None = None  # the audit event's Nats-Msg-Id: the audit stream keeps one
 
 
 class Engine:
@@ -142,7 +143,8 @@ class Engine:
         try:
             if respond is not None:
                 reply = await respond(reply)
-            await self.transport.audit(_audit_event(reply, route, len(inbound.data)))
+            event = _audit_event(reply, route, len(inbound.data))
+            await self.transport.audit(event, inbound.audit_id)
         except Exception:  # the last line: nothing may escape a request unlogged
             log.exception("bug while answering request %r", reply.id)
         finally:

@@ -131,6 +131,12 @@ class Jobs:
             self._loop = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        sub, self._sub = self._sub, None
+        if sub is not None:  # else draining the connection waits on it for its whole timeout
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.debug("jobs: unsubscribing: %s", exc)
 
     @property
     def in_flight(self) -> int:
@@ -196,7 +202,8 @@ class Jobs:
             await self._notify(msg, encoder.encode(kept))
             return kept
 
-        await self.engine.serve(Inbound(msg.data, msg.headers, arrived, job_id), keep)
+        inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
+        await self.engine.serve(inbound, keep)
         self.handled += 1
         await msg.ack()
 

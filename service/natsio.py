@@ -33,10 +33,12 @@ async def ensure_subscribed(nc: Client) -> None:
     await nc.flush()
 
 
-async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -> bool:
+async def publish_checked(
+    nc: Client, subject: str, payload: bytes, what: str, headers: dict[str, str] | None = None
+) -> bool:
     """Publish unless the message cannot go out; a failure is logged, never raised. Goes
     through the connection's fast path when it can."""
-    if message_bytes(payload) > nc.max_payload:
+    if message_bytes(payload, headers) > nc.max_payload:
         log.error(
             "not publishing %s on %s: %d bytes, above max_payload %d",
             what,
@@ -45,10 +47,10 @@ async def publish_checked(nc: Client, subject: str, payload: bytes, what: str) -
             nc.max_payload,
         )
         return False
-    if fast_path(nc).publish(subject, payload):
+    if fast_path(nc).publish(subject, payload, headers=headers):
         return True
     try:
-        await nc.publish(subject, payload)
+        await nc.publish(subject, payload, headers=headers)
     except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
         log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
         return False

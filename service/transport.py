@@ -45,6 +45,7 @@ from schemas.subjects import (
     ATTEMPT_ID,
     ATTEMPT_NO,
     EVENT,
+    MSG_ID,
     SEQ,
     STREAM_TO,
     audit_subject,
@@ -174,12 +175,17 @@ class NatsTransport:
         await publish_checked(self.nc, reply_subject, payload, f"the reply to {reply.id!r}")
         return reply
 
-    async def audit(self, event: AuditEvent) -> None:
+    async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
+        """Publish the request's one audit event (the audit stream captures it, and keeps one
+        per `msg_id` when given)."""
+        headers = {MSG_ID: msg_id[:300]} if msg_id else None
+        room = self.nc.max_payload - (400 if headers else 0)
         await publish_checked(
             self.nc,
             audit_subject(event.status),
-            _fitting(event, self.nc.max_payload),
+            _fitting(event, room),
             "an audit event",
+            headers,
         )
 
 

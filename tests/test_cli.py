@@ -139,6 +139,13 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert "served by backup" in result.stdout
     missing = run_lifeline("result", "--nats-url", url, "no-such-job")
     assert missing.returncode == 3 and "no result for job 'no-such-job'" in missing.stderr
+    # Its audit event was kept in the audit stream, though nobody asked for it then.
+    audit = run_lifeline("audit", "--nats-url", url, "cli-job-1")
+    assert audit.returncode == 0, audit.stderr
+    [line] = audit.stdout.splitlines()  # one event for the id, the duplicate submit made none
+    assert line.startswith("[ok] id=cli-job-1 ") and "backup:ok" in line
+    latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
+    assert '"id":"cli-job-1"' in latest.stdout
 
 
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):

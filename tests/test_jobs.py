@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections import Counter
 from typing import Any
 
 import nats.js.errors
@@ -12,8 +13,9 @@ import pytest
 from helpers import Service, config, fake, wait_for
 
 from schemas import subjects
-from schemas.wire import encoder, reply_decoder
-from service.config import JobsSettings, parse_config
+from schemas.wire import audit_decoder, encoder, reply_decoder
+from service.audit import read_events
+from service.config import AuditSettings, JobsSettings, parse_config
 from service.jobs import ensure_jobs
 
 
@@ -159,6 +161,12 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
             JobsSettings().stream, subjects.JOBS_CONSUMER
         )
         assert consumer.delivered.consumer_seq > len(ids)  # the killed one's jobs came again
+        # And one terminal audit event per id, kept in the audit stream.
+        events = [
+            audit_decoder.decode(data)
+            async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
+        ]
+        assert Counter(e.id for e in events) == Counter(ids)
     finally:
         service.stop()
 
