@@ -203,14 +203,7 @@ class Engine:
     ) -> ProviderReply:
         """One call of a worker. The policy has already bounded timeout_s by the request's
         deadline; the attempt's own Deadline tells the worker when to give up."""
-        name, attributes = self._span_template(target)
-        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
-        headers = {
-            DEADLINE_MS: Deadline.after(timeout_s).header(),
-            REQUEST_ID: request_id,
-            ATTEMPT_ID: self._attempt_ids.next(),
-        }
-        telemetry.inject(headers, span)
+        span, headers = self._attempt_span(target, request_id, timeout_s, parent)
         try:
             reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
             if span.is_recording():
@@ -231,14 +224,7 @@ class Engine:
     ) -> ProviderReply | Started:
         """One streaming call of a worker: its chunks go through `relay`; the attempt's span
         ends when its stream does, with its time to first token."""
-        name, attributes = self._span_template(target)
-        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
-        headers = {
-            DEADLINE_MS: Deadline.after(timeout_s).header(),
-            REQUEST_ID: request_id,
-            ATTEMPT_ID: self._attempt_ids.next(),
-        }
-        telemetry.inject(headers, span)
+        span, headers = self._attempt_span(target, request_id, timeout_s, parent)
         limits = StreamLimits(timeout_s, target.ttft_s, target.idle_s, relay.take_cut())
         opened = time.monotonic()
         try:
@@ -257,6 +243,21 @@ class Engine:
             span.end()
 
         return await relay.started(number, stream, finished)
+
+    def _attempt_span(
+        self, target: Target, request_id: str, timeout_s: float, parent: telemetry.LiteSpan
+    ) -> tuple[telemetry.LiteSpan, dict[str, str]]:
+        """An attempt's span, and the headers it goes to its worker with: its deadline, the
+        request's and its own id, and its trace context."""
+        name, attributes = self._span_template(target)
+        span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
+        headers = {
+            DEADLINE_MS: Deadline.after(timeout_s).header(),
+            REQUEST_ID: request_id,
+            ATTEMPT_ID: self._attempt_ids.next(),
+        }
+        telemetry.inject(headers, span)
+        return span, headers
 
     def _span_template(self, target: Target) -> tuple[str, dict[str, str]]:
         key = (target.provider, target.model, target.name)

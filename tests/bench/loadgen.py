@@ -31,7 +31,7 @@ import nats
 from nats.aio.msg import Msg
 
 from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
-from schemas.streaming import Assembler
+from schemas.streaming import Assembler, StreamGap, StreamProtocolError
 from schemas.wire import encoder, provider_reply_decoder, reply_decoder
 from tests.bench.harness import Served
 
@@ -108,6 +108,31 @@ class _Tally:
         }
 
 
+async def closed_loop(spec: dict[str, Any], tally: _Tally, one: Any) -> None:
+    """`in_flight` clients, each sending its next request (or stream) when the one before
+    it ends: `warmup_s` unmeasured, then `duration_s` measured (`one(spec, tally, counts)`
+    asks `counts(sent, done)` whether a request falls in the window). Fails loudly instead of
+    hanging when requests never finish (e.g. nats-server died)."""
+    begin = time.perf_counter() + spec["warmup_s"]
+    end = begin + spec["duration_s"]
+
+    def in_window(_sent: float, done: float) -> bool:
+        return begin <= done <= end
+
+    async def client() -> None:
+        while time.perf_counter() < end:
+            await one(spec, tally, in_window)
+
+    limit_s = spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"] + 5
+    try:
+        async with asyncio.timeout(limit_s):
+            await asyncio.gather(*(client() for _ in range(spec["in_flight"])))
+    except TimeoutError:
+        raise RuntimeError(
+            f"requests still unfinished after {limit_s:g} s; is nats-server alive?"
+        ) from None
+
+
 class LoadGen:
     def __init__(self, nc: nats.NATS) -> None:
         self.nc = nc
@@ -136,20 +161,7 @@ class LoadGen:
 
     async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally(spec.get("count_hedged", False))
-        begin = time.perf_counter() + spec["warmup_s"]
-        end = begin + spec["duration_s"]
-
-        def in_window(_sent: float, done: float) -> bool:
-            return begin <= done <= end
-
-        async def client() -> None:
-            while time.perf_counter() < end:
-                await self._one(spec, tally, in_window)
-
-        await self._bounded(
-            asyncio.gather(*(client() for _ in range(spec["in_flight"]))),
-            spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"],
-        )
+        await closed_loop(spec, tally, self._one)
         return tally.summary(spec["duration_s"])
 
     async def _bounded(self, work: Any, limit_s: float) -> None:
@@ -216,7 +228,7 @@ class StreamGen:
         if msg.headers and subjects.SEQ in msg.headers:  # an llm.stream event
             try:
                 event = stream.assembler.feed(msg.headers, msg.data)
-            except Exception:
+            except (StreamGap, StreamProtocolError):
                 stream.done.set_result(False)
                 return
             if event.kind == "delta":
@@ -267,18 +279,7 @@ class StreamGen:
 
     async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally()
-        begin = time.perf_counter() + spec["warmup_s"]
-        end = begin + spec["duration_s"]
-
-        def in_window(_sent: float, done: float) -> bool:
-            return begin <= done <= end
-
-        async def client() -> None:
-            while time.perf_counter() < end:
-                await self.one(spec, tally, in_window)
-
-        async with asyncio.timeout(spec["warmup_s"] + spec["duration_s"] + spec["timeout_s"] + 5):
-            await asyncio.gather(*(client() for _ in range(spec["in_flight"])))
+        await closed_loop(spec, tally, self.one)
         summary = tally.summary(spec["duration_s"])
         ttft, chunk_ms = sorted(tally.ttft_ms), sorted(tally.chunk_ms)
         summary |= {
