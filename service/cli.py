@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_worker,
         _add_ask,
         _add_submit,
+        _add_batch,
         _add_result,
         _add_audit,
         _add_check,
@@ -227,6 +228,28 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _nats_arg(submit)
 
 
+def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="submit every request of a JSONL file as a durable job and write the results "
+        "as they come",
+        description="Each line of FILE is a request body (as for llm.complete); its id is "
+        'its "id", else FILE:LINE. Every job is published through JetStream, then the results '
+        "are written to --out as JSON lines as they arrive (from the results bucket, so also "
+        "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
+        "the same command to resume: ids that already have a line in --out are skipped.",
+    )
+    batch.add_argument("file", help="a JSONL file of requests")
+    batch.add_argument(
+        "--out", help="where results go, one JSON line each (default: FILE.results.jsonl)"
+    )
+    batch.add_argument(
+        "--timeout", type=float, default=600.0, help="give up waiting after this many seconds"
+    )
+    _config_arg(batch)
+    _nats_arg(batch)
+
+
 def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     result = commands.add_parser(
         "result",
@@ -304,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": cmd_ask,
         "submit": cmd_submit,
         "result": cmd_result,
+        "batch": cmd_batch,
         "audit": cmd_audit,
         "check-config": cmd_check,
         "status": cmd_status,
@@ -598,6 +622,142 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
     print(f"result: lifeline result {job_id} --wait 30")
     return 0
+
+
+async def cmd_batch(args: argparse.Namespace) -> int:
+    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    settings = _config_or_default(args).jobs
+    source = Path(args.file)
+    out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
+    jobs = _batch_jobs(source)
+    done = _ids_in(out_path)
+    pending = {subjects.job_key(job_id): (job_id, body) for job_id, body in jobs.items()}
+    pending = {key: job for key, job in pending.items() if job[0] not in done}
+    if not pending:
+        print(f"all {len(jobs)} jobs of {source} have results in {out_path}")
+        return 0
+    nc = await _client(url, "lifeline-batch")
+    if nc is None:
+        return 1
+    progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
+    try:
+        js = nc.jetstream(timeout=5)
+        kv = await ensure_jobs(js, settings)
+        # Watching first: results stored already (an earlier run's) come first, then new ones.
+        watcher = await kv.watch("job.>")
+        for job_id, body in pending.values():
+            await js.publish(subjects.JOBS_SUBMIT, body, headers={subjects.MSG_ID: job_id})
+            progress.submitted += 1
+            progress.show()
+        with out_path.open("ab") as out:
+            await _collect(watcher, pending, out, progress, args.timeout)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
+        print(
+            f"\nlifeline: batch stopped ({type(exc).__name__}: {exc}); rerun to resume",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    progress.show(final=True)
+    if pending:
+        print(
+            f"lifeline: {len(pending)} jobs still without a result after {args.timeout:g} s; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"results in {out_path}")
+    return 0 if not progress.failed else 1
+
+
+def _batch_jobs(source: Path) -> dict[str, bytes]:
+    """The file's requests by id (their "id", else FILE:LINE), as they will be published."""
+    jobs: dict[str, bytes] = {}
+    for n, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ValueError(f"{source}:{n}: a request is a JSON object")
+        job_id = str(body.get("id") or f"{source.name}:{n}")
+        body["id"] = job_id
+        if job_id in jobs:
+            raise ValueError(f"{source}:{n}: id {job_id!r} appears twice")
+        jobs[job_id] = json.dumps(body).encode()
+    return jobs
+
+
+def _ids_in(out_path: Path) -> set[str]:
+    """The ids that already have a result line (a line cut short by a crash is ignored)."""
+    if not out_path.exists():
+        return set()
+    ids = set()
+    for line in out_path.read_bytes().splitlines():
+        try:
+            ids.add(reply_decoder.decode(line).id)
+        except msgspec.DecodeError:
+            continue
+    return ids
+
+
+async def _collect(
+    watcher: Any,
+    pending: dict[str, tuple[str, bytes]],
+    out: Any,
+    progress: _Progress,
+    limit_s: float,
+) -> None:
+    """Write each pending job's result as it appears in the bucket, until none is pending."""
+    give_up = time.monotonic() + limit_s
+    while pending and time.monotonic() < give_up:
+        try:
+            entry = await watcher.updates(timeout=1.0)
+        except nats.errors.TimeoutError:
+            progress.show()
+            continue
+        if entry is None or entry.key not in pending or not entry.value:
+            continue
+        pending.pop(entry.key)
+        reply = reply_decoder.decode(entry.value)
+        out.write(entry.value + b"\n")
+        out.flush()
+        progress.done += 1
+        progress.failed += reply.status != "ok"
+        progress.show()
+
+
+class _Progress:
+    """One line on stderr: a bar, counts of done, failed and in flight, and an ETA."""
+
+    def __init__(self, total: int, skipped: int) -> None:
+        self.total, self.skipped = total, skipped
+        self.submitted = self.done = self.failed = 0
+        self.started = time.monotonic()
+        self._shown = 0.0
+
+    def show(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._shown < 0.1:
+            return
+        self._shown = now
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        elapsed = now - self.started
+        eta = "-"
+        if self.done:
+            seconds = elapsed / self.done * (self.total - self.done)
+            eta = f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+        skipped = f", {self.skipped} had results" if self.skipped else ""
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done, "
+            f"{self.failed} failed, {self.submitted - self.done} in flight{skipped}, ETA {eta}"
+        )
+        print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
 
 
 async def cmd_result(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -146,6 +147,39 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert line.startswith("[ok] id=cli-job-1 ") and "backup:ok" in line
     latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
     assert '"id":"cli-job-1"' in latest.stdout
+
+
+def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_path):
+    _, url = running
+    lines = [
+        json.dumps(
+            {"id": f"b{n}", "route": "strict", "messages": [{"role": "user", "content": f"q{n}"}]}
+        )
+        for n in range(300)
+    ]
+    lines[7] = json.dumps(
+        {"id": "b7", "route": "nope", "messages": [{"role": "user", "content": "x"}]}
+    )
+    source = tmp_path / "jobs.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "jobs.results.jsonl"
+    first = run_lifeline("batch", "--nats-url", url, str(source))
+    assert first.returncode == 1  # b7's route does not exist: one failed job
+    assert "300/300 done, 1 failed, 0 in flight" in first.stderr
+    assert "ETA" in first.stderr
+    results = {json.loads(line)["id"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert len(results) == 300
+    assert results["b3"]["content"] == "q3" and results["b7"]["error"]["type"] == "unknown_route"
+    # A run cut short: the last 50 results never made it to the file. Rerunning resumes.
+    kept = out.read_text().splitlines()[:250]
+    out.write_text("\n".join(kept) + "\n")
+    second = run_lifeline("batch", "--nats-url", url, str(source))
+    assert "50/50 done" in second.stderr and "250 had results" in second.stderr
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == sorted(
+        f"b{n}" for n in range(300)
+    )
+    again = run_lifeline("batch", "--nats-url", url, str(source))
+    assert again.returncode == 0 and "all 300 jobs" in again.stdout
 
 
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
