@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install run test bench soak clean
+.PHONY: help install run test bench soak chaos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ bench: $(STAMP)  ## run the benchmark suite and write bench-results/
 
 soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request bursts); writes bench-results/soak.json
 	$(BIN)/python -m tests.soak
+
+chaos: $(STAMP)  ## jobs while dispatchers and nats-server are SIGKILLed (about 2 minutes); writes bench-results/chaos.json
+	$(BIN)/python -m tests.chaos
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,0 +1,273 @@
+"""`python -m tests.chaos [--seconds S] [--rate R]` (or `make chaos`): jobs while things die.
+
+Real processes on a nats-server with JetStream: a worker for an OpenAI-compatible local
+server that counts every call it gets per job, and two dispatchers. Jobs are published at
+--rate per second for --seconds; meanwhile a dispatcher is SIGKILLed and started again every
+few seconds, and once the nats-server itself is SIGKILLed and started again on its port and
+store. Then it waits for every accepted job's result and prints: jobs accepted, results
+stored, provider calls and how many of them were repeats, jobs lost (must be 0) and
+dead-lettered. Writes bench-results/chaos.json; exits 1 when a job was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.js.errors
+
+from schemas import subjects
+from service.config import JobsSettings
+from service.embedded import server_binary
+from tests.helpers import LifelineProcess, LocalHTTPServer, free_port, serving, write_config
+
+OUT = Path(__file__).resolve().parents[1] / "bench-results" / "chaos.json"
+PROVIDER_LATENCY_S = 0.15
+ACK_WAIT_S = 3
+
+
+async def _quiet(exc: Exception) -> None:
+    """The clients' connection errors while the server is down are expected: no tracebacks."""
+
+
+class CountingProvider(LocalHTTPServer):
+    """OpenAI's chat completions, answering with the user's message after a short wait, and
+    counting the calls per message (each job's message is its id)."""
+
+    def __init__(self) -> None:
+        super().__init__(_Handler)
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: CountingProvider
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        text = body["messages"][-1]["content"]
+        with self.server.lock:
+            self.server.calls[text] += 1
+        time.sleep(PROVIDER_LATENCY_S)
+        answer = json.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+class NatsServer:
+    """A nats-server on a fixed port and store, that can be killed and started again."""
+
+    def __init__(self, store: str) -> None:
+        self.port = free_port()
+        self.store = store
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class Fleet:
+    """The worker and the dispatchers, as `lifeline` processes."""
+
+    def __init__(self, tmp: Path, url: str, config: Path) -> None:
+        self.tmp, self.url, self.config = tmp, url, config
+        self.n = 0
+        self.worker = self._start("worker", "llm")
+        self.dispatchers = [self._start("dispatcher"), self._start("dispatcher")]
+
+    def _start(self, *args: str) -> LifelineProcess:
+        self.n += 1
+        log = self.tmp / f"{args[0]}-{self.n}.log"
+        proc = LifelineProcess([*args, "--config", str(self.config), "--nats-url", self.url], log)
+        proc.wait_for_log("serving")
+        return proc
+
+    def kill_one_dispatcher(self) -> None:
+        victim = random.randrange(len(self.dispatchers))
+        self.dispatchers[victim].proc.send_signal(signal.SIGKILL)
+        self.dispatchers[victim].proc.wait()
+        time.sleep(0.5)
+        self.dispatchers[victim] = self._start("dispatcher")
+
+    def stop(self) -> None:
+        for proc in [*self.dispatchers, self.worker]:
+            proc.stop()
+
+
+async def publish_jobs(url: str, total: int, rate: float, accepted: set[str]) -> None:
+    """Publish `total` jobs at `rate` per second; each is retried until JetStream accepts it
+    (through a nats-server restart too), so every id in `accepted` was acknowledged."""
+    nc = await nats.connect(
+        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet
+    )
+    js = nc.jetstream(timeout=2)
+    started = time.monotonic()
+    for n in range(total):
+        job_id = f"chaos-{n}"
+        body = json.dumps({"id": job_id, "messages": [{"role": "user", "content": job_id}]})
+        while True:
+            try:
+                await js.publish(
+                    subjects.JOBS_SUBMIT, body.encode(), headers={subjects.MSG_ID: job_id}
+                )
+                accepted.add(job_id)
+                break
+            except (nats.errors.Error, nats.js.errors.Error):
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+    await nc.close()
+
+
+async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
+    """Every accepted job's result, read from the results bucket (until timeout_s)."""
+    nc = await nats.connect(url, max_reconnect_attempts=-1, error_cb=_quiet)
+    kv = await nc.jetstream(timeout=5).key_value(JobsSettings().results_bucket)
+    results: dict[str, Any] = {}
+    give_up = time.monotonic() + timeout_s
+    while len(results) < len(ids) and time.monotonic() < give_up:
+        for job_id in sorted(ids - set(results)):
+            try:
+                entry = await kv.get(subjects.job_key(job_id))
+                results[job_id] = json.loads(entry.value)
+            except nats.js.errors.KeyNotFoundError:
+                pass
+        if len(results) < len(ids):
+            await asyncio.sleep(1)
+    await nc.close()
+    return results
+
+
+async def run(seconds: float, rate: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, serving(CountingProvider()) as provider:
+        server = NatsServer(str(Path(tmp) / "js"))
+        server.start()
+        config = write_config(
+            Path(tmp) / "chaos.toml",
+            {
+                "providers": {
+                    "llm": {
+                        "kind": "openai",
+                        "model": "chaos-1",
+                        "base_url": f"http://127.0.0.1:{provider.server_address[1]}/v1",
+                        "api_key_env": "",
+                        "timeout_s": 10,
+                    }
+                },
+                "routes": {"default": {"targets": ["llm"]}},
+                "jobs": {"ack_wait_s": ACK_WAIT_S, "in_flight": 50},
+            },
+        )
+        fleet = Fleet(Path(tmp), server.url, config)
+        dead: list[bytes] = []
+        watcher = await nats.connect(server.url, max_reconnect_attempts=-1, error_cb=_quiet)
+
+        async def note(msg: Any) -> None:
+            dead.append(msg.data)
+
+        await watcher.subscribe(subjects.JOBS_DEAD, cb=note)
+        accepted: set[str] = set()
+        total = int(seconds * rate)
+        publisher = asyncio.create_task(publish_jobs(server.url, total, rate, accepted))
+        kills, started = 0, time.monotonic()
+        server_killed = False
+        try:
+            while not publisher.done():
+                await asyncio.sleep(3)
+                if publisher.done():
+                    break
+                if not server_killed and time.monotonic() - started > seconds * 0.4:
+                    print("chaos: SIGKILL nats-server, start it again in 2 s", flush=True)
+                    server.kill()
+                    await asyncio.sleep(2)
+                    server.start()
+                    server_killed = True
+                    continue
+                print("chaos: SIGKILL a dispatcher, start another", flush=True)
+                await asyncio.to_thread(fleet.kill_one_dispatcher)
+                kills += 1
+            await publisher
+            results = await collect(server.url, accepted, timeout_s=120)
+        finally:
+            await watcher.close()
+            fleet.stop()
+            server.kill()
+        calls = provider.calls
+        lost = sorted(accepted - set(results))
+        return {
+            "seconds": seconds,
+            "rate_per_s": rate,
+            "jobs_published": total,
+            "jobs_accepted": len(accepted),
+            "results_stored": len(results),
+            "results_ok": sum(1 for r in results.values() if r["status"] == "ok"),
+            "provider_calls": sum(calls.values()),
+            "repeated_provider_calls": sum(n - 1 for n in calls.values() if n > 1),
+            "jobs_lost": len(lost),
+            "lost_ids": lost[:20],
+            "dead_lettered": len(dead),
+            "dispatcher_kills": kills,
+            "nats_server_kills": int(server_killed),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long jobs flow")
+    parser.add_argument("--rate", type=float, default=20.0, help="jobs published per second")
+    args = parser.parse_args(argv)
+    figures = asyncio.run(run(args.seconds, args.rate))
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps(figures, indent=2) + "\n")
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"wrote {OUT}")
+    return 1 if figures["jobs_lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
