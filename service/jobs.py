@@ -197,13 +197,18 @@ class Jobs:
             await msg.ack()
             return
 
+        stored: list[CompletionReply] = []
+
         async def keep(reply: CompletionReply) -> CompletionReply:
             kept = await self._keep(key, reply)
+            stored.append(kept)
             await self._notify(msg, encoder.encode(kept))
             return kept
 
         inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
         await self.engine.serve(inbound, keep)
+        if not stored:  # the engine logs what `keep` raised and goes on: never ack then
+            raise RuntimeError("the job's result could not be stored (see the log above)")
         self.handled += 1
         await msg.ack()
 

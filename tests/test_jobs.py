@@ -154,7 +154,11 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         await asyncio.sleep(0.5)  # both dispatchers hold jobs now
         doomed.proc.send_signal(signal.SIGKILL)
         doomed.proc.wait()
-        replies = [await result_of(client, job_id, timeout_s=30) for job_id in ids]
+        try:
+            replies = [await result_of(client, job_id, timeout_s=30) for job_id in ids]
+        except AssertionError as exc:  # what the dispatchers said is what explains it
+            logs = "\n".join(f"--- {p.log_path.name}\n{p.log()[-3000:]}" for p in service.procs)
+            raise AssertionError(f"{exc}\n{logs}") from None
         assert [r.id for r in replies] == ids and all(r.status == "ok" for r in replies)
         assert await _waiting_jobs(client) == 0  # every job acknowledged: none left behind
         consumer = await client.jetstream().consumer_info(
@@ -192,3 +196,24 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     consumer = await client.jetstream().consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
     assert consumer.delivered.consumer_seq == 3  # max_deliver deliveries, no more
     assert await _waiting_jobs(client) == 0  # not kept in the stream
+
+
+async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, client, monkeypatch):
+    """The engine logs a failure to deliver and goes on; a job must not be acked then, or a
+    results bucket that timed out once would lose it for good."""
+    from service import jobs
+
+    real_keep, failures = jobs.Jobs._keep, []
+
+    async def flaky_keep(self: Any, key: str, reply: Any) -> Any:
+        if not failures:
+            failures.append(key)
+            raise TimeoutError("the results bucket did not answer")
+        return await real_keep(self, key, reply)
+
+    monkeypatch.setattr(jobs.Jobs, "_keep", flaky_keep)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("kept-later"), "kept-later")
+    reply = await result_of(client, "kept-later")  # stored on its second delivery
+    assert reply.status == "ok" and failures == [subjects.job_key("kept-later")]
