@@ -44,6 +44,8 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
         "stream-lifeline@8",
         "stream-flood-direct@8",
         "stream-flood-lifeline@8",
+        "jobs@1",
+        "jobs@64",
     )
     assert set(cases) <= set(figures["cases"])
     assert {t["target"] for t in figures["targets"]} >= {
@@ -58,6 +60,8 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     assert "| lifeline | 64 |" in report
     assert "### Hedging: p99 with a slow primary" in report
     assert "### Streaming: 8 streams in flight" in report
+    assert "### Durable jobs against core requests" in report
+    assert figures["cases"]["jobs@64"]["median"]["rps"] > 0
     streamed = figures["cases"]["stream-lifeline@8"]["median"]
     assert streamed["chunk_p50_ms"] > 0 and streamed["cpu_us_per_chunk"]["dispatcher-1"] > 0
     # It ends comparing its figures with the README's; without --check that never fails it.

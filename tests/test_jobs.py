@@ -217,3 +217,27 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
     await submit(client, job("kept-later"), "kept-later")
     reply = await result_of(client, "kept-later")  # stored on its second delivery
     assert reply.status == "ok" and failures == [subjects.job_key("kept-later")]
+
+
+async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, monkeypatch):
+    """nats-py's fetch raises asyncio's TimeoutError on some paths, not only its own: once, that
+    ended the pull loop, and the dispatcher took no job again (the bench found it)."""
+    from service import jobs
+
+    monkeypatch.setattr(jobs, "_FETCH_WAIT_S", 0.05)
+    stack = await lifeline(config({"main": fake()}))
+    pull = stack.dispatcher.jobs._sub
+    real_fetch = pull.fetch
+    raised: list[BaseException] = []
+
+    async def fetch(*args: Any, **kwargs: Any) -> Any:
+        for exc in (TimeoutError(), RuntimeError("a bug in the client")):
+            if not any(type(e) is type(exc) for e in raised):
+                raised.append(exc)
+                raise exc
+        return await real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(pull, "fetch", fetch)
+    await wait_for(lambda: len(raised) == 2, timeout_s=5)
+    await submit(client, job("still-taken"), "still-taken")
+    assert (await result_of(client, "still-taken")).status == "ok"

@@ -58,6 +58,10 @@ that never say no,
                and hedged with the default budgets (hedge 0.1, retry 0.2), with the share of
                requests hedged. Measured for {TAIL_DURATION_SHARE:g}x the --duration of \
 the other cases.
+  jobs         durable jobs through JetStream (publish, pull, result in KV, pushed back)
+               at 1 and 64 in flight, against core request/reply on the same fleet.
+  streaming    8 streams straight from a streaming worker and through llm.stream: time to
+               first chunk, each chunk's latency, the dispatcher's CPU per relayed chunk.
   memory       dispatcher RSS growth per in-flight request with 10,000 requests (200 with
                --quick) waiting on a slow provider, and RSS after they drain.
 

@@ -242,6 +242,7 @@ class Case:
     count_hedged: bool = False  # count the replies with a hedged attempt (reads reply.attempts)
     duration_share: float = 1.0  # measured window = this × the profile's duration_s
     stream: tuple[int, float] | None = None  # streams of (chunks, interval_ms) instead of requests
+    jobs: bool = False  # durable jobs through JetStream instead of core requests
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
@@ -324,6 +325,20 @@ def all_cases() -> list[Case]:
                     duration_share=STREAM_DURATION_SHARE,
                 )
             )
+    cases += [
+        Case(
+            f"jobs@{n}",
+            "jobs",
+            "lifeline jobs (JetStream)",
+            "lifeline",
+            subjects.JOBS_SUBMIT,
+            b"",
+            n,
+            "lifeline",
+            jobs=True,
+        )
+        for n in (1, 64)
+    ]
     tail = f"lifeline, {TAIL_SHARE * 100:g} % slow primary"
     cases += [
         _lifeline(
@@ -362,6 +377,9 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
         "count_hedged": case.count_hedged,
     }
     command = "run"
+    if case.jobs:
+        command = "jobs"
+        spec["route"] = "main"
     if case.stream is not None:
         command = "stream"
         spec |= {"mode": case.decode, "chunks": case.stream[0], "interval_ms": case.stream[1]}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from typing import Any
 
 import nats
@@ -292,7 +293,61 @@ class StreamGen:
         return summary
 
 
+class JobGen:
+    """Durable jobs, closed loop: each is published through JetStream (awaiting its PubAck)
+    with a Lifeline-Notify subject on one wildcard inbox, and is done when its result is
+    pushed there; its latency runs from the publish to that push."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=10)
+        self.prefix = nc.new_inbox() + "."
+        self.waiting: dict[str, asyncio.Future[bytes]] = {}
+        self.run_id = uuid.uuid4().hex[:12]  # ids never repeat across rounds: no dedup, no reuse
+        self.count = 0
+        self.sub: Any = None
+
+    async def on_result(self, msg: Msg) -> None:
+        future = self.waiting.pop(msg.subject[len(self.prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg.data)
+
+    async def one(self, spec: dict[str, Any], tally: _Tally, counts: Any) -> None:
+        if self.sub is None:
+            self.sub = await self.nc.subscribe(self.prefix + "*", cb=self.on_result)
+        self.count += 1
+        token = str(self.count)
+        job_id = f"{self.run_id}-{token}"
+        future = self.waiting[token] = asyncio.get_running_loop().create_future()
+        body = encoder.encode(
+            CompletionRequest([ChatMessage("user", "Hello")], id=job_id, route=spec["route"])
+        )
+        headers = {subjects.MSG_ID: job_id, subjects.NOTIFY: self.prefix + token}
+        sent = time.perf_counter()
+        try:
+            await self.js.publish(spec["subject"], body, headers=headers)
+            ok, reply = _check("lifeline", await asyncio.wait_for(future, spec["timeout_s"]))
+        except Exception as exc:  # noqa: BLE001 - a failed job is counted, whatever failed
+            ok, reply = False, exc
+        finally:
+            self.waiting.pop(token, None)
+        done = time.perf_counter()
+        tally.handled += 1
+        if not counts(sent, done):
+            return
+        if not ok:
+            tally.error(_describe_error(reply))
+            return
+        tally.latencies_ms.append((done - sent) * 1000)
+
+    async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        tally = _Tally()
+        await closed_loop(spec, tally, self.one)
+        return tally.summary(spec["duration_s"])
+
+
 async def setup(params: dict[str, Any]) -> Served:
     nc = await nats.connect(params["url"], name=params["name"], error_cb=_quiet)
-    gen, streams = LoadGen(nc), StreamGen(nc)
-    return Served({"run": gen.run, "burst": gen.burst, "stream": streams.run}, stop=nc.close)
+    gen, streams, jobs = LoadGen(nc), StreamGen(nc), JobGen(nc)
+    handlers = {"run": gen.run, "burst": gen.burst, "stream": streams.run, "jobs": jobs.run}
+    return Served(handlers, stop=nc.close)

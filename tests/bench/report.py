@@ -353,6 +353,46 @@ def streaming_section(s: dict[str, dict], c: dict[str, float]) -> str:
     )
 
 
+def jobs_section(s: dict[str, dict], c: dict[str, float]) -> str:
+    rows = []
+    for n in (1, 64):
+        for key, path in ((f"lifeline@{n}", "core request/reply"), (f"jobs@{n}", "durable job")):
+            r = s[key]
+            rows.append(
+                [
+                    path,
+                    str(n),
+                    _rps(r["rps"]),
+                    _f(r["p50_ms"]),
+                    _f(r["p99_ms"]),
+                    _us(r["server_cpu_us_per_req"]),
+                    _us(r["nats_cpu_us_per_req"]),
+                    str(r["errors"]),
+                ]
+            )
+    return (
+        "### Durable jobs against core requests (instant provider)\n\n"
+        + table(
+            [
+                "path",
+                "in flight",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU µs/req",
+                "nats-server CPU µs/req",
+                "errors",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + "A job's latency runs from its JetStream publish to its result pushed on its "
+        "Lifeline-Notify subject: the publish and its PubAck, the pull, the request through "
+        "the engine, the result stored in the KV bucket, the push and the ack. At 64 in "
+        f"flight jobs run at {_f(c['jobs_rps_ratio_64'])} of core requests' rate."
+    )
+
+
 def _stream_what(key: str) -> str:
     chunks, interval_ms = STREAM_PACED if key == "stream" else STREAM_FLOOD
     return f"{chunks} chunks {interval_ms:g} ms apart" if interval_ms else f"{chunks} at once"
@@ -482,6 +522,8 @@ def comparisons_of(s: dict[str, dict]) -> dict[str, float]:
         "tail_budget_p99_ms": s["tail-budget@8"]["p99_ms"],
         "tail_budget_hedged_share": s["tail-budget@8"]["hedged_share"],
         **_stream_comparisons(s),
+        "jobs_rps_ratio_64": s["jobs@64"]["rps"] / life64["rps"],
+        "jobs_p50_added_1_ms": s["jobs@1"]["p50_ms"] - life1["p50_ms"],
     }
 
 
@@ -688,6 +730,7 @@ class Report:
         self._emit(concurrency_section(summaries))
         self._emit(hedging_section(summaries, self.profile))
         self._emit(streaming_section(summaries, comparisons))
+        self._emit(jobs_section(summaries, comparisons))
 
     def memory_done(self, memory: dict[str, Any]) -> None:
         self.data["memory"] = memory
