@@ -80,8 +80,10 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsSettings) -> KeyValue:
 
 
 def job_id_of(msg: Msg) -> str:
-    """A job's id: its body's, else its Nats-Msg-Id."""
-    return salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
+    """A job's id: its body's, else its Nats-Msg-Id, else (a job sent with neither, so
+    neither deduplicated nor findable by the sender) its place in the stream."""
+    job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
+    return job_id or f"seq-{msg.metadata.sequence.stream}"
 
 
 class Jobs:
@@ -197,17 +199,17 @@ class Jobs:
             await msg.ack()
             return
 
-        stored: list[CompletionReply] = []
+        kept: list[CompletionReply] = []
 
         async def keep(reply: CompletionReply) -> CompletionReply:
-            kept = await self._keep(key, reply)
-            stored.append(kept)
-            await self._notify(msg, encoder.encode(kept))
-            return kept
+            result = await self._keep(key, reply)
+            kept.append(result)
+            await self._notify(msg, encoder.encode(result))
+            return result
 
         inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
         await self.engine.serve(inbound, keep)
-        if not stored:  # the engine logs what `keep` raised and goes on: never ack then
+        if not kept:  # the engine logs what `keep` raised and goes on: never ack then
             raise RuntimeError("the job's result could not be stored (see the log above)")
         self.handled += 1
         await msg.ack()

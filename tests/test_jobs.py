@@ -241,3 +241,16 @@ async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, 
     await wait_for(lambda: len(raised) == 2, timeout_s=5)
     await submit(client, job("still-taken"), "still-taken")
     assert (await result_of(client, "still-taken")).status == "ok"
+
+
+async def test_jobs_sent_without_any_id_are_each_answered(lifeline, client):
+    """No id in the body, no Nats-Msg-Id: nothing to deduplicate by, but each is its own job
+    (pushed to its Lifeline-Notify subject), not the first one's result again."""
+    await lifeline(config({"main": fake()}))
+    inbox = client.new_inbox()
+    pushed = await client.subscribe(inbox)
+    for text in ("first", "second"):
+        body = encoder.encode({"messages": [{"role": "user", "content": text}]})
+        await submit(client, body, **{subjects.NOTIFY: inbox})
+    answers = {reply_decoder.decode((await pushed.next_msg(timeout=5)).data).content for _ in "ab"}
+    assert answers == {"first", "second"}
