@@ -72,6 +72,8 @@ examples:
   lifeline run                                  # everything, on an embedded NATS, example config
   lifeline ask "Why did the chicken cross the road?"
   lifeline ask --stream --route streaming "hello"  # tokens as they come, and one reset
+  lifeline submit --id job-1 "hello later"; lifeline result job-1 --wait 30   # durable jobs
+  lifeline batch jobs.jsonl                     # many jobs, results to jobs.results.jsonl
   lifeline dispatcher --config prod.toml --nats-url nats://nats:4222
   lifeline worker openai --config prod.toml     # one provider worker; run N for N replicas
 
@@ -85,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lifeline",
         description="Lifeline: an LLM fallback service on NATS. Clients request llm.complete "
-        "(or llm.stream for tokens as they come); Lifeline tries the route's providers in order "
-        "and answers with the first good result.",
+        "(llm.stream for tokens as they come, llm.jobs.submit through JetStream for durable "
+        "jobs); Lifeline tries the route's providers in order and answers with the first good "
+        "result.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
