@@ -115,21 +115,17 @@ class Engine:
         )
         trace_id = telemetry.trace_id_of(span)
         route: str | None = None
-        relay: Relay | None = None
-        if sink is not None:
-            relay = Relay(sink, "reset", None, inbound.arrived)
+        relay = Relay(sink, inbound.arrived) if sink is not None else None
+        if relay is not None:
             respond = relay.end
         try:
             if refused is not None:
                 raise refused
             plan = self.router.plan(inbound.data, inbound.arrived, inbound.default_id)
             route = plan.route
-            if sink is not None:
+            if relay is not None:
                 on_event = span.add_event if span.is_recording() else None
-                relay = Relay(
-                    sink, plan.limits.on_midstream, plan.validate, inbound.arrived, on_event
-                )
-                respond = relay.end
+                relay.follow(plan.limits.on_midstream, plan.validate, on_event)
             result = await self._complete(plan, span, relay)
             reply = _reply(plan.request_id, result, trace_id)
         except Rejected as exc:
@@ -140,13 +136,16 @@ class Engine:
             reply = _internal_error(inbound.data, trace_id)
         latency_ms = (time.monotonic() - inbound.arrived) * 1000
         reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
-        try:
+        try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
             if respond is not None:
                 reply = await respond(reply)
+        except Exception:
+            log.exception("bug while answering request %r", reply.id)
+        try:
             event = _audit_event(reply, route, len(inbound.data))
             await self.transport.audit(event, inbound.audit_id)
-        except Exception:  # the last line: nothing may escape a request unlogged
-            log.exception("bug while answering request %r", reply.id)
+        except Exception:
+            log.exception("bug while auditing request %r", reply.id)
         finally:
             _annotate(span, reply, route)
             span.end()
@@ -158,27 +157,18 @@ class Engine:
         payloads = _Payloads(_provider_request(plan))
         self._check_fits(payloads.base, plan)
 
-        async def call(
-            target: Target, timeout_s: float, previous: tuple[str, ...]
-        ) -> ProviderReply:
-            payload = payloads.for_target(target, previous)
-            return await self._attempt(target, payload, plan.request_id, timeout_s, span)
+        checked: CallTarget
+        if relay is None:
 
-        async def stream(
-            target: Target, timeout_s: float, previous: tuple[str, ...]
-        ) -> ProviderReply | Started:
-            assert relay is not None
-            number = relay.number()
-            if relay.continues(target.prefill):
-                request = relay.prefill(number, payloads.request(target, previous))
-                payload = encoder.encode(request)
-            else:
+            async def call(
+                target: Target, timeout_s: float, previous: tuple[str, ...]
+            ) -> ProviderReply:
                 payload = payloads.for_target(target, previous)
-            return await self._stream_attempt(
-                target, payload, plan.request_id, timeout_s, span, relay, number
-            )
+                return await self._attempt(target, payload, plan.request_id, timeout_s, span)
 
-        checked: CallTarget = call if relay is None else stream
+            checked = call
+        else:
+            checked = self._streaming(plan, payloads, span, relay)
         health: Health | Untouched = self.health
         if plan.faults is not None:
             checked = injecting(checked, plan.faults, relay.cut if relay is not None else None)
@@ -192,6 +182,27 @@ class Engine:
             on_event=span.add_event if span.is_recording() else None,
             health=health,
         )
+
+    def _streaming(
+        self, plan: Plan, payloads: _Payloads, span: telemetry.LiteSpan, relay: Relay
+    ) -> CallTarget:
+        """The policy's call for a streamed request: each attempt numbered by `relay`, sent
+        the text so far when it continues one that failed."""
+
+        async def stream(
+            target: Target, timeout_s: float, previous: tuple[str, ...]
+        ) -> ProviderReply | Started:
+            number = relay.number()
+            if relay.continues(target.prefill):
+                request = relay.prefill(number, payloads.request(target, previous))
+                payload = encoder.encode(request)
+            else:
+                payload = payloads.for_target(target, previous)
+            return await self._stream_attempt(
+                target, payload, plan.request_id, timeout_s, span, relay, number
+            )
+
+        return stream
 
     async def _attempt(
         self,

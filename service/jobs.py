@@ -94,7 +94,6 @@ class Jobs:
         self.engine = engine
         self.settings = settings
         self.kv: KeyValue | None = None
-        self.problem: str | None = None  # why jobs are not taken, when they are not
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -115,11 +114,10 @@ class Jobs:
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
-            self.problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
             log.warning(
                 "jobs: not taking jobs on %s (%s); run nats-server with JetStream (-js)",
                 subjects.JOBS_SUBMIT,
-                self.problem,
+                f"{type(exc).__name__}: {exc}".rstrip(": "),
             )
             return
         self._loop = asyncio.create_task(self._pull())

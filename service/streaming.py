@@ -97,19 +97,12 @@ class Relay:
         "resets",
     )
 
-    def __init__(
-        self,
-        sink: Sink,
-        on_midstream: str,
-        validate: Validate | None,
-        arrived: float,
-        on_event: OnEvent | None = None,
-    ) -> None:
+    def __init__(self, sink: Sink, arrived: float) -> None:
         self._sink = sink
-        self._mode = on_midstream
-        self._validate = validate
+        self._mode = RESET  # until follow() gives the request's (a refused one has none)
+        self._validate: Validate | None = None
         self._arrived = arrived
-        self._on_event = on_event
+        self._on_event: OnEvent | None = None
         self.attempts = 0  # attempts numbered so far
         self.owner = 0  # the attempt whose deltas the client gets (0: none now)
         self._owner_sent = 0  # chunks the owner sent
@@ -122,6 +115,13 @@ class Relay:
         self._cut: tuple[int, ProviderFailure] | None = None
         self.chunks = 0
         self.resets = 0
+
+    def follow(
+        self, on_midstream: str, validate: Validate | None, on_event: OnEvent | None
+    ) -> None:
+        """The request's rules, once it is planned: on_midstream, its output checks (on the
+        assembled text), and where reset events go in its trace."""
+        self._mode, self._validate, self._on_event = on_midstream, validate, on_event
 
     # The engine, around each attempt.
 

@@ -26,6 +26,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -78,6 +79,20 @@ class _Tally:
         self.chunks_handled = 0  # streams: every chunk, measured or not (CPU per chunk uses it)
         self.ttft_ms: list[float] = []
         self.chunk_ms: list[float] = []
+
+    def took(self, sent: float, counts: Any, ok: bool, error: Callable[[], str]) -> bool:
+        """A request (or stream) sent at `sent` just ended: counted as handled, and, if
+        `counts(sent, now)` puts it in the measured window, as a latency or as error().
+        True when it is a measured success."""
+        done = time.perf_counter()
+        self.handled += 1
+        if not counts(sent, done):
+            return False
+        if not ok:
+            self.error(error())
+            return False
+        self.latencies_ms.append((done - sent) * 1000)
+        return True
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -146,14 +161,8 @@ class LoadGen:
             ok, reply = _check(spec["decode"], msg.data)
         except Exception as exc:
             ok, reply = False, exc
-        done = time.perf_counter()
-        tally.handled += 1
-        if not counts(sent, done):
+        if not tally.took(sent, counts, ok, lambda: _describe_error(reply)):
             return
-        if not ok:
-            tally.error(_describe_error(reply))
-            return
-        tally.latencies_ms.append((done - sent) * 1000)
         late_of = spec.get("lateness_of_ms")
         if late_of is not None and len(reply.attempts) > 1:
             tally.lateness_ms.append(reply.attempts[0].latency_ms - late_of)
@@ -266,15 +275,14 @@ class StreamGen:
             tally.first_error = tally.first_error or repr(exc)
         finally:
             del self.streams[token]
-        done = time.perf_counter()
-        tally.handled += 1
         tally.chunks_handled += len(stream.chunks)
-        if not counts(stream.sent, done):
+        ok = ok and stream.first_ms is not None
+
+        def failed() -> str:
+            return f"stream {token} failed after {len(stream.chunks)} chunks"
+
+        if not tally.took(stream.sent, counts, ok, failed):
             return
-        if not ok or stream.first_ms is None:
-            tally.error(f"stream {token} failed after {len(stream.chunks)} chunks")
-            return
-        tally.latencies_ms.append((done - stream.sent) * 1000)
         tally.ttft_ms.append(stream.first_ms)
         tally.chunk_ms += stream.chunks
 
@@ -331,14 +339,7 @@ class JobGen:
             ok, reply = False, exc
         finally:
             self.waiting.pop(token, None)
-        done = time.perf_counter()
-        tally.handled += 1
-        if not counts(sent, done):
-            return
-        if not ok:
-            tally.error(_describe_error(reply))
-            return
-        tally.latencies_ms.append((done - sent) * 1000)
+        tally.took(sent, counts, ok, lambda: _describe_error(reply))
 
     async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally()
