@@ -37,16 +37,54 @@ class ConnectionWatch:
     an authorization violation) and never reconnects it; a process left like that looks
     alive to its supervisor while it serves nothing. So the component stops and the process
     exits non-zero, and compose, systemd or Kubernetes start a fresh one.
+
+    A credential the server stopped accepting can also show up while reconnecting (the
+    connection dropped first, then every CONNECT is refused); nats-py would retry that
+    forever. As the Go client does, the same refusal twice in a row closes the connection.
     """
+
+    AUTH_REFUSALS_TO_GIVE_UP = 2
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.lost = asyncio.Event()
         self.closing = False  # set by Component.stop: our own close is not a loss
         self.nc: Client | None = None
+        self._auth_refusals = 0
+        self._giving_up: asyncio.Future[None] | None = None
+
+    def on_error(self, exc: Exception) -> None:
+        if not _is_auth_refusal(exc):
+            return
+        self._auth_refusals += 1
+        if self._auth_refusals >= self.AUTH_REFUSALS_TO_GIVE_UP and self.nc is not None:
+            # Not awaited: nats-py calls this from its reconnect task, which close() cancels.
+            self._giving_up = asyncio.ensure_future(self._give_up(self.nc))
+
+    async def wait_lost(self) -> None:
+        """Until the connection is gone for good. nats-py's closed callback says so, but its
+        close can stop at a dead socket before calling it; so the state is checked every
+        second too."""
+        while not self.lost.is_set():
+            try:
+                await asyncio.wait_for(self.lost.wait(), 1.0)
+            except TimeoutError:
+                if self.nc is not None and self.nc.is_closed:
+                    await self.on_closed()
+
+    async def _give_up(self, nc: Client) -> None:
+        try:
+            await nc.close()
+        except Exception as exc:  # noqa: BLE001 - closing a dead socket raises what it likes
+            # nats-py then skips its closed callback (its close stops at the socket).
+            log.debug("%s: closing the refused connection: %r", self.name, exc)
+        await self.on_closed()
+
+    async def on_reconnected(self) -> None:
+        self._auth_refusals = 0
 
     async def on_closed(self) -> None:
-        if self.closing:
+        if self.closing or self.lost.is_set():
             return
         error = self.nc.last_error if self.nc is not None else None
         why = f"{type(error).__name__}: {error}" if error is not None else "closed"
@@ -68,10 +106,12 @@ async def connect(
         log.warning(
             "%s: NATS at %s: %s: %s", name, redact_url(url), type(exc).__name__, exc or "retrying"
         )
+        if watch is not None:
+            watch.on_error(exc)
 
     try:
         nc = await nats.connect(
-            url,
+            servers(url),
             name=name,
             connect_timeout=5,
             # nats-py retries the first connect too; -1 waits for a server that starts later.
@@ -79,6 +119,7 @@ async def connect(
             reconnect_time_wait=2 if wait_for_server else 0.2,
             error_cb=on_error,
             closed_cb=watch.on_closed if watch is not None else None,
+            reconnected_cb=watch.on_reconnected if watch is not None else None,
         )
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
         raise NatsUnreachable(
@@ -89,6 +130,19 @@ async def connect(
     if watch is not None:
         watch.nc = nc
     return nc
+
+
+def servers(url: str) -> list[str]:
+    """A NATS URL, or a comma-separated list of a cluster's URLs as the `nats` CLI takes them
+    (nats-py wants a list). Any one reachable server is enough to start: the client learns
+    the cluster's other servers from it and fails over to them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def _is_auth_refusal(exc: Exception) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+    )
 
 
 @dataclass
@@ -159,7 +213,7 @@ class Stack:
 
     async def lost(self) -> str:
         """Wait until some component's connection is gone for good; returns its name."""
-        waits = {asyncio.ensure_future(c.watch.lost.wait()): c.name for c in self.components}
+        waits = {asyncio.ensure_future(c.watch.wait_lost()): c.name for c in self.components}
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

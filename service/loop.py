@@ -38,3 +38,19 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run(main), on the chosen loop."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it has ended.
+
+    One `cancel()` is not always enough for a loop that catches exceptions and carries on:
+    Python 3.11's `asyncio.wait_for` (nats-py awaits through it) swallows a cancel that
+    arrives as the future it waits on completes, and the loop then sleeps and goes round
+    again, so a shutdown waiting for it waits forever (a dispatcher whose connection was
+    closed for good hung exactly so). So the cancel is repeated until the task has ended.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved, as gather(return_exceptions=True) did: no warning at exit

@@ -424,13 +424,27 @@ class Service:
         self.procs: list[LifelineProcess] = []
 
     def start(self, *args: str, ready: str) -> LifelineProcess:
+        proc = self._spawn(args)
+        proc.wait_for_log(ready)
+        return proc
+
+    def _spawn(self, args: tuple[str, ...]) -> LifelineProcess:
         log = self.tmp_path / f"{args[0]}-{len(self.procs)}.log"
         proc = LifelineProcess(
             [*args, "--config", str(self.config_path), "--nats-url", self.url], log, self.env
         )
         self.procs.append(proc)
-        proc.wait_for_log(ready)
         return proc
+
+    def start_all(self, workers: list[str], dispatchers: int) -> list[LifelineProcess]:
+        """Workers and dispatchers started side by side (each one's start-up is mostly Python
+        importing), returned once every one of them serves."""
+        started = [(self._spawn(("worker", name)), f"worker {name} serving") for name in workers]
+        for _ in range(dispatchers):
+            started.append((self._spawn(("dispatcher",)), "dispatcher serving"))
+        for proc, ready in started:
+            proc.wait_for_log(ready)
+        return [proc for proc, _ in started]
 
     def worker(self, name: str) -> LifelineProcess:
         return self.start("worker", name, ready=f"worker {name} serving")

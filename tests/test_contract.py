@@ -82,10 +82,8 @@ def service(
     tmp_path: Path, server: EmbeddedNats, provider: MisbehavingProvider
 ) -> Iterator[Service]:
     svc = Service(tmp_path, server.url, contract_config(provider))
-    for name in ("echo", "slow", "http"):
-        svc.worker(name)
-    svc.dispatcher()
-    svc.dispatcher()  # two replicas: one bad request must not take down either
+    # two dispatcher replicas: one bad request must not take down either
+    svc.start_all(["echo", "slow", "http"], dispatchers=2)
     yield svc
     svc.stop()
 
@@ -326,8 +324,7 @@ async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_l
     }
     svc = Service(tmp_path, server.url, contract_config(provider), env=otel)
     try:
-        svc.worker("http")
-        svc.dispatcher()
+        svc.start_all(["http"], dispatchers=1)
         nc = await nats.connect(server.url)
         ledger = await Ledger(nc).start()
         ids = ["echo key", "shape key"]
@@ -445,7 +442,7 @@ async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non
 ):
     svc = Service(tmp_path, authed(auth_server), contract_config(provider))
     try:
-        worker, dispatcher = svc.worker("echo"), svc.dispatcher()
+        worker, dispatcher = svc.start_all(["echo"], dispatchers=1)
         revoke(auth_server)
         for proc in (worker, dispatcher):
             assert proc.proc.wait(timeout=20) == 1
@@ -468,6 +465,31 @@ async def test_lifeline_run_stops_as_a_whole_when_its_connection_is_closed_for_g
         svc.stop()
 
 
+async def test_a_credential_refused_on_reconnect_ends_the_process_instead_of_retrying_forever(
+    tmp_path, provider
+):
+    """The server comes back with another token: every reconnect is refused. nats-py would
+    retry forever; Lifeline gives up on the second refusal, as the Go client does."""
+    port = free_port()
+    conf = 'authorization {{ token: "{}" }}\n'
+    first = EmbeddedNats(port=port, conf=conf.format(TOKEN))
+    first.start()
+    svc = Service(tmp_path, authed(first), contract_config(provider))
+    second = None
+    try:
+        dispatcher = svc.dispatcher()
+        first.stop()
+        second = EmbeddedNats(port=port, conf=conf.format("another-token"))
+        second.start()
+        assert dispatcher.proc.wait(timeout=30) == 1
+        assert "gone for good" in dispatcher.log() and "Authorization" in dispatcher.log()
+        assert TOKEN not in dispatcher.log()
+    finally:
+        svc.stop()
+        if second is not None:
+            second.stop()
+
+
 async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
     port = free_port()
     first = EmbeddedNats(port=port)
@@ -475,8 +497,7 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
     svc = Service(tmp_path, first.url, contract_config(provider))
     second = None
     try:
-        svc.worker("echo")
-        dispatcher = svc.dispatcher()
+        _, dispatcher = svc.start_all(["echo"], dispatchers=1)
         first.stop()
         second = EmbeddedNats(port=port)
         second.start()
@@ -515,8 +536,7 @@ async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_s
     config["dispatcher"]["max_in_flight"] = 10_000  # this test is about state, not admission
     svc = Service(tmp_path, server.url, config)
     try:
-        svc.worker("echo"), svc.worker("listed")
-        dispatcher = svc.dispatcher()
+        *_, dispatcher = svc.start_all(["echo", "listed"], dispatchers=1)
         nc = await nats.connect(server.url)
         ledger = await Ledger(nc).start()
         await still_serving(ledger)
@@ -574,9 +594,7 @@ async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_ta
     }
     svc = Service(tmp_path, server.url, config)
     try:
-        svc.worker("echo")
-        doomed, _survivor = svc.worker("pair"), svc.worker("pair")
-        svc.dispatcher()
+        _, doomed, _survivor, _ = svc.start_all(["echo", "pair", "pair"], dispatchers=1)
         nc = await nats.connect(server.url)
         ledger = await Ledger(nc).start()
         ids: list[str] = []

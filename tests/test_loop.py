@@ -27,3 +27,26 @@ def test_asyncio_s_own_loop_when_the_environment_asks_for_it(monkeypatch):
         return type(asyncio.get_running_loop()).__module__
 
     assert loop.run(which()).startswith("asyncio")
+
+
+async def test_a_loop_that_swallows_a_cancel_is_still_stopped():
+    """What Python 3.11's wait_for does inside nats-py: a cancel turns into an ordinary
+    error, the loop logs it and goes round again. One cancel() would leave it running."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed == 0:
+                    swallowed += 1
+                    asyncio.current_task().uncancel()  # swallowed, like the bug
+                    continue
+                raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(loop.cancel_and_wait(task), 5)
+    assert task.cancelled() and swallowed == 1
