@@ -22,6 +22,10 @@ NOTIFY = "Lifeline-Notify"
 # error result) is published here, as it was submitted, with the error in JOB_ERROR.
 JOBS_DEAD = "llm.jobs.dead"
 JOB_ERROR = "Lifeline-Error"
+# On a job: a subject its answer is streamed to while it runs, as the events of llm.stream
+# (schemas/streaming.py). Core NATS, so only for whoever listens then; the result is stored
+# either way. A job delivered again streams again from event 1.
+JOB_EVENTS = "Lifeline-Events"
 
 # One subject per provider; the replicas of a provider's worker share its queue group.
 PROVIDER_PREFIX = "llm.provider."

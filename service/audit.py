@@ -58,8 +58,11 @@ async def read_events(
         await sub.unsubscribe()
 
 
-async def ensure_audit_stream(js: JetStreamContext, settings: AuditSettings) -> bool:
-    """Create the audit stream when missing; False (and a log line) when it cannot be."""
+async def ensure_audit_stream(
+    js: JetStreamContext, settings: AuditSettings, replicas: int = 1
+) -> bool:
+    """Create the audit stream (on `replicas` servers of a cluster) when missing; False (and a
+    log line) when it cannot be."""
     if not settings.stream:
         return False
     config = api.StreamConfig(
@@ -70,6 +73,7 @@ async def ensure_audit_stream(js: JetStreamContext, settings: AuditSettings) -> 
         max_age=settings.max_age_s,
         max_bytes=settings.max_bytes,
         duplicate_window=DEDUP_WINDOW_S,
+        num_replicas=replicas,
         description="Lifeline audit events, one per request",
     )
     try:

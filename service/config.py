@@ -84,6 +84,14 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_results"
 
 
+class JetStreamSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """How the streams and buckets Lifeline creates are kept: the jobs stream, the results and
+    health buckets and the audit stream. On a NATS cluster, 3 keeps each on three servers, so
+    losing one loses nothing (README: Running on a NATS cluster)."""
+
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+
+
 class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """The audit events' JetStream stream (service/audit.py), so none is lost when no one
     listens; needs JetStream on the NATS server."""
@@ -170,6 +178,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     breaker: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
     audit: dict[str, Any] = {}
+    jetstream: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -183,6 +192,7 @@ class Config(Struct, frozen=True):
     source: str = "<memory>"
     jobs: JobsSettings = JobsSettings()
     audit: AuditSettings = AuditSettings()
+    jetstream: JetStreamSettings = JetStreamSettings()
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
@@ -251,6 +261,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         source=source,
         jobs=_convert(raw.jobs, JobsSettings, "jobs"),
         audit=_convert(raw.audit, AuditSettings, "audit"),
+        jetstream=_convert(raw.jetstream, JetStreamSettings, "jetstream"),
     )
 
 

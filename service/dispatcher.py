@@ -46,12 +46,18 @@ class Dispatcher:
         # Circuit breakers and recent figures; with shared_health, shared with the other replicas
         # through JetStream KV.
         settings = config.dispatcher
-        store = BucketStore(nc, settings.health_bucket) if settings.shared_health else LocalStore()
+        replicas = config.jetstream.replicas
+        store = (
+            BucketStore(nc, settings.health_bucket, replicas)
+            if settings.shared_health
+            else LocalStore()
+        )
         self.health = Health(store=store)
         self.engine = Engine(config, self.transport, self.health, spans)
         # Durable jobs (llm.jobs.submit through JetStream), beside the core front end.
-        self.jobs = Jobs(nc, self.engine, config.jobs) if config.jobs.enabled else None
+        self.jobs = Jobs(nc, self.engine, config.jobs, replicas) if config.jobs.enabled else None
         self.audit_settings = config.audit
+        self.replicas = replicas
         self._tasks: set[asyncio.Task[None]] = set()
         self.max_in_flight = settings.max_in_flight
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
@@ -71,7 +77,7 @@ class Dispatcher:
             await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),
         ]
         await ensure_subscribed(nc)
-        await ensure_audit_stream(nc.jetstream(timeout=5), self.audit_settings)
+        await ensure_audit_stream(nc.jetstream(timeout=5), self.audit_settings, self.replicas)
         if self.jobs is not None:
             await self.jobs.start()
 

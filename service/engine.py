@@ -108,8 +108,9 @@ class Engine:
         sink: Sink | None = None,
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer), or as a stream of
-        events through `sink`, and audit it; with `refused`, the front end already knows the
-        answer is that refusal. Never raises."""
+        events through `sink` (with both, the stream's end event carries what `respond`
+        returned), and audit it; with `refused`, the front end already knows the answer is
+        that refusal. Never raises."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
@@ -117,7 +118,7 @@ class Engine:
         route: str | None = None
         relay = Relay(sink, inbound.arrived) if sink is not None else None
         if relay is not None:
-            respond = relay.end
+            respond = relay.end if respond is None else _kept_then_streamed(respond, relay)
         try:
             if refused is not None:
                 raise refused
@@ -150,6 +151,21 @@ class Engine:
             _annotate(span, reply, route)
             span.end()
         return reply
+
+    async def audit_again(self, inbound: Inbound, reply: CompletionReply) -> None:
+        """Publish the audit event of a request answered before, once more: a job delivered
+        again after its result was stored, whose first delivery may have died before its
+        event went out. The audit stream keeps one per `inbound.audit_id`."""
+        try:
+            route = self.router.plan(inbound.data, inbound.arrived, inbound.default_id).route
+        except Rejected as exc:
+            route = exc.route
+        try:
+            await self.transport.audit(
+                _audit_event(reply, route, len(inbound.data)), inbound.audit_id
+            )
+        except Exception:
+            log.exception("bug while auditing request %r again", reply.id)
 
     async def _complete(
         self, plan: Plan, span: telemetry.LiteSpan, relay: Relay | None
@@ -349,6 +365,16 @@ def _shaped(
         metadata = {**request.metadata, PREVIOUS_ERRORS: list(previous)}
         request = msgspec.structs.replace(request, metadata=metadata)
     return request
+
+
+def _kept_then_streamed(keep: Respond, relay: Relay) -> Respond:
+    """A streamed job's answer: kept whole (with its stream's figures) by `keep`, then what
+    was kept ends the stream."""
+
+    async def both(reply: CompletionReply) -> CompletionReply:
+        return await relay.end(await keep(msgspec.structs.replace(reply, stream=relay.stats())))
+
+    return both
 
 
 def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> CompletionReply:

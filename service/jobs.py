@@ -43,18 +43,22 @@ from schemas import CompletionReply, subjects
 from schemas.wire import encoder, reply_decoder, salvage_id
 from service.config import JobsSettings
 from service.engine import Engine, Inbound
+from service.loop import cancel_and_wait
 from service.natsio import publish_checked
+from service.transport import ClientStream
 
 log = logging.getLogger("lifeline.jobs")
 
 _FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop between pulls
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
+_SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
 
 
-async def ensure_jobs(js: JetStreamContext, settings: JobsSettings) -> KeyValue:
+async def ensure_jobs(js: JetStreamContext, settings: JobsSettings, replicas: int = 1) -> KeyValue:
     """The jobs stream and the results bucket, created when missing (dispatchers and
-    `lifeline submit` both call it, so a job can be published before any dispatcher runs)."""
+    `lifeline submit` both call it, so a job can be published before any dispatcher runs),
+    each kept on `replicas` servers of a cluster."""
     config = api.StreamConfig(
         name=settings.stream,
         subjects=[subjects.JOBS_SUBMIT],
@@ -62,6 +66,7 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsSettings) -> KeyValue:
         discard=api.DiscardPolicy.NEW,
         max_msgs=settings.max_jobs,
         duplicate_window=settings.dedup_window_s,
+        num_replicas=replicas,
         description="Lifeline jobs waiting for a dispatcher",
     )
     try:
@@ -75,6 +80,7 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsSettings) -> KeyValue:
             bucket=settings.results_bucket,
             history=1,
             ttl=settings.results_ttl_s,
+            replicas=replicas,
             description="Lifeline job results, by job id",
         )
 
@@ -89,10 +95,13 @@ def job_id_of(msg: Msg) -> str:
 class Jobs:
     """Pulls jobs for one dispatcher and answers each into the results bucket."""
 
-    def __init__(self, nc: Client, engine: Engine, settings: JobsSettings) -> None:
+    def __init__(
+        self, nc: Client, engine: Engine, settings: JobsSettings, replicas: int = 1
+    ) -> None:
         self.nc = nc
         self.engine = engine
         self.settings = settings
+        self.replicas = replicas
         self.kv: KeyValue | None = None
         self._sub: Any = None
         self._loop: asyncio.Task[None] | None = None
@@ -101,10 +110,26 @@ class Jobs:
         self.found = 0  # deliveries answered from a result already stored
 
     async def start(self) -> None:
+        """Take jobs from now on. When the stream cannot be set up yet (no JetStream, or a
+        cluster still electing its leaders), say why and keep trying in the background."""
+        problem = await self._setup()
+        if problem is not None:
+            log.warning(
+                "jobs: not taking jobs on %s yet (%s); trying again every %g s. "
+                "Is JetStream on (nats-server -js)?",
+                subjects.JOBS_SUBMIT,
+                problem,
+                _SETUP_RETRY_S,
+            )
+        self._loop = asyncio.create_task(self._run())
+
+    async def _setup(self) -> str | None:
+        """The stream, the bucket and this dispatcher's pull subscription; what went wrong,
+        or None."""
         s = self.settings
         try:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
-            self.kv = await ensure_jobs(js, s)
+            self.kv = await ensure_jobs(js, s, self.replicas)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
                 max_deliver=s.max_deliver,
@@ -114,20 +139,22 @@ class Jobs:
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
-            log.warning(
-                "jobs: not taking jobs on %s (%s); run nats-server with JetStream (-js)",
-                subjects.JOBS_SUBMIT,
-                f"{type(exc).__name__}: {exc}".rstrip(": "),
-            )
-            return
-        self._loop = asyncio.create_task(self._pull())
+            return f"{type(exc).__name__}: {exc}".rstrip(": ")
         log.info("jobs: taking jobs from %s (stream %s)", subjects.JOBS_SUBMIT, s.stream)
+        return None
+
+    async def _run(self) -> None:
+        while self._sub is None:
+            await asyncio.sleep(_SETUP_RETRY_S)
+            problem = await self._setup()
+            if problem is not None:
+                log.debug("jobs: still not set up: %s", problem)
+        await self._pull()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop pulling; jobs in flight finish (up to grace_s), the rest are redelivered."""
         if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+            await cancel_and_wait(self._loop)
             self._loop = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -190,9 +217,12 @@ class Jobs:
         assert self.kv is not None
         job_id = job_id_of(msg)
         key = subjects.job_key(job_id)
+        inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
         stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
             self.found += 1
+            if msg.metadata.num_delivered > 1:  # the delivery that stored it may have died
+                await self.engine.audit_again(inbound, reply_decoder.decode(stored))
             await self._notify(msg, stored)
             await msg.ack()
             return
@@ -205,8 +235,11 @@ class Jobs:
             await self._notify(msg, encoder.encode(result))
             return result
 
-        inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
-        await self.engine.serve(inbound, keep)
+        events_to = (msg.headers or {}).get(subjects.JOB_EVENTS)
+        sink = None
+        if events_to and subjects.reply_subject_refused(events_to) is None:
+            sink = ClientStream(self.nc, events_to)
+        await self.engine.serve(inbound, keep, sink=sink)
         if not kept:  # the engine logs what `keep` raised and goes on: never ack then
             raise RuntimeError("the job's result could not be stored (see the log above)")
         self.handled += 1

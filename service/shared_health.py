@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from service.health import CLOSED, OPEN, BreakerState, Health
+from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
 
@@ -101,9 +102,10 @@ class BucketStore:
     """A Health's store (service/health.py's HealthStore) in the shared bucket: the breaker
     changes this dispatcher makes go to it, those the others make come from it."""
 
-    def __init__(self, nc: Client, bucket: str) -> None:
+    def __init__(self, nc: Client, bucket: str, replicas: int = 1) -> None:
         self.nc = nc
         self.bucket = bucket
+        self.replicas = replicas
         self.id = f"{os.getpid()}-{NUID().next().decode()[:8]}"
         self.host = socket.gethostname()
         self.health: Health | None = None  # the one this store serves, from start()
@@ -127,8 +129,7 @@ class BucketStore:
 
     async def stop(self) -> None:
         if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+            await cancel_and_wait(self._loop)
             self._loop = None
         if self._tasks:  # breaker changes still being written
             await asyncio.wait(set(self._tasks), timeout=_OP_TIMEOUT_S)
@@ -147,7 +148,10 @@ class BucketStore:
                 kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 kv = await js.create_key_value(
-                    bucket=self.bucket, history=1, description="Lifeline breaker state"
+                    bucket=self.bucket,
+                    history=1,
+                    replicas=self.replicas,
+                    description="Lifeline breaker state",
                 )
             self._watcher = await kv.watch(BREAKER_PREFIX + ">")
         except Exception as exc:  # noqa: BLE001 - nats-py raises many types, all "not reachable"
@@ -191,8 +195,7 @@ class BucketStore:
                 log.debug("could not stop the watcher of bucket %s: %r", self.bucket, exc)
         follower, self._follower = self._follower, None
         if follower is not None:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
+            await cancel_and_wait(follower)
 
     async def _follow(self, health: Health, watcher: Any) -> None:
         """Adopt every breaker change another dispatcher writes."""

@@ -1,12 +1,16 @@
-"""`python -m tests.chaos [--seconds S] [--rate R]` (or `make chaos`): jobs while things die.
+"""`python -m tests.chaos [--seconds S] [--rate R] [--cluster]` (or `make chaos`): jobs while
+things die.
 
 Real processes on a nats-server with JetStream: a worker for an OpenAI-compatible local
 server that counts every call it gets per job, and two dispatchers. Jobs are published at
 --rate per second for --seconds; meanwhile a dispatcher is SIGKILLed and started again every
 few seconds, and once the nats-server itself is SIGKILLed and started again on its port and
-store. Then it waits for every accepted job's result and prints: jobs accepted, results
-stored, provider calls and how many of them were repeats, jobs lost (must be 0) and
-dead-lettered. Writes bench-results/chaos.json; exits 1 when a job was lost.
+store. With --cluster, NATS is three nats-servers joined by routes, every stream and bucket
+kept on all three (`[jetstream] replicas = 3`), and every other round SIGKILLs one of the
+nodes instead of a dispatcher and starts it again. Then it waits for every accepted job's
+result and prints: jobs accepted, results stored, provider calls and how many of them were
+repeats, jobs lost (must be 0) and dead-lettered. Writes bench-results/chaos.json (or
+chaos-cluster.json); exits 1 when a job was lost.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import nats
 import nats.js.errors
 
 from schemas import subjects
-from service.config import JobsSettings
+from service.config import AuditSettings, DispatcherSettings, JobsSettings
 from service.embedded import server_binary
 from tests.helpers import LifelineProcess, LocalHTTPServer, free_port, serving, write_config
 
-OUT = Path(__file__).resolve().parents[1] / "bench-results" / "chaos.json"
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results"
 PROVIDER_LATENCY_S = 0.15
 ACK_WAIT_S = 3
 
@@ -90,9 +94,10 @@ class _Handler(BaseHTTPRequestHandler):
 class NatsServer:
     """A nats-server on a fixed port and store, that can be killed and started again."""
 
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.store = store
+        self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,13 +106,59 @@ class NatsServer:
 
     def start(self) -> None:
         args = [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args + self.extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(0.5)
 
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+
+class Nats:
+    """One nats-server, or three joined by routes into a cluster; `url` lists them all."""
+
+    def __init__(self, tmp: Path, nodes: int) -> None:
+        if nodes == 1:
+            self.servers = [NatsServer(str(tmp / "js"))]
+        else:
+            routes = [free_port() for _ in range(nodes)]
+            self.servers = [
+                NatsServer(
+                    str(tmp / f"js-{n}"),
+                    [
+                        "--name",
+                        f"n{n}",
+                        "--cluster_name",
+                        "lifeline",
+                        "--cluster",
+                        f"nats://127.0.0.1:{routes[n]}",
+                        "--routes",
+                        ",".join(f"nats://127.0.0.1:{p}" for p in routes if p != routes[n]),
+                    ],
+                )
+                for n in range(nodes)
+            ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(server.url for server in self.servers)
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+
+    def kill(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+async def _connect(url: str) -> nats.aio.client.Client:
+    return await nats.connect(
+        servers=url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet
+    )
 
 
 class Fleet:
@@ -141,9 +192,7 @@ class Fleet:
 async def publish_jobs(url: str, total: int, rate: float, accepted: set[str]) -> None:
     """Publish `total` jobs at `rate` per second; each is retried until JetStream accepts it
     (through a nats-server restart too), so every id in `accepted` was acknowledged."""
-    nc = await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet
-    )
+    nc = await _connect(url)
     js = nc.jetstream(timeout=2)
     started = time.monotonic()
     for n in range(total):
@@ -164,7 +213,7 @@ async def publish_jobs(url: str, total: int, rate: float, accepted: set[str]) ->
 
 async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
     """Every accepted job's result, read from the results bucket (until timeout_s)."""
-    nc = await nats.connect(url, max_reconnect_attempts=-1, error_cb=_quiet)
+    nc = await _connect(url)
     kv = await nc.jetstream(timeout=5).key_value(JobsSettings().results_bucket)
     results: dict[str, Any] = {}
     give_up = time.monotonic() + timeout_s
@@ -181,10 +230,12 @@ async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
     return results
 
 
-async def run(seconds: float, rate: float) -> dict[str, Any]:
+async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, serving(CountingProvider()) as provider:
-        server = NatsServer(str(Path(tmp) / "js"))
+        server = Nats(Path(tmp), nodes)
         server.start()
+        if nodes > 1:
+            await wait_for_jetstream(server.url)
         config = write_config(
             Path(tmp) / "chaos.toml",
             {
@@ -199,11 +250,12 @@ async def run(seconds: float, rate: float) -> dict[str, Any]:
                 },
                 "routes": {"default": {"targets": ["llm"]}},
                 "jobs": {"ack_wait_s": ACK_WAIT_S, "in_flight": 50},
+                "jetstream": {"replicas": nodes},
             },
         )
         fleet = Fleet(Path(tmp), server.url, config)
         dead: list[bytes] = []
-        watcher = await nats.connect(server.url, max_reconnect_attempts=-1, error_cb=_quiet)
+        watcher = await _connect(server.url)
 
         async def note(msg: Any) -> None:
             dead.append(msg.data)
@@ -213,24 +265,34 @@ async def run(seconds: float, rate: float) -> dict[str, Any]:
         total = int(seconds * rate)
         publisher = asyncio.create_task(publish_jobs(server.url, total, rate, accepted))
         kills, started = 0, time.monotonic()
-        server_killed = False
+        server_kills, rounds = 0, 0
         try:
             while not publisher.done():
                 await asyncio.sleep(3)
                 if publisher.done():
                     break
-                if not server_killed and time.monotonic() - started > seconds * 0.4:
+                rounds += 1
+                if nodes > 1 and rounds % 2 == 0:
+                    node = random.choice(server.servers)
+                    print(f"chaos: SIGKILL nats-server {node.url}, start it again in 2 s")
+                    node.kill()
+                    await asyncio.sleep(2)
+                    await asyncio.to_thread(node.start)
+                    server_kills += 1
+                    continue
+                if nodes == 1 and not server_kills and time.monotonic() - started > seconds * 0.4:
                     print("chaos: SIGKILL nats-server, start it again in 2 s", flush=True)
                     server.kill()
                     await asyncio.sleep(2)
                     server.start()
-                    server_killed = True
+                    server_kills += 1
                     continue
                 print("chaos: SIGKILL a dispatcher, start another", flush=True)
                 await asyncio.to_thread(fleet.kill_one_dispatcher)
                 kills += 1
             await publisher
             results = await collect(server.url, accepted, timeout_s=120)
+            kept_on = await replicas(server.url)
         finally:
             await watcher.close()
             fleet.stop()
@@ -244,28 +306,74 @@ async def run(seconds: float, rate: float) -> dict[str, Any]:
             "jobs_accepted": len(accepted),
             "results_stored": len(results),
             "results_ok": sum(1 for r in results.values() if r["status"] == "ok"),
+            "result_errors": dict(
+                Counter(r["error"]["type"] for r in results.values() if r["status"] != "ok")
+            ),
             "provider_calls": sum(calls.values()),
             "repeated_provider_calls": sum(n - 1 for n in calls.values() if n > 1),
             "jobs_lost": len(lost),
             "lost_ids": lost[:20],
             "dead_lettered": len(dead),
             "dispatcher_kills": kills,
-            "nats_server_kills": int(server_killed),
+            "nats_servers": nodes,
+            "nats_server_kills": server_kills,
+            "replicas": kept_on,
         }
+
+
+async def replicas(url: str) -> dict[str, int]:
+    """On how many servers each of Lifeline's streams and buckets is kept."""
+    nc = await _connect(url)
+    js = nc.jetstream(timeout=5)
+    streams = [
+        JobsSettings().stream,
+        "KV_" + JobsSettings().results_bucket,
+        AuditSettings().stream,
+        "KV_" + DispatcherSettings().health_bucket,
+    ]
+    try:
+        return {name: (await js.stream_info(name)).config.num_replicas for name in streams}
+    finally:
+        await nc.close()
+
+
+async def wait_for_jetstream(url: str, timeout_s: float = 30) -> None:
+    """Until the cluster has elected its JetStream leader (before that, creating a stream
+    fails), so the run starts from a working cluster."""
+    nc = await _connect(url)
+    give_up = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                await nc.jetstream(timeout=2).account_info()
+                return
+            except (nats.errors.Error, nats.js.errors.Error):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long jobs flow")
     parser.add_argument("--rate", type=float, default=20.0, help="jobs published per second")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="three nats-servers joined by routes, streams and buckets on all three; "
+        "kills nodes as well as dispatchers",
+    )
     args = parser.parse_args(argv)
-    figures = asyncio.run(run(args.seconds, args.rate))
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(figures, indent=2) + "\n")
+    figures = asyncio.run(run(args.seconds, args.rate, nodes=3 if args.cluster else 1))
+    out = RESULTS / ("chaos-cluster.json" if args.cluster else "chaos.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
     return 1 if figures["jobs_lost"] else 0
 
 

@@ -8,11 +8,14 @@ import signal
 from collections import Counter
 from typing import Any
 
+import msgspec
+import nats.js.api
 import nats.js.errors
 import pytest
 from helpers import Service, config, fake, wait_for
 
 from schemas import subjects
+from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import read_events
 from service.config import AuditSettings, JobsSettings, parse_config
@@ -101,6 +104,32 @@ async def test_a_repeat_after_the_window_gets_the_stored_result_without_a_provid
     assert len(audit.events) == 1
 
 
+async def test_a_job_that_asks_for_events_streams_its_answer_and_stores_its_result(
+    lifeline, client, audit
+):
+    """The events of llm.stream, on the subject the job names, while it runs; the end event
+    carries the stored result, without repeating the text."""
+    await lifeline(
+        config({"primary": fake(fail_after_chunks=2, chunks=4), "backup": fake(chunks=3)})
+    )
+    events_to = client.new_inbox()
+    sub = await client.subscribe(events_to)
+    await submit(
+        client, job("streamed", "one two three"), "streamed", **{subjects.JOB_EVENTS: events_to}
+    )
+    assembler, kinds = Assembler(), []
+    while not assembler.done:
+        msg = await sub.next_msg(timeout=10)
+        kinds.append(assembler.feed(msg.headers, msg.data).kind)
+    assert kinds == ["delta", "delta", "reset", "delta", "delta", "delta", "end"]
+    stored = await result_of(client, "streamed")
+    assert assembler.text == stored.content == "one two three"
+    assert assembler.reply == msgspec.structs.replace(stored, content=None)
+    assert [a.outcome for a in stored.attempts] == ["error", "ok"]
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.id, event.stream.resets) == ("llm.audit.ok", "streamed", 1)
+
+
 async def test_an_invalid_job_gets_an_error_result_at_once_and_is_not_redelivered(
     lifeline, client, audit
 ):
@@ -144,9 +173,7 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
     data["jobs"] = {"ack_wait_s": 2, "in_flight": 10}
     service = Service(tmp_path, nats_url, data)
     try:
-        service.worker("slow")
-        doomed = service.dispatcher()
-        service.dispatcher()
+        _, doomed, _ = service.start_all(["slow"], dispatchers=2)
         await ensure_jobs(client.jetstream(), JobsSettings())
         ids = [f"job-{n}" for n in range(60)]
         for job_id in ids:
@@ -173,6 +200,41 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         assert Counter(e.id for e in events) == Counter(ids)
     finally:
         service.stop()
+
+
+async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_its_audit(
+    lifeline, client, audit
+):
+    """A dispatcher took the job, stored its result and died before its audit event went
+    out. The job comes back; the next dispatcher finds the result, makes no provider call,
+    and publishes the event, which the audit stream keeps once."""
+    settings = JobsSettings(ack_wait_s=1)
+    kv = await ensure_jobs(client.jetstream(), settings)
+    await submit(client, job("orphan"), "orphan")
+    # The dead dispatcher: it took the job (never acknowledged) and stored this result.
+    took = await client.jetstream().pull_subscribe(
+        subjects.JOBS_SUBMIT,
+        durable=subjects.JOBS_CONSUMER,
+        config=nats.js.api.ConsumerConfig(ack_wait=1, max_deliver=5, max_ack_pending=-1),
+    )
+    [taken] = await took.fetch(1, timeout=5)
+    assert taken.metadata.num_delivered == 1
+    stored = encoder.encode({"id": "orphan", "status": "ok", "content": "stored before dying"})
+    await kv.create(subjects.job_key("orphan"), stored)
+    await took.unsubscribe()
+
+    stack = await lifeline({**config({"main": fake()}), "jobs": {"ack_wait_s": 1}})
+    jobs = stack.dispatcher.jobs
+    await wait_for(lambda: jobs.found == 1, timeout_s=10)  # delivered again, after 1 s
+    assert jobs.handled == 0  # no provider call
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.id, event.status) == ("llm.audit.ok", "orphan", "ok")
+    events = [
+        audit_decoder.decode(data)
+        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
+    ]
+    assert [e.id for e in events] == ["orphan"]
+    assert (await result_of(client, "orphan")).content == "stored before dying"
 
 
 async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
