@@ -30,7 +30,7 @@ from schemas.wire import OnMidstream, TargetSpec
 from service.health import BreakerSettings
 from service.shaping import DROPPABLE, Template
 from workers.base import ProviderSettings
-from workers.registry import KINDS, parse_settings
+from workers.registry import known_kinds, parse_settings
 
 # Provider and route names become NATS subject tokens.
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -333,12 +333,13 @@ def _provider(name: str, table: Any) -> ProviderSettings:
         raise ConfigError(f"{key}: provider names may use only letters, digits, '_' and '-'")
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table")
-    if table.get("kind") not in KINDS:
-        raise ConfigError(
-            f"{key}.kind: expected one of {', '.join(KINDS)}, got {table.get('kind')!r}"
-        )
     try:
         settings = parse_settings(table)
+    except KeyError:
+        raise ConfigError(
+            f"{key}.kind: expected one of {', '.join(known_kinds())} (the installed ones), "
+            f"got {table.get('kind')!r}"
+        ) from None
     except msgspec.ValidationError as exc:
         raise ConfigError(_located(key, exc)) from None
     for i, model in enumerate(settings.models):

@@ -42,8 +42,30 @@ def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
         "schemas.wire",
         "workers",
         "workers.base",
+        "workers.settings",
     ]
     assert loaded_by("import workers.base") == expected
+
+
+def test_a_model_class_s_import_loads_the_wire_and_no_http_client_nats_or_telemetry():
+    loaded = loaded_by("import workers.plugin")
+    assert loaded == [
+        "schemas",
+        "schemas.errors",
+        "schemas.subjects",
+        "schemas.wire",
+        "workers",
+        "workers.plugin",
+        "workers.settings",
+    ]
+    code = (
+        "import sys, workers.plugin; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'httpx', 'opentelemetry'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_a_worker_does_not_load_the_dispatcher():

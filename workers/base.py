@@ -35,11 +35,12 @@ from schemas import ProviderOk, ProviderRequest
 from schemas.errors import ProviderError, classify_status
 from schemas.wire import ToolCallDelta
 
+# The keys every provider table accepts, in a module of their own so that a plug-in's import
+# (workers/plugin.py) loads no HTTP client.
+from workers.settings import DEFAULT_MAX_RESPONSE_BYTES, ProviderSettings
+
 # What a streamed answer yields before its end: a piece of text, or a piece of a tool call.
 Delta = str | ToolCallDelta
-
-# 4 MiB: far above any chat answer's JSON, far below a worker's memory.
-DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
 class Provider(Protocol):
@@ -61,20 +62,6 @@ class Provider(Protocol):
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk: ...
 
     async def aclose(self) -> None: ...
-
-
-class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Keys every [providers.<name>] table accepts; each kind adds its own."""
-
-    kind: str
-    model: str = ""
-    # The other models targets and requests may name for this provider; empty: any model.
-    models: list[str] = []
-    timeout_s: Annotated[float, Meta(gt=0)] = 30.0
-    # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
-    # answer, a compression bomb) fails as response_too_large instead of filling the worker's
-    # memory.
-    max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
 
 
 _propagator = TraceContextTextMapPropagator()

@@ -1,0 +1,219 @@
+"""Your own model as a provider: a Python class named by import path or installed under the
+`lifeline.providers` entry point, serving requests through a real nats-server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import plugin_models
+import pytest
+from helpers import ROOT, ask, config, fake, run_lifeline, write_config
+
+from schemas.wire import CompletionRequest
+from service.client import stream_text
+from service.config import ConfigError, parse_config
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def python(cls: str, **keys: object) -> dict[str, object]:
+    return {"kind": "python", "class": f"plugin_models:{cls}", **keys}
+
+
+def hello(text: str = "hello there") -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+async def test_a_sync_model_by_import_path_answers_from_a_thread_of_its_own(lifeline, client):
+    await lifeline(config({"mine": python("SyncUpper", model="upper-1")}))
+    plugin_models.CALLED_IN.clear()
+    reply = await ask(client, hello())
+    assert (reply.status, reply.content, reply.provider, reply.model) == (
+        "ok",
+        "HELLO THERE",
+        "mine",
+        "upper-1",
+    )
+    assert reply.finish_reason == "stop"
+    [thread] = plugin_models.CALLED_IN
+    assert thread.startswith("model-mine")  # off the event loop
+
+
+async def test_a_model_without_stream_streams_as_one_piece(lifeline, client):
+    await lifeline(config({"mine": python("SyncUpper")}))
+    text, reply = await stream_text(client, CompletionRequest(**_messages("stream me")))
+    assert (text, reply.status, reply.stream.chunks) == ("STREAM ME", "ok", 1)
+
+
+async def test_an_async_model_streams_its_pieces_and_reports_usage(lifeline, client):
+    await lifeline(config({"mine": python("AsyncStreaming")}))
+    text, reply = await stream_text(client, CompletionRequest(**_messages()))
+    assert (text, reply.stream.chunks) == ("one two three", 3)
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (3, 3)
+    reply = await ask(client, hello())  # and its call, not streamed
+    assert (reply.content, reply.usage.output_tokens) == ("one two three", 3)
+
+
+async def test_the_shipped_example_streams_a_sync_generator_with_its_settings(lifeline, client):
+    example = {
+        "kind": "python",
+        "class": "workers.examples.echo_model:EchoModel",
+        "settings": {"prefix": "you said: "},
+    }
+    await lifeline(config({"mine": example}))
+    text, reply = await stream_text(client, CompletionRequest(**_messages("hi there")))
+    assert (text, reply.stream.chunks) == ("you said: hi there", 4)
+    assert (await ask(client, hello("overloaded"))).error.type == "all_failed"
+
+
+async def test_model_failures_map_to_error_kinds_and_fall_back(lifeline, client):
+    await lifeline(config({"mine": python("Failing"), "backup": fake(reply="from backup")}))
+    limited = await ask(client, hello("rate limit"))
+    assert limited.provider == "backup"
+    first = limited.attempts[0]
+    assert (first.error_type, first.message) == ("rate_limit", "too many requests")
+    crashed = (await ask(client, hello("anything"))).attempts[0]
+    assert crashed.error_type == "server_error"
+    assert "ZeroDivisionError" in crashed.message  # what broke, not its text
+
+
+async def test_a_model_answers_with_tool_calls(lifeline, client):
+    await lifeline(config({"mine": python("ToolCaller")}))
+    reply = await ask(client, {**hello("weather in Paris?"), "tools": [WEATHER_TOOL]})
+    assert reply.finish_reason == "tool_calls"
+    [call] = reply.tool_calls
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+
+
+async def test_a_model_gets_its_checked_settings(lifeline, client):
+    own = {"temperature": 0.5, "greeting": "hello"}
+    await lifeline(config({"mine": python("WithSettings", settings=own)}))
+    assert (await ask(client, hello())).content == "hello at 0.5"
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/plugin_pkg installed (pip, no index) into a directory of its own."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    source = shutil.copytree(ROOT / "tests" / "plugin_pkg", tmp / "src")  # builds write there
+    target = tmp / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+        + ["--no-build-isolation", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return target
+
+
+async def test_an_installed_package_adds_its_kind_by_entry_point(
+    lifeline, client, installed_plugin, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(installed_plugin))
+    await lifeline(config({"mine": {"kind": "reverse", "settings": {"upper": True}}}))
+    reply = await ask(client, hello("stressed"))
+    assert (reply.status, reply.content) == ("ok", "DESSERTS")
+
+
+def test_an_unknown_kind_lists_the_installed_ones(installed_plugin, monkeypatch):
+    monkeypatch.syspath_prepend(str(installed_plugin))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config({"mine": {"kind": "revers"}}))
+    message = str(caught.value)
+    assert message.startswith("providers.mine.kind: expected one of")
+    assert "python" in message and "reverse" in message and "'revers'" in message
+
+
+@pytest.mark.parametrize(
+    "table, error",
+    [
+        (
+            {"kind": "python", "class": "no_such_module:Model"},
+            "providers.mine.class: cannot import 'no_such_module' (ModuleNotFoundError",
+        ),
+        (
+            {"kind": "python", "class": "plugin_models.SyncUpper"},
+            'providers.mine.class: expected "package.module:ClassName"',
+        ),
+        (
+            {"kind": "python", "class": "plugin_models:Missing"},
+            "providers.mine.class: module 'plugin_models' has no 'Missing'",
+        ),
+        (
+            {"kind": "python", "class": "plugin_models:NOT_A_CLASS"},
+            "providers.mine.class: plugin_models:NOT_A_CLASS is not a class",
+        ),
+        (
+            {"kind": "python", "class": "plugin_models:NoCall"},
+            "providers.mine.class: plugin_models:NoCall has no call(request) method",
+        ),
+        ({"kind": "python"}, 'providers.mine.class: required for kind "python"'),
+        (
+            python("WithSettings", settings={"temperature": "warm"}),
+            "providers.mine.settings.temperature: Expected `float`, got `str`",
+        ),
+        (
+            python("WithSettings", settings={}),
+            "providers.mine.settings: Object missing required field `temperature`",
+        ),
+        (
+            python("WithSettings", settings={"temperature": 1, "tempreature": 2}),
+            "providers.mine.settings: Object contains unknown field `tempreature`",
+        ),
+        (
+            python("SyncUpper", settings={"x": 1}),
+            "providers.mine.settings: plugin_models:SyncUpper takes no settings",
+        ),
+    ],
+    ids=[
+        "no-module",
+        "no-colon",
+        "no-attribute",
+        "not-a-class",
+        "no-call",
+        "no-class",
+        "wrong-type",
+        "missing-key",
+        "unknown-key",
+        "no-settings-struct",
+    ],
+)
+def test_check_config_names_the_key_at_fault(tmp_path, table, error):
+    path = write_config(tmp_path / "bad.toml", config({"mine": table}))
+    result = run_lifeline("check-config", "--config", str(path), env=_env_with_tests())
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert error in result.stderr, result.stderr
+
+
+def test_a_worker_whose_model_does_not_load_stops_before_connecting(tmp_path):
+    table = python("WithSettings", settings={"temperature": "warm"})
+    path = write_config(tmp_path / "bad.toml", config({"mine": table}))
+    result = run_lifeline("worker", "mine", "--config", str(path), env=_env_with_tests())
+    assert result.returncode == 2
+    assert "providers.mine.settings.temperature: Expected `float`, got `str`" in result.stderr
+
+
+def test_a_typo_in_a_settings_table_key_is_named_before_anything_is_imported():
+    with pytest.raises(ConfigError, match=r"providers\.mine\.clas: unknown key"):
+        parse_config(config({"mine": {"kind": "python", "clas": "plugin_models:SyncUpper"}}))
+
+
+def _messages(text: str = "hello there") -> dict[str, object]:
+    from schemas.wire import ChatMessage
+
+    return {"messages": [ChatMessage("user", text)]}
+
+
+def _env_with_tests() -> dict[str, str]:
+    from helpers import cli_env
+
+    env = cli_env()
+    env["PYTHONPATH"] = f"{ROOT / 'tests'}:{env.get('PYTHONPATH', '')}"
+    return env

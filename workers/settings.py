@@ -1,0 +1,26 @@
+"""The keys every [providers.<name>] table accepts (each kind adds its own). No I/O here: a
+plug-in model's import (workers/plugin.py) loads this and the wire, nothing more."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+# 4 MiB: far above any chat answer's JSON, far below a worker's memory.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Keys every [providers.<name>] table accepts; each kind adds its own."""
+
+    kind: str
+    model: str = ""
+    # The other models targets and requests may name for this provider; empty: any model.
+    models: list[str] = []
+    timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
+    # answer, a compression bomb) fails as response_too_large instead of filling the worker's
+    # memory.
+    max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
