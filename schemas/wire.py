@@ -228,7 +228,7 @@ RequestId = Annotated[str, Meta(max_length=MAX_ID_LENGTH)]
 
 
 class CompletionRequest(Struct, frozen=True):
-    """What a client sends to llm.complete."""
+    """What a client sends to llm.complete (and to llm.stream, llm.jobs.submit)."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     id: RequestId = ""
