@@ -1,15 +1,19 @@
 # Lifeline: `make run` starts everything offline; `make test` runs every test.
-# Each target installs what it needs into .venv first (Python 3.11+ is all you need).
+# Each target installs what it needs into .venv first (Python 3.11+ is all you need; `make test`
+# also installs, with npm when Node.js is there, tests/node's packages for the AsyncAPI parser test
+# and workers/examples/node's for the Node.js worker example).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+NODE_STAMP := tests/node/node_modules/.installed-stamp
+WORKER_NODE_STAMP := workers/examples/node/node_modules/.installed-stamp
 
-.PHONY: help install run test bench soak chaos clean
+.PHONY: help install run test bench soak chaos chaos-cluster clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Lifeline needs Python 3.11+; set PYTHON=python3.11")'
@@ -18,12 +22,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $(STAMP)
 
+# tests/node's packages (the official AsyncAPI parser, nats.js), exactly as locked. Without npm
+# the parser test skips, saying node is missing.
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/node --no-audit --no-fund --ignore-scripts && touch $(NODE_STAMP); \
+	else \
+		echo "npm not found: install Node.js 20 for the AsyncAPI parser test (it will skip)"; \
+	fi
+
+# The Node.js worker example's packages (nats.js), exactly as locked (workers/examples/node).
+$(WORKER_NODE_STAMP): workers/examples/node/package.json workers/examples/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix workers/examples/node --no-audit --no-fund --ignore-scripts && touch $(WORKER_NODE_STAMP); \
+	else \
+		echo "npm not found: install Node.js 20 to run the Node.js worker example"; \
+	fi
+
 install: $(STAMP)  ## create .venv and install Lifeline with its test tools
 
 run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker, with the example config
 	$(BIN)/lifeline run --config lifeline.example.toml
 
-test: $(STAMP)  ## run the whole test suite (starts its own nats-server)
+test: $(STAMP) $(NODE_STAMP) $(WORKER_NODE_STAMP)  ## run the whole test suite (starts its own nats-server)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## run the benchmark suite and write bench-results/
@@ -35,6 +56,9 @@ soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request 
 chaos: $(STAMP)  ## jobs while dispatchers and nats-server are SIGKILLed (about 2 minutes); writes bench-results/chaos.json
 	$(BIN)/python -m tests.chaos
 
-clean:  ## remove .venv and caches
-	rm -rf $(VENV) .pytest_cache *.egg-info
+chaos-cluster: $(STAMP)  ## the same on a three-node NATS cluster, nodes SIGKILLed too (about 3 minutes); writes bench-results/chaos-cluster.json
+	$(BIN)/python -m tests.chaos --cluster
+
+clean:  ## remove .venv, the node_modules of tests/node and workers/examples/node, and caches
+	rm -rf $(VENV) .pytest_cache *.egg-info tests/node/node_modules workers/examples/node/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,6 +20,7 @@ from service.config import Config
 from service.dispatcher import Dispatcher
 from service.embedded import redact_url
 from service.telemetry import Tracing, observe_health
+from workers import testmode
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
 
@@ -61,16 +62,17 @@ class ConnectionWatch:
             # Not awaited: nats-py calls this from its reconnect task, which close() cancels.
             self._giving_up = asyncio.ensure_future(self._give_up(self.nc))
 
-    async def wait_lost(self) -> None:
-        """Until the connection is gone for good. nats-py's closed callback says so, but its
-        close can stop at a dead socket before calling it; so the state is checked every
-        second too."""
+    async def wait_lost(self) -> str:
+        """Until the connection is gone for good; returns the component's name. nats-py's
+        closed callback says so, but its close can stop at a dead socket before calling it;
+        so the state is checked every second too."""
         while not self.lost.is_set():
             try:
                 await asyncio.wait_for(self.lost.wait(), 1.0)
             except TimeoutError:
                 if self.nc is not None and self.nc.is_closed:
                     await self.on_closed()
+        return self.name
 
     async def _give_up(self, nc: Client) -> None:
         try:
@@ -182,7 +184,11 @@ async def start_worker(
     config: Config, name: str, url: str, tracers: Tracing
 ) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
-    provider = build_provider(settings)  # fails here, before connecting, on a missing API key
+    # Fails here, before connecting, on a missing API key or a plug-in that does not load.
+    provider = build_provider(settings, name)
+    if testmode.enabled():  # the conformance kit's workers: lifeline-test: directives obeyed
+        provider = testmode.with_test_mode(provider)
+        log.warning("worker %s in test mode (%s=1)", name, testmode.TEST_MODE_ENV)
     watch = ConnectionWatch(f"worker {name}")
     nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
     runtime = WorkerRuntime(

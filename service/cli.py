@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -59,6 +60,8 @@ from service.jobs import ensure_jobs
 from service.memory import settle_after_start
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
+from workers.plugin import PluginSettings
+from workers.plugin import load as load_model_class
 
 log = logging.getLogger("lifeline")
 
@@ -76,6 +79,8 @@ examples:
   lifeline batch jobs.jsonl                     # many jobs, results to jobs.results.jsonl
   lifeline dispatcher --config prod.toml --nats-url nats://nats:4222
   lifeline worker openai --config prod.toml     # one provider worker; run N for N replicas
+  lifeline spec --out schemas/spec              # the wire's AsyncAPI document and JSON Schemas
+  lifeline conformance -- node my-worker.mjs    # check your own worker against the protocol
 
 NATS: --nats-url, else $NATS_URL; `run` starts an embedded server when neither is set.
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_audit,
         _add_check,
         _add_status,
+        _add_spec,
+        _add_conformance,
     ):
         add_command(commands)
     return parser
@@ -307,6 +314,89 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _nats_arg(status)
 
 
+def _add_spec(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    spec = commands.add_parser(
+        "spec",
+        help="print the AsyncAPI document of Lifeline's wire; with --out, write it and the JSON "
+        "Schema of every message",
+        description="Generates, from the message types in schemas/ (no NATS needed), the "
+        "AsyncAPI 3.0 document of every subject Lifeline uses (requests, replies, stream "
+        "events, jobs, audit events, provider workers; their headers and queue groups) and a "
+        "JSON Schema (draft 2020-12) per JSON message, for clients and workers in other "
+        "languages. Without --out the AsyncAPI document goes to stdout. The copy in the "
+        "repository: lifeline spec --out schemas/spec",
+    )
+    spec.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write asyncapi.json and one NAME.schema.json per message into DIR (made if missing)",
+    )
+
+
+def _add_conformance(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conformance = commands.add_parser(
+        "conformance",
+        help="check a provider worker you wrote, in any language, against the worker protocol",
+        usage="lifeline conformance [-h] [--provider NAME] [--replicas N] "
+        "[--start-timeout SECONDS] -- COMMAND [ARGS...]",
+        description="""\
+The conformance kit: starts a nats-server of its own and COMMAND as two replicas, then
+checks on the wire that the worker keeps the protocol: replies decode; a malformed body gets
+bad_request and the worker serves on; no reply past the deadline, nor after a cancel; one
+reply per request through the queue group; streaming's chunks and their count; valid error
+kinds; no replica crashed. Prints PASS or FAIL per check, with what was expected and what
+came, and exits 1 when any failed.""",
+        epilog="""\
+COMMAND runs with these variables set:
+  NATS_URL              the kit's nats-server
+  LIFELINE_PROVIDER     the provider to serve: llm.provider.<NAME>, queue group
+                        lifeline-provider-<NAME>, cancels on llm.cancel.<NAME>
+  LIFELINE_TEST_MODE=1  test mode: a request whose last message is a user message
+                          lifeline-test: sleep <ms>
+                          lifeline-test: fail <status> [retry_after <seconds>]
+                        is answered by the worker itself: ok after <ms> (the deadline
+                        and a cancel still stop it), or a failure of the kind the status
+                        maps to, with status_code and retry_after_s
+
+examples:
+  lifeline conformance -- node workers/examples/node/worker.mjs
+  lifeline conformance -- lifeline worker conformance --config my.toml
+  lifeline conformance --provider mine --replicas 3 -- ./my-worker --verbose
+
+Lifeline's own workers obey test mode too; from Python, service.conformance.run_checks,
+or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conformance"]).
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conformance.add_argument(
+        "--provider",
+        default="conformance",
+        metavar="NAME",
+        help="the provider name the worker serves, passed as $LIFELINE_PROVIDER "
+        "(default: conformance)",
+    )
+    conformance.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        metavar="N",
+        help="how many copies of COMMAND to run (default: 2)",
+    )
+    conformance.add_argument(
+        "--start-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="how long the replicas may take to subscribe (default: 20)",
+    )
+    conformance.add_argument(
+        "worker_command",
+        nargs="+",
+        metavar="COMMAND",
+        help="the worker's command and its arguments, after --",
+    )
+
+
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})"
@@ -334,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "check-config": cmd_check,
         "status": cmd_status,
+        "spec": cmd_spec,
+        "conformance": cmd_conformance,
     }
     try:
         return loop.run(handlers[args.command](args))
@@ -540,14 +632,25 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         )
     url = default_nats_url(args.nats_url) or LOCAL_NATS
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
-    component, _ = await start_worker(config, args.name, url, tracers)
+    component, runtime = await start_worker(config, args.name, url, tracers)
     log.info(
-        "worker %s serving %s on %s",
+        "worker %s serving %s on %s%s",
         args.name,
         subjects.provider_subject(args.name),
         redact_url(url),
+        _identity(runtime.provider),
     )
     return await _serve(component, tracers)
+
+
+def _identity(provider: object) -> str:
+    """ ", model class a.b:C {params}" for a plug-in model, "" for a built-in kind."""
+    params = getattr(provider, "identifying_params", None)
+    label = getattr(provider, "label", None)
+    if label is None or not callable(params):
+        return ""
+    shown = params()
+    return f", model class {label}" + (f" {shown}" if shown else "")
 
 
 async def _serve(component: Component, tracers: Tracing) -> int:
@@ -556,7 +659,7 @@ async def _serve(component: Component, tracers: Tracing) -> int:
     lost = None
     settle_after_start()
     try:
-        lost = await _until_signalled(component.watch.lost.wait())
+        lost = await _until_signalled(component.watch.wait_lost())
         if lost is None:
             log.info("stopping %s: finishing requests in flight", component.name)
     finally:
@@ -593,7 +696,8 @@ def _config_or_default(args: argparse.Namespace) -> Config:
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
-    settings = _config_or_default(args).jobs
+    config = _config_or_default(args)
+    settings, replicas = config.jobs, config.jetstream.replicas
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
         ChatMessage("user", args.prompt)
     ]
@@ -607,7 +711,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         return 1
     try:
         js = nc.jetstream(timeout=5)
-        await ensure_jobs(js, settings)
+        await ensure_jobs(js, settings, replicas)
         ack = await js.publish(subjects.JOBS_SUBMIT, encoder.encode(request), headers=headers)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
@@ -629,7 +733,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_batch(args: argparse.Namespace) -> int:
     url = default_nats_url(args.nats_url) or LOCAL_NATS
-    settings = _config_or_default(args).jobs
+    config = _config_or_default(args)
+    settings, replicas = config.jobs, config.jetstream.replicas
     source = Path(args.file)
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
     jobs = _batch_jobs(source)
@@ -645,7 +750,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
     try:
         js = nc.jetstream(timeout=5)
-        kv = await ensure_jobs(js, settings)
+        kv = await ensure_jobs(js, settings, replicas)
         # Watching first: results stored already (an earlier run's) come first, then new ones.
         watcher = await kv.watch("job.>")
         for job_id, body in pending.values():
@@ -686,7 +791,7 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
         if not isinstance(body, dict):
-            raise ValueError(f"{source}:{n}: a request is a JSON object")
+            raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - a user error, reported as such
         job_id = str(body.get("id") or f"{source.name}:{n}")
         body["id"] = job_id
         if job_id in jobs:
@@ -1091,8 +1196,42 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
+async def cmd_spec(args: argparse.Namespace) -> int:
+    from service import wire_spec  # a tool: FastStream's generator loads for this command only
+
+    files = wire_spec.generate(LOCAL_NATS)
+    if args.out is None:
+        sys.stdout.write(files["asyncapi.json"])
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    print(f"wrote asyncapi.json and {len(files) - 1} JSON Schemas to {out}")
+    return 0
+
+
+async def cmd_conformance(args: argparse.Namespace) -> int:
+    from service import conformance  # its checks load for this command only
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per look at the server
+    command = shlex.join(args.worker_command)
+    print(f"starting {args.replicas} x `{command}` ...", file=sys.stderr, flush=True)
+    report = await conformance.check_worker(
+        args.worker_command,
+        provider=args.provider,
+        replicas=args.replicas,
+        start_timeout_s=args.start_timeout,
+    )
+    print(report.text())
+    return 0 if report.passed else 1
+
+
 async def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    for name, settings in config.providers.items():
+        if isinstance(settings, PluginSettings):  # its class imported, its settings checked
+            load_model_class(settings, f"providers.{name}")
     print(f"{args.config}: OK")
     _describe(config)
     return 0

@@ -1,0 +1,159 @@
+"""A minimal provider worker written from the protocol alone: nats-py and json, nothing of
+Lifeline, as a worker in another language would be. It answers with an echo of the last user
+message, streams it word by word, and obeys the test mode's directives; so it passes the
+conformance kit (service/conformance.py), which tests/test_conformance.py shows.
+
+Each flag breaks it on purpose, to show the kit failing the right checks:
+
+    --no-queue-group      subscribe to llm.provider.<name> outside the queue group
+    --ignore-deadline     answer requests whose Lifeline-Deadline-Ms has passed
+    --crash-on-bad-input  exit on a malformed body instead of answering bad_request
+
+    NATS_URL=nats://127.0.0.1:4222 LIFELINE_PROVIDER=mine python tests/minimal_worker.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+MODEL = "minimal-1"
+DIRECTIVE = "lifeline-test:"
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def kind_of(status: int) -> str:
+    """schemas.errors.classify_status, as another language would write it."""
+    known = {408: "timeout", 429: "rate_limit", 401: "auth", 403: "auth"}
+    return known.get(status) or ("server_error" if status >= 500 else "bad_request")
+
+
+def parse(data: bytes) -> dict[str, Any]:
+    """The ProviderRequest's fields this worker reads, checked; BadRequest saying why not."""
+    try:
+        request = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"not JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("id"), str):
+        raise BadRequest("a ProviderRequest is an object with a string id")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ROLES for m in messages
+    ):
+        raise BadRequest("messages must be a list of messages with a role")
+    return request
+
+
+def failure(kind: str, message: str, **fields: Any) -> dict[str, Any]:
+    return {"status": "error", "kind": kind, "message": message, **fields}
+
+
+async def answer(request: dict[str, Any], test_mode: bool) -> tuple[str, dict[str, Any] | None]:
+    """The answer's text, or a ProviderFailure instead."""
+    last = request["messages"][-1] if request["messages"] else {}
+    text = last.get("content") if last.get("role") == "user" else None
+    if not (test_mode and isinstance(text, str) and text.startswith(DIRECTIVE)):
+        return f"echo: {text if isinstance(text, str) else ''}", None
+    match text[len(DIRECTIVE) :].split():
+        case ["sleep", ms]:
+            await asyncio.sleep(float(ms) / 1000)
+            return "slept", None
+        case ["fail", status]:
+            return "", failure(kind_of(int(status)), "asked to", status_code=int(status))
+        case ["fail", status, "retry_after", seconds]:
+            fields = {"status_code": int(status), "retry_after_s": float(seconds)}
+            return "", failure(kind_of(int(status)), "asked to", **fields)
+    return "", failure("bad_request", f"no such directive: {text[:100]!r}")
+
+
+async def main() -> None:
+    flags = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    flags.add_argument("--no-queue-group", action="store_true")
+    flags.add_argument("--ignore-deadline", action="store_true")
+    flags.add_argument("--crash-on-bad-input", action="store_true")
+    args = flags.parse_args()
+    name = os.environ.get("LIFELINE_PROVIDER", "conformance")
+    test_mode = os.environ.get("LIFELINE_TEST_MODE") == "1"
+    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=name)
+    tasks: set[asyncio.Task[None]] = set()
+    by_attempt: dict[str, asyncio.Task[None]] = {}
+
+    async def reply(msg: Msg, body: dict[str, Any]) -> None:
+        if msg.reply:
+            await nc.publish(msg.reply, json.dumps(body).encode())
+
+    async def handle(msg: Msg) -> None:
+        headers = msg.headers or {}
+        deadline = headers.get("Lifeline-Deadline-Ms", "")
+        left_s = int(deadline) / 1000 - time.time() if deadline.isdigit() else 30.0
+        if left_s <= 0 and not args.ignore_deadline:
+            return  # nobody waits for it any more
+        try:
+            request = parse(msg.data)
+        except BadRequest as exc:
+            if args.crash_on_bad_input:
+                print(f"crashing on bad input: {exc}", flush=True)
+                os._exit(3)
+            await reply(msg, failure("bad_request", str(exc)))
+            return
+        try:
+            async with asyncio.timeout(max(left_s, 0.001) if not args.ignore_deadline else None):
+                text, failed = await answer(request, test_mode)
+        except ValueError as exc:  # a directive's number that is none
+            text, failed = "", failure("bad_request", f"{exc}")
+        except TimeoutError:
+            return  # the deadline passed while working: no reply
+        if failed is not None:
+            await reply(msg, failed)
+            return
+        chunks, content = 0, text
+        stream_to = headers.get("Lifeline-Stream-To")
+        if stream_to:
+            for word in text.split(" "):
+                await nc.publish(stream_to, (word if chunks == 0 else " " + word).encode())
+                chunks += 1
+            content = ""
+        usage = {"input_tokens": 1, "output_tokens": len(text.split())}
+        ok = {"content": content, "model": request.get("model") or MODEL, "usage": usage}
+        await reply(msg, {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"})
+
+    async def on_request(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        attempt = (msg.headers or {}).get("Lifeline-Attempt-Id")
+        if attempt:
+            by_attempt[attempt] = task
+            task.add_done_callback(lambda _: by_attempt.pop(attempt, None))
+
+    async def on_cancel(msg: Msg) -> None:
+        task = by_attempt.pop(msg.data.decode(errors="replace"), None)
+        if task is not None:
+            task.cancel()  # no reply: the dispatcher has given up on this attempt
+
+    queue = "" if args.no_queue_group else f"lifeline-provider-{name}"
+    await nc.subscribe(f"llm.provider.{name}", queue=queue, cb=on_request)
+    await nc.subscribe(f"llm.cancel.{name}", cb=on_cancel)
+    await nc.flush()
+    print(f"serving llm.provider.{name}", flush=True)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await nc.drain()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

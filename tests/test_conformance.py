@@ -1,0 +1,270 @@
+"""The conformance kit (service/conformance.py) against real workers on its own nats-server:
+Lifeline's built-in providers run as `lifeline worker conformance --config FILE` (the HTTP
+kinds against a local server answering with each provider's documented bodies and
+server-sent events), a minimal worker written from the protocol alone (tests/minimal_worker.py),
+and that worker broken on purpose, one flag at a time, failing exactly the checks it should.
+
+A kit run takes about three seconds, most of it waiting for silence (a deadline passed, a
+cancel); the runs are independent (a server and two replicas each), so the module starts them
+side by side in a few threads (`runs`) and each test waits for its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from helpers import ROOT, LocalHTTPServer, run_lifeline, serving, write_config
+from test_provider_anthropic import MESSAGE as ANTHROPIC_MESSAGE
+from test_provider_azure_openai import COMPLETION as AZURE_COMPLETION
+from test_provider_openai import COMPLETION as OPENAI_COMPLETION
+from test_provider_streaming import ANTHROPIC, AZURE, OPENAI, TEXTS, send
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest
+from schemas.errors import ProviderError
+from workers import testmode
+from workers.fake import FakeProvider, FakeSettings
+
+if TYPE_CHECKING:
+    from service.conformance import Report
+
+# The lifeline_conformance fixture, as authors use it. pytest imports the plug-in itself (to
+# rewrite its asserts): this module imports service.conformance only inside its functions.
+pytest_plugins = ["service.conformance"]
+
+MINIMAL = [sys.executable, str(ROOT / "tests" / "minimal_worker.py")]
+PARALLEL_RUNS = 3  # kit runs at once: each is mostly waiting; two CPUs are enough
+
+# Each flag of the minimal worker, and the checks it must fail (and no other). Without the
+# queue group both replicas answer everything: a streamed request gets two streams and two
+# replies, so streaming fails too.
+BROKEN = {
+    "--no-queue-group": {"one_reply_per_request", "streaming"},
+    "--crash-on-bad-input": {"bad_request", "survives_bad_input"},
+}
+
+
+# ---- the providers' HTTP APIs, locally -----------------------------------------------------
+
+DOCUMENTED = {
+    OPENAI.name: OPENAI_COMPLETION,
+    AZURE.name: AZURE_COMPLETION,
+    ANTHROPIC.name: ANTHROPIC_MESSAGE,
+}
+
+
+class Providers(LocalHTTPServer):
+    """OpenAI, Azure OpenAI and Anthropic in one server, told apart by path: each answers its
+    documented body, or its documented server-sent events when the request asks to stream."""
+
+    def __init__(self) -> None:
+        super().__init__(_Handler)
+        self.streamed: set[str] = set()  # the kinds asked for a stream
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Providers
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path.endswith("/v1/messages"):
+            kind = ANTHROPIC
+        elif "/openai/deployments/" in self.path:
+            kind = AZURE
+        else:
+            kind = OPENAI
+        if body.get("stream"):
+            self.server.streamed.add(kind.name)
+            send(self, kind.events(TEXTS))  # type: ignore[arg-type]
+            return
+        data = json.dumps(DOCUMENTED[kind.name]).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def builtin(kind: str, url: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The [providers.conformance] table of a built-in kind, and the environment it needs."""
+    if kind == "fake":
+        return {"kind": "fake"}, {}
+    if kind == OPENAI.name:
+        return (
+            {"kind": "openai", "model": "gpt-4o-mini", "base_url": f"{url}/v1"},
+            {"OPENAI_API_KEY": OPENAI.key},
+        )
+    if kind == AZURE.name:
+        return (
+            {"kind": "azure_openai", "endpoint": url, "deployment": "gpt4o-prod"},
+            {"AZURE_OPENAI_API_KEY": AZURE.key},
+        )
+    return (
+        {"kind": "anthropic", "model": "claude-sonnet-4-0", "base_url": url},
+        {"ANTHROPIC_API_KEY": ANTHROPIC.key},
+    )
+
+
+BUILTIN = ["fake", OPENAI.name, AZURE.name, ANTHROPIC.name]
+
+# The worked examples of "your own provider": a Python model class (a plug-in) and a worker
+# in Node.js speaking the protocol with nats.js (its node_modules come from `make test`).
+PYTHON_EXAMPLE = {"kind": "python", "class": "workers.examples.echo_model:EchoModel"}
+NODE_EXAMPLE = ["node", str(ROOT / "workers" / "examples" / "node" / "worker.mjs")]
+
+
+# ---- the runs, side by side ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def providers() -> Iterator[Providers]:
+    with serving(Providers(), poll_interval_s=0.05) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def runs(
+    providers: Providers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[Report]]]:
+    """Every kit run of this module, started at once in PARALLEL_RUNS threads, by name."""
+    from service.conformance import run_checks
+
+    configs = tmp_path_factory.mktemp("conformance")
+    with ThreadPoolExecutor(PARALLEL_RUNS, thread_name_prefix="conformance") as pool:
+        started: dict[str, Future[Report]] = {}
+        for kind in BUILTIN:
+            table, env = builtin(kind, providers.url)
+            path = write_config(configs / f"{kind}.toml", {"providers": {"conformance": table}})
+            # No --nats-url: the worker takes the kit's server from NATS_URL.
+            command = [sys.executable, "-m", "service.cli", "worker", "conformance"]
+            command += ["--config", str(path)]
+            started[kind] = pool.submit(run_checks, command, env=env, cwd=ROOT)
+        path = write_config(configs / "python.toml", {"providers": {"mine": PYTHON_EXAMPLE}})
+        command = [sys.executable, "-m", "service.cli", "worker", "mine", "--config", str(path)]
+        started["python-example"] = pool.submit(run_checks, command, provider="mine", cwd=ROOT)
+        if shutil.which("node") is not None:
+            started["node-example"] = pool.submit(run_checks, NODE_EXAMPLE, provider="node-echo")
+        for flag in BROKEN:
+            started[flag] = pool.submit(run_checks, [*MINIMAL, flag])
+        yield started
+        for future in started.values():
+            future.cancel()
+
+
+# ---- the tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("runs")  # started first, so that the module's other runs overlap this
+def test_a_minimal_worker_from_the_protocol_alone_conforms_through_the_pytest_plugin(
+    lifeline_conformance,
+):
+    from service.conformance import CHECKS
+
+    report = lifeline_conformance(MINIMAL, provider="minimal")
+    report.assert_passed()
+    assert [check.name for check in report.checks] == list(CHECKS)
+    assert "serving llm.provider.minimal" in report.text()
+
+
+@pytest.mark.usefixtures("runs")
+def test_the_command_prints_a_line_per_check_and_fails_a_worker_that_ignores_deadlines():
+    from service.conformance import CHECKS
+
+    result = run_lifeline("conformance", "--", *MINIMAL, "--ignore-deadline")
+    assert result.returncode == 1, result.stdout + result.stderr
+    verdicts = re.findall(r"^(PASS|FAIL) (\w+)", result.stdout, re.MULTILINE)
+    assert [name for _, name in verdicts] == list(CHECKS), result.stdout
+    assert [name for verdict, name in verdicts if verdict == "FAIL"] == ["deadline"]
+    assert "FAIL deadline: expected no reply to a request whose Lifeline-Deadline-Ms" in (
+        result.stdout
+    )
+    assert "8 of 9 checks passed" in result.stdout
+
+
+@pytest.mark.parametrize("kind", BUILTIN)
+def test_every_builtin_provider_conforms(kind: str, runs, providers: Providers):
+    report = runs[kind].result(timeout=120)
+    report.assert_passed()
+    if kind != "fake":  # the streaming check went through the provider's own event stream
+        assert kind in providers.streamed
+
+
+def test_the_python_plugin_example_conforms(runs):
+    runs["python-example"].result(timeout=120).assert_passed()
+
+
+def test_the_node_js_example_worker_conforms(runs):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the Node.js example cannot run here")
+    assert (ROOT / "workers/examples/node/node_modules/nats").is_dir(), (
+        "run `make test` (or npm ci --prefix workers/examples/node) to install nats.js"
+    )
+    runs["node-example"].result(timeout=120).assert_passed()
+
+
+@pytest.mark.parametrize("flag", BROKEN)
+def test_a_broken_worker_fails_the_checks_it_breaks(flag: str, runs):
+    report = runs[flag].result(timeout=120)
+    assert set(report.failed) == BROKEN[flag], report.text()
+    for name in report.failed:
+        assert f"FAIL {name}: expected " in report.text()
+
+
+def test_the_kit_reports_a_command_that_does_not_start():
+    from service.conformance import run_checks
+
+    report = run_checks(["/nonexistent/worker"], start_timeout_s=2)
+    assert report.failed == ["starts"]
+    assert "FileNotFoundError" in report.text()
+
+
+# ---- test mode, in Lifeline's own workers ---------------------------------------------------
+
+
+def ask(text: str) -> ProviderRequest:
+    return ProviderRequest(id="t1", messages=[ChatMessage("user", text)])
+
+
+async def test_test_mode_answers_the_directives_itself_and_passes_the_rest_on():
+    provider = testmode.with_test_mode(FakeProvider(FakeSettings(kind="fake", reply="inner")))
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(ask("lifeline-test: fail 429 retry_after 3"), 5)
+    failure = caught.value
+    assert (failure.kind, failure.status_code, failure.retry_after_s) == ("rate_limit", 429, 3.0)
+    slept = await provider.complete(ask("lifeline-test: sleep 1"), 5)
+    assert isinstance(slept, ProviderOk) and slept.content != "inner"
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(ask("lifeline-test: dance"), 5)
+    assert caught.value.kind == "bad_request"
+    assert (await provider.complete(ask("hello"), 5)).content == "inner"
+    streamed = [item async for item in provider.stream(ask("lifeline-test: sleep 1"), 5)]  # type: ignore[attr-defined]
+    assert isinstance(streamed[-1], ProviderOk) and streamed[:-1] == ["slept 1 ms"]
+
+
+def test_test_mode_streams_only_what_streams_and_is_off_unless_asked():
+    class Plain:
+        model = "plain-1"
+
+        async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+            return ProviderOk("plain", self.model)
+
+        async def aclose(self) -> None:
+            return None
+
+    assert not hasattr(testmode.with_test_mode(Plain()), "stream")
+    assert testmode.enabled({"LIFELINE_TEST_MODE": "1"})
+    assert not testmode.enabled({}) and not testmode.enabled({"LIFELINE_TEST_MODE": "yes"})
