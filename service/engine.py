@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
-from schemas.ids import Ids
+from schemas.ids import SecretIds
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID
 from schemas.wire import INTERNAL, PAYLOAD_TOO_LARGE, PREVIOUS_ERRORS, encoder, salvage_id
 from service import telemetry
@@ -98,7 +98,7 @@ class Engine:
         self.spans = spans
         # Span name and attributes per target, built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
-        self._attempt_ids = Ids()
+        self._attempt_ids = SecretIds()  # what a cancel names: never guessable
 
     async def serve(
         self,

@@ -502,15 +502,19 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
         second = EmbeddedNats(port=port)
         second.start()
         nc = await nats.connect(second.url)
-        ledger = await Ledger(nc).start()
-        for _ in range(100):  # until the dispatcher and the worker have reconnected
-            await ledger.send("after-restart", request("after-restart"))
-            await asyncio.sleep(0.1)
-            if ledger.replies["after-restart"]:
-                break
-        assert ledger.reply_of["after-restart"].status == "ok"
-        assert dispatcher.proc.poll() is None
-        await nc.close()
+        try:
+            ledger = await Ledger(nc).start()
+            # Until both have reconnected: the dispatcher alone answers no_responders.
+            for _ in range(100):
+                await ledger.send("after-restart", request("after-restart"))
+                await asyncio.sleep(0.1)
+                reply = ledger.reply_of.get("after-restart")
+                if reply is not None and reply.status == "ok":
+                    break
+            assert ledger.reply_of["after-restart"].status == "ok"
+            assert dispatcher.proc.poll() is None
+        finally:
+            await nc.close()
     finally:
         svc.stop()
         if second is not None:

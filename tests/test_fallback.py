@@ -151,3 +151,20 @@ async def test_results_go_to_a_reply_subject_the_caller_consumes_later(lifeline,
         [reply_decoder.decode((await results.next_msg(timeout=5)).data).id for _ in range(3)]
     )
     assert ids == ["job-0", "job-1", "job-2"]
+
+
+async def test_attempt_ids_cannot_be_guessed_from_one_seen(lifeline, client):
+    """A cancel names an attempt id: ids that follow from one another would let anyone who saw
+    one cancel the calls after it. Each is 96 random bits."""
+    await lifeline(config({"primary": fake()}))
+    seen: list[str] = []
+
+    async def spy(msg) -> None:  # a listener beside the worker (no queue group)
+        seen.append(msg.headers[subjects.ATTEMPT_ID])
+
+    await client.subscribe(subjects.provider_subject("primary"), cb=spy)
+    for _ in range(20):
+        assert (await ask(client, USER_HELLO)).status == "ok"
+    await client.flush()
+    assert len(seen) == 20 and all(len(i) == 24 for i in seen)
+    assert len({i[:6] for i in seen}) == 20  # no shared prefix, no counter
