@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from schemas.wire import (
     encoder,
     reply_decoder,
 )
-from service import client, loop, telemetry
+from service import client, logs, loop, telemetry
 from service.app import (
     Component,
     NatsUnreachable,
@@ -85,7 +86,15 @@ examples:
 NATS: --nats-url, else $NATS_URL; `run` starts an embedded server when neither is set.
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
 Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's own
+Logs: LIFELINE_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR, LIFELINE_LOG_FORMAT=text|json
 """
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lifeline")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help=f"debug logging (else ${logs.LEVEL_ENV})"
+    )
+    parser.add_argument("--version", action="version", version=f"lifeline {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
         _add_run,
@@ -409,10 +421,11 @@ def _nats_arg(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    try:
+        logs.setup(verbose=args.verbose)
+    except ValueError as exc:
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 2
     handlers = {
         "run": cmd_run,
         "dispatcher": cmd_dispatcher,
@@ -601,7 +614,8 @@ def _audit_line(event: AuditEvent) -> str:
     streamed = ""
     if event.stream is not None:  # llm.stream
         streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
-    return f"[{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
+    when = logs.iso_time(event.ts_unix_ms / 1000)  # when it was answered, as log lines show time
+    return f"{when} [{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
 
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:

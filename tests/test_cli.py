@@ -144,7 +144,8 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     audit = run_lifeline("audit", "--nats-url", url, "cli-job-1")
     assert audit.returncode == 0, audit.stderr
     [line] = audit.stdout.splitlines()  # one event for the id, the duplicate submit made none
-    assert line.startswith("[ok] id=cli-job-1 ") and "backup:ok" in line
+    assert re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z \[ok\] id=cli-job-1 ", line), line
+    assert "backup:ok" in line
     latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
     assert '"id":"cli-job-1"' in latest.stdout
 
