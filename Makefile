@@ -41,8 +41,11 @@ $(WORKER_NODE_STAMP): workers/examples/node/package.json workers/examples/node/p
 
 install: $(STAMP)  ## create .venv and install Lifeline with its test tools
 
-run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker, with the example config
-	$(BIN)/lifeline run --config lifeline.example.toml
+CONFIG ?= lifeline.example.toml
+PORT   ?=
+
+run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker (CONFIG=..., PORT=... to choose)
+	$(BIN)/lifeline run --config $(CONFIG) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) $(NODE_STAMP) $(WORKER_NODE_STAMP)  ## run the whole test suite (starts its own nats-server)
 	$(BIN)/python -m pytest

@@ -164,7 +164,7 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ask = commands.add_parser("ask", help="send one request and print the answer and every attempt")
-    ask.add_argument("prompt", help="the user message")
+    ask.add_argument("prompt", help="the user message; - reads it from stdin")
     ask.add_argument("--system", help="a system message to send first")
     ask.add_argument("--route", default="default", help="route name (default: default)")
     ask.add_argument(
@@ -238,7 +238,7 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "runs now; the answer is kept by id in the results bucket. Sending the same id again "
         "within the dedup window is acknowledged as a duplicate.",
     )
-    submit.add_argument("prompt", help="the user message")
+    submit.add_argument("prompt", help="the user message; - reads it from stdin")
     submit.add_argument("--id", help="the job's id (default: a new random one)")
     submit.add_argument("--route", default="default", help="route name (default: default)")
     submit.add_argument("--system", help="a system message to send first")
@@ -615,7 +615,9 @@ def _audit_line(event: AuditEvent) -> str:
     if event.stream is not None:  # llm.stream
         streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
     when = logs.iso_time(event.ts_unix_ms / 1000)  # when it was answered, as log lines show time
-    return f"{when} [{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
+    return (
+        f"{when} [{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
+    )
 
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
@@ -713,7 +715,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     config = _config_or_default(args)
     settings, replicas = config.jobs, config.jetstream.replicas
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
-        ChatMessage("user", args.prompt)
+        ChatMessage("user", _prompt(args))
     ]
     job_id = args.id or uuid.uuid4().hex
     request = CompletionRequest(messages, id=job_id, route=args.route, timeout_s=args.timeout)
@@ -953,9 +955,14 @@ async def _wait_for_result(
             await asyncio.sleep(0.2)
 
 
+def _prompt(args: argparse.Namespace) -> str:
+    """The user message: the argument, or stdin for `-` (`git diff | lifeline ask -`)."""
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
 def _ask_request(args: argparse.Namespace) -> CompletionRequest:
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
-        ChatMessage("user", args.prompt)
+        ChatMessage("user", _prompt(args))
     ]
     return CompletionRequest(
         messages=messages,
@@ -1018,9 +1025,10 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
                 keep = max(len(shown) - reset.discard, 0)
                 voided, shown = "".join(shown[keep:]), shown[:keep]
                 what = f"{reset.discard} chunks voided" if reset.discard else "continuing from here"
-                print(
+                print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
                     f"\n[reset: attempt {reset.attempt} failed with {reset.error.type} "
                     f"({what}){': ' + _struck(voided) if voided else ''}]",
+                    file=sys.stderr,
                     flush=True,
                 )
     except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
@@ -1094,35 +1102,43 @@ def _outcome(a: Attempt) -> str:
 
 
 def _print_reply(reply: CompletionReply) -> None:
+    """The answer (its text and tool calls) on stdout; everything about it (who served it,
+    the attempts, ids, an error) on stderr, so `lifeline ask ... > answer.txt` keeps the
+    answer alone."""
+
+    def note(line: str = "") -> None:
+        print(line, file=sys.stderr)
+
     if reply.status == "ok":
         if reply.content is not None:  # a streamed answer was printed as it came
             print(reply.content)
         for call in reply.tool_calls or ():
             print(f"tool call {call.id}: {call.name}({call.arguments})")
+        sys.stdout.flush()
         if reply.finish_reason is not None:
-            print(f"finish: {reply.finish_reason}")
+            note(f"finish: {reply.finish_reason}")
         template = f", template {reply.template}" if reply.template else ""
-        print(
-            f"\nserved by {reply.target or reply.provider} "
+        note(
+            f"served by {reply.target or reply.provider} "
             f"({reply.provider}, {reply.model}{template}) in {reply.latency_ms:.1f} ms"
         )
     else:
         assert reply.error is not None
-        print(f"error: {reply.error.type}: {reply.error.message}")
+        note(f"error: {reply.error.type}: {reply.error.message}")
     if reply.attempts:
-        print("attempts:")
+        note("attempts:")
         for i, a in enumerate(reply.attempts, 1):
             name = (a.target or a.provider) + (f" (retry {a.retry})" if a.retry else "")
-            print(f"  {i}. {name:<24} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
+            note(f"  {i}. {name:<24} {a.model:<20} {_outcome(a):<26} {a.latency_ms:8.1f} ms")
             if a.message:
-                print(f"     {a.message}")
+                note(f"     {a.message}")
     if reply.stream is not None:
         ttft = f"{reply.stream.ttft_ms:.1f} ms" if reply.stream.ttft_ms is not None else "-"
-        print(
+        note(
             f"streamed {reply.stream.chunks} chunks, first after {ttft}, "
             f"{reply.stream.resets} resets"
         )
-    print(f"id {reply.id}  trace {reply.trace_id or '-'}")
+    note(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
 
 async def _client(url: str, name: str) -> Client | None:

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import ROOT, rest_of_output, run_lifeline, spawn_lifeline, wait_for_line
+from helpers import (
+    LIFELINE,
+    ROOT,
+    cli_env,
+    rest_of_output,
+    run_lifeline,
+    spawn_lifeline,
+    wait_for_line,
+)
 
 EXAMPLE = str(ROOT / "lifeline.example.toml")
 
@@ -53,8 +61,9 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     proc, url = running
     result = run_lifeline("ask", "--nats-url", url, "Why did the chicken cross the road?")
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert out.startswith("Why did the chicken cross the road?")  # the example's backup echoes
+    # The answer alone on stdout (the example's backup echoes); the rest on stderr.
+    assert result.stdout == "Why did the chicken cross the road?\n"
+    out = result.stderr
     assert "served by backup" in out
     assert re.search(r"1\. flaky .* rate_limit 429", out)
     assert re.search(r"2\. sleepy .* timeout", out)
@@ -68,6 +77,25 @@ def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopped" in rest_of_output(proc)
+
+
+def test_ask_reads_the_prompt_from_stdin_and_keeps_stdout_for_the_answer(running, tmp_path):
+    _, url = running
+    answer = tmp_path / "answer.txt"
+    with answer.open("w") as out:
+        result = subprocess.run(
+            [*LIFELINE, "ask", "--nats-url", url, "-"],
+            input="a prompt\nfrom a pipe\n",
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env=cli_env(),
+        )
+    assert result.returncode == 0, result.stderr
+    assert answer.read_text() == "a prompt\nfrom a pipe\n\n"  # the backup echoes it, alone
+    assert "served by backup" in result.stderr
 
 
 def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
@@ -89,12 +117,15 @@ def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
     assert first and "hello streaming world".startswith(first.decode())
     assert proc.poll() is None  # ... while the answer is still streaming
     out = first.decode() + proc.stdout.read()
-    assert proc.wait(timeout=15) == 0, proc.stderr and proc.stderr.read()
+    assert proc.stderr is not None
+    notes = proc.stderr.read()
+    assert proc.wait(timeout=15) == 0, notes
     proc.stdout.close()
-    proc.stderr and proc.stderr.close()
-    assert "[reset: attempt 1 failed with server_error (5 chunks voided): " in out
+    proc.stderr.close()
+    assert "[reset: attempt 1 failed with server_error (5 chunks voided): " in notes
     story = "Once upon a time, a lighthouse keeper kept the light burning through every storm."
-    assert out.split("]\n", 1)[1].startswith(story)
+    assert out.rstrip().endswith(story)  # after the voided text, which stdout cannot take back
+    out = notes
     assert "served by storyteller" in out
     assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 resets", out)
     assert re.search(r"1\. chatty .* server_error 503->fallback", out)
@@ -113,8 +144,8 @@ def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(runni
     args = ("--route", "tools", "--tools", WEATHER_TOOLS, "--tool-choice", "required")
     result = run_lifeline("ask", "--nats-url", url, *args, "Weather in Paris?")
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert 'tool call call_1: get_weather({"city": "Paris"})' in out
+    assert 'tool call call_1: get_weather({"city": "Paris"})' in result.stdout
+    out = result.stderr
     assert "finish: tool_calls" in out
     assert re.search(r"1\. backup .* skipped:tools", out)
     assert "served by agent" in out
@@ -136,8 +167,8 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert "already submitted" in again.stdout
     result = run_lifeline("result", "--nats-url", url, "--wait", "10", "cli-job-1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("a durable hello")  # the example's backup echoes
-    assert "served by backup" in result.stdout
+    assert result.stdout == "a durable hello\n"  # the example's backup echoes
+    assert "served by backup" in result.stderr
     missing = run_lifeline("result", "--nats-url", url, "no-such-job")
     assert missing.returncode == 3 and "no result for job 'no-such-job'" in missing.stderr
     # Its audit event was kept in the audit stream, though nobody asked for it then.
@@ -187,7 +218,8 @@ def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")
     assert result.returncode == 1
-    assert "unknown_route" in result.stdout and "'default'" in result.stdout
+    assert result.stdout == ""
+    assert "unknown_route" in result.stderr and "'default'" in result.stderr
 
 
 def test_dispatcher_and_worker_run_as_separate_processes(nats_url):
@@ -213,7 +245,7 @@ def test_dispatcher_and_worker_run_as_separate_processes(nats_url):
                 break
             time.sleep(0.2)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "served by backup" in result.stdout
+        assert "served by backup" in result.stderr
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -262,8 +294,8 @@ def test_ask_can_simulate_a_fault_and_show_the_retry(tmp_path, nats_url):
         wait_for_line(proc, r"dispatcher ready")
         result = run_lifeline("ask", "--nats-url", nats_url, "--fault", "a=503,ok", "hi")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert re.search(r"1\. a .* server_error 503->retry", result.stdout)
-        assert re.search(r"2\. a \(retry 1\) .* ok", result.stdout)
+        assert re.search(r"1\. a .* server_error 503->retry", result.stderr)
+        assert re.search(r"2\. a \(retry 1\) .* ok", result.stderr)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
