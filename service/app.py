@@ -105,8 +105,14 @@ async def connect(
     """Connect to NATS. Services wait for the server (logging each retry), clients give up fast."""
 
     async def on_error(exc: Exception) -> None:
-        log.warning(
-            "%s: NATS at %s: %s: %s", name, redact_url(url), type(exc).__name__, exc or "retrying"
+        # A service logs each retry; a client (ask, status, ...) says once why it gave up.
+        log.log(
+            logging.WARNING if wait_for_server else logging.DEBUG,
+            "%s: NATS at %s: %s: %s",
+            name,
+            redact_url(url),
+            type(exc).__name__,
+            exc or "retrying",
         )
         if watch is not None:
             watch.on_error(exc)

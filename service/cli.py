@@ -498,9 +498,15 @@ def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:
     try:
         url = server.start()
     except EmbeddedNatsError as exc:
+        if "address already in use" in str(exc).lower():  # the hint is all there is to say
+            raise EmbeddedNatsError(
+                f"port {port} is taken (another nats-server, or `lifeline run` already "
+                "running?): use --port -1 for any free port (make run PORT=-1), or --nats-url "
+                "to use the server that is there"
+            ) from None
         raise EmbeddedNatsError(
-            f"{exc}\nIs another server on port {port}? "
-            "Try --port -1 (any free port), or --nats-url."
+            f"the embedded nats-server did not start on port {port}; try --port -1 (any free "
+            f"port), or --nats-url.\n{exc}"
         ) from None
     print(f"embedded NATS (JetStream) listening on {url}", flush=True)
     return server, url
@@ -1262,6 +1268,13 @@ async def cmd_check(args: argparse.Namespace) -> int:
     for name, settings in config.providers.items():
         if isinstance(settings, PluginSettings):  # its class imported, its settings checked
             load_model_class(settings, f"providers.{name}")
+        key_env = getattr(settings, "api_key_env", "")
+        if key_env and not os.environ.get(key_env):  # valid, but its worker would not start
+            print(
+                f"warning: providers.{name}: ${key_env} is not set here; `lifeline worker "
+                f"{name}` (and `lifeline run`) need it where they run",
+                file=sys.stderr,
+            )
     print(f"{args.config}: OK")
     _describe(config)
     return 0

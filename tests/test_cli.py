@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -314,10 +315,23 @@ def test_a_worker_without_its_api_key_says_which_variable_to_set(tmp_path):
     assert "LIFELINE_TEST_KEY" in result.stderr
 
 
-def test_ask_without_a_server_says_how_to_start_one():
+def test_ask_without_a_server_says_how_to_start_one_in_one_line():
     result = run_lifeline("ask", "--nats-url", "nats://127.0.0.1:1", "hi")
     assert result.returncode != 0
-    assert "lifeline run" in result.stderr
+    [line] = result.stderr.splitlines()  # no log line per retry, no traceback
+    assert line.startswith("lifeline: cannot reach NATS") and "lifeline run" in line
+
+
+def test_a_missing_api_key_is_named_by_check_config_and_by_the_worker(tmp_path):
+    cfg = tmp_path / "keys.toml"
+    cfg.write_text('[providers.primary]\nkind = "openai"\nmodel = "gpt-4o-mini"\n')
+    env = {k: v for k, v in cli_env().items() if k != "OPENAI_API_KEY"}
+    checked = run_lifeline("check-config", "--config", str(cfg), env=env)
+    assert checked.returncode == 0  # the file is right; the environment here is not
+    assert "warning: providers.primary: $OPENAI_API_KEY is not set" in checked.stderr
+    worker = run_lifeline("worker", "primary", "--config", str(cfg), env=env)
+    assert worker.returncode == 2
+    assert "providers.primary: " in worker.stderr and "OPENAI_API_KEY" in worker.stderr
 
 
 def test_check_config_shows_groups_and_error_class_chains(tmp_path):
@@ -331,3 +345,14 @@ def test_check_config_shows_groups_and_error_class_chains(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "{a x3 | b} -> b" in result.stdout
     assert "on context_length: b" in result.stdout
+
+
+def test_run_on_a_taken_port_says_so_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_lifeline("run", "--port", str(port), "--config", EXAMPLE)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()  # the hint, not the server's log
+    assert f"port {port} is taken" in line and "--port -1" in line

@@ -51,4 +51,7 @@ def build_provider(settings: ProviderSettings, name: str = "") -> Provider:
     if isinstance(settings, PluginSettings):
         return PluginProvider(settings, name)
     _, factory = KINDS[settings.kind]
-    return factory(settings)
+    try:
+        return factory(settings)
+    except ValueError as exc:  # a missing API key: say which provider wants it
+        raise ValueError(f"providers.{name}: {exc}" if name else str(exc)) from None
