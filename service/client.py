@@ -1,51 +1,615 @@
-"""A Python client for llm.stream: the request's events as they come, resets applied.
+"""A Python client for Lifeline's NATS path: one answer, a stream of one, durable jobs.
 
-    async for event in stream(nc, CompletionRequest(messages=[ChatMessage("user", "Hi")])):
-        if event.kind == "delta":
-            print(event.text, end="", flush=True)
-        elif event.kind == "reset":
-            ...  # the last event.reset.discard deltas are void: redraw from assembler.text
-    # the last event is "end" (event.reply: attempts, usage, trace id) or "error"
+    async with Lifeline.connect() as lifeline:           # $NATS_URL, else nats://127.0.0.1:4222
+        reply = await lifeline.complete("Why did the chicken cross the road?", route="default")
+        print(reply.content if reply.status == "ok" else reply.error)
 
-`stream_text` collects the whole answer instead. Both raise StreamGap when an event went
-missing, NoDispatcher when no dispatcher listens, and TimeoutError when the stream stalls for
-longer than the request's own timeout allows. Any other language does the same with its NATS
-client and the protocol in schemas/streaming.py.
+        async with lifeline.stream("Tell me a story", timeout_s=60) as answer:
+            async for event in answer:                   # resets applied, gaps detected
+                if event.kind == "delta":
+                    print(event.text, end="", flush=True)
+                elif event.kind == "reset":              # an attempt failed mid-answer
+                    redraw(answer.text)                   # the text so far, without the void part
+        answer.reply                                     # the end event's reply: attempts, usage
+
+        job = await lifeline.submit("Summarise this later", job_id="ticket-42")
+        reply = await lifeline.result("ticket-42", wait_s=30)   # None if none yet
+
+A request is a CompletionRequest, or messages (a string is one user message; a message may be
+a ChatMessage or a dict of the wire's fields) with any CompletionRequest field as a keyword.
+Replies are CompletionReply Structs (schemas/wire.py).
+
+Errors: an answer with `status == "error"` (all_failed, deadline_exceeded, overloaded, ...) is a
+reply like any other: it is returned, never raised (complete(..., overloaded_retries=N) resends
+on `overloaded` after its retry_after_s). What raises is a transport problem, a LifelineError:
+Unreachable (no NATS server), NoDispatcher (nobody on llm.complete), NoAnswer (no reply within
+the request's timeout and a grace: a TimeoutError too), RequestTooLarge (over the server's
+max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
+missing and StreamProtocolError on a message that is not an event (schemas/streaming.py).
+A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
+before anything is sent.
+
+Its import loads NATS and the wire, nothing of the dispatcher (a contract in pyproject.toml).
+The module-level `stream()` and `stream_text()` work on a nats-py connection of your own; any
+other language does the same with its NATS client and the protocol in schemas/streaming.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from types import TracebackType
+from typing import Any, NamedTuple, Self
 
+import msgspec
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
 
-from schemas import CompletionReply, CompletionRequest
+from schemas import ChatMessage, CompletionReply, CompletionRequest, subjects
+from schemas.errors import OVERLOADED
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
-from schemas.wire import encoder
+from schemas.wire import ToolCall, encoder, reply_decoder
+from service import natsopts
 
-__all__ = ["NoDispatcher", "StreamGap", "StreamProtocolError", "stream", "stream_text"]
+__all__ = [
+    "JobsUnavailable",
+    "Lifeline",
+    "LifelineError",
+    "NoAnswer",
+    "NoDispatcher",
+    "ReplyError",
+    "RequestTooLarge",
+    "StreamGap",
+    "StreamProtocolError",
+    "Streamed",
+    "Submitted",
+    "Unreachable",
+    "request_of",
+    "stream",
+    "stream_text",
+]
 
+log = logging.getLogger("lifeline.client")
+
+LOCAL_NATS = "nats://127.0.0.1:4222"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
 _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests without their own
+_JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
+# The jobs stream and results bucket as `lifeline run` names and shapes them
+# (service.config.JobsSettings' defaults; tests/test_client.py checks they agree).
+JOBS_STREAM = "LIFELINE_JOBS"
+RESULTS_BUCKET = "lifeline_results"
+_JOBS_MAX = 100_000
+_JOBS_DEDUP_WINDOW_S = 120.0
+_RESULTS_TTL_S = 86_400.0
+
+Messages = str | ChatMessage | Mapping[str, Any] | Iterable[ChatMessage | Mapping[str, Any]]
 
 
-class NoDispatcher(Exception):
-    """Nobody is subscribed to llm.stream: no dispatcher runs on this NATS server."""
+class LifelineError(Exception):
+    """No answer could be had from Lifeline: a transport problem, not an error reply."""
+
+
+class Unreachable(LifelineError, ConnectionError):
+    """No NATS server answered at the URL (or any URL of the cluster list)."""
+
+
+class NoDispatcher(LifelineError):
+    """Nobody is subscribed to llm.complete / llm.stream: no dispatcher runs on this NATS server."""
+
+
+class NoAnswer(LifelineError, TimeoutError):
+    """No reply (or, on a stream, no end) within the request's timeout and a grace: the
+    dispatcher may have stopped."""
+
+
+class RequestTooLarge(LifelineError, ValueError):
+    """The request is over the NATS server's max_payload."""
+
+
+class JobsUnavailable(LifelineError):
+    """The jobs stream or results bucket could not be used (is JetStream on: nats-server -js?)."""
+
+
+class ReplyError(LifelineError):
+    """An error reply, raised: the client returns error replies, the LangChain and Haystack
+    integrations raise this (their frameworks' fallbacks and retries expect an exception)."""
+
+    def __init__(self, reply: CompletionReply) -> None:
+        self.reply = reply
+        self.type = reply.error.type if reply.error is not None else "internal"
+        message = reply.error.message if reply.error is not None else "no error given"
+        super().__init__(f"{self.type}: {message} (request {reply.id})")
+
+
+class Submitted(NamedTuple):
+    job_id: str
+    duplicate: bool  # the id was submitted before within the dedup window: kept once
+    stream: str
+    seq: int
+
+
+def request_of(request: CompletionRequest | Messages, **fields: Any) -> CompletionRequest:
+    """A CompletionRequest from one, or from messages, with `fields` (any CompletionRequest
+    field, by name) set on it. Raises TypeError on an unknown field and msgspec.ValidationError
+    on a value the wire refuses."""
+    unknown = set(fields) - set(CompletionRequest.__struct_fields__)
+    if unknown:
+        raise TypeError(
+            f"not a CompletionRequest field: {', '.join(sorted(unknown))} "
+            f"(fields: {', '.join(CompletionRequest.__struct_fields__)})"
+        )
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if isinstance(request, CompletionRequest):
+        if not fields:
+            return request
+        data = {f: getattr(request, f) for f in CompletionRequest.__struct_fields__} | fields
+    else:
+        data = {"messages": _messages(request), **fields}
+    return msgspec.convert(data, CompletionRequest)
+
+
+def _messages(messages: Messages) -> list[ChatMessage | Mapping[str, Any]]:
+    if isinstance(messages, str):
+        return [ChatMessage("user", messages)]
+    if isinstance(messages, ChatMessage | Mapping):
+        return [messages]
+    return list(messages)
+
+
+def _wait_s(request: CompletionRequest, default_s: float) -> float:
+    """How long the dispatcher may take to answer `request`: its own bound, plus a grace."""
+    bound = request.timeout_s or default_s
+    if request.deadline_unix_ms is not None:
+        bound = min(bound, max(request.deadline_unix_ms / 1000 - time.time(), 0.0))
+    return bound + _GRACE_S
+
+
+class Lifeline:
+    """A connection to Lifeline over NATS. `await Lifeline.connect(...)` or
+    `async with Lifeline.connect(...) as lifeline:`; `Lifeline(nc)` wraps a nats-py
+    connection of your own (close() leaves it open).
+
+    `route` and `timeout_s` are the defaults of every request that names none;
+    `default_timeout_s` is how long to wait for a request without a timeout_s (set it to the
+    dispatcher's `default_timeout_s` if you changed that). `jobs_stream` and
+    `results_bucket` are the config's [jobs] names, and `jobs_replicas` its
+    [jetstream] replicas, for a stream and bucket submit() makes before any dispatcher has."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        route: str | None = None,
+        timeout_s: float | None = None,
+        default_timeout_s: float = _DEFAULT_TIMEOUT_S,
+        jobs_stream: str = JOBS_STREAM,
+        results_bucket: str = RESULTS_BUCKET,
+        jobs_replicas: int = 1,
+        owns_connection: bool = False,
+    ) -> None:
+        self.nc = nc
+        self.route = route
+        self.timeout_s = timeout_s
+        self.default_timeout_s = default_timeout_s
+        self.jobs_stream = jobs_stream
+        self.results_bucket = results_bucket
+        self.jobs_replicas = jobs_replicas
+        self._owns = owns_connection
+        self._jobs_ready = False
+
+    @classmethod
+    def connect(
+        cls,
+        url: str | None = None,
+        *,
+        name: str = "lifeline-client",
+        connect_timeout_s: float = 5.0,
+        route: str | None = None,
+        timeout_s: float | None = None,
+        default_timeout_s: float = _DEFAULT_TIMEOUT_S,
+        jobs_stream: str = JOBS_STREAM,
+        results_bucket: str = RESULTS_BUCKET,
+        jobs_replicas: int = 1,
+        **options: str,
+    ) -> _Connecting:
+        """Connect to NATS as the `lifeline` commands do: `url`, else $NATS_URL, else
+        nats://127.0.0.1:4222, a comma-separated list naming a cluster's servers (any one
+        reachable is enough); `options` are the other --nats-* options by their [nats] key
+        (user, password, token, nkey and creds files, ca, cert, key, inbox_prefix), each
+        else its environment variable (NATS_USER, NATS_CREDS, ...; service/natsopts.py).
+        User info in the URL works too.
+
+        Raises Unreachable when no server answers (every server refused once, or none within
+        connect_timeout_s), NatsOptionError (a ValueError) on conflicting options or an
+        unreadable file. Once connected, the connection reconnects for as long as it takes
+        (requests meanwhile wait, then raise NoAnswer)."""
+        unknown = set(options) - set(natsopts.ENV)
+        if unknown:
+            raise TypeError(
+                f"unknown NATS option {', '.join(sorted(unknown))} "
+                f"(options: {', '.join(k for k in natsopts.ENV if k != 'url')})"
+            )
+        resolved = natsopts.resolve({**options, "url": url}, default_url=LOCAL_NATS)
+        settings = {
+            "route": route,
+            "timeout_s": timeout_s,
+            "default_timeout_s": default_timeout_s,
+            "jobs_stream": jobs_stream,
+            "results_bucket": results_bucket,
+            "jobs_replicas": jobs_replicas,
+        }
+        return _Connecting(cls._open(resolved, name, connect_timeout_s, settings))
+
+    @classmethod
+    async def _open(
+        cls,
+        resolved: natsopts.NatsOptions,
+        name: str,
+        connect_timeout_s: float,
+        settings: dict[str, Any],
+    ) -> Self:
+        kwargs = resolved.connect_kwargs()
+        failures: list[BaseException] = []  # while connecting: each server's refusal
+        connected = False
+        every_server_failed = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            if connected:
+                log.warning("NATS at %s: %s: %s", resolved.shown, type(exc).__name__, exc or "")
+                return
+            failures.append(exc)
+            if len(failures) >= len(kwargs["servers"]):
+                every_server_failed.set()
+
+        nc = Client()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                **kwargs,
+                name=name,
+                connect_timeout=connect_timeout_s,
+                # Once connected, reconnect for as long as it takes; the first connect gives
+                # up when every server has failed once, or after connect_timeout_s.
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+            )
+        )
+        gave_up = asyncio.ensure_future(every_server_failed.wait())
+        try:
+            await asyncio.wait(
+                (connecting, gave_up), timeout=connect_timeout_s, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            gave_up.cancel()
+        if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+            connected = True
+            return cls(nc, owns_connection=True, **settings)
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        why: BaseException | None = failures[-1] if failures else None
+        if why is None and not connecting.cancelled():
+            why = connecting.exception()
+        reason = f"{type(why).__name__}: {why}" if why else f"none within {connect_timeout_s:g} s"
+        raise Unreachable(
+            f"cannot reach NATS at {resolved.shown} ({reason}). "
+            "Start one (`lifeline run` starts an embedded server), or set NATS_URL"
+        )
+
+    async def close(self) -> None:
+        """Close the connection (one that connect() made; a connection of your own stays open)."""
+        if self._owns and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def request(self, request: CompletionRequest | Messages, **fields: Any) -> CompletionRequest:
+        """The CompletionRequest this client would send (its default route and timeout_s
+        applied to one that sets neither)."""
+        defaults = {"route": self.route, "timeout_s": self.timeout_s}
+        if isinstance(request, CompletionRequest):
+            defaults = {
+                "route": self.route if request.route == "default" else None,
+                "timeout_s": self.timeout_s if request.timeout_s is None else None,
+            }
+        return request_of(request, **{**defaults, **fields})
+
+    async def complete(
+        self,
+        request: CompletionRequest | Messages,
+        *,
+        overloaded_retries: int = 0,
+        **fields: Any,
+    ) -> CompletionReply:
+        """Send one request to llm.complete and return its reply, ok or error (an error reply
+        is returned, not raised). `fields` are CompletionRequest fields: route, timeout_s,
+        max_tokens, tools, tool_choice, response_format, ... An `overloaded` reply is sent
+        again, after its retry_after_s, up to overloaded_retries times."""
+        req = self.request(request, **fields)
+        payload = encoder.encode(req)
+        if len(payload) > self.nc.max_payload:
+            raise RequestTooLarge(
+                f"the request is {len(payload)} bytes, over the NATS server's max_payload "
+                f"of {self.nc.max_payload}"
+            )
+        for retry in range(overloaded_retries + 1):
+            try:
+                msg = await self.nc.request(
+                    subjects.COMPLETE, payload, timeout=_wait_s(req, self.default_timeout_s)
+                )
+            except nats.errors.NoRespondersError:
+                raise NoDispatcher(
+                    f"no dispatcher is subscribed to {subjects.COMPLETE}: start one "
+                    "(`lifeline run`)"
+                ) from None
+            except NatsTimeoutError:
+                raise NoAnswer(
+                    f"no reply on {subjects.COMPLETE} within "
+                    f"{_wait_s(req, self.default_timeout_s):g} s (the request's timeout and a "
+                    "grace); the dispatcher may have stopped"
+                ) from None
+            except nats.errors.ConnectionClosedError:
+                raise LifelineError("the NATS connection is closed") from None
+            reply = reply_decoder.decode(msg.data)
+            if retry < overloaded_retries and _overloaded(reply):
+                await asyncio.sleep(_retry_after_s(reply))
+                continue
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stream(
+        self,
+        request: CompletionRequest | Messages,
+        *,
+        overloaded_retries: int = 0,
+        **fields: Any,
+    ) -> Streamed:
+        """Send one request to llm.stream: an async iterator of its events (schemas/streaming.py:
+        delta, tool_call, reset, end, error), resets applied to `.text`, a missing event raised
+        as StreamGap. Use it in `async with` (or call aclose()) when you may stop early.
+        `fields` and overloaded_retries as for complete(); a request refused as overloaded is
+        sent again before any event of it is yielded."""
+        req = self.request(request, **fields)
+        return Streamed(self.nc, req, overloaded_retries, self.default_timeout_s)
+
+    async def submit(
+        self,
+        request: CompletionRequest | Messages,
+        *,
+        job_id: str | None = None,
+        notify: str | None = None,
+        **fields: Any,
+    ) -> Submitted:
+        """Publish a durable job to llm.jobs.submit through JetStream, its id (job_id, else the
+        request's id, else a new one) as Nats-Msg-Id: it waits in the jobs stream until a
+        dispatcher has stored its result, even when none runs now. The same id again within
+        the dedup window is acknowledged as a duplicate and kept once. `notify`: a subject
+        the result is also published on. Creates the stream and bucket (as a dispatcher
+        would) when no dispatcher has yet."""
+        req = self.request(request, **fields)
+        job_id = job_id or req.id or uuid.uuid4().hex
+        if req.id != job_id:
+            req = request_of(req, id=job_id)
+        headers = {subjects.MSG_ID: job_id}
+        if notify:
+            headers[subjects.NOTIFY] = notify
+        js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
+        payload = encoder.encode(req)
+        try:
+            if not self._jobs_ready:
+                await self._ensure_jobs()
+            ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+        except LifelineError:
+            raise
+        except nats.errors.MaxPayloadError:
+            raise RequestTooLarge(
+                f"the job is {len(payload)} bytes, over the NATS server's max_payload"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - nats-py's JetStream errors are many types
+            raise JobsUnavailable(
+                f"could not submit job {job_id!r} ({type(exc).__name__}: {exc}); "
+                "is JetStream on (nats-server -js)?"
+            ) from None
+        return Submitted(job_id, bool(ack.duplicate), ack.stream, ack.seq)
+
+    async def result(self, job_id: str, wait_s: float = 0.0) -> CompletionReply | None:
+        """A job's reply from the results bucket (ok or error), waiting up to wait_s seconds
+        for it to appear; None when there is none (yet, or any more: results expire)."""
+        try:
+            kv = await self.nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(self.results_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return None  # no dispatcher (nor submit) ever made it: no job has a result
+        except Exception as exc:  # noqa: BLE001
+            raise JobsUnavailable(
+                f"cannot read bucket {self.results_bucket} ({type(exc).__name__}: {exc}); "
+                "is JetStream on (nats-server -js)?"
+            ) from None
+        give_up = time.monotonic() + wait_s
+        # Reads of the one key, not a watch: under the least-privilege permissions a client may
+        # get a result by its key (a direct get) but not open a consumer on the bucket.
+        pause = 0.05
+        while True:
+            try:
+                entry = await kv.get(subjects.job_key(job_id))
+            except nats.js.errors.KeyNotFoundError:
+                entry = None
+            except NatsTimeoutError:
+                raise JobsUnavailable(
+                    f"no answer from bucket {self.results_bucket} within {_JS_TIMEOUT_S:g} s"
+                ) from None
+            if entry is not None and entry.value:
+                return reply_decoder.decode(entry.value)
+            left = give_up - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.5)
+
+    async def _ensure_jobs(self) -> None:
+        """The jobs stream and results bucket, made as service.jobs.ensure_jobs makes them
+        when missing (a stream that exists is used as it is)."""
+        js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
+        try:
+            await js.stream_info(self.jobs_stream)
+        except nats.js.errors.NotFoundError:
+            config = api.StreamConfig(
+                name=self.jobs_stream,
+                subjects=[subjects.JOBS_SUBMIT],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                discard=api.DiscardPolicy.NEW,
+                max_msgs=_JOBS_MAX,
+                duplicate_window=_JOBS_DEDUP_WINDOW_S,
+                num_replicas=self.jobs_replicas,
+                description="Lifeline jobs waiting for a dispatcher",
+            )
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile
+                await js.add_stream(config)
+        try:
+            await js.key_value(self.results_bucket)
+        except nats.js.errors.BucketNotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await js.create_key_value(
+                    bucket=self.results_bucket,
+                    history=1,
+                    ttl=_RESULTS_TTL_S,
+                    replicas=self.jobs_replicas,
+                    description="Lifeline job results, by job id",
+                )
+        self._jobs_ready = True
+
+
+class _Connecting:
+    """What Lifeline.connect returns: await it, or use it in `async with`."""
+
+    def __init__(self, opening: Any) -> None:
+        self._opening = opening
+        self._client: Lifeline | None = None
+
+    def __await__(self) -> Generator[Any, None, Lifeline]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> Lifeline:
+        self._client = await self._opening
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class Streamed:
+    """One request's answer on llm.stream, as it comes: iterate it for its events; between
+    them, `text` is the answer so far with resets applied and `tool_calls` the calls so far;
+    after the last, `reply` is the end (or error) event's reply (content null: the text is
+    `text`). `await streamed.finish()` reads the rest and returns the reply."""
+
+    def __init__(
+        self, nc: Client, request: CompletionRequest, overloaded_retries: int, default_s: float
+    ) -> None:
+        self.request = request
+        self.assembler = Assembler()
+        self._nc = nc
+        self._retries = overloaded_retries
+        self._default_s = default_s
+        self._events: AsyncIterator[Event] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.assembler.text
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.assembler.tool_calls
+
+    @property
+    def reply(self) -> CompletionReply | None:
+        return self.assembler.reply
+
+    @property
+    def done(self) -> bool:
+        return self.assembler.done
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._events is None:
+            self._events = self._run()
+        return await anext(self._events)
+
+    async def finish(self) -> CompletionReply:
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+    async def aclose(self) -> None:
+        """Stop reading (unsubscribes; the dispatcher finishes the request unread)."""
+        if self._events is not None:
+            await self._events.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncIterator[Event]:
+        for retry in range(self._retries + 1):
+            self.assembler = Assembler()
+            events = stream(self._nc, self.request, self.assembler, self._default_s)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    overloaded = event.reply is not None and _overloaded(event.reply)
+                    if overloaded and event.seq == 1 and retry < self._retries:
+                        await asyncio.sleep(_retry_after_s(event.reply))  # type: ignore[arg-type]
+                        break  # and send it again
+                    yield event
+                else:
+                    return
+
+
+def _overloaded(reply: CompletionReply) -> bool:
+    return reply.status == "error" and reply.error is not None and reply.error.type == OVERLOADED
+
+
+def _retry_after_s(reply: CompletionReply) -> float:
+    after = (reply.error.retry_after_s if reply.error is not None else None) or 0.5
+    return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
 
 
 async def stream(
-    nc: Client, request: CompletionRequest, assembler: Assembler | None = None
+    nc: Client,
+    request: CompletionRequest,
+    assembler: Assembler | None = None,
+    default_timeout_s: float = _DEFAULT_TIMEOUT_S,
 ) -> AsyncIterator[Event]:
     """Send `request` to llm.stream and yield its events until the end or error event.
-    Pass an Assembler to read the text so far (with resets applied) between events."""
+    Pass an Assembler to read the text so far (with resets applied) between events.
+    Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
+    and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
+    timeout allows."""
     assembler = assembler or Assembler()
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    timeout_s = (request.timeout_s or _DEFAULT_TIMEOUT_S) + _GRACE_S
+    timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
     try:
         await nc.publish(STREAM, encoder.encode(request), reply=inbox)
@@ -54,7 +618,7 @@ async def stream(
             try:
                 msg = await sub.next_msg(timeout=max(left, 0.001))
             except NatsTimeoutError:
-                raise TimeoutError(
+                raise NoAnswer(
                     f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
                     "and a grace); the dispatcher may have stopped"
                 ) from None
@@ -64,7 +628,8 @@ async def stream(
                 )
             yield assembler.feed(msg.headers, msg.data)
     finally:
-        await asyncio.shield(sub.unsubscribe())
+        with contextlib.suppress(nats.errors.ConnectionClosedError):
+            await asyncio.shield(sub.unsubscribe())
 
 
 async def stream_text(nc: Client, request: CompletionRequest) -> tuple[str, CompletionReply]:

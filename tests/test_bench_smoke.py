@@ -46,6 +46,9 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
         "stream-flood-lifeline@8",
         "jobs@1",
         "jobs@64",
+        "gateway@1",
+        "gateway@64",
+        "canned@1",
     )
     assert set(cases) <= set(figures["cases"])
     assert {t["target"] for t in figures["targets"]} >= {
@@ -61,6 +64,9 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     assert "### Hedging: p99 with a slow primary" in report
     assert "### Streaming: 8 streams in flight" in report
     assert "### Durable jobs against core requests" in report
+    assert "### HTTP gateway" in report and "LiteLLM" in report  # not measured in --quick
+    assert "litellm@1" not in figures["cases"]  # never installed by a quick run
+    assert figures["cases"]["gateway@64"]["median"]["rps"] > 0
     assert figures["cases"]["jobs@64"]["median"]["rps"] > 0
     streamed = figures["cases"]["stream-lifeline@8"]["median"]
     assert streamed["chunk_p50_ms"] > 0 and streamed["cpu_us_per_chunk"]["dispatcher-1"] > 0
@@ -75,4 +81,6 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
         "kib_per_in_flight",
         "stream_cpu_us_per_chunk",
         "stream_ttft_added_p50_ms",
+        "gateway_p50_added_ms",
+        "gateway_rps_ratio_64",
     }

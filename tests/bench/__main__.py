@@ -64,6 +64,13 @@ the other cases.
                first chunk, each chunk's latency, the dispatcher's CPU per relayed chunk.
   memory       dispatcher RSS growth per in-flight request with 10,000 requests (200 with
                --quick) waiting on a slow provider, and RSS after they drain.
+  gateway      OpenAI's chat requests over HTTP from one httpx load generator (a connection
+               per request in flight), at 1 and 64 in flight: through `lifeline gateway` to
+               the dispatcher and worker of the lifeline case (whose NATS figures are the
+               baseline), to the same HTTP server stack answering at once (the floor), and
+               to LiteLLM's proxy answering with a mock response. LiteLLM is installed on
+               first use into .venv-litellm (git-ignored), never in a --quick run; a case
+               that cannot be installed or started is skipped, saying why.
 
 targets (printed with PASS/FAIL next to the measured values):
   lifeline/relay req/s at 64 in flight >= 0.6 (stretch 0.8); lifeline p50 at 1 in flight
@@ -124,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measured seconds per case and round (default: 2, quick: 0.2)",
     )
     parser.add_argument(
+        "--no-litellm",
+        action="store_true",
+        help="skip the LiteLLM proxy case (a full run installs it into .venv-litellm first)",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="exit 1 when a figure regressed against the README's beyond the tolerance "
@@ -160,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(profile, log)
     started = time.monotonic()
     try:
-        environment = run(profile, log, report.rounds_done, report.memory_done)
+        environment = run(
+            profile,
+            log,
+            report.rounds_done,
+            report.memory_done,
+            with_litellm=not args.quick and not args.no_litellm,
+            notes=report.notes,
+        )
     except KeyboardInterrupt:
         log("\ninterrupted: every process was stopped; no results written")
         return 130

@@ -24,7 +24,7 @@ from typing import Any
 from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 from service.embedded import EmbeddedNats
-from tests.bench import loadgen, servers
+from tests.bench import litellm, loadgen, servers
 from tests.bench.harness import (
     Child,
     Fleet,
@@ -101,6 +101,13 @@ STREAM_DURATION_SHARE = 0.5
 DIRECT_SUBJECT = "bench.direct"
 RELAY_SUBJECT = "bench.relay"
 RELAY_UPSTREAM = "bench.relay.upstream"
+
+# The HTTP cases' body: OpenAI's chat request, for the gateway (model = the route "main"), the
+# HTTP floor and LiteLLM's proxy (model "main", a mock response).
+CHAT_REQUEST = encoder.encode(
+    {"model": litellm.MODEL, "messages": [{"role": "user", "content": "Hello"}]}
+)
+HTTP_IN_FLIGHT = (1, 64)
 
 PROVIDER_REQUEST = encoder.encode(
     ProviderRequest(id="bench", messages=[ChatMessage("user", "Hello")])
@@ -200,6 +207,9 @@ SERVER_PROCESSES = {
     "lifeline": ["dispatcher-1", "dispatcher-2", *(f"worker-{name}" for name in WORKERS)],
     "stream-direct": ["streamer"],
     "stream-lifeline": ["dispatcher-1", "streamer"],
+    "gateway": ["gateway", "dispatcher-1", "worker-ok"],
+    "canned": ["canned"],
+    "litellm": ["litellm"],
 }
 
 
@@ -215,6 +225,12 @@ def fleet_specs(url: str, profile: Profile) -> list[tuple[str, Setup, dict[str, 
             {"url": url, "subject": RELAY_SUBJECT, "upstream": RELAY_UPSTREAM},
         ),
         ("streamer", servers.streamer, {"url": url}),
+        (
+            "gateway",
+            servers.gateway,
+            {"url": url, "routes": list(ROUTES), "keys": [litellm.API_KEY]},
+        ),
+        ("canned", servers.canned, {}),
         ("dispatcher-1", servers.dispatcher, {"url": url, "config": config}),
         ("dispatcher-2", servers.dispatcher, {"url": url, "config": config, "paused": True}),
         *(
@@ -243,6 +259,7 @@ class Case:
     duration_share: float = 1.0  # measured window = this × the profile's duration_s
     stream: tuple[int, float] | None = None  # streams of (chunks, interval_ms) instead of requests
     jobs: bool = False  # durable jobs through JetStream instead of core requests
+    http: str | None = None  # OpenAI's chat requests over HTTP to this process's URL
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
@@ -259,7 +276,32 @@ def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **
     )
 
 
-def all_cases() -> list[Case]:
+def http_cases(with_litellm: bool) -> list[Case]:
+    """OpenAI's chat requests over HTTP, one load generator for all: through Lifeline's gateway
+    (to the NATS path of lifeline@N), to the same HTTP stack answering at once (the floor),
+    and to LiteLLM's proxy answering with a mock response."""
+    systems = [
+        ("gateway", "HTTP gateway -> Lifeline"),
+        ("canned", "HTTP floor (canned answer)"),
+    ] + ([("litellm", "LiteLLM proxy (mock_response)")] if with_litellm else [])
+    return [
+        Case(
+            f"{system}@{n}",
+            "gateway",
+            label,
+            system,
+            "",
+            CHAT_REQUEST,
+            n,
+            "http",
+            http=system,
+        )
+        for n in HTTP_IN_FLIGHT
+        for system, label in systems
+    ]
+
+
+def all_cases(with_litellm: bool = False) -> list[Case]:
     """Every round-robin case, in the order each round runs them."""
     cases: list[Case] = []
     for n in (1, 64):
@@ -356,12 +398,12 @@ def all_cases() -> list[Case]:
             ("tail-budget@8", f"hedge after {HEDGE_AFTER_MS:g} ms, default budget", "tail_budget"),
         )
     ]
-    return cases
+    return cases + http_cases(with_litellm)
 
 
 def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) -> dict[str, Any]:
     """One closed-loop measurement of one case, with the CPU time it cost each server process."""
-    pids = {name: fleet[name].pid for name in SERVER_PROCESSES[case.system]} | {
+    pids = {name: _pid(fleet, name) for name in SERVER_PROCESSES[case.system]} | {
         "loadgen": fleet["loadgen"].pid
     }
     duration_s = profile.duration_s * case.duration_share
@@ -377,6 +419,10 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
         "count_hedged": case.count_hedged,
     }
     command = "run"
+    if case.http is not None:
+        command = "http"
+        spec["url"] = _url(fleet, case.http)
+        spec["api_key"] = litellm.API_KEY
     if case.jobs:
         command = "jobs"
         spec["route"] = "main"
@@ -407,6 +453,14 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
             name: (cpu_after[name] - cpu_before[name]) / chunks * 1e6 for name in pids
         }
     return result
+
+
+def _pid(fleet: Fleet, name: str) -> int:
+    return fleet.external[name].pid if name in fleet.external else fleet[name].pid
+
+
+def _url(fleet: Fleet, name: str) -> str:
+    return fleet.external[name].url if name in fleet.external else fleet[name].info["url"]
 
 
 def run_rounds(
@@ -541,6 +595,8 @@ def run(
     log: Log,
     on_rounds: Callable[[list[Case], dict[str, list[dict]]], None],
     on_memory: Callable[[dict[str, Any]], None],
+    with_litellm: bool = False,
+    notes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start everything, measure, hand each finished section to its callback, stop everything.
 
@@ -555,15 +611,28 @@ def run(
         started = time.monotonic()
         fleet.spawn(specs)
         log(f"all processes ready in {time.monotonic() - started:.1f} s")
+        notes = notes if notes is not None else {}
+        if with_litellm:
+            proxy, why = litellm.start(log)
+            if proxy is None:
+                log(f"the LiteLLM case is skipped: {why}")
+                notes["litellm"] = f"not measured: {why}"
+            else:
+                fleet.external["litellm"] = proxy
+                notes["litellm_version"] = proxy.version
+        if "litellm" not in fleet.external:
+            notes.setdefault("litellm", "not measured: --no-litellm, or a --quick run")
         ours = {child.name: child.pid for child in fleet.children.values()} | {"bench": os.getpid()}
         if (nats_pid := server.pid) is not None:
             ours["nats-server"] = nats_pid
         before = _busy(ours)
-        cases = all_cases()
+        cases = all_cases(with_litellm="litellm" in fleet.external)
         on_rounds(cases, run_rounds(fleet, cases, profile, nats_pid, log))
         on_memory(measure_memory(fleet, profile, log))
         return _other_load(before, _busy(ours))
     finally:
+        for external in fleet.external.values():
+            external.stop()
         fleet.stop_all()
         server.stop()
 

@@ -202,6 +202,8 @@ class Fleet:
 
     def __init__(self) -> None:
         self.children: dict[str, Child] = {}
+        # Processes started otherwise (LiteLLM's proxy), by name: each has .pid and .url.
+        self.external: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Child:
         return self.children[name]

@@ -70,6 +70,8 @@ def figures_of(data: dict[str, Any]) -> dict[str, float | None]:
         "kib_per_in_flight": m["bytes_per_in_flight"] / 1024,
         "stream_cpu_us_per_chunk": c.get("stream_cpu_us_per_chunk"),
         "stream_ttft_added_p50_ms": c.get("stream_ttft_added_p50_ms"),
+        "gateway_p50_added_ms": c.get("gateway_p50_added_ms"),
+        "gateway_rps_ratio_64": c.get("gateway_rps_ratio_64"),
     }
 
 

@@ -393,6 +393,101 @@ def jobs_section(s: dict[str, dict], c: dict[str, float]) -> str:
     )
 
 
+_HTTP_PATHS = (
+    ("lifeline", "NATS: llm.complete, nats-py client"),
+    ("gateway", "HTTP: lifeline gateway -> llm.complete"),
+    ("canned", "HTTP: the same server stack, canned answer (floor)"),
+    ("litellm", "HTTP: LiteLLM proxy, mock_response"),
+)
+
+
+def gateway_section(s: dict[str, dict], c: dict[str, float], notes: dict[str, str]) -> str:
+    rows = []
+    for n in (1, 64):
+        for system, path in _HTTP_PATHS:
+            r = s.get(f"{system}@{n}")
+            if r is None:
+                rows.append([path, str(n), notes.get(system, "not measured"), *[""] * 6])
+                continue
+            rows.append(
+                [
+                    path,
+                    str(n),
+                    _rps(r["rps"]),
+                    _f(r["p50_ms"]),
+                    _f(r["p99_ms"]),
+                    _us(r["server_cpu_us_per_req"]),
+                    _breakdown(r["cpu_us_per_req"]),
+                    _us(r["client_cpu_us_per_req"]),
+                    str(r["errors"]),
+                ]
+            )
+    main = table(
+        [
+            "path",
+            "in flight",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU µs/req",
+            "by process (µs/req)",
+            "client CPU µs/req",
+            "errors",
+        ],
+        rows,
+    )
+    ratios = table(
+        ["comparison", "value"],
+        [
+            [
+                "gateway − NATS path, p50 at 1 in flight",
+                _f(c["gateway_p50_added_ms"], "{:+.2f} ms"),
+            ],
+            [
+                "gateway − HTTP floor, p50 at 1 in flight",
+                _f(c["gateway_over_floor_p50_ms"], "{:+.2f} ms"),
+            ],
+            ["gateway / NATS path, req/s at 64 in flight", _f(c["gateway_rps_ratio_64"])],
+            [
+                "LiteLLM − gateway, p50 at 1 in flight",
+                _f(c["litellm_minus_gateway_p50_ms"], "{:+.2f} ms"),
+            ],
+            ["gateway / LiteLLM, req/s at 64 in flight", _f(c["gateway_vs_litellm_rps_64"])],
+        ],
+    )
+    version = notes.get("litellm_version")
+    note = (
+        "One httpx.AsyncClient load generator (a connection per request in flight) for every "
+        "HTTP path; the NATS rows are the lifeline cases (the same dispatcher and worker). "
+        "The gateway's server CPU counts the gateway, the dispatcher and the worker; the floor "
+        "is Starlette on uvicorn (httptools) reading the body and answering a fixed "
+        "chat.completion; LiteLLM "
+        + (f"{version} " if version else "")
+        + "runs one worker, answering every call with a mock_response, access log off."
+    )
+    return (
+        "### HTTP gateway: OpenAI's Chat Completions over HTTP (instant provider)\n\n"
+        + main
+        + "\n\n"
+        + ratios
+        + "\n\n"
+        + note
+    )
+
+
+def _gateway_comparisons(s: dict[str, dict]) -> dict[str, float]:
+    def fig(key: str, name: str) -> float:
+        return s[key][name] if key in s else math.nan
+
+    return {
+        "gateway_p50_added_ms": fig("gateway@1", "p50_ms") - fig("lifeline@1", "p50_ms"),
+        "gateway_over_floor_p50_ms": fig("gateway@1", "p50_ms") - fig("canned@1", "p50_ms"),
+        "gateway_rps_ratio_64": fig("gateway@64", "rps") / fig("lifeline@64", "rps"),
+        "litellm_minus_gateway_p50_ms": fig("litellm@1", "p50_ms") - fig("gateway@1", "p50_ms"),
+        "gateway_vs_litellm_rps_64": fig("gateway@64", "rps") / fig("litellm@64", "rps"),
+    }
+
+
 def _stream_what(key: str) -> str:
     chunks, interval_ms = STREAM_PACED if key == "stream" else STREAM_FLOOD
     return f"{chunks} chunks {interval_ms:g} ms apart" if interval_ms else f"{chunks} at once"
@@ -524,6 +619,7 @@ def comparisons_of(s: dict[str, dict]) -> dict[str, float]:
         **_stream_comparisons(s),
         "jobs_rps_ratio_64": s["jobs@64"]["rps"] / life64["rps"],
         "jobs_p50_added_1_ms": s["jobs@1"]["p50_ms"] - life1["p50_ms"],
+        **_gateway_comparisons(s),
     }
 
 
@@ -705,6 +801,7 @@ class Report:
         self.sections: list[str] = []
         self.data: dict[str, Any] = {"profile": asdict(profile)}
         self.regressed: list[str] = []
+        self.notes: dict[str, str] = {}  # what the run says about cases it could not measure
 
     def _emit(self, section: str) -> None:
         self.sections.append(section)
@@ -731,6 +828,8 @@ class Report:
         self._emit(hedging_section(summaries, self.profile))
         self._emit(streaming_section(summaries, comparisons))
         self._emit(jobs_section(summaries, comparisons))
+        if "gateway@1" in summaries:
+            self._emit(gateway_section(summaries, comparisons, self.notes))
 
     def memory_done(self, memory: dict[str, Any]) -> None:
         self.data["memory"] = memory
@@ -743,6 +842,7 @@ class Report:
         False when any request failed (a broken run); sets `regressed` (the figures' keys)."""
         self.data["targets"] = targets_of(self.data["comparisons"], self.data["memory"])
         self.data["machine"] = machine_info() | environment
+        self.data["notes"] = self.notes
         self._emit(targets_section(self.data["targets"], self.profile))
         errors = sum(c["median"]["errors"] for c in self.data["cases"].values())
         errors += sum(load["errors"] for load in self.data["memory"]["loads"])

@@ -6,6 +6,10 @@
                 nc.request(<responder subject>) and publishes the answer to msg.reply
     dispatcher  the real Lifeline dispatcher (service.app.start_dispatcher), with tracing on
     worker      a real Lifeline worker (service.app.start_worker) for one provider
+    gateway     Lifeline's OpenAI-compatible HTTP gateway (service.gateway), uvicorn on a free
+                port of 127.0.0.1, in front of the dispatcher's llm.complete, checking an API key
+    canned      the same HTTP server stack (Starlette on uvicorn with httptools) answering every
+                POST with one fixed chat.completion: the HTTP floor, without NATS or Lifeline
     streamer    a plain nats-py streaming provider worker (the worker protocol's streaming
                 variant): each chunk's text is the time it was sent (time.monotonic_ns, one
                 clock for every process on the machine), so a client can tell each chunk's
@@ -157,6 +161,75 @@ async def worker(params: dict[str, Any]) -> Served:
         tracers.shutdown()
 
     return Served(stop=stop)
+
+
+async def gateway(params: dict[str, Any]) -> Served:
+    from service.gateway import Gateway, Models
+
+    nc = await _connect(params)
+    server = Gateway(nc, models=Models(params["routes"]), keys=params["keys"])
+    await server.start("127.0.0.1", 0)
+
+    async def stop() -> None:
+        await server.stop()
+        await nc.close()
+
+    return Served(stop=stop, info={"url": server.url})
+
+
+CANNED_ANSWER = encoder.encode(
+    {
+        "id": "chatcmpl-canned",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "canned",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+)
+
+
+async def canned(params: dict[str, Any]) -> Served:
+    """The HTTP floor: the gateway's server stack, reading the body and answering at once."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def answer(request: Request) -> Response:
+        await request.body()
+        return Response(CANNED_ANSWER, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop() -> None:
+        server.should_exit = True
+        await server.shutdown()
+
+    return Served(stop=stop, info={"url": f"http://127.0.0.1:{port}/v1"})
 
 
 STREAMER = "streamer"  # its provider name in Lifeline's config

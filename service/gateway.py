@@ -1,0 +1,1031 @@
+"""The HTTP front door: OpenAI's Chat Completions over HTTP, served from Lifeline's NATS path.
+
+    POST /v1/chat/completions   the chat request -> a CompletionRequest on llm.complete (or,
+                                with "stream": true, llm.stream) -> chat.completion (or
+                                Server-Sent Events of chat.completion.chunk, then [DONE])
+    GET  /v1/models             the routes (and named targets) a request's `model` may name
+
+An async ASGI app (Starlette) served by uvicorn, and a NATS client like service/client.py: it
+loads the wire and nothing of the dispatcher. `model` names a route, else a target or provider
+(sent as `targets: [model]`). Lifeline's own fields come back as x-lifeline-* headers and in
+a `lifeline` field of the body; errors in OpenAI's shape with the status of STATUS below.
+
+A reset on a stream (an attempt failed after its text was sent) is a chunk with an empty delta
+and a `lifeline.reset` field ({"attempt", "discard", "error"}): drop the last `discard` content
+and tool-call chunks. The official SDKs pass unknown fields through (Python:
+`chunk.model_extra["lifeline"]`, Node: `chunk.lifeline`) and skip an empty delta; a named SSE
+event would reach their loops as a malformed chunk, and a comment would reach no SDK user. The
+final chunk's `lifeline` carries the attempts, and after a reset the whole `content` as it stands.
+
+Auth: the keys in $LIFELINE_GATEWAY_KEYS (comma-separated), as `Authorization: Bearer <key>`;
+with none set, only loopback clients are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+import uvicorn
+from msgspec import Struct
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from schemas import errors
+from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
+from schemas.subjects import COMPLETE, STREAM, TRACEPARENT, TRACESTATE
+from schemas.wire import (
+    Attempt,
+    ChatMessage,
+    CompletionReply,
+    CompletionRequest,
+    Fault,
+    ImagePart,
+    KindOrStatus,
+    NamedTool,
+    OnMidstream,
+    Part,
+    ResponseFormat,
+    TargetSpec,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    encoder,
+    message_bytes,
+    reply_decoder,
+)
+from service.natsio import fast_path
+
+__all__ = ["KEYS_ENV", "Gateway", "Models", "keys_from_env"]
+
+log = logging.getLogger("lifeline.gateway")
+
+KEYS_ENV = "LIFELINE_GATEWAY_KEYS"
+TIMEOUT_HEADER = "x-lifeline-timeout-s"
+_GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
+
+# Lifeline's request error -> (HTTP status, OpenAI's error type). The code is Lifeline's type.
+STATUS: dict[str, tuple[int, str]] = {
+    errors.INVALID_REQUEST: (400, "invalid_request_error"),
+    errors.NO_CAPABLE_TARGET: (400, "invalid_request_error"),
+    errors.UNKNOWN_ROUTE: (404, "invalid_request_error"),
+    errors.UNKNOWN_PROVIDER: (404, "invalid_request_error"),
+    errors.PAYLOAD_TOO_LARGE: (413, "invalid_request_error"),
+    errors.ALL_FAILED: (502, "upstream_error"),
+    errors.FALLBACK_STOPPED: (502, "upstream_error"),
+    errors.MAX_ATTEMPTS_REACHED: (502, "upstream_error"),
+    errors.REPLY_TOO_LARGE: (502, "upstream_error"),
+    errors.MIDSTREAM_FAILED: (502, "upstream_error"),
+    errors.OVERLOADED: (503, "overloaded_error"),
+    errors.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+_INTERNAL = (500, "server_error")
+
+
+def keys_from_env(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The API keys the gateway accepts: $LIFELINE_GATEWAY_KEYS, comma-separated."""
+    return [key.strip() for key in environ.get(KEYS_ENV, "").split(",") if key.strip()]
+
+
+@dataclass(frozen=True)
+class Models:
+    """What `model` may name: routes first, then targets and providers (from the config)."""
+
+    routes: Sequence[str]
+    targets: Sequence[str] = ()
+
+    def resolve(self, model: str) -> tuple[str, list[str] | None] | None:
+        """(route, targets) for a request naming `model`, or None when it names nothing."""
+        if model in self.routes:
+            return model, None
+        if model in self.targets:
+            return "default", [model]
+        return None
+
+
+# ---- OpenAI's request, as much of it as Lifeline reads -----------------------------------
+
+
+class _Function(Struct):
+    name: str
+    arguments: str = "{}"
+
+
+class _ToolCall(Struct):
+    function: _Function
+    id: str = ""
+    type: str = "function"
+
+
+class _Message(Struct):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+
+
+class _FunctionDef(Struct):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = {}
+
+
+class _ToolDef(Struct):
+    type: str = "function"
+    function: _FunctionDef | None = None
+
+
+class _StreamOptions(Struct):
+    include_usage: bool | None = None
+
+
+class LifelineOptions(Struct, forbid_unknown_fields=True):
+    """The body's `lifeline` object (the SDKs' extra_body): Lifeline's per-request policy."""
+
+    targets: list[str | TargetSpec] | None = None
+    fallback: bool = True
+    max_attempts: int | None = None
+    fallback_on: list[KindOrStatus] | None = None
+    on_midstream: OnMidstream | None = None
+    faults: dict[str, Fault | list[Fault]] | None = None
+    fail_on_length: bool = False
+    metadata: dict[str, Any] = {}
+
+
+class ChatRequest(Struct):
+    model: str
+    messages: list[_Message]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tools: list[_ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    lifeline: LifelineOptions | None = None
+    # Asking for what Lifeline's wire cannot carry: refused unless they ask for the default.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    functions: Any = None
+    function_call: Any = None
+    # Hints Lifeline's wire cannot carry: ignored, and named in x-lifeline-ignored.
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
+
+
+_IGNORED = (
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "reasoning_effort",
+    "verbosity",
+    "prediction",
+    "web_search_options",
+    "service_tier",
+)
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_ROLES = frozenset(("system", "user", "assistant", "tool", "developer"))
+_DATA_URL = re.compile(
+    r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL
+)
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
+
+
+class HTTPError(Exception):
+    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+        lifeline: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = (
+            status,
+            message,
+            code,
+            param,
+            kind,
+        )
+        self.headers = headers or {}
+        self.lifeline = lifeline
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": error} | ({"lifeline": self.lifeline} if self.lifeline else {})
+
+    def response(self) -> Response:
+        return Response(encoder.encode(self.body()), self.status, self.headers, "application/json")
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> HTTPError:
+    return HTTPError(400, message, code, param)
+
+
+def translate(
+    chat: ChatRequest, request_id: str, models: Models | None, timeout_s: float | None
+) -> tuple[CompletionRequest, list[str]]:
+    """OpenAI's chat request as Lifeline's, and the names of the fields it ignored."""
+    if chat.n not in (None, 1):
+        raise _bad("Lifeline answers with one choice: n must be 1", "n", "unsupported_parameter")
+    if chat.logprobs or chat.top_logprobs:
+        raise _bad("Lifeline does not return logprobs", "logprobs", "unsupported_parameter")
+    if chat.audio is not None or any(m != "text" for m in chat.modalities or ()):
+        raise _bad("Lifeline answers with text only", "modalities", "unsupported_parameter")
+    if chat.functions is not None or chat.function_call is not None:
+        raise _bad("`functions` is deprecated: send `tools`", "functions", "unsupported_parameter")
+    if not chat.messages:
+        raise _bad("`messages` must not be empty", "messages")
+    options = chat.lifeline or LifelineOptions()
+    if options.targets is not None:
+        route, targets = chat.model, options.targets
+    else:
+        resolved = models.resolve(chat.model) if models is not None else (chat.model, None)
+        if resolved is None:
+            raise _model_not_found(chat.model, models)
+        route, targets = resolved
+    stop = [chat.stop] if isinstance(chat.stop, str) else chat.stop
+    request = CompletionRequest(
+        messages=[_message(m, i) for i, m in enumerate(chat.messages)],
+        id=request_id,
+        route=route,
+        targets=targets,  # type: ignore[arg-type]
+        max_tokens=chat.max_completion_tokens or chat.max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+        timeout_s=timeout_s,
+        metadata=options.metadata,
+        response_format=chat.response_format,
+        fallback=options.fallback,
+        max_attempts=options.max_attempts,
+        fallback_on=options.fallback_on,
+        faults=options.faults,
+        on_midstream=options.on_midstream,
+        tools=[_tool(t, i) for i, t in enumerate(chat.tools)] if chat.tools else None,
+        tool_choice=_tool_choice(chat.tool_choice),
+        parallel_tool_calls=chat.parallel_tool_calls,
+        stop=stop or None,
+        seed=chat.seed,
+        fail_on_length=options.fail_on_length,
+    )
+    return request, [name for name in _IGNORED if getattr(chat, name) is not None]
+
+
+def _message(m: _Message, i: int) -> ChatMessage:
+    where = f"messages[{i}]"
+    if m.role not in _ROLES:
+        raise _bad(f"unsupported role {m.role!r} (use tools for function calls)", f"{where}.role")
+    if m.function_call is not None:
+        raise _bad("`function_call` is deprecated: send `tool_calls`", f"{where}.function_call")
+    content: str | list[Part] | None
+    if isinstance(m.content, list):
+        content = [_part(p, f"{where}.content[{j}]") for j, p in enumerate(m.content)]
+    else:
+        content = m.content if m.content is not None or m.tool_calls else ""
+    calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+    if m.role == "tool" and not m.tool_call_id:
+        raise _bad("a tool message needs the tool_call_id it answers", f"{where}.tool_call_id")
+    return ChatMessage(m.role, content, calls or None, m.tool_call_id)  # type: ignore[arg-type]
+
+
+def _part(part: dict[str, Any], where: str) -> Part:
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise _bad(f"a {kind} part needs its `{kind}` string", f"{where}.{kind}")
+        return TextPart(text)
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise _bad("an image_url part needs image_url.url", f"{where}.image_url")
+        if not url.startswith("data:"):
+            return ImagePart(url=url)
+        match = _DATA_URL.fullmatch(url)
+        if match is None or not match["type"].startswith("image/"):
+            raise _bad("an image data URL must be data:image/<type>;base64,...", where)
+        return ImagePart(data=match["data"], media_type=match["type"])
+    raise _bad(f"content part type {kind!r} is not supported (text, image_url)", f"{where}.type")
+
+
+def _tool(tool: _ToolDef, i: int) -> Tool:
+    if tool.type != "function" or tool.function is None:
+        raise _bad(f"tool type {tool.type!r} is not supported (function)", f"tools[{i}].type")
+    f = tool.function
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", f.name):
+        raise _bad("a function name is 1-64 of a-z, A-Z, 0-9, _ and -", f"tools[{i}].function.name")
+    return Tool(f.name, f.description, f.parameters)
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if choice in ("auto", "none", "required"):
+        return choice  # type: ignore[return-value]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        if isinstance(name, str):
+            return NamedTool(name)
+    raise _bad(
+        'tool_choice is "auto", "none", "required" or {"type": "function", "function": {"name"}}',
+        "tool_choice",
+    )
+
+
+def _model_not_found(model: str, models: Models | None) -> HTTPError:
+    known = ", ".join([*models.routes, *models.targets]) if models is not None else ""
+    return HTTPError(
+        404,
+        f"The model `{model}` does not exist: `model` names a Lifeline route"
+        + (f" or target ({known})" if known else ""),
+        "model_not_found",
+        "model",
+    )
+
+
+# ---- Lifeline's reply, in OpenAI's shape -------------------------------------------------
+
+
+def _usage(reply: CompletionReply) -> dict[str, Any] | None:
+    u = reply.usage
+    if u is None:
+        return None
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    }
+
+
+def _tool_calls(calls: Iterable[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def _finish(reply: CompletionReply) -> str:
+    return reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+
+
+def _attempt_text(a: Attempt) -> str:
+    name = a.target or a.provider
+    if a.outcome == "ok":
+        return f"{name}=ok"
+    if a.outcome in ("skipped", "cancelled"):
+        return f"{name}={a.outcome}:{a.reason}"
+    status = f"/{a.status_code}" if a.status_code else ""
+    return f"{name}={a.error_type}{status}{'->' + a.next if a.next else ''}"
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode()
+
+
+def lifeline_headers(reply: CompletionReply) -> dict[str, str]:
+    """Who served (or why nobody did), every attempt in a line, the request and trace ids."""
+    headers = {
+        "x-lifeline-request-id": reply.id,
+        "x-request-id": reply.id,
+        "x-lifeline-attempts": str(len(reply.attempts)),
+        "x-lifeline-attempt-list": _ascii(", ".join(map(_attempt_text, reply.attempts))),
+    }
+    for name, value in (
+        ("x-lifeline-provider", reply.provider),
+        ("x-lifeline-target", reply.target),
+        ("x-lifeline-model", reply.model),
+        ("x-lifeline-trace-id", reply.trace_id),
+    ):
+        if value:
+            headers[name] = _ascii(value)
+    return headers
+
+
+def lifeline_field(reply: CompletionReply, route: str) -> dict[str, Any]:
+    return {
+        "request_id": reply.id,
+        "route": route,
+        "provider": reply.provider,
+        "target": reply.target,
+        "model": reply.model,
+        "attempts": reply.attempts,
+        "latency_ms": reply.latency_ms,
+        "trace_id": reply.trace_id,
+        **({"stream": reply.stream} if reply.stream is not None else {}),
+    }
+
+
+def reply_error(reply: CompletionReply, route: str) -> HTTPError:
+    """A Lifeline error reply as an HTTP error, with Lifeline's headers and attempts."""
+    error = reply.error
+    kind, message = (error.type, error.message) if error else (errors.INTERNAL, "no error given")
+    status, family = STATUS.get(kind, _INTERNAL)
+    headers = lifeline_headers(reply)
+    if kind == errors.OVERLOADED:
+        retry_s = error.retry_after_s if error and error.retry_after_s else 1.0
+        headers["retry-after"] = str(max(1, math.ceil(retry_s)))
+        headers["retry-after-ms"] = str(max(1, round(retry_s * 1000)))
+    param = None
+    if kind == errors.INVALID_REQUEST and (at := _AT_PATH.search(message)):
+        param = at.group(1)
+    if kind in (errors.UNKNOWN_ROUTE, errors.UNKNOWN_PROVIDER):
+        kind, param = "model_not_found", "model"
+    return HTTPError(status, message, kind, param, family, headers, lifeline_field(reply, route))
+
+
+def completion_body(reply: CompletionReply, route: str, created: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+    if reply.tool_calls:
+        message["tool_calls"] = _tool_calls(reply.tool_calls)
+        message["content"] = reply.content or None
+    return {
+        "id": "chatcmpl-" + reply.id,
+        "object": "chat.completion",
+        "created": created,
+        "model": reply.model or route,
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": _finish(reply), "logprobs": None}
+        ],
+        "usage": _usage(reply),
+        "system_fingerprint": None,
+        "lifeline": lifeline_field(reply, route),
+    }
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class _Inbox:
+    """Every reply and stream event on one wildcard inbox subscription, taken straight from
+    the read loop by Lifeline's fast path over nats-py (service/natsio.py) and routed by the
+    subject's last token: a reply to its request's future, an event to its stream's queue."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.fast = fast_path(nc)
+        self.prefix = ""
+        self.waiting: dict[str, asyncio.Future[Msg] | asyncio.Queue[Msg]] = {}
+        self._subscribing = asyncio.Lock()
+
+    async def _ready(self) -> str:
+        if not self.prefix:
+            async with self._subscribing:
+                if not self.prefix:
+                    prefix = self.nc.new_inbox() + "."
+                    await self.fast.subscribe(prefix + "*", self._on_msg)
+                    self.prefix = prefix
+        return self.prefix
+
+    def _on_msg(self, msg: Msg) -> None:
+        target = self.waiting.get(msg.subject[len(self.prefix) :])
+        if isinstance(target, asyncio.Queue):
+            target.put_nowait(msg)
+        elif target is not None and not target.done():
+            target.set_result(msg)
+
+    async def _publish(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+    ) -> None:
+        if not self.fast.publish(subject, payload, reply, headers):
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
+
+    async def request(
+        self, token: str, payload: bytes, headers: dict[str, str] | None, wait_s: float
+    ) -> CompletionReply:
+        """llm.complete's reply to one request (`token`: its id, unique)."""
+        prefix = await self._ready()
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self.waiting[token] = future
+        try:
+            await self._publish(COMPLETE, payload, prefix + token, headers)
+            async with asyncio.timeout(wait_s):
+                msg = await future
+        except TimeoutError:
+            raise _no_answer(wait_s) from None
+        finally:
+            del self.waiting[token]
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise _no_dispatcher()
+        return reply_decoder.decode(msg.data)
+
+    async def stream(
+        self, token: str, payload: bytes, headers: dict[str, str] | None
+    ) -> asyncio.Queue[Msg]:
+        """Send one request to llm.stream; its events come to the queue (close() it after)."""
+        prefix = await self._ready()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.waiting[token] = queue
+        await self._publish(STREAM, payload, prefix + token, headers)
+        return queue
+
+    def close(self, token: str) -> None:
+        self.waiting.pop(token, None)
+
+
+class Gateway:
+    """The ASGI app (`app`) on one NATS connection, and its uvicorn server (`start`, `stop`)."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        models: Models | None = None,
+        keys: Sequence[str] = (),
+        default_timeout_s: float = 60.0,
+        max_body_bytes: int = 2 * 1024 * 1024,
+    ) -> None:
+        self.nc = nc
+        self.models = models
+        self.keys = [key.encode() for key in keys]
+        self.default_timeout_s = default_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.inbox = _Inbox(nc)
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: _http_exception, Exception: _internal},
+        )
+        self.server: uvicorn.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self.host, self.port = "127.0.0.1", 0
+
+    # -- serving --
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8080) -> None:
+        """Listen on host:port (0: any free port); OSError when it cannot."""
+        for name in ("uvicorn.error", "uvicorn.access"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            loop="none",
+            http=_http_protocol(),
+            ws="none",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        config.load()
+        # Bound here: uvicorn would log a bind error and sys.exit().
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+        self.server, self._sock = server, sock
+        self.host, self.port = host, sock.getsockname()[1]
+        # uvicorn's own loop refreshes the Date header and notices should_exit; no signals here.
+        self._ticker = asyncio.ensure_future(server.main_loop())
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (5 s at most), close."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.should_exit = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await server.shutdown(sockets=[self._sock] if self._sock else None)
+
+    # -- endpoints --
+
+    def _refusal(self, request: Request) -> HTTPError | None:
+        if self.keys:
+            given = request.headers.get("authorization", "")
+            scheme, _, key = given.partition(" ")
+            key_bytes = key.strip().encode()
+            if scheme.lower() == "bearer" and any(
+                hmac.compare_digest(key_bytes, k) for k in self.keys
+            ):
+                return None
+            return HTTPError(
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>` with one of "
+                f"the keys in the gateway's ${KEYS_ENV}",
+                "invalid_api_key",
+            )
+        client = request.client
+        if client is not None and _is_loopback(client.host):
+            return None
+        return HTTPError(
+            403,
+            "This Lifeline gateway has no API keys configured, so it serves only clients on "
+            f"its own machine (loopback). Set {KEYS_ENV}=<key>[,<key>...] where it runs and "
+            "send `Authorization: Bearer <key>`",
+            "no_keys_configured",
+            kind="permission_error",
+        )
+
+    async def list_models(self, request: Request) -> Response:
+        if refused := self._refusal(request):
+            return refused.response()
+        return _json({"object": "list", "data": self._model_list()})
+
+    async def get_model(self, request: Request) -> Response:
+        if refused := self._refusal(request):
+            return refused.response()
+        name = request.path_params["model"]
+        for model in self._model_list():
+            if model["id"] == name:
+                return _json(model)
+        return _model_not_found(name, self.models).response()
+
+    def _model_list(self) -> list[dict[str, Any]]:
+        if self.models is None:
+            return []
+        owners = dict.fromkeys(self.models.routes, "lifeline-route")
+        for name in self.models.targets:
+            owners.setdefault(name, "lifeline-target")
+        return [
+            {"id": name, "object": "model", "created": 0, "owned_by": owner}
+            for name, owner in owners.items()
+        ]
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            if refused := self._refusal(request):
+                raise refused
+            body = await self._body(request)
+            chat = _decode(body)
+            request_id = os.urandom(16).hex()
+            try:
+                completion, ignored = translate(
+                    chat, request_id, self.models, _timeout(request.headers.get(TIMEOUT_HEADER))
+                )
+            except ValueError as exc:  # a message or part the wire's types refuse
+                raise _bad(str(exc)) from None
+            payload = encoder.encode(completion)
+            headers = _trace_headers(request)
+            if message_bytes(payload, headers) > self.nc.max_payload:
+                raise HTTPError(
+                    413,
+                    f"the request is {len(payload)} bytes as Lifeline sends it, above the NATS "
+                    f"server's max_payload of {self.nc.max_payload}",
+                    errors.PAYLOAD_TOO_LARGE,
+                )
+            wait_s = (completion.timeout_s or self.default_timeout_s) + _GRACE_S
+            extra = {"x-lifeline-ignored": ", ".join(ignored)} if ignored else {}
+            if chat.stream:
+                include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+                return await self._stream(
+                    completion, payload, headers, wait_s, include_usage, extra
+                )
+            reply = await self.inbox.request(request_id, payload, headers, wait_s)
+        except HTTPError as exc:
+            return exc.response()
+        if reply.status != "ok":
+            return reply_error(reply, completion.route).response()
+        body_out = completion_body(reply, completion.route, int(time.time()))
+        return Response(
+            encoder.encode(body_out),
+            200,
+            lifeline_headers(reply) | extra,
+            "application/json",
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise _too_large(int(length), self.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _too_large(size, self.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _stream(
+        self,
+        completion: CompletionRequest,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        wait_s: float,
+        include_usage: bool,
+        extra: dict[str, str],
+    ) -> Response:
+        """Errors before the first event are HTTP errors; after it, SSE error events."""
+        token = completion.id
+        give_up = time.monotonic() + wait_s
+        assembler = Assembler()
+        try:
+            queue = await self.inbox.stream(token, payload, headers)
+            first = await _next_event(queue, give_up, wait_s)
+            if first.headers and first.headers.get("Status") == "503":
+                raise _no_dispatcher()
+            try:
+                event = assembler.feed(first.headers, first.data)
+            except (StreamGap, StreamProtocolError) as exc:
+                raise _broken(exc) from None
+            if event.kind == "error" and event.reply is not None:
+                raise reply_error(event.reply, completion.route)
+        except BaseException:
+            self.inbox.close(token)
+            raise
+        sse = _SSE(completion.route, token, int(time.time()), include_usage)
+        response_headers = {
+            "x-lifeline-request-id": token,
+            "x-request-id": token,
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+            **extra,
+        }
+        if headers and TRACEPARENT in headers:
+            response_headers["x-lifeline-trace-id"] = headers[TRACEPARENT].split("-")[1]
+        events = self._events(token, queue, assembler, event, give_up, wait_s, sse)
+        return StreamingResponse(events, 200, response_headers, "text/event-stream")
+
+    async def _events(
+        self,
+        token: str,
+        queue: asyncio.Queue[Msg],
+        assembler: Assembler,
+        event: Event,
+        give_up: float,
+        wait_s: float,
+        sse: _SSE,
+    ) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield sse.event(event, assembler)
+                if assembler.done:
+                    return
+                try:
+                    msg = await _next_event(queue, give_up, wait_s)
+                    event = assembler.feed(msg.headers, msg.data)
+                except (StreamGap, StreamProtocolError) as exc:
+                    yield sse.error(_broken(exc))
+                    return
+                except HTTPError as exc:
+                    yield sse.error(exc)
+                    return
+        finally:
+            self.inbox.close(token)
+
+
+class _SSE:
+    """One stream's chat.completion.chunk events, as bytes."""
+
+    def __init__(self, route: str, token: str, created: int, include_usage: bool) -> None:
+        self.route = route
+        self.include_usage = include_usage
+        self.head = (
+            b'data: {"id":"chatcmpl-'
+            + token.encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(created).encode()
+            + b',"model":'
+        )
+        self.model = encoder.encode(route)
+        self.started = False  # the first content chunk carries the role too
+
+    def _chunk(self, delta: bytes, finish: bytes = b"null", tail: bytes = b"") -> bytes:
+        return (
+            self.head
+            + self.model
+            + b',"choices":[{"index":0,"delta":'
+            + delta
+            + b',"finish_reason":'
+            + finish
+            + b',"logprobs":null}]'
+            + tail
+            + b"}\n\n"
+        )
+
+    def _role(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        return b'"role":"assistant",'
+
+    def event(self, event: Event, assembler: Assembler) -> bytes:
+        kind = event.kind
+        if kind == "delta":
+            return self._chunk(
+                b"{" + self._role() + b'"content":' + encoder.encode(event.text) + b"}"
+            )
+        if kind == "tool_call":
+            piece = event.tool_call
+            assert piece is not None
+            call: dict[str, Any] = {
+                "index": piece.index,
+                "function": {"arguments": piece.arguments},
+            }
+            if piece.id is not None:
+                call["id"] = piece.id
+                call["type"] = "function"
+            if piece.name is not None:
+                call["function"]["name"] = piece.name
+            return self._chunk(
+                b"{" + self._role() + b'"tool_calls":' + encoder.encode([call]) + b"}"
+            )
+        if kind == "reset":
+            reset = encoder.encode({"reset": event.reset})
+            return self._chunk(b"{}", tail=b',"lifeline":' + reset)
+        reply = event.reply
+        assert reply is not None
+        if kind == "error":
+            return self.error(reply_error(reply, self.route))
+        lifeline = lifeline_field(reply, self.route)
+        if reply.stream is not None and reply.stream.resets:
+            lifeline["content"] = assembler.text  # the answer with the resets applied
+            if reply.tool_calls:
+                lifeline["tool_calls"] = _tool_calls(reply.tool_calls)
+        if reply.model:
+            self.model = encoder.encode(reply.model)
+        out = self._chunk(
+            b"{" + self._role() + b"}",
+            encoder.encode(_finish(reply)),
+            b',"lifeline":' + encoder.encode(lifeline),
+        )
+        if self.include_usage:
+            usage = encoder.encode(_usage(reply))
+            out += self.head + self.model + b',"choices":[],"usage":' + usage + b"}\n\n"
+        return out + b"data: [DONE]\n\n"
+
+    def error(self, error: HTTPError) -> bytes:
+        """An error after the stream started: the SDKs raise an APIError on a chunk whose
+        data has an `error` (an unnamed event; no [DONE] follows)."""
+        return b"data: " + encoder.encode(error.body()) + b"\n\n"
+
+
+# ---- small pieces ------------------------------------------------------------------------
+
+
+def _decode(body: bytes) -> ChatRequest:
+    try:
+        return _chat_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        at = _AT_PATH.search(text)
+        raise _bad(text, at.group(1) if at else None) from None
+    except msgspec.DecodeError as exc:
+        raise _bad(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("the body is nested too deeply") from None
+
+
+def _timeout(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        timeout_s = float(value)
+    except ValueError:
+        timeout_s = math.nan
+    if not timeout_s > 0 or math.isinf(timeout_s):
+        raise _bad(f"{TIMEOUT_HEADER} must be a number of seconds above 0", TIMEOUT_HEADER)
+    return timeout_s
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _trace_headers(request: Request) -> dict[str, str] | None:
+    """The caller's W3C trace context, forwarded so that Lifeline's spans join its trace."""
+    traceparent = request.headers.get(TRACEPARENT)
+    if traceparent is None or not _TRACEPARENT.fullmatch(traceparent.strip()):
+        return None
+    headers = {TRACEPARENT: traceparent.strip()}
+    tracestate = request.headers.get(TRACESTATE)
+    if tracestate and len(tracestate) <= 512:
+        headers[TRACESTATE] = _ascii(tracestate)
+    return headers
+
+
+async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float) -> Msg:
+    try:
+        async with asyncio.timeout_at(
+            asyncio.get_running_loop().time() + give_up - time.monotonic()
+        ):
+            return await queue.get()
+    except TimeoutError:
+        raise _no_answer(wait_s) from None
+
+
+def _too_large(size: int, limit: int) -> HTTPError:
+    return HTTPError(
+        413, f"the body is {size} bytes, above the gateway's {limit}", errors.PAYLOAD_TOO_LARGE
+    )
+
+
+def _no_dispatcher() -> HTTPError:
+    return HTTPError(
+        503,
+        "no Lifeline dispatcher is running on this gateway's NATS server: start one "
+        "(`lifeline run` or `lifeline dispatcher`)",
+        "no_dispatcher",
+        kind="server_error",
+        headers={"retry-after": "1"},
+    )
+
+
+def _no_answer(wait_s: float) -> HTTPError:
+    return HTTPError(
+        504,
+        f"no answer from Lifeline within {wait_s:g} s (the request's timeout and a grace): "
+        "the dispatcher may have stopped",
+        "gateway_timeout",
+        kind="timeout_error",
+    )
+
+
+def _broken(exc: Exception) -> HTTPError:
+    return HTTPError(502, f"the event stream broke: {exc}", "stream_broken", kind="server_error")
+
+
+def _json(body: Any) -> Response:
+    return Response(encoder.encode(body), 200, media_type="application/json")
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return HTTPError(exc.status_code, message, kind, headers=exc.headers).response()
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("gateway: %s %s failed", request.method, request.url.path)
+    message = f"a bug in Lifeline's gateway ({type(exc).__name__}); its log has the traceback"
+    return HTTPError(500, message, errors.INTERNAL, kind="server_error").response()
+
+
+def _http_protocol() -> str:
+    """httptools (C) where installed, else h11 (pure Python)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"

@@ -1,0 +1,191 @@
+"""One Lifeline client on a private event loop, callable from any thread and any event loop.
+
+LangChain and Haystack call a model both synchronously (invoke, Pipeline.run) and
+asynchronously (ainvoke, AsyncPipeline), from threads and loops they choose. A nats-py
+connection belongs to the event loop that opened it, and a sync call cannot run an event loop
+inside a thread that may already run one. So each NATS URL gets one daemon thread running its
+own loop, which owns the one connection, and every call, sync or async, runs there:
+
+    sync caller     asyncio.run_coroutine_threadsafe(...).result()  blocks only its thread
+    async caller    await asyncio.wrap_future(...)                  its loop stays free;
+                                                                    cancelling it cancels the call
+    a stream        a task on the private loop reads the events and hands each to the caller
+                    through a queue (queue.Queue for a thread, call_soon_threadsafe for a loop);
+                    a caller that stops reading cancels that task, which unsubscribes
+
+Models that name the same URL share the thread and the connection, as HTTP clients share a
+pool; it connects on first use (Unreachable then, and again on the next call, while NATS is
+down) and reconnects by itself afterwards. `close()` (or close_all(), also run at exit) stops
+it; the next call opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, TypeVar
+
+from service.client import LOCAL_NATS, Lifeline
+
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class Connection:
+    """A Lifeline client for one NATS URL, on its own loop in its own thread."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self._name = name
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"lifeline-nats-{name}", daemon=True
+        )
+        self._thread.start()
+        self._client: Lifeline | None = None
+        self._connecting: asyncio.Lock | None = None
+        self.closed = False
+
+    async def _lifeline(self) -> Lifeline:
+        """The client, connected on first use (on the private loop)."""
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._client is None:
+                self._client = await Lifeline.connect(self.url, name=self._name)
+            return self._client
+
+    def _submit(self, call: Callable[[Lifeline], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        if self.closed:
+            raise RuntimeError("this Lifeline connection is closed")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking Lifeline call from its own connection's thread")
+
+        async def run() -> T:
+            return await call(await self._lifeline())
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    def call(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
+        """Run `call(client)` on the private loop; block this thread until it is done."""
+        future = self._submit(call)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # interrupted (Ctrl-C): stop the call too
+            raise
+
+    async def acall(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
+        """Run `call(client)` on the private loop; await it from the caller's loop."""
+        return await asyncio.wrap_future(self._submit(call))
+
+    def iterate(self, events: Callable[[Lifeline], AsyncIterator[T]]) -> Generator[T, None, None]:
+        """The items of `events(client)`, read on the private loop, yielded in this thread."""
+        handoff: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        future = self._submit(lambda client: _pump(events(client), handoff.put))
+        try:
+            while True:
+                ok, item = handoff.get()
+                if not ok:
+                    raise item
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            future.cancel()
+
+    async def aiterate(
+        self, events: Callable[[Lifeline], AsyncIterator[T]]
+    ) -> AsyncGenerator[T, None]:
+        """The items of `events(client)`, read on the private loop, yielded on the caller's."""
+        caller = asyncio.get_running_loop()
+        handoff: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+
+        def put(item: tuple[bool, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody reads
+                caller.call_soon_threadsafe(handoff.put_nowait, item)
+
+        future = self._submit(lambda client: _pump(events(client), put))
+        try:
+            while True:
+                ok, item = await handoff.get()
+                if not ok:
+                    raise item
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            future.cancel()
+
+    def close(self) -> None:
+        """Close the connection and stop the thread (waits for neither more than a few seconds)."""
+        if self.closed:
+            return
+        self.closed = True
+
+        async def shut() -> None:
+            if self._client is not None:
+                await self._client.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+async def _pump(events: AsyncIterator[Any], put: Callable[[tuple[bool, Any]], None]) -> None:
+    """Hand every item of `events` to `put`, then _DONE, or the exception that ended them."""
+    try:
+        async for item in events:
+            put((True, item))
+        put((True, _DONE))
+    except asyncio.CancelledError:
+        raise  # the reader is gone
+    except BaseException as exc:  # noqa: BLE001 - the reader raises it
+        put((False, exc))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+_connections: dict[str, Connection] = {}
+_lock = threading.Lock()
+
+
+def connection(url: str | None = None, name: str = "lifeline-client") -> Connection:
+    """The shared Connection for `url` (else $NATS_URL, else nats://127.0.0.1:4222)."""
+    url = url or os.environ.get("NATS_URL") or LOCAL_NATS
+    with _lock:
+        shared = _connections.get(url)
+        if shared is None or shared.closed:
+            shared = _connections[url] = Connection(url, name)
+        return shared
+
+
+def close(url: str | None = None) -> None:
+    """Close the shared connection for `url`, if one is open (the next call opens another)."""
+    url = url or os.environ.get("NATS_URL") or LOCAL_NATS
+    with _lock:
+        shared = _connections.pop(url, None)
+    if shared is not None:
+        shared.close()
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every shared connection."""
+    with _lock:
+        shared = list(_connections.values())
+        _connections.clear()
+    for one in shared:
+        one.close()

@@ -1,0 +1,192 @@
+"""The Python client (service/client.py) over a real nats-server and a Lifeline stack: every
+method, a stream with a reset and one with a gap, a job submitted twice, a result waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import config, fake
+
+from schemas import ChatMessage, CompletionRequest, subjects
+from service.client import (
+    JOBS_STREAM,
+    RESULTS_BUCKET,
+    Lifeline,
+    NoDispatcher,
+    StreamGap,
+    Unreachable,
+    request_of,
+)
+from service.config import JobsSettings
+from service.natsio import ensure_subscribed
+from service.natsopts import NatsOptionError
+
+STORY = "Once upon a time, a lighthouse keeper kept the light burning."
+
+
+@pytest.fixture
+async def lifeline_client(nats_url: str):
+    async with Lifeline.connect(nats_url, timeout_s=5) as client:
+        yield client
+
+
+def test_requests_are_made_of_strings_dicts_and_fields_and_checked():
+    req = request_of(
+        ["Be brief.", {"role": "user", "content": "Hi"}][1:],
+        route="fast",
+        tools=[{"name": "get_weather"}],
+        tool_choice={"name": "get_weather"},
+    )
+    assert req.messages == [ChatMessage("user", "Hi")] and req.route == "fast"
+    assert req.tools[0].name == "get_weather" and req.tool_choice.name == "get_weather"
+    assert request_of("Hi").messages == [ChatMessage("user", "Hi")]
+    again = request_of(req, timeout_s=3)
+    assert (again.timeout_s, again.route, again.messages) == (3, "fast", req.messages)
+    with pytest.raises(TypeError, match="max_token"):
+        request_of("Hi", max_token=5)
+    with pytest.raises(msgspec.ValidationError, match=r"\$.messages\[0\].role"):
+        request_of([{"role": "robot", "content": "Hi"}])
+
+
+async def test_complete_returns_ok_and_error_replies_alike(lifeline, lifeline_client):
+    providers = {"flaky": fake(fail_status=429), "backup": fake()}
+    routes = {"default": {"targets": ["flaky", "backup"]}, "strict": {"targets": ["flaky"]}}
+    await lifeline(config(providers, routes))
+    reply = await lifeline_client.complete(
+        [{"role": "user", "content": "To get to the other side"}]
+    )
+    assert (reply.status, reply.content, reply.provider) == (
+        "ok",
+        "To get to the other side",
+        "backup",
+    )
+    assert [(a.target, a.error_type, a.next) for a in reply.attempts] == [
+        ("flaky", "rate_limit", "fallback"),
+        ("backup", None, None),
+    ]
+    failed = await lifeline_client.complete("Hi", route="strict")  # returned, not raised
+    assert failed.status == "error" and failed.error.type == "all_failed"
+
+
+async def test_connect_reads_nats_url_and_a_cluster_list(lifeline, nats_url, monkeypatch):
+    await lifeline(config({"main": fake()}))
+    dead = "nats://127.0.0.1:1"  # nothing listens there: the list's other server serves
+    monkeypatch.setenv("NATS_URL", f"{dead}, {nats_url}")
+    async with Lifeline.connect(route="default") as client:
+        assert (await client.complete("hello", timeout_s=5)).content == "hello"
+    monkeypatch.setenv("NATS_URL", "nats://alice:s3cret@127.0.0.1:1")
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match=r"nats://\*\*\*@127.0.0.1:1") as refused:
+        await Lifeline.connect(connect_timeout_s=1)
+    assert "s3cret" not in str(refused.value) and time.monotonic() - started < 3
+
+
+async def test_transport_problems_raise(lifeline_client, client, tmp_path):
+    with pytest.raises(NoDispatcher, match="lifeline run"):
+        await lifeline_client.complete("Hi")
+    with pytest.raises(NoDispatcher):
+        await lifeline_client.stream("Hi").finish()
+    with pytest.raises(NatsOptionError, match="credentials file"):  # as `lifeline --nats-creds`
+        await Lifeline.connect(creds=str(tmp_path / "missing.creds"))
+    own = Lifeline(client)  # a connection of your own: close() leaves it open
+    with pytest.raises(NoDispatcher):
+        await own.complete("Hi")
+    await own.close()
+    assert not client.is_closed
+
+
+async def test_a_stream_applies_its_reset_and_ends_with_the_reply(lifeline, lifeline_client):
+    providers = {
+        "chatty": fake(fail_after_chunks=3, chunks=6),
+        "storyteller": fake(reply=STORY, chunks=4),
+    }
+    await lifeline(config(providers))
+    seen: list[tuple[str, str]] = []
+    async with lifeline_client.stream("hello streaming world") as answer:
+        async for event in answer:
+            seen.append((event.kind, answer.text))
+    kinds = [kind for kind, _ in seen]
+    assert kinds == ["delta"] * 3 + ["reset"] + ["delta"] * 4 + ["end"]
+    assert seen[2][1] == "hello stream"[: len(seen[2][1])] and seen[3][1] == ""  # voided
+    assert answer.text == STORY and answer.done
+    reply = answer.reply
+    assert (reply.status, reply.content, reply.target) == ("ok", None, "storyteller")
+    assert reply.stream.resets == 1 and [a.chunks for a in reply.attempts] == [3, 4]
+
+
+async def test_a_stream_with_a_missing_event_raises_a_gap(client, lifeline_client):
+    async def gappy(msg: Any) -> None:  # a stand-in dispatcher that loses event 2
+        for seq, text in ((1, b"a"), (3, b"c")):
+            headers = {subjects.SEQ: str(seq), subjects.ATTEMPT_NO: "1"}
+            await client.publish(msg.reply, text, headers=headers)
+
+    await client.subscribe(subjects.STREAM, cb=gappy)
+    await ensure_subscribed(client)
+    answer = lifeline_client.stream("Hi")
+    with pytest.raises(StreamGap, match="event 3 arrived after event 1"):
+        await answer.finish()
+    assert answer.text == "a"
+
+
+async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
+    """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
+    and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
+    is never shown as an event)."""
+    providers = {"slow": fake(chunks=3, chunk_delay_ms=150)}
+    await lifeline(config(providers, max_in_flight=1, default_timeout_s=5))
+    for _ in range(32):  # quick answers bring retry_after_s (their moving average) down from 1 s
+        await lifeline_client.complete("warm-up")
+    held = lifeline_client.stream("first")
+    assert (await anext(held)).kind == "delta"
+    refused = await lifeline_client.complete("second")
+    assert refused.error.type == "overloaded" and refused.error.retry_after_s < 0.5
+    reply, events = await asyncio.gather(
+        lifeline_client.complete("second", overloaded_retries=30),
+        _events(lifeline_client.stream("third", overloaded_retries=30)),
+    )
+    assert (reply.status, reply.content) == ("ok", "second")
+    assert [e.kind for e in events] == ["delta"] * 3 + ["end"] and events[0].seq == 1
+    await held.aclose()
+
+
+async def _events(answer: Any) -> list[Any]:
+    return [event async for event in answer]
+
+
+async def test_a_job_submitted_twice_is_kept_once_and_its_result_waited_for(
+    lifeline, lifeline_client
+):
+    """Submitted before any dispatcher runs (the client makes the stream), answered once one
+    starts; the same id again is a duplicate."""
+    first = await lifeline_client.submit("hello later", job_id="job-1")
+    again = await lifeline_client.submit("hello later", job_id="job-1")
+    assert (first.job_id, first.duplicate, again.duplicate) == ("job-1", False, True)
+    assert again.seq == first.seq and first.stream == JOBS_STREAM
+    assert await lifeline_client.result("job-1") is None  # no dispatcher yet
+    await lifeline(config({"main": fake()}))
+    reply = await lifeline_client.result("job-1", wait_s=5)
+    assert (reply.id, reply.status, reply.content) == ("job-1", "ok", "hello later")
+    other = await lifeline_client.submit(CompletionRequest([ChatMessage("user", "x")], id="j2"))
+    assert other.job_id == "j2" and not other.duplicate
+    assert (await lifeline_client.result("j2", wait_s=5)).content == "x"
+
+
+async def test_a_result_without_jetstream_state_is_none(lifeline_client):
+    assert await lifeline_client.result("never-submitted", wait_s=0.1) is None
+
+
+def test_the_clients_jobs_defaults_are_the_configs():
+    """submit() makes the stream and bucket as a dispatcher would, when none has yet."""
+    settings = JobsSettings()
+    assert (JOBS_STREAM, RESULTS_BUCKET) == (settings.stream, settings.results_bucket)
+    from service import client
+
+    assert (client._JOBS_MAX, client._JOBS_DEDUP_WINDOW_S, client._RESULTS_TTL_S) == (
+        settings.max_jobs,
+        settings.dedup_window_s,
+        settings.results_ttl_s,
+    )

@@ -1,0 +1,560 @@
+"""`lifeline gateway`: OpenAI's Chat Completions over HTTP, spoken by the official SDKs (Python
+here, Node.js through tests/node/openai-gateway.mjs) to a real gateway on a free port, in front
+of a real nats-server and Lifeline stack.
+
+Most tests share one nats-server, stack and gateway (`shared`, on the module's event loop), each
+with a route of its own; those that need a config of their own start one (`gateway`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import nats
+import openai
+import pytest
+import pytest_asyncio
+from helpers import ROOT, config, fake, spawn_lifeline, wait_for, wait_for_line
+
+from schemas.wire import NamedTool
+from service.app import Stack, start_stack
+from service.config import parse_config
+from service.embedded import EmbeddedNats
+from service.gateway import ChatRequest, Gateway, Models, _Message, translate
+from service.telemetry import Tracing
+
+HELLO = [{"role": "user", "content": "one two three four five six"}]
+ANSWER = HELLO[0]["content"]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CALLS = [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+
+# One stack for the shared tests: a route each. Breakers off, so that no test's failures make
+# another's targets skipped.
+SHARED = config(
+    {
+        "main": fake(),
+        "flaky": fake(fail_status=429),
+        "sleepy": fake(hang=True, timeout_s=0.1),
+        "backup": fake(chunks=4),
+        "chatty": fake(chunks=6, fail_after_chunks=3),
+        "cutoff": fake(chunks=6, fail_after_chunks=2),
+        "agent": fake(tool_calls=CALLS, chunks=2),
+        "mirror": fake(reply="request"),
+        "a": fake(fail_status=500),
+        "b": fake(fail_status=503),
+        "hung": fake(hang=True, timeout_s=30),
+    },
+    routes={
+        "default": {"targets": ["main"]},
+        "fallback": {"targets": ["flaky", "sleepy", "backup"]},
+        "resetting": {"targets": ["chatty", "backup"]},
+        "midstream": {"targets": ["cutoff", "backup"]},
+        "tools": {"targets": ["agent"]},
+        "failing": {"targets": ["a", "b"]},
+        "deadline": {"targets": ["hung", "main"]},
+    },
+    max_request_bytes=16_384,
+) | {"breaker": {"enabled": False}}
+
+shared_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+def models_of(cfg: dict[str, Any]) -> Models:
+    parsed = parse_config(cfg)
+    return Models(list(parsed.routes), [*parsed.targets, *parsed.providers])
+
+
+class Shared:
+    def __init__(self, gw: Gateway, client: openai.AsyncOpenAI, stack: Stack, url: str) -> None:
+        self.gw, self.client, self.stack, self.url = gw, client, stack, url
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared() -> AsyncIterator[Shared]:
+    with EmbeddedNats(port=-1) as server:
+        tracers = Tracing()
+        stack = await start_stack(parse_config(SHARED), server.url, tracers)
+        nc = await nats.connect(server.url)
+        gw = Gateway(nc, models=models_of(SHARED))
+        await gw.start(port=0)
+        client = openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0)
+        try:
+            yield Shared(gw, client, stack, server.url)
+        finally:
+            await client.close()
+            await gw.stop()
+            await nc.close()
+            await stack.stop()
+            tracers.shutdown()
+
+
+@pytest.fixture
+async def gateway(lifeline, nats_url):
+    """Factory for a test that needs a config of its own: `await gateway(config_dict, **kw)`
+    starts a stack and a gateway; returns (gateway, AsyncOpenAI client, stack)."""
+    started: list[tuple[Gateway, Any, openai.AsyncOpenAI]] = []
+
+    async def start(cfg: dict[str, Any], **kw: Any) -> Any:
+        stack = await lifeline(cfg)
+        nc = await nats.connect(nats_url)
+        gw = Gateway(nc, models=models_of(cfg), **kw)
+        await gw.start(port=0)
+        client = openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0)
+        started.append((gw, nc, client))
+        return gw, client, stack
+
+    yield start
+    for gw, nc, client in started:
+        await client.close()
+        await gw.stop()
+        await nc.close()
+
+
+def chat(model: str = "default", **kw: Any) -> dict[str, Any]:
+    return {"model": model, "messages": HELLO, **kw}
+
+
+# ---- answers ------------------------------------------------------------------------------
+
+
+@shared_loop
+async def test_a_plain_completion_comes_back_in_openai_s_shape_with_lifeline_s_fields(shared):
+    completion = await shared.client.chat.completions.create(**chat())
+    assert completion.object == "chat.completion"
+    [choice] = completion.choices
+    assert (choice.message.role, choice.message.content) == ("assistant", ANSWER)
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    usage = completion.usage
+    assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == 0
+    lifeline = completion.model_extra["lifeline"]
+    assert (lifeline["route"], lifeline["provider"], lifeline["target"]) == (
+        "default",
+        "main",
+        "main",
+    )
+    assert [a["outcome"] for a in lifeline["attempts"]] == ["ok"]
+    assert completion.id == "chatcmpl-" + lifeline["request_id"]
+    assert completion._request_id == lifeline["request_id"]  # the SDK reads x-request-id
+
+
+@shared_loop
+async def test_a_fallback_shows_in_the_x_lifeline_headers(shared):
+    raw = await shared.client.chat.completions.with_raw_response.create(**chat("fallback"))
+    h = raw.headers
+    assert (h["x-lifeline-provider"], h["x-lifeline-target"], h["x-lifeline-attempts"]) == (
+        "backup",
+        "backup",
+        "3",
+    )
+    assert h["x-lifeline-attempt-list"] == (
+        "flaky=rate_limit/429->fallback, sleepy=timeout->fallback, backup=ok"
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", h["x-lifeline-trace-id"])
+    completion = raw.parse()
+    assert completion.model_extra["lifeline"]["trace_id"] == h["x-lifeline-trace-id"]
+    assert completion.choices[0].message.content == ANSWER
+
+
+@shared_loop
+async def test_a_stream_with_a_reset_is_tolerated_by_the_sdk_and_readable_by_lifeline(shared):
+    stream = await shared.client.chat.completions.create(
+        **chat("resetting"), stream=True, stream_options={"include_usage": True}
+    )
+    naive, pieces, resets, last, usage = "", [], [], None, None
+    async for chunk in stream:  # as any OpenAI client reads it: nothing breaks
+        assert chunk.object == "chat.completion.chunk"
+        extra = (chunk.model_extra or {}).get("lifeline") or {}
+        if "reset" in extra:  # ... and as a Lifeline-aware one does
+            resets.append(extra["reset"])
+            del pieces[len(pieces) - extra["reset"]["discard"] :]
+        for choice in chunk.choices:
+            naive += choice.delta.content or ""
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                last = (choice.finish_reason, extra)
+        usage = chunk.usage or usage
+    assert [(r["attempt"], r["discard"], r["error"]["type"]) for r in resets] == [
+        (1, 3, "server_error")
+    ]
+    assert "".join(pieces) == ANSWER
+    assert naive.endswith(ANSWER) and len(naive) > len(ANSWER)  # a naive reader shows both
+    finish, final = last  # type: ignore[misc]
+    assert finish == "stop" and final["content"] == ANSWER  # the answer with resets applied
+    assert [a["target"] for a in final["attempts"]] == ["chatty", "backup"]
+    assert final["stream"]["resets"] == 1
+    assert usage is not None and usage.total_tokens > 0
+
+
+@shared_loop
+async def test_the_sdk_stream_helper_accumulates_a_stream(shared):
+    async with shared.client.chat.completions.stream(**chat()) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == ANSWER
+
+
+@shared_loop
+async def test_a_tool_call_round_trip_whole_and_streamed(shared):
+    client = shared.client
+    ask = chat("tools", tools=[WEATHER_TOOL], tool_choice="required")
+    completion = await client.chat.completions.create(**ask)
+    [call] = completion.choices[0].message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == (
+        "function",
+        "get_weather",
+        '{"city": "Paris"}',
+    )
+    assert completion.choices[0].finish_reason == "tool_calls"
+
+    stream = await client.chat.completions.create(**ask, stream=True)
+    arguments, names, finish = "", [], None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or ():
+                names += [piece.function.name] if piece.function.name else []
+                arguments += piece.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert (names, json.loads(arguments), finish) == (
+        ["get_weather"],
+        {"city": "Paris"},
+        "tool_calls",
+    )
+
+    follow_up = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "21 °C, clear"},
+    ]
+    sent = await client.chat.completions.create(model="mirror", messages=follow_up)
+    messages = json.loads(sent.choices[0].message.content)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["tool_calls"] == [
+        {"id": call.id, "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    ]
+    assert messages[2]["tool_call_id"] == call.id
+
+
+@shared_loop
+async def test_the_whole_chat_request_reaches_the_provider_translated(shared):
+    completion = await shared.client.chat.completions.create(
+        model="mirror",  # a provider's name: sent as targets=["mirror"]
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is here?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}},
+                ],
+            },
+        ],
+        tools=[WEATHER_TOOL],
+        tool_choice="auto",  # a named one is {"name": ...} (below): this answer calls none
+        parallel_tool_calls=False,
+        max_completion_tokens=50,
+        temperature=0.5,
+        top_p=0.9,
+        stop="END",
+        seed=7,
+        response_format={"type": "text"},
+        extra_body={"lifeline": {"metadata": {"team": "search"}}},
+    )
+    sent = json.loads(completion.choices[0].message.content)
+    assert [m["role"] for m in sent["messages"]] == ["developer", "user"]
+    assert sent["messages"][1]["content"] == [
+        {"type": "text", "text": "What is here?"},
+        {"type": "image", "url": "https://example.com/a.png"},
+        {"type": "image", "data": "iVBORw0K", "media_type": "image/png"},
+    ]
+    assert sent["tools"][0]["name"] == "get_weather" and sent["tool_choice"] == "auto"
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (50, 0.5, 0.9)
+    assert (sent["stop"], sent["seed"], sent["parallel_tool_calls"]) == (["END"], 7, False)
+    assert sent["response_format"] == {"type": "text"} and sent["metadata"] == {"team": "search"}
+    raw = await shared.client.chat.completions.with_raw_response.create(
+        **chat(),
+        presence_penalty=0.5,  # not on Lifeline's wire: ignored, and said so
+    )
+    assert raw.headers["x-lifeline-ignored"] == "presence_penalty"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    request, _ = translate(
+        ChatRequest("default", [_Message("user", "hi")], tool_choice=named), "r1", None, None
+    )
+    assert request.tool_choice == NamedTool("get_weather")
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+@shared_loop
+async def test_invalid_requests_are_400_naming_the_parameter(shared):
+    client = shared.client
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(**chat(temperature=3))  # refused by the dispatcher
+    assert (bad.value.param, bad.value.code) == ("temperature", "invalid_request")
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(**chat(n=2))  # refused by the gateway
+    assert (bad.value.param, bad.value.code) == ("n", "unsupported_parameter")
+    async with httpx.AsyncClient(base_url=shared.gw.url) as http:
+        response = await http.post("/chat/completions", content=b"{not json")
+        assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
+        response = await http.post(
+            "/chat/completions", json=chat(), headers={"x-lifeline-timeout-s": "soon"}
+        )
+        assert response.json()["error"]["param"] == "x-lifeline-timeout-s"
+        response = await http.get("/chat/completions")
+        assert response.status_code == 405 and "error" in response.json()
+
+
+@shared_loop
+async def test_an_unknown_model_is_404_listing_the_routes_before_and_after_the_stream_starts(
+    shared,
+):
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as missing:
+            await shared.client.chat.completions.create(**chat("gpt-4o"), stream=stream)
+        assert missing.value.code == "model_not_found" and "fallback" in missing.value.message
+
+
+@shared_loop
+async def test_a_request_too_large_is_413(shared):
+    long = [{"role": "user", "content": "x" * 20_000}]
+    with pytest.raises(openai.APIStatusError) as large:  # refused by the dispatcher
+        await shared.client.chat.completions.create(model="default", messages=long)
+    assert (large.value.status_code, large.value.code) == (413, "payload_too_large")
+    small = Gateway(shared.gw.nc, max_body_bytes=10_000)  # refused by the gateway, unread
+    await small.start(port=0)
+    try:
+        async with openai.AsyncOpenAI(base_url=small.url, api_key="-", max_retries=0) as client:
+            with pytest.raises(openai.APIStatusError) as large:
+                await client.chat.completions.create(model="default", messages=long)
+        assert large.value.status_code == 413 and "10000" in large.value.message
+    finally:
+        await small.stop()
+
+
+@shared_loop
+async def test_every_target_failing_is_502_with_every_attempt(shared):
+    with pytest.raises(openai.APIStatusError) as failed:
+        await shared.client.chat.completions.with_raw_response.create(**chat("failing"))
+    error = failed.value
+    assert (error.status_code, error.code, error.type) == (502, "all_failed", "upstream_error")
+    assert error.response.headers["x-lifeline-attempt-list"] == (
+        "a=server_error/500->fallback, b=server_error/503->stop"
+    )
+    assert [a["target"] for a in error.response.json()["lifeline"]["attempts"]] == ["a", "b"]
+
+
+async def test_an_overloaded_dispatcher_is_503_with_retry_after(gateway):
+    _, client, stack = await gateway(config({"slow": fake(latency_ms=300)}, max_in_flight=1))
+    first = asyncio.ensure_future(client.chat.completions.create(**chat()))
+    await wait_for(lambda: stack.dispatcher.in_flight == 1)
+    with pytest.raises(openai.InternalServerError) as busy:
+        await client.chat.completions.create(**chat())
+    assert (busy.value.status_code, busy.value.code) == (503, "overloaded")
+    assert int(busy.value.response.headers["retry-after"]) >= 1
+    assert int(busy.value.response.headers["retry-after-ms"]) > 0
+    assert (await first).choices[0].message.content
+
+
+@shared_loop
+async def test_a_deadline_exceeded_is_504_and_the_timeout_header_sets_it(shared):
+    with pytest.raises(openai.APIStatusError) as late:
+        await shared.client.chat.completions.create(
+            **chat("deadline"), extra_headers={"x-lifeline-timeout-s": "0.2"}
+        )
+    assert (late.value.status_code, late.value.code) == (504, "deadline_exceeded")
+
+
+@shared_loop
+async def test_an_error_after_the_stream_started_is_raised_by_the_sdk(shared):
+    stream = await shared.client.chat.completions.create(
+        **chat("midstream"), stream=True, extra_body={"lifeline": {"on_midstream": "fail"}}
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as failed:
+        async for chunk in stream:
+            seen += [c.delta.content for c in chunk.choices if c.delta.content]
+    assert len(seen) == 2 and "midstream_failed" in str(failed.value.body)
+
+
+async def test_no_dispatcher_is_503(nats_url):
+    nc = await nats.connect(nats_url)
+    gw = Gateway(nc)
+    await gw.start(port=0)
+    try:
+        async with openai.AsyncOpenAI(base_url=gw.url, api_key="-", max_retries=0) as client:
+            with pytest.raises(openai.InternalServerError) as none:
+                await client.chat.completions.create(**chat())
+        assert (none.value.status_code, none.value.code) == (503, "no_dispatcher")
+    finally:
+        await gw.stop()
+        await nc.close()
+
+
+@shared_loop
+async def test_a_port_in_use_is_an_oserror_naming_it(shared):
+    with pytest.raises(OSError, match=f"127.0.0.1:{shared.gw.port}"):
+        await Gateway(shared.gw.nc).start("127.0.0.1", shared.gw.port)
+
+
+# ---- auth, trace context, models ----------------------------------------------------------
+
+
+@shared_loop
+async def test_api_keys_from_the_environment_are_checked(shared):
+    keyed = Gateway(shared.gw.nc, keys=["key-1", "key-2"])
+    await keyed.start(port=0)
+    try:
+        for key, ok in (("key-2", True), ("wrong", False)):
+            async with openai.AsyncOpenAI(base_url=keyed.url, api_key=key, max_retries=0) as c:
+                if ok:
+                    assert (await c.chat.completions.create(**chat())).choices[0].message.content
+                    continue
+                with pytest.raises(openai.AuthenticationError) as refused:
+                    await c.chat.completions.create(**chat())
+        assert refused.value.code == "invalid_api_key"
+        assert "LIFELINE_GATEWAY_KEYS" in refused.value.message
+    finally:
+        await keyed.stop()
+
+
+@shared_loop
+async def test_without_keys_only_loopback_clients_are_served(shared):
+    assert (await shared.client.models.list()).data  # this test is on loopback
+    remote = httpx.ASGITransport(shared.gw.app, client=("198.51.100.7", 40000))  # no packet sent
+    async with httpx.AsyncClient(transport=remote, base_url="http://gateway") as http:
+        response = await http.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 403
+    assert "LIFELINE_GATEWAY_KEYS" in response.json()["error"]["message"]
+
+
+@shared_loop
+async def test_traceparent_is_forwarded_so_lifeline_joins_the_caller_s_trace(shared):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    raw = await shared.client.chat.completions.with_raw_response.create(
+        **chat(), extra_headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    )
+    assert raw.headers["x-lifeline-trace-id"] == trace_id
+
+
+@shared_loop
+async def test_models_lists_the_routes_then_the_targets(shared):
+    models = [(m.id, m.owned_by) for m in (await shared.client.models.list()).data]
+    routes = [m for m in models if m[1] == "lifeline-route"]
+    assert models[: len(routes)] == routes and routes[:2] == [
+        ("default", "lifeline-route"),
+        ("fallback", "lifeline-route"),
+    ]
+    assert ("mirror", "lifeline-target") in models
+    assert (await shared.client.models.retrieve("mirror")).id == "mirror"
+    with pytest.raises(openai.NotFoundError):
+        await shared.client.models.retrieve("gpt-4o")
+
+
+# ---- Node.js, and the commands ------------------------------------------------------------
+
+
+@shared_loop
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is missing")
+async def test_the_node_openai_package_completes_and_streams(shared):
+    if not (ROOT / "tests/node/node_modules/openai").exists():
+        pytest.fail("tests/node's packages are not installed: npm ci --prefix tests/node")
+    node = await asyncio.create_subprocess_exec(
+        "node",
+        str(ROOT / "tests/node/openai-gateway.mjs"),
+        shared.gw.url,
+        "default",
+        "resetting",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(node.communicate(), 30)
+    assert node.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["completion"] == {
+        "content": ANSWER,
+        "finish_reason": "stop",
+        "provider": "main",
+        "attempts_header": "1",
+    }
+    s = result["stream"]
+    assert (s["text"], s["resets"], s["finish"], s["final_content"]) == (ANSWER, 1, "stop", ANSWER)
+    assert len(s["naive"]) > len(ANSWER) and s["total_tokens"] > 0
+
+
+@shared_loop
+async def test_lifeline_gateway_serves_until_sigterm(shared):
+    proc = spawn_lifeline(
+        "gateway",
+        "--nats-url",
+        shared.url,
+        "--port",
+        "0",
+        "--config",
+        str(ROOT / "lifeline.example.toml"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line, _ = await asyncio.to_thread(wait_for_line, proc, r"http://127\.0\.0\.1:\d+/v1")
+        url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)  # type: ignore[union-attr]
+        async with openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=0) as client:
+            # The example config's routes are listed; the stack here serves "default" too.
+            assert "streaming" in [m.id for m in (await client.models.list()).data]
+            completion = await client.chat.completions.create(**chat())
+        assert completion.model_extra["lifeline"]["provider"] == "main"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            stream and stream.close()
+
+
+def test_lifeline_run_serves_the_gateway_and_prints_its_url():
+    proc = spawn_lifeline(
+        "run",
+        "--port",
+        "-1",
+        "--gateway-port",
+        "-1",
+        "--quiet",
+        "--config",
+        str(ROOT / "lifeline.example.toml"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line, _ = wait_for_line(proc, r"OpenAI-compatible gateway on http://127\.0\.0\.1:\d+/v1")
+        url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)  # type: ignore[union-attr]
+        wait_for_line(proc, r"dispatcher ready")
+        models = httpx.get(f"{url}/models", timeout=5).json()
+        assert "default" in [m["id"] for m in models["data"]]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            stream and stream.close()

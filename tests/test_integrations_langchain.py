@@ -1,0 +1,237 @@
+"""The LangChain chat model (service/integrations/langchain.py): langchain-tests' standard unit
+tests, and invoke, stream, async, tools and structured output over a real nats-server and stack.
+
+The sync calls run in a thread (asyncio.to_thread): the stack under test runs on this test's
+event loop, which a blocking call on it would stall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from helpers import config, fake
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_tests.unit_tests import ChatModelUnitTests
+from pydantic import BaseModel
+
+from service.client import NoDispatcher
+from service.integrations import bridge
+from service.integrations.langchain import ChatLifeline, ReplyError, TextWithdrawn
+
+
+class TestChatLifelineStandard(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatLifeline]:
+        return ChatLifeline
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": "default", "nats_url": "nats://127.0.0.1:4222"}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return True
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def model_override_value(self) -> str:
+        return "another-route"
+
+
+@pytest.fixture
+def benchmark(benchmark):
+    """langchain-tests times the model's construction with pytest-benchmark, for about a
+    second; once is enough here (Lifeline's own benchmarks are tests/bench)."""
+    benchmark.disabled = True
+    return benchmark
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str
+    age: int
+
+
+@pytest.fixture
+async def model(nats_url: str):
+    chat = ChatLifeline(model="default", nats_url=nats_url, timeout=5)
+    yield chat
+    await asyncio.to_thread(chat.close)
+
+
+def test_a_request_carries_the_chat_and_the_settings():
+    model = ChatLifeline(model="main", temperature=0.5, max_tokens=9, stop=["\n"], seed=3)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    history = [
+        SystemMessage("Be brief."),
+        HumanMessage(content=[{"type": "text", "text": "What is this?"}, image]),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+        ToolMessage("sunny", tool_call_id="c1"),
+    ]
+    bound = model.bind_tools([get_weather], tool_choice="get_weather")
+    request = model.lifeline_request(history, **bound.kwargs, model="other", timeout=3)
+    assert (request.route, request.timeout_s, request.temperature) == ("other", 3, 0.5)
+    assert (request.max_tokens, request.stop, request.seed) == (9, ["\n"], 3)
+    assert [m.role for m in request.messages] == ["system", "user", "assistant", "tool"]
+    assert request.messages[1].images == 1 and request.messages[1].text == "What is this?"
+    call = request.messages[2].tool_calls[0]
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "c1",
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert request.messages[3].tool_call_id == "c1"
+    assert request.tools[0].name == "get_weather" and request.tool_choice.name == "get_weather"
+    assert request.tools[0].parameters["properties"]["city"]["type"] == "string"
+    with pytest.raises(ValueError, match="unknown call argument 'temprature'"):
+        model.lifeline_request(history, temprature=1)
+    options = ChatLifeline(request_options={"temperature": 0.3, "targets": ["a", "b"]})
+    request = options.lifeline_request(history)
+    assert (request.temperature, request.targets, request.route) == (0.3, ["a", "b"], "default")
+
+
+async def test_invoke_stream_and_their_async_twins_over_lifeline(lifeline, model):
+    providers = {"flaky": fake(fail_status=429), "backup": fake(chunks=3)}
+    await lifeline(config(providers))
+    answer = await asyncio.to_thread(model.invoke, "To get to the other side")
+    assert answer.content == "To get to the other side"
+    meta = answer.response_metadata
+    assert (meta["provider"], meta["route"], meta["model_name"]) == ("backup", "default", "fake-1")
+    assert [(a["target"], a["error_type"]) for a in meta["attempts"]] == [
+        ("flaky", "rate_limit"),
+        ("backup", None),
+    ]
+    assert meta["trace_id"] and answer.id == meta["id"]
+    assert (
+        answer.usage_metadata["input_tokens"] == 6 and answer.usage_metadata["total_tokens"] == 12
+    )
+
+    chunks = await asyncio.to_thread(lambda: list(model.stream("one two three four")))
+    assert [c.content for c in chunks[:-1]] and len(chunks) == 4  # three deltas and the end
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk
+    assert whole.content == "one two three four" and whole.usage_metadata["output_tokens"] == 4
+    assert whole.response_metadata["provider"] == "backup"
+
+    answer = await model.ainvoke([HumanMessage("async hello")])
+    assert answer.content == "async hello"
+    pieces = [chunk.content async for chunk in model.astream("async stream")]
+    assert "".join(pieces) == "async stream"
+
+
+async def test_a_tool_call_and_its_result_round_trip(lifeline, model):
+    providers = {
+        "agent": fake(
+            reply="", tool_calls=[{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+        ),
+        "echo": fake(reply="request"),  # answers with the request it got, as JSON
+    }
+    routes = {"default": {"targets": ["agent"]}, "echo": {"targets": ["echo"]}}
+    await lifeline(config(providers, routes))
+    with_tools = model.bind_tools([get_weather], tool_choice="any")
+    asked = await asyncio.to_thread(with_tools.invoke, "Weather in Paris?")
+    assert asked.tool_calls == [
+        {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}
+    ]
+    assert asked.response_metadata["finish_reason"] == "tool_calls"
+    streamed = [chunk async for chunk in with_tools.astream("Weather in Paris?")]
+    whole = streamed[0]
+    for chunk in streamed[1:]:
+        whole += chunk
+    assert whole.tool_calls[0]["args"] == {"city": "Paris"}
+
+    result = ToolMessage(get_weather.invoke({"city": "Paris"}), tool_call_id="call_1")
+    echo = model.bind_tools([get_weather])  # "required" would refuse an answer without a call
+    seen = await echo.ainvoke(["Weather in Paris?", asked, result], model="echo")
+    sent = json.loads(seen.content)
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][1]["tool_calls"] == [
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    ]
+    assert sent["messages"][2] == {
+        "role": "tool",
+        "content": "sunny in Paris",
+        "tool_call_id": "call_1",
+    }
+    assert sent["tools"][0]["name"] == "get_weather"
+
+
+async def test_structured_output_and_errors(lifeline, model):
+    ada = '{"name": "Ada", "age": 36}'
+    providers = {
+        "main": fake(reply=ada, tool_calls=[{"name": "Person", "arguments": ada}]),
+        "down": fake(fail_status=503),
+    }
+    await lifeline(
+        config(providers, {"default": {"targets": ["main"]}, "down": {"targets": ["down"]}})
+    )
+    for method in ("function_calling", "json_schema", "json_mode"):
+        person = await model.with_structured_output(Person, method=method).ainvoke("Ada?")
+        assert person == Person(name="Ada", age=36)
+    with pytest.raises(ReplyError, match="all_failed") as failed:
+        await model.ainvoke("Hi", model="down")
+    assert failed.value.reply.attempts[0].error_type == "server_error"
+    # LangChain's own fallbacks see the failure: the error reply is an exception
+    fallback = model.bind(model="down").with_fallbacks([model])
+    assert (await fallback.ainvoke("rescued")).content == ada
+
+
+async def test_a_stream_that_fails_midway_raises_rather_than_adding_up_wrong_text(lifeline, model):
+    providers = {"chatty": fake(fail_after_chunks=2, chunks=4), "backup": fake(reply="whole")}
+    await lifeline(config(providers))
+    pieces = []
+    with pytest.raises(ReplyError, match="midstream_failed"):  # on_midstream "fail"
+        async for chunk in model.astream("one two three four"):
+            pieces.append(chunk.content)
+    assert len(pieces) == 2
+    resetting = model.model_copy(update={"on_midstream": "reset"})
+    with pytest.raises(TextWithdrawn, match="failed after 2 streamed pieces"):
+        await asyncio.to_thread(lambda: list(resetting.stream("one two three four")))
+    assert (await resetting.ainvoke("not streamed: no reset")).content == "not streamed: no reset"
+
+
+async def test_no_dispatcher_is_a_clear_error(nats_url):
+    model = ChatLifeline(nats_url=nats_url)
+    try:
+        with pytest.raises(NoDispatcher):
+            await model.ainvoke("Hi")
+    finally:
+        await asyncio.to_thread(bridge.close, nats_url)
