@@ -32,6 +32,19 @@ PROVIDER_PREFIX = "llm.provider."
 # "Stop that attempt": every replica of a provider's worker listens (no queue group), the one
 # running the attempt named in the body (its Lifeline-Attempt-Id) cancels it and its HTTP call.
 CANCEL_PREFIX = "llm.cancel."
+# Every dispatcher connects with this inbox prefix (unless given another): its attempts'
+# replies come to <prefix>.<id>.<n> and a streaming attempt's chunks to <prefix>.<id>.<n>.c
+# (service/transport.py), so a server can let workers publish chunks there and nowhere else
+# (service/permissions.py). Clients' inboxes stay apart, under _INBOX.
+DISPATCHER_INBOX_PREFIX = "_LIFELINE_DISPATCHER"
+# The NATS service API (ADR-32, service/discovery.py): every dispatcher and worker answers
+# $SRV.PING, $SRV.INFO and $SRV.STATS, also with .<service> and .<service>.<id> after them,
+# where <service> is DISPATCHER_SERVICE or worker_service(provider). No queue group: every
+# instance answers.
+SERVICE_API_PREFIX = "$SRV"
+SERVICE_API_VERBS = ("PING", "INFO", "STATS")
+DISPATCHER_SERVICE = "lifeline-dispatcher"
+WORKER_SERVICE_PREFIX = "lifeline-worker-"
 # One audit event per request, on llm.audit.ok or llm.audit.error.
 AUDIT_PREFIX = "llm.audit."
 AUDIT_ALL = AUDIT_PREFIX + ">"
@@ -66,6 +79,21 @@ def provider_queue(name: str) -> str:
 
 def cancel_subject(provider: str) -> str:
     return CANCEL_PREFIX + provider
+
+
+def worker_service(provider: str) -> str:
+    """A provider's workers' name in the NATS service API."""
+    return WORKER_SERVICE_PREFIX + provider
+
+
+def service_api_subjects(name: str, instance_id: str) -> list[str]:
+    """What one instance of service `name` answers: each verb alone, with its name, and
+    with its name and id."""
+    return [
+        f"{SERVICE_API_PREFIX}.{verb}{suffix}"
+        for verb in SERVICE_API_VERBS
+        for suffix in ("", f".{name}", f".{name}.{instance_id}")
+    ]
 
 
 def audit_subject(status: str) -> str:

@@ -8,6 +8,7 @@
     [routes.<name>]         ordered `targets`, `fallback_on`, chains per error class, max_attempts
     [fallbacks]             optional: default chains per error class, for routes that name none
     [breaker]               optional: circuit-breaker defaults for every target (service/health.py)
+    [nats]                  optional: how to connect to NATS, credentials, TLS (service/natsopts.py)
 
 Provider tables are validated by their kind's settings type (workers/), so a typo in
 any key fails here, before anything connects. Every chain entry is resolved here to a
@@ -28,6 +29,7 @@ from msgspec import Meta, Struct
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import OnMidstream, TargetSpec
 from service.health import BreakerSettings
+from service.natsopts import NatsSettings
 from service.shaping import DROPPABLE, Template
 from workers.base import ProviderSettings
 from workers.registry import known_kinds, parse_settings
@@ -179,6 +181,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     jobs: dict[str, Any] = {}
     audit: dict[str, Any] = {}
     jetstream: dict[str, Any] = {}
+    nats: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -193,6 +196,7 @@ class Config(Struct, frozen=True):
     jobs: JobsSettings = JobsSettings()
     audit: AuditSettings = AuditSettings()
     jetstream: JetStreamSettings = JetStreamSettings()
+    nats: NatsSettings = NatsSettings()
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
@@ -262,7 +266,39 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         jobs=_convert(raw.jobs, JobsSettings, "jobs"),
         audit=_convert(raw.audit, AuditSettings, "audit"),
         jetstream=_convert(raw.jetstream, JetStreamSettings, "jetstream"),
+        nats=_nats(raw.nats),
     )
+
+
+def load_nats_settings(path: str | Path) -> NatsSettings:
+    """Only the [nats] table of a config file, checked: for the commands that only connect
+    (ask, status, ...), which a mistake elsewhere in the file should not stop."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (pass --config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return _nats(data.get("nats", {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _nats(table: Any) -> NatsSettings:
+    for secret in ("password", "token"):
+        if isinstance(table, dict) and secret in table:
+            raise ConfigError(
+                f"nats.{secret}: a secret is never written in the config: name the environment "
+                f"variable ({secret}_env) or the file ({secret}_file) that holds it"
+            )
+    settings = _convert(table, NatsSettings, "nats")
+    for key, problem in settings.problems():
+        raise ConfigError(f"nats.{key}: {problem}")
+    return settings
 
 
 def _named_targets(

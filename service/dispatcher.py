@@ -25,6 +25,7 @@ from schemas.wire import OVERLOADED, REPLY_SUBJECT_REFUSED, salvage_id
 from service import telemetry
 from service.audit import ensure_audit_stream
 from service.config import Config
+from service.discovery import Tally
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
 from service.jobs import Jobs
@@ -66,6 +67,9 @@ class Dispatcher:
         self._refusals: deque[tuple[Msg, float, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
+        # Figures for the NATS service API ($SRV.STATS, service/discovery.py).
+        self.complete_tally = Tally()
+        self.stream_tally = Tally()
 
     async def start(self) -> None:
         await self.health.start()
@@ -100,9 +104,14 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._subs)
+
     def _on_msg(self, msg: Msg, stream: bool = False) -> None:
         """Called for each request as it is read: starts its task, or queues its refusal."""
         arrived = time.monotonic()
+        (self.stream_tally if stream else self.complete_tally).requests += 1
         if len(self._tasks) >= self.max_in_flight:
             self._refusals.append((msg, arrived, stream))
             if self._refuser is None or self._refuser.done():
@@ -168,9 +177,14 @@ class Dispatcher:
             else:
                 respond = self._responder(msg.reply)
         inbound = Inbound(msg.data, msg.headers, arrived)
-        await self.engine.serve(inbound, respond, refused, sink)
-        if refused is None:
-            self._latency_s += (time.monotonic() - arrived - self._latency_s) / 16
+        reply = await self.engine.serve(inbound, respond, refused, sink)
+        tally = self.stream_tally if stream else self.complete_tally
+        tally.busy_ms += reply.latency_ms
+        if reply.error is not None:
+            tally.errors += 1
+            tally.last_error = reply.error.type
+        if refused is None:  # the engine measured it: no second clock read
+            self._latency_s += (reply.latency_ms / 1000 - self._latency_s) / 16
 
     def _responder(self, reply_to: str) -> Respond:
         async def respond(reply: CompletionReply) -> CompletionReply:

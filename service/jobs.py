@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 from schemas import CompletionReply, subjects
 from schemas.wire import encoder, reply_decoder, salvage_id
 from service.config import JobsSettings
+from service.discovery import Tally
 from service.engine import Engine, Inbound
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
@@ -82,6 +83,10 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsSettings, replicas: in
             ttl=settings.results_ttl_s,
             replicas=replicas,
             description="Lifeline job results, by job id",
+            # Reads by key ($JS.API.DIRECT.GET.<stream>.<key>), never by sequence: a
+            # least-privilege client may read the result of a job whose id it knows, and only
+            # that (service/permissions.py).
+            direct=True,
         )
 
 
@@ -108,6 +113,7 @@ class Jobs:
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # jobs answered by the engine
         self.found = 0  # deliveries answered from a result already stored
+        self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
 
     async def start(self) -> None:
         """Take jobs from now on. When the stream cannot be set up yet (no JetStream, or a
@@ -169,6 +175,11 @@ class Jobs:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether it pulls from the jobs stream (not while JetStream cannot be reached)."""
+        return self._sub is not None
+
     async def _pull(self) -> None:
         while True:
             free = self.settings.in_flight - len(self._tasks)
@@ -218,6 +229,7 @@ class Jobs:
         job_id = job_id_of(msg)
         key = subjects.job_key(job_id)
         inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
+        self.tally.requests += 1
         stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
             self.found += 1
@@ -239,7 +251,11 @@ class Jobs:
         sink = None
         if events_to and subjects.reply_subject_refused(events_to) is None:
             sink = ClientStream(self.nc, events_to)
-        await self.engine.serve(inbound, keep, sink=sink)
+        reply = await self.engine.serve(inbound, keep, sink=sink)
+        self.tally.busy_ms += reply.latency_ms
+        if reply.error is not None:
+            self.tally.errors += 1
+            self.tally.last_error = reply.error.type
         if not kept:  # the engine logs what `keep` raised and goes on: never ack then
             raise RuntimeError("the job's result could not be stored (see the log above)")
         self.handled += 1

@@ -42,6 +42,7 @@ from schemas.subjects import (
 )
 from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
+from service.discovery import Tally
 from service.natsio import ensure_subscribed, fast_path, publish_checked, stop_taking
 from workers.base import Provider, ProviderError, scrub
 
@@ -69,6 +70,8 @@ class WorkerRuntime:
         self._sub = None
         self._cancel_sub = None
         self.cancelled = 0  # attempts stopped by a cancel message
+        self.cancels_heard = 0  # cancel messages, for this replica's attempts or another's
+        self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
         self._secrets: tuple[str, ...] = tuple(
             getattr(provider, "secrets", ())
         )  # scrubbed from every message
@@ -96,7 +99,12 @@ class WorkerRuntime:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def subscribed(self) -> bool:
+        return self._sub is not None
+
     def _on_msg(self, msg: Msg) -> None:
+        self.tally.requests += 1
         task = asyncio.create_task(self.handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -106,6 +114,7 @@ class WorkerRuntime:
             task.add_done_callback(lambda _: self._by_attempt.pop(attempt_id, None))
 
     def _on_cancel(self, msg: Msg) -> None:
+        self.cancels_heard += 1
         task = self._by_attempt.pop(msg.data[:64].decode(errors="replace"), None)
         if task is not None and task.cancel():
             self.cancelled += 1
@@ -130,16 +139,18 @@ class WorkerRuntime:
             )
         else:
             reply = await self._call(request, timeout_s, msg.headers)
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.tally.busy_ms += latency_ms
         if msg.reply:
-            reply = msgspec.structs.replace(
-                reply, latency_ms=(time.perf_counter() - started) * 1000
-            )
+            reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
             await self._send(msg.reply, reply)
 
     async def _send(self, subject: str, reply: ProviderReply) -> None:
         """Publish a reply that fits the server's max_payload, scrubbed of this worker's
         credentials."""
         if isinstance(reply, ProviderFailure):
+            self.tally.errors += 1
+            self.tally.last_error = reply.kind
             reply = msgspec.structs.replace(reply, message=scrub(reply.message, self._secrets))
         payload = encoder.encode(reply)
         if len(payload) > self.nc.max_payload:

@@ -1,0 +1,301 @@
+"""The NATS service API (ADR-32) for dispatchers and workers, and asking it.
+
+Every dispatcher and worker answers `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (each also with
+`.<name>` and `.<name>.<id>`) as nats.micro's services do, so `nats micro ls`, `nats micro
+stats lifeline-dispatcher` and any ADR-32 client find them: their name
+(`lifeline-dispatcher`, `lifeline-worker-<provider>`), version, id, endpoints (subject and
+queue group) and figures. The requests themselves never go through nats.micro: its handler
+wrapper (nats-py's queue and task per subscription, a Request and two clock reads per message)
+would sit on the hot path, which Lifeline's fast path (service/natsio.py) keeps clear. The
+figures are counters on the existing path (an integer added as a request arrives; the
+milliseconds the engine or the worker measured anyway, and an error count, as it is answered),
+read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`, `max_in_flight`
+(absent where there is none) and `subscribed`; `problems` reads readiness from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas import subjects
+from service.natsio import ensure_subscribed
+
+_TYPE = "io.nats.micro.v1.{}_response"
+
+
+class Endpoint(NamedTuple):
+    """One subject a component takes requests on, with its figures since it started."""
+
+    name: str  # [A-Za-z0-9_-]+, as ADR-32 names endpoints
+    subject: str
+    queue_group: str  # "" for a plain subscription: every replica gets every message
+    num_requests: int = 0
+    num_errors: int = 0
+    processing_ms: float = 0.0  # summed over the requests answered
+    last_error: str = ""
+    data: dict[str, Any] | None = None  # in_flight, max_in_flight, subscribed ...
+
+
+class Tally:
+    """An endpoint's figures, kept by its component: a request counted as it arrives, an error
+    and the milliseconds it took as it is answered."""
+
+    __slots__ = ("busy_ms", "errors", "last_error", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.busy_ms = 0.0
+        self.last_error = ""
+
+    def endpoint(self, name: str, subject: str, queue_group: str, **data: Any) -> Endpoint:
+        return Endpoint(
+            name,
+            subject,
+            queue_group,
+            self.requests,
+            self.errors,
+            self.busy_ms,
+            self.last_error,
+            data,
+        )
+
+
+def dispatcher_endpoints(dispatcher: Any) -> list[Endpoint]:
+    """A Dispatcher's (service/dispatcher.py) endpoints: llm.complete and llm.stream, which
+    share its in-flight maximum, and llm.jobs.submit when it takes jobs."""
+    load = {
+        "in_flight": dispatcher.in_flight,
+        "max_in_flight": dispatcher.max_in_flight,
+        "subscribed": dispatcher.subscribed,
+    }
+    queue = subjects.DISPATCHER_QUEUE
+    found = [
+        dispatcher.complete_tally.endpoint("complete", subjects.COMPLETE, queue, **load),
+        dispatcher.stream_tally.endpoint("stream", subjects.STREAM, queue, **load),
+    ]
+    jobs = dispatcher.jobs
+    if jobs is not None:  # pulled from a JetStream consumer, shared by every dispatcher
+        found.append(
+            jobs.tally.endpoint(
+                "jobs",
+                subjects.JOBS_SUBMIT,
+                subjects.JOBS_CONSUMER,
+                in_flight=jobs.in_flight,
+                subscribed=jobs.subscribed,
+            )
+        )
+    return found
+
+
+def worker_endpoints(runtime: Any) -> list[Endpoint]:
+    """A WorkerRuntime's (workers/runtime.py) endpoints: its provider's subject, and the
+    cancels every replica hears."""
+    provider = runtime.name
+    return [
+        runtime.tally.endpoint(
+            "provider",
+            subjects.provider_subject(provider),
+            subjects.provider_queue(provider),
+            in_flight=runtime.in_flight,
+            subscribed=runtime.subscribed,
+        ),
+        Endpoint(
+            "cancel",
+            subjects.cancel_subject(provider),
+            "",
+            runtime.cancels_heard,
+            data={"cancelled": runtime.cancelled, "subscribed": runtime.subscribed},
+        ),
+    ]
+
+
+def version() -> str:
+    """The installed package's version (SemVer, as ADR-32 wants)."""
+    try:
+        return importlib.metadata.version("lifeline")
+    except importlib.metadata.PackageNotFoundError:  # a checkout never installed
+        return "0.0.0-unknown"
+
+
+class Responder:
+    """Answers the service API for one component on its own connection. `endpoints` gives
+    the component's figures when someone asks."""
+
+    def __init__(
+        self,
+        nc: Client,
+        name: str,
+        description: str,
+        endpoints: Callable[[], list[Endpoint]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.name = name
+        self.id = secrets.token_hex(11)
+        self.description = description
+        self.endpoints = endpoints
+        # Immutable, as ADR-33 wants: where this instance runs.
+        self.metadata = {"host": socket.gethostname(), "pid": str(os.getpid()), **(metadata or {})}
+        self.version = version()
+        self.started = datetime.now(UTC)
+        self._subs: list[Subscription] = []
+
+    async def start(self) -> None:
+        for subject in subjects.service_api_subjects(self.name, self.id):
+            self._subs.append(await self.nc.subscribe(subject, cb=self._answer))
+        await ensure_subscribed(self.nc)
+
+    async def stop(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):  # a closed connection has nothing to drop
+                await sub.unsubscribe()
+
+    async def _answer(self, msg: Msg) -> None:
+        verb = msg.subject.split(".")[1]
+        body = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]()
+        if msg.reply:
+            with contextlib.suppress(Exception):  # the asker may be gone; nothing to do then
+                await self.nc.publish(msg.reply, json.dumps(body).encode())
+
+    def _identity(self, verb: str) -> dict[str, Any]:
+        return {
+            "type": _TYPE.format(verb),
+            "name": self.name,
+            "id": self.id,
+            "version": self.version,
+            "metadata": self.metadata,
+        }
+
+    def ping(self) -> dict[str, Any]:
+        return self._identity("ping")
+
+    def info(self) -> dict[str, Any]:
+        endpoints = [
+            {"name": e.name, "subject": e.subject, "queue_group": e.queue_group, "metadata": {}}
+            for e in self.endpoints()
+        ]
+        return {**self._identity("info"), "description": self.description, "endpoints": endpoints}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self._identity("stats"),
+            # RFC 3339 in UTC with microseconds: what Go's and nats-py's clients both parse.
+            "started": self.started.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "endpoints": [_endpoint_stats(e) for e in self.endpoints()],
+        }
+
+
+def _endpoint_stats(e: Endpoint) -> dict[str, Any]:
+    processing_ns = int(e.processing_ms * 1_000_000)
+    return {
+        "name": e.name,
+        "subject": e.subject,
+        "queue_group": e.queue_group,
+        "num_requests": e.num_requests,
+        "num_errors": e.num_errors,
+        "last_error": e.last_error,
+        "processing_time": processing_ns,
+        "average_processing_time": processing_ns // e.num_requests if e.num_requests else 0,
+        "data": e.data,
+    }
+
+
+def problems(stats: dict[str, Any]) -> list[str]:
+    """What keeps an instance from being ready, read from its STATS: an endpoint not
+    subscribed, or one at its maximum of requests in flight. [] when it is ready."""
+    found: dict[str, None] = {}  # ordered, without repeats (a dispatcher's endpoints share a load)
+    for endpoint in stats.get("endpoints") or []:
+        data = endpoint.get("data") or {}
+        if data.get("subscribed") is False:
+            found[f"not subscribed to {endpoint.get('subject')}"] = None
+        in_flight, most = data.get("in_flight"), data.get("max_in_flight")
+        if isinstance(in_flight, int) and isinstance(most, int) and in_flight >= most:
+            found[f"overloaded: {in_flight} requests in flight, its maximum is {most}"] = None
+    return list(found)
+
+
+def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
+    """One instance's readiness and figures from its STATS, as `lifeline health` shows them.
+    Its requests, errors and load are those of the endpoints that take work (not cancels)."""
+    metadata = stats.get("metadata") or {}
+    working = [e for e in stats.get("endpoints") or [] if "in_flight" in (e.get("data") or {})]
+    found = problems(stats)
+    first = working[0]["data"] if working else {}
+    return {
+        "name": stats.get("name", "?"),
+        "id": stats.get("id", "?"),
+        "version": stats.get("version", "?"),
+        "host": metadata.get("host", "?"),
+        "pid": metadata.get("pid", "?"),
+        "ready": not found,
+        "problems": found,
+        "in_flight": first.get("in_flight"),
+        "max_in_flight": first.get("max_in_flight"),
+        "requests": sum(e.get("num_requests", 0) for e in working),
+        "errors": sum(e.get("num_errors", 0) for e in working),
+    }
+
+
+async def ask(
+    nc: Client, verb: str, name: str | None = None, timeout_s: float = 2.0, stall_s: float = 0.3
+) -> list[dict[str, Any]]:
+    """Every answer to `$SRV.<verb>[.<name>]`: waits up to timeout_s, and stall_s after the
+    latest answer (as the nats CLI does), or not at all when nobody listens."""
+    subject = f"{subjects.SERVICE_API_PREFIX}.{verb}" + (f".{name}" if name else "")
+    answers: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+    nobody = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            nobody.set()  # no responders: the server says nobody is subscribed
+            return
+        with contextlib.suppress(ValueError):
+            answers.append(json.loads(msg.data))
+            arrived.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await ensure_subscribed(nc)
+        await nc.publish(subject, b"", reply=inbox)
+        await _gather(arrived, nobody, timeout_s, stall_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return answers
+
+
+async def _gather(
+    arrived: asyncio.Event, nobody: asyncio.Event, timeout_s: float, stall_s: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    wait_s = timeout_s
+    while not nobody.is_set():
+        arrived.clear()
+        waits = {asyncio.ensure_future(arrived.wait()), asyncio.ensure_future(nobody.wait())}
+        done, pending = await asyncio.wait(
+            waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for wait in pending:
+            wait.cancel()
+        left = deadline - loop.time()
+        if not done or left <= 0:
+            return
+        wait_s = min(stall_s, left)

@@ -1,0 +1,365 @@
+"""How a Lifeline process connects to NATS: its servers, credentials, TLS and inbox prefix.
+
+Every command resolves them the same way, option by option: its command-line flag, else the
+config file's [nats] table, else the environment variable the `nats` CLI reads for it.
+
+    flag                 [nats] key                      environment
+    --nats-url           url                             NATS_URL
+    --nats-user          user                            NATS_USER
+    --nats-password      password_env, password_file     NATS_PASSWORD
+    --nats-token         token_env, token_file           NATS_TOKEN
+    --nats-nkey          nkey        (a seed file)       NATS_NKEY
+    --nats-creds         creds       (a .creds file)     NATS_CREDS
+    --nats-ca            ca                              NATS_CA
+    --nats-cert          cert                            NATS_CERT
+    --nats-key           key                             NATS_KEY
+    --nats-inbox-prefix  inbox_prefix                    NATS_INBOX_PREFIX
+
+The config file holds no secret: a password or token is named by the environment variable or
+the file that holds it. A user without a password is a token, as for the `nats` CLI, and user
+info in a URL (nats://user:pass@host, nats://token@host) still works. Nothing here is ever
+printed but `shown` (the URLs without their user info) and `describe()` (which options are
+set and where from, never their values).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from service.embedded import redact_url
+
+# The options, by their [nats] key (also the --nats-<key> flag's name, '_' as '-').
+ENV = {
+    "url": "NATS_URL",
+    "user": "NATS_USER",
+    "password": "NATS_PASSWORD",
+    "token": "NATS_TOKEN",
+    "nkey": "NATS_NKEY",
+    "creds": "NATS_CREDS",
+    "ca": "NATS_CA",
+    "cert": "NATS_CERT",
+    "key": "NATS_KEY",
+    "inbox_prefix": "NATS_INBOX_PREFIX",
+}
+SECRETS = ("password", "token")  # never a value in the [nats] table: *_env or *_file
+_ENV_NAME = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+# Subject tokens separated by dots, no wildcards: nats-py appends ".<unique id>".
+_INBOX_PREFIX = r"^([A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*)?$"
+_INBOX_PREFIX_WANTED = (
+    "expected subject tokens separated by dots, without wildcards or spaces (e.g. _INBOX_alice)"
+)
+
+
+class NatsOptionError(ValueError):
+    """A connection option is wrong: conflicting, or its file missing or unreadable. The
+    message names the option, where it came from and the file, never a secret."""
+
+
+class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The config file's [nats] table (validated with the rest of the config)."""
+
+    url: str = ""  # one URL, or a cluster's comma-separated; no user info
+    user: str = ""
+    password_env: str = ""  # the name of the variable that holds it, e.g. "NATS_PASSWORD"
+    password_file: str = ""  # e.g. a compose or Kubernetes secret: /run/secrets/nats_password
+    token_env: str = ""
+    token_file: str = ""
+    nkey: str = ""  # a user NKey seed file
+    creds: str = ""  # a .creds file: user JWT and seed
+    ca: str = ""  # the CA certificates (PEM) that signed the servers' certificates
+    cert: str = ""  # a client certificate (PEM), for servers that verify clients
+    key: str = ""  # its private key (PEM, not encrypted)
+    inbox_prefix: str = ""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for each mistake msgspec's types cannot see."""
+        found = []
+        if any("@" in part for part in self.url.split(",")):
+            why = "user info in the config file is a secret written down; use user with "
+            found.append(("url", why + "password_env or password_file (or token_env, token_file)"))
+        for secret in SECRETS:
+            env_key = f"{secret}_env"
+            if not re.match(_ENV_NAME, getattr(self, env_key)):
+                found.append((env_key, "expected the name of an environment variable"))
+            if getattr(self, env_key) and getattr(self, f"{secret}_file"):
+                found.append((env_key, f"set it or {secret}_file, not both"))
+        if not re.match(_INBOX_PREFIX, self.inbox_prefix):
+            found.append(("inbox_prefix", _INBOX_PREFIX_WANTED))
+        return found
+
+
+@dataclass(frozen=True, repr=False)
+class NatsOptions:
+    """Resolved connection options. `servers` may carry user info: print `shown` instead."""
+
+    servers: str = "nats://127.0.0.1:4222"
+    user: str | None = None  # a token when no password
+    password: str | None = None
+    token: str | None = None
+    nkey: str | None = None  # paths
+    creds: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    inbox_prefix: str | None = None
+    origin: Mapping[str, str] = field(default_factory=dict, compare=False)  # key -> whence
+
+    def __repr__(self) -> str:  # no secret, should one be logged
+        return f"NatsOptions({self.describe()})"
+
+    @property
+    def shown(self) -> str:
+        """The servers fit to print: user info becomes '***'."""
+        return redact_url(self.servers)
+
+    def where(self, key: str) -> str:
+        """Where an option came from, for messages: '--nats-creds', '$NATS_CREDS', ..."""
+        return self.origin.get(key, f"--nats-{key.replace('_', '-')}")
+
+    def auth(self) -> str:
+        """How this connection authenticates, said without a secret."""
+        if self.creds:
+            return f"the credentials file {self.creds} ({self.where('creds')})"
+        if self.nkey:
+            return f"the NKey seed file {self.nkey} ({self.where('nkey')})"
+        if self.user is not None and self.password is not None:
+            return (
+                f"user and password ({self.where('user')}, {self.where('password')})"
+                if self.user
+                else f"a password ({self.where('password')})"
+            )
+        if self.token is not None:
+            return f"a token ({self.where('token')})"
+        if self.user is not None:
+            return f"a token ({self.where('user')}, a user without a password)"
+        if any("@" in part for part in self.servers.split(",")):
+            return "the user info in the URL"
+        return "no credentials"
+
+    def describe(self) -> str:
+        """The servers and what is set, for a start-up line: no secret, only file paths."""
+        parts = [] if self.auth() == "no credentials" else [f"auth: {self.auth()}"]
+        if self.ca:
+            parts.append(f"CA {self.ca}")
+        if self.cert:
+            parts.append(f"client certificate {self.cert}")
+        if self.inbox_prefix:
+            parts.append(f"inbox prefix {self.inbox_prefix}")
+        return self.shown + (f" ({'; '.join(parts)})" if parts else "")
+
+    @property
+    def uses_tls_files(self) -> bool:
+        return bool(self.ca or self.cert or self.key)
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """nats-py's connect() arguments; NatsOptionError on a conflict or a bad file, checked
+        here, before connecting (nats-py would retry a missing file forever)."""
+        methods = [
+            name
+            for name, value in (
+                ("creds", self.creds),
+                ("nkey", self.nkey),
+                ("user", self.user),
+                ("token", self.token),
+            )
+            if value
+        ]
+        if len(methods) > 1:
+            raise NatsOptionError(
+                "NATS: more than one way to authenticate: "
+                + " and ".join(f"{m} ({self.where(m)})" for m in methods)
+                + "; keep one"
+            )
+        if self.password is not None and not self.user:
+            raise NatsOptionError(
+                f"NATS: a password ({self.where('password')}) without a user: "
+                "set --nats-user, [nats] user or NATS_USER too"
+            )
+        kwargs: dict[str, Any] = {"servers": server_list(self.servers)}
+        if self.creds:
+            text = _read(self.creds, self.where("creds"), "credentials file")
+            if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
+                raise NatsOptionError(
+                    f"NATS {self.where('creds')} {self.creds}: not a .creds file "
+                    "(it needs a user JWT and a user NKey seed, as `nsc` writes them)"
+                )
+            kwargs["user_credentials"] = self.creds
+        if self.nkey:
+            _check_seed(
+                _read(self.nkey, self.where("nkey"), "NKey seed file"),
+                f"NATS {self.where('nkey')} {self.nkey}",
+            )
+            kwargs["nkeys_seed"] = self.nkey
+        if self.user and self.password is not None:
+            kwargs["user"], kwargs["password"] = self.user, self.password
+        elif self.user:  # as the `nats` CLI: a user without a password is a token
+            kwargs["token"] = self.user
+        if self.token:
+            kwargs["token"] = self.token
+        tls = self.tls_context()
+        if tls is not None:
+            kwargs["tls"] = tls
+        if self.inbox_prefix:
+            kwargs["inbox_prefix"] = self.inbox_prefix
+        return kwargs
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """None when no TLS file is set (a tls:// server then uses the system's CAs)."""
+        if not self.uses_tls_files:
+            return None
+        if bool(self.cert) != bool(self.key):
+            have, lack = ("cert", "key") if self.cert else ("key", "cert")
+            raise NatsOptionError(
+                f"NATS {self.where(have)} without {lack}: a client certificate needs its key "
+                f"(--nats-{lack}, [nats] {lack} or {ENV[lack]})"
+            )
+        try:
+            if self.ca:
+                _read(self.ca, self.where("ca"), "CA file")
+                context = ssl.create_default_context(cafile=self.ca)
+            else:
+                context = ssl.create_default_context()
+        except ssl.SSLError as exc:
+            raise NatsOptionError(
+                f"NATS {self.where('ca')} {self.ca}: no PEM certificate in it ({exc.reason})"
+            ) from None
+        if self.cert and self.key:
+            _read(self.cert, self.where("cert"), "certificate file")
+            _read(self.key, self.where("key"), "key file")
+            try:
+                context.load_cert_chain(self.cert, self.key, password=_no_passphrase)
+            except (ssl.SSLError, _Encrypted) as exc:
+                why = (
+                    "the key is encrypted: give it unencrypted, readable only by this user"
+                    if isinstance(exc, _Encrypted)
+                    else f"not a PEM certificate and its matching key ({exc.reason})"
+                )
+                raise NatsOptionError(
+                    f"NATS {self.where('cert')} {self.cert} and {self.where('key')} "
+                    f"{self.key}: {why}"
+                ) from None
+        return context
+
+
+def resolve(
+    flags: Mapping[str, str | None],
+    table: NatsSettings | None = None,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    default_url: str = "nats://127.0.0.1:4222",
+    source: str = "config",
+) -> NatsOptions:
+    """Each option from its flag (flags["creds"] for --nats-creds ...), else the [nats]
+    table of the config file `source`, else its environment variable; then checked (its
+    files read). Ways to authenticate from different places do not add up: the one from the
+    first place wins (--nats-creds over a NATS_USER left in the shell); two from the same
+    place are an error. An empty default_url and no URL anywhere give servers == ""."""
+    table = table or NatsSettings()
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    level: dict[str, int] = {}
+    for key, env in ENV.items():
+        flag = flags.get(key)
+        if flag:
+            values[key], origin[key], level[key] = flag, f"--nats-{key.replace('_', '-')}", 0
+            continue
+        found = _from_table(table, key, source, environ)
+        if found is not None:
+            (values[key], origin[key]), level[key] = found, 1
+            continue
+        if environ.get(env):
+            values[key], origin[key], level[key] = environ[env], f"${env}", 2
+    url = values.pop("url", None) or default_url
+    methods = [m for m in ("creds", "nkey", "token", "user") if m in values]
+    if "@" in url and "url" in level:  # user info in the URL is a way too
+        methods.append("url")
+    if methods:
+        first = min(level[m] for m in methods)
+        chosen = [m for m in methods if level[m] == first]
+        if len(chosen) > 1:
+            raise NatsOptionError(
+                "NATS: more than one way to authenticate: "
+                + " and ".join(f"{m} ({origin[m]})" for m in chosen)
+                + "; keep one"
+            )
+        for dropped in (m for m in methods if m not in (chosen[0], "url")):
+            del values[dropped], origin[dropped]
+        if chosen[0] != "user":
+            values.pop("password", None)
+    prefix = values.get("inbox_prefix")
+    if prefix and not re.match(_INBOX_PREFIX, prefix):
+        raise NatsOptionError(f"NATS {origin['inbox_prefix']} {prefix!r}: {_INBOX_PREFIX_WANTED}")
+    options = NatsOptions(servers=url, origin=origin, **values)
+    if url:
+        options.connect_kwargs()  # conflicts and files: an error now, not at connect time
+    return options
+
+
+def server_list(url: str) -> list[str]:
+    """A NATS URL, or a comma-separated list of a cluster's URLs as the `nats` CLI takes them
+    (nats-py wants a list). Any one reachable server is enough to start: the client learns
+    the cluster's other servers from it and fails over to them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def _from_table(
+    table: NatsSettings, key: str, source: str, environ: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """The [nats] table's value for `key` and where it came from, or None when unset."""
+    if key in SECRETS:
+        env_name, path = getattr(table, f"{key}_env"), getattr(table, f"{key}_file")
+        if env_name:
+            where = f"{source} [nats] {key}_env (${env_name})"
+            if not environ.get(env_name):
+                raise NatsOptionError(f"NATS {where}: ${env_name} is not set")
+            return environ[env_name], where
+        if path:
+            where = f"{source} [nats] {key}_file"
+            return _read(path, where, f"{key} file").strip(), f"{where} ({path})"
+        return None
+    value = getattr(table, key)
+    return (value, f"{source} [nats] {key}") if value else None
+
+
+def _read(path: str, where: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        problem = "no such file"
+    except IsADirectoryError:
+        problem = "a directory, not a file"
+    except PermissionError:
+        problem = "not readable by this user"
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"cannot read it ({type(exc).__name__})"
+    raise NatsOptionError(f"NATS {where}: the {what} {path}: {problem}")
+
+
+def _check_seed(text: str, label: str) -> None:
+    """A user NKey seed (SU...), said wrong without quoting it."""
+    import nkeys  # nats-py's own NKey module (the `nkeys` package)
+
+    seed = text.strip()
+    try:
+        nkeys.from_seed(bytearray(seed.encode())).wipe()
+    except Exception:  # noqa: BLE001 - nkeys raises several types for a malformed seed
+        raise NatsOptionError(f"{label}: not an NKey seed (a file with one line, SU...)") from None
+    if not seed.startswith("SU"):
+        raise NatsOptionError(f"{label}: not a user NKey seed (a user's starts with SU)")
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    """load_cert_chain would ask for a passphrase on the terminal: say instead."""
+    raise _Encrypted

@@ -1,0 +1,119 @@
+"""Liveness and readiness over HTTP for the components of one process (`--health-port`), for
+compose's healthchecks and Kubernetes' probes: a tiny asyncio responder, no HTTP library.
+
+    GET /healthz   200 while every NATS connection of the process is usable or reconnecting;
+                   503 once one is closed for good (the process is about to exit anyway)
+    GET /readyz    200 when every component is connected, subscribed and not overloaded, the
+                   same judgement as `lifeline health` from the same figures; else 503
+
+Both answer JSON: each component's service name and id, whether it is connected, and what
+keeps it from being ready. Off unless asked for: nothing listens by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from service.discovery import problems
+
+log = logging.getLogger("lifeline.probes")
+
+_READ_TIMEOUT_S = 5.0
+_MAX_HEAD_BYTES = 8192
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def component_state(component: Any) -> dict[str, Any]:
+    """One component's (service.app.Component) readiness: connected, and no problem in its
+    service API figures."""
+    connected = component.nc.is_connected
+    responder = component.responder
+    stats = responder.stats() if responder is not None else {"endpoints": []}
+    found = ([] if connected else ["not connected to NATS"]) + problems(stats)
+    return {
+        "name": stats.get("name", component.name),
+        "id": stats.get("id", ""),
+        "connected": connected,
+        "ready": not found,
+        "problems": found,
+    }
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """[HOST:]PORT; every interface when HOST is left out (a Kubernetes probe comes from
+    outside the container)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--health-port: expected [HOST:]PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Probes:
+    """Serves /healthz and /readyz for `components` (a list that may still grow)."""
+
+    def __init__(self, components: Sequence[Any]) -> None:
+        self.components = components
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, address: str) -> None:
+        host, port = parse_address(address)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("health probes on http://%s:%d/healthz and /readyz", host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        gone = [c.name for c in self.components if c.nc.is_closed]
+        return not gone, {"live": not gone, "closed_for_good": gone}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        states = [component_state(c) for c in self.components]
+        ready = bool(states) and all(s["ready"] for s in states)
+        return ready, {"ready": ready, "components": states}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(self._response(head))
+            await writer.drain()
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass  # a client that sent no request, or too much of one: just hang up
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _response(self, head: bytes) -> bytes:
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        checks = {b"/healthz": self.live, b"/readyz": self.ready}
+        if path not in checks:
+            status, body = 404, {"error": "not found: try /healthz or /readyz"}
+        elif method not in (b"GET", b"HEAD"):
+            status, body = 405, {"error": "use GET"}
+        else:
+            ok, body = checks[path]()
+            status = 200 if ok else 503
+        payload = json.dumps(body).encode()
+        lines = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        )
+        return lines.encode() + (b"" if method == b"HEAD" else payload)

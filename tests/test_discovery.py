@@ -1,0 +1,222 @@
+"""Discovery and health: dispatchers and workers answer the NATS service API ($SRV, ADR-32)
+as nats.micro's services do, with figures that match what they served; `lifeline health` and
+the HTTP probes (/healthz, /readyz) say whether each is connected, subscribed and not
+overloaded. Everything over real nats-servers; the `nats` CLI is not needed: nats-py's own
+nats.micro types parse every answer, as its clients would."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+from typing import Any
+
+import httpx
+import pytest
+from helpers import USER_HELLO, ask, config, fake, run_lifeline, wait_for, write_config
+from nats.aio.client import Client
+from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+
+from schemas import subjects
+from service import cli, discovery
+from service.app import start_stack
+from service.config import parse_config
+from service.embedded import EmbeddedNats
+from service.probes import Probes
+from service.telemetry import Tracing
+
+PARSERS = {"PING": ServicePing, "INFO": ServiceInfo, "STATS": ServiceStats}
+
+
+async def srv(client: Client, verb: str, name: str = "", instance: str = "") -> list[dict]:
+    """Every answer to $SRV.<verb>[.<name>[.<id>]], each checked by nats.micro's parser."""
+    suffix = ".".join(part for part in (name, instance) if part)
+    answers = await discovery.ask(client, verb, suffix or None, timeout_s=2.0, stall_s=0.2)
+    for answer in answers:
+        PARSERS[verb].from_dict(answer)  # raises on a field nats.micro's clients need
+        assert answer["type"] == f"io.nats.micro.v1.{verb.lower()}_response"
+    return sorted(answers, key=lambda a: (a["name"], a["id"]))
+
+
+def by_name(answers: list[dict]) -> dict[str, dict]:
+    return {a["name"]: a for a in answers}
+
+
+async def health(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """`lifeline health ...` in this process (the stacks under test share its event loop)."""
+    capsys.readouterr()
+    code = await cli.cmd_health(cli.build_parser().parse_args(["health", *argv]))
+    return code, capsys.readouterr().out
+
+
+async def test_every_instance_answers_ping_info_and_stats_by_verb_name_and_id(lifeline, client):
+    cfg = config({"backup": fake()})
+    await lifeline(cfg)
+    await lifeline(cfg)  # a second dispatcher and a second worker replica
+
+    pings = await srv(client, "PING")
+    names = [p["name"] for p in pings]
+    assert names == ["lifeline-dispatcher"] * 2 + ["lifeline-worker-backup"] * 2
+    assert len({p["id"] for p in pings}) == 4
+    assert {p["version"] for p in pings} == {importlib.metadata.version("lifeline")}
+    worker = pings[2]
+    assert worker["metadata"]["provider"] == "backup" and worker["metadata"]["kind"] == "fake"
+
+    assert [p["id"] for p in await srv(client, "PING", "lifeline-dispatcher")] == [
+        p["id"] for p in pings[:2]
+    ]
+    one = await srv(client, "STATS", "lifeline-worker-backup", worker["id"])
+    assert [s["id"] for s in one] == [worker["id"]]
+    assert await srv(client, "INFO", "lifeline-worker-nobody") == []
+
+    infos = by_name(await srv(client, "INFO"))
+    endpoints = {
+        name: [(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]]
+        for name, info in infos.items()
+    }
+    assert endpoints == {
+        "lifeline-dispatcher": [
+            ("complete", subjects.COMPLETE, subjects.DISPATCHER_QUEUE),
+            ("stream", subjects.STREAM, subjects.DISPATCHER_QUEUE),
+            ("jobs", subjects.JOBS_SUBMIT, subjects.JOBS_CONSUMER),
+        ],
+        "lifeline-worker-backup": [
+            ("provider", "llm.provider.backup", "lifeline-provider-backup"),
+            ("cancel", "llm.cancel.backup", ""),
+        ],
+    }
+
+
+async def test_stats_count_every_request_its_errors_and_its_processing_time(lifeline, client):
+    cfg = config(
+        {"backup": fake(), "broken": fake(fail_status=503)},
+        routes={"default": {"targets": ["backup"]}, "broken": {"targets": ["broken"]}},
+    )
+    stack = await lifeline(cfg)
+    for _ in range(12):
+        assert (await ask(client, USER_HELLO)).status == "ok"
+    failed = [await ask(client, {**USER_HELLO, "route": "broken"}) for _ in range(3)]
+    assert {r.status for r in failed} == {"error"}
+    inbox = client.new_inbox()
+    await client.subscribe(inbox)
+    for _ in range(2):
+        await client.publish(subjects.STREAM, json.dumps(USER_HELLO).encode(), reply=inbox)
+    dispatcher = stack.dispatcher
+    await wait_for(lambda: dispatcher.stream_tally.requests == 2 and not dispatcher.in_flight)
+
+    stats = by_name(await srv(client, "STATS"))
+    complete, stream, jobs = stats["lifeline-dispatcher"]["endpoints"]
+    assert (complete["num_requests"], complete["num_errors"]) == (15, 3)
+    assert complete["last_error"] == failed[0].error.type
+    assert (stream["num_requests"], stream["num_errors"]) == (2, 0)
+    assert jobs["num_requests"] == 0
+    assert complete["processing_time"] > 0
+    assert complete["average_processing_time"] == complete["processing_time"] // 15
+    assert complete["data"] == {"in_flight": 0, "max_in_flight": 1000, "subscribed": True}
+
+    backup = stats["lifeline-worker-backup"]["endpoints"][0]
+    broken = stats["lifeline-worker-broken"]["endpoints"][0]
+    assert (backup["num_requests"], backup["num_errors"]) == (14, 0)  # the streams' included
+    assert (broken["num_requests"], broken["num_errors"], broken["last_error"]) == (
+        3,
+        3,
+        "server_error",
+    )
+    assert backup["data"] == {"in_flight": 0, "subscribed": True}
+    assert 0 < backup["processing_time"] < complete["processing_time"]
+
+
+async def test_health_says_ready_then_overloaded_then_ready_again(
+    lifeline, client, nats_url, capsys
+):
+    cfg = config({"slow": fake(latency_ms=1000)}, max_in_flight=2)
+    stack = await lifeline(cfg)
+    probes = Probes(stack.components)
+    await probes.start("127.0.0.1:0")
+    readyz = f"http://127.0.0.1:{probes.port}/readyz"
+    try:
+        async with httpx.AsyncClient() as http:
+            code, out = await health(capsys, "--nats-url", nats_url)
+            assert code == 0, out
+            assert "ready      lifeline-dispatcher" in out
+            assert "in flight 0 of 2, requests 0, errors 0" in out
+            assert "2 of 2 ready" in out
+            assert (await http.get(readyz)).status_code == 200
+
+            busy = [asyncio.create_task(ask(client, USER_HELLO)) for _ in range(2)]
+            await wait_for(lambda: stack.dispatcher.in_flight == 2)
+            code, out = await health(capsys, "--nats-url", nats_url, "--json")
+            assert code == 1
+            states = by_name(json.loads(out)["instances"])
+            assert states["lifeline-dispatcher"]["problems"] == [
+                "overloaded: 2 requests in flight, its maximum is 2"
+            ]
+            assert states["lifeline-worker-slow"]["ready"]  # workers have no maximum
+            answer = await http.get(readyz)
+            assert answer.status_code == 503
+            dispatcher = answer.json()["components"][-1]
+            assert dispatcher["name"] == "lifeline-dispatcher" and not dispatcher["ready"]
+
+            assert {r.status for r in await asyncio.gather(*busy)} == {"ok"}
+            assert (await health(capsys, "--nats-url", nats_url))[0] == 0
+            assert (await http.get(readyz)).status_code == 200
+    finally:
+        await probes.stop()
+
+
+async def test_health_names_the_missing_worker_and_fails_without_any_instance(
+    lifeline, nats_url, capsys, tmp_path
+):
+    path = write_config(tmp_path / "lifeline.toml", config({"backup": fake(), "spare": fake()}))
+    code, out = await health(capsys, "--nats-url", nats_url)
+    assert code == 1
+    assert "no Lifeline dispatcher or worker answered" in out
+
+    await lifeline(config({"backup": fake()}))
+    code, out = await health(capsys, "--nats-url", nats_url, "--config", str(path), "--expect-all")
+    assert code == 1
+    assert "MISSING    lifeline-worker-spare" in out
+    assert (await health(capsys, "--nats-url", nats_url))[0] == 0
+
+
+async def test_the_probes_follow_the_connection_through_a_server_restart():
+    server = EmbeddedNats(port=-1)
+    server.start()
+    tracers = Tracing()
+    stack = await start_stack(parse_config(config({"backup": fake()})), server.url, tracers)
+    probes = Probes(stack.components)
+    await probes.start("127.0.0.1:0")
+    base = f"http://127.0.0.1:{probes.port}"
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def status(path: str) -> tuple[int, Any]:
+                answer = await http.get(base + path)
+                return answer.status_code, answer.json()
+
+            assert (await status("/readyz"))[0] == 200
+            server.stop()
+            _, body = await wait_for(lambda: _when(status("/readyz"), lambda r: r[0] == 503), 10)
+            assert all(c["problems"] == ["not connected to NATS"] for c in body["components"])
+            assert (await status("/healthz"))[0] == 200  # reconnecting is alive
+            assert (await http.post(base + "/readyz")).status_code == 405
+            assert (await http.get(base + "/metrics")).status_code == 404
+
+            server.start()  # the same port: the components reconnect by themselves
+            await wait_for(lambda: _when(status("/readyz"), lambda r: r[0] == 200), 15)
+    finally:
+        await probes.stop()
+        await stack.stop()
+        tracers.shutdown()
+        server.stop()
+
+
+async def _when(answer: Any, accept: Any) -> Any:
+    result = await answer
+    return result if accept(result) else None
+
+
+def test_lifeline_health_as_a_command_exits_1_without_a_server():
+    result = run_lifeline("health", "--nats-url", "nats://127.0.0.1:1", timeout_s=30)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot reach NATS" in result.stderr

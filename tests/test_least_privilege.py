@@ -1,0 +1,376 @@
+"""The least-privilege nats-server configuration (`lifeline nats-config`, service/permissions.py)
+runs the whole service, and the server refuses every action a role must not take.
+
+One nats-server starts with the generated configuration; a dispatcher and one worker per
+provider run as `lifeline` processes, each connecting as its role's user (NATS_USER,
+NATS_PASSWORD); the test is client alice (inbox prefix _INBOX.alice), client bob and the
+operator. The service's own users never hit a permission violation: the server's log is read
+for them at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from helpers import (
+    LIFELINE,
+    ROOT,
+    USER_HELLO,
+    LifelineProcess,
+    ask,
+    cli_env,
+    config,
+    fake,
+    wait_for,
+    write_config,
+)
+from nats.aio.client import Client
+
+from schemas import subjects
+from schemas.streaming import Assembler
+from schemas.wire import audit_decoder, encoder, reply_decoder
+from service import discovery, permissions
+from service.cli import build_parser, cmd_nats_config
+from service.config import load_config
+from service.embedded import EmbeddedNats
+from service.natsio import ensure_subscribed
+
+CONFIG = config(
+    {
+        "fast": fake(reply="echo", chunks=6, chunk_delay_ms=1),  # streamed in 6 chunks
+        "slow": fake(reply="too late", latency_ms=5000),  # always cancelled
+    },
+    routes={
+        "default": {"targets": ["fast"]},
+        # A stream whose first target sends no first chunk within ttft_s: the dispatcher gives
+        # up on it (a timeout, well before the deadline the worker knows) and cancels it.
+        "cancel": {"targets": [{"provider": "slow", "ttft_s": 0.2}, "fast"]},
+        "hedged": {"targets": ["slow", "fast"], "hedge_after_ms": 20},
+    },
+)
+CLIENTS = ("alice", "bob")
+
+
+class Secured:
+    """The server, its users' passwords, and the service's processes."""
+
+    def __init__(self, server: EmbeddedNats, passwords: dict[str, str], config_path: Path):
+        self.server = server
+        self.passwords = passwords
+        self.config_path = config_path
+        self.procs: list[LifelineProcess] = []
+
+    def env(self, user: str, **extra: str) -> dict[str, str]:
+        """A `lifeline` process's environment to connect as `user`."""
+        return {
+            "NATS_URL": self.server.url,
+            "NATS_USER": user,
+            "NATS_PASSWORD": self.passwords[user],
+            **extra,
+        }
+
+    async def connect(self, user: str, errors: list[str] | None = None, **options: Any) -> Client:
+        """A connection as `user`; the permission violations it is told of go to `errors`."""
+
+        async def on_error(exc: Exception) -> None:
+            if errors is not None:
+                errors.append(str(exc))
+
+        options.setdefault("inbox_prefix", permissions.client_inbox(user))
+        options.setdefault("name", f"test-{user}")
+        return await nats.connect(
+            self.server.url,
+            user=user,
+            password=self.passwords[user],
+            error_cb=on_error,
+            max_reconnect_attempts=1,
+            **options,
+        )
+
+    def violations(self) -> list[str]:
+        assert self.server.store_dir is not None
+        log = (Path(self.server.store_dir) / "nats-server.log").read_text()
+        return [line for line in log.splitlines() if "Violation" in line]
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    tmp = tmp_path_factory.mktemp("least-privilege")
+    config_path = write_config(tmp / "lifeline.toml", CONFIG)
+    lifeline_config = load_config(str(config_path))
+    users = permissions.users(lifeline_config, clients=CLIENTS)
+    passwords = {u.name: "p" + secrets.token_hex(12) for u in users}
+    conf = permissions.server_config(lifeline_config, clients=CLIENTS)  # `lifeline nats-config`
+    with environment(**{u.password_env: passwords[u.name] for u in users}):
+        server = EmbeddedNats(port=-1, conf=conf)
+        server.start()
+    service = Secured(server, passwords, config_path)
+    try:
+        starting = [
+            (
+                LifelineProcess(
+                    ["worker", name, "--config", str(config_path)],
+                    tmp / f"worker-{name}.log",
+                    service.env(permissions.worker_user(name)),
+                ),
+                f"worker {name} serving",
+            )
+            for name in CONFIG["providers"]
+        ]
+        starting.append(
+            (
+                LifelineProcess(
+                    ["dispatcher", "--config", str(config_path)],
+                    tmp / "dispatcher.log",
+                    service.env(permissions.DISPATCHER_USER),
+                ),
+                "jobs: taking jobs",
+            )
+        )
+        for proc, ready in starting:
+            service.procs.append(proc)
+        for proc, ready in starting:
+            proc.wait_for_log(ready)
+        yield service
+    finally:
+        for proc in reversed(service.procs):
+            proc.stop()
+        server.stop()
+
+
+def lifeline(secured: Secured, user: str, *args: str) -> subprocess.Popen[str]:
+    """A `lifeline` command as `user` (its inbox prefix set too), started."""
+    env = cli_env(**secured.env(user, NATS_INBOX_PREFIX=permissions.client_inbox(user)))
+    return subprocess.Popen(
+        [*LIFELINE, *args, "--config", str(secured.config_path)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finished(proc: subprocess.Popen[str], timeout_s: float = 20) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out, err
+
+
+async def streamed(nc: Client, request: dict[str, Any]) -> Assembler:
+    assembler = Assembler()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subjects.STREAM, encoder.encode(request), reply=inbox)
+    while not assembler.done:
+        msg = await sub.next_msg(timeout=10)
+        assembler.feed(msg.headers, msg.data)
+    await sub.unsubscribe()
+    return assembler
+
+
+async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Secured) -> None:
+    alice = await secured.connect("alice")
+    operator = await secured.connect("operator")
+    try:
+        # A core request.
+        reply = await ask(alice, USER_HELLO)
+        assert reply.status == "ok", reply.error
+        assert reply.provider == "fast"
+
+        # A streamed one: the worker's chunks reach the dispatcher's inbox, then alice's.
+        stream = await streamed(alice, USER_HELLO)
+        assert stream.reply is not None and stream.reply.status == "ok", stream.reply
+        assert stream.text == USER_HELLO["messages"][0]["content"]
+        assert stream.reply.stream is not None and stream.reply.stream.chunks == 6
+
+        # A slow attempt the dispatcher gives up on: cancelled at its worker, then a fallback.
+        cancelled = (await streamed(alice, {**USER_HELLO, "route": "cancel"})).reply
+        assert cancelled is not None and cancelled.status == "ok", cancelled
+        assert [(a.target, a.outcome) for a in cancelled.attempts] == [
+            ("slow", "timeout"),
+            ("fast", "ok"),
+        ]
+
+        # A hedge wins the race, and the slow attempt it beat is cancelled at once.
+        hedged = await ask(alice, {**USER_HELLO, "route": "hedged"})
+        assert [(a.outcome, a.reason) for a in hedged.attempts] == [
+            ("cancelled", "hedge_lost"),
+            ("ok", None),
+        ]
+
+        async def slow_cancels() -> dict[str, Any]:
+            """The slow worker's cancel endpoint in the NATS service API, which the operator
+            may ask: the cancels it heard, and those that stopped an attempt it was running
+            (every one of them here)."""
+            [stats] = await discovery.ask(operator, "STATS", subjects.worker_service("slow"))
+            [cancel] = [e for e in stats["endpoints"] if e["name"] == "cancel"]
+            return {"heard": cancel["num_requests"], "cancelled": cancel["data"]["cancelled"]}
+
+        seen: list[dict[str, Any]] = []
+
+        async def both_cancels_arrived() -> bool:
+            seen.append(await slow_cancels())
+            return seen[-1] == {"heard": 2, "cancelled": 2}
+
+        await wait_for(
+            both_cancels_arrived,
+            5,
+            lambda: f"the slow worker hearing both cancels and stopping both calls: {seen[-1]}",
+        )
+
+        # A durable job, its result pushed to alice's inbox and read back by id.
+        notify = permissions.client_inbox("alice") + ".jobs"
+        pushed = await alice.subscribe(notify)
+        job_id = "job-" + secrets.token_hex(8)
+        js = alice.jetstream(timeout=5)
+        ack = await js.publish(
+            subjects.JOBS_SUBMIT,
+            encoder.encode({**USER_HELLO, "id": job_id}),
+            headers={subjects.MSG_ID: job_id, subjects.NOTIFY: notify},
+        )
+        assert not ack.duplicate
+        assert reply_decoder.decode((await pushed.next_msg(timeout=10)).data).id == job_id
+        kv = await js.key_value(load_config(str(secured.config_path)).jobs.results_bucket)
+        stored = reply_decoder.decode((await kv.get(subjects.job_key(job_id))).value)
+        assert stored.status == "ok" and stored.id == job_id
+    finally:
+        await alice.close()
+        await operator.close()
+
+    # The commands, each as its user, side by side: a client submits a job and waits for its
+    # result; the operator reads the health view and the audit events.
+    submit = lifeline(secured, "bob", "submit", "--id", "bob-1", "hello later")
+    result = lifeline(secured, "bob", "result", "bob-1", "--wait", "15", "--json")
+    status = lifeline(secured, "operator", "status", "--json")
+    audit = lifeline(secured, "operator", "audit", "--last", "20", "--json")
+    code, out, err = finished(submit)
+    assert code == 0 and "bob-1: submitted" in out, err
+    code, out, err = finished(result)
+    assert code == 0, err
+    assert reply_decoder.decode(out).id == "bob-1"
+    code, out, err = finished(status)
+    assert code == 0, err
+    assert len(json.loads(out)["dispatchers"]) == 1
+    code, out, err = finished(audit)
+    assert code == 0, err
+    ids = {audit_decoder.decode(line).id for line in out.splitlines()}
+    assert {reply.id, stream.reply.id, cancelled.id, hedged.id, job_id} <= ids
+
+    assert [v for v in secured.violations() if ":rogue-" not in v] == []
+
+
+# What no role but its own may do; each refused by the server. (user, action, subject, why)
+FORBIDDEN = [
+    ("alice", "subscribe", "llm.provider.>", "read every prompt"),
+    ("alice", "subscribe", "_INBOX.bob.>", "read another client's answers"),
+    ("alice", "subscribe", "_INBOX.>", "read every client's answers"),
+    ("alice", "subscribe", "llm.audit.>", "read the audit events"),
+    ("alice", "subscribe", "_LIFELINE_DISPATCHER.>", "read the workers' answers and chunks"),
+    ("alice", "queue", "llm.complete", "take other clients' requests as a dispatcher"),
+    ("alice", "publish", "llm.cancel.slow", "cancel another client's attempt"),
+    ("alice", "publish", "llm.provider.fast", "call a worker past the dispatcher"),
+    ("alice", "publish", "$JS.API.CONSUMER.CREATE.LIFELINE_AUDIT", "read the audit stream"),
+    ("alice", "publish", "$JS.API.STREAM.INFO.KV_lifeline_health", "read the health bucket"),
+    ("alice", "publish", "$JS.API.CONSUMER.CREATE.KV_lifeline_results", "watch every result"),
+    ("alice", "publish", "$JS.API.STREAM.MSG.GET.KV_lifeline_results", "read results by number"),
+    ("alice", "publish", "$JS.API.DIRECT.GET.KV_lifeline_results", "read results directly"),
+    ("alice", "publish", "$JS.API.STREAM.CREATE.LIFELINE_JOBS", "make the jobs stream its way"),
+    ("alice", "publish", "$KV.lifeline_results.job.x", "write a job's result"),
+    ("worker-fast", "subscribe", "llm.provider.slow", "read another provider's prompts"),
+    ("worker-fast", "subscribe", "llm.provider.fast", "take its requests outside the group"),
+    ("worker-fast", "publish", "llm.cancel.slow", "cancel another worker's attempt"),
+    ("worker-fast", "publish", "_LIFELINE_DISPATCHER.x.1", "forge a reply to a dispatcher"),
+    ("worker-fast", "publish", "_INBOX.alice.x", "answer a client past the dispatcher"),
+    ("operator", "publish", "llm.cancel.slow", "cancel an attempt"),
+    ("operator", "publish", "llm.complete", "send requests"),
+]
+
+
+@pytest.mark.parametrize(
+    ("user", "action", "subject", "why"), FORBIDDEN, ids=[f"{c[0]}-{c[3]}" for c in FORBIDDEN]
+)
+async def test_the_server_refuses_what_a_role_may_not_do(
+    secured: Secured, user: str, action: str, subject: str, why: str
+) -> None:
+    errors: list[str] = []
+    nc = await secured.connect(user, errors, name=f"rogue-{user}")
+    bob = await secured.connect("bob")
+    operator = await secured.connect("operator")
+    try:
+        audited = await operator.subscribe(subjects.AUDIT_ALL)
+        await ensure_subscribed(operator)
+        got: list[Any] = []
+
+        async def took(msg: Any) -> None:
+            got.append(msg)
+
+        if action == "publish":
+            await nc.publish(subject, b"x")
+        elif action == "queue":
+            await nc.subscribe(subject, queue=subjects.DISPATCHER_QUEUE, cb=took)
+        else:
+            await nc.subscribe(subject, cb=took)
+        await nc.flush()
+        await wait_for(lambda: errors, 5, f"the server refusing {user} to {why}")
+        [error] = errors  # nats-py passes the server's -ERR on in lower case
+        refused = "publish to" if action == "publish" else "subscription to"
+        assert f'permissions violation for {refused} "{subject.lower()}"' in error, error
+        # Refused means nothing arrives: a request of bob's goes through (its last message,
+        # the audit event, reaches the operator), none of it here.
+        reply = await ask(bob, USER_HELLO)
+        assert reply.status == "ok"
+        while audit_decoder.decode((await audited.next_msg(timeout=5)).data).id != reply.id:
+            pass
+        await ensure_subscribed(nc)
+        assert got == []
+    finally:
+        for conn in (nc, bob, operator):
+            await conn.close()
+
+
+async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured) -> None:
+    errors: list[str] = []
+    nc = await secured.connect("alice", errors, inbox_prefix="_INBOX", name="rogue-default-inbox")
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request(subjects.COMPLETE, encoder.encode(USER_HELLO), timeout=0.5)
+        assert any("permissions violation for subscription" in e.lower() for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(secured.config_path)
+    args = build_parser().parse_args(["nats-config", "--config", path, "--clients", "alice,bob"])
+    assert await cmd_nats_config(args) == 0
+    printed = capsys.readouterr().out
+    assert printed == permissions.server_config(load_config(path), clients=CLIENTS)
+    assert "password: $LIFELINE_WORKER_SLOW_PASSWORD" in printed
+    clash = build_parser().parse_args(["nats-config", "--config", path, "--clients", "operator"])
+    with pytest.raises(ValueError, match="would share"):
+        await cmd_nats_config(clash)
