@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import nats
 from nats.aio.client import Client
 from opentelemetry.sdk.metrics import MeterProvider
 
+from schemas import subjects
 from service.config import Config
+from service.discovery import Responder, dispatcher_endpoints, worker_endpoints
 from service.dispatcher import Dispatcher
-from service.embedded import redact_url
+from service.natsopts import NatsOptions, server_list
 from service.telemetry import Tracing, observe_health
 from workers import testmode
 from workers.registry import build_provider
@@ -100,26 +103,39 @@ class ConnectionWatch:
 
 
 async def connect(
-    url: str, name: str, *, wait_for_server: bool = True, watch: ConnectionWatch | None = None
+    url: NatsOptions | str,
+    name: str,
+    *,
+    wait_for_server: bool = True,
+    watch: ConnectionWatch | None = None,
 ) -> Client:
-    """Connect to NATS. Services wait for the server (logging each retry), clients give up fast."""
+    """Connect to NATS (a URL, or NatsOptions with credentials, TLS, an inbox prefix).
+    Services wait for the server (logging each retry), clients give up fast. A server that
+    refuses the credentials or the TLS handshake is an error at once, not retried forever;
+    NatsOptionError (a ValueError) before connecting for a missing or unreadable file."""
+    options = url if isinstance(url, NatsOptions) else NatsOptions(servers=url)
+    kwargs = options.connect_kwargs()
+    connected = False
 
     async def on_error(exc: Exception) -> None:
+        if not connected and (_is_auth_refusal(exc) or _is_tls_refusal(exc)):
+            raise _Refused(exc)  # out of nats-py's first-connect loop, which would retry
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
             "%s: NATS at %s: %s: %s",
             name,
-            redact_url(url),
+            options.shown,
             type(exc).__name__,
             exc or "retrying",
         )
         if watch is not None:
             watch.on_error(exc)
 
+    nc = Client()
     try:
-        nc = await nats.connect(
-            servers(url),
+        await nc.connect(
+            **kwargs,
             name=name,
             connect_timeout=5,
             # nats-py retries the first connect too; -1 waits for a server that starts later.
@@ -129,22 +145,81 @@ async def connect(
             closed_cb=watch.on_closed if watch is not None else None,
             reconnected_cb=watch.on_reconnected if watch is not None else None,
         )
+    except _Refused as refused:
+        await _abandon(nc, watch)
+        raise NatsRefused(_refusal(options, refused.error)) from None
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types here
+        await _abandon(nc, watch)
+        if _is_auth_refusal(exc) or _is_tls_refusal(exc):
+            raise NatsRefused(_refusal(options, exc)) from None
         raise NatsUnreachable(
-            f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__}: {exc}). "
+            f"cannot reach NATS at {options.shown} ({type(exc).__name__}: {exc}). "
             "Start one, set NATS_URL or --nats-url, "
             "or use `lifeline run`, which starts an embedded server"
         ) from None
+    connected = True
     if watch is not None:
         watch.nc = nc
     return nc
 
 
+class NatsRefused(NatsUnreachable):
+    """The server refused the credentials or the TLS handshake: retrying would not help."""
+
+
+class _Refused(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _abandon(nc: Client, watch: ConnectionWatch | None) -> None:
+    """Close a connection that never connected, without reporting it lost."""
+    if watch is not None:
+        watch.closing = True
+    try:  # after a failed TLS handshake the socket's close is never confirmed: do not wait
+        await asyncio.wait_for(nc.close(), 0.5)
+    except Exception as exc:  # noqa: BLE001 - closing a half-open socket raises what it likes
+        log.debug("closing a connection that never connected: %r", exc)
+
+
+def _refusal(options: NatsOptions, exc: Exception) -> str:
+    if _is_tls_refusal(exc):
+        files = ", ".join(
+            f"{what} {path} ({options.where(key)})"
+            for key, what, path in (
+                ("ca", "CA", options.ca),
+                ("cert", "client certificate", options.cert),
+            )
+            if path
+        )
+        return (
+            f"NATS at {options.shown}: the TLS handshake failed ({exc}); "
+            + (f"with {files}. " if files else "with the system's CAs: set --nats-ca. ")
+            + "Check the server's certificate and, if it verifies clients, "
+            "--nats-cert and --nats-key"
+        )
+    if options.auth() == "no credentials":
+        return (
+            f"NATS at {options.shown} wants credentials ({exc}): set --nats-creds, "
+            "--nats-nkey, --nats-user or --nats-token, a [nats] table or $NATS_CREDS, ... "
+            "(README: Connecting to a secured NATS)"
+        )
+    return (
+        f"NATS at {options.shown} refused {options.auth()} ({exc}): check them "
+        "(README: Connecting to a secured NATS); not retrying"
+    )
+
+
 def servers(url: str) -> list[str]:
-    """A NATS URL, or a comma-separated list of a cluster's URLs as the `nats` CLI takes them
-    (nats-py wants a list). Any one reachable server is enough to start: the client learns
-    the cluster's other servers from it and fails over to them."""
-    return [part.strip() for part in url.split(",") if part.strip()]
+    """A NATS URL, or a comma-separated list of a cluster's URLs (service.natsopts)."""
+    return server_list(url)
+
+
+def _is_tls_refusal(exc: Exception) -> bool:
+    """A certificate the client or the server does not accept (not a dropped connection)."""
+    return isinstance(exc, ssl.SSLCertVerificationError) or (
+        isinstance(exc, ssl.SSLError) and "certificate" in str(exc).lower()
+    )
 
 
 def _is_auth_refusal(exc: Exception) -> bool:
@@ -161,9 +236,12 @@ class Component:
     nc: Client
     stop_runtime: Callable[[], Awaitable[None]]
     watch: ConnectionWatch
+    responder: Responder | None = None  # the NATS service API ($SRV), service/discovery.py
 
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
         self.watch.closing = True
+        if self.responder is not None:  # gone from `nats micro ls` before it stops taking work
+            await self.responder.stop()
         await self.stop_runtime()
         if self.nc.is_closed:
             return
@@ -174,20 +252,30 @@ class Component:
 
 
 async def start_dispatcher(
-    config: Config, url: str, tracers: Tracing, meters: MeterProvider | None = None
+    config: Config, url: NatsOptions | str, tracers: Tracing, meters: MeterProvider | None = None
 ) -> tuple[Component, Dispatcher]:
     watch = ConnectionWatch("dispatcher")
-    nc = await connect(url, "lifeline-dispatcher", watch=watch)
+    options = url if isinstance(url, NatsOptions) else NatsOptions(servers=url)
+    if not options.inbox_prefix:  # where workers may stream chunks (service/permissions.py)
+        options = replace(options, inbox_prefix=subjects.DISPATCHER_INBOX_PREFIX)
+    nc = await connect(options, "lifeline-dispatcher", watch=watch)
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
     if meters is not None:
         observe_health(meters, dispatcher.health)
-    component = Component(name="dispatcher", nc=nc, stop_runtime=dispatcher.stop, watch=watch)
+    responder = Responder(
+        nc,
+        subjects.DISPATCHER_SERVICE,
+        "Lifeline dispatcher: llm.complete, llm.stream and llm.jobs.submit",
+        lambda: dispatcher_endpoints(dispatcher),
+    )
+    await responder.start()
+    component = Component("dispatcher", nc, dispatcher.stop, watch, responder)
     return component, dispatcher
 
 
 async def start_worker(
-    config: Config, name: str, url: str, tracers: Tracing
+    config: Config, name: str, url: NatsOptions | str, tracers: Tracing
 ) -> tuple[Component, WorkerRuntime]:
     settings = config.providers[name]
     # Fails here, before connecting, on a missing API key or a plug-in that does not load.
@@ -206,7 +294,15 @@ async def start_worker(
         timeout_s=settings.timeout_s,
     )
     await runtime.start()
-    component = Component(name=f"worker {name}", nc=nc, stop_runtime=runtime.stop, watch=watch)
+    responder = Responder(
+        nc,
+        subjects.worker_service(name),
+        f"Lifeline worker of provider {name} ({settings.kind})",
+        lambda: worker_endpoints(runtime),
+        {"provider": name, "kind": settings.kind},
+    )
+    await responder.start()
+    component = Component(f"worker {name}", nc, runtime.stop, watch, responder)
     return component, runtime
 
 
@@ -236,7 +332,7 @@ class Stack:
 
 async def start_stack(
     config: Config,
-    url: str,
+    url: NatsOptions | str,
     tracers: Tracing,
     workers: list[str] | None = None,
     meters: MeterProvider | None = None,

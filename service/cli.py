@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -35,9 +36,10 @@ from schemas.wire import (
     encoder,
     reply_decoder,
 )
-from service import client, logs, loop, telemetry
+from service import client, discovery, logs, loop, natsopts, telemetry
 from service.app import (
     Component,
+    ConnectionWatch,
     NatsUnreachable,
     Stack,
     connect,
@@ -53,12 +55,14 @@ from service.config import (
     Step,
     breaker_settings,
     load_config,
+    load_nats_settings,
     parse_config,
 )
-from service.embedded import EmbeddedNats, EmbeddedNatsError, default_nats_url, redact_url
+from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.health import percentile_ms
 from service.jobs import ensure_jobs
 from service.memory import settle_after_start
+from service.probes import Probes
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
 from workers.plugin import PluginSettings
@@ -82,8 +86,13 @@ examples:
   lifeline worker openai --config prod.toml     # one provider worker; run N for N replicas
   lifeline spec --out schemas/spec              # the wire's AsyncAPI document and JSON Schemas
   lifeline conformance -- node my-worker.mjs    # check your own worker against the protocol
+  lifeline nats-config --config prod.toml --clients alice,bob > nats.conf   # least privilege
+  lifeline health                               # every dispatcher and worker: ready? (exit 0/1)
+  lifeline gateway --port 8080                  # OpenAI's Chat Completions over HTTP: base_url
+                                                # http://127.0.0.1:8080/v1, model = a route
 
-NATS: --nats-url, else $NATS_URL; `run` starts an embedded server when neither is set.
+NATS: --nats-url, --nats-creds, ... else the config's [nats] table, else $NATS_URL, $NATS_CREDS,
+  ... (as the `nats` CLI); `run` starts an embedded server when no URL is set at all.
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
 Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's own
 Logs: LIFELINE_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR, LIFELINE_LOG_FORMAT=text|json
@@ -123,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_audit,
         _add_check,
         _add_status,
+        _add_health,
         _add_spec,
         _add_conformance,
+        _add_gateway,
+        _add_nats_config,
     ):
         add_command(commands)
     return parser
@@ -135,9 +147,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker"
     )
     _config_arg(run)
-    run.add_argument(
-        "--nats-url", help="use this NATS server instead of starting one (default: $NATS_URL)"
-    )
+    _nats_arg(run, url_help="use this NATS server instead of starting one")
     run.add_argument(
         "--port",
         type=int,
@@ -145,6 +155,14 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="port of the embedded NATS server (default: 4222; -1: any free port)",
     )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
+    _health_arg(run)
+    run.add_argument(
+        "--gateway-port",
+        type=int,
+        help="port of the OpenAI-compatible HTTP gateway on 127.0.0.1 (default: 8080, skipped "
+        "with a warning when taken; -1: any free port)",
+    )
+    run.add_argument("--no-gateway", action="store_true", help="do not serve the HTTP gateway")
 
 
 def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -153,6 +171,7 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
+    _health_arg(dispatcher)
 
 
 def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -160,6 +179,7 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     worker.add_argument("name", help="provider name, a [providers.<name>] table in the config")
     _config_arg(worker)
     _nats_arg(worker)
+    _health_arg(worker)
 
 
 def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -219,6 +239,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="with --stream: what a failure after the first token leads to (default: the route's)",
     )
     ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _config_arg(ask)
     _nats_arg(ask)
 
 
@@ -323,7 +344,40 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)"
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
+    _config_arg(status)
     _nats_arg(status)
+
+
+def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    health = commands.add_parser(
+        "health",
+        help="whether every live dispatcher and worker is connected, subscribed and not "
+        "overloaded (found through NATS's $SRV service API); exit 1 when one is not",
+        description="Asks $SRV.STATS, as `nats micro stats` does, and shows each Lifeline "
+        "dispatcher and worker that answers: ready or not and why (not subscribed, or at its "
+        "max_in_flight), its requests in flight, requests and errors since it started. Exits 1 "
+        "when none answers or one is not ready.",
+    )
+    health.add_argument(
+        "--expect-all",
+        action="store_true",
+        help="also exit 1 when no dispatcher answers, or a provider of --config has no worker",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for answers (default: 2)"
+    )
+    health.add_argument("--json", action="store_true", help="print each instance as JSON")
+    _config_arg(health)
+    _nats_arg(health)
+
+
+def _health_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--health-port",
+        metavar="[HOST:]PORT",
+        help="serve GET /healthz (live) and /readyz (connected, subscribed, not overloaded) over "
+        "HTTP on this port, every interface unless HOST is given (default: off)",
+    )
 
 
 def _add_spec(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -409,14 +463,105 @@ or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conforman
     )
 
 
+def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve OpenAI's Chat Completions over HTTP (POST /v1/chat/completions, GET "
+        "/v1/models) from Lifeline's NATS path",
+        description="An OpenAI-compatible HTTP front door: point an OpenAI SDK's base_url at "
+        "http://HOST:PORT/v1 and name a route (or a target) as the model. It is a NATS client of "
+        "llm.complete and llm.stream; run it beside `lifeline run` or against dispatchers "
+        "anywhere. API keys: $LIFELINE_GATEWAY_KEYS (comma-separated), checked as "
+        "`Authorization: Bearer <key>`; with none set, only loopback clients are served.",
+    )
+    gateway.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    gateway.add_argument(
+        "--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)"
+    )
+    _config_arg(gateway)
+    _nats_arg(gateway)
+
+
+def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    nats_config = commands.add_parser(
+        "nats-config",
+        help="print a least-privilege nats-server configuration: a user per role (dispatchers, "
+        "one per provider's workers, operators, clients), generated from the code's subjects",
+        description="Prints a nats-server configuration (JetStream on, and an authorization "
+        "block) in which each Lifeline role may publish and subscribe only what it needs: "
+        "clients send requests and read their own replies (inbox prefix _INBOX.<user>) and "
+        "their jobs' results by id; dispatchers run requests and jobs; each provider's "
+        "workers see only that provider's subjects and answer through response permissions; "
+        "operators read the audit stream, the health bucket and the NATS service API. Built "
+        "from schemas/subjects.py and the config's providers, streams and buckets: regenerate "
+        "it when they change. Passwords are read by nats-server from the environment "
+        "variables the file names (LIFELINE_<USER>_PASSWORD).",
+    )
+    _config_arg(nats_config)
+    nats_config.add_argument(
+        "--clients",
+        default="client",
+        metavar="NAMES",
+        help="client users, comma-separated (default: client)",
+    )
+    nats_config.add_argument(
+        "--operators",
+        default="operator",
+        metavar="NAMES",
+        help="operator users, comma-separated (default: operator)",
+    )
+
+
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})"
     )
 
 
-def _nats_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats-url", help=f"NATS server (default: $NATS_URL, else {LOCAL_NATS})")
+def _nats_arg(parser: argparse.ArgumentParser, url_help: str = "") -> None:
+    """How to connect to NATS, the same for every command (service/natsopts.py)."""
+    group = parser.add_argument_group(
+        "NATS connection",
+        "Each option: its flag, else the config's [nats] table, else the environment variable "
+        "the `nats` CLI reads. Prefer the variables (or [nats] password_env, token_env) to the "
+        "secret flags, which other users can see in `ps`.",
+    )
+    group.add_argument(
+        "--nats-url",
+        metavar="URL",
+        help=(url_help or f"NATS server (default: {LOCAL_NATS})")
+        + "; a cluster's URLs comma-separated ($NATS_URL)",
+    )
+    for flag, metavar, what in (
+        ("creds", "FILE", "a .creds file: user JWT and NKey seed"),
+        ("nkey", "FILE", "a user NKey seed file"),
+        ("user", "USER", "user name (alone: a token)"),
+        ("password", "PASSWORD", "password"),
+        ("token", "TOKEN", "token"),
+        ("ca", "FILE", "the CA certificates (PEM) that signed the server's TLS certificate"),
+        ("cert", "FILE", "a client certificate (PEM), for a server that verifies clients"),
+        ("key", "FILE", "the client certificate's key (PEM)"),
+        ("inbox-prefix", "PREFIX", "reply subjects' prefix instead of _INBOX"),
+    ):
+        env = natsopts.ENV[flag.replace("-", "_")]
+        group.add_argument(f"--nats-{flag}", metavar=metavar, help=f"{what} (${env})")
+
+
+def _nats_options(
+    args: argparse.Namespace, config: Config | None = None, default_url: str = LOCAL_NATS
+) -> natsopts.NatsOptions:
+    """The command's NATS options: its flags, else the [nats] table of `config` (else of
+    --config's file, when there is one), else the environment; files checked."""
+    path = getattr(args, "config", None)
+    table, source = None, "config"
+    if config is not None:
+        table, source = config.nats, config.source
+    elif path and (path != DEFAULT_CONFIG or Path(path).exists()):
+        table, source = load_nats_settings(path), path
+    flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
+    return natsopts.resolve(flags, table, default_url=default_url, source=source)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,8 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         "audit": cmd_audit,
         "check-config": cmd_check,
         "status": cmd_status,
+        "health": cmd_health,
         "spec": cmd_spec,
         "conformance": cmd_conformance,
+        "gateway": cmd_gateway,
+        "nats-config": cmd_nats_config,
     }
     try:
         return loop.run(handlers[args.command](args))
@@ -470,17 +618,23 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
-    url = default_nats_url(args.nats_url)
+    nats_opts = _nats_options(args, config, default_url="")
     server = None
-    if url is None:
+    if not nats_opts.servers:
         server, url = _start_embedded(args.port)
+        nats_opts = dataclasses.replace(nats_opts, servers=url)
     lost = None
     stack: Stack | None = None
+    probes = None
     try:
-        stack = await start_stack(config, url, tracers, meters=meters)
-        _print_started(config, url)
-        lost = await _serve_stack(stack, url, quiet=args.quiet)
+        stack = await start_stack(config, nats_opts, tracers, meters=meters)
+        probes = await _start_probes(stack.components, args.health_port)
+        await _run_gateway(stack, config, nats_opts, args)
+        _print_started(config, nats_opts.shown)
+        lost = await _serve_stack(stack, nats_opts, quiet=args.quiet)
     finally:
+        if probes is not None:
+            await probes.stop()
         if stack is not None:
             await stack.stop()
         tracers.shutdown()
@@ -512,10 +666,10 @@ def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:
     return server, url
 
 
-async def _serve_stack(stack: Stack, url: str, quiet: bool) -> str | None:
+async def _serve_stack(stack: Stack, nats_opts: natsopts.NatsOptions, quiet: bool) -> str | None:
     """Serve (printing a line per request unless `quiet`) until a signal (returns None) or
     until a component's NATS connection is gone for good (returns its name)."""
-    watcher = None if quiet else await _watch_audit(url)
+    watcher = None if quiet else await _watch_audit(nats_opts)
     settle_after_start()
     lost = await _until_signalled(stack.lost())
     if lost is not None:
@@ -598,9 +752,9 @@ def _own_command() -> str:
     return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
 
 
-async def _watch_audit(url: str) -> Client:
+async def _watch_audit(nats_opts: natsopts.NatsOptions) -> Client:
     """Print one line per request from the audit subject: the service's live log."""
-    nc = await connect(url, "lifeline-run-watch")
+    nc = await connect(nats_opts, "lifeline-run-watch")
 
     async def show(msg: Msg) -> None:
         try:
@@ -628,18 +782,18 @@ def _audit_line(event: AuditEvent) -> str:
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
-    component, _ = await start_dispatcher(config, url, tracers, meters)
+    component, _ = await start_dispatcher(config, nats_opts, tracers, meters)
     log.info(
         "dispatcher serving %s on %s (queue group %s)",
         subjects.COMPLETE,
-        redact_url(url),
+        nats_opts.describe(),
         subjects.DISPATCHER_QUEUE,
     )
     try:
-        return await _serve(component, tracers)
+        return await _serve(component, tracers, args.health_port)
     finally:
         if meters is not None:
             meters.shutdown()
@@ -652,17 +806,17 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.config}: no [providers.{args.name}] table (configured: {configured})"
         )
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
-    component, runtime = await start_worker(config, args.name, url, tracers)
+    component, runtime = await start_worker(config, args.name, nats_opts, tracers)
     log.info(
         "worker %s serving %s on %s%s",
         args.name,
         subjects.provider_subject(args.name),
-        redact_url(url),
+        nats_opts.describe(),
         _identity(runtime.provider),
     )
-    return await _serve(component, tracers)
+    return await _serve(component, tracers, args.health_port)
 
 
 def _identity(provider: object) -> str:
@@ -675,25 +829,42 @@ def _identity(provider: object) -> str:
     return f", model class {label}" + (f" {shown}" if shown else "")
 
 
-async def _serve(component: Component, tracers: Tracing) -> int:
+async def _serve(component: Component, tracers: Tracing, health_port: str | None = None) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
     so a supervisor restarts the process)."""
     lost = None
-    settle_after_start()
+    probes = None
     try:
+        probes = await _start_probes([component], health_port)
+        settle_after_start()
         lost = await _until_signalled(component.watch.wait_lost())
         if lost is None:
             log.info("stopping %s: finishing requests in flight", component.name)
     finally:
+        if probes is not None:
+            await probes.stop()
         await component.stop()
         tracers.shutdown()
     return 0 if lost is None else 1
 
 
+async def _start_probes(components: list[Component], address: str | None) -> Probes | None:
+    """/healthz and /readyz on `address` ([HOST:]PORT), or nothing when it is None."""
+    if address is None:
+        return None
+    probes = Probes(components)
+    try:
+        await probes.start(address)
+    except OSError as exc:
+        raise ValueError(f"--health-port {address}: cannot listen there ({exc})") from None
+    return probes
+
+
 async def cmd_ask(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args)
+    url = nats_opts.shown  # fit to print
     request = _ask_request(args)
-    nc = await _client(url, "lifeline-ask")
+    nc = await _client(nats_opts, "lifeline-ask")
     if nc is None:
         return 1
     if args.stream:
@@ -717,7 +888,8 @@ def _config_or_default(args: argparse.Namespace) -> Config:
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args)
+    url = nats_opts.shown  # fit to print
     config = _config_or_default(args)
     settings, replicas = config.jobs, config.jetstream.replicas
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
@@ -728,13 +900,18 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     headers = {subjects.MSG_ID: job_id}
     if args.notify:
         headers[subjects.NOTIFY] = args.notify
-    nc = await _client(url, "lifeline-submit")
+    nc = await _client(nats_opts, "lifeline-submit")
     if nc is None:
         return 1
     try:
         js = nc.jetstream(timeout=5)
-        await ensure_jobs(js, settings, replicas)
-        ack = await js.publish(subjects.JOBS_SUBMIT, encoder.encode(request), headers=headers)
+        payload = encoder.encode(request)
+        try:
+            ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+        except nats.js.errors.NoStreamResponseError:  # no dispatcher has made the stream yet
+            # (a least-privilege client may not make it: service/permissions.py)
+            await ensure_jobs(js, settings, replicas)
+            ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
             f"lifeline: could not submit the job on {redact_url(url)} "
@@ -754,7 +931,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 
 async def cmd_batch(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args)
     config = _config_or_default(args)
     settings, replicas = config.jobs, config.jetstream.replicas
     source = Path(args.file)
@@ -766,7 +943,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     if not pending:
         print(f"all {len(jobs)} jobs of {source} have results in {out_path}")
         return 0
-    nc = await _client(url, "lifeline-batch")
+    nc = await _client(nats_opts, "lifeline-batch")
     if nc is None:
         return 1
     progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
@@ -891,9 +1068,9 @@ class _Progress:
 
 
 async def cmd_result(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args)
     settings = _config_or_default(args).jobs
-    nc = await _client(url, "lifeline-result")
+    nc = await _client(nats_opts, "lifeline-result")
     if nc is None:
         return 1
     try:
@@ -916,9 +1093,10 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
+    nats_opts = _nats_options(args)
+    url = nats_opts.shown  # fit to print
     settings = _config_or_default(args).audit
-    nc = await _client(url, "lifeline-audit")
+    nc = await _client(nats_opts, "lifeline-audit")
     if nc is None:
         return 1
     shown = 0
@@ -1147,18 +1325,19 @@ def _print_reply(reply: CompletionReply) -> None:
     note(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
 
-async def _client(url: str, name: str) -> Client | None:
+async def _client(nats_opts: natsopts.NatsOptions, name: str) -> Client | None:
     """A short-lived client connection, or None after saying why there is none."""
     try:
-        return await connect(url, name, wait_for_server=False)
+        return await connect(nats_opts, name, wait_for_server=False)
     except NatsUnreachable as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return None
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    url = default_nats_url(args.nats_url) or LOCAL_NATS
-    nc = await _client(url, "lifeline-status")
+    nats_opts = _nats_options(args)
+    url = nats_opts.shown  # fit to print
+    nc = await _client(nats_opts, "lifeline-status")
     if nc is None:
         return 1
     try:
@@ -1232,6 +1411,134 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    nats_opts = _nats_options(args)
+    # Its routes and targets are what `model` may name; without the file, any name is sent on.
+    config = None
+    if args.config != DEFAULT_CONFIG or Path(args.config).exists():
+        config = load_config(args.config)
+    try:
+        component, server = await _start_gateway(config, nats_opts, args.host, max(args.port, 0))
+    except OSError as exc:
+        raise ValueError(f"gateway: {exc}; try --port 0 (any free port)") from None
+    _print_gateway(server, config)
+    lost = await _until_signalled(component.watch.wait_lost())
+    if lost is not None:
+        print(f"{lost} lost its NATS connection for good: stopping", file=sys.stderr)
+    await component.stop()
+    print("stopped")
+    return 0 if lost is None else 1
+
+
+async def _run_gateway(
+    stack: Stack, config: Config, url: natsopts.NatsOptions, args: argparse.Namespace
+) -> None:
+    """`lifeline run`'s gateway, stopped first with the stack; a taken default port only warns."""
+    if args.no_gateway:
+        return
+    port = 8080 if args.gateway_port is None else max(args.gateway_port, 0)
+    try:
+        component, server = await _start_gateway(config, url, "127.0.0.1", port)
+    except OSError as exc:
+        if args.gateway_port is not None:
+            raise ValueError(f"gateway: {exc}; try --gateway-port -1 or --no-gateway") from None
+        print(f"gateway not started: {exc}; try --gateway-port -1", file=sys.stderr, flush=True)
+        return
+    stack.components.append(component)
+    _print_gateway(server, config)
+
+
+async def _start_gateway(
+    config: Config | None, url: natsopts.NatsOptions, host: str, port: int
+) -> tuple[Component, Any]:
+    from service import gateway  # the HTTP server (Starlette, uvicorn) loads for it only
+
+    settings = (config or parse_config({"providers": {"none": {"kind": "fake"}}})).dispatcher
+    models = None
+    if config is not None:
+        models = gateway.Models(list(config.routes), [*config.targets, *config.providers])
+    watch = ConnectionWatch("gateway")
+    nc = await connect(url, "lifeline-gateway", watch=watch)
+    server = gateway.Gateway(
+        nc,
+        models=models,
+        keys=gateway.keys_from_env(),
+        default_timeout_s=settings.default_timeout_s,
+        max_body_bytes=2 * settings.max_request_bytes,
+    )
+    try:
+        await server.start(host, port)
+    except OSError:
+        await nc.close()
+        raise
+    return Component("gateway", nc, server.stop, watch), server
+
+
+def _print_gateway(server: Any, config: Config | None) -> None:
+    from service import gateway
+
+    keys = len(server.keys)
+    auth = (
+        f"{keys} API key(s) from ${gateway.KEYS_ENV}"
+        if keys
+        else f"no API keys (${gateway.KEYS_ENV}): loopback clients only"
+    )
+    models = f"model: a route ({', '.join(config.routes)})" if config else "model: a route"
+    print(f"OpenAI-compatible gateway on {server.url} ({models}; {auth})", flush=True)
+
+
+async def cmd_health(args: argparse.Namespace) -> int:
+    nats_opts = _nats_options(args)
+    nc = await _client(nats_opts, "lifeline-health")
+    if nc is None:
+        return 1
+    try:
+        answers = await discovery.ask(nc, "STATS", timeout_s=args.timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    states = [
+        discovery.instance_state(stats)
+        for stats in answers
+        if str(stats.get("name", "")).startswith("lifeline-")
+    ]
+    states.sort(key=lambda s: (s["name"], s["host"], s["pid"], s["id"]))
+    missing = _missing_services(args.config, states) if args.expect_all else []
+    if args.json:
+        print(json.dumps({"instances": states, "missing": missing}, indent=2))
+    else:
+        _print_health(states, missing, nats_opts.shown)
+    return 0 if states and not missing and all(s["ready"] for s in states) else 1
+
+
+def _missing_services(config_path: str, states: list[dict[str, Any]]) -> list[str]:
+    """The dispatcher and the config's providers' workers of which no instance answered."""
+    expected = [subjects.DISPATCHER_SERVICE]
+    expected += [subjects.worker_service(name) for name in load_config(config_path).providers]
+    answered = {s["name"] for s in states}
+    return [name for name in expected if name not in answered]
+
+
+def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) -> None:
+    for s in states:
+        most = s["max_in_flight"]
+        load = f"{s['in_flight']}" + (f" of {most}" if most is not None else "")
+        print(
+            f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
+            f"{s['host']} pid {s['pid']}  id {s['id']}  in flight {load}, "
+            f"requests {s['requests']}, errors {s['errors']}"
+        )
+        for problem in s["problems"]:
+            print(f"{'':<10} \u2514 {problem}")
+    for name in missing:
+        print(f"{'MISSING':<10} {name:<28} no instance answered")
+    ready = sum(s["ready"] for s in states)
+    if not states:
+        print(f"no Lifeline dispatcher or worker answered $SRV.STATS on {url}")
+    else:
+        print(f"{ready} of {len(states)} ready on {url}")
+
+
 async def cmd_spec(args: argparse.Namespace) -> int:
     from service import wire_spec  # a tool: FastStream's generator loads for this command only
 
@@ -1261,6 +1568,18 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
     )
     print(report.text())
     return 0 if report.passed else 1
+
+
+async def cmd_nats_config(args: argparse.Namespace) -> int:
+    from service import permissions  # names in, text out: loads for this command only
+
+    def names(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    config = load_config(args.config)
+    clients, operators = names(args.clients), names(args.operators)
+    sys.stdout.write(permissions.server_config(config, clients, operators))
+    return 0
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
