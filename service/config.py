@@ -17,11 +17,12 @@ TargetSpec with its name set, so the dispatcher never meets an unknown name from
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -32,10 +33,13 @@ from service.health import BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import DROPPABLE, Template
 from workers.base import ProviderSettings
-from workers.registry import known_kinds, parse_settings
+from workers.registry import known_kinds, parse_settings, settings_type
 
 # Provider and route names become NATS subject tokens.
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -229,31 +233,47 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
+    """The checked config; raises ConfigError naming every mistake it found (each table on
+    its own, then the routes and targets, which need the tables right to be checked)."""
     raw = _convert(data, _RawConfig, "")
     if not raw.providers:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
-    providers = {name: _provider(name, table) for name, table in raw.providers.items()}
-    dispatcher = _convert(raw.dispatcher, DispatcherSettings, "dispatcher")
-    _breaker("breaker", raw.breaker)
-    templates = {
-        name: _convert(table, Template, f"templates.{name}")
-        for name, table in raw.templates.items()
+    errors = _Errors()
+    providers = {
+        name: settings
+        for name, table in raw.providers.items()
+        if (settings := errors.check(_provider, name, table)) is not None
     }
+    dispatcher = errors.check(_convert, raw.dispatcher, DispatcherSettings, "dispatcher")
+    errors.check(_breaker, "breaker", raw.breaker)
+    templates = {
+        name: template
+        for name, table in raw.templates.items()
+        if (template := errors.check(_convert, table, Template, f"templates.{name}")) is not None
+    }
+    defaults = errors.check(_convert, raw.fallbacks, FallbacksConfig, "fallbacks")
+    jobs = errors.check(_convert, raw.jobs, JobsSettings, "jobs")
+    audit = errors.check(_convert, raw.audit, AuditSettings, "audit")
+    jetstream = errors.check(_convert, raw.jetstream, JetStreamSettings, "jetstream")
+    nats = errors.check(_nats, raw.nats)
+    errors.raise_any()  # what follows refers to the tables above
     targets = _named_targets(raw.targets, providers, templates, dispatcher)
 
     def resolve(key: str, chain: Chain) -> list[Step]:
         return _chain(key, chain, providers, templates, targets, dispatcher)
 
-    defaults = _convert(raw.fallbacks, FallbacksConfig, "fallbacks")
     default_chains = {
         kind: resolve(f"fallbacks.{kind}", getattr(defaults, kind))
         for kind in CLASS_CHAINS.values()
         if getattr(defaults, kind) is not None
     }
     routes = {
-        name: _route(name, table, dispatcher, default_chains, resolve)
+        name: route
         for name, table in raw.routes.items()
+        if (route := errors.check(_route, name, table, dispatcher, default_chains, resolve))
+        is not None
     }
+    errors.raise_any()
     return Config(
         providers=providers,
         routes=routes,
@@ -263,11 +283,32 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         default_chains=default_chains,
         breaker=raw.breaker,
         source=source,
-        jobs=_convert(raw.jobs, JobsSettings, "jobs"),
-        audit=_convert(raw.audit, AuditSettings, "audit"),
-        jetstream=_convert(raw.jetstream, JetStreamSettings, "jetstream"),
-        nats=_nats(raw.nats),
+        jobs=jobs,
+        audit=audit,
+        jetstream=jetstream,
+        nats=nats,
     )
+
+
+class _Errors:
+    """Every mistake of a config, so that one run of check-config shows them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def check(self, check: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return check(*args)
+        except ConfigError as exc:
+            self.found.append(str(exc))
+            return None
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise ConfigError(self.found[0])
+        if self.found:
+            listed = "\n  ".join(self.found)
+            raise ConfigError(f"{len(self.found)} mistakes:\n  {listed}")
 
 
 def load_nats_settings(path: str | Path) -> NatsSettings:
@@ -377,7 +418,7 @@ def _provider(name: str, table: Any) -> ProviderSettings:
             f"got {table.get('kind')!r}"
         ) from None
     except msgspec.ValidationError as exc:
-        raise ConfigError(_located(key, exc)) from None
+        raise ConfigError(_located(key, exc, settings_type(table))) from None
     for i, model in enumerate(settings.models):
         if not model.strip():
             raise ConfigError(f"{key}.models[{i}]: a model name cannot be empty")
@@ -524,11 +565,12 @@ def _convert(data: Any, type_: type, prefix: str) -> Any:
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_located(prefix, exc)) from None
+        raise ConfigError(_located(prefix, exc, type_)) from None
 
 
-def _located(prefix: str, exc: msgspec.ValidationError) -> str:
-    """Turn msgspec's "... - at `$.a.b`" into "prefix.a.b: ..." so the key comes first."""
+def _located(prefix: str, exc: msgspec.ValidationError, type_: type | None = None) -> str:
+    """Turn msgspec's "... - at `$.a.b`" into "prefix.a.b: ..." so the key comes first; an
+    unknown key of `type_` itself gets the closest known one as a suggestion."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$")
     if not sep:
@@ -536,5 +578,12 @@ def _located(prefix: str, exc: msgspec.ValidationError) -> str:
     path = (prefix + where.rstrip("`")).lstrip(".")
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:
-        return f"{path + '.' if path else ''}{unknown.group(1)}: unknown key (check its spelling)"
+        key = unknown.group(1)
+        hint = "check its spelling"
+        if isinstance(type_, type) and issubclass(type_, msgspec.Struct) and not where:
+            known = [f.encode_name for f in msgspec.structs.fields(type_)]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            if close:
+                hint = f"did you mean {close[0]!r}?"
+        return f"{path + '.' if path else ''}{key}: unknown key ({hint})"
     return f"{path}: {message}" if path else message

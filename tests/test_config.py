@@ -399,3 +399,31 @@ def test_a_model_outside_the_allowlist_is_refused_at_start_up_naming_both_keys(r
 def test_an_empty_model_in_an_allowlist_is_refused_by_index():
     message = error(config({"p": fake(models=["m2", " "])}))
     assert message.startswith("providers.p.models[1]: a model name cannot be empty")
+
+
+def test_every_mistake_is_reported_at_once_with_the_closest_key_suggested():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                "dispatcher": {"max_in_flght": 10},
+                "providers": {
+                    "a": {"kind": "fake", "timeout_s": "slow"},
+                    "b": {"kind": "fake", "latncy_ms": 5},
+                },
+                "jobs": {"ack_wait_s": 0},
+                "routes": {"default": {"targets": ["a"]}},
+            }
+        )
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "4 mistakes:"
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "dispatcher.max_in_flght: unknown key (did you mean 'max_in_flight'?)",
+        "jobs.ack_wait_s: Expected `float` >= 1.0",
+        "providers.a.timeout_s: Expected `float`, got `str`",
+        "providers.b.latncy_ms: unknown key (did you mean 'latency_ms'?)",
+    ]
+
+
+def test_a_key_like_none_known_gets_no_guess():
+    with pytest.raises(ConfigError, match=r"dispatcher\.zzz: unknown key \(check its spelling\)"):
+        parse_config({"dispatcher": {"zzz": 1}, "providers": {"a": {"kind": "fake"}}})

@@ -45,6 +45,16 @@ def parse_settings(table: dict[str, Any]) -> ProviderSettings:
     raise KeyError(kind)
 
 
+def settings_type(table: dict[str, Any]) -> type[ProviderSettings] | None:
+    """The settings struct a provider table of this kind is checked against (None: no kind)."""
+    kind = table.get("kind")
+    if kind in KINDS:
+        return KINDS[kind][0]
+    if kind == PYTHON_KIND or kind in installed_kinds():
+        return PluginSettings
+    return None
+
+
 def build_provider(settings: ProviderSettings, name: str = "") -> Provider:
     """The provider a worker calls; raises ValueError naming the config key at fault (a
     plug-in that cannot be imported, its settings) or a missing API key."""
