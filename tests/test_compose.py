@@ -3,14 +3,20 @@ container engine. A compose implementation parses and resolves it when one is in
 (Debian's `docker-compose`, or `docker compose`); the rest is read here: a worker for every
 provider of the example config, a healthcheck on every Lifeline service (and that command run
 against a real worker), one image built from the checkout, nothing pip-installed at start,
-traces to Jaeger with no metrics export for it to refuse."""
+traces to Jaeger with no metrics export for it to refuse; NATS on the least-privilege config
+that `lifeline nats-config` writes, each Lifeline service connected as its role with its
+password from a compose secret, and none written in the file (those scripts run here too, with
+a real nats-server, a worker and `lifeline health`)."""
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -20,10 +26,13 @@ import pytest
 import yaml
 from helpers import ROOT, LifelineProcess, free_port
 
-from service import telemetry
+from service import permissions, telemetry
+from service.embedded import server_binary
 
 COMPOSE = ROOT / "docker-compose.yml"
 IMAGE = "lifeline:local"
+GENERATOR = "nats-config"  # the one-shot service that writes nats-server's config
+CONFIG = "/etc/lifeline/lifeline.toml"
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +41,14 @@ def compose() -> dict[str, Any]:
 
 
 def lifeline_services(compose: dict[str, Any], tools: bool = False) -> dict[str, dict]:
-    """The services running the Lifeline image (the one-off tools only with `tools`)."""
+    """The services running the Lifeline image, but the generator (the one-off tools only
+    with `tools`)."""
     return {
         name: service
         for name, service in compose["services"].items()
-        if service.get("image") == IMAGE and (tools or "tools" not in service.get("profiles", []))
+        if service.get("image") == IMAGE
+        and name != GENERATOR
+        and (tools or "tools" not in service.get("profiles", []))
     }
 
 
@@ -111,7 +123,7 @@ def test_every_lifeline_service_has_a_healthcheck_on_its_own_probe(compose):
 
 
 def test_one_image_is_built_from_the_checkout_and_nothing_installs_at_start(compose):
-    services = lifeline_services(compose, tools=True)
+    services = {**lifeline_services(compose, tools=True), GENERATOR: compose["services"][GENERATOR]}
     builds = {yaml.safe_dump(s["build"]) for s in services.values()}
     assert len(builds) == 1  # one build, one image, shared by every Lifeline service
     build = next(iter(services.values()))["build"]
@@ -138,7 +150,7 @@ def _strings(value: Any) -> list[str]:
 
 def test_nats_has_jetstream_and_traces_go_to_jaeger_without_metrics(compose):
     nats = compose["services"]["nats"]
-    assert "-js" in nats["command"] and "healthcheck" in nats
+    assert "-js" in nats_server_args(compose) and "healthcheck" in nats
     for name, service in lifeline_services(compose, tools=True).items():
         env = {k: str(v) for k, v in service["environment"].items()}
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
@@ -200,3 +212,219 @@ def test_what_the_image_copies_is_enough_to_pip_install(compose, tmp_path):
         assert {"service/cli.py", "workers/runtime.py", "schemas/wire.py"} <= set(
             archive.namelist()
         )
+
+
+def nats_server_args(compose: dict[str, Any]) -> list[str]:
+    """The arguments of the nats service's `exec nats-server` (its entrypoint is a script)."""
+    entrypoint = compose["services"]["nats"]["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"]
+    [line] = [line for line in entrypoint[2].splitlines() if line.startswith("exec nats-server ")]
+    return shlex.split(line)[2:]
+
+
+def role_user(name: str, service: dict[str, Any]) -> tuple[str, str | None]:
+    """The NATS user a Lifeline service should connect as, and its inbox prefix (None: the
+    role's default), from what the service runs."""
+    args = command(service) or service["entrypoint"][4:]  # the tools: sh -c SCRIPT lifeline ...
+    if args[0] == "dispatcher":
+        return "dispatcher", None
+    if args[0] == "worker":
+        return f"worker-{args[1]}", None
+    user = {"ask": "ask", "health": "operator"}[args[0]]  # a client and an operator
+    return user, f"_INBOX.{user}"
+
+
+def generator_flags(compose: dict[str, Any]) -> list[str]:
+    """`lifeline nats-config`'s arguments in the generator's script, up to its redirection."""
+    script = compose["services"][GENERATOR]["entrypoint"][2]
+    args = shlex.split(script)
+    assert args[:2] == ["lifeline", "nats-config"]
+    return args[2 : args.index(">")]
+
+
+def generated_config(compose: dict[str, Any]) -> str:
+    """The nats-server config the generator writes, generated here from the example config."""
+    flags = [
+        f if f != CONFIG else str(ROOT / "lifeline.example.toml") for f in generator_flags(compose)
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "nats-config", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return done.stdout
+
+
+def test_every_lifeline_service_connects_as_its_role_with_its_secret(compose):
+    connect = compose["x-lifeline"]["entrypoint"]
+    assert connect[:2] == ["sh", "-c"] and "/run/secrets/nats_password" in connect[2]
+    for name, service in lifeline_services(compose, tools=True).items():
+        user, prefix = role_user(name, service)
+        env = service["environment"]
+        assert env["NATS_USER"] == user, name
+        assert env.get("NATS_INBOX_PREFIX") == prefix, name
+        assert service["secrets"] == [{"source": user, "target": "nats_password"}], name
+        assert service["entrypoint"][:4] == connect, name  # reads the secret, then lifeline
+        assert compose["secrets"][user] == {"file": f"./secrets/{user}.txt"}, name
+
+
+def test_nats_runs_the_generated_least_privilege_config(compose):
+    services = compose["services"]
+    generator, nats = services[GENERATOR], services["nats"]
+    flags = generator_flags(compose)
+    assert flags[flags.index("--config") + 1] == CONFIG
+    assert generator["volumes"][0] == compose["x-lifeline"]["volumes"][0]  # the same config
+    assert nats["depends_on"] == {GENERATOR: {"condition": "service_completed_successfully"}}
+    written = shlex.split(generator["entrypoint"][2])[-1]  # ... && mv new <this>
+    volume = next(v for v in generator["volumes"] if not v.startswith("./"))
+    name, path = volume.split(":")
+    assert f"{name}:{path}:ro" in nats["volumes"] and written.startswith(path + "/")
+    args = nats_server_args(compose)
+    assert args[args.index("-c") + 1] == written
+    assert {"-js", "-m"} <= set(args)
+    # every user of that config has its secret, all of them mounted in nats, and no other
+    env_names = set(re.findall(r"password: \$(LIFELINE_\w+_PASSWORD)", generated_config(compose)))
+    assert env_names == {permissions.password_env(u) for u in compose["secrets"]}
+    assert set(nats["secrets"]) == set(compose["secrets"])
+
+
+def test_no_password_is_written_in_the_file(compose):
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        assert not [k for k in env if re.search("PASSWORD|TOKEN", k)], name
+        assert "--nats-password" not in " ".join(_strings(service)), name
+    for name, secret in compose["secrets"].items():
+        assert set(secret) == {"file"} and secret["file"].startswith("./secrets/"), name
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_readme_creates_a_secret_file_per_user(compose, tmp_path):
+    """README.md's commands make one file per user, each a password nats-server takes:
+    letters and digits, starting with a letter (it would parse digits alone as a number)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The compose stack") :].split("\n## ")[0]
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", section, re.DOTALL) if "secrets/" in b]
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl here")
+    subprocess.run(["sh", "-c", block], cwd=tmp_path, check=True, timeout=30)
+    made = {p.name: p.read_text() for p in (tmp_path / "secrets").iterdir()}
+    assert set(made) == {f"{user}.txt" for user in compose["secrets"]}
+    for name, text in made.items():
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]{15,}\n", text), name
+    assert len(set(made.values())) == len(made)
+
+
+def _script(compose_script: str, paths: dict[str, str]) -> str:
+    """A compose script as the container's shell gets it ($$ is $), paths moved here."""
+    script = compose_script.replace("$$", "$")
+    for old, new in paths.items():
+        script = script.replace(old, new)
+    return script
+
+
+def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    log = path.read_text(errors="replace") if path.exists() else ""
+    raise AssertionError(f"never logged {pattern!r} (exit {proc.poll()}); log:\n{log[-3000:]}")
+
+
+def test_the_scripts_run_nats_with_the_secrets_and_lifeline_connects_as_its_role(compose, tmp_path):
+    """The generator's, nats's and the Lifeline services' scripts, run here with `sh` (their
+    paths moved to tmp_path): nats-server starts on the generated config with a password
+    from each secret file, a worker connects as worker-backup and `lifeline health` as the
+    operator finds it ready."""
+    bin_dir, conf_dir, secrets_dir = tmp_path / "bin", tmp_path / "conf", tmp_path / "secrets"
+    for d in (bin_dir, conf_dir, secrets_dir, tmp_path / "data"):
+        d.mkdir()
+    (bin_dir / "lifeline").write_text(f'#!/bin/sh\nexec {sys.executable} -m service.cli "$@"\n')
+    (bin_dir / "lifeline").chmod(0o755)
+    (bin_dir / "nats-server").symlink_to(server_binary())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "OTEL_", "LIFELINE_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(ROOT), OTEL_SDK_DISABLED="true")
+    for user in compose["secrets"]:
+        (secrets_dir / f"{user}.txt").write_text(f"p{os.urandom(12).hex()}\n")
+    generator = compose["services"][GENERATOR]["entrypoint"]
+    volume_path = compose["services"][GENERATOR]["volumes"][1].split(":")[1]
+    moves = {CONFIG: str(ROOT / "lifeline.example.toml"), volume_path: str(conf_dir)}
+    subprocess.run([*generator[:2], _script(generator[2], moves)], env=env, check=True, timeout=60)
+    # nats: its secrets are mounted at /run/secrets/<user>
+    nats_secrets = tmp_path / "nats-secrets"
+    nats_secrets.mkdir()
+    for user in compose["services"]["nats"]["secrets"]:
+        shutil.copy(secrets_dir / f"{user}.txt", nats_secrets / user)
+    port, monitor = free_port(), free_port()
+    nats_script = _script(
+        compose["services"]["nats"]["entrypoint"][2],
+        {
+            "/run/secrets": str(nats_secrets),
+            volume_path: str(conf_dir),
+            "-sd /data": f"-sd {tmp_path / 'data'} -a 127.0.0.1 -p {port}",
+            "-m 8222": f"-m {monitor} -l {tmp_path / 'nats.log'}",
+        },
+    )
+    procs = []
+    try:
+        nats = subprocess.Popen(["sh", "-c", nats_script], env=env, start_new_session=True)
+        procs.append(nats)
+        _wait_for(tmp_path / "nats.log", "Server is ready", nats)
+
+        def lifeline(name: str, args: list[str]) -> list[str]:
+            """The service's entrypoint with `args` after `sh -c SCRIPT lifeline`, and its
+            secret where that script reads it."""
+            service = compose["services"][name]
+            secret = tmp_path / f"run-{name}"
+            secret.mkdir()
+            user = service["secrets"][0]["source"]
+            shutil.copy(secrets_dir / f"{user}.txt", secret / "nats_password")
+            script = _script(service["entrypoint"][2], {"/run/secrets": str(secret)})
+            return ["sh", "-c", script, "lifeline", *args]
+
+        def role_env(name: str) -> dict[str, str]:
+            found = compose["services"][name]["environment"]
+            nats_env = {k: str(v) for k, v in found.items() if k.startswith("NATS_")}
+            return {**env, **nats_env, "NATS_URL": f"nats://127.0.0.1:{port}"}
+
+        args = command(compose["services"]["worker-backup"])
+        args[args.index("--config") + 1] = str(ROOT / "lifeline.example.toml")
+        args[args.index("--health-port") + 1] = f"127.0.0.1:{free_port()}"
+        log = tmp_path / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                lifeline("worker-backup", args),
+                env=role_env("worker-backup"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(worker)
+        _wait_for(log, "worker backup serving", worker)
+        assert "auth: user and password (" in log.read_text()
+        # the health tool as the operator, without --expect-all (the only worker is backup's)
+        args = compose["services"]["health"]["entrypoint"][4:]
+        args.remove("--expect-all")
+        args[args.index("--config") + 1] = str(ROOT / "lifeline.example.toml")
+        health = subprocess.run(
+            lifeline("health", args),
+            env=role_env("health"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert "lifeline-worker-backup" in health.stdout
+        assert "Violation" not in (tmp_path / "nats.log").read_text()
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=10)
