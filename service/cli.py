@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.metadata
+import importlib.resources
 import json
 import logging
 import os
@@ -613,8 +614,18 @@ async def _until_signalled(lost: Awaitable[T] | None = None) -> T | None:
     return None if gone is None or signalled in done else gone.result()
 
 
+def _demo_config(args: argparse.Namespace) -> str:
+    """--config; or, for `run` outside a checkout (no ./lifeline.example.toml), the example
+    config installed with Lifeline, so `pip install` then `lifeline run` shows a fallback."""
+    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        packaged = importlib.resources.files("service") / "example.toml"
+        if packaged.is_file():
+            return str(packaged)
+    return str(args.config)
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(_demo_config(args))
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")

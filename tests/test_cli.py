@@ -27,14 +27,15 @@ EXAMPLE = str(ROOT / "lifeline.example.toml")
 
 
 @pytest.fixture
-def running() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`lifeline run` on an embedded NATS on a free port, with the example config."""
+def running(tmp_path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`lifeline run` on an embedded NATS on a free port, outside the checkout and without
+    --config: the example config installed with Lifeline is what it runs."""
     proc = spawn_lifeline(
         "run",
         "--port",
         "-1",
-        "--config",
-        EXAMPLE,
+        "--no-gateway",
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, as in a terminal
