@@ -451,4 +451,4 @@ def test_the_nats_table_keeps_secrets_out_of_the_config_and_names_the_key():
     assert problem({"url": f"nats://a:{SECRET}@h:4222"}).startswith("nats.url: user info")
     assert problem({"password_env": SECRET + " !"}).startswith("nats.password_env: expected")
     assert problem({"inbox_prefix": "_INBOX.*"}).startswith("nats.inbox_prefix: expected")
-    assert problem({"crds": "x"}) == "nats.crds: unknown key (check its spelling)"
+    assert problem({"crds": "x"}) == "nats.crds: unknown key (did you mean 'creds'?)"
