@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -688,7 +689,10 @@ async def _serve_stack(stack: Stack, nats_opts: natsopts.NatsOptions, quiet: boo
     else:
         print("\nshutting down: finishing requests in flight...")
     if watcher is not None:
-        await watcher.drain()
+        try:
+            await watcher.drain()
+        except nats.errors.Error:  # its connection was refused too: nothing left to print
+            pass
     return lost
 
 

@@ -344,7 +344,11 @@ async def test_a_wrong_credential_fails_fast_with_a_clear_message(keys, tmp_path
     assert f"CA {keys['other-ca.pem']} ($NATS_CA)" in other_ca.err
     for ran in (service, client, no_cert, other_ca):
         assert ran.seconds < 20, (ran.seconds, ran.err)  # a hang guard, not a timing
-        assert len(ran.err.strip().splitlines()) == 1, ran.err  # one line, no traceback
+        # One line saying what was refused, no traceback; a service may have logged the
+        # connection the server reset on its way to the refusal (a retry, as it logs them).
+        *before, _ = ran.err.strip().splitlines()
+        assert "Traceback" not in ran.err, ran.err
+        assert not before or (ran is service and all(" WARNING " in x for x in before)), ran.err
         assert SECRET not in ran.out + ran.err and wrong not in ran.out + ran.err
 
     gone = tmp_path / "gone.creds"

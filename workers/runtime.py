@@ -24,6 +24,7 @@ import time
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
@@ -91,8 +92,11 @@ class WorkerRuntime:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
         if self._cancel_sub is not None:
-            await self._cancel_sub.unsubscribe()
-            self._cancel_sub = None
+            cancel_sub, self._cancel_sub = self._cancel_sub, None
+            try:
+                await cancel_sub.unsubscribe()
+            except NatsError:  # a connection closed for good has nothing left to drop
+                pass
         await self.provider.aclose()
 
     @property
