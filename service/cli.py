@@ -1005,7 +1005,7 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
         if not isinstance(body, dict):
-            raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - a user error, reported as such
+            raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - user's
         job_id = str(body.get("id") or f"{source.name}:{n}")
         body["id"] = job_id
         if job_id in jobs:

@@ -9,8 +9,9 @@ wrapper (nats-py's queue and task per subscription, a Request and two clock read
 would sit on the hot path, which Lifeline's fast path (service/natsio.py) keeps clear. The
 figures are counters on the existing path (an integer added as a request arrives; the
 milliseconds the engine or the worker measured anyway, and an error count, as it is answered),
-read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`, `max_in_flight`
-(absent where there is none) and `subscribed`; `problems` reads readiness from it.
+read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`,
+`max_in_flight` (absent where there is none) and `subscribed`; `problems` reads readiness
+from it.
 """
 
 from __future__ import annotations

@@ -251,7 +251,8 @@ async def test_test_mode_answers_the_directives_itself_and_passes_the_rest_on():
         await provider.complete(ask("lifeline-test: dance"), 5)
     assert caught.value.kind == "bad_request"
     assert (await provider.complete(ask("hello"), 5)).content == "inner"
-    streamed = [item async for item in provider.stream(ask("lifeline-test: sleep 1"), 5)]  # type: ignore[attr-defined]
+    stream = provider.stream(ask("lifeline-test: sleep 1"), 5)  # type: ignore[attr-defined]
+    streamed = [item async for item in stream]
     assert isinstance(streamed[-1], ProviderOk) and streamed[:-1] == ["slept 1 ms"]
 
 

@@ -110,18 +110,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
     ca_ext = ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign"]
+    signed_by_ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
     for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", *ca_ext,
-                "-subj", f"/CN=Lifeline test {ca}")  # fmt: skip
+        files = ["-keyout", f"{ca}.key", "-out", f"{ca}.pem"]
+        openssl("req", "-x509", *ec, *files, *ca_ext, "-subj", f"/CN=Lifeline test {ca}")
     for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
         (d / f"{name}.ext").write_text(
             f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n"
         )
-        openssl("req", *ec[:-2], "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=lifeline-{name}")  # fmt: skip
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem",
-                "-extfile", f"{name}.ext")  # fmt: skip
+        files = ["-keyout", f"{name}.key", "-out", f"{name}.csr"]
+        openssl("req", *ec[:-2], *files, "-subj", f"/CN=lifeline-{name}")
+        cert = ["-in", f"{name}.csr", "-out", f"{name}.pem", "-extfile", f"{name}.ext"]
+        openssl("x509", "-req", *cert, *signed_by_ca)
     files = {
         k: str(d / k)
         for k in ("user.nk", "user.creds", "ca.pem", "other-ca.pem")
@@ -323,11 +323,17 @@ async def test_a_wrong_credential_fails_fast_with_a_clear_message(keys, tmp_path
     wrong = "Wrong-" + SECRET[::-1]
     service, client = await asyncio.gather(
         lifeline(
-            "dispatcher", "--config", str(config), "--nats-url", users.url,
-            "--nats-user", "alice", env={"NATS_PASSWORD": wrong},
+            "dispatcher",
+            "--config",
+            str(config),
+            "--nats-url",
+            users.url,
+            "--nats-user",
+            "alice",
+            env={"NATS_PASSWORD": wrong},
         ),
         lifeline("ask", "--nats-url", users.url.replace("//", f"//alice:{wrong}@"), "hi"),
-    )  # fmt: skip
+    )
     assert service.code == 2, service.err
     assert "refused user and password (--nats-user, $NATS_PASSWORD)" in service.err
     assert "Authorization Violation" in service.err and "not retrying" in service.err
@@ -398,9 +404,14 @@ async def test_no_secret_in_logs_status_replies_audit_or_spans(tmp_path, server_
         assert asked.code == 0, asked.err
         status = await here("status", "--nats-url", secret_url)
         audit = await here(
-            "audit", "--json", "--nats-user", "alice", "--nats-url", server.url,
+            "audit",
+            "--json",
+            "--nats-user",
+            "alice",
+            "--nats-url",
+            server.url,
             env={"NATS_PASSWORD": SECRET},
-        )  # fmt: skip
+        )
         refused = await here("status", "--nats-url", secret_url.replace("alice", "mallory"))
     finally:
         for proc in (worker, dispatcher):

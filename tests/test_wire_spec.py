@@ -513,7 +513,8 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
         assert (text, reply.stream.resets) == ("It is sunny.", 1)  # type: ignore[union-attr]
         _, reply = await stream_text(client, msgspec.structs.replace(request, route="nowhere"))
         assert reply.status == "error"
-        # Two jobs, each with its result and its events on subjects of the client's (the tap sees them).
+        # Two jobs, each with its result and its events on subjects of the client's (the tap
+        # sees them).
         results = await client.subscribe("results.wiretap", max_msgs=2)
         js = client.jetstream()
         for job_id, route in (("wiretap-job", "default"), ("wiretap-bad-job", "nowhere")):

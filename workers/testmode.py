@@ -128,7 +128,8 @@ class StreamingTestModeProvider(TestModeProvider):
         words = directive(request)
         if words is None:
             # Closed with this generator, at once: the runtime's aclose reaches the HTTP call.
-            async with aclosing(self.inner.stream(request, timeout_s)) as deltas:  # type: ignore[attr-defined]
+            inner = self.inner.stream(request, timeout_s)  # type: ignore[attr-defined]
+            async with aclosing(inner) as deltas:
                 async for item in deltas:
                     yield item
             return

@@ -389,7 +389,8 @@ def _content(message: BaseMessage, assistant: bool = False) -> str | list[Part]:
             parts.append(ImagePart(url=block["url"]))  # type: ignore[typeddict-item]
         elif kind == "image" and block.get("base64"):
             media_type = block.get("mime_type") or "image/png"
-            parts.append(ImagePart(data=block["base64"], media_type=media_type))  # type: ignore[typeddict-item]
+            data = block["base64"]  # type: ignore[typeddict-item]
+            parts.append(ImagePart(data=data, media_type=media_type))
         elif not assistant:
             raise ValueError(
                 f"Lifeline takes text and images (by URL or base64); a {kind!r} block is not "
