@@ -62,7 +62,7 @@ from service.config import (
 )
 from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.health import percentile_ms
-from service.jobs import ensure_jobs
+from service.jobstore import ensure_jobs
 from service.memory import settle_after_start
 from service.probes import Probes
 from service.shared_health import merge_status, read_bucket

@@ -50,7 +50,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import api
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.errors import OVERLOADED
@@ -58,6 +57,7 @@ from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, reply_decoder
 from service import natsopts
+from service.jobstore import ensure_jobs
 
 __all__ = [
     "JobsUnavailable",
@@ -461,36 +461,30 @@ class Lifeline:
             pause = min(pause * 2, 0.5)
 
     async def _ensure_jobs(self) -> None:
-        """The jobs stream and results bucket, made as service.jobs.ensure_jobs makes them
-        when missing (a stream that exists is used as it is)."""
+        """The jobs stream and results bucket when no dispatcher has made them yet, shaped as
+        a dispatcher shapes them (service/jobstore.py). A stream that exists is used as it
+        is: a least-privilege client may look at it, not make it."""
         js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
         try:
             await js.stream_info(self.jobs_stream)
         except nats.js.errors.NotFoundError:
-            config = api.StreamConfig(
-                name=self.jobs_stream,
-                subjects=[subjects.JOBS_SUBMIT],
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                discard=api.DiscardPolicy.NEW,
-                max_msgs=_JOBS_MAX,
-                duplicate_window=_JOBS_DEDUP_WINDOW_S,
-                num_replicas=self.jobs_replicas,
-                description="Lifeline jobs waiting for a dispatcher",
+            shape = _JobsShape(
+                self.jobs_stream,
+                _JOBS_MAX,
+                _JOBS_DEDUP_WINDOW_S,
+                self.results_bucket,
+                _RESULTS_TTL_S,
             )
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile
-                await js.add_stream(config)
-        try:
-            await js.key_value(self.results_bucket)
-        except nats.js.errors.BucketNotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await js.create_key_value(
-                    bucket=self.results_bucket,
-                    history=1,
-                    ttl=_RESULTS_TTL_S,
-                    replicas=self.jobs_replicas,
-                    description="Lifeline job results, by job id",
-                )
+            await ensure_jobs(js, shape, self.jobs_replicas)
         self._jobs_ready = True
+
+
+class _JobsShape(NamedTuple):
+    stream: str
+    max_jobs: int
+    dedup_window_s: float
+    results_bucket: str
+    results_ttl_s: float
 
 
 class _Connecting:

@@ -36,7 +36,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import api
 from nats.js.kv import KeyValue
 
 from schemas import CompletionReply, subjects
@@ -44,6 +44,7 @@ from schemas.wire import encoder, reply_decoder, salvage_id
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import Engine, Inbound
+from service.jobstore import ensure_jobs
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.transport import ClientStream
@@ -54,40 +55,6 @@ _FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop betwee
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
-
-
-async def ensure_jobs(js: JetStreamContext, settings: JobsSettings, replicas: int = 1) -> KeyValue:
-    """The jobs stream and the results bucket, created when missing (dispatchers and
-    `lifeline submit` both call it, so a job can be published before any dispatcher runs),
-    each kept on `replicas` servers of a cluster."""
-    config = api.StreamConfig(
-        name=settings.stream,
-        subjects=[subjects.JOBS_SUBMIT],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        discard=api.DiscardPolicy.NEW,
-        max_msgs=settings.max_jobs,
-        duplicate_window=settings.dedup_window_s,
-        num_replicas=replicas,
-        description="Lifeline jobs waiting for a dispatcher",
-    )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:  # it exists with other settings: keep the server's
-        log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
-    try:
-        return await js.key_value(settings.results_bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(
-            bucket=settings.results_bucket,
-            history=1,
-            ttl=settings.results_ttl_s,
-            replicas=replicas,
-            description="Lifeline job results, by job id",
-            # Reads by key ($JS.API.DIRECT.GET.<stream>.<key>), never by sequence: a
-            # least-privilege client may read the result of a job whose id it knows, and only
-            # that (service/permissions.py).
-            direct=True,
-        )
 
 
 def job_id_of(msg: Msg) -> str:

@@ -115,6 +115,7 @@ def test_the_python_client_loads_nats_and_the_wire_and_nothing_of_the_dispatcher
         "service",
         "service.client",
         "service.embedded",
+        "service.jobstore",
         "service.natsopts",
     }
     assert not any(m.startswith(("faststream", "jsonschema")) for m in loaded)

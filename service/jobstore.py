@@ -1,0 +1,65 @@
+"""The jobs stream and the results bucket, shaped in one place: dispatchers make them
+(service/jobs.py), and so do `lifeline submit` and the Python client (service/client.py)
+when no dispatcher has yet, so a job can wait for one. Imports NATS and the wire only."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import nats.js.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from schemas import subjects
+
+log = logging.getLogger("lifeline.jobs")
+
+
+class JobsShape(Protocol):
+    """What the stream and bucket are made from (service.config.JobsSettings has it)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def max_jobs(self) -> int: ...
+    @property
+    def dedup_window_s(self) -> float: ...
+    @property
+    def results_bucket(self) -> str: ...
+    @property
+    def results_ttl_s(self) -> float: ...
+
+
+async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int = 1) -> KeyValue:
+    """The jobs stream and the results bucket, created when missing (dispatchers and
+    `lifeline submit` both call it, so a job can be published before any dispatcher runs),
+    each kept on `replicas` servers of a cluster."""
+    config = api.StreamConfig(
+        name=settings.stream,
+        subjects=[subjects.JOBS_SUBMIT],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs=settings.max_jobs,
+        duplicate_window=settings.dedup_window_s,
+        num_replicas=replicas,
+        description="Lifeline jobs waiting for a dispatcher",
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:  # it exists with other settings: keep the server's
+        log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
+    try:
+        return await js.key_value(settings.results_bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            bucket=settings.results_bucket,
+            history=1,
+            ttl=settings.results_ttl_s,
+            replicas=replicas,
+            description="Lifeline job results, by job id",
+            # Reads by key ($JS.API.DIRECT.GET.<stream>.<key>), never by sequence: a
+            # least-privilege client may read the result of a job whose id it knows, and only
+            # that (service/permissions.py).
+            direct=True,
+        )
