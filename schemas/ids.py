@@ -24,9 +24,20 @@ class Ids:
 
 
 class SecretIds:
-    """96 random bits from the OS's CSPRNG per id, as hex: 0.4 µs, against 0.2 µs for Ids."""
+    """96 random bits from the OS's CSPRNG per id, as hex. Drawn _BATCH ids at a time: one
+    getrandom() system call per batch rather than per id (on a VM a system call costs more
+    than the rest of making an id)."""
 
-    __slots__ = ()
+    __slots__ = ("_pool",)
+
+    _BATCH = 64
+
+    def __init__(self) -> None:
+        self._pool: list[str] = []
 
     def next(self) -> str:
-        return os.urandom(12).hex()
+        pool = self._pool
+        if not pool:
+            drawn = os.urandom(12 * self._BATCH).hex()
+            pool.extend(drawn[i : i + 24] for i in range(0, len(drawn), 24))
+        return pool.pop()

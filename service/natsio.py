@@ -34,11 +34,17 @@ async def ensure_subscribed(nc: Client) -> None:
 
 
 async def publish_checked(
-    nc: Client, subject: str, payload: bytes, what: str, headers: dict[str, str] | None = None
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    what: str,
+    headers: dict[str, str] | None = None,
+    urgent: bool = False,
 ) -> bool:
     """Publish unless the message cannot go out; a failure is logged, never raised. Goes
-    through the connection's fast path when it can."""
-    if message_bytes(payload, headers) > nc.max_payload:
+    through the connection's fast path when it can (see FastPath.publish for `urgent`)."""
+    size = len(payload) if not headers else message_bytes(payload, headers)
+    if size > nc.max_payload:
         log.error(
             "not publishing %s on %s: %d bytes, above max_payload %d",
             what,
@@ -47,7 +53,7 @@ async def publish_checked(
             nc.max_payload,
         )
         return False
-    if fast_path(nc).publish(subject, payload, headers=headers):
+    if fast_path(nc).publish(subject, payload, headers=headers, urgent=urgent):
         return True
     try:
         await nc.publish(subject, payload, headers=headers)
@@ -111,12 +117,15 @@ class FastPath:
         self.nc = nc
         self._handlers: dict[int, Callable[[Msg], None]] = {}
         self._flush_scheduled = False
+        # Messages the connection's last read brought for fast-path subscriptions: 1 or 0
+        # when traffic comes one message at a time (see `publish`'s `urgent`).
+        self.last_read = 0
         self.enabled = _supported() and isinstance(getattr(nc, "_ps", None), Parser)
 
     def install(self) -> FastPath:
         """Put the fast parser in front of nats-py's (after connect; reconnects keep it)."""
         if self.enabled and not isinstance(self.nc._ps, _FastParser):
-            self.nc._ps = _FastParser(self.nc, self._handlers)
+            self.nc._ps = _FastParser(self.nc, self._handlers, self)
         return self
 
     async def subscribe(
@@ -145,15 +154,24 @@ class FastPath:
         reply: str = "",
         headers: dict[str, str] | None = None,
         block: bytes | None = None,
+        urgent: bool = False,
     ) -> bool:
-        """Queue one message for the next write; False when it must go through nats-py's
-        publish instead (not connected, or headers that need its checks). `block` is a header
-        block built by the caller (b"NATS/1.0\r\n...\r\n\r\n"), for a message sent often."""
+        """Queue one message for the next write (once per event-loop turn, so the messages of
+        every task that ran in a turn go out in one system call); False when it must go through
+        nats-py's publish instead (not connected, or headers that need its checks). `block` is
+        a header block built by the caller (b"NATS/1.0\r\n...\r\n\r\n", see `header_block`).
+
+        `urgent` marks a message on a request's critical path (an attempt, a reply). It is
+        written at once when traffic comes one message at a time (the last read brought at most
+        one): then nothing would share its write, and waiting costs a turn of the loop plus
+        whatever its task does next (after a reply, a dispatcher's audit event and spans). When
+        reads bring several messages, it waits for the turn's one write like any other: one
+        system call per message would cost more than the latency it saves."""
         nc = self.nc
         if not self.enabled or not nc.is_connected or nc.is_draining_pubs:
             return False  # nats-py buffers through a reconnect, or refuses while draining
         if headers and block is None:
-            block = _header_block(headers)
+            block = header_block(headers)
             if block is None:
                 return False
         if block is not None:
@@ -177,7 +195,9 @@ class FastPath:
         nc._pending_data_size += len(cmd)
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += len(payload)
-        if not self._flush_scheduled:
+        if urgent and self.last_read <= 1:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return True
@@ -202,8 +222,9 @@ _SAFE_HEADER = re.compile(r"[!-9;-~]+")  # a header name nats-py accepts: printa
 _safe_names: dict[str, bytes] = {}  # names seen and checked: Lifeline sends a handful
 
 
-def _header_block(headers: dict[str, str]) -> bytes | None:
-    """The NATS/1.0 header block, or None for anything unusual (nats-py then checks it)."""
+def header_block(headers: dict[str, str]) -> bytes | None:
+    """The NATS/1.0 header block, or None for anything unusual (nats-py then checks it). Its
+    length plus the payload's is what the message counts against max_payload."""
     parts = [b"NATS/1.0\r\n"]
     for key, value in headers.items():
         name = _safe_names.get(key)
@@ -221,12 +242,16 @@ def _header_block(headers: dict[str, str]) -> bytes | None:
 class _FastParser(Parser):
     """nats-py's parser, with complete MSG/HMSG for fast-path subscriptions taken first."""
 
-    def __init__(self, nc: Client, handlers: dict[int, Callable[[Msg], None]]) -> None:
+    def __init__(
+        self, nc: Client, handlers: dict[int, Callable[[Msg], None]], path: FastPath
+    ) -> None:
         super().__init__(nc)
         self.handlers = handlers
+        self.path = path
 
     async def parse(self, data: bytes = b"") -> None:
         self.buf.extend(data)
+        self.path.last_read = 0
         if self.state == AWAITING_CONTROL_LINE:
             taken = self._take()
             if taken:
@@ -266,6 +291,7 @@ class _FastParser(Parser):
             if msg is None:
                 return pos  # a status line, odd headers or bytes: nats-py's parser decides
             pos = start + total + 2
+            self.path.last_read += 1
             try:
                 handler(msg)
             except Exception:  # a handler's bug must not stop the connection's read loop
@@ -311,15 +337,21 @@ def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
     headers: dict[str, str] = {}
     for line in block[10:].split(b"\r\n"):
         if line:
-            name, sep, value = line.partition(b":")
-            name = name.strip()
-            if not sep or _TOKEN.fullmatch(name) is None:  # nats-py's own rules decide
-                return nc._parse_header_lines(block[10:]) or None
-            headers[name.decode()] = value.strip().decode("utf-8", "replace")
+            raw, sep, value = line.partition(b":")
+            name = _names_read.get(raw) if sep else None
+            if name is None:
+                stripped = raw.strip()
+                if not sep or _TOKEN.fullmatch(stripped) is None:  # nats-py's own rules decide
+                    return nc._parse_header_lines(block[10:]) or None
+                name = stripped.decode()
+                if len(_names_read) < 64:
+                    _names_read[raw] = name
+            headers[name] = value.strip().decode("utf-8", "replace")
     return headers or None
 
 
 _TOKEN = re.compile(rb"[!-~]+")  # a name nats-py keeps as it is: printable ASCII, no space
+_names_read: dict[bytes, str] = {}  # header names seen and checked: Lifeline reads a handful
 
 
 _HAS_EMAIL_PARSER = importlib.util.find_spec("fast_mail_parser") is not None

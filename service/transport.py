@@ -60,7 +60,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
-from service.natsio import fast_path, publish_checked
+from service.natsio import fast_path, header_block, publish_checked
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -93,7 +93,8 @@ class NatsTransport:
     ) -> ProviderReply:
         """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
         subject = provider_subject(provider)
-        size = message_bytes(payload, headers)
+        block = header_block(headers)  # built once: it is measured here and sent as it is
+        size = len(payload) + (len(block) if block is not None else message_bytes(b"", headers))
         if size > self.nc.max_payload:  # e.g. a template made it longer: never send it
             return ProviderFailure(
                 "bad_request",
@@ -102,7 +103,7 @@ class NatsTransport:
                 "target's template",
             )
         try:
-            msg = await self._inbox.request(subject, payload, timeout_s, headers)
+            msg = await self._inbox.request(subject, payload, timeout_s, headers, block)
         except NoRespondersError:
             return ProviderFailure(
                 "no_responders",
@@ -166,13 +167,16 @@ class NatsTransport:
             pass  # no connection: the worker drops the call at its deadline anyway
 
     async def answer(self, reply_subject: str, reply: CompletionReply) -> CompletionReply:
-        """Send `reply`, or, when it would not fit max_payload, an error reply that does.
-        Returns what was sent (the audit event must say the same)."""
+        """Send `reply` (urgent: see natsio's FastPath.publish), or, when it would not fit
+        max_payload, an error reply that does. Returns what was sent (the audit event must say
+        the same)."""
         payload = encoder.encode(reply)
         if len(payload) > self.nc.max_payload:
             reply = _too_large(reply, len(payload), self.nc.max_payload)
             payload = _fitting(reply, self.nc.max_payload)
-        await publish_checked(self.nc, reply_subject, payload, f"the reply to {reply.id!r}")
+        await publish_checked(
+            self.nc, reply_subject, payload, f"the reply to {reply.id!r}", urgent=True
+        )
         return reply
 
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
@@ -290,7 +294,12 @@ class _Inbox:
             )
 
     async def request(
-        self, subject: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self,
+        subject: str,
+        payload: bytes,
+        timeout_s: float,
+        headers: dict[str, str],
+        block: bytes | None = None,
     ) -> Msg:
         if self._sub is None:
             await self.start()
@@ -302,7 +311,8 @@ class _Inbox:
         timer = loop.call_later(timeout_s, _expire, future)
         try:
             inbox = self._prefix + token
-            if not fast_path(self._nc).publish(subject, payload, inbox, headers):
+            path = fast_path(self._nc)
+            if not path.publish(subject, payload, inbox, headers, block, urgent=True):
                 await self._nc.publish(subject, payload, reply=inbox, headers=headers)
             msg = await future
         finally:

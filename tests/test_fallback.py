@@ -6,6 +6,7 @@ import asyncio
 
 from helpers import USER_HELLO, ask, config, fake, settled
 from schemas import ProviderOk, subjects
+from schemas.ids import SecretIds
 from schemas.wire import encoder, reply_decoder
 
 
@@ -168,3 +169,10 @@ async def test_attempt_ids_cannot_be_guessed_from_one_seen(lifeline, client):
     await client.flush()
     assert len(seen) == 20 and all(len(i) == 24 for i in seen)
     assert len({i[:6] for i in seen}) == 20  # no shared prefix, no counter
+
+
+def test_secret_ids_stay_random_and_distinct_across_the_batches_they_are_drawn_in():
+    ids = SecretIds()
+    drawn = [ids.next() for _ in range(1000)]  # about 16 draws from the OS
+    assert all(len(i) == 24 and int(i, 16) >= 0 for i in drawn)
+    assert len(set(drawn)) == 1000 and len({i[:8] for i in drawn}) > 990

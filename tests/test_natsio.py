@@ -174,3 +174,66 @@ async def test_an_unsubscribed_fast_handler_hears_nothing_and_is_forgotten(nats_
         assert sub._id not in fast_path(nc)._handlers
     finally:
         await nc.close()
+
+
+async def test_an_urgent_message_is_written_at_once_only_when_traffic_is_light(nats_url, client):
+    """A reply or an attempt (urgent) goes out at once when reads bring one message at a time;
+    when they bring several, it waits for the event-loop turn's one write like the rest. Either
+    way the messages keep their order."""
+    received: list[bytes] = []
+
+    async def receive(msg: Msg) -> None:
+        received.append(msg.data)
+
+    await client.subscribe("fast.urgent", cb=receive)
+    await ensure_subscribed(client)
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        path.last_read = 1  # light traffic
+        assert path.publish("fast.urgent", b"1")
+        assert nc._pending  # not urgent: waits for the turn's write
+        assert path.publish("fast.urgent", b"2", urgent=True)
+        assert not nc._pending  # written at once, with what was queued before it
+        path.last_read = 5  # the last read brought five messages: busy
+        assert path.publish("fast.urgent", b"3", urgent=True)
+        assert nc._pending
+        await nc.flush()
+        await wait_for(lambda: len(received) == 3)
+    finally:
+        await nc.close()
+    assert received == [b"1", b"2", b"3"]
+
+
+async def test_the_fast_path_counts_the_messages_each_read_brings(nats_url, client):
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        seen: list[int] = []
+        await path.subscribe("fast.count", lambda msg: seen.append(path.last_read))
+        await ensure_subscribed(nc)
+        await client.publish("fast.count", b"alone")
+        await client.flush()
+        await wait_for(lambda: len(seen) == 1)
+        assert seen == [1]
+        for i in range(300):  # one flush: they arrive in a few reads, many to a read
+            await client.publish("fast.count", str(i).encode())
+        await client.flush()
+        await wait_for(lambda: len(seen) == 301)
+        assert max(seen) > 1
+    finally:
+        await nc.close()
+
+
+async def test_header_names_seen_before_are_still_checked_line_by_line(nats_url):
+    """Names already seen skip the name check; a line without a colon still goes to nats-py's
+    own parser, even when its text is a name seen before."""
+    nc = await nats.connect(nats_url)
+    try:
+        block = b"NATS/1.0\r\nLifeline-Seen: 1\r\n\r\n"
+        assert natsio._plain_headers(nc, block) == {"Lifeline-Seen": "1"}
+        assert natsio._plain_headers(nc, block) == {"Lifeline-Seen": "1"}
+        odd = b"NATS/1.0\r\nLifeline-Seen\r\n\r\n"
+        assert natsio._plain_headers(nc, odd) == (nc._parse_header_lines(odd[10:]) or None)
+    finally:
+        await nc.close()

@@ -73,6 +73,7 @@ class WorkerRuntime:
         self.cancelled = 0  # attempts stopped by a cancel message
         self.cancels_heard = 0  # cancel messages, for this replica's attempts or another's
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
+        self._span_attributes: dict[str, dict[str, str]] = {}  # per model (spans copy them)
         self._secrets: tuple[str, ...] = tuple(
             getattr(provider, "secrets", ())
         )  # scrubbed from every message
@@ -167,7 +168,7 @@ class WorkerRuntime:
                 latency_ms=reply.latency_ms,
             )
             payload = encoder.encode(reply)
-        await publish_checked(self.nc, subject, payload, f"{self.name}'s reply")
+        await publish_checked(self.nc, subject, payload, f"{self.name}'s reply", urgent=True)
 
     def _time_left(self, headers: dict[str, str] | None) -> float:
         """What the attempt's Deadline leaves, at most this worker's own timeout_s."""
@@ -181,7 +182,11 @@ class WorkerRuntime:
         self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None
     ) -> ProviderReply:
         model = request.model or self.provider.model
-        attributes = telemetry.provider_attributes(self.name, self.kind, model)
+        attributes = self._span_attributes.get(model)
+        if attributes is None:  # a request may name any model: the cache is bounded
+            attributes = telemetry.provider_attributes(self.name, self.kind, model)
+            if len(self._span_attributes) < _SPAN_ATTRIBUTES_MAX:
+                self._span_attributes[model] = attributes
         span = self.spans.start(
             f"chat {model}", SpanKind.CLIENT, attributes, telemetry.remote_parent(headers)
         )
@@ -262,6 +267,7 @@ class WorkerRuntime:
         return msgspec.structs.replace(end, chunks=chunks)
 
 
+_SPAN_ATTRIBUTES_MAX = 256
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
