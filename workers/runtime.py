@@ -66,8 +66,10 @@ class WorkerRuntime:
         self.nc = nc
         self.spans = spans
         self.timeout_s = timeout_s
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._by_attempt: dict[str, asyncio.Task[None]] = {}  # attempt id -> its task, for cancels
+        # Each request's task, with its attempt id (None without one); and the reverse, for
+        # cancels. One done-callback per task forgets both.
+        self._tasks: dict[asyncio.Task[None], str | None] = {}
+        self._by_attempt: dict[str, asyncio.Task[None]] = {}
         self._sub = None
         self._cancel_sub = None
         self.cancelled = 0  # attempts stopped by a cancel message
@@ -111,12 +113,16 @@ class WorkerRuntime:
     def _on_msg(self, msg: Msg) -> None:
         self.tally.requests += 1
         task = asyncio.create_task(self.handle(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
+        self._tasks[task] = attempt_id
+        task.add_done_callback(self._finished)
         if attempt_id is not None:
             self._by_attempt[attempt_id] = task
-            task.add_done_callback(lambda _: self._by_attempt.pop(attempt_id, None))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        attempt_id = self._tasks.pop(task, None)
+        if attempt_id is not None:
+            self._by_attempt.pop(attempt_id, None)
 
     def _on_cancel(self, msg: Msg) -> None:
         self.cancels_heard += 1
