@@ -161,12 +161,13 @@ class FastPath:
         nats-py's publish instead (not connected, or headers that need its checks). `block` is
         a header block built by the caller (b"NATS/1.0\r\n...\r\n\r\n", see `header_block`).
 
-        `urgent` marks a message on a request's critical path (an attempt, a reply). It is
-        written at once when traffic comes one message at a time (the last read brought at most
-        one): then nothing would share its write, and waiting costs a turn of the loop plus
-        whatever its task does next (after a reply, a dispatcher's audit event and spans). When
-        reads bring several messages, it waits for the turn's one write like any other: one
-        system call per message would cost more than the latency it saves."""
+        `urgent` marks a message on a request's critical path (an attempt, a reply). When
+        traffic comes one message at a time (the last read brought at most one), the first one
+        of a turn is written at once: nothing would share its write, and waiting costs a turn of
+        the loop plus whatever its task does next (after a reply, a dispatcher's audit event
+        and spans). Anything after it in the same turn (a burst of timeouts, say) waits for the
+        turn's one write, as every message does when reads bring several: one system call per
+        message would cost more than the latency it saves."""
         nc = self.nc
         if not self.enabled or not nc.is_connected or nc.is_draining_pubs:
             return False  # nats-py buffers through a reconnect, or refuses while draining
@@ -195,15 +196,18 @@ class FastPath:
         nc._pending_data_size += len(cmd)
         nc.stats["out_msgs"] += 1
         nc.stats["out_bytes"] += len(payload)
-        if urgent and self.last_read <= 1:
-            self._flush()
-        elif not self._flush_scheduled:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+            if urgent and self.last_read <= 1:
+                self._write()  # the turn's first message: the rest of the turn shares one more
         return True
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write()
+
+    def _write(self) -> None:
         nc = self.nc
         if nc._pending and nc.is_connected and nc._transport is not None:
             pending, nc._pending, nc._pending_data_size = nc._pending, [], 0

@@ -5,6 +5,7 @@ nats-py upgrade cannot quietly turn the fast path off (or break it)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 
 import nats
@@ -177,9 +178,10 @@ async def test_an_unsubscribed_fast_handler_hears_nothing_and_is_forgotten(nats_
 
 
 async def test_an_urgent_message_is_written_at_once_only_when_traffic_is_light(nats_url, client):
-    """A reply or an attempt (urgent) goes out at once when reads bring one message at a time;
-    when they bring several, it waits for the event-loop turn's one write like the rest. Either
-    way the messages keep their order."""
+    """A reply or an attempt (urgent) goes out at once when reads bring one message at a time
+    and it is the first of its event-loop turn; later ones in the turn (a burst of timeouts),
+    and every one when reads bring several, wait for the turn's one write. Either way the
+    messages keep their order."""
     received: list[bytes] = []
 
     async def receive(msg: Msg) -> None:
@@ -190,11 +192,14 @@ async def test_an_urgent_message_is_written_at_once_only_when_traffic_is_light(n
     nc = await nats.connect(nats_url)
     try:
         path = fast_path(nc)
+        await asyncio.sleep(0)  # a turn of its own
         path.last_read = 1  # light traffic
-        assert path.publish("fast.urgent", b"1")
-        assert nc._pending  # not urgent: waits for the turn's write
+        assert path.publish("fast.urgent", b"1", urgent=True)
+        assert not nc._pending  # written at once
         assert path.publish("fast.urgent", b"2", urgent=True)
-        assert not nc._pending  # written at once, with what was queued before it
+        assert nc._pending  # the same turn: waits for its write
+        await asyncio.sleep(0)
+        assert not nc._pending
         path.last_read = 5  # the last read brought five messages: busy
         assert path.publish("fast.urgent", b"3", urgent=True)
         assert nc._pending
