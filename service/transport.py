@@ -110,10 +110,10 @@ class NatsTransport:
                 f"no worker is listening on {subject}: start one with `lifeline worker {provider}`",
             )
         except NatsTimeoutError:
-            await self.cancel(provider, headers[ATTEMPT_ID])
+            self.cancel_now(provider, headers[ATTEMPT_ID])
             return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
         except asyncio.CancelledError:  # e.g. a hedge lost, or a dispatcher shutting down
-            await asyncio.shield(self.cancel(provider, headers[ATTEMPT_ID]))
+            self.cancel_now(provider, headers[ATTEMPT_ID])
             raise
         except NatsError as exc:  # the connection is closed or cannot buffer: this attempt failed
             return ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
@@ -148,7 +148,8 @@ class NatsTransport:
         return stream
 
     def cancel_now(self, provider: str, attempt_id: str) -> None:
-        """`cancel` from a callback: no waiting (fast path, else a task)."""
+        """`cancel` without waiting (fast path, else a task): from a callback, or for a cohort
+        of timeouts, where each awaited publish would make the next attempt start later."""
         subject, payload = cancel_subject(provider), attempt_id.encode()
         if not fast_path(self.nc).publish(subject, payload):
             task = asyncio.ensure_future(self.cancel(provider, attempt_id))
