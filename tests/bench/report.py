@@ -646,16 +646,16 @@ def targets_of(c: dict[str, float], m: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         _target(
             "throughput vs relay",
-            "lifeline/relay req/s at 64 in flight ≥ 0.6 (stretch 0.8)",
+            "lifeline/relay req/s at 64 in flight ≥ 0.75 (goal 0.9)",
             f"{ratio:.2f}",
-            ratio >= 0.6,
-            "stretch met" if ratio >= 0.8 else "stretch not met",
+            ratio >= 0.75,
+            "goal met" if ratio >= 0.9 else "goal not met",
         ),
         _target(
             "latency vs relay",
-            "lifeline p50 ≤ relay p50 + 0.3 ms at 1 in flight",
+            "lifeline p50 ≤ relay p50 + 0.1 ms at 1 in flight",
             f"{c['p50_delta_1_ms']:+.2f} ms",
-            c["p50_delta_1_ms"] <= 0.3,
+            c["p50_delta_1_ms"] <= 0.1,
         ),
         _target(
             "fallback on an error",
