@@ -87,8 +87,9 @@ async def stop_taking(sub: Subscription) -> None:
 #          `FastPath.subscribe` straight to its handler. Every other message, and every
 #          other protocol line (PING, INFO, -ERR, ...), goes to nats-py's own parser.
 #   write  `FastPath.publish` appends the PUB/HPUB command to nats-py's pending buffer and
-#          writes the buffer once per event-loop turn; when the connection is not up, it
-#          falls back to nats-py's publish (which buffers through a reconnect).
+#          writes the buffer once per event-loop turn (an urgent message at once, when
+#          traffic comes one message at a time: see `publish`); when the connection is not up,
+#          it falls back to nats-py's publish (which buffers through a reconnect).
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
