@@ -103,3 +103,16 @@ def test_the_ab_comparison_loads_two_revisions_at_once_and_cleans_up_after_itsel
         ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
     )
     assert "lifeline-ab-" not in worktrees.stdout
+
+
+def test_the_ab_comparison_names_a_revision_it_cannot_find():
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bench.ab", "no-such-revision"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "'no-such-revision' is no commit of this repository" in result.stderr
+    assert "Traceback" not in result.stderr

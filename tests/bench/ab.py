@@ -108,8 +108,27 @@ def measure(fleets: list[Fleet], spec: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def unknown_revision(revision: str | None) -> bool:
+    if revision is None:
+        return False
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+        capture_output=True,
+        check=False,
+    )
+    return found.returncode != 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for revision in (args.base, args.new):
+        if unknown_revision(revision):
+            print(
+                f"bench-ab: {revision!r} is no commit of this repository: name a commit, a "
+                "branch or a tag (git log --oneline lists them)",
+                file=sys.stderr,
+            )
+            return 2
     spec = {
         "subject": subjects.COMPLETE,
         "payload": completion_request("main"),
