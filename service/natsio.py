@@ -43,7 +43,7 @@ async def publish_checked(
 ) -> bool:
     """Publish unless the message cannot go out; a failure is logged, never raised. Goes
     through the connection's fast path when it can (see FastPath.publish for `urgent`)."""
-    size = len(payload) if not headers else message_bytes(payload, headers)
+    size, block = measured(payload, headers)
     if size > nc.max_payload:
         log.error(
             "not publishing %s on %s: %d bytes, above max_payload %d",
@@ -53,7 +53,7 @@ async def publish_checked(
             nc.max_payload,
         )
         return False
-    if fast_path(nc).publish(subject, payload, headers=headers, urgent=urgent):
+    if fast_path(nc).publish(subject, payload, headers=headers, block=block, urgent=urgent):
         return True
     try:
         await nc.publish(subject, payload, headers=headers)
@@ -61,6 +61,18 @@ async def publish_checked(
         log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
         return False
     return True
+
+
+def measured(payload: bytes, headers: dict[str, str] | None) -> tuple[int, bytes | None]:
+    """What a message counts against max_payload, and its header block (built once, to be sent
+    as it is through FastPath.publish); None when it has no headers, or headers only nats-py's
+    publish takes."""
+    if not headers:
+        return len(payload), None
+    block = header_block(headers)
+    if block is None:
+        return message_bytes(payload, headers), None
+    return len(block) + len(payload), block
 
 
 async def stop_taking(sub: Subscription) -> None:

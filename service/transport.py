@@ -60,7 +60,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
-from service.natsio import fast_path, header_block, publish_checked
+from service.natsio import fast_path, measured, publish_checked
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -93,8 +93,7 @@ class NatsTransport:
     ) -> ProviderReply:
         """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
         subject = provider_subject(provider)
-        block = header_block(headers)  # built once: it is measured here and sent as it is
-        size = len(payload) + (len(block) if block is not None else message_bytes(b"", headers))
+        size, block = measured(payload, headers)  # the block is built once, and sent as it is
         if size > self.nc.max_payload:  # e.g. a template made it longer: never send it
             return ProviderFailure(
                 "bad_request",
