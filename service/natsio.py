@@ -224,7 +224,13 @@ class FastPath:
         nc = self.nc
         if nc._pending and nc.is_connected and nc._transport is not None:
             pending, nc._pending, nc._pending_data_size = nc._pending, [], 0
-            nc._transport.writelines(pending)
+            try:
+                nc._transport.writelines(pending)
+            except (RuntimeError, OSError) as exc:  # the socket closed before nats-py noticed:
+                # it reconnects and sends its pending buffer then, so these go back to its front.
+                log.warning("write failed (%s); left to nats-py's reconnect", type(exc).__name__)
+                nc._pending[:0] = pending
+                nc._pending_data_size += sum(len(cmd) for cmd in pending)
 
 
 def _supported() -> bool:

@@ -242,3 +242,26 @@ async def test_header_names_seen_before_are_still_checked_line_by_line(nats_url)
         assert natsio._plain_headers(nc, odd) == (nc._parse_header_lines(odd[10:]) or None)
     finally:
         await nc.close()
+
+
+async def test_a_write_that_fails_leaves_its_messages_to_nats_pys_reconnect(nats_url):
+    """The socket can close before nats-py notices; an urgent write then must not raise into
+    the request that published, and what it held goes back to nats-py's pending buffer, which
+    nats-py sends after it reconnects."""
+    nc = await nats.connect(nats_url)
+    try:
+        path = fast_path(nc)
+        await asyncio.sleep(0)
+        real = nc._transport.writelines
+
+        def closed(_: object) -> None:
+            raise RuntimeError("unable to perform operation: the handler is closed")
+
+        nc._transport.writelines = closed
+        path.last_read = 1
+        assert path.publish("fast.lost", b"kept", urgent=True)
+        assert nc._pending and nc._pending[-1].endswith(b"kept\r\n")
+        assert nc._pending_data_size == sum(len(cmd) for cmd in nc._pending)
+        nc._transport.writelines = real
+    finally:
+        await nc.close()
