@@ -11,8 +11,8 @@ machine does to one it does to the other, and the two compete for the same cores
 that costs less per request serves more. Competing also amplifies: the side that gets ahead
 serves bigger batches, each cheaper, so single rounds swing by up to a quarter either way. Read
 the medians of many rounds, and the CPU time per request beside the ratio: a version against
-itself has given medians of 0.94 to 1.01 over 8 rounds on the 2-core machine of the README's
-figures, so differences under about 10 % are not resolved.
+itself has given medians of 0.94 and 1.01 (runs of 8 and 4 rounds) on the 2-core machine of
+the README's figures, so differences under about 10 % are not resolved.
 
 BASE and NEW are git revisions (NEW defaults to the working tree as it is, uncommitted changes
 included); each revision is checked out into a temporary git worktree, removed afterwards.
