@@ -165,6 +165,9 @@ INTERNAL = "internal"  # a bug in Lifeline; the message says what to report
 # On llm.stream, an attempt failed after its first chunks reached the client and the request's
 # (or route's) on_midstream is "fail".
 MIDSTREAM_FAILED = "midstream_failed"
+# The dispatcher was stopped and its shutdown grace ran out before the request was answered;
+# its attempts were cancelled at their workers.
+SHUTTING_DOWN = "shutting_down"
 
 REQUEST_ERRORS = (
     ALL_FAILED,
@@ -181,4 +184,9 @@ REQUEST_ERRORS = (
     MAX_ATTEMPTS_REACHED,
     INTERNAL,
     MIDSTREAM_FAILED,
+    SHUTTING_DOWN,
 )
+# The request errors worth sending again as they are, after error.retry_after_s: the dispatcher
+# that answered could not take the request (or not finish it); another one, or a later
+# moment, can. Clients, the HTTP gateway and the integrations resend (or say to) on these.
+RESEND = frozenset({OVERLOADED, SHUTTING_DOWN})

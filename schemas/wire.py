@@ -36,6 +36,7 @@ from schemas.errors import (  # noqa: F401
     REPLY_SUBJECT_REFUSED,
     REPLY_TOO_LARGE,
     RETRY_BUDGET,
+    SHUTTING_DOWN,
     SKIP_REASONS,
     UNKNOWN_PROVIDER,
     UNKNOWN_ROUTE,
@@ -302,7 +303,8 @@ class StreamStats(Struct, frozen=True):
 class ErrorInfo(Struct, frozen=True, omit_defaults=True):
     type: str
     message: str
-    retry_after_s: float | None = None  # set with "overloaded": when trying again makes sense
+    # With an error worth resending (errors.RESEND): when to send it again.
+    retry_after_s: float | None = None
 
 
 class CompletionReply(Struct, frozen=True):

@@ -21,7 +21,7 @@ Replies are CompletionReply Structs (schemas/wire.py).
 
 Errors: an answer with `status == "error"` (all_failed, deadline_exceeded, overloaded, ...) is a
 reply like any other: it is returned, never raised (complete(..., overloaded_retries=N) resends
-on `overloaded` after its retry_after_s). What raises is a transport problem, a LifelineError:
+on `overloaded` and `shutting_down` after its retry_after_s). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server), NoDispatcher (nobody on llm.complete), NoAnswer (no reply within
 the request's timeout and a grace: a TimeoutError too), RequestTooLarge (over the server's
 max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
@@ -52,7 +52,7 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, subjects
-from schemas.errors import OVERLOADED
+from schemas.errors import RESEND
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, reply_decoder
@@ -338,8 +338,9 @@ class Lifeline:
     ) -> CompletionReply:
         """Send one request to llm.complete and return its reply, ok or error (an error reply
         is returned, not raised). `fields` are CompletionRequest fields: route, timeout_s,
-        max_tokens, tools, tool_choice, response_format, ... An `overloaded` reply is sent
-        again, after its retry_after_s, up to overloaded_retries times."""
+        max_tokens, tools, tool_choice, response_format, ... An `overloaded` (or
+        `shutting_down`) reply is sent again, after its retry_after_s, up to
+        overloaded_retries times."""
         req = self.request(request, **fields)
         payload = encoder.encode(req)
         if len(payload) > self.nc.max_payload:
@@ -581,7 +582,8 @@ class Streamed:
 
 
 def _overloaded(reply: CompletionReply) -> bool:
-    return reply.status == "error" and reply.error is not None and reply.error.type == OVERLOADED
+    """An error worth sending again: `overloaded`, or `shutting_down` (errors.RESEND)."""
+    return reply.status == "error" and reply.error is not None and reply.error.type in RESEND
 
 
 def _retry_after_s(reply: CompletionReply) -> float:

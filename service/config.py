@@ -57,6 +57,11 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Physical attempts per request across retries and fallbacks, so chains cannot multiply
     # into retry storms: the default, and the ceiling for a route's or a request's own value.
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
+    # On SIGTERM a dispatcher stops taking requests and lets those in flight finish for this
+    # long; the ones still running then are answered "shutting_down" (their attempts cancelled
+    # at the workers), so each still gets its one reply and audit event. Keep it below your
+    # supervisor's kill timeout (Kubernetes: terminationGracePeriodSeconds, 30 s).
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
     # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in
     # production.
     allow_fault_injection: bool = False

@@ -39,6 +39,7 @@ log = logging.getLogger("lifeline.dispatcher")
 
 _TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth trimming memory after
 _YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
+_ANSWER_AFTER_CANCEL_S = 2.0  # for a request cut short at shutdown to send its reply and audit
 
 
 class Dispatcher:
@@ -61,6 +62,7 @@ class Dispatcher:
         self.replicas = replicas
         self._tasks: set[asyncio.Task[None]] = set()
         self.max_in_flight = settings.max_in_flight
+        self.shutdown_grace_s = settings.shutdown_grace_s
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
         self._peak = 0  # most requests in flight since memory was last trimmed
         # Waiting for their "overloaded": (message, arrival, streamed).
@@ -85,9 +87,13 @@ class Dispatcher:
         if self.jobs is not None:
             await self.jobs.start()
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
-        finish (up to grace_s)."""
+        finish, up to grace_s (dispatcher.shutdown_grace_s). Requests still in flight then are
+        answered `shutting_down` (jobs still running are left to be delivered again)."""
+        grace_s = self.shutdown_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_s
         subs, self._subs = self._subs, []
         for sub in subs:
             await stop_taking(sub)
@@ -97,8 +103,29 @@ class Dispatcher:
         if self._refuser is not None:
             waits.add(self._refuser)
         if waits:
-            await asyncio.wait(waits, timeout=grace_s)
+            await asyncio.wait(waits, timeout=max(until - loop.time(), 0.0))
+        if self._tasks:
+            await self._cut_short(set(self._tasks), grace_s)
         await self.health.stop()
+
+    async def _cut_short(self, tasks: set[asyncio.Task[None]], grace_s: float) -> None:
+        """Answer the requests still in flight when the shutdown grace ran out: each task is
+        cancelled, and its engine answers `shutting_down` and audits it (Engine.serve)."""
+        log.warning(
+            "%d requests still in flight after the shutdown grace (%g s, "
+            "dispatcher.shutdown_grace_s): answering them shutting_down",
+            len(tasks),
+            grace_s,
+        )
+        for task in tasks:
+            task.cancel()
+        _, late = await asyncio.wait(tasks, timeout=_ANSWER_AFTER_CANCEL_S)
+        if late:
+            log.error(
+                "%d requests were not answered within %g s of their cancel",
+                len(late),
+                _ANSWER_AFTER_CANCEL_S,
+            )
 
     @property
     def in_flight(self) -> int:
@@ -177,7 +204,8 @@ class Dispatcher:
             else:
                 respond = self._responder(msg.reply)
         inbound = Inbound(msg.data, msg.headers, arrived)
-        reply = await self.engine.serve(inbound, respond, refused, sink)
+        # Nobody sends a core request again: cut short at shutdown, it is still answered.
+        reply = await self.engine.serve(inbound, respond, refused, sink, answer_if_cancelled=True)
         tally = self.stream_tally if stream else self.complete_tally
         tally.busy_ms += reply.latency_ms
         if reply.error is not None:

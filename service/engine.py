@@ -19,6 +19,7 @@ traceback), so the one-reply-one-audit promise holds whatever the request holds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,7 +32,14 @@ from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, Provi
 from schemas.deadline import Deadline
 from schemas.ids import SecretIds
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID
-from schemas.wire import INTERNAL, PAYLOAD_TOO_LARGE, PREVIOUS_ERRORS, encoder, salvage_id
+from schemas.wire import (
+    INTERNAL,
+    PAYLOAD_TOO_LARGE,
+    PREVIOUS_ERRORS,
+    SHUTTING_DOWN,
+    encoder,
+    salvage_id,
+)
 from service import telemetry
 from service.config import Config
 from service.faults import injecting
@@ -106,11 +114,16 @@ class Engine:
         respond: Respond | None,
         refused: Rejected | None = None,
         sink: Sink | None = None,
+        *,
+        answer_if_cancelled: bool = False,
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer), or as a stream of
         events through `sink` (with both, the stream's end event carries what `respond`
         returned), and audit it; with `refused`, the front end already knows the answer is
-        that refusal. Never raises."""
+        that refusal. Never raises, but for a cancel (its front end stopping) before the
+        answer is known: with `answer_if_cancelled` (a front end whose requests nobody
+        delivers again) the request is then answered `shutting_down` and audited, its
+        attempts cancelled at their workers; without it the cancel goes on up, unanswered."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
@@ -135,6 +148,12 @@ class Engine:
         except Exception:
             log.exception("bug while handling a request; answering with an internal error")
             reply = _internal_error(inbound.data, trace_id)
+        except asyncio.CancelledError:
+            if not answer_if_cancelled:
+                span.end()
+                raise
+            _uncancel()  # answered here: what follows (the reply, the audit) must still run
+            reply = _shutting_down(inbound.data, trace_id)
         latency_ms = (time.monotonic() - inbound.arrived) * 1000
         reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
         try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
@@ -397,6 +416,21 @@ def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> Comple
         tool_calls=answer.tool_calls,
         finish_reason=answer.finish_reason,
     )
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _shutting_down(data: bytes, trace_id: str | None) -> CompletionReply:
+    message = (
+        "this dispatcher stopped (its shutdown grace ran out) before the request was answered; "
+        "its attempts were cancelled. Send it again: another dispatcher takes it"
+    )
+    error = ErrorInfo(SHUTTING_DOWN, message, retry_after_s=1.0)
+    return CompletionReply(salvage_id(data), "error", trace_id=trace_id, error=error)
 
 
 def _internal_error(data: bytes, trace_id: str | None) -> CompletionReply:

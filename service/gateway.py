@@ -96,6 +96,7 @@ STATUS: dict[str, tuple[int, str]] = {
     errors.REPLY_TOO_LARGE: (502, "upstream_error"),
     errors.MIDSTREAM_FAILED: (502, "upstream_error"),
     errors.OVERLOADED: (503, "overloaded_error"),
+    errors.SHUTTING_DOWN: (503, "overloaded_error"),
     errors.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
 _INTERNAL = (500, "server_error")
@@ -463,7 +464,7 @@ def reply_error(reply: CompletionReply, route: str) -> HTTPError:
     kind, message = (error.type, error.message) if error else (errors.INTERNAL, "no error given")
     status, family = STATUS.get(kind, _INTERNAL)
     headers = lifeline_headers(reply)
-    if kind == errors.OVERLOADED:
+    if kind in errors.RESEND:
         retry_s = error.retry_after_s if error and error.retry_after_s else 1.0
         headers["retry-after"] = str(max(1, math.ceil(retry_s)))
         headers["retry-after-ms"] = str(max(1, round(retry_s * 1000)))

@@ -477,8 +477,9 @@ class ProviderStream:
 
     def abandon(self) -> None:
         """Nobody waits for this attempt any more (a hedge lost, a shutdown): its worker is
-        told to cancel it."""
-        if not self.done.done():
+        told to cancel it. Its waiter's cancel may have cancelled `done` (an awaited future is
+        cancelled with its task): that is no end, so its timer and inbox entry go here too."""
+        if not self.done.done() or self.done.cancelled():
             self.end(ProviderFailure("timeout", "abandoned"))
             self._transport.cancel_now(self.provider, self.attempt_id)
 

@@ -31,6 +31,7 @@ from helpers import (
 )
 
 from schemas.wire import MAX_ID_LENGTH, encoder
+from service import discovery
 from service.embedded import EmbeddedNats
 
 MAX_PAYLOAD = 256 * 1024
@@ -629,6 +630,50 @@ async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_ta
         assert later and all(ledger.reply_of[i].target == "pair" for i in later), (
             "the survivor is still benched"
         )
+        await nc.close()
+    finally:
+        svc.stop()
+
+
+async def test_requests_still_in_flight_when_the_shutdown_grace_ends_are_answered_shutting_down(
+    tmp_path, server, provider
+):
+    config = contract_config(provider, shutdown_grace_s=1.5)
+    config["providers"]["crawl"] = {"kind": "fake", "model": "crawl-1", "latency_ms": 20_000}
+    config["providers"]["quick"] = {"kind": "fake", "model": "quick-1", "latency_ms": 300}
+    config["routes"]["crawl"] = {"targets": [{"provider": "crawl", "timeout_s": 30}]}
+    config["routes"]["quick"] = {"targets": ["quick"]}
+    svc = Service(tmp_path, server.url, config)
+    try:
+        _, _, dispatcher = svc.start_all(["crawl", "quick"], dispatchers=1)
+        nc = await nats.connect(server.url)
+        ledger = await Ledger(nc).start()
+        crawling = [f"crawl-{n}" for n in range(5)]
+        quick = [f"quick-{n}" for n in range(5)]
+        for request_id in crawling:
+            await ledger.send(request_id, request(request_id, route="crawl", timeout_s=60))
+        for request_id in quick:
+            await ledger.send(request_id, request(request_id, route="quick"))
+        await nc.flush()
+        await asyncio.sleep(0.1)  # all ten are in flight at the dispatcher
+        stopped = time.monotonic()
+        dispatcher.proc.send_signal(signal.SIGTERM)
+
+        await ledger.settle(10, 10, timeout_s=15)
+        ledger.assert_exactly_once(crawling + quick)
+        assert all(ledger.reply_of[i].status == "ok" for i in quick)  # done within the grace
+        for request_id in crawling:
+            reply = ledger.reply_of[request_id]
+            assert reply.error is not None and reply.error.type == "shutting_down", reply
+            assert reply.error.retry_after_s and "Send it again" in reply.error.message
+            assert ledger.audit_types[request_id] == "shutting_down"
+            assert ledger.sent_at[request_id] + ledger.reply_after_s[request_id] - stopped < 5
+        assert await asyncio.to_thread(dispatcher.proc.wait, 15) == 0
+        assert "answering them shutting_down" in dispatcher.log()
+        # Their attempts were cancelled at the worker: nothing keeps the provider call running.
+        stats = await discovery.ask(nc, "STATS", "lifeline-worker-crawl", timeout_s=2.0)
+        (cancel,) = [e for e in stats[0]["endpoints"] if e["name"] == "cancel"]
+        assert cancel["data"]["cancelled"] == len(crawling)
         await nc.close()
     finally:
         svc.stop()

@@ -513,3 +513,26 @@ async def test_a_worker_that_does_not_stream_has_its_tool_calls_streamed_whole(l
     events = [e async for e in stream(client, request(tools=[WEATHER]), assembler)]
     assert kinds(events) == ["tool_call", "end"]
     assert assembler.tool_calls == events[-1].reply.tool_calls
+
+
+async def test_a_stream_still_running_when_the_shutdown_grace_ends_ends_with_shutting_down(
+    lifeline, client, audit
+):
+    stack = await lifeline(config({"main": fake(chunks=50, chunk_delay_ms=100)}))
+    events = []
+
+    async def read() -> None:
+        async for event in stream(client, request()):
+            events.append(event)
+
+    reading = asyncio.ensure_future(read())
+    await wait_for(lambda: len(events) >= 2, 5, what="the first chunks")
+    await stack.dispatcher.stop(grace_s=0.2)
+    await asyncio.wait_for(reading, 5)
+    assert kinds(events)[-1] == "error" and set(kinds(events)[:-1]) == {"delta"}
+    error = events[-1].reply.error
+    assert error.type == "shutting_down" and error.retry_after_s
+    [(subject, event)] = await audit.wait_for(1)
+    assert subject == "llm.audit.error" and event.error_type == "shutting_down"
+    worker = stack.workers["main"]  # its worker was told, and stopped streaming
+    await wait_for(lambda: worker.cancelled == 1 and not worker.in_flight, 5, what="the cancel")

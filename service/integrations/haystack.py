@@ -87,7 +87,8 @@ class LifelineChatGenerator:
     :param streaming_callback: called with each StreamingChunk; the run streams when set.
     :param tools: Tools or Toolsets offered on every run (a run's `tools` replace them).
     :param timeout: seconds for the whole request, every retry and fallback included.
-    :param max_retries: resends of a request the dispatcher refused as `overloaded`.
+    :param max_retries: resends of a request the dispatcher answered `overloaded` or
+        `shutting_down`.
     """
 
     def __init__(

@@ -19,8 +19,8 @@ call in `request_options`.
 Errors: an error reply raises ReplyError (its `.reply` has the attempts), so LangChain's own
 retries and fallbacks still see a failure; a transport problem raises the client's
 LifelineError (Unreachable, NoDispatcher, NoAnswer). `max_retries` sends a request again when
-the dispatcher answers `overloaded` (the one error worth resending: the rest Lifeline retried
-and fell back on already).
+the dispatcher answers `overloaded` or `shutting_down` (the errors worth resending: the rest
+Lifeline retried and fell back on already).
 
 Streaming: LangChain adds up the chunks it was given and has no way to take one back, so a
 stream asks Lifeline for on_midstream = "fail" by default: an attempt that fails before its
@@ -107,7 +107,7 @@ class ChatLifeline(BaseChatModel):
     timeout: float | None = None
     """Seconds for the whole request, every retry and fallback included (timeout_s)."""
     max_retries: int = 2
-    """Resends of a request the dispatcher refused as `overloaded`."""
+    """Resends of a request the dispatcher answered `overloaded` or `shutting_down`."""
     streaming: bool = False
     on_midstream: Literal["fail", "continue", "reset"] = "fail"
     """For streams: what a failure after the first token does (see the module's docstring)."""
