@@ -6,7 +6,8 @@
                                                               counted by breakers by default
         auth, bad_request, context_length, content_filter    the request's (or the key's) fault
         response_too_large                                    the answer was too large to carry
-        no_responders                                         no worker runs (dispatcher side)
+        no_responders                                         no worker runs (dispatcher side), or
+                                                              it stopped before it answered
         invalid_output                                        the answer failed response_format
                                                               (dispatcher side)
     a target is passed over without a call: Attempt.reason, SKIP_REASONS
@@ -71,7 +72,8 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "no_responders",
-            "no worker is running for the provider (dispatcher side): falls back at once",
+            "no worker is running for the provider (dispatcher side), or the one running the "
+            "call stopped before it answered: falls back at once",
         ),
         Kind("invalid_output", "the answer failed the request's response_format (dispatcher side)"),
     )

@@ -89,6 +89,23 @@ async def test_a_worker_cancels_a_hung_call_when_the_dispatcher_gives_up(lifelin
     await wait_for(lambda: not stack.workers["primary"].in_flight, timeout_s=2)
 
 
+async def test_a_worker_stopping_cuts_its_calls_short_after_its_grace_and_the_dispatcher_falls_back(
+    lifeline, client
+):
+    stack = await lifeline(config({"primary": fake(latency_ms=20_000), "backup": fake()}))
+    primary = stack.workers["primary"]
+    asking = asyncio.ensure_future(ask(client, {**USER_HELLO, "timeout_s": 60}))
+    await wait_for(lambda: primary.in_flight == 1, timeout_s=5)
+    await primary.stop(grace_s=0.1)
+    reply = await asyncio.wait_for(asking, 5)
+    assert (reply.status, reply.provider) == ("ok", "backup")
+    assert [(a.provider, a.outcome) for a in reply.attempts] == [
+        ("primary", "no_responders"),
+        ("backup", "ok"),
+    ]
+    assert "stopped (its shutdown grace ran out)" in (reply.attempts[0].message or "")
+
+
 async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):
     first = await lifeline(config({"primary": fake()}))
     second = await lifeline(config({"primary": fake()}), workers=["primary"])

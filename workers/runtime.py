@@ -73,6 +73,7 @@ class WorkerRuntime:
         self._sub = None
         self._cancel_sub = None
         self.cancelled = 0  # attempts stopped by a cancel message
+        self._stopping = False  # the shutdown grace ran out: calls cut short still reply
         self.cancels_heard = 0  # cancel messages, for this replica's attempts or another's
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
         self._span_attributes: dict[str, dict[str, str]] = {}  # per model (spans copy them)
@@ -94,6 +95,18 @@ class WorkerRuntime:
             await stop_taking(sub)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        if self._tasks:  # cut short, each one replies no_responders: its dispatcher moves on now
+            log.warning(
+                "worker %s: %d calls still running after the %g s shutdown grace: cancelling them",
+                self.name,
+                len(self._tasks),
+                grace_s,
+            )
+            self._stopping = True
+            tasks = set(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=_REPLY_AFTER_CANCEL_S)
         if self._cancel_sub is not None:
             cancel_sub, self._cancel_sub = self._cancel_sub, None
             try:
@@ -218,11 +231,19 @@ class WorkerRuntime:
                 "server_error", f"worker {self.name} failed: {type(exc).__name__}"
             )
         except asyncio.CancelledError:
-            if not expiry.was_ours():  # the dispatcher gave up on it: nobody gets a reply
+            if self._stopping and not expiry.was_ours():
+                _uncancel()  # this worker is stopping: the dispatcher still waits, tell it now
+                reply = ProviderFailure(
+                    "no_responders",
+                    f"worker {self.name} stopped (its shutdown grace ran out) before the provider "
+                    "answered; the call was cancelled",
+                )
+            elif not expiry.was_ours():  # the dispatcher gave up on it: nobody gets a reply
                 span.add_event("lifeline.cancelled", {})
                 span.end()
                 raise
-            reply = self._timed_out(timeout_s)
+            else:
+                reply = self._timed_out(timeout_s)
         finally:
             expiry.stop()
             context.detach(token)
@@ -274,9 +295,16 @@ class WorkerRuntime:
 
 
 _SPAN_ATTRIBUTES_MAX = 256
+_REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their replies
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 class _Expiry:
