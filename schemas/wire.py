@@ -118,6 +118,30 @@ class ChatMessage(Struct, frozen=True, omit_defaults=True):
         return sum(1 for part in content if isinstance(part, ImagePart))
 
 
+# What the __post_init__ checks above enforce, said in JSON Schema for other languages:
+# msgspec's schemas cannot carry them, so service/wire_spec.py adds these to the definitions.
+SCHEMA_RULES: dict[str, dict[str, Any]] = {
+    "ImagePart": {
+        "oneOf": [
+            {"required": ["url"], "properties": {"url": {"type": "string"}}},
+            {"required": ["data"], "properties": {"data": {"type": "string"}}},
+        ],
+        "if": {"required": ["data"], "properties": {"data": {"type": "string"}}},
+        "then": {
+            "required": ["media_type"],
+            "properties": {"media_type": {"type": "string", "pattern": "^image/"}},
+        },
+    },
+    "ChatMessage": {
+        "if": {"required": ["role"], "properties": {"role": {"const": "tool"}}},
+        "then": {
+            "required": ["tool_call_id"],
+            "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+        },
+    },
+}
+
+
 class Tool(Struct, frozen=True, omit_defaults=True):
     """A function the model may call; `parameters` is its JSON Schema (an object schema)."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
@@ -76,7 +76,7 @@ class MsgspecSchema:
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> CoreSchema:
-        (top,), components = msgspec.json.schema_components([self.tp], ref_template="{name}")
+        (top,), components = schema_components([self.tp], "{name}")
         if "$ref" in top:  # a Struct: its own schema, not a reference to it
             top = components.pop(top["$ref"])
         # The definitions' JSON Schemas are set the way pydantic sets those of its hooks
@@ -87,6 +87,18 @@ class MsgspecSchema:
         ]
         top_schema = core_schema.any_schema(metadata={"pydantic_js_functions": [_schema(top)]})
         return core_schema.definitions_schema(top_schema, definitions)
+
+
+def schema_components(
+    types: Sequence[Any], ref_template: str
+) -> tuple[tuple[dict[str, Any], ...], dict[str, dict[str, Any]]]:
+    """msgspec's JSON Schemas of `types` and the Structs they use, with the rules their
+    __post_init__ checks add (schemas.wire.SCHEMA_RULES) in their definitions."""
+    tops, components = msgspec.json.schema_components(types, ref_template=ref_template)
+    for name, rules in wire.SCHEMA_RULES.items():
+        if name in components:
+            components[name] = {**components[name], **rules}
+    return tops, components
 
 
 def _schema(schema: dict[str, Any]) -> Callable[[CoreSchema, GetJsonSchemaHandler], Any]:
@@ -630,8 +642,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     schemas = {}
     for tp in message_types():
         name = tp.__name__
-        generated = msgspec.json.schema(tp)
-        definitions = generated["$defs"]
+        _, definitions = schema_components([tp], "#/$defs/{name}")
         top = definitions.pop(name)
         schemas[name] = {
             "$schema": DRAFT_2020_12,
