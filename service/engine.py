@@ -161,11 +161,19 @@ class Engine:
                 reply = await respond(reply)
         except Exception:
             log.exception("bug while answering request %r", reply.id)
+        except asyncio.CancelledError:  # only while a publish waits on a reconnecting connection
+            if not answer_if_cancelled:
+                raise
+            _uncancel()  # the audit event still goes out
         try:
             event = _audit_event(reply, route, len(inbound.data))
             await self.transport.audit(event, inbound.audit_id)
         except Exception:
             log.exception("bug while auditing request %r", reply.id)
+        except asyncio.CancelledError:
+            if not answer_if_cancelled:
+                raise
+            _uncancel()
         finally:
             _annotate(span, reply, route)
             span.end()
