@@ -4,6 +4,8 @@
                                 with "stream": true, llm.stream) -> chat.completion (or
                                 Server-Sent Events of chat.completion.chunk, then [DONE])
     GET  /v1/models             the routes (and named targets) a request's `model` may name
+    GET  /healthz, /readyz      liveness (its NATS connection not closed for good) and
+                                readiness (connected), without a key, for probes
 
 An async ASGI app (Starlette) served by uvicorn, and a NATS client like service/client.py: it
 loads the wire and nothing of the dispatcher. `model` names a route, else a target or provider
@@ -598,6 +600,8 @@ class Gateway:
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz, methods=["GET"]),
             ],
             exception_handlers={HTTPException: _http_exception, Exception: _internal},
         )
@@ -688,6 +692,24 @@ class Gateway:
             "no_keys_configured",
             kind="permission_error",
         )
+
+    async def healthz(self, request: Request) -> Response:
+        """Alive while its NATS connection is usable or reconnecting (as service/probes.py)."""
+        return self._probe(not self.nc.is_closed)
+
+    async def readyz(self, request: Request) -> Response:
+        """Ready while connected to NATS: requests can reach a dispatcher (if one runs)."""
+        return self._probe(self.nc.is_connected)
+
+    def _probe(self, ok: bool) -> Response:
+        connected = self.nc.is_connected
+        body = {
+            "name": "lifeline-gateway",
+            "connected": connected,
+            "ready": connected,
+            "problems": [] if connected else ["not connected to NATS"],
+        }
+        return Response(encoder.encode(body), 200 if ok else 503, media_type="application/json")
 
     async def list_models(self, request: Request) -> Response:
         if refused := self._refusal(request):

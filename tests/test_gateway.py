@@ -409,6 +409,31 @@ async def test_no_dispatcher_is_503(nats_url):
         await nc.close()
 
 
+async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
+    nc = await nats.connect(nats_url)
+    gw = Gateway(nc, keys=["sekret"])
+    await gw.start(port=0)
+    base = f"http://127.0.0.1:{gw.port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as http:
+            live, ready = await http.get("/healthz"), await http.get("/readyz")
+            assert (live.status_code, ready.status_code) == (200, 200)
+            assert ready.json() == {
+                "name": "lifeline-gateway",
+                "connected": True,
+                "ready": True,
+                "problems": [],
+            }
+            assert (await http.get("/v1/models")).status_code == 401  # the API still wants one
+            await nc.close()
+            live, ready = await http.get("/healthz"), await http.get("/readyz")
+            assert (live.status_code, ready.status_code) == (503, 503)
+            assert ready.json()["problems"] == ["not connected to NATS"]
+    finally:
+        await gw.stop()
+        await nc.close()
+
+
 @shared_loop
 async def test_a_port_in_use_is_an_oserror_naming_it(shared):
     with pytest.raises(OSError, match=f"127.0.0.1:{shared.gw.port}"):
