@@ -762,18 +762,30 @@ async def test_a_caller_that_stops_early_closes_the_connection(server, providers
 
 @each_kind
 async def test_a_stream_over_max_response_bytes_fails_as_too_large(kind, server, providers):
-    events = kind.events(["word "] * 5000)
+    events = kind.events(["word "] * 5000)  # 25,000 bytes of text
     server.answer = lambda handler: send(handler, events)
-    deltas, error = await failed(providers(kind, server.url, max_response_bytes=64 * 1024))
+    deltas, error = await failed(providers(kind, server.url, max_response_bytes=16 * 1024))
     assert deltas == ["word "] * len(deltas) and len(deltas) < 5000  # never the whole answer
+    assert len("".join(deltas)) <= 16 * 1024  # nothing past the limit was passed on
     assert (error.kind, error.status_code) == ("response_too_large", 200)
-    assert "max_response_bytes (65536 bytes decoded)" in error.message
+    assert "max_response_bytes (16384 bytes decoded)" in error.message
+
+
+@each_kind
+async def test_the_limit_is_on_the_answer_not_on_the_streams_framing(kind, server, providers):
+    """A streamed answer may be as long as a whole one: its events' framing, many times its
+    text, does not count."""
+    events = kind.events(["word "] * 5000)
+    assert len("".join(events).encode()) > 10 * 25_000
+    server.answer = lambda handler: send(handler, events)
+    deltas, _ = await streamed(providers(kind, server.url, max_response_bytes=25_000))
+    assert deltas == ["word "] * 5000
 
 
 @each_kind
 async def test_a_stream_of_exactly_max_response_bytes_is_read(kind, server, providers):
     events = kind.events(TEXTS)
-    size = len("".join(events).encode())
+    size = len("".join(TEXTS).encode())
     server.answer = lambda handler: send(handler, events)
     deltas, _ = await streamed(providers(kind, server.url, max_response_bytes=size))
     assert deltas == TEXTS
@@ -796,6 +808,15 @@ async def test_a_line_that_never_ends_is_cut_at_the_limit_and_memory_stays_near_
         tracemalloc.stop()
     assert error.kind == "response_too_large"
     assert peak < 8 * MiB  # about the 1 MiB limit and one read; the 32 MiB line would be 32+
+
+
+async def test_a_line_over_the_limit_is_refused_even_when_it_ends(server, providers):
+    events = OPENAI.events(TEXTS)
+    # Just over the limit and a line's room for framing, then its line break.
+    long_line = [b"data: " + b"x" * (MiB + 16 * 1024 + 100) + b"\n\n"]
+    server.answer = lambda handler: send(handler, [events[0], *long_line, *events[1:]])
+    deltas, error = await failed(providers(OPENAI, server.url, max_response_bytes=MiB))
+    assert deltas == TEXTS[: len(deltas)] and error.kind == "response_too_large"
 
 
 async def test_an_error_answer_over_the_limit_keeps_its_status_kind(server, providers):

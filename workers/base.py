@@ -261,19 +261,31 @@ async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-async def _capped_pieces(response: httpx.Response, max_bytes: int) -> AsyncIterator[bytes]:
+async def _capped_pieces(
+    response: httpx.Response, max_bytes: int, per_line: bool = False
+) -> AsyncIterator[bytes]:
     """A streamed response's body as it comes, decoded, each piece at most _PIECE_BYTES; the
-    checks of read_capped (which keeps the pieces) and of a stream's events (which do not)."""
-    if _declared_bytes(response) > max_bytes:
+    checks of read_capped (which keeps the pieces) and of a stream's events (which do not).
+
+    `per_line` (an event stream): the bound is on each line, not on the whole body. An event
+    stream is held a line at a time, and its framing (about 200 bytes per token in OpenAI's
+    chunks) is no part of the answer, whose own size HttpProvider.stream bounds."""
+    if not per_line and _declared_bytes(response) > max_bytes:
         raise response_too_large(response.status_code, max_bytes)
     layers = _inflaters(response)
     body_bytes = wire_bytes = 0
     async for chunk in response.aiter_raw():
         wire_bytes += len(chunk)
-        if wire_bytes > max_bytes:
+        if wire_bytes > max_bytes and not per_line:
             raise response_too_large(response.status_code, max_bytes)
         try:
             for piece in _decoded(chunk, layers):
+                if per_line:
+                    body_bytes = _line_bytes(body_bytes, piece, max_bytes, response.status_code)
+                    if body_bytes > max_bytes + _LINE_ROOM:
+                        raise response_too_large(response.status_code, max_bytes)
+                    yield piece
+                    continue
                 body_bytes += len(piece)
                 if body_bytes > max_bytes:
                     raise response_too_large(response.status_code, max_bytes)
@@ -285,6 +297,23 @@ async def _capped_pieces(response: httpx.Response, max_bytes: int) -> AsyncItera
                 f"provider's {encoding} body does not decode: {exc}",
                 response.status_code,
             ) from exc
+
+
+# What one line of an event stream may hold beyond max_response_bytes: its event's framing.
+_LINE_ROOM = 16 * 1024
+
+
+def _line_bytes(before: int, piece: bytes, max_bytes: int, status_code: int) -> int:
+    """The bytes of the line still open after `piece`, `before` of it read already; raises
+    response_too_large when the line `piece` ends was already over `max_bytes` and its
+    framing's room."""
+    last = max(piece.rfind(b"\n"), piece.rfind(b"\r"))
+    if last < 0:
+        return before + len(piece)
+    first = min(i for i in (piece.find(b"\n"), piece.find(b"\r")) if i >= 0)
+    if before + first > max_bytes + _LINE_ROOM:
+        raise response_too_large(status_code, max_bytes)
+    return len(piece) - last - 1
 
 
 def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError:
@@ -396,15 +425,16 @@ def _unframed(response: httpx.Response) -> list[tuple[str, str]]:
 
 
 class _CappedBody(httpx.AsyncByteStream):
-    """A streamed response's body read through _capped_pieces: decoded with a bound, and
-    ProviderError(response_too_large) once the whole of it passes `max_bytes`."""
+    """An event stream's body read through _capped_pieces: decoded with a bound, and
+    ProviderError(response_too_large) once one of its lines passes `max_bytes`."""
 
     def __init__(self, response: httpx.Response, max_bytes: int) -> None:
         self._response = response
         self._max_bytes = max_bytes
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async with aclosing(_capped_pieces(self._response, self._max_bytes)) as pieces:
+        pieces = _capped_pieces(self._response, self._max_bytes, per_line=True)
+        async with aclosing(pieces):
             async for piece in pieces:
                 yield piece
 
@@ -414,7 +444,7 @@ def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
 
     httpx-sse splits lines on CR, LF and CRLF only, as the SSE spec says (httpx's aiter_lines
     also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings). Its line
-    buffer has no bound of its own: the count of the body's bytes (see _capped_pieces) is the
+    buffer has no bound of its own: the count of each line's bytes (see _capped_pieces) is the
     bound, so a stream, however it is framed, holds at most about `max_bytes`.
     """
     capped = httpx.Response(
@@ -521,6 +551,7 @@ class HttpProvider:
         _propagator.inject(headers)
         body = self.stream_body(request, model)
         final: ProviderOk | None = None
+        left = self.settings.max_response_bytes  # the answer's own size: its text, its tool calls
         try:
             with _transport_errors(timeout_s, "no data"):
                 async with (
@@ -536,12 +567,12 @@ class HttpProvider:
                         if isinstance(item, ProviderOk):
                             final = item
                             break
-                        if isinstance(item, list):
-                            for delta in item:
-                                if delta:
-                                    yield delta
-                        elif item:
-                            yield item
+                        for delta in item if isinstance(item, list) else (item,):
+                            if delta:
+                                left -= _delta_bytes(delta)
+                                if left < 0:
+                                    raise response_too_large(200, self.settings.max_response_bytes)
+                                yield delta
             # After the connection is released: a caller may stop at the last item.
             if final is None:
                 raise ProviderError("connection", f"{self.label} stream ended without {reader.end}")
@@ -587,6 +618,12 @@ class HttpProvider:
     def stream_reader(self, model: str) -> StreamReader:
         """A reader of one streamed answer's events; `model` stands in when they name none."""
         raise NotImplementedError
+
+
+def _delta_bytes(delta: Delta) -> int:
+    if isinstance(delta, str):
+        return len(delta.encode())
+    return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "")
 
 
 def require_api_key(environ: Mapping[str, str], name: str) -> str:
