@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import USER_HELLO, ask, config, fake, run_lifeline, wait_for, write_config
+from helpers import USER_HELLO, ask, config, fake, run_lifeline, settled, wait_for, write_config
 from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
@@ -124,6 +124,16 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
     )
     assert backup["data"] == {"in_flight": 0, "subscribed": True}
     assert 0 < backup["processing_time"] < complete["processing_time"]
+
+
+async def test_an_answer_too_large_for_nats_counts_as_the_workers_error(lifeline, client):
+    stack = await lifeline(config({"huge": fake(reply="x" * (client.max_payload + 1))}))
+    reply = await ask(client, USER_HELLO)
+    assert reply.attempts[0].error_type == "response_too_large"
+    await settled(client, stack)
+    (worker,) = await srv(client, "STATS", "lifeline-worker-huge")
+    provider = worker["endpoints"][0]
+    assert (provider["num_errors"], provider["last_error"]) == (1, "response_too_large")
 
 
 async def test_health_says_ready_then_overloaded_then_ready_again(

@@ -178,6 +178,8 @@ class WorkerRuntime:
             reply = msgspec.structs.replace(reply, message=scrub(reply.message, self._secrets))
         payload = encoder.encode(reply)
         if len(payload) > self.nc.max_payload:
+            self.tally.errors += 1
+            self.tally.last_error = "response_too_large"
             reply = ProviderFailure(
                 "response_too_large",
                 f"{self.name}'s answer makes a reply of {len(payload)} bytes, above the NATS "
