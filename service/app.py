@@ -154,13 +154,26 @@ async def connect(
             raise NatsRefused(_refusal(options, exc)) from None
         raise NatsUnreachable(
             f"cannot reach NATS at {options.shown} ({type(exc).__name__}: {exc}). "
-            "Start one, set NATS_URL or --nats-url, "
-            "or use `lifeline run`, which starts an embedded server"
+            + _unreachable_hint(options)
         ) from None
     connected = True
     if watch is not None:
         watch.nc = nc
     return nc
+
+
+def _unreachable_hint(options: NatsOptions) -> str:
+    """What to try. Over TLS without a client certificate, a server that verifies clients may
+    reset the connection after the handshake instead of sending its alert (TLS 1.3 sends it
+    after the client thinks the handshake is done), so say that too."""
+    hint = (
+        "Start one, set NATS_URL or --nats-url, "
+        "or use `lifeline run`, which starts an embedded server"
+    )
+    tls = options.uses_tls_files or "tls://" in options.servers
+    if tls and not options.cert:
+        hint += "; if the server verifies clients (mutual TLS), set --nats-cert and --nats-key"
+    return hint
 
 
 class NatsRefused(NatsUnreachable):

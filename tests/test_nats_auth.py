@@ -27,7 +27,7 @@ from typing import Any
 
 import nkeys
 import pytest
-from helpers import LIFELINE, ROOT, LifelineProcess, cli_env, write_config
+from helpers import LIFELINE, ROOT, LifelineProcess, cli_env, free_port, write_config
 
 from service import cli
 from service.app import NatsRefused, connect, start_stack
@@ -345,6 +345,7 @@ async def test_a_wrong_credential_fails_fast_with_a_clear_message(keys, tmp_path
     # connection reset after it: refused or unreachable, one line and no retrying either way.
     assert no_cert.code == 1, no_cert.err
     assert "TLS handshake failed" in no_cert.err or "cannot reach NATS" in no_cert.err
+    assert "--nats-cert and --nats-key" in no_cert.err  # what to set, either way
     other_ca = await here("status", "--nats-url", mtls.url, env={"NATS_CA": keys["other-ca.pem"]})
     assert other_ca.code == 1 and "TLS handshake failed" in other_ca.err, other_ca.err
     assert f"CA {keys['other-ca.pem']} ($NATS_CA)" in other_ca.err
@@ -362,6 +363,16 @@ async def test_a_wrong_credential_fails_fast_with_a_clear_message(keys, tmp_path
         await here("status", "--nats-url", users.url, "--nats-creds", str(gone))
     with pytest.raises(NatsOptionError, match=r"\$NATS_KEY: the key file /nowhere: no such"):
         await here("status", env={"NATS_CERT": keys["client.pem"], "NATS_KEY": "/nowhere"})
+
+
+async def test_an_unreachable_tls_server_without_a_client_certificate_names_the_flags(here):
+    """A server that verifies clients may reset the connection instead of refusing it: then
+    "cannot reach" is all nats-py says, so the message names what may be missing."""
+    tls = await here("status", "--nats-url", f"tls://127.0.0.1:{free_port()}")
+    assert tls.code == 1 and "cannot reach NATS" in tls.err, tls.err
+    assert "set --nats-cert and --nats-key" in tls.err
+    plain = await here("status", "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    assert plain.code == 1 and "--nats-cert" not in plain.err, plain.err
 
 
 async def test_connect_raises_at_once_on_a_refusal_even_for_a_service_that_waits(server_for):
