@@ -40,7 +40,9 @@ own process; rounds interleaved round-robin, the median of the rounds reported):
                with msgspec decoding, audit events and tracing on (SDK TracerProvider,
                default sampler, batch processor, exporter that drops the spans).
                Reported: req/s, p50/p99 latency, server-side CPU per request (from
-               /proc), and lifeline/relay for req/s at 64 and p50 at 1 in flight.
+               /proc), and lifeline/relay for req/s at 64 and p50 at 1 in flight; the
+               p50 gap also from one client alternating a Lifeline and a relay request
+               (`paired`), so both meet the same moments of the machine.
   fallback     time to fallback: p50 of [failing, ok] minus p50 of [ok], at 1 in flight,
                for a provider answering 503 at once and for a provider with no worker
                (no responders); and, at 64 in flight, a hung provider with a
@@ -74,7 +76,7 @@ the other cases.
 
 targets (printed with PASS/FAIL next to the measured values):
   lifeline/relay req/s at 64 in flight >= 0.75 (goal 0.9); lifeline p50 at 1 in flight
-  <= relay p50 + 0.1 ms; a fast fallback (503, no responders) adds <= one round trip
+  <= relay p50 + 0.1 ms (one client alternating their requests); a fast fallback (503, no responders) adds <= one round trip
   (direct p50 at 1 in flight) + 0.3 ms; after a hung provider's timeout the next attempt
   starts within 5 ms at p99; <= 10 KiB of dispatcher RSS per in-flight request, and at
   most 20 % of that growth still there after the drain; with the {TICK_MS:g} ms provider,

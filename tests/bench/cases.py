@@ -260,6 +260,9 @@ class Case:
     stream: tuple[int, float] | None = None  # streams of (chunks, interval_ms) instead of requests
     jobs: bool = False  # durable jobs through JetStream instead of core requests
     http: str | None = None  # OpenAI's chat requests over HTTP to this process's URL
+    # (subject, payload, decode) of another system's request: one client alternates one of
+    # each, so both meet the same moments of a noisy machine (a paired comparison)
+    pair: tuple[str, bytes, str] | None = None
 
 
 def _lifeline(key: str, section: str, label: str, route: str, in_flight: int, **kw: Any) -> Case:
@@ -328,6 +331,17 @@ def all_cases(with_litellm: bool = False) -> list[Case]:
             ),
             _lifeline(f"lifeline@{n}", "overhead", "lifeline", "main", n),
         ]
+    # p50 at 1 in flight, Lifeline against the relay, their requests taking turns on one client
+    cases.append(
+        _lifeline(
+            "paired@1",
+            "overhead",
+            "lifeline and relay taking turns",
+            "main",
+            1,
+            pair=(RELAY_SUBJECT, PROVIDER_REQUEST, "provider"),
+        )
+    )
     cases += [
         _lifeline("fallback-503@1", "fallback", "lifeline [fail 503, ok]", "fail_ok", 1),
         _lifeline("fallback-noresp@1", "fallback", "lifeline [no responders, ok]", "ghost_ok", 1),
@@ -418,6 +432,8 @@ def measure(fleet: Fleet, case: Case, profile: Profile, nats_pid: int | None) ->
         "lateness_of_ms": case.lateness_of_ms,
         "count_hedged": case.count_hedged,
     }
+    if case.pair is not None:
+        spec["pair"] = dict(zip(("subject", "payload", "decode"), case.pair, strict=True))
     command = "run"
     if case.http is not None:
         command = "http"

@@ -180,8 +180,27 @@ class LoadGen:
 
     async def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         tally = _Tally(spec.get("count_hedged", False))
-        await closed_loop(spec, tally, self._one)
-        return tally.summary(spec["duration_s"])
+        pair = spec.get("pair")
+        if pair is None:
+            await closed_loop(spec, tally, self._one)
+            return tally.summary(spec["duration_s"])
+        # Paired: each client sends one of its own and one of the pair's, taking turns at
+        # going first, so the two see the same moments and neither always follows the other.
+        other, other_spec, turn = _Tally(), {**spec, **pair, "lateness_of_ms": None}, [0]
+
+        async def both(spec: dict[str, Any], tally: _Tally, counts: Any) -> None:
+            turn[0] += 1
+            first, second = (spec, tally), (other_spec, other)
+            for side_spec, side in (first, second) if turn[0] % 2 else (second, first):
+                await self._one(side_spec, side, counts)
+
+        await closed_loop(spec, tally, both)
+        summary, theirs = tally.summary(spec["duration_s"]), other.summary(spec["duration_s"])
+        summary["pair_p50_ms"] = theirs["p50_ms"]
+        summary["paired_gap_p50_ms"] = summary["p50_ms"] - theirs["p50_ms"]
+        summary["errors"] += theirs["errors"]
+        summary["first_error"] = summary["first_error"] or theirs["first_error"]
+        return summary
 
     async def _bounded(self, work: Any, limit_s: float) -> None:
         """Fail loudly instead of hanging when requests never finish (e.g. nats-server died)."""

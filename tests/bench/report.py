@@ -51,6 +51,9 @@ _MEDIAN_KEYS = (
     "client_cpu_us_per_req",
     "hedged_share",
     "hedge_won_share",
+    # the paired case only: its pair's p50, and its own minus that, from the same rounds
+    "pair_p50_ms",
+    "paired_gap_p50_ms",
     # streaming cases only (NaN elsewhere)
     "ttft_p50_ms",
     "ttft_p99_ms",
@@ -171,6 +174,14 @@ def overhead_section(s: dict[str, dict], comparisons: dict[str, float]) -> str:
         ["lifeline / relay, req/s at 64 in flight", _f(comparisons["rps_ratio_64"], "{:.2f}")],
         ["lifeline / relay, req/s at 1 in flight", _f(comparisons["rps_ratio_1"], "{:.2f}")],
         ["lifeline − relay, p50 at 1 in flight", _f(comparisons["p50_delta_1_ms"], "{:+.2f} ms")],
+        [
+            (
+                "lifeline − relay, p50 at 1 in flight, their requests taking turns "
+                f"(lifeline {_f(comparisons['paired_lifeline_p50_ms'])} ms, "
+                f"relay {_f(comparisons['paired_relay_p50_ms'])} ms)"
+            ),
+            _f(comparisons["p50_paired_gap_1_ms"], "{:+.2f} ms"),
+        ],
         [
             "lifeline − direct, p50 at 1 in flight",
             _f(comparisons["p50_vs_direct_1_ms"], "{:+.2f} ms"),
@@ -600,6 +611,11 @@ def comparisons_of(s: dict[str, dict]) -> dict[str, float]:
         "rps_ratio_64": life64["rps"] / relay64["rps"],
         "rps_ratio_1": life1["rps"] / relay1["rps"],
         "p50_delta_1_ms": life1["p50_ms"] - relay1["p50_ms"],
+        # The same gap with one client alternating a Lifeline and a relay request: both meet
+        # the same moments of the machine, so drift between rounds cannot open or close it.
+        "p50_paired_gap_1_ms": s["paired@1"]["paired_gap_p50_ms"],
+        "paired_lifeline_p50_ms": s["paired@1"]["p50_ms"],
+        "paired_relay_p50_ms": s["paired@1"]["pair_p50_ms"],
         "p50_vs_direct_1_ms": life1["p50_ms"] - s["direct@1"]["p50_ms"],
         "cpu_ratio_64": life64["server_cpu_us_per_req"] / relay64["server_cpu_us_per_req"],
         "round_trip_ms": s["direct@1"]["p50_ms"],
@@ -653,9 +669,9 @@ def targets_of(c: dict[str, float], m: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         _target(
             "latency vs relay",
-            "lifeline p50 ≤ relay p50 + 0.1 ms at 1 in flight",
-            f"{c['p50_delta_1_ms']:+.2f} ms",
-            c["p50_delta_1_ms"] <= 0.1,
+            "lifeline p50 ≤ relay p50 + 0.1 ms at 1 in flight (their requests taking turns)",
+            f"{c['p50_paired_gap_1_ms']:+.2f} ms (separate rounds: {c['p50_delta_1_ms']:+.2f} ms)",
+            c["p50_paired_gap_1_ms"] <= 0.1,
         ),
         _target(
             "fallback on an error",
