@@ -169,7 +169,13 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dispatcher = commands.add_parser(
-        "dispatcher", help="run one dispatcher against an existing NATS"
+        "dispatcher",
+        help="run one dispatcher against an existing NATS",
+        description="Serves llm.complete, llm.stream and (with JetStream) llm.jobs.submit in "
+        "the queue group of every dispatcher, calling the provider workers of the config's "
+        "routes. On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish "
+        "for dispatcher.shutdown_grace_s (10 s), answers the rest shutting_down, and exits 0; "
+        "it exits 1 when its NATS connection is gone for good.",
     )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
@@ -177,7 +183,14 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    worker = commands.add_parser("worker", help="run one provider worker against an existing NATS")
+    worker = commands.add_parser(
+        "worker",
+        help="run one provider worker against an existing NATS",
+        description="Serves llm.provider.<name> (and its cancels) for one provider of the "
+        "config, in the queue group of its replicas. On SIGTERM or Ctrl-C it stops taking "
+        "calls, lets those in flight finish for 10 s, cancels the rest and answers them "
+        "no_responders, so their dispatchers fall back at once.",
+    )
     worker.add_argument("name", help="provider name, a [providers.<name>] table in the config")
     _config_arg(worker)
     _nats_arg(worker)
@@ -474,7 +487,8 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "http://HOST:PORT/v1 and name a route (or a target) as the model. It is a NATS client of "
         "llm.complete and llm.stream; run it beside `lifeline run` or against dispatchers "
         "anywhere. API keys: $LIFELINE_GATEWAY_KEYS (comma-separated), checked as "
-        "`Authorization: Bearer <key>`; with none set, only loopback clients are served.",
+        "`Authorization: Bearer <key>`; with none set, only loopback clients are served. "
+        "GET /healthz and /readyz answer probes without a key.",
     )
     gateway.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
