@@ -677,3 +677,43 @@ async def test_requests_still_in_flight_when_the_shutdown_grace_ends_are_answere
         await nc.close()
     finally:
         svc.stop()
+
+
+async def test_a_rolling_restart_of_the_dispatchers_leaves_no_request_without_its_reply(
+    tmp_path, server, provider
+):
+    """Steady traffic while one dispatcher after the other gets SIGTERM and a new one starts:
+    every request is answered once and audited once, and none finds nobody listening."""
+    config = contract_config(provider, shutdown_grace_s=5)
+    config["providers"]["steady"] = {"kind": "fake", "model": "steady-1", "latency_ms": 200}
+    config["routes"]["steady"] = {"targets": ["steady"]}
+    svc = Service(tmp_path, server.url, config)
+    try:
+        _, first, second = svc.start_all(["steady"], dispatchers=2)
+        nc = await nats.connect(server.url)
+        ledger = await Ledger(nc).start()
+        ids: list[str] = []
+        sending = True
+
+        async def steady() -> None:
+            while sending:
+                ids.append(f"roll-{len(ids)}")
+                await ledger.send(ids[-1], request(ids[-1], route="steady"))
+                await asyncio.sleep(0.01)
+
+        traffic = asyncio.ensure_future(steady())
+        for old in (first, second):
+            await asyncio.sleep(0.5)
+            old.proc.send_signal(signal.SIGTERM)  # while requests are in flight at it
+            await asyncio.to_thread(svc.dispatcher)  # its replacement, before the next goes
+            assert await asyncio.to_thread(old.proc.wait, 15) == 0
+        await asyncio.sleep(0.5)
+        sending = False
+        await traffic
+        await ledger.settle(len(ids), len(ids), timeout_s=30)
+        ledger.assert_exactly_once(ids)
+        assert not ledger.unheard  # a dispatcher was always subscribed
+        assert {ledger.reply_of[i].status for i in ids} == {"ok"}  # each done within the grace
+        await nc.close()
+    finally:
+        svc.stop()
