@@ -46,7 +46,8 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "rate_limit",
-            "HTTP 429; the provider's Retry-After comes as retry_after_s",
+            "HTTP 429 (the provider's Retry-After comes as retry_after_s), or a worker at its "
+            "max_in_flight",
             statuses=(429,),
             retried=True,
             trips=True,

@@ -305,6 +305,7 @@ async def start_worker(
         nc=nc,
         spans=tracers.recorder("lifeline.worker"),
         timeout_s=settings.timeout_s,
+        max_in_flight=settings.max_in_flight,
     )
     await runtime.start()
     responder = Responder(

@@ -112,6 +112,7 @@ def worker_endpoints(runtime: Any) -> list[Endpoint]:
             subjects.provider_subject(provider),
             subjects.provider_queue(provider),
             in_flight=runtime.in_flight,
+            max_in_flight=runtime.max_in_flight,
             subscribed=runtime.subscribed,
         ),
         Endpoint(

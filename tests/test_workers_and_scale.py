@@ -106,6 +106,21 @@ async def test_a_worker_stopping_cuts_its_calls_short_after_its_grace_and_the_di
     assert "stopped (its shutdown grace ran out)" in (reply.attempts[0].message or "")
 
 
+async def test_a_worker_at_its_max_in_flight_refuses_at_once_and_the_dispatcher_falls_back(
+    lifeline, client
+):
+    cfg = config({"busy": fake(latency_ms=1000, max_in_flight=2), "backup": fake()})
+    stack = await lifeline(cfg)
+    replies = await asyncio.gather(*(ask(client, {**USER_HELLO, "id": f"b{i}"}) for i in range(5)))
+    served = sorted(r.provider for r in replies)
+    assert served == ["backup"] * 3 + ["busy"] * 2
+    refused = [r.attempts[0] for r in replies if r.provider == "backup"]
+    assert {a.error_type for a in refused} == {"rate_limit"}
+    assert "max_in_flight" in (refused[0].message or "")
+    busy = stack.workers["busy"]
+    assert (busy.tally.requests, busy.tally.errors, busy.in_flight) == (5, 3, 0)
+
+
 async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):
     first = await lifeline(config({"primary": fake()}))
     second = await lifeline(config({"primary": fake()}), workers=["primary"])

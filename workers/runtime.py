@@ -59,6 +59,7 @@ class WorkerRuntime:
         nc: Client,
         spans: telemetry.SpanRecorder,
         timeout_s: float,
+        max_in_flight: int = 1000,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -66,6 +67,7 @@ class WorkerRuntime:
         self.nc = nc
         self.spans = spans
         self.timeout_s = timeout_s
+        self.max_in_flight = max_in_flight
         # Each request's task, with its attempt id (None without one); and the reverse, for
         # cancels. One done-callback per task forgets both.
         self._tasks: dict[asyncio.Task[None], str | None] = {}
@@ -125,12 +127,33 @@ class WorkerRuntime:
 
     def _on_msg(self, msg: Msg) -> None:
         self.tally.requests += 1
+        if len(self._tasks) >= self.max_in_flight:
+            self._refuse(msg)
+            return
         task = asyncio.create_task(self.handle(msg))
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
         task.add_done_callback(self._finished)
         if attempt_id is not None:
             self._by_attempt[attempt_id] = task
+
+    def _refuse(self, msg: Msg) -> None:
+        """A call over max_in_flight: answered rate_limit at once, without a task, so a flood
+        costs this worker a reply each and no memory."""
+        self.tally.errors += 1
+        self.tally.last_error = "rate_limit"
+        if not msg.reply:
+            return
+        reply = ProviderFailure(
+            "rate_limit",
+            f"worker {self.name} is working on its maximum of {self.max_in_flight} calls "
+            f"(providers.{self.name}.max_in_flight); add worker replicas or raise it",
+        )
+        payload = encoder.encode(reply)
+        if not fast_path(self.nc).publish(msg.reply, payload, urgent=True):
+            task = asyncio.ensure_future(self._send(msg.reply, reply))
+            self._tasks[task] = None
+            task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         attempt_id = self._tasks.pop(task, None)

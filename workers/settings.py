@@ -24,3 +24,6 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # answer, a compression bomb) fails as response_too_large instead of filling the worker's
     # memory.
     max_response_bytes: Annotated[int, Meta(gt=0)] = DEFAULT_MAX_RESPONSE_BYTES
+    # Calls one worker replica works on at once; beyond it a call is answered rate_limit at
+    # once (its dispatcher retries or falls back) instead of piling up in the worker's memory.
+    max_in_flight: Annotated[int, Meta(ge=1)] = 1000

@@ -88,10 +88,24 @@ def spawn_side(tree: Path, server: EmbeddedNats) -> Fleet:
     fleet = Fleet()
     sys.path.insert(0, str(tree))
     try:
-        fleet.spawn([spec for spec in fleet_specs(server.url, FULL) if spec[0] in SIDE])
+        fleet.spawn([_main_only(spec) for spec in fleet_specs(server.url, FULL) if spec[0] in SIDE])
     finally:
         sys.path.remove(str(tree))
     return fleet
+
+
+def _main_only(spec: tuple[str, Any, dict[str, Any]]) -> tuple[str, Any, dict[str, Any]]:
+    """A process's spec with a config of the `main` route's provider alone: what either
+    revision measures, and settings an older revision would refuse as unknown stay out."""
+    name, setup, params = spec
+    if "config" not in params:
+        return spec
+    config = params["config"]
+    minimal = {
+        "providers": {"ok": config["providers"]["ok"]},
+        "routes": {"main": config["routes"]["main"]},
+    }
+    return name, setup, {**params, "config": minimal}
 
 
 def measure(fleets: list[Fleet], spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -175,7 +175,10 @@ def lifeline_config(profile: Profile) -> dict[str, Any]:
             "ghost": fake(),
             "tick": fake(latency_ms=TICK_MS),
             "slow": fake(
-                latency_ms=profile.slow_latency_ms, timeout_s=profile.slow_latency_ms / 1000 + 120
+                latency_ms=profile.slow_latency_ms,
+                timeout_s=profile.slow_latency_ms / 1000 + 120,
+                # the memory case's requests all wait at its worker at once
+                max_in_flight=profile.memory_requests + 1000,
             ),
             "slowtail": fake(latency_ms=profile.tail_latency_ms),
             servers.STREAMER: fake(),  # served by the streamer process, not a Lifeline worker
