@@ -140,20 +140,18 @@ class WorkerRuntime:
     def _refuse(self, msg: Msg) -> None:
         """A call over max_in_flight: answered rate_limit at once, without a task, so a flood
         costs this worker a reply each and no memory."""
-        self.tally.errors += 1
-        self.tally.last_error = "rate_limit"
-        if not msg.reply:
-            return
         reply = ProviderFailure(
             "rate_limit",
             f"worker {self.name} is working on its maximum of {self.max_in_flight} calls "
             f"(providers.{self.name}.max_in_flight); add worker replicas or raise it",
         )
-        payload = encoder.encode(reply)
-        if not fast_path(self.nc).publish(msg.reply, payload, urgent=True):
-            task = asyncio.ensure_future(self._send(msg.reply, reply))
+        if msg.reply and not fast_path(self.nc).publish(msg.reply, encoder.encode(reply)):
+            task = asyncio.ensure_future(self._send(msg.reply, reply))  # which counts it
             self._tasks[task] = None
             task.add_done_callback(self._finished)
+            return
+        self.tally.errors += 1
+        self.tally.last_error = reply.kind
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         attempt_id = self._tasks.pop(task, None)
