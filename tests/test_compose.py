@@ -122,6 +122,17 @@ def test_every_lifeline_service_has_a_healthcheck_on_its_own_probe(compose):
         assert f"http://{address}/readyz" in test[-1], name
 
 
+def test_every_lifeline_service_outlasts_its_shutdown_grace_before_compose_kills_it(compose):
+    """Compose sends SIGKILL 10 s after SIGTERM by default: exactly when the shutdown grace
+    ends, before the requests still running could be answered shutting_down."""
+    grace_s = tomllib.loads((ROOT / "lifeline.example.toml").read_text())["dispatcher"][
+        "shutdown_grace_s"
+    ]
+    for name, service in lifeline_services(compose).items():
+        period = service.get("stop_grace_period", "10s")
+        assert period.endswith("s") and float(period[:-1]) >= grace_s + 5, name
+
+
 def test_one_image_is_built_from_the_checkout_and_nothing_installs_at_start(compose):
     services = {**lifeline_services(compose, tools=True), GENERATOR: compose["services"][GENERATOR]}
     builds = {yaml.safe_dump(s["build"]) for s in services.values()}
