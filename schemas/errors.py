@@ -171,6 +171,9 @@ MIDSTREAM_FAILED = "midstream_failed"
 # The dispatcher was stopped and its shutdown grace ran out before the request was answered;
 # its attempts were cancelled at their workers.
 SHUTTING_DOWN = "shutting_down"
+# Its client aborted it (llm.abort) before it was answered; its attempts were cancelled at their
+# workers. The reply still goes out (nobody may read it) and the audit event says so.
+ABORTED = "aborted"
 
 REQUEST_ERRORS = (
     ALL_FAILED,
@@ -188,6 +191,7 @@ REQUEST_ERRORS = (
     INTERNAL,
     MIDSTREAM_FAILED,
     SHUTTING_DOWN,
+    ABORTED,
 )
 # The request errors worth sending again as they are, after error.retry_after_s: the dispatcher
 # that answered could not take the request (or not finish it); another one, or a later

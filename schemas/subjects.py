@@ -10,6 +10,15 @@ COMPLETE = "llm.complete"
 # The same requests, answered with a stream of events on the reply subject (schemas/streaming.py).
 STREAM = "llm.stream"
 DISPATCHER_QUEUE = "lifeline-dispatchers"
+# "Stop my request": a client that gave up on a request (its user left, a stream was closed
+# early) publishes the request's abort key (the ABORT_KEY header it sent the request with) here.
+# Every dispatcher listens (no queue group); the one running that request stops it, cancels its
+# attempts at their workers (HTTP calls included), answers it `aborted` and audits it. The key,
+# random and known only to the client and the dispatchers, is what makes a request stoppable:
+# a request sent without one cannot be aborted, and an id alone (guessable, echoed in audit
+# events) stops nothing.
+ABORT = "llm.abort"
+ABORT_KEY = "Lifeline-Abort-Key"
 
 # Durable jobs: the same request body, published through JetStream with its id as Nats-Msg-Id
 # (service/jobs.py). A job's result is kept in a JetStream KV bucket under job_key(id), and,

@@ -21,6 +21,7 @@ from msgspec import Meta, Struct
 # The error kinds and request error types live in schemas.errors; re-exported here, where
 # the messages that carry them are defined.
 from schemas.errors import (  # noqa: F401
+    ABORTED,
     ALL_FAILED,
     DEADLINE_EXCEEDED,
     ERROR_KINDS,

@@ -29,6 +29,11 @@ missing and StreamProtocolError on a message that is not an event (schemas/strea
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
 before anything is sent.
 
+Stopping: cancel the task awaiting complete(), or leave a stream before its end (break out of
+`async with`, aclose()), and the client aborts the request (llm.abort, with the random abort
+key it was sent with): its dispatcher cancels its attempts at their workers, HTTP calls
+included, so nobody pays for an answer nobody reads.
+
 Its import loads NATS and the wire, nothing of the dispatcher (a contract in pyproject.toml).
 The module-level `stream()` and `stream_text()` work on a nats-py connection of your own; any
 other language does the same with its NATS client and the protocol in schemas/streaming.py.
@@ -72,6 +77,8 @@ __all__ = [
     "Streamed",
     "Submitted",
     "Unreachable",
+    "abort",
+    "abort_key",
     "request_of",
     "stream",
     "stream_text",
@@ -349,10 +356,17 @@ class Lifeline:
                 f"of {self.nc.max_payload}"
             )
         for retry in range(overloaded_retries + 1):
+            key = abort_key()
             try:
                 msg = await self.nc.request(
-                    subjects.COMPLETE, payload, timeout=_wait_s(req, self.default_timeout_s)
+                    subjects.COMPLETE,
+                    payload,
+                    timeout=_wait_s(req, self.default_timeout_s),
+                    headers={subjects.ABORT_KEY: key},
                 )
+            except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
+                await abort(self.nc, key)
+                raise
             except nats.errors.NoRespondersError:
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {subjects.COMPLETE}: start one "
@@ -591,6 +605,19 @@ def _retry_after_s(reply: CompletionReply) -> float:
     return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
 
 
+def abort_key() -> str:
+    """A fresh abort key: random, so only its client and the dispatchers know it."""
+    return uuid.uuid4().hex
+
+
+async def abort(nc: Client, key: str) -> None:
+    """Abort the request sent with `key` as its Lifeline-Abort-Key (llm.abort): its
+    dispatcher stops it, if it still runs. Never raises: without a connection there is
+    nobody to tell, and the request ends at its deadline anyway."""
+    with contextlib.suppress(nats.errors.Error):
+        await nc.publish(subjects.ABORT, key.encode())
+
+
 async def stream(
     nc: Client,
     request: CompletionRequest,
@@ -601,14 +628,17 @@ async def stream(
     Pass an Assembler to read the text so far (with resets applied) between events.
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
     and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
-    timeout allows."""
+    timeout allows. Closed before its end (or on any of those), the request is aborted."""
     assembler = assembler or Assembler()
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
+    key = abort_key()
     try:
-        await nc.publish(STREAM, encoder.encode(request), reply=inbox)
+        await nc.publish(
+            STREAM, encoder.encode(request), reply=inbox, headers={subjects.ABORT_KEY: key}
+        )
         while not assembler.done:
             left = give_up - time.monotonic()
             try:
@@ -624,6 +654,8 @@ async def stream(
                 )
             yield assembler.feed(msg.headers, msg.data)
     finally:
+        if not assembler.done:
+            await asyncio.shield(abort(nc, key))
         with contextlib.suppress(nats.errors.ConnectionClosedError):
             await asyncio.shield(sub.unsubscribe())
 

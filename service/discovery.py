@@ -77,7 +77,8 @@ class Tally:
 
 def dispatcher_endpoints(dispatcher: Any) -> list[Endpoint]:
     """A Dispatcher's (service/dispatcher.py) endpoints: llm.complete and llm.stream, which
-    share its in-flight maximum, and llm.jobs.submit when it takes jobs."""
+    share its in-flight maximum, llm.jobs.submit when it takes jobs, and the aborts every
+    dispatcher hears."""
     load = {
         "in_flight": dispatcher.in_flight,
         "max_in_flight": dispatcher.max_in_flight,
@@ -99,6 +100,15 @@ def dispatcher_endpoints(dispatcher: Any) -> list[Endpoint]:
                 subscribed=jobs.subscribed,
             )
         )
+    found.append(
+        Endpoint(
+            "abort",
+            subjects.ABORT,
+            "",
+            dispatcher.aborts_heard,
+            data={"aborted": dispatcher.aborts, "subscribed": dispatcher.subscribed},
+        )
+    )
     return found
 
 

@@ -6,7 +6,9 @@ admits at most dispatcher.max_in_flight at once, and hands each one to the engin
 message's reply subject (on llm.stream, a stream of events there: transport.ClientStream).
 The engine does the rest: the plan, the chain, the reply, the audit event. Beyond
 max_in_flight a request is answered at once with `overloaded`; a reply subject inside
-Lifeline's own namespace (or the server's) is refused, and the refusal audited.
+Lifeline's own namespace (or the server's) is refused, and the refusal audited. A request
+sent with an abort key (header Lifeline-Abort-Key) is stopped when its client publishes that
+key on llm.abort: it is answered `aborted`, its attempts cancelled at their workers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import CompletionReply, subjects
-from schemas.wire import OVERLOADED, REPLY_SUBJECT_REFUSED, salvage_id
+from schemas.wire import (
+    ABORTED,
+    OVERLOADED,
+    REPLY_SUBJECT_REFUSED,
+    SHUTTING_DOWN,
+    ErrorInfo,
+    salvage_id,
+)
 from service import telemetry
 from service.audit import ensure_audit_stream
 from service.config import Config
@@ -40,6 +49,7 @@ log = logging.getLogger("lifeline.dispatcher")
 _TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth trimming memory after
 _YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
 _ANSWER_AFTER_CANCEL_S = 2.0  # for a request cut short at shutdown to send its reply and audit
+_ABORT_KEY_MAX = 256  # characters: a longer Lifeline-Abort-Key makes a request not abortable
 
 
 class Dispatcher:
@@ -60,7 +70,14 @@ class Dispatcher:
         self.jobs = Jobs(nc, self.engine, config.jobs, replicas) if config.jobs.enabled else None
         self.audit_settings = config.audit
         self.replicas = replicas
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each request's task, with its abort key (None without one), and the reverse for
+        # llm.abort; the tasks aborted, until they end (their answer says `aborted`).
+        self._tasks: dict[asyncio.Task[None], str | None] = {}
+        self._abortable: dict[str, asyncio.Task[None]] = {}
+        self._aborted: set[asyncio.Task[None]] = set()
+        self._abort_sub: Subscription | None = None
+        self.aborts_heard = 0  # llm.abort messages, for this dispatcher's requests or another's
+        self.aborts = 0  # requests this dispatcher stopped on their client's abort
         self.max_in_flight = settings.max_in_flight
         self.shutdown_grace_s = settings.shutdown_grace_s
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
@@ -82,6 +99,8 @@ class Dispatcher:
             await path.subscribe(subjects.COMPLETE, self._on_msg, queue=subjects.DISPATCHER_QUEUE),
             await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),
         ]
+        # Every dispatcher hears every abort (no queue group): the one holding the request acts.
+        self._abort_sub = await path.subscribe(subjects.ABORT, self._on_abort)
         await ensure_subscribed(nc)
         await ensure_audit_stream(nc.jetstream(timeout=5), self.audit_settings, self.replicas)
         if self.jobs is not None:
@@ -106,6 +125,9 @@ class Dispatcher:
             await asyncio.wait(waits, timeout=max(until - loop.time(), 0.0))
         if self._tasks:
             await self._cut_short(set(self._tasks), grace_s)
+        if self._abort_sub is not None:  # aborts are honoured until every request is answered
+            await stop_taking(self._abort_sub)
+            self._abort_sub = None
         await self.health.stop()
 
     async def _cut_short(self, tasks: set[asyncio.Task[None]], grace_s: float) -> None:
@@ -145,11 +167,40 @@ class Dispatcher:
                 self._refuser = asyncio.create_task(self._refuse_backlog())
             return
         task = asyncio.create_task(self.handle(msg, arrived, stream=stream))
-        self._tasks.add(task)
+        key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
+        if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
+            key = None  # a key names one request in flight; a reused one stops none
+        self._tasks[task] = key
+        if key is not None:
+            self._abortable[key] = task
         task.add_done_callback(self._done)
 
     def _on_stream(self, msg: Msg) -> None:
         self._on_msg(msg, stream=True)
+
+    def _on_abort(self, msg: Msg) -> None:
+        """llm.abort: stop the request sent with this abort key, if this dispatcher runs it."""
+        self.aborts_heard += 1
+        task = self._abortable.get(msg.data.decode("utf-8", "replace"))
+        if task is not None and task not in self._aborted:
+            self._aborted.add(task)
+            self.aborts += 1
+            task.cancel()  # its engine answers it `aborted` (see _why_cancelled) and audits it
+
+    def _why_cancelled(self) -> ErrorInfo:
+        """The error a request's engine answers with when its task is cancelled: its client
+        aborted it, or the shutdown grace ran out."""
+        if asyncio.current_task() in self._aborted:
+            return ErrorInfo(
+                ABORTED,
+                "aborted by its client (llm.abort) before it was answered; its attempts were "
+                "cancelled at their workers",
+            )
+        message = (
+            "this dispatcher stopped (its shutdown grace ran out) before the request was "
+            "answered; its attempts were cancelled. Send it again: another dispatcher takes it"
+        )
+        return ErrorInfo(SHUTTING_DOWN, message, retry_after_s=1.0)
 
     async def _refuse_backlog(self) -> None:
         """Answer `overloaded` to the requests over max_in_flight, in one task rather than
@@ -165,7 +216,10 @@ class Dispatcher:
                 await asyncio.sleep(0)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        key = self._tasks.pop(task, None)
+        if key is not None:
+            del self._abortable[key]
+            self._aborted.discard(task)
         self._peak = max(self._peak, len(self._tasks) + 1)
         if not self._tasks and self._peak >= _TRIM_AFTER_PEAK:
             self._peak = 0
@@ -204,8 +258,11 @@ class Dispatcher:
             else:
                 respond = self._responder(msg.reply)
         inbound = Inbound(msg.data, msg.headers, arrived)
-        # Nobody sends a core request again: cut short at shutdown, it is still answered.
-        reply = await self.engine.serve(inbound, respond, refused, sink, answer_if_cancelled=True)
+        # Nobody sends a core request again: cut short (at shutdown, or aborted by its client),
+        # it is still answered and audited.
+        reply = await self.engine.serve(
+            inbound, respond, refused, sink, if_cancelled=self._why_cancelled
+        )
         tally = self.stream_tally if stream else self.complete_tally
         tally.busy_ms += reply.latency_ms
         if reply.error is not None:

@@ -36,7 +36,6 @@ from schemas.wire import (
     INTERNAL,
     PAYLOAD_TOO_LARGE,
     PREVIOUS_ERRORS,
-    SHUTTING_DOWN,
     encoder,
     salvage_id,
 )
@@ -115,15 +114,16 @@ class Engine:
         refused: Rejected | None = None,
         sink: Sink | None = None,
         *,
-        answer_if_cancelled: bool = False,
+        if_cancelled: Callable[[], ErrorInfo] | None = None,
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer), or as a stream of
         events through `sink` (with both, the stream's end event carries what `respond`
         returned), and audit it; with `refused`, the front end already knows the answer is
-        that refusal. Never raises, but for a cancel (its front end stopping) before the
-        answer is known: with `answer_if_cancelled` (a front end whose requests nobody
-        delivers again) the request is then answered `shutting_down` and audited, its
-        attempts cancelled at their workers; without it the cancel goes on up, unanswered."""
+        that refusal. Never raises, but for a cancel (its front end stopping, its client
+        aborting) before the answer is known: with `if_cancelled` (a front end whose requests
+        nobody delivers again) the request is then answered with the error it gives (why it
+        was cancelled) and audited, its attempts cancelled at their workers; without it the
+        cancel goes on up, unanswered."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
@@ -149,11 +149,14 @@ class Engine:
             log.exception("bug while handling a request; answering with an internal error")
             reply = _internal_error(inbound.data, trace_id)
         except asyncio.CancelledError:
-            if not answer_if_cancelled:
+            if if_cancelled is None:
                 span.end()
                 raise
             _uncancel()  # answered here: what follows (the reply, the audit) must still run
-            reply = _shutting_down(inbound.data, trace_id)
+            error = if_cancelled()
+            reply = CompletionReply(
+                salvage_id(inbound.data), "error", trace_id=trace_id, error=error
+            )
         latency_ms = (time.monotonic() - inbound.arrived) * 1000
         reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
         try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
@@ -162,7 +165,7 @@ class Engine:
         except Exception:
             log.exception("bug while answering request %r", reply.id)
         except asyncio.CancelledError:  # only while a publish waits on a reconnecting connection
-            if not answer_if_cancelled:
+            if if_cancelled is None:
                 raise
             _uncancel()  # the audit event still goes out
         try:
@@ -171,7 +174,7 @@ class Engine:
         except Exception:
             log.exception("bug while auditing request %r", reply.id)
         except asyncio.CancelledError:
-            if not answer_if_cancelled:
+            if if_cancelled is None:
                 raise
             _uncancel()
         finally:
@@ -430,15 +433,6 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-def _shutting_down(data: bytes, trace_id: str | None) -> CompletionReply:
-    message = (
-        "this dispatcher stopped (its shutdown grace ran out) before the request was answered; "
-        "its attempts were cancelled. Send it again: another dispatcher takes it"
-    )
-    error = ErrorInfo(SHUTTING_DOWN, message, retry_after_s=1.0)
-    return CompletionReply(salvage_id(data), "error", trace_id=trace_id, error=error)
 
 
 def _internal_error(data: bytes, trace_id: str | None) -> CompletionReply:

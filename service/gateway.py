@@ -21,6 +21,10 @@ final chunk's `lifeline` carries the attempts, and after a reset the whole `cont
 
 Auth: the keys in $LIFELINE_GATEWAY_KEYS (comma-separated), as `Authorization: Bearer <key>`;
 with none set, only loopback clients are served.
+
+A client that disconnects before its answer (or in the middle of its stream) has its request
+aborted (llm.abort, with the random abort key the gateway sent it with): the dispatcher cancels
+its attempts at their workers, HTTP calls included.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -45,6 +49,7 @@ import uvicorn
 from msgspec import Struct
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -53,7 +58,7 @@ from starlette.routing import Route
 
 from schemas import errors
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
-from schemas.subjects import COMPLETE, STREAM, TRACEPARENT, TRACESTATE
+from schemas.subjects import ABORT, ABORT_KEY, COMPLETE, STREAM, TRACEPARENT, TRACESTATE
 from schemas.wire import (
     Attempt,
     ChatMessage,
@@ -84,6 +89,9 @@ log = logging.getLogger("lifeline.gateway")
 KEYS_ENV = "LIFELINE_GATEWAY_KEYS"
 TIMEOUT_HEADER = "x-lifeline-timeout-s"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
+# What the gateway answers a client that disconnected before its answer (nginx's "client closed
+# request": only access logs see it) and what it maps an `aborted` reply to.
+_CLIENT_GONE = 499
 
 # Lifeline's request error -> (HTTP status, OpenAI's error type). The code is Lifeline's type.
 STATUS: dict[str, tuple[int, str]] = {
@@ -100,6 +108,7 @@ STATUS: dict[str, tuple[int, str]] = {
     errors.OVERLOADED: (503, "overloaded_error"),
     errors.SHUTTING_DOWN: (503, "overloaded_error"),
     errors.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    errors.ABORTED: (_CLIENT_GONE, "aborted"),
 }
 _INTERNAL = (500, "server_error")
 
@@ -513,14 +522,17 @@ def _is_loopback(host: str) -> bool:
 class _Inbox:
     """Every reply and stream event on one wildcard inbox subscription, taken straight from
     the read loop by Lifeline's fast path over nats-py (service/natsio.py) and routed by the
-    subject's last token: a reply to its request's future, an event to its stream's queue."""
+    subject's last token: a reply to its request's future, an event to its stream's queue.
+    Each request goes out with an abort key of its own: one given up on is aborted."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.fast = fast_path(nc)
         self.prefix = ""
         self.waiting: dict[str, asyncio.Future[Msg] | asyncio.Queue[Msg]] = {}
+        self.abort_keys: dict[str, str] = {}  # a stream's token -> its request's abort key
         self._subscribing = asyncio.Lock()
+        self._aborting: set[asyncio.Task[None]] = set()
 
     async def _ready(self) -> str:
         if not self.prefix:
@@ -551,12 +563,18 @@ class _Inbox:
         prefix = await self._ready()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
+        key = os.urandom(16).hex()
         try:
-            await self._publish(COMPLETE, payload, prefix + token, headers)
+            await self._publish(
+                COMPLETE, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
+            )
             async with asyncio.timeout(wait_s):
                 msg = await future
         except TimeoutError:
             raise _no_answer(wait_s) from None
+        except asyncio.CancelledError:  # its HTTP client is gone
+            self.abort(key)
+            raise
         finally:
             del self.waiting[token]
         if msg.headers and msg.headers.get("Status") == "503":
@@ -570,11 +588,29 @@ class _Inbox:
         prefix = await self._ready()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.waiting[token] = queue
-        await self._publish(STREAM, payload, prefix + token, headers)
+        key = self.abort_keys[token] = os.urandom(16).hex()
+        await self._publish(STREAM, payload, prefix + token, {**(headers or {}), ABORT_KEY: key})
         return queue
 
-    def close(self, token: str) -> None:
+    def close(self, token: str, ended: bool) -> None:
+        """Forget a stream; one that had not `ended` (its client left, its events broke off)
+        is aborted."""
         self.waiting.pop(token, None)
+        key = self.abort_keys.pop(token, None)
+        if key is not None and not ended:
+            self.abort(key)
+
+    def abort(self, key: str) -> None:
+        """Abort the request sent with `key` (llm.abort), without waiting."""
+        if self.fast.publish(ABORT, key.encode()):
+            return
+        task = asyncio.ensure_future(self._abort(key))
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
+
+    async def _abort(self, key: str) -> None:
+        with contextlib.suppress(NatsError):  # no connection: the request ends at its deadline
+            await self.nc.publish(ABORT, key.encode())
 
 
 class Gateway:
@@ -765,7 +801,11 @@ class Gateway:
                 return await self._stream(
                     completion, payload, headers, wait_s, include_usage, extra
                 )
-            reply = await self.inbox.request(request_id, payload, headers, wait_s)
+            reply = await _unless_gone(
+                request, self.inbox.request(request_id, payload, headers, wait_s)
+            )
+            if reply is None:  # nobody reads the answer: the request was aborted
+                return Response(status_code=_CLIENT_GONE)
         except HTTPError as exc:
             return exc.response()
         if reply.status != "ok":
@@ -815,7 +855,7 @@ class Gateway:
             if event.kind == "error" and event.reply is not None:
                 raise reply_error(event.reply, completion.route)
         except BaseException:
-            self.inbox.close(token)
+            self.inbox.close(token, assembler.done)
             raise
         sse = _SSE(completion.route, token, int(time.time()), include_usage)
         response_headers = {
@@ -855,7 +895,7 @@ class Gateway:
                     yield sse.error(exc)
                     return
         finally:
-            self.inbox.close(token)
+            self.inbox.close(token, assembler.done)
 
 
 class _SSE:
@@ -985,6 +1025,30 @@ def _trace_headers(request: Request) -> dict[str, str] | None:
     if tracestate and len(tracestate) <= 512:
         headers[TRACESTATE] = _ascii(tracestate)
     return headers
+
+
+async def _unless_gone(
+    request: Request, answer: Awaitable[CompletionReply]
+) -> CompletionReply | None:
+    """`answer`, or None once the HTTP client has disconnected (then `answer` is cancelled,
+    which aborts its request)."""
+    waiting = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            await asyncio.wait((waiting,))
+    return None if waiting.cancelled() else waiting.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (its body has been read: the server's next message
+    is http.disconnect, which comes when the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float) -> Msg:

@@ -4,8 +4,9 @@ Built from the subject names in schemas/subjects.py and a config's providers, st
 buckets, so the server's permissions change with the code (`lifeline nats-config` prints
 them; regenerate the file when the config's providers, streams or buckets change).
 
-    clients      publish requests (llm.complete, llm.stream, llm.jobs.submit) and read a job's
-                 result by its id; receive only on their own inbox prefix, _INBOX.<user>
+    clients      publish requests (llm.complete, llm.stream, llm.jobs.submit) and aborts
+                 (llm.abort), and read a job's result by its id; receive only on their own
+                 inbox prefix, _INBOX.<user>
     dispatchers  take requests and jobs, call workers, cancel attempts, answer clients (on
                  _INBOX.>), publish audit events, keep the jobs, results, audit and health
                  streams and buckets; their own inbox prefix is _LIFELINE_DISPATCHER
@@ -184,6 +185,7 @@ def dispatcher(config: Config) -> User:
         subscribe=(
             f"{subjects.COMPLETE} {subjects.DISPATCHER_QUEUE}",
             f"{subjects.STREAM} {subjects.DISPATCHER_QUEUE}",
+            subjects.ABORT,
             subjects.DISPATCHER_INBOX_PREFIX + ".>",
             *_service_api(subjects.DISPATCHER_SERVICE),
         ),
@@ -216,6 +218,7 @@ def client(name: str, config: Config) -> User:
         publish=(
             subjects.COMPLETE,
             subjects.STREAM,
+            subjects.ABORT,
             subjects.JOBS_SUBMIT,
             f"{_JS}.STREAM.INFO.{config.jobs.stream}",  # the Python client's check before a job
             f"{_JS}.STREAM.INFO.{stream}",  # binding to the results bucket

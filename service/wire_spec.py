@@ -129,6 +129,10 @@ Text = Annotated[str, Field(title="Text", description="UTF-8 text, not JSON")]
 AttemptId = Annotated[
     str, Field(title="AttemptId", description=f"the {ATTEMPT_ID} of the attempt to stop")
 ]
+AbortKey = Annotated[
+    str,
+    Field(title="AbortKey", description=f"the {subjects.ABORT_KEY} the request was sent with"),
+]
 DIGITS = r"^[0-9]+$"
 
 
@@ -168,6 +172,13 @@ class Channel:
 TRACE = (
     Header(TRACEPARENT, "W3C trace context: the receiver's spans join this trace"),
     Header(TRACESTATE, "W3C trace context, the vendors' part"),
+)
+ABORTABLE = (
+    Header(
+        subjects.ABORT_KEY,
+        "a random key (at most 256 characters, new for each request) that makes the request "
+        "abortable: publish it on llm.abort to stop the request",
+    ),
 )
 EVENT_NUMBERS = (
     Header(
@@ -249,7 +260,7 @@ CHANNELS: tuple[Channel, ...] = (
         "Chat requests, core NATS request/reply. A request with a reply subject Lifeline may "
         "answer on gets exactly one CompletionReply there, errors included; every request "
         f"has one audit event. Dispatchers share the queue group {subjects.DISPATCHER_QUEUE}.",
-        (Message("request", wire.CompletionRequest, "A chat request", TRACE),),
+        (Message("request", wire.CompletionRequest, "A chat request", (*ABORTABLE, *TRACE)),),
         action="receive",
         summary="Answer a chat request with the first good result of its route's targets",
         queue=subjects.DISPATCHER_QUEUE,
@@ -269,7 +280,7 @@ CHANNELS: tuple[Channel, ...] = (
         "request's reply subject: subscribe to it before publishing (a request helper that "
         f"keeps the first message only will not do). Dispatchers share the queue group "
         f"{subjects.DISPATCHER_QUEUE}.",
-        (Message("request", wire.CompletionRequest, "A chat request", TRACE),),
+        (Message("request", wire.CompletionRequest, "A chat request", (*ABORTABLE, *TRACE)),),
         action="receive",
         summary="Stream the answer to a chat request as it comes",
         queue=subjects.DISPATCHER_QUEUE,
@@ -281,6 +292,18 @@ CHANNELS: tuple[Channel, ...] = (
         "The reply subject of a request on llm.stream: one message per event, in order. "
         "Exactly one end or error event closes the stream.",
         STREAM_EVENTS,
+    ),
+    Channel(
+        "abort",
+        subjects.ABORT,
+        f"Stop a request on llm.complete or llm.stream its client no longer waits for (its "
+        f"user left, its stream was closed early), named by the {subjects.ABORT_KEY} it was "
+        "sent with. Every dispatcher subscribes (no queue group); the one running the request "
+        "cancels its attempts at their workers, HTTP calls included, answers it with the error "
+        "`aborted` and audits it. A key no request in flight was sent with does nothing.",
+        (Message("key", AbortKey, "The abort key of the request to stop"),),
+        action="receive",
+        summary="Abort a request",
     ),
     Channel(
         "jobsSubmit",

@@ -79,6 +79,7 @@ async def test_every_instance_answers_ping_info_and_stats_by_verb_name_and_id(li
             ("complete", subjects.COMPLETE, subjects.DISPATCHER_QUEUE),
             ("stream", subjects.STREAM, subjects.DISPATCHER_QUEUE),
             ("jobs", subjects.JOBS_SUBMIT, subjects.JOBS_CONSUMER),
+            ("abort", subjects.ABORT, ""),
         ],
         "lifeline-worker-backup": [
             ("provider", "llm.provider.backup", "lifeline-provider-backup"),
@@ -105,7 +106,7 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
     await wait_for(lambda: dispatcher.stream_tally.requests == 2 and not dispatcher.in_flight)
 
     stats = by_name(await srv(client, "STATS"))
-    complete, stream, jobs = stats["lifeline-dispatcher"]["endpoints"]
+    complete, stream, jobs, abort = stats["lifeline-dispatcher"]["endpoints"]
     assert (complete["num_requests"], complete["num_errors"]) == (15, 3)
     assert complete["last_error"] == failed[0].error.type
     assert (stream["num_requests"], stream["num_errors"]) == (2, 0)
@@ -113,6 +114,7 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
     assert complete["processing_time"] > 0
     assert complete["average_processing_time"] == complete["processing_time"] // 15
     assert complete["data"] == {"in_flight": 0, "max_in_flight": 1000, "subscribed": True}
+    assert abort["num_requests"] == 0 and abort["data"] == {"aborted": 0, "subscribed": True}
 
     backup = stats["lifeline-worker-backup"]["endpoints"][0]
     broken = stats["lifeline-worker-broken"]["endpoints"][0]

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import config, fake
+from helpers import config, fake, wait_for
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -235,3 +235,23 @@ async def test_no_dispatcher_is_a_clear_error(nats_url):
             await model.ainvoke("Hi")
     finally:
         await asyncio.to_thread(bridge.close, nats_url)
+
+
+async def test_a_call_given_up_on_stops_its_provider_call(lifeline, model):
+    """A cancelled ainvoke and an astream left after its first chunk abort their requests
+    (llm.abort): the worker's provider calls are cancelled, not left running."""
+    slow = fake(reply=" ".join(["word"] * 100), chunks=100, chunk_delay_ms=100, latency_ms=200)
+    stack = await lifeline(config({"main": slow}))
+    worker = stack.workers["main"]
+    call = asyncio.ensure_future(model.ainvoke("Hi"))
+    await wait_for(lambda: worker.in_flight == 1, 5, what="the call at the worker")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await wait_for(lambda: worker.cancelled == 1 and not worker.in_flight, 5, what="its cancel")
+
+    async for chunk in model.astream("Hi"):
+        assert chunk.content
+        break  # the reader leaves after one chunk of a hundred
+    await wait_for(lambda: worker.cancelled == 2 and not worker.in_flight, 5, what="its cancel")
+    assert stack.dispatcher.aborts == 2

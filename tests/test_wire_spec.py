@@ -111,7 +111,7 @@ def test_the_documents_schemas_are_msgspecs_own(document):
     schemas = document["components"]["schemas"]
     for name, schema in components.items():
         assert schemas[name] == as_asyncapi(schema), name
-    assert set(schemas) - set(components) == {"Text", "AttemptId"}  # the UTF-8 bodies
+    assert set(schemas) - set(components) == {"Text", "AttemptId", "AbortKey"}  # UTF-8 bodies
 
 
 def test_each_json_schema_file_is_a_draft_2020_12_schema_of_its_struct():
@@ -131,6 +131,7 @@ def test_every_subject_queue_group_and_header_comes_from_subjects_py(document):
     assert addresses == {
         subjects.COMPLETE,
         subjects.STREAM,
+        subjects.ABORT,
         subjects.JOBS_SUBMIT,
         subjects.JOBS_DEAD,
         subjects.audit_subject("{status}"),
@@ -161,7 +162,7 @@ def test_every_subject_queue_group_and_header_comes_from_subjects_py(document):
         if isinstance(value, str) and (value[:1].isupper() and "-" in value or "TRACE" in name)
     }
     assert headers == named
-    assert len(named) == 13
+    assert len(named) == 14
     assert set(messages["provider.request"]["headers"]["required"]) == {
         subjects.DEADLINE_MS,
         subjects.REQUEST_ID,
@@ -540,8 +541,10 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
         stack = await lifeline(config(providers))
         trace = {subjects.TRACEPARENT: "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
         ask = {"messages": [{"role": "user", "content": "fail 503"}], "tools": [WEATHER]}
-        msg = await client.request(subjects.COMPLETE, encoder.encode(ask), 5, headers=trace)
+        headers = {**trace, subjects.ABORT_KEY: "k-wiretap"}
+        msg = await client.request(subjects.COMPLETE, encoder.encode(ask), 5, headers=headers)
         assert json.loads(msg.data)["tool_calls"][0]["name"] == "get_weather"
+        await client.publish(subjects.ABORT, b"k-wiretap")  # answered already: nothing happens
         wrong_route = encoder.encode({**ask, "route": "nowhere"})
         assert b"unknown_route" in (await client.request(subjects.COMPLETE, wrong_route, 5)).data
         request = CompletionRequest([ChatMessage("user", "fail 503 after 2")], tools=[WEATHER])

@@ -1,0 +1,190 @@
+"""Aborting a request its client no longer waits for (llm.abort), over a real nats-server: its
+attempts are cancelled at their workers, it is still answered once and audited once (as
+`aborted`), and nothing else is touched. Through the NATS wire, the Python client (a cancelled
+task, a stream left early) and the HTTP gateway (a client that hangs up)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from helpers import config, fake, wait_for
+from test_gateway import gateway  # noqa: F401 (the fixture)
+
+from schemas import ChatMessage, CompletionRequest, subjects
+from schemas.wire import encoder, reply_decoder
+from service.client import Lifeline, stream
+
+SLOW = {"main": fake(latency_ms=30_000)}
+# A stream of a hundred words, one every 100 ms: ten seconds, if nobody stops it.
+LONG_STREAM = {"main": fake(reply=" ".join(["word"] * 100), chunks=100, chunk_delay_ms=100)}
+
+
+def request(request_id: str, **fields: Any) -> bytes:
+    body = CompletionRequest(
+        messages=[ChatMessage("user", "Hello")], id=request_id, timeout_s=60, **fields
+    )
+    return encoder.encode(body)
+
+
+async def running(stack: Any, count: int = 1) -> None:
+    worker = stack.workers["main"]
+    await wait_for(lambda: worker.in_flight == count, 5, what=f"{count} calls at the worker")
+
+
+async def cancelled_at_the_worker(stack: Any, count: int = 1) -> None:
+    worker = stack.workers["main"]
+    await wait_for(
+        lambda: worker.cancelled == count and not worker.in_flight, 5, what="the cancels"
+    )
+
+
+async def test_an_aborted_request_is_answered_once_audited_once_and_its_call_cancelled(
+    lifeline, client, audit
+):
+    stack = await lifeline(config(SLOW))
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    started = time.monotonic()
+    await client.publish(
+        subjects.COMPLETE, request("r-1"), reply=inbox, headers={subjects.ABORT_KEY: "k-1"}
+    )
+    await running(stack)
+    await client.publish(subjects.ABORT, b"k-1")
+
+    reply = reply_decoder.decode((await replies.next_msg(timeout=5)).data)
+    assert (reply.id, reply.status, reply.error.type) == ("r-1", "error", "aborted")
+    assert "aborted by its client" in reply.error.message
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.id, event.error_type) == ("llm.audit.error", "r-1", "aborted")
+    await cancelled_at_the_worker(stack)  # the provider call stopped, not left to run 30 s
+    assert time.monotonic() - started < 10
+    dispatcher = stack.dispatcher
+    assert (dispatcher.aborts, dispatcher.in_flight) == (1, 0)
+    await asyncio.sleep(0.2)
+    with pytest.raises(nats.errors.TimeoutError):  # exactly one reply
+        await replies.next_msg(timeout=0.2)
+    assert len(audit.events) == 1
+
+
+async def test_an_abort_stops_only_the_request_sent_with_its_key(lifeline, client, audit):
+    stack = await lifeline(config({**SLOW, "quick": fake()}, routes=None))
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    quick = request("quick-1", targets=["quick"])
+    await client.publish(subjects.COMPLETE, quick, reply=inbox, headers={subjects.ABORT_KEY: "q"})
+    assert reply_decoder.decode((await replies.next_msg(timeout=5)).data).status == "ok"
+    for n, key in enumerate(["a", "b"]):
+        headers = {subjects.ABORT_KEY: key}
+        await client.publish(subjects.COMPLETE, request(f"slow-{n}"), reply=inbox, headers=headers)
+    # A request without a key cannot be aborted; neither can a reused key's second request.
+    await client.publish(subjects.COMPLETE, request("keyless"), reply=inbox)
+    await client.publish(
+        subjects.COMPLETE, request("reused"), reply=inbox, headers={subjects.ABORT_KEY: "a"}
+    )
+    await running(stack, 4)
+
+    for stray in (b"q", b"nobody's", b"", b"a" * 300):  # answered already, unknown, odd
+        await client.publish(subjects.ABORT, stray)
+    await client.publish(subjects.ABORT, b"b")
+    reply = reply_decoder.decode((await replies.next_msg(timeout=5)).data)
+    assert (reply.id, reply.error.type) == ("slow-1", "aborted")
+    await wait_for(lambda: stack.workers["main"].cancelled == 1, 5, what="the cancel")
+    await asyncio.sleep(0.3)
+    assert stack.workers["main"].in_flight == 3 and stack.dispatcher.in_flight == 3
+    assert [e.id for _, e in audit.events] == ["quick-1", "slow-1"]
+    assert stack.dispatcher.aborts_heard == 5 and stack.dispatcher.aborts == 1
+
+
+async def test_cancelling_the_python_clients_call_aborts_its_request(lifeline, nats_url, audit):
+    stack = await lifeline(config(SLOW))
+    async with Lifeline.connect(nats_url, timeout_s=60) as lifeline_client:
+        call = asyncio.ensure_future(lifeline_client.complete("Hello", id="c-1"))
+        await running(stack)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        [(_, event)] = await audit.wait_for(1)
+        assert (event.id, event.error_type) == ("c-1", "aborted")
+        await cancelled_at_the_worker(stack)
+
+
+async def test_leaving_a_stream_before_its_end_aborts_it(lifeline, client, audit):
+    stack = await lifeline(config(LONG_STREAM))
+    body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-1", timeout_s=60)
+    deltas = 0
+    async for event in stream(client, body):
+        deltas += event.kind == "delta"
+        if deltas == 2:
+            break  # the reader leaves after two chunks of a hundred
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type) == ("s-1", "aborted")
+    await cancelled_at_the_worker(stack)
+
+
+async def test_a_stream_read_to_its_end_is_not_aborted(lifeline, client, audit):
+    stack = await lifeline(config({"main": fake(chunks=3)}))
+    body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-2", timeout_s=60)
+    assert [e.kind async for e in stream(client, body)][-1] == "end"
+    await asyncio.sleep(0.2)
+    assert stack.dispatcher.aborts_heard == 0
+    assert [e.error_type for _, e in await audit.wait_for(1)] == [None]
+
+
+# ---- the HTTP gateway: a client that hangs up ---------------------------------------------------
+
+
+def hang_up_after(url: str, body: bytes, until: bytes = b"", leave: Any = None) -> bytes:
+    """POST `body` over a raw socket, read until `until` has come (or until `leave`, a
+    threading.Event, is set), then close the connection: a client that leaves."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        seen = b""
+        while until and until not in seen:
+            seen += sock.recv(65536)
+        if leave is not None:
+            assert leave.wait(10)
+        return seen
+
+
+async def test_an_http_client_that_hangs_up_has_its_request_aborted(gateway, audit):  # noqa: F811
+    gw, _, stack = await gateway(config(SLOW))
+    body = b'{"model": "default", "messages": [{"role": "user", "content": "Hi"}]}'
+    leave = threading.Event()
+    client = asyncio.ensure_future(asyncio.to_thread(hang_up_after, gw.url, body, leave=leave))
+    await running(stack)  # the gateway's request is at the worker: now the client hangs up
+    leave.set()
+    assert await client == b""
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "aborted"
+    await cancelled_at_the_worker(stack)
+
+
+async def test_an_http_stream_left_early_is_aborted(gateway, audit):  # noqa: F811
+    gw, _, stack = await gateway(config(LONG_STREAM))
+    body = b'{"model": "default", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+    seen = await asyncio.to_thread(hang_up_after, gw.url, body, b'"content"')
+    assert b"text/event-stream" in seen
+    [(_, event)] = await audit.wait_for(1, timeout_s=10)
+    assert event.error_type == "aborted"
+    await cancelled_at_the_worker(stack)
+
+
+async def test_an_http_client_that_waits_gets_its_answer(gateway, audit):  # noqa: F811
+    gw, _, _ = await gateway(config({"main": fake(latency_ms=300)}))
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        body = {"model": "default", "messages": [{"role": "user", "content": "Hi"}]}
+        response = await http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    [(_, event)] = await audit.wait_for(1)
+    assert event.status == "ok"
