@@ -76,7 +76,7 @@ class Transport(Protocol):
         payload: bytes,
         headers: dict[str, str],
         limits: StreamLimits,
-        on_chunk: Callable[[bytes], None],
+        on_chunk: Callable[[bytes, bool], None],  # a chunk, and whether it is a tool call's
     ) -> Stream: ...
 
 

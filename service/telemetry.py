@@ -577,7 +577,7 @@ def trace_id_of(span: trace.Span | LiteSpan) -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def annotate_request(span: trace.Span, reply, route: str | None) -> None:
+def annotate_request(span: trace.Span | LiteSpan, reply, route: str | None) -> None:
     """GenAI semantic-convention attributes on the dispatcher's request span."""
     attributes: dict[str, str | int] = {
         "gen_ai.operation.name": "chat",
@@ -618,7 +618,7 @@ def provider_attributes(provider: str, kind: str, model: str) -> dict[str, str]:
     }
 
 
-def annotate_outcome(span: trace.Span, reply) -> None:
+def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
     """How an attempt (dispatcher) or a provider call (worker) ended."""
     if isinstance(reply, ProviderOk):
         span.set_attributes(
@@ -636,7 +636,9 @@ def annotate_outcome(span: trace.Span, reply) -> None:
     span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message))
 
 
-def annotate_stream(span: trace.Span, chunks: int, first_at: float | None, opened: float) -> None:
+def annotate_stream(
+    span: trace.Span | LiteSpan, chunks: int, first_at: float | None, opened: float
+) -> None:
     """A streamed attempt: its chunks, and its time to first token (seconds, as the GenAI
     semantic conventions' gen_ai.server.time_to_first_token metric counts it)."""
     attributes: dict[str, int | float] = {"lifeline.stream.chunks": chunks}

@@ -24,6 +24,7 @@ import time
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from opentelemetry import context
 from opentelemetry.trace import SpanKind
@@ -72,8 +73,8 @@ class WorkerRuntime:
         # cancels. One done-callback per task forgets both.
         self._tasks: dict[asyncio.Task[None], str | None] = {}
         self._by_attempt: dict[str, asyncio.Task[None]] = {}
-        self._sub = None
-        self._cancel_sub = None
+        self._sub: Subscription | None = None
+        self._cancel_sub: Subscription | None = None
         self.cancelled = 0  # attempts stopped by a cancel message
         self._stopping = False  # the shutdown grace ran out: calls cut short still reply
         self.cancels_heard = 0  # cancel messages, for this replica's attempts or another's
