@@ -185,7 +185,10 @@ class Dispatcher:
         if task is not None and task not in self._aborted:
             self._aborted.add(task)
             self.aborts += 1
-            task.cancel()  # its engine answers it `aborted` (see _why_cancelled) and audits it
+            # Its engine answers it `aborted` (see _why_cancelled) and audits it. Cancelled after
+            # the task's first step (create_task scheduled that before this): a task cancelled
+            # before it starts never runs its body, and its request would go unanswered.
+            asyncio.get_running_loop().call_soon(task.cancel)
 
     def _why_cancelled(self) -> ErrorInfo:
         """The error a request's engine answers with when its task is cancelled: its client

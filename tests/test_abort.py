@@ -188,3 +188,24 @@ async def test_an_http_client_that_waits_gets_its_answer(gateway, audit):  # noq
     assert response.status_code == 200, response.text
     [(_, event)] = await audit.wait_for(1)
     assert event.status == "ok"
+
+
+async def test_an_abort_right_behind_its_request_still_gets_it_answered_and_audited(
+    lifeline, client, audit
+):
+    """The request and its abort in one read: the request's task has not started when the
+    abort comes; it is still answered once and audited once."""
+    await lifeline(config(SLOW))
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    for n in range(20):
+        key = f"k-{n}"
+        await client.publish(
+            subjects.COMPLETE, request(f"r-{n}"), reply=inbox, headers={subjects.ABORT_KEY: key}
+        )
+        await client.publish(subjects.ABORT, key.encode())
+    got = [reply_decoder.decode((await replies.next_msg(timeout=5)).data) for _ in range(20)]
+    assert sorted(r.id for r in got) == sorted(f"r-{n}" for n in range(20))
+    assert {r.error.type for r in got} == {"aborted"}
+    events = await audit.wait_for(20)
+    assert sorted(e.id for _, e in events) == sorted(f"r-{n}" for n in range(20))
