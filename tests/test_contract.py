@@ -30,6 +30,7 @@ from helpers import (
     wait_for,
 )
 
+from schemas.subjects import ABORT, ABORT_KEY
 from schemas.wire import MAX_ID_LENGTH, encoder
 from service import discovery
 from service.embedded import EmbeddedNats
@@ -313,6 +314,41 @@ async def test_any_trace_and_other_headers_get_one_answer_each(service, ledger):
     await ledger.settle(len(ids), len(ids))
     ledger.assert_exactly_once(ids)
     assert {ledger.reply_of[i].status for i in ids} == {"ok"}
+
+
+async def test_aborts_at_any_moment_and_junk_on_llm_abort_leave_one_answer_per_request(
+    service, ledger
+):
+    """Requests on a 1 s provider, half of them aborted at a random moment (right behind the
+    request, in flight, after the answer), odd abort keys, and junk on llm.abort, spread over
+    two dispatchers: every request still gets one reply and one audit event."""
+    rng = random.Random(7)
+    odd_keys = ["", " ", "x" * 300, "k\u00e9y", "dup", "dup"]
+    ids, aborted = [], set()
+    for n in range(60):
+        request_id = f"abort-{n}"
+        key = odd_keys[n] if n < len(odd_keys) else f"key-{n}"
+        ids.append(request_id)
+        await ledger.send(request_id, request(request_id, route="slow"), headers={ABORT_KEY: key})
+        if n % 2 and n >= len(odd_keys):
+            aborted.add(request_id)
+            if n % 3 == 0:  # right behind its request, in the same read, most often
+                await ledger.nc.publish(ABORT, key.encode())
+            else:
+                delay = rng.choice([0.01, 0.3, 0.8, 1.5])  # in flight, or after the answer
+                asyncio.get_running_loop().call_later(
+                    delay, lambda k=key: asyncio.ensure_future(ledger.nc.publish(ABORT, k.encode()))
+                )
+        for junk in (os.urandom(rng.randint(0, 64)), b"dup", b"x" * 5000):
+            await ledger.nc.publish(ABORT, junk)
+    await ledger.settle(len(ids), len(ids), timeout_s=30, quiet_s=1.0)
+    ledger.assert_exactly_once(ids)
+    outcomes = {i: ledger.reply_of[i].error.type if ledger.reply_of[i].error else "ok" for i in ids}
+    assert {outcomes[i] for i in ids if i not in aborted} <= {"ok", "aborted"}  # junk "dup"
+    assert {outcomes[i] for i in aborted} <= {"ok", "aborted"}
+    assert sum(outcomes[i] == "aborted" for i in aborted) >= len(aborted) // 2
+    assert all(outcomes[i] == "ok" for i in ids[len(odd_keys) :] if i not in aborted)
+    await still_serving(ledger)
 
 
 async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_logs_or_spans(
