@@ -472,3 +472,22 @@ async def test_a_streamed_text_answer_has_no_tool_calls(make):
     deltas, ok = await stream(make, events)
     assert "".join(deltas) == "Okay, let's check the weather for San Francisco, CA:"
     assert (ok.tool_calls, ok.finish_reason) == (None, "stop")
+
+
+async def test_a_tool_conversation_without_tools_declares_the_tools_it_used_and_calls_none(make):
+    """The API refuses tool_use and tool_result blocks in a request without tools (OpenAI's
+    takes it: a fallback's last turn often offers none). The history's tools are declared,
+    taking any input, and tool_choice "none" keeps the answer text."""
+    without_tools = msgspec.structs.replace(CONVERSATION, tools=None)
+    server = Server()
+    await make(server).complete(without_tools, timeout_s=5)
+    sent = server.sent_json()
+    assert sent["tools"] == [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    assert sent["tool_choice"] == {"type": "none"}
+    assert sent["messages"] == CONVERSATION_BODY["messages"]
+
+
+async def test_a_conversation_without_tool_calls_or_tools_declares_none(make):
+    server = Server()
+    await make(server).complete(request(tool_choice="required"), timeout_s=5)
+    assert "tools" not in server.sent_json() and "tool_choice" not in server.sent_json()

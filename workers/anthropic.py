@@ -104,6 +104,8 @@ _FINISH: dict[str, FinishReason] = {
 _TOOL_CHOICE = {"auto": "auto", "none": "none", "required": "any"}
 # The input_schema of a tool declared without parameters: the API requires an object schema.
 _NO_PARAMETERS = {"type": "object", "properties": {}}
+# A tool declared only because the conversation used it (see _tool_fields): any object input.
+_ANY_INPUT = {"type": "object"}
 
 
 class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -219,9 +221,17 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
 
 def _tool_fields(request: ProviderRequest) -> dict[str, Any]:
     """tools and tool_choice. Without tools there is nothing to choose from, so a tool_choice
-    (or parallel_tool_calls) alone is left out: the API refuses a tool_choice without tools."""
+    (or parallel_tool_calls) alone is left out: the API refuses a tool_choice without tools.
+    It also refuses tool_use and tool_result blocks in a request without tools (a chat's last
+    turn that no longer offers them, typical of a fallback from OpenAI, which takes it): then
+    the tools the history names are declared, taking any input, with tool_choice "none", so
+    the model answers in text, as with no tools offered."""
     if not request.tools:
-        return {}
+        used = _tools_in_history(request.messages)
+        if not used:
+            return {}
+        declared = [{"name": name, "input_schema": _ANY_INPUT} for name in used]
+        return {"tools": declared, "tool_choice": {"type": "none"}}
     fields: dict[str, Any] = {"tools": [_tool(tool) for tool in request.tools]}
     choice = _tool_choice(request.tool_choice)
     # parallel_tool_calls is a flag of the tool_choice here, on every type but "none".
@@ -230,6 +240,12 @@ def _tool_fields(request: ProviderRequest) -> dict[str, Any]:
     if choice is not None:
         fields["tool_choice"] = choice
     return fields
+
+
+def _tools_in_history(messages: Sequence[ChatMessage]) -> list[str]:
+    """The names of the tools the conversation's assistant tool calls used, once each."""
+    calls = (call for m in messages if m.role == "assistant" for call in m.tool_calls or ())
+    return list(dict.fromkeys(call.name for call in calls))
 
 
 def _tool(tool: Tool) -> dict[str, Any]:
