@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
@@ -606,8 +607,8 @@ def _retry_after_s(reply: CompletionReply) -> float:
 
 
 def abort_key() -> str:
-    """A fresh abort key: random, so only its client and the dispatchers know it."""
-    return uuid.uuid4().hex
+    """A fresh abort key: 96 random bits, so only its client and the dispatchers know it."""
+    return secrets.token_hex(12)
 
 
 async def abort(nc: Client, key: str) -> None:

@@ -39,9 +39,9 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import msgspec
@@ -57,6 +57,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from schemas import errors
+from schemas.ids import SecretIds
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import ABORT, ABORT_KEY, COMPLETE, STREAM, TRACEPARENT, TRACESTATE
 from schemas.wire import (
@@ -92,6 +93,7 @@ _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely ans
 # What the gateway answers a client that disconnected before its answer (nginx's "client closed
 # request": only access logs see it) and what it maps an `aborted` reply to.
 _CLIENT_GONE = 499
+_WATCH_AFTER_S = 0.5  # an answer this late has its client watched for a hang-up
 
 # Lifeline's request error -> (HTTP status, OpenAI's error type). The code is Lifeline's type.
 STATUS: dict[str, tuple[int, str]] = {
@@ -533,6 +535,7 @@ class _Inbox:
         self.abort_keys: dict[str, str] = {}  # a stream's token -> its request's abort key
         self._subscribing = asyncio.Lock()
         self._aborting: set[asyncio.Task[None]] = set()
+        self._keys = SecretIds()  # abort keys: 96 random bits each
 
     async def _ready(self) -> str:
         if not self.prefix:
@@ -557,13 +560,21 @@ class _Inbox:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def request(
-        self, token: str, payload: bytes, headers: dict[str, str] | None, wait_s: float
-    ) -> CompletionReply:
-        """llm.complete's reply to one request (`token`: its id, unique)."""
+        self,
+        token: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        wait_s: float,
+        gone: Callable[[], Awaitable[None]] | None = None,
+    ) -> CompletionReply | None:
+        """llm.complete's reply to one request (`token`: its id, unique); None when `gone`
+        (which returns when the HTTP client has disconnected) returned first: the request is
+        then aborted."""
         prefix = await self._ready()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
-        key = os.urandom(16).hex()
+        key = self._keys.next()
+        watch = _HangUpWatch(gone, future) if gone is not None else None
         try:
             await self._publish(
                 COMPLETE, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
@@ -572,11 +583,15 @@ class _Inbox:
                 msg = await future
         except TimeoutError:
             raise _no_answer(wait_s) from None
-        except asyncio.CancelledError:  # its HTTP client is gone
+        except asyncio.CancelledError:  # its HTTP client is gone, or the gateway stops
             self.abort(key)
+            if watch is not None and watch.happened and future.cancelled():
+                return None
             raise
         finally:
             del self.waiting[token]
+            if watch is not None:
+                watch.stop()
         if msg.headers and msg.headers.get("Status") == "503":
             raise _no_dispatcher()
         return reply_decoder.decode(msg.data)
@@ -588,7 +603,7 @@ class _Inbox:
         prefix = await self._ready()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.waiting[token] = queue
-        key = self.abort_keys[token] = os.urandom(16).hex()
+        key = self.abort_keys[token] = self._keys.next()
         await self._publish(STREAM, payload, prefix + token, {**(headers or {}), ABORT_KEY: key})
         return queue
 
@@ -801,9 +816,8 @@ class Gateway:
                 return await self._stream(
                     completion, payload, headers, wait_s, include_usage, extra
                 )
-            reply = await _unless_gone(
-                request, self.inbox.request(request_id, payload, headers, wait_s)
-            )
+            gone = partial(_disconnected, request)
+            reply = await self.inbox.request(request_id, payload, headers, wait_s, gone)
             if reply is None:  # nobody reads the answer: the request was aborted
                 return Response(status_code=_CLIENT_GONE)
         except HTTPError as exc:
@@ -1027,21 +1041,33 @@ def _trace_headers(request: Request) -> dict[str, str] | None:
     return headers
 
 
-async def _unless_gone(
-    request: Request, answer: Awaitable[CompletionReply]
-) -> CompletionReply | None:
-    """`answer`, or None once the HTTP client has disconnected (then `answer` is cancelled,
-    which aborts its request)."""
-    waiting = asyncio.ensure_future(answer)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not waiting.done():
-            waiting.cancel()
-            await asyncio.wait((waiting,))
-    return None if waiting.cancelled() else waiting.result()
+class _HangUpWatch:
+    """Cancels `future` when `gone()` returns (its HTTP client disconnected). Watching costs a
+    task, so it starts only for an answer that has not come within _WATCH_AFTER_S: most come
+    sooner, and a client leaving is then noticed that much later."""
+
+    __slots__ = ("_future", "_gone", "_task", "_timer", "happened")
+
+    def __init__(self, gone: Callable[[], Awaitable[None]], future: asyncio.Future[Msg]) -> None:
+        self._gone = gone
+        self._future = future
+        self._task: asyncio.Task[None] | None = None
+        self.happened = False
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        if not self._future.done():
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await self._gone()
+        self.happened = True
+        self._future.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _disconnected(request: Request) -> None:
