@@ -10,6 +10,7 @@ for them at the end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -42,6 +43,7 @@ from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service import discovery, permissions
 from service.cli import build_parser, cmd_nats_config
+from service.client import Lifeline
 from service.config import load_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
@@ -57,6 +59,7 @@ CONFIG = config(
         # up on it (a timeout, well before the deadline the worker knows) and cancels it.
         "cancel": {"targets": [{"provider": "slow", "ttft_s": 0.2}, "fast"]},
         "hedged": {"targets": ["slow", "fast"], "hedge_after_ms": 20},
+        "stoppable": {"targets": ["slow"]},  # a client gives up on it and aborts it
     },
 )
 CLIENTS = ("alice", "bob")
@@ -243,6 +246,18 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
             lambda: f"the slow worker hearing both cancels and stopping both calls: {seen[-1]}",
         )
 
+        # A request alice gives up on: her client aborts it (llm.abort), the dispatcher stops it
+        # and cancels its call at the worker.
+        call = asyncio.ensure_future(Lifeline(alice).complete("Hi", route="stoppable", id="gone"))
+        await asyncio.sleep(0.3)
+        call.cancel()
+
+        async def aborted_at_the_worker() -> bool:
+            seen.append(await slow_cancels())
+            return seen[-1] == {"heard": 3, "cancelled": 3}
+
+        await wait_for(aborted_at_the_worker, 5, lambda: f"the abort's cancel: {seen[-1]}")
+
         # A durable job, its result pushed to alice's inbox and read back by id.
         notify = permissions.client_inbox("alice") + ".jobs"
         pushed = await alice.subscribe(notify)
@@ -279,7 +294,7 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
     code, out, err = finished(audit)
     assert code == 0, err
     ids = {audit_decoder.decode(line).id for line in out.splitlines()}
-    assert {reply.id, stream.reply.id, cancelled.id, hedged.id, job_id} <= ids
+    assert {reply.id, stream.reply.id, cancelled.id, hedged.id, job_id, "gone"} <= ids
 
     assert [v for v in secured.violations() if ":rogue-" not in v] == []
 
