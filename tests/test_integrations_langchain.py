@@ -240,7 +240,7 @@ async def test_no_dispatcher_is_a_clear_error(nats_url):
 async def test_a_call_given_up_on_stops_its_provider_call(lifeline, model):
     """A cancelled ainvoke and an astream left after its first chunk abort their requests
     (llm.abort): the worker's provider calls are cancelled, not left running."""
-    slow = fake(reply=" ".join(["word"] * 100), chunks=100, chunk_delay_ms=100, latency_ms=200)
+    slow = fake(reply=" ".join(["word"] * 100), chunks=100, chunk_delay_ms=100, latency_ms=1000)
     stack = await lifeline(config({"main": slow}))
     worker = stack.workers["main"]
     call = asyncio.ensure_future(model.ainvoke("Hi"))
