@@ -1275,9 +1275,14 @@ async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg |
             file=sys.stderr,
         )
         return None
+    key = client.abort_key()
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
-        return await nc.request(subjects.COMPLETE, payload, timeout=timeout_s + 2)
+        headers = {subjects.ABORT_KEY: key}
+        return await nc.request(subjects.COMPLETE, payload, timeout=timeout_s + 2, headers=headers)
+    except asyncio.CancelledError:  # Ctrl-C: the dispatcher stops the request (closing flushes)
+        await client.abort(nc, key)
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
             f"lifeline: no answer from a dispatcher on {redact_url(url)} "

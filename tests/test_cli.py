@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import nats
 import pytest
 
 from helpers import (
@@ -22,6 +24,10 @@ from helpers import (
     spawn_lifeline,
     wait_for_line,
 )
+
+from schemas import subjects
+from schemas.wire import audit_decoder
+from service.natsio import ensure_subscribed
 
 EXAMPLE = str(ROOT / "lifeline.example.toml")
 
@@ -357,3 +363,32 @@ def test_run_on_a_taken_port_says_so_in_one_line():
     assert result.returncode == 2
     [line] = result.stderr.splitlines()  # the hint, not the server's log
     assert f"port {port} is taken" in line and "--port -1" in line
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["ask", "ask --stream"])
+async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, stream):
+    """A user who gives up on `lifeline ask` (Ctrl-C) stops the provider call too: the
+    dispatcher answers the request `aborted` at once instead of after slowpoke's 1.5 s."""
+    _, url = running
+    nc = await nats.connect(url)
+    try:
+        attempts = await nc.subscribe(subjects.provider_subject("slowpoke"))  # a spy beside it
+        audit = await nc.subscribe(subjects.AUDIT_ALL)
+        await ensure_subscribed(nc)
+        flags = ["--stream"] if stream else []
+        ask = spawn_lifeline(
+            "ask", "--nats-url", url, *flags, "--target", "slowpoke", "hi",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await attempts.next_msg(timeout=20)  # the request is at the worker: Ctrl-C now
+            ask.send_signal(signal.SIGINT)
+            assert await asyncio.to_thread(ask.wait, 10) == 130
+        finally:
+            if ask.poll() is None:
+                ask.kill()
+            ask.communicate()
+        event = audit_decoder.decode((await audit.next_msg(timeout=5)).data)
+        assert (event.status, event.error_type) == ("error", "aborted")
+    finally:
+        await nc.close()
