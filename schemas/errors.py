@@ -142,6 +142,8 @@ SKIP_REASONS = (
 # and why a cancelled attempt was cancelled:
 #   retry_budget   the route's retry budget was spent: the dispatcher fell back instead
 #   hedge_lost     a hedged attempt's rival answered first; this one was cancelled at its worker
+#   aborted, shutting_down   still running when its request was aborted or cut short at
+#                  shutdown (the request's error type); cancelled at its worker
 RETRY_BUDGET = "retry_budget"
 HEDGE_LOST = "hedge_lost"
 

@@ -28,7 +28,14 @@ from typing import NamedTuple, Protocol
 import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas import AuditEvent, CompletionReply, ErrorInfo, ProviderReply, ProviderRequest
+from schemas import (
+    Attempt,
+    AuditEvent,
+    CompletionReply,
+    ErrorInfo,
+    ProviderReply,
+    ProviderRequest,
+)
 from schemas.deadline import Deadline
 from schemas.ids import SecretIds
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID
@@ -129,6 +136,7 @@ class Engine:
         )
         trace_id = telemetry.trace_id_of(span)
         route: str | None = None
+        attempts: list[Attempt] = []  # filled as the chain goes: a cancel still reports them
         relay = Relay(sink, inbound.arrived) if sink is not None else None
         if relay is not None:
             respond = relay.end if respond is None else _kept_then_streamed(respond, relay)
@@ -140,7 +148,7 @@ class Engine:
             if relay is not None:
                 on_event = span.add_event if span.is_recording() else None
                 relay.follow(plan.limits.on_midstream, plan.validate, on_event)
-            result = await self._complete(plan, span, relay)
+            result = await self._complete(plan, span, relay, attempts)
             reply = _reply(plan.request_id, result, trace_id)
         except Rejected as exc:
             route = exc.route
@@ -155,7 +163,11 @@ class Engine:
             _uncancel()  # answered here: what follows (the reply, the audit) must still run
             error = if_cancelled()
             reply = CompletionReply(
-                salvage_id(inbound.data), "error", trace_id=trace_id, error=error
+                salvage_id(inbound.data),
+                "error",
+                attempts=_cut_short(attempts, error.type),
+                trace_id=trace_id,
+                error=error,
             )
         latency_ms = (time.monotonic() - inbound.arrived) * 1000
         reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
@@ -198,7 +210,7 @@ class Engine:
             log.exception("bug while auditing request %r again", reply.id)
 
     async def _complete(
-        self, plan: Plan, span: telemetry.LiteSpan, relay: Relay | None
+        self, plan: Plan, span: telemetry.LiteSpan, relay: Relay | None, attempts: list[Attempt]
     ) -> ChainResult:
         payloads = _Payloads(_provider_request(plan))
         self._check_fits(payloads.base, plan)
@@ -227,6 +239,7 @@ class Engine:
             validate=plan.validate if relay is None else None,  # a stream's: in its Relay
             on_event=span.add_event if span.is_recording() else None,
             health=health,
+            attempts=attempts,
         )
 
     def _streaming(
@@ -427,6 +440,17 @@ def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> Comple
         tool_calls=answer.tool_calls,
         finish_reason=answer.finish_reason,
     )
+
+
+def _cut_short(attempts: list[Attempt], why: str) -> list[Attempt]:
+    """A cancelled request's attempts: those the cancel cut short say why (`why`, the request's
+    error type: aborted, shutting_down)."""
+    return [
+        msgspec.structs.replace(a, reason=why)
+        if a.outcome == "cancelled" and a.reason is None
+        else a
+        for a in attempts
+    ]
 
 
 def _uncancel() -> None:

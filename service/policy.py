@@ -255,8 +255,20 @@ async def run_chain(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
+    attempts: list[Attempt] | None = None,
 ) -> ChainResult:
-    run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand)
+    """Walk `chain`; `attempts`, when given, is the list the walk records its attempts in, so
+    a caller whose walk is cancelled still has them: then the calls still running are in it
+    too, as `cancelled` (their reason is the caller's to give)."""
+    run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand, attempts)
+    try:
+        return await _walk(run, sleep)
+    except asyncio.CancelledError:
+        run.cut_short()
+        raise
+
+
+async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainResult:
     while (target := run.cursor.next()) is not None:
         retry = 0
         decision = await run.admit(target)
@@ -286,6 +298,7 @@ class _Run:
     __slots__ = (
         "attempts",
         "call",
+        "calling",
         "clock",
         "cursor",
         "errors",
@@ -310,6 +323,7 @@ class _Run:
         health: Health | Untouched | None,
         clock: Callable[[], float],
         rand: Callable[[], float],
+        attempts: list[Attempt] | None = None,
     ) -> None:
         self.cursor = Cursor(chain)
         self.call = call
@@ -320,7 +334,9 @@ class _Run:
         self.health = health
         self.clock = clock
         self.rand = rand
-        self.attempts: list[Attempt] = []
+        self.attempts: list[Attempt] = attempts if attempts is not None else []
+        # The calls running, until their outcome: what a cancelled walk cut short.
+        self.calling: dict[tuple[int, float], tuple[Target, float, bool]] = {}
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
         self.physical = 0
         self.fell_back: Outcome | None = (
@@ -385,7 +401,7 @@ class _Run:
         rival = self.cursor.peek() if retry == 0 and not probe else None
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
-            started = self.clock()
+            started = self._calling(target, self.clock())
             reply = await self.call(target, timeout_s, self._previous(target))
             if isinstance(reply, Started):
                 output = reply
@@ -393,6 +409,28 @@ class _Run:
                 return self.finish(target, reply, started, timeout_s, probe, output.delivered)
             return self.finish(target, reply, started, timeout_s, probe)
         return await self.race(target, timeout_s, delay_s, rival)
+
+    def _calling(self, target: Target, started: float, hedge: bool = False) -> float:
+        """A call of `target` starts at `started` (returned)."""
+        self.calling[(id(target), started)] = (target, started, hedge)
+        return started
+
+    def cut_short(self) -> None:
+        """The walk was cancelled: the calls still running are cancelled attempts."""
+        now = self.clock()
+        for target, started, hedge in self.calling.values():
+            latency_ms = (now - started) * 1000
+            self.attempts.append(
+                Attempt(
+                    target.provider,
+                    target.model,
+                    "cancelled",
+                    latency_ms,
+                    target=target.name,
+                    hedge=hedge,
+                )
+            )
+        self.calling.clear()
 
     def _previous(self, target: Target) -> tuple[str, ...]:
         return tuple(self.errors) if target.pass_failures else ()
@@ -407,6 +445,7 @@ class _Run:
         streamed: int = 0,
     ) -> Outcome:
         """A call came back: validate a good answer, take its latency, tell health."""
+        self.calling.pop((id(target), started), None)
         if isinstance(reply, ProviderOk) and self.validate is not None:
             reply = self.validate(reply)
         latency_ms = (self.clock() - started) * 1000
@@ -496,7 +535,7 @@ class _Run:
         """Call `first`; if it is still running after delay_s, start `rival` too. The first good
         answer wins, as does the first failure that settles the chain (it would stop it or
         switch chains); the other call is cancelled (its worker aborts it)."""
-        started = self.clock()
+        started = self._calling(first, self.clock())
         task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
         running: dict[asyncio.Future[ProviderReply | Started], _Running] = {
             task: _Running(first, started, timeout_s, False)
@@ -513,7 +552,7 @@ class _Run:
                 return self.finish(first, reply, started, timeout_s)
             self.physical += 1
             self.cursor.pass_next()
-            hedge_started = self.clock()
+            hedge_started = self._calling(rival, self.clock(), hedge=True)
             self._emit(
                 "lifeline.hedge",
                 {
@@ -577,6 +616,7 @@ class _Run:
         for task, call in running.items():
             task.cancel()
             t = call.target
+            self.calling.pop((id(t), call.started), None)
             latency_ms = (self.clock() - call.started) * 1000
             lost.append(
                 Attempt(

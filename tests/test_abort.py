@@ -61,6 +61,9 @@ async def test_an_aborted_request_is_answered_once_audited_once_and_its_call_can
     reply = reply_decoder.decode((await replies.next_msg(timeout=5)).data)
     assert (reply.id, reply.status, reply.error.type) == ("r-1", "error", "aborted")
     assert "aborted by its client" in reply.error.message
+    [attempt] = reply.attempts  # where it was when it was stopped
+    assert (attempt.target, attempt.outcome, attempt.reason) == ("main", "cancelled", "aborted")
+    assert attempt.latency_ms > 0
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.error_type) == ("llm.audit.error", "r-1", "aborted")
     await cancelled_at_the_worker(stack)  # the provider call stopped, not left to run 30 s
@@ -125,6 +128,7 @@ async def test_leaving_a_stream_before_its_end_aborts_it(lifeline, client, audit
             break  # the reader leaves after two chunks of a hundred
     [(_, event)] = await audit.wait_for(1)
     assert (event.id, event.error_type) == ("s-1", "aborted")
+    assert [(a.outcome, a.reason) for a in event.attempts] == [("cancelled", "aborted")]
     await cancelled_at_the_worker(stack)
 
 

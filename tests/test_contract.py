@@ -701,6 +701,9 @@ async def test_requests_still_in_flight_when_the_shutdown_grace_ends_are_answere
         for request_id in crawling:
             reply = ledger.reply_of[request_id]
             assert reply.error is not None and reply.error.type == "shutting_down", reply
+            assert [(a.target, a.outcome, a.reason) for a in reply.attempts] == [
+                ("crawl", "cancelled", "shutting_down")
+            ]
             assert reply.error.retry_after_s and "Send it again" in reply.error.message
             assert ledger.audit_types[request_id] == "shutting_down"
             assert ledger.sent_at[request_id] + ledger.reply_after_s[request_id] - stopped < 5

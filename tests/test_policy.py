@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
 from schemas.deadline import Deadline
-from service.policy import Chain, Limits, Needs, run_chain
+from service.policy import Chain, Hedge, Limits, Needs, run_chain
 from service.target import Target
 
 
@@ -564,3 +566,31 @@ async def test_a_targets_template_counts_toward_its_max_input_tokens():
     targets = [target("a", max_input_tokens=100, prompt_tokens=60), target("b")]
     result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
     assert (result.attempts[0].reason, result.target.name) == ("max_input_tokens", "b")
+
+
+async def test_a_cancelled_walk_reports_the_calls_it_cut_short_in_the_callers_list():
+    """A request cancelled mid-chain (its client aborted, its dispatcher stopped) still has
+    its attempts: those made, and the calls still running as cancelled, a hedge as such."""
+    started = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == "a":
+            return fail("server_error")  # fails at once: falls back to b
+        if t.name == "c":
+            started.set()
+        await asyncio.sleep(60)  # b and its hedge c never answer
+
+    attempts: list = []
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01))
+    chain = Chain([target("a"), target("b"), target("c")])
+    walk = asyncio.ensure_future(run_chain(chain, call, limits, attempts=attempts))
+    await asyncio.wait_for(started.wait(), 5)
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    assert [(a.target, a.outcome, a.hedge) for a in attempts] == [
+        ("a", "error", False),
+        ("b", "cancelled", False),
+        ("c", "cancelled", True),
+    ]
+    assert all(a.reason is None for a in attempts[1:])  # the caller says why
