@@ -375,11 +375,10 @@ async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, strea
         attempts = await nc.subscribe(subjects.provider_subject("slowpoke"))  # a spy beside it
         audit = await nc.subscribe(subjects.AUDIT_ALL)
         await ensure_subscribed(nc)
-        flags = ["--stream"] if stream else []
-        ask = spawn_lifeline(
-            "ask", "--nats-url", url, *flags, "--target", "slowpoke", "hi",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        args = ["ask", "--nats-url", url, "--target", "slowpoke", "hi"]
+        if stream:
+            args.insert(1, "--stream")
+        ask = spawn_lifeline(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             await attempts.next_msg(timeout=20)  # the request is at the worker: Ctrl-C now
             ask.send_signal(signal.SIGINT)
