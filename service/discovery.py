@@ -124,6 +124,7 @@ def worker_endpoints(runtime: Any) -> list[Endpoint]:
             in_flight=runtime.in_flight,
             max_in_flight=runtime.max_in_flight,
             subscribed=runtime.subscribed,
+            expired=runtime.expired,
         ),
         Endpoint(
             "cancel",

@@ -124,7 +124,12 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
         3,
         "server_error",
     )
-    assert backup["data"] == {"in_flight": 0, "max_in_flight": 1000, "subscribed": True}
+    assert backup["data"] == {
+        "in_flight": 0,
+        "max_in_flight": 1000,
+        "subscribed": True,
+        "expired": 0,
+    }
     assert 0 < backup["processing_time"] < complete["processing_time"]
 
 

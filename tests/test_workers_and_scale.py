@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import nats
@@ -34,17 +35,25 @@ async def test_a_worker_answers_a_malformed_provider_request_with_bad_request(li
     assert (reply.kind, "invalid ProviderRequest" in reply.message) == ("bad_request", True)
 
 
-async def test_a_worker_drops_work_whose_deadline_has_passed(lifeline, client):
+async def test_a_worker_drops_work_whose_deadline_has_passed(lifeline, client, caplog):
     stack = await lifeline(config({"primary": fake()}))
-    past = {subjects.DEADLINE_MS: str(int(time.time() * 1000) - 1000)}
-    with pytest.raises(nats.errors.TimeoutError):
-        await client.request(
-            subjects.provider_subject("primary"),
-            encoder.encode(PROVIDER_REQUEST),
-            timeout=0.3,
-            headers=past,
-        )
-    assert stack.workers["primary"].in_flight == 0
+    worker = stack.workers["primary"]
+    for late_s in (0.5, 5, 7):  # a little late, then as late as a clock 5 s ahead makes it
+        past = {subjects.DEADLINE_MS: str(int((time.time() - late_s) * 1000))}
+        with pytest.raises(nats.errors.TimeoutError):
+            await client.request(
+                subjects.provider_subject("primary"),
+                encoder.encode(PROVIDER_REQUEST),
+                timeout=0.3,
+                headers=past,
+            )
+    assert (worker.in_flight, worker.expired, worker.tally.requests) == (0, 3, 3)
+    # The second request over a second late comes within the minute: one warning, not two.
+    warnings = [r.getMessage() for r in caplog.records if "past their deadline" in r.message]
+    assert len(warnings) == 1
+    assert "dropped 1 request(s) that arrived over 1 s past their deadline" in warnings[0]
+    assert re.search(r"the last 5\.\d s past", warnings[0]), warnings[0]
+    assert "clock runs ahead" in warnings[0]
 
 
 async def test_a_worker_answers_timeout_when_its_deadline_comes_first(lifeline, client):

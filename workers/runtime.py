@@ -78,6 +78,9 @@ class WorkerRuntime:
         self.cancelled = 0  # attempts stopped by a cancel message
         self._stopping = False  # the shutdown grace ran out: calls cut short still reply
         self.cancels_heard = 0  # cancel messages, for this replica's attempts or another's
+        self.expired = 0  # requests dropped because their deadline had passed on arrival
+        self._expired_warned_at: float | None = None  # see _drop_expired
+        self._expired_since_warning = 0
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
         self._span_attributes: dict[str, dict[str, str]] = {}  # per model (spans copy them)
         self._secrets: tuple[str, ...] = tuple(
@@ -175,6 +178,7 @@ class WorkerRuntime:
     async def _handle(self, msg: Msg) -> None:
         timeout_s = self._time_left(msg.headers)
         if timeout_s <= 0:
+            self._drop_expired(timeout_s)
             return  # the dispatcher has already moved on; calling now would only cost money
         started = time.perf_counter()
         try:
@@ -212,6 +216,30 @@ class WorkerRuntime:
             )
             payload = encoder.encode(reply)
         await publish_checked(self.nc, subject, payload, f"{self.name}'s reply", urgent=True)
+
+    def _drop_expired(self, left_s: float) -> None:
+        """Count a request that came past its deadline. Now and then one comes a little late
+        (a dispatcher's timer fired while it was on its way); one more than a second late
+        means this worker falls far behind, or its clock runs ahead of the dispatchers' (the
+        deadline travels as wall-clock time), and then it drops everything: say so, once a
+        minute at most."""
+        self.expired += 1
+        if left_s > -_EXPIRED_WARN_AFTER_S:
+            return
+        self._expired_since_warning += 1
+        now = time.monotonic()
+        if self._expired_warned_at is not None and now - self._expired_warned_at < 60:
+            return
+        log.warning(
+            "worker %s: dropped %d request(s) that arrived over %g s past their deadline (the "
+            "last %.1f s past, by this machine's clock); the worker is falling behind, or its "
+            "clock runs ahead of the dispatchers' (check NTP): their requests time out instead",
+            self.name,
+            self._expired_since_warning,
+            _EXPIRED_WARN_AFTER_S,
+            -left_s,
+        )
+        self._expired_warned_at, self._expired_since_warning = now, 0
 
     def _time_left(self, headers: dict[str, str] | None) -> float:
         """What the attempt's Deadline leaves, at most this worker's own timeout_s."""
@@ -319,6 +347,7 @@ class WorkerRuntime:
 
 
 _SPAN_ATTRIBUTES_MAX = 256
+_EXPIRED_WARN_AFTER_S = 1.0  # later than this past its deadline, a request is worth a warning
 _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their replies
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
