@@ -349,7 +349,8 @@ class Router:
         if left_s <= 0:
             raise refuse(
                 f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the "
-                "request; no target was tried",
+                "request, by its clock; no target was tried (if the request was sent in time, "
+                "the two clocks disagree: timeout_s counts from arrival and needs none)",
                 DEADLINE_EXCEEDED,
             )
         if left_s > limits.max_timeout_s:

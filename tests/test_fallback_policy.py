@@ -360,6 +360,7 @@ async def test_a_deadline_already_past_is_refused_without_calling_anyone(lifelin
     await lifeline(config({"a": fake()}))
     reply = await ask(client, {**USER_HELLO, "deadline_unix_ms": int(time.time() * 1000) - 1000})
     assert reply.error is not None and reply.error.type == "deadline_exceeded"
+    assert "the two clocks disagree: timeout_s counts from arrival" in reply.error.message
     assert reply.attempts == []
     await audit.wait_for(1)
 
