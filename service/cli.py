@@ -1561,6 +1561,7 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
             f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
             f"{s['host']} pid {s['pid']}  id {s['id']}  in flight {load}, "
             f"requests {s['requests']}, errors {s['errors']}"
+            + (f", expired {s['expired']} (late on arrival: see its log)" if s["expired"] else "")
         )
         for problem in s["problems"]:
             print(f"{'':<10} \u2514 {problem}")

@@ -261,6 +261,8 @@ def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
         "max_in_flight": first.get("max_in_flight"),
         "requests": sum(e.get("num_requests", 0) for e in working),
         "errors": sum(e.get("num_errors", 0) for e in working),
+        # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)
+        "expired": sum((e.get("data") or {}).get("expired", 0) for e in working),
     }
 
 

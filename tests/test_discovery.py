@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import time
 from typing import Any
 
 import httpx
@@ -179,6 +180,26 @@ async def test_health_says_ready_then_overloaded_then_ready_again(
             assert (await http.get(readyz)).status_code == 200
     finally:
         await probes.stop()
+
+
+async def test_health_shows_the_requests_a_worker_dropped_as_late(
+    lifeline, client, nats_url, capsys
+):
+    """A worker whose clock runs ahead sees every request past its deadline and drops it:
+    health shows how many, while the worker stays ready (it is not overloaded)."""
+    stack = await lifeline(config({"ahead": fake()}))
+    late = {subjects.DEADLINE_MS: str(int((time.time() - 5) * 1000))}
+    for _ in range(2):
+        await client.publish(subjects.provider_subject("ahead"), b'{"messages": []}', headers=late)
+    await wait_for(lambda: stack.workers["ahead"].expired == 2)
+    code, out = await health(capsys, "--nats-url", nats_url)
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if "lifeline-worker-ahead" in x)
+    assert line.startswith("ready") and "expired 2 (late on arrival: see its log)" in line
+    dispatcher = next(x for x in out.splitlines() if "lifeline-dispatcher" in x)
+    assert "expired" not in dispatcher
+    code, out = await health(capsys, "--nats-url", nats_url, "--json")
+    assert by_name(json.loads(out)["instances"])["lifeline-worker-ahead"]["expired"] == 2
 
 
 async def test_health_names_the_missing_worker_and_fails_without_any_instance(
