@@ -374,6 +374,10 @@ class SpanRecorder:
         self.default_sampler = (
             type(sampler) is ParentBased and sampler.get_description() == _DEFAULT_SAMPLER
         )
+        # ALWAYS_OFF (what runs when no exporter is set) is decided without the call too:
+        # nothing records, whatever the parent did.
+        self.never = sampler is ALWAYS_OFF
+        self.decided_here = self.default_sampler or self.never
 
     def start(
         self,
@@ -404,14 +408,16 @@ class SpanRecorder:
             )
         if remote is not None and not remote.is_valid:
             remote = None
-        if context is None and remote is not None and (self.starters or not self.default_sampler):
+        decided_here = self.decided_here
+        if context is None and remote is not None and (self.starters or not decided_here):
             context = _as_context(remote)
         trace_id = remote.trace_id if remote is not None else random.getrandbits(128)
-        if self.default_sampler:
+        if decided_here:
             # The SDK's default, ParentBased(ALWAYS_ON), decided as it decides, without the
             # call: a root records, a child of a remote parent does what the parent did, and
-            # ALWAYS_ON adds no attributes of its own.
-            recording = remote is None or remote.trace_flags.sampled
+            # ALWAYS_ON adds no attributes of its own. ALWAYS_OFF records nothing and adds none;
+            # both pass a remote parent's trace state on.
+            recording = not self.never and (remote is None or remote.trace_flags.sampled)
             trace_state = remote.trace_state if remote is not None else None
             span = LiteSpan(self, name, kind, attributes, remote, recording, trace_id, trace_state)
         else:

@@ -47,27 +47,48 @@ def sdk_decision(sampler: Sampler, parent: Context | None) -> tuple[bool, object
     return span.is_recording() or ctx.trace_flags.sampled, ctx.trace_state
 
 
-@pytest.mark.parametrize("sampler", [DEFAULT_ON, ParentBased(ALWAYS_ON)])
-def test_the_default_sampler_is_decided_without_a_call_and_as_the_sdk_decides(sampler):
+class _Counted(Sampler):
+    """A sampler that counts its calls and decides as `inner` does."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner, self.calls = inner, 0
+
+    def should_sample(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return self.inner.get_description()
+
+
+@pytest.mark.parametrize("sampler", [DEFAULT_ON, ParentBased(ALWAYS_ON), ALWAYS_OFF])
+def test_the_default_sampler_and_always_off_are_decided_without_a_call_as_the_sdk_decides(
+    sampler, monkeypatch
+):
     recorder = Tracing(sampler=sampler).recorder("lifeline.test")
-    assert recorder.default_sampler
+    assert recorder.decided_here
+    expected = {name: sdk_decision(sampler, parent) for name, parent in parents().items()}
+    asked = []
+    monkeypatch.setattr(sampler, "should_sample", lambda *a, **k: asked.append(a))
     for name, parent in parents().items():
         span = recorder.start("chat", SpanKind.SERVER, {}, parent)
-        recording, trace_state = sdk_decision(sampler, parent)
-        assert (span.recording, span.context.trace_state) == (recording, trace_state), name
+        assert (span.recording, span.context.trace_state) == expected[name], name
         if parent is not None:
             assert span.trace_hex == f"{TRACE_ID:032x}" == telemetry.trace_id_of(span)
+    assert asked == []
 
 
 @pytest.mark.parametrize(
-    "sampler", [ALWAYS_OFF, ParentBased(ALWAYS_OFF), ParentBased(TraceIdRatioBased(0.0))]
+    "sampler", [ParentBased(ALWAYS_OFF), ParentBased(TraceIdRatioBased(0.0)), ALWAYS_ON]
 )
 def test_any_other_sampler_is_asked(sampler):
-    recorder = Tracing(sampler=sampler).recorder("lifeline.test")
-    assert not recorder.default_sampler
+    counted = _Counted(sampler)
+    recorder = Tracing(sampler=counted).recorder("lifeline.test")
+    assert not recorder.decided_here
     for name, parent in parents().items():
         span = recorder.start("chat", SpanKind.SERVER, {}, parent)
         assert span.recording == sdk_decision(sampler, parent)[0], name
+    assert counted.calls == len(parents())
 
 
 def test_children_and_traceparent_follow_the_request_span():
