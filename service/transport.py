@@ -53,6 +53,7 @@ from schemas.subjects import (
     provider_subject,
 )
 from schemas.wire import (
+    INTERNAL,
     REPLY_TOO_LARGE,
     ToolCallDelta,
     encoder,
@@ -214,14 +215,21 @@ def _too_large(reply: CompletionReply, size: int, max_payload: int) -> Completio
         f"{max_payload}; "
         "ask for fewer max_tokens, or raise max_payload in nats-server's config"
     )
+    # The answer goes, all of it: its text and its tool calls (whose arguments can be as big).
     return msgspec.structs.replace(
-        reply, status="error", content=None, error=ErrorInfo(REPLY_TOO_LARGE, message)
+        reply,
+        status="error",
+        content=None,
+        tool_calls=None,
+        finish_reason=None,
+        error=ErrorInfo(REPLY_TOO_LARGE, message),
     )
 
 
 def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
     """The encoded message, with its attempts' texts and then its attempts dropped if that is
-    what it takes to fit (ids, error types and status always stay)."""
+    what it takes to fit (ids, error types and status always stay). Never more than
+    `max_payload`: one message over the server's limit closes the whole connection."""
     payload = encoder.encode(message)
     if len(payload) <= max_payload:
         return payload
@@ -229,7 +237,16 @@ def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
     payload = encoder.encode(msgspec.structs.replace(message, attempts=attempts))
     if len(payload) <= max_payload:
         return payload
-    return encoder.encode(msgspec.structs.replace(message, attempts=[]))
+    payload = encoder.encode(msgspec.structs.replace(message, attempts=[]))
+    if len(payload) <= max_payload or not isinstance(message, CompletionReply):
+        return payload  # an audit event too big still is refused by publish_checked, and logged
+    # A reply is what its client waits for: only a bug leaves it too big now (its id is at most
+    # 256 characters and `_too_large` took its answer out), and then it goes as a bare error.
+    log.error("the reply to %r did not fit %d bytes", message.id, max_payload)
+    error = ErrorInfo(INTERNAL, "the reply could not be made to fit max_payload; see the logs")
+    return encoder.encode(
+        CompletionReply(message.id[:256], "error", trace_id=message.trace_id, error=error)
+    )
 
 
 _background: set[asyncio.Future[None]] = set()  # cancels sent from callbacks, until sent
@@ -381,7 +398,10 @@ class ProviderStream:
         self.first_at: float | None = None  # time.monotonic() of the first chunk
         self._started = self._last = loop.time()
         self._close: Callable[[], object] | None = None
-        first_check = limits.timeout_s if limits.ttft_s is None else limits.ttft_s
+        # The soonest limit: timeout_s (the attempt's share of the deadline) bounds ttft_s too.
+        first_check = (
+            limits.timeout_s if limits.ttft_s is None else min(limits.ttft_s, limits.timeout_s)
+        )
         self._timer = loop.call_at(self._started + first_check, self._check)
 
     def opened(self, close: Callable[[], object]) -> None:
@@ -564,6 +584,12 @@ class ClientStream:
     def _control(self, kind: str, attempt: int, payload: bytes) -> None:
         self.seq += 1
         headers = {SEQ: str(self.seq), ATTEMPT_NO: str(attempt), EVENT: kind}
+        if len(payload) > self._nc.max_payload - STREAM_HEADER_ROOM:
+            # Callers keep to the room (`end` makes a reply fit): only a bug gets here. The fast
+            # path checks no size, and one message over max_payload makes the server close the
+            # whole connection, every other request's included: drop it, loudly.
+            log.error("not sending a %s event of %d bytes to %s", kind, len(payload), self.subject)
+            return
         if self._backlog or not self._fast.publish(self.subject, payload, headers=headers):
             self._later(headers, payload)
 

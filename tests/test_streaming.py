@@ -26,7 +26,7 @@ ANSWER = "The quick brown fox jumps over the lazy dog, twice."
 
 
 def request(text: str = ANSWER, **fields: Any) -> CompletionRequest:
-    return CompletionRequest(messages=[ChatMessage("user", text)], timeout_s=5, **fields)
+    return CompletionRequest(messages=[ChatMessage("user", text)], **{"timeout_s": 5, **fields})
 
 
 async def events_of(client, req: CompletionRequest) -> list:
@@ -536,3 +536,57 @@ async def test_a_stream_still_running_when_the_shutdown_grace_ends_ends_with_shu
     assert subject == "llm.audit.error" and event.error_type == "shutting_down"
     worker = stack.workers["main"]  # its worker was told, and stopped streaming
     await wait_for(lambda: worker.cancelled == 1 and not worker.in_flight, 5, what="the cancel")
+
+
+# ---- limits that hold whatever a worker sends --------------------------------------------------
+
+
+def _huge_tool_call(client) -> dict[str, Any]:
+    """A tool call whose arguments fit a worker's reply but not a reply with Lifeline's fields."""
+    return {"name": "t", "arguments": '{"x": "' + "a" * (client.max_payload - 420) + '"}'}
+
+
+async def test_an_end_too_large_for_its_tool_calls_ends_as_a_small_error_and_spares_the_connection(
+    lifeline, client, audit
+):
+    stack = await lifeline(config({"agent": fake(reply="", tool_calls=[_huge_tool_call(client)])}))
+    tool = {"name": "t", "parameters": {"type": "object"}}
+    events = await events_of(client, request("call it", id="big", tools=[tool]))
+    assert kinds(events) == ["tool_call", "tool_call", "error"]  # the pieces fit, the end not
+    end = events[-1].reply
+    assert (end.status, end.error.type, end.tool_calls) == ("error", "reply_too_large", None)
+    assert "ask for fewer max_tokens" in end.error.message
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.error_type) == ("llm.audit.error", "reply_too_large")
+    assert not stack.dispatcher.transport.nc.is_closed  # every other request still has a path
+    assert (await ask(client, {"messages": [{"role": "user", "content": "hi"}]})).status == "ok"
+
+
+async def test_a_reply_too_large_for_its_tool_calls_is_answered_as_a_small_error(
+    lifeline, client, audit
+):
+    await lifeline(config({"agent": fake(reply="", tool_calls=[_huge_tool_call(client)])}))
+    tool = {"name": "t", "parameters": {"type": "object"}}
+    req = {"id": "big", "messages": [{"role": "user", "content": "call it"}], "tools": [tool]}
+    reply = await ask(client, req, timeout_s=5)
+    assert (reply.id, reply.status, reply.error.type) == ("big", "error", "reply_too_large")
+    assert reply.tool_calls is None and reply.attempts[0].outcome == "ok"
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "reply_too_large"
+
+
+async def test_ttft_s_never_outlasts_the_time_the_attempt_has(lifeline, client):
+    """A route's ttft_s longer than what is left of a request's timeout: the timeout wins."""
+    await lifeline(config({"silent": fake()}, route({"provider": "silent", "ttft_s": 3})), [])
+    await client.subscribe(subjects.provider_subject("silent"), cb=_ignore)  # never answers
+    await ensure_subscribed(client)
+    started = time.monotonic()
+    events = await events_of(client, request("hi", timeout_s=0.5))
+    took_s = time.monotonic() - started
+    assert kinds(events) == ["error"]
+    assert [a.error_type for a in events[-1].reply.attempts] == ["timeout"]
+    assert took_s < 2.5, f"a 0.5 s request answered after {took_s:.2f} s (ttft_s is 3)"
+
+
+async def _ignore(msg: Any) -> None:
+    pass
