@@ -377,7 +377,8 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | None:
     if choice in ("auto", "none", "required"):
         return choice  # type: ignore[return-value]
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if isinstance(name, str):
             return NamedTool(name)
     raise _bad(
@@ -554,8 +555,13 @@ class _Inbox:
             target.set_result(msg)
 
     async def _publish(
-        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str]
     ) -> None:
+        # Measured as it goes out, headers and all: one message over max_payload makes the
+        # server close the connection, and every request of the gateway's with it.
+        size = message_bytes(payload, headers)
+        if size > self.nc.max_payload:
+            raise _too_large_for_nats(size, self.nc.max_payload)
         if not self.fast.publish(subject, payload, reply, headers):
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
 
@@ -802,13 +808,10 @@ class Gateway:
                 raise _bad(str(exc)) from None
             payload = encoder.encode(completion)
             headers = _trace_headers(request)
-            if message_bytes(payload, headers) > self.nc.max_payload:
-                raise HTTPError(
-                    413,
-                    f"the request is {len(payload)} bytes as Lifeline sends it, above the NATS "
-                    f"server's max_payload of {self.nc.max_payload}",
-                    errors.PAYLOAD_TOO_LARGE,
-                )
+            # Refused before anything is sent: its abort key (added as it goes) counts too.
+            size = message_bytes(payload, {**(headers or {}), ABORT_KEY: _ABORT_KEY_ROOM})
+            if size > self.nc.max_payload:
+                raise _too_large_for_nats(size, self.nc.max_payload)
             wait_s = (completion.timeout_s or self.default_timeout_s) + _GRACE_S
             extra = {"x-lifeline-ignored": ", ".join(ignored)} if ignored else {}
             if chat.stream:
@@ -1085,6 +1088,18 @@ async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float) 
             return await queue.get()
     except TimeoutError:
         raise _no_answer(wait_s) from None
+
+
+def _too_large_for_nats(size: int, max_payload: int) -> HTTPError:
+    return HTTPError(
+        413,
+        f"the request is {size} bytes as Lifeline sends it (headers included), above the NATS "
+        f"server's max_payload of {max_payload}",
+        errors.PAYLOAD_TOO_LARGE,
+    )
+
+
+_ABORT_KEY_ROOM = "k" * 32  # an abort key's length is 24 (SecretIds): room for it, and then some
 
 
 def _too_large(size: int, limit: int) -> HTTPError:

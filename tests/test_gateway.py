@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgspec
 import nats
 import openai
 import pytest
 import pytest_asyncio
 from helpers import ROOT, config, fake, spawn_lifeline, wait_for, wait_for_line
 
-from schemas.wire import NamedTool
+from schemas.wire import NamedTool, encoder
 from service.app import Stack, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
@@ -348,6 +349,43 @@ async def test_a_request_too_large_is_413(shared):
         assert large.value.status_code == 413 and "10000" in large.value.message
     finally:
         await small.stop()
+
+
+async def test_a_request_that_fits_nats_only_without_its_headers_is_413_and_spares_the_rest(
+    gateway,
+):
+    """The gateway adds an abort key to every request it sends: a body that fits max_payload by
+    itself but not with that header must be refused, not sent (one message over max_payload
+    makes the server close the connection, every other request's with it)."""
+    gw, client, _ = await gateway(config({"main": fake()}, max_request_bytes=4 << 20))
+
+    def body(padding: int) -> tuple[bytes, int]:
+        raw = json.dumps(chat(messages=[{"role": "user", "content": "x" * padding}])).encode()
+        sent, _ = translate(msgspec.json.decode(raw, type=ChatRequest), "0" * 32, gw.models, None)
+        return raw, len(encoder.encode(sent))
+
+    bare = body(0)[1]
+    raw, size = body(gw.nc.max_payload - bare - 20)  # 20 bytes short of max_payload
+    assert gw.nc.max_payload - 40 < size <= gw.nc.max_payload
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        for stream in (b"false", b"true"):
+            streamed = raw.replace(b'"model"', b'"stream": ' + stream + b', "model"', 1)
+            response = await http.post("/chat/completions", content=streamed)
+            assert response.status_code == 413, response.text
+            assert "max_payload" in response.json()["error"]["message"]
+    assert not gw.nc.is_closed
+    answer = await client.chat.completions.create(**chat())
+    assert answer.choices[0].message.content
+
+
+@shared_loop
+async def test_a_tool_choice_whose_function_is_no_object_is_400(shared):
+    async with httpx.AsyncClient(base_url=shared.gw.url) as http:
+        for function in ("x", [1], None):
+            choice = {"type": "function", "function": function}
+            response = await http.post("/chat/completions", json=chat(tool_choice=choice))
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "tool_choice"
 
 
 @shared_loop
