@@ -436,7 +436,13 @@ def _attempt_text(a: Attempt) -> str:
 
 
 def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode()
+    """What an HTTP header value may hold: printable ASCII and spaces. A target's name and a
+    model can be a client's own text, and one control character in a header makes the server
+    drop the whole response."""
+    return _NOT_IN_HEADERS.sub("?", text)
+
+
+_NOT_IN_HEADERS = re.compile(r"[^\x20-\x7e]")
 
 
 def lifeline_headers(reply: CompletionReply) -> dict[str, str]:

@@ -389,6 +389,20 @@ async def test_a_tool_choice_whose_function_is_no_object_is_400(shared):
 
 
 @shared_loop
+async def test_control_characters_in_a_clients_target_name_or_model_never_reach_a_header(shared):
+    async with httpx.AsyncClient(base_url=shared.gw.url, timeout=10) as http:
+        for field in ("name", "model"):
+            target = {"provider": "main", field: "evil\r\nx-injected: 1\x00"}
+            response = await http.post(
+                "/chat/completions", json=chat(lifeline={"targets": [target]})
+            )
+            assert response.status_code == 200, response.text
+            assert "x-injected" not in response.headers
+            shown = response.headers["x-lifeline-target" if field == "name" else "x-lifeline-model"]
+            assert shown == "evil??x-injected: 1?"
+
+
+@shared_loop
 async def test_every_target_failing_is_502_with_every_attempt(shared):
     with pytest.raises(openai.APIStatusError) as failed:
         await shared.client.chat.completions.with_raw_response.create(**chat("failing"))
