@@ -823,7 +823,7 @@ class Gateway:
             if chat.stream:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
                 return await self._stream(
-                    completion, payload, headers, wait_s, include_usage, extra
+                    completion, payload, headers, wait_s, include_usage, extra, request
                 )
             gone = partial(_disconnected, request)
             reply = await self.inbox.request(request_id, payload, headers, wait_s, gone)
@@ -861,11 +861,17 @@ class Gateway:
         wait_s: float,
         include_usage: bool,
         extra: dict[str, str],
+        request: Request,
     ) -> Response:
-        """Errors before the first event are HTTP errors; after it, SSE error events."""
+        """Errors before the first event are HTTP errors; after it, SSE error events. A client
+        that hangs up before the first event has its request aborted, as one that hangs up
+        during the stream does (the response's own disconnect watch: see `_events`)."""
         token = completion.id
         give_up = time.monotonic() + wait_s
         assembler = Assembler()
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _HangUpWatch(partial(_disconnected, request), task)
         try:
             queue = await self.inbox.stream(token, payload, headers)
             first = await _next_event(queue, give_up, wait_s)
@@ -877,9 +883,17 @@ class Gateway:
                 raise _broken(exc) from None
             if event.kind == "error" and event.reply is not None:
                 raise reply_error(event.reply, completion.route)
+        except asyncio.CancelledError:
+            self.inbox.close(token, assembler.done)  # not ended: aborted
+            if watch.happened:  # its client is gone: nobody reads an answer
+                task.uncancel()
+                return Response(status_code=_CLIENT_GONE)
+            raise
         except BaseException:
             self.inbox.close(token, assembler.done)
             raise
+        finally:
+            watch.stop()
         sse = _SSE(completion.route, token, int(time.time()), include_usage)
         response_headers = {
             "x-lifeline-request-id": token,
@@ -1051,13 +1065,14 @@ def _trace_headers(request: Request) -> dict[str, str] | None:
 
 
 class _HangUpWatch:
-    """Cancels `future` when `gone()` returns (its HTTP client disconnected). Watching costs a
+    """Cancels `future` (an answer's, or the task awaiting a stream's first event) when `gone()`
+    returns (its HTTP client disconnected). Watching costs a
     task, so it starts only for an answer that has not come within _WATCH_AFTER_S: most come
     sooner, and a client leaving is then noticed that much later."""
 
     __slots__ = ("_future", "_gone", "_task", "_timer", "happened")
 
-    def __init__(self, gone: Callable[[], Awaitable[None]], future: asyncio.Future[Msg]) -> None:
+    def __init__(self, gone: Callable[[], Awaitable[None]], future: asyncio.Future[Any]) -> None:
         self._gone = gone
         self._future = future
         self._task: asyncio.Task[None] | None = None

@@ -184,6 +184,19 @@ async def test_an_http_stream_left_early_is_aborted(gateway, audit):  # noqa: F8
     await cancelled_at_the_worker(stack)
 
 
+async def test_an_http_stream_left_before_its_first_token_is_aborted(gateway, audit):  # noqa: F811
+    gw, _, stack = await gateway(config(SLOW))  # the first token would take long
+    body = b'{"model": "default", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+    leave = threading.Event()
+    client = asyncio.ensure_future(asyncio.to_thread(hang_up_after, gw.url, body, leave=leave))
+    await running(stack)  # at the worker, nothing streamed yet: now the client hangs up
+    leave.set()
+    assert await client == b""
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "aborted"
+    await cancelled_at_the_worker(stack)
+
+
 async def test_an_http_client_that_waits_gets_its_answer(gateway, audit):  # noqa: F811
     gw, _, _ = await gateway(config({"main": fake(latency_ms=300)}))
     async with httpx.AsyncClient(base_url=gw.url) as http:
