@@ -49,10 +49,11 @@ import uvicorn
 from msgspec import Struct
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -303,7 +304,11 @@ def translate(
         id=request_id,
         route=route,
         targets=targets,  # type: ignore[arg-type]
-        max_tokens=chat.max_completion_tokens or chat.max_tokens,
+        max_tokens=(
+            chat.max_completion_tokens
+            if chat.max_completion_tokens is not None
+            else chat.max_tokens
+        ),
         temperature=chat.temperature,
         top_p=chat.top_p,
         timeout_s=timeout_s,
@@ -831,6 +836,10 @@ class Gateway:
                 return Response(status_code=_CLIENT_GONE)
         except HTTPError as exc:
             return exc.response()
+        except ClientDisconnect:  # gone while sending its body: nothing was sent on
+            return Response(status_code=_CLIENT_GONE)
+        except ConnectionClosedError:  # for good: the process is stopping (see app.py)
+            return _nats_closed().response()
         if reply.status != "ok":
             return reply_error(reply, completion.route).response()
         body_out = completion_body(reply, completion.route, int(time.time()))
@@ -1135,6 +1144,17 @@ def _no_dispatcher() -> HTTPError:
         "no Lifeline dispatcher is running on this gateway's NATS server: start one "
         "(`lifeline run` or `lifeline dispatcher`)",
         "no_dispatcher",
+        kind="server_error",
+        headers={"retry-after": "1"},
+    )
+
+
+def _nats_closed() -> HTTPError:
+    return HTTPError(
+        503,
+        "this gateway's NATS connection is closed for good and it is stopping: send the request "
+        "to another gateway, or again once it is restarted",
+        "gateway_unavailable",
         kind="server_error",
         headers={"retry-after": "1"},
     )

@@ -310,6 +310,9 @@ async def test_invalid_requests_are_400_naming_the_parameter(shared):
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(**chat(temperature=3))  # refused by the dispatcher
     assert (bad.value.param, bad.value.code) == ("temperature", "invalid_request")
+    with pytest.raises(openai.BadRequestError) as bad:  # 0 is a limit too, not "no limit"
+        await client.chat.completions.create(**chat(max_completion_tokens=0, max_tokens=5))
+    assert bad.value.code == "invalid_request"
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(**chat(n=2))  # refused by the gateway
     assert (bad.value.param, bad.value.code) == ("n", "unsupported_parameter")
@@ -635,3 +638,25 @@ def test_lifeline_run_serves_the_gateway_and_prints_its_url():
             proc.wait()
         for stream in (proc.stdout, proc.stderr):
             stream and stream.close()
+
+
+async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(gateway, caplog):
+    gw, _, _ = await gateway(config({"main": fake()}))
+    host, port = gw.url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 500\r\n\r\n{"model":'
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()  # gone, 492 bytes short
+    await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    await gw.nc.close()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        for stream in (False, True):
+            response = await http.post("/chat/completions", json=chat(stream=stream))
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "gateway_unavailable"
+            assert "retry-after" in response.headers
