@@ -108,6 +108,11 @@ class Started:
     async def end(self) -> ProviderReply:
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        """Nobody follows this output any more (a race settled otherwise, a cancel): stop its
+        call without waiting for its end."""
+        raise NotImplementedError
+
 
 CallTarget = Callable[[Target, float, tuple[str, ...]], Awaitable[ProviderReply | Started]]
 Validate = Callable[[ProviderOk], ProviderOk | ProviderFailure]
@@ -569,7 +574,7 @@ class _Run:
             return await self._settle(running)
         finally:
             for pending in running:
-                pending.cancel()
+                _stop(pending)
 
     async def _settle(
         self, running: dict[asyncio.Future[ProviderReply | Started], _Running]
@@ -579,11 +584,17 @@ class _Run:
         last: Outcome | None = None
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            # Both calls may have ended in the same turns: the one that owns the output (its
+            # text is the client's) wins whatever the other answered.
+            for task in sorted(done, key=lambda t: not isinstance(_result(t), Started)):
                 call = running.pop(task)
                 reply = task.result()
                 if isinstance(reply, Started):
-                    cancelled = await self._cancel(running, hedge=not call.hedge)
+                    try:
+                        cancelled = await self._cancel(running, hedge=not call.hedge)
+                    except BaseException:  # cancelled itself meanwhile: the output stops too
+                        reply.abandon()
+                        raise
                     output, reply = reply, await reply.end()
                     outcome = self.finish(
                         call.target, reply, call.started, call.timeout_s, streamed=output.delivered
@@ -614,7 +625,7 @@ class _Run:
         """Cancel the calls still running in a race (their workers abort them); their attempts."""
         lost = []
         for task, call in running.items():
-            task.cancel()
+            _stop(task)
             t = call.target
             self.calling.pop((id(t), call.started), None)
             latency_ms = (self.clock() - call.started) * 1000
@@ -911,3 +922,19 @@ def _max_attempts_error(max_attempts: int, attempts: list[Attempt]) -> ErrorInfo
         f"stopped after max_attempts ({max_attempts}) physical attempts ({_summary(attempts)}); "
         "raise max_attempts in the request or the route, up to dispatcher.max_attempts",
     )
+
+
+def _result(task: asyncio.Future[ProviderReply | Started]) -> ProviderReply | Started | None:
+    """A finished call's result, None if it raised or was cancelled."""
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _stop(task: asyncio.Future[ProviderReply | Started]) -> None:
+    """Stop a raced call: cancel it while it runs; a call that already returned its output
+    (Started) is abandoned, as cancelling a finished task does nothing."""
+    if not task.done():
+        task.cancel()
+    elif isinstance(output := _result(task), Started):
+        output.abandon()

@@ -258,24 +258,30 @@ class Relay:
 class _Output(Started):
     """An attempt that owns the output: the policy waits for its end here."""
 
-    __slots__ = ("_finished", "_number", "_relay", "_stream", "delivered")
+    __slots__ = ("_abandoned", "_finished", "_number", "_relay", "_stream", "delivered")
 
     def __init__(self, relay: Relay, number: int, stream: Stream, finished: Finished) -> None:
         self._relay = relay
         self._number = number
         self._stream = stream
         self._finished = finished
+        self._abandoned = False
         self.delivered = 0
 
     async def end(self) -> ProviderReply:
         try:
             reply: ProviderReply = await self._stream.done
         except BaseException:
-            self._stream.abandon()
-            self._finished(None)
+            self.abandon()
             raise
         relay = self._relay
         self.delivered = relay._owner_sent if relay.owner == self._number else 0
         reply = relay.ended(self._number, reply)
         self._finished(reply)
         return reply
+
+    def abandon(self) -> None:
+        if not self._abandoned:  # `finished` hears once
+            self._abandoned = True
+            self._stream.abandon()
+            self._finished(None)

@@ -590,3 +590,49 @@ async def test_ttft_s_never_outlasts_the_time_the_attempt_has(lifeline, client):
 
 async def _ignore(msg: Any) -> None:
     pass
+
+
+async def test_a_hedge_answering_whole_as_the_first_attempt_starts_streaming_loses(
+    lifeline, client
+):
+    """Attempt 1's first chunk and the hedge's whole answer come in the same read: the attempt
+    that owns the output (the client has its text) wins, the end event names it, and nothing
+    comes after the end."""
+    await lifeline(
+        config(
+            {"a": fake(), "b": fake()},
+            route("a", "b", hedge_after_ms=50, hedge_budget=1.0, retry_budget=10.0),
+        ),
+        [],
+    )
+    first_calls: dict[str, Any] = {}
+
+    async def worker_a(msg: Any) -> None:
+        first_calls[provider_request_decoder.decode(msg.data).id] = msg
+
+    async def worker_b(msg: Any) -> None:  # the hedge: a's first chunk and b's answer at once
+        a = first_calls[provider_request_decoder.decode(msg.data).id]
+        await client.publish(a.headers[subjects.STREAM_TO], b"A1 ")
+        await client.publish(msg.reply, encoder.encode(ProviderOk("B whole", "b-1")))
+        await asyncio.sleep(0.2)
+        await client.publish(a.headers[subjects.STREAM_TO], b"A2")
+        await client.publish(a.reply, encoder.encode(ProviderOk("", "a-1", chunks=2)))
+
+    await client.subscribe(subjects.provider_subject("a"), cb=worker_a)
+    await client.subscribe(subjects.provider_subject("b"), cb=worker_b)
+    await ensure_subscribed(client)
+    for i in range(15):  # the two answers' order in the read varies: either must end right
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await ensure_subscribed(client)
+        await client.publish(subjects.STREAM, encoder.encode(request("hi", id=f"h{i}")), inbox)
+        assembler, events = Assembler(), []
+        while not events or not assembler.done:
+            msg = await sub.next_msg(timeout=5)
+            events.append(assembler.feed(msg.headers, msg.data))
+        with pytest.raises(Exception):  # noqa: B017 (nats-py's TimeoutError): nothing after the end
+            await sub.next_msg(timeout=0.4)
+        await sub.unsubscribe()
+        end = events[-1].reply
+        assert (end.status, end.provider, assembler.text) == ("ok", "a", "A1 A2"), events
+        assert [(a.target, a.outcome) for a in end.attempts] == [("a", "ok"), ("b", "cancelled")]
