@@ -182,7 +182,14 @@ class Relay:
                 # It ended without a chunk, or a rival owns the output (then the policy
                 # cancels this call before it ends).
                 reply: ProviderReply = await stream.done
-                reply = self._checked(number, reply) if self.owner != number else reply
+                if self.owner == 0 and self._partial is not None and isinstance(reply, ProviderOk):
+                    # An answer without a chunk after a failed attempt's output was kept for it
+                    # (continue): it settles that output as a first chunk would have, with a
+                    # reset, so the client's text is this answer's.
+                    self._claim(number)
+                    reply = self.ended(number, reply)
+                elif self.owner != number:
+                    reply = self._checked(number, reply)
                 finished(reply)
                 return reply
         except BaseException:

@@ -636,3 +636,16 @@ async def test_a_hedge_answering_whole_as_the_first_attempt_starts_streaming_los
         end = events[-1].reply
         assert (end.status, end.provider, assembler.text) == ("ok", "a", "A1 A2"), events
         assert [(a.target, a.outcome) for a in end.attempts] == [("a", "ok"), ("b", "cancelled")]
+
+
+async def test_continue_then_an_answer_without_chunks_still_voids_the_failed_text(lifeline, client):
+    """on_midstream = continue keeps a failed attempt's text for the next one; a next target
+    that cannot continue it and answers with nothing to stream must still void it."""
+    providers = {"flaky": fake(fail_on_request=True, chunks=4), "backup": fake(reply="")}
+    await lifeline(config(providers, route("flaky", "backup", on_midstream="continue")))
+    assembler = Assembler()
+    events = [e async for e in stream(client, request("fail 503 after 2"), assembler)]
+    assert kinds(events) == ["delta", "delta", "reset", "end"]
+    assert events[2].reset.discard == 2
+    end = events[-1].reply
+    assert (end.status, end.provider, assembler.text) == ("ok", "backup", "")
