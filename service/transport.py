@@ -422,6 +422,16 @@ class ProviderStream:
                 )
                 self._give_up("server_error", message[:MAX_MESSAGE_CHARS])
                 return
+        else:  # every delta is whole UTF-8, as clients decode each one by itself
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                self._give_up(
+                    "server_error",
+                    f"worker {self.provider} streamed a chunk that is not whole UTF-8 ({exc.reason} "
+                    f"at byte {exc.start}): a character cut in two, or no text",
+                )
+                return
         if len(data) > self._max_chunk:
             self._give_up(
                 "response_too_large",

@@ -649,3 +649,32 @@ async def test_continue_then_an_answer_without_chunks_still_voids_the_failed_tex
     assert events[2].reset.discard == 2
     end = events[-1].reply
     assert (end.status, end.provider, assembler.text) == ("ok", "backup", "")
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [["café".encode()[:4], "café".encode()[4:]], [b"ok \xff"]],
+    ids=["a character cut in two", "no UTF-8"],
+)
+async def test_a_chunk_that_is_no_whole_utf8_fails_its_attempt_and_falls_back(
+    lifeline, client, audit, chunks
+):
+    await lifeline(
+        config({"raw": fake(), "backup": fake(reply="fine")}, route("raw", "backup")), ["backup"]
+    )
+
+    async def worker(msg: Any) -> None:
+        for chunk in chunks:
+            await client.publish(msg.headers[subjects.STREAM_TO], chunk)
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=len(chunks))))
+
+    await client.subscribe(subjects.provider_subject("raw"), cb=worker)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request("hi"), assembler)]  # every event decodes
+    end = events[-1].reply
+    assert (end.status, end.provider, assembler.text) == ("ok", "backup", "fine")
+    failed = end.attempts[0]
+    assert (failed.error_type, "not whole UTF-8" in failed.message) == ("server_error", True)
+    [(_, event)] = await audit.wait_for(1)
+    assert event.status == "ok"
