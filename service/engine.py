@@ -229,7 +229,10 @@ class Engine:
             checked = self._streaming(plan, payloads, span, relay)
         health: Health | Untouched = self.health
         if plan.faults is not None:
-            checked = injecting(checked, plan.faults, relay.cut if relay is not None else None)
+            if relay is None:
+                checked = injecting(checked, plan.faults)
+            else:
+                checked = injecting(checked, plan.faults, relay.cut, relay.number)
             health = Untouched(self.health)  # simulated outcomes are not the shared breakers'
         return await run_chain(
             plan.chain,

@@ -83,11 +83,16 @@ async def simulate(fault: Fault, target: str, timeout_s: float) -> ProviderFailu
 
 
 def injecting(
-    call: CallTarget, faults: Mapping[str, Sequence[Fault]], cut: Cut | None = None
+    call: CallTarget,
+    faults: Mapping[str, Sequence[Fault]],
+    cut: Cut | None = None,
+    number: Callable[[], int] | None = None,
 ) -> CallTarget:
     """`call`, behind the request's simulated failures: the n-th call of a target meets its
     n-th fault (listed under the target's name, else its provider's); later calls go through.
-    `cut` (a streamed request's) arranges a "<fault> after N" fault on the call that follows."""
+    `cut` (a streamed request's) arranges a "<fault> after N" fault on the call that follows;
+    `number` (a streamed request's attempt counter) counts a simulated failure as an attempt,
+    so the events of the ones after it carry the numbers the attempts list gives them."""
     calls: dict[str, int] = {}
 
     async def faulty(
@@ -102,6 +107,8 @@ def injecting(
                 note = f"{simulated.message}, after {after} chunks"
                 cut(target, after, msgspec.structs.replace(simulated, message=note))
             elif simulated is not None:
+                if number is not None:
+                    number()
                 return simulated
         return await call(target, timeout_s, previous)
 

@@ -678,3 +678,12 @@ async def test_a_chunk_that_is_no_whole_utf8_fails_its_attempt_and_falls_back(
     assert (failed.error_type, "not whole UTF-8" in failed.message) == ("server_error", True)
     [(_, event)] = await audit.wait_for(1)
     assert event.status == "ok"
+
+
+async def test_a_simulated_failure_counts_as_an_attempt_in_the_events_numbers(lifeline, client):
+    providers = {"main": fake(chunks=3), "backup": fake(reply="from backup", chunks=2)}
+    await lifeline(config(providers, allow_fault_injection=True))
+    events = await events_of(client, request("hi", faults={"main": 503}))
+    attempts = events[-1].reply.attempts
+    assert [(a.target, a.outcome) for a in attempts] == [("main", "error"), ("backup", "ok")]
+    assert {e.attempt for e in events} == {2}  # backup's deltas and the end: attempt 2
