@@ -587,8 +587,8 @@ class ClientStream:
             reply = _too_large(reply, len(payload), room)
             payload = _fitting(reply, room)
         self._control(END if reply.status == "ok" else ERROR, attempt, payload)
-        if self._drain is not None:
-            await self._drain
+        if self._drain is not None:  # events held through a reconnect, the end among them:
+            await asyncio.shield(self._drain)  # a cancel now (an abort) must not drop them
         return reply
 
     def _control(self, kind: str, attempt: int, payload: bytes) -> None:
