@@ -599,6 +599,7 @@ class _Inbox:
             async with asyncio.timeout(wait_s):
                 msg = await future
         except TimeoutError:
+            self.abort(key)  # its answer would reach nobody now: stop what still runs for it
             raise _no_answer(wait_s) from None
         except asyncio.CancelledError:  # its HTTP client is gone, or the gateway stops
             self.abort(key)
