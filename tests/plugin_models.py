@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 
@@ -54,6 +55,59 @@ class WithSettings(Model):
 
     def call(self, request: ProviderRequest) -> str:
         return f"{self.settings.greeting} at {self.settings.temperature}"
+
+
+# ---- models that misbehave: each still gets its one reply, at once ---------------------------
+
+
+class StopsIterating(Model):
+    """A sync call whose StopIteration (a next() on an empty generator) asyncio cannot carry."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return next(m.text for m in request.messages if m.role == "system")
+
+
+class SurrogateText(Model):
+    """Text decoded with surrogateescape from a tokenizer's bytes: no JSON can carry it."""
+
+    def call(self, request: ProviderRequest) -> Answer:
+        return Answer(text=b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
+class UnknownUsage(Model):
+    """Token counts of a type msgspec does not know (numpy's, say)."""
+
+    def call(self, request: ProviderRequest) -> Answer:
+        return Answer(text="hi", usage=Usage(input_tokens=object()))  # type: ignore[arg-type]
+
+
+class OwnCancelledError(Model):
+    """An async call whose own inner task is cancelled and awaited (a library's time limit):
+    the CancelledError is the model's failure, not a cancel of the call."""
+
+    async def call(self, request: ProviderRequest) -> str:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        inner.cancel()
+        await inner
+        return "unreachable"
+
+
+class UsageAsDict(Model):
+    def call(self, request: ProviderRequest) -> Answer:
+        return Answer(text="hi", usage={"input_tokens": 3, "output_tokens": 1})  # type: ignore[arg-type]
+
+
+class BlockingStream(Model):
+    """A sync `stream` that is a plain function doing blocking work (an HTTP call, say)
+    before it returns its iterator."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "x"
+
+    def stream(self, request: ProviderRequest) -> Iterator[str]:
+        time.sleep(3)
+        return iter(["a", "b"])
 
 
 NOT_A_CLASS = 42

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import plugin_models
@@ -20,6 +21,9 @@ WEATHER_TOOL = {
     "name": "get_weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
+
+
+HELLO_REQUEST = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 def python(cls: str, **keys: object) -> dict[str, object]:
@@ -217,3 +221,33 @@ def _env_with_tests() -> dict[str, str]:
     env = cli_env()
     env["PYTHONPATH"] = f"{ROOT / 'tests'}:{env.get('PYTHONPATH', '')}"
     return env
+
+
+# ---- a misbehaving model gets its one reply, at once, never the deadline ----------------------
+
+
+@pytest.mark.parametrize(
+    "cls", ["StopsIterating", "SurrogateText", "UnknownUsage", "OwnCancelledError"]
+)
+async def test_a_model_failing_oddly_is_a_server_error_at_once(lifeline, client, cls):
+    await lifeline(config({"mine": python(cls, timeout_s=30), "backup": fake(reply="b")}))
+    started = time.monotonic()
+    reply = await ask(client, {"messages": [{"role": "user", "content": "hi"}]}, timeout_s=60)
+    assert time.monotonic() - started < 10  # the model's timeout_s is 30: no waiting it out
+    assert (reply.status, reply.provider) == ("ok", "backup")
+    assert reply.attempts[0].error_type == "server_error"
+
+
+async def test_usage_given_as_a_dict_is_taken(lifeline, client):
+    await lifeline(config({"mine": python("UsageAsDict")}))
+    reply = await ask(client, {"messages": [{"role": "user", "content": "hi"}]})
+    assert (reply.content, reply.usage.input_tokens, reply.usage.output_tokens) == ("hi", 3, 1)
+
+
+async def test_a_plain_stream_function_runs_off_the_event_loop(lifeline, client):
+    """Its blocking start must not stop the worker: its deadline still cuts the call."""
+    await lifeline(config({"mine": python("BlockingStream", timeout_s=1)}))
+    started = time.monotonic()
+    text, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
+    assert time.monotonic() - started < 2.5  # the 3 s sleep would hold the loop
+    assert reply.status == "error" and reply.attempts[0].error_type == "timeout"

@@ -209,6 +209,14 @@ async def test_a_filtered_answer_maps_to_content_filter(make):
 # ---- errors ---------------------------------------------------------------------------
 
 
+async def test_a_429_whose_body_holds_a_number_too_long_to_read_is_still_a_rate_limit(make):
+    body = '{"error": {"message": "Rate limit reached", "code": ' + "9" * 5000 + "}}"
+    server = Server(status=429, body=body.encode(), headers={"retry-after": "7"})
+    with pytest.raises(ProviderError) as caught:
+        await make(server).complete(request(), timeout_s=5)
+    assert (caught.value.kind, caught.value.retry_after_s) == ("rate_limit", 7.0)
+
+
 async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
     body = error(
         "Rate limit reached for gpt-4o-mini in organization org-abc123 on requests per min (RPM): "

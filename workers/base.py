@@ -122,11 +122,11 @@ def retry_after_s(response: httpx.Response) -> float | None:
 
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
-    """The provider's JSON error object, or {} when the body is not JSON (or nested too deep
-    to read)."""
+    """The provider's JSON error object, or {} when the body is not JSON (or nested too deep,
+    or holds a number too long, to read)."""
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits
         return {}
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) else {}

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from typing import Annotated, Any, ClassVar
@@ -197,7 +197,9 @@ class PluginProvider:
             result = await self.instance.call(request)
         else:  # off the event loop; past its deadline the answer is dropped, the thread ends
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._threads, self.instance.call, request)
+            result = await loop.run_in_executor(
+                self._threads, _no_stop_iteration, self.instance.call, request
+            )
         return self._ok(result)
 
     async def stream(
@@ -231,7 +233,16 @@ class PluginProvider:
 
     async def _pieces(self, request: ProviderRequest) -> AsyncIterator[Any]:
         assert self._stream is not None
-        produced = self._stream(request)
+        stream = self._stream
+        if inspect.isgeneratorfunction(stream) or inspect.isasyncgenfunction(stream):
+            produced = stream(request)  # makes the generator; its body runs on each next
+        elif inspect.iscoroutinefunction(stream):
+            produced = await stream(request)
+        else:  # a plain function may block (an HTTP call) before it returns its iterator
+            loop = asyncio.get_running_loop()
+            produced = await loop.run_in_executor(
+                self._threads, _no_stop_iteration, stream, request
+            )
         if inspect.isawaitable(produced):
             produced = await produced
         if hasattr(produced, "__aiter__"):
@@ -260,10 +271,20 @@ class PluginProvider:
         if isinstance(result, Answer):
             calls = result.tool_calls or None
             finish = result.finish_reason or ("tool_calls" if calls else "stop")
+            usage = result.usage or Usage()
+            if not isinstance(usage, Usage):  # a dict of its fields, say
+                try:
+                    usage = msgspec.convert(usage, Usage)
+                except msgspec.ValidationError as exc:
+                    raise ProviderError(
+                        "server_error",
+                        f"{self.label} answered usage that is no Usage ({exc}); expected "
+                        "workers.plugin.Usage(input_tokens=..., output_tokens=...)",
+                    ) from None
             return ProviderOk(
                 result.text,
                 self.model,
-                usage=result.usage or Usage(),
+                usage=usage,
                 tool_calls=calls,
                 finish_reason=finish,
             )
@@ -281,3 +302,12 @@ class PluginProvider:
                     await result
         finally:
             self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _no_stop_iteration(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a thread, a StopIteration it raises turned into a RuntimeError:
+    asyncio cannot put a StopIteration into a future, and the call would never end."""
+    try:
+        return function(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{function.__qualname__} raised StopIteration") from exc

@@ -169,31 +169,39 @@ class WorkerRuntime:
             self.cancelled += 1
 
     async def handle(self, msg: Msg) -> None:
-        """Answer one ProviderRequest; never raises (a reply that cannot be built is logged)."""
-        try:
-            await self._handle(msg)
-        except Exception:
-            log.exception("worker %s: bug while answering a request", self.name)
-
-    async def _handle(self, msg: Msg) -> None:
-        timeout_s = self._time_left(msg.headers)
-        if timeout_s <= 0:
-            self._drop_expired(timeout_s)
-            return  # the dispatcher has already moved on; calling now would only cost money
+        """Answer one ProviderRequest, once, whatever happens on the way: a bug (here or in the
+        provider's answer) is logged and answered server_error, never left to the deadline."""
         started = time.perf_counter()
         try:
-            request = provider_request_decoder.decode(msg.data)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            reply: ProviderReply = ProviderFailure(
-                "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
+            reply = await self._answer(msg)
+        except Exception:
+            log.exception("worker %s: bug while answering a request", self.name)
+            reply = ProviderFailure(
+                "server_error", f"worker {self.name} failed while answering (a bug: see its log)"
             )
-        else:
-            reply = await self._call(request, timeout_s, msg.headers)
+        if reply is None:
+            return
         latency_ms = (time.perf_counter() - started) * 1000
         self.tally.busy_ms += latency_ms
         if msg.reply:
-            reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
-            await self._send(msg.reply, reply)
+            try:
+                await self._send(msg.reply, msgspec.structs.replace(reply, latency_ms=latency_ms))
+            except Exception:
+                log.exception("worker %s: bug while sending a reply", self.name)
+
+    async def _answer(self, msg: Msg) -> ProviderReply | None:
+        """The reply to one request; None when its deadline had passed (nobody waits)."""
+        timeout_s = self._time_left(msg.headers)
+        if timeout_s <= 0:
+            self._drop_expired(timeout_s)
+            return None  # the dispatcher has already moved on; calling now would only cost money
+        try:
+            request = provider_request_decoder.decode(msg.data)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return ProviderFailure(
+                "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
+            )
+        return await self._call(request, timeout_s, msg.headers)
 
     async def _send(self, subject: str, reply: ProviderReply) -> None:
         """Publish a reply that fits the server's max_payload, scrubbed of this worker's
@@ -201,8 +209,26 @@ class WorkerRuntime:
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
-            reply = msgspec.structs.replace(reply, message=scrub(reply.message, self._secrets))
-        payload = encoder.encode(reply)
+            message = scrub(reply.message, self._secrets)
+            # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
+            # UTF-8 it cannot be sent, and the failure's kind and status must still go.
+            message = message.encode("utf-8", "replace").decode()
+            reply = msgspec.structs.replace(reply, message=message)
+        try:
+            payload = encoder.encode(reply)
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
+            # What the provider gave cannot be written as JSON (a lone surrogate in a text, a
+            # value of a type msgspec does not know): the call failed, say so now.
+            log.error("worker %s: its answer cannot be encoded: %r", self.name, exc)
+            self.tally.errors += 1
+            self.tally.last_error = "server_error"
+            reply = ProviderFailure(
+                "server_error",
+                f"worker {self.name}'s answer cannot be encoded as JSON ({type(exc).__name__}): "
+                "a text with a lone surrogate, or a value of an unknown type",
+                latency_ms=reply.latency_ms,
+            )
+            payload = encoder.encode(reply)
         if len(payload) > self.nc.max_payload:
             self.tally.errors += 1
             self.tally.last_error = "response_too_large"
@@ -283,7 +309,12 @@ class WorkerRuntime:
                 "server_error", f"worker {self.name} failed: {type(exc).__name__}"
             )
         except asyncio.CancelledError:
-            if self._stopping and not expiry.was_ours():
+            if not expiry.task_cancelled():  # nobody cancelled this call: the provider's own
+                log.exception("provider %s raised CancelledError of its own", self.name)
+                reply = ProviderFailure(
+                    "server_error", f"worker {self.name} failed: CancelledError of its own"
+                )
+            elif self._stopping and not expiry.was_ours():
                 _uncancel()  # this worker is stopping: the dispatcher still waits, tell it now
                 reply = ProviderFailure(
                     "no_responders",
@@ -381,6 +412,11 @@ class _Expiry:
 
     def was_ours(self) -> bool:
         return self.expired and self._task.uncancel() <= self._cancelling
+
+    def task_cancelled(self) -> bool:
+        """Whether anyone (this timer, a cancel message, a shutdown) cancelled the task since;
+        a CancelledError without that came from inside the provider's call."""
+        return self._task.cancelling() > self._cancelling
 
     def stop(self) -> None:
         self._timer.cancel()
