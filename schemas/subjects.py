@@ -1,6 +1,7 @@
 """Every NATS subject, queue group and header name Lifeline uses, in one place."""
 
 import hashlib
+import re
 
 # Lifeline owns every subject under this prefix; no client may name one as its reply subject.
 NAMESPACE = "llm."
@@ -119,8 +120,13 @@ def reply_subject_refused(subject: str) -> str | None:
 
     A reply published there would land on Lifeline's own subjects (a second audit event,
     a loop through llm.complete, an answer on the audit feed) or on the server's ($JS, $KV,
-    $SYS, $SRV, ...). Wildcards cannot name one inbox.
+    $SYS, $SRV, ...). Wildcards cannot name one inbox. Whitespace or a control character
+    cannot be in a subject at all: written into a PUB line, it is a protocol error for which
+    the server closes the publisher's connection (a header can carry one; a message's own
+    reply subject cannot).
     """
+    if not subject or _NOT_A_SUBJECT.search(subject):
+        return "it is empty or has whitespace or a control character, which no subject may"
     if subject.startswith(NAMESPACE):
         return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
     if subject.startswith("$"):
@@ -128,3 +134,6 @@ def reply_subject_refused(subject: str) -> str | None:
     if ("*" in subject or ">" in subject) and any(t in ("*", ">") for t in subject.split(".")):
         return "it contains a wildcard"
     return None
+
+
+_NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f]")

@@ -316,3 +316,20 @@ async def test_jobs_sent_without_any_id_are_each_answered(lifeline, client):
         await submit(client, body, **{subjects.NOTIFY: inbox})
     answers = {reply_decoder.decode((await pushed.next_msg(timeout=5)).data).content for _ in "ab"}
     assert answers == {"first", "second"}
+
+
+@pytest.mark.parametrize("header", [subjects.NOTIFY, subjects.JOB_EVENTS])
+async def test_a_notify_or_events_subject_no_subject_may_be_is_ignored_and_spares_the_dispatcher(
+    lifeline, client, header
+):
+    """Written into a PUB line, a subject with a space is a protocol error for which the server
+    closes the publisher's connection: such a job still gets its result, once, and nothing
+    else on that dispatcher is lost."""
+    stack = await lifeline(config({"main": fake()}))
+    nc = stack.dispatcher.transport.nc
+    await submit(client, job("spaced"), "spaced", **{header: "a b c"})
+    reply = await result_of(client, "spaced")
+    assert reply.status == "ok"
+    assert await _waiting_jobs(client) == 0  # acknowledged: not delivered again
+    assert (nc.is_connected, nc.stats["reconnects"]) == (True, 0)
+    assert stack.dispatcher.jobs.handled == 1

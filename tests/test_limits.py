@@ -66,6 +66,12 @@ async def test_message_bytes_counts_headers_as_the_server_does(small_server):
         ("$SYS.REQ.SERVER.PING", True),
         ("_INBOX.*", True),
         ("a.>", True),
+        ("a b c", True),  # a header's value can hold what no subject may
+        ("results.\r\nPUB x 1", True),
+        ("tab\tbed", True),
+        ("nul\x00", True),
+        ("", True),
+        ("résultats.équipe", False),  # non-ASCII is allowed in subjects
     ],
 )
 def test_reply_subjects_in_lifelines_or_the_servers_namespace_are_refused(subject, refused):
