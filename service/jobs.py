@@ -47,13 +47,14 @@ from service.engine import Engine, Inbound
 from service.jobstore import ensure_jobs
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
-from service.transport import ClientStream
+from service.transport import ClientStream, fitted
 
 log = logging.getLogger("lifeline.jobs")
 
 _FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop between pulls
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
+_KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
 
 
@@ -240,8 +241,12 @@ class Jobs:
         """Store `reply` unless a result is stored already (the first one stays); what is
         stored is what the job's result is."""
         assert self.kv is not None
+        # Room for the KV write's subject and headers: a result too large is stored as the
+        # same reply_too_large error a core request gets (a message over max_payload would
+        # close the connection; refused, it would be delivered again and again).
+        reply, payload = fitted(reply, self.nc.max_payload - _KV_HEADER_ROOM)
         try:
-            await self.kv.create(key, encoder.encode(reply))
+            await self.kv.create(key, payload)
             return reply
         except nats.js.errors.KeyWrongLastSequenceError:
             stored = await self._stored(key)

@@ -171,10 +171,7 @@ class NatsTransport:
         """Send `reply` (urgent: see natsio's FastPath.publish), or, when it would not fit
         max_payload, an error reply that does. Returns what was sent (the audit event must say
         the same)."""
-        payload = encoder.encode(reply)
-        if len(payload) > self.nc.max_payload:
-            reply = _too_large(reply, len(payload), self.nc.max_payload)
-            payload = _fitting(reply, self.nc.max_payload)
+        reply, payload = fitted(reply, self.nc.max_payload)
         await publish_checked(
             self.nc, reply_subject, payload, f"the reply to {reply.id!r}", urgent=True
         )
@@ -206,6 +203,17 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
             reply, kind=reply.kind[:64], message=reply.message[:MAX_MESSAGE_CHARS]
         )
     return reply
+
+
+def fitted(reply: CompletionReply, room: int) -> tuple[CompletionReply, bytes]:
+    """`reply` and its encoding in at most `room` bytes (what a NATS message may carry besides
+    its headers): one too large becomes a reply_too_large error, without the answer, that fits.
+    Every reply, result and end event goes out through here."""
+    payload = encoder.encode(reply)
+    if len(payload) > room:
+        reply = _too_large(reply, len(payload), room)
+        payload = _fitting(reply, room)
+    return reply, payload
 
 
 def _too_large(reply: CompletionReply, size: int, max_payload: int) -> CompletionReply:
@@ -581,11 +589,7 @@ class ClientStream:
 
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
         """The last event: end, or error. Returns what was sent (the audit event says the same)."""
-        room = self._nc.max_payload - STREAM_HEADER_ROOM
-        payload = encoder.encode(reply)
-        if len(payload) > room:
-            reply = _too_large(reply, len(payload), room)
-            payload = _fitting(reply, room)
+        reply, payload = fitted(reply, self._nc.max_payload - STREAM_HEADER_ROOM)
         self._control(END if reply.status == "ok" else ERROR, attempt, payload)
         if self._drain is not None:  # events held through a reconnect, the end among them:
             await asyncio.shield(self._drain)  # a cancel now (an abort) must not drop them

@@ -333,3 +333,24 @@ async def test_a_notify_or_events_subject_no_subject_may_be_is_ignored_and_spare
     assert await _waiting_jobs(client) == 0  # acknowledged: not delivered again
     assert (nc.is_connected, nc.stats["reconnects"]) == (True, 0)
     assert stack.dispatcher.jobs.handled == 1
+
+
+@pytest.mark.parametrize("short_by", [-300, 25], ids=["over max_payload", "just under it"])
+async def test_a_result_too_large_to_store_is_stored_as_a_small_error_once(
+    lifeline, client, audit, short_by
+):
+    """A worker's answer that fits its reply but not the stored result (Lifeline's fields and the
+    KV write's headers added): an error result is stored at once and the job acknowledged, as
+    llm.complete answers reply_too_large; never the provider called again and again."""
+    stack = await lifeline(
+        config({"main": fake(reply="x" * (client.max_payload - short_by - 600))})
+    )
+    await submit(client, job("huge"), "huge")
+    reply = await result_of(client, "huge")
+    assert (reply.status, reply.error.type, reply.content) == ("error", "reply_too_large", None)
+    assert [a.outcome for a in reply.attempts] == ["ok"]  # the worker's answer itself fitted
+    assert await _waiting_jobs(client) == 0
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "reply_too_large"
+    nc = stack.dispatcher.transport.nc
+    assert (stack.dispatcher.jobs.handled, nc.is_connected, nc.stats["reconnects"]) == (1, True, 0)
