@@ -456,8 +456,10 @@ class _Run:
         latency_ms = (self.clock() - started) * 1000
         if self.health is not None:
             # A timeout the request's own deadline cut short says nothing about the target's
-            # health (short client deadlines must not open breakers).
-            capped = timeout_s < target.timeout_s
+            # health (short client deadlines must not open breakers). Cut short means by more
+            # than the moments a request spends before its call: a deadline of the target's own
+            # timeout_s leaves its first call a few ms less, and that call's timeout counts.
+            capped = timeout_s < target.timeout_s * _CAPPED_BELOW
             self._record_health(target, reply, started, latency_ms, probe, capped)
         return Outcome(target, reply, latency_ms, streamed=streamed)
 
@@ -585,8 +587,9 @@ class _Run:
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             # Both calls may have ended in the same turns: the one that owns the output (its
-            # text is the client's) wins whatever the other answered.
-            for task in sorted(done, key=lambda t: not isinstance(_result(t), Started)):
+            # text is the client's) wins whatever the other answered, then a good answer wins
+            # over a failure that would settle the race.
+            for task in sorted(done, key=_precedence):
                 call = running.pop(task)
                 reply = task.result()
                 if isinstance(reply, Started):
@@ -924,11 +927,20 @@ def _max_attempts_error(max_attempts: int, attempts: list[Attempt]) -> ErrorInfo
     )
 
 
+_CAPPED_BELOW = 0.95  # an attempt given less than this share of timeout_s was cut short
+
+
 def _result(task: asyncio.Future[ProviderReply | Started]) -> ProviderReply | Started | None:
     """A finished call's result, None if it raised or was cancelled."""
     if task.cancelled() or task.exception() is not None:
         return None
     return task.result()
+
+
+def _precedence(task: asyncio.Future[ProviderReply | Started]) -> int:
+    """The order in which calls that ended in the same turns are looked at."""
+    result = _result(task)
+    return 0 if isinstance(result, Started) else 1 if isinstance(result, ProviderOk) else 2
 
 
 def _stop(task: asyncio.Future[ProviderReply | Started]) -> None:

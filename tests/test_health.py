@@ -677,6 +677,40 @@ async def test_no_retries_into_a_breaker_the_failure_just_opened():
     assert script.called == ["a", "b"]
 
 
+async def test_a_good_answer_in_the_same_turn_as_a_settling_failure_wins_the_race():
+    """Both raced calls end in the same turn: the first good answer wins, whatever order the
+    two are looked at in."""
+    for _ in range(20):
+        go, b_started = asyncio.Event(), asyncio.Event()
+
+        async def a_bad_request():
+            await b_started.wait()
+            await go.wait()
+            return fail("bad_request", 400)
+
+        async def b_ok():
+            b_started.set()
+            await go.wait()
+            return ok(content="from b")
+
+        async def release():
+            await b_started.wait()
+            await asyncio.sleep(0.01)
+            go.set()
+
+        limits = Limits(
+            Deadline(time.monotonic() + 30),
+            fallback_on=frozenset({"rate_limit"}),
+            hedge=Hedge(after_s=0.01),
+        )
+        releasing = asyncio.ensure_future(release())
+        result = await run_chain(
+            Chain([target("a"), target("b")]), Racer(a=a_bad_request, b=b_ok), limits
+        )
+        await releasing
+        assert result.answer is not None and result.answer.content == "from b"
+
+
 async def test_a_failure_that_stops_the_chain_settles_a_race():
     b_started = asyncio.Event()
 

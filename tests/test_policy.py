@@ -594,3 +594,43 @@ async def test_a_cancelled_walk_reports_the_calls_it_cut_short_in_the_callers_li
         ("c", "cancelled", True),
     ]
     assert all(a.reason is None for a in attempts[1:])  # the caller says why
+
+
+# ---- timeouts and breakers: which timeouts count against a target ----------------------------
+
+
+async def test_a_timeout_at_nearly_the_targets_own_timeout_counts_against_it():
+    """A request whose timeout equals the target's (30 s each, the example config's) leaves its
+    first call a few ms less than 30 s: that call's timeouts still open the breaker."""
+    from service.health import OPEN, BreakerSettings, Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    hung = target("hung", breaker=BreakerSettings(consecutive_failures=2))
+    for _ in range(2):
+        arrived = clock.now
+        clock.now += 0.002  # the plan, before the first call
+        script = Script(clock, {"hung": fail("timeout"), "b": ok()}, took={"hung": 29.998})
+        await run_chain(
+            Chain([hung, target("b")]),
+            script,
+            Limits(Deadline(arrived + 30)),
+            health=health,
+            clock=clock,
+            sleep=clock.sleep,
+        )
+    assert health.of("hung", "hung-model").state == OPEN
+
+
+async def test_a_timeout_the_requests_short_deadline_cut_does_not_count():
+    from service.health import CLOSED, BreakerSettings, Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    slow = target("slow", breaker=BreakerSettings(consecutive_failures=2))
+    for _ in range(3):
+        script = Script(clock, {"slow": fail("timeout")}, took={"slow": 2.0})
+        await run_chain(
+            Chain([slow]), script, Limits(Deadline(clock.now + 2)), health=health, clock=clock
+        )
+    assert health.of("slow", "slow-model").state == CLOSED
