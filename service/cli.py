@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.resources
 import json
@@ -30,12 +31,15 @@ from nats.aio.msg import Msg
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.streaming import Assembler
 from schemas.wire import (
+    PAYLOAD_TOO_LARGE,
+    ErrorInfo,
     NamedTool,
     ResponseFormat,
     Tool,
     ToolChoice,
     audit_decoder,
     encoder,
+    message_bytes,
     reply_decoder,
 )
 from service import client, discovery, logs, loop, natsopts, telemetry
@@ -292,7 +296,7 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="submit every request of a JSONL file as a durable job and write the results "
         "as they come",
         description="Each line of FILE is a request body (as for llm.complete); its id is "
-        'its "id", else FILE:LINE. Every job is published through JetStream, then the results '
+        'its "id", else FILE:LINE:HASH (HASH: the line\'s). Every job is published through JetStream, then the results '
         "are written to --out as JSON lines as they arrive (from the results bucket, so also "
         "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
         "the same command to resume: ids that already have a line in --out are skipped.",
@@ -925,6 +929,11 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         ChatMessage("user", _prompt(args))
     ]
     job_id = args.id or uuid.uuid4().hex
+    try:
+        client.check_job_id(job_id)
+    except ValueError as exc:
+        print(f"lifeline: --id: {exc}", file=sys.stderr)
+        return 2
     request = CompletionRequest(messages, id=job_id, route=args.route, timeout_s=args.timeout)
     headers = {subjects.MSG_ID: job_id}
     if args.notify:
@@ -981,11 +990,23 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         kv = await ensure_jobs(js, settings, replicas)
         # Watching first: results stored already (an earlier run's) come first, then new ones.
         watcher = await kv.watch("job.>")
-        for job_id, body in pending.values():
-            await js.publish(subjects.JOBS_SUBMIT, body, headers={subjects.MSG_ID: job_id})
-            progress.submitted += 1
-            progress.show()
         with out_path.open("ab") as out:
+            if out.tell() and not out_path.read_bytes().endswith(b"\n"):
+                out.write(b"\n")  # a line cut short by a crash: the next one starts afresh
+            for key, (job_id, body) in list(pending.items()):
+                headers = {subjects.MSG_ID: job_id}
+                size = message_bytes(body, headers)
+                if size > nc.max_payload:  # refused here, as the server would close the link
+                    message = f"the job is {size} bytes, over the NATS server's max_payload"
+                    refused = CompletionReply(
+                        job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
+                    )
+                    _write_result(out, encoder.encode(refused), refused, progress)
+                    del pending[key]
+                    continue
+                await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+                progress.submitted += 1
+                progress.show()
             await _collect(watcher, pending, out, progress, args.timeout)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
@@ -1009,9 +1030,12 @@ async def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _batch_jobs(source: Path) -> dict[str, bytes]:
-    """The file's requests by id (their "id", else FILE:LINE), as they will be published."""
+    """The file's requests by id, as they will be published: their "id", else FILE:LINE:HASH,
+    HASH the line's (so the same name in another folder, or an edited line, is another job)."""
     jobs: dict[str, bytes] = {}
-    for n, line in enumerate(source.read_text().splitlines(), 1):
+    # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
+    for n, line in enumerate(source.read_text(encoding="utf-8").split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -1020,7 +1044,12 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
             raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
         if not isinstance(body, dict):
             raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - user's
-        job_id = str(body.get("id") or f"{source.name}:{n}")
+        digest = hashlib.sha256(line.encode()).hexdigest()[:12]
+        job_id = str(body.get("id") or f"{source.name}:{n}:{digest}")
+        try:
+            client.check_job_id(job_id)
+        except ValueError as exc:
+            raise ValueError(f"{source}:{n}: {exc}") from None
         body["id"] = job_id
         if job_id in jobs:
             raise ValueError(f"{source}:{n}: id {job_id!r} appears twice")
@@ -1058,13 +1087,21 @@ async def _collect(
             continue
         if entry is None or entry.key not in pending or not entry.value:
             continue
-        pending.pop(entry.key)
+        job_id, _ = pending.pop(entry.key)
         reply = reply_decoder.decode(entry.value)
-        out.write(entry.value + b"\n")
-        out.flush()
-        progress.done += 1
-        progress.failed += reply.status != "ok"
-        progress.show()
+        line = entry.value
+        if reply.id != job_id:  # refused before its id was read: the line must name its job
+            reply = msgspec.structs.replace(reply, id=job_id)
+            line = encoder.encode(reply)
+        _write_result(out, line, reply, progress)
+
+
+def _write_result(out: Any, line: bytes, reply: CompletionReply, progress: _Progress) -> None:
+    out.write(line + b"\n")
+    out.flush()
+    progress.done += 1
+    progress.failed += reply.status != "ok"
+    progress.show()
 
 
 class _Progress:

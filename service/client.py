@@ -61,7 +61,7 @@ from schemas import ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.errors import RESEND
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
-from schemas.wire import ToolCall, encoder, reply_decoder
+from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
 from service import natsopts
 from service.jobstore import ensure_jobs
 
@@ -351,19 +351,16 @@ class Lifeline:
         overloaded_retries times."""
         req = self.request(request, **fields)
         payload = encoder.encode(req)
-        if len(payload) > self.nc.max_payload:
-            raise RequestTooLarge(
-                f"the request is {len(payload)} bytes, over the NATS server's max_payload "
-                f"of {self.nc.max_payload}"
-            )
         for retry in range(overloaded_retries + 1):
             key = abort_key()
+            headers = {subjects.ABORT_KEY: key}
+            _check_size(self.nc, payload, headers)
             try:
                 msg = await self.nc.request(
                     subjects.COMPLETE,
                     payload,
                     timeout=_wait_s(req, self.default_timeout_s),
-                    headers={subjects.ABORT_KEY: key},
+                    headers=headers,
                 )
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
                 await abort(self.nc, key)
@@ -419,6 +416,7 @@ class Lifeline:
         would) when no dispatcher has yet."""
         req = self.request(request, **fields)
         job_id = job_id or req.id or uuid.uuid4().hex
+        check_job_id(job_id)
         if req.id != job_id:
             req = request_of(req, id=job_id)
         headers = {subjects.MSG_ID: job_id}
@@ -426,6 +424,7 @@ class Lifeline:
             headers[subjects.NOTIFY] = notify
         js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
         payload = encoder.encode(req)
+        _check_size(self.nc, payload, headers)
         try:
             if not self._jobs_ready:
                 await self._ensure_jobs()
@@ -606,6 +605,28 @@ def _retry_after_s(reply: CompletionReply) -> float:
     return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
 
 
+def _check_size(nc: Client, payload: bytes, headers: dict[str, str]) -> None:
+    """RequestTooLarge unless the message fits the server's max_payload, headers included:
+    nats-py checks only the payload, and the server closes the connection for good over a
+    message that does not fit (every other request on it lost)."""
+    size = message_bytes(payload, headers)
+    if size > nc.max_payload:
+        raise RequestTooLarge(
+            f"the request is {size} bytes with its headers, over the NATS server's max_payload "
+            f"of {nc.max_payload}"
+        )
+
+
+def check_job_id(job_id: str) -> None:
+    """A job id travels as the Nats-Msg-Id header too, and nats-py strips a header's value and
+    turns its line breaks into spaces: such an id would deduplicate as another one."""
+    if job_id != job_id.strip() or any(c in job_id for c in "\r\n"):
+        raise ValueError(
+            f"job id {job_id!r} starts or ends with whitespace or holds a line break, which "
+            "its Nats-Msg-Id header cannot carry"
+        )
+
+
 def abort_key() -> str:
     """A fresh abort key: 96 random bits, so only its client and the dispatchers know it."""
     return secrets.token_hex(12)
@@ -637,9 +658,14 @@ async def stream(
     give_up = time.monotonic() + timeout_s
     key = abort_key()
     try:
-        await nc.publish(
-            STREAM, encoder.encode(request), reply=inbox, headers={subjects.ABORT_KEY: key}
-        )
+        payload, headers = encoder.encode(request), {subjects.ABORT_KEY: key}
+        _check_size(nc, payload, headers)
+        try:
+            await nc.publish(STREAM, payload, reply=inbox, headers=headers)
+        except nats.errors.ConnectionClosedError:
+            raise LifelineError("the NATS connection is closed") from None
+        except nats.errors.Error as exc:  # its pending buffer full while it reconnects
+            raise LifelineError(f"could not send the request: {exc}") from None
         while not assembler.done:
             left = give_up - time.monotonic()
             try:

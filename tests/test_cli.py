@@ -222,6 +222,55 @@ def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_pa
     assert again.returncode == 0 and "all 300 jobs" in again.stdout
 
 
+def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_path):
+    """Lines a JSONL file may hold (a raw U+2028 in a text, CRLF endings, no ids, an id the
+    dispatcher cannot read, a job too large for NATS), files of one name in two folders, and
+    a results file whose last line a crash cut in two."""
+    _, url = running
+    long_id = "L" * 300  # over the 256 characters of an id: refused before it is read
+    lines = [
+        json.dumps(
+            {"id": "sep", "messages": [{"role": "user", "content": "a\u2028b"}]}, ensure_ascii=False
+        ),
+        json.dumps({"messages": [{"role": "user", "content": "no id"}]}),
+        json.dumps({"id": long_id, "messages": [{"role": "user", "content": "q"}]}),
+        json.dumps({"id": "huge", "messages": [{"role": "user", "content": "x" * 1_100_000}]}),
+        json.dumps({"id": "last", "messages": [{"role": "user", "content": "q"}]}),
+    ]
+    results = {}
+    for team in ("billing", "support"):
+        folder = tmp_path / team
+        folder.mkdir()
+        source = folder / "jobs.jsonl"
+        source.write_text(
+            "\r\n".join([*lines, json.dumps({"messages": [{"role": "user", "content": team}]})])
+            + "\r\n",
+            encoding="utf-8",
+        )
+        run = run_lifeline("batch", "--nats-url", url, str(source))
+        assert run.returncode == 1, run.stderr  # two failed: the long id and the huge job
+        assert "6/6 done, 2 failed" in run.stderr, run.stderr
+        out = folder / "jobs.results.jsonl"
+        results[team] = [json.loads(line) for line in out.read_text().split("\n") if line]
+    by_id = {r["id"]: r for r in results["billing"]}
+    assert by_id["sep"]["content"] == "a\u2028b"
+    assert by_id[long_id]["error"]["type"] == "invalid_request"  # named by its job id
+    assert by_id["huge"]["error"]["type"] == "payload_too_large"
+    # Lines without an id: each folder's file got its own answers, not the other's.
+    assert [r["content"] for r in results["support"] if r["id"].startswith("jobs.jsonl:6:")] == [
+        "support"
+    ]
+    # A crash cut the last line in two: the rerun writes that job's line again, whole.
+    out = tmp_path / "support" / "jobs.results.jsonl"
+    text = out.read_text()
+    out.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + text.rstrip("\n")[-40:][:20])
+    again = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
+    assert "1/1 done" in again.stderr and "5 had results" in again.stderr, again.stderr
+    third = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
+    assert third.returncode == 0 and "all 6 jobs" in third.stdout, third.stderr
+    assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 6
+
+
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")

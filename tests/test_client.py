@@ -17,6 +17,7 @@ from service.client import (
     RESULTS_BUCKET,
     Lifeline,
     NoDispatcher,
+    RequestTooLarge,
     StreamGap,
     Unreachable,
     request_of,
@@ -190,3 +191,29 @@ def test_the_clients_jobs_defaults_are_the_configs():
         settings.dedup_window_s,
         settings.results_ttl_s,
     )
+
+
+async def test_a_request_that_fits_only_without_its_headers_is_refused_and_spares_the_connection(
+    lifeline, lifeline_client
+):
+    """Every request carries an abort key (a job its Nats-Msg-Id); nats-py checks only the
+    payload, and the server closes the connection for good over a message that does not fit."""
+    await lifeline(config({"main": fake()}))
+    client = lifeline_client
+    base = len(msgspec.json.encode(client.request("x", timeout_s=2))) - 1
+    request = client.request("x" * (client.nc.max_payload - 8 - base), timeout_s=2)
+    assert len(msgspec.json.encode(request)) == client.nc.max_payload - 8  # fits by itself
+    with pytest.raises(RequestTooLarge, match="with its headers"):
+        await client.complete(request)
+    with pytest.raises(RequestTooLarge, match="with its headers"):
+        await client.stream(request).finish()
+    with pytest.raises(RequestTooLarge, match="with its headers"):
+        await client.submit(request, job_id="big")
+    assert not client.nc.is_closed
+    assert (await client.complete("still here")).content == "still here"
+
+
+async def test_a_job_id_its_header_cannot_carry_is_refused(lifeline_client):
+    for job_id in ("row-7 ", " row-7", "a\nb"):
+        with pytest.raises(ValueError, match="Nats-Msg-Id"):
+            await lifeline_client.submit("hi", job_id=job_id)
