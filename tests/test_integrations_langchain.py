@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -255,3 +256,59 @@ async def test_a_call_given_up_on_stops_its_provider_call(lifeline, model):
         break  # the reader leaves after one chunk of a hundred
     await wait_for(lambda: worker.cancelled == 2 and not worker.in_flight, 5, what="its cancel")
     assert stack.dispatcher.aborts == 2
+
+
+# ---- when NATS is not there, or its connection was closed for good ---------------------------
+
+_DEAD = "nats://127.0.0.1:1"  # nothing listens there
+
+
+def test_a_stream_raises_unreachable_instead_of_waiting_for_ever_when_nats_is_down():
+    from service.client import Unreachable
+
+    model, raised = ChatLifeline(nats_url=_DEAD), []
+
+    def consume() -> None:
+        try:
+            list(model.stream("hi"))
+        except Exception as exc:  # noqa: BLE001 - what it raises is the test's subject
+            raised.append(exc)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    try:
+        assert not reader.is_alive(), "stream() still waiting after 30 s"
+        assert [type(exc) for exc in raised] == [Unreachable]
+    finally:
+        bridge.close(_DEAD)
+
+
+async def test_an_async_stream_raises_unreachable_when_nats_is_down():
+    from service.client import Unreachable
+
+    model = ChatLifeline(nats_url=_DEAD)
+
+    async def consume() -> None:
+        async for _ in model.astream("hi"):
+            pass
+
+    try:
+        with pytest.raises(Unreachable):
+            await asyncio.wait_for(consume(), 30)
+    finally:
+        await asyncio.to_thread(bridge.close, _DEAD)
+
+
+async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifeline, nats_url):
+    await lifeline(config({"main": fake()}))
+    model = ChatLifeline(nats_url=nats_url, timeout=5)
+    try:
+        assert (await model.ainvoke("first")).content == "first"
+        shared = bridge.connection(nats_url)
+        await asyncio.wrap_future(  # as nats-py does after an authorization error, say
+            asyncio.run_coroutine_threadsafe(shared._client.nc.close(), shared._loop)
+        )
+        assert (await model.ainvoke("second")).content == "second"
+    finally:
+        await asyncio.to_thread(bridge.close, nats_url)

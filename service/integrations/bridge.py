@@ -58,6 +58,12 @@ class Connection:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
+            if self._client is not None and self._client.nc.is_closed:
+                # Closed for good (nats-py gives up on some server errors, an authorization
+                # change say): a new one, rather than "closed" for every call from now on.
+                with contextlib.suppress(Exception):
+                    await self._client.close()
+                self._client = None
             if self._client is None:
                 self._client = await Lifeline.connect(self.url, name=self._name)
             return self._client
@@ -90,6 +96,7 @@ class Connection:
         """The items of `events(client)`, read on the private loop, yielded in this thread."""
         handoff: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         future = self._submit(lambda client: _pump(events(client), handoff.put))
+        future.add_done_callback(_failure_to(handoff.put))
         try:
             while True:
                 ok, item = handoff.get()
@@ -113,6 +120,7 @@ class Connection:
                 caller.call_soon_threadsafe(handoff.put_nowait, item)
 
         future = self._submit(lambda client: _pump(events(client), put))
+        future.add_done_callback(_failure_to(put))
         try:
             while True:
                 ok, item = await handoff.get()
@@ -156,6 +164,19 @@ async def _pump(events: AsyncIterator[Any], put: Callable[[tuple[bool, Any]], No
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _failure_to(
+    put: Callable[[tuple[bool, Any]], None],
+) -> Callable[[concurrent.futures.Future[Any]], None]:
+    """A done-callback handing a stream's failure before its first item (connecting, say, which
+    _pump never sees) to its reader, who would otherwise wait for ever."""
+
+    def done(future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            put((False, future.exception()))
+
+    return done
 
 
 _connections: dict[str, Connection] = {}
