@@ -206,6 +206,14 @@ async def test_a_filtered_answer_maps_to_content_filter(make):
     assert err.kind == "content_filter"
 
 
+async def test_a_refusal_maps_to_content_filter_without_its_text(make):
+    """Structured Outputs: content null and message.refusal set, the model declining."""
+    body = json.loads(json.dumps(COMPLETION))
+    body["choices"][0]["message"] = {"role": "assistant", "content": None, "refusal": "I can't."}
+    err = await failure(make(Server(body=body)))
+    assert err.kind == "content_filter" and "I can't" not in err.message
+
+
 # ---- errors ---------------------------------------------------------------------------
 
 

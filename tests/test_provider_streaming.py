@@ -666,6 +666,21 @@ async def test_a_content_filter_finish_reason_is_a_content_filter_error(kind, se
     assert "content_filter" in error.message
 
 
+async def test_an_openai_refusal_streamed_is_a_content_filter_error_not_an_empty_answer(
+    server, providers
+):
+    events = [
+        sse(openai_chunk({"role": "assistant", "content": None, "refusal": ""})),
+        sse(openai_chunk({"refusal": "I'm sorry, I cannot"})),
+        sse(openai_chunk({"refusal": " assist with that."})),
+        sse(openai_chunk({}, "stop")),
+        sse("[DONE]"),
+    ]
+    server.answer = lambda handler: send(handler, events)
+    deltas, error = await failed(providers(OPENAI, server.url))
+    assert deltas == [] and error.kind == "content_filter" and "sorry" not in error.message
+
+
 async def test_an_anthropic_refusal_is_a_content_filter_error(server, providers):
     events = anthropic_events(TEXTS)
     refusal = {"type": "message_delta", "delta": {"stop_reason": "refusal"}}

@@ -181,6 +181,14 @@ def finish_reason(reason: str | None, tool_calls: list[ToolCall] | None) -> Fini
     return "tool_calls" if tool_calls and normalised == "stop" else normalised
 
 
+def _refused(status: int) -> ProviderError:
+    """message.refusal: the model declined to answer, a failure the route may fall back on.
+    Its text is the model's output, kept out of error messages (and so of audit events)."""
+    return ProviderError(
+        "content_filter", "the model refused to answer (message.refusal; its text not kept)", status
+    )
+
+
 def _withheld(status: int) -> ProviderError:
     """finish_reason content_filter: the answer is missing or cut short, a failure the route
     may fall back on, not an answer."""
@@ -207,6 +215,7 @@ class _ToolCall(msgspec.Struct):
 class _Message(msgspec.Struct):
     content: str | None = None  # null when the answer only calls tools, or was filtered
     tool_calls: list[_ToolCall] | None = None
+    refusal: str | None = None  # the model declined (Structured Outputs): instead of content
 
 
 class _Choice(msgspec.Struct):
@@ -266,6 +275,7 @@ class _ToolCallDelta(msgspec.Struct):
 class _Delta(msgspec.Struct):
     content: str | None = None  # absent from the first chunk (role only) and the last ones
     tool_calls: list[_ToolCallDelta] | None = None
+    refusal: str | None = None  # pieces of a refusal, instead of content
 
 
 class _ChunkChoice(msgspec.Struct):
@@ -291,6 +301,8 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
     if choice.finish_reason == "content_filter":
         raise _withheld(response.status_code)
     message = choice.message
+    if message.refusal:
+        raise _refused(response.status_code)
     calls = [call.wire() for call in message.tool_calls or ()]
     if message.content is None and not calls:
         raise unexpected_body(response, "choices[0].message has neither content nor tool_calls")
@@ -403,6 +415,8 @@ class ChatStream:
             raise _withheld(200)
         self.finish_reason = choice.finish_reason or self.finish_reason
         delta = choice.delta or _Delta()
+        if delta.refusal:
+            raise _refused(200)
         if not delta.tool_calls:
             return delta.content
         calls: list[Delta] = [self.calls.add(call) for call in delta.tool_calls]
