@@ -135,7 +135,7 @@ async def test_sends_the_chat_completions_body(make):
     assert server.sent_json() == {
         "model": "gpt4o-prod",
         "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 800,
+        "max_completion_tokens": 800,  # what the default api_version's o-series require
         "temperature": 0.7,
     }
 

@@ -118,10 +118,23 @@ async def test_sends_model_and_messages_in_the_body(make):
 
 
 async def test_sends_max_tokens_and_temperature_when_set(make):
-    server = Server()
-    await make(server).complete(request(max_tokens=64, temperature=0.2), timeout_s=5)
-    assert server.sent_json()["max_tokens"] == 64
-    assert server.sent_json()["temperature"] == 0.2
+    """OpenAI's own API takes the limit as max_completion_tokens (its reasoning models refuse
+    max_tokens); a compatible server gets max_tokens, which is what most of them know."""
+    for settings, field in [
+        ({}, "max_completion_tokens"),
+        ({"base_url": "http://localhost:11434/v1"}, "max_tokens"),
+        (
+            {"base_url": "http://vllm:8000/v1", "max_tokens_field": "max_completion_tokens"},
+            "max_completion_tokens",
+        ),
+        ({"max_tokens_field": "max_tokens"}, "max_tokens"),
+    ]:
+        server = Server()
+        await make(server, **settings).complete(request(max_tokens=64, temperature=0.2), 5)
+        sent = server.sent_json()
+        assert (sent[field], sent["temperature"]) == (64, 0.2), settings
+        other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+        assert other not in sent
 
 
 async def test_request_model_overrides_the_configured_model(make):

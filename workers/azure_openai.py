@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 import httpx
 import msgspec
@@ -32,6 +33,9 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
     deployment: str
     api_version: str = "2024-10-21"
     api_key_env: str = "AZURE_OPENAI_API_KEY"
+    # The default api_version takes max_completion_tokens, which its reasoning deployments
+    # (o1, o3, ...) require; max_tokens for an older api_version.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_completion_tokens"
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("https://", "http://")):
@@ -58,6 +62,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
+        self.max_tokens_as = settings.max_tokens_field
         endpoint = settings.endpoint.rstrip("/")
         url = (
             f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions"

@@ -32,8 +32,9 @@ The body builder and the response and error parsing are shared with workers.azur
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import msgspec
@@ -73,6 +74,10 @@ class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown
     api_key_env: str | None = "OPENAI_API_KEY"  # None or "": send no Authorization header
     base_url: str = "https://api.openai.com/v1"
     organization: str | None = None
+    # What the answer's length limit is called in the body: OpenAI's own API takes
+    # max_completion_tokens (its reasoning models refuse max_tokens, deprecated there), while
+    # many compatible servers know only max_tokens. Unset: the first for api.openai.com.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -81,14 +86,23 @@ class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
 
 
-def chat_body(request: ProviderRequest, model: str) -> dict[str, Any]:
+def max_tokens_field(settings: OpenAISettings) -> str:
+    if settings.max_tokens_field is not None:
+        return settings.max_tokens_field
+    host = urllib.parse.urlsplit(settings.base_url).hostname
+    return "max_completion_tokens" if host == "api.openai.com" else "max_tokens"
+
+
+def chat_body(
+    request: ProviderRequest, model: str, max_tokens_as: str = "max_tokens"
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": [chat_message(message) for message in request.messages],
     }
     # Unset options are left out so the provider's own defaults apply.
     if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
+        body[max_tokens_as] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
     if request.top_p is not None:
@@ -454,6 +468,7 @@ class OpenAIProvider(HttpProvider):
         if settings.organization:
             headers["OpenAI-Organization"] = settings.organization
         url = settings.base_url.rstrip("/") + "/chat/completions"
+        self.max_tokens_as = max_tokens_field(settings)
         super().__init__(
             settings,
             url=url,
@@ -464,7 +479,7 @@ class OpenAIProvider(HttpProvider):
         )
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        return chat_body(request, model)
+        return chat_body(request, model, self.max_tokens_as)
 
     def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_chat_completion(response, model)
@@ -475,7 +490,8 @@ class OpenAIProvider(HttpProvider):
     def stream_body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
         # include_usage: the last chunk carries the usage, as the whole answer's body does.
         stream_options = {"include_usage": True}
-        return {**chat_body(request, model), "stream": True, "stream_options": stream_options}
+        body = chat_body(request, model, self.max_tokens_as)
+        return {**body, "stream": True, "stream_options": stream_options}
 
     def stream_reader(self, model: str) -> ChatStream:
         return ChatStream(self.label, model)
