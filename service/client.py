@@ -174,10 +174,15 @@ def _messages(messages: Messages) -> list[ChatMessage | Mapping[str, Any]]:
 
 
 def _wait_s(request: CompletionRequest, default_s: float) -> float:
-    """How long the dispatcher may take to answer `request`: its own bound, plus a grace."""
-    bound = request.timeout_s or default_s
-    if request.deadline_unix_ms is not None:
-        bound = min(bound, max(request.deadline_unix_ms / 1000 - time.time(), 0.0))
+    """How long the dispatcher may take to answer `request`: its own bound, plus a grace. As
+    the dispatcher reads it: deadline_unix_ms alone bounds the request (no default then), and
+    with timeout_s the sooner of the two does."""
+    if request.deadline_unix_ms is None:
+        bound = request.timeout_s or default_s
+    else:
+        bound = max(request.deadline_unix_ms / 1000 - time.time(), 0.0)
+        if request.timeout_s is not None:
+            bound = min(bound, request.timeout_s)
     return bound + _GRACE_S
 
 
@@ -371,6 +376,7 @@ class Lifeline:
                     "(`lifeline run`)"
                 ) from None
             except NatsTimeoutError:
+                await abort(self.nc, key)  # given up on: whatever still runs for it stops
                 raise NoAnswer(
                     f"no reply on {subjects.COMPLETE} within "
                     f"{_wait_s(req, self.default_timeout_s):g} s (the request's timeout and a "

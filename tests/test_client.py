@@ -217,3 +217,13 @@ async def test_a_job_id_its_header_cannot_carry_is_refused(lifeline_client):
     for job_id in ("row-7 ", " row-7", "a\nb"):
         with pytest.raises(ValueError, match="Nats-Msg-Id"):
             await lifeline_client.submit("hi", job_id=job_id)
+
+
+async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nats_url):
+    """deadline_unix_ms alone bounds a request at the dispatcher (no default timeout then):
+    the client waits as long, not its own default."""
+    await lifeline(config({"main": fake(latency_ms=6000)}, default_timeout_s=0.1))
+    async with Lifeline.connect(nats_url, default_timeout_s=0.1) as client:  # + 5 s of grace
+        deadline = int(time.time() * 1000) + 15_000
+        reply = await client.complete("hi", deadline_unix_ms=deadline)
+        assert (reply.status, reply.content) == ("ok", "hi")
