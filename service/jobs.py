@@ -109,6 +109,7 @@ class Jobs:
                 max_deliver=s.max_deliver,
                 max_ack_pending=-1,
             )
+            await _keep_consumer_to(js, s)
             self._sub = await js.pull_subscribe(
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
@@ -262,6 +263,35 @@ class Jobs:
         while True:
             await asyncio.sleep(self.settings.ack_wait_s / 3)
             await _quietly(msg.in_progress())
+
+
+async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:
+    """The durable consumer keeps the ack_wait and max_deliver it was made with (binding to it
+    changes nothing), while this dispatcher heartbeats and dead-letters by its own settings:
+    one made with other values (an earlier config) is updated to these."""
+    try:
+        info = await js.consumer_info(settings.stream, subjects.JOBS_CONSUMER)
+    except nats.js.errors.NotFoundError:
+        return  # pull_subscribe makes it, with these
+    config = info.config
+    if (
+        config.max_deliver == settings.max_deliver
+        and config.ack_wait is not None
+        and abs(config.ack_wait - settings.ack_wait_s) < 0.001
+    ):
+        return
+    await js.add_consumer(
+        settings.stream,
+        config.evolve(ack_wait=settings.ack_wait_s, max_deliver=settings.max_deliver),
+    )
+    log.info(
+        "jobs: consumer %s updated to ack_wait %g s and max_deliver %d (it had %s s and %s)",
+        subjects.JOBS_CONSUMER,
+        settings.ack_wait_s,
+        settings.max_deliver,
+        config.ack_wait,
+        config.max_deliver,
+    )
 
 
 async def _quietly(work: Any) -> None:

@@ -354,3 +354,26 @@ async def test_a_result_too_large_to_store_is_stored_as_a_small_error_once(
     assert event.error_type == "reply_too_large"
     nc = stack.dispatcher.transport.nc
     assert (stack.dispatcher.jobs.handled, nc.is_connected, nc.stats["reconnects"]) == (1, True, 0)
+
+
+async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lifeline, client):
+    """The durable consumer outlives dispatchers: one made by an earlier config keeps its
+    ack_wait and max_deliver unless updated, while heartbeats and dead letters follow the
+    config (a job could then be redelivered while it runs, or never dead-lettered)."""
+    import nats.js.api
+
+    from service.jobstore import ensure_jobs
+
+    js = client.jetstream()
+    await ensure_jobs(js, JobsSettings())
+    old = await js.pull_subscribe(
+        subjects.JOBS_SUBMIT,
+        durable=subjects.JOBS_CONSUMER,
+        config=nats.js.api.ConsumerConfig(ack_wait=1, max_deliver=2, max_ack_pending=-1),
+    )
+    await old.unsubscribe()
+    await lifeline({**config({"main": fake()}), "jobs": {"ack_wait_s": 6, "max_deliver": 3}})
+    info = await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    assert (info.config.ack_wait, info.config.max_deliver) == (6, 3)
+    await submit(client, job("after"), "after")
+    assert (await result_of(client, "after")).status == "ok"
