@@ -197,3 +197,14 @@ async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cance
     await wait_for(lambda: not worker.in_flight, timeout_s=1)
     assert worker.cancelled == 1
     assert len(http_server.requests) == 1 and http_server.finished_hangs == 0
+
+
+def test_a_workers_http_pool_takes_as_many_calls_as_the_worker_does():
+    """A call the worker admitted must not wait for a pooled connection until its deadline
+    (a timeout counted against a healthy provider): the pool follows max_in_flight."""
+    from workers.openai import OpenAIProvider, OpenAISettings
+
+    settings = OpenAISettings(kind="openai", model="m", api_key_env="", max_in_flight=700)
+    provider = OpenAIProvider(settings)
+    pool = provider._client._transport._pool
+    assert pool._max_connections == 700

@@ -101,6 +101,10 @@ async def test_sends_the_requests_max_tokens_and_temperature(make):
     server = Server()
     await make(server).complete(request(max_tokens=256, temperature=0.5), timeout_s=5)
     assert (server.sent_json()["max_tokens"], server.sent_json()["temperature"]) == (256, 0.5)
+    # Anthropic takes 0 to 1; a request falling back from an OpenAI target may say up to 2.
+    hotter = Server()
+    await make(hotter).complete(request(temperature=1.5), timeout_s=5)
+    assert hotter.sent_json()["temperature"] == 1.0
 
 
 async def test_system_messages_are_joined_into_the_system_field(make):

@@ -141,7 +141,9 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     if system:
         body["system"] = system
     if request.temperature is not None:
-        body["temperature"] = request.temperature
+        # Anthropic takes 0 to 1, the wire (OpenAI's range) 0 to 2: a request falling back here
+        # from an OpenAI target with 1.5 is sent Anthropic's highest, not refused as a 400.
+        body["temperature"] = min(request.temperature, 1.0)
     if request.top_p is not None:
         body["top_p"] = request.top_p
     if request.stop:

@@ -183,13 +183,18 @@ def decode_body(response: httpx.Response, decoder: msgspec.json.Decoder[Any]) ->
         raise unexpected_body(response, str(exc)) from exc
 
 
-def http_client(base_url: str, headers: dict[str, str], timeout_s: float) -> httpx.AsyncClient:
-    """The one pooled client a worker keeps for its provider. httpx never retries on its own."""
+def http_client(
+    base_url: str, headers: dict[str, str], timeout_s: float, max_connections: int = 256
+) -> httpx.AsyncClient:
+    """The one pooled client a worker keeps for its provider. httpx never retries on its own.
+    Its pool takes as many connections as the worker takes calls (max_in_flight): a call
+    admitted must not then wait for a connection until its deadline, a timeout that would
+    count against a healthy provider; the worker's admission is the one limit."""
     return httpx.AsyncClient(
         base_url=base_url,
         headers=headers,
         timeout=httpx.Timeout(timeout_s),
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
     )
 
 
@@ -509,7 +514,9 @@ class HttpProvider:
         self.secrets: tuple[str, ...] = tuple(secret for secret in secrets if secret)
         # Auth goes with each request (not on the client), so an injected client sends it too.
         self._headers = headers
-        self._client = client or http_client(base_url, {}, settings.timeout_s)
+        self._client = client or http_client(
+            base_url, {}, settings.timeout_s, settings.max_in_flight
+        )
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         model = request.model or self.model
