@@ -92,6 +92,12 @@ class Transport(Protocol):
 Respond = Callable[[CompletionReply], Awaitable[CompletionReply]]
 
 
+class DeliverAgain(Exception):
+    """Raised by a `Respond` whose front end will get the request again because its reply
+    could not be delivered (a job whose result could not be stored): nothing is audited now;
+    the delivery that stores it audits what was stored."""
+
+
 class Inbound(NamedTuple):
     """A request as a front end received it."""
 
@@ -174,6 +180,11 @@ class Engine:
         try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
             if respond is not None:
                 reply = await respond(reply)
+        except DeliverAgain as again:
+            log.warning("request %r not delivered, to be delivered again: %s", reply.id, again)
+            _annotate(span, reply, route)
+            span.end()
+            return reply
         except Exception:
             log.exception("bug while answering request %r", reply.id)
         except asyncio.CancelledError:  # only while a publish waits on a reconnecting connection

@@ -43,7 +43,7 @@ from schemas import CompletionReply, subjects
 from schemas.wire import encoder, reply_decoder, salvage_id
 from service.config import JobsSettings
 from service.discovery import Tally
-from service.engine import Engine, Inbound
+from service.engine import DeliverAgain, Engine, Inbound
 from service.jobstore import ensure_jobs
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
@@ -211,7 +211,14 @@ class Jobs:
         kept: list[CompletionReply] = []
 
         async def keep(reply: CompletionReply) -> CompletionReply:
-            result = await self._keep(key, reply)
+            try:
+                result = await self._keep(key, reply)
+            except Exception as exc:  # the bucket's errors are many types
+                if msg.metadata.num_delivered < self.settings.max_deliver:
+                    # Not stored: the job is delivered again, and that delivery audits what
+                    # it stores (the audit stream keeps one event per job: it must be that).
+                    raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
+                raise  # its last delivery: dead-lettered next, audited now, as it ends
             kept.append(result)
             await self._notify(msg, encoder.encode(result))
             return result
@@ -225,7 +232,7 @@ class Jobs:
         if reply.error is not None:
             self.tally.errors += 1
             self.tally.last_error = reply.error.type
-        if not kept:  # the engine logs what `keep` raised and goes on: never ack then
+        if not kept:  # the engine logs what `keep` raised and audits nothing: never ack then
             raise RuntimeError("the job's result could not be stored (see the log above)")
         self.handled += 1
         await msg.ack()

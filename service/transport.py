@@ -19,6 +19,7 @@ order on the client's reply subject (schemas/streaming.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -180,7 +181,7 @@ class NatsTransport:
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
         """Publish the request's one audit event (the audit stream captures it, and keeps one
         per `msg_id` when given)."""
-        headers = {MSG_ID: msg_id[:300]} if msg_id else None
+        headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
         await publish_checked(
             self.nc,
@@ -189,6 +190,14 @@ class NatsTransport:
             "an audit event",
             headers,
         )
+
+
+def _short_msg_id(msg_id: str) -> str:
+    """A Nats-Msg-Id of at most 300 characters, distinct for distinct ids: a long one (a job id
+    taken from its own Nats-Msg-Id, which has no length limit) keeps its start and a hash."""
+    if len(msg_id) <= 300:
+        return msg_id
+    return msg_id[:200] + "~" + hashlib.sha256(msg_id.encode()).hexdigest()
 
 
 def _bounded(reply: ProviderReply) -> ProviderReply:

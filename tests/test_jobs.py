@@ -377,3 +377,58 @@ async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lif
     assert (info.config.ack_wait, info.config.max_deliver) == (6, 3)
     await submit(client, job("after"), "after")
     assert (await result_of(client, "after")).status == "ok"
+
+
+async def test_the_audit_event_kept_is_that_of_the_result_stored(lifeline, client, monkeypatch):
+    """A delivery whose result could not be stored audits nothing: the delivery that stores
+    one audits it, and that is the one event the audit stream keeps for the job."""
+    from schemas.wire import audit_decoder
+    from service import jobs as jobs_module
+    from service.audit import read_events
+    from service.config import AuditSettings
+
+    real_keep, failures = jobs_module.Jobs._keep, []
+
+    async def keep_fails_once(self, key, reply):
+        if not failures:
+            failures.append(reply)
+            raise TimeoutError("the results bucket did not answer")
+        return await real_keep(self, key, reply)
+
+    monkeypatch.setattr(jobs_module.Jobs, "_keep", keep_fails_once)
+    monkeypatch.setattr(jobs_module, "_RETRY_DELAY_S", 0.1)
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("kept-later"), "kept-later")
+    stored = await result_of(client, "kept-later")
+    await asyncio.sleep(0.5)
+    events = [
+        audit_decoder.decode(data)
+        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
+    ]
+    assert [(e.id, e.trace_id) for e in events] == [("kept-later", stored.trace_id)]
+    assert failures and failures[0].trace_id != stored.trace_id  # two runs, two traces
+
+
+async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_event(
+    lifeline, client, audit
+):
+    """Ids from Nats-Msg-Id alone (bodies without one) have no length limit: two sharing their
+    first 300 characters are still two jobs with an audit event each."""
+    from schemas.wire import audit_decoder
+    from service.audit import read_events
+    from service.config import AuditSettings
+
+    await lifeline(config({"main": fake()}))
+    body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
+    ids = ["p" * 350 + "-one", "p" * 350 + "-two"]
+    for job_id in ids:
+        await submit(client, body, job_id)
+    for job_id in ids:
+        assert (await result_of(client, job_id)).status == "ok"
+    await audit.wait_for(2)
+    await asyncio.sleep(0.3)
+    kept = [
+        audit_decoder.decode(data)
+        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
+    ]
+    assert len(kept) == 2
