@@ -660,8 +660,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         stack = await start_stack(config, nats_opts, tracers, meters=meters)
         probes = await _start_probes(stack.components, args.health_port)
         await _run_gateway(stack, config, nats_opts, args)
+        # Connected before "ready" is printed: everything that connects has, by then.
+        watcher = None if args.quiet else await _watch_audit(nats_opts)
         _print_started(config, nats_opts.shown)
-        lost = await _serve_stack(stack, nats_opts, quiet=args.quiet)
+        lost = await _serve_stack(stack, watcher)
     finally:
         if probes is not None:
             await probes.stop()
@@ -696,10 +698,9 @@ def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:
     return server, url
 
 
-async def _serve_stack(stack: Stack, nats_opts: natsopts.NatsOptions, quiet: bool) -> str | None:
-    """Serve (printing a line per request unless `quiet`) until a signal (returns None) or
-    until a component's NATS connection is gone for good (returns its name)."""
-    watcher = None if quiet else await _watch_audit(nats_opts)
+async def _serve_stack(stack: Stack, watcher: Client | None) -> str | None:
+    """Serve (`watcher` printing a line per request) until a signal (returns None) or until a
+    component's NATS connection is gone for good (returns its name)."""
     settle_after_start()
     lost = await _until_signalled(stack.lost())
     if lost is not None:

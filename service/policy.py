@@ -286,7 +286,11 @@ async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainRes
             if isinstance(decision, Retry):
                 await sleep(decision.delay_s)
                 retry += 1
-                decision = run.out_of_room() or Call(probe)
+                # Its breaker may have opened during the backoff (other requests' failures):
+                # asked again, as for any call (a probe keeps the claim it holds).
+                decision = run.out_of_room() or (
+                    Call(probe) if probe else await run.breaker(target)
+                )
         match decision:
             case Skip(reason, message):
                 run.skip(target, reason, message)

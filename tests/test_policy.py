@@ -634,3 +634,33 @@ async def test_a_timeout_the_requests_short_deadline_cut_does_not_count():
             Chain([slow]), script, Limits(Deadline(clock.now + 2)), health=health, clock=clock
         )
     assert health.of("slow", "slow-model").state == CLOSED
+
+
+async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile():
+    from service.health import BreakerSettings, Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    breaker = BreakerSettings(consecutive_failures=5)
+    a = target("a", retries=1, backoff_s=1.0, breaker=breaker)
+
+    async def sleep(seconds: float) -> None:  # other requests' failures open a's breaker
+        clock.now += seconds
+        for _ in range(5):
+            health.record("a", "a-model", breaker, False, "server_error", started=clock.now)
+
+    script = Script(clock, {"a": [fail("server_error", 503), ok()], "b": ok()})
+    result = await run_chain(
+        Chain([a, target("b")]),
+        script,
+        Limits(Deadline(clock.now + 60)),
+        health=health,
+        clock=clock,
+        sleep=sleep,
+    )
+    assert script.called == ["a", "b"]
+    assert [(x.target, x.outcome, x.reason) for x in result.attempts][-2:] == [
+        ("a", "skipped", "circuit_open"),
+        ("b", "ok", None),
+    ]
+
