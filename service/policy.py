@@ -308,6 +308,7 @@ class _Run:
         "attempts",
         "call",
         "calling",
+        "claims",
         "clock",
         "cursor",
         "errors",
@@ -346,6 +347,7 @@ class _Run:
         self.attempts: list[Attempt] = attempts if attempts is not None else []
         # The calls running, until their outcome: what a cancelled walk cut short.
         self.calling: dict[tuple[int, float], tuple[Target, float, bool]] = {}
+        self.claims: set[tuple[str, str]] = set()  # health keys whose probe this request holds
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
         self.physical = 0
         self.fell_back: Outcome | None = (
@@ -389,6 +391,8 @@ class _Run:
         if admitted == CALL:
             return Call()
         probe = admitted == PROBE and await health.claim(*key, target.timeout_s + 1)
+        if probe:
+            self.claims.add(key)
         if not probe and self.limits.fallback and self._fits_later():
             health.skipped(*key)
             state = health.targets.get(key)
@@ -491,7 +495,7 @@ class _Run:
             )
         elif capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
-            if probe:
+            if probe and (provider, model) in self.claims:  # a probe another holds stays
                 health.release(provider, model)  # undecided: the next request probes
         else:
             health.record(

@@ -32,7 +32,7 @@ from service.health import (
     bucket_of,
     percentile_ms,
 )
-from service.policy import Chain, Hedge, Limits, Needs, run_chain
+from service.policy import ChainResult, Chain, Hedge, Limits, Needs, run_chain
 
 P, M = "p", "m"
 FAST = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
@@ -677,37 +677,44 @@ async def test_no_retries_into_a_breaker_the_failure_just_opened():
     assert script.called == ["a", "b"]
 
 
+async def _race_ending_in_one_turn() -> ChainResult:
+    """a fails with a failure that settles the race (outside fallback_on), its hedge b answers
+    ok, both in the same turn."""
+    go, b_started = asyncio.Event(), asyncio.Event()
+
+    async def a_bad_request():
+        await b_started.wait()
+        await go.wait()
+        return fail("bad_request", 400)
+
+    async def b_ok():
+        b_started.set()
+        await go.wait()
+        return ok(content="from b")
+
+    async def release():
+        await b_started.wait()
+        await asyncio.sleep(0.01)
+        go.set()
+
+    limits = Limits(
+        Deadline(time.monotonic() + 30),
+        fallback_on=frozenset({"rate_limit"}),
+        hedge=Hedge(after_s=0.01),
+    )
+    releasing = asyncio.ensure_future(release())
+    result = await run_chain(
+        Chain([target("a"), target("b")]), Racer(a=a_bad_request, b=b_ok), limits
+    )
+    await releasing
+    return result
+
+
 async def test_a_good_answer_in_the_same_turn_as_a_settling_failure_wins_the_race():
     """Both raced calls end in the same turn: the first good answer wins, whatever order the
     two are looked at in."""
     for _ in range(20):
-        go, b_started = asyncio.Event(), asyncio.Event()
-
-        async def a_bad_request():
-            await b_started.wait()
-            await go.wait()
-            return fail("bad_request", 400)
-
-        async def b_ok():
-            b_started.set()
-            await go.wait()
-            return ok(content="from b")
-
-        async def release():
-            await b_started.wait()
-            await asyncio.sleep(0.01)
-            go.set()
-
-        limits = Limits(
-            Deadline(time.monotonic() + 30),
-            fallback_on=frozenset({"rate_limit"}),
-            hedge=Hedge(after_s=0.01),
-        )
-        releasing = asyncio.ensure_future(release())
-        result = await run_chain(
-            Chain([target("a"), target("b")]), Racer(a=a_bad_request, b=b_ok), limits
-        )
-        await releasing
+        result = await _race_ending_in_one_turn()
         assert result.answer is not None and result.answer.content == "from b"
 
 
@@ -784,3 +791,27 @@ async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge(
         ("a", "cancelled", None, False),
         ("b", "error", "stop", True),
     ]
+
+
+async def test_a_called_anyway_call_cut_short_leaves_another_requests_probe_alone():
+    """One request holds the half-open probe; another, whose only target this is, calls it
+    anyway and its short deadline cuts the call: the probe stays the first request's (no
+    second probe starts while it runs)."""
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    breaker = BreakerSettings(consecutive_failures=1, cooldown_s=5)
+    a = target("a", timeout_s=30, breaker=breaker)
+    health.record("a", "a-model", breaker, False, "server_error")
+    clock.now += 6
+    assert await health.claim("a", "a-model", 31)  # the first request's probe is out
+    script = Script(clock, {"a": fail("timeout")}, took={"a": 1.0})
+    await run_chain(
+        Chain([a]),
+        script,
+        Limits(Deadline(clock.now + 1)),
+        health=health,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert script.called == ["a"]  # called anyway: the last target left
+    assert health.admit("a", "a-model") == SKIP
