@@ -752,8 +752,10 @@ class _Run:
     def _record(self, outcome: Outcome, retry: int, next_: Next, reason: str | None = None) -> None:
         failure = outcome.reply
         assert isinstance(failure, ProviderFailure)
-        self.attempts.extend(outcome.cancelled)
-        self.attempts.append(_failed(outcome, failure, retry, next_, reason))
+        failed = _failed(outcome, failure, retry, next_, reason)
+        # In the order the calls started, as for a race won (see succeed): the hedge after.
+        lost = outcome.cancelled
+        self.attempts.extend([*lost, failed] if outcome.hedge else [failed, *lost])
 
     def skip(self, target: Target, reason: str, message: str) -> None:
         self.attempts.append(

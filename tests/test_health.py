@@ -743,9 +743,9 @@ async def test_a_failure_that_stops_the_chain_settles_a_race():
         and result.error.type == "fallback_stopped"
     )
     assert racer.cancelled == ["b"]
-    assert sorted((x.target, x.outcome, x.next) for x in result.attempts) == [
-        ("a", "error", "stop"),
-        ("b", "cancelled", None),
+    assert [(x.target, x.outcome, x.next, x.hedge) for x in result.attempts] == [
+        ("a", "error", "stop", False),  # in the order the calls started
+        ("b", "cancelled", None, True),
     ]
 
 
