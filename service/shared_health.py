@@ -169,10 +169,10 @@ class BucketStore:
                 "shared health: breaker state is shared through JetStream bucket %s", self.bucket
             )
         self.problem = None
-        # What opened here meanwhile, unless the bucket knows better.
+        # What opened here meanwhile, unless the bucket knows better (a newer record).
         for target in health.targets.values():
             if target.state != CLOSED:
-                self._spawn(self._put(health.state_of(target), only_if_new=True))
+                self._spawn(self._put_if_newer(health.state_of(target)))
 
     def _degrade(self, exc: BaseException) -> None:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
@@ -296,6 +296,32 @@ class BucketStore:
             self._revisions[key] = max(revision, self._revisions.get(key, 0))
         except nats.js.errors.KeyWrongLastSequenceError:
             pass  # only_if_new: the bucket has a state already; the watcher brings it here
+        except Exception as exc:  # noqa: BLE001
+            self._degrade(exc)
+
+    async def _put_if_newer(self, breaker: BreakerState) -> None:
+        """Write `breaker` unless the bucket holds a record as new or newer (compare-and-set
+        on its revision: a write in between wins)."""
+        if self.kv is None:
+            return
+        key = breaker_key(breaker.provider, breaker.model)
+        try:
+            try:
+                entry = await asyncio.wait_for(self.kv.get(key), _OP_TIMEOUT_S)
+            except nats.js.errors.KeyNotFoundError:
+                await self._put(breaker, only_if_new=True)
+                return
+            try:
+                stored = _breaker_decoder.decode(entry.value or b"")
+            except msgspec.DecodeError:
+                stored = None
+            if stored is not None and stored.since_unix_ms >= breaker.since_unix_ms:
+                return  # the bucket knows better; the watcher brings it here
+            write = self.kv.update(key, self._value(breaker), last=entry.revision)
+            revision = await asyncio.wait_for(write, _OP_TIMEOUT_S)
+            self._revisions[key] = max(revision, self._revisions.get(key, 0))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # written meanwhile: that is newer
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 

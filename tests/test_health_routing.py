@@ -484,3 +484,38 @@ async def test_a_simulated_answer_does_not_close_a_really_open_breaker(lifeline,
         "circuit_open",
     )  # no probe from a simulated request either
     assert stack.dispatcher.health.of("a", "fake-1").state == OPEN
+
+
+async def test_a_breaker_opened_while_the_bucket_was_out_of_reach_outlives_its_older_close(
+    nats_url,
+):
+    """The bucket holds an older close; this dispatcher opened the breaker while it could not
+    reach the bucket. Back in reach, its open stays (the replayed close is older) and reaches
+    the other dispatchers."""
+    from service.health import BreakerSettings
+
+    breaker = BreakerSettings(consecutive_failures=2, cooldown_s=30)
+    nc_a, nc_b = await nats.connect(nats_url), await nats.connect(nats_url)
+    a, b = Health(BucketStore(nc_a, "h")), Health(BucketStore(nc_b, "h"))
+    await a.start()
+    await b.start()
+    try:
+        for _ in range(2):  # earlier: b opened it, and its probe closed it again
+            b.record("p", "m", breaker, False, "server_error")
+        b.targets["p", "m"].open_until = 0
+        assert await b.claim("p", "m", 31)
+        b.record("p", "m", breaker, True, probe=True)
+        await wait_for(lambda: a.of("p", "m").state == CLOSED == b.of("p", "m").state)
+        a.store._degrade(TimeoutError("a put timed out"))  # a loses the bucket a moment
+        for _ in range(2):
+            a.record("p", "m", breaker, False, "server_error")
+        assert a.of("p", "m").state == OPEN
+        await a.store._stop_watcher()  # and reconnects, as its maintenance does
+        await a.store._connect(a)
+        await wait_for(lambda: b.of("p", "m").state == OPEN, timeout_s=5)
+        assert a.of("p", "m").state == OPEN
+    finally:
+        await a.stop()
+        await b.stop()
+        await nc_a.close()
+        await nc_b.close()
