@@ -663,4 +663,3 @@ async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile()
         ("a", "skipped", "circuit_open"),
         ("b", "ok", None),
     ]
-

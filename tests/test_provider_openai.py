@@ -325,6 +325,16 @@ def test_a_missing_api_key_env_var_raises_naming_the_variable():
         OpenAIProvider(settings, environ={})
 
 
+async def test_a_key_read_with_a_trailing_newline_is_sent_without_it(make):
+    """A key from a secret file often ends in a newline, which no HTTP header may carry."""
+    server = Server()
+    await make(server, environ={"OPENAI_API_KEY": KEY + "\n"}).complete(request(), timeout_s=5)
+    assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    settings = msgspec.convert({"kind": "openai", "model": "gpt-4o-mini"}, OpenAISettings)
+    with pytest.raises(ValueError, match="no HTTP header may carry"):
+        OpenAIProvider(settings, environ={"OPENAI_API_KEY": "sk-one two"})
+
+
 def test_settings_require_a_model():
     with pytest.raises(msgspec.ValidationError, match="model"):
         msgspec.convert({"kind": "openai", "model": ""}, OpenAISettings)

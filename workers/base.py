@@ -634,9 +634,15 @@ def _delta_bytes(delta: Delta) -> int:
 
 
 def require_api_key(environ: Mapping[str, str], name: str) -> str:
-    key = environ.get(name, "")
+    # Stripped: a key read from a file (a compose or Kubernetes secret) often ends in a newline,
+    # which no HTTP header may carry: every call would fail as a connection error.
+    key = environ.get(name, "").strip()
     if not key:
         raise ValueError(f"provider needs an API key: set the environment variable {name}")
+    if any(not " " < c < "\x7f" for c in key):
+        raise ValueError(
+            f"the API key in {name} holds a space or a character no HTTP header may carry"
+        )
     return key
 
 
