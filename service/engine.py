@@ -189,6 +189,7 @@ class Engine:
             log.exception("bug while answering request %r", reply.id)
         except asyncio.CancelledError:  # only while a publish waits on a reconnecting connection
             if if_cancelled is None:
+                span.end()  # its attempts' spans ended: theirs must not lose their parent
                 raise
             _uncancel()  # the audit event still goes out
         try:

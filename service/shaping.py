@@ -268,9 +268,13 @@ def _schema_error(validator: jsonschema.protocols.Validator, value: Any) -> str 
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is None:
         return None
-    where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+    # The place in the schema, not in the value: a value's own keys (under
+    # additionalProperties, say) are answer text or tool arguments, which the message, and so
+    # the audit event, must not carry.
+    where = "/".join(str(p) for p in list(error.absolute_schema_path)[:-1])  # less the rule
+    place = f"at schema {where}" if where else "at the top level"
     rule = msgspec.json.encode(error.validator_value).decode()[:120]
-    return f"at {where}, {error.validator} {rule} fails"
+    return f"{place}, {error.validator} {rule} fails"
 
 
 class _JsonCheck:

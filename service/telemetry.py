@@ -327,6 +327,9 @@ def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None
         or parts[0] != "00"
         or len(parts[1]) != 32
         or len(parts[2]) != 16
+        or len(parts[3]) != 2
+        # lowercase hex only, as the propagator reads it (int() takes more: capitals, "_")
+        or traceparent.encode().translate(None, b"0123456789abcdef-")
     ):
         ctx = trace.get_current_span(_propagator.extract(headers)).get_span_context()
         return ctx if ctx.is_valid else None

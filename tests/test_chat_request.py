@@ -125,7 +125,7 @@ async def test_images_count_towards_max_input_tokens(lifeline, client):
         (
             fake(tool_calls=[{"name": "get_weather", "arguments": '{"city": "P", "when": "Fri"}'}]),
             {},
-            'at when, format "date" fails',
+            'at schema properties/when, format "date" fails',
         ),
     ],
     ids=["required", "named", "arguments-json", "arguments-schema", "arguments-format"],

@@ -180,7 +180,7 @@ async def test_an_answer_that_parses_but_breaks_the_schema_is_invalid_output(lif
     )
     assert reply.provider == "better"
     assert reply.attempts[0].error_type == "invalid_output"
-    assert 'at answer, type "integer" fails' in (reply.attempts[0].message or "")
+    assert 'at schema properties/answer, type "integer" fails' in (reply.attempts[0].message or "")
     assert "forty-two" not in (reply.attempts[0].message or "")
 
 

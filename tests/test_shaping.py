@@ -196,7 +196,7 @@ def test_a_wrong_type_is_invalid_output_naming_its_path():
     result = check(schema(PERSON), '{"name": "Ada", "age": "old"}')
     assert isinstance(result, ProviderFailure)
     assert result.kind == "invalid_output"
-    assert 'at age, type "integer" fails' in result.message
+    assert 'at schema properties/age, type "integer" fails' in result.message
     assert "old" not in result.message  # the answer's own values stay out
 
 
@@ -227,3 +227,22 @@ def test_template_tokens_count_the_templates_own_text_but_not_its_placeholders()
         Template(system="You answer in valid JSON only. " * 10 + "{system}", user="{input}")
     )
     assert short == 0 and long > 60
+
+
+def test_a_schema_failure_says_where_in_the_schema_never_the_values_own_keys():
+    """Keys under additionalProperties are the answer's (or the tool call's) own text: the
+    message, which the audit event carries, must not quote them."""
+    check = output_validator(
+        CompletionRequest(
+            [ChatMessage("user", "hi")],
+            response_format=ResponseFormat(
+                "json_schema",
+                JsonSchemaFormat(
+                    "s", {"type": "object", "additionalProperties": {"type": "string"}}
+                ),
+            ),
+        )
+    )
+    failure = check(ProviderOk('{"my card is 4111 1111 1111 1111": 5}', "m"))
+    assert isinstance(failure, ProviderFailure) and "4111" not in failure.message
+    assert "at schema additionalProperties, type" in failure.message

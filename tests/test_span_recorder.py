@@ -119,3 +119,20 @@ def test_a_parent_read_from_headers_decides_as_the_same_parent_as_a_context(samp
             )
             assert direct.recording == (flags == "01")
             assert direct.parent is not None and direct.parent.span_id == SPAN_ID
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"00-{TRACE_ID:032X}-{SPAN_ID:016x}-01",  # capitals: invalid in W3C trace context
+        f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-1",  # flags of one digit
+        f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-0_",
+        f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01",  # and a valid one
+    ],
+)
+def test_a_traceparent_is_read_alike_with_or_without_tracestate(traceparent):
+    alone = telemetry.remote_parent({"traceparent": traceparent})
+    with_state = telemetry.remote_parent({"traceparent": traceparent, "tracestate": "v=1"})
+    assert (alone is None) == (with_state is None)
+    if alone is not None:
+        assert (alone.trace_id, alone.span_id) == (with_state.trace_id, with_state.span_id)
