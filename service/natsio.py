@@ -14,7 +14,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
+from nats.protocol.parser import (
+    AWAITING_CONTROL_LINE,
+    CRLF_SIZE,
+    MAX_CONTROL_LINE_SIZE,
+    Parser,
+)
 
 from schemas.wire import message_bytes
 
@@ -97,7 +102,8 @@ async def stop_taking(sub: Subscription) -> None:
 #   read   a parser subclass (installed per connection by `FastPath.install`) hands a complete
 #          MSG, or an HMSG with a plain header block, for a subscription made with
 #          `FastPath.subscribe` straight to its handler. Every other message, and every
-#          other protocol line (PING, INFO, -ERR, ...), goes to nats-py's own parser.
+#          other protocol line (PING, INFO, -ERR, ...), goes to nats-py's own parser, one
+#          frame at a time, so the frames after it keep their order.
 #   write  `FastPath.publish` appends the PUB/HPUB command to nats-py's pending buffer and
 #          writes the buffer once per event-loop turn (an urgent message at once, when
 #          traffic comes one message at a time: see `publish`); when the connection is not up,
@@ -105,8 +111,8 @@ async def stop_taking(sub: Subscription) -> None:
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
-# ._parse_header_lines, .msg_class, .stats; Subscription._id; Parser.buf, .state and the
-# AWAITING_CONTROL_LINE state.
+# ._parse_header_lines, .msg_class, .stats; Subscription._id; Parser.buf, .state, .needed,
+# the AWAITING_CONTROL_LINE state, CRLF_SIZE and MAX_CONTROL_LINE_SIZE.
 # The upstream change that would make it unnecessary: a synchronous per-subscription
 # handler in nats-py (called from the read loop, as nats.go's handlers are), and a publish
 # that schedules one write per loop turn instead of a Future per call.
@@ -273,14 +279,52 @@ class _FastParser(Parser):
         self.path = path
 
     async def parse(self, data: bytes = b"") -> None:
+        """Frames in the order they came: fast-path messages to their handlers, and each other
+        frame to nats-py's parser alone. Handed the rest of the buffer, nats-py would queue the
+        fast-path messages after it for their subscription's task, and the next read's would
+        overtake them (a stream's chunks out of order, an abort before its request)."""
         self.buf.extend(data)
         self.path.last_read = 0
-        if self.state == AWAITING_CONTROL_LINE:
-            taken = self._take()
-            if taken:
-                del self.buf[:taken]
-        if self.buf and not (self.state == AWAITING_CONTROL_LINE and self._waiting_for_ours()):
+        while self.buf:
+            if self.state == AWAITING_CONTROL_LINE:
+                taken = self._take()
+                if taken:
+                    del self.buf[:taken]
+                    continue
+                end = self._frame_end()
+            else:  # nats-py holds a message's control line: its payload and CRLF complete it
+                need = self.needed + CRLF_SIZE
+                end = need if len(self.buf) >= need else None
+            if end is None:
+                return  # the rest of the frame is still on its way
+            await self._nats_py_parse(end)
+
+    def _frame_end(self) -> int | None:
+        """Where the buffer's first frame ends; None while it has not all arrived."""
+        buf = self.buf
+        end = buf.find(b"\r\n")
+        if end < 0:  # a control line still coming (nats-py refuses an over-long one)
+            return len(buf) if len(buf) >= MAX_CONTROL_LINE_SIZE else None
+        if not buf.startswith((b"MSG ", b"HMSG ")):
+            return end + 2  # PING, PONG, INFO, +OK, -ERR: one line
+        try:
+            total = int(bytes(buf[:end]).split()[-1])
+        except (ValueError, IndexError):
+            return end + 2  # malformed: nats-py's parser says so
+        frame = end + 2 + total + CRLF_SIZE
+        return frame if len(buf) >= frame else None
+
+    async def _nats_py_parse(self, end: int) -> None:
+        """nats-py's parser on the buffer's first `end` bytes alone."""
+        rest = self.buf
+        self.buf = rest[:end]
+        del rest[:end]
+        try:
             await super().parse()
+        finally:
+            left, self.buf = self.buf, rest
+            if left:  # not expected: it takes whole frames
+                self.buf[:0] = left
 
     def _take(self) -> int:
         """Handle the complete fast-path messages at the front of the buffer; bytes used."""
@@ -339,18 +383,6 @@ class _FastParser(Parser):
             _client=nc,
             _sid=sid,
         )
-
-    def _waiting_for_ours(self) -> bool:
-        """The buffer starts with a fast-path message whose payload has not all arrived."""
-        buf = self.buf
-        end = buf.find(b"\r\n")
-        if end < 0 or not buf.startswith((b"MSG ", b"HMSG ")):
-            return False
-        line = bytes(buf[:end]).split()
-        try:
-            return int(line[2]) in self.handlers and len(buf) < end + 2 + int(line[-1]) + 2
-        except (ValueError, IndexError):
-            return False
 
 
 def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:

@@ -34,6 +34,7 @@ def test_the_internals_the_adapter_relies_on_are_there():
     assert callable(Client._parse_header_lines)
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
+    assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
     # Subscription._id is checked on a live subscription in `collect` below.
 
 
@@ -263,5 +264,54 @@ async def test_a_write_that_fails_leaves_its_messages_to_nats_pys_reconnect(nats
         assert nc._pending and nc._pending[-1].endswith(b"kept\r\n")
         assert nc._pending_data_size == sum(len(cmd) for cmd in nc._pending)
         nc._transport.writelines = real
+    finally:
+        await nc.close()
+
+
+async def test_a_fast_subscriptions_messages_keep_their_order_around_other_frames(nats_url):
+    """A frame nats-py parses (a message for one of its own subscriptions, a PING) before a
+    fast-path message: that message must not be queued behind nats-py's while the next read's
+    are handed over at once (a stream's chunks out of order, an abort before its request)."""
+    nc = await nats.connect(nats_url)
+    try:
+        got: list[bytes] = []
+        fast = await fast_path(nc).subscribe("fast.in", lambda msg: got.append(msg.data))
+
+        async def on_plain(msg: Msg) -> None:
+            pass
+
+        plain = await nc.subscribe("plain.x", cb=on_plain)
+        await ensure_subscribed(nc)
+        f, p = fast._id, plain._id
+        # Two reads handed over back to back, as the read loop does when both are buffered.
+        await nc._ps.parse(b"MSG plain.x %d 1\r\nS\r\nPING\r\nMSG fast.in %d 1\r\n1\r\n" % (p, f))
+        await nc._ps.parse(b"MSG fast.in %d 1\r\n2\r\n" % f)
+        await wait_for(lambda: len(got) == 2)
+        assert got == [b"1", b"2"]
+    finally:
+        await nc.close()
+
+
+async def test_a_flood_mixed_with_other_subscriptions_arrives_in_order(nats_url, client):
+    nc = await nats.connect(nats_url)
+    try:
+        got: list[int] = []
+        await fast_path(nc).subscribe("fast.in", lambda msg: got.append(int(msg.data[:8])))
+
+        async def on_plain(msg: Msg) -> None:
+            pass
+
+        await nc.subscribe("plain.x", cb=on_plain)
+        await ensure_subscribed(nc)
+        sent = 0
+        for _ in range(20):
+            for _ in range(3):
+                await client.publish("plain.x", b"s")
+            for _ in range(300):
+                await client.publish("fast.in", b"%08d" % sent + b"x" * 200)
+                sent += 1
+        await client.flush()
+        await wait_for(lambda: len(got) == sent, timeout_s=20)
+        assert got == sorted(got)
     finally:
         await nc.close()
