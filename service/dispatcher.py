@@ -125,6 +125,14 @@ class Dispatcher:
             await asyncio.wait(waits, timeout=max(until - loop.time(), 0.0))
         if self._tasks:
             await self._cut_short(set(self._tasks), grace_s)
+        if self._refuser is not None and not self._refuser.done():
+            # Refusals cost no provider call and must each still get their one reply and
+            # audit event: past the grace too (nothing new arrives any more).
+            log.warning(
+                "answering the %d requests still waiting for their overloaded refusal",
+                len(self._refusals),
+            )
+            await self._refuser
         if self._abort_sub is not None:  # aborts are honoured until every request is answered
             await stop_taking(self._abort_sub)
             self._abort_sub = None

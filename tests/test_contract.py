@@ -756,3 +756,31 @@ async def test_a_rolling_restart_of_the_dispatchers_leaves_no_request_without_it
         await nc.close()
     finally:
         svc.stop()
+
+
+async def test_requests_still_waiting_for_their_refusal_at_shutdown_are_each_answered(
+    lifeline, nats_url
+):
+    """A flood past max_in_flight queues its refusals; the shutdown grace ends while thousands
+    still wait: each still gets its one reply and audit event before the dispatcher stops."""
+    from helpers import config, fake
+
+    stack = await lifeline(
+        config({"slow": fake(latency_ms=3000)}, max_in_flight=1, shutdown_grace_s=0.2)
+    )
+    dispatcher = stack.dispatcher
+    nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
+    ledger = await Ledger(nc).start()
+    ids = [f"r{n}" for n in range(12_000)]
+    for request_id in ids:
+        await ledger.send(
+            request_id,
+            encoder.encode({"id": request_id, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    await nc.flush()
+    await wait_for(lambda: len(dispatcher._refusals) > 1000, timeout_s=20)
+    await stack.stop()
+    assert not dispatcher._refusals
+    await ledger.settle(len(ids), len(ids), timeout_s=60)
+    ledger.assert_exactly_once(ids)
+    await nc.close()
