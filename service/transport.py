@@ -41,6 +41,7 @@ from schemas import (
     ProviderOk,
     ProviderReply,
 )
+from schemas.ids import SecretIds
 from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
@@ -277,12 +278,14 @@ class _Inbox:
     and is dropped. A streaming attempt's chunks come to <prefix>.<token>.c and its reply to
     <prefix>.<token>, both to its ProviderStream."""
 
-    __slots__ = ("_count", "_nc", "_prefix", "_streams", "_sub", "_waiting")
+    __slots__ = ("_nc", "_prefix", "_streams", "_sub", "_tokens", "_waiting")
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = ""
-        self._count = 0
+        # Not guessable: a worker may publish chunks to any dispatcher's <prefix>.*.c (it
+        # cannot know which stream is whose), and the prefix is in every request it gets.
+        self._tokens = SecretIds()
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._streams: dict[str, ProviderStream] = {}
         self._sub: Subscription | None = None
@@ -313,8 +316,7 @@ class _Inbox:
     ) -> None:
         if self._sub is None:
             await self.start()
-        self._count += 1
-        token = str(self._count)
+        token = self._tokens.next()
         inbox = self._prefix + token
         headers[STREAM_TO] = inbox + ".c"
         self._streams[token] = stream
@@ -337,8 +339,7 @@ class _Inbox:
     ) -> Msg:
         if self._sub is None:
             await self.start()
-        self._count += 1
-        token = str(self._count)
+        token = self._tokens.next()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future

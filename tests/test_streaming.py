@@ -687,3 +687,23 @@ async def test_a_simulated_failure_counts_as_an_attempt_in_the_events_numbers(li
     attempts = events[-1].reply.attempts
     assert [(a.target, a.outcome) for a in attempts] == [("main", "error"), ("backup", "ok")]
     assert {e.attempt for e in events} == {2}  # backup's deltas and the end: attempt 2
+
+
+async def test_a_streams_chunk_subject_cannot_be_guessed_from_another(lifeline, client):
+    """Workers may publish chunks to any <dispatcher prefix>.*.c, and every request they get
+    shows the prefix: the rest must not be guessable, or a worker could write into another
+    provider's stream."""
+    await lifeline(config({"raw": fake()}, route("raw")), [])
+    seen: list[str] = []
+
+    async def worker(msg: Any) -> None:
+        seen.append(msg.headers[subjects.STREAM_TO])
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m")))
+
+    await client.subscribe(subjects.provider_subject("raw"), cb=worker)
+    await ensure_subscribed(client)
+    for _ in range(2):
+        await events_of(client, request("hi"))
+    tokens = [subject.removesuffix(".c").rsplit(".", 1)[-1] for subject in seen]
+    assert len(tokens) == 2 and tokens[0] != tokens[1]
+    assert all(len(t) == 24 and int(t, 16) >= 0 for t in tokens)  # 96 random bits, as hex
