@@ -71,6 +71,7 @@ from service.memory import settle_after_start
 from service.probes import Probes
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
+from workers.base import shown_env_name
 from workers.plugin import PluginSettings
 from workers.plugin import load as load_model_class
 
@@ -1663,7 +1664,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
         key_env = getattr(settings, "api_key_env", "")
         if key_env and not os.environ.get(key_env):  # valid, but its worker would not start
             print(
-                f"warning: providers.{name}: ${key_env} is not set here; `lifeline worker "
+                f"warning: providers.{name}: {shown_env_name(key_env)} is not set here; "
+                "`lifeline worker "
                 f"{name}` (and `lifeline run`) need it where they run",
                 file=sys.stderr,
             )

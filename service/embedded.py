@@ -148,8 +148,14 @@ def redact_url(url: str) -> str:
 
     nats://alice:s3cret@host:4222 and nats://TOKEN@host:4222 both carry a secret."""
     shown = []
-    for part in url.split(","):
-        scheme, sep, rest = part.strip().rpartition("://")
+    # Split where the next URL starts, not at every comma: a password may hold one.
+    for part in _NEXT_URL.split(url):
+        scheme, sep, rest = part.strip().partition("://")
+        if not sep:
+            scheme, rest = "", scheme
         _, at, host = rest.rpartition("@")
         shown.append(f"{scheme}{sep}***@{host}" if at else part.strip())
     return ",".join(shown)
+
+
+_NEXT_URL = re.compile(r",(?=\s*(?:[A-Za-z][A-Za-z0-9+.-]*://|[^,@]*(?:,|$)))")

@@ -317,9 +317,18 @@ def _from_table(
     if key in SECRETS:
         env_name, path = getattr(table, f"{key}_env"), getattr(table, f"{key}_file")
         if env_name:
-            where = f"{source} [nats] {key}_env (${env_name})"
+            shown = f"${env_name}" if _SHOWN_ENV_NAME.fullmatch(env_name) else "its variable"
+            where = f"{source} [nats] {key}_env ({shown})"
             if not environ.get(env_name):
-                raise NatsOptionError(f"NATS {where}: ${env_name} is not set")
+                raise NatsOptionError(
+                    f"NATS {where}: {shown} is not set"
+                    + (
+                        ""
+                        if shown != "its variable"
+                        else " (its name is not shown: it does not "
+                        "look like a variable's name; is it the secret itself?)"
+                    )
+                )
             return environ[env_name], where
         if path:
             where = f"{source} [nats] {key}_file"
@@ -363,3 +372,6 @@ class _Encrypted(Exception):
 def _no_passphrase() -> str:
     """load_cert_chain would ask for a passphrase on the terminal: say instead."""
     raise _Encrypted
+
+
+_SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # as workers.base shows names: the convention

@@ -96,6 +96,10 @@ def test_an_id_is_salvaged_from_input_too_deeply_nested_to_decode():
         ("nats://TOKEN@host:4222", "nats://***@host:4222"),
         ("nats://host:4222", "nats://host:4222"),
         ("tls://u:p@a:1, nats://b:2", "tls://***@a:1,nats://b:2"),
+        ("nats://alice:top,secret@h:1", "nats://***@h:1"),  # a comma in the password
+        ("nats://alice:a://b@h:1", "nats://***@h:1"),
+        ("nats://u:p,q@h1,nats://h2", "nats://***@h1,nats://h2"),
+        ("h1:4222,h2:4222", "h1:4222,h2:4222"),
     ],
 )
 def test_nats_urls_are_shown_without_their_secrets(url, shown):

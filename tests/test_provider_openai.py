@@ -335,6 +335,20 @@ async def test_a_key_read_with_a_trailing_newline_is_sent_without_it(make):
         OpenAIProvider(settings, environ={"OPENAI_API_KEY": "sk-one two"})
 
 
+def test_a_key_pasted_where_its_variables_name_belongs_is_not_repeated():
+    pasted = "sk-proj-abcdefSECRET123"
+    settings = msgspec.convert(
+        {"kind": "openai", "model": "gpt-4o-mini", "api_key_env": pasted}, OpenAISettings
+    )
+    with pytest.raises(ValueError) as caught:
+        OpenAIProvider(settings, environ={})
+    assert pasted not in str(caught.value) and "is it the secret itself" in str(caught.value)
+    with pytest.raises(ValueError, match=r"\$OPENAI_API_KEY"):  # a real name is named
+        OpenAIProvider(
+            msgspec.convert({"kind": "openai", "model": "m"}, OpenAISettings), environ={}
+        )
+
+
 def test_settings_require_a_model():
     with pytest.raises(msgspec.ValidationError, match="model"):
         msgspec.convert({"kind": "openai", "model": ""}, OpenAISettings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
@@ -633,15 +634,27 @@ def _delta_bytes(delta: Delta) -> int:
     return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "")
 
 
+def shown_env_name(name: str) -> str:
+    """An environment variable's name fit to print: one that does not look like a name (a key
+    pasted where its variable's name belongs, say) is not repeated."""
+    if _ENV_NAME.fullmatch(name):
+        return f"${name}"
+    return "the variable it names (not shown: it does not look like a variable's name; is it the secret itself?)"
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # the convention: what a secret rarely is
+
+
 def require_api_key(environ: Mapping[str, str], name: str) -> str:
     # Stripped: a key read from a file (a compose or Kubernetes secret) often ends in a newline,
     # which no HTTP header may carry: every call would fail as a connection error.
     key = environ.get(name, "").strip()
     if not key:
-        raise ValueError(f"provider needs an API key: set the environment variable {name}")
+        raise ValueError(f"provider needs an API key: set {shown_env_name(name)}")
     if any(not " " < c < "\x7f" for c in key):
         raise ValueError(
-            f"the API key in {name} holds a space or a character no HTTP header may carry"
+            f"the API key in {shown_env_name(name)} holds a space or a character no HTTP "
+            "header may carry"
         )
     return key
 
