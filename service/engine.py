@@ -33,6 +33,7 @@ from schemas import (
     AuditEvent,
     CompletionReply,
     ErrorInfo,
+    ProviderOk,
     ProviderReply,
     ProviderRequest,
 )
@@ -50,7 +51,7 @@ from service import telemetry
 from service.config import Config
 from service.faults import injecting
 from service.health import Health, Untouched
-from service.policy import CallTarget, ChainResult, Started, run_chain
+from service.policy import CallTarget, ChainResult, Started, Validate, run_chain
 from service.routing import Plan, Rejected, Router
 from service.shaping import shape
 from service.streaming import Relay, Sink, Stream, StreamLimits
@@ -234,7 +235,9 @@ class Engine:
                 target: Target, timeout_s: float, previous: tuple[str, ...]
             ) -> ProviderReply:
                 payload = payloads.for_target(target, previous)
-                return await self._attempt(target, payload, plan.request_id, timeout_s, span)
+                return await self._attempt(
+                    target, payload, plan.request_id, timeout_s, span, plan.validate
+                )
 
             checked = call
         else:
@@ -251,7 +254,7 @@ class Engine:
             checked,
             plan.limits,
             needs=plan.needs,
-            validate=plan.validate if relay is None else None,  # a stream's: in its Relay
+            validate=None,  # checked in the attempt (a stream's in its Relay): its span says so
             on_event=span.add_event if span.is_recording() else None,
             health=health,
             attempts=attempts,
@@ -285,12 +288,16 @@ class Engine:
         request_id: str,
         timeout_s: float,
         parent: telemetry.LiteSpan,
+        validate: Validate | None = None,
     ) -> ProviderReply:
-        """One call of a worker. The policy has already bounded timeout_s by the request's
-        deadline; the attempt's own Deadline tells the worker when to give up."""
+        """One call of a worker, its answer checked against what the request required. The
+        policy has already bounded timeout_s by the request's deadline; the attempt's own
+        Deadline tells the worker when to give up."""
         span, headers = self._attempt_span(target, request_id, timeout_s, parent)
         try:
             reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
+            if validate is not None and isinstance(reply, ProviderOk):
+                reply = validate(reply)
             if span.is_recording():
                 telemetry.annotate_outcome(span, reply)
             return reply

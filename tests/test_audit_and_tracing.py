@@ -80,6 +80,28 @@ async def test_spans_follow_the_genai_conventions_and_record_each_fallback(
     assert event.attributes["lifeline.fallback.status_code"] == 429
 
 
+async def test_an_answer_that_fails_its_check_is_a_failed_attempt_in_the_trace(
+    lifeline, client, exporter
+):
+    """The trace shows why the request fell back: the attempt whose answer was not the JSON
+    the request asked for is an error span, not a good answer."""
+    await lifeline(config({"primary": fake(reply="not json"), "backup": fake(reply='{"a": 1}')}))
+    reply = await ask(client, {**USER_HELLO, "response_format": {"type": "json_object"}})
+    assert [a.error_type for a in reply.attempts] == ["invalid_output", None]
+    request_span = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    failed, served = sorted(
+        (
+            s
+            for s in exporter.get_finished_spans()
+            if s.parent and s.parent.span_id == request_span.context.span_id
+        ),
+        key=lambda s: s.start_time,
+    )
+    assert failed.attributes["error.type"] == "invalid_output"
+    assert failed.status.status_code == StatusCode.ERROR
+    assert "error.type" not in served.attributes
+
+
 async def test_a_failed_request_span_has_error_status_and_type(lifeline, client, exporter):
     await lifeline(config({"primary": fake(fail_status=503)}))
     await ask(client, USER_HELLO)
