@@ -31,6 +31,11 @@ NOTIFY = "Lifeline-Notify"
 # A job whose handling failed max_deliver times (a bug, not a provider failure: those give an
 # error result) is published here, as it was submitted, with the error in JOB_ERROR.
 JOBS_DEAD = "llm.jobs.dead"
+# A job's result by its id, from a dispatcher (request/reply, body: the id; reply: the stored
+# result, or an empty body while there is none): what a client needs no bucket permissions
+# for, where a direct get of the bucket would let it read others' results too.
+JOBS_RESULT = "llm.jobs.result"
+JOBS_RESULT_QUEUE = "lifeline-results"
 JOB_ERROR = "Lifeline-Error"
 # On a job: a subject its answer is streamed to while it runs, as the events of llm.stream
 # (schemas/streaming.py). Core NATS, so only for whoever listens then; the result is stored

@@ -1196,6 +1196,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 async def _wait_for_result(
     nc: Client, settings: JobsSettings, job_id: str, wait_s: float
 ) -> bytes | None:
+    data = await client.read_result(nc, job_id, wait_s)  # a dispatcher's answer, if one runs
+    if data != client.NO_DISPATCHER:
+        return data or None
     kv = await nc.jetstream(timeout=5).key_value(settings.results_bucket)
     give_up = time.monotonic() + wait_s
     while True:

@@ -449,8 +449,13 @@ class Lifeline:
         return Submitted(job_id, bool(ack.duplicate), ack.stream, ack.seq)
 
     async def result(self, job_id: str, wait_s: float = 0.0) -> CompletionReply | None:
-        """A job's reply from the results bucket (ok or error), waiting up to wait_s seconds
-        for it to appear; None when there is none (yet, or any more: results expire)."""
+        """A job's reply (ok or error), waiting up to wait_s seconds for it to appear; None when
+        there is none (yet, or any more: results expire). Asked of a dispatcher
+        (llm.jobs.result), which needs no bucket permissions; read from the results bucket
+        when none answers (no dispatcher runs)."""
+        data = await read_result(self.nc, job_id, wait_s)
+        if data is not NO_DISPATCHER:
+            return reply_decoder.decode(data) if data else None
         try:
             kv = await self.nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(self.results_bucket)
         except nats.js.errors.BucketNotFoundError:
@@ -609,6 +614,32 @@ def _overloaded(reply: CompletionReply) -> bool:
 def _retry_after_s(reply: CompletionReply) -> float:
     after = (reply.error.retry_after_s if reply.error is not None else None) or 0.5
     return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
+
+
+NO_DISPATCHER = b"\x00no dispatcher"  # read_result's answer when nobody serves results
+
+
+async def read_result(nc: Client, job_id: str, wait_s: float = 0.0) -> bytes:
+    """A job's stored result as a dispatcher answers llm.jobs.result, asking again until wait_s
+    is over: b"" while there is none, NO_DISPATCHER when no dispatcher answers."""
+    give_up = time.monotonic() + wait_s
+    pause = 0.05
+    while True:
+        try:
+            msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=_JS_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            return NO_DISPATCHER
+        except NatsTimeoutError:
+            raise JobsUnavailable(
+                f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s"
+            ) from None
+        if msg.data:
+            return msg.data
+        left = give_up - time.monotonic()
+        if left <= 0:
+            return b""
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 0.5)
 
 
 def _check_size(nc: Client, payload: bytes, headers: dict[str, str]) -> None:

@@ -54,6 +54,7 @@ log = logging.getLogger("lifeline.jobs")
 _FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop between pulls
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
+_MAX_ASKED_ID = 4096  # bytes of an id asked for on llm.jobs.result (a header-only id may be long)
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
 
@@ -77,6 +78,7 @@ class Jobs:
         self.replicas = replicas
         self.kv: KeyValue | None = None
         self._sub: Any = None
+        self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # jobs answered by the engine
@@ -115,8 +117,24 @@ class Jobs:
             )
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
             return f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if self._results_sub is None:
+            self._results_sub = await self.nc.subscribe(
+                subjects.JOBS_RESULT, queue=subjects.JOBS_RESULT_QUEUE, cb=self._on_result_asked
+            )
         log.info("jobs: taking jobs from %s (stream %s)", subjects.JOBS_SUBMIT, s.stream)
         return None
+
+    async def _on_result_asked(self, msg: Msg) -> None:
+        """llm.jobs.result: the result stored for the job id in the body, or an empty body."""
+        if not msg.reply or self.kv is None:
+            return
+        job_id = msg.data[:_MAX_ASKED_ID].decode("utf-8", "replace")
+        try:
+            stored = await self._stored(subjects.job_key(job_id)) if job_id else None
+        except Exception as exc:  # noqa: BLE001 - the bucket's errors are many types
+            log.warning("jobs: could not read a result for %s: %r", subjects.JOBS_RESULT, exc)
+            return  # the client's request times out, and says so
+        await publish_checked(self.nc, msg.reply, stored or b"", "a job's result")
 
     async def _run(self) -> None:
         while self._sub is None:
@@ -134,11 +152,13 @@ class Jobs:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
         sub, self._sub = self._sub, None
-        if sub is not None:  # else draining the connection waits on it for its whole timeout
-            try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.debug("jobs: unsubscribing: %s", exc)
+        results, self._results_sub = self._results_sub, None
+        for one in (sub, results):
+            if one is not None:  # else draining the connection waits on it for its whole timeout
+                try:
+                    await one.unsubscribe()
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.debug("jobs: unsubscribing: %s", exc)
 
     @property
     def in_flight(self) -> int:

@@ -57,7 +57,6 @@ STREAM_CHUNKS = subjects.DISPATCHER_INBOX_PREFIX + ".*.*.c"
 RESPONSE_GRACE_S = 60
 
 _JS = "$JS.API"
-_JOB_KEYS = subjects.job_key("").rpartition(".")[0] + ".*"  # job.<hash>: one token after job.
 _USER = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -185,6 +184,7 @@ def dispatcher(config: Config) -> User:
         subscribe=(
             f"{subjects.COMPLETE} {subjects.DISPATCHER_QUEUE}",
             f"{subjects.STREAM} {subjects.DISPATCHER_QUEUE}",
+            f"{subjects.JOBS_RESULT} {subjects.JOBS_RESULT_QUEUE}",
             subjects.ABORT,
             subjects.DISPATCHER_INBOX_PREFIX + ".>",
             *_service_api(subjects.DISPATCHER_SERVICE),
@@ -210,8 +210,9 @@ def worker(provider: str, timeout_s: float) -> User:
 
 
 def client(name: str, config: Config) -> User:
-    results = config.jobs.results_bucket
-    stream = _kv_stream(results)
+    # No access to the results bucket itself: its stream's info lists every key, and a direct
+    # get of job.* (permissions cannot tell a literal * from a wildcard) answers the newest
+    # result of anyone's job. A dispatcher answers llm.jobs.result for the id it is sent.
     return User(
         name,
         CLIENT,
@@ -220,10 +221,8 @@ def client(name: str, config: Config) -> User:
             subjects.STREAM,
             subjects.ABORT,
             subjects.JOBS_SUBMIT,
+            subjects.JOBS_RESULT,
             f"{_JS}.STREAM.INFO.{config.jobs.stream}",  # the Python client's check before a job
-            f"{_JS}.STREAM.INFO.{stream}",  # binding to the results bucket
-            # one result: the last value of one key, job.<the id's hash>
-            f"{_JS}.DIRECT.GET.{stream}.$KV.{results}.{_JOB_KEYS}",
         ),
         subscribe=(client_inbox(name) + ".>",),
         inbox_prefix=client_inbox(name),

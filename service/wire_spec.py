@@ -133,6 +133,10 @@ AbortKey = Annotated[
     str,
     Field(title="AbortKey", description=f"the {subjects.ABORT_KEY} the request was sent with"),
 ]
+NoResult = Annotated[str, Field(title="NoResult", description="an empty body", max_length=0)]
+JobId = Annotated[
+    str, Field(title="JobId", description="a job's id: its body's id, else its Nats-Msg-Id")
+]
 DIGITS = r"^[0-9]+$"
 
 
@@ -350,6 +354,30 @@ CHANNELS: tuple[Channel, ...] = (
         None,
         f"The subject a job names in its {NOTIFY} header.",
         (Message("result", wire.CompletionReply, "The job's result, as kept in the bucket"),),
+    ),
+    Channel(
+        "jobsResult",
+        subjects.JOBS_RESULT,
+        "A job's result by its id, from a dispatcher: what a client reads results with, needing "
+        "no permission on the results bucket (whose stream would let it list and read every "
+        "job's). The reply is the stored result, or an empty body while there is none (not "
+        f"yet, or no more: results expire). Dispatchers share the queue group "
+        f"{subjects.JOBS_RESULT_QUEUE}; with none running nobody answers, and a client with "
+        "bucket permissions reads the bucket instead.",
+        (Message("id", JobId, "The job's id, as submitted"),),
+        action="receive",
+        summary="Read a job's result by id",
+        queue=subjects.JOBS_RESULT_QUEUE,
+        reply="storedResult",
+    ),
+    Channel(
+        "storedResult",
+        None,
+        f"The reply subject of a request on {subjects.JOBS_RESULT}.",
+        (
+            Message("result", wire.CompletionReply, "The job's stored result"),
+            Message("none", NoResult, "An empty body: no result (not yet, or no more)"),
+        ),
     ),
     Channel(
         "jobEvents",

@@ -270,9 +270,9 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
         )
         assert not ack.duplicate
         assert reply_decoder.decode((await pushed.next_msg(timeout=10)).data).id == job_id
-        kv = await js.key_value(load_config(str(secured.config_path)).jobs.results_bucket)
-        stored = reply_decoder.decode((await kv.get(subjects.job_key(job_id))).value)
-        assert stored.status == "ok" and stored.id == job_id
+        # Read back by id from a dispatcher: a client may not touch the results bucket.
+        stored = await Lifeline(alice).result(job_id, wait_s=5)
+        assert stored is not None and stored.status == "ok" and stored.id == job_id
     finally:
         await alice.close()
         await operator.close()
@@ -314,6 +314,13 @@ FORBIDDEN = [
     ("alice", "publish", "$JS.API.CONSUMER.CREATE.KV_lifeline_results", "watch every result"),
     ("alice", "publish", "$JS.API.STREAM.MSG.GET.KV_lifeline_results", "read results by number"),
     ("alice", "publish", "$JS.API.DIRECT.GET.KV_lifeline_results", "read results directly"),
+    (
+        "alice",
+        "publish",
+        "$JS.API.DIRECT.GET.KV_lifeline_results.$KV.lifeline_results.job.*",
+        "read the newest result of anyone's job",
+    ),
+    ("alice", "publish", "$JS.API.STREAM.INFO.KV_lifeline_results", "list every job's key"),
     ("alice", "publish", "$JS.API.STREAM.CREATE.LIFELINE_JOBS", "make the jobs stream its way"),
     ("alice", "publish", "$KV.lifeline_results.job.x", "write a job's result"),
     ("worker-fast", "subscribe", "llm.provider.slow", "read another provider's prompts"),
