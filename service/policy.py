@@ -291,6 +291,8 @@ async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainRes
                 decision = run.out_of_room() or (
                     Call(probe) if probe else await run.breaker(target)
                 )
+                if isinstance(decision, Skip):  # the retry skipped: the next target falls back
+                    run.fell_back = outcome
         match decision:
             case Skip(reason, message):
                 run.skip(target, reason, message)

@@ -650,6 +650,7 @@ async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile()
             health.record("a", "a-model", breaker, False, "server_error", started=clock.now)
 
     script = Script(clock, {"a": [fail("server_error", 503), ok()], "b": ok()})
+    events: list[tuple[str, dict]] = []
     result = await run_chain(
         Chain([a, target("b")]),
         script,
@@ -657,9 +658,11 @@ async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile()
         health=health,
         clock=clock,
         sleep=sleep,
+        on_event=lambda name, attributes: events.append((name, attributes)),
     )
     assert script.called == ["a", "b"]
     assert [(x.target, x.outcome, x.reason) for x in result.attempts][-2:] == [
         ("a", "skipped", "circuit_open"),
         ("b", "ok", None),
     ]
+    assert [name for name, _ in events] == ["lifeline.retry", "lifeline.skip", "lifeline.fallback"]
