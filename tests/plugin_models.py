@@ -110,6 +110,17 @@ class BlockingStream(Model):
         return iter(["a", "b"])
 
 
+HANG = threading.Event()  # set to let HangsInItsThread's calls end
+
+
+class HangsInItsThread(Model):
+    """A sync call that hangs (a stuck library call): its threads stay busy."""
+
+    def call(self, request: ProviderRequest) -> str:
+        HANG.wait(30)
+        return "late"
+
+
 NOT_A_CLASS = 42
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import plugin_models
 import pytest
-from helpers import ROOT, ask, config, fake, run_lifeline, write_config
+from helpers import ROOT, ask, config, fake, run_lifeline, wait_for, write_config
 
 from schemas.wire import CompletionRequest
 from service.client import stream_text
@@ -248,6 +249,27 @@ async def test_a_plain_stream_function_runs_off_the_event_loop(lifeline, client)
     """Its blocking start must not stop the worker: its deadline still cuts the call."""
     await lifeline(config({"mine": python("BlockingStream", timeout_s=1)}))
     started = time.monotonic()
-    text, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
+    _, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
     assert time.monotonic() - started < 2.5  # the 3 s sleep would hold the loop
     assert reply.status == "error" and reply.attempts[0].error_type == "timeout"
+
+
+async def test_calls_given_up_on_while_the_models_threads_hang_are_not_kept(lifeline, client):
+    """Every thread stuck in the model: a call given up on (its deadline) must not stay queued
+    for a thread, its request with it, one more for every request."""
+    plugin_models.HANG.clear()
+    stack = await lifeline(
+        config({"mine": python("HangsInItsThread", threads=2, timeout_s=0.05)})
+        | {"breaker": {"enabled": False}}
+    )
+    worker = stack.workers["mine"]
+    try:
+        for _ in range(2):
+            replies = await asyncio.gather(
+                *(ask(client, {**HELLO_REQUEST, "timeout_s": 0.3}) for _ in range(150))
+            )
+            assert {r.status for r in replies} == {"error"}
+        await wait_for(lambda: worker.in_flight == 0)
+        assert worker.provider._threads._work_queue.qsize() <= 2  # was one per request
+    finally:
+        plugin_models.HANG.set()

@@ -45,10 +45,12 @@ today uses goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Annotated, Any, ClassVar
 
@@ -185,6 +187,8 @@ class PluginProvider:
         self.label = settings.class_ or settings.kind
         self.instance = cls(own) if own is not None else cls()
         self._threads = ThreadPoolExecutor(settings.threads, thread_name_prefix=f"model-{name}")
+        self._thread_count = settings.threads
+        self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
         self._async_call = inspect.iscoroutinefunction(self.instance.call)
         self._stream = getattr(self.instance, "stream", None)
 
@@ -196,11 +200,26 @@ class PluginProvider:
         if self._async_call:
             result = await self.instance.call(request)
         else:  # off the event loop; past its deadline the answer is dropped, the thread ends
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self._threads, _no_stop_iteration, self.instance.call, request
-            )
+            result = await self._in_thread(self.instance.call, request)
         return self._ok(result)
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in one of the model's threads. A call waits for a free thread
+        here, not in the pool's queue: cancelled there (its deadline passed, the dispatcher
+        gave up) it stays queued, request and all, until a thread is free, and with threads
+        hung in the model that is never, one call more for every request."""
+        if self._free is None:
+            self._free = asyncio.Semaphore(self._thread_count)
+        await self._free.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            running = self._threads.submit(_no_stop_iteration, function, *args)
+        except BaseException:
+            self._free.release()
+            raise
+        # Free again when the thread is, not when its caller stops waiting.
+        running.add_done_callback(partial(_release_on, loop, self._free))
+        return await asyncio.wrap_future(running)
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
@@ -239,10 +258,7 @@ class PluginProvider:
         elif inspect.iscoroutinefunction(stream):
             produced = await stream(request)
         else:  # a plain function may block (an HTTP call) before it returns its iterator
-            loop = asyncio.get_running_loop()
-            produced = await loop.run_in_executor(
-                self._threads, _no_stop_iteration, stream, request
-            )
+            produced = await self._in_thread(stream, request)
         if inspect.isawaitable(produced):
             produced = await produced
         if hasattr(produced, "__aiter__"):
@@ -250,12 +266,9 @@ class PluginProvider:
                 yield item
             return
         pieces: Iterator[Any] = iter(produced)
-        loop = asyncio.get_running_loop()
         done = object()
         try:
-            while (
-                item := await loop.run_in_executor(self._threads, next, pieces, done)
-            ) is not done:
+            while (item := await self._in_thread(next, pieces, done)) is not done:
                 yield item
         finally:
             close = getattr(pieces, "close", None)
@@ -302,6 +315,12 @@ class PluginProvider:
                     await result
         finally:
             self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _release_on(loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore, _: Any) -> None:
+    """A model thread is free again (called in that thread)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
+        loop.call_soon_threadsafe(free.release)
 
 
 def _no_stop_iteration(function: Callable[..., Any], *args: Any) -> Any:
