@@ -384,7 +384,9 @@ class _Payloads:
     def __init__(self, request: ProviderRequest) -> None:
         self._request = request
         self.base = encoder.encode(request)
-        self._shaped: dict[str, bytes] = {}
+        # By the target itself: two in one chain may share a name (one provider twice, say,
+        # the second with a larger max_tokens), never their shaping.
+        self._shaped: dict[int, bytes] = {}
 
     def request(self, target: Target, previous: tuple[str, ...]) -> ProviderRequest:
         """What `target` is sent, not yet encoded."""
@@ -397,9 +399,9 @@ class _Payloads:
             return encoder.encode(_shaped(self._request, target, previous))
         if target.shaping is None:
             return self.base
-        payload = self._shaped.get(target.name)
+        payload = self._shaped.get(id(target))
         if payload is None:
-            payload = self._shaped[target.name] = encoder.encode(_shaped(self._request, target))
+            payload = self._shaped[id(target)] = encoder.encode(_shaped(self._request, target))
         return payload
 
 

@@ -21,6 +21,7 @@ from nats.protocol.parser import (
     Parser,
 )
 
+from schemas import subjects
 from schemas.wire import message_bytes
 
 log = logging.getLogger("lifeline.nats")
@@ -399,14 +400,23 @@ def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
                 if not sep or _TOKEN.fullmatch(stripped) is None:  # nats-py's own rules decide
                     return nc._parse_header_lines(block[10:]) or None
                 name = stripped.decode()
-                if len(_names_read) < 64:
+                if len(_names_read) < _KNOWN_NAMES + 64:
                     _names_read[raw] = name
             headers[name] = value.strip().decode("utf-8", "replace")
     return headers or None
 
 
 _TOKEN = re.compile(rb"[!-~]+")  # a name nats-py keeps as it is: printable ASCII, no space
-_names_read: dict[bytes, str] = {}  # header names seen and checked: Lifeline reads a handful
+# Header names seen and checked: Lifeline reads a handful, known from the start, so names a
+# client makes up (at most 64 kept) never push its own out.
+_names_read: dict[bytes, str] = {
+    value.encode(): value
+    for name, value in vars(subjects).items()
+    if isinstance(value, str) and value[:1].isupper() and "-" in value and " " not in value
+} | {b"traceparent": "traceparent", b"tracestate": "tracestate"}
 
 
 _HAS_EMAIL_PARSER = importlib.util.find_spec("fast_mail_parser") is not None
+
+
+_KNOWN_NAMES = len(_names_read)

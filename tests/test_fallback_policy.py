@@ -47,6 +47,28 @@ async def test_seed_a_rate_limit_moves_to_the_second_provider(lifeline, client):
     ]
 
 
+async def test_two_targets_of_one_name_are_each_sent_their_own_shaping(lifeline, client):
+    """One provider twice in a chain (both named after it), the second with a larger
+    max_tokens: the fallback is sent its own parameters, not the first target's."""
+    await lifeline(
+        config(
+            {"p": fake(reply="request", latency_ms=300)},
+            {
+                "default": {
+                    "targets": [
+                        {"provider": "p", "max_tokens": 5, "timeout_s": 0.1},  # times out
+                        {"provider": "p", "max_tokens": 999, "temperature": 0.5},
+                    ]
+                }
+            },
+        )
+    )
+    reply = await ask(client, USER_HELLO)
+    got = sent(reply)
+    assert (got["max_tokens"], got["temperature"]) == (999, 0.5)
+    assert [a.target for a in reply.attempts] == ["p", "p"]  # one name, two targets
+
+
 async def test_seed_each_model_gets_its_own_prompt_and_the_reply_names_the_template(
     lifeline, client
 ):
