@@ -36,12 +36,15 @@ async def read_events(
     """The stream's audit events, oldest first: the `last` ones (0: all of them), then, with
     `follow`, each new one as it comes."""
     info = await js.stream_info(settings.stream)
-    first = max(info.state.first_seq, info.state.last_seq - last + 1) if last else 1
     if info.state.messages == 0 and not follow:
         return
-    config = api.ConsumerConfig(
-        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first
-    )
+    if info.state.messages == 0:  # nothing kept yet: from the next event on
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+    else:
+        first = max(info.state.first_seq, info.state.last_seq - last + 1) if last else 1
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
+        )
     sub = await js.subscribe(
         AUDIT_ALL, stream=settings.stream, ordered_consumer=True, config=config
     )

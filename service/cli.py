@@ -361,7 +361,9 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "and how many calls skipped it while its breaker was open.",
     )
     status.add_argument(
-        "--bucket", default="lifeline_health", help="the bucket (default: lifeline_health)"
+        "--bucket",
+        default=None,
+        help="the bucket (default: the config's dispatcher.health_bucket, else lifeline_health)",
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
     _config_arg(status)
@@ -1172,7 +1174,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         # One id's events: every event, read through; otherwise the latest --last.
         last = 0 if args.id else args.last
         async for data in read_events(nc.jetstream(timeout=5), settings, last, args.follow):
-            event = audit_decoder.decode(data)
+            try:
+                event = audit_decoder.decode(data)
+            except msgspec.DecodeError as exc:  # not one of Lifeline's (or a newer one's)
+                print(f"lifeline: skipping an event that is no AuditEvent ({exc})", file=sys.stderr)
+                continue
             if args.id and event.id != args.id:
                 continue
             shown += 1
@@ -1413,6 +1419,8 @@ async def _client(nats_opts: natsopts.NatsOptions, name: str) -> Client | None:
 async def cmd_status(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args)
     url = nats_opts.shown  # fit to print
+    if args.bucket is None:
+        args.bucket = _config_or_default(args).dispatcher.health_bucket
     nc = await _client(nats_opts, "lifeline-status")
     if nc is None:
         return 1

@@ -374,4 +374,6 @@ def _no_passphrase() -> str:
     raise _Encrypted
 
 
-_SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # as workers.base shows names: the convention
+_SHOWN_ENV_NAME = re.compile(
+    r"[A-Z_][A-Z0-9_]{0,63}"
+)  # as workers.base shows names: the convention

@@ -189,6 +189,26 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert '"id":"cli-job-1"' in latest.stdout
 
 
+def test_audit_skips_an_event_it_cannot_read_and_goes_on(running):
+    """One event of another shape (a newer Lifeline's status, or anyone's publish) must not
+    end the listing."""
+    _, url = running
+
+    async def publish_junk() -> None:
+        nc = await nats.connect(url)
+        await nc.publish("llm.audit.ok", b'{"id": "z", "status": "weird"}')
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(publish_junk())
+    ask = run_lifeline("ask", "--nats-url", url, "after the junk")
+    assert ask.returncode == 0, ask.stderr
+    audit = run_lifeline("audit", "--nats-url", url, "--last", "3")
+    assert audit.returncode == 0, audit.stderr
+    assert "skipping an event that is no AuditEvent" in audit.stderr
+    assert "[ok]" in audit.stdout.splitlines()[-1]
+
+
 def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_path):
     _, url = running
     lines = [

@@ -111,6 +111,11 @@ def test_a_provider_without_a_kind_is_refused_at_its_kind_key():
     assert error(config({"primary": {"model": "m"}})).startswith("providers.primary.kind: ")
 
 
+@pytest.mark.parametrize("kind", [["fake"], {"name": "fake"}, 5])
+def test_a_kind_that_is_no_string_is_refused_at_its_kind_key(kind):
+    assert error(config({"primary": {"kind": kind}})).startswith("providers.primary.kind: ")
+
+
 @pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>"])
 def test_a_provider_name_that_is_not_a_subject_token_is_refused(name):
     assert error(config({name: fake()})).startswith(f"providers.{name}: ")

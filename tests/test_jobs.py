@@ -432,3 +432,19 @@ async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_even
         async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
     ]
     assert len(kept) == 2
+
+
+async def test_following_an_empty_audit_stream_waits_for_its_first_event(lifeline, client):
+    """lifeline audit --follow on a new deployment, before any request."""
+    from schemas.wire import audit_decoder
+    from service.audit import read_events
+    from service.config import AuditSettings
+
+    await lifeline(config({"main": fake()}))
+    events = read_events(client.jetstream(), AuditSettings(), 20, follow=True)
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0.3)
+    assert not first.done()
+    await submit(client, job("first-ever"), "first-ever")
+    assert audit_decoder.decode(await asyncio.wait_for(first, 10)).id == "first-ever"
+    await events.aclose()

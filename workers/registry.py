@@ -37,6 +37,8 @@ def parse_settings(table: dict[str, Any]) -> ProviderSettings:
     """Validate one [providers.<name>] table; raises msgspec.ValidationError, or KeyError for
     a kind that is neither built in nor installed."""
     kind = table.get("kind")
+    if not isinstance(kind, str):  # a list or a table is no kind (nor a key of KINDS)
+        raise KeyError(kind if kind is None or isinstance(kind, int | float | bool) else repr(kind))
     if kind in KINDS:
         settings_type, _ = KINDS[kind]
         return msgspec.convert(table, settings_type)
@@ -48,6 +50,8 @@ def parse_settings(table: dict[str, Any]) -> ProviderSettings:
 def settings_type(table: dict[str, Any]) -> type[ProviderSettings] | None:
     """The settings struct a provider table of this kind is checked against (None: no kind)."""
     kind = table.get("kind")
+    if not isinstance(kind, str):
+        return None
     if kind in KINDS:
         return KINDS[kind][0]
     if kind == PYTHON_KIND or kind in installed_kinds():
