@@ -214,7 +214,10 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="a target or provider name, repeatable, tried in order; overrides the route",
     )
     ask.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds for the whole request (default: 30)"
+        "--timeout",
+        type=_positive_s,
+        default=30.0,
+        help="seconds for the whole request (default: 30)",
     )
     ask.add_argument("--max-tokens", type=int)
     ask.add_argument(
@@ -340,7 +343,11 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     audit.add_argument("id", nargs="?", help="only this request's (or job's) events")
     audit.add_argument(
-        "--last", type=int, default=20, metavar="N", help="how many of the latest (default 20)"
+        "--last",
+        type=_at_least_one,
+        default=20,
+        metavar="N",
+        help="how many of the latest (default 20)",
     )
     audit.add_argument("--follow", "-f", action="store_true", help="then print new ones")
     audit.add_argument("--json", action="store_true", help="print each event's JSON")
@@ -585,6 +592,28 @@ def _nats_options(
         table, source = load_nats_settings(path), path
     flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
     return natsopts.resolve(flags, table, default_url=default_url, source=source)
+
+
+def _positive_s(text: str) -> float:
+    """A number of seconds above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -968,7 +997,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{job_id}: already submitted (a duplicate within the dedup window); kept once")
     else:
         print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
-    print(f"result: lifeline result {job_id} --wait 30")
+    print(f"result: lifeline result {shlex.quote(job_id)} --wait 30")
     return 0
 
 

@@ -15,6 +15,7 @@ dispatcher.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -100,7 +101,9 @@ class _Route(NamedTuple):
 def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[Target]:
     """The group's targets in a random order where each comes first with probability
     weight / total, and so on down (Efraimidis-Spirakis weighted sampling without replacement)."""
-    keyed = [((1.0 - rand()) ** (1.0 / t.weight), i) for i, t in enumerate(group)]
+    # The key u ** (1 / weight), compared as its logarithm: the power underflows to 0 for a
+    # small weight, ties then going by position. 1 - rand() is in (0, 1]: log is defined.
+    keyed = [(math.log(1.0 - rand()) / t.weight, i) for i, t in enumerate(group)]
     return [group[i] for _, i in sorted(keyed, reverse=True)]
 
 

@@ -626,3 +626,24 @@ async def test_a_failed_group_member_hands_over_to_the_others_before_the_next_st
         "a",
         "b",
     }  # equal weights: each leads sometimes (chance of not: 2 in a million)
+
+
+def test_small_weights_share_a_group_as_large_ones_do():
+    """Weights of 0.001 each are as even as 1 each (the ordering key must not underflow)."""
+    import random
+
+    from service.routing import weighted_order
+    from service.target import Target
+
+    def share(weights: tuple[float, float]) -> float:
+        group = [
+            Target(name=f"t{i}", provider=f"t{i}", kind="fake", model="m", timeout_s=1, weight=w)
+            for i, w in enumerate(weights)
+        ]
+        rng = random.Random(7)
+        firsts = [weighted_order(group, rng.random)[0].name for _ in range(20_000)]
+        return firsts.count("t0") / len(firsts)
+
+    assert abs(share((0.001, 0.001)) - 0.5) < 0.03
+    assert abs(share((0.0005, 0.001)) - 1 / 3) < 0.03
+    assert abs(share((1, 3)) - 0.25) < 0.03
