@@ -771,7 +771,7 @@ async def test_requests_still_waiting_for_their_refusal_at_shutdown_are_each_ans
     dispatcher = stack.dispatcher
     nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
     ledger = await Ledger(nc).start()
-    ids = [f"r{n}" for n in range(12_000)]
+    ids = [f"r{n}" for n in range(6_000)]
     for request_id in ids:
         await ledger.send(
             request_id,
