@@ -17,7 +17,6 @@ from nats.errors import Error as NatsError
 from nats.protocol.parser import (
     AWAITING_CONTROL_LINE,
     CRLF_SIZE,
-    MAX_CONTROL_LINE_SIZE,
     Parser,
 )
 
@@ -113,7 +112,7 @@ async def stop_taking(sub: Subscription) -> None:
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
 # ._parse_header_lines, .msg_class, .stats; Subscription._id; Parser.buf, .state, .needed,
-# the AWAITING_CONTROL_LINE state, CRLF_SIZE and MAX_CONTROL_LINE_SIZE.
+# the AWAITING_CONTROL_LINE state and CRLF_SIZE.
 # The upstream change that would make it unnecessary: a synchronous per-subscription
 # handler in nats-py (called from the read loop, as nats.go's handlers are), and a publish
 # that schedules one write per loop turn instead of a Future per call.
@@ -296,16 +295,15 @@ class _FastParser(Parser):
             else:  # nats-py holds a message's control line: its payload and CRLF complete it
                 need = self.needed + CRLF_SIZE
                 end = need if len(self.buf) >= need else None
-            if end is None:
+            if end is None or not await self._nats_py_parse(end):
                 return  # the rest of the frame is still on its way
-            await self._nats_py_parse(end)
 
     def _frame_end(self) -> int | None:
         """Where the buffer's first frame ends; None while it has not all arrived."""
         buf = self.buf
         end = buf.find(b"\r\n")
-        if end < 0:  # a control line still coming (nats-py refuses an over-long one)
-            return len(buf) if len(buf) >= MAX_CONTROL_LINE_SIZE else None
+        if end < 0:  # a control line still coming (an INFO can be long: nats-py waits too)
+            return None
         if not buf.startswith((b"MSG ", b"HMSG ")):
             return end + 2  # PING, PONG, INFO, +OK, -ERR: one line
         try:
@@ -315,8 +313,8 @@ class _FastParser(Parser):
         frame = end + 2 + total + CRLF_SIZE
         return frame if len(buf) >= frame else None
 
-    async def _nats_py_parse(self, end: int) -> None:
-        """nats-py's parser on the buffer's first `end` bytes alone."""
+    async def _nats_py_parse(self, end: int) -> bool:
+        """nats-py's parser on the buffer's first `end` bytes alone; whether it took any."""
         rest = self.buf
         self.buf = rest[:end]
         del rest[:end]
@@ -324,8 +322,9 @@ class _FastParser(Parser):
             await super().parse()
         finally:
             left, self.buf = self.buf, rest
-            if left:  # not expected: it takes whole frames
+            if left:  # not expected: it takes whole frames; what it left waits for more bytes
                 self.buf[:0] = left
+        return len(left) < end
 
     def _take(self) -> int:
         """Handle the complete fast-path messages at the front of the buffer; bytes used."""

@@ -315,3 +315,23 @@ async def test_a_flood_mixed_with_other_subscriptions_arrives_in_order(nats_url,
         assert got == sorted(got)
     finally:
         await nc.close()
+
+
+async def test_a_control_line_longer_than_nats_pys_limit_arriving_in_parts_is_waited_for(
+    nats_url,
+):
+    """An INFO of a large cluster can pass 4,096 bytes; cut across reads, its first part has
+    no line end yet: the parser waits for the rest (it must not spin on it), then goes on."""
+    nc = await nats.connect(nats_url)
+    try:
+        got: list[bytes] = []
+        fast = await fast_path(nc).subscribe("fast.in", lambda msg: got.append(msg.data))
+        await ensure_subscribed(nc)
+        info = b'INFO {"server_id":"x","pad":"' + b"p" * 6000 + b'"}\r\n'
+        await asyncio.wait_for(nc._ps.parse(info[:5000]), 2)
+        await asyncio.wait_for(
+            nc._ps.parse(info[5000:] + b"MSG fast.in %d 1\r\n1\r\n" % fast._id), 2
+        )
+        await wait_for(lambda: got == [b"1"])
+    finally:
+        await nc.close()
