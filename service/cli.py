@@ -57,7 +57,6 @@ from service.audit import read_events
 from service.config import (
     Config,
     ConfigError,
-    JobsSettings,
     Step,
     breaker_settings,
     load_config,
@@ -1173,9 +1172,10 @@ async def cmd_result(args: argparse.Namespace) -> int:
     if nc is None:
         return 1
     try:
-        data = await _wait_for_result(nc, settings, args.id, args.wait)
-    except nats.js.errors.BucketNotFoundError:
-        data = None
+        data = await client.stored_result(nc, args.id, args.wait, settings.results_bucket)
+    except client.LifelineError as exc:  # no dispatcher answers, and the bucket cannot be read
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 1
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -1226,23 +1226,6 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         print(f"lifeline: no audit event for {args.id!r}", file=sys.stderr)
         return 3
     return 0
-
-
-async def _wait_for_result(
-    nc: Client, settings: JobsSettings, job_id: str, wait_s: float
-) -> bytes | None:
-    data = await client.read_result(nc, job_id, wait_s)  # a dispatcher's answer, if one runs
-    if data != client.NO_DISPATCHER:
-        return data or None
-    kv = await nc.jetstream(timeout=5).key_value(settings.results_bucket)
-    give_up = time.monotonic() + wait_s
-    while True:
-        try:
-            return (await kv.get(subjects.job_key(job_id))).value
-        except nats.js.errors.KeyNotFoundError:
-            if time.monotonic() >= give_up:
-                return None
-            await asyncio.sleep(0.2)
 
 
 def _prompt(args: argparse.Namespace) -> str:

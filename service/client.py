@@ -47,7 +47,8 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -450,41 +451,9 @@ class Lifeline:
 
     async def result(self, job_id: str, wait_s: float = 0.0) -> CompletionReply | None:
         """A job's reply (ok or error), waiting up to wait_s seconds for it to appear; None when
-        there is none (yet, or any more: results expire). Asked of a dispatcher
-        (llm.jobs.result), which needs no bucket permissions; read from the results bucket
-        when none answers (no dispatcher runs)."""
-        data = await read_result(self.nc, job_id, wait_s)
-        if data is not NO_DISPATCHER:
-            return reply_decoder.decode(data) if data else None
-        try:
-            kv = await self.nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(self.results_bucket)
-        except nats.js.errors.BucketNotFoundError:
-            return None  # no dispatcher (nor submit) ever made it: no job has a result
-        except Exception as exc:  # noqa: BLE001
-            raise JobsUnavailable(
-                f"cannot read bucket {self.results_bucket} ({type(exc).__name__}: {exc}); "
-                "is JetStream on (nats-server -js)?"
-            ) from None
-        give_up = time.monotonic() + wait_s
-        # Reads of the one key, not a watch: under the least-privilege permissions a client may
-        # get a result by its key (a direct get) but not open a consumer on the bucket.
-        pause = 0.05
-        while True:
-            try:
-                entry = await kv.get(subjects.job_key(job_id))
-            except nats.js.errors.KeyNotFoundError:
-                entry = None
-            except NatsTimeoutError:
-                raise JobsUnavailable(
-                    f"no answer from bucket {self.results_bucket} within {_JS_TIMEOUT_S:g} s"
-                ) from None
-            if entry is not None and entry.value:
-                return reply_decoder.decode(entry.value)
-            left = give_up - time.monotonic()
-            if left <= 0:
-                return None
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, 0.5)
+        there is none (yet, or any more: results expire). See `stored_result`."""
+        data = await stored_result(self.nc, job_id, wait_s, self.results_bucket)
+        return reply_decoder.decode(data) if data is not None else None
 
     async def _ensure_jobs(self) -> None:
         """The jobs stream and results bucket when no dispatcher has made them yet, shaped as
@@ -616,30 +585,63 @@ def _retry_after_s(reply: CompletionReply) -> float:
     return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
 
 
-NO_DISPATCHER = b"\x00no dispatcher"  # read_result's answer when nobody serves results
-
-
-async def read_result(nc: Client, job_id: str, wait_s: float = 0.0) -> bytes:
-    """A job's stored result as a dispatcher answers llm.jobs.result, asking again until wait_s
-    is over: b"" while there is none, NO_DISPATCHER when no dispatcher answers."""
+async def stored_result(
+    nc: Client, job_id: str, wait_s: float = 0.0, bucket: str = RESULTS_BUCKET
+) -> bytes | None:
+    """A job's stored result, asking again until wait_s is over; None when there is none.
+    Asked of a dispatcher (llm.jobs.result), which needs no bucket permissions; read from the
+    results bucket (`bucket`) when no dispatcher answers, where the connection may."""
+    read: Callable[[], Awaitable[bytes | None]]
+    try:
+        data = await _asked(nc, job_id)
+    except nats.errors.NoRespondersError:
+        try:
+            kv = await nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return None  # no dispatcher (nor submit) ever made it: no job has a result
+        except Exception as exc:  # noqa: BLE001
+            raise JobsUnavailable(
+                f"no dispatcher answers {subjects.JOBS_RESULT}, and bucket {bucket} cannot be "
+                f"read ({type(exc).__name__}: {exc})"
+            ) from None
+        read = partial(_in_bucket, kv, bucket, subjects.job_key(job_id))
+        data = await read()
+    else:
+        read = partial(_asked, nc, job_id)
     give_up = time.monotonic() + wait_s
     pause = 0.05
-    while True:
-        try:
-            msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=_JS_TIMEOUT_S)
-        except nats.errors.NoRespondersError:
-            return NO_DISPATCHER
-        except NatsTimeoutError:
-            raise JobsUnavailable(
-                f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s"
-            ) from None
-        if msg.data:
-            return msg.data
+    while not data:
         left = give_up - time.monotonic()
         if left <= 0:
-            return b""
+            return None
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 0.5)
+        data = await read()
+    return data
+
+
+async def _asked(nc: Client, job_id: str) -> bytes:
+    """A dispatcher's answer on llm.jobs.result: the result, or b"" while there is none."""
+    try:
+        msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=_JS_TIMEOUT_S)
+    except NatsTimeoutError:
+        raise JobsUnavailable(
+            f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s"
+        ) from None
+    return msg.data
+
+
+async def _in_bucket(kv: Any, bucket: str, key: str) -> bytes | None:
+    """One key's value in the results bucket (a direct get), None while there is none."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    except NatsTimeoutError:
+        raise JobsUnavailable(
+            f"no answer from bucket {bucket} within {_JS_TIMEOUT_S:g} s"
+        ) from None
+    return entry.value or None
 
 
 def _check_size(nc: Client, payload: bytes, headers: dict[str, str]) -> None:
