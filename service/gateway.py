@@ -622,7 +622,13 @@ class _Inbox:
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.waiting[token] = queue
         key = self.abort_keys[token] = self._keys.next()
-        await self._publish(STREAM, payload, prefix + token, {**(headers or {}), ABORT_KEY: key})
+        try:
+            await self._publish(
+                STREAM, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
+            )
+        except BaseException:  # not sent (too large, say): nothing to abort
+            del self.waiting[token], self.abort_keys[token]
+            raise
         return queue
 
     def close(self, token: str, ended: bool) -> None:
@@ -820,10 +826,6 @@ class Gateway:
                 raise _bad(str(exc)) from None
             payload = encoder.encode(completion)
             headers = _trace_headers(request)
-            # Refused before anything is sent: its abort key (added as it goes) counts too.
-            size = message_bytes(payload, {**(headers or {}), ABORT_KEY: _ABORT_KEY_ROOM})
-            if size > self.nc.max_payload:
-                raise _too_large_for_nats(size, self.nc.max_payload)
             wait_s = (completion.timeout_s or self.default_timeout_s) + _GRACE_S
             extra = {"x-lifeline-ignored": ", ".join(ignored)} if ignored else {}
             if chat.stream:
@@ -1128,9 +1130,6 @@ def _too_large_for_nats(size: int, max_payload: int) -> HTTPError:
         f"server's max_payload of {max_payload}",
         errors.PAYLOAD_TOO_LARGE,
     )
-
-
-_ABORT_KEY_ROOM = "k" * 32  # an abort key's length is 24 (SecretIds): room for it, and then some
 
 
 def _too_large(size: int, limit: int) -> HTTPError:
