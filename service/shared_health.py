@@ -286,44 +286,47 @@ class BucketStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _put(self, breaker: BreakerState, only_if_new: bool = False) -> None:
+    async def _put(
+        self, breaker: BreakerState, only_if_new: bool = False, last: int | None = None
+    ) -> None:
+        """Write `breaker`; with `only_if_new` only where the bucket has none, with `last`
+        only over that revision (a write in between wins)."""
         if self.kv is None:
             return
         key, value = breaker_key(breaker.provider, breaker.model), self._value(breaker)
         try:
-            write = self.kv.create(key, value) if only_if_new else self.kv.put(key, value)
+            if only_if_new:
+                write = self.kv.create(key, value)
+            elif last is not None:
+                write = self.kv.update(key, value, last=last)
+            else:
+                write = self.kv.put(key, value)
             revision = await asyncio.wait_for(write, _OP_TIMEOUT_S)
             self._revisions[key] = max(revision, self._revisions.get(key, 0))
         except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # only_if_new: the bucket has a state already; the watcher brings it here
+            pass  # the bucket has a state already, or a newer one: the watcher brings it here
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
 
     async def _put_if_newer(self, breaker: BreakerState) -> None:
-        """Write `breaker` unless the bucket holds a record as new or newer (compare-and-set
-        on its revision: a write in between wins)."""
+        """Write `breaker` unless the bucket holds a record as new or newer."""
         if self.kv is None:
             return
         key = breaker_key(breaker.provider, breaker.model)
         try:
-            try:
-                entry = await asyncio.wait_for(self.kv.get(key), _OP_TIMEOUT_S)
-            except nats.js.errors.KeyNotFoundError:
-                await self._put(breaker, only_if_new=True)
-                return
-            try:
-                stored = _breaker_decoder.decode(entry.value or b"")
-            except msgspec.DecodeError:
-                stored = None
-            if stored is not None and stored.since_unix_ms >= breaker.since_unix_ms:
-                return  # the bucket knows better; the watcher brings it here
-            write = self.kv.update(key, self._value(breaker), last=entry.revision)
-            revision = await asyncio.wait_for(write, _OP_TIMEOUT_S)
-            self._revisions[key] = max(revision, self._revisions.get(key, 0))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # written meanwhile: that is newer
+            entry = await asyncio.wait_for(self.kv.get(key), _OP_TIMEOUT_S)
+        except nats.js.errors.KeyNotFoundError:
+            await self._put(breaker, only_if_new=True)
+            return
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
+            return
+        try:
+            stored = _breaker_decoder.decode(entry.value or b"")
+        except msgspec.DecodeError:
+            stored = None
+        if stored is None or stored.since_unix_ms < breaker.since_unix_ms:
+            await self._put(breaker, last=entry.revision)
 
     async def claim(self, breaker: BreakerState) -> bool | None:
         """Only one replica probes: the claim is a compare-and-set on the breaker's revision.
