@@ -43,6 +43,14 @@ async def _waiting_jobs(client, settle_s: float = 2.0) -> int:
         await asyncio.sleep(0.05)
 
 
+async def kept_audit_events(client) -> list[Any]:
+    """Every audit event the audit stream keeps, oldest first."""
+    return [
+        audit_decoder.decode(data)
+        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
+    ]
+
+
 async def result_of(client, job_id: str, timeout_s: float = 10.0) -> Any:
     kv = await client.jetstream().key_value(JobsSettings().results_bucket)
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -193,10 +201,7 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         )
         assert consumer.delivered.consumer_seq > len(ids)  # the killed one's jobs came again
         # And one terminal audit event per id, kept in the audit stream.
-        events = [
-            audit_decoder.decode(data)
-            async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
-        ]
+        events = await kept_audit_events(client)
         assert Counter(e.id for e in events) == Counter(ids)
     finally:
         service.stop()
@@ -229,10 +234,7 @@ async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_i
     assert jobs.handled == 0  # no provider call
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.status) == ("llm.audit.ok", "orphan", "ok")
-    events = [
-        audit_decoder.decode(data)
-        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
-    ]
+    events = await kept_audit_events(client)
     assert [e.id for e in events] == ["orphan"]
     assert (await result_of(client, "orphan")).content == "stored before dying"
 
@@ -382,10 +384,7 @@ async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lif
 async def test_the_audit_event_kept_is_that_of_the_result_stored(lifeline, client, monkeypatch):
     """A delivery whose result could not be stored audits nothing: the delivery that stores
     one audits it, and that is the one event the audit stream keeps for the job."""
-    from schemas.wire import audit_decoder
     from service import jobs as jobs_module
-    from service.audit import read_events
-    from service.config import AuditSettings
 
     real_keep, failures = jobs_module.Jobs._keep, []
 
@@ -401,10 +400,7 @@ async def test_the_audit_event_kept_is_that_of_the_result_stored(lifeline, clien
     await submit(client, job("kept-later"), "kept-later")
     stored = await result_of(client, "kept-later")
     await asyncio.sleep(0.5)
-    events = [
-        audit_decoder.decode(data)
-        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
-    ]
+    events = await kept_audit_events(client)
     assert [(e.id, e.trace_id) for e in events] == [("kept-later", stored.trace_id)]
     assert failures and failures[0].trace_id != stored.trace_id  # two runs, two traces
 
@@ -414,10 +410,6 @@ async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_even
 ):
     """Ids from Nats-Msg-Id alone (bodies without one) have no length limit: two sharing their
     first 300 characters are still two jobs with an audit event each."""
-    from schemas.wire import audit_decoder
-    from service.audit import read_events
-    from service.config import AuditSettings
-
     await lifeline(config({"main": fake()}))
     body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
     ids = ["p" * 350 + "-one", "p" * 350 + "-two"]
@@ -427,19 +419,12 @@ async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_even
         assert (await result_of(client, job_id)).status == "ok"
     await audit.wait_for(2)
     await asyncio.sleep(0.3)
-    kept = [
-        audit_decoder.decode(data)
-        async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
-    ]
+    kept = await kept_audit_events(client)
     assert len(kept) == 2
 
 
 async def test_following_an_empty_audit_stream_waits_for_its_first_event(lifeline, client):
     """lifeline audit --follow on a new deployment, before any request."""
-    from schemas.wire import audit_decoder
-    from service.audit import read_events
-    from service.config import AuditSettings
-
     await lifeline(config({"main": fake()}))
     events = read_events(client.jetstream(), AuditSettings(), 20, follow=True)
     first = asyncio.ensure_future(events.__anext__())
