@@ -349,7 +349,8 @@ class _Run:
         self.attempts: list[Attempt] = attempts if attempts is not None else []
         # The calls running, until their outcome: what a cancelled walk cut short.
         self.calling: dict[tuple[int, float], tuple[Target, float, bool]] = {}
-        self.claims: set[tuple[str, str]] = set()  # health keys whose probe this request holds
+        # Health keys whose probe this request holds (None: none, the common case, no set made).
+        self.claims: set[tuple[str, str]] | None = None
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
         self.physical = 0
         self.fell_back: Outcome | None = (
@@ -394,6 +395,8 @@ class _Run:
             return Call()
         probe = admitted == PROBE and await health.claim(*key, target.timeout_s + 1)
         if probe:
+            if self.claims is None:
+                self.claims = set()
             self.claims.add(key)
         if not probe and self.limits.fallback and self._fits_later():
             health.skipped(*key)
@@ -497,7 +500,7 @@ class _Run:
             )
         elif capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
-            if probe and (provider, model) in self.claims:  # a probe another holds stays
+            if probe and self.claims and (provider, model) in self.claims:  # another's stays
                 health.release(provider, model)  # undecided: the next request probes
         else:
             health.record(
