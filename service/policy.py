@@ -119,13 +119,25 @@ Validate = Callable[[ProviderOk], ProviderOk | ProviderFailure]
 OnEvent = Callable[[str, dict[str, Any]], None]
 Next = Literal["retry", "fallback", "stop"]
 
-_NO_NEEDS = Needs()
+NO_NEEDS = Needs()  # what a request asks when it asks nothing special of its targets
 
 
 # The decisions: what the loop does next.
 @dataclass(frozen=True, slots=True)
 class Call:
     probe: bool = False  # let through a breaker that is not closed: its outcome decides it
+
+
+_CALL = Call()  # the decision of almost every step: made once
+_PROBE = Call(probe=True)
+
+
+class _Claim:
+    """A breaker whose cooldown is over: the call may be its probe, once claimed
+    (`_Run.claim`, the one step that waits on the health store)."""
+
+
+_CLAIM = _Claim()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +265,7 @@ async def run_chain(
     call: CallTarget,
     limits: Limits,
     *,
-    needs: Needs = _NO_NEEDS,
+    needs: Needs = NO_NEEDS,
     validate: Validate | None = None,
     on_event: OnEvent | None = None,
     health: Health | Untouched | None = None,
@@ -276,7 +288,9 @@ async def run_chain(
 async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainResult:
     while (target := run.cursor.next()) is not None:
         retry = 0
-        decision = await run.admit(target)
+        decision = run.admit(target)  # no await unless a probe is to be claimed: the common step
+        if decision is _CLAIM:
+            decision = await run.claim(target)
         while isinstance(decision, Call):
             probe = decision.probe
             outcome = await run.attempt(target, retry, probe)
@@ -288,9 +302,9 @@ async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainRes
                 retry += 1
                 # Its breaker may have opened during the backoff (other requests' failures):
                 # asked again, as for any call (a probe keeps the claim it holds).
-                decision = run.out_of_room() or (
-                    Call(probe) if probe else await run.breaker(target)
-                )
+                decision = run.out_of_room() or (_PROBE if probe else run.breaker(target))
+                if decision is _CLAIM:
+                    decision = await run.claim(target)
                 if isinstance(decision, Skip):  # the retry skipped: the next target falls back
                     run.fell_back = outcome
         match decision:
@@ -363,13 +377,14 @@ class _Run:
 
     # Before a target: Call, Skip or Stop.
 
-    async def admit(self, target: Target) -> Call | Skip | Stop:
+    def admit(self, target: Target) -> Call | Skip | Stop | _Claim:
         if self.attempts and not self.limits.fallback:
             return Stop(_fallback_disabled(self.attempts[-1], self.cursor.from_current()))
-        reason = skip_reason(target, self.needs)
-        if reason is not None:
-            return Skip(*reason)
-        return self.out_of_room() or await self.breaker(target)
+        if self.needs is not NO_NEEDS:
+            reason = skip_reason(target, self.needs)
+            if reason is not None:
+                return Skip(*reason)
+        return self.out_of_room() or self.breaker(target)
 
     def out_of_room(self) -> Stop | None:
         """Stop when the deadline has passed or max_attempts were made; checked before every
@@ -385,25 +400,39 @@ class _Run:
             return Stop(error, (rest, "max_attempts", f"max_attempts ({max_attempts}) reached"))
         return None
 
-    async def breaker(self, target: Target) -> Call | Skip:
+    def breaker(self, target: Target) -> Call | Skip | _Claim:
         health = self.health
         if health is None or target.breaker is None:
-            return Call()
-        key = target.health_key
-        admitted = health.admit(*key)
+            return _CALL
+        admitted = health.admit(*target.health_key)
         if admitted == CALL:
-            return Call()
-        probe = admitted == PROBE and await health.claim(*key, target.timeout_s + 1)
-        if probe:
-            if self.claims is None:
-                self.claims = set()
-            self.claims.add(key)
-        if not probe and self.limits.fallback and self._fits_later():
+            return _CALL
+        if admitted == PROBE:
+            return _CLAIM
+        return self._not_probing(target)
+
+    async def claim(self, target: Target) -> Call | Skip:
+        """Claim the probe of `target`'s breaker: Call(probe) when this request holds it."""
+        health, key = self.health, target.health_key
+        assert health is not None
+        if not await health.claim(*key, target.timeout_s + 1):
+            return self._not_probing(target)
+        if self.claims is None:
+            self.claims = set()
+        self.claims.add(key)
+        return _PROBE
+
+    def _not_probing(self, target: Target) -> Call | Skip:
+        """The breaker is open and this request does not hold its probe: skipped when another
+        target that fits is left, else called anyway (the last one left)."""
+        health, key = self.health, target.health_key
+        assert health is not None
+        if self.limits.fallback and self._fits_later():
             health.skipped(*key)
             state = health.targets.get(key)
             why = state.reason if state is not None and state.reason else "it failed recently"
             return Skip("circuit_open", f"{target.name}'s circuit breaker ({key}) is open: {why}")
-        return Call(probe=True)  # the probe, or the last target left: called anyway
+        return _PROBE
 
     def _fits_later(self) -> bool:
         return any(skip_reason(t, self.needs) is None for t in self.cursor.rest())
@@ -416,7 +445,8 @@ class _Run:
             self.fell_back = None
         self.physical += 1
         timeout_s = min(target.timeout_s, self.limits.deadline.left_s(self.clock()))
-        rival = self.cursor.peek() if retry == 0 and not probe else None
+        hedging = retry == 0 and not probe and self.limits.hedge is not None
+        rival = self.cursor.peek() if hedging else None
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
             started = self._calling(target, self.clock())

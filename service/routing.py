@@ -42,7 +42,7 @@ from service.budgets import Budget, Budgets
 from service.config import Config, Step, breaker_settings
 from service.faults import check_faults
 from service.health import ADHOC_MODEL
-from service.policy import Chain, Hedge, Limits, Needs
+from service.policy import NO_NEEDS, Chain, Hedge, Limits, Needs
 from service.shaping import (
     Shaping,
     Validator,
@@ -54,9 +54,6 @@ from service.shaping import (
 from service.target import HealthKey, Target
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
-
-
-_NO_NEEDS = Needs()  # shared by every request that asks nothing special of its targets
 
 
 class Rejected(Exception):
@@ -280,7 +277,7 @@ class Router:
         except ValueError as exc:
             raise refuse(str(exc)) from None
         faults = self._faults(request.faults, chain, refuse) if request.faults else None
-        needs = _NO_NEEDS
+        needs = NO_NEEDS
         images = any(not isinstance(m.content, str) for m in request.messages) and any(
             m.images for m in request.messages
         )
