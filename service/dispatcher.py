@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from functools import partial
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -50,6 +51,8 @@ _TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth tri
 _YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
 _ANSWER_AFTER_CANCEL_S = 2.0  # for a request cut short at shutdown to send its reply and audit
 _ABORT_KEY_MAX = 256  # characters: a longer Lifeline-Abort-Key makes a request not abortable
+# Answered without being served: their latency says nothing of overloaded's retry_after_s.
+_REFUSALS = frozenset((OVERLOADED, REPLY_SUBJECT_REFUSED))
 
 
 class Dispatcher:
@@ -174,14 +177,19 @@ class Dispatcher:
             if self._refuser is None or self._refuser.done():
                 self._refuser = asyncio.create_task(self._refuse_backlog())
             return
-        task = asyncio.create_task(self.handle(msg, arrived, stream=stream))
+        # The engine's own coroutine is the task (no wrapper frame kept alive while it waits:
+        # memory per request in flight); the tally is taken when it is done (_done).
+        inbound, respond, refused, sink = self._front(msg, arrived, stream)
+        task = asyncio.create_task(
+            self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
+        )
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
         if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
             key = None  # a key names one request in flight; a reused one stops none
         self._tasks[task] = key
         if key is not None:
             self._abortable[key] = task
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._stream_done if stream else self._done)
 
     def _on_stream(self, msg: Msg) -> None:
         self._on_msg(msg, stream=True)
@@ -226,7 +234,12 @@ class Dispatcher:
             if answered % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _stream_done(self, task: asyncio.Task[CompletionReply]) -> None:
+        self._done(task, self.stream_tally)
+
+    def _done(self, task: asyncio.Task[CompletionReply], tally: Tally | None = None) -> None:
+        if not task.cancelled() and task.exception() is None:  # serve answers whatever happens
+            self._count(task.result(), self.complete_tally if tally is None else tally)
         key = self._tasks.pop(task, None)
         if key is not None:
             del self._abortable[key]
@@ -254,10 +267,23 @@ class Dispatcher:
         refused: Rejected | None = None,
         stream: bool = False,
     ) -> None:
-        """Answer one llm.complete message (llm.stream with `stream`): exactly one reply, or
-        one stream ending in one end or error event (if it has a reply subject that may be
-        answered on), and exactly one audit event, whatever the message holds."""
+        """Answer one llm.complete message (llm.stream with `stream`) here and now (a refusal
+        from the backlog; _on_msg gives the engine's coroutine a task of its own)."""
         arrived = time.monotonic() if arrived is None else arrived
+        inbound, respond, refused, sink = self._front(msg, arrived, stream, refused)
+        reply = await self.engine.serve(
+            inbound, respond, refused, sink, if_cancelled=self._why_cancelled
+        )
+        self._count(reply, self.stream_tally if stream else self.complete_tally)
+
+    def _front(
+        self, msg: Msg, arrived: float, stream: bool, refused: Rejected | None = None
+    ) -> tuple[Inbound, Respond | None, Rejected | None, ClientStream | None]:
+        """What the engine needs to answer `msg` (Engine.serve): exactly one reply, or one
+        stream ending in one end or error event (if it has a reply subject that may be
+        answered on), and exactly one audit event, whatever the message holds. Nobody sends a
+        core request again: cut short (at shutdown, or aborted by its client), it is still
+        answered and audited (`_why_cancelled`)."""
         respond: Respond | None = None
         sink: ClientStream | None = None
         if msg.reply:
@@ -266,27 +292,19 @@ class Dispatcher:
                 refused = _refused_reply_subject(msg.reply, why, msg.data)
             elif stream:
                 sink = self.transport.client_stream(msg.reply)
-            else:
-                respond = self._responder(msg.reply)
-        inbound = Inbound(msg.data, msg.headers, arrived)
-        # Nobody sends a core request again: cut short (at shutdown, or aborted by its client),
-        # it is still answered and audited.
-        reply = await self.engine.serve(
-            inbound, respond, refused, sink, if_cancelled=self._why_cancelled
-        )
-        tally = self.stream_tally if stream else self.complete_tally
+            else:  # a C-level partial: no closure, no coroutine of its own
+                respond = partial(self.transport.answer, msg.reply)
+        return Inbound(msg.data, msg.headers, arrived), respond, refused, sink
+
+    def _count(self, reply: CompletionReply, tally: Tally) -> None:
         tally.busy_ms += reply.latency_ms
-        if reply.error is not None:
-            tally.errors += 1
-            tally.last_error = reply.error.type
-        if refused is None:  # the engine measured it: no second clock read
+        if reply.error is None:
             self._latency_s += (reply.latency_ms / 1000 - self._latency_s) / 16
-
-    def _responder(self, reply_to: str) -> Respond:
-        async def respond(reply: CompletionReply) -> CompletionReply:
-            return await self.transport.answer(reply_to, reply)
-
-        return respond
+            return
+        tally.errors += 1
+        tally.last_error = reply.error.type
+        if reply.error.type not in _REFUSALS:  # refusals take no time: not a served request's
+            self._latency_s += (reply.latency_ms / 1000 - self._latency_s) / 16
 
 
 def _refused_reply_subject(reply_to: str, why: str, data: bytes) -> Rejected:

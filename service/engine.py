@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import NamedTuple, Protocol
 
 import msgspec
@@ -229,17 +230,8 @@ class Engine:
         self._check_fits(payloads.base, plan)
 
         checked: CallTarget
-        if relay is None:
-
-            async def call(
-                target: Target, timeout_s: float, previous: tuple[str, ...]
-            ) -> ProviderReply:
-                payload = payloads.for_target(target, previous)
-                return await self._attempt(
-                    target, payload, plan.request_id, timeout_s, span, plan.validate
-                )
-
-            checked = call
+        if relay is None:  # a C-level partial: no closure made, no frame of its own per attempt
+            checked = partial(self._attempt, payloads, plan.request_id, span, plan.validate)
         else:
             checked = self._streaming(plan, payloads, span, relay)
         health: Health | Untouched = self.health
@@ -283,22 +275,25 @@ class Engine:
 
     async def _attempt(
         self,
-        target: Target,
-        payload: bytes,
+        payloads: _Payloads,
         request_id: str,
-        timeout_s: float,
         parent: telemetry.LiteSpan,
-        validate: Validate | None = None,
+        validate: Validate | None,
+        target: Target,
+        timeout_s: float,
+        previous: tuple[str, ...],
     ) -> ProviderReply:
-        """One call of a worker, its answer checked against what the request required. The
-        policy has already bounded timeout_s by the request's deadline; the attempt's own
-        Deadline tells the worker when to give up."""
+        """One call of a worker (the policy's `call`, its first four arguments bound per
+        request), its answer checked against what the request required. The policy has
+        already bounded timeout_s by the request's deadline; the attempt's own Deadline tells
+        the worker when to give up."""
+        payload = payloads.for_target(target, previous)
         span, headers = self._attempt_span(target, request_id, timeout_s, parent)
         try:
             reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
             if validate is not None and isinstance(reply, ProviderOk):
                 reply = validate(reply)
-            if span.is_recording():
+            if span.recording:
                 telemetry.annotate_outcome(span, reply)
             return reply
         finally:

@@ -48,6 +48,28 @@ async def publish_checked(
 ) -> bool:
     """Publish unless the message cannot go out; a failure is logged, never raised. Goes
     through the connection's fast path when it can (see FastPath.publish for `urgent`)."""
+    sent = publish_now(nc, subject, payload, what, headers, urgent)
+    if sent is not None:
+        return sent
+    try:
+        await nc.publish(subject, payload, headers=headers)
+    except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
+        log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
+        return False
+    return True
+
+
+def publish_now(
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    what: str,
+    headers: dict[str, str] | None = None,
+    urgent: bool = False,
+) -> bool | None:
+    """`publish_checked` without waiting, for the hot path (no coroutine to make): True when
+    sent through the fast path, False when refused as larger than max_payload (logged), None
+    when it must go through nats-py's publish (`await publish_checked` then)."""
     size, block = measured(payload, headers)
     if size > nc.max_payload:
         log.error(
@@ -60,12 +82,7 @@ async def publish_checked(
         return False
     if fast_path(nc).publish(subject, payload, headers=headers, block=block, urgent=urgent):
         return True
-    try:
-        await nc.publish(subject, payload, headers=headers)
-    except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
-        log.warning("could not publish %s on %s: %s", what, subject, type(exc).__name__)
-        return False
-    return True
+    return None
 
 
 def measured(payload: bytes, headers: dict[str, str] | None) -> tuple[int, bytes | None]:

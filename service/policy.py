@@ -278,43 +278,39 @@ async def run_chain(
     a caller whose walk is cancelled still has them: then the calls still running are in it
     too, as `cancelled` (their reason is the caller's to give)."""
     run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand, attempts)
-    try:
-        return await _walk(run, sleep)
+    try:  # the walk, here rather than in a coroutine of its own: one frame less per wake-up
+        while (target := run.cursor.next()) is not None:
+            retry = 0
+            decision = run.admit(target)  # no await unless a probe is claimed: the common step
+            if decision is _CLAIM:
+                decision = await run.claim(target)
+            while isinstance(decision, Call):
+                probe = decision.probe
+                outcome = await run.attempt(target, retry, probe)
+                if isinstance(outcome.reply, ProviderOk):
+                    return run.succeed(outcome, retry)
+                decision = run.decide(outcome, retry)
+                if isinstance(decision, Retry):
+                    await sleep(decision.delay_s)
+                    retry += 1
+                    # Its breaker may have opened during the backoff (other requests' failures):
+                    # asked again, as for any call (a probe keeps the claim it holds).
+                    decision = run.out_of_room() or (_PROBE if probe else run.breaker(target))
+                    if decision is _CLAIM:
+                        decision = await run.claim(target)
+                    if isinstance(decision, Skip):  # the retry skipped: the next target falls back
+                        run.fell_back = outcome
+            match decision:
+                case Skip(reason, message):
+                    run.skip(target, reason, message)
+                case Switch(kind):
+                    run.cursor.switch(kind)
+                case Stop():
+                    return run.fail(decision)
+        return run.fail(run.exhausted())
     except asyncio.CancelledError:
         run.cut_short()
         raise
-
-
-async def _walk(run: _Run, sleep: Callable[[float], Awaitable[Any]]) -> ChainResult:
-    while (target := run.cursor.next()) is not None:
-        retry = 0
-        decision = run.admit(target)  # no await unless a probe is to be claimed: the common step
-        if decision is _CLAIM:
-            decision = await run.claim(target)
-        while isinstance(decision, Call):
-            probe = decision.probe
-            outcome = await run.attempt(target, retry, probe)
-            if isinstance(outcome.reply, ProviderOk):
-                return run.succeed(outcome, retry)
-            decision = run.decide(outcome, retry)
-            if isinstance(decision, Retry):
-                await sleep(decision.delay_s)
-                retry += 1
-                # Its breaker may have opened during the backoff (other requests' failures):
-                # asked again, as for any call (a probe keeps the claim it holds).
-                decision = run.out_of_room() or (_PROBE if probe else run.breaker(target))
-                if decision is _CLAIM:
-                    decision = await run.claim(target)
-                if isinstance(decision, Skip):  # the retry skipped: the next target falls back
-                    run.fell_back = outcome
-        match decision:
-            case Skip(reason, message):
-                run.skip(target, reason, message)
-            case Switch(kind):
-                run.cursor.switch(kind)
-            case Stop():
-                return run.fail(decision)
-    return run.fail(run.exhausted())
 
 
 class _Run:

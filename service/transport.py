@@ -29,7 +29,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import (
@@ -63,7 +62,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
-from service.natsio import fast_path, measured, publish_checked
+from service.natsio import fast_path, measured, publish_checked, publish_now
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -104,13 +103,16 @@ class NatsTransport:
                 f"server's max_payload of {self.nc.max_payload}; shorten the messages or the "
                 "target's template",
             )
+        inbox = self._inbox
+        if inbox._sub is None:
+            await inbox.start()
+        # The inbox's work inline (send, then wait here): no coroutine of its own, so one frame
+        # less kept alive per attempt in flight.
+        token, future, timer, sent = inbox.send(subject, payload, timeout_s, headers, block)
         try:
-            msg = await self._inbox.request(subject, payload, timeout_s, headers, block)
-        except NoRespondersError:
-            return ProviderFailure(
-                "no_responders",
-                f"no worker is listening on {subject}: start one with `lifeline worker {provider}`",
-            )
+            if not sent:
+                await self.nc.publish(subject, payload, reply=inbox.prefix + token, headers=headers)
+            msg = await future
         except NatsTimeoutError:
             self.cancel_now(provider, headers[ATTEMPT_ID])
             return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
@@ -119,6 +121,13 @@ class NatsTransport:
             raise
         except NatsError as exc:  # the connection is closed or cannot buffer: this attempt failed
             return ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
+        finally:
+            inbox.close(token, timer)
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            return ProviderFailure(
+                "no_responders",
+                f"no worker is listening on {subject}: start one with `lifeline worker {provider}`",
+            )
         try:
             return _bounded(provider_reply_decoder.decode(msg.data))
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -174,9 +183,9 @@ class NatsTransport:
         max_payload, an error reply that does. Returns what was sent (the audit event must say
         the same)."""
         reply, payload = fitted(reply, self.nc.max_payload)
-        await publish_checked(
-            self.nc, reply_subject, payload, f"the reply to {reply.id!r}", urgent=True
-        )
+        what = f"the reply to {reply.id!r}"
+        if publish_now(self.nc, reply_subject, payload, what, urgent=True) is None:
+            await publish_checked(self.nc, reply_subject, payload, what, urgent=True)
         return reply
 
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
@@ -184,13 +193,9 @@ class NatsTransport:
         per `msg_id` when given)."""
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
-        await publish_checked(
-            self.nc,
-            audit_subject(event.status),
-            _fitting(event, room),
-            "an audit event",
-            headers,
-        )
+        subject, payload = audit_subject(event.status), _fitting(event, room)
+        if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
+            await publish_checked(self.nc, subject, payload, "an audit event", headers)
 
 
 def _short_msg_id(msg_id: str) -> str:
@@ -278,11 +283,11 @@ class _Inbox:
     and is dropped. A streaming attempt's chunks come to <prefix>.<token>.c and its reply to
     <prefix>.<token>, both to its ProviderStream."""
 
-    __slots__ = ("_nc", "_prefix", "_streams", "_sub", "_tokens", "_waiting")
+    __slots__ = ("_nc", "_streams", "_sub", "_tokens", "_waiting", "prefix")
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
-        self._prefix = ""
+        self.prefix = ""
         # Not guessable: a worker may publish chunks to any dispatcher's <prefix>.*.c (it
         # cannot know which stream is whose), and the prefix is in every request it gets.
         self._tokens = SecretIds()
@@ -292,11 +297,11 @@ class _Inbox:
 
     async def start(self) -> None:
         if self._sub is None:
-            self._prefix = self._nc.new_inbox() + "."
-            self._sub = await fast_path(self._nc).subscribe(self._prefix + ">", self._on_reply)
+            self.prefix = self._nc.new_inbox() + "."
+            self._sub = await fast_path(self._nc).subscribe(self.prefix + ">", self._on_reply)
 
     def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
+        token = msg.subject[len(self.prefix) :]
         if token[-2:] == ".c":
             stream = self._streams.get(token[:-2])
             if stream is not None:
@@ -317,7 +322,7 @@ class _Inbox:
         if self._sub is None:
             await self.start()
         token = self._tokens.next()
-        inbox = self._prefix + token
+        inbox = self.prefix + token
         headers[STREAM_TO] = inbox + ".c"
         self._streams[token] = stream
         stream.opened(lambda: self._streams.pop(token, None))
@@ -329,33 +334,32 @@ class _Inbox:
                 ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
             )
 
-    async def request(
+    def send(
         self,
         subject: str,
         payload: bytes,
         timeout_s: float,
         headers: dict[str, str],
         block: bytes | None = None,
-    ) -> Msg:
-        if self._sub is None:
-            await self.start()
+    ) -> tuple[str, asyncio.Future[Msg], asyncio.TimerHandle, bool]:
+        """Send one request (started: see NatsTransport.ask_provider): its token, the future
+        its reply (or, after timeout_s, NatsTimeoutError) comes to, its timer (for `close`),
+        and whether it went out; when not (the fast path cannot take it), the caller publishes
+        it through nats-py to prefix + token."""
         token = self._tokens.next()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future
         timer = loop.call_later(timeout_s, _expire, future)
-        try:
-            inbox = self._prefix + token
-            path = fast_path(self._nc)
-            if not path.publish(subject, payload, inbox, headers, block, urgent=True):
-                await self._nc.publish(subject, payload, reply=inbox, headers=headers)
-            msg = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-            raise NoRespondersError
-        return msg
+        sent = fast_path(self._nc).publish(
+            subject, payload, self.prefix + token, headers, block, urgent=True
+        )
+        return token, future, timer, sent
+
+    def close(self, token: str, timer: asyncio.TimerHandle) -> None:
+        """A request is over (answered, timed out or cancelled): a late reply finds nothing."""
+        timer.cancel()
+        self._waiting.pop(token, None)
 
 
 _NO_RESPONDERS = "503"  # the status the server answers with when nobody is subscribed
