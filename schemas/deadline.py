@@ -8,7 +8,7 @@ form two machines agree on; `header()` and `from_header()` are the only conversi
     on arrival    Deadline.after(timeout_s, start=arrived), .sooner() than the client's own
                   Deadline.at_unix_ms(deadline_unix_ms)
     per attempt   the policy gives each call min(target.timeout_s, deadline.left_s()), and the
-                  attempt's own Deadline.after(that) goes out as deadline.header()
+                  attempt's own deadline goes out as Deadline.header_after(that)
     in a worker   Deadline.from_header(value).left_s(): what its provider call may take
 """
 
@@ -51,6 +51,11 @@ class Deadline:
     def header(self) -> str:
         """This deadline as the `Lifeline-Deadline-Ms` header's value (Unix time in ms)."""
         return str(int((time.time() + self.left_s()) * 1000))
+
+    @staticmethod
+    def header_after(seconds: float) -> str:
+        """`Deadline.after(seconds).header()`, without making the Deadline (once per attempt)."""
+        return str(int((time.time() + seconds) * 1000))
 
     def left_s(self, now: float | None = None) -> float:
         """Seconds left; zero or less once it has passed."""

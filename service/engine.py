@@ -339,7 +339,7 @@ class Engine:
         name, attributes = self._span_template(target)
         span = self.spans.start(name, SpanKind.CLIENT, attributes, parent)
         headers = {
-            DEADLINE_MS: Deadline.after(timeout_s).header(),
+            DEADLINE_MS: Deadline.header_after(timeout_s),
             REQUEST_ID: request_id,
             ATTEMPT_ID: self._attempt_ids.next(),
         }

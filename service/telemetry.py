@@ -339,7 +339,7 @@ def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None
         return None
     if not trace_id or not span_id:
         return None
-    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_FLAGS[flags & 1])
+    return span_context(trace_id, span_id, _FLAGS[flags & 1], None, is_remote=True)
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:
@@ -389,15 +389,17 @@ class SpanRecorder:
         attributes: dict[str, Any],
         parent: Context | LiteSpan | trace.SpanContext | None = None,
     ) -> LiteSpan:
-        if isinstance(parent, LiteSpan):
+        if isinstance(parent, LiteSpan):  # a local child: same trace, same state, same decision
             span = LiteSpan(
                 self,
                 name,
                 kind,
                 attributes,
-                parent.context,
+                parent,
                 parent.recording,
-                trace_hex=parent.trace_hex,
+                parent.trace_id,
+                parent.trace_state,
+                parent.trace_hex,
             )
             if span.recording and self.starters:
                 self._started(span, parent.as_context())
@@ -409,25 +411,36 @@ class SpanRecorder:
             remote = (
                 trace.get_current_span(parent).get_span_context() if parent is not None else None
             )
-        if remote is not None and not remote.is_valid:
+        # SpanContext's fields read by position (its properties are Python calls): see
+        # span_context for the layout, which a test checks against the installed API.
+        if remote is not None and not remote[_VALID]:
             remote = None
         decided_here = self.decided_here
         if context is None and remote is not None and (self.starters or not decided_here):
             context = _as_context(remote)
-        trace_id = remote.trace_id if remote is not None else random.getrandbits(128)
+        trace_id = remote[_TRACE_ID] if remote is not None else random.getrandbits(128)
         if decided_here:
             # The SDK's default, ParentBased(ALWAYS_ON), decided as it decides, without the
             # call: a root records, a child of a remote parent does what the parent did, and
             # ALWAYS_ON adds no attributes of its own. ALWAYS_OFF records nothing and adds none;
             # both pass a remote parent's trace state on.
-            recording = not self.never and (remote is None or remote.trace_flags.sampled)
-            trace_state = remote.trace_state if remote is not None else None
+            recording = not self.never and (remote is None or remote[_TRACE_FLAGS] & 1 == 1)
+            trace_state = remote[_TRACE_STATE] if remote is not None else None
+            if trace_state is _EMPTY_STATE or not trace_state:
+                trace_state = None  # what a span keeps when there is none
             span = LiteSpan(self, name, kind, attributes, remote, recording, trace_id, trace_state)
         else:
             result = self.sampler.should_sample(context, trace_id, name, kind, attributes)
             recording = result.decision.is_sampled()
             span = LiteSpan(
-                self, name, kind, attributes, remote, recording, trace_id, result.trace_state
+                self,
+                name,
+                kind,
+                attributes,
+                remote,
+                recording,
+                trace_id,
+                result.trace_state or None,
             )
             if recording and result.attributes:
                 span.attributes.update(result.attributes)
@@ -447,27 +460,55 @@ _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 _FLAGS = (_NOT_SAMPLED, _SAMPLED)
 _UNSET = trace.Status(trace.StatusCode.UNSET)
+_random_bits = random.getrandbits
+
+# opentelemetry-api's SpanContext is a tuple of these fields, in this order; its __new__ (Python,
+# about a tenth of a span's cost) only fills in defaults and computes is_valid. Spans made here
+# have valid ids, so span_context builds the tuple directly. test_span_recorder checks the
+# layout against the installed API and fails loudly if it changes.
+_TRACE_ID, _SPAN_ID, _IS_REMOTE, _TRACE_FLAGS, _TRACE_STATE, _VALID = range(6)
+_EMPTY_STATE = trace.DEFAULT_TRACE_STATE
+_new_tuple = tuple.__new__
+
+
+def span_context(
+    trace_id: int,
+    span_id: int,
+    flags: trace.TraceFlags,
+    trace_state: trace.TraceState | None,
+    is_remote: bool = False,
+) -> trace.SpanContext:
+    """trace.SpanContext(trace_id, span_id, is_remote, flags, trace_state) for ids known to
+    be valid (non-zero, in range), without its constructor's checks."""
+    state = _EMPTY_STATE if trace_state is None else trace_state
+    return _new_tuple(trace.SpanContext, (trace_id, span_id, is_remote, flags, state, True))
 
 
 class LiteSpan:
     """One span in progress; ended spans are emitted to the processors if sampled.
 
-    While it runs it reads like the SDK's Span for processors' on_start (name, context,
-    parent, kind, attributes, events, status, start_time, resource, instrumentation_scope)
-    and takes set_attribute(s), add_event and set_status."""
+    Its ids are kept as plain values; the OTel SpanContext is made when something asks for it
+    (`context`: a processor, an HTTP propagation, the ReadableSpan at its end), which a span
+    that does not record never does. While it runs it reads like the SDK's Span for
+    processors' on_start (name, context, parent, kind, attributes, events, status,
+    start_time, resource, instrumentation_scope) and takes set_attribute(s), add_event and
+    set_status."""
 
     __slots__ = (
+        "_context",
+        "_parent",
         "attributes",
-        "context",
         "events",
         "kind",
         "name",
-        "parent",
         "recorder",
         "recording",
+        "span_id",
         "start_ns",
         "status",
         "trace_hex",
+        "trace_id",
+        "trace_state",
     )
 
     def __init__(
@@ -476,30 +517,42 @@ class LiteSpan:
         name: str,
         kind: trace.SpanKind,
         attributes: dict[str, Any],
-        parent: trace.SpanContext | None,
+        parent: LiteSpan | trace.SpanContext | None,
         recording: bool,
-        trace_id: int | None = None,
-        trace_state: trace.TraceState | None = None,
+        trace_id: int,
+        trace_state: trace.TraceState | None = None,  # None: empty
         trace_hex: str | None = None,
     ) -> None:
         self.recorder = recorder
         self.name = name
         self.kind = kind
         self.attributes = dict(attributes)
-        self.parent = parent
+        self._parent = parent  # a local parent's SpanContext is made only if it is asked for
         self.recording = recording
-        flags = _SAMPLED if recording else _NOT_SAMPLED
-        if trace_id is None:  # a local child: same trace, same state
-            assert parent is not None
-            trace_id, trace_state = parent.trace_id, parent.trace_state
-        self.context = trace.SpanContext(
-            trace_id, random.getrandbits(64), False, flags, trace_state
-        )
+        self.trace_id = trace_id
+        self.span_id = _random_bits(64) or 1  # never the invalid 0
+        self.trace_state = trace_state
+        self._context: trace.SpanContext | None = None
         # The trace id as W3C writes it, formatted once per trace: traceparent and replies use it.
         self.trace_hex = trace_hex if trace_hex is not None else f"{trace_id:032x}"
         self.start_ns = time.time_ns()
         self.events: list[Event] = []
         self.status = _UNSET  # Status is immutable: one value serves every span
+
+    @property
+    def context(self) -> trace.SpanContext:
+        context = self._context
+        if context is None:
+            flags = _SAMPLED if self.recording else _NOT_SAMPLED
+            context = self._context = span_context(
+                self.trace_id, self.span_id, flags, self.trace_state
+            )
+        return context
+
+    @property
+    def parent(self) -> trace.SpanContext | None:
+        parent = self._parent
+        return parent.context if isinstance(parent, LiteSpan) else parent
 
     def get_span_context(self) -> trace.SpanContext:
         return self.context
@@ -567,14 +620,16 @@ class LiteSpan:
 
 def inject(headers: dict[str, str], span: trace.Span | LiteSpan) -> None:
     """W3C trace context of `span` into NATS headers (formatted directly: this is per attempt)."""
-    ctx = span.get_span_context()
     if isinstance(span, LiteSpan):  # always valid: its ids are made here
         flags = "01" if span.recording else "00"
-        headers[TRACEPARENT] = f"00-{span.trace_hex}-{ctx.span_id:016x}-{flags}"
-    elif ctx.is_valid:
-        headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
-    else:
+        headers[TRACEPARENT] = f"00-{span.trace_hex}-{span.span_id:016x}-{flags}"
+        if span.trace_state is not None:  # None when empty
+            headers[TRACESTATE] = span.trace_state.to_header()
         return
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return
+    headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
     if ctx.trace_state:
         headers[TRACESTATE] = ctx.trace_state.to_header()
 

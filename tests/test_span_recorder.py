@@ -136,3 +136,24 @@ def test_a_traceparent_is_read_alike_with_or_without_tracestate(traceparent):
     assert (alone is None) == (with_state is None)
     if alone is not None:
         assert (alone.trace_id, alone.span_id) == (with_state.trace_id, with_state.span_id)
+
+
+@pytest.mark.parametrize("is_remote", [False, True])
+@pytest.mark.parametrize("state", [None, TraceState([("vendor", "value")])])
+def test_span_contexts_built_directly_are_the_apis_own(is_remote, state):
+    """telemetry.span_context builds opentelemetry-api's SpanContext tuple without its
+    constructor, and the recorder reads its fields by position: if a new API version changes
+    the tuple's layout, this fails (and the fast path must follow it)."""
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    built = telemetry.span_context(TRACE_ID, SPAN_ID, flags, state, is_remote=is_remote)
+    made = trace.SpanContext(TRACE_ID, SPAN_ID, is_remote, flags, state)
+    assert built == made and type(built) is type(made)
+    assert (
+        built.trace_id,
+        built.span_id,
+        built.is_remote,
+        built.trace_flags,
+        built.trace_state,
+        built.is_valid,
+    ) == (TRACE_ID, SPAN_ID, is_remote, flags, made.trace_state, True)
+    assert built[telemetry._TRACE_FLAGS] is flags and built[telemetry._VALID] is True
