@@ -204,16 +204,26 @@ class TargetHealth:
     def tally(self, now: float, ok: bool, counted: bool, latency_ms: float, started: float) -> None:
         """One finished call in this second's slot: a good answer (and its latency, and when it
         was made), a counted failure, or a failure that does not count."""
+        if ok:
+            self.answered(now, latency_ms, started)
+            return
         i = self._slot(now)
         self.changed = True
-        if ok:
-            self.ok[i] += 1
-            self._observe_latency(now, latency_ms)
-            self.ok_started = max(self.ok_started, started)
-        elif counted:
+        if counted:
             self.failed[i] += 1
         else:
             self.other[i] += 1
+
+    def answered(self, now: float, latency_ms: float, started: float) -> None:
+        """tally(now, True, False, latency_ms, started) in one call: every good answer's."""
+        self.changed = True
+        self.ok[self._slot(now)] += 1
+        self.ok_started = max(self.ok_started, started)
+        epoch = int(now // _LATENCY_EPOCH_S)
+        if epoch != self.latency_epoch:
+            self._observe_latency(now, latency_ms)
+            return
+        self.latency[0 if latency_ms < _GROWTH else bucket_of(latency_ms)] += 1
 
     def _observe_latency(self, now: float, latency_ms: float) -> None:
         epoch = int(now // _LATENCY_EPOCH_S)
@@ -417,9 +427,18 @@ class Health:
     ) -> None:
         """One finished call. `probe`: it was let through while the breaker was not closed.
         `started`: when the call was made, on this Health's clock (None: now)."""
-        health = self.of(provider, model)
+        health = self.targets.get((provider, model)) or self.of(provider, model)
         now = self.clock()
         started = now if started is None else started
+        if ok:  # the common case: one call
+            outdated = started < health.closed_at
+            health.answered(now, latency_ms, started)
+            if settings is None or not settings.enabled or outdated:
+                return
+            health.consecutive = 0
+            if probe and health.state != CLOSED:
+                self._close(health, now, "a probe got an answer")
+            return
         counted = (
             not ok
             and kind is not None

@@ -58,7 +58,7 @@ from schemas.wire import (
     RETRY_BUDGET,
 )
 from service.budgets import Budgets
-from service.health import CALL, PROBE, Health, Untouched
+from service.health import CALL, CLOSED, PROBE, Health, Untouched
 from service.target import Target
 
 
@@ -380,6 +380,15 @@ class _Run:
             reason = skip_reason(target, self.needs)
             if reason is not None:
                 return Skip(*reason)
+        limits, health = self.limits, self.health
+        # The common step decided here, then out_of_room and breaker for anything else: time
+        # and attempts left, and no breaker, or a closed one.
+        if self.physical < limits.max_attempts and limits.deadline.at > self.clock():
+            if health is None or target.breaker is None:
+                return _CALL
+            state = health.targets.get(target.health_key)
+            if state is None or state.state == CLOSED:
+                return _CALL
         return self.out_of_room() or self.breaker(target)
 
     def out_of_room(self) -> Stop | None:
@@ -445,8 +454,10 @@ class _Run:
         rival = self.cursor.peek() if hedging else None
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
-            started = self._calling(target, self.clock())
-            reply = await self.call(target, timeout_s, self._previous(target))
+            started = self.clock()
+            self.calling[(id(target), started)] = (target, started, False)
+            previous = tuple(self.errors) if target.pass_failures else ()
+            reply = await self.call(target, timeout_s, previous)
             if isinstance(reply, Started):
                 output = reply
                 reply = await output.end()
@@ -493,14 +504,21 @@ class _Run:
         if isinstance(reply, ProviderOk) and self.validate is not None:
             reply = self.validate(reply)
         latency_ms = (self.clock() - started) * 1000
-        if self.health is not None:
-            # A timeout the request's own deadline cut short says nothing about the target's
-            # health (short client deadlines must not open breakers). Cut short means by more
-            # than the moments a request spends before its call: a deadline of the target's own
-            # timeout_s leaves its first call a few ms less, and that call's timeout counts.
-            capped = timeout_s < target.timeout_s * _CAPPED_BELOW
-            self._record_health(target, reply, started, latency_ms, probe, capped)
-        return Outcome(target, reply, latency_ms, streamed=streamed)
+        health = self.health
+        if health is not None:
+            if isinstance(reply, ProviderOk):  # the common case, without _record_health's call
+                provider, model = target.health_key
+                health.record(
+                    provider, model, target.breaker, True, None, None, latency_ms, probe, started
+                )
+            else:
+                # A timeout the request's own deadline cut short says nothing about the target's
+                # health (short client deadlines must not open breakers). Cut short means by more
+                # than the moments a request spends before its call: a deadline of the target's
+                # own timeout_s leaves its first call a few ms less, and that call's timeout counts.
+                capped = timeout_s < target.timeout_s * _CAPPED_BELOW
+                self._record_health(target, reply, started, latency_ms, probe, capped)
+        return Outcome(target, reply, latency_ms, False, False, (), streamed)
 
     def _record_health(
         self,
@@ -516,13 +534,7 @@ class _Run:
         assert health is not None
         if isinstance(reply, ProviderOk):
             health.record(
-                provider,
-                model,
-                target.breaker,
-                True,
-                latency_ms=latency_ms,
-                probe=probe,
-                started=started,
+                provider, model, target.breaker, True, None, None, latency_ms, probe, started
             )
         elif capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
