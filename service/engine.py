@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -100,7 +100,7 @@ class DeliverAgain(Exception):
     the delivery that stores it audits what was stored."""
 
 
-class Inbound(NamedTuple):
+class Inbound(msgspec.Struct, frozen=True):
     """A request as a front end received it."""
 
     data: bytes
@@ -142,7 +142,7 @@ class Engine:
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
-        trace_id = telemetry.trace_id_of(span)
+        trace_id = span.trace_hex
         route: str | None = None
         attempts: list[Attempt] = []  # filled as the chain goes: a cancel still reports them
         relay = Relay(sink, inbound.arrived) if sink is not None else None
@@ -154,7 +154,7 @@ class Engine:
             plan = self.router.plan(inbound.data, inbound.arrived, inbound.default_id)
             route = plan.route
             if relay is not None:
-                on_event = span.add_event if span.is_recording() else None
+                on_event = span.add_event if span.recording else None
                 relay.follow(plan.limits.on_midstream, plan.validate, on_event)
             result = await self._complete(plan, span, relay, attempts)
             reply = _reply(plan.request_id, result, trace_id)
@@ -247,7 +247,7 @@ class Engine:
             plan.limits,
             needs=plan.needs,
             validate=None,  # checked in the attempt (a stream's in its Relay): its span says so
-            on_event=span.add_event if span.is_recording() else None,
+            on_event=span.add_event if span.recording else None,
             health=health,
             attempts=attempts,
         )
@@ -503,12 +503,12 @@ def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) 
         template=reply.template,
         stream=reply.stream,
         finish_reason=reply.finish_reason,
-        tools_called=[call.name for call in reply.tool_calls or ()],
+        tools_called=[call.name for call in reply.tool_calls] if reply.tool_calls else [],
     )
 
 
 def _annotate(span: telemetry.LiteSpan, reply: CompletionReply, route: str | None) -> None:
-    if not span.is_recording():
+    if not span.recording:
         return
     telemetry.annotate_request(span, reply, route)
     if reply.error is not None:

@@ -73,7 +73,7 @@ class Rejected(Exception):
         self.route = route
 
 
-class Plan(NamedTuple):
+class Plan(msgspec.Struct, frozen=True):
     request: CompletionRequest
     request_id: str
     route: str | None  # None when the request named its own targets
@@ -278,9 +278,11 @@ class Router:
             raise refuse(str(exc)) from None
         faults = self._faults(request.faults, chain, refuse) if request.faults else None
         needs = NO_NEEDS
-        images = any(not isinstance(m.content, str) for m in request.messages) and any(
-            m.images for m in request.messages
-        )
+        images = False  # a plain loop: most requests are all text, and a generator costs more
+        for message in request.messages:
+            if type(message.content) is not str and message.images:
+                images = True
+                break
         json = wants_json(request.response_format)
         if route.counts_tokens or json or request.tools or images:
             tokens = (
