@@ -169,10 +169,14 @@ class Tracing(TracerProvider):
         super().__init__(**kwargs)
         self.processors = SynchronousMultiSpanProcessor()  # the same processors, for the recorder
         self.starters: list[SpanProcessor] = []  # those whose on_start does something
+        # Every processor's on_end, called by the recorder's spans one by one (what the
+        # multi-processor's on_end does, without its call per span).
+        self.enders: list[Callable[[ReadableSpan], None]] = []
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
         self.processors.add_span_processor(span_processor)
+        self.enders.append(span_processor.on_end)
         if _acts_on_start(span_processor):
             self.starters.append(span_processor)
 
@@ -180,7 +184,12 @@ class Tracing(TracerProvider):
         """A SpanRecorder sharing this provider's sampler, resource and processors (also those
         added later)."""
         return SpanRecorder(
-            self.sampler, self.resource, self.processors, InstrumentationScope(scope), self.starters
+            self.sampler,
+            self.resource,
+            self.processors,
+            InstrumentationScope(scope),
+            self.starters,
+            self.enders,
         )
 
 
@@ -367,11 +376,14 @@ class SpanRecorder:
         processor,
         scope: InstrumentationScope,
         starters: list[SpanProcessor] | None = None,
+        enders: list[Callable[[ReadableSpan], None]] | None = None,
     ) -> None:
         self.sampler = sampler
         self.resource = resource
         self.processor = processor
         self.scope = scope
+        # Shared with Tracing, as `starters` is; without it, the processor's own on_end.
+        self.enders = enders if enders is not None else [processor.on_end]
         # Shared with Tracing: sees processors added later.
         self.starters = starters if starters is not None else []
         self.default_sampler = (
@@ -597,21 +609,22 @@ class LiteSpan:
     def end(self) -> None:
         if not self.recording:
             return
-        self.recorder.processor.on_end(
-            ReadableSpan(
-                self.name,
-                self.context,
-                self.parent,
-                self.recorder.resource,
-                self.attributes,
-                self.events,
-                kind=self.kind,
-                status=self.status,
-                start_time=self.start_ns,
-                end_time=time.time_ns(),
-                instrumentation_scope=self.recorder.scope,
-            )
+        recorder = self.recorder
+        span = ReadableSpan(
+            self.name,
+            self.context,
+            self.parent,
+            recorder.resource,
+            self.attributes,
+            self.events,
+            kind=self.kind,
+            status=self.status,
+            start_time=self.start_ns,
+            end_time=time.time_ns(),
+            instrumentation_scope=recorder.scope,
         )
+        for on_end in recorder.enders:
+            on_end(span)
 
     def as_context(self) -> Context:
         """An OTel Context with this span as the current one (for HTTP propagation)."""
