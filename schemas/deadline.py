@@ -9,7 +9,7 @@ form two machines agree on; `header()` and `from_header()` are the only conversi
                   Deadline.at_unix_ms(deadline_unix_ms)
     per attempt   the policy gives each call min(target.timeout_s, deadline.left_s()), and the
                   attempt's own deadline goes out as Deadline.header_after(that)
-    in a worker   Deadline.from_header(value).left_s(): what its provider call may take
+    in a worker   Deadline.left_in_header(value): what its provider call may take
 """
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ class Deadline:
             return None
         try:
             return cls.at_unix_ms(int(value))
+        except ValueError:
+            return None
+
+    @staticmethod
+    def left_in_header(value: str | None) -> float | None:
+        """`Deadline.from_header(value).left_s()` without making the Deadline (once per call in
+        a worker): seconds left, or None when the header is absent or malformed."""
+        if value is None or not 0 < len(value) <= 20:
+            return None
+        try:
+            return int(value) / 1000 - time.time()
         except ValueError:
             return None
 

@@ -27,11 +27,16 @@ def test_the_header_carries_a_deadline_across_processes_as_unix_ms():
     assert abs(int(value) - (time.time() + 1.5) * 1000) < 50
     back = Deadline.from_header(value)
     assert back is not None and abs(back.left_s() - deadline.left_s()) < 0.01
+    # What a worker reads (no Deadline made), and the header made without one either.
+    left_s = Deadline.left_in_header(value)
+    assert left_s is not None and abs(left_s - deadline.left_s()) < 0.01
+    assert abs(int(Deadline.header_after(1.5)) - int(value)) < 50
 
 
 def test_a_malformed_header_is_no_deadline_at_all():
     for value in [None, "", "soon", "12.5", "9" * 400, "1e9"]:
         assert Deadline.from_header(value) is None, value
+        assert Deadline.left_in_header(value) is None, value
 
 
 def test_a_targets_health_key_is_its_provider_and_model_unless_set():

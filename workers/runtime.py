@@ -45,7 +45,13 @@ from schemas.subjects import (
 from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.discovery import Tally
-from service.natsio import ensure_subscribed, fast_path, publish_checked, stop_taking
+from service.natsio import (
+    ensure_subscribed,
+    fast_path,
+    publish_checked,
+    publish_now,
+    stop_taking,
+)
 from workers.base import Provider, ProviderError, scrub
 
 log = logging.getLogger("lifeline.worker")
@@ -82,7 +88,9 @@ class WorkerRuntime:
         self._expired_warned_at: float | None = None  # see _drop_expired
         self._expired_since_warning = 0
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
-        self._span_attributes: dict[str, dict[str, str]] = {}  # per model (spans copy them)
+        self._what = f"{name}'s reply"  # what a log line calls a reply it could not send
+        # Span name and attributes per model (spans copy the attributes).
+        self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
         self._secrets: tuple[str, ...] = tuple(
             getattr(provider, "secrets", ())
         )  # scrubbed from every message
@@ -170,42 +178,45 @@ class WorkerRuntime:
 
     async def handle(self, msg: Msg) -> None:
         """Answer one ProviderRequest, once, whatever happens on the way: a bug (here or in the
-        provider's answer) is logged and answered server_error, never left to the deadline."""
+        provider's answer) is logged and answered server_error, never left to the deadline.
+        A request past its deadline is dropped unanswered: nobody waits for it."""
         started = time.perf_counter()
+        reply: ProviderReply
         try:
-            reply = await self._answer(msg)
+            timeout_s = self._time_left(msg.headers)
+            if timeout_s <= 0:
+                self._drop_expired(timeout_s)
+                return  # the dispatcher has already moved on; calling now would only cost money
+            try:
+                request = provider_request_decoder.decode(msg.data)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                reply = ProviderFailure(
+                    "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
+                )
+            else:
+                reply = await self._call(request, timeout_s, msg.headers)
         except Exception:
             log.exception("worker %s: bug while answering a request", self.name)
             reply = ProviderFailure(
                 "server_error", f"worker {self.name} failed while answering (a bug: see its log)"
             )
-        if reply is None:
-            return
         latency_ms = (time.perf_counter() - started) * 1000
         self.tally.busy_ms += latency_ms
         if msg.reply:
-            try:
-                await self._send(msg.reply, msgspec.structs.replace(reply, latency_ms=latency_ms))
+            try:  # sent at once when the fast path takes it: no coroutine of its own
+                payload = self._payload(msgspec.structs.replace(reply, latency_ms=latency_ms))
+                if publish_now(self.nc, msg.reply, payload, self._what, urgent=True) is None:
+                    await publish_checked(self.nc, msg.reply, payload, self._what, urgent=True)
             except Exception:
                 log.exception("worker %s: bug while sending a reply", self.name)
 
-    async def _answer(self, msg: Msg) -> ProviderReply | None:
-        """The reply to one request; None when its deadline had passed (nobody waits)."""
-        timeout_s = self._time_left(msg.headers)
-        if timeout_s <= 0:
-            self._drop_expired(timeout_s)
-            return None  # the dispatcher has already moved on; calling now would only cost money
-        try:
-            request = provider_request_decoder.decode(msg.data)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            return ProviderFailure(
-                "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
-            )
-        return await self._call(request, timeout_s, msg.headers)
-
     async def _send(self, subject: str, reply: ProviderReply) -> None:
-        """Publish a reply that fits the server's max_payload, scrubbed of this worker's
-        credentials."""
+        """Publish a reply (see `_payload`) through nats-py."""
+        await publish_checked(self.nc, subject, self._payload(reply), self._what, urgent=True)
+
+    def _payload(self, reply: ProviderReply) -> bytes:
+        """A reply encoded to fit the server's max_payload, scrubbed of this worker's
+        credentials; failures counted."""
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
@@ -241,7 +252,7 @@ class WorkerRuntime:
                 latency_ms=reply.latency_ms,
             )
             payload = encoder.encode(reply)
-        await publish_checked(self.nc, subject, payload, f"{self.name}'s reply", urgent=True)
+        return payload
 
     def _drop_expired(self, left_s: float) -> None:
         """Count a request that came past its deadline. Now and then one comes a little late
@@ -269,8 +280,8 @@ class WorkerRuntime:
 
     def _time_left(self, headers: dict[str, str] | None) -> float:
         """What the attempt's Deadline leaves, at most this worker's own timeout_s."""
-        deadline = Deadline.from_header(headers.get(DEADLINE_MS)) if headers else None
-        return self.timeout_s if deadline is None else min(self.timeout_s, deadline.left_s())
+        left_s = Deadline.left_in_header(headers.get(DEADLINE_MS)) if headers else None
+        return self.timeout_s if left_s is None else min(self.timeout_s, left_s)
 
     def _timed_out(self, timeout_s: float) -> ProviderFailure:
         return ProviderFailure("timeout", f"{self.name} did not answer within {timeout_s:.3g} s")
@@ -279,14 +290,13 @@ class WorkerRuntime:
         self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None
     ) -> ProviderReply:
         model = request.model or self.provider.model
-        attributes = self._span_attributes.get(model)
-        if attributes is None:  # a request may name any model: the cache is bounded
-            attributes = telemetry.provider_attributes(self.name, self.kind, model)
-            if len(self._span_attributes) < _SPAN_ATTRIBUTES_MAX:
-                self._span_attributes[model] = attributes
-        span = self.spans.start(
-            f"chat {model}", SpanKind.CLIENT, attributes, telemetry.remote_parent(headers)
-        )
+        template = self._span_templates.get(model)
+        if template is None:  # a request may name any model: the cache is bounded
+            template = f"chat {model}", telemetry.provider_attributes(self.name, self.kind, model)
+            if len(self._span_templates) < _SPAN_ATTRIBUTES_MAX:
+                self._span_templates[model] = template
+        name, attributes = template
+        span = self.spans.start(name, SpanKind.CLIENT, attributes, telemetry.remote_parent(headers))
         # The provider gets the time left before the dispatcher's deadline, and no more: a
         # call nobody waits for is cancelled, not left running (and billing).
         expiry = _Expiry(timeout_s)
