@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := tests/node/node_modules/.installed-stamp
 WORKER_NODE_STAMP := workers/examples/node/node_modules/.installed-stamp
 
-.PHONY: help install run test bench bench-ab soak chaos chaos-cluster clean
+.PHONY: help install run test bench bench-ab bench-instr soak chaos chaos-cluster clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ NEW  ?=
 
 bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=rev (default: the working tree), loaded at once
 	$(BIN)/python -m tests.bench.ab $(BASE) $(NEW)
+
+bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree)
+	$(BIN)/python -m tests.bench.instructions $(REVS)
 
 soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request bursts); writes bench-results/soak.json
 	$(BIN)/python -m tests.soak

@@ -1,0 +1,213 @@
+"""`python -m tests.bench.instructions [REV ...]`: instructions per request of the dispatcher's
+engine and of the worker, counted under valgrind (callgrind), for this tree or git revisions.
+
+Timings on a shared 2-core machine drift by 10-20 % from minute to minute; the number of
+machine instructions a request executes does not (within about 0.5 % from run to run here).
+It is not the time a request takes (caches, branch prediction and the other processes on the
+cores are not in it), but a change that makes a request execute fewer instructions makes it
+cheaper wherever it runs, and one that does not, does not. Each figure is the difference
+between two runs of one process, 1,000 and 6,000 requests after a warm-up, divided by 5,000,
+so the start-up's imports and compilation cancel out.
+
+    engine   Engine.serve for one good call, without NATS: a fake transport answers at once
+             and encodes what the engine hands it, as publishing does; the route `main` of the
+             benchmark's config, tracing at the default sampler into a batch processor
+    worker   WorkerRuntime.handle for one `fake` call as the dispatcher sends it (traced,
+             sampled), on uvloop; its reply goes through nats-py's publish to a stand-in that
+             drops it (the fast path needs a real connection)
+
+Needs valgrind (Debian: `apt-get install valgrind`); each revision is checked out into a
+temporary git worktree. Takes about 30 s per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = (1000, 6000)  # requests per run: the difference of the two is counted
+WARMUP = 200
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.instructions",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m tests.bench.instructions HEAD~3 HEAD  (no revision: this tree)",
+    )
+    parser.add_argument("revisions", nargs="*", help="git revisions (default: the working tree)")
+    parser.add_argument(
+        "--part", choices=("engine", "worker"), action="append", help="default: both"
+    )
+    parser.add_argument("--_run", nargs=2, metavar=("PART", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._run:  # a child under valgrind
+        _run(args._run[0], int(args._run[1]))
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
+    parts = args.part or ["engine", "worker"]
+    for revision in args.revisions or [None]:
+        with _checkout(revision) as tree:
+            for part in parts:
+                print(
+                    f"{revision or 'working tree'}: {part} {_per_request(tree, part):,} instructions per request",
+                    flush=True,
+                )
+
+
+def _per_request(tree: Path, part: str) -> int:
+    counts = [_count(tree, part, n) for n in RUNS]
+    return round((counts[1] - counts[0]) / (RUNS[1] - RUNS[0]))
+
+
+def _count(tree: Path, part: str, n: int) -> int:
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        "tests.bench.instructions",
+        "--_run",
+        part,
+        str(n),
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+class _checkout:
+    """The working tree, or a revision in a temporary worktree (removed afterwards)."""
+
+    def __init__(self, revision: str | None) -> None:
+        self.revision = revision
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> Path:
+        if self.revision is None:
+            return ROOT
+        self.tmp = tempfile.TemporaryDirectory(prefix="lifeline-instr-")
+        tree = Path(self.tmp.name) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", str(tree), self.revision],
+            cwd=ROOT,
+            check=True,
+        )
+        return tree
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(Path(self.tmp.name) / "tree")],
+                cwd=ROOT,
+                check=False,
+            )
+            self.tmp.cleanup()
+
+
+def _run(part: str, n: int) -> None:
+    """In the child: `n` requests of `part` after the warm-up, collected as a serving process
+    collects (service.memory.settle_after_start)."""
+    from service.memory import settle_after_start
+
+    run = _engine if part == "engine" else _worker
+    settle_after_start()
+    if part == "worker":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(run(n))
+
+
+def _tracing():
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from service.telemetry import Tracing
+    from tests.bench.servers import DropSpans
+
+    tracing = Tracing()  # the default sampler, every span kept until the batch's export
+    tracing.add_span_processor(BatchSpanProcessor(DropSpans(), max_queue_size=10**7))
+    return tracing
+
+
+async def _engine(n: int) -> None:
+    from schemas import ProviderOk, Usage
+    from schemas.wire import encoder
+    from service.config import parse_config
+    from service.engine import Engine, Inbound
+    from service.health import Health
+    from tests.bench.cases import FULL, completion_request, lifeline_config
+
+    answer = ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1))
+
+    class Transport:
+        max_payload = 1 << 20
+
+        async def ask_provider(self, provider, payload, timeout_s, headers):
+            return answer
+
+        async def audit(self, event, msg_id=None):
+            encoder.encode(event)
+
+    async def respond(reply):
+        encoder.encode(reply)
+        return reply
+
+    engine = Engine(
+        parse_config(lifeline_config(FULL)), Transport(), Health(), _tracing().recorder("x")
+    )
+    data = completion_request("main")
+    for _ in range(WARMUP + n):
+        await engine.serve(Inbound(data, None, time.monotonic()), respond)
+
+
+async def _worker(n: int) -> None:
+    from nats.aio.msg import Msg
+
+    from schemas import ProviderRequest
+    from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID, TRACEPARENT
+    from schemas.wire import ChatMessage, encoder
+    from workers.fake import FakeProvider, FakeSettings
+    from workers.runtime import WorkerRuntime
+
+    class Connection:  # what the runtime uses of nats-py's client, replies dropped
+        max_payload = 1 << 20
+
+        async def publish(self, subject, payload, reply="", headers=None):
+            pass
+
+    message = Msg(
+        None,  # no client: the runtime never acks
+        subject="llm.provider.ok",
+        reply="_INBOX.bench",
+        data=encoder.encode(ProviderRequest(id="r1", messages=[ChatMessage("user", "Hello")])),
+        headers={
+            DEADLINE_MS: str(int((time.time() + 3600) * 1000)),
+            REQUEST_ID: "r1",
+            ATTEMPT_ID: "a" * 24,
+            TRACEPARENT: f"00-{'1' * 32}-{'2' * 16}-01",
+        },
+    )
+
+    provider = FakeProvider(FakeSettings(kind="fake"))
+    runtime = WorkerRuntime("ok", "fake", provider, Connection(), _tracing().recorder("w"), 30.0)
+    for _ in range(WARMUP + n):
+        await runtime.handle(message)
+
+
+if __name__ == "__main__":
+    main()
