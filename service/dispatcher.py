@@ -238,8 +238,12 @@ class Dispatcher:
         self._done(task, self.stream_tally)
 
     def _done(self, task: asyncio.Task[CompletionReply], tally: Tally | None = None) -> None:
-        if not task.cancelled() and task.exception() is None:  # serve answers whatever happens
-            self._count(task.result(), self.complete_tally if tally is None else tally)
+        if not task.cancelled():  # cancelled before its first step: it never ran
+            failed = task.exception()  # serve answers whatever happens: only a bug lands here
+            if failed is not None:
+                log.error("a request's task failed", exc_info=failed)
+            else:
+                self._count(task.result(), self.complete_tally if tally is None else tally)
         key = self._tasks.pop(task, None)
         if key is not None:
             del self._abortable[key]
