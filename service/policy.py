@@ -195,7 +195,7 @@ class Cursor:
         self._targets = chain.targets
         self._i = 0  # the index of the target after the current one
         self.kind = ""  # the error kind whose chain this is; "" for the route's own
-        self._entered: set[str] = set()
+        self._entered: tuple[str, ...] = ()  # the kinds whose chains were entered (rarely any)
 
     def next(self) -> Target | None:
         if self._i >= len(self._targets):
@@ -224,7 +224,7 @@ class Cursor:
 
     def switch(self, kind: str) -> None:
         self._targets, self.kind, self._i = self._chain.by_kind[kind], kind, 0
-        self._entered.add(kind)
+        self._entered += (kind,)
 
 
 def falls_back(failure: ProviderFailure, fallback_on: Collection[str | int] | None) -> bool:
@@ -781,7 +781,10 @@ class _Run:
             chunks=outcome.streamed,
         )
         lost = outcome.cancelled
-        self.attempts.extend([*lost, won] if outcome.hedge else [won, *lost])
+        if lost:
+            self.attempts.extend([*lost, won] if outcome.hedge else [won, *lost])
+        else:
+            self.attempts.append(won)
         return ChainResult(answer, target, self.attempts, None)
 
     def fail(self, stop: Stop) -> ChainResult:
