@@ -402,19 +402,23 @@ class _Payloads:
 
 def _provider_request(plan: Plan) -> ProviderRequest:
     request = plan.request
+    # Positional, in ProviderRequest's field order: msgspec matches keyword arguments one by
+    # one (about 550 instructions each, counted), and this is made per request.
+    # tests/test_audit_and_tracing.py checks every field against a keyword-built one.
     return ProviderRequest(
-        id=plan.request_id,
-        messages=request.messages,
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        metadata=request.metadata,
-        top_p=request.top_p,
-        response_format=request.response_format,
-        tools=request.tools,
-        tool_choice=request.tool_choice,
-        parallel_tool_calls=request.parallel_tool_calls,
-        stop=request.stop,
-        seed=request.seed,
+        plan.request_id,  # id
+        request.messages,  # messages
+        request.max_tokens,  # max_tokens
+        request.temperature,  # temperature
+        None,  # model: the worker's own
+        request.metadata,  # metadata
+        request.top_p,  # top_p
+        request.response_format,  # response_format
+        request.tools,  # tools
+        request.tool_choice,  # tool_choice
+        request.parallel_tool_calls,  # parallel_tool_calls
+        request.stop,  # stop
+        request.seed,  # seed
     )
 
 
@@ -445,19 +449,22 @@ def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> Comple
         return CompletionReply(
             request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error
         )
-    return CompletionReply(
-        request_id,
-        "ok",
-        content=answer.content,
-        provider=target.provider,
-        model=answer.model or target.model,
-        attempts=result.attempts,
-        usage=answer.usage,
-        trace_id=trace_id,
-        target=target.name,
-        template=target.shaping.template_name if target.shaping is not None else None,
-        tool_calls=answer.tool_calls,
-        finish_reason=answer.finish_reason,
+    return CompletionReply(  # positional, in field order (see _provider_request)
+        request_id,  # id
+        "ok",  # status
+        answer.content,  # content
+        target.provider,  # provider
+        answer.model or target.model,  # model
+        result.attempts,  # attempts
+        answer.usage,  # usage
+        0.0,  # latency_ms: serve sets it
+        trace_id,  # trace_id
+        None,  # error
+        target.name,  # target
+        target.shaping.template_name if target.shaping is not None else None,  # template
+        None,  # stream
+        answer.tool_calls,  # tool_calls
+        answer.finish_reason,  # finish_reason
     )
 
 
@@ -486,24 +493,24 @@ def _internal_error(data: bytes, trace_id: str | None) -> CompletionReply:
 
 
 def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) -> AuditEvent:
-    return AuditEvent(
-        id=reply.id,
-        status=reply.status,
-        route=route,
-        provider=reply.provider,
-        model=reply.model,
-        attempts=reply.attempts,
-        latency_ms=reply.latency_ms,
-        trace_id=reply.trace_id,
-        ts_unix_ms=int(time.time() * 1000),
-        error_type=reply.error.type if reply.error else None,
-        usage=reply.usage,
-        request_bytes=request_bytes,
-        target=reply.target,
-        template=reply.template,
-        stream=reply.stream,
-        finish_reason=reply.finish_reason,
-        tools_called=[call.name for call in reply.tool_calls] if reply.tool_calls else [],
+    return AuditEvent(  # positional, in field order (see _provider_request)
+        reply.id,  # id
+        reply.status,  # status
+        route,  # route
+        reply.provider,  # provider
+        reply.model,  # model
+        reply.attempts,  # attempts
+        reply.latency_ms,  # latency_ms
+        reply.trace_id,  # trace_id
+        int(time.time() * 1000),  # ts_unix_ms
+        reply.error.type if reply.error else None,  # error_type
+        reply.usage,  # usage
+        request_bytes,  # request_bytes
+        reply.target,  # target
+        reply.template,  # template
+        reply.stream,  # stream
+        reply.finish_reason,  # finish_reason
+        [call.name for call in reply.tool_calls] if reply.tool_calls else [],  # tools_called
     )
 
 
