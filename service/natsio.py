@@ -49,8 +49,18 @@ async def publish_checked(
     """Publish unless the message cannot go out; a failure is logged, never raised. Goes
     through the connection's fast path when it can (see FastPath.publish for `urgent`)."""
     sent = publish_now(nc, subject, payload, what, headers, urgent)
-    if sent is not None:
-        return sent
+    return sent if sent is not None else await publish_later(nc, subject, payload, what, headers)
+
+
+async def publish_later(
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    what: str,
+    headers: dict[str, str] | None = None,
+) -> bool:
+    """What publish_checked does when publish_now could not send (it has checked the size):
+    through nats-py's publish, which buffers through a reconnect; a failure is logged."""
     try:
         await nc.publish(subject, payload, headers=headers)
     except NatsError as exc:  # closed, draining, or reconnecting with the pending buffer full
@@ -69,7 +79,7 @@ def publish_now(
 ) -> bool | None:
     """`publish_checked` without waiting, for the hot path (no coroutine to make): True when
     sent through the fast path, False when refused as larger than max_payload (logged), None
-    when it must go through nats-py's publish (`await publish_checked` then)."""
+    when it must go through nats-py's publish (`await publish_later` then)."""
     size, block = measured(payload, headers)
     if size > nc.max_payload:
         log.error(

@@ -62,7 +62,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
-from service.natsio import fast_path, measured, publish_checked, publish_now
+from service.natsio import fast_path, measured, publish_later, publish_now
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -185,7 +185,7 @@ class NatsTransport:
         reply, payload = fitted(reply, self.nc.max_payload)
         what = f"the reply to {reply.id!r}"
         if publish_now(self.nc, reply_subject, payload, what, urgent=True) is None:
-            await publish_checked(self.nc, reply_subject, payload, what, urgent=True)
+            await publish_later(self.nc, reply_subject, payload, what)
         return reply
 
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
@@ -195,7 +195,7 @@ class NatsTransport:
         room = self.nc.max_payload - (400 if headers else 0)
         subject, payload = audit_subject(event.status), _fitting(event, room)
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
-            await publish_checked(self.nc, subject, payload, "an audit event", headers)
+            await publish_later(self.nc, subject, payload, "an audit event", headers)
 
 
 def _short_msg_id(msg_id: str) -> str:
@@ -262,7 +262,7 @@ def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
         return payload
     payload = encoder.encode(msgspec.structs.replace(message, attempts=[]))
     if len(payload) <= max_payload or not isinstance(message, CompletionReply):
-        return payload  # an audit event too big still is refused by publish_checked, and logged
+        return payload  # an audit event too big still is refused by publish_now, and logged
     # A reply is what its client waits for: only a bug leaves it too big now (its id is at most
     # 256 characters and `_too_large` took its answer out), and then it goes as a bare error.
     log.error("the reply to %r did not fit %d bytes", message.id, max_payload)

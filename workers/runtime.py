@@ -49,6 +49,7 @@ from service.natsio import (
     ensure_subscribed,
     fast_path,
     publish_checked,
+    publish_later,
     publish_now,
     stop_taking,
 )
@@ -206,7 +207,7 @@ class WorkerRuntime:
             try:  # sent at once when the fast path takes it: no coroutine of its own
                 payload = self._payload(msgspec.structs.replace(reply, latency_ms=latency_ms))
                 if publish_now(self.nc, msg.reply, payload, self._what, urgent=True) is None:
-                    await publish_checked(self.nc, msg.reply, payload, self._what, urgent=True)
+                    await publish_later(self.nc, msg.reply, payload, self._what)
             except Exception:
                 log.exception("worker %s: bug while sending a reply", self.name)
 
