@@ -538,9 +538,10 @@ class Health:
             # A target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us.
             return
         health = self.of(provider, model)
-        if state == CLOSED and health.state != CLOSED and since_unix_ms < health.since_unix_ms:
-            # An older close than this breaker's own opening (the bucket's last record, replayed
-            # on reconnecting after it opened here while the bucket was out): it stays open.
+        if state == CLOSED and health.state != CLOSED and since_unix_ms <= health.since_unix_ms:
+            # A close no newer than this breaker's own opening (the bucket's last record, replayed
+            # on reconnecting after it opened here while the bucket was out): it stays open. In
+            # the same millisecond, too: the open is the safer guess, and a probe settles it.
             return
         now = self.clock()
         until = now + (until_unix_ms / 1000 - self.wall())

@@ -325,7 +325,7 @@ class BucketStore:
             stored = _breaker_decoder.decode(entry.value or b"")
         except msgspec.DecodeError:
             stored = None
-        if stored is None or stored.since_unix_ms < breaker.since_unix_ms:
+        if stored is None or _newer(breaker, stored):
             await self._put(breaker, last=entry.revision)
 
     async def claim(self, breaker: BreakerState) -> bool | None:
@@ -348,6 +348,15 @@ class BucketStore:
             return None
         self._revisions[key] = revision
         return True
+
+
+def _newer(breaker: BreakerState, stored: BreakerState) -> bool:
+    """Whether this dispatcher's `breaker` replaces the bucket's `stored` record: when it is
+    newer, or (as Health.apply decides too) an open or half-open against a close of the same
+    millisecond."""
+    if breaker.since_unix_ms != stored.since_unix_ms:
+        return breaker.since_unix_ms > stored.since_unix_ms
+    return stored.state == CLOSED and breaker.state != CLOSED
 
 
 def stats_document(

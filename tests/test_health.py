@@ -297,6 +297,34 @@ def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
     assert admits(h, t, 105.0) == [CALL]
 
 
+def test_a_close_told_from_no_later_than_this_breaker_opened_leaves_it_open():
+    """The bucket's last close, replayed after this dispatcher opened the breaker on its own
+    (the bucket was out of reach): an older close, or one of the same millisecond, loses."""
+    h, t = make_health(start=100.0)  # wall clock: 1100 s
+    for _ in range(3):
+        h.record(P, M, BreakerSettings(consecutive_failures=3), False, "server_error")
+    opened_ms = h.of(P, M).since_unix_ms
+    for since_ms in (opened_ms - 1, opened_ms):
+        h.apply(P, M, CLOSED, 0, "closed elsewhere, earlier", since_ms)
+        assert h.of(P, M).state == OPEN
+    h.apply(P, M, CLOSED, 0, "closed elsewhere, since", opened_ms + 1)
+    assert h.of(P, M).state == CLOSED
+
+
+def test_a_breaker_written_back_after_the_bucket_was_out_replaces_only_an_older_record():
+    from service.shared_health import _newer
+
+    def state(value: str, since_ms: int) -> BreakerState:
+        return BreakerState(P, M, value, 0, "", since_ms)
+
+    assert _newer(state(OPEN, 1001), state(CLOSED, 1000))
+    assert _newer(state(OPEN, 1000), state(CLOSED, 1000))  # a tie: the open is the safer guess
+    assert _newer(state(HALF_OPEN, 1000), state(CLOSED, 1000))
+    assert not _newer(state(OPEN, 999), state(CLOSED, 1000))
+    assert not _newer(state(OPEN, 1000), state(OPEN, 1000))
+    assert not _newer(state(CLOSED, 1000), state(OPEN, 1000))
+
+
 # ---- outcomes weighed in the order their calls were made -----------------------------------
 
 

@@ -505,7 +505,17 @@ async def test_a_breaker_opened_while_the_bucket_was_out_of_reach_outlives_its_o
         b.targets["p", "m"].open_until = 0
         assert await b.claim("p", "m", 31)
         b.record("p", "m", breaker, True, probe=True)
-        await wait_for(lambda: a.of("p", "m").state == CLOSED == b.of("p", "m").state)
+        closed = b.of("p", "m")
+        assert closed.state == CLOSED
+
+        def a_saw_the_close() -> bool:  # not a breaker a never heard of: closed too, at first
+            seen = a.targets.get(("p", "m"))
+            return seen is not None and (seen.state, seen.since_unix_ms) == (
+                CLOSED,
+                closed.since_unix_ms,
+            )
+
+        await wait_for(a_saw_the_close)
         a.store._degrade(TimeoutError("a put timed out"))  # a loses the bucket a moment
         for _ in range(2):
             a.record("p", "m", breaker, False, "server_error")
