@@ -19,8 +19,11 @@ from service.app import start_worker
 from service.config import parse_config
 
 COOLDOWN_S = 0.4
-QUICK_TIMEOUT_S = 0.4  # the routes share one breaker (slow:fake-1) but not their timeouts,
-PATIENT_TIMEOUT_S = 1.6  # so the dead replica's attempts time out in two bursts, 1.2 s apart
+# The routes share one breaker (slow:fake-1) but not their timeouts, so the dead replica's
+# attempts time out in two bursts, 1.6 s apart. The quick one leaves the survivor's calls
+# (100 ms) 0.7 s to spare: a busy CI machine once kept three of them from answering in 0.4 s.
+QUICK_TIMEOUT_S = 0.8
+PATIENT_TIMEOUT_S = 2.4
 SLACK_S = 0.4  # a probe's call (100 ms) and a busy machine
 
 
