@@ -300,7 +300,7 @@ def test_apply_moves_the_wall_clock_deadline_onto_the_monotonic_clock(told):
 def test_a_close_told_from_no_later_than_this_breaker_opened_leaves_it_open():
     """The bucket's last close, replayed after this dispatcher opened the breaker on its own
     (the bucket was out of reach): an older close, or one of the same millisecond, loses."""
-    h, t = make_health(start=100.0)  # wall clock: 1100 s
+    h, _ = make_health(start=100.0)  # wall clock: 1100 s
     for _ in range(3):
         h.record(P, M, BreakerSettings(consecutive_failures=3), False, "server_error")
     opened_ms = h.of(P, M).since_unix_ms
