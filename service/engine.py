@@ -297,7 +297,7 @@ class Engine:
                 telemetry.annotate_outcome(span, reply)
             return reply
         finally:
-            span.end()
+            span.end_soon()  # handed to the exporter after the reply goes
 
     async def _stream_attempt(
         self,

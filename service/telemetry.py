@@ -19,6 +19,8 @@ ReadableSpan, so sampling config, resource, batching and exporters stay the SDK'
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import random
 import time
@@ -51,6 +53,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas import ProviderOk
 from schemas.subjects import TRACEPARENT, TRACESTATE
+
+log = logging.getLogger("lifeline.telemetry")
 
 # gen_ai.provider.name values from the GenAI semantic conventions, by provider kind.
 GEN_AI_PROVIDER = {
@@ -386,6 +390,7 @@ class SpanRecorder:
         self.enders = enders if enders is not None else [processor.on_end]
         # Shared with Tracing: sees processors added later.
         self.starters = starters if starters is not None else []
+        self._ended: list[LiteSpan] = []  # ended by end_soon, for the processors this turn
         self.default_sampler = (
             type(sampler) is ParentBased and sampler.get_description() == _DEFAULT_SAMPLER
         )
@@ -460,6 +465,25 @@ class SpanRecorder:
             self._started(span, context)
         return span
 
+    def emit_soon(self, span: LiteSpan) -> None:
+        """Hand an ended span to the processors at the end of this event-loop turn, with the
+        other spans ended in it (one callback per turn, not per span)."""
+        ended = self._ended
+        ended.append(span)
+        if len(ended) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._emit)
+            except RuntimeError:  # no loop runs: nothing to wait for
+                self._emit()
+
+    def _emit(self) -> None:
+        ended, self._ended = self._ended, []
+        for span in ended:
+            try:
+                span.emit()
+            except Exception:  # a processor's bug: the other spans still go
+                log.exception("a span processor failed on span %r", span.name)
+
     def _started(self, span: LiteSpan, parent_context: Context | None) -> None:
         # As the SDK's Span.start does: the span itself, still open, so a processor can read
         # it or add attributes (which then reach on_end), and the context it was started in.
@@ -510,6 +534,7 @@ class LiteSpan:
         "_context",
         "_parent",
         "attributes",
+        "end_ns",
         "events",
         "kind",
         "name",
@@ -548,6 +573,7 @@ class LiteSpan:
         # The trace id as W3C writes it, formatted once per trace: traceparent and replies use it.
         self.trace_hex = trace_hex if trace_hex is not None else f"{trace_id:032x}"
         self.start_ns = time.time_ns()
+        self.end_ns = 0
         self.events: list[Event] = []
         self.status = _UNSET  # Status is immutable: one value serves every span
 
@@ -607,8 +633,21 @@ class LiteSpan:
         return ()
 
     def end(self) -> None:
-        if not self.recording:
-            return
+        if self.recording:
+            self.end_ns = time.time_ns()
+            self.emit()
+
+    def end_soon(self) -> None:
+        """End the span now, and hand it to the processors (build its ReadableSpan, queue it
+        for export) at the end of this event-loop turn: after the reply the turn sends, which
+        would otherwise wait for that work. A worker's span and a dispatcher's attempt span end
+        this way, on a request's critical path."""
+        if self.recording:
+            self.end_ns = time.time_ns()
+            self.recorder.emit_soon(self)
+
+    def emit(self) -> None:
+        """The ended span to every processor's on_end."""
         recorder = self.recorder
         span = ReadableSpan(
             self.name,
@@ -620,7 +659,7 @@ class LiteSpan:
             kind=self.kind,
             status=self.status,
             start_time=self.start_ns,
-            end_time=time.time_ns(),
+            end_time=self.end_ns,
             instrumentation_scope=recorder.scope,
         )
         for on_end in recorder.enders:

@@ -157,3 +157,42 @@ def test_span_contexts_built_directly_are_the_apis_own(is_remote, state):
         built.is_valid,
     ) == (TRACE_ID, SPAN_ID, is_remote, flags, made.trace_state, True)
     assert built[telemetry._TRACE_FLAGS] is flags and built[telemetry._VALID] is True
+
+
+async def test_a_span_ended_soon_reaches_the_exporter_after_the_turn_with_its_own_end_time():
+    """end_soon (a worker's span, an attempt's): the span ends when it is called, and is handed
+    to the processors once the event-loop turn that ended it is over (its reply sent first),
+    together with the others ended in that turn; a span that does not record never goes."""
+    import asyncio
+    import time
+
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    recorder = provider.recorder("lifeline.test")
+    spans = [recorder.start(f"attempt {i}", SpanKind.CLIENT, {}) for i in range(3)]
+    quiet = Tracing(sampler=ALWAYS_OFF).recorder("lifeline.test").start("no", SpanKind.CLIENT, {})
+    before = time.time_ns()
+    for span in spans:
+        span.end_soon()
+    quiet.end_soon()
+    after = time.time_ns()
+    assert exported.get_finished_spans() == ()  # still this turn
+    await asyncio.sleep(0)
+    finished = exported.get_finished_spans()
+    assert [span.name for span in finished] == ["attempt 0", "attempt 1", "attempt 2"]
+    assert all(before <= span.end_time <= after for span in finished)
+
+
+def test_a_span_ended_soon_without_an_event_loop_reaches_the_exporter_at_once():
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    provider.recorder("lifeline.test").start("attempt", SpanKind.CLIENT, {}).end_soon()
+    assert [span.name for span in exported.get_finished_spans()] == ["attempt"]

@@ -341,9 +341,9 @@ class WorkerRuntime:
         finally:
             expiry.stop()
             context.detach(token)
-        if span.is_recording():
+        if span.recording:
             telemetry.annotate_outcome(span, reply)
-        span.end()
+        span.end_soon()  # handed to the exporter after the reply goes
         return reply
 
     async def _stream(

@@ -18,16 +18,23 @@ BASE and NEW are git revisions (NEW defaults to the working tree as it is, uncom
 included); each revision is checked out into a temporary git worktree, removed afterwards.
 Printed per round and as medians: each side's requests per second, NEW/BASE, and the CPU time
 per request of each side's dispatcher and worker (from /proc).
+
+With --paired, latency instead of throughput: one client (this process) sends a request to
+A, then one to B (B first every other time), one at a time, so both meet the same moments;
+printed per round and as medians: each side's p50 and B's p50 minus A's. Run at 1 in flight,
+this resolves a few hundredths of a millisecond where separate runs spread by tenths.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--in-flight", type=int, default=64, metavar="N", help="requests in flight (default: 64)"
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="p50 at 1 in flight, one client taking turns between A and B (not throughput)",
     )
     return parser.parse_args(argv)
 
@@ -122,6 +134,45 @@ def measure(fleets: list[Fleet], spec: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+async def paired_round(urls: list[str], payload: bytes, duration_s: float) -> list[float]:
+    """One round of --paired: the p50 (ms) of A's and of B's requests, taking turns."""
+    import nats
+
+    clients = [await nats.connect(url) for url in urls]
+    times: list[list[float]] = [[], []]
+    try:
+        for client in clients:  # warm up: connections, caches, the first plan
+            for _ in range(50):
+                await client.request(subjects.COMPLETE, payload, timeout=REQUEST_TIMEOUT_S)
+        end, turn = time.monotonic() + duration_s, 0
+        while time.monotonic() < end:
+            for side in (turn % 2, 1 - turn % 2):
+                start = time.perf_counter()
+                await clients[side].request(subjects.COMPLETE, payload, timeout=REQUEST_TIMEOUT_S)
+                times[side].append((time.perf_counter() - start) * 1000)
+            turn += 1
+    finally:
+        for client in clients:
+            await client.close()
+    return [statistics.median(side) for side in times]
+
+
+def paired(servers: list[EmbeddedNats], payload: bytes, rounds: int, duration_s: float) -> None:
+    results = []
+    for r in range(1, rounds + 1):
+        a, b = asyncio.run(paired_round([server.url for server in servers], payload, duration_s))
+        results.append((a, b))
+        print(
+            f"round {r}/{rounds}: p50 A {a:.3f} ms, B {b:.3f} ms, B-A {b - a:+.3f} ms", flush=True
+        )
+    gaps = [b - a for a, b in results]
+    print(
+        f"p50: A {statistics.median(a for a, _ in results):.3f} ms, "
+        f"B {statistics.median(b for _, b in results):.3f} ms; B-A median {statistics.median(gaps):+.3f} ms "
+        f"(rounds {min(gaps):+.3f} to {max(gaps):+.3f})"
+    )
+
+
 def unknown_revision(revision: str | None) -> bool:
     if revision is None:
         return False
@@ -163,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             for server, tree in zip(servers, (base_tree, new_tree), strict=True):
                 server.start()
                 fleets.append(spawn_side(tree, server))
+            if args.paired:
+                print(f"A = {names[0]}, B = {names[1]}; one request at a time, taking turns")
+                paired(servers, spec["payload"], args.rounds, args.duration)
+                return 0
             print(f"A = {names[0]}, B = {names[1]}; {args.in_flight} in flight, both at once")
             for r in range(1, args.rounds + 1):
                 a, b = measure(fleets, spec)
