@@ -4,6 +4,8 @@
     ProviderError(kind, ...) raised inside a worker
         timeout, rate_limit, server_error, connection        the provider is unwell: retried and
                                                               counted by breakers by default
+        quota                                                 the account's credit is spent:
+                                                              counted by breakers, not retried
         auth, bad_request, context_length, content_filter    the request's (or the key's) fault
         response_too_large                                    the answer was too large to carry
         no_responders                                         no worker runs (dispatcher side), or
@@ -59,6 +61,13 @@ KINDS: dict[str, Kind] = {
             trips=True,
         ),
         Kind("connection", "the provider could not be reached", retried=True, trips=True),
+        Kind(
+            "quota",
+            "the account's quota or credit is spent: OpenAI's 429 insufficient_quota, "
+            "HTTP 402 (Anthropic's billing_error); retrying cannot help, another provider can",
+            statuses=(402,),
+            trips=True,
+        ),
         Kind("auth", "HTTP 401, 403", statuses=(401, 403)),
         Kind("bad_request", "HTTP 4xx (every other 4xx status)"),
         Kind(

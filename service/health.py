@@ -14,7 +14,8 @@ in that order, and are read when a call is recorded:
                 a row, or when counted failures are at least `failure_rate` of the calls in the
                 last `window_s` (once there were `min_requests` of them). Counted failures are
                 the kinds in `trip_on`: by default those that say the provider is unwell
-                (rate_limit, server_error, timeout, connection), never the request's own fault.
+                (rate_limit, server_error, timeout, connection) or unusable (quota), never the
+                request's own fault.
     open        the target is skipped (reason circuit_open) for `cooldown_s`, unless it is the
                 last target a request has left; then it is called anyway, as a probe.
     half_open   after the cooldown one call goes through as a probe; the others still skip it.

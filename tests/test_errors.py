@@ -28,7 +28,8 @@ def test_the_readme_lists_exactly_the_error_kinds_and_request_errors_of_the_tabl
 
 def test_retries_and_breakers_default_to_the_kinds_the_table_marks():
     assert DEFAULT_RETRY_ON == {"timeout", "rate_limit", "server_error", "connection"}
-    assert BreakerSettings().trip_on == errors.DEFAULT_TRIP_ON == DEFAULT_RETRY_ON
+    # A spent quota is no passing trouble: not retried, but it benches the provider.
+    assert BreakerSettings().trip_on == errors.DEFAULT_TRIP_ON == DEFAULT_RETRY_ON | {"quota"}
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,7 @@ def test_retries_and_breakers_default_to_the_kinds_the_table_marks():
     [
         (429, "rate_limit"),
         (401, "auth"),
+        (402, "quota"),
         (403, "auth"),
         (408, "timeout"),
         (500, "server_error"),

@@ -315,6 +315,33 @@ async def test_a_retry_on_the_same_target_recovers_before_any_fallback(lifeline,
     ]
 
 
+async def test_a_spent_quota_falls_back_at_once_where_a_rate_limit_is_retried(lifeline, client):
+    """OpenAI answers 429 both for "slow down" and for "your credit is spent"; only the first
+    is worth a retry (and its backoff)."""
+    await lifeline(
+        {
+            "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
+            "dispatcher": {"allow_fault_injection": True},
+            "routes": {
+                "default": {
+                    "targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]
+                }
+            },
+        }
+    )
+    spent = await ask(client, {**USER_HELLO, "faults": {"gpt": [402, "ok"]}})
+    assert spent.content == "claude"
+    assert [(a.target, a.retry, a.error_type, a.next) for a in spent.attempts] == [
+        ("gpt", 0, "quota", "fallback"),
+        ("claude", 0, None, None),
+    ]
+    limited = await ask(client, {**USER_HELLO, "faults": {"gpt": [429, "ok"]}})
+    assert [(a.target, a.error_type) for a in limited.attempts] == [
+        ("gpt", "rate_limit"),
+        ("gpt", None),
+    ]
+
+
 async def test_max_attempts_stops_a_chain_of_retries_and_fallbacks(lifeline, client):
     await lifeline(
         {

@@ -190,6 +190,14 @@ async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
     assert err.message.startswith("anthropic 429: This request would exceed the rate limit")
 
 
+async def test_a_billing_error_is_quota(make):
+    message = "Your credit balance is too low to access the Anthropic API."
+    err = await failure(make(Server(402, error("billing_error", message))))
+    assert (err.kind, err.status_code) == ("quota", 402)
+    err = await failure(make(Server(400, error("billing_error", message))))
+    assert err.kind == "quota"
+
+
 async def test_overloaded_529_maps_to_server_error(make):
     err = await failure(make(Server(529, error("overloaded_error", "Overloaded"))))
     assert (err.kind, err.status_code) == ("server_error", 529)

@@ -270,6 +270,18 @@ async def test_context_length_exceeded_maps_to_context_length(make):
     assert (err.kind, err.status_code) == ("context_length", 400)
 
 
+async def test_a_spent_quota_is_quota_not_a_rate_limit_worth_waiting_for(make):
+    body = error(
+        "You exceeded your current quota, please check your plan and billing details.",
+        "insufficient_quota",
+        "insufficient_quota",
+    )
+    err = await failure(make(Server(429, body)))
+    assert (err.kind, err.status_code) == ("quota", 429)
+    plain = await failure(make(Server(429, error("Rate limit reached", "requests", "rate_limit"))))
+    assert plain.kind == "rate_limit"
+
+
 @pytest.mark.parametrize("code", ["content_filter", "content_policy_violation"])
 async def test_content_policy_codes_map_to_content_filter(make, code):
     body = error(

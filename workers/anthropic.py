@@ -361,6 +361,8 @@ def _error_kind(error_type: object, text: str, status: int) -> str:
         return "context_length"
     if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         return "server_error"
+    if error_type == "billing_error":  # 402: the account's credit is spent
+        return "quota"
     return classify_status(status)
 
 

@@ -66,6 +66,8 @@ _CODE_KINDS = {
     "content_filter": "content_filter",
     "content_policy_violation": "content_filter",
     "ResponsibleAIPolicyViolation": "content_filter",
+    # A 429 that no wait cures: the account's credit is spent (a retry would only fail again).
+    "insufficient_quota": "quota",
 }
 
 
