@@ -86,11 +86,15 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
     }
 
 
-def test_the_ab_comparison_loads_two_revisions_at_once_and_cleans_up_after_itself():
-    """`make bench-ab`: HEAD against the working tree, one short round, and the temporary
-    worktree of HEAD is gone afterwards."""
+@pytest.mark.parametrize(
+    ("mode", "summary"), [([], "B/A req/s: median"), (["--paired"], "B-A median")]
+)
+def test_the_ab_comparison_loads_two_revisions_at_once_and_cleans_up_after_itself(mode, summary):
+    """`make bench-ab` (and with PAIRED=1): HEAD against the working tree, one short round, and
+    the temporary worktree of HEAD is gone afterwards."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.bench.ab", "HEAD", "--rounds", "1", "--duration", "0.3"],
+        [sys.executable, "-m", "tests.bench.ab", "HEAD", "--rounds", "1", "--duration", "0.3"]
+        + mode,
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -98,7 +102,7 @@ def test_the_ab_comparison_loads_two_revisions_at_once_and_cleans_up_after_itsel
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "A = HEAD, B = working tree" in result.stdout
-    assert "B/A req/s: median" in result.stdout
+    assert summary in result.stdout
     worktrees = subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
     )
