@@ -98,6 +98,7 @@ class Dispatcher:
         await self.transport.start()
         nc = self.transport.nc
         path = fast_path(nc)
+        path.in_flight = self._tasks.__len__  # light traffic: attempts and replies go at once
         self._subs = [
             await path.subscribe(subjects.COMPLETE, self._on_msg, queue=subjects.DISPATCHER_QUEUE),
             await path.subscribe(subjects.STREAM, self._on_stream, queue=subjects.DISPATCHER_QUEUE),

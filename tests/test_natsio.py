@@ -35,6 +35,12 @@ def test_the_internals_the_adapter_relies_on_are_there():
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
     assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
+    # The direct reader: what nats-py's TCP transport keeps, and what a StreamReader buffers.
+    from nats.aio.transport import TcpTransport
+
+    transport = TcpTransport()
+    assert transport._io_reader is None and transport._io_writer is None
+    # StreamReader._buffer is checked on a live connection in the direct reader's test.
     # Subscription._id is checked on a live subscription in `collect` below.
 
 
@@ -179,8 +185,9 @@ async def test_an_unsubscribed_fast_handler_hears_nothing_and_is_forgotten(nats_
 
 
 async def test_an_urgent_message_is_written_at_once_only_when_traffic_is_light(nats_url, client):
-    """A reply or an attempt (urgent) goes out at once when reads bring one message at a time
-    and it is the first of its event-loop turn; later ones in the turn (a burst of timeouts),
+    """A reply or an attempt (urgent) goes out at once when traffic is light (reads bring one
+    message at a time, or the connection's owner works on at most two requests) and it is the
+    first of its event-loop turn; later ones in the turn (a burst of timeouts),
     and every one when reads bring several, wait for the turn's one write. Either way the
     messages keep their order."""
     received: list[bytes] = []
@@ -204,11 +211,23 @@ async def test_an_urgent_message_is_written_at_once_only_when_traffic_is_light(n
         path.last_read = 5  # the last read brought five messages: busy
         assert path.publish("fast.urgent", b"3", urgent=True)
         assert nc._pending
+        await asyncio.sleep(0)
+        # An owner that counts its requests (a dispatcher, a worker) decides instead: light
+        # while it works on at most two, whatever the last read brought.
+        in_flight = [1]
+        path.in_flight = lambda: in_flight[0]
+        assert path.publish("fast.urgent", b"4", urgent=True)
+        assert not nc._pending
+        await asyncio.sleep(0)
+        in_flight[0] = 64
+        path.last_read = 1
+        assert path.publish("fast.urgent", b"5", urgent=True)
+        assert nc._pending
         await nc.flush()
-        await wait_for(lambda: len(received) == 3)
+        await wait_for(lambda: len(received) == 5)
     finally:
         await nc.close()
-    assert received == [b"1", b"2", b"3"]
+    assert received == [b"1", b"2", b"3", b"4", b"5"]
 
 
 async def test_the_fast_path_counts_the_messages_each_read_brings(nats_url, client):
@@ -333,5 +352,57 @@ async def test_a_control_line_longer_than_nats_pys_limit_arriving_in_parts_is_wa
             nc._ps.parse(info[5000:] + b"MSG fast.in %d 1\r\n1\r\n" % fast._id), 2
         )
         await wait_for(lambda: got == [b"1"])
+    finally:
+        await nc.close()
+
+
+async def test_fast_messages_are_handled_from_the_socket_without_nats_pys_read_loop(
+    nats_url, client
+):
+    """While nats-py's read loop has nothing of its own to parse, a fast-path message reaches
+    its handler from the socket's callback (no task runs it: a turn of the loop sooner); a
+    frame nats-py must parse, and what follows it, still goes through the read loop, in order;
+    a reconnect's new socket gets the direct reader too."""
+    nc = await nats.connect(nats_url, reconnect_time_wait=0.05)
+    try:
+        path = fast_path(nc)
+        got: list[tuple[bytes, bool]] = []
+        await path.subscribe(
+            "fast.direct", lambda msg: got.append((msg.data, asyncio.current_task() is None))
+        )
+        plain: list[bytes] = []
+
+        async def on_plain(msg: Msg) -> None:
+            plain.append(msg.data)
+
+        await nc.subscribe("plain.direct", cb=on_plain)
+        await ensure_subscribed(nc)
+        assert isinstance(nc._transport._io_writer.transport.get_protocol(), natsio._DirectReader)
+        assert isinstance(nc._transport._io_reader._buffer, bytearray)
+        await client.publish("fast.direct", b"1")
+        await client.flush()
+        await wait_for(lambda: len(got) == 1)
+        assert got == [(b"1", True)]  # from the socket's callback, outside any task
+        for i in range(2, 200):  # nats-py's frames among them: the order holds
+            if i % 10 == 0:
+                await client.publish("plain.direct", b"p")
+            await client.publish("fast.direct", str(i).encode())
+        await client.flush()
+        await wait_for(lambda: len(got) == 199 and len(plain) == 19)
+        assert [int(data) for data, _ in got] == list(range(1, 200))
+
+        old = nc._transport._io_reader
+        nc._transport._io_writer.transport.abort()  # the socket goes: nats-py reconnects
+        await wait_for(lambda: nc.is_connected and nc._transport._io_reader is not old)
+        await ensure_subscribed(nc)
+        for i in range(3):  # the first read on the new socket installs it
+            await client.publish("fast.direct", b"again")
+            await client.flush()
+        await wait_for(lambda: len(got) == 202)
+        assert isinstance(nc._transport._io_writer.transport.get_protocol(), natsio._DirectReader)
+        await client.publish("fast.direct", b"direct again")
+        await client.flush()
+        await wait_for(lambda: len(got) == 203)
+        assert got[-1] == (b"direct again", True)
     finally:
         await nc.close()

@@ -98,6 +98,7 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         path = fast_path(self.nc)
+        path.in_flight = self._tasks.__len__  # light traffic: replies go at once
         self._sub = await path.subscribe(
             provider_subject(self.name), self._on_msg, queue=provider_queue(self.name)
         )
