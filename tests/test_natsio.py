@@ -406,3 +406,56 @@ async def test_fast_messages_are_handled_from_the_socket_without_nats_pys_read_l
         assert got[-1] == (b"direct again", True)
     finally:
         await nc.close()
+
+
+async def test_the_direct_reader_keeps_every_frame_whole_and_in_order_however_reads_split_them(
+    nats_url,
+):
+    """Reads end anywhere: in a message's control line, its headers, its payload. The direct
+    reader hands the complete fast-path messages at the front of a read over at once and
+    gives the rest (a frame for nats-py, or the start of one still on its way) to nats-py's
+    read loop, and takes over again once that has caught up: nothing is lost or reordered."""
+    import random
+
+    nc = await nats.connect(nats_url)
+    try:
+        got: list[tuple[int, dict[str, str] | None]] = []
+        fast = await fast_path(nc).subscribe(
+            "fast.split", lambda msg: got.append((int(msg.data), msg.headers))
+        )
+        plain: list[bytes] = []
+
+        async def on_plain(msg: Msg) -> None:
+            plain.append(msg.data)
+
+        other = await nc.subscribe("plain.split", cb=on_plain)
+        await ensure_subscribed(nc)
+        frames = []
+        for i in range(400):
+            body = str(i).encode()
+            if i % 3:
+                frames.append(b"MSG fast.split %d %d\r\n%s\r\n" % (fast._id, len(body), body))
+            else:
+                block = b"NATS/1.0\r\nLifeline-Seq: %d\r\n\r\n" % i
+                frames.append(
+                    b"HMSG fast.split %d %d %d\r\n%s%s\r\n"
+                    % (fast._id, len(block), len(block) + len(body), block, body)
+                )
+            if i % 25 == 0:
+                frames.append(b"MSG plain.split %d 1\r\nP\r\n" % other._id)
+        stream = b"".join(frames)
+        direct = nc._transport._io_writer.transport.get_protocol()
+        assert isinstance(direct, natsio._DirectReader)
+        cut = random.Random(7)
+        at = 0
+        while at < len(stream):
+            step = cut.choice([1, 2, 7, 19, 40, 333])
+            direct.data_received(stream[at : at + step])
+            at += step
+            if cut.random() < 0.3:
+                await asyncio.sleep(0)  # the read loop runs now and then, as it would
+        await wait_for(lambda: len(got) == 400 and len(plain) == 16)
+        assert [i for i, _ in got] == list(range(400))
+        assert all(headers == {"Lifeline-Seq": str(i)} for i, headers in got if i % 3 == 0)
+    finally:
+        await nc.close()
