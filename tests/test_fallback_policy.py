@@ -289,18 +289,18 @@ async def test_when_no_target_can_take_the_input_none_is_called(lifeline, client
 # ---- retries -----------------------------------------------------------------------
 
 
+# gpt with two retries, then claude; faults injected per request
+GPT_RETRIED_THEN_CLAUDE = {
+    "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
+    "dispatcher": {"allow_fault_injection": True},
+    "routes": {
+        "default": {"targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]}
+    },
+}
+
+
 async def test_a_retry_on_the_same_target_recovers_before_any_fallback(lifeline, client, exporter):
-    await lifeline(
-        {
-            "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
-            "dispatcher": {"allow_fault_injection": True},
-            "routes": {
-                "default": {
-                    "targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]
-                }
-            },
-        }
-    )
+    await lifeline(GPT_RETRIED_THEN_CLAUDE)
     reply = await ask(client, {**USER_HELLO, "faults": {"gpt": [429, 503, "ok"]}})
     assert reply.content == "gpt"
     assert [(a.target, a.retry, a.error_type, a.next) for a in reply.attempts] == [
@@ -318,17 +318,7 @@ async def test_a_retry_on_the_same_target_recovers_before_any_fallback(lifeline,
 async def test_a_spent_quota_falls_back_at_once_where_a_rate_limit_is_retried(lifeline, client):
     """OpenAI answers 429 both for "slow down" and for "your credit is spent"; only the first
     is worth a retry (and its backoff)."""
-    await lifeline(
-        {
-            "providers": {"gpt": fake(reply="gpt"), "claude": fake(reply="claude")},
-            "dispatcher": {"allow_fault_injection": True},
-            "routes": {
-                "default": {
-                    "targets": [{"provider": "gpt", "retries": 2, "backoff_s": 0.01}, "claude"]
-                }
-            },
-        }
-    )
+    await lifeline(GPT_RETRIED_THEN_CLAUDE)
     spent = await ask(client, {**USER_HELLO, "faults": {"gpt": [402, "ok"]}})
     assert spent.content == "claude"
     assert [(a.target, a.retry, a.error_type, a.next) for a in spent.attempts] == [
