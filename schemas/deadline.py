@@ -41,12 +41,8 @@ class Deadline:
     @classmethod
     def from_header(cls, value: str | None) -> Deadline | None:
         """The deadline a `Lifeline-Deadline-Ms` header carries; None when absent or malformed."""
-        if value is None or not 0 < len(value) <= 20:
-            return None
-        try:
-            return cls.at_unix_ms(int(value))
-        except ValueError:
-            return None
+        left = cls.left_in_header(value)
+        return None if left is None else cls(time.monotonic() + left)
 
     @staticmethod
     def left_in_header(value: str | None) -> float | None:
@@ -61,7 +57,7 @@ class Deadline:
 
     def header(self) -> str:
         """This deadline as the `Lifeline-Deadline-Ms` header's value (Unix time in ms)."""
-        return str(int((time.time() + self.left_s()) * 1000))
+        return self.header_after(self.left_s())
 
     @staticmethod
     def header_after(seconds: float) -> str:
