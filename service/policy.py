@@ -459,10 +459,8 @@ class _Run:
         rival = self.cursor.peek() if hedging else None
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
-            started = self.clock()
-            self.calling[(id(target), started)] = (target, started, False)
-            previous = tuple(self.errors) if target.pass_failures else ()
-            reply = await self.call(target, timeout_s, previous)
+            started = self._calling(target, self.clock())
+            reply = await self.call(target, timeout_s, self._previous(target))
             if isinstance(reply, Started):
                 output = reply
                 reply = await output.end()
@@ -511,37 +509,33 @@ class _Run:
         latency_ms = (self.clock() - started) * 1000
         health = self.health
         if health is not None:
-            if isinstance(reply, ProviderOk):  # the common case, without _record_health's call
+            # `started` goes to health too: a breaker weighs calls in the order they were made.
+            if isinstance(reply, ProviderOk):  # the common case, in one call
                 provider, model = target.health_key
                 health.record(
                     provider, model, target.breaker, True, None, None, latency_ms, probe, started
                 )
             else:
-                # A timeout the request's own deadline cut short says nothing about the target's
-                # health (short client deadlines must not open breakers). Cut short means by more
-                # than the moments a request spends before its call: a deadline of the target's
-                # own timeout_s leaves its first call a few ms less, and that call's timeout counts.
-                capped = timeout_s < target.timeout_s * _CAPPED_BELOW
-                self._record_health(target, reply, started, latency_ms, probe, capped)
+                self._record_failure(target, reply, started, timeout_s, probe)
         return Outcome(target, reply, latency_ms, False, False, (), streamed)
 
-    def _record_health(
+    def _record_failure(
         self,
         target: Target,
-        reply: ProviderReply,
+        reply: ProviderFailure,
         started: float,
-        latency_ms: float,
+        timeout_s: float,
         probe: bool,
-        capped: bool,
     ) -> None:
-        """`started` goes to health too: a breaker weighs calls in the order they were made."""
+        """A failed call, for health. A timeout the request's own deadline cut short says
+        nothing about the target's health (short client deadlines must not open breakers). Cut
+        short means by more than the moments a request spends before its call: a deadline of
+        the target's own timeout_s leaves its first call a few ms less, and that call's timeout
+        counts."""
         health, (provider, model) = self.health, target.health_key
         assert health is not None
-        if isinstance(reply, ProviderOk):
-            health.record(
-                provider, model, target.breaker, True, None, None, latency_ms, probe, started
-            )
-        elif capped and reply.kind == "timeout":
+        capped = timeout_s < target.timeout_s * _CAPPED_BELOW
+        if capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
             if probe and self.claims and (provider, model) in self.claims:  # another's stays
                 health.release(provider, model)  # undecided: the next request probes
