@@ -39,8 +39,9 @@ from service.discovery import Tally
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
 from service.jobs import Jobs
+from service.loop import start_now
 from service.memory import release_memory_soon
-from service.natsio import ensure_subscribed, fast_path, stop_taking
+from service.natsio import LIGHT, ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
 from service.transport import ClientStream, NatsTransport
@@ -181,9 +182,9 @@ class Dispatcher:
         # The engine's own coroutine is the task (no wrapper frame kept alive while it waits:
         # memory per request in flight); the tally is taken when it is done (_done).
         inbound, respond, refused, sink = self._front(msg, arrived, stream)
-        task = asyncio.create_task(
-            self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
-        )
+        serve = self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
+        # Light traffic: the plan and the attempt's publish run in this read (see start_now).
+        task = start_now(serve) if len(self._tasks) < LIGHT else asyncio.create_task(serve)
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
         if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
             key = None  # a key names one request in flight; a reused one stops none

@@ -173,7 +173,7 @@ class FastPath:
         self.last_read = 0
         self.enabled = _supported() and isinstance(getattr(nc, "_ps", None), Parser)
         # How many requests the connection's owner works on (a dispatcher's, a worker's), once
-        # it says: traffic is light, for `publish(urgent=True)`, while that is at most _LIGHT.
+        # it says: traffic is light, for `publish(urgent=True)`, while that is at most LIGHT.
         # Without it, light means the last read brought at most one message.
         self.in_flight: Callable[[], int] | None = None
         # The reader (of nats-py's transport) the direct reader serves: a reconnect's is new.
@@ -240,7 +240,7 @@ class FastPath:
         a header block built by the caller (b"NATS/1.0\r\n...\r\n\r\n", see `header_block`).
 
         `urgent` marks a message on a request's critical path (an attempt, a reply). When
-        traffic is light (the connection's owner works on at most _LIGHT requests, see
+        traffic is light (the connection's owner works on at most LIGHT requests, see
         `in_flight`; without one, the last read brought at most one message), the first one
         of a turn is written at once: nothing would share its write, and waiting costs a turn of
         the loop plus whatever its task does next (after a reply, a dispatcher's audit event
@@ -281,7 +281,7 @@ class FastPath:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
             if urgent and (
-                self.last_read <= 1 if self.in_flight is None else self.in_flight() <= _LIGHT
+                self.last_read <= 1 if self.in_flight is None else self.in_flight() <= LIGHT
             ):
                 self._write()  # the turn's first message: the rest share one more write
         return True
@@ -303,7 +303,10 @@ class FastPath:
                 nc._pending_data_size += sum(len(cmd) for cmd in pending)
 
 
-_LIGHT = 2  # requests in flight at which an urgent message is still written at once
+# Light traffic: at most this many requests in flight, the one at hand included. Then an urgent
+# message is written at once, and a dispatcher or a worker starts a request's work in the read
+# that brought it (service.loop.start_now).
+LIGHT = 2
 
 
 def _supported() -> bool:

@@ -88,6 +88,7 @@ def test_a_worker_does_not_load_the_dispatcher():
     assert {m for m in loaded if m.startswith("service")} == {
         "service",
         "service.discovery",
+        "service.loop",
         "service.natsio",
         "service.telemetry",
     }

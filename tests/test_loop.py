@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import sys
 
+import pytest
 import uvloop
 
 from service import loop
@@ -50,3 +53,115 @@ async def test_a_loop_that_swallows_a_cancel_is_still_stopped():
     await asyncio.sleep(0.02)
     await asyncio.wait_for(loop.cancel_and_wait(task), 5)
     assert task.cancelled() and swallowed == 1
+
+
+# start_now: a task whose first step runs in the caller, on Python 3.12+ (3.11 has no eager
+# tasks: there it is create_task). Dispatchers and workers call it from the socket's read
+# callback, where no task is current, so each scenario runs in a loop callback, on uvloop and
+# on asyncio's own loop.
+LOOPS = [pytest.param(uvloop.new_event_loop, id="uvloop"), pytest.param(None, id="asyncio")]
+EAGER = sys.version_info >= (3, 12)
+seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="unset")
+
+
+def in_a_callback(factory, scenario):
+    """Run `scenario(event_loop)` as a loop callback (as a protocol's data_received runs), then
+    wait for what it returns (an awaitable) to finish."""
+
+    async def main():
+        ev = asyncio.get_running_loop()
+        started = ev.create_future()
+        ev.call_soon(lambda: started.set_result(scenario(ev)))
+        return await (await started)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_a_request_started_now_runs_to_its_first_wait_before_the_read_returns(factory):
+    steps = []
+
+    async def request(gate: asyncio.Future[str]) -> str:
+        steps.append(("first", asyncio.current_task()))
+        seen.set("in the request")
+        answer = await gate
+        steps.append(("after the wait", asyncio.current_task(), seen.get()))
+        return answer
+
+    def scenario(ev):
+        gate = ev.create_future()
+        task = loop.start_now(request(gate))
+        # On 3.12+, it ran already, as the task; on 3.11 it waits for the loop's next turn.
+        assert steps == ([("first", task)] if EAGER else [])
+        assert seen.get() == "unset"  # in the task's own context, not the caller's
+        ev.call_later(0.01, gate.set_result, "answered")
+
+        async def rest():
+            assert await task == "answered"
+            assert steps == [("first", task), ("after the wait", task, "in the request")]
+
+        return rest()
+
+    in_a_callback(factory, scenario)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_a_request_that_ends_in_its_first_step_gives_its_task_that_end(factory):
+    async def answers() -> str:
+        return "at once"
+
+    async def fails() -> str:
+        raise ValueError("bad request")
+
+    def scenario(ev):
+        done, failed = loop.start_now(answers()), loop.start_now(fails())
+        assert done.done() is EAGER and failed.done() is EAGER
+
+        async def rest():
+            await asyncio.wait([done, failed])
+            assert done.result() == "at once"
+            assert isinstance(failed.exception(), ValueError)
+
+        return rest()
+
+    in_a_callback(factory, scenario)
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_a_cancel_that_comes_in_the_same_read_reaches_the_request_where_it_waits(factory):
+    """A worker's cancel message can come in the same read as its call: the call's own
+    handler (which ends its span and stops its timer) must see it."""
+    handled = []
+
+    async def call() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            handled.append(asyncio.current_task())
+            raise
+
+    def scenario(ev):
+        task = loop.start_now(call())
+        task.cancel()
+
+        async def rest():
+            await asyncio.wait([task])
+            # Started now, the call saw the cancel; on 3.11 it never started (as before).
+            assert task.cancelled() and handled == ([task] if EAGER else [])
+
+        return rest()
+
+    in_a_callback(factory, scenario)
+
+
+async def test_inside_another_task_a_request_waits_for_the_loop_s_next_turn():
+    ran = []
+
+    async def request() -> None:
+        ran.append(True)
+
+    task = loop.start_now(request())  # this test is a task, as nats-py's read loop is
+    assert ran == []
+    await task
+    assert ran == [True]

@@ -45,7 +45,9 @@ from schemas.subjects import (
 from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.discovery import Tally
+from service.loop import start_now
 from service.natsio import (
+    LIGHT,
     ensure_subscribed,
     fast_path,
     publish_checked,
@@ -144,7 +146,9 @@ class WorkerRuntime:
         if len(self._tasks) >= self.max_in_flight:
             self._refuse(msg)
             return
-        task = asyncio.create_task(self.handle(msg))
+        # Light traffic: the call runs in this read up to its provider's first wait (start_now).
+        handle = self.handle(msg)
+        task = start_now(handle) if len(self._tasks) < LIGHT else asyncio.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
         task.add_done_callback(self._finished)
