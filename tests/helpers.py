@@ -146,6 +146,15 @@ async def ask(
     return reply_decoder.decode(msg.data)
 
 
+async def published(client: Client) -> None:
+    """Return once the server has every message `client` published so far. One nats-py
+    flush() does not promise that: it writes its PING straight to the socket, ahead of
+    publishes still in the client's pending buffer, so its PONG can come first (a test that
+    stopped its dispatcher then saw requests it had sent answered "no responders" on Python
+    3.12). service.natsio.ensure_subscribed flushes twice for the same reason."""
+    await ensure_subscribed(client)
+
+
 async def settled(client: Client, *stacks: Any) -> None:
     """Return once everything the stacks' dispatchers will ever send for the requests so far has
     reached `client`'s callbacks: a barrier for "no duplicate came", instead of a sleep.

@@ -27,6 +27,7 @@ from helpers import (
     MisbehavingProvider,
     Service,
     free_port,
+    published,
     wait_for,
 )
 
@@ -777,7 +778,7 @@ async def test_requests_still_waiting_for_their_refusal_at_shutdown_are_each_ans
             request_id,
             encoder.encode({"id": request_id, "messages": [{"role": "user", "content": "hi"}]}),
         )
-    await nc.flush()
+    await published(nc)  # all 6,000 reached the server while the dispatcher took them
     await wait_for(lambda: len(dispatcher._refusals) > 1000, timeout_s=20)
     await stack.stop()
     assert not dispatcher._refusals
