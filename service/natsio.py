@@ -110,8 +110,20 @@ def measured(payload: bytes, headers: dict[str, str] | None) -> tuple[int, bytes
 async def stop_taking(sub: Subscription) -> None:
     """Stop a subscription's intake but handle what it has already received: `unsubscribe()`
     would drop the messages still queued in nats-py, and a request dropped there would get
-    neither a reply nor an audit event. Without a usable connection nothing can be answered."""
+    neither a reply nor an audit event. Without a usable connection nothing can be answered.
+
+    nats-py 2.16's drain() is not enough alone: it queues its UNSUB in the pending buffer,
+    then writes its flush's PING straight to the socket, ahead of it. The server answers that
+    PING before it has seen the UNSUB, routes requests to the subscription until it does, and
+    drain() removes the subscription on the PONG: a request that comes after it is dropped.
+    So the UNSUB goes first, confirmed by ensure_subscribed's two flushes (the second PING
+    travels behind it); drain() then handles what came before, and its own UNSUB, for a
+    subscription the server no longer has, changes nothing."""
+    nc = sub._conn
     try:
+        if nc.is_connected and not nc.is_draining:
+            await nc._send_unsubscribe(sub._id)
+            await ensure_subscribed(nc)
         await sub.drain()
     except NatsError:  # closed or draining already
         pass
@@ -141,7 +153,8 @@ async def stop_taking(sub: Subscription) -> None:
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
-# ._parse_header_lines, .msg_class, .stats; Subscription._id; Parser.buf, .state, .needed,
+# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats;
+# Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer.
 # The upstream change that would make it unnecessary: a synchronous per-subscription

@@ -31,7 +31,7 @@ def test_the_internals_the_adapter_relies_on_are_there():
     nc = Client()
     for name in ("_ps", "_subs", "_pending", "_pending_data_size", "_transport", "msg_class"):
         assert hasattr(nc, name), name
-    assert callable(Client._parse_header_lines)
+    assert callable(Client._parse_header_lines) and callable(Client._send_unsubscribe)
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
     assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
@@ -49,6 +49,7 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], Subscription]:
     sub = await fast_path(nc).subscribe(subject, got.append)
     await ensure_subscribed(nc)
     assert sub._id in fast_path(nc)._handlers  # the live check of Subscription._id
+    assert sub._conn is nc  # and of Subscription._conn (stop_taking)
     return got, sub
 
 
@@ -131,6 +132,44 @@ async def test_a_drained_fast_subscription_hears_nothing_more(nats_url, client):
         await client.publish("fast.marker", b"")  # the server sends it after "after", if any
         await wait_for(lambda: len(markers) == 1)
         assert [m.data for m in got] == [b"before"]
+    finally:
+        await nc.close()
+
+
+async def test_stopping_a_subscription_sends_its_unsub_before_the_ping_that_confirms_it(
+    nats_url, client
+):
+    """nats-py's drain() queues its UNSUB and then writes its flush's PING straight to the
+    socket, ahead of it: the server answers that PING before it has seen the UNSUB, and a
+    request it routes in between reaches a subscription drain() has removed, dropped with
+    neither a reply nor an audit event. stop_taking gets the UNSUB to the server first."""
+    nc = await nats.connect(nats_url)
+    try:
+        got, sub = await collect(nc, "fast.stop")
+        written: list[bytes] = []
+        transport = nc._transport
+        write, writelines = transport.write, transport.writelines
+
+        def recording_write(data: bytes) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        def recording_writelines(lines: list[bytes]) -> None:
+            written.extend(bytes(line) for line in lines)
+            writelines(lines)
+
+        transport.write, transport.writelines = recording_write, recording_writelines
+        await stop_taking(sub)
+        commands = [line.split(b" ")[0] for chunk in written for line in chunk.splitlines()]
+        unsub = commands.index(b"UNSUB")
+        assert b"PING" in commands[unsub:], commands  # a PONG confirms the server had it
+        # The connection is fine (a second UNSUB drain() may send is no error) and the
+        # subscription is gone.
+        await client.publish("fast.stop", b"after")
+        markers, _ = await collect(nc, "fast.marker")
+        await client.publish("fast.marker", b"")
+        await wait_for(lambda: len(markers) == 1)
+        assert got == [] and nc.stats["errors_received"] == 0 and nc.is_connected
     finally:
         await nc.close()
 
