@@ -27,7 +27,7 @@ from service.config import AuditSettings
 
 log = logging.getLogger("lifeline.audit")
 
-DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take
+DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
 
 
 async def read_events(

@@ -86,7 +86,9 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Jobs one dispatcher works on at once; the rest wait in the stream, not in memory.
     in_flight: Annotated[int, Meta(ge=1)] = 100
     # A job not acknowledged (nor heartbeated) within ack_wait_s goes to another dispatcher.
-    ack_wait_s: Annotated[float, Meta(ge=1)] = 30.0
+    # At most 300 s: a job delivered again after its result was stored publishes its audit
+    # event again, and the audit stream drops it as a duplicate only within its 600 s window.
+    ack_wait_s: Annotated[float, Meta(ge=1, le=300)] = 30.0
     max_deliver: Annotated[int, Meta(ge=1)] = 5  # deliveries of one job before it is given up
     max_jobs: Annotated[int, Meta(ge=1)] = 100_000  # waiting in the stream; more are refused
     dedup_window_s: Annotated[float, Meta(gt=0)] = 120.0  # a repeated id within it is dropped

@@ -429,6 +429,20 @@ def test_every_mistake_is_reported_at_once_with_the_closest_key_suggested():
     ]
 
 
+def test_a_job_s_ack_wait_stays_inside_the_audit_stream_s_dedup_window():
+    """A job delivered again after its result was stored publishes its audit event once more;
+    the audit stream drops that as a duplicate only within its 600 s window, so a redelivery
+    must come sooner."""
+    from service.audit import DEDUP_WINDOW_S
+
+    base = {"providers": {"a": {"kind": "fake"}}, "routes": {"default": {"targets": ["a"]}}}
+    assert parse_config({**base, "jobs": {"ack_wait_s": 300}}).jobs.ack_wait_s * 2 <= (
+        DEDUP_WINDOW_S
+    )
+    with pytest.raises(ConfigError, match=r"jobs\.ack_wait_s: Expected `float` <= 300"):
+        parse_config({**base, "jobs": {"ack_wait_s": 900}})
+
+
 def test_a_key_like_none_known_gets_no_guess():
     with pytest.raises(ConfigError, match=r"dispatcher\.zzz: unknown key \(check its spelling\)"):
         parse_config({"dispatcher": {"zzz": 1}, "providers": {"a": {"kind": "fake"}}})
