@@ -460,7 +460,7 @@ class SpanRecorder:
                 result.trace_state or None,
             )
             if recording and result.attributes:
-                span.attributes.update(result.attributes)
+                span.set_attributes(result.attributes)
         if recording and self.starters:
             self._started(span, context)
         return span
@@ -520,33 +520,40 @@ def span_context(
     return _new_tuple(trace.SpanContext, (trace_id, span_id, is_remote, flags, state, True))
 
 
-class LiteSpan:
+class LiteSpan(ReadableSpan):
     """One span in progress; ended spans are emitted to the processors if sampled.
 
     Its ids are kept as plain values; the OTel SpanContext is made when something asks for it
-    (`context`: a processor, an HTTP propagation, the ReadableSpan at its end), which a span
-    that does not record never does. While it runs it reads like the SDK's Span for
-    processors' on_start (name, context, parent, kind, attributes, events, status,
-    start_time, resource, instrumentation_scope) and takes set_attribute(s), add_event and
-    set_status."""
+    (`context`: a processor, an HTTP propagation, an exporter), which a span that does not
+    record never does. It is the SDK's ReadableSpan itself, its fields kept where
+    ReadableSpan's properties read them (`_name`, `_attributes`, ...; ReadableSpan.__init__
+    is not called), so an ended span goes to the processors as it is: no second object with
+    the same fields is built per span (`emit`). While it runs it reads like the SDK's Span for
+    processors' on_start (the same properties; `end_time` is None until it ends) and takes
+    set_attribute(s), add_event and set_status. test_span_recorder checks every
+    ReadableSpan property against a ReadableSpan built the SDK's way."""
 
     __slots__ = (
+        "_attributes",
         "_context",
+        "_end_time",
+        "_events",
+        "_kind",
+        "_name",
         "_parent",
-        "attributes",
-        "end_ns",
-        "events",
-        "kind",
-        "name",
+        "_start_time",
+        "_status",
         "recorder",
         "recording",
         "span_id",
-        "start_ns",
-        "status",
         "trace_hex",
         "trace_id",
         "trace_state",
     )
+
+    # What every LiteSpan has alike, where ReadableSpan's properties look for it.
+    _links: tuple[()] = ()
+    _instrumentation_info = None
 
     def __init__(
         self,
@@ -561,9 +568,9 @@ class LiteSpan:
         trace_hex: str | None = None,
     ) -> None:
         self.recorder = recorder
-        self.name = name
-        self.kind = kind
-        self.attributes = dict(attributes)
+        self._name = name
+        self._kind = kind
+        self._attributes = dict(attributes)
         self._parent = parent  # a local parent's SpanContext is made only if it is asked for
         self.recording = recording
         self.trace_id = trace_id
@@ -572,10 +579,10 @@ class LiteSpan:
         self._context: trace.SpanContext | None = None
         # The trace id as W3C writes it, formatted once per trace: traceparent and replies use it.
         self.trace_hex = trace_hex if trace_hex is not None else f"{trace_id:032x}"
-        self.start_ns = time.time_ns()
-        self.end_ns = 0
-        self.events: list[Event] = []
-        self.status = _UNSET  # Status is immutable: one value serves every span
+        self._start_time = time.time_ns()
+        self._end_time: int | None = None  # until it ends
+        self._events: list[Event] = []
+        self._status = _UNSET  # Status is immutable: one value serves every span
 
     @property
     def context(self) -> trace.SpanContext:
@@ -592,34 +599,6 @@ class LiteSpan:
         parent = self._parent
         return parent.context if isinstance(parent, LiteSpan) else parent
 
-    def get_span_context(self) -> trace.SpanContext:
-        return self.context
-
-    def is_recording(self) -> bool:
-        return self.recording
-
-    def set_attributes(self, attributes: dict[str, Any]) -> None:
-        self.attributes.update(attributes)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def set_status(self, status: trace.Status) -> None:
-        self.status = status
-
-    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
-        if self.recording:
-            self.events.append(Event(name, attributes))
-
-    # The rest of what a processor's on_start may read of an SDK Span (a ReadableSpan).
-    @property
-    def start_time(self) -> int:
-        return self.start_ns
-
-    @property
-    def end_time(self) -> None:
-        return None  # still running: on_end gets the finished ReadableSpan
-
     @property
     def resource(self) -> Resource:
         return self.recorder.resource
@@ -628,42 +607,43 @@ class LiteSpan:
     def instrumentation_scope(self) -> InstrumentationScope:
         return self.recorder.scope
 
-    @property
-    def links(self) -> tuple[()]:
-        return ()
+    def get_span_context(self) -> trace.SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return self.recording
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        self._attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self._attributes[key] = value
+
+    def set_status(self, status: trace.Status) -> None:
+        self._status = status
+
+    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        if self.recording:
+            self._events.append(Event(name, attributes))
 
     def end(self) -> None:
         if self.recording:
-            self.end_ns = time.time_ns()
+            self._end_time = time.time_ns()
             self.emit()
 
     def end_soon(self) -> None:
-        """End the span now, and hand it to the processors (build its ReadableSpan, queue it
-        for export) at the end of this event-loop turn: after the reply the turn sends, which
-        would otherwise wait for that work. A worker's span and a dispatcher's attempt span end
-        this way, on a request's critical path."""
+        """End the span now, and hand it to the processors (queue it for export) at the end of
+        this event-loop turn: after the reply the turn sends, which would otherwise wait for
+        that work. A worker's span and a dispatcher's attempt span end this way, on a
+        request's critical path."""
         if self.recording:
-            self.end_ns = time.time_ns()
+            self._end_time = time.time_ns()
             self.recorder.emit_soon(self)
 
     def emit(self) -> None:
-        """The ended span to every processor's on_end."""
-        recorder = self.recorder
-        span = ReadableSpan(
-            self.name,
-            self.context,
-            self.parent,
-            recorder.resource,
-            self.attributes,
-            self.events,
-            kind=self.kind,
-            status=self.status,
-            start_time=self.start_ns,
-            end_time=self.end_ns,
-            instrumentation_scope=recorder.scope,
-        )
-        for on_end in recorder.enders:
-            on_end(span)
+        """The ended span (a ReadableSpan) to every processor's on_end."""
+        for on_end in self.recorder.enders:
+            on_end(self)
 
     def as_context(self) -> Context:
         """An OTel Context with this span as the current one (for HTTP propagation)."""

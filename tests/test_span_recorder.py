@@ -196,3 +196,62 @@ def test_a_span_ended_soon_without_an_event_loop_reaches_the_exporter_at_once():
     provider.add_span_processor(SimpleSpanProcessor(exported))
     provider.recorder("lifeline.test").start("attempt", SpanKind.CLIENT, {}).end_soon()
     assert [span.name for span in exported.get_finished_spans()] == ["attempt"]
+
+
+def test_an_ended_span_reads_and_exports_as_the_sdks_own_readable_span():
+    """A LiteSpan goes to the processors as it is (no ReadableSpan is built per span), so it
+    must read as the ReadableSpan the SDK would build from the same fields: every property,
+    its JSON and its OTLP encoding. If a new SDK version reads a field from somewhere else,
+    this fails."""
+    import warnings
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    recorder = provider.recorder("lifeline.test")
+    root = recorder.start("chat", SpanKind.SERVER, {"lifeline.route": "main"})
+    child = recorder.start("chat gpt-4o", SpanKind.CLIENT, {"gen_ai.request.model": "gpt-4o"}, root)
+    assert child.end_time is None  # still running, as on_start sees it
+    child.set_attribute("gen_ai.usage.input_tokens", 7)
+    child.add_event("lifeline.retry", {"lifeline.reason": "rate_limit"})
+    child.set_status(trace.Status(trace.StatusCode.ERROR, "rate_limit"))
+    child.end()
+    root.end()
+    ended, _ = exported.get_finished_spans()
+    assert ended is child
+    sdk = ReadableSpan(
+        child.name,
+        context=child.context,
+        parent=root.context,
+        resource=recorder.resource,
+        attributes={"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 7},
+        events=[
+            Event("lifeline.retry", {"lifeline.reason": "rate_limit"}, child.events[0].timestamp)
+        ],
+        kind=SpanKind.CLIENT,
+        status=child.status,
+        start_time=child.start_time,
+        end_time=child.end_time,
+        instrumentation_scope=recorder.scope,
+    )
+    names = [n for n, v in vars(ReadableSpan).items() if isinstance(v, property)]
+    assert {"name", "context", "parent", "attributes", "events", "end_time"} <= set(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # instrumentation_info
+        for name in names:
+            ours, theirs = getattr(ended, name), getattr(sdk, name)
+            if name == "events":
+                ours, theirs = (
+                    [(e.name, dict(e.attributes)) for e in ours],
+                    [(e.name, dict(e.attributes)) for e in theirs],
+                )
+            elif name == "attributes":
+                ours, theirs = dict(ours), dict(theirs)
+            assert ours == theirs, name
+    assert ended.to_json() == sdk.to_json()
+    assert encode_spans([ended]) == encode_spans([sdk])
