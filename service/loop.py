@@ -10,9 +10,10 @@ a tenth off the dispatcher's and the worker's CPU per request (see the README's 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -57,26 +58,82 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved, as gather(return_exceptions=True) did: no warning at exit
 
 
-def start_now(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+def start_now(coro: Coroutine[Any, Any, T], *, asks_current_task: bool = False) -> asyncio.Task[T]:
     """A task for `coro` whose first step runs now, in the caller, up to the coroutine's first
     wait, instead of on the event loop's next turn: Python 3.12's eager tasks
-    (`asyncio.Task(..., eager_start=True)`); on 3.11, which has none, create_task's task.
+    (`asyncio.Task(..., eager_start=True)`), and on 3.11, which has none, `_Started`.
 
     A dispatcher or a worker starts a request this way when it holds almost none (light
     traffic): the request's work up to its first wait (a dispatcher's plan and its attempt's
     publish; a worker's call up to the provider's first wait) then runs in the read that
-    brought it. On Python 3.12 that took 0.037 ms off a request at 1 in flight (see the
-    README's benchmarks). Busy, requests keep a task each that starts on the loop's next turn,
-    so one read does not run the work of every request it brought before any reply goes.
-    Inside another task (nats-py's read loop hands on what the fast path leaves to it), the
-    step waits its turn."""
+    brought it (see the README's benchmarks for what it bought). Busy, requests keep a task
+    each that starts on the loop's next turn, so one read does not run the work of every
+    request it brought before any reply goes. Inside another task (nats-py's read loop hands
+    on what the fast path leaves to it), the step waits its turn.
+
+    On 3.11 the first step runs before its task exists, so asyncio.current_task() is None in
+    it: a coroutine whose first step needs its task (`asks_current_task`: a worker's deadline
+    timer cancels it) waits for its turn there."""
     loop = asyncio.get_running_loop()
-    if not _EAGER or asyncio.current_task(loop) is not None:
+    if asyncio.current_task(loop) is not None or (asks_current_task and not _EAGER):
         return loop.create_task(coro)
-    return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    if _EAGER:
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    context = contextvars.copy_context()  # the task's: what the first step sets stays in it
+    started = _Started(coro)
+    context.run(started.first_step)
+    return loop.create_task(started, context=context)
 
 
-# An emulation for 3.11 (the first step run as the task through asyncio's private
-# _enter_task, the task's own first step handed what it yielded) measured no gain in bench-ab:
-# what it saves, its own Python calls and the task's scheduled first step cost again.
 _EAGER = sys.version_info >= (3, 12)
+
+
+class _Started(Coroutine[Any, Any, Any]):
+    """A coroutine whose first step already ran (`first_step`), handed to a task: the task's
+    own first step gets what that step gave (the future the coroutine waits on, its result or
+    its exception), every later step goes to the coroutine. A cancel that comes before the
+    task's first step is thrown into the coroutine where it waits, as a task that had started
+    it would. Only public asyncio: the task is made after the first step, not before it (an
+    earlier version made it first, to be current in the step, and measured no gain: making a
+    task costs what skipping the turn saves, so it must come after the work that is urgent)."""
+
+    __slots__ = ("_coro", "_done", "_first", "_outcome")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+        self._first = True  # the task has not taken its first step yet
+        self._done = False  # the coroutine ended in its first step: _outcome is how
+        self._outcome: Any = None  # what the first step yielded, or how it ended
+
+    def first_step(self) -> None:
+        try:
+            self._outcome = self._coro.send(None)
+        except StopIteration as stop:
+            self._done, self._outcome = True, stop
+        except BaseException as exc:  # noqa: BLE001 - the task's first step raises it
+            self._done, self._outcome = True, exc
+
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            outcome, self._outcome = self._outcome, None
+            if self._done:
+                raise outcome
+            return outcome
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._first:
+            self._first = False
+            outcome, self._outcome = self._outcome, None
+            if self._done:  # it ended before the cancel came: that end stands
+                raise outcome
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TypeError("a started coroutine belongs to its task: it cannot be awaited")

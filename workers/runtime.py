@@ -148,7 +148,10 @@ class WorkerRuntime:
             return
         # Light traffic: the call runs in this read up to its provider's first wait (start_now).
         handle = self.handle(msg)
-        task = start_now(handle) if len(self._tasks) < LIGHT else asyncio.create_task(handle)
+        if len(self._tasks) < LIGHT:
+            task = start_now(handle, asks_current_task=True)  # _Expiry cancels the task
+        else:
+            task = asyncio.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
         task.add_done_callback(self._finished)
