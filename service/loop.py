@@ -128,6 +128,8 @@ class _Started(Coroutine[Any, Any, Any]):
             outcome, self._outcome = self._outcome, None
             if self._done:  # it ended before the cancel came: that end stands
                 raise outcome
+            if isinstance(outcome, asyncio.Future):  # as a task cancels the future it waits on
+                outcome.cancel()
         if val is None and tb is None:
             return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)

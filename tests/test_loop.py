@@ -156,20 +156,22 @@ def test_a_cancel_that_comes_in_the_same_read_reaches_the_request_where_it_waits
     answers `aborted` and cancels its attempts) must see the cancel."""
     handled = []
 
-    async def call() -> None:
+    async def call(reply: asyncio.Future[None]) -> None:
         try:
-            await asyncio.Event().wait()
+            await reply
         except asyncio.CancelledError:
             handled.append(asyncio.current_task())
             raise
 
     def scenario(ev):
-        task = loop.start_now(call())
+        reply = ev.create_future()
+        task = loop.start_now(call(reply))
         task.cancel()
 
         async def rest():
             await asyncio.wait([task])
             assert task.cancelled() and handled == [task]
+            assert reply.cancelled()  # as a task cancels the future it waits on
 
         return rest()
 
