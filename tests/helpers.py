@@ -159,8 +159,8 @@ async def settled(client: Client, *stacks: Any) -> None:
     """Return once everything the stacks' dispatchers will ever send for the requests so far has
     reached `client`'s callbacks: a barrier for "no duplicate came", instead of a sleep.
 
-    No request in flight means no more publishes; a flush of each dispatcher's connection means
-    the server has routed what they published; a flush of the client's then means the server
+    No request in flight means no more publishes; `published` on each dispatcher's connection
+    means the server has routed what they published; on the client's then, that the server
     wrote those messages to it before its PONG; a few loop turns let the callbacks run."""
     for stack in stacks:
         dispatcher = stack.dispatcher
@@ -171,8 +171,8 @@ async def settled(client: Client, *stacks: Any) -> None:
             what=lambda: f"{dispatcher.in_flight} requests still in flight",
             interval_s=0.005,
         )
-        await stack.components[-1].nc.flush()
-    await client.flush()
+        await published(stack.components[-1].nc)
+    await published(client)
     for _ in range(10):
         await asyncio.sleep(0)
 
