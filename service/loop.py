@@ -72,8 +72,11 @@ def start_now(coro: Coroutine[Any, Any, T], *, asks_current_task: bool = False) 
     on what the fast path leaves to it), the step waits its turn.
 
     On 3.11 the first step runs before its task exists, so asyncio.current_task() is None in
-    it: a coroutine whose first step needs its task (`asks_current_task`: a worker's deadline
-    timer cancels it) waits for its turn there."""
+    it: a coroutine whose first step needs its task waits for its turn there
+    (`asks_current_task`). A worker's call does: its deadline timer cancels its task, and
+    httpx (through sniffio) and anyio find their event loop by the current task, which a
+    provider's first step, or a plug-in's, may ask for. A dispatcher's first step (the plan,
+    the spans, the attempt's publish) does not, and the tests, most at 1 in flight, run it."""
     loop = asyncio.get_running_loop()
     if asyncio.current_task(loop) is not None or (asks_current_task and not _EAGER):
         return loop.create_task(coro)

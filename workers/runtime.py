@@ -149,7 +149,9 @@ class WorkerRuntime:
         # Light traffic: the call runs in this read up to its provider's first wait (start_now).
         handle = self.handle(msg)
         if len(self._tasks) < LIGHT:
-            task = start_now(handle, asks_current_task=True)  # _Expiry cancels the task
+            # Its task must exist in the first step on 3.11: _Expiry cancels it, and httpx
+            # (sniffio) finds its event loop by it.
+            task = start_now(handle, asks_current_task=True)
         else:
             task = asyncio.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
