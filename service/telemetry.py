@@ -20,11 +20,13 @@ ReadableSpan, so sampling config, resource, batching and exporters stay the SDK'
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, cast
 
@@ -173,14 +175,14 @@ class Tracing(TracerProvider):
         super().__init__(**kwargs)
         self.processors = SynchronousMultiSpanProcessor()  # the same processors, for the recorder
         self.starters: list[SpanProcessor] = []  # those whose on_start does something
-        # Every processor's on_end, called by the recorder's spans one by one (what the
-        # multi-processor's on_end does, without its call per span).
-        self.enders: list[Callable[[ReadableSpan], None]] = []
+        # Per processor, what takes the recorder's ended spans: a batch of them at a time
+        # (see `hand_off`), not the multi-processor's call per span and processor.
+        self.enders: list[HandOff] = []
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
         self.processors.add_span_processor(span_processor)
-        self.enders.append(span_processor.on_end)
+        self.enders.append(hand_off(span_processor))
         if _acts_on_start(span_processor):
             self.starters.append(span_processor)
 
@@ -195,6 +197,79 @@ class Tracing(TracerProvider):
             self.starters,
             self.enders,
         )
+
+
+HandOff = Callable[[Sequence[ReadableSpan]], None]
+
+
+def hand_off(processor: SpanProcessor) -> HandOff:
+    """What hands ended spans to `processor`: its on_end per span, or, for the SDK's own
+    BatchSpanProcessor (what every exporter of `tracer_provider_from_env` runs behind), the
+    spans put on its queue together.
+
+    A BatchSpanProcessor's on_end costs about 2 µs a span, and a request has three spans:
+    it reads the span's SpanContext (which a LiteSpan then builds), asks the OS for the
+    process id (a system call each time: glibc no longer caches it) to notice a fork, and
+    appends to the queue. The SDK already notices a fork with `os.register_at_fork`, and a
+    LiteSpan handed off is always sampled (`emit` runs only for recording spans, and a
+    recording LiteSpan's flags say sampled), so `_QueueBatches` keeps the rest: the queue
+    append, in order, and waking the export thread once a batch is full. It relies on
+    attributes of the SDK's BatchProcessor that are not public API; `_QueueBatches.fits`
+    checks them first, and a version without them gets on_end per span, as before
+    (tests/test_span_recorder.py fails loudly then, so the adapter is updated, not lost)."""
+    if type(processor) is BatchSpanProcessor and _QueueBatches.fits(processor):
+        return _QueueBatches(processor).hand
+    return _OneByOne(processor.on_end).hand
+
+
+class _OneByOne:
+    def __init__(self, on_end: Callable[[ReadableSpan], None]) -> None:
+        self.on_end = on_end
+
+    def hand(self, spans: Sequence[ReadableSpan]) -> None:
+        on_end = self.on_end
+        for span in spans:
+            try:
+                on_end(span)
+            except Exception:  # a processor's bug: the other spans still go
+                log.exception("a span processor failed on span %r", span.name)
+
+
+class _QueueBatches:
+    """Spans put straight on a BatchSpanProcessor's queue: what its on_end does for a sampled
+    span (`BatchProcessor.emit`), once per batch of spans instead of once per span. Anything
+    unusual (shut down, the queue too full to take them all) goes through on_end, so the
+    SDK's own warnings and dropped-span counts stay as they are."""
+
+    def __init__(self, processor: BatchSpanProcessor) -> None:
+        self.batches = processor._batch_processor  # private: see `hand_off`
+        self.one_by_one = _OneByOne(processor.on_end)
+
+    @staticmethod
+    def fits(processor: BatchSpanProcessor) -> bool:
+        """Whether this SDK's BatchSpanProcessor has what `hand` uses, as it uses it."""
+        batches = getattr(processor, "_batch_processor", None)
+        queue = getattr(batches, "_queue", None)
+        return (
+            hasattr(os, "register_at_fork")  # the SDK's fork handling, instead of emit's getpid
+            and isinstance(queue, collections.deque)
+            and queue.maxlen == getattr(batches, "_max_queue_size", None)
+            and isinstance(getattr(batches, "_max_export_batch_size", None), int)
+            and isinstance(getattr(batches, "_worker_awaken", None), threading.Event)
+            and getattr(batches, "_shutdown", None) is False
+        )
+
+    def hand(self, spans: Sequence[ReadableSpan]) -> None:
+        batches = self.batches
+        queue = batches._queue
+        if batches._shutdown or len(queue) + len(spans) > batches._max_queue_size:
+            self.one_by_one.hand(spans)
+            return
+        queue.extendleft(spans)  # as emit's appendleft, span by span: the export pops the right
+        if len(queue) >= batches._max_export_batch_size:
+            awaken = batches._worker_awaken  # read each time: a fork makes a new one
+            if not awaken.is_set():
+                awaken.set()
 
 
 # on_start of these does nothing: the recorder need not call it, which keeps starting a
@@ -380,14 +455,14 @@ class SpanRecorder:
         processor,
         scope: InstrumentationScope,
         starters: list[SpanProcessor] | None = None,
-        enders: list[Callable[[ReadableSpan], None]] | None = None,
+        enders: list[HandOff] | None = None,
     ) -> None:
         self.sampler = sampler
         self.resource = resource
         self.processor = processor
         self.scope = scope
         # Shared with Tracing, as `starters` is; without it, the processor's own on_end.
-        self.enders = enders if enders is not None else [processor.on_end]
+        self.enders = enders if enders is not None else [hand_off(processor)]
         # Shared with Tracing: sees processors added later.
         self.starters = starters if starters is not None else []
         self._ended: list[LiteSpan] = []  # ended by end_soon, for the processors this turn
@@ -478,11 +553,8 @@ class SpanRecorder:
 
     def _emit(self) -> None:
         ended, self._ended = self._ended, []
-        for span in ended:
-            try:
-                span.emit()
-            except Exception:  # a processor's bug: the other spans still go
-                log.exception("a span processor failed on span %r", span.name)
+        for hand in self.enders:
+            hand(ended)
 
     def _started(self, span: LiteSpan, parent_context: Context | None) -> None:
         # As the SDK's Span.start does: the span itself, still open, so a processor can read
@@ -641,9 +713,9 @@ class LiteSpan(ReadableSpan):
             self.recorder.emit_soon(self)
 
     def emit(self) -> None:
-        """The ended span (a ReadableSpan) to every processor's on_end."""
-        for on_end in self.recorder.enders:
-            on_end(self)
+        """The ended span (a ReadableSpan) to every processor."""
+        for hand in self.recorder.enders:
+            hand((self,))
 
     def as_context(self) -> Context:
         """An OTel Context with this span as the current one (for HTTP propagation)."""

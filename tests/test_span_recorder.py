@@ -255,3 +255,105 @@ def test_an_ended_span_reads_and_exports_as_the_sdks_own_readable_span():
             assert ours == theirs, name
     assert ended.to_json() == sdk.to_json()
     assert encode_spans([ended]) == encode_spans([sdk])
+
+
+def _batching(exporter, **settings):
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    processor = BatchSpanProcessor(exporter, schedule_delay_millis=3_600_000, **settings)
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(processor)
+    return provider, processor
+
+
+def _until(condition) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+async def test_spans_reach_a_batch_processor_through_its_queue_in_order_and_a_full_batch_goes_out():
+    """Every exporter of tracer_provider_from_env runs behind the SDK's BatchSpanProcessor, and
+    the recorder hands it a turn's spans at once, straight onto its queue (telemetry.hand_off).
+    That uses attributes of the SDK that are not public API: if a new SDK version changes them,
+    the first assertion fails (spans would still go, one on_end each: update the adapter)."""
+    import asyncio
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exported = InMemorySpanExporter()
+    provider, processor = _batching(exported, max_export_batch_size=4)
+    assert telemetry._QueueBatches.fits(processor), "the SDK's BatchProcessor changed"
+    recorder = provider.recorder("lifeline.test")
+    for i in range(3):
+        recorder.start(f"soon {i}", SpanKind.CLIENT, {}).end_soon()
+    await asyncio.sleep(0)
+    recorder.start("at once", SpanKind.SERVER, {}).end()
+    # The fourth span fills a batch: the export thread is woken, long before its hour's delay.
+    _until(lambda: len(exported.get_finished_spans()) == 4)
+    assert [s.name for s in exported.get_finished_spans()] == [
+        "soon 0",
+        "soon 1",
+        "soon 2",
+        "at once",
+    ]
+    recorder.start("last", SpanKind.CLIENT, {}).end()
+    processor.force_flush()
+    assert exported.get_finished_spans()[-1].name == "last"
+    processor.shutdown()
+    recorder.start("after shutdown", SpanKind.CLIENT, {}).end()  # the SDK's on_end ignores it
+    assert len(exported.get_finished_spans()) == 5
+
+
+async def test_spans_a_full_batch_queue_cannot_take_go_through_on_end_and_its_drop_warning(caplog):
+    import asyncio
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    release, names = threading.Event(), []
+
+    class Stuck(SpanExporter):  # holds the export thread, so the queue fills
+        def export(self, spans):
+            names.extend(span.name for span in spans)
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    provider, processor = _batching(Stuck(), max_queue_size=2, max_export_batch_size=2)
+    recorder = provider.recorder("lifeline.test")
+    try:
+        for i in range(2):
+            recorder.start(f"first {i}", SpanKind.CLIENT, {}).end()
+        _until(lambda: len(names) == 2)  # the export thread took them and is stuck
+        for i in range(3):
+            recorder.start(f"then {i}", SpanKind.CLIENT, {}).end_soon()
+        await asyncio.sleep(0)  # three spans for a queue of two: the SDK drops the oldest
+        assert "Queue full, dropping" in caplog.text
+    finally:
+        release.set()
+    processor.force_flush()
+    processor.shutdown()
+    assert names == ["first 0", "first 1", "then 1", "then 2"]
+
+
+def test_a_processor_failing_on_a_span_does_not_stop_the_others(caplog):
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    class Broken(SpanProcessor):
+        def on_end(self, span):
+            if span.name == "bad":
+                raise RuntimeError("a bug in a processor")
+
+    exported = InMemorySpanExporter()
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(Broken())
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    recorder = provider.recorder("lifeline.test")
+    for name in ("bad", "good"):
+        recorder.start(name, SpanKind.CLIENT, {}).end_soon()  # no loop runs: at once
+    assert [s.name for s in exported.get_finished_spans()] == ["bad", "good"]
+    assert "a span processor failed on span 'bad'" in caplog.text
