@@ -205,7 +205,7 @@ class Engine:
             _uncancel()
         finally:
             _annotate(span, reply, route)
-            span.end()
+            span.end_soon()  # to the exporter with the turn's other spans, in one hand-off
         return reply
 
     async def audit_again(self, inbound: Inbound, reply: CompletionReply) -> None:
