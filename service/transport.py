@@ -62,6 +62,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
+from service.loop import Timeout, Timeouts
 from service.natsio import fast_path, measured, publish_later, publish_now
 from service.streaming import StreamLimits
 
@@ -283,7 +284,7 @@ class _Inbox:
     and is dropped. A streaming attempt's chunks come to <prefix>.<token>.c and its reply to
     <prefix>.<token>, both to its ProviderStream."""
 
-    __slots__ = ("_nc", "_streams", "_sub", "_tokens", "_waiting", "prefix")
+    __slots__ = ("_nc", "_streams", "_sub", "_timeouts", "_tokens", "_waiting", "prefix")
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
@@ -294,6 +295,7 @@ class _Inbox:
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._streams: dict[str, ProviderStream] = {}
         self._sub: Subscription | None = None
+        self._timeouts = Timeouts()  # every attempt's timeout on one loop timer
 
     async def start(self) -> None:
         if self._sub is None:
@@ -341,24 +343,23 @@ class _Inbox:
         timeout_s: float,
         headers: dict[str, str],
         block: bytes | None = None,
-    ) -> tuple[str, asyncio.Future[Msg], asyncio.TimerHandle, bool]:
+    ) -> tuple[str, asyncio.Future[Msg], Timeout, bool]:
         """Send one request (started: see NatsTransport.ask_provider): its token, the future
-        its reply (or, after timeout_s, NatsTimeoutError) comes to, its timer (for `close`),
+        its reply (or, after timeout_s, NatsTimeoutError) comes to, its timeout (for `close`),
         and whether it went out; when not (the fast path cannot take it), the caller publishes
         it through nats-py to prefix + token."""
         token = self._tokens.next()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
-        timer = loop.call_later(timeout_s, _expire, future)
+        timer = self._timeouts.call_later(timeout_s, _expire, future)
         sent = fast_path(self._nc).publish(
             subject, payload, self.prefix + token, headers, block, urgent=True
         )
         return token, future, timer, sent
 
-    def close(self, token: str, timer: asyncio.TimerHandle) -> None:
+    def close(self, token: str, timer: Timeout) -> None:
         """A request is over (answered, timed out or cancelled): a late reply finds nothing."""
-        timer.cancel()
+        self._timeouts.cancel(timer)
         self._waiting.pop(token, None)
 
 

@@ -188,3 +188,92 @@ async def test_inside_another_task_a_request_waits_for_the_loop_s_next_turn():
     assert ran == []
     await task
     assert ran == [True]
+
+
+# ---- Timeouts: many calls' timeouts on one loop timer ----------------------------------------
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_timeouts_fire_in_time_order_and_a_cancelled_one_never_does(factory):
+    async def scenario() -> list[str]:
+        timeouts, fired, done = loop.Timeouts(), [], asyncio.Event()
+        running = asyncio.get_running_loop()
+
+        def note(name: str) -> None:
+            fired.append(name)
+            if name == "last":
+                done.set()
+
+        timeouts.call_later(0.05, note, "last")
+        started = running.time()
+        timeouts.call_later(0.02, note, "second")
+        cancelled = timeouts.call_later(0.01, note, "cancelled")
+        timeouts.call_later(0.01, note, "first")  # sooner than the timer set for "last"
+        timeouts.cancel(cancelled)
+        timeouts.cancel(cancelled)  # twice: nothing more
+        await asyncio.wait_for(done.wait(), 10)
+        assert running.time() - started >= 0.05 - 0.001  # the loop's clock counts ms on uvloop
+        return fired
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(scenario()) == ["first", "second", "last"]
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_one_hung_call_does_not_keep_the_cancelled_timeouts_behind_it(factory):
+    """Calls mostly end in the order they started; one that hangs sits at the heap's top and
+    keeps every later entry from leaving by the top. They go all at once when most are dead."""
+
+    async def scenario() -> None:
+        timeouts = loop.Timeouts()
+        hung = timeouts.call_later(30, print, "never")
+        for _ in range(10):
+            for entry in [timeouts.call_later(30, print, "never") for _ in range(100)]:
+                timeouts.cancel(entry)
+            assert len(timeouts) <= 1 + 2 * 65
+        timeouts.cancel(hung)
+        assert len(timeouts) == 0
+        ended = [timeouts.call_later(30, print, "never") for _ in range(100)]
+        for entry in ended:  # ended in the order they started: each leaves at once
+            timeouts.cancel(entry)
+            assert len(timeouts) == 100 - ended.index(entry) - 1
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+def test_a_timeout_whose_callback_fails_does_not_stop_the_others(caplog):
+    async def scenario() -> list[str]:
+        timeouts, fired, done = loop.Timeouts(), [], asyncio.Event()
+
+        def broken(_: object) -> None:
+            raise RuntimeError("a bug")
+
+        timeouts.call_later(0, broken, None)
+        timeouts.call_later(0, fired.append, "after it")
+        timeouts.call_later(0.001, lambda _: done.set(), None)
+        await asyncio.wait_for(done.wait(), 10)
+        return fired
+
+    assert loop.run(scenario()) == ["after it"]
+    assert "a timeout's callback failed" in caplog.text
+
+
+def test_timeouts_follow_the_loop_that_runs_them():
+    """One Timeouts made once (a worker's, a dispatcher's inbox) and used on a later loop (a
+    test's next asyncio.run): the later loop's timeouts fire; the first loop's are gone."""
+    timeouts = loop.Timeouts()
+
+    async def one(delay_s: float) -> str:
+        got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        timeouts.call_later(delay_s, got.set_result, "fired")
+        return await asyncio.wait_for(got, 10)
+
+    assert loop.run(one(0)) == "fired"
+
+    async def leave_one() -> None:
+        timeouts.call_later(60, print, "never")
+
+    loop.run(leave_one())
+    assert loop.run(one(0.001)) == "fired"
+    assert len(timeouts) == 0

@@ -45,7 +45,7 @@ from schemas.subjects import (
 from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.discovery import Tally
-from service.loop import start_now
+from service.loop import Timeouts, start_now
 from service.natsio import (
     LIGHT,
     ensure_subscribed,
@@ -91,6 +91,7 @@ class WorkerRuntime:
         self._expired_warned_at: float | None = None  # see _drop_expired
         self._expired_since_warning = 0
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
+        self._timeouts = Timeouts()  # every call's deadline timer (_Expiry) on one loop timer
         self._what = f"{name}'s reply"  # what a log line calls a reply it could not send
         # Span name and attributes per model (spans copy the attributes).
         self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
@@ -310,7 +311,7 @@ class WorkerRuntime:
         span = self.spans.start(name, SpanKind.CLIENT, attributes, telemetry.remote_parent(headers))
         # The provider gets the time left before the dispatcher's deadline, and no more: a
         # call nobody waits for is cancelled, not left running (and billing).
-        expiry = _Expiry(timeout_s)
+        expiry = _Expiry(timeout_s, self._timeouts)
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
         token = context.attach(span.as_context())
         stream_to = headers.get(STREAM_TO) if headers else None
@@ -413,19 +414,21 @@ def _uncancel() -> None:
 
 
 class _Expiry:
-    """Cancels the current task after `timeout_s`: asyncio.timeout's job with one timer and
-    none of its bookkeeping, which was about a tenth of a worker's CPU per request (py-spy).
-    `was_ours()` tells, on CancelledError, whether the cancel was this timer's alone."""
+    """Cancels the current task after `timeout_s`: asyncio.timeout's job with one entry of the
+    worker's shared Timeouts and none of its bookkeeping, which was about a tenth of a
+    worker's CPU per request (py-spy). `was_ours()` tells, on CancelledError, whether the
+    cancel was this timer's alone."""
 
-    __slots__ = ("_cancelling", "_task", "_timer", "expired")
+    __slots__ = ("_cancelling", "_task", "_timeouts", "_timer", "expired")
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, timeouts: Timeouts) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
-        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+        self._timeouts = timeouts
+        self._timer = timeouts.call_later(timeout_s, _Expiry._expire, self)
 
     def _expire(self) -> None:
         self.expired = True
@@ -440,4 +443,4 @@ class _Expiry:
         return self._task.cancelling() > self._cancelling
 
     def stop(self) -> None:
-        self._timer.cancel()
+        self._timeouts.cancel(self._timer)
