@@ -151,6 +151,7 @@ class _Started(Coroutine[Any, Any, Any]):
 
 
 Timeout = list[Any]  # what Timeouts.call_later returns, for its cancel
+_EARLY = 0.0005  # s: how soon before its time an entry fires (see Timeouts)
 
 
 class Timeouts:
@@ -165,9 +166,12 @@ class Timeouts:
     mostly end in the order they started), or all at once when they are most of it, so a
     call that hangs does not keep the others' entries alive.
 
-    An entry fires when the loop's clock has reached its time, as a loop timer of its own
-    would (uvloop's clock counts milliseconds). One Timeouts serves one event loop: made
-    again when it finds another running (a test's next loop)."""
+    An entry fires when the loop's clock is within half a millisecond of its time, as a loop
+    timer of its own would on uvloop (whose clock counts milliseconds, and which rounds a
+    delay to them); waiting for the clock to pass it exactly would add up to a millisecond
+    (the clock's step), and a time a float's rounding put a hair after a tick another one.
+    One Timeouts serves one event loop: made again when it finds another running (a test's
+    next loop)."""
 
     __slots__ = ("_dead", "_heap", "_loop", "_order", "_timer", "_timer_at")
 
@@ -220,10 +224,10 @@ class Timeouts:
         self._timer, self._timer_at = None, math.inf
         heap = self._heap
         assert self._loop is not None
-        now = self._loop.time()
+        due = self._loop.time() + _EARLY
         while heap:
             entry = heap[0]
-            if entry[2] is not None and entry[0] > now:
+            if entry[2] is not None and entry[0] > due:
                 self._arm(entry[0])
                 return
             heapq.heappop(heap)
