@@ -153,7 +153,8 @@ async def stop_taking(sub: Subscription) -> None:
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
-# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats;
+# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats; Msg's fields
+# and their order (_MSG_FIELDS);
 # Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer.
@@ -163,6 +164,8 @@ async def stop_taking(sub: Subscription) -> None:
 # Future per call.
 
 NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
+# nats.aio.msg.Msg's dataclass fields in order, which `_FastParser._message` fills positionally.
+_MSG_FIELDS = ("_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid")
 
 
 def fast_path(nc: Client) -> FastPath:
@@ -466,17 +469,13 @@ class _FastParser(Parser):
             if headers is None:
                 return None
         reply = line[3] if len(line) == (6 if line[0] == b"HMSG" else 5) else b""
-        data = body[hsize:]
-        nc.stats["in_msgs"] += 1
-        nc.stats["in_bytes"] += len(data)
-        return nc.msg_class(
-            subject=line[1].decode(),
-            reply=reply.decode(),
-            data=data,
-            headers=headers,
-            _client=nc,
-            _sid=sid,
-        )
+        data = body[hsize:] if hsize else body
+        stats = nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        # Positionally, in Msg's field order (_MSG_FIELDS): a dataclass's __init__ is Python,
+        # and matching six keywords cost half of it.
+        return nc.msg_class(nc, line[1].decode(), reply.decode(), data, headers, None, False, sid)
 
 
 class _DirectReader(asyncio.Protocol):

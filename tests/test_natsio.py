@@ -6,6 +6,7 @@ nats-py upgrade cannot quietly turn the fast path off (or break it)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 
 import nats
@@ -35,6 +36,8 @@ def test_the_internals_the_adapter_relies_on_are_there():
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
     assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
+    # A fast-path Msg is made with positional arguments, in the dataclass's field order.
+    assert tuple(field.name for field in dataclasses.fields(nc.msg_class)) == natsio._MSG_FIELDS
     # The direct reader: what nats-py's TCP transport keeps, and what a StreamReader buffers.
     from nats.aio.transport import TcpTransport
 
