@@ -764,15 +764,20 @@ class _Run:
     def succeed(self, outcome: Outcome, retry: int) -> ChainResult:
         target, answer = outcome.target, outcome.reply
         assert isinstance(answer, ProviderOk)
-        won = Attempt(
+        won = Attempt(  # positional, in field order: once per request (see engine._reply)
             target.provider,
             answer.model or target.model,
             "ok",
             outcome.latency_ms,
-            target=target.name,
-            retry=retry,
-            hedge=outcome.hedge,
-            chunks=outcome.streamed,
+            None,  # error_type
+            None,  # status_code
+            None,  # message
+            target.name,
+            retry,
+            None,  # reason
+            None,  # next
+            outcome.hedge,
+            outcome.streamed,  # chunks
         )
         lost = outcome.cancelled
         if lost:
