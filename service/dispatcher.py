@@ -95,6 +95,9 @@ class Dispatcher:
         self.stream_tally = Tally()
 
     async def start(self) -> None:
+        # Requests come on this loop (the subscriptions below): their tasks are made on it
+        # without asyncio.create_task's lookup, a system call per request on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         await self.health.start()
         await self.transport.start()
         nc = self.transport.nc
@@ -184,7 +187,7 @@ class Dispatcher:
         inbound, respond, refused, sink = self._front(msg, arrived, stream)
         serve = self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
         # Light traffic: the plan and the attempt's publish run in this read (see start_now).
-        task = start_now(serve) if len(self._tasks) < LIGHT else asyncio.create_task(serve)
+        task = start_now(serve) if len(self._tasks) < LIGHT else self._loop.create_task(serve)
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
         if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
             key = None  # a key names one request in flight; a reused one stops none

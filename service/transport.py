@@ -349,7 +349,7 @@ class _Inbox:
         and whether it went out; when not (the fast path cannot take it), the caller publishes
         it through nats-py to prefix + token."""
         token = self._tokens.next()
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Msg] = self._timeouts.loop().create_future()
         self._waiting[token] = future
         timer = self._timeouts.call_later(timeout_s, _expire, future)
         sent = fast_path(self._nc).publish(

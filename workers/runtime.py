@@ -154,7 +154,7 @@ class WorkerRuntime:
             # (sniffio) finds its event loop by it.
             task = start_now(handle, asks_current_task=True)
         else:
-            task = asyncio.create_task(handle)
+            task = self._timeouts.loop().create_task(handle)  # the loop, without a system call
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
         task.add_done_callback(self._finished)
@@ -422,7 +422,7 @@ class _Expiry:
     __slots__ = ("_cancelling", "_task", "_timeouts", "_timer", "expired")
 
     def __init__(self, timeout_s: float, timeouts: Timeouts) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(timeouts.loop())
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
