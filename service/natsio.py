@@ -153,8 +153,8 @@ async def stop_taking(sub: Subscription) -> None:
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
-# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats; Msg's fields
-# and their order (_MSG_FIELDS);
+# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats, ._status (the
+# states in which a publish goes out: _OPEN); Msg's fields and their order (_MSG_FIELDS);
 # Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer.
@@ -166,6 +166,8 @@ async def stop_taking(sub: Subscription) -> None:
 NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
 # nats.aio.msg.Msg's dataclass fields in order, which `_FastParser._message` fills positionally.
 _MSG_FIELDS = ("_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid")
+# The connection states in which nats-py publishes (is_connected and not is_draining_pubs).
+_OPEN = (Client.CONNECTED, Client.DRAINING_SUBS)
 
 
 def fast_path(nc: Client) -> FastPath:
@@ -266,7 +268,7 @@ class FastPath:
         direct reader, the dispatcher and the worker spent about a tenth more CPU per request at
         64 in flight, in bench-ab: the reads no longer told busy from idle.)"""
         nc = self.nc
-        if not self.enabled or not nc.is_connected or nc.is_draining_pubs:
+        if not self.enabled or nc._status not in _OPEN:  # read as is: two properties cost more
             return False  # nats-py buffers through a reconnect, or refuses while draining
         if headers and block is None:
             block = header_block(headers)

@@ -36,6 +36,13 @@ def test_the_internals_the_adapter_relies_on_are_there():
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
     assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
+    # The fast path publishes in the states nats-py's own publish does, read from _status.
+    states = [v for k, v in vars(Client).items() if k.isupper() and isinstance(v, int)]
+    assert Client.CONNECTED in states and Client.DRAINING_SUBS in states
+    for state in states:
+        nc._status = state
+        assert (nc.is_connected and not nc.is_draining_pubs) == (state in natsio._OPEN), state
+    nc._status = Client.DISCONNECTED
     # A fast-path Msg is made with positional arguments, in the dataclass's field order.
     assert tuple(field.name for field in dataclasses.fields(nc.msg_class)) == natsio._MSG_FIELDS
     # The direct reader: what nats-py's TCP transport keeps, and what a StreamReader buffers.
