@@ -471,7 +471,7 @@ class _FastParser(Parser):
             if headers is None:
                 return None
         reply = line[3] if len(line) == (6 if line[0] == b"HMSG" else 5) else b""
-        data = body[hsize:] if hsize else body
+        data = body[hsize:]
         stats = nc.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)

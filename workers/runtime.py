@@ -100,6 +100,9 @@ class WorkerRuntime:
         )  # scrubbed from every message
 
     async def start(self) -> None:
+        # Calls come on this loop (the subscriptions below): their tasks are made on it
+        # without asyncio.create_task's lookup, a system call per call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         path = fast_path(self.nc)
         path.in_flight = self._tasks.__len__  # light traffic: replies go at once
         self._sub = await path.subscribe(
@@ -154,7 +157,7 @@ class WorkerRuntime:
             # (sniffio) finds its event loop by it.
             task = start_now(handle, asks_current_task=True)
         else:
-            task = self._timeouts.loop().create_task(handle)  # the loop, without a system call
+            task = self._loop.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
         task.add_done_callback(self._finished)
