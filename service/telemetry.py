@@ -462,7 +462,7 @@ class SpanRecorder:
         self.resource = resource
         self.processor = processor
         self.scope = scope
-        # Shared with Tracing, as `starters` is; without it, the processor's own on_end.
+        # Shared with Tracing, as `starters` is; without it, the one processor's hand-off.
         self.enders = enders if enders is not None else [hand_off(processor)]
         # Shared with Tracing: sees processors added later.
         self.starters = starters if starters is not None else []
@@ -707,8 +707,8 @@ class LiteSpan(ReadableSpan):
     def end_soon(self) -> None:
         """End the span now, and hand it to the processors (queue it for export) at the end of
         this event-loop turn: after the reply the turn sends, which would otherwise wait for
-        that work. A worker's span and a dispatcher's attempt span end this way, on a
-        request's critical path."""
+        that work. A worker's span and a dispatcher's spans end this way: the reply goes
+        first, and the turn's spans are handed over together (`hand_off`)."""
         if self.recording:
             self._end_time = time.time_ns()
             self.recorder.emit_soon(self)

@@ -281,8 +281,8 @@ class _Inbox:
     attempt waits on a future with a timeout, an entry of the inbox's Timeouts (nats-py's
     request() makes a random token, a done-callback and an asyncio.wait_for per call, which
     cost a tenth of the dispatcher's CPU at 64 in flight). A reply after its attempt gave up
-    finds no future and is dropped. A streaming attempt's chunks come to <prefix>.<token>.c and its reply to
-    <prefix>.<token>, both to its ProviderStream."""
+    finds no future and is dropped. A streaming attempt's chunks come to
+    <prefix>.<token>.c and its reply to <prefix>.<token>, both to its ProviderStream."""
 
     __slots__ = ("_nc", "_streams", "_sub", "_timeouts", "_tokens", "_waiting", "prefix")
 
