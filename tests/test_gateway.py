@@ -464,6 +464,44 @@ async def test_no_dispatcher_is_503(nats_url):
         await nc.close()
 
 
+async def test_a_dispatcher_that_never_answers_is_504_and_the_request_is_aborted(
+    nats_url, monkeypatch
+):
+    """A dispatcher that took the request and died: the gateway gives up after the request's
+    timeout and its grace, answers 504, and aborts the request with the key it sent it with."""
+    monkeypatch.setattr("service.gateway._GRACE_S", 0.2)
+    taken: list[str] = []
+    aborted: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    nc = await nats.connect(nats_url)
+    silent = await nats.connect(nats_url)  # takes requests and answers none
+
+    async def take(msg: Any) -> None:
+        taken.append(msg.headers["Lifeline-Abort-Key"])
+
+    async def abort(msg: Any) -> None:
+        aborted.set_result(msg.data)
+
+    await silent.subscribe("llm.complete", cb=take)
+    await silent.subscribe("llm.abort", cb=abort)
+    await silent.flush()
+    gw = Gateway(nc)
+    await gw.start(port=0)
+    try:
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            answer = await client.post(
+                "/chat/completions", json=chat(), headers={"x-lifeline-timeout-s": "0.1"}
+            )
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["type"] == "timeout_error"
+        assert "no answer from Lifeline within 0.3 s" in answer.json()["error"]["message"]
+        assert await asyncio.wait_for(aborted, 5) == taken[0].encode()
+        assert not gw.inbox.waiting  # nothing left behind for the answer that never came
+    finally:
+        await gw.stop()
+        await nc.close()
+        await silent.close()
+
+
 async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
     nc = await nats.connect(nats_url)
     gw = Gateway(nc, keys=["sekret"])
