@@ -19,6 +19,11 @@ from collections.abc import Callable
 
 Clock = Callable[[], float]
 
+# Less time than this left is no time for a call: no provider is asked and answers in it, and
+# event-loop timers (uvloop's, service.loop.Timeouts) fire up to half a millisecond early, so
+# an attempt cut at the deadline can end a hair before it. A deadline this close has passed.
+MIN_CALL_S = 0.001
+
 
 class Deadline:
     """A point in time after which nobody waits for an answer."""
@@ -69,7 +74,8 @@ class Deadline:
         return self.at - (time.monotonic() if now is None else now)
 
     def passed(self, now: float | None = None) -> bool:
-        return self.left_s(now) <= 0
+        """Whether too little is left for a call: less than MIN_CALL_S counts as passed."""
+        return self.left_s(now) < MIN_CALL_S
 
     def sooner(self, other: Deadline) -> Deadline:
         return self if self.at <= other.at else other

@@ -48,7 +48,7 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 
 from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
-from schemas.deadline import Deadline
+from schemas.deadline import MIN_CALL_S, Deadline
 from schemas.wire import (
     ALL_FAILED,
     DEADLINE_EXCEEDED,
@@ -387,8 +387,8 @@ class _Run:
                 return Skip(*reason)
         limits, health = self.limits, self.health
         # The common step decided here, then out_of_room and breaker for anything else: time
-        # and attempts left, and no breaker, or a closed one.
-        if self.physical < limits.max_attempts and limits.deadline.at > self.clock():
+        # and attempts left (Deadline.passed, inline), and no breaker, or a closed one.
+        if self.physical < limits.max_attempts and limits.deadline.at - self.clock() >= MIN_CALL_S:
             if health is None or target.breaker is None:
                 return _CALL
             state = health.targets.get(target.health_key)

@@ -204,6 +204,20 @@ async def test_a_target_that_cannot_start_before_the_deadline_is_not_called():
     ]
 
 
+async def test_a_timeout_cut_at_the_deadline_that_fired_a_hair_early_starts_no_other_call():
+    """Event-loop timers fire up to half a millisecond early: an attempt cut at the deadline may
+    end just before it. What is left then is no time for a call: the request's deadline has
+    passed, not every target failed."""
+    replies = {"a": fail("timeout"), "b": ok()}
+    result, script = await run(replies, took={"a": 9.9995}, deadline_in=10.0, timeouts={"a": 10.0})
+    assert script.called == ["a"]
+    assert result.error is not None and result.error.type == "deadline_exceeded"
+    assert [(a.target, a.outcome, a.reason) for a in result.attempts] == [
+        ("a", "timeout", None),
+        ("b", "skipped", "deadline"),
+    ]
+
+
 async def test_a_deadline_already_past_calls_nobody():
     result, script = await run({"a": ok()}, deadline_in=-1.0)
     assert script.calls == []
