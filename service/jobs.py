@@ -13,8 +13,10 @@
              absent, and only then is the job acknowledged: a dispatcher killed before the ack
              leaves the job to be delivered again after ack_wait_s, and a delivery that finds a
              result already stored (or a repeat of the id after the dedup window) is
-             acknowledged without a provider call. A job with a Lifeline-Notify header also gets
-             its reply published on that subject
+             acknowledged without a provider call. A store that fails while the bucket is
+             unreachable (a node restarting) is tried again for a while, the answer held, so
+             a blip does not cost a second provider call. A job with a Lifeline-Notify header
+             also gets its reply published on that subject
     bounds   an invalid job gets an error result at once, never a redelivery; a failure of this
              front end itself (a bug, the results bucket unreachable) is retried after a delay,
              and its last delivery (jobs.max_deliver) goes to llm.jobs.dead with the error in
@@ -57,6 +59,26 @@ _OP_TIMEOUT_S = 5.0
 _MAX_ASKED_ID = 4096  # bytes of an id asked for on llm.jobs.result (a header-only id may be long)
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
+# How long a job's answer is held while the results bucket cannot be reached, and the waits
+# between tries: a node restarting and its streams electing a leader take a few seconds.
+_STORE_PATIENCE_S = 30.0
+_STORE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+# What a bucket answers while it is briefly unreachable (other errors are not waited out).
+_UNREACHABLE = (
+    TimeoutError,  # nats-py's own TimeoutError is one too
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+class _NotStored(Exception):
+    """A job answered whose result could not be stored: it is delivered again."""
+
+
+_BUCKET_TROUBLE = (_NotStored, *_UNREACHABLE)  # a job failed by these is no bug
 
 
 def job_id_of(msg: Msg) -> str:
@@ -193,12 +215,24 @@ class Jobs:
         try:
             await self._answer(msg, arrived)
         except Exception as exc:
-            if msg.metadata.num_delivered < self.settings.max_deliver:
-                log.exception("jobs: bug while handling a job; it is delivered again later")
-                await _quietly(msg.nak(delay=_RETRY_DELAY_S))
-            else:
+            last = msg.metadata.num_delivered >= self.settings.max_deliver
+            if isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
+                log.warning(
+                    "jobs: job %r not answered (%r); %s",
+                    job_id_of(msg),
+                    exc,
+                    "its last delivery: dead-lettered"
+                    if last
+                    else f"it is delivered again in {_RETRY_DELAY_S:g} s",
+                )
+            elif last:
                 log.exception("jobs: bug while handling a job, its last delivery: dead-lettered")
+            else:
+                log.exception("jobs: bug while handling a job; it is delivered again later")
+            if last:
                 await self._dead_letter(msg, exc)
+            else:
+                await _quietly(msg.nak(delay=_RETRY_DELAY_S))
         finally:
             heartbeat.cancel()
 
@@ -232,7 +266,7 @@ class Jobs:
 
         async def keep(reply: CompletionReply) -> CompletionReply:
             try:
-                result = await self._keep(key, reply)
+                result = await self._keep_patiently(key, reply)
             except Exception as exc:  # the bucket's errors are many types
                 if msg.metadata.num_delivered < self.settings.max_deliver:
                     # Not stored: the job is delivered again, and that delivery audits what
@@ -253,7 +287,7 @@ class Jobs:
             self.tally.errors += 1
             self.tally.last_error = reply.error.type
         if not kept:  # the engine logs what `keep` raised and audits nothing: never ack then
-            raise RuntimeError("the job's result could not be stored (see the log above)")
+            raise _NotStored("its result could not be stored (see the log above)")
         self.handled += 1
         await msg.ack()
 
@@ -264,6 +298,30 @@ class Jobs:
         except nats.js.errors.KeyNotFoundError:
             return None
         return entry.value
+
+    async def _keep_patiently(self, key: str, reply: CompletionReply) -> CompletionReply:
+        """`_keep`, tried again while the bucket is unreachable (up to _STORE_PATIENCE_S; the
+        job's heartbeat holds it meanwhile): the provider's answer is in hand, and giving up
+        at once would have the job delivered again and the provider paid a second time. A
+        try that timed out may have stored it after all: the next finds it there."""
+        give_up, tries = time.monotonic() + _STORE_PATIENCE_S, 0
+        while True:
+            try:
+                return await self._keep(key, reply)
+            except _UNREACHABLE as exc:
+                wait_s = _STORE_BACKOFF_S[min(tries, len(_STORE_BACKOFF_S) - 1)]
+                if time.monotonic() + wait_s > give_up:
+                    raise
+                if tries == 0:
+                    log.warning(
+                        "jobs: the result of %r cannot be stored yet (%r); trying again for up "
+                        "to %g s",
+                        reply.id,
+                        exc,
+                        _STORE_PATIENCE_S,
+                    )
+                await asyncio.sleep(wait_s)
+                tries += 1
 
     async def _keep(self, key: str, reply: CompletionReply) -> CompletionReply:
         """Store `reply` unless a result is stored already (the first one stays); what is

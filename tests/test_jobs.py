@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.api
 import nats.js.errors
 import pytest
@@ -264,9 +265,9 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
 
 async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, client, monkeypatch):
     """The engine logs a failure to deliver and goes on; a job must not be acked then, or a
-    results bucket that timed out once would lose it for good. That delivery audits nothing:
-    the delivery that stores the result audits it, and that is the one event the audit stream
-    keeps for the job."""
+    results bucket that stayed unreachable past the dispatcher's patience would lose it for
+    good. That delivery audits nothing: the delivery that stores the result audits it, and
+    that is the one event the audit stream keeps for the job."""
     from service import jobs
 
     real_keep, failures = jobs.Jobs._keep, []
@@ -279,6 +280,7 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
 
     monkeypatch.setattr(jobs.Jobs, "_keep", flaky_keep)
     monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    monkeypatch.setattr(jobs, "_STORE_PATIENCE_S", 0.0)  # no waiting it out: given up at once
     await lifeline(config({"main": fake()}))
     await submit(client, job("kept-later"), "kept-later")
     reply = await result_of(client, "kept-later")  # stored on its second delivery
@@ -287,6 +289,53 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
     events = await kept_audit_events(client)
     assert [(e.id, e.trace_id) for e in events] == [("kept-later", reply.trace_id)]
     assert failures and failures[0][1].trace_id != reply.trace_id  # two runs, two traces
+
+
+async def test_an_answer_is_held_while_the_results_bucket_is_briefly_unreachable_not_paid_again(
+    lifeline, client, monkeypatch
+):
+    """A node restarting, or its results stream electing a new leader, makes stores fail for a
+    few seconds. The provider's answer is in hand then: the dispatcher tries the store again
+    (its heartbeat holding the job) instead of having the job delivered again and the
+    provider called, and paid, a second time. Anything else the bucket says is not waited
+    out."""
+    from service import jobs
+
+    real_keep, tries = jobs.Jobs._keep, []
+
+    async def unreachable_twice(self: Any, key: str, reply: Any) -> Any:
+        tries.append(reply.trace_id)
+        if len(tries) == 1:
+            raise nats.js.errors.NoStreamResponseError
+        if len(tries) == 2:
+            raise nats.errors.TimeoutError
+        return await real_keep(self, key, reply)
+
+    monkeypatch.setattr(jobs.Jobs, "_keep", unreachable_twice)
+    monkeypatch.setattr(jobs, "_STORE_BACKOFF_S", (0.05,))
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("held"), "held")
+    reply = await result_of(client, "held")
+    assert reply.status == "ok" and tries == [reply.trace_id] * 3  # one provider call's answer
+    assert await _waiting_jobs(client) == 0  # acknowledged
+    consumer = await client.jetstream().consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    assert consumer.delivered.consumer_seq == 1  # never delivered again
+    events = await kept_audit_events(client)
+    assert [(e.id, e.trace_id) for e in events] == [("held", reply.trace_id)]
+
+    tries.clear()  # a bucket that refuses (not unreachable) is not waited out
+
+    async def refused(self: Any, key: str, reply: Any) -> Any:
+        tries.append(reply.trace_id)
+        if len(tries) == 1:
+            raise nats.js.errors.BadRequestError(description="refused")
+        return await real_keep(self, key, reply)
+
+    monkeypatch.setattr(jobs.Jobs, "_keep", refused)
+    await submit(client, job("refused-once"), "refused-once")
+    reply = await result_of(client, "refused-once")
+    assert len(tries) == 2 and tries[0] != tries[1] == reply.trace_id  # delivered again
 
 
 async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, monkeypatch):
@@ -368,8 +417,6 @@ async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lif
     """The durable consumer outlives dispatchers: one made by an earlier config keeps its
     ack_wait and max_deliver unless updated, while heartbeats and dead letters follow the
     config (a job could then be redelivered while it runs, or never dead-lettered)."""
-    import nats.js.api
-
     from service.jobstore import ensure_jobs
 
     js = client.jetstream()
