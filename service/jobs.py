@@ -46,7 +46,7 @@ from schemas.wire import encoder, reply_decoder, salvage_id
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound
-from service.jobstore import ensure_jobs
+from service.jobstore import ensure_jobs, jetstream_hint
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.transport import ClientStream, fitted
@@ -113,8 +113,7 @@ class Jobs:
         problem = await self._setup()
         if problem is not None:
             log.warning(
-                "jobs: not taking jobs on %s yet (%s); trying again every %g s. "
-                "Is JetStream on (nats-server -js)?",
+                "jobs: not taking jobs on %s yet (%s); trying again every %g s",
                 subjects.JOBS_SUBMIT,
                 problem,
                 _SETUP_RETRY_S,
@@ -138,7 +137,7 @@ class Jobs:
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")
+            return jetstream_hint(exc, self.replicas)
         if self._results_sub is None:
             self._results_sub = await self.nc.subscribe(
                 subjects.JOBS_RESULT, queue=subjects.JOBS_RESULT_QUEUE, cb=self._on_result_asked

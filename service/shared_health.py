@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from service.health import CLOSED, OPEN, BreakerState, Health
+from service.jobstore import jetstream_hint
 from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
@@ -179,9 +180,10 @@ class BucketStore:
         if self.kv is not None or self.problem == "not connected yet":
             log.warning(
                 "shared health unavailable (bucket %s: %s); breakers use this dispatcher's own "
-                "view until it is back (is JetStream enabled on the NATS server?)",
+                "view until it is back",
                 self.bucket,
-                problem,
+                # It worked until now: a server restarting, or a cluster electing a leader.
+                problem if self.kv is not None else jetstream_hint(exc, self.replicas),
             )
         self.kv = None
         self.problem = problem

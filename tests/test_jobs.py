@@ -4,6 +4,7 @@ one result per id whatever is repeated or redelivered."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections import Counter
 from typing import Any
@@ -13,14 +14,14 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 import pytest
-from helpers import Service, config, fake, wait_for
+from helpers import Service, ask, config, fake, wait_for
 
 from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import read_events
 from service.config import AuditSettings, JobsSettings, parse_config
-from service.jobstore import ensure_jobs
+from service.jobstore import ensure_jobs, jetstream_hint
 
 
 def job(job_id: str, text: str = "hello", **fields: Any) -> bytes:
@@ -462,3 +463,43 @@ async def test_following_an_empty_audit_stream_waits_for_its_first_event(lifelin
     await submit(client, job("first-ever"), "first-ever")
     assert audit_decoder.decode(await asyncio.wait_for(first, 10)).id == "first-ever"
     await events.aclose()
+
+
+async def test_replicas_above_one_on_a_single_server_are_refused_with_what_to_do(
+    lifeline, client, caplog
+):
+    caplog.set_level(logging.WARNING, "lifeline")
+    await lifeline({**config({"main": fake()}), "jetstream": {"replicas": 3}})
+    said = [r.getMessage() for r in caplog.records]
+    needs = "jetstream.replicas (3) above 1 needs a NATS cluster: set it to 1 for a single server"
+    assert any("not taking jobs" in line and needs in line for line in said), said
+    assert any("shared health unavailable" in line and needs in line for line in said), said
+    reply = await ask(client, {"messages": [{"role": "user", "content": "hi"}]})  # served anyway
+    assert reply.status == "ok"
+
+
+def test_a_cluster_short_of_servers_for_the_replicas_is_named():
+    exc = nats.js.errors.BadRequestError(
+        code=400, err_code=10005, description="no suitable peers for placement"
+    )
+    assert jetstream_hint(exc, 3).endswith(
+        "fewer JetStream servers are up than jetstream.replicas (3) asks for: start the "
+        "others, or lower it"
+    )
+    assert "is JetStream on (nats-server -js)" in jetstream_hint(TimeoutError(), 1)
+
+
+async def test_a_jobs_stream_made_with_other_settings_is_used_as_it_is(lifeline, client):
+    js = client.jetstream()
+    await js.add_stream(
+        nats.js.api.StreamConfig(
+            name=JobsSettings().stream,
+            subjects=[subjects.JOBS_SUBMIT],
+            retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+            max_msgs=7,  # not the config's
+        )
+    )
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("on-their-stream"), "on-their-stream")
+    assert (await result_of(client, "on-their-stream")).status == "ok"
+    assert (await js.stream_info(JobsSettings().stream)).config.max_msgs == 7
