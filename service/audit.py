@@ -15,6 +15,7 @@ published while the stream is unavailable reaches only live subscribers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -23,11 +24,13 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 
 from schemas.subjects import AUDIT_ALL
+from service import jetstream
 from service.config import AuditSettings
 
 log = logging.getLogger("lifeline.audit")
 
 DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
+_SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be made
 
 
 async def read_events(
@@ -63,11 +66,11 @@ async def read_events(
 
 async def ensure_audit_stream(
     js: JetStreamContext, settings: AuditSettings, replicas: int = 1
-) -> bool:
-    """Create the audit stream (on `replicas` servers of a cluster) when missing; False (and a
-    log line) when it cannot be."""
+) -> str | None:
+    """Create the audit stream (on `replicas` servers of a cluster) when missing: None once it
+    is there or none is wanted, else what went wrong and what to do about it."""
     if not settings.stream:
-        return False
+        return None
     config = api.StreamConfig(
         name=settings.stream,
         subjects=[AUDIT_ALL],
@@ -81,13 +84,26 @@ async def ensure_audit_stream(
     )
     try:
         await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        pass  # it exists (perhaps with other limits): the operator's settings stand
     except Exception as exc:  # noqa: BLE001 - no JetStream answers with many types
-        log.warning(
-            "audit: events are not kept in a stream (%s: %s); run nats-server with JetStream",
-            type(exc).__name__,
-            exc,
-        )
-        return False
-    return True
+        if jetstream.exists_already(exc):  # perhaps with other limits: the operator's stand
+            return None
+        return jetstream.hint(exc, replicas)
+    return None
+
+
+async def keep_trying_audit_stream(
+    js: JetStreamContext, settings: AuditSettings, replicas: int, problem: str
+) -> None:
+    """After ensure_audit_stream said `problem`: try again every _SETUP_RETRY_S until the
+    stream is there (a cluster still electing its leaders, a JetStream turned on later).
+    Meanwhile events reach live subscribers only, and nobody keeps them: say so once."""
+    log.warning(
+        "audit: events are not kept in stream %s yet (%s); trying again every %g s",
+        settings.stream,
+        problem,
+        _SETUP_RETRY_S,
+    )
+    while problem is not None:
+        await asyncio.sleep(_SETUP_RETRY_S)
+        problem = await ensure_audit_stream(js, settings, replicas)
+    log.warning("audit: events are kept in stream %s from now on", settings.stream)

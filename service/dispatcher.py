@@ -33,13 +33,13 @@ from schemas.wire import (
     salvage_id,
 )
 from service import telemetry
-from service.audit import ensure_audit_stream
+from service.audit import ensure_audit_stream, keep_trying_audit_stream
 from service.config import Config
 from service.discovery import Tally
 from service.engine import Engine, Inbound, Respond
 from service.health import Health, LocalStore
 from service.jobs import Jobs
-from service.loop import start_now
+from service.loop import cancel_and_wait, start_now
 from service.memory import release_memory_soon
 from service.natsio import LIGHT, ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
@@ -89,6 +89,7 @@ class Dispatcher:
         # Waiting for their "overloaded": (message, arrival, streamed).
         self._refusals: deque[tuple[Msg, float, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
+        self._audit_setup: asyncio.Task[None] | None = None  # the audit stream not made yet
         self._subs: list[Subscription] = []
         # Figures for the NATS service API ($SRV.STATS, service/discovery.py).
         self.complete_tally = Tally()
@@ -110,7 +111,12 @@ class Dispatcher:
         # Every dispatcher hears every abort (no queue group): the one holding the request acts.
         self._abort_sub = await path.subscribe(subjects.ABORT, self._on_abort)
         await ensure_subscribed(nc)
-        await ensure_audit_stream(nc.jetstream(timeout=5), self.audit_settings, self.replicas)
+        js = nc.jetstream(timeout=5)
+        problem = await ensure_audit_stream(js, self.audit_settings, self.replicas)
+        if problem is not None:
+            self._audit_setup = asyncio.create_task(
+                keep_trying_audit_stream(js, self.audit_settings, self.replicas, problem)
+            )
         if self.jobs is not None:
             await self.jobs.start()
 
@@ -126,6 +132,9 @@ class Dispatcher:
             await stop_taking(sub)
         if self.jobs is not None:
             await self.jobs.stop(grace_s)
+        if self._audit_setup is not None:
+            await cancel_and_wait(self._audit_setup)
+            self._audit_setup = None
         waits = set(self._tasks)
         if self._refuser is not None:
             waits.add(self._refuser)

@@ -43,10 +43,11 @@ from nats.js.kv import KeyValue
 
 from schemas import CompletionReply, subjects
 from schemas.wire import encoder, reply_decoder, salvage_id
+from service import jetstream
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound
-from service.jobstore import ensure_jobs, jetstream_hint
+from service.jobstore import ensure_jobs
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.transport import ClientStream, fitted
@@ -137,7 +138,7 @@ class Jobs:
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
-            return jetstream_hint(exc, self.replicas)
+            return jetstream.hint(exc, self.replicas)
         if self._results_sub is None:
             self._results_sub = await self.nc.subscribe(
                 subjects.JOBS_RESULT, queue=subjects.JOBS_RESULT_QUEUE, cb=self._on_result_asked

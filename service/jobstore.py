@@ -1,8 +1,7 @@
 """The jobs stream and the results bucket, shaped in one place: dispatchers make them
 (service/jobs.py), and so do `lifeline submit` and the Python client (service/client.py)
-when no dispatcher has yet, so a job can wait for one; and what to do when JetStream will
-not make or serve them (`jetstream_hint`, for the health bucket too). Imports NATS and the
-wire only."""
+when no dispatcher has yet, so a job can wait for one. Imports NATS, the wire and
+service.jetstream only."""
 
 from __future__ import annotations
 
@@ -14,32 +13,9 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from schemas import subjects
+from service import jetstream
 
 log = logging.getLogger("lifeline.jobs")
-
-# JetStream's error codes (err_code) Lifeline tells apart.
-STREAM_NAME_IN_USE = 10058  # a stream of that name exists, with another configuration
-NO_SUITABLE_PEERS = 10005  # fewer servers up than the replicas asked for
-REPLICAS_NEED_CLUSTER = 10074  # replicas above 1 asked of a server not in a cluster
-
-
-def jetstream_hint(exc: BaseException, replicas: int) -> str:
-    """`exc`, from making or reaching a stream or bucket, with what to do about it."""
-    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
-    if getattr(exc, "err_code", None) == NO_SUITABLE_PEERS:
-        return (
-            f"{what}; fewer JetStream servers are up than jetstream.replicas ({replicas}) "
-            "asks for: start the others, or lower it"
-        )
-    if getattr(exc, "err_code", None) == REPLICAS_NEED_CLUSTER:
-        return (
-            f"{what}; jetstream.replicas ({replicas}) above 1 needs a NATS cluster: set it to "
-            "1 for a single server"
-        )
-    return (
-        f"{what}; is JetStream on (nats-server -js), and, on a cluster, are enough of its "
-        "servers up to elect leaders?"
-    )
 
 
 class JobsShape(Protocol):
@@ -74,7 +50,7 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != STREAM_NAME_IN_USE:  # not enough servers for the replicas, ...
+        if not jetstream.exists_already(exc):  # not enough servers for the replicas, ...
             raise
         log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
     try:

@@ -39,8 +39,8 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
+from service import jetstream
 from service.health import CLOSED, OPEN, BreakerState, Health
-from service.jobstore import jetstream_hint
 from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
@@ -183,7 +183,7 @@ class BucketStore:
                 "view until it is back",
                 self.bucket,
                 # It worked until now: a server restarting, or a cluster electing a leader.
-                problem if self.kv is not None else jetstream_hint(exc, self.replicas),
+                problem if self.kv is not None else jetstream.hint(exc, self.replicas),
             )
         self.kv = None
         self.problem = problem

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import logging
 
+import nats.js.api
+from helpers import USER_HELLO, ask, config, fake, settled, wait_for
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from helpers import USER_HELLO, ask, config, fake, settled
+from schemas.wire import audit_decoder
+from service.audit import read_events
+from service.config import AuditSettings
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
 
@@ -246,3 +250,45 @@ def test_the_engines_positional_builders_fill_every_field_by_its_name():
     failed = CompletionReply("rid", "error", error=ErrorInfo("timeout", "slow"))
     event = engine._audit_event(failed, None, 1)
     assert (event.error_type, event.route, event.tools_called) == ("timeout", None, [])
+
+
+async def test_an_audit_stream_that_cannot_be_made_at_start_is_made_once_it_can(
+    lifeline, client, caplog, monkeypatch
+):
+    """A dispatcher that cannot make the audit stream as it starts (a cluster still electing,
+    another stream on its subjects) says why and what to do, and keeps trying: it used to try
+    once, and its events were kept by nobody for good."""
+    from service import audit
+
+    monkeypatch.setattr(audit, "_SETUP_RETRY_S", 0.05)
+    caplog.set_level(logging.WARNING, "lifeline.audit")
+    js = client.jetstream()
+    await js.add_stream(nats.js.api.StreamConfig(name="SQUATTER", subjects=["llm.audit.>"]))
+    await lifeline(config({"main": fake()}))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "events are not kept in stream LIFELINE_AUDIT yet" in said
+    assert "another stream already takes these subjects: remove it" in said
+
+    await js.delete_stream("SQUATTER")
+
+    async def made() -> bool:
+        try:
+            await js.stream_info(AuditSettings().stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+
+    await wait_for(made, 5)
+    reply = await ask(client, {**USER_HELLO, "id": "kept"})
+
+    async def kept() -> list[str]:
+        return [
+            audit_decoder.decode(data).id
+            async for data in read_events(js, AuditSettings(), 0, False)
+        ]
+
+    await wait_for(kept, 5)
+    assert await kept() == ["kept"] and reply.status == "ok"
+    assert "events are kept in stream LIFELINE_AUDIT from now on" in " ".join(
+        r.getMessage() for r in caplog.records
+    )

@@ -21,7 +21,8 @@ from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import read_events
 from service.config import AuditSettings, JobsSettings, parse_config
-from service.jobstore import ensure_jobs, jetstream_hint
+from service.jetstream import hint as jetstream_hint
+from service.jobstore import ensure_jobs
 
 
 def job(job_id: str, text: str = "hello", **fields: Any) -> bytes:

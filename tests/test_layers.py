@@ -116,6 +116,7 @@ def test_the_python_client_loads_nats_and_the_wire_and_nothing_of_the_dispatcher
         "service",
         "service.client",
         "service.embedded",
+        "service.jetstream",
         "service.jobstore",
         "service.natsopts",
     }
