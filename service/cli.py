@@ -42,7 +42,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
-from service import client, discovery, logs, loop, natsopts, telemetry
+from service import client, discovery, jetstream, logs, loop, natsopts, telemetry
 from service.app import (
     Component,
     ConnectionWatch,
@@ -985,7 +985,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
             f"lifeline: could not submit the job on {redact_url(url)} "
-            f"({type(exc).__name__}: {exc}); is JetStream on (nats-server -js)?",
+            f"({jetstream.hint(exc, replicas)})",
             file=sys.stderr,
         )
         return 1

@@ -3,10 +3,12 @@
 The jobs stream and results bucket (service/jobstore.py), the audit stream (service/audit.py)
 and the shared health bucket (service/shared_health.py) are made when missing, by whichever
 process comes first; each says the same thing when JetStream will not make or serve them.
-Imports nothing of Lifeline's.
+Imports nats-py's errors and nothing of Lifeline's.
 """
 
 from __future__ import annotations
+
+import nats.js.errors
 
 # JetStream's error codes (an APIError's err_code), from nats-server's errors.json.
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists, with another configuration
@@ -23,7 +25,7 @@ def exists_already(exc: BaseException) -> bool:
 
 def hint(exc: BaseException, replicas: int) -> str:
     """`exc`, from making or reaching a stream or bucket, with what to do about it."""
-    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    what = _said(exc)
     code = getattr(exc, "err_code", None)
     if code == NO_SUITABLE_PEERS:
         return (
@@ -44,3 +46,11 @@ def hint(exc: BaseException, replicas: int) -> str:
         f"{what}; is JetStream on (nats-server -js), and, on a cluster, are enough of its "
         "servers up to elect leaders?"
     )
+
+
+def _said(exc: BaseException) -> str:
+    """What went wrong, in a line: an API error's own description (nats-py's str() of one is
+    "nats: BadRequestError: code=400 err_code=10005 description='...'", or "description='None'")."""
+    if isinstance(exc, nats.js.errors.APIError):
+        return f"{type(exc).__name__}: {exc.description}" if exc.description else type(exc).__name__
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")

@@ -27,6 +27,7 @@ from helpers import (
 
 from schemas import subjects
 from schemas.wire import audit_decoder
+from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 
 EXAMPLE = str(ROOT / "lifeline.example.toml")
@@ -187,6 +188,14 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert "backup:ok" in line
     latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
     assert '"id":"cli-job-1"' in latest.stdout
+
+
+def test_submit_to_a_server_without_jetstream_says_what_to_do():
+    with EmbeddedNats(port=-1, jetstream=False) as server:
+        submitted = run_lifeline("submit", "--nats-url", server.url, "hello")
+    assert submitted.returncode == 1
+    assert "could not submit the job" in submitted.stderr
+    assert "is JetStream on (nats-server -js)" in submitted.stderr
 
 
 def test_audit_skips_an_event_it_cannot_read_and_goes_on(running):
