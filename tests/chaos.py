@@ -212,18 +212,24 @@ async def publish_jobs(url: str, total: int, rate: float, accepted: set[str]) ->
 
 
 async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
-    """Every accepted job's result, read from the results bucket (until timeout_s)."""
+    """Every accepted job's result, read from the results bucket (until timeout_s). A node
+    killed near the end may leave the cluster electing leaders while this starts: it waits."""
     nc = await _connect(url)
-    kv = await nc.jetstream(timeout=5).key_value(JobsSettings().results_bucket)
+    kv = None
     results: dict[str, Any] = {}
     give_up = time.monotonic() + timeout_s
     while len(results) < len(ids) and time.monotonic() < give_up:
-        for job_id in sorted(ids - set(results)):
-            try:
-                entry = await kv.get(subjects.job_key(job_id))
-                results[job_id] = json.loads(entry.value)
-            except nats.js.errors.KeyNotFoundError:
-                pass
+        try:
+            if kv is None:
+                kv = await nc.jetstream(timeout=5).key_value(JobsSettings().results_bucket)
+            for job_id in sorted(ids - set(results)):
+                try:
+                    entry = await kv.get(subjects.job_key(job_id))
+                    results[job_id] = json.loads(entry.value)
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            print(f"chaos: reading results: {exc!r}; trying again", flush=True)
         if len(results) < len(ids):
             await asyncio.sleep(1)
     await nc.close()
@@ -321,7 +327,7 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
         }
 
 
-async def replicas(url: str) -> dict[str, int]:
+async def replicas(url: str, timeout_s: float = 30) -> dict[str, int]:
     """On how many servers each of Lifeline's streams and buckets is kept."""
     nc = await _connect(url)
     js = nc.jetstream(timeout=5)
@@ -331,8 +337,15 @@ async def replicas(url: str) -> dict[str, int]:
         AuditSettings().stream,
         "KV_" + DispatcherSettings().health_bucket,
     ]
+    give_up = time.monotonic() + timeout_s
     try:
-        return {name: (await js.stream_info(name)).config.num_replicas for name in streams}
+        while True:
+            try:
+                return {name: (await js.stream_info(name)).config.num_replicas for name in streams}
+            except (nats.errors.Error, nats.js.errors.Error):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(1)  # a cluster electing after the last kill
     finally:
         await nc.close()
 
