@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import nats.js.api
-from helpers import USER_HELLO, ask, config, fake, settled, wait_for
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from helpers import USER_HELLO, ask, config, fake, settled, wait_for
 from schemas.wire import audit_decoder
 from service.audit import read_events
 from service.config import AuditSettings
