@@ -98,7 +98,8 @@ async def keep_trying_audit_stream(
     stream is there (a cluster still electing its leaders, a JetStream turned on later).
     Meanwhile events reach live subscribers only, and nobody keeps them: say so once."""
     log.warning(
-        "audit: events are not kept in stream %s yet (%s); trying again every %g s",
+        "audit: events are not kept in stream %s yet (%s); trying again every %g s "
+        '(audit.stream = "" keeps no stream)',
         settings.stream,
         problem,
         _SETUP_RETRY_S,
