@@ -218,7 +218,7 @@ class Jobs:
             last = msg.metadata.num_delivered >= self.settings.max_deliver
             if isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
                 log.warning(
-                    "jobs: job %r not answered (%r); %s",
+                    "jobs: job %r not finished (%r); %s",
                     job_id_of(msg),
                     exc,
                     "its last delivery: dead-lettered"
