@@ -63,7 +63,7 @@ from schemas.errors import RESEND
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
-from service import natsopts
+from service import jetstream, natsopts
 from service.jobstore import ensure_jobs
 
 __all__ = [
@@ -444,8 +444,7 @@ class Lifeline:
             ) from None
         except Exception as exc:  # noqa: BLE001 - nats-py's JetStream errors are many types
             raise JobsUnavailable(
-                f"could not submit job {job_id!r} ({type(exc).__name__}: {exc}); "
-                "is JetStream on (nats-server -js)?"
+                f"could not submit job {job_id!r} ({jetstream.hint(exc, self.jobs_replicas)})"
             ) from None
         return Submitted(job_id, bool(ack.duplicate), ack.stream, ack.seq)
 

@@ -15,6 +15,7 @@ from schemas import ChatMessage, CompletionRequest, subjects
 from service.client import (
     JOBS_STREAM,
     RESULTS_BUCKET,
+    JobsUnavailable,
     Lifeline,
     NoDispatcher,
     RequestTooLarge,
@@ -23,6 +24,7 @@ from service.client import (
     request_of,
 )
 from service.config import JobsSettings
+from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 from service.natsopts import NatsOptionError
 
@@ -174,6 +176,13 @@ async def test_a_job_submitted_twice_is_kept_once_and_its_result_waited_for(
     other = await lifeline_client.submit(CompletionRequest([ChatMessage("user", "x")], id="j2"))
     assert other.job_id == "j2" and not other.duplicate
     assert (await lifeline_client.result("j2", wait_s=5)).content == "x"
+
+
+async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
+    with EmbeddedNats(port=-1, jetstream=False) as server:
+        async with Lifeline.connect(server.url, timeout_s=2) as client:
+            with pytest.raises(JobsUnavailable, match=r"is JetStream on \(nats-server -js\)"):
+                await client.submit("hello", job_id="nowhere")
 
 
 async def test_a_result_without_jetstream_state_is_none(lifeline_client):
