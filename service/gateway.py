@@ -94,6 +94,10 @@ _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely ans
 # What the gateway answers a client that disconnected before its answer (nginx's "client closed
 # request": only access logs see it) and what it maps an `aborted` reply to.
 _CLIENT_GONE = 499
+# A request that finds the NATS connection down waits this long (within its own timeout) for
+# nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
+_RECONNECT_WAIT_S = 3.0
+_RECONNECT_POLL_S = 0.05
 _WATCH_AFTER_S = 0.5  # an answer this late has its client watched for a hang-up
 
 # Lifeline's request error -> (HTTP status, OpenAI's error type). The code is Lifeline's type.
@@ -565,6 +569,25 @@ class _Inbox:
         elif target is not None and not target.done():
             target.set_result(msg)
 
+    async def _connected(self, wait_s: float) -> None:
+        """Returns at once while the NATS connection is up. While it is down and nats-py
+        reconnects, a request published now would sit in nats-py's buffer until the
+        connection is back or the request times out (a 504 after its whole timeout, blaming
+        the dispatcher); so it waits up to _RECONNECT_WAIT_S (within `wait_s`) for the
+        connection, then is refused with a 503 and Retry-After, which HTTP clients and load
+        balancers retry later or elsewhere."""
+        nc = self.nc
+        if nc.is_connected:
+            return
+        waited = min(_RECONNECT_WAIT_S, wait_s)
+        give_up = time.monotonic() + waited
+        while not nc.is_connected:
+            if nc.is_closed:
+                raise ConnectionClosedError
+            if time.monotonic() >= give_up:
+                raise _nats_down(waited)
+            await asyncio.sleep(_RECONNECT_POLL_S)
+
     async def _publish(
         self, subject: str, payload: bytes, reply: str, headers: dict[str, str]
     ) -> None:
@@ -587,6 +610,7 @@ class _Inbox:
         """llm.complete's reply to one request (`token`: its id, unique); None when `gone`
         (which returns when the HTTP client has disconnected) returned first: the request is
         then aborted."""
+        await self._connected(wait_s)
         prefix = await self._ready()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
@@ -600,7 +624,7 @@ class _Inbox:
                 msg = await future
         except TimeoutError:
             self.abort(key)  # its answer would reach nobody now: stop what still runs for it
-            raise _no_answer(wait_s) from None
+            raise _no_answer(wait_s, self.nc.is_connected) from None
         except asyncio.CancelledError:  # its HTTP client is gone, or the gateway stops
             self.abort(key)
             if watch is not None and watch.happened and future.cancelled():
@@ -615,9 +639,10 @@ class _Inbox:
         return reply_decoder.decode(msg.data)
 
     async def stream(
-        self, token: str, payload: bytes, headers: dict[str, str] | None
+        self, token: str, payload: bytes, headers: dict[str, str] | None, wait_s: float
     ) -> asyncio.Queue[Msg]:
         """Send one request to llm.stream; its events come to the queue (close() it after)."""
+        await self._connected(wait_s)
         prefix = await self._ready()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.waiting[token] = queue
@@ -885,8 +910,8 @@ class Gateway:
         assert task is not None
         watch = _HangUpWatch(partial(_disconnected, request), task)
         try:
-            queue = await self.inbox.stream(token, payload, headers)
-            first = await _next_event(queue, give_up, wait_s)
+            queue = await self.inbox.stream(token, payload, headers, wait_s)
+            first = await _next_event(queue, give_up, wait_s, self.nc)
             if first.headers and first.headers.get("Status") == "503":
                 raise _no_dispatcher()
             try:
@@ -935,7 +960,7 @@ class Gateway:
                 if assembler.done:
                     return
                 try:
-                    msg = await _next_event(queue, give_up, wait_s)
+                    msg = await _next_event(queue, give_up, wait_s, self.nc)
                     event = assembler.feed(msg.headers, msg.data)
                 except (StreamGap, StreamProtocolError) as exc:
                     yield sse.error(_broken(exc))
@@ -1113,14 +1138,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float) -> Msg:
+async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float, nc: Client) -> Msg:
     try:
         async with asyncio.timeout_at(
             asyncio.get_running_loop().time() + give_up - time.monotonic()
         ):
             return await queue.get()
     except TimeoutError:
-        raise _no_answer(wait_s) from None
+        raise _no_answer(wait_s, nc.is_connected) from None
 
 
 def _too_large_for_nats(size: int, max_payload: int) -> HTTPError:
@@ -1160,11 +1185,27 @@ def _nats_closed() -> HTTPError:
     )
 
 
-def _no_answer(wait_s: float) -> HTTPError:
+def _nats_down(waited_s: float) -> HTTPError:
+    return HTTPError(
+        503,
+        "this gateway has lost its NATS connection and is reconnecting (it waited "
+        f"{waited_s:g} s for it): send the request again shortly, or to another gateway",
+        "nats_unavailable",
+        kind="server_error",
+        headers={"retry-after": "1"},
+    )
+
+
+def _no_answer(wait_s: float, connected: bool = True) -> HTTPError:
+    why = (
+        "the dispatcher may have stopped"
+        if connected
+        else "this gateway's NATS connection dropped meanwhile and is reconnecting, so the "
+        "answer may have been lost on the way"
+    )
     return HTTPError(
         504,
-        f"no answer from Lifeline within {wait_s:g} s (the request's timeout and a grace): "
-        "the dispatcher may have stopped",
+        f"no answer from Lifeline within {wait_s:g} s (the request's timeout and a grace): " + why,
         "gateway_timeout",
         kind="timeout_error",
     )

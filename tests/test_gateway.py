@@ -25,10 +25,11 @@ import pytest_asyncio
 from helpers import ROOT, config, fake, spawn_lifeline, wait_for, wait_for_line
 
 from schemas.wire import NamedTool, encoder
-from service.app import Stack, start_stack
+from service.app import Stack, connect, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.gateway import ChatRequest, Gateway, Models, _Message, translate
+from service.probes import component_state
 from service.telemetry import Tracing
 
 HELLO = [{"role": "user", "content": "one two three four five six"}]
@@ -698,3 +699,45 @@ async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(g
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "gateway_unavailable"
             assert "retry-after" in response.headers
+
+
+async def test_while_nats_is_down_a_request_is_503_at_once_and_served_again_after(
+    tracers, monkeypatch
+):
+    """A gateway whose NATS server went away refuses new requests with a 503 and Retry-After
+    after a short wait for the reconnect (not a 504 after the request's whole timeout, which
+    would blame the dispatcher and hold the HTTP client); once the server is back, the gateway
+    and the stack reconnect by themselves and serve again."""
+    monkeypatch.setattr("service.gateway._RECONNECT_WAIT_S", 0.3)
+    cfg = config({"main": fake()}, routes={"default": {"targets": ["main"]}})
+    server = EmbeddedNats(port=-1)
+    server.start()
+    stack = await start_stack(parse_config(cfg), server.url, tracers)
+    nc = await connect(server.url, "lifeline-gateway")  # reconnects for as long as it takes
+    gw = Gateway(nc, models=models_of(cfg))
+    await gw.start(port=0)
+    slow = {"x-lifeline-timeout-s": "60"}  # a 504 would come only after a minute
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            assert (await http.post("/chat/completions", json=chat())).status_code == 200
+            server.stop()
+            await wait_for(lambda: not nc.is_connected)
+            for body in (chat(), chat(stream=True)):
+                down = await http.post("/chat/completions", json=body, headers=slow)
+                assert down.status_code == 503, down.text
+                assert down.json()["error"]["code"] == "nats_unavailable"
+                assert "reconnecting" in down.json()["error"]["message"]
+                assert down.headers["retry-after"] == "1"
+            assert (await http.get(gw.url.removesuffix("/v1") + "/readyz")).status_code == 503
+
+            server.start()  # the same port
+            await wait_for(lambda: nc.is_connected, timeout_s=15)
+            await wait_for(lambda: all(component_state(c)["ready"] for c in stack.components), 15)
+            back = await http.post("/chat/completions", json=chat(), headers=slow)
+            assert back.status_code == 200, back.text
+            assert back.json()["choices"][0]["message"]["content"] == ANSWER
+    finally:
+        await gw.stop()
+        await nc.close()
+        await stack.stop()
+        server.stop()
