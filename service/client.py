@@ -324,7 +324,10 @@ class Lifeline:
     async def close(self) -> None:
         """Close the connection (one that connect() made; a connection of your own stays open)."""
         if self._owns and not self.nc.is_closed:
-            await self.nc.close()
+            # While the server is gone, nats-py's close writes what it buffered for it into
+            # the dead socket and raises (OSError; RuntimeError on uvloop), closed all the same.
+            with contextlib.suppress(OSError, RuntimeError):
+                await self.nc.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -381,7 +384,7 @@ class Lifeline:
                 raise NoAnswer(
                     f"no reply on {subjects.COMPLETE} within "
                     f"{_wait_s(req, self.default_timeout_s):g} s (the request's timeout and a "
-                    "grace); the dispatcher may have stopped"
+                    f"grace); {_why_silent(self.nc)}"
                 ) from None
             except nats.errors.ConnectionClosedError:
                 raise LifelineError("the NATS connection is closed") from None
@@ -574,6 +577,15 @@ class Streamed:
                     return
 
 
+def _why_silent(nc: Client) -> str:
+    if nc.is_connected:
+        return "the dispatcher may have stopped"
+    return (
+        "the NATS connection is down and reconnecting, so the request or its answer may have "
+        "been lost on the way: send it again once NATS is back"
+    )
+
+
 def _overloaded(reply: CompletionReply) -> bool:
     """An error worth sending again: `overloaded`, or `shutting_down` (errors.RESEND)."""
     return reply.status == "error" and reply.error is not None and reply.error.type in RESEND
@@ -711,7 +723,7 @@ async def stream(
             except NatsTimeoutError:
                 raise NoAnswer(
                     f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
-                    "and a grace); the dispatcher may have stopped"
+                    f"and a grace); {_why_silent(nc)}"
                 ) from None
             if msg.headers and msg.headers.get("Status") == "503":
                 raise NoDispatcher(

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import config, fake
+from helpers import config, fake, wait_for
 
 from schemas import ChatMessage, CompletionRequest, subjects
 from service.client import (
@@ -17,6 +17,7 @@ from service.client import (
     RESULTS_BUCKET,
     JobsUnavailable,
     Lifeline,
+    NoAnswer,
     NoDispatcher,
     RequestTooLarge,
     StreamGap,
@@ -176,6 +177,24 @@ async def test_a_job_submitted_twice_is_kept_once_and_its_result_waited_for(
     other = await lifeline_client.submit(CompletionRequest([ChatMessage("user", "x")], id="j2"))
     assert other.job_id == "j2" and not other.duplicate
     assert (await lifeline_client.result("j2", wait_s=5)).content == "x"
+
+
+async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
+    """Requests made while the connection reconnects wait, as nats-py buffers them; one that
+    times out then blames the connection, not the dispatcher."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.1)
+    server = EmbeddedNats(port=-1)
+    server.start()
+    try:
+        async with Lifeline.connect(server.url, timeout_s=0.2) as client:
+            server.stop()
+            await wait_for(lambda: not client.nc.is_connected)
+            with pytest.raises(NoAnswer, match="NATS connection is down and reconnecting"):
+                await client.complete("Hi")
+            with pytest.raises(NoAnswer, match="NATS connection is down and reconnecting"):
+                await client.stream("Hi").finish()
+    finally:
+        server.stop()
 
 
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():

@@ -559,6 +559,24 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
             second.stop()
 
 
+async def test_lifeline_run_stopped_while_nats_is_down_stops_cleanly(tmp_path, provider):
+    """A stop during an outage: what the components still held for the server is lost with
+    it, and nats-py's close raises writing it into the dead socket; the process still exits
+    0, as a supervisor expects of a clean stop, and without a traceback."""
+    server = EmbeddedNats(port=-1)
+    server.start()
+    svc = Service(tmp_path, server.url, contract_config(provider))
+    try:
+        run = svc.start("run", "--gateway-port", "-1", ready="dispatcher ready")
+        server.stop()
+        run.wait_for_log("Connection refused|unexpected EOF")
+        assert run.stop() == 0, run.log()[-3000:]
+        assert "Traceback" not in run.log() and "stopped" in run.log()
+    finally:
+        svc.stop()
+        server.stop()
+
+
 # ---- what a request can name, and a replica that dies ----------------------------------
 
 
