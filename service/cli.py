@@ -1041,10 +1041,12 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                 progress.show()
             await _collect(watcher, pending, out, progress, args.timeout)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
-        print(
-            f"\nlifeline: batch stopped ({type(exc).__name__}: {exc}); rerun to resume",
-            file=sys.stderr,
+        why = (  # NATS's refusals say what to do; the results file's errors speak for themselves
+            jetstream.hint(exc, replicas)
+            if isinstance(exc, nats.errors.Error)
+            else f"{type(exc).__name__}: {exc}"
         )
+        print(f"\nlifeline: batch stopped ({why}); rerun to resume", file=sys.stderr)
         return 1
     finally:
         with contextlib.suppress(Exception):

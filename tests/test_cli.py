@@ -190,12 +190,18 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert '"id":"cli-job-1"' in latest.stdout
 
 
-def test_submit_to_a_server_without_jetstream_says_what_to_do():
+def test_submit_and_batch_to_a_server_without_jetstream_say_what_to_do(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "j1", "messages": [{"role": "user", "content": "hello"}]}\n')
     with EmbeddedNats(port=-1, jetstream=False) as server:
         submitted = run_lifeline("submit", "--nats-url", server.url, "hello")
+        batch = run_lifeline("batch", "--nats-url", server.url, str(jobs))
     assert submitted.returncode == 1
     assert "could not submit the job" in submitted.stderr
     assert "is JetStream on (nats-server -js)" in submitted.stderr
+    assert batch.returncode == 1
+    assert "batch stopped" in batch.stderr and "rerun to resume" in batch.stderr
+    assert "is JetStream on (nats-server -js)" in batch.stderr
 
 
 def test_audit_skips_an_event_it_cannot_read_and_goes_on(running):
