@@ -82,6 +82,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
+from service.memory import release_memory_soon
 from service.natsio import fast_path
 
 __all__ = ["KEYS_ENV", "Gateway", "Models", "keys_from_env"]
@@ -94,6 +95,7 @@ _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely ans
 # What the gateway answers a client that disconnected before its answer (nginx's "client closed
 # request": only access logs see it) and what it maps an `aborted` reply to.
 _CLIENT_GONE = 499
+_TRIM_AFTER_PEAK = 256  # requests at once that make a flood worth trimming memory after
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
@@ -706,6 +708,8 @@ class Gateway:
             exception_handlers={HTTPException: _http_exception, Exception: _internal},
         )
         self.server: uvicorn.Server | None = None
+        self.in_flight = 0  # chat completions being answered (a stream: until its first event)
+        self._peak = 0  # the most in flight at once since in_flight was last 0 after a flood
         self._ticker: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self.host, self.port = "127.0.0.1", 0
@@ -837,6 +841,17 @@ class Gateway:
         ]
 
     async def chat_completions(self, request: Request) -> Response:
+        self.in_flight += 1
+        self._peak = max(self._peak, self.in_flight)
+        try:
+            return await self._chat_completions(request)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self._peak >= _TRIM_AFTER_PEAK:
+                self._peak = 0
+                release_memory_soon()  # a flood is over: hand its memory back to the system
+
+    async def _chat_completions(self, request: Request) -> Response:
         try:
             if refused := self._refusal(request):
                 raise refused

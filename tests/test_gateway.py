@@ -741,3 +741,22 @@ async def test_while_nats_is_down_a_request_is_503_at_once_and_served_again_afte
         await nc.close()
         await stack.stop()
         server.stop()
+
+
+async def test_after_a_flood_of_requests_the_gateway_hands_memory_back(gateway, monkeypatch):
+    """Thousands of HTTP requests at once leave CPython's and glibc's heaps grown (hundreds of
+    MiB for 15,000); once the last is answered the gateway collects and trims, as a
+    dispatcher does after a burst. One at a time is no flood: nothing is trimmed."""
+    trims: list[None] = []
+    monkeypatch.setattr("service.gateway.release_memory_soon", lambda: trims.append(None))
+    monkeypatch.setattr("service.gateway._TRIM_AFTER_PEAK", 40)
+    gw, _, _ = await gateway(config({"main": fake(latency_ms=1000)}))  # all 60 in flight at once
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30, limits=limits) as http:
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+        assert trims == [] and gw.in_flight == 0
+        answers = await asyncio.gather(
+            *(http.post("/chat/completions", json=chat()) for _ in range(60))
+        )
+    assert {a.status_code for a in answers} == {200}
+    assert gw.in_flight == 0 and trims == [None]
