@@ -52,13 +52,14 @@ CANCEL_PREFIX = "llm.cancel."
 # (service/transport.py), so a server can let workers publish chunks there and nowhere else
 # (service/permissions.py). Clients' inboxes stay apart, under _INBOX.
 DISPATCHER_INBOX_PREFIX = "_LIFELINE_DISPATCHER"
-# The NATS service API (ADR-32, service/discovery.py): every dispatcher and worker answers
-# $SRV.PING, $SRV.INFO and $SRV.STATS, also with .<service> and .<service>.<id> after them,
-# where <service> is DISPATCHER_SERVICE or worker_service(provider). No queue group: every
-# instance answers.
+# The NATS service API (ADR-32, service/discovery.py): every dispatcher, worker and HTTP
+# gateway answers $SRV.PING, $SRV.INFO and $SRV.STATS, also with .<service> and
+# .<service>.<id> after them, where <service> is DISPATCHER_SERVICE, worker_service(provider)
+# or GATEWAY_SERVICE. No queue group: every instance answers.
 SERVICE_API_PREFIX = "$SRV"
 SERVICE_API_VERBS = ("PING", "INFO", "STATS")
 DISPATCHER_SERVICE = "lifeline-dispatcher"
+GATEWAY_SERVICE = "lifeline-gateway"
 WORKER_SERVICE_PREFIX = "lifeline-worker-"
 # One audit event per request, on llm.audit.ok or llm.audit.error.
 AUDIT_PREFIX = "llm.audit."

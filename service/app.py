@@ -117,10 +117,23 @@ async def connect(
     options = url if isinstance(url, NatsOptions) else NatsOptions(servers=url)
     kwargs = options.connect_kwargs()
     connected = False
+    told_undiscoverable = False
 
     async def on_error(exc: Exception) -> None:
+        nonlocal told_undiscoverable
         if not connected and (_is_auth_refusal(exc) or _is_tls_refusal(exc)):
             raise _Refused(exc)  # out of nats-py's first-connect loop, which would retry
+        if _is_service_api_refusal(exc):  # one per $SRV subject: say it once, and what to do
+            if not told_undiscoverable:
+                told_undiscoverable = True
+                log.warning(
+                    "%s: this NATS user may not subscribe to the NATS service API ($SRV), so "
+                    "`lifeline health` and `nats micro ls` will not find it; it serves all the "
+                    "same. `lifeline nats-config` gives each role its $SRV subjects (a gateway: "
+                    "--gateways NAME)",
+                    name,
+                )
+            return
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
@@ -234,6 +247,12 @@ def _is_tls_refusal(exc: Exception) -> bool:
     return isinstance(exc, ssl.SSLCertVerificationError) or (
         isinstance(exc, ssl.SSLError) and "certificate" in str(exc).lower()
     )
+
+
+def _is_service_api_refusal(exc: Exception) -> bool:
+    """The server refused a subscription to a $SRV subject (nats-py says it in lower case)."""
+    text = str(exc).lower()
+    return "permissions violation for subscription to" in text and '"$srv.' in text
 
 
 def _is_auth_refusal(exc: Exception) -> bool:

@@ -380,11 +380,13 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     health = commands.add_parser(
         "health",
         help="whether every live dispatcher and worker is connected, subscribed and not "
-        "overloaded (found through NATS's $SRV service API); exit 1 when one is not",
+        "overloaded, and which gateways serve (found through NATS's $SRV service API); exit 1 "
+        "when one is not ready",
         description="Asks $SRV.STATS, as `nats micro stats` does, and shows each Lifeline "
         "dispatcher and worker that answers: ready or not and why (not subscribed, or at its "
-        "max_in_flight), its requests in flight, requests and errors since it started. Exits 1 "
-        "when none answers or one is not ready.",
+        "max_in_flight), its requests in flight, requests and errors since it started; and "
+        "each HTTP gateway that answers, with its URL. Exits 1 when none answers or one is "
+        "not ready.",
     )
     health.add_argument(
         "--expect-all",
@@ -517,12 +519,14 @@ def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParse
     nats_config = commands.add_parser(
         "nats-config",
         help="print a least-privilege nats-server configuration: a user per role (dispatchers, "
-        "one per provider's workers, operators, clients), generated from the code's subjects",
+        "one per provider's workers, gateways, operators, clients), generated from the code's "
+        "subjects",
         description="Prints a nats-server configuration (JetStream on, and an authorization "
         "block) in which each Lifeline role may publish and subscribe only what it needs: "
         "clients send requests and read their own replies (inbox prefix _INBOX.<user>) and "
         "their jobs' results by id; dispatchers run requests and jobs; each provider's "
         "workers see only that provider's subjects and answer through response permissions; "
+        "HTTP gateways send requests as clients do and answer the NATS service API; "
         "operators read the audit stream, the health bucket and the NATS service API. Built "
         "from schemas/subjects.py and the config's providers, streams and buckets: regenerate "
         "it when they change. Passwords are read by nats-server from the environment "
@@ -540,6 +544,13 @@ def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParse
         default="operator",
         metavar="NAMES",
         help="operator users, comma-separated (default: operator)",
+    )
+    nats_config.add_argument(
+        "--gateways",
+        default="",
+        metavar="NAMES",
+        help="HTTP gateway users (`lifeline gateway`), comma-separated (default: none; each "
+        "connects with inbox prefix _INBOX.<name>)",
     )
 
 
@@ -1569,7 +1580,22 @@ async def _start_gateway(
     except OSError:
         await nc.close()
         raise
-    return Component("gateway", nc, server.stop, watch), server
+    # Found by `lifeline health` and `nats micro ls` as dispatchers and workers are; its
+    # endpoints are HTTP, not NATS subjects, so it lists none and names its URL instead.
+    responder = discovery.Responder(
+        nc,
+        subjects.GATEWAY_SERVICE,
+        "Lifeline's OpenAI-compatible HTTP gateway",
+        list,
+        {"url": server.url},
+    )
+    try:
+        await responder.start()
+    except BaseException:
+        await server.stop()
+        await nc.close()
+        raise
+    return Component("gateway", nc, server.stop, watch, responder), server
 
 
 def _print_gateway(server: Any, config: Config | None) -> None:
@@ -1619,12 +1645,15 @@ def _missing_services(config_path: str, states: list[dict[str, Any]]) -> list[st
 
 def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) -> None:
     for s in states:
+        where = f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
+        where += f"{s['host']} pid {s['pid']}  id {s['id']}  "
+        if s["url"]:  # a gateway: its requests come over HTTP, not NATS
+            print(f"{where}serving {s['url']}")
+            continue
         most = s["max_in_flight"]
         load = f"{s['in_flight']}" + (f" of {most}" if most is not None else "")
         print(
-            f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
-            f"{s['host']} pid {s['pid']}  id {s['id']}  in flight {load}, "
-            f"requests {s['requests']}, errors {s['errors']}"
+            f"{where}in flight {load}, requests {s['requests']}, errors {s['errors']}"
             + (f", expired {s['expired']} (late on arrival: see its log)" if s["expired"] else "")
         )
         for problem in s["problems"]:
@@ -1633,7 +1662,7 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
         print(f"{'MISSING':<10} {name:<28} no instance answered")
     ready = sum(s["ready"] for s in states)
     if not states:
-        print(f"no Lifeline dispatcher or worker answered $SRV.STATS on {url}")
+        print(f"no Lifeline dispatcher, worker or gateway answered $SRV.STATS on {url}")
     else:
         print(f"{ready} of {len(states)} ready on {url}")
 
@@ -1677,7 +1706,8 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     clients, operators = names(args.clients), names(args.operators)
-    sys.stdout.write(permissions.server_config(config, clients, operators))
+    gateways = names(args.gateways)
+    sys.stdout.write(permissions.server_config(config, clients, operators, gateways))
     return 0
 
 

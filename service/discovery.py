@@ -1,10 +1,11 @@
-"""The NATS service API (ADR-32) for dispatchers and workers, and asking it.
+"""The NATS service API (ADR-32) for dispatchers, workers and gateways, and asking it.
 
-Every dispatcher and worker answers `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (each also with
-`.<name>` and `.<name>.<id>`) as nats.micro's services do, so `nats micro ls`, `nats micro
-stats lifeline-dispatcher` and any ADR-32 client find them: their name
-(`lifeline-dispatcher`, `lifeline-worker-<provider>`), version, id, endpoints (subject and
-queue group) and figures. The requests themselves never go through nats.micro: its handler
+Every dispatcher, worker and HTTP gateway answers `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS`
+(each also with `.<name>` and `.<name>.<id>`) as nats.micro's services do, so `nats micro
+ls`, `nats micro stats lifeline-dispatcher` and any ADR-32 client find them: their name
+(`lifeline-dispatcher`, `lifeline-worker-<provider>`, `lifeline-gateway`), version, id,
+endpoints (subject and queue group) and figures. A gateway takes its requests over HTTP, so
+it lists no endpoint and names its URL in its metadata (`url`). The requests themselves never go through nats.micro: its handler
 wrapper (nats-py's queue and task per subscription, a Request and two clock reads per message)
 would sit on the hot path, which Lifeline's fast path (service/natsio.py) keeps clear. The
 figures are counters on the existing path (an integer added as a request arrives; the
@@ -244,25 +245,35 @@ def problems(stats: dict[str, Any]) -> list[str]:
 
 def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
     """One instance's readiness and figures from its STATS, as `lifeline health` shows them.
-    Its requests, errors and load are those of the endpoints that take work (not cancels)."""
+    Its requests, errors and load are those of the endpoints that take work (not cancels); a
+    gateway, whose requests come over HTTP, has none of them (None) and its `url`."""
     metadata = stats.get("metadata") or {}
     working = [e for e in stats.get("endpoints") or [] if "in_flight" in (e.get("data") or {})]
     found = problems(stats)
-    first = working[0]["data"] if working else {}
+    if metadata.get("url"):
+        figures: dict[str, Any] = dict.fromkeys(
+            ("in_flight", "max_in_flight", "requests", "errors", "expired")
+        )
+    else:
+        first = working[0]["data"] if working else {}
+        figures = {
+            "in_flight": first.get("in_flight"),
+            "max_in_flight": first.get("max_in_flight"),
+            "requests": sum(e.get("num_requests", 0) for e in working),
+            "errors": sum(e.get("num_errors", 0) for e in working),
+            # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)
+            "expired": sum((e.get("data") or {}).get("expired", 0) for e in working),
+        }
     return {
         "name": stats.get("name", "?"),
         "id": stats.get("id", "?"),
         "version": stats.get("version", "?"),
         "host": metadata.get("host", "?"),
         "pid": metadata.get("pid", "?"),
+        "url": metadata.get("url"),  # a gateway's
         "ready": not found,
         "problems": found,
-        "in_flight": first.get("in_flight"),
-        "max_in_flight": first.get("max_in_flight"),
-        "requests": sum(e.get("num_requests", 0) for e in working),
-        "errors": sum(e.get("num_errors", 0) for e in working),
-        # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)
-        "expired": sum((e.get("data") or {}).get("expired", 0) for e in working),
+        **figures,
     }
 
 

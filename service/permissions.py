@@ -1,4 +1,4 @@
-"""Least privilege on NATS: nats-server users for Lifeline's four roles, and what each may do.
+"""Least privilege on NATS: nats-server users for Lifeline's five roles, and what each may do.
 
 Built from the subject names in schemas/subjects.py and a config's providers, streams and
 buckets, so the server's permissions change with the code (`lifeline nats-config` prints
@@ -13,6 +13,9 @@ them; regenerate the file when the config's providers, streams or buckets change
     workers      one user per provider: take llm.provider.<name> (in its queue group) and
                  llm.cancel.<name>, answer each request once through response permissions,
                  and publish a stream's chunks to a dispatcher's inbox (<prefix>.*.*.c) only
+    gateways     the HTTP gateways (only those named): a client's requests and aborts (no
+                 jobs), answers on their own inbox prefix, _INBOX.<user>; and their $SRV
+                 subjects (discovery), each request answered once
     operators    read the audit stream and the live audit events, the health bucket, and ask
                  the NATS service API ($SRV: discovery, figures); receive on _INBOX.<user>
 
@@ -38,8 +41,9 @@ from service.config import Config
 CLIENT = "client"
 DISPATCHER = "dispatcher"
 WORKER = "worker"
+GATEWAY = "gateway"
 OPERATOR = "operator"
-ROLES = (CLIENT, DISPATCHER, WORKER, OPERATOR)
+ROLES = (CLIENT, DISPATCHER, WORKER, GATEWAY, OPERATOR)
 
 DISPATCHER_USER = "dispatcher"
 WORKER_USER_PREFIX = "worker-"
@@ -55,6 +59,8 @@ INBOX_ROOT = "_INBOX"
 STREAM_CHUNKS = subjects.DISPATCHER_INBOX_PREFIX + ".*.*.c"
 # How long after a request a worker may still answer it, beyond its provider's timeout_s.
 RESPONSE_GRACE_S = 60
+# How long a gateway may take to answer a $SRV request (it answers at once).
+SERVICE_API_RESPONSE_S = 10
 
 _JS = "$JS.API"
 _USER = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -209,6 +215,19 @@ def worker(provider: str, timeout_s: float) -> User:
     )
 
 
+def gateway(name: str) -> User:
+    """The HTTP gateway (`lifeline gateway`; every replica of one deployment shares a user):
+    it sends requests and aborts as a client does (no jobs), and answers the service API."""
+    return User(
+        name,
+        GATEWAY,
+        publish=(subjects.COMPLETE, subjects.STREAM, subjects.ABORT),
+        subscribe=(client_inbox(name) + ".>", *_service_api(subjects.GATEWAY_SERVICE)),
+        responses=Responses(1, SERVICE_API_RESPONSE_S),  # to $SRV requests, its only ones
+        inbox_prefix=client_inbox(name),
+    )
+
+
 def client(name: str, config: Config) -> User:
     # No access to the results bucket itself: its stream's info lists every key, and a direct
     # get of job.* (permissions cannot tell a literal * from a wildcard) answers the newest
@@ -250,11 +269,14 @@ def users(
     config: Config,
     clients: Sequence[str] = DEFAULT_CLIENTS,
     operators: Sequence[str] = DEFAULT_OPERATORS,
+    gateways: Sequence[str] = (),
 ) -> list[User]:
-    """Every user: the dispatchers', one per provider's workers, the operators' and the
-    clients'. ValueError when a name is unusable or taken twice."""
+    """Every user: the dispatchers', one per provider's workers, the gateways' (none unless
+    named: nats-server wants every user's password), the operators' and the clients'.
+    ValueError when a name is unusable or taken twice."""
     found = [dispatcher(config)]
     found += [worker(name, p.timeout_s) for name, p in config.providers.items()]
+    found += [gateway(name) for name in gateways]
     found += [operator(name, config) for name in operators]
     found += [client(name, config) for name in clients]
     seen: dict[str, str] = {}
@@ -309,15 +331,17 @@ def server_config(
     config: Config,
     clients: Sequence[str] = DEFAULT_CLIENTS,
     operators: Sequence[str] = DEFAULT_OPERATORS,
+    gateways: Sequence[str] = (),
 ) -> str:
-    return render(users(config, clients, operators), config.source)
+    return render(users(config, clients, operators, gateways), config.source)
 
 
 _WHO = {
     DISPATCHER: "every dispatcher replica (lifeline dispatcher)",
     WORKER: "every replica of this provider's worker (lifeline worker {provider})",
+    GATEWAY: "an HTTP gateway, every replica (lifeline gateway)",
     OPERATOR: "an operator (lifeline status, audit, health; nats micro ls)",
-    CLIENT: "a client (lifeline ask, submit, result; the Python client; the HTTP gateway)",
+    CLIENT: "a client (lifeline ask, submit, result; the Python client)",
 }
 
 

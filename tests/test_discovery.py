@@ -23,6 +23,7 @@ from service import cli, discovery
 from service.app import start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
+from service.natsopts import NatsOptions
 from service.probes import Probes
 from service.telemetry import Tracing
 
@@ -208,13 +209,42 @@ async def test_health_names_the_missing_worker_and_fails_without_any_instance(
     path = write_config(tmp_path / "lifeline.toml", config({"backup": fake(), "spare": fake()}))
     code, out = await health(capsys, "--nats-url", nats_url)
     assert code == 1
-    assert "no Lifeline dispatcher or worker answered" in out
+    assert "no Lifeline dispatcher, worker or gateway answered" in out
 
     await lifeline(config({"backup": fake()}))
     code, out = await health(capsys, "--nats-url", nats_url, "--config", str(path), "--expect-all")
     assert code == 1
     assert "MISSING    lifeline-worker-spare" in out
     assert (await health(capsys, "--nats-url", nats_url))[0] == 0
+
+
+async def test_a_gateway_is_found_with_its_url_and_gone_once_it_stops(
+    lifeline, client, nats_url, capsys
+):
+    """`lifeline gateway` answers the service API as dispatchers and workers do, so `lifeline
+    health` and `nats micro ls` list it; its requests come over HTTP, so it names its URL
+    instead of NATS endpoints (and no NATS figures)."""
+    cfg = config({"backup": fake()})
+    await lifeline(cfg)
+    component, server = await cli._start_gateway(
+        parse_config(cfg), NatsOptions(servers=nats_url), "127.0.0.1", 0
+    )
+    try:
+        [info] = await srv(client, "INFO", subjects.GATEWAY_SERVICE)
+        assert info["endpoints"] == [] and info["metadata"]["url"] == server.url
+        [stats] = await srv(client, "STATS", subjects.GATEWAY_SERVICE, info["id"])
+        assert stats["id"] == info["id"]
+        code, out = await health(capsys, "--nats-url", nats_url)
+        assert code == 0, out
+        line = next(x for x in out.splitlines() if "lifeline-gateway" in x)
+        assert line.startswith("ready") and line.endswith(f"serving {server.url}")
+        assert "3 of 3 ready" in out
+        code, out = await health(capsys, "--nats-url", nats_url, "--json")
+        gateway = by_name(json.loads(out)["instances"])["lifeline-gateway"]
+        assert gateway["url"] == server.url and gateway["requests"] is None
+    finally:
+        await component.stop()
+    assert subjects.GATEWAY_SERVICE not in by_name(await srv(client, "PING"))
 
 
 async def test_the_probes_follow_the_connection_through_a_server_restart():

@@ -14,12 +14,15 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import nats.errors
 import nats.js.errors
@@ -63,6 +66,7 @@ CONFIG = config(
     },
 )
 CLIENTS = ("alice", "bob")
+GATEWAYS = ("gateway",)
 
 
 class Secured:
@@ -126,9 +130,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     tmp = tmp_path_factory.mktemp("least-privilege")
     config_path = write_config(tmp / "lifeline.toml", CONFIG)
     lifeline_config = load_config(str(config_path))
-    users = permissions.users(lifeline_config, clients=CLIENTS)
+    users = permissions.users(lifeline_config, clients=CLIENTS, gateways=GATEWAYS)
     passwords = {u.name: "p" + secrets.token_hex(12) for u in users}
-    conf = permissions.server_config(lifeline_config, clients=CLIENTS)  # `lifeline nats-config`
+    conf = permissions.server_config(  # `lifeline nats-config`
+        lifeline_config, clients=CLIENTS, gateways=GATEWAYS
+    )
     with environment(**{u.password_env: passwords[u.name] for u in users}):
         server = EmbeddedNats(port=-1, conf=conf)
         server.start()
@@ -153,6 +159,19 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
                     service.env(permissions.DISPATCHER_USER),
                 ),
                 "jobs: taking jobs",
+            )
+        )
+        [gateway_user] = GATEWAYS
+        starting.append(
+            (
+                LifelineProcess(
+                    ["gateway", "--port", "0", "--config", str(config_path)],
+                    tmp / "gateway.log",
+                    service.env(
+                        gateway_user, NATS_INBOX_PREFIX=permissions.client_inbox(gateway_user)
+                    ),
+                ),
+                r"OpenAI-compatible gateway on http://\S+/v1",
             )
         )
         for proc, ready in starting:
@@ -277,12 +296,23 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
         await alice.close()
         await operator.close()
 
+    # Through the HTTP gateway, connected as its own user.
+    [url] = re.findall(
+        r"gateway on (http://\S+/v1)", (secured.config_path.parent / "gateway.log").read_text()
+    )
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answer = await http.post("/chat/completions", json={"model": "default", **USER_HELLO})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-lifeline-provider"] == "fast"
+
     # The commands, each as its user, side by side: a client submits a job and waits for its
-    # result; the operator reads the health view and the audit events.
+    # result; the operator reads the health view and the audit events, and finds every
+    # dispatcher, worker and gateway.
     submit = lifeline(secured, "bob", "submit", "--id", "bob-1", "hello later")
     result = lifeline(secured, "bob", "result", "bob-1", "--wait", "15", "--json")
     status = lifeline(secured, "operator", "status", "--json")
     audit = lifeline(secured, "operator", "audit", "--last", "20", "--json")
+    health = lifeline(secured, "operator", "health", "--expect-all")
     code, out, err = finished(submit)
     assert code == 0 and "bob-1: submitted" in out, err
     code, out, err = finished(result)
@@ -295,6 +325,10 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
     assert code == 0, err
     ids = {audit_decoder.decode(line).id for line in out.splitlines()}
     assert {reply.id, stream.reply.id, cancelled.id, hedged.id, job_id, "gone"} <= ids
+    code, out, err = finished(health)
+    assert code == 0, out + err
+    assert f"lifeline-gateway             {socket.gethostname()}" in out and url in out
+    assert "4 of 4 ready" in out
 
     assert [v for v in secured.violations() if ":rogue-" not in v] == []
 
@@ -328,6 +362,10 @@ FORBIDDEN = [
     ("worker-fast", "publish", "llm.cancel.slow", "cancel another worker's attempt"),
     ("worker-fast", "publish", "_LIFELINE_DISPATCHER.x.1", "forge a reply to a dispatcher"),
     ("worker-fast", "publish", "_INBOX.alice.x", "answer a client past the dispatcher"),
+    ("gateway", "subscribe", "_INBOX.alice.>", "read a client's answers"),
+    ("gateway", "subscribe", "$SRV.PING.lifeline-dispatcher", "pose as a dispatcher"),
+    ("gateway", "publish", "llm.cancel.slow", "cancel an attempt"),
+    ("gateway", "publish", "_INBOX.alice.x", "answer a client past the dispatcher"),
     ("operator", "publish", "llm.cancel.slow", "cancel an attempt"),
     ("operator", "publish", "llm.complete", "send requests"),
 ]
@@ -375,6 +413,31 @@ async def test_the_server_refuses_what_a_role_may_not_do(
             await conn.close()
 
 
+def test_a_gateway_run_as_a_client_serves_and_says_once_why_it_cannot_be_found(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """A gateway connected as a client user (no gateway user in the server's config): its $SRV
+    subscriptions are refused, which one warning says with what to do, not one per subject;
+    it serves all the same."""
+    env = secured.env("bob", NATS_INBOX_PREFIX=permissions.client_inbox("bob"))
+    proc = LifelineProcess(
+        ["gateway", "--port", "0", "--config", str(secured.config_path)], tmp_path / "gw.log", env
+    )
+    try:
+        proc.wait_for_log(r"OpenAI-compatible gateway on http://\S+/v1")
+        [url] = re.findall(r"gateway on (http://\S+/v1)", proc.log())
+        answer = httpx.post(
+            url + "/chat/completions", json={"model": "default", **USER_HELLO}, timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+        proc.wait_for_log("may not subscribe to the NATS service API")
+        log = proc.log()
+        assert log.count("may not subscribe to the NATS service API") == 1, log
+        assert "--gateways NAME" in log and "permissions violation" not in log.lower(), log
+    finally:
+        proc.stop()
+
+
 async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured) -> None:
     errors: list[str] = []
     nc = await secured.connect("alice", errors, inbox_prefix="_INBOX", name="rogue-default-inbox")
@@ -388,10 +451,16 @@ async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured)
 
 async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(secured.config_path)
-    args = build_parser().parse_args(["nats-config", "--config", path, "--clients", "alice,bob"])
-    assert await cmd_nats_config(args) == 0
+    argv = ["nats-config", "--config", path, "--clients", "alice,bob", "--gateways", "gateway"]
+    assert await cmd_nats_config(build_parser().parse_args(argv)) == 0
     printed = capsys.readouterr().out
-    assert printed == permissions.server_config(load_config(path), clients=CLIENTS)
+    assert printed == permissions.server_config(
+        load_config(path), clients=CLIENTS, gateways=GATEWAYS
+    )
+    assert "password: $LIFELINE_GATEWAY_PASSWORD" in printed
+    without = build_parser().parse_args(["nats-config", "--config", path])
+    assert await cmd_nats_config(without) == 0
+    assert "GATEWAY" not in capsys.readouterr().out  # no gateway unless one is named
     assert "password: $LIFELINE_WORKER_SLOW_PASSWORD" in printed
     clash = build_parser().parse_args(["nats-config", "--config", path, "--clients", "operator"])
     with pytest.raises(ValueError, match="would share"):
