@@ -6,7 +6,7 @@ against a real worker), one image built from the checkout, nothing pip-installed
 traces to Jaeger with no metrics export for it to refuse; NATS on the least-privilege config
 that `lifeline nats-config` writes, each Lifeline service connected as its role with its
 password from a compose secret, and none written in the file (those scripts run here too, with
-a real nats-server, a worker and `lifeline health`)."""
+a real nats-server, a worker, the gateway and `lifeline health`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from helpers import ROOT, LifelineProcess, free_port
@@ -33,6 +34,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 IMAGE = "lifeline:local"
 GENERATOR = "nats-config"  # the one-shot service that writes nats-server's config
 CONFIG = "/etc/lifeline/lifeline.toml"
+KEYS = "gateway-keys"  # the one secret that is no NATS user's password: the gateway's API keys
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,10 @@ def test_every_lifeline_service_has_a_healthcheck_on_its_own_probe(compose):
         args = command(service)
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD" and not service["healthcheck"].get("disable"), name
-        address = args[args.index("--health-port") + 1]
+        if args[0] == "gateway":  # its probes are on its own HTTP port
+            address = f"127.0.0.1:{args[args.index('--port') + 1]}"
+        else:
+            address = args[args.index("--health-port") + 1]
         assert f"http://{address}/readyz" in test[-1], name
 
 
@@ -241,8 +246,8 @@ def role_user(name: str, service: dict[str, Any]) -> tuple[str, str | None]:
         return "dispatcher", None
     if args[0] == "worker":
         return f"worker-{args[1]}", None
-    user = {"ask": "ask", "health": "operator"}[args[0]]  # a client and an operator
-    return user, f"_INBOX.{user}"
+    user = {"ask": "ask", "health": "operator", "gateway": "gateway"}[args[0]]
+    return user, f"_INBOX.{user}"  # a client's, an operator's and a gateway's
 
 
 def generator_flags(compose: dict[str, Any]) -> list[str]:
@@ -277,9 +282,19 @@ def test_every_lifeline_service_connects_as_its_role_with_its_secret(compose):
         env = service["environment"]
         assert env["NATS_USER"] == user, name
         assert env.get("NATS_INBOX_PREFIX") == prefix, name
-        assert service["secrets"] == [{"source": user, "target": "nats_password"}], name
-        assert service["entrypoint"][:4] == connect, name  # reads the secret, then lifeline
+        assert service["secrets"][0] == {"source": user, "target": "nats_password"}, name
         assert compose["secrets"][user] == {"file": f"./secrets/{user}.txt"}, name
+        if name == "gateway":  # its API keys too, read as the password is, before it
+            assert service["secrets"][1:] == [{"source": KEYS, "target": "gateway_keys"}]
+            keys = 'LIFELINE_GATEWAY_KEYS="$$(cat /run/secrets/gateway_keys)"'
+            script = service["entrypoint"][2]
+            assert script.startswith(keys) and script.endswith(connect[2]), script
+            assert service["entrypoint"][:2] + service["entrypoint"][3:4] == connect[:2] + [
+                connect[3]
+            ]
+        else:
+            assert len(service["secrets"]) == 1, name
+            assert service["entrypoint"][:4] == connect, name  # reads the secret, then lifeline
 
 
 def test_nats_runs_the_generated_least_privilege_config(compose):
@@ -298,8 +313,9 @@ def test_nats_runs_the_generated_least_privilege_config(compose):
     assert {"-js", "-m"} <= set(args)
     # every user of that config has its secret, all of them mounted in nats, and no other
     env_names = set(re.findall(r"password: \$(LIFELINE_\w+_PASSWORD)", generated_config(compose)))
-    assert env_names == {permissions.password_env(u) for u in compose["secrets"]}
-    assert set(nats["secrets"]) == set(compose["secrets"])
+    users = set(compose["secrets"]) - {KEYS}
+    assert env_names == {permissions.password_env(u) for u in users}
+    assert set(nats["secrets"]) == users
 
 
 def test_no_password_is_written_in_the_file(compose):
@@ -394,8 +410,8 @@ def test_the_scripts_run_nats_with_the_secrets_and_lifeline_connects_as_its_role
             service = compose["services"][name]
             secret = tmp_path / f"run-{name}"
             secret.mkdir()
-            user = service["secrets"][0]["source"]
-            shutil.copy(secrets_dir / f"{user}.txt", secret / "nats_password")
+            for mounted in service["secrets"]:
+                shutil.copy(secrets_dir / f"{mounted['source']}.txt", secret / mounted["target"])
             script = _script(service["entrypoint"][2], {"/run/secrets": str(secret)})
             return ["sh", "-c", script, "lifeline", *args]
 
@@ -419,6 +435,34 @@ def test_the_scripts_run_nats_with_the_secrets_and_lifeline_connects_as_its_role
         procs.append(worker)
         _wait_for(log, "worker backup serving", worker)
         assert "auth: user and password (" in log.read_text()
+        # the gateway, its API key from its secret
+        args = command(compose["services"]["gateway"])
+        args[args.index("--config") + 1] = str(ROOT / "lifeline.example.toml")
+        args[args.index("--host") + 1] = "127.0.0.1"
+        args[args.index("--port") + 1] = "0"
+        gateway_log = tmp_path / "gateway.log"
+        with gateway_log.open("wb") as out:
+            gateway = subprocess.Popen(
+                lifeline("gateway", args),
+                env=role_env("gateway"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(gateway)
+        _wait_for(gateway_log, r"gateway on http://\S+/v1 \(.*1 API key", gateway)
+        [url] = re.findall(r"gateway on (http://\S+/v1)", gateway_log.read_text())
+        key = (secrets_dir / f"{KEYS}.txt").read_text().strip()
+        request = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+        refused = httpx.post(f"{url}/chat/completions", json=request, timeout=10)
+        assert refused.status_code == 401, refused.text
+        sent = httpx.post(
+            f"{url}/chat/completions",
+            json=request,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=10,
+        )  # let in: no dispatcher runs here, so the gateway says that
+        assert (sent.status_code, sent.json()["error"]["code"]) == (503, "no_dispatcher")
         # the health tool as the operator, without --expect-all (the only worker is backup's)
         args = compose["services"]["health"]["entrypoint"][4:]
         args.remove("--expect-all")
@@ -433,6 +477,7 @@ def test_the_scripts_run_nats_with_the_secrets_and_lifeline_connects_as_its_role
         )
         assert health.returncode == 0, health.stdout + health.stderr
         assert "lifeline-worker-backup" in health.stdout
+        assert "lifeline-gateway" in health.stdout and url in health.stdout
         assert "Violation" not in (tmp_path / "nats.log").read_text()
     finally:
         for proc in reversed(procs):
