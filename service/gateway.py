@@ -571,16 +571,14 @@ class _Inbox:
         elif target is not None and not target.done():
             target.set_result(msg)
 
-    async def _connected(self, wait_s: float) -> None:
-        """Returns at once while the NATS connection is up. While it is down and nats-py
-        reconnects, a request published now would sit in nats-py's buffer until the
+    async def _reconnected(self, wait_s: float) -> None:
+        """Returns once the NATS connection is back (callers ask only while it is down). While
+        nats-py reconnects, a request published now would sit in its buffer until the
         connection is back or the request times out (a 504 after its whole timeout, blaming
         the dispatcher); so it waits up to _RECONNECT_WAIT_S (within `wait_s`) for the
         connection, then is refused with a 503 and Retry-After, which HTTP clients and load
         balancers retry later or elsewhere."""
         nc = self.nc
-        if nc.is_connected:
-            return
         waited = min(_RECONNECT_WAIT_S, wait_s)
         give_up = time.monotonic() + waited
         while not nc.is_connected:
@@ -612,7 +610,8 @@ class _Inbox:
         """llm.complete's reply to one request (`token`: its id, unique); None when `gone`
         (which returns when the HTTP client has disconnected) returned first: the request is
         then aborted."""
-        await self._connected(wait_s)
+        if not self.nc.is_connected:
+            await self._reconnected(wait_s)
         prefix = await self._ready()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
@@ -644,7 +643,8 @@ class _Inbox:
         self, token: str, payload: bytes, headers: dict[str, str] | None, wait_s: float
     ) -> asyncio.Queue[Msg]:
         """Send one request to llm.stream; its events come to the queue (close() it after)."""
-        await self._connected(wait_s)
+        if not self.nc.is_connected:
+            await self._reconnected(wait_s)
         prefix = await self._ready()
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self.waiting[token] = queue
