@@ -108,7 +108,8 @@ class LifelineError(Exception):
 
 
 class Unreachable(LifelineError, ConnectionError):
-    """No NATS server answered at the URL (or any URL of the cluster list)."""
+    """No NATS server answered at the URL (or any URL of the cluster list); or, once connected,
+    the connection is down and holds as many requests for it as nats-py buffers."""
 
 
 class NoDispatcher(LifelineError):
@@ -388,6 +389,8 @@ class Lifeline:
                 ) from None
             except nats.errors.ConnectionClosedError:
                 raise LifelineError("the NATS connection is closed") from None
+            except nats.errors.OutboundBufferLimitError:
+                raise _buffer_full() from None
             reply = reply_decoder.decode(msg.data)
             if retry < overloaded_retries and _overloaded(reply):
                 await asyncio.sleep(_retry_after_s(reply))
@@ -577,6 +580,14 @@ class Streamed:
                     return
 
 
+def _buffer_full() -> Unreachable:
+    return Unreachable(
+        "the NATS connection is down and reconnecting, and the requests already waiting for it "
+        "fill nats-py's buffer (pending_size, 2 MiB by default): send this one again once NATS "
+        "is back"
+    )
+
+
 def _why_silent(nc: Client) -> str:
     if nc.is_connected:
         return "the dispatcher may have stopped"
@@ -714,7 +725,9 @@ async def stream(
             await nc.publish(STREAM, payload, reply=inbox, headers=headers)
         except nats.errors.ConnectionClosedError:
             raise LifelineError("the NATS connection is closed") from None
-        except nats.errors.Error as exc:  # its pending buffer full while it reconnects
+        except nats.errors.OutboundBufferLimitError:
+            raise _buffer_full() from None
+        except nats.errors.Error as exc:
             raise LifelineError(f"could not send the request: {exc}") from None
         while not assembler.done:
             left = give_up - time.monotonic()

@@ -181,7 +181,9 @@ async def test_a_job_submitted_twice_is_kept_once_and_its_result_waited_for(
 
 async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
     """Requests made while the connection reconnects wait, as nats-py buffers them; one that
-    times out then blames the connection, not the dispatcher."""
+    times out then blames the connection, not the dispatcher. Once the waiting ones fill
+    nats-py's buffer (2 MiB), the next is refused at once as Unreachable, not with nats-py's
+    own error."""
     monkeypatch.setattr("service.client._GRACE_S", 0.1)
     server = EmbeddedNats(port=-1)
     server.start()
@@ -193,6 +195,14 @@ async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
                 await client.complete("Hi")
             with pytest.raises(NoAnswer, match="NATS connection is down and reconnecting"):
                 await client.stream("Hi").finish()
+            big = "x" * 650_000  # three fill the buffer; each fits max_payload (1 MiB)
+            waiting = [asyncio.ensure_future(client.complete(big)) for _ in range(3)]
+            await wait_for(lambda: client.nc.pending_data_size > 1_900_000)
+            for send in (lambda: client.complete(big), lambda: client.stream(big).finish()):
+                with pytest.raises(Unreachable, match="fill nats-py's buffer"):
+                    await send()
+            for outcome in await asyncio.gather(*waiting, return_exceptions=True):
+                assert isinstance(outcome, NoAnswer), outcome
     finally:
         server.stop()
 
