@@ -96,6 +96,9 @@ _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely ans
 # request": only access logs see it) and what it maps an `aborted` reply to.
 _CLIENT_GONE = 499
 _TRIM_AFTER_PEAK = 256  # requests at once that make a flood worth trimming memory after
+# A request body still arriving after this long is refused (408): a client that stalls
+# mid-body would otherwise hold its connection, a task and its bytes so far for good.
+_BODY_TIMEOUT_S = 30.0
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
@@ -898,11 +901,15 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise _too_large(int(length), self.max_body_bytes)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _too_large(size, self.max_body_bytes)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(_BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise _too_large(size, self.max_body_bytes)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _body_too_slow(size) from None
         return b"".join(chunks)
 
     async def _stream(
@@ -1169,6 +1176,16 @@ def _too_large_for_nats(size: int, max_payload: int) -> HTTPError:
         f"the request is {size} bytes as Lifeline sends it (headers included), above the NATS "
         f"server's max_payload of {max_payload}",
         errors.PAYLOAD_TOO_LARGE,
+    )
+
+
+def _body_too_slow(size: int) -> HTTPError:
+    return HTTPError(
+        408,
+        f"the request body did not arrive within {_BODY_TIMEOUT_S:g} s ({size} bytes came): "
+        "send it again",
+        "request_timeout",
+        headers={"connection": "close"},
     )
 
 
