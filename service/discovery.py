@@ -5,12 +5,12 @@ Every dispatcher, worker and HTTP gateway answers `$SRV.PING`, `$SRV.INFO` and `
 ls`, `nats micro stats lifeline-dispatcher` and any ADR-32 client find them: their name
 (`lifeline-dispatcher`, `lifeline-worker-<provider>`, `lifeline-gateway`), version, id,
 endpoints (subject and queue group) and figures. A gateway takes its requests over HTTP, so
-it lists no endpoint and names its URL in its metadata (`url`). The requests themselves never go through nats.micro: its handler
-wrapper (nats-py's queue and task per subscription, a Request and two clock reads per message)
-would sit on the hot path, which Lifeline's fast path (service/natsio.py) keeps clear. The
-figures are counters on the existing path (an integer added as a request arrives; the
-milliseconds the engine or the worker measured anyway, and an error count, as it is answered),
-read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`,
+it lists no endpoint and names its URL in its metadata (`url`). The requests themselves never
+go through nats.micro: its handler wrapper (nats-py's queue and task per subscription, a
+Request and two clock reads per message) would sit on the hot path, which Lifeline's fast
+path (service/natsio.py) keeps clear. The figures are counters on the existing path (an
+integer added as a request arrives; the milliseconds the engine or the worker measured anyway,
+and an error count, as it is answered), read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`,
 `max_in_flight` (absent where there is none) and `subscribed`; `problems` reads readiness
 from it.
 """
