@@ -371,13 +371,14 @@ class Health:
         health = self.of(provider, model)
         health.state, health.probe_until = HALF_OPEN, self.clock() + lease_s  # skip it while we ask
         asked_until = health.probe_until
+        since = self._since(health)
         claimed = BreakerState(
             provider=provider,
             model=model,
             state=HALF_OPEN,
             until_unix_ms=self.until_unix_ms(health),
             reason=_PROBE_OUT,
-            since_unix_ms=int(self.wall() * 1000),
+            since_unix_ms=since,
         )
         won = await self.store.claim(claimed)
         if won is False:
@@ -387,11 +388,16 @@ class Health:
             if health.probe_until == asked_until:
                 health.probe_until = self.clock() + _RECLAIM_AFTER_S
             return False
-        self.claim_locally(provider, model, lease_s, announce=won is None)
+        self.claim_locally(provider, model, lease_s, announce=won is None, since_unix_ms=since)
         return True
 
     def claim_locally(
-        self, provider: str, model: str, lease_s: float, announce: bool = True
+        self,
+        provider: str,
+        model: str,
+        lease_s: float,
+        announce: bool = True,
+        since_unix_ms: int | None = None,
     ) -> None:
         """This dispatcher sends the probe; others (here and, via a shared store, elsewhere) keep
         skipping."""
@@ -399,7 +405,7 @@ class Health:
         health.state = HALF_OPEN
         health.probe_until = self.clock() + lease_s
         health.reason = _PROBE_OUT
-        health.since_unix_ms = int(self.wall() * 1000)
+        health.since_unix_ms = self._since(health) if since_unix_ms is None else since_unix_ms
         health.changed = True
         if announce:
             self._changed(health)
@@ -499,7 +505,7 @@ class Health:
         health.state = OPEN
         health.open_until = now + settings.cooldown_s
         health.reason = reason
-        health.since_unix_ms = int(self.wall() * 1000)
+        health.since_unix_ms = self._since(health)
         log.warning(
             "circuit for %s opened: %s; skipping it for %g s",
             health.label,
@@ -514,9 +520,16 @@ class Health:
         health.cleared_s = int(now)
         health.closed_at = now
         health.reason = reason
-        health.since_unix_ms = int(self.wall() * 1000)
+        health.since_unix_ms = self._since(health)
         log.info("circuit for %s closed: %s", health.label, reason)
         self._changed(health)
+
+    def _since(self, health: TargetHealth) -> int:
+        """When `health` takes a new state here, in wall-clock milliseconds: always after its
+        state before, so that the other replicas order one breaker's states as they came here.
+        A probe's close in the very millisecond of its claim would otherwise lose to the
+        half-open there (apply keeps an open or half-open on a tie, as between replicas)."""
+        return max(int(self.wall() * 1000), health.since_unix_ms + 1)
 
     def _changed(self, health: TargetHealth) -> None:
         """A breaker changed state here (not when told by another replica): tell the store."""

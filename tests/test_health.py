@@ -218,10 +218,10 @@ def test_the_store_hears_open_close_and_a_local_claim_but_not_another_replicas_s
     answers(h, 1, probe=True)
     h.claim_locally(P, M, 2.0, announce=False)
     h.apply(P, M, OPEN, 1_100_000, "told by another replica", 1_005_000)
-    assert store.announced == [
-        BreakerState(P, M, OPEN, 1_005_000, "3 failures in a row (last: server_error)", 1_000_000),
+    assert store.announced == [  # each state after the one before, if in the same millisecond
+        BreakerState(P, M, OPEN, 1_005_000, "3 failures in a row (last: server_error)", 1_000_001),
         BreakerState(P, M, HALF_OPEN, 1_007_000, "cooldown over: one probe is out", 1_005_000),
-        BreakerState(P, M, CLOSED, 0, "a probe got an answer", 1_005_000),
+        BreakerState(P, M, CLOSED, 0, "a probe got an answer", 1_005_001),
     ]
     assert state(h) == OPEN
 
@@ -283,6 +283,33 @@ async def test_health_starts_and_stops_its_store_and_says_whether_it_shares():
     assert store.started == []
     await Health().start()  # the local store: nothing to start or stop
     await Health().stop()
+
+
+async def test_a_breaker_opened_claimed_and_closed_in_one_millisecond_closes_at_every_replica():
+    """One replica's open, its probe's claim and the probe's close, all in the same millisecond
+    (a provider that answers at once): each state still comes after the one before, so a
+    replica told them in order ends closed, not half-open (a close no newer than the state it
+    finds loses to it, as it must between replicas)."""
+    store = MemoryStore(answer=True)
+    h, t = make_health(store)  # the wall clock stands still: one millisecond throughout
+    other, _ = make_health()
+    failures(h, 3)
+    assert await h.claim(P, M, 2.0) is True
+    answers(h, 1, probe=True)
+    told = [*store.announced[:1], *store.claims, *store.announced[1:]]
+    assert [b.state for b in told] == [OPEN, HALF_OPEN, CLOSED]
+    opened_at, claimed_at, closed_at = (b.since_unix_ms for b in told)
+    assert 1_000_000 <= opened_at < claimed_at < closed_at <= 1_000_003
+    for breaker in told:
+        other.apply(
+            breaker.provider,
+            breaker.model,
+            breaker.state,
+            breaker.until_unix_ms,
+            breaker.reason,
+            breaker.since_unix_ms,
+        )
+    assert other.of(P, M).state == CLOSED
 
 
 @pytest.mark.parametrize("told", [OPEN, HALF_OPEN])
