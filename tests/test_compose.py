@@ -420,36 +420,30 @@ def test_the_scripts_run_nats_with_the_secrets_and_lifeline_connects_as_its_role
             nats_env = {k: str(v) for k, v in found.items() if k.startswith("NATS_")}
             return {**env, **nats_env, "NATS_URL": f"nats://127.0.0.1:{port}"}
 
-        args = command(compose["services"]["worker-backup"])
-        args[args.index("--config") + 1] = str(ROOT / "lifeline.example.toml")
-        args[args.index("--health-port") + 1] = f"127.0.0.1:{free_port()}"
-        log = tmp_path / "worker.log"
-        with log.open("wb") as out:
-            worker = subprocess.Popen(
-                lifeline("worker-backup", args),
-                env=role_env("worker-backup"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(worker)
+        def start(name: str, changes: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+            """The service's command, its options in `changes` given other values, started
+            as the service would start it; its output in <name>.log."""
+            args = command(compose["services"][name])
+            changes = {"--config": str(ROOT / "lifeline.example.toml"), **changes}
+            for option, value in changes.items():
+                args[args.index(option) + 1] = value
+            log = tmp_path / f"{name}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    lifeline(name, args),
+                    env=role_env(name),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            procs.append(proc)
+            return proc, log
+
+        worker, log = start("worker-backup", {"--health-port": f"127.0.0.1:{free_port()}"})
         _wait_for(log, "worker backup serving", worker)
         assert "auth: user and password (" in log.read_text()
         # the gateway, its API key from its secret
-        args = command(compose["services"]["gateway"])
-        args[args.index("--config") + 1] = str(ROOT / "lifeline.example.toml")
-        args[args.index("--host") + 1] = "127.0.0.1"
-        args[args.index("--port") + 1] = "0"
-        gateway_log = tmp_path / "gateway.log"
-        with gateway_log.open("wb") as out:
-            gateway = subprocess.Popen(
-                lifeline("gateway", args),
-                env=role_env("gateway"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(gateway)
+        gateway, gateway_log = start("gateway", {"--host": "127.0.0.1", "--port": "0"})
         _wait_for(gateway_log, r"gateway on http://\S+/v1 \(.*1 API key", gateway)
         [url] = re.findall(r"gateway on (http://\S+/v1)", gateway_log.read_text())
         key = (secrets_dir / f"{KEYS}.txt").read_text().strip()

@@ -679,12 +679,8 @@ def test_lifeline_run_serves_the_gateway_and_prints_its_url():
             stream and stream.close()
 
 
-async def test_a_body_that_stalls_is_refused_with_408_and_frees_its_request(gateway, monkeypatch):
-    """A client that sends its headers and part of its body, then nothing: without a bound
-    its connection, task and bytes would be held for good; after _BODY_TIMEOUT_S it gets a
-    408 in OpenAI's error shape and the connection is closed."""
-    monkeypatch.setattr("service.gateway._BODY_TIMEOUT_S", 0.3)
-    gw, _, _ = await gateway(config({"main": fake()}))
+async def _half_sent(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to `gw` that has sent a request's headers and 9 of its 500 body bytes."""
     host, port = gw.url.split("//")[1].split("/")[0].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
@@ -692,6 +688,16 @@ async def test_a_body_that_stalls_is_refused_with_408_and_frees_its_request(gate
         b'Content-Length: 500\r\n\r\n{"model":'
     )
     await writer.drain()
+    return reader, writer
+
+
+async def test_a_body_that_stalls_is_refused_with_408_and_frees_its_request(gateway, monkeypatch):
+    """A client that sends its headers and part of its body, then nothing: without a bound
+    its connection, task and bytes would be held for good; after _BODY_TIMEOUT_S it gets a
+    408 in OpenAI's error shape and the connection is closed."""
+    monkeypatch.setattr("service.gateway._BODY_TIMEOUT_S", 0.3)
+    gw, _, _ = await gateway(config({"main": fake()}))
+    reader, writer = await _half_sent(gw)
     answer = await asyncio.wait_for(reader.read(), 10)  # all of it: the gateway closes
     writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -705,13 +711,7 @@ async def test_a_body_that_stalls_is_refused_with_408_and_frees_its_request(gate
 
 async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(gateway, caplog):
     gw, _, _ = await gateway(config({"main": fake()}))
-    host, port = gw.url.split("//")[1].split("/")[0].split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b'Content-Length: 500\r\n\r\n{"model":'
-    )
-    await writer.drain()
+    _, writer = await _half_sent(gw)
     await asyncio.sleep(0.2)
     writer.close()  # gone, 492 bytes short
     await asyncio.sleep(0.3)
