@@ -46,8 +46,16 @@ async def _waiting_jobs(client, settle_s: float = 2.0) -> int:
         await asyncio.sleep(0.05)
 
 
-async def kept_audit_events(client) -> list[Any]:
-    """Every audit event the audit stream keeps, oldest first."""
+async def kept_audit_events(client, at_least: int) -> list[Any]:
+    """Every audit event the audit stream keeps, oldest first, once it keeps at least
+    `at_least`: the stream stores an event a moment after core subscribers see it."""
+    stream = AuditSettings().stream
+
+    async def stored() -> bool:
+        info = await client.jetstream().stream_info(stream)
+        return info.state.messages >= at_least
+
+    await wait_for(stored, timeout_s=10, what=f"{at_least} events in {stream}")
     return [
         audit_decoder.decode(data)
         async for data in read_events(client.jetstream(), AuditSettings(), 0, False)
@@ -204,7 +212,7 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         )
         assert consumer.delivered.consumer_seq > len(ids)  # the killed one's jobs came again
         # And one terminal audit event per id, kept in the audit stream.
-        events = await kept_audit_events(client)
+        events = await kept_audit_events(client, len(ids))
         assert Counter(e.id for e in events) == Counter(ids)
     finally:
         service.stop()
@@ -237,7 +245,7 @@ async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_i
     assert jobs.handled == 0  # no provider call
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.status) == ("llm.audit.ok", "orphan", "ok")
-    events = await kept_audit_events(client)
+    events = await kept_audit_events(client, 1)
     assert [e.id for e in events] == ["orphan"]
     assert (await result_of(client, "orphan")).content == "stored before dying"
 
@@ -288,7 +296,7 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
     reply = await result_of(client, "kept-later")  # stored on its second delivery
     assert reply.status == "ok" and [key for key, _ in failures] == [subjects.job_key("kept-later")]
     await asyncio.sleep(0.5)
-    events = await kept_audit_events(client)
+    events = await kept_audit_events(client, 1)
     assert [(e.id, e.trace_id) for e in events] == [("kept-later", reply.trace_id)]
     assert failures and failures[0][1].trace_id != reply.trace_id  # two runs, two traces
 
@@ -323,7 +331,7 @@ async def test_an_answer_is_held_while_the_results_bucket_is_briefly_unreachable
     assert await _waiting_jobs(client) == 0  # acknowledged
     consumer = await client.jetstream().consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
     assert consumer.delivered.consumer_seq == 1  # never delivered again
-    events = await kept_audit_events(client)
+    events = await kept_audit_events(client, 1)
     assert [(e.id, e.trace_id) for e in events] == [("held", reply.trace_id)]
 
     tries.clear()  # a bucket that refuses (not unreachable) is not waited out
@@ -450,7 +458,7 @@ async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_even
         assert (await result_of(client, job_id)).status == "ok"
     await audit.wait_for(2)
     await asyncio.sleep(0.3)
-    kept = await kept_audit_events(client)
+    kept = await kept_audit_events(client, 2)
     assert len(kept) == 2
 
 
