@@ -267,8 +267,13 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
 
         # A request alice gives up on: her client aborts it (llm.abort), the dispatcher stops it
         # and cancels its call at the worker.
+        async def slow_in_flight() -> int:
+            [stats] = await discovery.ask(operator, "STATS", subjects.worker_service("slow"))
+            [provider] = [e for e in stats["endpoints"] if e["name"] == "provider"]
+            return provider["data"]["in_flight"]
+
         call = asyncio.ensure_future(Lifeline(alice).complete("Hi", route="stoppable", id="gone"))
-        await asyncio.sleep(0.3)
+        await wait_for(slow_in_flight, 5, "the call running at the slow worker")
         call.cancel()
 
         async def aborted_at_the_worker() -> bool:
