@@ -8,7 +8,6 @@ per provider, just in one process for convenience.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from nats.aio.client import Client
 from opentelemetry.sdk.metrics import MeterProvider
 
 from schemas import subjects
+from service import natsio
 from service.config import Config
 from service.discovery import Responder, dispatcher_endpoints, worker_endpoints
 from service.dispatcher import Dispatcher
@@ -281,12 +281,9 @@ class Component:
         try:  # drain flushes replies still buffered; a vanished server must not hang shutdown
             await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
         except (TimeoutError, nats.errors.Error):
-            # While the server is gone (the stop came during an outage), nats-py's close
-            # writes what it buffered for the server (its own UNSUBs at least) into the dead
-            # socket, which raises (OSError; RuntimeError on uvloop) once the connection is
-            # closed: nothing to report, and no reason to exit 1.
-            with contextlib.suppress(OSError, RuntimeError):
-                await self.nc.close()
+            # The server is gone (the stop came during an outage): nothing buffered for it
+            # can go out, nothing to report, and no reason to exit 1.
+            await natsio.close(self.nc)
 
 
 async def start_dispatcher(

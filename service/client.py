@@ -63,7 +63,7 @@ from schemas.errors import RESEND
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
-from service import jetstream, natsopts
+from service import jetstream, natsio, natsopts
 from service.jobstore import ensure_jobs
 
 __all__ = [
@@ -324,11 +324,8 @@ class Lifeline:
 
     async def close(self) -> None:
         """Close the connection (one that connect() made; a connection of your own stays open)."""
-        if self._owns and not self.nc.is_closed:
-            # While the server is gone, nats-py's close writes what it buffered for it into
-            # the dead socket and raises (OSError; RuntimeError on uvloop), closed all the same.
-            with contextlib.suppress(OSError, RuntimeError):
-                await self.nc.close()
+        if self._owns:
+            await natsio.close(self.nc)  # also while the server is gone
 
     async def __aenter__(self) -> Self:
         return self

@@ -129,6 +129,23 @@ async def stop_taking(sub: Subscription) -> None:
         pass
 
 
+async def close(nc: Client) -> None:
+    """`nc.close()`, also while the server is gone.
+
+    nats-py 2.16's close writes what it buffered for the server (its own UNSUBs, requests
+    made during the outage) into the transport even when that transport has died. That raises
+    (OSError; RuntimeError on uvloop; TypeError on Python 3.13's asyncio, whose closed
+    transport has dropped its write callback) and leaves the close half done: the transport
+    is not closed, the subscriptions are not cancelled, no closed callback runs. Nothing in
+    that buffer can reach a server that is gone, so it is dropped first."""
+    if nc.is_closed:
+        return
+    if not nc.is_connected:
+        nc._pending = []
+        nc._pending_data_size = 0
+    await nc.close()
+
+
 # ---- the hot path: a contained adapter over nats-py's read and write path ------------------
 #
 # nats-py hands each message from its read loop to a coroutine (_process_msg), a per-

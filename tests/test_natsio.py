@@ -17,6 +17,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from helpers import wait_for
 from service import natsio
+from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed, fast_path, stop_taking
 
 
@@ -334,6 +335,38 @@ async def test_a_write_that_fails_leaves_its_messages_to_nats_pys_reconnect(nats
         nc._transport.writelines = real
     finally:
         await nc.close()
+
+
+async def test_a_connection_closed_while_its_server_is_gone_closes_whole():
+    """nats-py's own close, while it reconnects, writes what it buffered into the dead
+    transport and raises there (ConnectionResetError; TypeError on Python 3.13), before its
+    closed callback and with the socket left open. natsio.close drops what cannot be sent and
+    closes whole."""
+    server = EmbeddedNats(port=-1)
+    server.start()
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    async def ignore(msg: Msg) -> None:
+        pass
+
+    try:
+        nc = await nats.connect(
+            server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1, closed_cb=on_closed
+        )
+        await nc.subscribe("gone.soon", cb=ignore)
+        await ensure_subscribed(nc)
+        server.stop()
+        await wait_for(lambda: nc.is_reconnecting, 5, "nats-py noticing the server is gone")
+        await nc.publish("buffered.for.later", b"never sent")  # waits in nats-py's buffer
+        transport = nc._transport
+        await asyncio.wait_for(natsio.close(nc), 5)
+        assert nc.is_closed and closed.is_set()
+        assert transport is None or nc._transport is None or transport._io_writer.is_closing()
+    finally:
+        server.stop()
 
 
 async def test_a_fast_subscriptions_messages_keep_their_order_around_other_frames(nats_url):
