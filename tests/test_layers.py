@@ -118,6 +118,7 @@ def test_the_python_client_loads_nats_and_the_wire_and_nothing_of_the_dispatcher
         "service.embedded",
         "service.jetstream",
         "service.jobstore",
+        "service.natsio",  # NATS helpers both sides use (close)
         "service.natsopts",
     }
     assert not any(m.startswith(("faststream", "jsonschema")) for m in loaded)
