@@ -137,11 +137,12 @@ async def connect(
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
-            "%s: NATS at %s: %s: %s",
+            "%s: NATS at %s: %s: %s%s",
             name,
             options.shown,
             type(exc).__name__,
             exc or "retrying",
+            _CLOSED_BY_SERVER if connected and isinstance(exc, _CLOSES) else "",
         )
         if watch is not None:
             watch.on_error(exc)
@@ -174,6 +175,15 @@ async def connect(
     if watch is not None:
         watch.nc = nc
     return nc
+
+
+# How a connection the server closes shows in nats-py, and what that can mean.
+_CLOSES = (ConnectionResetError, nats.errors.UnexpectedEOF)
+_CLOSED_BY_SERVER = (
+    " (the server closed the connection: it restarted, or this process fell behind by more "
+    "than the server's max_pending and was cut as a slow consumer, which drops the messages "
+    "the server held for it; see the README's Limits and overload)"
+)
 
 
 def _unreachable_hint(options: NatsOptions) -> str:

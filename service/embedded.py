@@ -22,6 +22,13 @@ from typing import Self
 
 _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 
+# How far one client (a dispatcher, a worker) may fall behind before the server closes its
+# connection as a slow consumer, dropping every message it held for it: requests that then
+# get no reply and no audit event. nats-server's default, 64 MiB, is a burst of about 70
+# requests near max_payload (or 700 of 100 KB) sent faster than a dispatcher reads them; a
+# cap on a backlog, not memory set aside. See the README's "Limits and overload".
+MAX_PENDING = "1GB"
+
 
 def _load_prctl() -> Callable[..., int] | None:
     """Linux's prctl, looked up in the parent so that the forked child only calls it."""
@@ -82,10 +89,9 @@ class EmbeddedNats:
         args = [server_binary(), "-a", self.host, "-p", str(self.port), "-l", str(log_path)]
         if self.jetstream:
             args += ["-js", "-sd", self.store_dir]
-        if self.conf:
-            conf_path = Path(self.store_dir) / "nats.conf"
-            conf_path.write_text(self.conf)
-            args += ["-c", str(conf_path)]
+        conf_path = Path(self.store_dir) / "nats.conf"
+        conf_path.write_text(f"max_pending: {MAX_PENDING}\n{self.conf}")  # self.conf may override
+        args += ["-c", str(conf_path)]
         # Its own session: a Ctrl-C in the terminal reaches Lifeline, which drains its
         # connections and only then stops the server (not both at once). preexec_fn is the only
         # way to set the child's parent-death signal; it makes one prctl call, nothing else.

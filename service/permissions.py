@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from schemas import subjects
 from service.config import Config
+from service.embedded import MAX_PENDING
 
 CLIENT = "client"
 DISPATCHER = "dispatcher"
@@ -320,7 +321,18 @@ def render(found: Iterable[User], source: str = "") -> str:
         if user.role == DISPATCHER:
             how += " (its default)"
         lines.append(f"#   {user.password_env:<{width}}  {user.name}: {user.role}{how}")
-    lines += ["", "jetstream: enabled", "", "authorization {", "  users = ["]
+    lines += [
+        "",
+        "jetstream: enabled",
+        "",
+        "# How far one client (a dispatcher, a worker) may fall behind before the server closes",
+        "# it as a slow consumer and drops every message it held for it. nats-server's default,",
+        "# 64MB, is a burst of about 70 requests near max_payload (1MB).",
+        f"max_pending: {MAX_PENDING}",
+        "",
+        "authorization {",
+        "  users = [",
+    ]
     for user in found:
         lines += _user_block(user)
     lines += ["  ]", "}", ""]

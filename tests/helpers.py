@@ -252,13 +252,20 @@ class Ledger:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Publish `payload` as request `request_id`; reply="" means the ledger's own inbox."""
+        if reply == "":
+            reply = self.reply_to(request_id)
+        else:
+            self.reply_to(request_id)
+        await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "", headers=headers)
+
+    def reply_to(self, request_id: str) -> str:
+        """The ledger's reply subject for request `request_id`, for one sent on another
+        connection; it counts from now."""
         self._n += 1
         token = str(self._n)
         self.ids[token] = request_id
         self.sent_at[request_id] = time.monotonic()
-        if reply == "":
-            reply = f"{self.inbox}.{token}"
-        await self.nc.publish(subjects.COMPLETE, payload, reply=reply or "", headers=headers)
+        return f"{self.inbox}.{token}"
 
     async def settle(
         self, replies: int, audits: int, timeout_s: float = 30, quiet_s: float = 0.3

@@ -435,6 +435,38 @@ async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_
     await still_serving(ledger)
 
 
+async def test_a_burst_of_long_prompts_beyond_the_servers_default_backlog_loses_none(
+    service, server, ledger
+):
+    """Long prompts sent faster than the dispatchers read them wait at the server. Past
+    nats-server's default max_pending (64 MiB, about 330 of these) it would close a
+    dispatcher's connection as a slow consumer and drop all it held for it: requests with
+    neither a reply nor an audit event. The embedded server allows a larger backlog."""
+    size, burst, senders = 200_000, 2000, 4
+    ids = [f"long-{n}" for n in range(burst)]
+    text = "x" * size
+    connections = [await nats.connect(server.url, pending_size=256 * 2**20) for _ in range(senders)]
+
+    async def send(connection: Any, mine: list[str]) -> None:
+        for request_id in mine:
+            payload = request(request_id, text, route="slow", timeout_s=10)
+            await connection.publish("llm.complete", payload, reply=ledger.reply_to(request_id))
+        await connection.flush(timeout=60)
+
+    try:
+        await asyncio.gather(*(send(c, ids[k::senders]) for k, c in enumerate(connections)))
+        await ledger.settle(burst, burst, timeout_s=60)
+    finally:
+        for connection in connections:
+            await connection.close()
+    ledger.assert_exactly_once(ids)
+    outcomes = Counter(
+        ledger.reply_of[i].error.type if ledger.reply_of[i].error else "ok" for i in ids
+    )
+    assert set(outcomes) <= {"ok", "overloaded"} and outcomes["ok"] >= MAX_IN_FLIGHT, outcomes
+    await still_serving(ledger)
+
+
 async def test_a_request_that_cannot_start_before_its_deadline_is_not_sent_to_a_provider(
     service, ledger
 ):
@@ -467,7 +499,8 @@ def revoke(server: EmbeddedNats) -> None:
     """Change the server's token and reload its config: it closes the connections that used the
     old one."""
     assert server.store_dir is not None and server.pid is not None
-    (Path(server.store_dir) / "nats.conf").write_text('authorization { token: "another-token" }\n')
+    conf = Path(server.store_dir) / "nats.conf"
+    conf.write_text(conf.read_text().replace(TOKEN, "another-token"))
     os.kill(server.pid, signal.SIGHUP)
 
 
@@ -551,6 +584,10 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
                     break
             assert ledger.reply_of["after-restart"].status == "ok"
             assert dispatcher.proc.poll() is None
+            # What a closed connection can mean, said where an operator looks first.
+            assert "or this process fell behind by more than the server's max_pending" in (
+                dispatcher.log()
+            )
         finally:
             await nc.close()
     finally:
