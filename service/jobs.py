@@ -55,6 +55,12 @@ from service.transport import ClientStream, fitted
 log = logging.getLogger("lifeline.jobs")
 
 _FETCH_WAIT_S = 1.0  # one pull's wait for jobs; the loop checks for stop between pulls
+# What one pull may bring at most, counting each job as large as the server allows: a batch
+# that arrives at once waits at the server until it is read, and past the server's
+# max_pending (64 MiB by default) the server would cut the whole connection (README, Limits
+# and overload). nats-py's fetch takes no byte limit, so the batch is sized for the worst case.
+_FETCH_MAX_BYTES = 16 * 1024 * 1024
+_FETCH_MAX_JOBS = 64
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
 _MAX_ASKED_ID = 4096  # bytes of an id asked for on llm.jobs.result (a header-only id may be long)
@@ -73,6 +79,11 @@ _UNREACHABLE = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+
+def fetch_batch(max_payload: int) -> int:
+    """Jobs one pull asks for: up to 64, and no more than 16 MiB of the largest ones."""
+    return max(1, min(_FETCH_MAX_JOBS, _FETCH_MAX_BYTES // max(max_payload, 1)))
 
 
 class _NotStored(Exception):
@@ -198,7 +209,8 @@ class Jobs:
                 await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await self._sub.fetch(min(free, 64), timeout=_FETCH_WAIT_S)
+                batch = min(free, fetch_batch(self.nc.max_payload))
+                msgs = await self._sub.fetch(batch, timeout=_FETCH_WAIT_S)
             except TimeoutError:  # nats-py raises its own and asyncio's: no jobs this second
                 continue
             except Exception as exc:  # noqa: BLE001 - this loop must outlive any one failure

@@ -22,6 +22,7 @@ from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import read_events
 from service.config import AuditSettings, JobsSettings, parse_config
 from service.jetstream import hint as jetstream_hint
+from service.jobs import fetch_batch
 from service.jobstore import ensure_jobs
 
 
@@ -158,6 +159,14 @@ async def test_an_invalid_job_gets_an_error_result_at_once_and_is_not_redelivere
     assert (reply.status, reply.error.type) == ("error", "invalid_request")
     await wait_for(lambda: stack.dispatcher.jobs.in_flight == 0, timeout_s=5)
     assert await _waiting_jobs(client) == 0  # acknowledged: gone from the work queue
+
+
+def test_one_pull_brings_at_most_16_mib_of_the_largest_jobs():
+    """A batch arriving at once waits at the server until read; counted at max_payload each,
+    a pull stays far below nats-server's default max_pending (64 MiB)."""
+    assert fetch_batch(1024 * 1024) == 16  # nats-server's default max_payload
+    assert fetch_batch(64 * 1024) == 64  # small jobs: the batch's own bound
+    assert fetch_batch(64 * 1024 * 1024) == 1
 
 
 async def test_a_long_job_is_held_by_heartbeats_past_its_ack_wait(lifeline, client, audit):
