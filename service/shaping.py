@@ -16,11 +16,16 @@ output_validator()       what the request asks of an answer, as checks: response
 from __future__ import annotations
 
 import math
+import re
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jsonschema
+import jsonschema._keywords
+import jsonschema._utils
 import msgspec
 import regex
 from msgspec import Struct
@@ -186,6 +191,36 @@ _MAX_PATTERN_CHARS = 1000
 Check = Callable[[ProviderOk], ProviderOk | str]  # the answer (perhaps unfenced), or what failed
 
 
+class _Patterns(threading.local):
+    """Stands in for the `re` module inside jsonschema's keyword code, which runs a schema's
+    regular expressions (`pattern`, and `patternProperties` for its own keyword and for
+    `additionalProperties` and `unevaluatedProperties`) with re, which cannot be stopped: a
+    request's schema with nested quantifiers, such as "^(a+)+$", on an answer of 30 letters
+    would hold the event loop, and every other request, for minutes. While an answer is
+    checked (`within`), each such search runs on the regex module with what is left of the
+    answer's budget, and past it raises TimeoutError; at any other time it is re's own.
+    Upstream, jsonschema has no way to choose the engine yet (python-jsonschema/jsonschema
+    #1142, PR #1561); tests/test_shaping.py fails if the modules stop calling re.search."""
+
+    deadline: float | None = None
+
+    def search(self, pattern: str, string: str, flags: int = 0) -> Any:
+        if self.deadline is None:
+            return re.search(pattern, string, flags)
+        left = self.deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError
+        return regex.search(pattern, string, flags, timeout=left)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
+
+
+_PATTERNS = _Patterns()
+jsonschema._keywords.re = _PATTERNS  # type: ignore[attr-defined]
+jsonschema._utils.re = _PATTERNS  # type: ignore[attr-defined]
+
+
 class Validator:
     """Checks a good answer against what the request asked; the first check that fails makes
     it an invalid_output failure. Messages say where the answer failed, never quote it (the
@@ -197,11 +232,15 @@ class Validator:
         self.checks = tuple(checks)
 
     def __call__(self, answer: ProviderOk) -> ProviderOk | ProviderFailure:
-        for check in self.checks:
-            result = check(answer)
-            if isinstance(result, str):
-                return ProviderFailure("invalid_output", result)
-            answer = result
+        _PATTERNS.deadline = time.perf_counter() + _REGEX_TIMEOUT_S  # for the whole answer
+        try:
+            for check in self.checks:
+                result = check(answer)
+                if isinstance(result, str):
+                    return ProviderFailure("invalid_output", result)
+                answer = result
+        finally:
+            _PATTERNS.deadline = None
         return answer
 
 
@@ -265,7 +304,13 @@ def _compiled(schema: dict[str, Any], where: str) -> jsonschema.protocols.Valida
 def _schema_error(validator: jsonschema.protocols.Validator, value: Any) -> str | None:
     """Where `value` fails `validator`, said from the schema's side (jsonschema's own message
     quotes the value)."""
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except TimeoutError:
+        return (
+            f"the schema's patterns took over {_REGEX_TIMEOUT_S * 1000:g} ms on the answer; "
+            "simplify them (nested quantifiers such as (a+)+ take time exponential in the text)"
+        )
     if error is None:
         return None
     # The place in the schema, not in the value: a value's own keys (under

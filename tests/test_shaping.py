@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
+import jsonschema
 import pytest
 
 from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
-from schemas.wire import JsonSchemaFormat, ResponseFormat
+from schemas.wire import JsonSchemaFormat, ResponseFormat, Tool, ToolCall
+from service import shaping
 from service.shaping import Template
 from service.shaping import (
     Shaping,
@@ -246,3 +250,81 @@ def test_a_schema_failure_says_where_in_the_schema_never_the_values_own_keys():
     failure = check(ProviderOk('{"my card is 4111 1111 1111 1111": 5}', "m"))
     assert isinstance(failure, ProviderFailure) and "4111" not in failure.message
     assert "at schema additionalProperties, type" in failure.message
+
+
+# ---- a schema's regular expressions cannot hold the event loop --------------------------
+
+EXPONENTIAL = "^(a|a)+$"  # each extra letter doubles the time to fail, in re and in regex
+LONG_NO = "a" * 24 + "!"  # about a second in re; 40 letters would be days
+# Matches a string of a's, after failing its first branch the exponential way.
+SLOW_YES = "^(?:(a|a)+!|a+)$"
+
+
+@pytest.mark.parametrize(
+    ("spec", "content"),
+    [
+        (  # pattern, on a value
+            {"type": "object", "properties": {"x": {"type": "string", "pattern": EXPONENTIAL}}},
+            json.dumps({"x": LONG_NO}),
+        ),
+        (  # patternProperties, on a key
+            {"type": "object", "patternProperties": {EXPONENTIAL: {"type": "integer"}}},
+            json.dumps({LONG_NO: 1}),
+        ),
+        (  # additionalProperties asks patternProperties of every key
+            {
+                "type": "object",
+                "patternProperties": {EXPONENTIAL: {}},
+                "additionalProperties": False,
+            },
+            json.dumps({LONG_NO: 1}),
+        ),
+        (  # propertyNames
+            {"type": "object", "propertyNames": {"pattern": EXPONENTIAL}},
+            json.dumps({LONG_NO: 1}),
+        ),
+    ],
+)
+def test_a_schemas_pattern_that_backtracks_exponentially_fails_the_answer_in_its_budget(spec, content):
+    result = check(schema(spec), content)
+    assert isinstance(result, ProviderFailure) and result.kind == "invalid_output"
+    assert "patterns took over 50 ms" in result.message and "simplify" in result.message
+
+
+def test_a_tool_calls_arguments_share_one_budget_for_the_whole_answer():
+    """A thousand tool calls whose arguments each pass a pattern after a few milliseconds
+    of backtracking: seconds in all, so the budget is the answer's, not one per call."""
+    parameters = {"type": "object", "properties": {"x": {"type": "string", "pattern": SLOW_YES}}}
+    validator = output_validator(
+        CompletionRequest([ChatMessage("user", "x")], tools=[Tool("t", parameters=parameters)])
+    )
+    one = [ToolCall("c0", "t", json.dumps({"x": "a" * 14}))]
+    assert validator(ProviderOk("", "m", tool_calls=one)) == ProviderOk("", "m", tool_calls=one)
+    calls = [ToolCall(f"c{n}", "t", json.dumps({"x": "a" * 14})) for n in range(1000)]
+    result = validator(ProviderOk("", "m", tool_calls=calls))
+    assert isinstance(result, ProviderFailure) and "patterns took over 50 ms" in result.message
+
+
+def test_patterns_still_decide_as_before_and_outside_a_check_are_res_own():
+    spec = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}
+    assert check(schema(spec), '{"code": "ABC"}') == answer('{"code": "ABC"}')
+    failure = check(schema(spec), '{"code": "abcd"}')
+    assert isinstance(failure, ProviderFailure) and 'pattern "^[A-Z]{3}$" fails' in failure.message
+    # Other users of jsonschema in the process see re itself, without a budget.
+    assert jsonschema.Draft202012Validator({"pattern": "^a"}).is_valid("abc")
+
+
+def test_jsonschema_still_runs_its_patterns_through_the_module_lifeline_replaces():
+    """The budget works by standing in for `re` in these jsonschema modules: if a jsonschema
+    release matches patterns another way, this fails rather than the budget quietly going."""
+    import jsonschema._keywords as keywords
+    import jsonschema._utils as utils
+
+    for function in (
+        keywords.pattern,
+        keywords.patternProperties,
+        utils.find_additional_properties,
+        utils.find_evaluated_property_keys_by_schema,
+    ):
+        assert "re.search(" in inspect.getsource(function), function.__name__
+    assert keywords.re is shaping._PATTERNS and utils.re is shaping._PATTERNS
