@@ -291,6 +291,8 @@ def _compiled(schema: dict[str, Any], where: str) -> jsonschema.protocols.Valida
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
         raise ValueError(f"{where} is not a valid JSON Schema: {exc.message}") from None
+    except RecursionError:  # msgspec reads deeper JSON than jsonschema can walk
+        raise ValueError(f"{where} is nested too deeply to check answers against") from None
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
@@ -311,6 +313,8 @@ def _schema_error(validator: jsonschema.protocols.Validator, value: Any) -> str 
             f"the schema's patterns took over {_REGEX_TIMEOUT_S * 1000:g} ms on the answer; "
             "simplify them (nested quantifiers such as (a+)+ take time exponential in the text)"
         )
+    except RecursionError:
+        return "the answer is nested too deeply to check against the schema"
     if error is None:
         return None
     # The place in the schema, not in the value: a value's own keys (under
@@ -342,6 +346,8 @@ class _JsonCheck:
             value = _decode(text)
         except msgspec.DecodeError as exc:
             return f"the answer is not valid JSON ({exc}; {len(text)} characters)"
+        except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow
+            return f"the answer's JSON is nested too deeply to read ({len(text)} characters)"
         if self.validator is None:
             if not isinstance(value, dict):
                 return f"json_object asks for an object; the answer is a {type(value).__name__}"
@@ -415,6 +421,8 @@ class _ToolCheck:
                 arguments = _decode(call.arguments)
             except msgspec.DecodeError as exc:
                 return f"the arguments of tool call {call.id!r} are not valid JSON ({exc})"
+            except RecursionError:
+                return f"the arguments of tool call {call.id!r} are nested too deeply to read"
             if not isinstance(arguments, dict):
                 return f"the arguments of tool call {call.id!r} are not a JSON object"
             validator = self.tools[call.name]

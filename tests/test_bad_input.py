@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from helpers import USER_HELLO, ask, config, fake
 from schemas.wire import encoder
+
+
+def deep_schema(depth: int) -> dict[str, Any]:
+    """A json_schema response_format whose schema nests `depth` levels of properties (within
+    msgspec's nesting limit, beyond what jsonschema's recursion can check)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+
 
 CASES = {
     "malformed JSON": (b'{"messages": [', "invalid_request", "JSON"),
@@ -82,3 +94,23 @@ async def test_a_request_without_a_reply_subject_is_still_audited(stack, client,
     await client.publish("llm.complete", encoder.encode({**USER_HELLO, "id": "fire-and-forget"}))
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.status) == ("llm.audit.ok", "fire-and-forget", "ok")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"response_format": deep_schema(150)},
+        {"tools": [{"name": "t", "parameters": deep_schema(150)["json_schema"]["schema"]}]},
+    ],
+    ids=["response_format", "tools"],
+)
+async def test_a_schema_too_deep_to_check_is_refused_as_invalid(lifeline, client, audit, fields):
+    """msgspec reads it, but checking an answer against it would recurse past Python's
+    limit: refused up front, with one reply and one audit event, and nothing else harmed."""
+    await lifeline(config({"primary": fake()}))
+    reply = await ask(client, {**USER_HELLO, **fields})
+    assert reply.error is not None and reply.error.type == "invalid_request", reply
+    assert "nested too deeply" in reply.error.message
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "invalid_request"
+    assert (await ask(client, USER_HELLO)).status == "ok"

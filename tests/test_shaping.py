@@ -285,7 +285,9 @@ SLOW_YES = "^(?:(a|a)+!|a+)$"
         ),
     ],
 )
-def test_a_schemas_pattern_that_backtracks_exponentially_fails_the_answer_in_its_budget(spec, content):
+def test_a_schemas_pattern_that_backtracks_exponentially_fails_the_answer_in_its_budget(
+    spec, content
+):
     result = check(schema(spec), content)
     assert isinstance(result, ProviderFailure) and result.kind == "invalid_output"
     assert "patterns took over 50 ms" in result.message and "simplify" in result.message
@@ -328,3 +330,43 @@ def test_jsonschema_still_runs_its_patterns_through_the_module_lifeline_replaces
     ):
         assert "re.search(" in inspect.getsource(function), function.__name__
     assert keywords.re is shaping._PATTERNS and utils.re is shaping._PATTERNS
+
+
+# ---- answers nested deeper than can be read or checked -----------------------------------
+
+RECURSIVE = {
+    "$defs": {"n": {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}}},
+    "$ref": "#/$defs/n",
+}
+
+
+def nested(depth: int) -> str:
+    return '{"a":' * depth + "{}" + "}" * depth
+
+
+@pytest.mark.parametrize(
+    ("response_format", "depth", "says"),
+    [
+        (ResponseFormat("json_object"), 100_000, "nested too deeply to read"),
+        (schema(RECURSIVE, "r"), 100_000, "nested too deeply to read"),
+        (schema(RECURSIVE, "r"), 900, "nested too deeply to check"),  # read, then recursed on
+    ],
+)
+def test_an_answer_nested_too_deeply_is_invalid_output_not_a_crash(response_format, depth, says):
+    result = check(response_format, nested(depth))
+    assert isinstance(result, ProviderFailure) and result.kind == "invalid_output"
+    assert says in result.message
+    assert check(response_format, nested(50)) == answer(nested(50))  # a sane depth passes
+
+
+def test_tool_arguments_nested_too_deeply_are_invalid_output_not_a_crash():
+    validator = output_validator(
+        CompletionRequest([ChatMessage("user", "x")], tools=[Tool("t", parameters=RECURSIVE)])
+    )
+    for depth, says in (
+        (100_000, "nested too deeply to read"),
+        (900, "nested too deeply to check"),
+    ):
+        calls = [ToolCall("c", "t", nested(depth))]
+        result = validator(ProviderOk("", "m", tool_calls=calls))
+        assert isinstance(result, ProviderFailure) and says in result.message, result
