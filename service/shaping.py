@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jsonschema
@@ -187,6 +187,8 @@ _CACHED_SCHEMA_BYTES = 16 * 1024
 # quantifiers on a long answer) must not stall every other request for long.
 _REGEX_TIMEOUT_S = 0.05
 _MAX_PATTERN_CHARS = 1000
+_MAX_REPEATS = 100_000  # counted repeats multiplied: about 40 ms to compile, at the most
+_COUNTED_REPEAT = re.compile(r"(?<!\\)\{(\d*)(?:,(\d*))?\}")
 
 Check = Callable[[ProviderOk], ProviderOk | str]  # the answer (perhaps unfenced), or what failed
 
@@ -293,6 +295,8 @@ def _compiled(schema: dict[str, Any], where: str) -> jsonschema.protocols.Valida
         raise ValueError(f"{where} is not a valid JSON Schema: {exc.message}") from None
     except RecursionError:  # msgspec reads deeper JSON than jsonschema can walk
         raise ValueError(f"{where} is nested too deeply to check answers against") from None
+    for pattern in _schema_patterns(schema):  # compiled now, and by the regex module's cache
+        _regex_of(pattern, f"{where}: the pattern {pattern[:40]!r}")
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
@@ -358,16 +362,50 @@ class _JsonCheck:
         return msgspec.structs.replace(answer, content=text) if text != answer.content else answer
 
 
+def _regex_of(pattern: str, where: str) -> regex.Pattern[str]:
+    """A request's regular expression, compiled by the regex module once it is known to
+    compile quickly: the module builds every counted repeat out ({n}, {m,n}), in time and
+    memory that grow with the counts multiplied and cannot be stopped (19 characters,
+    "(?:a{60000}){60000}", never finish), so their product is capped; ValueError says why
+    not."""
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise ValueError(f"{where} is over {_MAX_PATTERN_CHARS} characters")
+    repeats = 1
+    for low, high in _COUNTED_REPEAT.findall(pattern):
+        count = high or low or "1"
+        repeats *= max(int(count), 1) if len(count) < 10 else _MAX_REPEATS + 1
+        if repeats > _MAX_REPEATS:
+            raise ValueError(
+                f"{where} has counted repeats ({{n}}, {{m,n}}) that multiply to over "
+                f"{_MAX_REPEATS:,}; use + or * for long runs"
+            )
+    try:
+        return regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"{where} is not a regular expression: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply") from None
+
+
+def _schema_patterns(node: Any) -> Iterator[str]:
+    """Every regular expression in a JSON Schema: `pattern` values, `patternProperties` keys."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                yield value
+            elif key == "patternProperties" and isinstance(value, dict):
+                yield from value
+            yield from _schema_patterns(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _schema_patterns(item)
+
+
 def _regex_check(pattern: str | None) -> Check:
     """response_format regex: the whole answer (without surrounding whitespace) matches."""
     if not pattern:
         raise ValueError('response_format type "regex" needs a pattern')
-    if len(pattern) > _MAX_PATTERN_CHARS:
-        raise ValueError(f"response_format.pattern is over {_MAX_PATTERN_CHARS} characters")
-    try:
-        compiled = regex.compile(pattern)
-    except regex.error as exc:
-        raise ValueError(f"response_format.pattern is not a regular expression: {exc}") from None
+    compiled = _regex_of(pattern, "response_format.pattern")
 
     def check(answer: ProviderOk) -> ProviderOk | str:
         text = answer.content.strip()

@@ -370,3 +370,34 @@ def test_tool_arguments_nested_too_deeply_are_invalid_output_not_a_crash():
         calls = [ToolCall("c", "t", nested(depth))]
         result = validator(ProviderOk("", "m", tool_calls=calls))
         assert isinstance(result, ProviderFailure) and says in result.message, result
+
+
+# ---- patterns that would take long to compile are refused up front -----------------------
+
+COMPILE_BOMB = "(?:a{1500}){1000}"  # the regex module builds 1.5 million repeats: ~a second
+# (and "(?:a{60000}){60000}" would never finish, holding the event loop and its memory)
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        ResponseFormat("regex", pattern=COMPILE_BOMB),
+        schema({"type": "string", "pattern": COMPILE_BOMB}),
+        schema({"type": "object", "patternProperties": {COMPILE_BOMB: {}}}),
+    ],
+    ids=["regex", "pattern", "patternProperties"],
+)
+def test_a_pattern_whose_counted_repeats_multiply_past_the_cap_is_refused(response_format):
+    with pytest.raises(ValueError, match=r"counted repeats .* multiply to over 100,000"):
+        validator_for(response_format)
+
+
+def test_a_pattern_nested_too_deeply_for_the_regex_module_is_refused():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        validator_for(ResponseFormat("regex", pattern="(" * 490 + "a" + ")" * 490))
+
+
+def test_ordinary_counted_repeats_are_fine():
+    iso = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"
+    assert validator_for(ResponseFormat("regex", pattern=iso)) is not None
+    assert validator_for(schema({"type": "string", "pattern": "^.{1,50000}$"})) is not None
