@@ -54,6 +54,10 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Requests a dispatcher works on at once; beyond it a request is answered at once with
     # "overloaded" (and a retry_after_s hint) instead of queueing without limit.
     max_in_flight: Annotated[int, Meta(ge=1)] = 1000
+    # The bytes of the requests it works on at once (their bodies as sent; holding one costs
+    # two to four times that): long prompts meet this bound before max_in_flight. A request
+    # arriving while nothing else is in flight is always taken (max_request_bytes bounds it).
+    max_in_flight_bytes: Annotated[int, Meta(gt=0)] = 256 * 1024 * 1024
     # Physical attempts per request across retries and fallbacks, so chains cannot multiply
     # into retry storms: the default, and the ceiling for a route's or a request's own value.
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6

@@ -83,11 +83,14 @@ class Dispatcher:
         self.aborts_heard = 0  # llm.abort messages, for this dispatcher's requests or another's
         self.aborts = 0  # requests this dispatcher stopped on their client's abort
         self.max_in_flight = settings.max_in_flight
+        self.max_in_flight_bytes = settings.max_in_flight_bytes
+        self._bytes = 0  # of the requests in flight, their bodies' sizes by task in _sizes
+        self._sizes: dict[asyncio.Task[None], int] = {}
         self.shutdown_grace_s = settings.shutdown_grace_s
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
         self._peak = 0  # most requests in flight since memory was last trimmed
-        # Waiting for their "overloaded": (message, arrival, streamed).
-        self._refusals: deque[tuple[Msg, float, bool]] = deque()
+        # Waiting for their "overloaded": (message, arrival, streamed, over the byte bound).
+        self._refusals: deque[tuple[Msg, float, bool, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
         self._audit_setup: asyncio.Task[None] | None = None  # the audit stream not made yet
         self._subs: list[Subscription] = []
@@ -186,8 +189,10 @@ class Dispatcher:
         """Called for each request as it is read: starts its task, or queues its refusal."""
         arrived = time.monotonic()
         (self.stream_tally if stream else self.complete_tally).requests += 1
-        if len(self._tasks) >= self.max_in_flight:
-            self._refusals.append((msg, arrived, stream))
+        size = len(msg.data)
+        full = len(self._tasks) >= self.max_in_flight
+        if full or (self._bytes + size > self.max_in_flight_bytes and self._tasks):
+            self._refusals.append((msg, arrived, stream, not full))
             if self._refuser is None or self._refuser.done():
                 self._refuser = asyncio.create_task(self._refuse_backlog())
             return
@@ -201,6 +206,8 @@ class Dispatcher:
         if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
             key = None  # a key names one request in flight; a reused one stops none
         self._tasks[task] = key
+        self._sizes[task] = size
+        self._bytes += size
         if key is not None:
             self._abortable[key] = task
         task.add_done_callback(self._stream_done if stream else self._done)
@@ -242,8 +249,8 @@ class Dispatcher:
         in flight (not after each one: every yield costs a small socket write)."""
         answered = 0
         while self._refusals:
-            msg, arrived, stream = self._refusals.popleft()
-            await self.handle(msg, arrived, self._overloaded(msg.data), stream)
+            msg, arrived, stream, by_bytes = self._refusals.popleft()
+            await self.handle(msg, arrived, self._overloaded(msg.data, by_bytes), stream)
             answered += 1
             if answered % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -259,6 +266,7 @@ class Dispatcher:
             else:
                 self._count(task.result(), self.complete_tally if tally is None else tally)
         key = self._tasks.pop(task, None)
+        self._bytes -= self._sizes.pop(task, 0)
         if key is not None:
             del self._abortable[key]
             self._aborted.discard(task)
@@ -267,13 +275,18 @@ class Dispatcher:
             self._peak = 0
             release_memory_soon()  # a burst is over: hand its memory back to the system
 
-    def _overloaded(self, data: bytes) -> Rejected:
+    def _overloaded(self, data: bytes, by_bytes: bool = False) -> Rejected:
         retry_after_s = round(min(max(self._latency_s, 0.05), 30.0), 2)
+        most = (
+            f"{self.max_in_flight_bytes:,} bytes of requests (dispatcher.max_in_flight_bytes; "
+            f"this one is {len(data):,})"
+            if by_bytes
+            else f"{self.max_in_flight} requests (dispatcher.max_in_flight)"
+        )
         return Rejected(
             OVERLOADED,
-            f"this dispatcher is working on its maximum of {self.max_in_flight} requests "
-            f"(dispatcher.max_in_flight); retry after {retry_after_s:g} s, or add dispatcher "
-            "replicas",
+            f"this dispatcher is working on its maximum of {most}; retry after "
+            f"{retry_after_s:g} s, or add dispatcher replicas",
             salvage_id(data),
             retry_after_s=retry_after_s,
         )

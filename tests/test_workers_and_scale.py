@@ -168,3 +168,34 @@ async def test_a_dispatcher_stopping_answers_every_request_it_had_already_receiv
     ledger.assert_exactly_once(
         heard
     )  # none dropped from the queue: a reply and an audit event each
+
+
+async def test_long_prompts_meet_the_byte_bound_before_the_request_bound(lifeline, client):
+    """max_in_flight counts requests; a burst of long prompts is held to
+    max_in_flight_bytes too (what they cost in memory), refused overloaded past it, each
+    answered once. A request arriving with nothing else in flight is always taken."""
+    stack = await lifeline(
+        config({"slow": fake(latency_ms=1500)}, max_in_flight=100, max_in_flight_bytes=1_000_000)
+    )
+    ledger = await Ledger(client).start()
+    text = "x" * 200_000
+    ids = [f"long-{n}" for n in range(10)]
+    for request_id in ids:
+        payload = encoder.encode(
+            {"id": request_id, "messages": [{"role": "user", "content": text}]}
+        )
+        await ledger.send(request_id, payload)
+    await ledger.settle(len(ids), len(ids))
+    ledger.assert_exactly_once(ids)
+    served = [i for i in ids if ledger.reply_of[i].status == "ok"]
+    refused = [ledger.reply_of[i].error for i in ids if ledger.reply_of[i].status != "ok"]
+    assert len(served) == 4  # 4 x 200 KB fit in 1 MB; the fifth would not
+    assert all(e.type == "overloaded" and e.retry_after_s for e in refused)
+    assert "dispatcher.max_in_flight_bytes" in refused[0].message
+    assert stack.dispatcher._bytes == 0  # all given back
+
+    huge = encoder.encode({**USER_HELLO, "id": "alone", "metadata": {"pad": "y" * 500_000}})
+    stack.dispatcher.max_in_flight_bytes = 1_000  # smaller than the request itself
+    await ledger.send("alone", huge)
+    await ledger.settle(len(ids) + 1, len(ids) + 1)
+    assert ledger.reply_of["alone"].status == "ok"  # nothing else in flight: taken
