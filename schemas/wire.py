@@ -450,23 +450,28 @@ def salvage_id(data: bytes) -> str:
 
 
 _SCAN_BYTES = 64 * 1024  # how far into a too-deeply-nested message the id is looked for
-_ID_KEY = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*")')
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_ID_VALUE = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
 def _scan_id(data: bytes) -> str:
     """The top-level "id" of a JSON object msgspec could not walk: the first `"id": "..."` at
-    depth 1, found by counting brackets outside strings before it."""
-    for match in _ID_KEY.finditer(data):
-        depth = 0
-        for token in _TOKENS.finditer(data, 0, match.start()):
-            text = token.group()
-            depth += 1 if text in (b"{", b"[") else -1 if text in (b"}", b"]") else 0
-        if depth == 1:
-            try:
-                return msgspec.json.decode(match.group(1), type=RequestId)
-            except msgspec.DecodeError:
-                return ""
+    depth 1, found in one pass over the strings and brackets (a pass per "id" seen made 166
+    KB of `{"id": "x"},` cost 15 s of the event loop)."""
+    depth = 0
+    for token in _TOKENS.finditer(data):
+        text = token.group()
+        if text in (b"{", b"["):
+            depth += 1
+        elif text in (b"}", b"]"):
+            depth -= 1
+        elif depth == 1 and text == b'"id"':
+            value = _ID_VALUE.match(data, token.end())
+            if value is not None:
+                try:
+                    return msgspec.json.decode(value.group(1), type=RequestId)
+                except msgspec.DecodeError:
+                    return ""
     return ""
 
 

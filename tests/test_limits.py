@@ -89,6 +89,15 @@ def test_an_id_is_salvaged_from_input_too_deeply_nested_to_decode():
     assert salvage_id(b'{"id": "' + b"i" * (MAX_ID_LENGTH + 1) + b'"}') == ""  # too long to carry
 
 
+def test_an_id_is_salvaged_past_thousands_of_nested_ids_in_one_pass():
+    """Ids inside the request's objects are not its id; looking for the top-level one reads
+    the input once (a pass per "id" met took 15 s of the event loop for 166 KB of these)."""
+    inner = b'{"id": "not-it"},' * 3_000
+    deep = b"[" * 100_000
+    assert salvage_id(b'{"a": [' + inner + b'{}], "id": "top", "z": ' + deep) == "top"
+    assert salvage_id(b'{"a": [' + inner * 2 + b"{}], " + deep) == ""
+
+
 @pytest.mark.parametrize(
     "url, shown",
     [
