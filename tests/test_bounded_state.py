@@ -259,12 +259,10 @@ def test_compiled_output_schemas_are_cached_only_while_small():
         request = CompletionRequest([ChatMessage("user", "x")], response_format=response_format)
         return shaping.output_validator(request).checks[0].validator
 
-    shaping._validators.clear()
+    shaping._schemas.clear()
     big = {"type": "object", "description": "x" * (64 * 1024)}
     for n in range(20):
         compiled(ResponseFormat("json_schema", JsonSchemaFormat(f"s{n}", {**big, "title": str(n)})))
-    assert (
-        len(shaping._validators) == 0
-    )  # each 64 KiB schema is compiled for its request and dropped
+    assert len(shaping._schemas) == 0  # each 64 KiB schema is compiled for its request and dropped
     small = ResponseFormat("json_schema", JsonSchemaFormat("small", {"type": "object"}))
     assert compiled(small) is compiled(small)
