@@ -368,12 +368,14 @@ class _StreamedCalls:
     def __init__(self) -> None:
         self._calls: dict[int, _StreamedCall] = {}
         self._last: int | None = None
+        self._top = -1  # the highest index so far (max() of the keys per delta was quadratic)
 
     def add(self, delta: _ToolCallDelta) -> ToolCallDelta:
         """Keep a delta for the final answer; the same delta, normalised, to stream on."""
         index = delta.index if delta.index is not None else self._unindexed(delta)
         call = self._calls.setdefault(index, _StreamedCall())
         self._last = index
+        self._top = max(self._top, index)
         call.id = delta.id or call.id
         function = delta.function or _FunctionDelta()
         call.name = function.name or call.name
@@ -385,7 +387,7 @@ class _StreamedCalls:
         last = self._last
         if last is not None and (not delta.id or delta.id == self._calls[last].id):
             return last
-        return max(self._calls, default=-1) + 1
+        return self._top + 1
 
     def finished(self, label: str) -> list[ToolCall] | None:
         """The calls in index order, or None without any; a call whose deltas never named its
