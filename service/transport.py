@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -585,7 +586,7 @@ class ClientStream:
         self._fast = fast_path(nc)
         self.subject = subject
         self.seq = 0
-        self._backlog: list[tuple[dict[str, str], bytes]] = []
+        self._backlog: deque[tuple[dict[str, str], bytes]] = deque()  # held through a reconnect
         self._drain: asyncio.Task[None] | None = None
 
     def delta(self, attempt: int, text: bytes) -> None:
@@ -629,7 +630,7 @@ class ClientStream:
 
     async def _send_backlog(self) -> None:
         while self._backlog:
-            headers, payload = self._backlog.pop(0)
+            headers, payload = self._backlog.popleft()
             try:
                 await self._nc.publish(self.subject, payload, headers=headers)
             except NatsError as exc:

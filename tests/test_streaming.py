@@ -12,15 +12,24 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 from helpers import LocalHTTPServer, ask, config, fake, serving, settled, wait_for
 from opentelemetry.trace import SpanKind
 
-from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest, subjects
+from schemas import (
+    ChatMessage,
+    CompletionReply,
+    CompletionRequest,
+    ProviderOk,
+    ProviderRequest,
+    subjects,
+)
 from schemas.streaming import Assembler, StreamGap
 from schemas.wire import encoder, provider_request_decoder
 from service.client import NoDispatcher, stream, stream_text
 from service.natsio import ensure_subscribed
+from service.transport import ClientStream
 
 ANSWER = "The quick brown fox jumps over the lazy dog, twice."
 
@@ -707,3 +716,28 @@ async def test_a_streams_chunk_subject_cannot_be_guessed_from_another(lifeline, 
     tokens = [subject.removesuffix(".c").rsplit(".", 1)[-1] for subject in seen]
     assert len(tokens) == 2 and tokens[0] != tokens[1]
     assert all(len(t) == 24 and int(t, 16) >= 0 for t in tokens)  # 96 random bits, as hex
+
+
+async def test_events_the_fast_path_cannot_take_are_held_and_sent_in_order(client, nats_url):
+    """While the connection reconnects the fast path takes nothing: every event from then on
+    waits in the stream's backlog, and goes out through nats-py in its order, the end last."""
+    nc = await nats.connect(nats_url)
+    try:
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await ensure_subscribed(client)
+        events = ClientStream(nc, inbox)
+        fast_publish = events._fast.publish
+        events._fast.publish = lambda *args, **kwargs: False  # as during a reconnect
+        for n in range(2_000):
+            events.delta(1, f"{n} ".encode())
+        events._fast.publish = fast_publish  # back: later events still queue behind the rest
+        events.delta(1, b"last")
+        await events.end(CompletionReply("held", "ok"), 1)
+        assembler = Assembler()
+        while not assembler.done:
+            msg = await sub.next_msg(timeout=10)
+            assembler.feed(msg.headers, msg.data)
+        assert assembler.text == "".join(f"{n} " for n in range(2_000)) + "last"
+    finally:
+        await nc.close()
