@@ -511,6 +511,13 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gateway.add_argument(
         "--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)"
     )
+    gateway.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="HTTP connections open at once; a connection past them is answered 503 and closed "
+        "(default: the open-files limit less 256, at most 10,000)",
+    )
     _config_arg(gateway)
     _nats_arg(gateway)
 
@@ -1521,13 +1528,17 @@ def _ms(value: float | None) -> str:
 
 
 async def cmd_gateway(args: argparse.Namespace) -> int:
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ValueError(f"--max-connections must be at least 1, not {args.max_connections}")
     nats_opts = _nats_options(args)
     # Its routes and targets are what `model` may name; without the file, any name is sent on.
     config = None
     if args.config != DEFAULT_CONFIG or Path(args.config).exists():
         config = load_config(args.config)
     try:
-        component, server = await _start_gateway(config, nats_opts, args.host, max(args.port, 0))
+        component, server = await _start_gateway(
+            config, nats_opts, args.host, max(args.port, 0), args.max_connections
+        )
     except OSError as exc:
         raise ValueError(f"gateway: {exc}; try --port 0 (any free port)") from None
     _print_gateway(server, config)
@@ -1558,7 +1569,11 @@ async def _run_gateway(
 
 
 async def _start_gateway(
-    config: Config | None, url: natsopts.NatsOptions, host: str, port: int
+    config: Config | None,
+    url: natsopts.NatsOptions,
+    host: str,
+    port: int,
+    max_connections: int | None = None,
 ) -> tuple[Component, Any]:
     from service import gateway  # the HTTP server (Starlette, uvicorn) loads for it only
 
@@ -1574,6 +1589,7 @@ async def _start_gateway(
         keys=gateway.keys_from_env(),
         default_timeout_s=settings.default_timeout_s,
         max_body_bytes=2 * settings.max_request_bytes,
+        max_connections=max_connections,
     )
     try:
         await server.start(host, port)

@@ -39,6 +39,7 @@ import os
 import re
 import socket
 import time
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -99,6 +100,13 @@ _TRIM_AFTER_PEAK = 256  # requests at once that make a flood worth trimming memo
 # A request body still arriving after this long is refused (408): a client that stalls
 # mid-body would otherwise hold its connection, a task and its bytes so far for good.
 _BODY_TIMEOUT_S = 30.0
+# A request's head (request line and headers) must arrive within this long of the connection
+# opening, or of its first bytes after a kept-alive connection's last answer (else 408), and
+# within this many bytes (else 431; nginx allows 32 KiB, Node.js 16): see _Guarded.
+_HEAD_TIMEOUT_S = 10.0
+_MAX_HEAD_BYTES = 64 * 1024
+_LINGER_S = 2.0  # a refused head's connection waits this long for its client to close
+_MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor limit allows it
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
@@ -693,8 +701,10 @@ class Gateway:
         keys: Sequence[str] = (),
         default_timeout_s: float = 60.0,
         max_body_bytes: int = 2 * 1024 * 1024,
+        max_connections: int | None = None,
     ) -> None:
         self.nc = nc
+        self.max_connections = max_connections or max_connections_default()
         self.models = models
         self.keys = [key.encode() for key in keys]
         self.default_timeout_s = default_timeout_s
@@ -724,12 +734,14 @@ class Gateway:
         for name in ("uvicorn.error", "uvicorn.access"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
+        protocol = _http_protocol()
+        protocol.max_connections = self.max_connections
         config = uvicorn.Config(
             self.app,
             host=host,
             port=port,
             loop="none",
-            http=_http_protocol(),
+            http=protocol,
             ws="none",
             lifespan="off",
             access_log=False,
@@ -1264,10 +1276,145 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return HTTPError(500, message, errors.INTERNAL, kind="server_error").response()
 
 
-def _http_protocol() -> str:
-    """httptools (C) where installed, else h11 (pure Python)."""
+def _http_protocol(parser: str = "httptools") -> type[_Guarded]:
+    """uvicorn's HTTP/1.1 protocol, httptools (C) where installed, else h11 (pure Python), with
+    the bounds uvicorn leaves out (`_Guarded`)."""
+    Protocol: type[asyncio.Protocol]
     try:
-        import httptools  # noqa: F401
+        if parser != "httptools":
+            raise ImportError(parser)
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Protocol
     except ImportError:
-        return "h11"
-    return "httptools"
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Protocol
+    return type("GuardedHttpProtocol", (_Guarded, Protocol), {})
+
+
+def max_connections_default() -> int:
+    """As many connections as leave file descriptors for NATS, logs and the rest: the soft
+    RLIMIT_NOFILE less 256, at most 10,000 and at least 64."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS
+    return max(64, min(_MAX_CONNECTIONS, soft - 256))
+
+
+class _Guarded:
+    """Bounds on what a connection holds before its request reaches the app, which uvicorn
+    does not set: a request's head (its request line and headers) must come within
+    `_HEAD_TIMEOUT_S` of the connection opening or of data arriving between requests (else
+    408), and within `_MAX_HEAD_BYTES` (else 431); past `max_connections` open at once, a new
+    connection is answered 503 and closed. Without them one client can hold a connection and
+    its buffered head for good, or send headers until the gateway runs out of memory, and
+    many can take every file descriptor, the NATS connection's reconnects included.
+
+    Mixed into uvicorn's HttpToolsProtocol or H11Protocol (`_http_protocol`); it relies on
+    attributes both share (`connections`, `cycle`, `transport`, `loop`), which
+    tests/test_gateway.py checks."""
+
+    max_connections = 1000  # set per server by Gateway.start
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_of: object = None  # the cycle before the head now awaited: a new one means it came
+    _head_bytes = 0
+    _refused = False
+    turned_away = 0  # connections refused for their number since the last warning (per class)
+    warned_at = -math.inf
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if len(self.connections) > self.max_connections:  # type: ignore[attr-defined]
+            self._turned_away()
+            self._refuse(
+                503,
+                f"the gateway has its maximum of {self.max_connections} connections open: "
+                "retry, or raise it (lifeline gateway --max-connections)",
+                "too_many_connections",
+                b"retry-after: 1\r\n",
+            )
+            return
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the rest of a refused head, read and dropped until the client closes
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if self._head_timer is None and (cycle is None or cycle.response_complete):
+            self._await_head()  # a next request's head starts (keep-alive)
+        super().data_received(data)  # type: ignore[misc]
+        if self._head_timer is None:
+            return
+        if self.cycle is not self._head_of:  # type: ignore[attr-defined]
+            self._head_timer.cancel()  # the head came: the app has the request now
+            self._head_timer = None
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            self._refuse(
+                431,
+                f"the request's head (request line and headers) is over {_MAX_HEAD_BYTES:,} bytes",
+                "request_header_fields_too_large",
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _turned_away(self) -> None:
+        """Log connections refused for their number, at most one line per 10 s."""
+        cls = type(self)
+        cls.turned_away += 1
+        now = time.monotonic()
+        if now - cls.warned_at >= 10.0:
+            log.warning(
+                "gateway: %d connection(s) refused with 503: %d open, the maximum "
+                "(lifeline gateway --max-connections)",
+                cls.turned_away,
+                self.max_connections,
+            )
+            cls.turned_away, cls.warned_at = 0, now
+
+    def _await_head(self) -> None:
+        self._head_of = self.cycle  # type: ignore[attr-defined]
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(_HEAD_TIMEOUT_S, self._head_late)  # type: ignore[attr-defined]
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is self._head_of:  # type: ignore[attr-defined]
+            self._refuse(
+                408,
+                f"no complete request head arrived within {_HEAD_TIMEOUT_S:g} s "
+                f"({self._head_bytes} bytes came): send it again",
+                "request_timeout",
+            )
+
+    def _refuse(self, status: int, message: str, code: str, extra: bytes = b"") -> None:
+        """Answer `status` in OpenAI's error shape, without the app, and close."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing() or self._refused:
+            return
+        self._refused = True
+        body = encoder.encode(HTTPError(status, message, code).body())
+        transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n%s\r\n"
+            % (status, HTTPStatus(status).phrase.encode(), len(body), extra)
+            + body
+        )
+        if not self._head_bytes or not transport.can_write_eof():
+            transport.close()
+            return
+        # A client still sending would get a reset, which can destroy the answer before it
+        # reads it: end our side, drop what still comes, and close once it has closed or
+        # after _LINGER_S (nginx's lingering close).
+        transport.write_eof()
+        self._head_timer = self.loop.call_later(_LINGER_S, transport.close)  # type: ignore[attr-defined]

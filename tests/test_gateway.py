@@ -8,6 +8,7 @@ with a route of its own; those that need a config of their own start one (`gatew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ import nats
 import openai
 import pytest
 import pytest_asyncio
-from helpers import ROOT, config, fake, spawn_lifeline, wait_for, wait_for_line
+from helpers import ROOT, config, fake, run_lifeline, spawn_lifeline, wait_for, wait_for_line
 
 from schemas.wire import NamedTool, encoder
 from service.app import Stack, connect, start_stack
@@ -627,6 +628,8 @@ async def test_lifeline_gateway_serves_until_sigterm(shared):
         shared.url,
         "--port",
         "0",
+        "--max-connections",
+        "1",
         "--config",
         str(ROOT / "lifeline.example.toml"),
         stdout=subprocess.PIPE,
@@ -635,11 +638,22 @@ async def test_lifeline_gateway_serves_until_sigterm(shared):
     try:
         line, _ = await asyncio.to_thread(wait_for_line, proc, r"http://127\.0\.0\.1:\d+/v1")
         url = re.search(r"http://127\.0\.0\.1:\d+/v1", line).group(0)  # type: ignore[union-attr]
-        async with openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=2) as client:
             # The example config's routes are listed; the stack here serves "default" too.
             assert "streaming" in [m.id for m in (await client.models.list()).data]
             completion = await client.chat.completions.create(**chat())
         assert completion.model_extra["lifeline"]["provider"] == "main"
+        # --max-connections 1: while one connection is open, the next is turned away.
+        async with httpx.AsyncClient(base_url=url, timeout=5) as first:
+
+            async def served() -> bool:  # once the SDK's closed connection is gone there too
+                return (await first.get("/models")).status_code == 200
+
+            await wait_for(served, what="a connection served")
+            async with httpx.AsyncClient(base_url=url, timeout=5) as second:
+                refused = await second.get("/models")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "too_many_connections"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 15) == 0
     finally:
@@ -648,6 +662,12 @@ async def test_lifeline_gateway_serves_until_sigterm(shared):
             proc.wait()
         for stream in (proc.stdout, proc.stderr):
             stream and stream.close()
+
+
+def test_lifeline_gateway_refuses_a_maximum_of_no_connections():
+    done = run_lifeline("gateway", "--max-connections", "0")
+    assert done.returncode != 0
+    assert "--max-connections must be at least 1, not 0" in done.stderr, done.stderr
 
 
 def test_lifeline_run_serves_the_gateway_and_prints_its_url():
@@ -707,6 +727,114 @@ async def test_a_body_that_stalls_is_refused_with_408_and_frees_its_request(gate
     assert gw.in_flight == 0
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:  # others still served
         assert (await http.post("/chat/completions", json=chat())).status_code == 200
+
+
+async def _connect(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = gw.url.split("//")[1].split("/")[0].split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+def _refusal(answer: bytes) -> tuple[int, dict[str, Any], bytes]:
+    """The status, the error and the head of a whole answer the gateway closed after."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), answer
+    return int(head.split()[1]), json.loads(body)["error"], head
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_head_that_does_not_come_in_time_is_refused_with_408(gateway, monkeypatch, parser):
+    """uvicorn times out neither a connection that never sends its request's head nor one
+    that trickles it: each would hold its connection (a file descriptor) for good. After
+    _HEAD_TIMEOUT_S each gets a 408 in OpenAI's error shape and is closed, on a new
+    connection and on a kept-alive one between requests; a request that came in time is
+    served, whatever its own length."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_HEAD_TIMEOUT_S", 0.5)
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake(latency_ms=800)}))
+    silent = await _connect(gw)
+    partial = await _connect(gw)
+    partial[1].write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    kept = await _connect(gw)
+    request = encoder.encode(chat())
+    kept[1].write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(request), request)
+    )
+    for _, writer in (partial, kept):
+        await writer.drain()
+    # The kept-alive connection's request takes longer than the head timeout: it is served.
+    first = await asyncio.wait_for(kept[0].readuntil(b"\r\n\r\n"), 10)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    length = int(re.search(rb"content-length: (\d+)", first.lower()).group(1))
+    assert json.loads(await kept[0].readexactly(length))["object"] == "chat.completion"
+    kept[1].write(b"GET /v1/models HTTP/1.1\r\n")  # the next request's head, never finished
+    answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in (silent, partial, kept)]
+    for answer, came in zip(answers, (0, 45, 25), strict=True):
+        status, error, _ = _refusal(answer)
+        assert status == 408 and error["code"] == "request_timeout", answer
+        assert f"({came} bytes came)" in error["message"], answer
+    for _, writer in (silent, partial, kept):
+        writer.close()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:  # others still served
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_head_over_its_bound_is_refused_before_it_fills_the_memory(
+    gateway, monkeypatch, parser
+):
+    """A client that sends header lines and never ends them: uvicorn with httptools keeps
+    every one, so one connection could take all the gateway's memory. Past _MAX_HEAD_BYTES
+    it gets a 431 (h11's own bound, 16 KiB, answers 400 first) and is closed."""
+    import service.gateway as module
+
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake()}))
+    reader, writer = await _connect(gw)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    answered = asyncio.ensure_future(reader.read())  # all of it: the gateway ends its side
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 2 * 1024 * 1024 and not answered.done():
+            writer.write(b"x-pad-%d: %s\r\n" % (sent, b"a" * 1000))
+            await writer.drain()
+            sent += 1000
+            await asyncio.sleep(0.0005)
+    answer = await asyncio.wait_for(answered, 10)
+    writer.close()
+    status, error, _ = (
+        _refusal(answer) if parser == "httptools" else (int(answer.split()[1]), {}, b"")
+    )
+    assert status == (431 if parser == "httptools" else 400), answer
+    if parser == "httptools":
+        assert error["code"] == "request_header_fields_too_large"
+        assert sent < 128 * 1024  # refused at the bound, not after the 2 MiB
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+
+
+async def test_connections_past_the_maximum_get_503_and_the_others_are_served(gateway, caplog):
+    """Each open connection holds a file descriptor, which the gateway's NATS connection
+    needs too: past max_connections a new one is answered 503 with Retry-After at once and
+    closed, and once one closes, a new one is served."""
+    gw, _, _ = await gateway(config({"main": fake()}), max_connections=3)
+    idle = [await _connect(gw) for _ in range(3)]
+    reader, writer = await _connect(gw)
+    status, error, head = _refusal(await asyncio.wait_for(reader.read(), 10))
+    writer.close()
+    assert status == 503 and error["code"] == "too_many_connections", error
+    assert b"retry-after: 1" in head.lower() and "--max-connections" in error["message"]
+    assert "1 connection(s) refused with 503: 3 open, the maximum" in caplog.text  # for operators
+    idle[0][1].close()
+    await wait_for(lambda: len(gw.server.server_state.connections) < 3)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+    for _, w in idle[1:]:
+        w.close()
 
 
 async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(gateway, caplog):
