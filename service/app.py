@@ -338,6 +338,7 @@ async def start_worker(
         spans=tracers.recorder("lifeline.worker"),
         timeout_s=settings.timeout_s,
         max_in_flight=settings.max_in_flight,
+        max_in_flight_bytes=settings.max_in_flight_bytes,
     )
     await runtime.start()
     responder = Responder(

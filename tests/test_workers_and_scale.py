@@ -130,6 +130,38 @@ async def test_a_worker_at_its_max_in_flight_refuses_at_once_and_the_dispatcher_
     assert (busy.tally.requests, busy.tally.errors, busy.in_flight) == (5, 3, 0)
 
 
+async def test_a_worker_holds_long_prompts_to_its_byte_bound_and_the_dispatcher_falls_back(
+    lifeline, client
+):
+    """A worker's calls come from every dispatcher, each within its own byte bound: a
+    worker's memory is held to providers.<name>.max_in_flight_bytes too (a call costs about
+    twice its bytes). Past it a call is refused rate_limit at once and the chain falls back;
+    a call arriving with nothing else in flight is always taken."""
+    cfg = config(
+        {"busy": fake(latency_ms=1500, max_in_flight_bytes=1_000_000), "backup": fake()},
+        max_in_flight_bytes=100_000_000,
+    )
+    stack = await lifeline(cfg)
+    text = "x" * 200_000
+    replies = await asyncio.gather(
+        *(
+            ask(client, {"id": f"long-{i}", "messages": [{"role": "user", "content": text}]})
+            for i in range(8)
+        )
+    )
+    served = sorted(r.provider for r in replies)
+    assert served == ["backup"] * 4 + ["busy"] * 4  # 4 x 200 KB fit in 1 MB; the fifth would not
+    refused = [r.attempts[0] for r in replies if r.provider == "backup"]
+    assert {a.error_type for a in refused} == {"rate_limit"}
+    assert "providers.busy.max_in_flight_bytes" in (refused[0].message or "")
+    busy = stack.workers["busy"]
+    assert (busy.in_flight, busy._bytes) == (0, 0)  # all given back
+
+    busy.max_in_flight_bytes = 1_000  # smaller than the call itself
+    reply = await ask(client, {"id": "alone", "messages": [{"role": "user", "content": text}]})
+    assert reply.provider == "busy"  # nothing else in flight: taken
+
+
 async def test_worker_replicas_share_the_load_of_one_provider(lifeline, client):
     first = await lifeline(config({"primary": fake()}))
     second = await lifeline(config({"primary": fake()}), workers=["primary"])

@@ -70,6 +70,7 @@ class WorkerRuntime:
         spans: telemetry.SpanRecorder,
         timeout_s: float,
         max_in_flight: int = 1000,
+        max_in_flight_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -78,6 +79,9 @@ class WorkerRuntime:
         self.spans = spans
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self._bytes = 0  # of the calls in flight, their requests' sizes by task in _sizes
+        self._sizes: dict[asyncio.Task[None], int] = {}
         # Each request's task, with its attempt id (None without one); and the reverse, for
         # cancels. One done-callback per task forgets both.
         self._tasks: dict[asyncio.Task[None], str | None] = {}
@@ -147,8 +151,10 @@ class WorkerRuntime:
 
     def _on_msg(self, msg: Msg) -> None:
         self.tally.requests += 1
-        if len(self._tasks) >= self.max_in_flight:
-            self._refuse(msg)
+        size = len(msg.data)
+        full = len(self._tasks) >= self.max_in_flight
+        if full or (self._bytes + size > self.max_in_flight_bytes and self._tasks):
+            self._refuse(msg, by_bytes=not full)
             return
         # Light traffic: the call runs in this read up to its provider's first wait (start_now).
         handle = self.handle(msg)
@@ -160,17 +166,26 @@ class WorkerRuntime:
             task = self._loop.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
         self._tasks[task] = attempt_id
+        self._sizes[task] = size
+        self._bytes += size
         task.add_done_callback(self._finished)
         if attempt_id is not None:
             self._by_attempt[attempt_id] = task
 
-    def _refuse(self, msg: Msg) -> None:
-        """A call over max_in_flight: answered rate_limit at once, without a task, so a flood
-        costs this worker a reply each and no memory."""
+    def _refuse(self, msg: Msg, by_bytes: bool = False) -> None:
+        """A call over max_in_flight (or max_in_flight_bytes): answered rate_limit at once,
+        without a task, so a flood costs this worker a reply each and no memory."""
+        if by_bytes:
+            what = (
+                f"{self.max_in_flight_bytes:,} bytes of requests "
+                f"(providers.{self.name}.max_in_flight_bytes)"
+            )
+        else:
+            what = f"{self.max_in_flight} calls (providers.{self.name}.max_in_flight)"
         reply = ProviderFailure(
             "rate_limit",
-            f"worker {self.name} is working on its maximum of {self.max_in_flight} calls "
-            f"(providers.{self.name}.max_in_flight); add worker replicas or raise it",
+            f"worker {self.name} is working on its maximum of {what}; add worker replicas or "
+            "raise it",
         )
         if msg.reply and not fast_path(self.nc).publish(msg.reply, encoder.encode(reply)):
             task = asyncio.ensure_future(self._send(msg.reply, reply))  # which counts it
@@ -181,6 +196,7 @@ class WorkerRuntime:
         self.tally.last_error = reply.kind
 
     def _finished(self, task: asyncio.Task[None]) -> None:
+        self._bytes -= self._sizes.pop(task, 0)
         attempt_id = self._tasks.pop(task, None)
         if attempt_id is not None:
             self._by_attempt.pop(attempt_id, None)

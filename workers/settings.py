@@ -27,3 +27,6 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Calls one worker replica works on at once; beyond it a call is answered rate_limit at
     # once (its dispatcher retries or falls back) instead of piling up in the worker's memory.
     max_in_flight: Annotated[int, Meta(ge=1)] = 1000
+    # And their requests' bytes, added up (a call that comes while none is in flight is always
+    # taken): long prompts meet this bound first, as they do the dispatcher's.
+    max_in_flight_bytes: Annotated[int, Meta(gt=0)] = 256 * 1024 * 1024
