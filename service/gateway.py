@@ -1318,7 +1318,6 @@ class _Guarded:
 
     max_connections = 1000  # set per server by Gateway.start
     _head_timer: asyncio.TimerHandle | None = None
-    _head_of: object = None  # the cycle before the head now awaited: a new one means it came
     _head_bytes = 0
     _refused = False
     turned_away = 0  # connections refused for their number since the last warning (per class)
@@ -1341,16 +1340,16 @@ class _Guarded:
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the rest of a refused head, read and dropped until the client closes
-        cycle = self.cycle  # type: ignore[attr-defined]
-        if self._head_timer is None and (cycle is None or cycle.response_complete):
-            self._await_head()  # a next request's head starts (keep-alive)
         super().data_received(data)  # type: ignore[misc]
-        if self._head_timer is None:
+        if not self._between_requests():
+            # A head came whole (the app has its request): what nearly every read is, at no
+            # cost of a timer. A kept-alive connection's silence is uvicorn's to time out.
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
             return
-        if self.cycle is not self._head_of:  # type: ignore[attr-defined]
-            self._head_timer.cancel()  # the head came: the app has the request now
-            self._head_timer = None
-            return
+        if self._head_timer is None:  # these bytes begin a head that is not complete yet
+            self._await_head()
         self._head_bytes += len(data)
         if self._head_bytes > _MAX_HEAD_BYTES:
             self._refuse(
@@ -1379,14 +1378,18 @@ class _Guarded:
             )
             cls.turned_away, cls.warned_at = 0, now
 
+    def _between_requests(self) -> bool:
+        """No request under way: none came yet, or the last one has been answered."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return cycle is None or cycle.response_complete
+
     def _await_head(self) -> None:
-        self._head_of = self.cycle  # type: ignore[attr-defined]
         self._head_bytes = 0
         self._head_timer = self.loop.call_later(_HEAD_TIMEOUT_S, self._head_late)  # type: ignore[attr-defined]
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self.cycle is self._head_of:  # type: ignore[attr-defined]
+        if self._between_requests():
             self._refuse(
                 408,
                 f"no complete request head arrived within {_HEAD_TIMEOUT_S:g} s "
