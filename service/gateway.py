@@ -106,7 +106,15 @@ _BODY_TIMEOUT_S = 30.0
 _HEAD_TIMEOUT_S = 10.0
 _MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 2.0  # a refused head's connection waits this long for its client to close
-_MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor limit allows it
+_MAX_CONNECTIONS = 10_000
+# A stream's events waiting for its HTTP client to read them, at most (see _Unread); an event
+# is its data and about this much of Python objects (nats-py's Msg, its headers and subject).
+_MAX_UNREAD_BYTES = 16 * 1024 * 1024
+_UNREAD_GRACE_S = 5.0  # ... when nothing was taken from them for this long
+_UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
+_EVENT_COST = 512
+# Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
+_READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]  # the most open at once, when the file-descriptor limit allows it
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
@@ -560,11 +568,12 @@ class _Inbox:
         self.nc = nc
         self.fast = fast_path(nc)
         self.prefix = ""
-        self.waiting: dict[str, asyncio.Future[Msg] | asyncio.Queue[Msg]] = {}
+        self.waiting: dict[str, asyncio.Future[Msg] | _Unread] = {}
         self.abort_keys: dict[str, str] = {}  # a stream's token -> its request's abort key
         self._subscribing = asyncio.Lock()
         self._aborting: set[asyncio.Task[None]] = set()
         self._keys = SecretIds()  # abort keys: 96 random bits each
+        self._watcher: asyncio.Task[None] | None = None  # _watch_unread, while streams are open
 
     async def _ready(self) -> str:
         if not self.prefix:
@@ -576,9 +585,13 @@ class _Inbox:
         return self.prefix
 
     def _on_msg(self, msg: Msg) -> None:
-        target = self.waiting.get(msg.subject[len(self.prefix) :])
-        if isinstance(target, asyncio.Queue):
+        token = msg.subject[len(self.prefix) :]
+        target = self.waiting.get(token)
+        if isinstance(target, _Unread):
             target.put_nowait(msg)
+            target.bytes += len(msg.data) + _EVENT_COST
+            if target.bytes > _MAX_UNREAD_BYTES and target.unread_for() > _UNREAD_GRACE_S:
+                self._cut(token, target)
         elif target is not None and not target.done():
             target.set_result(msg)
 
@@ -652,13 +665,15 @@ class _Inbox:
 
     async def stream(
         self, token: str, payload: bytes, headers: dict[str, str] | None, wait_s: float
-    ) -> asyncio.Queue[Msg]:
+    ) -> _Unread:
         """Send one request to llm.stream; its events come to the queue (close() it after)."""
         if not self.nc.is_connected:
             await self._reconnected(wait_s)
         prefix = await self._ready()
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        queue = _Unread()
         self.waiting[token] = queue
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_unread())
         key = self.abort_keys[token] = self._keys.next()
         try:
             await self._publish(
@@ -668,6 +683,28 @@ class _Inbox:
             del self.waiting[token], self.abort_keys[token]
             raise
         return queue
+
+    def _cut(self, token: str, queue: _Unread) -> None:
+        """A stream whose client stopped reading while its events piled up (see _Unread):
+        drop them, abort its request, and tell the client if it ever reads on."""
+        while not queue.empty():
+            queue.get_nowait()
+        queue.bytes = 0
+        queue.put_nowait(_READ_TOO_SLOWLY)
+        self.close(token, ended=False)
+
+    async def _watch_unread(self) -> None:
+        """While streams are open, cut those whose client stopped reading once no more events
+        come to them (_on_msg cuts the others as their events come)."""
+        while any(isinstance(target, _Unread) for target in self.waiting.values()):
+            await asyncio.sleep(_UNREAD_SWEEP_S)
+            for token, target in list(self.waiting.items()):
+                if (
+                    isinstance(target, _Unread)
+                    and target.bytes > _MAX_UNREAD_BYTES
+                    and target.unread_for() > _UNREAD_GRACE_S
+                ):
+                    self._cut(token, target)
 
     def close(self, token: str, ended: bool) -> None:
         """Forget a stream; one that had not `ended` (its client left, its events broke off)
@@ -782,6 +819,11 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await server.shutdown(sockets=[self._sock] if self._sock else None)
+        watcher = self.inbox._watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     # -- endpoints --
 
@@ -981,7 +1023,7 @@ class Gateway:
     async def _events(
         self,
         token: str,
-        queue: asyncio.Queue[Msg],
+        queue: _Unread,
         assembler: Assembler,
         event: Event,
         give_up: float,
@@ -1172,14 +1214,42 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _next_event(queue: asyncio.Queue[Msg], give_up: float, wait_s: float, nc: Client) -> Msg:
+class _Unread(asyncio.Queue[Msg]):
+    """A stream's events not yet written to its HTTP client, and what they hold in memory
+    (`bytes`, each event counted as its data and _EVENT_COST). A client that stops reading
+    (its connection open, its socket full) would otherwise make the gateway hold the rest of
+    the answer, several hundred bytes per token, for as long as it keeps the connection. A
+    stream is cut when its events hold over _MAX_UNREAD_BYTES and none was taken for
+    _UNREAD_GRACE_S: a burst that a reading client takes as fast as it comes is not cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.taken_at = time.monotonic()  # when its writer last took an event
+
+    def unread_for(self) -> float:
+        return time.monotonic() - self.taken_at
+
+
+async def _next_event(queue: _Unread, give_up: float, wait_s: float, nc: Client) -> Msg:
     try:
         async with asyncio.timeout_at(
             asyncio.get_running_loop().time() + give_up - time.monotonic()
         ):
-            return await queue.get()
+            msg = await queue.get()
     except TimeoutError:
         raise _no_answer(wait_s, nc.is_connected) from None
+    if msg is _READ_TOO_SLOWLY:
+        raise HTTPError(
+            408,
+            "the stream was stopped: this client stopped reading its events, and over "
+            f"{_MAX_UNREAD_BYTES:,} bytes of them waited unread for {_UNREAD_GRACE_S:g} s; read "
+            "them as they come, or send the request without `stream`",
+            "stream_read_too_slowly",
+        )
+    queue.bytes -= len(msg.data) + _EVENT_COST
+    queue.taken_at = time.monotonic()
+    return msg
 
 
 def _too_large_for_nats(size: int, max_payload: int) -> HTTPError:

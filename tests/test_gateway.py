@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
@@ -835,6 +836,81 @@ async def test_connections_past_the_maximum_get_503_and_the_others_are_served(ga
         assert (await http.post("/chat/completions", json=chat())).status_code == 200
     for _, w in idle[1:]:
         w.close()
+
+
+async def test_a_stream_read_too_slowly_is_stopped_and_its_client_told(
+    gateway, nats_url, monkeypatch
+):
+    """A client that keeps its stream's connection open but reads nothing: its events would
+    pile up in the gateway, several hundred bytes per token, for as long as the answer lasts.
+    Past _MAX_UNREAD_BYTES, with none taken for _UNREAD_GRACE_S, they are dropped and the
+    request is aborted (its dispatcher still answers and audits it); a client that reads on
+    gets what was written before, then an error event saying why, and no [DONE]."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_MAX_UNREAD_BYTES", 256 * 1024)
+    monkeypatch.setattr(module, "_UNREAD_GRACE_S", 0.3)
+    monkeypatch.setattr(module, "_UNREAD_SWEEP_S", 0.1)
+    answer = "abcd" * 1_000_000  # 4,000 events of 1,000 characters: more than sockets hold
+    gw, _, _ = await gateway(config({"main": fake(reply=answer, chunks=4_000)}))
+    watcher = await nats.connect(nats_url)
+    aborts = await watcher.subscribe("llm.abort")
+    await watcher.flush()
+    host, port = gw.url.split("//")[1].split("/")[0].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = encoder.encode(chat(stream=True))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    assert (await aborts.next_msg(timeout=30)).data  # its request aborted
+    assert not gw.inbox.waiting  # and its events no longer held
+    await watcher.close()
+    answer_bytes = b""  # the client reads on at last, up to the response's last chunk
+    while not answer_bytes.endswith(b"\r\n0\r\n\r\n"):
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert chunk, answer_bytes[-300:]  # not closed before its end
+        answer_bytes += chunk
+    writer.close()
+    # Each SSE event is one chunk of the chunked response: "<size>\r\ndata: ...\n\n\r\n".
+    events = [e for e in answer_bytes.split(b"\r\n") if e.startswith(b"data: ")]
+    assert json.loads(events[-1][6:])["error"]["code"] == "stream_read_too_slowly", events[-1]
+    assert b"data: [DONE]" not in answer_bytes
+    written = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]]
+    assert 0 < len(written) < 4_000 and set(written) == {"abcd" * 250}  # cut short
+
+
+async def test_a_burst_over_the_unread_bound_is_not_cut_while_its_client_reads(
+    gateway, monkeypatch
+):
+    """The bound on unread events is for a client that stopped reading: a whole answer that
+    comes faster than the socket takes it, to a client that reads, is delivered whole."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_MAX_UNREAD_BYTES", 256 * 1024)
+    monkeypatch.setattr(module, "_UNREAD_GRACE_S", 0.3)
+    monkeypatch.setattr(module, "_UNREAD_SWEEP_S", 0.1)
+    answer = "abcd" * 1_000_000
+    gw, client, _ = await gateway(config({"main": fake(reply=answer, chunks=4_000)}))
+    peak = 0
+    on_msg = gw.inbox._on_msg
+
+    def measured(msg: Any) -> None:  # subscribed with the first request, below
+        nonlocal peak
+        on_msg(msg)
+        peak = max([peak] + [q.bytes for q in gw.inbox.waiting.values() if hasattr(q, "bytes")])
+
+    gw.inbox._on_msg = measured  # type: ignore[method-assign]
+    stream = await client.chat.completions.create(**chat(stream=True))
+    text = "".join(
+        [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    )
+    assert text == answer
+    assert peak > module._MAX_UNREAD_BYTES  # the bound was passed, and the stream went on
 
 
 async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(gateway, caplog):
