@@ -39,10 +39,10 @@ import os
 import re
 import socket
 import time
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -106,7 +106,7 @@ _BODY_TIMEOUT_S = 30.0
 _HEAD_TIMEOUT_S = 10.0
 _MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 2.0  # a refused head's connection waits this long for its client to close
-_MAX_CONNECTIONS = 10_000
+_MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor limit allows it
 # A stream's events waiting for its HTTP client to read them, at most (see _Unread); an event
 # is its data and about this much of Python objects (nats-py's Msg, its headers and subject).
 _MAX_UNREAD_BYTES = 16 * 1024 * 1024
@@ -114,7 +114,7 @@ _UNREAD_GRACE_S = 5.0  # ... when nothing was taken from them for this long
 _UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
 _EVENT_COST = 512
 # Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
-_READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]  # the most open at once, when the file-descriptor limit allows it
+_READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
