@@ -384,7 +384,8 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "when one is not ready",
         description="Asks $SRV.STATS, as `nats micro stats` does, and shows each Lifeline "
         "dispatcher and worker that answers: ready or not and why (not subscribed, or at its "
-        "max_in_flight), its requests in flight, requests and errors since it started; and "
+        "max_in_flight or max_in_flight_bytes), its requests in flight and their bytes, "
+        "requests and errors since it started; and "
         "each HTTP gateway that answers, with its URL. Exits 1 when none answers or one is "
         "not ready.",
     )
@@ -1659,6 +1660,14 @@ def _missing_services(config_path: str, states: list[dict[str, Any]]) -> list[st
     return [name for name in expected if name not in answered]
 
 
+def _size(size: int) -> str:
+    """Bytes as a person reads them: 812 B, 4.5 KiB, 256 MiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{size} B"
+
+
 def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) -> None:
     for s in states:
         where = f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
@@ -1668,6 +1677,8 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
             continue
         most = s["max_in_flight"]
         load = f"{s['in_flight']}" + (f" of {most}" if most is not None else "")
+        if s.get("max_in_flight_bytes") is not None:
+            load += f" ({_size(s['in_flight_bytes'] or 0)} of {_size(s['max_in_flight_bytes'])})"
         print(
             f"{where}in flight {load}, requests {s['requests']}, errors {s['errors']}"
             + (f", expired {s['expired']} (late on arrival: see its log)" if s["expired"] else "")

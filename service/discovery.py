@@ -83,6 +83,8 @@ def dispatcher_endpoints(dispatcher: Any) -> list[Endpoint]:
     load = {
         "in_flight": dispatcher.in_flight,
         "max_in_flight": dispatcher.max_in_flight,
+        "in_flight_bytes": dispatcher.in_flight_bytes,
+        "max_in_flight_bytes": dispatcher.max_in_flight_bytes,
         "subscribed": dispatcher.subscribed,
     }
     queue = subjects.DISPATCHER_QUEUE
@@ -124,6 +126,8 @@ def worker_endpoints(runtime: Any) -> list[Endpoint]:
             subjects.provider_queue(provider),
             in_flight=runtime.in_flight,
             max_in_flight=runtime.max_in_flight,
+            in_flight_bytes=runtime.in_flight_bytes,
+            max_in_flight_bytes=runtime.max_in_flight_bytes,
             subscribed=runtime.subscribed,
             expired=runtime.expired,
         ),
@@ -231,7 +235,8 @@ def _endpoint_stats(e: Endpoint) -> dict[str, Any]:
 
 def problems(stats: dict[str, Any]) -> list[str]:
     """What keeps an instance from being ready, read from its STATS: an endpoint not
-    subscribed, or one at its maximum of requests in flight. [] when it is ready."""
+    subscribed, or one at its maximum of requests in flight or of their bytes (past which it
+    takes nothing more). [] when it is ready."""
     found: dict[str, None] = {}  # ordered, without repeats (a dispatcher's endpoints share a load)
     for endpoint in stats.get("endpoints") or []:
         data = endpoint.get("data") or {}
@@ -240,6 +245,11 @@ def problems(stats: dict[str, Any]) -> list[str]:
         in_flight, most = data.get("in_flight"), data.get("max_in_flight")
         if isinstance(in_flight, int) and isinstance(most, int) and in_flight >= most:
             found[f"overloaded: {in_flight} requests in flight, its maximum is {most}"] = None
+        size, most_bytes = data.get("in_flight_bytes"), data.get("max_in_flight_bytes")
+        if isinstance(size, int) and isinstance(most_bytes, int) and size >= most_bytes:
+            found[
+                f"overloaded: {size:,} bytes of requests in flight, its maximum is {most_bytes:,}"
+            ] = None
     return list(found)
 
 
@@ -252,13 +262,23 @@ def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
     found = problems(stats)
     if metadata.get("url"):
         figures: dict[str, Any] = dict.fromkeys(
-            ("in_flight", "max_in_flight", "requests", "errors", "expired")
+            (
+                "in_flight",
+                "max_in_flight",
+                "in_flight_bytes",
+                "max_in_flight_bytes",
+                "requests",
+                "errors",
+                "expired",
+            )
         )
     else:
         first = working[0]["data"] if working else {}
         figures = {
             "in_flight": first.get("in_flight"),
             "max_in_flight": first.get("max_in_flight"),
+            "in_flight_bytes": first.get("in_flight_bytes"),
+            "max_in_flight_bytes": first.get("max_in_flight_bytes"),
             "requests": sum(e.get("num_requests", 0) for e in working),
             "errors": sum(e.get("num_errors", 0) for e in working),
             # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)

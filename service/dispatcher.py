@@ -182,6 +182,10 @@ class Dispatcher:
         return len(self._tasks)
 
     @property
+    def in_flight_bytes(self) -> int:
+        return self._bytes
+
+    @property
     def subscribed(self) -> bool:
         return bool(self._subs)
 

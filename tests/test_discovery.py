@@ -115,7 +115,13 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
     assert jobs["num_requests"] == 0
     assert complete["processing_time"] > 0
     assert complete["average_processing_time"] == complete["processing_time"] // 15
-    assert complete["data"] == {"in_flight": 0, "max_in_flight": 1000, "subscribed": True}
+    assert complete["data"] == {
+        "in_flight": 0,
+        "max_in_flight": 1000,
+        "in_flight_bytes": 0,
+        "max_in_flight_bytes": 256 * 1024 * 1024,
+        "subscribed": True,
+    }
     assert abort["num_requests"] == 0 and abort["data"] == {"aborted": 0, "subscribed": True}
 
     backup = stats["lifeline-worker-backup"]["endpoints"][0]
@@ -129,6 +135,8 @@ async def test_stats_count_every_request_its_errors_and_its_processing_time(life
     assert backup["data"] == {
         "in_flight": 0,
         "max_in_flight": 1000,
+        "in_flight_bytes": 0,
+        "max_in_flight_bytes": 256 * 1024 * 1024,
         "subscribed": True,
         "expired": 0,
     }
@@ -158,7 +166,7 @@ async def test_health_says_ready_then_overloaded_then_ready_again(
             code, out = await health(capsys, "--nats-url", nats_url)
             assert code == 0, out
             assert "ready      lifeline-dispatcher" in out
-            assert "in flight 0 of 2, requests 0, errors 0" in out
+            assert "in flight 0 of 2 (0 B of 256 MiB), requests 0, errors 0" in out
             assert "2 of 2 ready" in out
             assert (await http.get(readyz)).status_code == 200
 
@@ -181,6 +189,33 @@ async def test_health_says_ready_then_overloaded_then_ready_again(
             assert (await http.get(readyz)).status_code == 200
     finally:
         await probes.stop()
+
+
+async def test_health_says_overloaded_while_the_bytes_in_flight_reach_their_maximum(
+    lifeline, client, nats_url, capsys
+):
+    """A request that comes while none is in flight is taken whatever its size; past
+    max_in_flight_bytes nothing more is, so the dispatcher and the worker say so, by bytes."""
+    cfg = config(
+        {"slow": fake(latency_ms=1000, max_in_flight_bytes=1_000)}, max_in_flight_bytes=1_000
+    )
+    stack = await lifeline(cfg)
+    long = {"messages": [{"role": "user", "content": "x" * 5_000}]}
+    busy = asyncio.create_task(ask(client, long))
+    await wait_for(lambda: stack.workers["slow"].in_flight == 1)
+    code, out = await health(capsys, "--nats-url", nats_url, "--json")
+    assert code == 1, out
+    states = by_name(json.loads(out)["instances"])
+    size = stack.dispatcher.in_flight_bytes
+    assert size > 5_000 and states["lifeline-dispatcher"]["in_flight_bytes"] == size
+    assert states["lifeline-dispatcher"]["problems"] == [
+        f"overloaded: {size:,} bytes of requests in flight, its maximum is 1,000"
+    ]
+    worker = states["lifeline-worker-slow"]
+    assert not worker["ready"] and "bytes of requests in flight" in worker["problems"][0]
+    assert (await busy).status == "ok"
+    code, out = await health(capsys, "--nats-url", nats_url)
+    assert code == 0 and "in flight 0 of 1000 (0 B of 1000 B)" in out, out
 
 
 async def test_health_shows_the_requests_a_worker_dropped_as_late(

@@ -146,6 +146,10 @@ class WorkerRuntime:
         return len(self._tasks)
 
     @property
+    def in_flight_bytes(self) -> int:
+        return self._bytes
+
+    @property
     def subscribed(self) -> bool:
         return self._sub is not None
 
