@@ -56,8 +56,8 @@ bench: $(STAMP)  ## run the benchmark suite and write bench-results/
 BASE ?= HEAD
 NEW  ?=
 
-bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=rev (default: the working tree), loaded at once; PAIRED=1: p50 at 1 in flight instead
-	$(BIN)/python -m tests.bench.ab $(if $(PAIRED),--paired) $(BASE) $(NEW)
+bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=rev (default: the working tree), loaded at once; PAIRED=1: p50 at 1 in flight instead; ROUTE=fail_ok|ghost_ok: through a fallback
+	$(BIN)/python -m tests.bench.ab $(if $(PAIRED),--paired) $(if $(ROUTE),--route $(ROUTE)) $(BASE) $(NEW)
 
 bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree)
 	$(BIN)/python -m tests.bench.instructions $(REVS)

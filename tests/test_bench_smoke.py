@@ -87,11 +87,12 @@ def test_the_quick_benchmark_runs_every_case_and_writes_its_reports(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("mode", "summary"), [([], "B/A req/s: median"), (["--paired"], "B-A median")]
+    ("mode", "summary"),
+    [([], "B/A req/s: median"), (["--paired", "--route", "fail_ok"], "B-A median")],
 )
 def test_the_ab_comparison_loads_two_revisions_at_once_and_cleans_up_after_itself(mode, summary):
-    """`make bench-ab` (and with PAIRED=1): HEAD against the working tree, one short round, and
-    the temporary worktree of HEAD is gone afterwards."""
+    """`make bench-ab` (and with PAIRED=1, through a fallback): HEAD against the working tree,
+    one short round, and the temporary worktree of HEAD is gone afterwards."""
     result = subprocess.run(
         [sys.executable, "-m", "tests.bench.ab", "HEAD", "--rounds", "1", "--duration", "0.3"]
         + mode,

@@ -23,6 +23,10 @@ With --paired, latency instead of throughput: one client (this process) sends a 
 A, then one to B (B first every other time), one at a time, so both meet the same moments;
 printed per round and as medians: each side's p50 and B's p50 minus A's. Run at 1 in flight,
 this resolves a few hundredths of a millisecond where separate runs spread by tenths.
+
+--route picks what each request does: `main` (default; one good call), `fail_ok` (a worker
+answering 503, then the fallback to a good one: with --paired, what a fallback costs) or
+`ghost_ok` (a provider without a worker, no responders, then the good one).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from tests.bench.harness import Fleet, cpu_snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURED = ("dispatcher-1", "worker-ok")  # whose CPU time is reported per request
-SIDE = ("loadgen", *MEASURED)  # the processes of one side
+SIDE = ("loadgen", *MEASURED)  # the processes of one side, and the route's other workers
+ROUTE_WORKERS = {"main": (), "fail_ok": ("worker-fail",), "ghost_ok": ()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--in-flight", type=int, default=64, metavar="N", help="requests in flight (default: 64)"
+    )
+    parser.add_argument(
+        "--route",
+        choices=sorted(ROUTE_WORKERS),
+        default="main",
+        help="main: one good call (default); fail_ok: a 503, then the fallback; ghost_ok: no "
+        "responders, then the fallback",
     )
     parser.add_argument(
         "--paired",
@@ -94,30 +106,33 @@ def checkout(revision: str | None) -> Iterator[Path]:
             )
 
 
-def spawn_side(tree: Path, server: EmbeddedNats) -> Fleet:
-    """A load generator, a dispatcher and a worker whose code comes from `tree`: spawned
-    processes import from the parent's sys.path as it is when they start."""
+def spawn_side(tree: Path, server: EmbeddedNats, route: str = "main") -> Fleet:
+    """A load generator, a dispatcher and the route's workers whose code comes from `tree`:
+    spawned processes import from the parent's sys.path as it is when they start."""
     fleet = Fleet()
+    side = (*SIDE, *ROUTE_WORKERS[route])
     sys.path.insert(0, str(tree))
     try:
-        fleet.spawn([_main_only(spec) for spec in fleet_specs(server.url, FULL) if spec[0] in SIDE])
+        fleet.spawn(
+            [_route_only(spec, route) for spec in fleet_specs(server.url, FULL) if spec[0] in side]
+        )
     finally:
         sys.path.remove(str(tree))
     return fleet
 
 
-def _main_only(spec: tuple[str, Any, dict[str, Any]]) -> tuple[str, Any, dict[str, Any]]:
-    """A process's spec with a config of the `main` route's provider alone: what either
+def _route_only(
+    spec: tuple[str, Any, dict[str, Any]], route: str
+) -> tuple[str, Any, dict[str, Any]]:
+    """A process's spec with a config of `route` and its providers alone: what either
     revision measures, and settings an older revision would refuse as unknown stay out."""
     name, setup, params = spec
     if "config" not in params:
         return spec
     config = params["config"]
-    minimal = {
-        "providers": {"ok": config["providers"]["ok"]},
-        "routes": {"main": config["routes"]["main"]},
-    }
-    return name, setup, {**params, "config": minimal}
+    routes = {"main": config["routes"]["main"], route: config["routes"][route]}
+    providers = {p: config["providers"][p] for r in routes.values() for p in r["targets"]}
+    return name, setup, {**params, "config": {"providers": providers, "routes": routes}}
 
 
 def measure(fleets: list[Fleet], spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     spec = {
         "subject": subjects.COMPLETE,
-        "payload": completion_request("main"),
+        "payload": completion_request(args.route),
         "in_flight": args.in_flight,
         "decode": "lifeline",
         "warmup_s": 0.3,
@@ -213,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         with checkout(args.base) as base_tree, checkout(args.new) as new_tree:
             for server, tree in zip(servers, (base_tree, new_tree), strict=True):
                 server.start()
-                fleets.append(spawn_side(tree, server))
+                fleets.append(spawn_side(tree, server, args.route))
             if args.paired:
-                print(f"A = {names[0]}, B = {names[1]}; one request at a time, taking turns")
+                print(
+                    f"A = {names[0]}, B = {names[1]}; route {args.route}, one request at a "
+                    "time, taking turns"
+                )
                 paired(servers, spec["payload"], args.rounds, args.duration)
                 return 0
-            print(f"A = {names[0]}, B = {names[1]}; {args.in_flight} in flight, both at once")
+            print(
+                f"A = {names[0]}, B = {names[1]}; route {args.route}, {args.in_flight} in "
+                "flight, both at once"
+            )
             for r in range(1, args.rounds + 1):
                 a, b = measure(fleets, spec)
                 rounds.append([a, b])
