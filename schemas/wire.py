@@ -92,6 +92,15 @@ class ToolCallDelta(Struct, frozen=True, omit_defaults=True):
     arguments: str = ""
 
 
+def delta_bytes(delta: str | ToolCallDelta) -> int:
+    """What a delta counts against a provider's max_response_bytes: a text's UTF-8 bytes; a
+    tool-call piece's arguments, name and id (not its JSON framing). Workers and the
+    dispatcher count the same way, so a worker within the bound is never cut by either."""
+    if isinstance(delta, str):
+        return len(delta.encode())
+    return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "")
+
+
 class ChatMessage(Struct, frozen=True, omit_defaults=True):
     role: Role
     # A string, or parts (text and images); an assistant message with tool_calls may have none.

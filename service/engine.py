@@ -312,7 +312,9 @@ class Engine:
         """One streaming call of a worker: its chunks go through `relay`; the attempt's span
         ends when its stream does, with its time to first token."""
         span, headers = self._attempt_span(target, request_id, timeout_s, parent)
-        limits = StreamLimits(timeout_s, target.ttft_s, target.idle_s, relay.take_cut())
+        limits = StreamLimits(
+            timeout_s, target.ttft_s, target.idle_s, relay.take_cut(), target.max_response_bytes
+        )
         opened = time.monotonic()
         try:
             stream = await self.transport.stream_provider(

@@ -183,6 +183,7 @@ class Router:
             ttft_s=spec.ttft_s,
             idle_s=spec.idle_s,
             prefill=spec.prefill,
+            max_response_bytes=provider.max_response_bytes,
         )
 
     def _configured_models(self) -> dict[str, frozenset[str]]:

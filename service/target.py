@@ -63,6 +63,9 @@ class Target:
     ttft_s: float | None = None
     idle_s: float | None = None
     prefill: bool = False
+    # Its provider's max_response_bytes: past it the dispatcher stops a stream itself, whatever
+    # the worker (one in another language may not stop), as its memory holds the text.
+    max_response_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.health_key is _DERIVED:

@@ -58,6 +58,7 @@ from schemas.wire import (
     INTERNAL,
     REPLY_TOO_LARGE,
     ToolCallDelta,
+    delta_bytes,
     encoder,
     message_bytes,
     provider_reply_decoder,
@@ -386,6 +387,7 @@ class ProviderStream:
         "_close",
         "_idle_s",
         "_last",
+        "_left",
         "_limits",
         "_loop",
         "_max_chunk",
@@ -416,6 +418,7 @@ class ProviderStream:
         self._limits = limits
         self._on_chunk = on_chunk
         self._max_chunk = transport.nc.max_payload - STREAM_HEADER_ROOM
+        self._left = limits.max_bytes  # what the deltas may still add up to (None: no bound)
         self.first: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[ProviderReply] = loop.create_future()
         self.chunks = 0
@@ -438,7 +441,7 @@ class ProviderStream:
         tool = headers is not None and headers.get(EVENT) == TOOL_CALL
         if tool:
             try:
-                tool_call_delta_decoder.decode(data)
+                piece = tool_call_delta_decoder.decode(data)
             except (msgspec.DecodeError, RecursionError) as exc:
                 message = (
                     f"worker {self.provider} streamed a tool-call piece that is no "
@@ -446,7 +449,9 @@ class ProviderStream:
                 )
                 self._give_up("server_error", message[:MAX_MESSAGE_CHARS])
                 return
+            size = delta_bytes(piece)
         else:  # every delta is whole UTF-8, as clients decode each one by itself
+            size = len(data)
             try:
                 data.decode()
             except UnicodeDecodeError as exc:
@@ -464,6 +469,16 @@ class ProviderStream:
                 "headers)",
             )
             return
+        if self._left is not None:
+            self._left -= size
+            if self._left < 0:
+                self._give_up(
+                    "response_too_large",
+                    f"{self.provider} streamed over its max_response_bytes "
+                    f"({self._limits.max_bytes}): stopped by the dispatcher (a worker of "
+                    "Lifeline's stops there itself)",
+                )
+                return
         self.chunks += 1
         self._last = self._loop.time()
         if self.first_at is None:

@@ -110,6 +110,23 @@ class BlockingStream(Model):
         return iter(["a", "b"])
 
 
+STREAMED: list[int] = []  # the pieces EndlessStream yielded, per stream
+
+
+class EndlessStream(Model):
+    """A stream that never ends (a model generating without a stop): the runtime stops it."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "x"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str]:
+        STREAMED.append(0)
+        while True:
+            STREAMED[-1] += 1
+            await asyncio.sleep(0)
+            yield "y" * 1000
+
+
 HANG = threading.Event()  # set to let HangsInItsThread's calls end
 
 

@@ -65,6 +65,24 @@ async def test_an_async_model_streams_its_pieces_and_reports_usage(lifeline, cli
     assert (reply.content, reply.usage.output_tokens) == ("one two three", 3)
 
 
+async def test_a_model_that_streams_without_end_is_stopped_at_max_response_bytes(lifeline, client):
+    """The size limits come from the runtime, not from the model's author: a stream past
+    max_response_bytes fails as response_too_large at the worker, which stops pulling from
+    the model, and the request falls back."""
+    providers = {
+        "mine": python("EndlessStream", max_response_bytes=20_000),
+        "backup": {"kind": "fake", "reply": "fine"},
+    }
+    await lifeline(config(providers, routes={"default": {"targets": ["mine", "backup"]}}))
+    plugin_models.STREAMED.clear()
+    text, reply = await stream_text(client, CompletionRequest(**_messages()))
+    assert (reply.status, reply.provider, text) == ("ok", "backup", "fine")
+    failed = reply.attempts[0]
+    assert failed.error_type == "response_too_large", failed
+    assert "[providers.mine]" in failed.message  # the worker's own message says where
+    assert plugin_models.STREAMED == [21]  # 20 pieces within the bound, the 21st over it
+
+
 async def test_the_shipped_example_streams_a_sync_generator_with_its_settings(lifeline, client):
     example = {
         "kind": "python",

@@ -689,6 +689,51 @@ async def test_a_chunk_that_is_no_whole_utf8_fails_its_attempt_and_falls_back(
     assert event.status == "ok"
 
 
+async def test_a_worker_streaming_past_max_response_bytes_is_stopped_by_the_dispatcher(
+    lifeline, client, audit
+):
+    """A worker that never stops streaming (one in another language that ignores
+    max_response_bytes, say) would fill the dispatcher's memory with the text it keeps for
+    resets until the attempt's timeout. Past the provider's max_response_bytes the dispatcher
+    fails the attempt as response_too_large, cancels it at the worker, and falls back."""
+    await lifeline(
+        config(
+            {"raw": fake(max_response_bytes=50_000), "backup": fake(reply="fine")},
+            route("raw", "backup"),
+        ),
+        ["backup"],
+    )
+    cancelled: list[bytes] = []
+    sent = 0
+
+    async def worker(msg: Any) -> None:
+        nonlocal sent
+        while not cancelled and sent < 10_000_000:  # without the bound: 10 MB, then an end
+            await client.publish(msg.headers[subjects.STREAM_TO], b"x" * 1000)
+            sent += 1000
+            if sent % 20_000 == 0:
+                await client.flush()
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=sent // 1000)))
+
+    await client.subscribe(subjects.provider_subject("raw"), cb=worker)
+    async def cancel(msg: Any) -> None:
+        cancelled.append(msg.data)
+
+    await client.subscribe(subjects.cancel_subject("raw"), cb=cancel)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request("hi"), assembler)]
+    end = events[-1].reply
+    assert (end.status, end.provider, assembler.text) == ("ok", "backup", "fine")
+    failed = end.attempts[0]
+    assert failed.error_type == "response_too_large", failed
+    assert "max_response_bytes (50000)" in failed.message
+    await wait_for(lambda: cancelled, what="the attempt cancelled at its worker")
+    assert sent < 1_000_000  # stopped soon after the bound, not at the worker's end
+    [(_, event)] = await audit.wait_for(1)
+    assert event.status == "ok"
+
+
 async def test_a_simulated_failure_counts_as_an_attempt_in_the_events_numbers(lifeline, client):
     providers = {"main": fake(chunks=3), "backup": fake(reply="from backup", chunks=2)}
     await lifeline(config(providers, allow_fault_injection=True))

@@ -34,7 +34,7 @@ from schemas import ProviderOk, ProviderRequest
 
 # The one exception type and status mapping of providers, re-exported for the provider modules.
 from schemas.errors import ProviderError, classify_status
-from schemas.wire import ToolCallDelta
+from schemas.wire import ToolCallDelta, delta_bytes
 
 # The keys every provider table accepts, in a module of their own so that a plug-in's import
 # (workers/plugin.py) loads no HTTP client.
@@ -577,7 +577,7 @@ class HttpProvider:
                             break
                         for delta in item if isinstance(item, list) else (item,):
                             if delta:
-                                left -= _delta_bytes(delta)
+                                left -= delta_bytes(delta)
                                 if left < 0:
                                     raise response_too_large(200, self.settings.max_response_bytes)
                                 yield delta
@@ -626,12 +626,6 @@ class HttpProvider:
     def stream_reader(self, model: str) -> StreamReader:
         """A reader of one streamed answer's events; `model` stands in when they name none."""
         raise NotImplementedError
-
-
-def _delta_bytes(delta: Delta) -> int:
-    if isinstance(delta, str):
-        return len(delta.encode())
-    return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "")
 
 
 def shown_env_name(name: str) -> str:
