@@ -94,11 +94,12 @@ class ToolCallDelta(Struct, frozen=True, omit_defaults=True):
 
 def delta_bytes(delta: str | ToolCallDelta) -> int:
     """What a delta counts against a provider's max_response_bytes: a text's UTF-8 bytes; a
-    tool-call piece's arguments, name and id (not its JSON framing). Workers and the
-    dispatcher count the same way, so a worker within the bound is never cut by either."""
+    tool-call piece's arguments, name and id (not its JSON framing); at least 1, so that
+    endless empty pieces are bounded too. Workers and the dispatcher count the same way, so
+    a worker within the bound is never cut by either."""
     if isinstance(delta, str):
-        return len(delta.encode())
-    return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "")
+        return len(delta.encode()) or 1
+    return len(delta.arguments.encode()) + len(delta.name or "") + len(delta.id or "") or 1
 
 
 class ChatMessage(Struct, frozen=True, omit_defaults=True):

@@ -451,7 +451,7 @@ class ProviderStream:
                 return
             size = delta_bytes(piece)
         else:  # every delta is whole UTF-8, as clients decode each one by itself
-            size = len(data)
+            size = len(data) or 1  # as delta_bytes counts: endless empty deltas are bounded too
             try:
                 data.decode()
             except UnicodeDecodeError as exc:

@@ -689,16 +689,20 @@ async def test_a_chunk_that_is_no_whole_utf8_fails_its_attempt_and_falls_back(
     assert event.status == "ok"
 
 
+@pytest.mark.parametrize(
+    ("chunk", "bound"), [(b"x" * 1000, 50_000), (b"", 5_000)], ids=["text", "empty deltas"]
+)
 async def test_a_worker_streaming_past_max_response_bytes_is_stopped_by_the_dispatcher(
-    lifeline, client, audit
+    lifeline, client, audit, chunk, bound
 ):
     """A worker that never stops streaming (one in another language that ignores
     max_response_bytes, say) would fill the dispatcher's memory with the text it keeps for
     resets until the attempt's timeout. Past the provider's max_response_bytes the dispatcher
-    fails the attempt as response_too_large, cancels it at the worker, and falls back."""
+    fails the attempt as response_too_large, cancels it at the worker, and falls back. An
+    empty delta counts as a byte: endless empty ones are stopped too."""
     await lifeline(
         config(
-            {"raw": fake(max_response_bytes=50_000), "backup": fake(reply="fine")},
+            {"raw": fake(max_response_bytes=bound), "backup": fake(reply="fine")},
             route("raw", "backup"),
         ),
         ["backup"],
@@ -708,14 +712,15 @@ async def test_a_worker_streaming_past_max_response_bytes_is_stopped_by_the_disp
 
     async def worker(msg: Any) -> None:
         nonlocal sent
-        while not cancelled and sent < 10_000_000:  # without the bound: 10 MB, then an end
-            await client.publish(msg.headers[subjects.STREAM_TO], b"x" * 1000)
-            sent += 1000
-            if sent % 20_000 == 0:
+        while not cancelled and sent < 100_000:  # without the bound: 100,000 chunks, then an end
+            await client.publish(msg.headers[subjects.STREAM_TO], chunk)
+            sent += 1
+            if sent % 20 == 0:
                 await client.flush()
-        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=sent // 1000)))
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=sent)))
 
     await client.subscribe(subjects.provider_subject("raw"), cb=worker)
+
     async def cancel(msg: Any) -> None:
         cancelled.append(msg.data)
 
@@ -727,9 +732,9 @@ async def test_a_worker_streaming_past_max_response_bytes_is_stopped_by_the_disp
     assert (end.status, end.provider, assembler.text) == ("ok", "backup", "fine")
     failed = end.attempts[0]
     assert failed.error_type == "response_too_large", failed
-    assert "max_response_bytes (50000)" in failed.message
+    assert f"max_response_bytes ({bound})" in failed.message
     await wait_for(lambda: cancelled, what="the attempt cancelled at its worker")
-    assert sent < 1_000_000  # stopped soon after the bound, not at the worker's end
+    assert sent < 100_000  # stopped after the bound, not at the worker's end
     [(_, event)] = await audit.wait_for(1)
     assert event.status == "ok"
 
