@@ -634,6 +634,27 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+_SERVING = ("run", "dispatcher", "worker", "gateway")  # commands that serve until stopped
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files raised to the hard one, as Go's runtime does for every
+    server since 1.19: a serving process holds a socket per HTTP connection (a worker's pool
+    takes up to max_in_flight, the gateway up to --max-connections), and the common default
+    soft limit of 1,024 would otherwise end in EMFILE under load, NATS reconnects included."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Linux's default nr_open when the hard limit is "unlimited", which a soft one cannot be
+        most = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < most:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))
+            log.debug("open files limit raised from %d to %d", soft, most)
+    except (ImportError, OSError, ValueError) as exc:  # not on this platform, or not allowed
+        log.debug("open files limit left as it is: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -641,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
+    if args.command in _SERVING:
+        _raise_open_files_limit()
     handlers = {
         "run": cmd_run,
         "dispatcher": cmd_dispatcher,

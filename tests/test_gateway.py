@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -661,6 +662,41 @@ async def test_lifeline_gateway_serves_until_sigterm(shared):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            stream and stream.close()
+
+
+def test_a_serving_command_raises_its_open_files_limit_to_the_hard_one(nats_url):
+    """A soft limit of 1,024 open files (a common default) would end a busy gateway or
+    worker in EMFILE; serving commands raise it to the hard limit, as Go's runtime does."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard limit here ({hard}) leaves nothing to raise")
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    proc = spawn_lifeline(
+        "gateway",
+        "--nats-url",
+        nats_url,
+        "--port",
+        "0",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lowered,
+    )
+    try:
+        wait_for_line(proc, r"http://127\.0\.0\.1:\d+/v1")
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = re.search(r"Max open files\s+(\d+)", limits).group(1)  # type: ignore[union-attr]
+        assert int(soft) > 512, limits
+        assert int(soft) == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        proc.kill()
+        proc.wait()
         for stream in (proc.stdout, proc.stderr):
             stream and stream.close()
 
