@@ -339,7 +339,6 @@ async def start_worker(
         timeout_s=settings.timeout_s,
         max_in_flight=settings.max_in_flight,
         max_in_flight_bytes=settings.max_in_flight_bytes,
-        max_response_bytes=settings.max_response_bytes,
     )
     await runtime.start()
     responder = Responder(

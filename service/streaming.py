@@ -44,7 +44,7 @@ class StreamLimits(NamedTuple):
     idle_s: float | None = None
     # A simulated mid-stream failure (a request's faults): after this many chunks, this failure.
     cut: tuple[int, ProviderFailure] | None = None
-    # The deltas' bytes (schemas.streaming.delta_bytes) past which the attempt fails as
+    # The deltas' bytes (schemas.wire.delta_bytes) past which the attempt fails as
     # response_too_large (None: no bound).
     max_bytes: int | None = None
 

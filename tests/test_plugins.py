@@ -65,6 +65,14 @@ async def test_an_async_model_streams_its_pieces_and_reports_usage(lifeline, cli
     assert (reply.content, reply.usage.output_tokens) == ("one two three", 3)
 
 
+async def test_a_models_answer_over_max_response_bytes_fails_as_too_large(lifeline, client):
+    await lifeline(config({"mine": python("SyncUpper", max_response_bytes=5)}))
+    reply = await ask(client, hello())  # "HELLO THERE": 11 bytes
+    failed = reply.attempts[0]
+    assert (reply.status, failed.error_type) == ("error", "response_too_large")
+    assert "max_response_bytes (5)" in failed.message and "[providers.mine]" in failed.message
+
+
 async def test_a_model_that_streams_without_end_is_stopped_at_max_response_bytes(lifeline, client):
     """The size limits come from the runtime, not from the model's author: a stream past
     max_response_bytes fails as response_too_large at the worker, which stops pulling from

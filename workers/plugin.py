@@ -59,7 +59,7 @@ from msgspec import Meta
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from schemas.errors import ProviderError
-from schemas.wire import FinishReason, ToolCall, ToolCallDelta
+from schemas.wire import FinishReason, ToolCall, ToolCallDelta, delta_bytes
 from workers.settings import ProviderSettings
 
 __all__ = [
@@ -185,6 +185,8 @@ class PluginProvider:
         cls, own = load(settings, key)
         self.model = settings.model or getattr(cls, "model_name", "") or cls.__name__
         self.label = settings.class_ or settings.kind
+        self._key = key
+        self._max_bytes = settings.max_response_bytes  # an answer's text and tool calls, at most
         self.instance = cls(own) if own is not None else cls()
         self._threads = ThreadPoolExecutor(settings.threads, thread_name_prefix=f"model-{name}")
         self._thread_count = settings.threads
@@ -201,7 +203,22 @@ class PluginProvider:
             result = await self.instance.call(request)
         else:  # off the event loop; past its deadline the answer is dropped, the thread ends
             result = await self._in_thread(self.instance.call, request)
-        return self._ok(result)
+        answer = self._ok(result)
+        size = delta_bytes(answer.content) + sum(
+            delta_bytes(ToolCallDelta(0, c.id, c.name, c.arguments))
+            for c in answer.tool_calls or ()
+        )
+        if size > self._max_bytes:
+            raise self._too_large()
+        return answer
+
+    def _too_large(self) -> ProviderError:
+        """An answer over max_response_bytes, as an HTTP provider's is refused."""
+        return ProviderError(
+            "response_too_large",
+            f"{self.label} answered over max_response_bytes ({self._max_bytes}); raise "
+            f"max_response_bytes in [{self._key}] if such answers are expected",
+        )
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` in one of the model's threads. A call waits for a free thread
@@ -231,6 +248,7 @@ class PluginProvider:
             yield msgspec.structs.replace(answer, content="")
             return
         end: Any = None
+        left = self._max_bytes
         async for item in self._pieces(request):
             if isinstance(item, Answer):
                 end = item
@@ -241,6 +259,9 @@ class PluginProvider:
                     f"{self.label}.stream yielded {type(item).__name__}; expected str pieces "
                     "and, last, an optional Answer",
                 )
+            left -= delta_bytes(item)
+            if left < 0:  # a model that never stops: its pieces are no longer pulled
+                raise self._too_large()
             if item:
                 yield item
         last = self._ok(end if end is not None else "")

@@ -42,7 +42,7 @@ from schemas.subjects import (
     provider_subject,
     reply_subject_refused,
 )
-from schemas.wire import ToolCallDelta, delta_bytes, encoder, provider_request_decoder
+from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.discovery import Tally
 from service.loop import Timeouts, start_now
@@ -71,7 +71,6 @@ class WorkerRuntime:
         timeout_s: float,
         max_in_flight: int = 1000,
         max_in_flight_bytes: int = 256 * 1024 * 1024,
-        max_response_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -81,9 +80,6 @@ class WorkerRuntime:
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
         self.max_in_flight_bytes = max_in_flight_bytes
-        # A stream's deltas, added up (delta_bytes), at most: HTTP providers stop there
-        # themselves; a model class's stream is stopped here.
-        self.max_response_bytes = max_response_bytes
         self._bytes = 0  # of the calls in flight, their requests' sizes by task in _sizes
         self._sizes: dict[asyncio.Task[None], int] = {}
         # Each request's task, with its attempt id (None without one); and the reverse, for
@@ -394,7 +390,6 @@ class WorkerRuntime:
         path, nc = fast_path(self.nc), self.nc
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
         chunks = 0
-        left = self.max_response_bytes
         end: ProviderOk | None = None
         deltas = self.provider.stream(request, timeout_s)
         try:
@@ -402,14 +397,6 @@ class WorkerRuntime:
                 if isinstance(item, ProviderOk):
                     end = item
                     break
-                left -= delta_bytes(item)
-                if left < 0:
-                    raise ProviderError(
-                        "response_too_large",
-                        f"{self.name} streamed over its max_response_bytes "
-                        f"({self.max_response_bytes}); raise max_response_bytes in "
-                        f"[providers.{self.name}] if such answers are expected",
-                    )
                 if isinstance(item, ToolCallDelta):
                     payload = encoder.encode(item)
                     if len(payload) > max_bytes:
