@@ -176,7 +176,7 @@ def text_tokens(text: str) -> int:
 
 _decode = msgspec.json.decode
 _schemas: OrderedDict[bytes, _Schema] = OrderedDict()
-_VALIDATORS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
+_SCHEMAS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
 # A larger schema is compiled per request: 256 of them could hold 256 MiB.
 _CACHED_SCHEMA_BYTES = 16 * 1024
 # A regular expression from a request runs on the event loop: a pathological one (nested
@@ -308,7 +308,7 @@ def _compiled(schema: dict[str, Any], where: str) -> _Schema:
     compiled = _Schema(schema, where)
     if len(key) <= _CACHED_SCHEMA_BYTES:
         _schemas[key] = compiled
-        if len(_schemas) > _VALIDATORS_KEPT:
+        if len(_schemas) > _SCHEMAS_KEPT:
             _schemas.popitem(last=False)
     return compiled
 
