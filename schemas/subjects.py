@@ -126,7 +126,8 @@ def reply_subject_refused(subject: str) -> str | None:
 
     A reply published there would land on Lifeline's own subjects (a second audit event,
     a loop through llm.complete, an answer on the audit feed) or on the server's ($JS, $KV,
-    $SYS, $SRV, ...). Wildcards cannot name one inbox. Whitespace or a control character
+    $SYS, $SRV, ...). Wildcards cannot name one inbox, nor can a subject with an empty token
+    reach any subscriber. Whitespace or a control character
     cannot be in a subject at all: written into a PUB line, it is a protocol error for which
     the server closes the publisher's connection (a header can carry one; a message's own
     reply subject cannot).
@@ -139,6 +140,11 @@ def reply_subject_refused(subject: str) -> str | None:
         return "it is one of the NATS server's own subjects ($...)"
     if ("*" in subject or ">" in subject) and any(t in ("*", ">") for t in subject.split(".")):
         return "it contains a wildcard"
+    if subject[0] == "." or subject[-1] == "." or ".." in subject:
+        return (
+            "it has an empty token (a dot at its start or end, or two in a row), which no "
+            "subscription can match"
+        )
     return None
 
 

@@ -164,7 +164,7 @@ class Tool(Struct, frozen=True, omit_defaults=True):
 class NamedTool(Struct, frozen=True):
     """tool_choice naming one tool: the model must call that one."""
 
-    name: str
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # as Tool's
 
 
 # "auto": the model decides; "none": no tool call; "required": at least one; or one named tool.
@@ -177,7 +177,16 @@ Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]
 MaxTokens = Annotated[int, Meta(ge=1)]
 # An error kind (ERROR_KINDS) or an HTTP error status, as in fallback_on and retry_on.
-KindOrStatus = str | int
+KindOrStatus = Annotated[str, Meta(max_length=64)] | int
+
+# A route's, a target's, a provider's, a model's or a template's name. Each comes back in
+# replies, attempts and audit events (and in the error that refuses it): bounded, so no name
+# makes those larger than a NATS message may be.
+MAX_NAME_LENGTH = 256
+Name = Annotated[str, Meta(max_length=MAX_NAME_LENGTH)]
+# What a request may list (targets, fallback_on, faults): more than any chain needs, few
+# enough that a reply listing an attempt or an error for each stays small.
+MAX_LIST_LENGTH = 64
 
 
 class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -186,13 +195,13 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     Parameters set here win over the request's: they exist because this model needs them.
     """
 
-    provider: str
-    name: str | None = None  # label in replies, attempts and faults; default: provider[:model]
-    model: str | None = None  # default: the provider's configured model
+    provider: Name
+    name: Name | None = None  # label in replies, attempts and faults; default: provider[:model]
+    model: Name | None = None  # default: the provider's configured model
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
     top_p: TopP | None = None
-    template: str | None = None  # a [templates.<name>] of the config
+    template: Name | None = None  # a [templates.<name>] of the config
     timeout_s: Annotated[float, Meta(gt=0)] | None = None  # default: the provider's timeout_s
     # Capabilities, checked before any call.
     max_input_tokens: Annotated[int, Meta(ge=1)] | None = None
@@ -255,7 +264,7 @@ PREVIOUS_ERRORS = "lifeline_previous_errors"
 
 # A simulated failure for one target (see CompletionRequest.faults): "timeout", an error
 # kind, "invalid_output" or an HTTP status; "ok" or null lets the real call through.
-Fault = str | int | None
+Fault = Annotated[str, Meta(max_length=64)] | int | None
 
 
 # A request id travels in the body, in a header and in every reply and audit event.
@@ -268,8 +277,9 @@ class CompletionRequest(Struct, frozen=True):
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     id: RequestId = ""
-    route: str = "default"
-    targets: list[str | TargetSpec] | None = None  # instead of the route's chain
+    route: Name = "default"
+    # Instead of the route's chain.
+    targets: Annotated[list[Name | TargetSpec], Meta(max_length=MAX_LIST_LENGTH)] | None = None
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -283,10 +293,17 @@ class CompletionRequest(Struct, frozen=True):
     max_attempts: Annotated[int, Meta(ge=1)] | None = (
         None  # cap on physical attempts, at most the config's
     )
-    fallback_on: list[KindOrStatus] | None = None  # narrows the route's fallback_on
+    # Narrows the route's fallback_on.
+    fallback_on: Annotated[list[KindOrStatus], Meta(max_length=MAX_LIST_LENGTH)] | None = None
     # Per target name (or provider name): a Fault, or a list applied to its attempts in turn.
     # Refused unless the config sets dispatcher.allow_fault_injection.
-    faults: dict[str, Fault | list[Fault]] | None = None
+    faults: (
+        Annotated[
+            dict[Name, Fault | Annotated[list[Fault], Meta(max_length=MAX_LIST_LENGTH)]],
+            Meta(max_length=MAX_LIST_LENGTH),
+        ]
+        | None
+    ) = None
     # On llm.stream: what a failure after the first chunk leads to (None: the route's, "reset").
     on_midstream: OnMidstream | None = None
     tools: list[Tool] | None = None
@@ -446,6 +463,16 @@ class _IdOnly(Struct):
 
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def clipped(text: str | None, most: int) -> str | None:
+    """At most `most` characters of `text`: when cut, its start and its end, joined by "…"
+    where the middle went (an error message that quotes what a client or a worker sent says
+    what is wrong at its start and where, or what to do, at its end)."""
+    if text is None or len(text) <= most:
+        return text
+    head = (most - 1) // 2
+    return text[:head] + "…" + text[len(text) - (most - 1 - head) :]
 
 
 def salvage_id(data: bytes) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
@@ -35,6 +36,7 @@ from schemas.wire import (
     UNKNOWN_ROUTE,
     Fault,
     TargetSpec,
+    clipped,
     request_decoder,
     salvage_id,
 )
@@ -54,6 +56,9 @@ from service.shaping import (
 from service.target import HealthKey, Target
 
 _EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
+# A refusal quotes what it refuses: at most this many characters of it go back.
+MAX_REFUSAL_CHARS = 2000
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 class Rejected(Exception):
@@ -67,6 +72,9 @@ class Rejected(Exception):
         route: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        # It may quote what the request held: bounded, so the reply and its audit event stay
+        # small whatever that was.
+        message = clipped(message, MAX_REFUSAL_CHARS) or ""
         super().__init__(message)
         self.error = ErrorInfo(error_type, message, retry_after_s)
         self.request_id = request_id
@@ -312,9 +320,17 @@ class Router:
         try:
             return request_decoder.decode(data)
         except msgspec.DecodeError as exc:
+            detail = clipped(str(exc), 300)
+            if detail == "Input data was truncated" and _HIGH_SURROGATE.search(data):
+                # msgspec's words for a lone high surrogate escape too (JSON allows the escape,
+                # but no text holds half a character)
+                detail = (
+                    "a \\uD800-\\uDBFF escape without the low surrogate that must follow it "
+                    "(a lone half of a UTF-16 pair), or the JSON ends early"
+                )
             raise Rejected(
                 INVALID_REQUEST,
-                f"invalid request: {exc}. Expected JSON like {_EXAMPLE}",
+                f"invalid request: {detail}. Expected JSON like {_EXAMPLE}",
                 salvage_id(data),
             ) from None
         except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow

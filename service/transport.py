@@ -24,6 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -55,9 +56,9 @@ from schemas.subjects import (
     provider_subject,
 )
 from schemas.wire import (
-    INTERNAL,
     REPLY_TOO_LARGE,
     ToolCallDelta,
+    clipped,
     delta_bytes,
     encoder,
     message_bytes,
@@ -196,7 +197,7 @@ class NatsTransport:
         per `msg_id` when given)."""
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
-        subject, payload = audit_subject(event.status), _fitting(event, room)
+        subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
             await publish_later(self.nc, subject, payload, "an audit event", headers)
 
@@ -226,16 +227,16 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
 def fitted(reply: CompletionReply, room: int) -> tuple[CompletionReply, bytes]:
     """`reply` and its encoding in at most `room` bytes (what a NATS message may carry besides
     its headers): one too large becomes a reply_too_large error, without the answer, that fits.
-    Every reply, result and end event goes out through here."""
+    Every reply, result and end event goes out through here; what it returns is what went
+    out, so the audit event reports that."""
     payload = encoder.encode(reply)
     if len(payload) > room:
-        reply = _too_large(reply, len(payload), room)
-        payload = _fitting(reply, room)
+        return _fitting(_too_large(reply, len(payload), room), room)
     return reply, payload
 
 
 def _too_large(reply: CompletionReply, size: int, max_payload: int) -> CompletionReply:
-    who = f" from {reply.target or reply.provider}" if reply.provider else ""
+    who = f" from {clipped(reply.target or reply.provider, 100)}" if reply.provider else ""
     message = (
         f"the answer{who} makes a reply of {size} bytes, above the NATS server's max_payload of "
         f"{max_payload}; "
@@ -252,26 +253,69 @@ def _too_large(reply: CompletionReply, size: int, max_payload: int) -> Completio
     )
 
 
-def _fitting(message: CompletionReply | AuditEvent, max_payload: int) -> bytes:
-    """The encoded message, with its attempts' texts and then its attempts dropped if that is
-    what it takes to fit (ids, error types and status always stay). Never more than
-    `max_payload`: one message over the server's limit closes the whole connection."""
+_Fits = TypeVar("_Fits", CompletionReply, AuditEvent)
+
+
+def _fitting(message: _Fits, max_payload: int) -> tuple[_Fits, bytes]:
+    """The message as sent, and its encoding: with its attempts' texts, then its attempts,
+    then the length of its names and texts cut if that is what it takes to fit (its id, status,
+    error type and trace id always stay). Never more than `max_payload`: one message over the
+    server's limit closes the whole connection, and a request's one reply and one audit event
+    must each go out whatever the request held."""
     payload = encoder.encode(message)
     if len(payload) <= max_payload:
-        return payload
+        return message, payload
     attempts: list[Attempt] = [msgspec.structs.replace(a, message=None) for a in message.attempts]
-    payload = encoder.encode(msgspec.structs.replace(message, attempts=attempts))
+    message = msgspec.structs.replace(message, attempts=attempts)
+    payload = encoder.encode(message)
     if len(payload) <= max_payload:
-        return payload
-    payload = encoder.encode(msgspec.structs.replace(message, attempts=[]))
-    if len(payload) <= max_payload or not isinstance(message, CompletionReply):
-        return payload  # an audit event too big still is refused by publish_now, and logged
-    # A reply is what its client waits for: only a bug leaves it too big now (its id is at most
-    # 256 characters and `_too_large` took its answer out), and then it goes as a bare error.
-    log.error("the reply to %r did not fit %d bytes", message.id, max_payload)
-    error = ErrorInfo(INTERNAL, "the reply could not be made to fit max_payload; see the logs")
-    return encoder.encode(
-        CompletionReply(message.id[:256], "error", trace_id=message.trace_id, error=error)
+        return message, payload
+    message = msgspec.structs.replace(message, attempts=[])
+    payload = encoder.encode(message)
+    if len(payload) <= max_payload:
+        return message, payload
+    # Only names no wire bound stopped (a config's, a worker's) can leave it too big now.
+    log.error(
+        "the %s for %r did not fit %d bytes: its names cut short",
+        _kind(message),
+        message.id[:256],
+        max_payload,
+    )
+    message = _namesclipped(message)
+    return message, encoder.encode(message)
+
+
+def _kind(message: CompletionReply | AuditEvent) -> str:
+    return "reply" if isinstance(message, CompletionReply) else "audit event"
+
+
+def _namesclipped(message: _Fits) -> _Fits:
+    """The message with every text bounded: a few KiB at most, whatever it held."""
+    common = {
+        "id": message.id[:256],
+        "provider": clipped(message.provider, 256),
+        "model": clipped(message.model, 256),
+        "target": clipped(message.target, 256),
+        "template": clipped(message.template, 256),
+        "finish_reason": clipped(message.finish_reason, 64),
+    }
+    if isinstance(message, CompletionReply):
+        error = message.error
+        if error is not None:
+            error = ErrorInfo(
+                error.type[:64],
+                clipped(error.message, MAX_MESSAGE_CHARS) or "",
+                error.retry_after_s,
+            )
+        return msgspec.structs.replace(
+            message, **common, error=error, content=None, tool_calls=None
+        )
+    return msgspec.structs.replace(
+        message,
+        **common,
+        route=clipped(message.route, 256),
+        error_type=clipped(message.error_type, 64),
+        tools_called=[name[:64] for name in message.tools_called[:64]],
     )
 
 

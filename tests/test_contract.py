@@ -176,6 +176,37 @@ async def test_request_ids_have_a_length_limit_and_a_huge_id_is_refused_once(ser
     await still_serving(ledger)
 
 
+async def test_names_lists_and_quoted_values_near_max_payload_each_get_one_short_refusal(
+    service, ledger
+):
+    """What a reply and its audit event repeat of a request (its route, its targets' names and
+    models, a value an error quotes) is bounded, so neither outgrows max_payload: before, a
+    route near it made an audit event too large to publish (none went out), a long target name
+    an `internal` reply, and 20,000 targets a reply listing each."""
+    huge = MAX_PAYLOAD - 400
+    cases = {
+        "route": ({"route": "r" * huge}, "$.route"),
+        "model": ({"targets": [{"provider": "echo", "model": "m" * huge}]}, "$.targets[0].model"),
+        "name": ({"targets": [{"provider": "echo", "name": "n" * huge}]}, "$.targets[0].name"),
+        "target": ({"targets": ["t" * huge]}, "$.targets[0]"),
+        "many": ({"targets": ["echo"] * 20_000}, "$.targets"),
+        "role": ({"messages": [{"role": "x" * huge, "content": "hi"}]}, "$.messages[0].role"),
+        "fault": ({"faults": {"f" * huge: 503}}, "$.faults"),
+    }
+    for request_id, (fields, field) in cases.items():
+        payload = encoder.encode({"id": request_id, "messages": HELLO, **fields})
+        assert len(payload) < MAX_PAYLOAD - 200
+        await ledger.send(request_id, payload)
+    await ledger.settle(len(cases), len(cases))
+    ledger.assert_exactly_once(list(cases))
+    for request_id, (_, field) in cases.items():
+        error = ledger.reply_of[request_id].error
+        assert error is not None and error.type == "invalid_request", (request_id, error)
+        assert field in error.message and len(error.message) < 700, (request_id, error.message)
+        assert ledger.audit_types[request_id] == "invalid_request"
+    await still_serving(ledger)
+
+
 async def test_requests_whose_id_fills_them_up_to_max_payload_each_get_one_refusal(service, ledger):
     bare = len(request(""))
     sizes = list(iter_sizes(MAX_PAYLOAD, 400, 20))

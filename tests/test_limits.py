@@ -7,9 +7,11 @@ from __future__ import annotations
 import nats
 import pytest
 
+from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo
 from schemas.subjects import reply_subject_refused
-from schemas.wire import MAX_ID_LENGTH, message_bytes, salvage_id
+from schemas.wire import MAX_ID_LENGTH, clipped, encoder, message_bytes, salvage_id
 from service.embedded import EmbeddedNats, redact_url
+from service.transport import _fitting, fitted
 
 HEADERS = {
     "Lifeline-Deadline-Ms": "1893456000000",
@@ -71,11 +73,63 @@ async def test_message_bytes_counts_headers_as_the_server_does(small_server):
         ("tab\tbed", True),
         ("nul\x00", True),
         ("", True),
+        ("a..b", True),  # an empty token: no subscription can match it
+        (".a", True),
+        ("a.", True),
         ("résultats.équipe", False),  # non-ASCII is allowed in subjects
     ],
 )
 def test_reply_subjects_in_lifelines_or_the_servers_namespace_are_refused(subject, refused):
     assert (reply_subject_refused(subject) is not None) is refused
+
+
+LONG = "n" * 300_000  # a name no request may carry (a config's or a worker's could)
+ROOM = 64 * 1024
+
+
+def test_an_audit_event_with_names_too_long_for_a_message_still_fits_and_keeps_its_id():
+    attempt = Attempt(LONG, LONG, "error", 1.0, "server_error", message=LONG, target=LONG)
+    event = AuditEvent(
+        "req-1",
+        "error",
+        LONG,
+        LONG,
+        LONG,
+        [attempt] * 3,
+        5.0,
+        "t" * 32,
+        1,
+        "all_failed",
+        target=LONG,
+        template=LONG,
+        tools_called=[LONG] * 100,
+    )
+    sent, payload = _fitting(event, ROOM)
+    assert len(payload) <= ROOM and encoder.encode(sent) == payload
+    assert (sent.id, sent.status, sent.error_type, sent.trace_id) == (
+        "req-1",
+        "error",
+        "all_failed",
+        "t" * 32,
+    )
+    assert sent.route is not None and sent.route.startswith("n") and len(sent.route) <= 256
+
+
+def test_a_reply_too_large_is_returned_as_it_was_sent_so_its_audit_event_says_the_same():
+    error = ErrorInfo("all_failed", LONG)
+    reply = CompletionReply("req-2", "ok", LONG, LONG, LONG, target=LONG, error=error)
+    sent, payload = fitted(reply, ROOM)
+    assert len(payload) <= ROOM and encoder.encode(sent) == payload
+    assert sent.status == "error" and sent.error is not None
+    assert sent.error.type == "reply_too_large" and sent.content is None
+
+
+def test_a_clipped_text_keeps_its_start_and_its_end():
+    assert clipped("short", 10) == "short" and clipped(None, 3) is None
+    text = "Invalid enum value '" + "x" * 5000 + "' - at `$.messages[0].role`"
+    cut = clipped(text, 300)
+    assert cut is not None and len(cut) == 300 and "…" in cut
+    assert cut.startswith("Invalid enum value") and cut.endswith("`$.messages[0].role`")
 
 
 def test_an_id_is_salvaged_from_input_too_deeply_nested_to_decode():
