@@ -18,13 +18,14 @@ from nats.aio.client import Client
 from opentelemetry.sdk.metrics import MeterProvider
 
 from schemas import subjects
-from service import natsio
+from service import logs, natsio
 from service.config import Config
 from service.discovery import Responder, dispatcher_endpoints, worker_endpoints
 from service.dispatcher import Dispatcher
 from service.natsopts import NatsOptions, server_list
 from service.telemetry import Tracing, observe_health
 from workers import testmode
+from workers.base import Scrubber
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
 
@@ -325,6 +326,7 @@ async def start_worker(
     settings = config.providers[name]
     # Fails here, before connecting, on a missing API key or a plug-in that does not load.
     provider = build_provider(settings, name)
+    logs.hide(Scrubber(getattr(provider, "secrets", ())))  # from its log lines too
     if testmode.enabled():  # the conformance kit's workers: lifeline-test: directives obeyed
         provider = testmode.with_test_mode(provider)
         log.warning("worker %s in test mode (%s=1)", name, testmode.TEST_MODE_ENV)

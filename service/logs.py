@@ -5,7 +5,10 @@ from the environment, and JSON for log collectors.
     LIFELINE_LOG_FORMAT  text (default) or json: {"ts", "level", "logger", "message"[, "exc"]}
 
 A traceback stays on its event's line (in text, its lines joined by " | "; in JSON, the
-"exc" field), so a collector that splits on newlines never tears an event apart.
+"exc" field), so a collector that splits on newlines never tears an event apart. Every line
+passes through the scrubbers of the process's workers (`hide`): a library may log what a
+provider sent back, and a provider may have echoed its key. httpx's one line per HTTP request
+shows at DEBUG only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 LEVEL_ENV = "LIFELINE_LOG_LEVEL"
 FORMAT_ENV = "LIFELINE_LOG_FORMAT"
@@ -32,12 +35,29 @@ def _timestamp(record: logging.LogRecord) -> str:
     return iso_time(record.created)
 
 
+_scrubbers: list[Callable[[str], str]] = []
+
+
+def hide(scrub: Callable[[str], str]) -> None:
+    """Pass every log line of this process through `scrub` (a worker's credentials: its
+    provider's Scrubber, workers/base.py) from now on; a false one (nothing to hide) is left
+    out."""
+    if scrub:
+        _scrubbers.append(scrub)
+
+
+def _hidden(text: str) -> str:
+    for scrub in _scrubbers:
+        text = scrub(text)
+    return text
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info)
-        return line.replace("\r", "").replace("\n", " | ")
+        return _hidden(line.replace("\r", "").replace("\n", " | "))
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,10 +66,10 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _hidden(record.getMessage()),
         }
         if record.exc_info:
-            event["exc"] = self.formatException(record.exc_info)
+            event["exc"] = _hidden(self.formatException(record.exc_info))
         return json.dumps(event, ensure_ascii=False)
 
 
@@ -68,3 +88,7 @@ def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level))
+    # httpx logs each request at INFO: a line per provider call, quoting the provider's status
+    # line. Shown with the rest of DEBUG.
+    debug = root.level <= logging.DEBUG
+    logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)

@@ -45,7 +45,8 @@ from service.natsio import ensure_subscribed
 from workers.base import Provider, ProviderError
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET_KEY = "sk-contract-0123456789abcdefSECRET"  # the API key the workers under test send
+# The API key the workers under test send: with a "/", which some JSON writers escape as "\/".
+SECRET_KEY = "sk-contract-0123456789ab/cdefSECRET"
 USER_HELLO = {"messages": [{"role": "user", "content": "Why did the chicken cross the road?"}]}
 
 
@@ -508,17 +509,22 @@ def serving(server: ThreadingHTTPServer, poll_interval_s: float = 0.5) -> Iterat
         server.server_close()
 
 
-def _completion(content: str) -> bytes:
+def _completion(
+    content: str | None, model: str = "gpt-test", tool_calls: list[dict[str, Any]] | None = None
+) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return json.dumps(
         {
             "id": "chatcmpl-1",
             "object": "chat.completion",
-            "model": "gpt-test",
+            "model": model,
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "message": message,
+                    "finish_reason": "tool_calls" if tool_calls else "stop",
                 }
             ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
@@ -529,8 +535,11 @@ def _completion(content: str) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     """OpenAI's chat completions; the last user message says how to misbehave:
     "size N" answers with N characters, "echo key" answers 401 echoing the Authorization header
-    in the error, "shape key" answers 200 with an unexpected body that echoes it, "bomb N"
-    answers a gzip body that expands to N bytes; anything else is echoed."""
+    in the error, "shape key" answers 200 with an unexpected body that echoes it, "answer key"
+    a good answer echoing it in its model and its text, "tool key" a tool call (of a tool the
+    request may not offer) echoing it in its id and arguments, "escaped key" a 400 whose JSON
+    body escapes every "/" as PHP does, "status key" a 500 whose status line quotes it, "bomb
+    N" a gzip body that expands to N bytes; anything else is echoed."""
 
     exported: list[bytes] = []  # OTLP bodies (traces, metrics) posted to this server
     bombs: dict[int, bytes] = {}
@@ -565,6 +574,21 @@ class _Handler(BaseHTTPRequestHandler):
                     {"choices": [{"message": {"content": {"echo": key}}}], "debug": key}
                 ).encode(),
             )
+        elif command == "answer key":
+            self._send(200, _completion(f"your key is {key}", model=key))
+        elif command == "tool key":
+            call = {
+                "id": key,
+                "type": "function",
+                "function": {"name": "lookup", "arguments": json.dumps({"key": key})},
+            }
+            self._send(200, _completion(None, tool_calls=[call]))
+        elif command == "escaped key":
+            self._send(400, json.dumps({"detail": {"got": key}}).replace("/", "\\/").encode())
+        elif command == "status key":
+            self.send_response(500, f"denied {key}")
+            self.send_header("content-length", "0")
+            self.end_headers()
         elif verb == "bomb":
             self._send(200, _bomb(int(arg)), {"Content-Encoding": "gzip"})
         else:

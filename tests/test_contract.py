@@ -390,19 +390,32 @@ async def test_a_provider_echoing_the_api_key_never_gets_it_into_replies_audit_l
         "OTEL_EXPORTER_OTLP_ENDPOINT": provider.base_url.removesuffix("/v1"),
         "OTEL_BSP_SCHEDULE_DELAY": "50",
         "OTEL_METRIC_EXPORT_INTERVAL": "200",
+        "LIFELINE_LOG_LEVEL": "DEBUG",  # every library's lines too: httpx quotes status lines
     }
     svc = Service(tmp_path, server.url, contract_config(provider), env=otel)
     try:
         svc.start_all(["http"], dispatchers=1)
         nc = await nats.connect(server.url)
         ledger = await Ledger(nc).start()
-        ids = ["echo key", "shape key"]
+        outcomes = {
+            "echo key": "auth",
+            "shape key": "server_error",
+            "escaped key": "bad_request",
+            "status key": "server_error",
+            "answer key": None,  # answered: the key is in its model and its text
+            "tool key": "invalid_output",  # a tool the request does not offer: quoted by id
+        }
+        ids = list(outcomes)
+        offered = {"tools": [{"name": "get_weather"}]}
         for request_id in ids:
-            await ledger.send(request_id, request(request_id, request_id, route="http"))
-        await ledger.settle(2, 2)
+            fields = offered if request_id == "tool key" else {}
+            await ledger.send(request_id, request(request_id, request_id, route="http", **fields))
+        await ledger.settle(len(ids), len(ids))
         ledger.assert_exactly_once(ids)
         replies = [encoder.encode(ledger.reply_of[i]) for i in ids]
-        assert [ledger.reply_of[i].attempts[0].error_type for i in ids] == ["auth", "server_error"]
+        assert {i: ledger.reply_of[i].attempts[0].error_type for i in ids} == outcomes
+        answered = ledger.reply_of["answer key"]
+        assert answered.content == "your key is Bearer ***" and answered.model == "Bearer ***"
         await nc.close()
     finally:
         svc.stop()  # flushes the spans

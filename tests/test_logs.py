@@ -11,6 +11,7 @@ import pytest
 from helpers import run_lifeline
 
 from service import logs
+from workers.base import Scrubber
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -51,6 +52,32 @@ def test_text_keeps_each_event_on_one_timestamped_line(restore_logging, capsys):
     [line] = capsys.readouterr().err.splitlines()
     assert re.match(STAMP + r" ERROR lifeline\.test a bug while answering \| Traceback", line)
     assert "provider exploded | with a second line" in line
+
+
+@pytest.mark.parametrize("form", logs.FORMATS)
+def test_a_workers_key_is_scrubbed_from_every_line_a_library_logs(
+    restore_logging, capsys, monkeypatch, form
+):
+    monkeypatch.setattr(logs, "_scrubbers", [])
+    logs.hide(Scrubber(["sk-live/9"]))
+    logs.hide(Scrubber([]))  # a provider without a key adds nothing
+    assert len(logs._scrubbers) == 1
+    logs.setup(verbose=True, environ={logs.FORMAT_ENV: form})
+    logging.getLogger("httpx").debug('HTTP Request: POST x "HTTP/1.1 500 denied sk-live/9"')
+    escaped = 'body {"key": "sk-live\\/9"}'  # as PHP writes it
+    try:
+        raise ValueError(escaped)
+    except ValueError:
+        logging.getLogger("lifeline.worker").exception("provider said sk-live/9")
+    out = capsys.readouterr().err
+    assert "sk-live" not in out and out.count("***") == 3, out
+
+
+def test_httpxs_line_per_request_shows_at_debug_only(restore_logging):
+    logs.setup(environ={})
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    logs.setup(verbose=True, environ={})
+    assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)
 
 
 def test_a_bad_level_or_format_is_refused_naming_the_variable():

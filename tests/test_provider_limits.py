@@ -26,13 +26,19 @@ import msgspec
 import pytest
 
 from helpers import LocalHTTPServer, MockServer, expect_failure, serving
-from schemas import ChatMessage, ProviderRequest
-from schemas.wire import ERROR_KINDS, classify_status
+from schemas import ChatMessage, ProviderOk, ProviderRequest
+from schemas.wire import ERROR_KINDS, ToolCall, ToolCallDelta, classify_status
 from test_provider_anthropic import MESSAGE
 from test_provider_openai import COMPLETION
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
-from workers.base import DEFAULT_MAX_RESPONSE_BYTES, HttpProvider, ProviderError, scrub
+from workers.base import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HttpProvider,
+    ProviderError,
+    Scrubber,
+    scrub,
+)
 from workers.fake import FakeProvider, FakeSettings
 from workers.openai import OpenAIProvider, OpenAISettings
 
@@ -464,6 +470,26 @@ def test_scrub_replaces_every_occurrence_raw_and_json_escaped():
         f"a {secret} b {json.dumps(secret)} c {json.dumps(secret, ensure_ascii=False)} d {secret}"
     )
     assert scrub(text, [secret]) == 'a *** b "***" c "***" d ***'
+
+
+def test_scrub_finds_a_key_whose_slashes_a_json_writer_escaped():
+    assert scrub('{"got": "sk-ab\\/cd"}', ["sk-ab/cd"]) == '{"got": "***"}'
+
+
+def test_an_answers_every_text_is_scrubbed_and_one_without_a_key_is_kept_as_it_is():
+    scrubber = Scrubber(["sk-1"])
+    call = ToolCall("call_sk-1", "sk-1", '{"key": "sk-1"}')
+    answer = ProviderOk("said sk-1", "model-sk-1", tool_calls=[call])
+    assert scrubber.answer(answer) == ProviderOk(
+        "said ***", "model-***", tool_calls=[ToolCall("call_***", "***", '{"key": "***"}')]
+    )
+    clean = ProviderOk("nothing here", "m", tool_calls=[ToolCall("c", "n")])
+    assert scrubber.answer(clean) is clean
+    assert scrubber.delta("a sk-1 b") == "a *** b"
+    assert scrubber.delta(ToolCallDelta(0, "sk-1", None, "sk-1")) == ToolCallDelta(
+        0, "***", None, "***"
+    )
+    assert not Scrubber(["", ""]) and Scrubber("key")
 
 
 def test_scrub_skips_empty_secrets_and_takes_a_bare_string_as_one_secret():

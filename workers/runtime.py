@@ -55,7 +55,7 @@ from service.natsio import (
     publish_now,
     stop_taking,
 )
-from workers.base import Provider, ProviderError, scrub
+from workers.base import Provider, ProviderError, Scrubber
 
 log = logging.getLogger("lifeline.worker")
 
@@ -99,9 +99,9 @@ class WorkerRuntime:
         self._what = f"{name}'s reply"  # what a log line calls a reply it could not send
         # Span name and attributes per model (spans copy the attributes).
         self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
-        self._secrets: tuple[str, ...] = tuple(
-            getattr(provider, "secrets", ())
-        )  # scrubbed from every message
+        # Its credentials, scrubbed from every text of every reply, answers included (the process
+        # scrubs its log lines: service/logs.py).
+        self._scrub = Scrubber(getattr(provider, "secrets", ()))
 
     async def start(self) -> None:
         # Calls come on this loop (the subscriptions below): their tasks are made on it
@@ -255,7 +255,7 @@ class WorkerRuntime:
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
-            message = scrub(reply.message, self._secrets)
+            message = self._scrub(reply.message)
             # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
             # UTF-8 it cannot be sent, and the failure's kind and status must still go.
             message = message.encode("utf-8", "replace").decode()
@@ -375,6 +375,12 @@ class WorkerRuntime:
         finally:
             expiry.stop()
             context.detach(token)
+        if self._scrub:  # before the span and the reply see it
+            reply = (
+                self._scrub.answer(reply)
+                if isinstance(reply, ProviderOk)
+                else msgspec.structs.replace(reply, message=self._scrub(reply.message))
+            )
         if span.recording:
             telemetry.annotate_outcome(span, reply)
         span.end_soon()  # handed to the exporter after the reply goes
@@ -389,6 +395,7 @@ class WorkerRuntime:
             return await self.provider.complete(request, timeout_s)
         path, nc = fast_path(self.nc), self.nc
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
+        scrub = self._scrub if self._scrub else None
         chunks = 0
         end: ProviderOk | None = None
         deltas = self.provider.stream(request, timeout_s)
@@ -397,6 +404,8 @@ class WorkerRuntime:
                 if isinstance(item, ProviderOk):
                     end = item
                     break
+                if scrub is not None:
+                    item = scrub.delta(item)
                 if isinstance(item, ToolCallDelta):
                     payload = encoder.encode(item)
                     if len(payload) > max_bytes:
