@@ -152,16 +152,28 @@ def default_nats_url(explicit: str | None = None) -> str | None:
 def redact_url(url: str) -> str:
     """A NATS URL (or comma-separated list) fit to print: user info becomes '***'.
 
-    nats://alice:s3cret@host:4222 and nats://TOKEN@host:4222 both carry a secret."""
-    shown = []
-    # Split where the next URL starts, not at every comma: a password may hold one.
-    for part in _NEXT_URL.split(url):
-        scheme, sep, rest = part.strip().partition("://")
-        if not sep:
-            scheme, rest = "", scheme
-        _, at, host = rest.rpartition("@")
-        shown.append(f"{scheme}{sep}***@{host}" if at else part.strip())
-    return ",".join(shown)
+    nats://alice:s3cret@host:4222 and nats://TOKEN@host:4222 both carry a secret. A password
+    may hold commas (it cannot work, the list is split at each, but it must not be shown), so
+    the pieces between commas are read up to the next '@' unless a new URL starts first: an
+    ambiguous list ("h1,user:pass@h2") is shown with too much hidden rather than too little."""
+    shown: list[str] = []
+    pending: list[str] = []  # pieces that may still turn out to be user info
+    for piece in url.split(","):
+        if pending and _STARTS_URL.match(piece):  # what was pending had no user info
+            shown += pending
+            pending = []
+        pending.append(piece)
+        if "@" in piece:
+            shown.append(_without_user_info(",".join(pending)))
+            pending = []
+    return ",".join(piece.strip() for piece in shown + pending)
 
 
-_NEXT_URL = re.compile(r",(?=\s*(?:[A-Za-z][A-Za-z0-9+.-]*://|[^,@]*(?:,|$)))")
+def _without_user_info(url: str) -> str:
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
+_STARTS_URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")

@@ -162,6 +162,8 @@ def test_an_id_is_salvaged_past_thousands_of_nested_ids_in_one_pass():
         ("nats://alice:top,secret@h:1", "nats://***@h:1"),  # a comma in the password
         ("nats://alice:a://b@h:1", "nats://***@h:1"),
         ("nats://u:p,q@h1,nats://h2", "nats://***@h1,nats://h2"),
+        ("nats://alice:Secr3t,part2,part3@h:1", "nats://***@h:1"),  # commas in the password
+        ("nats://a:b,c@h1, tls://d,e@h2,h3", "nats://***@h1,tls://***@h2,h3"),
         ("h1:4222,h2:4222", "h1:4222,h2:4222"),
     ],
 )
