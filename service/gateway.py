@@ -757,6 +757,9 @@ class Gateway:
             ],
             exception_handlers={HTTPException: _http_exception, Exception: _internal},
         )
+        # Starlette would answer a path with a trailing slash with a redirect to one without,
+        # before any key check, its Location built from the client's own Host header.
+        self.app.router.redirect_slashes = False
         self.server: uvicorn.Server | None = None
         self.in_flight = 0  # chat completions being answered (a stream: until its first event)
         self._peak = 0  # the most in flight at once since in_flight was last 0 after a flood
@@ -1373,6 +1376,12 @@ def max_connections_default() -> int:
     return max(64, min(_MAX_CONNECTIONS, soft - 256))
 
 
+def _head_size(scope: dict[str, Any]) -> int:
+    """About the bytes of a parsed request's head: its request line and header lines."""
+    line = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 32
+    return line + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+
+
 class _Guarded:
     """Bounds on what a connection holds before its request reaches the app, which uvicorn
     does not set: a request's head (its request line and headers) must come within
@@ -1383,7 +1392,7 @@ class _Guarded:
     many can take every file descriptor, the NATS connection's reconnects included.
 
     Mixed into uvicorn's HttpToolsProtocol or H11Protocol (`_http_protocol`); it relies on
-    attributes both share (`connections`, `cycle`, `transport`, `loop`), which
+    attributes both share (`connections`, `cycle`, `scope`, `tasks`, `transport`, `loop`), which
     tests/test_gateway.py checks."""
 
     max_connections = 1000  # set per server by Gateway.start
@@ -1410,6 +1419,11 @@ class _Guarded:
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the rest of a refused head, read and dropped until the client closes
+        # A read that could hold a head over the bound: the app's task this read starts is
+        # taken back if it does (a small read, nearly every one, costs one comparison).
+        big = self._head_bytes + len(data) > _MAX_HEAD_BYTES
+        tasks: set[asyncio.Task[None]] = self.tasks  # type: ignore[attr-defined]
+        before = set(tasks) if big else None
         super().data_received(data)  # type: ignore[misc]
         if not self._between_requests():
             # A head came whole (the app has its request): what nearly every read is, at no
@@ -1417,16 +1431,23 @@ class _Guarded:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+            if before is not None and _head_size(self.scope) > _MAX_HEAD_BYTES:  # type: ignore[attr-defined]
+                for task in tasks - before:  # not started yet: the request never runs
+                    task.cancel()
+                self._too_large_head()
             return
         if self._head_timer is None:  # these bytes begin a head that is not complete yet
             self._await_head()
         self._head_bytes += len(data)
         if self._head_bytes > _MAX_HEAD_BYTES:
-            self._refuse(
-                431,
-                f"the request's head (request line and headers) is over {_MAX_HEAD_BYTES:,} bytes",
-                "request_header_fields_too_large",
-            )
+            self._too_large_head()
+
+    def _too_large_head(self) -> None:
+        self._refuse(
+            431,
+            f"the request's head (request line and headers) is over {_MAX_HEAD_BYTES:,} bytes",
+            "request_header_fields_too_large",
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
@@ -1476,7 +1497,10 @@ class _Guarded:
         if transport.is_closing() or self._refused:
             return
         self._refused = True
-        body = encoder.encode(HTTPError(status, message, code).body())
+        # Too many connections is the gateway's load, as a dispatcher's overloaded is; a head
+        # too slow or too large is the request's.
+        kind = "overloaded_error" if status == 503 else "invalid_request_error"
+        body = encoder.encode(HTTPError(status, message, code, kind=kind).body())
         transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n%s\r\n"

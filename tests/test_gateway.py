@@ -329,6 +329,11 @@ async def test_invalid_requests_are_400_naming_the_parameter(shared):
         assert response.json()["error"]["param"] == "x-lifeline-timeout-s"
         response = await http.get("/chat/completions")
         assert response.status_code == 405 and "error" in response.json()
+        # No redirect to the path without its slash (whose Location would name the client's
+        # own Host): a 404 in OpenAI's shape, as for any unknown path.
+        response = await http.post("/chat/completions/", json=chat(), headers={"host": "evil"})
+        assert response.status_code == 404 and "location" not in response.headers
+        assert "error" in response.json()
 
 
 @shared_loop
@@ -854,6 +859,35 @@ async def test_a_head_over_its_bound_is_refused_before_it_fills_the_memory(
         assert (await http.post("/chat/completions", json=chat())).status_code == 200
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_head_over_its_bound_that_comes_in_one_read_is_refused_and_never_served(
+    gateway, monkeypatch, audit, parser
+):
+    """The bound holds for a head that arrives whole in one read too: its request is taken
+    back before it runs (no call, no audit event) and it gets the 431 (h11's own 16 KiB bound
+    covers only a head still incomplete)."""
+    import service.gateway as module
+
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake()}))
+    request = encoder.encode(chat())
+    padding = b"".join(b"x-pad-%d: %s\r\n" % (n, b"a" * 1000) for n in range(100))
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"%sContent-Length: %d\r\n\r\n%s" % (padding, len(request), request)
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status, error, _ = _refusal(answer)
+    assert status == 431 and error["code"] == "request_header_fields_too_large", answer[:300]
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:  # others still served
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+    [(_, event)] = await audit.wait_for(1)  # the served one's only
+    assert event.status == "ok"
+
+
 async def test_connections_past_the_maximum_get_503_and_the_others_are_served(gateway, caplog):
     """Each open connection holds a file descriptor, which the gateway's NATS connection
     needs too: past max_connections a new one is answered 503 with Retry-After at once and
@@ -864,6 +898,7 @@ async def test_connections_past_the_maximum_get_503_and_the_others_are_served(ga
     status, error, head = _refusal(await asyncio.wait_for(reader.read(), 10))
     writer.close()
     assert status == 503 and error["code"] == "too_many_connections", error
+    assert error["type"] == "overloaded_error"  # as a dispatcher's overloaded
     assert b"retry-after: 1" in head.lower() and "--max-connections" in error["message"]
     assert "1 connection(s) refused with 503: 3 open, the maximum" in caplog.text  # for operators
     idle[0][1].close()
