@@ -105,6 +105,7 @@ _BODY_TIMEOUT_S = 30.0
 # within this many bytes (else 431; nginx allows 32 KiB, Node.js 16): see _Guarded.
 _HEAD_TIMEOUT_S = 10.0
 _MAX_HEAD_BYTES = 64 * 1024
+_WARN_EVERY_S = 10.0  # at most one line this often about connections refused for their number
 _LINGER_S = 2.0  # a refused head's connection waits this long for its client to close
 _MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor limit allows it
 # A stream's events waiting for its HTTP client to read them, at most (see _Unread); an event
@@ -1456,18 +1457,26 @@ class _Guarded:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _turned_away(self) -> None:
-        """Log connections refused for their number, at most one line per 10 s."""
+        """Log connections refused for their number, at most one line per 10 s: the first at
+        once, those after it in the line that follows the 10 s (none is left unreported)."""
         cls = type(self)
         cls.turned_away += 1
-        now = time.monotonic()
-        if now - cls.warned_at >= 10.0:
+        wait = cls.warned_at + _WARN_EVERY_S - time.monotonic()
+        if wait <= 0:
+            cls._warn_turned_away(self.max_connections)
+        elif cls.turned_away == 1:  # the first since the last line: the next line is due then
+            self.loop.call_later(wait, cls._warn_turned_away, self.max_connections)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _warn_turned_away(cls, max_connections: int) -> None:
+        if cls.turned_away:
             log.warning(
                 "gateway: %d connection(s) refused with 503: %d open, the maximum "
                 "(lifeline gateway --max-connections)",
                 cls.turned_away,
-                self.max_connections,
+                max_connections,
             )
-            cls.turned_away, cls.warned_at = 0, now
+        cls.turned_away, cls.warned_at = 0, time.monotonic()
 
     def _between_requests(self) -> bool:
         """No request under way: none came yet, or the last one has been answered."""

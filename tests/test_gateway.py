@@ -888,10 +888,16 @@ async def test_a_head_over_its_bound_that_comes_in_one_read_is_refused_and_never
     assert event.status == "ok"
 
 
-async def test_connections_past_the_maximum_get_503_and_the_others_are_served(gateway, caplog):
+async def test_connections_past_the_maximum_get_503_and_the_others_are_served(
+    gateway, caplog, monkeypatch
+):
     """Each open connection holds a file descriptor, which the gateway's NATS connection
     needs too: past max_connections a new one is answered 503 with Retry-After at once and
-    closed, and once one closes, a new one is served."""
+    closed, and once one closes, a new one is served. Operators get one line at most every
+    _WARN_EVERY_S, counting every refusal."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_WARN_EVERY_S", 0.5)
     gw, _, _ = await gateway(config({"main": fake()}), max_connections=3)
     idle = [await _connect(gw) for _ in range(3)]
     reader, writer = await _connect(gw)
@@ -901,6 +907,11 @@ async def test_connections_past_the_maximum_get_503_and_the_others_are_served(ga
     assert error["type"] == "overloaded_error"  # as a dispatcher's overloaded
     assert b"retry-after: 1" in head.lower() and "--max-connections" in error["message"]
     assert "1 connection(s) refused with 503: 3 open, the maximum" in caplog.text  # for operators
+    for _ in range(2):  # within the interval: told in the next line, not lost
+        reader, writer = await _connect(gw)
+        assert b" 503 " in await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    await wait_for(lambda: "2 connection(s) refused with 503" in caplog.text)
     idle[0][1].close()
     await wait_for(lambda: len(gw.server.server_state.connections) < 3)
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
