@@ -101,7 +101,8 @@ class WorkerRuntime:
         self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
         # Its credentials, scrubbed from every text of every reply, answers included (the process
         # scrubs its log lines: service/logs.py).
-        self._scrub = Scrubber(getattr(provider, "secrets", ()))
+        scrubber = Scrubber(getattr(provider, "secrets", ()))
+        self._scrub = scrubber if scrubber else None  # None: nothing to hide, nothing to do
 
     async def start(self) -> None:
         # Calls come on this loop (the subscriptions below): their tasks are made on it
@@ -255,7 +256,7 @@ class WorkerRuntime:
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
-            message = self._scrub(reply.message)
+            message = reply.message if self._scrub is None else self._scrub(reply.message)
             # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
             # UTF-8 it cannot be sent, and the failure's kind and status must still go.
             message = message.encode("utf-8", "replace").decode()
@@ -375,7 +376,7 @@ class WorkerRuntime:
         finally:
             expiry.stop()
             context.detach(token)
-        if self._scrub:  # before the span and the reply see it
+        if self._scrub is not None:  # before the span and the reply see it
             reply = (
                 self._scrub.answer(reply)
                 if isinstance(reply, ProviderOk)
@@ -395,7 +396,7 @@ class WorkerRuntime:
             return await self.provider.complete(request, timeout_s)
         path, nc = fast_path(self.nc), self.nc
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
-        scrub = self._scrub if self._scrub else None
+        scrub = self._scrub
         chunks = 0
         end: ProviderOk | None = None
         deltas = self.provider.stream(request, timeout_s)
