@@ -31,6 +31,8 @@ from nats.aio.msg import Msg
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.streaming import Assembler
 from schemas.wire import (
+    INVALID_REQUEST,
+    MAX_ID_LENGTH,
     PAYLOAD_TOO_LARGE,
     ErrorInfo,
     NamedTool,
@@ -1070,11 +1072,22 @@ async def cmd_batch(args: argparse.Namespace) -> int:
             for key, (job_id, body) in list(pending.items()):
                 headers = {subjects.MSG_ID: job_id}
                 size = message_bytes(body, headers)
-                if size > nc.max_payload:  # refused here, as the server would close the link
+                refused = None
+                if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
+                    # one, JetStream too (its headers are at most 64 KiB), stopping the batch
+                    message = (
+                        f"a job's id is at most {MAX_ID_LENGTH} characters; this one is "
+                        f"{len(job_id)}"
+                    )
+                    refused = CompletionReply(
+                        job_id, "error", error=ErrorInfo(INVALID_REQUEST, message)
+                    )
+                elif size > nc.max_payload:  # refused here, as the server would close the link
                     message = f"the job is {size} bytes, over the NATS server's max_payload"
                     refused = CompletionReply(
                         job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
                     )
+                if refused is not None:
                     _write_result(out, encoder.encode(refused), refused, progress)
                     del pending[key]
                     continue
@@ -1107,8 +1120,10 @@ async def cmd_batch(args: argparse.Namespace) -> int:
 
 def _batch_jobs(source: Path) -> dict[str, bytes]:
     """The file's requests by id, as they will be published: their "id", else FILE:LINE:HASH,
-    HASH the line's (so the same name in another folder, or an edited line, is another job)."""
+    HASH of the file's full path and the line (so the same name in another folder, or an edited
+    line, is another job; a file moved elsewhere starts over)."""
     jobs: dict[str, bytes] = {}
+    where = source.resolve()
     # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
     for n, line in enumerate(source.read_text(encoding="utf-8").split("\n"), 1):
         line = line.removesuffix("\r")
@@ -1120,8 +1135,8 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
             raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
         if not isinstance(body, dict):
             raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - user's
-        digest = hashlib.sha256(line.encode()).hexdigest()[:12]
-        job_id = str(body.get("id") or f"{source.name}:{n}:{digest}")
+        digest = hashlib.sha256(f"{where}\n{line}".encode()).hexdigest()[:12]
+        job_id = str(body.get("id") or f"{source.name[:200]}:{n}:{digest}")
         try:
             client.check_job_id(job_id)
         except ValueError as exc:

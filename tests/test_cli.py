@@ -262,13 +262,15 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
     dispatcher cannot read, a job too large for NATS), files of one name in two folders, and
     a results file whose last line a crash cut in two."""
     _, url = running
-    long_id = "L" * 300  # over the 256 characters of an id: refused before it is read
+    long_id = "L" * 300  # over the 256 characters of an id: refused before it is sent
+    vast_id = "V" * 70_000  # more than JetStream takes in headers: it must not stop the batch
     lines = [
         json.dumps(
             {"id": "sep", "messages": [{"role": "user", "content": "a\u2028b"}]}, ensure_ascii=False
         ),
         json.dumps({"messages": [{"role": "user", "content": "no id"}]}),
         json.dumps({"id": long_id, "messages": [{"role": "user", "content": "q"}]}),
+        json.dumps({"id": vast_id, "messages": [{"role": "user", "content": "q"}]}),
         json.dumps({"id": "huge", "messages": [{"role": "user", "content": "x" * 1_100_000}]}),
         json.dumps({"id": "last", "messages": [{"role": "user", "content": "q"}]}),
     ]
@@ -283,16 +285,22 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
             encoding="utf-8",
         )
         run = run_lifeline("batch", "--nats-url", url, str(source))
-        assert run.returncode == 1, run.stderr  # two failed: the long id and the huge job
-        assert "6/6 done, 2 failed" in run.stderr, run.stderr
+        assert run.returncode == 1, run.stderr  # failed: the long ids and the huge job
+        assert "7/7 done, 3 failed" in run.stderr, run.stderr
         out = folder / "jobs.results.jsonl"
         results[team] = [json.loads(line) for line in out.read_text().split("\n") if line]
     by_id = {r["id"]: r for r in results["billing"]}
     assert by_id["sep"]["content"] == "a\u2028b"
     assert by_id[long_id]["error"]["type"] == "invalid_request"  # named by its job id
+    assert "at most 256" in by_id[vast_id]["error"]["message"]
     assert by_id["huge"]["error"]["type"] == "payload_too_large"
-    # Lines without an id: each folder's file got its own answers, not the other's.
-    assert [r["content"] for r in results["support"] if r["id"].startswith("jobs.jsonl:6:")] == [
+    # Lines without an id: each folder's file got its own answers, not the other's (the same
+    # line at the same place in both: one job each, told apart by the file's full path).
+    nameless = [r for r in results["billing"] if r.get("content") == "no id"]
+    assert len(nameless) == 1 and nameless[0]["trace_id"] not in {
+        r["trace_id"] for r in results["support"]
+    }
+    assert [r["content"] for r in results["support"] if r["id"].startswith("jobs.jsonl:7:")] == [
         "support"
     ]
     # A crash cut the last line in two: the rerun writes that job's line again, whole.
@@ -300,10 +308,10 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
     text = out.read_text()
     out.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + text.rstrip("\n")[-40:][:20])
     again = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
-    assert "1/1 done" in again.stderr and "5 had results" in again.stderr, again.stderr
+    assert "1/1 done" in again.stderr and "6 had results" in again.stderr, again.stderr
     third = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
-    assert third.returncode == 0 and "all 6 jobs" in third.stdout, third.stderr
-    assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 6
+    assert third.returncode == 0 and "all 7 jobs" in third.stdout, third.stderr
+    assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 7
 
 
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
