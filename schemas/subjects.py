@@ -121,6 +121,13 @@ def job_key(job_id: str) -> str:
     return "job." + hashlib.sha256(job_id.encode()).hexdigest()[:40]
 
 
+def job_audit_id(job_id: str) -> str:
+    """A job's audit event's Nats-Msg-Id, by which the audit stream keeps one per job: a hash,
+    as its key is, since a header's value is stripped and rewritten on its way (two ids that
+    differ by a trailing space or a line break would share one event)."""
+    return "job:" + hashlib.sha256(job_id.encode()).hexdigest()[:40]
+
+
 def reply_subject_refused(subject: str) -> str | None:
     """Why a client's reply subject may not be answered on, or None when it is fine.
 
@@ -134,6 +141,13 @@ def reply_subject_refused(subject: str) -> str | None:
     """
     if not subject or _NOT_A_SUBJECT.search(subject):
         return "it is empty or has whitespace or a control character, which no subject may"
+    if (
+        len(subject) > MAX_REPLY_SUBJECT_BYTES // 4
+        and len(subject.encode()) > MAX_REPLY_SUBJECT_BYTES
+    ):
+        # Published to, it makes a protocol line longer than the server takes (4 KiB by
+        # default: max_control_line), and the server closes the publisher's connection.
+        return f"it is over {MAX_REPLY_SUBJECT_BYTES} bytes long"
     if subject.startswith(NAMESPACE):
         return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
     if subject.startswith("$"):
@@ -148,4 +162,7 @@ def reply_subject_refused(subject: str) -> str | None:
     return None
 
 
+# Longer reply subjects are refused: with its headers' size and its own, a publish to one must
+# fit nats-server's max_control_line (4 KiB by default).
+MAX_REPLY_SUBJECT_BYTES = 1024
 _NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f]")

@@ -3,7 +3,7 @@
 Every request's one audit event is published on llm.audit.<status> with a core publish, as
 before: live subscribers get it at once, and the stream keeps it for later (for `lifeline
 audit`, and for consumers that were offline), up to audit.max_age_s and audit.max_bytes,
-dropping the oldest past them. A job's event carries Nats-Msg-Id "job:<id>", so a job
+dropping the oldest past them. A job's event carries Nats-Msg-Id "job:<a hash of its id>", so a job
 answered again after a dispatcher died keeps one event in the stream.
 
 Why a core publish into a captured subject rather than a JetStream publish: measured here (one
@@ -31,6 +31,7 @@ log = logging.getLogger("lifeline.audit")
 
 DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
 _SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be made
+_WATCH_S = 30.0  # between looks at whether the stream is still there
 
 
 async def read_events(
@@ -91,20 +92,31 @@ async def ensure_audit_stream(
     return None
 
 
-async def keep_trying_audit_stream(
-    js: JetStreamContext, settings: AuditSettings, replicas: int, problem: str
+async def keep_audit_stream(
+    js: JetStreamContext, settings: AuditSettings, replicas: int, problem: str | None
 ) -> None:
-    """After ensure_audit_stream said `problem`: try again every _SETUP_RETRY_S until the
-    stream is there (a cluster still electing its leaders, a JetStream turned on later).
-    Meanwhile events reach live subscribers only, and nobody keeps them: say so once."""
-    log.warning(
-        "audit: events are not kept in stream %s yet (%s); trying again every %g s "
-        '(audit.stream = "" keeps no stream)',
-        settings.stream,
-        problem,
-        _SETUP_RETRY_S,
-    )
-    while problem is not None:
-        await asyncio.sleep(_SETUP_RETRY_S)
-        problem = await ensure_audit_stream(js, settings, replicas)
-    log.warning("audit: events are kept in stream %s from now on", settings.stream)
+    """Keep the audit stream there for as long as the dispatcher runs. After ensure_audit_stream
+    said `problem`: try again every _SETUP_RETRY_S until it is there (a cluster still electing
+    its leaders, a JetStream turned on later), saying so once; meanwhile events reach live
+    subscribers only. Then look every _WATCH_S, and make it again when it is gone (a server
+    restarted on an empty store, an operator who deleted it): nobody would keep events else."""
+    while True:
+        if problem is not None:
+            log.warning(
+                "audit: events are not kept in stream %s yet (%s); trying again every %g s "
+                '(audit.stream = "" keeps no stream)',
+                settings.stream,
+                problem,
+                _SETUP_RETRY_S,
+            )
+            while problem is not None:
+                await asyncio.sleep(_SETUP_RETRY_S)
+                problem = await ensure_audit_stream(js, settings, replicas)
+            log.warning("audit: events are kept in stream %s from now on", settings.stream)
+        await asyncio.sleep(_WATCH_S)
+        try:
+            await js.stream_info(settings.stream)
+        except nats.js.errors.NotFoundError:
+            problem = "it is gone (a server restarted on an empty store, or it was deleted)"
+        except Exception as exc:  # noqa: BLE001 - unreachable for now: looked at next time
+            log.debug("audit: could not look at stream %s: %r", settings.stream, exc)

@@ -186,7 +186,9 @@ class Responder:
     async def _answer(self, msg: Msg) -> None:
         verb = msg.subject.split(".")[1]
         body = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]()
-        if msg.reply:
+        # Not on a subject of Lifeline's or the server's: whoever asks chooses the reply
+        # subject, and this connection may write where the asker may not.
+        if msg.reply and subjects.reply_subject_refused(msg.reply) is None:
             with contextlib.suppress(Exception):  # the asker may be gone; nothing to do then
                 await self.nc.publish(msg.reply, json.dumps(body).encode())
 

@@ -33,7 +33,7 @@ from schemas.wire import (
     salvage_id,
 )
 from service import telemetry
-from service.audit import ensure_audit_stream, keep_trying_audit_stream
+from service.audit import ensure_audit_stream, keep_audit_stream
 from service.config import Config
 from service.discovery import Tally
 from service.engine import Engine, Inbound, Respond
@@ -92,7 +92,7 @@ class Dispatcher:
         # Waiting for their "overloaded": (message, arrival, streamed, over the byte bound).
         self._refusals: deque[tuple[Msg, float, bool, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
-        self._audit_setup: asyncio.Task[None] | None = None  # the audit stream not made yet
+        self._audit_setup: asyncio.Task[None] | None = None  # keeps the audit stream there
         self._subs: list[Subscription] = []
         # Figures for the NATS service API ($SRV.STATS, service/discovery.py).
         self.complete_tally = Tally()
@@ -116,9 +116,9 @@ class Dispatcher:
         await ensure_subscribed(nc)
         js = nc.jetstream(timeout=5)
         problem = await ensure_audit_stream(js, self.audit_settings, self.replicas)
-        if problem is not None:
+        if self.audit_settings.stream:  # kept there from now on, or made when it can be
             self._audit_setup = asyncio.create_task(
-                keep_trying_audit_stream(js, self.audit_settings, self.replicas, problem)
+                keep_audit_stream(js, self.audit_settings, self.replicas, problem)
             )
         if self.jobs is not None:
             await self.jobs.start()

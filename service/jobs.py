@@ -29,9 +29,10 @@ none). Without JetStream on the server the dispatcher logs why and takes no jobs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.errors
@@ -42,7 +43,16 @@ from nats.js import api
 from nats.js.kv import KeyValue
 
 from schemas import CompletionReply, subjects
-from schemas.wire import encoder, reply_decoder, salvage_id
+from schemas.wire import (
+    INTERNAL,
+    INVALID_REQUEST,
+    MAX_ID_LENGTH,
+    ErrorInfo,
+    encoder,
+    message_bytes,
+    reply_decoder,
+    salvage_id,
+)
 from service import jetstream
 from service.config import JobsSettings
 from service.discovery import Tally
@@ -50,6 +60,7 @@ from service.engine import DeliverAgain, Engine, Inbound
 from service.jobstore import ensure_jobs
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
+from service.routing import Rejected
 from service.transport import ClientStream, fitted
 
 log = logging.getLogger("lifeline.jobs")
@@ -63,9 +74,9 @@ _FETCH_MAX_BYTES = 16 * 1024 * 1024
 _FETCH_MAX_JOBS = 64
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
-_MAX_ASKED_ID = 4096  # bytes of an id asked for on llm.jobs.result (a header-only id may be long)
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
+_RESETUP_AFTER = 5  # pulls failed in a row after which the stream and consumer are set up again
 # How long a job's answer is held while the results bucket cannot be reached, and the waits
 # between tries: a node restarting and its streams electing a leader take a few seconds.
 _STORE_PATIENCE_S = 30.0
@@ -93,11 +104,27 @@ class _NotStored(Exception):
 _BUCKET_TROUBLE = (_NotStored, *_UNREACHABLE)  # a job failed by these is no bug
 
 
-def job_id_of(msg: Msg) -> str:
-    """A job's id: its body's, else its Nats-Msg-Id, else (a job sent with neither, so
-    neither deduplicated nor findable by the sender) its place in the stream."""
+class JobIdentity(NamedTuple):
+    id: str  # what its reply and audit event carry
+    key: str  # its result's key in the results bucket
+    audit_id: str  # its audit event's Nats-Msg-Id: the audit stream keeps one per job
+
+
+def identity(msg: Msg) -> JobIdentity:
+    """A job's id: its body's, else its Nats-Msg-Id. A job sent with neither can be neither
+    deduplicated nor fetched by its sender: it answers as `seq-<its stream sequence>`, and
+    its result and audit event are kept under its place in the stream (its sequence and the
+    time it was stored), which no id a client sends maps to, so no other job finds them."""
     job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
-    return job_id or f"seq-{msg.metadata.sequence.stream}"
+    if job_id:
+        return JobIdentity(job_id, subjects.job_key(job_id), subjects.job_audit_id(job_id))
+    meta = msg.metadata
+    place = f"anon.{meta.sequence.stream}.{int(meta.timestamp.timestamp() * 1_000_000)}"
+    return JobIdentity(f"seq-{meta.sequence.stream}", "job." + place, "job:" + place)
+
+
+def job_id_of(msg: Msg) -> str:
+    return identity(msg).id
 
 
 class Jobs:
@@ -158,10 +185,13 @@ class Jobs:
         return None
 
     async def _on_result_asked(self, msg: Msg) -> None:
-        """llm.jobs.result: the result stored for the job id in the body, or an empty body."""
-        if not msg.reply or self.kv is None:
+        """llm.jobs.result: the result stored for the job id in the body, or an empty body.
+        Not on a reply subject of Lifeline's or the server's: a dispatcher may write there (a
+        result into another job's key, an event into the audit stream, a JetStream API
+        request), and an asker may name any subject."""
+        if not msg.reply or self.kv is None or subjects.reply_subject_refused(msg.reply):
             return
-        job_id = msg.data[:_MAX_ASKED_ID].decode("utf-8", "replace")
+        job_id = msg.data.decode("utf-8", "replace")  # whole: a prefix could name another
         try:
             stored = await self._stored(subjects.job_key(job_id)) if job_id else None
         except Exception as exc:  # noqa: BLE001 - the bucket's errors are many types
@@ -203,6 +233,7 @@ class Jobs:
         return self._sub is not None
 
     async def _pull(self) -> None:
+        failed = 0  # pulls failed in a row
         while True:
             free = self.settings.in_flight - len(self._tasks)
             if free <= 0:
@@ -211,21 +242,40 @@ class Jobs:
             try:
                 batch = min(free, fetch_batch(self.nc.max_payload))
                 msgs = await self._sub.fetch(batch, timeout=_FETCH_WAIT_S)
+                failed = 0
             except TimeoutError:  # nats-py raises its own and asyncio's: no jobs this second
+                failed = 0
                 continue
             except Exception as exc:  # noqa: BLE001 - this loop must outlive any one failure
+                failed += 1
                 log.warning("jobs: pulling failed (%r); trying again", exc)
                 await asyncio.sleep(_FETCH_WAIT_S)
+                if failed % _RESETUP_AFTER == 0:
+                    await self._setup_again()
                 continue
             for msg in msgs:
                 task = asyncio.create_task(self._job(msg, time.monotonic()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def _setup_again(self) -> None:
+        """The stream, the bucket and the consumer made again where they are gone (a server
+        restarted on an empty store, an operator who deleted one), and pulled from anew:
+        pulls failing for good would otherwise leave every job waiting."""
+        old = self._sub
+        problem = await self._setup()
+        if problem is not None:
+            log.warning("jobs: could not set up again (%s); still trying", problem)
+            return
+        if old is not None and old is not self._sub:
+            with contextlib.suppress(Exception):  # its consumer may be gone with its stream
+                await old.unsubscribe()
+
     async def _job(self, msg: Msg, arrived: float) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
+        served: list[bool] = []  # the engine had it, and published its audit event
         try:
-            await self._answer(msg, arrived)
+            await self._answer(msg, arrived, served)
         except Exception as exc:
             last = msg.metadata.num_delivered >= self.settings.max_deliver
             if isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
@@ -242,28 +292,51 @@ class Jobs:
             else:
                 log.exception("jobs: bug while handling a job; it is delivered again later")
             if last:
-                await self._dead_letter(msg, exc)
+                await self._dead_letter(msg, exc, audited=bool(served))
             else:
                 await _quietly(msg.nak(delay=_RETRY_DELAY_S))
         finally:
             heartbeat.cancel()
 
-    async def _dead_letter(self, msg: Msg, exc: Exception) -> None:
-        """The job as it was submitted, on llm.jobs.dead with what went wrong; then out of the
-        stream (a work queue keeps a message that reached max_deliver unless it is acked)."""
+    async def _dead_letter(self, msg: Msg, exc: Exception, audited: bool) -> None:
+        """The job as it was submitted, on llm.jobs.dead with what went wrong (without its body
+        when the error's header would push it over max_payload, which would close the
+        connection); its audit event, unless the engine published it; then out of the stream
+        (a work queue keeps a message that reached max_deliver unless it is acked)."""
         error = f"{type(exc).__name__}: {exc}"[:500].replace("\r", " ").replace("\n", " ")
         headers = {**(msg.headers or {}), subjects.JOB_ERROR: error}
-        try:
-            await self.nc.publish(subjects.JOBS_DEAD, msg.data, headers=headers)
-        except nats.errors.Error as publish_error:
-            log.error("jobs: could not dead-letter a job: %s", publish_error)
+        body = msg.data
+        if message_bytes(body, headers) > self.nc.max_payload:
+            body = b""
+            headers[subjects.JOB_ERROR] = error + " (the job's body left out: too large with it)"
+        if message_bytes(body, headers) > self.nc.max_payload:
+            headers = {subjects.JOB_ERROR: headers[subjects.JOB_ERROR]}
+        await publish_checked(self.nc, subjects.JOBS_DEAD, body, "a dead-lettered job", headers)
+        if not audited:  # it failed before the engine had it: its one event, saying so
+            job_id, _, audit_id = identity(msg)
+            inbound = Inbound(msg.data, msg.headers, time.monotonic(), job_id, audit_id)
+            message = (
+                f"the jobs front end failed on each of the job's {msg.metadata.num_delivered} "
+                f"deliveries ({error}); it was published on {subjects.JOBS_DEAD}"
+            )
+            reply = CompletionReply(
+                salvage_id(msg.data) or job_id, "error", error=ErrorInfo(INTERNAL, message)
+            )
+            await self.engine.audit_again(inbound, reply)
         await _quietly(msg.term())
 
-    async def _answer(self, msg: Msg, arrived: float) -> None:
+    async def _answer(self, msg: Msg, arrived: float, served: list[bool]) -> None:
         assert self.kv is not None
-        job_id = job_id_of(msg)
-        key = subjects.job_key(job_id)
-        inbound = Inbound(msg.data, msg.headers, arrived, job_id, "job:" + job_id)
+        job_id, key, audit_id = identity(msg)
+        refused = None
+        if len(job_id) > MAX_ID_LENGTH:  # from its Nats-Msg-Id, which has no bound of its own
+            refused = Rejected(
+                INVALID_REQUEST,
+                f"a job's id is at most {MAX_ID_LENGTH} characters; this one (its Nats-Msg-Id) "
+                f"is {len(job_id)}: send a shorter one",
+            )
+            job_id = ""  # as for an id in the body that is too long
+        inbound = Inbound(msg.data, msg.headers, arrived, job_id, audit_id)
         self.tally.requests += 1
         stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
@@ -293,7 +366,8 @@ class Jobs:
         sink = None
         if events_to and subjects.reply_subject_refused(events_to) is None:
             sink = ClientStream(self.nc, events_to)
-        reply = await self.engine.serve(inbound, keep, sink=sink)
+        reply = await self.engine.serve(inbound, keep, refused, sink=sink)
+        served.append(True)
         self.tally.busy_ms += reply.latency_ms
         if reply.error is not None:
             self.tally.errors += 1

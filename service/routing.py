@@ -267,7 +267,7 @@ class Router:
 
         The request's deadline counts from `arrived` (time.monotonic() when the message came
         in), so time spent waiting for a free slot is part of its timeout_s."""
-        request = self._decode(data)
+        request = self._decode(data, default_id)
         request_id = request.id or default_id or self._ids.next()
         route_name = request.route if request.targets is None else None
 
@@ -309,13 +309,16 @@ class Router:
         )
         return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)
 
-    def _decode(self, data: bytes) -> CompletionRequest:
+    def _decode(self, data: bytes, default_id: str = "") -> CompletionRequest:
+        """The request, or Rejected carrying its id as far as it can be read (else the id it
+        came with: a job's Nats-Msg-Id)."""
         max_bytes = self.config.dispatcher.max_request_bytes
         if len(data) > max_bytes:
             raise Rejected(
                 PAYLOAD_TOO_LARGE,
                 f"request is {len(data)} bytes; this dispatcher accepts at most {max_bytes} "
                 "(dispatcher.max_request_bytes in the config)",
+                default_id,
             )
         try:
             return request_decoder.decode(data)
@@ -331,11 +334,13 @@ class Router:
             raise Rejected(
                 INVALID_REQUEST,
                 f"invalid request: {detail}. Expected JSON like {_EXAMPLE}",
-                salvage_id(data),
+                salvage_id(data) or default_id,
             ) from None
         except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow
             raise Rejected(
-                INVALID_REQUEST, "invalid request: JSON nested too deeply", salvage_id(data)
+                INVALID_REQUEST,
+                "invalid request: JSON nested too deeply",
+                salvage_id(data) or default_id,
             ) from None
 
     def _max_attempts(self, request: CompletionRequest, route: _Route, refuse) -> int:

@@ -425,7 +425,13 @@ CHANNELS: tuple[Channel, ...] = (
                 "event",
                 wire.AuditEvent,
                 "A request's audit event",
-                (Header(MSG_ID, "job:<id> on a job's event: the audit stream keeps one per job"),),
+                (
+                    Header(
+                        MSG_ID,
+                        "job:<the first 40 hex digits of its id's SHA-256> on a job's event: "
+                        "the audit stream keeps one per job",
+                    ),
+                ),
             ),
         ),
         action="send",

@@ -260,11 +260,12 @@ async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_i
 
 
 async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
-    lifeline, client, monkeypatch
+    lifeline, client, audit, monkeypatch
 ):
+    """...and audited once, saying so: the engine never had it, so nothing else would."""
     from service import jobs
 
-    async def broken(self: Any, msg: Any, arrived: float) -> None:
+    async def broken(self: Any, msg: Any, arrived: float, served: list[bool]) -> None:
         raise RuntimeError("results bucket unreachable")
 
     monkeypatch.setattr(jobs.Jobs, "_answer", broken)
@@ -280,6 +281,8 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     consumer = await client.jetstream().consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
     assert consumer.delivered.consumer_seq == 3  # max_deliver deliveries, no more
     assert await _waiting_jobs(client) == 0  # not kept in the stream
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type) == ("doomed", "internal")
 
 
 async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, client, monkeypatch):
@@ -453,22 +456,133 @@ async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lif
     assert (await result_of(client, "after")).status == "ok"
 
 
-async def test_two_jobs_with_long_ids_sharing_a_start_each_keep_their_audit_event(
-    lifeline, client, audit
-):
-    """Ids from Nats-Msg-Id alone (bodies without one) have no length limit: two sharing their
-    first 300 characters are still two jobs with an audit event each."""
+async def test_an_id_over_its_bound_gets_an_error_stored_under_it_alone(lifeline, client, audit):
+    """Ids from Nats-Msg-Id alone (bodies without one) are bound as body ids are: each too
+    long is refused, its error stored under its own whole id (two sharing their first 4 KiB
+    are two results, never one found for the other) with an audit event each."""
     await lifeline(config({"main": fake()}))
     body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
-    ids = ["p" * 350 + "-one", "p" * 350 + "-two"]
+    ids = ["p" * 4100 + "-one", "p" * 4100 + "-two"]
     for job_id in ids:
         await submit(client, body, job_id)
     for job_id in ids:
-        assert (await result_of(client, job_id)).status == "ok"
+        reply = await result_of(client, job_id)
+        assert (reply.status, reply.error.type, reply.id) == ("error", "invalid_request", "")
+        assert "at most 256" in reply.error.message
     await audit.wait_for(2)
-    await asyncio.sleep(0.3)
-    kept = await kept_audit_events(client, 2)
-    assert len(kept) == 2
+    assert len(await kept_audit_events(client, 2)) == 2
+    asked = await client.request(subjects.JOBS_RESULT, ids[1].encode(), timeout=5)
+    assert reply_decoder.decode(asked.data).error.message == reply.error.message
+    unknown = await client.request(subjects.JOBS_RESULT, (ids[0] + "x").encode(), timeout=5)
+    assert unknown.data == b""  # a longer id sharing a stored one's start finds nothing
+
+
+async def test_ids_that_differ_by_what_a_header_strips_keep_an_audit_event_each(
+    lifeline, client, audit
+):
+    """nats-py strips a header's value and turns its line breaks into spaces: the audit
+    event's Nats-Msg-Id is a hash of the id, so these are five jobs with five kept events."""
+    await lifeline(config({"main": fake()}))
+    ids = ["inv-1", "inv-1 ", "inv-1\t", "inv-1\u00a0", "a\nb"]
+    for n, job_id in enumerate(ids):
+        await submit(client, job(job_id), f"msg-{n}")
+    for job_id in ids:
+        assert (await result_of(client, job_id)).status == "ok"
+    await audit.wait_for(len(ids))
+    kept = await kept_audit_events(client, len(ids))
+    assert sorted(event.id for event in kept) == sorted(ids)
+
+
+async def test_a_job_without_an_id_never_gets_another_jobs_result(lifeline, client):
+    """One sent as `seq-<N>` by a client, one without any id that lands at sequence N: each
+    gets its own answer (an id-less job's result is kept under its place in the stream)."""
+    await lifeline(config({"main": fake()}))
+    inbox = client.new_inbox()
+    pushed = await client.subscribe(inbox)
+    ack = await submit(client, job("seq-2", "the chosen one"), "seq-2")
+    assert ack.seq == 1
+    await result_of(client, "seq-2")
+    body = encoder.encode({"messages": [{"role": "user", "content": "nameless"}]})
+    assert (await submit(client, body, **{subjects.NOTIFY: inbox})).seq == 2
+    reply = reply_decoder.decode((await pushed.next_msg(timeout=5)).data)
+    assert (reply.id, reply.content) == ("seq-2", "nameless")
+
+
+async def test_an_invalid_job_is_answered_and_audited_under_its_nats_msg_id(
+    lifeline, client, audit
+):
+    await lifeline(config({"main": fake()}))
+    await submit(client, b"{not json", "broken-1")
+    reply = await result_of(client, "broken-1")
+    assert (reply.id, reply.error.type) == ("broken-1", "invalid_request")
+    [(_, event)] = await audit.wait_for(1)
+    assert event.id == "broken-1"
+
+
+async def test_no_answer_to_llm_jobs_result_goes_onto_lifelines_or_the_servers_subjects(
+    lifeline, client, audit
+):
+    """An asker chooses the reply subject, and a dispatcher may write where the asker may
+    not: into another job's result, the audit stream, the JetStream API."""
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("mine", "my answer"), "mine")
+    await result_of(client, "mine")
+    await audit.wait_for(1)
+    kv = await client.jetstream().key_value(JobsSettings().results_bucket)
+    victim = subjects.job_key("victim")
+    for reply_to in (
+        f"$KV.{JobsSettings().results_bucket}.{victim}",
+        "llm.audit.ok",
+        f"$JS.API.STREAM.DELETE.{JobsSettings().stream}",
+    ):
+        await client.publish(subjects.JOBS_RESULT, b"mine", reply=reply_to)
+    answered = await client.request(subjects.JOBS_RESULT, b"mine", timeout=5)  # all asked
+    assert reply_decoder.decode(answered.data).content == "my answer"
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(victim)
+    assert len(audit.events) == 1
+    await client.jetstream().stream_info(JobsSettings().stream)  # still there
+
+
+@pytest.mark.parametrize("header", [subjects.NOTIFY, subjects.JOB_EVENTS])
+async def test_a_notify_or_events_subject_too_long_to_publish_on_spares_the_dispatcher(
+    lifeline, client, header
+):
+    """Over nats-server's 4 KiB protocol line, a publish on it would close the dispatcher's
+    connection, again on each delivery: refused, the job gets its result once."""
+    stack = await lifeline(config({"main": fake()}))
+    nc = stack.dispatcher.transport.nc
+    await submit(client, job("far"), "far", **{header: "r." + "x" * 5000})
+    assert (await result_of(client, "far")).status == "ok"
+    assert await _waiting_jobs(client) == 0
+    assert (nc.is_connected, nc.stats["reconnects"]) == (True, 0)
+
+
+async def test_jobs_and_the_audit_stream_come_back_after_their_streams_are_gone(
+    lifeline, client, audit, monkeypatch
+):
+    """A server restarted on an empty store (or an operator deleting the streams): the
+    dispatcher makes them again, takes jobs again and keeps audit events again."""
+    from service import audit as audit_module
+    from service import jobs as jobs_module
+
+    monkeypatch.setattr(audit_module, "_WATCH_S", 0.3)
+    monkeypatch.setattr(jobs_module, "_RESETUP_AFTER", 2)
+    await lifeline(config({"main": fake()}))
+    js = client.jetstream()
+    await js.delete_stream(JobsSettings().stream)
+    await js.delete_stream(AuditSettings().stream)
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:  # submit as `lifeline submit` would, once the stream is there again
+        try:
+            await submit(client, job("reborn"), "reborn")
+            break
+        except nats.js.errors.NoStreamResponseError:
+            assert asyncio.get_running_loop().time() < deadline, "the jobs stream never came back"
+            await asyncio.sleep(0.2)
+    assert (await result_of(client, "reborn", timeout_s=15)).status == "ok"
+    [event] = await kept_audit_events(client, 1)
+    assert event.id == "reborn"
 
 
 async def test_following_an_empty_audit_stream_waits_for_its_first_event(lifeline, client):
