@@ -140,7 +140,10 @@ def reply_subject_refused(subject: str) -> str | None:
     reply subject cannot).
     """
     if not subject or _NOT_A_SUBJECT.search(subject):
-        return "it is empty or has whitespace or a control character, which no subject may"
+        return (
+            "it is empty or has whitespace, a control character or bytes that are not UTF-8, "
+            "which no subject may"
+        )
     if (
         len(subject) > MAX_REPLY_SUBJECT_BYTES // 4
         and len(subject.encode()) > MAX_REPLY_SUBJECT_BYTES
@@ -165,4 +168,4 @@ def reply_subject_refused(subject: str) -> str | None:
 # Longer reply subjects are refused: with its headers' size and its own, a publish to one must
 # fit nats-server's max_control_line (4 KiB by default).
 MAX_REPLY_SUBJECT_BYTES = 1024
-_NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f]")
+_NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8

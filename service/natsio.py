@@ -7,7 +7,9 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import re
+import time
 from collections.abc import Callable
 
 from nats.aio.client import Client
@@ -373,6 +375,32 @@ def header_block(headers: dict[str, str]) -> bytes | None:
     return b"".join(parts)
 
 
+class _Unreadable:
+    """Messages dropped as unreadable, told at most once a minute."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self._told_at = -math.inf
+        self._since = 0
+
+    def drop(self, exc: Exception) -> None:
+        self.dropped += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._told_at >= 60.0:
+            log.warning(
+                "dropped %d message(s) nats-py cannot read (the last: %s: %s); a client or a "
+                "worker publishes bytes that are not NATS text",
+                self._since,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            self._told_at, self._since = now, 0
+
+
+_unreadable = _Unreadable()
+
+
 class _FastParser(Parser):
     """nats-py's parser, with complete MSG/HMSG for fast-path subscriptions taken first."""
 
@@ -430,12 +458,24 @@ class _FastParser(Parser):
         return frame if len(buf) >= frame else None
 
     async def _nats_py_parse(self, end: int) -> bool:
-        """nats-py's parser on the buffer's first `end` bytes alone; whether it took any."""
+        """nats-py's parser on the buffer's first `end` bytes alone; whether it took any.
+
+        A message nats-py cannot read (a subject, reply subject or status line that is not
+        UTF-8, a header block cut short: nats-server passes on whatever a client publishes)
+        is dropped here: raised, it would end nats-py's read loop for good, and the process
+        would go on, connected and ready by every probe, reading nothing more."""
         rest = self.buf
         self.buf = rest[:end]
         del rest[:end]
+        message = self.state != AWAITING_CONTROL_LINE or self.buf.startswith((b"MSG ", b"HMSG "))
         try:
             await super().parse()
+        except Exception as exc:
+            if not message:
+                raise
+            self.state, self.needed, self.header_needed = AWAITING_CONTROL_LINE, 0, 0
+            self.buf.clear()  # the rest of its frame
+            _unreadable.drop(exc)
         finally:
             left, self.buf = self.buf, rest
             if left:  # not expected: it takes whole frames; what it left waits for more bytes
@@ -494,7 +534,11 @@ class _FastParser(Parser):
         stats["in_bytes"] += len(data)
         # Positionally, in Msg's field order (_MSG_FIELDS): a dataclass's __init__ is Python,
         # and matching six keywords cost half of it.
-        return nc.msg_class(nc, line[1].decode(), reply.decode(), data, headers, None, False, sid)
+        # Not UTF-8 (nats-server passes on any bytes a publisher chose): kept as surrogates,
+        # so a reply subject no subject may be is refused, and audited, like any other.
+        subject = line[1].decode(errors="surrogateescape")
+        reply_to = reply.decode(errors="surrogateescape")
+        return nc.msg_class(nc, subject, reply_to, data, headers, None, False, sid)
 
 
 class _DirectReader(asyncio.Protocol):

@@ -706,3 +706,28 @@ async def expect_failure(provider: Provider, request: ProviderRequest) -> Provid
     with pytest.raises(ProviderError) as caught:
         await provider.complete(request, timeout_s=5)
     return caught.value
+
+
+# ---- raw NATS protocol ----------------------------------------------------------------------
+
+
+async def raw_publish(url: str, frames: list[bytes]) -> None:
+    """Publish protocol frames as written, bytes nats-py would never send included (nats-server
+    passes on any subject, reply subject or header block a client chooses)."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO
+    writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+    for frame in frames:
+        writer.write(frame)
+    writer.write(b"PING\r\n")
+    await writer.drain()
+    while not (await reader.readline()).startswith(b"PONG"):
+        pass
+    writer.close()
+
+
+def hpub(subject: bytes, headers: bytes, payload: bytes = b"", reply: bytes = b"") -> bytes:
+    line = b" ".join(p for p in (b"HPUB", subject, reply) if p)
+    total = len(headers) + len(payload)
+    return b"%s %d %d\r\n%s%s\r\n" % (line, len(headers), total, headers, payload)

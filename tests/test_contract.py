@@ -27,7 +27,9 @@ from helpers import (
     MisbehavingProvider,
     Service,
     free_port,
+    hpub,
     published,
+    raw_publish,
     wait_for,
 )
 
@@ -337,6 +339,28 @@ TRACE_HEADERS = [
     {"Status": "503"},
     {"Lifeline-Deadline-Ms": "yesterday", "Nats-Msg-Id": "x" * 2000},
 ]
+
+
+async def test_bytes_nats_py_cannot_read_leave_every_process_serving_and_each_request_audited(
+    server, service, ledger
+):
+    """A request whose reply subject is not UTF-8 is refused and audited like any other that
+    cannot be answered on; frames nats-py cannot read on the subjects every dispatcher and
+    worker hear (llm.abort, llm.cancel.<name>) are dropped. Each once ended a process's read
+    loop for good: up, ready by every probe, deaf to every request."""
+    body = request("not-utf8")
+    await raw_publish(
+        server.url,
+        [
+            b"PUB llm.complete _INBOX.\xff\xfe %d\r\n%s\r\n" % (len(body), body),
+            hpub(b"llm.abort", b"NATS/1.0 \xff\r\n\r\n"),
+            hpub(b"llm.abort", b"NATS/1.0"),
+            hpub(b"llm.cancel.echo", b"NATS/1.0 503 \xff\xfe\r\n\r\n"),
+        ],
+    )
+    await ledger.settle(0, 1)
+    assert ledger.audit_types["not-utf8"] == "reply_subject_refused"
+    await still_serving(ledger, rounds=16)
 
 
 async def test_any_trace_and_other_headers_get_one_answer_each(service, ledger):

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
-from helpers import wait_for
+from helpers import hpub, raw_publish, wait_for
 from service import natsio
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed, fast_path, stop_taking
@@ -541,3 +541,38 @@ async def test_the_direct_reader_keeps_every_frame_whole_and_in_order_however_re
         assert all(headers == {"Lifeline-Seq": str(i)} for i, headers in got if i % 3 == 0)
     finally:
         await nc.close()
+
+
+UNREADABLE = {
+    "status line not UTF-8": hpub(b"SUBJECT", b"NATS/1.0 \xff\r\n\r\n"),
+    "description not UTF-8": hpub(b"SUBJECT", b"NATS/1.0 503 \xff\xfe\r\n\r\n"),
+    "header block cut short": hpub(b"SUBJECT", b"NATS/1.0"),
+    "reply subject not UTF-8": b"PUB SUBJECT _INBOX.\xff\xfe 2\r\nhi\r\n",
+}
+
+
+async def test_messages_nats_py_cannot_read_are_dropped_and_the_connection_reads_on(
+    nats_url, client
+):
+    """Any client may publish them; raised inside nats-py's read loop, each ended it for good
+    while the process stayed up and ready by every probe: a dispatcher deaf to every request,
+    a worker to every call. On a fast subscription and on one of nats-py's own."""
+    fast_seen: list[Msg] = []
+    nc = await nats.connect(nats_url)
+    path = fast_path(nc)
+    await path.subscribe("fast", fast_seen.append)
+    plain = await nc.subscribe("plain")
+    await ensure_subscribed(nc)
+    before = natsio._unreadable.dropped
+    for subject in (b"fast", b"plain"):
+        await raw_publish(nats_url, [f.replace(b"SUBJECT", subject) for f in UNREADABLE.values()])
+    await client.publish("fast", b"after")
+    await client.publish("plain", b"after")
+    await wait_for(lambda: any(m.data == b"after" for m in fast_seen), timeout_s=5)
+    assert (await plain.next_msg(timeout=5)).data == b"after"
+    await nc.flush(timeout=5)  # its read loop still takes PONGs
+    # On the fast path a reply subject that is not UTF-8 comes through as surrogates, for the
+    # dispatcher to refuse (and audit); the other three, and all four on nats-py's, dropped.
+    assert [m.reply for m in fast_seen if m.data == b"hi"] == ["_INBOX.\udcff\udcfe"]
+    assert natsio._unreadable.dropped - before == 7
+    await nc.close()
