@@ -127,7 +127,7 @@ class NatsTransport:
             return ProviderFailure("connection", f"could not ask {subject}: {type(exc).__name__}")
         finally:
             inbox.close(token, timer)
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+        if not msg.data and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             return ProviderFailure(
                 "no_responders",
                 f"no worker is listening on {subject}: start one with `lifeline worker {provider}`",
@@ -409,7 +409,9 @@ class _Inbox:
         self._waiting.pop(token, None)
 
 
-_NO_RESPONDERS = "503"  # the status the server answers with when nobody is subscribed
+# The status the server answers with, in an empty message, when nobody is subscribed (a
+# worker's reply with a header of that name and a body is its answer, not the server's).
+_NO_RESPONDERS = "503"
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:
@@ -541,7 +543,7 @@ class ProviderStream:
     def final(self, msg: Msg) -> None:
         if self.done.done():
             return
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+        if not msg.data and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             subject = provider_subject(self.provider)
             self.end(
                 ProviderFailure(
@@ -564,6 +566,15 @@ class ProviderStream:
                         "connection",
                         f"{self.chunks} of the {reply.chunks} chunks {self.provider} streamed "
                         "arrived: the others were lost on the way",
+                    )
+                )
+                return
+            if reply.chunks < self.chunks:  # its end would send what streamed a second time
+                self.end(
+                    ProviderFailure(
+                        "server_error",
+                        f"worker {self.provider} breaks the protocol: it streamed {self.chunks} "
+                        f"chunks and its end says {reply.chunks}",
                     )
                 )
                 return

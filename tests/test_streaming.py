@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
-from helpers import LocalHTTPServer, ask, config, fake, serving, settled, wait_for
+from helpers import USER_HELLO, LocalHTTPServer, ask, config, fake, serving, settled, wait_for
 from opentelemetry.trace import SpanKind
 
 from schemas import (
@@ -266,6 +266,43 @@ async def test_a_worker_that_loses_a_chunk_fails_the_attempt(lifeline, client):
     [reset] = [e.reset for e in events if e.kind == "reset"]
     assert reset.error.type == "connection" and "1 of the 2 chunks" in reset.error.message
     assert assembler.text == "ok"
+
+
+async def test_a_worker_whose_end_counts_fewer_chunks_than_it_sent_fails_the_attempt(
+    lifeline, client
+):
+    """Its end's content would be taken for what did not stream and sent again: the client
+    would read the answer twice (a tool call's arguments joined twice, no JSON)."""
+    await lifeline(config({"liar": fake(), "backup": fake(reply="ok")}), workers=["backup"])
+
+    async def streams_then_says_none(msg: Any) -> None:
+        for chunk in (b"Hello ", b"world"):
+            await client.publish(msg.headers[subjects.STREAM_TO], chunk)
+        await client.publish(msg.reply, encoder.encode(ProviderOk("Hello world", "m", chunks=0)))
+
+    await client.subscribe(subjects.provider_subject("liar"), cb=streams_then_says_none)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert reset.error.type == "server_error" and "streamed 2 chunks" in reset.error.message
+    assert assembler.text == "ok"
+
+
+async def test_a_workers_answer_with_a_status_header_is_its_answer_not_no_responders(
+    lifeline, client
+):
+    """Only the server's own no-responders message (empty) means nobody listens."""
+    await lifeline(config({"odd": fake(), "backup": fake(reply="backup")}), workers=["backup"])
+
+    async def answers_with_a_status_header(msg: Any) -> None:
+        answer = encoder.encode(ProviderOk("mine", "m"))
+        await client.publish(msg.reply, answer, headers={"Status": "503"})
+
+    await client.subscribe(subjects.provider_subject("odd"), cb=answers_with_a_status_header)
+    await ensure_subscribed(client)
+    reply = await ask(client, {**USER_HELLO, "route": "default"})
+    assert (reply.status, reply.content, reply.provider) == ("ok", "mine", "odd")
 
 
 async def test_the_client_helper_raises_on_a_sequence_gap(client):
