@@ -56,6 +56,7 @@ from schemas.subjects import (
     provider_subject,
 )
 from schemas.wire import (
+    ERROR_KINDS,
     REPLY_TOO_LARGE,
     ToolCallDelta,
     clipped,
@@ -71,6 +72,7 @@ from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
 
+_KINDS = frozenset(ERROR_KINDS)
 # What a worker's reply may put into replies and audit events: its texts are untrusted input.
 MAX_MESSAGE_CHARS = 1000
 MAX_MODEL_CHARS = 256
@@ -217,10 +219,11 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
         if len(reply.model) > MAX_MODEL_CHARS:
             return msgspec.structs.replace(reply, model=reply.model[:MAX_MODEL_CHARS])
         return reply
-    if len(reply.message) > MAX_MESSAGE_CHARS or len(reply.kind) > 64:
-        return msgspec.structs.replace(
-            reply, kind=reply.kind[:64], message=reply.message[:MAX_MESSAGE_CHARS]
-        )
+    if reply.kind not in _KINDS:  # a worker of another language's, say: what policy knows
+        message = f"worker answered an unknown error kind {reply.kind[:64]!r}: {reply.message}"
+        reply = msgspec.structs.replace(reply, kind="server_error", message=message)
+    if len(reply.message) > MAX_MESSAGE_CHARS:
+        return msgspec.structs.replace(reply, message=reply.message[:MAX_MESSAGE_CHARS])
     return reply
 
 

@@ -21,6 +21,7 @@ from schemas import (
     ChatMessage,
     CompletionReply,
     CompletionRequest,
+    ProviderFailure,
     ProviderOk,
     ProviderRequest,
     subjects,
@@ -303,6 +304,25 @@ async def test_a_workers_answer_with_a_status_header_is_its_answer_not_no_respon
     await ensure_subscribed(client)
     reply = await ask(client, {**USER_HELLO, "route": "default"})
     assert (reply.status, reply.content, reply.provider) == ("ok", "mine", "odd")
+
+
+async def test_an_error_kind_no_one_knows_counts_as_a_server_error_and_is_named(
+    lifeline, client
+):
+    """A worker in another language may answer any kind: the policy (fallback_on, breakers,
+    retries) and the audit event know the table's, so any other is a server_error."""
+    await lifeline(config({"odd": fake(), "backup": fake(reply="backup")}), workers=["backup"])
+
+    async def fails_its_own_way(msg: Any) -> None:
+        failure = ProviderFailure("ok", "all good, honestly")
+        await client.publish(msg.reply, encoder.encode(failure))
+
+    await client.subscribe(subjects.provider_subject("odd"), cb=fails_its_own_way)
+    await ensure_subscribed(client)
+    reply = await ask(client, USER_HELLO)
+    assert (reply.status, reply.content) == ("ok", "backup")
+    first = reply.attempts[0]
+    assert first.error_type == "server_error" and "unknown error kind 'ok'" in first.message
 
 
 async def test_the_client_helper_raises_on_a_sequence_gap(client):
