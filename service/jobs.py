@@ -341,7 +341,10 @@ class Jobs:
         stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
             self.found += 1
-            if msg.metadata.num_delivered > 1:  # the delivery that stored it may have died
+            # The delivery that stored it may have died before its audit event went out: this
+            # message's own earlier delivery, not another job of the id (sent again later,
+            # whose event the audit stream may no longer know to drop).
+            if msg.metadata.num_delivered > 1 and await self._stored_by_this_job(key, msg):
                 await self.engine.audit_again(inbound, reply_decoder.decode(stored))
             await self._notify(msg, stored)
             await msg.ack()
@@ -376,6 +379,22 @@ class Jobs:
             raise _NotStored("its result could not be stored (see the log above)")
         self.handled += 1
         await msg.ack()
+
+    async def _stored_by_this_job(self, key: str, msg: Msg) -> bool:
+        """Whether the result under `key` was stored after `msg` was published (by one of its
+        deliveries); when that cannot be read, True."""
+        assert self.kv is not None
+        bucket = self.settings.results_bucket
+        try:
+            entry = await self.nc.jetstream(timeout=_OP_TIMEOUT_S).get_msg(
+                f"KV_{bucket}",
+                subject=f"$KV.{bucket}.{key}",
+                direct=bool(getattr(self.kv, "_direct", False)),
+            )
+        except Exception as exc:  # noqa: BLE001 - the bucket's errors are many types
+            log.debug("jobs: when %s was stored is unknown (%r)", key, exc)
+            return True
+        return entry.time is None or entry.time >= msg.metadata.timestamp
 
     async def _stored(self, key: str) -> bytes | None:
         assert self.kv is not None

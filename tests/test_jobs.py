@@ -259,6 +259,33 @@ async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_i
     assert (await result_of(client, "orphan")).content == "stored before dying"
 
 
+async def test_an_id_sent_again_long_after_its_result_is_not_audited_again_when_redelivered(
+    lifeline, client, audit
+):
+    """Its result (and audit event) came from an earlier job of the id; this one, delivered
+    a second time, must not publish another event: past the audit stream's dedup window it
+    would be kept as a second one."""
+    settings = JobsSettings(ack_wait_s=1)
+    kv = await ensure_jobs(client.jetstream(), settings)
+    stored = encoder.encode({"id": "old", "status": "ok", "content": "answered long ago"})
+    await kv.create(subjects.job_key("old"), stored)
+    await asyncio.sleep(0.01)  # the job is published after its result was stored
+    await submit(client, job("old"), "old-again")
+    took = await client.jetstream().pull_subscribe(  # a dispatcher that stalled with it
+        subjects.JOBS_SUBMIT,
+        durable=subjects.JOBS_CONSUMER,
+        config=nats.js.api.ConsumerConfig(ack_wait=1, max_deliver=5, max_ack_pending=-1),
+    )
+    [taken] = await took.fetch(1, timeout=5)
+    await took.unsubscribe()
+    assert taken.metadata.num_delivered == 1
+    stack = await lifeline({**config({"main": fake()}), "jobs": {"ack_wait_s": 1}})
+    jobs = stack.dispatcher.jobs
+    await wait_for(lambda: jobs.found == 1, timeout_s=10)
+    await asyncio.sleep(0.3)
+    assert (jobs.handled, audit.events) == (0, [])
+
+
 async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     lifeline, client, audit, monkeypatch
 ):
