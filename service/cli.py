@@ -251,7 +251,8 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="CHOICE",
         help="auto, none, required, or the name of the one tool the model must call",
     )
-    ask.add_argument(
+    shape = ask.add_mutually_exclusive_group()
+    shape.add_argument(
         "--stream",
         action="store_true",
         help="stream the answer through llm.stream: tokens print as they arrive, and a failed "
@@ -262,7 +263,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=("reset", "continue", "fail"),
         help="with --stream: what a failure after the first token leads to (default: the route's)",
     )
-    ask.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    shape.add_argument("--json", action="store_true", help="print the raw JSON reply")
     _config_arg(ask)
     _nats_arg(ask)
 
@@ -1013,6 +1014,13 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     request = CompletionRequest(messages, id=job_id, route=args.route, timeout_s=args.timeout)
     headers = {subjects.MSG_ID: job_id}
     if args.notify:
+        why = subjects.reply_subject_refused(args.notify)
+        if why is not None:
+            print(
+                f"lifeline: --notify {args.notify!r}: no result is published there: {why}",
+                file=sys.stderr,
+            )
+            return 2
         headers[subjects.NOTIFY] = args.notify
     nc = await _client(nats_opts, "lifeline-submit")
     if nc is None:
@@ -1040,7 +1048,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{job_id}: already submitted (a duplicate within the dedup window); kept once")
     else:
         print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
-    print(f"result: lifeline result {shlex.quote(job_id)} --wait 30")
+    where = f" --nats-url {shlex.quote(url)}" if args.nats_url else ""
+    print(f"result: lifeline result {shlex.quote(job_id)}{where} --wait 30")
     return 0
 
 
@@ -1088,6 +1097,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                         job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
                     )
                 if refused is not None:
+                    progress.submitted += 1  # and done at once: never in flight
                     _write_result(out, encoder.encode(refused), refused, progress)
                     del pending[key]
                     continue
@@ -1633,6 +1643,7 @@ async def _start_gateway(
     try:
         await server.start(host, port)
     except OSError:
+        watch.closing = True  # our own close: no "connection gone for good" error line
         await nc.close()
         raise
     # Found by `lifeline health` and `nats micro ls` as dispatchers and workers are; its
@@ -1648,6 +1659,7 @@ async def _start_gateway(
         await responder.start()
     except BaseException:
         await server.stop()
+        watch.closing = True
         await nc.close()
         raise
     return Component("gateway", nc, server.stop, watch, responder), server

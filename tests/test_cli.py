@@ -160,6 +160,22 @@ def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(runni
     assert "served by agent" in out
 
 
+def test_ask_refuses_json_with_stream_instead_of_ignoring_one():
+    result = run_lifeline("ask", "--json", "--stream", "hi")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+
+
+def test_a_gateway_port_taken_is_said_once_without_a_false_connection_error(running):
+    _, url = running
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_lifeline("gateway", "--nats-url", url, "--port", str(port))
+    assert result.returncode != 0 and "Address already in use" in result.stderr
+    assert "gone for good" not in result.stderr, result.stderr
+
+
 def test_ask_says_what_is_wrong_with_its_tools():
     result = run_lifeline("ask", "--tools", '[{"description": "no name"}]', "hi")
     assert result.returncode == 2
@@ -171,7 +187,11 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     submitted = run_lifeline("submit", "--nats-url", url, "--id", "cli-job-1", "a durable hello")
     assert submitted.returncode == 0, submitted.stderr
     assert "cli-job-1: submitted" in submitted.stdout
-    assert "lifeline result cli-job-1" in submitted.stdout  # says how to get the answer
+    # Says how to get the answer, from the same server.
+    assert f"lifeline result cli-job-1 --nats-url {url}" in submitted.stdout
+    refused = run_lifeline("submit", "--nats-url", url, "--notify", "llm.mine", "hello")
+    assert refused.returncode == 2 and "--notify 'llm.mine'" in refused.stderr
+    assert "Lifeline's own namespace" in refused.stderr
     again = run_lifeline("submit", "--nats-url", url, "--id", "cli-job-1", "a durable hello")
     assert "already submitted" in again.stdout
     result = run_lifeline("result", "--nats-url", url, "--wait", "10", "cli-job-1")
@@ -286,7 +306,7 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
         )
         run = run_lifeline("batch", "--nats-url", url, str(source))
         assert run.returncode == 1, run.stderr  # failed: the long ids and the huge job
-        assert "7/7 done, 3 failed" in run.stderr, run.stderr
+        assert "7/7 done, 3 failed, 0 in flight" in run.stderr, run.stderr  # never below 0
         out = folder / "jobs.results.jsonl"
         results[team] = [json.loads(line) for line in out.read_text().split("\n") if line]
     by_id = {r["id"]: r for r in results["billing"]}
