@@ -35,8 +35,16 @@ from service.shaping import DROPPABLE, Template
 from workers.base import ProviderSettings
 from workers.registry import known_kinds, parse_settings, settings_type
 
-# Provider and route names become NATS subject tokens.
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Provider and route names become NATS subject tokens (a subscription's line, with its
+# queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+# Seconds: finite, and a duration JetStream takes (it counts them in int64 nanoseconds, which
+# end at about 292 years). A year is more than any of these needs.
+_YEAR_S = 365 * 86_400.0
+Seconds = Annotated[float, Meta(gt=0, le=_YEAR_S)]
+# Counts JetStream keeps in an int64.
+_INT64 = 2**63 - 1
 
 
 T = TypeVar("T")
@@ -49,8 +57,8 @@ class ConfigError(ValueError):
 class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # NATS's own default max_payload is 1 MiB; raise both together for long prompts.
     max_request_bytes: Annotated[int, Meta(gt=0)] = 1024 * 1024
-    default_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
-    max_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    default_timeout_s: Seconds = 60.0
+    max_timeout_s: Seconds = 600.0
     # Requests a dispatcher works on at once; beyond it a request is answered at once with
     # "overloaded" (and a retry_after_s hint) instead of queueing without limit.
     max_in_flight: Annotated[int, Meta(ge=1)] = 1000
@@ -65,7 +73,7 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # long; the ones still running then are answered "shutting_down" (their attempts cancelled
     # at the workers), so each still gets its one reply and audit event. Keep it below your
     # supervisor's kill timeout (Kubernetes: terminationGracePeriodSeconds, 30 s).
-    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    shutdown_grace_s: Annotated[float, Meta(ge=0, le=_YEAR_S)] = 10.0
     # Lets requests carry `faults` (simulated failures) to test their fallbacks. Never in
     # production.
     allow_fault_injection: bool = False
@@ -94,9 +102,10 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # event again, and the audit stream drops it as a duplicate only within its 600 s window.
     ack_wait_s: Annotated[float, Meta(ge=1, le=300)] = 30.0
     max_deliver: Annotated[int, Meta(ge=1)] = 5  # deliveries of one job before it is given up
-    max_jobs: Annotated[int, Meta(ge=1)] = 100_000  # waiting in the stream; more are refused
-    dedup_window_s: Annotated[float, Meta(gt=0)] = 120.0  # a repeated id within it is dropped
-    results_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0  # how long a result is kept
+    max_jobs: Annotated[int, Meta(ge=1, le=_INT64)] = 100_000  # waiting; more are refused
+    # A repeated id within it is dropped (JetStream's shortest window is 0.1 s).
+    dedup_window_s: Annotated[float, Meta(ge=0.1, le=_YEAR_S)] = 120.0
+    results_ttl_s: Seconds = 86_400.0  # how long a result is kept
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "LIFELINE_JOBS"
     results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_results"
 
@@ -114,8 +123,8 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     listens; needs JetStream on the NATS server."""
 
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*$")] = "LIFELINE_AUDIT"  # "": none
-    max_age_s: Annotated[float, Meta(gt=0)] = 7 * 86_400.0  # older events are dropped
-    max_bytes: Annotated[int, Meta(gt=0)] = 1024**3  # past it the oldest events are dropped
+    max_age_s: Seconds = 7 * 86_400.0  # older events are dropped
+    max_bytes: Annotated[int, Meta(gt=0, le=_INT64)] = 1024**3  # past it the oldest go
 
 
 # A chain entry: a target or provider name, an inline target table, or a load-balanced
@@ -363,6 +372,8 @@ def _named_targets(
     targets: dict[str, TargetSpec] = {}
     for name, table in tables.items():
         key = f"targets.{name}"
+        if not _NAME.match(name):  # requests name it, `--fault NAME=...` too
+            raise ConfigError(f"{key}: target names are 1 to 256 letters, digits, '_' and '-'")
         if name in providers:
             raise ConfigError(f"{key}: a provider has this name too; give the target another one")
         spec = _convert(table, TargetSpec, key)
@@ -385,7 +396,7 @@ def _route(
     key = f"routes.{name}"
     route = _convert(table, RouteConfig, key)
     if not _NAME.match(name):
-        raise ConfigError(f"{key}: route names may use only letters, digits, '_' and '-'")
+        raise ConfigError(f"{key}: route names are 1 to 256 letters, digits, '_' and '-'")
     problem = _bad_kind(route.fallback_on)
     if problem is not None:
         raise ConfigError(f"{key}.fallback_on[{problem[0]}]: {problem[1]}")
@@ -418,7 +429,7 @@ def _route(
 def _provider(name: str, table: Any) -> ProviderSettings:
     key = f"providers.{name}"
     if not _NAME.match(name):
-        raise ConfigError(f"{key}: provider names may use only letters, digits, '_' and '-'")
+        raise ConfigError(f"{key}: provider names are 1 to 256 letters, digits, '_' and '-'")
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table")
     try:

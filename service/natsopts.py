@@ -278,6 +278,11 @@ def resolve(
         if environ.get(env):
             values[key], origin[key], level[key] = environ[env], f"${env}", 2
     url = values.pop("url", None) or default_url
+    if url and not server_list(url):  # commas and spaces only: nats-py would spin on nothing
+        raise NatsOptionError(
+            f"NATS {origin.get('url', 'URL')} {url!r} names no server; give one, e.g. "
+            "nats://127.0.0.1:4222 (a cluster's, comma-separated)"
+        )
     methods = [m for m in ("creds", "nkey", "token", "user") if m in values]
     if "@" in url and "url" in level:  # user info in the URL is a way too
         methods.append("url")

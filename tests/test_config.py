@@ -93,8 +93,8 @@ def test_a_misspelled_provider_key_is_named_first_as_an_unknown_key():
     )
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1])
-def test_a_provider_timeout_must_be_positive(timeout_s):
+@pytest.mark.parametrize("timeout_s", [0, -1, float("inf"), 1e10])
+def test_a_provider_timeout_must_be_positive_and_finite(timeout_s):
     assert error(config({"primary": fake(timeout_s=timeout_s)})).startswith(
         "providers.primary.timeout_s: "
     )
@@ -116,9 +116,36 @@ def test_a_kind_that_is_no_string_is_refused_at_its_kind_key(kind):
     assert error(config({"primary": {"kind": kind}})).startswith("providers.primary.kind: ")
 
 
-@pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>"])
+@pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>", "a" * 257])
 def test_a_provider_name_that_is_not_a_subject_token_is_refused(name):
     assert error(config({name: fake()})).startswith(f"providers.{name}: ")
+
+
+@pytest.mark.parametrize(
+    "table, key, value",
+    [
+        ("dispatcher", "default_timeout_s", float("inf")),
+        ("dispatcher", "max_timeout_s", 1e308),
+        ("jobs", "dedup_window_s", 0.0000001),
+        ("jobs", "dedup_window_s", float("inf")),
+        ("jobs", "results_ttl_s", 1e10),
+        ("jobs", "max_jobs", 2**64),
+        ("audit", "max_age_s", float("inf")),
+        ("audit", "max_bytes", 2**64),
+    ],
+)
+def test_numbers_a_server_or_a_deadline_cannot_hold_are_refused_at_their_key(table, key, value):
+    """Each passed, then broke: JetStream refused the stream for ever after (its durations are
+    int64 nanoseconds), or every request without a timeout_s failed as an internal error."""
+    data = config({"primary": fake()})
+    data[table] = {key: value}
+    assert error(data).startswith(f"{table}.{key}: ")
+
+
+def test_a_named_target_with_a_name_requests_cannot_use_is_refused():
+    data = config({"primary": fake()})
+    data["targets"] = {"a b=*": {"provider": "primary"}}
+    assert error(data).startswith("targets.a b=*: ")
 
 
 def test_a_config_without_providers_is_refused():

@@ -19,7 +19,7 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     model: str = ""
     # The other models targets and requests may name for this provider; empty: any model.
     models: list[str] = []
-    timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    timeout_s: Annotated[float, Meta(gt=0, le=365 * 86_400.0)] = 30.0  # finite: a year at most
     # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
     # answer, a compression bomb) fails as response_too_large instead of filling the worker's
     # memory.
