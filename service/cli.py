@@ -158,7 +158,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _nats_arg(run, url_help="use this NATS server instead of starting one")
     run.add_argument(
         "--port",
-        type=int,
+        type=_port_or_any,
         default=4222,
         help="port of the embedded NATS server (default: 4222; -1: any free port)",
     )
@@ -166,7 +166,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _health_arg(run)
     run.add_argument(
         "--gateway-port",
-        type=int,
+        type=_port_or_any,
         help="port of the OpenAI-compatible HTTP gateway on 127.0.0.1 (default: 8080, skipped "
         "with a warning when taken; -1: any free port)",
     )
@@ -288,7 +288,7 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     submit.add_argument("--id", help="the job's id (default: a new random one)")
     submit.add_argument("--route", default="default", help="route name (default: default)")
     submit.add_argument("--system", help="a system message to send first")
-    submit.add_argument("--timeout", type=float, help="seconds for the job once it runs")
+    submit.add_argument("--timeout", type=_positive_s, help="seconds for the job once it runs")
     submit.add_argument(
         "--notify", metavar="SUBJECT", help="also publish the result on this subject"
     )
@@ -312,7 +312,7 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--out", help="where results go, one JSON line each (default: FILE.results.jsonl)"
     )
     batch.add_argument(
-        "--timeout", type=float, default=600.0, help="give up waiting after this many seconds"
+        "--timeout", type=_positive_s, default=600.0, help="give up waiting after this many seconds"
     )
     _config_arg(batch)
     _nats_arg(batch)
@@ -328,7 +328,7 @@ def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     result.add_argument("id", help="the job's id")
     result.add_argument(
-        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for it"
+        "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="wait this long for it"
     )
     result.add_argument("--json", action="store_true", help="print the raw JSON result")
     _config_arg(result)
@@ -398,7 +398,7 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="also exit 1 when no dispatcher answers, or a provider of --config has no worker",
     )
     health.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds to wait for answers (default: 2)"
+        "--timeout", type=_positive_s, default=2.0, help="seconds to wait for answers (default: 2)"
     )
     health.add_argument("--json", action="store_true", help="print each instance as JSON")
     _config_arg(health)
@@ -513,7 +513,10 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
     gateway.add_argument(
-        "--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)"
+        "--port",
+        type=_port,
+        default=8080,
+        help="port to listen on (default: 8080; 0: any free port)",
     )
     gateway.add_argument(
         "--max-connections",
@@ -626,6 +629,27 @@ def _positive_s(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse type)."""
+    return 0.0 if text.strip() in ("0", "0.0") else _positive_s(text)
+
+
+def _port(text: str, least: int = 0) -> int:
+    """A TCP port, 0 (any free one) to 65535 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not least <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: {least} to 65535")
+    return value
+
+
+def _port_or_any(text: str) -> int:
+    """A port, or -1 for any free one (argparse type)."""
+    return _port(text, least=-1)
+
+
 def _at_least_one(text: str) -> int:
     """A whole number of at least 1 (argparse type)."""
     try:
@@ -689,6 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lifeline ... | head`: the reader had enough; nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice
+        return 1
+    except OSError as exc:  # a file or a directory a command was given, as the system saw it
+        print(f"lifeline: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -1008,6 +1038,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     job_id = args.id or uuid.uuid4().hex
     try:
         client.check_job_id(job_id)
+        if len(job_id) > MAX_ID_LENGTH:
+            raise ValueError(f"an id is at most {MAX_ID_LENGTH} characters, not {len(job_id)}")
     except ValueError as exc:
         print(f"lifeline: --id: {exc}", file=sys.stderr)
         return 2
@@ -1058,6 +1090,9 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     config = _config_or_default(args)
     settings, replicas = config.jobs, config.jetstream.replicas
     source = Path(args.file)
+    if not source.is_file():
+        what = "is a directory" if source.is_dir() else "does not exist"
+        raise ValueError(f"{source} {what}: batch reads a JSONL file, one request per line")
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
     jobs = _batch_jobs(source)
     done = _ids_in(out_path)
@@ -1264,6 +1299,13 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args)
     url = nats_opts.shown  # fit to print
     settings = _config_or_default(args).audit
+    if not settings.stream:
+        print(
+            'lifeline: this config keeps no audit stream (audit.stream = ""): events went to '
+            "live subscribers of llm.audit.> only",
+            file=sys.stderr,
+        )
+        return 1
     nc = await _client(nats_opts, "lifeline-audit")
     if nc is None:
         return 1
@@ -1285,6 +1327,13 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         print(
             f"lifeline: no audit stream {settings.stream} on {redact_url(url)}: no dispatcher "
             "with JetStream has run there yet",
+            file=sys.stderr,
+        )
+        return 1
+    except (nats.errors.Error, nats.js.errors.Error) as exc:  # no JetStream there, ...
+        print(
+            f"lifeline: could not read the audit stream on {redact_url(url)} "
+            f"({jetstream.hint(exc, 1)})",
             file=sys.stderr,
         )
         return 1
@@ -1790,6 +1839,9 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 async def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    # Its [nats] table as a service would use it (its files read, its ways to authenticate
+    # one), with this environment's NATS_* variables where the table says nothing.
+    natsopts.resolve({}, config.nats, default_url=LOCAL_NATS, source=config.source)
     for name, settings in config.providers.items():
         if isinstance(settings, PluginSettings):  # its class imported, its settings checked
             load_model_class(settings, f"providers.{name}")

@@ -143,3 +143,22 @@ NOT_A_CLASS = 42
 
 class NoCall:
     pass
+
+
+class InitRaises(Model):
+    """A class whose making fails (a model file missing, say)."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("weights not found")
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
+
+
+class OddSettings(Model):
+    """`Settings` that is no type msgspec can fill."""
+
+    Settings = 5
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"

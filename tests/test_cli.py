@@ -160,6 +160,37 @@ def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(runni
     assert "served by agent" in out
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["batch", "no-such-file.jsonl"], "no-such-file.jsonl does not exist"),
+        (["batch", "."], ". is a directory"),
+        (["batch", "JOBS", "--out", "."], "Is a directory"),
+        (["spec", "--out", "README.md"], "File exists"),
+        (["gateway", "--port", "99999"], "is not a port"),
+        (["run", "--gateway-port", "70000"], "is not a port"),
+        (["result", "x", "--wait", "nan"], "not a number of seconds"),
+        (["health", "--timeout", "-1"], "not a number of seconds"),
+        (["submit", "--timeout", "0", "hi"], "not a number of seconds"),
+        (["submit", "--id", "i" * 300, "hi"], "at most 256"),
+        (["dispatcher", "--nats-url", ",", "--config", EXAMPLE], "names no server"),
+        (["audit", "--config", "AUDITLESS"], "keeps no audit stream"),
+    ],
+)
+def test_a_mistake_on_the_command_line_gets_one_line_saying_what_not_a_traceback(
+    argv, says, tmp_path
+):
+    auditless = tmp_path / "auditless.toml"
+    auditless.write_text('[audit]\nstream = ""\n[providers.p]\nkind = "fake"\n')
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "j", "messages": [{"role": "user", "content": "hi"}]}\n')
+    files = {"AUDITLESS": str(auditless), "JOBS": str(jobs)}
+    argv = [files.get(a, a) for a in argv]
+    result = run_lifeline(*argv, timeout_s=20)
+    assert result.returncode in (1, 2), result
+    assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_ask_refuses_json_with_stream_instead_of_ignoring_one():
     result = run_lifeline("ask", "--json", "--stream", "hi")
     assert result.returncode == 2 and "not allowed with argument" in result.stderr

@@ -202,6 +202,10 @@ def test_an_unknown_kind_lists_the_installed_ones(installed_plugin, monkeypatch)
             python("SyncUpper", settings={"x": 1}),
             "providers.mine.settings: plugin_models:SyncUpper takes no settings",
         ),
+        (
+            python("OddSettings", settings={"x": 1}),
+            "plugin_models:OddSettings.Settings cannot hold the settings",
+        ),
     ],
     ids=[
         "no-module",
@@ -214,6 +218,7 @@ def test_an_unknown_kind_lists_the_installed_ones(installed_plugin, monkeypatch)
         "missing-key",
         "unknown-key",
         "no-settings-struct",
+        "settings-no-type",
     ],
 )
 def test_check_config_names_the_key_at_fault(tmp_path, table, error):
@@ -221,6 +226,15 @@ def test_check_config_names_the_key_at_fault(tmp_path, table, error):
     result = run_lifeline("check-config", "--config", str(path), env=_env_with_tests())
     assert result.returncode == 2, result.stdout + result.stderr
     assert error in result.stderr, result.stderr
+
+
+def test_a_model_class_that_cannot_be_made_stops_its_worker_with_one_line(tmp_path):
+    path = write_config(tmp_path / "bad.toml", config({"mine": python("InitRaises")}))
+    result = run_lifeline("worker", "mine", "--config", str(path), env=_env_with_tests())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "providers.mine: plugin_models:InitRaises could not be made (RuntimeError: weights" in (
+        result.stderr
+    )
 
 
 def test_a_worker_whose_model_does_not_load_stops_before_connecting(tmp_path):

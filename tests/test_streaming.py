@@ -306,9 +306,7 @@ async def test_a_workers_answer_with_a_status_header_is_its_answer_not_no_respon
     assert (reply.status, reply.content, reply.provider) == ("ok", "mine", "odd")
 
 
-async def test_an_error_kind_no_one_knows_counts_as_a_server_error_and_is_named(
-    lifeline, client
-):
+async def test_an_error_kind_no_one_knows_counts_as_a_server_error_and_is_named(lifeline, client):
     """A worker in another language may answer any kind: the policy (fallback_on, breakers,
     retries) and the audit event know the table's, so any other is a server_error."""
     await lifeline(config({"odd": fake(), "backup": fake(reply="backup")}), workers=["backup"])

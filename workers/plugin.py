@@ -147,6 +147,10 @@ def load(settings: PluginSettings, key: str) -> tuple[type[Any], Any]:
         return cls, msgspec.convert(settings.settings, declared)
     except msgspec.ValidationError as exc:
         raise ValueError(_located(f"{key}.settings", exc)) from None
+    except TypeError as exc:  # `Settings` is no type msgspec knows (a msgspec.Struct is one)
+        raise ValueError(
+            f"{where}: {path}.Settings cannot hold the settings ({exc}); make it a msgspec.Struct"
+        ) from None
 
 
 def _import(path: str, where: str) -> type[Any]:
@@ -155,7 +159,7 @@ def _import(path: str, where: str) -> type[Any]:
         raise ValueError(f'{where}: expected "package.module:ClassName", got {path!r}')
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raises, the user gets one line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever it raises: one line
         raise ValueError(
             f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
         ) from None
@@ -187,7 +191,13 @@ class PluginProvider:
         self.label = settings.class_ or settings.kind
         self._key = key
         self._max_bytes = settings.max_response_bytes  # an answer's text and tool calls, at most
-        self.instance = cls(own) if own is not None else cls()
+        try:
+            self.instance = cls(own) if own is not None else cls()
+        except Exception as exc:  # noqa: BLE001 - the class's own: the user gets one line
+            raise ValueError(
+                f"{key}: {self.label} could not be made ({type(exc).__name__}: {exc}); it is "
+                "called with its Settings when it declares them, else with nothing"
+            ) from None
         self._threads = ThreadPoolExecutor(settings.threads, thread_name_prefix=f"model-{name}")
         self._thread_count = settings.threads
         self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
