@@ -534,10 +534,12 @@ class _FastParser(Parser):
         stats["in_bytes"] += len(data)
         # Positionally, in Msg's field order (_MSG_FIELDS): a dataclass's __init__ is Python,
         # and matching six keywords cost half of it.
-        # Not UTF-8 (nats-server passes on any bytes a publisher chose): kept as surrogates,
-        # so a reply subject no subject may be is refused, and audited, like any other.
-        subject = line[1].decode(errors="surrogateescape")
-        reply_to = reply.decode(errors="surrogateescape")
+        try:
+            subject, reply_to = line[1].decode(), reply.decode()
+        except UnicodeDecodeError:  # nats-server passes on any bytes a publisher chose: kept
+            # as surrogates, so a reply subject no subject may be is refused, and audited
+            subject = line[1].decode(errors="surrogateescape")
+            reply_to = reply.decode(errors="surrogateescape")
         return nc.msg_class(nc, subject, reply_to, data, headers, None, False, sid)
 
 
