@@ -34,6 +34,8 @@ import nats
 import nats.js.errors
 
 from schemas import subjects
+from schemas.wire import audit_decoder
+from service.audit import read_events
 from service.config import AuditSettings, DispatcherSettings, JobsSettings
 from service.embedded import server_binary
 from tests.helpers import LifelineProcess, LocalHTTPServer, free_port, serving, write_config
@@ -236,6 +238,20 @@ async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
     return results
 
 
+async def audited(url: str, ids: set[str]) -> Counter[str]:
+    """The audit events the audit stream keeps, counted by id, for the jobs in `ids`."""
+    nc = await _connect(url)
+    counts: Counter[str] = Counter()
+    try:
+        async for data in read_events(nc.jetstream(timeout=10), AuditSettings(), 0, False):
+            event_id = audit_decoder.decode(data).id
+            if event_id in ids:
+                counts[event_id] += 1
+    finally:
+        await nc.close()
+    return counts
+
+
 async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, serving(CountingProvider()) as provider:
         server = Nats(Path(tmp), nodes)
@@ -299,6 +315,8 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
             await publisher
             results = await collect(server.url, accepted, timeout_s=120)
             kept_on = await replicas(server.url)
+            await asyncio.sleep(1)  # the last events reach the stream a moment after
+            events = await audited(server.url, accepted)
         finally:
             await watcher.close()
             fleet.stop()
@@ -320,6 +338,9 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
             "jobs_lost": len(lost),
             "lost_ids": lost[:20],
             "dead_lettered": len(dead),
+            # The audit stream keeps one event per job (deduplicated by its id's hash).
+            "audit_events_missing": len(accepted - set(events)),
+            "audit_events_repeated": sum(n - 1 for n in events.values() if n > 1),
             "dispatcher_kills": kills,
             "nats_servers": nodes,
             "nats_server_kills": server_kills,
@@ -387,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")
     print(f"wrote {out}")
-    return 1 if figures["jobs_lost"] else 0
+    broken = ("jobs_lost", "audit_events_missing", "audit_events_repeated")
+    return 1 if any(figures[name] for name in broken) else 0
 
 
 if __name__ == "__main__":
