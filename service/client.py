@@ -47,8 +47,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
-from functools import partial
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -220,6 +219,7 @@ class Lifeline:
         self.jobs_replicas = jobs_replicas
         self._owns = owns_connection
         self._jobs_ready = False
+        self._keys: set[str] = set()  # the abort keys of the requests in flight
 
     @classmethod
     def connect(
@@ -323,8 +323,11 @@ class Lifeline:
         )
 
     async def close(self) -> None:
-        """Close the connection (one that connect() made; a connection of your own stays open)."""
+        """Close the connection (one that connect() made; a connection of your own stays open).
+        Requests still in flight are aborted at their dispatchers and raise LifelineError."""
         if self._owns:
+            for key in list(self._keys):
+                await abort(self.nc, key)
             await natsio.close(self.nc)  # also while the server is gone
 
     async def __aenter__(self) -> Self:
@@ -362,6 +365,7 @@ class Lifeline:
             key = abort_key()
             headers = {subjects.ABORT_KEY: key}
             _check_size(self.nc, payload, headers)
+            self._keys.add(key)
             try:
                 msg = await self.nc.request(
                     subjects.COMPLETE,
@@ -385,9 +389,11 @@ class Lifeline:
                     f"grace); {_why_silent(self.nc)}"
                 ) from None
             except nats.errors.ConnectionClosedError:
-                raise LifelineError("the NATS connection is closed") from None
+                raise _closed() from None
             except nats.errors.OutboundBufferLimitError:
                 raise _buffer_full() from None
+            finally:
+                self._keys.discard(key)
             reply = reply_decoder.decode(msg.data)
             if retry < overloaded_retries and _overloaded(reply):
                 await asyncio.sleep(_retry_after_s(reply))
@@ -408,7 +414,7 @@ class Lifeline:
         `fields` and overloaded_retries as for complete(); a request refused as overloaded is
         sent again before any event of it is yielded."""
         req = self.request(request, **fields)
-        return Streamed(self.nc, req, overloaded_retries, self.default_timeout_s)
+        return Streamed(self.nc, req, overloaded_retries, self.default_timeout_s, self._keys)
 
     async def submit(
         self,
@@ -445,10 +451,15 @@ class Lifeline:
             raise RequestTooLarge(
                 f"the job is {len(payload)} bytes, over the NATS server's max_payload"
             ) from None
+        except nats.errors.ConnectionClosedError:
+            raise _closed() from None
         except Exception as exc:  # noqa: BLE001 - nats-py's JetStream errors are many types
-            raise JobsUnavailable(
-                f"could not submit job {job_id!r} ({jetstream.hint(exc, self.jobs_replicas)})"
-            ) from None
+            why = (
+                jetstream.hint(exc, self.jobs_replicas)
+                if self.nc.is_connected
+                else f"{type(exc).__name__}: {_why_silent(self.nc)}"
+            )
+            raise JobsUnavailable(f"could not submit job {job_id!r} ({why})") from None
         return Submitted(job_id, bool(ack.duplicate), ack.stream, ack.seq)
 
     async def result(self, job_id: str, wait_s: float = 0.0) -> CompletionReply | None:
@@ -510,11 +521,17 @@ class Streamed:
     `text`). `await streamed.finish()` reads the rest and returns the reply."""
 
     def __init__(
-        self, nc: Client, request: CompletionRequest, overloaded_retries: int, default_s: float
+        self,
+        nc: Client,
+        request: CompletionRequest,
+        overloaded_retries: int,
+        default_s: float,
+        keys: set[str] | None = None,
     ) -> None:
         self.request = request
         self.assembler = Assembler()
         self._nc = nc
+        self._keys = keys
         self._retries = overloaded_retries
         self._default_s = default_s
         self._events: AsyncIterator[Event] | None = None
@@ -565,7 +582,7 @@ class Streamed:
     async def _run(self) -> AsyncIterator[Event]:
         for retry in range(self._retries + 1):
             self.assembler = Assembler()
-            events = stream(self._nc, self.request, self.assembler, self._default_s)
+            events = stream(self._nc, self.request, self.assembler, self._default_s, self._keys)
             async with contextlib.aclosing(events):
                 async for event in events:
                     overloaded = event.reply is not None and _overloaded(event.reply)
@@ -585,7 +602,16 @@ def _buffer_full() -> Unreachable:
     )
 
 
+def _closed() -> LifelineError:
+    return LifelineError(
+        "the NATS connection is closed (Lifeline.close(), or the server refused it for good); "
+        "a request in flight was aborted: connect again to send it"
+    )
+
+
 def _why_silent(nc: Client) -> str:
+    if nc.is_closed:
+        return "the NATS connection was closed meanwhile"
     if nc.is_connected:
         return "the dispatcher may have stopped"
     return (
@@ -609,26 +635,33 @@ async def stored_result(
 ) -> bytes | None:
     """A job's stored result, asking again until wait_s is over; None when there is none.
     Asked of a dispatcher (llm.jobs.result), which needs no bucket permissions; read from the
-    results bucket (`bucket`) when no dispatcher answers, where the connection may."""
-    read: Callable[[], Awaitable[bytes | None]]
-    try:
-        data = await _asked(nc, job_id)
-    except nats.errors.NoRespondersError:
-        try:
-            kv = await nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            return None  # no dispatcher (nor submit) ever made it: no job has a result
-        except Exception as exc:  # noqa: BLE001
-            raise JobsUnavailable(
-                f"no dispatcher answers {subjects.JOBS_RESULT}, and bucket {bucket} cannot be "
-                f"read ({type(exc).__name__}: {exc})"
-            ) from None
-        read = partial(_in_bucket, kv, bucket, subjects.job_key(job_id))
-        data = await read()
-    else:
-        read = partial(_asked, nc, job_id)
+    results bucket (`bucket`) while no dispatcher answers (none runs, or one is restarting),
+    where the connection may."""
+    kv: Any = None
+
+    async def read() -> bytes | None:
+        nonlocal kv
+        if kv is None:
+            try:
+                return await _asked(nc, job_id)
+            except nats.errors.NoRespondersError:
+                pass
+            try:
+                kv = await nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return None  # no dispatcher (nor submit) ever made it: no job has a result yet
+            except nats.errors.ConnectionClosedError:
+                raise _closed() from None
+            except Exception as exc:  # noqa: BLE001
+                raise JobsUnavailable(
+                    f"no dispatcher answers {subjects.JOBS_RESULT}, and bucket {bucket} cannot "
+                    f"be read ({type(exc).__name__}: {exc})"
+                ) from None
+        return await _in_bucket(kv, bucket, subjects.job_key(job_id))
+
     give_up = time.monotonic() + wait_s
     pause = 0.05
+    data = await read()
     while not data:
         left = give_up - time.monotonic()
         if left <= 0:
@@ -645,8 +678,10 @@ async def _asked(nc: Client, job_id: str) -> bytes:
         msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=_JS_TIMEOUT_S)
     except NatsTimeoutError:
         raise JobsUnavailable(
-            f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s"
+            f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s; {_why_silent(nc)}"
         ) from None
+    except nats.errors.ConnectionClosedError:
+        raise _closed() from None
     return msg.data
 
 
@@ -660,6 +695,8 @@ async def _in_bucket(kv: Any, bucket: str, key: str) -> bytes | None:
         raise JobsUnavailable(
             f"no answer from bucket {bucket} within {_JS_TIMEOUT_S:g} s"
         ) from None
+    except nats.errors.ConnectionClosedError:
+        raise _closed() from None
     return entry.value or None
 
 
@@ -703,6 +740,7 @@ async def stream(
     request: CompletionRequest,
     assembler: Assembler | None = None,
     default_timeout_s: float = _DEFAULT_TIMEOUT_S,
+    keys: set[str] | None = None,
 ) -> AsyncIterator[Event]:
     """Send `request` to llm.stream and yield its events until the end or error event.
     Pass an Assembler to read the text so far (with resets applied) between events.
@@ -711,17 +749,22 @@ async def stream(
     timeout allows. Closed before its end (or on any of those), the request is aborted."""
     assembler = assembler or Assembler()
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    try:
+        sub = await nc.subscribe(inbox)
+    except nats.errors.ConnectionClosedError:
+        raise _closed() from None
     timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
     key = abort_key()
+    if keys is not None:
+        keys.add(key)  # aborted by its Lifeline's close()
     try:
         payload, headers = encoder.encode(request), {subjects.ABORT_KEY: key}
         _check_size(nc, payload, headers)
         try:
             await nc.publish(STREAM, payload, reply=inbox, headers=headers)
         except nats.errors.ConnectionClosedError:
-            raise LifelineError("the NATS connection is closed") from None
+            raise _closed() from None
         except nats.errors.OutboundBufferLimitError:
             raise _buffer_full() from None
         except nats.errors.Error as exc:
@@ -730,6 +773,8 @@ async def stream(
             left = give_up - time.monotonic()
             try:
                 msg = await sub.next_msg(timeout=max(left, 0.001))
+            except nats.errors.ConnectionClosedError:
+                raise _closed() from None
             except NatsTimeoutError:
                 raise NoAnswer(
                     f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
@@ -741,6 +786,8 @@ async def stream(
                 )
             yield assembler.feed(msg.headers, msg.data)
     finally:
+        if keys is not None:
+            keys.discard(key)
         if not assembler.done:
             await asyncio.shield(abort(nc, key))
         with contextlib.suppress(nats.errors.ConnectionClosedError):

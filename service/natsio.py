@@ -15,6 +15,7 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.protocol.parser import (
     AWAITING_CONTROL_LINE,
@@ -146,6 +147,11 @@ async def close(nc: Client) -> None:
         nc._pending = []
         nc._pending_data_size = 0
     await nc.close()
+    # nats-py's close leaves each request() waiting for its answer until its timeout (a
+    # minute, for a client's default): they end now, as subscriptions' next_msg() do.
+    for future in list(getattr(nc, "_resp_map", {}).values()):
+        if not future.done():
+            future.set_exception(ConnectionClosedError())
 
 
 # ---- the hot path: a contained adapter over nats-py's read and write path ------------------

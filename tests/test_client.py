@@ -12,6 +12,7 @@ import pytest
 from helpers import config, fake, wait_for
 
 from schemas import ChatMessage, CompletionRequest, subjects
+from schemas.wire import encoder
 from service.client import (
     JOBS_STREAM,
     RESULTS_BUCKET,
@@ -255,6 +256,45 @@ async def test_a_job_id_its_header_cannot_carry_is_refused(lifeline_client):
     for job_id in ("row-7 ", " row-7", "a\nb"):
         with pytest.raises(ValueError, match="Nats-Msg-Id"):
             await lifeline_client.submit("hi", job_id=job_id)
+
+
+async def test_closing_the_client_ends_its_calls_in_flight_and_aborts_them(
+    lifeline, nats_url, client
+):
+    """nats-py leaves a request waiting out its timeout when its connection closes: a
+    complete() then waited a minute, said NATS was reconnecting, and its request ran on."""
+    from service.client import LifelineError
+
+    stack = await lifeline(config({"main": fake(latency_ms=3000)}))
+    lifeline_client = await Lifeline.connect(nats_url, timeout_s=30)
+    calls = [
+        asyncio.ensure_future(lifeline_client.complete("waiting")),
+        asyncio.ensure_future(lifeline_client.stream("waiting").finish()),
+    ]
+    await wait_for(lambda: stack.dispatcher.in_flight == 2, timeout_s=5)
+    started = time.monotonic()
+    await lifeline_client.close()
+    for call in calls:
+        with pytest.raises(LifelineError, match="closed"):
+            await asyncio.wait_for(call, 5)
+    assert time.monotonic() - started < 2
+    await wait_for(lambda: stack.dispatcher.aborts == 2, timeout_s=5)  # stopped there too
+    with pytest.raises(LifelineError, match="closed"):
+        await lifeline_client.result("any")
+
+
+async def test_waiting_for_a_result_rides_out_a_dispatcher_that_stops(lifeline, nats_url):
+    """While it waits, its dispatcher stops (a restart): the wait goes on in the bucket."""
+    stack = await lifeline(config({"main": fake()}))
+    async with Lifeline.connect(nats_url, timeout_s=5) as lifeline_client:
+        waiting = asyncio.ensure_future(lifeline_client.result("later", wait_s=10))
+        await asyncio.sleep(0.3)
+        await stack.stop()
+        kv = await lifeline_client.nc.jetstream().key_value(JobsSettings().results_bucket)
+        stored = encoder.encode({"id": "later", "status": "ok", "content": "stored meanwhile"})
+        await kv.create(subjects.job_key("later"), stored)
+        reply = await asyncio.wait_for(waiting, 10)
+    assert reply is not None and reply.content == "stored meanwhile"
 
 
 async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nats_url):

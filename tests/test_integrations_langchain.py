@@ -300,6 +300,40 @@ async def test_an_async_stream_raises_unreachable_when_nats_is_down():
         await asyncio.to_thread(bridge.close, _DEAD)
 
 
+async def test_closing_the_shared_connection_ends_every_call_in_flight_with_an_error(
+    lifeline, nats_url
+):
+    """Sync and async calls from other threads, waiting on a slow provider when the
+    connection is closed: each ends with an error at once, none blocks for ever."""
+    from service.client import LifelineError
+
+    await lifeline(config({"main": fake(latency_ms=3000)}))
+    model = ChatLifeline(nats_url=nats_url, timeout=10)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, run: Any) -> None:
+        try:
+            run()
+            outcomes[name] = None
+        except BaseException as exc:  # noqa: BLE001 - what each caller got
+            outcomes[name] = exc
+
+    runs = {
+        "invoke": lambda: model.invoke("hi"),
+        "ainvoke": lambda: asyncio.run(model.ainvoke("hi")),
+        "stream": lambda: list(model.stream("hi")),
+    }
+    threads = [threading.Thread(target=call, args=item) for item in runs.items()]
+    for thread in threads:
+        thread.start()
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(bridge.close, nats_url)
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 5)
+    assert not any(thread.is_alive() for thread in threads), outcomes
+    assert all(isinstance(outcomes[name], LifelineError) for name in runs), outcomes
+
+
 async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifeline, nats_url):
     await lifeline(config({"main": fake()}))
     model = ChatLifeline(nats_url=nats_url, timeout=5)

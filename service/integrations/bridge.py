@@ -31,7 +31,7 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
-from service.client import LOCAL_NATS, Lifeline
+from service.client import LOCAL_NATS, Lifeline, LifelineError
 
 T = TypeVar("T")
 
@@ -52,6 +52,8 @@ class Connection:
         self._client: Lifeline | None = None
         self._connecting: asyncio.Lock | None = None
         self.closed = False
+        # Calls submitted and not done: close() ends each (no caller is left blocked).
+        self._calls: set[concurrent.futures.Future[Any]] = set()
 
     async def _lifeline(self) -> Lifeline:
         """The client, connected on first use (on the private loop)."""
@@ -77,7 +79,10 @@ class Connection:
         async def run() -> T:
             return await call(await self._lifeline())
 
-        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
+        return future
 
     def call(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
         """Run `call(client)` on the private loop; block this thread until it is done."""
@@ -133,19 +138,32 @@ class Connection:
             future.cancel()
 
     def close(self) -> None:
-        """Close the connection and stop the thread (waits for neither more than a few seconds)."""
+        """Close the connection and stop the thread (waits for neither more than a few
+        seconds). Calls still in flight, from any thread or loop, end with LifelineError
+        (their requests aborted at their dispatchers) rather than wait for ever."""
         if self.closed:
             return
         self.closed = True
 
         async def shut() -> None:
             if self._client is not None:
-                await self._client.close()
+                await self._client.close()  # its calls in flight raise LifelineError
+            others = {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+            if others:  # ending with that error; what does not (still connecting, say) is cancelled
+                _, pending = await asyncio.wait(others, timeout=1)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        for future in list(self._calls):  # the loop is gone: nothing else will end them
+            if not future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    future.set_exception(LifelineError("this Lifeline connection was closed"))
         if not self._thread.is_alive():
             self._loop.close()
 
