@@ -181,7 +181,9 @@ class Outcome(msgspec.Struct, frozen=True):
     latency_ms: float
     hedge: bool = False  # the call was started as a hedge
     raced: bool = False  # another call ran beside it, so neither is retried
-    cancelled: tuple[Attempt, ...] = ()  # the calls the race cancelled when this one settled it
+    # The race's other calls, entered beside this one in the order they started: those it
+    # cancelled when it settled the race, and a hedge that had failed while it ran.
+    cancelled: tuple[Attempt, ...] = ()
     streamed: int = 0  # chunks of its answer the client received before it ended
 
 
@@ -634,6 +636,9 @@ class _Run:
         """The outcome of a race with both calls running. A streamed call that starts
         streaming wins it: the other is cancelled, then its stream is followed to the end."""
         last: Outcome | None = None
+        # A hedge that failed while the call it hedged runs on: its entry goes in after that
+        # call's, as `attempts` are in the order the calls started.
+        early: tuple[Attempt, ...] = ()
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             # Both calls may have ended in the same turns: the one that owns the output (its
@@ -653,19 +658,22 @@ class _Run:
                         call.target, reply, call.started, call.timeout_s, streamed=output.delivered
                     )
                     return msgspec.structs.replace(
-                        outcome, hedge=call.hedge, raced=True, cancelled=cancelled
+                        outcome, hedge=call.hedge, raced=True, cancelled=cancelled + early
                     )
                 outcome = self.finish(call.target, reply, call.started, call.timeout_s)
                 outcome = msgspec.structs.replace(outcome, hedge=call.hedge, raced=True)
                 if isinstance(outcome.reply, ProviderOk) or (running and self._settles(outcome)):
                     cancelled = await self._cancel(running, hedge=not call.hedge)
-                    return msgspec.structs.replace(outcome, cancelled=cancelled)
+                    return msgspec.structs.replace(outcome, cancelled=cancelled + early)
                 if running:  # the other call is still running: it takes over
-                    self._record(outcome, 0, "fallback")
                     self.errors.append(outcome.reply.kind)
+                    if call.hedge:
+                        early = (_failed(outcome, outcome.reply, 0, "fallback", None),)
+                    else:
+                        self._record(outcome, 0, "fallback")
                 last = outcome
         assert last is not None
-        return last
+        return msgspec.structs.replace(last, cancelled=last.cancelled + early) if early else last
 
     def _settles(self, outcome: Outcome) -> bool:
         """A failure that ends the chain or switches it wins a race too: the rival is cancelled."""

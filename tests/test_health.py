@@ -623,8 +623,21 @@ async def test_when_both_raced_targets_fail_the_chain_goes_on_and_retries_neithe
     result = await hedged(racer, [target("a", retries=2), target("b", retries=2), target("c")])
     assert result.answer is not None and result.answer.content == "from c"
     assert racer.called == ["a", "b", "c"]
-    raced = sorted((x.target, x.outcome, x.retry, x.next, x.hedge) for x in result.attempts[:2])
+    raced = [(x.target, x.outcome, x.retry, x.next, x.hedge) for x in result.attempts[:2]]
+    # In the order they started, whichever failed first (here the hedge).
     assert raced == [("a", "error", 0, "fallback", False), ("b", "error", 0, "fallback", True)]
+
+
+async def test_a_hedge_that_fails_while_the_call_it_hedged_answers_later_is_listed_after_it():
+    racer = Racer(
+        a=after(ok(content="from a"), 0.1), b=after(fail("server_error", 502)), c=after(ok())
+    )
+    result = await hedged(racer, [target("a"), target("b"), target("c")])
+    assert result.answer is not None and result.answer.content == "from a"
+    assert [(x.target, x.outcome, x.hedge) for x in result.attempts] == [
+        ("a", "ok", False),
+        ("b", "error", True),
+    ]
 
 
 async def test_an_empty_hedge_budget_starts_no_hedge_and_says_so():
