@@ -128,8 +128,10 @@ def job_audit_id(job_id: str) -> str:
     return "job:" + hashlib.sha256(job_id.encode()).hexdigest()[:40]
 
 
-def reply_subject_refused(subject: str) -> str | None:
-    """Why a client's reply subject may not be answered on, or None when it is fine.
+def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:
+    """Why a client's reply subject may not be answered on, or None when it is fine. With
+    `chunks`, a worker's check of the Lifeline-Stream-To a dispatcher gave it, which is in the
+    dispatchers' own inbox (no one else's reply subject may be).
 
     A reply published there would land on Lifeline's own subjects (a second audit event,
     a loop through llm.complete, an answer on the audit feed) or on the server's ($JS, $KV,
@@ -155,6 +157,8 @@ def reply_subject_refused(subject: str) -> str | None:
         return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
     if subject.startswith("$"):
         return "it is one of the NATS server's own subjects ($...)"
+    if not chunks and subject.startswith(DISPATCHER_INBOX_PREFIX):
+        return f"it is inside the dispatchers' own inbox ({DISPATCHER_INBOX_PREFIX}>)"
     if ("*" in subject or ">" in subject) and any(t in ("*", ">") for t in subject.split(".")):
         return "it contains a wildcard"
     if subject[0] == "." or subject[-1] == "." or ".." in subject:

@@ -397,12 +397,20 @@ class Jobs:
         return entry.time is None or entry.time >= msg.metadata.timestamp
 
     async def _stored(self, key: str) -> bytes | None:
+        """The result stored under `key`; None without one, or when what is there is no
+        reply: within one account, anyone may make JetStream itself answer onto a key (a
+        publish's acknowledgement or an API reply goes to the reply subject its sender names,
+        whatever its permissions), and that must neither pass for a job's result nor keep the
+        job from being answered (`_keep` writes over it)."""
+        entry = await self._entry(key)
+        return entry.value if entry is not None and _is_reply(entry.value) else None
+
+    async def _entry(self, key: str) -> Any:
         assert self.kv is not None
         try:
-            entry = await self.kv.get(key)
+            return await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return entry.value
 
     async def _keep_patiently(self, key: str, reply: CompletionReply) -> CompletionReply:
         """`_keep`, tried again while the bucket is unreachable (up to _STORE_PATIENCE_S; the
@@ -440,8 +448,13 @@ class Jobs:
             await self.kv.create(key, payload)
             return reply
         except nats.js.errors.KeyWrongLastSequenceError:
-            stored = await self._stored(key)
-            return reply_decoder.decode(stored) if stored is not None else reply
+            entry = await self._entry(key)
+            if entry is not None and _is_reply(entry.value):  # the first result stays
+                return reply_decoder.decode(entry.value)
+            if entry is not None:  # not a result (see _stored): this one goes over it
+                log.warning("jobs: the key of job %r held no result; storing its own", reply.id)
+                await self.kv.update(key, payload, last=entry.revision)
+            return reply
 
     async def _notify(self, msg: Msg, payload: bytes) -> None:
         subject = (msg.headers or {}).get(subjects.NOTIFY)
@@ -489,3 +502,14 @@ async def _quietly(work: Any) -> None:
         await work
     except (nats.errors.Error, nats.js.errors.Error, msgspec.DecodeError) as exc:
         log.debug("jobs: %s", exc)
+
+
+def _is_reply(value: bytes | None) -> bool:
+    """Whether a results bucket's value is a job's result (a CompletionReply)."""
+    if not value:
+        return False
+    try:
+        reply_decoder.decode(value)
+    except msgspec.DecodeError:
+        return False
+    return True

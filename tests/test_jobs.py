@@ -286,6 +286,31 @@ async def test_an_id_sent_again_long_after_its_result_is_not_audited_again_when_
     assert (jobs.handled, audit.events) == (0, [])
 
 
+async def test_what_jetstream_was_made_to_write_onto_a_jobs_key_is_no_result(
+    lifeline, client, audit
+):
+    """Anyone may have JetStream itself answer onto a key of the results bucket: a job's
+    publish acknowledgement goes to whatever reply subject its sender names, permissions or
+    not. Written before the job, it neither passes for its result nor keeps it from being
+    answered; asked for, it is no result."""
+    kv = await ensure_jobs(client.jetstream(), JobsSettings())
+    bucket = JobsSettings().results_bucket
+    for job_id in ("victim", "bystander"):  # as an attacker's PubAck lands there
+        ack = b'{"stream":"LIFELINE_JOBS","seq":1}'
+        await client.publish(f"$KV.{bucket}.{subjects.job_key(job_id)}", ack)
+    await client.flush()
+    stack = await lifeline(config({"main": fake()}))
+    asked = await client.request(subjects.JOBS_RESULT, b"bystander", timeout=5)
+    assert asked.data == b""  # junk is no result
+    await submit(client, job("victim", "the real question"), "victim")
+    await wait_for(lambda: stack.dispatcher.jobs.handled == 1, timeout_s=10)  # not "found"
+    reply = await result_of(client, "victim")
+    assert (reply.status, reply.content) == ("ok", "the real question")
+    [(_, event)] = await audit.wait_for(1)
+    assert event.id == "victim"
+    assert (await kv.get(subjects.job_key("victim"))).value is not None
+
+
 async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     lifeline, client, audit, monkeypatch
 ):

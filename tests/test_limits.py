@@ -74,6 +74,7 @@ async def test_message_bytes_counts_headers_as_the_server_does(small_server):
         ("nul\x00", True),
         ("", True),
         ("a..b", True),  # an empty token: no subscription can match it
+        ("_LIFELINE_DISPATCHER.abc.def.c", True),  # where workers stream chunks
         (".a", True),
         ("a.", True),
         ("résultats.équipe", False),  # non-ASCII is allowed in subjects

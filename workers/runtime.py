@@ -392,7 +392,7 @@ class WorkerRuntime:
     ) -> ProviderReply:
         """Publish the provider's text deltas to `stream_to` as they come; the end's
         ProviderOk says how many chunks went out."""
-        if reply_subject_refused(stream_to) is not None:  # never onto Lifeline's own subjects
+        if reply_subject_refused(stream_to, chunks=True) is not None:  # not Lifeline's own
             return await self.provider.complete(request, timeout_s)
         path, nc = fast_path(self.nc), self.nc
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
