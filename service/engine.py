@@ -262,10 +262,15 @@ class Engine:
             target: Target, timeout_s: float, previous: tuple[str, ...]
         ) -> ProviderReply | Started:
             number = relay.number()
+            payload = b""
             if relay.continues(target.prefill):
-                request = relay.prefill(number, payloads.request(target, previous))
-                payload = encoder.encode(request)
-            else:
+                prefilled = encoder.encode(relay.with_text(payloads.request(target, previous)))
+                if len(prefilled) + _HEADER_ROOM <= self.transport.max_payload:
+                    relay.continuing(number)
+                    payload = prefilled
+                # else the text so far is too long to hand back: this target starts afresh
+                # (the client gets a reset), as one that takes no prefill does
+            if not payload:
                 payload = payloads.for_target(target, previous)
             return await self._stream_attempt(
                 target, payload, plan.request_id, timeout_s, span, relay, number

@@ -147,13 +147,16 @@ class Relay:
             return False  # a half-made tool call cannot be continued as text
         return bool(self._parts)
 
-    def prefill(self, number: int, request: ProviderRequest) -> ProviderRequest:
-        """`request` with the text so far as its last message, from the assistant."""
-        self._continuing.add(number)
+    def with_text(self, request: ProviderRequest) -> ProviderRequest:
+        """`request` with the text so far as its last message; nothing decided yet."""
         text = b"".join(self._parts).decode()
         return msgspec.structs.replace(
             request, messages=[*request.messages, ChatMessage("assistant", text)]
         )
+
+    def continuing(self, number: int) -> None:
+        """Attempt `number` continues the text so far (it was sent `with_text`)."""
+        self._continuing.add(number)
 
     def on_chunk(self, number: int) -> Callable[[bytes, bool], None]:
         def chunk(data: bytes, tool: bool = False) -> None:

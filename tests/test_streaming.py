@@ -181,6 +181,31 @@ async def test_continue_falls_back_to_reset_for_a_target_without_prefill(lifelin
     assert assembler.text == "whole"
 
 
+async def test_continue_with_text_too_long_to_hand_back_starts_the_next_target_afresh(
+    lifeline, client
+):
+    """The request with the text so far would not fit a NATS message: rather than fail every
+    target that takes a prefill (saying to shorten the messages), it starts afresh, after a
+    reset, as a target without prefill does."""
+    providers = {
+        "flaky": fake(reply="y" * 3000, fail_on_request=True, chunks=4),
+        "resumer": fake(reply="request", chunks=2),
+    }
+    routes = route("flaky", {"provider": "resumer", "prefill": True}, on_midstream="continue")
+    stack = await lifeline(config(providers, routes))
+    prompt = "fail 503 after 2"
+    base = len(encoder.encode(request(prompt)))
+    # Room for the request with its headers, not for the 1,500 characters streamed before.
+    stack.dispatcher.transport.nc._max_payload = base + 1024 + 600
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(prompt), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert reset.discard == 2  # voided: the next target starts from the beginning
+    assert assembler.reply is not None and assembler.reply.status == "ok"
+    sent = provider_request_decoder.decode(assembler.text)
+    assert sent.messages[-1].role == "user"  # no prefill
+
+
 async def test_fail_ends_the_stream_with_an_error_and_tries_nothing_else(lifeline, client, audit):
     providers = {"flaky": fake(fail_on_request=True, chunks=4), "backup": fake()}
     await lifeline(config(providers))
