@@ -118,14 +118,18 @@ def audit_subject(status: str) -> str:
 
 def job_key(job_id: str) -> str:
     """The results bucket's key for a job id (ids may hold characters keys may not)."""
-    return "job." + hashlib.sha256(job_id.encode()).hexdigest()[:40]
+    return "job." + _digest(job_id)
 
 
 def job_audit_id(job_id: str) -> str:
     """A job's audit event's Nats-Msg-Id, by which the audit stream keeps one per job: a hash,
     as its key is, since a header's value is stripped and rewritten on its way (two ids that
     differ by a trailing space or a line break would share one event)."""
-    return "job:" + hashlib.sha256(job_id.encode()).hexdigest()[:40]
+    return "job:" + _digest(job_id)
+
+
+def _digest(job_id: str) -> str:
+    return hashlib.sha256(job_id.encode()).hexdigest()[:40]
 
 
 def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:

@@ -28,7 +28,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
-from schemas.wire import OnMidstream, TargetSpec
+from schemas.wire import MAX_NAME_LENGTH, OnMidstream, TargetSpec
 from service.health import BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import DROPPABLE, Template
@@ -37,7 +37,7 @@ from workers.registry import known_kinds, parse_settings, settings_type
 
 # Provider and route names become NATS subject tokens (a subscription's line, with its
 # queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$")
 
 # Seconds: finite, and a duration JetStream takes (it counts them in int64 nanoseconds, which
 # end at about 292 years). A year is more than any of these needs.

@@ -262,7 +262,7 @@ class Engine:
             target: Target, timeout_s: float, previous: tuple[str, ...]
         ) -> ProviderReply | Started:
             number = relay.number()
-            payload = b""
+            payload: bytes | None = None
             if relay.continues(target.prefill):
                 prefilled = encoder.encode(relay.with_text(payloads.request(target, previous)))
                 if len(prefilled) + _HEADER_ROOM <= self.transport.max_payload:
@@ -270,7 +270,7 @@ class Engine:
                     payload = prefilled
                 # else the text so far is too long to hand back: this target starts afresh
                 # (the client gets a reset), as one that takes no prefill does
-            if not payload:
+            if payload is None:
                 payload = payloads.for_target(target, previous)
             return await self._stream_attempt(
                 target, payload, plan.request_id, timeout_s, span, relay, number

@@ -403,7 +403,7 @@ class Jobs:
         whatever its permissions), and that must neither pass for a job's result nor keep the
         job from being answered (`_keep` writes over it)."""
         entry = await self._entry(key)
-        return entry.value if entry is not None and _is_reply(entry.value) else None
+        return entry.value if entry is not None and _as_reply(entry.value) else None
 
     async def _entry(self, key: str) -> Any:
         assert self.kv is not None
@@ -449,8 +449,9 @@ class Jobs:
             return reply
         except nats.js.errors.KeyWrongLastSequenceError:
             entry = await self._entry(key)
-            if entry is not None and _is_reply(entry.value):  # the first result stays
-                return reply_decoder.decode(entry.value)
+            stored = _as_reply(entry.value) if entry is not None else None
+            if stored is not None:  # the first result stays
+                return stored
             if entry is not None:  # not a result (see _stored): this one goes over it
                 log.warning("jobs: the key of job %r held no result; storing its own", reply.id)
                 await self.kv.update(key, payload, last=entry.revision)
@@ -504,12 +505,11 @@ async def _quietly(work: Any) -> None:
         log.debug("jobs: %s", exc)
 
 
-def _is_reply(value: bytes | None) -> bool:
-    """Whether a results bucket's value is a job's result (a CompletionReply)."""
+def _as_reply(value: bytes | None) -> CompletionReply | None:
+    """A results bucket's value as a job's result; None when it is none."""
     if not value:
-        return False
+        return None
     try:
-        reply_decoder.decode(value)
+        return reply_decoder.decode(value)
     except msgspec.DecodeError:
-        return False
-    return True
+        return None

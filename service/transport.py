@@ -284,7 +284,7 @@ def _fitting(message: _Fits, max_payload: int) -> tuple[_Fits, bytes]:
         message.id[:256],
         max_payload,
     )
-    message = _namesclipped(message)
+    message = _names_cut(message)
     return message, encoder.encode(message)
 
 
@@ -292,7 +292,7 @@ def _kind(message: CompletionReply | AuditEvent) -> str:
     return "reply" if isinstance(message, CompletionReply) else "audit event"
 
 
-def _namesclipped(message: _Fits) -> _Fits:
+def _names_cut(message: _Fits) -> _Fits:
     """The message with every text bounded: a few KiB at most, whatever it held."""
     common = {
         "id": message.id[:256],

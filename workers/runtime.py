@@ -251,12 +251,12 @@ class WorkerRuntime:
         await publish_checked(self.nc, subject, self._payload(reply), self._what, urgent=True)
 
     def _payload(self, reply: ProviderReply) -> bytes:
-        """A reply encoded to fit the server's max_payload, scrubbed of this worker's
-        credentials; failures counted."""
+        """A reply encoded to fit the server's max_payload (a provider's already scrubbed of
+        this worker's credentials by `_call`); failures counted."""
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
-            message = reply.message if self._scrub is None else self._scrub(reply.message)
+            message = reply.message
             # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
             # UTF-8 it cannot be sent, and the failure's kind and status must still go.
             message = message.encode("utf-8", "replace").decode()
