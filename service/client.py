@@ -47,7 +47,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -534,7 +534,9 @@ class Streamed:
         self._keys = keys
         self._retries = overloaded_retries
         self._default_s = default_s
-        self._events: AsyncIterator[Event] | None = None
+        self._events: AsyncGenerator[Event, None] | None = None  # this try's, while it runs
+        self._tries = 0
+        self._over = False
 
     @property
     def text(self) -> str:
@@ -556,9 +558,30 @@ class Streamed:
         return self
 
     async def __anext__(self) -> Event:
-        if self._events is None:
-            self._events = self._run()
-        return await anext(self._events)
+        # One async generator (stream()) per try, driven from here rather than from a
+        # generator of generators: a loop that ends with a stream broken out of unread closes
+        # each of its async generators at once, and an outer one then finds its inner one
+        # already closing ("aclose(): asynchronous generator is already running").
+        while not self._over:
+            if self._events is None:
+                self.assembler = Assembler()
+                self._events = stream(
+                    self._nc, self.request, self.assembler, self._default_s, self._keys
+                )
+            try:
+                event = await anext(self._events)
+            except BaseException:  # its end, or a failure: either way that try has closed
+                self._over, self._events = True, None
+                raise
+            reply = event.reply
+            if reply is not None and _overloaded(reply) and event.seq == 1:
+                if self._tries < self._retries:
+                    self._tries += 1
+                    await self._end_try()
+                    await asyncio.sleep(_retry_after_s(reply))
+                    continue  # and send it again
+            return event
+        raise StopAsyncIteration
 
     async def finish(self) -> CompletionReply:
         async for _ in self:
@@ -567,9 +590,14 @@ class Streamed:
         return self.reply
 
     async def aclose(self) -> None:
-        """Stop reading (unsubscribes; the dispatcher finishes the request unread)."""
-        if self._events is not None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+        """Stop reading: unsubscribes, and aborts the request if it has not ended."""
+        self._over = True
+        await self._end_try()
+
+    async def _end_try(self) -> None:
+        events, self._events = self._events, None
+        if events is not None:
+            await events.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -578,20 +606,6 @@ class Streamed:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
-
-    async def _run(self) -> AsyncIterator[Event]:
-        for retry in range(self._retries + 1):
-            self.assembler = Assembler()
-            events = stream(self._nc, self.request, self.assembler, self._default_s, self._keys)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    overloaded = event.reply is not None and _overloaded(event.reply)
-                    if overloaded and event.seq == 1 and retry < self._retries:
-                        await asyncio.sleep(_retry_after_s(event.reply))  # type: ignore[arg-type]
-                        break  # and send it again
-                    yield event
-                else:
-                    return
 
 
 def _buffer_full() -> Unreachable:
@@ -741,7 +755,7 @@ async def stream(
     assembler: Assembler | None = None,
     default_timeout_s: float = _DEFAULT_TIMEOUT_S,
     keys: set[str] | None = None,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Send `request` to llm.stream and yield its events until the end or error event.
     Pass an Assembler to read the text so far (with resets applied) between events.
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,

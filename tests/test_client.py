@@ -4,12 +4,13 @@ method, a stream with a reset and one with a gap, a job submitted twice, a resul
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
 import msgspec
 import pytest
-from helpers import config, fake, wait_for
+from helpers import cli_env, config, fake, wait_for
 
 from schemas import ChatMessage, CompletionRequest, subjects
 from schemas.wire import encoder
@@ -305,3 +306,35 @@ async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nat
         deadline = int(time.time() * 1000) + 15_000
         reply = await client.complete("hi", deadline_unix_ms=deadline)
         assert (reply.status, reply.content) == ("ok", "hi")
+
+
+BREAKS_OUT = """
+import asyncio, sys
+from service.client import Lifeline
+
+async def main(url):
+    async with Lifeline.connect(url) as lifeline:
+        async for event in lifeline.stream("hi"):
+            break  # neither `async with` nor aclose(): the program just ends
+    print("done", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_program_that_breaks_out_of_a_stream_ends_quietly_and_aborts_it(
+    lifeline, nats_url
+):
+    """A program that left a stream by `break` ended with "an error occurred during closing
+    of asynchronous generator" and a traceback: both of the stream's generators were closed
+    at once at exit. Its request is aborted all the same (the client's close aborts it)."""
+    stack = await lifeline(config({"main": fake(chunks=4, chunk_delay_ms=500)}))
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", BREAKS_OUT, nats_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, out.decode(), err.decode()) == (0, "done\n", "")
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=5)
