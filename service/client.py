@@ -675,15 +675,20 @@ async def stored_result(
 
     give_up = time.monotonic() + wait_s
     pause = 0.05
-    data = await read()
-    while not data:
+    while True:
+        down = nc.is_reconnecting  # a request now would wait out its timeout in the buffer
+        if not down and (data := await read()):
+            return data
         left = give_up - time.monotonic()
         if left <= 0:
+            if down:
+                raise Unreachable(
+                    f"the NATS connection is down and reconnecting, so job {job_id!r}'s result "
+                    "cannot be looked up now: ask again once NATS is back"
+                )
             return None
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 0.5)
-        data = await read()
-    return data
 
 
 async def _asked(nc: Client, job_id: str) -> bytes:

@@ -187,6 +187,7 @@ async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
     nats-py's buffer (2 MiB), the next is refused at once as Unreachable, not with nats-py's
     own error."""
     monkeypatch.setattr("service.client._GRACE_S", 0.1)
+    monkeypatch.setattr("service.client._JS_TIMEOUT_S", 60)
     server = EmbeddedNats(port=-1)
     server.start()
     try:
@@ -197,6 +198,8 @@ async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
                 await client.complete("Hi")
             with pytest.raises(NoAnswer, match="NATS connection is down and reconnecting"):
                 await client.stream("Hi").finish()
+            with pytest.raises(Unreachable, match="down and reconnecting.*ask again"):
+                await asyncio.wait_for(client.result("job-1"), 20)  # not a 60 s ask first
             big = "x" * 650_000  # three fill the buffer; each fits max_payload (1 MiB)
             waiting = [asyncio.ensure_future(client.complete(big)) for _ in range(3)]
             await wait_for(lambda: client.nc.pending_data_size > 1_900_000)
@@ -322,9 +325,7 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-async def test_a_program_that_breaks_out_of_a_stream_ends_quietly_and_aborts_it(
-    lifeline, nats_url
-):
+async def test_a_program_that_breaks_out_of_a_stream_ends_quietly_and_aborts_it(lifeline, nats_url):
     """A program that left a stream by `break` ended with "an error occurred during closing
     of asynchronous generator" and a traceback: both of the stream's generators were closed
     at once at exit. Its request is aborted all the same (the client's close aborts it)."""
