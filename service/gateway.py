@@ -1122,8 +1122,9 @@ class _SSE:
                 lifeline["tool_calls"] = _tool_calls(reply.tool_calls)
         if reply.model:
             self.model = encoder.encode(reply.model)
+        # A stream without a delta still names the role once, as OpenAI's always does.
         out = self._chunk(
-            b"{" + self._role() + b"}",
+            b"{}" if self.started else b'{"role":"assistant"}',
             encoder.encode(_finish(reply)),
             b',"lifeline":' + encoder.encode(lifeline),
         )

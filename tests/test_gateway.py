@@ -59,6 +59,7 @@ SHARED = config(
         "cutoff": fake(chunks=6, fail_after_chunks=2),
         "agent": fake(tool_calls=CALLS, chunks=2),
         "mirror": fake(reply="request"),
+        "mute": fake(reply=""),
         "a": fake(fail_status=500),
         "b": fake(fail_status=503),
         "hung": fake(hang=True, timeout_s=30),
@@ -69,6 +70,7 @@ SHARED = config(
         "resetting": {"targets": ["chatty", "backup"]},
         "midstream": {"targets": ["cutoff", "backup"]},
         "tools": {"targets": ["agent"]},
+        "mute": {"targets": ["mute"]},
         "failing": {"targets": ["a", "b"]},
         "deadline": {"targets": ["hung", "main"]},
     },
@@ -213,6 +215,16 @@ async def test_the_sdk_stream_helper_accumulates_a_stream(shared):
             pass
         final = await stream.get_final_completion()
     assert final.choices[0].message.content == ANSWER
+
+
+@shared_loop
+async def test_an_empty_answer_streams_as_one_chunk_the_sdk_reads(shared):
+    """An answer without text or tool calls (a model that spent its tokens thinking) ended in
+    a chunk that was not JSON, and the SDKs raised on it."""
+    stream = await shared.client.chat.completions.create(**chat("mute"), stream=True)
+    chunks = [chunk async for chunk in stream]
+    deltas = [(c.delta.role, c.delta.content, c.finish_reason) for k in chunks for c in k.choices]
+    assert deltas == [("assistant", None, "stop")]
 
 
 @shared_loop
