@@ -458,8 +458,14 @@ async def test_a_streamed_tool_use_block_is_a_tool_call_of_the_joined_input(make
 
 
 async def test_a_streamed_tool_use_block_without_deltas_has_empty_arguments(make):
-    _, ok = await stream(make, stream_events(pieces=[]))
-    assert calls(ok) == [("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", {})]
+    """A tool without parameters: no input_json_delta comes (or an empty one). Its streamed
+    pieces join to "{}" as the end's call does: joined to "", the next turn's request sent
+    back through the gateway was refused as arguments that are no JSON object."""
+    for pieces in ([], [""]):
+        tool_deltas: list[ToolCallDelta] = []
+        _, ok = await stream(make, stream_events(pieces=pieces), tool_deltas)
+        assert calls(ok) == [("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", {})]
+        assert "".join(d.arguments for d in tool_deltas) == "{}"
 
 
 async def test_a_streamed_answer_cut_by_max_tokens_finishes_with_length(make):

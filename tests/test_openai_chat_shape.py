@@ -430,9 +430,9 @@ async def test_streamed_parallel_tool_calls_are_put_together_from_their_deltas(m
     )
 
 
-async def test_interleaved_call_deltas_are_kept_apart_and_in_index_order(make):
+async def test_interleaved_call_deltas_are_kept_apart_in_the_order_they_begin(make):
     chunks = [
-        chunk({"tool_calls": [first_delta(1, PARIS), first_delta(0, MADISON)]}),
+        chunk({"tool_calls": [first_delta(0, MADISON), first_delta(1, PARIS)]}),
         *(
             chunk({"tool_calls": [arguments_delta(1, p), arguments_delta(0, m)]})
             for p, m in zip(pieces(PARIS.arguments, 5), pieces(MADISON.arguments, 11), strict=True)
@@ -442,6 +442,40 @@ async def test_interleaved_call_deltas_are_kept_apart_and_in_index_order(make):
     ]
     _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
     assert ok.tool_calls == [MADISON, PARIS]
+
+
+async def test_streamed_calls_are_numbered_as_they_begin_and_named_once(make):
+    """A compatible server that skips an index (0, 2) and repeats each call's id and name in
+    every delta: streamed on as 0, 1, with id and name once, so that the pieces join to the
+    end's calls (the SDKs' stream helpers raised IndexError, or doubled the names)."""
+    chunks = [
+        chunk({"tool_calls": [first_delta(index, call)]})
+        for index, call in ((0, MADISON), (2, PARIS))
+    ]
+    for index, call in ((0, MADISON), (2, PARIS)):
+        for piece in pieces(call.arguments, 7):
+            chunks.append(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                **first_delta(index, call),
+                                "function": {"name": call.name, "arguments": piece},
+                            }
+                        ]
+                    }
+                )
+            )
+    chunks += [chunk({}, "tool_calls"), usage_chunk()]
+    calls: list[ToolCallDelta] = []
+    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5), calls)
+    assert ok.tool_calls == [MADISON, PARIS]
+    assert [(d.index, d.id, d.name) for d in calls if d.id or d.name] == [
+        (0, MADISON.id, MADISON.name),
+        (1, PARIS.id, PARIS.name),
+    ]
+    for n, call in enumerate(ok.tool_calls):
+        assert "".join(d.arguments for d in calls if d.index == n) == call.arguments
 
 
 async def test_streamed_calls_without_an_index_are_told_apart_by_their_ids(make):

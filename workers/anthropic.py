@@ -425,6 +425,15 @@ class _StreamedCall:
         start = json.dumps(self.start, ensure_ascii=False) if self.start else ""
         return ToolCallDelta(self.ordinal, self.id, self.name, start)
 
+    def stopped(self) -> ToolCallDelta | None:
+        """At its block's end: "{}" for a call whose input came neither whole at its start nor
+        in pieces (a tool without parameters), so that its streamed pieces join to what
+        call() gives, as the wire promises; None otherwise."""
+        if self.start or any(self.pieces):
+            return None
+        self.pieces.append("{}")
+        return ToolCallDelta(self.ordinal, arguments="{}")
+
     def call(self) -> ToolCall:
         """The call, its arguments the pieces joined as the API wrote them: not checked, as a
         call cut short by max_tokens has only the start of its input."""
@@ -458,11 +467,14 @@ class MessageStream:
         elif data.type == "message_delta":
             self._count(data.usage)
             self._stopped(data.delta)
+        elif data.type == "content_block_stop":
+            call = self.calls.get(data.index)
+            return call.stopped() if call is not None else None
         elif data.type == "message_stop":
             return self._answer()
         elif data.type == "error":
             raise self._failed(data.error)
-        return None  # ping, content_block_stop, and event types added later
+        return None  # ping, and event types added later
 
     def _block(self, index: int | None, block: _Block) -> Delta | None:
         """A block's start: a text block's first text (normally ""), or a tool call begun.

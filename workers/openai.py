@@ -354,7 +354,8 @@ def chat_error(response: httpx.Response, label: str, secrets: Iterable[str]) -> 
 class _StreamedCall:
     """One tool call as its deltas arrive: id and name from the first, arguments in pieces."""
 
-    def __init__(self) -> None:
+    def __init__(self, ordinal: int) -> None:
+        self.ordinal = ordinal  # its place among the answer's tool calls (0, 1, ...)
         self.id = ""
         self.name = ""
         self.arguments: list[str] = []  # joined once, at the end
@@ -363,25 +364,34 @@ class _StreamedCall:
 class _StreamedCalls:
     """A stream's tool calls, built from their deltas by index. A delta without an index
     (Gemini's compatible endpoint sends each call whole, without one) starts a call when it
-    brings an id the last call does not have, and adds to the last call otherwise."""
+    brings an id the last call does not have, and adds to the last call otherwise.
+
+    What streams on is normalised as the wire says: the calls numbered 0, 1, ... in the order
+    they begin (an upstream's indexes may skip), each call's id and name in its first piece
+    only (some compatible servers repeat them in every delta, and a reader joining the pieces,
+    as the SDKs' stream helpers do, would double them)."""
 
     def __init__(self) -> None:
-        self._calls: dict[int, _StreamedCall] = {}
+        self._calls: dict[int, _StreamedCall] = {}  # by the upstream's index, in order begun
         self._last: int | None = None
         self._top = -1  # the highest index so far (max() of the keys per delta was quadratic)
 
     def add(self, delta: _ToolCallDelta) -> ToolCallDelta:
         """Keep a delta for the final answer; the same delta, normalised, to stream on."""
         index = delta.index if delta.index is not None else self._unindexed(delta)
-        call = self._calls.setdefault(index, _StreamedCall())
+        call = self._calls.get(index)
+        if call is None:
+            call = self._calls[index] = _StreamedCall(len(self._calls))
         self._last = index
         self._top = max(self._top, index)
-        call.id = delta.id or call.id
         function = delta.function or _FunctionDelta()
-        call.name = function.name or call.name
+        new_id = delta.id if delta.id and not call.id else None
+        new_name = function.name if function.name and not call.name else None
+        call.id = call.id or delta.id or ""
+        call.name = call.name or function.name or ""
         if function.arguments:
             call.arguments.append(function.arguments)
-        return ToolCallDelta(index, delta.id, function.name, function.arguments or "")
+        return ToolCallDelta(call.ordinal, new_id, new_name, function.arguments or "")
 
     def _unindexed(self, delta: _ToolCallDelta) -> int:
         last = self._last
@@ -393,11 +403,10 @@ class _StreamedCalls:
         """The calls in index order, or None without any; a call whose deltas never named its
         function is a server_error (there is nothing to call)."""
         calls: list[ToolCall] = []
-        for index in sorted(self._calls):
-            call = self._calls[index]
+        for call in self._calls.values():  # in the order streamed on
             if not call.name:
                 raise ProviderError(
-                    "server_error", f"{label} streamed tool call {index} without a name", 200
+                    "server_error", f"{label} streamed tool call {call.ordinal} without a name", 200
                 )
             calls.append(ToolCall(call.id, call.name, "".join(call.arguments) or "{}"))
         return calls or None
