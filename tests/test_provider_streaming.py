@@ -825,6 +825,39 @@ async def test_a_line_that_never_ends_is_cut_at_the_limit_and_memory_stays_near_
     assert peak < 8 * MiB  # about the 1 MiB limit and one read; the 32 MiB line would be 32+
 
 
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+async def test_an_event_of_lines_that_never_ends_is_cut_at_the_limit(line_end, server, providers):
+    """data: lines of 64 KiB, none of them over the limit, and no blank line to end their
+    event: httpx-sse keeps every one of them, so the bound is on the event. Counted per line,
+    a worker held 1.8 GB after five seconds of such a stream."""
+    line = b"data: " + b"x" * 65536 + line_end
+    server.answer = lambda handler: send(handler, [line] * (32 * 16))  # 32 MiB
+    provider = providers(OPENAI, server.url, max_response_bytes=MiB)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        _, error = await failed(provider)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.kind == "response_too_large"
+    assert peak < 8 * MiB
+
+
+async def test_many_events_each_under_the_limit_are_read_whatever_their_line_ends(
+    server, providers
+):
+    """Events with every framing, together past the limit and its room for framing, each
+    under it: each is counted alone, from the blank line that ended the one before."""
+    texts = ["y" * 4000] * 300
+    events = OPENAI.events(texts)
+    events = [e.replace("\n", ("\n", "\r\n", "\r")[n % 3]) for n, e in enumerate(events)]
+    assert sum(len(e) for e in events) > 1_200_000 + 16 * 1024
+    server.answer = lambda handler: send(handler, events)
+    deltas, _ = await streamed(providers(OPENAI, server.url, max_response_bytes=1_200_000))
+    assert deltas == texts
+
+
 async def test_a_line_over_the_limit_is_refused_even_when_it_ends(server, providers):
     events = OPENAI.events(TEXTS)
     # Just over the limit and a line's room for framing, then its line break.

@@ -337,13 +337,16 @@ async def _capped_pieces(
     """A streamed response's body as it comes, decoded, each piece at most _PIECE_BYTES; the
     checks of read_capped (which keeps the pieces) and of a stream's events (which do not).
 
-    `per_line` (an event stream): the bound is on each line, not on the whole body. An event
-    stream is held a line at a time, and its framing (about 200 bytes per token in OpenAI's
-    chunks) is no part of the answer, whose own size HttpProvider.stream bounds."""
+    `per_line` (an event stream): the bound is on each event (the lines up to a blank one),
+    not on the whole body. An event stream is held an event at a time (httpx-sse keeps every
+    data: line until the blank line that ends its event), and its framing (about 200 bytes
+    per token in OpenAI's chunks) is no part of the answer, whose own size
+    HttpProvider.stream bounds."""
     if not per_line and _declared_bytes(response) > max_bytes:
         raise response_too_large(response.status_code, max_bytes)
     layers = _inflaters(response)
     body_bytes = wire_bytes = 0
+    last = b""  # the byte before a piece: a blank line may begin in one piece and end in the next
     async for chunk in response.aiter_raw():
         wire_bytes += len(chunk)
         if wire_bytes > max_bytes and not per_line:
@@ -351,9 +354,10 @@ async def _capped_pieces(
         try:
             for piece in _decoded(chunk, layers):
                 if per_line:
-                    body_bytes = _line_bytes(body_bytes, piece, max_bytes, response.status_code)
-                    if body_bytes > max_bytes + _LINE_ROOM:
+                    body_bytes = _event_bytes(body_bytes, last, piece, max_bytes + _EVENT_ROOM)
+                    if body_bytes < 0:
                         raise response_too_large(response.status_code, max_bytes)
+                    last = piece[-1:]
                     yield piece
                     continue
                 body_bytes += len(piece)
@@ -369,21 +373,28 @@ async def _capped_pieces(
             ) from exc
 
 
-# What one line of an event stream may hold beyond max_response_bytes: its event's framing.
-_LINE_ROOM = 16 * 1024
+# What one event of a stream may hold beyond max_response_bytes: its framing.
+_EVENT_ROOM = 16 * 1024
+# Two line ends in a row (CR, LF or CRLF each): an empty line, which ends an event.
+_BLANK_LINE = re.compile(rb"\n\n|\r\r|\n\r")
 
 
-def _line_bytes(before: int, piece: bytes, max_bytes: int, status_code: int) -> int:
-    """The bytes of the line still open after `piece`, `before` of it read already; raises
-    response_too_large when the line `piece` ends was already over `max_bytes` and its
-    framing's room."""
-    last = max(piece.rfind(b"\n"), piece.rfind(b"\r"))
-    if last < 0:
-        return before + len(piece)
-    first = min(i for i in (piece.find(b"\n"), piece.find(b"\r")) if i >= 0)
-    if before + first > max_bytes + _LINE_ROOM:
-        raise response_too_large(status_code, max_bytes)
-    return len(piece) - last - 1
+def _event_bytes(before: int, last: bytes, piece: bytes, limit: int) -> int:
+    """The bytes of the event still open after `piece` (`before` of it read already, `last`
+    the byte before `piece`), or -1 when an event is over `limit`. The blank lines are looked
+    for only once the open event might be over _EVENT_ROOM: until then it is counted with
+    every event before it, which is cheaper and can only count too much."""
+    total = before + len(piece)
+    if total <= _EVENT_ROOM:
+        return total
+    data = last + piece
+    ends = [match.end() for match in _BLANK_LINE.finditer(data)]
+    if not ends:
+        return total if total <= limit else -1
+    if before + ends[0] - len(last) > limit:  # the event that ends here
+        return -1
+    open_bytes = len(data) - ends[-1]
+    return open_bytes if open_bytes <= limit else -1
 
 
 def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError:
@@ -513,9 +524,10 @@ def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
     """A 200 event stream's events, read by httpx-sse from the capped, decoded body.
 
     httpx-sse splits lines on CR, LF and CRLF only, as the SSE spec says (httpx's aiter_lines
-    also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings). Its line
-    buffer has no bound of its own: the count of each line's bytes (see _capped_pieces) is the
-    bound, so a stream, however it is framed, holds at most about `max_bytes`.
+    also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings). Neither its
+    line buffer nor its event's data: lines have a bound of their own: the count of each
+    event's bytes (see _capped_pieces) is the bound, so a stream, however it is framed, holds
+    at most about `max_bytes`.
     """
     capped = httpx.Response(
         response.status_code,
