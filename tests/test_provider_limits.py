@@ -582,6 +582,12 @@ def errors_echoing(key: str, label: str) -> dict[str, Any]:
         "json-escaped": json.dumps({"error": {"message": json.dumps({"key": key})}}),
         "cut-at-the-limit": {"error": {"message": "x" * before_cut + key}},
         "nested-too-deep": "[" * 100_000 + json.dumps(key) + "]" * 100_000,
+        # JSON that Python's json cannot read, the key's first letter \u-escaped in it.
+        "escaped-in-a-number-too-long": '{"error": {"message": "invalid key %s"}, "n": %s}'
+        % (f"\\u{ord(key[0]):04x}{key[1:]}", "9" * 5000),
+        "escaped-next-to-a-byte-not-utf8": b'{"error": {"message": "\xff invalid key '
+        + f"\\u{ord(key[0]):04x}{key[1:]}".encode()
+        + b'"}}',
     }
 
 

@@ -202,8 +202,23 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
         return text
     try:
         return json.dumps(response.json(), ensure_ascii=False)
-    except (ValueError, RecursionError, TypeError):  # not JSON: quoted as it came
-        return response.text
+    except (ValueError, RecursionError, TypeError):  # not JSON Python reads: its escapes undone
+        return _JSON_ESCAPE.sub(_unescaped, response.text)
+
+
+# A JSON string's escapes. A body Python's json cannot read (a number of 5,000 digits, nesting
+# past the recursion limit, one byte that is not UTF-8) is quoted as text, and may still
+# spell a key `\u0073k-...`: undone, every escape leaves a form scrub() knows.
+_JSON_ESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])')
+_ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code[0] != "u":
+        return _ESCAPED[code]
+    char = chr(int(code[1:], 16))
+    return "\ufffd" if "\ud800" <= char <= "\udfff" else char  # a half pair says nothing
 
 
 def stream_error_text(error: object) -> str:
