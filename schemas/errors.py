@@ -56,7 +56,8 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "server_error",
-            "HTTP 5xx (every other 5xx status), Anthropic's 529, an unparseable 200",
+            "HTTP 5xx (every other 5xx status), Anthropic's 529, an unparseable 200, a redirect "
+            "(3xx: not followed, so that the key goes nowhere else)",
             retried=True,
             trips=True,
         ),
@@ -72,7 +73,8 @@ KINDS: dict[str, Kind] = {
         Kind("bad_request", "HTTP 4xx (every other 4xx status)"),
         Kind(
             "context_length",
-            "the input is too long for the model (the provider's error code, Anthropic's 413)",
+            "the input is too long for the model (the provider's error code, Anthropic's 413 "
+            "or request_too_large)",
             own_chain=True,
         ),
         Kind("content_filter", "the provider withheld the answer", own_chain=True),
@@ -100,8 +102,11 @@ _BY_STATUS = {status: kind.name for kind in KINDS.values() for status in kind.st
 
 def classify_status(status_code: int) -> str:
     """HTTP error status -> error kind, the one mapping every worker and the dispatcher share:
-    the statuses in KINDS, then any other 5xx is a server_error and any other 4xx a bad_request."""
-    return _BY_STATUS.get(status_code) or ("server_error" if status_code >= 500 else "bad_request")
+    the statuses in KINDS, then any other 4xx is a bad_request and anything else (5xx, and a
+    3xx: the endpoint is elsewhere, not the request at fault) a server_error."""
+    return _BY_STATUS.get(status_code) or (
+        "bad_request" if 400 <= status_code < 500 else "server_error"
+    )
 
 
 def kind_or_status_problem(entry: object) -> str | None:

@@ -227,6 +227,10 @@ async def test_request_too_large_maps_to_context_length(make):
     body = error("request_too_large", "Request exceeds the maximum allowed number of bytes.")
     err = await failure(make(Server(413, body)))
     assert (err.kind, err.status_code) == ("context_length", 413)
+    # A proxy's page, or a body of another type: the status says it all the same.
+    for other in ("<html>413 Request Entity Too Large</html>", error("api_error", "too big")):
+        err = await failure(make(Server(413, other)))
+        assert (err.kind, err.status_code) == ("context_length", 413)
 
 
 async def test_other_invalid_requests_map_to_bad_request(make):

@@ -148,6 +148,22 @@ def test_a_configured_model_is_kept():
     assert settings(model="gpt-4o").model == "gpt-4o"
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("deployment", "../../steal"),
+        ("deployment", "dep#frag"),
+        ("deployment", "x?api-version=evil&"),
+        ("deployment", ".hidden"),
+        ("api_version", "2024-10-21&foo=bar"),
+    ],
+)
+def test_settings_refuse_a_name_that_would_change_the_url(field, value):
+    """Both go into the URL as they are: "../../steal" posted to /steal/chat/completions."""
+    with pytest.raises(msgspec.ValidationError, match=f"{field} must be letters"):
+        settings(**{field: value})
+
+
 def test_settings_reject_an_endpoint_that_is_not_a_url():
     with pytest.raises(msgspec.ValidationError, match="endpoint"):
         settings(endpoint="myres")

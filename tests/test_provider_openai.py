@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 from typing import Any
 
@@ -248,6 +250,42 @@ async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
     err = await failure(make(Server(429, body, headers={"retry-after": "20"})))
     assert (err.kind, err.status_code, err.retry_after_s) == ("rate_limit", 429, 20.0)
     assert err.message.startswith("openai 429: Rate limit reached for gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("20", 20.0), ("0.5", 0.5), ("-1", None), ("nan", None), ("soon", None), (None, None)],
+)
+async def test_retry_after_in_seconds_is_read_and_nonsense_ignored(make, value, seconds):
+    headers = {"retry-after": value} if value is not None else {}
+    err = await failure(make(Server(429, error("slow down", "requests", None), headers=headers)))
+    assert err.retry_after_s == seconds
+
+
+async def test_retry_after_as_an_http_date_is_the_time_until_it(make):
+    """RFC 9110 allows a date: it was ignored, so a retry came at once instead of in 60 s."""
+    later = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60), usegmt=True
+    )
+    err = await failure(
+        make(Server(429, error("slow down", "requests", None), headers={"retry-after": later}))
+    )
+    assert err.retry_after_s is not None and 50 < err.retry_after_s <= 60
+    past = "Wed, 21 Oct 2015 07:28:00 GMT"
+    err = await failure(
+        make(Server(503, error("down", "server_error", None), headers={"retry-after": past}))
+    )
+    assert err.retry_after_s == 0
+
+
+async def test_a_redirect_is_not_followed_and_says_where_it_points(make):
+    """httpx follows no redirect (the key would go along to wherever it points): the call is a
+    server_error, which falls back, not a bad_request, which ends the chain."""
+    server = Server(301, "moved", headers={"location": "https://elsewhere.test/v1"})
+    err = await failure(make(server))
+    assert (err.kind, err.status_code) == ("server_error", 301)
+    assert "redirected to https://elsewhere.test/v1" in err.message
+    assert len(server.requests) == 1
 
 
 async def test_invalid_api_key_maps_to_auth(make):

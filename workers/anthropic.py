@@ -354,9 +354,13 @@ def _tool_call(response: httpx.Response, block: _Block) -> ToolCall:
 
 def _error_kind(error_type: object, text: str, status: int) -> str:
     """The kind of an error of `error_type` saying `text`, answered with HTTP `status`."""
-    if error_type == "request_too_large" or (
-        error_type == "invalid_request_error"
-        and any(phrase in text.lower() for phrase in _TOO_LONG)
+    if (
+        error_type == "request_too_large"
+        or status == 413
+        or (
+            error_type == "invalid_request_error"
+            and any(phrase in text.lower() for phrase in _TOO_LONG)
+        )
     ):
         return "context_length"
     if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere

@@ -18,6 +18,7 @@ The deployment picks the model; the `model` sent in the body is informational to
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
 
@@ -26,6 +27,10 @@ import msgspec
 
 from workers.base import HttpProvider, ProviderSettings, require_api_key
 from workers.openai import OpenAIProvider
+
+# A deployment's name or an API version: Azure allows no other characters, and a "/", "?",
+# "#" or ".." would take the call to another path than the deployment's.
+_URL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -45,6 +50,12 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
         for name in ("deployment", "api_version", "api_key_env"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        for name in ("deployment", "api_version"):  # they go into the URL as they are
+            if not _URL_NAME.fullmatch(getattr(self, name)):
+                raise ValueError(
+                    f"{name} must be letters, digits, '.', '_' and '-' (not first), as Azure "
+                    f"names it, got {getattr(self, name)!r}"
+                )
         if not self.model:
             # Frozen struct: the default is filled in the one place msgspec allows it.
             msgspec.structs.force_setattr(self, "model", self.deployment)

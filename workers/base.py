@@ -16,6 +16,8 @@ keeps at most max_response_bytes of it in memory and quotes none of its credenti
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import math
 import re
@@ -168,14 +170,22 @@ def redact(error: ProviderError, secrets: Iterable[str]) -> ProviderError:
 
 
 def retry_after_s(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only; dates, and nan, inf or negatives,
-    are ignored)."""
+    """The Retry-After header in seconds, given as seconds or as an HTTP date (RFC 9110; a
+    date past is 0); None without one, or for one that is neither, nan, inf or negative."""
     value = response.headers.get("retry-after")
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # -0000: UTC, said so by RFC 5322
+            when = when.replace(tzinfo=datetime.UTC)
+        return max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
@@ -197,6 +207,12 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
     JSON body is quoted as rewritten by Python's json, so that however it escaped a key
     (`\\u0073k-...`), scrub finds it in one of the forms it knows.
     """
+    if 300 <= response.status_code < 400:
+        where = response.headers.get("location") or "nowhere it says"
+        return (
+            f"redirected to {where}, which the worker does not follow (the key would go "
+            "along): point the provider's URL there if that is where it now answers"
+        )
     text = _message_text(error)
     if text:
         return text
