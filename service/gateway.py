@@ -1283,36 +1283,33 @@ def _too_large(size: int, limit: int) -> HTTPError:
 
 
 def _no_dispatcher() -> HTTPError:
-    return HTTPError(
-        503,
+    return _unavailable(
         "no Lifeline dispatcher is running on this gateway's NATS server: start one "
         "(`lifeline run` or `lifeline dispatcher`)",
         "no_dispatcher",
-        kind="server_error",
-        headers={"retry-after": "1"},
     )
 
 
 def _nats_closed() -> HTTPError:
-    return HTTPError(
-        503,
+    return _unavailable(
         "this gateway's NATS connection is closed for good and it is stopping: send the request "
         "to another gateway, or again once it is restarted",
         "gateway_unavailable",
-        kind="server_error",
-        headers={"retry-after": "1"},
     )
 
 
 def _nats_down(waited_s: float) -> HTTPError:
-    return HTTPError(
-        503,
+    return _unavailable(
         "this gateway has lost its NATS connection and is reconnecting (it waited "
         f"{waited_s:g} s for it): send the request again shortly, or to another gateway",
         "nats_unavailable",
-        kind="server_error",
-        headers={"retry-after": "1"},
     )
+
+
+def _unavailable(message: str, code: str) -> HTTPError:
+    """A 503 worth sending again in a second, in the shape of an overloaded dispatcher's."""
+    headers = {"retry-after": "1", "retry-after-ms": "1000"}
+    return HTTPError(503, message, code, kind="overloaded_error", headers=headers)
 
 
 def _no_answer(wait_s: float, connected: bool = True) -> HTTPError:

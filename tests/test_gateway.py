@@ -480,6 +480,9 @@ async def test_no_dispatcher_is_503(nats_url):
             with pytest.raises(openai.InternalServerError) as none:
                 await client.chat.completions.create(**chat())
         assert (none.value.status_code, none.value.code) == (503, "no_dispatcher")
+        # As an overloaded dispatcher's 503: the same type, and when to send it again.
+        assert none.value.type == "overloaded_error"
+        assert none.value.response.headers["retry-after-ms"] == "1000"
     finally:
         await gw.stop()
         await nc.close()
