@@ -116,6 +116,8 @@ _UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
 _EVENT_COST = 512
 # Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
 _READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
+_STOPPING = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
+_STOP_GRACE_S = 5  # how long a stopping gateway lets its requests run (uvicorn's grace)
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
 _RECONNECT_WAIT_S = 3.0
@@ -651,6 +653,9 @@ class _Inbox:
         except TimeoutError:
             self.abort(key)  # its answer would reach nobody now: stop what still runs for it
             raise _no_answer(wait_s, self.nc.is_connected) from None
+        except HTTPError:  # the gateway is stopping (stop_waiting)
+            self.abort(key)
+            raise
         except asyncio.CancelledError:  # its HTTP client is gone, or the gateway stops
             self.abort(key)
             if watch is not None and watch.happened and future.cancelled():
@@ -684,6 +689,14 @@ class _Inbox:
             del self.waiting[token], self.abort_keys[token]
             raise
         return queue
+
+    def stop_waiting(self) -> None:
+        """The gateway is stopping: every request still waiting gets gateway_stopping."""
+        for target in list(self.waiting.values()):
+            if isinstance(target, _Unread):
+                target.put_nowait(_STOPPING)
+            elif not target.done():
+                target.set_exception(_stopping())
 
     def _cut(self, token: str, queue: _Unread) -> None:
         """A stream whose client stopped reading while its events piled up (see _Unread):
@@ -788,7 +801,7 @@ class Gateway:
             access_log=False,
             log_config=None,
             server_header=False,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=_STOP_GRACE_S,
         )
         config.load()
         # Bound here: uvicorn would log a bind error and sys.exit().
@@ -813,7 +826,10 @@ class Gateway:
         return f"http://{host}:{self.port}/v1"
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish (5 s at most), close."""
+        """Stop accepting, let requests in flight finish, close. What still waits a second
+        before uvicorn's grace (5 s) runs out is answered `gateway_stopping` (a stream: an
+        error event, as any error after its first) and aborted, rather than cut off by
+        uvicorn's cancel without a word (and a traceback in the log)."""
         server, self.server = self.server, None
         if server is None:
             return
@@ -822,7 +838,14 @@ class Gateway:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        await server.shutdown(sockets=[self._sock] if self._sock else None)
+        shutdown = asyncio.ensure_future(
+            server.shutdown(sockets=[self._sock] if self._sock else None)
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(shutdown), _STOP_GRACE_S - 1)
+        except TimeoutError:
+            self.inbox.stop_waiting()
+            await shutdown
         watcher = self.inbox._watcher
         if watcher is not None:
             watcher.cancel()
@@ -1244,6 +1267,8 @@ async def _next_event(queue: _Unread, give_up: float, wait_s: float, nc: Client)
             msg = await queue.get()
     except TimeoutError:
         raise _no_answer(wait_s, nc.is_connected) from None
+    if msg is _STOPPING:
+        raise _stopping()
     if msg is _READ_TOO_SLOWLY:
         raise HTTPError(
             408,
@@ -1303,6 +1328,14 @@ def _nats_down(waited_s: float) -> HTTPError:
         "this gateway has lost its NATS connection and is reconnecting (it waited "
         f"{waited_s:g} s for it): send the request again shortly, or to another gateway",
         "nats_unavailable",
+    )
+
+
+def _stopping() -> HTTPError:
+    return _unavailable(
+        f"this gateway is stopping and the request was still running {_STOP_GRACE_S - 1} s "
+        "later, so it was aborted: send it again, to another gateway or once this one is back",
+        "gateway_stopping",
     )
 
 

@@ -686,6 +686,29 @@ async def test_lifeline_gateway_serves_until_sigterm(shared):
             stream and stream.close()
 
 
+async def test_a_stopping_gateway_answers_what_still_waits_and_aborts_it(gateway, caplog):
+    """Past uvicorn's grace a stream was cut mid-body without an error event (the SDK saw a
+    broken connection) and the log had a traceback. A second before it, what still waits is
+    answered gateway_stopping, a stream by an error event, and its request aborted."""
+    cfg = config({"slow": fake(chunks=50, chunk_delay_ms=200), "hung": fake(hang=True)})
+    gw, client, stack = await gateway(cfg | {"routes": {"default": {"targets": ["slow"]}}})
+    stream = await client.chat.completions.create(**chat(), stream=True)
+    first = await anext(aiter(stream))
+    waiting = asyncio.ensure_future(client.chat.completions.create(**chat("hung")))
+    await wait_for(lambda: stack.dispatcher.in_flight == 2, timeout_s=5)
+    stopping = asyncio.ensure_future(gw.stop())
+    with pytest.raises(openai.APIError) as cut:
+        async for _ in stream:
+            pass
+    assert first.choices[0].delta.content and cut.value.code == "gateway_stopping"
+    with pytest.raises(openai.InternalServerError) as refused:
+        await waiting
+    assert (refused.value.status_code, refused.value.code) == (503, "gateway_stopping")
+    await stopping
+    await wait_for(lambda: stack.dispatcher.aborts == 2, timeout_s=5)
+    assert "Exception in ASGI application" not in caplog.text
+
+
 def test_a_serving_command_raises_its_open_files_limit_to_the_hard_one(nats_url):
     """A soft limit of 1,024 open files (a common default) would end a busy gateway or
     worker in EMFILE; serving commands raise it to the hard limit, as Go's runtime does."""
