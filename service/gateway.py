@@ -1190,7 +1190,12 @@ def _timeout(value: str | None) -> float | None:
     return timeout_s
 
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# A traceparent the dispatcher joins (W3C: version ff and all-zero ids are invalid): one it
+# would not join is not forwarded, so that a stream's x-lifeline-trace-id, sent before the
+# dispatcher says which trace it made, never names a trace that does not exist.
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
 
 
 def _trace_headers(request: Request) -> dict[str, str] | None:

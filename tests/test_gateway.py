@@ -598,6 +598,26 @@ async def test_traceparent_is_forwarded_so_lifeline_joins_the_caller_s_trace(sha
 
 
 @shared_loop
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"00-{'0' * 32}-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ],
+)
+async def test_a_stream_names_the_trace_it_made_not_one_the_dispatcher_refused(shared, traceparent):
+    """A stream's x-lifeline-trace-id goes out before the dispatcher's reply says which trace
+    it made: a traceparent it would not join was echoed there, naming no exported trace."""
+    raw = await shared.client.chat.completions.with_raw_response.create(
+        **chat(), stream=True, extra_headers={"traceparent": traceparent}
+    )
+    chunks = [chunk async for chunk in raw.parse()]
+    made = chunks[-1].model_extra["lifeline"]["trace_id"]
+    assert raw.headers.get("x-lifeline-trace-id", made) == made != traceparent.split("-")[1]
+
+
+@shared_loop
 async def test_models_lists_the_routes_then_the_targets(shared):
     models = [(m.id, m.owned_by) for m in (await shared.client.models.list()).data]
     routes = [m for m in models if m[1] == "lifeline-route"]
