@@ -775,9 +775,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             await probes.stop()
         if stack is not None:
             await stack.stop()
-        tracers.shutdown()
-        if meters is not None:
-            meters.shutdown()
+        telemetry.shut_down(tracers, meters)
         if server is not None:
             server.stop()
     print("stopped")
@@ -932,11 +930,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
         nats_opts.describe(),
         subjects.DISPATCHER_QUEUE,
     )
-    try:
-        return await _serve(component, tracers, args.health_port)
-    finally:
-        if meters is not None:
-            meters.shutdown()
+    return await _serve(component, tracers, args.health_port, meters)
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
@@ -969,7 +963,12 @@ def _identity(provider: object) -> str:
     return f", model class {label}" + (f" {shown}" if shown else "")
 
 
-async def _serve(component: Component, tracers: Tracing, health_port: str | None = None) -> int:
+async def _serve(
+    component: Component,
+    tracers: Tracing,
+    health_port: str | None = None,
+    meters: telemetry.MeterProvider | None = None,
+) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
     so a supervisor restarts the process)."""
     lost = None
@@ -984,7 +983,7 @@ async def _serve(component: Component, tracers: Tracing, health_port: str | None
         if probes is not None:
             await probes.stop()
         await component.stop()
-        tracers.shutdown()
+        telemetry.shut_down(tracers, meters)
     return 0 if lost is None else 1
 
 

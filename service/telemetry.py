@@ -304,6 +304,44 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     return provider
 
 
+# How long a stopping process waits for its spans and metrics to be exported: the SDK's own
+# shutdown waits up to 30 s for an exporter whose collector is down or hangs (and its OTLP
+# exporters retry meanwhile), which took a stopping dispatcher past a supervisor's kill
+# timeout after its own grace. What is not out by then is lost either way.
+SHUTDOWN_S = 3.0
+
+
+def shut_down(
+    *providers: TracerProvider | MeterProvider | None, within_s: float = SHUTDOWN_S
+) -> None:
+    """Each provider's `shutdown()` (its last export), at once, waited for `within_s` at most
+    in all: they go on in daemon threads, which do not hold up the process's exit."""
+    waiting = []
+    for provider in providers:
+        if provider is None:
+            continue
+        done = threading.Event()
+        threading.Thread(
+            target=_shutdown, args=(provider, done), name="lifeline-telemetry-shutdown", daemon=True
+        ).start()
+        waiting.append((provider, done))
+    give_up = time.monotonic() + within_s
+    for provider, done in waiting:
+        if not done.wait(max(give_up - time.monotonic(), 0)):
+            log.warning(
+                "the last %s were not exported within %g s (is the collector down?): left behind",
+                "spans" if isinstance(provider, TracerProvider) else "metrics",
+                within_s,
+            )
+
+
+def _shutdown(provider: TracerProvider | MeterProvider, done: threading.Event) -> None:
+    try:
+        provider.shutdown()
+    finally:
+        done.set()
+
+
 def meter_provider_from_env(
     service_name: str, environ: Mapping[str, str] = os.environ
 ) -> MeterProvider | None:

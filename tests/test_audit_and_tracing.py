@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import subprocess
+import time
 
 import nats.js.api
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from helpers import USER_HELLO, ask, config, fake, settled, wait_for
+from helpers import (
+    LIFELINE,
+    ROOT,
+    USER_HELLO,
+    Service,
+    ask,
+    cli_env,
+    config,
+    fake,
+    settled,
+    wait_for,
+)
 from schemas.wire import audit_decoder
 from service.audit import read_events
 from service.config import AuditSettings
@@ -292,3 +307,36 @@ async def test_an_audit_stream_that_cannot_be_made_at_start_is_made_once_it_can(
     assert "events are kept in stream LIFELINE_AUDIT from now on" in " ".join(
         r.getMessage() for r in caplog.records
     )
+
+
+def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_path):
+    """The SDK's shutdown waits up to 30 s for its last export (and the OTLP exporter retries
+    meanwhile): with its collector down, a stopped dispatcher went on 32 s after SIGTERM, past
+    a supervisor's kill timeout. It waits SHUTDOWN_S for both now, and says what it left."""
+    hung = socket.socket()  # accepts connections (its backlog), never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hung.getsockname()[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    service = Service(tmp_path, nats_url, config({"main": fake()}), env)
+    try:
+        dispatcher = service.dispatcher()
+        reply = subprocess.run(
+            [*LIFELINE, "ask", "--nats-url", nats_url, "hello"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+        assert "no_responders" in reply.stdout + reply.stderr  # a request, so spans to export
+        time.sleep(0.2)  # its spans on their way to the collector that hangs
+        dispatcher.proc.send_signal(signal.SIGTERM)
+        # About SHUTDOWN_S (3 s) for its spans and metrics together; 20 s without a bound.
+        assert dispatcher.proc.wait(timeout=12) == 0
+        assert "the last spans were not exported within 3 s" in dispatcher.log()
+    finally:
+        service.stop()
+        hung.close()
