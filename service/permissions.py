@@ -251,6 +251,14 @@ def client(name: str, config: Config) -> User:
 
 def operator(name: str, config: Config) -> User:
     publish = [f"{subjects.SERVICE_API_PREFIX}.>"]  # discovery: `nats micro ls`, figures
+    # Any job's result (`lifeline result`): asked of a dispatcher, else read in the bucket.
+    results = _kv_stream(config.jobs.results_bucket)
+    publish += [
+        subjects.JOBS_RESULT,
+        f"{_JS}.STREAM.INFO.{results}",
+        f"{_JS}.DIRECT.GET.{results}.>",
+        f"{_JS}.STREAM.MSG.GET.{results}",  # a bucket made without direct gets
+    ]
     if config.audit.stream:
         publish += _stream_reader(config.audit.stream)
     if config.dispatcher.shared_health:

@@ -315,12 +315,16 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
     # dispatcher, worker and gateway.
     submit = lifeline(secured, "bob", "submit", "--id", "bob-1", "hello later")
     result = lifeline(secured, "bob", "result", "bob-1", "--wait", "15", "--json")
+    read_back = lifeline(secured, "operator", "result", "bob-1", "--wait", "15", "--json")
     status = lifeline(secured, "operator", "status", "--json")
     audit = lifeline(secured, "operator", "audit", "--last", "20", "--json")
     health = lifeline(secured, "operator", "health", "--expect-all")
     code, out, err = finished(submit)
     assert code == 0 and "bob-1: submitted" in out, err
     code, out, err = finished(result)
+    assert code == 0, err
+    assert reply_decoder.decode(out).id == "bob-1"
+    code, out, err = finished(read_back)  # an operator reads any job's result
     assert code == 0, err
     assert reply_decoder.decode(out).id == "bob-1"
     code, out, err = finished(status)
