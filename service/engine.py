@@ -144,6 +144,7 @@ class Engine:
         )
         trace_id = span.trace_hex
         route: str | None = None
+        request_id: str | None = None  # the plan's: generated when the request has none
         attempts: list[Attempt] = []  # filled as the chain goes: a cancel still reports them
         relay = Relay(sink, inbound.arrived) if sink is not None else None
         if relay is not None:
@@ -152,7 +153,7 @@ class Engine:
             if refused is not None:
                 raise refused
             plan = self.router.plan(inbound.data, inbound.arrived, inbound.default_id)
-            route = plan.route
+            route, request_id = plan.route, plan.request_id
             if relay is not None:
                 on_event = span.add_event if span.recording else None
                 relay.follow(plan.limits.on_midstream, plan.validate, on_event)
@@ -163,7 +164,7 @@ class Engine:
             reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
         except Exception:
             log.exception("bug while handling a request; answering with an internal error")
-            reply = _internal_error(inbound.data, trace_id)
+            reply = _internal_error(request_id, inbound.data, trace_id)
         except asyncio.CancelledError:
             if if_cancelled is None:
                 span.end()
@@ -171,7 +172,7 @@ class Engine:
             _uncancel()  # answered here: what follows (the reply, the audit) must still run
             error = if_cancelled()
             reply = CompletionReply(
-                salvage_id(inbound.data),
+                salvage_id(inbound.data) if request_id is None else request_id,
                 "error",
                 attempts=_cut_short(attempts, error.type),
                 trace_id=trace_id,
@@ -492,11 +493,10 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _internal_error(data: bytes, trace_id: str | None) -> CompletionReply:
+def _internal_error(request_id: str | None, data: bytes, trace_id: str | None) -> CompletionReply:
     message = "Lifeline failed unexpectedly; the dispatcher log has the traceback"
-    return CompletionReply(
-        salvage_id(data), "error", trace_id=trace_id, error=ErrorInfo(INTERNAL, message)
-    )
+    known = salvage_id(data) if request_id is None else request_id
+    return CompletionReply(known, "error", trace_id=trace_id, error=ErrorInfo(INTERNAL, message))
 
 
 def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) -> AuditEvent:

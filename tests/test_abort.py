@@ -118,6 +118,22 @@ async def test_cancelling_the_python_clients_call_aborts_its_request(lifeline, n
         await cancelled_at_the_worker(stack)
 
 
+async def test_an_aborted_request_without_an_id_keeps_the_one_made_for_it(
+    lifeline, nats_url, audit
+):
+    """Its reply and audit event said id "" (read again from the request) where every other
+    outcome carries the id the dispatcher made for it: `lifeline audit <id>` found nothing."""
+    stack = await lifeline(config(SLOW))
+    async with Lifeline.connect(nats_url, timeout_s=60) as lifeline_client:
+        call = asyncio.ensure_future(lifeline_client.complete("Hello"))  # no id
+        await running(stack)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        [(_, event)] = await audit.wait_for(1)
+        assert event.error_type == "aborted" and event.id
+
+
 async def test_leaving_a_stream_before_its_end_aborts_it(lifeline, client, audit):
     stack = await lifeline(config(LONG_STREAM))
     body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-1", timeout_s=60)
