@@ -53,7 +53,10 @@ _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
 _REFRESH_EVERY_S = 30.0
-STALE_AFTER_S = 120.0  # a dispatcher's stats older than this are from one that is gone
+# A dispatcher's stats older than this are from one that is gone: a live one writes them
+# every 30 s at least (_REFRESH_EVERY_S), so two missed writes and a margin.
+STALE_AFTER_S = 2 * _REFRESH_EVERY_S + 5.0
+WINDOW_S = 60.0  # the figures' window: a document older than that counted no call still in it
 # A stats document's ceiling. One put over the server's max_payload is refused (and the bucket
 # then counts as lost), so the document is kept far below it: 64 KiB holds a few hundred targets.
 STATS_MAX_BYTES = 64 * 1024
@@ -415,11 +418,13 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
         try:
             if key.startswith(STATS_PREFIX):
                 stats = _stats_decoder.decode(raw)
-                if now_unix_ms - stats.ts_unix_ms <= STALE_AFTER_S * 1000:
+                age_ms = now_unix_ms - stats.ts_unix_ms
+                if age_ms <= STALE_AFTER_S * 1000:
                     dispatchers.append(
                         {"id": stats.dispatcher, "host": stats.host, "omitted": stats.omitted}
                     )
-                    _merge_stats(targets, stats)
+                    if age_ms <= WINDOW_S * 1000:
+                        _merge_stats(targets, stats)
             elif key.startswith(BREAKER_PREFIX):
                 _merge_breaker(targets, _breaker_decoder.decode(raw), now_unix_ms)
         except msgspec.DecodeError:

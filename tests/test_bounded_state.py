@@ -163,6 +163,22 @@ def test_the_stats_document_stays_within_its_limit_however_many_targets_there_ar
     assert view["targets"]["p:model-7"]["ok"] == 7
 
 
+def test_a_dispatcher_gone_quiet_stops_counting_then_stops_reporting():
+    """A live dispatcher writes its figures every 30 s at least. A SIGKILLed one's stayed in
+    `lifeline status` for 120 s, its calls of the last 60 s frozen as they were."""
+    document = stats_document("d1", "host", 1_000, snapshot_of(8), STATS_MAX_BYTES)
+
+    def seen(after_s: float) -> tuple[int, int]:
+        view = merge_status(
+            {STATS_PREFIX + "d1": document}, now_unix_ms=1_000 + int(after_s * 1000)
+        )
+        return len(view["dispatchers"]), view["targets"].get("p:model-7", {}).get("ok", 0)
+
+    assert seen(30) == (1, 7)  # an idle dispatcher between two writes
+    assert seen(61) == (1, 0)  # every call it counted is over 60 s old
+    assert seen(66) == (0, 0)  # two writes missed: gone
+
+
 def test_lifeline_status_leaves_out_entries_it_cannot_read():
     document = stats_document("d1", "host", 1_000, snapshot_of(3), STATS_MAX_BYTES)
     entries = {
