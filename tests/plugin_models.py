@@ -162,3 +162,98 @@ class OddSettings(Model):
 
     def call(self, request: ProviderRequest) -> str:
         return "never"
+
+
+# ---- models that break the rules in ways the runtime must survive ---------------------------
+
+
+class OddModelErrors(Model):
+    """ModelError given a message that is no text, chosen by the request's text."""
+
+    def call(self, request: ProviderRequest) -> str:
+        text = request.messages[-1].text
+        if text == "exception":
+            raise ModelError("connection", ConnectionError("upstream refused"))  # type: ignore[arg-type]
+        if text == "number":
+            raise ModelError("rate_limit", 12345)  # type: ignore[arg-type]
+        raise ModelError("server_error", None)  # type: ignore[arg-type]
+
+
+class OwnTimeoutError(Model):
+    """Python's TimeoutError from the model's own upstream call, long before any deadline."""
+
+    async def call(self, request: ProviderRequest) -> str:
+        raise TimeoutError("the upstream took too long")
+
+
+class WrongAnswers(Model):
+    """An Answer of the wrong shape, chosen by the request's text (msgspec checks a Struct when
+    it decodes one, not when code makes one)."""
+
+    def call(self, request: ProviderRequest) -> Answer:
+        wrong = {
+            "text": lambda: Answer(text=123),  # type: ignore[arg-type]
+            "tool_calls": lambda: Answer(tool_calls=["nope"]),  # type: ignore[list-item]
+            "arguments": lambda: Answer(tool_calls=[ToolCall("c1", "f", {"a": 1})]),  # type: ignore[arg-type]
+            "finish_reason": lambda: Answer(text="a", finish_reason="banana"),  # type: ignore[arg-type]
+            "surrogate": lambda: Answer(text="caf\udce9"),
+            "surrogate_arguments": lambda: Answer(tool_calls=[ToolCall("c1", "f", '"\udce9"')]),
+        }
+        return wrong[request.messages[-1].text]()
+
+
+class OwnBaseException(BaseException):
+    pass
+
+
+def _raise_named(name: str) -> None:
+    if name == "SystemExit":
+        raise SystemExit(3)
+    if name == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if name == "GeneratorExit":
+        raise GeneratorExit
+    if name == "OwnBaseException":
+        raise OwnBaseException("a class of its own")
+
+
+class RaisesBaseExceptions(Model):
+    """SystemExit, KeyboardInterrupt, GeneratorExit or a BaseException of its own, named by the
+    request's text: from its sync call (in a model thread) and from its async stream (on the
+    worker's event loop)."""
+
+    def call(self, request: ProviderRequest) -> str:
+        _raise_named(request.messages[-1].text)
+        return "still serving"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str]:
+        yield "a"
+        _raise_named(request.messages[-1].text)
+        yield "b"
+
+
+class ExitsWhileLoading(Model):
+    def __init__(self) -> None:
+        raise SystemExit(7)
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
+
+
+class InterruptedWhileLoading(Model):
+    def __init__(self) -> None:
+        raise KeyboardInterrupt
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
+
+
+class HotStream(Model):
+    """An async stream that never awaits: its pieces come at once, without end."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "pong"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str]:
+        while True:
+            yield "."

@@ -5,18 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import plugin_models
 import pytest
-from helpers import ROOT, ask, config, fake, run_lifeline, wait_for, write_config
+from helpers import (
+    ROOT,
+    LifelineProcess,
+    Service,
+    ask,
+    config,
+    fake,
+    run_lifeline,
+    wait_for,
+    write_config,
+)
+from nats.aio.client import Client
 
-from schemas.wire import CompletionRequest
+from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, STREAM_TO, provider_subject
+from schemas.wire import (
+    ChatMessage,
+    CompletionRequest,
+    ProviderFailure,
+    ProviderOk,
+    ProviderReply,
+    ProviderRequest,
+    encoder,
+    provider_reply_decoder,
+)
 from service.client import stream_text
 from service.config import ConfigError, parse_config
+from workers.runtime import WorkerRuntime, _raised_by_call
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -310,6 +335,279 @@ async def test_calls_given_up_on_while_the_models_threads_hang_are_not_kept(life
             )
             assert {r.status for r in replies} == {"error"}
         await wait_for(lambda: worker.in_flight == 0)
-        assert worker.provider._threads._work_queue.qsize() <= 2  # was one per request
+        assert worker.provider._threads.queued() <= 2  # was one per request
     finally:
         plugin_models.HANG.set()
+
+
+# ---- a model breaking the rules costs its own call, never the worker or the reply --------------
+
+
+@pytest.mark.parametrize(
+    "text, kind, message",
+    [
+        ("exception", "connection", "upstream refused"),
+        ("number", "rate_limit", "12345"),
+        ("none", "server_error", "(no message)"),
+    ],
+)
+async def test_a_model_error_whose_message_is_not_text_is_answered_at_once_with_its_kind(
+    lifeline, client, text, kind, message
+):
+    await lifeline(config({"mine": python("OddModelErrors", timeout_s=30)}))
+    started = time.monotonic()
+    reply = await ask(client, {**hello(text), "timeout_s": 5}, timeout_s=10)
+    assert time.monotonic() - started < 4  # answered, not waited out
+    failed = reply.attempts[0]
+    assert (failed.error_type, failed.message) == (kind, message)
+
+
+async def test_a_reply_that_cannot_be_encoded_is_still_answered_at_once(
+    lifeline, client, monkeypatch
+):
+    """A bug between the provider's answer and the wire: the one reply still goes."""
+
+    def broken(runtime: WorkerRuntime, reply: ProviderReply) -> bytes:
+        raise RuntimeError("a bug in encoding")
+
+    monkeypatch.setattr(WorkerRuntime, "_payload", broken)
+    await lifeline(config({"mine": python("SyncUpper", timeout_s=30)}))
+    reply = await ask(client, {**hello(), "timeout_s": 5}, timeout_s=10)
+    failed = reply.attempts[0]
+    assert failed.error_type == "server_error"
+    assert failed.message == "worker mine failed while encoding its reply (a bug: see its log)"
+
+
+async def test_a_models_own_timeout_error_is_a_server_error_not_the_deadline(lifeline, client):
+    """`timeout` is the call's deadline; the model's own TimeoutError is an exception like any
+    other (README: "any other exception is a server_error naming its type")."""
+    await lifeline(config({"mine": python("OwnTimeoutError", timeout_s=30)}))
+    failed = (await ask(client, hello())).attempts[0]
+    assert (failed.error_type, failed.message) == (
+        "server_error",
+        "worker mine failed: TimeoutError",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("text", "text must be a str, not int"),
+        (
+            "tool_calls",
+            "tool_calls[0] must be a workers.plugin.ToolCall(id, name, arguments), not str",
+        ),
+        ("arguments", "tool_calls[0].arguments must be a str, not dict"),
+        (
+            "finish_reason",
+            "finish_reason must be one of stop, length, tool_calls, content_filter, not 'banana'",
+        ),
+    ],
+)
+async def test_an_answer_of_the_wrong_shape_is_refused_naming_the_field(
+    lifeline, client, text, named
+):
+    await lifeline(config({"mine": python("WrongAnswers")}))
+    failed = (await ask(client, hello(text))).attempts[0]
+    assert failed.error_type == "server_error"
+    assert failed.message == f"plugin_models:WrongAnswers answered an Answer whose {named}"
+
+
+@pytest.mark.parametrize(
+    "text, field", [("surrogate", "text"), ("surrogate_arguments", "tool_calls[0].arguments")]
+)
+async def test_an_answer_whose_text_is_not_utf8_is_refused_naming_the_field(
+    lifeline, client, text, field
+):
+    await lifeline(config({"mine": python("WrongAnswers")}))
+    failed = (await ask(client, hello(text))).attempts[0]
+    assert failed.error_type == "server_error"
+    assert failed.message.startswith(
+        f"plugin_models:WrongAnswers answered {field} that is not UTF-8 ('\\udce9' at index "
+    ), failed.message
+
+
+@pytest.fixture
+def model_worker(tmp_path: Path, nats_url: str) -> Iterator[Callable[..., LifelineProcess]]:
+    """`lifeline worker mine` for a model of plugin_models, as a process of its own on the
+    test's nats-server; stopped afterwards."""
+    services: list[Service] = []
+
+    def start(table: dict[str, object]) -> LifelineProcess:
+        env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+        service = Service(tmp_path, nats_url, config({"mine": table}), env=env)
+        services.append(service)
+        return service.worker("mine")
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+async def ask_worker(
+    client: Client, text: str, deadline_s: float = 5.0, stream_to: str | None = None
+) -> ProviderReply:
+    """One ProviderRequest straight to worker mine, as a dispatcher sends it."""
+    headers = {
+        DEADLINE_MS: str(int((time.time() + deadline_s) * 1000)),
+        ATTEMPT_ID: uuid.uuid4().hex,
+    }
+    if stream_to is not None:
+        headers[STREAM_TO] = stream_to
+    request = ProviderRequest(id="t", messages=[ChatMessage("user", text)])
+    msg = await client.request(
+        provider_subject("mine"), encoder.encode(request), timeout=deadline_s + 5, headers=headers
+    )
+    return provider_reply_decoder.decode(msg.data)
+
+
+async def test_a_models_base_exceptions_are_server_errors_and_its_worker_keeps_serving(
+    model_worker, client
+):
+    """SystemExit, KeyboardInterrupt, GeneratorExit and a class of the model's own, from a sync
+    call (its thread) and an async stream (the worker's event loop): each is that call's
+    server_error, named; none stops the worker or goes unanswered."""
+    worker = model_worker(python("RaisesBaseExceptions"))
+    for name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit", "OwnBaseException"):
+        for stream_to in (None, "lifeline-test.chunks"):
+            reply = await ask_worker(client, name, stream_to=stream_to)
+            assert isinstance(reply, ProviderFailure), (name, stream_to, reply)
+            assert reply.kind == "server_error" and reply.message.endswith(name), reply
+    assert (await ask_worker(client, "hello")).content == "still serving"
+    assert worker.proc.poll() is None
+
+
+async def test_ctrl_c_still_stops_a_worker_whose_model_raised_keyboard_interrupt(
+    model_worker, client
+):
+    worker = model_worker(python("RaisesBaseExceptions"))
+    reply = await ask_worker(client, "KeyboardInterrupt", stream_to="lifeline-test.chunks")
+    assert isinstance(reply, ProviderFailure) and reply.kind == "server_error"
+    worker.proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(worker.proc.wait, 15) == 0
+    assert "stopping worker mine" in worker.log()
+
+
+def test_a_keyboard_interrupt_is_the_providers_only_while_sigint_cannot_raise_one():
+    """With Python's own SIGINT handler a Ctrl-C raises KeyboardInterrupt wherever the main
+    thread is, a provider's call included: that one is the process's, not the call's. A worker
+    serving handles SIGINT on its event loop, and then every one is the provider's."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert not _raised_by_call(KeyboardInterrupt())
+        signal.signal(signal.SIGINT, lambda *_: None)  # as `lifeline worker` does, serving
+        assert _raised_by_call(KeyboardInterrupt())
+        assert _raised_by_call(SystemExit(3))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize(
+    "cls, raised",
+    [("ExitsWhileLoading", "SystemExit: 7"), ("InterruptedWhileLoading", "KeyboardInterrupt")],
+)
+def test_a_model_class_exiting_while_it_is_made_stops_its_worker_with_one_line(
+    tmp_path, cls, raised
+):
+    path = write_config(tmp_path / "bad.toml", config({"mine": python(cls)}))
+    result = run_lifeline("worker", "mine", "--config", str(path), env=_env_with_tests())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"providers.mine: plugin_models:{cls} could not be made ({raised})" in result.stderr
+
+
+def test_a_model_module_interrupting_its_import_fails_check_config_with_one_line(tmp_path):
+    (tmp_path / "interrupts_on_import.py").write_text('raise KeyboardInterrupt("at import")\n')
+    table = {"kind": "python", "class": "interrupts_on_import:Model"}
+    path = write_config(tmp_path / "bad.toml", config({"mine": table}))
+    env = _env_with_tests()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    result = run_lifeline("check-config", "--config", str(path), env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        "providers.mine.class: cannot import 'interrupts_on_import' (KeyboardInterrupt: at "
+        "import)" in result.stderr
+    )
+
+
+async def test_a_stream_that_never_awaits_leaves_its_worker_serving_and_ends_at_its_deadline(
+    model_worker, client
+):
+    """`while True: yield "."` in an async stream: the worker still answers its other calls at
+    once, holds no pile of chunks, and the stream's deadline stops it."""
+    worker = model_worker(python("HotStream"))
+    started = time.monotonic()
+    hot = asyncio.ensure_future(
+        ask_worker(client, "go", deadline_s=3, stream_to="lifeline-test.nobody")
+    )
+    await asyncio.sleep(0.3)
+    for _ in range(10):
+        reply = await ask_worker(client, "ping", deadline_s=1)
+        assert isinstance(reply, ProviderOk) and reply.content == "pong", reply
+        await asyncio.sleep(0.1)
+    end = await hot
+    assert isinstance(end, ProviderFailure) and end.kind == "timeout", end
+    assert time.monotonic() - started < 5
+    assert worker.memory_kib()["VmHWM"] < 150 * 1024  # it grew to 500 MB, chunks queued
+
+
+async def test_a_worker_exits_soon_after_sigterm_while_a_models_thread_hangs(model_worker, client):
+    """Python cannot stop a thread stuck in the model; it must not keep the worker from exiting
+    (the call was answered `timeout` at its deadline)."""
+    worker = model_worker(python("HangsInItsThread", timeout_s=0.5))  # hangs for 30 s
+    reply = await ask_worker(client, "hang", deadline_s=0.5)
+    assert isinstance(reply, ProviderFailure) and reply.kind == "timeout"
+    started = time.monotonic()
+    worker.proc.terminate()
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
+    assert time.monotonic() - started < 5
+
+
+# ---- installed kinds: no package's class served, or ignored, without a word -------------------
+
+
+def _installed(site: Path, package: str, **kinds: str) -> None:
+    """What pip leaves in site-packages for a package registering `kinds` under
+    lifeline.providers (name = "module:Class")."""
+    info = site / f"{package.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    entries = "".join(f"{kind} = {path}\n" for kind, path in kinds.items())
+    (info / "entry_points.txt").write_text(f"[lifeline.providers]\n{entries}")
+
+
+def test_a_kind_two_installed_packages_register_is_refused_naming_both(tmp_path, monkeypatch):
+    _installed(tmp_path, "shouty-a", shouty="plugin_models:SyncUpper")
+    _installed(tmp_path, "shouty-b", shouty="plugin_models:Failing")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config({"mine": {"kind": "shouty"}}))
+    message = str(caught.value)
+    assert message.startswith(
+        "providers.mine.kind: kind 'shouty' is registered by more than one installed package"
+    )
+    assert "shouty = plugin_models:SyncUpper (package shouty-a 0.1)" in message
+    assert "shouty = plugin_models:Failing (package shouty-b 0.1)" in message
+
+
+def test_an_installed_kind_given_a_class_is_refused(tmp_path, monkeypatch):
+    _installed(tmp_path, "shouty", shouty="plugin_models:SyncUpper")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = {"kind": "shouty", "class": "plugin_models:Failing"}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config({"mine": table}))
+    assert str(caught.value) == (
+        "providers.mine.class: kind 'shouty' is an installed plug-in's, whose entry point names "
+        "its class (plugin_models:SyncUpper); remove `class`, or serve plugin_models:Failing "
+        'with kind = "python"'
+    )
+
+
+def test_a_package_registering_a_built_in_kind_is_named_in_a_warning(tmp_path):
+    _installed(tmp_path / "site", "sneaky", fake="plugin_models:SyncUpper")
+    path = write_config(tmp_path / "ok.toml", config({"mine": fake()}))
+    env = _env_with_tests()
+    env["PYTHONPATH"] = f"{tmp_path / 'site'}:{env['PYTHONPATH']}"
+    result = run_lifeline("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "kind 'fake' is Lifeline's own" in result.stderr
+    assert "fake = plugin_models:SyncUpper (package sneaky 0.1)" in result.stderr

@@ -30,13 +30,18 @@ What a model class may have (only `call` is required):
 
 A failure is `raise ModelError(kind, message, retry_after_s=...)` with a kind from
 schemas.errors (rate_limit, server_error, timeout, context_length, ...), so the dispatcher
-falls back as it does for any provider; any other exception is a `server_error`. Deadlines,
+falls back as it does for any provider; any other exception is a `server_error` naming its
+type, a BaseException too (SystemExit, KeyboardInterrupt, ...: the worker keeps serving), and
+Python's own TimeoutError with them (`timeout` is the runtime's deadline, or a ModelError's).
+An Answer of the wrong shape is a `server_error` naming the field at fault. Deadlines,
 cancels, trace context, the one-reply rule, size limits and streaming over NATS are the
 worker runtime's (workers/runtime.py), not the model's.
 
 A package can register its class under the entry-point group `lifeline.providers`
 (`[project.entry-points."lifeline.providers"] mine = "mypackage.models:Mine"`): then
-`kind = "mine"` works, without `class`.
+`kind = "mine"` works, without `class` (with it, the config is refused). A kind two packages
+register (with different classes) is refused by the config that names it; a built-in kind's
+name (`openai`, `python`, ...) stays the built-in kind, with a warning naming the package.
 
 New request fields reach `call` as new attributes of `request`; nothing a model written
 today uses goes away.
@@ -46,13 +51,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
+import logging
+import queue
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
-from importlib.metadata import entry_points
-from typing import Annotated, Any, ClassVar
+from importlib.metadata import EntryPoint, entry_points
+from typing import Annotated, Any, ClassVar, get_args
 
 import msgspec
 from msgspec import Meta
@@ -76,6 +86,9 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "lifeline.providers"
 PYTHON_KIND = "python"
+FINISH_REASONS = get_args(FinishReason)
+
+log = logging.getLogger("lifeline.worker")
 
 # The error a model raises: kind (schemas.errors), message, status_code, retry_after_s.
 ModelError = ProviderError
@@ -117,22 +130,54 @@ class PluginSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown
 
 
 def installed_kinds() -> dict[str, str]:
-    """The kinds installed packages register under `lifeline.providers`: name -> class path."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """The kinds installed packages register under `lifeline.providers`: name -> class path
+    (for a kind registered twice, one of them: `entry_point` refuses such a kind)."""
+    return {ep.name: ep.value for ep in _entry_points()}
+
+
+def entry_point(kind: str) -> str:
+    """The class path installed packages register `kind` under, "" when none does. Raises
+    ValueError naming the packages when two register it with different classes: which one
+    serves would depend on the order of sys.path."""
+    found = {ep.value: ep for ep in _entry_points() if ep.name == kind}
+    if len(found) > 1:
+        raise ValueError(
+            f"kind {kind!r} is registered by more than one installed package: "
+            f"{'; '.join(map(described, found.values()))}; uninstall all but one, or serve "
+            'one by kind = "python" and its class'
+        )
+    return next(iter(found), "")
+
+
+def registered_as(kind: str) -> list[str]:
+    """The entry points registering `kind`, each as `described` says (for a built-in kind's
+    name: none should)."""
+    return [described(ep) for ep in _entry_points() if ep.name == kind]
+
+
+def described(ep: EntryPoint) -> str:
+    """`name = module:Class (package dist-name 1.0)`, as a message names an entry point."""
+    dist = ep.dist
+    package = f" (package {dist.name} {dist.version})" if dist is not None else ""
+    return f"{ep.name} = {ep.value}{package}"
+
+
+def _entry_points() -> tuple[EntryPoint, ...]:
+    return _entry_points_on(tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _entry_points_on(path: tuple[str, ...]) -> tuple[EntryPoint, ...]:
+    """The group's entry points on this sys.path: reading the installed packages' metadata
+    takes milliseconds, and a config asks once per provider."""
+    return tuple(entry_points(group=ENTRY_POINT_GROUP))
 
 
 def load(settings: PluginSettings, key: str) -> tuple[type[Any], Any]:
     """The model class `settings` names, and its checked settings (None when it has no
     Settings). Raises ValueError naming the config key at fault (`key` is the provider's
     table, e.g. providers.mine)."""
-    if settings.kind == PYTHON_KIND:
-        where, path = f"{key}.class", settings.class_
-        if not path:
-            raise ValueError(f'{where}: required for kind "python" ("package.module:ClassName")')
-    else:
-        where, path = f"{key}.kind", installed_kinds().get(settings.kind, "")
-        if not path:
-            raise ValueError(f"{where}: no installed package provides kind {settings.kind!r}")
+    where, path = class_path(settings, key)
     cls = _import(path, where)
     if not callable(getattr(cls, "call", None)):
         raise ValueError(f"{where}: {path} has no call(request) method")  # noqa: TRY004
@@ -153,16 +198,43 @@ def load(settings: PluginSettings, key: str) -> tuple[type[Any], Any]:
         ) from None
 
 
+def class_path(settings: PluginSettings, key: str) -> tuple[str, str]:
+    """The config key naming the model class, and its "package.module:ClassName": `class`
+    for kind "python", else the installed package's entry point. Raises ValueError naming
+    the key at fault."""
+    if settings.kind == PYTHON_KIND:
+        where, path = f"{key}.class", settings.class_
+        if not path:
+            raise ValueError(f'{where}: required for kind "python" ("package.module:ClassName")')
+        return where, path
+    where = f"{key}.kind"
+    try:
+        path = entry_point(settings.kind)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not path:
+        raise ValueError(f"{where}: no installed package provides kind {settings.kind!r}")
+    if settings.class_:
+        raise ValueError(f"{key}.class: {class_ignored(settings.kind, settings.class_, path)}")
+    return where, path
+
+
+def class_ignored(kind: str, class_: str, path: str) -> str:
+    """Why `class` cannot go with an installed plug-in's kind."""
+    return (
+        f"kind {kind!r} is an installed plug-in's, whose entry point names its class "
+        f'({path}); remove `class`, or serve {class_} with kind = "python"'
+    )
+
+
 def _import(path: str, where: str) -> type[Any]:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f'{where}: expected "package.module:ClassName", got {path!r}')
     try:
         module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever it raises: one line
-        raise ValueError(
-            f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
-        ) from None
+    except BaseException as exc:  # noqa: BLE001 - whatever it raises (SystemExit...): one line
+        raise ValueError(f"{where}: cannot import {module_name!r} ({_shown(exc)})") from None
     found: Any = module
     for part in attr.split("."):
         found = getattr(found, part, None)
@@ -171,6 +243,12 @@ def _import(path: str, where: str) -> type[Any]:
     if not isinstance(found, type):
         raise ValueError(f"{where}: {path} is not a class")  # noqa: TRY004
     return found
+
+
+def _shown(exc: BaseException) -> str:
+    """ "SystemExit: 7", or "KeyboardInterrupt" when it says nothing more."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _located(key: str, exc: msgspec.ValidationError) -> str:
@@ -188,17 +266,19 @@ class PluginProvider:
         key = f"providers.{name}" if name else "provider"
         cls, own = load(settings, key)
         self.model = settings.model or getattr(cls, "model_name", "") or cls.__name__
-        self.label = settings.class_ or settings.kind
+        self.label = class_path(settings, key)[1]  # the class served, as the config names it
         self._key = key
         self._max_bytes = settings.max_response_bytes  # an answer's text and tool calls, at most
         try:
             self.instance = cls(own) if own is not None else cls()
-        except Exception as exc:  # noqa: BLE001 - the class's own: the user gets one line
+        # The class's own, SystemExit and KeyboardInterrupt too (a Ctrl-C while it loads stops
+        # the worker as well, with this line): the user gets one line, the worker exits 2.
+        except BaseException as exc:  # noqa: BLE001
             raise ValueError(
-                f"{key}: {self.label} could not be made ({type(exc).__name__}: {exc}); it is "
+                f"{key}: {self.label} could not be made ({_shown(exc)}); it is "
                 "called with its Settings when it declares them, else with nothing"
             ) from None
-        self._threads = ThreadPoolExecutor(settings.threads, thread_name_prefix=f"model-{name}")
+        self._threads = _ModelThreads(settings.threads, f"model-{name}")
         self._thread_count = settings.threads
         self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
         self._async_call = inspect.iscoroutinefunction(self.instance.call)
@@ -214,13 +294,30 @@ class PluginProvider:
         else:  # off the event loop; past its deadline the answer is dropped, the thread ends
             result = await self._in_thread(self.instance.call, request)
         answer = self._ok(result)
-        size = delta_bytes(answer.content) + sum(
-            delta_bytes(ToolCallDelta(0, c.id, c.name, c.arguments))
-            for c in answer.tool_calls or ()
-        )
-        if size > self._max_bytes:
+        if self._size(answer) > self._max_bytes:
             raise self._too_large()
         return answer
+
+    def _size(self, answer: ProviderOk) -> int:
+        """What an answer's text and tool calls count against max_response_bytes; a text
+        that is not UTF-8 (a lone surrogate) is a server_error naming where it is."""
+        try:
+            text = len(answer.content.encode()) if answer.content else 0
+            return text + sum(
+                delta_bytes(ToolCallDelta(0, c.id, c.name, c.arguments))
+                for c in answer.tool_calls or ()
+            )
+        except UnicodeEncodeError as exc:
+            raise self._not_utf8(_surrogate_field(answer), exc) from None
+
+    def _not_utf8(self, field: str, exc: UnicodeEncodeError) -> ProviderError:
+        bad = exc.object[exc.start : exc.end]
+        return ProviderError(
+            "server_error",
+            f"{self.label} answered {field} that is not UTF-8 ({bad!r} at index {exc.start}, a "
+            'lone surrogate): text must encode as UTF-8 (bytes decoded with errors="replace", '
+            'not "surrogateescape")',
+        )
 
     def _too_large(self) -> ProviderError:
         """An answer over max_response_bytes, as an HTTP provider's is refused."""
@@ -240,7 +337,7 @@ class PluginProvider:
         await self._free.acquire()
         loop = asyncio.get_running_loop()
         try:
-            running = self._threads.submit(_no_stop_iteration, function, *args)
+            running = self._threads.submit(_in_model_thread, self.label, function, *args)
         except BaseException:
             self._free.release()
             raise
@@ -269,12 +366,17 @@ class PluginProvider:
                     f"{self.label}.stream yielded {type(item).__name__}; expected str pieces "
                     "and, last, an optional Answer",
                 )
-            left -= delta_bytes(item)
+            try:
+                left -= delta_bytes(item)
+            except UnicodeEncodeError as exc:
+                raise self._not_utf8("a stream piece", exc) from None
             if left < 0:  # a model that never stops: its pieces are no longer pulled
                 raise self._too_large()
             if item:
                 yield item
         last = self._ok(end if end is not None else "")
+        if self._size(last) > left:
+            raise self._too_large()
         if last.content:
             yield last.content
         for index, call in enumerate(last.tool_calls or ()):
@@ -313,7 +415,12 @@ class PluginProvider:
         if isinstance(result, str):
             return ProviderOk(result, self.model, finish_reason="stop")
         if isinstance(result, Answer):
-            calls = result.tool_calls or None
+            problem = _answer_problem(result)
+            if problem is not None:  # msgspec does not check a Struct made in code
+                raise ProviderError(
+                    "server_error", f"{self.label} answered an Answer whose {problem}"
+                )
+            calls = list(result.tool_calls) if result.tool_calls else None
             finish = result.finish_reason or ("tool_calls" if calls else "stop")
             usage = result.usage or Usage()
             if not isinstance(usage, Usage):  # a dict of its fields, say
@@ -345,7 +452,7 @@ class PluginProvider:
                 if inspect.isawaitable(result):
                     await result
         finally:
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
 
 
 def _release_on(loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore, _: Any) -> None:
@@ -354,10 +461,124 @@ def _release_on(loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore, _: Any
         loop.call_soon_threadsafe(free.release)
 
 
-def _no_stop_iteration(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a thread, a StopIteration it raises turned into a RuntimeError:
-    asyncio cannot put a StopIteration into a future, and the call would never end."""
+def _in_model_thread(label: str, function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a model's thread, with what asyncio cannot carry made into what it
+    can: a StopIteration in a future would never end the call; a SystemExit or a
+    KeyboardInterrupt would be raised again out of the event loop, stopping the worker. Raised
+    here they are the model's (signals reach the main thread only), so each, and any other
+    BaseException that is no Exception, is a server_error naming it."""
     try:
         return function(*args)
     except StopIteration as exc:
         raise RuntimeError(f"{function.__qualname__} raised StopIteration") from exc
+    except Exception:
+        raise
+    except BaseException as exc:
+        log.error("model %s raised %s", label, type(exc).__name__, exc_info=exc)
+        raise ProviderError("server_error", f"{label} raised {type(exc).__name__}") from None
+
+
+def _answer_problem(answer: Answer) -> str | None:
+    """What is wrong with an Answer's fields, as "<field> must be ..., not ...", or None."""
+    if not isinstance(answer.text, str):
+        return f"text must be a str, not {type(answer.text).__name__}"
+    calls = answer.tool_calls
+    if calls is not None:
+        if not isinstance(calls, list | tuple):
+            return f"tool_calls must be a list of ToolCall, not {type(calls).__name__}"
+        for i, call in enumerate(calls):
+            if not isinstance(call, ToolCall):
+                return (
+                    f"tool_calls[{i}] must be a workers.plugin.ToolCall(id, name, arguments), "
+                    f"not {type(call).__name__}"
+                )
+            for field in ("id", "name", "arguments"):
+                value = getattr(call, field)
+                if not isinstance(value, str):
+                    return f"tool_calls[{i}].{field} must be a str, not {type(value).__name__}"
+    if answer.finish_reason is not None and answer.finish_reason not in FINISH_REASONS:
+        return f"finish_reason must be one of {', '.join(FINISH_REASONS)}, not {answer.finish_reason!r}"
+    usage = answer.usage
+    if isinstance(usage, Usage):
+        for field in usage.__struct_fields__:
+            value = getattr(usage, field)
+            if type(value) is not int:
+                return f"usage.{field} must be an int, not {type(value).__name__}"
+    return None
+
+
+def _surrogate_field(answer: ProviderOk) -> str:
+    """Which of an answer's texts does not encode as UTF-8."""
+    for i, call in enumerate(answer.tool_calls or ()):
+        for field in ("id", "name", "arguments"):
+            try:
+                getattr(call, field).encode()
+            except UnicodeEncodeError:
+                return f"tool_calls[{i}].{field}"
+    return "text"
+
+
+_Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+def _run(future: Future[Any], function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    if future.set_running_or_notify_cancel():  # not cancelled while it waited in the queue
+        try:
+            result = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - the caller's to see
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+class _ModelThreads:
+    """A synchronous model's threads: up to `size`, started as calls need them, taking calls
+    from one queue. Daemon threads, unlike a ThreadPoolExecutor's, which Python joins as it
+    exits (concurrent.futures' exit hook): a call stuck in the model (a hung library call, a
+    stream that never ends) would keep a stopped worker from exiting past its shutdown grace,
+    for as long as the call hangs. A daemon thread is left where it hangs when the process
+    ends; its call has been answered (no_responders) by then."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None: a thread ends
+        self._idle = threading.Semaphore(0)  # one count per thread waiting for a call
+        self._threads: list[threading.Thread] = []
+        self._shut = False
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        if self._shut:
+            raise RuntimeError("the model's threads are shut down")
+        future: Future[Any] = Future()
+        self._calls.put((future, function, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+            thread = threading.Thread(
+                target=self._serve, name=f"{self._name}_{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        return future
+
+    def queued(self) -> int:
+        return self._calls.qsize()
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            _run(*call)
+            del call  # nothing of a finished call is kept while the thread waits
+            self._idle.release()
+
+    def shutdown(self) -> None:
+        """No more calls: the queued ones are cancelled, each thread ends when its call does."""
+        self._shut = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                call = self._calls.get_nowait()
+                if call is not None:
+                    call[0].cancel()
+        for _ in self._threads:
+            self._calls.put(None)

@@ -2,11 +2,13 @@
 
 The built-in kinds are listed here; "python" is a model class named by `class`, and an
 installed package can add a kind of its own under the entry-point group `lifeline.providers`
-(workers/plugin.py).
+(workers/plugin.py). A package's kind named like a built-in one is not used (a warning says
+so); a kind two packages register, or one given a `class`, is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,17 @@ from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
 from workers.base import Provider, ProviderSettings
 from workers.fake import FakeProvider, FakeSettings
 from workers.openai import OpenAIProvider, OpenAISettings
-from workers.plugin import PYTHON_KIND, PluginProvider, PluginSettings, installed_kinds
+from workers.plugin import (
+    PYTHON_KIND,
+    PluginProvider,
+    PluginSettings,
+    class_ignored,
+    entry_point,
+    installed_kinds,
+    registered_as,
+)
+
+log = logging.getLogger("lifeline")
 
 KINDS: dict[str, tuple[type[ProviderSettings], Callable[[Any], Provider]]] = {
     "fake": (FakeSettings, FakeProvider),
@@ -34,17 +46,50 @@ def known_kinds() -> list[str]:
 
 
 def parse_settings(table: dict[str, Any]) -> ProviderSettings:
-    """Validate one [providers.<name>] table; raises msgspec.ValidationError, or KeyError for
+    """Validate one [providers.<name>] table; raises msgspec.ValidationError (at the key at
+    fault: an installed kind two packages register, or one given a `class`), or KeyError for
     a kind that is neither built in nor installed."""
     kind = table.get("kind")
     if not isinstance(kind, str):  # a list or a table is no kind (nor a key of KINDS)
         raise KeyError(kind if kind is None or isinstance(kind, int | float | bool) else repr(kind))
+    if kind in KINDS or kind == PYTHON_KIND:
+        _warn_if_claimed(kind)
     if kind in KINDS:
         settings_type, _ = KINDS[kind]
         return msgspec.convert(table, settings_type)
-    if kind == PYTHON_KIND or kind in installed_kinds():
+    if kind == PYTHON_KIND:
         return msgspec.convert(table, PluginSettings)
-    raise KeyError(kind)
+    try:
+        path = entry_point(kind)
+    except ValueError as exc:  # which package's class serves would be up to sys.path's order
+        raise msgspec.ValidationError(f"{exc} - at `$.kind`") from None
+    if not path:
+        raise KeyError(kind)
+    settings = msgspec.convert(table, PluginSettings)
+    if settings.class_:  # it would be ignored: the entry point names the class
+        problem = class_ignored(kind, settings.class_, path)
+        raise msgspec.ValidationError(f"{problem} - at `$.class`")
+    return settings
+
+
+_claims_told: set[str] = set()  # built-in kinds whose claimants were warned about
+
+
+def _warn_if_claimed(kind: str) -> None:
+    """Warn (once a process) when installed packages register a built-in kind's name: the
+    built-in kind serves it, and their class never does."""
+    if kind in _claims_told:
+        return
+    claims = registered_as(kind)
+    if claims:
+        _claims_told.add(kind)
+        log.warning(
+            "kind %r is Lifeline's own: [providers] of that kind get it, never the class of "
+            "the entry point %s that registers it too in lifeline.providers; give the plug-in "
+            "a name of its own",
+            kind,
+            "; ".join(claims),
+        )
 
 
 def settings_type(table: dict[str, Any]) -> type[ProviderSettings] | None:

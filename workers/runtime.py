@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 import msgspec
@@ -239,11 +240,15 @@ class WorkerRuntime:
         latency_ms = (time.perf_counter() - started) * 1000
         self.tally.busy_ms += latency_ms
         if msg.reply:
-            try:  # sent at once when the fast path takes it: no coroutine of its own
+            try:
                 payload = self._payload(msgspec.structs.replace(reply, latency_ms=latency_ms))
+            except Exception:  # still one reply, and at once: the dispatcher would wait it out
+                log.exception("worker %s: bug while encoding a reply", self.name)
+                payload = self._bug_payload(latency_ms)
+            try:  # sent at once when the fast path takes it: no coroutine of its own
                 if publish_now(self.nc, msg.reply, payload, self._what, urgent=True) is None:
                     await publish_later(self.nc, msg.reply, payload, self._what)
-            except Exception:
+            except Exception:  # a second try might send it twice
                 log.exception("worker %s: bug while sending a reply", self.name)
 
     async def _send(self, subject: str, reply: ProviderReply) -> None:
@@ -289,6 +294,17 @@ class WorkerRuntime:
             )
             payload = encoder.encode(reply)
         return payload
+
+    def _bug_payload(self, latency_ms: float) -> bytes:
+        """The reply to send when the one made could not be encoded (a bug)."""
+        self.tally.errors += 1
+        self.tally.last_error = "server_error"
+        failure = ProviderFailure(
+            "server_error",
+            f"worker {self.name} failed while encoding its reply (a bug: see its log)",
+            latency_ms=latency_ms,
+        )
+        return encoder.encode(failure)
 
     def _drop_expired(self, left_s: float) -> None:
         """Count a request that came past its deadline. Now and then one comes a little late
@@ -346,9 +362,10 @@ class WorkerRuntime:
             else:
                 reply = await self.provider.complete(request, timeout_s)
         except ProviderError as exc:
-            reply = ProviderFailure(exc.kind, exc.message, exc.status_code, exc.retry_after_s)
-        except TimeoutError:  # the provider's own
-            reply = self._timed_out(timeout_s)
+            reply = _failure(exc)
+        # Anything else, Python's TimeoutError included: `timeout` is this call's deadline (the
+        # CancelledError below), or a provider's ProviderError; its own TimeoutError is no
+        # more than any other exception of its own.
         except Exception as exc:
             log.exception("provider %s raised unexpectedly", self.name)
             reply = ProviderFailure(
@@ -373,6 +390,15 @@ class WorkerRuntime:
                 raise
             else:
                 reply = self._timed_out(timeout_s)
+        # SystemExit, KeyboardInterrupt, GeneratorExit, a class of the provider's own: raised
+        # out of the task, they would stop the worker or end the call unanswered.
+        except BaseException as exc:
+            if not _raised_by_call(exc):
+                raise
+            log.error("provider %s raised %s", self.name, type(exc).__name__, exc_info=exc)
+            reply = ProviderFailure(
+                "server_error", f"worker {self.name} failed: {type(exc).__name__}"
+            )
         finally:
             expiry.stop()
             context.detach(token)
@@ -398,6 +424,11 @@ class WorkerRuntime:
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
         scrub = self._scrub
         chunks = 0
+        # What this stream has queued since the event loop last had a turn, a chunk's subject
+        # and framing counted: a provider whose pieces come without a wait (an async generator
+        # that never awaits) would otherwise hold the loop until its stream ends, every other
+        # call and its deadline with it, and queue all of its chunks in memory meanwhile.
+        queued, framing = 0, len(stream_to) + _CHUNK_FRAMING
         end: ProviderOk | None = None
         deltas = self.provider.stream(request, timeout_s)
         try:
@@ -418,11 +449,16 @@ class WorkerRuntime:
                     if not path.publish(stream_to, payload, headers=_TOOL_CALL):
                         await nc.publish(stream_to, payload, headers=_TOOL_CALL)
                     chunks += 1
-                    continue
-                for piece in pieces(item, max_bytes):
-                    if not path.publish(stream_to, piece):
-                        await nc.publish(stream_to, piece)
-                    chunks += 1
+                    queued += len(payload) + framing
+                else:
+                    for piece in pieces(item, max_bytes):
+                        if not path.publish(stream_to, piece):
+                            await nc.publish(stream_to, piece)
+                        chunks += 1
+                        queued += len(piece) + framing
+                if queued > _STREAM_QUEUED_MAX:
+                    queued = 0
+                    await _give_way(nc)
         finally:
             await deltas.aclose()
         if end is None:
@@ -438,6 +474,61 @@ _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their rep
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
+# A stream gives the event loop a turn after queueing this much (a chunk costs its bytes and
+# its framing, "PUB <subject> <size>\r\n...\r\n"): about 120 one-character chunks on a
+# dispatcher's inbox, about a millisecond of this worker's time (it publishes some 100,000
+# such chunks a second), so other calls' replies and deadlines wait no longer than that.
+_STREAM_QUEUED_MAX = 8 * 1024
+_CHUNK_FRAMING = 16
+
+
+async def _give_way(nc: Client) -> None:
+    """A turn of the event loop (other calls, the timers of deadlines, the fast path's write of
+    what a stream queued), then a wait while the connection's socket is behind: what is
+    queued stays about one `_STREAM_QUEUED_MAX` plus the socket's buffers, however fast a
+    provider's pieces come."""
+    await asyncio.sleep(0)
+    transport = nc._transport  # nats-py's; its drain() waits out the socket's high-water mark
+    if transport is not None:
+        try:
+            await transport.drain()
+        except (OSError, RuntimeError):  # the connection is going: nats-py's reconnect buffers
+            pass
+
+
+def _failure(exc: ProviderError) -> ProviderFailure:
+    """A ProviderError as the reply, its message as text whatever the provider gave (a model's
+    `ModelError("connection", exc)`, a number, None): no reply could carry anything else."""
+    message = exc.message
+    if type(message) is not str:
+        message = _as_text(message)
+    return ProviderFailure(exc.kind, message, exc.status_code, exc.retry_after_s)
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return "(no message)"
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a __str__ that fails: its type says something
+        return f"({type(value).__name__} that cannot be shown)"
+
+
+def _raised_by_call(exc: BaseException) -> bool:
+    """Whether a BaseException out of a call (no CancelledError: those are sorted out before)
+    is the provider's to answer for, as a server_error. Not so a KeyboardInterrupt while
+    SIGINT's handler raises them (Python's own, asyncio.Runner's at a second Ctrl-C): this
+    process's Ctrl-C lands in whatever the main thread runs, a call included. A worker serving
+    handles SIGINT itself (it stops gently), so there every KeyboardInterrupt is the
+    provider's; one from a model's thread is sorted out in that thread (workers/plugin.py).
+    Nor a GeneratorExit outside any task: the call's coroutine is being closed."""
+    if isinstance(exc, KeyboardInterrupt):
+        handler = signal.getsignal(signal.SIGINT)
+        runner = getattr(getattr(handler, "func", None), "__self__", None)
+        return handler is not signal.default_int_handler and not isinstance(runner, asyncio.Runner)
+    if isinstance(exc, GeneratorExit):
+        return asyncio.current_task() is not None
+    return True
 
 
 def _uncancel() -> None:
