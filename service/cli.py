@@ -438,7 +438,7 @@ def _add_conformance(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "conformance",
         help="check a provider worker you wrote, in any language, against the worker protocol",
         usage="lifeline conformance [-h] [--provider NAME] [--replicas N] "
-        "[--start-timeout SECONDS] -- COMMAND [ARGS...]",
+        "[--start-timeout SECONDS] [--timeout SECONDS] -- COMMAND [ARGS...]",
         description="""\
 The conformance kit: starts a nats-server of its own and COMMAND as two replicas, then
 checks on the wire that the worker keeps the protocol: replies decode; a malformed body gets
@@ -484,10 +484,19 @@ or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conforman
     )
     conformance.add_argument(
         "--start-timeout",
-        type=float,
+        type=_positive_s,
         default=20.0,
         metavar="SECONDS",
         help="how long the replicas may take to subscribe (default: 20)",
+    )
+    conformance.add_argument(
+        "--timeout",
+        type=_positive_s,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long an answer may take beyond the worker's pace (the time its first "
+        "request took, added once per call sent at once); raise it for a model slower than "
+        "that per call (default: 10)",
     )
     conformance.add_argument(
         "worker_command",
@@ -1818,6 +1827,7 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
         provider=args.provider,
         replicas=args.replicas,
         start_timeout_s=args.start_timeout,
+        timeout_s=args.timeout,
     )
     print(report.text())
     return 0 if report.passed else 1

@@ -1,7 +1,7 @@
 """The conformance kit: does a provider worker, in any language, keep Lifeline's worker protocol?
 
-    lifeline conformance [--provider NAME] [--replicas 2] -- COMMAND [ARGS...]
-    run_checks(command, provider=..., env=...) -> Report                     from Python
+    lifeline conformance [--provider NAME] [--replicas 2] [--timeout S] -- COMMAND [ARGS...]
+    run_checks(command, provider=..., env=..., timeout_s=...) -> Report      from Python
     pytest_plugins = ["service.conformance"], then the lifeline_conformance fixture
 
 It starts a nats-server of its own (a free port, no JetStream), starts COMMAND as two
@@ -13,22 +13,29 @@ replicas (or --replicas) with this environment
 waits until both replicas subscribe to llm.provider.<NAME>, and then checks on the wire, each
 check printed as `PASS name` or `FAIL name: expected ..., got ...`:
 
-    replies_decode         a valid ProviderRequest gets a ProviderOk with a model
+    replies_decode         a valid ProviderRequest gets a ProviderOk with a model, on exactly
+                           the reply subject it came with (nothing on any other subject)
     bad_request            a malformed body (not JSON, JSON of the wrong shape) gets a
                            ProviderFailure of kind bad_request, and the worker serves on
-    deadline               a request past its Lifeline-Deadline-Ms gets no reply
-    cancel                 an attempt named on llm.cancel.<NAME> while it runs gets no reply;
-                           one not cancelled does
+    deadline               no reply to a request past its Lifeline-Deadline-Ms when it
+                           arrives, nor to one whose deadline passes while it is worked on
+    cancel                 every replica subscribes to llm.cancel.<NAME> in no queue group; an
+                           attempt named there while it runs gets no reply; one not cancelled does
     one_reply_per_request  a burst of requests gets exactly one reply each across the
-                           replicas, all in the queue group lifeline-provider-<NAME>
+                           replicas, all in the queue group lifeline-provider-<NAME>; and no
+                           request of the whole run gets a second reply
     streaming              with Lifeline-Stream-To: chunks there, then one ProviderOk whose
                            `chunks` counts them, and nothing after it (or, from a worker
-                           that does not stream, no chunk and one ProviderOk with chunks=0)
-    error_kinds            failures carry a kind of schemas.errors.ERROR_KINDS, status_code and
-                           retry_after_s as asked
+                           that does not stream, no chunk and one ProviderOk with chunks=0);
+                           the final content does not repeat the streamed text, and the
+                           chunks come in the text's order
+    error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
+                           rate_limit, 401/403 auth, other 5xx server_error, other 4xx
+                           bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
+                           and retry_after_s as asked
     survives_bad_input     every replica is still running at the end
 
-(and `starts` first: the replicas came up and subscribed). The slow call and the 429 come
+(and `starts` first: the replicas came up and subscribed). The slow call and the failures come
 from test mode (workers/testmode.py): with LIFELINE_TEST_MODE=1, a request whose last message
 is a user message `lifeline-test: sleep <ms>` or `lifeline-test: fail <status> [retry_after
 <s>]` is answered by the worker itself, as it says.
@@ -36,9 +43,21 @@ is a user message `lifeline-test: sleep <ms>` or `lifeline-test: fail <status> [
 Readiness is read from the server's monitoring endpoint (/connz?subs=detail), not guessed
 from replies: a probe through the queue group reaches one replica at random, so answers
 cannot tell that both replicas listen, while the server's own list of connections and their
-subscriptions can, with each one's queue group (quoted when one_reply_per_request fails).
+subscriptions can, with each one's queue group: quoted when one_reply_per_request fails, and
+how the cancel check finds a cancel subscription in a queue group (cancels sent to find it
+would reach the replica running the attempt only by chance).
 
-A run takes about three seconds: the checks that must wait (a deadline, a cancel) run side by
+Every reply, chunk and stray message is kept until the end of the run, which listens
+LATE_WAIT_S past the last first reply: a second reply, a reply past a deadline or a cancel,
+or a late chunk fails its check even when it came after that check had passed.
+
+Slow workers: the first request is sent alone, and how long it took (the worker's pace) is
+added to every later wait for answers once per call that may be queued ahead (a model on one
+thread answers a burst one by one); `timeout_s` (--timeout, default REPLY_TIMEOUT_S) is the
+longest wait beyond that, and the first request's. A reply that did not come says so, naming
+the wait.
+
+A run takes about four seconds: the checks that must wait (a deadline, a cancel) run side by
 side; bad_request, which may crash a replica on purpose, runs last.
 """
 
@@ -68,7 +87,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest, subjects
-from schemas.errors import ERROR_KINDS
+from schemas.errors import ERROR_KINDS, classify_status
 from schemas.wire import encoder, provider_reply_decoder, tool_call_delta_decoder
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
@@ -95,17 +114,45 @@ CHECKS = (
 
 # How long the kit waits. Only the waits for silence (a deadline, a cancel, a duplicate) are
 # spent on every run; the others end as soon as what they wait for has come.
-REPLY_TIMEOUT_S = 5.0  # for an answer that should come
+REPLY_TIMEOUT_S = 10.0  # for an answer that should come, beyond the worker's pace (--timeout)
 BAD_REPLY_TIMEOUT_S = 2.0  # for the bad_request answers (a crashed replica never sends one)
 DEADLINE_WAIT_S = 1.0  # silence expected after a request past its deadline
+DEADLINE_SLEEP_MS = 1000  # a call that is still working when its deadline passes ...
+DEADLINE_AFTER_S = 0.3  # ... this long after it was sent; nothing may come past the deadline,
+DEADLINE_GRACE_S = 0.5  # give or take this (Lifeline's worker answers `timeout` right at it)
 SLEEP_MS = 1500  # the slow call the cancel check cancels
 CANCEL_AFTER_S = 0.2  # ... this long after sending it
 CANCEL_WAIT_S = 2.5  # the longest the cancel check listens
 QUIET_S = 0.3  # listened after the last reply, for a duplicate or a late chunk
+LATE_WAIT_S = 1.5  # listened at the end, after the last first reply: a late second reply
 BURST = 20  # requests sent at once by one_reply_per_request
 SPREAD = 8  # requests sent where every replica should get some (the queue group picks)
+STREAMS = 2  # streamed requests sent by streaming (and one more unstreamed, to compare)
+# Model calls that may be queued at once while the checks run side by side: replies_decode's,
+# the burst, streaming's. A wait for answers grows by the worker's pace once per call.
+SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 1
 STOP_GRACE_S = 3.0  # SIGTERM to SIGKILL
 LOG_LINES = 25  # of a replica's output, shown when a check failed
+# The HTTP statuses error_kinds asks for (retry_after_s where given); each must come back as
+# schemas.errors.classify_status's kind.
+STATUSES: tuple[tuple[int, float | None], ...] = (
+    (400, None),
+    (401, None),
+    (402, None),
+    (403, None),
+    (404, None),
+    (408, None),
+    (422, None),
+    (429, 3.0),
+    (500, None),
+    (502, None),
+    (503, 2.0),
+    (529, None),
+)
+STATUS_MAP = (
+    "408 timeout, 429 rate_limit, 401/403 auth, 402 quota, other 5xx server_error, "
+    "other 4xx bad_request"
+)
 
 _MONITOR = re.compile(r"Starting http monitor on (\S+):(\d+)")
 
@@ -200,13 +247,16 @@ def run_checks(
     replicas: int = 2,
     start_timeout_s: float = 20.0,
     cwd: str | os.PathLike[str] | None = None,
+    timeout_s: float = REPLY_TIMEOUT_S,
 ) -> Report:
     """Run the kit against `command` (an argv list, or one string split as a shell would) and
-    return its Report. `env` is added to this process's environment for the replicas.
+    return its Report. `env` is added to this process's environment for the replicas;
+    `timeout_s` is how long an answer may take beyond the worker's measured pace (raise it for
+    a model slower than that per call).
 
     Blocks; from a running event loop (an async test), it runs in a thread of its own. In async
     code, `await check_worker(...)` instead."""
-    run = check_worker(command, provider, env, replicas, start_timeout_s, cwd)
+    run = check_worker(command, provider, env, replicas, start_timeout_s, cwd, timeout_s)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -222,6 +272,7 @@ async def check_worker(
     replicas: int = 2,
     start_timeout_s: float = 20.0,
     cwd: str | os.PathLike[str] | None = None,
+    timeout_s: float = REPLY_TIMEOUT_S,
 ) -> Report:
     """run_checks, for a caller already in an event loop."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
@@ -229,6 +280,8 @@ async def check_worker(
         raise ValueError("no worker command given")
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if not timeout_s > 0:
+        raise ValueError(f"the timeout must be more than 0 s, got {timeout_s}")
     started = time.monotonic()
     report = Report(argv, provider, replicas)
     server = EmbeddedNats(port=-1, jetstream=False, conf="http_port: -1\n")
@@ -264,7 +317,7 @@ async def check_worker(
                     )
                     wire = _Wire(nc, provider)
                     await wire.start()
-                    report.checks += await _Checks(wire, running, monitor).run()
+                    report.checks += await _Checks(wire, running, monitor, timeout_s).run()
     finally:
         if nc is not None:
             await nc.close()
@@ -385,15 +438,46 @@ class _Monitor:
     def serving(self, subs: list[_Sub]) -> set[int]:
         return {s.cid for s in subs if s.subject == self.subject}
 
-    def describe(self) -> str:
-        """How the replicas subscribed to the provider's subject, for a failure's detail."""
+    def describe(self, subject: str | None = None, subs: list[_Sub] | None = None) -> str:
+        """How the replicas subscribed to `subject` (the provider's), for a failure's detail."""
+        subject = subject or self.subject
         parts = [
-            f"connection {s.cid}{f' ({s.client})' if s.client else ''} in "
+            f"connection {s.cid}{f' ({s.client})' if s.client else ''}"
+            + (f" as {s.subject}" if s.subject != subject else "")
+            + " in "
             + (f"queue group {s.queue}" if s.queue else "NO queue group")
-            for s in self.seen
-            if s.subject == self.subject
+            for s in (self.seen if subs is None else subs)
+            if _covers(s.subject, subject)
         ]
-        return f"the server saw {self.subject} subscribed by " + "; ".join(parts)
+        return f"the server saw {subject} subscribed by " + ("; ".join(parts) or "no connection")
+
+    def cancel_problem(self, subs: list[_Sub]) -> str | None:
+        """What keeps some replica from hearing every cancel, read from the server's own
+        subscriptions (not left to chance: a cancel in a queue group reaches one replica at
+        random, so it stops the right attempt only now and then), or None."""
+        cancels = [s for s in subs if _covers(s.subject, self.cancel_subject)]
+        queued = [s for s in cancels if s.queue]
+        if queued:
+            first = queued[0]
+            return f"connection {first.cid} subscribed to it in the queue group {first.queue}"
+        hearing, serving = {s.cid for s in cancels}, self.serving(subs)
+        if len(hearing) < len(serving):
+            return (
+                f"{len(hearing)} connection{'s' if len(hearing) != 1 else ''} subscribed to it, "
+                f"for {len(serving)} serving {self.subject}"
+            )
+        return None
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether a subscription to `pattern` (NATS wildcards * and >) receives `subject`."""
+    want, tokens = subject.split("."), pattern.split(".")
+    for i, token in enumerate(tokens):
+        if token == ">":
+            return len(want) > i
+        if i >= len(want) or token not in ("*", want[i]):
+            return False
+    return len(tokens) == len(want)
 
 
 async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: float) -> Check:
@@ -423,7 +507,7 @@ async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: flo
         await asyncio.sleep(0.05)
     cancel_by = time.monotonic() + 1.0
     while time.monotonic() < cancel_by:
-        if {s.cid for s in subs if s.subject == monitor.cancel_subject} >= serving:
+        if {s.cid for s in subs if _covers(s.subject, monitor.cancel_subject)} >= serving:
             break
         await asyncio.sleep(0.05)
         subs = await monitor.subscriptions()
@@ -436,10 +520,11 @@ async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: flo
 
 @dataclass
 class _Event:
-    what: str  # "reply", "chunk" or "no_responders"
+    what: str  # "reply", "chunk", "no_responders" or "stray" (on a subject the kit never gave)
     data: bytes
     headers: dict[str, str] | None
     after_s: float  # since the request was sent
+    subject: str = ""
 
 
 @dataclass
@@ -447,6 +532,7 @@ class _Exchange:
     """One request the kit sent, and everything that came back for it, in arrival order."""
 
     sent_at: float
+    label: str = ""  # the check that sent it
     events: list[_Event] = field(default_factory=list)
 
     @property
@@ -454,9 +540,20 @@ class _Exchange:
         return [e for e in self.events if e.what == "reply"]
 
     @property
+    def strays(self) -> list[_Event]:
+        """What came under this request's reply subject, but not on it (nor on its stream)."""
+        return [e for e in self.events if e.what == "stray"]
+
+    @property
     def unheard(self) -> bool:
         """The server answered "no responders": no replica was subscribed."""
         return any(e.what == "no_responders" for e in self.events)
+
+    @property
+    def settled(self) -> bool:
+        """Something came that ends the wait for a reply (a stray one counts: it will not be
+        followed by a reply on the right subject)."""
+        return any(e.what != "chunk" for e in self.events)
 
 
 class _Wire:
@@ -464,7 +561,9 @@ class _Wire:
 
     One subscription takes everything (<inbox>.<n>.r for replies, <inbox>.<n>.s for a stream's
     chunks), so events arrive in the order the server delivered them: a chunk after its reply
-    is seen as such."""
+    is seen as such. Anything else under the inbox (a reply sent to <inbox>.<n>.r.x) is a
+    stray, never a reply. The subscription stays open to the end of the run, so a late second
+    reply is counted too."""
 
     def __init__(self, nc: Client, provider: str) -> None:
         self.nc = nc
@@ -472,6 +571,7 @@ class _Wire:
         self.subject = subjects.provider_subject(provider)
         self.inbox = nc.new_inbox()
         self.exchanges: dict[str, _Exchange] = {}
+        self.strays: list[_Event] = []  # every stray, whichever request it was near
         self._changed = asyncio.Event()
         self._n = 0
 
@@ -482,17 +582,16 @@ class _Wire:
     async def _on_msg(self, msg: Msg) -> None:
         token, _, kind = msg.subject[len(self.inbox) + 1 :].partition(".")
         exchange = self.exchanges.get(token)
-        if exchange is None:
-            return
         headers = msg.headers
-        if kind == "s":
-            what = "chunk"
-        elif not msg.data and headers and headers.get("Status") == "503":
+        what = {"r": "reply", "s": "chunk"}.get(kind, "stray") if exchange else "stray"
+        if what == "reply" and not msg.data and headers and headers.get("Status") == "503":
             what = "no_responders"
-        else:
-            what = "reply"
-        after_s = time.monotonic() - exchange.sent_at
-        exchange.events.append(_Event(what, msg.data, headers, after_s))
+        sent_at = exchange.sent_at if exchange is not None else time.monotonic()
+        event = _Event(what, msg.data, headers, time.monotonic() - sent_at, msg.subject)
+        if what == "stray":
+            self.strays.append(event)
+        if exchange is not None:
+            exchange.events.append(event)
         self._changed.set()
 
     async def send(
@@ -502,6 +601,7 @@ class _Wire:
         deadline_in_s: float = 30.0,
         attempt_id: str | None = None,
         stream: bool = False,
+        label: str = "",
     ) -> _Exchange:
         """Publish one request with the headers a dispatcher sets."""
         self._n += 1
@@ -514,7 +614,7 @@ class _Wire:
         }
         if stream:
             headers[subjects.STREAM_TO] = f"{self.inbox}.{token}.s"
-        exchange = self.exchanges[token] = _Exchange(time.monotonic())
+        exchange = self.exchanges[token] = _Exchange(time.monotonic(), label)
         await self.nc.publish(self.subject, body, reply=f"{self.inbox}.{token}.r", headers=headers)
         return exchange
 
@@ -534,8 +634,11 @@ class _Wire:
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
         return True
 
-    async def answered(self, exchanges: list[_Exchange], timeout_s: float) -> bool:
-        return await self.until(lambda: all(x.replies or x.unheard for x in exchanges), timeout_s)
+    async def linger(self, wait_s: float) -> None:
+        """Listen until `wait_s` after the last first reply so far: for a late second reply."""
+        firsts = [x.sent_at + x.replies[0].after_s for x in self.exchanges.values() if x.replies]
+        if firsts:
+            await asyncio.sleep(max(0.0, max(firsts) + wait_s - time.monotonic()))
 
     def failure_kinds(self) -> set[str]:
         kinds = set()
@@ -571,8 +674,14 @@ def show(event: _Event | None) -> str:
         return "no reply"
     if event.what == "no_responders":
         return "no responders (no replica subscribed)"
-    reply = decode(event.data)
     when = f" {event.after_s * 1000:.0f} ms after sending"
+    if event.what == "stray":
+        return (
+            f"a message on {event.subject}, a subject no request named: {event.data[:60]!r}{when}"
+        )
+    if event.what == "chunk":
+        return f"a chunk on {subjects.STREAM_TO}: {event.data[:40]!r}{when}"
+    reply = decode(event.data)
     if isinstance(reply, ProviderOk):
         fields = f"model={reply.model!r}, content={reply.content[:40]!r}, chunks={reply.chunks}"
         return f"ProviderOk({fields}){when}"
@@ -586,22 +695,48 @@ def show(event: _Event | None) -> str:
 
 
 def _first_reply(exchanges: list[_Exchange]) -> _Event | None:
-    return next((e for x in exchanges for e in x.events if e.what != "chunk"), None)
+    return next(
+        (e for x in exchanges for e in x.events if e.what in ("reply", "no_responders")), None
+    )
+
+
+def _reply_of(exchange: _Exchange) -> ProviderOk | ProviderFailure | str | None:
+    """The first reply to `exchange`, decoded (a str says why it does not decode), or None."""
+    event = _first_reply([exchange])
+    return decode(event.data) if event is not None and event.what == "reply" else None
 
 
 # ---- the checks ---------------------------------------------------------------------------
 
+HELLO = "Say hello in five words."
+STRAY_HINT = (
+    "a reply goes to the request's reply subject exactly as it came (the message's reply "
+    f"subject), with nothing added to it; chunks to its {subjects.STREAM_TO}"
+)
+
 
 class _Checks:
-    def __init__(self, wire: _Wire, running: list[_Replica], monitor: _Monitor) -> None:
+    """The checks of one run. Each sends its requests, waits, and judges what came; a check
+    whose judgement can change with what comes later (a second reply, a reply past a deadline
+    or a cancel, a late chunk, a stray) leaves it in `again`, judged once more at the end."""
+
+    def __init__(
+        self, wire: _Wire, running: list[_Replica], monitor: _Monitor, timeout_s: float
+    ) -> None:
         self.wire = wire
         self.running = running
         self.monitor = monitor
         self.provider = wire.provider
+        self.timeout_s = timeout_s
+        self.pace_s = 0.0  # how long the worker took to answer the first request, alone
+        self.first: _Exchange | None = None
+        self.again: dict[str, Callable[[], Check]] = {}
 
     async def run(self) -> list[Check]:
-        """Every check, in CHECKS' order. The ones that wait run side by side; bad_request,
-        which may crash a replica, after them; survives_bad_input last."""
+        """Every check, in CHECKS' order. The first request goes alone (the worker's pace);
+        the checks that wait run side by side; bad_request, which may crash a replica, after
+        them; then the run listens for late replies, and survives_bad_input is last."""
+        await self.pace()
         side_by_side = await asyncio.gather(
             self.replies_decode(),
             self.deadline(),
@@ -611,8 +746,74 @@ class _Checks:
         )
         errors = await self.error_kinds()
         bad = await self.bad_request()
-        results = [*side_by_side, errors, bad, self.survives_bad_input()]
+        await self.wire.linger(LATE_WAIT_S)
+        results = [self._by_the_end(check) for check in (*side_by_side, errors, bad)]
+        results.append(self.survives_bad_input())
         return sorted(results, key=lambda check: CHECKS.index(check.name))
+
+    def _by_the_end(self, check: Check) -> Check:
+        """A passed check judged again on everything its requests got in the whole run."""
+        judge = self.again.get(check.name)
+        return judge() if check.passed and judge is not None else check
+
+    # -- waiting, and saying what did not come
+
+    async def pace(self) -> None:
+        """The first request, alone: how long the worker takes for one call, added to every
+        later wait once per call that may be queued ahead of the last one."""
+        self.first = await self.wire.ask(HELLO, label="replies_decode")
+        await self._answers([self.first], self.timeout_s)
+        if self.first.replies:
+            self.pace_s = self.first.replies[0].after_s
+
+    def wait_s(self, calls: int) -> float:
+        """How long to wait for the answers to `calls` model calls sent at once."""
+        return self.timeout_s + self.pace_s * calls
+
+    async def _answers(self, exchanges: list[_Exchange], timeout_s: float) -> None:
+        """Until each exchange has its reply (or a stray, or no responders), every replica has
+        exited, or timeout_s has passed."""
+        await self.wire.until(
+            lambda: all(x.settled for x in exchanges) or not self._alive(), timeout_s
+        )
+
+    def _wrong(
+        self,
+        name: str,
+        expected: str,
+        exchange: _Exchange,
+        waited_s: float,
+        *detail: str,
+        timed: bool = True,
+    ) -> Check:
+        """A failure for an exchange whose reply is not what `expected` says: the reply shown,
+        or, when none came, why none did (a stray, the time waited)."""
+        event = _first_reply([exchange])
+        if event is not None:
+            return _fail(name, expected, show(event), *detail, self._dead())
+        if exchange.strays:
+            stray = exchange.strays[0]
+            got = f"no reply on its reply subject, but {show(stray)}"
+            return _fail(name, expected, got, STRAY_HINT, *detail, self._dead())
+        got = f"no reply within {waited_s:.3g} s"
+        hint = self._timeout_hint(waited_s) if timed and self._alive() else ""
+        return _fail(name, expected, got, hint, *detail, self._dead())
+
+    def _timeout_hint(self, waited_s: float) -> str:
+        pace = (
+            f" plus {self.pace_s:.2g} s (the first request's time) for each call sent with it"
+            if self.pace_s
+            else ""
+        )
+        late = ""
+        if not self.pace_s and self.first is not None and self.first.replies:
+            late = f" (the first request was answered after {self.first.replies[0].after_s:.2g} s)"
+        if not any(x.settled for x in self.wire.exchanges.values()):
+            late = " (and no request of the run got a reply: does the worker answer at all?)"
+        return (
+            f"the kit waited {waited_s:.3g} s: the timeout ({self.timeout_s:g} s){pace}{late}; "
+            "for a worker this slow, raise it: `lifeline conformance --timeout SECONDS`"
+        )
 
     def _alive(self) -> bool:
         return any(r.exit_status is None for r in self.running)
@@ -623,20 +824,45 @@ class _Checks:
         exits = ", ".join(f"{r.label} exited with status {r.exit_status}" for r in dead)
         return f"meanwhile {exits}" if dead else ""
 
+    def _judge(self, name: str, judge: Callable[[], Check]) -> Check:
+        """`judge()` now, and again at the end of the run."""
+        self.again[name] = judge
+        return judge()
+
+    # -- the checks
+
     async def replies_decode(self) -> Check:
         name = "replies_decode"
-        sent = [await self.wire.ask("Say hello in five words.") for _ in range(SPREAD // 2)]
-        await self.wire.answered(sent, REPLY_TIMEOUT_S)
+        assert self.first is not None
+        sent = [
+            self.first,
+            *[await self.wire.ask(HELLO, label=name) for _ in range(SPREAD // 2 - 1)],
+        ]
+        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        await self._answers(sent, waited)
+        return self._judge(name, lambda: self._replies_decode(sent, waited))
+
+    def _replies_decode(self, sent: list[_Exchange], waited_s: float) -> Check:
+        name = "replies_decode"
         for exchange in sent:
-            event = _first_reply([exchange])
-            reply = decode(event.data) if event is not None and event.what == "reply" else None
+            reply = _reply_of(exchange)
             if not (isinstance(reply, ProviderOk) and reply.model):
-                return _fail(
+                return self._wrong(
                     name,
                     "a ProviderOk (status ok) with a model string for a valid ProviderRequest",
-                    show(event) if event is not None else f"no reply within {REPLY_TIMEOUT_S:g} s",
-                    self._dead(),
+                    exchange,
+                    waited_s,
                 )
+        if self.wire.strays:
+            strays = self.wire.strays
+            return _fail(
+                name,
+                "every reply on its request's reply subject (and chunks on its "
+                f"{subjects.STREAM_TO}), nothing on other subjects",
+                f"{len(strays)} message{'s' if len(strays) != 1 else ''} elsewhere; the first: "
+                f"{show(strays[0])}",
+                STRAY_HINT,
+            )
         return _ok(name)
 
     async def bad_request(self) -> Check:
@@ -647,76 +873,119 @@ class _Checks:
             "a JSON array": b"[1, 2, 3]",
             "an object without messages": b'{"id": "conformance-no-messages"}',
         }
-        sent = [(what, await self.wire.send(body)) for what, body in bodies.items() for _ in "ab"]
-        everyone = [x for _, x in sent]
-        await self.wire.until(
-            lambda: all(x.replies or x.unheard for x in everyone) or not self._alive(),
-            BAD_REPLY_TIMEOUT_S,
-        )
+        sent = [
+            (what, await self.wire.send(body, label=name))
+            for what, body in bodies.items()
+            for _ in "ab"
+        ]
+        waited = BAD_REPLY_TIMEOUT_S + self.pace_s
+        await self._answers([x for _, x in sent], waited)
         for what, exchange in sent:
-            event = _first_reply([exchange])
-            reply = decode(event.data) if event is not None and event.what == "reply" else None
+            reply = _reply_of(exchange)
             if not (isinstance(reply, ProviderFailure) and reply.kind == "bad_request"):
-                got = show(event) if event else f"no reply within {BAD_REPLY_TIMEOUT_S:g} s"
-                return _fail(
-                    name,
-                    f"a ProviderFailure of kind bad_request for {what}",
-                    got,
-                    self._dead(),
-                )
-        after = [await self.wire.ask("Still there?") for _ in range(SPREAD)]
-        await self.wire.answered(after, REPLY_TIMEOUT_S)
+                expected = f"a ProviderFailure of kind bad_request for {what}"
+                return self._wrong(name, expected, exchange, waited, timed=False)
+        after = [await self.wire.ask("Still there?", label=name) for _ in range(SPREAD)]
+        waited = self.wait_s(SPREAD)
+        await self._answers(after, waited)
         for exchange in after:
-            event = _first_reply([exchange])
-            reply = decode(event.data) if event is not None and event.what == "reply" else None
-            if not isinstance(reply, ProviderOk):
-                return _fail(
-                    name,
-                    "a ProviderOk for a valid request sent after the malformed ones",
-                    show(event) if event else f"no reply within {REPLY_TIMEOUT_S:g} s",
-                    self._dead(),
-                )
+            if not isinstance(_reply_of(exchange), ProviderOk):
+                expected = "a ProviderOk for a valid request sent after the malformed ones"
+                return self._wrong(name, expected, exchange, waited)
         return _ok(name)
 
     async def deadline(self) -> Check:
         name = "deadline"
-        sent = [
-            await self.wire.ask("Too late for this.", deadline_in_s=-1.0)
+        late = [
+            await self.wire.ask("Too late for this.", deadline_in_s=-1.0, label=name)
             for _ in range(SPREAD // 2)
         ]
+        working = [  # still working when the deadline passes; half of them streamed
+            await self.wire.ask(
+                f"lifeline-test: sleep {DEADLINE_SLEEP_MS}",
+                deadline_in_s=DEADLINE_AFTER_S,
+                stream=i % 2 == 1,
+                label=name,
+            )
+            for i in range(SPREAD // 2)
+        ]
         await asyncio.sleep(DEADLINE_WAIT_S)
-        answered = [x for x in sent if x.events]
+        return self._judge(name, lambda: self._deadline(late, working))
+
+    def _deadline(self, late: list[_Exchange], working: list[_Exchange]) -> Check:
+        name = "deadline"
+        answered = [x for x in late if x.events]
         if answered:
             return _fail(
                 name,
                 f"no reply to a request whose {subjects.DEADLINE_MS} had passed "
-                f"(listened {DEADLINE_WAIT_S:g} s)",
-                f"replies to {len(answered)} of {len(sent)}",
-                f"first: {show(_first_reply(answered))}",
+                f"(listened {DEADLINE_WAIT_S:g} s, and to the end of the run)",
+                f"replies to {len(answered)} of {len(late)}",
+                f"first: {show(answered[0].events[0])}",
                 "a worker drops a request past its deadline: the dispatcher no longer waits",
+            )
+        past = DEADLINE_AFTER_S + DEADLINE_GRACE_S
+        worked = [x for x in working if any(e.after_s > past for e in x.events)]
+        if worked:
+            directive = f"lifeline-test: sleep {DEADLINE_SLEEP_MS}"
+            return _fail(
+                name,
+                f"nothing (no reply, no chunk) past the {subjects.DEADLINE_MS} of a request "
+                f"still worked on when it passed ({directive!r}, the deadline "
+                f"{DEADLINE_AFTER_S * 1000:.0f} ms after sending; {DEADLINE_GRACE_S * 1000:.0f} "
+                "ms of grace)",
+                f"something for {len(worked)} of {len(working)}",
+                f"first: {show(next(e for e in worked[0].events if e.after_s > past))}",
+                "a worker stops a call still running at its deadline (a timer, asyncio.timeout) "
+                "and sends nothing: checking the deadline when a request arrives is not enough",
             )
         return _ok(name)
 
     async def cancel(self) -> Check:
         name = "cancel"
+        cancel_subject = subjects.cancel_subject(self.provider)
+        subs = await self.monitor.subscriptions()
+        hears = (
+            f"every replica subscribes to {cancel_subject} in NO queue group, so that each "
+            "hears every cancel and the one running the attempt stops it (in a queue group, a "
+            "cancel reaches one replica at random)"
+        )
+        problem = self.monitor.cancel_problem(subs)
+        if problem is not None:
+            return _fail(
+                name,
+                f"every replica subscribed to {cancel_subject} in no queue group",
+                problem,
+                hears,
+                self.monitor.describe(cancel_subject, subs),
+            )
         directive = f"lifeline-test: sleep {SLEEP_MS}"
         attempt = f"conformance-cancel-{secrets.token_hex(4)}"
-        cancelled = await self.wire.ask(directive, attempt_id=attempt)
-        kept = await self.wire.ask(directive)
+        cancelled = await self.wire.ask(directive, attempt_id=attempt, label=name)
+        kept = await self.wire.ask(directive, label=name)
         await self.wire.nc.flush()
         await asyncio.sleep(CANCEL_AFTER_S)
-        cancel_subject = subjects.cancel_subject(self.provider)
         await self.wire.nc.publish(cancel_subject, attempt.encode())
         await self.wire.nc.flush()
         # Both sleeps started together: once the kept one has answered, the cancelled one would
         # have too, give or take; so listen a little past that, or CANCEL_WAIT_S in all.
-        await self.wire.until(lambda: bool(kept.replies), CANCEL_WAIT_S - CANCEL_AFTER_S)
+        waited = CANCEL_WAIT_S + self.pace_s
+        await self.wire.until(lambda: kept.settled, waited - CANCEL_AFTER_S)
         if kept.replies:
             await asyncio.sleep(QUIET_S + 0.2)
         else:
-            await asyncio.sleep(max(0.0, CANCEL_WAIT_S - (time.monotonic() - cancelled.sent_at)))
-        if cancelled.replies:
-            event = cancelled.replies[0]
+            await asyncio.sleep(max(0.0, waited - (time.monotonic() - cancelled.sent_at)))
+        where = self.monitor.describe(cancel_subject, subs)
+        return self._judge(name, lambda: self._cancel(cancelled, kept, waited, hears, where))
+
+    def _cancel(
+        self, cancelled: _Exchange, kept: _Exchange, waited_s: float, hears: str, where: str
+    ) -> Check:
+        name = "cancel"
+        directive = f"lifeline-test: sleep {SLEEP_MS}"
+        cancel_subject = subjects.cancel_subject(self.provider)
+        if cancelled.events:
+            event = cancelled.events[0]
             early = event.after_s < CANCEL_AFTER_S
             return _fail(
                 name,
@@ -726,100 +995,158 @@ class _Checks:
                 "it answered before the cancel was sent: is `lifeline-test: sleep` obeyed "
                 f"({TEST_MODE_ENV}=1)?"
                 if early
-                else f"the cancel's body is the {subjects.ATTEMPT_ID} header's value",
+                else f"the cancel's body is the {subjects.ATTEMPT_ID} header's value; {hears}",
+                "" if early else where,
             )
-        event = _first_reply([kept])
-        reply = decode(event.data) if event is not None and event.what == "reply" else None
-        if not isinstance(reply, ProviderOk):
-            return _fail(
+        if not isinstance(_reply_of(kept), ProviderOk):
+            return self._wrong(
                 name,
                 f"a ProviderOk for an attempt not cancelled ({directive!r})",
-                show(event) if event else f"no reply within {CANCEL_WAIT_S:g} s",
+                kept,
+                waited_s,
                 f"in test mode ({TEST_MODE_ENV}=1) `lifeline-test: sleep <ms>` waits, then "
                 "answers ok",
-                self._dead(),
+                timed=False,
             )
         return _ok(name)
 
     async def one_reply_per_request(self) -> Check:
         name = "one_reply_per_request"
-        sent = [await self.wire.ask(f"Request {i} of a burst.") for i in range(BURST)]
-        await self.wire.answered(sent, REPLY_TIMEOUT_S)
+        sent = [await self.wire.ask(f"Request {i} of a burst.", label=name) for i in range(BURST)]
+        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        await self._answers(sent, waited)
         await asyncio.sleep(QUIET_S)
+        return self._judge(name, lambda: self._one_reply(sent, waited))
+
+    def _one_reply(self, sent: list[_Exchange], waited_s: float) -> Check:
+        name = "one_reply_per_request"
+        queue, subject = self.monitor.queue, self.wire.subject
+        elsewhere = {s.queue for s in self.monitor.seen if s.subject == subject} - {queue}
         counts = [len(x.replies) for x in sent]
-        if all(count == 1 for count in counts):
-            queue, subject = self.monitor.queue, self.wire.subject
-            elsewhere = {s.queue for s in self.monitor.seen if s.subject == subject} - {queue}
-            if not elsewhere:
-                return _ok(name)
+        twice = sum(count > 1 for count in counts)
+        missing = [x for x in sent if not x.replies]
+        if not missing and not (twice and elsewhere):
+            if twice or not elsewhere:  # in the queue group, and yet answered twice
+                return self._no_second_reply()
             return _fail(  # one reply here, but two beside a Lifeline worker of the provider
                 name,
                 f"every replica subscribed to {subject} in the queue group {queue}",
                 f"queue group {', '.join(sorted(map(str, elsewhere)))}",
                 self.monitor.describe(),
             )
-        twice = sum(count > 1 for count in counts)
-        none = sum(count == 0 for count in counts)
+        strays = [e for x in missing for e in x.strays]
+        got = [f"{twice} with more than one reply"] if twice else []
+        if missing and strays:
+            got.append(f"{len(missing)} with none on their reply subject, but {show(strays[0])}")
+        elif missing:
+            got.append(f"{len(missing)} with none within {waited_s:.3g} s")
+        timed_out = missing and not strays and not twice and self._alive()
         return _fail(
             name,
             f"exactly one reply to each of {BURST} requests sent at once",
-            " and ".join(
-                part
-                for part in (
-                    f"{twice} with more than one reply" if twice else "",
-                    f"{none} with none within {REPLY_TIMEOUT_S:g} s" if none else "",
-                )
-                if part
-            )
-            + f" ({sum(counts)} replies in all)",
-            f"each replica must subscribe to {self.wire.subject} in the queue group "
-            f"{self.monitor.queue}, so that one of them gets each request"
+            " and ".join(got) + f" ({sum(counts)} replies in all)",
+            f"each replica must subscribe to {subject} in the queue group {queue}, so that one "
+            "of them gets each request"
             if twice
             else "",
             self.monitor.describe() if twice else "",
+            self._timeout_hint(waited_s) if timed_out else "",
+            STRAY_HINT if strays else "",
             self._dead(),
+        )
+
+    def _no_second_reply(self) -> Check:
+        """Every request of the whole run, not only the burst: at most one reply each."""
+        name = "one_reply_per_request"
+        twice = [x for x in self.wire.exchanges.values() if len(x.replies) > 1]
+        if not twice:
+            return _ok(name)
+        replies = twice[0].replies
+        later_ms = (replies[1].after_s - replies[0].after_s) * 1000
+        sent_by = ", ".join(sorted({x.label for x in twice}))
+        return _fail(
+            name,
+            "at most one reply to every request the kit sent (listened until "
+            f"{LATE_WAIT_S:g} s after the last first reply)",
+            f"{len(twice)} request{'s' if len(twice) != 1 else ''} with more than one reply "
+            f"(sent by {sent_by}); the first got {len(replies)}, the second {later_ms:.0f} ms "
+            f"after the first: {show(replies[1])}",
+            "answer each request once: no second reply on an error path, a timer or a retry "
+            "after the first was sent (the dispatcher takes the first and counts the rest as a "
+            "broken protocol)",
         )
 
     async def streaming(self) -> Check:
         name = "streaming"
-        sent = [await self.wire.ask("Stream me a story.", stream=True) for _ in range(2)]
-        await self.wire.answered(sent, REPLY_TIMEOUT_S)
+        text = "Stream me a story."
+        sent = [await self.wire.ask(text, stream=True, label=name) for _ in range(STREAMS)]
+        unstreamed = await self.wire.ask(text, label=name)  # the text to compare with
+        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        await self._answers([*sent, unstreamed], waited)
         await asyncio.sleep(QUIET_S)
+        return self._judge(name, lambda: self._streaming(sent, unstreamed, waited))
+
+    def _streaming(self, sent: list[_Exchange], unstreamed: _Exchange, waited_s: float) -> Check:
+        name = "streaming"
         expected = (
             f"text chunks (or tool_call events) on {subjects.STREAM_TO}, then one ProviderOk "
             "whose `chunks` counts them, then nothing (or no chunk and chunks=0)"
         )
+        reference = _reply_of(unstreamed)
+        said = reference.content if isinstance(reference, ProviderOk) else None
         for exchange in sent:
-            problem = _stream_problem(exchange)
+            chunks = sum(e.what == "chunk" for e in exchange.events)
+            if not exchange.settled and chunks:
+                got = f"{chunks} chunks, then no reply within {waited_s:.3g} s"
+                hint = "after the chunks, one reply ends the stream: a ProviderOk counting them"
+                return _fail(name, expected, got, hint, self._dead())
+            if not exchange.replies and not exchange.unheard:
+                return self._wrong(name, expected, exchange, waited_s)
+            problem = _stream_problem(exchange, said)
             if problem is not None:
-                hint = ""
-                return _fail(name, expected, problem, hint, self._dead())
+                got, hint = problem
+                return _fail(name, expected, got, hint, self._dead())
         return _ok(name)
 
     async def error_kinds(self) -> Check:
         name = "error_kinds"
         cases = [
-            ("lifeline-test: fail 429 retry_after 3", "rate_limit", 429, 3.0),
-            ("lifeline-test: fail 503", "server_error", 503, None),
+            (
+                f"lifeline-test: fail {status}"
+                + (f" retry_after {retry_after:g}" if retry_after is not None else ""),
+                classify_status(status),
+                status,
+                retry_after,
+            )
+            for status, retry_after in STATUSES
         ]
-        sent = [await self.wire.ask(directive) for directive, *_ in cases]
-        await self.wire.answered(sent, REPLY_TIMEOUT_S)
-        for (directive, kind, status, retry_after), exchange in zip(cases, sent, strict=True):
-            event = _first_reply([exchange])
-            reply = decode(event.data) if event is not None and event.what == "reply" else None
-            want = (kind, status, retry_after)
+        sent = [await self.wire.ask(directive, label=name) for directive, *_ in cases]
+        waited = self.timeout_s + self.pace_s
+        await self._answers(sent, waited)
+        wrong = []
+        for case, exchange in zip(cases, sent, strict=True):
+            _, kind, status, retry_after = case
+            reply = _reply_of(exchange)
             if not (
                 isinstance(reply, ProviderFailure)
-                and (reply.kind, reply.status_code, reply.retry_after_s) == want
+                and (reply.kind, reply.status_code, reply.retry_after_s)
+                == (kind, status, retry_after)
             ):
-                return _fail(
-                    name,
-                    f"a ProviderFailure with kind {kind}, status_code {status} and retry_after_s "
-                    f"{retry_after} for {directive!r}",
-                    show(event) if event else f"no reply within {REPLY_TIMEOUT_S:g} s",
-                    f"in test mode ({TEST_MODE_ENV}=1) `lifeline-test: fail <status>` fails with "
-                    "the kind schemas.errors.classify_status(status) gives",
-                )
+                wrong.append((case, exchange))
+        if wrong:
+            (directive, kind, status, retry_after), exchange = wrong[0]
+            others = ", ".join(str(case[2]) for case, _ in wrong[1:])
+            return self._wrong(
+                name,
+                f"a ProviderFailure with kind {kind}, status_code {status} and retry_after_s "
+                f"{retry_after} for {directive!r}",
+                exchange,
+                waited,
+                f"wrong too: the failures for {others}" if others else "",
+                f"an HTTP status maps to a kind as {STATUS_MAP} (schemas.errors.classify_status); "
+                f"in test mode ({TEST_MODE_ENV}=1) `lifeline-test: fail <status>` fails with "
+                "that kind, status_code <status> and retry_after_s as asked",
+            )
         unknown = sorted(self.wire.failure_kinds() - set(ERROR_KINDS))
         if unknown:
             return _fail(
@@ -843,37 +1170,71 @@ class _Checks:
         )
 
 
-def _stream_problem(exchange: _Exchange) -> str | None:
-    """What is wrong with one streamed exchange's events, or None."""
+def _stream_problem(exchange: _Exchange, said: str | None) -> tuple[str, str] | None:
+    """What is wrong with one streamed exchange's events, and a hint, or None. `said` is the
+    text the same request got unstreamed (None when it got none): the stream is compared with
+    it only where a difference cannot be a model answering differently."""
     if exchange.unheard:
-        return "no responders (no replica subscribed)"
+        return "no responders (no replica subscribed)", ""
     replies = exchange.replies
-    if not replies:
-        return f"no reply within {REPLY_TIMEOUT_S:g} s"
     if len(replies) > 1:
-        return f"{len(replies)} replies to one request"
-    at = exchange.events.index(replies[0])
-    before, after = exchange.events[:at], exchange.events[at + 1 :]
+        later_ms = (replies[1].after_s - replies[0].after_s) * 1000
+        got = f"{len(replies)} replies to one request, the second {later_ms:.0f} ms after the first"
+        return got, "one reply ends a stream: nothing after it, not even the same reply again"
+    if not replies:
+        return "no reply", ""
+    events = [e for e in exchange.events if e.what != "stray"]
+    at = events.index(replies[0])
+    before, after = events[:at], events[at + 1 :]
     reply = decode(replies[0].data)
     if not isinstance(reply, ProviderOk):
-        return f"{show(replies[0])} after {len(before)} chunks"
+        return f"{show(replies[0])} after {len(before)} chunks", ""
     if not before and reply.chunks == 0 and not after:
         return None  # a worker that does not stream answers once; the dispatcher streams that
     if reply.chunks != len(before):
-        return f"{len(before)} chunks, and then a ProviderOk with chunks={reply.chunks}"
+        return f"{len(before)} chunks, and then a ProviderOk with chunks={reply.chunks}", ""
     if after:
-        return f"{len(after)} chunks after the reply"
+        return f"{len(after)} chunks after the reply", ""
+    pieces = []
     for i, chunk in enumerate(before, 1):
         if (chunk.headers or {}).get(subjects.EVENT) == "tool_call":
             try:
                 tool_call_delta_decoder.decode(chunk.data)
             except msgspec.DecodeError as exc:
-                return f"chunk {i}, a tool_call event, is no ToolCallDelta ({exc})"
+                return f"chunk {i}, a tool_call event, is no ToolCallDelta ({exc})", ""
             continue
         try:
-            chunk.data.decode()
+            pieces.append(chunk.data.decode())
         except UnicodeDecodeError:
-            return f"chunk {i} is not UTF-8 text: {chunk.data[:40]!r}"
+            return f"chunk {i} is not UTF-8 text: {chunk.data[:40]!r}", ""
+    return _text_problem("".join(pieces), reply.content, len(pieces), said)
+
+
+def _text_problem(
+    streamed: str, content: str, pieces: int, said: str | None
+) -> tuple[str, str] | None:
+    """The streamed text against the final content and the unstreamed answer."""
+    whole = streamed + content  # what the dispatcher passes on: the chunks, then the content
+    if streamed and content and content in (streamed, said):
+        got = (
+            f"{pieces} text chunks reading {streamed[:40]!r}, then a ProviderOk whose content "
+            f"repeats the text: {content[:40]!r}"
+        )
+        hint = (
+            'content holds only what was not streamed (normally ""): the dispatcher sends it '
+            "after the chunks, so the client would read the text twice"
+        )
+        return got, hint
+    if said and whole != said and sorted(whole) == sorted(said):
+        got = (
+            f"{pieces} text chunks reading {whole[:60]!r} joined as they came, where the same "
+            f"request unstreamed was answered {said[:60]!r}: the same text in another order"
+        )
+        hint = (
+            "publish the pieces one after the other, in the text's order: they carry no "
+            "number, so their order on the subject is the order the client reads"
+        )
+        return got, hint
     return None
 
 
@@ -891,5 +1252,6 @@ if pytest is not None:
                 report = lifeline_conformance(["python", "my_worker.py"])
                 report.assert_passed()  # fails with the whole report
 
-        Takes run_checks' arguments (provider=, env=, replicas=, start_timeout_s=, cwd=)."""
+        Takes run_checks' arguments (provider=, env=, replicas=, start_timeout_s=, cwd=,
+        timeout_s=)."""
         return run_checks

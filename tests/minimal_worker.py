@@ -5,9 +5,23 @@ conformance kit (service/conformance.py), which tests/test_conformance.py shows.
 
 Each flag breaks it on purpose, to show the kit failing the right checks:
 
-    --no-queue-group      subscribe to llm.provider.<name> outside the queue group
-    --ignore-deadline     answer requests whose Lifeline-Deadline-Ms has passed
-    --crash-on-bad-input  exit on a malformed body instead of answering bad_request
+    --no-queue-group             subscribe to llm.provider.<name> outside the queue group
+    --ignore-deadline            answer requests whose Lifeline-Deadline-Ms has passed
+    --crash-on-bad-input         exit on a malformed body instead of answering bad_request
+    --reply-to-wrong-subject     reply on <reply subject>.x instead of the reply subject
+    --answer-failures-twice      send every failure reply twice
+    --answer-twice-late          send every reply again a second later
+    --deadline-on-arrival-only   drop a request past its deadline, but finish one that was
+                                 still running when it passed
+    --auth-as-server-error       map 401 and 403 to server_error
+    --cancel-in-queue-group      subscribe to llm.cancel.<name> in the queue group
+    --stream-in-reverse          publish a stream's chunks last one first
+    --stream-and-repeat-content  put the streamed text in the final reply's content too
+
+and one slows it down, as a model on one thread is, and it still conforms:
+
+    --slow-calls SECONDS         each answer (not a test directive) takes SECONDS, one at a
+                                 time per replica
 
     NATS_URL=nats://127.0.0.1:4222 LIFELINE_PROVIDER=mine python tests/minimal_worker.py
 """
@@ -34,9 +48,11 @@ class BadRequest(ValueError):
     pass
 
 
-def kind_of(status: int) -> str:
+def kind_of(status: int, auth_as_server_error: bool = False) -> str:
     """schemas.errors.classify_status, as another language would write it."""
-    known = {408: "timeout", 429: "rate_limit", 401: "auth", 403: "auth"}
+    known = {408: "timeout", 429: "rate_limit", 401: "auth", 403: "auth", 402: "quota"}
+    if auth_as_server_error:
+        known |= {401: "server_error", 403: "server_error"}
     return known.get(status) or ("server_error" if status >= 500 else "bad_request")
 
 
@@ -60,21 +76,28 @@ def failure(kind: str, message: str, **fields: Any) -> dict[str, Any]:
     return {"status": "error", "kind": kind, "message": message, **fields}
 
 
-async def answer(request: dict[str, Any], test_mode: bool) -> tuple[str, dict[str, Any] | None]:
+async def answer(
+    request: dict[str, Any], test_mode: bool, args: argparse.Namespace, model: asyncio.Lock
+) -> tuple[str, dict[str, Any] | None]:
     """The answer's text, or a ProviderFailure instead."""
     last = request["messages"][-1] if request["messages"] else {}
     text = last.get("content") if last.get("role") == "user" else None
     if not (test_mode and isinstance(text, str) and text.startswith(DIRECTIVE)):
+        if args.slow_calls:
+            async with model:  # one call at a time, like a model on one thread
+                await asyncio.sleep(args.slow_calls)
         return f"echo: {text if isinstance(text, str) else ''}", None
     match text[len(DIRECTIVE) :].split():
         case ["sleep", ms]:
             await asyncio.sleep(float(ms) / 1000)
             return "slept", None
         case ["fail", status]:
-            return "", failure(kind_of(int(status)), "asked to", status_code=int(status))
+            kind = kind_of(int(status), args.auth_as_server_error)
+            return "", failure(kind, "asked to", status_code=int(status))
         case ["fail", status, "retry_after", seconds]:
+            kind = kind_of(int(status), args.auth_as_server_error)
             fields = {"status_code": int(status), "retry_after_s": float(seconds)}
-            return "", failure(kind_of(int(status)), "asked to", **fields)
+            return "", failure(kind, "asked to", **fields)
     return "", failure("bad_request", f"no such directive: {text[:100]!r}")
 
 
@@ -83,16 +106,39 @@ async def main() -> None:
     flags.add_argument("--no-queue-group", action="store_true")
     flags.add_argument("--ignore-deadline", action="store_true")
     flags.add_argument("--crash-on-bad-input", action="store_true")
+    flags.add_argument("--reply-to-wrong-subject", action="store_true")
+    flags.add_argument("--answer-failures-twice", action="store_true")
+    flags.add_argument("--answer-twice-late", action="store_true")
+    flags.add_argument("--deadline-on-arrival-only", action="store_true")
+    flags.add_argument("--auth-as-server-error", action="store_true")
+    flags.add_argument("--cancel-in-queue-group", action="store_true")
+    flags.add_argument("--stream-in-reverse", action="store_true")
+    flags.add_argument("--stream-and-repeat-content", action="store_true")
+    flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     args = flags.parse_args()
     name = os.environ.get("LIFELINE_PROVIDER", "conformance")
     test_mode = os.environ.get("LIFELINE_TEST_MODE") == "1"
     nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=name)
     tasks: set[asyncio.Task[None]] = set()
     by_attempt: dict[str, asyncio.Task[None]] = {}
+    model = asyncio.Lock()
 
     async def reply(msg: Msg, body: dict[str, Any]) -> None:
-        if msg.reply:
-            await nc.publish(msg.reply, json.dumps(body).encode())
+        if not msg.reply:
+            return
+        subject = msg.reply + ".x" if args.reply_to_wrong_subject else msg.reply
+        data = json.dumps(body).encode()
+        await nc.publish(subject, data)
+        if args.answer_failures_twice and body["status"] == "error":
+            await nc.publish(subject, data)
+        if args.answer_twice_late:
+            again = asyncio.create_task(publish_later(1.0, subject, data))
+            tasks.add(again)
+            again.add_done_callback(tasks.discard)
+
+    async def publish_later(delay_s: float, subject: str, data: bytes) -> None:
+        await asyncio.sleep(delay_s)
+        await nc.publish(subject, data)
 
     async def handle(msg: Msg) -> None:
         headers = msg.headers or {}
@@ -109,8 +155,9 @@ async def main() -> None:
             await reply(msg, failure("bad_request", str(exc)))
             return
         try:
-            async with asyncio.timeout(max(left_s, 0.001) if not args.ignore_deadline else None):
-                text, failed = await answer(request, test_mode)
+            ignore = args.ignore_deadline or args.deadline_on_arrival_only
+            async with asyncio.timeout(None if ignore else max(left_s, 0.001)):
+                text, failed = await answer(request, test_mode, args, model)
         except ValueError as exc:  # a directive's number that is none
             text, failed = "", failure("bad_request", f"{exc}")
         except TimeoutError:
@@ -121,10 +168,12 @@ async def main() -> None:
         chunks, content = 0, text
         stream_to = headers.get("Lifeline-Stream-To")
         if stream_to:
-            for word in text.split(" "):
-                await nc.publish(stream_to, (word if chunks == 0 else " " + word).encode())
+            words = text.split(" ")
+            pieces = [word if i == 0 else " " + word for i, word in enumerate(words)]
+            for piece in reversed(pieces) if args.stream_in_reverse else pieces:
+                await nc.publish(stream_to, piece.encode())
                 chunks += 1
-            content = ""
+            content = text if args.stream_and_repeat_content else ""
         usage = {"input_tokens": 1, "output_tokens": len(text.split())}
         ok = {"content": content, "model": request.get("model") or MODEL, "usage": usage}
         await reply(msg, {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"})
@@ -145,7 +194,8 @@ async def main() -> None:
 
     queue = "" if args.no_queue_group else f"lifeline-provider-{name}"
     await nc.subscribe(f"llm.provider.{name}", queue=queue, cb=on_request)
-    await nc.subscribe(f"llm.cancel.{name}", cb=on_cancel)
+    cancel_queue = queue if args.cancel_in_queue_group else ""
+    await nc.subscribe(f"llm.cancel.{name}", queue=cancel_queue, cb=on_cancel)
     await nc.flush()
     print(f"serving llm.provider.{name}", flush=True)
     stop = asyncio.Event()

@@ -4,7 +4,7 @@ kinds against a local server answering with each provider's documented bodies an
 server-sent events), a minimal worker written from the protocol alone (tests/minimal_worker.py),
 and that worker broken on purpose, one flag at a time, failing exactly the checks it should.
 
-A kit run takes about three seconds, most of it waiting for silence (a deadline passed, a
+A kit run takes about four seconds, most of it waiting for silence (a deadline passed, a
 cancel); the runs are independent (a server and two replicas each), so the module starts them
 side by side in a few threads (`runs`) and each test waits for its own.
 """
@@ -40,15 +40,45 @@ if TYPE_CHECKING:
 pytest_plugins = ["service.conformance"]
 
 MINIMAL = [sys.executable, str(ROOT / "tests" / "minimal_worker.py")]
-PARALLEL_RUNS = 3  # kit runs at once: each is mostly waiting; two CPUs are enough
+PARALLEL_RUNS = 4  # kit runs at once: each is mostly waiting; two CPUs are enough
 
-# Each flag of the minimal worker, and the checks it must fail (and no other). Without the
-# queue group both replicas answer everything: a streamed request gets two streams and two
-# replies, so streaming fails too.
+# Each flag of the minimal worker, the checks it must fail (and no other), and words the
+# report must say about it. Without the queue group both replicas answer everything: a
+# streamed request gets two streams and two replies, so streaming fails too; a reply sent
+# again a second later is a second reply to a stream as well. A reply on the wrong subject is
+# no reply at all, for every check that waits for one.
 BROKEN = {
-    "--no-queue-group": {"one_reply_per_request", "streaming"},
-    "--crash-on-bad-input": {"bad_request", "survives_bad_input"},
+    "--no-queue-group": ({"one_reply_per_request", "streaming"}, "in NO queue group"),
+    "--crash-on-bad-input": ({"bad_request", "survives_bad_input"}, "exited with status 3"),
+    "--reply-to-wrong-subject": (
+        {
+            "replies_decode",
+            "bad_request",
+            "cancel",
+            "one_reply_per_request",
+            "streaming",
+            "error_kinds",
+        },
+        "a subject no request named",
+    ),
+    "--answer-failures-twice": (
+        {"one_reply_per_request"},
+        "with more than one reply (sent by bad_request, error_kinds)",
+    ),
+    "--answer-twice-late": ({"one_reply_per_request", "streaming"}, "ms after the first"),
+    "--deadline-on-arrival-only": ({"deadline"}, "still worked on when it passed"),
+    "--auth-as-server-error": ({"error_kinds"}, "kind auth, status_code 401"),
+    "--cancel-in-queue-group": (
+        {"cancel"},
+        "subscribed to it in the queue group lifeline-provider-conformance",
+    ),
+    "--stream-in-reverse": ({"streaming"}, "the same text in another order"),
+    "--stream-and-repeat-content": ({"streaming"}, "repeats the text"),
 }
+# A model that takes SLOW_CALL_S a call, one call at a time (a model on one thread): the
+# burst alone keeps each replica busy for about 10 x SLOW_CALL_S, past what a fixed wait of
+# 5 s allowed, so only waits that grow with the worker's pace pass it.
+SLOW_CALL_S = 0.5
 
 
 # ---- the providers' HTTP APIs, locally -----------------------------------------------------
@@ -146,6 +176,11 @@ def runs(
     configs = tmp_path_factory.mktemp("conformance")
     with ThreadPoolExecutor(PARALLEL_RUNS, thread_name_prefix="conformance") as pool:
         started: dict[str, Future[Report]] = {}
+        # The longest runs first, so that the quick ones fill in beside them.
+        slow = [*MINIMAL, "--slow-calls", str(SLOW_CALL_S)]
+        started["slow"] = pool.submit(run_checks, slow)
+        slower = [*MINIMAL, "--slow-calls", "1.5"]
+        started["slower-than-timeout"] = pool.submit(run_checks, slower, timeout_s=1.0)
         for kind in BUILTIN:
             table, env = builtin(kind, providers.url)
             path = write_config(configs / f"{kind}.toml", {"providers": {"conformance": table}})
@@ -217,11 +252,38 @@ def test_the_node_js_example_worker_conforms(runs):
 
 
 @pytest.mark.parametrize("flag", BROKEN)
-def test_a_broken_worker_fails_the_checks_it_breaks(flag: str, runs):
+def test_a_broken_worker_fails_the_checks_it_breaks_saying_why(flag: str, runs):
     report = runs[flag].result(timeout=120)
-    assert set(report.failed) == BROKEN[flag], report.text()
+    checks, words = BROKEN[flag]
+    assert set(report.failed) == checks, report.text()
     for name in report.failed:
         assert f"FAIL {name}: expected " in report.text()
+    assert words in report.text()
+
+
+def test_a_correct_worker_answering_slowly_one_call_at_a_time_conforms(runs):
+    report = runs["slow"].result(timeout=120)
+    report.assert_passed()
+
+
+def test_a_reply_slower_than_the_timeout_fails_naming_the_timeout_and_how_to_raise_it(runs):
+    report = runs["slower-than-timeout"].result(timeout=120)
+    assert "replies_decode" in report.failed
+    assert "FAIL replies_decode: expected a ProviderOk (status ok) with a model string for a " in (
+        report.text()
+    )
+    assert "got no reply within 1 s" in report.text()
+    assert "raise it: `lifeline conformance --timeout SECONDS`" in report.text()
+
+
+def test_the_kit_refuses_a_timeout_that_is_not_positive():
+    from service.conformance import run_checks
+
+    with pytest.raises(ValueError, match="timeout"):
+        run_checks(MINIMAL, timeout_s=0)
+    for flag in ("--timeout", "--start-timeout"):
+        refused = run_lifeline("conformance", flag, "0", "--", *MINIMAL)
+        assert refused.returncode == 2 and "not a number of seconds above 0" in refused.stderr
 
 
 def test_the_kit_reports_a_command_that_does_not_start():

@@ -29,7 +29,7 @@ const ATTEMPT_ID = "Lifeline-Attempt-Id";
 const STREAM_TO = "Lifeline-Stream-To";
 
 // HTTP status -> error kind, as schemas/errors.py classify_status maps it (its KINDS table).
-const KIND_BY_STATUS = { 408: "timeout", 429: "rate_limit", 401: "auth", 403: "auth" };
+const KIND_BY_STATUS = { 408: "timeout", 429: "rate_limit", 401: "auth", 403: "auth", 402: "quota" };
 const classifyStatus = (status) =>
   KIND_BY_STATUS[status] ?? (status >= 500 ? "server_error" : "bad_request");
 
