@@ -56,6 +56,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas import ProviderOk
 from schemas.subjects import TRACEPARENT, TRACESTATE
+from schemas.wire import MAX_NAME_LENGTH
 
 log = logging.getLogger("lifeline.telemetry")
 
@@ -826,11 +827,14 @@ def provider_attributes(provider: str, kind: str, model: str) -> dict[str, str]:
 
 
 def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
-    """How an attempt (dispatcher) or a provider call (worker) ended."""
+    """How an attempt (dispatcher) or a provider call (worker) ended. The model and message
+    are a provider's words, clipped: a worker sees them before any bound of the wire (a
+    300,000-character model name made one span 300 KB, and the export queue counts spans,
+    not bytes)."""
     if isinstance(reply, ProviderOk):
         span.set_attributes(
             {
-                "gen_ai.response.model": reply.model,
+                "gen_ai.response.model": reply.model[:MAX_NAME_LENGTH],
                 "gen_ai.usage.input_tokens": reply.usage.input_tokens,
                 "gen_ai.usage.output_tokens": reply.usage.output_tokens,
             }
@@ -840,7 +844,10 @@ def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
     if reply.status_code is not None:
         attributes["http.response.status_code"] = reply.status_code
     span.set_attributes(attributes)
-    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message))
+    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message[:_MAX_MESSAGE_CHARS]))
+
+
+_MAX_MESSAGE_CHARS = 2000
 
 
 def annotate_stream(

@@ -198,6 +198,30 @@ def test_a_span_ended_soon_without_an_event_loop_reaches_the_exporter_at_once():
     assert [span.name for span in exported.get_finished_spans()] == ["attempt"]
 
 
+def test_a_providers_own_words_on_a_span_are_clipped():
+    """A worker annotates its span before the wire's bounds apply: a 300,000-character model
+    name made a 300 KB span (and the export queue counts spans, not bytes)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from schemas import ProviderFailure, ProviderOk, Usage
+
+    exported = InMemorySpanExporter()
+    provider = Tracing(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    recorder = provider.recorder("lifeline.test")
+    for reply in (
+        ProviderOk("hi", "m" * 300_000, Usage(1, 1)),
+        ProviderFailure("server_error", "x" * 300_000),
+    ):
+        span = recorder.start("provider", SpanKind.CLIENT, {})
+        telemetry.annotate_outcome(span, reply)
+        span.end_soon()
+    answered, failed = exported.get_finished_spans()
+    assert len(answered.attributes["gen_ai.response.model"]) == 256
+    assert len(failed.status.description) == 2000
+
+
 def test_an_ended_span_reads_and_exports_as_the_sdks_own_readable_span():
     """A LiteSpan goes to the processors as it is (no ReadableSpan is built per span), so it
     must read as the ReadableSpan the SDK would build from the same fields: every property,
