@@ -168,7 +168,7 @@ class Dispatcher:
             grace_s,
         )
         for task in tasks:
-            task.cancel()
+            task.cancel(SHUTTING_DOWN)  # the why, for its attempts' spans
         _, late = await asyncio.wait(tasks, timeout=_ANSWER_AFTER_CANCEL_S)
         if late:
             log.error(
@@ -229,7 +229,7 @@ class Dispatcher:
             # Its engine answers it `aborted` (see _why_cancelled) and audits it. Cancelled after
             # the task's first step (create_task scheduled that before this): a task cancelled
             # before it starts never runs its body, and its request would go unanswered.
-            asyncio.get_running_loop().call_soon(task.cancel)
+            asyncio.get_running_loop().call_soon(task.cancel, ABORTED)  # the why, for spans
 
     def _why_cancelled(self) -> ErrorInfo:
         """The error a request's engine answers with when its task is cancelled: its client

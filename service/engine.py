@@ -302,6 +302,10 @@ class Engine:
             if span.recording:
                 telemetry.annotate_outcome(span, reply)
             return reply
+        except asyncio.CancelledError as exc:
+            if span.recording:
+                telemetry.annotate_cancelled(span, exc)
+            raise
         finally:
             span.end_soon()  # handed to the exporter after the reply goes
 
@@ -326,7 +330,9 @@ class Engine:
             stream = await self.transport.stream_provider(
                 target.provider, payload, headers, limits, relay.on_chunk(number)
             )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and span.recording:
+                telemetry.annotate_cancelled(span, exc)
             span.end()
             raise
 
@@ -334,6 +340,8 @@ class Engine:
             if span.is_recording():
                 if reply is not None:
                     telemetry.annotate_outcome(span, reply)
+                else:  # its stream was cancelled (a rival won, the request stopped)
+                    telemetry.annotate_cancelled(span, None)
                 telemetry.annotate_stream(span, stream.chunks, stream.first_at, opened)
             span.end()
 

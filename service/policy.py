@@ -688,7 +688,7 @@ class _Run:
         """Cancel the calls still running in a race (their workers abort them); their attempts."""
         lost = []
         for task, call in running.items():
-            _stop(task)
+            _stop(task, HEDGE_LOST)
             t = call.target
             self.calling.pop((id(t), call.started), None)
             latency_ms = (self.clock() - call.started) * 1000
@@ -1013,10 +1013,11 @@ def _precedence(task: asyncio.Future[ProviderReply | Started]) -> int:
     return 0 if isinstance(result, Started) else 1 if isinstance(result, ProviderOk) else 2
 
 
-def _stop(task: asyncio.Future[ProviderReply | Started]) -> None:
-    """Stop a raced call: cancel it while it runs; a call that already returned its output
-    (Started) is abandoned, as cancelling a finished task does nothing."""
+def _stop(task: asyncio.Future[ProviderReply | Started], why: str | None = None) -> None:
+    """Stop a raced call: cancel it while it runs (`why` goes with the cancel, for its span);
+    a call that already returned its output (Started) is abandoned, as cancelling a finished
+    task does nothing."""
     if not task.done():
-        task.cancel()
+        task.cancel(why)
     elif isinstance(output := _result(task), Started):
         output.abandon()

@@ -850,6 +850,16 @@ def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
 _MAX_MESSAGE_CHARS = 2000
 
 
+def annotate_cancelled(span: trace.Span | LiteSpan, exc: BaseException | None) -> None:
+    """An attempt cancelled before it answered, and why when its cancel said so (hedge_lost,
+    aborted, shutting_down): not an error of its own, so its status stays unset."""
+    why = exc.args[0] if exc is not None and exc.args else None
+    attributes = {"lifeline.outcome": "cancelled"}
+    if isinstance(why, str):
+        attributes["lifeline.cancel.reason"] = why[:MAX_NAME_LENGTH]
+    span.set_attributes(attributes)
+
+
 def annotate_stream(
     span: trace.Span | LiteSpan, chunks: int, first_at: float | None, opened: float
 ) -> None:

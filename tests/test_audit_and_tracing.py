@@ -25,7 +25,8 @@ from helpers import (
     settled,
     wait_for,
 )
-from schemas.wire import audit_decoder
+from schemas import subjects
+from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import read_events
 from service.config import AuditSettings
 
@@ -340,3 +341,35 @@ def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_p
     finally:
         service.stop()
         hung.close()
+
+
+async def test_a_cancelled_attempt_says_so_and_why_in_its_span(lifeline, client, exporter):
+    """A hedge's loser and an aborted request's attempt ended as plain, successful-looking
+    spans: their outcome and reason were only in the reply's attempts."""
+    cfg = config({"slow": fake(latency_ms=3000), "fast": fake(latency_ms=100)})
+    cfg["routes"] = {
+        "hedged": {"targets": ["slow", "fast"], "hedge_after_ms": 50},
+        "default": {"targets": ["slow"]},
+    }
+    stack = await lifeline(cfg)
+    reply = await ask(client, {**USER_HELLO, "route": "hedged"})
+    assert [(a.target, a.outcome, a.reason) for a in reply.attempts] == [
+        ("slow", "cancelled", "hedge_lost"),
+        ("fast", "ok", None),
+    ]
+    inbox = client.new_inbox()
+    answers = await client.subscribe(inbox)
+    body = encoder.encode({**USER_HELLO, "id": "to-abort"})
+    await client.publish(subjects.COMPLETE, body, reply=inbox, headers={subjects.ABORT_KEY: "k"})
+    await wait_for(lambda: stack.dispatcher.in_flight == 1)
+    await client.publish(subjects.ABORT, b"k")
+    assert reply_decoder.decode((await answers.next_msg(timeout=5)).data).error.type == "aborted"
+
+    def cancelled() -> list[str]:
+        return [
+            s.attributes.get("lifeline.cancel.reason", "")
+            for s in exporter.get_finished_spans()
+            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
+        ]
+
+    await wait_for(lambda: sorted(cancelled()) == ["aborted", "hedge_lost"], what=cancelled)
