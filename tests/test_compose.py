@@ -201,7 +201,9 @@ def test_the_healthcheck_command_passes_against_a_running_worker(compose, nats_u
 
 def test_what_the_image_copies_is_enough_to_pip_install(compose, tmp_path):
     """The inline Dockerfile's COPY lines, played here: pip builds Lifeline from just those
-    files, as the image's `RUN pip install .` will (offline: no build isolation)."""
+    files, as the image's `RUN pip install .` will (offline: no build isolation). Links are
+    copied as links, as Docker's COPY does: service/example.toml links to the example config,
+    and without it the wheel had no example, and `lifeline run` in the image no config."""
     build = compose["services"]["dispatcher"]["build"]
     src = tmp_path / "build"
     src.mkdir()
@@ -211,7 +213,7 @@ def test_what_the_image_copies_is_enough_to_pip_install(compose, tmp_path):
             for name in sources:  # each to its own name, as the Dockerfile's are
                 if (ROOT / name).is_dir():
                     skip = shutil.ignore_patterns("__pycache__")
-                    shutil.copytree(ROOT / name, src / name, ignore=skip)
+                    shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=skip)
                 else:
                     shutil.copy(ROOT / name, src / name)
     built = subprocess.run(
@@ -225,9 +227,12 @@ def test_what_the_image_copies_is_enough_to_pip_install(compose, tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     [wheel] = (tmp_path / "wheel").glob("lifeline-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert {"service/cli.py", "workers/runtime.py", "schemas/wire.py"} <= set(
-            archive.namelist()
-        )
+        assert {
+            "service/cli.py",
+            "workers/runtime.py",
+            "schemas/wire.py",
+            "service/example.toml",
+        } <= set(archive.namelist())
 
 
 def nats_server_args(compose: dict[str, Any]) -> list[str]:
