@@ -257,3 +257,17 @@ class HotStream(Model):
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str]:
         while True:
             yield "."
+
+
+class ExitsWhenAsked(Model):
+    """identifying_params() and close() that raise SystemExit: the worker logs them and goes
+    on (starting) or stops all the same (stopping)."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "ok"
+
+    def identifying_params(self) -> dict[str, object]:
+        raise SystemExit(4)
+
+    def close(self) -> None:
+        raise SystemExit(5)

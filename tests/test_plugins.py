@@ -611,3 +611,15 @@ def test_a_package_registering_a_built_in_kind_is_named_in_a_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "kind 'fake' is Lifeline's own" in result.stderr
     assert "fake = plugin_models:SyncUpper (package sneaky 0.1)" in result.stderr
+
+
+async def test_a_model_whose_identifying_params_or_close_exits_is_logged_not_obeyed(caplog):
+    """identifying_params() (logged as the worker starts) and close() (as it stops) let a
+    SystemExit through: it stopped the worker at start, or skipped the rest of its stop."""
+    from workers.registry import build_provider
+
+    cfg = parse_config(config({"m": python("ExitsWhenAsked")}, routes=None))
+    provider = build_provider(cfg.providers["m"], "m")
+    assert provider.identifying_params() == {"identifying_params() failed": "SystemExit: 4"}
+    await provider.aclose()
+    assert "plugin_models:ExitsWhenAsked.close() failed (SystemExit: 5)" in caplog.text

@@ -285,8 +285,14 @@ class PluginProvider:
         self._stream = getattr(self.instance, "stream", None)
 
     def identifying_params(self) -> dict[str, Any]:
+        """The class's own, only logged: one that fails says so instead of stopping the worker."""
         params = getattr(self.instance, "identifying_params", None)
-        return dict(params()) if callable(params) else {}
+        if not callable(params):
+            return {}
+        try:
+            return dict(params())
+        except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
+            return {"identifying_params() failed": _shown(exc)}
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         if self._async_call:
@@ -445,12 +451,17 @@ class PluginProvider:
         )
 
     async def aclose(self) -> None:
+        """The class's close(), whose failure is logged: the worker stops all the same."""
         close = getattr(self.instance, "close", None)
         try:
             if callable(close):
                 result = close()
                 if inspect.isawaitable(result):
                     await result
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
+            log.error("%s: %s.close() failed (%s)", self._key, self.label, _shown(exc))
         finally:
             self._threads.shutdown()
 
