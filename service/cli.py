@@ -302,7 +302,9 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="submit every request of a JSONL file as a durable job and write the results "
         "as they come",
         description="Each line of FILE is a request body (as for llm.complete); its id is "
-        'its "id", else FILE:LINE:HASH (HASH: the line\'s). Every job is published through JetStream, then the results '
+        'its "id", else FILE:LINE:HASH (HASH: of the file\'s full path and the line, so an '
+        "edited line, or the same name in another folder, is another job). Every job is "
+        "published through JetStream, then the results "
         "are written to --out as JSON lines as they arrive (from the results bucket, so also "
         "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
         "the same command to resume: ids that already have a line in --out are skipped.",
@@ -312,7 +314,10 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--out", help="where results go, one JSON line each (default: FILE.results.jsonl)"
     )
     batch.add_argument(
-        "--timeout", type=_positive_s, default=600.0, help="give up waiting after this many seconds"
+        "--timeout",
+        type=_positive_s,
+        default=600.0,
+        help="give up waiting after this many seconds (default: 600)",
     )
     _config_arg(batch)
     _nats_arg(batch)
@@ -321,9 +326,10 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     result = commands.add_parser(
         "result",
-        help="print the result of a job by id, from the results bucket",
-        description="Reads a job's result from the results bucket (jobs.results_bucket), "
-        "whether or not anyone listened when it was answered. Exit status 0 for an ok "
+        help="print the result of a job by id",
+        description="Prints a job's result, whether or not anyone listened when it was "
+        "answered: asked of a dispatcher (llm.jobs.result), else, while none answers, read "
+        "from the results bucket (jobs.results_bucket). Exit status 0 for an ok "
         "result, 1 for an error result, 3 when there is none (yet).",
     )
     result.add_argument("id", help="the job's id")
@@ -523,9 +529,9 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     gateway.add_argument(
         "--port",
-        type=_port,
+        type=_port_or_any,
         default=8080,
-        help="port to listen on (default: 8080; 0: any free port)",
+        help="port to listen on (default: 8080; 0 or -1: any free port)",
     )
     gateway.add_argument(
         "--max-connections",
@@ -1356,7 +1362,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
 def _prompt(args: argparse.Namespace) -> str:
     """The user message: the argument, or stdin for `-` (`git diff | lifeline ask -`)."""
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+    # A pipe's last line break (`echo hi | lifeline ask -`) is no part of the prompt.
+    return sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
 
 
 def _ask_request(args: argparse.Namespace) -> CompletionRequest:
@@ -1798,7 +1805,11 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
     if not states:
         print(f"no Lifeline dispatcher, worker or gateway answered $SRV.STATS on {url}")
     else:
-        print(f"{ready} of {len(states)} ready on {url}")
+        expected = len(states) + len(missing)  # a service missing is one not ready
+        print(
+            f"{ready} of {expected} ready on {url}"
+            + (f", {len(missing)} missing" if missing else "")
+        )
 
 
 async def cmd_spec(args: argparse.Namespace) -> int:

@@ -103,7 +103,8 @@ def test_ask_reads_the_prompt_from_stdin_and_keeps_stdout_for_the_answer(running
             env=cli_env(),
         )
     assert result.returncode == 0, result.stderr
-    assert answer.read_text() == "a prompt\nfrom a pipe\n\n"  # the backup echoes it, alone
+    # The backup echoes it, alone on its line, without the pipe's last line break.
+    assert answer.read_text() == "a prompt\nfrom a pipe\n"
     assert "served by backup" in result.stderr
 
 

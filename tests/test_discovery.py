@@ -250,6 +250,7 @@ async def test_health_names_the_missing_worker_and_fails_without_any_instance(
     code, out = await health(capsys, "--nats-url", nats_url, "--config", str(path), "--expect-all")
     assert code == 1
     assert "MISSING    lifeline-worker-spare" in out
+    assert "2 of 3 ready on" in out and "1 missing" in out  # counted, not left out
     assert (await health(capsys, "--nats-url", nats_url))[0] == 0
 
 
