@@ -135,6 +135,15 @@ async def connect(
                     name,
                 )
             return
+        if _is_inbox_refusal(exc):  # every answer to this connection would go unseen
+            log.warning(
+                "%s: the NATS server refused this connection's subscription to its inbox "
+                "(%s), so no answer can reach it. A least-privilege user connects with its "
+                "inbox prefix: set NATS_INBOX_PREFIX=_INBOX.<user> (or --nats-inbox-prefix)",
+                name,
+                exc,
+            )
+            return
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
@@ -264,6 +273,13 @@ def _is_service_api_refusal(exc: Exception) -> bool:
     """The server refused a subscription to a $SRV subject (nats-py says it in lower case)."""
     text = str(exc).lower()
     return "permissions violation for subscription to" in text and '"$srv.' in text
+
+
+def _is_inbox_refusal(exc: Exception) -> bool:
+    """The server refused a subscription to an _INBOX subject: a user whose permissions name
+    an inbox prefix of its own, connected without it."""
+    text = str(exc).lower()
+    return "permissions violation for subscription to" in text and '"_inbox.' in text
 
 
 def _is_auth_refusal(exc: Exception) -> bool:

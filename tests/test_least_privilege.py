@@ -458,6 +458,23 @@ async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured)
         await nc.close()
 
 
+def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -> None:
+    """`lifeline ask` as a client user without NATS_INBOX_PREFIX waited out its timeout and
+    blamed the dispatcher; the server had refused its inbox, which it now says, with the fix."""
+    env = cli_env(**secured.env("bob"))
+    asked = subprocess.run(
+        [*LIFELINE, "ask", "--timeout", "1", "hello"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert asked.returncode != 0
+    assert "refused this connection's subscription to its inbox" in asked.stderr, asked.stderr
+    assert "NATS_INBOX_PREFIX=_INBOX.<user>" in asked.stderr
+
+
 async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(secured.config_path)
     argv = ["nats-config", "--config", path, "--clients", "alice,bob", "--gateways", "gateway"]
