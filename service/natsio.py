@@ -533,6 +533,7 @@ class _FastParser(Parser):
             headers = _plain_headers(nc, body[:hsize])
             if headers is None:
                 return None
+            headers = headers or None
         reply = line[3] if len(line) == (6 if line[0] == b"HMSG" else 5) else b""
         data = body[hsize:]
         stats = nc.stats
@@ -605,7 +606,12 @@ class _DirectReader(asyncio.Protocol):
 
 
 def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
-    """A header block without a status line, parsed as nats-py parses it; None otherwise."""
+    """A header block without a status line, parsed as nats-py parses it; None otherwise
+    (nats-py's parser decides). {} for a block that is no NATS header block at all, which
+    nats-py reads from its 11th byte on (one shorter than that raised IndexError in it, and
+    the message, a whole one, was dropped): the message has no headers."""
+    if not block.startswith(b"NATS/1.0"):
+        return {}
     if not block.startswith(b"NATS/1.0\r\n") or _HAS_EMAIL_PARSER:
         return None
     headers: dict[str, str] = {}

@@ -532,7 +532,8 @@ class ProviderStream:
         self._last = self._loop.time()
         if self.first_at is None:
             self.first_at = time.monotonic()
-            self.first.set_result(None)
+            if not self.first.done():  # its waiter's cancel (a hedge lost, an abort) cancels it
+                self.first.set_result(None)
             idle_s = self._limits.idle_s
             if idle_s is not None and self._timer.when() > self._last + idle_s:
                 self._timer.cancel()  # from now on the idle limit is the soonest

@@ -576,3 +576,18 @@ async def test_messages_nats_py_cannot_read_are_dropped_and_the_connection_reads
     assert [m.reply for m in fast_seen if m.data == b"hi"] == ["_INBOX.\udcff\udcfe"]
     assert natsio._unreadable.dropped - before == 7
     await nc.close()
+
+
+async def test_a_header_block_that_is_no_nats_one_is_delivered_without_headers(nats_url, client):
+    """A block not starting NATS/1.0 (empty lines, a word): nats-py reads such a block from its
+    11th byte, and one shorter raised IndexError there: the message, whole and with its reply
+    subject, was dropped, and a request got no reply and no audit event."""
+    seen: list[Msg] = []
+    nc = await nats.connect(nats_url)
+    await fast_path(nc).subscribe("fast", seen.append)
+    await ensure_subscribed(nc)
+    blocks = (b"\r\n\r\n", b"x\r\n\r\n", b"NATS\r\n\r\n", b"HELLO\r\nX: y\r\n\r\n")
+    await raw_publish(nats_url, [hpub(b"fast", block, b"hi") for block in blocks])
+    await wait_for(lambda: len(seen) == len(blocks), timeout_s=5, what=lambda: f"{seen}")
+    assert [(m.headers, m.data) for m in seen] == [(None, b"hi")] * len(blocks)
+    await nc.close()

@@ -24,6 +24,7 @@ from schemas import (
     ProviderFailure,
     ProviderOk,
     ProviderRequest,
+    Usage,
     subjects,
 )
 from schemas.streaming import Assembler, StreamGap
@@ -871,3 +872,23 @@ async def test_events_the_fast_path_cannot_take_are_held_and_sent_in_order(clien
         assert assembler.text == "".join(f"{n} " for n in range(2_000)) + "last"
     finally:
         await nc.close()
+
+
+async def test_a_first_chunk_after_its_waiter_was_cancelled_is_no_error():
+    """A hedge's loser, or an aborted request's attempt: its waiter's cancel cancels the
+    stream's `first`, and a first chunk read in the same turn then raised InvalidStateError in
+    the read loop's handler (an ERROR and a traceback in the dispatcher's log)."""
+    from types import SimpleNamespace
+
+    from service.streaming import StreamLimits
+    from service.transport import ProviderStream
+
+    got: list[bytes] = []
+    transport = SimpleNamespace(nc=SimpleNamespace(max_payload=1 << 20))
+    stream = ProviderStream(
+        transport, "p", StreamLimits(5.0), lambda data, tool: got.append(data), "a1"
+    )
+    stream.first.cancel()  # as `await stream.first` in a cancelled task leaves it
+    stream.chunk(b"hello")
+    assert stream.chunks == 1 and got == [b"hello"]
+    stream.end(ProviderOk(content="", model="m", usage=Usage(1, 1)))
