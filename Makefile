@@ -43,9 +43,10 @@ install: $(STAMP)  ## create .venv and install Lifeline with its test tools
 
 CONFIG ?= lifeline.example.toml
 PORT   ?=
+GATEWAY_PORT ?=
 
-run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker (CONFIG=..., PORT=... to choose)
-	$(BIN)/lifeline run --config $(CONFIG) $(if $(PORT),--port $(PORT))
+run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker (CONFIG=..., PORT=..., GATEWAY_PORT=... to choose)
+	$(BIN)/lifeline run --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(GATEWAY_PORT),--gateway-port $(GATEWAY_PORT))
 
 test: $(STAMP) $(NODE_STAMP) $(WORKER_NODE_STAMP)  ## run the whole test suite (starts its own nats-server)
 	$(BIN)/python -m pytest

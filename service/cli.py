@@ -220,7 +220,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=30.0,
         help="seconds for the whole request (default: 30)",
     )
-    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--max-tokens", type=int, help="the most tokens the answer may take")
     ask.add_argument(
         "--json-output",
         action="store_true",
@@ -1015,6 +1015,8 @@ async def _start_probes(components: list[Component], address: str | None) -> Pro
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
+    if args.on_midstream and not args.stream:
+        raise ValueError("--on-midstream is what a stream does after its first token: add --stream")
     nats_opts = _nats_options(args)
     url = nats_opts.shown  # fit to print
     request = _ask_request(args)
@@ -1675,7 +1677,11 @@ async def _run_gateway(
     except OSError as exc:
         if args.gateway_port is not None:
             raise ValueError(f"gateway: {exc}; try --gateway-port -1 or --no-gateway") from None
-        print(f"gateway not started: {exc}; try --gateway-port -1", file=sys.stderr, flush=True)
+        print(
+            f"gateway not started: {exc}; try --gateway-port -1 (make run GATEWAY_PORT=-1)",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     stack.components.append(component)
     _print_gateway(server, config)

@@ -952,8 +952,9 @@ def _stopped_error(target: Target, failure: ProviderFailure, rest: Sequence[Targ
     status = f" ({failure.status_code})" if failure.status_code else ""
     return ErrorInfo(
         FALLBACK_STOPPED,
-        f"{target.name} failed with {failure.kind}{status}, which the route's fallback_on does not "
-        f"include, so no fallback was tried (not tried: {_names(rest)}): {failure.message}",
+        f"{target.name} failed with {failure.kind}{status}, which fallback_on (the route's, or "
+        f"the request's within it) does not include, so no fallback was tried (not tried: "
+        f"{_names(rest)}): {failure.message}",
     )
 
 

@@ -535,3 +535,9 @@ async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, strea
         assert (event.status, event.error_type) == ("error", "aborted")
     finally:
         await nc.close()
+
+
+def test_ask_refuses_a_midstream_policy_without_a_stream():
+    """It was ignored without a word: the answer came whole, the policy never applied."""
+    refused = run_lifeline("ask", "--on-midstream", "fail", "hi")
+    assert refused.returncode == 2 and "add --stream" in refused.stderr
