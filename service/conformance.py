@@ -30,8 +30,8 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
                            the final content does not repeat the streamed text, and the
                            chunks come in the text's order
     error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
-                           rate_limit, 401/403 auth, other 5xx server_error, other 4xx
-                           bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
+                           rate_limit, 401/403 auth, 402 quota, other 5xx server_error, other
+                           4xx bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
                            and retry_after_s as asked
     survives_bad_input     every replica is still running at the end
 
