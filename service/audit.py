@@ -34,6 +34,13 @@ _SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be mad
 _WATCH_S = 30.0  # between looks at whether the stream is still there
 
 
+_STALL_S = 5.0  # the longest wait for the next event of those the stream holds
+
+
+class AuditStalled(Exception):
+    """The stream stopped sending the events it holds before the last of them."""
+
+
 async def read_events(
     js: JetStreamContext, settings: AuditSettings, last: int, follow: bool
 ) -> AsyncIterator[bytes]:
@@ -52,12 +59,19 @@ async def read_events(
     sub = await js.subscribe(
         AUDIT_ALL, stream=settings.stream, ordered_consumer=True, config=config
     )
+    read = 0
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=None if follow else 5)
+                msg = await sub.next_msg(timeout=None if follow else _STALL_S)
             except nats.errors.TimeoutError:
-                return
+                # Events were still pending: what was read is not all of them.
+                raise AuditStalled(
+                    f"the audit stream sent nothing for {_STALL_S:g} s after {read} event(s) "
+                    "while more were pending (a slow or lost connection): what was shown is "
+                    "not all of them; ask again"
+                ) from None
+            read += 1
             yield msg.data
             if not follow and msg.metadata.num_pending == 0:
                 return

@@ -55,7 +55,7 @@ from service.app import (
     start_stack,
     start_worker,
 )
-from service.audit import read_events
+from service.audit import AuditStalled, read_events
 from service.config import (
     Config,
     ConfigError,
@@ -914,10 +914,35 @@ async def _watch_audit(nats_opts: natsopts.NatsOptions) -> Client:
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        print(_audit_line(event), flush=True)
+        print(_shown(_audit_line(event)), flush=True)
 
     await nc.subscribe(subjects.AUDIT_ALL, cb=show)
     return nc
+
+
+def _say(text: str) -> None:
+    print(_shown(text))
+
+
+def _shown(text: str) -> str:
+    """`text` fit for a terminal: what other clients wrote (an audit event's id, a breaker's
+    reason, an instance's name in $SRV answers) may hold escape sequences that would set the
+    window's title or clear the screen; every character that is not printable is written as
+    its escape (\\x1b), line by line."""
+    if text.isprintable():
+        return text
+    return "\n".join(
+        line
+        if line.isprintable()
+        else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+        for line in text.split("\n")
+    )
+
+
+def _json_shown(data: bytes) -> str:
+    """A stored JSON document as one line of ASCII JSON: its non-ASCII characters (C1 controls
+    among them, which a terminal acts on) as \\u escapes."""
+    return json.dumps(json.loads(data), separators=(",", ":"))
 
 
 def _audit_line(event: AuditEvent) -> str:
@@ -1338,13 +1363,16 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             if args.id and event.id != args.id:
                 continue
             shown += 1
-            print(data.decode() if args.json else _audit_line(event), flush=True)
+            print(_json_shown(data) if args.json else _shown(_audit_line(event)), flush=True)
     except nats.js.errors.NotFoundError:
         print(
             f"lifeline: no audit stream {settings.stream} on {redact_url(url)}: no dispatcher "
             "with JetStream has run there yet",
             file=sys.stderr,
         )
+        return 1
+    except AuditStalled as exc:
+        print(f"lifeline: {exc}", file=sys.stderr)
         return 1
     except (nats.errors.Error, nats.js.errors.Error) as exc:  # no JetStream there, ...
         print(
@@ -1604,18 +1632,18 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
     now_ms = time.time() * 1000
     dispatchers = view["dispatchers"]
     who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
-    print(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
+    _say(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
     for d in dispatchers:
         # Its stats document is capped: the quietest closed targets were left out.
         if d.get("omitted"):
-            print(
+            _say(
                 f"  {d['host']}/{d['id']} left out {d['omitted']} quiet target(s) "
                 "to keep its figures small"
             )
     if not view["targets"]:
-        print("no target has been called yet")
+        _say("no target has been called yet")
         return
-    print(
+    _say(
         f"\n{'PROVIDER:MODEL':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
         f"{'P50':>10} {'P95':>10} {'SKIPPED':>8}"
     )
@@ -1624,7 +1652,7 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
         success = f"{100 * t['ok'] / calls:.1f}%" if calls else "-"
         p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
         state = t["state"].split(" ")[0]
-        print(
+        _say(
             f"{label:<28} {state:<10} {calls:>9} {success:>8} "
             f"{_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
         )
@@ -1635,7 +1663,7 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
                 if left_s > 0 and state == "open"
                 else ("; cooldown over: the next call probes it" if state == "open" else "")
             )
-            print(f"{'':<28} \u2514 {t['reason']}{until}")
+            _say(f"{'':<28} \u2514 {t['reason']}{until}")
 
 
 def _ms(value: float | None) -> str:
@@ -1755,21 +1783,32 @@ async def cmd_health(args: argparse.Namespace) -> int:
         return 1
     try:
         answers = await discovery.ask(nc, "STATS", timeout_s=args.timeout)
+        cut_off = not nc.is_connected  # lost while the answers came: some may be missing
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
-    states = [
-        discovery.instance_state(stats)
-        for stats in answers
-        if str(stats.get("name", "")).startswith("lifeline-")
-    ]
+    found, unreadable = discovery.readable_stats(answers)
+    states = [discovery.instance_state(stats) for stats in found]
     states.sort(key=lambda s: (s["name"], s["host"], s["pid"], s["id"]))
     missing = _missing_services(args.config, states) if args.expect_all else []
     if args.json:
         print(json.dumps({"instances": states, "missing": missing}, indent=2))
     else:
         _print_health(states, missing, nats_opts.shown)
-    return 0 if states and not missing and all(s["ready"] for s in states) else 1
+    if unreadable:
+        print(
+            f"lifeline: left out {unreadable} answer(s) to $SRV.STATS that are not the NATS "
+            "service API's shape (some other client answers there)",
+            file=sys.stderr,
+        )
+    if cut_off:
+        print(
+            "lifeline: the NATS connection was lost while instances answered: some may be "
+            "missing from this list; ask again",
+            file=sys.stderr,
+        )
+    ok = states and not missing and not cut_off and all(s["ready"] for s in states)
+    return 0 if ok else 1
 
 
 def _missing_services(config_path: str, states: list[dict[str, Any]]) -> list[str]:
@@ -1793,26 +1832,26 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
         where = f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
         where += f"{s['host']} pid {s['pid']}  id {s['id']}  "
         if s["url"]:  # a gateway: its requests come over HTTP, not NATS
-            print(f"{where}serving {s['url']}")
+            _say(f"{where}serving {s['url']}")
             continue
         most = s["max_in_flight"]
         load = f"{s['in_flight']}" + (f" of {most}" if most is not None else "")
         if s.get("max_in_flight_bytes") is not None:
             load += f" ({_size(s['in_flight_bytes'] or 0)} of {_size(s['max_in_flight_bytes'])})"
-        print(
+        _say(
             f"{where}in flight {load}, requests {s['requests']}, errors {s['errors']}"
             + (f", expired {s['expired']} (late on arrival: see its log)" if s["expired"] else "")
         )
         for problem in s["problems"]:
-            print(f"{'':<10} \u2514 {problem}")
+            _say(f"{'':<10} \u2514 {problem}")
     for name in missing:
-        print(f"{'MISSING':<10} {name:<28} no instance answered")
+        _say(f"{'MISSING':<10} {name:<28} no instance answered")
     ready = sum(s["ready"] for s in states)
     if not states:
-        print(f"no Lifeline dispatcher, worker or gateway answered $SRV.STATS on {url}")
+        _say(f"no Lifeline dispatcher, worker or gateway answered $SRV.STATS on {url}")
     else:
         expected = len(states) + len(missing)  # a service missing is one not ready
-        print(
+        _say(
             f"{ready} of {expected} ready on {url}"
             + (f", {len(missing)} missing" if missing else "")
         )

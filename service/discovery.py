@@ -26,8 +26,9 @@ import secrets
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -233,6 +234,52 @@ def _endpoint_stats(e: Endpoint) -> dict[str, Any]:
         "average_processing_time": processing_ns // e.num_requests if e.num_requests else 0,
         "data": e.data,
     }
+
+
+# What `lifeline health` reads of a STATS answer, as the NATS service API defines it (metadata
+# values are strings) with Lifeline's endpoint data: an answer of another shape (any client may
+# answer $SRV subjects: a number, a list, a count that is a string or NaN) is left out rather
+# than read into a wrong verdict, or a crash that hides every other instance.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _EndpointData(msgspec.Struct):
+    subscribed: bool | None = None
+    in_flight: Count | None = None
+    max_in_flight: Count | None = None
+    in_flight_bytes: Count | None = None
+    max_in_flight_bytes: Count | None = None
+    expired: Count = 0
+
+
+class _Endpoint(msgspec.Struct):
+    subject: str = ""
+    num_requests: Count = 0
+    num_errors: Count = 0
+    data: _EndpointData | None = None
+
+
+class _Stats(msgspec.Struct):
+    name: str
+    id: str = "?"
+    version: str = "?"
+    metadata: dict[str, str] | None = None
+    endpoints: list[_Endpoint] | None = None
+
+
+def readable_stats(answers: list[Any]) -> tuple[list[dict[str, Any]], int]:
+    """The STATS answers of Lifeline's own services that have the service API's shape, and
+    how many answers were left out for not having it."""
+    kept, unreadable = [], 0
+    for answer in answers:
+        try:
+            stats = msgspec.convert(answer, _Stats)
+        except msgspec.ValidationError:
+            unreadable += 1
+            continue
+        if stats.name.startswith("lifeline-"):
+            kept.append(answer)
+    return kept, unreadable
 
 
 def problems(stats: dict[str, Any]) -> list[str]:

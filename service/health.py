@@ -105,8 +105,9 @@ def bucket_of(latency_ms: float) -> int:
 
 
 def bucket_ms(bucket: int) -> float:
-    """The upper edge of a latency bucket, in ms."""
-    return _GROWTH ** (bucket + 1)
+    """The upper edge of a latency bucket, in ms (a bucket past the last, as another
+    dispatcher's stats may claim, is the last: 1.15 ** 100001 overflowed)."""
+    return _GROWTH ** (min(max(bucket, -1), _BUCKETS - 1) + 1)
 
 
 def percentile_ms(histogram: dict[int, int] | list[int], q: float) -> float | None:

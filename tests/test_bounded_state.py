@@ -282,3 +282,24 @@ def test_compiled_output_schemas_are_cached_only_while_small():
     assert len(shaping._schemas) == 0  # each 64 KiB schema is compiled for its request and dropped
     small = ResponseFormat("json_schema", JsonSchemaFormat("small", {"type": "object"}))
     assert compiled(small) is compiled(small)
+
+
+def test_lifeline_status_prints_what_another_dispatcher_wrote_safely(capsys):
+    """A stats entry with a latency bucket far past the last (1.15 ** 100001 overflowed) and
+    names with escape sequences (which reached the terminal raw)."""
+    from service.cli import _print_status
+
+    document = json.dumps(
+        {
+            "dispatcher": "\x1b]0;pwned\x07",
+            "host": "h\x9b2J",
+            "ts_unix_ms": 1_000,
+            "targets": {
+                "p:\x1b[31m": {"provider": "p", "model": "m", "ok": 3, "latency": {"100000": 3}}
+            },
+        }
+    ).encode()
+    _print_status(merge_status({STATS_PREFIX + "d1": document}, now_unix_ms=1_000), "b", "url")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x9b" not in out
+    assert "\\x1b]0;pwned\\x07" in out and "p:\\x1b[31m" in out

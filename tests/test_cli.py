@@ -541,3 +541,30 @@ def test_ask_refuses_a_midstream_policy_without_a_stream():
     """It was ignored without a word: the answer came whole, the policy never applied."""
     refused = run_lifeline("ask", "--on-midstream", "fail", "hi")
     assert refused.returncode == 2 and "add --stream" in refused.stderr
+
+
+def test_audit_prints_what_another_client_wrote_without_its_escape_sequences(running):
+    """Anyone who may publish on llm.audit.> writes what `lifeline audit` prints: an id with a
+    terminal escape sequence (or a raw C1 control, in --json) reached the terminal as is."""
+    _, url = running
+    event = {
+        "id": "\x1b]0;pwned\x07\u009b2J",
+        "status": "ok",
+        **dict.fromkeys(("route", "provider", "model", "trace_id")),
+        "attempts": [],
+        "latency_ms": 1.0,
+        "ts_unix_ms": 1,
+    }
+
+    async def publish() -> None:
+        nc = await nats.connect(url)
+        await nc.publish("llm.audit.ok", json.dumps(event, ensure_ascii=False).encode())
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(publish())
+    for json_output in ((), ("--json",)):
+        audit = run_lifeline("audit", "--nats-url", url, "--last", "1", *json_output)
+        assert audit.returncode == 0, audit.stderr
+        assert "\x1b" not in audit.stdout and "\u009b" not in audit.stdout
+        assert "pwned" in audit.stdout

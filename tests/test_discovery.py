@@ -7,6 +7,7 @@ nats.micro types parse every answer, as its clients would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import time
@@ -324,3 +325,57 @@ def test_lifeline_health_as_a_command_exits_1_without_a_server():
     result = run_lifeline("health", "--nats-url", "nats://127.0.0.1:1", timeout_s=30)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot reach NATS" in result.stderr
+
+
+ROGUE_STATS = [
+    b"42",
+    b"[1, 2]",
+    b'{"name": "lifeline-rogue", "endpoints": "none"}',
+    b'{"name": "lifeline-rogue", "endpoints": [{"num_requests": "7"}]}',
+    b'{"name": "lifeline-rogue", "metadata": {"pid": 7}}',
+    b'{"name": "lifeline-rogue", "endpoints": [{"data": {"in_flight": 10.0, "max_in_flight": 10}}]}',
+]
+
+
+async def test_health_reads_past_answers_of_another_shape_and_escapes_what_it_prints(
+    lifeline, client, nats_url, capsys
+):
+    """Any client may answer $SRV.STATS. One answer of another shape (a number, a list, a
+    count that is a string or a float) crashed `lifeline health` with a traceback and no word
+    on the real instances; a name with escape sequences reached the terminal raw."""
+    await lifeline(config({"backup": fake()}))
+    ansi = "lifeline-\x1b]0;pwned\x07\x1b[2J"
+
+    async def rogue(msg: Any) -> None:
+        for body in ROGUE_STATS:
+            await client.publish(msg.reply, body)
+        answer = {"name": ansi, "id": "x", "metadata": {"host": "\x1b[31mred"}, "endpoints": []}
+        await client.publish(msg.reply, json.dumps(answer).encode())
+
+    await client.subscribe(f"{subjects.SERVICE_API_PREFIX}.STATS", cb=rogue)
+    await client.flush()
+    capsys.readouterr()
+    code = await cli.cmd_health(cli.build_parser().parse_args(["health", "--nats-url", nats_url]))
+    out, err = capsys.readouterr()
+    assert code == 0  # the rogues' answers left out, the real instances all ready
+    assert "lifeline-dispatcher" in out and "lifeline-worker-backup" in out
+    assert "\x1b" not in out and "\\x1b]0;pwned\\x07\\x1b[2J" in out
+    assert f"left out {len(ROGUE_STATS)} answer(s)" in err
+
+
+async def test_stopping_the_probes_ends_the_connections_they_serve():
+    """Python 3.11's wait_closed leaves a connection's handler running; each one still open
+    as the loop closed logged a traceback (a client that holds thousands open floods the
+    log at every stop)."""
+    probes = Probes([])
+    await probes.start("127.0.0.1:0")
+    held = [await asyncio.open_connection("127.0.0.1", probes.port) for _ in range(20)]
+    for _, writer in held:
+        writer.write(b"GET /readyz HTTP/1.1\r\n")  # and never the rest of the head
+    await wait_for(lambda: len(probes._serving) == 20)
+    await probes.stop()
+    assert not probes._serving
+    for reader, writer in held:
+        with contextlib.suppress(ConnectionResetError):  # hung up on, either way
+            assert await reader.read() == b""
+        writer.close()
