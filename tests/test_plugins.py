@@ -532,21 +532,21 @@ def test_a_model_module_interrupting_its_import_fails_check_config_with_one_line
 async def test_a_stream_that_never_awaits_leaves_its_worker_serving_and_ends_at_its_deadline(
     model_worker, client
 ):
-    """`while True: yield "."` in an async stream: the worker still answers its other calls at
-    once, holds no pile of chunks, and the stream's deadline stops it."""
+    """`while True: yield "."` in an async stream: the worker still answers its other calls
+    (each well within its deadline, half the stream's: a worker held by the stream answers
+    none before the stream's ends), holds no pile of chunks, and the stream's deadline stops
+    it."""
     worker = model_worker(python("HotStream"))
-    started = time.monotonic()
     hot = asyncio.ensure_future(
-        ask_worker(client, "go", deadline_s=3, stream_to="lifeline-test.nobody")
+        ask_worker(client, "go", deadline_s=6, stream_to="lifeline-test.nobody")
     )
     await asyncio.sleep(0.3)
-    for _ in range(10):
-        reply = await ask_worker(client, "ping", deadline_s=1)
+    for _ in range(5):
+        reply = await ask_worker(client, "ping", deadline_s=3)
         assert isinstance(reply, ProviderOk) and reply.content == "pong", reply
         await asyncio.sleep(0.1)
     end = await hot
     assert isinstance(end, ProviderFailure) and end.kind == "timeout", end
-    assert time.monotonic() - started < 5
     assert worker.memory_kib()["VmHWM"] < 150 * 1024  # it grew to 500 MB, chunks queued
 
 
@@ -556,10 +556,8 @@ async def test_a_worker_exits_soon_after_sigterm_while_a_models_thread_hangs(mod
     worker = model_worker(python("HangsInItsThread", timeout_s=0.5))  # hangs for 30 s
     reply = await ask_worker(client, "hang", deadline_s=0.5)
     assert isinstance(reply, ProviderFailure) and reply.kind == "timeout"
-    started = time.monotonic()
     worker.proc.terminate()
-    assert await asyncio.to_thread(worker.proc.wait, 10) == 0
-    assert time.monotonic() - started < 5
+    assert await asyncio.to_thread(worker.proc.wait, 10) == 0  # not the model's 30 s
 
 
 # ---- installed kinds: no package's class served, or ignored, without a word -------------------
