@@ -538,11 +538,11 @@ async def test_a_stream_that_never_awaits_leaves_its_worker_serving_and_ends_at_
     it."""
     worker = model_worker(python("HotStream"))
     hot = asyncio.ensure_future(
-        ask_worker(client, "go", deadline_s=6, stream_to="lifeline-test.nobody")
+        ask_worker(client, "go", deadline_s=4, stream_to="lifeline-test.nobody")
     )
     await asyncio.sleep(0.3)
-    for _ in range(5):
-        reply = await ask_worker(client, "ping", deadline_s=3)
+    for _ in range(3):
+        reply = await ask_worker(client, "ping", deadline_s=2)
         assert isinstance(reply, ProviderOk) and reply.content == "pong", reply
         await asyncio.sleep(0.1)
     end = await hot
