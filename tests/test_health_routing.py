@@ -518,14 +518,14 @@ async def test_a_breaker_opened_while_the_bucket_was_out_of_reach_outlives_its_o
                 closed.since_unix_ms,
             )
 
-        await wait_for(a_saw_the_close)
+        await wait_for(a_saw_the_close, timeout_s=15)  # a watch's delivery, on a busy machine
         a.store._degrade(TimeoutError("a put timed out"))  # a loses the bucket a moment
         for _ in range(2):
             a.record("p", "m", breaker, False, "server_error")
         assert a.of("p", "m").state == OPEN
         await a.store._stop_watcher()  # and reconnects, as its maintenance does
         await a.store._connect(a)
-        await wait_for(lambda: b.of("p", "m").state == OPEN, timeout_s=5)
+        await wait_for(lambda: b.of("p", "m").state == OPEN, timeout_s=15)
         assert a.of("p", "m").state == OPEN
     finally:
         await a.stop()
