@@ -888,6 +888,10 @@ def _chain(steps: Sequence[Step]) -> str:
 def _print_started(config: Config, url: str) -> None:
     _describe(config)
     hint = "" if url == LOCAL_NATS else f" --nats-url {redact_url(url)}"
+    if "default" not in config.routes and config.routes:  # ask's --route is "default" unless told
+        hint += f" --route {shlex.quote(next(iter(config.routes)))}"
+    elif not config.routes and (named := [*config.targets, *config.providers]):
+        hint += f" --target {shlex.quote(named[0])}"  # no route: a target (or a provider)
     print(
         f"dispatcher ready on {subjects.COMPLETE} at {redact_url(url)}. In another shell:\n"
         f'  {_own_command()} ask{hint} "Why did the chicken cross the road?"\nCtrl-C to stop.',
@@ -1612,8 +1616,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with several types
         print(
             f"lifeline: cannot read bucket {args.bucket} on {redact_url(url)} "
-            f"({type(exc).__name__}: {exc}); is JetStream enabled on that server? "
-            "Without it each dispatcher keeps its own breaker view",
+            f"({jetstream.hint(exc, 1)}). Without it each dispatcher keeps its own breaker view",
             file=sys.stderr,
         )
         return 1

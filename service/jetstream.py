@@ -42,6 +42,12 @@ def hint(exc: BaseException, replicas: int) -> str:
             f"{what}; another stream already takes these subjects: remove it, or name that "
             "stream in the config (audit.stream, jobs.stream)"
         )
+    if isinstance(exc, TimeoutError):  # nats-py's TimeoutError is one too
+        return (
+            f"{what}; no answer in time: is JetStream on (nats-server -js)? May this NATS user "
+            "use this stream or bucket (under `lifeline nats-config`, a client may not read the "
+            "results bucket or the audit stream)? On a cluster, are enough servers up?"
+        )
     return (
         f"{what}; is JetStream on (nats-server -js), and, on a cluster, are enough of its "
         "servers up to elect leaders?"

@@ -19,6 +19,7 @@ from helpers import (
     LIFELINE,
     ROOT,
     cli_env,
+    fake,
     rest_of_output,
     run_lifeline,
     spawn_lifeline,
@@ -568,3 +569,17 @@ def test_audit_prints_what_another_client_wrote_without_its_escape_sequences(run
         assert audit.returncode == 0, audit.stderr
         assert "\x1b" not in audit.stdout and "\u009b" not in audit.stdout
         assert "pwned" in audit.stdout
+
+
+def test_the_start_banner_suggests_an_ask_the_config_can_answer(capsys):
+    """It always suggested the route "default": a config without one got unknown_route."""
+    from service.cli import LOCAL_NATS, _print_started
+    from service.config import parse_config
+
+    for routes, expected in (
+        ({"main": {"targets": ["solo"]}}, "ask --route main "),
+        ({}, "ask --target solo "),
+        ({"default": {"targets": ["solo"]}}, 'ask "Why'),
+    ):
+        _print_started(parse_config({"providers": {"solo": fake()}, "routes": routes}), LOCAL_NATS)
+        assert expected in capsys.readouterr().out

@@ -671,6 +671,8 @@ def test_a_cluster_short_of_servers_for_the_replicas_is_named():
         "others, or lower it"
     )
     assert "is JetStream on (nats-server -js)" in jetstream_hint(TimeoutError(), 1)
+    # A timeout may be a permission too: a least-privilege client reading the results bucket.
+    assert "May this NATS user use this stream or bucket" in jetstream_hint(TimeoutError(), 1)
 
 
 async def test_a_jobs_stream_made_with_other_settings_is_used_as_it_is(lifeline, client):
