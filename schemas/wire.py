@@ -184,6 +184,9 @@ KindOrStatus = Annotated[str, Meta(max_length=64)] | int
 # makes those larger than a NATS message may be.
 MAX_NAME_LENGTH = 256
 Name = Annotated[str, Meta(max_length=MAX_NAME_LENGTH)]
+# What a worker's failure message may carry into replies, audit events and spans: its texts
+# are untrusted input (its model name is bounded as a name).
+MAX_MESSAGE_CHARS = 1000
 # What a request may list (targets, fallback_on, faults): more than any chain needs, few
 # enough that a reply listing an attempt or an error for each stays small.
 MAX_LIST_LENGTH = 64

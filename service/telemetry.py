@@ -56,7 +56,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas import ProviderOk
 from schemas.subjects import TRACEPARENT, TRACESTATE
-from schemas.wire import MAX_NAME_LENGTH
+from schemas.wire import MAX_MESSAGE_CHARS, MAX_NAME_LENGTH
 
 log = logging.getLogger("lifeline.telemetry")
 
@@ -844,10 +844,7 @@ def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
     if reply.status_code is not None:
         attributes["http.response.status_code"] = reply.status_code
     span.set_attributes(attributes)
-    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message[:_MAX_MESSAGE_CHARS]))
-
-
-_MAX_MESSAGE_CHARS = 2000
+    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message[:MAX_MESSAGE_CHARS]))
 
 
 def annotate_cancelled(span: trace.Span | LiteSpan, exc: BaseException | None) -> None:

@@ -57,6 +57,8 @@ from schemas.subjects import (
 )
 from schemas.wire import (
     ERROR_KINDS,
+    MAX_MESSAGE_CHARS,
+    MAX_NAME_LENGTH,
     REPLY_TOO_LARGE,
     ToolCallDelta,
     clipped,
@@ -73,9 +75,6 @@ from service.streaming import StreamLimits
 log = logging.getLogger("lifeline.transport")
 
 _KINDS = frozenset(ERROR_KINDS)
-# What a worker's reply may put into replies and audit events: its texts are untrusted input.
-MAX_MESSAGE_CHARS = 1000
-MAX_MODEL_CHARS = 256
 # Room kept in every message of a stream for its headers: a chunk may use max_payload minus this.
 STREAM_HEADER_ROOM = 1024
 
@@ -216,8 +215,8 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
     """A worker's reply with its free texts cut to a size that replies and audit events can
     carry."""
     if isinstance(reply, ProviderOk):
-        if len(reply.model) > MAX_MODEL_CHARS:
-            return msgspec.structs.replace(reply, model=reply.model[:MAX_MODEL_CHARS])
+        if len(reply.model) > MAX_NAME_LENGTH:
+            return msgspec.structs.replace(reply, model=reply.model[:MAX_NAME_LENGTH])
         return reply
     if reply.kind not in _KINDS:  # a worker of another language's, say: what policy knows
         message = f"worker answered an unknown error kind {reply.kind[:64]!r}: {reply.message}"
