@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import subprocess
 import time
 
 import nats.js.api
@@ -14,14 +13,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from helpers import (
-    LIFELINE,
-    ROOT,
     USER_HELLO,
     Service,
     ask,
-    cli_env,
     config,
     fake,
+    run_lifeline,
     settled,
     wait_for,
 )
@@ -324,14 +321,7 @@ def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_p
     service = Service(tmp_path, nats_url, config({"main": fake()}), env)
     try:
         dispatcher = service.dispatcher()
-        reply = subprocess.run(
-            [*LIFELINE, "ask", "--nats-url", nats_url, "hello"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=cli_env(),
-            cwd=ROOT,
-        )
+        reply = run_lifeline("ask", "--nats-url", nats_url, "hello")
         assert "no_responders" in reply.stdout + reply.stderr  # a request, so spans to export
         time.sleep(0.2)  # its spans on their way to the collector that hangs
         dispatcher.proc.send_signal(signal.SIGTERM)

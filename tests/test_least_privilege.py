@@ -36,6 +36,7 @@ from helpers import (
     cli_env,
     config,
     fake,
+    run_lifeline,
     wait_for,
     write_config,
 )
@@ -461,14 +462,8 @@ async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured)
 def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -> None:
     """`lifeline ask` as a client user without NATS_INBOX_PREFIX waited out its timeout and
     blamed the dispatcher; the server had refused its inbox, which it now says, with the fix."""
-    env = cli_env(**secured.env("bob"))
-    asked = subprocess.run(
-        [*LIFELINE, "ask", "--timeout", "1", "hello"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
+    asked = run_lifeline(
+        "ask", "--timeout", "1", "hello", env=cli_env(**secured.env("bob")), timeout_s=60
     )
     assert asked.returncode != 0
     assert "refused this connection's subscription to its inbox" in asked.stderr, asked.stderr
