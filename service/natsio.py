@@ -488,9 +488,12 @@ class _FastParser(Parser):
                 self.buf[:0] = left
         return len(left) < end
 
-    def _take(self) -> int:
-        """Handle the complete fast-path messages at the front of the buffer; bytes used."""
-        buf, pos, nc = self.buf, 0, self.nc
+    def _take(self, buf: bytes | bytearray | None = None) -> int:
+        """Handle the complete fast-path messages at the front of `buf` (by default the
+        parser's buffer); bytes used."""
+        if buf is None:
+            buf = self.buf
+        pos, nc = 0, self.nc
         while True:
             end = buf.find(b"\r\n", pos)
             if end < 0:
@@ -576,18 +579,14 @@ class _DirectReader(asyncio.Protocol):
         ):
             self.inner.data_received(data)  # type: ignore[attr-defined]
             return
-        buf = parser.buf
-        buf.extend(data)
         parser.path.last_read = 0
-        try:
-            taken = parser._take()
+        try:  # read where it lies: slices of bytes are one copy, of the buffer two
+            taken = parser._take(data)
         except Exception:  # not expected (_take guards its handlers): nats-py's parser decides
             log.exception("the fast path failed on a read; left to nats-py's parser")
             taken = 0
-        rest = bytes(buf[taken:])
-        buf.clear()
-        if rest:
-            self.inner.data_received(rest)  # type: ignore[attr-defined]
+        if taken < len(data):
+            self.inner.data_received(data[taken:] if taken else data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()  # type: ignore[attr-defined]

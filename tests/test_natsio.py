@@ -314,6 +314,28 @@ async def test_header_names_seen_before_are_still_checked_line_by_line(nats_url)
         await nc.close()
 
 
+def test_header_blocks_read_as_nats_py_reads_them():
+    """The fast path's header parse gives what nats-py's own parser gives, for the blocks
+    Lifeline sends and for odd ones: invalid UTF-8 in a value or a name, whitespace bytes
+    that bytes.strip() and str.strip() treat differently, names without a value, spaces
+    around a name, a name nats-py skips."""
+    from nats.aio.client import Client
+
+    values = [b"1", b" v ", b"\xe2\x82", b"a\xffb", b"x\x1c", b"\x85y", b"\xc2\xa0", b"", b"a:b"]
+    names = [b"Lifeline-Deadline-Ms", b"traceparent", b"X-Made-Up", b" Spaced ", b"N\xc3\xa9"]
+    lines = [name + b":" + value for name in names for value in values]
+    lines += [b"no colon", b"Bad Name: 1", b"\x01Ctl: 2"]
+    random = __import__("random").Random(7)
+    for _ in range(2000):
+        block = b"NATS/1.0\r\n" + b"".join(
+            line + b"\r\n" for line in random.sample(lines, random.randint(1, 5))
+        )
+        block += b"\r\n"
+        assert natsio._plain_headers(Client, block) == (
+            Client._parse_header_lines(block[10:]) or None
+        ), block
+
+
 async def test_a_write_that_fails_leaves_its_messages_to_nats_pys_reconnect(nats_url):
     """The socket can close before nats-py notices; an urgent write then must not raise into
     the request that published, and what it held goes back to nats-py's pending buffer, which
