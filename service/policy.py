@@ -365,7 +365,8 @@ class _Run:
         self.rand = rand
         self.attempts: list[Attempt] = attempts if attempts is not None else []
         # The calls running, until their outcome: what a cancelled walk cut short.
-        self.calling: dict[tuple[int, float], tuple[Target, float, bool]] = {}
+        # (The output of one that streams to the client, once it does: how much it sent.)
+        self.calling: dict[tuple[int, float], tuple[Target, float, bool, Started | None]] = {}
         # Health keys whose probe this request holds (None: none, the common case, no set made).
         self.claims: set[tuple[str, str]] | None = None
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
@@ -465,6 +466,7 @@ class _Run:
             reply = await self.call(target, timeout_s, self._previous(target))
             if isinstance(reply, Started):
                 output = reply
+                self._streaming(target, started, output)
                 reply = await output.end()
                 return self.finish(target, reply, started, timeout_s, probe, output.delivered)
             return self.finish(target, reply, started, timeout_s, probe)
@@ -472,13 +474,20 @@ class _Run:
 
     def _calling(self, target: Target, started: float, hedge: bool = False) -> float:
         """A call of `target` starts at `started` (returned)."""
-        self.calling[(id(target), started)] = (target, started, hedge)
+        self.calling[(id(target), started)] = (target, started, hedge, None)
         return started
 
+    def _streaming(self, target: Target, started: float, output: Started) -> None:
+        """The call of `target` started at `started` streams to the client through `output`."""
+        key = (id(target), started)
+        if key in self.calling:
+            self.calling[key] = (*self.calling[key][:3], output)
+
     def cut_short(self) -> None:
-        """The walk was cancelled: the calls still running are cancelled attempts."""
+        """The walk was cancelled: the calls still running are cancelled attempts (one that
+        streamed says how many chunks the client got)."""
         now = self.clock()
-        for target, started, hedge in self.calling.values():
+        for target, started, hedge, output in self.calling.values():
             latency_ms = (now - started) * 1000
             self.attempts.append(
                 Attempt(
@@ -488,6 +497,7 @@ class _Run:
                     latency_ms,
                     target=target.name,
                     hedge=hedge,
+                    chunks=0 if output is None else output.delivered,
                 )
             )
         self.calling.clear()
@@ -606,6 +616,7 @@ class _Run:
                 running.clear()
                 if isinstance(reply, Started):
                     output = reply
+                    self._streaming(first, started, output)
                     reply = await output.end()
                     return self.finish(first, reply, started, timeout_s, streamed=output.delivered)
                 return self.finish(first, reply, started, timeout_s)
@@ -648,6 +659,7 @@ class _Run:
                 call = running.pop(task)
                 reply = task.result()
                 if isinstance(reply, Started):
+                    self._streaming(call.target, call.started, reply)
                     try:
                         cancelled = await self._cancel(running, hedge=not call.hedge)
                     except BaseException:  # cancelled itself meanwhile: the output stops too

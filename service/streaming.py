@@ -82,6 +82,7 @@ class Stream(Protocol):
 class Relay:
     __slots__ = (
         "_arrived",
+        "_closed",
         "_continuing",
         "_cut",
         "_first_at",
@@ -118,6 +119,10 @@ class Relay:
         self._cut: tuple[int, ProviderFailure] | None = None
         self.chunks = 0
         self.resets = 0
+        # The end or error event went: nothing may follow it. An attempt's task can still be
+        # reading chunks then (a hedging route's first call, cancelled a turn after its
+        # request was aborted): they are dropped here.
+        self._closed = False
 
     def follow(
         self, on_midstream: str, validate: Validate | None, on_event: OnEvent | None
@@ -160,6 +165,8 @@ class Relay:
 
     def on_chunk(self, number: int) -> Callable[[bytes, bool], None]:
         def chunk(data: bytes, tool: bool = False) -> None:
+            if self._closed:
+                return
             if self.owner != number:
                 if self.owner:
                     return  # a rival that lost the race to the first chunk: it is cancelled next
@@ -222,6 +229,7 @@ class Relay:
         return self.owner or self.attempts
 
     async def end(self, reply: CompletionReply) -> CompletionReply:
+        self._closed = True
         reply = msgspec.structs.replace(reply, content=None, stream=self.stats())
         return await self._sink.end(reply, self.serving())
 
@@ -252,6 +260,8 @@ class Relay:
             self._partial = (number, failure)
 
     def _reset(self, attempt: int, discard: int, failure: ProviderFailure) -> None:
+        if self._closed:
+            return
         if discard:  # every delta the client holds: nothing of the failed answer stays
             self._parts.clear()
             self._held, self._tool_held = 0, False
@@ -271,7 +281,7 @@ class Relay:
 class _Output(Started):
     """An attempt that owns the output: the policy waits for its end here."""
 
-    __slots__ = ("_abandoned", "_finished", "_number", "_relay", "_stream", "delivered")
+    __slots__ = ("_abandoned", "_delivered", "_finished", "_number", "_relay", "_stream")
 
     def __init__(self, relay: Relay, number: int, stream: Stream, finished: Finished) -> None:
         self._relay = relay
@@ -279,7 +289,15 @@ class _Output(Started):
         self._stream = stream
         self._finished = finished
         self._abandoned = False
-        self.delivered = 0
+        self._delivered: int | None = None  # as its stream ended
+
+    @property
+    def delivered(self) -> int:  # type: ignore[override]
+        """The chunks of this attempt the client got: so far, or as its stream ended."""
+        if self._delivered is not None:
+            return self._delivered
+        relay = self._relay
+        return relay._owner_sent if relay.owner == self._number else 0
 
     async def end(self) -> ProviderReply:
         try:
@@ -287,9 +305,8 @@ class _Output(Started):
         except BaseException:
             self.abandon()
             raise
-        relay = self._relay
-        self.delivered = relay._owner_sent if relay.owner == self._number else 0
-        reply = relay.ended(self._number, reply)
+        self._delivered = self.delivered
+        reply = self._relay.ended(self._number, reply)
         self._finished(reply)
         return reply
 

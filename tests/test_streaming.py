@@ -376,8 +376,17 @@ async def test_a_refused_stream_request_gets_one_error_event_and_one_audit_event
     events = await events_of(client, bad)
     assert kinds(events) == ["error"] and events[0].seq == 1
     assert events[0].reply.error.type == "unknown_route"
+    assert events[0].attempt == 0  # no attempt started (README, schemas/spec)
     [(subject, _)] = await audit.wait_for(1)
     assert subject == "llm.audit.error"
+
+
+async def test_an_error_event_with_every_target_skipped_names_attempt_0(lifeline, client):
+    await lifeline(config({"main": fake()}, route({"provider": "main", "json_output": False})))
+    events = await events_of(client, request(response_format={"type": "json_object"}))
+    assert kinds(events) == ["error"] and events[0].reply.error.type == "no_capable_target"
+    assert [a.outcome for a in events[0].reply.attempts] == ["skipped"]
+    assert events[0].attempt == 0
 
 
 async def test_every_streamed_request_ends_once_and_is_audited_once(lifeline, client, audit):
@@ -893,3 +902,70 @@ async def test_a_first_chunk_after_its_waiter_was_cancelled_is_no_error():
     stream.chunk(b"hello")
     assert stream.chunks == 1 and got == [b"hello"]
     stream.end(ProviderOk(content="", model="m", usage=Usage(1, 1)))
+
+
+async def test_nothing_follows_the_event_that_closes_a_stream():
+    """The relay's end (the end or error event) closes the stream: a chunk that comes later
+    (from an attempt whose task is cancelled a turn after the request was aborted, as a
+    hedging route's first call is) reaches no client, nor does a reset. Such chunks went out
+    after the error event in two of three runs of 150 streams aborted as their worker
+    started streaming, on a route with hedge_after_ms (separate processes; the race needs
+    the chunks to meet the abort in the dispatcher's read)."""
+    from service.streaming import Relay
+
+    class Recorded:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def delta(self, attempt: int, text: bytes) -> None:
+            self.events.append(f"delta {text.decode()}")
+
+        def tool_call(self, attempt: int, piece: bytes) -> None:
+            self.events.append("tool_call")
+
+        def reset(self, reset: Any) -> None:
+            self.events.append("reset")
+
+        async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
+            self.events.append(f"end {reply.status}")
+            return reply
+
+    sink = Recorded()
+    relay = Relay(sink, time.monotonic())
+    relay.follow("reset", None, None)
+    chunk = relay.on_chunk(relay.number())
+    chunk(b"a")
+    await relay.end(CompletionReply("r", "error"))
+    chunk(b"b")  # read before the attempt's task got its cancel
+    chunk(b"{}", True)
+    relay.ended(1, ProviderFailure("connection", "cut"))  # would reset the output
+    assert sink.events == ["delta a", "end error"]
+
+
+async def test_an_aborted_streams_attempt_counts_the_chunks_its_client_got(lifeline, client, audit):
+    """README: an attempt's `chunks` says how many chunks of it the client received. An
+    attempt cut short by an abort mid-stream said 0, in its reply and audit event, though its
+    client had its deltas and the end event's stream.chunks counted them."""
+    from schemas.streaming import Assembler
+
+    providers = {"main": fake(reply=" ".join(["word"] * 100), chunks=100, chunk_delay_ms=50)}
+    await lifeline(config(providers))
+    sub = await client.subscribe(client.new_inbox())
+    body = encoder.encode(request("hi", id="cut", timeout_s=30))
+    await client.publish(
+        subjects.STREAM, body, reply=sub.subject, headers={subjects.ABORT_KEY: "cut"}
+    )
+    assembler, deltas = Assembler(), 0
+    while deltas < 3:
+        msg = await sub.next_msg(timeout=10)
+        deltas += assembler.feed(msg.headers, msg.data).kind == "delta"
+    await client.publish(subjects.ABORT, b"cut")
+    while not assembler.done:
+        msg = await sub.next_msg(timeout=10)
+        event = assembler.feed(msg.headers, msg.data)
+        deltas += event.kind == "delta"
+    end = event.reply
+    assert end.error.type == "aborted" and end.stream.chunks == deltas
+    assert [(a.outcome, a.chunks) for a in end.attempts] == [("cancelled", deltas)]
+    [(_, audited)] = await audit.wait_for(1)
+    assert [(a.outcome, a.chunks) for a in audited.attempts] == [("cancelled", deltas)]
