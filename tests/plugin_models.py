@@ -271,3 +271,21 @@ class ExitsWhenAsked(Model):
 
     def close(self) -> None:
         raise SystemExit(5)
+
+
+# The numbers 0, 1, 2, ... written one after the other, 200,000 characters: a piece out of
+# place shows.
+TINY_TEXT = "".join(map(str, range(50_000)))[:200_000]
+
+
+class TinyPieces(Model):
+    """An async stream of TINY_TEXT, a character a piece, that never awaits (a tokenizer's loop
+    run on the event loop, say): every piece comes at once."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "pong"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str | Answer]:
+        for character in TINY_TEXT:
+            yield character
+        yield Answer(usage=Usage(1, len(TINY_TEXT)), finish_reason="stop")

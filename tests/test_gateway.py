@@ -1021,7 +1021,10 @@ async def test_a_stream_read_too_slowly_is_stopped_and_its_client_told(
     assert json.loads(events[-1][6:])["error"]["code"] == "stream_read_too_slowly", events[-1]
     assert b"data: [DONE]" not in answer_bytes
     written = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]]
-    assert 0 < len(written) < 4_000 and set(written) == {"abcd" * 250}  # cut short
+    # Each event whole fake pieces (past the worker's burst, pieces that come without a wait
+    # go out merged, several to a chunk), and cut short.
+    assert written and all(w == "abcd" * (len(w) // 4) and len(w) % 1000 == 0 for w in written)
+    assert 0 < len("".join(written)) < len(answer)
 
 
 async def test_a_burst_over_the_unread_bound_is_not_cut_while_its_client_reads(

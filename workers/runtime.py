@@ -21,6 +21,8 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -417,48 +419,127 @@ class WorkerRuntime:
         self, request: ProviderRequest, timeout_s: float, stream_to: str
     ) -> ProviderReply:
         """Publish the provider's text deltas to `stream_to` as they come; the end's
-        ProviderOk says how many chunks went out."""
+        ProviderOk says how many chunks went out.
+
+        A stream whose pieces come without a wait in between (an async generator that never
+        awaits) would make a chunk message of each, some 100,000 a second for its dispatcher
+        to relay, every other request through it waiting meanwhile. So the first
+        `_STREAM_BURST` pieces of such a run go out one by one, as they come, and the rest are
+        held and go out together, as one chunk (up to max_bytes): when the stream is about to
+        wait (see `_Next`), before a tool-call piece or the end, and when the event loop gets
+        a turn (`_give_way`). A piece that comes after a wait goes out at once, as before."""
         if reply_subject_refused(stream_to, chunks=True) is not None:  # not Lifeline's own
             return await self.provider.complete(request, timeout_s)
         path, nc = fast_path(self.nc), self.nc
         max_bytes = nc.max_payload - _STREAM_HEADER_ROOM
         scrub = self._scrub
         chunks = 0
-        # What this stream has queued since the event loop last had a turn, a chunk's subject
-        # and framing counted: a provider whose pieces come without a wait (an async generator
-        # that never awaits) would otherwise hold the loop until its stream ends, every other
-        # call and its deadline with it, and queue all of its chunks in memory meanwhile.
+        # What this stream has queued since the event loop last had a turn, a piece's subject
+        # and framing counted (held or not): a provider whose pieces come without a wait would
+        # otherwise hold the loop until its stream ends, every other call and its deadline
+        # with it, and queue all of its chunks in memory meanwhile.
         queued, framing = 0, len(stream_to) + _CHUNK_FRAMING
+        run = 0  # text pieces since the stream last waited
+        held: list[str] = []  # text past the run's first _STREAM_BURST pieces, not yet sent
+        held_bytes = 0
+        unsent: list[bytes] = []  # chunks, in order, the fast path could not take
+
+        def send_now() -> bool:
+            """The held text out as chunks (scrubbed together: a key split across its pieces
+            is found), through the fast path; False while some wait in `unsent` for nats-py's
+            publish (`send`)."""
+            nonlocal chunks, held_bytes
+            if held:
+                text = "".join(held)
+                held.clear()
+                held_bytes = 0
+                if scrub is not None:
+                    text = scrub.delta(text)
+                unsent.extend(pieces(text, max_bytes))
+            sent = 0
+            for chunk in unsent:
+                if not path.publish(stream_to, chunk):
+                    break
+                sent += 1
+            chunks += sent
+            del unsent[:sent]
+            return not unsent
+
+        async def send() -> None:
+            nonlocal chunks
+            if not send_now():
+                while unsent:
+                    await nc.publish(stream_to, unsent[0])
+                    del unsent[0]
+                    chunks += 1
+
+        def before_wait() -> None:  # called by _Next, synchronously: the stream waits next
+            nonlocal run
+            run = 0
+            if held or unsent:
+                send_now()  # what the fast path refuses goes once the stream's wait is over
+
         end: ProviderOk | None = None
         deltas = self.provider.stream(request, timeout_s)
+        next_item = _Next(deltas.__aiter__(), before_wait)
         try:
-            async for item in deltas:
-                if isinstance(item, ProviderOk):
+            while True:
+                try:
+                    item = await next_item
+                except StopAsyncIteration:
+                    break
+                if unsent:
+                    await send()
+                if isinstance(item, str):
+                    # Its size, checked as UTF-8 now (a lone surrogate fails here, as sent alone).
+                    size = len(item) if item.isascii() else len(item.encode())
+                    run += 1
+                    if run > _STREAM_BURST:
+                        if held and held_bytes + size > max_bytes:
+                            await send()
+                        held.append(item)
+                        held_bytes += size
+                    else:
+                        if scrub is not None:
+                            item = scrub.delta(item)
+                        for piece in pieces(item, max_bytes):
+                            if not path.publish(stream_to, piece):
+                                await nc.publish(stream_to, piece)
+                            chunks += 1
+                    queued += size + framing
+                elif isinstance(item, ProviderOk):
                     end = item
                     break
-                if scrub is not None:
-                    item = scrub.delta(item)
-                if isinstance(item, ToolCallDelta):
-                    payload = encoder.encode(item)
-                    if len(payload) > max_bytes:
-                        raise ProviderError(
-                            "response_too_large",
-                            f"{self.name} streamed a tool-call piece of {len(payload)} bytes, "
-                            f"above what a stream event may carry ({max_bytes})",
-                        )
-                    if not path.publish(stream_to, payload, headers=_TOOL_CALL):
-                        await nc.publish(stream_to, payload, headers=_TOOL_CALL)
-                    chunks += 1
-                    queued += len(payload) + framing
                 else:
-                    for piece in pieces(item, max_bytes):
-                        if not path.publish(stream_to, piece):
-                            await nc.publish(stream_to, piece)
+                    if held:
+                        await send()  # the text before it goes first
+                    if scrub is not None:
+                        item = scrub.delta(item)
+                    if isinstance(item, ToolCallDelta):
+                        payload = encoder.encode(item)
+                        if len(payload) > max_bytes:
+                            raise ProviderError(
+                                "response_too_large",
+                                f"{self.name} streamed a tool-call piece of {len(payload)} "
+                                f"bytes, above what a stream event may carry ({max_bytes})",
+                            )
+                        if not path.publish(stream_to, payload, headers=_TOOL_CALL):
+                            await nc.publish(stream_to, payload, headers=_TOOL_CALL)
                         chunks += 1
-                        queued += len(piece) + framing
+                        queued += len(payload) + framing
+                    else:
+                        for piece in pieces(item, max_bytes):  # no text: fails, as it did
+                            if not path.publish(stream_to, piece):
+                                await nc.publish(stream_to, piece)
+                            chunks += 1
+                            queued += len(piece) + framing
                 if queued > _STREAM_QUEUED_MAX:
                     queued = 0
+                    if held:
+                        await send()  # what came before the turn goes out in it
                     await _give_way(nc)
+            if end is not None and (held or unsent):
+                await send()  # before the end, which counts it
         finally:
             await deltas.aclose()
         if end is None:
@@ -474,12 +555,18 @@ _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their rep
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
-# A stream gives the event loop a turn after queueing this much (a chunk costs its bytes and
-# its framing, "PUB <subject> <size>\r\n...\r\n"): about 120 one-character chunks on a
-# dispatcher's inbox, about a millisecond of this worker's time (it publishes some 100,000
-# such chunks a second), so other calls' replies and deadlines wait no longer than that.
+# A stream gives the event loop a turn after queueing this much (a piece costs its bytes and
+# a chunk's framing, "PUB <subject> <size>\r\n...\r\n", whether it goes out alone or merged):
+# about 120 one-character pieces on a dispatcher's inbox, about a millisecond of this worker's
+# time at most (it publishes some 100,000 such chunks a second), so other calls' replies and
+# deadlines wait no longer than that.
 _STREAM_QUEUED_MAX = 8 * 1024
 _CHUNK_FRAMING = 16
+# Of a stream's pieces that come without a wait in between, this many go out one by one: a
+# burst (a read that brought several events, the fake provider's `chunks`) streams as it did;
+# past it, the rest of the run is held and goes out merged (see `_stream`), about a chunk per
+# turn of the event loop instead of one per piece.
+_STREAM_BURST = 64
 
 
 async def _give_way(nc: Client) -> None:
@@ -494,6 +581,49 @@ async def _give_way(nc: Client) -> None:
             await transport.drain()
         except (OSError, RuntimeError):  # the connection is going: nats-py's reconnect buffers
             pass
+
+
+class _Next:
+    """`await anext(stream)`, calling `before_wait()` when the stream is about to wait: its
+    `__anext__` did not finish at once, and the task is about to suspend on what it awaits
+    (a read, a timer, even `asyncio.sleep(0)`). Not called for an item that came at once.
+    Whatever is thrown in while it waits (a cancel) is the stream's, as with `await`."""
+
+    __slots__ = ("_before_wait", "_stream")
+
+    def __init__(self, stream: AsyncIterator[Any], before_wait: Callable[[], None]) -> None:
+        self._stream = stream
+        self._before_wait = before_wait
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        step = self._stream.__anext__().__await__()
+        try:
+            awaited = step.send(None)
+        except StopIteration as done:  # it came at once (StopAsyncIteration goes through)
+            return done.value
+        thrown: BaseException | None = None
+        try:
+            self._before_wait()
+        except BaseException as exc:  # noqa: BLE001 - a bug: the stream gets it, at its wait
+            thrown = exc
+        while True:  # `yield from step`, which has already yielded `awaited`
+            sent = None
+            if thrown is None:
+                try:
+                    sent = yield awaited
+                except GeneratorExit:
+                    step.close()
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - a cancel: the stream's to handle
+                    thrown = exc
+            try:
+                if thrown is None:
+                    awaited = step.send(sent)
+                else:
+                    exc, thrown = thrown, None
+                    awaited = step.throw(exc)
+            except StopIteration as done:
+                return done.value
 
 
 def _failure(exc: ProviderError) -> ProviderFailure:
