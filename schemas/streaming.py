@@ -18,9 +18,10 @@ subject of its own that it subscribed to first, and receives one NATS message pe
 
 Every event carries Lifeline-Seq (1, 2, 3, ... per request) and Lifeline-Attempt (the attempt
 it belongs to: 1, 2, ... in the order attempts started, as the non-skipped entries of the
-reply's `attempts` are listed). Exactly one end or error event closes a stream. Core NATS
-drops messages for a consumer that falls too far behind: a missing Lifeline-Seq means the
-text cannot be trusted, and Assembler raises StreamGap.
+reply's `attempts` are listed; 0 on an error event when no attempt started). Exactly one end
+or error event closes a stream. Core NATS drops messages for a consumer that falls too far
+behind: a missing Lifeline-Seq means the text cannot be trusted, and Assembler raises
+StreamGap.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ DISPATCHER_QUEUE = "lifeline-dispatchers"
 # events) stops nothing.
 ABORT = "llm.abort"
 ABORT_KEY = "Lifeline-Abort-Key"
+# A longer key (or one a request in flight already uses) is accepted, but stops nothing.
+MAX_ABORT_KEY_LENGTH = 256
 
 # Durable jobs: the same request body, published through JetStream with its id as Nats-Msg-Id
 # (service/jobs.py). A job's result is kept in a JetStream KV bucket under job_key(id), and,

@@ -129,8 +129,11 @@ class ChatMessage(Struct, frozen=True, omit_defaults=True):
         return sum(1 for part in content if isinstance(part, ImagePart))
 
 
-# What the __post_init__ checks above enforce, said in JSON Schema for other languages:
-# msgspec's schemas cannot carry them, so service/wire_spec.py adds these to the definitions.
+# What the __post_init__ checks above enforce, and the rules a dispatcher checks whatever its
+# config when it plans a request (service.shaping.output_validator), said in JSON Schema for
+# other languages: msgspec's schemas cannot carry them, so service/wire_spec.py adds these to
+# the definitions. (A named tool_choice must name one of the request's tools: no JSON Schema
+# says that; NamedTool's description does.)
 SCHEMA_RULES: dict[str, dict[str, Any]] = {
     "ImagePart": {
         "oneOf": [
@@ -150,6 +153,39 @@ SCHEMA_RULES: dict[str, dict[str, Any]] = {
             "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
         },
     },
+    "ResponseFormat": {
+        "allOf": [
+            {
+                "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+                "then": {
+                    "required": ["json_schema"],
+                    "properties": {"json_schema": {"type": "object"}},
+                },
+            },
+            {
+                "if": {"required": ["type"], "properties": {"type": {"const": "regex"}}},
+                "then": {
+                    "required": ["pattern"],
+                    "properties": {"pattern": {"type": "string", "minLength": 1}},
+                },
+            },
+        ]
+    },
+    "CompletionRequest": {  # "required" or a named tool needs tools to call
+        "if": {
+            "required": ["tool_choice"],
+            "properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
+        },
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+    },
+}
+# Fields of a Struct shared with the config that only the config may set, with why: the wire's
+# schema allows them only null (as msgspec encodes a TargetSpec's defaults) or left out, since
+# service.routing refuses a request that sets one.
+CONFIG_ONLY: dict[str, dict[str, str]] = {
+    "TargetSpec": {
+        "breaker": "circuit breakers are set in the config, not per request: null or left out"
+    }
 }
 
 
@@ -162,7 +198,8 @@ class Tool(Struct, frozen=True, omit_defaults=True):
 
 
 class NamedTool(Struct, frozen=True):
-    """tool_choice naming one tool: the model must call that one."""
+    """tool_choice naming one tool: the model must call that one. It must be one of the
+    request's tools: a request naming another is refused (invalid_request)."""
 
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # as Tool's
 
@@ -176,8 +213,14 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]
 MaxTokens = Annotated[int, Meta(ge=1)]
+# An HTTP error status, as the schema says it: the rule is checked when a request is planned
+# (schemas.errors.kind_or_status_problem), not by the decoder.
+HttpErrorStatus = Annotated[int, Meta(extra_json_schema={"minimum": 400, "maximum": 599})]
 # An error kind (ERROR_KINDS) or an HTTP error status, as in fallback_on and retry_on.
-KindOrStatus = Annotated[str, Meta(max_length=64)] | int
+KindOrStatus = (
+    Annotated[str, Meta(max_length=64, extra_json_schema={"enum": list(ERROR_KINDS)})]
+    | HttpErrorStatus
+)
 
 # A route's, a target's, a provider's, a model's or a template's name. Each comes back in
 # replies, attempts and audit events (and in the error that refuses it): bounded, so no name
@@ -190,6 +233,22 @@ MAX_MESSAGE_CHARS = 1000
 # What a request may list (targets, fallback_on, faults): more than any chain needs, few
 # enough that a reply listing an attempt or an error for each stays small.
 MAX_LIST_LENGTH = 64
+
+
+# The request parameters a target may drop (`drop = ["seed", "stop"]`): never sent to it.
+DROPPABLE = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+)
+# One of DROPPABLE, as the schema says it (the config's check, service.config, refuses others).
+Droppable = Annotated[str, Meta(extra_json_schema={"enum": list(DROPPABLE)})]
 
 
 class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -240,8 +299,8 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     stop: list[str] | None = None
     seed: int | None = None
     parallel_tool_calls: bool | None = None
-    # Request parameters never sent to this target (service.shaping.DROPPABLE), e.g. ["seed"].
-    drop: list[str] = []
+    # Request parameters never sent to this target (DROPPABLE), e.g. ["seed"].
+    drop: list[Droppable] = []
 
 
 class JsonSchemaFormat(Struct, frozen=True, omit_defaults=True):
@@ -266,8 +325,28 @@ class ResponseFormat(Struct, frozen=True, forbid_unknown_fields=True, omit_defau
 PREVIOUS_ERRORS = "lifeline_previous_errors"
 
 # A simulated failure for one target (see CompletionRequest.faults): "timeout", an error
-# kind, "invalid_output" or an HTTP status; "ok" or null lets the real call through.
-Fault = Annotated[str, Meta(max_length=64)] | int | None
+# kind, "invalid_output" or an HTTP status; "ok" or null lets the real call through; on
+# llm.stream, "<error kind or status> after N" (service.faults, which checks them).
+Fault = (
+    Annotated[
+        str,
+        Meta(
+            max_length=64,
+            extra_json_schema={
+                "anyOf": [
+                    {"enum": ["ok", *ERROR_KINDS]},
+                    {
+                        "pattern": "^(?:"
+                        + "|".join(k for k in ERROR_KINDS if k != "timeout")
+                        + r"|[45][0-9]{2}) after [0-9]+$"
+                    },
+                ]
+            },
+        ),
+    ]
+    | HttpErrorStatus
+    | None
+)
 
 
 # A request id travels in the body, in a header and in every reply and audit event.
@@ -401,7 +480,7 @@ class AuditEvent(Struct, frozen=True):
     target: str | None = None
     template: str | None = None
     stream: StreamStats | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     tools_called: list[str] = []  # the names of the tools the answer calls (never the arguments)
 
 

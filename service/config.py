@@ -28,10 +28,10 @@ import msgspec
 from msgspec import Meta, Struct
 
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
-from schemas.wire import MAX_NAME_LENGTH, OnMidstream, TargetSpec
+from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
 from service.health import BreakerSettings
 from service.natsopts import NatsSettings
-from service.shaping import DROPPABLE, Template
+from service.shaping import Template
 from workers.base import ProviderSettings
 from workers.registry import known_kinds, parse_settings, settings_type
 

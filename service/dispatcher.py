@@ -51,7 +51,7 @@ log = logging.getLogger("lifeline.dispatcher")
 _TRIM_AFTER_PEAK = 256  # requests in flight at once that make a burst worth trimming memory after
 _YIELD_EVERY = 32  # "overloaded" answers between two yields to the event loop
 _ANSWER_AFTER_CANCEL_S = 2.0  # for a request cut short at shutdown to send its reply and audit
-_ABORT_KEY_MAX = 256  # characters: a longer Lifeline-Abort-Key makes a request not abortable
+_ABORT_KEY_MAX = subjects.MAX_ABORT_KEY_LENGTH  # a longer Lifeline-Abort-Key: not abortable
 # Answered without being served: their latency says nothing of overloaded's retry_after_s.
 _REFUSALS = frozenset((OVERLOADED, REPLY_SUBJECT_REFUSED))
 

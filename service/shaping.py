@@ -46,20 +46,6 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("`user` must contain {input}, or the user's message would be dropped")
 
 
-# The request parameters a target may drop (`drop = ["seed", "stop"]`): never sent to it.
-DROPPABLE = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "stop",
-    "seed",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-)
-
-
 class Shaping(NamedTuple):
     """A target's own request parameters; None leaves the request's value."""
 
@@ -72,7 +58,7 @@ class Shaping(NamedTuple):
     stop: tuple[str, ...] | None = None
     seed: int | None = None
     parallel_tool_calls: bool | None = None
-    drop: frozenset[str] = frozenset()  # of DROPPABLE: left out of what this target is sent
+    drop: frozenset[str] = frozenset()  # of schemas.wire.DROPPABLE: left out of what it is sent
 
 
 def shape(

@@ -93,12 +93,43 @@ def schema_components(
     types: Sequence[Any], ref_template: str
 ) -> tuple[tuple[dict[str, Any], ...], dict[str, dict[str, Any]]]:
     """msgspec's JSON Schemas of `types` and the Structs they use, with the rules their
-    __post_init__ checks add (schemas.wire.SCHEMA_RULES) in their definitions."""
+    checks add (schemas.wire.SCHEMA_RULES) in their definitions, the fields only the config
+    may set (schemas.wire.CONFIG_ONLY) allowed only null, and each integer said to be written
+    without a fraction."""
     tops, components = msgspec.json.schema_components(types, ref_template=ref_template)
+    for name, fields in wire.CONFIG_ONLY.items():
+        if name in components:
+            schema = components[name]
+            properties = {
+                key: {"type": "null", "description": fields[key], "default": None}
+                if key in fields
+                else value
+                for key, value in schema["properties"].items()
+            }
+            components[name] = {**schema, "properties": properties}
     for name, rules in wire.SCHEMA_RULES.items():
         if name in components:
             components[name] = {**components[name], **rules}
-    return tops, components
+    return tops, {name: _integers_described(s) for name, s in components.items()}
+
+
+INTEGER = "an integer, written without a fraction: 256, not 256.0 (which Lifeline refuses)"
+
+
+def _integers_described(node: Any) -> Any:
+    """`node` with INTEGER as the description of each integer schema in it (JSON Schema counts
+    256.0 as an integer; msgspec's decoders, strict, do not)."""
+    if isinstance(node, list):
+        return [_integers_described(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        key: value if key in ("enum", "const", "default") else _integers_described(value)
+        for key, value in node.items()
+    }
+    if out.get("type") == "integer":
+        out.setdefault("description", INTEGER)
+    return out
 
 
 def _schema(schema: dict[str, Any]) -> Callable[[CoreSchema, GetJsonSchemaHandler], Any]:
@@ -134,6 +165,18 @@ AbortKey = Annotated[
     Field(title="AbortKey", description=f"the {subjects.ABORT_KEY} the request was sent with"),
 ]
 NoResult = Annotated[str, Field(title="NoResult", description="an empty body", max_length=0)]
+OCTETS = "application/octet-stream"
+# A dead letter's body: whatever the job's was.
+SubmittedJob = Annotated[
+    bytes,
+    Field(
+        title="SubmittedJob",
+        description="the job's body, byte for byte as it was submitted: normally a "
+        "CompletionRequest's JSON, but any bytes (not JSON, not UTF-8: whatever failed); "
+        "empty when the body was left out because the message would not fit max_payload "
+        "with it",
+    ),
+]
 JobId = Annotated[
     str, Field(title="JobId", description="a job's id: its body's id, else its Nats-Msg-Id")
 ]
@@ -147,6 +190,7 @@ class Header:
     required: bool = False
     const: str | None = None
     pattern: str | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +200,7 @@ class Message:
     summary: str
     headers: tuple[Header, ...] = ()
     without: tuple[str, ...] = ()  # headers it never carries (what tells it from the others)
+    content_type: str | None = None  # default: JSON for a Struct, else UTF-8 text
 
 
 @dataclass(frozen=True)
@@ -180,21 +225,31 @@ TRACE = (
 ABORTABLE = (
     Header(
         subjects.ABORT_KEY,
-        "a random key (at most 256 characters, new for each request) that makes the request "
-        "abortable: publish it on llm.abort to stop the request",
+        f"a random key (at most {subjects.MAX_ABORT_KEY_LENGTH} characters, new for each "
+        "request) that makes the request abortable: publish it on llm.abort to stop the "
+        "request. A longer key, or one a request in flight already uses, is accepted and the "
+        "request served, but it cannot be aborted",
+        max_length=subjects.MAX_ABORT_KEY_LENGTH,
     ),
 )
-EVENT_NUMBERS = (
-    Header(
-        SEQ,
-        "the event's number: 1, 2, 3, ... per request; a gap means an event was lost",
-        required=True,
-        pattern=DIGITS,
-    ),
+SEQ_HEADER = Header(
+    SEQ,
+    "the event's number: 1, 2, 3, ... per request; a gap means an event was lost",
+    required=True,
+    pattern=DIGITS,
+)
+ATTEMPT_BELONGS = (
+    "the attempt the event belongs to: 1, 2, ... in the order attempts started, as the "
+    "non-skipped entries of the reply's attempts"
+)
+EVENT_NUMBERS = (SEQ_HEADER, Header(ATTEMPT_NO, ATTEMPT_BELONGS, required=True, pattern=DIGITS))
+# An error event may come before any attempt started.
+ERROR_NUMBERS = (
+    SEQ_HEADER,
     Header(
         ATTEMPT_NO,
-        "the attempt the event belongs to: 1, 2, ... in the order attempts started, as the "
-        "non-skipped entries of the reply's attempts",
+        f"{ATTEMPT_BELONGS}; 0 when no attempt started (the request was refused: an unknown "
+        "route, an invalid request, overloaded, ...; or every target was skipped)",
         required=True,
         pattern=DIGITS,
     ),
@@ -207,8 +262,10 @@ def event(kind: str) -> Header:
 
 DESCRIPTION = f"""\
 Lifeline, an LLM fallback service on NATS: its wire contract v1. Bodies are JSON unless a \
-message says otherwise; NATS header values are strings. Fields added after v1 always have \
-defaults, so v1 senders stay valid.
+message says otherwise; NATS header values are strings. Integers are written without a \
+fraction (256, not 256.0): Lifeline refuses 256.0 where an integer is expected, in requests \
+and workers' replies alike. Fields added after v1 always have defaults, so v1 senders stay \
+valid.
 
 Operations are Lifeline's side: `receive` where others publish (clients; on \
 llm.provider.{{name}} and llm.cancel.{{name}}, Lifeline's dispatchers, received by a provider \
@@ -247,7 +304,7 @@ STREAM_EVENTS = (
         "error",
         wire.CompletionReply,
         "The error reply llm.complete would send",
-        (*EVENT_NUMBERS, event(ERROR)),
+        (*ERROR_NUMBERS, event(ERROR)),
     ),
 )
 
@@ -395,18 +452,29 @@ CHANNELS: tuple[Channel, ...] = (
         f"A job whose handling failed {_JOBS.max_deliver} times (jobs.max_deliver) by a bug "
         "in Lifeline, not by a provider (provider failures give an error result): published "
         f"as it was submitted, its headers kept, with the error in {JOB_ERROR}; it then "
-        "leaves the jobs stream.",
+        "leaves the jobs stream. Its body is the job's bytes as they came, which need not be "
+        "a valid request or JSON, or empty when they would not fit max_payload with the "
+        f"error; then, if its headers would not fit either, {JOB_ERROR} is its only header.",
         (
             Message(
                 "job",
-                wire.CompletionRequest,
-                "The job as it was submitted",
+                SubmittedJob,
+                "The job as it was submitted: its body and headers (any, as they came), with "
+                f"{JOB_ERROR} added",
                 (
-                    Header(JOB_ERROR, "what went wrong, at most 500 characters", required=True),
+                    Header(
+                        JOB_ERROR,
+                        "what went wrong, at most 500 characters; when the body was left out, "
+                        'followed by " (the job\'s body left out: too large with it)"',
+                        required=True,
+                    ),
                     Header(MSG_ID, "as submitted"),
                     Header(NOTIFY, "as submitted"),
                     Header(JOB_EVENTS, "as submitted"),
+                    Header(TRACEPARENT, "as submitted"),
+                    Header(TRACESTATE, "as submitted"),
                 ),
+                content_type=OCTETS,
             ),
         ),
         action="send",
@@ -428,8 +496,13 @@ CHANNELS: tuple[Channel, ...] = (
                 (
                     Header(
                         MSG_ID,
-                        "job:<the first 40 hex digits of its id's SHA-256> on a job's event: "
-                        "the audit stream keeps one per job",
+                        "on a job's event only, so that the audit stream keeps one per job: "
+                        "job:<the first 40 hex digits of its id's SHA-256>, or for a job sent "
+                        "with no id (answered as seq-<its stream sequence>) job:anon.<its "
+                        "stream sequence>.<the time it was stored, in Unix microseconds>: a "
+                        "sequence can come again once the jobs stream is made anew, and its "
+                        "place does not",
+                        pattern=r"^job:(?:[0-9a-f]{40}|anon\.[0-9]+\.[0-9]+)$",
                     ),
                 ),
             ),
@@ -638,7 +711,9 @@ def _finish(made: dict[str, Any]) -> dict[str, Any]:
 
 def _message(message: Message, payload: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"name": message.name, "summary": message.summary}
-    if not _is_struct(message.payload):
+    if message.content_type is not None:
+        out["contentType"] = message.content_type
+    elif not _is_struct(message.payload):
         out["contentType"] = "text/plain; charset=utf-8"
     if message.headers or message.without:
         headers: dict[str, Any] = {"type": "object"}
@@ -659,6 +734,8 @@ def _header_schema(header: Header) -> dict[str, Any]:
         schema["const"] = header.const
     if header.pattern is not None:
         schema["pattern"] = header.pattern
+    if header.max_length is not None:
+        schema["maxLength"] = header.max_length
     return schema
 
 

@@ -106,6 +106,27 @@ async def test_an_abort_stops_only_the_request_sent_with_its_key(lifeline, clien
     assert stack.dispatcher.aborts_heard == 5 and stack.dispatcher.aborts == 1
 
 
+@pytest.mark.parametrize(
+    "length", [subjects.MAX_ABORT_KEY_LENGTH, subjects.MAX_ABORT_KEY_LENGTH + 1]
+)
+async def test_a_key_over_256_characters_is_accepted_and_served_but_aborts_nothing(
+    lifeline, client, length
+):
+    """README, schemas/spec (the header's maxLength): the request is not refused for it."""
+    stack = await lifeline(config({"main": fake(latency_ms=1000)}))
+    key = "k" * length
+    pending = asyncio.ensure_future(
+        client.request(
+            subjects.COMPLETE, request("r-key"), timeout=5, headers={subjects.ABORT_KEY: key}
+        )
+    )
+    await running(stack)
+    await client.publish(subjects.ABORT, key.encode())
+    reply = reply_decoder.decode((await pending).data)
+    assert reply.status == ("error" if length <= 256 else "ok")
+    assert stack.dispatcher.aborts == (1 if length <= 256 else 0)
+
+
 async def test_cancelling_the_python_clients_call_aborts_its_request(lifeline, nats_url, audit):
     stack = await lifeline(config(SLOW))
     async with Lifeline.connect(nats_url, timeout_s=60) as lifeline_client:

@@ -335,6 +335,15 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     assert await _waiting_jobs(client) == 0  # not kept in the stream
     [(_, event)] = await audit.wait_for(1)
     assert (event.id, event.error_type) == ("doomed", "internal")
+    # A job that is no request at all, whose handling fails the same way, is dead-lettered as
+    # submitted too: any bytes, its headers kept (schemas/spec: llm.jobs.dead's payload is
+    # not a CompletionRequest).
+    headers = {subjects.MSG_ID: "garbage", "X-Own": "kept"}
+    await client.jetstream().publish(subjects.JOBS_SUBMIT, b"\xffnot JSON", headers=headers)
+    letter = await dead.next_msg(timeout=10)
+    assert letter.data == b"\xffnot JSON"
+    assert {k: letter.headers.get(k) for k in headers} == headers
+    assert subjects.JOB_ERROR in letter.headers
 
 
 async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, client, monkeypatch):

@@ -47,7 +47,9 @@ from schemas.wire import (
 )
 from service import cli, wire_spec
 from service.client import Lifeline, stream_text
+from service.config import parse_config
 from service.natsio import ensure_subscribed
+from service.routing import Rejected, Router
 
 SPEC = ROOT / "schemas" / "spec"
 NODE = shutil.which("node")
@@ -117,6 +119,7 @@ def test_the_documents_schemas_are_msgspecs_own(document):
         "AbortKey",
         "JobId",
         "NoResult",
+        "SubmittedJob",  # a dead letter's body: any bytes
     }
 
 
@@ -261,7 +264,7 @@ REAL = [
         route="tools",
         targets=[
             "backup",
-            TargetSpec(provider="openai", model="gpt-4o", retry_on=[429, "timeout"]),
+            TargetSpec(provider="openai", model="gpt-4o", retry_on=[429, "timeout"], drop=["seed"]),
         ],
         max_tokens=256,
         temperature=0.2,
@@ -273,7 +276,7 @@ REAL = [
             "json_schema", JsonSchemaFormat("weather", {"type": "object"})
         ),
         fallback_on=["rate_limit", 503],
-        faults={"flaky": [429, "ok", None], "sleepy": "timeout"},
+        faults={"flaky": [429, "ok", None], "sleepy": "timeout", "backup": "503 after 2"},
         on_midstream="continue",
         tools=[WEATHER],
         tool_choice=NamedTool("get_weather"),
@@ -281,7 +284,7 @@ REAL = [
         stop=["\n\n"],
         seed=7,
     ),
-    CompletionRequest([ChatMessage("user", "hi")], tool_choice="required"),
+    CompletionRequest([ChatMessage("user", "hi")], tools=[WEATHER], tool_choice="required"),
     REPLY,
     CompletionReply("", "error", attempts=[], error=ErrorInfo("overloaded", "busy", 0.05)),
     AuditEvent(
@@ -385,6 +388,22 @@ INVALID = [
     ),
     ("CompletionReply", {"id": "r1", "status": "maybe"}, "enum"),
     ("AuditEvent", {"id": "r1", "status": "ok"}, "required"),
+    (  # the reply's finish_reason, normalised: the same type
+        "AuditEvent",
+        {
+            "id": "r1",
+            "status": "ok",
+            "route": None,
+            "provider": None,
+            "model": None,
+            "attempts": [],
+            "latency_ms": 1.0,
+            "trace_id": None,
+            "ts_unix_ms": 1,
+            "finish_reason": "end_turn",
+        },
+        "enum",
+    ),
     ("ProviderOk", {"status": "error", "content": "", "model": "m"}, "enum"),
     ("ProviderFailure", {"status": "error", "kind": "timeout"}, "required"),
     (
@@ -408,6 +427,145 @@ def test_invalid_messages_are_refused_by_the_schema_as_by_the_decoder(name, body
     assert keyword in _keywords(errors)
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(json.dumps(body), type=DECODE[name])
+
+
+# What a dispatcher refuses whatever its config, after decoding (service.routing,
+# service.shaping, service.faults): the schema refuses it too.
+ROUTER = Router(parse_config(config({"echo": fake()}, allow_fault_injection=True)))
+REFUSED_WHATEVER_THE_CONFIG = [
+    (request_with(fallback_on=["bogus"]), "enum"),
+    (request_with(fallback_on=[200]), "minimum"),
+    (request_with(targets=[{"provider": "echo", "retry_on": ["bogus"]}]), "enum"),
+    (request_with(targets=[{"provider": "echo", "retry_on": [600]}]), "maximum"),
+    (request_with(targets=[{"provider": "echo", "drop": ["bogus"]}]), "enum"),
+    (request_with(targets=[{"provider": "echo", "breaker": {"cooldown_s": 1}}]), "type"),
+    (request_with(faults={"echo": "bogus"}), "anyOf"),
+    (request_with(faults={"echo": 200}), "minimum"),
+    (request_with(faults={"echo": ["ok", "timeout after 2"]}), "pattern"),
+    (request_with(response_format={"type": "json_schema"}), "required"),
+    (request_with(response_format={"type": "json_schema", "json_schema": None}), "type"),
+    (request_with(response_format={"type": "regex"}), "required"),
+    (request_with(response_format={"type": "regex", "pattern": ""}), "minLength"),
+    (request_with(tool_choice="required"), "required"),
+    (request_with(tool_choice={"name": "get_weather"}), "required"),
+    (request_with(tool_choice="required", tools=[]), "minItems"),
+]
+# Their accepted neighbours: valid under the schema, and planned.
+ACCEPTED = [
+    request_with(fallback_on=["rate_limit", 503]),
+    request_with(
+        targets=[{"provider": "echo", "retry_on": ["timeout", 429], "drop": ["seed", "tools"]}]
+    ),
+    request_with(targets=[{"provider": "echo", "breaker": None}]),
+    request_with(faults={"echo": ["ok", None, "timeout", "invalid_output", 429]}),
+    request_with(faults={"echo": ["503 after 2", "rate_limit after 0"]}),
+    request_with(response_format={"type": "json_schema", "json_schema": {"name": "w"}}),
+    request_with(response_format={"type": "regex", "pattern": "^[0-9]+$"}),
+    request_with(response_format={"type": "text"}),
+    request_with(tool_choice="required", tools=[{"name": "get_weather"}]),
+    request_with(tool_choice={"name": "get_weather"}, tools=[{"name": "get_weather"}]),
+    request_with(tool_choice="auto"),
+    request_with(tool_choice="none", tools=[]),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "keyword"), REFUSED_WHATEVER_THE_CONFIG, ids=lambda v: str(v)[-60:]
+)
+def test_a_request_lifeline_always_refuses_is_invalid_under_the_schema(body, keyword):
+    errors = list(validator("CompletionRequest").iter_errors(body))
+    assert errors, f"the schema accepts {body}"
+    assert keyword in _keywords(errors)
+    msgspec.json.decode(json.dumps(body), type=CompletionRequest)  # decoded, then refused:
+    with pytest.raises(Rejected) as refused:
+        ROUTER.plan(json.dumps(body).encode())
+    assert refused.value.error.type == "invalid_request"
+
+
+@pytest.mark.parametrize("body", ACCEPTED, ids=lambda v: str(v)[-60:])
+def test_its_accepted_neighbours_are_valid_and_planned(body):
+    validator("CompletionRequest").validate(body)
+    ROUTER.plan(json.dumps(body).encode())
+
+
+def test_a_named_tool_the_request_does_not_offer_is_a_documented_refusal():
+    """What JSON Schema cannot say (a value among another field's) is said in words."""
+    body = request_with(tool_choice={"name": "other"}, tools=[{"name": "get_weather"}])
+    validator("CompletionRequest").validate(body)
+    with pytest.raises(Rejected, match="not one of the request's tools"):
+        ROUTER.plan(json.dumps(body).encode())
+    named = schema_file("CompletionRequest")["$defs"]["NamedTool"]
+    assert "a request naming another is refused" in " ".join(named["description"].split())
+
+
+def test_integers_are_said_to_be_written_without_a_fraction(document):
+    """JSON Schema counts 256.0 as an integer, Lifeline's decoders do not (and stay strict):
+    each integer's schema says so, and so does the document."""
+    body = request_with(max_tokens=256.0)
+    validator("CompletionRequest").validate(body)  # valid JSON Schema, yet:
+    with pytest.raises(msgspec.ValidationError, match="got `float`"):
+        msgspec.json.decode(json.dumps(body), type=CompletionRequest)
+    integers: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                integers.append(node)
+            for key, value in node.items():
+                if key not in ("enum", "const", "default"):
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for tp in wire_spec.message_types():
+        walk(schema_file(tp.__name__))
+    walk(document["components"]["schemas"])
+    assert len(integers) > 20
+    assert all(node["description"] == wire_spec.INTEGER for node in integers)
+    assert "Integers are written without a fraction" in document["info"]["description"]
+
+
+def test_a_dead_letter_is_any_bytes_with_the_jobs_headers_as_submitted(document):
+    tap = Wiretap(document)
+    ref = document["channels"]["jobsDead"]["messages"]["job"]["$ref"]
+    message = document["components"]["messages"]["jobsDead.job"]
+    assert message["contentType"] == "application/octet-stream"
+    headers = {subjects.JOB_ERROR: "RuntimeError: boom", subjects.MSG_ID: "j1", "X-Own": "kept"}
+    for body in (b"this is not JSON", b"", b"\xff\xfe", encoder.encode(REAL[0])):
+        assert tap.fits(ref, headers, body), body
+    assert not tap.fits(ref, {subjects.MSG_ID: "j1"}, b"{}")  # Lifeline-Error, always
+
+
+def test_the_abort_key_header_has_its_length_limit(document):
+    for key in ("complete.request", "stream.request"):
+        header = document["components"]["messages"][key]["headers"]["properties"][
+            subjects.ABORT_KEY
+        ]
+        assert header["maxLength"] == subjects.MAX_ABORT_KEY_LENGTH == 256
+        assert "cannot be aborted" in header["description"]
+
+
+def test_only_an_error_event_may_name_attempt_0(document):
+    messages = document["components"]["messages"]
+    for name in ("delta", "toolCall", "reset", "end", "error"):
+        attempt = messages[f"streamEvents.{name}"]["headers"]["properties"][subjects.ATTEMPT_NO]
+        assert ("0 when no attempt started" in attempt["description"]) == (name == "error")
+
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readmes_request_examples_are_valid_requests():
+    examples = [
+        json.loads(block)
+        for block in re.findall(r"```json\n(.*?)```", README, re.DOTALL)
+        if '"messages"' in block
+    ]
+    assert len(examples) >= 4
+    for example in examples:
+        validator("CompletionRequest").validate(example)
+        msgspec.json.decode(json.dumps(example), type=CompletionRequest)
 
 
 # ---- the official AsyncAPI parser --------------------------------------------------------
@@ -485,6 +643,7 @@ class Wiretap:
         self.named: dict[str, str] = {}  # a subject named by an earlier message -> its channel
         self.seen: set[str] = set()
         self.wrong: list[str] = []
+        self.audit_ids: list[str] = []  # the Nats-Msg-Id of each audit event that has one
 
     async def on_msg(self, msg: Msg) -> None:
         if msg.subject.startswith("$"):  # JetStream's API, key-value buckets
@@ -503,6 +662,8 @@ class Wiretap:
             self.wrong.append(f"{key} on {msg.subject}: fits {fits}: {headers} {msg.data[:300]!r}")
             return
         self.seen.add(f"{key}.{fits[0]}")
+        if key == "audit" and subjects.MSG_ID in headers:
+            self.audit_ids.append(headers[subjects.MSG_ID])
         operation = self.document["operations"].get(key, {})
         if "reply" in operation:
             reply = operation["reply"]
@@ -524,6 +685,8 @@ class Wiretap:
         if not self.valid(message.get("headers", {}), headers):
             return False
         ref = "urn:asyncapi" + message["payload"]["$ref"]
+        if message.get("contentType") == "application/octet-stream":
+            return True  # any bytes
         if message.get("contentType", "").startswith("text/plain"):
             return self.valid({"$ref": ref}, data.decode())
         try:
@@ -566,7 +729,7 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
         assert reply.status == "error"
         # Two jobs, each with its result and its events on subjects of the client's (the tap
         # sees them).
-        results = await client.subscribe("results.wiretap", max_msgs=2)
+        results = await client.subscribe("results.wiretap", max_msgs=3)
         js = client.jetstream()
         for job_id, route in (("wiretap-job", "default"), ("wiretap-bad-job", "nowhere")):
             job = {"id": job_id, "route": route, "messages": request.messages, "tools": [WEATHER]}
@@ -577,11 +740,16 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
             }
             await js.publish(subjects.JOBS_SUBMIT, encoder.encode(job), headers=headers)
             assert json.loads((await results.next_msg(timeout=10)).data)["id"] == job_id
+        # A job with no id at all: answered as seq-<N>, audited under job:anon.<N>.<µs>.
+        anonymous = {"messages": request.messages, "tools": [WEATHER]}
+        headers = {subjects.NOTIFY: "results.wiretap"}
+        await js.publish(subjects.JOBS_SUBMIT, encoder.encode(anonymous), headers=headers)
+        assert json.loads((await results.next_msg(timeout=10)).data)["id"].startswith("seq-")
         # Results read by id: one stored, one there is none of.
         reading = Lifeline(client)
         assert (await reading.result("wiretap-job")).id == "wiretap-job"  # type: ignore[union-attr]
         assert await reading.result("no-such-job") is None
-        await audit.wait_for(6)
+        await audit.wait_for(7)
         await settled(wiretap, stack)
         # Everything in the document went by, but the dead letter (it takes a bug in Lifeline).
         every = {f"{c}.{m}" for c, ch in document["channels"].items() for m in ch["messages"]}
@@ -591,5 +759,8 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
         )
         assert tap.wrong == []
         assert tap.seen == every - {"jobsDead.job"}
+        digest = re.compile("^job:[0-9a-f]{40}$")
+        assert sorted(bool(digest.match(i)) for i in tap.audit_ids) == [False, True, True]
+        assert [i for i in tap.audit_ids if i.startswith("job:anon.")]
     finally:
         await wiretap.close()
