@@ -222,7 +222,8 @@ class Dispatcher:
     def _on_abort(self, msg: Msg) -> None:
         """llm.abort: stop the request sent with this abort key, if this dispatcher runs it."""
         self.aborts_heard += 1
-        task = self._abortable.get(msg.data.decode("utf-8", "replace"))
+        # As a header value is read (whitespace around it stripped): the key it was sent as.
+        task = self._abortable.get(msg.data.strip().decode("utf-8", "replace"))
         if task is not None and task not in self._aborted:
             self._aborted.add(task)
             self.aborts += 1

@@ -259,3 +259,18 @@ async def test_an_abort_right_behind_its_request_still_gets_it_answered_and_audi
     assert {r.error.type for r in got} == {"aborted"}
     events = await audit.wait_for(20)
     assert sorted(e.id for _, e in events) == sorted(f"r-{n}" for n in range(20))
+
+
+async def test_a_key_with_spaces_around_it_aborts_its_request_when_sent_as_it_was(lifeline, client):
+    """A header's value reaches the dispatcher with the whitespace around it stripped; the
+    abort's body, compared as it came, named no request, and the request ran on unstoppable."""
+    stack = await lifeline(config(SLOW))
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    key = "  spaced key\t"
+    headers = {subjects.ABORT_KEY: key}
+    await client.publish(subjects.COMPLETE, request("spaced"), reply=inbox, headers=headers)
+    await running(stack)
+    await client.publish(subjects.ABORT, key.encode())
+    reply = reply_decoder.decode((await replies.next_msg(timeout=5)).data)
+    assert (reply.id, reply.error.type) == ("spaced", "aborted")
