@@ -29,6 +29,41 @@ pytest.register_assert_rewrite("helpers")  # so that its asserts explain themsel
 from helpers import AuditFeed  # noqa: E402  (after the line above, or it would not take)
 
 
+# The files that take longest, longest first; the others follow in their usual order. xdist
+# (--dist loadfile, without its reordering by number of tests: pyproject.toml) gives each of
+# its two workers a whole file when it is nearly done with its last, in this order: a long
+# file handed out near the end would keep one worker busy long after the other had finished.
+# From `pytest --durations=0`, summed per file; an outdated list costs only that balance.
+# The benchmark's smoke run takes all the CPU it gets: second, so that it runs beside the CLI
+# tests (processes started and waited for, without tight timings), not beside the ones that
+# time a burst or a stream.
+LONGEST_FILES_FIRST = [
+    "test_cli.py",
+    "test_bench_smoke.py",
+    "test_contract.py",
+    "test_gateway.py",
+    "test_conformance.py",
+    "test_plugins.py",
+    "test_jobs.py",
+    "test_streaming.py",
+    "test_workers_and_scale.py",
+    "test_discovery.py",
+    "test_health_routing.py",
+    "test_least_privilege.py",
+    "test_provider_streaming.py",
+    "test_wire_spec.py",
+    "test_fallback_policy.py",
+    "test_audit_and_tracing.py",
+    "test_compose.py",
+    "test_provider_limits.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: n for n, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order
+
+
 @pytest.fixture
 def nats_url() -> Iterator[str]:
     with EmbeddedNats(port=-1) as server:

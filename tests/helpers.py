@@ -6,9 +6,9 @@ imports it as `tests.helpers`. A helper two test files need belongs here, not co
     waiting         wait_for: poll the state a test needs instead of sleeping
     configs         fake, config, toml_value, write_config
     requests        USER_HELLO, ask, settled, AuditFeed, Ledger (per-id replies and audits)
-    processes       ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line,
-                    rest_of_output, LifelineProcess, Service (workers and dispatchers as
-                    processes), free_port
+    processes       ROOT, cli_env, run_lifeline, lifelines_side_by_side, spawn_lifeline,
+                    wait_for_line, rest_of_output, LifelineProcess, Service (workers and
+                    dispatchers as processes), free_port
     HTTP servers    LocalHTTPServer, serving, MisbehavingProvider (OpenAI's shapes, misbehaving)
     provider wire   MockServer, provider_fixture, expect_failure (httpx MockTransport)
 """
@@ -30,6 +30,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,29 @@ def run_lifeline(
     )
 
 
+@contextlib.contextmanager
+def lifelines_side_by_side(
+    commands: dict[Any, list[str]],
+    env: dict[str, str] | None = None,
+    timeout_s: float = 30,
+    parallel: int = 4,
+) -> Iterator[dict[Any, Future[subprocess.CompletedProcess[str]]]]:
+    """`run_lifeline` for each command (by key), `parallel` at a time in threads, all started
+    at once. A command that only checks its arguments or its config is mostly Python starting
+    up, about a second on a busy machine: a module's many run side by side while each test
+    waits for its own (`.result()`, which raises what run_lifeline raised)."""
+    with ThreadPoolExecutor(parallel, thread_name_prefix="lifeline") as pool:
+        runs = {
+            key: pool.submit(run_lifeline, *args, env=env, timeout_s=timeout_s)
+            for key, args in commands.items()
+        }
+        try:
+            yield runs
+        finally:
+            for run in runs.values():
+                run.cancel()
+
+
 def spawn_lifeline(*args: str, **popen: Any) -> subprocess.Popen[str]:
     """`lifeline <args>` started and left running (text streams; Popen's keywords as given)."""
     settings: dict[str, Any] = {"cwd": ROOT, "env": cli_env(), "text": True, **popen}
@@ -379,12 +403,19 @@ def rest_of_output(proc: subprocess.Popen[str]) -> str:
 class LifelineProcess:
     """One `lifeline ...` command as a real process, its log in a file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = spawn_lifeline(
             *args,
             env=cli_env(OPENAI_API_KEY=SECRET_KEY, **(env or {})),
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -496,8 +527,10 @@ class LocalHTTPServer(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serving(server: ThreadingHTTPServer, poll_interval_s: float = 0.5) -> Iterator[Any]:
-    """`server` answering from a daemon thread until the block ends; then shut down and closed."""
+def serving(server: ThreadingHTTPServer, poll_interval_s: float = 0.05) -> Iterator[Any]:
+    """`server` answering from a daemon thread until the block ends; then shut down and closed
+    (shutdown() waits for the serving loop's next poll: socketserver's 0.5 s default cost
+    each test that used one up to half a second)."""
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": poll_interval_s}, daemon=True
     )

@@ -9,8 +9,8 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
+from typing import Any
 
 import nats
 import pytest
@@ -18,8 +18,10 @@ import pytest
 from helpers import (
     LIFELINE,
     ROOT,
+    LifelineProcess,
     cli_env,
     fake,
+    lifelines_side_by_side,
     rest_of_output,
     run_lifeline,
     spawn_lifeline,
@@ -34,10 +36,27 @@ from service.natsio import ensure_subscribed
 EXAMPLE = str(ROOT / "lifeline.example.toml")
 
 
-@pytest.fixture
-def running(tmp_path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+@pytest.fixture(scope="module")
+def running(tmp_path_factory) -> Iterator[tuple[LifelineProcess, str]]:
     """`lifeline run` on an embedded NATS on a free port, outside the checkout and without
-    --config: the example config installed with Lifeline is what it runs."""
+    --config: the example config installed with Lifeline is what it runs. One for the module's
+    tests that only send it requests, one after the other (a start is a second or more of
+    Python importing); what it prints goes to a file (a line per request, which would fill a
+    pipe nobody reads)."""
+    folder = tmp_path_factory.mktemp("run")
+    run = LifelineProcess(["run", "--port", "-1", "--no-gateway"], folder / "run.log", cwd=folder)
+    try:
+        run.wait_for_log(r"dispatcher ready")
+        ready = next(line for line in run.log().splitlines() if "dispatcher ready" in line)
+        url = re.search(r"nats://[\d.]+:\d+", ready).group(0)  # type: ignore[union-attr]
+        yield run, url
+    finally:
+        run.stop()
+
+
+@pytest.fixture
+def own_run(tmp_path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`lifeline run` as `running` starts it, for a test that reads what it prints and stops it."""
     proc = spawn_lifeline(
         "run",
         "--port",
@@ -67,8 +86,8 @@ def test_help_lists_every_command_with_an_example():
     assert 'lifeline ask "Why did the chicken cross the road?"' in out
 
 
-def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(running):
-    proc, url = running
+def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(own_run):
+    proc, url = own_run
     result = run_lifeline("ask", "--nats-url", url, "Why did the chicken cross the road?")
     assert result.returncode == 0, result.stderr
     # The answer alone on stdout (the example's backup echoes); the rest on stderr.
@@ -140,7 +159,7 @@ def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
     assert "served by storyteller" in out
     assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 resets", out)
     assert re.search(r"1\. chatty .* server_error 503->fallback", out)
-    wait_for_line(running[0], r"chatty:server_error 503->fallback -> storyteller:ok  streamed 21")
+    running[0].wait_for_log(r"chatty:server_error 503->fallback -> storyteller:ok  streamed 21")
 
 
 WEATHER_TOOLS = (
@@ -162,33 +181,41 @@ def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(runni
     assert "served by agent" in out
 
 
-@pytest.mark.parametrize(
-    "argv, says",
-    [
-        (["batch", "no-such-file.jsonl"], "no-such-file.jsonl does not exist"),
-        (["batch", "."], ". is a directory"),
-        (["batch", "JOBS", "--out", "."], "Is a directory"),
-        (["spec", "--out", "README.md"], "File exists"),
-        (["gateway", "--port", "99999"], "is not a port"),
-        (["run", "--gateway-port", "70000"], "is not a port"),
-        (["result", "x", "--wait", "nan"], "not a number of seconds"),
-        (["health", "--timeout", "-1"], "not a number of seconds"),
-        (["submit", "--timeout", "0", "hi"], "not a number of seconds"),
-        (["submit", "--id", "i" * 300, "hi"], "at most 256"),
-        (["dispatcher", "--nats-url", ",", "--config", EXAMPLE], "names no server"),
-        (["audit", "--config", "AUDITLESS"], "keeps no audit stream"),
-    ],
-)
-def test_a_mistake_on_the_command_line_gets_one_line_saying_what_not_a_traceback(
-    argv, says, tmp_path
-):
+MISTAKES = [
+    (["batch", "no-such-file.jsonl"], "no-such-file.jsonl does not exist"),
+    (["batch", "."], ". is a directory"),
+    (["batch", "JOBS", "--out", "."], "Is a directory"),
+    (["spec", "--out", "README.md"], "File exists"),
+    (["gateway", "--port", "99999"], "is not a port"),
+    (["run", "--gateway-port", "70000"], "is not a port"),
+    (["result", "x", "--wait", "nan"], "not a number of seconds"),
+    (["health", "--timeout", "-1"], "not a number of seconds"),
+    (["submit", "--timeout", "0", "hi"], "not a number of seconds"),
+    (["submit", "--id", "i" * 300, "hi"], "at most 256"),
+    (["dispatcher", "--nats-url", ",", "--config", EXAMPLE], "names no server"),
+    (["audit", "--config", "AUDITLESS"], "keeps no audit stream"),
+]
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory) -> Iterator[dict[Any, Any]]:
+    """Every mistake's command, run side by side (each is mostly Python starting up)."""
+    tmp_path = tmp_path_factory.mktemp("mistakes")
     auditless = tmp_path / "auditless.toml"
     auditless.write_text('[audit]\nstream = ""\n[providers.p]\nkind = "fake"\n')
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"id": "j", "messages": [{"role": "user", "content": "hi"}]}\n')
     files = {"AUDITLESS": str(auditless), "JOBS": str(jobs)}
-    argv = [files.get(a, a) for a in argv]
-    result = run_lifeline(*argv, timeout_s=20)
+    commands = {tuple(argv): [files.get(a, a) for a in argv] for argv, _ in MISTAKES}
+    with lifelines_side_by_side(commands, timeout_s=20) as runs:
+        yield runs
+
+
+@pytest.mark.parametrize("argv, says", MISTAKES)
+def test_a_mistake_on_the_command_line_gets_one_line_saying_what_not_a_traceback(
+    argv, says, mistakes
+):
+    result = mistakes[tuple(argv)].result()
     assert result.returncode in (1, 2), result
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
 
@@ -389,14 +416,11 @@ def test_dispatcher_and_worker_run_as_separate_processes(nats_url):
         for args in (["worker", "backup"], ["dispatcher"])
     ]
     try:
-        deadline = time.monotonic() + 20
-        while True:  # until both have subscribed
-            result = run_lifeline(
-                "ask", "--nats-url", nats_url, "--target", "backup", "--timeout", "2", "ping"
-            )
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        for proc, ready in zip(procs, ("worker backup serving", "dispatcher serving")):
+            wait_for_line(proc, ready, stream=proc.stderr)  # subscribed: both log it after
+        result = run_lifeline(
+            "ask", "--nats-url", nats_url, "--target", "backup", "--timeout", "10", "ping"
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "served by backup" in result.stderr
     finally:

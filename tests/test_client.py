@@ -301,11 +301,12 @@ async def test_waiting_for_a_result_rides_out_a_dispatcher_that_stops(lifeline, 
     assert reply is not None and reply.content == "stored meanwhile"
 
 
-async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nats_url):
+async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nats_url, monkeypatch):
     """deadline_unix_ms alone bounds a request at the dispatcher (no default timeout then):
     the client waits as long, not its own default."""
-    await lifeline(config({"main": fake(latency_ms=6000)}, default_timeout_s=0.1))
-    async with Lifeline.connect(nats_url, default_timeout_s=0.1) as client:  # + 5 s of grace
+    monkeypatch.setattr("service.client._GRACE_S", 0.5)  # not 5 s: a shorter wait, the same test
+    await lifeline(config({"main": fake(latency_ms=1500)}, default_timeout_s=0.1))
+    async with Lifeline.connect(nats_url, default_timeout_s=0.1) as client:  # + 0.5 s of grace
         deadline = int(time.time() * 1000) + 15_000
         reply = await client.complete("hi", deadline_unix_ms=deadline)
         assert (reply.status, reply.content) == ("ok", "hi")

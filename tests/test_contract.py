@@ -57,6 +57,7 @@ def provider() -> Iterator[MisbehavingProvider]:
 
 @pytest.fixture
 def server() -> Iterator[EmbeddedNats]:
+    """A server of its own, for a test that starts (and stops, kills, starves) its own processes."""
     with EmbeddedNats(port=-1, conf=f"max_payload: {MAX_PAYLOAD}\n") as nats_server:
         yield nats_server
 
@@ -82,20 +83,46 @@ def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[st
     }
 
 
-@pytest.fixture
-def service(
-    tmp_path: Path, server: EmbeddedNats, provider: MisbehavingProvider
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[EmbeddedNats]:
+    """The server of the module's `service`, which nothing else runs on."""
+    with EmbeddedNats(port=-1, conf=f"max_payload: {MAX_PAYLOAD}\n") as nats_server:
+        yield nats_server
+
+
+@pytest.fixture(scope="module")
+def shared_service(
+    tmp_path_factory: pytest.TempPathFactory, shared_server: EmbeddedNats
 ) -> Iterator[Service]:
-    svc = Service(tmp_path, server.url, contract_config(provider))
-    # two dispatcher replicas: one bad request must not take down either
-    svc.start_all(["echo", "slow", "http"], dispatchers=2)
-    yield svc
-    svc.stop()
+    """The three workers and two dispatchers of the tests that only send requests, started
+    once for the module (a start is seconds of Python importing, five times over)."""
+    with MisbehavingProvider() as provider:
+        svc = Service(
+            tmp_path_factory.mktemp("contract"), shared_server.url, contract_config(provider)
+        )
+        try:
+            # two dispatcher replicas: one bad request must not take down either
+            svc.start_all(["echo", "slow", "http"], dispatchers=2)
+            yield svc
+        finally:
+            svc.stop()
 
 
 @pytest.fixture
-async def ledger(server: EmbeddedNats) -> AsyncIterator[Ledger]:
-    nc = await nats.connect(server.url)
+def service(shared_service: Service) -> Iterator[Service]:
+    """The module's service, for the tests that only send it requests. Each settles its own
+    (every reply and audit event it waits for has come, then a quiet spell) and counts only what
+    its own ledger sent, so none sees another's; after each, every process must still be up."""
+    yield shared_service
+    for proc in shared_service.procs:
+        assert proc.proc.poll() is None, (
+            f"{proc.log_path.name} exited ({proc.proc.returncode}); log:\n{proc.log()[-3000:]}"
+        )
+
+
+@pytest.fixture
+async def ledger(shared_server: EmbeddedNats) -> AsyncIterator[Ledger]:
+    nc = await nats.connect(shared_server.url)
     yield await Ledger(nc).start()
     await nc.close()
 
@@ -342,7 +369,7 @@ TRACE_HEADERS = [
 
 
 async def test_bytes_nats_py_cannot_read_leave_every_process_serving_and_each_request_audited(
-    server, service, ledger
+    shared_server, service, ledger
 ):
     """A request whose reply subject is not UTF-8 is refused and audited like any other that
     cannot be answered on; frames nats-py cannot read on the subjects every dispatcher and
@@ -350,7 +377,7 @@ async def test_bytes_nats_py_cannot_read_leave_every_process_serving_and_each_re
     loop for good: up, ready by every probe, deaf to every request."""
     body = request("not-utf8")
     await raw_publish(
-        server.url,
+        shared_server.url,
         [
             b"PUB llm.complete _INBOX.\xff\xfe %d\r\n%s\r\n" % (len(body), body),
             hpub(b"llm.abort", b"NATS/1.0 \xff\r\n\r\n"),
@@ -504,7 +531,7 @@ async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_
 
 
 async def test_a_burst_of_long_prompts_beyond_the_servers_default_backlog_loses_none(
-    service, server, ledger
+    service, shared_server, ledger
 ):
     """Long prompts sent faster than the dispatchers read them wait at the server. Past
     nats-server's default max_pending (64 MiB, about 330 of these) it would close a
@@ -513,7 +540,9 @@ async def test_a_burst_of_long_prompts_beyond_the_servers_default_backlog_loses_
     size, burst, senders = 200_000, 2000, 4
     ids = [f"long-{n}" for n in range(burst)]
     text = "x" * size
-    connections = [await nats.connect(server.url, pending_size=256 * 2**20) for _ in range(senders)]
+    connections = [
+        await nats.connect(shared_server.url, pending_size=256 * 2**20) for _ in range(senders)
+    ]
 
     async def send(connection: Any, mine: list[str]) -> None:
         for request_id in mine:

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import plugin_models
 import pytest
@@ -22,6 +23,7 @@ from helpers import (
     ask,
     config,
     fake,
+    lifelines_side_by_side,
     run_lifeline,
     wait_for,
     write_config,
@@ -187,68 +189,73 @@ def test_an_unknown_kind_lists_the_installed_ones(installed_plugin, monkeypatch)
     assert "python" in message and "reverse" in message and "'revers'" in message
 
 
-@pytest.mark.parametrize(
-    "table, error",
-    [
-        (
-            {"kind": "python", "class": "no_such_module:Model"},
-            "providers.mine.class: cannot import 'no_such_module' (ModuleNotFoundError",
-        ),
-        (
-            {"kind": "python", "class": "plugin_models.SyncUpper"},
-            'providers.mine.class: expected "package.module:ClassName"',
-        ),
-        (
-            {"kind": "python", "class": "plugin_models:Missing"},
-            "providers.mine.class: module 'plugin_models' has no 'Missing'",
-        ),
-        (
-            {"kind": "python", "class": "plugin_models:NOT_A_CLASS"},
-            "providers.mine.class: plugin_models:NOT_A_CLASS is not a class",
-        ),
-        (
-            {"kind": "python", "class": "plugin_models:NoCall"},
-            "providers.mine.class: plugin_models:NoCall has no call(request) method",
-        ),
-        ({"kind": "python"}, 'providers.mine.class: required for kind "python"'),
-        (
-            python("WithSettings", settings={"temperature": "warm"}),
-            "providers.mine.settings.temperature: Expected `float`, got `str`",
-        ),
-        (
-            python("WithSettings", settings={}),
-            "providers.mine.settings: Object missing required field `temperature`",
-        ),
-        (
-            python("WithSettings", settings={"temperature": 1, "tempreature": 2}),
-            "providers.mine.settings: Object contains unknown field `tempreature`",
-        ),
-        (
-            python("SyncUpper", settings={"x": 1}),
-            "providers.mine.settings: plugin_models:SyncUpper takes no settings",
-        ),
-        (
-            python("OddSettings", settings={"x": 1}),
-            "plugin_models:OddSettings.Settings cannot hold the settings",
-        ),
-    ],
-    ids=[
-        "no-module",
-        "no-colon",
-        "no-attribute",
-        "not-a-class",
-        "no-call",
-        "no-class",
-        "wrong-type",
-        "missing-key",
-        "unknown-key",
-        "no-settings-struct",
-        "settings-no-type",
-    ],
-)
-def test_check_config_names_the_key_at_fault(tmp_path, table, error):
-    path = write_config(tmp_path / "bad.toml", config({"mine": table}))
-    result = run_lifeline("check-config", "--config", str(path), env=_env_with_tests())
+# Each broken [providers.mine] table, and what check-config must say about it.
+CHECK_CONFIG_FAULTS = {
+    "no-module": (
+        {"kind": "python", "class": "no_such_module:Model"},
+        "providers.mine.class: cannot import 'no_such_module' (ModuleNotFoundError",
+    ),
+    "no-colon": (
+        {"kind": "python", "class": "plugin_models.SyncUpper"},
+        'providers.mine.class: expected "package.module:ClassName"',
+    ),
+    "no-attribute": (
+        {"kind": "python", "class": "plugin_models:Missing"},
+        "providers.mine.class: module 'plugin_models' has no 'Missing'",
+    ),
+    "not-a-class": (
+        {"kind": "python", "class": "plugin_models:NOT_A_CLASS"},
+        "providers.mine.class: plugin_models:NOT_A_CLASS is not a class",
+    ),
+    "no-call": (
+        {"kind": "python", "class": "plugin_models:NoCall"},
+        "providers.mine.class: plugin_models:NoCall has no call(request) method",
+    ),
+    "no-class": ({"kind": "python"}, 'providers.mine.class: required for kind "python"'),
+    "wrong-type": (
+        python("WithSettings", settings={"temperature": "warm"}),
+        "providers.mine.settings.temperature: Expected `float`, got `str`",
+    ),
+    "missing-key": (
+        python("WithSettings", settings={}),
+        "providers.mine.settings: Object missing required field `temperature`",
+    ),
+    "unknown-key": (
+        python("WithSettings", settings={"temperature": 1, "tempreature": 2}),
+        "providers.mine.settings: Object contains unknown field `tempreature`",
+    ),
+    "no-settings-struct": (
+        python("SyncUpper", settings={"x": 1}),
+        "providers.mine.settings: plugin_models:SyncUpper takes no settings",
+    ),
+    "settings-no-type": (
+        python("OddSettings", settings={"x": 1}),
+        "plugin_models:OddSettings.Settings cannot hold the settings",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def check_config_runs(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """`lifeline check-config` on each of CHECK_CONFIG_FAULTS' tables, run side by side (each
+    is mostly Python starting up)."""
+    folder = tmp_path_factory.mktemp("check-config")
+    commands = {
+        name: [
+            "check-config",
+            "--config",
+            str(write_config(folder / f"{name}.toml", config({"mine": table}))),
+        ]
+        for name, (table, _) in CHECK_CONFIG_FAULTS.items()
+    }
+    with lifelines_side_by_side(commands, env=_env_with_tests()) as runs:
+        yield runs
+
+
+@pytest.mark.parametrize("fault", CHECK_CONFIG_FAULTS)
+def test_check_config_names_the_key_at_fault(fault, check_config_runs):
+    error = CHECK_CONFIG_FAULTS[fault][1]
+    result = check_config_runs[fault].result()
     assert result.returncode == 2, result.stdout + result.stderr
     assert error in result.stderr, result.stderr
 
