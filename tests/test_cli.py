@@ -549,15 +549,20 @@ async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, strea
             args.insert(1, "--stream")
         ask = spawn_lifeline(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            await attempts.next_msg(timeout=20)  # the request is at the worker: Ctrl-C now
+            attempt = await attempts.next_msg(timeout=20)  # the request is at the worker: Ctrl-C
             ask.send_signal(signal.SIGINT)
-            assert await asyncio.to_thread(ask.wait, 10) == 130
+            code = await asyncio.to_thread(ask.wait, 10)
         finally:
             if ask.poll() is None:
                 ask.kill()
-            ask.communicate()
+            out, err = ask.communicate()
+        assert code == 130, (code, out, err)
+        # Its own event: jobs the tests before left running can still be audited meanwhile.
+        request_id = attempt.headers[subjects.REQUEST_ID]
         event = audit_decoder.decode((await audit.next_msg(timeout=5)).data)
-        assert (event.status, event.error_type) == ("error", "aborted")
+        while event.id != request_id:
+            event = audit_decoder.decode((await audit.next_msg(timeout=5)).data)
+        assert (event.status, event.error_type) == ("error", "aborted"), (event, out, err)
     finally:
         await nc.close()
 
