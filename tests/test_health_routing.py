@@ -268,8 +268,8 @@ async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(
     ]
     slow = stack.workers["slow"]
     await wait_for(
-        lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1
-    )  # well before its 3 s
+        lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=2.5
+    )  # before its 3 s
     [(_, event)] = await audit.wait_for(1)
     assert [a.outcome for a in event.attempts] == ["cancelled", "ok"]
     [request] = [s for s in exporter.get_finished_spans() if s.name == "chat"]
@@ -300,7 +300,9 @@ async def test_hedge_p95_waits_for_the_targets_recent_p95(lifeline, client):
         else:  # now the slowest ~5% may be hedged at the p95, as asked
             assert reply.status == "ok"
     p95_ms = stack.dispatcher.health.p95_ms("slow", "fake-1")
-    assert p95_ms is not None and 20 <= p95_ms < 200
+    # Learnt from the ~20 ms answers: at least their latency, and nowhere near a timeout (the
+    # slowest of 25 on a loaded machine can take a few hundred ms).
+    assert p95_ms is not None and 20 <= p95_ms < 1000
 
 
 # ---- budgets under load ----------------------------------------------------------------
