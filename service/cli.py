@@ -1748,12 +1748,12 @@ async def _start_gateway(
         await nc.close()
         raise
     # Found by `lifeline health` and `nats micro ls` as dispatchers and workers are; its
-    # endpoints are HTTP, not NATS subjects, so it lists none and names its URL instead.
+    # endpoint is HTTP, not a NATS subject, so it has no subject and names its URL instead.
     responder = discovery.Responder(
         nc,
         subjects.GATEWAY_SERVICE,
         "Lifeline's OpenAI-compatible HTTP gateway",
-        list,
+        server.endpoints,
         {"url": server.url},
     )
     try:
@@ -1835,7 +1835,15 @@ def _print_health(states: list[dict[str, Any]], missing: list[str], url: str) ->
         where = f"{'ready' if s['ready'] else 'NOT READY':<10} {s['name']:<28} "
         where += f"{s['host']} pid {s['pid']}  id {s['id']}  "
         if s["url"]:  # a gateway: its requests come over HTTP, not NATS
-            _say(f"{where}serving {s['url']}")
+            figures = ""
+            if s["connections"] is not None:  # an older gateway lists no figures
+                figures = (
+                    f"  in flight {s['in_flight']}, connections {s['connections']} of "
+                    f"{s['max_connections']}, requests {s['requests']}, errors {s['errors']}"
+                )
+            _say(f"{where}serving {s['url']}{figures}")
+            for problem in s["problems"]:
+                _say(f"{'':<10} \u2514 {problem}")
             continue
         most = s["max_in_flight"]
         load = f"{s['in_flight']}" + (f" of {most}" if most is not None else "")

@@ -5,14 +5,15 @@ Every dispatcher, worker and HTTP gateway answers `$SRV.PING`, `$SRV.INFO` and `
 ls`, `nats micro stats lifeline-dispatcher` and any ADR-32 client find them: their name
 (`lifeline-dispatcher`, `lifeline-worker-<provider>`, `lifeline-gateway`), version, id,
 endpoints (subject and queue group) and figures. A gateway takes its requests over HTTP, so
-it lists no endpoint and names its URL in its metadata (`url`). The requests themselves never
+its one endpoint (`chat_completions`) has no subject, and its URL is in its metadata (`url`). The requests themselves never
 go through nats.micro: its handler wrapper (nats-py's queue and task per subscription, a
 Request and two clock reads per message) would sit on the hot path, which Lifeline's fast
 path (service/natsio.py) keeps clear. The figures are counters on the existing path (an
 integer added as a request arrives; the milliseconds the engine or the worker measured anyway,
 and an error count, as it is answered), read only when someone asks. Each endpoint's `data` carries its live load: `in_flight`,
 `max_in_flight` (absent where there is none) and `subscribed`; `problems` reads readiness
-from it.
+from it; a gateway's adds `connections` and `max_connections` (HTTP connections open, and
+the most it serves).
 """
 
 from __future__ import annotations
@@ -250,6 +251,8 @@ class _EndpointData(msgspec.Struct):
     in_flight_bytes: Count | None = None
     max_in_flight_bytes: Count | None = None
     expired: Count = 0
+    connections: Count | None = None
+    max_connections: Count | None = None
 
 
 class _Endpoint(msgspec.Struct):
@@ -284,13 +287,14 @@ def readable_stats(answers: list[Any]) -> tuple[list[dict[str, Any]], int]:
 
 def problems(stats: dict[str, Any]) -> list[str]:
     """What keeps an instance from being ready, read from its STATS: an endpoint not
-    subscribed, or one at its maximum of requests in flight or of their bytes (past which it
-    takes nothing more). [] when it is ready."""
+    subscribed (a gateway: not connected to NATS), or one at its maximum of requests in flight,
+    of their bytes or of connections (past which it takes nothing more). [] when it is ready."""
     found: dict[str, None] = {}  # ordered, without repeats (a dispatcher's endpoints share a load)
     for endpoint in stats.get("endpoints") or []:
         data = endpoint.get("data") or {}
         if data.get("subscribed") is False:
-            found[f"not subscribed to {endpoint.get('subject')}"] = None
+            subject = endpoint.get("subject")
+            found[f"not subscribed to {subject}" if subject else "not connected to NATS"] = None
         in_flight, most = data.get("in_flight"), data.get("max_in_flight")
         if isinstance(in_flight, int) and isinstance(most, int) and in_flight >= most:
             found[f"overloaded: {in_flight} requests in flight, its maximum is {most}"] = None
@@ -299,40 +303,32 @@ def problems(stats: dict[str, Any]) -> list[str]:
             found[
                 f"overloaded: {size:,} bytes of requests in flight, its maximum is {most_bytes:,}"
             ] = None
+        open_, most_open = data.get("connections"), data.get("max_connections")
+        if isinstance(open_, int) and isinstance(most_open, int) and open_ >= most_open:
+            found[f"overloaded: {open_} connections open, its maximum is {most_open}"] = None
     return list(found)
 
 
 def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
     """One instance's readiness and figures from its STATS, as `lifeline health` shows them.
     Its requests, errors and load are those of the endpoints that take work (not cancels); a
-    gateway, whose requests come over HTTP, has none of them (None) and its `url`."""
+    gateway's (its `url` set) are its chat completions', with its HTTP connections."""
     metadata = stats.get("metadata") or {}
     working = [e for e in stats.get("endpoints") or [] if "in_flight" in (e.get("data") or {})]
     found = problems(stats)
-    if metadata.get("url"):
-        figures: dict[str, Any] = dict.fromkeys(
-            (
-                "in_flight",
-                "max_in_flight",
-                "in_flight_bytes",
-                "max_in_flight_bytes",
-                "requests",
-                "errors",
-                "expired",
-            )
-        )
-    else:
-        first = working[0]["data"] if working else {}
-        figures = {
-            "in_flight": first.get("in_flight"),
-            "max_in_flight": first.get("max_in_flight"),
-            "in_flight_bytes": first.get("in_flight_bytes"),
-            "max_in_flight_bytes": first.get("max_in_flight_bytes"),
-            "requests": sum(e.get("num_requests", 0) for e in working),
-            "errors": sum(e.get("num_errors", 0) for e in working),
-            # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)
-            "expired": sum((e.get("data") or {}).get("expired", 0) for e in working),
-        }
+    first = working[0]["data"] if working else {}
+    figures = {
+        "in_flight": first.get("in_flight"),
+        "max_in_flight": first.get("max_in_flight"),
+        "in_flight_bytes": first.get("in_flight_bytes"),
+        "max_in_flight_bytes": first.get("max_in_flight_bytes"),
+        "requests": sum(e.get("num_requests", 0) for e in working),
+        "errors": sum(e.get("num_errors", 0) for e in working),
+        # a worker's requests dropped as late on arrival (falling behind, or a clock ahead)
+        "expired": sum((e.get("data") or {}).get("expired", 0) for e in working),
+        "connections": first.get("connections"),  # a gateway's
+        "max_connections": first.get("max_connections"),
+    }
     return {
         "name": stats.get("name", "?"),
         "id": stats.get("id", "?"),

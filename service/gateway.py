@@ -83,6 +83,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
+from service.discovery import Endpoint, Tally
 from service.memory import release_memory_soon
 from service.natsio import fast_path
 
@@ -776,6 +777,10 @@ class Gateway:
         self.app.router.redirect_slashes = False
         self.server: uvicorn.Server | None = None
         self.in_flight = 0  # chat completions being answered (a stream: until its first event)
+        # Figures for the NATS service API (`lifeline health`, service/discovery.py): a chat
+        # completion counted as it arrives, its time and any error as it is answered (a
+        # stream: at its first event; an error after that is in its events, not here).
+        self.tally = Tally()
         self._peak = 0  # the most in flight at once since in_flight was last 0 after a flood
         self._ticker: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -924,12 +929,37 @@ class Gateway:
             for name, owner in owners.items()
         ]
 
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now (`max_connections` at most are served)."""
+        server = self.server
+        return len(server.server_state.connections) if server is not None else 0
+
+    def endpoints(self) -> list[Endpoint]:
+        """For the NATS service API: the chat completions endpoint (HTTP: no subject) with its
+        figures, its connections and whether its NATS path is up."""
+        return [
+            self.tally.endpoint(
+                "chat_completions",
+                "",
+                "",
+                in_flight=self.in_flight,
+                connections=self.connections,
+                max_connections=self.max_connections,
+                subscribed=self.nc.is_connected,
+            )
+        ]
+
     async def chat_completions(self, request: Request) -> Response:
         self.in_flight += 1
         self._peak = max(self._peak, self.in_flight)
+        tally = self.tally
+        tally.requests += 1
+        started = time.monotonic()
         try:
             return await self._chat_completions(request)
         finally:
+            tally.busy_ms += (time.monotonic() - started) * 1000
             self.in_flight -= 1
             if not self.in_flight and self._peak >= _TRIM_AFTER_PEAK:
                 self._peak = 0
@@ -962,13 +992,13 @@ class Gateway:
             if reply is None:  # nobody reads the answer: the request was aborted
                 return Response(status_code=_CLIENT_GONE)
         except HTTPError as exc:
-            return exc.response()
+            return self._failed(exc)
         except ClientDisconnect:  # gone while sending its body: nothing was sent on
             return Response(status_code=_CLIENT_GONE)
         except ConnectionClosedError:  # for good: the process is stopping (see app.py)
-            return _nats_closed().response()
+            return self._failed(_nats_closed())
         if reply.status != "ok":
-            return reply_error(reply, completion.route).response()
+            return self._failed(reply_error(reply, completion.route))
         body_out = completion_body(reply, completion.route, int(time.time()))
         return Response(
             encoder.encode(body_out),
@@ -976,6 +1006,11 @@ class Gateway:
             lifeline_headers(reply) | extra,
             "application/json",
         )
+
+    def _failed(self, error: HTTPError) -> Response:
+        self.tally.errors += 1
+        self.tally.last_error = error.code
+        return error.response()
 
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")

@@ -255,12 +255,12 @@ async def test_health_names_the_missing_worker_and_fails_without_any_instance(
     assert (await health(capsys, "--nats-url", nats_url))[0] == 0
 
 
-async def test_a_gateway_is_found_with_its_url_and_gone_once_it_stops(
+async def test_a_gateway_is_found_with_its_url_its_figures_and_gone_once_it_stops(
     lifeline, client, nats_url, capsys
 ):
     """`lifeline gateway` answers the service API as dispatchers and workers do, so `lifeline
-    health` and `nats micro ls` list it; its requests come over HTTP, so it names its URL
-    instead of NATS endpoints (and no NATS figures)."""
+    health` and `nats micro ls` list it; its requests come over HTTP, so its one endpoint has
+    no subject, it names its URL, and its figures are its chat completions and connections."""
     cfg = config({"backup": fake()})
     await lifeline(cfg)
     component, server = await cli._start_gateway(
@@ -268,17 +268,33 @@ async def test_a_gateway_is_found_with_its_url_and_gone_once_it_stops(
     )
     try:
         [info] = await srv(client, "INFO", subjects.GATEWAY_SERVICE)
-        assert info["endpoints"] == [] and info["metadata"]["url"] == server.url
-        [stats] = await srv(client, "STATS", subjects.GATEWAY_SERVICE, info["id"])
-        assert stats["id"] == info["id"]
-        code, out = await health(capsys, "--nats-url", nats_url)
+        assert [(e["name"], e["subject"]) for e in info["endpoints"]] == [("chat_completions", "")]
+        assert info["metadata"]["url"] == server.url
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            chat = {"messages": [{"role": "user", "content": "hi"}]}
+            ok = await http.post("/chat/completions", json={"model": "default", **chat})
+            unknown = await http.post("/chat/completions", json={"model": "nope", **chat})
+            assert (ok.status_code, unknown.status_code) == (200, 404)
+            [stats] = await srv(client, "STATS", subjects.GATEWAY_SERVICE, info["id"])
+            [endpoint] = stats["endpoints"]
+            assert (endpoint["num_requests"], endpoint["num_errors"]) == (2, 1)
+            assert endpoint["last_error"] == unknown.json()["error"]["code"]
+            assert endpoint["data"] == {
+                "in_flight": 0,
+                "connections": 1,  # this client's, kept alive
+                "max_connections": server.max_connections,
+                "subscribed": True,
+            }
+            code, out = await health(capsys, "--nats-url", nats_url)
         assert code == 0, out
         line = next(x for x in out.splitlines() if "lifeline-gateway" in x)
-        assert line.startswith("ready") and line.endswith(f"serving {server.url}")
+        assert line.startswith("ready") and f"serving {server.url}  in flight 0, " in line
+        assert line.endswith("requests 2, errors 1")
         assert "3 of 3 ready" in out
         code, out = await health(capsys, "--nats-url", nats_url, "--json")
         gateway = by_name(json.loads(out)["instances"])["lifeline-gateway"]
-        assert gateway["url"] == server.url and gateway["requests"] is None
+        assert gateway["url"] == server.url and (gateway["requests"], gateway["errors"]) == (2, 1)
+        assert gateway["max_connections"] == server.max_connections
     finally:
         await component.stop()
     assert subjects.GATEWAY_SERVICE not in by_name(await srv(client, "PING"))
