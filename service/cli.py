@@ -394,8 +394,9 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Asks $SRV.STATS, as `nats micro stats` does, and shows each Lifeline "
         "dispatcher and worker that answers: ready or not and why (not subscribed, or at its "
         "max_in_flight or max_in_flight_bytes), its requests in flight and their bytes, "
-        "requests and errors since it started; and "
-        "each HTTP gateway that answers, with its URL. Exits 1 when none answers or one is "
+        "requests and errors since it started; and each HTTP gateway that answers, with its "
+        "URL, chat completions in flight, connections open (not ready at --max-connections), "
+        "requests and errors. Exits 1 when none answers or one is "
         "not ready.",
     )
     health.add_argument(
