@@ -543,10 +543,10 @@ class _Run:
         nothing about the target's health (short client deadlines must not open breakers). Cut
         short means by more than the moments a request spends before its call: a deadline of
         the target's own timeout_s leaves its first call a few ms less, and that call's timeout
-        counts."""
+        counts. Nor does a timeout of a target whose time limits the request set itself."""
         health, (provider, model) = self.health, target.health_key
         assert health is not None
-        capped = timeout_s < target.timeout_s * _CAPPED_BELOW
+        capped = target.own_limits or timeout_s < target.timeout_s * _CAPPED_BELOW
         if capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
             if probe and self.claims and (provider, model) in self.claims:  # another's stays

@@ -423,6 +423,13 @@ class Router:
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
             target = self.build(spec)
+            provider_timeout_s = self.config.providers[spec.provider].timeout_s
+            if (
+                (spec.timeout_s is not None and spec.timeout_s < provider_timeout_s)
+                or spec.ttft_s is not None
+                or spec.idle_s is not None
+            ):  # its timeouts are the request's doing: they must not open a shared breaker
+                target = dataclasses.replace(target, own_limits=True)
             if target.model not in self.models[target.provider]:
                 # A model the config never names: its health is the provider's one shared entry.
                 target = dataclasses.replace(

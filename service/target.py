@@ -66,6 +66,10 @@ class Target:
     # Its provider's max_response_bytes: past it the dispatcher stops a stream itself, whatever
     # the worker (one in another language may not stop), as its memory holds the text.
     max_response_bytes: int | None = None
+    # A request's own target whose time limits (a timeout_s under its provider's, a ttft_s or
+    # an idle_s) the request chose: its timeouts are the client's doing, not the provider's
+    # health, so they never count toward the shared circuit breaker.
+    own_limits: bool = False
 
     def __post_init__(self) -> None:
         if self.health_key is _DERIVED:

@@ -26,7 +26,9 @@ from helpers import (
     wait_for_line,
     write_config,
 )
+from schemas.wire import CompletionRequest
 from service.app import start_stack
+from service.client import stream_text
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE, Health
@@ -303,6 +305,34 @@ async def test_hedge_p95_waits_for_the_targets_recent_p95(lifeline, client):
     # Learnt from the ~20 ms answers: at least their latency, and nowhere near a timeout (the
     # slowest of 25 on a loaded machine can take a few hundred ms).
     assert p95_ms is not None and 20 <= p95_ms < 1000
+
+
+@pytest.mark.parametrize(
+    "own, streamed",
+    [({"timeout_s": 0.02}, False), ({"ttft_s": 0.005}, True)],
+    ids=["timeout_s", "ttft_s on a stream"],
+)
+async def test_time_limits_a_request_sets_on_its_own_target_never_open_the_shared_breaker(
+    lifeline, client, own, streamed
+):
+    """ "Requests cannot change breakers": a client that names its own target with a time limit
+    tighter than the provider's pace made it time out each time, and its timeouts opened the
+    breaker of a healthy provider for every request of every client."""
+    config = {
+        "providers": {"a": fake(reply="from a", latency_ms=50), "b": fake(reply="from b")},
+        "breaker": {"consecutive_failures": 2, "cooldown_s": 30},
+        "routes": {"default": {"targets": ["a", "b"]}},
+    }
+    stack = await lifeline(config)
+    tight = {**USER_HELLO, "targets": [{"provider": "a", **own}, "b"]}
+    for _ in range(4):
+        if streamed:
+            _, reply = await stream_text(client, CompletionRequest(**tight))
+        else:
+            reply = await ask(client, tight)
+        assert outcomes(reply) == [("a", "timeout", "timeout"), ("b", "ok", None)]
+    assert stack.dispatcher.health.of("a", "fake-1").state == CLOSED
+    assert outcomes(await ask(client, USER_HELLO)) == [("a", "ok", None)]
 
 
 # ---- budgets under load ----------------------------------------------------------------
