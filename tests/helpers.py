@@ -23,6 +23,7 @@ import os
 import re
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -639,12 +640,21 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _bomb(size: int) -> bytes:
-    """A gzip body that expands to `size` bytes of JSON-ish spaces (built in chunks, kept)."""
+    """A gzip body that expands to `size` bytes (whole MiB) of JSON-ish spaces, kept. After a
+    full flush the compressor starts afresh, so every MiB after the first compresses to the same
+    bytes: compressed once and repeated (compressing 1 GiB took 5 s, and on a loaded machine
+    past the provider's timeout), then the trailer every gzip reader checks."""
     if size not in _Handler.bombs:
+        chunk, count = b" " * (1 << 20), size >> 20
         packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
-        chunk = b" " * (1 << 20)
-        parts = [packer.compress(chunk) for _ in range(size >> 20)]
-        _Handler.bombs[size] = b"".join(parts) + packer.flush()
+        first = packer.compress(chunk) + packer.flush(zlib.Z_FULL_FLUSH)
+        again = packer.compress(chunk) + packer.flush(zlib.Z_FULL_FLUSH)
+        end = packer.flush()[:-8]  # the last block, less the trailer of two chunks
+        crc = 0
+        for _ in range(count):
+            crc = zlib.crc32(chunk, crc)
+        trailer = struct.pack("<II", crc, (count << 20) & 0xFFFFFFFF)
+        _Handler.bombs[size] = first + again * (count - 1) + end + trailer
     return _Handler.bombs[size]
 
 

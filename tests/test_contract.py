@@ -72,7 +72,7 @@ def contract_config(provider: MisbehavingProvider, **dispatcher: Any) -> dict[st
                 "kind": "openai",
                 "model": "gpt-test",
                 "base_url": provider.base_url,
-                "timeout_s": 10,
+                "timeout_s": 30,  # a loaded machine is slow to serve a huge answer's first 4 MiB
             },
         },
         "routes": {
