@@ -543,13 +543,20 @@ class _Run:
         nothing about the target's health (short client deadlines must not open breakers). Cut
         short means by more than the moments a request spends before its call: a deadline of
         the target's own timeout_s leaves its first call a few ms less, and that call's timeout
-        counts. Nor does a timeout of a target whose time limits the request set itself."""
-        health, (provider, model) = self.health, target.health_key
+        counts. Nor does a timeout of a target whose time limits the request set itself.
+
+        A call let through a breaker that is not closed without this request holding its probe
+        (the last target left, called anyway: _not_probing) fails as the breaker expects: it
+        leaves the breaker as it is, rather than opening it again, with a warning and a write
+        to the shared bucket, once per request while the provider is down."""
+        health, key = self.health, target.health_key
+        provider, model = key
         assert health is not None
+        holds_probe = probe and self.claims is not None and key in self.claims
         capped = target.own_limits or timeout_s < target.timeout_s * _CAPPED_BELOW
         if capped and reply.kind == "timeout":
             health.record(provider, model, None, False, reply.kind, started=started)
-            if probe and self.claims and (provider, model) in self.claims:  # another's stays
+            if holds_probe:  # another's stays
                 health.release(provider, model)  # undecided: the next request probes
         else:
             health.record(
@@ -559,7 +566,7 @@ class _Run:
                 False,
                 reply.kind,
                 reply.status_code,
-                probe=probe,
+                probe=holds_probe,
                 started=started,
             )
 

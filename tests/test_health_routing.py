@@ -228,6 +228,27 @@ async def test_a_breaker_another_replica_opened_is_adopted_and_its_close_too(
     assert [h.reason for h in both] == ["a probe got an answer"] * 2
 
 
+async def test_the_last_target_called_through_its_open_breaker_does_not_reopen_it_each_time(
+    lifeline, client, caplog
+):
+    """A route whose only target is down: each request still calls it (a call that might work
+    beats a certain error), but each failure opened the open breaker again, a warning line and
+    a write to the shared bucket per request, for as long as the outage lasted."""
+    caplog.set_level(logging.INFO, "lifeline.health")
+    config = breaker_config({"cooldown_s": 30})
+    config["routes"] = {"default": {"targets": ["a"]}}
+    stack = await lifeline(config)
+    for _ in range(12):
+        reply = await ask(client, FAIL_A)
+        assert outcomes(reply) == [("a", "error", "server_error")]  # called anyway, each time
+    opened = [r for r in caplog.records if "opened" in r.getMessage()]
+    assert len(opened) == 1, [r.getMessage() for r in opened]
+    assert stack.dispatcher.health.of("a", "fake-1").state == OPEN
+    reply = await ask(client, USER_HELLO)  # and one that works closes it
+    assert outcomes(reply) == [("a", "ok", None)]
+    assert stack.dispatcher.health.of("a", "fake-1").state == CLOSED
+
+
 async def test_without_jetstream_a_dispatcher_says_so_and_uses_its_own_view(tracers, caplog):
     caplog.set_level(logging.WARNING, "lifeline.health")
     with EmbeddedNats(port=-1, jetstream=False) as server:
