@@ -144,6 +144,16 @@ async def connect(
                 exc,
             )
             return
+        if _is_publish_refusal(exc):  # an answer to a reply subject this user may not use
+            log.warning(
+                "%s: the NATS server refused a publish (%s): an answer sent there is lost. A "
+                "client whose reply subject is outside its own inbox gets no answer when "
+                "Lifeline's users may publish only to inboxes (`lifeline nats-config`): ask "
+                "with a reply subject from nc.new_inbox()",
+                name,
+                exc,
+            )
+            return
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
@@ -280,6 +290,11 @@ def _is_inbox_refusal(exc: Exception) -> bool:
     an inbox prefix of its own, connected without it."""
     text = str(exc).lower()
     return "permissions violation for subscription to" in text and '"_inbox.' in text
+
+
+def _is_publish_refusal(exc: Exception) -> bool:
+    """The server refused a publish: the connection stays up, the message is dropped."""
+    return "permissions violation for publish to" in str(exc).lower()
 
 
 def _is_auth_refusal(exc: Exception) -> bool:

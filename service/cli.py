@@ -919,7 +919,7 @@ async def _watch_audit(nats_opts: natsopts.NatsOptions) -> Client:
             event: AuditEvent = audit_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        print(_shown(_audit_line(event)), flush=True)
+        print(logs.printable(_audit_line(event)), flush=True)
 
     await nc.subscribe(subjects.AUDIT_ALL, cb=show)
     return nc
@@ -951,7 +951,8 @@ def _json_shown(data: bytes) -> str:
 
 
 def _audit_line(event: AuditEvent) -> str:
-    """One request's audit event on one line: status, id, latency and the chain it took."""
+    """One request's audit event on one line: status, id, latency and the chain it took (print
+    it through logs.printable: the id and the names are what a client wrote)."""
     chain = " -> ".join(f"{a.target or a.provider}:{_outcome(a)}" for a in event.attempts) or "-"
     why = f" ({event.error_type})" if event.error_type else ""
     streamed = ""
@@ -1368,7 +1369,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             if args.id and event.id != args.id:
                 continue
             shown += 1
-            print(_json_shown(data) if args.json else _shown(_audit_line(event)), flush=True)
+            print(
+                _json_shown(data) if args.json else logs.printable(_audit_line(event)), flush=True
+            )
     except nats.js.errors.NotFoundError:
         print(
             f"lifeline: no audit stream {settings.stream} on {redact_url(url)}: no dispatcher "

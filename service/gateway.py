@@ -1488,6 +1488,11 @@ class _Guarded:
             return
         self._await_head()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's two warnings per request with an Upgrade header (one advising to install
+        a WebSocket library): the gateway serves no WebSockets by design, and answers such a
+        request as plain HTTP, so there is nothing to warn an operator of."""
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the rest of a refused head, read and dropped until the client closes

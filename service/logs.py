@@ -5,10 +5,17 @@ from the environment, and JSON for log collectors.
     LIFELINE_LOG_FORMAT  text (default) or json: {"ts", "level", "logger", "message"[, "exc"]}
 
 A traceback stays on its event's line (in text, its lines joined by " | "; in JSON, the
-"exc" field), so a collector that splits on newlines never tears an event apart. Every line
-passes through the scrubbers of the process's workers (`hide`): a library may log what a
+"exc" field), so a collector that splits on newlines never tears an event apart. What a client
+or a provider wrote (an id, an error text) may hold a line break or a terminal's escape
+sequence: every character that is not printable is written as its escape (`\n`, `\x1b`,
+`\x9b`), so no such text forges a line or acts on the terminal, in text and in JSON. Every
+line passes through the scrubbers of the process's workers (`hide`): a library may log what a
 provider sent back, and a provider may have echoed its key. httpx's one line per HTTP request
 shows at DEBUG only.
+
+Hostile traffic must not turn into a line per request (a disk filled, CPU spent on logging):
+above DEBUG, one place in the code writes at most REPEATS_BURST warnings or errors in
+REPEATS_WINDOW_S; the next line it writes after such a window says how many were left out.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 LEVEL_ENV = "LIFELINE_LOG_LEVEL"
 FORMAT_ENV = "LIFELINE_LOG_FORMAT"
@@ -52,12 +60,33 @@ def _hidden(text: str) -> str:
     return text
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (line breaks, C0 and C1 controls,
+    DEL, U+2028) written as its escape, as repr() writes it: one line, inert on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {record.getMessage()}"
+        line = (
+            f"{_timestamp(record)} {record.levelname} {record.name} "
+            f"{printable(record.getMessage())}"
+        )
         if record.exc_info:
-            line += " | " + self.formatException(record.exc_info)
-        return _hidden(line.replace("\r", "").replace("\n", " | "))
+            trace = self.formatException(record.exc_info).replace("\r", "").split("\n")
+            line += " | " + " | ".join(printable(part) for part in trace)
+        return _hidden(line)
+
+
+def _json_escaped(text: str) -> str:
+    """JSON as json.dumps writes it without ensure_ascii, but with the characters it leaves
+    raw that a terminal acts on or a reader takes for a line break (C1 controls, DEL, U+2028)
+    escaped too."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,7 +99,46 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             event["exc"] = _hidden(self.formatException(record.exc_info))
-        return json.dumps(event, ensure_ascii=False)
+        return _json_escaped(json.dumps(event, ensure_ascii=False))
+
+
+REPEATS_BURST = 5  # lines one place in the code may write in a window ...
+REPEATS_WINDOW_S = 10.0  # ... of this many seconds, at WARNING and above
+
+
+class Repeats(logging.Filter):
+    """Lets through at most `burst` warnings and errors from one place in the code (its file
+    and line) per `window_s`; the first let through after a window that left some out says
+    how many. Lines below WARNING pass untouched (none of them is written per request)."""
+
+    def __init__(
+        self,
+        burst: int = REPEATS_BURST,
+        window_s: float = REPEATS_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        # (file, line) -> [window's start, lines let through in it, lines left out in it]
+        self._places: dict[tuple[str, int], list[Any]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        place, now = (record.pathname, record.lineno), self.clock()
+        seen = self._places.get(place)
+        if seen is None or now - seen[0] >= self.window_s:
+            left_out = seen[2] if seen is not None else 0
+            self._places[place] = [now, 1, 0]
+            if left_out:
+                record.msg = f"{record.getMessage()} ({left_out} more like this left out before it)"
+                record.args = None
+            return True
+        if seen[1] < self.burst:
+            seen[1] += 1
+            return True
+        seen[2] += 1
+        return False
 
 
 def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> None:
@@ -83,6 +151,8 @@ def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Non
         raise ValueError(f"{FORMAT_ENV}={form!r}: expected one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if form == "json" else TextFormatter())
+    if not verbose and level != "DEBUG":  # debugging wants every line
+        handler.addFilter(Repeats())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

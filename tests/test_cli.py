@@ -575,10 +575,11 @@ def test_ask_refuses_a_midstream_policy_without_a_stream():
 
 def test_audit_prints_what_another_client_wrote_without_its_escape_sequences(running):
     """Anyone who may publish on llm.audit.> writes what `lifeline audit` prints: an id with a
-    terminal escape sequence (or a raw C1 control, in --json) reached the terminal as is."""
+    terminal escape sequence (or a raw C1 control, in --json) reached the terminal as is, and
+    one with a line break printed a second, forged, event line (so did `lifeline run`)."""
     _, url = running
     event = {
-        "id": "\x1b]0;pwned\x07\u009b2J",
+        "id": "\x1b]0;pwned\x07\u009b2J\n2026-01-01T00:00:00.000Z [ok] id=forged",
         "status": "ok",
         **dict.fromkeys(("route", "provider", "model", "trace_id")),
         "attempts": [],
@@ -597,7 +598,7 @@ def test_audit_prints_what_another_client_wrote_without_its_escape_sequences(run
         audit = run_lifeline("audit", "--nats-url", url, "--last", "1", *json_output)
         assert audit.returncode == 0, audit.stderr
         assert "\x1b" not in audit.stdout and "\u009b" not in audit.stdout
-        assert "pwned" in audit.stdout
+        assert "pwned" in audit.stdout and len(audit.stdout.splitlines()) == 1, audit.stdout
 
 
 def test_the_start_banner_suggests_an_ask_the_config_can_answer(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import shutil
 import signal
@@ -839,6 +840,27 @@ def _refusal(answer: bytes) -> tuple[int, dict[str, Any], bytes]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower(), answer
     return int(head.split()[1]), json.loads(body)["error"], head
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_request_asking_for_a_websocket_is_served_without_a_warning(
+    gateway, monkeypatch, caplog, parser
+):
+    """uvicorn logged two warnings per request with an Upgrade header, one advising to
+    install a WebSocket library: a client could write two lines a request into the log, and
+    the advice is wrong (the gateway serves no WebSockets by design)."""
+    import service.gateway as module
+
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake()}))
+    caplog.set_level(logging.WARNING)
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket"}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        for _ in range(3):
+            answer = await http.get("/models", headers=upgrade)
+            assert answer.status_code == 200, answer.text
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("uvicorn")]
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])

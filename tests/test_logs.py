@@ -73,6 +73,71 @@ def test_a_workers_key_is_scrubbed_from_every_line_a_library_logs(
     assert "sk-live" not in out and out.count("***") == 3, out
 
 
+FORGED = "bad id\n2026-01-01T00:00:00.000Z ERROR lifeline forged\x1b]0;pwned\x07\u009b2J\u2028"
+
+
+@pytest.mark.parametrize("form", logs.FORMATS)
+def test_what_a_client_wrote_can_neither_forge_a_line_nor_act_on_the_terminal(
+    restore_logging, capsys, form
+):
+    """An id or a provider's error text reached the log as it was: a line break started a
+    line of the writer's choosing, and ESC and C1 sequences (raw in JSON too) set the
+    terminal's title or cleared its screen."""
+    logs.setup(environ={logs.FORMAT_ENV: form})
+    logging.getLogger("lifeline.test").warning("refused %s", FORGED)
+    try:
+        raise ValueError(FORGED)
+    except ValueError:
+        logging.getLogger("lifeline.test").exception("provider failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert line.isprintable(), repr(line)
+        shown = (
+            json.loads(line)["message"] + json.loads(line).get("exc", "")
+            if form == "json"
+            else line
+        )
+        assert "forged" in shown
+
+
+def test_a_line_written_per_request_is_written_a_few_times_and_then_counted(
+    restore_logging, capsys
+):
+    """A flood of bad requests (or a provider failing every call) made a warning per request:
+    10,000 lines for 10,000 requests. One place in the code writes a few per window; the next
+    line it writes after that says how many it left out."""
+    logs.setup(environ={})
+    [repeats] = logging.getLogger().handlers[0].filters
+    now = [0.0]
+    repeats.clock = lambda: now[0]
+    log = logging.getLogger("lifeline.test")
+
+    def refuse(n: int) -> None:
+        log.warning("request %d refused", n)  # one place in the code
+
+    for n in range(1000):
+        refuse(n)
+    log.warning("another place")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 3)[3] for line in lines] == [
+        *(f"request {n} refused" for n in range(logs.REPEATS_BURST)),
+        "another place",
+    ]
+    now[0] += logs.REPEATS_WINDOW_S
+    for n in range(2):
+        refuse(n)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(
+        f"request 0 refused ({1000 - logs.REPEATS_BURST} more like this left out before it)"
+    )
+    assert lines[1].endswith("request 1 refused")
+    logs.setup(verbose=True, environ={})  # debugging: every line
+    for _ in range(20):
+        log.warning("again")
+    assert len(capsys.readouterr().err.splitlines()) == 20
+
+
 def test_httpxs_line_per_request_shows_at_debug_only(restore_logging):
     logs.setup(environ={})
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
