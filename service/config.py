@@ -444,6 +444,13 @@ def _provider(name: str, table: Any) -> ProviderSettings:
     for i, model in enumerate(settings.models):
         if not model.strip():
             raise ConfigError(f"{key}.models[{i}]: a model name cannot be empty")
+    fixed = settings.fixed_model()
+    if fixed is not None and settings.models:
+        raise ConfigError(
+            f"{key}.models: this provider serves one model ({fixed}), so its targets and "
+            "requests cannot name another; drop `models`, and for each other model add a "
+            f'provider (kind = "{settings.kind}") that serves it'
+        )
     return settings
 
 
@@ -525,7 +532,17 @@ def _check_target(
             f"unknown provider {ref.provider!r} (configured: {', '.join(sorted(providers))})",
             "provider",
         )
-    allowed = allowed_models(providers[ref.provider])
+    provider = providers[ref.provider]
+    fixed = provider.fixed_model() if ref.model is not None else None
+    if fixed is not None and ref.model != provider.model:
+        raise TargetError(
+            f"model {ref.model!r} cannot be chosen per target: provider {ref.provider} serves "
+            f"one model ({fixed}); to call {ref.model}, add a provider (kind = "
+            f'"{provider.kind}") that serves it and name that provider here instead (or drop '
+            "`model`)",
+            "model",
+        )
+    allowed = allowed_models(provider)
     if ref.model is not None and allowed and ref.model not in allowed:
         raise TargetError(
             f"model {ref.model!r} is not one provider {ref.provider} allows "

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from helpers import config, fake
+from helpers import USER_HELLO, config, fake
 from service.config import ConfigError, load_config, parse_config
 from workers.registry import KINDS
 
@@ -431,6 +431,107 @@ def test_a_model_outside_the_allowlist_is_refused_at_start_up_naming_both_keys(r
 def test_an_empty_model_in_an_allowlist_is_refused_by_index():
     message = error(config({"p": fake(models=["m2", " "])}))
     assert message.startswith("providers.p.models[1]: a model name cannot be empty")
+
+
+# ---- an azure_openai provider: its deployment picks the model ---------------------------
+
+AZURE = {"kind": "azure_openai", "endpoint": "https://r.openai.azure.com", "deployment": "dep-mini"}
+
+
+def on_azure(routes: dict[str, Any], **tables: Any) -> dict[str, Any]:
+    """Provider az calls deployment dep-mini (its model: dep-mini); q is a fake."""
+    return {**config({"az": AZURE, "q": fake()}, routes), **tables}
+
+
+def test_an_azure_target_naming_another_model_is_refused_by_check_config(tmp_path):
+    """Every call goes to the deployment in the URL: the target would fall back to the same model
+    under another name."""
+    message = file_error(
+        write(
+            tmp_path,
+            """
+[providers.az]
+kind = "azure_openai"
+endpoint = "https://r.openai.azure.com"
+deployment = "dep-gpt-4o-mini"
+[routes.default]
+targets = [{provider = "az", model = "gpt-4.1"}]
+""",
+        )
+    )
+    assert message == (
+        f"{tmp_path / 'lifeline.toml'}: routes.default.targets[0].model: model 'gpt-4.1' cannot "
+        "be chosen per target: provider az serves one model (every call goes to its deployment "
+        "'dep-gpt-4o-mini', which picks the model); to call gpt-4.1, add a provider (kind = "
+        '"azure_openai") that serves it and name that provider here instead (or drop `model`)'
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "tables", "key"),
+    [
+        (
+            {"r": {"targets": ["q", {"group": ["q", {"provider": "az", "model": "gpt-4.1"}]}]}},
+            {},
+            "routes.r.targets[1].group[1].model",
+        ),
+        (
+            {"r": {"targets": ["x"]}},
+            {"targets": {"x": {"provider": "az", "model": "gpt-4.1"}}},
+            "targets.x.model",
+        ),
+        (
+            {"r": {"targets": ["q"]}},
+            {"fallbacks": {"context_length": [{"provider": "az", "model": "gpt-4.1"}]}},
+            "fallbacks.context_length[0].model",
+        ),
+    ],
+)
+def test_an_azure_target_naming_another_model_is_refused_wherever_it_is_written(
+    routes, tables, key
+):
+    message = error(on_azure(routes, **tables))
+    assert message.startswith(f"{key}: model 'gpt-4.1' cannot be chosen per target"), message
+    assert "deployment 'dep-mini'" in message
+
+
+def test_an_azure_target_may_name_its_providers_own_model_or_none():
+    parsed = parse_config(
+        config(
+            {"az": {**AZURE, "model": "gpt-4o-mini"}},
+            {"r": {"targets": ["az", {"provider": "az", "model": "gpt-4o-mini"}]}},
+        )
+    )
+    models = [spec.model for spec in parsed.routes["r"].targets]  # type: ignore[union-attr]
+    assert models == [None, "gpt-4o-mini"]
+
+
+def test_models_on_an_azure_provider_is_refused_naming_the_key():
+    message = error(config({"az": {**AZURE, "models": ["gpt-4.1"]}}))
+    assert message.startswith(
+        "providers.az.models: this provider serves one model (every call goes to its "
+        "deployment 'dep-mini', which picks the model)"
+    ), message
+    assert "drop `models`" in message
+
+
+def test_a_request_target_naming_another_model_on_azure_is_an_invalid_request():
+    from schemas.wire import INVALID_REQUEST, encoder
+    from service.routing import Rejected, Router
+
+    router = Router(parse_config(on_azure({"default": {"targets": ["az"]}})))
+    request = {**USER_HELLO, "targets": ["q", {"provider": "az", "model": "gpt-4.1"}]}
+    with pytest.raises(Rejected) as refused:
+        router.plan(encoder.encode(request))
+    assert refused.value.error.type == INVALID_REQUEST
+    assert refused.value.error.message.startswith(
+        "targets[1].model: model 'gpt-4.1' cannot be chosen per target: provider az serves "
+        "one model (every call goes to its deployment 'dep-mini'"
+    ), refused.value.error.message
+    [target] = router.plan(
+        encoder.encode({**USER_HELLO, "targets": [{"provider": "az", "model": "dep-mini"}]})
+    ).chain.targets
+    assert target.model == "dep-mini"
 
 
 def test_every_mistake_is_reported_at_once_with_the_closest_key_suggested():

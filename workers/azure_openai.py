@@ -12,7 +12,9 @@
     prompt_filter_results (and model "") first. The stream_options it sends need a recent
     api_version (the default has them; older ones answer 400 unknown_parameter).
 
-The deployment picks the model; the `model` sent in the body is informational to Azure.
+The deployment picks the model; the `model` sent in the body is informational to Azure. So
+a provider serves one model: service.config refuses its `models` and a target or request
+naming a model other than its own (one provider per deployment instead).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_un
     # The default api_version takes max_completion_tokens, which its reasoning deployments
     # (o1, o3, ...) require; max_tokens for an older api_version.
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_completion_tokens"
+
+    def fixed_model(self) -> str | None:
+        return f"every call goes to its deployment {self.deployment!r}, which picks the model"
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("https://", "http://")):

@@ -30,3 +30,8 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # And their requests' bytes, added up (a call that comes while none is in flight is always
     # taken): long prompts meet this bound first, as they do the dispatcher's.
     max_in_flight_bytes: Annotated[int, Meta(gt=0)] = 256 * 1024 * 1024
+
+    def fixed_model(self) -> str | None:
+        """Why targets and requests cannot pick this provider's model per call (None: they
+        can): the config then refuses its `models` and a target naming another model."""
+        return None
