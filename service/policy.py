@@ -43,7 +43,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -62,6 +62,9 @@ from schemas.wire import (
 from service.budgets import Budgets
 from service.health import CALL, CLOSED, PROBE, Health, Untouched
 from service.target import Target
+
+if TYPE_CHECKING:
+    from service.shaping import Template
 
 
 class Chain(NamedTuple):
@@ -94,6 +97,9 @@ class Needs(NamedTuple):
     json: bool = False
     tools: bool = False  # the request offers tools
     images: bool = False  # a message has an image
+    # The input as a target's template makes it, estimated (it may repeat the input, or
+    # replace a long system prompt); None: the request's own estimate serves every target.
+    shaped_tokens: Callable[[Template], int] | None = None
 
 
 class ChainResult(msgspec.Struct, frozen=True):
@@ -244,7 +250,10 @@ def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
     """(reason, message) when the request exceeds what the target declares it can take."""
     if target.max_input_tokens is not None and needs.input_tokens is not None:
-        tokens = needs.input_tokens + target.prompt_tokens
+        template = target.shaping.template if target.shaping is not None else None
+        tokens = needs.input_tokens
+        if template is not None and needs.shaped_tokens is not None:
+            tokens = needs.shaped_tokens(template)
         if tokens > target.max_input_tokens:
             return "max_input_tokens", (
                 f"the input is about {tokens} tokens; "

@@ -20,6 +20,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import msgspec
@@ -48,9 +49,9 @@ from service.policy import NO_NEEDS, Chain, Hedge, Limits, Needs
 from service.shaping import (
     Shaping,
     Validator,
+    estimate_shaped,
     estimate_tokens,
     output_validator,
-    template_tokens,
     wants_json,
 )
 from service.target import HealthKey, Target
@@ -180,7 +181,6 @@ class Router:
             backoff_s=spec.backoff_s,
             max_backoff_s=spec.max_backoff_s,
             max_input_tokens=spec.max_input_tokens,
-            prompt_tokens=template_tokens(template) if template is not None else 0,
             json_output=spec.json_output,
             tools=spec.tools,
             vision=spec.vision,
@@ -294,10 +294,12 @@ class Router:
                 break
         json = wants_json(request.response_format)
         if route.counts_tokens or json or request.tools or images:
-            tokens = (
-                estimate_tokens(request.messages, request.tools) if route.counts_tokens else None
-            )
-            needs = Needs(tokens, json, bool(request.tools), images)
+            tokens, shaped = None, None
+            if route.counts_tokens:  # some target declares max_input_tokens
+                tokens = estimate_tokens(request.messages, request.tools)
+                if self.config.templates:  # a templated target's input, as its template makes it
+                    shaped = partial(estimate_shaped, request.messages, request.tools)
+            needs = Needs(tokens, json, bool(request.tools), images, shaped)
         limits = Limits(
             deadline,
             max_attempts,

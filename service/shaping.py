@@ -87,46 +87,61 @@ def shape(
 def apply_template(
     messages: Sequence[ChatMessage], template: Template, previous_errors: Sequence[str] = ()
 ) -> list[ChatMessage]:
-    """`system` replaces the request's system messages ({system} stands for their text);
-    `user` replaces the last user message ({input} stands for its text). In both,
-    {previous_errors} stands for the error kinds of the attempts before (pass_failures)."""
+    """`system` replaces the request's system and developer messages ({system} stands for
+    their text, in order); `user` replaces the last user message ({input} stands for its text,
+    its text parts joined by newlines; its images follow the templated text, in their order).
+    In both, {previous_errors} stands for the error kinds of the attempts before
+    (pass_failures)."""
     out = list(messages)
     errors = ", ".join(previous_errors)
     if template.system is not None:
-        own = "\n\n".join(m.text for m in out if m.role == "system")
+        own = "\n\n".join(_text(m) for m in out if m.role in _SYSTEM_ROLES)
         text = template.system.replace("{previous_errors}", errors).replace("{system}", own).strip()
         out = ([ChatMessage("system", text)] if text else []) + [
-            m for m in out if m.role != "system"
+            m for m in out if m.role not in _SYSTEM_ROLES
         ]
     if template.user is not None:
         for i in range(len(out) - 1, -1, -1):
             if out[i].role == "user":
                 text = template.user.replace("{previous_errors}", errors).replace(
-                    "{input}", out[i].text
+                    "{input}", _text(out[i])
                 )
                 out[i] = ChatMessage("user", _with_text(out[i], text))
                 break
     return out
 
 
+# developer is OpenAI's name for system instructions: a template's `system` replaces it too
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def _text(message: ChatMessage) -> str:
+    """The message's text, its text parts joined by newlines (ChatMessage.text glues them)."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(part.text for part in content if isinstance(part, TextPart))
+
+
 def _with_text(message: ChatMessage, text: str) -> str | list[Any]:
-    """The message's content with its text replaced by `text`; its images stay."""
+    """The message's content with its text replaced by `text`; its images follow, in order."""
     content = message.content
     if content is None or isinstance(content, str):
         return text
     return [TextPart(text), *(part for part in content if isinstance(part, ImagePart))]
 
 
-def template_tokens(template: Template) -> int:
-    """What a template adds to a request, estimated like the input itself."""
-    text = "".join(part for part in (template.system, template.user) if part)
-    for placeholder in ("{system}", "{input}", "{previous_errors}"):
-        text = text.replace(placeholder, "")
-    return text_tokens(text)
+def estimate_shaped(
+    messages: Sequence[ChatMessage], tools: Sequence[Tool] | None, template: Template
+) -> int:
+    """estimate_tokens of the messages as `template` makes them (it may repeat {input}, or
+    replace a long system prompt; {previous_errors} counted empty)."""
+    return estimate_tokens(apply_template(messages, template), tools)
 
 
 # ---- token estimate ----------------------------------------------------------------
 
+_BASE_TOKENS = 3  # the reply's priming, as OpenAI's chat format counts it
 _PER_MESSAGE = 4  # role and separators, as OpenAI's chat format counts them
 _ASCII_CHARS_PER_TOKEN = 4  # English prose in the GPT and Claude tokenizers
 # An image: OpenAI counts 765 tokens for a high-detail 1024x1024 one, Anthropic about 1,600
@@ -136,14 +151,16 @@ _IMAGE_TOKENS = 1000
 
 def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> int:
     """About how many tokens the messages (and the tools' definitions) take, without a
-    tokenizer or the network.
+    tokenizer or the network: 3, plus per message 4, its text and 1,000 per image, plus per
+    tool call 4, its name and arguments, plus the tools' definitions as JSON.
 
     ASCII text counts 4 characters per token; every other character counts a whole token,
     which is close for CJK scripts and errs high for accented Latin text. Errors either
     way are caught: an estimate too high sends the request to a longer-context target; one
     too low gets a context_length failure, which has its own fallback chain.
+
     """
-    total = 3
+    total = _BASE_TOKENS
     for m in messages:
         total += _PER_MESSAGE + text_tokens(m.text) + _IMAGE_TOKENS * m.images
         for call in m.tool_calls or ():

@@ -50,7 +50,6 @@ class Target:
     backoff_s: float = 0.25
     max_backoff_s: float = 10.0
     max_input_tokens: int | None = None
-    prompt_tokens: int = 0  # what the target's own template adds to the input, estimated
     json_output: bool = True
     tools: bool = True  # it can call tools (false: skipped for a request with tools)
     vision: bool = True  # it can read images (false: skipped for a request with images)

@@ -525,6 +525,108 @@ async def test_a_template_can_adapt_its_prompt_to_the_earlier_failures(lifeline,
     }
 
 
+async def test_a_templates_system_replaces_developer_messages_too(lifeline, client):
+    """developer is OpenAI's name for system instructions: it cannot slip past the operator's
+    `system` as a second system prompt; {system} carries its text, in order."""
+    await lifeline(
+        {
+            "providers": {"p": fake(reply="request")},
+            "templates": {"terse": {"system": "Answer in one sentence. {system}"}},
+            "routes": {"default": {"targets": [{"provider": "p", "template": "terse"}]}},
+        }
+    )
+    messages = [
+        {"role": "system", "content": "SYS-A"},
+        {"role": "developer", "content": "DEV: answer at length"},
+        {"role": "user", "content": "hi"},
+    ]
+    reply = await ask(client, {"messages": messages})
+    assert sent(reply)["messages"] == [
+        {"role": "system", "content": "Answer in one sentence. SYS-A\n\nDEV: answer at length"},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+async def test_a_user_template_on_text_and_images_keeps_the_text_parts_apart(lifeline, client):
+    await lifeline(
+        {
+            "providers": {"p": fake(reply="request")},
+            "templates": {"q": {"user": "Question: {input}"}},
+            "routes": {"default": {"targets": [{"provider": "p", "template": "q"}]}},
+        }
+    )
+    one = {"type": "image", "url": "https://example.com/1.png"}
+    two = {"type": "image", "url": "https://example.com/2.png"}
+    content = [
+        {"type": "text", "text": "Is the first picture"},
+        one,
+        {"type": "text", "text": "brighter than the second?"},
+        two,
+    ]
+    reply = await ask(client, {"messages": [{"role": "user", "content": content}]})
+    assert sent(reply)["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "text",
+                    "text": "Question: Is the first picture\nbrighter than the second?",
+                },
+                one,
+                two,
+            ],
+        }
+    ]
+
+
+async def test_max_input_tokens_judges_the_input_as_the_targets_template_makes_it(lifeline, client):
+    """A template that repeats {input} makes the input longer for its target; one that
+    replaces a long system prompt makes it shorter."""
+    await lifeline(
+        {
+            "providers": {"small": fake(reply="small"), "big": fake(reply="big")},
+            "templates": {
+                "x4": {"user": "{input}\n{input}\n{input}\n{input}"},
+                "terse": {"system": "Answer in one sentence."},
+            },
+            "routes": {
+                "x4": {
+                    "targets": [
+                        {"provider": "small", "max_input_tokens": 120, "template": "x4"},
+                        "big",
+                    ]
+                },
+                "terse": {
+                    "targets": [
+                        {"provider": "small", "max_input_tokens": 120, "template": "terse"},
+                        "big",
+                    ]
+                },
+            },
+        }
+    )
+    repeated = await ask(
+        client, {"route": "x4", "messages": [{"role": "user", "content": "a" * 400}]}
+    )
+    assert outcomes(repeated) == [
+        ("small", "skipped", "max_input_tokens", None),
+        ("big", "ok", None, None),
+    ]
+    # 3 + (4 + 403 characters / 4, rounded up): the four copies the target would be sent
+    assert "about 408 tokens" in (repeated.attempts[0].message or "")
+    replaced = await ask(
+        client,
+        {
+            "route": "terse",
+            "messages": [
+                {"role": "system", "content": "s" * 4000},
+                {"role": "user", "content": "hi"},
+            ],
+        },
+    )
+    assert (replaced.content, outcomes(replaced)) == ("small", [("small", "ok", None, None)])
+
+
 async def test_without_opting_in_a_target_sees_only_the_requests_metadata(lifeline, client):
     await lifeline(config({"a": fake(fail_status=429), "c": fake(reply="request")}))
     reply = await ask(client, {**USER_HELLO, "metadata": {"team": "search"}})

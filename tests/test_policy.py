@@ -11,6 +11,7 @@ import pytest
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
 from schemas.deadline import Deadline
 from service.policy import Chain, Hedge, Limits, Needs, run_chain
+from service.shaping import Shaping, Template
 from service.target import Target
 
 
@@ -577,9 +578,16 @@ async def test_the_last_failure_of_a_chain_says_stop_not_fallback():
 
 
 async def test_a_targets_template_counts_toward_its_max_input_tokens():
-    targets = [target("a", max_input_tokens=100, prompt_tokens=60), target("b")]
-    result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=Needs(input_tokens=50))
+    """A templated target is judged on the input as its template makes it."""
+    shaping = Shaping(template=Template(user="{input} " * 3))
+    targets = [
+        target("a", max_input_tokens=100, shaping=shaping),
+        target("b", max_input_tokens=100),
+    ]
+    needs = Needs(input_tokens=50, shaped_tokens=lambda template: 150)
+    result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=needs)
     assert (result.attempts[0].reason, result.target.name) == ("max_input_tokens", "b")
+    assert "about 150 tokens" in result.attempts[0].message
 
 
 async def test_a_cancelled_walk_reports_the_calls_it_cut_short_in_the_callers_list():
