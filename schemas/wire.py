@@ -284,7 +284,8 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Opt in to get the error kinds of the attempts before this one in
     # metadata["lifeline_previous_errors"].
     pass_failures: bool = False
-    weight: Annotated[float, Meta(gt=0)] = 1.0  # its share within a load-balanced group
+    # Its share within a load-balanced group (finite: weights are compared as shares).
+    weight: Annotated[float, Meta(gt=0, le=1e9)] = 1.0
     # Circuit-breaker settings for this target, over the route's and [breaker]'s (config only;
     # checked against service.health.BreakerSettings at start-up).
     breaker: dict[str, Any] | None = None

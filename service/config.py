@@ -467,12 +467,25 @@ def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
         where = f"{key}[{i}]"
         if isinstance(entry, dict) and "group" in entry:
             group = _convert(entry, GroupSpec, where)
-            steps.append(
-                [
-                    _entry(f"{where}.group[{j}]", member, *known)
-                    for j, member in enumerate(group.group)
-                ]
-            )
+            for j, member in enumerate(group.group):
+                if isinstance(member, dict) and "group" in member:
+                    raise ConfigError(
+                        f"{where}.group[{j}]: a group holds targets, not another group; list "
+                        "the inner group's targets in this one, with their weights"
+                    )
+            members = [
+                _entry(f"{where}.group[{j}]", member, *known)
+                for j, member in enumerate(group.group)
+            ]
+            names = [m.name for m in members]
+            for j, name in enumerate(names):
+                if name in names[:j]:  # one target twice: a group of fewer than it says
+                    raise ConfigError(
+                        f"{where}.group[{j}]: target {name!r} is already in this group "
+                        f"(group[{names.index(name)}]); a group tries each of its targets once, "
+                        "so list it once (for more calls to it, give it `retries`)"
+                    )
+            steps.append(members)
         else:
             steps.append(_entry(where, entry, *known))
     return steps

@@ -107,9 +107,13 @@ class _Route(NamedTuple):
 def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[Target]:
     """The group's targets in a random order where each comes first with probability
     weight / total, and so on down (Efraimidis-Spirakis weighted sampling without replacement)."""
-    # The key u ** (1 / weight), compared as its logarithm: the power underflows to 0 for a
-    # small weight, ties then going by position. 1 - rand() is in (0, 1]: log is defined.
-    keyed = [(math.log(1.0 - rand()) / t.weight, i) for i, t in enumerate(group)]
+    # The key u ** (1 / weight), compared as log(weight) - log(-log u), which stays finite
+    # for any finite weight (the power, or log(u) / weight, underflows or overflows for a tiny
+    # one, and every key then ties). 1 - rand() is in (0, 1]; -log of 1 is 0: that one first.
+    keyed = []
+    for i, t in enumerate(group):
+        e = -math.log(1.0 - rand())
+        keyed.append((math.log(t.weight) - math.log(e) if e > 0.0 else math.inf, i))
     return [group[i] for _, i in sorted(keyed, reverse=True)]
 
 

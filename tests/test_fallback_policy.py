@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from opentelemetry.trace import SpanKind
 
 from helpers import USER_HELLO, ask, config, fake
@@ -766,3 +767,34 @@ def test_small_weights_share_a_group_as_large_ones_do():
     assert abs(share((0.001, 0.001)) - 0.5) < 0.03
     assert abs(share((0.0005, 0.001)) - 1 / 3) < 0.03
     assert abs(share((1, 3)) - 0.25) < 0.03
+    # Subnormal weights: log(u) / weight overflowed to -inf, every key tied, and the last
+    # target of the group came first every time (against the weights, for 3e-320 and 1e-320).
+    assert abs(share((3e-320, 1e-320)) - 0.75) < 0.03
+    assert abs(share((1e9, 1e9)) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (["d", "d"], "routes.default.targets[0].group[1]: target 'd' is already in this group"),
+        (
+            ["d", {"provider": "d"}],
+            "routes.default.targets[0].group[1]: target 'd' is already in this group",
+        ),
+        (["d", {"group": ["d", "z"]}], "group[1]: a group holds targets, not another group"),
+        (["d", {"provider": "z", "weight": float("inf")}], "group[1].weight"),
+    ],
+    ids=["twice by name", "twice inline", "a group in a group", "an infinite weight"],
+)
+def test_a_group_that_is_not_what_it_says_is_refused_naming_the_key(group, expected):
+    """A group listing one target twice was taken: that target was called twice per request
+    (a group of one, which groups refuse); an infinite weight made every order the same."""
+    from service.config import ConfigError, parse_config
+
+    config = {
+        "providers": {"d": fake(), "z": fake()},
+        "routes": {"default": {"targets": [{"group": group}]}},
+    }
+    with pytest.raises(ConfigError) as refused:
+        parse_config(config)
+    assert expected in str(refused.value), str(refused.value)

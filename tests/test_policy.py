@@ -465,6 +465,8 @@ async def test_max_attempts_caps_retries_and_fallbacks_together():
         "skipped",
         "max_attempts",
     )
+    # The last call's failure said "fallback", though the cap tried nothing after it.
+    assert [a.next for a in result.attempts] == ["retry", "retry", "stop", None]
 
 
 async def test_skipped_targets_do_not_count_as_attempts():
