@@ -291,8 +291,8 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     breaker: dict[str, Any] | None = None
     # Streaming only: no first chunk within ttft_s, or no chunk for idle_s once it streams, fails
     # the attempt as a timeout (None: only timeout_s bounds it).
-    ttft_s: Annotated[float, Meta(gt=0)] | None = None
-    idle_s: Annotated[float, Meta(gt=0)] | None = None
+    ttft_s: Annotated[float, Meta(gt=0, le=365 * 86_400.0)] | None = None  # a year at most
+    idle_s: Annotated[float, Meta(gt=0, le=365 * 86_400.0)] | None = None
     # The model continues a partial answer given as a last assistant message (on_midstream =
     # "continue"); Anthropic's older models do, newer ones and OpenAI's do not.
     prefill: bool = False

@@ -155,7 +155,7 @@ class RouteConfig(Struct, frozen=True, forbid_unknown_fields=True):
     breaker: dict[str, Any] | None = None
     # Hedging: start the next target when a call is still running after hedge_after_ms, or
     # after the target's recent p95 (hedge = "p95"; hedge_after_ms is then the least wait).
-    hedge_after_ms: Annotated[float, Meta(gt=0)] | None = None
+    hedge_after_ms: Annotated[float, Meta(gt=0, le=_YEAR_S * 1000)] | None = None
     hedge: Literal["p95"] | None = None
     # Shares of the route's requests (over the last 10 s, plus a reserve of 3): hedges may use
     # hedge_budget; retries and hedges together may use retry_budget.

@@ -142,6 +142,28 @@ def test_numbers_a_server_or_a_deadline_cannot_hold_are_refused_at_their_key(tab
     assert error(data).startswith(f"{table}.{key}: ")
 
 
+@pytest.mark.parametrize(
+    "route, key",
+    [
+        ({"hedge_after_ms": float("inf")}, "routes.default.hedge_after_ms"),
+        (
+            {"targets": [{"provider": "primary", "ttft_s": 1e300}]},
+            "routes.default.targets[0].ttft_s",
+        ),
+        (
+            {"targets": [{"provider": "primary", "idle_s": float("inf")}]},
+            "routes.default.targets[0].idle_s",
+        ),
+    ],
+)
+def test_a_duration_past_a_year_is_refused_at_its_key(route, key):
+    """They were taken (check-config said "hedges after inf ms"), though the README says a
+    duration is at most a year."""
+    data = config({"primary": fake()})
+    data["routes"] = {"default": {"targets": ["primary"], **route}}
+    assert error(data).startswith(f"{key}: "), error(data)
+
+
 def test_a_named_target_with_a_name_requests_cannot_use_is_refused():
     data = config({"primary": fake()})
     data["targets"] = {"a b=*": {"provider": "primary"}}

@@ -35,7 +35,7 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
     # "echo" repeats the last user message; "request" answers with the ProviderRequest it got,
     # as JSON (shows what a target's shaping sent); anything else is the answer.
     reply: str = "echo"
-    latency_ms: float = 0.0
+    latency_ms: Annotated[float, Meta(ge=0, le=365 * 86_400_000.0)] = 0.0  # a year at most
     fail_status: int | None = None  # answer every call with this HTTP-like status
     fail_rate: float = 0.0  # 0..1: share of calls that fail with fail_status (or 503)
     seed: int = 0
@@ -45,7 +45,7 @@ class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_f
     fail_on_request: bool = False
     # Streaming: the answer in this many pieces (fewer when it is shorter), this far apart.
     chunks: Annotated[int, Meta(ge=1)] = 4
-    chunk_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    chunk_delay_ms: Annotated[float, Meta(ge=0, le=365 * 86_400_000.0)] = 0.0
     fail_after_chunks: Annotated[int, Meta(ge=0)] | None = None
     stall_after_chunks: Annotated[int, Meta(ge=0)] | None = None
     # Tool calls to answer with (finish_reason "tool_calls"), e.g.
