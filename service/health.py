@@ -559,7 +559,11 @@ class Health:
             # the same millisecond, too: the open is the safer guess, and a probe settles it.
             return
         now = self.clock()
-        until = now + (until_unix_ms / 1000 - self.wall())
+        # Its cooldown (or lease) as the writer set it, counted from now at most: a replica
+        # whose clock runs ahead would otherwise bench the target for as long as it is ahead.
+        wall_ms = self.wall() * 1000
+        left_ms = min(until_unix_ms - wall_ms, until_unix_ms - since_unix_ms)
+        until = now + left_ms / 1000
         if state == OPEN:
             health.open_until = until
         elif state == HALF_OPEN:

@@ -157,13 +157,19 @@ class BucketStore:
                     replicas=self.replicas,
                     description="Lifeline breaker state",
                 )
+            # The revisions known belong to the bucket as it was: this one may be new (deleted
+            # and made again, a server restarted without its store), its revisions lower. The
+            # watch replays every key's last record, and its revision with it.
+            self._revisions.clear()
             self._watcher = await kv.watch(BREAKER_PREFIX + ">")
         except Exception as exc:  # noqa: BLE001 - nats-py raises many types, all "not reachable"
             self._degrade(exc)
             return
         self._follower = asyncio.create_task(self._follow(health, self._watcher))
         self.kv = kv
-        if self.problem != "not connected yet":
+        if self.problem is None:
+            pass  # watched afresh after a reconnect (see _maintain): nothing was lost
+        elif self.problem != "not connected yet":
             log.warning(
                 "shared health restored: breaker state is shared again through bucket %s",
                 self.bucket,
@@ -205,8 +211,11 @@ class BucketStore:
     async def _follow(self, health: Health, watcher: Any) -> None:
         """Adopt every breaker change another dispatcher writes."""
         async for entry in watcher:
-            if entry is None or entry.value is None or entry.operation is not None:
-                continue  # the end-of-history marker, or a delete
+            if entry is None:
+                continue  # the end-of-history marker
+            if entry.operation is not None or entry.value is None:  # a delete or a purge:
+                self._revisions.pop(entry.key, None)  # a claim now creates the key afresh
+                continue
             try:
                 record = _breaker_decoder.decode(entry.value)
             except msgspec.DecodeError as exc:
@@ -239,9 +248,14 @@ class BucketStore:
         anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket
         was lost."""
         published = 0.0
+        reconnects = self.nc.stats["reconnects"]
         while True:
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
-            if self.kv is None:
+            if self.kv is None or self.nc.stats["reconnects"] != reconnects:
+                # Lost, or back from a reconnect: the server may have restarted without its
+                # store, the bucket made anew by another replica, and a watch that resumes at
+                # its old place in the stream would never see the new one's records.
+                reconnects = self.nc.stats["reconnects"]
                 await self._stop_watcher()
                 await self._connect(health)
                 continue
@@ -347,12 +361,28 @@ class BucketStore:
                 update = self.kv.update(key, value, last=revision)
                 revision = await asyncio.wait_for(update, _CLAIM_TIMEOUT_S)
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False  # someone changed the key first; what they wrote comes through the watcher
+            # Someone changed the key first (what they wrote comes through the watcher), or the
+            # revision known here is gone (the key deleted or purged, the bucket made anew):
+            # learn the bucket's own, or every later claim would fail the same way.
+            self._spawn(self._learn_revision(key))
+            return False
         except Exception as exc:  # noqa: BLE001
             self._degrade(exc)
             return None
         self._revisions[key] = revision
         return True
+
+    async def _learn_revision(self, key: str) -> None:
+        if self.kv is None:
+            return
+        try:
+            entry = await asyncio.wait_for(self.kv.get(key), _OP_TIMEOUT_S)
+        except nats.js.errors.KeyNotFoundError:
+            self._revisions.pop(key, None)  # the next claim creates it
+        except Exception as exc:  # noqa: BLE001 - the next failed claim asks again
+            log.debug("could not read %s from bucket %s: %r", key, self.bucket, exc)
+        else:
+            self._revisions[key] = entry.revision
 
 
 def _newer(breaker: BreakerState, stored: BreakerState) -> bool:

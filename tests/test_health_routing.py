@@ -513,6 +513,89 @@ async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_agai
         await nc.close()
 
 
+@pytest.mark.parametrize("how", ["the key deleted", "the bucket's stream purged"])
+async def test_a_breaker_key_gone_from_the_bucket_does_not_bench_its_target_for_good(nats_url, how):
+    """Every replica claimed the probe over the revision it last saw; once the key was deleted
+    (or the stream purged, or its records expired) no claim could succeed, and the target was
+    skipped for good while `lifeline status` showed it closed."""
+    now = [100.0]
+    nc = await nats.connect(nats_url)
+    store = BucketStore(nc, "gone")
+    health = Health(store, clock=lambda: now[0])
+    await health.start()
+    try:
+        assert health.shared, store.problem
+        target = health.of("a", "m")
+        target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
+        key = breaker_key("a", "m")
+        await store.kv.put(key, store._value(health.state_of(target)))
+        await wait_for(lambda: key in store._revisions)
+        if how == "the key deleted":
+            await store.kv.delete(key)
+        else:
+            await nc.jetstream().purge_stream("KV_gone")
+        claimed = await wait_for(lambda: health.claim("a", "m", lease_s=31), timeout_s=10)
+        assert claimed is True
+    finally:
+        await health.stop()
+        await nc.close()
+
+
+async def test_a_replica_idle_through_a_server_restart_sees_the_new_buckets_breakers():
+    """nats-server restarted without its store: the bucket is made anew, and a replica that
+    was idle through it must still adopt what another writes there. (Three dispatcher
+    processes, two of them idle, missed every record of the new bucket: their watches resumed
+    at their old place in the old stream. Each store now watches afresh after a reconnect.)"""
+    from service.health import BreakerSettings
+
+    breaker = BreakerSettings(consecutive_failures=2, cooldown_s=30)
+    server = EmbeddedNats(port=-1)
+    server.start()
+    connect = dict(max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    nc_a, nc_b = (
+        await nats.connect(server.url, **connect),
+        await nats.connect(server.url, **connect),
+    )
+    a, b = Health(BucketStore(nc_a, "h")), Health(BucketStore(nc_b, "h"))
+    await a.start()
+    await b.start()
+    try:
+        for n in range(8):  # the old stream's sequence moves past where the new one will start
+            await a.store.kv.put(breaker_key("q", f"m{n}"), b"{}")
+        server.stop()
+        server.start()  # the same port, an empty store: the bucket is gone
+        await wait_for(lambda: nc_a.is_connected and nc_b.is_connected, timeout_s=15)
+        await wait_for(lambda: a.shared and b.shared, timeout_s=15)
+        for _ in range(2):
+            a.record("p", "m", breaker, False, "server_error")
+        assert a.of("p", "m").state == OPEN
+        await wait_for(
+            lambda: b.targets.get(("p", "m")) is not None and b.of("p", "m").state == OPEN,
+            timeout_s=15,
+        )
+    finally:
+        await a.stop()
+        await b.stop()
+        await nc_a.close()
+        await nc_b.close()
+        server.stop()
+
+
+def test_a_peers_clock_ahead_does_not_stretch_a_cooldown():
+    """A replica whose clock ran an hour ahead wrote an open breaker (or a probe's lease)
+    ending an hour from now by every other clock: the target was benched for the hour, though
+    its cooldown was 2 s."""
+    now = [100.0]
+    health = Health(clock=lambda: now[0], wall=lambda: 1_000_000.0 + now[0])
+    ahead_ms = int((1_000_000.0 + now[0] + 3600) * 1000)
+    health.apply(
+        "p", "m", OPEN, until_unix_ms=ahead_ms + 2000, reason="5 failures", since_unix_ms=ahead_ms
+    )
+    assert health.admit("p", "m") != PROBE  # open, for its cooldown
+    now[0] += 2.5
+    assert health.admit("p", "m") == PROBE  # the cooldown as written, not the hour
+
+
 async def test_simulated_failures_never_change_the_real_shared_breakers(lifeline, client):
     stack = await lifeline(breaker_config())
     for _ in range(5):  # five simulated 503s: the request that asked for them falls back
