@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -179,9 +180,25 @@ def text_tokens(text: str) -> int:
 
 _decode = msgspec.json.decode
 _schemas: OrderedDict[bytes, _Schema] = OrderedDict()
-_SCHEMAS_KEPT = 256  # compiled schemas, most recently used; requests usually repeat a few
-# A larger schema is compiled per request: 256 of them could hold 256 MiB.
+_SCHEMAS_KEPT = 64  # compiled schemas, most recently used; requests usually repeat a few
+# A larger schema is compiled per request: 64 of them could hold 64 MiB.
 _CACHED_SCHEMA_BYTES = 16 * 1024
+# A request's schema is the client's code run on the dispatcher's event loop, for every
+# answer; these bound its work and memory whatever the client writes:
+# - patterns run on Rust's linear-time regex engine (no backreferences, no lookaround), each
+#   compiled into at most this many bytes (and as many for its matching cache): 24 KB of
+#   `[\p{L}\p{N}]{200}` patterns took 440 MiB to compile, and kept it in the cache;
+_PATTERN_BYTES = 256 * 1024
+# - at most this many patterns in one schema, and a cached schema this many;
+_MAX_PATTERNS, _CACHED_PATTERNS = 64, 8
+# - at most this many subschemas once its $refs are followed: each $ref is the schema it
+#   names, so 28 levels of two refs to the next made 2**28 checks per answer (6 s of a
+#   stalled event loop, for a schema under 2 KB).
+_MAX_EXPANDED = 10_000
+# The message of a failed check says where it failed; finding that collects the failures of
+# every branch tried, which for a large schema costs far more than the check: past this
+# many subschemas, a failure says only that the answer does not match.
+_EXPLAINED_UP_TO = 1_000
 # A regular expression from a request runs on the event loop: a pathological one (nested
 # quantifiers on a long answer) must not stall every other request for long.
 _REGEX_TIMEOUT_S = 0.05
@@ -253,12 +270,19 @@ class _Schema:
     engines (linear time, or a backtracking limit where lookaround needs one: no pattern
     stalls the loop), and which never fetches a remote $ref (offline)."""
 
-    __slots__ = ("schema", "validator")
+    __slots__ = ("explained", "patterns", "schema", "validator")
 
     def __init__(self, schema: dict[str, Any], where: str) -> None:
+        expanded, self.patterns = _measure(schema, where)
+        self.explained = expanded <= _EXPLAINED_UP_TO
         try:
             self.validator = jsonschema_rs.validator_for(
-                schema, validate_formats=True, offline=True
+                schema,
+                validate_formats=True,
+                offline=True,
+                pattern_options=jsonschema_rs.RegexOptions(
+                    size_limit=_PATTERN_BYTES, dfa_size_limit=_PATTERN_BYTES
+                ),
             )
         except ValueError as exc:  # ValidationError (the schema's own), or its recursion limit
             first = str(exc).split("\n", 1)[0][:200]
@@ -273,6 +297,10 @@ class _Schema:
         additionalProperties, say, they are answer text or tool arguments, which the message,
         and so the audit event, must not carry)."""
         try:
+            if self.validator.is_valid(value):  # stops at the first failure; collects none
+                return None
+            if not self.explained:
+                return "the answer does not match the schema (too large a schema to say where)"
             error = next(iter(self.validator.iter_errors(value)), None)
         except ValueError:  # its recursion limit, on an answer nested deeper than it follows
             return "the answer is nested too deeply to check against the schema"
@@ -284,6 +312,121 @@ class _Schema:
         place = f"at schema {where}" if where else "at the top level"
         rule = _rule(self.schema, path)
         return f"{place}, {keyword} {rule} fails" if rule else f"{place}, {keyword} fails"
+
+
+# Keywords whose values are data, not subschemas: not walked.
+_DATA_KEYWORDS = frozenset(("enum", "const", "default", "examples", "example"))
+
+
+def _measure(schema: Any, where: str) -> tuple[int, int]:
+    """How many subschemas checking an answer against `schema` may visit, its local $refs
+    followed (a $ref back into one being followed counts once: the answer's own depth bounds
+    that), and how many patterns it has; ValueError when past _MAX_EXPANDED or _MAX_PATTERNS."""
+    sizes: dict[str, int] = {}  # a $ref's target -> its size once followed
+    following: set[str] = set()
+    anchors: dict[str, Any] = {}
+    patterns = 0
+
+    def survey(node: Any) -> None:  # every part, used or not: each is compiled
+        nonlocal patterns
+        if isinstance(node, list):
+            for item in node:
+                survey(item)
+        elif isinstance(node, dict):
+            for keyword, value in node.items():
+                if keyword in _DATA_KEYWORDS:
+                    continue
+                if keyword in ("$anchor", "$dynamicAnchor") and isinstance(value, str):
+                    anchors["#" + value] = node
+                elif keyword == "pattern" and isinstance(value, str):
+                    patterns += 1
+                elif keyword == "patternProperties" and isinstance(value, dict):
+                    patterns += len(value)
+                survey(value)
+
+    def size(node: Any) -> int:  # the parts an answer is checked against
+        if isinstance(node, list):
+            return sum(size(item) for item in node)
+        if not isinstance(node, dict):
+            return 0
+        total = 1
+        for keyword, value in node.items():
+            if keyword in _DATA_KEYWORDS or keyword in _DEFINITIONS:
+                continue  # data; definitions count where a $ref uses them
+            if keyword == "$id" and node is not schema:
+                # It would make "#..." below it mean that subschema: what it costs could not
+                # be told from here.
+                raise _Refused(f"{where}: $id is taken only at its top; use $defs and $ref")
+            if keyword in _REF_KEYWORDS and isinstance(value, str):
+                total += followed(value)
+            else:
+                total += size(value)
+            if total > _MAX_EXPANDED:
+                raise _TooLarge
+        return total
+
+    def followed(ref: str) -> int:
+        if ref in sizes:
+            return sizes[ref]
+        if ref in following:
+            return 1
+        if ref in anchors:
+            target = anchors[ref]
+        elif ref.startswith("#"):
+            target = _pointer(schema, urllib.parse.unquote(ref))
+            if target is None:
+                return 1  # nothing there: jsonschema-rs says what is wrong with it
+        else:
+            raise _Refused(
+                f"{where}: $ref {ref[:100]!r} points outside the schema; a $ref is a place in "
+                'it ("#/$defs/name", "#") or an $anchor ("#name")'
+            )
+        following.add(ref)
+        sizes[ref] = size(target)
+        following.discard(ref)
+        return sizes[ref]
+
+    try:
+        survey(schema)
+        expanded = size(schema)
+    except _Refused as exc:
+        raise ValueError(str(exc)) from None
+    except _TooLarge:
+        raise ValueError(
+            f"{where} is too large to check answers against: following its $refs, it has more "
+            f"than {_MAX_EXPANDED:,} subschemas (each $ref counts as the schema it names)"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to check answers against") from None
+    if patterns > _MAX_PATTERNS:
+        raise ValueError(f"{where} has {patterns} patterns; at most {_MAX_PATTERNS} are checked")
+    return expanded, patterns
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Refused(Exception):
+    pass
+
+
+_REF_KEYWORDS = frozenset(("$ref", "$dynamicRef", "$recursiveRef"))
+_DEFINITIONS = frozenset(("$defs", "definitions"))
+
+
+def _pointer(schema: Any, ref: str) -> Any:
+    """The part of `schema` a local $ref ("#", "#/$defs/a") names; None if none."""
+    node = schema
+    for raw in ref[1:].lstrip("/").split("/") if ref != "#" else ():
+        step = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
+            node = node[int(step)]
+        else:
+            return None
+    return node
 
 
 def _rule(schema: Any, path: list[Any]) -> str:
@@ -309,7 +452,7 @@ def _compiled(schema: dict[str, Any], where: str) -> _Schema:
         _schemas.move_to_end(key)
         return compiled
     compiled = _Schema(schema, where)
-    if len(key) <= _CACHED_SCHEMA_BYTES:
+    if len(key) <= _CACHED_SCHEMA_BYTES and compiled.patterns <= _CACHED_PATTERNS:
         _schemas[key] = compiled
         if len(_schemas) > _SCHEMAS_KEPT:
             _schemas.popitem(last=False)

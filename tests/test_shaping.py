@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -329,8 +330,70 @@ def test_a_schemas_pattern_that_backtracks_exponentially_is_decided_at_once(spec
 
 def test_a_remote_ref_is_never_fetched():
     """A schema is the request's: a $ref to a URL would make the dispatcher fetch it."""
-    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+    with pytest.raises(ValueError, match="points outside the schema"):
         validator_for(schema({"$ref": "http://127.0.0.1:9/schema.json"}))
+
+
+def doubling(levels: int, combine: str = "allOf", last: Any = True) -> dict[str, Any]:
+    """A schema under 2 KB whose $refs make 2**levels checks: each level twice the next."""
+    defs = {f"a{i}": {combine: [{"$ref": f"#/$defs/a{i + 1}"}] * 2} for i in range(levels)}
+    return {"$defs": {**defs, f"a{levels}": last}, "$ref": "#/$defs/a0"}
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["#/$defs/a{next}", "#/%24defs/a{next}", "#a{next}"],
+    ids=["a pointer", "a percent-encoded pointer", "an anchor"],
+)
+def test_a_schema_whose_refs_multiply_its_work_is_refused_at_once(ref):
+    """28 levels of two $refs to the next: 2**28 checks per answer, 6 s of a stalled event loop
+    for every request on the dispatcher, from a schema under 2 KB."""
+    defs = {
+        f"a{i}": {"$anchor": f"a{i}", "allOf": [{"$ref": ref.format(next=i + 1)}] * 2}
+        for i in range(28)
+    }
+    bomb = {"$defs": {**defs, "a28": {"$anchor": "a28"}}, "$ref": "#/$defs/a0"}
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="more than 10,000 subschemas"):
+        validator_for(schema(bomb))
+    assert time.perf_counter() - started < 1  # refused by counting, not by trying
+
+
+def test_a_large_schema_still_checks_answers_and_says_less_about_a_failure():
+    """Under the bound, a schema of 2**10 checks still checks, answering fast; its failure
+    says no more than that (finding where would collect the failures of every branch)."""
+    big = schema(doubling(10, "anyOf", {"type": "object", "required": ["x"]}))
+    assert check(big, '{"x": 1}') == answer('{"x": 1}')
+    failed = check(big, '{"y": 1}')
+    assert isinstance(failed, ProviderFailure) and failed.kind == "invalid_output"
+    assert "does not match the schema" in failed.message
+    small = check(schema(PERSON), '{"age": 1}')  # a small schema says where
+    assert isinstance(small, ProviderFailure) and "required" in small.message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        (r"^(a|aa)+\1$", "a backreference"),
+        (r"(?=a)b", "lookaround"),
+        (r"[\p{L}\p{N}]{200}x", "440 MiB compiled for 24 KB of them"),
+    ],
+)
+def test_patterns_that_backtrack_or_compile_huge_are_refused(pattern, why):
+    """Each ran on the dispatcher's event loop: a backreference's backtracking 22 ms per
+    string of the answer, 8 s for one answer; a pattern compiled into 12 MiB, kept."""
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        validator_for(schema({"type": "string", "pattern": pattern}))
+
+
+def test_a_schema_is_refused_past_64_patterns_and_refs_only_point_inside_it():
+    many = {"type": "object", "properties": {f"p{i}": {"pattern": "^a"} for i in range(65)}}
+    with pytest.raises(ValueError, match="65 patterns"):
+        validator_for(schema(many))
+    with pytest.raises(ValueError, match="points outside the schema"):
+        validator_for(schema({"$ref": "urn:a"}))
+    with pytest.raises(ValueError, match="id is taken only at its top"):
+        validator_for(schema({"$defs": {"a": {"$id": "urn:a"}}, "$ref": "#/$defs/a"}))
 
 
 # ---- answers nested deeper than can be read or checked -----------------------------------
