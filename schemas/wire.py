@@ -233,6 +233,7 @@ MAX_MESSAGE_CHARS = 1000
 # What a request may list (targets, fallback_on, faults): more than any chain needs, few
 # enough that a reply listing an attempt or an error for each stays small.
 MAX_LIST_LENGTH = 64
+MAX_TOOLS = 128  # tools in one request, as OpenAI's Chat Completions allows
 
 
 # The request parameters a target may drop (`drop = ["seed", "stop"]`): never sent to it.
@@ -389,7 +390,8 @@ class CompletionRequest(Struct, frozen=True):
     ) = None
     # On llm.stream: what a failure after the first chunk leads to (None: the route's, "reset").
     on_midstream: OnMidstream | None = None
-    tools: list[Tool] | None = None
+    # OpenAI's own bound: each tool's parameters are compiled to check the calls against.
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # None: the provider's default ("auto" with tools)
     parallel_tool_calls: bool | None = None
     stop: list[str] | None = None  # stop sequences

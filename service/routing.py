@@ -20,7 +20,6 @@ import random
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from functools import partial
 from typing import NamedTuple
 
 import msgspec
@@ -35,8 +34,10 @@ from schemas.wire import (
     PAYLOAD_TOO_LARGE,
     UNKNOWN_PROVIDER,
     UNKNOWN_ROUTE,
+    ChatMessage,
     Fault,
     TargetSpec,
+    Tool,
     clipped,
     request_decoder,
     salvage_id,
@@ -48,6 +49,7 @@ from service.health import ADHOC_MODEL
 from service.policy import NO_NEEDS, Chain, Hedge, Limits, Needs
 from service.shaping import (
     Shaping,
+    Template,
     Validator,
     estimate_shaped,
     estimate_tokens,
@@ -115,6 +117,23 @@ def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[T
         e = -math.log(1.0 - rand())
         keyed.append((math.log(t.weight) - math.log(e) if e > 0.0 else math.inf, i))
     return [group[i] for _, i in sorted(keyed, reverse=True)]
+
+
+class _ShapedEstimates:
+    """A request's input estimated as each template makes it, once per template: its 64
+    targets may share one, and shaping a large input costs milliseconds each time."""
+
+    __slots__ = ("known", "messages", "tools")
+
+    def __init__(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None) -> None:
+        self.messages, self.tools = messages, tools
+        self.known: dict[int, int] = {}
+
+    def __call__(self, template: Template) -> int:
+        tokens = self.known.get(id(template))
+        if tokens is None:  # a config's templates live as long as the request: ids stay theirs
+            tokens = self.known[id(template)] = estimate_shaped(self.messages, self.tools, template)
+        return tokens
 
 
 def _flat(steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
@@ -302,7 +321,7 @@ class Router:
             if route.counts_tokens:  # some target declares max_input_tokens
                 tokens = estimate_tokens(request.messages, request.tools)
                 if self.config.templates:  # a templated target's input, as its template makes it
-                    shaped = partial(estimate_shaped, request.messages, request.tools)
+                    shaped = _ShapedEstimates(request.messages, request.tools)
             needs = Needs(tokens, json, bool(request.tools), images, shaped)
         limits = Limits(
             deadline,

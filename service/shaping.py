@@ -204,7 +204,9 @@ _EXPLAINED_UP_TO = 1_000
 _REGEX_TIMEOUT_S = 0.05
 _MAX_PATTERN_CHARS = 1000
 _MAX_REPEATS = 100_000  # counted repeats multiplied: about 40 ms to compile, at the most
-_COUNTED_REPEAT = re.compile(r"(?<!\\)\{(\d*)(?:,(\d*))?\}")
+# A { after an even run of backslashes (none, or escaped ones: \\{1000} is a backslash a
+# thousand times) opens a counted repeat; after an odd run (\{) it is a literal brace.
+_COUNTED_REPEAT = re.compile(r"(?<!\\)(?:\\\\)*\{(\d*)(?:,(\d*))?\}")
 
 Check = Callable[[ProviderOk], ProviderOk | str]  # the answer (perhaps unfenced), or what failed
 
@@ -506,8 +508,8 @@ def _regex_of(pattern: str, where: str) -> regex.Pattern[str]:
                 f"{where} has counted repeats ({{n}}, {{m,n}}) that multiply to over "
                 f"{_MAX_REPEATS:,}; use + or * for long runs"
             )
-    try:
-        return regex.compile(pattern)
+    try:  # not kept in the module's own cache (500 patterns): each could hold hundreds of MiB
+        return regex.compile(pattern, cache_pattern=False)
     except regex.error as exc:
         raise ValueError(f"{where} is not a regular expression: {exc}") from None
     except RecursionError:
