@@ -115,6 +115,7 @@ _MAX_UNREAD_BYTES = 16 * 1024 * 1024
 _UNREAD_GRACE_S = 5.0  # ... when nothing was taken from them for this long
 _UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
 _EVENT_COST = 512
+_TURN_EVERY = 32  # a stream's events written before the event loop gets a turn
 # Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
 _READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
 _STOPPING = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
@@ -1092,11 +1093,19 @@ class Gateway:
         wait_s: float,
         sse: _SSE,
     ) -> AsyncIterator[bytes]:
+        written = 0
         try:
             while True:
                 yield sse.event(event, assembler)
                 if assembler.done:
                     return
+                written += 1
+                if written % _TURN_EVERY == 0:
+                    # Events already queued are taken without a wait and uvicorn writes
+                    # without one while the socket takes them: a backlog of tiny deltas
+                    # (100,000 of them, 25 µs each) was written in one turn of the loop,
+                    # every other client of this gateway waiting up to 1.8 s.
+                    await asyncio.sleep(0)
                 try:
                     msg = await _next_event(queue, give_up, wait_s, self.nc)
                     event = assembler.feed(msg.headers, msg.data)

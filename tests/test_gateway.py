@@ -842,6 +842,58 @@ def _refusal(answer: bytes) -> tuple[int, dict[str, Any], bytes]:
     return int(head.split()[1]), json.loads(body)["error"], head
 
 
+async def test_a_streams_backlog_is_written_with_turns_for_the_gateways_other_clients(
+    lifeline, nats_url
+):
+    """Events already queued are taken without a wait, and uvicorn writes without one while
+    the socket takes them: a backlog of 100,000 tiny deltas was written in one turn of the
+    event loop, every other client of the gateway waiting up to 1.8 s."""
+    from types import SimpleNamespace
+
+    from schemas import subjects
+    from schemas.streaming import Assembler
+    from service.gateway import _SSE, _Unread
+
+    await lifeline(config({"tiny": fake(reply="ab" * 600, chunks=600, chunk_delay_ms=0.01)}))
+    nc = await nats.connect(nats_url)
+    try:  # a real stream's events, as the gateway's inbox queues them
+        inbox, got, end = nc.new_inbox(), [], asyncio.Event()
+        reader = Assembler()
+
+        async def keep(msg: Any) -> None:
+            got.append(msg)
+            if reader.feed(msg.headers, msg.data).reply is not None:
+                end.set()
+
+        await nc.subscribe(inbox, cb=keep)
+        request = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
+        await nc.publish(subjects.STREAM, request, reply=inbox)
+        await asyncio.wait_for(end.wait(), 10)
+        assert len(got) > 500
+        queue, assembler = _Unread(), Assembler()
+        for msg in got[1:]:
+            queue.put_nowait(msg)
+        first = assembler.feed(got[0].headers, got[0].data)
+        turns = 0
+
+        async def other_clients() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        others = asyncio.ensure_future(other_clients())
+        stub = SimpleNamespace(inbox=SimpleNamespace(close=lambda token, done: None), nc=nc)
+        sse = _SSE("default", "token", 0, False)
+        events = Gateway._events(stub, "token", queue, assembler, first, 1e12, 30.0, sse)
+        written = [chunk async for chunk in events]
+        others.cancel()
+        assert len(written) == len(got) and b"[DONE]" in written[-1]
+        assert turns >= len(got) // 32 - 1  # a turn for the others every 32 events at least
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 async def test_a_request_asking_for_a_websocket_is_served_without_a_warning(
     gateway, monkeypatch, caplog, parser
