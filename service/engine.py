@@ -45,6 +45,7 @@ from schemas.wire import (
     INTERNAL,
     PAYLOAD_TOO_LARGE,
     PREVIOUS_ERRORS,
+    ToolCall,
     encoder,
     salvage_id,
 )
@@ -525,8 +526,18 @@ def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) 
         reply.template,  # template
         reply.stream,  # stream
         reply.finish_reason,  # finish_reason
-        [call.name for call in reply.tool_calls] if reply.tool_calls else [],  # tools_called
+        _tools_called(reply.tool_calls) if reply.tool_calls else [],  # tools_called
     )
+
+
+# The audit event names the tools an answer calls, not as many as the provider wrote: 900
+# made-up names of 1,000 characters made one event of 906 KB (the names are the answer's).
+_MAX_TOOLS_CALLED = 64
+_MAX_TOOL_NAME = 64
+
+
+def _tools_called(calls: list[ToolCall]) -> list[str]:
+    return [call.name[:_MAX_TOOL_NAME] for call in calls[:_MAX_TOOLS_CALLED]]
 
 
 def _annotate(span: telemetry.LiteSpan, reply: CompletionReply, route: str | None) -> None:

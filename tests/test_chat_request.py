@@ -49,6 +49,18 @@ async def test_a_tool_call_comes_back_normalised_and_the_audit_names_only_the_to
     assert b"Paris" not in audit.raw[0]  # never the arguments
 
 
+async def test_the_audit_names_a_bounded_few_of_the_tools_an_answer_calls(lifeline, client, audit):
+    """The names are the provider's text: 900 made-up names of 1,000 characters made one audit
+    event of 906 KB, and 1,150 such requests pushed a week of history out of the stream."""
+    names = [f"t{n:03d}" + "x" * 60 for n in range(100)]
+    calls = [{"name": name, "arguments": "{}"} for name in names]
+    await lifeline(config({"agent": fake(reply="", tool_calls=calls)}))
+    reply = await ask(client, chat(tools=[{"name": name} for name in names]))
+    assert reply.status == "ok" and len(reply.tool_calls) == 100  # the reply: whole
+    [(_, event)] = await audit.wait_for(1)
+    assert event.tools_called == names[:64]
+
+
 async def test_tools_stop_and_seed_reach_the_provider_and_a_target_can_drop_or_set_them(
     lifeline, client
 ):
