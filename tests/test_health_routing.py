@@ -8,9 +8,11 @@ can fail in one request and answer in the next, the way an outage comes and goes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import subprocess
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -488,29 +490,38 @@ async def test_only_one_replica_sends_the_half_open_probe(lifeline, client, nats
     assert first_outcomes == [("a", "ok", None)] + [("a", "skipped", "circuit_open")] * 11
 
 
+@contextlib.asynccontextmanager
+async def cooled_down(nats_url: str, bucket: str) -> AsyncIterator[tuple[Health, list[float]]]:
+    """A Health sharing `bucket`, on a clock the test moves (now[0]), whose breaker for a:m is
+    open with its cooldown over: the next call probes."""
+    now = [100.0]
+    nc = await nats.connect(nats_url)
+    health = Health(BucketStore(nc, bucket), clock=lambda: now[0])
+    await health.start()
+    try:
+        assert health.shared, health.store.problem
+        target = health.of("a", "m")
+        target.state, target.open_until = OPEN, now[0]
+        yield health, now
+    finally:
+        await health.stop()
+        await nc.close()
+
+
 async def test_a_claim_lost_to_this_dispatchers_own_unechoed_write_is_tried_again_soon(nats_url):
     """The bucket's newer revision can be our own write whose echo has not arrived: nobody else
     will announce a probe, so the next claim comes after about a second, not after the whole
     lease."""
-    now = [100.0]
-    nc = await nats.connect(nats_url)
-    store = BucketStore(nc, "claims")
-    health = Health(store, clock=lambda: now[0])
-    await health.start()
-    try:
-        assert health.shared, store.problem
-        target = health.of("a", "m")
-        target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
-        key, value = breaker_key("a", "m"), store._value(health.state_of(target))
+    async with cooled_down(nats_url, "claims") as (health, now):
+        store = health.store
+        key = breaker_key("a", "m")
+        value = store._value(health.state_of(health.of("a", "m")))
         stale = await store.kv.put(key, value)
         await store.kv.put(key, value)  # our own later write, its echo not followed yet
         store._revisions[key] = stale
         assert await health.claim("a", "m", lease_s=31) is False
         now[0] += 1.5
         assert health.admit("a", "m") == PROBE  # before: SKIP for the 31 s lease
-    finally:
-        await health.stop()
-        await nc.close()
 
 
 @pytest.mark.parametrize("how", ["the key deleted", "the bucket's stream purged"])
@@ -518,27 +529,17 @@ async def test_a_breaker_key_gone_from_the_bucket_does_not_bench_its_target_for_
     """Every replica claimed the probe over the revision it last saw; once the key was deleted
     (or the stream purged, or its records expired) no claim could succeed, and the target was
     skipped for good while `lifeline status` showed it closed."""
-    now = [100.0]
-    nc = await nats.connect(nats_url)
-    store = BucketStore(nc, "gone")
-    health = Health(store, clock=lambda: now[0])
-    await health.start()
-    try:
-        assert health.shared, store.problem
-        target = health.of("a", "m")
-        target.state, target.open_until = OPEN, now[0]  # the cooldown is over: the next call probes
+    async with cooled_down(nats_url, "gone") as (health, _):
+        store = health.store
         key = breaker_key("a", "m")
-        await store.kv.put(key, store._value(health.state_of(target)))
+        await store.kv.put(key, store._value(health.state_of(health.of("a", "m"))))
         await wait_for(lambda: key in store._revisions)
         if how == "the key deleted":
             await store.kv.delete(key)
         else:
-            await nc.jetstream().purge_stream("KV_gone")
+            await store.nc.jetstream().purge_stream("KV_gone")
         claimed = await wait_for(lambda: health.claim("a", "m", lease_s=31), timeout_s=10)
         assert claimed is True
-    finally:
-        await health.stop()
-        await nc.close()
 
 
 async def test_a_replica_idle_through_a_server_restart_sees_the_new_buckets_breakers():
