@@ -97,9 +97,11 @@ class Needs(NamedTuple):
     json: bool = False
     tools: bool = False  # the request offers tools
     images: bool = False  # a message has an image
-    # The input as a target's template makes it, estimated (it may repeat the input, or
-    # replace a long system prompt); None: the request's own estimate serves every target.
-    shaped_tokens: Callable[[Template], int] | None = None
+    # The input as a target's shaping makes it, estimated: (its template or None, whether it
+    # is sent the tools) -> tokens (a template may repeat the input or replace a long system
+    # prompt; drop = ["tools"] leaves their definitions out). None: the request's own
+    # estimate serves every target.
+    shaped_tokens: Callable[[Template | None, bool], int] | None = None
 
 
 class ChainResult(msgspec.Struct, frozen=True):
@@ -250,10 +252,11 @@ def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
     """(reason, message) when the request exceeds what the target declares it can take."""
     if target.max_input_tokens is not None and needs.input_tokens is not None:
-        template = target.shaping.template if target.shaping is not None else None
-        tokens = needs.input_tokens
-        if template is not None and needs.shaped_tokens is not None:
-            tokens = needs.shaped_tokens(template)
+        tokens, shaping = needs.input_tokens, target.shaping
+        if shaping is not None and needs.shaped_tokens is not None:
+            without_tools = "tools" in shaping.drop
+            if shaping.template is not None or without_tools:
+                tokens = needs.shaped_tokens(shaping.template, not without_tools)
         if tokens > target.max_input_tokens:
             return "max_input_tokens", (
                 f"the input is about {tokens} tokens; "

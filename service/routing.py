@@ -120,19 +120,26 @@ def weighted_order(group: Sequence[Target], rand: Callable[[], float]) -> list[T
 
 
 class _ShapedEstimates:
-    """A request's input estimated as each template makes it, once per template: its 64
-    targets may share one, and shaping a large input costs milliseconds each time."""
+    """A request's input estimated as each target's shaping makes it (its template, tools it
+    drops), once per shaping: its 64 targets may share one, and shaping a large input costs
+    milliseconds each time."""
 
     __slots__ = ("known", "messages", "tools")
 
     def __init__(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None) -> None:
         self.messages, self.tools = messages, tools
-        self.known: dict[int, int] = {}
+        self.known: dict[tuple[int, bool], int] = {}
 
-    def __call__(self, template: Template) -> int:
-        tokens = self.known.get(id(template))
+    def __call__(self, template: Template | None, with_tools: bool) -> int:
+        key = (id(template), with_tools)
+        tokens = self.known.get(key)
         if tokens is None:  # a config's templates live as long as the request: ids stay theirs
-            tokens = self.known[id(template)] = estimate_shaped(self.messages, self.tools, template)
+            tools = self.tools if with_tools else None
+            tokens = self.known[key] = (
+                estimate_shaped(self.messages, tools, template)
+                if template is not None
+                else estimate_tokens(self.messages, tools)
+            )
         return tokens
 
 
@@ -320,7 +327,8 @@ class Router:
             tokens, shaped = None, None
             if route.counts_tokens:  # some target declares max_input_tokens
                 tokens = estimate_tokens(request.messages, request.tools)
-                if self.config.templates:  # a templated target's input, as its template makes it
+                if self.config.templates or request.tools:  # a target's own template, or
+                    # its drop = ["tools"], makes its input other than the request's
                     shaped = _ShapedEstimates(request.messages, request.tools)
             needs = Needs(tokens, json, bool(request.tools), images, shaped)
         limits = Limits(

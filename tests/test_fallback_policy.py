@@ -602,8 +602,44 @@ def test_a_template_shared_by_many_targets_shapes_a_request_once(monkeypatch):
     request = {"messages": [{"role": "user", "content": "a" * 1000}], "targets": [target] * 64}
     plan = router.plan(json.dumps(request).encode())
     assert plan.needs.shaped_tokens is not None
-    assert [plan.needs.shaped_tokens(t.shaping.template) for t in plan.chain.targets][0] > 10
+    assert [plan.needs.shaped_tokens(t.shaping.template, True) for t in plan.chain.targets][0] > 10
     assert len(calls) == 1
+
+
+def test_a_target_that_drops_the_tools_is_judged_without_their_definitions():
+    """drop = ["tools"] sends a target no tool definitions: its max_input_tokens was checked
+    against an estimate that counted them, and it was skipped for input it never gets."""
+    from service.config import parse_config
+    from service.policy import skip_reason
+    from service.routing import Router
+
+    router = Router(
+        parse_config(
+            {
+                "providers": {"p": fake()},
+                "routes": {
+                    "default": {
+                        "targets": [
+                            {"provider": "p", "name": "keeps", "max_input_tokens": 500},
+                            {
+                                "provider": "p",
+                                "name": "drops",
+                                "max_input_tokens": 500,
+                                "drop": ["tools"],
+                            },
+                        ]
+                    }
+                },
+            }
+        )
+    )
+    tool = {"name": "lookup", "description": "d" * 4000, "parameters": {"type": "object"}}
+    request = {"messages": [{"role": "user", "content": "Hi"}], "tools": [tool]}
+    plan = router.plan(json.dumps(request).encode())
+    keeps, drops = plan.chain.targets
+    reason, message = skip_reason(keeps, plan.needs)
+    assert reason == "max_input_tokens" and "keeps takes at most 500" in message
+    assert skip_reason(drops, plan.needs) is None
 
 
 def test_a_request_with_more_tools_than_openai_takes_is_refused():

@@ -586,7 +586,7 @@ async def test_a_targets_template_counts_toward_its_max_input_tokens():
         target("a", max_input_tokens=100, shaping=shaping),
         target("b", max_input_tokens=100),
     ]
-    needs = Needs(input_tokens=50, shaped_tokens=lambda template: 150)
+    needs = Needs(input_tokens=50, shaped_tokens=lambda template, with_tools: 150)
     result, _ = await run({"a": ok(), "b": ok()}, targets=targets, needs=needs)
     assert (result.attempts[0].reason, result.target.name) == ("max_input_tokens", "b")
     assert "about 150 tokens" in result.attempts[0].message
