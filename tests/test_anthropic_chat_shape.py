@@ -193,6 +193,45 @@ async def test_a_multi_turn_tool_conversation_is_sent_as_the_documented_body(mak
     assert server.sent_json() == CONVERSATION_BODY
 
 
+async def test_messages_in_parts_keep_their_parts_as_blocks(make):
+    """A system prompt, a tool's result and a tool-calling turn sent in parts: each part is a
+    block of its own (their text was glued into one string, "Be brief.Use metric units.")."""
+    server = Server()
+    chat = request(
+        ChatMessage("system", [TextPart("Be brief."), TextPart("Use metric units.")]),
+        ChatMessage("user", "Weather in Paris?"),
+        ChatMessage(
+            "assistant",
+            [TextPart("Checking."), TextPart("")],
+            tool_calls=[ToolCall("toolu_1", "get_weather", '{"location": "Paris"}')],
+        ),
+        ChatMessage(
+            "tool",
+            [TextPart("15 C,"), TextPart(" cloudy"), ImagePart(url=IMAGE_URL)],
+            tool_call_id="toolu_1",
+        ),
+    )
+    await make(server).complete(chat, timeout_s=5)
+    sent = server.sent_json()
+    assert sent["system"] == [
+        {"type": "text", "text": "Be brief."},
+        {"type": "text", "text": "Use metric units."},
+    ]
+    assert sent["messages"][1]["content"][0] == {"type": "text", "text": "Checking."}
+    assert sent["messages"][1]["content"][1]["type"] == "tool_use"
+    assert sent["messages"][2]["content"] == [
+        {
+            "type": "tool_result",
+            "tool_use_id": "toolu_1",
+            "content": [
+                {"type": "text", "text": "15 C,"},
+                {"type": "text", "text": " cloudy"},
+                {"type": "image", "source": {"type": "url", "url": IMAGE_URL}},
+            ],
+        }
+    ]
+
+
 async def test_the_streamed_request_is_the_same_body_with_stream_true(make):
     server = stream_server(stream_events())
     [_ async for _ in make(server).stream(CONVERSATION, timeout_s=5)]

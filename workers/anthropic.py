@@ -137,7 +137,7 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
         "messages": _turns(request.messages),
     }
-    system = "\n\n".join(m.text for m in request.messages if m.role in _SYSTEM_ROLES and m.text)
+    system = _system(request.messages)
     if system:
         body["system"] = system
     if request.temperature is not None:
@@ -152,6 +152,24 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
     # Nor has seed: the API cannot make an answer repeatable, so it is left out.
     return body
+
+
+def _system(messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
+    """The system and developer messages as the API's `system`: their strings joined by blank
+    lines, or, when one came in parts, a text block per part (the API's long form: parts stay
+    apart as sent; images have no place there)."""
+    own = [m for m in messages if m.role in _SYSTEM_ROLES]
+    if all(m.content is None or isinstance(m.content, str) for m in own):
+        return "\n\n".join(m.content for m in own if m.content)
+    return [block for m in own for block in _text_blocks(m)]
+
+
+def _text_blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    """The message's text as text blocks, one per part (the API refuses an empty one)."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        return _as_blocks(content or "")
+    return [{"type": "text", "text": p.text} for p in content if isinstance(p, TextPart) and p.text]
 
 
 def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -173,13 +191,15 @@ def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 
 def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
     """One message's content: a string as is (the API's short form), else blocks."""
-    if message.role == "tool":
+    if message.role == "tool":  # a result in parts keeps them: text and image blocks
+        result = message.content
+        if result is not None and not isinstance(result, str):
+            result = [_part(p) for p in result if not isinstance(p, TextPart) or p.text]
         return [
-            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.text}
+            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": result or ""}
         ]
     if message.role == "assistant" and message.tool_calls:
-        text = [{"type": "text", "text": message.text}] if message.text else []
-        return text + [_tool_use(call) for call in message.tool_calls]
+        return _text_blocks(message) + [_tool_use(call) for call in message.tool_calls]
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     return [_part(part) for part in message.content]
