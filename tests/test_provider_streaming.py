@@ -299,10 +299,10 @@ def send(
         handler.wfile.flush()
 
 
-def cut(events: list[str], size: int, newline: str = "\n") -> list[bytes]:
-    """The events' bytes, with `newline` for line ends, in pieces of `size` bytes: cut inside
-    UTF-8 characters, inside CRLF pairs, anywhere."""
-    data = "".join(events).replace("\n", newline).encode()  # JSON escapes its own CR and LF
+def cut(events: list[str], size: int, newline: str = "\n", prefix: bytes = b"") -> list[bytes]:
+    """The events' bytes (after `prefix`), with `newline` for line ends, in pieces of `size`
+    bytes: cut inside UTF-8 characters, inside CRLF pairs, anywhere."""
+    data = prefix + "".join(events).replace("\n", newline).encode()  # JSON escapes CR and LF
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
@@ -448,6 +448,18 @@ async def test_crlf_and_cr_line_ends_read_as_lf_ones(kind, newline, size, server
     deltas, ok = await streamed(providers(kind, server.url))
     assert deltas == TEXTS
     assert ok == ProviderOk(content="", model=kind.model, usage=kind.usage, finish_reason="stop")
+
+
+@pytest.mark.parametrize("size", [1, 2, 4096])
+async def test_a_byte_order_mark_before_the_stream_is_no_part_of_it(size, server, providers):
+    """The SSE spec's UTF-8 decode drops one leading byte-order mark: kept, it made the first
+    line a field named "\ufeffdata", and a first chunk carrying text was dropped without a
+    word (here the stream starts with a delta, not with OpenAI's role-only chunk)."""
+    events = OPENAI.events(TEXTS)[1:]
+    server.answer = lambda handler: send(handler, cut(events, size, prefix="\ufeff".encode()))
+    deltas, ok = await streamed(providers(OPENAI, server.url))
+    assert deltas == TEXTS
+    assert ok.usage == OPENAI.usage
 
 
 async def test_deltas_are_passed_on_unstripped(server, providers):

@@ -566,7 +566,10 @@ def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
         stream=_CappedBody(response, max_bytes),
         request=response.request,
     )
-    capped.encoding = "utf-8"  # an event stream is always UTF-8, whatever charset it declares
+    # An event stream is always UTF-8, whatever charset it declares, and one byte-order mark
+    # at its start is no part of it (the SSE spec's UTF-8 decode): kept, it made the first
+    # line a field named "\ufeffdata", and the first chunk was dropped without a word.
+    capped.encoding = "utf-8-sig"
     return EventSource(capped)
 
 
