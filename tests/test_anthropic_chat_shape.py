@@ -313,7 +313,12 @@ async def test_stop_becomes_stop_sequences_and_seed_is_left_out(make):
     assert "seed" not in sent
 
 
-@pytest.mark.parametrize("arguments", ["not json", "[1, 2]", '"Paris"', '{"location": "Par'])
+@pytest.mark.parametrize(
+    "arguments",
+    # the last three: json.loads took them, and the body's encoding then failed (server_error)
+    ["not json", "[1, 2]", '"Paris"', '{"location": "Par', '{"a": NaN}', '{"a": 1e400}']
+    + ['{"a": "\\ud800"}'],
+)
 async def test_assistant_tool_call_arguments_that_are_no_object_are_a_bad_request(make, arguments):
     server = Server()
     call = ToolCall("toolu_01A09q90qw90lq917835lq9", "get_weather", arguments)

@@ -229,9 +229,10 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     """An earlier tool call of the assistant's. The API takes its input as an object, not as
     the encoded JSON OpenAI's wire carries: arguments that do not decode to one are the
     client's mistake, named by the call's id (the arguments are the client's data, not quoted)."""
-    try:
-        arguments = json.loads(call.arguments)
-    except (ValueError, RecursionError):
+    try:  # msgspec refuses what json.loads lets by (NaN, 1e400, a lone surrogate), which the
+        # body's encoding then failed on: a server_error, charged to the provider's breaker
+        arguments = msgspec.json.decode(call.arguments)
+    except (msgspec.DecodeError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
         raise ProviderError(
