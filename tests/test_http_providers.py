@@ -121,16 +121,25 @@ async def test_an_http_429_falls_back_with_the_providers_message(lifeline, clien
 
 
 async def test_an_error_body_with_a_lone_surrogate_keeps_its_kind_and_status(
-    lifeline, client, http_server
+    lifeline, client, http_server, exporter
 ):
     """JSON may escape a lone surrogate, which no UTF-8 reply can carry: the worker still
-    answers at once, with the failure's kind and status."""
+    answers at once, with the failure's kind and status, and its span's status says it in
+    UTF-8 (an OTLP exporter failed on the surrogate and dropped its whole batch of spans)."""
     await lifeline(config({"local": openai_at(http_server, timeout_s=30), "backup": fake()}))
     http_server.script = [(503, "upstream overloaded \ud800")]  # json.dumps writes \ud800
     reply = await ask(client, USER_HELLO, timeout_s=60)
     failed = reply.attempts[0]
     assert (failed.error_type, failed.status_code) == ("server_error", 503)
     assert "upstream overloaded ?" in failed.message and reply.provider == "backup"
+
+    def statuses() -> list[str]:  # the worker's call and the dispatcher's attempt
+        spans = exporter.get_finished_spans()
+        return [s.status.description for s in spans if "overloaded" in (s.status.description or "")]
+
+    await wait_for(lambda: len(statuses()) == 2, what=lambda: f"spans: {statuses()}")
+    for status in statuses():
+        status.encode()  # no lone surrogate left
 
 
 async def test_the_provider_http_call_carries_the_requests_trace(

@@ -263,11 +263,6 @@ class WorkerRuntime:
         if isinstance(reply, ProviderFailure):
             self.tally.errors += 1
             self.tally.last_error = reply.kind
-            message = reply.message
-            # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
-            # UTF-8 it cannot be sent, and the failure's kind and status must still go.
-            message = message.encode("utf-8", "replace").decode()
-            reply = msgspec.structs.replace(reply, message=message)
         try:
             payload = encoder.encode(reply)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
@@ -404,12 +399,17 @@ class WorkerRuntime:
         finally:
             expiry.stop()
             context.detach(token)
-        if self._scrub is not None:  # before the span and the reply see it
-            reply = (
-                self._scrub.answer(reply)
-                if isinstance(reply, ProviderOk)
-                else msgspec.structs.replace(reply, message=self._scrub(reply.message))
-            )
+        if isinstance(reply, ProviderFailure):  # before the span and the reply see it
+            message = reply.message
+            if self._scrub is not None:
+                message = self._scrub(message)
+            # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
+            # UTF-8 it can be neither sent nor exported in a span (the exporter dropped the
+            # batch, other requests' spans with it), and the failure's kind must still go.
+            message = message.encode("utf-8", "replace").decode()
+            reply = msgspec.structs.replace(reply, message=message)
+        elif self._scrub is not None:
+            reply = self._scrub.answer(reply)
         if span.recording:
             telemetry.annotate_outcome(span, reply)
         span.end_soon()  # handed to the exporter after the reply goes
