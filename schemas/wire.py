@@ -400,11 +400,17 @@ class CompletionRequest(Struct, frozen=True):
     fail_on_length: bool = False
 
 
+# A count of tokens: never negative, and one any JSON reader holds exactly (JavaScript's
+# largest safe integer; an OpenTelemetry attribute takes at most 2**63 - 1, and a larger one
+# made a span exporter drop the attribute with a traceback).
+TokenCount = Annotated[int, Meta(ge=0, le=2**53 - 1)]
+
+
 class Usage(Struct, frozen=True):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
-    reasoning_tokens: int = 0  # of output_tokens, spent on reasoning the answer does not show
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cached_input_tokens: TokenCount = 0  # of input_tokens, read from the provider's prompt cache
+    reasoning_tokens: TokenCount = 0  # of output_tokens, spent on reasoning the answer hides
 
 
 class Attempt(Struct, frozen=True):

@@ -208,6 +208,16 @@ async def test_a_200_without_choices_is_a_server_error(make):
     assert err.message.startswith("provider returned an unexpected response body")
 
 
+@pytest.mark.parametrize("count", [-1, 2**63, 2**64 - 1])
+async def test_a_usage_count_no_reader_holds_is_a_server_error(make, count):
+    """A negative count, or one past 2**53 - 1 (JavaScript's largest exact integer): one past
+    2**63 - 1 made the span exporter drop the attribute with a traceback."""
+    usage = {**COMPLETION["usage"], "prompt_tokens": count}
+    err = await failure(make(Server(body={**COMPLETION, "usage": usage})))
+    assert err.kind == "server_error"
+    assert "usage.prompt_tokens" in err.message
+
+
 async def test_a_200_that_is_not_json_is_a_server_error(make):
     err = await failure(make(Server(body="<html>upstream proxy page</html>")))
     assert (err.kind, err.status_code) == ("server_error", 200)

@@ -24,12 +24,11 @@ import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
-from typing import Annotated, Any, Protocol, overload
+from typing import Any, Protocol, overload
 
 import httpx
 import msgspec
 from httpx_sse import EventSource, ServerSentEvent, SSEError
-from msgspec import Meta
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
@@ -74,10 +73,6 @@ _MESSAGE_LIMIT = 300
 _ACCEPT_ENCODING = "gzip, deflate"
 _PIECE_BYTES = 64 * 1024  # the most one decompress step may produce
 _EVENT_STREAM = "text/event-stream"
-
-# A token count as the documented bodies carry it; a negative one means the body is not what it
-# claims.
-TokenCount = Annotated[int, Meta(ge=0)]
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

@@ -41,13 +41,21 @@ import msgspec
 from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
-from schemas.wire import FinishReason, NamedTool, Part, TextPart, Tool, ToolCall, ToolCallDelta
+from schemas.wire import (
+    FinishReason,
+    NamedTool,
+    Part,
+    TextPart,
+    TokenCount,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 from workers.base import (
     Delta,
     HttpProvider,
     ProviderError,
     ProviderSettings,
-    TokenCount,
     classify_status,
     decode_body,
     decode_event,
