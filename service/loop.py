@@ -152,6 +152,11 @@ class _Started(Coroutine[Any, Any, Any]):
 
 Timeout = list[Any]  # what Timeouts.call_later returns, for its cancel
 _EARLY = 0.0005  # s: how soon before its time an entry fires (see Timeouts)
+# After a stall (see Timeouts): a loop timer this late means the loop stood still; entries wait
+# a turn at a time, and at most this long, for what the stall left unread.
+_STALL_S = 0.25
+_CATCH_UP_S = 0.01
+_MAX_CATCH_UP_S = 1.0
 
 
 class Timeouts:
@@ -171,9 +176,16 @@ class Timeouts:
     delay to them); waiting for the clock to pass it exactly would add up to a millisecond
     (the clock's step), and a time a float's rounding put a hair after a tick another one.
     One Timeouts serves one event loop: made again when it finds another running (a test's
-    next loop)."""
+    next loop).
 
-    __slots__ = ("_dead", "_heap", "_loop", "_order", "_timer", "_timer_at")
+    After a stall (the process stopped or starved, a loop timer fired more than `_STALL_S`
+    late), entries wait until the loop keeps time again, at most `_MAX_CATCH_UP_S`: a stalled
+    loop runs its due timers before it reads its sockets (uvloop's order), so every call whose
+    answer came during the stall and waits unread would time out, and be charged to its
+    provider's breaker. Each wait is `_CATCH_UP_S`, through one read of the sockets at least;
+    the entries fire once a timer comes on time (the backlog read), or the wait runs out."""
+
+    __slots__ = ("_dead", "_heap", "_loop", "_order", "_stalled_since", "_timer", "_timer_at")
 
     def __init__(self) -> None:
         self._heap: list[Timeout] = []  # [when, order, callback, arg]; callback None: over
@@ -182,6 +194,8 @@ class Timeouts:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # when the loop timer fires; never after the first entry
+        self._stalled_since: float | None = None  # the first late fire of a stall, until one
+        # comes on time
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running event loop, as asyncio.get_running_loop() gives it, without asking it
@@ -231,10 +245,21 @@ class Timeouts:
         self._timer, self._timer_at = self._loop.call_at(when, self._fire), when
 
     def _fire(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        if now - self._timer_at > _STALL_S:
+            since = self._stalled_since
+            if since is None:
+                since = self._stalled_since = now
+            if now - since < _MAX_CATCH_UP_S:  # the sockets read first (see the class)
+                self._timer = self._loop.call_at(now + _CATCH_UP_S, self._fire)
+                self._timer_at = now + _CATCH_UP_S
+                return
+        else:  # on time: the loop keeps up
+            self._stalled_since = None
         self._timer, self._timer_at = None, math.inf
         heap = self._heap
-        assert self._loop is not None
-        due = self._loop.time() + _EARLY
+        due = now + _EARLY
         while heap:
             entry = heap[0]
             if entry[2] is not None and entry[0] > due:

@@ -298,3 +298,68 @@ def test_a_timeout_fires_in_the_clock_tick_its_time_falls_in():
         return fired
 
     assert asyncio.run(scenario()) == ["a hair after the tick", "within half a millisecond"]
+
+
+@pytest.mark.parametrize("factory", LOOPS)
+def test_after_a_stall_what_came_meanwhile_is_read_before_timeouts_fire(factory):
+    """A dispatcher stopped (SIGSTOP) or starved past its attempts' timeouts: their answers
+    came meanwhile and wait in its socket. uvloop runs due timers before it reads sockets, so
+    every one of those attempts timed out, and the timeouts opened a healthy provider's
+    breaker, shared with every other dispatcher: the loop reads the socket (uvloop in the same
+    turn, asyncio's loop one turn earlier) but parses what it read in a task, a turn later,
+    after the due timers. The entries now wait for the loop to catch up."""
+    import socket
+    import time
+
+    async def scenario() -> list[str]:
+        ev = asyncio.get_running_loop()
+        timeouts, order, done = loop.Timeouts(), [], asyncio.Event()
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+
+        def on_read() -> None:  # as nats-py's reader: bytes to a buffer, parsed by a task
+            reader.recv(64)
+            ev.call_soon(order.append, "answer read")
+
+        def timed_out(name: str) -> None:
+            order.append(name)
+            done.set()
+
+        def stall() -> None:  # the answer arrives, and the loop stands still
+            writer.send(b"answer")
+            time.sleep(0.4)
+
+        try:
+            ev.add_reader(reader.fileno(), on_read)
+            timeouts.call_later(0.05, timed_out, "timeout")
+            ev.call_later(0.01, stall)
+            await asyncio.wait_for(done.wait(), 10)
+            ev.remove_reader(reader.fileno())
+        finally:
+            reader.close()
+            writer.close()
+        return order
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(scenario()) == ["answer read", "timeout"]
+
+
+def test_a_loop_that_stays_behind_gets_its_timeouts_after_at_most_a_second():
+    """Catching up has a bound: timers that keep coming late fire all the same."""
+
+    async def scenario() -> list[float]:
+        ev = asyncio.get_running_loop()
+        timeouts, fired, base = loop.Timeouts(), [], ev.time()
+        now = [base]
+        ev.time = lambda: now[0]  # type: ignore[method-assign]
+        timeouts.call_later(0.1, lambda _: fired.append(now[0] - base), None)
+        for step in range(12):  # every fire 0.3 s late: the loop never catches up
+            now[0] = timeouts._timer_at + 0.3
+            timeouts._fire()
+            if fired:
+                break
+        return fired
+
+    [fired_at] = asyncio.run(scenario())
+    seen_at = 0.1 + 0.3  # the first late fire: the stall seen
+    assert 1.0 <= fired_at - seen_at <= 1.0 + 0.31  # the first fire a second after it
