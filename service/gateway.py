@@ -84,6 +84,7 @@ from schemas.wire import (
     reply_decoder,
 )
 from service.discovery import Endpoint, Tally
+from service.loop import Timeout, Timeouts
 from service.memory import release_memory_soon
 from service.natsio import fast_path
 
@@ -119,6 +120,7 @@ _TURN_EVERY = 32  # a stream's events written before the event loop gets a turn
 # Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
 _READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
 _STOPPING = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
+_GAVE_UP = Msg(None, "", "", b"", None)  # type: ignore[arg-type]  # its wait_s ran out
 _STOP_GRACE_S = 5  # how long a stopping gateway lets its requests run (uvicorn's grace)
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
@@ -579,6 +581,10 @@ class _Inbox:
         self._aborting: set[asyncio.Task[None]] = set()
         self._keys = SecretIds()  # abort keys: 96 random bits each
         self._watcher: asyncio.Task[None] | None = None  # _watch_unread, while streams are open
+        # Each request's wait for its answer. Not asyncio's timers: after a stall (the gateway
+        # stopped or starved past a request's wait) those fire before the answers that came
+        # meanwhile are read, and requests already served got a 504 (see Timeouts).
+        self._timeouts = Timeouts()
 
     async def _ready(self) -> str:
         if not self.prefix:
@@ -646,12 +652,12 @@ class _Inbox:
         self.waiting[token] = future
         key = self._keys.next()
         watch = _HangUpWatch(gone, future) if gone is not None else None
+        timer = self._timeouts.call_later(wait_s, _give_up, future)
         try:
             await self._publish(
                 COMPLETE, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
             )
-            async with asyncio.timeout(wait_s):
-                msg = await future
+            msg = await future
         except TimeoutError:
             self.abort(key)  # its answer would reach nobody now: stop what still runs for it
             raise _no_answer(wait_s, self.nc.is_connected) from None
@@ -664,6 +670,7 @@ class _Inbox:
                 return None
             raise
         finally:
+            self._timeouts.cancel(timer)
             del self.waiting[token]
             if watch is not None:
                 watch.stop()
@@ -679,6 +686,7 @@ class _Inbox:
             await self._reconnected(wait_s)
         prefix = await self._ready()
         queue = _Unread()
+        queue.timer = self._timeouts.call_later(wait_s, _Unread.gave_up, queue)
         self.waiting[token] = queue
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.ensure_future(self._watch_unread())
@@ -689,6 +697,7 @@ class _Inbox:
             )
         except BaseException:  # not sent (too large, say): nothing to abort
             del self.waiting[token], self.abort_keys[token]
+            self._timeouts.cancel(queue.timer)
             raise
         return queue
 
@@ -725,7 +734,9 @@ class _Inbox:
     def close(self, token: str, ended: bool) -> None:
         """Forget a stream; one that had not `ended` (its client left, its events broke off)
         is aborted."""
-        self.waiting.pop(token, None)
+        queue = self.waiting.pop(token, None)
+        if isinstance(queue, _Unread):
+            self._timeouts.cancel(queue.timer)
         key = self.abort_keys.pop(token, None)
         if key is not None and not ended:
             self.abort(key)
@@ -1043,14 +1054,13 @@ class Gateway:
         that hangs up before the first event has its request aborted, as one that hangs up
         during the stream does (the response's own disconnect watch: see `_events`)."""
         token = completion.id
-        give_up = time.monotonic() + wait_s
         assembler = Assembler()
         task = asyncio.current_task()
         assert task is not None
         watch = _HangUpWatch(partial(_disconnected, request), task)
         try:
             queue = await self.inbox.stream(token, payload, headers, wait_s)
-            first = await _next_event(queue, give_up, wait_s, self.nc)
+            first = await _next_event(queue, wait_s, self.nc)
             if first.headers and first.headers.get("Status") == "503":
                 raise _no_dispatcher()
             try:
@@ -1080,7 +1090,7 @@ class Gateway:
         }
         if headers and TRACEPARENT in headers:
             response_headers["x-lifeline-trace-id"] = headers[TRACEPARENT].split("-")[1]
-        events = self._events(token, queue, assembler, event, give_up, wait_s, sse)
+        events = self._events(token, queue, assembler, event, wait_s, sse)
         return StreamingResponse(events, 200, response_headers, "text/event-stream")
 
     async def _events(
@@ -1089,7 +1099,6 @@ class Gateway:
         queue: _Unread,
         assembler: Assembler,
         event: Event,
-        give_up: float,
         wait_s: float,
         sse: _SSE,
     ) -> AsyncIterator[bytes]:
@@ -1107,7 +1116,7 @@ class Gateway:
                     # every other client of this gateway waiting up to 1.8 s.
                     await asyncio.sleep(0)
                 try:
-                    msg = await _next_event(queue, give_up, wait_s, self.nc)
+                    msg = await _next_event(queue, wait_s, self.nc)
                     event = assembler.feed(msg.headers, msg.data)
                 except (StreamGap, StreamProtocolError) as exc:
                     yield sse.error(_broken(exc))
@@ -1303,19 +1312,25 @@ class _Unread(asyncio.Queue[Msg]):
         super().__init__()
         self.bytes = 0
         self.taken_at = time.monotonic()  # when its writer last took an event
+        self.timer: Timeout | None = None  # puts _GAVE_UP in it when the wait runs out
+
+    def gave_up(self) -> None:
+        self.put_nowait(_GAVE_UP)
 
     def unread_for(self) -> float:
         return time.monotonic() - self.taken_at
 
 
-async def _next_event(queue: _Unread, give_up: float, wait_s: float, nc: Client) -> Msg:
-    try:
-        async with asyncio.timeout_at(
-            asyncio.get_running_loop().time() + give_up - time.monotonic()
-        ):
-            msg = await queue.get()
-    except TimeoutError:
-        raise _no_answer(wait_s, nc.is_connected) from None
+def _give_up(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+async def _next_event(queue: _Unread, wait_s: float, nc: Client) -> Msg:
+    """The stream's next event; the events that came in time come before its _GAVE_UP."""
+    msg = await queue.get()
+    if msg is _GAVE_UP:
+        raise _no_answer(wait_s, nc.is_connected)
     if msg is _STOPPING:
         raise _stopping()
     if msg is _READ_TOO_SLOWLY:

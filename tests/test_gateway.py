@@ -885,7 +885,7 @@ async def test_a_streams_backlog_is_written_with_turns_for_the_gateways_other_cl
         others = asyncio.ensure_future(other_clients())
         stub = SimpleNamespace(inbox=SimpleNamespace(close=lambda token, done: None), nc=nc)
         sse = _SSE("default", "token", 0, False)
-        events = Gateway._events(stub, "token", queue, assembler, first, 1e12, 30.0, sse)
+        events = Gateway._events(stub, "token", queue, assembler, first, 30.0, sse)
         written = [chunk async for chunk in events]
         others.cancel()
         assert len(written) == len(got) and b"[DONE]" in written[-1]
@@ -1215,3 +1215,51 @@ async def test_after_a_flood_of_requests_the_gateway_hands_memory_back(gateway, 
         )
     assert {a.status_code for a in answers} == {200}
     assert gw.in_flight == 0 and trims == [None]
+
+
+async def test_a_gateway_stopped_past_a_requests_wait_gives_the_answer_that_came_meanwhile(
+    nats_url,
+):
+    """A gateway frozen (SIGSTOP) or starved past a request's wait, its answer arriving in the
+    meantime: on waking, its timers ran before the answer was read, and a request already
+    served got a 504 (and a retrying client paid for a second call)."""
+    import threading
+    import time
+
+    from schemas import subjects
+    from service.gateway import _Inbox
+
+    answer = encoder.encode({"id": "r1", "status": "ok", "content": "served"})
+    ready, stop = threading.Event(), threading.Event()
+
+    def dispatcher() -> None:  # answers 50 ms after it is asked, from a loop of its own
+        async def main() -> None:
+            nc = await nats.connect(nats_url)
+
+            async def answer_later(msg: Any) -> None:
+                await asyncio.sleep(0.05)
+                await msg.respond(answer)
+
+            await nc.subscribe(subjects.COMPLETE, cb=answer_later)
+            await nc.flush()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+            await nc.close()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=dispatcher)
+    thread.start()
+    nc = await nats.connect(nats_url)
+    try:
+        assert await asyncio.to_thread(ready.wait, 10)
+        inbox = _Inbox(nc)
+        await inbox._ready()
+        asyncio.get_running_loop().call_later(0.01, time.sleep, 0.6)  # the stall
+        reply = await inbox.request("r1", b"{}", None, wait_s=0.3)
+        assert reply is not None and reply.content == "served"
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 10)
+        await nc.close()
