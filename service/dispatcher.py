@@ -69,6 +69,7 @@ class Dispatcher:
             else LocalStore()
         )
         self.health = Health(store=store)
+        self.health.own_outage = self.transport.spanned_an_outage
         self.engine = Engine(config, self.transport, self.health, spans)
         # Durable jobs (llm.jobs.submit through JetStream), beside the core front end.
         self.jobs = Jobs(nc, self.engine, config.jobs, replicas) if config.jobs.enabled else None

@@ -319,6 +319,10 @@ class LocalStore:
         return None
 
 
+# What a call fails with when the caller's own NATS connection drops: not its provider's doing.
+_OUTAGE_KINDS = frozenset(("timeout", "no_responders", "connection"))
+
+
 class Health:
     """Every target's breaker and figures, as this dispatcher sees them."""
 
@@ -332,6 +336,10 @@ class Health:
         self.clock = clock
         self.wall = wall
         self.targets: dict[tuple[str, str], TargetHealth] = {}
+        # Whether this process's own NATS connection was down since a time on `clock` (the
+        # dispatcher's NatsTransport.spanned_an_outage): a call it made then that timed out,
+        # found no responders or could not be sent failed for that, not for its provider.
+        self.own_outage: Callable[[float], bool] | None = None
 
     @property
     def shared(self) -> bool:
@@ -452,6 +460,9 @@ class Health:
             and kind is not None
             and settings is not None
             and trips(settings, kind, status_code)
+            and not (
+                kind in _OUTAGE_KINDS and self.own_outage is not None and self.own_outage(started)
+            )
         )
         # Made before the breaker last closed: what closed it is newer.
         outdated = started < health.closed_at

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,6 +87,22 @@ class NatsTransport:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self._inbox = _Inbox(nc)
+        self._reconnects = 0  # nats-py's count when last looked at (spanned_an_outage)
+        self._back_at = -math.inf  # monotonic: when a reconnect was first seen
+
+    def spanned_an_outage(self, started: float) -> bool:
+        """Whether this connection was down at some time since `started` (time.monotonic()):
+        it is down now, or it reconnected since (as far as a look at nats-py's count of
+        reconnects can tell: no later than the first look after). A call's reply is lost with
+        the connection (the server cut it as a slow consumer, say), so the call's timeout says
+        nothing of its provider (Health's own_outage)."""
+        nc = self.nc
+        if not nc.is_connected:
+            return True
+        reconnects = nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects, self._back_at = reconnects, time.monotonic()
+        return started < self._back_at
 
     @property
     def max_payload(self) -> int:

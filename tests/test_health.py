@@ -883,3 +883,40 @@ async def test_a_called_anyway_call_cut_short_leaves_another_requests_probe_alon
     )
     assert script.called == ["a"]  # called anyway: the last target left
     assert health.admit("a", "a-model") == SKIP
+
+
+def test_calls_that_spanned_the_dispatchers_own_nats_outage_do_not_count():
+    """A dispatcher the NATS server cut (a slow consumer), or one that reconnected, lost the
+    replies in flight: their timeouts opened a healthy provider's breaker, which every
+    dispatcher sharing health then skipped. What its provider said itself still counts."""
+    h, t = make_health()
+    h.own_outage = lambda started: started < 5.0  # the connection was back at t = 5
+    t[0] = 10.0
+    for kind in ("timeout", "no_responders", "connection"):
+        for _ in range(3):
+            h.record(P, M, FAST, False, kind, started=1.0)
+    assert (state(h), h.of(P, M).consecutive) == (CLOSED, 0)
+    for _ in range(3):  # calls made after it came back: a run
+        h.record(P, M, FAST, False, "timeout", started=6.0)
+    assert state(h) == OPEN
+    h, t = make_health()
+    h.own_outage = lambda started: True
+    for _ in range(3):  # the provider's own answer, whatever the connection did
+        h.record(P, M, FAST, False, "server_error", 503, started=1.0)
+    assert state(h) == OPEN
+
+
+def test_the_transport_knows_a_call_spanned_an_outage_of_its_connection():
+    from types import SimpleNamespace
+
+    from service.transport import NatsTransport
+
+    nc = SimpleNamespace(is_connected=True, stats={"reconnects": 0})
+    transport = NatsTransport(nc)  # type: ignore[arg-type]
+    before = time.monotonic()
+    assert not transport.spanned_an_outage(before)
+    nc.is_connected = False
+    assert transport.spanned_an_outage(before)  # down now
+    nc.is_connected, nc.stats["reconnects"] = True, 1
+    assert transport.spanned_an_outage(before)  # reconnected since
+    assert not transport.spanned_an_outage(time.monotonic())  # made after it was back
