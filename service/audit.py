@@ -23,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from schemas.subjects import AUDIT_ALL
+from schemas.subjects import AUDIT_ALL, AUDIT_PREFIX
 from service import jetstream
 from service.config import AuditSettings
 
@@ -32,6 +32,8 @@ log = logging.getLogger("lifeline.audit")
 DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
 _SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be made
 _WATCH_S = 30.0  # between looks at whether the stream is still there
+_AUDIT_STATUSES = AUDIT_PREFIX + "*"  # every subject an event goes out on: a stream of
+# Lifeline's name made beforehand must capture them all (llm.audit.> does)
 
 
 _STALL_S = 5.0  # the longest wait for the next event of those the stream holds
@@ -100,9 +102,13 @@ async def ensure_audit_stream(
     try:
         await js.add_stream(config)
     except Exception as exc:  # noqa: BLE001 - no JetStream answers with many types
-        if jetstream.exists_already(exc):  # perhaps with other limits: the operator's stand
-            return None
-        return jetstream.hint(exc, replicas)
+        if not jetstream.exists_already(exc):
+            return jetstream.hint(exc, replicas)
+        # Perhaps with other limits: the operator's stand, but what loses events is said.
+        try:
+            await jetstream.look_at_existing(js, settings.stream, _AUDIT_STATUSES, log, jobs=False)
+        except Exception as err:  # noqa: BLE001 - a look that failed loses nothing
+            log.debug("audit: could not look at stream %s: %r", settings.stream, err)
     return None
 
 

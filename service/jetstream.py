@@ -3,18 +3,40 @@
 The jobs stream and results bucket (service/jobstore.py), the audit stream (service/audit.py)
 and the shared health bucket (service/shared_health.py) are made when missing, by whichever
 process comes first; each says the same thing when JetStream will not make or serve them.
-Imports nats-py's errors and nothing of Lifeline's.
+A stream of Lifeline's name that exists already (an operator's) is used as it is, once it has
+been looked at: settings that would lose jobs or audit events are logged as a warning, once
+per stream made, and a jobs stream that does not capture the jobs' subject is refused.
+Imports nats-py and nothing of Lifeline's.
 """
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime
+
 import nats.js.errors
+from nats.js import JetStreamContext, api
 
 # JetStream's error codes (an APIError's err_code), from nats-server's errors.json.
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists, with another configuration
 NO_SUITABLE_PEERS = 10005  # fewer servers up than the replicas asked for
 REPLICAS_NEED_CLUSTER = 10074  # replicas above 1 asked of a server not in a cluster
 SUBJECTS_OVERLAP = 10065  # another stream already captures (some of) the subjects
+INSUFFICIENT_RESOURCES = 10023  # JetStream's store (the server's or the account's) is full
+MAX_STREAMS = 10027  # the account may have no more streams
+INSUFFICIENT_STORAGE = 10047  # a stream's max_bytes does not fit the storage left
+INSUFFICIENT_MEMORY = 10028  # the same for a stream kept in memory
+STORE_FAILED = 10077  # a stream's store refused a message (at its own maximum, say)
+MESSAGE_TOO_LARGE = 10054  # a message over the stream's (or bucket's) max_msg_size
+
+# The streams Lifeline makes: the jobs stream, the results bucket, the audit stream and the
+# shared health bucket (a bucket is a stream too).
+STREAMS_NEEDED = 4
+
+
+class UnfitStream(nats.js.errors.Error):
+    """A stream of Lifeline's name exists, made so that Lifeline cannot work with it; the
+    description says what to do."""
 
 
 def exists_already(exc: BaseException) -> bool:
@@ -25,6 +47,8 @@ def exists_already(exc: BaseException) -> bool:
 
 def hint(exc: BaseException, replicas: int) -> str:
     """`exc`, from making or reaching a stream or bucket, with what to do about it."""
+    if isinstance(exc, UnfitStream):
+        return str(exc.description)
     what = _said(exc)
     code = getattr(exc, "err_code", None)
     if code == NO_SUITABLE_PEERS:
@@ -41,6 +65,42 @@ def hint(exc: BaseException, replicas: int) -> str:
         return (
             f"{what}; another stream already takes these subjects: remove it, or name that "
             "stream in the config (audit.stream, jobs.stream)"
+        )
+    if code == INSUFFICIENT_STORAGE:
+        return (
+            f"{what}; JetStream has less storage than this stream's limits reserve, and "
+            "waiting does not change that: lower audit.max_bytes (1 GiB by default), or the "
+            "limits of a stream or bucket made beforehand, or raise the server's jetstream "
+            "max_file_store (max_memory_store) or the account's JetStream limit (max_file, "
+            "max_mem)"
+        )
+    if code == MAX_STREAMS:
+        return (
+            f"{what}; the account may have no more streams: Lifeline needs {STREAMS_NEEDED} "
+            "(the jobs stream, the results bucket, the audit stream and the shared health "
+            'bucket; fewer with jobs.enabled = false, audit.stream = "" or '
+            "dispatcher.shared_health = false): raise the account's JetStream max_streams, or "
+            "delete streams it no longer needs"
+        )
+    if code == INSUFFICIENT_RESOURCES:
+        return (
+            f"{what}; JetStream's store is full (the server's max_file_store or "
+            "max_memory_store, or the account's JetStream limit): make room (purge or delete "
+            "streams, lower audit.max_bytes) or raise that limit"
+        )
+    if code == MESSAGE_TOO_LARGE:
+        return (
+            f"{what}; the message is over the max_msg_size of the stream or bucket it went to "
+            "(one made beforehand with that limit): raise its max_msg_size, or delete it so "
+            "that Lifeline makes it without one"
+        )
+    if isinstance(exc, nats.js.errors.NoStreamResponseError) or (
+        isinstance(exc, nats.js.errors.NotFoundError) and code is None
+    ):  # nats-py's own, when no stream captures the subject published or subscribed on
+        return (
+            f"{what}; no stream captures this subject: is JetStream on (nats-server -js)? Was "
+            "a stream of the configured name (jobs.stream, audit.stream) made beforehand on "
+            "other subjects? Delete it so that Lifeline makes it, or add the subject to it"
         )
     if isinstance(exc, TimeoutError):  # nats-py's TimeoutError is one too
         return (
@@ -60,3 +120,120 @@ def _said(exc: BaseException) -> str:
     if isinstance(exc, nats.js.errors.APIError):
         return f"{type(exc).__name__}: {exc.description}" if exc.description else type(exc).__name__
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+# What was warned about already, by (stream, when it was made, warning): a stream is looked at
+# again on every try to set jobs up (every 2 s while the results bucket cannot be made) and
+# each time it is made again; a warning is worth a line once per stream made.
+_warned: set[tuple[str, datetime | None, str]] = set()
+_WARNED_MAX = 1000  # an operator making streams by the thousand gets some warnings again
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """Whether every subject `subject` stands for (it may hold wildcards) matches `pattern`."""
+    want, have = pattern.split("."), subject.split(".")
+    for n, token in enumerate(want):
+        if token == ">":
+            return len(have) > n
+        if n >= len(have) or have[n] == ">" or (token != "*" and token != have[n]):
+            return False
+    return len(want) == len(have)
+
+
+def _limited(config: api.StreamConfig) -> bool:
+    """Whether the stream has a limit of messages or bytes (one past which it discards)."""
+    limits = (config.max_msgs, config.max_bytes, config.max_msgs_per_subject)
+    return any(limit is not None and limit > 0 for limit in limits)
+
+
+def _too_small(config: api.StreamConfig, max_payload: int | None) -> str | None:
+    if max_payload and config.max_msg_size is not None and 0 < config.max_msg_size < max_payload:
+        return (
+            f"takes messages of at most {config.max_msg_size} bytes (max_msg_size), below the "
+            f"server's max_payload ({max_payload})"
+        )
+    return None
+
+
+def jobs_stream_problems(info: api.StreamInfo, subject: str, max_payload: int | None) -> list[str]:
+    """What in an existing jobs stream loses jobs or refuses them, each with what to do.
+    Raises UnfitStream when it does not capture `subject`: no job could be taken."""
+    config, name = info.config, info.config.name
+    if not any(covers(pattern, subject) for pattern in config.subjects or ()):
+        raise UnfitStream(
+            f"stream {name} exists but does not capture {subject} (its subjects: "
+            f"{', '.join(config.subjects or ()) or 'none'}): no job can be submitted or taken; "
+            f"delete it (nats stream rm {name}) so that Lifeline makes it, or add {subject} to "
+            "its subjects, or name another stream in jobs.stream"
+        )
+    said = []
+    if config.discard != api.DiscardPolicy.NEW and _limited(config):
+        said.append(
+            f"{name} discards old messages once full (max_msgs, max_bytes): accepted jobs can "
+            "be dropped unanswered; delete the stream so that Lifeline makes it, or set "
+            "discard=new"
+        )
+    if config.retention != api.RetentionPolicy.WORK_QUEUE:
+        loses = (
+            "a job published while no dispatcher has its consumer is dropped"
+            if config.retention == api.RetentionPolicy.INTEREST
+            else "answered jobs stay in it, filling it up"
+        )
+        retention = getattr(config.retention, "value", config.retention)
+        said.append(
+            f"{name} keeps messages by {retention} retention, not as a work queue: {loses}; "
+            "delete the stream so that Lifeline makes it"
+        )
+    if small := _too_small(config, max_payload):
+        said.append(
+            f"{name} {small}: larger jobs are refused; delete the stream so that Lifeline "
+            "makes it, or raise its max_msg_size"
+        )
+    return said
+
+
+def audit_stream_problems(info: api.StreamInfo, subject: str, max_payload: int | None) -> list[str]:
+    """What in an existing audit stream keeps audit events from it, each with what to do."""
+    config, name = info.config, info.config.name
+    said = []
+    if not any(covers(pattern, subject) for pattern in config.subjects or ()):
+        said.append(
+            f"{name} captures {', '.join(config.subjects or ()) or 'nothing'}, not all of "
+            f"the audit events' subjects ({subject}): the others are not kept; delete the "
+            f"stream so that Lifeline makes it, or make its subjects cover {subject}"
+        )
+    if config.discard == api.DiscardPolicy.NEW and _limited(config):
+        said.append(
+            f"{name} discards new messages once full (max_msgs, max_bytes): audit events are "
+            "lost from then on; delete the stream so that Lifeline makes it, or set "
+            "discard=old"
+        )
+    if small := _too_small(config, max_payload):
+        said.append(
+            f"{name} {small}: larger audit events are not kept; delete the stream so that "
+            "Lifeline makes it, or raise its max_msg_size"
+        )
+    return said
+
+
+async def look_at_existing(
+    js: JetStreamContext, name: str, subject: str, log: logging.Logger, jobs: bool
+) -> None:
+    """Look at the stream `name` that exists already (an operator's, perhaps) and warn, once
+    per stream made, about what in it loses messages on `subject`: the jobs stream's
+    (jobs_stream_problems, which raises UnfitStream) or the audit stream's."""
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        return  # gone since: made again by the next try
+    nc = getattr(js, "_nc", None)  # the connection's max_payload, where nats-py keeps it
+    max_payload = getattr(nc, "max_payload", None)
+    problems = jobs_stream_problems if jobs else audit_stream_problems
+    for problem in problems(info, subject, max_payload):
+        key = (name, info.created, problem)
+        if key in _warned:
+            continue
+        if len(_warned) >= _WARNED_MAX:
+            _warned.clear()
+        _warned.add(key)
+        log.warning("%s (the stream existed already, made otherwise; used as it is)", problem)

@@ -53,6 +53,8 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
         if not jetstream.exists_already(exc):  # not enough servers for the replicas, ...
             raise
         log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
+        # ... once looked at: a warning for what loses jobs, an UnfitStream if it takes none
+        await jetstream.look_at_existing(js, settings.stream, subjects.JOBS_SUBMIT, log, jobs=True)
     try:
         return await js.key_value(settings.results_bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -67,3 +69,12 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
             # that (service/permissions.py).
             direct=True,
         )
+
+
+async def results_max_value(js: JetStreamContext, settings: JobsShape) -> int | None:
+    """The largest value the results bucket takes (its stream's max_msg_size, which counts a
+    write's headers too), or None when it has no limit of its own: one an operator made may
+    have one (`max_value_size`), and a result over it is refused however often it is tried."""
+    info = await js.stream_info(f"KV_{settings.results_bucket}")
+    size = info.config.max_msg_size
+    return size if size is not None and size > 0 else None
