@@ -15,8 +15,10 @@
              result already stored (or a repeat of the id after the dedup window) is
              acknowledged without a provider call. A store that fails while the bucket is
              unreachable (a node restarting) is tried again for a while, the answer held, so
-             a blip does not cost a second provider call. A job with a Lifeline-Notify header
-             also gets its reply published on that subject
+             a blip does not cost a second provider call; a bucket found gone is made again.
+             A store refused for good (over the bucket's max value size, a full store) ends
+             the job with an error result, stored if it can be. A job with a Lifeline-Notify
+             header also gets its reply published on that subject
     bounds   an invalid job gets an error result at once, never a redelivery; a failure of this
              front end itself (a bug, the results bucket unreachable) is retried after a delay,
              and its last delivery (jobs.max_deliver) goes to llm.jobs.dead with the error in
@@ -47,6 +49,7 @@ from schemas.wire import (
     INTERNAL,
     INVALID_REQUEST,
     MAX_ID_LENGTH,
+    REPLY_TOO_LARGE,
     ErrorInfo,
     encoder,
     message_bytes,
@@ -57,7 +60,7 @@ from service import jetstream
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound
-from service.jobstore import ensure_jobs
+from service.jobstore import ensure_jobs, results_max_value
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.routing import Rejected
@@ -75,6 +78,9 @@ _FETCH_MAX_JOBS = 64
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
+# A KV write's own headers, which a bucket's max value size counts with the value (52 bytes
+# for a create, a few more for an update over a revision).
+_KV_VALUE_HEADERS = 128
 _SETUP_RETRY_S = 2.0  # between tries to set up the stream and the consumer
 _RESETUP_AFTER = 5  # pulls failed in a row after which the stream and consumer are set up again
 # How long a job's answer is held while the results bucket cannot be reached, and the waits
@@ -90,6 +96,19 @@ _UNREACHABLE = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
+# What a bucket answers when it is gone (deleted, or a server restarted on an empty store): a
+# direct get and a write find no stream to answer them. It is made again, as at setup.
+_GONE = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
+_REMAKE_EVERY_S = 1.0  # at most one try to make the bucket again in this time, however many fail
+# JetStream's refusals of a store that no retry cures (service/jetstream.py's codes): a job
+# whose result is refused so ends with an error result.
+_TOO_LARGE = jetstream.MESSAGE_TOO_LARGE  # the bucket's max value size
+_STORE_FULL = (
+    jetstream.INSUFFICIENT_RESOURCES,
+    jetstream.INSUFFICIENT_STORAGE,
+    jetstream.INSUFFICIENT_MEMORY,
+)
+_STORE_FAILED = jetstream.STORE_FAILED  # lasting when the bucket is at its own maximum (below)
 
 
 def fetch_batch(max_payload: int) -> int:
@@ -138,6 +157,9 @@ class Jobs:
         self.settings = settings
         self.replicas = replicas
         self.kv: KeyValue | None = None
+        self.max_value: int | None = None  # the results bucket's own max value size, if any
+        self._remaking: asyncio.Task[bool] | None = None  # the results bucket, made again
+        self._remade_at = 0.0
         self._sub: Any = None
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
         self._loop: asyncio.Task[None] | None = None
@@ -166,6 +188,7 @@ class Jobs:
         try:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
             self.kv = await ensure_jobs(js, s, self.replicas)
+            self.max_value = await results_max_value(js, s)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
                 max_deliver=s.max_deliver,
@@ -214,6 +237,8 @@ class Jobs:
             self._loop = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        if self._remaking is not None:
+            await cancel_and_wait(self._remaking)
         sub, self._sub = self._sub, None
         results, self._results_sub = self._results_sub, None
         for one in (sub, results):
@@ -356,11 +381,15 @@ class Jobs:
             try:
                 result = await self._keep_patiently(key, reply)
             except Exception as exc:  # the bucket's errors are many types
-                if msg.metadata.num_delivered < self.settings.max_deliver:
+                refusal = self._refusal(exc)
+                if refusal is not None:  # no retry cures it: the job ends now, with an error
+                    result = await self._refused(key, reply, exc, refusal)
+                elif msg.metadata.num_delivered < self.settings.max_deliver:
                     # Not stored: the job is delivered again, and that delivery audits what
                     # it stores (the audit stream keeps one event per job: it must be that).
                     raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
-                raise  # its last delivery: dead-lettered next, audited now, as it ends
+                else:
+                    raise  # its last delivery: dead-lettered next, audited now, as it ends
             kept.append(result)
             await self._notify(msg, encoder.encode(result))
             return result
@@ -406,11 +435,58 @@ class Jobs:
         return entry.value if entry is not None and _as_reply(entry.value) else None
 
     async def _entry(self, key: str) -> Any:
+        """The bucket's entry under `key`, or None; a bucket found gone is made again first
+        (empty: its results went with it)."""
+        try:
+            return await self._get(key)
+        except _GONE as exc:
+            if not await self._bucket_again(exc):
+                raise
+            return await self._get(key)
+
+    async def _get(self, key: str) -> Any:
         assert self.kv is not None
         try:
             return await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
+
+    async def _bucket_again(self, exc: BaseException) -> bool:
+        """The results bucket made again when a read or a store found it gone (an operator
+        deleted it, a server restarted on an empty store), as at setup: else every job from
+        then on would be answered and never stored. One try at a time, and at most one a
+        second, whatever number of jobs find it so; whether the bucket is there now."""
+        task = self._remaking
+        if task is None or (task.done() and time.monotonic() - self._remade_at >= _REMAKE_EVERY_S):
+            task = self._remaking = asyncio.create_task(self._make_bucket(exc))
+        return await asyncio.shield(task)
+
+    async def _make_bucket(self, exc: BaseException) -> bool:
+        s = self.settings
+        js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
+        try:
+            try:
+                self.max_value = await results_max_value(js, s)
+                return True  # there: what failed was a moment's (a node restarting)
+            except nats.js.errors.NotFoundError:
+                pass
+            self.kv = await ensure_jobs(js, s, self.replicas)
+            self.max_value = await results_max_value(js, s)
+        except Exception as failed:  # noqa: BLE001 - nats-py: no JetStream answers with many types
+            log.warning(
+                "jobs: the results bucket %s did not answer (%r), and could not be set up "
+                "again: %s; trying again with the next job",
+                s.results_bucket,
+                exc,
+                jetstream.hint(failed, self.replicas),
+            )
+            return False
+        finally:
+            self._remade_at = time.monotonic()
+        log.warning(
+            "jobs: the results bucket %s was gone (%r); made it again", s.results_bucket, exc
+        )
+        return True
 
     async def _keep_patiently(self, key: str, reply: CompletionReply) -> CompletionReply:
         """`_keep`, tried again while the bucket is unreachable (up to _STORE_PATIENCE_S; the
@@ -422,6 +498,8 @@ class Jobs:
             try:
                 return await self._keep(key, reply)
             except _UNREACHABLE as exc:
+                if self._refusal(exc) is not None:  # a full store answers 503 too: not waited out
+                    raise
                 wait_s = _STORE_BACKOFF_S[min(tries, len(_STORE_BACKOFF_S) - 1)]
                 if time.monotonic() + wait_s > give_up:
                     raise
@@ -433,6 +511,8 @@ class Jobs:
                         exc,
                         _STORE_PATIENCE_S,
                     )
+                if isinstance(exc, _GONE):
+                    await self._bucket_again(exc)
                 await asyncio.sleep(wait_s)
                 tries += 1
 
@@ -440,10 +520,7 @@ class Jobs:
         """Store `reply` unless a result is stored already (the first one stays); what is
         stored is what the job's result is."""
         assert self.kv is not None
-        # Room for the KV write's subject and headers: a result too large is stored as the
-        # same reply_too_large error a core request gets (a message over max_payload would
-        # close the connection; refused, it would be delivered again and again).
-        reply, payload = fitted(reply, self.nc.max_payload - _KV_HEADER_ROOM)
+        reply, payload = self._fitted(reply)
         try:
             await self.kv.create(key, payload)
             return reply
@@ -456,6 +533,116 @@ class Jobs:
                 log.warning("jobs: the key of job %r held no result; storing its own", reply.id)
                 await self.kv.update(key, payload, last=entry.revision)
             return reply
+
+    def _fitted(self, reply: CompletionReply) -> tuple[CompletionReply, bytes]:
+        """`reply` as it is stored, and its encoding. Room for the KV write's subject and
+        headers under max_payload, and within the bucket's own max value size: a result too
+        large for either is stored as the same reply_too_large error a core request gets (a
+        message over max_payload would close the connection; one over the bucket's limit is
+        refused; either would be delivered again and again)."""
+        room = self.nc.max_payload - _KV_HEADER_ROOM
+        if self.max_value is None or self.max_value - _KV_VALUE_HEADERS >= room:
+            return fitted(reply, room)
+        room = self.max_value - _KV_VALUE_HEADERS
+        payload = encoder.encode(reply)
+        if len(payload) <= room:
+            return reply, payload
+        smaller = reply
+        if reply.error is None or reply.error.type != REPLY_TOO_LARGE:
+            smaller = self._too_large(reply, len(payload))
+        for cut in (
+            lambda r: r,
+            lambda r: msgspec.structs.replace(
+                r, attempts=[msgspec.structs.replace(a, message=None) for a in r.attempts]
+            ),
+            lambda r: msgspec.structs.replace(r, attempts=[]),
+        ):
+            smaller = cut(smaller)
+            payload = encoder.encode(smaller)
+            if len(payload) <= room:
+                break
+        return smaller, payload  # a bucket too small even for that refuses it: see _refused
+
+    def _too_large(self, reply: CompletionReply, size: int) -> CompletionReply:
+        bucket = self.settings.results_bucket
+        limit = f" ({self.max_value} bytes, with the write's headers)" if self.max_value else ""
+        message = (
+            f"the answer makes a result of {size} bytes, above the max value size of the "
+            f"results bucket {bucket}{limit}; ask for fewer max_tokens, or raise the bucket's "
+            f"max value size (the max_msg_size of its stream KV_{bucket})"
+        )
+        return msgspec.structs.replace(
+            reply,
+            status="error",
+            content=None,
+            tool_calls=None,
+            finish_reason=None,
+            error=ErrorInfo(REPLY_TOO_LARGE, message),
+        )
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        """Why the bucket refuses a result for good, and what to raise for it; None for a
+        failure that may pass (a node restarting, a leader being elected, anything else)."""
+        code = getattr(exc, "err_code", None)
+        said = f"JetStream: {getattr(exc, 'description', None) or type(exc).__name__}"
+        bucket = self.settings.results_bucket
+        if code == _TOO_LARGE:
+            return (
+                f"{said}: the result is over the max value size of the results bucket {bucket}; "
+                f"raise it (the max_msg_size of its stream KV_{bucket})"
+            )
+        if code == _STORE_FAILED and "maximum" in said:  # max_bytes or max_msgs, discard new
+            return (
+                f"{said}: the results bucket {bucket} is full; raise its max_bytes (or its "
+                "maximum of values), or lower jobs.results_ttl_s so that results expire sooner"
+            )
+        if code in _STORE_FULL:
+            return (
+                f"{said}: JetStream's store is full; raise the server's max_file_store "
+                "(max_memory_store for a bucket kept in memory) or the account's JetStream "
+                "limits, or free space on its disk"
+            )
+        return None
+
+    async def _refused(
+        self, key: str, reply: CompletionReply, exc: BaseException, refusal: str
+    ) -> CompletionReply:
+        """A job's result the bucket refuses for good (`refusal`): the job ends with an error
+        result saying so, stored when the bucket takes that (and the first result stored
+        stays), pushed to its Lifeline-Notify subject and audited by the engine either way;
+        it is acknowledged, never delivered again to call its provider once more."""
+        if getattr(exc, "err_code", None) == _TOO_LARGE:
+            with contextlib.suppress(Exception):  # made smaller since setup, maybe
+                js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
+                self.max_value = await results_max_value(js, self.settings)
+            failed = self._too_large(reply, len(encoder.encode(reply)))
+        else:
+            message = (
+                f"the answer could not be stored ({refusal}); the operator's to fix, then send "
+                "the job again"
+            )
+            failed = msgspec.structs.replace(
+                reply,
+                status="error",
+                content=None,
+                tool_calls=None,
+                finish_reason=None,
+                error=ErrorInfo(INTERNAL, message),
+            )
+        try:
+            result, stored = await self._keep(key, failed), "stored"
+        except Exception as again:  # noqa: BLE001 - the bucket's errors are many types
+            result, _ = fitted(failed, self.nc.max_payload - _KV_HEADER_ROOM)
+            stored = f"not stored either ({again!r})"
+        log.warning(
+            "jobs: the result of %r cannot be stored, and trying again would not change that: "
+            "%s. The job ends with the error %s, %s, and is not delivered again",
+            reply.id,
+            refusal,
+            failed.error.type if failed.error is not None else None,
+            stored,
+        )
+        return result
 
     async def _notify(self, msg: Msg, payload: bytes) -> None:
         subject = (msg.headers or {}).get(subjects.NOTIFY)

@@ -14,7 +14,7 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 import pytest
-from helpers import Service, ask, config, fake, wait_for
+from helpers import Service, ask, config, fake, settled, wait_for
 
 from schemas import subjects
 from schemas.streaming import Assembler
@@ -698,3 +698,97 @@ async def test_a_jobs_stream_made_with_other_settings_is_used_as_it_is(lifeline,
     await submit(client, job("on-their-stream"), "on-their-stream")
     assert (await result_of(client, "on-their-stream")).status == "ok"
     assert (await js.stream_info(JobsSettings().stream)).config.max_msgs == 7
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected", "stored", "logged"),
+    [
+        ({"max_value_size": 1200}, "reply_too_large", True, None),  # an error fits
+        ({"max_value_size": 200}, "reply_too_large", False, "raise it (the max_msg_size"),
+        ({"max_bytes": 4096}, "internal", False, "raise its max_bytes"),  # filled first
+    ],
+    ids=["small values", "tiny values", "full"],
+)
+async def test_a_result_the_results_bucket_refuses_for_good_ends_the_job_with_one_error(
+    lifeline, client, audit, caplog, limits, expected, stored, logged
+):
+    """An operator's results bucket with a small max value size, or one at its max_bytes
+    (discard new; a server's full store answers alike): no retry would store the result. The
+    job ends at once with an error result, stored when the bucket takes that, pushed to its
+    Lifeline-Notify subject and audited once with that error; the provider is called once,
+    the job is not delivered again, and what cannot be stored is logged with what to raise,
+    without a traceback."""
+    caplog.set_level(logging.WARNING, "lifeline")
+    js = client.jetstream()
+    name = JobsSettings().results_bucket
+    kv = await js.create_key_value(bucket=name, history=1, direct=True, **limits)
+    if "max_bytes" in limits:
+        with pytest.raises(nats.js.errors.ServiceUnavailableError, match="10077"):
+            for n in range(100):
+                await kv.put(f"filler.{n}", b"f" * 200)
+    calls = await client.subscribe(subjects.provider_subject("main"))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    stack = await lifeline(config({"main": fake(reply="x" * 2000)}))
+    await submit(client, job("refused"), "refused", **{subjects.NOTIFY: notify})
+    reply = reply_decoder.decode((await pushed.next_msg(timeout=5)).data)
+    assert (reply.id, reply.status, reply.error.type) == ("refused", "error", expected)
+    if expected == "reply_too_large":
+        assert f"max value size of the results bucket {name}" in reply.error.message
+    [(subject, event)] = await audit.wait_for(1)
+    assert (subject, event.id, event.error_type) == ("llm.audit.error", "refused", expected)
+    asked = await client.request(subjects.JOBS_RESULT, b"refused", timeout=5)
+    assert (reply_decoder.decode(asked.data) if stored else asked.data) == (
+        reply if stored else b""
+    )
+    assert await _waiting_jobs(client) == 0  # acknowledged
+    consumer = await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    assert consumer.delivered.consumer_seq == 1  # never delivered again
+    await wait_for(lambda: stack.dispatcher.jobs.in_flight == 0)
+    await settled(client, stack)
+    assert (calls.pending_msgs, pushed.pending_msgs, len(audit.events)) == (1, 0, 1)
+    said = [r.getMessage() for r in caplog.records]
+    if logged is None:  # fitted to the bucket's limit as it was stored: never refused
+        assert not any("cannot be stored" in line for line in said), said
+    else:
+        assert any("cannot be stored" in line and logged in line for line in said), said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], said
+
+
+async def test_a_deleted_results_bucket_is_made_again_and_every_job_gets_its_result(
+    lifeline, client, audit, monkeypatch
+):
+    """An operator deleting the results bucket while a job runs, and again while none does:
+    the job in flight stores its answer in the bucket made again (one provider call, one
+    result, one audit event), and so does every job after it."""
+    from service import jobs
+
+    monkeypatch.setattr(jobs, "_REMAKE_EVERY_S", 0.0)
+    monkeypatch.setattr(jobs, "_STORE_PATIENCE_S", 3.0)  # without the fix: fail fast
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    calls = await client.subscribe(subjects.provider_subject("main"))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    stack = await lifeline(config({"main": fake(latency_ms=500)}))
+    js = client.jetstream()
+    await submit(client, job("in-flight"), "in-flight", **{subjects.NOTIFY: notify})
+    await calls.next_msg(timeout=5)  # its provider call has started
+    await js.delete_key_value(JobsSettings().results_bucket)
+    first = reply_decoder.decode((await pushed.next_msg(timeout=10)).data)
+    assert (first.id, first.status) == ("in-flight", "ok")
+    assert await result_of(client, "in-flight") == first
+
+    await js.delete_key_value(JobsSettings().results_bucket)  # and with no job running
+    await submit(client, job("after"), "after", **{subjects.NOTIFY: notify})
+    second = reply_decoder.decode((await pushed.next_msg(timeout=10)).data)
+    assert (second.id, second.status) == ("after", "ok")
+    assert await result_of(client, "after") == second
+    asked = await client.request(subjects.JOBS_RESULT, b"after", timeout=5)
+    assert reply_decoder.decode(asked.data) == second
+
+    await audit.wait_for(2)
+    await wait_for(lambda: stack.dispatcher.jobs.in_flight == 0)
+    await settled(client, stack)
+    assert sorted(e.id for _, e in audit.events) == ["after", "in-flight"]
+    assert (calls.pending_msgs, pushed.pending_msgs) == (1, 0)  # "after"'s call; no repeat
+    assert stack.dispatcher.jobs.handled == 2
