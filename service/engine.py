@@ -101,6 +101,11 @@ class DeliverAgain(Exception):
     the delivery that stores it audits what was stored."""
 
 
+class NotKept(Exception):
+    """Raised by a `Respond` whose reply reached its client but could not be kept (a job's last
+    delivery, its results bucket unreachable): logged as a warning, and audited."""
+
+
 class Inbound(msgspec.Struct, frozen=True):
     """A request as a front end received it."""
 
@@ -189,6 +194,8 @@ class Engine:
             _annotate(span, reply, route)
             span.end()
             return reply
+        except NotKept as lost:
+            log.warning("request %r answered, but: %s", reply.id, lost)
         except Exception:
             log.exception("bug while answering request %r", reply.id)
         except asyncio.CancelledError:  # only while a publish waits on a reconnecting connection

@@ -59,7 +59,7 @@ from schemas.wire import (
 from service import jetstream
 from service.config import JobsSettings
 from service.discovery import Tally
-from service.engine import DeliverAgain, Engine, Inbound
+from service.engine import DeliverAgain, Engine, Inbound, NotKept
 from service.jobstore import ensure_jobs, results_max_value
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
@@ -384,12 +384,19 @@ class Jobs:
                 refusal = self._refusal(exc)
                 if refusal is not None:  # no retry cures it: the job ends now, with an error
                     result = await self._refused(key, reply, exc, refusal)
-                elif msg.metadata.num_delivered < self.settings.max_deliver:
+                elif msg.metadata.num_delivered < (max_deliver := self.settings.max_deliver):
                     # Not stored: the job is delivered again, and that delivery audits what
                     # it stores (the audit stream keeps one event per job: it must be that).
                     raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
-                else:
-                    raise  # its last delivery: dead-lettered next, audited now, as it ends
+                else:  # its last delivery: its client gets the answer all the same (it cannot
+                    # be fetched by id); dead-lettered next, audited now, as it ends
+                    _, payload = fitted(reply, self.nc.max_payload - _KV_HEADER_ROOM)
+                    await self._notify(msg, payload)
+                    raise NotKept(
+                        f"its result could not be stored in {max_deliver} deliveries ({exc!r}); "
+                        "it went to the job's Lifeline-Notify subject only, and the job to "
+                        f"{subjects.JOBS_DEAD}"
+                    ) from exc
             kept.append(result)
             await self._notify(msg, encoder.encode(result))
             return result

@@ -792,3 +792,35 @@ async def test_a_deleted_results_bucket_is_made_again_and_every_job_gets_its_res
     assert sorted(e.id for _, e in audit.events) == ["after", "in-flight"]
     assert (calls.pending_msgs, pushed.pending_msgs) == (1, 0)  # "after"'s call; no repeat
     assert stack.dispatcher.jobs.handled == 2
+
+
+async def test_a_result_never_stored_still_reaches_its_notify_subject_on_the_last_delivery(
+    lifeline, client, audit, monkeypatch, caplog
+):
+    """The results bucket unreachable through every delivery: the last one's answer went
+    nowhere (its client waited for ever on Lifeline-Notify), and the log called it a bug. Its
+    client now gets the answer; the job is dead-lettered and audited once, as before."""
+    from service import jobs
+
+    async def unreachable(self: Any, key: str, reply: Any) -> Any:
+        raise nats.js.errors.ServiceUnavailableError()
+
+    monkeypatch.setattr(jobs.Jobs, "_keep", unreachable)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    monkeypatch.setattr(jobs, "_STORE_PATIENCE_S", 0.0)
+    notified = await client.subscribe("results.lost")
+    dead = await client.subscribe(subjects.JOBS_DEAD)
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 2}
+    await lifeline(data)
+    await submit(
+        client, job("unkept", "hello there"), "unkept", **{subjects.NOTIFY: "results.lost"}
+    )
+    reply = reply_decoder.decode((await notified.next_msg(timeout=10)).data)
+    assert (reply.id, reply.status, reply.content) == ("unkept", "ok", "hello there")
+    await dead.next_msg(timeout=10)
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.status) == ("unkept", "ok")
+    assert not [r for r in caplog.records if "bug while answering" in r.getMessage()]
+    with pytest.raises(nats.errors.TimeoutError):  # one answer, not one per delivery
+        await notified.next_msg(timeout=0.5)
