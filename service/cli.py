@@ -1375,7 +1375,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     except nats.js.errors.NotFoundError:
         print(
             f"lifeline: no audit stream {settings.stream} on {redact_url(url)}: no dispatcher "
-            "with JetStream has run there yet",
+            "with JetStream has run there yet, or none could make it (its log says why: "
+            "JetStream's storage below audit.max_bytes, say)",
             file=sys.stderr,
         )
         return 1
