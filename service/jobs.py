@@ -64,7 +64,7 @@ from service.jobstore import ensure_jobs, results_max_value
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.routing import Rejected
-from service.transport import ClientStream, fitted
+from service.transport import ClientStream, as_error, fitted
 
 log = logging.getLogger("lifeline.jobs")
 
@@ -578,14 +578,7 @@ class Jobs:
             f"results bucket {bucket}{limit}; ask for fewer max_tokens, or raise the bucket's "
             f"max value size (the max_msg_size of its stream KV_{bucket})"
         )
-        return msgspec.structs.replace(
-            reply,
-            status="error",
-            content=None,
-            tool_calls=None,
-            finish_reason=None,
-            error=ErrorInfo(REPLY_TOO_LARGE, message),
-        )
+        return as_error(reply, REPLY_TOO_LARGE, message)
 
     def _refusal(self, exc: BaseException) -> str | None:
         """Why the bucket refuses a result for good, and what to raise for it; None for a
@@ -628,14 +621,7 @@ class Jobs:
                 f"the answer could not be stored ({refusal}); the operator's to fix, then send "
                 "the job again"
             )
-            failed = msgspec.structs.replace(
-                reply,
-                status="error",
-                content=None,
-                tool_calls=None,
-                finish_reason=None,
-                error=ErrorInfo(INTERNAL, message),
-            )
+            failed = as_error(reply, INTERNAL, message)
         try:
             result, stored = await self._keep(key, failed), "stored"
         except Exception as again:  # noqa: BLE001 - the bucket's errors are many types

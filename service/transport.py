@@ -261,14 +261,19 @@ def _too_large(reply: CompletionReply, size: int, max_payload: int) -> Completio
         f"{max_payload}; "
         "ask for fewer max_tokens, or raise max_payload in nats-server's config"
     )
-    # The answer goes, all of it: its text and its tool calls (whose arguments can be as big).
+    return as_error(reply, REPLY_TOO_LARGE, message)
+
+
+def as_error(reply: CompletionReply, kind: str, message: str) -> CompletionReply:
+    """`reply` failed with `kind` after all: without its answer, all of it (its text and its
+    tool calls, whose arguments can be as big)."""
     return msgspec.structs.replace(
         reply,
         status="error",
         content=None,
         tool_calls=None,
         finish_reason=None,
-        error=ErrorInfo(REPLY_TOO_LARGE, message),
+        error=ErrorInfo(kind, message),
     )
 
 
