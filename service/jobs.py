@@ -162,6 +162,9 @@ class Jobs:
         self._remade_at = 0.0
         self._sub: Any = None
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
+        # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
+        # _pull), which its heartbeats and its ack go to.
+        self._running: dict[int, list[Msg]] = {}
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # jobs answered by the engine
@@ -279,9 +282,20 @@ class Jobs:
                     await self._setup_again()
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self._job(msg, time.monotonic()))
+                seq = msg.metadata.sequence.stream
+                latest = self._running.get(seq)
+                if latest is not None:
+                    # Delivered again while this dispatcher still runs it (stopped or starved
+                    # past the ack wait, its heartbeats late): the run under way answers this
+                    # delivery, and a second one would call the provider again.
+                    latest[0] = msg
+                    await _quietly(msg.in_progress())
+                    continue
+                latest = self._running[seq] = [msg]
+                task = asyncio.create_task(self._job(latest, time.monotonic()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _, seq=seq: self._running.pop(seq, None))
 
     async def _setup_again(self) -> None:
         """The stream, the bucket and the consumer made again where they are gone (a server
@@ -296,12 +310,16 @@ class Jobs:
             with contextlib.suppress(Exception):  # its consumer may be gone with its stream
                 await old.unsubscribe()
 
-    async def _job(self, msg: Msg, arrived: float) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+    async def _job(self, latest: list[Msg], arrived: float) -> None:
+        """One job, from its first delivery here; `latest` holds its latest delivery, which
+        JetStream may have made again meanwhile (see _pull)."""
+        msg = latest[0]
+        heartbeat = asyncio.create_task(self._heartbeat(latest))
         served: list[bool] = []  # the engine had it, and published its audit event
         try:
-            await self._answer(msg, arrived, served)
+            await self._answer(msg, arrived, served, latest)
         except Exception as exc:
+            msg = latest[0]
             last = msg.metadata.num_delivered >= self.settings.max_deliver
             if isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
                 log.warning(
@@ -350,7 +368,11 @@ class Jobs:
             await self.engine.audit_again(inbound, reply)
         await _quietly(msg.term())
 
-    async def _answer(self, msg: Msg, arrived: float, served: list[bool]) -> None:
+    async def _answer(
+        self, msg: Msg, arrived: float, served: list[bool], latest: list[Msg] | None = None
+    ) -> None:
+        """`msg` answered and its result kept, then acknowledged (its `latest` delivery)."""
+        latest = latest or [msg]
         assert self.kv is not None
         job_id, key, audit_id = identity(msg)
         refused = None
@@ -372,7 +394,7 @@ class Jobs:
             if msg.metadata.num_delivered > 1 and await self._stored_by_this_job(key, msg):
                 await self.engine.audit_again(inbound, reply_decoder.decode(stored))
             await self._notify(msg, stored)
-            await msg.ack()
+            await latest[0].ack()
             return
 
         kept: list[CompletionReply] = []
@@ -384,7 +406,7 @@ class Jobs:
                 refusal = self._refusal(exc)
                 if refusal is not None:  # no retry cures it: the job ends now, with an error
                     result = await self._refused(key, reply, exc, refusal)
-                elif msg.metadata.num_delivered < (max_deliver := self.settings.max_deliver):
+                elif latest[0].metadata.num_delivered < (max_deliver := self.settings.max_deliver):
                     # Not stored: the job is delivered again, and that delivery audits what
                     # it stores (the audit stream keeps one event per job: it must be that).
                     raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
@@ -414,7 +436,7 @@ class Jobs:
         if not kept:  # the engine logs what `keep` raised and audits nothing: never ack then
             raise _NotStored("its result could not be stored (see the log above)")
         self.handled += 1
-        await msg.ack()
+        await latest[0].ack()
 
     async def _stored_by_this_job(self, key: str, msg: Msg) -> bool:
         """Whether the result under `key` was stored after `msg` was published (by one of its
@@ -642,11 +664,12 @@ class Jobs:
         if subject and subjects.reply_subject_refused(subject) is None:
             await publish_checked(self.nc, subject, payload, "a job's result")
 
-    async def _heartbeat(self, msg: Msg) -> None:
-        """Tell JetStream the job is still being worked on, well within each ack wait."""
+    async def _heartbeat(self, latest: list[Msg]) -> None:
+        """Tell JetStream the job (its latest delivery) is still being worked on, well within
+        each ack wait."""
         while True:
             await asyncio.sleep(self.settings.ack_wait_s / 3)
-            await _quietly(msg.in_progress())
+            await _quietly(latest[0].in_progress())
 
 
 async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:

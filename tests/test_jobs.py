@@ -317,7 +317,7 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     """...and audited once, saying so: the engine never had it, so nothing else would."""
     from service import jobs
 
-    async def broken(self: Any, msg: Any, arrived: float, served: list[bool]) -> None:
+    async def broken(self: Any, msg: Any, arrived: float, served: list[bool], *_: Any) -> None:
         raise RuntimeError("results bucket unreachable")
 
     monkeypatch.setattr(jobs.Jobs, "_answer", broken)
@@ -824,3 +824,27 @@ async def test_a_result_never_stored_still_reaches_its_notify_subject_on_the_las
     assert not [r for r in caplog.records if "bug while answering" in r.getMessage()]
     with pytest.raises(nats.errors.TimeoutError):  # one answer, not one per delivery
         await notified.next_msg(timeout=0.5)
+
+
+async def test_a_job_delivered_again_while_its_dispatcher_still_runs_it_is_called_once(
+    lifeline, client, audit, monkeypatch
+):
+    """A dispatcher stopped (SIGSTOP) or starved past the ack wait, its heartbeats late: the
+    job came back to the same dispatcher, which ran it a second time beside the first, a
+    second provider call and a second live audit event. The run under way answers both."""
+    from service import jobs
+
+    async def late(self: Any, latest: Any) -> None:  # heartbeats that never come in time
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(jobs.Jobs, "_heartbeat", late)
+    data = config({"main": fake(latency_ms=2500)})
+    data["jobs"] = {"ack_wait_s": 1}
+    stack = await lifeline(data)
+    await submit(client, job("slow", "hello"), "slow")
+    reply = await result_of(client, "slow", timeout_s=15)
+    assert reply.status == "ok"
+    await asyncio.sleep(1.5)  # a second run would have ended by now
+    assert [event.id for _, event in audit.events] == ["slow"]
+    assert stack.dispatcher.jobs.handled == 1
+    assert await _waiting_jobs(client) == 0  # acknowledged: not delivered again
