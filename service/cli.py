@@ -307,7 +307,10 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "published through JetStream, then the results "
         "are written to --out as JSON lines as they arrive (from the results bucket, so also "
         "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
-        "the same command to resume: ids that already have a line in --out are skipped.",
+        "the same command to resume: ids that already have a line in --out are skipped, the "
+        "others are submitted again (within jobs.dedup_window_s of the first run, 2 minutes "
+        "by default, JetStream keeps each once; after it, a job still waiting from the first "
+        "run may be called twice).",
     )
     batch.add_argument("file", help="a JSONL file of requests")
     batch.add_argument(
