@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.resources
+import io
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import msgspec
 import nats.errors
@@ -727,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": cmd_gateway,
         "nats-config": cmd_nats_config,
     }
+    command = handlers[args.command](args)
     try:
-        return loop.run(handlers[args.command](args))
+        return loop.run(_serving(command) if args.command in _SERVING else command)
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
@@ -742,14 +744,105 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# What stops a serving command: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed), each a
+# graceful stop: requests in flight are finished (by default, SIGHUP killed it outright).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stop:
+    """The stop signals of a serving command, taken from its first moment (see _serving)."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.serving = False  # started: _until_signalled waits
+        self.task: asyncio.Task[Any] | None = None  # the command, while it starts
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.signalled, sig)
+
+    def signalled(self, sig: signal.Signals) -> None:
+        if self.serving or self.task is None:
+            self.asked.set()  # a second one while stopping changes nothing
+        elif not self.asked.is_set():
+            log.warning("%s while starting: stopping once started (again to stop now)", sig.name)
+            self.asked.set()
+        else:  # a second one while starting (waiting for a NATS server, say): stop now
+            self.task.cancel()
+
+
+_stop: _Stop | None = None  # the running serving command's
+
+
+class _UntilGone(io.TextIOBase):
+    """A serving command's stdout or stderr: once its reader is gone (`lifeline run | head`,
+    `> /dev/full`), what it prints is dropped instead of raised, for a status line must not
+    stop a service (it made a clean stop exit 1, or `run` exit at start, its embedded
+    server's store left behind). The stream then writes to /dev/null, so that Python's own
+    flush at exit finds nothing to complain of."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.inner.write(text)
+            except OSError:
+                self._went()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.inner.flush()
+            except OSError:
+                self._went()
+
+    def _went(self) -> None:
+        self.gone = True
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.inner.fileno())
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+
+async def _serving(command: Awaitable[int]) -> int:
+    """A serving command, its stop signals taken before it connects: one that comes while it
+    starts stops it as soon as it has started, its requests in flight finished (by default
+    SIGTERM killed it there, subscribed already, and what it held got no reply); a second
+    one while it starts stops it at once. What it prints goes while anyone reads it."""
+    global _stop
+    sys.stdout, sys.stderr = _UntilGone(sys.stdout), _UntilGone(sys.stderr)
+    stop = _stop = _Stop()
+    stop.task = asyncio.current_task()
+    stop.install()
+    try:
+        return await command
+    except asyncio.CancelledError:
+        if not stop.asked.is_set():
+            raise
+        return 128 + signal.SIGINT  # stopped before it started, as a shell's Ctrl-C says
+    finally:
+        _stop = None
+
+
 async def _until_signalled(lost: Awaitable[T] | None = None) -> T | None:
-    """Wait for Ctrl-C or SIGTERM (returns None), or for `lost`, which ends when a NATS
-    connection is gone for good (returns what `lost` returns)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    signalled = asyncio.ensure_future(stop.wait())
+    """Wait for a stop signal (returns None; at once if one came while starting), or for
+    `lost`, which ends when a NATS connection is gone for good (returns what `lost`
+    returns)."""
+    stop = _stop
+    if stop is None:  # not through _serving (a test calling a command): taken from now
+        stop = _Stop()
+        stop.install()
+    stop.serving = True
+    signalled = asyncio.ensure_future(stop.asked.wait())
     gone = None if lost is None else asyncio.ensure_future(lost)
     waits: set[asyncio.Future[Any]] = {signalled} if gone is None else {signalled, gone}
     done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -613,3 +613,95 @@ def test_the_start_banner_suggests_an_ask_the_config_can_answer(capsys):
     ):
         _print_started(parse_config({"providers": {"solo": fake()}, "routes": routes}), LOCAL_NATS)
         assert expected in capsys.readouterr().out
+
+
+def _slow_config(tmp_path) -> str:
+    from helpers import config, write_config
+
+    return str(write_config(tmp_path / "slow.toml", config({"slow": fake(latency_ms=1500)})))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_closed_terminal_stops_a_dispatcher_as_sigterm_does_its_requests_answered(
+    nats_url, tmp_path, sig
+):
+    """SIGHUP (the terminal `lifeline run` ran in closed) killed every serving command
+    outright: its requests in flight got no reply and no audit event."""
+    path = _slow_config(tmp_path)
+    procs = [
+        spawn_lifeline(*args, "--config", path, "--nats-url", nats_url, stderr=subprocess.PIPE)
+        for args in (["worker", "slow"], ["dispatcher"])
+    ]
+    try:
+        for proc, ready in zip(procs, ("worker slow serving", "dispatcher serving")):
+            wait_for_line(proc, ready, stream=proc.stderr)
+
+        async def ask_then_stop() -> Any:
+            nc = await nats.connect(nats_url)
+            try:
+                asked = asyncio.ensure_future(
+                    nc.request(
+                        subjects.COMPLETE,
+                        b'{"messages": [{"role": "user", "content": "hi"}]}',
+                        timeout=10,
+                    )
+                )
+                await asyncio.sleep(0.5)  # the call is at the worker
+                procs[1].send_signal(sig)
+                return json.loads((await asked).data)
+            finally:
+                await nc.close()
+
+        reply = asyncio.run(ask_then_stop())
+        assert reply["status"] == "ok" and reply["content"] == "hi"
+        assert procs[1].wait(timeout=15) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+            proc.stderr and proc.stderr.close()
+
+
+def test_a_stop_signal_while_starting_waits_for_the_start_and_a_second_one_stops_at_once():
+    """A dispatcher waiting for a NATS server that is not there yet: the first SIGTERM says
+    it stops once started; a second stops it now (before, the first killed it outright,
+    wherever its start-up was: subscribed already, its requests got no reply)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = spawn_lifeline(
+        "dispatcher",
+        "--config",
+        EXAMPLE,
+        "--nats-url",
+        f"nats://127.0.0.1:{port}",
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_line(
+            proc, r"NATS at .* retrying|ConnectionRefused|Connect call failed", stream=proc.stderr
+        )
+        proc.send_signal(signal.SIGTERM)
+        wait_for_line(proc, "SIGTERM while starting: stopping once started", stream=proc.stderr)
+        assert proc.poll() is None  # still waiting for its server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr and proc.stderr.close()
+
+
+def test_run_whose_reader_has_gone_still_stops_cleanly(own_run):
+    """`lifeline run | head`: the reader gone, its status lines on stop ("shutting down",
+    "stopped") raised BrokenPipeError, which made a clean stop exit 1 and skipped draining
+    the line-per-request watcher (whose cut connection was then logged as a slow consumer)."""
+    proc, _ = own_run
+    assert proc.stdout is not None
+    proc.stdout.close()  # as `head` does once it has its lines
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert proc.stderr is not None
+    assert "slow consumer" not in proc.stderr.read()
