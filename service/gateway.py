@@ -978,6 +978,7 @@ class Gateway:
                 release_memory_soon()  # a flood is over: hand its memory back to the system
 
     async def _chat_completions(self, request: Request) -> Response:
+        request_id = ""
         try:
             if refused := self._refusal(request):
                 raise refused
@@ -1004,6 +1005,9 @@ class Gateway:
             if reply is None:  # nobody reads the answer: the request was aborted
                 return Response(status_code=_CLIENT_GONE)
         except HTTPError as exc:
+            if request_id:  # its own (no answer, stopping, ...): the id its audit event has
+                exc.headers.setdefault("x-lifeline-request-id", request_id)
+                exc.headers.setdefault("x-request-id", request_id)
             return self._failed(exc)
         except ClientDisconnect:  # gone while sending its body: nothing was sent on
             return Response(status_code=_CLIENT_GONE)

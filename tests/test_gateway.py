@@ -493,15 +493,18 @@ async def test_a_dispatcher_that_never_answers_is_504_and_the_request_is_aborted
     nats_url, monkeypatch
 ):
     """A dispatcher that took the request and died: the gateway gives up after the request's
-    timeout and its grace, answers 504, and aborts the request with the key it sent it with."""
+    timeout and its grace, answers 504 with the request's id (its audit event's, should a
+    dispatcher have got as far), and aborts the request with the key it sent it with."""
     monkeypatch.setattr("service.gateway._GRACE_S", 0.2)
     taken: list[str] = []
+    ids: list[str] = []
     aborted: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     nc = await nats.connect(nats_url)
     silent = await nats.connect(nats_url)  # takes requests and answers none
 
     async def take(msg: Any) -> None:
         taken.append(msg.headers["Lifeline-Abort-Key"])
+        ids.append(json.loads(msg.data)["id"])
 
     async def abort(msg: Any) -> None:
         aborted.set_result(msg.data)
@@ -519,6 +522,7 @@ async def test_a_dispatcher_that_never_answers_is_504_and_the_request_is_aborted
         assert answer.status_code == 504, answer.text
         assert answer.json()["error"]["type"] == "timeout_error"
         assert "no answer from Lifeline within 0.3 s" in answer.json()["error"]["message"]
+        assert answer.headers["x-request-id"] == ids[0]
         assert await asyncio.wait_for(aborted, 5) == taken[0].encode()
         assert not gw.inbox.waiting  # nothing left behind for the answer that never came
     finally:
