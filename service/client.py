@@ -21,7 +21,8 @@ Replies are CompletionReply Structs (schemas/wire.py).
 
 Errors: an answer with `status == "error"` (all_failed, deadline_exceeded, overloaded, ...) is a
 reply like any other: it is returned, never raised (complete(..., overloaded_retries=N) resends
-on `overloaded` and `shutting_down` after its retry_after_s). What raises is a transport problem, a LifelineError:
+on `overloaded` and `shutting_down` after 1-2x its retry_after_s, within the request's own
+timeout). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server), NoDispatcher (nobody on llm.complete), NoAnswer (no reply within
 the request's timeout and a grace: a TimeoutError too), RequestTooLarge (over the server's
 max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 import uuid
@@ -91,6 +93,9 @@ LOCAL_NATS = "nats://127.0.0.1:4222"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
 _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests without their own
 _JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
+_ASK_MIN_S = 1.0  # the least a dispatcher is given to answer llm.jobs.result, whatever wait_s
+# (a busy one may take a while, and a client without bucket permissions has no other way)
+_MIN_TRY_S = 0.05  # the least time left worth sending a retry with
 # The jobs stream and results bucket as `lifeline run` names and shapes them
 # (service.config.JobsSettings' defaults; tests/test_client.py checks they agree).
 JOBS_STREAM = "LIFELINE_JOBS"
@@ -220,6 +225,8 @@ class Lifeline:
         self._owns = owns_connection
         self._jobs_ready = False
         self._keys: set[str] = set()  # the abort keys of the requests in flight
+        # The event loop its connection lives in: nats-py's tasks and futures are that loop's.
+        self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
     @classmethod
     def connect(
@@ -324,7 +331,17 @@ class Lifeline:
 
     async def close(self) -> None:
         """Close the connection (one that connect() made; a connection of your own stays open).
-        Requests still in flight are aborted at their dispatchers and raise LifelineError."""
+        Requests still in flight are aborted at their dispatchers and raise LifelineError.
+        From another event loop than its own, it closes the connection in its own loop while
+        that loop runs (in another thread), and does nothing (never raises) once it has
+        stopped or closed."""
+        owner = self._loop
+        if owner is not None and owner is not _running_loop():
+            if self._owns and owner.is_running() and not owner.is_closed():
+                with contextlib.suppress(Exception):
+                    closing = asyncio.run_coroutine_threadsafe(self.close(), owner)
+                    await asyncio.wait_for(asyncio.wrap_future(closing), _JS_TIMEOUT_S)
+            return
         if self._owns:
             for key in list(self._keys):
                 await abort(self.nc, key)
@@ -357,20 +374,26 @@ class Lifeline:
         """Send one request to llm.complete and return its reply, ok or error (an error reply
         is returned, not raised). `fields` are CompletionRequest fields: route, timeout_s,
         max_tokens, tools, tool_choice, response_format, ... An `overloaded` (or
-        `shutting_down`) reply is sent again, after its retry_after_s, up to
-        overloaded_retries times."""
-        req = self.request(request, **fields)
-        payload = encoder.encode(req)
+        `shutting_down`) reply is sent again, after 1-2x its retry_after_s, up to
+        overloaded_retries times, all within the request's timeout (fixed at the first send:
+        a retry is sent with what is left; the refusal is returned when no time is left)."""
+        self._check_loop()
+        req = sent = self.request(request, **fields)
+        # One deadline for the whole call, fixed at the first send: a retry is sent with what
+        # is left of it (its timeout_s), and none is sent when the wait before it ends past it.
+        deadline = time.monotonic() + _wait_s(req, self.default_timeout_s) - _GRACE_S
         for retry in range(overloaded_retries + 1):
+            payload = encoder.encode(sent)
             key = abort_key()
             headers = {subjects.ABORT_KEY: key}
             _check_size(self.nc, payload, headers)
+            _check_room(self.nc, payload, headers)
             self._keys.add(key)
             try:
                 msg = await self.nc.request(
                     subjects.COMPLETE,
                     payload,
-                    timeout=_wait_s(req, self.default_timeout_s),
+                    timeout=_wait_s(sent, self.default_timeout_s),
                     headers=headers,
                 )
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
@@ -385,19 +408,22 @@ class Lifeline:
                 await abort(self.nc, key)  # given up on: whatever still runs for it stops
                 raise NoAnswer(
                     f"no reply on {subjects.COMPLETE} within "
-                    f"{_wait_s(req, self.default_timeout_s):g} s (the request's timeout and a "
+                    f"{_wait_s(sent, self.default_timeout_s):g} s (the request's timeout and a "
                     f"grace); {_why_silent(self.nc)}"
                 ) from None
             except nats.errors.ConnectionClosedError:
                 raise _closed() from None
             except nats.errors.OutboundBufferLimitError:
+                _forget_refused(self.nc)
                 raise _buffer_full() from None
             finally:
                 self._keys.discard(key)
             reply = reply_decoder.decode(msg.data)
             if retry < overloaded_retries and _overloaded(reply):
-                await asyncio.sleep(_retry_after_s(reply))
-                continue
+                retry_req = await _wait_to_retry(req, reply, deadline)
+                if retry_req is not None:
+                    sent = retry_req
+                    continue
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -413,8 +439,11 @@ class Lifeline:
         as StreamGap. Use it in `async with` (or call aclose()) when you may stop early.
         `fields` and overloaded_retries as for complete(); a request refused as overloaded is
         sent again before any event of it is yielded."""
+        self._check_loop()
         req = self.request(request, **fields)
-        return Streamed(self.nc, req, overloaded_retries, self.default_timeout_s, self._keys)
+        return Streamed(
+            self.nc, req, overloaded_retries, self.default_timeout_s, self._keys, self._check_loop
+        )
 
     async def submit(
         self,
@@ -430,6 +459,7 @@ class Lifeline:
         the dedup window is acknowledged as a duplicate and kept once. `notify`: a subject
         the result is also published on. Creates the stream and bucket (as a dispatcher
         would) when no dispatcher has yet."""
+        self._check_loop()
         req = self.request(request, **fields)
         job_id = job_id or req.id or uuid.uuid4().hex
         check_job_id(job_id)
@@ -465,8 +495,24 @@ class Lifeline:
     async def result(self, job_id: str, wait_s: float = 0.0) -> CompletionReply | None:
         """A job's reply (ok or error), waiting up to wait_s seconds for it to appear; None when
         there is none (yet, or any more: results expire). See `stored_result`."""
+        self._check_loop()
         data = await stored_result(self.nc, job_id, wait_s, self.results_bucket)
         return reply_decoder.decode(data) if data is not None else None
+
+    def _check_loop(self) -> None:
+        """LifelineError unless called in the event loop the client connected in: nats-py's
+        connection (its read loop, flusher, futures) belongs to that loop, and from another
+        one a call would wait out its whole timeout and blame the dispatcher."""
+        loop = _running_loop()
+        if loop is None:
+            return  # stream() outside a coroutine: checked again when it is read
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise LifelineError(
+                "this Lifeline client belongs to another event loop (the one it connected in: "
+                "each asyncio.run() has its own): connect a client in this event loop"
+            )
 
     async def _ensure_jobs(self) -> None:
         """The jobs stream and results bucket when no dispatcher has made them yet, shaped as
@@ -527,6 +573,7 @@ class Streamed:
         overloaded_retries: int,
         default_s: float,
         keys: set[str] | None = None,
+        check_loop: Any = None,
     ) -> None:
         self.request = request
         self.assembler = Assembler()
@@ -534,9 +581,12 @@ class Streamed:
         self._keys = keys
         self._retries = overloaded_retries
         self._default_s = default_s
+        self._check_loop = check_loop
         self._events: AsyncGenerator[Event, None] | None = None  # this try's, while it runs
         self._tries = 0
         self._over = False
+        self._sent = request  # this try's request: a retry's has the time left as timeout_s
+        self._deadline: float | None = None  # the whole stream's, fixed at its first send
 
     @property
     def text(self) -> str:
@@ -562,11 +612,16 @@ class Streamed:
         # generator of generators: a loop that ends with a stream broken out of unread closes
         # each of its async generators at once, and an outer one then finds its inner one
         # already closing ("aclose(): asynchronous generator is already running").
+        if self._check_loop is not None:
+            self._check_loop()
         while not self._over:
             if self._events is None:
+                if self._deadline is None:
+                    self._deadline = time.monotonic() + _wait_s(self.request, self._default_s)
+                    self._deadline -= _GRACE_S
                 self.assembler = Assembler()
                 self._events = stream(
-                    self._nc, self.request, self.assembler, self._default_s, self._keys
+                    self._nc, self._sent, self.assembler, self._default_s, self._keys
                 )
             try:
                 event = await anext(self._events)
@@ -574,12 +629,16 @@ class Streamed:
                 self._over, self._events = True, None
                 raise
             reply = event.reply
-            if reply is not None and _overloaded(reply) and event.seq == 1:
-                if self._tries < self._retries:
-                    self._tries += 1
-                    await self._end_try()
-                    await asyncio.sleep(_retry_after_s(reply))
+            refused = reply is not None and _overloaded(reply) and event.seq == 1
+            if refused and self._tries < self._retries:
+                assert reply is not None and self._deadline is not None
+                self._tries += 1
+                await self._end_try()
+                retry_req = await _wait_to_retry(self.request, reply, self._deadline)
+                if retry_req is not None:
+                    self._sent = retry_req
                     continue  # and send it again
+                self._over = True  # no time left for another try: its refusal is the end
             return event
         raise StopAsyncIteration
 
@@ -616,6 +675,38 @@ def _buffer_full() -> Unreachable:
     )
 
 
+def _check_room(nc: Client, payload: bytes, headers: dict[str, str]) -> None:
+    """Unreachable when the connection is down and nats-py's pending buffer has no room for
+    the message: nats-py would refuse it (OutboundBufferLimitError) only after its request()
+    had registered the answer's future, which then stays in `_resp_map` for good (and is
+    failed, unretrieved, at close). Relies on nats-py 2.16's `_pending_data_size` and
+    `_max_pending_size` (tests/test_client.py checks they are there); it counts the headers
+    too, where nats-py counts the payload alone: refused a little early, never late."""
+    if nc.is_connected or nc.is_closed:
+        return  # closed: nats-py raises ConnectionClosedError before registering anything
+    room = nc._max_pending_size - nc._pending_data_size
+    if nc._max_pending_size <= 0 or message_bytes(payload, headers) > room:
+        raise _buffer_full()
+
+
+def _forget_refused(nc: Client) -> None:
+    """After nats-py's request() refused its message (OutboundBufferLimitError) past
+    _check_room (a subscription of its own queued meanwhile): drop the answer's future it
+    registered. Nothing yields between registering it and the refusal, so it is the last one."""
+    resp_map = getattr(nc, "_resp_map", None)
+    if resp_map:
+        token = next(reversed(resp_map))
+        if not resp_map[token].done():
+            del resp_map[token]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _closed() -> LifelineError:
     return LifelineError(
         "the NATS connection is closed (Lifeline.close(), or the server refused it for good); "
@@ -640,8 +731,31 @@ def _overloaded(reply: CompletionReply) -> bool:
 
 
 def _retry_after_s(reply: CompletionReply) -> float:
+    """How long to wait before sending a refused request again: uniform between retry_after_s
+    and twice it. retry_after_s is the dispatcher's estimate of when a slot frees, so never
+    less; a jitter as wide as the wait itself (full jitter over one more retry_after_s)
+    spreads the requests refused together over the next interval, where a few per cent
+    brought them back in one wave to be refused together again. Not exponential backoff:
+    retry_after_s already grows with the dispatcher's load, and the request's deadline bounds
+    the retries."""
     after = (reply.error.retry_after_s if reply.error is not None else None) or 0.5
-    return after * (1 + 0.2 * (uuid.uuid4().int % 100) / 100)  # some jitter
+    return after * (1 + random.random())
+
+
+async def _wait_to_retry(
+    request: CompletionRequest, reply: CompletionReply, deadline: float
+) -> CompletionRequest | None:
+    """Wait before sending `request` again after its refusal `reply`, and return it with the
+    time left before `deadline` (monotonic) as its timeout_s; None, at once, when the wait
+    would end past the deadline (or too close to it for a try: the refusal is the answer)."""
+    wait = _retry_after_s(reply)
+    if time.monotonic() + wait + _MIN_TRY_S >= deadline:
+        return None
+    await asyncio.sleep(wait)
+    left = deadline - time.monotonic()
+    if left < _MIN_TRY_S:
+        return None
+    return request_of(request, timeout_s=left)
 
 
 async def stored_result(
@@ -656,9 +770,12 @@ async def stored_result(
     async def read() -> bytes | None:
         nonlocal kv
         if kv is None:
+            # A dispatcher that holds its subscription but answers nothing (frozen, stopping)
+            # is waited for no longer than what is left of wait_s, then the bucket is read.
+            ask_s = max(min(_JS_TIMEOUT_S, give_up - time.monotonic()), _ASK_MIN_S)
             try:
-                return await _asked(nc, job_id)
-            except nats.errors.NoRespondersError:
+                return await _asked(nc, job_id, ask_s)
+            except (nats.errors.NoRespondersError, NatsTimeoutError):
                 pass
             try:
                 kv = await nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(bucket)
@@ -691,14 +808,11 @@ async def stored_result(
         pause = min(pause * 2, 0.5)
 
 
-async def _asked(nc: Client, job_id: str) -> bytes:
-    """A dispatcher's answer on llm.jobs.result: the result, or b"" while there is none."""
+async def _asked(nc: Client, job_id: str, timeout_s: float) -> bytes:
+    """A dispatcher's answer on llm.jobs.result: the result, or b"" while there is none.
+    Raises nats-py's NoRespondersError and TimeoutError (the bucket is read then)."""
     try:
-        msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=_JS_TIMEOUT_S)
-    except NatsTimeoutError:
-        raise JobsUnavailable(
-            f"no answer on {subjects.JOBS_RESULT} within {_JS_TIMEOUT_S:g} s; {_why_silent(nc)}"
-        ) from None
+        msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=timeout_s)
     except nats.errors.ConnectionClosedError:
         raise _closed() from None
     return msg.data
@@ -767,6 +881,9 @@ async def stream(
     and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
     timeout allows. Closed before its end (or on any of those), the request is aborted."""
     assembler = assembler or Assembler()
+    payload, headers = encoder.encode(request), {subjects.ABORT_KEY: abort_key()}
+    _check_size(nc, payload, headers)
+    _check_room(nc, payload, headers)  # before subscribing: nothing to undo
     inbox = nc.new_inbox()
     try:
         sub = await nc.subscribe(inbox)
@@ -774,12 +891,10 @@ async def stream(
         raise _closed() from None
     timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
-    key = abort_key()
+    key = headers[subjects.ABORT_KEY]
     if keys is not None:
         keys.add(key)  # aborted by its Lifeline's close()
     try:
-        payload, headers = encoder.encode(request), {subjects.ABORT_KEY: key}
-        _check_size(nc, payload, headers)
         try:
             await nc.publish(STREAM, payload, reply=inbox, headers=headers)
         except nats.errors.ConnectionClosedError:

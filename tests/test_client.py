@@ -11,14 +11,16 @@ from typing import Any
 import msgspec
 import pytest
 from helpers import cli_env, config, fake, wait_for
+from nats.aio.client import Client
 
 from schemas import ChatMessage, CompletionRequest, subjects
-from schemas.wire import encoder
+from schemas.wire import CompletionReply, ErrorInfo, encoder, reply_decoder
 from service.client import (
     JOBS_STREAM,
     RESULTS_BUCKET,
     JobsUnavailable,
     Lifeline,
+    LifelineError,
     NoAnswer,
     NoDispatcher,
     RequestTooLarge,
@@ -340,3 +342,139 @@ async def test_a_program_that_breaks_out_of_a_stream_ends_quietly_and_aborts_it(
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert (proc.returncode, out.decode(), err.decode()) == (0, "done\n", "")
     await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=5)
+
+
+async def test_a_result_is_read_from_the_bucket_while_a_dispatcher_answers_nothing(
+    lifeline_client, client
+):
+    """A dispatcher frozen (SIGSTOP) still holds its llm.jobs.result subscription and answers
+    nothing: result() asked it for a fixed 5 s, past wait_s, then raised JobsUnavailable
+    instead of reading the bucket."""
+    await lifeline_client.submit("hello", job_id="frozen")  # makes the stream and bucket
+    kv = await client.jetstream().key_value(RESULTS_BUCKET)
+    stored = encoder.encode({"id": "frozen", "status": "ok", "content": "stored"})
+    await kv.create(subjects.job_key("frozen"), stored)
+
+    async def frozen(msg: Any) -> None:
+        pass  # never answers
+
+    await client.subscribe(subjects.JOBS_RESULT, cb=frozen)
+    await ensure_subscribed(client)
+    assert (await lifeline_client.result("frozen", wait_s=1)).content == "stored"
+    assert (await lifeline_client.result("frozen")).content == "stored"
+    started = time.monotonic()
+    assert await lifeline_client.result("missing", wait_s=0.5) is None
+    assert time.monotonic() - started < 3  # wait_s and a little, not a 5 s ask
+
+
+def test_a_client_used_in_another_event_loop_says_so_at_once(nats_url):
+    """Connected under one asyncio.run() and used under the next, a client waited out every
+    call's timeout, blamed the dispatcher, and its close() raised "Event loop is closed"."""
+    first = asyncio.new_event_loop()
+    try:
+        lifeline = first.run_until_complete(Lifeline.connect(nats_url, timeout_s=1))
+
+        async def elsewhere() -> None:
+            calls = (
+                lambda: lifeline.complete("Hi"),
+                lambda: lifeline.stream("Hi").finish(),
+                lambda: lifeline.result("job-1", wait_s=1),
+                lambda: lifeline.submit("Hi", job_id="job-1"),
+            )
+            for call in calls:
+                with pytest.raises(LifelineError, match="another event loop.*connect"):
+                    await asyncio.wait_for(call(), 5)
+            await lifeline.close()  # its loop is not running: nothing to do, and no error
+
+        asyncio.run(elsewhere())
+        assert not lifeline.nc.is_closed
+        first.run_until_complete(lifeline.close())  # in its own loop it closes
+        assert lifeline.nc.is_closed
+    finally:
+        first.close()
+
+
+def test_the_nats_py_internals_the_client_relies_on_are_there():
+    """_check_room reads the pending buffer's size and bound, as nats-py's publish does, and
+    _forget_refused the request futures' map."""
+    nc = Client()
+    for name in ("_pending_data_size", "_max_pending_size", "_resp_map"):
+        assert hasattr(nc, name), name
+
+
+async def test_requests_refused_while_nats_is_down_leave_nothing_behind(monkeypatch):
+    """nats-py registers a request's answer future before it refuses the request for a full
+    buffer: every complete() refused during an outage left one in its map for good, each
+    printed as "Future exception was never retrieved" at exit."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.1)
+    server = EmbeddedNats(port=-1)
+    server.start()
+    try:
+        async with Lifeline.connect(server.url, timeout_s=0.5) as client:
+            server.stop()
+            await wait_for(lambda: not client.nc.is_connected)
+            big = "x" * 650_000  # three fill the buffer; each fits max_payload (1 MiB)
+            waiting = [asyncio.ensure_future(client.complete(big)) for _ in range(3)]
+            await wait_for(lambda: client.nc.pending_data_size > 1_900_000)
+            in_flight = len(client.nc._resp_map)
+            subs_in_flight = len(client.nc._subs)
+            for _ in range(5):
+                with pytest.raises(Unreachable, match="fill nats-py's buffer"):
+                    await client.complete(big)
+                with pytest.raises(Unreachable, match="fill nats-py's buffer"):
+                    await client.stream(big).finish()
+            assert len(client.nc._resp_map) == in_flight  # none of the refused left there
+            assert len(client.nc._subs) == subs_in_flight
+            await asyncio.gather(*waiting, return_exceptions=True)
+            assert not client.nc._resp_map
+    finally:
+        server.stop()
+
+
+def _overloaded_reply(request_id: str, retry_after_s: float) -> bytes:
+    error = ErrorInfo("overloaded", "busy", retry_after_s=retry_after_s)
+    return encoder.encode(CompletionReply(request_id, "error", error=error))
+
+
+async def test_overloaded_retries_end_within_the_requests_timeout(client, lifeline_client):
+    """Each retry had a fresh timeout_s and the waits came on top: complete(timeout_s=2,
+    overloaded_retries=10) took 11 s. One deadline now: each retry is sent with what is left
+    of it, and none when the wait before it would end past it (the refusal is returned)."""
+    sent: list[CompletionRequest] = []
+
+    async def refuse(msg: Any) -> None:  # a stand-in dispatcher, always overloaded
+        request = msgspec.json.decode(msg.data, type=CompletionRequest)
+        sent.append(request)
+        body = _overloaded_reply(request.id or "", 0.2)
+        if msg.subject == subjects.STREAM:
+            headers = {subjects.SEQ: "1", subjects.ATTEMPT_NO: "0", subjects.EVENT: "error"}
+            await client.publish(msg.reply, body, headers=headers)
+        else:
+            await client.publish(msg.reply, body)
+
+    await client.subscribe(subjects.COMPLETE, cb=refuse)
+    await client.subscribe(subjects.STREAM, cb=refuse)
+    await ensure_subscribed(client)
+    for call in (
+        lambda: lifeline_client.complete("Hi", timeout_s=1, overloaded_retries=100),
+        lambda: lifeline_client.stream("Hi", timeout_s=1, overloaded_retries=100).finish(),
+    ):
+        sent.clear()
+        started = time.monotonic()
+        reply = await asyncio.wait_for(call(), 20)  # 100 waits of 0.2 s or more, before
+        took = time.monotonic() - started
+        assert reply.status == "error" and reply.error.type == "overloaded"
+        assert took < 4  # the request's 1 s, and a little
+        assert 2 <= len(sent) < 100 and sent[0].timeout_s == 1
+        timeouts = [request.timeout_s for request in sent]
+        assert timeouts == sorted(timeouts, reverse=True) and timeouts[-1] < 1
+
+
+def test_retries_wait_at_least_retry_after_s_spread_over_as_long_again():
+    """A 0-20 % jitter brought refused requests back in waves, refused together again."""
+    from service.client import _retry_after_s
+
+    reply = reply_decoder.decode(_overloaded_reply("r", 1.0))
+    waits = [_retry_after_s(reply) for _ in range(1000)]
+    assert all(1.0 <= wait <= 2.0 for wait in waits)
+    assert min(waits) < 1.1 and max(waits) > 1.9  # the whole range, not the first fifth
