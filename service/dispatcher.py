@@ -71,6 +71,8 @@ class Dispatcher:
         self.health = Health(store=store)
         self.health.own_outage = self.transport.spanned_an_outage
         self.engine = Engine(config, self.transport, self.health, spans)
+        models = self.engine.router.models
+        self.health.configured = lambda provider, model: model in models.get(provider, ())
         # Durable jobs (llm.jobs.submit through JetStream), beside the core front end.
         self.jobs = Jobs(nc, self.engine, config.jobs, replicas) if config.jobs.enabled else None
         self.audit_settings = config.audit

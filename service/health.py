@@ -340,6 +340,9 @@ class Health:
         # dispatcher's NatsTransport.spanned_an_outage): a call it made then that timed out,
         # found no responders or could not be sent failed for that, not for its provider.
         self.own_outage: Callable[[float], bool] | None = None
+        # The (provider, model) breakers the config names: adopted from the shared bucket
+        # whatever their number (MAX_ADOPTED bounds only the others).
+        self.configured: Callable[[str, str], bool] = lambda provider, model: False
 
     @property
     def shared(self) -> bool:
@@ -559,9 +562,11 @@ class Health:
         """A state another replica set (told by a shared store): adopt it without announcing it
         again."""
         if (provider, model) not in self.targets and (
-            state == CLOSED or len(self.targets) >= MAX_ADOPTED
+            state == CLOSED
+            or (len(self.targets) >= MAX_ADOPTED and not self.configured(provider, model))
         ):
-            # A target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow us.
+            # A target never seen here is closed already; beyond MAX_ADOPTED, peers cannot grow
+            # us (with what the config does not name: its own breakers are bounded by it).
             return
         health = self.of(provider, model)
         if state == CLOSED and health.state != CLOSED and since_unix_ms <= health.since_unix_ms:
@@ -583,8 +588,9 @@ class Health:
             health.consecutive = 0
             health.cleared_s = int(now)
             health.closed_at = now
-        if state != health.state:
-            log.info(
+        if state != health.state:  # a line per breaker per change: one for each dispatcher
+            # that set it, which says so itself; here, with a fleet's breakers, a flood
+            log.debug(
                 "circuit for %s is %s (set by another dispatcher: %s)", health.label, state, reason
             )
         health.state = state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -303,3 +304,22 @@ def test_lifeline_status_prints_what_another_dispatcher_wrote_safely(capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x9b" not in out
     assert "\\x1b]0;pwned\\x07" in out and "p:\\x1b[31m" in out
+
+
+def test_every_breaker_the_config_names_is_adopted_however_many():
+    """A fleet's config naming 1,950 models: a dispatcher started after the others opened
+    their breakers adopted the first 1,000 and called the other 950 despite them."""
+    from service.dispatcher import Dispatcher
+    from service.telemetry import Tracing
+
+    models = [f"m{i}" for i in range(MAX_ADOPTED + 500)]
+    config = parse_config({"providers": {"p": {"kind": "fake", "models": models}}})
+    nc = SimpleNamespace()  # never used: the dispatcher is not started
+    dispatcher = Dispatcher(nc, config, Tracing().recorder("test"))  # type: ignore[arg-type]
+    health = dispatcher.health
+    for model in models:
+        health.apply("p", model, OPEN, 2_000_000_000_000, "opened elsewhere", 0)
+    assert all(health.of("p", model).state == OPEN for model in models)
+    for i in range(MAX_ADOPTED + 100):  # names the config does not know stay bounded
+        health.apply("p", f"made-up-{i}", OPEN, 2_000_000_000_000, "opened elsewhere", 0)
+    assert len(health.targets) == len(models)
