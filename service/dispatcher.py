@@ -19,6 +19,7 @@ import time
 from collections import deque
 from functools import partial
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -116,7 +117,16 @@ class Dispatcher:
         ]
         # Every dispatcher hears every abort (no queue group): the one holding the request acts.
         self._abort_sub = await path.subscribe(subjects.ABORT, self._on_abort)
-        await ensure_subscribed(nc)
+        try:
+            await ensure_subscribed(nc)
+        except nats.errors.FlushTimeoutError:
+            # The server slow to confirm (a fleet restarting at once, a large health bucket
+            # replaying to this connection): its subscriptions are on their way, and exiting
+            # here made a rolling restart lose dispatchers. It serves as soon as they arrive.
+            log.warning(
+                "the NATS server did not confirm this dispatcher's subscriptions within its "
+                "flush timeout; serving as soon as they are registered"
+            )
         js = nc.jetstream(timeout=5)
         problem = await ensure_audit_stream(js, self.audit_settings, self.replicas)
         if self.audit_settings.stream:  # kept there from now on, or made when it can be

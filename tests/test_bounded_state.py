@@ -323,3 +323,30 @@ def test_every_breaker_the_config_names_is_adopted_however_many():
     for i in range(MAX_ADOPTED + 100):  # names the config does not know stay bounded
         health.apply("p", f"made-up-{i}", OPEN, 2_000_000_000_000, "opened elsewhere", 0)
     assert len(health.targets) == len(models)
+
+
+async def test_a_server_slow_to_confirm_subscriptions_does_not_stop_a_dispatcher(nats_url):
+    """A fleet restarting with a large health bucket: the server took over 10 s to answer a
+    starting dispatcher's flush, which exited (nats: flush timeout), and a rolling restart
+    lost dispatchers. It now serves once its subscriptions are registered."""
+    from service.dispatcher import Dispatcher
+    from service.telemetry import Tracing
+
+    nc = await nats.connect(nats_url)
+    real_flush, slow = nc.flush, [1]
+
+    async def flush(timeout: float = 10) -> None:
+        if slow[0]:
+            slow[0] -= 1
+            raise nats.errors.FlushTimeoutError
+        await real_flush(timeout)
+
+    nc.flush = flush  # type: ignore[method-assign]
+    config = parse_config({"providers": {"p": fake()}, "audit": {"stream": ""}})
+    dispatcher = Dispatcher(nc, config, Tracing().recorder("test"))
+    try:
+        await dispatcher.start()
+        assert slow == [0] and dispatcher._subs  # started, serving
+    finally:
+        await dispatcher.stop(0)
+        await nc.close()
