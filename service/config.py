@@ -461,7 +461,24 @@ def allowed_models(settings: ProviderSettings) -> list[str]:
     return [model for model in dict.fromkeys([settings.model, *settings.models]) if model]
 
 
+# The most targets a chain names, its groups' members counted: each one left when a request
+# stops is an attempt in its reply and audit event (skipped, max_attempts), so a chain of
+# thousands made replies of a megabyte, refused as reply_too_large.
+MAX_CHAIN_TARGETS = 256
+
+
 def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
+    size = sum(
+        len(entry["group"])
+        if isinstance(entry, dict) and isinstance(entry.get("group"), list)
+        else 1
+        for entry in chain
+    )
+    if size > MAX_CHAIN_TARGETS:
+        raise ConfigError(
+            f"{key}: {size} targets, over the {MAX_CHAIN_TARGETS} a chain may name (each is in "
+            "a failed request's attempts); split it into routes, or give one target `retries`"
+        )
     steps: list[Step] = []
     for i, entry in enumerate(chain):
         where = f"{key}[{i}]"
