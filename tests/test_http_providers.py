@@ -6,7 +6,10 @@ OpenAI-compatible server (vLLM, Ollama, llama.cpp) reached through `base_url`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -217,3 +220,80 @@ def test_a_workers_http_pool_takes_as_many_calls_as_the_worker_does():
     provider = OpenAIProvider(settings)
     pool = provider._client._transport._pool
     assert pool._max_connections == 700
+
+
+def _answer(text: str) -> bytes:
+    body = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "model": "m",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+    ).encode()
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+_PAST_THE_ANSWER = {  # what a broken server or proxy writes for the first call
+    "a 204 with a body": lambda: (
+        f"HTTP/1.1 204 No Content\r\ncontent-length: {len(_answer('SMUGGLED'))}\r\n\r\n".encode()
+        + _answer("SMUGGLED")
+    ),
+    "bytes past the content-length": lambda: _answer("first") + _answer("SMUGGLED"),
+}
+
+
+@pytest.mark.parametrize("broken", list(_PAST_THE_ANSWER))
+async def test_what_a_provider_sends_past_an_answer_never_answers_the_next_call(broken):
+    """httpcore reused the kept-alive connection with what its parser had read past the last
+    answer, which became the next call's answer: one client's answer served to another's
+    request, audited ok. The connection is dropped instead, and each call gets its own."""
+    import msgspec
+
+    from workers.openai import OpenAIProvider, OpenAISettings
+
+    calls = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        with (
+            contextlib.closing(writer),
+            contextlib.suppress(ConnectionError, asyncio.IncompleteReadError),
+        ):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+                await reader.readexactly(length)
+                calls += 1
+                writer.write(_PAST_THE_ANSWER[broken]() if calls == 1 else _answer(f"call {calls}"))
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = msgspec.convert(
+        {
+            "kind": "openai",
+            "model": "m",
+            "api_key_env": "",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+        },
+        OpenAISettings,
+    )
+    provider = OpenAIProvider(settings)
+    request = ProviderRequest(id="r", messages=[ChatMessage("user", "hi")])
+    try:
+        with contextlib.suppress(Exception):  # the first call's own answer: broken or not
+            await provider.complete(request, timeout_s=5)
+        second = await provider.complete(request, timeout_s=5)
+        assert second.content == "call 2"
+        assert calls == 2
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()

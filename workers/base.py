@@ -23,7 +23,7 @@ import math
 import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, contextmanager, suppress
 from typing import Any, Protocol, overload
 
 import httpx
@@ -310,8 +310,39 @@ async def post_json(
         async with client.stream(
             "POST", url, json=body, timeout=timeout_s, headers=headers
         ) as response:
-            content = await read_capped(response, max_response_bytes)
+            try:
+                content = await read_capped(response, max_response_bytes)
+            finally:
+                await release(response)
     return _in_memory(response, content)
+
+
+async def release(response: httpx.Response) -> None:
+    """Keep the answer's connection for the next call only when nothing came past the answer.
+
+    httpcore hands a kept-alive connection to the next request with whatever its HTTP parser
+    (h11) had already read past the last answer: a body after a 204 or a 304, bytes past the
+    Content-Length. That was read as the next request's answer: one client's answer served to
+    another's request, audited ok (curl calls it "Excess found", and closes). So the
+    connection is closed instead (the pool then drops it) when anything is left over, when
+    the answer is no 200 (the calls that misbehave), or when the parser cannot be reached to
+    tell (httpcore's internals: tests/test_http_providers.py pins them)."""
+    if response.status_code == 200 and not _left_over(response):
+        return
+    stream = response.extensions.get("network_stream")
+    if stream is not None:
+        with suppress(Exception):  # closing what is broken already: nothing more to do
+            await stream.aclose()
+
+
+def _left_over(response: httpx.Response) -> bool:
+    """Whether h11 holds bytes past this answer (True when it cannot be reached)."""
+    try:  # httpx 0.28's stream -> httpcore 1.0's pool stream -> its HTTP/1.1 connection
+        connection = response.stream._stream._httpcore_stream._stream._connection  # type: ignore[attr-defined]
+        data, _ = connection._h11_state.trailing_data
+    except AttributeError:  # HTTP/2, or other internals: never reused blind
+        return True
+    return bool(data)
 
 
 @contextmanager
@@ -667,25 +698,28 @@ class HttpProvider:
         left = self.settings.max_response_bytes  # the answer's own size: its text, its tool calls
         try:
             with _transport_errors(timeout_s, "no data"):
-                async with (
-                    self._client.stream(
-                        "POST", self._url, json=body, timeout=timeout_s, headers=headers
-                    ) as response,
-                    aclosing(await self._events(response)) as events,
-                ):
-                    async for event in events:
-                        # No data, no event: the SSE spec dispatches none (httpx-sse does, for
-                        # a lone event:, id: or retry: field).
-                        item = reader.read(event) if event.data else None
-                        if isinstance(item, ProviderOk):
-                            final = item
-                            break
-                        for delta in item if isinstance(item, list) else (item,):
-                            if delta:
-                                left -= delta_bytes(delta)
-                                if left < 0:
-                                    raise response_too_large(200, self.settings.max_response_bytes)
-                                yield delta
+                async with self._client.stream(
+                    "POST", self._url, json=body, timeout=timeout_s, headers=headers
+                ) as response:
+                    try:
+                        async with aclosing(await self._events(response)) as events:
+                            async for event in events:
+                                # No data, no event: the SSE spec dispatches none (httpx-sse
+                                # does, for a lone event:, id: or retry: field).
+                                item = reader.read(event) if event.data else None
+                                if isinstance(item, ProviderOk):
+                                    final = item
+                                    break
+                                for delta in item if isinstance(item, list) else (item,):
+                                    if delta:
+                                        left -= delta_bytes(delta)
+                                        if left < 0:
+                                            raise response_too_large(
+                                                200, self.settings.max_response_bytes
+                                            )
+                                        yield delta
+                    finally:
+                        await release(response)
             # After the connection is released: a caller may stop at the last item.
             if final is None:
                 raise ProviderError("connection", f"{self.label} stream ended without {reader.end}")
