@@ -111,13 +111,25 @@ _STORE_FULL = (
 _STORE_FAILED = jetstream.STORE_FAILED  # lasting when the bucket is at its own maximum (below)
 
 
+def _nobody_there(reply: CompletionReply) -> bool:
+    """An error where no target had a worker listening: each attempt no_responders, or
+    skipped (its breaker open, a capability)."""
+    attempts = reply.attempts
+    return (
+        reply.status == "error"
+        and any(a.outcome == "no_responders" for a in attempts)
+        and all(a.outcome in ("no_responders", "skipped") for a in attempts)
+    )
+
+
 def fetch_batch(max_payload: int) -> int:
     """Jobs one pull asks for: up to 64, and no more than 16 MiB of the largest ones."""
     return max(1, min(_FETCH_MAX_JOBS, _FETCH_MAX_BYTES // max(max_payload, 1)))
 
 
 class _NotStored(Exception):
-    """A job answered whose result could not be stored: it is delivered again."""
+    """A job answered whose result could not be stored, or that found no worker yet: it is
+    delivered again."""
 
 
 _BUCKET_TROUBLE = (_NotStored, *_UNREACHABLE)  # a job failed by these is no bug
@@ -398,8 +410,20 @@ class Jobs:
             return
 
         kept: list[CompletionReply] = []
+        not_kept: list[str] = []  # why, when `keep` sent it to be delivered again
 
         async def keep(reply: CompletionReply) -> CompletionReply:
+            if (
+                _nobody_there(reply)
+                and latest[0].metadata.num_delivered < self.settings.max_deliver
+            ):
+                # Workers not up yet (a fleet started all at once, its dispatcher first): a
+                # durable job waits for them, where a core request's client would ask again.
+                not_kept.append(
+                    "no worker answered for any of its targets (no_responders); delivered again "
+                    f"in {_RETRY_DELAY_S:g} s, while workers start"
+                )
+                raise DeliverAgain(not_kept[-1])
             try:
                 result = await self._keep_patiently(key, reply)
             except Exception as exc:  # the bucket's errors are many types
@@ -434,7 +458,9 @@ class Jobs:
             self.tally.errors += 1
             self.tally.last_error = reply.error.type
         if not kept:  # the engine logs what `keep` raised and audits nothing: never ack then
-            raise _NotStored("its result could not be stored (see the log above)")
+            raise _NotStored(
+                not_kept[-1] if not_kept else "its result could not be stored (see the log above)"
+            )
         self.handled += 1
         await latest[0].ack()
 

@@ -848,3 +848,30 @@ async def test_a_job_delivered_again_while_its_dispatcher_still_runs_it_is_calle
     assert [event.id for _, event in audit.events] == ["slow"]
     assert stack.dispatcher.jobs.handled == 1
     assert await _waiting_jobs(client) == 0  # acknowledged: not delivered again
+
+
+async def test_a_job_that_finds_no_worker_yet_waits_for_one(lifeline, client, audit, monkeypatch):
+    """A fleet started all at once, its dispatcher before its workers: each job waiting in the
+    stream was answered no_responders for good, stored, acknowledged and audited. A job is
+    now delivered again while no worker answers, until its last delivery."""
+    from schemas import ProviderFailure
+    from service import jobs
+    from service.transport import NatsTransport
+
+    real_ask, asked = NatsTransport.ask_provider, []
+
+    async def workers_not_up_yet(self: Any, provider: str, *args: Any) -> Any:
+        asked.append(provider)
+        if len(asked) <= 2:  # the first delivery finds nobody, the second too
+            return ProviderFailure("no_responders", f"no worker is listening for {provider}")
+        return await real_ask(self, provider, *args)
+
+    monkeypatch.setattr(NatsTransport, "ask_provider", workers_not_up_yet)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("early", "hello"), "early")
+    reply = await result_of(client, "early", timeout_s=15)
+    assert (reply.status, reply.content) == ("ok", "hello")
+    assert len(asked) == 3
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.status) == ("early", "ok")
