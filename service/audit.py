@@ -106,7 +106,9 @@ async def ensure_audit_stream(
             return jetstream.hint(exc, replicas)
         # Perhaps with other limits: the operator's stand, but what loses events is said.
         try:
-            await jetstream.look_at_existing(js, settings.stream, _AUDIT_STATUSES, log, jobs=False)
+            await jetstream.look_at_existing(
+                js, settings.stream, _AUDIT_STATUSES, log, jobs=False, wanted=config
+            )
         except Exception as err:  # noqa: BLE001 - a look that failed loses nothing
             log.debug("audit: could not look at stream %s: %r", settings.stream, err)
     return None

@@ -216,8 +216,35 @@ def audit_stream_problems(info: api.StreamInfo, subject: str, max_payload: int |
     return said
 
 
+# The limits a config sets on a stream Lifeline makes, as a StreamConfig names them.
+_LIMITS = ("max_age", "max_bytes", "max_msgs", "duplicate_window")
+
+
+def _other_limits(have: api.StreamConfig, wanted: api.StreamConfig) -> str | None:
+    """The config's limits a stream made earlier does not have (an older config, another
+    version's defaults, an operator's hand), or None."""
+    differ = [
+        f"{limit} {getattr(have, limit)} (the config's: {getattr(wanted, limit)})"
+        for limit in _LIMITS
+        if getattr(wanted, limit) not in (None, 0, -1)
+        and getattr(have, limit) != getattr(wanted, limit)
+    ]
+    if not differ:
+        return None
+    return (
+        f"{have.name} was made with other limits than the config's: {', '.join(differ)}; it "
+        f"keeps its own until edited (nats stream edit {have.name}) or deleted, so that "
+        "Lifeline makes it anew"
+    )
+
+
 async def look_at_existing(
-    js: JetStreamContext, name: str, subject: str, log: logging.Logger, jobs: bool
+    js: JetStreamContext,
+    name: str,
+    subject: str,
+    log: logging.Logger,
+    jobs: bool,
+    wanted: api.StreamConfig | None = None,
 ) -> None:
     """Look at the stream `name` that exists already (an operator's, perhaps) and warn, once
     per stream made, about what in it loses messages on `subject`: the jobs stream's
@@ -228,8 +255,10 @@ async def look_at_existing(
         return  # gone since: made again by the next try
     nc = getattr(js, "_nc", None)  # the connection's max_payload, where nats-py keeps it
     max_payload = getattr(nc, "max_payload", None)
-    problems = jobs_stream_problems if jobs else audit_stream_problems
-    for problem in problems(info, subject, max_payload):
+    problems = (jobs_stream_problems if jobs else audit_stream_problems)(info, subject, max_payload)
+    if wanted is not None and (other := _other_limits(info.config, wanted)):
+        problems.append(other)
+    for problem in problems:
         key = (name, info.created, problem)
         if key in _warned:
             continue

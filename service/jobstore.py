@@ -54,7 +54,9 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
             raise
         log.info("jobs stream %s exists with other settings; using it as it is", settings.stream)
         # ... once looked at: a warning for what loses jobs, an UnfitStream if it takes none
-        await jetstream.look_at_existing(js, settings.stream, subjects.JOBS_SUBMIT, log, jobs=True)
+        await jetstream.look_at_existing(
+            js, settings.stream, subjects.JOBS_SUBMIT, log, jobs=True, wanted=config
+        )
     try:
         return await js.key_value(settings.results_bucket)
     except nats.js.errors.BucketNotFoundError:

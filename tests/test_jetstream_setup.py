@@ -65,8 +65,9 @@ async def test_a_jobs_stream_that_drops_old_jobs_is_warned_about_once_per_stream
         discard=api.DiscardPolicy.OLD,
     )
     await js.add_stream(dropping)
-    await ensure_jobs(js, JobsSettings())
-    await ensure_jobs(js, JobsSettings())  # a dispatcher's next try: not said again
+    settings = JobsSettings(max_jobs=3)  # its limit the config's: only the drops are said
+    await ensure_jobs(js, settings)
+    await ensure_jobs(js, settings)  # a dispatcher's next try: not said again
     said = warnings(caplog)
     assert len(said) == 1, said
     assert f"{JOBS} discards old messages" in said[0]
@@ -74,7 +75,7 @@ async def test_a_jobs_stream_that_drops_old_jobs_is_warned_about_once_per_stream
 
     await js.delete_stream(JOBS)  # made again (by an operator, the same way): said again
     await js.add_stream(dropping)
-    await ensure_jobs(js, JobsSettings())
+    await ensure_jobs(js, settings)
     assert len(warnings(caplog)) == 2
 
 
@@ -135,7 +136,23 @@ async def test_an_operators_streams_that_lose_nothing_are_not_warned_about(clien
     )
     await ensure_jobs(js, JobsSettings())
     assert await ensure_audit_stream(js, AuditSettings()) is None
+    # What they keep is theirs: only that the config's limits are not applied is said.
+    assert all("other limits than the config's" in line for line in warnings(caplog))
+
+
+async def test_a_stream_made_with_other_limits_than_the_configs_says_which(client, caplog):
+    """An audit stream an older config made with a week's max_age, started with an hour: the
+    stream kept its week, and nothing said so."""
+    caplog.set_level(logging.WARNING, "lifeline")
+    js = client.jetstream()
+    await ensure_audit_stream(js, AuditSettings())
     assert warnings(caplog) == []
+    wanted = AuditSettings(max_age_s=3600.0, max_bytes=1_000_000)
+    assert await ensure_audit_stream(js, wanted) is None  # used as it is
+    [line] = warnings(caplog)
+    assert "LIFELINE_AUDIT was made with other limits than the config's" in line
+    assert "max_age 604800.0 (the config's: 3600.0)" in line and "max_bytes" in line
+    assert f"nats stream edit {AUDIT}" in line
 
 
 @pytest.mark.parametrize(
@@ -167,7 +184,7 @@ async def test_an_audit_stream_that_loses_events_is_warned_about(client, caplog,
     await js.add_stream(api.StreamConfig(name=AUDIT, **{"subjects": [subjects.AUDIT_ALL], **made}))
     assert await ensure_audit_stream(js, AuditSettings()) is None  # used as it is
     assert await ensure_audit_stream(js, AuditSettings()) is None  # and said once
-    lines = warnings(caplog)
+    lines = [line for line in warnings(caplog) if "other limits" not in line]
     assert len(lines) == 1 and said in lines[0], lines
     assert "delete the stream so that Lifeline makes it" in lines[0]
 
