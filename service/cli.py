@@ -812,6 +812,14 @@ class _UntilGone(io.TextIOBase):
     def isatty(self) -> bool:
         return self.inner.isatty()
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.inner.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.inner.errors
+
 
 async def _serving(command: Awaitable[int]) -> int:
     """A serving command, its stop signals taken before it connects: one that comes while it
