@@ -598,27 +598,12 @@ class Jobs:
         room = self.nc.max_payload - _KV_HEADER_ROOM
         if self.max_value is None or self.max_value - _KV_VALUE_HEADERS >= room:
             return fitted(reply, room)
+        # A bucket too small even for the error refuses it (see _refused): the operator's
+        # misconfiguration, warned about at start, so its names stay whole.
         room = self.max_value - _KV_VALUE_HEADERS
-        payload = encoder.encode(reply)
-        if len(payload) <= room:
-            return reply, payload
-        smaller = reply
-        if reply.error is None or reply.error.type != REPLY_TOO_LARGE:
-            smaller = self._too_large(reply, len(payload))
-        for cut in (
-            lambda r: r,
-            lambda r: msgspec.structs.replace(
-                r, attempts=[msgspec.structs.replace(a, message=None) for a in r.attempts]
-            ),
-            lambda r: msgspec.structs.replace(r, attempts=[]),
-        ):
-            smaller = cut(smaller)
-            payload = encoder.encode(smaller)
-            if len(payload) <= room:
-                break
-        return smaller, payload  # a bucket too small even for that refuses it: see _refused
+        return fitted(reply, room, self._too_large, cut_names=False)
 
-    def _too_large(self, reply: CompletionReply, size: int) -> CompletionReply:
+    def _too_large(self, reply: CompletionReply, size: int, _room: int = 0) -> CompletionReply:
         bucket = self.settings.results_bucket
         limit = f" ({self.max_value} bytes, with the write's headers)" if self.max_value else ""
         message = (

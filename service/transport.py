@@ -243,15 +243,28 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
     return reply
 
 
-def fitted(reply: CompletionReply, room: int) -> tuple[CompletionReply, bytes]:
-    """`reply` and its encoding in at most `room` bytes (what a NATS message may carry besides
-    its headers): one too large becomes a reply_too_large error, without the answer, that fits.
-    Every reply, result and end event goes out through here; what it returns is what went
-    out, so the audit event reports that."""
+TooLarge = Callable[[CompletionReply, int, int], CompletionReply]
+
+
+def fitted(
+    reply: CompletionReply,
+    room: int,
+    too_large: TooLarge | None = None,
+    *,
+    cut_names: bool = True,
+) -> tuple[CompletionReply, bytes]:
+    """`reply` and its encoding in at most `room` bytes (what a NATS message or a stored result
+    may carry besides its headers): one too large becomes a reply_too_large error, without the
+    answer, that fits (`too_large(reply, size, room)` says why; by default, the NATS server's
+    max_payload). Without `cut_names`, a room too small even for that error's names is left to
+    the caller, over `room`. Every reply, result and end event goes out through here; what it
+    returns is what went out, so the audit event reports that."""
     payload = encoder.encode(reply)
-    if len(payload) > room:
-        return _fitting(_too_large(reply, len(payload), room), room)
-    return reply, payload
+    if len(payload) <= room:
+        return reply, payload
+    if reply.error is None or reply.error.type != REPLY_TOO_LARGE:  # the first reason stays
+        reply = (too_large or _too_large)(reply, len(payload), room)
+    return _fitting(reply, room, cut_names)
 
 
 def _too_large(reply: CompletionReply, size: int, max_payload: int) -> CompletionReply:
@@ -280,12 +293,12 @@ def as_error(reply: CompletionReply, kind: str, message: str) -> CompletionReply
 _Fits = TypeVar("_Fits", CompletionReply, AuditEvent)
 
 
-def _fitting(message: _Fits, max_payload: int) -> tuple[_Fits, bytes]:
+def _fitting(message: _Fits, max_payload: int, cut_names: bool = True) -> tuple[_Fits, bytes]:
     """The message as sent, and its encoding: with its attempts' texts, then its attempts,
     then the length of its names and texts cut if that is what it takes to fit (its id, status,
-    error type and trace id always stay). Never more than `max_payload`: one message over the
-    server's limit closes the whole connection, and a request's one reply and one audit event
-    must each go out whatever the request held."""
+    error type and trace id always stay). Never more than `max_payload` (unless not
+    `cut_names`): one message over the server's limit closes the whole connection, and a
+    request's one reply and one audit event must each go out whatever the request held."""
     payload = encoder.encode(message)
     if len(payload) <= max_payload:
         return message, payload
@@ -296,7 +309,7 @@ def _fitting(message: _Fits, max_payload: int) -> tuple[_Fits, bytes]:
         return message, payload
     message = msgspec.structs.replace(message, attempts=[])
     payload = encoder.encode(message)
-    if len(payload) <= max_payload:
+    if len(payload) <= max_payload or not cut_names:
         return message, payload
     # Only names no wire bound stopped (a config's, a worker's) can leave it too big now.
     log.error(
