@@ -284,13 +284,18 @@ class Lifeline:
         connected = False
         every_server_failed = asyncio.Event()
 
+        outage = _Outage(resolved.shown)
+
         async def on_error(exc: Exception) -> None:
             if connected:
-                log.warning("NATS at %s: %s: %s", resolved.shown, type(exc).__name__, exc or "")
+                outage.failed(exc)
                 return
             failures.append(exc)
             if len(failures) >= len(kwargs["servers"]):
                 every_server_failed.set()
+
+        async def on_reconnected() -> None:
+            outage.over()
 
         nc = Client()
         connecting = asyncio.ensure_future(
@@ -303,6 +308,7 @@ class Lifeline:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
+                reconnected_cb=on_reconnected,
             )
         )
         gave_up = asyncio.ensure_future(every_server_failed.wait())
@@ -539,6 +545,31 @@ class _JobsShape(NamedTuple):
     dedup_window_s: float
     results_bucket: str
     results_ttl_s: float
+
+
+class _Outage:
+    """What the connection's reconnect loop logs: its first failure at WARNING, the retries
+    that follow (about two a second while NATS is down) at DEBUG, and how long it was down
+    once it is back. An application's log is not the place for a line per retry."""
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+        self.since: float | None = None
+        self.retries = 0
+
+    def failed(self, exc: Exception) -> None:
+        what = f"{type(exc).__name__}: {exc or ''}"
+        if self.since is None:
+            self.since, self.retries = time.monotonic(), 0
+            log.warning("NATS at %s: %s; reconnecting (retries logged at DEBUG)", self.shown, what)
+        else:
+            self.retries += 1
+            log.debug("NATS at %s: %s (retry %d)", self.shown, what, self.retries)
+
+    def over(self) -> None:
+        if self.since is not None:
+            down_s, self.since = time.monotonic() - self.since, None
+            log.info("NATS at %s: reconnected after %.1f s", self.shown, down_s)
 
 
 class _Connecting:

@@ -214,6 +214,32 @@ async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
         server.stop()
 
 
+async def test_an_outage_is_one_warning_however_many_retries_and_its_end_is_said(caplog):
+    """The connection retries about twice a second while NATS is down: an application's log
+    gets the outage's first failure, not a line per retry, and a line once it is back."""
+    server = EmbeddedNats(port=-1)
+    server.start()
+    try:
+        async with Lifeline.connect(server.url, timeout_s=0.2) as client:
+            port = server.port
+            caplog.set_level("DEBUG", logger="lifeline.client")
+            server.stop()
+            await asyncio.sleep(2.5)  # five retries or so
+            retries = [r for r in caplog.records if "retry" in r.getMessage()]
+            assert retries and all(r.levelname == "DEBUG" for r in retries)
+            server = EmbeddedNats(port=port)
+            server.start()
+            await wait_for(lambda: client.nc.is_connected, timeout_s=10)
+            with pytest.raises(NoDispatcher):  # asked, and the server answered
+                await client.complete("Hi")
+    finally:
+        server.stop()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lifeline.client"]
+    warnings = [line for level, line in said if level == "WARNING"]
+    assert len(warnings) == 1 and "reconnecting" in warnings[0], said
+    assert any(level == "INFO" and "reconnected after" in line for level, line in said), said
+
+
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
     with EmbeddedNats(port=-1, jetstream=False) as server:
         async with Lifeline.connect(server.url, timeout_s=2) as client:
