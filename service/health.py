@@ -277,6 +277,17 @@ class BreakerState(Struct, frozen=True):
     since_unix_ms: int = 0  # when the breaker took this state
 
 
+def newer(state: State, since_unix_ms: int, than: State, than_since_unix_ms: int) -> bool:
+    """Whether a breaker's `state` taken at `since_unix_ms` replaces the one it finds (`than`,
+    taken at `than_since_unix_ms`): the one ordering of states between replicas, for what a
+    replica adopts (Health.apply) and what it writes over in the shared store. The later one
+    wins; in the same millisecond an open or half-open wins over a close (the safer guess, and
+    a probe settles it)."""
+    if since_unix_ms != than_since_unix_ms:
+        return since_unix_ms > than_since_unix_ms
+    return than == CLOSED and state != CLOSED
+
+
 class HealthStore(Protocol):
     """Where a Health's breaker changes go and who may send a half-open probe. A store serves one
     Health, from start() to stop(); it may tell that Health what others decided (Health.apply)."""
@@ -569,10 +580,14 @@ class Health:
             # us (with what the config does not name: its own breakers are bounded by it).
             return
         health = self.of(provider, model)
-        if state == CLOSED and health.state != CLOSED and since_unix_ms <= health.since_unix_ms:
-            # A close no newer than this breaker's own opening (the bucket's last record, replayed
-            # on reconnecting after it opened here while the bucket was out): it stays open. In
-            # the same millisecond, too: the open is the safer guess, and a probe settles it.
+        # A breaker closed since it was first seen here has seen nothing to order against.
+        since_here = (
+            health.since_unix_ms if health.closed_at > -math.inf or health.state != CLOSED else 0
+        )
+        if not newer(state, since_unix_ms, health.state, since_here):
+            # The bucket's last record, replayed on reconnecting after this breaker changed here
+            # while the bucket was out (an open older than the probe's close here, a close no
+            # newer than the open here): what happened later stays.
             return
         now = self.clock()
         # Its cooldown (or lease) as the writer set it, counted from now at most: a replica

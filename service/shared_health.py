@@ -40,7 +40,7 @@ from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from service import jetstream
-from service.health import CLOSED, OPEN, BreakerState, Health
+from service.health import CLOSED, OPEN, BreakerState, Health, newer
 from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
@@ -386,12 +386,9 @@ class BucketStore:
 
 
 def _newer(breaker: BreakerState, stored: BreakerState) -> bool:
-    """Whether this dispatcher's `breaker` replaces the bucket's `stored` record: when it is
-    newer, or (as Health.apply decides too) an open or half-open against a close of the same
-    millisecond."""
-    if breaker.since_unix_ms != stored.since_unix_ms:
-        return breaker.since_unix_ms > stored.since_unix_ms
-    return stored.state == CLOSED and breaker.state != CLOSED
+    """Whether this dispatcher's `breaker` replaces the bucket's `stored` record (health.newer,
+    as Health.apply decides too)."""
+    return newer(breaker.state, breaker.since_unix_ms, stored.state, stored.since_unix_ms)
 
 
 def stats_document(

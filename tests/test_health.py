@@ -217,7 +217,7 @@ def test_the_store_hears_open_close_and_a_local_claim_but_not_another_replicas_s
     h.claim_locally(P, M, 2.0)
     answers(h, 1, probe=True)
     h.claim_locally(P, M, 2.0, announce=False)
-    h.apply(P, M, OPEN, 1_100_000, "told by another replica", 1_005_000)
+    h.apply(P, M, OPEN, 1_100_000, "told by another replica", 1_005_010)
     assert store.announced == [  # each state after the one before, if in the same millisecond
         BreakerState(P, M, OPEN, 1_005_000, "3 failures in a row (last: server_error)", 1_000_001),
         BreakerState(P, M, HALF_OPEN, 1_007_000, "cooldown over: one probe is out", 1_005_000),
@@ -336,6 +336,23 @@ def test_a_close_told_from_no_later_than_this_breaker_opened_leaves_it_open():
         assert h.of(P, M).state == OPEN
     h.apply(P, M, CLOSED, 0, "closed elsewhere, since", opened_ms + 1)
     assert h.of(P, M).state == CLOSED
+
+
+def test_an_open_told_from_before_this_breaker_closed_leaves_it_closed():
+    """The bucket's last open (another replica's, within its cooldown), replayed on reconnecting
+    after this dispatcher's probe closed the breaker: the older open does not bench a target
+    just found good. A later one does."""
+    h, t = opened(settings=BreakerSettings(consecutive_failures=3, cooldown_s=5.0))
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    answers(h, 1, probe=True)
+    closed_ms = h.of(P, M).since_unix_ms
+    until_ms = closed_ms + 30_000  # the other replica's cooldown has 30 s to run
+    for told, since_ms in ((OPEN, closed_ms - 1), (HALF_OPEN, closed_ms - 1), (CLOSED, closed_ms)):
+        h.apply(P, M, told, until_ms, "told from before", since_ms)
+        assert admits(h, t, 5.1) == [CALL]
+    h.apply(P, M, OPEN, until_ms, "opened elsewhere, since", closed_ms + 1)
+    assert admits(h, t, 5.1) == [SKIP]
 
 
 def test_a_breaker_written_back_after_the_bucket_was_out_replaces_only_an_older_record():
