@@ -498,7 +498,9 @@ class _FastParser(Parser):
             end = buf.find(b"\r\n", pos)
             if end < 0:
                 return pos
-            line = bytes(buf[pos:end]).split()
+            # Split as nats-server writes it, on single spaces: split() would also split a
+            # (reply) subject at the \x0b or \x0c a client may put in it, and answer elsewhere.
+            line = bytes(buf[pos:end]).split(b" ")
             if len(line) < 4 or line[0] not in (b"MSG", b"HMSG"):
                 return pos
             headered = line[0] == b"HMSG"
@@ -521,7 +523,7 @@ class _FastParser(Parser):
             except (UnicodeDecodeError, ValueError):
                 msg = None
             if msg is None:
-                return pos  # a status line, odd headers or bytes: nats-py's parser decides
+                return pos  # headers for fast_mail_parser, or bytes: nats-py's parser decides
             pos = start + total + 2
             self.path.last_read += 1
             try:
@@ -605,30 +607,43 @@ class _DirectReader(asyncio.Protocol):
 
 
 def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
-    """A header block without a status line, parsed as nats-py parses it; None otherwise
-    (nats-py's parser decides). {} for a block that is no NATS header block at all, which
-    nats-py reads from its 11th byte on (one shorter than that raised IndexError in it, and
-    the message, a whole one, was dropped): the message has no headers."""
+    """A header block parsed as nats-py parses it, a status line's too (nats-server's 503 for
+    no responders; `Status` and `Description`, as nats-py names them), but never raising:
+    nats-py decodes a status line strictly, and a client may publish any bytes in one, so a
+    request carrying one was dropped, unanswered and unaudited, or handled after the frames
+    that came behind it. None only when fast_mail_parser is installed (nats-py's parser
+    decides). {} for a block that is no NATS header block at all, which nats-py reads from its
+    11th byte on (one shorter than that raised IndexError in it, and the message, a whole one,
+    was dropped): the message has no headers."""
     if not block.startswith(b"NATS/1.0"):
         return {}
-    if not block.startswith(b"NATS/1.0\r\n") or _HAS_EMAIL_PARSER:
+    if _HAS_EMAIL_PARSER:
         return None
     headers: dict[str, str] = {}
-    for line in block[10:].split(b"\r\n"):
+    lines = block[10:]
+    if block[8:9] == b" ":  # "NATS/1.0 503[ description]\r\n", header lines may follow
+        first, _, lines = block[9:].partition(b"\r\n")
+        status, description = first[:3], first[4:]
+        if status.strip().isdigit():  # nats-py's rule: its 3 characters, if a number
+            headers[_STATUS] = status.strip().decode()
+        if description:
+            headers[_DESCRIPTION] = description.decode("utf-8", "replace")
+    for line in lines.split(b"\r\n"):
         if line:
             raw, sep, value = line.partition(b":")
             name = _names_read.get(raw) if sep else None
             if name is None:
                 stripped = raw.strip()
                 if not sep or _TOKEN.fullmatch(stripped) is None:  # nats-py's own rules decide
-                    return nc._parse_header_lines(block[10:]) or None
+                    return {**headers, **nc._parse_header_lines(lines)} or None
                 name = stripped.decode()
                 if len(_names_read) < _KNOWN_NAMES + 64:
                     _names_read[raw] = name
             headers[name] = value.strip().decode("utf-8", "replace")
-    return headers or None
+    return headers
 
 
+_STATUS, _DESCRIPTION = "Status", "Description"  # nats.js.api.Header's, as nats-py sets them
 _TOKEN = re.compile(rb"[!-~]+")  # a name nats-py keeps as it is: printable ASCII, no space
 # Header names seen and checked: Lifeline reads a handful, known from the start, so names a
 # client makes up (at most 64 kept) never push its own out.

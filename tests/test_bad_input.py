@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from helpers import USER_HELLO, ask, config, fake
+from helpers import USER_HELLO, Ledger, ask, config, fake, hpub, raw_publish
+from schemas import subjects
 from schemas.wire import encoder
 
 
@@ -114,3 +115,41 @@ async def test_a_schema_too_deep_to_check_is_refused_as_invalid(lifeline, client
     [(_, event)] = await audit.wait_for(1)
     assert event.error_type == "invalid_request"
     assert (await ask(client, USER_HELLO)).status == "ok"
+
+
+async def test_requests_with_any_header_block_or_reply_subject_get_their_one_reply_and_audit(
+    lifeline, client, nats_url
+):
+    """Written as a raw client may write them: a status line in the header block (odd bytes in
+    it, too), each followed by an abort of its key, and reply subjects with a form feed or a
+    vertical tab. The status lines went to nats-py's parser, which dropped one it could not
+    decode (no reply, no audit event) and delivered the rest after the abort behind them (not
+    aborted); the form feed split the reply subject, so the answer went to another subject or
+    none while the audit said ok."""
+    await lifeline(config({"slow": fake(latency_ms=3000)}))
+    ledger = await Ledger(client).start()
+    frames, aborted = [], []
+    for n, status_line in enumerate(
+        (b"NATS/1.0 200", b"NATS/1.0 200 \xff\xfe", b"NATS/1.0 \xff", b"NATS/1.0 503")
+    ):
+        request_id, key = f"status-{n}", f"key-{n}".encode()
+        block = status_line + b"\r\nLifeline-Abort-Key: " + key + b"\r\n\r\n"
+        body = encoder.encode({**USER_HELLO, "id": request_id})
+        reply = ledger.reply_to(request_id).encode()
+        frames.append(hpub(subjects.COMPLETE.encode(), block, body, reply))
+        frames.append(b"PUB %s %d\r\n%s\r\n" % (subjects.ABORT.encode(), len(key), key))
+        aborted.append(request_id)
+    odd = {"form-feed-first": b"\x0cabc", "form-feed": b"rep\x0cly", "vertical-tab": b"x\x0by"}
+    for request_id, reply in odd.items():
+        body = encoder.encode({**USER_HELLO, "id": request_id})
+        frames.append(
+            b"PUB %s %s %d\r\n%s\r\n" % (subjects.COMPLETE.encode(), reply, len(body), body)
+        )
+    elsewhere = await client.subscribe("abc")
+    await raw_publish(nats_url, frames)
+    await ledger.settle(len(aborted), len(aborted) + len(odd))
+    assert [(ledger.replies[i], ledger.audits[i]) for i in aborted] == [(1, 1)] * len(aborted)
+    assert [ledger.audits[i] for i in odd] == [1] * len(odd) and sum(ledger.audits.values()) == 7
+    assert all(ledger.reply_of[i].error.type == "aborted" for i in aborted), ledger.reply_of
+    assert all(ledger.audit_types[i] == "reply_subject_refused" for i in odd), ledger.audit_types
+    assert elsewhere.pending_msgs == 0

@@ -573,12 +573,13 @@ UNREADABLE = {
 }
 
 
-async def test_messages_nats_py_cannot_read_are_dropped_and_the_connection_reads_on(
+async def test_messages_nats_py_cannot_read_reach_the_fast_path_and_the_connection_reads_on(
     nats_url, client
 ):
     """Any client may publish them; raised inside nats-py's read loop, each ended it for good
     while the process stayed up and ready by every probe: a dispatcher deaf to every request,
-    a worker to every call. On a fast subscription and on one of nats-py's own."""
+    a worker to every call. nats-py's own subscriptions lose them; the fast path reads them
+    (a request with a status line of odd bytes was dropped there too: no reply, no audit)."""
     fast_seen: list[Msg] = []
     nc = await nats.connect(nats_url)
     path = fast_path(nc)
@@ -594,9 +595,15 @@ async def test_messages_nats_py_cannot_read_are_dropped_and_the_connection_reads
     assert (await plain.next_msg(timeout=5)).data == b"after"
     await nc.flush(timeout=5)  # its read loop still takes PONGs
     # On the fast path a reply subject that is not UTF-8 comes through as surrogates, for the
-    # dispatcher to refuse (and audit); the other three, and all four on nats-py's, dropped.
-    assert [m.reply for m in fast_seen if m.data == b"hi"] == ["_INBOX.\udcff\udcfe"]
-    assert natsio._unreadable.dropped - before == 7
+    # dispatcher to refuse (and audit), a status line as nats-py would read a good one; all
+    # four dropped on nats-py's.
+    assert [(m.headers, m.reply) for m in fast_seen if m.data != b"after"] == [
+        (None, ""),
+        ({"Status": "503", "Description": "\ufffd\ufffd"}, ""),
+        (None, ""),
+        (None, "_INBOX.\udcff\udcfe"),
+    ]
+    assert natsio._unreadable.dropped - before == 4
     await nc.close()
 
 
