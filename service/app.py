@@ -70,13 +70,28 @@ class ConnectionWatch:
     async def wait_lost(self) -> str:
         """Until the connection is gone for good; returns the component's name. nats-py's
         closed callback says so, but its close can stop at a dead socket before calling it;
-        so the state is checked every second too."""
+        so the state is checked every second too. So is its read loop: on an error it does
+        not expect (a MemoryError under a memory limit, say) it logs it and stops reading,
+        while the connection stays open and looks connected: a process that hears nothing
+        more, left alone by every supervisor. Two checks in a row find it stopped before it
+        counts (a reconnect replaces it in between)."""
+        deaf = 0
         while not self.lost.is_set():
             try:
                 await asyncio.wait_for(self.lost.wait(), 1.0)
             except TimeoutError:
-                if self.nc is not None and self.nc.is_closed:
+                nc = self.nc
+                if nc is not None and nc.is_closed:
                     await self.on_closed()
+                deaf = deaf + 1 if nc is not None and _not_reading(nc) else 0
+                if deaf >= 2 and not self.closing:
+                    log.error(
+                        "%s: the NATS client stopped reading its connection (see the error "
+                        "before this line: out of memory?); stopping so a supervisor can "
+                        "restart it",
+                        self.name,
+                    )
+                    self.lost.set()
         return self.name
 
     async def _give_up(self, nc: Client) -> None:
@@ -102,6 +117,13 @@ class ConnectionWatch:
             why,
         )
         self.lost.set()
+
+
+def _not_reading(nc: Client) -> bool:
+    """Whether nats-py's read loop has ended on a connection that is still connected (its
+    `_reading_task`: pinned by a test in tests/test_replica_death.py)."""
+    reading = getattr(nc, "_reading_task", None)
+    return nc.is_connected and reading is not None and reading.done()
 
 
 async def connect(

@@ -11,10 +11,11 @@ made): within about one cooldown it serves the requests again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
-from helpers import USER_HELLO, ask, fake, wait_for
+from helpers import USER_HELLO, ask, config, fake, wait_for
 from service.app import start_worker
 from service.config import parse_config
 
@@ -118,3 +119,28 @@ async def test_a_dead_replica_costs_its_attempts_in_flight_not_its_provider(
     # (its clock ahead of the dispatcher's, e.g. a clock step) or never saw them.
     seen = f"the survivor took {survivor.tally.requests} calls, dropped {survivor.expired} as late"
     assert [entry for entry in later if entry[1] != [("slow", "ok", None)]] == [], seen
+
+
+async def test_a_worker_whose_client_stops_reading_stops_so_a_supervisor_restarts_it(
+    nats_url, tracers, caplog
+):
+    """nats-py's read loop ends on an error it does not expect (a MemoryError under a memory
+    limit, measured) with a log line, and the connection stays open and looks connected: the
+    worker heard nothing more and never exited, and no supervisor restarts a live process."""
+    component, _ = await start_worker(
+        parse_config(config({"main": fake()})), "main", nats_url, tracers
+    )
+    try:
+        parser = component.nc._ps
+
+        async def out_of_memory(data: bytes = b"") -> None:
+            raise MemoryError
+
+        parser.parse = out_of_memory  # the next read the read loop parses (a PONG here)
+        with contextlib.suppress(Exception):
+            await component.nc.flush(timeout=0.5)
+        assert component.nc.is_connected  # as nats-py sees it
+        assert await asyncio.wait_for(component.watch.wait_lost(), 10) == "worker main"
+        assert any("stopped reading" in r.getMessage() for r in caplog.records)
+    finally:
+        await component.stop(drain_timeout_s=1)
