@@ -49,7 +49,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "rate_limit",
             "HTTP 429 (the provider's Retry-After comes as retry_after_s), or a worker at its "
-            "max_in_flight",
+            "max_in_flight or out of file descriptors",
             statuses=(429,),
             retried=True,
             trips=True,

@@ -25,7 +25,7 @@ from service.dispatcher import Dispatcher
 from service.natsopts import NatsOptions, server_list
 from service.telemetry import Tracing, observe_health
 from workers import testmode
-from workers.base import Scrubber
+from workers.base import HttpProvider, Scrubber
 from workers.registry import build_provider
 from workers.runtime import WorkerRuntime
 
@@ -383,6 +383,8 @@ async def start_worker(
     if testmode.enabled():  # the conformance kit's workers: lifeline-test: directives obeyed
         provider = testmode.with_test_mode(provider)
         log.warning("worker %s in test mode (%s=1)", name, testmode.TEST_MODE_ENV)
+    if isinstance(provider, HttpProvider):
+        _warn_of_few_files(name, settings.max_in_flight)
     watch = ConnectionWatch(f"worker {name}")
     nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
     runtime = WorkerRuntime(
@@ -406,6 +408,33 @@ async def start_worker(
     await responder.start()
     component = Component(f"worker {name}", nc, runtime.stop, watch, responder)
     return component, runtime
+
+
+_FILES_FOR_THE_REST = 64  # NATS, logs, the interpreter's own files: what a worker needs besides
+
+
+def _warn_of_few_files(name: str, max_in_flight: int) -> None:
+    """A worker's pool opens a connection per call it takes (max_in_flight): under an open-files
+    limit that leaves no room for them, calls past it fail, as rate_limit saying so. Said at
+    start, where an operator looks, not first under load."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and max_in_flight + _FILES_FOR_THE_REST > soft:
+        log.warning(
+            "worker %s: the open-files limit is %d, under its max_in_flight of %d plus %d for "
+            "the rest: calls past about %d at once will fail as rate_limit; raise `ulimit -n` "
+            "(the hard limit) or lower providers.%s.max_in_flight",
+            name,
+            soft,
+            max_in_flight,
+            _FILES_FOR_THE_REST,
+            max(0, soft - _FILES_FOR_THE_REST),
+            name,
+        )
 
 
 @dataclass

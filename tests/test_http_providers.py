@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -18,13 +20,24 @@ import nats
 import pytest
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from helpers import USER_HELLO, LocalHTTPServer, ask, config, fake, serving, wait_for
+from helpers import (
+    USER_HELLO,
+    LocalHTTPServer,
+    ask,
+    config,
+    fake,
+    serving,
+    spawn_lifeline,
+    wait_for,
+    write_config,
+)
 from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 
 
 class FakeOpenAI(LocalHTTPServer):
-    """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, error) | ("hang", s)."""
+    """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, error) | ("hang", s)
+    | ("slow", s): "hi" after s seconds."""
 
     def __init__(self) -> None:
         super().__init__(_Handler)
@@ -50,6 +63,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(float(arg))  # type: ignore[arg-type]
             self.server.finished_hangs += 1
             return
+        if action == "slow":  # answers after a while, holding its connection meanwhile
+            time.sleep(float(arg))  # type: ignore[arg-type]
+            action, arg = "ok", "hi"
         if action == "ok":
             self._send(200, _completion(str(arg), body["model"]))
         else:
@@ -303,3 +319,44 @@ async def test_what_a_provider_sends_past_an_answer_never_answers_the_next_call(
         await provider.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_worker_out_of_file_descriptors_says_so_and_which_limit_to_raise(
+    lifeline, client, http_server, nats_url, tmp_path
+):
+    """Under an open-files limit below its max_in_flight, calls past it failed as `connection`
+    ("All connection attempts failed"): a provider blamed (and its breaker fed) for the
+    worker's own limit, with nothing said of it at start or in the log."""
+    import resource
+
+    http_server.script = [("slow", 1.0)] * 120
+    settings = config({"local": openai_at(http_server)})
+    path = write_config(tmp_path / "lifeline.toml", settings)
+    await lifeline(settings, workers=[])  # the dispatcher only: the worker is the process below
+    log = (tmp_path / "worker.log").open("w")
+    worker = spawn_lifeline(
+        "worker",
+        "local",
+        "--config",
+        str(path),
+        "--nats-url",
+        nats_url,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+    )
+    try:
+        await wait_for(lambda: "serving" in (tmp_path / "worker.log").read_text(), timeout_s=30)
+        said = (tmp_path / "worker.log").read_text()
+        assert "open-files limit is 64" in said and "providers.local.max_in_flight" in said
+        replies = await asyncio.gather(
+            *(ask(client, {**USER_HELLO, "id": f"r{n}"}, timeout_s=20) for n in range(120))
+        )
+        kinds = Counter(a.error_type or a.outcome for r in replies for a in r.attempts)
+        assert kinds["ok"] and kinds["rate_limit"] and not kinds["connection"], kinds
+        failed = next(a for r in replies for a in r.attempts if a.error_type)
+        assert "out of file descriptors" in failed.message and "ulimit -n" in failed.message
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+        log.close()

@@ -17,6 +17,7 @@ keeps at most max_response_bytes of it in memory and quotes none of its credenti
 from __future__ import annotations
 
 import datetime
+import errno
 import email.utils
 import json
 import math
@@ -361,7 +362,34 @@ def _transport_errors(timeout_s: float, silence: str = "no answer") -> Iterator[
             "timeout", f"{silence} within {timeout_s:.3g} s ({type(exc).__name__})"
         ) from exc
     except httpx.TransportError as exc:
+        if _out_of_files(exc):  # this worker's own limit, not the provider's failing
+            raise ProviderError("rate_limit", _OUT_OF_FILES, retry_after_s=1.0) from exc
         raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
+
+
+_OUT_OF_FILES = (
+    "this worker is out of file descriptors (EMFILE), so it could not open a connection to "
+    "the provider: raise its open-files limit (`ulimit -n`, LimitNOFILE=, the container's "
+    "nofile) or lower the provider's max_in_flight"
+)
+
+
+def _out_of_files(exc: BaseException) -> bool:
+    """Whether an OS error of too many open files (this process's or the system's) lies under
+    `exc`: httpx's ConnectError says only "All connection attempts failed" over it."""
+    seen: set[int] = set()
+    under: list[BaseException | None] = [exc]
+    while under:
+        one = under.pop()
+        if one is None or id(one) in seen or len(seen) > 32:
+            continue
+        seen.add(id(one))
+        if isinstance(one, OSError) and one.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if isinstance(one, BaseExceptionGroup):
+            under.extend(one.exceptions)
+        under += (one.__cause__, one.__context__)
+    return False
 
 
 async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
