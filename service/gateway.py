@@ -1464,7 +1464,9 @@ def _http_protocol(parser: str = "httptools") -> type[_Guarded]:
 
 def max_connections_default() -> int:
     """As many connections as leave file descriptors for NATS, logs and the rest: the soft
-    RLIMIT_NOFILE less 256, at most 10,000 and at least 64."""
+    RLIMIT_NOFILE less 256, at most 10,000; under a limit of 512, half of it (a floor of 64
+    went past a limit of 64, and the file descriptors ran out before the guard's 503 could
+    answer: every new connection was reset, with no line said)."""
     try:
         import resource
 
@@ -1473,7 +1475,15 @@ def max_connections_default() -> int:
         return 1000
     if soft == resource.RLIM_INFINITY:
         return _MAX_CONNECTIONS
-    return max(64, min(_MAX_CONNECTIONS, soft - 256))
+    if soft < 512:
+        log.warning(
+            "the open-files limit is %d: the gateway takes at most %d connections at once "
+            "(raise `ulimit -n`, the hard limit, for more)",
+            soft,
+            max(1, soft // 2),
+        )
+        return max(1, soft // 2)
+    return min(_MAX_CONNECTIONS, soft - 256)
 
 
 def _head_size(scope: dict[str, Any]) -> int:

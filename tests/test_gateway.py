@@ -1267,3 +1267,19 @@ async def test_a_gateway_stopped_past_a_requests_wait_gives_the_answer_that_came
         stop.set()
         await asyncio.to_thread(thread.join, 10)
         await nc.close()
+
+
+@pytest.mark.parametrize(
+    "soft, expected", [(64, 32), (128, 64), (511, 255), (512, 256), (4096, 3840)]
+)
+def test_the_default_connection_bound_stays_inside_a_low_open_files_limit(
+    monkeypatch, soft, expected
+):
+    """At a limit of 64 the bound was 64 (a floor), the file descriptors ran out first, and
+    every new connection was reset instead of answered 503 too_many_connections."""
+    import resource
+
+    from service.gateway import max_connections_default
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
+    assert max_connections_default() == expected
