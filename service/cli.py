@@ -1252,8 +1252,14 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     if not pending:
         print(f"all {len(jobs)} jobs of {source} have results in {out_path}")
         return 0
+    # Opened before connecting: a results file that cannot be written (a read-only or missing
+    # directory) stops the batch before anything is submitted.
+    out = out_path.open("ab")
+    if out.tell() and not out_path.read_bytes().endswith(b"\n"):
+        out.write(b"\n")  # a line cut short by a crash: the next one starts afresh
     nc = await _client(nats_opts, "lifeline-batch")
     if nc is None:
+        out.close()
         return 1
     progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
     try:
@@ -1261,36 +1267,32 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         kv = await ensure_jobs(js, settings, replicas)
         # Watching first: results stored already (an earlier run's) come first, then new ones.
         watcher = await kv.watch("job.>")
-        with out_path.open("ab") as out:
-            if out.tell() and not out_path.read_bytes().endswith(b"\n"):
-                out.write(b"\n")  # a line cut short by a crash: the next one starts afresh
-            for key, (job_id, body) in list(pending.items()):
-                headers = {subjects.MSG_ID: job_id}
-                size = message_bytes(body, headers)
-                refused = None
-                if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
-                    # one, JetStream too (its headers are at most 64 KiB), stopping the batch
-                    message = (
-                        f"a job's id is at most {MAX_ID_LENGTH} characters; this one is "
-                        f"{len(job_id)}"
-                    )
-                    refused = CompletionReply(
-                        job_id, "error", error=ErrorInfo(INVALID_REQUEST, message)
-                    )
-                elif size > nc.max_payload:  # refused here, as the server would close the link
-                    message = f"the job is {size} bytes, over the NATS server's max_payload"
-                    refused = CompletionReply(
-                        job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
-                    )
-                if refused is not None:
-                    progress.submitted += 1  # and done at once: never in flight
-                    _write_result(out, encoder.encode(refused), refused, progress)
-                    del pending[key]
-                    continue
-                await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
-                progress.submitted += 1
-                progress.show()
-            await _collect(watcher, pending, out, progress, args.timeout)
+        for key, (job_id, body) in list(pending.items()):
+            headers = {subjects.MSG_ID: job_id}
+            size = message_bytes(body, headers)
+            refused = None
+            if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
+                # one, JetStream too (its headers are at most 64 KiB), stopping the batch
+                message = (
+                    f"a job's id is at most {MAX_ID_LENGTH} characters; this one is {len(job_id)}"
+                )
+                refused = CompletionReply(
+                    job_id, "error", error=ErrorInfo(INVALID_REQUEST, message)
+                )
+            elif size > nc.max_payload:  # refused here, as the server would close the link
+                message = f"the job is {size} bytes, over the NATS server's max_payload"
+                refused = CompletionReply(
+                    job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
+                )
+            if refused is not None:
+                progress.submitted += 1  # and done at once: never in flight
+                _write_result(out, encoder.encode(refused), refused, progress)
+                del pending[key]
+                continue
+            await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+            progress.submitted += 1
+            progress.show()
+        await _collect(watcher, pending, out, progress, args.timeout)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         why = (  # NATS's refusals say what to do; the results file's errors speak for themselves
             jetstream.hint(exc, replicas)
@@ -1300,6 +1302,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         print(f"\nlifeline: batch stopped ({why}); rerun to resume", file=sys.stderr)
         return 1
     finally:
+        out.close()
         with contextlib.suppress(Exception):
             await nc.close()
     progress.show(final=True)

@@ -185,6 +185,8 @@ MISTAKES = [
     (["batch", "no-such-file.jsonl"], "no-such-file.jsonl does not exist"),
     (["batch", "."], ". is a directory"),
     (["batch", "JOBS", "--out", "."], "Is a directory"),
+    # before connecting (no server there), not after submitting
+    (["batch", "JOBS", "--out", "nowhere/r.jsonl", "--nats-url", "nats://127.0.0.1:1"], "No such"),
     (["spec", "--out", "README.md"], "File exists"),
     (["gateway", "--port", "99999"], "is not a port"),
     (["run", "--gateway-port", "70000"], "is not a port"),
