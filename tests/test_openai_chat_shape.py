@@ -489,6 +489,25 @@ async def test_streamed_calls_without_an_index_are_told_apart_by_their_ids(make)
     assert (ok.tool_calls, ok.finish_reason) == ([MADISON, PARIS], "tool_calls")
 
 
+async def test_parallel_calls_all_numbered_0_are_told_apart_by_their_ids(make):
+    """Ollama, SGLang and others stream every parallel call at index 0, each with its own id:
+    merged, two calls became one with the first's id and both arguments, not JSON, and a
+    healthy provider's answer failed as invalid_output."""
+    chunks = []
+    for call in (MADISON, PARIS):
+        chunks.append(chunk({"tool_calls": [first_delta(0, call)]}))
+        chunks += [
+            chunk({"tool_calls": [arguments_delta(0, p)]}) for p in pieces(call.arguments, 6)
+        ]
+    chunks += [chunk({}, "tool_calls"), usage_chunk()]
+    calls: list[ToolCallDelta] = []
+    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5), calls)
+    assert ok.tool_calls == [MADISON, PARIS]
+    assert [(d.index, d.id) for d in calls if d.id] == [(0, MADISON.id), (1, PARIS.id)]
+    for n, call in enumerate(ok.tool_calls):
+        assert "".join(d.arguments for d in calls if d.index == n) == call.arguments
+
+
 async def test_thousands_of_streamed_calls_without_an_index_are_kept_in_order(make):
     """Each new call's index follows the highest so far, kept as the calls come (taking the
     maximum of all of them per call made 40,000 calls cost the worker 10 s)."""

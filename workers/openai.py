@@ -372,7 +372,9 @@ class _StreamedCall:
 class _StreamedCalls:
     """A stream's tool calls, built from their deltas by index. A delta without an index
     (Gemini's compatible endpoint sends each call whole, without one) starts a call when it
-    brings an id the last call does not have, and adds to the last call otherwise.
+    brings an id the last call does not have, and adds to the last call otherwise; so does a
+    delta whose index is a call's with another id (Ollama, SGLang and others number every
+    parallel call 0: merged, two calls became one whose arguments were not JSON).
 
     What streams on is normalised as the wire says: the calls numbered 0, 1, ... in the order
     they begin (an upstream's indexes may skip), each call's id and name in its first piece
@@ -380,18 +382,19 @@ class _StreamedCalls:
     as the SDKs' stream helpers do, would double them)."""
 
     def __init__(self) -> None:
-        self._calls: dict[int, _StreamedCall] = {}  # by the upstream's index, in order begun
+        self._calls: dict[int, _StreamedCall] = {}  # by key, in the order begun
+        self._keys: dict[int, int] = {}  # the upstream's index -> the key of its latest call
         self._last: int | None = None
-        self._top = -1  # the highest index so far (max() of the keys per delta was quadratic)
+        self._top = -1  # the highest key so far
 
     def add(self, delta: _ToolCallDelta) -> ToolCallDelta:
         """Keep a delta for the final answer; the same delta, normalised, to stream on."""
-        index = delta.index if delta.index is not None else self._unindexed(delta)
-        call = self._calls.get(index)
+        key = self._indexed(delta) if delta.index is not None else self._unindexed(delta)
+        call = self._calls.get(key)
         if call is None:
-            call = self._calls[index] = _StreamedCall(len(self._calls))
-        self._last = index
-        self._top = max(self._top, index)
+            call = self._calls[key] = _StreamedCall(len(self._calls))
+        self._last = key
+        self._top = max(self._top, key)
         function = delta.function or _FunctionDelta()
         new_id = delta.id if delta.id and not call.id else None
         new_name = function.name if function.name and not call.name else None
@@ -400,6 +403,13 @@ class _StreamedCalls:
         if function.arguments:
             call.arguments.append(function.arguments)
         return ToolCallDelta(call.ordinal, new_id, new_name, function.arguments or "")
+
+    def _indexed(self, delta: _ToolCallDelta) -> int:
+        assert delta.index is not None
+        key = self._keys.get(delta.index)
+        if key is None or (delta.id and self._calls[key].id not in ("", delta.id)):
+            key = self._keys[delta.index] = self._top + 1
+        return key
 
     def _unindexed(self, delta: _ToolCallDelta) -> int:
         last = self._last
