@@ -1147,6 +1147,11 @@ class _SSE:
         )
         self.model = encoder.encode(route)
         self.started = False  # the first content chunk carries the role too
+        # Each attempt numbers its tool calls from 0: after a reset, the next attempt's follow
+        # the voided ones', so that a reader joining pieces by index (the SDKs' stream
+        # helpers) gets two calls, not one glued from both (names, ids and arguments joined).
+        self.calls_from = 0
+        self.calls_top = -1
 
     def _chunk(self, delta: bytes, finish: bytes = b"null", tail: bytes = b"") -> bytes:
         return (
@@ -1176,10 +1181,9 @@ class _SSE:
         if kind == "tool_call":
             piece = event.tool_call
             assert piece is not None
-            call: dict[str, Any] = {
-                "index": piece.index,
-                "function": {"arguments": piece.arguments},
-            }
+            index = self.calls_from + piece.index
+            self.calls_top = max(self.calls_top, index)
+            call: dict[str, Any] = {"index": index, "function": {"arguments": piece.arguments}}
             if piece.id is not None:
                 call["id"] = piece.id
                 call["type"] = "function"
@@ -1189,6 +1193,7 @@ class _SSE:
                 b"{" + self._role() + b'"tool_calls":' + encoder.encode([call]) + b"}"
             )
         if kind == "reset":
+            self.calls_from = self.calls_top + 1
             reset = encoder.encode({"reset": event.reset})
             return self._chunk(b"{}", tail=b',"lifeline":' + reset)
         reply = event.reply

@@ -1283,3 +1283,34 @@ def test_the_default_connection_bound_stays_inside_a_low_open_files_limit(
 
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
     assert max_connections_default() == expected
+
+
+def test_tool_calls_after_a_reset_follow_the_voided_ones_for_the_sdks_stream_helper():
+    """Each attempt numbers its tool calls from 0: after a reset, the SDK's stream helper (which
+    joins pieces by index) glued the voided call and the next attempt's into one, named
+    get_weatherget_weather with both arguments. Numbered after them, it has two calls, the
+    second the answer's, and a Lifeline-aware reader drops the first by the reset's discard."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from schemas.streaming import Assembler, Event, StreamReset
+    from schemas.wire import ErrorInfo, ToolCallDelta
+    from service.gateway import _SSE
+
+    sse, assembler = _SSE("tools", "t", 0, include_usage=False), Assembler()
+    events = [
+        Event("tool_call", 1, 1, tool_call=ToolCallDelta(0, "call_A", "get_weather", '{"city": ')),
+        Event("tool_call", 2, 1, tool_call=ToolCallDelta(0, arguments='"Lyon"}')),
+        Event("reset", 3, 1, reset=StreamReset(1, 2, ErrorInfo("connection", "cut"))),
+        Event("tool_call", 4, 2, tool_call=ToolCallDelta(0, "call_B", "get_weather", '{"city": ')),
+        Event("tool_call", 5, 2, tool_call=ToolCallDelta(0, arguments='"Paris"}')),
+    ]
+    state = ChatCompletionStreamState()
+    for event in events:
+        data = sse.event(event, assembler).removeprefix(b"data: ").strip()
+        state.handle_chunk(ChatCompletionChunk.model_validate_json(data))
+    calls = state.current_completion_snapshot.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_A", "get_weather", '{"city": "Lyon"}'),
+        ("call_B", "get_weather", '{"city": "Paris"}'),
+    ]
