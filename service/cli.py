@@ -73,7 +73,7 @@ from service.memory import settle_after_start
 from service.probes import Probes
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
-from workers.base import shown_env_name
+from workers.base import Scrubber, shown_env_name
 from workers.plugin import PluginSettings
 from workers.plugin import load as load_model_class
 
@@ -709,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
+    logs.hide(Scrubber(telemetry.otlp_secrets()))  # the SDK's own lines quote them
     if args.command in _SERVING:
         _raise_open_files_limit()
     handlers = {

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -281,6 +282,46 @@ _NOOP_ON_START = {SpanProcessor.on_start, BatchSpanProcessor.on_start, SimpleSpa
 
 def _acts_on_start(processor: SpanProcessor) -> bool:
     return getattr(type(processor), "on_start", None) not in _NOOP_ON_START
+
+
+_OTLP_SIGNALS = ("", "TRACES_", "METRICS_", "LOGS_")
+_SHORTEST_SECRET = 6
+
+
+def otlp_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """What the OTLP exporters' settings may hold that is secret: each header's value (as
+    written, unquoted, URL-decoded, and its longer words: "Bearer <key>"), an endpoint's user
+    info and query values. The SDK writes them in its own log lines (a header it cannot parse,
+    an endpoint it cannot reach, on every failed export), so every log line hides them
+    (logs.hide, in the CLI)."""
+    found: set[str] = set()
+
+    def add(value: str) -> None:
+        for form in {value.strip(), value.strip("\"' "), unquote(value).strip("\"' ")}:
+            if len(form) >= _SHORTEST_SECRET:  # not "gzip", "true": every line would lose them
+                found.add(form)
+                found.update(word for word in form.split() if len(word) >= 8)
+
+    for signal in _OTLP_SIGNALS:
+        for item in environ.get(f"OTEL_EXPORTER_OTLP_{signal}HEADERS", "").split(","):
+            name_end = min((i for i in (item.find("="), item.find(":")) if i >= 0), default=-1)
+            if name_end >= 0:
+                add(item[name_end + 1 :])
+        endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}ENDPOINT", "")
+        try:
+            parts = urlsplit(endpoint)
+            password = parts.password
+        except ValueError:  # unreadable, a port out of range: the SDK logs it whole
+            parts, password = urlsplit(""), None
+            user_info, at, _ = endpoint.partition("://")[2].partition("/")[0].rpartition("@")
+            if at:
+                add(user_info.partition(":")[2] or user_info)
+        if password:
+            add(password)
+        for value in (v for _, _, v in (q.partition("=") for q in parts.query.split("&"))):
+            if value:
+                add(value)
+    return sorted(found)
 
 
 def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> Tracing:

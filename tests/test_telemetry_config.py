@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 
 import pytest
 from opentelemetry import trace
@@ -22,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from helpers import ROOT, cli_env, run_lifeline
+from helpers import ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line
 from service.telemetry import (
     TelemetryConfigError,
     Tracing,
@@ -311,3 +312,43 @@ def test_without_an_exporter_nothing_is_recorded_but_trace_ids_are_made(provider
     assert not span.is_recording() and span.get_span_context().is_valid
     assert starts.started == [] and exported.get_finished_spans() == ()
     assert provider.processors._span_processors[:-2] == ()  # no exporter of its own
+
+
+@pytest.mark.parametrize(
+    "headers", ["Authorization: Bearer sk-otel-SECRET-4242", 'x-api-key="sk-otel-SECRET-4242"']
+)
+def test_an_otlp_header_the_sdk_cannot_parse_is_logged_without_its_secret(headers):
+    """The SDK warns of a header it cannot parse (a colon as curl writes it, a quoted value)
+    quoting it whole: the key was in the log of every process."""
+    proc = spawn_lifeline(
+        "dispatcher",
+        "--config",
+        str(ROOT / "lifeline.example.toml"),
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        env=cli_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:1", OTEL_EXPORTER_OTLP_HEADERS=headers
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line, before = wait_for_line(proc, "Header format invalid", stream=proc.stderr)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert "***" in line and "SECRET" not in "".join(before), "".join(before)
+
+
+def test_the_secrets_of_otlp_settings_are_found_in_every_form_the_sdk_may_quote():
+    from service.telemetry import otlp_secrets
+
+    key = "sk-otel-SECRET-4242"
+    for environ in (
+        {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"x-api-key={key}%0Ax,accept=gzip"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:4318/v1/traces?api_key={key}"},
+        {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://user:{key}@127.0.0.1:99999"},
+    ):
+        assert key in otlp_secrets(environ), environ
+    assert otlp_secrets({"OTEL_EXPORTER_OTLP_HEADERS": "accept=gzip,a=b"}) == []  # too short
