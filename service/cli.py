@@ -1761,16 +1761,16 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
         return
     _say(
         f"\n{'PROVIDER:MODEL':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
-        f"{'P50':>10} {'P95':>10} {'SKIPPED':>8}"
+        f"{'CANCELLED':>9} {'P50':>10} {'P95':>10} {'SKIPPED':>8}"
     )
     for label, t in sorted(view["targets"].items()):
-        calls = t["ok"] + t["failed"]
-        success = f"{100 * t['ok'] / calls:.1f}%" if calls else "-"
+        answered = t["ok"] + t["failed"]  # a cancelled call is no success and no failure
+        success = f"{100 * t['ok'] / answered:.1f}%" if answered else "-"
         p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
         state = t["state"].split(" ")[0]
         _say(
-            f"{label:<28} {state:<10} {calls:>9} {success:>8} "
-            f"{_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
+            f"{label:<28} {state:<10} {answered + t['cancelled']:>9} {success:>8} "
+            f"{t['cancelled']:>9} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
         )
         if t["state"] != "closed" and t["reason"]:
             left_s = (t["until_unix_ms"] - now_ms) / 1000

@@ -129,6 +129,7 @@ class TargetHealth:
     """Breaker state and recent figures of one target (provider + model)."""
 
     __slots__ = (
+        "cancelled",
         "changed",
         "cleared_s",
         "closed_at",
@@ -170,6 +171,9 @@ class TargetHealth:
         self.failed = [0] * _RING_S  # counted (trip_on) failures
         # Failures that do not count: the request's fault, or outdated by a close.
         self.other = [0] * _RING_S
+        # Calls cancelled before they answered (a hedge lost, a request aborted or cut short by
+        # a shutdown): made, maybe paid for, but no sign of the target's health either way.
+        self.cancelled = [0] * _RING_S
         # Slots up to this second are ignored by the failure rate (set on close).
         self.cleared_s = -1
         self.latency = [0] * _BUCKETS
@@ -189,8 +193,15 @@ class TargetHealth:
         i = second % _RING_S
         if self.epochs[i] != second:
             self.epochs[i] = second
-            self.ok[i] = self.failed[i] = self.other[i] = 0
+            self.ok[i] = self.failed[i] = self.other[i] = self.cancelled[i] = 0
         return i
+
+    def cancelled_in(self, now: float, window_s: float) -> int:
+        """The calls cancelled in the last window_s seconds."""
+        first = int(now) - math.ceil(window_s) + 1
+        return sum(
+            n for epoch, n in zip(self.epochs, self.cancelled, strict=True) if epoch >= first
+        )
 
     def counts(self, now: float, window_s: float, since_s: int = -1) -> tuple[int, int, int]:
         """(ok, counted failures, other failures) in the last window_s seconds (after since_s)."""
@@ -639,6 +650,13 @@ class Health:
         health = self.targets.get((provider, model))
         return None if health is None else health.p95(self.clock())
 
+    def cancelled(self, provider: str, model: str) -> None:
+        """A call cancelled before it answered: counted among the target's calls, never for
+        or against its breaker."""
+        health = self.targets.get((provider, model)) or self.of(provider, model)
+        health.cancelled[health._slot(self.clock())] += 1
+        health.changed = True
+
     def snapshot(self) -> dict[str, Any]:
         """Every target's state and recent figures, as plain data (for the shared bucket and
         metrics)."""
@@ -657,6 +675,7 @@ class Health:
                 "until_unix_ms": self.until_unix_ms(health),
                 "ok": ok,
                 "failed": failed + other,
+                "cancelled": health.cancelled_in(now, _RECENT_S),
                 "skipped": health.skipped,
                 "p50_ms": percentile_ms(histogram, 0.5),
                 "p95_ms": percentile_ms(histogram, 0.95),
@@ -688,6 +707,9 @@ class Untouched:
         pass
 
     def skipped(self, provider: str, model: str) -> None:
+        pass
+
+    def cancelled(self, provider: str, model: str) -> None:
         pass
 
     def release(self, provider: str, model: str) -> None:

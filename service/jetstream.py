@@ -107,7 +107,7 @@ def hint(exc: BaseException, replicas: int) -> str:
             f"{what}; no answer in time: is JetStream on (nats-server -js)? May this NATS user "
             "use this stream or bucket (under `lifeline nats-config`, a client may not read the "
             "results bucket or the audit stream)? On a cluster, are enough servers up? Is "
-            "the server's disk full (its log says \"no space left on device\"; it may answer no "
+            'the server\'s disk full (its log says "no space left on device"; it may answer no '
             "write until restarted once there is room)?"
         )
     return (

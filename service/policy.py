@@ -501,6 +501,8 @@ class _Run:
         now = self.clock()
         for target, started, hedge, output in self.calling.values():
             latency_ms = (now - started) * 1000
+            if self.health is not None:
+                self.health.cancelled(*target.health_key)
             self.attempts.append(
                 Attempt(
                     target.provider,
@@ -722,6 +724,8 @@ class _Run:
             _stop(task, HEDGE_LOST)
             t = call.target
             self.calling.pop((id(t), call.started), None)
+            if self.health is not None:
+                self.health.cancelled(*t.health_key)
             latency_ms = (self.clock() - call.started) * 1000
             lost.append(
                 Attempt(

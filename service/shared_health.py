@@ -76,6 +76,7 @@ class TargetFigures(msgspec.Struct):
     model: str
     ok: int = 0
     failed: int = 0
+    cancelled: int = 0  # absent from a version before it: 0
     skipped: int = 0
     latency: dict[int, int] = {}  # latency bucket -> good answers (service/health.py's histogram)
 
@@ -429,6 +430,7 @@ def _figures(figures: dict[str, Any]) -> TargetFigures:
         model=figures["model"],
         ok=figures["ok"],
         failed=figures["failed"],
+        cancelled=figures["cancelled"],
         skipped=figures["skipped"],
         latency=latency,
     )
@@ -464,6 +466,7 @@ def _merge_stats(targets: dict[str, dict[str, Any]], stats: StatsDocument) -> No
         view = targets.setdefault(label, _empty(figures.provider, figures.model))
         view["ok"] += figures.ok
         view["failed"] += figures.failed
+        view["cancelled"] += figures.cancelled
         view["skipped"] += figures.skipped
         for bucket, count in figures.latency.items():
             view["latency"][bucket] = view["latency"].get(bucket, 0) + count
@@ -495,6 +498,7 @@ def _empty(provider: str, model: str) -> dict[str, Any]:
         "until_unix_ms": 0,
         "ok": 0,
         "failed": 0,
+        "cancelled": 0,
         "skipped": 0,
         "latency": {},
     }

@@ -602,9 +602,9 @@ def after(reply, seconds: float = 0.0):
     return respond
 
 
-async def hedged(call, targets, budgets=None, on_event=None):
+async def hedged(call, targets, budgets=None, on_event=None, health=None):
     limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01), budgets=budgets)
-    return await run_chain(Chain(targets), call, limits, on_event=on_event)
+    return await run_chain(Chain(targets), call, limits, on_event=on_event, health=health)
 
 
 async def test_a_hedge_that_answers_first_wins_and_the_slow_call_is_cancelled():
@@ -616,6 +616,18 @@ async def test_a_hedge_that_answers_first_wins_and_the_slow_call_is_cancelled():
         ("b", "ok", None, True),
     ]
     assert racer.cancelled == ["a"]
+
+
+async def test_a_call_cancelled_is_counted_among_the_targets_calls_not_for_or_against_it():
+    """A hedge that lost was in no figure: a provider that always loses is called (and may
+    bill) while its row in `lifeline status` and its metrics stayed empty."""
+    h = Health()
+    racer = Racer(a=after(ok(content="too late"), 10.0), b=after(ok(content="from b")))
+    await hedged(racer, [target("a"), target("b")], health=h)
+    a, b = h.snapshot()["a:a-model"], h.snapshot()["b:b-model"]
+    assert (a["ok"], a["failed"], a["cancelled"]) == (0, 0, 1)
+    assert (b["ok"], b["failed"], b["cancelled"]) == (1, 0, 0)
+    assert h.of("a", "a-model").consecutive == 0
 
 
 async def test_a_first_target_that_answers_before_the_hedge_delay_is_not_hedged():

@@ -414,7 +414,7 @@ async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, 
     assert code == 0, err
     assert "1 dispatcher(s) reporting" in out
     [a_line] = [line for line in out.splitlines() if line.startswith("a:fake-1")]
-    assert a_line.split()[1:5] == ["open", "2", "0.0%", "-"]
+    assert a_line.split()[1:6] == ["open", "2", "0.0%", "0", "-"]
     assert "2 failures in a row (last: server_error); cooldown ends in" in out
     [b_line] = [line for line in out.splitlines() if line.startswith("b:fake-1")]
     assert b_line.split()[1:4] == ["closed", "3", "100.0%"]
