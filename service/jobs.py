@@ -132,7 +132,17 @@ class _NotStored(Exception):
     delivered again."""
 
 
-_BUCKET_TROUBLE = (_NotStored, *_UNREACHABLE)  # a job failed by these is no bug
+class _LastDeliveryLost(Exception):
+    """A job delivered past jobs.max_deliver: its last delivery ended without an answer (its
+    dispatcher died, or stopped past its grace, while running it). Dead-lettered at once."""
+
+
+_BUCKET_TROUBLE = (_NotStored, _LastDeliveryLost, *_UNREACHABLE)  # a job failed by these is no bug
+# The consumer delivers without a limit of its own: the dispatcher ends a job on its
+# jobs.max_deliver-th delivery, or, when that delivery is lost with its dispatcher, on the one
+# after it. A consumer limit of max_deliver left such a job in the stream, never delivered
+# again: no result, no dead letter, no audit event.
+_CONSUMER_MAX_DELIVER = -1
 
 
 class JobIdentity(NamedTuple):
@@ -176,7 +186,7 @@ class Jobs:
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
         # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
         # _pull), which its heartbeats and its ack go to.
-        self._running: dict[int, list[Msg]] = {}
+        self._running: dict[tuple[int, Any], list[Msg]] = {}
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # jobs answered by the engine
@@ -206,7 +216,7 @@ class Jobs:
             self.max_value = await results_max_value(js, s)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
-                max_deliver=s.max_deliver,
+                max_deliver=_CONSUMER_MAX_DELIVER,
                 max_ack_pending=-1,
             )
             await _keep_consumer_to(js, s)
@@ -294,7 +304,10 @@ class Jobs:
                     await self._setup_again()
                 continue
             for msg in msgs:
-                seq = msg.metadata.sequence.stream
+                # The stream's sequence and the job's time in it: a stream made again counts
+                # from 1, and a new job with the number of one still running from before was
+                # taken for its redelivery, never run, and acknowledged by the old one's end.
+                seq = (msg.metadata.sequence.stream, msg.metadata.timestamp)
                 latest = self._running.get(seq)
                 if latest is not None:
                     # Delivered again while this dispatcher still runs it (stopped or starved
@@ -408,6 +421,11 @@ class Jobs:
             await self._notify(msg, stored)
             await latest[0].ack()
             return
+        if msg.metadata.num_delivered > self.settings.max_deliver:
+            raise _LastDeliveryLost(
+                f"its last delivery (jobs.max_deliver = {self.settings.max_deliver}) ended "
+                "without an answer: its dispatcher died or stopped while running it"
+            )
 
         kept: list[CompletionReply] = []
         not_kept: list[str] = []  # why, when `keep` sent it to be delivered again
@@ -693,20 +711,20 @@ async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:
         return  # pull_subscribe makes it, with these
     config = info.config
     if (
-        config.max_deliver == settings.max_deliver
+        config.max_deliver in (_CONSUMER_MAX_DELIVER, 0)  # 0: the server's own "unlimited"
         and config.ack_wait is not None
         and abs(config.ack_wait - settings.ack_wait_s) < 0.001
     ):
         return
     await js.add_consumer(
         settings.stream,
-        config.evolve(ack_wait=settings.ack_wait_s, max_deliver=settings.max_deliver),
+        config.evolve(ack_wait=settings.ack_wait_s, max_deliver=_CONSUMER_MAX_DELIVER),
     )
     log.info(
-        "jobs: consumer %s updated to ack_wait %g s and max_deliver %d (it had %s s and %s)",
+        "jobs: consumer %s updated to ack_wait %g s and no delivery limit of its own (it had "
+        "%s s and %s)",
         subjects.JOBS_CONSUMER,
         settings.ack_wait_s,
-        settings.max_deliver,
         config.ack_wait,
         config.max_deliver,
     )

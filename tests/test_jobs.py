@@ -4,6 +4,7 @@ one result per id whatever is repeated or redelivered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections import Counter
@@ -512,9 +513,70 @@ async def test_a_consumer_made_with_other_settings_is_updated_to_the_configs(lif
     await old.unsubscribe()
     await lifeline({**config({"main": fake()}), "jobs": {"ack_wait_s": 6, "max_deliver": 3}})
     info = await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
-    assert (info.config.ack_wait, info.config.max_deliver) == (6, 3)
+    assert (info.config.ack_wait, info.config.max_deliver) == (6, -1)  # see the test below
     await submit(client, job("after"), "after")
     assert (await result_of(client, "after")).status == "ok"
+
+
+async def test_a_job_whose_last_delivery_died_with_its_dispatcher_is_dead_lettered_and_audited(
+    lifeline, client, audit
+):
+    """The consumer stopped delivering at jobs.max_deliver, and only the dispatcher holding
+    the last delivery dead-letters: one that died with it (SIGKILL, out of memory) left the job
+    in the stream for good, with no result, no dead letter and no audit event."""
+    await ensure_jobs(client.jetstream(), JobsSettings(ack_wait_s=1, max_deliver=2))
+    await submit(client, job("doomed"), "doomed")
+    dead = await client.subscribe(subjects.JOBS_DEAD)
+    took = await client.jetstream().pull_subscribe(  # dispatchers that each died with it
+        subjects.JOBS_SUBMIT,
+        durable=subjects.JOBS_CONSUMER,
+        config=nats.js.api.ConsumerConfig(ack_wait=1, max_deliver=-1, max_ack_pending=-1),
+    )
+    for delivery in (1, 2):  # the second, its last, after the first's ack wait
+        [taken] = await took.fetch(1, timeout=5)
+        assert taken.metadata.num_delivered == delivery
+    await took.unsubscribe()
+    stack = await lifeline(
+        {**config({"main": fake()}), "jobs": {"ack_wait_s": 1, "max_deliver": 2}}
+    )
+    letter = await dead.next_msg(timeout=10)
+    assert "died or stopped while running it" in letter.headers[subjects.JOB_ERROR]
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type) == ("doomed", "internal")
+    assert await _waiting_jobs(client) == 0 and stack.dispatcher.jobs.handled == 0
+
+
+async def test_a_new_job_numbered_as_one_still_running_from_a_deleted_stream_is_run(
+    lifeline, client, audit
+):
+    """A jobs stream made again counts from 1: a new job with the number of one still running
+    from the stream before was taken for its redelivery, never run, and acknowledged (so
+    gone) when the old one ended."""
+    stack = await lifeline(
+        config(
+            {"slow": fake(latency_ms=20_000, timeout_s=30), "main": fake()},
+            routes={"default": {"targets": ["main"]}, "slow": {"targets": ["slow"]}},
+            shutdown_grace_s=0.1,
+        )
+    )
+    js, jobs = client.jetstream(), stack.dispatcher.jobs
+    first = await submit(client, job("old", route="slow"), "old")
+    await wait_for(lambda: jobs.in_flight == 1, timeout_s=5)
+    await js.delete_stream(JobsSettings().stream)  # an operator's doing, or a server's restart
+
+    async def made_again() -> bool:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            return (
+                await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+            ) is not None
+        return False
+
+    await wait_for(made_again, timeout_s=15, interval_s=0.2)
+    again = await submit(client, job("new"), "new")
+    assert again.seq == first.seq  # the collision
+    assert (await result_of(client, "new")).content == "hello"
+    [(_, event)] = await audit.wait_for(1)
+    assert event.id == "new" and jobs.in_flight == 1  # the old one still runs
 
 
 async def test_an_id_over_its_bound_gets_an_error_stored_under_it_alone(lifeline, client, audit):
