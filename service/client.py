@@ -795,31 +795,42 @@ async def stored_result(
     """A job's stored result, asking again until wait_s is over; None when there is none.
     Asked of a dispatcher (llm.jobs.result), which needs no bucket permissions; read from the
     results bucket (`bucket`) while no dispatcher answers (none runs, or one is restarting),
-    where the connection may."""
+    where the connection may. Neither answering is tried again until wait_s is over (a
+    dispatcher restarting, a bucket made again, a client whose user may not read it); then
+    JobsUnavailable says why."""
     kv: Any = None
+    trouble: str | None = None  # why the last look could not tell
 
     async def read() -> bytes | None:
-        nonlocal kv
+        nonlocal kv, trouble
         if kv is None:
             # A dispatcher that holds its subscription but answers nothing (frozen, stopping)
             # is waited for no longer than what is left of wait_s, then the bucket is read.
             ask_s = max(min(_JS_TIMEOUT_S, give_up - time.monotonic()), _ASK_MIN_S)
             try:
-                return await _asked(nc, job_id, ask_s)
+                answer, trouble = await _asked(nc, job_id, ask_s), None
+                return answer
             except (nats.errors.NoRespondersError, NatsTimeoutError):
                 pass
             try:
                 kv = await nc.jetstream(timeout=_JS_TIMEOUT_S).key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
+                trouble = None
                 return None  # no dispatcher (nor submit) ever made it: no job has a result yet
             except nats.errors.ConnectionClosedError:
                 raise _closed() from None
             except Exception as exc:  # noqa: BLE001
-                raise JobsUnavailable(
+                trouble = (
                     f"no dispatcher answers {subjects.JOBS_RESULT}, and bucket {bucket} cannot "
                     f"be read ({type(exc).__name__}: {exc})"
-                ) from None
-        return await _in_bucket(kv, bucket, subjects.job_key(job_id))
+                )
+                return None
+        try:
+            value, trouble = await _in_bucket(kv, bucket, subjects.job_key(job_id)), None
+            return value
+        except JobsUnavailable as exc:  # a dispatcher may answer by the next look
+            kv, trouble = None, str(exc)
+            return None
 
     give_up = time.monotonic() + wait_s
     pause = 0.05
@@ -834,6 +845,8 @@ async def stored_result(
                     f"the NATS connection is down and reconnecting, so job {job_id!r}'s result "
                     "cannot be looked up now: ask again once NATS is back"
                 )
+            if trouble is not None:
+                raise JobsUnavailable(trouble)
             return None
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 0.5)
@@ -850,7 +863,9 @@ async def _asked(nc: Client, job_id: str, timeout_s: float) -> bytes:
 
 
 async def _in_bucket(kv: Any, bucket: str, key: str) -> bytes | None:
-    """One key's value in the results bucket (a direct get), None while there is none."""
+    """One key's value in the results bucket (a direct get), None while there is none (or
+    what is there is no result: anyone may have JetStream write its answers onto a key, as
+    the dispatcher takes it too)."""
     try:
         entry = await kv.get(key)
     except nats.js.errors.KeyNotFoundError:
@@ -861,7 +876,21 @@ async def _in_bucket(kv: Any, bucket: str, key: str) -> bytes | None:
         ) from None
     except nats.errors.ConnectionClosedError:
         raise _closed() from None
-    return entry.value or None
+    except Exception as exc:  # noqa: BLE001 - gone (no responders), refused, ...: many types
+        raise JobsUnavailable(
+            f"bucket {bucket} cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
+    return entry.value if _is_result(entry.value) else None
+
+
+def _is_result(value: bytes | None) -> bool:
+    if not value:
+        return False
+    try:
+        reply_decoder.decode(value)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def _check_size(nc: Client, payload: bytes, headers: dict[str, str]) -> None:

@@ -247,6 +247,22 @@ async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
                 await client.submit("hello", job_id="nowhere")
 
 
+async def test_a_result_read_from_the_bucket_is_a_result_or_none_whatever_happens_to_it(
+    lifeline_client, client
+):
+    """No dispatcher runs, so the bucket is read: a value on the job's key that is no result
+    (anyone may have JetStream write its answers there) raised msgspec's error, and the bucket
+    deleted during a wait raised nats-py's NoRespondersError; both are "no result yet"."""
+    await lifeline_client.submit("hello", job_id="victim")  # makes the stream and the bucket
+    kv = await client.jetstream().key_value(RESULTS_BUCKET)
+    await kv.put(subjects.job_key("victim"), b'{"stream":"LIFELINE_JOBS","seq":1}')
+    assert await lifeline_client.result("victim") is None
+    waiting = asyncio.ensure_future(lifeline_client.result("victim", wait_s=2))
+    await asyncio.sleep(0.5)
+    await client.jetstream().delete_key_value(RESULTS_BUCKET)
+    assert await waiting is None
+
+
 async def test_a_result_without_jetstream_state_is_none(lifeline_client):
     assert await lifeline_client.result("never-submitted", wait_s=0.1) is None
 
