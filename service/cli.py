@@ -1256,7 +1256,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     # Opened before connecting: a results file that cannot be written (a read-only or missing
     # directory) stops the batch before anything is submitted.
     out = out_path.open("ab")
-    if out.tell() and not out_path.read_bytes().endswith(b"\n"):
+    if out_path.is_file() and out.tell() and not out_path.read_bytes().endswith(b"\n"):
         out.write(b"\n")  # a line cut short by a crash: the next one starts afresh
     nc = await _client(nats_opts, "lifeline-batch")
     if nc is None:
@@ -1349,8 +1349,10 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
 
 
 def _ids_in(out_path: Path) -> set[str]:
-    """The ids that already have a result line (a line cut short by a crash is ignored)."""
-    if not out_path.exists():
+    """The ids that already have a result line (a line cut short by a crash is ignored).
+    Only a regular file is read: /dev/stdout, a pipe or a terminal has nothing to resume
+    from (reading one waited for input that never came)."""
+    if not out_path.is_file():
         return set()
     ids = set()
     for line in out_path.read_bytes().splitlines():
@@ -1378,8 +1380,11 @@ async def _collect(
             continue
         if entry is None or entry.key not in pending or not entry.value:
             continue
+        try:
+            reply = reply_decoder.decode(entry.value)
+        except msgspec.DecodeError:  # no result (anyone may have JetStream write one there)
+            continue
         job_id, _ = pending.pop(entry.key)
-        reply = reply_decoder.decode(entry.value)
         line = entry.value
         if reply.id != job_id:  # refused before its id was read: the line must name its job
             reply = msgspec.structs.replace(reply, id=job_id)

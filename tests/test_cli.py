@@ -30,7 +30,9 @@ from helpers import (
 
 from schemas import subjects
 from schemas.wire import audit_decoder
+from service.config import JobsSettings
 from service.embedded import EmbeddedNats
+from service.jobstore import ensure_jobs
 from service.natsio import ensure_subscribed
 
 EXAMPLE = str(ROOT / "lifeline.example.toml")
@@ -337,6 +339,37 @@ def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_pa
     )
     again = run_lifeline("batch", "--nats-url", url, str(source))
     assert again.returncode == 0 and "all 300 jobs" in again.stdout
+
+
+def test_batch_writes_to_stdout_and_passes_over_what_is_no_result(running, tmp_path):
+    """`--out /dev/stdout` read its own stdout for ids to resume, and waited for ever; a value
+    on a job's key that is no result (anyone may have JetStream write one there) stopped the
+    batch with msgspec's error."""
+    _, url = running
+    lines = [
+        json.dumps({"id": f"o{n}", "messages": [{"role": "user", "content": f"q{n}"}]})
+        for n in range(3)
+    ]
+    source = tmp_path / "jobs.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+
+    async def junk_on_a_key() -> None:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            await ensure_jobs(js, JobsSettings())
+            kv = await js.key_value(JobsSettings().results_bucket)
+            await kv.put(subjects.job_key("o1"), b'{"stream":"LIFELINE_JOBS","seq":1}')
+        finally:
+            await nc.close()
+
+    asyncio.run(junk_on_a_key())
+    done = run_lifeline("batch", "--nats-url", url, str(source), "--out", "/dev/stdout")
+    assert done.returncode == 0, done.stderr
+    ids = sorted(
+        json.loads(line)["id"] for line in done.stdout.splitlines() if line.startswith("{")
+    )
+    assert ids == ["o0", "o1", "o2"]
 
 
 def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_path):
