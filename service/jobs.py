@@ -143,6 +143,7 @@ _BUCKET_TROUBLE = (_NotStored, _LastDeliveryLost, *_UNREACHABLE)  # a job failed
 # after it. A consumer limit of max_deliver left such a job in the stream, never delivered
 # again: no result, no dead letter, no audit event.
 _CONSUMER_MAX_DELIVER = -1
+_HEARTBEAT_MAX_S = 1.0  # a running job's in_progress at least this often (see _heartbeat)
 
 
 class JobIdentity(NamedTuple):
@@ -695,9 +696,12 @@ class Jobs:
 
     async def _heartbeat(self, latest: list[Msg]) -> None:
         """Tell JetStream the job (its latest delivery) is still being worked on, well within
-        each ack wait."""
+        each ack wait: a third of this dispatcher's, and at least every second, since the
+        consumer is shared and another dispatcher's config may have set it lower (a rolling
+        deploy lowering jobs.ack_wait_s had every long job here delivered, and paid, twice)."""
+        every_s = min(self.settings.ack_wait_s / 3, _HEARTBEAT_MAX_S)
         while True:
-            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            await asyncio.sleep(every_s)
             await _quietly(latest[0].in_progress())
 
 

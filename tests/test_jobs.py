@@ -579,6 +579,28 @@ async def test_a_new_job_numbered_as_one_still_running_from_a_deleted_stream_is_
     assert event.id == "new" and jobs.in_flight == 1  # the old one still runs
 
 
+async def test_a_long_job_keeps_its_delivery_when_another_config_shortened_the_ack_wait(
+    lifeline, client
+):
+    """The consumer is shared: a dispatcher started with a shorter jobs.ack_wait_s (a rolling
+    deploy) sets it for all, and one heartbeating every third of its own 30 s had each long job
+    delivered again, and its provider paid, twice."""
+    stack = await lifeline(
+        {
+            **config({"slow": fake(latency_ms=4000, timeout_s=10)}, shutdown_grace_s=0.1),
+            "jobs": {"ack_wait_s": 30},
+        }
+    )
+    js, jobs = client.jetstream(), stack.dispatcher.jobs
+    await submit(client, job("long"), "long")
+    await wait_for(lambda: jobs.in_flight == 1, timeout_s=5)
+    info = await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    await js.add_consumer(JobsSettings().stream, info.config.evolve(ack_wait=2))  # the other's
+    assert (await result_of(client, "long")).status == "ok"
+    info = await js.consumer_info(JobsSettings().stream, subjects.JOBS_CONSUMER)
+    assert info.delivered.consumer_seq == 1
+
+
 async def test_an_id_over_its_bound_gets_an_error_stored_under_it_alone(lifeline, client, audit):
     """Ids from Nats-Msg-Id alone (bodies without one) are bound as body ids are: each too
     long is refused, its error stored under its own whole id (two sharing their first 4 KiB
