@@ -304,7 +304,8 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "as they come",
         description="Each line of FILE is a request body (as for llm.complete); its id is "
         'its "id", else FILE:LINE:HASH (HASH: of the file\'s full path and the line, so an '
-        "edited line, or the same name in another folder, is another job). Every job is "
+        "edited line, the same name in another folder, or a line moved by lines added or "
+        'removed above it is another job: give lines an "id" to resume across edits). Every job is '
         "published through JetStream, then the results "
         "are written to --out as JSON lines as they arrive (from the results bucket, so also "
         "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
