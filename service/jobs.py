@@ -215,6 +215,7 @@ class Jobs:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
             self.kv = await ensure_jobs(js, s, self.replicas)
             self.max_value = await results_max_value(js, s)
+            await _say_if_other_ttl(js, s)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
                 max_deliver=_CONSUMER_MAX_DELIVER,
@@ -546,6 +547,7 @@ class Jobs:
                 pass
             self.kv = await ensure_jobs(js, s, self.replicas)
             self.max_value = await results_max_value(js, s)
+            await _say_if_other_ttl(js, s)
         except Exception as failed:  # noqa: BLE001 - nats-py: no JetStream answers with many types
             log.warning(
                 "jobs: the results bucket %s did not answer (%r), and could not be set up "
@@ -703,6 +705,29 @@ class Jobs:
         while True:
             await asyncio.sleep(every_s)
             await _quietly(latest[0].in_progress())
+
+
+_told_ttl: set[tuple[str, Any, float]] = set()  # (bucket, when made, its TTL): said once each
+
+
+async def _say_if_other_ttl(js: Any, settings: JobsSettings) -> None:
+    """A results bucket made before (by a client's submit, another config) keeps its own TTL,
+    whatever jobs.results_ttl_s says: said once, as for the jobs stream's other limits."""
+    info = await js.stream_info(f"KV_{settings.results_bucket}")
+    ttl = info.config.max_age or 0.0
+    key = (settings.results_bucket, info.created, ttl)
+    if abs(ttl - settings.results_ttl_s) < 0.5 or key in _told_ttl:
+        return
+    _told_ttl.add(key)
+    log.warning(
+        "jobs: the results bucket %s keeps results %s, not the %g s of jobs.results_ttl_s (it "
+        "existed already, made otherwise; used as it is): to change it, update its stream "
+        "KV_%s's max_age, or delete the bucket so that Lifeline makes it anew",
+        settings.results_bucket,
+        f"for {ttl:g} s" if ttl else "for ever",
+        settings.results_ttl_s,
+        settings.results_bucket,
+    )
 
 
 async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:

@@ -601,6 +601,17 @@ async def test_a_long_job_keeps_its_delivery_when_another_config_shortened_the_a
     assert info.delivered.consumer_seq == 1
 
 
+async def test_a_results_bucket_made_with_another_ttl_is_said_to_keep_its_own(
+    lifeline, client, caplog
+):
+    """Made by a client's submit or an earlier config, the bucket kept its TTL while
+    jobs.results_ttl_s said otherwise, and results went away without a word."""
+    await ensure_jobs(client.jetstream(), JobsSettings(results_ttl_s=3))
+    await lifeline(config({"main": fake()}))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("keeps results for 3 s, not the 86400 s" in line for line in said), said
+
+
 async def test_an_id_over_its_bound_gets_an_error_stored_under_it_alone(lifeline, client, audit):
     """Ids from Nats-Msg-Id alone (bodies without one) are bound as body ids are: each too
     long is refused, its error stored under its own whole id (two sharing their first 4 KiB
