@@ -12,6 +12,7 @@ import importlib.resources
 import io
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -307,8 +308,10 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "edited line, the same name in another folder, or a line moved by lines added or "
         'removed above it is another job: give lines an "id" to resume across edits). Every job is '
         "published through JetStream, then the results "
-        "are written to --out as JSON lines as they arrive (from the results bucket, so also "
-        "those of jobs answered while nobody waited), with a progress line on stderr. Rerun "
+        "are written to --out as JSON lines as they arrive (each pushed to this run's own "
+        "inbox by the dispatcher that answers it; one submitted by an earlier run is asked "
+        "for on llm.jobs.result: the rights of `lifeline nats-config`'s client role are "
+        "enough), with a progress line on stderr. Rerun "
         "the same command to resume: ids that already have a line in --out are skipped, the "
         "others are submitted again (within jobs.dedup_window_s of the first run, 2 minutes "
         "by default, JetStream keeps each once; after it, a job still waiting from the first "
@@ -1266,11 +1269,24 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
     try:
         js = nc.jetstream(timeout=5)
-        kv = await ensure_jobs(js, settings, replicas)
-        # Watching first: results stored already (an earlier run's) come first, then new ones.
-        watcher = await kv.watch("job.>")
-        for key, (job_id, body) in list(pending.items()):
-            headers = {subjects.MSG_ID: job_id}
+        try:  # as the Python client does: a least-privilege client may look, not make
+            await js.stream_info(settings.stream)
+        except nats.js.errors.NotFoundError:
+            await ensure_jobs(js, settings, replicas)
+        # Each job's result is pushed to a subject of this run's own inbox (a client may read
+        # nothing else: not the bucket, which holds every client's results); one submitted
+        # before, acknowledged as a duplicate, notifies its first run instead, so is asked for.
+        inbox, pushed = nc.new_inbox(), asyncio.Queue[tuple[str, bytes]]()
+
+        async def on_result(msg: Any) -> None:
+            pushed.put_nowait((msg.subject.rpartition(".")[2], msg.data))
+
+        await nc.subscribe(inbox + ".*", cb=on_result, pending_msgs_limit=-1)
+        keys: dict[str, str] = {}  # notify token -> job key
+        asked: set[str] = set()  # job keys whose result is asked for (llm.jobs.result)
+        for n, (key, (job_id, body)) in enumerate(list(pending.items())):
+            keys[str(n)] = key
+            headers = {subjects.MSG_ID: job_id, subjects.NOTIFY: f"{inbox}.{n}"}
             size = message_bytes(body, headers)
             refused = None
             if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
@@ -1291,10 +1307,14 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                 _write_result(out, encoder.encode(refused), refused, progress)
                 del pending[key]
                 continue
-            await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+            ack = await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+            if ack.duplicate:
+                asked.add(key)
             progress.submitted += 1
             progress.show()
-        await _collect(watcher, pending, out, progress, args.timeout)
+        await _collect(
+            nc, pushed, keys, asked, pending, out, progress, args.timeout, settings.results_bucket
+        )
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         why = (  # NATS's refusals say what to do; the results file's errors speak for themselves
             jetstream.hint(exc, replicas)
@@ -1365,32 +1385,65 @@ def _ids_in(out_path: Path) -> set[str]:
 
 
 async def _collect(
-    watcher: Any,
+    nc: Any,
+    pushed: asyncio.Queue[tuple[str, bytes]],
+    keys: dict[str, str],
+    asked: set[str],
     pending: dict[str, tuple[str, bytes]],
     out: Any,
     progress: _Progress,
     limit_s: float,
+    bucket: str,
 ) -> None:
-    """Write each pending job's result as it appears in the bucket, until none is pending."""
+    """Write each pending job's result as it comes (pushed to its notify subject, or, for one
+    submitted before, asked of a dispatcher every few seconds), until none is pending."""
     give_up = time.monotonic() + limit_s
+    ask_at = time.monotonic() + _BATCH_ASK_EVERY_S if asked else math.inf
     while pending and time.monotonic() < give_up:
         try:
-            entry = await watcher.updates(timeout=1.0)
-        except nats.errors.TimeoutError:
+            token, data = await asyncio.wait_for(pushed.get(), 1.0)
+            got = [(keys.get(token), data)]
+        except TimeoutError:
+            got = []
             progress.show()
-            continue
-        if entry is None or entry.key not in pending or not entry.value:
-            continue
-        try:
-            reply = reply_decoder.decode(entry.value)
-        except msgspec.DecodeError:  # no result (anyone may have JetStream write one there)
-            continue
-        job_id, _ = pending.pop(entry.key)
-        line = entry.value
-        if reply.id != job_id:  # refused before its id was read: the line must name its job
-            reply = msgspec.structs.replace(reply, id=job_id)
-            line = encoder.encode(reply)
-        _write_result(out, line, reply, progress)
+        if time.monotonic() >= ask_at:
+            got += await _ask_results(nc, [k for k in asked if k in pending], pending, bucket)
+            ask_at = time.monotonic() + _BATCH_ASK_EVERY_S
+        for key, data in got:
+            if key is None or key not in pending or not data:
+                continue  # another's, or notified twice (at least once), or none yet
+            try:
+                reply = reply_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            job_id, _ = pending.pop(key)
+            line = data
+            if reply.id != job_id:  # refused before its id was read: the line must name its job
+                reply = msgspec.structs.replace(reply, id=job_id)
+                line = encoder.encode(reply)
+            _write_result(out, line, reply, progress)
+
+
+_BATCH_ASK_EVERY_S = 2.0  # how often a batch asks for the results of jobs submitted before
+_BATCH_ASKS_AT_ONCE = 64
+
+
+async def _ask_results(
+    nc: Any, keys: list[str], pending: dict[str, tuple[str, bytes]], bucket: str
+) -> list[tuple[str | None, bytes]]:
+    """The results stored for these jobs (asked of a dispatcher, as `lifeline result` does),
+    an empty one for each with none yet or none to be had now."""
+    found: list[tuple[str | None, bytes]] = []
+    for at in range(0, len(keys), _BATCH_ASKS_AT_ONCE):
+        some = keys[at : at + _BATCH_ASKS_AT_ONCE]
+        answers = await asyncio.gather(
+            *(client.stored_result(nc, pending[key][0], 0.0, bucket) for key in some),
+            return_exceptions=True,
+        )
+        found += [
+            (k, a if isinstance(a, bytes) else b"") for k, a in zip(some, answers, strict=True)
+        ]
+    return found
 
 
 def _write_result(out: Any, line: bytes, reply: CompletionReply, progress: _Progress) -> None:

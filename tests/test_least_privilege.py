@@ -315,6 +315,11 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
     # result; the operator reads the health view and the audit events, and finds every
     # dispatcher, worker and gateway.
     submit = lifeline(secured, "bob", "submit", "--id", "bob-1", "hello later")
+    lines = secured.config_path.parent / "bob.jsonl"  # a batch, as a client: pushed results
+    lines.write_text(
+        "".join(json.dumps({"id": f"bob-b{n}", **USER_HELLO}) + "\n" for n in range(3))
+    )
+    batch = lifeline(secured, "bob", "batch", str(lines), "--timeout", "15")
     result = lifeline(secured, "bob", "result", "bob-1", "--wait", "15", "--json")
     read_back = lifeline(secured, "operator", "result", "bob-1", "--wait", "15", "--json")
     status = lifeline(secured, "operator", "status", "--json")
@@ -322,6 +327,10 @@ async def test_the_whole_service_runs_with_every_process_as_its_role(secured: Se
     health = lifeline(secured, "operator", "health", "--expect-all")
     code, out, err = finished(submit)
     assert code == 0 and "bob-1: submitted" in out, err
+    code, out, err = finished(batch)
+    assert code == 0, err  # it watched the whole results bucket: refused to a client
+    written = lines.with_suffix(".results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in written) == ["bob-b0", "bob-b1", "bob-b2"]
     code, out, err = finished(result)
     assert code == 0, err
     assert reply_decoder.decode(out).id == "bob-1"
