@@ -1277,11 +1277,13 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         # nothing else: not the bucket, which holds every client's results); one submitted
         # before, acknowledged as a duplicate, notifies its first run instead, so is asked for.
         inbox, pushed = nc.new_inbox(), asyncio.Queue[tuple[str, bytes]]()
+        bucket = settings.results_bucket
 
         async def on_result(msg: Any) -> None:
             pushed.put_nowait((msg.subject.rpartition(".")[2], msg.data))
 
         await nc.subscribe(inbox + ".*", cb=on_result, pending_msgs_limit=-1)
+        give_up = time.monotonic() + args.timeout  # for room in a full jobs stream, too
         keys: dict[str, str] = {}  # notify token -> job key
         asked: set[str] = set()  # job keys whose result is asked for (llm.jobs.result)
         for n, (key, (job_id, body)) in enumerate(list(pending.items())):
@@ -1307,14 +1309,23 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                 _write_result(out, encoder.encode(refused), refused, progress)
                 del pending[key]
                 continue
-            ack = await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+            while True:
+                try:
+                    ack = await js.publish(subjects.JOBS_SUBMIT, body, headers=headers)
+                    break
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != jetstream.STORE_FAILED or time.monotonic() > give_up:
+                        raise
+                    # The jobs stream is full (jobs.max_jobs waiting): results written as
+                    # they come meanwhile, and the job sent again once some have left it.
+                    progress.waiting_for_room = True
+                    await _collect(nc, pushed, keys, asked, pending, out, progress, 1.0, bucket)
+            progress.waiting_for_room = False
             if ack.duplicate:
                 asked.add(key)
             progress.submitted += 1
             progress.show()
-        await _collect(
-            nc, pushed, keys, asked, pending, out, progress, args.timeout, settings.results_bucket
-        )
+        await _collect(nc, pushed, keys, asked, pending, out, progress, args.timeout, bucket)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         why = (  # NATS's refusals say what to do; the results file's errors speak for themselves
             jetstream.hint(exc, replicas)
@@ -1462,6 +1473,7 @@ class _Progress:
         self.submitted = self.done = self.failed = 0
         self.started = time.monotonic()
         self._shown = 0.0
+        self.waiting_for_room = False  # the jobs stream is full: submitting waits
 
     def show(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -1480,6 +1492,8 @@ class _Progress:
             f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done, "
             f"{self.failed} failed, {self.submitted - self.done} in flight{skipped}, ETA {eta}"
         )
+        if self.waiting_for_room:
+            line += ", the jobs stream is full: waiting for room"
         print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
 
 

@@ -88,6 +88,12 @@ def hint(exc: BaseException, replicas: int) -> str:
             "max_memory_store, or the account's JetStream limit): make room (purge or delete "
             "streams, lower audit.max_bytes) or raise that limit"
         )
+    if code == STORE_FAILED:
+        return (
+            f"{what}; the stream or bucket is at one of its own limits (the jobs stream holds "
+            "jobs.max_jobs waiting jobs at most): wait for dispatchers to take some, or raise "
+            "the limit"
+        )
     if code == MESSAGE_TOO_LARGE:
         return (
             f"{what}; the message is over the max_msg_size of the stream or bucket it went to "

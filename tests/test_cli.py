@@ -20,6 +20,7 @@ from helpers import (
     ROOT,
     LifelineProcess,
     cli_env,
+    config,
     fake,
     lifelines_side_by_side,
     rest_of_output,
@@ -370,6 +371,27 @@ def test_batch_writes_to_stdout_and_passes_over_what_is_no_result(running, tmp_p
         json.loads(line)["id"] for line in done.stdout.splitlines() if line.startswith("{")
     )
     assert ids == ["o0", "o1", "o2"]
+
+
+async def test_batch_longer_than_the_jobs_stream_has_room_for_waits_for_room(
+    lifeline, client, nats_url, tmp_path
+):
+    """A stream full (jobs.max_jobs waiting) refused the third job, and the batch stopped at
+    once, collected nothing, and asked whether JetStream was on."""
+    await ensure_jobs(client.jetstream(), JobsSettings(max_jobs=2))
+    await lifeline(
+        {**config({"main": fake(latency_ms=300)}), "jobs": {"max_jobs": 2, "in_flight": 1}}
+    )
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"id": f"r{n}", "messages": [{"role": "user", "content": "q"}]}) + "\n"
+            for n in range(6)
+        )
+    )
+    done = await asyncio.to_thread(run_lifeline, "batch", "--nats-url", nats_url, str(source))
+    assert done.returncode == 0, done.stderr
+    assert "6/6 done" in done.stderr and "waiting for room" in done.stderr
 
 
 def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_path):
