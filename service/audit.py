@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import nats.errors
@@ -61,24 +62,55 @@ async def read_events(
     sub = await js.subscribe(
         AUDIT_ALL, stream=settings.stream, ordered_consumer=True, config=config
     )
-    read = 0
+    read, made, looked = 0, info.created, time.monotonic()
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=None if follow else _STALL_S)
+                msg = await sub.next_msg(timeout=_LOOK_EVERY_S if follow else _STALL_S)
             except nats.errors.TimeoutError:
-                # Events were still pending: what was read is not all of them.
-                raise AuditStalled(
-                    f"the audit stream sent nothing for {_STALL_S:g} s after {read} event(s) "
-                    "while more were pending (a slow or lost connection): what was shown is "
-                    "not all of them; ask again"
-                ) from None
+                if follow:
+                    msg = None
+                else:  # events were still pending: what was read is not all of them
+                    raise AuditStalled(
+                        f"the audit stream sent nothing for {_STALL_S:g} s after {read} "
+                        "event(s) while more were pending (a slow or lost connection): what was "
+                        "shown is not all of them; ask again"
+                    ) from None
+            if follow and time.monotonic() - looked >= _LOOK_EVERY_S:
+                # A stream made again (deleted, a server restarted on an empty store) counts
+                # from 1, and an ordered consumer resumes past its old place: the new stream's
+                # first events were never shown. Read from its start.
+                looked = time.monotonic()
+                now = await _made(js, settings.stream)
+                if now is not None and now != made:
+                    made = now
+                    await sub.unsubscribe()
+                    sub = await js.subscribe(
+                        AUDIT_ALL,
+                        stream=settings.stream,
+                        ordered_consumer=True,
+                        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+                    )
+                    continue  # what the old subscription held is the old stream's
+            if msg is None:
+                continue
             read += 1
             yield msg.data
             if not follow and msg.metadata.num_pending == 0:
                 return
     finally:
         await sub.unsubscribe()
+
+
+_LOOK_EVERY_S = 2.0  # while following: how often to look whether the stream was made again
+
+
+async def _made(js: JetStreamContext, stream: str) -> object | None:
+    """When `stream` was made, or None when that cannot be told now."""
+    try:
+        return (await js.stream_info(stream)).created
+    except Exception:  # noqa: BLE001 - gone for now, the connection down: look again later
+        return None
 
 
 async def ensure_audit_stream(

@@ -20,7 +20,7 @@ from helpers import Service, ask, config, fake, settled, wait_for
 from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
-from service.audit import read_events
+from service.audit import ensure_audit_stream, read_events
 from service.config import AuditSettings, JobsSettings, parse_config
 from service.jetstream import hint as jetstream_hint
 from service.jobs import fetch_batch
@@ -750,6 +750,27 @@ async def test_following_an_empty_audit_stream_waits_for_its_first_event(lifelin
     assert not first.done()
     await submit(client, job("first-ever"), "first-ever")
     assert audit_decoder.decode(await asyncio.wait_for(first, 10)).id == "first-ever"
+    await events.aclose()
+
+
+async def test_following_the_audit_stream_goes_on_into_one_made_again(lifeline, client):
+    """Deleted and made again (a server restarted on an empty store), the stream counts from 1:
+    a follower's ordered consumer resumed past its old place, and the new stream's first
+    events (as many as the old one held) were never shown."""
+    await lifeline(config({"main": fake()}))
+    for n in range(3):
+        await ask(client, {"id": f"before-{n}", "messages": [{"role": "user", "content": "q"}]})
+    await kept_audit_events(client, 3)
+    events = read_events(client.jetstream(), AuditSettings(), 0, follow=True)
+    seen = [
+        audit_decoder.decode(await asyncio.wait_for(events.__anext__(), 10)).id for _ in range(3)
+    ]
+    assert seen == ["before-0", "before-1", "before-2"]
+    js = client.jetstream()
+    await js.delete_stream(AuditSettings().stream)
+    await ensure_audit_stream(js, AuditSettings())
+    await ask(client, {"id": "after", "messages": [{"role": "user", "content": "q"}]})
+    assert audit_decoder.decode(await asyncio.wait_for(events.__anext__(), 10)).id == "after"
     await events.aclose()
 
 
