@@ -192,7 +192,7 @@ CONFIG_ONLY: dict[str, dict[str, str]] = {
 class Tool(Struct, frozen=True, omit_defaults=True):
     """A function the model may call; `parameters` is its JSON Schema (an object schema)."""
 
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]
     description: str | None = None
     parameters: dict[str, Any] = {}
 
@@ -201,7 +201,7 @@ class NamedTool(Struct, frozen=True):
     """tool_choice naming one tool: the model must call that one. It must be one of the
     request's tools: a request naming another is refused (invalid_request)."""
 
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # as Tool's
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]  # as Tool's
 
 
 # "auto": the model decides; "none": no tool call; "required": at least one; or one named tool.

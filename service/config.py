@@ -37,7 +37,7 @@ from workers.registry import known_kinds, parse_settings, settings_type
 
 # Provider and route names become NATS subject tokens (a subscription's line, with its
 # queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.
-_NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$")
+_NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")  # (?!\n): no "name\n"
 
 # Seconds: finite, and a duration JetStream takes (it counts them in int64 nanoseconds, which
 # end at about 292 years). A year is more than any of these needs.
@@ -80,7 +80,7 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Breaker state shared by every dispatcher through this JetStream key-value bucket; when
     # false, or when the bucket cannot be reached, each dispatcher acts on its own view.
     shared_health: bool = True
-    health_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_health"
+    health_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_health"
 
     def __post_init__(self) -> None:
         if self.default_timeout_s > self.max_timeout_s:
@@ -106,8 +106,8 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # A repeated id within it is dropped (JetStream's shortest window is 0.1 s).
     dedup_window_s: Annotated[float, Meta(ge=0.1, le=_YEAR_S)] = 120.0
     results_ttl_s: Seconds = 86_400.0  # how long a result is kept
-    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "LIFELINE_JOBS"
-    results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "lifeline_results"
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "LIFELINE_JOBS"
+    results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_results"
 
 
 class JetStreamSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -122,7 +122,7 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """The audit events' JetStream stream (service/audit.py), so none is lost when no one
     listens; needs JetStream on the NATS server."""
 
-    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*$")] = "LIFELINE_AUDIT"  # "": none
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*(?!\n)$")] = "LIFELINE_AUDIT"  # "": none
     max_age_s: Seconds = 7 * 86_400.0  # older events are dropped
     max_bytes: Annotated[int, Meta(gt=0, le=_INT64)] = 1024**3  # past it the oldest go
 
@@ -586,6 +586,14 @@ def _check_target(
     if ref.timeout_s is not None and ref.timeout_s > dispatcher.max_timeout_s:
         raise TargetError(
             f"{ref.timeout_s:g} is above dispatcher.max_timeout_s ({dispatcher.max_timeout_s:g})",
+            "timeout_s",
+        )
+    if ref.timeout_s is not None and ref.timeout_s > provider.timeout_s:
+        # The worker holds each call to its provider's timeout_s: a longer one would be cut
+        # there, as a timeout counted against the provider.
+        raise TargetError(
+            f"{ref.timeout_s:g} is above providers.{ref.provider}.timeout_s "
+            f"({provider.timeout_s:g}), which its worker holds every call to: raise that",
             "timeout_s",
         )
     problem = _bad_kind(ref.retry_on)

@@ -64,7 +64,7 @@ RESPONSE_GRACE_S = 60
 SERVICE_API_RESPONSE_S = 10
 
 _JS = "$JS.API"
-_USER = re.compile(r"^[A-Za-z0-9_-]+$")
+_USER = re.compile(r"^[A-Za-z0-9_-]+(?!\n)$")
 
 
 @dataclass(frozen=True)

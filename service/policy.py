@@ -229,8 +229,9 @@ class Cursor:
         return self._targets[max(self._i - 1, 0) :]
 
     def chain_for(self, kind: str) -> Sequence[Target] | None:
-        """The chain a failure of `kind` switches to; None when it has none or was entered."""
-        return None if kind in self._entered else self._chain.by_kind.get(kind)
+        """The chain a failure of `kind` switches to; None when it has none (an empty one is
+        none: switching to it ended the walk) or was entered."""
+        return None if kind in self._entered else self._chain.by_kind.get(kind) or None
 
     def switch(self, kind: str) -> None:
         self._targets, self.kind, self._i = self._chain.by_kind[kind], kind, 0

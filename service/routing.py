@@ -155,8 +155,8 @@ class Router:
         self.named = {name: self.build(spec) for name, spec in config.targets.items()}
         for name in config.providers:
             self.named[name] = self.build(config.resolve_target(name))
-        self.default_by_kind = {
-            kind: self.build_all(chain) for kind, chain in config.default_chains.items()
+        self.default_by_kind = {  # an empty chain is none, as in a route's (config._route)
+            kind: self.build_all(chain) for kind, chain in config.default_chains.items() if chain
         }
         self.routes = {}
         for name, r in config.routes.items():

@@ -472,8 +472,8 @@ class _JsonCheck:
         self.validator = validator
 
     def __call__(self, answer: ProviderOk) -> ProviderOk | str:
-        if answer.tool_calls and not answer.content:
-            return answer  # it calls tools instead of answering: the tool checks judge that
+        if answer.tool_calls:  # it calls tools instead of answering (a model may say so in a
+            return answer  # sentence first, as Claude does): the tool checks judge that
         text = _unfenced(answer.content)
         try:
             value = _decode(text)

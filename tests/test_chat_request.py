@@ -218,3 +218,19 @@ async def test_an_unusable_tool_or_check_is_refused_before_any_call(lifeline, cl
     assert reply.status == "error" and reply.error.type == "invalid_request"
     assert why in reply.error.message and reply.attempts == []
     await settled(client, stack)
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+async def test_a_json_request_answered_by_a_tool_call_with_a_sentence_before_it_is_kept(
+    lifeline, client, choice
+):
+    """Claude says what it will do before it calls a tool: with response_format json_object
+    too, the sentence was judged as the JSON answer and a good tool call failed as
+    invalid_output. A call is judged by the tool checks, whatever text comes with it."""
+    say = "I'll look up the weather in Paris."
+    await lifeline(config({"agent": fake(reply=say, tool_calls=[PARIS])}))
+    reply = await ask(
+        client,
+        chat(tools=[WEATHER], tool_choice=choice, response_format={"type": "json_object"}),
+    )
+    assert (reply.status, reply.content, reply.finish_reason) == ("ok", say, "tool_calls")

@@ -116,7 +116,7 @@ def test_a_kind_that_is_no_string_is_refused_at_its_kind_key(kind):
     assert error(config({"primary": {"kind": kind}})).startswith("providers.primary.kind: ")
 
 
-@pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>", "a" * 257])
+@pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>", "a" * 257, "p\n"])
 def test_a_provider_name_that_is_not_a_subject_token_is_refused(name):
     assert error(config({name: fake()})).startswith(f"providers.{name}: ")
 
@@ -168,6 +168,26 @@ def test_a_named_target_with_a_name_requests_cannot_use_is_refused():
     data = config({"primary": fake()})
     data["targets"] = {"a b=*": {"provider": "primary"}}
     assert error(data).startswith("targets.a b=*: ")
+
+
+@pytest.mark.parametrize(
+    "table, key", [("jobs", "stream"), ("audit", "stream"), ("dispatcher", "health_bucket")]
+)
+def test_a_stream_name_ending_in_a_line_break_is_refused(table, key):
+    """A regex's $ matches before a final line break: "A\n" passed, and the server refused the
+    stream for ever after (audit events never kept), or a subject crashed `lifeline run`."""
+    data = config({"primary": fake()})
+    data[table] = {key: "A\n"}
+    assert error(data).startswith(f"{table}.{key}: ")
+
+
+def test_a_targets_timeout_above_its_providers_is_refused_naming_both():
+    """The worker holds every call to its provider's timeout_s: a target's longer one was
+    accepted and cut there, as a timeout counted against the provider."""
+    data = config({"slow": fake(timeout_s=1)})
+    data["targets"] = {"patient": {"provider": "slow", "timeout_s": 5}}
+    said = error(data)
+    assert said.startswith("targets.patient.timeout_s: ") and "providers.slow.timeout_s" in said
 
 
 def test_a_config_without_providers_is_refused():

@@ -250,6 +250,15 @@ async def test_a_content_filter_failure_uses_the_default_chain_when_the_route_na
     assert reply.content == "safe"
 
 
+async def test_an_empty_default_chain_is_none_for_a_requests_own_targets_too(lifeline, client):
+    """`[fallbacks] context_length = []` is no chain for a route; a request naming its own
+    targets switched to it, found nothing there, and ended all_failed without its next one."""
+    await lifeline({**_class_chain_config(), "fallbacks": {"context_length": []}})
+    for asked in ({}, {"targets": ["main", "next"]}):
+        reply = await ask(client, {**USER_HELLO, **asked, "faults": {"main": "context_length"}})
+        assert (reply.status, reply.content) == ("ok", "next"), asked
+
+
 async def test_other_failures_stay_on_the_routes_own_chain(lifeline, client):
     await lifeline(_class_chain_config(context_length_fallbacks=["long"]))
     reply = await ask(client, {**USER_HELLO, "faults": {"main": 503}})
