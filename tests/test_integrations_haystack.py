@@ -137,3 +137,22 @@ def test_it_serializes_like_any_component():
     llm = LifelineChatGenerator("fast", generation_kwargs={"max_tokens": 9}, timeout=3)
     again = LifelineChatGenerator.from_dict(llm.to_dict())
     assert (again.route, again.generation_kwargs, again.timeout) == ("fast", {"max_tokens": 9}, 3)
+
+
+async def test_a_message_of_many_text_parts_reaches_the_provider_whole(lifeline, generator):
+    """The first text part went out alone (ChatMessage.text is the first one): the document
+    after an instruction was dropped without a word."""
+    await lifeline(config({"echo": fake(reply="request")}))
+    message = ChatMessage.from_user(content_parts=["Summarise the document below.", "DOCUMENT"])
+    echoed = await generator.run_async([message])
+    [sent] = json.loads(echoed["replies"][0].text)["messages"]
+    assert "Summarise" in json.dumps(sent["content"]) and "DOCUMENT" in json.dumps(sent["content"])
+
+
+def test_a_pipeline_file_never_holds_the_nats_urls_credentials():
+    """to_dict() wrote nats://alice:<password>@... into the pipeline's YAML."""
+    llm = LifelineChatGenerator("fast", nats_url="nats://alice:TopSecret-PW@nats.internal:4222")
+    with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
+        llm.to_dict()
+    plain = LifelineChatGenerator("fast", nats_url="nats://nats.internal:4222")
+    assert plain.to_dict()["init_parameters"]["nats_url"] == "nats://nats.internal:4222"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -346,3 +347,56 @@ async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifelin
         assert (await model.ainvoke("second")).content == "second"
     finally:
         await asyncio.to_thread(bridge.close, nats_url)
+
+
+async def test_an_invoke_watched_by_a_streaming_observer_keeps_its_fallback(lifeline, model):
+    """astream_events (as LangGraph's "messages" mode and tracing UIs watch a graph) made
+    LangChain stream an invoke(), with on_midstream "fail": an answer failing the JSON check
+    raised where the same invoke() unwatched fell back to the next target."""
+    from langchain_core.runnables import RunnableLambda
+
+    await lifeline(
+        config({"sloppy": fake(reply="Sure! Ada is 36."), "good": fake(reply='{"age": 36}')})
+    )
+    json_model = model.bind(response_format={"type": "json_object"})
+    chain = RunnableLambda(lambda q: json_model.invoke(q).content)
+    events = [event async for event in chain.astream_events("Ada as JSON?", version="v2")]
+    assert any(e["event"] == "on_chat_model_start" for e in events)  # it was watched
+    [end] = [e for e in events if e["event"] == "on_chain_end" and not e["parent_ids"]]
+    assert end["data"]["output"] == '{"age": 36}'
+
+
+def test_the_models_repr_never_shows_the_credentials_in_its_nats_url():
+    """repr() is what LangChain hands every tracer (LangSmith, the console) as the model."""
+    model = ChatLifeline(nats_url="nats://alice:TopSecret-PW@nats.internal:4222")
+    assert "TopSecret" not in repr(model) and "TopSecret" not in str(model.to_json())
+
+
+async def test_a_forked_child_calls_through_a_connection_of_its_own(lifeline, nats_url):
+    """The child of a fork (gunicorn --preload, Celery's prefork) had its parent's shared
+    connection without its thread: every call waited for ever."""
+    import os
+
+    await lifeline(config({"main": fake()}))
+    chat = ChatLifeline(nats_url=nats_url, timeout=5)
+    assert (await asyncio.to_thread(chat.invoke, "before")).content == "before"
+
+    def forked() -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: one call, its answer as the exit status
+            try:
+                os._exit(0 if chat.invoke("in the child").content == "in the child" else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return -9  # still waiting: the hang
+
+    assert await asyncio.to_thread(forked) == 0
+    await asyncio.to_thread(chat.close)

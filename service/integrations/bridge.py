@@ -201,6 +201,18 @@ _connections: dict[str, Connection] = {}
 _lock = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    """A forked child (gunicorn --preload, Celery's prefork, multiprocessing's default on
+    Linux) has its parent's connections but not their threads: a call waited for ever on a
+    loop nobody ran. It opens its own on first use."""
+    global _lock
+    _lock = threading.Lock()  # perhaps held by a thread that is not in the child
+    _connections.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def connection(url: str | None = None, name: str = "lifeline-client") -> Connection:
     """The shared Connection for `url` (else $NATS_URL, else nats://127.0.0.1:4222)."""
     url = url or os.environ.get("NATS_URL") or LOCAL_NATS

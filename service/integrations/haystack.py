@@ -111,6 +111,12 @@ class LifelineChatGenerator:
         self.max_retries = max_retries
 
     def to_dict(self) -> dict[str, Any]:
+        if self.nats_url and "@" in self.nats_url.partition("://")[2].partition("/")[0]:
+            # As Haystack's own Secret refuses to write a token: a pipeline file is shared.
+            raise ValueError(
+                "nats_url holds credentials, which a pipeline's file must not: give them in "
+                "NATS_USER and NATS_PASSWORD, NATS_TOKEN or NATS_CREDS instead"
+            )
         callback = serialize_callable(self.streaming_callback) if self.streaming_callback else None
         return default_to_dict(
             self,
@@ -298,13 +304,14 @@ def _to_wire(message: ChatMessage) -> WireMessage:
             WireToolCall(call.id or "", call.tool_name, json.dumps(call.arguments))
             for call in message.tool_calls
         ]
-        return WireMessage("assistant", message.text or "", tool_calls=calls or None)
+        text = "".join(message.texts)  # every text part: .text is the first one only
+        return WireMessage("assistant", text, tool_calls=calls or None)
     if role not in (ChatRole.SYSTEM, ChatRole.USER):
         raise ValueError(f"Lifeline has no role for a {role.value} message")
     parts = [p for p in message._content if not isinstance(p, ToolCall | ToolCallResult)]
-    if all(isinstance(p, TextContent) for p in parts):
-        return WireMessage(role.value, message.text or "")  # type: ignore[arg-type]
-    return WireMessage(role.value, _parts(parts))  # type: ignore[arg-type]
+    if len(parts) == 1 and isinstance(parts[0], TextContent):
+        return WireMessage(role.value, parts[0].text)  # type: ignore[arg-type]
+    return WireMessage(role.value, _parts(parts))  # type: ignore[arg-type]  # (texts, images)
 
 
 def _parts(content: Any) -> list[Part]:

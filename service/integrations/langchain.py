@@ -95,7 +95,7 @@ class ChatLifeline(BaseChatModel):
 
     model: str = "default"
     """The Lifeline route (its targets, in order, are the fallbacks)."""
-    nats_url: str | None = None
+    nats_url: str | None = Field(default=None, repr=False)  # its credentials, if any: not shown
     """NATS URL, or a comma-separated cluster list. Default: $NATS_URL, else
     nats://127.0.0.1:4222; credentials in it or in NATS_CREDS, NATS_USER, ... as for the
     `lifeline` commands."""
@@ -217,6 +217,22 @@ class ChatLifeline(BaseChatModel):
                 if run_manager is not None and event.kind == "delta":
                     await run_manager.on_llm_new_token(event.text, chunk=chunk)
                 yield chunk
+
+    def _should_stream(
+        self,
+        *,
+        async_api: bool,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> bool:
+        """invoke() streams only when asked (stream(), or streaming=True). LangChain streams
+        it too whenever a streaming observer is attached (astream_events, LangGraph's
+        "messages" mode), and a stream asks for on_midstream="fail": observing a chain took
+        away the fallback its invoke() would make on an answer that fails a check (JSON, a
+        tool call)."""
+        if not (kwargs.get("stream") or self.streaming):
+            return False
+        return super()._should_stream(async_api=async_api, run_manager=run_manager, **kwargs)
 
     def close(self) -> None:
         """Close the NATS connection this model (and any other on the same URL) uses; the
