@@ -415,7 +415,7 @@ class Lifeline:
                 raise NoAnswer(
                     f"no reply on {subjects.COMPLETE} within "
                     f"{_wait_s(sent, self.default_timeout_s):g} s (the request's timeout and a "
-                    f"grace); {_why_silent(self.nc)}"
+                    f"grace); {_why_silent(self.nc, sent, self.default_timeout_s)}"
                 ) from None
             except nats.errors.ConnectionClosedError:
                 raise _closed() from None
@@ -745,9 +745,24 @@ def _closed() -> LifelineError:
     )
 
 
-def _why_silent(nc: Client) -> str:
+def _why_silent(
+    nc: Client, request: CompletionRequest | None = None, default_s: float | None = None
+) -> str:
     if nc.is_closed:
         return "the NATS connection was closed meanwhile"
+    if (
+        nc.is_connected
+        and request is not None
+        and default_s is not None
+        and (request.timeout_s is None and request.deadline_unix_ms is None)
+    ):
+        return (
+            f"the request set no timeout, so this client waited its default_timeout_s "
+            f"({default_s:g} s); a dispatcher whose dispatcher.default_timeout_s is longer may "
+            "still have been working on it: give the request a timeout_s (LangChain and "
+            "Haystack: timeout=...), or connect with default_timeout_s as the dispatcher's; "
+            "else the dispatcher may have stopped"
+        )
     if nc.is_connected:
         return "the dispatcher may have stopped"
     return (

@@ -356,6 +356,18 @@ async def test_a_deadline_beyond_the_default_timeout_is_waited_for(lifeline, nat
         assert (reply.status, reply.content) == ("ok", "hi")
 
 
+async def test_a_request_without_a_timeout_that_outlives_the_clients_default_says_what_to_set(
+    lifeline, nats_url, monkeypatch
+):
+    """The dispatcher's default_timeout_s was longer than the client's: a healthy dispatcher
+    still at work was blamed ("may have stopped"), and the request aborted."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.2)
+    await lifeline(config({"main": fake(latency_ms=2000)}, default_timeout_s=10))
+    async with Lifeline.connect(nats_url, default_timeout_s=0.3) as client:
+        with pytest.raises(NoAnswer, match="set no timeout.*give the request a timeout_s"):
+            await client.complete("hi")
+
+
 BREAKS_OUT = """
 import asyncio, sys
 from service.client import Lifeline
