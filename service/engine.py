@@ -136,6 +136,7 @@ class Engine:
         sink: Sink | None = None,
         *,
         if_cancelled: Callable[[], ErrorInfo] | None = None,
+        answered: CompletionReply | None = None,
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer), or as a stream of
         events through `sink` (with both, the stream's end event carries what `respond`
@@ -144,7 +145,9 @@ class Engine:
         aborting) before the answer is known: with `if_cancelled` (a front end whose requests
         nobody delivers again) the request is then answered with the error it gives (why it
         was cancelled) and audited, its attempts cancelled at their workers; without it the
-        cancel goes on up, unanswered."""
+        cancel goes on up, unanswered. With `answered`, the front end has the answer already
+        (a job answered on an earlier delivery whose result could not be stored): it is
+        responded and audited as it is, without a provider call."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
@@ -163,8 +166,11 @@ class Engine:
             if relay is not None:
                 on_event = span.add_event if span.recording else None
                 relay.follow(plan.limits.on_midstream, plan.validate, on_event)
-            result = await self._complete(plan, span, relay, attempts)
-            reply = _reply(plan.request_id, result, trace_id)
+            if answered is not None:
+                reply = answered
+            else:
+                result = await self._complete(plan, span, relay, attempts)
+                reply = _reply(plan.request_id, result, trace_id)
         except Rejected as exc:
             route = exc.route
             reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
@@ -184,8 +190,9 @@ class Engine:
                 trace_id=trace_id,
                 error=error,
             )
-        latency_ms = (time.monotonic() - inbound.arrived) * 1000
-        reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
+        if answered is None:  # else its own latency stays: the call was made then
+            latency_ms = (time.monotonic() - inbound.arrived) * 1000
+            reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
         try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
             if respond is not None:
                 reply = await respond(reply)

@@ -31,6 +31,7 @@ none). Without JetStream on the server the dispatcher logs why and takes no jobs
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -188,6 +189,7 @@ class Jobs:
         # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
         # _pull), which its heartbeats and its ack go to.
         self._running: dict[tuple[int, Any], list[Msg]] = {}
+        self._unstored = _Unstored()
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # jobs answered by the engine
@@ -453,6 +455,8 @@ class Jobs:
                 elif latest[0].metadata.num_delivered < (max_deliver := self.settings.max_deliver):
                     # Not stored: the job is delivered again, and that delivery audits what
                     # it stores (the audit stream keeps one event per job: it must be that).
+                    # Its answer is kept meanwhile: delivered here again, it is not paid twice.
+                    self._unstored.keep(key, reply)
                     raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
                 else:  # its last delivery: its client gets the answer all the same (it cannot
                     # be fetched by id); dead-lettered next, audited now, as it ends
@@ -471,7 +475,8 @@ class Jobs:
         sink = None
         if events_to and subjects.reply_subject_refused(events_to) is None:
             sink = ClientStream(self.nc, events_to)
-        reply = await self.engine.serve(inbound, keep, refused, sink=sink)
+        answered = self._unstored.take(key)  # answered on an earlier delivery, not stored
+        reply = await self.engine.serve(inbound, keep, refused, sink=sink, answered=answered)
         served.append(True)
         self.tally.busy_ms += reply.latency_ms
         if reply.error is not None:
@@ -728,6 +733,39 @@ async def _say_if_other_ttl(js: Any, settings: JobsSettings) -> None:
         settings.results_ttl_s,
         settings.results_bucket,
     )
+
+
+_UNSTORED_MAX_BYTES = 64 * 1024 * 1024
+
+
+class _Unstored:
+    """Answers of jobs whose results could not be stored (a bucket unreachable, JetStream's disk
+    full), by job key, until their next delivery here: it stores one without calling the
+    provider again (with a full disk, each of a job's deliveries paid its provider anew). At
+    most _UNSTORED_MAX_BYTES of them, the oldest left out first."""
+
+    def __init__(self, max_bytes: int = _UNSTORED_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._kept: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
+
+    def keep(self, key: str, reply: CompletionReply) -> None:
+        self.take(key)
+        payload = encoder.encode(reply)
+        if len(payload) > self.max_bytes:
+            return
+        self._kept[key] = payload
+        self._bytes += len(payload)
+        while self._bytes > self.max_bytes:
+            _, oldest = self._kept.popitem(last=False)
+            self._bytes -= len(oldest)
+
+    def take(self, key: str) -> CompletionReply | None:
+        payload = self._kept.pop(key, None)
+        if payload is None:
+            return None
+        self._bytes -= len(payload)
+        return reply_decoder.decode(payload)
 
 
 async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:

@@ -351,7 +351,9 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
     """The engine logs a failure to deliver and goes on; a job must not be acked then, or a
     results bucket that stayed unreachable past the dispatcher's patience would lose it for
     good. That delivery audits nothing: the delivery that stores the result audits it, and
-    that is the one event the audit stream keeps for the job."""
+    that is the one event the audit stream keeps for the job. The answer is kept meanwhile:
+    the next delivery stores it without calling the provider again (with JetStream's disk
+    full, each of five deliveries paid the provider anew)."""
     from service import jobs
 
     real_keep, failures = jobs.Jobs._keep, []
@@ -365,14 +367,16 @@ async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, cl
     monkeypatch.setattr(jobs.Jobs, "_keep", flaky_keep)
     monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
     monkeypatch.setattr(jobs, "_STORE_PATIENCE_S", 0.0)  # no waiting it out: given up at once
-    await lifeline(config({"main": fake()}))
+    stack = await lifeline(config({"main": fake()}))
     await submit(client, job("kept-later"), "kept-later")
     reply = await result_of(client, "kept-later")  # stored on its second delivery
     assert reply.status == "ok" and [key for key, _ in failures] == [subjects.job_key("kept-later")]
     await asyncio.sleep(0.5)
     events = await kept_audit_events(client, 1)
     assert [(e.id, e.trace_id) for e in events] == [("kept-later", reply.trace_id)]
-    assert failures and failures[0][1].trace_id != reply.trace_id  # two runs, two traces
+    assert failures[0][1].trace_id == reply.trace_id  # the first delivery's answer, kept
+    worker = stack.workers["main"]
+    assert worker.tally.requests == 1  # one provider call for two deliveries
 
 
 async def test_an_answer_is_held_while_the_results_bucket_is_briefly_unreachable_not_paid_again(
@@ -419,7 +423,8 @@ async def test_an_answer_is_held_while_the_results_bucket_is_briefly_unreachable
     monkeypatch.setattr(jobs.Jobs, "_keep", refused)
     await submit(client, job("refused-once"), "refused-once")
     reply = await result_of(client, "refused-once")
-    assert len(tries) == 2 and tries[0] != tries[1] == reply.trace_id  # delivered again
+    # Delivered again (not waited out), and the answer kept from the first delivery stored.
+    assert len(tries) == 2 and tries[0] == tries[1] == reply.trace_id
 
 
 async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, monkeypatch):
@@ -991,3 +996,16 @@ async def test_a_job_that_finds_no_worker_yet_waits_for_one(lifeline, client, au
     assert len(asked) == 3
     [(_, event)] = await audit.wait_for(1)
     assert (event.id, event.status) == ("early", "ok")
+
+
+def test_answers_kept_for_their_next_delivery_are_bounded_by_bytes_oldest_out_first():
+    from schemas.wire import CompletionReply
+    from service.jobs import _Unstored
+
+    kept = _Unstored(max_bytes=300)
+    for n in range(5):
+        kept.keep(f"k{n}", CompletionReply(f"job-{n}", "ok", content="x" * 60))
+    assert kept.take("k0") is None and kept.take("k4").id == "job-4"  # type: ignore[union-attr]
+    assert kept.take("k4") is None  # taken once
+    kept.keep("huge", CompletionReply("huge", "ok", content="x" * 400))  # over the bound alone
+    assert kept.take("huge") is None
