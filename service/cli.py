@@ -745,6 +745,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or a directory a command was given, as the system saw it
         print(f"lifeline: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if "can't start new thread" not in str(exc):
+            raise
+        print(  # Python's words for EAGAIN from pthread_create
+            "lifeline: cannot start a thread: this process is at its limit of processes and "
+            "threads (`ulimit -u`, a container's pids limit, systemd's TasksMax=): raise it",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -762,3 +762,38 @@ def test_run_whose_reader_has_gone_still_stops_cleanly(own_run):
     assert proc.wait(timeout=15) == 0
     assert proc.stderr is not None
     assert "slow consumer" not in proc.stderr.read()
+
+
+NO_THREADS = """
+import sys, threading
+def refuse(self):  # what pthread_create's EAGAIN becomes in Python
+    raise RuntimeError("can't start new thread")
+threading.Thread.start = refuse
+from service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_cannot_start_a_thread_says_which_limit_to_raise():
+    """At a pids limit (ulimit -u, a container's), start-up ended in a traceback."""
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_THREADS,
+            "dispatcher",
+            "--config",
+            EXAMPLE,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=cli_env(),
+    )
+    assert done.returncode == 1 and "ulimit -u" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
