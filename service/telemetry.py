@@ -335,10 +335,11 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     classes = exporter_classes(environ, "TRACES")
     resource = service_resource(service_name)
     if not classes:
-        return Tracing(resource=resource, sampler=ALWAYS_OFF)
-    provider = Tracing(
-        resource=resource
-    )  # sampler from OTEL_TRACES_SAMPLER, else parent-based always-on
+        return Tracing(resource=resource, sampler=ALWAYS_OFF, shutdown_on_exit=False)
+    # Sampler from OTEL_TRACES_SAMPLER, else parent-based always-on. Shut down by shut_down(),
+    # not also by the SDK at exit: a second shutdown after a collector that hung only warns
+    # "shutdown can only be called once".
+    provider = Tracing(resource=resource, shutdown_on_exit=False)
     for (
         exporter
     ) in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
@@ -399,7 +400,9 @@ def meter_provider_from_env(
         cls() if issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls())
         for cls in classes
     ]
-    return MeterProvider(resource=service_resource(service_name), metric_readers=readers)
+    return MeterProvider(
+        resource=service_resource(service_name), metric_readers=readers, shutdown_on_exit=False
+    )  # shut down by shut_down(), as the tracer provider
 
 
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}

@@ -404,6 +404,8 @@ def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_p
         # About SHUTDOWN_S (3 s) for its spans and metrics together; 20 s without a bound.
         assert dispatcher.proc.wait(timeout=12) == 0
         assert "the last spans were not exported within 3 s" in dispatcher.log()
+        # Shut down once, by Lifeline: the SDK's own exit hook warned of a second shutdown.
+        assert "can only be called once" not in dispatcher.log()
     finally:
         service.stop()
         hung.close()
