@@ -289,3 +289,23 @@ class TinyPieces(Model):
         for character in TINY_TEXT:
             yield character
         yield Answer(usage=Usage(1, len(TINY_TEXT)), finish_reason="stop")
+
+
+class SwallowsCancel(Model):
+    """A call that catches its own cancel and answers anyway (a library catching
+    BaseException, a retry loop), as a stream that goes on yielding."""
+
+    async def call(self, request: ProviderRequest) -> str:
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)
+        return "a late answer"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str]:
+        for n in range(8):
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                pass
+            yield f"piece{n} "

@@ -628,3 +628,29 @@ async def test_a_model_whose_identifying_params_or_close_exits_is_logged_not_obe
     assert provider.identifying_params() == {"identifying_params() failed": "SystemExit: 4"}
     await provider.aclose()
     assert "plugin_models:ExitsWhenAsked.close() failed (SystemExit: 5)" in caplog.text
+
+
+async def test_a_model_that_swallows_its_cancel_sends_nothing_past_its_deadline(lifeline, client):
+    """Its answer went out as ok after the deadline (and a stream's pieces after its cancel):
+    the runtime's promise that nothing is sent for a call nobody waits for rests on it, not on
+    the model. Past the deadline the worker's answer is the timeout, whatever the model does."""
+    from schemas import subjects
+    from schemas.deadline import Deadline
+    from schemas.wire import encoder, provider_reply_decoder
+
+    await lifeline(config({"mine": python("SwallowsCancel", timeout_s=5)}))
+    request = encoder.encode({"id": "r", "messages": [{"role": "user", "content": "hi"}]})
+    headers = {subjects.DEADLINE_MS: Deadline.header_after(0.3)}
+    answer = await client.request(
+        subjects.provider_subject("mine"), request, timeout=5, headers=headers
+    )
+    reply = provider_reply_decoder.decode(answer.data)
+    assert getattr(reply, "kind", None) == "timeout", reply
+    chunks = await client.subscribe("chunks.mine")
+    headers = {subjects.DEADLINE_MS: Deadline.header_after(0.35), subjects.STREAM_TO: "chunks.mine"}
+    answer = await client.request(
+        subjects.provider_subject("mine"), request, timeout=5, headers=headers
+    )
+    assert getattr(provider_reply_decoder.decode(answer.data), "kind", None) == "timeout"
+    await asyncio.sleep(0.5)
+    assert chunks.pending_msgs <= 3  # the pieces before the deadline, none after

@@ -355,9 +355,14 @@ class WorkerRuntime:
         try:
             reply: ProviderReply
             if stream_to and hasattr(self.provider, "stream"):
-                reply = await self._stream(request, timeout_s, stream_to)
+                reply = await self._stream(request, timeout_s, stream_to, expiry.task_cancelled)
             else:
                 reply = await self.provider.complete(request, timeout_s)
+            if expiry.task_cancelled():
+                # The provider swallowed the cancel (a library catching BaseException, a
+                # retry loop): its answer is as late as if it had not, and goes as the cancel
+                # says (none, a timeout), never as an answer past its deadline.
+                raise asyncio.CancelledError
         except ProviderError as exc:
             reply = _failure(exc)
         # Anything else, Python's TimeoutError included: `timeout` is this call's deadline (the
@@ -416,7 +421,11 @@ class WorkerRuntime:
         return reply
 
     async def _stream(
-        self, request: ProviderRequest, timeout_s: float, stream_to: str
+        self,
+        request: ProviderRequest,
+        timeout_s: float,
+        stream_to: str,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> ProviderReply:
         """Publish the provider's text deltas to `stream_to` as they come; the end's
         ProviderOk says how many chunks went out.
@@ -488,6 +497,8 @@ class WorkerRuntime:
                     item = await next_item
                 except StopAsyncIteration:
                     break
+                if cancelled():  # the provider swallowed the cancel: nothing more goes out
+                    raise asyncio.CancelledError
                 if unsent:
                     await send()
                 if isinstance(item, str):
