@@ -309,3 +309,13 @@ class SwallowsCancel(Model):
             except asyncio.CancelledError:
                 pass
             yield f"piece{n} "
+
+
+class LenientSettings(Model):
+    """Settings as the README's example writes them: a Struct that does not forbid unknown keys."""
+
+    class Settings(msgspec.Struct):
+        prefix: str = ""
+
+    def call(self, request: ProviderRequest) -> str:
+        return self.settings.prefix + "hi"

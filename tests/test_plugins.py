@@ -224,6 +224,10 @@ CHECK_CONFIG_FAULTS = {
         python("WithSettings", settings={"temperature": 1, "tempreature": 2}),
         "providers.mine.settings: Object contains unknown field `tempreature`",
     ),
+    "unknown-key-of-a-lenient-struct": (  # msgspec passes over it: the default stayed silently
+        python("LenientSettings", settings={"prefx": ">> "}),
+        "providers.mine.settings.prefx: unknown key (did you mean 'prefix'?)",
+    ),
     "no-settings-struct": (
         python("SyncUpper", settings={"x": 1}),
         "providers.mine.settings: plugin_models:SyncUpper takes no settings",

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import functools
 import importlib
 import inspect
@@ -188,6 +189,15 @@ def load(settings: PluginSettings, key: str) -> tuple[type[Any], Any]:
                 f"{key}.settings: {path} takes no settings (give the class a Settings struct)"
             )
         return cls, None
+    known = getattr(declared, "__struct_encode_fields__", None)  # a Struct's keys, as written
+    if known is not None and not getattr(declared.__struct_config__, "forbid_unknown_fields", 0):
+        # msgspec passes over keys a Struct does not name: a typo (`prefx`) would leave the
+        # default in place without a word, where every other key of the config is checked.
+        for name in settings.settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (keys: {', '.join(known)})"
+                raise ValueError(f"{key}.settings.{name}: unknown key{hint}")
     try:
         return cls, msgspec.convert(settings.settings, declared)
     except msgspec.ValidationError as exc:
