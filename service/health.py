@@ -445,12 +445,15 @@ class Health:
             self._changed(health)
 
     def release(self, provider: str, model: str) -> None:
-        """A probe that could not decide (its request's deadline cut it short): the next call
-        probes."""
+        """A probe that could not decide (its request's deadline cut it short, its request
+        aborted or stopped): the next call probes, here and, told through the store, at every
+        replica (a state of its own moment: the claim's, on a tie, would stay)."""
         health = self.of(provider, model)
         if health.state == HALF_OPEN:
             health.state = OPEN
             health.open_until = self.clock()
+            health.reason = "the probe could not decide: the next call probes"
+            health.since_unix_ms = self._since(health)
             health.changed = True
             self._changed(health)
 

@@ -441,7 +441,12 @@ class _Run:
         """Claim the probe of `target`'s breaker: Call(probe) when this request holds it."""
         health, key = self.health, target.health_key
         assert health is not None
-        if not await health.claim(*key, target.timeout_s + 1):
+        try:
+            won = await health.claim(*key, target.timeout_s + 1)
+        except asyncio.CancelledError:  # aborted meanwhile: the lease taken must not bench it
+            health.release(*key)
+            raise
+        if not won:
             return self._not_probing(target)
         if self.claims is None:
             self.claims = set()
@@ -504,6 +509,10 @@ class _Run:
             latency_ms = (now - started) * 1000
             if self.health is not None:
                 self.health.cancelled(*target.health_key)
+                if self.claims is not None and target.health_key in self.claims:
+                    # An aborted (or stopped) probe decides nothing: the next call probes,
+                    # not one after the whole lease (the target's timeout_s and a second).
+                    self.health.release(*target.health_key)
             self.attempts.append(
                 Attempt(
                     target.provider,

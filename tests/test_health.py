@@ -355,6 +355,47 @@ def test_an_open_told_from_before_this_breaker_closed_leaves_it_closed():
     assert admits(h, t, 5.1) == [SKIP]
 
 
+async def test_a_probe_released_here_is_released_at_every_replica():
+    """release() wrote its open with the claim's own moment: another replica kept the claim's
+    half-open (a tie keeps it) and skipped the target for the rest of the lease."""
+    store = MemoryStore(answer=True)
+    h, t = opened(store)
+    other, _ = make_health()
+    t[0] = 5.0
+    assert await h.claim(P, M, 31.0) is True
+    h.release(P, M)
+    for told in [*store.claims, *store.announced[1:]]:  # the claim, then the release
+        other.apply(P, M, told.state, told.until_unix_ms, told.reason, told.since_unix_ms)
+    assert (state(h), state(other)) == (OPEN, OPEN)
+    assert other.admit(P, M) == PROBE  # the next call there probes, not one in 31 s
+
+
+async def test_an_aborted_probe_lets_the_next_call_probe():
+    """A probe whose request was aborted (or stopped) kept its claim: the target stayed benched
+    for the whole lease, its timeout_s and a second, though nothing was decided."""
+    h, t = make_health()
+    settings = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
+    probed = target("a", breaker=settings)
+    key = probed.health_key
+    for _ in range(3):
+        h.record(*key, settings, False, "timeout")
+    t[0] = 5.0
+    started = asyncio.Event()
+
+    async def hangs(target, timeout_s, previous):
+        started.set()
+        await asyncio.Event().wait()
+
+    limits = Limits(Deadline(time.monotonic() + 30))
+    walk = asyncio.ensure_future(run_chain(Chain([probed]), hangs, limits, health=h))
+    await asyncio.wait_for(started.wait(), 5)
+    assert h.of(*key).state == HALF_OPEN
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    assert (h.of(*key).state, h.admit(*key)) == (OPEN, PROBE)
+
+
 def test_a_breaker_written_back_after_the_bucket_was_out_replaces_only_an_older_record():
     from service.shared_health import _newer
 
