@@ -52,6 +52,7 @@ _OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachab
 _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
+_LOOK_EVERY_S = 5.0  # how often to look whether the bucket was made again (see _maintain)
 _REFRESH_EVERY_S = 30.0
 # A dispatcher's stats older than this are from one that is gone: a live one writes them
 # every 30 s at least (_REFRESH_EVERY_S), so two missed writes and a margin.
@@ -121,6 +122,7 @@ class BucketStore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: Any = None
         self._follower: asyncio.Task[None] | None = None
+        self._made: object | None = None  # when the watched bucket's stream was made
         self._loop: asyncio.Task[None] | None = None
 
     @property
@@ -162,6 +164,7 @@ class BucketStore:
             # and made again, a server restarted without its store), its revisions lower. The
             # watch replays every key's last record, and its revision with it.
             self._revisions.clear()
+            self._made = await self._made_at(js)
             self._watcher = await kv.watch(BREAKER_PREFIX + ">")
         except Exception as exc:  # noqa: BLE001 - nats-py raises many types, all "not reachable"
             self._degrade(exc)
@@ -248,11 +251,19 @@ class BucketStore:
         """Publish this dispatcher's figures every second when they changed, and every 30 s
         anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket
         was lost."""
-        published = 0.0
+        published = looked = 0.0
         reconnects = self.nc.stats["reconnects"]
         while True:
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
-            if self.kv is None or self.nc.stats["reconnects"] != reconnects:
+            remade = False
+            if self.kv is not None and time.monotonic() - looked >= _LOOK_EVERY_S:
+                # Deleted and made again (an operator, another replica) while this one's writes
+                # all went through: its watch resumed at its old place in the old stream, far
+                # past the new one's records, and it heard no other replica's breaker again.
+                looked = time.monotonic()
+                made = await self._made_at(self.nc.jetstream(timeout=_OP_TIMEOUT_S))
+                remade = made is not None and made != self._made
+            if self.kv is None or remade or self.nc.stats["reconnects"] != reconnects:
                 # Lost, or back from a reconnect: the server may have restarted without its
                 # store, the bucket made anew by another replica, and a watch that resumes at
                 # its old place in the stream would never see the new one's records.
@@ -265,6 +276,14 @@ class BucketStore:
             if changed or now - published >= _REFRESH_EVERY_S:
                 published = now
                 await self.publish_stats()
+
+    async def _made_at(self, js: Any) -> object | None:
+        """When the bucket's stream was made, or None when that cannot be told now."""
+        try:
+            info = await asyncio.wait_for(js.stream_info(f"KV_{self.bucket}"), _OP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - unreachable for now: the next look tells
+            return None
+        return info.created
 
     async def publish_stats(self) -> None:
         if self.kv is None or self.health is None:

@@ -585,6 +585,41 @@ async def test_a_replica_idle_through_a_server_restart_sees_the_new_buckets_brea
         server.stop()
 
 
+async def test_a_replica_sees_the_breakers_of_a_bucket_deleted_and_made_again(
+    nats_url, monkeypatch
+):
+    """An operator deleted the bucket and it was made again, no connection lost: a replica's
+    watch resumed at its old place in the old stream, far past the new one's records, and it
+    never heard another replica's breaker again while it said it shared them."""
+    from service import shared_health
+    from service.health import BreakerSettings
+
+    breaker = BreakerSettings(consecutive_failures=2, cooldown_s=30)
+    nc_a, nc_b = await nats.connect(nats_url), await nats.connect(nats_url)
+    a, b = Health(BucketStore(nc_a, "h2")), Health(BucketStore(nc_b, "h2"))
+    monkeypatch.setattr(shared_health, "_LOOK_EVERY_S", 0.5, raising=False)  # not 5 s
+    await a.start()
+    await b.start()
+    try:
+        for n in range(30):  # the old stream's sequence moves past where the new one will start
+            await a.store.kv.put(breaker_key("q", f"m{n}"), b"{}")
+        js = nc_a.jetstream()
+        await js.delete_key_value("h2")
+        await js.create_key_value(bucket="h2", history=1)
+        await asyncio.sleep(1.5)  # each looks again, and watches the new bucket
+        for _ in range(2):
+            a.record("p", "m", breaker, False, "server_error")
+        await wait_for(
+            lambda: b.targets.get(("p", "m")) is not None and b.of("p", "m").state == OPEN,
+            timeout_s=10,
+        )
+    finally:
+        await a.stop()
+        await b.stop()
+        await nc_a.close()
+        await nc_b.close()
+
+
 def test_a_peers_clock_ahead_does_not_stretch_a_cooldown():
     """A replica whose clock ran an hour ahead wrote an open breaker (or a probe's lease)
     ending an hour from now by every other clock: the target was benched for the hour, though
