@@ -903,7 +903,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         # Connected before "ready" is printed: everything that connects has, by then.
         watcher = None if args.quiet else await _watch_audit(nats_opts)
         _print_started(config, nats_opts.shown)
-        lost = await _serve_stack(stack, watcher)
+        lost = await _serve_stack(stack, watcher, server)
     finally:
         if probes is not None:
             await probes.stop()
@@ -936,12 +936,18 @@ def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:
     return server, url
 
 
-async def _serve_stack(stack: Stack, watcher: Client | None) -> str | None:
-    """Serve (`watcher` printing a line per request) until a signal (returns None) or until a
-    component's NATS connection is gone for good (returns its name)."""
+async def _serve_stack(
+    stack: Stack, watcher: Client | None, server: EmbeddedNats | None = None
+) -> str | None:
+    """Serve (`watcher` printing a line per request) until a signal (returns None), until a
+    component's NATS connection is gone for good (returns its name), or until the embedded
+    nats-server exits (nothing would restart it: the process stayed up, every connection
+    retrying for ever, its /healthz 200)."""
     settle_after_start()
-    lost = await _until_signalled(stack.lost())
-    if lost is not None:
+    lost = await _until_signalled(_first(stack.lost(), server.gone() if server else None))
+    if lost is not None and lost.startswith("the embedded nats-server"):
+        print(f"\n{lost}\nstopping everything", file=sys.stderr)
+    elif lost is not None:
         print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
     else:
         print("\nshutting down: finishing requests in flight...")
@@ -951,6 +957,17 @@ async def _serve_stack(stack: Stack, watcher: Client | None) -> str | None:
         except nats.errors.Error:  # its connection was refused too: nothing left to print
             pass
     return lost
+
+
+async def _first(*waits: Awaitable[str] | None) -> str:
+    """What the first of `waits` (None: none) to end returns; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits if w is not None]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return next(iter(done)).result()
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _describe(config: Config) -> None:

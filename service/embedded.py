@@ -7,6 +7,7 @@ cleaned up by `stop()` or the context manager.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import re
@@ -121,6 +122,18 @@ class EmbeddedNats:
         self.stop()
         raise EmbeddedNatsError(
             f"nats-server did not start on {self.host}:{self.port}; its log ends with:\n{tail}"
+        )
+
+    async def gone(self, every_s: float = 1.0) -> str:
+        """Once the server has exited (killed, crashed: nothing restarts it, and every
+        connection to it would retry for ever), why, with the end of its log."""
+        while self._proc is not None and self._proc.poll() is None:
+            await asyncio.sleep(every_s)
+        code = self._proc.returncode if self._proc is not None else None
+        log_path = Path(self.store_dir or ".") / "nats-server.log"
+        tail = log_path.read_text(errors="replace")[-1000:].strip() if log_path.exists() else ""
+        return f"the embedded nats-server exited ({code})" + (
+            f"; its log ends:\n{tail}" if tail else ""
         )
 
     def stop(self) -> None:

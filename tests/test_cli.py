@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
-
 from helpers import (
     LIFELINE,
     ROOT,
@@ -797,3 +797,19 @@ def test_a_process_that_cannot_start_a_thread_says_which_limit_to_raise():
     )
     assert done.returncode == 1 and "ulimit -u" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_stops_with_exit_1_when_its_embedded_nats_server_dies(tmp_path):
+    """Killed (the OOM killer, a stray kill), the server was never started again, and `lifeline
+    run` stayed up, every connection retrying for ever, its /healthz 200: no supervisor would
+    restart it."""
+    run = LifelineProcess(["run", "--port", "-1", "--no-gateway"], tmp_path / "run.log")
+    try:
+        run.wait_for_log(r"dispatcher ready")
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        [server] = [c for c in children if "nats-server" in Path(f"/proc/{c}/cmdline").read_text()]
+        os.kill(int(server), signal.SIGKILL)
+        assert run.proc.wait(timeout=30) == 1
+        assert "the embedded nats-server exited (-9)" in run.log()
+    finally:
+        run.stop()
