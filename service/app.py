@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import nats
@@ -58,8 +59,12 @@ class ConnectionWatch:
         self.nc: Client | None = None
         self._auth_refusals = 0
         self._giving_up: asyncio.Future[None] | None = None
+        self.refused_subjects: list[str] = []  # subscriptions the server refused (at most 16)
 
     def on_error(self, exc: Exception) -> None:
+        refused = _refused_subscription(exc)
+        if refused is not None and len(self.refused_subjects) < 16:
+            self.refused_subjects.append(refused)
         if not _is_auth_refusal(exc):
             return
         self._auth_refusals += 1
@@ -307,6 +312,26 @@ def _is_service_api_refusal(exc: Exception) -> bool:
     return "permissions violation for subscription to" in text and '"$srv.' in text
 
 
+def _refused_subscription(exc: Exception) -> str | None:
+    """The subject of a subscription the server refused, as its error names it; else None."""
+    match = re.search(r'permissions violation for subscription to "([^"]*)"', str(exc), re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+def must_have_subscribed(watch: ConnectionWatch, who: str, subjects_: Sequence[str]) -> None:
+    """NatsRefused when the server refused one of the subscriptions a component's work comes
+    on (its flush, ensure_subscribed, has had the server's answer): one left running would be
+    ready by every probe and `lifeline health`, and serve nothing (another role's
+    credentials, copied by mistake)."""
+    refused = [s for s in watch.refused_subjects if s.lower() in {x.lower() for x in subjects_}]
+    if refused:
+        raise NatsRefused(
+            f"{who}: this NATS user may not subscribe to {', '.join(refused)}, where its work "
+            "comes: connect it with its own role's credentials (`lifeline nats-config` gives "
+            "each role its subjects)"
+        )
+
+
 def _is_inbox_refusal(exc: Exception) -> bool:
     """The server refused a subscription to an _INBOX subject: a user whose permissions name
     an inbox prefix of its own, connected without it."""
@@ -360,6 +385,14 @@ async def start_dispatcher(
     nc = await connect(options, "lifeline-dispatcher", watch=watch)
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
+    try:
+        must_have_subscribed(
+            watch, "dispatcher", (subjects.COMPLETE, subjects.STREAM, subjects.ABORT)
+        )
+    except NatsRefused:
+        await dispatcher.stop()
+        await natsio.close(nc)
+        raise
     if meters is not None:
         observe_health(meters, dispatcher.health)
     responder = Responder(
@@ -398,6 +431,13 @@ async def start_worker(
         max_in_flight_bytes=settings.max_in_flight_bytes,
     )
     await runtime.start()
+    try:
+        work = (subjects.provider_subject(name), subjects.cancel_subject(name))
+        must_have_subscribed(watch, f"worker {name}", work)
+    except NatsRefused:
+        await runtime.stop()
+        await natsio.close(nc)
+        raise
     responder = Responder(
         nc,
         subjects.worker_service(name),

@@ -479,6 +479,15 @@ def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -
     assert "NATS_INBOX_PREFIX=_INBOX.<user>" in asked.stderr
 
 
+def test_a_worker_with_another_roles_credentials_stops_saying_so(secured: Secured) -> None:
+    """Worker slow started with worker-fast's credentials (copied by mistake): its subscriptions
+    were refused, and it ran on, ready by /readyz and `lifeline health`, serving nothing."""
+    worker = lifeline(secured, "worker-fast", "worker", "slow")
+    code, _, err = finished(worker, timeout_s=30)
+    assert code != 0, err
+    assert "worker slow: this NATS user may not subscribe to llm.provider.slow" in err, err
+
+
 async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(secured.config_path)
     argv = ["nats-config", "--config", path, "--clients", "alice,bob", "--gateways", "gateway"]
