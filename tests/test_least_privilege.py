@@ -504,3 +504,17 @@ async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFix
     clash = build_parser().parse_args(["nats-config", "--config", path, "--clients", "operator"])
     with pytest.raises(ValueError, match="would share"):
         await cmd_nats_config(clash)
+
+
+def test_a_config_path_with_a_line_break_stays_inside_its_comment() -> None:
+    """The path went into a `#` comment as it was: a line break in it ended the comment, and
+    what followed (no_auth_user: dispatcher) was the server's configuration."""
+    from service.config import parse_config
+
+    config = parse_config(
+        {"providers": {"p": {"kind": "fake"}}, "routes": {"default": {"targets": ["p"]}}},
+        source="odd\nno_auth_user: dispatcher\n#/c.toml",
+    )
+    rendered = permissions.server_config(config)
+    assert not [line for line in rendered.splitlines() if line.startswith("no_auth_user")]
+    assert "odd\\nno_auth_user" in rendered
