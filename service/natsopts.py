@@ -297,8 +297,14 @@ def resolve(
             )
         for dropped in (m for m in methods if m not in (chosen[0], "url")):
             del values[dropped], origin[dropped]
-        if chosen[0] != "user":
-            values.pop("password", None)
+        if chosen[0] != "user" and "password" in values:
+            if level["password"] == first:  # beside another way from its own place: an error,
+                # not a password silently dropped (it has no user there to go with)
+                raise NatsOptionError(
+                    f"NATS: a password ({origin['password']}) beside {chosen[0]} "
+                    f"({origin[chosen[0]]}), which takes none; keep one"
+                )
+            del values["password"], origin["password"]
     prefix = values.get("inbox_prefix")
     if prefix and not re.match(_INBOX_PREFIX, prefix):
         raise NatsOptionError(f"NATS {origin['inbox_prefix']} {prefix!r}: {_INBOX_PREFIX_WANTED}")

@@ -464,6 +464,10 @@ def test_a_flag_beats_the_config_which_beats_the_environment(tmp_path):
     # ... and two from the same place are a mistake
     with pytest.raises(NatsOptionError, match="more than one way to authenticate"):
         resolve({"creds": str(creds), "token": "t"}, None, {})
+    # ... a password among them too: it was dropped without a word, the URL's old one used
+    for beside in ({"url": secret_url}, {"token": "t"}):
+        with pytest.raises(NatsOptionError, match=r"a password \(--nats-password\) beside"):
+            resolve({**beside, "password": "new"}, None, {})
     assert SECRET not in repr(options)
 
 
