@@ -552,14 +552,17 @@ async def test_a_job_whose_last_delivery_died_with_its_dispatcher_is_dead_letter
 
 
 async def test_a_new_job_numbered_as_one_still_running_from_a_deleted_stream_is_run(
-    lifeline, client, audit
+    lifeline, client, audit, monkeypatch
 ):
     """A jobs stream made again counts from 1: a new job with the number of one still running
     from the stream before was taken for its redelivery, never run, and acknowledged (so
     gone) when the old one ended."""
+    from service import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "_RESETUP_AFTER", 1)  # made again after 1 failed pull, not 5
     stack = await lifeline(
         config(
-            {"slow": fake(latency_ms=20_000, timeout_s=30), "main": fake()},
+            {"slow": fake(latency_ms=5000, timeout_s=30), "main": fake()},
             routes={"default": {"targets": ["main"]}, "slow": {"targets": ["slow"]}},
             shutdown_grace_s=0.1,
         )
