@@ -276,6 +276,8 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     audit = errors.check(_convert, raw.audit, AuditSettings, "audit")
     jetstream = errors.check(_convert, raw.jetstream, JetStreamSettings, "jetstream")
     nats = errors.check(_nats, raw.nats)
+    if jobs is not None and audit is not None and dispatcher is not None:
+        errors.check(_streams_apart, jobs, audit, dispatcher)
     errors.raise_any()  # what follows refers to the tables above
     targets = _named_targets(raw.targets, providers, templates, dispatcher)
 
@@ -308,6 +310,29 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         jetstream=jetstream,
         nats=nats,
     )
+
+
+def _streams_apart(
+    jobs: JobsSettings, audit: AuditSettings, dispatcher: DispatcherSettings
+) -> None:
+    """The JetStream streams Lifeline keeps are four (a bucket is the stream KV_<name>): one
+    name for two would mix jobs, results, audit events and breakers in one stream, and give
+    whoever may read one of them the other (`lifeline nats-config` grants by stream)."""
+    named = {
+        "jobs.stream": jobs.stream,
+        "jobs.results_bucket": f"KV_{jobs.results_bucket}",
+        "audit.stream": audit.stream,
+        "dispatcher.health_bucket": f"KV_{dispatcher.health_bucket}",
+    }
+    seen: dict[str, str] = {}
+    for key, stream in named.items():
+        if not stream:
+            continue  # audit.stream = "": none
+        if stream in seen:
+            raise ConfigError(
+                f"{key}: its stream {stream} is also {seen[stream]}'s: give each its own name"
+            )
+        seen[stream] = key
 
 
 class _Errors:

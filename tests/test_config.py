@@ -190,6 +190,22 @@ def test_a_targets_timeout_above_its_providers_is_refused_naming_both():
     assert said.startswith("targets.patient.timeout_s: ") and "providers.slow.timeout_s" in said
 
 
+@pytest.mark.parametrize(
+    "table, key, value, said",
+    [
+        ("jobs", "stream", "LIFELINE_AUDIT", "audit.stream: its stream LIFELINE_AUDIT is also"),
+        ("jobs", "stream", "KV_lifeline_results", "jobs.results_bucket: its stream"),
+        ("audit", "stream", "KV_lifeline_health", "dispatcher.health_bucket: its stream"),
+    ],
+)
+def test_two_of_lifelines_streams_of_one_name_are_refused(table, key, value, said):
+    """Accepted, they mixed jobs, results, audit events or breakers in one stream, and
+    `nats-config` gave clients the stream info of the results bucket (every job's key)."""
+    data = config({"primary": fake()})
+    data[table] = {key: value}
+    assert said in error(data), error(data)
+
+
 def test_a_config_without_providers_is_refused():
     assert error({"providers": {}, "routes": {}}).startswith("providers: ")
 
