@@ -25,6 +25,7 @@ again every few seconds. Requests never wait on the bucket, except for the rare 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -52,6 +53,9 @@ _OP_TIMEOUT_S = 1.0  # one bucket operation; a slower bucket counts as unreachab
 _CLAIM_TIMEOUT_S = 0.25  # a probe claim is on a request's path: bounded tighter
 _PUBLISH_EVERY_S = 1.0
 _RETRY_EVERY_S = 5.0
+_SWEEP_EVERY_S = 60.0  # how often to delete stats documents of dispatchers long gone
+_STATS_GONE_AFTER_S = 600.0  # a stats document this old is a dispatcher's that died
+_SWEEP_MAX = 100  # documents deleted per sweep at most
 _LOOK_EVERY_S = 5.0  # how often to look whether the bucket was made again (see _maintain)
 _REFRESH_EVERY_S = 30.0
 # A dispatcher's stats older than this are from one that is gone: a live one writes them
@@ -252,6 +256,7 @@ class BucketStore:
         anyway (so `status` sees an idle dispatcher's window empty); reconnect when the bucket
         was lost."""
         published = looked = 0.0
+        swept = time.monotonic()
         reconnects = self.nc.stats["reconnects"]
         while True:
             await asyncio.sleep(_PUBLISH_EVERY_S if self.kv is not None else _RETRY_EVERY_S)
@@ -272,10 +277,40 @@ class BucketStore:
                 await self._connect(health)
                 continue
             now = time.monotonic()
+            if now - swept >= _SWEEP_EVERY_S:
+                swept = now
+                await self._sweep_stale_stats()
             changed = any(target.changed for target in health.targets.values())
             if changed or now - published >= _REFRESH_EVERY_S:
                 published = now
                 await self.publish_stats()
+
+    async def _sweep_stale_stats(self) -> None:
+        """Delete the stats documents of dispatchers gone without stopping (SIGKILL, out of
+        memory): only a stop deletes its own, and `lifeline status` reads every key of the
+        bucket on every call. A few per sweep, long stale only (every replica sweeps)."""
+        kv = self.kv
+        if kv is None:
+            return
+        try:
+            keys = await asyncio.wait_for(kv.keys(), _OP_TIMEOUT_S * 5)
+        except Exception:  # noqa: BLE001 - none yet (NoKeysError), unreachable: the next sweep
+            return
+        now_ms, swept = time.time() * 1000, 0
+        for key in keys:
+            if not key.startswith(STATS_PREFIX) or key == STATS_PREFIX + self.id:
+                continue
+            try:
+                entry = await asyncio.wait_for(kv.get(key), _OP_TIMEOUT_S)
+                age_ms = now_ms - _stats_decoder.decode(entry.value).ts_unix_ms
+            except Exception:  # noqa: BLE001, S112 - gone meanwhile, or not a stats document
+                continue
+            if age_ms > _STATS_GONE_AFTER_S * 1000:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(kv.delete(key), _OP_TIMEOUT_S)
+                swept += 1
+                if swept >= _SWEEP_MAX:
+                    return
 
     async def _made_at(self, js: Any) -> object | None:
         """When the bucket's stream was made, or None when that cannot be told now."""

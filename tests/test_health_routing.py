@@ -12,12 +12,13 @@ import contextlib
 import json
 import logging
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
-
 from helpers import (
     USER_HELLO,
     ask,
@@ -28,6 +29,7 @@ from helpers import (
     wait_for_line,
     write_config,
 )
+
 from schemas.wire import CompletionRequest
 from service.app import start_stack
 from service.client import stream_text
@@ -618,6 +620,36 @@ async def test_a_replica_sees_the_breakers_of_a_bucket_deleted_and_made_again(
         await b.stop()
         await nc_a.close()
         await nc_b.close()
+
+
+async def test_the_stats_of_dispatchers_long_gone_are_swept_from_the_bucket(nats_url, monkeypatch):
+    """Only a stop deleted a dispatcher's stats document: each one SIGKILLed (or out of
+    memory) left its key for good, read by every `lifeline status`."""
+    from service import shared_health
+    from service.shared_health import STATS_PREFIX, stats_document
+
+    monkeypatch.setattr(shared_health, "_SWEEP_EVERY_S", 0.2, raising=False)
+    nc = await nats.connect(nats_url)
+    health = Health(BucketStore(nc, "h3"))
+    await health.start()
+    try:
+        kv = health.store.kv
+        now_ms = int(time.time() * 1000)
+        for name, ts in (("dead", now_ms - 3_600_000), ("alive", now_ms)):
+            await kv.put(STATS_PREFIX + name, stats_document(name, "host", ts, {}, 65536))
+        await wait_for(lambda: _gone(kv, STATS_PREFIX + "dead"), timeout_s=10)
+        assert (await kv.get(STATS_PREFIX + "alive")).value
+    finally:
+        await health.stop()
+        await nc.close()
+
+
+async def _gone(kv: Any, key: str) -> bool:
+    try:
+        await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return True
+    return False
 
 
 def test_a_peers_clock_ahead_does_not_stretch_a_cooldown():
