@@ -35,6 +35,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -736,17 +737,26 @@ async def _say_if_other_ttl(js: Any, settings: JobsSettings) -> None:
 
 
 _UNSTORED_MAX_BYTES = 64 * 1024 * 1024
+# Longer than a job's redeliveries take (5 deliveries, 5 s apart, each up to ack_wait_s = 300
+# s at most), shorter than any results TTL worth having.
+_UNSTORED_FOR_S = 1800.0
 
 
 class _Unstored:
     """Answers of jobs whose results could not be stored (a bucket unreachable, JetStream's disk
     full), by job key, until their next delivery here: it stores one without calling the
     provider again (with a full disk, each of a job's deliveries paid its provider anew). At
-    most _UNSTORED_MAX_BYTES of them, the oldest left out first."""
+    most _UNSTORED_MAX_BYTES of them, the oldest left out first, and none older than
+    _UNSTORED_FOR_S (a job of the same id sent again much later is a new one)."""
 
-    def __init__(self, max_bytes: int = _UNSTORED_MAX_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._kept: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+    def __init__(
+        self,
+        max_bytes: int = _UNSTORED_MAX_BYTES,
+        for_s: float = _UNSTORED_FOR_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_bytes, self.for_s, self.clock = max_bytes, for_s, clock
+        self._kept: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
         self._bytes = 0
 
     def keep(self, key: str, reply: CompletionReply) -> None:
@@ -754,18 +764,19 @@ class _Unstored:
         payload = encoder.encode(reply)
         if len(payload) > self.max_bytes:
             return
-        self._kept[key] = payload
+        self._kept[key] = (self.clock(), payload)
         self._bytes += len(payload)
         while self._bytes > self.max_bytes:
-            _, oldest = self._kept.popitem(last=False)
+            _, (_, oldest) = self._kept.popitem(last=False)
             self._bytes -= len(oldest)
 
     def take(self, key: str) -> CompletionReply | None:
-        payload = self._kept.pop(key, None)
-        if payload is None:
+        kept = self._kept.pop(key, None)
+        if kept is None:
             return None
+        at, payload = kept
         self._bytes -= len(payload)
-        return reply_decoder.decode(payload)
+        return reply_decoder.decode(payload) if self.clock() - at <= self.for_s else None
 
 
 async def _keep_consumer_to(js: Any, settings: JobsSettings) -> None:

@@ -1012,3 +1012,8 @@ def test_answers_kept_for_their_next_delivery_are_bounded_by_bytes_oldest_out_fi
     assert kept.take("k4") is None  # taken once
     kept.keep("huge", CompletionReply("huge", "ok", content="x" * 400))  # over the bound alone
     assert kept.take("huge") is None
+    now = [0.0]
+    aging = _Unstored(for_s=1800, clock=lambda: now[0])
+    aging.keep("old", CompletionReply("old", "ok"))
+    now[0] = 1801.0  # the id sent again long after: a new job, not the old answer
+    assert aging.take("old") is None
