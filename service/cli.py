@@ -380,8 +380,9 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(dispatcher.health_bucket) and shows, per provider:model (what breakers are kept "
         "under; named targets on one model share it): its breaker "
         "(closed, open, half_open) and why, the calls of the last 60 s summed over every live "
-        "dispatcher, their success rate, the p50/p95 latency of good answers (last 30-60 s), "
-        "and how many calls skipped it while its breaker was open.",
+        "dispatcher, their success rate (of those that answered), how many were cancelled "
+        "before they answered (a hedge that lost, an abort), the p50/p95 latency of good "
+        "answers (last 30-60 s), and how many calls skipped it while its breaker was open.",
     )
     status.add_argument(
         "--bucket",
@@ -547,7 +548,7 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         metavar="N",
         help="HTTP connections open at once; a connection past them is answered 503 and closed "
-        "(default: the open-files limit less 256, at most 10,000)",
+        "(default: the open-files limit less 256, at most 10,000; half of it under 512)",
     )
     _config_arg(gateway)
     _nats_arg(gateway)

@@ -287,6 +287,11 @@ class Lifeline:
         outage = _Outage(resolved.shown)
 
         async def on_error(exc: Exception) -> None:
+            if connected and "permissions violation" in str(exc).lower():
+                # The server refused one message (a publish, a subscription); the connection
+                # is up: no outage, said as it is.
+                log.warning("NATS at %s: %s: %s", resolved.shown, type(exc).__name__, exc)
+                return
             if connected:
                 outage.failed(exc)
                 return

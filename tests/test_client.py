@@ -240,6 +240,36 @@ async def test_an_outage_is_one_warning_however_many_retries_and_its_end_is_said
     assert any(level == "INFO" and "reconnected after" in line for level, line in said), said
 
 
+async def test_an_error_on_a_live_connection_is_no_outage_and_hides_none_after_it(caplog):
+    """A refused publish was taken for an outage's first failure: said as "reconnecting", and
+    the real outage after it got no WARNING and a wrong duration."""
+    conf = (
+        "authorization { users = [ {user: a, password: b, "
+        'permissions: {publish: {deny: ["forbidden"]}}} ] }'
+    )
+    server = EmbeddedNats(port=-1, conf=conf)
+    server.start()
+    try:
+        url = server.url.replace("nats://", "nats://a:b@")
+        async with Lifeline.connect(url, timeout_s=0.2) as client:
+            caplog.set_level("DEBUG", logger="lifeline.client")
+            await client.nc.publish("forbidden", b"x")
+            await wait_for(
+                lambda: any("permissions violation" in r.getMessage() for r in caplog.records)
+            )
+            port = server.port
+            server.stop()
+            await asyncio.sleep(1.5)
+            server = EmbeddedNats(port=port, conf=conf)
+            server.start()
+            await wait_for(lambda: client.nc.is_connected, timeout_s=10)
+    finally:
+        server.stop()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("permissions violation" in w and "reconnecting" not in w for w in warned), warned
+    assert any("reconnecting (retries logged at DEBUG)" in w for w in warned), warned
+
+
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
     with EmbeddedNats(port=-1, jetstream=False) as server:
         async with Lifeline.connect(server.url, timeout_s=2) as client:

@@ -154,5 +154,8 @@ def test_a_pipeline_file_never_holds_the_nats_urls_credentials():
     llm = LifelineChatGenerator("fast", nats_url="nats://alice:TopSecret-PW@nats.internal:4222")
     with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
         llm.to_dict()
+    cluster = "nats://a:4222, nats://alice:TopSecret-PW@b:4222"  # in any URL of the list
+    with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
+        LifelineChatGenerator("fast", nats_url=cluster).to_dict()
     plain = LifelineChatGenerator("fast", nats_url="nats://nats.internal:4222")
     assert plain.to_dict()["init_parameters"]["nats_url"] == "nats://nats.internal:4222"

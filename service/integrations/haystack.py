@@ -111,7 +111,8 @@ class LifelineChatGenerator:
         self.max_retries = max_retries
 
     def to_dict(self) -> dict[str, Any]:
-        if self.nats_url and "@" in self.nats_url.partition("://")[2].partition("/")[0]:
+        servers = (self.nats_url or "").split(",")  # a cluster's list: any of them
+        if any("@" in url.strip().partition("://")[2].partition("/")[0] for url in servers):
             # As Haystack's own Secret refuses to write a token: a pipeline file is shared.
             raise ValueError(
                 "nats_url holds credentials, which a pipeline's file must not: give them in "
