@@ -380,7 +380,7 @@ async def test_batch_longer_than_the_jobs_stream_has_room_for_waits_for_room(
     once, collected nothing, and asked whether JetStream was on."""
     await ensure_jobs(client.jetstream(), JobsSettings(max_jobs=2))
     await lifeline(
-        {**config({"main": fake(latency_ms=300)}), "jobs": {"max_jobs": 2, "in_flight": 1}}
+        {**config({"main": fake(latency_ms=150)}), "jobs": {"max_jobs": 2, "in_flight": 1}}
     )
     source = tmp_path / "jobs.jsonl"
     source.write_text(

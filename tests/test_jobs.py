@@ -595,7 +595,7 @@ async def test_a_long_job_keeps_its_delivery_when_another_config_shortened_the_a
     delivered again, and its provider paid, twice."""
     stack = await lifeline(
         {
-            **config({"slow": fake(latency_ms=4000, timeout_s=10)}, shutdown_grace_s=0.1),
+            **config({"slow": fake(latency_ms=2500, timeout_s=10)}, shutdown_grace_s=0.1),
             "jobs": {"ack_wait_s": 30},
         }
     )
