@@ -62,7 +62,7 @@ from service import jetstream
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
-from service.jobstore import ensure_jobs, results_max_value
+from service.jobstore import ensure_jobs, max_value_of, results_max_value
 from service.loop import cancel_and_wait
 from service.natsio import publish_checked
 from service.routing import Rejected
@@ -217,8 +217,7 @@ class Jobs:
         try:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
             self.kv = await ensure_jobs(js, s, self.replicas)
-            self.max_value = await results_max_value(js, s)
-            await _say_if_other_ttl(js, s)
+            await self._look_at_bucket(js)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
                 max_deliver=_CONSUMER_MAX_DELIVER,
@@ -542,6 +541,13 @@ class Jobs:
             task = self._remaking = asyncio.create_task(self._make_bucket(exc))
         return await asyncio.shield(task)
 
+    async def _look_at_bucket(self, js: Any) -> None:
+        """The results bucket's limits, read once: its max value size, and a TTL other than
+        the config's said."""
+        info = await js.stream_info(f"KV_{self.settings.results_bucket}")
+        self.max_value = max_value_of(info)
+        _say_if_other_ttl(info, self.settings)
+
     async def _make_bucket(self, exc: BaseException) -> bool:
         s = self.settings
         js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
@@ -552,8 +558,7 @@ class Jobs:
             except nats.js.errors.NotFoundError:
                 pass
             self.kv = await ensure_jobs(js, s, self.replicas)
-            self.max_value = await results_max_value(js, s)
-            await _say_if_other_ttl(js, s)
+            await self._look_at_bucket(js)
         except Exception as failed:  # noqa: BLE001 - nats-py: no JetStream answers with many types
             log.warning(
                 "jobs: the results bucket %s did not answer (%r), and could not be set up "
@@ -716,10 +721,9 @@ class Jobs:
 _told_ttl: set[tuple[str, Any, float]] = set()  # (bucket, when made, its TTL): said once each
 
 
-async def _say_if_other_ttl(js: Any, settings: JobsSettings) -> None:
+def _say_if_other_ttl(info: Any, settings: JobsSettings) -> None:
     """A results bucket made before (by a client's submit, another config) keeps its own TTL,
     whatever jobs.results_ttl_s says: said once, as for the jobs stream's other limits."""
-    info = await js.stream_info(f"KV_{settings.results_bucket}")
     ttl = info.config.max_age or 0.0
     key = (settings.results_bucket, info.created, ttl)
     if abs(ttl - settings.results_ttl_s) < 0.5 or key in _told_ttl:

@@ -6,7 +6,7 @@ service.jetstream only."""
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats.js.errors
 from nats.js import JetStreamContext, api
@@ -77,6 +77,10 @@ async def results_max_value(js: JetStreamContext, settings: JobsShape) -> int | 
     """The largest value the results bucket takes (its stream's max_msg_size, which counts a
     write's headers too), or None when it has no limit of its own: one an operator made may
     have one (`max_value_size`), and a result over it is refused however often it is tried."""
-    info = await js.stream_info(f"KV_{settings.results_bucket}")
+    return max_value_of(await js.stream_info(f"KV_{settings.results_bucket}"))
+
+
+def max_value_of(info: Any) -> int | None:
+    """`results_max_value` of the bucket's stream info, read already."""
     size = info.config.max_msg_size
     return size if size is not None and size > 0 else None
