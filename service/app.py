@@ -314,7 +314,9 @@ def _is_service_api_refusal(exc: Exception) -> bool:
 
 def _refused_subscription(exc: Exception) -> str | None:
     """The subject of a subscription the server refused, as its error names it; else None."""
-    match = re.search(r'permissions violation for subscription to "([^"]*)"', str(exc), re.IGNORECASE)
+    match = re.search(
+        r'permissions violation for subscription to "([^"]*)"', str(exc), re.IGNORECASE
+    )
     return match.group(1) if match else None
 
 

@@ -69,7 +69,7 @@ from service.config import (
 )
 from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.health import percentile_ms
-from service.jobstore import ensure_jobs
+from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes
 from service.shared_health import merge_status, read_bucket
@@ -1296,26 +1296,14 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     progress = _Progress(len(pending), skipped=len(jobs) - len(pending))
     try:
         js = nc.jetstream(timeout=5)
-        try:  # as the Python client does: a least-privilege client may look, not make
-            await js.stream_info(settings.stream)
-        except nats.js.errors.NotFoundError:
-            await ensure_jobs(js, settings, replicas)
+        await ensure_jobs_as_a_client(js, settings, replicas)
         # Each job's result is pushed to a subject of this run's own inbox (a client may read
-        # nothing else: not the bucket, which holds every client's results); one submitted
-        # before, acknowledged as a duplicate, notifies its first run instead, so is asked for.
-        inbox, pushed = nc.new_inbox(), asyncio.Queue[tuple[str, bytes]]()
-        bucket = settings.results_bucket
-
-        async def on_result(msg: Any) -> None:
-            pushed.put_nowait((msg.subject.rpartition(".")[2], msg.data))
-
-        await nc.subscribe(inbox + ".*", cb=on_result, pending_msgs_limit=-1)
+        # nothing else: not the bucket, which holds every client's results).
+        results = _Results(nc, pending, out, progress, settings.results_bucket)
+        await results.start()
         give_up = time.monotonic() + args.timeout  # for room in a full jobs stream, too
-        keys: dict[str, str] = {}  # notify token -> job key
-        asked: set[str] = set()  # job keys whose result is asked for (llm.jobs.result)
-        for n, (key, (job_id, body)) in enumerate(list(pending.items())):
-            keys[str(n)] = key
-            headers = {subjects.MSG_ID: job_id, subjects.NOTIFY: f"{inbox}.{n}"}
+        for key, (job_id, body) in list(pending.items()):
+            headers = {subjects.MSG_ID: job_id, subjects.NOTIFY: results.notify(key)}
             size = message_bytes(body, headers)
             refused = None
             if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
@@ -1346,13 +1334,13 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                     # The jobs stream is full (jobs.max_jobs waiting): results written as
                     # they come meanwhile, and the job sent again once some have left it.
                     progress.waiting_for_room = True
-                    await _collect(nc, pushed, keys, asked, pending, out, progress, 1.0, bucket)
+                    await results.collect(1.0)
             progress.waiting_for_room = False
-            if ack.duplicate:
-                asked.add(key)
+            if ack.duplicate:  # submitted by an earlier run: its result notifies that run
+                results.asked.add(key)
             progress.submitted += 1
             progress.show()
-        await _collect(nc, pushed, keys, asked, pending, out, progress, args.timeout, bucket)
+        await results.collect(args.timeout)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         why = (  # NATS's refusals say what to do; the results file's errors speak for themselves
             jetstream.hint(exc, replicas)
@@ -1422,66 +1410,88 @@ def _ids_in(out_path: Path) -> set[str]:
     return ids
 
 
-async def _collect(
-    nc: Any,
-    pushed: asyncio.Queue[tuple[str, bytes]],
-    keys: dict[str, str],
-    asked: set[str],
-    pending: dict[str, tuple[str, bytes]],
-    out: Any,
-    progress: _Progress,
-    limit_s: float,
-    bucket: str,
-) -> None:
-    """Write each pending job's result as it comes (pushed to its notify subject, or, for one
-    submitted before, asked of a dispatcher every few seconds), until none is pending."""
-    give_up = time.monotonic() + limit_s
-    ask_at = time.monotonic() + _BATCH_ASK_EVERY_S if asked else math.inf
-    while pending and time.monotonic() < give_up:
-        try:
-            token, data = await asyncio.wait_for(pushed.get(), 1.0)
-            got = [(keys.get(token), data)]
-        except TimeoutError:
-            got = []
-            progress.show()
-        if time.monotonic() >= ask_at:
-            got += await _ask_results(nc, [k for k in asked if k in pending], pending, bucket)
-            ask_at = time.monotonic() + _BATCH_ASK_EVERY_S
-        for key, data in got:
-            if key is None or key not in pending or not data:
-                continue  # another's, or notified twice (at least once), or none yet
+class _Results:
+    """A batch's results as they come: each job's pushed to its own subject of the run's inbox
+    (`notify`), those of jobs submitted by an earlier run (acknowledged as duplicates: they
+    notify that run) asked of a dispatcher every few seconds; each written once to `out`."""
+
+    def __init__(
+        self,
+        nc: Any,
+        pending: dict[str, tuple[str, bytes]],
+        out: Any,
+        progress: _Progress,
+        bucket: str,
+    ) -> None:
+        self.nc, self.pending, self.bucket = nc, pending, bucket
+        self.out, self.progress = out, progress
+        self.inbox = nc.new_inbox()
+        self.keys: dict[str, str] = {}  # notify token -> job key
+        self.asked: set[str] = set()  # job keys whose result is asked for (llm.jobs.result)
+        self._pushed: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def start(self) -> None:
+        async def on_result(msg: Any) -> None:
+            self._pushed.put_nowait((msg.subject.rpartition(".")[2], msg.data))
+
+        await self.nc.subscribe(self.inbox + ".*", cb=on_result, pending_msgs_limit=-1)
+
+    def notify(self, key: str) -> str:
+        """The subject job `key`'s result is to be pushed to."""
+        token = str(len(self.keys))
+        self.keys[token] = key
+        return f"{self.inbox}.{token}"
+
+    async def collect(self, limit_s: float) -> None:
+        """Write each pending job's result as it comes, until none is pending or limit_s is
+        over."""
+        pending, give_up = self.pending, time.monotonic() + limit_s
+        ask_at = time.monotonic() + _BATCH_ASK_EVERY_S if self.asked else math.inf
+        while pending and time.monotonic() < give_up:
             try:
-                reply = reply_decoder.decode(data)
-            except msgspec.DecodeError:
-                continue
-            job_id, _ = pending.pop(key)
-            line = data
-            if reply.id != job_id:  # refused before its id was read: the line must name its job
-                reply = msgspec.structs.replace(reply, id=job_id)
-                line = encoder.encode(reply)
-            _write_result(out, line, reply, progress)
+                token, data = await asyncio.wait_for(self._pushed.get(), 1.0)
+                got = [(self.keys.get(token), data)]
+            except TimeoutError:
+                got = []
+                self.progress.show()
+            if time.monotonic() >= ask_at:
+                got += await self._ask([k for k in self.asked if k in pending])
+                ask_at = time.monotonic() + _BATCH_ASK_EVERY_S
+            for key, data in got:
+                if key is None or key not in pending or not data:
+                    continue  # another's, or notified twice (at least once), or none yet
+                try:
+                    reply = reply_decoder.decode(data)
+                except msgspec.DecodeError:
+                    continue
+                job_id, _ = pending.pop(key)
+                line = data
+                if reply.id != job_id:  # refused before its id was read: the line names its job
+                    reply = msgspec.structs.replace(reply, id=job_id)
+                    line = encoder.encode(reply)
+                _write_result(self.out, line, reply, self.progress)
+
+    async def _ask(self, keys: list[str]) -> list[tuple[str | None, bytes]]:
+        """The results stored for these jobs (asked of a dispatcher, as `lifeline result`
+        does), an empty one for each with none yet or none to be had now."""
+        found: list[tuple[str | None, bytes]] = []
+        for at in range(0, len(keys), _BATCH_ASKS_AT_ONCE):
+            some = keys[at : at + _BATCH_ASKS_AT_ONCE]
+            answers = await asyncio.gather(
+                *(
+                    client.stored_result(self.nc, self.pending[key][0], 0.0, self.bucket)
+                    for key in some
+                ),
+                return_exceptions=True,
+            )
+            found += [
+                (k, a if isinstance(a, bytes) else b"") for k, a in zip(some, answers, strict=True)
+            ]
+        return found
 
 
 _BATCH_ASK_EVERY_S = 2.0  # how often a batch asks for the results of jobs submitted before
 _BATCH_ASKS_AT_ONCE = 64
-
-
-async def _ask_results(
-    nc: Any, keys: list[str], pending: dict[str, tuple[str, bytes]], bucket: str
-) -> list[tuple[str | None, bytes]]:
-    """The results stored for these jobs (asked of a dispatcher, as `lifeline result` does),
-    an empty one for each with none yet or none to be had now."""
-    found: list[tuple[str | None, bytes]] = []
-    for at in range(0, len(keys), _BATCH_ASKS_AT_ONCE):
-        some = keys[at : at + _BATCH_ASKS_AT_ONCE]
-        answers = await asyncio.gather(
-            *(client.stored_result(nc, pending[key][0], 0.0, bucket) for key in some),
-            return_exceptions=True,
-        )
-        found += [
-            (k, a if isinstance(a, bytes) else b"") for k, a in zip(some, answers, strict=True)
-        ]
-    return found
 
 
 def _write_result(out: Any, line: bytes, reply: CompletionReply, progress: _Progress) -> None:

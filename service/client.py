@@ -65,7 +65,7 @@ from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
 from service import jetstream, natsio, natsopts
-from service.jobstore import ensure_jobs
+from service.jobstore import ensure_jobs_as_a_client
 
 __all__ = [
     "JobsUnavailable",
@@ -529,18 +529,11 @@ class Lifeline:
         """The jobs stream and results bucket when no dispatcher has made them yet, shaped as
         a dispatcher shapes them (service/jobstore.py). A stream that exists is used as it
         is: a least-privilege client may look at it, not make it."""
+        shape = _JobsShape(
+            self.jobs_stream, _JOBS_MAX, _JOBS_DEDUP_WINDOW_S, self.results_bucket, _RESULTS_TTL_S
+        )
         js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
-        try:
-            await js.stream_info(self.jobs_stream)
-        except nats.js.errors.NotFoundError:
-            shape = _JobsShape(
-                self.jobs_stream,
-                _JOBS_MAX,
-                _JOBS_DEDUP_WINDOW_S,
-                self.results_bucket,
-                _RESULTS_TTL_S,
-            )
-            await ensure_jobs(js, shape, self.jobs_replicas)
+        await ensure_jobs_as_a_client(js, shape, self.jobs_replicas)
         self._jobs_ready = True
 
 

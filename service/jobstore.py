@@ -73,6 +73,16 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
         )
 
 
+async def ensure_jobs_as_a_client(js: JetStreamContext, settings: JobsShape, replicas: int) -> None:
+    """The jobs stream and results bucket made as a dispatcher makes them when there is no jobs
+    stream yet (no dispatcher ran); one that exists is used as it is: a least-privilege client
+    may look at it (its INFO), not make it."""
+    try:
+        await js.stream_info(settings.stream)
+    except nats.js.errors.NotFoundError:
+        await ensure_jobs(js, settings, replicas)
+
+
 async def results_max_value(js: JetStreamContext, settings: JobsShape) -> int | None:
     """The largest value the results bucket takes (its stream's max_msg_size, which counts a
     write's headers too), or None when it has no limit of its own: one an operator made may
