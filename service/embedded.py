@@ -117,7 +117,7 @@ class EmbeddedNats:
                 return
             if self._proc is not None and self._proc.poll() is not None:
                 break
-            time.sleep(0.02)
+            time.sleep(0.005)
         tail = log_path.read_text()[-2000:] if log_path.exists() else "(no log)"
         self.stop()
         raise EmbeddedNatsError(
@@ -136,9 +136,16 @@ class EmbeddedNats:
             f"; its log ends:\n{tail}" if tail else ""
         )
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the server (SIGTERM: it closes its connections and JetStream's files) and
+        remove its store. `graceful=False` kills it at once, for a server whose store is thrown
+        away with it and whose clients are gone (a test's): a graceful stop of one that served
+        JetStream takes about 60 ms more."""
         if self._proc is not None:
-            self._proc.terminate()
+            if graceful:
+                self._proc.terminate()
+            else:
+                self._proc.kill()
             try:
                 self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -66,8 +66,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def nats_url() -> Iterator[str]:
-    with EmbeddedNats(port=-1) as server:
+    server = EmbeddedNats(port=-1)
+    server.start()
+    try:
         yield server.url
+    finally:  # every client of it has stopped by now (fixtures end in reverse order)
+        server.stop(graceful=False)
 
 
 @pytest.fixture
