@@ -806,7 +806,7 @@ class _Run:
             if failure.retry_after_s > target.max_backoff_s:
                 return None, None  # the provider asks for a longer pause than allowed: fall back
             delay_s = max(delay_s, failure.retry_after_s)
-        if self.limits.deadline.left_s(self.clock()) <= delay_s:
+        if self.limits.deadline.passed(self.clock() + delay_s):  # no time left for the retry
             return None, None
         budgets = self.limits.budgets
         if budgets is not None and not budgets.retry.spend():

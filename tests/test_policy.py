@@ -449,6 +449,24 @@ async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
     assert script.called == ["a", "b"] and script.slept == []
 
 
+async def test_a_retry_whose_backoff_would_leave_under_a_millisecond_is_not_made():
+    """A wait that ends 0.6 ms before the deadline leaves no time for a call: the chain
+    moves on at once, rather than waiting and then skipping everything for the deadline."""
+    targets = [target("a", retries=2, backoff_s=1.0), target("b")]
+    result, script = await run(
+        {"a": fail("server_error", 503), "b": ok()},
+        targets=targets,
+        deadline_in=0.5006,
+        rand=lambda: 0.5,  # a backoff of 0.5 s
+    )
+    assert script.called == ["a", "b"] and script.slept == []
+    assert result.error is None
+    assert [(a.target, a.outcome, a.next) for a in result.attempts] == [
+        ("a", "error", "fallback"),
+        ("b", "ok", None),
+    ]
+
+
 # ---- the cap on physical attempts --------------------------------------------------
 
 
