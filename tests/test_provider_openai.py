@@ -264,12 +264,21 @@ async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("20", 20.0), ("0.5", 0.5), ("-1", None), ("nan", None), ("soon", None), (None, None)],
+    [
+        ("20", 20.0),
+        ("0.5", 0.5),
+        ("-1", None),
+        ("nan", None),
+        ("soon", None),
+        (None, None),
+        # A date whose zone overflows Python's int: it raised, and the 429 lost its kind.
+        ("Mon, 01 Jan 2026 00:00:00 +99999999999999999999", None),
+    ],
 )
 async def test_retry_after_in_seconds_is_read_and_nonsense_ignored(make, value, seconds):
     headers = {"retry-after": value} if value is not None else {}
     err = await failure(make(Server(429, error("slow down", "requests", None), headers=headers)))
-    assert err.retry_after_s == seconds
+    assert (err.kind, err.retry_after_s) == ("rate_limit", seconds)
 
 
 async def test_retry_after_as_an_http_date_is_the_time_until_it(make):

@@ -176,7 +176,7 @@ def retry_after_s(response: httpx.Response) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # a year or zone past a C int
             return None
         if when.tzinfo is None:  # -0000: UTC, said so by RFC 5322
             when = when.replace(tzinfo=datetime.UTC)
