@@ -437,8 +437,9 @@ class _Run:
             return _CLAIM
         return self._not_probing(target)
 
-    async def claim(self, target: Target) -> Call | Skip:
-        """Claim the probe of `target`'s breaker: Call(probe) when this request holds it."""
+    async def claim(self, target: Target) -> Call | Skip | Stop:
+        """Claim the probe of `target`'s breaker: Call(probe) when this request holds it, Stop
+        when the claim outlasted the deadline (the shared bucket may take up to 250 ms)."""
         health, key = self.health, target.health_key
         assert health is not None
         try:
@@ -446,6 +447,11 @@ class _Run:
         except asyncio.CancelledError:  # aborted meanwhile: the lease taken must not bench it
             health.release(*key)
             raise
+        stop = self.out_of_room()
+        if stop is not None:
+            if won:  # a probe never sent decides nothing: the next call probes
+                health.release(*key)
+            return stop
         if not won:
             return self._not_probing(target)
         if self.claims is None:

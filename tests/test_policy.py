@@ -708,3 +708,43 @@ async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile()
         ("b", "ok", None),
     ]
     assert [name for name, _ in events] == ["lifeline.retry", "lifeline.skip", "lifeline.fallback"]
+
+
+async def test_a_probe_claim_that_outlasts_the_deadline_calls_nobody_and_frees_the_probe():
+    """The shared bucket may take up to 250 ms to grant a half-open probe: a request whose
+    deadline passed meanwhile ends with deadline_exceeded, the target skipped for the
+    deadline, not a call made with no time left (a timeout, all_failed)."""
+    from service.health import OPEN, PROBE, BreakerSettings, Health
+
+    clock = Clock()
+
+    class SlowBucket:  # grants the probe, 250 ms later
+        shared = True
+
+        async def start(self, health: Health) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        def announce(self, breaker) -> None:
+            pass
+
+        async def claim(self, breaker) -> bool | None:
+            clock.now += 0.25
+            return True
+
+    health = Health(SlowBucket(), clock=clock, wall=clock)
+    a = target("a", breaker=BreakerSettings(cooldown_s=1.0))
+    state = health.of(*a.health_key)
+    state.state, state.open_until = OPEN, clock.now - 1  # cooled down: the next call probes
+    script = Script(clock, {"a": ok()})
+    result = await run_chain(
+        Chain([a]), script, Limits(Deadline(clock.now + 0.05)), health=health, clock=clock
+    )
+    assert script.called == []
+    assert result.error is not None and result.error.type == "deadline_exceeded"
+    assert [(x.target, x.outcome, x.reason) for x in result.attempts] == [
+        ("a", "skipped", "deadline")
+    ]
+    assert health.admit(*a.health_key) == PROBE  # the probe it never sent is the next call's
