@@ -172,6 +172,14 @@ async def test_a_refusal_maps_to_content_filter(make):
     assert (err.kind, err.status_code) == ("content_filter", 200)
 
 
+async def test_output_blocked_by_the_content_filter_maps_to_content_filter(make):
+    """The API's 400 for an answer its filters withheld: it was a bad_request, which ends the
+    chain, not content_filter, which a route may send elsewhere."""
+    body = error("invalid_request_error", "Output blocked by content filtering policy")
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("content_filter", 400)
+
+
 async def test_a_200_without_content_is_a_server_error(make):
     err = await failure(make(Server(body={"id": "msg_1", "type": "message", "role": "assistant"})))
     assert err.kind == "server_error"

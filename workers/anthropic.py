@@ -73,6 +73,9 @@ from workers.base import (
 
 # How the API words a prompt that does not fit the model's context window (invalid_request_error).
 _TOO_LONG = ("prompt is too long", "exceed context limit")
+# How it words an answer its filters withheld (invalid_request_error, as a 400 or mid-stream):
+# no answer, as a refusal is, which the request's content_filter chain may take.
+_BLOCKED = "output blocked by content filtering policy"
 # Each error type with the HTTP status it comes with (https://docs.anthropic.com/en/api/errors):
 # an error event in a stream has its type, and no status of its own.
 _TYPE_STATUS = {
@@ -384,6 +387,8 @@ def _error_kind(error_type: object, text: str, status: int) -> str:
         )
     ):
         return "context_length"
+    if error_type == "invalid_request_error" and _BLOCKED in text.lower():
+        return "content_filter"
     if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         return "server_error"
     if error_type == "billing_error":  # 402: the account's credit is spent
