@@ -726,6 +726,22 @@ async def test_a_stream_that_ends_without_its_terminator_is_a_connection_error(
 
 
 @each_kind
+async def test_a_stream_that_ends_without_any_answer_is_a_server_error(kind, server, providers):
+    """Only the usage chunk before [DONE], or a message that starts and stops: it was passed on
+    as a whole, empty answer, where the same answer unstreamed is a server_error, which falls
+    back."""
+    events = kind.events([])
+    if kind is ANTHROPIC:  # message_start, then message_stop
+        events = [events[0], events[-1]]
+    else:  # the chunks without a choice (usage; Azure's prompt filter results), then [DONE]
+        events = [event for event in events if '"choices": []' in event] + [events[-1]]
+    server.answer = lambda handler: send(handler, events)
+    deltas, error = await failed(providers(kind, server.url))
+    assert (deltas, error.kind, error.status_code) == ([], "server_error", 200)
+    assert "without a choice" in error.message or "without a content block" in error.message
+
+
+@each_kind
 async def test_a_connection_cut_mid_body_is_a_connection_error(kind, server, providers):
     events = kind.events(TEXTS)
     # The Content-Length promises more than comes: httpx sees the body cut short.

@@ -484,6 +484,9 @@ class MessageStream:
         self.counts: dict[str, int] = dict.fromkeys(_COUNTS, 0)
         self.calls: dict[int | None, _StreamedCall] = {}  # by block index, in block order
         self.finish_reason: FinishReason | None = None
+        # A content block or a stop_reason came: a message that starts and stops with neither
+        # says nothing, not even that it is empty.
+        self.said = False
 
     def read(self, event: ServerSentEvent) -> Delta | ProviderOk | None:
         data: _Event = decode_event(event, _event_decoder)
@@ -509,6 +512,7 @@ class MessageStream:
     def _block(self, index: int | None, block: _Block) -> Delta | None:
         """A block's start: a text block's first text (normally ""), or a tool call begun.
         Other blocks (thinking, server tools) are no part of the answer, as in parse_message."""
+        self.said = True
         if block.type == "text":
             return block.text
         if block.type == "tool_use":
@@ -540,11 +544,14 @@ class MessageStream:
         """message_delta's stop_reason, once it names one; a refusal fails the answer."""
         if delta is None or delta.stop_reason is None:
             return
+        self.said = True
         if delta.stop_reason == "refusal":
             raise _refused()  # as parse_message: no answer to pass on
         self.finish_reason = _FINISH.get(delta.stop_reason)
 
     def _answer(self) -> ProviderOk:
+        if not self.said:
+            raise self._unexpected("message_stop came without a content block or a stop_reason")
         calls = [call.call() for call in self.calls.values()]
         return ProviderOk(
             content="",

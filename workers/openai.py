@@ -443,9 +443,14 @@ class ChatStream:
         self.usage = _Usage()
         self.calls = _StreamedCalls()
         self.finish_reason: str | None = None
+        self.chosen = False  # a chunk with a choice came: the usage chunk alone is no answer
 
     def read(self, event: ServerSentEvent) -> Delta | list[Delta] | ProviderOk | None:
         if event.data == "[DONE]":
+            if not self.chosen:  # as parse_chat_completion finds a body without a choice
+                raise ProviderError(
+                    "server_error", f"{self.label} stream ended ([DONE]) without a choice", 200
+                )
             return self._finished()
         chunk: _Chunk = decode_event(event, _chunk_decoder)
         if chunk.error is not None:
@@ -456,6 +461,7 @@ class ChatStream:
         if not chunk.choices:
             return None
         choice = chunk.choices[0]
+        self.chosen = True
         if choice.finish_reason == "content_filter":  # as parse_chat_completion: no answer
             raise _withheld(200)
         self.finish_reason = choice.finish_reason or self.finish_reason
