@@ -217,6 +217,12 @@ async def test_rate_limit_maps_to_rate_limit_with_retry_after(make):
     )
     err = await failure(make(Server(429, error("429", message), headers={"retry-after": "6"})))
     assert (err.kind, err.status_code, err.retry_after_s) == ("rate_limit", 429, 6.0)
+    # Azure's documented retry-after-ms, read first as its SDK does (it was ignored); one that
+    # is no number of milliseconds leaves Retry-After to say.
+    for ms, seconds in (("5640", 5.64), ("-1", 6.0), ("soon", 6.0)):
+        headers = {"retry-after-ms": ms, "retry-after": "6"}
+        err = await failure(make(Server(429, error("429", message), headers=headers)))
+        assert (err.kind, err.retry_after_s) == ("rate_limit", seconds)
 
 
 async def test_a_wrong_key_maps_to_auth(make):

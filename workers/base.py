@@ -167,7 +167,14 @@ def redact(error: ProviderError, secrets: Iterable[str]) -> ProviderError:
 
 def retry_after_s(response: httpx.Response) -> float | None:
     """The Retry-After header in seconds, given as seconds or as an HTTP date (RFC 9110; a
-    date past is 0); None without one, or for one that is neither, nan, inf or negative."""
+    date past is 0); None without one, or for one that is neither, nan, inf or negative.
+
+    Azure's retry-after-ms comes first when it holds a number: it is the finer of the two it
+    sends, and the one the OpenAI and Azure SDKs wait by."""
+    with suppress(ValueError):
+        milliseconds = float(response.headers.get("retry-after-ms", "nan"))
+        if math.isfinite(milliseconds) and milliseconds >= 0:
+            return milliseconds / 1000
     value = response.headers.get("retry-after")
     if value is None:
         return None
