@@ -2,7 +2,8 @@
 
 Pure: no NATS, no telemetry. The fallback loop (service/policy.py) deposits one request per
 request and spends one per retry or hedge; a spend the budget cannot cover is refused, and the
-attempt says so (`reason: retry_budget`).
+attempt says so (`reason: retry_budget`). A retry is paid for before its backoff, and refunded
+if it is not made after all.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class Budget:
             return False
         self._spent[self._slot()] += 1
         return True
+
+    def refund(self, second: int) -> None:
+        """Give back a spend made in `second` (int(clock()) then) whose attempt was never made.
+        A spend older than the window has aged out already: nothing to give back."""
+        i = second % self.SLOTS
+        if self._epochs[i] == second and self._spent[i] > 0:
+            self._spent[i] -= 1
 
 
 class Budgets(NamedTuple):

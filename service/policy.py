@@ -318,6 +318,7 @@ async def run_chain(
                     decision = run.out_of_room() or (_PROBE if probe else run.breaker(target))
                     if decision is _CLAIM:
                         decision = await run.claim(target)
+                    run.settle_retry(made=isinstance(decision, Call))
                     if isinstance(decision, Skip):  # the retry skipped: the next target falls back
                         run.fell_back = outcome
             match decision:
@@ -351,6 +352,7 @@ class _Run:
         "on_event",
         "physical",
         "rand",
+        "retry_paid_in",
         "validate",
     )
 
@@ -387,6 +389,9 @@ class _Run:
         self.fell_back: Outcome | None = (
             None  # the last failure that fell back, until its successor starts
         )
+        # The second the retry budget paid for a retry in, while it waits out its backoff
+        # (None: no retry waiting, or no budget): refunded if the retry is not made.
+        self.retry_paid_in: int | None = None
         if limits.budgets is not None:
             limits.budgets.retry.deposit()
             if limits.hedge is not None:  # only a hedging route ever spends its hedge budget
@@ -510,6 +515,7 @@ class _Run:
     def cut_short(self) -> None:
         """The walk was cancelled: the calls still running are cancelled attempts (one that
         streamed says how many chunks the client got)."""
+        self.settle_retry(made=False)  # a retry still in its backoff never will be
         now = self.clock()
         for target, started, hedge, output in self.calling.values():
             latency_ms = (now - started) * 1000
@@ -815,10 +821,22 @@ class _Run:
         if self.limits.deadline.passed(self.clock() + delay_s):  # no time left for the retry
             return None, None
         budgets = self.limits.budgets
-        if budgets is not None and not budgets.retry.spend():
-            self._budget_event("retry", target)
-            return None, RETRY_BUDGET
+        if budgets is not None:
+            if not budgets.retry.spend():
+                self._budget_event("retry", target)
+                return None, RETRY_BUDGET
+            self.retry_paid_in = int(budgets.retry.clock())
         return delay_s, None
+
+    def settle_retry(self, made: bool) -> None:
+        """The backoff of a retry the budget paid for is over: the retry is made, or not after
+        all (the request aborted, its breaker opened or its deadline came meanwhile), and then
+        the budget gets it back, so no later request is refused a retry for one never made."""
+        if self.retry_paid_in is not None and not made:
+            budgets = self.limits.budgets
+            assert budgets is not None
+            budgets.retry.refund(self.retry_paid_in)
+        self.retry_paid_in = None
 
     # Endings.
 

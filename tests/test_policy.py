@@ -10,6 +10,7 @@ import pytest
 
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
 from schemas.deadline import Deadline
+from service.budgets import Budget, Budgets
 from service.policy import Chain, Hedge, Limits, Needs, run_chain
 from service.shaping import Shaping, Template
 from service.target import Target
@@ -465,6 +466,73 @@ async def test_a_retry_whose_backoff_would_leave_under_a_millisecond_is_not_made
         ("a", "error", "fallback"),
         ("b", "ok", None),
     ]
+
+
+def one_retry(clock: Clock) -> Budgets:
+    """A route's budgets with room for one retry: the reserve, no share of its requests."""
+    return Budgets(Budget(0.0, reserve=1, clock=clock), Budget(0.0, reserve=1, clock=clock))
+
+
+async def a_retry_is_made(budgets: Budgets, clock: Clock) -> bool:
+    """Whether a request whose first call fails is retried, not refused for the budget."""
+    script = Script(clock, {"a": [fail("server_error", 503), ok()], "b": ok()})
+    limits = Limits(Deadline(clock.now + 60), budgets=budgets)
+    chain = Chain([target("a", retries=1), target("b")])
+    result = await run_chain(chain, script, limits, clock=clock, sleep=clock.sleep)
+    return script.called == ["a", "a"] and result.attempts[0].reason is None
+
+
+async def test_a_retry_its_request_aborted_during_the_backoff_gives_its_budget_back():
+    clock = Clock()
+    budgets = one_retry(clock)
+    backing_off = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # the client aborts during the backoff
+        backing_off.set()
+        await asyncio.sleep(60)
+
+    script = Script(clock, {"a": fail("server_error", 503), "b": ok()})
+    limits = Limits(Deadline(clock.now + 60), budgets=budgets)
+    chain = Chain([target("a", retries=1), target("b")])
+    walk = asyncio.ensure_future(run_chain(chain, script, limits, clock=clock, sleep=sleep))
+    await asyncio.wait_for(backing_off.wait(), 5)
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    assert script.called == ["a"]
+    assert await a_retry_is_made(budgets, clock)  # not refused with reason retry_budget
+
+
+async def test_a_retry_skipped_for_a_breaker_opened_during_the_backoff_gives_its_budget_back():
+    from service.health import BreakerSettings, Health
+
+    clock = Clock()
+    budgets = one_retry(clock)
+    health = Health(clock=clock, wall=clock)
+    breaker = BreakerSettings(consecutive_failures=5, cooldown_s=1.0)
+
+    async def sleep(seconds: float) -> None:  # other requests' failures open a's breaker
+        clock.now += seconds
+        for _ in range(5):
+            health.record("a", "a-model", breaker, False, "server_error", started=clock.now)
+
+    script = Script(clock, {"a": fail("server_error", 503), "b": ok()})
+    result = await run_chain(
+        Chain([target("a", retries=1, breaker=breaker), target("b")]),
+        script,
+        Limits(Deadline(clock.now + 60), budgets=budgets),
+        health=health,
+        clock=clock,
+        sleep=sleep,
+        rand=lambda: 0.5,
+    )
+    assert script.called == ["a", "b"]
+    assert [(x.target, x.outcome, x.reason) for x in result.attempts][1] == (
+        "a",
+        "skipped",
+        "circuit_open",
+    )
+    assert await a_retry_is_made(budgets, clock)
 
 
 # ---- the cap on physical attempts --------------------------------------------------
