@@ -372,19 +372,37 @@ async def test_gzip_and_deflate_answers_are_decoded(kind, compress, server, prov
     )  # never br or zstd: no bound for those
 
 
-async def test_an_encoding_the_worker_did_not_ask_for_is_a_server_error(server, providers):
-    server.answer = lambda handler: send(handler, 200, [b"\x1b\x00"], {"content-encoding": "br"})
+# A body the worker cannot decode: a 200 is a server_error, but an error status still says what
+# failed. A 429 was a server_error without its Retry-After, and a 401 was retried.
+unreadable_statuses = pytest.mark.parametrize(
+    ("status", "kind", "retry_after_s"),
+    [(200, "server_error", None), (429, "rate_limit", 7.0), (401, "auth", None)],
+)
+
+
+def _retry_after(status: int) -> dict[str, str]:
+    return {"retry-after": "7"} if status == 429 else {}
+
+
+@unreadable_statuses
+async def test_an_encoding_the_worker_did_not_ask_for_is_a_server_error_unless_its_status_says_more(
+    server, providers, status, kind, retry_after_s
+):
+    headers = {"content-encoding": "br", **_retry_after(status)}
+    server.answer = lambda handler: send(handler, status, [b"\x1b\x00"], headers)
     error = await expect_failure(providers(OPENAI, server.url), REQUEST)
-    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert (error.kind, error.status_code, error.retry_after_s) == (kind, status, retry_after_s)
     assert "Content-Encoding br" in error.message
 
 
-async def test_a_corrupt_gzip_body_is_a_server_error(server, providers):
-    server.answer = lambda handler: send(
-        handler, 200, [b"not gzip at all"], {"content-encoding": "gzip"}
-    )
+@unreadable_statuses
+async def test_a_corrupt_gzip_body_is_a_server_error_unless_its_status_says_more(
+    server, providers, status, kind, retry_after_s
+):
+    headers = {"content-encoding": "gzip", **_retry_after(status)}
+    server.answer = lambda handler: send(handler, status, [b"not gzip at all"], headers)
     error = await expect_failure(providers(OPENAI, server.url), REQUEST)
-    assert (error.kind, error.status_code) == ("server_error", 200)
+    assert (error.kind, error.status_code, error.retry_after_s) == (kind, status, retry_after_s)
     assert "does not decode" in error.message
 
 

@@ -458,11 +458,24 @@ async def _capped_pieces(
                 yield piece
         except zlib.error as exc:
             encoding = response.headers.get("content-encoding")
-            raise ProviderError(
-                "server_error",
-                f"provider's {encoding} body does not decode: {exc}",
-                response.status_code,
+            raise _unreadable(
+                response, f"provider's {encoding} body does not decode: {exc}"
             ) from exc
+
+
+def _unreadable(response: httpx.Response, message: str) -> ProviderError:
+    """A body the worker cannot decode: a server_error for a 200, but an HTTP error status
+    still says what failed (a 429 stays a rate limit, with its Retry-After; a 401 an auth
+    error, which is not retried), as for a body over max_response_bytes."""
+    status = response.status_code
+    if status >= 400:
+        return ProviderError(
+            classify_status(status),
+            f"provider answered HTTP {status} with a body the worker cannot read: {message}",
+            status,
+            retry_after_s(response),
+        )
+    return ProviderError("server_error", message, status)
 
 
 # What one event of a stream may hold beyond max_response_bytes: its framing.
@@ -561,13 +574,12 @@ def _inflaters(response: httpx.Response) -> list[_Inflater]:
     header = response.headers.get("content-encoding", "")
     encodings = [e for e in (e.strip().lower() for e in header.split(",")) if e and e != "identity"]
     if any(e not in ("gzip", "deflate") for e in encodings):
-        raise ProviderError(
-            "server_error",
+        raise _unreadable(
+            response,
             # The header as sent, not lowercased: scrub() finds a credential echoed here by its
             # exact value.
             f"provider answered in Content-Encoding {header.strip()}, which the worker did not "
             f"ask for and cannot read with a bound (it sends Accept-Encoding: {_ACCEPT_ENCODING})",
-            response.status_code,
         )
     return [_Inflater(e) for e in reversed(encodings)]
 
