@@ -157,6 +157,17 @@ async def test_parses_content_model_and_usage_from_the_message(make):
     )
 
 
+async def test_an_input_count_past_the_wires_bound_is_capped_at_it(make):
+    """input_tokens plus the cache counts, each within the wire's bound but not their sum: the
+    dispatcher refused the worker's reply, and the paid answer was lost."""
+    most = 2**53 - 1
+    usage = {**MESSAGE["usage"], "input_tokens": most, "cache_read_input_tokens": 10}
+    ok = await make(Server(body={**MESSAGE, "usage": usage})).complete(request(), timeout_s=5)
+    assert ok.usage == Usage(input_tokens=most, output_tokens=503, cached_input_tokens=10)
+    # The reply as the dispatcher reads it: a count past the bound failed it.
+    assert msgspec.json.decode(msgspec.json.encode(ok), type=ProviderOk) == ok
+
+
 async def test_text_blocks_are_concatenated_and_other_blocks_skipped(make):
     blocks = [
         {"type": "thinking", "thinking": "The user greets me.", "signature": "EqQBCgIYAhIM"},

@@ -71,6 +71,7 @@ from workers.base import (
     unexpected_body,
 )
 
+_MOST_TOKENS = 2**53 - 1  # TokenCount's bound (schemas.wire)
 # How the API words a prompt that does not fit the model's context window (invalid_request_error).
 _TOO_LONG = ("prompt is too long", "exceed context limit")
 # How it words an answer its filters withheld (invalid_request_error, as a 400 or mid-stream):
@@ -330,7 +331,9 @@ def _usage(usage: _Usage | None) -> Usage:
     cache_read = usage.cache_read_input_tokens or 0
     whole_input = (usage.input_tokens or 0) + cache_read + (usage.cache_creation_input_tokens or 0)
     return Usage(
-        input_tokens=whole_input,
+        # Each count is within the wire's bound, but their sum may not be: a reply over it the
+        # dispatcher would refuse, and a paid answer would be lost.
+        input_tokens=min(whole_input, _MOST_TOKENS),
         output_tokens=usage.output_tokens or 0,
         cached_input_tokens=cache_read,
     )
