@@ -91,8 +91,9 @@ def injecting(
     """`call`, behind the request's simulated failures: the n-th call of a target meets its
     n-th fault (listed under the target's name, else its provider's); later calls go through.
     `cut` (a streamed request's) arranges a "<fault> after N" fault on the call that follows;
-    `number` (a streamed request's attempt counter) counts a simulated failure as an attempt,
-    so the events of the ones after it carry the numbers the attempts list gives them."""
+    `number` (a streamed request's attempt counter) counts a simulated failure as an attempt
+    when it starts, so the events of the ones after it (or beside it: a hedge) carry the
+    numbers the attempts list gives them."""
     calls: dict[str, int] = {}
 
     async def faulty(
@@ -102,13 +103,14 @@ def injecting(
         planned = faults.get(target.name) or faults.get(target.provider) or ()
         if n <= len(planned):
             fault, after = midstream(planned[n - 1]) or (planned[n - 1], None)
+            streams = bool(after) and cut is not None  # the real call runs (and numbers itself)
+            if number is not None and not streams and fault not in (None, PASS):
+                number()  # as it starts, as a real call is: a hedge may start while it waits
             simulated = await simulate(fault, target.name, timeout_s)
-            if simulated is not None and after and cut is not None:
+            if simulated is not None and streams:
                 note = f"{simulated.message}, after {after} chunks"
                 cut(target, after, msgspec.structs.replace(simulated, message=note))
             elif simulated is not None:
-                if number is not None:
-                    number()
                 return simulated
         return await call(target, timeout_s, previous)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import config, fake
 
-from schemas import ProviderFailure
+from schemas import ChatMessage, CompletionRequest, ProviderFailure
+from service.client import stream
 from service.faults import check_faults, simulate
 
 
@@ -60,3 +62,20 @@ async def test_timeout_waits_out_the_timeout_then_fails_as_a_timeout():
 @pytest.mark.parametrize("fault", ["ok", None])
 async def test_ok_and_none_let_the_real_call_through(fault):
     assert await simulate(fault, "primary", 5.0) is None
+
+
+async def test_a_hedge_beside_a_simulated_timeout_streams_as_attempt_2(lifeline, client):
+    """On llm.stream the simulated timeout is attempt 1 from its start, as a real call is: the
+    hedge that starts while it waits is attempt 2, in its events as in `attempts`."""
+    providers = {"slow": fake(), "fast": fake(reply="fast answer", chunks=3)}
+    routes = {"default": {"targets": ["slow", "fast"], "hedge_after_ms": 50}}
+    await lifeline(config(providers, routes, allow_fault_injection=True))
+    request = CompletionRequest(
+        messages=[ChatMessage("user", "hi")], timeout_s=5, faults={"slow": "timeout"}
+    )
+    events = [event async for event in stream(client, request)]
+    assert [(a.target, a.outcome, a.reason, a.hedge) for a in events[-1].reply.attempts] == [
+        ("slow", "cancelled", "hedge_lost", False),
+        ("fast", "ok", None, True),
+    ]
+    assert [(e.kind, e.attempt) for e in events] == [("delta", 2)] * 3 + [("end", 2)]
