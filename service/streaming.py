@@ -22,6 +22,7 @@ Pure: no NATS (the Sink is), no policy decisions (service/policy.py makes them).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 from schemas import ChatMessage, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk
+from schemas.errors import HEDGE_LOST
 from schemas.streaming import StreamReset
 from schemas.wire import ProviderReply, ProviderRequest, StreamStats
 from service.policy import OnEvent, Started, Validate
@@ -81,6 +83,7 @@ class Stream(Protocol):
 
 class Relay:
     __slots__ = (
+        "_answered",
         "_arrived",
         "_closed",
         "_continuing",
@@ -116,6 +119,7 @@ class Relay:
         self._partial: tuple[int, ProviderFailure] | None = None  # continue: failed, not reset
         self._continuing: set[int] = set()  # attempts sent the text so far as prefill
         self._first_at: float | None = None
+        self._answered = 0  # the last attempt that answered whole, without a chunk
         self._cut: tuple[int, ProviderFailure] | None = None
         self.chunks = 0
         self.resets = 0
@@ -203,10 +207,18 @@ class Relay:
                     reply = self.ended(number, reply)
                 elif self.owner != number:
                     reply = self._checked(number, reply)
+                if isinstance(reply, ProviderOk) and self.owner in (0, number):
+                    self._answered = number  # the end event's attempt, should this answer win
                 finished(reply)
                 return reply
-        except BaseException:
+        except BaseException as exc:
             stream.abandon()
+            if self.owner == number and _lost_race(exc):
+                # Its first chunk came in the turns between a rival settling the race (a
+                # failure that stops or switches the chain, an answer without chunks) and this
+                # call's cancel: what it sent is nobody's answer. Voided, or it would own the
+                # output for good and every later attempt's chunks would be dropped.
+                self._void(number)
             finished(None)
             raise
         return _Output(self, number, stream, finished)
@@ -225,8 +237,9 @@ class Relay:
         return StreamStats(ttft_ms, self.chunks, self.resets)
 
     def serving(self) -> int:
-        """The attempt the end event names: the owner, or the last one started."""
-        return self.owner or self.attempts
+        """The attempt the end event names: the owner, else the one that answered whole,
+        else the last one started."""
+        return self.owner or self._answered or self.attempts
 
     async def end(self, reply: CompletionReply) -> CompletionReply:
         self._closed = True
@@ -252,6 +265,11 @@ class Relay:
             self._reset(failed, discard, failure)
         self.owner, self._owner_sent = number, 0
 
+    def _void(self, number: int) -> None:
+        self.owner = 0
+        failure = ProviderFailure(HEDGE_LOST, f"attempt {number} lost the race to a rival")
+        self._reset(number, self._held, failure)
+
     def _fail(self, number: int, failure: ProviderFailure) -> None:
         self.owner = 0
         if self._mode == RESET:
@@ -276,6 +294,11 @@ class Relay:
                     "lifeline.reset.reason": failure.kind,
                 },
             )
+
+
+def _lost_race(exc: BaseException) -> bool:
+    """Whether `exc` is the policy's cancel of a call that lost its race (policy's `_stop`)."""
+    return isinstance(exc, asyncio.CancelledError) and exc.args[:1] == (HEDGE_LOST,)
 
 
 class _Output(Started):

@@ -166,17 +166,6 @@ class NatsTransport:
     ) -> ProviderStream:
         """Start one streaming attempt: the worker streams its chunks to `on_chunk`."""
         stream = ProviderStream(self, provider, limits, on_chunk, headers[ATTEMPT_ID])
-        size = message_bytes(payload, headers) + STREAM_HEADER_ROOM
-        if size > self.nc.max_payload:
-            stream.end(
-                ProviderFailure(
-                    "bad_request",
-                    f"the request for {provider} is {size} bytes with headers, above the NATS "
-                    f"server's max_payload of {self.nc.max_payload}; shorten the messages or the "
-                    "target's template",
-                )
-            )
-            return stream
         await self._inbox.open_stream(provider_subject(provider), payload, headers, stream)
         return stream
 
@@ -409,6 +398,19 @@ class _Inbox:
         token = self._tokens.next()
         inbox = self.prefix + token
         headers[STREAM_TO] = inbox + ".c"
+        # Measured as it goes out, its Lifeline-Stream-To header included: as planning measured
+        # it (engine's _check_fits), not with the room the stream's events keep for theirs.
+        size = message_bytes(payload, headers)
+        if size > self._nc.max_payload:
+            stream.end(
+                ProviderFailure(
+                    "bad_request",
+                    f"the request on {subject} is {size} bytes with headers, above the NATS "
+                    f"server's max_payload of {self._nc.max_payload}; shorten the messages or "
+                    "the target's template",
+                )
+            )
+            return
         self._streams[token] = stream
         stream.opened(lambda: self._streams.pop(token, None))
         try:
@@ -533,6 +535,9 @@ class ProviderStream:
                 self._give_up("server_error", message[:MAX_MESSAGE_CHARS])
                 return
             size = delta_bytes(piece)
+            # Passed on as decoded, not as the worker wrote it: what max_response_bytes counts
+            # is then all the client gets (no padding, no fields the wire does not know).
+            data = encoder.encode(piece)
         else:  # every delta is whole UTF-8, as clients decode each one by itself
             size = len(data) or 1  # as delta_bytes counts: endless empty deltas are bounded too
             try:

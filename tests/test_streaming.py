@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from schemas.streaming import Assembler, StreamGap
 from schemas.wire import encoder, provider_request_decoder
 from service.client import NoDispatcher, stream, stream_text
 from service.natsio import ensure_subscribed
+from service.streaming import Relay
 from service.transport import ClientStream
 
 ANSWER = "The quick brown fox jumps over the lazy dog, twice."
@@ -205,6 +207,24 @@ async def test_continue_with_text_too_long_to_hand_back_starts_the_next_target_a
     assert assembler.reply is not None and assembler.reply.status == "ok"
     sent = provider_request_decoder.decode(assembler.text)
     assert sent.messages[-1].role == "user"  # no prefill
+
+
+async def test_a_stream_request_that_fits_as_planned_is_sent_not_refused(lifeline, client):
+    """A request that passes planning's size check (with room for an attempt's headers) goes
+    to its worker on llm.stream as on llm.complete. The stream's own check added the room
+    its events keep for their headers on top of the real headers, so requests within about a
+    kilobyte of max_payload failed every target as bad_request, on llm.stream alone."""
+    stack = await lifeline(config({"main": fake(reply="fits", chunks=2)}, route("main")))
+    nc = stack.dispatcher.transport.nc
+    nc._max_payload = 1100  # planning refuses it (on llm.complete), saying its size
+    prompt = "x" * 5000  # a long one: the end event has room under max_payload
+    refused = await ask(client, request(prompt, id="r1"))
+    size = int(re.search(r"request is (\d+) bytes", refused.error.message).group(1))
+    nc._max_payload = size  # planning's check passes, with nothing to spare
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(prompt, id="r2"), assembler)]
+    assert events[-1].kind == "end", events[-1]
+    assert (events[-1].reply.status, assembler.text) == ("ok", "fits")
 
 
 async def test_fail_ends_the_stream_with_an_error_and_tries_nothing_else(lifeline, client, audit):
@@ -830,6 +850,42 @@ async def test_a_worker_streaming_past_max_response_bytes_is_stopped_by_the_disp
     assert event.status == "ok"
 
 
+async def test_tool_call_pieces_reach_the_client_as_the_dispatcher_counted_them(lifeline, client):
+    """A worker's tool-call piece is decoded to be counted against max_response_bytes (its
+    arguments, name and id), but went on to the client as the worker wrote it: padding and
+    fields the wire does not know passed uncounted (1.2 MB reached a client through a bound of
+    4 KiB) and unread. The client gets the piece as decoded."""
+    await lifeline(config({"raw": fake(max_response_bytes=4096)}, route("raw")), [])
+    padded = b'{"index": 0, "id": "c1", "name": "f", "arguments": "{}", "note": "token=abc"' + (
+        b" " * 20_000 + b"}"
+    )
+
+    async def worker(msg: Any) -> None:
+        for _ in range(3):
+            await client.publish(
+                msg.headers[subjects.STREAM_TO], padded, headers={"Lifeline-Event": "tool_call"}
+            )
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=3)))
+
+    await client.subscribe(subjects.provider_subject("raw"), cb=worker)
+    inbox = client.new_inbox()
+    got: list[Any] = []
+    ended = asyncio.Event()
+
+    async def on_event(msg: Any) -> None:
+        got.append(msg)
+        if msg.headers and msg.headers.get("Lifeline-Event") in ("end", "error"):
+            ended.set()
+
+    await client.subscribe(inbox, cb=on_event)
+    await ensure_subscribed(client)
+    await client.publish(subjects.STREAM, encoder.encode(request("hi")), reply=inbox)
+    await asyncio.wait_for(ended.wait(), 10)
+    pieces = [m.data for m in got if m.headers.get("Lifeline-Event") == "tool_call"]
+    assert pieces, [m.headers for m in got]
+    assert all(b"token=abc" not in p and len(p) < 200 for p in pieces), pieces[0][:200]
+
+
 async def test_a_simulated_failure_counts_as_an_attempt_in_the_events_numbers(lifeline, client):
     providers = {"main": fake(chunks=3), "backup": fake(reply="from backup", chunks=2)}
     await lifeline(config(providers, allow_fault_injection=True))
@@ -904,6 +960,38 @@ async def test_a_first_chunk_after_its_waiter_was_cancelled_is_no_error():
     stream.end(ProviderOk(content="", model="m", usage=Usage(1, 1)))
 
 
+class Recorded:
+    """A Relay's sink that records what its client would get."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def delta(self, attempt: int, text: bytes) -> None:
+        self.events.append(f"delta {text.decode()}")
+
+    def tool_call(self, attempt: int, piece: bytes) -> None:
+        self.events.append("tool_call")
+
+    def reset(self, reset: Any) -> None:
+        self.events.append(f"reset {reset.attempt} discard {reset.discard} {reset.error.type}")
+
+    async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
+        self.events.append(f"end {reply.status} attempt {attempt}")
+        return reply
+
+
+class Opened:
+    """An attempt's stream as the Relay sees it (service.transport.ProviderStream's surface)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.first: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[Any] = loop.create_future()
+
+    def abandon(self) -> None:
+        pass
+
+
 async def test_nothing_follows_the_event_that_closes_a_stream():
     """The relay's end (the end or error event) closes the stream: a chunk that comes later
     (from an attempt whose task is cancelled a turn after the request was aborted, as a
@@ -911,25 +999,6 @@ async def test_nothing_follows_the_event_that_closes_a_stream():
     after the error event in two of three runs of 150 streams aborted as their worker
     started streaming, on a route with hedge_after_ms (separate processes; the race needs
     the chunks to meet the abort in the dispatcher's read)."""
-    from service.streaming import Relay
-
-    class Recorded:
-        def __init__(self) -> None:
-            self.events: list[str] = []
-
-        def delta(self, attempt: int, text: bytes) -> None:
-            self.events.append(f"delta {text.decode()}")
-
-        def tool_call(self, attempt: int, piece: bytes) -> None:
-            self.events.append("tool_call")
-
-        def reset(self, reset: Any) -> None:
-            self.events.append("reset")
-
-        async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
-            self.events.append(f"end {reply.status}")
-            return reply
-
     sink = Recorded()
     relay = Relay(sink, time.monotonic())
     relay.follow("reset", None, None)
@@ -939,7 +1008,61 @@ async def test_nothing_follows_the_event_that_closes_a_stream():
     chunk(b"b")  # read before the attempt's task got its cancel
     chunk(b"{}", True)
     relay.ended(1, ProviderFailure("connection", "cut"))  # would reset the output
-    assert sink.events == ["delta a", "end error"]
+    assert sink.events == ["delta a", "end error attempt 1"]
+
+
+async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided():
+    """A hedging route: the hedge failed with a kind that switches chains (or answered without
+    a chunk) and the policy cancels the first call; that call's first chunk came in the turns
+    in between. It owned the output for good: every chunk of the next target was dropped, and
+    the client's text was the stray chunk under an end event naming the next target (12 of
+    160 streams with a worker timing its chunk just after the hedge's failure)."""
+    sink = Recorded()
+    relay = Relay(sink, time.monotonic())
+    relay.follow("reset", None, None)
+    first, _hedge = relay.number(), relay.number()
+    opened = Opened()
+    call = asyncio.ensure_future(relay.started(first, opened, lambda reply: None))
+    await asyncio.sleep(0)  # waiting for its first chunk
+    relay.on_chunk(first)(b"stray")
+    opened.first.set_result(None)
+    call.cancel("hedge_lost")  # policy's _stop, before the call's task resumes
+    await asyncio.gather(call, return_exceptions=True)
+
+    nxt = relay.number()
+    following = Opened()
+    call = asyncio.ensure_future(relay.started(nxt, following, lambda reply: None))
+    await asyncio.sleep(0)
+    relay.on_chunk(nxt)(b"answer")
+    following.first.set_result(None)
+    following.done.set_result(ProviderOk("", "m", chunks=1))
+    output = await call
+    reply = await output.end()
+    assert reply.content == "answer"
+    await relay.end(CompletionReply("r", "ok"))
+    assert sink.events == [
+        "delta stray",
+        "reset 1 discard 1 hedge_lost",
+        "delta answer",
+        "end ok attempt 3",
+    ]
+
+
+async def test_the_end_event_names_the_attempt_that_answered_whole():
+    """README: an event's Lifeline-Attempt is the attempt it belongs to. When the answer came
+    whole (no chunk) from the first call while a hedge still ran, the end event named the
+    hedge, the last attempt started, though `attempts` lists the first call as the one ok."""
+    sink = Recorded()
+    relay = Relay(sink, time.monotonic())
+    relay.follow("reset", None, None)
+    first, _hedge = relay.number(), relay.number()
+    opened = Opened()
+    opened.first.set_result(None)
+    opened.done.set_result(ProviderOk("", "m"))
+    reply = await relay.started(first, opened, lambda reply: None)
+    assert isinstance(reply, ProviderOk)
+    await relay.end(CompletionReply("r", "ok"))
+    assert sink.events == ["end ok attempt 1"]
 
 
 async def test_an_aborted_streams_attempt_counts_the_chunks_its_client_got(lifeline, client, audit):
