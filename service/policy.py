@@ -190,7 +190,7 @@ class Outcome(msgspec.Struct, frozen=True):
     hedge: bool = False  # the call was started as a hedge
     raced: bool = False  # another call ran beside it, so neither is retried
     # The race's other calls, entered beside this one in the order they started: those it
-    # cancelled when it settled the race, and a hedge that had failed while it ran.
+    # cancelled when it settled the race, and those that failed while it ran (or as it ended).
     cancelled: tuple[Attempt, ...] = ()
     streamed: int = 0  # chunks of its answer the client received before it ended
 
@@ -740,11 +740,20 @@ class _Run:
     async def _cancel(
         self, running: dict[asyncio.Future[ProviderReply | Started], _Running], hedge: bool
     ) -> tuple[Attempt, ...]:
-        """Cancel the calls still running in a race (their workers abort them); their attempts."""
+        """Cancel the calls still running in a race (their workers abort them); their attempts.
+        A call that failed in the same turns as the one that settled the race lost nothing: it
+        is the failure it is, for the attempts, its breaker and pass_failures."""
         lost = []
         for task, call in running.items():
-            _stop(task, HEDGE_LOST)
             t = call.target
+            failure = _result(task) if task.done() else None
+            if isinstance(failure, ProviderFailure):
+                ended = self.finish(t, failure, call.started, call.timeout_s)
+                self.errors.append(failure.kind)
+                ended = msgspec.structs.replace(ended, hedge=call.hedge)
+                lost.append(_failed(ended, failure, 0, "fallback", None))
+                continue
+            _stop(task, HEDGE_LOST)
             self.calling.pop((id(t), call.started), None)
             if self.health is not None:
                 self.health.cancelled(*t.health_key)

@@ -706,6 +706,32 @@ async def test_a_cancelled_walk_reports_the_calls_it_cut_short_in_the_callers_li
     assert all(a.reason is None for a in attempts[1:])  # the caller says why
 
 
+async def test_a_failure_in_the_same_turn_as_the_hedges_answer_is_recorded_as_a_failure():
+    """The first call fails as its hedge answers: it was not cancelled, it failed, and its
+    breaker counts it."""
+    from service.health import OPEN, BreakerSettings, Health
+
+    loop = asyncio.get_running_loop()
+    gate = loop.create_future()  # both calls end when it opens: in the same turn
+
+    async def call(t, timeout_s, previous):
+        if t.name == "b":  # the hedge started
+            loop.call_later(0.01, gate.set_result, None)
+        await gate
+        return fail("server_error", 503) if t.name == "a" else ok(content="from b")
+
+    health = Health()
+    a = target("a", breaker=BreakerSettings(consecutive_failures=1))
+    limits = Limits(Deadline(time.monotonic() + 5), hedge=Hedge(after_s=0.02))
+    result = await run_chain(Chain([a, target("b")]), call, limits, health=health)
+    assert result.answer is not None and result.answer.content == "from b"
+    assert [(x.target, x.outcome, x.error_type, x.reason, x.hedge) for x in result.attempts] == [
+        ("a", "error", "server_error", None, False),
+        ("b", "ok", None, None, True),
+    ]
+    assert health.of("a", "a-model").state == OPEN
+
+
 # ---- timeouts and breakers: which timeouts count against a target ----------------------------
 
 
