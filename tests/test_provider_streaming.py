@@ -869,6 +869,47 @@ async def test_an_event_that_never_ends_is_cut_at_the_limit_and_memory_stays_nea
     assert peak < 8 * MiB  # about the 1 MiB limit and one read; the 32 MiB would be 32+
 
 
+def empty_tool_calls(kind: Kind, count: int) -> list[str]:
+    """A stream beginning `count` tool calls of a byte or two each, in events of 100 calls
+    (OpenAI's chunks) or one event each (Anthropic's blocks)."""
+    if kind is ANTHROPIC:
+        block = {"type": "tool_use", "id": "a", "name": "b", "input": {}}
+        events = [anthropic_events([])[0]]
+        for n in range(count):
+            start = {"type": "content_block_start", "index": n, "content_block": block}
+            events.append(sse(start, "content_block_start"))
+        return events
+    return [
+        sse(openai_chunk({"tool_calls": [{"index": i} for i in range(n, n + 100)]}))
+        for n in range(0, count, 100)
+    ]
+
+
+@pytest.mark.parametrize("kind", [OPENAI, ANTHROPIC], ids=lambda kind: kind.name)
+async def test_a_stream_of_empty_tool_calls_is_cut_at_the_limit_and_memory_stays_near_it(
+    kind, server, providers
+):
+    """Each call begun costs the worker its state, a few hundred bytes, whatever its own
+    bytes: calls of a byte or two each made it hold hundreds of times max_response_bytes."""
+    limit = 64 * 1024
+    # As many calls as the limit has bytes (each counts one or two). Made before memory is
+    # traced: the server runs in this process.
+    body = "".join(empty_tool_calls(kind, limit)).encode()
+    server.answer = lambda handler: send(handler, [body])
+    provider = providers(kind, server.url, max_response_bytes=limit)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with pytest.raises(ProviderError) as caught:
+            async for _ in provider.stream(REQUEST, 30):
+                pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.kind == "response_too_large"
+    assert peak < 16 * limit, peak  # some reads and the calls within the limit; 300+ unbounded
+
+
 async def test_many_events_each_under_the_limit_are_read_whatever_their_line_ends(
     server, providers
 ):

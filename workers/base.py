@@ -74,6 +74,10 @@ _MESSAGE_LIMIT = 300
 _ACCEPT_ENCODING = "gzip, deflate"
 _PIECE_BYTES = 64 * 1024  # the most one decompress step may produce
 _EVENT_STREAM = "text/event-stream"
+# What a streamed tool call begun costs against max_response_bytes besides its own bytes: the
+# state its reader keeps for it (about 400 bytes), so that calls of a byte each cannot make a
+# worker hold hundreds of times the limit.
+_CALL_BYTES = 512
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
@@ -743,6 +747,7 @@ class HttpProvider:
         body = self.stream_body(request, model)
         final: ProviderOk | None = None
         left = self.settings.max_response_bytes  # the answer's own size: its text, its tool calls
+        calls = 0  # the tool calls begun (the readers number them 0, 1, ...)
         try:
             with _transport_errors(timeout_s, "no data"):
                 async with self._client.stream(
@@ -760,6 +765,12 @@ class HttpProvider:
                                 for delta in item if isinstance(item, list) else (item,):
                                     if delta:
                                         left -= delta_bytes(delta)
+                                        if (
+                                            isinstance(delta, ToolCallDelta)
+                                            and delta.index >= calls
+                                        ):
+                                            calls = delta.index + 1
+                                            left -= _CALL_BYTES
                                         if left < 0:
                                             raise response_too_large(
                                                 200, self.settings.max_response_bytes
