@@ -296,7 +296,8 @@ async def run_chain(
 ) -> ChainResult:
     """Walk `chain`; `attempts`, when given, is the list the walk records its attempts in, so
     a caller whose walk is cancelled still has them: then the calls still running are in it
-    too, as `cancelled` (their reason is the caller's to give)."""
+    too, as `cancelled` (their reason is the caller's to give), and a race's calls that ended
+    before the race was over (its loser, hedge_lost; its winner)."""
     run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand, attempts)
     try:  # the walk, here rather than in a coroutine of its own: one frame less per wake-up
         while (target := run.cursor.next()) is not None:
@@ -353,6 +354,7 @@ class _Run:
         "physical",
         "rand",
         "retry_paid_in",
+        "unrecorded",
         "validate",
     )
 
@@ -382,6 +384,10 @@ class _Run:
         # The calls running, until their outcome: what a cancelled walk cut short.
         # (The output of one that streams to the client, once it does: how much it sent.)
         self.calling: dict[tuple[int, float], tuple[Target, float, bool, Started | None]] = {}
+        # The entries of a race's calls that ended (failed, lost or won) while the race goes on
+        # (its loser is being cancelled, its winner streams): what a cancelled walk reports of
+        # them, until the race's outcome takes them to `attempts`.
+        self.unrecorded: tuple[Attempt, ...] = ()
         # Health keys whose probe this request holds (None: none, the common case, no set made).
         self.claims: set[tuple[str, str]] | None = None
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
@@ -517,6 +523,7 @@ class _Run:
         streamed says how many chunks the client got)."""
         self.settle_retry(made=False)  # a retry still in its backoff never will be
         now = self.clock()
+        cut = list(self.unrecorded)
         for target, started, hedge, output in self.calling.values():
             latency_ms = (now - started) * 1000
             if self.health is not None:
@@ -525,7 +532,7 @@ class _Run:
                     # An aborted (or stopped) probe decides nothing: the next call probes,
                     # not one after the whole lease (the target's timeout_s and a second).
                     self.health.release(*target.health_key)
-            self.attempts.append(
+            cut.append(
                 Attempt(
                     target.provider,
                     target.model,
@@ -536,7 +543,11 @@ class _Run:
                     chunks=0 if output is None else output.delivered,
                 )
             )
+        # In the order the calls started, as everywhere in `attempts`: a race's hedge after the
+        # call it hedged, whichever ended first.
+        self.attempts.extend(sorted(cut, key=lambda attempt: attempt.hedge))
         self.calling.clear()
+        self.unrecorded = ()
 
     def _previous(self, target: Target) -> tuple[str, ...]:
         return tuple(self.errors) if target.pass_failures else ()
@@ -679,7 +690,9 @@ class _Run:
             running[asyncio.ensure_future(rival_call)] = _Running(
                 rival, hedge_started, rival_timeout_s, True
             )
-            return await self._settle(running)
+            outcome = await self._settle(running)
+            self.unrecorded = ()  # the outcome takes them to `attempts`
+            return outcome
         finally:
             for pending in running:
                 _stop(pending)
@@ -718,12 +731,18 @@ class _Run:
                 outcome = self.finish(call.target, reply, call.started, call.timeout_s)
                 outcome = msgspec.structs.replace(outcome, hedge=call.hedge, raced=True)
                 if isinstance(outcome.reply, ProviderOk) or (running and self._settles(outcome)):
+                    self.unrecorded += (
+                        _answered(outcome)
+                        if isinstance(outcome.reply, ProviderOk)
+                        else _failed(outcome, outcome.reply, 0, "stop", None),
+                    )
                     cancelled = await self._cancel(running, hedge=not call.hedge)
                     return msgspec.structs.replace(outcome, cancelled=cancelled + early)
                 if running:  # the other call is still running: it takes over
                     self.errors.append(outcome.reply.kind)
                     if call.hedge:
                         early = (_failed(outcome, outcome.reply, 0, "fallback", None),)
+                        self.unrecorded += early
                     else:
                         self._record(outcome, 0, "fallback")
                 last = outcome
@@ -769,6 +788,7 @@ class _Run:
                     hedge=hedge,
                 )
             )
+        self.unrecorded += tuple(lost)
         # The cancel reaches the worker before the client gets its answer.
         await asyncio.gather(*running, return_exceptions=True)
         running.clear()
@@ -984,6 +1004,20 @@ def _failed(
         next=next_,
         hedge=outcome.hedge,
         chunks=outcome.streamed,
+    )
+
+
+def _answered(outcome: Outcome) -> Attempt:
+    """A race's good answer, as succeed() will enter it (for a walk cut short before)."""
+    target, answer = outcome.target, outcome.reply
+    assert isinstance(answer, ProviderOk)
+    return Attempt(
+        target.provider,
+        answer.model or target.model,
+        "ok",
+        outcome.latency_ms,
+        target=target.name,
+        hedge=outcome.hedge,
     )
 
 

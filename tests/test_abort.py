@@ -170,6 +170,32 @@ async def test_leaving_a_stream_before_its_end_aborts_it(lifeline, client, audit
     await cancelled_at_the_worker(stack)
 
 
+async def test_a_stream_left_early_after_its_hedge_won_still_lists_the_call_that_lost(
+    lifeline, client, audit
+):
+    """The hedge streams, the slow call it beat was cancelled (hedge_lost); the reader then
+    leaves. The aborted request's audit lists both calls, as a finished one's reply does."""
+    providers = {
+        "slow": fake(latency_ms=3000),
+        "fast": fake(reply=" ".join(["word"] * 20), chunks=20, chunk_delay_ms=100),
+    }
+    await lifeline(
+        config(providers, {"default": {"targets": ["slow", "fast"], "hedge_after_ms": 50}})
+    )
+    body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-3", timeout_s=60)
+    events = 0
+    async for _ in stream(client, body):
+        events += 1
+        if events == 3:
+            break  # the reader leaves mid-stream
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type) == ("s-3", "aborted")
+    assert [(a.target, a.outcome, a.reason, a.hedge) for a in event.attempts] == [
+        ("slow", "cancelled", "hedge_lost", False),
+        ("fast", "cancelled", "aborted", True),
+    ]
+
+
 async def test_a_stream_read_to_its_end_is_not_aborted(lifeline, client, audit):
     stack = await lifeline(config({"main": fake(chunks=3)}))
     body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-2", timeout_s=60)

@@ -706,6 +706,61 @@ async def test_a_cancelled_walk_reports_the_calls_it_cut_short_in_the_callers_li
     assert all(a.reason is None for a in attempts[1:])  # the caller says why
 
 
+async def test_a_walk_cancelled_while_its_race_loser_stops_reports_both_calls():
+    """The hedge answered and the call it beat is being cancelled (its worker told) when the
+    request is aborted: both calls are in its attempts, the loser as hedge_lost."""
+    stopping = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == "b":
+            return ok(content="from b")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:  # its cancel takes a moment to reach its worker
+            stopping.set()
+            await asyncio.sleep(60)
+            raise
+
+    attempts: list = []
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01))
+    chain = Chain([target("a"), target("b")])
+    walk = asyncio.ensure_future(run_chain(chain, call, limits, attempts=attempts))
+    await asyncio.wait_for(stopping.wait(), 5)
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    assert [(a.target, a.outcome, a.reason, a.hedge) for a in attempts] == [
+        ("a", "cancelled", "hedge_lost", False),
+        ("b", "ok", None, True),
+    ]
+
+
+async def test_a_walk_cancelled_after_its_hedge_failed_reports_the_hedges_failure():
+    """The hedge failed at once and the call it hedged runs on when the request is aborted:
+    the hedge's failure is in its attempts, after that call."""
+    hedge_failed = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == "b":
+            hedge_failed.set()
+            return fail("server_error", 503)
+        await asyncio.sleep(60)
+
+    attempts: list = []
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01))
+    chain = Chain([target("a"), target("b"), target("c")])
+    walk = asyncio.ensure_future(run_chain(chain, call, limits, attempts=attempts))
+    await asyncio.wait_for(hedge_failed.wait(), 5)
+    await asyncio.sleep(0.05)  # the race hears of it; a runs on
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    assert [(a.target, a.outcome, a.error_type, a.hedge) for a in attempts] == [
+        ("a", "cancelled", None, False),
+        ("b", "error", "server_error", True),
+    ]
+
+
 async def test_a_failure_in_the_same_turn_as_the_hedges_answer_is_recorded_as_a_failure():
     """The first call fails as its hedge answers: it was not cancelled, it failed, and its
     breaker counts it."""
