@@ -1031,8 +1031,8 @@ def _outcome_of(kind: str) -> Literal["timeout", "no_responders", "error"]:
 
 
 def describe(attempt: Attempt) -> str:
-    if attempt.outcome == "skipped":
-        return f"{attempt.target or attempt.provider}: skipped ({attempt.reason})"
+    if attempt.outcome in ("skipped", "cancelled"):  # not failures: why, instead of a kind
+        return f"{attempt.target or attempt.provider}: {attempt.outcome} ({attempt.reason})"
     status = f" {attempt.status_code}" if attempt.status_code else ""
     retry = f" (retry {attempt.retry})" if attempt.retry else ""
     return f"{attempt.target or attempt.provider}: {attempt.error_type}{status}{retry}"

@@ -279,6 +279,20 @@ async def test_a_hedge_races_to_the_first_chunk_and_the_loser_is_cancelled(lifel
     await wait_for(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1)
 
 
+async def test_an_error_naming_a_cancelled_race_loser_says_why_it_was_cancelled(lifeline, client):
+    """The hedge wins the race to the first chunk, then fails mid-stream with nothing left to
+    try: the error's message lists every attempt, and named the cancelled loser "slow: None"."""
+    providers = {
+        "slow": fake(reply="slow", latency_ms=3000),
+        "fast": fake(reply="fast answer", chunks=4, chunk_delay_ms=20, fail_after_chunks=2),
+    }
+    await lifeline(config(providers, route("slow", "fast", hedge_after_ms=50)))
+    events = await events_of(client, request())
+    error = events[-1].reply.error
+    assert error is not None and error.type == "all_failed"
+    assert "slow: cancelled (hedge_lost)" in error.message, error.message
+
+
 # ---- the protocol ---------------------------------------------------------------------------
 
 
