@@ -328,6 +328,31 @@ async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status(
     assert "max_response_bytes" in error.message and "left unread" in error.message
 
 
+@each_kind
+@pytest.mark.parametrize("status, kind_of_status", [(500, "server_error"), (429, "rate_limit")])
+async def test_a_long_error_answer_is_not_read_as_json_and_keeps_the_kind_of_its_status(
+    kind, server, providers, status, kind_of_status
+):
+    """An error body of 1 MiB of empty lists, within max_response_bytes: read as JSON, and
+    written back as JSON to quote 300 characters of it, it took 20 times its size and held the
+    worker's event loop, every other call on it waiting, for a third of a second."""
+    body = b'{"error": {"message": null}, "detail": [' + b", ".join([b"[]"] * (MiB // 4)) + b"]}"
+    server.answer = lambda handler: send(handler, status, [body])
+    provider = providers(kind, server.url)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        error = await expect_failure(provider, REQUEST)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (error.kind, error.status_code) == (kind_of_status, status)
+    assert error.message.startswith(
+        f'{kind.name} {status}: {{"error": {{"message": null}}, "detail": [[], []'
+    )
+    assert peak < 4 * MiB, peak  # the body read, and a copy; read as JSON, 20 MiB
+
+
 async def test_bytes_after_the_end_of_a_gzip_stream_count_against_the_limit(server, providers):
     body = gzip.compress(json.dumps(OPENAI.answer("hi")).encode()) + b"\x00" * (2 * MiB)
     server.answer = lambda handler: send(handler, 200, [body], {"content-encoding": "gzip"})
@@ -606,6 +631,10 @@ def errors_echoing(key: str, label: str) -> dict[str, Any]:
         "escaped-next-to-a-byte-not-utf8": b'{"error": {"message": "\xff invalid key '
         + f"\\u{ord(key[0]):04x}{key[1:]}".encode()
         + b'"}}',
+        # Past 64 KiB a body is quoted from its start only, cut through the key here; all the
+        # space before it, raw or escaped, goes when the message is made one line.
+        "cut-where-a-long-body-is-quoted": " " * (64 * 1024 - 10) + key + " ...",
+        "cut-after-escaped-spaces": "\\u0020" * ((64 * 1024 - 16) // 6) + key + " ...",
     }
 
 
@@ -620,12 +649,14 @@ async def test_an_error_answer_never_carries_the_key_and_still_says_what_failed(
         providers(kind, "https://provider.test", mock_client(status, body)), REQUEST
     )
     assert (error.kind, error.status_code) == (classify_status(status), status)
-    assert error.message.startswith(f"{kind.name} {status}: ")
+    assert error.message.startswith(f"{kind.name} {status}:")
     assert_no_key(error, kind.key)
     if shape not in (
         "cut-at-the-limit",
         "nested-too-deep",
-    ):  # where the key is past the first 300 characters
+        "cut-where-a-long-body-is-quoted",
+        "cut-after-escaped-spaces",
+    ):  # where the key is past the first 300 characters, or past the quote
         assert "***" in error.message  # the provider's text is kept, the key in it is not
 
 

@@ -652,6 +652,36 @@ async def test_anthropic_error_events_map_as_their_types_do_without_streaming(
     assert failure.message.startswith("anthropic failed mid-stream: ")
 
 
+@each_kind
+async def test_a_long_error_event_is_not_read_as_json_and_is_quoted_from_its_start(
+    kind, server, providers
+):
+    """An error event whose error is 1 MiB of empty lists, within max_response_bytes: decoded
+    whole, and written back as JSON to quote 300 characters of it, it took 35 times its size
+    and held the worker's event loop, every other call on it waiting."""
+    error = {"message": None, "detail": [[]] * (MiB // 4)}
+    event = (
+        sse({"type": "error", "error": error}, "error")
+        if kind is ANTHROPIC
+        else sse({"error": error})
+    )
+    body = "".join([*kind.events(TEXTS)[:2], event]).encode()  # made before memory is traced
+    server.answer = lambda handler: send(handler, [body])
+    provider = providers(kind, server.url)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        _, failure = await failed(provider)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert failure.kind == "server_error"
+    assert failure.message.startswith(
+        f'{kind.name} failed mid-stream: {{"message": null, "detail": [[], []'
+    )
+    assert peak < 4 * MiB, peak  # the event read; decoded whole, 35 MiB
+
+
 @pytest.mark.parametrize(
     ("code", "kind"),
     [

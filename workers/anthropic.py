@@ -67,6 +67,7 @@ from workers.base import (
     error_text,
     require_api_key,
     retry_after_s,
+    stream_error,
     stream_error_text,
     unexpected_body,
 )
@@ -436,7 +437,7 @@ class _Event(msgspec.Struct):
     content_block: _Block | None = None  # content_block_start
     delta: _EventDelta | None = None  # content_block_delta, message_delta
     usage: _Usage | None = None  # message_delta
-    error: Any = None  # error: {"type", "message"}
+    error: msgspec.Raw = msgspec.Raw()  # error: {"type", "message"}
 
 
 _event_decoder = msgspec.json.Decoder(_Event)
@@ -509,7 +510,7 @@ class MessageStream:
         elif data.type == "message_stop":
             return self._answer()
         elif data.type == "error":
-            raise self._failed(data.error)
+            raise self._failed(stream_error(data.error))
         return None  # ping, and event types added later
 
     def _block(self, index: int | None, block: _Block) -> Delta | None:

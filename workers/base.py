@@ -197,7 +197,9 @@ def retry_after_s(response: httpx.Response) -> float | None:
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
     """The provider's JSON error object, or {} when the body is not JSON (or nested too deep,
-    or holds a number too long, to read)."""
+    or holds a number too long, to read), or too long to read as JSON."""
+    if len(response.content) > _ERROR_READ_BYTES:
+        return {}
     try:
         body = response.json()
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits
@@ -223,10 +225,32 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
     text = _message_text(error)
     if text:
         return text
+    if len(response.content) > _ERROR_READ_BYTES:
+        return _start_of(response.content, response.encoding or "utf-8")
     try:
         return json.dumps(response.json(), ensure_ascii=False)
     except (ValueError, RecursionError, TypeError):  # not JSON Python reads: its escapes undone
         return _JSON_ESCAPE.sub(_unescaped, response.text)
+
+
+# A provider's error is a few hundred bytes. One far longer is not read as JSON: Python's json
+# (as msgspec's untyped decoding) builds every value in it, 20 to 35 times its size, and a body
+# of 4 MiB of empty lists held the worker's event loop, every other call on it waiting, for
+# 1.2 s. Its status gives its kind, and its start is quoted.
+_ERROR_READ_BYTES = 64 * 1024
+_WORD = re.compile(r"\S*")
+
+
+def _start_of(data: bytes | msgspec.Raw, encoding: str = "utf-8") -> str:
+    """The start of an error too long to read as JSON, quoted as error_text quotes a body it
+    cannot read (its escapes undone), less its last word: the cut may have gone through a
+    credential, whose first half scrub() would not know. A start that is all one word is
+    kept: a word that long (thousands of characters, escapes undone) ends far past the 300
+    characters a message keeps."""
+    head = str(memoryview(data)[:_ERROR_READ_BYTES], encoding, "replace")
+    head = _JSON_ESCAPE.sub(_unescaped, head)
+    last_word = _WORD.match(head[::-1]).end()  # \S* matches, if only nothing
+    return head if last_word == len(head) else head[: len(head) - last_word]
 
 
 # A JSON string's escapes. A body Python's json cannot read (a number of 5,000 digits, nesting
@@ -242,6 +266,19 @@ def _unescaped(match: re.Match[str]) -> str:
         return _ESCAPED[code]
     char = chr(int(code[1:], 16))
     return "\ufffd" if "\ud800" <= char <= "\udfff" else char  # a half pair says nothing
+
+
+def stream_error(raw: msgspec.Raw) -> object:
+    """An error event's `error` field, which the kinds' decoders keep raw: its value (None
+    when absent or null), or, past _ERROR_READ_BYTES (or nested too deep), the start of its
+    text. A value that large is not built: decoded whole, a 4 MiB one of empty lists took
+    200 MiB and the worker's event loop 0.6 s."""
+    if len(raw) == 0:
+        return None
+    if len(raw) <= _ERROR_READ_BYTES:
+        with suppress(RecursionError):
+            return msgspec.json.decode(raw)
+    return _start_of(raw)
 
 
 def stream_error_text(error: object) -> str:

@@ -64,6 +64,7 @@ from workers.base import (
     error_text,
     require_api_key,
     retry_after_s,
+    stream_error,
     stream_error_text,
     unexpected_body,
 )
@@ -312,7 +313,7 @@ class _Chunk(msgspec.Struct):
     choices: list[_ChunkChoice] = []
     model: str | None = None
     usage: _Usage | None = None  # null but in the last chunk (include_usage)
-    error: Any = None  # {"message", "type", "code"}: the stream failed
+    error: msgspec.Raw = msgspec.Raw()  # {"message", "type", "code"}: the stream failed
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
@@ -453,8 +454,9 @@ class ChatStream:
                 )
             return self._finished()
         chunk: _Chunk = decode_event(event, _chunk_decoder)
-        if chunk.error is not None:
-            raise self._failed(chunk.error)
+        error = stream_error(chunk.error)
+        if error is not None:
+            raise self._failed(error)
         self.model = chunk.model or self.model  # Azure's filter results name "": kept as was
         if chunk.usage is not None:
             self.usage = chunk.usage
