@@ -17,7 +17,8 @@ them; regenerate the file when the config's providers, streams or buckets change
                  jobs), answers on their own inbox prefix, _INBOX.<user>; and their $SRV
                  subjects (discovery), each request answered once
     operators    read the audit stream and the live audit events, the health bucket, and ask
-                 the NATS service API ($SRV: discovery, figures); receive on _INBOX.<user>
+                 the NATS service API ($SRV: discovery, figures); receive the dead letters
+                 (llm.jobs.dead) and on _INBOX.<user>
 
 JetStream is reached through its API subjects, and what a role may do is the list of those it
 may publish: a stream's INFO and CREATE, a consumer's CREATE (which also names where it
@@ -269,7 +270,9 @@ def operator(name: str, config: Config) -> User:
         name,
         OPERATOR,
         publish=_unique(publish),
-        subscribe=(client_inbox(name) + ".>", subjects.AUDIT_ALL),
+        # The dead letters too (jobs given up on, as submitted): no other role may receive
+        # them, so without this one what is published on llm.jobs.dead reaches nobody.
+        subscribe=(client_inbox(name) + ".>", subjects.AUDIT_ALL, subjects.JOBS_DEAD),
         inbox_prefix=client_inbox(name),
     )
 

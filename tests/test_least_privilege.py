@@ -432,6 +432,30 @@ async def test_the_server_refuses_what_a_role_may_not_do(
             await conn.close()
 
 
+async def test_a_dead_lettered_job_reaches_the_operator(secured: Secured) -> None:
+    """No role could subscribe to llm.jobs.dead: a job the dispatcher gave up on was published
+    there, as submitted, and lost to everyone (the README's "bad jobs" row)."""
+    errors: list[str] = []
+    operator = await secured.connect("operator", errors)
+    dispatcher = await secured.connect(
+        permissions.DISPATCHER_USER, inbox_prefix=subjects.DISPATCHER_INBOX_PREFIX
+    )
+    try:
+        dead = await operator.subscribe(subjects.JOBS_DEAD)
+        await ensure_subscribed(operator)
+        await dispatcher.publish(
+            subjects.JOBS_DEAD, encoder.encode(USER_HELLO), headers={"Lifeline-Error": "internal"}
+        )
+        await dispatcher.flush()
+        letter = await dead.next_msg(timeout=5)
+        assert letter.headers["Lifeline-Error"] == "internal"
+        assert json.loads(letter.data) == json.loads(encoder.encode(USER_HELLO))
+        assert errors == []
+    finally:
+        for conn in (operator, dispatcher):
+            await conn.close()
+
+
 def test_a_gateway_run_as_a_client_serves_and_says_once_why_it_cannot_be_found(
     secured: Secured, tmp_path: Path
 ) -> None:
