@@ -1263,7 +1263,10 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{job_id}: already submitted (a duplicate within the dedup window); kept once")
     else:
         print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
-    where = f" --nats-url {shlex.quote(url)}" if args.nats_url else ""
+    # With this command's config too: its [nats] table may name the server (and the user),
+    # and without it the command printed would look for the job on the local default.
+    where = f" --config {shlex.quote(args.config)}" if args.config != DEFAULT_CONFIG else ""
+    where += f" --nats-url {shlex.quote(url)}" if args.nats_url else ""
     print(f"result: lifeline result {shlex.quote(job_id)}{where} --wait 30")
     return 0
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -273,6 +274,21 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert "backup:ok" in line
     latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
     assert '"id":"cli-job-1"' in latest.stdout
+
+
+def test_the_result_command_submit_prints_works_as_printed_with_a_config(running, tmp_path):
+    """With --config naming the server in its [nats] table, the command printed had no
+    --config, and failed: it looked for the job on nats://127.0.0.1:4222."""
+    _, url = running
+    path = tmp_path / "my configs" / "lifeline.toml"
+    path.parent.mkdir()
+    path.write_text(Path(EXAMPLE).read_text() + f'\n[nats]\nurl = "{url}"\n')
+    submitted = run_lifeline("submit", "--config", str(path), "a configured hello")
+    assert submitted.returncode == 0, submitted.stderr
+    [printed] = re.findall(r"^result: (lifeline .*)$", submitted.stdout, re.MULTILINE)
+    result = run_lifeline(*shlex.split(printed)[1:])  # as printed: from the same directory
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "a configured hello\n"  # the example's backup echoes
 
 
 def test_submit_and_batch_to_a_server_without_jetstream_say_what_to_do(tmp_path):
