@@ -163,12 +163,16 @@ async def connect(
                 )
             return
         if _is_inbox_refusal(exc):  # every answer to this connection would go unseen
+            if watch is not None:  # a dispatcher stops at start (must_have_subscribed)
+                watch.on_error(exc)
             log.warning(
                 "%s: the NATS server refused this connection's subscription to its inbox "
                 "(%s), so no answer can reach it. A least-privilege user connects with its "
-                "inbox prefix: set NATS_INBOX_PREFIX=_INBOX.<user> (or --nats-inbox-prefix)",
+                "inbox prefix: set NATS_INBOX_PREFIX=_INBOX.<user> (or --nats-inbox-prefix; "
+                "a dispatcher's is %s, its default)",
                 name,
                 exc,
+                subjects.DISPATCHER_INBOX_PREFIX,
             )
             return
         if _is_publish_refusal(exc):  # an answer to a reply subject this user may not use
@@ -320,17 +324,30 @@ def _refused_subscription(exc: Exception) -> str | None:
     return match.group(1) if match else None
 
 
-def must_have_subscribed(watch: ConnectionWatch, who: str, subjects_: Sequence[str]) -> None:
+def must_have_subscribed(
+    watch: ConnectionWatch,
+    who: str,
+    subjects_: Sequence[str],
+    fix: str = "connect it with its own role's credentials (`lifeline nats-config` gives each "
+    "role its subjects)",
+) -> None:
     """NatsRefused when the server refused one of the subscriptions a component's work comes
     on (its flush, ensure_subscribed, has had the server's answer): one left running would be
     ready by every probe and `lifeline health`, and serve nothing (another role's
-    credentials, copied by mistake)."""
-    refused = [s for s in watch.refused_subjects if s.lower() in {x.lower() for x in subjects_}]
+    credentials, copied by mistake). A subject ending in `.>` stands for every subject under
+    it, as in NATS: an inbox's subscription is <prefix>.<random id>.>."""
+    wanted = [x.lower() for x in subjects_]
+    refused = [
+        s
+        for s in watch.refused_subjects
+        if any(
+            s.lower() == w or (w.endswith(".>") and s.lower().startswith(w[:-1])) for w in wanted
+        )
+    ]
     if refused:
         raise NatsRefused(
             f"{who}: this NATS user may not subscribe to {', '.join(refused)}, where its work "
-            "comes: connect it with its own role's credentials (`lifeline nats-config` gives "
-            "each role its subjects)"
+            f"comes: {fix}"
         )
 
 
@@ -390,6 +407,15 @@ async def start_dispatcher(
     try:
         must_have_subscribed(
             watch, "dispatcher", (subjects.COMPLETE, subjects.STREAM, subjects.ABORT)
+        )
+        # Its inbox too, where its workers' replies and stream chunks come: refused (a
+        # client's NATS_INBOX_PREFIX left set), every attempt would time out.
+        must_have_subscribed(
+            watch,
+            "dispatcher",
+            (options.inbox_prefix + ".>",),
+            f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}, its default "
+            "(leave NATS_INBOX_PREFIX, --nats-inbox-prefix and [nats] inbox_prefix unset)",
         )
     except NatsRefused:
         await dispatcher.stop()

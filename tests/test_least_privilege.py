@@ -512,6 +512,30 @@ def test_a_worker_with_another_roles_credentials_stops_saying_so(secured: Secure
     assert "worker slow: this NATS user may not subscribe to llm.provider.slow" in err, err
 
 
+def test_a_dispatcher_with_a_clients_inbox_prefix_stops_saying_so(secured: Secured) -> None:
+    """A dispatcher started with NATS_INBOX_PREFIX=_INBOX.dispatcher (a client's setting, left
+    in a shared environment): the server refused its inbox, and it ran on, ready by /readyz,
+    timing out every attempt, as its workers' replies could not reach it."""
+    env = cli_env(**secured.env(permissions.DISPATCHER_USER, NATS_INBOX_PREFIX="_INBOX.dispatcher"))
+    dispatcher = subprocess.Popen(
+        [*LIFELINE, "dispatcher", "--config", str(secured.config_path)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        code, _, err = finished(dispatcher, timeout_s=30)
+    finally:  # one running on would take this module's requests, and time them out
+        if dispatcher.poll() is None:
+            dispatcher.kill()
+            dispatcher.communicate()
+    assert code != 0, err
+    assert "dispatcher: this NATS user may not subscribe to _inbox.dispatcher." in err, err
+    assert f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}" in err, err
+
+
 async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(secured.config_path)
     argv = ["nats-config", "--config", path, "--clients", "alice,bob", "--gateways", "gateway"]
