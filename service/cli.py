@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     command = handlers[args.command](args)
     try:
-        return loop.run(_serving(command) if args.command in _SERVING else command)
+        return loop.run(_serving(command) if args.command in _SERVING else _stoppable(command))
     except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
@@ -854,6 +854,30 @@ async def _serving(command: Awaitable[int]) -> int:
         return 128 + signal.SIGINT  # stopped before it started, as a shell's Ctrl-C says
     finally:
         _stop = None
+
+
+async def _stoppable(command: Awaitable[int]) -> int:
+    """A client command (ask, submit, batch, ...): SIGTERM (timeout(1), a cancelled CI job)
+    and SIGHUP (its terminal closed) cancel it as Ctrl-C does (asyncio.Runner's), so that a
+    request it has in flight is aborted at its dispatcher; by default they killed it, and the
+    request ran on to its end, its provider paid, for nobody. It exits 128 + the signal."""
+    task = asyncio.current_task()
+    assert task is not None
+    came: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        came.append(sig)
+        task.cancel()
+
+    running = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        running.add_signal_handler(sig, stop, sig)
+    try:
+        return await command
+    except asyncio.CancelledError:
+        if not came:
+            raise  # Ctrl-C: asyncio.Runner makes it a KeyboardInterrupt (exit 130)
+        return 128 + came[0]
 
 
 async def _until_signalled(lost: Awaitable[T] | None = None) -> T | None:

@@ -607,10 +607,22 @@ def test_run_on_a_taken_port_says_so_in_one_line():
     assert f"port {port} is taken" in line and "--port -1" in line
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["ask", "ask --stream"])
-async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, stream):
-    """A user who gives up on `lifeline ask` (Ctrl-C) stops the provider call too: the
-    dispatcher answers the request `aborted` at once instead of after slowpoke's 1.5 s."""
+@pytest.mark.parametrize(
+    ("stream", "stop"),
+    [
+        (False, signal.SIGINT),
+        (True, signal.SIGINT),
+        (False, signal.SIGTERM),  # timeout(1), a cancelled CI job: it was killed, not aborted
+        (True, signal.SIGHUP),  # its terminal closed: the same
+    ],
+    ids=["ask-ctrl-c", "ask --stream-ctrl-c", "ask-sigterm", "ask --stream-sighup"],
+)
+async def test_ask_stopped_by_ctrl_c_or_a_signal_aborts_its_request_at_the_dispatcher(
+    running, stream, stop
+):
+    """A user who gives up on `lifeline ask` (Ctrl-C, or SIGTERM or SIGHUP) stops the provider
+    call too: the dispatcher answers the request `aborted` at once instead of after slowpoke's
+    1.5 s."""
     _, url = running
     nc = await nats.connect(url)
     try:
@@ -623,13 +635,13 @@ async def test_ctrl_c_on_ask_aborts_its_request_at_the_dispatcher(running, strea
         ask = spawn_lifeline(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             attempt = await attempts.next_msg(timeout=20)  # the request is at the worker: Ctrl-C
-            ask.send_signal(signal.SIGINT)
+            ask.send_signal(stop)
             code = await asyncio.to_thread(ask.wait, 10)
         finally:
             if ask.poll() is None:
                 ask.kill()
             out, err = ask.communicate()
-        assert code == 130, (code, out, err)
+        assert code == 128 + stop, (code, out, err)
         # Its own event: jobs the tests before left running can still be audited meanwhile.
         request_id = attempt.headers[subjects.REQUEST_ID]
         event = audit_decoder.decode((await audit.next_msg(timeout=5)).data)
