@@ -50,9 +50,11 @@ from service import client, discovery, jetstream, logs, loop, natsopts, telemetr
 from service.app import (
     Component,
     ConnectionWatch,
+    NatsRefused,
     NatsUnreachable,
     Stack,
     connect,
+    must_have_subscribed,
     start_dispatcher,
     start_stack,
     start_worker,
@@ -1991,9 +1993,19 @@ async def _start_gateway(
         max_body_bytes=2 * settings.max_request_bytes,
         max_connections=max_connections,
     )
+    user = url.user if url.user and url.password else "<user>"  # a user alone is a token
     try:
+        # Its inbox, where every answer comes, checked before it listens: refused, it would
+        # be ready by every probe while each request waited out its timeout for a 504.
+        must_have_subscribed(
+            watch,
+            "gateway",
+            (await server.subscribe(),),
+            f"connect it with its user's inbox prefix: set NATS_INBOX_PREFIX=_INBOX.{user} "
+            "(or --nats-inbox-prefix, or [nats] inbox_prefix)",
+        )
         await server.start(host, port)
-    except OSError:
+    except (OSError, NatsRefused):
         watch.closing = True  # our own close: no "connection gone for good" error line
         await nc.close()
         raise

@@ -86,7 +86,7 @@ from schemas.wire import (
 from service.discovery import Endpoint, Tally
 from service.loop import Timeout, Timeouts
 from service.memory import release_memory_soon
-from service.natsio import fast_path
+from service.natsio import ensure_subscribed, fast_path
 
 __all__ = ["KEYS_ENV", "Gateway", "Models", "keys_from_env"]
 
@@ -799,6 +799,14 @@ class Gateway:
         self.host, self.port = "127.0.0.1", 0
 
     # -- serving --
+
+    async def subscribe(self) -> str:
+        """Subscribe its inbox now, not at the first request, and return its subject once the
+        server has answered: one the server refuses (a user connected without its inbox
+        prefix) would leave it ready by every probe, each request a 504 after its timeout."""
+        inbox = await self.inbox._ready() + "*"
+        await ensure_subscribed(self.nc)
+        return inbox
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> None:
         """Listen on host:port (0: any free port); OSError when it cannot."""

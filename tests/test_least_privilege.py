@@ -536,6 +536,31 @@ def test_a_dispatcher_with_a_clients_inbox_prefix_stops_saying_so(secured: Secur
     assert f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}" in err, err
 
 
+def test_a_gateway_without_its_inbox_prefix_stops_saying_so(secured: Secured) -> None:
+    """A gateway started as its user but without NATS_INBOX_PREFIX=_INBOX.gateway: the server
+    refused its inbox at its first request, and it ran on, ready by /readyz, each completion a
+    504 after 35 s blaming the dispatcher."""
+    [gateway_user] = GATEWAYS
+    gateway = subprocess.Popen(
+        [*LIFELINE, "gateway", "--port", "0", "--config", str(secured.config_path)],
+        cwd=ROOT,
+        env=cli_env(**secured.env(gateway_user)),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        code, out, err = finished(gateway, timeout_s=30)
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.communicate()
+    assert code != 0, out + err
+    assert "OpenAI-compatible gateway on" not in out, out
+    assert "gateway: this NATS user may not subscribe to _inbox." in err, err
+    assert f"set NATS_INBOX_PREFIX={permissions.client_inbox(gateway_user)}" in err, err
+
+
 async def test_nats_config_prints_it(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(secured.config_path)
     argv = ["nats-config", "--config", path, "--clients", "alice,bob", "--gateways", "gateway"]
