@@ -175,6 +175,15 @@ async def connect(
                 subjects.DISPATCHER_INBOX_PREFIX,
             )
             return
+        if _is_publish_refusal(exc) and not wait_for_server:  # a command's own request
+            log.warning(
+                "%s: this NATS user may not publish %s: its role does not allow it "
+                "(`lifeline nats-config`). `lifeline status`, `audit` and `health` are the "
+                "operator's; the jobs stream is made by the first dispatcher (start one first)",
+                name,
+                _refused_publish(exc),
+            )
+            return
         if _is_publish_refusal(exc):  # an answer to a reply subject this user may not use
             log.warning(
                 "%s: the NATS server refused a publish (%s): an answer sent there is lost. A "
@@ -322,6 +331,12 @@ def _refused_subscription(exc: Exception) -> str | None:
         r'permissions violation for subscription to "([^"]*)"', str(exc), re.IGNORECASE
     )
     return match.group(1) if match else None
+
+
+def _refused_publish(exc: Exception) -> str:
+    """The subject of a publish the server refused, as its error names it."""
+    match = re.search(r'permissions violation for publish to "([^"]*)"', str(exc), re.IGNORECASE)
+    return match.group(1) if match else str(exc)
 
 
 def must_have_subscribed(

@@ -503,6 +503,21 @@ def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -
     assert "NATS_INBOX_PREFIX=_INBOX.<user>" in asked.stderr
 
 
+def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(
+    secured: Secured,
+) -> None:
+    """`lifeline status` as a client: the server refused its read of the health bucket, and
+    it said a client's reply subject was outside its inbox, to ask with nc.new_inbox()."""
+    code, _, err = finished(lifeline(secured, "bob", "status"), timeout_s=30)
+    assert code != 0, err
+    assert (
+        "this NATS user may not publish $js.api.stream.info.kv_lifeline_health: its role "
+        "does not allow it"
+    ) in err, err
+    assert "`lifeline status`, `audit` and `health` are the operator's" in err, err
+    assert "new_inbox" not in err, err
+
+
 def test_a_worker_with_another_roles_credentials_stops_saying_so(secured: Secured) -> None:
     """Worker slow started with worker-fast's credentials (copied by mistake): its subscriptions
     were refused, and it ran on, ready by /readyz and `lifeline health`, serving nothing."""
