@@ -73,7 +73,7 @@ from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.health import percentile_ms
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
-from service.probes import Probes
+from service.probes import Probes, parse_address
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
 from workers.base import Scrubber, shown_env_name
@@ -423,9 +423,21 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _nats_arg(health)
 
 
+def _health_address(text: str) -> str:
+    """--health-port, checked as the command line is read: checked once the probes start,
+    after connecting, a mistake left a process waiting on an unreachable NATS without a word,
+    or subscribed and said it was serving before it exited."""
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--health-port: ")) from None
+    return text
+
+
 def _health_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--health-port",
+        type=_health_address,
         metavar="[HOST:]PORT",
         help="serve GET /healthz (live) and /readyz (connected, subscribed, not overloaded) over "
         "HTTP on this port, every interface unless HOST is given (default: off)",
@@ -1674,17 +1686,18 @@ def _ask_request(args: argparse.Namespace) -> CompletionRequest:
 
 
 def _tools(source: str) -> list[Tool]:
-    """--tools: a JSON list of tools, inline or in a file; ValueError saying what is wrong."""
+    """--tools: a JSON list of tools, inline or in a file; ValueError saying what is wrong.
+    Text starting with [ or { is inline JSON (one tool's object, not in a list, was read as
+    a file's name: "No such file or directory")."""
+    expected = 'expected a JSON list of tools, [{"name", "description", "parameters"}, ...]'
     try:
-        data = source.encode() if source.lstrip().startswith("[") else Path(source).read_bytes()
+        inline = source.lstrip().startswith(("[", "{"))
+        data = source.encode() if inline else Path(source).read_bytes()
         return msgspec.json.decode(data, type=list[Tool])
     except OSError as exc:
         raise ValueError(f"--tools {source}: {exc.strerror}") from None
     except msgspec.ValidationError as exc:
-        raise ValueError(
-            f"--tools: {exc}; expected a JSON list of "
-            '{"name", "description", "parameters"} objects'
-        ) from None
+        raise ValueError(f"--tools: {exc}; {expected}") from None
     except msgspec.DecodeError as exc:
         raise ValueError(f"--tools: not JSON ({exc})") from None
 

@@ -200,6 +200,11 @@ MISTAKES = [
     (["submit", "--id", "i" * 300, "hi"], "at most 256"),
     (["dispatcher", "--nats-url", ",", "--config", EXAMPLE], "names no server"),
     (["audit", "--config", "AUDITLESS"], "keeps no audit stream"),
+    # at once, not after connecting: with NATS unreachable a worker waited without a word
+    (["worker", "p", "--health-port", "notaport", "--nats-url", "nats://127.0.0.1:1"], "PORT"),
+    (["dispatcher", "--health-port", "localhost:99999"], "expected [HOST:]PORT"),
+    # one tool's object, not in a list, was read as a file's name
+    (["ask", "--tools", '{"name": "get_weather"}', "hi"], "expected a JSON list of tools"),
 ]
 
 
