@@ -318,13 +318,18 @@ async def test_a_2_kb_double_gzip_bomb_of_1_gib_fails_as_too_large_and_memory_st
 
 @each_kind
 @pytest.mark.parametrize("status, kind_of_status", [(500, "server_error"), (429, "rate_limit")])
-async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status(
-    kind, server, providers, status, kind_of_status
+@pytest.mark.parametrize("declared", [False, True], ids=["read", "content-length"])
+async def test_an_error_answer_is_capped_too_and_keeps_the_kind_of_its_status_and_retry_after(
+    kind, server, providers, status, kind_of_status, declared
 ):
-    error_body = {"error": {"message": "x" * (8 * MiB), "type": "server_error"}}
-    server.answer = lambda handler: send(handler, status, [json.dumps(error_body).encode()])
+    """A 429 over max_response_bytes kept its kind but lost its Retry-After: the dispatcher
+    waited by its own backoff instead of the provider's word."""
+    body = json.dumps({"error": {"message": "x" * (8 * MiB), "type": "server_error"}}).encode()
+    headers = {**_retry_after(status), **({"content-length": str(len(body))} if declared else {})}
+    server.answer = lambda handler: send(handler, status, [body], headers)
     error = await expect_failure(providers(kind, server.url), REQUEST)
     assert (error.kind, error.status_code) == (kind_of_status, status)
+    assert error.retry_after_s == (7.0 if status == 429 else None)
     assert "max_response_bytes" in error.message and "left unread" in error.message
 
 

@@ -476,26 +476,26 @@ async def _capped_pieces(
     per token in OpenAI's chunks) is no part of the answer, whose own size
     HttpProvider.stream bounds."""
     if not per_line and _declared_bytes(response) > max_bytes:
-        raise response_too_large(response.status_code, max_bytes)
+        raise _too_large(response, max_bytes)
     layers = _inflaters(response)
     body_bytes = wire_bytes = 0
     last = b""  # the byte before a piece: a blank line may begin in one piece and end in the next
     async for chunk in response.aiter_raw():
         wire_bytes += len(chunk)
         if wire_bytes > max_bytes and not per_line:
-            raise response_too_large(response.status_code, max_bytes)
+            raise _too_large(response, max_bytes)
         try:
             for piece in _decoded(chunk, layers):
                 if per_line:
                     body_bytes = _event_bytes(body_bytes, last, piece, max_bytes + _EVENT_ROOM)
                     if body_bytes < 0:
-                        raise response_too_large(response.status_code, max_bytes)
+                        raise _too_large(response, max_bytes)
                     last = piece[-1:]
                     yield piece
                     continue
                 body_bytes += len(piece)
                 if body_bytes > max_bytes:
-                    raise response_too_large(response.status_code, max_bytes)
+                    raise _too_large(response, max_bytes)
                 yield piece
         except zlib.error as exc:
             encoding = response.headers.get("content-encoding")
@@ -543,16 +543,26 @@ def _event_bytes(before: int, last: bytes, piece: bytes, limit: int) -> int:
     return open_bytes if open_bytes <= limit else -1
 
 
-def response_too_large(status_code: int | None, max_bytes: int) -> ProviderError:
+def _too_large(response: httpx.Response, max_bytes: int) -> ProviderError:
+    """response_too_large for this answer, an error status's Retry-After kept."""
+    status = response.status_code
+    return response_too_large(status, max_bytes, retry_after_s(response) if status >= 400 else None)
+
+
+def response_too_large(
+    status_code: int | None, max_bytes: int, retry_after: float | None = None
+) -> ProviderError:
     """The answer is over max_response_bytes: the message says the limit and the two ways out.
 
-    An HTTP error status still says more than the size of its body (a 429 stays a rate limit)."""
+    An HTTP error status still says more than the size of its body: a 429 stays a rate limit,
+    with its Retry-After (`retry_after`), as when its body cannot be decoded (_unreadable)."""
     if status_code is not None and status_code >= 400:
         return ProviderError(
             classify_status(status_code),
             f"provider answered HTTP {status_code} with a body over "
             f"max_response_bytes ({max_bytes} bytes decoded), left unread",
             status_code,
+            retry_after,
         )
     return ProviderError(
         "response_too_large",
