@@ -313,6 +313,16 @@ async def test_stop_becomes_stop_sequences_and_seed_is_left_out(make):
     assert "seed" not in sent
 
 
+async def test_a_whitespace_only_stop_sequence_is_left_out_as_the_api_refuses_it(make):
+    """The README's own "stop": ["\n\n"] made every fallback to Claude a 400 ("each stop
+    sequence must contain non-whitespace")."""
+    some, only = Server(), Server()
+    await make(some).complete(request(stop=["\n\n", "END", " \t"]), timeout_s=5)
+    await make(only).complete(request(stop=["\n\n"]), timeout_s=5)
+    assert some.sent_json()["stop_sequences"] == ["END"]
+    assert "stop_sequences" not in only.sent_json()
+
+
 @pytest.mark.parametrize(
     "arguments",
     # the last three: json.loads took them, and the body's encoding then failed (server_error)

@@ -151,8 +151,11 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
         body["temperature"] = min(request.temperature, 1.0)
     if request.top_p is not None:
         body["top_p"] = request.top_p
-    if request.stop:
-        body["stop_sequences"] = list(request.stop)
+    # The API refuses a stop sequence of only whitespace ("\n\n", which OpenAI takes): such a
+    # sequence is left out, so the answer may run past it, rather than every call failing.
+    stops = [stop for stop in request.stop or () if stop.strip()]
+    if stops:
+        body["stop_sequences"] = stops
     body.update(_tool_fields(request))
     # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
     # Nor has seed: the API cannot make an answer repeatable, so it is left out.
