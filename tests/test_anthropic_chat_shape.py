@@ -313,6 +313,17 @@ async def test_stop_becomes_stop_sequences_and_seed_is_left_out(make):
     assert "seed" not in sent
 
 
+async def test_top_p_is_sent_only_without_a_temperature_as_newer_models_refuse_both(make):
+    """A request (or a target) setting both made every call to Claude Sonnet 4.5 a 400."""
+    both, alone = Server(), Server()
+    await make(both).complete(request(temperature=0.2, top_p=0.9), timeout_s=5)
+    await make(alone).complete(request(top_p=0.9), timeout_s=5)
+    assert both.sent_json()["temperature"] == 0.2
+    assert "top_p" not in both.sent_json()
+    assert alone.sent_json()["top_p"] == 0.9
+    assert "temperature" not in alone.sent_json()
+
+
 async def test_a_whitespace_only_stop_sequence_is_left_out_as_the_api_refuses_it(make):
     """The README's own "stop": ["\n\n"] made every fallback to Claude a 400 ("each stop
     sequence must contain non-whitespace")."""

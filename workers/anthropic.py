@@ -149,7 +149,9 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
         # Anthropic takes 0 to 1, the wire (OpenAI's range) 0 to 2: a request falling back here
         # from an OpenAI target with 1.5 is sent Anthropic's highest, not refused as a 400.
         body["temperature"] = min(request.temperature, 1.0)
-    if request.top_p is not None:
+    # The API reference says to alter temperature or top_p, not both, and newer models refuse
+    # the two together with a 400: with a temperature set, top_p is left out.
+    if request.top_p is not None and request.temperature is None:
         body["top_p"] = request.top_p
     # The API refuses a stop sequence of only whitespace ("\n\n", which OpenAI takes): such a
     # sequence is left out, so the answer may run past it, rather than every call failing.
