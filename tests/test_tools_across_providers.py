@@ -6,6 +6,7 @@ tool conversation that falls back from one family to the other arrives there int
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -232,3 +233,37 @@ async def test_a_tool_conversation_falls_back_from_openai_to_anthropic_intact(
             ],
         },
     ]
+
+
+async def test_another_providers_tool_call_ids_reach_anthropic_in_a_shape_it_takes(
+    lifeline, client, openai_server, anthropic_server
+):
+    """Kimi's and other compatible servers' ids ("functions.get_weather:0") were sent to
+    Claude as they were, and it refuses any tool_use id outside ^[a-zA-Z0-9_-]+$: every
+    fallback of such a conversation was a 400. Each call and its result must still pair, and
+    ids that differ only in such characters must stay apart."""
+    openai_server.script = [(503, {"error": {"message": "overloaded", "type": "server_error"}})]
+    anthropic_server.script = [(200, ANTHROPIC_TEXT)]
+    await lifeline(config(providers(openai_server, anthropic_server)))
+    ids = ["functions.get_weather:0", "functions.get_weather.0", "toolu_01A09q90qw"]
+    conversation = [
+        {"role": "user", "content": "Weather in Lyon, Paris and Nice?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": i, "name": "get_weather", "arguments": json.dumps({"city": city})}
+                for i, city in zip(ids, ["Lyon", "Paris", "Nice"], strict=True)
+            ],
+        },
+        *({"role": "tool", "tool_call_id": i, "content": "20 °C"} for i in ids),
+    ]
+    reply = await ask(client, {"messages": conversation, "tools": [WEATHER]})
+    assert [(a.target, a.outcome) for a in reply.attempts] == [("gpt", "error"), ("claude", "ok")]
+    assert openai_server.bodies[0]["messages"][2]["tool_call_id"] == ids[0]  # OpenAI's as sent
+    assistant, results = anthropic_server.bodies[0]["messages"][1:]
+    uses = [block["id"] for block in assistant["content"]]
+    assert [block["tool_use_id"] for block in results["content"]] == uses
+    assert uses[2] == "toolu_01A09q90qw"  # an id the API takes is kept as it is
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", i) for i in uses)
+    assert len(set(uses)) == 3

@@ -33,8 +33,10 @@ messages alternate user and assistant: a tool's answer is a block of a user mess
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -107,6 +109,9 @@ _FINISH: dict[str, FinishReason] = {
 }
 # Lifeline's tool_choice as the Messages API's: "required" is its "any".
 _TOOL_CHOICE = {"auto": "auto", "none": "none", "required": "any"}
+# A tool_use block's id, as the API requires it (^[a-zA-Z0-9_-]+$), and what may not be in one.
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_NOT_IN_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
 # The input_schema of a tool declared without parameters: the API requires an object schema.
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 # A tool declared only because the conversation used it (see _tool_fields): any object input.
@@ -206,7 +211,11 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
         if result is not None and not isinstance(result, str):
             result = [_part(p) for p in result if not isinstance(p, TextPart) or p.text]
         return [
-            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": result or ""}
+            {
+                "type": "tool_result",
+                "tool_use_id": _tool_id(message.tool_call_id or ""),
+                "content": result or "",
+            }
         ]
     if message.role == "assistant" and message.tool_calls:
         return _text_blocks(message) + [_tool_use(call) for call in message.tool_calls]
@@ -249,7 +258,18 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
             "bad_request",
             f"the arguments of assistant tool call {call.id!r} are not a JSON object",
         )
-    return {"type": "tool_use", "id": call.id, "name": call.name, "input": arguments}
+    return {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": arguments}
+
+
+def _tool_id(call_id: str) -> str:
+    """A tool call's id as the API takes it (letters, digits, _ and -). Another provider's may
+    have other characters (Kimi's "functions.get_weather:0"): they become _, and a short digest
+    of the whole id is added so that two ids never become one. The tool_use and the
+    tool_result answering it get the same id, so they still pair."""
+    if _TOOL_ID.fullmatch(call_id):
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:12]
+    return f"{_NOT_IN_TOOL_ID.sub('_', call_id)}_{digest}"
 
 
 def _tool_fields(request: ProviderRequest) -> dict[str, Any]:
