@@ -71,6 +71,13 @@ class ImagePart(Struct, frozen=True, tag_field="type", tag="image", omit_default
             raise ValueError("an image part with data needs its media_type, e.g. image/png")
 
 
+# An image inline as a data: URL, OpenAI's form (data:image/png;base64,...): its media type
+# and base64 data. The gateway reads OpenAI's image_url parts with it, and a worker whose API
+# takes inline images otherwise (Anthropic's base64 source) a URL part in this form.
+DATA_URL = re.compile(
+    r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL
+)
+
 Part = TextPart | ImagePart
 
 

@@ -63,6 +63,7 @@ from schemas.ids import SecretIds
 from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import ABORT, ABORT_KEY, COMPLETE, STREAM, TRACEPARENT, TRACESTATE
 from schemas.wire import (
+    DATA_URL,
     Attempt,
     ChatMessage,
     CompletionReply,
@@ -266,9 +267,6 @@ _IGNORED = (
 )
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _ROLES = frozenset(("system", "user", "assistant", "tool", "developer"))
-_DATA_URL = re.compile(
-    r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[^,;]*)*;base64,(?P<data>.*)", re.DOTALL
-)
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 
 
@@ -392,7 +390,7 @@ def _part(part: dict[str, Any], where: str) -> Part:
             raise _bad("an image_url part needs image_url.url", f"{where}.image_url")
         if not url.startswith("data:"):
             return ImagePart(url=url)
-        match = _DATA_URL.fullmatch(url)
+        match = DATA_URL.fullmatch(url)
         if match is None or not match["type"].startswith("image/"):
             raise _bad("an image data URL must be data:image/<type>;base64,...", where)
         return ImagePart(data=match["data"], media_type=match["type"])

@@ -232,6 +232,17 @@ async def test_messages_in_parts_keep_their_parts_as_blocks(make):
     ]
 
 
+async def test_an_image_sent_as_a_data_url_reaches_anthropic_as_a_base64_source(make):
+    """OpenAI's inline form, data:image/png;base64,..., went as a url source, which the API
+    refuses: every fallback to Claude of a request with such an image was a 400."""
+    server = Server()
+    image = ImagePart(url=f"data:image/png;base64,{PNG}")
+    await make(server).complete(request(ChatMessage("user", [image])), timeout_s=5)
+    assert server.sent_json()["messages"][0]["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    ]
+
+
 async def test_the_streamed_request_is_the_same_body_with_stream_true(make):
     server = stream_server(stream_events())
     [_ async for _ in make(server).stream(CONVERSATION, timeout_s=5)]

@@ -46,6 +46,7 @@ from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import (
+    DATA_URL,
     FinishReason,
     ImagePart,
     NamedTool,
@@ -240,6 +241,11 @@ def _part(part: Part) -> dict[str, Any]:
 
 def _image_source(part: ImagePart) -> dict[str, Any]:
     if part.url is not None:
+        # The API fetches a URL source itself and refuses a data: URL (OpenAI's inline form,
+        # which the wire passes on as a URL): that one is sent as the base64 source it is.
+        inline = DATA_URL.fullmatch(part.url)
+        if inline is not None and inline["type"].startswith("image/"):
+            return {"type": "base64", "media_type": inline["type"], "data": inline["data"]}
         return {"type": "url", "url": part.url}
     return {"type": "base64", "media_type": part.media_type, "data": part.data}
 
