@@ -243,6 +243,34 @@ async def test_an_image_sent_as_a_data_url_reaches_anthropic_as_a_base64_source(
     ]
 
 
+@pytest.mark.parametrize(
+    ("prefill", "sent"),
+    [
+        ("Hello\n\n", "Hello"),
+        (
+            [TextPart("The answer is "), TextPart(" \n")],
+            [{"type": "text", "text": "The answer is"}],
+        ),
+        (" \n", ""),
+    ],
+)
+async def test_a_last_assistant_turn_ending_in_whitespace_is_sent_without_it(make, prefill, sent):
+    """The API refuses a final assistant turn ending in whitespace: on_midstream "continue"
+    after a first target's "Hello\n\n" failed on every Claude target ("final assistant
+    content cannot end with trailing whitespace"). Earlier turns keep theirs."""
+    server = Server()
+    chat = request(
+        ChatMessage("user", "Say hello twice"),
+        ChatMessage("assistant", "Hello.\n\n"),
+        ChatMessage("user", "Again"),
+        ChatMessage("assistant", prefill),
+    )
+    await make(server).complete(chat, timeout_s=5)
+    turns = server.sent_json()["messages"]
+    assert turns[1]["content"] == "Hello.\n\n"
+    assert turns[3] == {"role": "assistant", "content": sent}
+
+
 async def test_the_streamed_request_is_the_same_body_with_stream_true(make):
     server = stream_server(stream_events())
     [_ async for _ in make(server).stream(CONVERSATION, timeout_s=5)]

@@ -202,7 +202,24 @@ def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             turns[-1]["content"] = _as_blocks(turns[-1]["content"]) + _as_blocks(content)
         else:
             turns.append({"role": role, "content": content})
+    if turns and turns[-1]["role"] == "assistant":
+        # A last assistant turn is a prefill the answer goes on from (a client's own, or the
+        # text so far of on_midstream "continue"), and the API refuses one ending in
+        # whitespace: that is stripped (the answer may then bring its own).
+        turns[-1]["content"] = _without_trailing_whitespace(turns[-1]["content"])
     return turns
+
+
+def _without_trailing_whitespace(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content.rstrip()
+    blocks = list(content)
+    while blocks and blocks[-1]["type"] == "text":
+        text = blocks.pop()["text"].rstrip()
+        if text:
+            blocks.append({"type": "text", "text": text})
+            break
+    return blocks or ""  # an empty last assistant turn is the one empty turn the API takes
 
 
 def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
