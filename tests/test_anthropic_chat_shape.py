@@ -271,6 +271,18 @@ async def test_a_last_assistant_turn_ending_in_whitespace_is_sent_without_it(mak
     assert turns[3] == {"role": "assistant", "content": sent}
 
 
+async def test_an_empty_text_part_is_left_out_as_the_api_refuses_an_empty_block(make):
+    """A user message of an empty caption and an image ([{"type": "text", "text": ""}, image],
+    as some clients send) fell back to Claude as a 400: "text content blocks must be
+    non-empty"."""
+    server = Server()
+    parts = [TextPart(""), ImagePart(data=PNG, media_type="image/png"), TextPart("")]
+    await make(server).complete(request(ChatMessage("user", parts)), timeout_s=5)
+    assert server.sent_json()["messages"][0]["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    ]
+
+
 async def test_the_streamed_request_is_the_same_body_with_stream_true(make):
     server = stream_server(stream_events())
     [_ async for _ in make(server).stream(CONVERSATION, timeout_s=5)]

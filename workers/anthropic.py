@@ -239,7 +239,8 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
         return _text_blocks(message) + [_tool_use(call) for call in message.tool_calls]
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
-    return [_part(part) for part in message.content]
+    # An empty text part is left out: the API refuses an empty text block.
+    return [_part(p) for p in message.content if not isinstance(p, TextPart) or p.text]
 
 
 def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
