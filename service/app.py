@@ -37,6 +37,11 @@ class NatsUnreachable(RuntimeError):
     pass
 
 
+# The NATS connections this process has made (connect() below): a serving command stopped
+# before its first has taken nothing, so has nothing to finish (service/cli.py's _Stop).
+connections_made = 0
+
+
 class ConnectionWatch:
     """Tells a component whose NATS connection nats-py gave up on (closed, not reconnecting).
 
@@ -232,6 +237,8 @@ async def connect(
             + _unreachable_hint(options)
         ) from None
     connected = True
+    global connections_made
+    connections_made += 1
     if watch is not None:
         watch.nc = nc
     return nc

@@ -46,7 +46,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
-from service import client, discovery, jetstream, logs, loop, natsopts, telemetry
+from service import app, client, discovery, jetstream, logs, loop, natsopts, telemetry
 from service.app import (
     Component,
     ConnectionWatch,
@@ -794,6 +794,12 @@ class _Stop:
     def signalled(self, sig: signal.Signals) -> None:
         if self.serving or self.task is None:
             self.asked.set()  # a second one while stopping changes nothing
+        elif not app.connections_made:
+            # Still waiting for its NATS server: nothing taken, nothing to finish. Waiting for
+            # a second signal, it was killed by its supervisor's (docker stop: after 10 s).
+            log.warning("%s while waiting for NATS: stopping now", sig.name)
+            self.asked.set()
+            self.task.cancel()
         elif not self.asked.is_set():
             log.warning("%s while starting: stopping once started (again to stop now)", sig.name)
             self.asked.set()
@@ -854,7 +860,8 @@ async def _serving(command: Awaitable[int]) -> int:
     """A serving command, its stop signals taken before it connects: one that comes while it
     starts stops it as soon as it has started, its requests in flight finished (by default
     SIGTERM killed it there, subscribed already, and what it held got no reply); a second
-    one while it starts stops it at once. What it prints goes while anyone reads it."""
+    one while it starts stops it at once, as does the first while it still waits for its
+    NATS server (nothing taken yet). What it prints goes while anyone reads it."""
     global _stop
     sys.stdout, sys.stderr = _UntilGone(sys.stdout), _UntilGone(sys.stderr)
     stop = _stop = _Stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -753,10 +755,10 @@ def test_a_closed_terminal_stops_a_dispatcher_as_sigterm_does_its_requests_answe
             proc.stderr and proc.stderr.close()
 
 
-def test_a_stop_signal_while_starting_waits_for_the_start_and_a_second_one_stops_at_once():
-    """A dispatcher waiting for a NATS server that is not there yet: the first SIGTERM says
-    it stops once started; a second stops it now (before, the first killed it outright,
-    wherever its start-up was: subscribed already, its requests got no reply)."""
+def test_a_stop_signal_while_waiting_for_nats_stops_at_once():
+    """A dispatcher waiting for a NATS server that is not there has taken nothing, so has
+    nothing to finish: one SIGTERM stops it. It waited for a second, and `docker stop` (or
+    any supervisor) killed it after its grace, 10 s later."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -773,15 +775,68 @@ def test_a_stop_signal_while_starting_waits_for_the_start_and_a_second_one_stops
             proc, r"NATS at .* retrying|ConnectionRefused|Connect call failed", stream=proc.stderr
         )
         proc.send_signal(signal.SIGTERM)
-        wait_for_line(proc, "SIGTERM while starting: stopping once started", stream=proc.stderr)
-        assert proc.poll() is None  # still waiting for its server
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 130
+        assert proc.wait(timeout=5) == 130
+        assert proc.stderr is not None
+        assert "SIGTERM while waiting for NATS: stopping now" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stderr and proc.stderr.close()
+
+
+@contextlib.contextmanager
+def silent_nats() -> Iterator[tuple[str, threading.Event]]:
+    """A NATS server that lets one client connect, then answers nothing more: the client is
+    connected and starting for as long as it waits for its answers. The event: it has sent
+    something since connecting (its connect call has returned)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    connected = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                info = {"server_id": "silent", "proto": 1, "headers": True, "max_payload": 1 << 20}
+                conn.sendall(b"INFO " + json.dumps(info).encode() + b"\r\n")
+                heard = b""
+                while b"PING\r\n" not in heard:  # its CONNECT, then the PING it waits on
+                    heard += conn.recv(4096) or b"PING\r\n"
+                conn.sendall(b"PONG\r\n")
+                if conn.recv(4096):  # what it sends once connected: a SUB, say
+                    connected.set()
+                while conn.recv(4096):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"nats://127.0.0.1:{port}", connected
+    finally:
+        listener.close()
+
+
+def test_a_stop_signal_once_connected_waits_for_the_start_and_a_second_one_stops_at_once():
+    """A dispatcher connected and starting (subscribing, its buckets): the first SIGTERM says
+    it stops once started, so the requests it takes meanwhile are answered; a second stops it
+    now (before, the first killed it outright, subscribed already, its requests unanswered)."""
+    with silent_nats() as (url, connected):
+        proc = spawn_lifeline(
+            "dispatcher", "--config", EXAMPLE, "--nats-url", url, stderr=subprocess.PIPE
+        )
+        try:
+            assert connected.wait(15)
+            proc.send_signal(signal.SIGTERM)
+            wait_for_line(proc, "SIGTERM while starting: stopping once started", stream=proc.stderr)
+            assert proc.poll() is None  # still starting: it has heard nothing from its server
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr and proc.stderr.close()
 
 
 def test_run_whose_reader_has_gone_still_stops_cleanly(own_run):
