@@ -273,6 +273,15 @@ async def test_an_answer_calling_tools_with_null_content_is_an_answer(make):
     )
 
 
+async def test_a_parameterless_tool_called_with_empty_arguments_gets_an_empty_object(make):
+    """Compatible servers call a parameterless tool with "arguments": "", which stayed "" and
+    failed the tool check as invalid_output once paid for; streamed, it was already "{}"."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+    body = completion({"content": None, "tool_calls": [call]}, "tool_calls")
+    ok = await make(Server(body=body)).complete(request(tools=[Tool("get_time")]), timeout_s=5)
+    assert ok.tool_calls == [ToolCall("call_1", "get_time", "{}")]
+
+
 async def test_an_answer_with_neither_content_nor_tool_calls_is_still_a_server_error(make):
     for message in ({"content": None}, {"content": None, "tool_calls": []}):
         server = Server(body=completion(message, "stop"))

@@ -234,7 +234,9 @@ class _ToolCall(msgspec.Struct):
     function: _Function
 
     def wire(self) -> ToolCall:
-        return ToolCall(self.id, self.function.name, self.function.arguments)
+        # A tool without parameters may be called with arguments "" (several compatible
+        # servers): that is no JSON object, so it is "{}", as a streamed call without pieces is.
+        return ToolCall(self.id, self.function.name, self.function.arguments or "{}")
 
 
 class _Message(msgspec.Struct):
