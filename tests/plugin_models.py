@@ -319,3 +319,22 @@ class LenientSettings(Model):
 
     def call(self, request: ProviderRequest) -> str:
         return self.settings.prefix + "hi"
+
+
+class LooseModelErrors(Model):
+    """ModelError and Answer fields of a loose type or out of range, chosen by the request's
+    text: a Retry-After passed on as the str it was read as, a status code as a float."""
+
+    def call(self, request: ProviderRequest) -> Answer:
+        text = request.messages[-1].text
+        loose = {
+            "retry_str": lambda: ModelError("rate_limit", "busy", retry_after_s="2"),  # type: ignore[arg-type]
+            "status_str": lambda: ModelError("rate_limit", "busy", status_code="429"),  # type: ignore[arg-type]
+            "status_float": lambda: ModelError("rate_limit", "busy", status_code=429.0),  # type: ignore[arg-type]
+            "status_bool": lambda: ModelError("rate_limit", "busy", status_code=True),
+            "kind_int": lambda: ModelError(429, "busy"),  # type: ignore[arg-type]
+            "huge": lambda: ModelError("rate_limit", "x" * 2_000_000, retry_after_s=2),
+        }
+        if text == "usage":
+            return Answer(text="hi", usage=Usage(input_tokens=-1, output_tokens=3))
+        raise loose[text]()

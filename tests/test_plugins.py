@@ -425,6 +425,53 @@ async def test_an_answer_of_the_wrong_shape_is_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
+    "text, kind, status_code, retry_after_s",
+    [
+        ("retry_str", "rate_limit", None, 2.0),
+        ("status_str", "rate_limit", 429, None),
+        ("status_float", "rate_limit", 429, None),
+        ("status_bool", "rate_limit", None, None),
+        ("kind_int", "server_error", None, None),
+        ("huge", "rate_limit", None, 2.0),
+    ],
+)
+async def test_a_model_error_with_loosely_typed_fields_still_reaches_the_dispatcher_with_its_kind(
+    lifeline, client, text, kind, status_code, retry_after_s
+):
+    """One field of the wrong type (a Retry-After passed on as the str it was read as) made
+    the whole reply one the dispatcher could not decode; a 2 MB message, one over max_payload."""
+    from schemas import subjects
+
+    await lifeline(config({"mine": python("LooseModelErrors")}))
+    request = encoder.encode({"id": "r", "messages": [{"role": "user", "content": text}]})
+    answer = await client.request(subjects.provider_subject("mine"), request, timeout=5)
+    reply = provider_reply_decoder.decode(answer.data)
+    assert isinstance(reply, ProviderFailure), reply
+    assert (reply.kind, reply.status_code, reply.retry_after_s) == (
+        kind,
+        status_code,
+        retry_after_s,
+    )
+
+
+async def test_an_answer_with_negative_usage_is_refused_naming_the_field(lifeline, client):
+    """README: an Answer of the wrong shape is a server_error naming the field; a negative
+    count was sent on, and the dispatcher could not decode the answer at all."""
+    from schemas import subjects
+
+    await lifeline(config({"mine": python("LooseModelErrors")}))
+    request = encoder.encode({"id": "r", "messages": [{"role": "user", "content": "usage"}]})
+    answer = await client.request(subjects.provider_subject("mine"), request, timeout=5)
+    reply = provider_reply_decoder.decode(answer.data)
+    assert isinstance(reply, ProviderFailure), reply
+    named = "usage.input_tokens must be an int from 0 to 2**53 - 1, not -1"
+    assert (reply.kind, reply.message) == (
+        "server_error",
+        f"plugin_models:LooseModelErrors answered an Answer whose {named}",
+    )
+
+
+@pytest.mark.parametrize(
     "text, field", [("surrogate", "text"), ("surrogate_arguments", "tool_calls[0].arguments")]
 )
 async def test_an_answer_whose_text_is_not_utf8_is_refused_naming_the_field(

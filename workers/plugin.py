@@ -525,6 +525,8 @@ def _answer_problem(answer: Answer) -> str | None:
             value = getattr(usage, field)
             if type(value) is not int:
                 return f"usage.{field} must be an int, not {type(value).__name__}"
+            if not 0 <= value <= 2**53 - 1:  # what the dispatcher decodes
+                return f"usage.{field} must be an int from 0 to 2**53 - 1, not {value}"
     return None
 
 

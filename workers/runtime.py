@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Generator
@@ -45,7 +46,7 @@ from schemas.subjects import (
     provider_subject,
     reply_subject_refused,
 )
-from schemas.wire import ToolCallDelta, encoder, provider_request_decoder
+from schemas.wire import MAX_MESSAGE_CHARS, ToolCallDelta, encoder, provider_request_decoder
 from service import telemetry
 from service.discovery import Tally
 from service.loop import Timeouts, start_now
@@ -408,6 +409,9 @@ class WorkerRuntime:
             message = reply.message
             if self._scrub is not None:
                 message = self._scrub(message)
+            # Cut (once scrubbed: no key cut in two) to what the dispatcher keeps: a longer one
+            # only risked the server's max_payload, its kind lost to response_too_large.
+            message = message[:MAX_MESSAGE_CHARS]
             # A provider's error text may hold a lone surrogate (JSON lets one be escaped): as
             # UTF-8 it can be neither sent nor exported in a span (the exporter dropped the
             # batch, other requests' spans with it), and the failure's kind must still go.
@@ -639,11 +643,31 @@ class _Next:
 
 def _failure(exc: ProviderError) -> ProviderFailure:
     """A ProviderError as the reply, its message as text whatever the provider gave (a model's
-    `ModelError("connection", exc)`, a number, None): no reply could carry anything else."""
+    `ModelError("connection", exc)`, a number, None): no reply could carry anything else.
+    Its kind, status_code and retry_after_s are made what the dispatcher decodes (a Retry-After
+    passed on as the str it was read as is still a number of seconds), else left out: one
+    field of the wrong type would make the whole reply undecodable, its kind lost with it."""
     message = exc.message
     if type(message) is not str:
         message = _as_text(message)
-    return ProviderFailure(exc.kind, message, exc.status_code, exc.retry_after_s)
+    kind = exc.kind if type(exc.kind) is str else "server_error"
+    status = _number(exc.status_code, int)
+    if status is not None and not 100 <= status <= 599:
+        status = None
+    after = _number(exc.retry_after_s, float)
+    if after is not None and not (math.isfinite(after) and after >= 0):
+        after = None
+    return ProviderFailure(kind, message, status, after)
+
+
+def _number(value: object, kind: type) -> Any:
+    """`value` as an int or float ("429", 429.0 and "2" included), or None (True, "soon")."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return msgspec.convert(value, kind, strict=False)
+    except (msgspec.ValidationError, TypeError):
+        return None
 
 
 def _as_text(value: object) -> str:
