@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+import msgspec
 import pytest
 from helpers import LocalHTTPServer, ask, config, serving
 
@@ -267,3 +268,28 @@ async def test_another_providers_tool_call_ids_reach_anthropic_in_a_shape_it_tak
     assert uses[2] == "toolu_01A09q90qw"  # an id the API takes is kept as it is
     assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", i) for i in uses)
     assert len(set(uses)) == 3
+
+
+async def test_a_tool_call_a_compatible_server_gave_no_id_can_still_be_answered(
+    lifeline, client, openai_server, anthropic_server
+):
+    """A compatible server's call with "id": "" came back with that empty id, and the client's
+    tool message answering it was refused (a tool message needs its tool_call_id): the loop
+    could not go on. Lifeline gives such a call an id of its own."""
+    nameless = json.loads(json.dumps(OPENAI_TOOL_CALL))
+    nameless["choices"][0]["message"]["tool_calls"][0]["id"] = ""
+    answered = {**OPENAI_TOOL_CALL, "choices": [{"index": 0, "finish_reason": "stop"}]}
+    answered["choices"][0]["message"] = {"role": "assistant", "content": "18 °C"}
+    openai_server.script = [(200, nameless), (200, answered)]
+    await lifeline(config(providers(openai_server, anthropic_server)))
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    first = await ask(client, {"messages": asked, "tools": [WEATHER], "targets": ["gpt"]})
+    [call] = first.tool_calls
+    assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+    turn = {"role": "assistant", "content": None, "tool_calls": [msgspec.to_builtins(call)]}
+    answer = {"role": "tool", "tool_call_id": call.id, "content": "18 °C, sunny"}
+    second = await ask(
+        client, {"messages": [*asked, turn, answer], "tools": [WEATHER], "targets": ["gpt"]}
+    )
+    assert (second.status, second.content) == ("ok", "18 °C")
+    assert openai_server.bodies[1]["messages"][2]["tool_call_id"] == call.id

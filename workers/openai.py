@@ -230,13 +230,15 @@ class _Function(msgspec.Struct):
 
 
 class _ToolCall(msgspec.Struct):
-    id: str
     function: _Function
+    id: str | None = None
 
     def wire(self) -> ToolCall:
         # A tool without parameters may be called with arguments "" (several compatible
         # servers): that is no JSON object, so it is "{}", as a streamed call without pieces is.
-        return ToolCall(self.id, self.function.name, self.function.arguments or "{}")
+        return ToolCall(
+            self.id or _new_call_id(), self.function.name, self.function.arguments or "{}"
+        )
 
 
 class _Message(msgspec.Struct):
@@ -362,6 +364,12 @@ def chat_error(response: httpx.Response, label: str, secrets: Iterable[str]) -> 
     )
 
 
+def _new_call_id() -> str:
+    """An id for a tool call a compatible server gave none (or ""): the client answers a call
+    by its id, and the wire refuses a tool message without one."""
+    return "call_" + os.urandom(12).hex()
+
+
 class _StreamedCall:
     """One tool call as its deltas arrive: id and name from the first, arguments in pieces."""
 
@@ -429,7 +437,8 @@ class _StreamedCalls:
                 raise ProviderError(
                     "server_error", f"{label} streamed tool call {call.ordinal} without a name", 200
                 )
-            calls.append(ToolCall(call.id, call.name, "".join(call.arguments) or "{}"))
+            arguments = "".join(call.arguments) or "{}"
+            calls.append(ToolCall(call.id or _new_call_id(), call.name, arguments))
         return calls or None
 
 
