@@ -315,6 +315,15 @@ class Router:
             validate = output_validator(request)
         except ValueError as exc:
             raise refuse(str(exc)) from None
+        unanswered = _unmatched_tool_result(request.messages)
+        if unanswered is not None:
+            # Every provider refuses one (a 400 from each target, then all_failed): it is the
+            # client's mistake, refused here before any call, naming the message.
+            raise refuse(
+                "invalid request: a tool message answers a call of an earlier assistant message "
+                "by its id, and no call before it has this tool_call_id - at "
+                f"`$.messages[{unanswered}].tool_call_id`"
+            )
         faults = self._faults(request.faults, chain, refuse) if request.faults else None
         needs = NO_NEEDS
         images = False  # a plain loop: most requests are all text, and a generator costs more
@@ -513,3 +522,15 @@ class Router:
             return check_faults(faults)
         except ValueError as exc:
             raise refuse(str(exc)) from None
+
+
+def _unmatched_tool_result(messages: Sequence[ChatMessage]) -> int | None:
+    """The index of the first tool message whose tool_call_id no earlier assistant message's
+    tool call has, if any."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        if message.role == "assistant" and message.tool_calls:
+            called.update(call.id for call in message.tool_calls)
+        elif message.role == "tool" and message.tool_call_id not in called:
+            return i
+    return None

@@ -220,6 +220,54 @@ async def test_an_unusable_tool_or_check_is_refused_before_any_call(lifeline, cl
     await settled(client, stack)
 
 
+CALL = {"id": "call_1", **PARIS}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        ],
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 °C"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        ],
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_2", "content": "18 °C"},
+        ],
+    ],
+)
+async def test_a_tool_result_answering_no_earlier_call_is_refused_naming_it(
+    lifeline, client, audit, messages
+):
+    """It went to every target, each refused it with a 400 and the client got all_failed,
+    with nothing saying which message was wrong."""
+    stack = await lifeline(config({"main": fake(), "backup": fake()}))
+    reply = await ask(client, {"messages": messages})
+    assert (reply.status, reply.error.type, reply.attempts) == ("error", "invalid_request", [])
+    wrong = next(i for i, m in enumerate(messages) if m["role"] == "tool")
+    assert f"$.messages[{wrong}].tool_call_id" in reply.error.message
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "invalid_request"
+    await settled(client, stack)
+
+
+async def test_a_tool_result_answering_an_earlier_call_is_sent_on(lifeline, client):
+    await lifeline(config({"main": fake(reply="18 °C and sunny")}))
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 °C"},
+    ]
+    reply = await ask(client, {"messages": messages})
+    assert (reply.status, reply.content) == ("ok", "18 °C and sunny")
+
+
 @pytest.mark.parametrize("choice", ["auto", "required"])
 async def test_a_json_request_answered_by_a_tool_call_with_a_sentence_before_it_is_kept(
     lifeline, client, choice
