@@ -338,3 +338,21 @@ class LooseModelErrors(Model):
         if text == "usage":
             return Answer(text="hi", usage=Usage(input_tokens=-1, output_tokens=3))
         raise loose[text]()
+
+
+PLUGIN_KEY = "plugin-key-3f9a1c77e2"
+
+
+class KeyedApi(Model):
+    """A model calling an API whose key goes in the URL (as Google's do), so its upstream's
+    errors name the key; it declares the key as its `secrets`."""
+
+    def __init__(self, settings: object = None) -> None:
+        super().__init__(settings)
+        self.secrets = PLUGIN_KEY
+
+    def call(self, request: ProviderRequest) -> str:
+        url = f"https://api.example/v1/generate?key={PLUGIN_KEY}"
+        if request.messages[-1].text == "modelerror":
+            raise ModelError("auth", f"401 Unauthorized for url {url}")
+        raise RuntimeError(f"connection reset for url {url}")

@@ -471,6 +471,29 @@ async def test_an_answer_with_negative_usage_is_refused_naming_the_field(lifelin
     )
 
 
+async def test_a_models_declared_secrets_are_hidden_from_its_replies_and_log(
+    lifeline, client, caplog
+):
+    """A plug-in had no way to declare its credentials: a key in its upstream's error reached
+    the reply, and the audit events and log lines the worker writes."""
+    import logging
+
+    from service.logs import TextFormatter
+
+    caplog.set_level(logging.INFO)
+    await lifeline(config({"mine": python("KeyedApi")}))
+    for text, kind in (("modelerror", "auth"), ("other", "server_error")):
+        failed = (await ask(client, hello(text))).attempts[0]
+        assert failed.error_type == kind
+        assert plugin_models.PLUGIN_KEY not in (failed.message or "")
+    assert "401 Unauthorized for url https://api.example/v1/generate?key=***" in (
+        (await ask(client, hello("modelerror"))).attempts[0].message
+    )
+    logged = "\n".join(TextFormatter().format(record) for record in caplog.records)
+    assert "connection reset for url" in logged  # the traceback was logged ...
+    assert plugin_models.PLUGIN_KEY not in logged  # ... without the key
+
+
 @pytest.mark.parametrize(
     "text, field", [("surrogate", "text"), ("surrogate_arguments", "tool_calls[0].arguments")]
 )

@@ -27,6 +27,9 @@ What a model class may have (only `call` is required):
                                              with errors naming the key; the instance gets it
                                              as `self.settings`
     close()                                  sync or async, called once when the worker stops
+    secrets                                  its credentials (a str or strs, set by __init__
+                                             or on the class): replaced by *** in every reply,
+                                             audit event and log line
 
 A failure is `raise ModelError(kind, message, retry_after_s=...)` with a kind from
 schemas.errors (rate_limit, server_error, timeout, context_length, ...), so the dispatcher
@@ -261,6 +264,25 @@ def _shown(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _declared_secrets(instance: object, what: str) -> tuple[str, ...]:
+    """A model's `secrets` attribute (a str, or an iterable of strs) as a tuple."""
+    found = getattr(instance, "secrets", None)
+    if found is None:
+        return ()
+    if isinstance(found, str):
+        found = (found,)
+    try:
+        secrets = tuple(found)
+    except TypeError:
+        secrets = (found,)
+    for secret in secrets:
+        if not isinstance(secret, str):
+            # A ValueError, as every start-up error of a model class: one line, exit 2.
+            kind = type(secret).__name__
+            raise ValueError(f"{what} must be a str or strs, not {kind}")  # noqa: TRY004
+    return tuple(secret for secret in secrets if secret)
+
+
 def _located(key: str, exc: msgspec.ValidationError) -> str:
     """msgspec's "... - at `$.temperature`" as "<key>.temperature: ..."."""
     message, sep, path = str(exc).rpartition(" - at `$")
@@ -288,6 +310,9 @@ class PluginProvider:
                 f"{key}: {self.label} could not be made ({_shown(exc)}); it is "
                 "called with its Settings when it declares them, else with nothing"
             ) from None
+        # Its credentials, as the built-in kinds declare theirs: scrubbed from every reply and
+        # log line, where an upstream error (a URL with ?key=...) would otherwise show them.
+        self.secrets = _declared_secrets(self.instance, f"{key}: {self.label}.secrets")
         self._threads = _ModelThreads(settings.threads, f"model-{name}")
         self._thread_count = settings.threads
         self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
