@@ -351,12 +351,12 @@ class Engine:
             span.end()
             raise
 
-        def finished(reply: ProviderReply | None) -> None:
+        def finished(reply: ProviderReply | None, why: BaseException | None) -> None:
             if span.is_recording():
                 if reply is not None:
                     telemetry.annotate_outcome(span, reply)
                 else:  # its stream was cancelled (a rival won, the request stopped)
-                    telemetry.annotate_cancelled(span, None)
+                    telemetry.annotate_cancelled(span, why)
                 telemetry.annotate_stream(span, stream.chunks, stream.first_at, opened)
             span.end()
 

@@ -121,9 +121,9 @@ class Started:
     async def end(self) -> ProviderReply:
         raise NotImplementedError
 
-    def abandon(self) -> None:
+    def abandon(self, why: BaseException | None = None) -> None:
         """Nobody follows this output any more (a race settled otherwise, a cancel): stop its
-        call without waiting for its end."""
+        call without waiting for its end. `why`: the cancel that stopped it, for its span."""
         raise NotImplementedError
 
 
@@ -718,8 +718,8 @@ class _Run:
                     self._streaming(call.target, call.started, reply)
                     try:
                         cancelled = await self._cancel(running, hedge=not call.hedge)
-                    except BaseException:  # cancelled itself meanwhile: the output stops too
-                        reply.abandon()
+                    except BaseException as exc:  # cancelled itself meanwhile: the output stops too
+                        reply.abandon(exc)
                         raise
                     output, reply = reply, await reply.end()
                     outcome = self.finish(
@@ -1135,4 +1135,4 @@ def _stop(task: asyncio.Future[ProviderReply | Started], why: str | None = None)
     if not task.done():
         task.cancel(why)
     elif isinstance(output := _result(task), Started):
-        output.abandon()
+        output.abandon(asyncio.CancelledError(why) if why else None)

@@ -51,7 +51,7 @@ class StreamLimits(NamedTuple):
     max_bytes: int | None = None
 
 
-Finished = Callable[[ProviderReply | None], None]
+Finished = Callable[[ProviderReply | None, BaseException | None], None]
 
 
 class Sink(Protocol):
@@ -192,7 +192,7 @@ class Relay:
     ) -> ProviderReply | Started:
         """What attempt `number`'s call returns to the policy: Started once it owns the
         output, else its reply (it ended without a chunk). `finished` hears how the attempt
-        ended (None: abandoned), once."""
+        ended (None: abandoned, with the cancel that stopped it when there was one), once."""
         try:
             await stream.first
             if self.owner != number:
@@ -209,7 +209,7 @@ class Relay:
                     reply = self._checked(number, reply)
                 if isinstance(reply, ProviderOk) and self.owner in (0, number):
                     self._answered = number  # the end event's attempt, should this answer win
-                finished(reply)
+                finished(reply, None)
                 return reply
         except BaseException as exc:
             stream.abandon()
@@ -219,7 +219,7 @@ class Relay:
                 # call's cancel: what it sent is nobody's answer. Voided, or it would own the
                 # output for good and every later attempt's chunks would be dropped.
                 self._void(number)
-            finished(None)
+            finished(None, exc)
             raise
         return _Output(self, number, stream, finished)
 
@@ -325,16 +325,16 @@ class _Output(Started):
     async def end(self) -> ProviderReply:
         try:
             reply: ProviderReply = await self._stream.done
-        except BaseException:
-            self.abandon()
+        except BaseException as exc:
+            self.abandon(exc)
             raise
         self._delivered = self.delivered
         reply = self._relay.ended(self._number, reply)
-        self._finished(reply)
+        self._finished(reply, None)
         return reply
 
-    def abandon(self) -> None:
+    def abandon(self, why: BaseException | None = None) -> None:
         if not self._abandoned:  # `finished` hears once
             self._abandoned = True
             self._stream.abandon()
-            self._finished(None)
+            self._finished(None, why)

@@ -26,8 +26,10 @@ from helpers import (
     wait_for,
 )
 from schemas import subjects
-from schemas.wire import audit_decoder, encoder, reply_decoder
+from schemas.streaming import Assembler
+from schemas.wire import ChatMessage, CompletionRequest, audit_decoder, encoder, reply_decoder
 from service.audit import read_events
+from service.client import stream_text
 from service.config import AuditSettings
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
@@ -432,6 +434,47 @@ async def test_a_cancelled_attempt_says_so_and_why_in_its_span(lifeline, client,
     await wait_for(lambda: stack.dispatcher.in_flight == 1)
     await client.publish(subjects.ABORT, b"k")
     assert reply_decoder.decode((await answers.next_msg(timeout=5)).data).error.type == "aborted"
+
+    def cancelled() -> list[str]:
+        return [
+            s.attributes.get("lifeline.cancel.reason", "")
+            for s in exporter.get_finished_spans()
+            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
+        ]
+
+    await wait_for(lambda: sorted(cancelled()) == ["aborted", "hedge_lost"], what=cancelled)
+
+
+async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, client, exporter):
+    """On llm.stream, a hedge's loser and an aborted request's attempt said cancelled in their
+    spans but not why, though the reply's attempts gave hedge_lost and aborted."""
+    cfg = config(
+        {
+            "slow": fake(reply="a b c d", chunks=4, chunk_delay_ms=400, latency_ms=100),
+            "fast": fake(latency_ms=3000),
+        }
+    )
+    cfg["routes"] = {
+        "hedged": {"targets": ["slow", "fast"], "hedge_after_ms": 50},
+        "default": {"targets": ["slow"]},
+    }
+    await lifeline(cfg)
+    hedged = CompletionRequest([ChatMessage("user", "hi")], route="hedged", timeout_s=10)
+    _, reply = await stream_text(client, hedged)
+    assert [(a.target, a.outcome, a.reason) for a in reply.attempts] == [
+        ("slow", "ok", None),
+        ("fast", "cancelled", "hedge_lost"),
+    ]
+    inbox = await client.subscribe(client.new_inbox())
+    body = encoder.encode({**USER_HELLO, "id": "to-abort", "timeout_s": 10})
+    await client.publish(
+        subjects.STREAM, body, reply=inbox.subject, headers={subjects.ABORT_KEY: "k"}
+    )
+    assembler, event = Assembler(), None
+    while event is None or event.kind != "delta":  # the abort comes mid-stream
+        msg = await inbox.next_msg(timeout=5)
+        event = assembler.feed(msg.headers, msg.data)
+    await client.publish(subjects.ABORT, b"k")
 
     def cancelled() -> list[str]:
         return [

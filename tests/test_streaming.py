@@ -1036,7 +1036,7 @@ async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided
     relay.follow("reset", None, None)
     first, _hedge = relay.number(), relay.number()
     opened = Opened()
-    call = asyncio.ensure_future(relay.started(first, opened, lambda reply: None))
+    call = asyncio.ensure_future(relay.started(first, opened, lambda reply, why: None))
     await asyncio.sleep(0)  # waiting for its first chunk
     relay.on_chunk(first)(b"stray")
     opened.first.set_result(None)
@@ -1045,7 +1045,7 @@ async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided
 
     nxt = relay.number()
     following = Opened()
-    call = asyncio.ensure_future(relay.started(nxt, following, lambda reply: None))
+    call = asyncio.ensure_future(relay.started(nxt, following, lambda reply, why: None))
     await asyncio.sleep(0)
     relay.on_chunk(nxt)(b"answer")
     following.first.set_result(None)
@@ -1073,7 +1073,7 @@ async def test_the_end_event_names_the_attempt_that_answered_whole():
     opened = Opened()
     opened.first.set_result(None)
     opened.done.set_result(ProviderOk("", "m"))
-    reply = await relay.started(first, opened, lambda reply: None)
+    reply = await relay.started(first, opened, lambda reply, why: None)
     assert isinstance(reply, ProviderOk)
     await relay.end(CompletionReply("r", "ok"))
     assert sink.events == ["end ok attempt 1"]
