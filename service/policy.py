@@ -660,6 +660,7 @@ class _Run:
         switch chains); the other call is cancelled (its worker aborts it)."""
         started = self._calling(first, self.clock())
         task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
+        why: str | None = None  # why the request stopped (aborted, shutting_down): for the spans
         running: dict[asyncio.Future[ProviderReply | Started], _Running] = {
             task: _Running(first, started, timeout_s, False)
         }
@@ -693,9 +694,12 @@ class _Run:
             outcome = await self._settle(running)
             self.unrecorded = ()  # the outcome takes them to `attempts`
             return outcome
+        except asyncio.CancelledError as exc:
+            why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+            raise
         finally:
             for pending in running:
-                _stop(pending)
+                _stop(pending, why)
 
     async def _settle(
         self, running: dict[asyncio.Future[ProviderReply | Started], _Running]

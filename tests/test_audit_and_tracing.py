@@ -445,6 +445,37 @@ async def test_a_cancelled_attempt_says_so_and_why_in_its_span(lifeline, client,
     await wait_for(lambda: sorted(cancelled()) == ["aborted", "hedge_lost"], what=cancelled)
 
 
+async def test_a_hedged_request_aborted_while_both_calls_run_says_why_in_their_spans(
+    lifeline, client, exporter
+):
+    """An llm.complete request aborted after its hedge began: both its calls' spans said
+    cancelled without a reason, though its reply's attempts said aborted for each."""
+    cfg = config({"a": fake(latency_ms=3000), "b": fake(latency_ms=3000)})
+    cfg["routes"] = {"default": {"targets": ["a", "b"], "hedge_after_ms": 50}}
+    stack = await lifeline(cfg)
+    inbox = await client.subscribe(client.new_inbox())
+    body = encoder.encode({**USER_HELLO, "id": "to-abort"})
+    await client.publish(
+        subjects.COMPLETE, body, reply=inbox.subject, headers={subjects.ABORT_KEY: "k"}
+    )
+    await wait_for(lambda: all(stack.workers[t].in_flight for t in "ab"), what="the hedge")
+    await client.publish(subjects.ABORT, b"k")
+    reply = reply_decoder.decode((await inbox.next_msg(timeout=5)).data)
+    assert [(a.target, a.outcome, a.reason) for a in reply.attempts] == [
+        ("a", "cancelled", "aborted"),
+        ("b", "cancelled", "aborted"),
+    ]
+
+    def reasons() -> list[str]:
+        return [
+            s.attributes.get("lifeline.cancel.reason", "")
+            for s in exporter.get_finished_spans()
+            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
+        ]
+
+    await wait_for(lambda: reasons() == ["aborted", "aborted"], what=reasons)
+
+
 async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, client, exporter):
     """On llm.stream, a hedge's loser and an aborted request's attempt said cancelled in their
     spans but not why, though the reply's attempts gave hedge_lost and aborted."""
