@@ -356,3 +356,27 @@ class KeyedApi(Model):
         if request.messages[-1].text == "modelerror":
             raise ModelError("auth", f"401 Unauthorized for url {url}")
         raise RuntimeError(f"connection reset for url {url}")
+
+
+CLOSE_HANGS = threading.Event()  # set: the close() below return
+
+
+class SyncCloseHangs(Model):
+    """A close() that hangs until CLOSE_HANGS is set (joining a stuck thread, say)."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "ok"
+
+    def close(self) -> None:
+        CLOSE_HANGS.wait()
+
+
+class AsyncCloseHangs(Model):
+    """An async close() that hangs until CLOSE_HANGS is set (a pool closed on a dead peer)."""
+
+    async def call(self, request: ProviderRequest) -> str:
+        return "ok"
+
+    async def close(self) -> None:
+        while not CLOSE_HANGS.is_set():
+            await asyncio.sleep(0.05)

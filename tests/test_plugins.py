@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -702,6 +703,31 @@ async def test_a_model_whose_identifying_params_or_close_exits_is_logged_not_obe
     assert provider.identifying_params() == {"identifying_params() failed": "SystemExit: 4"}
     await provider.aclose()
     assert "plugin_models:ExitsWhenAsked.close() failed (SystemExit: 5)" in caplog.text
+
+
+@pytest.mark.parametrize("cls", ["SyncCloseHangs", "AsyncCloseHangs"])
+async def test_a_model_whose_close_hangs_still_lets_its_worker_stop(caplog, monkeypatch, cls):
+    """close() ran unbounded (a sync one on the event loop itself): a worker given SIGTERM
+    never exited."""
+    from workers import plugin
+    from workers.registry import build_provider
+
+    monkeypatch.setattr(plugin, "CLOSE_TIMEOUT_S", 0.3, raising=False)
+    plugin_models.CLOSE_HANGS.clear()
+    # A hang the test can see end: were close() still run on the event loop, no timeout in
+    # here could cut it.
+    safety = threading.Timer(3, plugin_models.CLOSE_HANGS.set)
+    safety.start()
+    try:
+        cfg = parse_config(config({"m": python(cls)}, routes=None))
+        provider = build_provider(cfg.providers["m"], "m")
+        started = time.monotonic()
+        await asyncio.wait_for(provider.aclose(), 5)
+        assert time.monotonic() - started < 2
+    finally:
+        safety.cancel()
+        plugin_models.CLOSE_HANGS.set()
+    assert f"plugin_models:{cls}.close() did not return within 0.3 s" in caplog.text
 
 
 async def test_a_model_that_swallows_its_cancel_sends_nothing_past_its_deadline(lifeline, client):

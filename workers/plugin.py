@@ -26,7 +26,8 @@ What a model class may have (only `call` is required):
                                              [providers.<name>.settings] and checked at start-up
                                              with errors naming the key; the instance gets it
                                              as `self.settings`
-    close()                                  sync or async, called once when the worker stops
+    close()                                  sync or async, called once when the worker stops;
+                                             it stops without it after 5 s
     secrets                                  its credentials (a str or strs, set by __init__
                                              or on the class): replaced by *** in every reply,
                                              audit event and log line
@@ -89,6 +90,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "lifeline.providers"
+CLOSE_TIMEOUT_S = 5.0  # how long a model's close() may take when its worker stops
 PYTHON_KIND = "python"
 FINISH_REASONS = get_args(FinishReason)
 
@@ -488,15 +490,35 @@ class PluginProvider:
     async def aclose(self) -> None:
         """The class's close(), whose failure is logged: the worker stops all the same."""
         close = getattr(self.instance, "close", None)
+        bound = asyncio.timeout(CLOSE_TIMEOUT_S)
         try:
             if callable(close):
-                result = close()
-                if inspect.isawaitable(result):
-                    await result
+                # Bounded, a sync one in a (daemon) thread of its own: a close() that hangs (a
+                # stuck thread joined, a pool closed on a dead peer) kept the worker from
+                # exiting on SIGTERM.
+                async with bound:
+                    if inspect.iscoroutinefunction(close):
+                        result = close()
+                    else:
+                        done: Future[Any] = Future()
+                        threading.Thread(
+                            target=_run, args=(done, close, ()), name="model-close", daemon=True
+                        ).start()
+                        result = await asyncio.wrap_future(done)
+                    if inspect.isawaitable(result):
+                        await result
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
-            log.error("%s: %s.close() failed (%s)", self._key, self.label, _shown(exc))
+            if isinstance(exc, TimeoutError) and bound.expired():
+                log.error(
+                    "%s: %s.close() did not return within %g s; the worker stops without it",
+                    self._key,
+                    self.label,
+                    CLOSE_TIMEOUT_S,
+                )
+            else:
+                log.error("%s: %s.close() failed (%s)", self._key, self.label, _shown(exc))
         finally:
             self._threads.shutdown()
 
