@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import random
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
@@ -396,7 +398,7 @@ class Lifeline:
         for retry in range(overloaded_retries + 1):
             payload = encoder.encode(sent)
             key = abort_key()
-            headers = {subjects.ABORT_KEY: key}
+            headers = _traced({subjects.ABORT_KEY: key})
             _check_size(self.nc, payload, headers)
             _check_room(self.nc, payload, headers)
             self._keys.add(key)
@@ -476,7 +478,7 @@ class Lifeline:
         check_job_id(job_id)
         if req.id != job_id:
             req = request_of(req, id=job_id)
-        headers = {subjects.MSG_ID: job_id}
+        headers = _traced({subjects.MSG_ID: job_id})
         if notify:
             headers[subjects.NOTIFY] = notify
         js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
@@ -702,6 +704,16 @@ def _buffer_full() -> Unreachable:
         "fill nats-py's buffer (pending_size, 2 MiB by default): send this one again once NATS "
         "is back"
     )
+
+
+def _traced(headers: dict[str, str]) -> dict[str, str]:
+    """`headers` with the caller's current trace context (traceparent, tracestate), so
+    Lifeline's spans join the caller's trace. Only in a process that uses OpenTelemetry
+    already: the client loads none of it itself (pyproject's layers), and without it there
+    is no current span to carry."""
+    if "opentelemetry.context" in sys.modules:
+        importlib.import_module("opentelemetry.propagate").inject(headers)
+    return headers
 
 
 def _check_room(nc: Client, payload: bytes, headers: dict[str, str]) -> None:
@@ -954,7 +966,7 @@ async def stream(
     and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
     timeout allows. Closed before its end (or on any of those), the request is aborted."""
     assembler = assembler or Assembler()
-    payload, headers = encoder.encode(request), {subjects.ABORT_KEY: abort_key()}
+    payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
     _check_size(nc, payload, headers)
     _check_room(nc, payload, headers)  # before subscribing: nothing to undo
     inbox = nc.new_inbox()

@@ -12,6 +12,8 @@ import msgspec
 import pytest
 from helpers import cli_env, config, fake, wait_for
 from nats.aio.client import Client
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from schemas import ChatMessage, CompletionRequest, subjects
 from schemas.wire import CompletionReply, ErrorInfo, encoder, reply_decoder
@@ -78,6 +80,24 @@ async def test_complete_returns_ok_and_error_replies_alike(lifeline, lifeline_cl
     ]
     failed = await lifeline_client.complete("Hi", route="strict")  # returned, not raised
     assert failed.status == "error" and failed.error.type == "all_failed"
+
+
+async def test_a_request_made_inside_the_callers_span_joins_its_trace(lifeline, lifeline_client):
+    """The README says to send a traceparent so Lifeline's spans join the caller's trace; the
+    client sent none and had no way to, so each request began a trace of its own."""
+    await lifeline(config({"main": fake()}))
+    caller = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    with trace.use_span(NonRecordingSpan(caller)):
+        reply = await lifeline_client.complete("Hi")
+        async with lifeline_client.stream("Hi") as answer:
+            async for _ in answer:
+                pass
+    assert reply.trace_id == answer.reply.trace_id == "0af7651916cd43dd8448eb211c80319c"
 
 
 async def test_connect_reads_nats_url_and_a_cluster_list(lifeline, nats_url, monkeypatch):
