@@ -380,3 +380,22 @@ class AsyncCloseHangs(Model):
     async def close(self) -> None:
         while not CLOSE_HANGS.is_set():
             await asyncio.sleep(0.05)
+
+
+def _traceparent() -> str:
+    """The traceparent header this model's own HTTP call would send upstream."""
+    from opentelemetry.propagate import inject
+
+    headers: dict[str, str] = {}
+    inject(headers)
+    return headers.get("traceparent", "(none)")
+
+
+class SendsTraceparent(Model):
+    """A sync call and a sync stream answering the traceparent they would send upstream."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return _traceparent()
+
+    def stream(self, request: ProviderRequest) -> Iterator[str]:
+        yield _traceparent()

@@ -495,6 +495,29 @@ async def test_a_models_declared_secrets_are_hidden_from_its_replies_and_log(
     assert plugin_models.PLUGIN_KEY not in logged  # ... without the key
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_sync_models_own_calls_carry_the_trace_of_the_request(
+    lifeline, client, exporter, streamed
+):
+    """The README says the runtime brings trace context; a sync model's threads did not get
+    it, so the HTTP calls a model makes started traces of their own."""
+    await lifeline(config({"mine": python("SendsTraceparent")}))
+    if streamed:
+        pieces, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
+        sent = "".join(pieces)
+    else:
+        reply = await ask(client, HELLO_REQUEST)
+        sent = reply.content
+
+    def worker_spans() -> list[Any]:  # the worker's call span: its parent is the dispatcher's
+        return [s for s in exporter.get_finished_spans() if s.parent and s.parent.is_remote]
+
+    await wait_for(worker_spans)  # exported just after the reply goes
+    [worker_span] = worker_spans()
+    span_id = format(worker_span.context.span_id, "016x")
+    assert sent.startswith(f"00-{reply.trace_id}-{span_id}-"), sent
+
+
 @pytest.mark.parametrize(
     "text, field", [("surrogate", "text"), ("surrogate_arguments", "tool_calls[0].arguments")]
 )

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import difflib
 import functools
 import importlib
@@ -380,7 +381,12 @@ class PluginProvider:
         await self._free.acquire()
         loop = asyncio.get_running_loop()
         try:
-            running = self._threads.submit(_in_model_thread, self.label, function, *args)
+            # With the caller's contextvars, the call's span among them: the trace context the
+            # model's own HTTP calls send on, as an async model's do.
+            context = contextvars.copy_context()
+            running = self._threads.submit(
+                context.run, _in_model_thread, self.label, function, *args
+            )
         except BaseException:
             self._free.release()
             raise
