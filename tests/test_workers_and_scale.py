@@ -90,6 +90,30 @@ async def test_a_cancelled_call_gets_no_reply_even_past_its_deadline(lifeline, c
     assert replies == [] and stack.workers["primary"].in_flight == 0
 
 
+async def test_a_cancel_stops_a_call_whose_attempt_id_is_over_64_bytes(lifeline, client):
+    """The cancel's body was cut to 64 bytes and looked up among calls kept under their whole
+    id: a longer id (another dispatcher's, a test harness's) was never cancelled."""
+    stack = await lifeline(config({"primary": fake(hang=True)}))
+    replies: list[bytes] = []
+
+    async def on_reply(msg: nats.aio.msg.Msg) -> None:
+        replies.append(msg.data)
+
+    inbox = client.new_inbox()
+    await client.subscribe(inbox, cb=on_reply)
+    attempt = "attempt-" + "7" * 92  # 100 bytes
+    soon = {subjects.DEADLINE_MS: str(int(time.time() * 1000) + 300), subjects.ATTEMPT_ID: attempt}
+    await client.publish(
+        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), inbox, soon
+    )
+    await wait_for(lambda: stack.workers["primary"].in_flight == 1)
+    await client.publish(subjects.cancel_subject("primary"), attempt.encode())
+    await asyncio.sleep(0.5)  # past the deadline: a timeout reply would have come by now
+    await settled(client, stack)
+    assert stack.workers["primary"].cancelled == 1
+    assert replies == [] and stack.workers["primary"].in_flight == 0
+
+
 async def test_a_worker_cancels_a_hung_call_when_the_dispatcher_gives_up(lifeline, client):
     stack = await lifeline(config({"primary": fake(hang=True, timeout_s=0.2), "backup": fake()}))
     reply = await ask(client, USER_HELLO)

@@ -174,6 +174,8 @@ class WorkerRuntime:
         else:
             task = self._loop.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
+        if attempt_id is not None:
+            attempt_id = _attempt_key(attempt_id.encode())
         self._tasks[task] = attempt_id
         self._sizes[task] = size
         self._bytes += size
@@ -212,7 +214,7 @@ class WorkerRuntime:
 
     def _on_cancel(self, msg: Msg) -> None:
         self.cancels_heard += 1
-        task = self._by_attempt.pop(msg.data[:64].decode(errors="replace"), None)
+        task = self._by_attempt.pop(_attempt_key(msg.data), None)
         if task is not None and task.cancel():
             self.cancelled += 1
 
@@ -639,6 +641,12 @@ class _Next:
                     awaited = step.throw(exc)
             except StopIteration as done:
                 return done.value
+
+
+def _attempt_key(attempt_id: bytes) -> str:
+    """An attempt id as a call is kept under and its cancel looks it up: cut alike (a cancel's
+    body is bounded), else an id over 64 bytes is never found."""
+    return attempt_id[:64].decode(errors="replace")
 
 
 def _failure(exc: ProviderError) -> ProviderFailure:
