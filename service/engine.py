@@ -177,8 +177,12 @@ class Engine:
         except Exception:
             log.exception("bug while handling a request; answering with an internal error")
             reply = _internal_error(request_id, inbound.data, trace_id)
-        except asyncio.CancelledError:
-            if if_cancelled is None:
+        except asyncio.CancelledError as exc:
+            if if_cancelled is None:  # not answered here: its next delivery answers it
+                if span.recording:
+                    telemetry.annotate_cancelled(span, exc)
+                    if request_id is not None:
+                        span.set_attribute("lifeline.request.id", request_id)
                 span.end()
                 raise
             _uncancel()  # answered here: what follows (the reply, the audit) must still run

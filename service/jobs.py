@@ -52,6 +52,7 @@ from schemas.wire import (
     INVALID_REQUEST,
     MAX_ID_LENGTH,
     REPLY_TOO_LARGE,
+    SHUTTING_DOWN,
     ErrorInfo,
     encoder,
     message_bytes,
@@ -79,6 +80,7 @@ _FETCH_MAX_BYTES = 16 * 1024 * 1024
 _FETCH_MAX_JOBS = 64
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
+_CANCELLED_WAIT_S = 1.0  # for jobs cancelled at stop to tell their workers and end their spans
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 # A KV write's own headers, which a bucket's max value size counts with the value (52 bytes
 # for a create, a few more for an update over a revision).
@@ -260,12 +262,19 @@ class Jobs:
         await self._pull()
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop pulling; jobs in flight finish (up to grace_s), the rest are redelivered."""
+        """Stop pulling; jobs in flight finish (up to grace_s), the rest are cancelled and
+        redelivered."""
         if self._loop is not None:
             await cancel_and_wait(self._loop)
             self._loop = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
+        if self._tasks:
+            # Past the grace: stopped here (their workers told to cancel, so no provider call
+            # runs on unread, and their spans end), not acknowledged: delivered again.
+            for task in set(self._tasks):
+                task.cancel(SHUTTING_DOWN)
+            await asyncio.wait(set(self._tasks), timeout=_CANCELLED_WAIT_S)
         if self._remaking is not None:
             await cancel_and_wait(self._remaking)
         sub, self._sub = self._sub, None

@@ -892,8 +892,9 @@ def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
 
 
 def annotate_cancelled(span: trace.Span | LiteSpan, exc: BaseException | None) -> None:
-    """An attempt cancelled before it answered, and why when its cancel said so (hedge_lost,
-    aborted, shutting_down): not an error of its own, so its status stays unset."""
+    """An attempt (or a request left to its next delivery) cancelled before it answered, and
+    why when its cancel said so (hedge_lost, aborted, shutting_down): not an error of its own,
+    so its status stays unset."""
     why = exc.args[0] if exc is not None and exc.args else None
     attributes = {"lifeline.outcome": "cancelled"}
     if isinstance(why, str):

@@ -16,6 +16,7 @@ import nats.js.api
 import nats.js.errors
 import pytest
 from helpers import Service, ask, config, fake, settled, wait_for
+from opentelemetry.trace import SpanKind
 
 from schemas import subjects
 from schemas.streaming import Assembler
@@ -226,6 +227,28 @@ async def test_a_dispatcher_killed_with_jobs_in_flight_loses_none_and_answers_ea
         assert Counter(e.id for e in events) == Counter(ids)
     finally:
         service.stop()
+
+
+async def test_a_job_its_dispatcher_stops_past_the_grace_is_cancelled_and_its_trace_ends(
+    lifeline, client, exporter
+):
+    """A job still running when its dispatcher stopped was left running: its provider call
+    went on, paid for, and the dispatcher's spans never ended, so the worker's span arrived
+    without its parent. The call is cancelled at its worker now, the request span says why,
+    and the job, not acknowledged, waits to be delivered again."""
+    stack = await lifeline(
+        config({"slow": fake(latency_ms=5000, timeout_s=30)}, shutdown_grace_s=0.1)
+    )
+    await submit(client, job("cut"), "cut")
+    await wait_for(lambda: stack.dispatcher.jobs.in_flight == 1, timeout_s=5)
+    await stack.dispatcher.stop()
+    worker = stack.workers["slow"]
+    await wait_for(lambda: worker.cancelled == 1 and not worker.in_flight, what="the cancel")
+    spans = exporter.get_finished_spans()
+    [request] = [s for s in spans if s.name == "chat" and s.kind == SpanKind.SERVER]
+    assert request.attributes["lifeline.cancel.reason"] == "shutting_down"
+    assert {s.parent.span_id for s in spans if s.parent} <= {s.context.span_id for s in spans}
+    assert await _waiting_jobs(client, settle_s=0.5) == 1
 
 
 async def test_a_job_whose_dispatcher_died_after_storing_its_result_still_gets_its_audit(
