@@ -1260,7 +1260,9 @@ def _timeout(value: str | None) -> float | None:
 
 # A traceparent the dispatcher joins (W3C: version ff and all-zero ids are invalid): one it
 # would not join is not forwarded, so that a stream's x-lifeline-trace-id, sent before the
-# dispatcher says which trace it made, never names a trace that does not exist.
+# dispatcher says which trace it made, never names a trace that does not exist. A version
+# after 00 may add fields after a dash: its first 55 characters, which every version shares,
+# are forwarded (as W3C says to read one).
 _TRACEPARENT = re.compile(
     r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
 )
@@ -1269,9 +1271,14 @@ _TRACEPARENT = re.compile(
 def _trace_headers(request: Request) -> dict[str, str] | None:
     """The caller's W3C trace context, forwarded so that Lifeline's spans join its trace."""
     traceparent = request.headers.get(TRACEPARENT)
-    if traceparent is None or not _TRACEPARENT.fullmatch(traceparent.strip()):
+    if traceparent is None:
         return None
-    headers = {TRACEPARENT: traceparent.strip()}
+    traceparent = traceparent.strip()
+    if not _TRACEPARENT.fullmatch(traceparent[:55]):
+        return None
+    if len(traceparent) > 55 and (traceparent.startswith("00") or traceparent[55] != "-"):
+        return None
+    headers = {TRACEPARENT: traceparent[:55]}
     tracestate = request.headers.get(TRACESTATE)
     if tracestate and len(tracestate) <= 512:
         headers[TRACESTATE] = _ascii(tracestate)

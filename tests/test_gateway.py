@@ -603,12 +603,24 @@ async def test_traceparent_is_forwarded_so_lifeline_joins_the_caller_s_trace(sha
 
 
 @shared_loop
+async def test_a_later_versions_traceparent_with_more_fields_is_joined_as_on_nats(shared):
+    """W3C: a traceparent of a version after 00 may add fields, and is read by its first 55
+    characters. The NATS path joined one; the gateway dropped it and began a trace of its own."""
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    raw = await shared.client.chat.completions.with_raw_response.create(
+        **chat(), extra_headers={"traceparent": f"01-{trace_id}-b7ad6b7169203331-01-future"}
+    )
+    assert raw.headers["x-lifeline-trace-id"] == trace_id
+
+
+@shared_loop
 @pytest.mark.parametrize(
     "traceparent",
     [
         f"00-{'0' * 32}-b7ad6b7169203331-01",
         "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
         "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more",  # only later versions
     ],
 )
 async def test_a_stream_names_the_trace_it_made_not_one_the_dispatcher_refused(shared, traceparent):
