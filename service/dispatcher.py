@@ -139,7 +139,8 @@ class Dispatcher:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
         finish, up to grace_s (dispatcher.shutdown_grace_s). Requests still in flight then are
-        answered `shutting_down` (jobs still running are left to be delivered again)."""
+        answered `shutting_down`; jobs still running are cancelled at their workers, unanswered,
+        and left to be delivered again."""
         grace_s = self.shutdown_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         until = loop.time() + grace_s
