@@ -127,10 +127,10 @@ QUIET_S = 0.3  # listened after the last reply, for a duplicate or a late chunk
 LATE_WAIT_S = 1.5  # listened at the end, after the last first reply: a late second reply
 BURST = 20  # requests sent at once by one_reply_per_request
 SPREAD = 8  # requests sent where every replica should get some (the queue group picks)
-STREAMS = 2  # streamed requests sent by streaming (and one more unstreamed, to compare)
+STREAMS = 2  # streamed requests sent by streaming (and two more unstreamed, to compare)
 # Model calls that may be queued at once while the checks run side by side: replies_decode's,
 # the burst, streaming's. A wait for answers grows by the worker's pace once per call.
-SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 1
+SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 2
 STOP_GRACE_S = 3.0  # SIGTERM to SIGKILL
 LOG_LINES = 25  # of a replica's output, shown when a check failed
 # The HTTP statuses error_kinds asks for (retry_after_s where given); each must come back as
@@ -962,10 +962,16 @@ class _Checks:
         directive = f"lifeline-test: sleep {SLEEP_MS}"
         attempt = f"conformance-cancel-{secrets.token_hex(4)}"
         cancelled = await self.wire.ask(directive, attempt_id=attempt, label=name)
+        # A streamed attempt too: a worker may stop only the calls it answers at once.
+        streamed_attempt = f"conformance-cancel-{secrets.token_hex(4)}"
+        streamed = await self.wire.ask(
+            directive, attempt_id=streamed_attempt, stream=True, label=name
+        )
         kept = await self.wire.ask(directive, label=name)
         await self.wire.nc.flush()
         await asyncio.sleep(CANCEL_AFTER_S)
         await self.wire.nc.publish(cancel_subject, attempt.encode())
+        await self.wire.nc.publish(cancel_subject, streamed_attempt.encode())
         await self.wire.nc.flush()
         # Both sleeps started together: once the kept one has answered, the cancelled one would
         # have too, give or take; so listen a little past that, or CANCEL_WAIT_S in all.
@@ -976,21 +982,31 @@ class _Checks:
         else:
             await asyncio.sleep(max(0.0, waited - (time.monotonic() - cancelled.sent_at)))
         where = self.monitor.describe(cancel_subject, subs)
-        return self._judge(name, lambda: self._cancel(cancelled, kept, waited, hears, where))
+        return self._judge(
+            name, lambda: self._cancel(cancelled, streamed, kept, waited, hears, where)
+        )
 
     def _cancel(
-        self, cancelled: _Exchange, kept: _Exchange, waited_s: float, hears: str, where: str
+        self,
+        cancelled: _Exchange,
+        streamed: _Exchange,
+        kept: _Exchange,
+        waited_s: float,
+        hears: str,
+        where: str,
     ) -> Check:
         name = "cancel"
         directive = f"lifeline-test: sleep {SLEEP_MS}"
         cancel_subject = subjects.cancel_subject(self.provider)
-        if cancelled.events:
-            event = cancelled.events[0]
+        for exchange, how in ((cancelled, ""), (streamed, f", with {subjects.STREAM_TO}")):
+            if not exchange.events:
+                continue
+            event = exchange.events[0]
             early = event.after_s < CANCEL_AFTER_S
             return _fail(
                 name,
-                f"no reply to an attempt ({directive!r}) cancelled on {cancel_subject} "
-                f"{CANCEL_AFTER_S * 1000:.0f} ms after it was sent",
+                f"no reply or chunk to an attempt ({directive!r}{how}) cancelled on "
+                f"{cancel_subject} {CANCEL_AFTER_S * 1000:.0f} ms after it was sent",
                 show(event),
                 "it answered before the cancel was sent: is `lifeline-test: sleep` obeyed "
                 f"({TEST_MODE_ENV}=1)?"
@@ -1080,20 +1096,25 @@ class _Checks:
         name = "streaming"
         text = "Stream me a story."
         sent = [await self.wire.ask(text, stream=True, label=name) for _ in range(STREAMS)]
-        unstreamed = await self.wire.ask(text, label=name)  # the text to compare with
+        # The text to compare with, asked twice: a model answering it the same both times
+        # answers it so streamed too, so any other text there is a piece lost or repeated.
+        unstreamed = [await self.wire.ask(text, label=name) for _ in range(2)]
         waited = self.wait_s(SIDE_BY_SIDE_CALLS)
-        await self._answers([*sent, unstreamed], waited)
+        await self._answers([*sent, *unstreamed], waited)
         await asyncio.sleep(QUIET_S)
         return self._judge(name, lambda: self._streaming(sent, unstreamed, waited))
 
-    def _streaming(self, sent: list[_Exchange], unstreamed: _Exchange, waited_s: float) -> Check:
+    def _streaming(
+        self, sent: list[_Exchange], unstreamed: list[_Exchange], waited_s: float
+    ) -> Check:
         name = "streaming"
         expected = (
             f"text chunks (or tool_call events) on {subjects.STREAM_TO}, then one ProviderOk "
             "whose `chunks` counts them, then nothing (or no chunk and chunks=0)"
         )
-        reference = _reply_of(unstreamed)
-        said = reference.content if isinstance(reference, ProviderOk) else None
+        said = [
+            r.content if isinstance(r, ProviderOk) else None for r in map(_reply_of, unstreamed)
+        ]
         for exchange in sent:
             chunks = sum(e.what == "chunk" for e in exchange.events)
             if not exchange.settled and chunks:
@@ -1102,7 +1123,7 @@ class _Checks:
                 return _fail(name, expected, got, hint, self._dead())
             if not exchange.replies and not exchange.unheard:
                 return self._wrong(name, expected, exchange, waited_s)
-            problem = _stream_problem(exchange, said)
+            problem = _stream_problem(exchange, said[0], steady=said[0] == said[1])
             if problem is not None:
                 got, hint = problem
                 return _fail(name, expected, got, hint, self._dead())
@@ -1170,10 +1191,13 @@ class _Checks:
         )
 
 
-def _stream_problem(exchange: _Exchange, said: str | None) -> tuple[str, str] | None:
+def _stream_problem(
+    exchange: _Exchange, said: str | None, steady: bool = False
+) -> tuple[str, str] | None:
     """What is wrong with one streamed exchange's events, and a hint, or None. `said` is the
     text the same request got unstreamed (None when it got none): the stream is compared with
-    it only where a difference cannot be a model answering differently."""
+    it only where a difference cannot be a model answering differently; `steady`, the model
+    answered it so twice (not sampling), lets a piece lost or repeated be told."""
     if exchange.unheard:
         return "no responders (no replica subscribed)", ""
     replies = exchange.replies
@@ -1207,7 +1231,39 @@ def _stream_problem(exchange: _Exchange, said: str | None) -> tuple[str, str] | 
             pieces.append(chunk.data.decode())
         except UnicodeDecodeError:
             return f"chunk {i} is not UTF-8 text: {chunk.data[:40]!r}", ""
-    return _text_problem("".join(pieces), reply.content, len(pieces), said)
+    problem = _text_problem("".join(pieces), reply.content, len(pieces), said)
+    if problem is None and steady and said:
+        problem = _pieces_problem([*pieces, reply.content], said)
+    return problem
+
+
+def _pieces_problem(pieces: list[str], said: str) -> tuple[str, str] | None:
+    """A piece published twice or lost, told from a text the model answers differently
+    streamed (a mock's separate streaming sample, say): `said` is what the same request got
+    unstreamed, twice alike; a piece repeated when leaving pieces out makes it, a piece lost
+    when it holds every piece, in order, with text between."""
+    whole = "".join(pieces)
+    if whole == said:
+        return None
+    at = 0
+    for piece in pieces:  # the pieces `said` starts with, in turn, any others left out
+        if said.startswith(piece, at):
+            at += len(piece)
+    if at == len(said):
+        what = "a piece repeated"
+    else:
+        at = 0
+        for piece in pieces:
+            found = said.find(piece, at)
+            if found < 0:
+                return None  # another text: the model's, not the worker's doing
+            at = found + len(piece)
+        what = "a piece lost"
+    got = (
+        f"{len(pieces) - 1} text chunks reading {whole[:60]!r} joined as they came, where the "
+        f"same request unstreamed was answered {said[:60]!r}, twice alike: {what}"
+    )
+    return got, "publish every piece once, in order: none lost, none repeated"
 
 
 def _text_problem(

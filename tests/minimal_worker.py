@@ -17,6 +17,9 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --cancel-in-queue-group      subscribe to llm.cancel.<name> in the queue group
     --stream-in-reverse          publish a stream's chunks last one first
     --stream-and-repeat-content  put the streamed text in the final reply's content too
+    --stream-duplicate-chunk     publish a stream's first chunk twice
+    --stream-drop-chunk          leave a stream's second chunk out
+    --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
 
 and one slows it down, as a model on one thread is, and it still conforms:
 
@@ -114,6 +117,9 @@ async def main() -> None:
     flags.add_argument("--cancel-in-queue-group", action="store_true")
     flags.add_argument("--stream-in-reverse", action="store_true")
     flags.add_argument("--stream-and-repeat-content", action="store_true")
+    flags.add_argument("--stream-duplicate-chunk", action="store_true")
+    flags.add_argument("--stream-drop-chunk", action="store_true")
+    flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     args = flags.parse_args()
     name = os.environ.get("LIFELINE_PROVIDER", "conformance")
@@ -170,6 +176,10 @@ async def main() -> None:
         if stream_to:
             words = text.split(" ")
             pieces = [word if i == 0 else " " + word for i, word in enumerate(words)]
+            if args.stream_duplicate_chunk:
+                pieces = [pieces[0], *pieces]
+            if args.stream_drop_chunk and len(pieces) > 1:
+                pieces = pieces[:1] + pieces[2:]
             for piece in reversed(pieces) if args.stream_in_reverse else pieces:
                 await nc.publish(stream_to, piece.encode())
                 chunks += 1
@@ -183,6 +193,8 @@ async def main() -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         attempt = (msg.headers or {}).get("Lifeline-Attempt-Id")
+        if args.cancel_only_unstreamed and (msg.headers or {}).get("Lifeline-Stream-To"):
+            attempt = None
         if attempt:
             by_attempt[attempt] = task
             task.add_done_callback(lambda _: by_attempt.pop(attempt, None))

@@ -74,6 +74,9 @@ BROKEN = {
     ),
     "--stream-in-reverse": ({"streaming"}, "the same text in another order"),
     "--stream-and-repeat-content": ({"streaming"}, "repeats the text"),
+    "--stream-duplicate-chunk": ({"streaming"}, "reading 'echo:echo: Stream me a story.'"),
+    "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
+    "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
 # A model that takes SLOW_CALL_S a call, one call at a time (a model on one thread): the
 # burst alone keeps each replica busy for about 10 x SLOW_CALL_S, past what a fixed wait of
