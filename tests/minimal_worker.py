@@ -13,6 +13,8 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --answer-twice-late          send every reply again a second later
     --deadline-on-arrival-only   drop a request past its deadline, but finish one that was
                                  still running when it passed
+    --late-timeout-reply         answer `timeout` 450 ms after the deadline of a call still
+                                 running when it passed
     --auth-as-server-error       map 401 and 403 to server_error
     --cancel-in-queue-group      subscribe to llm.cancel.<name> in the queue group
     --stream-in-reverse          publish a stream's chunks last one first
@@ -113,6 +115,7 @@ async def main() -> None:
     flags.add_argument("--answer-failures-twice", action="store_true")
     flags.add_argument("--answer-twice-late", action="store_true")
     flags.add_argument("--deadline-on-arrival-only", action="store_true")
+    flags.add_argument("--late-timeout-reply", action="store_true")
     flags.add_argument("--auth-as-server-error", action="store_true")
     flags.add_argument("--cancel-in-queue-group", action="store_true")
     flags.add_argument("--stream-in-reverse", action="store_true")
@@ -166,8 +169,11 @@ async def main() -> None:
                 text, failed = await answer(request, test_mode, args, model)
         except ValueError as exc:  # a directive's number that is none
             text, failed = "", failure("bad_request", f"{exc}")
-        except TimeoutError:
-            return  # the deadline passed while working: no reply
+        except TimeoutError:  # the deadline passed while working: no reply
+            if args.late_timeout_reply:
+                await asyncio.sleep(0.45)
+                await reply(msg, failure("timeout", "deadline passed"))
+            return
         if failed is not None:
             await reply(msg, failed)
             return
