@@ -67,7 +67,7 @@ BROKEN = {
     ),
     "--answer-twice-late": ({"one_reply_per_request", "streaming"}, "ms after the first"),
     "--deadline-on-arrival-only": ({"deadline"}, "still worked on when it passed"),
-    "--late-timeout-reply": ({"deadline"}, "100 ms of grace"),
+    "--late-timeout-reply": ({"deadline"}, "250 ms of grace"),
     "--auth-as-server-error": ({"error_kinds"}, "kind auth, status_code 401"),
     "--cancel-in-queue-group": (
         {"cancel"},
