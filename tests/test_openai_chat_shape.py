@@ -544,17 +544,21 @@ async def test_a_streamed_call_that_never_names_its_function_is_a_server_error(m
 
 
 async def test_streamed_calls_a_server_gave_no_id_get_ids_of_their_own(make):
-    """As a whole answer's: a call without an id could not be answered by the client."""
+    """As a whole answer's: a call without an id could not be answered by the client. The id
+    goes with the call's first piece, as the wire says, so a client reading the pieces (the
+    gateway's OpenAI SDK clients) has it too, the same as the end's."""
     chunks = [
         chunk({"tool_calls": [first_delta(0, ToolCall("", "get_weather"))]}),
         chunk({"tool_calls": [arguments_delta(0, "{}")]}),
         chunk({"tool_calls": [first_delta(1, ToolCall("", "get_time"))]}),
         chunk({}, "tool_calls"),
     ]
-    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5))
+    streamed: list[ToolCallDelta] = []
+    _, ok = await answer_of(make(events_server(chunks)).stream(request(), timeout_s=5), streamed)
     ids = [call.id for call in ok.tool_calls or []]
     assert len(ids) == 2 and len(set(ids)) == 2
     assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
+    assert [d.id for d in streamed if d.name] == ids
 
 
 # ---- Azure OpenAI ---------------------------------------------------------------------

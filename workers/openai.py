@@ -377,6 +377,9 @@ class _StreamedCall:
         self.ordinal = ordinal  # its place among the answer's tool calls (0, 1, ...)
         self.id = ""
         self.name = ""
+        # The id made for a call its server gave none (streamed on with its name): the
+        # server's own id alone tells calls apart, so this one is kept beside it.
+        self.made_id = ""
         self.arguments: list[str] = []  # joined once, at the end
 
 
@@ -411,6 +414,8 @@ class _StreamedCalls:
         new_name = function.name if function.name and not call.name else None
         call.id = call.id or delta.id or ""
         call.name = call.name or function.name or ""
+        if new_name and not call.id:  # a call begins without an id: one a client can answer
+            call.made_id = new_id = _new_call_id()
         if function.arguments:
             call.arguments.append(function.arguments)
         return ToolCallDelta(call.ordinal, new_id, new_name, function.arguments or "")
@@ -438,7 +443,7 @@ class _StreamedCalls:
                     "server_error", f"{label} streamed tool call {call.ordinal} without a name", 200
                 )
             arguments = "".join(call.arguments) or "{}"
-            calls.append(ToolCall(call.id or _new_call_id(), call.name, arguments))
+            calls.append(ToolCall(call.id or call.made_id or _new_call_id(), call.name, arguments))
         return calls or None
 
 
