@@ -315,8 +315,13 @@ class Router:
             validate = output_validator(request)
         except ValueError as exc:
             raise refuse(str(exc)) from None
-        unanswered = _unmatched_tool_result(request.messages)
-        if unanswered is not None:
+        images = tool_results = False  # a plain loop: a generator costs more
+        for message in request.messages:
+            if message.role == "tool":
+                tool_results = True
+            elif not images and type(message.content) is not str and message.images:
+                images = True
+        if tool_results and (unanswered := _unmatched_tool_result(request.messages)) is not None:
             # Every provider refuses one (a 400 from each target, then all_failed): it is the
             # client's mistake, refused here before any call, naming the message.
             raise refuse(
@@ -326,11 +331,6 @@ class Router:
             )
         faults = self._faults(request.faults, chain, refuse) if request.faults else None
         needs = NO_NEEDS
-        images = False  # a plain loop: most requests are all text, and a generator costs more
-        for message in request.messages:
-            if type(message.content) is not str and message.images:
-                images = True
-                break
         json = wants_json(request.response_format)
         if route.counts_tokens or json or request.tools or images:
             tokens, shaped = None, None
@@ -527,10 +527,14 @@ class Router:
 def _unmatched_tool_result(messages: Sequence[ChatMessage]) -> int | None:
     """The index of the first tool message whose tool_call_id no earlier assistant message's
     tool call has, if any."""
-    called: set[str] = set()
+    called: set[str] | None = None  # made at the first call: most requests have none
     for i, message in enumerate(messages):
-        if message.role == "assistant" and message.tool_calls:
+        role = message.role
+        if role == "tool":
+            if called is None or message.tool_call_id not in called:
+                return i
+        elif role == "assistant" and message.tool_calls:
+            if called is None:
+                called = set()
             called.update(call.id for call in message.tool_calls)
-        elif message.role == "tool" and message.tool_call_id not in called:
-            return i
     return None

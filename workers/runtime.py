@@ -174,8 +174,8 @@ class WorkerRuntime:
         else:
             task = self._loop.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
-        if attempt_id is not None:
-            attempt_id = _attempt_key(attempt_id.encode())
+        if attempt_id is not None and (len(attempt_id) > 64 or not attempt_id.isascii()):
+            attempt_id = _attempt_key(attempt_id.encode())  # as its cancel's body is cut
         self._tasks[task] = attempt_id
         self._sizes[task] = size
         self._bytes += size
