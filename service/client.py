@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import random
 import secrets
@@ -712,7 +711,9 @@ def _traced(headers: dict[str, str]) -> dict[str, str]:
     already: the client loads none of it itself (pyproject's layers), and without it there
     is no current span to carry."""
     if "opentelemetry.context" in sys.modules:
-        importlib.import_module("opentelemetry.propagate").inject(headers)
+        from opentelemetry import propagate  # pyproject's contract names this exception
+
+        propagate.inject(headers)
     return headers
 
 
