@@ -481,7 +481,8 @@ async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, clien
     spans but not why, though the reply's attempts gave hedge_lost and aborted."""
     cfg = config(
         {
-            "slow": fake(reply="a b c d", chunks=4, chunk_delay_ms=400, latency_ms=100),
+            # Its first chunk long after the hedge's 50 ms, however late a loaded machine is.
+            "slow": fake(reply="a b c d", chunks=4, chunk_delay_ms=400, latency_ms=600),
             "fast": fake(latency_ms=3000),
         }
     )

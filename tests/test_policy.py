@@ -751,7 +751,8 @@ async def test_a_walk_cancelled_after_its_hedge_failed_reports_the_hedges_failur
     chain = Chain([target("a"), target("b"), target("c")])
     walk = asyncio.ensure_future(run_chain(chain, call, limits, attempts=attempts))
     await asyncio.wait_for(hedge_failed.wait(), 5)
-    await asyncio.sleep(0.05)  # the race hears of it; a runs on
+    for _ in range(20):  # loop turns, not time: the race hears of it; a runs on
+        await asyncio.sleep(0)
     walk.cancel()
     with pytest.raises(asyncio.CancelledError):
         await walk
