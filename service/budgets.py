@@ -18,7 +18,7 @@ class Budget:
     reserve of 3 so a quiet route can still retry (Finagle's RetryBudget; Envoy's retry budget
     has the same aim). Each dispatcher keeps its own, so the share holds across replicas too."""
 
-    __slots__ = ("_epochs", "_requests", "_spent", "clock", "ratio", "reserve")
+    __slots__ = ("_epochs", "_requests", "_spent", "clock", "ratio", "reserve", "spent_in")
     SLOTS = 10
 
     def __init__(
@@ -30,6 +30,7 @@ class Budget:
         self._epochs = [-1] * self.SLOTS
         self._requests = [0] * self.SLOTS
         self._spent = [0] * self.SLOTS
+        self.spent_in = -1  # the second the last spend() charged
 
     def _slot(self) -> int:
         second = int(self.clock())
@@ -52,7 +53,9 @@ class Budget:
     def spend(self) -> bool:
         if self.available() < 1:
             return False
-        self._spent[self._slot()] += 1
+        i = self._slot()
+        self._spent[i] += 1
+        self.spent_in = self._epochs[i]  # the second charged: what refund() gives back to
         return True
 
     def refund(self, second: int) -> None:

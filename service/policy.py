@@ -858,7 +858,7 @@ class _Run:
             if not budgets.retry.spend():
                 self._budget_event("retry", target)
                 return None, RETRY_BUDGET
-            self.retry_paid_in = int(budgets.retry.clock())
+            self.retry_paid_in = budgets.retry.spent_in  # as charged, not read again
         return delay_s, None
 
     def settle_retry(self, made: bool) -> None:

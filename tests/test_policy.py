@@ -898,3 +898,14 @@ async def test_a_probe_claim_that_outlasts_the_deadline_calls_nobody_and_frees_t
         ("a", "skipped", "deadline")
     ]
     assert health.admit(*a.health_key) == PROBE  # the probe it never sent is the next call's
+
+
+def test_a_retry_not_made_gives_back_to_the_second_that_paid_for_it():
+    """The refund named the second read after the spend: across a second's boundary it went
+    to a slot that had paid nothing, and the spend stayed charged for the whole window."""
+    now = [9.9999]
+    budget = Budget(0.0, reserve=1.0, clock=lambda: now[0])
+    assert budget.spend()
+    now[0] = 10.0  # the next second, as the policy read it
+    budget.refund(budget.spent_in)
+    assert budget.spend()  # the reserve is back
