@@ -68,9 +68,9 @@ async def test_a_worker_answers_timeout_when_its_deadline_comes_first(lifeline, 
     assert stack.workers["primary"].in_flight == 0 and stack.workers["primary"].cancelled == 0
 
 
-async def test_a_cancelled_call_gets_no_reply_even_past_its_deadline(lifeline, client):
-    """A cancel is not a timeout: the worker stops and answers nothing."""
-    stack = await lifeline(config({"primary": fake(hang=True)}))
+async def _a_call_at_work(client, stack, attempt: str, deadline_in_ms: int) -> list[bytes]:
+    """Send the hung `primary` worker a call with this attempt id and deadline, straight (no
+    dispatcher); once it is at work, the replies it will send (a list, filled as they come)."""
     replies: list[bytes] = []
 
     async def on_reply(msg: nats.aio.msg.Msg) -> None:
@@ -78,11 +78,21 @@ async def test_a_cancelled_call_gets_no_reply_even_past_its_deadline(lifeline, c
 
     inbox = client.new_inbox()
     await client.subscribe(inbox, cb=on_reply)
-    soon = {subjects.DEADLINE_MS: str(int(time.time() * 1000) + 300), subjects.ATTEMPT_ID: "a-1"}
+    headers = {
+        subjects.DEADLINE_MS: str(int(time.time() * 1000) + deadline_in_ms),
+        subjects.ATTEMPT_ID: attempt,
+    }
     await client.publish(
-        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), inbox, soon
+        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), inbox, headers
     )
     await wait_for(lambda: stack.workers["primary"].in_flight == 1)
+    return replies
+
+
+async def test_a_cancelled_call_gets_no_reply_even_past_its_deadline(lifeline, client):
+    """A cancel is not a timeout: the worker stops and answers nothing."""
+    stack = await lifeline(config({"primary": fake(hang=True)}))
+    replies = await _a_call_at_work(client, stack, "a-1", deadline_in_ms=300)
     await client.publish(subjects.cancel_subject("primary"), b"a-1")
     await wait_for(lambda: stack.workers["primary"].cancelled == 1)
     await asyncio.sleep(0.5)  # past the deadline: a timeout reply would have come by now
@@ -94,22 +104,8 @@ async def test_a_cancel_stops_a_call_whose_attempt_id_is_over_64_bytes(lifeline,
     """The cancel's body was cut to 64 bytes and looked up among calls kept under their whole
     id: a longer id (another dispatcher's, a test harness's) was never cancelled."""
     stack = await lifeline(config({"primary": fake(hang=True)}))
-    replies: list[bytes] = []
-
-    async def on_reply(msg: nats.aio.msg.Msg) -> None:
-        replies.append(msg.data)
-
-    inbox = client.new_inbox()
-    await client.subscribe(inbox, cb=on_reply)
     attempt = "attempt-" + "7" * 92  # 100 bytes
-    later = {
-        subjects.DEADLINE_MS: str(int(time.time() * 1000) + 30_000),
-        subjects.ATTEMPT_ID: attempt,
-    }
-    await client.publish(
-        subjects.provider_subject("primary"), encoder.encode(PROVIDER_REQUEST), inbox, later
-    )
-    await wait_for(lambda: stack.workers["primary"].in_flight == 1)
+    replies = await _a_call_at_work(client, stack, attempt, deadline_in_ms=30_000)
     await client.publish(subjects.cancel_subject("primary"), attempt.encode())
     await wait_for(lambda: stack.workers["primary"].cancelled == 1, what="the call cancelled")
     await settled(client, stack)
