@@ -413,6 +413,15 @@ def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_p
         hung.close()
 
 
+def cancel_reasons(exporter) -> list[str]:
+    """The lifeline.cancel.reason of every cancelled attempt span exported so far."""
+    return [
+        s.attributes.get("lifeline.cancel.reason", "")
+        for s in exporter.get_finished_spans()
+        if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
+    ]
+
+
 async def test_a_cancelled_attempt_says_so_and_why_in_its_span(lifeline, client, exporter):
     """A hedge's loser and an aborted request's attempt ended as plain, successful-looking
     spans: their outcome and reason were only in the reply's attempts."""
@@ -435,14 +444,10 @@ async def test_a_cancelled_attempt_says_so_and_why_in_its_span(lifeline, client,
     await client.publish(subjects.ABORT, b"k")
     assert reply_decoder.decode((await answers.next_msg(timeout=5)).data).error.type == "aborted"
 
-    def cancelled() -> list[str]:
-        return [
-            s.attributes.get("lifeline.cancel.reason", "")
-            for s in exporter.get_finished_spans()
-            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
-        ]
-
-    await wait_for(lambda: sorted(cancelled()) == ["aborted", "hedge_lost"], what=cancelled)
+    await wait_for(
+        lambda: sorted(cancel_reasons(exporter)) == ["aborted", "hedge_lost"],
+        what=lambda: cancel_reasons(exporter),
+    )
 
 
 async def test_a_hedged_request_aborted_while_both_calls_run_says_why_in_their_spans(
@@ -466,14 +471,10 @@ async def test_a_hedged_request_aborted_while_both_calls_run_says_why_in_their_s
         ("b", "cancelled", "aborted"),
     ]
 
-    def reasons() -> list[str]:
-        return [
-            s.attributes.get("lifeline.cancel.reason", "")
-            for s in exporter.get_finished_spans()
-            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
-        ]
-
-    await wait_for(lambda: reasons() == ["aborted", "aborted"], what=reasons)
+    await wait_for(
+        lambda: cancel_reasons(exporter) == ["aborted", "aborted"],
+        what=lambda: cancel_reasons(exporter),
+    )
 
 
 async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, client, exporter):
@@ -508,11 +509,7 @@ async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, clien
         event = assembler.feed(msg.headers, msg.data)
     await client.publish(subjects.ABORT, b"k")
 
-    def cancelled() -> list[str]:
-        return [
-            s.attributes.get("lifeline.cancel.reason", "")
-            for s in exporter.get_finished_spans()
-            if s.kind == SpanKind.CLIENT and s.attributes.get("lifeline.outcome") == "cancelled"
-        ]
-
-    await wait_for(lambda: sorted(cancelled()) == ["aborted", "hedge_lost"], what=cancelled)
+    await wait_for(
+        lambda: sorted(cancel_reasons(exporter)) == ["aborted", "hedge_lost"],
+        what=lambda: cancel_reasons(exporter),
+    )
