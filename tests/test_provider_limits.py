@@ -343,14 +343,7 @@ async def test_a_long_error_answer_is_not_read_as_json_and_keeps_the_kind_of_its
     worker's event loop, every other call on it waiting, for a third of a second."""
     body = b'{"error": {"message": null}, "detail": [' + b", ".join([b"[]"] * (MiB // 4)) + b"]}"
     server.answer = lambda handler: send(handler, status, [body])
-    provider = providers(kind, server.url)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        error = await expect_failure(provider, REQUEST)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = await failure_and_peak_bytes(providers(kind, server.url))
     assert (error.kind, error.status_code) == (kind_of_status, status)
     assert error.message.startswith(
         f'{kind.name} {status}: {{"error": {{"message": null}}, "detail": [[], []'

@@ -18,10 +18,10 @@ import json
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -343,6 +343,21 @@ async def streamed(
     else:
         tool_deltas += calls
     return texts, last
+
+
+T = TypeVar("T")
+
+
+async def with_peak_bytes(call: Awaitable[T]) -> tuple[T, int]:
+    """`call`'s result, and the most memory Python held at once while it ran."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = await call
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
 
 
 async def failed(provider: HttpProvider, timeout_s: float = 5) -> tuple[list[str], ProviderError]:
@@ -667,14 +682,7 @@ async def test_a_long_error_event_is_not_read_as_json_and_is_quoted_from_its_sta
     )
     body = "".join([*kind.events(TEXTS)[:2], event]).encode()  # made before memory is traced
     server.answer = lambda handler: send(handler, [body])
-    provider = providers(kind, server.url)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        _, failure = await failed(provider)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (_, failure), peak = await with_peak_bytes(failed(providers(kind, server.url)))
     assert failure.kind == "server_error"
     assert failure.message.startswith(
         f'{kind.name} failed mid-stream: {{"message": null, "detail": [[], []'
@@ -888,13 +896,7 @@ async def test_an_event_that_never_ends_is_cut_at_the_limit_and_memory_stays_nea
 ):
     server.answer = lambda handler: send(handler, body)  # 32 MiB
     provider = providers(OPENAI, server.url, max_response_bytes=MiB)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        _, error = await failed(provider)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (_, error), peak = await with_peak_bytes(failed(provider))
     assert error.kind == "response_too_large"
     assert peak < 8 * MiB  # about the 1 MiB limit and one read; the 32 MiB would be 32+
 
@@ -927,16 +929,15 @@ async def test_a_stream_of_empty_tool_calls_is_cut_at_the_limit_and_memory_stays
     body = "".join(empty_tool_calls(kind, limit)).encode()
     server.answer = lambda handler: send(handler, [body])
     provider = providers(kind, server.url, max_response_bytes=limit)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
+
+    async def drained() -> ProviderError:
         with pytest.raises(ProviderError) as caught:
             async for _ in provider.stream(REQUEST, 30):
                 pass
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert caught.value.kind == "response_too_large"
+        return caught.value
+
+    error, peak = await with_peak_bytes(drained())
+    assert error.kind == "response_too_large"
     assert peak < 16 * limit, peak  # some reads and the calls within the limit; 300+ unbounded
 
 
