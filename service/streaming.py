@@ -213,12 +213,7 @@ class Relay:
                 return reply
         except BaseException as exc:
             stream.abandon()
-            if self.owner == number and _lost_race(exc):
-                # Its first chunk came in the turns between a rival settling the race (a
-                # failure that stops or switches the chain, an answer without chunks) and this
-                # call's cancel: what it sent is nobody's answer. Voided, or it would own the
-                # output for good and every later attempt's chunks would be dropped.
-                self._void(number)
+            self.abandoned(number, exc)
             finished(None, exc)
             raise
         return _Output(self, number, stream, finished)
@@ -265,6 +260,15 @@ class Relay:
             self._reset(failed, discard, failure)
         self.owner, self._owner_sent = number, 0
 
+    def abandoned(self, number: int, why: BaseException | None) -> None:
+        """Attempt `number` is given up. If it lost its race yet owns the output (its first
+        chunk came in the turns between a rival settling the race, by a failure that stops or
+        switches the chain or an answer without chunks, and this call's cancel), what it sent
+        is nobody's answer: voided, or it would own the output for good and every later
+        attempt's chunks would be dropped."""
+        if self.owner == number and _lost_race(why):
+            self._void(number)
+
     def _void(self, number: int) -> None:
         self.owner = 0
         failure = ProviderFailure(HEDGE_LOST, f"attempt {number} lost the race to a rival")
@@ -296,7 +300,7 @@ class Relay:
             )
 
 
-def _lost_race(exc: BaseException) -> bool:
+def _lost_race(exc: BaseException | None) -> bool:
     """Whether `exc` is the policy's cancel of a call that lost its race (policy's `_stop`)."""
     return isinstance(exc, asyncio.CancelledError) and exc.args[:1] == (HEDGE_LOST,)
 
@@ -336,5 +340,7 @@ class _Output(Started):
     def abandon(self, why: BaseException | None = None) -> None:
         if not self._abandoned:  # `finished` hears once
             self._abandoned = True
+            self._delivered = self.delivered  # as the client got them, voided or not
             self._stream.abandon()
+            self._relay.abandoned(self._number, why)
             self._finished(None, why)

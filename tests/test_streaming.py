@@ -1025,12 +1025,14 @@ async def test_nothing_follows_the_event_that_closes_a_stream():
     assert sink.events == ["delta a", "end error attempt 1"]
 
 
-async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided():
+@pytest.mark.parametrize("returned", [False, True], ids=["cancelled", "abandoned"])
+async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided(returned):
     """A hedging route: the hedge failed with a kind that switches chains (or answered without
     a chunk) and the policy cancels the first call; that call's first chunk came in the turns
     in between. It owned the output for good: every chunk of the next target was dropped, and
     the client's text was the stray chunk under an end event naming the next target (12 of
-    160 streams with a worker timing its chunk just after the hedge's failure)."""
+    160 streams with a worker timing its chunk just after the hedge's failure). The same when
+    its call had returned its output in those turns, and the policy abandons it."""
     sink = Recorded()
     relay = Relay(sink, time.monotonic())
     relay.follow("reset", None, None)
@@ -1040,8 +1042,11 @@ async def test_a_first_chunk_that_slips_out_as_its_call_loses_the_race_is_voided
     await asyncio.sleep(0)  # waiting for its first chunk
     relay.on_chunk(first)(b"stray")
     opened.first.set_result(None)
-    call.cancel("hedge_lost")  # policy's _stop, before the call's task resumes
-    await asyncio.gather(call, return_exceptions=True)
+    if returned:  # policy's _stop on a call done with its output
+        (await call).abandon(asyncio.CancelledError("hedge_lost"))
+    else:  # policy's _stop, before the call's task resumes
+        call.cancel("hedge_lost")
+        await asyncio.gather(call, return_exceptions=True)
 
     nxt = relay.number()
     following = Opened()
