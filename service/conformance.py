@@ -58,7 +58,9 @@ longest wait beyond that, and the first request's. A reply that did not come say
 the wait.
 
 A run takes about four seconds: the checks that must wait (a deadline, a cancel) run side by
-side; bad_request, which may crash a replica on purpose, runs last.
+side; bad_request, which may crash a replica on purpose, runs last. A worker that sends nothing
+back for the first request fails replies_decode after `timeout_s`, and the checks that need
+answers are reported as not run.
 """
 
 from __future__ import annotations
@@ -738,8 +740,13 @@ class _Checks:
     async def run(self) -> list[Check]:
         """Every check, in CHECKS' order. The first request goes alone (the worker's pace);
         the checks that wait run side by side; bad_request, which may crash a replica, after
-        them; then the run listens for late replies, and survives_bad_input is last."""
+        them; then the run listens for late replies, and survives_bad_input is last. A worker
+        that gets its first request and sends nothing back is told so at once: every other
+        check would wait out the same timeout for answers that will not come."""
         await self.pace()
+        assert self.first is not None
+        if not self.first.settled and self._alive():
+            return self._unanswered()
         side_by_side = await asyncio.gather(
             self.replies_decode(),
             self.deadline(),
@@ -752,6 +759,21 @@ class _Checks:
         await self.wire.linger(LATE_WAIT_S)
         results = [self._by_the_end(check) for check in (*side_by_side, errors, bad)]
         results.append(self.survives_bad_input())
+        return sorted(results, key=lambda check: CHECKS.index(check.name))
+
+    def _unanswered(self) -> list[Check]:
+        """The checks of a run whose first request got nothing back: replies_decode fails
+        saying so, survives_bad_input is judged, and the checks that need answers are not run
+        (a deadline's or a cancel's silence would pass for the wrong reason)."""
+        assert self.first is not None
+        waited = self.timeout_s
+        expected = "a ProviderOk (status ok) with a model string for a valid ProviderRequest"
+        first = self._wrong("replies_decode", expected, self.first, waited)
+        results = [first, self.survives_bad_input()]
+        for name in CHECKS:
+            if name not in ("starts", "replies_decode", "survives_bad_input"):
+                got = f"not run: the first request got no reply within {waited:g} s"
+                results.append(_fail(name, "a worker that answers", got, "see replies_decode"))
         return sorted(results, key=lambda check: CHECKS.index(check.name))
 
     def _by_the_end(self, check: Check) -> Check:

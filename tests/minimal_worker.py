@@ -124,6 +124,7 @@ async def main() -> None:
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
+    flags.add_argument("--never-answer", action="store_true")
     args = flags.parse_args()
     name = os.environ.get("LIFELINE_PROVIDER", "conformance")
     test_mode = os.environ.get("LIFELINE_TEST_MODE") == "1"
@@ -133,7 +134,7 @@ async def main() -> None:
     model = asyncio.Lock()
 
     async def reply(msg: Msg, body: dict[str, Any]) -> None:
-        if not msg.reply:
+        if not msg.reply or args.never_answer:
             return
         subject = msg.reply + ".x" if args.reply_to_wrong_subject else msg.reply
         data = json.dumps(body).encode()

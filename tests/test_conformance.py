@@ -185,6 +185,8 @@ def runs(
         started["slow"] = pool.submit(run_checks, slow)
         slower = [*MINIMAL, "--slow-calls", "1.5"]
         started["slower-than-timeout"] = pool.submit(run_checks, slower, timeout_s=1.0)
+        mute = [*MINIMAL, "--never-answer"]
+        started["never-answers"] = pool.submit(run_checks, mute, timeout_s=1.0)
         for kind in BUILTIN:
             table, env = builtin(kind, providers.url)
             path = write_config(configs / f"{kind}.toml", {"providers": {"conformance": table}})
@@ -278,6 +280,19 @@ def test_a_reply_slower_than_the_timeout_fails_naming_the_timeout_and_how_to_rai
     )
     assert "got no reply within 1 s" in report.text()
     assert "raise it: `lifeline conformance --timeout SECONDS`" in report.text()
+
+
+def test_a_worker_that_never_answers_fails_at_once_naming_the_first_request(runs):
+    from service.conformance import CHECKS
+
+    report = runs["never-answers"].result(timeout=120)
+    text = report.text()
+    assert report.failed == [c for c in CHECKS if c not in ("starts", "survives_bad_input")], text
+    assert "FAIL replies_decode: expected a ProviderOk" in text
+    assert "got no reply within 1 s" in text and "does the worker answer at all?" in text
+    # A deadline's or a cancel's silence is no pass from a worker that answers nothing.
+    assert "FAIL deadline: expected a worker that answers, got not run: the first " in text
+    assert "PASS survives_bad_input" in text
 
 
 def test_the_kit_refuses_a_timeout_that_is_not_positive():
