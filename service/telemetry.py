@@ -566,20 +566,34 @@ class SpanRecorder:
         parent: Context | LiteSpan | trace.SpanContext | None = None,
     ) -> LiteSpan:
         if isinstance(parent, LiteSpan):  # a local child: same trace, same state, same decision
-            span = LiteSpan(
+            if parent.recording:
+                span = LiteSpan(
+                    self,
+                    name,
+                    kind,
+                    attributes,
+                    parent,
+                    True,
+                    parent.trace_id,
+                    parent.trace_state,
+                    parent.trace_hex,
+                )
+                if self.starters:
+                    self._started(span, parent.as_context())
+                return span
+            if type(parent) is _PassedOn:
+                return _PassedOn(self, name, kind, attributes, parent.context, parent.trace_hex)
+            return LiteSpan(
                 self,
                 name,
                 kind,
                 attributes,
                 parent,
-                parent.recording,
+                False,
                 parent.trace_id,
                 parent.trace_state,
                 parent.trace_hex,
             )
-            if span.recording and self.starters:
-                self._started(span, parent.as_context())
-            return span
         if isinstance(parent, trace.SpanContext):  # from remote_parent: no Context built
             remote, context = parent, None
         else:
@@ -600,7 +614,12 @@ class SpanRecorder:
             # call: a root records, a child of a remote parent does what the parent did, and
             # ALWAYS_ON adds no attributes of its own. ALWAYS_OFF records nothing and adds none;
             # both pass a remote parent's trace state on.
-            recording = not self.never and (remote is None or remote[_TRACE_FLAGS] & 1 == 1)
+            if self.never:
+                if remote is not None:  # tracing is off here: the caller's context goes on
+                    return _PassedOn(self, name, kind, attributes, remote)
+                recording = False
+            else:
+                recording = remote is None or remote[_TRACE_FLAGS] & 1 == 1
             trace_state = remote[_TRACE_STATE] if remote is not None else None
             if trace_state is _EMPTY_STATE or not trace_state:
                 trace_state = None  # what a span keeps when there is none
@@ -710,6 +729,8 @@ class LiteSpan(ReadableSpan):
     # What every LiteSpan has alike, where ReadableSpan's properties look for it.
     _links: tuple[()] = ()
     _instrumentation_info = None
+    # The trace flags `inject` writes for it when it does not record (see _PassedOn).
+    unrecorded_flags = "00"
 
     def __init__(
         self,
@@ -806,10 +827,50 @@ class LiteSpan(ReadableSpan):
         return trace.set_span_in_context(trace.NonRecordingSpan(self.context))
 
 
+class _PassedOn(LiteSpan):
+    """A span started under a remote parent where tracing is off (the ALWAYS_OFF sampler: no
+    exporter set). It records nothing, and its context (what `inject` and the providers'
+    HTTP calls send on) is that parent's, as it came, flags and trace state included: W3C
+    trace context has a participant that does not record pass on the traceparent it got. A
+    context of its own, marked not sampled, made a provider or proxy that traces (or a worker
+    that does, under a dispatcher that does not) drop the trace its caller sampled. Its local
+    children (a dispatcher's attempt spans) pass the same context on."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        recorder: SpanRecorder,
+        name: str,
+        kind: trace.SpanKind,
+        attributes: dict[str, Any],
+        remote: trace.SpanContext,
+        trace_hex: str | None = None,
+    ) -> None:
+        trace_state = remote[_TRACE_STATE]
+        super().__init__(
+            recorder,
+            name,
+            kind,
+            attributes,
+            remote,
+            False,
+            remote[_TRACE_ID],
+            trace_state if trace_state else None,
+            trace_hex,
+        )
+        self.span_id = remote[_SPAN_ID]
+        self._context = remote
+
+    @property
+    def unrecorded_flags(self) -> str:
+        return f"{self._context[_TRACE_FLAGS]:02x}"
+
+
 def inject(headers: dict[str, str], span: trace.Span | LiteSpan) -> None:
     """W3C trace context of `span` into NATS headers (formatted directly: this is per attempt)."""
-    if isinstance(span, LiteSpan):  # always valid: its ids are made here
-        flags = "01" if span.recording else "00"
+    if isinstance(span, LiteSpan):  # always valid: its ids are made here or passed on
+        flags = "01" if span.recording else span.unrecorded_flags
         headers[TRACEPARENT] = f"00-{span.trace_hex}-{span.span_id:016x}-{flags}"
         if span.trace_state is not None:  # None when empty
             headers[TRACESTATE] = span.trace_state.to_header()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import socket
 import time
+from http.server import BaseHTTPRequestHandler
+from typing import ClassVar
 
 import nats
 import nats.js.api
@@ -17,20 +20,24 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from helpers import (
     USER_HELLO,
+    LocalHTTPServer,
     Service,
     ask,
     config,
     fake,
     run_lifeline,
+    serving,
     settled,
     wait_for,
 )
 from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import ChatMessage, CompletionRequest, audit_decoder, encoder, reply_decoder
+from service.app import Stack, start_dispatcher, start_worker
 from service.audit import read_events
 from service.client import stream_text
-from service.config import AuditSettings
+from service.config import AuditSettings, parse_config
+from service.telemetry import Tracing, tracer_provider_from_env
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
 
@@ -513,3 +520,85 @@ async def test_a_cancelled_streamed_attempt_says_why_in_its_span(lifeline, clien
         lambda: sorted(cancel_reasons(exporter)) == ["aborted", "hedge_lost"],
         what=lambda: cancel_reasons(exporter),
     )
+
+
+class _TraceparentsSeen(BaseHTTPRequestHandler):
+    """OpenAI's chat completions, answering "hi"; keeps each call's traceparent header."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.seen.append(self.headers.get("traceparent"))
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def _ask_split_tracing(
+    nats_url: str, client, worker_tracers: Tracing, dispatcher_tracers: Tracing, **ask_kw
+) -> list[str | None]:
+    """One request through a dispatcher and an OpenAI worker traced by their own providers;
+    the traceparent headers the provider's HTTP server saw."""
+    _TraceparentsSeen.seen = []
+    with serving(LocalHTTPServer(_TraceparentsSeen)) as server:
+        base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        openai = {"kind": "openai", "model": "m", "base_url": base_url, "api_key_env": ""}
+        cfg = parse_config(config({"local": openai}))
+        stack = Stack()
+        try:
+            component, _ = await start_worker(cfg, "local", nats_url, worker_tracers)
+            stack.components.append(component)
+            component, stack.dispatcher = await start_dispatcher(cfg, nats_url, dispatcher_tracers)
+            stack.components.append(component)
+            reply = await ask(client, USER_HELLO, **ask_kw)
+        finally:
+            await stack.stop()
+    assert reply.status == "ok", reply.error
+    return _TraceparentsSeen.seen
+
+
+async def test_a_worker_that_does_not_trace_passes_its_callers_sampled_context_on_to_the_provider(
+    nats_url, client, tracers, exporter
+):
+    """With its tracing off, a worker sent its own unsampled context (flags 00) on the
+    provider's HTTP call: a provider or proxy that traces dropped the trace the dispatcher
+    sampled. It passes on the traceparent it was sent, as W3C trace context asks."""
+    untraced = tracer_provider_from_env("lifeline-worker-local", environ={})
+    seen = await _ask_split_tracing(nats_url, client, untraced, tracers)
+    [attempt] = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    sent = attempt.context
+    assert seen == [f"00-{sent.trace_id:032x}-{sent.span_id:016x}-01"]
+
+
+async def test_a_dispatcher_that_does_not_trace_passes_its_callers_sampled_context_to_the_worker(
+    nats_url, client, tracers, exporter
+):
+    """With the dispatcher's tracing off, its attempts sent the worker their own unsampled
+    context: a worker that traces recorded nothing of a trace its client sampled."""
+    caller = trace.SpanContext(0x1234, 0x5678, False, trace.TraceFlags(trace.TraceFlags.SAMPLED))
+    headers = {subjects.TRACEPARENT: f"00-{caller.trace_id:032x}-{caller.span_id:016x}-01"}
+    untraced = tracer_provider_from_env("lifeline-dispatcher", environ={})
+    seen = await _ask_split_tracing(nats_url, client, tracers, untraced, headers=headers)
+    [worker] = exporter.get_finished_spans()
+    assert (worker.context.trace_id, worker.parent.span_id) == (caller.trace_id, caller.span_id)
+    assert seen == [f"00-{caller.trace_id:032x}-{worker.context.span_id:016x}-01"]

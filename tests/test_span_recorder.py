@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import SpanKind, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service import telemetry
 from service.telemetry import Tracing
@@ -102,6 +103,24 @@ def test_children_and_traceparent_follow_the_request_span():
         expected = f"00-{root.trace_hex}-{child.context.span_id:016x}-{flags}"
         assert headers["traceparent"] == expected and child.recording == root.recording
         assert (child.trace_hex, child.context.trace_id) == (root.trace_hex, root.context.trace_id)
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+@pytest.mark.parametrize("extra", [{}, {"tracestate": "vendor=value"}])
+def test_where_tracing_is_off_spans_pass_the_callers_traceparent_on_as_it_came(flags, extra):
+    """A worker or dispatcher without an exporter sent a context of its own, not sampled: a
+    provider, proxy or worker that traces dropped the trace its caller sampled."""
+    recorder = Tracing(sampler=ALWAYS_OFF).recorder("lifeline.test")
+    headers = {"traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-{flags}", **extra}
+    root = recorder.start("chat", SpanKind.SERVER, {}, telemetry.remote_parent(headers))
+    child = recorder.start("chat m", SpanKind.CLIENT, {}, root)
+    for span in (root, child):
+        sent: dict[str, str] = {}
+        telemetry.inject(sent, span)
+        assert sent == headers and not span.recording
+        propagated: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(propagated, span.as_context())
+        assert propagated == headers
 
 
 @pytest.mark.parametrize("sampler", [DEFAULT_ON, ParentBased(TraceIdRatioBased(0.0))])
