@@ -36,8 +36,8 @@ from schemas.wire import encoder
 
 
 class FakeOpenAI(LocalHTTPServer):
-    """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, error) | ("hang", s)
-    | ("slow", s): "hi" after s seconds."""
+    """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, message or the
+    whole error object) | ("hang", s) | ("slow", s): "hi" after s seconds."""
 
     def __init__(self) -> None:
         super().__init__(_Handler)
@@ -69,10 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "ok":
             self._send(200, _completion(str(arg), body["model"]))
         else:
-            self._send(
-                int(action),
-                {"error": {"message": str(arg), "type": "x", "param": None, "code": None}},
-            )  # type: ignore[call-overload]
+            error = arg if isinstance(arg, dict) else _error(str(arg))
+            self._send(int(action), {"error": error})  # type: ignore[call-overload]
 
     def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -84,6 +82,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def _error(message: str) -> dict:
+    return {"message": message, "type": "x", "param": None, "code": None}
 
 
 def _completion(text: str, model: str) -> dict:
@@ -137,6 +139,35 @@ async def test_an_http_429_falls_back_with_the_providers_message(lifeline, clien
     failed = reply.attempts[0]
     assert (failed.error_type, failed.status_code) == ("rate_limit", 429)
     assert "Rate limit reached" in (failed.message or "")
+
+
+@pytest.mark.parametrize("echoed", [0, 100_000], ids=["short", "over-64-kib"])
+async def test_a_context_length_error_takes_its_chain_however_long_its_body(
+    lifeline, client, http_server, echoed
+):
+    """OpenAI's context_length_exceeded in a body over 64 KiB (the prompt quoted in its message,
+    before the code) was a bad_request: the request went on down the route's targets instead
+    of to its context_length chain. The message stays one short line either way."""
+    providers = {"local": openai_at(http_server), "next": fake(), "long": fake(reply="long")}
+    route = {"targets": ["local", "next"], "context_length_fallbacks": ["long"]}
+    await lifeline(config(providers, routes={"default": route}))
+    message = "This model's maximum context length is 8192 tokens. However, your messages"
+    error = {
+        "message": f"{message} resulted in 40000 tokens: {'x' * echoed}",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    http_server.script = [(400, error)]
+    reply = await ask(client, USER_HELLO)
+    failed = reply.attempts[0]
+    assert (failed.error_type, failed.status_code, reply.provider) == (
+        "context_length",
+        400,
+        "long",
+    )
+    assert failed.message.startswith("openai 400: ") and message in failed.message
+    assert len(failed.message) <= 300
 
 
 async def test_an_error_body_with_a_lone_surrogate_keeps_its_kind_and_status(

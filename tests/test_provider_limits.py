@@ -351,6 +351,98 @@ async def test_a_long_error_answer_is_not_read_as_json_and_keeps_the_kind_of_its
     assert peak < 4 * MiB, peak  # the body read, and a copy; read as JSON, 20 MiB
 
 
+# A long error answer keeps the kind its fields name. Read as JSON only up to 64 KiB (above),
+# one longer was classified by its status alone: OpenAI's context_length_exceeded became a
+# bad_request, and the route's decision depended on how much the provider (or a proxy) wrote.
+ECHOED_PROMPT = "Summarise this: " + "lorem ipsum dolor sit amet " * 4000  # ~105 KiB
+
+
+def long_error(kind: Kind) -> tuple[int, dict[str, Any], str]:
+    """The kind's documented error body naming a kind its status does not: (status, body,
+    the kind it names)."""
+    if kind is OPENAI:
+        message = "This model's maximum context length is 128000 tokens. However, your messages"
+        error = {"message": message, "type": "invalid_request_error", "param": "messages"}
+        return 400, {"error": {**error, "code": "context_length_exceeded"}}, "context_length"
+    if kind is AZURE:
+        error = {
+            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+            "content management policy.",
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {"code": "ResponsibleAIPolicyViolation"},
+        }
+        return 400, {"error": error}, "content_filter"
+    message = "prompt is too long: 212000 tokens > 200000 maximum"
+    error = {"type": "invalid_request_error", "message": message}
+    return 400, {"type": "error", "error": error, "request_id": "req_011C"}, "context_length"
+
+
+def echoed_request() -> dict[str, Any]:
+    """A request as a gateway echoes it: "type" and "code" keys that are not the error's."""
+    text = {"type": "text", "text": ECHOED_PROMPT}
+    code = {"type": "object", "properties": {"code": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "run", "parameters": code}}
+    return {"messages": [{"role": "user", "content": [text]}], "tools": [tool]}
+
+
+LONG_LAYOUTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    # the provider quotes the prompt in its message, before the code (OpenAI's key order)
+    "prompt-in-the-message": lambda body: {
+        **body,
+        "error": {**body["error"], "message": f"{body['error']['message']}: {ECHOED_PROMPT}"},
+    },
+    "request-echoed-first": lambda body: {"request": echoed_request(), **body},
+    "padded-by-a-proxy": lambda body: {**body, "padding": [[]] * (MiB // 4)},  # 1 MiB
+}
+
+
+@each_kind
+@pytest.mark.parametrize("layout", LONG_LAYOUTS)
+async def test_a_long_error_answer_keeps_the_kind_its_code_or_type_names(
+    kind, layout, server, providers
+):
+    status, body, named = long_error(kind)
+    data = json.dumps(LONG_LAYOUTS[layout](body)).encode()
+    assert len(data) > 64 * 1024
+    server.answer = lambda handler: send(handler, status, [data])
+    error, peak = await failure_and_peak_bytes(providers(kind, server.url))
+    assert (error.kind, error.status_code) == (named, status)
+    said = body["error"]["message"]
+    if layout == "prompt-in-the-message":  # too long to read: quoted from the body's start
+        assert error.message.startswith(f"{kind.name} {status}: {{")
+        assert said in error.message and len(error.message) <= 300
+    else:
+        assert error.message == f"{kind.name} {status}: {said}"
+    assert peak < 4 * MiB, peak  # the body read, and a copy; read as JSON, 20 MiB
+
+
+def stream_of(kind: Kind, error: dict[str, Any]) -> bytes:
+    """A streamed answer that fails at once with `error` (the value of its error field)."""
+    if kind is ANTHROPIC:
+        event = json.dumps({"type": "error", "error": error})
+        return f"event: error\ndata: {event}\n\n".encode()
+    return f"data: {json.dumps({'error': error})}\n\n".encode()
+
+
+@each_kind
+async def test_a_long_error_event_keeps_the_kind_its_code_or_type_names(kind, server, providers):
+    _, body, named = long_error(kind)
+    error = LONG_LAYOUTS["prompt-in-the-message"](body)["error"]
+    data = stream_of(kind, error)
+    headers = {"content-type": "text/event-stream"}
+    server.answer = lambda handler: send(handler, 200, [data], headers)
+    with pytest.raises(ProviderError) as caught:
+        async for _ in providers(kind, server.url).stream(REQUEST, timeout_s=5):
+            pass
+    failure = caught.value
+    assert (failure.kind, failure.status_code) == (named, 200)
+    assert failure.message.startswith(f"{kind.name} failed mid-stream: ")
+    assert body["error"]["message"] in failure.message and len(failure.message) <= 300
+
+
 async def test_bytes_after_the_end_of_a_gzip_stream_count_against_the_limit(server, providers):
     body = gzip.compress(json.dumps(OPENAI.answer("hi")).encode()) + b"\x00" * (2 * MiB)
     server.answer = lambda handler: send(handler, 200, [body], {"content-encoding": "gzip"})

@@ -197,9 +197,10 @@ def retry_after_s(response: httpx.Response) -> float | None:
 
 def error_body(response: httpx.Response) -> dict[str, Any]:
     """The provider's JSON error object, or {} when the body is not JSON (or nested too deep,
-    or holds a number too long, to read), or too long to read as JSON."""
+    or holds a number too long, to read). A body too long to read as JSON gives the fields
+    the kinds classify by (_long_error_fields), so that its kind does not hang on its size."""
     if len(response.content) > _ERROR_READ_BYTES:
-        return {}
+        return _long_error_body(response.content)
     try:
         body = response.json()
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits
@@ -236,7 +237,8 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
 # A provider's error is a few hundred bytes. One far longer is not read as JSON: Python's json
 # (as msgspec's untyped decoding) builds every value in it, 20 to 35 times its size, and a body
 # of 4 MiB of empty lists held the worker's event loop, every other call on it waiting, for
-# 1.2 s. Its status gives its kind, and its start is quoted.
+# 1.2 s. Only the fields its kind is read from are (_long_error_fields); its start is quoted
+# when its message is not one of them.
 _ERROR_READ_BYTES = 64 * 1024
 _WORD = re.compile(r"\S*")
 
@@ -268,17 +270,89 @@ def _unescaped(match: re.Match[str]) -> str:
     return "\ufffd" if "\ud800" <= char <= "\udfff" else char  # a half pair says nothing
 
 
+# The fields of an error object the kinds classify by: OpenAI's and Azure's code (and Azure's
+# innererror.code), Anthropic's type, and the message. Kept raw, and the rest of the object
+# skipped, nothing in it is built: msgspec walks a 4 MiB body of empty lists in about 13 ms
+# (Python's json took 1.2 s), as it walks the fields it skips in a 200. Wherever they stand:
+# OpenAI writes code after a message that may echo the prompt, so a body's start may not hold
+# it, and a prompt echoed first is full of "type" keys that are not the error's.
+class _ErrorFields(msgspec.Struct):
+    message: msgspec.Raw = msgspec.Raw()
+    type: msgspec.Raw = msgspec.Raw()
+    code: msgspec.Raw = msgspec.Raw()
+    innererror: msgspec.Raw = msgspec.Raw()
+
+
+class _InnerError(msgspec.Struct):
+    code: msgspec.Raw = msgspec.Raw()
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: msgspec.Raw = msgspec.Raw()
+
+
+_error_fields = msgspec.json.Decoder(_ErrorFields)
+_inner_error = msgspec.json.Decoder(_InnerError)
+_error_envelope = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+def _long_error_body(content: bytes) -> dict[str, Any]:
+    """error_body of a body too long to read as JSON: _long_error_fields of its `error`."""
+    try:
+        error = _error_envelope.decode(content).error
+    except (msgspec.DecodeError, RecursionError):  # not JSON, not an object, nested too deep
+        return {}
+    return _long_error_fields(error)
+
+
+def _long_error_fields(raw: bytes | msgspec.Raw) -> dict[str, Any]:
+    """An error object too long to read as JSON, as a dict of those of its message, type, code
+    and innererror.code that are short enough to read; {} when `raw` is not an object (or not
+    JSON, or nested too deep). The kinds read it as they read a short one: by .get("code"),
+    .get("type"), .get("message")."""
+    try:
+        error = _error_fields.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return {}
+    fields = {
+        name: value
+        for name in ("message", "type", "code")
+        if (value := _short_value(getattr(error, name))) is not None
+    }
+    with suppress(msgspec.DecodeError, RecursionError):  # one that is not an object says nothing
+        if (code := _short_value(_inner_error.decode(error.innererror).code)) is not None:
+            fields["innererror"] = {"code": code}
+    return fields
+
+
+def _short_value(raw: msgspec.Raw) -> Any:
+    """A field's value, None when it is absent or null, too long to build (as a whole body
+    is), or unreadable (msgspec refuses a lone surrogate Python's json would take)."""
+    if not 0 < len(raw) <= _ERROR_READ_BYTES:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def stream_error(raw: msgspec.Raw) -> object:
     """An error event's `error` field, which the kinds' decoders keep raw: its value (None
     when absent or null), or, past _ERROR_READ_BYTES (or nested too deep), the start of its
-    text. A value that large is not built: decoded whole, a 4 MiB one of empty lists took
+    text; an object that long, _long_error_fields of it, its message that start when too long
+    to read. A value that large is not built: decoded whole, a 4 MiB one of empty lists took
     200 MiB and the worker's event loop 0.6 s."""
     if len(raw) == 0:
         return None
     if len(raw) <= _ERROR_READ_BYTES:
         with suppress(RecursionError):
             return msgspec.json.decode(raw)
-    return _start_of(raw)
+    fields = _long_error_fields(raw)
+    if not fields:
+        return _start_of(raw)
+    if not fields.get("message"):  # none short enough to read: quoted as a string is
+        fields["message"] = _start_of(raw)
+    return fields
 
 
 def stream_error_text(error: object) -> str:
