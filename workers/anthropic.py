@@ -37,7 +37,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -146,7 +147,7 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
-        "messages": _turns(request.messages),
+        "messages": _turns(request.messages)[0],
     }
     system = _system(request.messages)
     if system:
@@ -188,10 +189,11 @@ def _text_blocks(message: ChatMessage) -> list[dict[str, Any]]:
     return [{"type": "text", "text": p.text} for p in content if isinstance(p, TextPart) and p.text]
 
 
-def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """The conversation as the API's messages. The API wants user and assistant turns in
-    alternation, and a tool's answer is a user turn's block: so consecutive messages of one
-    resulting role (tool results, then the user's next words) become one turn of blocks."""
+def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
+    """The conversation as the API's messages, and the whitespace left off the end of its
+    prefill (see below). The API wants user and assistant turns in alternation, and a tool's
+    answer is a user turn's block: so consecutive messages of one resulting role (tool
+    results, then the user's next words) become one turn of blocks."""
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role in _SYSTEM_ROLES:
@@ -202,24 +204,64 @@ def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             turns[-1]["content"] = _as_blocks(turns[-1]["content"]) + _as_blocks(content)
         else:
             turns.append({"role": role, "content": content})
+    stripped = ""
     if turns and turns[-1]["role"] == "assistant":
         # A last assistant turn is a prefill the answer goes on from (a client's own, or the
         # text so far of on_midstream "continue"), and the API refuses one ending in
-        # whitespace: that is stripped (the answer may then bring its own).
-        turns[-1]["content"] = _without_trailing_whitespace(turns[-1]["content"])
-    return turns
+        # whitespace: that is stripped, and the answer's text does not repeat it (_Unrepeated).
+        turns[-1]["content"], stripped = _without_trailing_whitespace(turns[-1]["content"])
+    return turns, stripped
 
 
-def _without_trailing_whitespace(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+def _without_trailing_whitespace(
+    content: str | list[dict[str, Any]],
+) -> tuple[str | list[dict[str, Any]], str]:
+    """`content` without the whitespace it ends in, and that whitespace."""
     if isinstance(content, str):
-        return content.rstrip()
+        kept = content.rstrip()
+        return kept, content[len(kept) :]
     blocks = list(content)
+    stripped = ""
     while blocks and blocks[-1]["type"] == "text":
-        text = blocks.pop()["text"].rstrip()
-        if text:
-            blocks.append({"type": "text", "text": text})
+        text = blocks.pop()["text"]
+        kept = text.rstrip()
+        stripped = text[len(kept) :] + stripped
+        if kept:
+            blocks.append({"type": "text", "text": kept})
             break
-    return blocks or ""  # an empty last assistant turn is the one empty turn the API takes
+    # An empty last assistant turn is the one empty turn the API takes.
+    return blocks or "", stripped
+
+
+def _prefill_whitespace(messages: Sequence[ChatMessage]) -> str:
+    """The whitespace the body leaves off the end of the conversation's prefill ("" if it has
+    none: its last message, system ones aside, is no assistant's)."""
+    last = next((m for m in reversed(messages) if m.role not in _SYSTEM_ROLES), None)
+    if last is None or last.role != "assistant":
+        return ""
+    return _turns(messages)[1]
+
+
+class _Unrepeated:
+    """An answer's text, piece by piece, without the whitespace stripped from its prefill
+    where it starts with it again: the client holds the prefill as it was, whitespace and
+    all, and Claude's answer to "Hello" typically begins " world", which joined to "Hello "
+    read "Hello  world". Only what matches goes, and nothing once the text went past it."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self, stripped: str) -> None:
+        self._left = stripped
+
+    def __call__(self, text: str) -> str:
+        left, same = self._left, 0
+        while same < len(text) and same < len(left) and text[same] == left[same]:
+            same += 1
+        self._left = left[same:] if same == len(text) else ""  # a next piece may repeat more
+        return text[same:]
+
+    def __bool__(self) -> bool:
+        return bool(self._left)
 
 
 def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
@@ -660,6 +702,28 @@ class AnthropicProvider(HttpProvider):
             base_url=settings.base_url,
         )
         self.default_max_tokens = settings.default_max_tokens
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        answer = await super().complete(request, timeout_s)
+        unrepeated = _Unrepeated(_prefill_whitespace(request.messages))
+        if not unrepeated or not answer.content:
+            return answer
+        return msgspec.structs.replace(answer, content=unrepeated(answer.content))
+
+    async def stream(
+        self, request: ProviderRequest, timeout_s: float
+    ) -> AsyncIterator[Delta | ProviderOk]:
+        """HttpProvider.stream, its text not repeating what was stripped from its prefill."""
+        unrepeated: _Unrepeated | None = None  # worked out at the first text, the body built
+        async with aclosing(super().stream(request, timeout_s)) as items:
+            async for item in items:
+                if isinstance(item, str) and (unrepeated is None or unrepeated):
+                    if unrepeated is None:
+                        unrepeated = _Unrepeated(_prefill_whitespace(request.messages))
+                    item = unrepeated(item)
+                    if not item:
+                        continue  # deltas are never empty
+                yield item
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
         return messages_body(request, model, self.default_max_tokens)

@@ -1,0 +1,208 @@
+"""The anthropic provider against a local server that refuses what the Messages API refuses:
+a final assistant turn (a prefill) ending in whitespace, and empty messages or text blocks.
+What the client sees when a stream continues on Claude (on_midstream = "continue"), and
+conversations with empty messages, which OpenAI takes and Claude refused as a 400.
+
+    https://docs.anthropic.com/en/api/messages
+    https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response
+    https://docs.anthropic.com/en/docs/build-with-claude/streaming
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import LocalHTTPServer, config, serving
+
+from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest
+from schemas.streaming import Assembler
+from schemas.wire import TextPart
+from service.client import stream
+from workers.anthropic import AnthropicProvider, AnthropicSettings
+
+KEY = "sk-ant-api03-strict-Qm3vT8xK1pZ6"
+MODEL = "claude-sonnet-4-20250514"
+
+
+class Claude(LocalHTTPServer):
+    """Answers each POST with `pieces` (streamed as text deltas, or joined whole), unless the
+    body is one the Messages API refuses; keeps every body it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__(_Handler)
+        self.pieces: list[str] = ["Hi."]
+        self.bodies: list[dict[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def refusal(messages: list[dict[str, Any]]) -> str | None:
+    """What the API says of `messages`, as its invalid_request_error, or None."""
+    for i, turn in enumerate(messages):
+        content = turn["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if isinstance(content, list) and any(b["type"] == "text" and not b["text"] for b in blocks):
+            return "messages: text content blocks must be non-empty"
+        final_assistant = i == len(messages) - 1 and turn["role"] == "assistant"
+        if not content and not final_assistant:
+            return (
+                f"messages.{i}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
+        last = blocks[-1] if final_assistant and blocks else {"type": None}
+        if last["type"] == "text" and last["text"] != last["text"].rstrip():
+            return "messages: final assistant content cannot end with trailing whitespace"
+    return None
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def events(pieces: list[str]) -> list[dict[str, Any]]:
+    """The documented stream of a text answer given in `pieces`."""
+    message = {"id": "msg_01", "type": "message", "role": "assistant", "model": MODEL}
+    message |= {"content": [], "stop_reason": None, "usage": {"input_tokens": 12}}
+    return [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        *(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}
+            for t in pieces
+        ),
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 3},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Claude
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.bodies.append(body)
+        refused = refusal(body["messages"])
+        if refused is not None:
+            error = {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": refused},
+            }
+            self._send(400, "application/json", json.dumps(error).encode())
+        elif body.get("stream"):
+            data = b"".join(sse(event) for event in events(self.server.pieces))
+            self._send(200, "text/event-stream", data)
+        else:
+            text = "".join(self.server.pieces)
+            message = {"id": "msg_01", "type": "message", "role": "assistant", "model": MODEL}
+            message |= {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+            message["usage"] = {"input_tokens": 12, "output_tokens": 3}
+            self._send(200, "application/json", json.dumps(message).encode())
+
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def claude() -> Iterator[Claude]:
+    with serving(Claude()) as server:
+        yield server
+
+
+@pytest.fixture
+async def provider(claude: Claude) -> Any:
+    settings = {"kind": "anthropic", "model": MODEL, "base_url": claude.url}
+    made = AnthropicProvider(
+        msgspec.convert(settings, AnthropicSettings), environ={"ANTHROPIC_API_KEY": KEY}
+    )
+    yield made
+    await made.aclose()
+
+
+def chat(*messages: ChatMessage) -> ProviderRequest:
+    return ProviderRequest(id="r1", messages=list(messages))
+
+
+async def streamed(provider: AnthropicProvider, request: ProviderRequest) -> list[str]:
+    items = [item async for item in provider.stream(request, timeout_s=5)]
+    assert isinstance(items[-1], ProviderOk), items[-1]
+    return [item for item in items if isinstance(item, str)]
+
+
+# ---- a prefill's trailing whitespace ---------------------------------------------------
+
+
+async def test_a_stream_continued_on_claude_does_not_repeat_the_space_its_prefill_lost(
+    lifeline, client, claude, monkeypatch
+):
+    """The first target streamed "Hello " and failed; Claude was handed "Hello" (the API
+    refuses a prefill ending in whitespace) and went on with " world!". The client saw
+    "Hello  world!", the space twice."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    claude.pieces = [" ", "world", "!"]
+    providers = {
+        "flaky": {"kind": "fake", "reply": "Hello there", "fail_on_request": True, "chunks": 2},
+        "claude": {"kind": "anthropic", "model": MODEL, "base_url": claude.url},
+    }
+    targets = ["flaky", {"provider": "claude", "prefill": True}]
+    routes = {"default": {"targets": targets, "on_midstream": "continue"}}
+    await lifeline(config(providers, routes))
+    assembler = Assembler()
+    asked = CompletionRequest(messages=[ChatMessage("user", "fail 503 after 1")], timeout_s=5)
+    [_ async for _ in stream(client, asked, assembler)]
+    assert assembler.reply is not None and assembler.reply.status == "ok", assembler.reply
+    assert [body["messages"][-1] for body in claude.bodies] == [
+        {"role": "assistant", "content": "Hello"}
+    ]
+    assert assembler.text == "Hello world!"
+
+
+@pytest.mark.parametrize(
+    ("prefill", "pieces", "text"),
+    [
+        ("Hello\n\n", ["\n", "\nWorld", "."], "World."),  # split across deltas
+        ("Hello\n\n", ["\nWorld."], "World."),  # only as much as matches
+        ("Hello \n", [" ", " World."], " World."),  # no more than was stripped
+        ("Hello\n\n", [" World."], " World."),  # another whitespace: kept
+        ("Hello ", ["World."], "World."),  # none repeated
+        ("Hello", [" World."], " World."),  # nothing stripped
+        ([TextPart("Hello "), TextPart(" ")], ["  ", "World."], "World."),  # in parts
+    ],
+)
+async def test_an_answer_to_a_prefill_does_not_repeat_the_whitespace_stripped_from_it(
+    provider, claude, prefill, pieces, text
+):
+    """Whole and streamed: what the client already holds (the prefill as it sent it, or the
+    text so far of on_midstream "continue") joined to the answer reads as Claude wrote it."""
+    claude.pieces = pieces
+    request = chat(ChatMessage("user", "Greet the world"), ChatMessage("assistant", prefill))
+    whole = await provider.complete(request, timeout_s=5)
+    assert whole.content == text
+    assert "".join(await streamed(provider, request)) == text
+    sent = claude.bodies[-1]["messages"][-1]["content"]
+    assert sent in ("Hello", [{"type": "text", "text": "Hello"}])
+
+
+async def test_a_prefill_of_whitespace_only_is_sent_empty_and_not_repeated(provider, claude):
+    claude.pieces = ["\n", "Sure."]
+    request = chat(ChatMessage("user", "Go on"), ChatMessage("assistant", "\n"))
+    assert "".join(await streamed(provider, request)) == "Sure."
+    assert claude.bodies[-1]["messages"][-1] == {"role": "assistant", "content": ""}
