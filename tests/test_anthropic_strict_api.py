@@ -24,6 +24,7 @@ from schemas.streaming import Assembler
 from schemas.wire import TextPart
 from service.client import stream
 from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.base import ProviderError
 
 KEY = "sk-ant-api03-strict-Qm3vT8xK1pZ6"
 MODEL = "claude-sonnet-4-20250514"
@@ -205,4 +206,81 @@ async def test_a_prefill_of_whitespace_only_is_sent_empty_and_not_repeated(provi
     claude.pieces = ["\n", "Sure."]
     request = chat(ChatMessage("user", "Go on"), ChatMessage("assistant", "\n"))
     assert "".join(await streamed(provider, request)) == "Sure."
+    assert claude.bodies[-1]["messages"][-1] == {"role": "assistant", "content": ""}
+
+
+# ---- empty messages --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [
+        ChatMessage("assistant", [TextPart("")]),
+        ChatMessage("assistant", ""),
+        ChatMessage("assistant", None),
+    ],
+    ids=["empty-part", "empty-string", "none"],
+)
+async def test_an_empty_turn_in_the_conversation_is_left_out_and_its_neighbours_merge(
+    provider, claude, empty
+):
+    """OpenAI takes an empty message; the Messages API refused the whole request with a 400,
+    so a fallback to Claude failed."""
+    request = chat(ChatMessage("user", "Hello"), empty, ChatMessage("user", "Anyone there?"))
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Hello"},
+                {"type": "text", "text": "Anyone there?"},
+            ],
+        }
+    ]
+
+
+async def test_an_empty_user_message_between_two_answers_is_left_out(provider, claude):
+    request = chat(
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "Hello"),
+        ChatMessage("assistant", "Hi!"),
+        ChatMessage("user", [TextPart("")]),
+        ChatMessage("assistant", "Still here."),
+        ChatMessage("user", "Say hi"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"] == [
+        {"role": "user", "content": "Hello"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "Hi!"}, {"type": "text", "text": "Still here."}],
+        },
+        {"role": "user", "content": "Say hi"},
+    ]
+
+
+@pytest.mark.parametrize("last", [ChatMessage("user", ""), ChatMessage("user", [TextPart("")])])
+async def test_an_empty_last_user_message_fails_before_the_call_saying_which(
+    provider, claude, last
+):
+    """Left out, the assistant turn before it would become a prefill for Claude to go on
+    from: a different question. Nothing is asked: the request's fault, named."""
+    request = chat(
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "Hello"),
+        ChatMessage("assistant", "Hi!"),
+        last,
+    )
+    whole = lambda: provider.complete(request, timeout_s=5)
+    for call in (whole, lambda: streamed(provider, request)):
+        with pytest.raises(ProviderError) as caught:
+            await call()
+        assert caught.value.kind == "bad_request"
+        assert "messages[3]" in caught.value.message and "empty" in caught.value.message
+    assert claude.bodies == []
+
+
+async def test_an_empty_last_assistant_turn_is_still_sent(provider, claude):
+    request = chat(ChatMessage("user", "Hello"), ChatMessage("assistant", [TextPart("")]))
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
     assert claude.bodies[-1]["messages"][-1] == {"role": "assistant", "content": ""}

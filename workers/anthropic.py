@@ -195,11 +195,16 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
     answer is a user turn's block: so consecutive messages of one resulting role (tool
     results, then the user's next words) become one turn of blocks."""
     turns: list[dict[str, Any]] = []
-    for message in messages:
+    final = max((i for i, m in enumerate(messages) if m.role not in _SYSTEM_ROLES), default=-1)
+    for index, message in enumerate(messages):
         if message.role in _SYSTEM_ROLES:
             continue
         role = "assistant" if message.role == "assistant" else "user"
         content = _content(message)
+        if not content and index != final:
+            # The API refuses an empty turn (OpenAI takes one): it is left out, and the turns
+            # either side of it, of one role then, become one.
+            continue
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] = _as_blocks(turns[-1]["content"]) + _as_blocks(content)
         else:
@@ -210,7 +215,19 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
         # text so far of on_midstream "continue"), and the API refuses one ending in
         # whitespace: that is stripped, and the answer's text does not repeat it (_Unrepeated).
         turns[-1]["content"], stripped = _without_trailing_whitespace(turns[-1]["content"])
+    elif turns and not turns[-1]["content"]:
+        raise _empty_last(final, messages[final].role)
     return turns, stripped
+
+
+def _empty_last(index: int, role: str) -> ProviderError:
+    """The last message is empty and no assistant's: left out, the turn before it would be a
+    prefill to go on from (a different question), and sent, the API refuses it."""
+    return ProviderError(
+        "bad_request",
+        f"messages[{index}] (the last, a {role} message) is empty, which the Messages API "
+        "refuses: give it some text, or leave it out",
+    )
 
 
 def _without_trailing_whitespace(
