@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from types import TracebackType
+
+
+def _interrupted_quietly(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    """A Ctrl-C nothing caught: one while `lifeline` still imports its modules (most of its
+    start), or in main() before a command's event loop runs. It exits 130, as main() does for
+    one that comes later, without Python's traceback through whatever import was under way."""
+    if not issubclass(kind, KeyboardInterrupt):
+        _excepthook(kind, value, tb)
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
+
+
+# Set before the imports below, which take most of a start.
+_excepthook = sys.excepthook
+sys.excepthook = _interrupted_quietly
+
 import argparse
 import asyncio
 import contextlib
@@ -13,11 +39,9 @@ import io
 import json
 import logging
 import math
-import os
 import shlex
 import shutil
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Sequence

@@ -11,6 +11,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -837,6 +838,59 @@ def test_a_stop_signal_once_connected_waits_for_the_start_and_a_second_one_stops
                 proc.kill()
                 proc.wait()
             proc.stderr and proc.stderr.close()
+
+
+# A sitecustomize that holds one import ($HOLD_IMPORT) until a signal comes, saying so first.
+HOLD_IMPORT = """
+import os, signal, sys
+
+class Hold:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ.get("HOLD_IMPORT"):
+            sys.meta_path.remove(self)
+            print("holding the import of", name, file=sys.stderr, flush=True)
+            signal.pause()  # a signal's handler raises out of here, as out of the import
+        return None
+
+sys.meta_path.insert(0, Hold())
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("msgspec", ["check-config"]),  # one of the service.cli module's own imports
+        ("resource", ["gateway", "--port", "0"]),  # main()'s, before a serving command's loop
+    ],
+)
+def test_a_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path, module, args):
+    """A Ctrl-C while `lifeline` still imported its modules (most of a start) printed Python's
+    traceback through the import under way. The console script, as a user runs it."""
+    script = Path(sys.executable).parent / "lifeline"
+    if not script.exists():
+        pytest.skip("the `lifeline` console script is not installed (make install)")
+    (tmp_path / "sitecustomize.py").write_text(HOLD_IMPORT)
+    env = cli_env(HOLD_IMPORT=module)
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = subprocess.Popen(
+        [str(script), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, before = wait_for_line(proc, f"holding the import of {module}", stream=proc.stderr)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = "".join(before) + err
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
 def test_run_whose_reader_has_gone_still_stops_cleanly(own_run):
