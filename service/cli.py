@@ -101,8 +101,7 @@ from service.probes import Probes, parse_address
 from service.shared_health import merge_status, read_bucket
 from service.telemetry import Tracing
 from workers.base import Scrubber, shown_env_name
-from workers.plugin import PluginSettings
-from workers.plugin import load as load_model_class
+from workers.plugin import PluginProvider, PluginSettings
 
 log = logging.getLogger("lifeline")
 
@@ -298,7 +297,12 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = commands.add_parser(
-        "check-config", help="validate a config file and print what it defines"
+        "check-config",
+        help="validate a config file and print what it defines",
+        description="Checks a config file as `lifeline run` reads it, and prints what it "
+        "defines. A plug-in provider's model class (kind python, or an installed plug-in's "
+        "kind) is made with its settings, as its worker would make it, then closed; nothing "
+        "connects to NATS or calls a provider.",
     )
     _config_arg(check)
 
@@ -2225,8 +2229,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     # one), with this environment's NATS_* variables where the table says nothing.
     natsopts.resolve({}, config.nats, default_url=LOCAL_NATS, source=config.source)
     for name, settings in config.providers.items():
-        if isinstance(settings, PluginSettings):  # its class imported, its settings checked
-            load_model_class(settings, f"providers.{name}")
+        if isinstance(settings, PluginSettings):
+            await _make_model(settings, name)
         key_env = getattr(settings, "api_key_env", "")
         if key_env and not os.environ.get(key_env):  # valid, but its worker would not start
             print(
@@ -2238,6 +2242,14 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK")
     _describe(config)
     return 0
+
+
+async def _make_model(settings: PluginSettings, name: str) -> None:
+    """A plug-in's model made as its worker makes it (its class imported, its settings
+    checked, its constructor run), then closed: ValueError naming the provider when that
+    fails, which `lifeline worker` (and `run`) would otherwise be the first to find."""
+    made = PluginProvider(settings, name)
+    await made.aclose()
 
 
 if __name__ == "__main__":

@@ -604,6 +604,59 @@ def test_check_config_shows_groups_and_error_class_chains(tmp_path):
     assert "on context_length: b" in result.stdout
 
 
+# A plug-in model whose constructor checks its settings; it notes being made and closed.
+PICKY_MODEL = """
+import os
+import msgspec
+from workers.plugin import Model
+
+class Picky(Model):
+    class Settings(msgspec.Struct):
+        weights: str
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        if not os.path.exists(settings.weights):
+            raise FileNotFoundError(f"no weights at {settings.weights}")
+        self.note = settings.weights + ".log"
+        with open(self.note, "a") as note:
+            note.write("made\\n")
+
+    def call(self, request):
+        return "picked"
+
+    def close(self):
+        with open(self.note, "a") as note:
+            note.write("closed\\n")
+"""
+
+
+def test_check_config_makes_each_plug_in_model_as_its_worker_would(tmp_path):
+    """A model class whose constructor refused its settings passed check-config, which only
+    imported it; `lifeline run` then failed. It is made, and closed, as its worker makes it."""
+    (tmp_path / "picky_model.py").write_text(PICKY_MODEL)
+    weights = tmp_path / "weights.bin"
+    cfg = tmp_path / "picky.toml"
+    cfg.write_text(
+        '[providers.picky]\nkind = "python"\nclass = "picky_model:Picky"\n'
+        f'settings = {{ weights = "{weights}" }}\n'
+        '[routes.default]\ntargets = ["picky"]\n'
+    )
+    env = cli_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    refused = run_lifeline("check-config", "--config", str(cfg), env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    assert (
+        "providers.picky: picky_model:Picky could not be made (FileNotFoundError: no weights at "
+        f"{weights})"
+    ) in refused.stderr
+    weights.write_bytes(b"")
+    checked = run_lifeline("check-config", "--config", str(cfg), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert Path(f"{weights}.log").read_text().split() == ["made", "closed"]
+
+
 def test_run_on_a_taken_port_says_so_in_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
