@@ -32,8 +32,9 @@ and the ones that time out after a probe closed the breaker open it again, for a
 they keep coming in.
 
 Alongside the breaker, each target keeps 1-second slots of outcomes (the last 5 minutes) and
-two 30-second latency histograms of its good answers, for the failure rate, `lifeline status`,
-the OpenTelemetry gauges and hedge = "p95".
+the recent latencies of its good answers, for the failure rate, `lifeline status`, the
+OpenTelemetry gauges and hedge = "p95"; and, apart, its streams' times to their first chunk:
+a streamed call's race is settled by its first chunk, so its hedge waits for their p95.
 """
 
 from __future__ import annotations
@@ -125,6 +126,55 @@ def percentile_ms(histogram: dict[int, int] | list[int], q: float) -> float | No
     return bucket_ms(items[-1][0])
 
 
+class Latencies:
+    """Recent latencies of one kind: two 30-second histograms (the last 30 to 60 s), and
+    their p95, recomputed at most 4 times a second."""
+
+    __slots__ = ("counts", "epoch", "p95_at", "p95_ms", "previous")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _BUCKETS
+        self.previous = [0] * _BUCKETS
+        self.epoch = -1
+        self.p95_ms: float | None = None
+        self.p95_at = -1.0
+
+    def add(self, now: float, latency_ms: float) -> None:
+        epoch = int(now // _LATENCY_EPOCH_S)
+        if epoch != self.epoch:
+            self.previous = self.counts if epoch == self.epoch + 1 else [0] * _BUCKETS
+            self.counts = [0] * _BUCKETS
+            self.epoch = epoch
+        self.counts[bucket_of(latency_ms)] += 1
+
+    def histogram(self, now: float) -> dict[int, int]:
+        """Bucket -> count (sparse, for the shared snapshot)."""
+        epoch = int(now // _LATENCY_EPOCH_S)
+        parts: tuple[list[int], ...]
+        if epoch == self.epoch:
+            parts = (self.counts, self.previous)
+        elif epoch == self.epoch + 1:
+            parts = (self.counts,)
+        else:
+            return {}
+        merged: dict[int, int] = {}
+        for part in parts:
+            for bucket, count in enumerate(part):
+                if count:
+                    merged[bucket] = merged.get(bucket, 0) + count
+        return merged
+
+    def p95(self, now: float) -> float | None:
+        """The p95 in ms, None until MIN_SAMPLES."""
+        if now - self.p95_at >= 0.25:
+            histogram = self.histogram(now)
+            self.p95_ms = (
+                percentile_ms(histogram, 0.95) if sum(histogram.values()) >= MIN_SAMPLES else None
+            )
+            self.p95_at = now
+        return self.p95_ms
+
+
 class TargetHealth:
     """Breaker state and recent figures of one target (provider + model)."""
 
@@ -136,16 +186,13 @@ class TargetHealth:
         "consecutive",
         "epochs",
         "failed",
-        "latency",
-        "latency_epoch",
-        "latency_prev",
+        "first_chunks",
+        "latencies",
         "model",
         "ok",
         "ok_started",
         "open_until",
         "other",
-        "p95_at",
-        "p95_ms",
         "probe_until",
         "provider",
         "reason",
@@ -176,11 +223,8 @@ class TargetHealth:
         self.cancelled = [0] * _RING_S
         # Slots up to this second are ignored by the failure rate (set on close).
         self.cleared_s = -1
-        self.latency = [0] * _BUCKETS
-        self.latency_prev = [0] * _BUCKETS
-        self.latency_epoch = -1
-        self.p95_ms: float | None = None
-        self.p95_at = -1.0
+        self.latencies = Latencies()  # of its good answers, whole
+        self.first_chunks: Latencies | None = None  # of its streams, once one streams
         self.skipped = 0  # calls passed over because the breaker was open (since start)
         self.changed = True  # since the last snapshot
 
@@ -232,47 +276,15 @@ class TargetHealth:
         self.changed = True
         self.ok[self._slot(now)] += 1
         self.ok_started = max(self.ok_started, started)
-        epoch = int(now // _LATENCY_EPOCH_S)
-        if epoch != self.latency_epoch:
-            self._observe_latency(now, latency_ms)
+        latencies = self.latencies  # Latencies.add, its common case inline
+        if int(now // _LATENCY_EPOCH_S) != latencies.epoch:
+            latencies.add(now, latency_ms)
             return
-        self.latency[0 if latency_ms < _GROWTH else bucket_of(latency_ms)] += 1
-
-    def _observe_latency(self, now: float, latency_ms: float) -> None:
-        epoch = int(now // _LATENCY_EPOCH_S)
-        if epoch != self.latency_epoch:
-            self.latency_prev = self.latency if epoch == self.latency_epoch + 1 else [0] * _BUCKETS
-            self.latency = [0] * _BUCKETS
-            self.latency_epoch = epoch
-        self.latency[bucket_of(latency_ms)] += 1
+        latencies.counts[0 if latency_ms < _GROWTH else bucket_of(latency_ms)] += 1
 
     def histogram(self, now: float) -> dict[int, int]:
         """Recent good answers' latencies, bucket -> count (sparse, for the shared snapshot)."""
-        epoch = int(now // _LATENCY_EPOCH_S)
-        parts: tuple[list[int], ...]
-        if epoch == self.latency_epoch:
-            parts = (self.latency, self.latency_prev)
-        elif epoch == self.latency_epoch + 1:
-            parts = (self.latency,)
-        else:
-            return {}
-        merged: dict[int, int] = {}
-        for part in parts:
-            for bucket, count in enumerate(part):
-                if count:
-                    merged[bucket] = merged.get(bucket, 0) + count
-        return merged
-
-    def p95(self, now: float) -> float | None:
-        """Recent p95 of good answers in ms, None until MIN_SAMPLES; recomputed at most 4 times
-        a second."""
-        if now - self.p95_at >= 0.25:
-            histogram = self.histogram(now)
-            self.p95_ms = (
-                percentile_ms(histogram, 0.95) if sum(histogram.values()) >= MIN_SAMPLES else None
-            )
-            self.p95_at = now
-        return self.p95_ms
+        return self.latencies.histogram(now)
 
 
 class BreakerState(Struct, frozen=True):
@@ -649,9 +661,21 @@ class Health:
             since_unix_ms=health.since_unix_ms,
         )
 
-    def p95_ms(self, provider: str, model: str) -> float | None:
+    def p95_ms(self, provider: str, model: str, first_chunk: bool = False) -> float | None:
+        """The recent p95 of the target's good answers (whole), or with `first_chunk`, of its
+        streams' times to their first chunk; None until there are MIN_SAMPLES of them."""
         health = self.targets.get((provider, model))
-        return None if health is None else health.p95(self.clock())
+        if health is None:
+            return None
+        latencies = health.first_chunks if first_chunk else health.latencies
+        return None if latencies is None else latencies.p95(self.clock())
+
+    def first_chunk(self, provider: str, model: str, latency_ms: float) -> None:
+        """A streamed call's first chunk came `latency_ms` after the call was made."""
+        health = self.targets.get((provider, model)) or self.of(provider, model)
+        if health.first_chunks is None:
+            health.first_chunks = Latencies()
+        health.first_chunks.add(self.clock(), latency_ms)
 
     def cancelled(self, provider: str, model: str) -> None:
         """A call cancelled before it answered: counted among the target's calls, never for
@@ -703,8 +727,11 @@ class Untouched:
     async def claim(self, provider: str, model: str, lease_s: float) -> bool:
         return False
 
-    def p95_ms(self, provider: str, model: str) -> float | None:
-        return self.health.p95_ms(provider, model)
+    def p95_ms(self, provider: str, model: str, first_chunk: bool = False) -> float | None:
+        return self.health.p95_ms(provider, model, first_chunk)
+
+    def first_chunk(self, provider: str, model: str, latency_ms: float) -> None:
+        pass
 
     def record(self, *args: Any, **kwargs: Any) -> None:
         pass

@@ -12,8 +12,10 @@ rest. Each step is a decision, a value the loop in `run_chain` acts on:
 
     Call      the target fits and may be called: with the smaller of its timeout_s and the
               time the request has left. When the route hedges and the call is still running
-              after hedge_after_ms (or the target's recent p95), the next target starts too
-              (a hedge, one kind of attempt): the first good answer wins, the other is cancelled
+              after hedge_after_ms (or the target's recent p95: of whole answers, or for a
+              streamed request of first chunks, which settle its race), the next target
+              starts too (a hedge, one kind of attempt): the first good answer wins, the
+              other is cancelled
     Skip      its capabilities do not fit the request (max_input_tokens, json_output), or its
               circuit breaker is open and another target that fits is left
     Retry     a retry_on failure, up to `retries` times, after a backoff with full jitter (or
@@ -293,12 +295,16 @@ async def run_chain(
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
     attempts: list[Attempt] | None = None,
+    streamed: bool = False,
 ) -> ChainResult:
     """Walk `chain`; `attempts`, when given, is the list the walk records its attempts in, so
     a caller whose walk is cancelled still has them: then the calls still running are in it
     too, as `cancelled` (their reason is the caller's to give), and a race's calls that ended
-    before the race was over (its loser, hedge_lost; its winner)."""
-    run = _Run(chain, call, limits, needs, validate, on_event, health, clock, rand, attempts)
+    before the race was over (its loser, hedge_lost; its winner). `streamed`: the request is
+    llm.stream's, its calls return Started at their first chunk."""
+    run = _Run(
+        chain, call, limits, needs, validate, on_event, health, clock, rand, attempts, streamed
+    )
     try:  # the walk, here rather than in a coroutine of its own: one frame less per wake-up
         while (target := run.cursor.next()) is not None:
             retry = 0
@@ -354,6 +360,7 @@ class _Run:
         "physical",
         "rand",
         "retry_paid_in",
+        "streamed",
         "unrecorded",
         "validate",
     )
@@ -370,6 +377,7 @@ class _Run:
         clock: Callable[[], float],
         rand: Callable[[], float],
         attempts: list[Attempt] | None = None,
+        streamed: bool = False,
     ) -> None:
         self.cursor = Cursor(chain)
         self.call = call
@@ -380,6 +388,7 @@ class _Run:
         self.health = health
         self.clock = clock
         self.rand = rand
+        self.streamed = streamed
         self.attempts: list[Attempt] = attempts if attempts is not None else []
         # The calls running, until their outcome: what a cancelled walk cut short.
         # (The output of one that streams to the client, once it does: how much it sent.)
@@ -513,10 +522,13 @@ class _Run:
         return started
 
     def _streaming(self, target: Target, started: float, output: Started) -> None:
-        """The call of `target` started at `started` streams to the client through `output`."""
+        """The call of `target` started at `started` streams to the client through `output`:
+        its first chunk came now."""
         key = (id(target), started)
         if key in self.calling:
             self.calling[key] = (*self.calling[key][:3], output)
+        if self.health is not None:
+            self.health.first_chunk(*target.health_key, (self.clock() - started) * 1000)
 
     def cut_short(self) -> None:
         """The walk was cancelled: the calls still running are cancelled attempts (one that
@@ -624,7 +636,8 @@ class _Run:
             return None
         delay_s = hedge.after_s
         if hedge.p95 and self.health is not None:
-            p95_ms = self.health.p95_ms(*target.health_key)
+            # Of what settles this call's race: a stream's first chunk, or the whole answer.
+            p95_ms = self.health.p95_ms(*target.health_key, self.streamed)
             if p95_ms is not None:
                 delay_s = max(delay_s or 0.0, p95_ms / 1000)
             elif delay_s is None:

@@ -11,7 +11,7 @@ import pytest
 from schemas import ERROR_KINDS, ProviderFailure, ProviderOk, ProviderReply
 from schemas.deadline import Deadline
 from service.budgets import Budget, Budgets
-from service.policy import Chain, Hedge, Limits, Needs, run_chain
+from service.policy import Chain, Hedge, Limits, Needs, Started, run_chain
 from service.shaping import Shaping, Template
 from service.target import Target
 
@@ -909,3 +909,96 @@ def test_a_retry_not_made_gives_back_to_the_second_that_paid_for_it():
     now[0] = 10.0  # the next second, as the policy read it
     budget.refund(budget.spent_in)
     assert budget.spend()  # the reserve is back
+
+
+# ---- hedge = "p95" on streamed requests -----------------------------------------------------
+
+
+class Streamed(Started):
+    """A streamed call's output: it started (its first chunk came); its end comes `rest_s`
+    later on the fake clock."""
+
+    def __init__(self, clock: Clock, rest_s: float, content: str) -> None:
+        self.clock, self.rest_s, self.content = clock, rest_s, content
+        self.delivered = 1
+
+    async def end(self) -> ProviderReply:
+        self.clock.now += self.rest_s
+        return ok(content=self.content)
+
+    def abandon(self, why: BaseException | None = None) -> None:
+        pass
+
+
+def p95_hedging(clock: Clock) -> Limits:
+    return Limits(Deadline(clock.now + 60), hedge=Hedge(after_s=None, p95=True))
+
+
+async def streams_of_a(health, clock: Clock) -> None:
+    """A history for target a: MIN_SAMPLES streams whose first chunk came after 1 ms and
+    whose whole answer after a second, as long answers stream."""
+    from service.health import MIN_SAMPLES
+
+    async def call(t, timeout_s, previous):
+        clock.now += 0.001
+        return Streamed(clock, 1.0, "from a")
+
+    chain = Chain([target("a"), target("b")])
+    for _ in range(MIN_SAMPLES):
+        result = await run_chain(
+            chain, call, p95_hedging(clock), health=health, clock=clock, streamed=True
+        )
+        assert [x.target for x in result.attempts] == ["a"]  # no p95 yet: no hedge
+
+
+async def test_a_stream_is_hedged_when_its_first_chunk_is_later_than_the_targets_first_chunks_p95():
+    """A stream's race is settled by its first chunk, but hedge = "p95" waited for the p95 of
+    whole answers: a stream whose first chunk was 300 times later than usual was not hedged
+    before it came (nor would it be for ~1 s, the time a whole answer takes)."""
+    from service.health import Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    await streams_of_a(health, clock)
+
+    async def call(t, timeout_s, previous):
+        if t.name == "a":
+            # Its first chunk comes after 0.3 s: far past a's first chunks' p95 (about 1 ms),
+            # well before that of its whole answers (about 1 s). Only the event loop's order
+            # of timers matters here, never how fast the machine is.
+            await asyncio.sleep(0.3)
+        return Streamed(clock, 0.0, f"from {t.name}")
+
+    result = await run_chain(
+        Chain([target("a"), target("b")]),
+        call,
+        p95_hedging(clock),
+        health=health,
+        clock=clock,
+        streamed=True,
+    )
+    assert result.answer is not None and result.answer.content == "from b"
+    assert [(x.target, x.outcome, x.reason, x.hedge) for x in result.attempts] == [
+        ("a", "cancelled", "hedge_lost", False),
+        ("b", "ok", None, True),
+    ]
+
+
+async def test_a_complete_request_is_hedged_at_the_whole_answers_p95_however_fast_streams_start():
+    """llm.complete waits for the whole answer: the p95 its hedge waits for is that of whole
+    answers, not of the first chunks that streams of the same target get quickly."""
+    from service.health import Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    await streams_of_a(health, clock)
+
+    async def call(t, timeout_s, previous):
+        if t.name == "a":
+            await asyncio.sleep(0.3)  # as above: past the first chunks' p95, before the other
+        return ok(content=f"from {t.name}")
+
+    result = await run_chain(
+        Chain([target("a"), target("b")]), call, p95_hedging(clock), health=health, clock=clock
+    )
+    assert [(x.target, x.outcome, x.hedge) for x in result.attempts] == [("a", "ok", False)]
