@@ -1,7 +1,8 @@
 """The anthropic provider against a local server that refuses what the Messages API refuses:
-a final assistant turn (a prefill) ending in whitespace, and empty messages or text blocks.
-What the client sees when a stream continues on Claude (on_midstream = "continue"), and
-conversations with empty messages, which OpenAI takes and Claude refused as a 400.
+a final assistant turn (a prefill) ending in whitespace, empty messages or text blocks, and a
+turn whose text is only whitespace. What the client sees when a stream continues on Claude
+(on_midstream = "continue"), and conversations with empty or blank messages, which OpenAI
+takes and Claude refused as a 400.
 
     https://docs.anthropic.com/en/api/messages
     https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response
@@ -21,7 +22,7 @@ from helpers import LocalHTTPServer, config, serving
 
 from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest
 from schemas.streaming import Assembler
-from schemas.wire import TextPart
+from schemas.wire import TextPart, ToolCall
 from service.client import stream
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.base import ProviderError
@@ -57,6 +58,11 @@ def refusal(messages: list[dict[str, Any]]) -> str | None:
                 f"messages.{i}: all messages must have non-empty content except for the "
                 "optional final assistant message"
             )
+        # Whitespace beside other text is taken; a turn whose text is only whitespace is not
+        # (the API's answers to each shape: https://github.com/LibreChat-AI/agents/pull/124).
+        texts = [b["text"] for b in blocks if b["type"] == "text"]
+        if texts and not any(t.strip() for t in texts) and not final_assistant:
+            return "messages: text content blocks must contain non-whitespace text"
         last = blocks[-1] if final_assistant and blocks else {"type": None}
         if last["type"] == "text" and last["text"] != last["text"].rstrip():
             return "messages: final assistant content cannot end with trailing whitespace"
@@ -259,7 +265,16 @@ async def test_an_empty_user_message_between_two_answers_is_left_out(provider, c
     ]
 
 
-@pytest.mark.parametrize("last", [ChatMessage("user", ""), ChatMessage("user", [TextPart("")])])
+@pytest.mark.parametrize(
+    "last",
+    [
+        ChatMessage("user", ""),
+        ChatMessage("user", [TextPart("")]),
+        ChatMessage("user", " \n"),
+        ChatMessage("user", [TextPart(" "), TextPart("\n")]),
+    ],
+    ids=["empty-string", "empty-part", "blank-string", "blank-parts"],
+)
 async def test_an_empty_last_user_message_fails_before_the_call_saying_which(
     provider, claude, last
 ):
@@ -284,3 +299,63 @@ async def test_an_empty_last_assistant_turn_is_still_sent(provider, claude):
     request = chat(ChatMessage("user", "Hello"), ChatMessage("assistant", [TextPart("")]))
     assert (await provider.complete(request, timeout_s=5)).content == "Hi."
     assert claude.bodies[-1]["messages"][-1] == {"role": "assistant", "content": ""}
+
+
+# ---- whitespace-only messages ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "blank",
+    [
+        ChatMessage("assistant", " "),
+        ChatMessage("assistant", "\n\n"),
+        ChatMessage("assistant", [TextPart(" "), TextPart("\n")]),
+    ],
+    ids=["space", "newlines", "parts"],
+)
+async def test_a_turn_of_only_whitespace_is_left_out_and_its_neighbours_merge(
+    provider, claude, blank
+):
+    """OpenAI sometimes answers with only whitespace, and takes it back in the history; the
+    Messages API refused the whole request ("text content blocks must contain non-whitespace
+    text"), so a fallback to Claude failed."""
+    request = chat(ChatMessage("user", "Hello"), blank, ChatMessage("user", "Anyone there?"))
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Hello"},
+                {"type": "text", "text": "Anyone there?"},
+            ],
+        }
+    ]
+
+
+async def test_whitespace_beside_a_tool_call_is_left_out_and_the_call_sent(provider, claude):
+    call = ToolCall(id="call_1", name="weather", arguments='{"city": "Oslo"}')
+    request = chat(
+        ChatMessage("user", "Weather in Oslo?"),
+        ChatMessage("assistant", "\n", tool_calls=[call]),
+        ChatMessage("tool", "Sunny", tool_call_id="call_1"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Oslo"}}
+        ],
+    }
+
+
+async def test_whitespace_beside_other_text_is_sent_as_it_is(provider, claude):
+    parts = [TextPart("Line one"), TextPart("\n"), TextPart("Line two")]
+    request = chat(
+        ChatMessage("user", parts), ChatMessage("assistant", "Ok."), ChatMessage("user", "Go")
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert [b["text"] for b in claude.bodies[-1]["messages"][0]["content"]] == [
+        "Line one",
+        "\n",
+        "Line two",
+    ]

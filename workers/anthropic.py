@@ -201,6 +201,8 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
             continue
         role = "assistant" if message.role == "assistant" else "user"
         content = _content(message)
+        if index != final or role != "assistant":  # a prefill's whitespace is stripped below
+            content = _without_blank_text(content)
         if not content and index != final:
             # The API refuses an empty turn (OpenAI takes one): it is left out, and the turns
             # either side of it, of one role then, become one.
@@ -220,13 +222,24 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
     return turns, stripped
 
 
+def _without_blank_text(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """`content` without its text when that is only whitespace (" ", which OpenAI sometimes
+    answers): the API refuses such a turn, though it takes whitespace beside other text."""
+    if isinstance(content, str):
+        return content if content.strip() else ""
+    if any(block["type"] == "text" and block["text"].strip() for block in content):
+        return content
+    return [block for block in content if block["type"] != "text"]
+
+
 def _empty_last(index: int, role: str) -> ProviderError:
-    """The last message is empty and no assistant's: left out, the turn before it would be a
-    prefill to go on from (a different question), and sent, the API refuses it."""
+    """The last message is empty (or only whitespace) and no assistant's: left out, the turn
+    before it would be a prefill to go on from (a different question), and sent, the API
+    refuses it."""
     return ProviderError(
         "bad_request",
-        f"messages[{index}] (the last, a {role} message) is empty, which the Messages API "
-        "refuses: give it some text, or leave it out",
+        f"messages[{index}] (the last, a {role} message) is empty or only whitespace, which "
+        "the Messages API refuses: give it some text, or leave it out",
     )
 
 
