@@ -270,6 +270,7 @@ class Engine:
             on_event=span.add_event if span.recording else None,
             health=health,
             attempts=attempts,
+            streamed=relay is not None,  # its race is to the first chunk: hedge = "p95" of those
         )
 
     def _streaming(

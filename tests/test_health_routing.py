@@ -14,6 +14,7 @@ import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import nats
@@ -21,14 +22,17 @@ import nats.js.errors
 import pytest
 from helpers import (
     USER_HELLO,
+    LocalHTTPServer,
     ask,
     fake,
     run_lifeline,
+    serving,
     spawn_lifeline,
     wait_for,
     wait_for_line,
     write_config,
 )
+from test_provider_streaming import openai_events
 
 from schemas.wire import CompletionRequest
 from service.app import start_stack
@@ -333,6 +337,55 @@ async def test_hedge_p95_waits_for_the_targets_recent_p95(lifeline, client):
     # Learnt from the ~20 ms answers: at least their latency, and nowhere near a timeout (the
     # slowest of 25 on a loaded machine can take a few hundred ms).
     assert p95_ms is not None and 20 <= p95_ms < 1000
+
+
+class _SlowStreams(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server whose streams start at once and take over a second to
+    finish, but for a request saying "late start", whose first chunk comes 0.8 s late."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        late = body["messages"][-1]["content"] == "late start"
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        time.sleep(0.8 if late else 0)
+        for event in openai_events(["one", " two", " three", " four"]):
+            self.wfile.write(event.encode())
+            self.wfile.flush()
+            time.sleep(0.3 if '"content": "' in event else 0)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_a_stream_is_hedged_at_the_p95_of_first_chunks_not_of_whole_answers(lifeline, client):
+    """A stream's race is won by its first chunk. The target's whole answers take over a
+    second and its first chunks come at once: a stream whose first chunk is 0.8 s late is
+    hedged, where the p95 of whole answers would have left it waiting."""
+    with serving(LocalHTTPServer(_SlowStreams), poll_interval_s=0.02) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config = {
+            "providers": {
+                "steady": {"kind": "openai", "model": "m", "base_url": url, "api_key_env": ""},
+                "fast": fake(reply="fast answer"),
+            },
+            "routes": {"default": {"targets": ["steady", "fast"], "hedge": "p95"}},
+        }
+        stack = await lifeline(config)
+        history = [stream_text(client, CompletionRequest(**USER_HELLO)) for _ in range(MIN_SAMPLES)]
+        for text, reply in await asyncio.gather(*history):
+            assert outcomes(reply) == [("steady", "ok", None)] and text == "one two three four"
+        health = stack.dispatcher.health
+        await wait_for(lambda: health.p95_ms("steady", "m") is not None, timeout_s=5)
+        assert health.p95_ms("steady", "m") > 1000  # whole answers: four chunks 0.3 s apart
+        late = {"messages": [{"role": "user", "content": "late start"}]}
+        text, reply = await stream_text(client, CompletionRequest(**late))
+        assert text == "fast answer"
+        assert [(a.target, a.outcome, a.reason, a.hedge) for a in reply.attempts] == [
+            ("steady", "cancelled", "hedge_lost", False),
+            ("fast", "ok", None, True),
+        ]
 
 
 @pytest.mark.parametrize(
