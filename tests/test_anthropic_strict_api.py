@@ -1,8 +1,8 @@
 """The anthropic provider against a local server that refuses what the Messages API refuses:
-a final assistant turn (a prefill) ending in whitespace, empty messages or text blocks, and a
-turn whose text is only whitespace. What the client sees when a stream continues on Claude
-(on_midstream = "continue"), and conversations with empty or blank messages, which OpenAI
-takes and Claude refused as a 400.
+a final assistant turn (a prefill) ending in whitespace, empty messages or text blocks, a turn
+whose text is only whitespace, and no messages at all. What the client sees when a stream
+continues on Claude (on_midstream = "continue"), and conversations with empty or blank
+messages, which OpenAI takes and Claude refused as a 400.
 
     https://docs.anthropic.com/en/api/messages
     https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response
@@ -47,6 +47,8 @@ class Claude(LocalHTTPServer):
 
 def refusal(messages: list[dict[str, Any]]) -> str | None:
     """What the API says of `messages`, as its invalid_request_error, or None."""
+    if not messages:
+        return "messages: at least one message is required"
     for i, turn in enumerate(messages):
         content = turn["content"]
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -301,7 +303,7 @@ async def test_an_empty_last_assistant_turn_is_still_sent(provider, claude):
     assert claude.bodies[-1]["messages"][-1] == {"role": "assistant", "content": ""}
 
 
-# ---- whitespace-only messages ----------------------------------------------------------
+# ---- whitespace-only messages and no messages -------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -359,3 +361,19 @@ async def test_whitespace_beside_other_text_is_sent_as_it_is(provider, claude):
         "\n",
         "Line two",
     ]
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+async def test_a_request_of_only_system_messages_fails_before_the_call_saying_what_to_add(
+    provider, claude, role
+):
+    """OpenAI answers a request that is all instructions; the Messages API refuses one with no
+    messages. Nothing is asked: the request's fault, named, and what to add."""
+    request = chat(ChatMessage(role, "Write a haiku about the sea."))
+    whole = lambda: provider.complete(request, timeout_s=5)
+    for call in (whole, lambda: streamed(provider, request)):
+        with pytest.raises(ProviderError) as caught:
+            await call()
+        assert caught.value.kind == "bad_request"
+        assert "add a user message" in caught.value.message
+    assert claude.bodies == []

@@ -217,7 +217,9 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
         # text so far of on_midstream "continue"), and the API refuses one ending in
         # whitespace: that is stripped, and the answer's text does not repeat it (_Unrepeated).
         turns[-1]["content"], stripped = _without_trailing_whitespace(turns[-1]["content"])
-    elif turns and not turns[-1]["content"]:
+    elif not turns:
+        raise _no_conversation()
+    elif not turns[-1]["content"]:
         raise _empty_last(final, messages[final].role)
     return turns, stripped
 
@@ -230,6 +232,17 @@ def _without_blank_text(content: str | list[dict[str, Any]]) -> str | list[dict[
     if any(block["type"] == "text" and block["text"].strip() for block in content):
         return content
     return [block for block in content if block["type"] != "text"]
+
+
+def _no_conversation() -> ProviderError:
+    """Only system and developer messages: OpenAI answers such a request, and the Messages API
+    refuses one with no messages. Sent as a user's words instead, they would be another
+    request; nothing is asked."""
+    return ProviderError(
+        "bad_request",
+        "the request has no user, assistant or tool message (system and developer ones are "
+        "the Messages API's system prompt), and the API refuses it: add a user message",
+    )
 
 
 def _empty_last(index: int, role: str) -> ProviderError:
