@@ -243,15 +243,21 @@ def fitted(
     cut_names: bool = True,
 ) -> tuple[CompletionReply, bytes]:
     """`reply` and its encoding in at most `room` bytes (what a NATS message or a stored result
-    may carry besides its headers): one too large becomes a reply_too_large error, without the
-    answer, that fits (`too_large(reply, size, room)` says why; by default, the NATS server's
-    max_payload). Without `cut_names`, a room too small even for that error's names is left to
-    the caller, over `room`. Every reply, result and end event goes out through here; what it
-    returns is what went out, so the audit event reports that."""
+    may carry besides its headers). An answer that fits once its attempts' texts are left out
+    goes so; one too large even then becomes a reply_too_large error, without the answer, that
+    fits (`too_large(reply, size, room)` says why; by default, the NATS server's max_payload).
+    An error keeps its kind: its texts are what is cut (`_fitting`).
+    Without `cut_names`, a room too small even for that error's names is left to the caller,
+    over `room`. Every reply, result and end event goes out through here; what it returns is
+    what went out, so the audit event reports that."""
     payload = encoder.encode(reply)
     if len(payload) <= room:
         return reply, payload
-    if reply.error is None or reply.error.type != REPLY_TOO_LARGE:  # the first reason stays
+    if reply.status == "ok":
+        lean = _texts_dropped(reply)
+        lean_payload = encoder.encode(lean)
+        if len(lean_payload) <= room:
+            return lean, lean_payload
         reply = (too_large or _too_large)(reply, len(payload), room)
     return _fitting(reply, room, cut_names)
 
@@ -291,8 +297,7 @@ def _fitting(message: _Fits, max_payload: int, cut_names: bool = True) -> tuple[
     payload = encoder.encode(message)
     if len(payload) <= max_payload:
         return message, payload
-    attempts: list[Attempt] = [msgspec.structs.replace(a, message=None) for a in message.attempts]
-    message = msgspec.structs.replace(message, attempts=attempts)
+    message = _texts_dropped(message)
     payload = encoder.encode(message)
     if len(payload) <= max_payload:
         return message, payload
@@ -308,7 +313,15 @@ def _fitting(message: _Fits, max_payload: int, cut_names: bool = True) -> tuple[
         max_payload,
     )
     message = _names_cut(message)
-    return message, encoder.encode(message)
+    payload = encoder.encode(message)
+    if len(payload) <= max_payload:
+        return message, payload
+    return _bare(message, len(payload), max_payload)
+
+
+def _texts_dropped(message: _Fits) -> _Fits:
+    attempts: list[Attempt] = [msgspec.structs.replace(a, message=None) for a in message.attempts]
+    return msgspec.structs.replace(message, attempts=attempts)
 
 
 def _kind(message: CompletionReply | AuditEvent) -> str:
@@ -343,6 +356,34 @@ def _names_cut(message: _Fits) -> _Fits:
         error_type=clipped(message.error_type, 64),
         tools_called=[name[:64] for name in message.tools_called[:64]],
     )
+
+
+def _bare(message: _Fits, size: int, max_payload: int) -> tuple[_Fits, bytes]:
+    """The message down to what says whose it is and how it ended (id, status, error kind,
+    trace id, figures), with no names; a reply's error says its details did not fit. Its id
+    is cut short only if even that is too much (a client matches its answer by the reply
+    subject, not the id)."""
+    texts = {"provider": None, "model": None, "target": None, "template": None}
+    if isinstance(message, CompletionReply):
+        error = message.error
+        if error is not None:
+            note = (
+                f"the reply's details ({size} bytes) did not fit the NATS server's max_payload "
+                f"({max_payload} bytes left): raise max_payload"
+            )
+            texts["error"] = ErrorInfo(error.type, note, error.retry_after_s)
+    else:
+        texts.update(route=None, tools_called=[])
+    message = msgspec.structs.replace(message, **texts)
+    payload = encoder.encode(message)
+    if len(payload) > max_payload and isinstance(message, CompletionReply) and message.error:
+        message = msgspec.structs.replace(message, error=ErrorInfo(message.error.type, ""))
+        payload = encoder.encode(message)
+    over = len(payload) - max_payload
+    if over > 0:  # every character of the id is a byte or more of the message
+        message = msgspec.structs.replace(message, id=message.id[: max(len(message.id) - over, 0)])
+        payload = encoder.encode(message)
+    return message, payload
 
 
 _background: set[asyncio.Future[None]] = set()  # cancels sent from callbacks, until sent
@@ -718,7 +759,10 @@ class ClientStream:
 
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
         """The last event: end, or error. Returns what was sent (the audit event says the same)."""
-        reply, payload = fitted(reply, self._nc.max_payload - STREAM_HEADER_ROOM)
+        # The room its own headers leave (as an error event's: "error" is the longer name),
+        # not STREAM_HEADER_ROOM: that is for a worker's chunks, whose headers are added later.
+        headers = _event_headers(self.seq + 1, attempt, ERROR)
+        reply, payload = fitted(reply, self._nc.max_payload - message_bytes(b"", headers))
         self._control(END if reply.status == "ok" else ERROR, attempt, payload)
         if self._drain is not None:  # events held through a reconnect, the end among them:
             await asyncio.shield(self._drain)  # a cancel now (an abort) must not drop them
@@ -726,8 +770,8 @@ class ClientStream:
 
     def _control(self, kind: str, attempt: int, payload: bytes) -> None:
         self.seq += 1
-        headers = {SEQ: str(self.seq), ATTEMPT_NO: str(attempt), EVENT: kind}
-        if len(payload) > self._nc.max_payload - STREAM_HEADER_ROOM:
+        headers = _event_headers(self.seq, attempt, kind)
+        if message_bytes(payload, headers) > self._nc.max_payload:
             # Callers keep to the room (`end` makes a reply fit): only a bug gets here. The fast
             # path checks no size, and one message over max_payload makes the server close the
             # whole connection, every other request's included: drop it, loudly.
@@ -749,6 +793,10 @@ class ClientStream:
             except NatsError as exc:
                 log.warning("could not send a stream event to %s: %s", self.subject, exc)
                 self._backlog.clear()  # the client sees a gap, or nothing: never a wrong order
+
+
+def _event_headers(seq: int, attempt: int, kind: str) -> dict[str, str]:
+    return {SEQ: str(seq), ATTEMPT_NO: str(attempt), EVENT: kind}
 
 
 _DELTA_BLOCK = b"NATS/1.0\r\n" + SEQ.encode() + b": %d\r\n" + ATTEMPT_NO.encode() + b": %d\r\n\r\n"

@@ -4,11 +4,13 @@ and reset / continue / fail once output has started."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -28,9 +30,18 @@ from schemas import (
     Usage,
     subjects,
 )
-from schemas.streaming import Assembler, StreamGap
-from schemas.wire import encoder, provider_request_decoder
+from schemas.streaming import END, ERROR, Assembler, StreamGap
+from schemas.wire import (
+    MAX_ID_LENGTH,
+    audit_decoder,
+    encoder,
+    provider_request_decoder,
+    reply_decoder,
+)
+from service.app import start_stack
 from service.client import NoDispatcher, stream, stream_text
+from service.config import parse_config
+from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 from service.streaming import Relay
 from service.transport import ClientStream
@@ -1111,3 +1122,130 @@ async def test_an_aborted_streams_attempt_counts_the_chunks_its_client_got(lifel
     assert [(a.outcome, a.chunks) for a in end.attempts] == [("cancelled", deltas)]
     [(_, audited)] = await audit.wait_for(1)
     assert [(a.outcome, a.chunks) for a in audited.attempts] == [("cancelled", deltas)]
+
+
+# ---- the end event on a server with a small max_payload -----------------------------------------
+
+
+class StreamEnds:
+    """Each request's closing events (end or error) and audit events, counted per id: every
+    request is sent on a reply subject of its own under one inbox."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc, self.inbox = nc, nc.new_inbox()
+        self._ids: dict[str, str] = {}  # reply token -> request id
+        self.ends: Counter[str] = Counter()
+        self.reply: dict[str, CompletionReply] = {}
+        self.audits: Counter[str] = Counter()
+
+    async def start(self) -> StreamEnds:
+        await self.nc.subscribe(self.inbox + ".*", cb=self._on_event)
+        await self.nc.subscribe(subjects.AUDIT_ALL, cb=self._on_audit)
+        await ensure_subscribed(self.nc)
+        return self
+
+    async def _on_event(self, msg: Any) -> None:
+        if msg.headers and msg.headers.get(subjects.EVENT) in (END, ERROR):
+            request_id = self._ids[msg.subject.rsplit(".", 1)[1]]
+            self.ends[request_id] += 1
+            self.reply[request_id] = reply_decoder.decode(msg.data)
+
+    async def _on_audit(self, msg: Any) -> None:
+        self.audits[audit_decoder.decode(msg.data).id] += 1
+
+    async def send(self, req: CompletionRequest) -> None:
+        token = str(len(self._ids))
+        self._ids[token] = req.id
+        await self.nc.publish(subjects.STREAM, encoder.encode(req), reply=f"{self.inbox}.{token}")
+
+    async def settle(self, stack: Any) -> None:
+        """Every request audited, then nothing more to come (a second end would show)."""
+        await wait_for(lambda: len(self.audits) == len(self._ids), 10)
+        await settled(self.nc, stack)
+
+    def assert_one_end_and_one_audit_each(self) -> None:
+        for request_id in self._ids.values():
+            assert (self.ends[request_id], self.audits[request_id]) == (1, 1), (
+                f"{request_id[:40]!r}: {self.ends[request_id]} end events, "
+                f"{self.audits[request_id]} audit events"
+            )
+
+
+@pytest.fixture
+async def small_payload(tracers) -> AsyncIterator[Any]:
+    """Factory: `await small_payload(max_payload, config, workers)` starts a nats-server with
+    that max_payload and a stack on it; gives (stack, a client there). All stopped after."""
+    with contextlib.ExitStack() as servers:
+        async with contextlib.AsyncExitStack() as later:
+
+            async def start(max_payload: int, cfg: dict, workers: list[str] | None = None) -> Any:
+                conf = f"max_payload: {max_payload}\n"
+                server = servers.enter_context(EmbeddedNats(port=-1, conf=conf))
+                stack = await start_stack(parse_config(cfg), server.url, tracers, workers=workers)
+                later.push_async_callback(stack.stop)
+                nc = await nats.connect(server.url)
+                later.push_async_callback(nc.close)
+                return stack, nc
+
+            yield start
+
+
+def _ids() -> list[str]:
+    """Request ids of every length up to the longest allowed."""
+    return [f"{n}-".ljust(n, "i") for n in range(8, MAX_ID_LENGTH + 1, 31)]
+
+
+@pytest.mark.parametrize("max_payload", [700, 1200])
+async def test_a_stream_refused_on_a_server_with_a_1_kb_max_payload_still_ends_saying_why(
+    small_payload, max_payload
+):
+    """No request fits a worker's message there (1 KiB is kept for its headers), so each is
+    refused as payload_too_large: that error event must reach the client, cut to its kind if
+    that is all that fits. It was measured against max_payload less those 1,024 bytes (176
+    left at 1,200), dropped as too large whatever it was cut to, and the client waited out its
+    timeout for an end that never came."""
+    stack, nc = await small_payload(max_payload, config({"main": fake()}))
+    ends = await StreamEnds(nc).start()
+    for request_id in _ids():
+        await ends.send(request("hi", id=request_id))
+    await ends.settle(stack)
+    ends.assert_one_end_and_one_audit_each()
+    for reply in ends.reply.values():
+        assert reply.error is not None and reply.error.type == "payload_too_large", reply
+
+
+async def test_a_streamed_answer_with_long_names_on_a_2_kb_max_payload_ends_ok(small_payload):
+    """Long names and ids on a 2 KiB max_payload: the end event of an answer the client has
+    whole goes out, ok, in the room its own headers leave. It was measured against max_payload
+    less the 1 KiB kept for a worker's chunk headers, made a reply_too_large error, and even
+    that did not fit: the stream never ended."""
+    long = fake(model="m" * 200, reply="answered", chunks=2)
+    stack, nc = await small_payload(2048, config({"p" * 100: long}))
+    ends = await StreamEnds(nc).start()
+    for request_id in _ids():
+        await ends.send(request("hi", id=request_id))
+    await ends.settle(stack)
+    ends.assert_one_end_and_one_audit_each()
+    assert {reply.status for reply in ends.reply.values()} == {"ok"}
+
+
+async def test_a_failed_stream_whose_summary_does_not_fit_ends_with_its_own_kind(small_payload):
+    """Failure messages as long as a worker may send on a 2 KiB max_payload (control
+    characters, six bytes each in JSON): the error event keeps its kind (all_failed) and drops
+    the attempts' texts. It said reply_too_large, "the answer makes a reply of ... bytes": no
+    target had answered."""
+    stack, nc = await small_payload(2048, config({"main": fake()}), workers=[])
+
+    async def failing_worker(msg: Any) -> None:  # fails with as long a message as asked for
+        length = int(provider_request_decoder.decode(msg.data).messages[-1].content)
+        failure = ProviderFailure("server_error", "\x01" * length, 503)
+        await nc.publish(msg.reply, encoder.encode(failure))
+
+    await nc.subscribe(subjects.provider_subject("main"), cb=failing_worker)
+    ends = await StreamEnds(nc).start()
+    for n, request_id in enumerate(_ids()):
+        await ends.send(request(str(n * 37), id=request_id))
+    await ends.settle(stack)
+    ends.assert_one_end_and_one_audit_each()
+    for reply in ends.reply.values():
+        assert reply.error is not None and reply.error.type == "all_failed", reply
