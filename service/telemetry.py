@@ -511,7 +511,10 @@ def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None
         return None
     if not trace_id or not span_id:
         return None
-    return span_context(trace_id, span_id, _FLAGS[flags & 1], None, is_remote=True)
+    # Every flag kept, as the propagator keeps them (W3C level 2 adds 02, a random trace id):
+    # a span that records nothing passes the parent on as it came.
+    trace_flags = _FLAGS[flags] if flags < 2 else trace.TraceFlags(flags)
+    return span_context(trace_id, span_id, trace_flags, None, is_remote=True)
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:

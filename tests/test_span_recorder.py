@@ -105,7 +105,7 @@ def test_children_and_traceparent_follow_the_request_span():
         assert (child.trace_hex, child.context.trace_id) == (root.trace_hex, root.context.trace_id)
 
 
-@pytest.mark.parametrize("flags", ["00", "01"])
+@pytest.mark.parametrize("flags", ["00", "01", "02", "03"])  # 02: W3C level 2's random id
 @pytest.mark.parametrize("extra", [{}, {"tracestate": "vendor=value"}])
 def test_where_tracing_is_off_spans_pass_the_callers_traceparent_on_as_it_came(flags, extra):
     """A worker or dispatcher without an exporter sent a context of its own, not sampled: a
