@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, ServerVersion
 from opentelemetry.sdk.metrics import MeterProvider
 
 from schemas import subjects
@@ -65,6 +65,16 @@ class ConnectionWatch:
         self._auth_refusals = 0
         self._giving_up: asyncio.Future[None] | None = None
         self.refused_subjects: list[str] = []  # subscriptions the server refused (at most 16)
+        self.probing: frozenset[str] = frozenset()  # must_be_allowed_to_publish's, lower case
+        self.refused_probes: set[str] = set()  # those of them the server refused
+
+    def probe_refused(self, exc: Exception) -> bool:
+        """Whether a refused publish was one of must_be_allowed_to_publish's (kept for it)."""
+        subject = _refused_publish(exc).lower()
+        if subject not in self.probing:
+            return False
+        self.refused_probes.add(subject)
+        return True
 
     def on_error(self, exc: Exception) -> None:
         refused = _refused_subscription(exc)
@@ -180,6 +190,8 @@ async def connect(
                 subjects.DISPATCHER_INBOX_PREFIX,
             )
             return
+        if _is_publish_refusal(exc) and watch is not None and watch.probe_refused(exc):
+            return  # a start-up check's own: it says what is wrong, and what to grant
         if _is_publish_refusal(exc) and not wait_for_server:  # a command's own request
             log.warning(
                 "%s: this NATS user may not publish %s: its role does not allow it "
@@ -373,6 +385,69 @@ def must_have_subscribed(
         )
 
 
+# NATS message tracing (nats-server 2.11): a message with both headers is checked against its
+# publisher's permissions as any other, then delivered to no subscriber, stream or other server;
+# only its trace goes out, to Nats-Trace-Dest, which the publisher must be allowed to publish
+# to as well (checked first: refused there, the message is not checked further).
+_TRACE_DEST = "Nats-Trace-Dest"
+_TRACE_ONLY = "Nats-Trace-Only"
+_TRACE_ONLY_SINCE = (2, 11)
+
+
+async def must_be_allowed_to_publish(
+    nc: Client, watch: ConnectionWatch, who: str, subjects_: Sequence[str], fix: str
+) -> None:
+    """NatsRefused when this NATS user may not publish to one of `subjects_`, where a
+    component's work goes. The server refuses such a publish with an error and drops the
+    message, and the connection stays up: a gateway refused llm.complete was ready by every
+    probe while each request waited out its timeout for a 504. A publish is the only way to
+    ask, so each subject is sent a trace-only message (above), which reaches nobody; its trace
+    goes to a fresh inbox of this connection's, where nobody listens. A user that may not
+    publish there cannot be checked (a warning says so), nor can a server before 2.11, which
+    would deliver the message as any other."""
+    version = nc.connected_server_version
+    if not _traces_only(version):
+        log.info("%s: NATS server %s: its publish rights are not checked (2.11+)", who, version)
+        return
+    trace_to = nc.new_inbox()
+    headers = {_TRACE_DEST: trace_to, _TRACE_ONLY: "true"}
+    watch.probing = frozenset(s.lower() for s in (*subjects_, trace_to))
+    try:
+        for subject in subjects_:
+            await nc.publish(subject, b"", headers=headers)
+        await natsio.ensure_subscribed(nc)  # its flushes come back after the server's errors
+    except nats.errors.Error as exc:  # slow to answer (a fleet restarting), or gone again
+        log.warning("%s: its publish rights were not checked (%s)", who, type(exc).__name__)
+        return
+    finally:
+        watch.probing = frozenset()
+        refused, watch.refused_probes = watch.refused_probes, set()
+    if trace_to.lower() in refused:
+        log.warning(
+            "%s: its rights to publish to %s were not checked: this NATS user may not publish "
+            "to its own inbox (%s.>), where the check's answer goes; grant it that too (%s)",
+            who,
+            ", ".join(subjects_),
+            trace_to.rpartition(".")[0],
+            fix,
+        )
+        return
+    denied = [s for s in subjects_ if s.lower() in refused]
+    if denied:
+        raise NatsRefused(
+            f"{who}: this NATS user may not publish to {', '.join(denied)}, where its work goes: "
+            f"grant it publish there ({fix})"
+        )
+
+
+def _traces_only(version: ServerVersion) -> bool:
+    """Whether a server of this version delivers a trace-only message to nobody."""
+    try:
+        return (version.major, version.minor) >= _TRACE_ONLY_SINCE
+    except ValueError:  # no version nats-py can read
+        return False
+
+
 def _is_inbox_refusal(exc: Exception) -> bool:
     """The server refused a subscription to an _INBOX subject: a user whose permissions name
     an inbox prefix of its own, connected without it."""
@@ -439,6 +514,15 @@ async def start_dispatcher(
             f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}, its default "
             "(leave NATS_INBOX_PREFIX, --nats-inbox-prefix and [nats] inbox_prefix unset)",
         )
+        # Where each request's attempts and audit event go: refused, every attempt would time
+        # out, or every audit event be lost, without a word at start.
+        await must_be_allowed_to_publish(
+            nc,
+            watch,
+            "dispatcher",
+            _dispatcher_publishes(config),
+            "`lifeline nats-config` gives the dispatcher's user what it needs",
+        )
     except NatsRefused:
         await dispatcher.stop()
         await natsio.close(nc)
@@ -454,6 +538,12 @@ async def start_dispatcher(
     await responder.start()
     component = Component("dispatcher", nc, dispatcher.stop, watch, responder)
     return component, dispatcher
+
+
+def _dispatcher_publishes(config: Config) -> list[str]:
+    """What a dispatcher publishes every request to: its audit subjects, its providers'."""
+    audit = [subjects.audit_subject(status) for status in ("ok", "error")]  # AuditEvent.status
+    return audit + [subjects.provider_subject(name) for name in config.providers]
 
 
 async def start_worker(

@@ -78,6 +78,7 @@ from service.app import (
     NatsUnreachable,
     Stack,
     connect,
+    must_be_allowed_to_publish,
     must_have_subscribed,
     start_dispatcher,
     start_stack,
@@ -2051,6 +2052,14 @@ async def _start_gateway(
             (await server.subscribe(),),
             f"connect it with its user's inbox prefix: set NATS_INBOX_PREFIX=_INBOX.{user} "
             "(or --nats-inbox-prefix, or [nats] inbox_prefix)",
+        )
+        # Where every request goes, checked too: refused, the same 504s, one per request.
+        await must_be_allowed_to_publish(
+            nc,
+            watch,
+            "gateway",
+            (subjects.COMPLETE, subjects.STREAM, subjects.ABORT),
+            f"`lifeline nats-config --gateways {user}` gives a gateway user what it needs",
         )
         await server.start(host, port)
     except (OSError, NatsRefused):

@@ -10,12 +10,14 @@ them; regenerate the file when the config's providers, streams or buckets change
     dispatchers  take requests and jobs, call workers, cancel attempts, answer clients (on
                  _INBOX.>), publish audit events, keep the jobs, results, audit and health
                  streams and buckets; their own inbox prefix is _LIFELINE_DISPATCHER
+                 (they may publish there too: the trace of their start-up check)
     workers      one user per provider: take llm.provider.<name> (in its queue group) and
                  llm.cancel.<name>, answer each request once through response permissions,
                  and publish a stream's chunks to a dispatcher's inbox (<prefix>.*.*.c) only
     gateways     the HTTP gateways (only those named): a client's requests and aborts (no
-                 jobs), answers on their own inbox prefix, _INBOX.<user>; and their $SRV
-                 subjects (discovery), each request answered once
+                 jobs), answers on their own inbox prefix, _INBOX.<user> (publishing there
+                 too: the trace of their start-up check); and their $SRV subjects
+                 (discovery), each request answered once
     operators    read the audit stream and the live audit events, the health bucket, and ask
                  the NATS service API ($SRV: discovery, figures); receive the dead letters
                  (llm.jobs.dead) and on _INBOX.<user>
@@ -175,6 +177,9 @@ def dispatcher(config: Config) -> User:
         subjects.AUDIT_ALL,
         subjects.JOBS_DEAD,
         f"{INBOX_ROOT}.>",  # replies, stream events, Lifeline-Notify and -Events to clients
+        # Its own inbox: where the trace of its start-up check of these rights goes
+        # (service/app.py's must_be_allowed_to_publish); only dispatchers listen there.
+        subjects.DISPATCHER_INBOX_PREFIX + ".>",
         *_stream_keeper(jobs.stream),
         *_jobs_puller(jobs.stream, subjects.JOBS_CONSUMER),
         *_bucket_keeper(jobs.results_bucket),
@@ -223,7 +228,9 @@ def gateway(name: str) -> User:
     return User(
         name,
         GATEWAY,
-        publish=(subjects.COMPLETE, subjects.STREAM, subjects.ABORT),
+        # And its own inbox, where only it listens: the trace of its start-up check of these
+        # rights goes there (service/app.py's must_be_allowed_to_publish).
+        publish=(subjects.COMPLETE, subjects.STREAM, subjects.ABORT, client_inbox(name) + ".>"),
         subscribe=(client_inbox(name) + ".>", *_service_api(subjects.GATEWAY_SERVICE)),
         responses=Responses(1, SERVICE_API_RESPONSE_S),  # to $SRV requests, its only ones
         inbox_prefix=client_inbox(name),

@@ -477,6 +477,10 @@ def test_a_gateway_run_as_a_client_serves_and_says_once_why_it_cannot_be_found(
         log = proc.log()
         assert log.count("may not subscribe to the NATS service API") == 1, log
         assert "--gateways NAME" in log and "permissions violation" not in log.lower(), log
+        # A client may not publish to its own inbox, where the check of its rights answers.
+        assert (
+            "its rights to publish to llm.complete, llm.stream, llm.abort were not checked" in log
+        )
     finally:
         proc.stop()
 
@@ -606,3 +610,105 @@ def test_a_config_path_with_a_line_break_stays_inside_its_comment() -> None:
     rendered = permissions.server_config(config)
     assert not [line for line in rendered.splitlines() if line.startswith("no_auth_user")]
     assert "odd\\nno_auth_user" in rendered
+
+
+# Users whose permissions deny a publish a component's work needs, and nothing else.
+DENYING = """
+authorization {
+  users = [
+    {user: "no-requests", password: "pw", permissions: {publish: {deny: ["llm.complete", "llm.stream"]}}}
+    {user: "no-audit", password: "pw", permissions: {publish: {deny: ["llm.audit.>"]}}}
+  ]
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def denying() -> Iterator[str]:
+    server = EmbeddedNats(port=-1, conf=DENYING)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _stopped_at_start(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    proc = subprocess.Popen(
+        [*LIFELINE, *args, "--config", str(ROOT / "lifeline.example.toml")],
+        cwd=ROOT,
+        env=cli_env(**env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        return finished(proc, timeout_s=30)
+    finally:  # one running on would serve nothing, each request timing out
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_gateway_that_may_not_publish_requests_stops_saying_so(denying: str) -> None:
+    """A gateway whose NATS user may not publish llm.complete and llm.stream: the server
+    dropped each request it sent, and it ran on, ready by /readyz, each completion a 504 after
+    its timeout."""
+    env = {"NATS_URL": denying, "NATS_USER": "no-requests", "NATS_PASSWORD": "pw"}
+    code, out, err = _stopped_at_start(["gateway", "--port", "0"], env)
+    assert code != 0, out + err
+    assert "OpenAI-compatible gateway on" not in out, out
+    assert "gateway: this NATS user may not publish to llm.complete, llm.stream," in err, err
+    assert "grant it publish there (`lifeline nats-config --gateways no-requests`" in err, err
+
+
+def test_a_dispatcher_that_may_not_publish_audit_events_stops_saying_so(denying: str) -> None:
+    """Its audit events dropped by the server, one per request, without a word."""
+    env = {"NATS_URL": denying, "NATS_USER": "no-audit", "NATS_PASSWORD": "pw"}
+    code, out, err = _stopped_at_start(["dispatcher"], env)
+    assert code != 0, out + err
+    assert "dispatcher: this NATS user may not publish to llm.audit.ok, llm.audit.error," in err
+    assert "grant it publish there (`lifeline nats-config` gives the dispatcher's" in err, err
+
+
+async def test_the_check_of_publish_rights_reaches_nobody(nats_url: str, tmp_path: Path) -> None:
+    """Its messages, one per subject checked, are traced only: no dispatcher, worker, audit
+    reader or stream gets them (a dispatcher would answer and audit each as a request). Only
+    their traces go out, to the checking connection's own inbox."""
+    nc = await nats.connect(nats_url)
+    everything = await nc.subscribe(">")
+    await ensure_subscribed(nc)
+    config_path = write_config(tmp_path / "lifeline.toml", CONFIG)
+    starting = {"dispatcher": "jobs: taking jobs", "gateway": "OpenAI-compatible gateway on"}
+    procs = [
+        LifelineProcess(
+            [command, "--config", str(config_path)]
+            + (["--port", "0"] if command == "gateway" else []),
+            tmp_path / f"{command}.log",
+            {"NATS_URL": nats_url},
+        )
+        for command in starting
+    ]
+    try:
+        for proc, ready in zip(procs, starting.values(), strict=True):
+            proc.wait_for_log(ready)
+        await nc.flush()  # what the server sent before this has been read
+        heard = []
+        while everything.pending_msgs:
+            heard.append(await everything.next_msg(timeout=1))
+        traced = [
+            json.loads(msg.data)["events"][0]["subj"]
+            for msg in heard
+            if msg.subject.startswith(("_INBOX.", subjects.DISPATCHER_INBOX_PREFIX + "."))
+            and b'"events"' in msg.data
+        ]
+        checked = ["llm.complete", "llm.stream", "llm.abort", "llm.audit.ok", "llm.audit.error"]
+        checked += [subjects.provider_subject(name) for name in CONFIG["providers"]]
+        assert sorted(traced) == sorted(checked), traced
+        assert not [m.subject for m in heard if m.subject in checked], [m.subject for m in heard]
+        audit = await nc.jetstream().stream_info(load_config(str(config_path)).audit.stream)
+        assert audit.state.messages == 0
+    finally:
+        for proc in procs:
+            proc.stop()
+        await nc.close()
