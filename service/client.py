@@ -26,7 +26,8 @@ timeout). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server), NoDispatcher (nobody on llm.complete), NoAnswer (no reply within
 the request's timeout and a grace: a TimeoutError too), RequestTooLarge (over the server's
 max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
-missing and StreamProtocolError on a message that is not an event (schemas/streaming.py).
+missing and StreamProtocolError on a message that is not an event (LifelineErrors too, and
+subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
 before anything is sent.
 
@@ -60,9 +61,9 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from schemas import ChatMessage, CompletionReply, CompletionRequest, subjects
+from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, subjects
 from schemas.errors import RESEND
-from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
+from schemas.streaming import Assembler, Event
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
 from service import jetstream, natsio, natsopts
@@ -132,6 +133,15 @@ class RequestTooLarge(LifelineError, ValueError):
 
 class JobsUnavailable(LifelineError):
     """The jobs stream or results bucket could not be used (is JetStream on: nats-server -js?)."""
+
+
+class StreamGap(LifelineError, streaming.StreamGap):
+    """An event of a stream went missing (a NATS reconnect, a consumer too slow): the text
+    so far is not the answer. Also schemas.streaming's StreamGap, as Assembler raises it."""
+
+
+class StreamProtocolError(LifelineError, streaming.StreamProtocolError):
+    """A message on a stream's reply subject that is not an llm.stream event."""
 
 
 class ReplyError(LifelineError):
@@ -1004,7 +1014,7 @@ async def stream(
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {STREAM}: start one (`lifeline run`)"
                 )
-            yield assembler.feed(msg.headers, msg.data)
+            yield _fed(assembler, msg.headers, msg.data)
     finally:
         if keys is not None:
             keys.discard(key)
@@ -1012,6 +1022,17 @@ async def stream(
             await asyncio.shield(abort(nc, key))
         with contextlib.suppress(nats.errors.ConnectionClosedError):
             await asyncio.shield(sub.unsubscribe())
+
+
+def _fed(assembler: Assembler, headers: Mapping[str, str] | None, data: bytes) -> Event:
+    """The Assembler's event, its StreamGap and StreamProtocolError raised as the client's
+    own: LifelineErrors, as every transport problem is."""
+    try:
+        return assembler.feed(headers, data)
+    except streaming.StreamGap as exc:
+        raise StreamGap(str(exc)) from None
+    except streaming.StreamProtocolError as exc:
+        raise StreamProtocolError(str(exc)) from None
 
 
 async def stream_text(nc: Client, request: CompletionRequest) -> tuple[str, CompletionReply]:

@@ -160,6 +160,33 @@ async def test_a_stream_with_a_missing_event_raises_a_gap(client, lifeline_clien
     assert answer.text == "a"
 
 
+async def test_a_stream_that_cannot_be_trusted_raises_a_lifeline_error(client, lifeline_client):
+    """The README: every transport problem is a LifelineError, a stream's StreamGap included.
+    StreamGap and StreamProtocolError were schemas.streaming's, no LifelineError: a service
+    that caught LifelineError around a stream crashed on an event lost in a NATS reconnect."""
+    import schemas.streaming
+
+    async def gappy(msg: Any) -> None:  # a stand-in dispatcher that loses event 2
+        for seq, text in ((1, b"a"), (3, b"c")):
+            headers = {subjects.SEQ: str(seq), subjects.ATTEMPT_NO: "1"}
+            await client.publish(msg.reply, text, headers=headers)
+
+    async def not_lifeline(msg: Any) -> None:  # something else subscribed to llm.stream
+        await client.publish(msg.reply, b"<html>502 Bad Gateway</html>")
+
+    sub = await client.subscribe(subjects.STREAM, cb=gappy)
+    await ensure_subscribed(client)
+    with pytest.raises(LifelineError, match="event 3 arrived after event 1") as gap:
+        await lifeline_client.stream("Hi").finish()
+    assert isinstance(gap.value, StreamGap | schemas.streaming.StreamGap)
+    await sub.unsubscribe()
+    await client.subscribe(subjects.STREAM, cb=not_lifeline)
+    await ensure_subscribed(client)
+    with pytest.raises(LifelineError, match="Lifeline-Seq") as junk:
+        await lifeline_client.stream("Hi").finish()
+    assert isinstance(junk.value, schemas.streaming.StreamProtocolError)
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
