@@ -685,7 +685,12 @@ class Streamed:
     async def finish(self) -> CompletionReply:
         async for _ in self:
             pass
-        assert self.reply is not None
+        if self.reply is None:  # stopped before its end: aclose(), a break, a cancel, an error
+            raise LifelineError(
+                "this stream was stopped before its end (aclose(), leaving its `async with`, "
+                "a cancelled read, or the error it raised), so it has no reply: send the "
+                "request again"
+            )
         return self.reply
 
     async def aclose(self) -> None:

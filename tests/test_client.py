@@ -187,6 +187,23 @@ async def test_a_stream_that_cannot_be_trusted_raises_a_lifeline_error(client, l
     assert isinstance(junk.value, schemas.streaming.StreamProtocolError)
 
 
+async def test_a_stream_stopped_before_its_end_says_so_when_its_reply_is_asked_for(
+    lifeline, lifeline_client
+):
+    """finish() on a stream already left (a read cancelled by a timeout, aclose()) raised a
+    bare AssertionError, and under `python -O` returned None as if it were the reply."""
+    await lifeline(config({"main": fake(chunks=20, chunk_delay_ms=200)}))
+    answer = lifeline_client.stream("one two three four five six")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(answer.finish(), 0.3)
+    with pytest.raises(LifelineError, match="stopped before its end"):
+        await answer.finish()
+    async with lifeline_client.stream("one two three four five six") as left:
+        await anext(left)
+    with pytest.raises(LifelineError, match="stopped before its end"):
+        await left.finish()
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
