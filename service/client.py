@@ -440,7 +440,7 @@ class Lifeline:
                 raise _buffer_full() from None
             finally:
                 self._keys.discard(key)
-            reply = reply_decoder.decode(msg.data)
+            reply = _decoded(msg.data, subjects.COMPLETE)
             if retry < overloaded_retries and _overloaded(reply):
                 retry_req = await _wait_to_retry(req, reply, deadline)
                 if retry_req is not None:
@@ -519,7 +519,7 @@ class Lifeline:
         there is none (yet, or any more: results expire). See `stored_result`."""
         self._check_loop()
         data = await stored_result(self.nc, job_id, wait_s, self.results_bucket)
-        return reply_decoder.decode(data) if data is not None else None
+        return _decoded(data, subjects.JOBS_RESULT) if data is not None else None
 
     def _check_loop(self) -> None:
         """LifelineError unless called in the event loop the client connected in: nats-py's
@@ -795,6 +795,18 @@ def _why_silent(
         "the NATS connection is down and reconnecting, so the request or its answer may have "
         "been lost on the way: send it again once NATS is back"
     )
+
+
+def _decoded(data: bytes, subject: str) -> CompletionReply:
+    """The reply in an answer on `subject`; LifelineError when it holds none (whatever else
+    is subscribed to it answered, not a dispatcher), rather than msgspec's own error."""
+    try:
+        return reply_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise LifelineError(
+            f"the answer on {subject} is no Lifeline reply ({exc}; it begins {data[:40]!r}): "
+            f"is something other than a Lifeline dispatcher subscribed to {subject}?"
+        ) from None
 
 
 def _overloaded(reply: CompletionReply) -> bool:

@@ -204,6 +204,22 @@ async def test_a_stream_stopped_before_its_end_says_so_when_its_reply_is_asked_f
         await left.finish()
 
 
+async def test_an_answer_that_is_no_reply_raises_a_lifeline_error(client, lifeline_client):
+    """Something other than a dispatcher subscribed to llm.complete (or llm.jobs.result)
+    answered: complete() and result() raised msgspec's DecodeError, no LifelineError."""
+
+    async def not_lifeline(msg: Any) -> None:
+        await client.publish(msg.reply, b"<html>502 Bad Gateway</html>")
+
+    await client.subscribe(subjects.COMPLETE, cb=not_lifeline)
+    await client.subscribe(subjects.JOBS_RESULT, cb=not_lifeline)
+    await ensure_subscribed(client)
+    with pytest.raises(LifelineError, match="llm.complete is no Lifeline reply.*502 Bad"):
+        await lifeline_client.complete("Hi")
+    with pytest.raises(LifelineError, match="llm.jobs.result is no Lifeline reply"):
+        await lifeline_client.result("job-1")
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
