@@ -627,6 +627,8 @@ class Streamed:
         self._over = False
         self._sent = request  # this try's request: a retry's has the time left as timeout_s
         self._deadline: float | None = None  # the whole stream's, fixed at its first send
+        self._reader: asyncio.Task[Any] | None = None  # the task inside __anext__, if any
+        self._left: asyncio.Event | None = None  # set when a reader aclose() stopped has left
 
     @property
     def text(self) -> str:
@@ -654,6 +656,22 @@ class Streamed:
         # already closing ("aclose(): asynchronous generator is already running").
         if self._check_loop is not None:
             self._check_loop()
+        self._reader = asyncio.current_task()
+        try:
+            return await self._next()
+        except asyncio.CancelledError:
+            # aclose() from another task (a "stop" button) cancelled this read: the stream
+            # ends here for its reader, as a break would; any other cancel goes on.
+            reader = self._reader
+            if self._left is not None and reader is not None and reader.uncancel() == 0:
+                raise StopAsyncIteration from None
+            raise
+        finally:
+            self._reader = None
+            if self._left is not None:
+                self._left.set()
+
+    async def _next(self) -> Event:
         while not self._over:
             if self._events is None:
                 if self._deadline is None:
@@ -694,8 +712,16 @@ class Streamed:
         return self.reply
 
     async def aclose(self) -> None:
-        """Stop reading: unsubscribes, and aborts the request if it has not ended."""
+        """Stop reading: unsubscribes, and aborts the request if it has not ended. From
+        another task than the one reading it, that read ends the iteration (as a break
+        would), and aclose() returns once the request is aborted."""
         self._over = True
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            # Its read is under way (an async generator cannot be closed then): stop it.
+            self._left = asyncio.Event()
+            reader.cancel()
+            await self._left.wait()
         await self._end_try()
 
     async def _end_try(self) -> None:
@@ -1035,10 +1061,12 @@ async def stream(
     finally:
         if keys is not None:
             keys.discard(key)
-        if not assembler.done:
-            await asyncio.shield(abort(nc, key))
-        with contextlib.suppress(nats.errors.ConnectionClosedError):
-            await asyncio.shield(sub.unsubscribe())
+        try:
+            if not assembler.done:
+                await asyncio.shield(abort(nc, key))
+        finally:  # a second cancel while it aborts (its reader's, and aclose()'s) unsubscribes
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await asyncio.shield(sub.unsubscribe())
 
 
 def _fed(assembler: Assembler, headers: Mapping[str, str] | None, data: bytes) -> Event:

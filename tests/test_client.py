@@ -220,6 +220,32 @@ async def test_an_answer_that_is_no_reply_raises_a_lifeline_error(client, lifeli
         await lifeline_client.result("job-1")
 
 
+async def test_a_stream_closed_from_another_task_ends_its_readers_loop_and_is_aborted(
+    lifeline, lifeline_client
+):
+    """A "stop" button's handler calls aclose() while the reader task waits for the next
+    event: aclose() raised "asynchronous generator is already running", and the request was
+    aborted only if the garbage collector happened to close what it left."""
+    stack = await lifeline(config({"main": fake(chunks=50, chunk_delay_ms=100)}))
+    subscribed = len(lifeline_client.nc._subs)
+    answer = lifeline_client.stream(" ".join(["word"] * 50))
+    kinds: list[str] = []
+
+    async def reader() -> str:
+        async for event in answer:
+            kinds.append(event.kind)
+        return "ended"
+
+    reading = asyncio.ensure_future(reader())
+    await wait_for(lambda: len(kinds) >= 2)
+    await answer.aclose()
+    assert await asyncio.wait_for(reading, 5) == "ended"  # as after a break: no error
+    assert len(lifeline_client.nc._subs) == subscribed
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=5)
+    with pytest.raises(LifelineError, match="stopped before its end"):
+        await answer.finish()
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
