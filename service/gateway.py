@@ -827,8 +827,13 @@ class Gateway:
             timeout_graceful_shutdown=_STOP_GRACE_S,
         )
         config.load()
-        # Bound here: uvicorn would log a bind error and sys.exit().
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # Bound here: uvicorn would log a bind error and sys.exit(). IPPROTO_TCP named, not 0:
+        # asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an accepted one
+        # takes its listener's. Without it, Nagle held each answer's body (uvicorn writes it
+        # after the head) for the client's delayed ACK: 40 ms per request on a kept-alive
+        # connection, which is how the SDKs send every request after their first.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

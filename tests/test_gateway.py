@@ -1068,6 +1068,23 @@ async def test_connections_past_the_maximum_get_503_and_the_others_are_served(
         w.close()
 
 
+@shared_loop
+async def test_answers_on_a_kept_alive_connection_are_not_held_back_by_nagle(shared):
+    """The SDKs keep their connection open and send every request after the first on it.
+    uvicorn writes an answer's head, then its body: with Nagle on, the body waited for the
+    client's delayed ACK, 40 ms on Linux, and each such request took 45 ms instead of 1. The
+    listening socket was made with proto 0, so asyncio's TCP_NODELAY skipped its connections."""
+    async with httpx.AsyncClient(base_url=shared.gw.url, timeout=10) as http:
+        for _ in range(2):
+            assert (await http.post("/chat/completions", json=chat())).status_code == 200
+        sockets = [
+            c.transport.get_extra_info("socket") for c in shared.gw.server.server_state.connections
+        ]
+        assert sockets and all(
+            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets
+        )
+
+
 async def test_a_stream_read_too_slowly_is_stopped_and_its_client_told(
     gateway, nats_url, monkeypatch
 ):
