@@ -147,6 +147,19 @@ STATUS: dict[str, tuple[int, str]] = {
     errors.ABORTED: (_CLIENT_GONE, "aborted"),
 }
 _INTERNAL = (500, "server_error")
+# Answers after Lifeline spent its retries and fallbacks (or the request's whole deadline) on
+# the request: the SDKs send a 5xx again on their own, twice by default, which runs the whole
+# chain again and pays its providers again. Both SDKs obey `x-should-retry: false`.
+_NOT_AGAIN = frozenset(
+    (
+        errors.ALL_FAILED,
+        errors.FALLBACK_STOPPED,
+        errors.MAX_ATTEMPTS_REACHED,
+        errors.REPLY_TOO_LARGE,
+        errors.MIDSTREAM_FAILED,
+        errors.DEADLINE_EXCEEDED,
+    )
+)
 
 
 def keys_from_env(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -523,6 +536,8 @@ def reply_error(reply: CompletionReply, route: str) -> HTTPError:
         retry_s = error.retry_after_s if error and error.retry_after_s else 1.0
         headers["retry-after"] = str(max(1, math.ceil(retry_s)))
         headers["retry-after-ms"] = str(max(1, round(retry_s * 1000)))
+    elif kind in _NOT_AGAIN:
+        headers["x-should-retry"] = "false"
     param = None
     if kind == errors.INVALID_REQUEST and (at := _AT_PATH.search(message)):
         param = at.group(1)

@@ -439,6 +439,31 @@ async def test_every_target_failing_is_502_with_every_attempt(shared):
     assert [a["target"] for a in error.response.json()["lifeline"]["attempts"]] == ["a", "b"]
 
 
+@shared_loop
+async def test_the_sdks_own_retries_do_not_run_a_spent_fallback_chain_again(shared):
+    """An SDK left at its defaults sends a 5xx again, twice: an all_failed 502 ran every
+    target three times (and paid its providers three times), a deadline_exceeded 504 spent
+    the request's whole timeout three times. Lifeline already retried and fell back, so it
+    says `x-should-retry: false`, which both SDKs obey."""
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(event_hooks={"request": [count]})
+    async with openai.AsyncOpenAI(base_url=shared.gw.url, api_key="-", http_client=http) as sdk:
+        for ask, status in (
+            (chat("failing"), 502),
+            (chat("failing", stream=True), 502),
+            (chat("deadline", extra_headers={"x-lifeline-timeout-s": "0.2"}), 504),
+        ):
+            sent.clear()
+            with pytest.raises(openai.APIStatusError) as failed:
+                await sdk.chat.completions.create(**ask)
+            assert failed.value.status_code == status
+            assert len(sent) == 1, [r.headers.get("x-stainless-retry-count") for r in sent]
+
+
 async def test_an_overloaded_dispatcher_is_503_with_retry_after(gateway):
     _, client, stack = await gateway(config({"slow": fake(latency_ms=300)}, max_in_flight=1))
     first = asyncio.ensure_future(client.chat.completions.create(**chat()))
