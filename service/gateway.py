@@ -266,6 +266,11 @@ class ChatRequest(Struct):
     prediction: Any = None
     web_search_options: Any = None
     service_tier: Any = None
+    user: Any = None
+    store: Any = None
+    metadata: Any = None  # OpenAI's, for stored completions; Lifeline's is lifeline.metadata
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
 
 
 _IGNORED = (
@@ -277,6 +282,11 @@ _IGNORED = (
     "prediction",
     "web_search_options",
     "service_tier",
+    "user",
+    "store",
+    "metadata",
+    "prompt_cache_key",
+    "safety_identifier",
 )
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _ROLES = frozenset(("system", "user", "assistant", "tool", "developer"))

@@ -318,6 +318,24 @@ async def test_the_whole_chat_request_reaches_the_provider_translated(shared):
     assert request.tool_choice == NamedTool("get_weather")
 
 
+@shared_loop
+async def test_openai_fields_the_wire_cannot_carry_are_named_as_ignored(shared):
+    """`user`, `store`, `metadata` and the like are OpenAI's own fields, which Lifeline's wire
+    does not carry: they were dropped without a word, unlike presence_penalty. A caller who
+    sends metadata to see it in Lifeline's audit learns it goes in `lifeline.metadata`."""
+    raw = await shared.client.chat.completions.with_raw_response.create(
+        **chat(),
+        user="u-1",
+        store=True,
+        metadata={"team": "search"},
+        prompt_cache_key="k",
+        safety_identifier="s",
+    )
+    assert raw.headers["x-lifeline-ignored"] == (
+        "user, store, metadata, prompt_cache_key, safety_identifier"
+    )
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 
