@@ -446,7 +446,7 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | None:
 
 
 def _model_not_found(model: str, models: Models | None) -> HTTPError:
-    known = ", ".join([*models.routes, *models.targets]) if models is not None else ""
+    known = ", ".join(dict.fromkeys([*models.routes, *models.targets])) if models else ""
     return HTTPError(
         404,
         f"The model `{model}` does not exist: `model` names a Lifeline route"

@@ -378,6 +378,16 @@ async def test_an_unknown_model_is_404_listing_the_routes_before_and_after_the_s
 
 
 @shared_loop
+async def test_an_unknown_model_s_404_names_each_model_once(shared):
+    """A name that is both a route and a target or provider (here `mute`), and every target
+    named after its provider, was listed twice in the message."""
+    with pytest.raises(openai.NotFoundError) as missing:
+        await shared.client.chat.completions.create(**chat("gpt-4o"))
+    known = missing.value.message.rpartition("(")[2].rstrip(")").split(", ")
+    assert known.count("mute") == 1 and len(known) == len(set(known)), known
+
+
+@shared_loop
 async def test_a_request_too_large_is_413(shared):
     long = [{"role": "user", "content": "x" * 20_000}]
     with pytest.raises(openai.APIStatusError) as large:  # refused by the dispatcher
