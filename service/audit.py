@@ -33,6 +33,7 @@ log = logging.getLogger("lifeline.audit")
 DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
 _SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be made
 _WATCH_S = 30.0  # between looks at whether the stream is still there
+_SILENT_LOOKS = 2  # looks in a row at which JetStream did not answer, before that is said
 _AUDIT_STATUSES = AUDIT_PREFIX + "*"  # every subject an event goes out on: a stream of
 # Lifeline's name made beforehand must capture them all (llm.audit.> does)
 
@@ -153,7 +154,11 @@ async def keep_audit_stream(
     said `problem`: try again every _SETUP_RETRY_S until it is there (a cluster still electing
     its leaders, a JetStream turned on later), saying so once; meanwhile events reach live
     subscribers only. Then look every _WATCH_S, and make it again when it is gone (a server
-    restarted on an empty store, an operator who deleted it): nobody would keep events else."""
+    restarted on an empty store, an operator who deleted it): nobody would keep events else.
+    JetStream silent at two looks in a row (nats-server disables it when its disk is full, and
+    a server restarted without -js has none) is said once, and its return: meanwhile events
+    reach live subscribers only, and the server confirms no capture that would tell."""
+    silent = 0
     while True:
         if problem is not None:
             log.warning(
@@ -170,7 +175,24 @@ async def keep_audit_stream(
         await asyncio.sleep(_WATCH_S)
         try:
             await js.stream_info(settings.stream)
+        except nats.js.errors.ServiceUnavailableError:
+            silent += 1
+            if silent == _SILENT_LOOKS:
+                log.warning(
+                    "audit: JetStream does not answer (a server whose disk filled up disables "
+                    "it; one restarted without -js has none): events reach live subscribers "
+                    "only and are not kept in stream %s until it does; check the server's log",
+                    settings.stream,
+                )
+            continue
         except nats.js.errors.NotFoundError:
             problem = "it is gone (a server restarted on an empty store, or it was deleted)"
+            silent = 0  # JetStream answers: making the stream again says what follows
         except Exception as exc:  # noqa: BLE001 - unreachable for now: looked at next time
             log.debug("audit: could not look at stream %s: %r", settings.stream, exc)
+        else:
+            if silent >= _SILENT_LOOKS:
+                log.warning(
+                    "audit: JetStream answers again: events are kept in %s", settings.stream
+                )
+            silent = 0

@@ -319,6 +319,37 @@ async def test_an_audit_stream_that_cannot_be_made_at_start_is_made_once_it_can(
     )
 
 
+async def test_jetstream_gone_silent_under_the_audit_stream_is_said_and_its_return_too(
+    tracers, caplog, monkeypatch
+):
+    """nats-server disables JetStream when its disk fills up: the events still reach live
+    subscribers, but none is kept, and the server confirms no capture that would tell. The
+    dispatcher's look at the stream said nothing (a debug line) for as long as it lasted."""
+    from service import audit
+    from service.app import start_stack
+    from service.embedded import EmbeddedNats
+
+    monkeypatch.setattr(audit, "_WATCH_S", 0.05)
+    caplog.set_level(logging.WARNING, "lifeline.audit")
+    said = lambda: " ".join(r.getMessage() for r in caplog.records)  # noqa: E731
+    server = EmbeddedNats(port=-1)
+    server.start()
+    stack = await start_stack(parse_config(config({"main": fake()})), server.url, tracers)
+    try:
+        server.stop()
+        server.jetstream = False  # the same port, no JetStream: as a disabled one answers
+        server.start()
+        await wait_for(lambda: "JetStream does not answer" in said(), timeout_s=15)
+        assert "not kept in stream LIFELINE_AUDIT until it does" in said()
+        server.stop()
+        server.jetstream = True
+        server.start()  # an empty store: the stream is made again
+        await wait_for(lambda: "kept in stream LIFELINE_AUDIT from now on" in said(), 15)
+    finally:
+        await stack.stop()
+        server.stop()
+
+
 class _StallingProxy:
     """A TCP proxy to a NATS server that stops passing the server's bytes on once it has
     passed `after` JetStream deliveries (their `$JS.ACK` reply subjects), keeping the
