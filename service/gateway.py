@@ -203,6 +203,7 @@ class _Message(Struct):
     tool_calls: list[_ToolCall] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
+    refusal: str | None = None  # an assistant's, as the SDKs echo a refused answer back
 
 
 class _FunctionDef(Struct):
@@ -392,7 +393,7 @@ def _message(m: _Message, i: int) -> ChatMessage:
     if isinstance(m.content, list):
         content = [_part(p, f"{where}.content[{j}]") for j, p in enumerate(m.content)]
     else:
-        content = m.content if m.content is not None or m.tool_calls else ""
+        content = m.content if m.content is not None or m.tool_calls else m.refusal or ""
     calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
     if m.role == "tool" and not m.tool_call_id:
         raise _bad("a tool message needs the tool_call_id it answers", f"{where}.tool_call_id")

@@ -336,6 +336,19 @@ async def test_openai_fields_the_wire_cannot_carry_are_named_as_ignored(shared):
     )
 
 
+@shared_loop
+async def test_an_assistant_s_refusal_sent_back_in_the_history_reaches_the_provider(shared):
+    """A refused answer comes back from OpenAI-shaped providers as `content: null` with its
+    text in `refusal`, and the SDK user appends the message as it is: the history lost the
+    refusal and showed the model an empty answer of its own."""
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    completion = await shared.client.chat.completions.create(
+        model="mirror", messages=[*HELLO, refused, {"role": "user", "content": "Why not?"}]
+    )
+    sent = json.loads(completion.choices[0].message.content)["messages"]
+    assert sent[1] == {"role": "assistant", "content": "I can't help with that."}
+
+
 # ---- errors -------------------------------------------------------------------------------
 
 
