@@ -385,6 +385,22 @@ def must_have_subscribed(
         )
 
 
+async def must_have_its_inbox(
+    nc: Client, watch: ConnectionWatch, who: str, prefix: str, fix: str
+) -> None:
+    """NatsRefused at once when the server refuses subscriptions under this connection's inbox
+    prefix (as must_have_subscribed), found by making one and dropping it. A server slow to
+    confirm it is left to the checks after the component started."""
+    sub = await nc.subscribe(f"{prefix}.{nc.new_inbox().rpartition('.')[2]}.>")
+    try:
+        await natsio.ensure_subscribed(nc)
+    except nats.errors.Error:
+        return
+    finally:
+        await sub.unsubscribe()
+    must_have_subscribed(watch, who, (prefix + ".>",), fix)
+
+
 # NATS message tracing (nats-server 2.11): a message with both headers is checked against its
 # publisher's permissions as any other, then delivered to no subscriber, stream or other server;
 # only its trace goes out, to Nats-Trace-Dest, which the publisher must be allowed to publish
@@ -499,21 +515,25 @@ async def start_dispatcher(
     if not options.inbox_prefix:  # where workers may stream chunks (service/permissions.py)
         options = replace(options, inbox_prefix=subjects.DISPATCHER_INBOX_PREFIX)
     nc = await connect(options, "lifeline-dispatcher", watch=watch)
+    # Its inbox, where its workers' replies and stream chunks come: refused (a client's
+    # NATS_INBOX_PREFIX left set), every attempt would time out. Checked first: the JetStream
+    # setup below asks through it, and waited out a timeout per ask (12 s) before stopping.
+    inbox_fix = (
+        f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}, its default "
+        "(leave NATS_INBOX_PREFIX, --nats-inbox-prefix and [nats] inbox_prefix unset)"
+    )
+    try:
+        await must_have_its_inbox(nc, watch, "dispatcher", options.inbox_prefix, inbox_fix)
+    except NatsRefused:
+        await natsio.close(nc)
+        raise
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
     try:
         must_have_subscribed(
             watch, "dispatcher", (subjects.COMPLETE, subjects.STREAM, subjects.ABORT)
         )
-        # Its inbox too, where its workers' replies and stream chunks come: refused (a
-        # client's NATS_INBOX_PREFIX left set), every attempt would time out.
-        must_have_subscribed(
-            watch,
-            "dispatcher",
-            (options.inbox_prefix + ".>",),
-            f"connect it with inbox prefix {subjects.DISPATCHER_INBOX_PREFIX}, its default "
-            "(leave NATS_INBOX_PREFIX, --nats-inbox-prefix and [nats] inbox_prefix unset)",
-        )
+        must_have_subscribed(watch, "dispatcher", (options.inbox_prefix + ".>",), inbox_fix)
         # Where each request's attempts and audit event go: refused, every attempt would time
         # out, or every audit event be lost, without a word at start.
         await must_be_allowed_to_publish(
