@@ -8,6 +8,7 @@ config, wait_for, the Ledger, the fake HTTP servers ...) are in helpers.py, not 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,6 +25,13 @@ from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 from service.telemetry import Tracing
+
+# A shell that starts the suite in the background (`make test &`, nohup) ignores SIGINT, and
+# the processes the tests start would inherit that: Python then never turns a Ctrl-C into
+# KeyboardInterrupt, and the tests of what a Ctrl-C does wait out their timeouts and fail.
+# A handler of our own is reset to the default in each child, as exec does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest.register_assert_rewrite("helpers")  # so that its asserts explain themselves as a test's do
 from helpers import AuditFeed  # noqa: E402  (after the line above, or it would not take)
