@@ -330,18 +330,19 @@ async def test_jetstream_gone_silent_under_the_audit_stream_is_said_and_its_retu
     from service.embedded import EmbeddedNats
 
     monkeypatch.setattr(audit, "_WATCH_S", 0.05)
+    monkeypatch.setattr(audit, "_SETUP_RETRY_S", 0.05)
     caplog.set_level(logging.WARNING, "lifeline.audit")
     said = lambda: " ".join(r.getMessage() for r in caplog.records)  # noqa: E731
     server = EmbeddedNats(port=-1)
     server.start()
     stack = await start_stack(parse_config(config({"main": fake()})), server.url, tracers)
     try:
-        server.stop()
+        server.stop(graceful=False)
         server.jetstream = False  # the same port, no JetStream: as a disabled one answers
         server.start()
         await wait_for(lambda: "JetStream does not answer" in said(), timeout_s=15)
         assert "not kept in stream LIFELINE_AUDIT until it does" in said()
-        server.stop()
+        server.stop(graceful=False)
         server.jetstream = True
         server.start()  # an empty store: the stream is made again
         await wait_for(lambda: "kept in stream LIFELINE_AUDIT from now on" in said(), 15)
