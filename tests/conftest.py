@@ -39,8 +39,8 @@ from helpers import AuditFeed  # noqa: E402  (after the line above, or it would 
 
 # The files that take longest, longest first; the others follow in their usual order. xdist
 # (--dist loadfile, without its reordering by number of tests: pyproject.toml) gives each of
-# its two workers a whole file when it is nearly done with its last, in this order: a long
-# file handed out near the end would keep one worker busy long after the other had finished.
+# its workers a whole file when it is nearly done with its last, in this order: a long
+# file handed out near the end would keep one worker busy long after the others had finished.
 # From `pytest --durations=0`, summed per file; an outdated list costs only that balance.
 # The benchmark's smoke run takes all the CPU it gets: second, so that it runs beside the CLI
 # tests (processes started and waited for, without tight timings), not beside the ones that
