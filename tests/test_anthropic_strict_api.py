@@ -226,14 +226,18 @@ async def test_a_prefill_of_whitespace_only_is_sent_empty_and_not_repeated(provi
         ChatMessage("assistant", [TextPart("")]),
         ChatMessage("assistant", ""),
         ChatMessage("assistant", None),
+        ChatMessage("assistant", " "),
+        ChatMessage("assistant", "\n\n"),
+        ChatMessage("assistant", [TextPart(" "), TextPart("\n")]),
     ],
-    ids=["empty-part", "empty-string", "none"],
+    ids=["empty-part", "empty-string", "none", "space", "newlines", "blank-parts"],
 )
-async def test_an_empty_turn_in_the_conversation_is_left_out_and_its_neighbours_merge(
+async def test_an_empty_or_blank_turn_in_the_conversation_is_left_out_and_its_neighbours_merge(
     provider, claude, empty
 ):
-    """OpenAI takes an empty message; the Messages API refused the whole request with a 400,
-    so a fallback to Claude failed."""
+    """OpenAI takes an empty message, and sometimes answers with only whitespace and takes it
+    back in the history; the Messages API refused the whole request with a 400 ("text content
+    blocks must contain non-whitespace text"), so a fallback to Claude failed."""
     request = chat(ChatMessage("user", "Hello"), empty, ChatMessage("user", "Anyone there?"))
     assert (await provider.complete(request, timeout_s=5)).content == "Hi."
     assert claude.bodies[-1]["messages"] == [
@@ -304,34 +308,6 @@ async def test_an_empty_last_assistant_turn_is_still_sent(provider, claude):
 
 
 # ---- whitespace-only messages and no messages -------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "blank",
-    [
-        ChatMessage("assistant", " "),
-        ChatMessage("assistant", "\n\n"),
-        ChatMessage("assistant", [TextPart(" "), TextPart("\n")]),
-    ],
-    ids=["space", "newlines", "parts"],
-)
-async def test_a_turn_of_only_whitespace_is_left_out_and_its_neighbours_merge(
-    provider, claude, blank
-):
-    """OpenAI sometimes answers with only whitespace, and takes it back in the history; the
-    Messages API refused the whole request ("text content blocks must contain non-whitespace
-    text"), so a fallback to Claude failed."""
-    request = chat(ChatMessage("user", "Hello"), blank, ChatMessage("user", "Anyone there?"))
-    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
-    assert claude.bodies[-1]["messages"] == [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Hello"},
-                {"type": "text", "text": "Anyone there?"},
-            ],
-        }
-    ]
 
 
 async def test_whitespace_beside_a_tool_call_is_left_out_and_the_call_sent(provider, claude):
