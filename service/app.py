@@ -391,13 +391,14 @@ async def must_have_its_inbox(
     """NatsRefused at once when the server refuses subscriptions under this connection's inbox
     prefix (as must_have_subscribed), found by making one and dropping it. A server slow to
     confirm it is left to the checks after the component started."""
-    sub = await nc.subscribe(f"{prefix}.{nc.new_inbox().rpartition('.')[2]}.>")
     try:
-        await natsio.ensure_subscribed(nc)
-    except nats.errors.Error:
+        sub = await nc.subscribe(f"{prefix}.{nc.new_inbox().rpartition('.')[2]}.>")
+        try:
+            await natsio.ensure_subscribed(nc)
+        finally:
+            await sub.unsubscribe()
+    except nats.errors.Error:  # the connection slow or gone again: the later checks decide
         return
-    finally:
-        await sub.unsubscribe()
     must_have_subscribed(watch, who, (prefix + ".>",), fix)
 
 
@@ -524,7 +525,7 @@ async def start_dispatcher(
     )
     try:
         await must_have_its_inbox(nc, watch, "dispatcher", options.inbox_prefix, inbox_fix)
-    except NatsRefused:
+    except BaseException:
         await natsio.close(nc)
         raise
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))

@@ -455,7 +455,7 @@ class WorkerRuntime:
         # with it, and queue all of its chunks in memory meanwhile.
         queued, framing = 0, len(stream_to) + _CHUNK_FRAMING
         run = 0  # text pieces since the stream last waited
-        waited = time.monotonic()  # when it last did (or began): see _HOT_S
+        rested = time.monotonic()  # when it last rested (or began): see _HOT_S
         held: list[str] = []  # text past the run's first _STREAM_BURST pieces, not yet sent
         held_bytes = 0
         unsent: list[bytes] = []  # chunks, in order, the fast path could not take
@@ -490,9 +490,8 @@ class WorkerRuntime:
                     chunks += 1
 
         def before_wait() -> None:  # called by _Next, synchronously: the stream waits next
-            nonlocal run, waited
+            nonlocal run
             run = 0
-            waited = time.monotonic()
             if held or unsent:
                 send_now()  # what the fast path refuses goes once the stream's wait is over
 
@@ -557,9 +556,9 @@ class WorkerRuntime:
                     if held:
                         await send()  # what came before the turn goes out in it
                     await _give_way(nc)
-                    if time.monotonic() - waited > _HOT_S:
+                    if time.monotonic() - rested > _HOT_S:
                         await asyncio.sleep(_REST_S)
-                        waited = time.monotonic()
+                        rested = time.monotonic()
             if end is not None and (held or unsent):
                 await send()  # before the end, which counts it
         finally:
@@ -589,11 +588,13 @@ _CHUNK_FRAMING = 16
 # past it, the rest of the run is held and goes out merged (see `_stream`), about a chunk per
 # turn of the event loop instead of one per piece.
 _STREAM_BURST = 64
-# A stream that has not waited for this long rests for _REST_S, a real wait of the event loop.
-# Its turns (_give_way) run the loop's other work, but never block it, and under uvloop a
-# loop that never blocks starves the process's other threads of the GIL: a synchronous
-# model's threads (workers/plugin.py) took up to seconds to start a call beside such a stream,
-# and its calls timed out. A tenth of the loop's time at most.
+# A stream that queues a turn's worth (_STREAM_QUEUED_MAX) this long after it last rested
+# rests for _REST_S, a real wait of the event loop. Its turns (_give_way) run the loop's other
+# work, but never block it (nor does a provider's own `await asyncio.sleep(0)`), and under
+# uvloop a loop that never blocks starves the process's other threads of the GIL: a
+# synchronous model's threads (workers/plugin.py) took up to seconds to start a call beside
+# such a stream, and its calls timed out. A tenth of a hot stream's time at most; a stream
+# over HTTP, whose turn's worth takes seconds to come, pauses a millisecond per 8 KiB.
 _HOT_S = 0.01
 _REST_S = 0.001
 
