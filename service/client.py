@@ -668,8 +668,9 @@ class Streamed:
             raise
         finally:
             self._reader = None
-            if self._left is not None:
-                self._left.set()
+            left, self._left = self._left, None  # a later cancel of a read is not aclose()'s
+            if left is not None:
+                left.set()
 
     async def _next(self) -> Event:
         while not self._over:
@@ -718,9 +719,11 @@ class Streamed:
         self._over = True
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task():
-            # Its read is under way (an async generator cannot be closed then): stop it.
-            self._left = asyncio.Event()
-            reader.cancel()
+            # Its read is under way (an async generator cannot be closed then): stop it, once
+            # (a second aclose() meanwhile, a stop button pressed twice, waits for the same).
+            if self._left is None:
+                self._left = asyncio.Event()
+                reader.cancel()
             await self._left.wait()
         await self._end_try()
 
