@@ -385,6 +385,9 @@ def must_have_subscribed(
         )
 
 
+_SMALL_PAYLOAD = 64 * 1024  # a max_payload below this is said at a dispatcher's start
+
+
 async def must_have_its_inbox(
     nc: Client, watch: ConnectionWatch, who: str, prefix: str, fix: str
 ) -> None:
@@ -528,6 +531,14 @@ async def start_dispatcher(
     except BaseException:
         await natsio.close(nc)
         raise
+    if nc.max_payload < _SMALL_PAYLOAD:
+        log.warning(
+            "dispatcher: the NATS server's max_payload is %d bytes (nats-server's default is "
+            "1 MiB): a request over it is refused as payload_too_large, an answer over it as "
+            "reply_too_large, and a stream's chunks keep 1 KiB of it for their headers; raise "
+            "max_payload in the server's configuration",
+            nc.max_payload,
+        )
     dispatcher = Dispatcher(nc, config, tracers.recorder("lifeline.dispatcher"))
     await dispatcher.start()
     try:

@@ -1,15 +1,20 @@
-"""The pure pieces behind the limits: message sizes as the server counts them, reply-subject
-refusal, id salvage on the error path, and URLs printed without their secrets."""
+"""The pieces behind the limits: message sizes as the server counts them, reply-subject
+refusal, id salvage on the error path, URLs printed without their secrets, and what a
+dispatcher says of a server whose max_payload is small."""
 
 from __future__ import annotations
 
+import logging
 
 import nats
 import pytest
+from helpers import config, fake
 
 from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo
 from schemas.subjects import reply_subject_refused
 from schemas.wire import MAX_ID_LENGTH, clipped, encoder, message_bytes, salvage_id
+from service.app import start_stack
+from service.config import parse_config
 from service.embedded import EmbeddedNats, redact_url
 from service.transport import _fitting, fitted
 
@@ -170,3 +175,15 @@ def test_an_id_is_salvaged_past_thousands_of_nested_ids_in_one_pass():
 )
 def test_nats_urls_are_shown_without_their_secrets(url, shown):
     assert redact_url(url) == shown
+
+
+async def test_a_dispatcher_on_a_server_with_a_small_max_payload_says_so_at_start(
+    small_server, tracers, caplog
+):
+    """On a server whose max_payload is a few KB, requests of a few KB are refused and a stream
+    keeps 1 KiB of each message for its headers: said once, at start, with what to raise."""
+    caplog.set_level(logging.WARNING, "lifeline")
+    stack = await start_stack(parse_config(config({"main": fake()})), small_server.url, tracers)
+    await stack.stop()
+    [said] = [r.getMessage() for r in caplog.records if "max_payload is" in r.getMessage()]
+    assert "max_payload is 4096 bytes" in said and "raise max_payload" in said
