@@ -204,6 +204,7 @@ class _Message(Struct):
     tool_call_id: str | None = None
     function_call: Any = None
     refusal: str | None = None  # an assistant's, as the SDKs echo a refused answer back
+    name: str | None = None  # a participant's name: the wire carries none (x-lifeline-ignored)
 
 
 class _FunctionDef(Struct):
@@ -380,7 +381,10 @@ def translate(
         seed=chat.seed,
         fail_on_length=options.fail_on_length,
     )
-    return request, [name for name in _IGNORED if getattr(chat, name) is not None]
+    ignored = [name for name in _IGNORED if getattr(chat, name) is not None]
+    if any(m.name is not None for m in chat.messages):
+        ignored.append("messages[].name")
+    return request, ignored
 
 
 def _message(m: _Message, i: int) -> ChatMessage:

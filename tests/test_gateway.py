@@ -322,7 +322,11 @@ async def test_the_whole_chat_request_reaches_the_provider_translated(shared):
 async def test_openai_fields_the_wire_cannot_carry_are_named_as_ignored(shared):
     """`user`, `store`, `metadata` and the like are OpenAI's own fields, which Lifeline's wire
     does not carry: they were dropped without a word, unlike presence_penalty. A caller who
-    sends metadata to see it in Lifeline's audit learns it goes in `lifeline.metadata`."""
+    sends metadata to see it in Lifeline's audit learns it goes in `lifeline.metadata`. So
+    was a message's `name` (who of several users said it)."""
+    named = {**chat(), "messages": [{"role": "user", "content": "hi", "name": "ada"}]}
+    raw = await shared.client.chat.completions.with_raw_response.create(**named)
+    assert raw.headers["x-lifeline-ignored"] == "messages[].name"
     raw = await shared.client.chat.completions.with_raw_response.create(
         **chat(),
         user="u-1",
