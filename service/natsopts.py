@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -82,6 +83,9 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for each mistake msgspec's types cannot see."""
         found = []
+        problem = url_problem(self.url)
+        if problem is not None:
+            found.append(("url", problem))
         if any("@" in part for part in self.url.split(",")):
             why = "user info in the config file is a secret written down; use user with "
             found.append(("url", why + "password_env or password_file (or token_env, token_file)"))
@@ -283,6 +287,9 @@ def resolve(
             f"NATS {origin.get('url', 'URL')} {url!r} names no server; give one, e.g. "
             "nats://127.0.0.1:4222 (a cluster's, comma-separated)"
         )
+    problem = url_problem(url)
+    if problem is not None:
+        raise NatsOptionError(f"NATS {origin.get('url', 'URL')}: {problem}")
     methods = [m for m in ("creds", "nkey", "token", "user") if m in values]
     if "@" in url and "url" in level:  # user info in the URL is a way too
         methods.append("url")
@@ -319,6 +326,31 @@ def server_list(url: str) -> list[str]:
     (nats-py wants a list). Any one reachable server is enough to start: the client learns
     the cluster's other servers from it and fails over to them."""
     return [part.strip() for part in url.split(",") if part.strip()]
+
+
+_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def url_problem(url: str) -> str | None:
+    """What nats-py would refuse (or try to resolve as a host name) in a URL list, found
+    before anything connects; None when each server in it can be dialled."""
+    servers = server_list(url)
+    for server in servers:
+        scheme, sep, _ = server.partition("://")
+        if sep and scheme not in _SCHEMES:
+            return f"{scheme}:// is not a NATS scheme (nats://, tls://, ws://, wss://)"
+        try:
+            parts = urlsplit(server if sep else f"nats://{server}")
+            parts.port  # noqa: B018 - raises on a port that is not 0 to 65535
+        except ValueError as exc:
+            return f"{redact_url(server)!r} is not a URL ({exc}); e.g. nats://127.0.0.1:4222"
+        host = parts.hostname or ""
+        if not host or any(c.isspace() or not c.isprintable() for c in host):
+            return f"{redact_url(server)!r} names no host; e.g. nats://127.0.0.1:4222"
+    websockets = {server.startswith(("ws://", "wss://")) for server in servers}
+    if len(websockets) > 1:
+        return "ws:// and wss:// servers cannot be mixed with nats:// or tls:// ones"
+    return None
 
 
 def _from_table(

@@ -649,3 +649,28 @@ def test_a_chain_of_more_than_256_targets_is_refused_saying_why(chain):
     with pytest.raises(ConfigError, match=r"routes\.r\.targets: 257 targets, over the 256"):
         parse_config({"providers": {"p": fake(models=models)}, "routes": {"r": {"targets": chain}}})
     parse_config({"providers": {"p": fake(models=models)}, "routes": {"r": {"targets": chain[1:]}}})
+
+
+@pytest.mark.parametrize(
+    ("url", "wanted"),
+    [
+        ("http://localhost:4222", "http:// is not a NATS scheme"),
+        ("nats://localhost:99999", "Port out of range"),
+        ("nats://a:b:c", "is not a URL"),
+        ("nats://[::1", "is not a URL"),
+        ("not a url", "names no host"),
+        ("nats://h1:4222,ws://h2:80", "cannot be mixed"),
+    ],
+)
+def test_a_nats_url_nats_py_cannot_dial_is_refused_by_check_config(tmp_path, url, wanted):
+    """check-config said OK to these, and every command then failed to connect ("cannot
+    reach NATS ... invalid connect url option"), or looked up 'not a url' as a host name."""
+    path = tmp_path / "lifeline.toml"
+    path.write_text(f'[providers.p]\nkind = "fake"\n[nats]\nurl = "{url}"\n')
+    message = file_error(path)
+    assert message.startswith(f"{path}: nats.url: ") and wanted in message, message
+
+
+def test_a_nats_url_the_client_takes_passes():
+    for url in ("localhost", "127.0.0.1:4222", "[::1]:4222", "tls://a:4222, nats://b", "wss://h"):
+        assert parse_config({**config({"p": fake()}), "nats": {"url": url}}).nats.url == url
