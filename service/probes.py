@@ -25,6 +25,11 @@ log = logging.getLogger("lifeline.probes")
 
 _READ_TIMEOUT_S = 5.0
 _MAX_HEAD_BYTES = 8192
+# Connections served at once. A supervisor probes one at a time, a few at most; without a
+# bound, a client holding thousands of half-sent requests took every file descriptor of the
+# process (the port listens on every interface by default), its NATS reconnects included.
+_MAX_CONNECTIONS = 64
+_WARN_EVERY_S = 10.0
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -64,6 +69,8 @@ class Probes:
         # for them, and each left open logged a traceback as the loop closed: 2,000 half-sent
         # requests, 2,000 tracebacks).
         self._serving: set[asyncio.Task[None]] = set()
+        self._turned_away = 0  # connections hung up on for their number, not yet logged
+        self._warned_at = -_WARN_EVERY_S
 
     async def start(self, address: str) -> None:
         host, port = parse_address(address)
@@ -90,6 +97,9 @@ class Probes:
         return ready, {"ready": ready, "components": states}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._serving) >= _MAX_CONNECTIONS:
+            self._turn_away(writer)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
@@ -110,6 +120,19 @@ class Probes:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _turn_away(self, writer: asyncio.StreamWriter) -> None:
+        """Hang up at once, and say so at most once per 10 s with how many."""
+        writer.transport.abort()
+        self._turned_away += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at >= _WARN_EVERY_S:
+            log.warning(
+                "health probes: hung up on %d connection(s): %d open, the most served at once",
+                self._turned_away,
+                _MAX_CONNECTIONS,
+            )
+            self._turned_away, self._warned_at = 0, now
 
     def _response(self, head: bytes) -> bytes:
         method, _, rest = head.partition(b" ")

@@ -395,3 +395,38 @@ async def test_stopping_the_probes_ends_the_connections_they_serve():
         with contextlib.suppress(ConnectionResetError):  # hung up on, either way
             assert await reader.read() == b""
         writer.close()
+
+
+async def test_a_flood_of_held_probe_connections_is_turned_away_past_a_bound():
+    """Every connection to the probe port (every interface by default) was served for up to
+    5 s with no bound on their number: a client that opens thousands and never finishes a
+    request took every file descriptor of the process, its NATS reconnects and gateway
+    included. Past the bound a new connection is hung up on at once; those within it are
+    still served."""
+    probes = Probes([])
+    await probes.start("127.0.0.1:0")
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    waits: list[asyncio.Task[None]] = []
+    try:
+        held += [await asyncio.open_connection("127.0.0.1", probes.port) for _ in range(300)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # and, for now, not the rest
+        hung_up: list[bytes] = []
+
+        async def until_hung_up(reader: asyncio.StreamReader) -> None:
+            try:
+                hung_up.append(await reader.read())
+            except ConnectionError:  # hung up on with a reset: as much a hang-up
+                hung_up.append(b"")
+
+        waits += [asyncio.create_task(until_hung_up(reader)) for reader, _ in held[1:]]
+        await wait_for(lambda: len(hung_up) >= 200, 10)
+        assert set(hung_up) == {b""}  # hung up on without an answer
+        reader, writer = held[0]  # within the bound: its request is still answered
+        writer.write(b"\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for _, writer in held:
+            writer.close()
+        await probes.stop()
+        await asyncio.gather(*waits, return_exceptions=True)
