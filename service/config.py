@@ -236,26 +236,34 @@ class Config(Struct, frozen=True):
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: no such file (pass --config, or copy lifeline.example.toml)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path, "pass --config, or copy lifeline.example.toml")
     try:
         return parse_config(data, source=str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _read_toml(path: Path, missing_hint: str) -> dict[str, Any]:
+    # TOML is UTF-8 whatever the locale (a latin-1 one read "Réponds" as "RÃ©ponds", an
+    # ASCII one refused it); a leading byte-order mark, as Windows editors write, is skipped.
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file ({missing_hint})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte {exc.start}); a TOML file is UTF-8: save it as that"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     """The checked config; raises ConfigError naming every mistake it found (each table on
     its own, then the routes and targets, which need the tables right to be checked)."""
-    raw = _convert(data, _RawConfig, "")
+    raw = _convert({"providers": {}, **data}, _RawConfig, "")
     if not raw.providers:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
     errors = _Errors()
@@ -360,14 +368,7 @@ def load_nats_settings(path: str | Path) -> NatsSettings:
     """Only the [nats] table of a config file, checked: for the commands that only connect
     (ask, status, ...), which a mistake elsewhere in the file should not stop."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (pass --config)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path, "pass --config")
     try:
         return _nats(data.get("nats", {}))
     except ConfigError as exc:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import USER_HELLO, config, fake
+from helpers import LIFELINE, USER_HELLO, cli_env, config, fake
 from service.config import ConfigError, load_config, parse_config
 from workers.registry import KINDS
 
@@ -674,3 +675,41 @@ def test_a_nats_url_nats_py_cannot_dial_is_refused_by_check_config(tmp_path, url
 def test_a_nats_url_the_client_takes_passes():
     for url in ("localhost", "127.0.0.1:4222", "[::1]:4222", "tls://a:4222, nats://b", "wss://h"):
         assert parse_config({**config({"p": fake()}), "nats": {"url": url}}).nats.url == url
+
+
+def test_a_utf8_config_reads_the_same_under_any_locale(tmp_path):
+    """It was read in the locale's encoding: under an ASCII one check-config refused a template
+    with an accent ("cannot read it: 'ascii' codec ..."), a latin-1 one garbled it."""
+    path = tmp_path / "lifeline.toml"
+    path.write_text(
+        '[providers.p]\nkind = "fake"\n[templates.fr]\nsystem = "Réponds. {system}"\n',
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [*LIFELINE, "check-config", "--config", str(path)],
+        env=cli_env(LC_ALL="C", PYTHONUTF8="0"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_config(path).templates["fr"].system == "Réponds. {system}"
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "lifeline.toml"
+    path.write_bytes(b'\xef\xbb\xbf[providers.p]\nkind = "fake"\n')
+    assert list(load_config(path).providers) == ["p"]
+
+
+def test_a_config_not_utf8_or_empty_says_what_to_do(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    text = b'[providers.p]\nkind = "fake"\nmodel = "caf\xe9"\n'
+    latin1.write_bytes(text)
+    assert file_error(latin1) == (
+        f"{latin1}: not UTF-8 (byte {text.index(0xE9)}); a TOML file is UTF-8: save it as that"
+    )
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert file_error(empty) == (
+        f"{empty}: providers: at least one [providers.<name>] table is needed"
+    )
