@@ -51,7 +51,18 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """The config file is unreadable or invalid; the message names the file and the key."""
+    """The config file is unreadable or invalid; the message names the file and the key.
+
+    A mistake is one line: control characters of the keys and values it quotes are escaped
+    (a quoted key may hold a line break or a terminal escape). `lines` marks a message
+    already made of such mistakes, one a line."""
+
+    def __init__(self, message: str, *, lines: bool = False) -> None:
+        super().__init__(message if lines else _one_line(message))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -240,7 +251,7 @@ def load_config(path: str | Path) -> Config:
     try:
         return parse_config(data, source=str(path))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{_one_line(str(path))}: {exc}", lines=True) from None
 
 
 def _read_toml(path: Path, missing_hint: str) -> dict[str, Any]:
@@ -361,7 +372,7 @@ class _Errors:
             raise ConfigError(self.found[0])
         if self.found:
             listed = "\n  ".join(self.found)
-            raise ConfigError(f"{len(self.found)} mistakes:\n  {listed}")
+            raise ConfigError(f"{len(self.found)} mistakes:\n  {listed}", lines=True)
 
 
 def load_nats_settings(path: str | Path) -> NatsSettings:
@@ -372,7 +383,7 @@ def load_nats_settings(path: str | Path) -> NatsSettings:
     try:
         return _nats(data.get("nats", {}))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{_one_line(str(path))}: {exc}", lines=True) from None
 
 
 def _nats(table: Any) -> NatsSettings:

@@ -119,7 +119,8 @@ def test_a_kind_that_is_no_string_is_refused_at_its_kind_key(kind):
 
 @pytest.mark.parametrize("name", ["a.b", "a b", "llm.*", "p>", "a" * 257, "p\n"])
 def test_a_provider_name_that_is_not_a_subject_token_is_refused(name):
-    assert error(config({name: fake()})).startswith(f"providers.{name}: ")
+    shown = name.replace("\n", "\\n")  # a mistake is one line
+    assert error(config({name: fake()})).startswith(f"providers.{shown}: ")
 
 
 @pytest.mark.parametrize(
@@ -712,4 +713,24 @@ def test_a_config_not_utf8_or_empty_says_what_to_do(tmp_path):
     empty.write_text("")
     assert file_error(empty) == (
         f"{empty}: providers: at least one [providers.<name>] table is needed"
+    )
+
+
+def test_a_mistake_is_one_line_whatever_its_key_holds(tmp_path):
+    """A quoted key's line break split its mistake over two lines, and a terminal escape in
+    it reached the operator's terminal as one."""
+    path = tmp_path / "lifeline.toml"
+    path.write_text(
+        '[providers."a\\nb"]\nkind = "fake"\n[providers."c\\u001b[31m"]\nkind = "fake"\n'
+        "[dispatcher]\nmax_in_flght = 1\n"
+    )
+    assert file_error(path).splitlines() == [
+        f"{path}: 3 mistakes:",
+        "  providers.a\\nb: provider names are 1 to 256 letters, digits, '_' and '-'",
+        "  providers.c\\x1b[31m: provider names are 1 to 256 letters, digits, '_' and '-'",
+        "  dispatcher.max_in_flght: unknown key (did you mean 'max_in_flight'?)",
+    ]
+    path.write_text('[providers.p]\nkind = "fake"\n[targets."t\\nu"]\nprovider = "p"\n')
+    assert file_error(path) == (
+        f"{path}: targets.t\\nu: target names are 1 to 256 letters, digits, '_' and '-'"
     )
