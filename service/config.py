@@ -303,10 +303,12 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     def resolve(key: str, chain: Chain) -> list[Step]:
         return _chain(key, chain, providers, templates, targets, dispatcher)
 
-    default_chains = {
-        kind: resolve(f"fallbacks.{kind}", getattr(defaults, kind))
+    default_chains = {  # a bad one is left out, so that the routes are checked all the same
+        kind: chain
         for kind in CLASS_CHAINS.values()
         if getattr(defaults, kind) is not None
+        and (chain := errors.check(resolve, f"fallbacks.{kind}", getattr(defaults, kind)))
+        is not None
     }
     routes = {
         name: route

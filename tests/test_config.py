@@ -734,3 +734,15 @@ def test_a_mistake_is_one_line_whatever_its_key_holds(tmp_path):
     assert file_error(path) == (
         f"{path}: targets.t\\nu: target names are 1 to 256 letters, digits, '_' and '-'"
     )
+
+
+def test_a_bad_fallbacks_chain_does_not_hide_the_routes_mistakes():
+    """The README promises the first mistake of each route; a bad [fallbacks] chain was the
+    only one shown, and fixing it revealed the routes' next."""
+    data = config({"p": fake()}, routes={"a": {"targets": ["y"]}})
+    data["fallbacks"] = {"context_length": ["x"]}
+    assert error(data).splitlines() == [
+        "2 mistakes:",
+        "  fallbacks.context_length[0]: unknown target or provider 'x' (configured: p)",
+        "  routes.a.targets[0]: unknown target or provider 'y' (configured: p)",
+    ]
