@@ -22,7 +22,7 @@ import re
 import tomllib
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import msgspec
 from msgspec import Meta, Struct
@@ -692,6 +692,10 @@ def _located(prefix: str, exc: msgspec.ValidationError, type_: type | None = Non
     if not sep:
         message, where = text, ""
     path = (prefix + where.rstrip("`")).lstrip(".")
+    if message.startswith("Invalid enum value") and re.fullmatch(r"\.\w+`", where):
+        allowed = _literals(type_, where[1:-1])
+        if allowed:
+            message += f" (expected one of {', '.join(map(repr, allowed))})"
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:
         key = unknown.group(1)
@@ -703,3 +707,20 @@ def _located(prefix: str, exc: msgspec.ValidationError, type_: type | None = Non
                 hint = f"did you mean {close[0]!r}?"
         return f"{path + '.' if path else ''}{key}: unknown key ({hint})"
     return f"{path}: {message}" if path else message
+
+
+def _literals(type_: type | None, field: str) -> list[Any]:
+    """The values a Literal-typed field of the Struct `type_` takes ([] when it is not one)."""
+    if not (isinstance(type_, type) and issubclass(type_, msgspec.Struct)):
+        return []
+    try:
+        pending, found = [get_type_hints(type_).get(field)], []
+    except (NameError, TypeError):  # a plugin's settings may name what is not importable here
+        return []
+    while pending:
+        hint = pending.pop()
+        if get_origin(hint) is Literal:
+            found += get_args(hint)
+        else:
+            pending += get_args(hint)
+    return found

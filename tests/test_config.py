@@ -746,3 +746,16 @@ def test_a_bad_fallbacks_chain_does_not_hide_the_routes_mistakes():
         "  fallbacks.context_length[0]: unknown target or provider 'x' (configured: p)",
         "  routes.a.targets[0]: unknown target or provider 'y' (configured: p)",
     ]
+
+
+def test_a_value_outside_a_fixed_set_is_refused_with_the_set():
+    """msgspec's "Invalid enum value 'p99'" did not say what the key takes."""
+    route = {"targets": ["p"], "hedge": "p99"}
+    assert error(config({"p": fake()}, routes={"r": route})) == (
+        "routes.r.hedge: Invalid enum value 'p99' (expected one of 'p95')"
+    )
+    openai = {"kind": "openai", "model": "m", "max_tokens_field": "tokens"}
+    assert error(config({"o": openai})) == (
+        "providers.o.max_tokens_field: Invalid enum value 'tokens' (expected one of "
+        "'max_tokens', 'max_completion_tokens')"
+    )
