@@ -375,7 +375,10 @@ def _from_table(
             return environ[env_name], where
         if path:
             where = f"{source} [nats] {key}_file"
-            return _read(path, where, f"{key} file").strip(), f"{where} ({path})"
+            secret = _read(path, where, f"{key} file").strip()
+            if not secret:  # e.g. a secret mounted before its key was set: fail here, not at auth
+                raise NatsOptionError(f"NATS {where}: the {key} file {path} is empty")
+            return secret, f"{where} ({path})"
         return None
     value = getattr(table, key)
     return (value, f"{source} [nats] {key}") if value else None

@@ -759,3 +759,23 @@ def test_a_value_outside_a_fixed_set_is_refused_with_the_set():
         "providers.o.max_tokens_field: Invalid enum value 'tokens' (expected one of "
         "'max_tokens', 'max_completion_tokens')"
     )
+
+
+def test_an_empty_password_file_is_refused_by_check_config(tmp_path):
+    """It was taken as the password "", and every command then failed NATS authentication."""
+    secret = tmp_path / "nats_password"
+    secret.write_text("\n")
+    path = tmp_path / "lifeline.toml"
+    path.write_text(
+        f'[providers.p]\nkind = "fake"\n[nats]\nuser = "u"\npassword_file = "{secret}"\n'
+    )
+    done = subprocess.run(
+        [*LIFELINE, "check-config", "--config", str(path)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stdout
+    assert done.stderr == (
+        f"lifeline: NATS {path} [nats] password_file: the password file {secret} is empty\n"
+    )
