@@ -135,8 +135,12 @@ class Probes:
             self._turned_away, self._warned_at = 0, now
 
     def _response(self, head: bytes) -> bytes:
-        method, _, rest = head.partition(b" ")
-        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        method, target = (head.split(b"\r\n", 1)[0].split() + [b"", b""])[:2]
+        # The absolute form (`GET http://host:port/readyz`), which a server must accept too.
+        if target.startswith((b"http://", b"https://")):
+            parts = target.split(b"/", 3)  # http:, "", the authority, the path after it
+            target = b"/" + (parts[3] if len(parts) > 3 else b"")
+        path = target.split(b"?", 1)[0]
         checks = {b"/healthz": self.live, b"/readyz": self.ready}
         if path not in checks:
             status, body = 404, {"error": "not found: try /healthz or /readyz"}

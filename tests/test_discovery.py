@@ -430,3 +430,21 @@ async def test_a_flood_of_held_probe_connections_is_turned_away_past_a_bound():
             writer.close()
         await probes.stop()
         await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_the_probes_answer_a_request_in_absolute_form_or_without_a_version():
+    """`GET http://host:port/readyz HTTP/1.1` (the absolute form, which HTTP/1.1 servers
+    must accept) and a request line without its version were answered 404 Not Found."""
+    probes = Probes([])
+    await probes.start("127.0.0.1:0")
+    try:
+        for line in (
+            f"GET http://127.0.0.1:{probes.port}/healthz?x=1 HTTP/1.1",
+            "GET /healthz",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", probes.port)
+            writer.write(line.encode() + b"\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK"), line
+            writer.close()
+    finally:
+        await probes.stop()
