@@ -445,7 +445,10 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="also exit 1 when no dispatcher answers, or a provider of --config has no worker",
     )
     health.add_argument(
-        "--timeout", type=_positive_s, default=2.0, help="seconds to wait for answers (default: 2)"
+        "--timeout",
+        type=_positive_s,
+        default=2.0,
+        help="seconds to wait for answers; with --expect-all, for every expected instance (default: 2)",
     )
     health.add_argument("--json", action="store_true", help="print each instance as JSON")
     _config_arg(health)
@@ -2100,11 +2103,14 @@ def _print_gateway(server: Any, config: Config | None) -> None:
 
 async def cmd_health(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args)
+    expected = _expected_services(args.config) if args.expect_all else []
     nc = await _client(nats_opts, "lifeline-health")
     if nc is None:
         return 1
     try:
-        answers = await discovery.ask(nc, "STATS", timeout_s=args.timeout)
+        # With --expect-all, an instance that answers late (a busy or paused process) is
+        # waited for up to --timeout, not reported missing 0.3 s after the others answered.
+        answers = await discovery.ask(nc, "STATS", timeout_s=args.timeout, expect=expected)
         cut_off = not nc.is_connected  # lost while the answers came: some may be missing
     finally:
         with contextlib.suppress(Exception):
@@ -2112,7 +2118,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
     found, unreadable = discovery.readable_stats(answers)
     states = [discovery.instance_state(stats) for stats in found]
     states.sort(key=lambda s: (s["name"], s["host"], s["pid"], s["id"]))
-    missing = _missing_services(args.config, states) if args.expect_all else []
+    answered = {s["name"] for s in states}
+    missing = [name for name in expected if name not in answered]
     if args.json:
         print(json.dumps({"instances": states, "missing": missing}, indent=2))
     else:
@@ -2133,12 +2140,11 @@ async def cmd_health(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _missing_services(config_path: str, states: list[dict[str, Any]]) -> list[str]:
-    """The dispatcher and the config's providers' workers of which no instance answered."""
+def _expected_services(config_path: str) -> list[str]:
+    """The services a whole deployment of this config runs: the dispatcher, a worker per
+    provider."""
     expected = [subjects.DISPATCHER_SERVICE]
-    expected += [subjects.worker_service(name) for name in load_config(config_path).providers]
-    answered = {s["name"] for s in states}
-    return [name for name in expected if name not in answered]
+    return expected + [subjects.worker_service(n) for n in load_config(config_path).providers]
 
 
 def _size(size: int) -> str:

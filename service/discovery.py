@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Annotated, Any, NamedTuple
 
@@ -343,10 +343,17 @@ def instance_state(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 async def ask(
-    nc: Client, verb: str, name: str | None = None, timeout_s: float = 2.0, stall_s: float = 0.3
+    nc: Client,
+    verb: str,
+    name: str | None = None,
+    timeout_s: float = 2.0,
+    stall_s: float = 0.3,
+    expect: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Every answer to `$SRV.<verb>[.<name>]`: waits up to timeout_s, and stall_s after the
-    latest answer (as the nats CLI does), or not at all when nobody listens."""
+    latest answer (as the nats CLI does), or not at all when nobody listens. While a service
+    named in `expect` has not answered, it waits on up to timeout_s: an instance slow to
+    answer (a paused or busy process) is late, not missing."""
     subject = f"{subjects.SERVICE_API_PREFIX}.{verb}" + (f".{name}" if name else "")
     answers: list[dict[str, Any]] = []
     arrived = asyncio.Event()
@@ -365,7 +372,12 @@ async def ask(
     try:
         await ensure_subscribed(nc)
         await nc.publish(subject, b"", reply=inbox)
-        await _gather(arrived, nobody, timeout_s, stall_s)
+        wanted = set(expect)
+
+        def complete() -> bool:
+            return wanted <= {a.get("name") for a in answers if isinstance(a, dict)}
+
+        await _gather(arrived, nobody, timeout_s, stall_s, complete)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
@@ -373,7 +385,11 @@ async def ask(
 
 
 async def _gather(
-    arrived: asyncio.Event, nobody: asyncio.Event, timeout_s: float, stall_s: float
+    arrived: asyncio.Event,
+    nobody: asyncio.Event,
+    timeout_s: float,
+    stall_s: float,
+    complete: Callable[[], bool] = lambda: True,
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -387,6 +403,6 @@ async def _gather(
         for wait in pending:
             wait.cancel()
         left = deadline - loop.time()
-        if not done or left <= 0:
+        if left <= 0 or (not done and complete()):
             return
-        wait_s = min(stall_s, left)
+        wait_s = min(stall_s, left) if complete() else left

@@ -10,12 +10,23 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
+import signal
 import time
 from typing import Any
 
 import httpx
 import pytest
-from helpers import USER_HELLO, ask, config, fake, run_lifeline, settled, wait_for, write_config
+from helpers import (
+    USER_HELLO,
+    Service,
+    ask,
+    config,
+    fake,
+    run_lifeline,
+    settled,
+    wait_for,
+    write_config,
+)
 from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
@@ -253,6 +264,31 @@ async def test_health_names_the_missing_worker_and_fails_without_any_instance(
     assert "MISSING    lifeline-worker-spare" in out
     assert "2 of 3 ready on" in out and "1 missing" in out  # counted, not left out
     assert (await health(capsys, "--nats-url", nats_url))[0] == 0
+
+
+async def test_health_waits_its_timeout_for_an_expected_instance_that_answers_late(
+    nats_url, capsys, tmp_path
+):
+    """--expect-all with --timeout 10: a worker paused (or too busy to answer at once) answered
+    a second and a half after the dispatcher, and health had reported it MISSING 0.3 s after
+    the dispatcher's answer, exit 1, though it answered well within the timeout."""
+    cfg = config({"backup": fake()})
+    service = Service(tmp_path, nats_url, cfg)
+    try:
+        service.dispatcher()
+        worker = service.worker("backup")
+        path = str(service.config_path)
+        expect = ("--nats-url", nats_url, "--config", path, "--expect-all")
+        await wait_for(lambda: run_lifeline("health", *expect).returncode == 0, timeout_s=15)
+        worker.proc.send_signal(signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.5, worker.proc.send_signal, signal.SIGCONT)
+        code, out = await health(capsys, *expect, "--timeout", "10")
+        assert code == 0 and "MISSING" not in out, out
+    finally:
+        for proc in service.procs:  # a stopped process would not see its SIGTERM
+            proc.proc.send_signal(signal.SIGCONT)
+        service.stop()
 
 
 async def test_a_gateway_is_found_with_its_url_its_figures_and_gone_once_it_stops(
