@@ -1307,8 +1307,10 @@ async def test_after_a_flood_of_requests_the_gateway_hands_memory_back(gateway, 
     dispatcher does after a burst. One at a time is no flood: nothing is trimmed."""
     trims: list[None] = []
     monkeypatch.setattr("service.gateway.release_memory_soon", lambda: trims.append(None))
-    monkeypatch.setattr("service.gateway._TRIM_AFTER_PEAK", 40)
-    gw, _, _ = await gateway(config({"main": fake(latency_ms=1000)}))  # all 60 in flight at once
+    monkeypatch.setattr("service.gateway._TRIM_AFTER_PEAK", 20)
+    # Each answer takes 2.5 s, so a third of the 60 overlap even when opening their connections
+    # is slowed by a busy machine (with 1 s and a bar of 40, a loaded CI run once saw fewer).
+    gw, _, _ = await gateway(config({"main": fake(latency_ms=2500)}))
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30, limits=limits) as http:
         assert (await http.post("/chat/completions", json=chat())).status_code == 200
