@@ -58,6 +58,22 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """A request's line, once its header fields up to the blank line are read past; None when
+    the client hung up first. Lines may end in a bare LF, which RFC 9112 lets a server take
+    (hand-written probes send them). Each line is bounded by the reader's limit, their number
+    by the read timeout."""
+    request_line = await reader.readline()
+    if not request_line.endswith(b"\n"):
+        return None
+    while True:
+        field = await reader.readline()
+        if not field.endswith(b"\n"):
+            return None
+        if not field.strip(b"\r\n"):
+            return request_line
+
+
 class Probes:
     """Serves /healthz and /readyz for `components` (a list that may still grow)."""
 
@@ -105,14 +121,14 @@ class Probes:
         self._serving.add(task)
         try:
             async with asyncio.timeout(_READ_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(self._response(head))
+                request_line = await _read_head(reader)
+            if request_line is not None:
+                writer.write(self._response(request_line))
             await writer.drain()
         except (
             TimeoutError,
             ConnectionError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
+            ValueError,  # readline's word for a line past the reader's limit
         ):
             pass  # a client that sent no request, or too much of one: just hang up
         finally:
@@ -134,8 +150,8 @@ class Probes:
             )
             self._turned_away, self._warned_at = 0, now
 
-    def _response(self, head: bytes) -> bytes:
-        method, target = (head.split(b"\r\n", 1)[0].split() + [b"", b""])[:2]
+    def _response(self, request_line: bytes) -> bytes:
+        method, target = (request_line.split() + [b"", b""])[:2]
         # The absolute form (`GET http://host:port/readyz`), which a server must accept too.
         if target.startswith((b"http://", b"https://")):
             parts = target.split(b"/", 3)  # http:, "", the authority, the path after it

@@ -484,3 +484,24 @@ async def test_the_probes_answer_a_request_in_absolute_form_or_without_a_version
             writer.close()
     finally:
         await probes.stop()
+
+
+async def test_the_probes_answer_a_request_whose_lines_end_in_a_bare_lf():
+    """HTTP/1.1 lets a server take a bare LF as a line's end (RFC 9112, 2.2), and hand-written
+    probes (`printf 'GET /readyz\\n\\n' | nc`) send one: such a request waited out the read
+    timeout and was hung up on without an answer. A client that sends nothing still gets none."""
+    probes = Probes([])
+    await probes.start("127.0.0.1:0")
+    try:
+        for request in (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"GET /healthz\r\nHost: x\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", probes.port)
+            writer.write(request)
+            answer = await asyncio.wait_for(reader.read(), 3)
+            assert answer.startswith(b"HTTP/1.1 200 OK"), request
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", probes.port)
+        writer.write_eof()  # nothing sent
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.close()
+    finally:
+        await probes.stop()
