@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 from helpers import config, fake, wait_for
+from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
+from langchain_core.tracers._streaming import _V2StreamingCallbackHandler
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel
 
@@ -386,7 +389,7 @@ async def test_a_forked_child_calls_through_a_connection_of_its_own(lifeline, na
         if pid == 0:  # the child: one call, its answer as the exit status
             try:
                 os._exit(0 if chat.invoke("in the child").content == "in the child" else 1)
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - any failure is the child's exit status
                 os._exit(2)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -400,3 +403,61 @@ async def test_a_forked_child_calls_through_a_connection_of_its_own(lifeline, na
 
     assert await asyncio.to_thread(forked) == 0
     await asyncio.to_thread(chat.close)
+
+
+class _TokenWatcher(AsyncCallbackHandler):
+    """A callback handler told of each streamed chunk (on_llm_new_token), as LangChain's token
+    handlers and tracers are."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Any] = []
+
+    async def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.chunks.append(chunk.message)
+
+
+class _EventWatcher(AsyncCallbackHandler, _V2StreamingCallbackHandler):
+    """A handler of the v3 event protocol, as LangGraph's "messages" stream attaches: a model
+    invoked under it streams through LangChain's v3 event path."""
+
+
+def _sum(chunks: list[Any]) -> Any:
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk
+    return whole
+
+
+async def test_a_streamed_tool_call_reaches_every_watcher_of_the_stream(lifeline, model):
+    """On LangChain's v3 event path (astream_events(version="v3"), or an invoke a v3 handler
+    watches) the model itself tells the callbacks of each chunk, and it told them of the text
+    alone: a token handler, and astream_events(version="v2") watching the same chain, saw the
+    answer's words and never its tool call."""
+    calls = [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    await lifeline(config({"agent": fake(reply="Let me check.", chunks=2, tool_calls=calls)}))
+    expected = [
+        {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}
+    ]
+    with_tools = model.bind_tools([get_weather])
+    tokens = _TokenWatcher()
+    events = await with_tools.astream_events(
+        "Weather in Paris?", version="v3", config={"callbacks": [tokens]}
+    )
+    message = await events
+    assert message.tool_calls == expected  # the v3 events themselves had it
+    heard = _sum(tokens.chunks)
+    assert (heard.content, heard.tool_calls) == ("Let me check.", expected)
+    tokens = _TokenWatcher()  # the same through stream_events and the sync _stream
+    watching = {"callbacks": [tokens]}
+    events = with_tools.stream_events("Weather in Paris?", version="v3", config=watching)
+    assert (await asyncio.to_thread(lambda: events.output)).tool_calls == expected
+    assert _sum(tokens.chunks).tool_calls == expected
+
+    streaming = model.model_copy(update={"streaming": True}).bind_tools([get_weather])
+    chain = RunnableLambda(streaming.ainvoke)
+    watched = chain.astream_events(
+        "Weather?", version="v2", config={"callbacks": [_EventWatcher()]}
+    )
+    streamed = [e["data"]["chunk"] async for e in watched if e["event"] == "on_chat_model_stream"]
+    seen = _sum(streamed)
+    assert (seen.content, seen.tool_calls) == ("Let me check.", expected)

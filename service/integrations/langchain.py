@@ -194,8 +194,8 @@ class ChatLifeline(BaseChatModel):
                 chunk = _chunk(event, request)
                 if chunk is None:
                     continue
-                if run_manager is not None and event.kind == "delta":
-                    run_manager.on_llm_new_token(event.text, chunk=chunk)
+                if run_manager is not None:  # see _astream
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
 
     async def _astream(
@@ -214,8 +214,11 @@ class ChatLifeline(BaseChatModel):
                 chunk = _chunk(event, request)
                 if chunk is None:
                     continue
-                if run_manager is not None and event.kind == "delta":
-                    await run_manager.on_llm_new_token(event.text, chunk=chunk)
+                if run_manager is not None:
+                    # Given a run manager (LangChain's v3 event path), the model tells the
+                    # callbacks of every chunk, as LangChain does itself on the others: a
+                    # tool call's pieces and the last chunk's usage too, not the text alone.
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
 
     def _should_stream(
