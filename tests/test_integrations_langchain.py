@@ -355,7 +355,8 @@ async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifelin
 async def test_an_invoke_watched_by_a_streaming_observer_keeps_its_fallback(lifeline, model):
     """astream_events (as LangGraph's "messages" mode and tracing UIs watch a graph) made
     LangChain stream an invoke(), with on_midstream "fail": an answer failing the JSON check
-    raised where the same invoke() unwatched fell back to the next target."""
+    raised where the same invoke() unwatched fell back to the next target. So did a handler of
+    LangChain's v3 events, which takes an invoke down another path."""
     from langchain_core.runnables import RunnableLambda
 
     await lifeline(
@@ -367,6 +368,9 @@ async def test_an_invoke_watched_by_a_streaming_observer_keeps_its_fallback(life
     assert any(e["event"] == "on_chat_model_start" for e in events)  # it was watched
     [end] = [e for e in events if e["event"] == "on_chain_end" and not e["parent_ids"]]
     assert end["data"]["output"] == '{"age": 36}'
+    # A v3 event handler (LangGraph's "messages" stream) made LangChain stream it all the same.
+    watched = await json_model.ainvoke("Ada as JSON?", config={"callbacks": [_EventWatcher()]})
+    assert watched.content == '{"age": 36}'
 
 
 def test_the_models_repr_never_shows_the_credentials_in_its_nats_url():

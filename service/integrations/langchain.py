@@ -237,6 +237,21 @@ class ChatLifeline(BaseChatModel):
             return False
         return super()._should_stream(async_api=async_api, run_manager=run_manager, **kwargs)
 
+    def _should_use_protocol_streaming(
+        self,
+        *,
+        async_api: bool,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> bool:
+        """The same for LangChain's v3 event path, which an invoke takes instead when a v3
+        event handler watches it (LangGraph's "messages" stream): only when asked."""
+        if not (kwargs.get("stream") or self.streaming):
+            return False
+        return super()._should_use_protocol_streaming(
+            async_api=async_api, run_manager=run_manager, **kwargs
+        )
+
     def close(self) -> None:
         """Close the NATS connection this model (and any other on the same URL) uses; the
         next call opens a new one."""
