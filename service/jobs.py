@@ -6,9 +6,10 @@
              published; a repeat within the dedup window is acknowledged as a duplicate and
              kept once; a full stream refuses the publish
     work     every dispatcher pulls from one durable consumer, at most jobs.in_flight at once;
-             a job runs through the engine like a core request (same routes, policy, breakers,
-             trace context from its headers), and is heartbeated (in_progress) while it runs,
-             so a slow provider does not get it delivered again
+             a job runs through the engine like a core request (same routes, policy,
+             breakers), each delivery in one trace under the job's span (JobTrace), and is
+             heartbeated (in_progress) while it runs, so a slow provider does not get it
+             delivered again
     result   the reply goes into the results bucket under subjects.job_key(id), create-if-
              absent, and only then is the job acknowledged: a dispatcher killed before the ack
              leaves the job to be delivered again after ack_wait_s, and a delivery that finds a
@@ -33,9 +34,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import msgspec
@@ -45,6 +47,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import CompletionReply, subjects
 from schemas.wire import (
@@ -59,7 +64,7 @@ from schemas.wire import (
     reply_decoder,
     salvage_id,
 )
-from service import jetstream
+from service import jetstream, telemetry
 from service.config import JobsSettings
 from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
@@ -164,9 +169,97 @@ def identity(msg: Msg) -> JobIdentity:
     job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
     if job_id:
         return JobIdentity(job_id, subjects.job_key(job_id), subjects.job_audit_id(job_id))
+    place = "anon." + _place(msg)
+    return JobIdentity(f"seq-{msg.metadata.sequence.stream}", "job." + place, "job:" + place)
+
+
+def _place(msg: Msg) -> str:
+    """The job's place in the stream, the same on each of its deliveries: its sequence and
+    the time it was stored (a stream made again counts from 1 again)."""
     meta = msg.metadata
-    place = f"anon.{meta.sequence.stream}.{int(meta.timestamp.timestamp() * 1_000_000)}"
-    return JobIdentity(f"seq-{meta.sequence.stream}", "job." + place, "job:" + place)
+    return f"{meta.sequence.stream}.{int(meta.timestamp.timestamp() * 1_000_000)}"
+
+
+class JobTrace(NamedTuple):
+    """The trace each delivery of a job joins, on whichever dispatcher: under a `job` span
+    whose ids come from the job's place in the stream, the same on every delivery, itself a
+    child of the trace context the job was submitted with, if any. Each delivery's `chat`
+    span is the job span's child; the job span goes out once, from the delivery that ends
+    the job (see `end`). Without it, a job sent without a traceparent (as `lifeline submit`
+    and the client send it outside a traced process) began a trace on each delivery: its
+    earlier deliveries' attempts were in traces nobody could find from its result."""
+
+    headers: Mapping[str, str] | None  # the job's, its traceparent the job span's
+    context: trace.SpanContext | None  # the job span's, when it records
+    parent: trace.SpanContext | None  # what the job was submitted with
+
+    @classmethod
+    def of(cls, msg: Msg, spans: telemetry.SpanRecorder) -> JobTrace:
+        headers = msg.headers or {}
+        parent = telemetry.remote_parent(headers)
+        digest = hashlib.sha256(f"lifeline job {_place(msg)}".encode()).digest()
+        trace_id = parent.trace_id if parent is not None else _nonzero(digest[:16])
+        span_id = _nonzero(digest[16:24])
+        decided = spans.sampler.should_sample(
+            telemetry.extract(headers), trace_id, "job", SpanKind.CONSUMER
+        )
+        sampled = decided.decision.is_sampled()
+        if not sampled and parent is not None:  # passed on as it came, as W3C asks
+            return cls(msg.headers, None, parent)
+        flags = "01" if sampled else "00"
+        joined = {**headers, subjects.TRACEPARENT: f"00-{trace_id:032x}-{span_id:016x}-{flags}"}
+        if parent is None:  # one it came with belongs to no valid traceparent
+            joined.pop(subjects.TRACESTATE, None)
+        if not sampled:  # a trace id all the same: the job's replies and events carry it
+            return cls(joined, None, None)
+        state = parent.trace_state if parent is not None else decided.trace_state
+        context = trace.SpanContext(trace_id, span_id, False, _SAMPLED, state)
+        return cls(joined, context, parent)
+
+    def end(
+        self, spans: telemetry.SpanRecorder, msg: Msg, outcome: str, reply: CompletionReply | None
+    ) -> None:
+        """The job span, from when the stream stored the job until now (its end here:
+        `outcome`), handed to the span processors as the dispatcher's ended spans are."""
+        if self.context is None:
+            return
+        job_id = identity(msg).id
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": subjects.JOBS_SUBMIT,
+            "lifeline.request.id": reply.id if reply is not None and reply.id else job_id,
+            "lifeline.job.deliveries": msg.metadata.num_delivered,
+            "lifeline.job.outcome": outcome,
+        }
+        status = Status(StatusCode.UNSET)
+        error = reply.error if reply is not None else None
+        if error is not None:
+            attributes["error.type"] = error.type
+            status = Status(StatusCode.ERROR, error.message)
+        elif reply is None:  # dead-lettered
+            attributes["error.type"] = INTERNAL
+            status = Status(StatusCode.ERROR, f"dead-lettered on {subjects.JOBS_DEAD}")
+        span = ReadableSpan(
+            "job",
+            self.context,
+            self.parent,
+            spans.resource,
+            attributes,
+            kind=SpanKind.CONSUMER,
+            status=status,
+            start_time=int(msg.metadata.timestamp.timestamp() * 1_000_000) * 1000,
+            end_time=time.time_ns(),
+            instrumentation_scope=spans.scope,
+        )
+        for hand in spans.enders:
+            hand((span,))
+
+
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+
+def _nonzero(digits: bytes) -> int:
+    return int.from_bytes(digits) or 1  # W3C: an all-zero id is invalid
 
 
 def job_id_of(msg: Msg) -> str:
@@ -354,8 +447,10 @@ class Jobs:
         msg = latest[0]
         heartbeat = asyncio.create_task(self._heartbeat(latest))
         served: list[bool] = []  # the engine had it, and published its audit event
+        traced = JobTrace(msg.headers, None, None)  # its trace, once known
         try:
-            await self._answer(msg, arrived, served, latest)
+            traced = JobTrace.of(msg, self.engine.spans)
+            outcome, reply = await self._answer(msg, arrived, served, latest, traced.headers)
         except Exception as exc:
             msg = latest[0]
             last = msg.metadata.num_delivered >= self.settings.max_deliver
@@ -372,12 +467,17 @@ class Jobs:
                 log.exception("jobs: bug while handling a job, its last delivery: dead-lettered")
             else:
                 log.exception("jobs: bug while handling a job; it is delivered again later")
-            if last:
-                await self._dead_letter(msg, exc, audited=bool(served))
-            else:
+            if not last:
                 await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+                return
+            await self._dead_letter(msg, exc, audited=bool(served))
+            outcome, reply = "dead_lettered", None
         finally:
             heartbeat.cancel()
+        try:
+            traced.end(self.engine.spans, latest[0], outcome, reply)
+        except Exception:
+            log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
 
     async def _dead_letter(self, msg: Msg, exc: Exception, audited: bool) -> None:
         """The job as it was submitted, on llm.jobs.dead with what went wrong (without its body
@@ -407,9 +507,15 @@ class Jobs:
         await _quietly(msg.term())
 
     async def _answer(
-        self, msg: Msg, arrived: float, served: list[bool], latest: list[Msg] | None = None
-    ) -> None:
-        """`msg` answered and its result kept, then acknowledged (its `latest` delivery)."""
+        self,
+        msg: Msg,
+        arrived: float,
+        served: list[bool],
+        latest: list[Msg] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[str, CompletionReply]:
+        """`msg` answered and its result kept, then acknowledged (its `latest` delivery); how
+        it ended, and its result. `headers`: the job's, with its trace (JobTrace)."""
         latest = latest or [msg]
         assert self.kv is not None
         job_id, key, audit_id = identity(msg)
@@ -421,7 +527,7 @@ class Jobs:
                 f"is {len(job_id)}: send a shorter one",
             )
             job_id = ""  # as for an id in the body that is too long
-        inbound = Inbound(msg.data, msg.headers, arrived, job_id, audit_id)
+        inbound = Inbound(msg.data, headers or msg.headers, arrived, job_id, audit_id)
         self.tally.requests += 1
         stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
@@ -429,11 +535,12 @@ class Jobs:
             # The delivery that stored it may have died before its audit event went out: this
             # message's own earlier delivery, not another job of the id (sent again later,
             # whose event the audit stream may no longer know to drop).
+            reply = reply_decoder.decode(stored)
             if msg.metadata.num_delivered > 1 and await self._stored_by_this_job(key, msg):
-                await self.engine.audit_again(inbound, reply_decoder.decode(stored))
+                await self.engine.audit_again(inbound, reply)
             await self._notify(msg, stored)
             await latest[0].ack()
-            return
+            return "stored_before", reply
         if msg.metadata.num_delivered > self.settings.max_deliver:
             raise _LastDeliveryLost(
                 f"its last delivery (jobs.max_deliver = {self.settings.max_deliver}) ended "
@@ -497,6 +604,7 @@ class Jobs:
             )
         self.handled += 1
         await latest[0].ack()
+        return "answered", kept[-1]
 
     async def _stored_by_this_job(self, key: str, msg: Msg) -> bool:
         """Whether the result under `key` was stored after `msg` was published (by one of its

@@ -1,0 +1,75 @@
+"""A durable job's deliveries, seen as a user sees them: one trace, one audit event, one
+result, whatever delivered it again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import config, fake, wait_for
+from opentelemetry.trace import SpanKind
+from test_jobs import job, result_of, submit
+
+from schemas import ProviderFailure, subjects
+from service import jobs
+from service.transport import NatsTransport
+
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def no_worker_at_first(monkeypatch) -> list[str]:
+    """The first provider call finds no worker (a fleet whose workers start late): the job
+    is delivered again, 0.1 s later, and answered then."""
+    real_ask, asked = NatsTransport.ask_provider, []
+
+    async def ask(self: Any, provider: str, *args: Any) -> Any:
+        asked.append(provider)
+        if len(asked) == 1:
+            return ProviderFailure("no_responders", f"no worker is listening for {provider}")
+        return await real_ask(self, provider, *args)
+
+    monkeypatch.setattr(NatsTransport, "ask_provider", ask)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    return asked
+
+
+@pytest.mark.parametrize("traceparent", [None, CALLER], ids=["untraced", "traced"])
+async def test_a_job_delivered_again_is_one_trace_under_its_job_span(
+    lifeline, client, exporter, no_worker_at_first, traceparent
+):
+    """Each delivery's request span began a trace of its own when the job came without a
+    traceparent (as `lifeline submit` sends it): the first delivery's attempts were in a
+    trace nothing led to. Now every delivery is a child of one `job` span, from when the job
+    was stored until its result was, itself under the submitter's span when it sent one."""
+    await lifeline(config({"main": fake()}))
+    headers = {subjects.TRACEPARENT: traceparent} if traceparent else {}
+    await submit(client, job("traced"), "traced", **headers)
+    reply = await result_of(client, "traced", timeout_s=15)
+    assert (reply.status, len(no_worker_at_first)) == ("ok", 2)
+
+    def named(name: str) -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.name == name]
+
+    await wait_for(lambda: len(named("job")) == 1, what="the job span")
+    [job_span] = named("job")
+    chats = [s for s in named("chat") if s.kind == SpanKind.SERVER]
+    assert len(chats) == 2  # one per delivery
+    assert {s.context.trace_id for s in [job_span, *chats]} == {int(reply.trace_id, 16)}
+    assert {s.parent.span_id for s in chats} == {job_span.context.span_id}
+    if traceparent:
+        assert reply.trace_id == traceparent.split("-")[1]
+        assert job_span.parent.span_id == int(traceparent.split("-")[2], 16)
+    else:
+        assert job_span.parent is None
+    assert job_span.kind == SpanKind.CONSUMER
+    assert job_span.start_time <= min(s.start_time for s in chats)
+    assert job_span.end_time >= max(s.end_time for s in chats)
+    assert {
+        k: job_span.attributes[k]
+        for k in ("lifeline.request.id", "lifeline.job.deliveries", "lifeline.job.outcome")
+    } == {
+        "lifeline.request.id": "traced",
+        "lifeline.job.deliveries": 2,
+        "lifeline.job.outcome": "answered",
+    }
