@@ -1,12 +1,14 @@
 """The anthropic provider against a local server that refuses what the Messages API refuses:
 a final assistant turn (a prefill) ending in whitespace, empty messages or text blocks, a turn
-whose text is only whitespace, and no messages at all. What the client sees when a stream
-continues on Claude (on_midstream = "continue"), and conversations with empty or blank
-messages, which OpenAI takes and Claude refused as a 400.
+whose text is only whitespace, a system prompt or a tool result that is empty or only
+whitespace, and no messages at all. What the client sees when a stream continues on Claude
+(on_midstream = "continue"), and conversations with empty or blank messages, which OpenAI
+takes and Claude refused as a 400.
 
     https://docs.anthropic.com/en/api/messages
     https://docs.anthropic.com/en/docs/build-with-claude/prompt-engineering/prefill-claudes-response
     https://docs.anthropic.com/en/docs/build-with-claude/streaming
+    https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use
 """
 
 from __future__ import annotations
@@ -45,8 +47,45 @@ class Claude(LocalHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-def refusal(messages: list[dict[str, Any]]) -> str | None:
-    """What the API says of `messages`, as its invalid_request_error, or None."""
+def refusal(body: dict[str, Any]) -> str | None:
+    """What the API says of `body`, as its invalid_request_error, or None."""
+    return system_refusal(body.get("system")) or messages_refusal(body["messages"])
+
+
+def system_refusal(system: str | list[dict[str, Any]] | None) -> str | None:
+    """Each text block of the system prompt (a string is one) must have text that is not only
+    whitespace, even beside others that have: a "\n\n" block between two instructions is
+    refused (https://github.com/agentjido/req_llm/issues/711), as is a system prompt of a space
+    (https://github.com/BoltAI/BoltAI/issues/165)."""
+    if system is None:
+        return None
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else system
+    texts = [b["text"] for b in blocks if b["type"] == "text"]
+    if not all(texts):
+        return "system: text content blocks must be non-empty"
+    if not all(t.strip() for t in texts):
+        return "system: text content blocks must contain non-whitespace text"
+    return None
+
+
+def tool_result_refusal(block: dict[str, Any]) -> str | None:
+    """A tool_result may leave its content out (the documented empty result); given, the
+    content is text blocks (a string is one) held to a turn's rules: an empty or blank string
+    is refused (https://github.com/zed-industries/zed/pull/27130,
+    https://github.com/NousResearch/hermes-agent/pull/97641)."""
+    if "content" not in block:
+        return None
+    content = block["content"]
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    texts = [b["text"] for b in blocks if b["type"] == "text"]
+    if not all(texts):
+        return "messages: text content blocks must be non-empty"
+    if texts and not any(t.strip() for t in texts):
+        return "messages: text content blocks must contain non-whitespace text"
+    return None
+
+
+def messages_refusal(messages: list[dict[str, Any]]) -> str | None:
     if not messages:
         return "messages: at least one message is required"
     for i, turn in enumerate(messages):
@@ -68,6 +107,10 @@ def refusal(messages: list[dict[str, Any]]) -> str | None:
         last = blocks[-1] if final_assistant and blocks else {"type": None}
         if last["type"] == "text" and last["text"] != last["text"].rstrip():
             return "messages: final assistant content cannot end with trailing whitespace"
+        for block in blocks:
+            refused = tool_result_refusal(block) if block["type"] == "tool_result" else None
+            if refused is not None:
+                return refused
     return None
 
 
@@ -105,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.server.bodies.append(body)
-        refused = refusal(body["messages"])
+        refused = refusal(body)
         if refused is not None:
             error = {
                 "type": "error",
@@ -353,3 +396,55 @@ async def test_a_request_of_only_system_messages_fails_before_the_call_saying_wh
         assert caught.value.kind == "bad_request"
         assert "add a user message" in caught.value.message
     assert claude.bodies == []
+
+
+# ---- blank system prompts and tool results ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("system", "sent"),
+    [
+        ([ChatMessage("system", " ")], None),
+        ([ChatMessage("developer", "\n\n")], None),
+        ([ChatMessage("system", [TextPart(" "), TextPart("")])], None),
+        ([ChatMessage("system", "Be brief."), ChatMessage("developer", "\n")], "Be brief."),
+        (
+            [
+                ChatMessage(
+                    "system", [TextPart("Be brief."), TextPart("\n\n"), TextPart("Be kind.")]
+                )
+            ],
+            [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+        ),
+    ],
+    ids=["space", "newlines", "blank-parts", "beside-another", "part-between-others"],
+)
+async def test_a_blank_system_prompt_is_left_out(provider, claude, system, sent):
+    """OpenAI takes a system message of only whitespace (a template whose instructions came
+    out empty); the Messages API refused the whole request with a 400 ("system: text content
+    blocks must contain non-whitespace text"), so every fallback of it to Claude failed."""
+    request = chat(*system, ChatMessage("user", "Hello"))
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1].get("system") == sent
+
+
+@pytest.mark.parametrize(
+    "result",
+    ["", " ", "\n", None, [TextPart(" ")], [TextPart(""), TextPart("\n")]],
+    ids=["empty", "space", "newline", "none", "blank-part", "blank-parts"],
+)
+async def test_a_blank_tool_result_is_sent_as_the_documented_empty_result(provider, claude, result):
+    """A tool that printed nothing, or only a line end: OpenAI takes its empty or blank
+    result, and the Messages API refused the request. The API documents a tool_result without
+    content as an empty result: that is what is sent."""
+    call = ToolCall(id="call_1", name="touch", arguments='{"path": "a.txt"}')
+    request = chat(
+        ChatMessage("user", "Create a.txt"),
+        ChatMessage("assistant", None, tool_calls=[call]),
+        ChatMessage("tool", result, tool_call_id="call_1"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"][2] == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "call_1"}],
+    }

@@ -6,7 +6,7 @@
      "temperature"?, "top_p"?, "stop_sequences"?, "tools"?, "tool_choice"?}
         blocks: {"type": "text", "text"}, {"type": "image", "source": {"type": "url", "url"} |
                 {"type": "base64", "media_type", "data"}}, {"type": "tool_use", "id", "name",
-                "input"} (assistant), {"type": "tool_result", "tool_use_id", "content"} (user)
+                "input"} (assistant), {"type": "tool_result", "tool_use_id", "content"?} (user)
         tools: [{"name", "description"?, "input_schema"}]
         tool_choice: {"type": "auto" | "any" | "none"} | {"type": "tool", "name"},
                      with "disable_parallel_tool_use"? (not on "none")
@@ -174,11 +174,12 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
 def _system(messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
     """The system and developer messages as the API's `system`: their strings joined by blank
     lines, or, when one came in parts, a text block per part (the API's long form: parts stay
-    apart as sent; images have no place there)."""
+    apart as sent; images have no place there). A message or part of only whitespace is left
+    out: the API refuses a system text block without other text, even beside others."""
     own = [m for m in messages if m.role in _SYSTEM_ROLES]
     if all(m.content is None or isinstance(m.content, str) for m in own):
-        return "\n\n".join(m.content for m in own if m.content)
-    return [block for m in own for block in _text_blocks(m)]
+        return "\n\n".join(m.content for m in own if m.content and m.content.strip())
+    return [block for m in own for block in _text_blocks(m) if block["text"].strip()]
 
 
 def _text_blocks(message: ChatMessage) -> list[dict[str, Any]]:
@@ -309,23 +310,34 @@ class _Unrepeated:
 
 def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
     """One message's content: a string as is (the API's short form), else blocks."""
-    if message.role == "tool":  # a result in parts keeps them: text and image blocks
-        result = message.content
-        if result is not None and not isinstance(result, str):
-            result = [_part(p) for p in result if not isinstance(p, TextPart) or p.text]
-        return [
-            {
-                "type": "tool_result",
-                "tool_use_id": _tool_id(message.tool_call_id or ""),
-                "content": result or "",
-            }
-        ]
+    if message.role == "tool":
+        return [_tool_result(message)]
     if message.role == "assistant" and message.tool_calls:
         return _text_blocks(message) + [_tool_use(call) for call in message.tool_calls]
+    return _plain_content(message)
+
+
+def _plain_content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """The message's string, or its parts as text and image blocks."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     # An empty text part is left out: the API refuses an empty text block.
     return [_part(p) for p in message.content if not isinstance(p, TextPart) or p.text]
+
+
+def _tool_result(message: ChatMessage) -> dict[str, Any]:
+    """A tool's answer as a tool_result block, a result in parts keeping them. A result that is
+    empty or only whitespace (a command that printed nothing, or a line end) has no content:
+    the API refuses such a text there, and documents a tool_result without content as an
+    empty result."""
+    block: dict[str, Any] = {
+        "type": "tool_result",
+        "tool_use_id": _tool_id(message.tool_call_id or ""),
+    }
+    result = _without_blank_text(_plain_content(message))
+    if result:
+        block["content"] = result
+    return block
 
 
 def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
