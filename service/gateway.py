@@ -149,7 +149,8 @@ STATUS: dict[str, tuple[int, str]] = {
 _INTERNAL = (500, "server_error")
 # Answers after Lifeline spent its retries and fallbacks (or the request's whole deadline) on
 # the request: the SDKs send a 5xx again on their own, twice by default, which runs the whole
-# chain again and pays its providers again. Both SDKs obey `x-should-retry: false`.
+# chain again and pays its providers again. Both SDKs obey `x-should-retry: false`. (Unless
+# every call failed with a rate limit: see _RATE_LIMITABLE.)
 _NOT_AGAIN = frozenset(
     (
         errors.ALL_FAILED,
@@ -160,6 +161,17 @@ _NOT_AGAIN = frozenset(
         errors.DEADLINE_EXCEEDED,
     )
 )
+# The chain ended without an answer, and every call it made failed with a rate limit: its
+# providers said "not now", not "no", and billed nothing. Such an answer is a 429 with
+# Retry-After (a provider's own 429, or LiteLLM's proxy when all its deployments cool down),
+# which the SDKs raise as RateLimitError and send again after it (twice by default).
+_RATE_LIMITABLE = frozenset(
+    (errors.ALL_FAILED, errors.FALLBACK_STOPPED, errors.MAX_ATTEMPTS_REACHED)
+)
+# When to try such a chain again, unless the dispatcher's error says (retry_after_s): a
+# breaker's default cooldown_s (service/health.py), after which Lifeline calls a provider its
+# rate limits benched again.
+_RATE_LIMITED_RETRY_S = 5.0
 
 
 def keys_from_env(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -547,10 +559,12 @@ def reply_error(reply: CompletionReply, route: str) -> HTTPError:
     kind, message = (error.type, error.message) if error else (errors.INTERNAL, "no error given")
     status, family = STATUS.get(kind, _INTERNAL)
     headers = lifeline_headers(reply)
+    hint = error.retry_after_s if error else None
     if kind in errors.RESEND:
-        retry_s = error.retry_after_s if error and error.retry_after_s else 1.0
-        headers["retry-after"] = str(max(1, math.ceil(retry_s)))
-        headers["retry-after-ms"] = str(max(1, round(retry_s * 1000)))
+        headers |= _retry_after(hint or 1.0)
+    elif kind in _RATE_LIMITABLE and _only_rate_limited(reply.attempts):
+        status, family = 429, "rate_limit_error"
+        headers |= _retry_after(hint or _RATE_LIMITED_RETRY_S)
     elif kind in _NOT_AGAIN:
         headers["x-should-retry"] = "false"
     param = None
@@ -559,6 +573,21 @@ def reply_error(reply: CompletionReply, route: str) -> HTTPError:
     if kind in (errors.UNKNOWN_ROUTE, errors.UNKNOWN_PROVIDER):
         kind, param = "model_not_found", "model"
     return HTTPError(status, message, kind, param, family, headers, lifeline_field(reply, route))
+
+
+def _only_rate_limited(attempts: Iterable[Attempt]) -> bool:
+    """Every call made (a target skipped made none) failed with a rate limit."""
+    made = [a for a in attempts if a.outcome not in ("skipped", "cancelled")]
+    return bool(made) and all(a.error_type == "rate_limit" for a in made)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    """When to send a request again: in seconds (HTTP's, at least 1) and in milliseconds
+    (which the OpenAI SDKs read first)."""
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, round(seconds * 1000))),
+    }
 
 
 def completion_body(reply: CompletionReply, route: str, created: int) -> dict[str, Any]:
@@ -1462,8 +1491,7 @@ def _stopping() -> HTTPError:
 
 def _unavailable(message: str, code: str) -> HTTPError:
     """A 503 worth sending again in a second, in the shape of an overloaded dispatcher's."""
-    headers = {"retry-after": "1", "retry-after-ms": "1000"}
-    return HTTPError(503, message, code, kind="overloaded_error", headers=headers)
+    return HTTPError(503, message, code, kind="overloaded_error", headers=_retry_after(1.0))
 
 
 def _no_answer(wait_s: float, connected: bool = True) -> HTTPError:

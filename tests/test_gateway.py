@@ -27,8 +27,11 @@ import openai
 import pytest
 import pytest_asyncio
 from helpers import ROOT, config, fake, run_lifeline, spawn_lifeline, wait_for, wait_for_line
+from nats.aio.msg import Msg
 
-from schemas.wire import NamedTool, encoder
+from schemas import errors
+from schemas.subjects import COMPLETE
+from schemas.wire import Attempt, CompletionReply, ErrorInfo, NamedTool, encoder
 from service.app import Stack, connect, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
@@ -54,6 +57,7 @@ SHARED = config(
     {
         "main": fake(),
         "flaky": fake(fail_status=429),
+        "throttled": fake(fail_status=429),
         "sleepy": fake(hang=True, timeout_s=0.1),
         "backup": fake(chunks=4),
         "chatty": fake(chunks=6, fail_after_chunks=3),
@@ -74,6 +78,8 @@ SHARED = config(
         "mute": {"targets": ["mute"]},
         "failing": {"targets": ["a", "b"]},
         "deadline": {"targets": ["hung", "main"]},
+        "limited": {"targets": ["flaky", "throttled"]},
+        "mixed": {"targets": ["flaky", "a"]},
     },
     max_request_bytes=16_384,
 ) | {"breaker": {"enabled": False}}
@@ -507,6 +513,71 @@ async def test_the_sdks_own_retries_do_not_run_a_spent_fallback_chain_again(shar
                 await sdk.chat.completions.create(**ask)
             assert failed.value.status_code == status
             assert len(sent) == 1, [r.headers.get("x-stainless-retry-count") for r in sent]
+
+
+@shared_loop
+async def test_a_chain_failed_only_by_rate_limits_is_429_with_retry_after(shared):
+    """Every provider of the chain said 429: that was a 502 with `x-should-retry: false`, so the
+    SDKs raised InternalServerError and never tried again, although the providers will answer
+    later (and a 429 is not billed). It is a 429 with Retry-After, as LiteLLM's proxy answers
+    when all its deployments cool down, which the SDKs raise as RateLimitError and retry."""
+    for ask in (chat("limited"), chat("limited", stream=True)):
+        with pytest.raises(openai.RateLimitError) as limited:
+            await shared.client.chat.completions.create(**ask)
+        error = limited.value
+        assert (error.status_code, error.code, error.type) == (
+            429,
+            "all_failed",
+            "rate_limit_error",
+        )
+        headers = error.response.headers
+        assert (headers["retry-after"], headers["retry-after-ms"]) == ("5", "5000")
+        assert "x-should-retry" not in headers
+        assert headers["x-lifeline-attempt-list"] == (
+            "flaky=rate_limit/429->fallback, throttled=rate_limit/429->stop"
+        )
+    # One provider failing otherwise: retrying the chain would pay that one again.
+    with pytest.raises(openai.InternalServerError) as mixed:
+        await shared.client.chat.completions.create(**chat("mixed"))
+    assert (mixed.value.status_code, mixed.value.code) == (502, "all_failed")
+    assert mixed.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_an_sdk_sends_a_rate_limited_chain_again_after_the_dispatchers_hint(client):
+    """Where the dispatcher's error carries when to try again (`retry_after_s`), the 429 says
+    it (retry-after-ms to the millisecond, which the SDKs read first), and an SDK at its
+    defaults sends the request again after it."""
+    limited = CompletionReply(
+        id="",
+        status="error",
+        attempts=[Attempt("p", "m", "error", 1.0, "rate_limit", 429, "slow down", "p")],
+        error=ErrorInfo(errors.ALL_FAILED, "all 1 attempts failed", retry_after_s=0.25),
+    )
+
+    async def dispatcher(msg: Msg) -> None:  # the error reply a dispatcher may send
+        request = msgspec.json.decode(msg.data)
+        await msg.respond(encoder.encode(msgspec.structs.replace(limited, id=request["id"])))
+
+    await client.subscribe(COMPLETE, cb=dispatcher)
+    gw = Gateway(client)
+    await gw.start(port=0)
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(event_hooks={"request": [count]})
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=gw.url, api_key="-", http_client=http, max_retries=1
+        ) as sdk:
+            with pytest.raises(openai.RateLimitError) as failed:
+                await sdk.chat.completions.create(**chat())
+        headers = failed.value.response.headers
+        assert (headers["retry-after"], headers["retry-after-ms"]) == ("1", "250")
+        assert len(sent) == 2
+    finally:
+        await gw.stop()
 
 
 async def test_an_overloaded_dispatcher_is_503_with_retry_after(gateway):
