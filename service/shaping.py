@@ -15,6 +15,7 @@ output_validator()       what the request asks of an answer, as checks: response
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import urllib.parse
@@ -30,11 +31,19 @@ from msgspec import Struct
 from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import ImagePart, NamedTool, ResponseFormat, TextPart, Tool
 
+# The placeholders each field of a Template fills (apply_template); {previous_errors} is the
+# error kinds of the attempts before this one, comma-separated, for a target with pass_failures
+# (empty otherwise).
+PLACEHOLDERS = {"system": ("system", "previous_errors"), "user": ("input", "previous_errors")}
+# A bare name in braces reads as a placeholder: one a field does not fill would reach the
+# provider as written ({sytem}), the prompt it was meant to bring left out. Other braces (JSON,
+# `{a, b}`, `{ name }`) are prompt text.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
 
 class Template(Struct, frozen=True, forbid_unknown_fields=True):
-    """A per-target prompt. Placeholders are replaced literally (braces in prompts are safe);
-    {previous_errors} works in both fields: the error kinds of the attempts before this one,
-    comma-separated, for a target with pass_failures (empty otherwise)."""
+    """A per-target prompt. Placeholders (PLACEHOLDERS) are replaced literally; braces around
+    anything but a bare name are sent as written."""
 
     # Replaces the request's system messages; {system} stands for their text.
     system: str | None = None
@@ -45,6 +54,31 @@ class Template(Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("a template needs `system`, `user` or both")
         if self.user is not None and "{input}" not in self.user:
             raise ValueError("`user` must contain {input}, or the user's message would be dropped")
+        for field, known in PLACEHOLDERS.items():
+            problem = _unknown_placeholder(field, getattr(self, field) or "", known)
+            if problem is not None:
+                raise ValueError(problem)
+
+
+def _unknown_placeholder(field: str, text: str, known: tuple[str, ...]) -> str | None:
+    """What is wrong with the first placeholder in `text` that `field` does not fill."""
+    for name in _PLACEHOLDER.findall(text):
+        if name in known:
+            continue
+        other = next((f for f, names in PLACEHOLDERS.items() if f != field and name in names), "")
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        if other:
+            hint = f"{{{name}}} is filled in `{other}` only"
+        elif close:
+            hint = f"did you mean {{{close[0]}}}?"
+        else:
+            hint = "use one of those"
+        fills = ", ".join(f"{{{k}}}" for k in known)
+        return (
+            f"`{field}` has {{{name}}}, not a placeholder it fills ({fills}): {hint} (for braces "
+            f"sent as written, put a space inside: {{ {name} }})"
+        )
+    return None
 
 
 class Shaping(NamedTuple):
