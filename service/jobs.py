@@ -142,8 +142,10 @@ class _NotStored(Exception):
 
 
 class _LastDeliveryLost(Exception):
-    """A job delivered past jobs.max_deliver: its last delivery ended without an answer (its
-    dispatcher died, or stopped past its grace, while running it). Dead-lettered at once."""
+    """A job delivered past jobs.max_deliver: its last delivery ended with no result stored and
+    no dead letter (its dispatcher died, or stopped past its grace, while running it; it may
+    have answered and audited the job, whose result could not be stored). Dead-lettered at
+    once: the audit stream keeps the first event of the job, if one went out."""
 
 
 _BUCKET_TROUBLE = (_NotStored, _LastDeliveryLost, *_UNREACHABLE)  # a job failed by these is no bug
@@ -544,7 +546,7 @@ class Jobs:
         if msg.metadata.num_delivered > self.settings.max_deliver:
             raise _LastDeliveryLost(
                 f"its last delivery (jobs.max_deliver = {self.settings.max_deliver}) ended "
-                "without an answer: its dispatcher died or stopped while running it"
+                "with no result stored: its dispatcher died or stopped while running it"
             )
 
         kept: list[CompletionReply] = []

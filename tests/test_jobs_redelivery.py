@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import config, fake, wait_for
+from helpers import ask, config, fake, wait_for
 from opentelemetry.trace import SpanKind
 from test_jobs import job, result_of, submit
 
@@ -73,3 +73,58 @@ async def test_a_job_delivered_again_is_one_trace_under_its_job_span(
         "lifeline.job.deliveries": 2,
         "lifeline.job.outcome": "answered",
     }
+
+
+async def test_a_last_delivery_audited_by_a_dispatcher_that_died_keeps_one_event(
+    lifeline, client, monkeypatch
+):
+    """The job's last delivery answered it, could not store the result (the bucket
+    unreachable), audited it and died before dead-lettering it. The delivery after it finds
+    no result, dead-letters the job and audits that: a live subscriber sees a second event of
+    the id, under the same Nats-Msg-Id, and the audit stream keeps one, the first."""
+    import asyncio
+
+    import nats.js.errors
+    from test_jobs import kept_audit_events
+
+    from schemas.wire import audit_decoder
+
+    dying = [True]
+    real_keep, real_dead_letter = jobs.Jobs._keep, jobs.Jobs._dead_letter
+
+    async def keep(self: Any, key: str, reply: Any) -> Any:
+        if dying[0]:
+            raise nats.js.errors.ServiceUnavailableError()
+        return await real_keep(self, key, reply)
+
+    async def dead_letter(self: Any, *args: Any, **kwargs: Any) -> None:
+        if dying[0]:  # the dispatcher dies here: killed before it dead-letters the job
+            await asyncio.Event().wait()
+        await real_dead_letter(self, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.Jobs, "_keep", keep)
+    monkeypatch.setattr(jobs.Jobs, "_dead_letter", dead_letter)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    monkeypatch.setattr(jobs, "_STORE_PATIENCE_S", 0.0)
+    live = await client.subscribe(subjects.AUDIT_ALL)
+    dead = await client.subscribe(subjects.JOBS_DEAD)
+    data = {**config({"main": fake()}, shutdown_grace_s=0.1)}
+    data["jobs"] = {"ack_wait_s": 1, "max_deliver": 2}
+    first = await lifeline(data)
+    await submit(client, job("last"), "last")
+    answered = await live.next_msg(timeout=10)  # its last delivery's, as it died
+    await first.stop()
+    dying[0] = False
+    await lifeline(data)
+    letter = await dead.next_msg(timeout=10)
+    assert letter.headers[subjects.MSG_ID] == "last"
+    again = await live.next_msg(timeout=10)
+    events = [audit_decoder.decode(m.data) for m in (answered, again)]
+    assert [(e.id, e.status) for e in events] == [("last", "ok"), ("last", "error")]
+    assert answered.headers[subjects.MSG_ID] == again.headers[subjects.MSG_ID]
+    # A request after it, audited through the same connection: kept after it, if it were.
+    assert (
+        await ask(client, {"id": "after", "messages": [{"role": "user", "content": "hi"}]})
+    ).status == "ok"
+    kept = await kept_audit_events(client, 2)
+    assert [(e.id, e.status) for e in kept] == [("last", "ok"), ("after", "ok")]
