@@ -32,9 +32,11 @@ A request the wire's types refuse (a bad role, a negative timeout) raises msgspe
 before anything is sent.
 
 Stopping: cancel the task awaiting complete(), or leave a stream before its end (break out of
-`async with`, aclose()), and the client aborts the request (llm.abort, with the random abort
-key it was sent with): its dispatcher cancels its attempts at their workers, HTTP calls
-included, so nobody pays for an answer nobody reads.
+its `async for`, or of its `async with`; aclose()), and the client aborts the request
+(llm.abort, with the random abort key it was sent with): its dispatcher cancels its attempts
+at their workers, HTTP calls included, so nobody pays for an answer nobody reads. Inside
+`async with`, the block is the stream's scope rather than the loop: a second loop (or
+finish()) reads on after a `break`.
 
 Its import loads NATS and the wire, nothing of the dispatcher (a contract in pyproject.toml).
 The module-level `stream()` and `stream_text()` work on a nats-py connection of your own; any
@@ -51,7 +53,7 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -456,11 +458,13 @@ class Lifeline:
         overloaded_retries: int = 0,
         **fields: Any,
     ) -> Streamed:
-        """Send one request to llm.stream: an async iterator of its events (schemas/streaming.py:
+        """Send one request to llm.stream: an async iterable of its events (schemas/streaming.py:
         delta, tool_call, reset, end, error), resets applied to `.text`, a missing event raised
-        as StreamGap. Use it in `async with` (or call aclose()) when you may stop early.
-        `fields` and overloaded_retries as for complete(); a request refused as overloaded is
-        sent again before any event of it is yielded."""
+        as StreamGap. Leaving an `async for` over it before its end (a break, a return, an
+        exception) ends the stream: unsubscribed, its request aborted. In `async with`, the
+        block ends it instead, and a loop left early can be followed by another (or finish())
+        that reads on. `fields` and overloaded_retries as for complete(); a request refused as
+        overloaded is sent again before any event of it is yielded."""
         self._check_loop()
         req = self.request(request, **fields)
         return Streamed(
@@ -604,7 +608,11 @@ class Streamed:
     """One request's answer on llm.stream, as it comes: iterate it for its events; between
     them, `text` is the answer so far with resets applied and `tool_calls` the calls so far;
     after the last, `reply` is the end (or error) event's reply (content null: the text is
-    `text`). `await streamed.finish()` reads the rest and returns the reply."""
+    `text`). `await streamed.finish()` reads the rest and returns the reply.
+
+    An `async for` over it outside `async with` is its scope: left before the end, the stream
+    is closed (see _Loop). In `async with`, the block is, and a loop may be left and another
+    begun."""
 
     def __init__(
         self,
@@ -629,6 +637,8 @@ class Streamed:
         self._deadline: float | None = None  # the whole stream's, fixed at its first send
         self._reader: asyncio.Task[Any] | None = None  # the task inside __anext__, if any
         self._left: asyncio.Event | None = None  # set when a reader aclose() stopped has left
+        self._held = False  # in `async with`: the block ends the stream, not a loop left
+        self._loop_left = False  # ended because an `async for` over it was left (finish says)
 
     @property
     def text(self) -> str:
@@ -646,8 +656,8 @@ class Streamed:
     def done(self) -> bool:
         return self.assembler.done
 
-    def __aiter__(self) -> Self:
-        return self
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self if self._held else _Loop(self)
 
     async def __anext__(self) -> Event:
         # One async generator (stream()) per try, driven from here rather than from a
@@ -704,6 +714,12 @@ class Streamed:
     async def finish(self) -> CompletionReply:
         async for _ in self:
             pass
+        if self.reply is None and self._loop_left:
+            raise LifelineError(
+                "this stream was stopped before its end when its reader left its `async for` "
+                "(outside `async with`, the loop is the stream's scope), so it has no reply: to "
+                "read on after a break, read it in `async with lifeline.stream(...) as answer:`"
+            )
         if self.reply is None:  # stopped before its end: aclose(), a break, a cancel, an error
             raise LifelineError(
                 "this stream was stopped before its end (aclose(), leaving its `async with`, "
@@ -732,13 +748,61 @@ class Streamed:
         if events is not None:
             await events.aclose()
 
+    def _loop_gone(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """An `async for` over it outside `async with` was left before the stream's end: close
+        it in its event loop (called from a finalizer, in whatever thread collects it)."""
+        if self._over or self._held or loop is None:
+            return
+        self._over = self._loop_left = True  # nothing more is read, whatever runs first
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nothing to close
+            loop.call_soon_threadsafe(_close_in_background, self)
+
     async def __aenter__(self) -> Self:
+        self._held = True
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+class _Loop:
+    """One `async for` over a Streamed outside `async with`. A `break` does not close an async
+    iterator (PEP 525, PEP 533 deferred): the loop only drops it, and a Streamed kept in a
+    variable stayed subscribed, its request running, for as long as the variable lived. The
+    loop is all that holds this object, so it goes the moment the loop is left, and takes
+    the stream with it (a finalizer cannot await: the close is a task of the stream's loop)."""
+
+    __slots__ = ("_loop", "_streamed")
+
+    def __init__(self, streamed: Streamed) -> None:
+        self._streamed = streamed
+        self._loop = _running_loop()  # None outside one (aiter() in sync code): GC closes it
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._streamed.__anext__()
+
+    def __del__(self) -> None:
+        self._streamed._loop_gone(self._loop)
+
+
+_closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to its tasks
+
+
+def _close_in_background(streamed: Streamed) -> None:
+    task = asyncio.ensure_future(streamed.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closed_in_background)
+
+
+def _closed_in_background(task: asyncio.Task[None]) -> None:
+    _closing.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("closing a stream left by its `async for`: %r", task.exception())
 
 
 def _buffer_full() -> Unreachable:
@@ -1021,7 +1085,11 @@ async def stream(
     Pass an Assembler to read the text so far (with resets applied) between events.
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
     and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
-    timeout allows. Closed before its end (or on any of those), the request is aborted."""
+    timeout allows. Closed before its end (or on any of those), the request is aborted.
+
+    An async generator: a `break` out of a loop over it leaves it open until it is garbage
+    collected (PEP 525). To end it with the loop, read it in
+    `async with contextlib.aclosing(stream(nc, request)) as events:`."""
     assembler = assembler or Assembler()
     payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
     _check_size(nc, payload, headers)

@@ -248,6 +248,32 @@ async def test_a_stream_closed_from_another_task_ends_its_readers_loop_and_is_ab
         await answer.finish()
 
 
+async def test_leaving_a_loop_over_a_stream_ends_it_unless_async_with_holds_it(
+    lifeline, lifeline_client
+):
+    """A `break` out of `async for event in answer`, with neither `async with` nor aclose(),
+    left the stream subscribed and its request running for as long as `answer` lived: the
+    dispatcher streamed on into a subscription nobody read, its provider paid for every word."""
+    stack = await lifeline(config({"main": fake(chunks=50, chunk_delay_ms=100)}))
+    subscribed = len(lifeline_client.nc._subs)
+    answer = lifeline_client.stream(" ".join(["word"] * 50))
+    async for _ in answer:
+        break
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=5)
+    assert len(lifeline_client.nc._subs) == subscribed
+    assert answer.text.startswith("word")  # what was read is still there
+    with pytest.raises(LifelineError, match="left its `async for`"):
+        await answer.finish()
+    assert [event async for event in answer] == []
+    # In `async with`, the stream lasts as long as it: a loop left, the next one reads on.
+    async with lifeline_client.stream("one two three four") as whole:
+        async for _ in whole:
+            break
+        reply = await whole.finish()
+    assert (reply.status, whole.text) == ("ok", "one two three four")
+    assert stack.dispatcher.aborts == 1 and len(lifeline_client.nc._subs) == subscribed
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
