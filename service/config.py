@@ -544,7 +544,30 @@ def _chain(key: str, chain: Chain, *known: Any) -> list[Step]:
             steps.append(members)
         else:
             steps.append(_entry(where, entry, *known))
+    _listed_once(key, steps)
     return steps
+
+
+def _listed_once(key: str, steps: list[Step]) -> None:
+    """A target a chain names again is called again as a fallback: at once, past its retry_on,
+    its backoff and the route's retry budget, which bound the calls `retries` adds. The same
+    provider twice, shaped apart (a larger max_tokens, another model or name), is two
+    targets."""
+    field = key.rpartition(".")[2]
+    seen: list[tuple[TargetSpec, str]] = []  # TargetSpec holds lists: not hashable
+    for i, step in enumerate(steps):
+        members = [step] if isinstance(step, TargetSpec) else step
+        for j, spec in enumerate(members):
+            where = f"[{i}]" if isinstance(step, TargetSpec) else f"[{i}].group[{j}]"
+            first = next((at for earlier, at in seen if earlier == spec), None)
+            if first is not None:
+                raise ConfigError(
+                    f"{key}{where}: target {spec.name!r} is already in this chain "
+                    f"({field}{first}); list it once, and for more calls to it give it `retries` "
+                    "(a second entry calls it again at once, past its retry_on, its backoff and "
+                    "the route's retry budget)"
+                )
+            seen.append((spec, where))
 
 
 def _entry(key: str, entry: str | TargetSpec | dict[str, Any], *known: Any) -> TargetSpec:

@@ -639,15 +639,18 @@ def test_a_key_like_none_known_gets_no_guess():
 @pytest.mark.parametrize(
     "chain",
     [
-        ["p"] * 257,
-        [{"group": [{"provider": "p", "model": f"m{i}"} for i in range(200)]}, *["p"] * 57],
+        [{"provider": "p", "model": f"m{i}"} for i in range(257)],
+        [
+            {"group": [{"provider": "p", "model": f"m{i}"} for i in range(200)]},
+            *[{"provider": "p", "model": f"m{i}"} for i in range(200, 257)],
+        ],
     ],
     ids=["targets", "group members"],
 )
 def test_a_chain_of_more_than_256_targets_is_refused_saying_why(chain):
     """Each target a failed request leaves is an attempt in its reply and its audit event: a
     route of 8,200 targets answered every request reply_too_large, its attempts lost."""
-    models = [f"m{i}" for i in range(200)]
+    models = [f"m{i}" for i in range(257)]
     with pytest.raises(ConfigError, match=r"routes\.r\.targets: 257 targets, over the 256"):
         parse_config({"providers": {"p": fake(models=models)}, "routes": {"r": {"targets": chain}}})
     parse_config({"providers": {"p": fake(models=models)}, "routes": {"r": {"targets": chain[1:]}}})

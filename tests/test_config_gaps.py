@@ -77,3 +77,47 @@ def test_braces_around_anything_but_a_bare_name_are_still_sent_as_written():
     text = 'Answer as {"answer": ...}, {a, b} or { name }. {system}'
     parsed = parse_config(with_template(system=text, user="{input} {{input}}"))
     assert parsed.templates["terse"].system == text
+
+
+# ---- one target twice in a chain -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("targets", "where", "name", "first"),
+    [
+        (["p", "q", "p"], "routes.r.targets[2]", "p", "targets[0]"),
+        (["p", {"provider": "p"}], "routes.r.targets[1]", "p", "targets[0]"),
+        ([{"group": ["p", "q"]}, "q"], "routes.r.targets[1]", "q", "targets[0].group[1]"),
+        (["q", {"group": ["p", "q"]}], "routes.r.targets[1].group[1]", "q", "targets[0]"),
+    ],
+)
+def test_a_chain_naming_one_target_twice_is_refused_pointing_at_retries(
+    targets, where, name, first
+):
+    """It called the target again as a fallback: at once, whatever its retry_on and backoff,
+    and outside the route's retry budget."""
+    assert error(chain(*targets)) == (
+        f"{where}: target {name!r} is already in this chain ({first}); list it once, and for "
+        "more calls to it give it `retries` (a second entry calls it again at once, past its "
+        "retry_on, its backoff and the route's retry budget)"
+    )
+
+
+def test_a_default_chain_naming_one_target_twice_is_refused_too():
+    message = error(chain("p", fallbacks={"context_length": ["q", "q"]}))
+    assert message.startswith("fallbacks.context_length[1]: target 'q' is already in this chain ")
+
+
+def test_one_provider_twice_shaped_differently_and_one_target_in_two_chains_are_taken():
+    parsed = parse_config(
+        {
+            **chain(
+                "p",
+                {"provider": "p", "max_tokens": 4096},
+                {"provider": "p", "model": "other"},
+                {"provider": "p", "name": "p-again"},
+            ),
+            "fallbacks": {"context_length": ["p"]},
+        }
+    )
+    assert [t.name for t in parsed.routes["r"].targets] == ["p", "p", "p:other", "p-again"]
