@@ -625,6 +625,15 @@ def _check_target(
             "provider",
         )
     provider = providers[ref.provider]
+    if ref.model is not None and not ref.model.strip():
+        # Sent as the model "" (every call a bad_request), while replies and the breaker
+        # named the provider's own.
+        own = f" ({provider.model})" if provider.model else ""
+        raise TargetError(
+            f"an empty name calls no model: name one, or drop `model` for provider "
+            f"{ref.provider}'s own{own}",
+            "model",
+        )
     fixed = provider.fixed_model() if ref.model is not None else None
     if fixed is not None and ref.model != provider.model:
         raise TargetError(

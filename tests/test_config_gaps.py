@@ -121,3 +121,30 @@ def test_one_provider_twice_shaped_differently_and_one_target_in_two_chains_are_
         }
     )
     assert [t.name for t in parsed.routes["r"].targets] == ["p", "p", "p:other", "p-again"]
+
+
+# ---- an empty model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (chain({"provider": "p", "model": ""}), "routes.r.targets[0].model"),
+        ({**chain("t"), "targets": {"t": {"provider": "p", "model": " "}}}, "targets.t.model"),
+    ],
+)
+def test_an_empty_model_on_a_target_is_refused(data, key):
+    """It was sent to the provider as the model "" (every call a bad_request), while replies
+    and the breaker named the provider's own model."""
+    assert error(data) == (
+        f"{key}: an empty name calls no model: name one, or drop `model` for provider p's own "
+        "(fake-1)"
+    )
+
+
+def test_an_empty_model_in_a_request_s_target_is_refused_too():
+    from schemas.wire import TargetSpec
+
+    parsed = parse_config(chain("p"))
+    with pytest.raises(ValueError, match="an empty name calls no model"):
+        parsed.resolve_target(TargetSpec(provider="p", model=""))
