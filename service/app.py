@@ -3,6 +3,10 @@
 Each component gets its own NATS connection, exactly as if it ran in its own process:
 `lifeline run` is the same thing as one `lifeline dispatcher` plus one `lifeline worker`
 per provider, just in one process for convenience.
+
+Connecting loads NATS alone: the dispatcher, the workers (their HTTP clients, every provider
+kind) and telemetry are imported by the start_* functions that start them, so that a client
+command (`lifeline ask`, `status`, `health`) starts without them.
 """
 
 from __future__ import annotations
@@ -13,22 +17,23 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client, ServerVersion
-from opentelemetry.sdk.metrics import MeterProvider
 
 from schemas import subjects
 from service import logs, natsio
-from service.config import Config
 from service.discovery import Responder, dispatcher_endpoints, worker_endpoints
-from service.dispatcher import Dispatcher
 from service.natsopts import NatsOptions, server_list
-from service.telemetry import Tracing, observe_health
-from workers import testmode
-from workers.base import HttpProvider, Scrubber
-from workers.registry import build_provider
-from workers.runtime import WorkerRuntime
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from service.config import Config
+    from service.dispatcher import Dispatcher
+    from service.telemetry import Tracing
+    from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("lifeline")
 
@@ -514,6 +519,9 @@ class Component:
 async def start_dispatcher(
     config: Config, url: NatsOptions | str, tracers: Tracing, meters: MeterProvider | None = None
 ) -> tuple[Component, Dispatcher]:
+    from service.dispatcher import Dispatcher
+    from service.telemetry import observe_health
+
     watch = ConnectionWatch("dispatcher")
     options = url if isinstance(url, NatsOptions) else NatsOptions(servers=url)
     if not options.inbox_prefix:  # where workers may stream chunks (service/permissions.py)
@@ -581,6 +589,11 @@ def _dispatcher_publishes(config: Config) -> list[str]:
 async def start_worker(
     config: Config, name: str, url: NatsOptions | str, tracers: Tracing
 ) -> tuple[Component, WorkerRuntime]:
+    from workers import testmode
+    from workers.base import HttpProvider, Scrubber
+    from workers.registry import build_provider
+    from workers.runtime import WorkerRuntime
+
     settings = config.providers[name]
     # Fails here, before connecting, on a missing API key or a plug-in that does not load.
     provider = build_provider(settings, name)

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import msgspec
 import nats.errors
@@ -70,7 +70,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
-from service import app, client, discovery, jetstream, logs, loop, natsopts, telemetry
+from service import app, client, discovery, jetstream, logs, loop, natsopts
 from service.app import (
     Component,
     ConnectionWatch,
@@ -84,25 +84,20 @@ from service.app import (
     start_stack,
     start_worker,
 )
-from service.audit import AuditStalled, read_events
-from service.config import (
-    Config,
-    ConfigError,
-    Step,
-    breaker_settings,
-    load_config,
-    load_nats_settings,
-    parse_config,
-)
 from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.health import percentile_ms
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes, parse_address
 from service.shared_health import merge_status, read_bucket
-from service.telemetry import Tracing
-from workers.base import Scrubber, shown_env_name
-from workers.plugin import PluginProvider, PluginSettings
+
+# What only some commands need is imported by them, so that the others start without it: the
+# config (every provider kind, their HTTP client), telemetry (OpenTelemetry's SDK), the
+# dispatcher and the workers (service.app's start_* functions).
+if TYPE_CHECKING:
+    from service import telemetry
+    from service.config import Config, Step
+    from workers.plugin import PluginSettings
 
 log = logging.getLogger("lifeline")
 
@@ -684,6 +679,8 @@ def _nats_options(
     if config is not None:
         table, source = config.nats, config.source
     elif path and (path != DEFAULT_CONFIG or Path(path).exists()):
+        from service.config import load_nats_settings
+
         table, source = load_nats_settings(path), path
     flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
     return natsopts.resolve(flags, table, default_url=default_url, source=source)
@@ -753,6 +750,15 @@ def _raise_open_files_limit() -> None:
         log.debug("open files limit left as it is: %s", exc)
 
 
+def _hide_otlp_secrets() -> None:
+    """Every log line of a serving command without what its OTLP exporter settings hold that
+    is secret: OpenTelemetry's SDK, which only they load, quotes them in its own lines."""
+    from service import telemetry
+    from workers.base import Scrubber
+
+    logs.hide(Scrubber(telemetry.otlp_secrets()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -760,8 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
-    logs.hide(Scrubber(telemetry.otlp_secrets()))  # the SDK's own lines quote them
     if args.command in _SERVING:
+        _hide_otlp_secrets()
         _raise_open_files_limit()
     handlers = {
         "run": cmd_run,
@@ -783,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     command = handlers[args.command](args)
     try:
         return loop.run(_serving(command) if args.command in _SERVING else _stoppable(command))
-    except (ConfigError, NatsUnreachable, EmbeddedNatsError, ValueError) as exc:
+    except (NatsUnreachable, EmbeddedNatsError, ValueError) as exc:  # ConfigError among them
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `lifeline ... | head`: the reader had enough; nothing to say
@@ -962,6 +968,9 @@ def _demo_config(args: argparse.Namespace) -> str:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    from service import telemetry
+    from service.config import load_config
+
     config = load_config(_demo_config(args))
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
@@ -1049,6 +1058,8 @@ async def _first(*waits: Awaitable[str] | None) -> str:
 
 
 def _describe(config: Config) -> None:
+    from service.config import breaker_settings
+
     for name, p in config.providers.items():
         print(f"provider {name:<12} kind={p.kind} model={p.model or '-'} timeout_s={p.timeout_s:g}")
     for name, spec in config.targets.items():
@@ -1178,6 +1189,9 @@ def _audit_line(event: AuditEvent) -> str:
 
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
+    from service import telemetry
+    from service.config import load_config
+
     config = load_config(args.config)
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
@@ -1193,6 +1207,9 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    from service import telemetry
+    from service.config import ConfigError, load_config
+
     config = load_config(args.config)
     if args.name not in config.providers:
         configured = ", ".join(config.providers)
@@ -1224,12 +1241,14 @@ def _identity(provider: object) -> str:
 
 async def _serve(
     component: Component,
-    tracers: Tracing,
+    tracers: telemetry.Tracing,
     health_port: str | None = None,
     meters: telemetry.MeterProvider | None = None,
 ) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
     so a supervisor restarts the process)."""
+    from service import telemetry
+
     lost = None
     probes = None
     try:
@@ -1282,6 +1301,8 @@ async def cmd_ask(args: argparse.Namespace) -> int:
 def _config_or_default(args: argparse.Namespace) -> Config:
     """The config (for its stream and bucket names), or the defaults when the default config
     file is not there."""
+    from service.config import load_config, parse_config
+
     if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
         return parse_config({"providers": {"none": {"kind": "fake"}}})
     return load_config(args.config)
@@ -1641,6 +1662,8 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
+    from service.audit import AuditStalled, read_events
+
     nats_opts = _nats_options(args)
     url = nats_opts.shown  # fit to print
     settings = _config_or_default(args).audit
@@ -1984,6 +2007,8 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
     # Its routes and targets are what `model` may name; without the file, any name is sent on.
     config = None
     if args.config != DEFAULT_CONFIG or Path(args.config).exists():
+        from service.config import load_config
+
         config = load_config(args.config)
     try:
         component, server = await _start_gateway(
@@ -2030,6 +2055,7 @@ async def _start_gateway(
     max_connections: int | None = None,
 ) -> tuple[Component, Any]:
     from service import gateway  # the HTTP server (Starlette, uvicorn) loads for it only
+    from service.config import parse_config
 
     settings = (config or parse_config({"providers": {"none": {"kind": "fake"}}})).dispatcher
     models = None
@@ -2143,6 +2169,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
 def _expected_services(config_path: str) -> list[str]:
     """The services a whole deployment of this config runs: the dispatcher, a worker per
     provider."""
+    from service.config import load_config
+
     expected = [subjects.DISPATCHER_SERVICE]
     return expected + [subjects.worker_service(n) for n in load_config(config_path).providers]
 
@@ -2227,6 +2255,7 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
 
 async def cmd_nats_config(args: argparse.Namespace) -> int:
     from service import permissions  # names in, text out: loads for this command only
+    from service.config import load_config
 
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
@@ -2239,6 +2268,10 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
+    from service.config import load_config
+    from workers.base import shown_env_name
+    from workers.plugin import PluginSettings
+
     config = load_config(args.config)
     # Its [nats] table as a service would use it (its files read, its ways to authenticate
     # one), with this environment's NATS_* variables where the table says nothing.
@@ -2263,6 +2296,8 @@ async def _make_model(settings: PluginSettings, name: str) -> None:
     """A plug-in's model made as its worker makes it (its class imported, its settings
     checked, its constructor run), then closed: ValueError naming the provider when that
     fails, which `lifeline worker` (and `run`) would otherwise be the first to find."""
+    from workers.plugin import PluginProvider
+
     made = PluginProvider(settings, name)
     await made.aclose()
 

@@ -93,6 +93,48 @@ def test_help_lists_every_command_with_an_example():
     assert 'lifeline ask "Why did the chicken cross the road?"' in out
 
 
+# Runs `lifeline ARGS...` in this interpreter, then prints, last, the modules it loaded.
+LOADED_BY_A_COMMAND = """
+import json, sys
+from service.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:  # --help
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+# What a serving command needs and a client command does not (HTTP clients of every provider
+# kind, OpenTelemetry's SDK, the engine): it took most of every command's start (0.6 s).
+SERVING_ONLY = ("httpx", "opentelemetry", "workers", "service.config", "service.dispatcher")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["ask", "--help"],
+        ["ask", "hi", "--nats-url", "nats://127.0.0.1:1"],
+        ["health", "--nats-url", "nats://127.0.0.1:1"],
+    ],
+    ids=" ".join,
+)
+def test_a_client_command_loads_neither_providers_nor_telemetry_nor_the_dispatcher(
+    tmp_path, args
+):
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_BY_A_COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,  # no lifeline.example.toml here: no config is read
+        env=cli_env(),
+    )
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    heavy = [m for m in loaded if m.startswith(SERVING_ONLY)]
+    assert heavy == [], done.stderr
+
+
 def test_run_then_ask_shows_the_answer_the_provider_and_every_attempt(own_run):
     proc, url = own_run
     result = run_lifeline("ask", "--nats-url", url, "Why did the chicken cross the road?")
