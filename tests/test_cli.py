@@ -636,13 +636,14 @@ def test_a_missing_api_key_is_named_by_check_config_and_by_the_worker(tmp_path):
 def test_check_config_shows_groups_and_error_class_chains(tmp_path):
     cfg = tmp_path / "groups.toml"
     cfg.write_text(
-        '[providers.a]\nkind = "fake"\n[providers.b]\nkind = "fake"\n\n[routes.default]\n'
-        'targets = [{ group = [{ provider = "a", weight = 3 }, "b"] }, "b"]\n'
+        '[providers.a]\nkind = "fake"\n[providers.b]\nkind = "fake"\n'
+        '[providers.c]\nkind = "fake"\n\n[routes.default]\n'
+        'targets = [{ group = [{ provider = "a", weight = 3 }, "b"] }, "c"]\n'
         'context_length_fallbacks = ["b"]\n'
     )
     result = run_lifeline("check-config", "--config", str(cfg))
     assert result.returncode == 0, result.stderr
-    assert "{a x3 | b} -> b" in result.stdout
+    assert "{a x3 | b} -> c" in result.stdout
     assert "on context_length: b" in result.stdout
 
 
