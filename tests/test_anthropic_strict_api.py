@@ -13,6 +13,7 @@ takes and Claude refused as a 400.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -24,13 +25,19 @@ from helpers import LocalHTTPServer, config, serving
 
 from schemas import ChatMessage, CompletionRequest, ProviderOk, ProviderRequest
 from schemas.streaming import Assembler
-from schemas.wire import TextPart, ToolCall
+from schemas.wire import ImagePart, TextPart, ToolCall
 from service.client import stream
+from workers import anthropic
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.base import ProviderError
 
 KEY = "sk-ant-api03-strict-Qm3vT8xK1pZ6"
 MODEL = "claude-sonnet-4-20250514"
+# A 1x1 PNG, base64.
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
+    "rkJggg=="
+)
 
 
 class Claude(LocalHTTPServer):
@@ -448,3 +455,48 @@ async def test_a_blank_tool_result_is_sent_as_the_documented_empty_result(provid
         "role": "user",
         "content": [{"type": "tool_result", "tool_use_id": "call_1"}],
     }
+
+
+# ---- one conversion per call ------------------------------------------------------------
+
+
+async def test_a_request_ending_in_a_prefill_is_converted_once_per_call(
+    provider, claude, monkeypatch
+):
+    """The whitespace stripped from a prefill was found by converting the whole conversation
+    a second time, its inline images (megabytes of base64 each) and all."""
+    converted: list[ImagePart] = []
+    convert = anthropic._image_source
+
+    def counted(part: ImagePart) -> dict[str, Any]:
+        converted.append(part)
+        return convert(part)
+
+    monkeypatch.setattr(anthropic, "_image_source", counted)
+    claude.pieces = ["\n", "World."]
+    image = ImagePart(url=f"data:image/png;base64,{PNG}")
+    request = chat(
+        ChatMessage("user", [TextPart("Greet what you see"), image]),
+        ChatMessage("assistant", "Hello\n"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "World."
+    assert len(converted) == 1
+    assert "".join(await streamed(provider, request)) == "World."
+    assert len(converted) == 2
+
+
+async def test_concurrent_calls_each_leave_out_only_their_own_prefills_whitespace(provider, claude):
+    """The whitespace each call's body left off its prefill is that call's, however the calls
+    on one provider interleave."""
+    claude.pieces = ["\n", "\nWorld."]
+
+    async def answered(prefill: str, whole: bool) -> str:
+        request = chat(ChatMessage("user", "Greet the world"), ChatMessage("assistant", prefill))
+        if whole:
+            return (await provider.complete(request, timeout_s=5)).content
+        return "".join(await streamed(provider, request))
+
+    prefills = {"Hello\n\n": "World.", "Hello": "\n\nWorld.", "Hello\n": "\nWorld."}
+    calls = [(prefill, whole) for prefill in prefills for whole in (True, False)]
+    texts = await asyncio.gather(*(answered(prefill, whole) for prefill, whole in calls))
+    assert texts == [prefills[prefill] for prefill, _ in calls]

@@ -39,6 +39,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import aclosing
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
@@ -141,13 +142,17 @@ class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unkn
 # ---- the request ----------------------------------------------------------------------
 
 
-def messages_body(request: ProviderRequest, model: str, default_max_tokens: int) -> dict[str, Any]:
-    """The Messages API body of `request`; ProviderError(bad_request) for an assistant tool call
-    whose arguments the API cannot take (not a JSON object)."""
+def messages_body(
+    request: ProviderRequest, model: str, default_max_tokens: int
+) -> tuple[dict[str, Any], str]:
+    """The Messages API body of `request`, and the whitespace left off the end of its prefill
+    ("" if it has none: see _turns); ProviderError(bad_request) for an assistant tool call whose
+    arguments the API cannot take (not a JSON object)."""
+    turns, stripped = _turns(request.messages)
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
-        "messages": _turns(request.messages)[0],
+        "messages": turns,
     }
     system = _system(request.messages)
     if system:
@@ -168,7 +173,7 @@ def messages_body(request: ProviderRequest, model: str, default_max_tokens: int)
     body.update(_tool_fields(request))
     # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
     # Nor has seed: the API cannot make an answer repeatable, so it is left out.
-    return body
+    return body, stripped
 
 
 def _system(messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
@@ -277,15 +282,6 @@ def _without_trailing_whitespace(
     return blocks or "", stripped
 
 
-def _prefill_whitespace(messages: Sequence[ChatMessage]) -> str:
-    """The whitespace the body leaves off the end of the conversation's prefill ("" if it has
-    none: its last message, system ones aside, is no assistant's)."""
-    last = next((m for m in reversed(messages) if m.role not in _SYSTEM_ROLES), None)
-    if last is None or last.role != "assistant":
-        return ""
-    return _turns(messages)[1]
-
-
 class _Unrepeated:
     """An answer's text, piece by piece, without the whitespace stripped from its prefill
     where it starts with it again: the client holds the prefill as it was, whitespace and
@@ -294,7 +290,11 @@ class _Unrepeated:
 
     __slots__ = ("_left",)
 
-    def __init__(self, stripped: str) -> None:
+    def __init__(self) -> None:
+        self._left = ""
+
+    def expect(self, stripped: str) -> None:
+        """The answer goes on from a prefill that `stripped` was left off."""
         self._left = stripped
 
     def __call__(self, text: str) -> str:
@@ -736,6 +736,33 @@ class MessageStream:
         )
 
 
+# The call whose body this task builds next: its request, and its answer's _Unrepeated, which
+# the body tells what it stripped from the prefill. HttpProvider builds the body and reads the
+# answer, and hands nothing from the one to the other; converting the conversation again,
+# inline images and all, only to learn those few characters cost as much as building it.
+_BUILDING: ContextVar[tuple[ProviderRequest, _Unrepeated] | None] = ContextVar(
+    "anthropic_building", default=None
+)
+
+
+def _expecting(request: ProviderRequest) -> _Unrepeated:
+    """The _Unrepeated of the answer to `request`, told what its prefill lost once the body
+    is built (before the call sends anything)."""
+    unrepeated = _Unrepeated()
+    _BUILDING.set((request, unrepeated))
+    return unrepeated
+
+
+def _waiting(request: ProviderRequest) -> _Unrepeated | None:
+    """The _Unrepeated waiting for `request`'s body in this task, if any, waiting no longer:
+    the request is held only until its body is built."""
+    building = _BUILDING.get()
+    if building is None or building[0] is not request:
+        return None
+    _BUILDING.set(None)
+    return building[1]
+
+
 class AnthropicProvider(HttpProvider):
     label = "anthropic"
 
@@ -759,8 +786,8 @@ class AnthropicProvider(HttpProvider):
         self.default_max_tokens = settings.default_max_tokens
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        unrepeated = _expecting(request)
         answer = await super().complete(request, timeout_s)
-        unrepeated = _Unrepeated(_prefill_whitespace(request.messages))
         if not unrepeated or not answer.content:
             return answer
         return msgspec.structs.replace(answer, content=unrepeated(answer.content))
@@ -769,19 +796,21 @@ class AnthropicProvider(HttpProvider):
         self, request: ProviderRequest, timeout_s: float
     ) -> AsyncIterator[Delta | ProviderOk]:
         """HttpProvider.stream, its text not repeating what was stripped from its prefill."""
-        unrepeated: _Unrepeated | None = None  # worked out at the first text, the body built
+        unrepeated = _expecting(request)
         async with aclosing(super().stream(request, timeout_s)) as items:
             async for item in items:
-                if isinstance(item, str) and (unrepeated is None or unrepeated):
-                    if unrepeated is None:
-                        unrepeated = _Unrepeated(_prefill_whitespace(request.messages))
+                if isinstance(item, str) and unrepeated:
                     item = unrepeated(item)
                     if not item:
                         continue  # deltas are never empty
                 yield item
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        return messages_body(request, model, self.default_max_tokens)
+        unrepeated = _waiting(request)
+        body, stripped = messages_body(request, model, self.default_max_tokens)
+        if unrepeated is not None:
+            unrepeated.expect(stripped)
+        return body
 
     def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_message(response, model)
@@ -790,7 +819,7 @@ class AnthropicProvider(HttpProvider):
         return message_error(response, self.secrets)
 
     def stream_body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        return {**messages_body(request, model, self.default_max_tokens), "stream": True}
+        return {**self.body(request, model), "stream": True}
 
     def stream_reader(self, model: str) -> MessageStream:
         return MessageStream(self.label, model)
