@@ -43,8 +43,10 @@ _NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")  # (?!\n): 
 # end at about 292 years). A year is more than any of these needs.
 _YEAR_S = 365 * 86_400.0
 Seconds = Annotated[float, Meta(gt=0, le=_YEAR_S)]
-# Counts JetStream keeps in an int64.
+# TOML integers are 64-bit (its spec makes one past them an error), and JetStream keeps its
+# counts in an int64; Python's tomllib reads any: max_in_flight = 10**30 was no limit at all.
 _INT64 = 2**63 - 1
+_INT64_MIN = -(2**63)
 
 
 T = TypeVar("T")
@@ -269,15 +271,22 @@ def _read_toml(path: Path, missing_hint: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError:  # Python reads no integer of over 4,300 digits (sys.int_info)
+        raise ConfigError(
+            f"{path}: not valid TOML: an integer of thousands of digits; TOML integers are "
+            f"64-bit ({_INT64_MIN} to {_INT64}): write a smaller number"
+        ) from None
 
 
 def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     """The checked config; raises ConfigError naming every mistake it found (each table on
     its own, then the routes and targets, which need the tables right to be checked)."""
     raw = _convert({"providers": {}, **data}, _RawConfig, "")
+    errors = _Errors()
+    errors.found += _oversized_integers(data, "")
+    errors.raise_any()  # before the tables: their own bounds would say it again, or nothing
     if not raw.providers:
         raise ConfigError("providers: at least one [providers.<name>] table is needed")
-    errors = _Errors()
     providers = {
         name: settings
         for name, table in raw.providers.items()
@@ -331,6 +340,27 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         jetstream=jetstream,
         nats=nats,
     )
+
+
+def _oversized_integers(value: Any, key: str) -> list[str]:
+    """A mistake for every integer in `value` (a TOML document, table or array) past TOML's
+    64 bits."""
+    if isinstance(value, dict):
+        return [
+            m for k, v in value.items() for m in _oversized_integers(v, f"{key}.{k}".lstrip("."))
+        ]
+    if isinstance(value, list):
+        return [m for i, v in enumerate(value) for m in _oversized_integers(v, f"{key}[{i}]")]
+    if type(value) is int and not _INT64_MIN <= value <= _INT64:
+        digits = len(str(abs(value)))
+        number = str(value) if digits <= 40 else f"an integer of {digits} digits"
+        return [
+            (
+                f"{key}: {number} is outside the 64-bit integers TOML holds ({_INT64_MIN} to "
+                f"{_INT64}): write a smaller number"
+            )
+        ]
+    return []
 
 
 def _streams_apart(

@@ -148,3 +148,58 @@ def test_an_empty_model_in_a_request_s_target_is_refused_too():
     parsed = parse_config(chain("p"))
     with pytest.raises(ValueError, match="an empty name calls no model"):
         parsed.resolve_target(TargetSpec(provider="p", model=""))
+
+
+# ---- integers --------------------------------------------------------------------------
+
+BIG = 10**30
+
+
+@pytest.mark.parametrize(
+    ("table", "value", "key", "number"),
+    [
+        ("dispatcher", {"max_in_flight": BIG}, "dispatcher.max_in_flight", BIG),
+        ("jobs", {"max_deliver": 2**63}, "jobs.max_deliver", 2**63),
+        ("breaker", {"min_requests": -BIG}, "breaker.min_requests", -BIG),
+        ("providers", {"p": fake(max_in_flight=BIG)}, "providers.p.max_in_flight", BIG),
+        (
+            "routes",
+            {"r": {"targets": [{"provider": "p", "seed": BIG}]}},
+            "routes.r.targets[0].seed",
+            BIG,
+        ),
+    ],
+)
+def test_an_integer_past_toml_s_64_bits_is_refused_naming_its_key(table, value, key, number):
+    """TOML integers are 64-bit, but Python's reader takes any: max_in_flight = 10**30 was
+    taken, as no limit at all."""
+    data = config({"p": fake()})
+    data[table] = value
+    assert error(data) == (
+        f"{key}: {number} is outside the 64-bit integers TOML holds "
+        "(-9223372036854775808 to 9223372036854775807): write a smaller number"
+    )
+
+
+def test_the_largest_toml_integer_is_taken():
+    parsed = parse_config(config({"p": fake()}, max_in_flight=2**63 - 1))
+    assert parsed.dispatcher.max_in_flight == 2**63 - 1
+
+
+def test_check_config_lists_every_oversized_integer_and_one_of_thousands_of_digits(tmp_path):
+    path = tmp_path / "lifeline.toml"
+    path.write_text(
+        '[providers.p]\nkind = "fake"\n[dispatcher]\nmax_in_flight = 1' + "0" * 30 + "\n"
+        "[jobs]\nin_flight = 1" + "0" * 30 + "\n"
+    )
+    done = check_config(path)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.splitlines()[1:] == [
+        f"  {key}: 1{'0' * 30} is outside the 64-bit integers TOML holds "
+        "(-9223372036854775808 to 9223372036854775807): write a smaller number"
+        for key in ("dispatcher.max_in_flight", "jobs.in_flight")
+    ]
+    path.write_text('[providers.p]\nkind = "fake"\n[dispatcher]\nmax_in_flight = ' + "9" * 5000)
+    done = check_config(path)
+    assert done.returncode == 2 and done.stderr.startswith(f"lifeline: {path}: not valid TOML: ")
+    assert "set_int_max_str_digits" not in done.stderr and "64-bit" in done.stderr, done.stderr
