@@ -1068,7 +1068,7 @@ class Gateway:
             if chat.stream:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
                 return await self._stream(
-                    completion, payload, headers, wait_s, include_usage, extra, request
+                    chat.model, completion, payload, headers, wait_s, include_usage, extra, request
                 )
             gone = partial(_disconnected, request)
             reply = await self.inbox.request(request_id, payload, headers, wait_s, gone)
@@ -1116,6 +1116,7 @@ class Gateway:
 
     async def _stream(
         self,
+        model: str,
         completion: CompletionRequest,
         payload: bytes,
         headers: dict[str, str] | None,
@@ -1154,7 +1155,7 @@ class Gateway:
             raise
         finally:
             watch.stop()
-        sse = _SSE(completion.route, token, int(time.time()), include_usage)
+        sse = _SSE(model, completion.route, token, int(time.time()), include_usage)
         response_headers = {
             "x-lifeline-request-id": token,
             "x-request-id": token,
@@ -1203,9 +1204,14 @@ class Gateway:
 
 
 class _SSE:
-    """One stream's chat.completion.chunk events, as bytes."""
+    """One stream's chat.completion.chunk events, as bytes. Every chunk names the `model` the
+    request asked for, as OpenAI's name one model on every chunk: which model answers is known
+    only at the end (after a reset, another provider's may), and readers take it from the
+    first chunk (the SDKs' stream helpers) or the last. The last chunk's `lifeline` names it."""
 
-    def __init__(self, route: str, token: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self, model: str, route: str, token: str, created: int, include_usage: bool
+    ) -> None:
         self.route = route
         self.include_usage = include_usage
         self.head = (
@@ -1214,8 +1220,8 @@ class _SSE:
             + b'","object":"chat.completion.chunk","created":'
             + str(created).encode()
             + b',"model":'
+            + encoder.encode(model)
         )
-        self.model = encoder.encode(route)
         self.started = False  # the first content chunk carries the role too
         # Each attempt numbers its tool calls from 0: after a reset, the next attempt's follow
         # the voided ones', so that a reader joining pieces by index (the SDKs' stream
@@ -1226,7 +1232,6 @@ class _SSE:
     def _chunk(self, delta: bytes, finish: bytes = b"null", tail: bytes = b"") -> bytes:
         return (
             self.head
-            + self.model
             + b',"choices":[{"index":0,"delta":'
             + delta
             + b',"finish_reason":'
@@ -1275,8 +1280,6 @@ class _SSE:
             lifeline["content"] = assembler.text  # the answer with the resets applied
             if reply.tool_calls:
                 lifeline["tool_calls"] = _tool_calls(reply.tool_calls)
-        if reply.model:
-            self.model = encoder.encode(reply.model)
         # A stream without a delta still names the role once, as OpenAI's always does.
         out = self._chunk(
             b"{}" if self.started else b'{"role":"assistant"}',
@@ -1285,7 +1288,7 @@ class _SSE:
         )
         if self.include_usage:
             usage = encoder.encode(_usage(reply))
-            out += self.head + self.model + b',"choices":[],"usage":' + usage + b"}\n\n"
+            out += self.head + b',"choices":[],"usage":' + usage + b"}\n\n"
         return out + b"data: [DONE]\n\n"
 
     def error(self, error: HTTPError) -> bytes:

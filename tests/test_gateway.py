@@ -225,6 +225,26 @@ async def test_the_sdk_stream_helper_accumulates_a_stream(shared):
 
 
 @shared_loop
+async def test_every_chunk_of_a_stream_names_the_model_it_was_asked_for(shared):
+    """The chunks named the route until the last, which named the provider's model, so a reader
+    taking the first chunk's (the SDKs' stream helpers) and one taking the last's disagreed;
+    OpenAI names one model on every chunk. Which model answers is known only at the end (a
+    reset can hand the answer to another provider): every chunk names the `model` asked for,
+    and the last one's `lifeline` the model that answered."""
+    for asked in ("default", "main"):  # a route, and a target by name
+        stream = await shared.client.chat.completions.create(
+            **chat(asked), stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert [chunk.model for chunk in chunks] == [asked] * len(chunks)
+        [final] = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+        assert (final.model_extra["lifeline"]["model"], chunks[-1].usage is not None) == (
+            "fake-1",
+            True,
+        )
+
+
+@shared_loop
 async def test_an_empty_answer_streams_as_one_chunk_the_sdk_reads(shared):
     """An answer without text or tool calls (a model that spent its tokens thinking) ended in
     a chunk that was not JSON, and the SDKs raised on it."""
@@ -1041,7 +1061,7 @@ async def test_a_streams_backlog_is_written_with_turns_for_the_gateways_other_cl
 
         others = asyncio.ensure_future(other_clients())
         stub = SimpleNamespace(inbox=SimpleNamespace(close=lambda token, done: None), nc=nc)
-        sse = _SSE("default", "token", 0, False)
+        sse = _SSE("default", "default", "token", 0, False)
         events = Gateway._events(stub, "token", queue, assembler, first, 30.0, sse)
         written = [chunk async for chunk in events]
         others.cancel()
@@ -1469,7 +1489,7 @@ def test_tool_calls_after_a_reset_follow_the_voided_ones_for_the_sdks_stream_hel
     from schemas.wire import ErrorInfo, ToolCallDelta
     from service.gateway import _SSE
 
-    sse, assembler = _SSE("tools", "t", 0, include_usage=False), Assembler()
+    sse, assembler = _SSE("tools", "tools", "t", 0, include_usage=False), Assembler()
     events = [
         Event("tool_call", 1, 1, tool_call=ToolCallDelta(0, "call_A", "get_weather", '{"city": ')),
         Event("tool_call", 2, 1, tool_call=ToolCallDelta(0, arguments='"Lyon"}')),
