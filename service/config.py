@@ -346,9 +346,8 @@ def _oversized_integers(value: Any, key: str) -> list[str]:
     """A mistake for every integer in `value` (a TOML document, table or array) past TOML's
     64 bits."""
     if isinstance(value, dict):
-        return [
-            m for k, v in value.items() for m in _oversized_integers(v, f"{key}.{k}".lstrip("."))
-        ]
+        inner = [(f"{key}.{k}" if key else str(k), v) for k, v in value.items()]
+        return [m for where, v in inner for m in _oversized_integers(v, where)]
     if isinstance(value, list):
         return [m for i, v in enumerate(value) for m in _oversized_integers(v, f"{key}[{i}]")]
     if type(value) is int and not _INT64_MIN <= value <= _INT64:
