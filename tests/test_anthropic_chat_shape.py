@@ -11,15 +11,17 @@ the documented Messages API bodies, whole and streamed.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import msgspec
 import pytest
 from helpers import MockServer, provider_fixture
+from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import ImagePart, NamedTool, TextPart, Tool, ToolCall, ToolCallDelta
-from workers.anthropic import AnthropicProvider, AnthropicSettings
+from workers.anthropic import AnthropicProvider, AnthropicSettings, MessageStream
 from workers.base import ProviderError
 
 KEY = "sk-ant-api03-shape-7Yq2Lm4Np8Rs"
@@ -534,6 +536,10 @@ def stream_events(
     return [*events, delta, {"type": "message_stop"}]
 
 
+def event(data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(event=data["type"], data=json.dumps(data))
+
+
 def stream_server(events: list[dict[str, Any]]) -> Server:
     body = "".join(sse(event) for event in events).encode()
     return Server(body=body, headers={"content-type": "text/event-stream"})
@@ -582,6 +588,40 @@ async def test_a_streamed_tool_use_block_without_deltas_has_empty_arguments(make
         _, ok = await stream(make, stream_events(pieces=pieces), tool_deltas)
         assert calls(ok) == [("toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", {})]
         assert "".join(d.arguments for d in tool_deltas) == "{}"
+
+
+def test_a_tool_input_streamed_in_many_small_pieces_is_held_in_about_its_own_size():
+    """The API streams a tool call's input in pieces of a few characters, and each was held
+    as a string of its own until the call ended: some 60 bytes for every 2 of input, 120 MB
+    for a call at the default max_response_bytes (4 MiB), in one worker, for one stream."""
+    text = json.dumps({"digits": "0123456789" * 20_000})
+    pieces = [text[i : i + 2] for i in range(0, len(text), 2)]
+    tool = {"type": "tool_use", "id": "toolu_01", "name": "get_digits", "input": {}}
+    reader = MessageStream("anthropic", MODEL)
+    reader.read(event({"type": "content_block_start", "index": 0, "content_block": tool}))
+    deltas = [
+        event(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": piece},
+            }
+        )
+        for piece in pieces
+    ]
+    tracemalloc.start()
+    try:
+        for delta in deltas:
+            reader.read(delta)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(text), f"{held} bytes held for {len(text)} bytes of input"
+    reader.read(event({"type": "content_block_stop", "index": 0}))
+    reader.read(event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}}))
+    ok = reader.read(event({"type": "message_stop"}))
+    assert isinstance(ok, ProviderOk)
+    assert ok.tool_calls == [ToolCall("toolu_01", "get_digits", text)]
 
 
 async def test_a_streamed_answer_cut_by_max_tokens_finishes_with_length(make):
