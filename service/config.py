@@ -68,8 +68,10 @@ def _one_line(text: str) -> str:
 
 
 class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
-    # NATS's own default max_payload is 1 MiB; raise both together for long prompts.
-    max_request_bytes: Annotated[int, Meta(gt=0)] = 1024 * 1024
+    # NATS's own default max_payload is 1 MiB; raise both together for long prompts. At most
+    # nats-server's largest max_payload (an int32): no larger request can arrive, and the HTTP
+    # gateway reads bodies of up to twice this into memory.
+    max_request_bytes: Annotated[int, Meta(gt=0, le=2**31 - 1)] = 1024 * 1024
     default_timeout_s: Seconds = 60.0
     max_timeout_s: Seconds = 600.0
     # Requests a dispatcher works on at once; beyond it a request is answered at once with

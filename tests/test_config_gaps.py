@@ -203,3 +203,16 @@ def test_check_config_lists_every_oversized_integer_and_one_of_thousands_of_digi
     done = check_config(path)
     assert done.returncode == 2 and done.stderr.startswith(f"lifeline: {path}: not valid TOML: ")
     assert "set_int_max_str_digits" not in done.stderr and "64-bit" in done.stderr, done.stderr
+
+
+# ---- the largest request ---------------------------------------------------------------
+
+
+def test_max_request_bytes_above_the_largest_nats_payload_is_refused():
+    """nats-server takes no max_payload over 2**31 - 1 bytes ("max_payload value is too big"),
+    so no larger request ever arrives; but the HTTP gateway reads bodies up to twice this
+    limit, and 10**30 let it read any body into memory."""
+    assert error(config({"p": fake()}, max_request_bytes=2**31)) == (
+        "dispatcher.max_request_bytes: Expected `int` <= 2147483647"
+    )
+    parse_config(config({"p": fake()}, max_request_bytes=2**31 - 1))
