@@ -457,6 +457,26 @@ async def test_a_blank_tool_result_is_sent_as_the_documented_empty_result(provid
     }
 
 
+# ---- the first turn ---------------------------------------------------------------------
+
+
+async def test_a_conversation_the_assistant_begins_is_sent_as_it_begins(provider, claude):
+    """A greeting the assistant opened with, kept in the history. The Messages API no longer
+    requires a first user turn (its reference says only that consecutive turns of one role
+    are combined), so nothing is made up before it: a user turn of placeholder text would be
+    words the user never wrote."""
+    request = chat(
+        ChatMessage("system", "Be brief."),
+        ChatMessage("assistant", "Hi! How can I help?"),
+        ChatMessage("user", "Tell me a joke"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    assert claude.bodies[-1]["messages"] == [
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Tell me a joke"},
+    ]
+
+
 # ---- one conversion per call ------------------------------------------------------------
 
 

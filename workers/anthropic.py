@@ -199,7 +199,9 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
     """The conversation as the API's messages, and the whitespace left off the end of its
     prefill (see below). The API wants user and assistant turns in alternation, and a tool's
     answer is a user turn's block: so consecutive messages of one resulting role (tool
-    results, then the user's next words) become one turn of blocks."""
+    results, then the user's next words) become one turn of blocks. A conversation the
+    assistant begins is sent as it begins: the API takes it (its reference no longer asks for
+    a user turn first), and a user turn made up before it would be words nobody wrote."""
     turns: list[dict[str, Any]] = []
     final = max((i for i, m in enumerate(messages) if m.role not in _SYSTEM_ROLES), default=-1)
     for index, message in enumerate(messages):
