@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import re
@@ -445,6 +446,45 @@ async def test_a_request_too_large_is_413(shared):
         assert large.value.status_code == 413 and "10000" in large.value.message
     finally:
         await small.stop()
+
+
+@shared_loop
+async def test_a_gzip_body_is_read_within_the_body_limit_and_other_encodings_are_415(shared):
+    """A body sent with `Content-Encoding: gzip` was read as JSON as it came, and refused with
+    a 400 saying it is not JSON. It is inflated, its inflated size held to the same limit as a
+    plain body's (a small bomb that inflates past it is a 413, no more of it inflated); an
+    encoding the gateway cannot read is a 415 naming the one it can (RFC 9110, 7694)."""
+    body = encoder.encode(chat())
+    limit = shared.gw.max_body_bytes
+
+    async def post(content: bytes, encoding: str) -> httpx.Response:
+        headers = {"content-type": "application/json", "content-encoding": encoding}
+        async with httpx.AsyncClient(base_url=shared.gw.url) as http:
+            return await http.post("/chat/completions", content=content, headers=headers)
+
+    served = await post(gzip.compress(body), "gzip")
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["message"]["content"] == ANSWER
+    two_members = gzip.compress(body[:10]) + gzip.compress(body[10:])  # as `cat a.gz b.gz`
+    assert (await post(two_members, "GZIP")).status_code == 200
+
+    bomb = gzip.compress(body[:-1] + b" " * (limit * 8) + b"}")
+    assert len(bomb) < limit
+    too_large = await post(bomb, "gzip")
+    assert too_large.status_code == 413
+    assert too_large.json()["error"]["code"] == "payload_too_large", too_large.text
+    assert str(limit) in too_large.json()["error"]["message"]
+
+    broken = await post(gzip.compress(body)[:-8], "gzip")  # its end cut off
+    assert (broken.status_code, broken.json()["error"]["param"]) == (400, None)
+    assert "gzip" in broken.json()["error"]["message"], broken.text
+
+    for encoding in ("br", "deflate", "gzip, gzip"):
+        refused = await post(body, encoding)
+        assert refused.status_code == 415, (encoding, refused.text)
+        assert refused.json()["error"]["code"] == "unsupported_content_encoding"
+        assert refused.headers["accept-encoding"] == "gzip"
+    assert (await post(body, "identity")).status_code == 200
 
 
 async def test_a_request_that_fits_nats_only_without_its_headers_is_413_and_spares_the_rest(
