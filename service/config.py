@@ -723,11 +723,23 @@ def breaker_settings(*layers: dict[str, Any] | None) -> BreakerSettings:
     return msgspec.convert(merged, BreakerSettings)
 
 
+# service/health.py counts a target's calls in 1-second slots (300 of them: window_s's
+# ceiling): a window_s under one slot was counted as the current slot, while check-config
+# said "in 1e-06 s".
+_BREAKER_SLOT_S = 1.0
+
+
 def _breaker(key: str, table: dict[str, Any]) -> None:
     settings = _convert(table, BreakerSettings, key)
     problem = _bad_kind(list(settings.trip_on))
     if problem is not None:
         raise ConfigError(f"{key}.trip_on: {problem[1]}")
+    if settings.window_s < _BREAKER_SLOT_S:
+        raise ConfigError(
+            f"{key}.window_s: {settings.window_s:g} s is shorter than the {_BREAKER_SLOT_S:g} s "
+            "slots the breaker counts calls in (it would count the current one only): set 1 to "
+            "300"
+        )
 
 
 def _bad_kind(entries: Collection[str | int] | None) -> tuple[int, str] | None:

@@ -216,3 +216,31 @@ def test_max_request_bytes_above_the_largest_nats_payload_is_refused():
         "dispatcher.max_request_bytes: Expected `int` <= 2147483647"
     )
     parse_config(config({"p": fake()}, max_request_bytes=2**31 - 1))
+
+
+# ---- a breaker's window ----------------------------------------------------------------
+
+
+ROUTE_WINDOW = config({"p": fake()}, routes={"r": {"targets": ["p"], "breaker": {"window_s": 0.5}}})
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({**chain("p"), "breaker": {"window_s": 0.000001}}, "breaker.window_s"),
+        (ROUTE_WINDOW, "routes.r.breaker.window_s"),
+        (
+            chain({"provider": "p", "breaker": {"window_s": 0.5}}),
+            "routes.r.targets[0].breaker.window_s",
+        ),
+    ],
+)
+def test_a_breaker_window_under_a_second_is_refused(data, key):
+    """The breaker counts calls in 1-second slots: a window of a microsecond was counted as
+    the current second, while check-config said "50% of 10+ calls in 1e-06 s"."""
+    message = error(data)
+    assert message.startswith(f"{key}: ") and message.endswith(
+        "s is shorter than the 1 s slots the breaker counts calls in (it would count the "
+        "current one only): set 1 to 300"
+    ), message
+    assert parse_config({**chain("p"), "breaker": {"window_s": 1}}).breaker == {"window_s": 1}
