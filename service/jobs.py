@@ -195,6 +195,12 @@ class JobTrace(NamedTuple):
     context: trace.SpanContext | None  # the job span's, when it records
     parent: trace.SpanContext | None  # what the job was submitted with
 
+    @property
+    def trace_id(self) -> str | None:
+        """The job's trace id as replies carry it."""
+        joined = telemetry.remote_parent(self.headers)
+        return f"{joined.trace_id:032x}" if joined is not None else None
+
     @classmethod
     def of(cls, msg: Msg, spans: telemetry.SpanRecorder) -> JobTrace:
         headers = msg.headers or {}
@@ -258,6 +264,11 @@ class JobTrace(NamedTuple):
 
 
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+# A job's id has its result for jobs.results_ttl_s, an error too: what a failed job's error says.
+_ANOTHER_ID = (
+    "Its id keeps this result until the results bucket's TTL ends it: once the cause is fixed, "
+    "submit the job again under another id"
+)
 
 
 def _nonzero(digits: bytes) -> int:
@@ -472,8 +483,8 @@ class Jobs:
             if not last:
                 await _quietly(msg.nak(delay=_RETRY_DELAY_S))
                 return
-            await self._dead_letter(msg, exc, audited=bool(served))
-            outcome, reply = "dead_lettered", None
+            reply = await self._dead_letter(msg, exc, bool(served), traced.trace_id)
+            outcome = "dead_lettered"
         finally:
             heartbeat.cancel()
         try:
@@ -481,11 +492,17 @@ class Jobs:
         except Exception:
             log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
 
-    async def _dead_letter(self, msg: Msg, exc: Exception, audited: bool) -> None:
+    async def _dead_letter(
+        self, msg: Msg, exc: Exception, audited: bool, trace_id: str | None = None
+    ) -> CompletionReply | None:
         """The job as it was submitted, on llm.jobs.dead with what went wrong (without its body
         when the error's header would push it over max_payload, which would close the
-        connection); its audit event, unless the engine published it; then out of the stream
-        (a work queue keeps a message that reached max_deliver unless it is acked)."""
+        connection); unless the engine had it (and audited it), its result: an `internal`
+        error saying so, stored when the bucket takes it, pushed to its Lifeline-Notify
+        subject and audited, returned; then out of the stream (a work queue keeps a message
+        that reached max_deliver unless it is acked). Stored, its result is found by a
+        delivery that comes again (its dispatcher died before the ack), which dead-letters
+        nothing more; the dead letter goes first, so such a death loses none."""
         error = f"{type(exc).__name__}: {exc}"[:500].replace("\r", " ").replace("\n", " ")
         headers = {**(msg.headers or {}), subjects.JOB_ERROR: error}
         body = msg.data
@@ -495,18 +512,32 @@ class Jobs:
         if message_bytes(body, headers) > self.nc.max_payload:
             headers = {subjects.JOB_ERROR: headers[subjects.JOB_ERROR]}
         await publish_checked(self.nc, subjects.JOBS_DEAD, body, "a dead-lettered job", headers)
-        if not audited:  # it failed before the engine had it: its one event, saying so
-            job_id, _, audit_id = identity(msg)
+        result = None
+        if not audited:  # it failed before the engine had it: its one result and event
+            job_id, key, audit_id = identity(msg)
             inbound = Inbound(msg.data, msg.headers, time.monotonic(), job_id, audit_id)
             message = (
                 f"the jobs front end failed on each of the job's {msg.metadata.num_delivered} "
                 f"deliveries ({error}); it was published on {subjects.JOBS_DEAD}"
             )
-            reply = CompletionReply(
-                salvage_id(msg.data) or job_id, "error", error=ErrorInfo(INTERNAL, message)
+            failed = CompletionReply(
+                salvage_id(msg.data) or job_id,
+                "error",
+                trace_id=trace_id,
+                error=ErrorInfo(INTERNAL, f"{message}. {_ANOTHER_ID}"),
             )
-            await self.engine.audit_again(inbound, reply)
+            result, not_stored = await self._keep_or_fit(key, failed)
+            if not_stored is not None:  # a job of its id sent again runs again: not said
+                result = as_error(result, INTERNAL, message)
+                log.warning(
+                    "jobs: the error result of dead-lettered job %r could not be stored (%r)",
+                    failed.id,
+                    not_stored,
+                )
+            await self.engine.audit_again(inbound, result)
+            await self._notify(msg, encoder.encode(result))
         await _quietly(msg.term())
+        return result
 
     async def _answer(
         self,
@@ -740,6 +771,16 @@ class Jobs:
                 await self.kv.update(key, payload, last=entry.revision)
             return reply
 
+    async def _keep_or_fit(
+        self, key: str, reply: CompletionReply
+    ) -> tuple[CompletionReply, Exception | None]:
+        """`_keep` tried once, for a job that ends now whatever the bucket says: its result
+        (what was stored, else `reply` fitted to go out), and why it was not stored."""
+        try:
+            return await self._keep(key, reply), None
+        except Exception as exc:  # noqa: BLE001 - the bucket's errors are many types
+            return fitted(reply, self.nc.max_payload - _KV_HEADER_ROOM)[0], exc
+
     def _fitted(self, reply: CompletionReply) -> tuple[CompletionReply, bytes]:
         """`reply` as it is stored, and its encoding. Room for the KV write's subject and
         headers under max_payload, and within the bucket's own max value size: a result too
@@ -806,11 +847,8 @@ class Jobs:
                 "the job again"
             )
             failed = as_error(reply, INTERNAL, message)
-        try:
-            result, stored = await self._keep(key, failed), "stored"
-        except Exception as again:  # noqa: BLE001 - the bucket's errors are many types
-            result, _ = fitted(failed, self.nc.max_payload - _KV_HEADER_ROOM)
-            stored = f"not stored either ({again!r})"
+        result, again = await self._keep_or_fit(key, failed)
+        stored = "stored" if again is None else f"not stored either ({again!r})"
         log.warning(
             "jobs: the result of %r cannot be stored, and trying again would not change that: "
             "%s. The job ends with the error %s, %s, and is not delivered again",

@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind
 from test_jobs import job, result_of, submit
 
 from schemas import ProviderFailure, subjects
+from schemas.wire import reply_decoder
 from service import jobs
 from service.transport import NatsTransport
 
@@ -128,3 +129,32 @@ async def test_a_last_delivery_audited_by_a_dispatcher_that_died_keeps_one_event
     ).status == "ok"
     kept = await kept_audit_events(client, 2)
     assert [(e.id, e.status) for e in kept] == [("last", "ok"), ("after", "ok")]
+
+
+async def test_a_dead_lettered_job_has_its_error_as_its_result(
+    lifeline, client, audit, monkeypatch
+):
+    """A job dead-lettered after failing on each delivery went to llm.jobs.dead, core NATS,
+    and nowhere else: its client, waiting on Lifeline-Notify or asking `lifeline result`,
+    heard nothing for ever, and told it from a job still waiting by nothing. Its result is now
+    the error its audit event reports, stored and pushed like any result, and found by a
+    delivery that comes again."""
+
+    async def broken(self: Any, msg: Any, *_: Any) -> Any:
+        raise RuntimeError("a bug in the jobs front end")
+
+    monkeypatch.setattr(jobs.Jobs, "_answer", broken)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    notified = await client.subscribe("results.doomed")
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 2}
+    await lifeline(data)
+    await submit(client, job("doomed"), "doomed", **{subjects.NOTIFY: "results.doomed"})
+    pushed = reply_decoder.decode((await notified.next_msg(timeout=10)).data)
+    assert (pushed.id, pushed.status, pushed.error.type) == ("doomed", "error", "internal")
+    assert subjects.JOBS_DEAD in pushed.error.message
+    assert await result_of(client, "doomed") == pushed
+    asked = await client.request(subjects.JOBS_RESULT, b"doomed", timeout=5)
+    assert reply_decoder.decode(asked.data) == pushed
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type, event.trace_id) == ("doomed", "internal", pushed.trace_id)
