@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_t
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas.deadline import MIN_CALL_S
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
 from service.health import BreakerSettings
@@ -43,6 +44,8 @@ _NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")  # (?!\n): 
 # end at about 292 years). A year is more than any of these needs.
 _YEAR_S = 365 * 86_400.0
 Seconds = Annotated[float, Meta(gt=0, le=_YEAR_S)]
+# A request's time: one with less than MIN_CALL_S left is past its deadline, no provider asked.
+RequestSeconds = Annotated[float, Meta(ge=MIN_CALL_S, le=_YEAR_S)]
 # TOML integers are 64-bit (its spec makes one past them an error), and JetStream keeps its
 # counts in an int64; Python's tomllib reads any: max_in_flight = 10**30 was no limit at all.
 _INT64 = 2**63 - 1
@@ -72,8 +75,8 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # nats-server's largest max_payload (an int32): no larger request can arrive, and the HTTP
     # gateway reads bodies of up to twice this into memory.
     max_request_bytes: Annotated[int, Meta(gt=0, le=2**31 - 1)] = 1024 * 1024
-    default_timeout_s: Seconds = 60.0
-    max_timeout_s: Seconds = 600.0
+    default_timeout_s: RequestSeconds = 60.0
+    max_timeout_s: RequestSeconds = 600.0
     # Requests a dispatcher works on at once; beyond it a request is answered at once with
     # "overloaded" (and a retry_after_s hint) instead of queueing without limit.
     max_in_flight: Annotated[int, Meta(ge=1)] = 1000

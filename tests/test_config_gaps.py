@@ -244,3 +244,16 @@ def test_a_breaker_window_under_a_second_is_refused(data, key):
         "current one only): set 1 to 300"
     ), message
     assert parse_config({**chain("p"), "breaker": {"window_s": 1}}).breaker == {"window_s": 1}
+
+
+# ---- a request's timeouts --------------------------------------------------------------
+
+
+def test_timeouts_under_a_millisecond_are_refused():
+    """A request with less than 1 ms left is past its deadline: every request without its own
+    timeout_s was answered deadline_exceeded, no provider asked."""
+    message = error(config({"p": fake()}, default_timeout_s=0.0005))
+    assert message == "dispatcher.default_timeout_s: Expected `float` >= 0.001"
+    message = error(config({"p": fake()}, max_timeout_s=0.0005))
+    assert message == "dispatcher.max_timeout_s: Expected `float` >= 0.001"
+    parse_config(config({"p": fake()}, default_timeout_s=0.001, max_timeout_s=0.001))
