@@ -50,6 +50,14 @@ RequestSeconds = Annotated[float, Meta(ge=MIN_CALL_S, le=_YEAR_S)]
 # counts in an int64; Python's tomllib reads any: max_in_flight = 10**30 was no limit at all.
 _INT64 = 2**63 - 1
 _INT64_MIN = -(2**63)
+# JetStream refuses a stream (a bucket too) that keeps its messages for less ("max age needs to
+# be >= 100ms"), or for less than its duplicate window ("duplicates window can not be larger
+# then max age").
+_JETSTREAM_MIN_AGE_S = 0.1
+# The audit stream drops an audit event published again within this window (a job delivered
+# again after its result was stored publishes its event again); service/audit.py's
+# DEDUP_WINDOW_S, here so that audit.max_age_s can cover it.
+AUDIT_DEDUP_WINDOW_S = 600.0
 
 
 T = TypeVar("T")
@@ -122,8 +130,9 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_deliver: Annotated[int, Meta(ge=1)] = 5  # deliveries of one job before it is given up
     max_jobs: Annotated[int, Meta(ge=1, le=_INT64)] = 100_000  # waiting; more are refused
     # A repeated id within it is dropped (JetStream's shortest window is 0.1 s).
-    dedup_window_s: Annotated[float, Meta(ge=0.1, le=_YEAR_S)] = 120.0
-    results_ttl_s: Seconds = 86_400.0  # how long a result is kept
+    dedup_window_s: Annotated[float, Meta(ge=_JETSTREAM_MIN_AGE_S, le=_YEAR_S)] = 120.0
+    # How long a result is kept: JetStream makes no bucket that keeps its values shorter.
+    results_ttl_s: Annotated[float, Meta(ge=_JETSTREAM_MIN_AGE_S, le=_YEAR_S)] = 86_400.0
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "LIFELINE_JOBS"
     results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_results"
 
@@ -141,7 +150,9 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     listens; needs JetStream on the NATS server."""
 
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*(?!\n)$")] = "LIFELINE_AUDIT"  # "": none
-    max_age_s: Seconds = 7 * 86_400.0  # older events are dropped
+    # Older events are dropped. JetStream makes no stream that keeps its messages for less than
+    # its duplicate window, AUDIT_DEDUP_WINDOW_S.
+    max_age_s: Annotated[float, Meta(ge=AUDIT_DEDUP_WINDOW_S, le=_YEAR_S)] = 7 * 86_400.0
     max_bytes: Annotated[int, Meta(gt=0, le=_INT64)] = 1024**3  # past it the oldest go
 
 

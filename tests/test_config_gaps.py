@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from helpers import LIFELINE, cli_env, config, fake
 
@@ -257,3 +258,37 @@ def test_timeouts_under_a_millisecond_are_refused():
     message = error(config({"p": fake()}, max_timeout_s=0.0005))
     assert message == "dispatcher.max_timeout_s: Expected `float` >= 0.001"
     parse_config(config({"p": fake()}, default_timeout_s=0.001, max_timeout_s=0.001))
+
+
+# ---- how long JetStream keeps audit events and results ---------------------------------
+
+
+def test_audit_and_results_keep_times_jetstream_refuses_are_refused():
+    """The audit stream drops a job's audit event published again within 600 s, and JetStream
+    makes no stream that keeps its messages for less than its duplicate window, nor less than
+    0.1 s: check-config said OK, and the stream or the results bucket was never made."""
+    from service.audit import DEDUP_WINDOW_S
+
+    data = {**config({"p": fake()}), "audit": {"max_age_s": 60}}
+    assert error(data) == f"audit.max_age_s: Expected `float` >= {DEDUP_WINDOW_S}"
+    data = {**config({"p": fake()}), "jobs": {"results_ttl_s": 0.05}}
+    assert error(data) == "jobs.results_ttl_s: Expected `float` >= 0.1"
+
+
+async def test_jetstream_makes_the_audit_stream_and_results_bucket_at_the_shortest_times(
+    nats_url,
+):
+    from service.audit import ensure_audit_stream
+    from service.jobstore import ensure_jobs
+
+    shortest = parse_config(
+        {**config({"p": fake()}), "audit": {"max_age_s": 600}, "jobs": {"results_ttl_s": 0.1}}
+    )
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        assert await ensure_audit_stream(js, shortest.audit) is None
+        await ensure_jobs(js, shortest.jobs)
+        assert (await js.stream_info("KV_lifeline_results")).config.max_age == 0.1
+    finally:
+        await nc.close()
