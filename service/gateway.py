@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
@@ -893,7 +894,7 @@ class Gateway:
         # after the head) for the client's delayed ACK: 40 ms per request on a kept-alive
         # connection, which is how the SDKs send every request after their first.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = _Listener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -1616,6 +1617,38 @@ def max_connections_default() -> int:
         )
         return max(1, soft // 2)
     return min(_MAX_CONNECTIONS, soft - 256)
+
+
+# accept()'s failures that asyncio's loop meets by accepting nothing for a second.
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class _Listener(socket.socket):
+    """The gateway's listening socket, whose accept() stops asyncio's own loop from spinning
+    when file descriptors run out. Its accept loop then logs the failure and accepts nothing
+    for a second, but before CPython's fix (gh-151615) it goes on calling accept() for the rest
+    of its backlog (100) first, each failure logged and scheduling one more retry: the retries
+    multiplied, thousands of failed accepts a second, a core busy and the log flooded. Here
+    the accept after a failure says there is nothing left, which ends that loop, as the fix
+    does. (uvloop accepts with libuv, which sheds such connections, and never calls this.)"""
+
+    _failed = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._failed:
+            self._failed = False
+            raise BlockingIOError(errno.EAGAIN, "accepting nothing for a second")
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            self._failed = True
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror}: the gateway accepts no connection for a second; raise the "
+                "open-files limit (ulimit -n, its hard limit) or lower --max-connections",
+            ) from None
 
 
 def _head_size(scope: dict[str, Any]) -> int:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,16 @@ import nats
 import openai
 import pytest
 import pytest_asyncio
-from helpers import ROOT, config, fake, run_lifeline, spawn_lifeline, wait_for, wait_for_line
+from helpers import (
+    ROOT,
+    cli_env,
+    config,
+    fake,
+    run_lifeline,
+    spawn_lifeline,
+    wait_for,
+    wait_for_line,
+)
 from nats.aio.msg import Msg
 
 from schemas import errors
@@ -980,6 +990,57 @@ def test_a_serving_command_raises_its_open_files_limit_to_the_hard_one(nats_url)
         proc.wait()
         for stream in (proc.stdout, proc.stderr):
             stream and stream.close()
+
+
+def test_out_of_file_descriptors_on_asyncio_s_loop_the_gateway_pauses_rather_than_spins(
+    nats_url, tmp_path
+):
+    """Out of file descriptors (connections held past what `ulimit -n` allows), asyncio's
+    accept loop (CPython before gh-151615) went on calling accept() for the rest of its backlog
+    after EMFILE, logging each failure and scheduling a retry for each: the retries multiplied,
+    thousands of failed accepts and log lines a second, a core spinning. It pauses instead, one
+    failed accept a second (asyncio's retry delay), and serves again once descriptors free up."""
+    import resource
+
+    def lowered() -> None:  # soft and hard: the gateway cannot raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    log = tmp_path / "gateway.log"
+    env = cli_env(LIFELINE_EVENT_LOOP="asyncio", LIFELINE_LOG_LEVEL="DEBUG")
+    with log.open("w") as stderr:
+        proc = spawn_lifeline(
+            *("gateway", "--nats-url", nats_url, "--port", "0", "--max-connections", "1000"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=lowered,
+        )
+    held: list[socket.socket] = []
+    try:
+        line, _ = wait_for_line(proc, r"http://127\.0\.0\.1:\d+/v1")
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/v1", line).group(1))  # type: ignore[union-attr]
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]
+        failed = "socket.accept() out of system resource"
+        asyncio.run(wait_for(lambda: failed in log.read_text(), timeout_s=10))
+        started = time.monotonic()
+        for sock in held:
+            sock.close()
+
+        async def served() -> bool:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await http.get("/healthz", timeout=1)).status_code == 200
+            return False
+
+        asyncio.run(wait_for(served, timeout_s=10))
+        failures = log.read_text().count(failed)
+        assert failures <= 2 + (time.monotonic() - started), f"{failures} failed accepts logged"
+    finally:
+        for sock in held:
+            sock.close()
+        proc.kill()
+        proc.wait()
+        proc.stdout and proc.stdout.close()
 
 
 def test_lifeline_gateway_refuses_a_maximum_of_no_connections():
