@@ -40,10 +40,9 @@ from workers.registry import known_kinds, parse_settings, settings_type
 # queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.
 _NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")  # (?!\n): no "name\n"
 
-# Seconds: finite, and a duration JetStream takes (it counts them in int64 nanoseconds, which
+# Durations are finite, and ones JetStream takes (it counts them in int64 nanoseconds, which
 # end at about 292 years). A year is more than any of these needs.
 _YEAR_S = 365 * 86_400.0
-Seconds = Annotated[float, Meta(gt=0, le=_YEAR_S)]
 # A request's time: one with less than MIN_CALL_S left is past its deadline, no provider asked.
 RequestSeconds = Annotated[float, Meta(ge=MIN_CALL_S, le=_YEAR_S)]
 # TOML integers are 64-bit (its spec makes one past them an error), and JetStream keeps its
