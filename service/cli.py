@@ -10,9 +10,9 @@ from types import TracebackType
 def _interrupted_quietly(
     kind: type[BaseException], value: BaseException, tb: TracebackType | None
 ) -> None:
-    """A Ctrl-C nothing caught: one while `lifeline` still imports its modules (most of its
-    start), or in main() before a command's event loop runs. It exits 130, as main() does for
-    one that comes later, without Python's traceback through whatever import was under way."""
+    """A Ctrl-C nothing caught while this module imports its own modules (a good part of a
+    start): it exits 130, as main() does for one that comes later, without Python's traceback
+    through whatever import was under way."""
     if not issubclass(kind, KeyboardInterrupt):
         _excepthook(kind, value, tb)
         return
@@ -24,7 +24,8 @@ def _interrupted_quietly(
     os._exit(130)
 
 
-# Set before the imports below, which take most of a start.
+# Lifeline's for the imports below only: a process that imports service.cli (a test, a
+# plug-in's host) has its own hook back once they are done, and main() takes a later Ctrl-C.
 _excepthook = sys.excepthook
 sys.excepthook = _interrupted_quietly
 
@@ -90,6 +91,9 @@ from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes, parse_address
 from service.shared_health import merge_status, read_bucket
+
+if sys.excepthook is _interrupted_quietly:  # unless one of the imports set a hook of its own
+    sys.excepthook = _excepthook
 
 # What only some commands need is imported by them, so that the others start without it: the
 # config (every provider kind, their HTTP client), telemetry (OpenTelemetry's SDK), the
@@ -760,7 +764,13 @@ def _hide_otlp_secrets() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _execute(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # in the command's loop, or before it (what the command loads)
+        return 130
+
+
+def _execute(args: argparse.Namespace) -> int:
     try:
         logs.setup(verbose=args.verbose)
     except ValueError as exc:
@@ -807,8 +817,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 # What stops a serving command: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed), each a

@@ -936,7 +936,9 @@ def test_a_stop_signal_once_connected_waits_for_the_start_and_a_second_one_stops
             proc.stderr and proc.stderr.close()
 
 
-# A sitecustomize that holds one import ($HOLD_IMPORT) until a signal comes, saying so first.
+# A sitecustomize that holds one import ($HOLD_IMPORT) until a Ctrl-C comes, saying so first.
+# The signal is blocked from before it says so: one that came before pause() (a handler that
+# does not raise, asyncio.Runner's) was handled there, and pause() waited for ever.
 HOLD_IMPORT = """
 import os, signal, sys
 
@@ -944,8 +946,11 @@ class Hold:
     def find_spec(self, name, path=None, target=None):
         if name == os.environ.get("HOLD_IMPORT"):
             sys.meta_path.remove(self)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             print("holding the import of", name, file=sys.stderr, flush=True)
-            signal.pause()  # a signal's handler raises out of here, as out of the import
+            signal.sigwait({signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, within the import
         return None
 
 sys.meta_path.insert(0, Hold())
@@ -957,6 +962,7 @@ sys.meta_path.insert(0, Hold())
     [
         ("msgspec", ["check-config"]),  # one of the service.cli module's own imports
         ("resource", ["gateway", "--port", "0"]),  # main()'s, before a serving command's loop
+        ("service.config", ["check-config"]),  # a command's own, once its loop runs
     ],
 )
 def test_a_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path, module, args):
@@ -987,6 +993,26 @@ def test_a_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path, module,
     err = "".join(before) + err
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_process_that_imports_the_cli_keeps_its_own_ctrl_c():
+    """Importing service.cli (a test, a plug-in's host) set Lifeline's hook for the whole
+    process: a Ctrl-C it did not catch ended it at once, exit 130, without its traceback and
+    without running its atexit handlers."""
+    code = (
+        "import atexit, service.cli; atexit.register(print, 'cleaned up', flush=True); "
+        "raise KeyboardInterrupt"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=cli_env(),
+    )
+    assert done.stdout == "cleaned up\n", done
+    assert "Traceback" in done.stderr and done.stderr.rstrip().endswith("KeyboardInterrupt")
 
 
 def test_run_whose_reader_has_gone_still_stops_cleanly(own_run):
