@@ -264,10 +264,11 @@ class JobTrace(NamedTuple):
 
 
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-# A job's id has its result for jobs.results_ttl_s, an error too: what a failed job's error says.
+# What the error a job's result is says of sending the job again: a job of the same id gets
+# the stored result, an error too, as long as the bucket keeps it (jobs.results_ttl_s).
 _ANOTHER_ID = (
-    "Its id keeps this result until the results bucket's TTL ends it: once the cause is fixed, "
-    "submit the job again under another id"
+    "submit the job again under another id: this one keeps this result until the results "
+    "bucket's TTL ends it"
 )
 
 
@@ -524,7 +525,7 @@ class Jobs:
                 salvage_id(msg.data) or job_id,
                 "error",
                 trace_id=trace_id,
-                error=ErrorInfo(INTERNAL, f"{message}. {_ANOTHER_ID}"),
+                error=ErrorInfo(INTERNAL, f"{message}; once the cause is fixed, {_ANOTHER_ID}"),
             )
             result, not_stored = await self._keep_or_fit(key, failed)
             if not_stored is not None:  # a job of its id sent again runs again: not said
@@ -789,13 +790,25 @@ class Jobs:
         refused; either would be delivered again and again)."""
         room = self.nc.max_payload - _KV_HEADER_ROOM
         if self.max_value is None or self.max_value - _KV_VALUE_HEADERS >= room:
-            return fitted(reply, room)
+            return fitted(reply, room, self._over_max_payload)
         # A bucket too small even for the error refuses it (see _refused): the operator's
         # misconfiguration, warned about at start, so its names stay whole.
         room = self.max_value - _KV_VALUE_HEADERS
         return fitted(reply, room, self._too_large, cut_names=False)
 
-    def _too_large(self, reply: CompletionReply, size: int, _room: int = 0) -> CompletionReply:
+    def _over_max_payload(self, reply: CompletionReply, size: int, room: int) -> CompletionReply:
+        message = (
+            f"the answer makes a result of {size} bytes, above the {room} that the NATS server's "
+            f"max_payload ({self.nc.max_payload} bytes) leaves for it; ask for fewer max_tokens, "
+            f"or raise max_payload in nats-server's config, and {_ANOTHER_ID}"
+        )
+        return as_error(reply, REPLY_TOO_LARGE, message)
+
+    def _too_large(
+        self, reply: CompletionReply, size: int, _room: int = 0, *, kept: bool = True
+    ) -> CompletionReply:
+        """The error of a result over the bucket's max value size; `kept`: stored as the job's
+        result (it says to send the job again under another id)."""
         bucket = self.settings.results_bucket
         limit = f" ({self.max_value} bytes, with the write's headers)" if self.max_value else ""
         message = (
@@ -803,7 +816,9 @@ class Jobs:
             f"results bucket {bucket}{limit}; ask for fewer max_tokens, or raise the bucket's "
             f"max value size (the max_msg_size of its stream KV_{bucket})"
         )
-        return as_error(reply, REPLY_TOO_LARGE, message)
+        return as_error(
+            reply, REPLY_TOO_LARGE, f"{message}, and {_ANOTHER_ID}" if kept else message
+        )
 
     def _refusal(self, exc: BaseException) -> str | None:
         """Why the bucket refuses a result for good, and what to raise for it; None for a
@@ -841,14 +856,15 @@ class Jobs:
                 js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
                 self.max_value = await results_max_value(js, self.settings)
             failed = self._too_large(reply, len(encoder.encode(reply)))
+            unkept = self._too_large(reply, len(encoder.encode(reply)), kept=False)
         else:
-            message = (
-                f"the answer could not be stored ({refusal}); the operator's to fix, then send "
-                "the job again"
-            )
-            failed = as_error(reply, INTERNAL, message)
+            message = f"the answer could not be stored ({refusal}); the operator's to fix, then "
+            failed = as_error(reply, INTERNAL, message + _ANOTHER_ID)
+            unkept = as_error(reply, INTERNAL, message + "send the job again")
         result, again = await self._keep_or_fit(key, failed)
         stored = "stored" if again is None else f"not stored either ({again!r})"
+        if again is not None:  # a job of its id sent again runs again
+            result = fitted(unkept, self.nc.max_payload - _KV_HEADER_ROOM)[0]
         log.warning(
             "jobs: the result of %r cannot be stored, and trying again would not change that: "
             "%s. The job ends with the error %s, %s, and is not delivered again",

@@ -520,6 +520,9 @@ async def test_a_result_too_large_to_store_is_stored_as_a_small_error_once(
     await submit(client, job("huge"), "huge")
     reply = await result_of(client, "huge")
     assert (reply.status, reply.error.type, reply.content) == ("error", "reply_too_large", None)
+    # What a job of the id sent again gets, fewer max_tokens asked or not: another id it is.
+    assert "ask for fewer max_tokens" in reply.error.message
+    assert "submit the job again under another id" in reply.error.message
     assert [a.outcome for a in reply.attempts] == ["ok"]  # the worker's answer itself fitted
     assert await _waiting_jobs(client) == 0
     [(_, event)] = await audit.wait_for(1)
@@ -885,6 +888,8 @@ async def test_a_result_the_results_bucket_refuses_for_good_ends_the_job_with_on
     assert (reply.id, reply.status, reply.error.type) == ("refused", "error", expected)
     if expected == "reply_too_large":
         assert f"max value size of the results bucket {name}" in reply.error.message
+    # Kept, the error is what a job of the id sent again gets: it says to use another id.
+    assert ("submit the job again under another id" in reply.error.message) == stored
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.error_type) == ("llm.audit.error", "refused", expected)
     asked = await client.request(subjects.JOBS_RESULT, b"refused", timeout=5)
