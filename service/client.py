@@ -334,16 +334,17 @@ class Lifeline:
             await asyncio.wait(
                 (connecting, gave_up), timeout=connect_timeout_s, return_when="FIRST_COMPLETED"
             )
+        except asyncio.CancelledError:
+            # Given up on (a timeout around connect(), a cancelled caller): nats-py would go on
+            # connecting for good, a socket open and another dialed after each timeout.
+            await asyncio.shield(_stop_connecting(nc, connecting))
+            raise
         finally:
             gave_up.cancel()
         if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
             connected = True
             return cls(nc, owns_connection=True, **settings)
-        connecting.cancel()
-        with contextlib.suppress(BaseException):
-            await connecting
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await _stop_connecting(nc, connecting)
         why: BaseException | None = failures[-1] if failures else None
         if why is None and not connecting.cancelled():
             why = connecting.exception()
@@ -848,6 +849,15 @@ def _forget_refused(nc: Client) -> None:
         token = next(reversed(resp_map))
         if not resp_map[token].done():
             del resp_map[token]
+
+
+async def _stop_connecting(nc: Client, connecting: asyncio.Future[Any]) -> None:
+    """Stop nats-py's connect and close what it opened (its socket, its tasks)."""
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

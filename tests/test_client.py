@@ -404,6 +404,30 @@ async def test_an_error_on_a_live_connection_is_no_outage_and_hides_none_after_i
     assert any("reconnecting (retries logged at DEBUG)" in w for w in warned), warned
 
 
+async def test_a_connect_given_up_on_leaves_nothing_connecting_behind():
+    """Cancelled before the server answered (a timeout around it, a cancelled request handler,
+    an integration's close()), connect() left nats-py connecting on for good: its socket held
+    open, and another one dialed after each connect timeout."""
+    dialed: list[Any] = []
+    hung_up: list[Any] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialed.append(writer)  # accepted, and never a word of NATS's INFO
+        await reader.read()
+        hung_up.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(Lifeline.connect(url), 0.5)
+        await wait_for(lambda: dialed and len(hung_up) == len(dialed))
+        connecting = [t for t in asyncio.all_tasks() if "Client.connect" in repr(t.get_coro())]
+        assert not connecting
+    finally:
+        server.close()
+
+
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
     with EmbeddedNats(port=-1, jetstream=False) as server:
         async with Lifeline.connect(server.url, timeout_s=2) as client:
