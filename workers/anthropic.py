@@ -37,9 +37,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import aclosing
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -292,12 +290,8 @@ class _Unrepeated:
 
     __slots__ = ("_left",)
 
-    def __init__(self) -> None:
-        self._left = ""
-
-    def expect(self, stripped: str) -> None:
-        """The answer goes on from a prefill that `stripped` was left off."""
-        self._left = stripped
+    def __init__(self, stripped: str) -> None:
+        self._left = stripped  # what was left off the prefill the answer goes on from
 
     def __call__(self, text: str) -> str:
         left, same = self._left, 0
@@ -639,9 +633,10 @@ class MessageStream:
 
     end = "message_stop"
 
-    def __init__(self, label: str, model: str) -> None:
+    def __init__(self, label: str, model: str, prefill_stripped: str = "") -> None:
         self.label = label
         self.model = model
+        self.unrepeated = _Unrepeated(prefill_stripped)
         self.counts: dict[str, int] = dict.fromkeys(_COUNTS, 0)
         self.calls: dict[int | None, _StreamedCall] = {}  # by block index, in block order
         self.finish_reason: FinishReason | None = None
@@ -675,7 +670,7 @@ class MessageStream:
         Other blocks (thinking, server tools) are no part of the answer, as in parse_message."""
         self.said = True
         if block.type == "text":
-            return block.text
+            return self.unrepeated(block.text) if self.unrepeated and block.text else block.text
         if block.type == "tool_use":
             for field in ("id", "name"):
                 if not getattr(block, field):
@@ -690,7 +685,7 @@ class MessageStream:
         if delta.type == "text_delta":
             if delta.text is None:
                 raise self._unexpected("a text_delta has no text")
-            return delta.text
+            return self.unrepeated(delta.text) if self.unrepeated else delta.text
         if delta.type == "input_json_delta":
             call = self.calls.get(index)
             if call is None:
@@ -747,33 +742,6 @@ class MessageStream:
         )
 
 
-# The call whose body this task builds next: its request, and its answer's _Unrepeated, which
-# the body tells what it stripped from the prefill. HttpProvider builds the body and reads the
-# answer, and hands nothing from the one to the other; converting the conversation again,
-# inline images and all, only to learn those few characters cost as much as building it.
-_BUILDING: ContextVar[tuple[ProviderRequest, _Unrepeated] | None] = ContextVar(
-    "anthropic_building", default=None
-)
-
-
-def _expecting(request: ProviderRequest) -> _Unrepeated:
-    """The _Unrepeated of the answer to `request`, told what its prefill lost once the body
-    is built (before the call sends anything)."""
-    unrepeated = _Unrepeated()
-    _BUILDING.set((request, unrepeated))
-    return unrepeated
-
-
-def _waiting(request: ProviderRequest) -> _Unrepeated | None:
-    """The _Unrepeated waiting for `request`'s body in this task, if any, waiting no longer:
-    the request is held only until its body is built."""
-    building = _BUILDING.get()
-    if building is None or building[0] is not request:
-        return None
-    _BUILDING.set(None)
-    return building[1]
-
-
 class AnthropicProvider(HttpProvider):
     label = "anthropic"
 
@@ -797,31 +765,16 @@ class AnthropicProvider(HttpProvider):
         self.default_max_tokens = settings.default_max_tokens
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
-        unrepeated = _expecting(request)
-        answer = await super().complete(request, timeout_s)
-        if not unrepeated or not answer.content:
+        """HttpProvider.complete, its text not repeating what was stripped from its prefill."""
+        model = request.model or self.model
+        body, stripped = messages_body(request, model, self.default_max_tokens)
+        answer = await self.post(body, model, timeout_s)
+        if not stripped or not answer.content:
             return answer
-        return msgspec.structs.replace(answer, content=unrepeated(answer.content))
-
-    async def stream(
-        self, request: ProviderRequest, timeout_s: float
-    ) -> AsyncIterator[Delta | ProviderOk]:
-        """HttpProvider.stream, its text not repeating what was stripped from its prefill."""
-        unrepeated = _expecting(request)
-        async with aclosing(super().stream(request, timeout_s)) as items:
-            async for item in items:
-                if isinstance(item, str) and unrepeated:
-                    item = unrepeated(item)
-                    if not item:
-                        continue  # deltas are never empty
-                yield item
+        return msgspec.structs.replace(answer, content=_Unrepeated(stripped)(answer.content))
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        unrepeated = _waiting(request)
-        body, stripped = messages_body(request, model, self.default_max_tokens)
-        if unrepeated is not None:
-            unrepeated.expect(stripped)
-        return body
+        return messages_body(request, model, self.default_max_tokens)[0]
 
     def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_message(response, model)
@@ -834,3 +787,12 @@ class AnthropicProvider(HttpProvider):
 
     def stream_reader(self, model: str) -> MessageStream:
         return MessageStream(self.label, model)
+
+    def stream_call(
+        self, request: ProviderRequest, model: str
+    ) -> tuple[dict[str, Any], MessageStream]:
+        """The body, and a reader whose text does not repeat what was stripped from its prefill
+        (known once the body is built: converting the conversation again to learn those few
+        characters, inline images and all, would cost as much as building it)."""
+        body, stripped = messages_body(request, model, self.default_max_tokens)
+        return {**body, "stream": True}, MessageStream(self.label, model, stripped)

@@ -17,8 +17,8 @@ keeps at most max_response_bytes of it in memory and quotes none of its credenti
 from __future__ import annotations
 
 import datetime
-import errno
 import email.utils
+import errno
 import json
 import math
 import re
@@ -829,7 +829,11 @@ class HttpProvider:
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         model = request.model or self.model
-        body = self.body(request, model)
+        return await self.post(self.body(request, model), model, timeout_s)
+
+    async def post(self, body: dict[str, Any], model: str, timeout_s: float) -> ProviderOk:
+        """`complete` once the body is built: `body` POSTed, its answer parsed, every failure a
+        ProviderError scrubbed of `secrets`."""
         try:
             response = await post_json(
                 self._client,
@@ -861,11 +865,10 @@ class HttpProvider:
         generator (contextlib.aclosing), so that the connection closes at once.
         """
         model = request.model or self.model
-        reader = self.stream_reader(model)
+        body, reader = self.stream_call(request, model)
         # identity: a compressing server or proxy would hold deltas back to fill its blocks.
         headers = {"Accept": _EVENT_STREAM, "Accept-Encoding": "identity", **self._headers}
         _propagator.inject(headers)
-        body = self.stream_body(request, model)
         final: ProviderOk | None = None
         left = self.settings.max_response_bytes  # the answer's own size: its text, its tool calls
         calls = 0  # the tool calls begun (the readers number them 0, 1, ...)
@@ -944,6 +947,13 @@ class HttpProvider:
     def stream_reader(self, model: str) -> StreamReader:
         """A reader of one streamed answer's events; `model` stands in when they name none."""
         raise NotImplementedError
+
+    def stream_call(
+        self, request: ProviderRequest, model: str
+    ) -> tuple[dict[str, Any], StreamReader]:
+        """One streamed call's body and the reader of its answer. A kind whose reader needs to
+        know something of the body as it was built overrides this, not the two above."""
+        return self.stream_body(request, model), self.stream_reader(model)
 
 
 def shown_env_name(name: str) -> str:
