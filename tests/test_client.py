@@ -415,6 +415,7 @@ async def test_a_connect_given_up_on_leaves_nothing_connecting_behind():
         dialed.append(writer)  # accepted, and never a word of NATS's INFO
         await reader.read()
         hung_up.append(writer)
+        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -425,7 +426,10 @@ async def test_a_connect_given_up_on_leaves_nothing_connecting_behind():
         connecting = [t for t in asyncio.all_tasks() if "Client.connect" in repr(t.get_coro())]
         assert not connecting
     finally:
+        for writer in dialed:
+            writer.close()
         server.close()
+        await server.wait_closed()
 
 
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():
