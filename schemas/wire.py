@@ -454,7 +454,8 @@ class StreamStats(Struct, frozen=True):
 class ErrorInfo(Struct, frozen=True, omit_defaults=True):
     type: str
     message: str
-    # With an error worth resending (errors.RESEND): when to send it again.
+    # With an error worth resending (errors.RESEND), or a chain whose every call a provider
+    # rate limited (all_failed, ...: the soonest Retry-After they gave): when to send it again.
     retry_after_s: float | None = None
 
 

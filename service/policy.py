@@ -346,6 +346,7 @@ class _Run:
 
     __slots__ = (
         "attempts",
+        "back_after_s",
         "call",
         "calling",
         "claims",
@@ -400,6 +401,8 @@ class _Run:
         # Health keys whose probe this request holds (None: none, the common case, no set made).
         self.claims: set[tuple[str, str]] | None = None
         self.errors: list[str] = []  # error kinds of the failed physical attempts, in order
+        # The soonest a provider that rate limited this request said to come back (Retry-After).
+        self.back_after_s: float | None = None
         self.physical = 0
         self.fell_back: Outcome | None = (
             None  # the last failure that fell back, until its successor starts
@@ -817,6 +820,9 @@ class _Run:
         target, failure = outcome.target, outcome.reply
         assert isinstance(failure, ProviderFailure)
         self.errors.append(failure.kind)
+        if failure.kind == "rate_limit" and failure.retry_after_s is not None:
+            hint = failure.retry_after_s
+            self.back_after_s = hint if self.back_after_s is None else min(self.back_after_s, hint)
         denied = None  # why a retry was refused, when a budget said no
         if outcome.streamed and self.limits.on_midstream == "fail":
             self._record(outcome, retry, "stop")
@@ -916,7 +922,18 @@ class _Run:
             targets, reason, message = stop.skip_rest
             for target in targets:
                 self.skip(target, reason, message)
-        return ChainResult(None, None, self.attempts, stop.error)
+        return ChainResult(None, None, self.attempts, self._with_back_after(stop.error))
+
+    def _with_back_after(self, error: ErrorInfo) -> ErrorInfo:
+        """A chain every call of which was rate limited says when the soonest of its providers
+        will take calls again (what the HTTP gateway's 429 passes on as Retry-After)."""
+        if (
+            self.back_after_s is None
+            or error.type not in _SPENT
+            or any(kind != "rate_limit" for kind in self.errors)
+        ):
+            return error
+        return msgspec.structs.replace(error, retry_after_s=self.back_after_s)
 
     def exhausted(self) -> Stop:
         """Every target was skipped or failed."""
@@ -1057,6 +1074,10 @@ def describe(attempt: Attempt) -> str:
 
 def _summary(attempts: Sequence[Attempt]) -> str:
     return "; ".join(describe(a) for a in attempts)
+
+
+# The errors of a chain that spent its calls: when each was rate limited, worth sending again.
+_SPENT = frozenset((ALL_FAILED, FALLBACK_STOPPED, MAX_ATTEMPTS_REACHED))
 
 
 def _names(targets: Sequence[Target]) -> str:

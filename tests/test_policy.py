@@ -442,6 +442,22 @@ async def test_a_retry_after_longer_than_max_backoff_falls_back_instead_of_waiti
     assert result.attempts[0].next == "fallback"
 
 
+async def test_a_chain_every_call_of_which_was_rate_limited_says_when_to_come_back():
+    """The soonest Retry-After among its providers: when the chain may find one taking calls
+    (what the HTTP gateway's 429 passes on). A chain that failed otherwise too says nothing."""
+    limited = {
+        "a": fail("rate_limit", 429, retry_after_s=30.0),
+        "b": fail("rate_limit", 429, retry_after_s=4.0),
+        "c": fail("rate_limit", 429),
+    }
+    result, _ = await run(limited)
+    assert (result.error.type, result.error.retry_after_s) == ("all_failed", 4.0)
+    result, _ = await run({**limited, "c": fail("server_error", 503)})
+    assert (result.error.type, result.error.retry_after_s) == ("all_failed", None)
+    result, _ = await run(limited, max_attempts=1)
+    assert (result.error.type, result.error.retry_after_s) == ("max_attempts_reached", 30.0)
+
+
 async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
     targets = [target("a", retries=3, backoff_s=4.0), target("b")]
     _, script = await run(
