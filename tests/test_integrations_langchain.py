@@ -352,6 +352,97 @@ async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifelin
         await asyncio.to_thread(bridge.close, nats_url)
 
 
+async def test_a_call_whose_shared_connection_another_user_closes_opens_a_new_one(
+    lifeline, nats_url, monkeypatch
+):
+    """Two models on one URL share a connection; one's close() landed between the other's
+    call taking the connection and sending on it: that call raised a bare RuntimeError
+    ("this Lifeline connection is closed", or "Event loop is closed"), no LifelineError, where
+    the bridge promises the next call after a close() a new connection."""
+    await lifeline(config({"main": fake(chunks=2)}))
+    model = ChatLifeline(nats_url=nats_url, timeout=5)
+    handed_out = bridge.connection
+
+    def closed_once_handed_out(url: str | None = None, name: str = "x") -> bridge.Connection:
+        shared = handed_out(url, name)
+        if not closed:  # the first one handed out, once
+            closed.append(shared)
+            bridge.close(url)  # another model's close(), just then
+        return shared
+
+    closed: list[bridge.Connection] = []
+    monkeypatch.setattr(bridge, "connection", closed_once_handed_out)
+    calls = {
+        "invoke": lambda: asyncio.to_thread(model.invoke, "one"),
+        "ainvoke": lambda: model.ainvoke("two"),
+        "stream": lambda: asyncio.to_thread(lambda: _sum(list(model.stream("three four")))),
+        "astream": lambda: _asum(model.astream("five six")),
+    }
+    try:
+        for name, call in calls.items():
+            closed.clear()
+            answer = await asyncio.wait_for(call(), 10)
+            assert len(closed) == 1, name  # it happened, and the call went on all the same
+            assert answer.content in ("one", "two", "three four", "five six"), name
+    finally:
+        monkeypatch.undo()
+        await asyncio.to_thread(bridge.close, nats_url)
+
+
+async def test_closing_the_connection_while_a_call_connects_ends_the_call_with_an_error():
+    """close() cancels what it cannot end within a second, such as a call still connecting
+    to a NATS server slow to answer: the cancel reached callers no one had cancelled,
+    ainvoke() failing with LangChain's AttributeError on a CancelledError and invoke() with
+    concurrent.futures' CancelledError, and the connect went on, its socket left open."""
+    from service.client import LifelineError
+
+    dialed: list[Any] = []
+    hung_up: list[Any] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialed.append(writer)  # accepted, and never a word of NATS's INFO
+        await reader.read()
+        hung_up.append(writer)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    model = ChatLifeline(nats_url=url)
+    try:
+        calls = [
+            asyncio.ensure_future(model.ainvoke("hi")),
+            asyncio.ensure_future(asyncio.to_thread(model.invoke, "hi")),
+        ]
+        await wait_for(lambda: dialed)
+        await asyncio.to_thread(bridge.close, url)
+        for call in calls:
+            with pytest.raises(LifelineError, match="closed"):
+                await asyncio.wait_for(call, 10)
+        await wait_for(lambda: len(hung_up) == len(dialed))
+    finally:
+        for writer in dialed:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.to_thread(bridge.close, url)
+
+
+async def test_a_connection_of_your_own_says_it_is_closed(nats_url):
+    """bridge.connection() kept after bridge.close(): its calls raised RuntimeError."""
+    from service.client import LifelineError
+
+    shared = bridge.connection(nats_url)
+    await asyncio.to_thread(bridge.close, nats_url)
+    with pytest.raises(LifelineError, match="closed.*bridge.connection"):
+        await shared.acall(lambda client: client.complete("hi"))
+    with pytest.raises(LifelineError, match="closed"):
+        await asyncio.to_thread(lambda: list(shared.iterate(lambda client: client.stream("hi"))))
+
+
+async def _asum(chunks: Any) -> Any:
+    return _sum([chunk async for chunk in chunks])
+
+
 async def test_an_invoke_watched_by_a_streaming_observer_keeps_its_fallback(lifeline, model):
     """astream_events (as LangGraph's "messages" mode and tracing UIs watch a graph) made
     LangChain stream an invoke(), with on_midstream "fail": an answer failing the JSON check

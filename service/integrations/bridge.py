@@ -16,7 +16,9 @@ own loop, which owns the one connection, and every call, sync or async, runs the
 Models that name the same URL share the thread and the connection, as HTTP clients share a
 pool; it connects on first use (Unreachable then, and again on the next call, while NATS is
 down) and reconnects by itself afterwards. `close()` (or close_all(), also run at exit) stops
-it; the next call opens a new one.
+it, ending the calls in flight on it with LifelineError; the next call opens a new one. The
+models call through `shared()`, which takes the connection at each call: one that another
+model's close() shut between the call taking it and sending on it is taken afresh.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
+from itertools import count
 from typing import Any, TypeVar
 
 from service.client import LOCAL_NATS, Lifeline, LifelineError
@@ -36,6 +39,12 @@ from service.client import LOCAL_NATS, Lifeline, LifelineError
 T = TypeVar("T")
 
 _DONE = object()
+_TRIES = 3  # connections a shared() call takes, each closed by another user before it went in
+
+
+class Closed(LifelineError):
+    """A call on a Connection that close() has closed, before the call went in: nothing was
+    sent. connection() gives a new one (shared() takes it by itself)."""
 
 
 class Connection:
@@ -52,8 +61,11 @@ class Connection:
         self._client: Lifeline | None = None
         self._connecting: asyncio.Lock | None = None
         self.closed = False
-        # Calls submitted and not done: close() ends each (no caller is left blocked).
+        # Calls submitted and not done: close() ends each (no caller is left blocked). A call
+        # goes in, and close() begins, under _closing: each call is one close() ends, or one
+        # refused as Closed (never one submitted to a loop that has stopped).
         self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._closing = threading.Lock()
 
     async def _lifeline(self) -> Lifeline:
         """The client, connected on first use (on the private loop)."""
@@ -67,20 +79,33 @@ class Connection:
                     await self._client.close()
                 self._client = None
             if self._client is None:
-                self._client = await Lifeline.connect(self.url, name=self._name)
+                client = await Lifeline.connect(self.url, name=self._name)
+                if self.closed:  # while it connected, close() found no client to close
+                    await client.close()
+                    raise LifelineError("this Lifeline connection was closed")
+                self._client = client
             return self._client
 
     def _submit(self, call: Callable[[Lifeline], Awaitable[T]]) -> concurrent.futures.Future[T]:
-        if self.closed:
-            raise RuntimeError("this Lifeline connection is closed")
         if threading.current_thread() is self._thread:
             raise RuntimeError("a blocking Lifeline call from its own connection's thread")
 
         async def run() -> T:
-            return await call(await self._lifeline())
+            try:
+                return await call(await self._lifeline())
+            except asyncio.CancelledError:
+                if self.closed:  # close() cancelled what it could not end (a connect): say so
+                    raise LifelineError("this Lifeline connection was closed") from None
+                raise  # its caller cancelled it
 
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        self._calls.add(future)
+        with self._closing:
+            if self.closed:
+                raise Closed(
+                    "this Lifeline connection is closed (bridge.close(), or a model's close() on "
+                    "its URL): bridge.connection() gives a new one"
+                )
+            future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+            self._calls.add(future)
         future.add_done_callback(self._calls.discard)
         return future
 
@@ -93,9 +118,10 @@ class Connection:
             future.cancel()  # interrupted (Ctrl-C): stop the call too
             raise
 
-    async def acall(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
-        """Run `call(client)` on the private loop; await it from the caller's loop."""
-        return await asyncio.wrap_future(self._submit(call))
+    def acall(self, call: Callable[[Lifeline], Awaitable[T]]) -> Awaitable[T]:
+        """Run `call(client)` on the private loop; await it from the caller's loop. Submitted
+        at once: Closed is raised here, not when awaited."""
+        return asyncio.wrap_future(self._submit(call))
 
     def iterate(self, events: Callable[[Lifeline], AsyncIterator[T]]) -> Generator[T, None, None]:
         """The items of `events(client)`, read on the private loop, yielded in this thread."""
@@ -141,9 +167,10 @@ class Connection:
         """Close the connection and stop the thread (waits for neither more than a few
         seconds). Calls still in flight, from any thread or loop, end with LifelineError
         (their requests aborted at their dispatchers) rather than wait for ever."""
-        if self.closed:
-            return
-        self.closed = True
+        with self._closing:
+            if self.closed:
+                return
+            self.closed = True
 
         async def shut() -> None:
             if self._client is not None:
@@ -197,6 +224,68 @@ def _failure_to(
     return done
 
 
+class Shared:
+    """The shared Connection of a URL, taken at each call (what the models call through): a
+    call that finds it closed before the call went in, by another model's close() on the same
+    URL just then, is made on a new one, as any call after a close() is. Calls already in
+    flight on it end with LifelineError, as close() says."""
+
+    def __init__(self, url: str | None, name: str) -> None:
+        self.url = url
+        self.name = name
+
+    def _live(self, use: Callable[[Connection], T]) -> T:
+        for tries in count(1):
+            try:
+                return use(connection(self.url, self.name))
+            except Closed:
+                if tries == _TRIES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def call(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
+        return self._live(lambda shared: shared.call(call))
+
+    async def acall(self, call: Callable[[Lifeline], Awaitable[T]]) -> T:
+        return await self._live(lambda shared: shared.acall(call))
+
+    def iterate(self, events: Callable[[Lifeline], AsyncIterator[T]]) -> Generator[T, None, None]:
+        # A Connection's iterate() submits at its first item: a Closed comes before any item.
+        for tries in count(1):
+            items = connection(self.url, self.name).iterate(events)
+            try:
+                first = next(items)
+            except StopIteration:
+                return
+            except Closed:
+                if tries == _TRIES:
+                    raise
+                continue
+            with contextlib.closing(items):
+                yield first
+                yield from items
+            return
+
+    async def aiterate(
+        self, events: Callable[[Lifeline], AsyncIterator[T]]
+    ) -> AsyncGenerator[T, None]:
+        for tries in count(1):
+            items = connection(self.url, self.name).aiterate(events)
+            try:
+                first = await anext(items)
+            except StopAsyncIteration:
+                return
+            except Closed:
+                if tries == _TRIES:
+                    raise
+                continue
+            async with contextlib.aclosing(items):
+                yield first
+                async for item in items:
+                    yield item
+            return
+
+
 _connections: dict[str, Connection] = {}
 _lock = threading.Lock()
 
@@ -221,6 +310,11 @@ def connection(url: str | None = None, name: str = "lifeline-client") -> Connect
         if shared is None or shared.closed:
             shared = _connections[url] = Connection(url, name)
         return shared
+
+
+def shared(url: str | None = None, name: str = "lifeline-client") -> Shared:
+    """What a model calls through: the shared Connection for `url`, taken at each call."""
+    return Shared(url, name)
 
 
 def close(url: str | None = None) -> None:

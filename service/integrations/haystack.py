@@ -218,8 +218,8 @@ class LifelineChatGenerator:
         except TypeError as exc:
             raise ValueError(f"generation_kwargs: {exc}") from None
 
-    def _connection(self) -> bridge.Connection:
-        return bridge.connection(self.nats_url, name="lifeline-haystack")
+    def _connection(self) -> bridge.Shared:
+        return bridge.shared(self.nats_url, name="lifeline-haystack")
 
 
 class _Relay:

@@ -257,8 +257,8 @@ class ChatLifeline(BaseChatModel):
         next call opens a new one."""
         bridge.close(self.nats_url)
 
-    def _connection(self) -> bridge.Connection:
-        return bridge.connection(self.nats_url, name="lifeline-langchain")
+    def _connection(self) -> bridge.Shared:
+        return bridge.shared(self.nats_url, name="lifeline-langchain")
 
     # ---- the request ------------------------------------------------------------------------
 
