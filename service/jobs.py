@@ -167,10 +167,18 @@ def identity(msg: Msg) -> JobIdentity:
     """A job's id: its body's, else its Nats-Msg-Id. A job sent with neither can be neither
     deduplicated nor fetched by its sender: it answers as `seq-<its stream sequence>`, and
     its result and audit event are kept under its place in the stream (its sequence and the
-    time it was stored), which no id a client sends maps to, so no other job finds them."""
+    time it was stored), which no id a client sends maps to, so no other job finds them.
+
+    Its audit event's Nats-Msg-Id is that of this job, not of its id: a hash of both its id
+    and its place, the same on each of its deliveries (the audit stream keeps one event
+    however often it was delivered) and on no other job. From its id alone, a job of the id
+    run again (its result expired or never stored) had its event dropped by the audit stream
+    as the earlier one's duplicate, for the stream's 10-minute window: a provider call paid
+    for and kept nowhere."""
     job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
-    if job_id:
-        return JobIdentity(job_id, subjects.job_key(job_id), subjects.job_audit_id(job_id))
+    if job_id:  # a place holds no line break: the two are told apart where one starts
+        audit_id = subjects.job_audit_id(f"{job_id}\n{_place(msg)}")
+        return JobIdentity(job_id, subjects.job_key(job_id), audit_id)
     place = "anon." + _place(msg)
     return JobIdentity(f"seq-{msg.metadata.sequence.stream}", "job." + place, "job:" + place)
 

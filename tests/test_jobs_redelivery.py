@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from helpers import ask, config, fake, wait_for
 from opentelemetry.trace import SpanKind
-from test_jobs import job, result_of, submit
+from test_jobs import job, kept_audit_events, result_of, submit
 
 from schemas import ProviderFailure, subjects
 from schemas.wire import reply_decoder
@@ -158,3 +158,35 @@ async def test_a_dead_lettered_job_has_its_error_as_its_result(
     assert reply_decoder.decode(asked.data) == pushed
     [(_, event)] = await audit.wait_for(1)
     assert (event.id, event.error_type, event.trace_id) == ("doomed", "internal", pushed.trace_id)
+
+
+async def test_a_job_run_again_once_its_result_expired_keeps_its_own_audit_event(
+    lifeline, client, audit
+):
+    """Results kept a short time (jobs.results_ttl_s): a job of an id whose result has expired
+    runs again, a second provider call. Its audit event carried the Nats-Msg-Id of the first
+    job of the id, and the audit stream, within its 10-minute window, dropped it as that
+    one's duplicate: a request paid for and kept nowhere."""
+    calls = await client.subscribe(subjects.provider_subject("main"))
+    await lifeline({**config({"main": fake()}), "jobs": {"results_ttl_s": 1}})
+    await submit(client, job("brief"), "brief")
+    assert (await result_of(client, "brief")).status == "ok"
+    kv = await client.jetstream().key_value(jobs.JobsSettings().results_bucket)
+
+    async def expired() -> bool:
+        try:
+            await kv.get(subjects.job_key("brief"))
+        except Exception:  # noqa: BLE001 - gone: KeyNotFoundError, or deleted as a marker
+            return True
+        return False
+
+    await wait_for(expired, timeout_s=10, interval_s=0.2, what="the result to expire")
+    await submit(client, job("brief"), "brief-again")  # past the jobs' dedup window, say
+    assert (await result_of(client, "brief")).status == "ok"
+    await audit.wait_for(2)
+    assert calls.pending_msgs == 2  # two requests, each paid for
+    # A request after them, through the same connection: kept after them, if they were.
+    hi = {"id": "after", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await ask(client, hi)).status == "ok"
+    kept = await kept_audit_events(client, 3)
+    assert [e.id for e in kept] == ["brief", "brief", "after"]
