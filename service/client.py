@@ -403,6 +403,7 @@ class Lifeline:
         overloaded_retries times, all within the request's timeout (fixed at the first send:
         a retry is sent with what is left; the refusal is returned when no time is left)."""
         self._check_loop()
+        _check_retries(overloaded_retries)
         req = sent = self.request(request, **fields)
         # One deadline for the whole call, fixed at the first send: a retry is sent with what
         # is left of it (its timeout_s), and none is sent when the wait before it ends past it.
@@ -467,6 +468,7 @@ class Lifeline:
         that reads on. `fields` and overloaded_retries as for complete(); a request refused as
         overloaded is sent again before any event of it is yielded."""
         self._check_loop()
+        _check_retries(overloaded_retries)
         req = self.request(request, **fields)
         return Streamed(
             self.nc, req, overloaded_retries, self.default_timeout_s, self._keys, self._check_loop
@@ -667,6 +669,13 @@ class Streamed:
         # already closing ("aclose(): asynchronous generator is already running").
         if self._check_loop is not None:
             self._check_loop()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            # Its async generator is mid-read: a second read would fail in it, and end the
+            # stream for the reader too.
+            raise LifelineError(
+                "this stream is being read by another task: one task reads a stream (the "
+                "others can await that task, then use the stream's text and reply)"
+            )
         self._reader = asyncio.current_task()
         try:
             return await self._next()
@@ -752,8 +761,8 @@ class Streamed:
     def _loop_gone(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """An `async for` over it outside `async with` was left before the stream's end: close
         it in its event loop (called from a finalizer, in whatever thread collects it)."""
-        if self._over or self._held or loop is None:
-            return
+        if self._over or self._held or self._reader is not None or loop is None:
+            return  # (a reader: a loop in another task reads it, this one was refused)
         self._over = self._loop_left = True  # nothing more is read, whatever runs first
         with contextlib.suppress(RuntimeError):  # that loop has closed: nothing to close
             loop.call_soon_threadsafe(_close_in_background, self)
@@ -910,6 +919,14 @@ def _decoded(data: bytes, subject: str) -> CompletionReply:
             f"the answer on {subject} is no Lifeline reply ({exc}; it begins {data[:40]!r}): "
             f"is something other than a Lifeline dispatcher subscribed to {subject}?"
         ) from None
+
+
+def _check_retries(overloaded_retries: int) -> None:
+    if overloaded_retries < 0:
+        raise ValueError(
+            f"overloaded_retries={overloaded_retries}: it is how many times a request refused "
+            "as overloaded is sent again, 0 or more"
+        )
 
 
 def _overloaded(reply: CompletionReply) -> bool:

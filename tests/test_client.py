@@ -274,6 +274,25 @@ async def test_leaving_a_loop_over_a_stream_ends_it_unless_async_with_holds_it(
     assert stack.dispatcher.aborts == 1 and len(lifeline_client.nc._subs) == subscribed
 
 
+async def test_a_second_reader_of_a_stream_is_refused_and_spoils_nothing(lifeline, lifeline_client):
+    """Two tasks reading one stream (a finish() while a loop reads it): the second got
+    RuntimeError "asynchronous generator is already running", and the first's stream ended
+    then and there, its reply lost. Negative overloaded_retries raised AssertionError."""
+    stack = await lifeline(config({"main": fake(chunks=5, chunk_delay_ms=100)}))
+    answer = lifeline_client.stream("one two three four five")
+    first = asyncio.ensure_future(answer.finish())
+    await wait_for(lambda: answer.text)
+    with pytest.raises(LifelineError, match="read by another task"):
+        await answer.finish()
+    reply = await asyncio.wait_for(first, 10)
+    assert (reply.status, answer.text) == ("ok", "one two three four five")
+    assert stack.dispatcher.aborts == 0
+    with pytest.raises(ValueError, match="overloaded_retries"):
+        await lifeline_client.complete("Hi", overloaded_retries=-1)
+    with pytest.raises(ValueError, match="overloaded_retries"):
+        lifeline_client.stream("Hi", overloaded_retries=-1)
+
+
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
     """One dispatcher slot, held by a slow stream: the next request is refused as overloaded,
     and, when asked, sent again after retry_after_s until the slot is free (a stream's refusal
