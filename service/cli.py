@@ -131,6 +131,10 @@ NATS: --nats-url, --nats-creds, ... else the config's [nats] table, else $NATS_U
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
 Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's own
 Logs: LIFELINE_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR, LIFELINE_LOG_FORMAT=text|json
+Exit status: 0 done; 1 failed (an error reply or none, an instance not ready, a check failed,
+  NATS lost for good); 2 a mistake to fix first (the command line, the config, a port taken);
+  3 no result or audit event for that id; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM,
+  129 SIGHUP), except a serving command stopped once started, its requests finished: 0
 """
 
 
@@ -208,7 +212,9 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "the queue group of every dispatcher, calling the provider workers of the config's "
         "routes. On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish "
         "for dispatcher.shutdown_grace_s (10 s), answers the rest shutting_down, and exits 0; "
-        "it exits 1 when its NATS connection is gone for good.",
+        "it exits 1 when its NATS connection is gone for good. Stopped before it has started "
+        "(still waiting for its NATS server, or signalled twice while starting), it exits 128 "
+        "+ the signal's number: 130 for Ctrl-C, 143 for SIGTERM.",
     )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
@@ -831,6 +837,7 @@ class _Stop:
         self.asked = asyncio.Event()
         self.serving = False  # started: _until_signalled waits
         self.task: asyncio.Task[Any] | None = None  # the command, while it starts
+        self.stopped_by: signal.Signals | None = None  # the signal that stopped it at once
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -845,11 +852,13 @@ class _Stop:
             # a second signal, it was killed by its supervisor's (docker stop: after 10 s).
             log.warning("%s while waiting for NATS: stopping now", sig.name)
             self.asked.set()
+            self.stopped_by = sig
             self.task.cancel()
         elif not self.asked.is_set():
             log.warning("%s while starting: stopping once started (again to stop now)", sig.name)
             self.asked.set()
         else:  # a second one while starting (waiting for a NATS server, say): stop now
+            self.stopped_by = sig
             self.task.cancel()
 
 
@@ -916,9 +925,9 @@ async def _serving(command: Awaitable[int]) -> int:
     try:
         return await command
     except asyncio.CancelledError:
-        if not stop.asked.is_set():
+        if stop.stopped_by is None:
             raise
-        return 128 + signal.SIGINT  # stopped before it started, as a shell's Ctrl-C says
+        return 128 + stop.stopped_by  # stopped before it started: as a client command is
     finally:
         _stop = None
 

@@ -852,10 +852,12 @@ def test_a_closed_terminal_stops_a_dispatcher_as_sigterm_does_its_requests_answe
             proc.stderr and proc.stderr.close()
 
 
-def test_a_stop_signal_while_waiting_for_nats_stops_at_once():
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_waiting_for_nats_stops_at_once(sig):
     """A dispatcher waiting for a NATS server that is not there has taken nothing, so has
     nothing to finish: one SIGTERM stops it. It waited for a second, and `docker stop` (or
-    any supervisor) killed it after its grace, 10 s later."""
+    any supervisor) killed it after its grace, 10 s later. It exits 128 + the signal, as a
+    client command does (SIGTERM exited 130, Ctrl-C's status)."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -871,10 +873,10 @@ def test_a_stop_signal_while_waiting_for_nats_stops_at_once():
         wait_for_line(
             proc, r"NATS at .* retrying|ConnectionRefused|Connect call failed", stream=proc.stderr
         )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 130
+        proc.send_signal(sig)
+        assert proc.wait(timeout=5) == 128 + sig
         assert proc.stderr is not None
-        assert "SIGTERM while waiting for NATS: stopping now" in proc.stderr.read()
+        assert f"{sig.name} while waiting for NATS: stopping now" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -928,7 +930,7 @@ def test_a_stop_signal_once_connected_waits_for_the_start_and_a_second_one_stops
             wait_for_line(proc, "SIGTERM while starting: stopping once started", stream=proc.stderr)
             assert proc.poll() is None  # still starting: it has heard nothing from its server
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=15) == 130
+            assert proc.wait(timeout=15) == 128 + signal.SIGTERM
         finally:
             if proc.poll() is None:
                 proc.kill()
