@@ -190,3 +190,34 @@ async def test_a_job_run_again_once_its_result_expired_keeps_its_own_audit_event
     assert (await ask(client, hi)).status == "ok"
     kept = await kept_audit_events(client, 3)
     assert [e.id for e in kept] == ["brief", "brief", "after"]
+
+
+async def test_a_job_stuck_at_an_older_consumers_delivery_limit_runs_after_an_upgrade(
+    lifeline, client, audit
+):
+    """Dispatchers before 0855c68 made the consumer with max_deliver = jobs.max_deliver, and a
+    job whose last delivery died with its dispatcher stayed in the stream, never delivered
+    again. A dispatcher of now updates the consumer to no limit of its own: the server
+    delivers such a job again (once its last delivery's ack wait, restarted by the update at
+    the new jobs.ack_wait_s, is over), and it is answered and audited once."""
+    import nats.js.api
+
+    from service.config import JobsSettings
+    from service.jobstore import ensure_jobs
+
+    await ensure_jobs(client.jetstream(), JobsSettings())
+    await submit(client, job("stuck"), "stuck")
+    took = await client.jetstream().pull_subscribe(  # the old consumer, and its dead holders
+        subjects.JOBS_SUBMIT,
+        durable=subjects.JOBS_CONSUMER,
+        config=nats.js.api.ConsumerConfig(ack_wait=1, max_deliver=2, max_ack_pending=-1),
+    )
+    for delivery in (1, 2):
+        [taken] = await took.fetch(1, timeout=5)
+        assert taken.metadata.num_delivered == delivery
+    await took.unsubscribe()
+    await lifeline({**config({"main": fake()}), "jobs": {"ack_wait_s": 1}})
+    reply = await result_of(client, "stuck", timeout_s=15)  # after its ack wait, at most
+    assert (reply.status, reply.content) == ("ok", "hello")
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.status) == ("stuck", "ok")
