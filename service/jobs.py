@@ -118,6 +118,12 @@ _STORE_FULL = (
     jetstream.INSUFFICIENT_MEMORY,
 )
 _STORE_FAILED = jetstream.STORE_FAILED  # lasting when the bucket is at its own maximum (below)
+# What an error kept as a job's result says of sending the job again: a job of the same id
+# gets the stored result, an error too, for as long as the bucket keeps it.
+_ANOTHER_ID = (
+    "submit the job again under another id: this one keeps this result until the results "
+    "bucket's TTL ends it"
+)
 
 
 def _nobody_there(reply: CompletionReply) -> bool:
@@ -272,12 +278,6 @@ class JobTrace(NamedTuple):
 
 
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-# What the error a job's result is says of sending the job again: a job of the same id gets
-# the stored result, an error too, as long as the bucket keeps it (jobs.results_ttl_s).
-_ANOTHER_ID = (
-    "submit the job again under another id: this one keeps this result until the results "
-    "bucket's TTL ends it"
-)
 
 
 def _nonzero(digits: bytes) -> int:
@@ -469,9 +469,8 @@ class Jobs:
         msg = latest[0]
         heartbeat = asyncio.create_task(self._heartbeat(latest))
         served: list[bool] = []  # the engine had it, and published its audit event
-        traced = JobTrace(msg.headers, None, None)  # its trace, once known
+        traced = self._trace(msg)
         try:
-            traced = JobTrace.of(msg, self.engine.spans)
             outcome, reply = await self._answer(msg, arrived, served, latest, traced.headers)
         except Exception as exc:
             msg = latest[0]
@@ -500,6 +499,16 @@ class Jobs:
             traced.end(self.engine.spans, latest[0], outcome, reply)
         except Exception:
             log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
+
+    def _trace(self, msg: Msg) -> JobTrace:
+        """The job's trace; tracing that fails (a sampler's bug) fails no job."""
+        try:
+            return JobTrace.of(msg, self.engine.spans)
+        except Exception:
+            log.exception(
+                "jobs: bug while tracing job %r; its headers' trace is used", job_id_of(msg)
+            )
+            return JobTrace(msg.headers, None, None)
 
     async def _dead_letter(
         self, msg: Msg, exc: Exception, audited: bool, trace_id: str | None = None
