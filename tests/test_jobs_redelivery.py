@@ -221,3 +221,45 @@ async def test_a_job_stuck_at_an_older_consumers_delivery_limit_runs_after_an_up
     assert (reply.status, reply.content) == ("ok", "hello")
     [(_, event)] = await audit.wait_for(1)
     assert (event.id, event.status) == ("stuck", "ok")
+
+
+async def test_a_dispatcher_killed_in_a_jobs_last_delivery_leaves_one_result_and_event(
+    client, nats_url, tmp_path, audit
+):
+    """Real processes: the job's one delivery (jobs.max_deliver = 1) is under way at a slow
+    provider when its dispatcher is SIGKILLed. Another dispatcher gets it after its ack wait,
+    makes no provider call, and ends it: one dead letter, one result (the error, stored and
+    pushed), one audit event, live and kept."""
+    import signal
+
+    from helpers import Service
+    from test_jobs import kept_audit_events
+
+    from service.config import JobsSettings
+    from service.jobstore import ensure_jobs
+
+    data = config({"slow": fake(latency_ms=30_000)})
+    data["jobs"] = {"ack_wait_s": 1, "max_deliver": 1}
+    service = Service(tmp_path, nats_url, data)
+    try:
+        _, doomed = service.start_all(["slow"], dispatchers=1)
+        await ensure_jobs(client.jetstream(), JobsSettings())
+        calls = await client.subscribe(subjects.provider_subject("slow"))
+        dead = await client.subscribe(subjects.JOBS_DEAD)
+        notified = await client.subscribe("results.cut")
+        await submit(client, job("cut", timeout_s=60), "cut", **{subjects.NOTIFY: "results.cut"})
+        await calls.next_msg(timeout=10)  # its one delivery is at the provider
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        service.dispatcher()
+        letter = await dead.next_msg(timeout=15)
+        assert "died or stopped while running it" in letter.headers[subjects.JOB_ERROR]
+        pushed = reply_decoder.decode((await notified.next_msg(timeout=5)).data)
+        assert (pushed.id, pushed.error.type) == ("cut", "internal")
+        assert await result_of(client, "cut") == pushed
+        [(_, event)] = await audit.wait_for(1)
+        assert (event.id, event.error_type) == ("cut", "internal")
+        assert [e.id for e in await kept_audit_events(client, 1)] == ["cut"]
+        assert calls.pending_msgs == 0  # the second dispatcher called nobody
+    finally:
+        service.stop()
