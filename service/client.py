@@ -415,6 +415,7 @@ class Lifeline:
             _check_size(self.nc, payload, headers)
             _check_room(self.nc, payload, headers)
             self._keys.add(key)
+            reconnects = _reconnects(self.nc)
             try:
                 msg = await self.nc.request(
                     subjects.COMPLETE,
@@ -435,7 +436,7 @@ class Lifeline:
                 raise NoAnswer(
                     f"no reply on {subjects.COMPLETE} within "
                     f"{_wait_s(sent, self.default_timeout_s):g} s (the request's timeout and a "
-                    f"grace); {_why_silent(self.nc, sent, self.default_timeout_s)}"
+                    f"grace); {_why_silent(self.nc, sent, self.default_timeout_s, reconnects)}"
                 ) from None
             except nats.errors.ConnectionClosedError:
                 raise _closed() from None
@@ -883,11 +884,27 @@ def _closed() -> LifelineError:
     )
 
 
+def _reconnects(nc: Client) -> int:
+    """How many times the connection has come back (nats-py's count)."""
+    return nc.stats.get("reconnects", 0)
+
+
 def _why_silent(
-    nc: Client, request: CompletionRequest | None = None, default_s: float | None = None
+    nc: Client,
+    request: CompletionRequest | None = None,
+    default_s: float | None = None,
+    reconnects: int | None = None,
 ) -> str:
+    """Why no answer came, as far as the connection tells: `reconnects` is its count of
+    reconnects when the request was sent."""
     if nc.is_closed:
         return "the NATS connection was closed meanwhile"
+    if nc.is_connected and reconnects is not None and _reconnects(nc) != reconnects:
+        # Whatever was published to this client while it was away is gone: the answer too.
+        return (
+            "the NATS connection dropped and reconnected while it waited, so the answer may "
+            "have been lost on the way: send the request again"
+        )
     if (
         nc.is_connected
         and request is not None
@@ -1129,6 +1146,7 @@ async def stream(
     timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
     key = headers[subjects.ABORT_KEY]
+    reconnects = _reconnects(nc)
     if keys is not None:
         keys.add(key)  # aborted by its Lifeline's close()
     try:
@@ -1149,7 +1167,7 @@ async def stream(
             except NatsTimeoutError:
                 raise NoAnswer(
                     f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
-                    f"and a grace); {_why_silent(nc)}"
+                    f"and a grace); {_why_silent(nc, reconnects=reconnects)}"
                 ) from None
             if msg.headers and msg.headers.get("Status") == "503":
                 raise NoDispatcher(

@@ -4,6 +4,7 @@ method, a stream with a reset and one with a gap, a job submitted twice, a resul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from typing import Any
@@ -365,6 +366,80 @@ async def test_a_request_unanswered_while_nats_is_down_says_so(monkeypatch):
                 assert isinstance(outcome, NoAnswer), outcome
     finally:
         server.stop()
+
+
+class _Cuttable:
+    """A TCP proxy to a NATS server that the test takes down (its connections cut, new ones
+    refused) and up again: the client's connection drops and comes back while the server,
+    and every other connection to it, stay up."""
+
+    def __init__(self, upstream: str) -> None:
+        self.host, port = upstream.removeprefix("nats://").rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def up(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def down(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_request_whose_answer_a_reconnect_lost_says_so(client, nats_url, monkeypatch):
+    """The connection dropped and came back while a request waited, and its answer, sent
+    meanwhile, was lost: its NoAnswer blamed the dispatcher ("may have stopped"), which had
+    answered, rather than the reconnect."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.2)
+    asked: list[Any] = []
+
+    async def answers_late(msg: Any) -> None:  # a stand-in dispatcher, answering when told
+        asked.append(msg)
+
+    await client.subscribe(subjects.COMPLETE, cb=answers_late)
+    await client.subscribe(subjects.STREAM, cb=answers_late)
+    await ensure_subscribed(client)
+    proxy = _Cuttable(nats_url)
+    try:
+        async with Lifeline.connect(await proxy.up(), timeout_s=2) as lifeline_client:
+            for call in (
+                lambda: lifeline_client.complete("Hi"),
+                lambda: lifeline_client.stream("Hi").finish(),
+            ):
+                asked.clear()
+                waiting = asyncio.ensure_future(call())
+                await wait_for(lambda: asked)
+                await proxy.down()
+                await wait_for(lambda: not lifeline_client.nc.is_connected)
+                reply = _overloaded_reply("r", 1.0)  # any reply: it is lost on the way
+                headers = {subjects.SEQ: "1", subjects.ATTEMPT_NO: "1", subjects.EVENT: "end"}
+                await client.publish(asked[0].reply, reply, headers=headers)
+                await client.flush()
+                await proxy.up()
+                await wait_for(lambda: lifeline_client.nc.is_connected, timeout_s=10)
+                with pytest.raises(NoAnswer, match="reconnected.*lost.*send the request again"):
+                    await asyncio.wait_for(waiting, 10)
+    finally:
+        await proxy.down()
 
 
 async def test_an_outage_is_one_warning_however_many_retries_and_its_end_is_said(caplog):
