@@ -245,11 +245,10 @@ class JobTrace(NamedTuple):
         `outcome`), handed to the span processors as the dispatcher's ended spans are."""
         if self.context is None:
             return
-        job_id = identity(msg).id
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.destination.name": subjects.JOBS_SUBMIT,
-            "lifeline.request.id": reply.id if reply is not None and reply.id else job_id,
+            "lifeline.request.id": reply.id if reply is not None and reply.id else job_id_of(msg),
             "lifeline.job.deliveries": msg.metadata.num_delivered,
             "lifeline.job.outcome": outcome,
         }
