@@ -123,11 +123,14 @@ def job_key(job_id: str) -> str:
     return "job." + _digest(job_id)
 
 
-def job_audit_id(job_id: str) -> str:
-    """A job's audit event's Nats-Msg-Id, by which the audit stream keeps one per job: a hash,
-    as its key is, since a header's value is stripped and rewritten on its way (two ids that
-    differ by a trailing space or a line break would share one event)."""
-    return "job:" + _digest(job_id)
+def job_audit_id(job_id: str, place: str) -> str:
+    """A job's audit event's Nats-Msg-Id, by which the audit stream keeps one per job: a hash
+    of its id and its place in the jobs stream (the same on each of its deliveries, and on no
+    other job: a job of the id run again keeps its own event). A hash, as its key is, since a
+    header's value is stripped and rewritten on its way (two ids that differ by a trailing
+    space or a line break would share one event). A place holds no line break, so the two are
+    told apart where the place starts."""
+    return "job:" + _digest(f"{job_id}\n{place}")
 
 
 def _digest(job_id: str) -> str:

@@ -182,8 +182,8 @@ def identity(msg: Msg) -> JobIdentity:
     as the earlier one's duplicate, for the stream's 10-minute window: a provider call paid
     for and kept nowhere."""
     job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
-    if job_id:  # a place holds no line break: the two are told apart where one starts
-        audit_id = subjects.job_audit_id(f"{job_id}\n{_place(msg)}")
+    if job_id:
+        audit_id = subjects.job_audit_id(job_id, _place(msg))
         return JobIdentity(job_id, subjects.job_key(job_id), audit_id)
     place = "anon." + _place(msg)
     return JobIdentity(f"seq-{msg.metadata.sequence.stream}", "job." + place, "job:" + place)

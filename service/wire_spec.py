@@ -454,7 +454,8 @@ CHANNELS: tuple[Channel, ...] = (
         f"as it was submitted, its headers kept, with the error in {JOB_ERROR}; it then "
         "leaves the jobs stream. Its body is the job's bytes as they came, which need not be "
         "a valid request or JSON, or empty when they would not fit max_payload with the "
-        f"error; then, if its headers would not fit either, {JOB_ERROR} is its only header.",
+        f"error; then, if its headers would not fit either, {JOB_ERROR} is its only header. "
+        "Its result is an internal error saying so, stored and pushed as any result.",
         (
             Message(
                 "job",
@@ -497,7 +498,10 @@ CHANNELS: tuple[Channel, ...] = (
                     Header(
                         MSG_ID,
                         "on a job's event only, so that the audit stream keeps one per job: "
-                        "job:<the first 40 hex digits of its id's SHA-256>, or for a job sent "
+                        "job:<the first 40 hex digits of the SHA-256 of its id, a line break "
+                        "and its place in the jobs stream (<its stream sequence>.<the time it "
+                        "was stored, in Unix microseconds>), the same on each delivery>, or "
+                        "for a job sent "
                         "with no id (answered as seq-<its stream sequence>) job:anon.<its "
                         "stream sequence>.<the time it was stored, in Unix microseconds>: a "
                         "sequence can come again once the jobs stream is made anew, and its "
