@@ -86,7 +86,6 @@ from service.app import (
     start_worker,
 )
 from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
-from service.health import percentile_ms
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes, parse_address
@@ -410,15 +409,16 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
-        help="each provider:model's circuit breaker, recent success rate and p50/p95, "
-        "from the shared health bucket",
+        help="each provider:model's circuit breaker, recent success rate and p50/p95 (of whole "
+        "answers and of streams' first chunks), from the shared health bucket",
         description="Reads the JetStream key-value bucket the dispatchers share "
         "(dispatcher.health_bucket) and shows, per provider:model (what breakers are kept "
         "under; named targets on one model share it): its breaker "
         "(closed, open, half_open) and why, the calls of the last 60 s summed over every live "
         "dispatcher, their success rate (of those that answered), how many were cancelled "
         "before they answered (a hedge that lost, an abort), the p50/p95 latency of good "
-        "answers (last 30-60 s), and how many calls skipped it while its breaker was open.",
+        "answers and of streams' first chunks (last 30-60 s; a stream's hedge = \"p95\" "
+        "waits for the latter), and how many calls skipped it while its breaker was open.",
     )
     status.add_argument(
         "--bucket",
@@ -1992,16 +1992,21 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
         return
     _say(
         f"\n{'PROVIDER:MODEL':<28} {'BREAKER':<10} {'CALLS/60s':>9} {'SUCCESS':>8} "
-        f"{'CANCELLED':>9} {'P50':>10} {'P95':>10} {'SKIPPED':>8}"
+        f"{'CANCELLED':>9} {'P50':>10} {'P95':>10} {'FIRST P50':>10} {'FIRST P95':>10} "
+        f"{'SKIPPED':>8}"
     )
     for label, t in sorted(view["targets"].items()):
         answered = t["ok"] + t["failed"]  # a cancelled call is no success and no failure
         success = f"{100 * t['ok'] / answered:.1f}%" if answered else "-"
-        p50, p95 = (percentile_ms(t["latency"], q) for q in (0.5, 0.95))
+        p50, p95, first_p50, first_p95 = (
+            _ms(t[figure])
+            for figure in ("p50_ms", "p95_ms", "first_chunk_p50_ms", "first_chunk_p95_ms")
+        )  # first chunks: of its streams, "-" for a target that has not streamed
         state = t["state"].split(" ")[0]
         _say(
             f"{label:<28} {state:<10} {answered + t['cancelled']:>9} {success:>8} "
-            f"{t['cancelled']:>9} {_ms(p50):>10} {_ms(p95):>10} {t['skipped']:>8}"
+            f"{t['cancelled']:>9} {p50:>10} {p95:>10} {first_p50:>10} {first_p95:>10} "
+            f"{t['skipped']:>8}"
         )
         if t["state"] != "closed" and t["reason"]:
             left_s = (t["until_unix_ms"] - now_ms) / 1000

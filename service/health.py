@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, NamedTuple, Protocol
 
 from msgspec import Meta, Struct
 
@@ -126,6 +126,19 @@ def percentile_ms(histogram: dict[int, int] | list[int], q: float) -> float | No
     return bucket_ms(items[-1][0])
 
 
+def percentiles(
+    latency: dict[int, int], first_chunk_latency: dict[int, int]
+) -> dict[str, float | None]:
+    """The p50 and p95 of a target's good answers and of its streams' first chunks, from their
+    histograms (one dispatcher's, or several's summed: `lifeline status`); None without any."""
+    return {
+        "p50_ms": percentile_ms(latency, 0.5),
+        "p95_ms": percentile_ms(latency, 0.95),
+        "first_chunk_p50_ms": percentile_ms(first_chunk_latency, 0.5),
+        "first_chunk_p95_ms": percentile_ms(first_chunk_latency, 0.95),
+    }
+
+
 class Latencies:
     """Recent latencies of one kind: two 30-second histograms (the last 30 to 60 s), and
     their p95, recomputed at most 4 times a second."""
@@ -173,6 +186,15 @@ class Latencies:
             )
             self.p95_at = now
         return self.p95_ms
+
+
+class Counts(NamedTuple):
+    """A target's calls in a window, by how they ended (TargetHealth.counts)."""
+
+    ok: int
+    failed: int  # counted (trip_on) failures
+    other: int  # failures that do not count
+    cancelled: int  # cancelled before they answered
 
 
 class TargetHealth:
@@ -240,23 +262,17 @@ class TargetHealth:
             self.ok[i] = self.failed[i] = self.other[i] = self.cancelled[i] = 0
         return i
 
-    def cancelled_in(self, now: float, window_s: float) -> int:
-        """The calls cancelled in the last window_s seconds."""
-        first = int(now) - math.ceil(window_s) + 1
-        return sum(
-            n for epoch, n in zip(self.epochs, self.cancelled, strict=True) if epoch >= first
-        )
-
-    def counts(self, now: float, window_s: float, since_s: int = -1) -> tuple[int, int, int]:
-        """(ok, counted failures, other failures) in the last window_s seconds (after since_s)."""
+    def counts(self, now: float, window_s: float, since_s: int = -1) -> Counts:
+        """The calls that ended in the last window_s seconds (after since_s), by outcome."""
         first = max(int(now) - math.ceil(window_s) + 1, since_s + 1)
-        ok = failed = other = 0
+        ok = failed = other = cancelled = 0
         for i, epoch in enumerate(self.epochs):
             if epoch >= first:
                 ok += self.ok[i]
                 failed += self.failed[i]
                 other += self.other[i]
-        return ok, failed, other
+                cancelled += self.cancelled[i]
+        return Counts(ok, failed, other, cancelled)
 
     def tally(self, now: float, ok: bool, counted: bool, latency_ms: float, started: float) -> None:
         """One finished call in this second's slot: a good answer (and its latency, and when it
@@ -540,14 +556,14 @@ class Health:
                 health, settings, now, f"{health.consecutive} failures in a row (last: {kind})"
             )
             return
-        good, failed, other = health.counts(now, settings.window_s, health.cleared_s)
-        total = good + failed + other
-        if total >= settings.min_requests and failed >= settings.failure_rate * total:
+        counts = health.counts(now, settings.window_s, health.cleared_s)
+        total = counts.ok + counts.failed + counts.other  # a cancelled call says nothing
+        if total >= settings.min_requests and counts.failed >= settings.failure_rate * total:
             self._open(
                 health,
                 settings,
                 now,
-                f"{failed} of the last {total} calls failed within {settings.window_s:g} s "
+                f"{counts.failed} of the last {total} calls failed within {settings.window_s:g} s "
                 f"(last: {kind})",
             )
 
@@ -676,6 +692,7 @@ class Health:
         if health.first_chunks is None:
             health.first_chunks = Latencies()
         health.first_chunks.add(self.clock(), latency_ms)
+        health.changed = True
 
     def cancelled(self, provider: str, model: str) -> None:
         """A call cancelled before it answered: counted among the target's calls, never for
@@ -691,8 +708,11 @@ class Health:
         out: dict[str, Any] = {}
         # A copy: the metrics reader calls this from its own thread.
         for health in list(self.targets.values()):
-            ok, failed, other = health.counts(now, _RECENT_S)
+            counts = health.counts(now, _RECENT_S)
             histogram = health.histogram(now)
+            # Its streams' times to their first chunk, which a stream's hedge = "p95" waits for:
+            # none for a target that has not streamed.
+            first_chunks = {} if health.first_chunks is None else health.first_chunks.histogram(now)
             out[health.label] = {
                 "provider": health.provider,
                 "model": health.model,
@@ -700,13 +720,13 @@ class Health:
                 "reason": health.reason,
                 "since_unix_ms": health.since_unix_ms,
                 "until_unix_ms": self.until_unix_ms(health),
-                "ok": ok,
-                "failed": failed + other,
-                "cancelled": health.cancelled_in(now, _RECENT_S),
+                "ok": counts.ok,
+                "failed": counts.failed + counts.other,
+                "cancelled": counts.cancelled,
                 "skipped": health.skipped,
-                "p50_ms": percentile_ms(histogram, 0.5),
-                "p95_ms": percentile_ms(histogram, 0.95),
+                **percentiles(histogram, first_chunks),
                 "latency": {str(b): n for b, n in histogram.items()},
+                "first_chunk_latency": {str(b): n for b, n in first_chunks.items()},
             }
         return out
 

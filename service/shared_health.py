@@ -10,7 +10,8 @@ carries the requests. Its entries are msgspec Structs, as JSON:
                                  half-open probe is claimed with a compare-and-set on the key's
                                  revision, so only one replica sends it.
     stats.<dispatcher>           StatsDocument: one dispatcher's recent figures per target
-                                 (outcomes, latency histogram, skips), written once a second
+                                 (outcomes, latency histograms of good answers and of streams'
+                                 first chunks, skips), written once a second
                                  when they changed; `lifeline status` merges them. At most
                                  STATS_MAX_BYTES (or a quarter of the server's max_payload),
                                  whatever the traffic: the targets that say the most go
@@ -41,7 +42,7 @@ from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from service import jetstream
-from service.health import CLOSED, OPEN, BreakerState, Health, newer
+from service.health import CLOSED, OPEN, BreakerState, Health, newer, percentiles
 from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
@@ -84,6 +85,9 @@ class TargetFigures(msgspec.Struct):
     cancelled: int = 0  # absent from a version before it: 0
     skipped: int = 0
     latency: dict[int, int] = {}  # latency bucket -> good answers (service/health.py's histogram)
+    # latency bucket -> streams' first chunks (absent from a version before it, or a target
+    # that has not streamed: {})
+    first_chunk_latency: dict[int, int] = {}
 
 
 class StatsDocument(msgspec.Struct):
@@ -478,7 +482,6 @@ def stats_document(
 
 
 def _figures(figures: dict[str, Any]) -> TargetFigures:
-    latency = {int(bucket): count for bucket, count in figures["latency"].items()}
     return TargetFigures(
         provider=figures["provider"],
         model=figures["model"],
@@ -486,14 +489,20 @@ def _figures(figures: dict[str, Any]) -> TargetFigures:
         failed=figures["failed"],
         cancelled=figures["cancelled"],
         skipped=figures["skipped"],
-        latency=latency,
+        latency=_histogram(figures["latency"]),
+        first_chunk_latency=_histogram(figures["first_chunk_latency"]),
     )
+
+
+def _histogram(sparse: dict[str, int]) -> dict[int, int]:
+    return {int(bucket): count for bucket, count in sparse.items()}
 
 
 def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> dict[str, Any]:
     """The bucket's contents as one view per target: breaker state from `breaker.*`, figures
-    summed over the live dispatchers' `stats.*`. Used by `lifeline status` and its tests.
-    Entries that do not decode are left out."""
+    summed over the live dispatchers' `stats.*`, and the p50/p95 of the summed latency
+    histograms (of good answers, and of streams' first chunks). Used by `lifeline status` and
+    its tests. Entries that do not decode are left out."""
     now_unix_ms = now_unix_ms if now_unix_ms is not None else int(time.time() * 1000)
     targets: dict[str, dict[str, Any]] = {}
     dispatchers = []
@@ -512,6 +521,9 @@ def merge_status(entries: dict[str, bytes], now_unix_ms: int | None = None) -> d
                 _merge_breaker(targets, _breaker_decoder.decode(raw), now_unix_ms)
         except msgspec.DecodeError:
             continue  # not one of ours (or from a version that wrote it differently): left out
+    for view in targets.values():
+        # From the histograms summed over the dispatchers: percentiles cannot be summed.
+        view.update(percentiles(view["latency"], view["first_chunk_latency"]))
     return {"dispatchers": dispatchers, "targets": targets}
 
 
@@ -522,8 +534,13 @@ def _merge_stats(targets: dict[str, dict[str, Any]], stats: StatsDocument) -> No
         view["failed"] += figures.failed
         view["cancelled"] += figures.cancelled
         view["skipped"] += figures.skipped
-        for bucket, count in figures.latency.items():
-            view["latency"][bucket] = view["latency"].get(bucket, 0) + count
+        _add(view["latency"], figures.latency)
+        _add(view["first_chunk_latency"], figures.first_chunk_latency)
+
+
+def _add(histogram: dict[int, int], more: dict[int, int]) -> None:
+    for bucket, count in more.items():
+        histogram[bucket] = histogram.get(bucket, 0) + count
 
 
 def _merge_breaker(
@@ -555,6 +572,7 @@ def _empty(provider: str, model: str) -> dict[str, Any]:
         "cancelled": 0,
         "skipped": 0,
         "latency": {},
+        "first_chunk_latency": {},
     }
 
 

@@ -525,6 +525,35 @@ def test_snapshot_reports_each_targets_recent_figures():
     assert (TargetHealth(P, M).label, TargetHealth("solo", "").label) == ("p:m", "solo")
 
 
+def test_snapshot_reports_streams_first_chunks_apart_and_none_for_a_target_never_streamed():
+    """The figure a stream's hedge = "p95" waits for, beside the whole answers' (for `lifeline
+    status` and the stats every dispatcher shares)."""
+    h, t = make_health(start=100.0)
+    for ms in (10.0, 20.0, 400.0):
+        h.first_chunk(P, M, ms)
+    h.record(P, M, None, True, latency_ms=900.0)
+    h.cancelled(P, M)
+    h.record("plain", "m", None, True, latency_ms=5.0)
+    snap = h.snapshot()
+    mine, plain = snap["p:m"], snap["plain:m"]
+    assert mine["first_chunk_latency"] == {str(bucket_of(ms)): 1 for ms in (10.0, 20.0, 400.0)}
+    assert (mine["first_chunk_p50_ms"], mine["first_chunk_p95_ms"]) == (
+        bucket_ms(bucket_of(20.0)),
+        bucket_ms(bucket_of(400.0)),
+    )
+    assert (mine["p50_ms"], mine["p95_ms"]) == (bucket_ms(bucket_of(900.0)),) * 2
+    assert (mine["ok"], mine["cancelled"]) == (1, 1)
+    assert (plain["first_chunk_latency"], plain["first_chunk_p50_ms"]) == ({}, None)
+    assert plain["first_chunk_p95_ms"] is None
+    t[0] += 61.0  # out of every window
+    later = h.snapshot()["p:m"]
+    assert (later["cancelled"], later["first_chunk_latency"], later["first_chunk_p95_ms"]) == (
+        0,
+        {},
+        None,
+    )
+
+
 def test_percentile_reads_dict_and_list_histograms_alike():
     as_dict = {1: 0, 3: 1, 10: 9}
     as_list = [0] * 11

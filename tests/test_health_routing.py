@@ -483,6 +483,64 @@ async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, 
     )
 
 
+async def test_lifeline_status_shows_the_first_chunk_p50_p95_streams_are_hedged_on(
+    lifeline, client, nats_url
+):
+    """hedge = "p95" on llm.stream waits for the p95 of a target's first chunks, but `lifeline
+    status` showed only whole answers' p50/p95: an operator could not see the figure the hedge
+    acts on. Its first chunks are summed over every live dispatcher, as the other figures are;
+    a target that never streamed shows none."""
+    config = {
+        "providers": {
+            # The first chunk at once, the whole answer 0.6 s later.
+            "s": fake(reply="one two three four", chunk_delay_ms=200),
+            "c": fake(reply="complete"),
+        },
+        "routes": {"default": {"targets": ["s"]}, "plain": {"targets": ["c"]}},
+    }
+    one = await lifeline(config)
+    two = await lifeline(config, workers=[])  # a second dispatcher, sharing the bucket
+    dispatchers = [one.dispatcher.health, two.dispatcher.health]
+    streams = 0
+    async with asyncio.timeout(20):  # until each dispatcher served a stream of its own
+        while streams < 4 or not all(h.of("s", "fake-1").first_chunks for h in dispatchers):
+            text, reply = await stream_text(client, CompletionRequest(**USER_HELLO))
+            assert (text, reply.status) == ("one two three four", "ok")
+            streams += 1
+    assert (await ask(client, {**USER_HELLO, "route": "plain"})).status == "ok"
+    for health in dispatchers:
+        await health.store.publish_stats()  # each does so every second anyway
+
+    code, out, _ = await lifeline_cli("status", "--nats-url", nats_url, "--json")
+    assert code == 0
+    view = json.loads(out)
+    assert len(view["dispatchers"]) == 2
+    streamed, plain = view["targets"]["s:fake-1"], view["targets"]["c:fake-1"]
+    assert sum(streamed["first_chunk_latency"].values()) == streams  # from both dispatchers
+    assert streamed["first_chunk_p50_ms"] <= streamed["first_chunk_p95_ms"]
+    assert streamed["first_chunk_p95_ms"] < streamed["p50_ms"]  # the chunks 200 ms apart
+    assert plain["p95_ms"] is not None
+    assert (plain["first_chunk_p50_ms"], plain["first_chunk_p95_ms"]) == (None, None)
+
+    from service.cli import _ms  # how the table writes a figure
+
+    code, out, err = await lifeline_cli("status", "--nats-url", nats_url)
+    assert code == 0, err
+    header, s_line, c_line = (
+        next(line for line in out.splitlines() if line.startswith(start))
+        for start in ("PROVIDER:MODEL", "s:fake-1", "c:fake-1")
+    )
+    columns = [
+        (header.index(name) + len(name) - 10, header.index(name) + len(name))
+        for name in ("FIRST P50", "FIRST P95")
+    ]  # right-aligned, 10 wide
+    assert [s_line[a:b].strip() for a, b in columns] == [
+        _ms(streamed["first_chunk_p50_ms"]),
+        _ms(streamed["first_chunk_p95_ms"]),
+    ]
+    assert [c_line[a:b].strip() for a, b in columns] == ["-", "-"]
+
+
 async def test_lifeline_status_says_what_to_do_when_no_dispatcher_shared_anything(nats_url):
     code, _, err = await lifeline_cli("status", "--nats-url", nats_url)
     assert code == 1
