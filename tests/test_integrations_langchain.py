@@ -355,19 +355,21 @@ async def test_a_connection_closed_for_good_is_replaced_on_the_next_call(lifelin
 async def test_a_call_whose_shared_connection_another_user_closes_opens_a_new_one(
     lifeline, nats_url, monkeypatch
 ):
-    """Two models on one URL share a connection; one's close() landed between the other's
-    call taking the connection and sending on it: that call raised a bare RuntimeError
-    ("this Lifeline connection is closed", or "Event loop is closed"), no LifelineError, where
-    the bridge promises the next call after a close() a new connection."""
+    """The shared connection was closed for every model (bridge.close()) between a call
+    taking it and sending on it: that call raised a bare RuntimeError ("this Lifeline
+    connection is closed", or "Event loop is closed"), no LifelineError, where the bridge
+    promises the next call after a close() a new connection."""
     await lifeline(config({"main": fake(chunks=2)}))
     model = ChatLifeline(nats_url=nats_url, timeout=5)
     handed_out = bridge.connection
 
-    def closed_once_handed_out(url: str | None = None, name: str = "x") -> bridge.Connection:
-        shared = handed_out(url, name)
+    def closed_once_handed_out(
+        url: str | None = None, name: str = "x", **hold: Any
+    ) -> bridge.Connection:
+        shared = handed_out(url, name, **hold)
         if not closed:  # the first one handed out, once
             closed.append(shared)
-            bridge.close(url)  # another model's close(), just then
+            bridge.close(url)  # closed for every model, just then
         return shared
 
     closed: list[bridge.Connection] = []

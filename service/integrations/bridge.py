@@ -15,10 +15,20 @@ own loop, which owns the one connection, and every call, sync or async, runs the
 
 Models that name the same URL share the thread and the connection, as HTTP clients share a
 pool; it connects on first use (Unreachable then, and again on the next call, while NATS is
-down) and reconnects by itself afterwards. `close()` (or close_all(), also run at exit) stops
-it, ending the calls in flight on it with LifelineError; the next call opens a new one. The
-models call through `shared()`, which takes the connection at each call: one that another
-model's close() shut between the call taking it and sending on it is taken afresh.
+down) and reconnects by itself afterwards. Every model that calls through it holds it, and a
+model's close() releases its own hold (`release()`): the other models' calls go on, and so do
+its own already in flight. The connection closes when the last model holding it releases it
+(or at bridge.close(url), and close_all() at exit, whoever holds it), ending the calls still in
+flight on it with LifelineError; the next call opens a new one.
+
+A model dropped without close() holds the connection while it lives. A hold is a weak
+reference, so once the model is garbage its hold is gone, but nothing closes then: a finalizer
+runs on whatever thread the collector does (the connection's own included, which cannot join
+itself), and an app making a model per request would pay a connection per request. The close()
+of the last model still holding it closes it then, else close_all() at exit.
+
+The models call through `shared()`, which takes the connection, and the model's hold, at each
+call: one closed between the call taking it and sending on it is taken afresh.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import contextlib
 import os
 import queue
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from itertools import count
 from typing import Any, TypeVar
@@ -66,6 +77,35 @@ class Connection:
         # refused as Closed (never one submitted to a loop that has stopped).
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._closing = threading.Lock()
+        # The models holding it, by id: weak references, so that a model dropped without
+        # close() is no hold once it is garbage (see the module's docstring).
+        self._holders: dict[int, weakref.ref[Any]] = {}
+
+    def hold(self, holder: object) -> None:
+        """Count `holder` (a model) among those using the connection, once however often it
+        calls. The registry's lock serialises hold() and release()."""
+        key = id(holder)
+        held = self._holders.get(key)
+        if held is not None and held() is holder:
+            return
+        holders = self._holders
+
+        def dropped(ref: weakref.ref[Any]) -> None:
+            # Run by the garbage collector, on any thread, perhaps one holding the registry's
+            # lock: no lock here (a dict's pop is atomic). It runs before the holder's memory,
+            # and so its id, can go to another object.
+            if holders.get(key) is ref:
+                holders.pop(key, None)
+
+        holders[key] = weakref.ref(holder, dropped)
+
+    def release(self, holder: object) -> bool:
+        """Stop counting `holder`; whether it was the last one holding the connection."""
+        held = self._holders.get(id(holder))
+        if held is None or held() is not holder:
+            return False  # it never called, or called through an earlier connection
+        del self._holders[id(holder)]
+        return not self._holders
 
     async def _lifeline(self) -> Lifeline:
         """The client, connected on first use (on the private loop)."""
@@ -101,8 +141,8 @@ class Connection:
         with self._closing:
             if self.closed:
                 raise Closed(
-                    "this Lifeline connection is closed (bridge.close(), or a model's close() on "
-                    "its URL): bridge.connection() gives a new one"
+                    "this Lifeline connection is closed (bridge.close(), or the close() of the "
+                    "last model holding it): bridge.connection() gives a new one"
                 )
             future = asyncio.run_coroutine_threadsafe(run(), self._loop)
             self._calls.add(future)
@@ -165,8 +205,8 @@ class Connection:
 
     def close(self) -> None:
         """Close the connection and stop the thread (waits for neither more than a few
-        seconds). Calls still in flight, from any thread or loop, end with LifelineError
-        (their requests aborted at their dispatchers) rather than wait for ever."""
+        seconds), whoever holds it. Calls still in flight, from any thread or loop, end with
+        LifelineError (their requests aborted at their dispatchers) rather than wait for ever."""
         with self._closing:
             if self.closed:
                 return
@@ -225,19 +265,23 @@ def _failure_to(
 
 
 class Shared:
-    """The shared Connection of a URL, taken at each call (what the models call through): a
-    call that finds it closed before the call went in, by another model's close() on the same
-    URL just then, is made on a new one, as any call after a close() is. Calls already in
-    flight on it end with LifelineError, as close() says."""
+    """A model's use of the shared Connection of a URL, taken, and held by the model, at each
+    call (what the models call through): a call that finds it closed before the call went in
+    (its last holder released it just then, or bridge.close()) is made on a new one, as any
+    call after that is. Calls already in flight on it end with LifelineError, as close() says."""
 
-    def __init__(self, url: str | None, name: str) -> None:
+    def __init__(self, url: str | None, name: str, holder: object) -> None:
         self.url = url
         self.name = name
+        self.holder = holder
+
+    def _connection(self) -> Connection:
+        return connection(self.url, self.name, holder=self.holder)
 
     def _live(self, use: Callable[[Connection], T]) -> T:
         for tries in count(1):
             try:
-                return use(connection(self.url, self.name))
+                return use(self._connection())
             except Closed:
                 if tries == _TRIES:
                     raise
@@ -252,7 +296,7 @@ class Shared:
     def iterate(self, events: Callable[[Lifeline], AsyncIterator[T]]) -> Generator[T, None, None]:
         # A Connection's iterate() submits at its first item: a Closed comes before any item.
         for tries in count(1):
-            items = connection(self.url, self.name).iterate(events)
+            items = self._connection().iterate(events)
             try:
                 first = next(items)
             except StopIteration:
@@ -270,7 +314,7 @@ class Shared:
         self, events: Callable[[Lifeline], AsyncIterator[T]]
     ) -> AsyncGenerator[T, None]:
         for tries in count(1):
-            items = connection(self.url, self.name).aiterate(events)
+            items = self._connection().aiterate(events)
             try:
                 first = await anext(items)
             except StopAsyncIteration:
@@ -302,24 +346,47 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def connection(url: str | None = None, name: str = "lifeline-client") -> Connection:
-    """The shared Connection for `url` (else $NATS_URL, else nats://127.0.0.1:4222)."""
-    url = url or os.environ.get("NATS_URL") or LOCAL_NATS
+def _url(url: str | None) -> str:
+    return url or os.environ.get("NATS_URL") or LOCAL_NATS
+
+
+def connection(
+    url: str | None = None, name: str = "lifeline-client", *, holder: object | None = None
+) -> Connection:
+    """The shared Connection for `url` (else $NATS_URL, else nats://127.0.0.1:4222), held by
+    `holder` if given (see release())."""
+    url = _url(url)
     with _lock:
         shared = _connections.get(url)
         if shared is None or shared.closed:
             shared = _connections[url] = Connection(url, name)
+        if holder is not None:
+            shared.hold(holder)
         return shared
 
 
-def shared(url: str | None = None, name: str = "lifeline-client") -> Shared:
-    """What a model calls through: the shared Connection for `url`, taken at each call."""
-    return Shared(url, name)
+def shared(url: str | None, name: str, holder: object) -> Shared:
+    """What a model calls through: the shared Connection for `url`, taken at each call, and
+    held by `holder` (the model) from its first call until release()."""
+    return Shared(url, name, holder)
+
+
+def release(url: str | None, holder: object) -> None:
+    """`holder` (a model) is done with the shared connection for `url`: the connection closes
+    if no other holds it (their calls go on otherwise, and so do the holder's own in flight)."""
+    url = _url(url)
+    with _lock:
+        shared = _connections.get(url)
+        if shared is None or not shared.release(holder):
+            return
+        del _connections[url]
+    shared.close()
 
 
 def close(url: str | None = None) -> None:
-    """Close the shared connection for `url`, if one is open (the next call opens another)."""
-    url = url or os.environ.get("NATS_URL") or LOCAL_NATS
+    """Close the shared connection for `url`, if one is open, whoever holds it (their calls in
+    flight end with LifelineError; the next call opens another)."""
+    url = _url(url)
     with _lock:
         shared = _connections.pop(url, None)
     if shared is not None:

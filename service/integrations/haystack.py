@@ -29,7 +29,8 @@ reply itself is always the final text, resets applied.
 Errors: an error reply raises ReplyError (its `.reply` has the attempts), so a wrapper that
 falls back on exceptions still sees it; a transport problem raises the client's
 LifelineError. Sync and async calls share one NATS connection per URL, owned by a private
-event loop in a daemon thread (service/integrations/bridge.py explains why); `close()` closes it.
+event loop in a daemon thread (service/integrations/bridge.py explains why); a generator's
+`close()` releases its own hold, and the connection closes with the last model's.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ class LifelineChatGenerator:
         return default_from_dict(cls, data)
 
     def close(self) -> None:
-        """Close the NATS connection this generator (and any other on its URL) uses."""
-        bridge.close(self.nats_url)
+        """Release this generator's hold on the NATS connection of its URL: the connection
+        closes once no model holds it (their calls in flight end with LifelineError then);
+        other models' calls, and this one's in flight, go on while another holds it."""
+        bridge.release(self.nats_url, self)
 
     @component.output_types(replies=list[ChatMessage])
     def run(
@@ -219,7 +222,7 @@ class LifelineChatGenerator:
             raise ValueError(f"generation_kwargs: {exc}") from None
 
     def _connection(self) -> bridge.Shared:
-        return bridge.shared(self.nats_url, name="lifeline-haystack")
+        return bridge.shared(self.nats_url, "lifeline-haystack", holder=self)
 
 
 class _Relay:

@@ -34,7 +34,8 @@ any thread and any event loop. Every call runs on one private event loop in a da
 that owns the NATS connection for this URL (service/integrations/bridge.py): invoke() blocks
 only its own thread, ainvoke() awaits it from the caller's loop (cancelling it cancels the
 request), and a stream's events cross over through a queue. Models naming the same
-`nats_url` share the connection; `close()` closes it (the next call opens another).
+`nats_url` share the connection; a model's `close()` releases its own hold, and the
+connection closes with the last model's (the next call opens another).
 """
 
 from __future__ import annotations
@@ -253,12 +254,14 @@ class ChatLifeline(BaseChatModel):
         )
 
     def close(self) -> None:
-        """Close the NATS connection this model (and any other on the same URL) uses; the
-        next call opens a new one."""
-        bridge.close(self.nats_url)
+        """Release this model's hold on the NATS connection of its URL: the connection closes
+        once no model holds it (their calls in flight end with LifelineError then); other
+        models' calls, and this one's in flight, go on while another holds it. A call after
+        close() holds it again (or opens a new one)."""
+        bridge.release(self.nats_url, self)
 
     def _connection(self) -> bridge.Shared:
-        return bridge.shared(self.nats_url, name="lifeline-langchain")
+        return bridge.shared(self.nats_url, "lifeline-langchain", holder=self)
 
     # ---- the request ------------------------------------------------------------------------
 
