@@ -135,6 +135,18 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "LIFELINE_JOBS"
     results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_results"
 
+    def __post_init__(self) -> None:
+        # A job whose dispatcher stored its result and died before the ack comes back within
+        # ack_wait_s, and is answered from the result: gone by then, it would be run (and
+        # paid for) again.
+        if self.results_ttl_s < self.ack_wait_s:
+            raise ValueError(
+                f"results_ttl_s ({self.results_ttl_s:g}) is under ack_wait_s "
+                f"({self.ack_wait_s:g}): a job delivered again after its dispatcher died "
+                "would find its result gone and call its provider again; keep results at "
+                "least as long"
+            )
+
 
 class JetStreamSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """How the streams and buckets Lifeline creates are kept: the jobs stream, the results and

@@ -282,13 +282,26 @@ async def test_jetstream_makes_the_audit_stream_and_results_bucket_at_the_shorte
     from service.jobstore import ensure_jobs
 
     shortest = parse_config(
-        {**config({"p": fake()}), "audit": {"max_age_s": 600}, "jobs": {"results_ttl_s": 0.1}}
+        {
+            **config({"p": fake()}),
+            "audit": {"max_age_s": 600},
+            "jobs": {"results_ttl_s": 1, "ack_wait_s": 1},
+        }
     )
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
         assert await ensure_audit_stream(js, shortest.audit) is None
         await ensure_jobs(js, shortest.jobs)
-        assert (await js.stream_info("KV_lifeline_results")).config.max_age == 0.1
+        assert (await js.stream_info("KV_lifeline_results")).config.max_age == 1
     finally:
         await nc.close()
+
+
+def test_results_kept_shorter_than_a_jobs_redelivery_wait_are_refused():
+    """A job whose dispatcher stored its result and died before acking it comes back within
+    jobs.ack_wait_s and is answered from the stored result; kept shorter than that, the result
+    was gone and the job called its provider a second time."""
+    with pytest.raises(ConfigError, match=r"results_ttl_s \(10\) is under ack_wait_s \(30\)"):
+        parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10}})
+    parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10, "ack_wait_s": 10}})

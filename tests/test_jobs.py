@@ -643,7 +643,7 @@ async def test_a_results_bucket_made_with_another_ttl_is_said_to_keep_its_own(
 ):
     """Made by a client's submit or an earlier config, the bucket kept its TTL while
     jobs.results_ttl_s said otherwise, and results went away without a word."""
-    await ensure_jobs(client.jetstream(), JobsSettings(results_ttl_s=3))
+    await ensure_jobs(client.jetstream(), JobsSettings(results_ttl_s=3, ack_wait_s=3))
     await lifeline(config({"main": fake()}))
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("keeps results for 3 s, not the 86400 s" in line for line in said), said
