@@ -468,6 +468,19 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
         "p95 latency of the target's good answers (last 30-60 s)",
         lambda f: f["p95_ms"],
     )
+    gauge(
+        "lifeline.target.first_chunk.p50",
+        "ms",
+        "median time to the first chunk of the target's streams (last 30-60 s)",
+        lambda f: f["first_chunk_p50_ms"],
+    )
+    gauge(
+        "lifeline.target.first_chunk.p95",
+        "ms",
+        "p95 time to the first chunk of the target's streams (last 30-60 s): what a stream's "
+        'hedge = "p95" waits for',
+        lambda f: f["first_chunk_p95_ms"],
+    )
 
     def shared(options: CallbackOptions) -> Iterator[Observation]:
         yield Observation(1 if getattr(health, "shared", False) else 0)

@@ -557,6 +557,8 @@ async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tra
     try:
         for _ in range(2):
             await ask(client, FAIL_A)
+        text, _ = await stream_text(client, CompletionRequest(**USER_HELLO))  # b streams
+        assert text == "from b"
         points = {
             (metric.name, point.attributes["lifeline.health_key"]): point.value
             for rm in reader.get_metrics_data().resource_metrics
@@ -572,8 +574,10 @@ async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tra
     assert points[("lifeline.breaker.state", "b:fake-1")] == 0
     assert points[("lifeline.target.success_rate", "a:fake-1")] == 0.0
     assert points[("lifeline.target.success_rate", "b:fake-1")] == 1.0
-    assert points[("lifeline.target.requests", "b:fake-1")] == 2
+    assert points[("lifeline.target.requests", "b:fake-1")] == 3  # two answers and a stream
     assert points[("lifeline.target.latency.p95", "b:fake-1")] > 0
+    assert points[("lifeline.target.first_chunk.p95", "b:fake-1")] > 0  # what a hedge waits for
+    assert ("lifeline.target.first_chunk.p95", "a:fake-1") not in points  # it never streamed
 
 
 async def test_with_fallback_off_an_open_first_target_is_still_called(lifeline, client):
