@@ -26,11 +26,12 @@ from nats.js import JetStreamContext, api
 
 from schemas.subjects import AUDIT_ALL, AUDIT_PREFIX
 from service import jetstream
-from service.config import AuditSettings
+from service.config import AUDIT_DEDUP_WINDOW_S, AuditSettings
 
 log = logging.getLogger("lifeline.audit")
 
-DEDUP_WINDOW_S = 600.0  # longer than a job's redeliveries take (jobs.ack_wait_s <= 300)
+# Longer than a job's redeliveries take (jobs.ack_wait_s <= 300); audit.max_age_s covers it.
+DEDUP_WINDOW_S = AUDIT_DEDUP_WINDOW_S
 _SETUP_RETRY_S = 2.0  # between tries to make the stream, while it cannot be made
 _WATCH_S = 30.0  # between looks at whether the stream is still there
 _SILENT_LOOKS = 2  # looks in a row at which JetStream did not answer, before that is said

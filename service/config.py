@@ -54,8 +54,8 @@ _INT64_MIN = -(2**63)
 # then max age").
 _JETSTREAM_MIN_AGE_S = 0.1
 # The audit stream drops an audit event published again within this window (a job delivered
-# again after its result was stored publishes its event again); service/audit.py's
-# DEDUP_WINDOW_S, here so that audit.max_age_s can cover it.
+# again after its result was stored publishes its event again). Here, where audit.max_age_s
+# must cover it; service/audit.py makes the stream with it.
 AUDIT_DEDUP_WINDOW_S = 600.0
 
 
