@@ -137,14 +137,27 @@ def _nobody_there(reply: CompletionReply) -> bool:
     )
 
 
+def _no_worker_yet(reply: CompletionReply) -> str:
+    """Why a job waits when no worker listened for any of its targets, and what to do."""
+    names = list(dict.fromkeys(a.provider for a in reply.attempts if a.outcome == "no_responders"))
+    return (
+        f"no worker listens for its providers ({', '.join(names)}): start one "
+        f"(lifeline worker {names[0]}); tried again in {_RETRY_DELAY_S:g} s"
+    )
+
+
 def fetch_batch(max_payload: int) -> int:
     """Jobs one pull asks for: up to 64, and no more than 16 MiB of the largest ones."""
     return max(1, min(_FETCH_MAX_JOBS, _FETCH_MAX_BYTES // max(max_payload, 1)))
 
 
 class _NotStored(Exception):
-    """A job answered whose result could not be stored, or that found no worker yet: it is
-    delivered again."""
+    """A job answered whose result could not be stored: it is delivered again."""
+
+
+class _Waits(Exception):
+    """A job not delivered on this try (no worker yet, its result not stored), its reason
+    logged by the engine as `keep` raised DeliverAgain: delivered again, not logged twice."""
 
 
 class _LastDeliveryLost(Exception):
@@ -154,13 +167,25 @@ class _LastDeliveryLost(Exception):
     once: the audit stream keeps the first event of the job, if one went out."""
 
 
-_BUCKET_TROUBLE = (_NotStored, _LastDeliveryLost, *_UNREACHABLE)  # a job failed by these is no bug
+_BUCKET_TROUBLE = (
+    _NotStored,
+    _Waits,
+    _LastDeliveryLost,
+    *_UNREACHABLE,
+)  # a job failed by these is no bug
 # The consumer delivers without a limit of its own: the dispatcher ends a job on its
 # jobs.max_deliver-th delivery, or, when that delivery is lost with its dispatcher, on the one
 # after it. A consumer limit of max_deliver left such a job in the stream, never delivered
 # again: no result, no dead letter, no audit event.
 _CONSUMER_MAX_DELIVER = -1
 _HEARTBEAT_MAX_S = 1.0  # a running job's in_progress at least this often (see _heartbeat)
+
+
+def _said(exc: BaseException) -> str:
+    """`exc` in words: our own errors' messages as they are, others' with their type."""
+    if isinstance(exc, (_NotStored, _Waits, _LastDeliveryLost)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 class JobIdentity(NamedTuple):
@@ -474,11 +499,13 @@ class Jobs:
         except Exception as exc:
             msg = latest[0]
             last = msg.metadata.num_delivered >= self.settings.max_deliver
-            if isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
+            if isinstance(exc, _Waits) and not last:
+                pass  # the engine logged why, and when it is tried again
+            elif isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
                 log.warning(
-                    "jobs: job %r not finished (%r); %s",
+                    "jobs: job %r not finished (%s); %s",
                     job_id_of(msg),
-                    exc,
+                    _said(exc),
                     "its last delivery: dead-lettered"
                     if last
                     else f"it is delivered again in {_RETRY_DELAY_S:g} s",
@@ -607,10 +634,7 @@ class Jobs:
             ):
                 # Workers not up yet (a fleet started all at once, its dispatcher first): a
                 # durable job waits for them, where a core request's client would ask again.
-                not_kept.append(
-                    "no worker answered for any of its targets (no_responders); delivered again "
-                    f"in {_RETRY_DELAY_S:g} s, while workers start"
-                )
+                not_kept.append(_no_worker_yet(reply))
                 raise DeliverAgain(not_kept[-1])
             try:
                 result = await self._keep_patiently(key, reply)
@@ -623,7 +647,11 @@ class Jobs:
                     # it stores (the audit stream keeps one event per job: it must be that).
                     # Its answer is kept meanwhile: delivered here again, it is not paid twice.
                     self._unstored.keep(key, reply)
-                    raise DeliverAgain(f"its result could not be stored ({exc!r})") from exc
+                    not_kept.append(
+                        f"its result could not be stored ({_said(exc)}); "
+                        f"tried again in {_RETRY_DELAY_S:g} s"
+                    )
+                    raise DeliverAgain(not_kept[-1]) from exc
                 else:  # its last delivery: its client gets the answer all the same (it cannot
                     # be fetched by id); dead-lettered next, audited now, as it ends
                     _, payload = fitted(reply, self.nc.max_payload - _KV_HEADER_ROOM)
@@ -649,9 +677,9 @@ class Jobs:
             self.tally.errors += 1
             self.tally.last_error = reply.error.type
         if not kept:  # the engine logs what `keep` raised and audits nothing: never ack then
-            raise _NotStored(
-                not_kept[-1] if not_kept else "its result could not be stored (see the log above)"
-            )
+            if not_kept:
+                raise _Waits(not_kept[-1])
+            raise _NotStored("its result could not be stored (see the log above)")
         self.handled += 1
         await latest[0].ack()
         return "answered", kept[-1]

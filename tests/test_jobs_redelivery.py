@@ -3,6 +3,7 @@ result, whatever delivered it again."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -74,6 +75,22 @@ async def test_a_job_delivered_again_is_one_trace_under_its_job_span(
         "lifeline.job.deliveries": 2,
         "lifeline.job.outcome": "answered",
     }
+
+
+async def test_a_job_waiting_for_workers_is_said_once_a_delivery_with_what_to_start(
+    lifeline, client, caplog, no_worker_at_first
+):
+    """A dispatcher up before its workers logged each delivery of a waiting job twice: the
+    engine's line, then the jobs front end's, the same reason again inside a Python repr
+    (`_NotStored('...')`). Now one line a delivery, in words, naming the worker to start."""
+    caplog.set_level(logging.WARNING, "lifeline")
+    await lifeline(config({"main": fake()}))
+    await submit(client, job("early"), "early")
+    assert (await result_of(client, "early", timeout_s=15)).status == "ok"
+    said = [r.getMessage() for r in caplog.records if "early" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "lifeline worker main" in said[0] and "tried again in 0.1 s" in said[0], said
+    assert "_NotStored" not in said[0] and "no_responders" not in said[0], said
 
 
 async def test_a_last_delivery_audited_by_a_dispatcher_that_died_keeps_one_event(
