@@ -296,7 +296,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="with --stream: what a failure after the first token leads to (default: the route's)",
     )
     shape.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    _config_arg(ask)
+    _config_arg(ask, client=True)
     _nats_arg(ask)
 
 
@@ -329,7 +329,7 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     submit.add_argument(
         "--notify", metavar="SUBJECT", help="also publish the result on this subject"
     )
-    _config_arg(submit)
+    _config_arg(submit, client=True)
     _nats_arg(submit)
 
 
@@ -362,7 +362,7 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=600.0,
         help="give up waiting after this many seconds (default: 600)",
     )
-    _config_arg(batch)
+    _config_arg(batch, client=True)
     _nats_arg(batch)
 
 
@@ -380,7 +380,7 @@ def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="wait this long for it"
     )
     result.add_argument("--json", action="store_true", help="print the raw JSON result")
-    _config_arg(result)
+    _config_arg(result, client=True)
     _nats_arg(result)
 
 
@@ -402,7 +402,7 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     audit.add_argument("--follow", "-f", action="store_true", help="then print new ones")
     audit.add_argument("--json", action="store_true", help="print each event's JSON")
-    _config_arg(audit)
+    _config_arg(audit, client=True)
     _nats_arg(audit)
 
 
@@ -426,7 +426,7 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="the bucket (default: the config's dispatcher.health_bucket, else lifeline_health)",
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
-    _config_arg(status)
+    _config_arg(status, client=True)
     _nats_arg(status)
 
 
@@ -644,10 +644,14 @@ def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
 
 
-def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help=f"TOML config file (default: {DEFAULT_CONFIG})"
+def _config_arg(parser: argparse.ArgumentParser, client: bool = False) -> None:
+    """--config: None when not given (see _config_path and _client_config_path)."""
+    default = (
+        f"./{DEFAULT_CONFIG} if there, else the defaults, as the installed example has them"
+        if client  # what a client command reads of it: the [nats] table, stream and bucket names
+        else f"./{DEFAULT_CONFIG}, else the example installed with Lifeline"
     )
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default: {default})")
 
 
 def _nats_arg(parser: argparse.ArgumentParser, url_help: str = "") -> None:
@@ -684,11 +688,10 @@ def _nats_options(
 ) -> natsopts.NatsOptions:
     """The command's NATS options: its flags, else the [nats] table of `config` (else of
     --config's file, when there is one), else the environment; files checked."""
-    path = getattr(args, "config", None)
     table, source = None, "config"
     if config is not None:
         table, source = config.nats, config.source
-    elif path and (path != DEFAULT_CONFIG or Path(path).exists()):
+    elif (path := _client_config_path(args)) is not None:
         from service.config import load_nats_settings
 
         table, source = load_nats_settings(path), path
@@ -974,13 +977,17 @@ async def _until_signalled(lost: Awaitable[T] | None = None) -> T | None:
     return None if gone is None or signalled in done else gone.result()
 
 
-def _demo_config(args: argparse.Namespace) -> str:
-    """--config; or, for `run` outside a checkout (no ./lifeline.example.toml), the example
-    config installed with Lifeline, so `pip install` then `lifeline run` shows a fallback."""
-    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+def _config_path(args: argparse.Namespace) -> str:
+    """--config; or, without one outside a checkout (no ./lifeline.example.toml), the example
+    config installed with Lifeline, so that `pip install` then `lifeline run` shows a fallback
+    and every other command that reads the default config (check-config, dispatcher, worker,
+    gateway, nats-config, health --expect-all) reads the same one. A --config given that is
+    not there is a mistake, even the example's name."""
+    if args.config is None:
         packaged = importlib.resources.files("service") / "example.toml"
-        if packaged.is_file():
+        if not Path(DEFAULT_CONFIG).exists() and packaged.is_file():
             return str(packaged)
+        return DEFAULT_CONFIG
     return str(args.config)
 
 
@@ -988,7 +995,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from service import telemetry
     from service.config import load_config
 
-    config = load_config(_demo_config(args))
+    config = load_config(_config_path(args))
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
@@ -1209,7 +1216,7 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     from service import telemetry
     from service.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(_config_path(args))
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
@@ -1227,12 +1234,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     from service import telemetry
     from service.config import ConfigError, load_config
 
-    config = load_config(args.config)
+    path = _config_path(args)
+    config = load_config(path)
     if args.name not in config.providers:
         configured = ", ".join(config.providers)
-        raise ConfigError(
-            f"{args.config}: no [providers.{args.name}] table (configured: {configured})"
-        )
+        raise ConfigError(f"{path}: no [providers.{args.name}] table (configured: {configured})")
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
     component, runtime = await start_worker(config, args.name, nats_opts, tracers)
@@ -1315,14 +1321,24 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
 
 
+def _client_config_path(args: argparse.Namespace) -> str | None:
+    """A client command's config file: --config, else ./lifeline.example.toml if there, else
+    None (the defaults: the installed example sets no [nats], stream or bucket of its own, and
+    a client command starts faster without reading it)."""
+    if args.config is not None:
+        return str(args.config)
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
 def _config_or_default(args: argparse.Namespace) -> Config:
-    """The config (for its stream and bucket names), or the defaults when the default config
-    file is not there."""
+    """The config (for its stream and bucket names), or the defaults when no --config is given
+    and the default config file is not there."""
     from service.config import load_config, parse_config
 
-    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+    path = _client_config_path(args)
+    if path is None:
         return parse_config({"providers": {"none": {"kind": "fake"}}})
-    return load_config(args.config)
+    return load_config(path)
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
@@ -1380,7 +1396,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{job_id}: submitted (stream {ack.stream}, sequence {ack.seq})")
     # With this command's config too: its [nats] table may name the server (and the user),
     # and without it the command printed would look for the job on the local default.
-    where = f" --config {shlex.quote(args.config)}" if args.config != DEFAULT_CONFIG else ""
+    where = f" --config {shlex.quote(args.config)}" if args.config is not None else ""
     where += f" --nats-url {shlex.quote(url)}" if args.nats_url else ""
     print(f"result: lifeline result {shlex.quote(job_id)}{where} --wait 30")
     return 0
@@ -2025,13 +2041,14 @@ def _ms(value: float | None) -> str:
 async def cmd_gateway(args: argparse.Namespace) -> int:
     if args.max_connections is not None and args.max_connections < 1:
         raise ValueError(f"--max-connections must be at least 1, not {args.max_connections}")
-    nats_opts = _nats_options(args)
     # Its routes and targets are what `model` may name; without the file, any name is sent on.
     config = None
-    if args.config != DEFAULT_CONFIG or Path(args.config).exists():
+    path = _config_path(args)
+    if args.config is not None or Path(path).exists():
         from service.config import load_config
 
-        config = load_config(args.config)
+        config = load_config(path)
+    nats_opts = _nats_options(args, config)
     try:
         component, server = await _start_gateway(
             config, nats_opts, args.host, max(args.port, 0), args.max_connections
@@ -2151,7 +2168,7 @@ def _print_gateway(server: Any, config: Config | None) -> None:
 
 async def cmd_health(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args)
-    expected = _expected_services(args.config) if args.expect_all else []
+    expected = _expected_services(_config_path(args)) if args.expect_all else []
     nc = await _client(nats_opts, "lifeline-health")
     if nc is None:
         return 1
@@ -2282,7 +2299,7 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
-    config = load_config(args.config)
+    config = load_config(_config_path(args))
     clients, operators = names(args.clients), names(args.operators)
     gateways = names(args.gateways)
     sys.stdout.write(permissions.server_config(config, clients, operators, gateways))
@@ -2294,7 +2311,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     from workers.base import shown_env_name
     from workers.plugin import PluginSettings
 
-    config = load_config(args.config)
+    path = _config_path(args)
+    config = load_config(path)
     # Its [nats] table as a service would use it (its files read, its ways to authenticate
     # one), with this environment's NATS_* variables where the table says nothing.
     natsopts.resolve({}, config.nats, default_url=LOCAL_NATS, source=config.source)
@@ -2309,7 +2327,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
                 f"{name}` (and `lifeline run`) need it where they run",
                 file=sys.stderr,
             )
-    print(f"{args.config}: OK")
+    print(f"{path}: OK")
     _describe(config)
     return 0
 

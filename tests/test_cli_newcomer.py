@@ -1,0 +1,82 @@
+"""The `lifeline` command as a newcomer meets it, README in hand: outside a checkout, a job
+not there yet, a batch run again, a request given up on. Real processes, a real nats-server."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from helpers import LIFELINE, cli_env, spawn_lifeline, wait_for_line
+
+
+def lifeline_in(folder: Path, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    """`lifeline <args>` to its end, run from `folder` (not the checkout), output captured."""
+    return subprocess.run(
+        [*LIFELINE, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=folder,
+        env=cli_env(),
+    )
+
+
+# ---- outside a checkout: the example config installed with Lifeline ----------------------
+
+
+def test_commands_that_read_the_default_config_find_the_installed_example(tmp_path):
+    """From a folder without lifeline.example.toml only `run` found the installed copy;
+    check-config and nats-config said "no such file" (exit 2), though --help names it."""
+    checked = lifeline_in(tmp_path, "check-config")
+    assert checked.returncode == 0, checked.stderr
+    assert re.search(r"example\.toml: OK", checked.stdout)
+    assert re.search(r"route +default +flaky -> sleepy -> backup", checked.stdout)
+    permissions = lifeline_in(tmp_path, "nats-config")
+    assert permissions.returncode == 0, permissions.stderr
+    assert "llm.provider.flaky" in permissions.stdout  # the example's providers, each a user
+    # A --config named that is not there is still a mistake, even the example's name.
+    named = lifeline_in(tmp_path, "check-config", "--config", "lifeline.example.toml")
+    assert named.returncode == 2 and "no such file" in named.stderr
+
+
+def test_serving_commands_outside_a_checkout_run_the_installed_example(tmp_path, nats_url):
+    """dispatcher, worker, gateway and health --expect-all, from a folder without the file."""
+    health = lifeline_in(tmp_path, "health", "--expect-all", "--nats-url", nats_url)
+    assert health.returncode == 1  # nothing runs yet; but it knows what should
+    assert re.search(r"MISSING +lifeline-worker-backup", health.stdout), health.stdout
+    servers = {
+        "dispatcher": spawn_lifeline(
+            "dispatcher", "--nats-url", nats_url, cwd=tmp_path, stderr=subprocess.PIPE
+        ),
+        "worker": spawn_lifeline(
+            "worker", "backup", "--nats-url", nats_url, cwd=tmp_path, stderr=subprocess.PIPE
+        ),
+        "gateway": spawn_lifeline(
+            "gateway",
+            "--port",
+            "0",
+            "--nats-url",
+            nats_url,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ),
+    }
+    try:
+        wait_for_line(
+            servers["dispatcher"], r"dispatcher serving", stream=servers["dispatcher"].stderr
+        )
+        wait_for_line(servers["worker"], r"worker backup serving", stream=servers["worker"].stderr)
+        line, _ = wait_for_line(servers["gateway"], r"OpenAI-compatible gateway on")
+        assert "model: a route (default, strict," in line, line  # its routes, listed
+    finally:
+        for proc in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in servers.values():
+            proc.wait(timeout=15)
+            for stream in (proc.stdout, proc.stderr):
+                stream and stream.close()
+    assert [proc.returncode for proc in servers.values()] == [0, 0, 0]
