@@ -99,7 +99,7 @@ if sys.excepthook is _interrupted_quietly:  # unless one of the imports set a ho
 # dispatcher and the workers (service.app's start_* functions).
 if TYPE_CHECKING:
     from service import telemetry
-    from service.config import Config, Step
+    from service.config import Config, JobsSettings, Step
     from workers.plugin import PluginSettings
 
 log = logging.getLogger("lifeline")
@@ -325,7 +325,13 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     submit.add_argument("--id", help="the job's id (default: a new random one)")
     submit.add_argument("--route", default="default", help="route name (default: default)")
     submit.add_argument("--system", help="a system message to send first")
-    submit.add_argument("--timeout", type=_positive_s, help="seconds for the job once it runs")
+    submit.add_argument(
+        "--timeout",
+        type=_positive_s,
+        metavar="SECONDS",
+        help="seconds for the job once it runs (default: its dispatcher's "
+        "dispatcher.default_timeout_s, 60 unless configured)",
+    )
     submit.add_argument(
         "--notify", metavar="SUBJECT", help="also publish the result on this subject"
     )
@@ -377,7 +383,11 @@ def _add_result(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     result.add_argument("id", help="the job's id")
     result.add_argument(
-        "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="wait this long for it"
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for it (default: 0, look once)",
     )
     result.add_argument("--json", action="store_true", help="print the raw JSON result")
     _config_arg(result, client=True)
@@ -701,18 +711,29 @@ def _nats_options(
 
 def _positive_s(text: str) -> float:
     """A number of seconds above 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
+    value = _number_of_seconds(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
     return value
 
 
 def _seconds(text: str) -> float:
     """A number of seconds, 0 or more (argparse type)."""
-    return 0.0 if text.strip() in ("0", "0.0") else _positive_s(text)
+    value = _number_of_seconds(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds, 0 or more")
+    return value
+
+
+def _number_of_seconds(text: str) -> float:
+    """`text` as a finite number (NaN among them: each caller's own check refuses it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds")
+    return value
 
 
 def _port(text: str, least: int = 0) -> int:
@@ -1683,8 +1704,7 @@ async def cmd_result(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             await nc.close()
     if data is None:
-        waited = f" after {args.wait:g} s" if args.wait else ""
-        print(f"lifeline: no result for job {args.id!r}{waited}", file=sys.stderr)
+        print(f"lifeline: {_no_result(args.id, args.wait, settings)}", file=sys.stderr)
         return 3
     reply = reply_decoder.decode(data)
     if args.json:
@@ -1692,6 +1712,18 @@ async def cmd_result(args: argparse.Namespace) -> int:
     else:
         _print_reply(reply)
     return 0 if reply.status == "ok" else 1
+
+
+def _no_result(job_id: str, waited_s: float, settings: JobsSettings) -> str:
+    """Why a job may have no result, and what to do about it."""
+    why = (
+        "it was not submitted (to this server, with this id), is still waiting for a "
+        "dispatcher and its workers or running (`lifeline health` shows them), or its result "
+        f"expired after jobs.results_ttl_s ({settings.results_ttl_s:g} s)"
+    )
+    if waited_s:
+        return f"no result for job {job_id!r} (waited {waited_s:g} s): {why}; wait longer"
+    return f"no result for job {job_id!r} (yet): {why}; --wait SECONDS waits for it"
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:

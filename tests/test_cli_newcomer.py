@@ -8,7 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import LIFELINE, cli_env, spawn_lifeline, wait_for_line
+
+from service import cli
 
 
 def lifeline_in(folder: Path, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
@@ -80,3 +83,32 @@ def test_serving_commands_outside_a_checkout_run_the_installed_example(tmp_path,
             for stream in (proc.stdout, proc.stderr):
                 stream and stream.close()
     assert [proc.returncode for proc in servers.values()] == [0, 0, 0]
+
+
+# ---- result: what "no result" means, and --wait ------------------------------------------
+
+
+def test_no_result_yet_says_why_there_may_be_none_and_what_to_do(tmp_path, nats_url):
+    missing = lifeline_in(tmp_path, "result", "--nats-url", nats_url, "j2")
+    assert missing.returncode == 3
+    said = missing.stderr
+    assert "no result for job 'j2' (yet)" in said, said
+    assert "not submitted" in said and "waiting for a dispatcher" in said
+    assert "jobs.results_ttl_s" in said and "--wait" in said
+    waited = lifeline_in(tmp_path, "result", "--nats-url", nats_url, "--wait", "0.2", "j2")
+    assert waited.returncode == 3 and "waited 0.2 s" in waited.stderr, waited.stderr
+
+
+def test_result_wait_takes_0_or_more_seconds_and_says_so():
+    negative = lifeline_in(Path.cwd(), "result", "--wait", "-5", "j2")
+    assert negative.returncode == 2
+    assert "-5 is not a number of seconds, 0 or more" in negative.stderr, negative.stderr
+
+
+def test_help_gives_the_defaults_of_wait_and_timeout(capsys):
+    for command in (["result", "--help"], ["submit", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(command)
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert "wait this long for it (default: 0" in shown
+    assert "seconds for the job once it runs (default:" in shown
