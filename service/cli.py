@@ -1433,12 +1433,17 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         raise ValueError(f"{source} {what}: batch reads a JSONL file, one request per line")
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
     jobs = _batch_jobs(source)
-    done = _ids_in(out_path)
+    done = _results_in(out_path)
     pending = {subjects.job_key(job_id): (job_id, body) for job_id, body in jobs.items()}
     pending = {key: job for key, job in pending.items() if job[0] not in done}
+    # Those of an earlier run count as this one's would: a rerun exits as the first run did.
+    failed_before = sum(not done[job_id] for job_id in jobs if job_id in done)
     if not pending:
-        print(f"all {len(jobs)} jobs of {source} have results in {out_path}")
-        return 0
+        said = f"all {len(jobs)} jobs of {source} have results in {out_path}"
+        if len(jobs) == 1:
+            said = f"the 1 job of {source} has its result in {out_path}"
+        print(said + (f", {failed_before} failed" if failed_before else ""))
+        return 1 if failed_before else 0
     # Opened before connecting: a results file that cannot be written (a read-only or missing
     # directory) stops the batch before anything is submitted.
     out = out_path.open("ab")
@@ -1516,8 +1521,9 @@ async def cmd_batch(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"results in {out_path}")
-    return 0 if not progress.failed else 1
+    earlier = f"; {_count(failed_before, 'job')} failed in an earlier run" if failed_before else ""
+    print(f"results in {out_path}{earlier}")
+    return 0 if not progress.failed and not failed_before else 1
 
 
 def _batch_jobs(source: Path) -> dict[str, bytes]:
@@ -1550,19 +1556,20 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
     return jobs
 
 
-def _ids_in(out_path: Path) -> set[str]:
-    """The ids that already have a result line (a line cut short by a crash is ignored).
-    Only a regular file is read: /dev/stdout, a pipe or a terminal has nothing to resume
-    from (reading one waited for input that never came)."""
+def _results_in(out_path: Path) -> dict[str, bool]:
+    """The ids that already have a result line, each with whether it is ok (a line cut short
+    by a crash is ignored). Only a regular file is read: /dev/stdout, a pipe or a terminal has
+    nothing to resume from (reading one waited for input that never came)."""
     if not out_path.is_file():
-        return set()
-    ids = set()
+        return {}
+    results = {}
     for line in out_path.read_bytes().splitlines():
         try:
-            ids.add(reply_decoder.decode(line).id)
+            reply = reply_decoder.decode(line)
         except msgspec.DecodeError:
             continue
-    return ids
+        results[reply.id] = reply.status == "ok"
+    return results
 
 
 class _Results:
@@ -2244,6 +2251,11 @@ def _expected_services(config_path: str) -> list[str]:
 
     expected = [subjects.DISPATCHER_SERVICE]
     return expected + [subjects.worker_service(n) for n in load_config(config_path).providers]
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    """`n` and its noun, singular for 1: "1 reset", "21 chunks"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _size(size: int) -> str:

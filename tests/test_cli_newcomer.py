@@ -3,13 +3,15 @@ not there yet, a batch run again, a request given up on. Real processes, a real 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import LIFELINE, cli_env, spawn_lifeline, wait_for_line
+from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
 
 from service import cli
 
@@ -112,3 +114,32 @@ def test_help_gives_the_defaults_of_wait_and_timeout(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
     assert "wait this long for it (default: 0" in shown
     assert "seconds for the job once it runs (default:" in shown
+
+
+# ---- batch: a rerun's exit status is the first run's --------------------------------------
+
+
+async def test_a_batch_rerun_counts_the_failed_results_it_finds(tmp_path, nats_url, lifeline):
+    await lifeline(config({"echo": fake()}))
+    source = tmp_path / "jobs.jsonl"
+    lines = [
+        {"id": "j1", "messages": [{"role": "user", "content": "one"}]},
+        {"id": "j2", "route": "nope", "messages": [{"role": "user", "content": "two"}]},
+        {"id": "j3", "messages": [{"role": "user", "content": "three"}]},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    batch = ("batch", "--nats-url", nats_url, str(source))
+    first = await asyncio.to_thread(lifeline_in, tmp_path, *batch)
+    assert first.returncode == 1 and "3/3 done, 1 failed" in first.stderr, first.stderr
+    again = await asyncio.to_thread(lifeline_in, tmp_path, *batch)
+    assert again.returncode == 1, again
+    assert "all 3 jobs of" in again.stdout and "have results" in again.stdout
+    assert again.stdout.rstrip().endswith(", 1 failed"), again.stdout
+    # Resumed with j3's result lost: j3 is answered again, and j2's error still counts.
+    out = tmp_path / "jobs.results.jsonl"
+    kept = [line for line in out.read_text().splitlines() if json.loads(line)["id"] != "j3"]
+    out.write_text("\n".join(kept) + "\n")
+    resumed = await asyncio.to_thread(lifeline_in, tmp_path, *batch)
+    assert resumed.returncode == 1, resumed
+    assert "1/1 done, 0 failed" in resumed.stderr
+    assert "1 job failed in an earlier run" in resumed.stdout, resumed.stdout
