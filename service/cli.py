@@ -1330,9 +1330,19 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     nc = await _client(nats_opts, "lifeline-ask")
     if nc is None:
         return 1
-    if args.stream:
-        return await _ask_streaming(nc, url, request)
-    msg = await _send(nc, url, encoder.encode(request), timeout_s=args.timeout)
+    try:
+        if args.stream:
+            return await _ask_streaming(nc, url, request)
+        msg = await _send(nc, url, encoder.encode(request), timeout_s=args.timeout)
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM or SIGHUP: both ways have sent the abort
+        # Said, for the exit status alone left the user wondering whether it ran on, paid for.
+        after = "\n" if args.stream else ""  # the text so far ends without a line break
+        print(
+            f"{after}lifeline: stopped; request {request.id} aborted at its dispatcher",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
     if msg is None:
         return 1
     if args.json:

@@ -10,10 +10,13 @@ import signal
 import subprocess
 from pathlib import Path
 
+import nats
 import pytest
 from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
 
+from schemas import subjects
 from service import cli
+from service.natsio import ensure_subscribed
 
 
 def lifeline_in(folder: Path, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
@@ -143,3 +146,37 @@ async def test_a_batch_rerun_counts_the_failed_results_it_finds(tmp_path, nats_u
     assert resumed.returncode == 1, resumed
     assert "1/1 done, 0 failed" in resumed.stderr
     assert "1 job failed in an earlier run" in resumed.stdout, resumed.stdout
+
+
+# ---- ask given up on -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stream", "stop"),
+    [(False, signal.SIGTERM), (True, signal.SIGINT)],
+    ids=["ask-sigterm", "ask --stream-ctrl-c"],
+)
+async def test_ask_stopped_says_its_request_was_aborted(nats_url, lifeline, stream, stop):
+    """It exited 130 or 143 without a word: was the request left running, paid for?"""
+    await lifeline(config({"hung": fake(hang=True)}))
+    nc = await nats.connect(nats_url)
+    try:
+        attempts = await nc.subscribe(subjects.provider_subject("hung"))  # a spy beside it
+        await ensure_subscribed(nc)
+        args = ["ask", "--nats-url", nats_url, "--timeout", "20", "hi"]
+        if stream:
+            args.insert(1, "--stream")
+        ask = spawn_lifeline(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            attempt = await attempts.next_msg(timeout=20)  # the request is at the worker
+            ask.send_signal(stop)
+            code = await asyncio.to_thread(ask.wait, 10)
+        finally:
+            if ask.poll() is None:
+                ask.kill()
+            _, err = ask.communicate()
+    finally:
+        await nc.close()
+    assert code == 128 + stop, err
+    request_id = attempt.headers[subjects.REQUEST_ID]
+    assert f"request {request_id} aborted at its dispatcher" in err, err
