@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -51,7 +50,6 @@ async def test_an_aborted_request_is_answered_once_audited_once_and_its_call_can
     stack = await lifeline(config(SLOW))
     inbox = client.new_inbox()
     replies = await client.subscribe(inbox)
-    started = time.monotonic()
     await client.publish(
         subjects.COMPLETE, request("r-1"), reply=inbox, headers={subjects.ABORT_KEY: "k-1"}
     )
@@ -66,8 +64,8 @@ async def test_an_aborted_request_is_answered_once_audited_once_and_its_call_can
     assert attempt.latency_ms > 0
     [(subject, event)] = await audit.wait_for(1)
     assert (subject, event.id, event.error_type) == ("llm.audit.error", "r-1", "aborted")
-    await cancelled_at_the_worker(stack)  # the provider call stopped, not left to run 30 s
-    assert time.monotonic() - started < 10
+    # The provider call stopped, not left to run its 30 s: each wait above is 5 s at most.
+    await cancelled_at_the_worker(stack)
     dispatcher = stack.dispatcher
     assert (dispatcher.aborts, dispatcher.in_flight) == (1, 0)
     await asyncio.sleep(0.2)
