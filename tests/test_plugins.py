@@ -309,10 +309,9 @@ def _env_with_tests() -> dict[str, str]:
 )
 async def test_a_model_failing_oddly_is_a_server_error_at_once(lifeline, client, cls):
     await lifeline(config({"mine": python(cls, timeout_s=30), "backup": fake(reply="b")}))
-    started = time.monotonic()
     reply = await ask(client, {"messages": [{"role": "user", "content": "hi"}]}, timeout_s=60)
-    assert time.monotonic() - started < 10  # the model's timeout_s is 30: no waiting it out
     assert (reply.status, reply.provider) == ("ok", "backup")
+    # Its own failure, not its timeout_s waited out (that would be a "timeout").
     assert reply.attempts[0].error_type == "server_error"
 
 
@@ -322,12 +321,27 @@ async def test_usage_given_as_a_dict_is_taken(lifeline, client):
     assert (reply.content, reply.usage.input_tokens, reply.usage.output_tokens) == ("hi", 3, 1)
 
 
-async def test_a_plain_stream_function_runs_off_the_event_loop(lifeline, client):
+async def test_a_plain_stream_function_runs_off_the_event_loop(lifeline, client, monkeypatch):
     """Its blocking start must not stop the worker: its deadline still cuts the call."""
-    await lifeline(config({"mine": python("BlockingStream", timeout_s=1)}))
-    started = time.monotonic()
-    _, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
-    assert time.monotonic() - started < 2.5  # the 3 s sleep would hold the loop
+    release, returned = threading.Event(), []
+
+    def blocking(self: Any, request: Any) -> Iterator[str]:  # blocking work until released
+        release.wait()
+        returned.append(True)
+        return iter(["a", "b"])
+
+    monkeypatch.setattr(plugin_models.BlockingStream, "stream", blocking)
+    # Were it run on the event loop (this test's too), nothing would move until the release,
+    # which a timer gives in case: the reply would come only once the call had returned.
+    safety = threading.Timer(30, release.set)
+    safety.start()
+    try:
+        await lifeline(config({"mine": python("BlockingStream", timeout_s=1)}))
+        _, reply = await stream_text(client, CompletionRequest(**HELLO_REQUEST))
+        assert not returned  # answered while the call still blocked
+    finally:
+        safety.cancel()
+        release.set()
     assert reply.status == "error" and reply.attempts[0].error_type == "timeout"
 
 
@@ -367,10 +381,8 @@ async def test_a_model_error_whose_message_is_not_text_is_answered_at_once_with_
     lifeline, client, text, kind, message
 ):
     await lifeline(config({"mine": python("OddModelErrors", timeout_s=30)}))
-    started = time.monotonic()
     reply = await ask(client, {**hello(text), "timeout_s": 5}, timeout_s=10)
-    assert time.monotonic() - started < 4  # answered, not waited out
-    failed = reply.attempts[0]
+    failed = reply.attempts[0]  # answered with its kind, not waited out (that is a "timeout")
     assert (failed.error_type, failed.message) == (kind, message)
 
 
@@ -740,14 +752,13 @@ async def test_a_model_whose_close_hangs_still_lets_its_worker_stop(caplog, monk
     plugin_models.CLOSE_HANGS.clear()
     # A hang the test can see end: were close() still run on the event loop, no timeout in
     # here could cut it.
-    safety = threading.Timer(3, plugin_models.CLOSE_HANGS.set)
+    safety = threading.Timer(30, plugin_models.CLOSE_HANGS.set)
     safety.start()
     try:
         cfg = parse_config(config({"m": python(cls)}, routes=None))
         provider = build_provider(cfg.providers["m"], "m")
-        started = time.monotonic()
-        await asyncio.wait_for(provider.aclose(), 5)
-        assert time.monotonic() - started < 2
+        await asyncio.wait_for(provider.aclose(), 60)
+        assert not plugin_models.CLOSE_HANGS.is_set()  # it let go while close() still hung
     finally:
         safety.cancel()
         plugin_models.CLOSE_HANGS.set()
