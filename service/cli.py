@@ -1134,7 +1134,7 @@ def _describe(config: Config) -> None:
             )
     breaker = breaker_settings(config.breaker)
     print(
-        f"breaker  opens after {breaker.consecutive_failures} failures in a row or "
+        f"breaker  opens after {_count(breaker.consecutive_failures, 'failure')} in a row or "
         f"{breaker.failure_rate:.0%} of {breaker.min_requests}+ calls in {breaker.window_s:g} s; "
         f"cooldown {breaker.cooldown_s:g} s" + ("" if breaker.enabled else " (disabled)")
     )
@@ -1226,7 +1226,10 @@ def _audit_line(event: AuditEvent) -> str:
     why = f" ({event.error_type})" if event.error_type else ""
     streamed = ""
     if event.stream is not None:  # llm.stream
-        streamed = f"  streamed {event.stream.chunks} chunks, {event.stream.resets} resets"
+        streamed = (
+            f"  streamed {_count(event.stream.chunks, 'chunk')}, "
+            f"{_count(event.stream.resets, 'reset')}"
+        )
     when = logs.iso_time(event.ts_unix_ms / 1000)  # when it was answered, as log lines show time
     return (
         f"{when} [{event.status}{why}] id={event.id} {event.latency_ms:.1f} ms  {chain}{streamed}"
@@ -1526,8 +1529,8 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     progress.show(final=True)
     if pending:
         print(
-            f"lifeline: {len(pending)} jobs still without a result after {args.timeout:g} s; "
-            "rerun the same command to resume",
+            f"lifeline: {_count(len(pending), 'job')} still without a result after "
+            f"{args.timeout:g} s; rerun the same command to resume",
             file=sys.stderr,
         )
         return 1
@@ -1696,7 +1699,9 @@ class _Progress:
         if self.done:
             seconds = elapsed / self.done * (self.total - self.done)
             eta = f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-        skipped = f", {self.skipped} had results" if self.skipped else ""
+        skipped = ""
+        if self.skipped:
+            skipped = f", {self.skipped} had {'its result' if self.skipped == 1 else 'results'}"
         line = (
             f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done, "
             f"{self.failed} failed, {self.submitted - self.done} in flight{skipped}, ETA {eta}"
@@ -1873,7 +1878,11 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
                 reset = event.reset
                 keep = max(len(shown) - reset.discard, 0)
                 voided, shown = "".join(shown[keep:]), shown[:keep]
-                what = f"{reset.discard} chunks voided" if reset.discard else "continuing from here"
+                what = (
+                    f"{_count(reset.discard, 'chunk')} voided"
+                    if reset.discard
+                    else "continuing from here"
+                )
                 print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
                     f"\n[reset: attempt {reset.attempt} failed with {reset.error.type} "
                     f"({what}){': ' + _struck(voided) if voided else ''}]",
@@ -1989,8 +1998,8 @@ def _print_reply(reply: CompletionReply) -> None:
     if reply.stream is not None:
         ttft = f"{reply.stream.ttft_ms:.1f} ms" if reply.stream.ttft_ms is not None else "-"
         note(
-            f"streamed {reply.stream.chunks} chunks, first after {ttft}, "
-            f"{reply.stream.resets} resets"
+            f"streamed {_count(reply.stream.chunks, 'chunk')}, first after {ttft}, "
+            f"{_count(reply.stream.resets, 'reset')}"
         )
     note(f"id {reply.id}  trace {reply.trace_id or '-'}")
 
@@ -2207,7 +2216,7 @@ def _print_gateway(server: Any, config: Config | None) -> None:
 
     keys = len(server.keys)
     auth = (
-        f"{keys} API key(s) from ${gateway.KEYS_ENV}"
+        f"{_count(keys, 'API key')} from ${gateway.KEYS_ENV}"
         if keys
         else f"no API keys (${gateway.KEYS_ENV}): loopback clients only"
     )
@@ -2325,7 +2334,7 @@ async def cmd_spec(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
-    print(f"wrote asyncapi.json and {len(files) - 1} JSON Schemas to {out}")
+    print(f"wrote asyncapi.json and {_count(len(files) - 1, 'JSON Schema')} to {out}")
     return 0
 
 

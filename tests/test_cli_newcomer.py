@@ -15,6 +15,7 @@ import pytest
 from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
 
 from schemas import subjects
+from schemas.wire import AuditEvent, CompletionReply, StreamStats
 from service import cli
 from service.natsio import ensure_subscribed
 
@@ -180,3 +181,18 @@ async def test_ask_stopped_says_its_request_was_aborted(nats_url, lifeline, stre
     assert code == 128 + stop, err
     request_id = attempt.headers[subjects.REQUEST_ID]
     assert f"request {request_id} aborted at its dispatcher" in err, err
+
+
+# ---- counts in words: 1 reset, 2 resets ----------------------------------------------------
+
+
+def test_counts_of_one_are_singular(capsys):
+    stats = StreamStats(ttft_ms=0.9, chunks=21, resets=1)
+    cli._print_reply(CompletionReply("r1", "ok", content=None, stream=stats))
+    assert "streamed 21 chunks, first after 0.9 ms, 1 reset\n" in capsys.readouterr().err
+    event = AuditEvent("r1", "ok", "default", "p", "m", [], 1.0, None, 0, stream=stats)
+    assert cli._audit_line(event).endswith("streamed 21 chunks, 1 reset")
+    one_chunk = StreamStats(ttft_ms=1.0, chunks=1, resets=2)
+    assert cli._audit_line(
+        AuditEvent("r2", "ok", None, "p", "m", [], 1.0, None, 0, stream=one_chunk)
+    ).endswith("streamed 1 chunk, 2 resets")
