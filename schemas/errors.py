@@ -21,6 +21,7 @@ Routes, targets and breakers name failures by kind or by HTTP status (`fallback_
 
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 
@@ -120,7 +121,11 @@ def kind_or_status_problem(entry: object) -> str | None:
         )
     if isinstance(entry, str) and entry in KINDS:
         return None
-    return f"unknown error kind {entry!r} (known: {', '.join(ERROR_KINDS)})"
+    known = ", ".join(ERROR_KINDS)
+    close = difflib.get_close_matches(entry, ERROR_KINDS, n=1) if isinstance(entry, str) else []
+    if close:  # as an unknown key is answered (service/config.py)
+        return f"unknown error kind {entry!r} (did you mean {close[0]!r}?); known: {known}"
+    return f"unknown error kind {entry!r} (known: {known})"
 
 
 class ProviderError(Exception):

@@ -758,7 +758,7 @@ def _breaker(key: str, table: dict[str, Any]) -> None:
     settings = _convert(table, BreakerSettings, key)
     problem = _bad_kind(list(settings.trip_on))
     if problem is not None:
-        raise ConfigError(f"{key}.trip_on: {problem[1]}")
+        raise ConfigError(f"{key}.trip_on[{problem[0]}]: {problem[1]}")
     if settings.window_s < _BREAKER_SLOT_S:
         raise ConfigError(
             f"{key}.window_s: {settings.window_s:g} s is shorter than the {_BREAKER_SLOT_S:g} s "

@@ -305,3 +305,29 @@ def test_results_kept_shorter_than_a_jobs_redelivery_wait_are_refused():
     with pytest.raises(ConfigError, match=r"results_ttl_s \(10\) is under ack_wait_s \(30\)"):
         parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10}})
     parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10, "ack_wait_s": 10}})
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"routes": {"r": {"targets": ["p"], "fallback_on": ["rate_limt"]}}}, "fallback_on[0]"),
+        (
+            {"routes": {"r": {"targets": [{"provider": "p", "retry_on": ["rate_limt"]}]}}},
+            "retry_on",
+        ),
+        ({"breaker": {"trip_on": ["timeout", "rate_limt"]}}, "trip_on[1]"),
+    ],
+    ids=["fallback_on", "retry_on", "trip_on"],
+)
+def test_a_misspelt_error_kind_gets_a_did_you_mean_as_a_misspelt_key_does(table, key):
+    """An unknown key said `did you mean 'breaker'?`, an unknown error kind only listed all
+    twelve, the one meant among them."""
+    message = error({**config({"p": fake()}, routes={"r": {"targets": ["p"]}}), **table})
+    assert key in message
+    assert "unknown error kind 'rate_limt' (did you mean 'rate_limit'?)" in message, message
+
+
+def test_an_error_kind_near_none_still_lists_the_known_ones():
+    target = {"provider": "p", "retry_on": ["zzz"]}
+    message = error(config({"p": fake()}, routes={"r": {"targets": [target]}}))
+    assert "unknown error kind 'zzz' (known: timeout, rate_limit," in message, message
