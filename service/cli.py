@@ -182,7 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
-        "run", help="start NATS (embedded unless a URL is given), the dispatcher and every worker"
+        "run",
+        help="start NATS (embedded unless a URL is given), the dispatcher and every worker",
+        description="Everything in one process, for trying Lifeline and for small setups: an "
+        "embedded NATS server with JetStream (unless --nats-url, the config's [nats] table or "
+        "$NATS_URL names one), the dispatcher, one worker per provider of the config, and the "
+        "OpenAI-compatible HTTP gateway on 127.0.0.1:8080. It prints the config's providers "
+        "and routes, a command to ask it something, then a line per request. On Ctrl-C, SIGTERM or SIGHUP it lets "
+        "requests in flight finish (dispatcher.shutdown_grace_s), stops everything and exits "
+        "0; it exits 1 when its NATS connection is gone for good or its embedded server dies.",
     )
     _config_arg(run)
     _nats_arg(run, url_help="use this NATS server instead of starting one")
@@ -197,6 +205,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument(
         "--gateway-port",
         type=_port_or_any,
+        metavar="PORT",
         help="port of the OpenAI-compatible HTTP gateway on 127.0.0.1 (default: 8080, skipped "
         "with a warning when taken; -1: any free port)",
     )
@@ -236,23 +245,36 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ask = commands.add_parser("ask", help="send one request and print the answer and every attempt")
+    ask = commands.add_parser(
+        "ask",
+        help="send one request and print the answer and every attempt",
+        description="Sends one request to the dispatchers on llm.complete (llm.stream with "
+        "--stream) and waits for its answer, up to --timeout. The answer goes to stdout; who "
+        "served it, every attempt and what followed it, and the request's id and trace id go "
+        "to stderr. Exit status 0 for an ok answer, 1 for an error reply or none. Ctrl-C, "
+        "SIGTERM or SIGHUP aborts the request at its dispatcher (its provider call is "
+        "cancelled) and exits 128 + the signal's number.",
+    )
     ask.add_argument("prompt", help="the user message; - reads it from stdin")
-    ask.add_argument("--system", help="a system message to send first")
+    ask.add_argument("--system", metavar="TEXT", help="a system message to send first")
     ask.add_argument("--route", default="default", help="route name (default: default)")
     ask.add_argument(
         "--target",
         action="append",
         dest="targets",
+        metavar="TARGET",
         help="a target or provider name, repeatable, tried in order; overrides the route",
     )
     ask.add_argument(
         "--timeout",
         type=_positive_s,
         default=30.0,
+        metavar="SECONDS",
         help="seconds for the whole request (default: 30)",
     )
-    ask.add_argument("--max-tokens", type=int, help="the most tokens the answer may take")
+    ask.add_argument(
+        "--max-tokens", type=int, metavar="N", help="the most tokens the answer may take"
+    )
     ask.add_argument(
         "--json-output",
         action="store_true",
@@ -262,7 +284,12 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ask.add_argument(
         "--no-fallback", action="store_true", help="try only the first target (and its retries)"
     )
-    ask.add_argument("--max-attempts", type=int, help="cap on calls across retries and fallbacks")
+    ask.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        help="cap on calls across retries and fallbacks",
+    )
     ask.add_argument(
         "--fault",
         action="append",
@@ -324,7 +351,7 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     submit.add_argument("prompt", help="the user message; - reads it from stdin")
     submit.add_argument("--id", help="the job's id (default: a new random one)")
     submit.add_argument("--route", default="default", help="route name (default: default)")
-    submit.add_argument("--system", help="a system message to send first")
+    submit.add_argument("--system", metavar="TEXT", help="a system message to send first")
     submit.add_argument(
         "--timeout",
         type=_positive_s,
@@ -360,12 +387,15 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     batch.add_argument("file", help="a JSONL file of requests")
     batch.add_argument(
-        "--out", help="where results go, one JSON line each (default: FILE.results.jsonl)"
+        "--out",
+        metavar="FILE",
+        help="where results go, one JSON line each (default: FILE.results.jsonl)",
     )
     batch.add_argument(
         "--timeout",
         type=_positive_s,
         default=600.0,
+        metavar="SECONDS",
         help="give up waiting after this many seconds (default: 600)",
     )
     _config_arg(batch, client=True)
@@ -433,6 +463,7 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     status.add_argument(
         "--bucket",
         default=None,
+        metavar="NAME",
         help="the bucket (default: the config's dispatcher.health_bucket, else lifeline_health)",
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
@@ -463,6 +494,7 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--timeout",
         type=_positive_s,
         default=2.0,
+        metavar="SECONDS",
         help="seconds to wait for answers; with --expect-all, for every expected instance (default: 2)",
     )
     health.add_argument("--json", action="store_true", help="print each instance as JSON")
@@ -536,6 +568,7 @@ COMMAND runs with these variables set:
                         maps to, with status_code and retry_after_s
 
 examples:
+  npm ci --prefix workers/examples/node    # once, in a clone: the Node example's nats.js
   lifeline conformance -- node workers/examples/node/worker.mjs
   lifeline conformance -- lifeline worker conformance --config my.toml
   lifeline conformance --provider mine --replicas 3 -- ./my-worker --verbose

@@ -196,3 +196,19 @@ def test_counts_of_one_are_singular(capsys):
     assert cli._audit_line(
         AuditEvent("r2", "ok", None, "p", "m", [], 1.0, None, 0, stream=one_chunk)
     ).endswith("streamed 1 chunk, 2 resets")
+
+
+# ---- help --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "ask", "conformance"])
+def test_help_describes_the_command_and_names_each_value(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    shown = capsys.readouterr().out
+    usage, _, rest = shown.partition("\n\n")
+    assert rest.split("\n\n")[0].strip() and not rest.startswith(("positional", "options"))
+    # Each option's value named for what it is: PORT, SECONDS, N, not its own name in capitals.
+    assert not re.search(r"--[a-z-]+ (GATEWAY_PORT|TIMEOUT|MAX_TOKENS|TARGETS|SYSTEM)\b", usage)
+    if command == "conformance":  # the first example runs on a fresh clone
+        assert "npm ci --prefix workers/examples/node" in shown.split("examples:")[1]
