@@ -101,6 +101,22 @@ CHAIN_KINDS = tuple(k.name for k in KINDS.values() if k.own_chain)
 _BY_STATUS = {status: kind.name for kind in KINDS.values() for status in kind.statuses}
 
 
+# A call given less than this share of its timeout_s was cut short by its request's deadline.
+WHOLE_TIMEOUT_SHARE = 0.95
+
+
+def timeout_message(name: str, timeout_s: float, own_timeout_s: float) -> str:
+    """What a call that got no answer within `timeout_s` says, in the same words whether the
+    dispatcher's timer or the worker's fired first: the target's own timeout when the call had
+    (nearly) all of it, else the time its request's deadline left it."""
+    if timeout_s >= own_timeout_s * WHOLE_TIMEOUT_SHARE:
+        return f"{name} did not answer within its {own_timeout_s:g} s timeout"
+    return (
+        f"{name} did not answer within the {timeout_s:.3g} s left before its deadline "
+        f"(its own timeout is {own_timeout_s:g} s)"
+    )
+
+
 def classify_status(status_code: int) -> str:
     """HTTP error status -> error kind, the one mapping every worker and the dispatcher share:
     the statuses in KINDS, then any other 4xx is a bad_request and anything else (5xx, and a

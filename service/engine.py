@@ -75,7 +75,12 @@ class Transport(Protocol):
     def max_payload(self) -> int: ...
 
     async def ask_provider(
-        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self,
+        provider: str,
+        payload: bytes,
+        timeout_s: float,
+        headers: dict[str, str],
+        own_timeout_s: float | None = None,  # the target's, when timeout_s is the deadline's
     ) -> ProviderReply: ...
 
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None: ...
@@ -201,7 +206,7 @@ class Engine:
             if respond is not None:
                 reply = await respond(reply)
         except DeliverAgain as again:
-            log.warning("request %r not delivered, to be delivered again: %s", reply.id, again)
+            log.warning("request %r waits: %s", reply.id, again)
             _annotate(span, reply, route)
             span.end()
             return reply
@@ -316,7 +321,9 @@ class Engine:
         payload = payloads.for_target(target, previous)
         span, headers = self._attempt_span(target, request_id, timeout_s, parent)
         try:
-            reply = await self.transport.ask_provider(target.provider, payload, timeout_s, headers)
+            reply = await self.transport.ask_provider(
+                target.provider, payload, timeout_s, headers, target.timeout_s
+            )
             if validate is not None and isinstance(reply, ProviderOk):
                 reply = validate(reply)
             if span.recording:

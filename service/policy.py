@@ -51,6 +51,7 @@ import msgspec
 
 from schemas import Attempt, ErrorInfo, ProviderFailure, ProviderOk, ProviderReply
 from schemas.deadline import MIN_CALL_S, Deadline
+from schemas.errors import WHOLE_TIMEOUT_SHARE
 from schemas.wire import (
     ALL_FAILED,
     DEADLINE_EXCEEDED,
@@ -1150,7 +1151,7 @@ def _max_attempts_error(max_attempts: int, attempts: list[Attempt]) -> ErrorInfo
     )
 
 
-_CAPPED_BELOW = 0.95  # an attempt given less than this share of timeout_s was cut short
+_CAPPED_BELOW = WHOLE_TIMEOUT_SHARE  # an attempt given less of its timeout_s was cut short
 
 
 def _result(task: asyncio.Future[ProviderReply | Started]) -> ProviderReply | Started | None:

@@ -43,6 +43,7 @@ from schemas import (
     ProviderOk,
     ProviderReply,
 )
+from schemas.errors import timeout_message
 from schemas.ids import SecretIds
 from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset, pieces
 from schemas.subjects import (
@@ -113,9 +114,16 @@ class NatsTransport:
         await self._inbox.start()
 
     async def ask_provider(
-        self, provider: str, payload: bytes, timeout_s: float, headers: dict[str, str]
+        self,
+        provider: str,
+        payload: bytes,
+        timeout_s: float,
+        headers: dict[str, str],
+        own_timeout_s: float | None = None,
     ) -> ProviderReply:
-        """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names."""
+        """One attempt; `headers` carry its Lifeline-Attempt-Id, which a cancel names.
+        `own_timeout_s`, the target's, tells a timeout of its own from one its request's
+        deadline cut short (timeout_s is the shorter of the two)."""
         subject = provider_subject(provider)
         size, block = measured(payload, headers)  # the block is built once, and sent as it is
         if size > self.nc.max_payload:  # e.g. a template made it longer: never send it
@@ -137,7 +145,8 @@ class NatsTransport:
             msg = await future
         except NatsTimeoutError:
             self.cancel_now(provider, headers[ATTEMPT_ID])
-            return ProviderFailure("timeout", f"no reply from {subject} within {timeout_s:.3g} s")
+            own = timeout_s if own_timeout_s is None else own_timeout_s
+            return ProviderFailure("timeout", timeout_message(provider, timeout_s, own))
         except asyncio.CancelledError:  # e.g. a hedge lost, or a dispatcher shutting down
             self.cancel_now(provider, headers[ATTEMPT_ID])
             raise

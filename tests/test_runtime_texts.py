@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from helpers import USER_HELLO, config, fake
+from helpers import USER_HELLO, ask, config, fake, published
 
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
@@ -39,3 +39,18 @@ async def test_a_worker_cut_short_by_its_deadline_says_so_not_its_timeout(lifeli
     message = await _timed_out_after(client, 0.3)
     assert message.startswith("slow did not answer within the 0.")
     assert message.endswith(" s left before its deadline (its own timeout is 5 s)")
+
+
+async def test_the_dispatchers_timer_says_it_in_the_workers_words(lifeline, client):
+    """A worker that never answers (hung, or its process paused) leaves the dispatcher's own
+    timer to fire: its text was `no reply from llm.provider.mute within 0.3 s`, where the
+    worker's timer says `mute did not answer within its 0.3 s timeout` for the same event."""
+    await lifeline(config({"mute": fake(timeout_s=0.3)}), workers=[])
+    await client.subscribe(subjects.provider_subject("mute"))  # takes every call, answers none
+    await published(client)  # the subscription is the server's before the first call
+    reply = await ask(client, USER_HELLO)
+    assert [a.message for a in reply.attempts] == ["mute did not answer within its 0.3 s timeout"]
+    reply = await ask(client, {**USER_HELLO, "timeout_s": 0.2})
+    (message,) = [a.message for a in reply.attempts]
+    assert message.startswith("mute did not answer within the 0.")
+    assert message.endswith(" s left before its deadline (its own timeout is 0.3 s)")

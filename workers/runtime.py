@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
+from schemas.errors import timeout_message
 from schemas.streaming import TOOL_CALL, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
@@ -336,18 +337,8 @@ class WorkerRuntime:
         return self.timeout_s if left_s is None else min(self.timeout_s, left_s)
 
     def _timed_out(self, timeout_s: float) -> ProviderFailure:
-        """A call that ran out of `timeout_s`. Given (nearly) its whole timeout_s, it names
-        that, the figure the dispatcher's own timer names, not the few ms less its deadline
-        left once the call reached it; cut short by its deadline, it says so."""
-        if timeout_s >= self.timeout_s * _WHOLE_TIMEOUT:
-            return ProviderFailure(
-                "timeout", f"{self.name} did not answer within its {self.timeout_s:g} s timeout"
-            )
-        return ProviderFailure(
-            "timeout",
-            f"{self.name} did not answer within the {timeout_s:.3g} s left before its deadline "
-            f"(its own timeout is {self.timeout_s:g} s)",
-        )
+        """A call that ran out of `timeout_s`, said as the dispatcher's own timer says it."""
+        return ProviderFailure("timeout", timeout_message(self.name, timeout_s, self.timeout_s))
 
     async def _call(
         self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None
@@ -582,9 +573,6 @@ class WorkerRuntime:
 
 
 _SPAN_ATTRIBUTES_MAX = 256
-# A call given at least this share of its timeout_s had all of it (its deadline counts from
-# the dispatcher's send, and the trip here took the rest): the dispatcher's policy's line.
-_WHOLE_TIMEOUT = 0.95
 _EXPIRED_WARN_AFTER_S = 1.0  # later than this past its deadline, a request is worth a warning
 _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their replies
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
