@@ -157,7 +157,7 @@ async def _engine(n: int) -> None:
     class Transport:
         max_payload = 1 << 20
 
-        async def ask_provider(self, provider, payload, timeout_s, headers):
+        async def ask_provider(self, provider, payload, timeout_s, headers, own_timeout_s=None):
             return answer
 
         async def audit(self, event, msg_id=None):
