@@ -721,15 +721,14 @@ async def test_a_reply_too_large_for_its_tool_calls_is_answered_as_a_small_error
 
 async def test_ttft_s_never_outlasts_the_time_the_attempt_has(lifeline, client):
     """A route's ttft_s longer than what is left of a request's timeout: the timeout wins."""
-    await lifeline(config({"silent": fake()}, route({"provider": "silent", "ttft_s": 3})), [])
+    # A ttft_s that won would outlast the bound below, and the client's own wait for the reply.
+    await lifeline(config({"silent": fake()}, route({"provider": "silent", "ttft_s": 600})), [])
     await client.subscribe(subjects.provider_subject("silent"), cb=_ignore)  # never answers
     await ensure_subscribed(client)
-    started = time.monotonic()
-    events = await events_of(client, request("hi", timeout_s=0.5))
-    took_s = time.monotonic() - started
+    async with asyncio.timeout(30):
+        events = await events_of(client, request("hi", timeout_s=0.5))
     assert kinds(events) == ["error"]
     assert [a.error_type for a in events[-1].reply.attempts] == ["timeout"]
-    assert took_s < 2.5, f"a 0.5 s request answered after {took_s:.2f} s (ttft_s is 3)"
 
 
 async def _ignore(msg: Any) -> None:
