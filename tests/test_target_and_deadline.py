@@ -2,35 +2,48 @@
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
+import pytest
 from opentelemetry.trace import SpanKind
 
 from helpers import USER_HELLO, ask, config, fake
+from schemas import deadline as deadline_module
 from schemas.deadline import Deadline
 from service.health import OPEN
 from service.target import HealthKey, Target
 
 
-def test_a_deadline_counts_from_arrival_and_takes_the_sooner_of_two():
-    arrived = time.monotonic() - 2.0  # the request waited 2 s for a slot
+@pytest.fixture
+def clocks(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The two clocks a Deadline reads (monotonic, and the wall clock for the header),
+    standing still: each conversion is exact, however long the machine stalls between two
+    readings."""
+    clocks = SimpleNamespace(monotonic=lambda: 5000.0, time=lambda: 1_700_000_000.25)
+    monkeypatch.setattr(deadline_module, "time", clocks)
+    return clocks
+
+
+def test_a_deadline_counts_from_arrival_and_takes_the_sooner_of_two(clocks):
+    arrived = clocks.monotonic() - 2.0  # the request waited 2 s for a slot
     deadline = Deadline.after(5.0, start=arrived)
-    assert 2.9 < deadline.left_s() <= 3.0
-    client_own = Deadline.at_unix_ms(time.time() * 1000 + 1000)
+    assert deadline.left_s() == 3.0
+    client_own = Deadline.at_unix_ms(clocks.time() * 1000 + 1000)
+    assert client_own.left_s() == pytest.approx(1.0)
     assert deadline.sooner(client_own) is client_own and client_own.sooner(deadline) is client_own
     assert Deadline.after(-0.001).passed() and not deadline.passed()
 
 
-def test_the_header_carries_a_deadline_across_processes_as_unix_ms():
+def test_the_header_carries_a_deadline_across_processes_as_unix_ms(clocks):
     deadline = Deadline.after(1.5)
     value = deadline.header()
-    assert abs(int(value) - (time.time() + 1.5) * 1000) < 50
-    back = Deadline.from_header(value)
-    assert back is not None and abs(back.left_s() - deadline.left_s()) < 0.01
+    assert value == str(int((clocks.time() + 1.5) * 1000)) == "1700000001750"
+    back = Deadline.from_header(value)  # to the millisecond: the header's unit
+    assert back is not None and back.left_s() == pytest.approx(deadline.left_s(), abs=0.001)
     # What a worker reads (no Deadline made), and the header made without one either.
     left_s = Deadline.left_in_header(value)
-    assert left_s is not None and abs(left_s - deadline.left_s()) < 0.01
-    assert abs(int(Deadline.header_after(1.5)) - int(value)) < 50
+    assert left_s == pytest.approx(deadline.left_s(), abs=0.001)
+    assert Deadline.header_after(1.5) == value
 
 
 def test_a_malformed_header_is_no_deadline_at_all():
