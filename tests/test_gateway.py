@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -1022,7 +1021,6 @@ def test_out_of_file_descriptors_on_asyncio_s_loop_the_gateway_pauses_rather_tha
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(80)]
         failed = "socket.accept() out of system resource"
         asyncio.run(wait_for(lambda: failed in log.read_text(), timeout_s=10))
-        started = time.monotonic()
         for sock in held:
             sock.close()
 
@@ -1033,8 +1031,11 @@ def test_out_of_file_descriptors_on_asyncio_s_loop_the_gateway_pauses_rather_tha
             return False
 
         asyncio.run(wait_for(served, timeout_s=10))
+        # One failed accept per retry, a second apart, for the few seconds descriptors ran out
+        # here. The spinning loop failed once for each connection its backlog allows (2048,
+        # uvicorn's) at the first failure alone, and its retries multiplied from there.
         failures = log.read_text().count(failed)
-        assert failures <= 2 + (time.monotonic() - started), f"{failures} failed accepts logged"
+        assert failures < 50, f"{failures} failed accepts logged"
     finally:
         for sock in held:
             sock.close()
