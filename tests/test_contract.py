@@ -521,26 +521,29 @@ async def test_huge_and_compression_bomb_answers_are_cut_off_and_the_worker_stay
 async def test_a_burst_twenty_times_the_in_flight_bound_is_answered_within_each_deadline(
     service, ledger
 ):
-    timeout_s, slack_s, burst = 3.0, 1.0, 20 * MAX_IN_FLIGHT
+    timeout_s, burst = 3.0, 20 * MAX_IN_FLIGHT
     ids = [f"burst-{n}" for n in range(burst)]
     for request_id in ids:
         await ledger.send(request_id, request(request_id, route="slow", timeout_s=timeout_s))
     await ledger.settle(burst, burst, timeout_s=timeout_s + 10)
     ledger.assert_exactly_once(ids)
-    late = {
-        i: ledger.reply_after_s[i] for i in ids if ledger.reply_after_s[i] > timeout_s + slack_s
-    }
-    assert not late, (
-        f"{len(late)} replies after the deadline + slack, e.g. {list(late.items())[:3]}"
-    )
-    errors = Counter(
-        r.error.type if r.error else "ok" for r in ledger.reply_of.values() if r.id in set(ids)
-    )
+    # Within each deadline: served by one call that ended in time (one past it would be a
+    # timeout, and one never started a deadline_exceeded), or refused without being tried
+    # (overloaded), never held waiting for a slot.
+    replies = [ledger.reply_of[i] for i in ids]
+    errors = Counter(r.error.type if r.error else "ok" for r in replies)
     assert (
         set(errors) <= {"ok", "overloaded"}
         and errors["ok"] >= 2 * MAX_IN_FLIGHT
         and errors["overloaded"]
     ), errors
+
+    def in_time(reply: Any) -> bool:
+        if reply.error is None:
+            return [(a.target, a.outcome) for a in reply.attempts] == [("slow", "ok")]
+        return not reply.attempts
+
+    assert all(in_time(r) for r in replies), [r for r in replies if not in_time(r)][:2]
     overloaded = next(
         r for r in ledger.reply_of.values() if r.error and r.error.type == "overloaded"
     )
@@ -799,7 +802,7 @@ async def test_thousands_of_made_up_models_neither_grow_the_dispatcher_nor_its_s
 async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_takes_the_traffic(
     tmp_path, server, provider
 ):
-    timeout_s, cooldown_s, slack_s = 1.0, 1.0, 1.0
+    timeout_s, cooldown_s = 1.0, 1.0
     config = contract_config(provider)
     config["providers"]["pair"] = {"kind": "fake", "model": "pair-1", "latency_ms": 200}
     config["routes"]["pair"] = {
@@ -823,21 +826,57 @@ async def test_a_killed_replica_costs_its_attempts_in_flight_and_the_survivor_ta
         await steady(1.0)
         doomed.proc.kill()  # SIGKILL: no goodbye, its attempts in flight are never answered
         doomed.proc.wait()
-        killed = time.monotonic()
-        await steady(timeout_s + cooldown_s + slack_s + 1.5)
+
+        # The story in the order things happened (readings of one clock, never durations):
+        # the dead replica's first attempt times out; every request sent before that is
+        # answered (the last late timeout is in); the survivor serves again; ten more after.
+        def answered_at(request_id: str) -> float:
+            return ledger.sent_at[request_id] + ledger.reply_after_s[request_id]
+
+        def fell_back(request_id: str) -> bool:
+            reply = ledger.reply_of.get(request_id)
+            return reply is not None and [a.outcome for a in reply.attempts] == ["timeout", "ok"]
+
+        def back_at() -> float | None:
+            """When the survivor's first answer to a request sent after the late timeouts
+            came; None until then."""
+            first_timeout = min((answered_at(i) for i in ids if fell_back(i)), default=None)
+            if first_timeout is None:
+                return None
+            before = [i for i in ids if ledger.sent_at[i] < first_timeout]
+            if not all(i in ledger.reply_of for i in before):
+                return None
+            last_timeout = max(answered_at(i) for i in before)
+            served = [
+                answered_at(i)
+                for i in ids
+                if ledger.sent_at[i] > last_timeout
+                and i in ledger.reply_of
+                and ledger.reply_of[i].target == "pair"
+            ]
+            return min(served, default=None)
+
+        def sent_after(moment: float) -> list[str]:
+            return [i for i in ids if ledger.sent_at[i] > moment]
+
+        async with asyncio.timeout(60):
+            while (back := back_at()) is None or len(sent_after(back)) < 10:
+                ids.append(f"pair-{len(ids)}")
+                await ledger.send(ids[-1], request(ids[-1], route="pair"))
+                await asyncio.sleep(0.02)
         await ledger.settle(len(ids), len(ids), timeout_s=30)
         ledger.assert_exactly_once(ids)
         assert all(
             ledger.reply_of[i].status == "ok" for i in ids
         )  # what was in flight fell back to echo
-        fell_back = [
-            i for i in ids if [a.outcome for a in ledger.reply_of[i].attempts] == ["timeout", "ok"]
-        ]
-        # Only what was sent before the server noticed the closed socket went to the dead replica.
-        assert fell_back and all(ledger.sent_at[i] < killed + slack_s for i in fell_back)
-        later = [i for i in ids if ledger.sent_at[i] > killed + timeout_s + cooldown_s + slack_s]
-        assert later and all(ledger.reply_of[i].target == "pair" for i in later), (
-            "the survivor is still benched"
+        # Only what was sent before the server noticed the closed socket went to the dead
+        # replica: nothing sent after its first attempt timed out did.
+        fell = [i for i in ids if fell_back(i)]
+        first_timeout = min(answered_at(i) for i in fell)
+        assert all(ledger.sent_at[i] < first_timeout for i in fell), fell
+        later = sent_after(back)
+        assert all(ledger.reply_of[i].target == "pair" for i in later), (
+            "the survivor is benched again"
         )
         await nc.close()
     finally:
@@ -865,7 +904,6 @@ async def test_requests_still_in_flight_when_the_shutdown_grace_ends_are_answere
             await ledger.send(request_id, request(request_id, route="quick"))
         await nc.flush()
         await asyncio.sleep(0.1)  # all ten are in flight at the dispatcher
-        stopped = time.monotonic()
         dispatcher.proc.send_signal(signal.SIGTERM)
 
         await ledger.settle(10, 10, timeout_s=15)
@@ -879,7 +917,8 @@ async def test_requests_still_in_flight_when_the_shutdown_grace_ends_are_answere
             ]
             assert reply.error.retry_after_s and "Send it again" in reply.error.message
             assert ledger.audit_types[request_id] == "shutting_down"
-            assert ledger.sent_at[request_id] + ledger.reply_after_s[request_id] - stopped < 5
+        # Answered at the grace's end (1.5 s), not when crawl would have answered (20 s) or
+        # timed out (30 s), which the wait for the replies above does not reach.
         assert await asyncio.to_thread(dispatcher.proc.wait, 15) == 0
         assert "answering them shutting_down" in dispatcher.log()
         # Their attempts were cancelled at the worker: nothing keeps the provider call running.
