@@ -309,7 +309,8 @@ async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline
     held = lifeline_client.stream("first")
     assert (await anext(held)).kind == "delta"
     refused = await lifeline_client.complete("second")
-    assert refused.error.type == "overloaded" and refused.error.retry_after_s < 0.5
+    # Learnt from the warm-up's answers (a moving average of their latency): below its 1 s start.
+    assert refused.error.type == "overloaded" and refused.error.retry_after_s < 1
     reply, events = await asyncio.gather(
         lifeline_client.complete("second", overloaded_retries=30),
         _events(lifeline_client.stream("third", overloaded_retries=30)),
