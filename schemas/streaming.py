@@ -26,6 +26,7 @@ StreamGap.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -87,34 +88,37 @@ class Assembler:
         assembler.text, assembler.reply          # the answer, and llm.complete's reply to it
         assembler.tool_calls                     # the tool calls so far, put together
 
-    Raises StreamGap on a missing event, StreamProtocolError on anything else unreadable."""
+    Raises StreamGap on a missing event, StreamProtocolError on anything else unreadable.
 
-    __slots__ = ("_deltas", "reply", "seq")
+    The deltas are kept joined as they come (the text's UTF-8, each call's arguments'), with
+    each one's size for a reset to take it off: a provider's pieces are often a few bytes
+    each, and one Python object per piece cost tens of times the answer's size."""
+
+    __slots__ = ("_arguments", "_count", "_named", "_runs", "_text", "reply", "seq")
 
     def __init__(self) -> None:
-        self._deltas: list[str | ToolCallDelta] = []
+        self._text = bytearray()  # the text deltas, joined
+        self._arguments: dict[int, bytearray] = {}  # each call's pieces' arguments, joined
+        self._runs: list[_Run] = []  # every delta's size, in order, in runs of one kind
+        self._count = 0  # the deltas held
+        # (place among the deltas, index, id, name) of each piece that names its call.
+        self._named: list[tuple[int, int, str | None, str]] = []
         self.seq = 0  # the last event's Lifeline-Seq
         self.reply: CompletionReply | None = None  # set by the end or error event
 
     @property
     def text(self) -> str:
-        return "".join(d for d in self._deltas if isinstance(d, str))
+        return self._text.decode()
 
     @property
     def tool_calls(self) -> list[ToolCall]:
         """The tool calls the deltas so far make, in index order (the end event's reply has
         them whole too)."""
-        calls: dict[int, list[str]] = {}
-        names: dict[int, tuple[str, str]] = {}
-        for d in self._deltas:
-            if isinstance(d, ToolCallDelta):
-                calls.setdefault(d.index, []).append(d.arguments)
-                if d.name is not None:
-                    names[d.index] = (d.id or "", d.name)
+        names = {index: (call_id or "", name) for _, index, call_id, name in self._named}
         return [
-            ToolCall(names[i][0], names[i][1], "".join(calls[i]) or "{}")
-            for i in sorted(calls)
-            if i in names
+            ToolCall(*names[i], self._arguments[i].decode() or "{}")
+            for i in sorted(self._arguments)
+            if i in names  # a piece naming it is held (a reset may have taken all off)
         ]
 
     @property
@@ -136,16 +140,17 @@ class Assembler:
         try:
             if kind == DELTA:
                 text = data.decode()
-                self._deltas.append(text)
+                self._text += data
+                self._add(None, len(data))
                 return Event(DELTA, seq, attempt, text=text)
             if kind == TOOL_CALL:
                 piece = tool_call_delta_decoder.decode(data)
-                self._deltas.append(piece)
+                self._add_piece(piece)
                 return Event(TOOL_CALL, seq, attempt, tool_call=piece)
             if kind == RESET:
                 reset = reset_decoder.decode(data)
-                if reset.discard:
-                    del self._deltas[-reset.discard :]
+                if reset.discard:  # as `del deltas[-discard:]` would, whatever the number
+                    self._drop(len(range(self._count)[-reset.discard :]))
                 return Event(RESET, seq, attempt, reset=reset)
             if kind in (END, ERROR):
                 self.reply = reply_decoder.decode(data)
@@ -153,6 +158,51 @@ class Assembler:
         except (UnicodeDecodeError, msgspec.DecodeError) as exc:
             raise StreamProtocolError(f"unreadable {kind} event {seq}: {exc}") from None
         raise StreamProtocolError(f"unknown event kind {kind!r} (event {seq})")
+
+    def _add_piece(self, piece: ToolCallDelta) -> None:
+        if piece.name is not None:
+            self._named.append((self._count, piece.index, piece.id, piece.name))
+        arguments = piece.arguments.encode()
+        joined = self._arguments.get(piece.index)
+        if joined is None:
+            joined = self._arguments[piece.index] = bytearray()
+        joined += arguments
+        self._add(piece.index, len(arguments))
+
+    def _add(self, index: int | None, size: int) -> None:
+        """One more delta of `size` bytes: text (`index` None), or a piece of call `index`."""
+        runs = self._runs
+        if not runs or runs[-1].index != index:
+            runs.append(_Run(index))
+        runs[-1].sizes.append(size)
+        self._count += 1
+
+    def _drop(self, count: int) -> None:
+        """Takes the last `count` deltas off."""
+        self._count -= count
+        while count:
+            run = self._runs[-1]
+            taken = min(count, len(run.sizes))
+            size = sum(run.sizes[-taken:])
+            joined = self._text if run.index is None else self._arguments[run.index]
+            del joined[len(joined) - size :]
+            del run.sizes[-taken:]
+            if not run.sizes:
+                self._runs.pop()
+            count -= taken
+        while self._named and self._named[-1][0] >= self._count:
+            self._named.pop()
+
+
+class _Run:
+    """Deltas in a row of one kind, text (`index` None) or pieces of call `index`: each one's
+    size in bytes (a delta is one NATS message: 64 MiB at most)."""
+
+    __slots__ = ("index", "sizes")
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+        self.sizes = array("I")
 
 
 def pieces(text: str, max_bytes: int) -> list[bytes]:
