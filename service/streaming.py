@@ -94,8 +94,8 @@ class Relay:
         "_on_event",
         "_owner_sent",
         "_partial",
-        "_parts",
         "_sink",
+        "_text",
         "_tool_held",
         "_validate",
         "attempts",
@@ -113,7 +113,9 @@ class Relay:
         self.attempts = 0  # attempts numbered so far
         self.owner = 0  # the attempt whose deltas the client gets (0: none now)
         self._owner_sent = 0  # chunks the owner sent
-        self._parts: list[bytes] = []  # the text deltas the client holds now (after resets)
+        # The text deltas the client holds now (after resets), joined as they come: a bytes
+        # object each cost some 40 bytes besides its own, and a delta is often a few bytes.
+        self._text = bytearray()
         self._held = 0  # the deltas (text and tool-call pieces) the client holds now
         self._tool_held = False  # some of them are pieces of tool calls
         self._partial: tuple[int, ProviderFailure] | None = None  # continue: failed, not reset
@@ -154,11 +156,11 @@ class Relay:
         continues from the text so far: on_midstream is continue, and an attempt left some."""
         if not can or self._mode != CONTINUE or self._partial is None or self._tool_held:
             return False  # a half-made tool call cannot be continued as text
-        return bool(self._parts)
+        return self._held > 0  # text deltas, none a tool call's (empty ones count)
 
     def with_text(self, request: ProviderRequest) -> ProviderRequest:
         """`request` with the text so far as its last message; nothing decided yet."""
-        text = b"".join(self._parts).decode()
+        text = self._text.decode()
         return msgspec.structs.replace(
             request, messages=[*request.messages, ChatMessage("assistant", text)]
         )
@@ -182,7 +184,7 @@ class Relay:
                 self._tool_held = True
                 self._sink.tool_call(number, data)
             else:
-                self._parts.append(data)
+                self._text += data
                 self._sink.delta(number, data)
 
         return chunk
@@ -247,7 +249,7 @@ class Relay:
         if not isinstance(reply, ProviderOk):
             return reply
         if self.owner == number:
-            reply = msgspec.structs.replace(reply, content=b"".join(self._parts).decode())
+            reply = msgspec.structs.replace(reply, content=self._text.decode())
         return reply if self._validate is None else self._validate(reply)
 
     def _claim(self, number: int) -> None:
@@ -285,7 +287,7 @@ class Relay:
         if self._closed:
             return
         if discard:  # every delta the client holds: nothing of the failed answer stays
-            self._parts.clear()
+            self._text.clear()
             self._held, self._tool_held = 0, False
         self._sink.reset(StreamReset(attempt, discard, ErrorInfo(failure.kind, failure.message)))
         self.resets += 1

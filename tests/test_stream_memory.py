@@ -1,21 +1,24 @@
-"""What a stream costs in memory where its whole answer is kept: the reader's Assembler (a
-client's, the gateway's). Providers stream in pieces of a few bytes (a token, two characters
-of a tool call's input), and each piece held as its own Python object cost tens of times its
-bytes: the answer at max_response_bytes (4 MiB) took some 250 MB of the gateway's memory per
-stream. Memory is measured with tracemalloc."""
+"""What a stream costs in memory where its whole answer is kept: the dispatcher's Relay (the
+text, for the end's checks and a prefill) and the reader's Assembler (a client's, the
+gateway's). Providers stream in pieces of a few bytes (a token, two characters of a tool
+call's input), and each piece held as its own Python object cost tens of times its bytes:
+the answer at max_response_bytes (4 MiB) took some 250 MB of the gateway's memory, and the
+dispatcher's end some 250 MB more, per stream. Memory is measured with tracemalloc."""
 
 from __future__ import annotations
 
 import json
 import random
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from schemas import ErrorInfo
+from schemas import ErrorInfo, ProviderOk
 from schemas.streaming import RESET, TOOL_CALL, Assembler, StreamReset
 from schemas.subjects import ATTEMPT_NO, EVENT, SEQ
 from schemas.wire import ToolCall, ToolCallDelta, encoder
+from service.streaming import Relay
 
 # A tool call's arguments, about 200 KB, and their pieces of two characters each.
 ARGUMENTS = json.dumps({"digits": "0123456789" * 20_000})
@@ -33,6 +36,41 @@ def held_and_peak(call: Callable[[], T]) -> tuple[T, int, int]:
     finally:
         tracemalloc.stop()
     return result, held, peak
+
+
+class Discard:
+    def delta(self, attempt: int, text: bytes) -> None:
+        pass
+
+    def tool_call(self, attempt: int, piece: bytes) -> None:
+        pass
+
+    def reset(self, reset: StreamReset) -> None:
+        pass
+
+    async def end(self, reply: object, attempt: int) -> object:
+        return reply
+
+
+def test_the_dispatcher_holds_a_streamed_text_in_about_its_own_size():
+    """The relay keeps the owner's text for the end (its content, checked against
+    response_format) and for a prefill: each chunk was a bytes object of its own, some 40
+    bytes for 2 of text, and joining them at the end took 80 more each."""
+    chunks = [piece.encode() for piece in TWO]  # made before memory is traced
+    relay = Relay(Discard(), time.monotonic())
+    number = relay.number()
+    chunk = relay.on_chunk(number)
+
+    def streamed_and_ended() -> ProviderOk:
+        for data in chunks:
+            chunk(data, False)
+        reply = relay.ended(number, ProviderOk("", "m"))
+        assert isinstance(reply, ProviderOk)
+        return reply
+
+    reply, _, peak = held_and_peak(streamed_and_ended)
+    assert reply.content == ARGUMENTS
+    assert peak < 4 * len(ARGUMENTS), f"{peak} bytes at most for {len(ARGUMENTS)} of text"
 
 
 def events(pieces: Iterator[tuple[str, bytes]]) -> list[tuple[dict[str, str], bytes]]:
