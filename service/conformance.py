@@ -182,6 +182,11 @@ class Check:
         return [head, *(f"     {line}" for line in self.detail)]
 
 
+def count(n: int, noun: str) -> str:
+    """A number of things, its noun singular for one: "1 chunk", "2 chunks"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _ok(name: str) -> Check:
     return Check(name, True)
 
@@ -217,7 +222,7 @@ class Report:
     def text(self) -> str:
         where = f" on {self.url}" if self.url else ""
         serving = f"serving {subjects.provider_subject(self.provider)}{where}"
-        copies = f"{self.replicas} replica{'s' if self.replicas != 1 else ''}"
+        copies = count(self.replicas, "replica")
         lines = [f"lifeline conformance: {copies} of `{shlex.join(self.command)}` {serving}"]
         for check in self.checks:
             lines += check.lines()
@@ -468,7 +473,7 @@ class _Monitor:
         hearing, serving = {s.cid for s in cancels}, self.serving(subs)
         if len(hearing) < len(serving):
             return (
-                f"{len(hearing)} connection{'s' if len(hearing) != 1 else ''} subscribed to it, "
+                f"{count(len(hearing), 'connection')} subscribed to it, "
                 f"for {len(serving)} serving {self.subject}"
             )
         return None
@@ -498,7 +503,7 @@ async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: flo
             break
         dead = [r for r in running if r.exit_status is not None]
         if dead or time.monotonic() >= deadline:
-            replicas = f"{want} replica{'s' if want != 1 else ''}"
+            replicas = count(want, "replica")
             expected = f"{replicas} subscribed to {monitor.subject} within {timeout_s:g} s"
             exits = [f"{r.label} exited with status {r.exit_status}" for r in dead]
             got = f"{len(serving)} ({'; '.join(exits) or 'still waiting'})"
@@ -884,8 +889,7 @@ class _Checks:
                 name,
                 "every reply on its request's reply subject (and chunks on its "
                 f"{subjects.STREAM_TO}), nothing on other subjects",
-                f"{len(strays)} message{'s' if len(strays) != 1 else ''} elsewhere; the first: "
-                f"{show(strays[0])}",
+                f"{count(len(strays), 'message')} elsewhere; the first: {show(strays[0])}",
                 STRAY_HINT,
             )
         return _ok(name)
@@ -1109,7 +1113,7 @@ class _Checks:
             name,
             "at most one reply to every request the kit sent (listened until "
             f"{LATE_WAIT_S:g} s after the last first reply)",
-            f"{len(twice)} request{'s' if len(twice) != 1 else ''} with more than one reply "
+            f"{count(len(twice), 'request')} with more than one reply "
             f"(sent by {sent_by}); the first got {len(replies)}, the second {later_ms:.0f} ms "
             f"after the first: {show(replies[1])}",
             "answer each request once: no second reply on an error path, a timer or a retry "
@@ -1143,7 +1147,7 @@ class _Checks:
         for exchange in sent:
             chunks = sum(e.what == "chunk" for e in exchange.events)
             if not exchange.settled and chunks:
-                got = f"{chunks} chunks, then no reply within {waited_s:.3g} s"
+                got = f"{count(chunks, 'chunk')}, then no reply within {waited_s:.3g} s"
                 hint = "after the chunks, one reply ends the stream: a ProviderOk counting them"
                 return _fail(name, expected, got, hint, self._dead())
             if not exchange.replies and not exchange.unheard:
@@ -1237,13 +1241,14 @@ def _stream_problem(
     before, after = events[:at], events[at + 1 :]
     reply = decode(replies[0].data)
     if not isinstance(reply, ProviderOk):
-        return f"{show(replies[0])} after {len(before)} chunks", ""
+        return f"{show(replies[0])} after {count(len(before), 'chunk')}", ""
     if not before and reply.chunks == 0 and not after:
         return None  # a worker that does not stream answers once; the dispatcher streams that
     if reply.chunks != len(before):
-        return f"{len(before)} chunks, and then a ProviderOk with chunks={reply.chunks}", ""
+        got = f"{count(len(before), 'chunk')}, and then a ProviderOk with chunks={reply.chunks}"
+        return got, ""
     if after:
-        return f"{len(after)} chunks after the reply", ""
+        return f"{count(len(after), 'chunk')} after the reply", ""
     pieces = []
     for i, chunk in enumerate(before, 1):
         if (chunk.headers or {}).get(subjects.EVENT) == "tool_call":
@@ -1285,8 +1290,8 @@ def _pieces_problem(pieces: list[str], said: str) -> tuple[str, str] | None:
             at = found + len(piece)
         what = "a piece lost"
     got = (
-        f"{len(pieces) - 1} text chunks reading {whole[:60]!r} joined as they came, where the "
-        f"same request unstreamed was answered {said[:60]!r}, twice alike: {what}"
+        f"{count(len(pieces) - 1, 'text chunk')} reading {whole[:60]!r} joined as they came, "
+        f"where the same request unstreamed was answered {said[:60]!r}, twice alike: {what}"
     )
     return got, "publish every piece once, in order: none lost, none repeated"
 
@@ -1298,8 +1303,8 @@ def _text_problem(
     whole = streamed + content  # what the dispatcher passes on: the chunks, then the content
     if streamed and content and content in (streamed, said):
         got = (
-            f"{pieces} text chunks reading {streamed[:40]!r}, then a ProviderOk whose content "
-            f"repeats the text: {content[:40]!r}"
+            f"{count(pieces, 'text chunk')} reading {streamed[:40]!r}, then a ProviderOk whose "
+            f"content repeats the text: {content[:40]!r}"
         )
         hint = (
             'content holds only what was not streamed (normally ""): the dispatcher sends it '
@@ -1308,8 +1313,9 @@ def _text_problem(
         return got, hint
     if said and whole != said and sorted(whole) == sorted(said):
         got = (
-            f"{pieces} text chunks reading {whole[:60]!r} joined as they came, where the same "
-            f"request unstreamed was answered {said[:60]!r}: the same text in another order"
+            f"{count(pieces, 'text chunk')} reading {whole[:60]!r} joined as they came, where "
+            f"the same request unstreamed was answered {said[:60]!r}: the same text in another "
+            "order"
         )
         hint = (
             "publish the pieces one after the other, in the text's order: they carry no "

@@ -108,7 +108,7 @@ def injecting(
                 number()  # as it starts, as a real call is: a hedge may start while it waits
             simulated = await simulate(fault, target.name, timeout_s)
             if simulated is not None and streams:
-                note = f"{simulated.message}, after {after} chunks"
+                note = f"{simulated.message}, after {after} chunk{'' if after == 1 else 's'}"
                 cut(target, after, msgspec.structs.replace(simulated, message=note))
             elif simulated is not None:
                 return simulated

@@ -27,7 +27,7 @@ from test_provider_azure_openai import COMPLETION as AZURE_COMPLETION
 from test_provider_openai import COMPLETION as OPENAI_COMPLETION
 from test_provider_streaming import ANTHROPIC, AZURE, OPENAI, TEXTS, send
 
-from schemas import ChatMessage, ProviderOk, ProviderRequest
+from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.errors import ProviderError
 from workers import testmode
 from workers.fake import FakeProvider, FakeSettings
@@ -350,3 +350,53 @@ def test_test_mode_streams_only_what_streams_and_is_off_unless_asked():
     assert not hasattr(testmode.with_test_mode(Plain()), "stream")
     assert testmode.enabled({"LIFELINE_TEST_MODE": "1"})
     assert not testmode.enabled({}) and not testmode.enabled({"LIFELINE_TEST_MODE": "yes"})
+
+
+# ---- counts of one --------------------------------------------------------------------------
+
+
+def test_a_count_of_one_is_said_in_the_singular():
+    from types import SimpleNamespace
+
+    from schemas.wire import encoder
+    from service.conformance import _Checks, _Event, _Exchange, _stream_problem, _text_problem
+
+    def streamed(*events: tuple[str, Any]) -> _Exchange:
+        exchange = _Exchange(0.0)
+        for i, (what, body) in enumerate(events):
+            data = body if isinstance(body, bytes) else encoder.encode(body)
+            exchange.events.append(_Event(what, data, None, 0.1 * i))
+        return exchange
+
+    chunk = ("chunk", b"Hello")
+    ok = ProviderOk("", "m-1", chunks=2)
+    assert _stream_problem(streamed(chunk, ("reply", ok)), None) == (
+        "1 chunk, and then a ProviderOk with chunks=2",
+        "",
+    )
+    lost = ProviderFailure("server_error", "lost")
+    got, _ = _stream_problem(streamed(chunk, ("reply", lost)), None) or ("", "")
+    assert got.endswith(" after 1 chunk"), got
+    late = streamed(("reply", ProviderOk("Hello", "m-1")), chunk)
+    assert _stream_problem(late, None) == ("1 chunk after the reply", "")
+    repeated, _ = _text_problem("Hello", "Hello", 1, None) or ("", "")
+    assert repeated.startswith("1 text chunk reading 'Hello', then"), repeated
+
+    checks = _Checks(SimpleNamespace(provider="p"), [], None, 1.0)  # type: ignore[arg-type]
+    check = checks._streaming([streamed(chunk)], [_Exchange(0.0), _Exchange(0.0)], 1.0)
+    assert check.got == "1 chunk, then no reply within 1 s", check.got
+
+
+async def test_a_fault_after_one_chunk_says_chunk():
+    from types import SimpleNamespace
+
+    from service.faults import injecting
+
+    cuts: list[ProviderFailure] = []
+
+    async def call(target: Any, timeout_s: float, previous: tuple[str, ...]) -> ProviderOk:
+        return ProviderOk("real", "m-1")
+
+    faulty = injecting(call, {"main": ("503 after 1",)}, cut=lambda t, n, f: cuts.append(f))
+    await faulty(SimpleNamespace(name="main", provider="p"), 5.0, ())  # type: ignore[arg-type]
+    assert cuts and cuts[0].message.endswith(", after 1 chunk"), cuts
