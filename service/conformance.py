@@ -18,9 +18,11 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
     bad_request            a malformed body (not JSON, JSON of the wrong shape) gets a
                            ProviderFailure of kind bad_request, and the worker serves on
     deadline               no reply to a request past its Lifeline-Deadline-Ms when it
-                           arrives, nor to one whose deadline passes while it is worked on
+                           arrives, nor to one whose deadline passes while it is worked on (a
+                           `lifeline-test: sleep`; and ordinary requests, from a slow worker)
     cancel                 every replica subscribes to llm.cancel.<NAME> in no queue group; an
-                           attempt named there while it runs gets no reply; one not cancelled does
+                           attempt named there while it runs gets no reply (a sleep; and
+                           ordinary ones, from a slow worker); one not cancelled does
     one_reply_per_request  a burst of requests gets exactly one reply each across the
                            replicas, all in the queue group lifeline-provider-<NAME>; and no
                            request of the whole run gets a second reply
@@ -38,7 +40,15 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
 (and `starts` first: the replicas came up and subscribed). The slow call and the failures come
 from test mode (workers/testmode.py): with LIFELINE_TEST_MODE=1, a request whose last message
 is a user message `lifeline-test: sleep <ms>` or `lifeline-test: fail <status> [retry_after
-<s>]` is answered by the worker itself, as it says.
+<s>]` is answered by the worker itself, as it says, carried out where it calls its model (in
+place of that call), so that its own deadline timer and cancel handling are what stop a sleep.
+
+A test layer in front of the provider, with a timer and cancels of its own, would pass those
+checks for a provider whose calls ignore both; so a worker whose first call took
+ORDINARY_MIN_S or more (a real model's pace) also gets ordinary requests, no directive, cut
+short by a deadline and by a cancel: they outlast both, and only the worker's own handling
+keeps them quiet (a cancelled one may be answered up to DEADLINE_GRACE_S after its cancel: it
+may have been on its way). A quick worker's calls are over before anything can cut them short.
 
 Readiness is read from the server's monitoring endpoint (/connz?subs=detail), not guessed
 from replies: a probe through the queue group reaches one replica at random, so answers
@@ -125,6 +135,21 @@ DEADLINE_AFTER_S = 0.3  # ... this long after it was sent; nothing may come past
 # machine the kit reads it a little late (tests/minimal_worker.py's --late-timeout-reply, 450 ms
 # late, fails it).
 DEADLINE_GRACE_S = 0.25
+DEADLINE_HINT = (
+    "a worker stops a call still running at its deadline (a timer, asyncio.timeout) and sends "
+    "nothing: checking the deadline when a request arrives is not enough"
+)
+# A worker whose first call took this long or more (a real model's pace) gets ordinary
+# requests (no directive) cut short too, by a deadline and by a cancel, as the directive's are:
+# its calls outlast both by more than DEADLINE_GRACE_S, so only its own deadline timer and
+# cancel handling keep them quiet, where a directive may be answered by a test layer in front
+# of the provider, with handling of its own.
+ORDINARY_MIN_S = 0.7
+ORDINARY_HINT = (
+    "{what} must stop the provider's own call, not only a `lifeline-test: sleep`: carry the "
+    "directives out where the provider is called, in place of its call, under the deadline "
+    "timer and cancel handling every call gets"
+)
 SLEEP_MS = 1500  # the slow call the cancel check cancels
 CANCEL_AFTER_S = 0.2  # ... this long after sending it
 CANCEL_WAIT_S = 2.5  # the longest the cancel check listens
@@ -136,6 +161,7 @@ STREAMS = 2  # streamed requests sent by streaming (and two more unstreamed, to 
 # Model calls that may be queued at once while the checks run side by side: replies_decode's,
 # the burst, streaming's. A wait for answers grows by the worker's pace once per call.
 SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 2
+ORDINARY_CALLS = SPREAD // 2 + 3  # and deadline's and cancel's, when they cut calls short
 STOP_GRACE_S = 3.0  # SIGTERM to SIGKILL
 LOG_LINES = 25  # of a replica's output, shown when a check failed
 # The HTTP statuses error_kinds asks for (retry_after_s where given); each must come back as
@@ -800,6 +826,15 @@ class _Checks:
         """How long to wait for the answers to `calls` model calls sent at once."""
         return self.timeout_s + self.pace_s * calls
 
+    @property
+    def cuts_ordinary(self) -> bool:
+        """Whether the worker's own calls are slow enough to be cut short (ORDINARY_MIN_S)."""
+        return self.pace_s >= ORDINARY_MIN_S
+
+    def side_by_side_s(self) -> float:
+        """How long to wait for answers while the checks run side by side."""
+        return self.wait_s(SIDE_BY_SIDE_CALLS + (ORDINARY_CALLS if self.cuts_ordinary else 0))
+
     async def _answers(self, exchanges: list[_Exchange], timeout_s: float) -> None:
         """Until each exchange has its reply (or a stray, or no responders), every replica has
         exited, or timeout_s has passed."""
@@ -868,7 +903,7 @@ class _Checks:
             self.first,
             *[await self.wire.ask(HELLO, label=name) for _ in range(SPREAD // 2 - 1)],
         ]
-        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        waited = self.side_by_side_s()
         await self._answers(sent, waited)
         return self._judge(name, lambda: self._replies_decode(sent, waited))
 
@@ -938,10 +973,20 @@ class _Checks:
             )
             for i in range(SPREAD // 2)
         ]
-        await asyncio.sleep(DEADLINE_WAIT_S)
-        return self._judge(name, lambda: self._deadline(late, working))
+        ordinary: list[_Exchange] = []  # the provider's own calls: cut short the same way
+        if self.cuts_ordinary:
+            ordinary = [
+                await self.wire.ask(
+                    HELLO, deadline_in_s=DEADLINE_AFTER_S, stream=i % 2 == 1, label=name
+                )
+                for i in range(SPREAD // 2)
+            ]
+        await asyncio.sleep(DEADLINE_WAIT_S + (self.pace_s if ordinary else 0.0))
+        return self._judge(name, lambda: self._deadline(late, working, ordinary))
 
-    def _deadline(self, late: list[_Exchange], working: list[_Exchange]) -> Check:
+    def _deadline(
+        self, late: list[_Exchange], working: list[_Exchange], ordinary: list[_Exchange]
+    ) -> Check:
         name = "deadline"
         answered = [x for x in late if x.events]
         if answered:
@@ -953,21 +998,32 @@ class _Checks:
                 f"first: {show(answered[0].events[0])}",
                 "a worker drops a request past its deadline: the dispatcher no longer waits",
             )
+        directive = f"lifeline-test: sleep {DEADLINE_SLEEP_MS}"
+        deadline = (
+            f"the deadline {DEADLINE_AFTER_S * 1000:.0f} ms after sending; "
+            f"{DEADLINE_GRACE_S * 1000:.0f} ms of grace"
+        )
+        cut_short = (
+            (working, "a request", f"{directive!r}, {deadline}", DEADLINE_HINT),
+            (
+                ordinary,
+                "an ordinary request (no directive)",
+                f"the worker's first call took {self.pace_s:.2g} s; {deadline}",
+                ORDINARY_HINT.format(what="the deadline"),
+            ),
+        )
         past = DEADLINE_AFTER_S + DEADLINE_GRACE_S
-        worked = [x for x in working if any(e.after_s > past for e in x.events)]
-        if worked:
-            directive = f"lifeline-test: sleep {DEADLINE_SLEEP_MS}"
-            return _fail(
-                name,
-                f"nothing (no reply, no chunk) past the {subjects.DEADLINE_MS} of a request "
-                f"still worked on when it passed ({directive!r}, the deadline "
-                f"{DEADLINE_AFTER_S * 1000:.0f} ms after sending; {DEADLINE_GRACE_S * 1000:.0f} "
-                "ms of grace)",
-                f"something for {len(worked)} of {len(working)}",
-                f"first: {show(next(e for e in worked[0].events if e.after_s > past))}",
-                "a worker stops a call still running at its deadline (a timer, asyncio.timeout) "
-                "and sends nothing: checking the deadline when a request arrives is not enough",
-            )
+        for sent, what, how, hint in cut_short:
+            worked = [x for x in sent if any(e.after_s > past for e in x.events)]
+            if worked:
+                return _fail(
+                    name,
+                    f"nothing (no reply, no chunk) past the {subjects.DEADLINE_MS} of {what} "
+                    f"still worked on when it passed ({how})",
+                    f"something for {len(worked)} of {len(sent)}",
+                    f"first: {show(next(e for e in worked[0].events if e.after_s > past))}",
+                    hint,
+                )
         return _ok(name)
 
     async def cancel(self) -> Check:
@@ -989,31 +1045,49 @@ class _Checks:
                 self.monitor.describe(cancel_subject, subs),
             )
         directive = f"lifeline-test: sleep {SLEEP_MS}"
-        attempt = f"conformance-cancel-{secrets.token_hex(4)}"
-        cancelled = await self.wire.ask(directive, attempt_id=attempt, label=name)
         # A streamed attempt too: a worker may stop only the calls it answers at once.
-        streamed_attempt = f"conformance-cancel-{secrets.token_hex(4)}"
-        streamed = await self.wire.ask(
-            directive, attempt_id=streamed_attempt, stream=True, label=name
-        )
+        attempts: dict[str, _Exchange] = {}
+        for stream in (False, True):
+            attempt = f"conformance-cancel-{secrets.token_hex(4)}"
+            attempts[attempt] = await self.wire.ask(
+                directive, attempt_id=attempt, stream=stream, label=name
+            )
+        cancelled, streamed = attempts.values()
         kept = await self.wire.ask(directive, label=name)
+        # The provider's own calls, when they are as slow as the first: cancelled alike, and
+        # one kept, whose answer says when theirs would have come.
+        ordinary: dict[str, tuple[_Exchange, str]] = {}  # attempt -> its exchange, how sent
+        clocks = [kept]
+        if self.cuts_ordinary:
+            for stream in (False, True):
+                attempt = f"conformance-cancel-{secrets.token_hex(4)}"
+                exchange = await self.wire.ask(HELLO, attempt_id=attempt, stream=stream, label=name)
+                ordinary[attempt] = exchange, f", with {subjects.STREAM_TO}" if stream else ""
+            clocks.append(await self.wire.ask(HELLO, label=name))
         await self.wire.nc.flush()
         await asyncio.sleep(CANCEL_AFTER_S)
-        await self.wire.nc.publish(cancel_subject, attempt.encode())
-        await self.wire.nc.publish(cancel_subject, streamed_attempt.encode())
+        for attempt in (*attempts, *ordinary):
+            await self.wire.nc.publish(cancel_subject, attempt.encode())
         await self.wire.nc.flush()
+        cancelled_at = time.monotonic()
         # Both sleeps started together: once the kept one has answered, the cancelled one would
         # have too, give or take; so listen a little past that, or CANCEL_WAIT_S in all.
         waited = CANCEL_WAIT_S + self.pace_s
-        await self.wire.until(lambda: kept.settled, waited - CANCEL_AFTER_S)
-        if kept.replies:
+        longest = self.side_by_side_s() if ordinary else waited
+        await self.wire.until(lambda: all(x.settled for x in clocks), longest - CANCEL_AFTER_S)
+        if all(x.replies for x in clocks):
             await asyncio.sleep(QUIET_S + 0.2)
         else:
             await asyncio.sleep(max(0.0, waited - (time.monotonic() - cancelled.sent_at)))
         where = self.monitor.describe(cancel_subject, subs)
-        return self._judge(
-            name, lambda: self._cancel(cancelled, streamed, kept, waited, hears, where)
-        )
+
+        def judge() -> Check:
+            check = self._cancel(cancelled, streamed, kept, waited, hears, where)
+            if not check.passed:
+                return check
+            return self._cancel_ordinary(list(ordinary.values()), cancelled_at)
+
+        return self._judge(name, judge)
 
     def _cancel(
         self,
@@ -1024,6 +1098,7 @@ class _Checks:
         hears: str,
         where: str,
     ) -> Check:
+        """The directive's attempts."""
         name = "cancel"
         directive = f"lifeline-test: sleep {SLEEP_MS}"
         cancel_subject = subjects.cancel_subject(self.provider)
@@ -1055,10 +1130,30 @@ class _Checks:
             )
         return _ok(name)
 
+    def _cancel_ordinary(self, ordinary: list[tuple[_Exchange, str]], cancelled_at: float) -> Check:
+        """The provider's own calls cancelled: nothing from them once the cancel has had
+        DEADLINE_GRACE_S to reach the worker (before, it may have been answering already)."""
+        name = "cancel"
+        for exchange, how in ordinary:
+            by = cancelled_at - exchange.sent_at + DEADLINE_GRACE_S
+            after = [e for e in exchange.events if e.after_s > by]
+            if after:
+                return _fail(
+                    name,
+                    f"nothing (no reply, no chunk) for an ordinary attempt (no directive{how}; "
+                    f"the worker's first call took {self.pace_s:.2g} s) from "
+                    f"{DEADLINE_GRACE_S * 1000:.0f} ms after a cancel on "
+                    f"{subjects.cancel_subject(self.provider)} named it, "
+                    f"{CANCEL_AFTER_S * 1000:.0f} ms after it was sent",
+                    show(after[0]),
+                    ORDINARY_HINT.format(what="a cancel"),
+                )
+        return _ok(name)
+
     async def one_reply_per_request(self) -> Check:
         name = "one_reply_per_request"
         sent = [await self.wire.ask(f"Request {i} of a burst.", label=name) for i in range(BURST)]
-        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        waited = self.side_by_side_s()
         await self._answers(sent, waited)
         await asyncio.sleep(QUIET_S)
         return self._judge(name, lambda: self._one_reply(sent, waited))
@@ -1128,7 +1223,7 @@ class _Checks:
         # The text to compare with, asked twice: a model answering it the same both times
         # answers it so streamed too, so any other text there is a piece lost or repeated.
         unstreamed = [await self.wire.ask(text, label=name) for _ in range(2)]
-        waited = self.wait_s(SIDE_BY_SIDE_CALLS)
+        waited = self.side_by_side_s()
         await self._answers([*sent, *unstreamed], waited)
         await asyncio.sleep(QUIET_S)
         return self._judge(name, lambda: self._streaming(sent, unstreamed, waited))

@@ -2,7 +2,9 @@
 Lifeline's built-in providers run as `lifeline worker conformance --config FILE` (the HTTP
 kinds against a local server answering with each provider's documented bodies and
 server-sent events), a minimal worker written from the protocol alone (tests/minimal_worker.py),
-and that worker broken on purpose, one flag at a time, failing exactly the checks it should.
+and that worker broken on purpose, one flag at a time, failing exactly the checks it should;
+and a worker whose test layer obeys the directives while its provider ignores deadlines and
+cancels (tests/directives_first_worker.py), which only ordinary calls cut short can fail.
 
 A kit run takes about four seconds, most of it waiting for silence (a deadline passed, a
 cancel); the runs are independent (a server and two replicas each), so the module starts them
@@ -83,6 +85,17 @@ BROKEN = {
 # burst alone keeps each replica busy for about 10 x SLOW_CALL_S, past what a fixed wait of
 # 5 s allowed, so only waits that grow with the worker's pace pass it.
 SLOW_CALL_S = 0.5
+# A model whose every call takes this long, as a real one's does: long enough for the kit to
+# cut its ordinary calls short (service.conformance.ORDINARY_MIN_S), not only directives.
+SLOW_MODEL_S = 1.0
+# A worker that obeys the directives in a test layer of its own, in front of a provider whose
+# calls (SLOW_MODEL_S each) ignore deadlines and cancels.
+DIRECTIVES_FIRST = [
+    sys.executable,
+    str(ROOT / "tests" / "directives_first_worker.py"),
+    "--call-s",
+    str(SLOW_MODEL_S),
+]
 
 
 # ---- the providers' HTTP APIs, locally -----------------------------------------------------
@@ -187,6 +200,16 @@ def runs(
         started["slower-than-timeout"] = pool.submit(run_checks, slower, timeout_s=1.0)
         mute = [*MINIMAL, "--never-answer"]
         started["never-answers"] = pool.submit(run_checks, mute, timeout_s=1.0)
+        started["directives-first"] = pool.submit(run_checks, DIRECTIVES_FIRST)
+        slow_python = {**PYTHON_EXAMPLE, "settings": {"delay_s": SLOW_MODEL_S}}
+        path = write_config(configs / "slow.toml", {"providers": {"mine": slow_python}})
+        command = [sys.executable, "-m", "service.cli", "worker", "mine", "--config", str(path)]
+        started["python-example-slow"] = pool.submit(run_checks, command, provider="mine", cwd=ROOT)
+        if shutil.which("node") is not None:
+            delay = {"LIFELINE_ECHO_DELAY_MS": f"{SLOW_MODEL_S * 1000:.0f}"}
+            started["node-example-slow"] = pool.submit(
+                run_checks, NODE_EXAMPLE, provider="node-echo", env=delay
+            )
         for kind in BUILTIN:
             table, env = builtin(kind, providers.url)
             path = write_config(configs / f"{kind}.toml", {"providers": {"conformance": table}})
@@ -255,6 +278,32 @@ def test_the_node_js_example_worker_conforms(runs):
         "run `make test` (or npm ci --prefix workers/examples/node) to install nats.js"
     )
     runs["node-example"].result(timeout=120).assert_passed()
+
+
+def test_the_examples_conform_with_calls_slow_enough_to_be_cut_short(runs):
+    # Each call takes SLOW_MODEL_S: the kit cuts their ordinary calls short too, by a deadline
+    # and by a cancel, and only the runtime's (or worker.mjs's) own handling keeps them quiet.
+    runs["python-example-slow"].result(timeout=120).assert_passed()
+    if shutil.which("node") is not None:
+        runs["node-example-slow"].result(timeout=120).assert_passed()
+
+
+def test_a_worker_whose_provider_ignores_deadlines_and_cancels_fails_though_it_obeys_directives(
+    runs,
+):
+    """Its test layer stops a `lifeline-test: sleep` at the deadline and at a cancel; its
+    provider's own calls, which a real dispatcher sends, run on and are answered late."""
+    report = runs["directives-first"].result(timeout=120)
+    text = report.text()
+    assert report.failed == ["deadline", "cancel"], text
+    assert (
+        "past the Lifeline-Deadline-Ms of an ordinary request (no directive) still worked on "
+        "when it passed"
+    ) in text
+    assert "for an ordinary attempt (no directive" in text
+    assert "ms after a cancel on llm.cancel.conformance named it" in text
+    assert "the worker's first call took 1" in text  # why the kit could cut its calls short
+    assert "not only a `lifeline-test: sleep`" in text
 
 
 @pytest.mark.parametrize("flag", BROKEN)

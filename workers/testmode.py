@@ -6,15 +6,22 @@ worker so). Then a ProviderRequest whose LAST message is a `user` message with s
 starting `lifeline-test:` is a directive, answered by the worker itself:
 
     lifeline-test: sleep <ms>                       wait ms milliseconds, then answer ok (any
-                                                    content); the deadline and a cancel still
-                                                    stop it, as they stop a real call
+                                                    content); the worker's deadline timer and
+                                                    cancels stop it, as they stop a real call
     lifeline-test: fail <status> [retry_after <s>]  answer a ProviderFailure: kind
                                                     classify_status(status), status_code status,
                                                     retry_after_s s when given
 
 A directive this module cannot read is answered as a bad_request; directives never reach the
-provider. Outside test mode all of this is ordinary text. Workers in other languages implement
-the same two directives the same way.
+provider. Outside test mode all of this is ordinary text.
+
+A directive is carried out in the provider's place: the wrapped provider is what the worker
+runtime (workers/runtime.py) calls, under the deadline timer and cancel handling every call
+gets, so a sleep is stopped by the runtime's own, as the provider's call would be; nothing here
+watches a deadline or a cancel. Workers in other languages implement the same two directives
+the same way: where they call their model, in place of that call, never in a layer in front of
+it with a timer or cancels of its own (the kit cuts a slow worker's ordinary calls short too,
+which such a layer would not cover).
 
 `with_test_mode(provider)` wraps any provider: its `complete`, and its `stream` when it has one.
 """

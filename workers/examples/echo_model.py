@@ -23,8 +23,12 @@ class EchoModel(Model):
     class Settings(msgspec.Struct, forbid_unknown_fields=True):
         prefix: str = ""
         word_delay_s: float = 0.0  # between streamed words, to watch them arrive
+        # How long each call takes, as a real model's does: to watch a deadline or a cancel
+        # cut one short (the runtime stops waiting; this thread sleeps on, then is free).
+        delay_s: float = 0.0
 
     def call(self, request: ProviderRequest) -> Answer:  # runs in a thread: it may block
+        time.sleep(self.settings.delay_s)
         text = request.messages[-1].text
         if text == "overloaded":  # how a model reports a failure the dispatcher falls back on
             raise ModelError("rate_limit", "echo model is busy", retry_after_s=1)

@@ -5,8 +5,10 @@
 //   LIFELINE_PROVIDER=node-echo NATS_URL=nats://127.0.0.1:4222 node workers/examples/node/worker.mjs
 //
 // Environment: LIFELINE_PROVIDER (default node-echo), LIFELINE_MODEL (default node-echo-1),
-// NATS_URL (default nats://127.0.0.1:4222; a comma-separated list for a cluster), and
-// LIFELINE_TEST_MODE=1 to obey the conformance kit's "lifeline-test:" directives.
+// NATS_URL (default nats://127.0.0.1:4222; a comma-separated list for a cluster),
+// LIFELINE_TEST_MODE=1 to obey the conformance kit's "lifeline-test:" directives, and
+// LIFELINE_ECHO_DELAY_MS, how long each call takes (default 0), as a real API call does: to
+// watch a deadline or a cancel cut one short.
 //
 // The protocol (workers/runtime.py is the reference implementation; the messages are in
 // schemas/wire.py, the subject and header names in schemas/subjects.py):
@@ -23,6 +25,7 @@ const NAME = process.env.LIFELINE_PROVIDER || "node-echo";
 const MODEL = process.env.LIFELINE_MODEL || "node-echo-1";
 const SERVERS = (process.env.NATS_URL || "nats://127.0.0.1:4222").split(",").map((s) => s.trim());
 const TEST_MODE = process.env.LIFELINE_TEST_MODE === "1";
+const DELAY_MS = Number(process.env.LIFELINE_ECHO_DELAY_MS) || 0;
 
 const DEADLINE_MS = "Lifeline-Deadline-Ms";
 const ATTEMPT_ID = "Lifeline-Attempt-Id";
@@ -130,6 +133,9 @@ async function answer(msg, signal) {
     const directed = await testDirective(last.content.slice("lifeline-test:".length).trim(), signal);
     if (directed) return directed;
   }
+  // The model's call. A real one takes the signal too (fetch(url, { signal })), so that a
+  // deadline or a cancel stops it; replying nothing afterwards is handle()'s part.
+  if (DELAY_MS > 0) await sleep(Math.min(DELAY_MS, 2 ** 31 - 1), undefined, { signal });
   const text = textOf(request.messages.findLast((m) => m.role === "user") ?? {});
   const ok = {
     status: "ok",
