@@ -289,15 +289,18 @@ def hedge_config(**route: Any) -> dict[str, Any]:
 async def test_a_hedge_wins_over_a_slow_target_and_the_slow_call_is_cancelled(
     lifeline, client, audit, exporter
 ):
-    stack = await lifeline(hedge_config())
-    reply = await ask(client, USER_HELLO, timeout_s=30)
-    assert reply.content == "fast"  # slow's own answer would say "slow"
+    # Only the cancel ends slow's call within the bounds below: not its answer, its timeout_s
+    # nor the request's.
+    config = hedge_config()
+    config["providers"]["slow"] = fake(reply="slow", latency_ms=600_000, timeout_s=600)
+    stack = await lifeline(config)
+    reply = await ask(client, {**USER_HELLO, "timeout_s": 600}, timeout_s=30)
+    assert reply.content == "fast"
     assert [(a.target, a.outcome, a.reason, a.hedge) for a in reply.attempts] == [
         ("slow", "cancelled", "hedge_lost", False),
         ("fast", "ok", None, True),
     ]
     slow = stack.workers["slow"]
-    # Cancelled: a call that ran its 3 s would end without being counted so.
     await wait_for(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=30)
     [(_, event)] = await audit.wait_for(1)
     assert [a.outcome for a in event.attempts] == ["cancelled", "ok"]

@@ -218,18 +218,20 @@ async def test_a_hung_http_provider_is_abandoned_at_its_timeout_and_the_next_one
 
 
 async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, http_server):
-    stack = await lifeline(config({"local": openai_at(http_server, timeout_s=30)}))
+    # Nothing but the cancel ends the call within the bounds below: not the server's hang, the
+    # provider's timeout_s nor the attempt's deadline.
+    stack = await lifeline(config({"local": openai_at(http_server, timeout_s=600)}))
     worker = stack.workers["local"]
-    http_server.script = [("hang", 3.0)]
+    http_server.script = [("hang", 600.0)]
     inbox = client.new_inbox()
     replies = await client.subscribe(inbox)
-    far = str(int((time.time() + 30) * 1000))
+    far = str(int((time.time() + 600) * 1000))
     request = encoder.encode(ProviderRequest(id="r1", messages=[ChatMessage("user", "hi")]))
     headers = {subjects.ATTEMPT_ID: "attempt-1", subjects.DEADLINE_MS: far}
     await client.publish(subjects.provider_subject("local"), request, reply=inbox, headers=headers)
-    await wait_for(lambda: http_server.requests, timeout_s=2)  # the HTTP call is under way
+    await wait_for(lambda: http_server.requests, timeout_s=30)  # the HTTP call is under way
     await client.publish(subjects.cancel_subject("local"), b"attempt-1")
-    await wait_for(lambda: not worker.in_flight, timeout_s=1)  # well before the 3 s hang ends
+    await wait_for(lambda: not worker.in_flight, timeout_s=30)
     assert worker.cancelled == 1
     with pytest.raises(nats.errors.TimeoutError):
         await replies.next_msg(timeout=0.2)  # nobody waits for it, so no reply is sent
@@ -238,14 +240,16 @@ async def test_a_cancel_message_aborts_the_workers_http_call(lifeline, client, h
 async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cancelled(
     lifeline, client, http_server
 ):
+    # Nothing but the hedge's cancel ends local's call within the bounds below: not the
+    # server's hang, the provider's timeout_s nor the request's own (60 s, the default).
     stack = await lifeline(
         config(
-            {"local": openai_at(http_server, timeout_s=30), "backup": fake(reply="b")},
+            {"local": openai_at(http_server, timeout_s=600), "backup": fake(reply="b")},
             routes={"default": {"targets": ["local", "backup"], "hedge_after_ms": 100}},
         )
     )
-    http_server.script = [("hang", 3.0)]
-    reply = await ask(client, USER_HELLO, timeout_s=2)  # long before the 3 s hang ends
+    http_server.script = [("hang", 600.0)]
+    reply = await ask(client, USER_HELLO, timeout_s=30)
     assert (reply.provider, reply.content) == ("backup", "b")
     assert [(a.provider, a.outcome, a.hedge) for a in reply.attempts] == [
         ("local", "cancelled", False),
@@ -253,7 +257,7 @@ async def test_a_hedge_wins_over_a_hung_http_provider_and_its_http_call_is_cance
     ]
     worker = stack.workers["local"]
     # The dispatcher's cancel reaches the worker, which drops the HTTP call.
-    await wait_for(lambda: not worker.in_flight, timeout_s=1)
+    await wait_for(lambda: not worker.in_flight, timeout_s=30)
     assert worker.cancelled == 1
     assert len(http_server.requests) == 1 and http_server.finished_hangs == 0
 

@@ -278,16 +278,19 @@ async def test_the_assembled_text_is_checked_against_response_format(lifeline, c
 
 
 async def test_a_hedge_races_to_the_first_chunk_and_the_loser_is_cancelled(lifeline, client):
-    providers = {"slow": fake(reply="slow", latency_ms=3000), "fast": fake(reply="fast answer")}
+    # Only the cancel ends slow's call within the bound below: not its answer, its timeout_s
+    # nor the request's.
+    slow_600s = fake(reply="slow", latency_ms=600_000, timeout_s=600)
+    providers = {"slow": slow_600s, "fast": fake(reply="fast answer")}
     stack = await lifeline(config(providers, route("slow", "fast", hedge_after_ms=50)))
-    text, reply = await stream_text(client, request())
+    text, reply = await stream_text(client, request(timeout_s=600))
     assert text == "fast answer"
     assert [(a.target, a.outcome, a.reason, a.hedge) for a in reply.attempts] == [
         ("slow", "cancelled", "hedge_lost", False),
         ("fast", "ok", None, True),
     ]
     slow = stack.workers["slow"]
-    await wait_for(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=1)
+    await wait_for(lambda: slow.cancelled == 1 and slow.in_flight == 0, timeout_s=30)
 
 
 async def test_an_error_naming_a_cancelled_race_loser_says_why_it_was_cancelled(lifeline, client):
