@@ -6,6 +6,7 @@ the text whole, in order and scrubbed, and the end's `chunks` what was sent."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import nats
 import plugin_models
 import pytest
 from helpers import ROOT, Service, ask, config, fake
+from nats.aio.msg import Msg
 
 from schemas.streaming import TOOL_CALL, Assembler
 from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, EVENT, STREAM_TO, provider_subject
@@ -24,9 +26,11 @@ from schemas.wire import (
     CompletionRequest,
     ProviderOk,
     ProviderRequest,
+    ToolCall,
     ToolCallDelta,
     encoder,
     provider_reply_decoder,
+    tool_call_delta_decoder,
 )
 from service.client import stream
 from service.natsio import fast_path
@@ -114,18 +118,14 @@ class KeyedHotStream:
         pass
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "nats_py_publish"])
-async def test_merged_pieces_are_scrubbed_kept_in_order_and_counted(
-    nats_url: str, client: nats.NATS, tracers: Any, fast: bool
-) -> None:
-    """Pieces past the burst are held and go out as one chunk, scrubbed together (the key
-    split across them is found), before the tool-call piece that follows them, when the
-    stream waits, and before the end; a piece after the wait goes out alone again; the end's
-    `chunks` counts the messages published. The same through nats-py's publish, when the
-    fast path cannot be used."""
+async def streamed_chunks(
+    nats_url: str, client: nats.NATS, tracers: Any, provider: Any, fast: bool
+) -> tuple[ProviderOk, list[Msg]]:
+    """`provider`'s stream through a worker runtime (its fast path on or off): the end, and
+    the chunk messages it published, in order."""
     worker_nc = await nats.connect(nats_url)
     runtime = WorkerRuntime(
-        "keyed", "test", KeyedHotStream(), worker_nc, tracers.recorder("lifeline.worker"), 10
+        "keyed", "test", provider, worker_nc, tracers.recorder("lifeline.worker"), 10
     )
     await runtime.start()
     fast_path(worker_nc).enabled = fast
@@ -151,6 +151,19 @@ async def test_merged_pieces_are_scrubbed_kept_in_order_and_counted(
     finally:
         await runtime.stop()
         await worker_nc.close()
+    return end, chunks
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "nats_py_publish"])
+async def test_merged_pieces_are_scrubbed_kept_in_order_and_counted(
+    nats_url: str, client: nats.NATS, tracers: Any, fast: bool
+) -> None:
+    """Pieces past the burst are held and go out as one chunk, scrubbed together (the key
+    split across them is found), before the tool-call piece that follows them, when the
+    stream waits, and before the end; a piece after the wait goes out alone again; the end's
+    `chunks` counts the messages published. The same through nats-py's publish, when the
+    fast path cannot be used."""
+    _, chunks = await streamed_chunks(nats_url, client, tracers, KeyedHotStream(), fast)
     events = [
         ("tool_call" if (c.headers or {}).get(EVENT) == TOOL_CALL else "text", c.data.decode())
         for c in chunks
@@ -162,4 +175,63 @@ async def test_merged_pieces_are_scrubbed_kept_in_order_and_counted(
         ("text", "xxxxx"),  # still the same run: held until the stream waited
         *[("text", "y")] * _STREAM_BURST,  # after the wait, a run of its own
         ("text", "yy"),  # held until the end
+    ]
+
+
+# Two calls' arguments, each streamed in pieces of two characters after a piece naming it.
+CALLS = [json.dumps({"query": f"{n} " * 700}) for n in ("one", "two")]
+
+
+class ManyToolPieces:
+    """A stream that never waits: two tool calls, each in some 2,000 pieces, then a text."""
+
+    model = "hot-1"
+
+    async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
+        return ProviderOk("x", self.model)
+
+    async def stream(
+        self, request: ProviderRequest, timeout_s: float
+    ) -> AsyncIterator[str | ToolCallDelta | ProviderOk]:
+        for index, arguments in enumerate(CALLS):
+            yield ToolCallDelta(index, f"call_{index}", "lookup")
+            for i in range(0, len(arguments), 2):
+                yield ToolCallDelta(index, arguments=arguments[i : i + 2])
+        yield "done"
+        calls = [ToolCall(f"call_{i}", "lookup", arguments) for i, arguments in enumerate(CALLS)]
+        yield ProviderOk("", self.model, tool_calls=calls, finish_reason="tool_calls")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "nats_py_publish"])
+async def test_a_tool_call_streamed_in_many_pieces_without_a_wait_goes_out_in_few_chunks(
+    nats_url: str, client: nats.NATS, tracers: Any, fast: bool
+) -> None:
+    """Past the burst, the pieces of one call that come together go out merged, as text does:
+    one chunk each made its dispatcher relay, and its client read, some 4,000 events here (an
+    Anthropic tool input streams in pieces of a few characters). A piece naming a call, and
+    every piece of another call, begins a chunk of its own; the calls put together from the
+    chunks are the stream's."""
+    end, chunks = await streamed_chunks(nats_url, client, tracers, ManyToolPieces(), fast)
+    pieces = [
+        tool_call_delta_decoder.decode(c.data)
+        for c in chunks
+        if (c.headers or {}).get(EVENT) == TOOL_CALL
+    ]
+    assert len(chunks) < 100, len(chunks)  # about one per 8 KiB of pieces and framing
+    assert pieces[:_STREAM_BURST] == [
+        ToolCallDelta(0, "call_0", "lookup"),
+        *(ToolCallDelta(0, arguments=CALLS[0][i : i + 2]) for i in range(0, 126, 2)),
+    ]  # the burst, one by one
+    assert [(p.index, p.id, p.name) for p in pieces if p.name is not None] == [
+        (0, "call_0", "lookup"),
+        (1, "call_1", "lookup"),
+    ]  # each call named once, by a chunk beginning it
+    for index, arguments in enumerate(CALLS):
+        assert "".join(p.arguments for p in pieces if p.index == index) == arguments
+    assert [c.data for c in chunks[len(pieces) :]] == [b"done"]
+    assert end.tool_calls == [
+        ToolCall(f"call_{i}", "lookup", arguments) for i, arguments in enumerate(CALLS)
     ]

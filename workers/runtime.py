@@ -442,9 +442,11 @@ class WorkerRuntime:
         awaits) would make a chunk message of each, some 100,000 a second for its dispatcher
         to relay, every other request through it waiting meanwhile. So the first
         `_STREAM_BURST` pieces of such a run go out one by one, as they come, and the rest are
-        held and go out together, as one chunk (up to max_bytes): when the stream is about to
-        wait (see `_Next`), before a tool-call piece or the end, and when the event loop gets
-        a turn (`_give_way`). A piece that comes after a wait goes out at once, as before."""
+        held and go out together (`_merged`), as one chunk (up to max_bytes) per kind: text,
+        or the pieces of one tool call that only add to its arguments. They go when the
+        stream is about to wait (see `_Next`), before a piece of another kind or call, before
+        the end, and when the event loop gets a turn (`_give_way`). A piece that comes after a
+        wait goes out at once, as before."""
         if reply_subject_refused(stream_to, chunks=True) is not None:  # not Lifeline's own
             return await self.provider.complete(request, timeout_s)
         path, nc = fast_path(self.nc), self.nc
@@ -456,27 +458,25 @@ class WorkerRuntime:
         # otherwise hold the loop until its stream ends, every other call and its deadline
         # with it, and queue all of its chunks in memory meanwhile.
         queued, framing = 0, len(stream_to) + _CHUNK_FRAMING
-        run = 0  # text pieces since the stream last waited
+        run = 0  # pieces since the stream last waited
         rested = time.monotonic()  # when it last rested (or began): see _HOT_S
-        held: list[str] = []  # text past the run's first _STREAM_BURST pieces, not yet sent
+        # Pieces past the run's first _STREAM_BURST, not yet sent: text, or one tool call's
+        # (each scrubbed and checked as it came); their bytes, a tool call's as sent alone.
+        held: list[Any] = []
         held_bytes = 0
-        unsent: list[bytes] = []  # chunks, in order, the fast path could not take
+        unsent: list[tuple[bytes, dict[str, str] | None]] = []  # what the fast path refused
 
         def send_now() -> bool:
-            """The held text out as chunks (scrubbed together: a key split across its pieces
-            is found), through the fast path; False while some wait in `unsent` for nats-py's
-            publish (`send`)."""
+            """The held pieces out as chunks, through the fast path; False while some wait in
+            `unsent` for nats-py's publish (`send`)."""
             nonlocal chunks, held_bytes
             if held:
-                text = "".join(held)
+                unsent.extend(_merged(held, scrub, max_bytes))
                 held.clear()
                 held_bytes = 0
-                if scrub is not None:
-                    text = scrub.delta(text)
-                unsent.extend(pieces(text, max_bytes))
             sent = 0
-            for chunk in unsent:
-                if not path.publish(stream_to, chunk):
+            for chunk, headers in unsent:
+                if not path.publish(stream_to, chunk, headers=headers):
                     break
                 sent += 1
             chunks += sent
@@ -487,7 +487,8 @@ class WorkerRuntime:
             nonlocal chunks
             if not send_now():
                 while unsent:
-                    await nc.publish(stream_to, unsent[0])
+                    chunk, headers = unsent[0]
+                    await nc.publish(stream_to, chunk, headers=headers)
                     del unsent[0]
                     chunks += 1
 
@@ -515,7 +516,9 @@ class WorkerRuntime:
                     size = len(item) if item.isascii() else len(item.encode())
                     run += 1
                     if run > _STREAM_BURST:
-                        if held and held_bytes + size > max_bytes:
+                        if held and (
+                            isinstance(held[0], ToolCallDelta) or held_bytes + size > max_bytes
+                        ):
                             await send()
                         held.append(item)
                         held_bytes += size
@@ -530,29 +533,38 @@ class WorkerRuntime:
                 elif isinstance(item, ProviderOk):
                     end = item
                     break
-                else:
-                    if held:
-                        await send()  # the text before it goes first
+                elif isinstance(item, ToolCallDelta):
                     if scrub is not None:
                         item = scrub.delta(item)
-                    if isinstance(item, ToolCallDelta):
-                        payload = encoder.encode(item)
-                        if len(payload) > max_bytes:
-                            raise ProviderError(
-                                "response_too_large",
-                                f"{self.name} streamed a tool-call piece of {len(payload)} "
-                                f"bytes, above what a stream event may carry ({max_bytes})",
-                            )
+                    payload = encoder.encode(item)
+                    size = len(payload)
+                    if size > max_bytes:
+                        raise ProviderError(
+                            "response_too_large",
+                            f"{self.name} streamed a tool-call piece of {size} bytes, above "
+                            f"what a stream event may carry ({max_bytes})",
+                        )
+                    run += 1
+                    if run > _STREAM_BURST:
+                        if held and not (_adds_to(held, item) and held_bytes + size <= max_bytes):
+                            await send()
+                        held.append(item)
+                        held_bytes += size
+                    else:
                         if not path.publish(stream_to, payload, headers=_TOOL_CALL):
                             await nc.publish(stream_to, payload, headers=_TOOL_CALL)
                         chunks += 1
-                        queued += len(payload) + framing
-                    else:
-                        for piece in pieces(item, max_bytes):  # no text: fails, as it did
-                            if not path.publish(stream_to, piece):
-                                await nc.publish(stream_to, piece)
-                            chunks += 1
-                            queued += len(piece) + framing
+                    queued += size + framing
+                else:
+                    if held:
+                        await send()  # what came before it goes first
+                    if scrub is not None:
+                        item = scrub.delta(item)
+                    for piece in pieces(item, max_bytes):  # no text: fails, as it did
+                        if not path.publish(stream_to, piece):
+                            await nc.publish(stream_to, piece)
+                        chunks += 1
+                        queued += len(piece) + framing
                 if queued > _STREAM_QUEUED_MAX:
                     queued = 0
                     if held:
@@ -613,6 +625,37 @@ async def _give_way(nc: Client) -> None:
             await transport.drain()
         except (OSError, RuntimeError):  # the connection is going: nats-py's reconnect buffers
             pass
+
+
+def _adds_to(held: list[Any], piece: ToolCallDelta) -> bool:
+    """Whether `piece` can go out in one chunk with the held pieces: they are pieces of its
+    call, and it only adds to the arguments (an id or a name begins a chunk, as a call's
+    first piece carries them)."""
+    first = held[0]
+    return (
+        isinstance(first, ToolCallDelta)
+        and first.index == piece.index
+        and piece.id is None
+        and piece.name is None
+    )
+
+
+def _merged(
+    held: list[Any], scrub: Scrubber | None, max_bytes: int
+) -> list[tuple[bytes, dict[str, str] | None]]:
+    """Held pieces as the chunks that carry them: text joined, scrubbed together (a key split
+    across its pieces is found) and cut to max_bytes; a tool call's pieces, each scrubbed as
+    it came, as one: the first's index, id and name, and the arguments joined. That one is no
+    bigger than the pieces sent alone, which `_stream` keeps within max_bytes together."""
+    first = held[0]
+    if isinstance(first, ToolCallDelta):
+        if len(held) > 1:
+            first = msgspec.structs.replace(first, arguments="".join(p.arguments for p in held))
+        return [(encoder.encode(first), _TOOL_CALL)]
+    text = "".join(held)
+    if scrub is not None:
+        text = scrub.delta(text)
+    return [(chunk, None) for chunk in pieces(text, max_bytes)]
 
 
 class _Next:
