@@ -206,7 +206,7 @@ def test_ask_stream_prints_tokens_as_they_arrive_and_shows_the_reset(running):
     assert out.rstrip().endswith(story)  # after the voided text, which stdout cannot take back
     out = notes
     assert "served by storyteller" in out
-    assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 resets", out)
+    assert re.search(r"streamed 21 chunks, first after [\d.]+ ms, 1 reset", out)
     assert re.search(r"1\. chatty .* server_error 503->fallback", out)
     running[0].wait_for_log(r"chatty:server_error 503->fallback -> storyteller:ok  streamed 21")
 
@@ -405,7 +405,8 @@ def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_pa
         f"b{n}" for n in range(300)
     )
     again = run_lifeline("batch", "--nats-url", url, str(source))
-    assert again.returncode == 0 and "all 300 jobs" in again.stdout
+    assert again.returncode == 1 and "all 300 jobs" in again.stdout  # b7 is an error
+    assert again.stdout.rstrip().endswith(", 1 failed"), again.stdout
 
 
 def test_batch_writes_to_stdout_and_passes_over_what_is_no_result(running, tmp_path):
@@ -513,7 +514,8 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
     again = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
     assert "1/1 done" in again.stderr and "6 had results" in again.stderr, again.stderr
     third = run_lifeline("batch", "--nats-url", url, str(tmp_path / "support" / "jobs.jsonl"))
-    assert third.returncode == 0 and "all 7 jobs" in third.stdout, third.stderr
+    assert third.returncode == 1 and "all 7 jobs" in third.stdout, third.stderr
+    assert third.stdout.rstrip().endswith(", 3 failed"), third.stdout
     assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 7
 
 
