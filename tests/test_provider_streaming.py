@@ -1003,3 +1003,40 @@ async def test_the_key_never_appears_in_an_error_message(kind, where, server, pr
     server.answer = key_echoes(kind)[where]
     _, error = await failed(providers(kind, server.url))
     assert_no_key(error, kind.key)
+
+
+def test_an_openai_tool_call_streamed_in_many_small_pieces_is_held_in_about_its_own_size():
+    """OpenAI (and Azure, and compatible servers) stream a tool call's arguments a few
+    characters at a time, and each piece was held as a string of its own until [DONE]: about 30
+    bytes for every 2 of arguments, in one worker, for one stream."""
+    from httpx_sse import ServerSentEvent
+
+    from schemas.wire import ToolCall
+    from workers.openai import ChatStream
+
+    text = json.dumps({"digits": "0123456789" * 20_000})
+    pieces = [text[i : i + 2] for i in range(0, len(text), 2)]
+
+    def chunk(function: dict[str, Any], first: bool = False) -> ServerSentEvent:
+        call = {"index": 0, "function": function} | (
+            {"id": "call_1", "type": "function"} if first else {}
+        )
+        delta = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}], "model": "m"}
+        return ServerSentEvent(data=json.dumps(delta))
+
+    reader = ChatStream("openai", "m")
+    reader.read(chunk({"name": "get_digits", "arguments": ""}, first=True))
+    events = [chunk({"arguments": piece}) for piece in pieces]
+    tracemalloc.start()
+    try:
+        for event in events:
+            reader.read(event)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(text), f"{held} bytes held for {len(text)} bytes of arguments"
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    reader.read(ServerSentEvent(data=json.dumps(finish)))
+    ok = reader.read(ServerSentEvent(data="[DONE]"))
+    assert isinstance(ok, ProviderOk)
+    assert ok.tool_calls == [ToolCall("call_1", "get_digits", text)]
