@@ -506,6 +506,36 @@ class Service:
             proc.stop()
 
 
+class SilentServer:
+    """A TCP server that takes connections and never says a word of NATS's INFO: a NATS
+    server slow to answer. `dialed` holds each connection's writer, `hung_up` those the client
+    closed. Use it as `async with SilentServer() as server:`, dialing `server.url`."""
+
+    def __init__(self) -> None:
+        self.dialed: list[asyncio.StreamWriter] = []
+        self.hung_up: list[asyncio.StreamWriter] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.dialed.append(writer)
+        await reader.read()
+        self.hung_up.append(writer)
+        writer.close()
+
+    async def __aenter__(self) -> SilentServer:
+        self._server = await asyncio.start_server(self._take, "127.0.0.1", 0)
+        self.url = f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.dialed:
+            writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import cli_env, config, fake, wait_for
+from helpers import SilentServer, cli_env, config, fake, wait_for
 from nats.aio.client import Client
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -507,28 +507,12 @@ async def test_a_connect_given_up_on_leaves_nothing_connecting_behind():
     """Cancelled before the server answered (a timeout around it, a cancelled request handler,
     an integration's close()), connect() left nats-py connecting on for good: its socket held
     open, and another one dialed after each connect timeout."""
-    dialed: list[Any] = []
-    hung_up: list[Any] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dialed.append(writer)  # accepted, and never a word of NATS's INFO
-        await reader.read()
-        hung_up.append(writer)
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
+    async with SilentServer() as server:
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(Lifeline.connect(url), 0.5)
-        await wait_for(lambda: dialed and len(hung_up) == len(dialed))
+            await asyncio.wait_for(Lifeline.connect(server.url), 0.5)
+        await wait_for(lambda: server.dialed and len(server.hung_up) == len(server.dialed))
         connecting = [t for t in asyncio.all_tasks() if "Client.connect" in repr(t.get_coro())]
         assert not connecting
-    finally:
-        for writer in dialed:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_job_submitted_to_a_server_without_jetstream_says_what_to_do():

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from helpers import config, fake, wait_for
+from helpers import SilentServer, config, fake, wait_for
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
@@ -398,35 +398,22 @@ async def test_closing_the_connection_while_a_call_connects_ends_the_call_with_a
     concurrent.futures' CancelledError, and the connect went on, its socket left open."""
     from service.client import LifelineError
 
-    dialed: list[Any] = []
-    hung_up: list[Any] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dialed.append(writer)  # accepted, and never a word of NATS's INFO
-        await reader.read()
-        hung_up.append(writer)
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    model = ChatLifeline(nats_url=url)
-    try:
-        calls = [
-            asyncio.ensure_future(model.ainvoke("hi")),
-            asyncio.ensure_future(asyncio.to_thread(model.invoke, "hi")),
-        ]
-        await wait_for(lambda: dialed)
-        await asyncio.to_thread(bridge.close, url)
-        for call in calls:
-            with pytest.raises(LifelineError, match="closed"):
-                await asyncio.wait_for(call, 10)
-        await wait_for(lambda: len(hung_up) == len(dialed))
-    finally:
-        for writer in dialed:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.to_thread(bridge.close, url)
+    async with SilentServer() as server:
+        url = server.url
+        model = ChatLifeline(nats_url=url)
+        try:
+            calls = [
+                asyncio.ensure_future(model.ainvoke("hi")),
+                asyncio.ensure_future(asyncio.to_thread(model.invoke, "hi")),
+            ]
+            await wait_for(lambda: server.dialed)
+            await asyncio.to_thread(bridge.close, url)
+            for call in calls:
+                with pytest.raises(LifelineError, match="closed"):
+                    await asyncio.wait_for(call, 10)
+            await wait_for(lambda: len(server.hung_up) == len(server.dialed))
+        finally:
+            await asyncio.to_thread(bridge.close, url)
 
 
 async def test_a_connection_of_your_own_says_it_is_closed(nats_url):
