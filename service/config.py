@@ -756,7 +756,8 @@ _BREAKER_SLOT_S = 1.0
 
 def _breaker(key: str, table: dict[str, Any]) -> None:
     settings = _convert(table, BreakerSettings, key)
-    problem = _bad_kind(list(settings.trip_on))
+    # As written: settings.trip_on is a frozenset, whose order (string hashes) differs by process.
+    problem = _bad_kind(table.get("trip_on") or ())
     if problem is not None:
         raise ConfigError(f"{key}.trip_on[{problem[0]}]: {problem[1]}")
     if settings.window_s < _BREAKER_SLOT_S:
