@@ -2403,7 +2403,7 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
-    from service.config import load_config
+    from service.config import ConfigError, load_config
     from workers.base import shown_env_name
     from workers.plugin import PluginSettings
 
@@ -2414,7 +2414,10 @@ async def cmd_check(args: argparse.Namespace) -> int:
     natsopts.resolve({}, config.nats, default_url=LOCAL_NATS, source=config.source)
     for name, settings in config.providers.items():
         if isinstance(settings, PluginSettings):
-            await _make_model(settings, name)
+            try:
+                await _make_model(settings, name)
+            except ValueError as exc:  # named by its file, as the loader's mistakes are
+                raise ConfigError(f"{path}: {exc}") from None
         key_env = getattr(settings, "api_key_env", "")
         if key_env and not os.environ.get(key_env):  # valid, but its worker would not start
             print(

@@ -263,6 +263,7 @@ def test_check_config_names_the_key_at_fault(fault, check_config_runs):
     result = check_config_runs[fault].result()
     assert result.returncode == 2, result.stdout + result.stderr
     assert error in result.stderr, result.stderr
+    assert f"{fault}.toml: " in result.stderr  # named by its file, as the loader's mistakes are
 
 
 def test_a_model_class_that_cannot_be_made_stops_its_worker_with_one_line(tmp_path):
