@@ -673,8 +673,9 @@ class _Run:
 
     async def race(self, first: Target, timeout_s: float, delay_s: float, rival: Target) -> Outcome:
         """Call `first`; if it is still running after delay_s, start `rival` too. The first good
-        answer wins, as does the first failure that settles the chain (it would stop it or
-        switch chains); the other call is cancelled (its worker aborts it)."""
+        answer wins, as does a failure of `first` that settles the chain (it would stop it or
+        switch chains); the other call is cancelled (its worker aborts it). A hedge never makes
+        the outcome worse than no hedge: its own settling failure waits for `first`'s end."""
         started = self._calling(first, self.clock())
         task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
         why: str | None = None  # why the request stopped (aborted, shutting_down): for the spans
@@ -727,6 +728,10 @@ class _Run:
         # A hedge that failed while the call it hedged runs on: its entry goes in after that
         # call's, as `attempts` are in the order the calls started.
         early: tuple[Attempt, ...] = ()
+        # Such a failure that would settle the chain (stop it, or switch chains) does not
+        # settle the race: without the hedge the call it hedged would have run on, and may
+        # still answer. It decides only if that call fails too and would fall back to it.
+        held: Outcome | None = None
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             # Both calls may have ended in the same turns: the one that owns the output (its
@@ -737,6 +742,8 @@ class _Run:
                 reply = task.result()
                 if isinstance(reply, Started):
                     self._streaming(call.target, call.started, reply)
+                    if held is not None:
+                        self.errors.append(held.reply.kind)
                     try:
                         cancelled = await self._cancel(running, hedge=not call.hedge)
                     except BaseException as exc:  # cancelled itself meanwhile: the output stops too
@@ -751,7 +758,16 @@ class _Run:
                     )
                 outcome = self.finish(call.target, reply, call.started, call.timeout_s)
                 outcome = msgspec.structs.replace(outcome, hedge=call.hedge, raced=True)
-                if isinstance(outcome.reply, ProviderOk) or (running and self._settles(outcome)):
+                settles = not isinstance(outcome.reply, ProviderOk) and self._settles(outcome)
+                if held is not None and (isinstance(outcome.reply, ProviderOk) or settles):
+                    self.errors.append(held.reply.kind)  # it failed, and decides nothing
+                elif held is not None:  # falls back to the hedge's target, whose failure decides
+                    self.errors.append(outcome.reply.kind)
+                    self._record(outcome, 0, "fallback")
+                    return held
+                if isinstance(outcome.reply, ProviderOk) or (
+                    running and settles and not call.hedge
+                ):
                     self.unrecorded += (
                         _answered(outcome)
                         if isinstance(outcome.reply, ProviderOk)
@@ -760,18 +776,22 @@ class _Run:
                     cancelled = await self._cancel(running, hedge=not call.hedge)
                     return msgspec.structs.replace(outcome, cancelled=cancelled + early)
                 if running:  # the other call is still running: it takes over
-                    self.errors.append(outcome.reply.kind)
                     if call.hedge:
+                        held = outcome if settles else None
+                        if held is None:
+                            self.errors.append(outcome.reply.kind)
                         early = (_failed(outcome, outcome.reply, 0, "fallback", None),)
                         self.unrecorded += early
                     else:
+                        self.errors.append(outcome.reply.kind)
                         self._record(outcome, 0, "fallback")
                 last = outcome
         assert last is not None
         return msgspec.structs.replace(last, cancelled=last.cancelled + early) if early else last
 
     def _settles(self, outcome: Outcome) -> bool:
-        """A failure that ends the chain or switches it wins a race too: the rival is cancelled."""
+        """A failure that ends the chain or switches it: of the call a hedge raced, it settles
+        the race too (the hedge is cancelled); of the hedge, only once that call failed too."""
         failure = outcome.reply
         assert isinstance(failure, ProviderFailure)
         switches = self.cursor.chain_for(failure.kind) is not None

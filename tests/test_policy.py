@@ -804,6 +804,80 @@ async def test_a_failure_in_the_same_turn_as_the_hedges_answer_is_recorded_as_a_
     assert health.of("a", "a-model").state == OPEN
 
 
+def _hedged_race(a_says: ProviderReply):
+    """`call` for a chain a, b, c hedged after 10 ms: b, the hedge, fails `auth` (outside
+    fallback_on) at once, and a answers `a_says` only once b's failure is in; the calls made."""
+    b_failed = asyncio.Event()
+    made: list[str] = []
+
+    async def call(t, timeout_s, previous):
+        made.append(t.name)
+        if t.name == "b":
+            b_failed.set()
+            return fail("auth", 401, "b's key is wrong")
+        if t.name == "a":
+            await b_failed.wait()
+            for _ in range(5):  # the race hears of b's failure before a's end
+                await asyncio.sleep(0)
+            return a_says
+        return ok(content="from c")
+
+    limits = Limits(
+        Deadline(time.monotonic() + 5), fallback_on=["server_error"], hedge=Hedge(after_s=0.01)
+    )
+    return call, limits, made
+
+
+async def test_a_hedges_failure_outside_fallback_on_does_not_cancel_the_call_it_hedged():
+    """Without the hedge, a would have answered: a hedge that fails with a kind that stops the
+    chain (a second provider's wrong key) must not cost the request a's answer."""
+    call, limits, made = _hedged_race(ok(content="from a"))
+    result = await run_chain(Chain([target("a"), target("b"), target("c")]), call, limits)
+    assert result.answer is not None and result.answer.content == "from a"
+    assert [(x.target, x.outcome, x.error_type, x.hedge) for x in result.attempts] == [
+        ("a", "ok", None, False),
+        ("b", "error", "auth", True),
+    ]
+    assert made == ["a", "b"]
+
+
+async def test_a_hedges_stopping_failure_decides_once_the_call_it_hedged_falls_back_to_it():
+    """a fails with a kind that falls back: without the hedge the chain would have called b
+    next and stopped at its auth failure, so it stops there, and c is never called."""
+    call, limits, made = _hedged_race(fail("server_error", 503))
+    result = await run_chain(Chain([target("a"), target("b"), target("c")]), call, limits)
+    assert result.answer is None and result.error is not None
+    assert result.error.type == "fallback_stopped"
+    assert [(x.target, x.outcome, x.error_type, x.next, x.hedge) for x in result.attempts] == [
+        ("a", "error", "server_error", "fallback", False),
+        ("b", "error", "auth", "stop", True),
+    ]
+    assert made == ["a", "b"]
+
+
+async def test_the_hedged_calls_own_stopping_failure_still_ends_the_race_at_once():
+    """The call a hedge raced fails with a kind outside fallback_on: the chain stops there, as
+    without the hedge, and the hedge still running is cancelled."""
+    hedge_started = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == "b":
+            hedge_started.set()
+            await asyncio.sleep(60)
+        await hedge_started.wait()
+        return fail("auth", 401)
+
+    limits = Limits(
+        Deadline(time.monotonic() + 5), fallback_on=["server_error"], hedge=Hedge(after_s=0.01)
+    )
+    result = await asyncio.wait_for(run_chain(Chain([target("a"), target("b")]), call, limits), 5)
+    assert result.error is not None and result.error.type == "fallback_stopped"
+    assert [(x.target, x.outcome, x.error_type, x.hedge) for x in result.attempts] == [
+        ("a", "error", "auth", False),
+        ("b", "cancelled", None, True),
+    ]
+
+
 # ---- timeouts and breakers: which timeouts count against a target ----------------------------
 
 
