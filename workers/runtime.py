@@ -237,7 +237,11 @@ class WorkerRuntime:
                     "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
                 )
             else:
-                reply = await self._call(request, timeout_s, msg.headers)
+                answered = await self._call(request, timeout_s, msg.headers, msg.reply)
+                if answered is None:  # at its deadline already: the provider ran on past it
+                    self.tally.busy_ms += (time.perf_counter() - started) * 1000
+                    return
+                reply = answered
         except Exception:
             log.exception("worker %s: bug while answering a request", self.name)
             reply = ProviderFailure(
@@ -341,8 +345,14 @@ class WorkerRuntime:
         return ProviderFailure("timeout", timeout_message(self.name, timeout_s, self.timeout_s))
 
     async def _call(
-        self, request: ProviderRequest, timeout_s: float, headers: dict[str, str] | None
-    ) -> ProviderReply:
+        self,
+        request: ProviderRequest,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+        reply_to: str | None = None,
+    ) -> ProviderReply | None:
+        """The call's reply; None when it was sent already, at its deadline (`_Expiry`), as
+        the provider ran on past the cancel."""
         model = request.model or self.provider.model
         template = self._span_templates.get(model)
         if template is None:  # a request may name any model: the cache is bounded
@@ -353,7 +363,7 @@ class WorkerRuntime:
         span = self.spans.start(name, SpanKind.CLIENT, attributes, telemetry.remote_parent(headers))
         # The provider gets the time left before the dispatcher's deadline, and no more: a
         # call nobody waits for is cancelled, not left running (and billing).
-        expiry = _Expiry(timeout_s, self._timeouts)
+        expiry = _Expiry(timeout_s, self._timeouts, self, reply_to)
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
         token = context.attach(span.as_context())
         stream_to = headers.get(STREAM_TO) if headers else None
@@ -426,7 +436,41 @@ class WorkerRuntime:
         if span.recording:
             telemetry.annotate_outcome(span, reply)
         span.end_soon()  # handed to the exporter after the reply goes
+        if expiry.answered:
+            log.warning(
+                "worker %s: the provider's call ended %.1f s after the timeout was sent at its "
+                "deadline; what it gave is dropped",
+                self.name,
+                self._timeouts.loop().time() - expiry.answered_at,
+            )
+            return None
         return reply
+
+    def _answer_overdue(self, subject: str | None, timeout_s: float) -> None:
+        """The timeout reply of a call whose provider runs on past its deadline's cancel (it
+        caught the CancelledError: a library catching BaseException, a retry loop): sent now,
+        not when the provider ends, which may be much later. The call keeps its place among
+        those in flight until it does end: it still holds what it holds."""
+        log.warning(
+            "worker %s: the provider runs on %g s after its call's deadline cancelled it (it "
+            "caught the CancelledError): timeout sent now, its answer will be dropped; a "
+            "provider must let a cancel end its call",
+            self.name,
+            _OVERDUE_AFTER_S,
+        )
+        if not subject:
+            return
+        reply = msgspec.structs.replace(
+            self._timed_out(timeout_s), latency_ms=(timeout_s + _OVERDUE_AFTER_S) * 1000
+        )
+        try:
+            payload = self._payload(reply)
+            if publish_now(self.nc, subject, payload, self._what, urgent=True) is None:
+                task = asyncio.ensure_future(publish_later(self.nc, subject, payload, self._what))
+                self._tasks[task] = None
+                task.add_done_callback(self._finished)
+        except Exception:  # in a timer's callback: nothing above it would log it
+            log.exception("worker %s: bug while sending a timeout reply", self.name)
 
     async def _stream(
         self,
@@ -587,6 +631,9 @@ class WorkerRuntime:
 _SPAN_ATTRIBUTES_MAX = 256
 _EXPIRED_WARN_AFTER_S = 1.0  # later than this past its deadline, a request is worth a warning
 _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their replies
+# After a call's deadline cancelled it, how long its provider may take to end before the
+# timeout reply goes without it (a provider that swallowed the cancel runs on).
+_OVERDUE_AFTER_S = 0.1
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
@@ -774,20 +821,52 @@ class _Expiry:
     worker's CPU per request (py-spy). `was_ours()` tells, on CancelledError, whether the
     cancel was this timer's alone."""
 
-    __slots__ = ("_cancelling", "_task", "_timeouts", "_timer", "expired")
+    __slots__ = (
+        "_cancelling",
+        "_reply_to",
+        "_runtime",
+        "_task",
+        "_timeout_s",
+        "_timeouts",
+        "_timer",
+        "answered",
+        "answered_at",
+        "expired",
+    )
 
-    def __init__(self, timeout_s: float, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        timeouts: Timeouts,
+        runtime: WorkerRuntime | None = None,
+        reply_to: str | None = None,
+    ) -> None:
         task = asyncio.current_task(timeouts.loop())
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
+        self.answered = False  # the timeout reply went at the deadline (`_overdue`)
         self._timeouts = timeouts
+        self._timeout_s = timeout_s
+        self._runtime = runtime
+        self._reply_to = reply_to
         self._timer = timeouts.call_later(timeout_s, _Expiry._expire, self)
 
     def _expire(self) -> None:
         self.expired = True
         self._task.cancel()
+        if self._runtime is not None:  # stop() drops it when the call ends before it fires
+            self._timer = self._timeouts.call_later(_OVERDUE_AFTER_S, _Expiry._overdue, self)
+
+    def _overdue(self) -> None:
+        """The provider runs on after the cancel: the caller gets its timeout now."""
+        if self._task.done():
+            return
+        self.answered = True
+        self.answered_at = self._timeouts.loop().time()
+        assert self._runtime is not None
+        self._runtime._answer_overdue(self._reply_to, self._timeout_s)
 
     def was_ours(self) -> bool:
         return self.expired and self._task.uncancel() <= self._cancelling
