@@ -626,9 +626,11 @@ class Streamed:
         default_s: float,
         keys: set[str] | None = None,
         check_loop: Any = None,
+        assembler: Assembler | None = None,
     ) -> None:
         self.request = request
-        self.assembler = Assembler()
+        self._given = assembler  # the caller's, for a single try (module-level stream())
+        self.assembler = assembler or Assembler()
         self._nc = nc
         self._keys = keys
         self._retries = overloaded_retries
@@ -699,8 +701,9 @@ class Streamed:
                 if self._deadline is None:
                     self._deadline = time.monotonic() + _wait_s(self.request, self._default_s)
                     self._deadline -= _GRACE_S
-                self.assembler = Assembler()
-                self._events = stream(
+                if self._tries or self._given is None:
+                    self.assembler = Assembler()
+                self._events = _stream_try(
                     self._nc, self._sent, self.assembler, self._default_s, self._keys
                 )
             try:
@@ -1118,23 +1121,32 @@ async def abort(nc: Client, key: str) -> None:
         await nc.publish(subjects.ABORT, key.encode())
 
 
-async def stream(
+def stream(
     nc: Client,
     request: CompletionRequest,
     assembler: Assembler | None = None,
     default_timeout_s: float = _DEFAULT_TIMEOUT_S,
-    keys: set[str] | None = None,
-) -> AsyncGenerator[Event, None]:
-    """Send `request` to llm.stream and yield its events until the end or error event.
-    Pass an Assembler to read the text so far (with resets applied) between events.
+) -> Streamed:
+    """Send `request` to llm.stream on a nats-py connection of your own: an async iterable
+    of its events until the end or error event, as `Lifeline.stream()` gives (without its
+    retries of a refusal as overloaded). Pass an Assembler to read the text so far (with
+    resets applied) between events; the Streamed's own `text` and `reply` say the same.
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
     and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
-    timeout allows. Closed before its end (or on any of those), the request is aborted.
+    timeout allows. Left before its end (a break out of its `async for`, aclose(), any of
+    those errors), the stream is closed and its request aborted."""
+    return Streamed(nc, request, 0, default_timeout_s, assembler=assembler)
 
-    An async generator: a `break` out of a loop over it leaves it open until it is garbage
-    collected (PEP 525). To end it with the loop, read it in
-    `async with contextlib.aclosing(stream(nc, request)) as events:`."""
-    assembler = assembler or Assembler()
+
+async def _stream_try(
+    nc: Client,
+    request: CompletionRequest,
+    assembler: Assembler,
+    default_timeout_s: float,
+    keys: set[str] | None,
+) -> AsyncGenerator[Event, None]:
+    """One try of a Streamed: `request` sent to llm.stream, its events yielded until the end
+    or error event (see `stream`). Closed before its end, the request is aborted."""
     payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
     _check_size(nc, payload, headers)
     _check_room(nc, payload, headers)  # before subscribing: nothing to undo

@@ -168,6 +168,23 @@ async def test_leaving_a_stream_before_its_end_aborts_it(lifeline, client, audit
     await cancelled_at_the_worker(stack)
 
 
+async def test_a_stream_kept_in_a_variable_is_still_aborted_when_its_loop_is_left(
+    lifeline, client, audit
+):
+    """The module-level stream() on a connection of one's own, kept in a variable past its
+    `async for`: leaving the loop ends the stream there, as Lifeline.stream() does, not when
+    the variable goes (an async generator stayed open, its request running and billing)."""
+    stack = await lifeline(config(LONG_STREAM))
+    body = CompletionRequest(messages=[ChatMessage("user", "Hello")], id="s-4", timeout_s=60)
+    events = stream(client, body)
+    async for _ in events:
+        break  # the reader leaves after the first event of a hundred
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.id, event.error_type) == ("s-4", "aborted")
+    await cancelled_at_the_worker(stack)
+    assert events.reply is None and not events.done  # still held here, and ended
+
+
 async def test_a_stream_left_early_after_its_hedge_won_still_lists_the_call_that_lost(
     lifeline, client, audit
 ):
