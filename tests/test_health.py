@@ -935,15 +935,18 @@ async def test_an_open_target_is_called_when_every_later_target_would_be_skipped
 
 
 async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge():
-    b_started = asyncio.Event()
+    """b, the hedge, fails outside fallback_on; a runs on (it might still answer), then fails
+    with a kind that would have fallen back to b: b's failure stops the chain, as a hedge's."""
+    b_failed = asyncio.Event()
 
     async def a_slow():
-        b_started.set()
-        await asyncio.sleep(10)
-        return ok(content="from a")
+        await b_failed.wait()
+        for _ in range(5):  # the race hears of b's failure first
+            await asyncio.sleep(0)
+        return fail("rate_limit", 429)
 
     async def b_bad_request():
-        await b_started.wait()
+        b_failed.set()
         return fail("bad_request", 400)
 
     racer = Racer(a=a_slow, b=b_bad_request)
@@ -954,8 +957,8 @@ async def test_a_hedge_whose_own_failure_stops_the_chain_is_reported_as_a_hedge(
     )
     result = await run_chain(Chain([target("a"), target("b")]), racer, limits)
     assert result.error is not None and result.error.type == "fallback_stopped"
-    assert sorted((x.target, x.outcome, x.next, x.hedge) for x in result.attempts) == [
-        ("a", "cancelled", None, False),
+    assert [(x.target, x.outcome, x.next, x.hedge) for x in result.attempts] == [
+        ("a", "error", "fallback", False),
         ("b", "error", "stop", True),
     ]
 
