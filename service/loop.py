@@ -234,6 +234,10 @@ class Timeouts:
             heapq.heapify(heap)
             self._dead = 0
 
+    def pending(self) -> list[Any]:
+        """The `arg` of every entry still to fire, in no order (what a shutdown cuts short)."""
+        return [entry[3] for entry in self._heap if entry[2] is not None]
+
     def __len__(self) -> int:
         """Entries in the heap, cancelled ones not yet dropped included (for tests)."""
         return len(self._heap)

@@ -100,7 +100,9 @@ class WorkerRuntime:
         self._expired_warned_at: float | None = None  # see _drop_expired
         self._expired_since_warning = 0
         self.tally = Tally()  # figures for the NATS service API ($SRV.STATS)
-        self._timeouts = Timeouts()  # every call's deadline timer (_Expiry) on one loop timer
+        # Every call's deadline timer (_Expiry) on one loop timer: while it waits, the call is
+        # inside its provider (see stop()).
+        self._timeouts = Timeouts()
         self._what = f"{name}'s reply"  # what a log line calls a reply it could not send
         # Span name and attributes per model (spans copy the attributes).
         self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
@@ -135,10 +137,13 @@ class WorkerRuntime:
                 grace_s,
             )
             self._stopping = True
-            tasks = set(self._tasks)
-            for task in tasks:
+            for task in set(self._tasks):
                 task.cancel()
-            await asyncio.wait(tasks, timeout=_REPLY_AFTER_CANCEL_S)
+            # Answered now: a provider that catches the cancel runs on, and its dispatcher
+            # would wait for it until its deadline. (A call past its deadline was answered then.)
+            for call in self._timeouts.pending():
+                call.settle(self._stopped())
+            await asyncio.wait(set(self._tasks), timeout=_REPLY_AFTER_CANCEL_S)
         if self._cancel_sub is not None:
             cancel_sub, self._cancel_sub = self._cancel_sub, None
             try:
@@ -344,6 +349,14 @@ class WorkerRuntime:
         """A call that ran out of `timeout_s`, said as the dispatcher's own timer says it."""
         return ProviderFailure("timeout", timeout_message(self.name, timeout_s, self.timeout_s))
 
+    def _stopped(self) -> ProviderFailure:
+        """A call cut short by this worker's shutdown: its dispatcher moves on at once."""
+        return ProviderFailure(
+            "no_responders",
+            f"worker {self.name} stopped (its shutdown grace ran out) before the provider "
+            "answered; the call was cancelled",
+        )
+
     async def _call(
         self,
         request: ProviderRequest,
@@ -351,8 +364,8 @@ class WorkerRuntime:
         headers: dict[str, str] | None,
         reply_to: str | None = None,
     ) -> ProviderReply | None:
-        """The call's reply; None when it was sent already, at its deadline (`_Expiry`), as
-        the provider ran on past the cancel."""
+        """The call's reply; None when it was settled as it was cut short (`_Expiry.settle`):
+        sent then (its deadline's timeout, a shutdown's no_responders) or never (cancelled)."""
         model = request.model or self.provider.model
         template = self._span_templates.get(model)
         if template is None:  # a request may name any model: the cache is bounded
@@ -363,22 +376,26 @@ class WorkerRuntime:
         span = self.spans.start(name, SpanKind.CLIENT, attributes, telemetry.remote_parent(headers))
         # The provider gets the time left before the dispatcher's deadline, and no more: a
         # call nobody waits for is cancelled, not left running (and billing).
-        expiry = _Expiry(timeout_s, self._timeouts, self, reply_to)
+        expiry = _Expiry(timeout_s, self, reply_to)
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
         token = context.attach(span.as_context())
         stream_to = headers.get(STREAM_TO) if headers else None
         try:
             reply: ProviderReply
             if stream_to and hasattr(self.provider, "stream"):
-                reply = await self._stream(request, timeout_s, stream_to, expiry.task_cancelled)
+                reply = await self._stream(request, timeout_s, stream_to, expiry)
             else:
                 reply = await self.provider.complete(request, timeout_s)
             if expiry.task_cancelled():
                 # The provider swallowed the cancel (a library catching BaseException, a
                 # retry loop): its answer is as late as if it had not, and goes as the cancel
                 # says (none, a timeout), never as an answer past its deadline.
+                self._dropped(expiry)
                 raise asyncio.CancelledError
         except ProviderError as exc:
+            if expiry.task_cancelled():  # raised after a cancel it caught: the cancel decides
+                self._dropped(expiry)
+                expiry.settle(None)  # a dispatcher's cancel: nobody waits (else settled then)
             reply = _failure(exc)
         # Anything else, Python's TimeoutError included: `timeout` is this call's deadline (the
         # CancelledError below), or a provider's ProviderError; its own TimeoutError is no
@@ -395,12 +412,8 @@ class WorkerRuntime:
                     "server_error", f"worker {self.name} failed: CancelledError of its own"
                 )
             elif self._stopping and not expiry.was_ours():
-                _uncancel()  # this worker is stopping: the dispatcher still waits, tell it now
-                reply = ProviderFailure(
-                    "no_responders",
-                    f"worker {self.name} stopped (its shutdown grace ran out) before the provider "
-                    "answered; the call was cancelled",
-                )
+                _uncancel()  # this worker is stopping: its reply went as stop() cancelled it
+                reply = self._stopped()
             elif not expiry.was_ours():  # the dispatcher gave up on it: nobody gets a reply
                 span.add_event("lifeline.cancelled", {})
                 span.end()
@@ -436,48 +449,40 @@ class WorkerRuntime:
         if span.recording:
             telemetry.annotate_outcome(span, reply)
         span.end_soon()  # handed to the exporter after the reply goes
-        if expiry.answered:
-            log.warning(
-                "worker %s: the provider's call ended %.1f s after the timeout was sent at its "
-                "deadline; what it gave is dropped",
-                self.name,
-                self._timeouts.loop().time() - expiry.answered_at,
-            )
-            return None
-        return reply
+        return None if expiry.settled else reply
 
-    def _answer_overdue(self, subject: str | None, timeout_s: float) -> None:
-        """The timeout reply of a call whose provider runs on past its deadline's cancel (it
-        caught the CancelledError: a library catching BaseException, a retry loop): sent now,
-        not when the provider ends, which may be much later. The call keeps its place among
-        those in flight until it does end: it still holds what it holds."""
+    def _dropped(self, expiry: _Expiry) -> None:
+        """Say that a provider caught its call's cancel and went on, once per call: what it
+        gave is dropped, its caller answered (or not) when the call was cut short."""
+        since = ""
+        if expiry.settled:
+            since = f" for {self._timeouts.loop().time() - expiry.settled_at:.1f} s"
         log.warning(
-            "worker %s: the provider runs on %g s after its call's deadline cancelled it (it "
-            "caught the CancelledError): timeout sent now, its answer will be dropped; a "
-            "provider must let a cancel end its call",
+            "worker %s: the provider caught its call's cancel (at its deadline, a cancel or "
+            "a shutdown) and went on%s; what it gave is dropped. A provider must let a "
+            "CancelledError end its call: meanwhile the call holds its place in flight",
             self.name,
-            _OVERDUE_AFTER_S,
+            since,
         )
-        if not subject:
-            return
-        reply = msgspec.structs.replace(
-            self._timed_out(timeout_s), latency_ms=(timeout_s + _OVERDUE_AFTER_S) * 1000
-        )
+
+    def _send_now(self, subject: str, reply: ProviderReply) -> None:
+        """A reply sent outside its call's task, which may run on (`_Expiry.settle`): through
+        the fast path, else by nats-py in a task of its own (counted in flight)."""
         try:
             payload = self._payload(reply)
             if publish_now(self.nc, subject, payload, self._what, urgent=True) is None:
                 task = asyncio.ensure_future(publish_later(self.nc, subject, payload, self._what))
                 self._tasks[task] = None
                 task.add_done_callback(self._finished)
-        except Exception:  # in a timer's callback: nothing above it would log it
-            log.exception("worker %s: bug while sending a timeout reply", self.name)
+        except Exception:  # in a timer's callback, or stop(): nothing above it would log it
+            log.exception("worker %s: bug while sending a reply", self.name)
 
     async def _stream(
         self,
         request: ProviderRequest,
         timeout_s: float,
         stream_to: str,
-        cancelled: Callable[[], bool] = lambda: False,
+        expiry: _Expiry,
     ) -> ProviderReply:
         """Publish the provider's text deltas to `stream_to` as they come; the end's
         ProviderOk says how many chunks went out.
@@ -551,7 +556,8 @@ class WorkerRuntime:
                     item = await next_item
                 except StopAsyncIteration:
                     break
-                if cancelled():  # the provider swallowed the cancel: nothing more goes out
+                if expiry.task_cancelled():  # it swallowed the cancel: nothing more goes out
+                    self._dropped(expiry)
                     raise asyncio.CancelledError
                 if unsent:
                     await send()
@@ -630,10 +636,7 @@ class WorkerRuntime:
 
 _SPAN_ATTRIBUTES_MAX = 256
 _EXPIRED_WARN_AFTER_S = 1.0  # later than this past its deadline, a request is worth a warning
-_REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to send their replies
-# After a call's deadline cancelled it, how long its provider may take to end before the
-# timeout reply goes without it (a provider that swallowed the cancel runs on).
-_OVERDUE_AFTER_S = 0.1
+_REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to end
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
 _STREAM_HEADER_ROOM = 1024
 _TOOL_CALL = {EVENT: TOOL_CALL}
@@ -819,7 +822,15 @@ class _Expiry:
     """Cancels the current task after `timeout_s`: asyncio.timeout's job with one entry of the
     worker's shared Timeouts and none of its bookkeeping, which was about a tenth of a
     worker's CPU per request (py-spy). `was_ours()` tells, on CancelledError, whether the
-    cancel was this timer's alone."""
+    cancel was this timer's alone.
+
+    Whatever cuts the call short settles its reply then (`settle`): the timeout at its
+    deadline, no_responders at a shutdown, nothing for a cancel (its dispatcher gave up). A
+    provider that catches the CancelledError (a library catching BaseException, a retry loop)
+    runs on, maybe for seconds, and its caller must not wait for it: what it gives is dropped.
+    The call keeps its place in flight (max_in_flight) until it does end: it still holds what
+    it holds, a model's thread, a connection, and a provider that does so at every deadline
+    would otherwise gather calls without bound."""
 
     __slots__ = (
         "_cancelling",
@@ -829,24 +840,19 @@ class _Expiry:
         "_timeout_s",
         "_timeouts",
         "_timer",
-        "answered",
-        "answered_at",
         "expired",
+        "settled",
+        "settled_at",
     )
 
-    def __init__(
-        self,
-        timeout_s: float,
-        timeouts: Timeouts,
-        runtime: WorkerRuntime | None = None,
-        reply_to: str | None = None,
-    ) -> None:
+    def __init__(self, timeout_s: float, runtime: WorkerRuntime, reply_to: str | None) -> None:
+        timeouts = runtime._timeouts
         task = asyncio.current_task(timeouts.loop())
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
-        self.answered = False  # the timeout reply went at the deadline (`_overdue`)
+        self.settled = False
         self._timeouts = timeouts
         self._timeout_s = timeout_s
         self._runtime = runtime
@@ -855,18 +861,22 @@ class _Expiry:
 
     def _expire(self) -> None:
         self.expired = True
+        if self.task_cancelled():  # a dispatcher's cancel came first: nobody waits for it
+            self.settle(None)  # (a shutdown's settled it)
+        else:
+            timed_out = self._runtime._timed_out(self._timeout_s)
+            self.settle(msgspec.structs.replace(timed_out, latency_ms=self._timeout_s * 1000))
         self._task.cancel()
-        if self._runtime is not None:  # stop() drops it when the call ends before it fires
-            self._timer = self._timeouts.call_later(_OVERDUE_AFTER_S, _Expiry._overdue, self)
 
-    def _overdue(self) -> None:
-        """The provider runs on after the cancel: the caller gets its timeout now."""
-        if self._task.done():
+    def settle(self, reply: ProviderFailure | None) -> None:
+        """Send `reply` now (None: none), once, for the call just cancelled, whose task may
+        run on; its end then sends nothing (`_call` gives None)."""
+        if self.settled:
             return
-        self.answered = True
-        self.answered_at = self._timeouts.loop().time()
-        assert self._runtime is not None
-        self._runtime._answer_overdue(self._reply_to, self._timeout_s)
+        self.settled = True
+        self.settled_at = self._timeouts.loop().time()
+        if reply is not None and self._reply_to:
+            self._runtime._send_now(self._reply_to, reply)
 
     def was_ours(self) -> bool:
         return self.expired and self._task.uncancel() <= self._cancelling
