@@ -311,18 +311,6 @@ class SwallowsCancel(Model):
             yield f"piece{n} "
 
 
-class RunsOnAfterCancel(Model):
-    """A call that catches its own cancel and runs on for seconds before it answers, as a
-    retry loop catching BaseException would."""
-
-    async def call(self, request: ProviderRequest) -> str:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            await asyncio.sleep(3)
-        return "an answer seconds past the deadline"
-
-
 class LenientSettings(Model):
     """Settings as the README's example writes them: a Struct that does not forbid unknown keys."""
 
