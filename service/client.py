@@ -666,7 +666,7 @@ class Streamed:
         return self if self._held else _Loop(self)
 
     async def __anext__(self) -> Event:
-        # One async generator (stream()) per try, driven from here rather than from a
+        # One async generator (_stream_try()) per try, driven from here rather than from a
         # generator of generators: a loop that ends with a stream broken out of unread closes
         # each of its async generators at once, and an outer one then finds its inner one
         # already closing ("aclose(): asynchronous generator is already running").

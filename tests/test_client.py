@@ -31,6 +31,8 @@ from service.client import (
     StreamGap,
     Unreachable,
     request_of,
+    stream,
+    stream_text,
 )
 from service.config import JobsSettings
 from service.embedded import EmbeddedNats
@@ -296,6 +298,36 @@ async def test_a_second_reader_of_a_stream_is_refused_and_spoils_nothing(lifelin
         await lifeline_client.complete("Hi", overloaded_retries=-1)
     with pytest.raises(ValueError, match="overloaded_retries"):
         lifeline_client.stream("Hi", overloaded_retries=-1)
+
+
+async def test_the_module_level_stream_ends_with_its_loop_as_the_method_does(lifeline, client):
+    """stream(nc, request) on a connection of one's own was a bare async generator: a `break`
+    left its inbox subscribed and its request running (and billing) until the garbage
+    collector came, and a second reader broke it. It now ends as Lifeline.stream() does, and
+    `contextlib.aclosing()`, which its docs asked for, still works."""
+    stack = await lifeline(config({"main": fake(chunks=50, chunk_delay_ms=100)}))
+    subscribed = len(client._subs)
+    words = CompletionRequest(messages=[ChatMessage("user", " ".join(["word"] * 50))], timeout_s=60)
+    answer = stream(client, words)
+    async for _ in answer:
+        break  # kept in `answer`: the break alone ends it
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=10, what="the abort")
+    assert len(client._subs) == subscribed and answer.text.startswith("word")
+    async with contextlib.aclosing(stream(client, words)) as events:
+        async for _ in events:
+            break
+    await wait_for(lambda: stack.dispatcher.aborts == 2, timeout_s=10, what="the second abort")
+    assert len(client._subs) == subscribed
+    short = CompletionRequest(messages=[ChatMessage("user", "one two three")], timeout_s=60)
+    answer = stream(client, short)
+    first = asyncio.ensure_future(answer.finish())
+    await wait_for(lambda: answer.text, what="the first reader's first word")
+    with pytest.raises(LifelineError, match="read by another task"):
+        await answer.finish()
+    assert (await asyncio.wait_for(first, 30)).status == "ok"
+    text, reply = await stream_text(client, short)
+    assert (reply.status, text) == ("ok", "one two three")
+    assert stack.dispatcher.aborts == 2 and len(client._subs) == subscribed
 
 
 async def test_an_overloaded_request_is_sent_again_when_asked(lifeline, lifeline_client):
