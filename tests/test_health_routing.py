@@ -393,6 +393,59 @@ async def test_a_stream_is_hedged_at_the_p95_of_first_chunks_not_of_whole_answer
         ]
 
 
+def misconfigured_hedge_config(primary: dict[str, Any]) -> dict[str, Any]:
+    """A route a, b, c hedged after 50 ms, whose hedge b has a wrong key: it fails `auth` (not in
+    fallback_on) at once, long before a, which takes a second, ends."""
+    return {
+        "providers": {
+            "a": {**primary, "latency_ms": 1000},
+            "b": fake(reply="from b", fail_status=401),
+            "c": fake(reply="from c"),
+        },
+        "routes": {
+            "default": {
+                "targets": ["a", "b", "c"],
+                "hedge_after_ms": 50,
+                "fallback_on": ["server_error"],
+            }
+        },
+    }
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
+async def test_a_hedge_failing_outside_fallback_on_leaves_the_call_it_hedged_to_answer(
+    lifeline, client, streamed
+):
+    """Without the hedge, a would have answered: the hedge's own failure, one that would stop
+    the chain, must not cancel a and hand the client b's error instead."""
+    stack = await lifeline(misconfigured_hedge_config(fake(reply="from a")))
+    if streamed:
+        text, reply = await stream_text(client, CompletionRequest(**USER_HELLO))
+    else:
+        reply = await ask(client, USER_HELLO, timeout_s=10)
+        text = reply.content
+    assert reply.error is None and text == "from a"
+    assert [(a.target, a.outcome, a.error_type, a.hedge) for a in reply.attempts] == [
+        ("a", "ok", None, False),
+        ("b", "error", "auth", True),
+    ]
+    assert stack.workers["a"].cancelled == 0
+
+
+async def test_a_hedges_stopping_failure_ends_the_chain_once_the_call_it_hedged_falls_back(
+    lifeline, client
+):
+    """a fails with a kind that falls back, to b: without the hedge the chain would have called
+    b next and stopped at its auth failure. So it stops there, and c is never called."""
+    await lifeline(misconfigured_hedge_config(fake(reply="from a", fail_status=503)))
+    reply = await ask(client, USER_HELLO, timeout_s=10)
+    assert reply.error is not None and reply.error.type == "fallback_stopped"
+    assert [(a.target, a.outcome, a.error_type, a.next, a.hedge) for a in reply.attempts] == [
+        ("a", "error", "server_error", "fallback", False),
+        ("b", "error", "auth", "stop", True),
+    ]
+
+
 @pytest.mark.parametrize(
     "own, streamed",
     [({"timeout_s": 0.02}, False), ({"ttft_s": 0.005}, True)],
