@@ -855,6 +855,39 @@ async def test_a_hedges_stopping_failure_decides_once_the_call_it_hedged_falls_b
     assert made == ["a", "b"]
 
 
+async def test_a_hedges_switching_failure_enters_its_chain_once_the_call_it_hedged_falls_back():
+    """b, the hedge, fails context_length, which has a chain of its own; a fails later with a
+    kind that falls back, to b: without the hedge b's failure would have switched to that
+    chain, so it does, and c (the rest of the route) is never called."""
+    b_failed = asyncio.Event()
+    made: list[str] = []
+
+    async def call(t, timeout_s, previous):
+        made.append(t.name)
+        if t.name == "b":
+            b_failed.set()
+            return fail("context_length", 400)
+        if t.name == "a":
+            await b_failed.wait()
+            for _ in range(5):  # the race hears of b's failure before a's end
+                await asyncio.sleep(0)
+            return fail("server_error", 503)
+        return ok(content=f"from {t.name}")
+
+    limits = Limits(
+        Deadline(time.monotonic() + 5), fallback_on=["server_error"], hedge=Hedge(after_s=0.01)
+    )
+    chain = Chain([target("a"), target("b"), target("c")], {"context_length": [target("long")]})
+    result = await run_chain(chain, call, limits)
+    assert result.answer is not None and result.answer.content == "from long"
+    assert [(x.target, x.outcome, x.error_type, x.next, x.hedge) for x in result.attempts] == [
+        ("a", "error", "server_error", "fallback", False),
+        ("b", "error", "context_length", "fallback", True),
+        ("long", "ok", None, None, False),
+    ]
+    assert made == ["a", "b", "long"]
+
+
 async def test_the_hedged_calls_own_stopping_failure_still_ends_the_race_at_once():
     """The call a hedge raced fails with a kind outside fallback_on: the chain stops there, as
     without the hedge, and the hedge still running is cancelled."""
