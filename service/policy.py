@@ -743,7 +743,7 @@ class _Run:
                 if isinstance(reply, Started):
                     self._streaming(call.target, call.started, reply)
                     if held is not None:
-                        self.errors.append(held.reply.kind)
+                        self._failed_call(held.reply)
                     try:
                         cancelled = await self._cancel(running, hedge=not call.hedge)
                     except BaseException as exc:  # cancelled itself meanwhile: the output stops too
@@ -760,9 +760,9 @@ class _Run:
                 outcome = msgspec.structs.replace(outcome, hedge=call.hedge, raced=True)
                 settles = not isinstance(outcome.reply, ProviderOk) and self._settles(outcome)
                 if held is not None and (isinstance(outcome.reply, ProviderOk) or settles):
-                    self.errors.append(held.reply.kind)  # it failed, and decides nothing
+                    self._failed_call(held.reply)  # it failed, and decides nothing
                 elif held is not None:  # falls back to the hedge's target, whose failure decides
-                    self.errors.append(outcome.reply.kind)
+                    self._failed_call(outcome.reply)
                     self._record(outcome, 0, "fallback")
                     return held
                 if isinstance(outcome.reply, ProviderOk) or (
@@ -779,11 +779,11 @@ class _Run:
                     if call.hedge:
                         held = outcome if settles else None
                         if held is None:
-                            self.errors.append(outcome.reply.kind)
+                            self._failed_call(outcome.reply)
                         early = (_failed(outcome, outcome.reply, 0, "fallback", None),)
                         self.unrecorded += early
                     else:
-                        self.errors.append(outcome.reply.kind)
+                        self._failed_call(outcome.reply)
                         self._record(outcome, 0, "fallback")
                 last = outcome
         assert last is not None
@@ -809,7 +809,7 @@ class _Run:
             failure = _result(task) if task.done() else None
             if isinstance(failure, ProviderFailure):
                 ended = self.finish(t, failure, call.started, call.timeout_s)
-                self.errors.append(failure.kind)
+                self._failed_call(failure)
                 ended = msgspec.structs.replace(ended, hedge=call.hedge)
                 lost.append(_failed(ended, failure, 0, "fallback", None))
                 continue
@@ -837,13 +837,20 @@ class _Run:
 
     # After a failure: Retry, FallBack, Switch or Stop.
 
-    def decide(self, outcome: Outcome, retry: int) -> Retry | FallBack | Switch | Stop:
-        target, failure = outcome.target, outcome.reply
+    def _failed_call(self, failure: ProviderReply) -> None:
+        """Every failed physical call, whether it decides the walk or not (a race's loser):
+        its kind for pass_failures and the rate-limit check, its Retry-After for when the
+        chain may take calls again (see _with_back_after)."""
         assert isinstance(failure, ProviderFailure)
         self.errors.append(failure.kind)
         if failure.kind == "rate_limit" and failure.retry_after_s is not None:
             hint = failure.retry_after_s
             self.back_after_s = hint if self.back_after_s is None else min(self.back_after_s, hint)
+
+    def decide(self, outcome: Outcome, retry: int) -> Retry | FallBack | Switch | Stop:
+        target, failure = outcome.target, outcome.reply
+        assert isinstance(failure, ProviderFailure)
+        self._failed_call(failure)
         denied = None  # why a retry was refused, when a budget said no
         if outcome.streamed and self.limits.on_midstream == "fail":
             self._record(outcome, retry, "stop")

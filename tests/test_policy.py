@@ -458,6 +458,29 @@ async def test_a_chain_every_call_of_which_was_rate_limited_says_when_to_come_ba
     assert (result.error.type, result.error.retry_after_s) == ("max_attempts_reached", 30.0)
 
 
+async def test_a_hedged_chain_every_call_of_which_was_rate_limited_names_the_soonest_retry_after():
+    """The hedge's rate limit, which ended while the call it hedged ran on, counts as much as
+    the last call's: the soonest Retry-After of the two is when to come back."""
+    hedge_failed = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == "b":  # the hedge
+            hedge_failed.set()
+            return fail("rate_limit", 429, retry_after_s=2.0)
+        await hedge_failed.wait()
+        for _ in range(5):  # the race hears of b's failure before a's end
+            await asyncio.sleep(0)
+        return fail("rate_limit", 429, retry_after_s=30.0)
+
+    limits = Limits(Deadline(time.monotonic() + 5), hedge=Hedge(after_s=0.01))
+    result = await run_chain(Chain([target("a"), target("b")]), call, limits)
+    assert [(x.target, x.error_type, x.next, x.hedge) for x in result.attempts] == [
+        ("a", "rate_limit", "stop", False),
+        ("b", "rate_limit", "fallback", True),
+    ]
+    assert (result.error.type, result.error.retry_after_s) == ("all_failed", 2.0)
+
+
 async def test_a_retry_whose_backoff_would_end_after_the_deadline_is_not_made():
     targets = [target("a", retries=3, backoff_s=4.0), target("b")]
     _, script = await run(
