@@ -61,7 +61,6 @@ from workers.base import (
     Delta,
     HttpProvider,
     ProviderError,
-    ProviderSettings,
     classify_status,
     decode_body,
     decode_event,
@@ -74,6 +73,10 @@ from workers.base import (
     stream_error_text,
     unexpected_body,
 )
+
+# The kind's keys live with the others' (no HTTP code loaded to check a config); imported from
+# here as before.
+from workers.settings import AnthropicSettings
 
 _MOST_TOKENS = 2**53 - 1  # TokenCount's bound (schemas.wire)
 # How the API words a prompt that does not fit the model's context window (invalid_request_error).
@@ -117,24 +120,6 @@ _NOT_IN_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 # A tool declared only because the conversation used it (see _tool_fields): any object input.
 _ANY_INPUT = {"type": "object"}
-
-
-class AnthropicSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: str
-    api_key_env: str = "ANTHROPIC_API_KEY"
-    base_url: str = "https://api.anthropic.com"
-    anthropic_version: str = "2023-06-01"
-    default_max_tokens: int = 1024  # the API requires max_tokens; used when a request sets none
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError('model must be set, e.g. model = "claude-sonnet-4-20250514"')
-        if not self.api_key_env:
-            raise ValueError("api_key_env must name the environment variable holding the API key")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if self.default_max_tokens < 1:
-            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
 
 
 # ---- the request ----------------------------------------------------------------------

@@ -20,50 +20,16 @@ naming a model other than its own (one provider per deployment instead).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
-from typing import Literal
 
 import httpx
-import msgspec
 
-from workers.base import HttpProvider, ProviderSettings, require_api_key
+from workers.base import HttpProvider, require_api_key
 from workers.openai import OpenAIProvider
 
-# A deployment's name or an API version: Azure allows no other characters, and a "/", "?",
-# "#" or ".." would take the call to another path than the deployment's.
-_URL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-class AzureOpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    endpoint: str  # https://<resource>.openai.azure.com
-    deployment: str
-    api_version: str = "2024-10-21"
-    api_key_env: str = "AZURE_OPENAI_API_KEY"
-    # The default api_version takes max_completion_tokens, which its reasoning deployments
-    # (o1, o3, ...) require; max_tokens for an older api_version.
-    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_completion_tokens"
-
-    def fixed_model(self) -> str | None:
-        return f"every call goes to its deployment {self.deployment!r}, which picks the model"
-
-    def __post_init__(self) -> None:
-        if not self.endpoint.startswith(("https://", "http://")):
-            raise ValueError(
-                f"endpoint must be a URL like https://myres.openai.azure.com, got {self.endpoint!r}"
-            )
-        for name in ("deployment", "api_version", "api_key_env"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
-        for name in ("deployment", "api_version"):  # they go into the URL as they are
-            if not _URL_NAME.fullmatch(getattr(self, name)):
-                raise ValueError(
-                    f"{name} must be letters, digits, '.', '_' and '-' (not first), as Azure "
-                    f"names it, got {getattr(self, name)!r}"
-                )
-        if not self.model:
-            # Frozen struct: the default is filled in the one place msgspec allows it.
-            msgspec.structs.force_setattr(self, "model", self.deployment)
+# The kind's keys live with the others' (no HTTP code loaded to check a config); imported from
+# here as before.
+from workers.settings import AzureOpenAISettings
 
 
 class AzureOpenAIProvider(OpenAIProvider):

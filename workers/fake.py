@@ -15,54 +15,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 import msgspec
-from msgspec import Meta
 
 from schemas import ProviderOk, ProviderRequest, Usage
-from schemas.wire import FinishReason, ToolCall, ToolCallDelta
-from workers.base import ProviderError, ProviderSettings, classify_status, response_too_large
+from schemas.wire import ToolCall, ToolCallDelta
+from workers.base import ProviderError, classify_status, response_too_large
 
-
-class FakeToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    arguments: str = "{}"  # JSON, as a provider sends it (malformed on purpose if you like)
-
-
-class FakeSettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: str = "fake-1"
-    # "echo" repeats the last user message; "request" answers with the ProviderRequest it got,
-    # as JSON (shows what a target's shaping sent); anything else is the answer.
-    reply: str = "echo"
-    latency_ms: Annotated[float, Meta(ge=0, le=365 * 86_400_000.0)] = 0.0  # a year at most
-    fail_status: int | None = None  # answer every call with this HTTP-like status
-    fail_rate: float = 0.0  # 0..1: share of calls that fail with fail_status (or 503)
-    seed: int = 0
-    hang: bool = False  # never answer: shows a timeout fallback
-    # A last user message "fail <status>" (e.g. "fail 503") fails that call with that HTTP status:
-    # real failures on demand, through a real worker, for tests and demos.
-    fail_on_request: bool = False
-    # Streaming: the answer in this many pieces (fewer when it is shorter), this far apart.
-    chunks: Annotated[int, Meta(ge=1)] = 4
-    chunk_delay_ms: Annotated[float, Meta(ge=0, le=365 * 86_400_000.0)] = 0.0
-    fail_after_chunks: Annotated[int, Meta(ge=0)] | None = None
-    stall_after_chunks: Annotated[int, Meta(ge=0)] | None = None
-    # Tool calls to answer with (finish_reason "tool_calls"), e.g.
-    # [{name = "get_weather", arguments = '{"city": "Paris"}'}]; `reply` is then the text beside
-    # them ("" for none). Only when the request offers tools.
-    tool_calls: tuple[FakeToolCall, ...] = ()
-    finish_reason: FinishReason | None = None  # e.g. "length": an answer cut short
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.fail_rate <= 1.0:
-            raise ValueError(f"fail_rate must be between 0 and 1, got {self.fail_rate}")
-        if self.latency_ms < 0:
-            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
-        if self.fail_status is not None and not 400 <= self.fail_status <= 599:
-            raise ValueError(
-                f"fail_status must be an HTTP error status (400..599), got {self.fail_status}"
-            )
+# The kind's keys live with the others' (no provider code loaded to check a config); imported
+# from here as before.
+from workers.settings import (
+    FakeSettings,
+    FakeToolCall,  # noqa: F401 - re-exported, see above
+)
 
 
 class FakeProvider:

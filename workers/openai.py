@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import httpx
 import msgspec
@@ -55,7 +55,6 @@ from workers.base import (
     Delta,
     HttpProvider,
     ProviderError,
-    ProviderSettings,
     classify_status,
     decode_body,
     decode_event,
@@ -69,6 +68,10 @@ from workers.base import (
     unexpected_body,
 )
 
+# The kind's keys live with the others' (no HTTP code loaded to check a config); imported from
+# here as before.
+from workers.settings import OpenAISettings
+
 # error.code (and Azure's error.innererror.code) values that mean more than the HTTP status says.
 _CODE_KINDS = {
     "context_length_exceeded": "context_length",
@@ -78,23 +81,6 @@ _CODE_KINDS = {
     # A 429 that no wait cures: the account's credit is spent (a retry would only fail again).
     "insufficient_quota": "quota",
 }
-
-
-class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: str
-    api_key_env: str | None = "OPENAI_API_KEY"  # None or "": send no Authorization header
-    base_url: str = "https://api.openai.com/v1"
-    organization: str | None = None
-    # What the answer's length limit is called in the body: OpenAI's own API takes
-    # max_completion_tokens (its reasoning models refuse max_tokens, deprecated there), while
-    # many compatible servers know only max_tokens. Unset: the first for api.openai.com.
-    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError('model must be set, e.g. model = "gpt-4o-mini"')
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
 
 
 def max_tokens_field(settings: OpenAISettings) -> str:
