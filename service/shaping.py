@@ -470,9 +470,9 @@ def _rule(schema: Any, path: list[Any]) -> str:
     where the path does not lead through the schema as written (a $ref's target)."""
     node = schema
     for step in path:
-        if isinstance(node, dict) and step in node:
-            node = node[step]
-        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+        if (isinstance(node, dict) and step in node) or (
+            isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+        ):
             node = node[step]
         else:
             return ""
