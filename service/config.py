@@ -10,7 +10,8 @@
     [breaker]               optional: circuit-breaker defaults for every target (service/health.py)
     [nats]                  optional: how to connect to NATS, credentials, TLS (service/natsopts.py)
 
-Provider tables are validated by their kind's settings type (workers/), so a typo in
+Provider tables are validated by their kind's settings type (workers/settings.py, through
+workers/registry.py: no provider's code or HTTP client is loaded), so a typo in
 any key fails here, before anything connects. Every chain entry is resolved here to a
 TargetSpec with its name set, so the dispatcher never meets an unknown name from config.
 """
@@ -33,8 +34,8 @@ from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
 from service.health import BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import Template
-from workers.base import ProviderSettings
 from workers.registry import known_kinds, parse_settings, settings_type
+from workers.settings import ProviderSettings
 
 # Provider and route names become NATS subject tokens (a subscription's line, with its
 # queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.

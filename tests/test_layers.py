@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT
 
 
@@ -122,3 +123,72 @@ def test_the_python_client_loads_nats_and_the_wire_and_nothing_of_the_dispatcher
         "service.natsopts",
     }
     assert not any(m.startswith(("faststream", "jsonschema")) for m in loaded)
+
+
+ONE_OF_EACH_KIND = """
+[providers.o]
+kind = "openai"
+model = "gpt-4o-mini"
+[providers.a]
+kind = "azure_openai"
+endpoint = "https://example.openai.azure.com"
+deployment = "gpt-4o"
+[providers.c]
+kind = "anthropic"
+model = "claude-sonnet-4-20250514"
+[providers.f]
+kind = "fake"
+[routes.default]
+targets = ["o", "a", "c", "f"]
+"""
+
+
+def test_checking_a_config_loads_no_provider_code_and_no_http_client(tmp_path):
+    """Config is data: its providers' settings types are checked without their HTTP code."""
+    kinds = tmp_path / "kinds.toml"
+    kinds.write_text(ONE_OF_EACH_KIND)
+    code = (
+        "import sys; from service.config import load_config; "
+        f"load_config('lifeline.example.toml'); load_config({str(kinds)!r}); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'httpx' or m in "
+        "('workers.base', 'workers.openai', 'workers.azure_openai', 'workers.anthropic', "
+        "'workers.fake')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+async def test_a_built_in_kind_s_provider_is_still_built_from_its_settings(tmp_path, monkeypatch):
+    """Its module imported when a worker builds it (workers.registry.build_provider)."""
+    from service.config import load_config
+    from workers.anthropic import AnthropicProvider
+    from workers.azure_openai import AzureOpenAIProvider
+    from workers.fake import FakeProvider
+    from workers.openai import OpenAIProvider
+    from workers.registry import build_provider
+
+    for env in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(env, "sk-test")
+    kinds = tmp_path / "kinds.toml"
+    kinds.write_text(ONE_OF_EACH_KIND)
+    providers = load_config(kinds).providers
+    made = {name: build_provider(settings, name) for name, settings in providers.items()}
+    for provider in made.values():
+        await provider.aclose()
+    assert {name: type(provider) for name, provider in made.items()} == {
+        "o": OpenAIProvider,
+        "a": AzureOpenAIProvider,
+        "c": AnthropicProvider,
+        "f": FakeProvider,
+    }
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(ValueError, match=r"^providers\.c: provider needs an API key"):
+        build_provider(providers["c"], "c")

@@ -4,21 +4,21 @@ The built-in kinds are listed here; "python" is a model class named by `class`, 
 installed package can add a kind of its own under the entry-point group `lifeline.providers`
 (workers/plugin.py). A package's kind named like a built-in one is not used (a warning says
 so); a kind two packages register, or one given a `class`, is refused.
+
+A built-in kind's settings type comes from workers/settings.py and its provider class is
+imported when a provider is built (build_provider): checking a config (service/config.py)
+loads no provider's code and no HTTP client.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from workers.anthropic import AnthropicProvider, AnthropicSettings
-from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
-from workers.base import Provider, ProviderSettings
-from workers.fake import FakeProvider, FakeSettings
-from workers.openai import OpenAIProvider, OpenAISettings
 from workers.plugin import (
     PYTHON_KIND,
     PluginProvider,
@@ -28,14 +28,26 @@ from workers.plugin import (
     installed_kinds,
     registered_as,
 )
+from workers.settings import (
+    AnthropicSettings,
+    AzureOpenAISettings,
+    FakeSettings,
+    OpenAISettings,
+    ProviderSettings,
+)
+
+if TYPE_CHECKING:
+    from workers.base import Provider
 
 log = logging.getLogger("lifeline")
 
-KINDS: dict[str, tuple[type[ProviderSettings], Callable[[Any], Provider]]] = {
-    "fake": (FakeSettings, FakeProvider),
-    "openai": (OpenAISettings, OpenAIProvider),
-    "azure_openai": (AzureOpenAISettings, AzureOpenAIProvider),
-    "anthropic": (AnthropicSettings, AnthropicProvider),
+# Each built-in kind: its settings type, and its provider class as "module:Class", imported
+# on first use (provider_class).
+KINDS: dict[str, tuple[type[ProviderSettings], str]] = {
+    "fake": (FakeSettings, "workers.fake:FakeProvider"),
+    "openai": (OpenAISettings, "workers.openai:OpenAIProvider"),
+    "azure_openai": (AzureOpenAISettings, "workers.azure_openai:AzureOpenAIProvider"),
+    "anthropic": (AnthropicSettings, "workers.anthropic:AnthropicProvider"),
 }
 
 
@@ -109,8 +121,16 @@ def build_provider(settings: ProviderSettings, name: str = "") -> Provider:
     plug-in that cannot be imported, its settings) or a missing API key."""
     if isinstance(settings, PluginSettings):
         return PluginProvider(settings, name)
-    _, factory = KINDS[settings.kind]
+    factory = provider_class(settings.kind)
     try:
         return factory(settings)
     except ValueError as exc:  # a missing API key: say which provider wants it
         raise ValueError(f"providers.{name}: {exc}" if name else str(exc)) from None
+
+
+def provider_class(kind: str) -> Callable[[Any], Provider]:
+    """The provider class of a built-in kind, its module imported now (KeyError for a kind
+    that is not built in)."""
+    module, _, name = KINDS[kind][1].partition(":")
+    cls: Callable[[Any], Provider] = getattr(importlib.import_module(module), name)
+    return cls
