@@ -2404,8 +2404,8 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 async def cmd_check(args: argparse.Namespace) -> int:
     from service.config import ConfigError, load_config
-    from workers.base import shown_env_name
     from workers.plugin import PluginSettings
+    from workers.settings import shown_env_name
 
     path = _config_path(args)
     config = load_config(path)

@@ -40,7 +40,7 @@ from schemas.wire import ToolCall, ToolCallDelta, delta_bytes
 
 # The keys every provider table accepts, in a module of their own so that a plug-in's import
 # (workers/plugin.py) loads no HTTP client.
-from workers.settings import DEFAULT_MAX_RESPONSE_BYTES, ProviderSettings
+from workers.settings import DEFAULT_MAX_RESPONSE_BYTES, ProviderSettings, shown_env_name
 
 # What a streamed answer yields before its end: a piece of text, or a piece of a tool call.
 Delta = str | ToolCallDelta
@@ -954,17 +954,6 @@ class HttpProvider:
         """One streamed call's body and the reader of its answer. A kind whose reader needs to
         know something of the body as it was built overrides this, not the two above."""
         return self.stream_body(request, model), self.stream_reader(model)
-
-
-def shown_env_name(name: str) -> str:
-    """An environment variable's name fit to print: one that does not look like a name (a key
-    pasted where its variable's name belongs, say) is not repeated."""
-    if _ENV_NAME.fullmatch(name):
-        return f"${name}"
-    return "the variable it names (not shown: it does not look like a variable's name; is it the secret itself?)"
-
-
-_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # the convention: what a secret rarely is
 
 
 def require_api_key(environ: Mapping[str, str], name: str) -> str:

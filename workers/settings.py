@@ -43,6 +43,19 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return None
 
 
+# How an api_key_env is named in messages: here, so that `lifeline check-config`'s warning
+# loads no HTTP code (workers.base, whose require_api_key says it too, imports it from here).
+def shown_env_name(name: str) -> str:
+    """An environment variable's name fit to print: one that does not look like a name (a key
+    pasted where its variable's name belongs, say) is not repeated."""
+    if _ENV_NAME.fullmatch(name):
+        return f"${name}"
+    return "the variable it names (not shown: it does not look like a variable's name; is it the secret itself?)"
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")  # the convention: what a secret rarely is
+
+
 # ---- each built-in kind's own keys (its provider: workers/<kind>.py) ---------------------
 
 
