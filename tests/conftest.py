@@ -34,8 +34,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest.register_assert_rewrite("helpers")  # so that its asserts explain themselves as a test's do
-from helpers import AuditFeed  # noqa: E402  (after the line above, or it would not take)
-
+# After the line above, or it would not take.
+from helpers import AuditFeed
 
 # The files that take longest, longest first; the others follow in their usual order. xdist
 # (--dist loadfile, without its reordering by number of tests: pyproject.toml) gives each of

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import httpx
 import pytest
@@ -166,18 +166,22 @@ async def settled(client: Client, *stacks: Any) -> None:
     means the server has routed what they published; on the client's then, that the server
     wrote those messages to it before its PONG; a few loop turns let the callbacks run."""
     for stack in stacks:
-        dispatcher = stack.dispatcher
-        assert dispatcher is not None
-        await wait_for(
-            lambda: not dispatcher.in_flight,
-            10,
-            what=lambda: f"{dispatcher.in_flight} requests still in flight",
-            interval_s=0.005,
-        )
+        await _idle(stack.dispatcher)
         await published(stack.components[-1].nc)
     await published(client)
     for _ in range(10):
         await asyncio.sleep(0)
+
+
+async def _idle(dispatcher: Any) -> None:
+    """Return once `dispatcher` has no request in flight."""
+    assert dispatcher is not None
+    await wait_for(
+        lambda: not dispatcher.in_flight,
+        10,
+        what=lambda: f"{dispatcher.in_flight} requests still in flight",
+        interval_s=0.005,
+    )
 
 
 class AuditFeed:
@@ -324,6 +328,7 @@ def run_lifeline(
         timeout=timeout_s,
         cwd=ROOT,
         env=env or cli_env(),
+        check=False,  # the caller reads returncode: many tests expect a failure
     )
 
 
@@ -523,7 +528,7 @@ class SilentServer:
         self.hung_up.append(writer)
         writer.close()
 
-    async def __aenter__(self) -> SilentServer:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._take, "127.0.0.1", 0)
         self.url = f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
@@ -605,8 +610,10 @@ class _Handler(BaseHTTPRequestHandler):
     body escapes every "/" as PHP does, "status key" a 500 whose status line quotes it, "bomb
     N" a gzip body that expands to N bytes; anything else is echoed."""
 
-    exported: list[bytes] = []  # OTLP bodies (traces, metrics) posted to this server
-    bombs: dict[int, bytes] = {}
+    # Shared by the handler's instances (one a request): OTLP bodies (traces, metrics) posted
+    # to this server, and the gzip bombs made so far by size.
+    exported: ClassVar[list[bytes]] = []
+    bombs: ClassVar[dict[int, bytes]] = {}
 
     def log_message(self, *args: Any) -> None:  # keep pytest's output clean
         pass
@@ -691,7 +698,7 @@ def _bomb(size: int) -> bytes:
 class MisbehavingProvider:
     """A real local HTTP server speaking OpenAI's shapes, in a thread."""
 
-    def __enter__(self) -> MisbehavingProvider:
+    def __enter__(self) -> Self:
         _Handler.exported.clear()
         self.exported = _Handler.exported
         server = LocalHTTPServer(_Handler)
@@ -716,7 +723,7 @@ class MockServer:
     real transport's is, so the workers' streaming read runs as it does against a server.
     """
 
-    default_body: Any = {}
+    default_body: ClassVar[Any] = {}
 
     def __init__(
         self,
