@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from helpers import USER_HELLO, Ledger, ask, config, fake, hpub, raw_publish
+
 from schemas import subjects
 from schemas.wire import encoder
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import nats
 import pytest
-
 from helpers import USER_HELLO, ask, fake, wait_for
+
 from schemas import ProviderFailure, ProviderOk
 from schemas.wire import INVALID_REQUEST, encoder
 from service.app import start_stack

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from helpers import USER_HELLO, ask, config, fake, settled
+
 from schemas import ProviderOk, subjects
 from schemas.ids import SecretIds
 from schemas.wire import encoder, reply_decoder

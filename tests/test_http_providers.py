@@ -18,8 +18,6 @@ from http.server import BaseHTTPRequestHandler
 
 import nats
 import pytest
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
 from helpers import (
     USER_HELLO,
     LocalHTTPServer,
@@ -31,6 +29,8 @@ from helpers import (
     wait_for,
     write_config,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from schemas import ChatMessage, ProviderRequest, subjects
 from schemas.wire import encoder
 

@@ -10,12 +10,12 @@ import dataclasses
 import importlib.metadata
 
 import nats
+from helpers import hpub, raw_publish, wait_for
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
-from helpers import hpub, raw_publish, wait_for
 from service import natsio
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed, fast_path, stop_taking

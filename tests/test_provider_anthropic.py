@@ -7,11 +7,11 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from helpers import MockServer, expect_failure, provider_fixture
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import ResponseFormat
 from workers.anthropic import AnthropicProvider, AnthropicSettings
-from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "sk-ant-api03-test-0123456789abcdef"

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from helpers import MockServer, expect_failure, provider_fixture
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
-from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 
 KEY = "0123456789abcdef0123456789abcdef"

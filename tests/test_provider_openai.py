@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from helpers import MockServer, expect_failure, provider_fixture
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import JsonSchemaFormat, ResponseFormat
-from helpers import MockServer, expect_failure, provider_fixture
 from workers.base import ProviderError
 from workers.openai import OpenAIProvider, OpenAISettings
 

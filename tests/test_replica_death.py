@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from helpers import USER_HELLO, ask, config, fake, wait_for
+
 from service.app import start_worker
 from service.config import parse_config
 

@@ -10,14 +10,14 @@ import pytest
 
 from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
 from schemas.wire import ImagePart, JsonSchemaFormat, ResponseFormat, TextPart, Tool, ToolCall
-from service.shaping import Template
 from service.shaping import (
     Shaping,
+    Template,
     apply_template,
+    estimate_shaped,
     estimate_tokens,
     output_validator,
     shape,
-    estimate_shaped,
 )
 
 PERSON = {

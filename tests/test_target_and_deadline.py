@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from helpers import USER_HELLO, ask, config, fake
 from opentelemetry.trace import SpanKind
 
-from helpers import USER_HELLO, ask, config, fake
 from schemas import deadline as deadline_module
 from schemas.deadline import Deadline
 from service.health import OPEN

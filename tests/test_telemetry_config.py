@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+from helpers import ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -23,7 +24,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from helpers import ROOT, cli_env, run_lifeline, spawn_lifeline, wait_for_line
 from service.telemetry import (
     TelemetryConfigError,
     Tracing,

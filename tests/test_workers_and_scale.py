@@ -8,8 +8,8 @@ import time
 
 import nats
 import pytest
-
 from helpers import USER_HELLO, Ledger, ask, config, fake, settled, wait_for
+
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
 from service.natsio import ensure_subscribed
