@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import LIFELINE, USER_HELLO, cli_env, config, fake
+
 from service.config import ConfigError, load_config, parse_config
 from workers.registry import KINDS
 
@@ -694,6 +694,7 @@ def test_a_utf8_config_reads_the_same_under_any_locale(tmp_path):
         env=cli_env(LC_ALL="C", PYTHONUTF8="0"),
         capture_output=True,
         text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert load_config(path).templates["fr"].system == "Réponds. {system}"
@@ -777,6 +778,7 @@ def test_an_empty_password_file_is_refused_by_check_config(tmp_path):
         env=cli_env(),
         capture_output=True,
         text=True,
+        check=False,
     )
     assert done.returncode == 2, done.stdout
     assert done.stderr == (
