@@ -45,7 +45,7 @@ async def publish_sized(url: str, size: int) -> bool:
         await nc.flush(timeout=2)
         await nc.flush(timeout=2)
         return not nc.is_closed
-    except Exception:
+    except nats.errors.Error:  # ConnectionClosedError, or a FlushTimeoutError if no PONG came
         return False
     finally:
         await nc.close()

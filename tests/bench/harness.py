@@ -69,7 +69,7 @@ def child_main(conn: Connection, setup: Setup, params: dict[str, Any]) -> None:
 async def _serve(conn: Connection, setup: Setup, params: dict[str, Any]) -> None:
     try:
         served = await setup(params)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever failed, the parent gets its traceback
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", served.info))
@@ -92,7 +92,7 @@ async def _obey(conn: Connection, handlers: dict[str, Handler]) -> bool:
     async def run(command: str, arg: Any) -> None:
         try:
             conn.send(("ok", await handlers[command](arg)))
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever failed, the parent gets its traceback
             conn.send(("error", traceback.format_exc()))
 
     def on_readable() -> None:
@@ -233,7 +233,7 @@ class Fleet:
         for child in children:
             try:
                 child.kill()
-            except Exception as exc:  # keep reaping the others
+            except Exception as exc:  # noqa: BLE001 - keep reaping the others
                 print(f"warning: stopping {child.name}: {exc}")
         self.children.clear()
 

@@ -168,7 +168,7 @@ class LoadGen:
         try:
             msg = await self.nc.request(spec["subject"], spec["payload"], timeout=spec["timeout_s"])
             ok, reply = _check(spec["decode"], msg.data)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is this request's error, described
             ok, reply = False, exc
         if not tally.took(sent, counts, ok, lambda: _describe_error(reply)):
             return
@@ -298,7 +298,7 @@ class StreamGen:
                 )
                 await self.nc.publish(spec["subject"], encoder.encode(request), reply=reply)
             ok = await asyncio.wait_for(stream.done, spec["timeout_s"])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is this stream's error, described
             ok = False
             tally.first_error = tally.first_error or repr(exc)
         finally:

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from service.embedded import server_binary
+from service.embedded import EmbeddedNatsError, server_binary
 from tests.bench import regression
 from tests.bench.cases import (
     HANG_TIMEOUT_S,
@@ -763,10 +763,10 @@ def _version(package: str) -> str:
 def _nats_server_version() -> str:
     try:
         out = subprocess.run(
-            [server_binary(), "--version"], capture_output=True, text=True, timeout=10
+            [server_binary(), "--version"], capture_output=True, text=True, timeout=10, check=False
         )
         return out.stdout.strip().removeprefix("nats-server: ") or out.stderr.strip()
-    except Exception as exc:
+    except (EmbeddedNatsError, OSError, subprocess.SubprocessError) as exc:  # none, or it hung
         return f"unknown ({exc})"
 
 

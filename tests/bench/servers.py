@@ -106,7 +106,7 @@ async def relay(params: dict[str, Any]) -> Served:
     async def forward(msg: Msg) -> None:
         try:
             answer = await nc.request(upstream, msg.data, timeout=params.get("timeout_s", 30.0))
-        except Exception:
+        except nats.errors.Error:
             return  # the client times out; a baseline needs no error path
         await nc.publish(msg.reply, answer.data)
 
