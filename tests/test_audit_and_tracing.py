@@ -14,10 +14,6 @@ from typing import ClassVar
 import nats
 import nats.js.api
 import pytest
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
 from helpers import (
     USER_HELLO,
     LocalHTTPServer,
@@ -30,6 +26,10 @@ from helpers import (
     settled,
     wait_for,
 )
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import ChatMessage, CompletionRequest, audit_decoder, encoder, reply_decoder
@@ -332,7 +332,7 @@ async def test_jetstream_gone_silent_under_the_audit_stream_is_said_and_its_retu
     monkeypatch.setattr(audit, "_WATCH_S", 0.05)
     monkeypatch.setattr(audit, "_SETUP_RETRY_S", 0.05)
     caplog.set_level(logging.WARNING, "lifeline.audit")
-    said = lambda: " ".join(r.getMessage() for r in caplog.records)  # noqa: E731
+    said = lambda: " ".join(r.getMessage() for r in caplog.records)
     server = EmbeddedNats(port=-1)
     server.start()
     stack = await start_stack(parse_config(config({"main": fake()})), server.url, tracers)

@@ -7,8 +7,8 @@ import math
 import re
 
 import pytest
-
 from helpers import ROOT
+
 from tests.bench.__main__ import exit_status, parse_args
 from tests.bench.regression import (
     Figure,
@@ -96,7 +96,9 @@ def test_only_check_turns_a_regression_into_a_failing_exit_status():
 def test_the_committed_reference_is_what_the_readme_quotes():
     reference = load_reference()
     assert reference.figures and all(f.value > 0 for f in reference.figures)
-    benchmarks = re.search(r"\n## Benchmarks\n(.*?)\n## ", (ROOT / "README.md").read_text(), re.S)
+    benchmarks = re.search(
+        r"\n## Benchmarks\n(.*?)\n## ", (ROOT / "README.md").read_text(), re.DOTALL
+    )
     assert benchmarks is not None
     for figure in reference.figures:
         assert f"{figure.value:g}" in benchmarks.group(1), (figure.key, figure.value)

@@ -16,11 +16,12 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def test_the_readme_lists_exactly_the_error_kinds_and_request_errors_of_the_table():
     kinds_table = README.split("### Error kinds", 1)[1].split("\n### ", 1)[0]
-    assert set(re.findall(r"^\| `([a-z_]+)` \|", kinds_table, re.M)) == set(errors.ERROR_KINDS)
+    listed_kinds = set(re.findall(r"^\| `([a-z_]+)` \|", kinds_table, re.MULTILINE))
+    assert listed_kinds == set(errors.ERROR_KINDS)
     request_table = README.split("| `error.type` | when |", 1)[1].split("\n\n", 1)[0]
     listed = {
         name
-        for row in re.findall(r"^\| (`.+?`) \|", request_table, re.M)
+        for row in re.findall(r"^\| (`.+?`) \|", request_table, re.MULTILINE)
         for name in re.findall(r"`([a-z_]+)`", row)
     }
     assert listed == set(errors.REQUEST_ERRORS)

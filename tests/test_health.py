@@ -32,7 +32,7 @@ from service.health import (
     bucket_of,
     percentile_ms,
 )
-from service.policy import ChainResult, Chain, Hedge, Limits, Needs, run_chain
+from service.policy import Chain, ChainResult, Hedge, Limits, Needs, run_chain
 
 P, M = "p", "m"
 FAST = BreakerSettings(consecutive_failures=3, cooldown_s=5.0)
@@ -291,7 +291,7 @@ async def test_a_breaker_opened_claimed_and_closed_in_one_millisecond_closes_at_
     replica told them in order ends closed, not half-open (a close no newer than the state it
     finds loses to it, as it must between replicas)."""
     store = MemoryStore(answer=True)
-    h, t = make_health(store)  # the wall clock stands still: one millisecond throughout
+    h, _ = make_health(store)  # the wall clock stands still: one millisecond throughout
     other, _ = make_health()
     failures(h, 3)
     assert await h.claim(P, M, 2.0) is True

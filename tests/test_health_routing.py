@@ -738,7 +738,7 @@ async def test_a_replica_idle_through_a_server_restart_sees_the_new_buckets_brea
     breaker = BreakerSettings(consecutive_failures=2, cooldown_s=30)
     server = EmbeddedNats(port=-1)
     server.start()
-    connect = dict(max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    connect = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.1}
     nc_a, nc_b = (
         await nats.connect(server.url, **connect),
         await nats.connect(server.url, **connect),

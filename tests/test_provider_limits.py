@@ -24,12 +24,12 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-
 from helpers import LocalHTTPServer, MockServer, expect_failure, serving
-from schemas import ChatMessage, ProviderOk, ProviderRequest
-from schemas.wire import ERROR_KINDS, ToolCall, ToolCallDelta, classify_status
 from test_provider_anthropic import MESSAGE
 from test_provider_openai import COMPLETION
+
+from schemas import ChatMessage, ProviderOk, ProviderRequest
+from schemas.wire import ERROR_KINDS, ToolCall, ToolCallDelta, classify_status
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
 from workers.base import (
@@ -715,8 +715,11 @@ def errors_echoing(key: str, label: str) -> dict[str, Any]:
         "cut-at-the-limit": {"error": {"message": "x" * before_cut + key}},
         "nested-too-deep": "[" * 100_000 + json.dumps(key) + "]" * 100_000,
         # JSON that Python's json cannot read, the key's first letter \u-escaped in it.
-        "escaped-in-a-number-too-long": '{"error": {"message": "invalid key %s"}, "n": %s}'
-        % (f"\\u{ord(key[0]):04x}{key[1:]}", "9" * 5000),
+        "escaped-in-a-number-too-long": '{"error": {"message": "invalid key '
+        + f"\\u{ord(key[0]):04x}{key[1:]}"
+        + '"}, "n": '
+        + "9" * 5000
+        + "}",
         "escaped-next-to-a-byte-not-utf8": b'{"error": {"message": "\xff invalid key '
         + f"\\u{ord(key[0]):04x}{key[1:]}".encode()
         + b'"}}',
