@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := tests/node/node_modules/.installed-stamp
 WORKER_NODE_STAMP := workers/examples/node/node_modules/.installed-stamp
 
-.PHONY: help install run test bench bench-ab bench-instr soak chaos chaos-cluster clean
+.PHONY: help install run lint test bench bench-ab bench-instr soak chaos chaos-cluster clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -48,7 +48,12 @@ GATEWAY_PORT ?=
 run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker (CONFIG=..., PORT=..., GATEWAY_PORT=... to choose)
 	$(BIN)/lifeline run --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(GATEWAY_PORT),--gateway-port $(GATEWAY_PORT))
 
-test: $(STAMP) $(NODE_STAMP) $(WORKER_NODE_STAMP)  ## run the whole test suite (starts its own nats-server)
+# The rules are pyproject.toml's [tool.ruff.lint]; `ruff check --fix .` and `ruff format .` fix most.
+lint: $(STAMP)  ## ruff check and ruff format --check (make test runs it first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(STAMP) $(NODE_STAMP) $(WORKER_NODE_STAMP)  ## lint, then run the whole test suite (starts its own nats-server)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## run the benchmark suite and write bench-results/
