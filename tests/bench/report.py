@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.embedded import EmbeddedNatsError, server_binary
+from service.loop import loop_name
 from tests.bench import regression
 from tests.bench.cases import (
     HANG_TIMEOUT_S,
@@ -765,7 +766,8 @@ def _nats_server_version() -> str:
         out = subprocess.run(
             [server_binary(), "--version"], capture_output=True, text=True, timeout=10, check=False
         )
-        return out.stdout.strip().removeprefix("nats-server: ") or out.stderr.strip()
+        version = out.stdout.strip().removeprefix("nats-server: ") or out.stderr.strip()
+        return version.removeprefix("v")  # "v2.15.1": as the README writes it
     except (EmbeddedNatsError, OSError, subprocess.SubprocessError) as exc:  # none, or it hung
         return f"unknown ({exc})"
 
@@ -780,6 +782,7 @@ def machine_info() -> dict[str, Any]:
         "nats_py": _version("nats-py"),
         "msgspec": _version("msgspec"),
         "opentelemetry_sdk": _version("opentelemetry-sdk"),
+        "event_loop": loop_name(),  # every process of the suite runs on it (service.loop)
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
@@ -789,7 +792,8 @@ def machine_section(machine: dict[str, Any], profile: Profile) -> str:
         f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['platform']}; "
         f"Python {machine['python']}, nats-server {machine['nats_server']}, "
         f"nats-py {machine['nats_py']}, msgspec {machine['msgspec']}, "
-        f"opentelemetry-sdk {machine['opentelemetry_sdk']}; {machine['date']}. "
+        f"opentelemetry-sdk {machine['opentelemetry_sdk']}, {machine['event_loop']}; "
+        f"{machine['date']}. "
         f"Profile {profile.name}: {profile.rounds} interleaved rounds of {profile.duration_s:g} s "
         f"per case (after {profile.warmup_s:g} s warm-up), medians shown. "
         f"Other processes used {machine['other_cpu_cores']:.2f} cores on average "
@@ -800,7 +804,8 @@ def machine_section(machine: dict[str, Any], profile: Profile) -> str:
 def this_run(machine: dict[str, Any], profile: Profile) -> str:
     return (
         f"{machine['cpu_model']}, {machine['cores']} cores, Python {machine['python']}, "
-        f"nats-server {machine['nats_server']}, nats-py {machine['nats_py']}; "
+        f"nats-server {machine['nats_server']}, nats-py {machine['nats_py']}, "
+        f"{machine['event_loop']}; "
         f"{profile.rounds} rounds of {profile.duration_s:g} s"
     )
 
