@@ -711,6 +711,13 @@ def _check_target(
     if ref.template is not None and ref.template not in templates:
         known = ", ".join(sorted(templates)) or "none"
         raise TargetError(f"unknown template {ref.template!r} (configured: {known})", "template")
+    if ref.timeout_s is not None and ref.timeout_s < MIN_CALL_S:
+        raise TargetError(
+            f"{ref.timeout_s:g} is under {MIN_CALL_S * 1000:g} ms: a worker gets its deadline in "
+            "whole milliseconds, so a call given less times out (or is dropped as late) instead "
+            "of being made",
+            "timeout_s",
+        )
     if ref.timeout_s is not None and ref.timeout_s > dispatcher.max_timeout_s:
         raise TargetError(
             f"{ref.timeout_s:g} is above dispatcher.max_timeout_s ({dispatcher.max_timeout_s:g})",

@@ -94,8 +94,9 @@ def test_a_misspelled_provider_key_is_named_first_as_an_unknown_key():
     )
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1, float("inf"), 1e10])
-def test_a_provider_timeout_must_be_positive_and_finite(timeout_s):
+@pytest.mark.parametrize("timeout_s", [0, -1, 0.0004, float("inf"), 1e10])
+def test_a_provider_timeout_must_be_a_millisecond_or_more_and_finite(timeout_s):
+    """Under a millisecond, which a worker's deadline header cannot carry, every call timed out."""
     assert error(config({"primary": fake(timeout_s=timeout_s)})).startswith(
         "providers.primary.timeout_s: "
     )
@@ -333,6 +334,13 @@ def test_a_target_timeout_above_the_dispatchers_maximum_is_refused():
     assert message.startswith(
         "routes.r.targets[0].timeout_s: 900 is above dispatcher.max_timeout_s (600)"
     )
+
+
+def test_a_target_timeout_under_a_millisecond_is_refused_saying_why():
+    """Accepted, it made every call to the target time out (or be dropped as late)."""
+    message = error(policy(inline(timeout_s=0.0002)))
+    assert message.startswith("routes.r.targets[0].timeout_s: 0.0002 is under 1 ms: ")
+    assert "whole milliseconds" in message
 
 
 def test_an_unknown_kind_in_retry_on_is_named_by_index():

@@ -672,6 +672,27 @@ def test_a_request_with_more_tools_than_openai_takes_is_refused():
     assert router.plan(json.dumps({**request, "tools": tools[:128]}).encode()) is not None
 
 
+def test_a_requests_own_target_with_under_a_millisecond_is_refused_saying_why():
+    """As in the config: a call given less times out (or is dropped as late) at every try."""
+    from service.config import parse_config
+    from service.routing import Rejected, Router
+
+    router = Router(
+        parse_config({"providers": {"p": fake()}, "routes": {"default": {"targets": ["p"]}}})
+    )
+    request = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(Rejected) as refused:
+        router.plan(
+            json.dumps({**request, "targets": [{"provider": "p", "timeout_s": 5e-4}]}).encode()
+        )
+    error = refused.value.error
+    assert error.type == "invalid_request"
+    assert error.message.startswith("targets[0].timeout_s: 0.0005 is under 1 ms: ")
+    assert router.plan(
+        json.dumps({**request, "targets": [{"provider": "p", "timeout_s": 0.001}]}).encode()
+    )
+
+
 async def test_max_input_tokens_judges_the_input_as_the_targets_template_makes_it(lifeline, client):
     """A template that repeats {input} makes the input longer for its target; one that
     replaces a long system prompt makes it shorter."""

@@ -48,6 +48,7 @@ def loaded_by(statement: str) -> list[str]:
 def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
     expected = [
         "schemas",
+        "schemas.deadline",
         "schemas.errors",
         "schemas.subjects",
         "schemas.wire",
@@ -62,6 +63,7 @@ def test_a_model_class_s_import_loads_the_wire_and_no_http_client_nats_or_teleme
     loaded = loaded_by("import workers.plugin")
     assert loaded == [
         "schemas",
+        "schemas.deadline",
         "schemas.errors",
         "schemas.subjects",
         "schemas.wire",

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas.deadline import MIN_CALL_S
 from schemas.wire import FinishReason
 
 # 4 MiB: far above any chat answer's JSON, far below a worker's memory.
@@ -25,7 +26,9 @@ class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     model: str = ""
     # The other models targets and requests may name for this provider; empty: any model.
     models: list[str] = []
-    timeout_s: Annotated[float, Meta(gt=0, le=365 * 86_400.0)] = 30.0  # finite: a year at most
+    # At least MIN_CALL_S: a worker gets its deadline in whole milliseconds, so a call given
+    # less times out (or is dropped as late) instead of being made. Finite: a year at most.
+    timeout_s: Annotated[float, Meta(ge=MIN_CALL_S, le=365 * 86_400.0)] = 30.0
     # The largest answer body read, in bytes after gzip/deflate decoding: a bigger one (a runaway
     # answer, a compression bomb) fails as response_too_large instead of filling the worker's
     # memory.
