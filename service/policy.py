@@ -16,8 +16,8 @@ rest. Each step is a decision, a value the loop in `run_chain` acts on:
               streamed request of first chunks, which settle its race), the next target
               starts too (a hedge, one kind of attempt): the first good answer wins, the
               other is cancelled
-    Skip      its capabilities do not fit the request (max_input_tokens, json_output), or its
-              circuit breaker is open and another target that fits is left
+    Skip      its capabilities do not fit the request (max_input_tokens, json_output, tools,
+              vision), or its circuit breaker is open and another target that fits is left
     Retry     a retry_on failure, up to `retries` times, after a backoff with full jitter (or
               the provider's Retry-After, when that is longer), if the wait fits before the
               deadline and the route's retry budget allows it
