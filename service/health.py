@@ -511,14 +511,14 @@ class Health:
             if probe and health.state != CLOSED:
                 self._close(health, now, "a probe got an answer")
             return
+        # Timed out or unsent while this dispatcher's own NATS connection was down: its answer
+        # may have been lost with the connection, so it tells nothing of the provider.
+        outage = kind in _OUTAGE_KINDS and self.own_outage is not None and self.own_outage(started)
         counted = (
-            not ok
-            and kind is not None
+            kind is not None
             and settings is not None
             and trips(settings, kind, status_code)
-            and not (
-                kind in _OUTAGE_KINDS and self.own_outage is not None and self.own_outage(started)
-            )
+            and not outage
         )
         # Made before the breaker last closed: what closed it is newer.
         outdated = started < health.closed_at
@@ -526,6 +526,10 @@ class Health:
             now, ok=ok, counted=counted and not outdated, latency_ms=latency_ms, started=started
         )
         if settings is None or not settings.enabled or outdated:
+            return
+        if outage:  # counts for nothing: a probe's turn goes to the next call
+            if probe:
+                self.release(provider, model)
             return
         if not counted:
             health.consecutive = 0

@@ -1008,6 +1008,28 @@ def test_calls_that_spanned_the_dispatchers_own_nats_outage_do_not_count():
     assert state(h) == OPEN
 
 
+@pytest.mark.parametrize("kind", ["timeout", "no_responders", "connection"])
+def test_a_probe_that_spanned_the_dispatchers_own_outage_decides_nothing(kind):
+    """It closed the breaker, as an answer would have: after a NATS blip a dead provider was
+    called again by every request, each waiting out its timeout, until the failures reopened
+    it. It leaves the breaker open, the next call probing; nor does it break a run of counted
+    failures."""
+    h, t = opened()
+    h.own_outage = lambda started: started < 6.0
+    t[0] = 5.0
+    h.claim_locally(P, M, 2.0)
+    h.record(P, M, FAST, False, kind, probe=True, started=5.0)
+    assert state(h) == OPEN and admits(h, t, 5.0) == [PROBE]
+
+    h, t = make_health()
+    h.own_outage = lambda started: started < 6.0
+    t[0] = 10.0
+    failures(h, 2)
+    h.record(P, M, FAST, False, kind, started=5.0)
+    failures(h, 1)
+    assert state(h) == OPEN
+
+
 def test_the_transport_knows_a_call_spanned_an_outage_of_its_connection():
     from types import SimpleNamespace
 
