@@ -89,7 +89,7 @@ from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes, parse_address
-from service.shared_health import merge_status, read_bucket
+from service.shared_health import STALE_AFTER_S, merge_status, read_bucket
 
 if sys.excepthook is _interrupted_quietly:  # unless one of the imports set a hook of its own
     sys.excepthook = _excepthook
@@ -2085,7 +2085,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
 def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
     now_ms = time.time() * 1000
     dispatchers = view["dispatchers"]
-    who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or "none in the last 2 minutes"
+    who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or (
+        f"none in the last {STALE_AFTER_S:g} s"  # a dispatcher's stats older are left out
+    )
     _say(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
     for d in dispatchers:
         # Its stats document is capped: the quietest closed targets were left out.
