@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
@@ -149,7 +149,11 @@ async def ensure_audit_stream(
 
 
 async def keep_audit_stream(
-    js: JetStreamContext, settings: AuditSettings, replicas: int, problem: str | None
+    js: JetStreamContext,
+    settings: AuditSettings,
+    replicas: int,
+    problem: str | None,
+    kept: Callable[[bool], None] = lambda _: None,
 ) -> None:
     """Keep the audit stream there for as long as the dispatcher runs. After ensure_audit_stream
     said `problem`: try again every _SETUP_RETRY_S until it is there (a cluster still electing
@@ -158,8 +162,10 @@ async def keep_audit_stream(
     restarted on an empty store, an operator who deleted it): nobody would keep events else.
     JetStream silent at two looks in a row (nats-server disables it when its disk is full, and
     a server restarted without -js has none) is said once, and its return: meanwhile events
-    reach live subscribers only, and the server confirms no capture that would tell."""
+    reach live subscribers only, and the server confirms no capture that would tell.
+    `kept(there)` is told whether the stream is there, as each of these finds it."""
     silent = 0
+    kept(problem is None)
     while True:
         if problem is not None:
             log.warning(
@@ -173,12 +179,14 @@ async def keep_audit_stream(
                 await asyncio.sleep(_SETUP_RETRY_S)
                 problem = await ensure_audit_stream(js, settings, replicas)
             log.warning("audit: events are kept in stream %s from now on", settings.stream)
+            kept(True)
         await asyncio.sleep(_WATCH_S)
         try:
             await js.stream_info(settings.stream)
         except nats.js.errors.ServiceUnavailableError:
             silent += 1
             if silent == _SILENT_LOOKS:
+                kept(False)
                 log.warning(
                     "audit: JetStream does not answer (a server whose disk filled up disables "
                     "it; one restarted without -js has none): events reach live subscribers "
@@ -188,6 +196,7 @@ async def keep_audit_stream(
             continue
         except nats.js.errors.NotFoundError:
             problem = "it is gone (a server restarted on an empty store, or it was deleted)"
+            kept(False)
             silent = 0  # JetStream answers: making the stream again says what follows
         except Exception as exc:  # noqa: BLE001 - unreachable for now: looked at next time
             log.debug("audit: could not look at stream %s: %r", settings.stream, exc)
@@ -196,4 +205,5 @@ async def keep_audit_stream(
                 log.warning(
                     "audit: JetStream answers again: events are kept in %s", settings.stream
                 )
+                kept(True)
             silent = 0

@@ -131,10 +131,13 @@ class Dispatcher:
         problem = await ensure_audit_stream(js, self.audit_settings, self.replicas)
         if self.audit_settings.stream:  # kept there from now on, or made when it can be
             self._audit_setup = asyncio.create_task(
-                keep_audit_stream(js, self.audit_settings, self.replicas, problem)
+                keep_audit_stream(js, self.audit_settings, self.replicas, problem, self._audit_kept)
             )
         if self.jobs is not None:
             await self.jobs.start()
+
+    def _audit_kept(self, there: bool) -> None:
+        self.transport.audit_kept = there  # jobs' events then wait for the stream's ack
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight
