@@ -205,5 +205,5 @@ async def keep_audit_stream(
                 log.warning(
                     "audit: JetStream answers again: events are kept in %s", settings.stream
                 )
-                kept(True)
+            kept(True)  # also after a job's event the stream did not confirm in time
             silent = 0

@@ -259,10 +259,12 @@ class NatsTransport:
             if time.monotonic() >= give_up:
                 log.warning(
                     "audit: the audit stream did not confirm a job's event in %g s (%r); "
-                    "sent as other events are, kept only if the stream takes it now",
+                    "sent as other events are, kept only if the stream takes it now, as are "
+                    "the next jobs' until the stream is seen again",
                     _AUDIT_PATIENCE_S,
                     problem,
                 )
+                self.audit_kept = False  # the next jobs do not wait: until the stream is seen
                 return False
             await asyncio.sleep(_AUDIT_BACKOFF_S[min(tries, len(_AUDIT_BACKOFF_S) - 1)])
             tries += 1

@@ -470,6 +470,24 @@ async def test_a_jobs_audit_event_waits_for_an_audit_stream_gone_for_a_moment(li
     assert await _waiting_jobs(client) == 0  # acknowledged, once audited
 
 
+async def test_jobs_stop_waiting_for_an_audit_stream_that_stays_away(lifeline, client, monkeypatch):
+    """Past its patience a job's event goes as a request's does, the job is acknowledged, and
+    the next jobs do not wait for the stream until it is seen again."""
+    from service import transport
+
+    monkeypatch.setattr(transport, "_AUDIT_PATIENCE_S", 0.3)
+    stack = await lifeline(config({"main": fake()}))
+    await client.jetstream().delete_stream(AuditSettings().stream)
+    await submit(client, job("first"), "first")
+    assert (await result_of(client, "first")).status == "ok"
+    await wait_for(lambda: not stack.dispatcher.transport.audit_kept, timeout_s=5)
+    assert await _waiting_jobs(client) == 0
+    monkeypatch.setattr(transport, "_AUDIT_PATIENCE_S", 60.0)  # would hold the next job
+    await submit(client, job("next"), "next")
+    assert (await result_of(client, "next")).status == "ok"
+    assert await _waiting_jobs(client) == 0
+
+
 async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, monkeypatch):
     """nats-py's fetch raises asyncio's TimeoutError on some paths, not only its own: once, that
     ended the pull loop, and the dispatcher took no job again (the bench found it)."""
