@@ -28,10 +28,17 @@ def test_the_import_contracts_in_pyproject_are_kept():
 
 def loaded_by(statement: str) -> list[str]:
     """The Lifeline modules, NATS and FastStream that one statement loads in a fresh interpreter."""
+    return modules_after(
+        statement,
+        "m.split('.')[0] in ('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema')",
+    )
+
+
+def modules_after(statement: str, which: str) -> list[str]:
+    """The modules `m` for which `which` holds once `statement` ran in a fresh interpreter."""
     code = (
-        f"import sys, json; {statement}; print(json.dumps(sorted(m for m in sys.modules "
-        "if m.split('.')[0] in "
-        "('schemas', 'service', 'workers', 'nats', 'faststream', 'jsonschema'))))"
+        f"import sys, json; {statement}; "
+        f"print(json.dumps(sorted(m for m in sys.modules if {which})))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -42,7 +49,7 @@ def loaded_by(statement: str) -> list[str]:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(result.stdout.splitlines()[-1])  # after what `statement` printed
 
 
 def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
@@ -161,23 +168,11 @@ def test_checking_a_config_loads_no_provider_code_and_no_http_client(tmp_path, h
     took about 140 ms of `lifeline check-config`'s start)."""
     kinds = tmp_path / "kinds.toml"
     kinds.write_text(ONE_OF_EACH_KIND)
-    code = (
-        "import sys, json; "
-        + CHECKING[how].format(kinds=str(kinds))
-        + "; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'httpx' or m "
-        "in ('workers.base', 'workers.openai', 'workers.azure_openai', 'workers.anthropic', "
-        "'workers.fake'))))"
+    provider_code = (
+        "m.split('.')[0] == 'httpx' or m in ('workers.base', 'workers.openai', "
+        "'workers.azure_openai', 'workers.anthropic', 'workers.fake')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1]) == []
+    assert modules_after(CHECKING[how].format(kinds=str(kinds)), provider_code) == []
 
 
 async def test_a_built_in_kind_s_provider_is_still_built_from_its_settings(tmp_path, monkeypatch):
