@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
@@ -28,6 +29,19 @@ INSUFFICIENT_STORAGE = 10047  # a stream's max_bytes does not fit the storage le
 INSUFFICIENT_MEMORY = 10028  # the same for a stream kept in memory
 STORE_FAILED = 10077  # a stream's store refused a message (at its own maximum, say)
 MESSAGE_TOO_LARGE = 10054  # a message over the stream's (or bucket's) max_msg_size
+
+# What JetStream answers while a stream or bucket is briefly out of reach (a cluster electing
+# its leader after a node died, the connection reconnecting): worth trying again, after each of
+# BACKOFF_S in turn (then its last). Other errors are not waited out.
+UNREACHABLE = (
+    TimeoutError,  # nats-py's own TimeoutError is one too
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
 
 # The streams Lifeline makes: the jobs stream, the results bucket, the audit stream and the
 # shared health bucket (a bucket is a stream too).

@@ -95,16 +95,8 @@ _RESETUP_AFTER = 5  # pulls failed in a row after which the stream and consumer 
 # How long a job's answer is held while the results bucket cannot be reached, and the waits
 # between tries: a node restarting and its streams electing a leader take a few seconds.
 _STORE_PATIENCE_S = 30.0
-_STORE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
-# What a bucket answers while it is briefly unreachable (other errors are not waited out).
-_UNREACHABLE = (
-    TimeoutError,  # nats-py's own TimeoutError is one too
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-)
+_STORE_BACKOFF_S = jetstream.BACKOFF_S
+_UNREACHABLE = jetstream.UNREACHABLE  # what a bucket answers while briefly out of reach
 # What a bucket answers when it is gone (deleted, or a server restarted on an empty store): a
 # direct get and a write find no stream to answer them. It is made again, as at setup.
 _GONE = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)

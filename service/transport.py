@@ -28,8 +28,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -72,6 +70,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
+from service import jetstream
 from service.loop import Timeout, Timeouts
 from service.natsio import fast_path, measured, publish_later, publish_now
 from service.streaming import StreamLimits
@@ -80,10 +79,9 @@ log = logging.getLogger("lifeline.transport")
 
 # A job's audit event waits for the stream's confirmation (NatsTransport._audit_acked): each
 # try this long, up to this long in all (a cluster elects a stream's new leader in a few
-# seconds), pausing between tries.
+# seconds), pausing jetstream.BACKOFF_S between tries.
 _AUDIT_TRY_S = 1.0
 _AUDIT_PATIENCE_S = 20.0
-_AUDIT_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
 
 _KINDS = frozenset(ERROR_KINDS)
 # Room kept in every message of a stream for its headers: a chunk may use max_payload minus this.
@@ -246,16 +244,11 @@ class NatsTransport:
             try:
                 await js.publish(subject, payload, headers=headers)
                 return True
-            except nats.js.errors.APIError as exc:
-                if not isinstance(exc, nats.js.errors.ServiceUnavailableError):
-                    log.warning("audit: the stream refused an event (%s); sent as is", exc)
-                    return False  # no wait cures it
-                problem: Exception = exc
-            except (nats.errors.ConnectionClosedError, nats.errors.MaxPayloadError) as exc:
-                log.warning("audit: could not publish an event to JetStream (%r)", exc)
-                return False
-            except (NatsError, TimeoutError) as exc:  # no leader yet, a timeout, reconnecting
+            except jetstream.UNREACHABLE as exc:  # no leader yet, a timeout, reconnecting
                 problem = exc
+            except NatsError as exc:  # a refusal, the connection closed: no wait cures it
+                log.warning("audit: JetStream did not take an event (%r); sent as is", exc)
+                return False
             if time.monotonic() >= give_up:
                 log.warning(
                     "audit: the audit stream did not confirm a job's event in %g s (%r); "
@@ -266,7 +259,7 @@ class NatsTransport:
                 )
                 self.audit_kept = False  # the next jobs do not wait: until the stream is seen
                 return False
-            await asyncio.sleep(_AUDIT_BACKOFF_S[min(tries, len(_AUDIT_BACKOFF_S) - 1)])
+            await asyncio.sleep(jetstream.BACKOFF_S[min(tries, len(jetstream.BACKOFF_S) - 1)])
             tries += 1
 
 
