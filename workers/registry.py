@@ -12,7 +12,6 @@ loads no provider's code and no HTTP client.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from workers.plugin import (
     PYTHON_KIND,
     PluginProvider,
     PluginSettings,
+    _import,
     class_ignored,
     entry_point,
     installed_kinds,
@@ -130,7 +130,5 @@ def build_provider(settings: ProviderSettings, name: str = "") -> Provider:
 
 def provider_class(kind: str) -> Callable[[Any], Provider]:
     """The provider class of a built-in kind, its module imported now (KeyError for a kind
-    that is not built in)."""
-    module, _, name = KINDS[kind][1].partition(":")
-    cls: Callable[[Any], Provider] = getattr(importlib.import_module(module), name)
-    return cls
+    that is not built in), as a plug-in's class is."""
+    return _import(KINDS[kind][1], f"kind {kind!r}")
