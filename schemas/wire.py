@@ -480,7 +480,9 @@ class CompletionReply(Struct, frozen=True):
 
 
 class AuditEvent(Struct, frozen=True):
-    """One per request on llm.audit.<status>. Never carries prompt, answer or credentials."""
+    """One per request on llm.audit.<status>. Never carries prompt, answer or credentials: its
+    attempts carry no `message` (a provider's may quote the prompt) unless the dispatcher's
+    config sets audit.error_text."""
 
     id: str
     status: Literal["ok", "error"]

@@ -614,6 +614,7 @@ async def start_worker(
         timeout_s=settings.timeout_s,
         max_in_flight=settings.max_in_flight,
         max_in_flight_bytes=settings.max_in_flight_bytes,
+        error_text=config.audit.error_text,
     )
     await runtime.start()
     try:

@@ -166,6 +166,10 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # its duplicate window, AUDIT_DEDUP_WINDOW_S.
     max_age_s: Annotated[float, Meta(ge=AUDIT_DEDUP_WINDOW_S, le=_YEAR_S)] = 7 * 86_400.0
     max_bytes: Annotated[int, Meta(gt=0, le=_INT64)] = 1024**3  # past it the oldest go
+    # Error messages in audit events' attempts and in spans' error statuses (the dispatcher's
+    # and the workers'). Off by default: a provider's error may quote the prompt it refused,
+    # and prompt text stays out of audit events and spans unless a user opts in (DESIGN.md).
+    error_text: bool = False
 
 
 # A chain entry: a target or provider name, an inline target table, or a load-balanced

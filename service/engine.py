@@ -132,6 +132,9 @@ class Engine:
         # Span name and attributes per target, built once rather than per attempt.
         self._span_templates: dict[tuple[str, str, str], tuple[str, dict[str, str]]] = {}
         self._attempt_ids = SecretIds()  # what a cancel names: never guessable
+        # Error messages in audit events and spans (audit.error_text): a provider's may quote
+        # the prompt, so they stay out unless the config opts in.
+        self._error_text = config.audit.error_text
 
     async def serve(
         self,
@@ -207,7 +210,7 @@ class Engine:
                 reply = await respond(reply)
         except DeliverAgain as again:
             log.warning("request %r waits: %s", reply.id, again)
-            _annotate(span, reply, route)
+            _annotate(span, reply, route, self._error_text)
             span.end()
             return reply
         except NotKept as lost:
@@ -220,7 +223,7 @@ class Engine:
                 raise
             _uncancel()  # the audit event still goes out
         try:
-            event = _audit_event(reply, route, len(inbound.data))
+            event = _audit_event(reply, route, len(inbound.data), self._error_text)
             await self.transport.audit(event, inbound.audit_id)
         except Exception:
             log.exception("bug while auditing request %r", reply.id)
@@ -229,7 +232,7 @@ class Engine:
                 raise
             _uncancel()
         finally:
-            _annotate(span, reply, route)
+            _annotate(span, reply, route, self._error_text)
             span.end_soon()  # to the exporter with the turn's other spans, in one hand-off
         return reply
 
@@ -243,7 +246,8 @@ class Engine:
             route = exc.route
         try:
             await self.transport.audit(
-                _audit_event(reply, route, len(inbound.data)), inbound.audit_id
+                _audit_event(reply, route, len(inbound.data), self._error_text),
+                inbound.audit_id,
             )
         except Exception:
             log.exception("bug while auditing request %r again", reply.id)
@@ -327,7 +331,7 @@ class Engine:
             if validate is not None and isinstance(reply, ProviderOk):
                 reply = validate(reply)
             if span.recording:
-                telemetry.annotate_outcome(span, reply)
+                telemetry.annotate_outcome(span, reply, self._error_text)
             return reply
         except asyncio.CancelledError as exc:
             if span.recording:
@@ -366,7 +370,7 @@ class Engine:
         def finished(reply: ProviderReply | None, why: BaseException | None) -> None:
             if span.is_recording():
                 if reply is not None:
-                    telemetry.annotate_outcome(span, reply)
+                    telemetry.annotate_outcome(span, reply, self._error_text)
                 else:  # its stream was cancelled (a rival won, the request stopped)
                     telemetry.annotate_cancelled(span, why)
                 telemetry.annotate_stream(span, stream.chunks, stream.first_at, opened)
@@ -534,14 +538,20 @@ def _internal_error(request_id: str | None, data: bytes, trace_id: str | None) -
     return CompletionReply(known, "error", trace_id=trace_id, error=ErrorInfo(INTERNAL, message))
 
 
-def _audit_event(reply: CompletionReply, route: str | None, request_bytes: int) -> AuditEvent:
+def _audit_event(
+    reply: CompletionReply, route: str | None, request_bytes: int, error_text: bool
+) -> AuditEvent:
+    """The request's audit event; its attempts' error messages only with `error_text`."""
+    attempts = reply.attempts
+    if not error_text and any(a.message is not None for a in attempts):
+        attempts = [msgspec.structs.replace(a, message=None) for a in attempts]
     return AuditEvent(  # positional, in field order (see _provider_request)
         reply.id,  # id
         reply.status,  # status
         route,  # route
         reply.provider,  # provider
         reply.model,  # model
-        reply.attempts,  # attempts
+        attempts,  # attempts
         reply.latency_ms,  # latency_ms
         reply.trace_id,  # trace_id
         int(time.time() * 1000),  # ts_unix_ms
@@ -566,9 +576,11 @@ def _tools_called(calls: list[ToolCall]) -> list[str]:
     return [call.name[:_MAX_TOOL_NAME] for call in calls[:_MAX_TOOLS_CALLED]]
 
 
-def _annotate(span: telemetry.LiteSpan, reply: CompletionReply, route: str | None) -> None:
+def _annotate(
+    span: telemetry.LiteSpan, reply: CompletionReply, route: str | None, error_text: bool
+) -> None:
     if not span.recording:
         return
     telemetry.annotate_request(span, reply, route)
-    if reply.error is not None:
-        span.set_status(Status(StatusCode.ERROR, reply.error.message))
+    if reply.error is not None:  # its message may quote the request, or a provider's error
+        span.set_status(Status(StatusCode.ERROR, reply.error.message if error_text else None))

@@ -947,11 +947,12 @@ def provider_attributes(provider: str, kind: str, model: str) -> dict[str, str]:
     }
 
 
-def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
+def annotate_outcome(span: trace.Span | LiteSpan, reply, error_text: bool = False) -> None:
     """How an attempt (dispatcher) or a provider call (worker) ended. The model and message
     are a provider's words, clipped: a worker sees them before any bound of the wire (a
     300,000-character model name made one span 300 KB, and the export queue counts spans,
-    not bytes)."""
+    not bytes). The message, which may quote the prompt, only with `error_text`
+    (`audit.error_text`); `error.type` and the HTTP status say why without it."""
     if isinstance(reply, ProviderOk):
         span.set_attributes(
             {
@@ -965,7 +966,8 @@ def annotate_outcome(span: trace.Span | LiteSpan, reply) -> None:
     if reply.status_code is not None:
         attributes["http.response.status_code"] = reply.status_code
     span.set_attributes(attributes)
-    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message[:MAX_MESSAGE_CHARS]))
+    message = reply.message[:MAX_MESSAGE_CHARS] if error_text else None
+    span.set_status(trace.Status(trace.StatusCode.ERROR, message))
 
 
 def annotate_cancelled(span: trace.Span | LiteSpan, exc: BaseException | None) -> None:

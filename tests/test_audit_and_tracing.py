@@ -253,7 +253,7 @@ def test_the_engines_positional_builders_fill_every_field_by_its_name():
 
     reply = structs.replace(reply, latency_ms=2.5, stream=StreamStats(chunks=3))
     before = int(_time.time() * 1000)
-    event = engine._audit_event(reply, "main", 42)
+    event = engine._audit_event(reply, "main", 42, True)
     assert before <= event.ts_unix_ms <= int(_time.time() * 1000) + 1
     assert event == AuditEvent(
         id="rid",
@@ -273,7 +273,7 @@ def test_the_engines_positional_builders_fill_every_field_by_its_name():
         tools_called=["tool"],
     )
     failed = CompletionReply("rid", "error", error=ErrorInfo("timeout", "slow"))
-    event = engine._audit_event(failed, None, 1)
+    event = engine._audit_event(failed, None, 1, False)
     assert (event.error_type, event.route, event.tools_called) == ("timeout", None, [])
 
 

@@ -176,7 +176,8 @@ async def test_an_error_body_with_a_lone_surrogate_keeps_its_kind_and_status(
     """JSON may escape a lone surrogate, which no UTF-8 reply can carry: the worker still
     answers at once, with the failure's kind and status, and its span's status says it in
     UTF-8 (an OTLP exporter failed on the surrogate and dropped its whole batch of spans)."""
-    await lifeline(config({"local": openai_at(http_server, timeout_s=30), "backup": fake()}))
+    providers = {"local": openai_at(http_server, timeout_s=30), "backup": fake()}
+    await lifeline({**config(providers), "audit": {"error_text": True}})  # messages on spans
     http_server.script = [(503, "upstream overloaded \ud800")]  # json.dumps writes \ud800
     reply = await ask(client, USER_HELLO, timeout_s=60)
     failed = reply.attempts[0]
@@ -190,6 +191,43 @@ async def test_an_error_body_with_a_lone_surrogate_keeps_its_kind_and_status(
     await wait_for(lambda: len(statuses()) == 2, what=lambda: f"spans: {statuses()}")
     for status in statuses():
         status.encode()  # no lone surrogate left
+
+
+@pytest.mark.parametrize("error_text", [False, True], ids=["default", "opted-in"])
+async def test_a_providers_error_quoting_the_prompt_stays_out_of_audit_and_spans(
+    lifeline, client, http_server, exporter, audit, error_text
+):
+    """Prompt text stays out of audit events and spans unless the config opts in (DESIGN.md),
+    and a provider's error may quote the input it refused (a validation error quoting the
+    value, say). The client's reply keeps the provider's words, whatever the setting; the audit
+    event and every span (the worker's call, the dispatcher's attempt, the request's) say
+    why by the failure's kind and HTTP status, and carry its message only with
+    `audit.error_text = true`."""
+    providers = {"local": openai_at(http_server), "backup": fake(reply="fine")}
+    opted_in = {"audit": {"error_text": True}} if error_text else {}  # else the default
+    await lifeline({**config(providers), **opted_in})
+    prompt = "my card is 4111 1111 1111 1111"
+    quoted = {"message": f"Invalid content {prompt!r}", "type": "invalid_request_error"}
+    http_server.script = [(400, quoted), (400, quoted)]
+    for route in ("default", "alone"):  # a fallback, and a request that fails for good
+        request = {"messages": [{"role": "user", "content": prompt}]}
+        targets = None if route == "default" else [{"provider": "local"}]
+        reply = await ask(client, {**request, "targets": targets} if targets else request)
+        assert prompt in reply.attempts[0].message  # the reply is the client's: it keeps it
+    assert reply.status == "error"
+    events = [event for _, event in await audit.wait_for(2)]
+    failed = [a for event in events for a in event.attempts if a.outcome == "error"]
+    assert [(a.error_type, a.status_code) for a in failed] == [("bad_request", 400)] * 2
+    assert all((prompt in (a.message or "")) is error_text for a in failed)
+
+    def traced() -> list[str]:  # every ended span, whole
+        return [span.to_json() for span in exporter.get_finished_spans()]
+
+    # Two requests: each a request span, its attempts' spans and the worker's span per call.
+    await wait_for(lambda: len(traced()) >= 8, what=lambda: f"{len(traced())} spans")
+    quoting = [span for span in traced() if "4111 1111" in span]
+    assert len(quoting) == (4 if error_text else 0), quoting  # each call's worker and attempt
+    assert sum('"error.type": "bad_request"' in span for span in traced()) == 4
 
 
 async def test_the_provider_http_call_carries_the_requests_trace(

@@ -234,7 +234,7 @@ def test_a_providers_own_words_on_a_span_are_clipped():
         ProviderFailure("server_error", "x" * 300_000),
     ):
         span = recorder.start("provider", SpanKind.CLIENT, {})
-        telemetry.annotate_outcome(span, reply)
+        telemetry.annotate_outcome(span, reply, error_text=True)
         span.end_soon()
     answered, failed = exported.get_finished_spans()
     assert len(answered.attributes["gen_ai.response.model"]) == 256

@@ -76,6 +76,7 @@ class WorkerRuntime:
         timeout_s: float,
         max_in_flight: int = 1000,
         max_in_flight_bytes: int = 256 * 1024 * 1024,
+        error_text: bool = False,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -85,6 +86,8 @@ class WorkerRuntime:
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
         self.max_in_flight_bytes = max_in_flight_bytes
+        # A failure's message on its span (audit.error_text): a provider's may quote the prompt.
+        self.error_text = error_text
         self._bytes = 0  # of the calls in flight, their requests' sizes by task in _sizes
         self._sizes: dict[asyncio.Task[None], int] = {}
         # Each request's task, with its attempt id (None without one); and the reverse, for
@@ -447,7 +450,7 @@ class WorkerRuntime:
         elif self._scrub is not None:
             reply = self._scrub.answer(reply)
         if span.recording:
-            telemetry.annotate_outcome(span, reply)
+            telemetry.annotate_outcome(span, reply, self.error_text)
         span.end_soon()  # handed to the exporter after the reply goes
         return None if expiry.settled else reply
 
