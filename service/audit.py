@@ -1,10 +1,12 @@
 """The audit events' durable home: a JetStream stream capturing llm.audit.>.
 
-Every request's one audit event is published on llm.audit.<status> with a core publish, as
-before: live subscribers get it at once, and the stream keeps it for later (for `lifeline
-audit`, and for consumers that were offline), up to audit.max_age_s and audit.max_bytes,
-dropping the oldest past them. A job's event carries Nats-Msg-Id "job:<a hash of its id>", so a job
-answered again after a dispatcher died keeps one event in the stream.
+Every request's one audit event is published on llm.audit.<status> with a core publish: live
+subscribers get it at once, and the stream keeps it for later (for `lifeline audit`, and for
+consumers that were offline), up to audit.max_age_s and audit.max_bytes, dropping the oldest
+past them. A job's event carries Nats-Msg-Id "job:<a hash of its id>", so a job answered again
+after a dispatcher died keeps one event in the stream; it is a JetStream publish, waited for
+while the stream is there to capture its subject (service.transport's _audit_acked, told
+which subjects by keep_audit_stream).
 
 Why a core publish into a captured subject rather than a JetStream publish: measured here (one
 process, an audit-sized event, 20,000 of each), the fast path's core publish costs 2 µs of
@@ -18,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import typing
 from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from schemas.subjects import AUDIT_ALL, AUDIT_PREFIX
+from schemas.subjects import AUDIT_ALL, AUDIT_PREFIX, audit_subject
+from schemas.wire import AuditEvent
 from service import jetstream
 from service.config import AUDIT_DEDUP_WINDOW_S, AuditSettings
 
@@ -37,6 +41,30 @@ _WATCH_S = 30.0  # between looks at whether the stream is still there
 _SILENT_LOOKS = 2  # looks in a row at which JetStream did not answer, before that is said
 _AUDIT_STATUSES = AUDIT_PREFIX + "*"  # every subject an event goes out on: a stream of
 # Lifeline's name made beforehand must capture them all (llm.audit.> does)
+
+
+# Every subject an event goes out on, one per AuditEvent.status.
+_EVENT_SUBJECTS = tuple(
+    audit_subject(status) for status in typing.get_args(typing.get_type_hints(AuditEvent)["status"])
+)
+
+
+def _captures(info: api.StreamInfo) -> frozenset[str]:
+    """The event subjects the stream captures: an operator's stream made beforehand may miss
+    some (ensure_audit_stream warned), and a job's event on one of those would wait for an ack
+    that never comes, all of its patience (service.transport's _AUDIT_PATIENCE_S)."""
+    patterns = info.config.subjects or ()
+    return frozenset(s for s in _EVENT_SUBJECTS if any(jetstream.covers(p, s) for p in patterns))
+
+
+async def _captured(js: JetStreamContext, settings: AuditSettings) -> frozenset[str]:
+    """_captures of the stream as it is now; none when it cannot be looked at (the watch's
+    next look says)."""
+    try:
+        return _captures(await js.stream_info(settings.stream))
+    except Exception as exc:  # noqa: BLE001 - not there for now: looked at again within _WATCH_S
+        log.debug("audit: could not look at stream %s: %r", settings.stream, exc)
+        return frozenset()
 
 
 _STALL_S = 5.0  # the longest wait for the next event of those the stream holds
@@ -153,7 +181,7 @@ async def keep_audit_stream(
     settings: AuditSettings,
     replicas: int,
     problem: str | None,
-    kept: Callable[[bool], None] = lambda _: None,
+    kept: Callable[[frozenset[str]], None] = lambda _: None,
 ) -> None:
     """Keep the audit stream there for as long as the dispatcher runs. After ensure_audit_stream
     said `problem`: try again every _SETUP_RETRY_S until it is there (a cluster still electing
@@ -163,9 +191,10 @@ async def keep_audit_stream(
     JetStream silent at two looks in a row (nats-server disables it when its disk is full, and
     a server restarted without -js has none) is said once, and its return: meanwhile events
     reach live subscribers only, and the server confirms no capture that would tell.
-    `kept(there)` is told whether the stream is there, as each of these finds it."""
+    `kept(subjects)` is told which audit subjects the stream is there to capture (none while it
+    is not), as each of these finds it: a job's event on another one is not waited for."""
     silent = 0
-    kept(problem is None)
+    kept(await _captured(js, settings) if problem is None else frozenset())
     while True:
         if problem is not None:
             log.warning(
@@ -179,14 +208,14 @@ async def keep_audit_stream(
                 await asyncio.sleep(_SETUP_RETRY_S)
                 problem = await ensure_audit_stream(js, settings, replicas)
             log.warning("audit: events are kept in stream %s from now on", settings.stream)
-            kept(True)
+            kept(await _captured(js, settings))
         await asyncio.sleep(_WATCH_S)
         try:
-            await js.stream_info(settings.stream)
+            info = await js.stream_info(settings.stream)
         except nats.js.errors.ServiceUnavailableError:
             silent += 1
             if silent == _SILENT_LOOKS:
-                kept(False)
+                kept(frozenset())
                 log.warning(
                     "audit: JetStream does not answer (a server whose disk filled up disables "
                     "it; one restarted without -js has none): events reach live subscribers "
@@ -196,7 +225,7 @@ async def keep_audit_stream(
             continue
         except nats.js.errors.NotFoundError:
             problem = "it is gone (a server restarted on an empty store, or it was deleted)"
-            kept(False)
+            kept(frozenset())
             silent = 0  # JetStream answers: making the stream again says what follows
         except Exception as exc:  # noqa: BLE001 - unreachable for now: looked at next time
             log.debug("audit: could not look at stream %s: %r", settings.stream, exc)
@@ -205,5 +234,5 @@ async def keep_audit_stream(
                 log.warning(
                     "audit: JetStream answers again: events are kept in %s", settings.stream
                 )
-            kept(True)  # also after a job's event the stream did not confirm in time
+            kept(_captures(info))  # also after a job's event the stream did not confirm in time
             silent = 0

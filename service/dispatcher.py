@@ -136,8 +136,8 @@ class Dispatcher:
         if self.jobs is not None:
             await self.jobs.start()
 
-    def _audit_kept(self, there: bool) -> None:
-        self.transport.audit_kept = there  # jobs' events then wait for the stream's ack
+    def _audit_kept(self, captured: frozenset[str]) -> None:
+        self.transport.audit_kept = captured  # jobs' events on these wait for the stream's ack
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight

@@ -97,9 +97,9 @@ class NatsTransport:
         self._inbox = _Inbox(nc)
         self._reconnects = 0  # nats-py's count when last looked at (spanned_an_outage)
         self._back_at = -math.inf  # monotonic: when a reconnect was first seen
-        # The audit stream is there (service.audit.keep_audit_stream says): a job's event is
-        # then published to JetStream and waited for (see _audit_acked).
-        self.audit_kept = False
+        # The audit subjects the audit stream is there to capture (service.audit.keep_audit_stream
+        # says): a job's event on one is published to JetStream and waited for (_audit_acked).
+        self.audit_kept: frozenset[str] = frozenset()
 
     def spanned_an_outage(self, started: float) -> bool:
         """Whether this connection was down at some time since `started` (time.monotonic()):
@@ -224,7 +224,11 @@ class NatsTransport:
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
         subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
-        if headers and self.audit_kept and await self._audit_acked(subject, payload, headers):
+        if (
+            headers
+            and subject in self.audit_kept
+            and await self._audit_acked(subject, payload, headers)
+        ):
             return
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
             await publish_later(self.nc, subject, payload, "an audit event", headers)
@@ -257,7 +261,7 @@ class NatsTransport:
                     _AUDIT_PATIENCE_S,
                     problem,
                 )
-                self.audit_kept = False  # the next jobs do not wait: until the stream is seen
+                self.audit_kept = frozenset()  # the next jobs do not wait: until the stream is seen
                 return False
             await asyncio.sleep(jetstream.BACKOFF_S[min(tries, len(jetstream.BACKOFF_S) - 1)])
             tries += 1

@@ -488,6 +488,35 @@ async def test_jobs_stop_waiting_for_an_audit_stream_that_stays_away(lifeline, c
     assert await _waiting_jobs(client) == 0
 
 
+async def test_a_jobs_audit_event_waits_only_on_subjects_the_audit_stream_captures(
+    lifeline, client, audit, monkeypatch
+):
+    """An operator's audit stream made beforehand may capture only some event subjects (the
+    dispatcher warns at start). A job's event on one it does not capture never gets an ack:
+    it used to wait for one all of its patience (20 s of the job's time) and only then go as
+    a core publish. It goes at once now, and an event on a captured subject is still kept."""
+    from service import transport
+
+    monkeypatch.setattr(transport, "_AUDIT_PATIENCE_S", 600.0)  # a wait would hold the job
+    stream = AuditSettings().stream
+    await client.jetstream().add_stream(name=stream, subjects=[subjects.audit_subject("ok")])
+    providers = {"main": fake(), "broken": fake(fail_status=503)}
+    await lifeline(
+        config(
+            providers, routes={"default": {"targets": ["main"]}, "broken": {"targets": ["broken"]}}
+        )
+    )
+    await submit(client, job("failed", route="broken"), "failed")
+    assert (await result_of(client, "failed")).status == "error"
+    assert await _waiting_jobs(client, settle_s=10) == 0  # acknowledged: audited
+    await submit(client, job("answered"), "answered")
+    assert (await result_of(client, "answered")).status == "ok"
+    assert await _waiting_jobs(client) == 0
+    events = await kept_audit_events(client, 1)
+    assert [e.id for e in events] == ["answered"]  # the stream's, as it was made
+    assert sorted(e.id for _, e in await audit.wait_for(2)) == ["answered", "failed"]
+
+
 async def test_the_pull_loop_outlives_whatever_a_fetch_raises(lifeline, client, monkeypatch):
     """nats-py's fetch raises asyncio's TimeoutError on some paths, not only its own: once, that
     ended the pull loop, and the dispatcher took no job again (the bench found it)."""
