@@ -543,8 +543,9 @@ def _audit_event(
 ) -> AuditEvent:
     """The request's audit event; its attempts' error messages only with `error_text`."""
     attempts = reply.attempts
-    if not error_text and any(a.message is not None for a in attempts):
-        attempts = [msgspec.structs.replace(a, message=None) for a in attempts]
+    # A good first call carries no message: only a request with more attempts, or failed, can.
+    if not error_text and (len(attempts) > 1 or reply.error is not None):
+        attempts = [a if a.message is None else _without_message(a) for a in attempts]
     return AuditEvent(  # positional, in field order (see _provider_request)
         reply.id,  # id
         reply.status,  # status
@@ -564,6 +565,10 @@ def _audit_event(
         reply.finish_reason,  # finish_reason
         _tools_called(reply.tool_calls) if reply.tool_calls else [],  # tools_called
     )
+
+
+def _without_message(attempt: Attempt) -> Attempt:
+    return msgspec.structs.replace(attempt, message=None)
 
 
 # The audit event names the tools an answer calls, not as many as the provider wrote: 900
