@@ -134,7 +134,7 @@ class Engine:
         self._attempt_ids = SecretIds()  # what a cancel names: never guessable
         # Error messages in audit events and spans (audit.error_text): a provider's may quote
         # the prompt, so they stay out unless the config opts in.
-        self._error_text = config.audit.error_text
+        self.error_text = config.audit.error_text
 
     async def serve(
         self,
@@ -210,7 +210,7 @@ class Engine:
                 reply = await respond(reply)
         except DeliverAgain as again:
             log.warning("request %r waits: %s", reply.id, again)
-            _annotate(span, reply, route, self._error_text)
+            _annotate(span, reply, route, self.error_text)
             span.end()
             return reply
         except NotKept as lost:
@@ -223,7 +223,7 @@ class Engine:
                 raise
             _uncancel()  # the audit event still goes out
         try:
-            event = _audit_event(reply, route, len(inbound.data), self._error_text)
+            event = _audit_event(reply, route, len(inbound.data), self.error_text)
             await self.transport.audit(event, inbound.audit_id)
         except Exception:
             log.exception("bug while auditing request %r", reply.id)
@@ -232,7 +232,7 @@ class Engine:
                 raise
             _uncancel()
         finally:
-            _annotate(span, reply, route, self._error_text)
+            _annotate(span, reply, route, self.error_text)
             span.end_soon()  # to the exporter with the turn's other spans, in one hand-off
         return reply
 
@@ -246,7 +246,7 @@ class Engine:
             route = exc.route
         try:
             await self.transport.audit(
-                _audit_event(reply, route, len(inbound.data), self._error_text),
+                _audit_event(reply, route, len(inbound.data), self.error_text),
                 inbound.audit_id,
             )
         except Exception:
@@ -331,7 +331,7 @@ class Engine:
             if validate is not None and isinstance(reply, ProviderOk):
                 reply = validate(reply)
             if span.recording:
-                telemetry.annotate_outcome(span, reply, self._error_text)
+                telemetry.annotate_outcome(span, reply, self.error_text)
             return reply
         except asyncio.CancelledError as exc:
             if span.recording:
@@ -370,7 +370,7 @@ class Engine:
         def finished(reply: ProviderReply | None, why: BaseException | None) -> None:
             if span.is_recording():
                 if reply is not None:
-                    telemetry.annotate_outcome(span, reply, self._error_text)
+                    telemetry.annotate_outcome(span, reply, self.error_text)
                 else:  # its stream was cancelled (a rival won, the request stopped)
                     telemetry.annotate_cancelled(span, why)
                 telemetry.annotate_stream(span, stream.chunks, stream.first_at, opened)

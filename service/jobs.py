@@ -256,10 +256,17 @@ class JobTrace(NamedTuple):
         return cls(joined, context, parent)
 
     def end(
-        self, spans: telemetry.SpanRecorder, msg: Msg, outcome: str, reply: CompletionReply | None
+        self,
+        spans: telemetry.SpanRecorder,
+        msg: Msg,
+        outcome: str,
+        reply: CompletionReply | None,
+        error_text: bool,
     ) -> None:
         """The job span, from when the stream stored the job until now (its end here:
-        `outcome`), handed to the span processors as the dispatcher's ended spans are."""
+        `outcome`), handed to the span processors as the dispatcher's ended spans are. A
+        failed job's error message, which may quote a provider's words about the prompt,
+        only with `error_text` (`audit.error_text`), as on the request's own span."""
         if self.context is None:
             return
         attributes: dict[str, str | int] = {
@@ -273,7 +280,7 @@ class JobTrace(NamedTuple):
         error = reply.error if reply is not None else None
         if error is not None:
             attributes["error.type"] = error.type
-            status = Status(StatusCode.ERROR, error.message)
+            status = Status(StatusCode.ERROR, error.message if error_text else None)
         elif reply is None:  # dead-lettered
             attributes["error.type"] = INTERNAL
             status = Status(StatusCode.ERROR, f"dead-lettered on {subjects.JOBS_DEAD}")
@@ -514,7 +521,7 @@ class Jobs:
         finally:
             heartbeat.cancel()
         try:
-            traced.end(self.engine.spans, latest[0], outcome, reply)
+            traced.end(self.engine.spans, latest[0], outcome, reply, self.engine.error_text)
         except Exception:
             log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
 

@@ -230,6 +230,39 @@ async def test_a_providers_error_quoting_the_prompt_stays_out_of_audit_and_spans
     assert sum('"error.type": "bad_request"' in span for span in traced()) == 4
 
 
+@pytest.mark.parametrize("error_text", [False, True], ids=["default", "opted-in"])
+async def test_a_failed_jobs_span_quotes_the_provider_only_when_opted_in(
+    lifeline, client, http_server, exporter, error_text
+):
+    """A durable job's span ends with the job's error, and a job stopped without a fallback
+    carries the provider's words in that error ("...: Invalid content '<prompt>'"): the job
+    span set it as its status description whatever `audit.error_text` said, the one span
+    the request's own settings did not reach. The stored result keeps the words (it is the
+    submitter's); the span says why by `error.type`, and quotes only when opted in."""
+    from test_jobs import job, result_of, submit
+
+    providers = {"local": openai_at(http_server), "backup": fake(reply="fine")}
+    opted_in = {"audit": {"error_text": True}} if error_text else {}
+    await lifeline({**config(providers), **opted_in})
+    prompt = "my card is 4111 1111 1111 1111"
+    quoted = {"message": f"Invalid content {prompt!r}", "type": "invalid_request_error"}
+    http_server.script = [(400, quoted)]
+    await submit(client, job("refused", prompt, fallback=False), "refused")
+    reply = await result_of(client, "refused", timeout_s=15)
+    assert (reply.status, reply.error.type) == ("error", "fallback_stopped")
+    assert prompt in reply.error.message  # the result is the submitter's: it keeps it
+
+    def job_spans() -> list:
+        return [s for s in exporter.get_finished_spans() if s.name == "job"]
+
+    await wait_for(lambda: len(job_spans()) == 1, what="the job span")
+    [span] = job_spans()
+    assert span.attributes["error.type"] == "fallback_stopped"
+    assert (prompt in (span.status.description or "")) is error_text
+    if not error_text:  # nor any other span of the job's deliveries
+        assert not [s.name for s in exporter.get_finished_spans() if "4111 1111" in s.to_json()]
+
+
 async def test_the_provider_http_call_carries_the_requests_trace(
     lifeline, client, http_server, tracers
 ):
