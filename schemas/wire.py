@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas.deadline import MIN_CALL_S
+
 # The error kinds and request error types live in schemas.errors; re-exported here, where
 # the messages that carry them are defined.
 from schemas.errors import (  # noqa: F401
@@ -272,7 +274,9 @@ class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_tokens: MaxTokens | None = None
     top_p: TopP | None = None
     template: Name | None = None  # a [templates.<name>] of the config
-    timeout_s: Annotated[float, Meta(gt=0)] | None = None  # default: the provider's timeout_s
+    # default: the provider's timeout_s. Under MIN_CALL_S the config's check refuses it, with a
+    # message saying why (a worker gets its deadline in whole milliseconds); the schema says so.
+    timeout_s: Annotated[float, Meta(gt=0, extra_json_schema={"minimum": MIN_CALL_S})] | None = None
     # Capabilities, checked before any call.
     max_input_tokens: Annotated[int, Meta(ge=1)] | None = None
     json_output: bool = True

@@ -438,6 +438,7 @@ REFUSED_WHATEVER_THE_CONFIG = [
     (request_with(targets=[{"provider": "echo", "retry_on": ["bogus"]}]), "enum"),
     (request_with(targets=[{"provider": "echo", "retry_on": [600]}]), "maximum"),
     (request_with(targets=[{"provider": "echo", "drop": ["bogus"]}]), "enum"),
+    (request_with(targets=[{"provider": "echo", "timeout_s": 0.0005}]), "minimum"),
     (request_with(targets=[{"provider": "echo", "breaker": {"cooldown_s": 1}}]), "type"),
     (request_with(faults={"echo": "bogus"}), "anyOf"),
     (request_with(faults={"echo": 200}), "minimum"),
@@ -457,6 +458,7 @@ ACCEPTED = [
         targets=[{"provider": "echo", "retry_on": ["timeout", 429], "drop": ["seed", "tools"]}]
     ),
     request_with(targets=[{"provider": "echo", "breaker": None}]),
+    request_with(targets=[{"provider": "echo", "timeout_s": 0.001}]),
     request_with(faults={"echo": ["ok", None, "timeout", "invalid_output", 429]}),
     request_with(faults={"echo": ["503 after 2", "rate_limit after 0"]}),
     request_with(response_format={"type": "json_schema", "json_schema": {"name": "w"}}),
