@@ -31,7 +31,7 @@ from msgspec import Meta, Struct
 from schemas.deadline import MIN_CALL_S
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
-from service.health import BreakerSettings
+from service.health import SLOT_S, BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import Template
 from workers.registry import known_kinds, parse_settings, settings_type
@@ -760,21 +760,17 @@ def breaker_settings(*layers: dict[str, Any] | None) -> BreakerSettings:
     return msgspec.convert(merged, BreakerSettings)
 
 
-# service/health.py counts a target's calls in 1-second slots (300 of them: window_s's
-# ceiling): a window_s under one slot was counted as the current slot, while check-config
-# said "in 1e-06 s".
-_BREAKER_SLOT_S = 1.0
-
-
 def _breaker(key: str, table: dict[str, Any]) -> None:
     settings = _convert(table, BreakerSettings, key)
     # As written: settings.trip_on is a frozenset, whose order (string hashes) differs by process.
     problem = _bad_kind(table.get("trip_on") or ())
     if problem is not None:
         raise ConfigError(f"{key}.trip_on[{problem[0]}]: {problem[1]}")
-    if settings.window_s < _BREAKER_SLOT_S:
+    # A window_s under one slot was counted as the current slot, while check-config said
+    # "in 1e-06 s".
+    if settings.window_s < SLOT_S:
         raise ConfigError(
-            f"{key}.window_s: {settings.window_s:g} s is shorter than the {_BREAKER_SLOT_S:g} s "
+            f"{key}.window_s: {settings.window_s:g} s is shorter than the {SLOT_S:g} s "
             "slots the breaker counts calls in (it would count the current one only): set 1 to "
             "300"
         )

@@ -68,6 +68,9 @@ CALL, PROBE, SKIP = 0, 1, 2
 # does not know fails as bad_request, which never counts, so no name can bench the others.
 ADHOC_MODEL = "*"
 
+# A target's calls are counted in 1-second slots (int(now)): a window_s shorter than one slot
+# would count the current slot only, so the config refuses it (service/config.py).
+SLOT_S = 1.0
 _RING_S = 300  # 1-second outcome slots kept: the longest window_s
 _RECENT_S = 60  # what "recent" means in status and metrics
 _LATENCY_EPOCH_S = 30.0  # a latency histogram covers the last 30 to 60 seconds
