@@ -1,0 +1,129 @@
+"""The README against the code: the config it shows is a config Lifeline takes, every key
+Lifeline takes is in it, and every option it gives a `lifeline` command is one that command
+has. A newcomer copies these; a key renamed or a flag dropped in the code must fail here, not
+in their terminal."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import textwrap
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from schemas.wire import TargetSpec
+from service import config
+from service.cli import build_parser
+from service.health import BreakerSettings
+from service.natsopts import NatsSettings
+from service.shaping import Template
+from workers.registry import known_kinds, settings_type
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+TOML_BLOCKS = [
+    block
+    for block in re.findall(r"```toml\n(.*?)```", README, re.DOTALL)
+    if "[project." not in block  # a plug-in's pyproject.toml, not Lifeline's config
+]
+# What the README's snippets lean on without defining: the providers and routes they name.
+BASE: dict[str, Any] = {
+    "providers": {
+        name: {"kind": "fake"} for name in ("primary", "backup", "openai", "claude", "local")
+    },
+    "routes": {name: {"targets": ["backup"]} for name in ("default", "chat")},
+}
+
+
+def _merged(base: dict[str, Any], snippet: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in snippet.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_the_readme_shows_config_examples():
+    assert len(TOML_BLOCKS) >= 12, "the README's TOML examples were not found"
+
+
+@pytest.mark.parametrize("block", TOML_BLOCKS, ids=lambda b: b.strip().splitlines()[0][:40])
+def test_every_config_example_of_the_readme_is_a_config_lifeline_takes(block):
+    snippet = tomllib.loads(textwrap.dedent(block))
+    config.parse_config(_merged(BASE, snippet), source="README.md")
+
+
+# Every table of the config and the Struct that reads it (a provider's by its kind).
+TABLES: dict[str, type[msgspec.Struct]] = {
+    "[dispatcher]": config.DispatcherSettings,
+    "[jobs]": config.JobsSettings,
+    "[jetstream]": config.JetStreamSettings,
+    "[audit]": config.AuditSettings,
+    "[routes.<name>]": config.RouteConfig,
+    "a route's group": config.GroupSpec,
+    "[fallbacks]": config.FallbacksConfig,
+    "[breaker]": BreakerSettings,
+    "[nats]": NatsSettings,
+    "[templates.<name>]": Template,
+    "a target": TargetSpec,
+} | {f"[providers.<name>] of kind {kind}": settings_type({"kind": kind}) for kind in known_kinds()}
+
+
+def _named(key: str) -> bool:
+    """Whether the README names a key: `key`, or `key = ...` in a TOML example."""
+    k = re.escape(key)
+    return re.search(rf"`{k}`|`{k} =|^\s*{k} =|[{{,] *{k} =", README, re.MULTILINE) is not None
+
+
+def test_every_config_key_lifeline_takes_is_in_the_readme():
+    undocumented = [
+        f"{table}: {field.encode_name}"
+        for table, struct in TABLES.items()
+        for field in msgspec.structs.fields(struct)
+        if not _named(field.encode_name)
+    ]
+    assert not undocumented, f"config keys the README never names: {undocumented}"
+
+
+def _commands() -> argparse._SubParsersAction:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _command_lines() -> list[str]:
+    """Inline code that runs `lifeline`, and every line of the shell and console blocks."""
+    spans = re.findall(r"`([^`\n]*lifeline [^`\n]*)`", README)
+    blocks = re.findall(r"```(?:sh|console|bash)?\n(.*?)```", README, re.DOTALL)
+    return spans + [line for block in blocks for line in block.splitlines()]
+
+
+def _options_used() -> list[tuple[str, str, str]]:
+    """(command, option, the line) for each option the README gives a `lifeline` command."""
+    commands = _commands().choices
+    used = []
+    for line in _command_lines():
+        # `lifeline [-v] COMMAND args`, up to a shell's ; | & or a comment
+        for m in re.finditer(r"(?:^|[\s/;(])lifeline(?: +-\w+)* +([a-z][a-z-]*)([^;|&#]*)", line):
+            if m.group(1) in commands:
+                for option in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", m.group(2)):
+                    used.append((m.group(1), option.split("=")[0], line.strip()))
+    return used
+
+
+def test_every_option_the_readme_gives_a_command_is_one_it_has():
+    commands, top = _commands().choices, set(build_parser()._option_string_actions)
+    used = _options_used()
+    assert len({(command, option) for command, option, _ in used}) >= 40, (
+        "the README's command lines were not found"
+    )
+    unknown = [
+        f"lifeline {command} {option}  (in: {line[:80]})"
+        for command, option, line in used
+        if option not in commands[command]._option_string_actions and option not in top
+    ]
+    assert not unknown, f"options the README gives that the command does not have: {unknown}"
