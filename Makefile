@@ -65,8 +65,8 @@ NEW  ?=
 bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=rev (default: the working tree), loaded at once; PAIRED=1: p50 at 1 in flight instead; ROUTE=fail_ok|ghost_ok: through a fallback
 	$(BIN)/python -m tests.bench.ab $(if $(PAIRED),--paired) $(if $(ROUTE),--route $(ROUTE)) $(BASE) $(NEW)
 
-bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree)
-	$(BIN)/python -m tests.bench.instructions $(REVS)
+bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree); NO_SAMPLING=1: tracing samples nothing
+	$(BIN)/python -m tests.bench.instructions $(if $(NO_SAMPLING),--no-sampling) $(REVS)
 
 soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request bursts); writes bench-results/soak.json
 	$(BIN)/python -m tests.soak

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = (1000, 6000)  # requests per run: the difference of the two is counted
 WARMUP = 200
+_NO_SAMPLING = "LIFELINE_BENCH_NO_SAMPLING"  # set for the children by --no-sampling
 
 
 def main() -> None:
@@ -48,19 +49,29 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=("engine", "worker"), action="append", help="default: both"
     )
+    parser.add_argument(
+        "--no-sampling",
+        action="store_true",
+        help="trace with the always_off sampler (nothing recorded): what tracing costs is the "
+        "difference from a run without it",
+    )
     parser.add_argument("--_run", nargs=2, metavar=("PART", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._run:  # a child under valgrind
         _run(args._run[0], int(args._run[1]))
         return
+    if args.no_sampling:  # read by the children (_tracing)
+        os.environ[_NO_SAMPLING] = "1"
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     parts = args.part or ["engine", "worker"]
+    sampling = ", nothing sampled" if args.no_sampling else ""
     for revision in args.revisions or [None]:
         with _checkout(revision) as tree:
             for part in parts:
                 print(
-                    f"{revision or 'working tree'}: {part} {_per_request(tree, part):,} instructions per request",
+                    f"{revision or 'working tree'}: {part} {_per_request(tree, part):,} "
+                    f"instructions per request{sampling}",
                     flush=True,
                 )
 
@@ -139,7 +150,12 @@ def _tracing():
     from service.telemetry import Tracing
     from tests.bench.servers import DropSpans
 
-    tracing = Tracing()  # the default sampler, every span kept until the batch's export
+    if os.environ.get(_NO_SAMPLING):
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+        tracing = Tracing(sampler=ALWAYS_OFF)
+    else:
+        tracing = Tracing()  # the default sampler, every span kept until the batch's export
     tracing.add_span_processor(BatchSpanProcessor(DropSpans(), max_queue_size=10**7))
     return tracing
 
