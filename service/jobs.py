@@ -70,7 +70,7 @@ from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
 from service.jobstore import ensure_jobs, max_value_of, results_max_value
 from service.loop import cancel_and_wait
-from service.natsio import publish_checked
+from service.natsio import deliveries_keep_no_status, publish_checked
 from service.routing import Rejected
 from service.transport import ClientStream, as_error, fitted
 
@@ -367,6 +367,7 @@ class Jobs:
             self._sub = await js.pull_subscribe(
                 subjects.JOBS_SUBMIT, durable=subjects.JOBS_CONSUMER, config=consumer
             )
+            deliveries_keep_no_status(self._sub)  # a job with a Status header is a job
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
             return jetstream.hint(exc, self.replicas)
         if self._results_sub is None:

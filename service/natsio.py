@@ -11,6 +11,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -25,6 +26,9 @@ from nats.protocol.parser import (
 
 from schemas import subjects
 from schemas.wire import message_bytes
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
 
 log = logging.getLogger("lifeline.nats")
 
@@ -132,6 +136,34 @@ async def stop_taking(sub: Subscription) -> None:
         pass
 
 
+_JS_ACK = "$JS.ACK."  # the reply subject of every JetStream delivery; server statuses have none
+
+
+def deliveries_keep_no_status(pull: JetStreamContext.PullSubscription) -> None:
+    """Let a pull subscription's fetch() tell a delivery from a server status by where it
+    came from, not by its headers: a delivery whose publisher set a `Status` header (or a
+    header block with a status line) loses it as it is queued.
+
+    nats-py's fetch() takes any message with a `Status` header for the server's: with 404,
+    408 or 409 it dropped the delivery unseen (no result, no audit event, delivered again at
+    every ack wait, never dead-lettered), with any other it raised (KeyError('Description'))
+    and lost the whole batch with it, every pull that met it again failing too. A client may
+    publish any header on the jobs' subject; JetStream's own statuses (no messages, request
+    timeout, conflicts, heartbeats) come without a reply subject, a delivery always with its
+    $JS.ACK one. It relies on the PullSubscription's `_sub` (a core Subscription) and that
+    one's `_pending_queue`, an asyncio.Queue nats-py fills with put_nowait."""
+    queue = pull._sub._pending_queue
+    put = queue.put_nowait
+
+    def put_nowait(msg: Msg) -> None:
+        headers = msg.headers
+        if headers and _STATUS in headers and msg.reply.startswith(_JS_ACK):
+            msg.headers = {name: v for name, v in headers.items() if name != _STATUS} or None
+        put(msg)
+
+    queue.put_nowait = put_nowait  # type: ignore[method-assign]
+
+
 async def close(nc: Client) -> None:
     """`nc.close()`, also while the server is gone.
 
@@ -182,7 +214,8 @@ async def close(nc: Client) -> None:
 # states in which a publish goes out: _OPEN); Msg's fields and their order (_MSG_FIELDS);
 # Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
-# of asyncio, StreamReader._buffer.
+# of asyncio, StreamReader._buffer. (Off the hot path, `deliveries_keep_no_status` relies on
+# PullSubscription._sub and Subscription._pending_queue: the jobs' tests fail without them.)
 # The upstream change that would make it unnecessary: a synchronous per-subscription
 # handler in nats-py (called from the socket's data callback, as nats.go's handlers are
 # called from its reader), and a publish that schedules one write per loop turn instead of a

@@ -95,6 +95,24 @@ async def test_a_job_published_before_any_dispatcher_runs_is_answered_when_one_s
     assert (subject, event.id) == ("llm.audit.ok", "early")
 
 
+@pytest.mark.parametrize("status", ["404", "409", "500"])
+async def test_a_job_with_a_status_header_of_its_own_is_answered_and_audited_as_any(
+    lifeline, client, audit, status
+):
+    """nats-py's fetch took any message with a `Status` header for one of JetStream's own: a
+    404 or 409 it dropped unseen (delivered again at every ack wait, never answered nor
+    dead-lettered), any other raised and lost the whole batch it came in, again and again."""
+    await ensure_jobs(client.jetstream(), JobsSettings())
+    await submit(client, job("statused", "with a Status header"), "statused", Status=status)
+    await submit(client, job("beside", "in the same pull"), "beside")
+    await lifeline(config({"main": fake()}))
+    for job_id, text in (("statused", "with a Status header"), ("beside", "in the same pull")):
+        reply = await result_of(client, job_id)
+        assert (reply.status, reply.content) == ("ok", text)
+    events = await audit.wait_for(2)
+    assert sorted(event.id for _, event in events) == ["beside", "statused"]
+
+
 async def test_a_repeat_within_the_dedup_window_is_kept_once_and_answered_once(
     lifeline, client, audit
 ):
