@@ -66,6 +66,7 @@ from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
 from schemas.subjects import ABORT, ABORT_KEY, COMPLETE, STREAM, TRACEPARENT, TRACESTATE
 from schemas.wire import (
     DATA_URL,
+    MAX_MESSAGE_CHARS,
     Attempt,
     ChatMessage,
     CompletionReply,
@@ -82,6 +83,7 @@ from schemas.wire import (
     Tool,
     ToolCall,
     ToolChoice,
+    clipped,
     encoder,
     message_bytes,
     reply_decoder,
@@ -342,7 +344,9 @@ class HTTPError(Exception):
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> HTTPError:
-    return HTTPError(400, message, code, param)
+    # Cut as the NATS path cuts its refusals: a message may quote what the client sent (a
+    # role, msgspec's "Invalid enum value ..."), which was sent back whole however long.
+    return HTTPError(400, clipped(message, MAX_MESSAGE_CHARS) or "", code, param)
 
 
 def translate(
@@ -464,12 +468,15 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> ToolChoice | None:
     )
 
 
+_QUOTED_NAME_CHARS = 300  # of a `model` quoted back (names are at most 256: routing.py's 300)
+
+
 def _model_not_found(model: str, models: Models | None) -> HTTPError:
     known = ", ".join(dict.fromkeys([*models.routes, *models.targets])) if models else ""
     return HTTPError(
         404,
-        f"The model `{model}` does not exist: `model` names a Lifeline route"
-        + (f" or target ({known})" if known else ""),
+        f"The model `{clipped(model, _QUOTED_NAME_CHARS)}` does not exist: `model` names a "
+        "Lifeline route" + (f" or target ({known})" if known else ""),
         "model_not_found",
         "model",
     )

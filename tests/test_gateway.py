@@ -441,6 +441,26 @@ async def test_an_unknown_model_s_404_names_each_model_once(shared):
 
 
 @shared_loop
+async def test_a_refusal_quotes_what_the_client_sent_cut_short(shared):
+    """A refusal quoting a long value (an unknown model, an unknown role, msgspec's message
+    on a bad value) sent it back whole: a 100,000-character model came back in a 100 KB
+    error. Cut as the NATS path cuts them, what to do (at the message's end) kept."""
+    long = "m" * 100_000
+    bodies = {
+        404: chat(long),
+        400: {"model": "default", "messages": [{"role": long, "content": "hi"}]},
+    }
+    async with httpx.AsyncClient(base_url=shared.gw.url) as http:
+        for status, body in bodies.items():
+            response = await http.post("/chat/completions", json=body)
+            message = response.json()["error"]["message"]
+            assert response.status_code == status and len(response.content) < 2_000, message
+        assert message.endswith("(use tools for function calls)")
+        response = await http.post("/chat/completions", json=bodies[404])
+        assert "names a Lifeline route" in response.json()["error"]["message"]
+
+
+@shared_loop
 async def test_a_request_too_large_is_413(shared):
     long = [{"role": "user", "content": "x" * 20_000}]
     with pytest.raises(openai.APIStatusError) as large:  # refused by the dispatcher
