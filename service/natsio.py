@@ -507,6 +507,8 @@ class _FastParser(Parser):
         self.buf = rest[:end]
         del rest[:end]
         message = self.state != AWAITING_CONTROL_LINE or self.buf.startswith((b"MSG ", b"HMSG "))
+        # A whole HMSG: kept, to be read again with a header block nats-py can read.
+        frame = bytes(self.buf) if self.buf.startswith(b"HMSG ") else None
         try:
             await super().parse()
         except Exception as exc:
@@ -514,12 +516,26 @@ class _FastParser(Parser):
                 raise
             self.state, self.needed, self.header_needed = AWAITING_CONTROL_LINE, 0, 0
             self.buf.clear()  # the rest of its frame
-            _unreadable.drop(exc)
+            again = _headers_made_readable(self.nc, frame) if frame is not None else None
+            if again is None or not await self._parsed_alone(again):
+                _unreadable.drop(exc)
         finally:
             left, self.buf = self.buf, rest
             if left:  # not expected: it takes whole frames; what it left waits for more bytes
                 self.buf[:0] = left
         return len(left) < end
+
+    async def _parsed_alone(self, frame: bytes) -> bool:
+        """nats-py's parser on this one whole frame (the buffer otherwise empty): whether it
+        read it."""
+        self.buf = bytearray(frame)
+        try:
+            await super().parse()
+        except Exception:  # noqa: BLE001 - unreadable still: the caller drops it, saying so
+            self.state, self.needed, self.header_needed = AWAITING_CONTROL_LINE, 0, 0
+            self.buf.clear()
+            return False
+        return True
 
     def _take(self, buf: bytes | bytearray | None = None) -> int:
         """Handle the complete fast-path messages at the front of `buf` (by default the
@@ -674,6 +690,51 @@ def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
                     _names_read[raw] = name
             headers[name] = value.strip().decode("utf-8", "replace")
     return headers
+
+
+def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
+    """An HMSG frame nats-py could not read, with its header block written again as one it
+    reads: the headers `_plain_headers` reads in it (a status line's as `Status` and
+    `Description` lines), values not UTF-8 replaced, or none at all for a block that is no
+    NATS header block. None when its control line is what is wrong (a subject, a reply subject
+    not UTF-8: a message for somewhere else cannot be made readable without changing where).
+
+    nats-server passes on any header block a client publishes, and JetStream stores it: a job
+    whose block was cut short (`NATS/1.0` without its line end: nats-py's IndexError) was
+    dropped as unreadable at every delivery, so never answered, audited nor dead-lettered,
+    and delivered again for good."""
+    end = frame.find(b"\r\n")
+    line = frame[:end].split(b" ")  # HMSG <subject> <sid> [reply] <header size> <total size>
+    if len(line) not in (5, 6):
+        return None
+    try:
+        b" ".join(line[1:-2]).decode()  # where it goes, as it came, or not at all
+        hsize, total = int(line[-2]), int(line[-1])
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not 0 <= hsize <= total:
+        return None
+    body = frame[end + 2 : end + 2 + total]
+    try:
+        headers = _plain_headers(nc, body[:hsize])
+    except Exception:  # noqa: BLE001 - nats-py's own rules (odd names) may raise: unreadable
+        return None
+    if headers is None:  # fast_mail_parser reads them: nats-py's parser decides
+        return None
+    lines = [b"NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if _TOKEN.fullmatch(name.encode()) is None or ":" in name:
+            continue  # a name nats-py would read otherwise: left out rather than guessed
+        lines += (
+            name.encode(),
+            b": ",
+            value.replace("\r", " ").replace("\n", " ").encode(),
+            b"\r\n",
+        )
+    block = b"".join([*lines, b"\r\n"])
+    data = body[hsize:]
+    line[-2], line[-1] = b"%d" % len(block), b"%d" % (len(block) + len(data))
+    return b" ".join(line) + b"\r\n" + block + data + b"\r\n"
 
 
 _STATUS, _DESCRIPTION = "Status", "Description"  # nats.js.api.Header's, as nats-py sets them

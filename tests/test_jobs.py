@@ -15,7 +15,7 @@ import nats.errors
 import nats.js.api
 import nats.js.errors
 import pytest
-from helpers import Service, ask, config, fake, settled, wait_for
+from helpers import Service, ask, config, fake, hpub, raw_publish, settled, wait_for
 from opentelemetry.trace import SpanKind
 
 from schemas import subjects
@@ -111,6 +111,22 @@ async def test_a_job_with_a_status_header_of_its_own_is_answered_and_audited_as_
         assert (reply.status, reply.content) == ("ok", text)
     events = await audit.wait_for(2)
     assert sorted(event.id for _, event in events) == ["beside", "statused"]
+
+
+@pytest.mark.parametrize("block", [b"NATS/1.0", b"NATS", b"NATS/1.0 503 \xff\r\n\r\n"])
+async def test_a_job_with_a_header_block_nats_py_cannot_read_is_answered_and_audited(
+    lifeline, client, audit, nats_url, block
+):
+    """nats-server keeps whatever header block a client publishes: one cut short raised in
+    nats-py's parser, and the delivery was dropped as unreadable every time it came, so the
+    job was never answered, audited nor dead-lettered, and delivered again for good."""
+    await ensure_jobs(client.jetstream(), JobsSettings())
+    await raw_publish(nats_url, [hpub(subjects.JOBS_SUBMIT.encode(), block, job("odd", "hi"))])
+    await lifeline(config({"main": fake()}))
+    reply = await result_of(client, "odd")
+    assert (reply.status, reply.content) == ("ok", "hi")
+    [(_, event)] = await audit.wait_for(1)
+    assert event.id == "odd"
 
 
 async def test_a_repeat_within_the_dedup_window_is_kept_once_and_answered_once(
