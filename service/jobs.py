@@ -198,12 +198,22 @@ def identity(msg: Msg) -> JobIdentity:
     run again (its result expired or never stored) had its event dropped by the audit stream
     as the earlier one's duplicate, for the stream's 10-minute window: a provider call paid
     for and kept nowhere."""
-    job_id = salvage_id(msg.data) or (msg.headers or {}).get(subjects.MSG_ID, "")
+    job_id = salvage_id(msg.data)
+    if not job_id:
+        job_id = (msg.headers or {}).get(subjects.MSG_ID, "")
+        if "\ufffd" in job_id:  # bytes not UTF-8, as nats-py replaced them: refused (_answer)
+            # JetStream told two such ids apart by their bytes; read, they may be one id, and
+            # a job would be answered with another's result. Kept by its place, as unnamed.
+            place = _UNREADABLE_ID + _place(msg)
+            return JobIdentity(job_id, "job." + place, "job:" + place)
     if job_id:
         audit_id = subjects.job_audit_id(job_id, _place(msg))
         return JobIdentity(job_id, subjects.job_key(job_id), audit_id)
     place = "anon." + _place(msg)
     return JobIdentity(f"seq-{msg.metadata.sequence.stream}", "job." + place, "job:" + place)
+
+
+_UNREADABLE_ID = "unreadable."  # the place-keyed result of a job whose Nats-Msg-Id is not UTF-8
 
 
 def _place(msg: Msg) -> str:
@@ -604,6 +614,14 @@ class Jobs:
                 f"is {len(job_id)}: send a shorter one",
             )
             job_id = ""  # as for an id in the body that is too long
+        elif key.startswith("job." + _UNREADABLE_ID):
+            refused = Rejected(
+                INVALID_REQUEST,
+                "a job's Nats-Msg-Id is UTF-8 text; this one is not (or holds U+FFFD, which "
+                "stands for bytes that are not): send it as UTF-8, or give the job an `id` in "
+                "its body",
+            )
+            job_id = ""
         inbound = Inbound(msg.data, headers or msg.headers, arrived, job_id, audit_id)
         self.tally.requests += 1
         stored = await self._stored(key)

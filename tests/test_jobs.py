@@ -129,6 +129,30 @@ async def test_a_job_with_a_header_block_nats_py_cannot_read_is_answered_and_aud
     assert event.id == "odd"
 
 
+async def test_ids_that_differ_only_in_bytes_not_utf8_are_two_jobs_each_refused(
+    lifeline, client, audit, nats_url
+):
+    """JetStream tells Nats-Msg-Ids apart by their bytes; nats-py reads bytes that are not
+    UTF-8 as U+FFFD, so `a\\xff` and `a\\xfe` read as one id: the second job was answered
+    with the first one's result (another client's answer) and had no audit event."""
+    await lifeline(config({"main": fake()}))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
+    for raw in (b"a\xff", b"a\xfe"):
+        block = b"NATS/1.0\r\nNats-Msg-Id: %s\r\nLifeline-Notify: %s\r\n\r\n" % (
+            raw,
+            notify.encode(),
+        )
+        await raw_publish(nats_url, [hpub(subjects.JOBS_SUBMIT.encode(), block, body)])
+    replies = [reply_decoder.decode((await pushed.next_msg(timeout=5)).data) for _ in range(2)]
+    for reply in replies:
+        assert reply.status == "error" and reply.error is not None
+        assert reply.error.type == "invalid_request" and "UTF-8" in reply.error.message
+    events = await audit.wait_for(2)
+    assert [event.error_type for _, event in events] == ["invalid_request"] * 2
+
+
 async def test_a_repeat_within_the_dedup_window_is_kept_once_and_answered_once(
     lifeline, client, audit
 ):
