@@ -224,8 +224,13 @@ class Dispatcher:
         # Light traffic: the plan and the attempt's publish run in this read (see start_now).
         task = start_now(serve) if len(self._tasks) < LIGHT else self._loop.create_task(serve)
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
-        if key is not None and (len(key) > _ABORT_KEY_MAX or key in self._abortable):
-            key = None  # a key names one request in flight; a reused one stops none
+        # A key names one request in flight: a reused one stops none, and so does an empty one
+        # (any stray empty abort would stop it) or one not UTF-8 (read with U+FFFD for its
+        # bytes, two clients' keys could read alike, and one's abort stop the other's request).
+        if key is not None and (
+            not key or len(key) > _ABORT_KEY_MAX or "\ufffd" in key or key in self._abortable
+        ):
+            key = None
         self._tasks[task] = key
         self._sizes[task] = size
         self._bytes += size

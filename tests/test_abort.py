@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from helpers import config, fake, wait_for
+from helpers import config, fake, hpub, raw_publish, wait_for
 from test_gateway import gateway  # noqa: F401 (the fixture)
 
 from schemas import ChatMessage, CompletionRequest, subjects
@@ -315,3 +315,33 @@ async def test_a_key_with_spaces_around_it_aborts_its_request_when_sent_as_it_wa
     await client.publish(subjects.ABORT, key.encode())
     reply = reply_decoder.decode((await replies.next_msg(timeout=5)).data)
     assert (reply.id, reply.error.type) == ("spaced", "aborted")
+
+
+@pytest.mark.parametrize(
+    ("keys", "abort"),
+    [
+        ((b"  ",), b""),  # a blank key, and a stray empty abort from anyone
+        ((b"\xffA", b"\xfeA"), b"\xfeA"),  # two clients' keys that read alike (U+FFFD)
+    ],
+    ids=["blank key", "keys not UTF-8"],
+)
+async def test_a_key_that_is_blank_or_not_utf8_aborts_nothing(
+    lifeline, client, nats_url, keys, abort
+):
+    """A blank key was kept as "", so any client's empty abort stopped the request; keys not
+    UTF-8 were read with U+FFFD for their bytes, so one client's abort stopped another's
+    request. Neither makes a request stoppable: each is served all the same."""
+    stack = await lifeline(config({"main": fake(latency_ms=1000)}))
+    inbox = client.new_inbox()
+    replies = await client.subscribe(inbox)
+    for i, key in enumerate(keys):
+        block = b"NATS/1.0\r\n%s: %s\r\n\r\n" % (subjects.ABORT_KEY.encode(), key)
+        frame = hpub(subjects.COMPLETE.encode(), block, request(f"k{i}"), inbox.encode())
+        await raw_publish(nats_url, [frame])
+    await running(stack, len(keys))
+    await raw_publish(
+        nats_url, [b"PUB %s %d\r\n%s\r\n" % (subjects.ABORT.encode(), len(abort), abort)]
+    )
+    got = [reply_decoder.decode((await replies.next_msg(timeout=5)).data) for _ in keys]
+    assert sorted((r.id, r.status) for r in got) == [(f"k{i}", "ok") for i in range(len(keys))]
+    assert stack.dispatcher.aborts == 0
