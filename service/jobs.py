@@ -213,6 +213,20 @@ def identity(msg: Msg) -> JobIdentity:
     return JobIdentity(f"seq-{msg.metadata.sequence.stream}", "job." + place, "job:" + place)
 
 
+def _kept_on_a_dead_letter(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A job's headers as its dead letter carries them: all but JetStream's directives to a
+    stream (`Nats-Expected-Stream`, `Nats-Expected-Last-*`, `Nats-Rollup`, `Nats-TTL`, ...),
+    which a client set for the jobs stream. On llm.jobs.dead they would direct a stream an
+    operator made to keep dead letters: `Nats-Expected-Stream: LIFELINE_JOBS` made it refuse
+    every one (a core publish: lost unseen), a `Nats-Rollup` could purge it. Its Nats-Msg-Id
+    stays: the job's id, when it has no other."""
+    return {
+        name: value
+        for name, value in (headers or {}).items()
+        if name == subjects.MSG_ID or not name.lower().startswith("nats-")
+    }
+
+
 _UNREADABLE_ID = "unreadable."  # the place-keyed result of a job whose Nats-Msg-Id is not UTF-8
 
 
@@ -558,7 +572,7 @@ class Jobs:
         delivery that comes again (its dispatcher died before the ack), which dead-letters
         nothing more; the dead letter goes first, so such a death loses none."""
         error = f"{type(exc).__name__}: {exc}"[:500].replace("\r", " ").replace("\n", " ")
-        headers = {**(msg.headers or {}), subjects.JOB_ERROR: error}
+        headers = {**_kept_on_a_dead_letter(msg.headers), subjects.JOB_ERROR: error}
         body = msg.data
         if message_bytes(body, headers) > self.nc.max_payload:
             body = b""

@@ -431,6 +431,38 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     assert subjects.JOB_ERROR in letter.headers
 
 
+async def test_a_dead_letter_leaves_the_jobs_stream_directives_behind(
+    lifeline, client, audit, monkeypatch
+):
+    """A job submitted with `Nats-Expected-Stream: LIFELINE_JOBS` (a client's guard for the
+    jobs stream) kept it on its dead letter, and a stream an operator made on llm.jobs.dead
+    refused the letter: a core publish, so lost unseen."""
+    from service import jobs
+
+    async def broken(self: Any, msg: Any, arrived: float, served: list[bool], *_: Any) -> None:
+        raise RuntimeError("results bucket unreachable")
+
+    monkeypatch.setattr(jobs.Jobs, "_answer", broken)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    js = client.jetstream()
+    await js.add_stream(name="DEAD_LETTERS", subjects=[subjects.JOBS_DEAD])
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 1}
+    await lifeline(data)
+    guards = {"Nats-Expected-Stream": JobsSettings().stream, "X-Own": "kept"}
+    await submit(client, job("guarded"), "guarded", **guards)
+    await audit.wait_for(1)
+    await wait_for(lambda: _stored_letters(js), timeout_s=5, what="the dead letter in DEAD_LETTERS")
+    letter = await js.get_last_msg("DEAD_LETTERS", subjects.JOBS_DEAD)
+    assert letter.headers is not None and letter.data == job("guarded")
+    assert (letter.headers.get("X-Own"), letter.headers.get(subjects.MSG_ID)) == ("kept", "guarded")
+    assert "Nats-Expected-Stream" not in letter.headers
+
+
+async def _stored_letters(js: Any) -> bool:
+    return (await js.stream_info("DEAD_LETTERS")).state.messages == 1
+
+
 async def test_a_result_that_cannot_be_stored_is_never_acknowledged(lifeline, client, monkeypatch):
     """The engine logs a failure to deliver and goes on; a job must not be acked then, or a
     results bucket that stayed unreachable past the dispatcher's patience would lose it for
