@@ -130,6 +130,15 @@ class Started:
         raise NotImplementedError
 
 
+class _CutShort(Started):
+    """A streamed call cancelled after its first chunks reached the client but before it
+    returned its output (an abort read in the same turn as its first chunk): the cancel says
+    how many, as `chunks_delivered` (service/streaming.py's Relay.started sets it)."""
+
+    def __init__(self, delivered: int) -> None:
+        self.delivered = delivered
+
+
 CallTarget = Callable[[Target, float, tuple[str, ...]], Awaitable[ProviderReply | Started]]
 Validate = Callable[[ProviderOk], ProviderOk | ProviderFailure]
 OnEvent = Callable[[str, dict[str, Any]], None]
@@ -511,7 +520,13 @@ class _Run:
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
             started = self._calling(target, self.clock())
-            reply = await self.call(target, timeout_s, self._previous(target))
+            try:
+                reply = await self.call(target, timeout_s, self._previous(target))
+            except asyncio.CancelledError as exc:
+                delivered = getattr(exc, "chunks_delivered", 0)
+                if delivered:  # its attempt says what the client got (cut_short)
+                    self._streaming(target, started, _CutShort(delivered))
+                raise
             if isinstance(reply, Started):
                 output = reply
                 self._streaming(target, started, output)

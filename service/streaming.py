@@ -214,9 +214,14 @@ class Relay:
                 finished(reply, None)
                 return reply
         except BaseException as exc:
+            delivered = self._owner_sent if self.owner == number else 0  # voided or not
             stream.abandon()
             self.abandoned(number, exc)
             finished(None, exc)
+            if delivered and isinstance(exc, asyncio.CancelledError):
+                # Its first chunks went out in the read that brought the cancel (an abort):
+                # the policy's cancelled attempt says so (policy._CutShort), not 0.
+                exc.chunks_delivered = delivered  # type: ignore[attr-defined]
             raise
         return _Output(self, number, stream, finished)
 

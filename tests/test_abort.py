@@ -345,3 +345,40 @@ async def test_a_key_that_is_blank_or_not_utf8_aborts_nothing(
     got = [reply_decoder.decode((await replies.next_msg(timeout=5)).data) for _ in keys]
     assert sorted((r.id, r.status) for r in got) == [(f"k{i}", "ok") for i in range(len(keys))]
     assert stack.dispatcher.aborts == 0
+
+
+async def test_an_abort_read_with_a_streams_first_chunk_counts_that_chunk(lifeline, client, audit):
+    """The abort comes in the same read as, and just ahead of, the attempt's first chunk: the
+    chunk goes out as a delta before the cancel lands, and the attempt (cancelled before its
+    call returned its output) said `chunks: 0` in the reply and the audit event. Whatever the
+    reads: an attempt's `chunks` are the deltas its client got (the race is tried until it
+    happens: both messages usually come in one read)."""
+    await lifeline(config({"main": fake()}), [])
+
+    async def worker(msg: Any) -> None:  # in the worker's place; the abort is the client's
+        key = msg.headers[subjects.REQUEST_ID].encode()
+        await client.publish(subjects.ABORT, key)
+        await client.publish(msg.headers[subjects.STREAM_TO], b"Hello ")
+
+    await client.subscribe(subjects.provider_subject("main"), cb=worker)
+    raced = 0
+    for n in range(5):
+        inbox = client.new_inbox()
+        events = await client.subscribe(inbox)
+        request_id = f"race-{n}"
+        headers = {subjects.ABORT_KEY: request_id}
+        await client.publish(subjects.STREAM, request(request_id), reply=inbox, headers=headers)
+        kinds: list[str] = []
+        while not kinds or kinds[-1] not in ("end", "error"):
+            msg = await events.next_msg(timeout=5)
+            kinds.append((msg.headers or {}).get(subjects.EVENT, "delta"))
+        reply = reply_decoder.decode(msg.data)
+        assert reply.error is not None and reply.error.type == "aborted"
+        [event] = [e for _, e in await audit.wait_for(n + 1) if e.id == request_id]
+        deltas = kinds.count("delta")
+        for attempts in (reply.attempts, event.attempts):
+            assert [(a.outcome, a.chunks) for a in attempts] == [("cancelled", deltas)]
+        raced += deltas
+        if raced:
+            break
+    assert raced, "the first chunk never came in the abort's read"
