@@ -215,7 +215,8 @@ async def close(nc: Client) -> None:
 # Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer. (Off the hot path, `deliveries_keep_no_status` relies on
-# PullSubscription._sub and Subscription._pending_queue: the jobs' tests fail without them.)
+# PullSubscription._sub and Subscription._pending_queue, `_headers_made_readable` on
+# Client._process_headers: the jobs' tests fail without them.)
 # The upstream change that would make it unnecessary: a synchronous per-subscription
 # handler in nats-py (called from the socket's data callback, as nats.go's handlers are
 # called from its reader), and a publish that schedules one write per loop turn instead of a
@@ -516,7 +517,7 @@ class _FastParser(Parser):
                 raise
             self.state, self.needed, self.header_needed = AWAITING_CONTROL_LINE, 0, 0
             self.buf.clear()  # the rest of its frame
-            again = _headers_made_readable(self.nc, frame) if frame is not None else None
+            again = await _headers_made_readable(self.nc, frame) if frame is not None else None
             if again is None or not await self._parsed_alone(again):
                 _unreadable.drop(exc)
         finally:
@@ -692,11 +693,12 @@ def _plain_headers(nc: Client, block: bytes) -> dict[str, str] | None:
     return headers
 
 
-def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
+async def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
     """An HMSG frame nats-py could not read, with its header block written again as one it
     reads: the headers `_plain_headers` reads in it (a status line's as `Status` and
     `Description` lines), values not UTF-8 replaced, or none at all for a block that is no
-    NATS header block. None when its control line is what is wrong (a subject, a reply subject
+    NATS header block. None when its header block is not what nats-py failed on (read again,
+    the message could be handed on twice) or its control line is (a subject, a reply subject
     not UTF-8: a message for somewhere else cannot be made readable without changing where).
 
     nats-server passes on any header block a client publishes, and JetStream stores it: a job
@@ -715,6 +717,8 @@ def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
     if not 0 <= hsize <= total:
         return None
     body = frame[end + 2 : end + 2 + total]
+    if await _reads_headers(nc, body[:hsize]):
+        return None
     try:
         headers = _plain_headers(nc, body[:hsize])
     except Exception:  # noqa: BLE001 - nats-py's own rules (odd names) may raise: unreadable
@@ -735,6 +739,15 @@ def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
     data = body[hsize:]
     line[-2], line[-1] = b"%d" % len(block), b"%d" % (len(block) + len(data))
     return b" ".join(line) + b"\r\n" + block + data + b"\r\n"
+
+
+async def _reads_headers(nc: Client, block: bytes) -> bool:
+    """Whether nats-py reads this header block (its parser's own step for one)."""
+    try:
+        await nc._process_headers(block)
+    except Exception:  # noqa: BLE001 - any failure of it is the answer
+        return False
+    return True
 
 
 _STATUS, _DESCRIPTION = "Status", "Description"  # nats.js.api.Header's, as nats-py sets them

@@ -34,6 +34,8 @@ def test_the_internals_the_adapter_relies_on_are_there():
     for name in ("_ps", "_subs", "_pending", "_pending_data_size", "_transport", "msg_class"):
         assert hasattr(nc, name), name
     assert callable(Client._parse_header_lines) and callable(Client._send_unsubscribe)
+    # An unreadable header block is told from other failures by nats-py's own step for one.
+    assert asyncio.iscoroutinefunction(Client._process_headers)
     assert isinstance(nc._ps, Parser) and nc._ps.state == AWAITING_CONTROL_LINE
     assert hasattr(nc._ps, "buf") and "in_msgs" in nc.stats and "out_bytes" in nc.stats
     assert hasattr(nc._ps, "needed")  # what a message's payload still needs, mid-frame
