@@ -727,7 +727,7 @@ async def _headers_made_readable(nc: Client, frame: bytes) -> bytes | None:
         return None
     lines = [b"NATS/1.0\r\n"]
     for name, value in headers.items():
-        if _TOKEN.fullmatch(name.encode()) is None or ":" in name:
+        if _SAFE_HEADER.fullmatch(name) is None:
             continue  # a name nats-py would read otherwise: left out rather than guessed
         lines += (
             name.encode(),
