@@ -520,13 +520,7 @@ class _Run:
         delay_s = self._hedge_delay(target) if rival is not None else None
         if rival is None or delay_s is None:
             started = self._calling(target, self.clock())
-            try:
-                reply = await self.call(target, timeout_s, self._previous(target))
-            except asyncio.CancelledError as exc:
-                delivered = getattr(exc, "chunks_delivered", 0)
-                if delivered:  # its attempt says what the client got (cut_short)
-                    self._streaming(target, started, _CutShort(delivered))
-                raise
+            reply = await self._called(target, started, timeout_s)
             if isinstance(reply, Started):
                 output = reply
                 self._streaming(target, started, output)
@@ -534,6 +528,18 @@ class _Run:
                 return self.finish(target, reply, started, timeout_s, probe, output.delivered)
             return self.finish(target, reply, started, timeout_s, probe)
         return await self.race(target, timeout_s, delay_s, rival)
+
+    async def _called(
+        self, target: Target, started: float, timeout_s: float
+    ) -> ProviderReply | Started:
+        """The call of `target` started at `started`, alone or in a race."""
+        try:
+            return await self.call(target, timeout_s, self._previous(target))
+        except asyncio.CancelledError as exc:
+            delivered = getattr(exc, "chunks_delivered", 0)
+            if delivered:  # its attempt says what the client got (cut_short)
+                self._streaming(target, started, _CutShort(delivered))
+            raise
 
     def _calling(self, target: Target, started: float, hedge: bool = False) -> float:
         """A call of `target` starts at `started` (returned)."""
@@ -692,7 +698,7 @@ class _Run:
         switch chains); the other call is cancelled (its worker aborts it). A hedge never makes
         the outcome worse than no hedge: its own settling failure waits for `first`'s end."""
         started = self._calling(first, self.clock())
-        task = asyncio.ensure_future(self.call(first, timeout_s, self._previous(first)))
+        task = asyncio.ensure_future(self._called(first, started, timeout_s))
         why: str | None = None  # why the request stopped (aborted, shutting_down): for the spans
         running: dict[asyncio.Future[ProviderReply | Started], _Running] = {
             task: _Running(first, started, timeout_s, False)
@@ -720,7 +726,7 @@ class _Run:
                 },
             )
             rival_timeout_s = min(rival.timeout_s, self.limits.deadline.left_s(hedge_started))
-            rival_call = self.call(rival, rival_timeout_s, self._previous(rival))
+            rival_call = self._called(rival, hedge_started, rival_timeout_s)
             running[asyncio.ensure_future(rival_call)] = _Running(
                 rival, hedge_started, rival_timeout_s, True
             )
@@ -729,10 +735,26 @@ class _Run:
             return outcome
         except asyncio.CancelledError as exc:
             why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+            await self._stopped(running, why)
             raise
         finally:
             for pending in running:
                 _stop(pending, why)
+
+    async def _stopped(
+        self, running: dict[asyncio.Future[ProviderReply | Started], _Running], why: str | None
+    ) -> None:
+        """The walk was cancelled mid-race: its calls are stopped, and waited for, as a call
+        not raced is (its cancel runs in the walk's own task). A call whose first chunks went
+        out in the turns that brought the cancel says so only as it ends (_called), or had
+        returned its output the walk never took: either way cut_short, next, counts them."""
+        for task, call in running.items():
+            taken = (id(call.target), call.started) not in self.calling  # a loser, reported
+            if not taken and task.done() and isinstance(output := _result(task), Started):
+                self._streaming(call.target, call.started, output)
+            _stop(task, why)
+        if running:
+            await asyncio.wait(running)
 
     async def _settle(
         self, running: dict[asyncio.Future[ProviderReply | Started], _Running]

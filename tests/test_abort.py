@@ -382,3 +382,52 @@ async def test_an_abort_read_with_a_streams_first_chunk_counts_that_chunk(lifeli
         if raced:
             break
     assert raced, "the first chunk never came in the abort's read"
+
+
+@pytest.mark.parametrize("hedged", [False, True], ids=["before-its-hedge", "its-hedge"])
+async def test_an_abort_read_with_a_raced_streams_first_chunk_counts_that_chunk(
+    lifeline, client, audit, hedged
+):
+    """As above, on a hedging route, whose calls run as tasks beside the walk: the cancelled
+    call's count never reached the walk's accounting, which said `chunks: 0` for a delta the
+    client got. Before the hedge starts (the first call alone), and in the hedge, while the
+    call it hedged runs on (never answering)."""
+    providers = {"main": fake(), "other": fake()}
+    route = {"targets": ["main", "other"], "hedge_after_ms": 50 if hedged else 30_000}
+    await lifeline(config(providers, {"default": route}), [])
+
+    async def worker(msg: Any) -> None:  # in the worker's place; the abort is the client's
+        key = msg.headers[subjects.REQUEST_ID].encode()
+        await client.publish(subjects.ABORT, key)
+        await client.publish(msg.headers[subjects.STREAM_TO], b"Hello ")
+
+    async def silent(msg: Any) -> None:  # the call the hedge races: it never answers
+        pass
+
+    streams = "other" if hedged else "main"
+    await client.subscribe(subjects.provider_subject(streams), cb=worker)
+    if hedged:
+        await client.subscribe(subjects.provider_subject("main"), cb=silent)
+    raced = 0
+    for n in range(5):
+        inbox = client.new_inbox()
+        events = await client.subscribe(inbox)
+        request_id = f"race-{n}"
+        headers = {subjects.ABORT_KEY: request_id}
+        await client.publish(subjects.STREAM, request(request_id), reply=inbox, headers=headers)
+        kinds: list[str] = []
+        while not kinds or kinds[-1] not in ("end", "error"):
+            msg = await events.next_msg(timeout=5)
+            kinds.append((msg.headers or {}).get(subjects.EVENT, "delta"))
+        reply = reply_decoder.decode(msg.data)
+        assert reply.error is not None and reply.error.type == "aborted"
+        [event] = [e for _, e in await audit.wait_for(n + 1) if e.id == request_id]
+        deltas = kinds.count("delta")
+        expected = [("main", "cancelled", 0), ("other", "cancelled", deltas)]
+        for attempts in (reply.attempts, event.attempts):
+            got = [(a.target, a.outcome, a.chunks) for a in attempts]
+            assert got == (expected if hedged else [("main", "cancelled", deltas)])
+        raced += deltas
+        if raced:
+            break
+    assert raced, "the first chunk never came in the abort's read"

@@ -774,6 +774,37 @@ async def test_a_walk_cancelled_while_its_race_loser_stops_reports_both_calls():
     ]
 
 
+@pytest.mark.parametrize("hedged", [False, True], ids=["before-its-hedge", "its-hedge"])
+async def test_a_raced_call_cancelled_as_its_first_chunk_went_out_counts_that_chunk(hedged):
+    """A race's calls run as tasks: one cancelled with the walk as its first chunk went out
+    (its cancel says so, as streaming's Relay.started does) had it counted only after the walk
+    had reported it as `chunks: 0`. The walk now waits for its calls' cancels, as it does
+    for a call not raced (its cancel runs in the walk's own task)."""
+    streaming = asyncio.Event()
+
+    async def call(t, timeout_s, previous):
+        if t.name == ("b" if hedged else "a"):
+            streaming.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError as exc:
+            if streaming.is_set() and t.name == ("b" if hedged else "a"):
+                exc.chunks_delivered = 1  # its first chunk had gone to the client
+            raise
+
+    attempts: list = []
+    limits = Limits(Deadline(time.monotonic() + 30), hedge=Hedge(after_s=0.01 if hedged else 30))
+    chain = Chain([target("a"), target("b")])
+    walk = asyncio.ensure_future(run_chain(chain, call, limits, attempts=attempts, streamed=True))
+    await asyncio.wait_for(streaming.wait(), 5)
+    walk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await walk
+    expected = [("a", "cancelled", 0, False), ("b", "cancelled", 1, True)]
+    got = [(a.target, a.outcome, a.chunks, a.hedge) for a in attempts]
+    assert got == (expected if hedged else [("a", "cancelled", 1, False)])
+
+
 async def test_a_walk_cancelled_after_its_hedge_failed_reports_the_hedges_failure():
     """The hedge failed at once and the call it hedged runs on when the request is aborted:
     the hedge's failure is in its attempts, after that call."""
