@@ -224,7 +224,10 @@ def pieces(text: str, max_bytes: int) -> list[bytes]:
 
 
 def _number(headers: Mapping[str, str], name: str) -> int:
+    # ASCII digits, and few enough for int(): str.isdigit() also takes "²" (which int()
+    # refuses) and "١", and over 4,300 digits int() raises ValueError. Anyone who knows a
+    # stream's reply subject may publish there, and its reader must get this error, not those.
     value = headers.get(name, "")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise StreamProtocolError(f"an llm.stream event needs a numeric {name} header")
     return int(value)

@@ -841,3 +841,24 @@ def test_retries_wait_at_least_retry_after_s_spread_over_as_long_again():
     waits = [_retry_after_s(reply) for _ in range(1000)]
     assert all(1.0 <= wait <= 2.0 for wait in waits)
     assert min(waits) < 1.1 and max(waits) > 1.9  # the whole range, not the first fifth
+
+
+async def test_a_stream_event_whose_numbers_are_no_numbers_raises_a_lifeline_error(
+    client, lifeline_client
+):
+    """Anyone who knows a stream's reply subject may publish to it. A Lifeline-Seq of digits
+    that int() refuses ("²" passes str.isdigit(); 5,000 digits pass it and exceed Python's
+    limit on int()) raised a bare ValueError out of the stream, no LifelineError."""
+    seq = ["1"]
+
+    async def odd(msg: Any) -> None:  # a stand-in dispatcher whose first event is no event
+        await client.publish(
+            msg.reply, b"a", headers={subjects.SEQ: seq[0], subjects.ATTEMPT_NO: "1"}
+        )
+
+    await client.subscribe(subjects.STREAM, cb=odd)
+    await ensure_subscribed(client)
+    for seq[0] in ("²", "9" * 5000, "١"):
+        with pytest.raises(LifelineError, match="numeric Lifeline-Seq"):
+            await asyncio.wait_for(lifeline_client.stream("Hi").finish(), 10)
+
