@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import sys
@@ -991,6 +992,10 @@ async def stored_result(
     where the connection may. Neither answering is tried again until wait_s is over (a
     dispatcher restarting, a bucket made again, a client whose user may not read it); then
     JobsUnavailable says why."""
+    if math.isnan(wait_s):
+        # NaN: every comparison with it is false, so no time left would ever be "over" and
+        # the lookup would go on for good (the CLI's --wait refuses it too).
+        raise ValueError(f"wait_s={wait_s}: how long to wait for the result, in seconds")
     kv: Any = None
     trouble: str | None = None  # why the last look could not tell
 

@@ -862,3 +862,10 @@ async def test_a_stream_event_whose_numbers_are_no_numbers_raises_a_lifeline_err
         with pytest.raises(LifelineError, match="numeric Lifeline-Seq"):
             await asyncio.wait_for(lifeline_client.stream("Hi").finish(), 10)
 
+
+async def test_waiting_for_a_result_for_nan_seconds_is_refused_at_once(lifeline_client):
+    """wait_s=NaN compared false with every bound: result() asked again for good, though the
+    job had no result, where the CLI's --wait refuses it."""
+    with pytest.raises(ValueError, match="wait_s"):
+        await asyncio.wait_for(lifeline_client.result("none", wait_s=float("nan")), 10)
+    assert await asyncio.wait_for(lifeline_client.result("none", wait_s=-1), 10) is None
