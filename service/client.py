@@ -197,13 +197,22 @@ def _wait_s(request: CompletionRequest, default_s: float) -> float:
     """How long the dispatcher may take to answer `request`: its own bound, plus a grace. As
     the dispatcher reads it: deadline_unix_ms alone bounds the request (no default then), and
     with timeout_s the sooner of the two does."""
+    timeout_s = _sent_timeout_s(request)
     if request.deadline_unix_ms is None:
-        bound = request.timeout_s or default_s
+        bound = timeout_s or default_s
     else:
         bound = max(request.deadline_unix_ms / 1000 - time.time(), 0.0)
-        if request.timeout_s is not None:
-            bound = min(bound, request.timeout_s)
+        if timeout_s is not None:
+            bound = min(bound, timeout_s)
     return bound + _GRACE_S
+
+
+def _sent_timeout_s(request: CompletionRequest) -> float | None:
+    """The request's timeout_s as the dispatcher reads it. JSON has no infinity: msgspec
+    sends timeout_s=inf as null, which the dispatcher bounds by its default_timeout_s, so
+    waiting for ever on it hung a call whose dispatcher had died."""
+    timeout_s = request.timeout_s
+    return None if timeout_s is not None and math.isinf(timeout_s) else timeout_s
 
 
 class Lifeline:
@@ -913,7 +922,7 @@ def _why_silent(
         nc.is_connected
         and request is not None
         and default_s is not None
-        and (request.timeout_s is None and request.deadline_unix_ms is None)
+        and (_sent_timeout_s(request) is None and request.deadline_unix_ms is None)
     ):
         return (
             f"the request set no timeout, so this client waited its default_timeout_s "

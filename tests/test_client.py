@@ -869,3 +869,28 @@ async def test_waiting_for_a_result_for_nan_seconds_is_refused_at_once(lifeline_
     with pytest.raises(ValueError, match="wait_s"):
         await asyncio.wait_for(lifeline_client.result("none", wait_s=float("nan")), 10)
     assert await asyncio.wait_for(lifeline_client.result("none", wait_s=-1), 10) is None
+
+
+async def test_a_request_with_an_infinite_timeout_is_waited_for_as_the_dispatcher_bounds_it(
+    client, nats_url, monkeypatch
+):
+    """timeout_s=inf goes on the wire as null (JSON has no infinity), and the dispatcher
+    bounds such a request by its default_timeout_s; the client waited for ever on it, so a
+    dispatcher that died with it hung the call."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.2)
+    asked: list[Any] = []
+
+    async def dies(msg: Any) -> None:  # a stand-in dispatcher that never answers
+        asked.append(msgspec.json.decode(msg.data))
+
+    await client.subscribe(subjects.COMPLETE, cb=dies)
+    await client.subscribe(subjects.STREAM, cb=dies)
+    await ensure_subscribed(client)
+    async with Lifeline.connect(nats_url, default_timeout_s=0.5) as lifeline_client:
+        for call in (
+            lambda: lifeline_client.complete("Hi", timeout_s=float("inf")),
+            lambda: lifeline_client.stream("Hi", timeout_s=float("inf")).finish(),
+        ):
+            with pytest.raises(NoAnswer, match="set no timeout|stalled"):
+                await asyncio.wait_for(call(), 10)
+    assert [a["timeout_s"] for a in asked] == [None, None]  # as the dispatcher read it
