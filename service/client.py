@@ -453,6 +453,8 @@ class Lifeline:
             except nats.errors.OutboundBufferLimitError:
                 _forget_refused(self.nc)
                 raise _buffer_full() from None
+            except nats.errors.Error as exc:  # a connection of one's own draining (nc.drain())
+                raise _unsent(exc) from None
             finally:
                 self._keys.discard(key)
             reply = _decoded(msg.data, subjects.COMPLETE)
@@ -897,6 +899,13 @@ def _closed() -> LifelineError:
     )
 
 
+def _unsent(exc: nats.errors.Error) -> LifelineError:
+    """nats-py refused to send (or to subscribe for the answer) on a connection that is not
+    closed: one of the caller's own that is draining (nc.drain()), most likely. A transport
+    problem like any other, so a LifelineError rather than nats-py's own error."""
+    return LifelineError(f"could not send the request: {type(exc).__name__}: {exc}")
+
+
 def _reconnects(nc: Client) -> int:
     """How many times the connection has come back (nats-py's count)."""
     return nc.stats.get("reconnects", 0)
@@ -1066,6 +1075,10 @@ async def _asked(nc: Client, job_id: str, timeout_s: float) -> bytes:
         msg = await nc.request(subjects.JOBS_RESULT, job_id.encode(), timeout=timeout_s)
     except nats.errors.ConnectionClosedError:
         raise _closed() from None
+    except (nats.errors.NoRespondersError, NatsTimeoutError):
+        raise
+    except nats.errors.Error as exc:  # a connection of one's own draining (nc.drain())
+        raise _unsent(exc) from None
     return msg.data
 
 
@@ -1169,6 +1182,8 @@ async def _stream_try(
         sub = await nc.subscribe(inbox)
     except nats.errors.ConnectionClosedError:
         raise _closed() from None
+    except nats.errors.Error as exc:  # a connection of one's own draining (nc.drain())
+        raise _unsent(exc) from None
     timeout_s = _wait_s(request, default_timeout_s)
     give_up = time.monotonic() + timeout_s
     key = headers[subjects.ABORT_KEY]
@@ -1183,7 +1198,7 @@ async def _stream_try(
         except nats.errors.OutboundBufferLimitError:
             raise _buffer_full() from None
         except nats.errors.Error as exc:
-            raise LifelineError(f"could not send the request: {exc}") from None
+            raise _unsent(exc) from None
         while not assembler.done:
             left = give_up - time.monotonic()
             try:

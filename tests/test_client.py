@@ -894,3 +894,42 @@ async def test_a_request_with_an_infinite_timeout_is_waited_for_as_the_dispatche
             with pytest.raises(NoAnswer, match="set no timeout|stalled"):
                 await asyncio.wait_for(call(), 10)
     assert [a["timeout_s"] for a in asked] == [None, None]  # as the dispatcher read it
+
+
+async def test_a_call_on_a_draining_connection_of_ones_own_raises_a_lifeline_error(nats_url):
+    """A service that drains its own connection (nc.drain(), a graceful shutdown) while its
+    handlers still call Lifeline(nc): nats-py refuses subscriptions then, and complete(),
+    stream() and result() raised its ConnectionDrainingError, no LifelineError."""
+    for call in (
+        lambda own: own.complete("Hi"),
+        lambda own: own.stream("Hi").finish(),
+        lambda own: own.result("job-1"),
+    ):
+        async with _draining(nats_url) as nc:
+            with pytest.raises(LifelineError, match="could not send.*draining"):
+                await asyncio.wait_for(call(Lifeline(nc, timeout_s=1)), 10)
+
+
+@contextlib.asynccontextmanager
+async def _draining(nats_url: str) -> Any:
+    """A connection of one's own, draining (a subscription's callback keeps it at it) until
+    the block ends."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    release = asyncio.Event()
+
+    async def busy(msg: Any) -> None:
+        await release.wait()
+
+    await nc.subscribe("busy", cb=busy)
+    await ensure_subscribed(nc)
+    await nc.publish("busy", b"")
+    await nc.flush()
+    draining = asyncio.ensure_future(nc.drain())
+    try:
+        await wait_for(lambda: nc.is_draining)
+        yield nc
+    finally:
+        release.set()
+        await draining
