@@ -1222,7 +1222,10 @@ async def _stream_try(
             if not assembler.done:
                 await asyncio.shield(abort(nc, key))
         finally:  # a second cancel while it aborts (its reader's, and aclose()'s) unsubscribes
-            with contextlib.suppress(nats.errors.ConnectionClosedError):
+            # Closed or draining (a connection of one's own, nc.drain()), nats-py refuses the
+            # unsubscribe, and has dropped or is dropping the subscription itself: its error
+            # would take the place of the stream's end, read already (or of the error raised).
+            with contextlib.suppress(nats.errors.Error):
                 await asyncio.shield(sub.unsubscribe())
 
 

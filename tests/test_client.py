@@ -933,3 +933,42 @@ async def _draining(nats_url: str) -> Any:
     finally:
         release.set()
         await draining
+
+
+async def test_a_stream_that_ended_while_its_connection_drains_keeps_its_reply(client, nats_url):
+    """The end event read, the stream unsubscribes; on a connection of one's own that had
+    begun to drain, nats-py refused that with ConnectionDrainingError, which finish() raised
+    in place of the reply it had."""
+    import nats
+
+    async def whole(msg: Any) -> None:  # a stand-in dispatcher: a delta and the end at once
+        await client.publish(msg.reply, b"a", headers={subjects.SEQ: "1", subjects.ATTEMPT_NO: "1"})
+        end = {subjects.SEQ: "2", subjects.ATTEMPT_NO: "1", subjects.EVENT: "end"}
+        await client.publish(msg.reply, encoder.encode(CompletionReply("r", "ok")), headers=end)
+
+    await client.subscribe(subjects.STREAM, cb=whole)
+    await ensure_subscribed(client)
+    nc = await nats.connect(nats_url)
+    release = asyncio.Event()
+
+    async def busy(msg: Any) -> None:  # keeps the drain going while the stream is read
+        await release.wait()
+
+    await nc.subscribe("busy", cb=busy)
+    await ensure_subscribed(nc)
+    await nc.publish("busy", b"")
+    await nc.flush()
+    draining = None
+    try:
+        async with Lifeline(nc, timeout_s=5).stream("Hi") as answer:
+            await anext(answer)
+            inbox = next(s for s in nc._subs.values() if s.subject.startswith("_INBOX."))
+            await wait_for(lambda: inbox.pending_msgs)  # the end is there, unread
+            draining = asyncio.ensure_future(nc.drain())
+            await wait_for(lambda: nc.is_draining)
+            reply = await asyncio.wait_for(answer.finish(), 10)
+        assert (reply.status, answer.text) == ("ok", "a")
+    finally:
+        release.set()
+        if draining is not None:
+            await draining
