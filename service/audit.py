@@ -25,12 +25,14 @@ from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from schemas.subjects import AUDIT_ALL, AUDIT_PREFIX, audit_subject
 from schemas.wire import AuditEvent
 from service import jetstream
 from service.config import AUDIT_DEDUP_WINDOW_S, AuditSettings
+from service.natsio import deliveries_keep_no_status
 
 log = logging.getLogger("lifeline.audit")
 
@@ -68,68 +70,137 @@ async def _captured(js: JetStreamContext, settings: AuditSettings) -> frozenset[
 
 
 _STALL_S = 5.0  # the longest wait for the next event of those the stream holds
+_BATCH = 256  # the most events asked for at once
+_GONE_AFTER_S = 10.0  # a reader's consumer unused this long goes (made again if it was needed)
 
 
 class AuditStalled(Exception):
     """The stream stopped sending the events it holds before the last of them."""
 
 
+class _Reader:
+    """An ephemeral pull consumer on the audit stream that sees every stored message as an
+    event, whatever headers its publisher gave it, and hands them on in stream order, each once.
+
+    Not a push consumer (nats-py's ordered one, as it was): nats-py reads an empty message with
+    `Status: 100` on one as JetStream's heartbeat or flow control, and any client may publish
+    one on llm.audit.>, so the stream keeps it. It was swallowed (the listing short, or failed
+    as stalled), and with a Nats-Consumer-Stalled header the reader published to the subject
+    named there. A pull subscription is a core one to nats-py, and deliveries_keep_no_status
+    lets fetch() tell a delivery (an ack-none one still has its $JS.ACK reply) from a status."""
+
+    def __init__(self, js: JetStreamContext, stream: str) -> None:
+        self.js, self.stream = js, stream
+        self.sub: JetStreamContext.PullSubscription | None = None
+        self.next_seq = self.next_delivery = 1
+        self.pending = 0  # events the consumer has still to deliver, as its last one said
+
+    async def open(self, start: int, pending: int = 0) -> None:
+        """A consumer from stream sequence `start` on, in place of the one before."""
+        await self.close()
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=_GONE_AFTER_S,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        self.sub = await self.js.pull_subscribe(AUDIT_ALL, stream=self.stream, config=config)
+        deliveries_keep_no_status(self.sub)
+        self.next_seq, self.next_delivery, self.pending = start, 1, pending
+
+    async def fetch(self, timeout: float) -> list[Msg]:
+        """The next events, in order; raises TimeoutError when none came within `timeout`,
+        nats.js.errors.APIError when the consumer is gone (no responders)."""
+        assert self.sub is not None  # open, as read_events checks
+        # One at a time once caught up: a larger batch's fetch waits out its timeout for more.
+        msgs = await self.sub.fetch(max(1, min(_BATCH, self.pending)), timeout=timeout)
+        events = []
+        for msg in msgs:
+            meta = msg.metadata
+            if meta.sequence.consumer != self.next_delivery:
+                # A delivery lost on the way (a reconnect; nats-py drops what overflows a
+                # subscription): an ack-none consumer never sends it again, so from there anew.
+                await self.open(self.next_seq, self.pending)
+                break
+            self.next_delivery += 1
+            if meta.sequence.stream < self.next_seq:
+                continue  # handed on already
+            self.next_seq, self.pending = meta.sequence.stream + 1, meta.num_pending
+            events.append(msg)
+        return events
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            sub, self.sub = self.sub, None
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:  # closed, draining: nothing comes for it anymore
+                pass
+
+
 async def read_events(
     js: JetStreamContext, settings: AuditSettings, last: int, follow: bool
 ) -> AsyncIterator[bytes]:
-    """The stream's audit events, oldest first: the `last` ones (0: all of them), then, with
-    `follow`, each new one as it comes."""
+    """The stream's audit events (every message it holds, whatever its headers), oldest first:
+    the `last` ones (0: all of them), then, with `follow`, each new one as it comes."""
     info = await js.stream_info(settings.stream)
-    if info.state.messages == 0 and not follow:
+    state = info.state
+    if state.messages == 0 and not follow:
         return
-    if info.state.messages == 0:  # nothing kept yet: from the next event on
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+    if state.messages == 0:  # nothing kept yet: from the next event on
+        start = state.last_seq + 1
     else:
-        first = max(info.state.first_seq, info.state.last_seq - last + 1) if last else 1
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(first, 1)
-        )
-    sub = await js.subscribe(
-        AUDIT_ALL, stream=settings.stream, ordered_consumer=True, config=config
-    )
+        start = max(state.first_seq, state.last_seq - last + 1) if last else 1
+    reader = _Reader(js, settings.stream)
+    await reader.open(start, pending=state.last_seq - start + 1)
     read, made, looked = 0, info.created, time.monotonic()
     try:
         while True:
+            msgs: list[Msg] | None = None  # None: no consumer to read from
             try:
-                msg = await sub.next_msg(timeout=_LOOK_EVERY_S if follow else _STALL_S)
-            except nats.errors.TimeoutError:
-                if follow:
-                    msg = None
-                else:  # events were still pending: what was read is not all of them
+                if reader.sub is not None:
+                    msgs = await reader.fetch(_LOOK_EVERY_S if follow else _STALL_S)
+            except TimeoutError:
+                if not follow:  # events were still pending: what was read is not all of them
                     raise AuditStalled(
                         f"the audit stream sent nothing for {_STALL_S:g} s after {read} "
                         "event(s) while more were pending (a slow or lost connection): what was "
                         "shown is not all of them; ask again"
                     ) from None
-            if follow and time.monotonic() - looked >= _LOOK_EVERY_S:
+                msgs = []
+            except nats.js.errors.APIError:  # its consumer is gone: idle past _GONE_AFTER_S (a
+                # paused output), a server restarted, the stream deleted
+                pass
+            lost = msgs is None
+            if lost or (follow and time.monotonic() - looked >= _LOOK_EVERY_S):
                 # A stream made again (deleted, a server restarted on an empty store) counts
-                # from 1, and an ordered consumer resumes past its old place: the new stream's
-                # first events were never shown. Read from its start.
+                # from 1: resumed past the old place, its first events were never shown. Read
+                # from its start.
                 looked = time.monotonic()
                 now = await _made(js, settings.stream)
                 if now is not None and now != made:
-                    made = now
-                    await sub.unsubscribe()
-                    sub = await js.subscribe(
-                        AUDIT_ALL,
-                        stream=settings.stream,
-                        ordered_consumer=True,
-                        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-                    )
-                    continue  # what the old subscription held is the old stream's
-            if msg is None:
-                continue
-            read += 1
-            yield msg.data
-            if not follow and msg.metadata.num_pending == 0:
-                return
+                    made, again = now, 1
+                elif lost:
+                    again = reader.next_seq
+                else:
+                    again = 0
+                if again:
+                    try:
+                        await reader.open(again)
+                    except (nats.errors.Error, nats.js.errors.Error):
+                        if not follow:
+                            raise
+                        await asyncio.sleep(_LOOK_EVERY_S)  # gone for now: tried again then
+                        continue
+            for msg in msgs or ():
+                read += 1
+                yield msg.data
+                if not follow and msg.metadata.num_pending == 0:
+                    return
     finally:
-        await sub.unsubscribe()
+        await reader.close()
 
 
 _LOOK_EVERY_S = 2.0  # while following: how often to look whether the stream was made again

@@ -216,7 +216,7 @@ async def close(nc: Client) -> None:
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer. (Off the hot path, `deliveries_keep_no_status` relies on
 # PullSubscription._sub and Subscription._pending_queue, `_headers_made_readable` on
-# Client._process_headers: the jobs' tests fail without them.)
+# Client._process_headers: the jobs' tests, and the audit listing's, fail without them.)
 # The upstream change that would make it unnecessary: a synchronous per-subscription
 # handler in nats-py (called from the socket's data callback, as nats.go's handlers are
 # called from its reader), and a publish that schedules one write per loop turn instead of a

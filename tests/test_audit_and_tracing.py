@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import nats
 import nats.js.api
@@ -21,6 +21,8 @@ from helpers import (
     ask,
     config,
     fake,
+    hpub,
+    raw_publish,
     run_lifeline,
     serving,
     settled,
@@ -422,6 +424,70 @@ async def test_an_audit_listing_that_stalls_midway_fails_saying_so(nats_url, cli
         await through.close()
     assert 0 < len(read) < 300
     assert read == events[: len(read)]  # in order, none skipped, up to where it stalled
+
+
+async def test_an_audit_listing_shows_every_stored_message_and_acts_on_none_of_their_headers(
+    nats_url, client
+):
+    """Any client may publish on llm.audit.>, with any headers, and the stream keeps it. A
+    message that looked like JetStream's own (an idle heartbeat, a flow control request: an
+    empty body and status 100) was taken for one by the reader's ordered consumer: swallowed
+    (the listing short, or failed as stalled), and with a Nats-Consumer-Stalled header the
+    reader published to the subject its sender named there."""
+    from service import audit
+
+    settings = AuditSettings()
+    js = client.jetstream()
+    assert await audit.ensure_audit_stream(js, settings) is None
+    stolen = await client.subscribe("stolen.>")
+    await client.flush()
+    idle = b"Status: 100\r\nDescription: Idle Heartbeat\r\n"
+    hostile = [  # (header lines, body); nats-server drops a published status line
+        (idle, b""),
+        (idle + b"Nats-Consumer-Stalled: stolen.here\r\n", b""),
+        (b"Status: 100\r\nDescription: FlowControl Request\r\n", b""),
+        (b"Status: 100\r\n", b""),
+        (b"Status: 404\r\nDescription: No Messages\r\n", b""),
+        (b"Status: 404\r\nDescription: No Messages\r\n", b"a 404"),
+        (b"Status: 409\r\nDescription: Consumer Deleted\r\n", b"a 409"),
+        (b"Status: 408\r\nDescription: Request Timeout\r\n", b"a 408"),
+        (b"Status: 503\r\n", b"a 503"),
+        (b"Status: 400\r\n", b"a 400"),
+    ]
+    stored: list[bytes] = []
+
+    async def keep(publish: Any, data: bytes) -> None:
+        await publish
+        stored.append(data)
+        # stored in this order: the next one waits for it
+        await wait_for(
+            lambda: _holds(js, settings.stream, len(stored)), 5, what=f"{len(stored)} kept"
+        )
+
+    def sent(lines: bytes, body: bytes) -> Any:
+        return raw_publish(nats_url, [hpub(b"llm.audit.ok", b"NATS/1.0\r\n%s\r\n" % lines, body)])
+
+    for n, (lines, body) in enumerate(hostile):
+        await keep(js.publish("llm.audit.ok", b"event %d" % n), b"event %d" % n)
+        await keep(sent(lines, body), body)
+    await keep(sent(*hostile[1]), b"")  # the last one too
+
+    async def listed() -> list[bytes]:
+        async with asyncio.timeout(20):
+            return [data async for data in read_events(js, settings, 0, False)]
+
+    assert await listed() == stored
+    assert (await js.stream_info(settings.stream)).state.messages == len(stored)
+    last_two = [data async for data in read_events(js, settings, 2, False)]
+    assert last_two == stored[-2:]
+    await client.flush()
+    await asyncio.sleep(0.3)  # the reader's publish, had it made one, has come by now
+    with pytest.raises(nats.errors.TimeoutError):
+        await stolen.next_msg(timeout=0.1)
+
+
+async def _holds(js: Any, stream: str, messages: int) -> bool:
+    return (await js.stream_info(stream)).state.messages >= messages
 
 
 def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_path):
