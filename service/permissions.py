@@ -132,13 +132,24 @@ def _bucket_keeper(bucket: str) -> list[str]:
 
 
 def _stream_reader(stream: str) -> list[str]:
-    """Read a whole stream through ordered consumers (nats-py's KV watch and keys, `lifeline
-    audit`): its info, a consumer, and the flow-control answers."""
+    """Read a whole stream through ordered consumers (nats-py's KV watch and keys): its info,
+    a consumer, and the flow-control answers."""
     return [
         f"{_JS}.STREAM.INFO.{stream}",
         f"{_JS}.CONSUMER.CREATE.{stream}",
         f"{_JS}.CONSUMER.INFO.{stream}.*",  # an ordered consumer checks on itself
         f"$JS.FC.{stream}.>",
+    ]
+
+
+def _audit_reader(stream: str) -> list[str]:
+    """Read the audit stream through ephemeral pull consumers (`lifeline audit`,
+    service/audit.py's _Reader): its info, a consumer (nats-py names it, filtered on
+    llm.audit.>), and its fetches."""
+    return [
+        f"{_JS}.STREAM.INFO.{stream}",
+        f"{_JS}.CONSUMER.CREATE.{stream}.>",
+        f"{_JS}.CONSUMER.MSG.NEXT.{stream}.*",
     ]
 
 
@@ -268,7 +279,7 @@ def operator(name: str, config: Config) -> User:
         f"{_JS}.STREAM.MSG.GET.{results}",  # a bucket made without direct gets
     ]
     if config.audit.stream:
-        publish += _stream_reader(config.audit.stream)
+        publish += _audit_reader(config.audit.stream)
     if config.dispatcher.shared_health:
         health = _kv_stream(config.dispatcher.health_bucket)
         publish += [*_stream_reader(health), f"{_JS}.DIRECT.GET.{health}.>"]
