@@ -643,6 +643,48 @@ async def test_an_error_event_fails_the_stream_after_the_deltas_before_it(kind, 
     assert error.message == f"{kind.name} failed mid-stream: Overloaded, try again"
 
 
+# llama.cpp's server writes a failure mid-stream as an `error:` line (a field no SSE parser
+# knows), then data: [DONE]; some servers name an event error instead.
+LLAMA_CPP_ERROR = {"code": 500, "message": "slot unavailable", "type": "server_error"}
+ERROR_LINES = {
+    "llama.cpp error: line": f"error: {json.dumps(LLAMA_CPP_ERROR)}\n\n",
+    "event: error": sse(LLAMA_CPP_ERROR, "error"),
+    "event: error, not JSON": "event: error\ndata: slot unavailable\n\n",
+}
+
+
+@pytest.mark.parametrize("line", ERROR_LINES.values(), ids=list(ERROR_LINES))
+@pytest.mark.parametrize("kind", [OPENAI, AZURE], ids=lambda kind: kind.name)
+async def test_an_error_line_fails_the_stream_and_is_no_end_of_a_whole_answer(
+    kind, line, server, providers
+):
+    """Ignored, as the SSE spec says of a field it does not know, the text before it and the
+    [DONE] after it passed a cut answer off as whole: an ok."""
+    events = kind.events(TEXTS)
+    server.answer = lambda handler: send(handler, [*events[:4], line, events[-1]])
+    deltas, error = await failed(providers(kind, server.url))
+    assert deltas == TEXTS[: len(deltas)] and deltas
+    assert (error.kind, error.message) == (
+        "server_error",
+        f"{kind.name} failed mid-stream: slot unavailable",
+    )
+
+
+async def test_an_error_line_before_any_choice_says_what_failed(server, providers):
+    """llama.cpp answered a prompt over its context so: said as "no choice", its reason was lost."""
+    too_long = {
+        **LLAMA_CPP_ERROR,
+        "code": 400,
+        "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error",
+    }
+    server.answer = lambda handler: send(
+        handler, [f"error: {json.dumps(too_long)}\n\n", "data: [DONE]\n\n"]
+    )
+    _, error = await failed(providers(OPENAI, server.url))
+    assert error.message == f"openai failed mid-stream: {too_long['message']}"
+
+
 @pytest.mark.parametrize(
     ("error", "kind"),
     [

@@ -67,6 +67,7 @@ from workers.base import (
     error_body,
     error_message,
     error_text,
+    event_error,
     require_api_key,
     retry_after_s,
     stream_error,
@@ -630,6 +631,8 @@ class MessageStream:
         self.said = False
 
     def read(self, event: ServerSentEvent) -> Delta | ProviderOk | None:
+        if event.event == "error":  # its data's type is error too; llama.cpp's has none
+            raise self._failed(event_error(event))
         data: _Event = decode_event(event, _event_decoder)
         if data.type == "content_block_delta" and data.delta is not None:
             return self._delta(data.index, data.delta)

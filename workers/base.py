@@ -30,6 +30,11 @@ from typing import Any, Protocol, overload
 import httpx
 import msgspec
 from httpx_sse import EventSource, ServerSentEvent, SSEError
+
+# What EventSource.aiter_sse reads a stream with (see _events_of): private, but it is what the
+# package does, line by line, and the readers' tests pin it (tests/test_provider_streaming.py).
+from httpx_sse._api import _aiter_sse_lines
+from httpx_sse._decoders import SSEDecoder
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas import ProviderOk, ProviderRequest
@@ -353,6 +358,18 @@ def stream_error(raw: msgspec.Raw) -> object:
     if not fields.get("message"):  # none short enough to read: quoted as a string is
         fields["message"] = _start_of(raw)
     return fields
+
+
+def event_error(event: ServerSentEvent) -> object:
+    """What an event named error says failed, as stream_error reads an `error` field: its
+    data's `error` (OpenAI's and Anthropic's shape), else its data (llama.cpp's `error:` line
+    holds the error object itself), or its text when that is not a JSON object."""
+    data = event.data.encode()
+    try:
+        error = stream_error(_error_envelope.decode(data).error)
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or no object: its text says it
+        return event.data if len(data) <= _ERROR_READ_BYTES else _start_of(data)
+    return error if error is not None else stream_error(msgspec.Raw(data))
 
 
 def stream_error_text(error: object) -> str:
@@ -771,6 +788,24 @@ def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
     return EventSource(capped)
 
 
+async def _events_of(source: EventSource) -> AsyncGenerator[ServerSentEvent, None]:
+    """The source's events, as aiter_sse reads them, and one more: a line `error: <data>` is
+    an event named error with that data. llama.cpp's server (and the servers built on it)
+    writes a failure mid-stream so, a field the SSE spec says to ignore, then `data: [DONE]`:
+    ignored, the text streamed before it was passed off as the whole answer, an ok, and a
+    prompt over its context (a failure before any text) said only that no choice came."""
+    decoder = SSEDecoder()
+    lines = _aiter_sse_lines(source.response)
+    async with aclosing(lines):
+        async for line in lines:
+            if line.startswith("error:"):
+                decoder.decode("event: error")
+                line = "data" + line.removeprefix("error")
+            event = decoder.decode(line.rstrip("\n"))
+            if event is not None:
+                yield event
+
+
 class StreamReader(Protocol):
     """One streamed answer's events, read in order: HttpProvider.stream_reader makes one per
     call, and HttpProvider.stream feeds it every event that carries data."""
@@ -926,7 +961,7 @@ class HttpProvider:
                 f"{media_type or '(none)'}, not {_EVENT_STREAM}",
                 response.status_code,
             )
-        return _event_source(response, max_bytes).aiter_sse()
+        return _events_of(_event_source(response, max_bytes))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -61,6 +61,7 @@ from workers.base import (
     error_body,
     error_message,
     error_text,
+    event_error,
     require_api_key,
     retry_after_s,
     stream_error,
@@ -451,6 +452,8 @@ class ChatStream:
         self.chosen = False  # a chunk with a choice came: the usage chunk alone is no answer
 
     def read(self, event: ServerSentEvent) -> Delta | list[Delta] | ProviderOk | None:
+        if event.event == "error":  # llama.cpp's `error:` line (see base._events_of), and ours
+            raise self._failed(event_error(event))
         if event.data == "[DONE]":
             if not self.chosen:  # as parse_chat_completion finds a body without a choice
                 raise ProviderError(
