@@ -327,6 +327,25 @@ async def test_context_length_exceeded_maps_to_context_length(make):
     assert (err.kind, err.status_code) == ("context_length", 400)
 
 
+async def test_llama_cpps_prompt_over_its_context_maps_to_context_length(make):
+    """llama.cpp's server says so in error.type, with a numeric code: it was a bad_request,
+    so a route's chain of its own for context_length (a model with a larger context) never
+    came into play."""
+    body = {
+        "error": {
+            "code": 400,
+            "message": "request (5000 tokens) exceeds the available context size (4096 tokens), "
+            "try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 5000,
+            "n_ctx": 4096,
+        }
+    }
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+    assert "exceeds the available context size" in err.message
+
+
 async def test_a_spent_quota_is_quota_not_a_rate_limit_worth_waiting_for(make):
     body = error(
         "You exceeded your current quota, please check your plan and billing details.",

@@ -82,6 +82,9 @@ _CODE_KINDS = {
     # A 429 that no wait cures: the account's credit is spent (a retry would only fail again).
     "insufficient_quota": "quota",
 }
+# error.type values that say more than the status, where error.code does not: llama.cpp's
+# server names a prompt over its context so (a 400, code 400), vLLM and OpenAI use the code.
+_TYPE_KINDS = {"exceed_context_size_error": "context_length"}
 
 
 def max_tokens_field(settings: OpenAISettings) -> str:
@@ -332,10 +335,14 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
 
 
 def _code_kind(error: dict[str, Any]) -> str | None:
-    """The kind error.code (or Azure's error.innererror.code) names, if it names one."""
+    """The kind error.code (or Azure's error.innererror.code) names, else error.type, if one
+    names one."""
     inner = error.get("innererror")
     codes = [error.get("code"), inner.get("code") if isinstance(inner, dict) else None]
     kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
+    kind = error.get("type")
+    if isinstance(kind, str) and kind in _TYPE_KINDS:
+        kinds.append(_TYPE_KINDS[kind])
     return kinds[0] if kinds else None
 
 
