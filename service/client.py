@@ -365,9 +365,10 @@ class Lifeline:
         )
 
     async def close(self) -> None:
-        """Close the connection (one that connect() made; a connection of your own stays open).
-        Requests still in flight are aborted at their dispatchers and raise LifelineError.
-        From another event loop than its own, it closes the connection in its own loop while
+        """Close the connection that connect() made: requests still in flight on it are aborted
+        at their dispatchers and raise LifelineError. On a connection of your own
+        (`Lifeline(nc)`) it does nothing: the connection, and the calls made on it, stay yours
+        to end. From another event loop than its own, it closes the connection in its own loop while
         that loop runs (in another thread), and does nothing (never raises) once it has
         stopped or closed."""
         owner = self._loop
