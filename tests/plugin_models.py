@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import msgspec
 
@@ -399,3 +400,36 @@ class SendsTraceparent(Model):
 
     def stream(self, request: ProviderRequest) -> Iterator[str]:
         yield _traceparent()
+
+
+class SlowToCloseStream(Model):
+    """A sync stream whose cleanup blocks (its upstream told to stop, a response closed): it
+    ends with an Answer, or with a piece the runtime refuses, before its generator does."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "pong"
+
+    def stream(self, request: ProviderRequest) -> Iterator[Any]:
+        try:
+            yield "a"
+            if request.messages[-1].text == "refused":
+                yield 42  # no str: the stream fails here
+            yield Answer(text="b")
+        finally:
+            time.sleep(1.5)
+
+
+LOCK = threading.Lock()  # LockedStream's: one generation at a time, as a local model's
+
+
+class LockedStream(Model):
+    """A sync stream holding its model's lock across its pieces, and a call taking it."""
+
+    def call(self, request: ProviderRequest) -> str:
+        with LOCK:
+            return "called"
+
+    def stream(self, request: ProviderRequest) -> Iterator[str]:
+        with LOCK:
+            yield "a"
+            yield "b"

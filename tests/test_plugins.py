@@ -679,6 +679,39 @@ async def test_a_worker_exits_soon_after_sigterm_while_a_models_thread_hangs(mod
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0  # not the model's 30 s
 
 
+@pytest.mark.parametrize("text", ["answered", "refused"])
+async def test_a_sync_streams_cleanup_runs_off_the_event_loop(model_worker, client, text):
+    """A sync stream left before its generator's end (it yields an Answer last, or a piece the
+    runtime refuses) was closed on the event loop: its `finally` (1.5 s here) held every other
+    call of the worker."""
+    model_worker(python("SlowToCloseStream"))
+    streamed = await ask_worker(client, text, stream_to="lifeline-test.nobody")
+    assert isinstance(streamed, ProviderOk if text == "answered" else ProviderFailure), streamed
+    started = time.monotonic()
+    reply = await ask_worker(client, "ping")
+    assert isinstance(reply, ProviderOk) and reply.content == "pong", reply
+    assert time.monotonic() - started < 0.5  # was 1.5 s, the cleanup's
+
+
+async def test_a_sync_stream_cut_short_lets_go_of_what_its_models_threads_wait_for():
+    """Its close must not wait for one of the model's threads: each may be waiting for what
+    the generator holds (a lock taken across its pieces), which only its close lets go."""
+    from workers.registry import build_provider
+
+    cfg = parse_config(config({"m": python("LockedStream", threads=1)}, routes=None))
+    provider = build_provider(cfg.providers["m"], "m")
+    request = ProviderRequest(id="t", messages=[ChatMessage("user", "hi")])
+    stream = provider.stream(request, 5)
+    assert await anext(stream) == "a"  # the generator holds the lock
+    waiting = asyncio.ensure_future(provider.complete(request, 5))  # the one thread waits for it
+    await asyncio.sleep(0.1)
+    await stream.aclose()  # cut short: a cancel, its deadline
+    try:
+        assert (await asyncio.wait_for(waiting, 5)).content == "called"
+    finally:
+        await provider.aclose()
+
+
 # ---- installed kinds: no package's class served, or ignored, without a word -------------------
 
 

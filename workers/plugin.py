@@ -321,6 +321,8 @@ class PluginProvider:
         self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
         self._async_call = inspect.iscoroutinefunction(self.instance.call)
         self._stream = getattr(self.instance, "stream", None)
+        self._closing: set[asyncio.Task[None]] = set()  # sync streams closing (_close_later)
+        self._free_closers: asyncio.Semaphore | None = None  # made as _free is
 
     def identifying_params(self) -> dict[str, Any]:
         """The class's own, only logged: one that fails says so instead of stopping the worker."""
@@ -405,24 +407,26 @@ class PluginProvider:
             return
         end: Any = None
         left = self._max_bytes
-        async for item in self._pieces(request):
-            if isinstance(item, Answer):
-                end = item
-                break
-            if not isinstance(item, str):
-                raise ProviderError(
-                    "server_error",
-                    f"{self.label}.stream yielded {type(item).__name__}; expected str pieces "
-                    "and, last, an optional Answer",
-                )
-            try:
-                left -= delta_bytes(item)
-            except UnicodeEncodeError as exc:
-                raise self._not_utf8("a stream piece", exc) from None
-            if left < 0:  # a model that never stops: its pieces are no longer pulled
-                raise self._too_large()
-            if item:
-                yield item
+        # Closed as the stream ends (an Answer, a piece refused), not when it is collected.
+        async with contextlib.aclosing(self._pieces(request)) as pieces:
+            async for item in pieces:
+                if isinstance(item, Answer):
+                    end = item
+                    break
+                if not isinstance(item, str):
+                    raise ProviderError(
+                        "server_error",
+                        f"{self.label}.stream yielded {type(item).__name__}; expected str pieces "
+                        "and, last, an optional Answer",
+                    )
+                try:
+                    left -= delta_bytes(item)
+                except UnicodeEncodeError as exc:
+                    raise self._not_utf8("a stream piece", exc) from None
+                if left < 0:  # a model that never stops: its pieces are no longer pulled
+                    raise self._too_large()
+                if item:
+                    yield item
         last = self._ok(end if end is not None else "")
         if self._size(last) > left:
             raise self._too_large()
@@ -453,12 +457,47 @@ class PluginProvider:
             while (item := await self._in_thread(next, pieces, done)) is not done:
                 yield item
         finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except ValueError:  # still running in its thread; it ends there on its own
-                    pass
+            self._close_later(pieces)
+
+    def _close_later(self, pieces: Iterator[Any]) -> None:
+        """A sync stream left before its end (an Answer, a piece refused, a cancel) closed off
+        the event loop, and not waited for. Closing a generator runs its `finally` and `with`
+        exits (a response closed, an upstream told to stop), which may block: on the event
+        loop they held every other call of the worker."""
+        if not callable(getattr(pieces, "close", None)):
+            return
+        if inspect.isgenerator(pieces) and inspect.getgeneratorstate(pieces) != "GEN_SUSPENDED":
+            # Never started or done: nothing of the model's would run. Running (a piece its
+            # call stopped waiting for): it is closed in that thread as the thread lets it go.
+            return
+        task = asyncio.get_running_loop().create_task(self._closed(pieces))
+        self._closing.add(task)  # a task only weakly held by the loop may be collected
+        task.add_done_callback(self._closing.discard)
+
+    async def _closed(self, pieces: Iterator[Any]) -> None:
+        """`pieces.close()` in a thread of its own, not one of the model's: those may all be
+        held by calls waiting for what the generator holds (a lock taken across its pieces),
+        which its close lets go. At most `threads` such closes run at once; past that (closes
+        that hang), one waits for a model's thread."""
+        close = partial(_in_model_thread, self.label, pieces.close)  # type: ignore[attr-defined]
+        if self._free_closers is None:
+            self._free_closers = asyncio.Semaphore(self._thread_count)
+        try:
+            if self._free_closers.locked():
+                await self._in_thread(pieces.close)  # type: ignore[attr-defined]
+                return
+            await self._free_closers.acquire()  # at once: it is not locked
+            done: Future[Any] = Future()
+            # Free again when the thread is (see _in_thread).
+            done.add_done_callback(
+                partial(_release_on, asyncio.get_running_loop(), self._free_closers)
+            )
+            threading.Thread(
+                target=_run, args=(done, close, ()), name="model-stream-close", daemon=True
+            ).start()
+            await asyncio.wrap_future(done)
+        except Exception as exc:  # noqa: BLE001 - its own failure, or the worker stopped
+            log.warning("%s: closing %s.stream failed (%s)", self._key, self.label, _shown(exc))
 
     def _ok(self, result: Any) -> ProviderOk:
         if isinstance(result, str):
