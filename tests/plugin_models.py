@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -433,3 +434,24 @@ class LockedStream(Model):
         with LOCK:
             yield "a"
             yield "b"
+
+
+class Kind(enum.StrEnum):  # a model's own names for the error kinds
+    RATE_LIMIT = "rate_limit"
+
+
+class Markup(str):  # a library's str subclass (markupsafe.Markup, numpy.str_)
+    pass
+
+
+class StrSubclasses(Model):
+    """Texts and an error kind given as subclasses of str: each is a str."""
+
+    def call(self, request: ProviderRequest) -> str | Answer:
+        text = request.messages[-1].text
+        if text == "kind":
+            raise ModelError(Kind.RATE_LIMIT, "busy", retry_after_s=1)
+        if text == "answer":
+            call = ToolCall(Markup("call-1"), Markup("get_weather"), Markup('{"city": "Paris"}'))
+            return Answer(text=Markup("sunny"), tool_calls=[call])
+        return Markup(text.upper())

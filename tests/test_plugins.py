@@ -150,6 +150,20 @@ async def test_a_model_answers_with_tool_calls(lifeline, client):
     assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
 
 
+async def test_texts_and_kinds_given_as_subclasses_of_str_are_taken(lifeline, client):
+    """A str subclass (a StrEnum of the model's error kinds, a library's Markup) is a str: the
+    answer failed as one that "cannot be encoded as JSON", and the kind became server_error."""
+    await lifeline(config({"mine": python("StrSubclasses"), "backup": fake(reply="b")}))
+    reply = await ask(client, hello())
+    assert (reply.status, reply.provider, reply.content) == ("ok", "mine", "HELLO THERE")
+    reply = await ask(client, hello("answer"))
+    assert (reply.provider, reply.content) == ("mine", "sunny"), reply.attempts
+    [call] = reply.tool_calls
+    assert (call.id, call.name, call.arguments) == ("call-1", "get_weather", '{"city": "Paris"}')
+    failed = (await ask(client, hello("kind"))).attempts[0]
+    assert (failed.error_type, failed.message) == ("rate_limit", "busy")
+
+
 async def test_a_model_gets_its_checked_settings(lifeline, client):
     own = {"temperature": 0.5, "greeting": "hello"}
     await lifeline(config({"mine": python("WithSettings", settings=own)}))

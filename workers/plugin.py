@@ -501,14 +501,14 @@ class PluginProvider:
 
     def _ok(self, result: Any) -> ProviderOk:
         if isinstance(result, str):
-            return ProviderOk(result, self.model, finish_reason="stop")
+            return ProviderOk(_plain(result), self.model, finish_reason="stop")
         if isinstance(result, Answer):
             problem = _answer_problem(result)
             if problem is not None:  # msgspec does not check a Struct made in code
                 raise ProviderError(
                     "server_error", f"{self.label} answered an Answer whose {problem}"
                 )
-            calls = list(result.tool_calls) if result.tool_calls else None
+            calls = [_plain_call(c) for c in result.tool_calls] if result.tool_calls else None
             finish = result.finish_reason or ("tool_calls" if calls else "stop")
             usage = result.usage or Usage()
             if not isinstance(usage, Usage):  # a dict of its fields, say
@@ -521,7 +521,7 @@ class PluginProvider:
                         "workers.plugin.Usage(input_tokens=..., output_tokens=...)",
                     ) from None
             return ProviderOk(
-                result.text,
+                _plain(result.text),
                 self.model,
                 usage=usage,
                 tool_calls=calls,
@@ -589,6 +589,19 @@ def _in_model_thread(label: str, function: Callable[..., Any], *args: Any) -> An
     except BaseException as exc:
         log.error("model %s raised %s", label, type(exc).__name__, exc_info=exc)
         raise ProviderError("server_error", f"{label} raised {type(exc).__name__}") from None
+
+
+def _plain(text: str) -> str:
+    """`text` as a str itself: msgspec writes no subclass of str (a library's Markup, numpy's
+    str_), and the reply failed as one that "cannot be encoded as JSON"."""
+    return text if type(text) is str else str.__str__(text)
+
+
+def _plain_call(call: ToolCall) -> ToolCall:
+    """A tool call whose id, name and arguments are each a str itself (see `_plain`)."""
+    if type(call.id) is str and type(call.name) is str and type(call.arguments) is str:
+        return call
+    return ToolCall(_plain(call.id), _plain(call.name), _plain(call.arguments))
 
 
 def _answer_problem(answer: Answer) -> str | None:

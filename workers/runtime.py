@@ -769,7 +769,8 @@ def _failure(exc: ProviderError) -> ProviderFailure:
     message = exc.message
     if type(message) is not str:
         message = _as_text(message)
-    kind = exc.kind if type(exc.kind) is str else "server_error"
+    # A str subclass (a StrEnum of the model's own kinds) is its str; anything else is no kind.
+    kind = str.__str__(exc.kind) if isinstance(exc.kind, str) else "server_error"
     status = _number(exc.status_code, int)
     if status is not None and not 100 <= status <= 599:
         status = None
