@@ -455,3 +455,14 @@ class StrSubclasses(Model):
             call = ToolCall(Markup("call-1"), Markup("get_weather"), Markup('{"city": "Paris"}'))
             return Answer(text=Markup("sunny"), tool_calls=[call])
         return Markup(text.upper())
+
+
+class SecretsFromEnv(Model):
+    """`secrets` as a property that fails as it is read (its key not in the environment)."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "ok"
+
+    @property
+    def secrets(self) -> str:
+        raise KeyError("MINE_API_KEY")

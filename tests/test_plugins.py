@@ -247,6 +247,10 @@ CHECK_CONFIG_FAULTS = {
         python("SyncUpper", settings={"x": 1}),
         "providers.mine.settings: plugin_models:SyncUpper takes no settings",
     ),
+    "secrets-unreadable": (  # was a traceback, exit 1
+        python("SecretsFromEnv"),
+        "providers.mine: plugin_models:SecretsFromEnv.secrets could not be read (KeyError",
+    ),
     "settings-no-type": (
         python("OddSettings", settings={"x": 1}),
         "plugin_models:OddSettings.Settings cannot hold the settings",

@@ -269,15 +269,20 @@ def _shown(exc: BaseException) -> str:
 
 def _declared_secrets(instance: object, what: str) -> tuple[str, ...]:
     """A model's `secrets` attribute (a str, or an iterable of strs) as a tuple."""
-    found = getattr(instance, "secrets", None)
-    if found is None:
-        return ()
-    if isinstance(found, str):
-        found = (found,)
     try:
-        secrets = tuple(found)
-    except TypeError:
-        secrets = (found,)
+        found = getattr(instance, "secrets", None)
+        if found is None:
+            return ()
+        if isinstance(found, str):
+            found = (found,)
+        try:
+            secrets = tuple(found)
+        except TypeError:
+            secrets = (found,)
+    # A property (or an iterable) of the class's own that fails as it is read (a key looked up
+    # in os.environ): one line naming it, as for __init__, not a traceback.
+    except BaseException as exc:  # noqa: BLE001
+        raise ValueError(f"{what} could not be read ({_shown(exc)})") from None
     for secret in secrets:
         if not isinstance(secret, str):
             # A ValueError, as every start-up error of a model class: one line, exit 2.
