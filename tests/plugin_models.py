@@ -466,3 +466,18 @@ class SecretsFromEnv(Model):
     @property
     def secrets(self) -> str:
         raise KeyError("MINE_API_KEY")
+
+
+class HalfMade:
+    def __repr__(self) -> str:
+        raise AttributeError("'HalfMade' object has no attribute 'path'")
+
+
+class ParamsNotShown(Model):
+    """identifying_params() answering a value whose repr fails."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "still serving"
+
+    def identifying_params(self) -> dict[str, object]:
+        return {"weights": HalfMade()}

@@ -793,6 +793,16 @@ async def test_a_model_whose_identifying_params_or_close_exits_is_logged_not_obe
     assert "plugin_models:ExitsWhenAsked.close() failed (SystemExit: 5)" in caplog.text
 
 
+async def test_a_worker_whose_identifying_params_cannot_be_shown_serves_all_the_same(
+    model_worker, client
+):
+    """Its value was shown (repr) in the start-up log line, outside the guard: a repr that
+    fails stopped the worker, once subscribed, with a traceback."""
+    worker = model_worker(python("ParamsNotShown"))
+    assert "identifying_params() failed': \"AttributeError: 'HalfMade' object" in worker.log()
+    assert (await ask_worker(client, "hi")).content == "still serving"
+
+
 @pytest.mark.parametrize("cls", ["SyncCloseHangs", "AsyncCloseHangs"])
 async def test_a_model_whose_close_hangs_still_lets_its_worker_stop(caplog, monkeypatch, cls):
     """close() ran unbounded (a sync one on the event loop itself): a worker given SIGTERM

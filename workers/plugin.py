@@ -335,9 +335,13 @@ class PluginProvider:
         if not callable(params):
             return {}
         try:
-            return dict(params())
+            found = dict(params())
+            # Shown once logged, which raised out of the worker's start-up: a value whose repr
+            # fails (an object half made) fails here, said as any other failure of it is.
+            repr(found)
         except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
             return {"identifying_params() failed": _shown(exc)}
+        return found
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         if self._async_call:
