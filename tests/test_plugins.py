@@ -385,6 +385,31 @@ async def test_calls_given_up_on_while_the_models_threads_hang_are_not_kept(life
         plugin_models.HANG.set()
 
 
+async def test_a_call_finding_every_thread_hung_is_refused_at_once_naming_threads(lifeline, client):
+    """It waited for a thread until its deadline and was answered as the model's `timeout`,
+    though the model never had it, and nothing said that the threads were all hung."""
+    plugin_models.HANG.clear()
+    await lifeline(config({"mine": python("HangsInItsThread", threads=1, timeout_s=0.3)}))
+    try:
+        hung = (await ask(client, hello())).attempts[0]
+        assert hung.error_type == "timeout"  # its own call: the model had it
+        started = time.monotonic()
+        refused = (await ask(client, hello())).attempts[0]
+        assert time.monotonic() - started < 0.25  # not its timeout waited out
+        assert refused.error_type == "rate_limit", refused
+        assert "each of its 1 threads is held by a call still running after its caller" in (
+            refused.message
+        )
+        assert "raise threads in [providers.mine]" in refused.message
+    finally:
+        plugin_models.HANG.set()
+    await wait_for(lambda: _answers(client))  # the thread back, calls go to the model again
+
+
+async def _answers(client: Client) -> bool:
+    return (await ask(client, hello())).content == "late"
+
+
 # ---- a model breaking the rules costs its own call, never the worker or the reply --------------
 
 

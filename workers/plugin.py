@@ -324,6 +324,7 @@ class PluginProvider:
         self._threads = _ModelThreads(settings.threads, f"model-{name}")
         self._thread_count = settings.threads
         self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
+        self._abandoned = 0  # threads still running a call whose caller stopped waiting
         self._async_call = inspect.iscoroutinefunction(self.instance.call)
         self._stream = getattr(self.instance, "stream", None)
         self._closing: set[asyncio.Task[None]] = set()  # sync streams closing (_close_later)
@@ -389,6 +390,10 @@ class PluginProvider:
         hung in the model that is never, one call more for every request."""
         if self._free is None:
             self._free = asyncio.Semaphore(self._thread_count)
+        if self._free.locked() and self._abandoned >= self._thread_count:
+            # Waiting for a thread, it would get none before its deadline, answered as a
+            # `timeout` of the model that it never called, and nothing said why.
+            raise self._threads_held()
         await self._free.acquire()
         loop = asyncio.get_running_loop()
         try:
@@ -403,7 +408,33 @@ class PluginProvider:
             raise
         # Free again when the thread is, not when its caller stops waiting.
         running.add_done_callback(partial(_release_on, loop, self._free))
-        return await asyncio.wrap_future(running)
+        try:
+            return await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if not running.done():  # its caller gave up; Python cannot stop the thread
+                self._abandoned += 1
+                running.add_done_callback(partial(_call_on, loop, self._thread_returned))
+            raise
+
+    def _thread_returned(self) -> None:
+        self._abandoned -= 1
+
+    def _threads_held(self) -> ProviderError:
+        """Every thread held by a call given up on that still runs (hung in the model):
+        refused at once, as a worker at its max_in_flight refuses, naming the limit."""
+        log.warning(
+            "%s: each of its %d threads is held by a call still running after its caller gave "
+            "up on it; calls are refused until one returns",
+            self._key,
+            self._thread_count,
+        )
+        return ProviderError(
+            "rate_limit",
+            f"{self.label}: each of its {self._thread_count} threads is held by a call still "
+            "running after its caller gave up on it (its deadline, a cancel: Python cannot stop "
+            "a thread), so none is free; make call async for its deadline to stop it, or raise "
+            f"threads in [{self._key}]",
+        )
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
@@ -581,6 +612,12 @@ def _release_on(loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore, _: Any
     """A model thread is free again (called in that thread)."""
     with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
         loop.call_soon_threadsafe(free.release)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, function: Callable[[], None], _: Any) -> None:
+    """`function()` on `loop` (called in a model's thread)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
+        loop.call_soon_threadsafe(function)
 
 
 def _in_model_thread(label: str, function: Callable[..., Any], *args: Any) -> Any:
