@@ -500,12 +500,19 @@ class Lifeline:
         request's id, else a new one) as Nats-Msg-Id: it waits in the jobs stream until a
         dispatcher has stored its result, even when none runs now. The same id again within
         the dedup window is acknowledged as a duplicate and kept once. `notify`: a subject
-        the result is also published on. Creates the stream and bucket (as a dispatcher
-        would) when no dispatcher has yet."""
+        the result is also published on (ValueError for one a dispatcher would not publish
+        on). Creates the stream and bucket (as a dispatcher would) when no dispatcher has yet."""
         self._check_loop()
         req = self.request(request, **fields)
         job_id = job_id or req.id or uuid.uuid4().hex
         check_job_id(job_id)
+        if notify and (why := subjects.reply_subject_refused(notify)) is not None:
+            # The dispatcher skips such a subject without a word (publishing there would loop
+            # through Lifeline's subjects, reach the server's, or close its connection): taken
+            # here, the job would run and its result never come where it was awaited.
+            raise ValueError(
+                f"notify subject {notify[:200]!r}: no result is published there: {why}"
+            )
         if req.id != job_id:
             req = request_of(req, id=job_id)
         headers = _traced({subjects.MSG_ID: job_id})

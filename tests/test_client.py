@@ -613,6 +613,16 @@ async def test_a_job_id_its_header_cannot_carry_is_refused(lifeline_client):
             await lifeline_client.submit("hi", job_id=job_id)
 
 
+async def test_a_notify_subject_no_dispatcher_would_publish_on_is_refused(lifeline_client):
+    """The dispatcher publishes a job's result on no subject of Lifeline's or the server's,
+    nor on one no subscriber can match, and says nothing of it: submit() took such a subject
+    silently (where `lifeline submit --notify` refuses it), and the result never came."""
+    for subject in ("llm.results.billing", "results.*", "results.>", "a b", "results..x", "$JS.x"):
+        with pytest.raises(ValueError, match="notify"):
+            await lifeline_client.submit("hi", job_id="pushed", notify=subject)
+    assert (await lifeline_client.submit("hi", job_id="pushed", notify="results.x")).job_id
+
+
 async def test_closing_the_client_ends_its_calls_in_flight_and_aborts_them(
     lifeline, nats_url, client
 ):
