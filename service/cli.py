@@ -1490,6 +1490,14 @@ async def cmd_batch(args: argparse.Namespace) -> int:
             said = f"the 1 job of {source} has its result in {out_path}"
         print(said + (f", {failed_before} failed" if failed_before else ""))
         return 1 if failed_before else 0
+    prefix = nats_opts.inbox_prefix or "_INBOX"  # nats-py's own
+    if (why := subjects.reply_subject_refused(f"{prefix}.run.0")) is not None:
+        # Results come pushed to this run's inbox, or asked for with a reply there: a
+        # dispatcher publishes neither there, and the run would wait its whole --timeout.
+        raise ValueError(
+            f"inbox prefix {prefix!r}: no dispatcher publishes a job's result under it ({why}); "
+            "connect with another (_INBOX.<user>), or with none"
+        )
     # Opened before connecting: a results file that cannot be written (a read-only or missing
     # directory) stops the batch before anything is submitted.
     out = out_path.open("ab")

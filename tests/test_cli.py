@@ -520,6 +520,25 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
     assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 7
 
 
+def test_batch_on_an_inbox_no_dispatcher_publishes_to_stops_before_sending_anything(
+    running, tmp_path
+):
+    """Each result is pushed to the run's inbox, and asked for there: under an inbox prefix
+    a dispatcher never publishes to (the dispatchers' own, set in a config both share; one of
+    Lifeline's or the server's), the batch sent every job, waited its whole --timeout (10
+    minutes by default) for nothing, and said to rerun, which did the same."""
+    _, url = running
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    for prefix in (subjects.DISPATCHER_INBOX_PREFIX, "llm.mine"):
+        run = run_lifeline(
+            "batch", "--nats-url", url, "--nats-inbox-prefix", prefix, "--timeout", "3", str(source)
+        )
+        assert run.returncode == 2, run.stderr
+        assert f"inbox prefix {prefix!r}" in run.stderr, run.stderr
+        assert not (tmp_path / "jobs.results.jsonl").exists()  # nothing sent, nothing written
+
+
 def test_ask_exits_non_zero_and_explains_an_error_reply(running):
     _, url = running
     result = run_lifeline("ask", "--nats-url", url, "--route", "nope", "hi")
