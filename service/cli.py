@@ -1644,6 +1644,7 @@ class _Results:
         self.inbox = nc.new_inbox()
         self.keys: dict[str, str] = {}  # notify token -> job key
         self.asked: set[str] = set()  # job keys whose result is asked for (llm.jobs.result)
+        self.reconnects = nc.stats["reconnects"]
         self._pushed: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
     async def start(self) -> None:
@@ -1664,6 +1665,15 @@ class _Results:
         pending, give_up = self.pending, time.monotonic() + limit_s
         ask_at = time.monotonic() + _BATCH_ASK_EVERY_S if self.asked else math.inf
         while pending and time.monotonic() < give_up:
+            # Pushes are core NATS: none comes on a closed connection (a client reconnects
+            # once), where the run waited out its whole --timeout; those published while it
+            # was down are lost, and asked for once it is back.
+            if self.nc.is_closed:
+                raise client.Unreachable("the NATS connection was lost, and not made again")
+            if self.nc.stats["reconnects"] != self.reconnects:
+                self.reconnects = self.nc.stats["reconnects"]
+                self.asked.update(self.keys.values())  # each job this run has published
+                ask_at = time.monotonic()
             try:
                 token, data = await asyncio.wait_for(self._pushed.get(), 1.0)
                 got = [(self.keys.get(token), data)]

@@ -462,6 +462,102 @@ async def test_batch_longer_than_the_jobs_stream_has_room_for_waits_for_room(
     assert "6/6 done" in done.stderr and "waiting for room" in done.stderr
 
 
+class _CutLink:
+    """A TCP proxy to a NATS server whose connections can be cut; a connection made after a
+    cut reaches the server only `late_s` later (None: never), as after a server's restart."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
+        self.upstream, self.late_s = (host, int(port)), 0.0
+        self.cuts = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        if self.cuts:
+            if self.late_s is None:
+                writer.close()
+                return
+            await asyncio.sleep(self.late_s)
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.writers.append(up_writer)
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    def cut(self, late_s: float | None) -> None:
+        self.cuts, self.late_s = self.cuts + 1, late_s
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+    async def close(self) -> None:
+        self.cut(None)
+        self.server.close()
+
+
+@pytest.mark.parametrize("late_s", [None, 3.0], ids=["lost for good", "back after the results"])
+async def test_batch_whose_connection_drops_stops_or_asks_for_what_it_missed(
+    lifeline, nats_url, tmp_path, late_s
+):
+    """Results come pushed, on core NATS: those published while the batch's connection was
+    down never come. Lost for good (a client reconnects once), the batch waited its whole
+    --timeout (10 minutes by default) on a closed connection, then blamed the time; back,
+    it waited as long for the results pushed meanwhile, which it now asks for."""
+    await lifeline(config({"main": fake(latency_ms=1500)}))
+    link = _CutLink(nats_url)
+    url = await link.start()
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"id": f"c{n}", "messages": [{"role": "user", "content": f"q{n}"}]}) + "\n"
+            for n in range(2)
+        )
+    )
+    started = asyncio.get_running_loop().time()
+    batch = asyncio.create_task(
+        asyncio.to_thread(
+            run_lifeline, "batch", "--nats-url", url, "--timeout", "20", str(source), timeout_s=60
+        )
+    )
+    out = tmp_path / "jobs.results.jsonl"
+    stream = JobsSettings().stream
+    async with await nats.connect(nats_url) as nc:  # both jobs in, neither answered yet
+
+        async def submitted() -> bool:
+            with contextlib.suppress(Exception):
+                return (await nc.jetstream().stream_info(stream)).state.messages == 2
+            return False
+
+        while not await submitted():
+            await asyncio.sleep(0.05)
+    link.cut(late_s)
+    try:
+        done = await batch
+    finally:
+        await link.close()
+    took = asyncio.get_running_loop().time() - started
+    assert took < 15, (took, done.stderr)  # not the whole --timeout
+    if late_s is None:
+        assert done.returncode == 1 and "rerun to resume" in done.stderr, done.stderr
+        assert "the NATS connection was lost" in done.stderr, done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == [
+            "c0",
+            "c1",
+        ]
+
+
 def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_path):
     """Lines a JSONL file may hold (a raw U+2028 in a text, CRLF endings, no ids, an id the
     dispatcher cannot read, a job too large for NATS), files of one name in two folders, and
