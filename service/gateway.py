@@ -1681,6 +1681,7 @@ class _Guarded:
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0
     _refused = False
+    _serving: Any = None  # the request cycle its app task runs (see connection_lost)
     turned_away = 0  # connections refused for their number since the last warning (per class)
     warned_at = -math.inf
 
@@ -1736,10 +1737,24 @@ class _Guarded:
             "request_header_fields_too_large",
         )
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # httptools' protocol only (h11's reads no request before the last is answered).
+        self._serving = cycle
+        super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        # A client that pipelines (sends its next request before its answer) makes httptools'
+        # protocol take that queued request as its `cycle`, and uvicorn tells only `cycle` of
+        # a hang-up: the request being served would run to its end, its provider calls too
+        # (a stream written to a closed socket), rather than be aborted as any other is.
+        serving = self._serving
+        pipelined = serving is not self.cycle  # type: ignore[attr-defined]
+        if serving is not None and pipelined and not serving.response_complete:
+            serving.disconnected = True
+            serving.message_event.set()
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _turned_away(self) -> None:

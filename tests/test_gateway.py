@@ -1472,6 +1472,39 @@ async def test_a_client_gone_mid_body_is_no_bug_and_a_closed_connection_is_503(g
             assert "retry-after" in response.headers
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_pipelines_and_hangs_up_has_its_running_request_aborted(
+    gateway, audit, stream
+):
+    """HTTP/1.1 lets a client send its next request before its first is answered. uvicorn's
+    httptools protocol then makes the queued request its current one, and a hang-up reached
+    only that one (never run, nothing to stop): the request being served ran to its end, its
+    provider called all along (a stream written to the closed socket, asyncio's warning
+    line at each write), as if its client still waited for it."""
+    cfg = config(
+        {"slow": fake(latency_ms=3000), "drip": fake(chunks=30, chunk_delay_ms=100)},
+        routes={"default": {"targets": ["slow"]}, "drip": {"targets": ["drip"]}},
+    )
+    gw, _, stack = await gateway(cfg)
+    _, writer = await _connect(gw)
+    first = encoder.encode(chat("drip", stream=True) if stream else chat())  # mid-stream, or
+    second = encoder.encode(chat())  # waiting for its answer, when its client hangs up
+    writer.write(
+        b"".join(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            for body in (first, second)
+        )
+    )
+    await writer.drain()
+    await wait_for(lambda: stack.dispatcher.in_flight == 1, timeout_s=5)
+    await asyncio.sleep(0.7)  # past _WATCH_AFTER_S: the hang-up is watched for
+    writer.close()
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=2)
+    [(_, event)] = await audit.wait_for(1)  # the first's only: the second never ran
+    assert event.error_type == errors.ABORTED
+
+
 async def test_while_nats_is_down_a_request_is_503_at_once_and_served_again_after(
     tracers, monkeypatch
 ):
