@@ -768,10 +768,15 @@ class _Inbox:
         return queue
 
     def stop_waiting(self) -> None:
-        """The gateway is stopping: every request still waiting gets gateway_stopping."""
-        for target in list(self.waiting.values()):
+        """The gateway is stopping: every request still waiting gets gateway_stopping, and a
+        stream's request is aborted now, not when its writer takes that: one whose client
+        stopped reading is stuck writing until uvicorn cancels it, and would be aborted only
+        when Python collects it, past the NATS connection's close (its provider called on)."""
+        for token, target in list(self.waiting.items()):
             if isinstance(target, _Unread):
                 target.put_nowait(_STOPPING)
+                if (key := self.abort_keys.pop(token, None)) is not None:
+                    self.abort(key)
             elif not target.done():
                 target.set_exception(_stopping())
 

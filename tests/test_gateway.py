@@ -976,6 +976,37 @@ async def test_a_stopping_gateway_answers_what_still_waits_and_aborts_it(gateway
     assert "Exception in ASGI application" not in caplog.text
 
 
+async def test_a_stopping_gateway_aborts_a_stream_whose_client_stopped_reading(gateway):
+    """A stream whose client reads nothing (its socket full) is stuck writing: it never takes
+    the gateway_stopping the others get, and uvicorn's cancel at the end of its grace left its
+    events unread and its request running, to be aborted only when Python collected it, by
+    then past the gateway's NATS connection: its provider went on to the end of the answer."""
+    answer = "h" * 8_000_000  # 800 events of 10,000 characters over 16 s: more than sockets hold
+    slow = fake(reply=answer, chunks=800, chunk_delay_ms=20, max_response_bytes=10_000_000)
+    gw, _, stack = await gateway(config({"slow": slow}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    body = encoder.encode(chat(stream=True))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+
+    def stuck() -> bool:  # its writes wait for a client that does not read
+        return any(c.flow.write_paused for c in gw.server.server_state.connections)
+
+    await wait_for(stuck, timeout_s=10)
+    await gw.stop()
+    try:
+        await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=2)
+        assert stack.dispatcher.in_flight == 0
+    finally:
+        writer.close()
+
+
 def test_a_serving_command_raises_its_open_files_limit_to_the_hard_one(nats_url):
     """A soft limit of 1,024 open files (a common default) would end a busy gateway or
     worker in EMFILE; serving commands raise it to the hard limit, as Go's runtime does."""
