@@ -1687,6 +1687,7 @@ class _Guarded:
     _head_bytes = 0
     _refused = False
     _serving: Any = None  # the request cycle its app task runs (see connection_lost)
+    _ahead = 0  # about the bytes of a pipelined head come while _serving runs
     turned_away = 0  # connections refused for their number since the last warning (per class)
     warned_at = -math.inf
 
@@ -1724,6 +1725,12 @@ class _Guarded:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+            serving = self._serving
+            if serving is not None and (
+                serving is not self.cycle or self.scope is not serving.scope  # type: ignore[attr-defined]
+            ):
+                self._pipelined_head(data, before is not None)
+                return
             if before is not None and _head_size(self.scope) > _MAX_HEAD_BYTES:  # type: ignore[attr-defined]
                 for task in tasks - before:  # not started yet: the request never runs
                     task.cancel()
@@ -1735,6 +1742,25 @@ class _Guarded:
         if self._head_bytes > _MAX_HEAD_BYTES:
             self._too_large_head()
 
+    def _pipelined_head(self, data: bytes, big: bool) -> None:
+        """Bytes of the next request's head, sent before this one's answer (pipelining):
+        httptools' protocol reads it while this one is served, keeping each header, and the
+        head's bound above applies only between requests. Over it, the connection is closed
+        at once, unanswered: an answer now would read as the one to the request being served
+        (which is aborted, as at any hang-up)."""
+        scope = self.scope  # type: ignore[attr-defined]
+        if scope is self.cycle.scope:  # type: ignore[attr-defined]
+            # Its head came whole (the request waits its turn); what follows is its body.
+            self._ahead = 0
+            over = big and _head_size(scope) > _MAX_HEAD_BYTES
+        else:
+            ahead = self._ahead  # 0: the head began in this read, with what came before it
+            self._ahead = ahead + len(data) if ahead else _head_size(scope)
+            over = self._ahead > _MAX_HEAD_BYTES
+        if over:
+            self._refused = True
+            self.transport.abort()  # type: ignore[attr-defined]
+
     def _too_large_head(self) -> None:
         self._refuse(
             431,
@@ -1744,7 +1770,7 @@ class _Guarded:
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # httptools' protocol only (h11's reads no request before the last is answered).
-        self._serving = cycle
+        self._serving, self._ahead = cycle, 0
         super()._start_asgi_task(cycle, app)  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1536,6 +1536,66 @@ async def test_a_client_that_pipelines_and_hangs_up_has_its_running_request_abor
     assert event.error_type == errors.ABORTED
 
 
+async def test_pipelined_requests_are_answered_in_turn_a_large_body_too(gateway, audit):
+    """The bound on a head sent before the last answer leaves a pipelined request's body
+    alone: a 200 KB one, read in several pieces while the first request is served."""
+    gw, _, _ = await gateway(config({"slow": fake(latency_ms=700)}))
+    reader, writer = await _connect(gw)
+    large = [{"role": "user", "content": "word " * 40_000}]
+    bodies = [encoder.encode(chat()), encoder.encode(chat(messages=large))]
+    writer.write(
+        b"".join(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            for body in bodies
+        )
+    )
+    await writer.drain()
+    ids = []
+    for _ in bodies:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(re.search(rb"content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        ids.append(re.search(rb"x-lifeline-request-id: (\w+)", head).group(1).decode())  # type: ignore[union-attr]
+    writer.close()
+    events = await audit.wait_for(2)
+    assert sorted(event.id for _, event in events) == sorted(ids) and len(set(ids)) == 2
+
+
+async def test_a_pipelined_head_over_its_bound_is_not_held_while_a_request_is_served(
+    gateway, audit
+):
+    """The head bound held only between requests: while one was served, httptools' protocol
+    read the next request's head (pipelined) and kept every header of it, without bound, for
+    as long as the first ran (62 MB in 2.5 s here, and on). Past the bound the connection is
+    closed, with no answer (one now would read as the first request's), and the first is
+    aborted as at any hang-up."""
+    gw, _, stack = await gateway(config({"slow": fake(latency_ms=3000)}))
+    reader, writer = await _connect(gw)
+    body = encoder.encode(chat())
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    await wait_for(lambda: stack.dispatcher.in_flight == 1, timeout_s=5)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(200):  # 200 KB, a line at a time: each read under the bound
+            writer.write(b"x-pad: " + b"a" * 1000 + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.001)
+    try:  # closed (reset) before the first request's answer, and with none
+        answer = await asyncio.wait_for(reader.read(), 2)
+    except ConnectionError:
+        answer = b""
+    assert answer == b""
+    writer.close()
+    await wait_for(lambda: stack.dispatcher.aborts == 1, timeout_s=2)
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == errors.ABORTED
+
+
 async def test_while_nats_is_down_a_request_is_503_at_once_and_served_again_after(
     tracers, monkeypatch
 ):
