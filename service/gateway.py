@@ -47,6 +47,7 @@ from functools import lru_cache, partial
 from http import HTTPStatus
 from typing import Any
 
+import h11
 import msgspec
 import uvicorn
 from msgspec import Struct
@@ -1738,9 +1739,28 @@ class _Guarded:
             return
         if self._head_timer is None:  # these bytes begin a head that is not complete yet
             self._await_head()
-        self._head_bytes += len(data)
+        if self._answered_body():  # dropped by the parser: timed (it may trickle), not counted
+            return
+        conn = getattr(self, "conn", None)
+        if conn is not None:  # h11's holds the head so far, and no more (the last body's end)
+            self._head_bytes = len(conn.trailing_data[0])
+        else:
+            self._head_bytes += len(data)
         if self._head_bytes > _MAX_HEAD_BYTES:
             self._too_large_head()
+
+    def _answered_body(self) -> bool:
+        """Whether all that came since the last answer is that request's body, answered before
+        it was read whole (a 413 by its Content-Length, a 401): no next head has begun."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle is None:
+            return False
+        conn = getattr(self, "conn", None)
+        if conn is not None:  # h11's: in the body, or past it with nothing more
+            state = conn.their_state
+            return state is h11.SEND_BODY or (state is h11.IDLE and not conn.trailing_data[0])
+        # httptools' protocol begins a new scope at a message's first byte.
+        return self.scope is cycle.scope  # type: ignore[attr-defined,no-any-return]
 
     def _pipelined_head(self, data: bytes, big: bool) -> None:
         """Bytes of the next request's head, sent before this one's answer (pipelining):
@@ -1838,6 +1858,12 @@ class _Guarded:
         if transport.is_closing() or self._refused:
             return
         self._refused = True
+        if self._between_requests() and self._answered_body():
+            # What took too long is the body of a request already answered: an answer now
+            # would be a second one to it, which a client reusing the connection reads as
+            # the answer to its next request. Closed without one.
+            transport.close()
+            return
         # Too many connections is the gateway's load, as a dispatcher's overloaded is; a head
         # too slow or too large is the request's.
         kind = "overloaded_error" if status == 503 else "invalid_request_error"

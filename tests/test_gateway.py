@@ -1287,6 +1287,42 @@ async def test_a_head_that_does_not_come_in_time_is_refused_with_408(gateway, mo
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_body_answered_before_it_was_read_gets_no_second_answer(
+    gateway, monkeypatch, parser
+):
+    """A body refused by its Content-Length (413) is answered before it is read; the rest of
+    it, still coming, was counted as the next request's head, and the client got a second
+    answer to its one request: a 431 past 64 KiB of it, a 408 after _HEAD_TIMEOUT_S of a
+    shorter one. A client reusing the connection reads such an answer as its next one's."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_HEAD_TIMEOUT_S", 0.5)
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake()}), max_body_bytes=50_000)
+    for size in (1_000_000, 60_000):
+        reader, writer = await _connect(gw)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        with contextlib.suppress(ConnectionError):  # the body the 413 answered, sent anyway
+            for _ in range(size // 10_000):
+                writer.write(b"a" * 10_000)
+                await writer.drain()
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)
+        except (ConnectionError, TimeoutError):
+            rest = b""
+        assert b"HTTP/1.1" not in rest, (size, rest)
+        writer.close()
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 async def test_a_head_over_its_bound_is_refused_before_it_fills_the_memory(
     gateway, monkeypatch, parser
 ):
