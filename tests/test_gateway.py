@@ -984,16 +984,7 @@ async def test_a_stopping_gateway_aborts_a_stream_whose_client_stopped_reading(g
     answer = "h" * 8_000_000  # 800 events of 10,000 characters over 16 s: more than sockets hold
     slow = fake(reply=answer, chunks=800, chunk_delay_ms=20, max_response_bytes=10_000_000)
     gw, _, stack = await gateway(config({"slow": slow}))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gw.port))
-    _, writer = await asyncio.open_connection(sock=sock)
-    body = encoder.encode(chat(stream=True))
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    await writer.drain()
+    _, writer = await _a_stream_asked_by_a_client_that_does_not_read("127.0.0.1", gw.port)
 
     def stuck() -> bool:  # its writes wait for a client that does not read
         return any(c.flow.write_paused for c in gw.server.server_state.connections)
@@ -1454,16 +1445,7 @@ async def test_a_stream_read_too_slowly_is_stopped_and_its_client_told(
     aborts = await watcher.subscribe("llm.abort")
     await watcher.flush()
     host, port = gw.url.split("//")[1].split("/")[0].split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon
-    sock.connect((host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    body = encoder.encode(chat(stream=True))
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    await writer.drain()
+    reader, writer = await _a_stream_asked_by_a_client_that_does_not_read(host, int(port))
     assert (await aborts.next_msg(timeout=30)).data  # its request aborted
     assert not gw.inbox.waiting  # and its events no longer held
     await watcher.close()
@@ -1788,3 +1770,21 @@ def test_tool_calls_after_a_reset_follow_the_voided_ones_for_the_sdks_stream_hel
         ("call_A", "get_weather", '{"city": "Lyon"}'),
         ("call_B", "get_weather", '{"city": "Paris"}'),
     ]
+
+
+async def _a_stream_asked_by_a_client_that_does_not_read(
+    host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that asks for a stream and then reads nothing (its receive buffer small,
+    so the gateway's writes soon wait for it)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = encoder.encode(chat(stream=True))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    return reader, writer
