@@ -306,6 +306,12 @@ class TargetHealth:
         return self.latencies.histogram(now)
 
 
+# A wall-clock time in milliseconds, as another replica (or any client of the shared bucket)
+# writes it: at most an int64. msgspec decodes a JSON integer of any length whole, and one past
+# a float's range raised OverflowError in Health.apply, which ended the store's watch for good.
+UnixMs = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class BreakerState(Struct, frozen=True):
     """One breaker's state as a store keeps it: what another dispatcher needs to adopt it."""
 
@@ -314,9 +320,9 @@ class BreakerState(Struct, frozen=True):
     state: State
     # When an open breaker's cooldown or a half-open probe's lease ends, on the wall clock
     # (0: none).
-    until_unix_ms: int
+    until_unix_ms: UnixMs
     reason: str = ""
-    since_unix_ms: int = 0  # when the breaker took this state
+    since_unix_ms: UnixMs = 0  # when the breaker took this state
 
 
 def newer(state: State, since_unix_ms: int, than: State, than_since_unix_ms: int) -> bool:

@@ -920,3 +920,26 @@ async def test_a_breaker_opened_while_the_bucket_was_out_of_reach_outlives_its_o
         await b.stop()
         await nc_a.close()
         await nc_b.close()
+
+
+def _record(provider: str, model: str, state: str, until_unix_ms: Any, since_unix_ms: Any) -> bytes:
+    """A breaker entry as another dispatcher (or any client of the bucket) writes it."""
+    return (
+        f'{{"provider":"{provider}","model":"{model}","state":"{state}",'
+        f'"until_unix_ms":{until_unix_ms},"reason":"peer","since_unix_ms":{since_unix_ms},'
+        f'"by":"peer"}}'
+    ).encode()
+
+
+async def test_a_breaker_entry_with_a_number_too_large_for_a_float_is_ignored(lifeline, client):
+    """JSON integers have no bound and msgspec decodes them whole: one of 400 digits raised
+    OverflowError in Health.apply, which ended the store's watch for good, and the dispatcher
+    adopted no other replica's breaker again (while `lifeline status` showed them open)."""
+    stack = await lifeline(breaker_config({"cooldown_s": 30}))
+    kv = await client.jetstream().key_value("lifeline_health")
+    huge = "9" * 400
+    await kv.put(breaker_key("x", "y"), _record("x", "y", OPEN, huge, huge))
+    now_ms = int(time.time() * 1000)
+    await kv.put(breaker_key("a", "fake-1"), _record("a", "fake-1", OPEN, now_ms + 30_000, now_ms))
+    await wait_for(lambda: stack.dispatcher.health.of("a", "fake-1").state == OPEN)
+    assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
