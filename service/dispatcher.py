@@ -71,6 +71,7 @@ class Dispatcher:
         )
         self.health = Health(store=store)
         self.health.own_outage = self.transport.spanned_an_outage
+        self.health.longest_lease_s = settings.max_timeout_s + 1  # a probe's: its timeout and 1 s
         self.engine = Engine(config, self.transport, self.health, spans)
         models = self.engine.router.models
         self.health.configured = lambda provider, model: model in models.get(provider, ())

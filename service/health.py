@@ -82,6 +82,8 @@ MIN_SAMPLES = 20  # good answers needed before a p95 is trusted (hedge = "p95" w
 # targets never seen here: a peer (or keys an older version left in the bucket) cannot grow us.
 MAX_ADOPTED = 1000
 _PROBE_OUT = "cooldown over: one probe is out"
+# The longest cooldown_s a config may set: no open breaker, here or at another replica, lasts longer.
+COOLDOWN_MAX_S = 3600.0
 # After a store refused a claim and nobody has told us who holds the probe, when to ask again.
 _RECLAIM_AFTER_S = 1.0
 
@@ -94,7 +96,7 @@ class BreakerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
     min_requests: Annotated[int, Meta(ge=1)] = 10
     window_s: Annotated[float, Meta(gt=0, le=_RING_S)] = 60.0
-    cooldown_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    cooldown_s: Annotated[float, Meta(gt=0, le=COOLDOWN_MAX_S)] = 5.0
     trip_on: frozenset[str | int] = DEFAULT_TRIP_ON  # the kinds schemas.errors marks as tripping
 
 
@@ -402,6 +404,9 @@ class Health:
         # The (provider, model) breakers the config names: adopted from the shared bucket
         # whatever their number (MAX_ADOPTED bounds only the others).
         self.configured: Callable[[str, str], bool] = lambda provider, model: False
+        # The longest a half-open probe's lease lasts: its target's timeout_s and a second (the
+        # dispatcher sets it from its config's max_timeout_s). An adopted lease is held to it.
+        self.longest_lease_s = COOLDOWN_MAX_S
 
     @property
     def shared(self) -> bool:
@@ -648,7 +653,13 @@ class Health:
         # Its cooldown (or lease) as the writer set it, counted from now at most: a replica
         # whose clock runs ahead would otherwise bench the target for as long as it is ahead.
         wall_ms = self.wall() * 1000
-        left_ms = min(until_unix_ms - wall_ms, until_unix_ms - since_unix_ms)
+        # And never longer than such a state lasts anywhere: an "until" in year 9999 over a
+        # "since" of now (a writer's bug; any client, in an open account) benched the target for
+        # good: no replica probed it, so none wrote anything newer, and one that restarted
+        # adopted it again from the bucket. (A replica whose config allows a longer lease may
+        # see its probe doubled by this one: harmless.)
+        longest_s = COOLDOWN_MAX_S if state == OPEN else self.longest_lease_s
+        left_ms = min(until_unix_ms - wall_ms, until_unix_ms - since_unix_ms, longest_s * 1000)
         until = now + left_ms / 1000
         if state == OPEN:
             health.open_until = until

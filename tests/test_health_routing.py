@@ -943,3 +943,36 @@ async def test_a_breaker_entry_with_a_number_too_large_for_a_float_is_ignored(li
     await kv.put(breaker_key("a", "fake-1"), _record("a", "fake-1", OPEN, now_ms + 30_000, now_ms))
     await wait_for(lambda: stack.dispatcher.health.of("a", "fake-1").state == OPEN)
     assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
+
+
+@pytest.mark.parametrize("state", [OPEN, "half_open"])
+async def test_an_until_in_year_9999_does_not_bench_a_target_for_good(lifeline, client, state):
+    """A breaker entry open (or half-open) until year 9999 since now, as a writer's bug or any
+    client of the bucket may put it: every replica skipped the target for 8000 years, none ever
+    probed it to write anything newer, and one that restarted adopted it again."""
+    stack = await lifeline(
+        {**breaker_config({"cooldown_s": 30}), "dispatcher": {"max_timeout_s": 120}}
+    )
+    health = stack.dispatcher.health
+    kv = await client.jetstream().key_value("lifeline_health")
+    now_ms = int(time.time() * 1000)
+    await kv.put(breaker_key("a", "fake-1"), _record("a", "fake-1", state, 253402300799000, now_ms))
+    await wait_for(lambda: health.of("a", "fake-1").state == state)
+    assert outcomes(await ask(client, USER_HELLO))[0] == ("a", "skipped", "circuit_open")
+    target = health.of("a", "fake-1")
+    left_s = (target.open_until if state == OPEN else target.probe_until) - time.monotonic()
+    assert left_s <= (3600 if state == OPEN else 121)  # the longest cooldown, or lease
+
+
+def test_an_adopted_cooldown_or_lease_ends_at_the_longest_one_can_last():
+    now = [100.0]
+    health = Health(clock=lambda: now[0], wall=lambda: 1_000_000.0 + now[0])
+    health.longest_lease_s = 61.0
+    since_ms = int((1_000_000.0 + now[0]) * 1000)
+    health.apply("p", "open", OPEN, 253402300799000, "peer", since_ms)
+    health.apply("p", "probing", "half_open", 253402300799000, "peer", since_ms)
+    now[0] += 61.5
+    assert health.admit("p", "probing") == PROBE  # the longest lease is over
+    assert health.admit("p", "open") != PROBE
+    now[0] += 3600
+    assert health.admit("p", "open") == PROBE  # the longest cooldown is over
