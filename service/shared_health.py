@@ -32,7 +32,7 @@ import os
 import re
 import socket
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import nats.errors
@@ -42,7 +42,7 @@ from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from service import jetstream
-from service.health import CLOSED, OPEN, BreakerState, Health, newer, percentiles
+from service.health import CLOSED, OPEN, BreakerState, Health, UnixMs, newer, percentiles
 from service.loop import cancel_and_wait
 
 log = logging.getLogger("lifeline.health")
@@ -75,27 +75,33 @@ class BreakerRecord(BreakerState, frozen=True):
     by: str = ""
 
 
+# A count as any dispatcher writes it: at most an int64, never negative. msgspec decodes a JSON
+# integer of any length whole, and one past a float's range (a percentile's rank, a success
+# rate) ended `lifeline status` in an OverflowError: a document with any other is left out.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
 class TargetFigures(msgspec.Struct):
     """What `lifeline status` reads of one target's figures (merge_status); the rest stays local."""
 
     provider: str
     model: str
-    ok: int = 0
-    failed: int = 0
-    cancelled: int = 0  # absent from a version before it: 0
-    skipped: int = 0
-    latency: dict[int, int] = {}  # latency bucket -> good answers (service/health.py's histogram)
+    ok: Count = 0
+    failed: Count = 0
+    cancelled: Count = 0  # absent from a version before it: 0
+    skipped: Count = 0
+    latency: dict[int, Count] = {}  # latency bucket -> good answers (service/health.py's histogram)
     # latency bucket -> streams' first chunks (absent from a version before it, or a target
     # that has not streamed: {})
-    first_chunk_latency: dict[int, int] = {}
+    first_chunk_latency: dict[int, Count] = {}
 
 
 class StatsDocument(msgspec.Struct):
     dispatcher: str
     host: str
-    ts_unix_ms: int
+    ts_unix_ms: UnixMs
     targets: dict[str, TargetFigures] = {}
-    omitted: int = 0  # targets left out to keep the document under its limit
+    omitted: Count = 0  # targets left out to keep the document under its limit
 
 
 _encoder = msgspec.json.Encoder()

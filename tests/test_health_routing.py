@@ -976,3 +976,32 @@ def test_an_adopted_cooldown_or_lease_ends_at_the_longest_one_can_last():
     assert health.admit("p", "open") != PROBE
     now[0] += 3600
     assert health.admit("p", "open") == PROBE  # the longest cooldown is over
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        {"latency": {"5": 10**400}},  # p50/p95: 0.5 * count, past a float's range
+        {"ok": 10**400, "failed": 1 - 10**400},  # success: ok / (ok + failed)
+    ],
+)
+async def test_lifeline_status_leaves_out_stats_with_counts_past_an_int64(
+    lifeline, client, nats_url, figures
+):
+    """A stats document (another version's, any client's) whose counts no dispatcher could
+    write: `lifeline status` ended in an OverflowError traceback, and showed no dispatcher."""
+    stack = await lifeline(breaker_config())
+    await ask(client, USER_HELLO)
+    await stack.dispatcher.health.store.publish_stats()
+    kv = await client.jetstream().key_value("lifeline_health")
+    document = {
+        "dispatcher": "odd",
+        "host": "elsewhere",
+        "ts_unix_ms": int(time.time() * 1000),
+        "targets": {"a:fake-1": {"provider": "a", "model": "fake-1", **figures}},
+    }
+    await kv.put("stats.odd", json.dumps(document).encode())
+    for json_arg in ((), ("--json",)):
+        code, out, err = await lifeline_cli("status", "--nats-url", nats_url, *json_arg)
+        assert (code, err) == (0, "")
+        assert "1 dispatcher(s) reporting" in out or len(json.loads(out)["dispatchers"]) == 1
