@@ -240,8 +240,10 @@ def _endpoint_stats(e: Endpoint) -> dict[str, Any]:
 # What `lifeline health` reads of a STATS answer, as the NATS service API defines it (metadata
 # values are strings) with Lifeline's endpoint data: an answer of another shape (any client may
 # answer $SRV subjects: a number, a list, a count that is a string or NaN) is left out rather
-# than read into a wrong verdict, or a crash that hides every other instance.
-Count = Annotated[int, msgspec.Meta(ge=0)]
+# than read into a wrong verdict, or a crash that hides every other instance. A count is at most
+# an int64, as every client writes it: JSON integers have no bound, and one past a float's range
+# (bytes in flight shown in GiB) ended `lifeline health` in an OverflowError.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class _EndpointData(msgspec.Struct):
