@@ -343,7 +343,12 @@ def url_problem(url: str) -> str | None:
             parts = urlsplit(server if sep else f"nats://{server}")
             parts.port  # noqa: B018 - raises on a port that is not 0 to 65535
         except ValueError as exc:
-            return f"{redact_url(server)!r} is not a URL ({exc}); e.g. nats://127.0.0.1:4222"
+            why = _unparsed(server, exc)
+            return f"{redact_url(server)!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
+        # Parsed, but with the user info cut short: alice:1234/x@host would dial alice:1234.
+        if "@" in server and "@" not in parts.netloc:
+            why = _CUT_USER_INFO
+            return f"{redact_url(server)!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
         host = parts.hostname or ""
         if not host or any(c.isspace() or not c.isprintable() for c in host):
             return f"{redact_url(server)!r} names no host; e.g. nats://127.0.0.1:4222"
@@ -351,6 +356,28 @@ def url_problem(url: str) -> str | None:
     if len(websockets) > 1:
         return "ws:// and wss:// servers cannot be mixed with nats:// or tls:// ones"
     return None
+
+
+def _unparsed(server: str, exc: ValueError) -> str:
+    """Why urlsplit refused `server`, never quoting its user info. urlsplit ends the host part
+    at the first '/', '?' or '#', so in a password holding one (as base64 ones do) what it
+    reads as the port is the password's start, and its error quotes it ("Port could not be
+    cast to integer value as 'Hunt'"): the reason is worked out again on the URL as shown."""
+    shown = redact_url(server)
+    if shown == server.strip():  # no user info
+        return str(exc)
+    try:
+        urlsplit(shown if "://" in shown else f"nats://{shown}").port  # noqa: B018
+    except ValueError as shown_exc:  # the host or the port is wrong, whatever the user info
+        return str(shown_exc)
+    return _CUT_USER_INFO
+
+
+_CUT_USER_INFO = (
+    "its user info holds a '/', '?' or '#', which ends a URL's host, and nats-py does not "
+    "undo percent-encoding: give the credentials as NATS_USER and NATS_PASSWORD (or "
+    "NATS_TOKEN) instead"
+)
 
 
 def _from_table(
