@@ -305,8 +305,9 @@ def otlp_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
     for signal in _OTLP_SIGNALS:
         for item in environ.get(f"OTEL_EXPORTER_OTLP_{signal}HEADERS", "").split(","):
             name_end = min((i for i in (item.find("="), item.find(":")) if i >= 0), default=-1)
-            if name_end >= 0:
-                add(item[name_end + 1 :])
+            # An item without a name is a value too, which the SDK quotes whole as a header it
+            # cannot parse: "api-key <key>" (no "="), or a value's end after a comma in it.
+            add(item[name_end + 1 :] if name_end >= 0 else item)
         endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}ENDPOINT", "")
         try:
             parts = urlsplit(endpoint)

@@ -315,11 +315,18 @@ def test_without_an_exporter_nothing_is_recorded_but_trace_ids_are_made(provider
 
 
 @pytest.mark.parametrize(
-    "headers", ["Authorization: Bearer sk-otel-SECRET-4242", 'x-api-key="sk-otel-SECRET-4242"']
+    "headers",
+    [
+        "Authorization: Bearer sk-otel-SECRET-4242",
+        'x-api-key="sk-otel-SECRET-4242"',
+        "x-api-key sk-otel-SECRET-4242",
+        "x-api-key=sk-otel,SECRET-4242",
+    ],
 )
 def test_an_otlp_header_the_sdk_cannot_parse_is_logged_without_its_secret(headers):
-    """The SDK warns of a header it cannot parse (a colon as curl writes it, a quoted value)
-    quoting it whole: the key was in the log of every process."""
+    """The SDK warns of a header it cannot parse (a colon as curl writes it, a quoted value, no
+    "=" at all, a value's end after a comma in it) quoting it whole: the key was in the log of
+    every process."""
     proc = spawn_lifeline(
         "dispatcher",
         "--config",
