@@ -25,6 +25,7 @@ import collections
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -311,14 +312,19 @@ def otlp_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
         endpoint = environ.get(f"OTEL_EXPORTER_OTLP_{signal}ENDPOINT", "")
         try:
             parts = urlsplit(endpoint)
-            password = parts.password
         except ValueError:  # unreadable, a port out of range: the SDK logs it whole
-            parts, password = urlsplit(""), None
-            user_info, at, _ = endpoint.partition("://")[2].partition("/")[0].rpartition("@")
-            if at:
-                add(user_info.partition(":")[2] or user_info)
-        if password:
+            parts = urlsplit("")
+        # Its user info read as text, up to the last "@": urlsplit finds none in an endpoint
+        # without its scheme (u:pw@host:4318), which the SDK quotes whole ("No connection
+        # adapters were found for 'u:pw@host:4318/v1/traces'"), as it does one without a host.
+        # A user without a password is a token (http://<key>@host). A password's start up to
+        # a '/', '?' or '#' too: a parser ends the host there and quotes "u:<start>".
+        authority = endpoint.partition("://")[2] if "://" in endpoint else endpoint
+        user_info, at, _ = authority.rpartition("@")
+        if at:
+            password = user_info.partition(":")[2] or user_info
             add(password)
+            add(re.split(r"[/?#]", password)[0])
         for value in (v for _, _, v in (q.partition("=") for q in parts.query.split("&"))):
             if value:
                 add(value)

@@ -356,6 +356,13 @@ def test_the_secrets_of_otlp_settings_are_found_in_every_form_the_sdk_may_quote(
         {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"x-api-key={key}%0Ax,accept=gzip"},
         {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:4318/v1/traces?api_key={key}"},
         {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://user:{key}@127.0.0.1:99999"},
+        # A user alone is a token; without a scheme or a host the SDK quotes the endpoint whole
+        # ("No connection adapters were found for ...", "Invalid URL ...: No host supplied").
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{key}@:4318"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"{key}@127.0.0.1:4318"},
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"user:{key}@127.0.0.1:4318"},
+        # urllib3 ends the host at a '/' in the password and quotes "user:<its start>".
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://user:{key}/more@127.0.0.1:4318"},
     ):
         assert key in otlp_secrets(environ), environ
     assert otlp_secrets({"OTEL_EXPORTER_OTLP_HEADERS": "accept=gzip,a=b"}) == []  # too short
