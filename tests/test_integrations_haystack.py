@@ -157,5 +157,9 @@ def test_a_pipeline_file_never_holds_the_nats_urls_credentials():
     cluster = "nats://a:4222, nats://alice:TopSecret-PW@b:4222"  # in any URL of the list
     with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
         LifelineChatGenerator("fast", nats_url=cluster).to_dict()
+    # Without the scheme (nats-py dials it as nats://), a token, a password with a '/' in it.
+    for url in ("alice:TopSecret-PW@b:4222", "TopSecret-TOKEN@b", "nats://alice:Top/Secret@b"):
+        with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
+            LifelineChatGenerator("fast", nats_url=f"nats://a:4222,{url}").to_dict()
     plain = LifelineChatGenerator("fast", nats_url="nats://nats.internal:4222")
     assert plain.to_dict()["init_parameters"]["nats_url"] == "nats://nats.internal:4222"

@@ -112,8 +112,10 @@ class LifelineChatGenerator:
         self.max_retries = max_retries
 
     def to_dict(self) -> dict[str, Any]:
-        servers = (self.nats_url or "").split(",")  # a cluster's list: any of them
-        if any("@" in url.strip().partition("://")[2].partition("/")[0] for url in servers):
+        # Any "@": no host or port holds one. Looked for only between "://" and a "/", it was
+        # missed in a URL without its scheme (alice:pw@host:4222, which nats-py dials as
+        # nats://) and in one whose password holds a '/', and the password written out.
+        if "@" in (self.nats_url or ""):
             # As Haystack's own Secret refuses to write a token: a pipeline file is shared.
             raise ValueError(
                 "nats_url holds credentials, which a pipeline's file must not: give them in "
