@@ -157,6 +157,19 @@ class InitRaises(Model):
         return "never"
 
 
+class KeyOnTheClassInitRaises(Model):
+    """Its key declared on the class, as the README allows; its making fails with an upstream's
+    error that quotes the URL it called, the key in its query."""
+
+    secrets = "plugin-KEY-on-the-class-31337"
+
+    def __init__(self) -> None:
+        raise RuntimeError(f"401 Unauthorized for https://upstream.test/models?key={self.secrets}")
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
+
+
 class OddSettings(Model):
     """`Settings` that is no type msgspec can fill."""
 

@@ -267,6 +267,17 @@ def _shown(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _class_secrets(cls: type) -> tuple[str, ...]:
+    """The `secrets` a class declares on itself, as strs; () for anything else (a property is
+    read on the instance, and a wrong one is said once the class is made)."""
+    found = inspect.getattr_static(cls, "secrets", None)  # runs no property
+    if isinstance(found, str):
+        return (found,)
+    if isinstance(found, (list, tuple, set, frozenset)):
+        return tuple(secret for secret in found if isinstance(secret, str))
+    return ()
+
+
 def _declared_secrets(instance: object, what: str) -> tuple[str, ...]:
     """A model's `secrets` attribute (a str, or an iterable of strs) as a tuple."""
     try:
@@ -314,8 +325,14 @@ class PluginProvider:
         # The class's own, SystemExit and KeyboardInterrupt too (a Ctrl-C while it loads stops
         # the worker as well, with this line): the user gets one line, the worker exits 2.
         except BaseException as exc:  # noqa: BLE001
+            # Without the secrets the class declares on itself, the only ones known yet: its
+            # error may be an upstream's quoting what it called (a URL with ?key=...), and this
+            # line is printed, by check-config too, where no log line's scrubbing reaches.
+            from workers.base import scrub  # here only: workers.base loads httpx
+
+            shown = scrub(_shown(exc), _class_secrets(cls))
             raise ValueError(
-                f"{key}: {self.label} could not be made ({_shown(exc)}); it is "
+                f"{key}: {self.label} could not be made ({shown}); it is "
                 "called with its Settings when it declares them, else with nothing"
             ) from None
         # Its credentials, as the built-in kinds declare theirs: scrubbed from every reply and
