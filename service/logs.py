@@ -70,13 +70,18 @@ def printable(text: str) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # Scrubbed as written, before it is escaped and a traceback cut into its lines: a
+        # secret with a line break (a plug-in's PEM key) or an escape in it was found in
+        # neither form after, as JsonFormatter finds it.
         line = (
             f"{_timestamp(record)} {record.levelname} {record.name} "
-            f"{printable(record.getMessage())}"
+            f"{printable(_hidden(record.getMessage()))}"
         )
         if record.exc_info:
-            trace = self.formatException(record.exc_info).replace("\r", "").split("\n")
-            line += " | " + " | ".join(printable(part) for part in trace)
+            trace = _hidden(self.formatException(record.exc_info))
+            line += " | " + " | ".join(
+                printable(part) for part in trace.replace("\r", "").split("\n")
+            )
         return _hidden(line)
 
 

@@ -73,6 +73,29 @@ def test_a_workers_key_is_scrubbed_from_every_line_a_library_logs(
     assert "sk-live" not in out and out.count("***") == 3, out
 
 
+@pytest.mark.parametrize("form", logs.FORMATS)
+def test_a_secret_of_many_lines_is_scrubbed_from_a_traceback_too(
+    restore_logging, capsys, monkeypatch, form
+):
+    """A plug-in's `secrets` may be any string: a PEM key has line breaks and an escape may be
+    in a token. In text, a traceback was cut into its lines (joined by " | ") and escaped
+    before it was scrubbed, so neither the secret nor its JSON form was found in it."""
+    pem = (
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQ-pem-body-1\nYJ7r-pem-body-2\n-----END PRIVATE KEY-----"
+    )
+    odd = "tok\x1ben-with-an-escape"
+    monkeypatch.setattr(logs, "_scrubbers", [])
+    logs.hide(Scrubber([pem, odd]))
+    logs.setup(environ={logs.FORMAT_ENV: form})
+    try:
+        raise RuntimeError(f"could not sign with {pem} or {odd}")
+    except RuntimeError:
+        logging.getLogger("lifeline.worker").exception("signing failed for %s", odd)
+    out = capsys.readouterr().err
+    assert "pem-body" not in out and "en-with-an-escape" not in out, out
+    assert out.count("***") == 3, out
+
+
 FORGED = "bad id\n2026-01-01T00:00:00.000Z ERROR lifeline forged\x1b]0;pwned\x07\u009b2J\u2028"
 
 
