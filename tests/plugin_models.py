@@ -170,6 +170,20 @@ class KeyOnTheClassInitRaises(Model):
         return "never"
 
 
+class KeyInInitRaises(Model):
+    """Its key set on the instance by __init__, as the README allows, before an upstream's
+    error quoting it stops the making."""
+
+    def __init__(self) -> None:
+        self.secrets = ["plugin-KEY-set-in-init-4242"]
+        raise RuntimeError(
+            f"401 Unauthorized for https://upstream.test/models?key={self.secrets[0]}"
+        )
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
+
+
 class OddSettings(Model):
     """`Settings` that is no type msgspec can fill."""
 

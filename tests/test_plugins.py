@@ -293,20 +293,27 @@ def test_a_model_class_that_cannot_be_made_stops_its_worker_with_one_line(tmp_pa
     )
 
 
-def test_a_model_class_that_cannot_be_made_is_named_without_the_key_it_declares(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [
+        ("KeyOnTheClassInitRaises", "plugin-KEY-on-the-class-31337"),
+        ("KeyInInitRaises", "plugin-KEY-set-in-init-4242"),
+    ],
+)
+def test_a_model_class_that_cannot_be_made_is_named_without_the_key_it_declares(
+    tmp_path, model, key
+):
     """The line naming the failure quoted the constructor's error whole: an upstream's, with
     the key in the URL it called, in check-config's output and the worker's last line, though
-    the class declared that key in `secrets` (on the class: known before it is made)."""
-    from plugin_models import KeyOnTheClassInitRaises
-
-    path = write_config(tmp_path / "bad.toml", config({"mine": python("KeyOnTheClassInitRaises")}))
+    the class declared that key in `secrets` (on the class, or set by __init__ before)."""
+    path = write_config(tmp_path / "bad.toml", config({"mine": python(model)}))
     worker = run_lifeline("worker", "mine", "--config", str(path), env=_env_with_tests())
     checked = run_lifeline("check-config", "--config", str(path), env=_env_with_tests())
     for result in (worker, checked):
         assert result.returncode == 2, result.stdout + result.stderr
         assert "could not be made (RuntimeError: 401 Unauthorized for " in result.stderr
         assert "https://upstream.test/models?key=***" in result.stderr, result.stderr
-        assert KeyOnTheClassInitRaises.secrets not in result.stdout + result.stderr
+        assert key not in result.stdout + result.stderr
 
 
 def test_a_worker_whose_model_does_not_load_stops_before_connecting(tmp_path):

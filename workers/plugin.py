@@ -267,15 +267,26 @@ def _shown(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _class_secrets(cls: type) -> tuple[str, ...]:
-    """The `secrets` a class declares on itself, as strs; () for anything else (a property is
-    read on the instance, and a wrong one is said once the class is made)."""
-    found = inspect.getattr_static(cls, "secrets", None)  # runs no property
-    if isinstance(found, str):
-        return (found,)
-    if isinstance(found, (list, tuple, set, frozenset)):
-        return tuple(secret for secret in found if isinstance(secret, str))
-    return ()
+def _secrets_before_made(cls: type, exc: BaseException) -> tuple[str, ...]:
+    """The `secrets` known when making the class failed, as strs: the class's own, and those
+    its __init__ set on the instance before it raised (that instance is `self` in the
+    traceback's frame of it, the only place left holding it). Read without running a property:
+    a wrong one is said once the class is made."""
+    holders: list[object] = [cls]
+    frame = exc.__traceback__
+    while frame is not None:
+        made = frame.tb_frame.f_locals.get("self")
+        if isinstance(made, cls) and all(made is not held for held in holders):
+            holders.append(made)
+        frame = frame.tb_next
+    found: list[str] = []
+    for holder in holders:
+        secrets = inspect.getattr_static(holder, "secrets", None)
+        if isinstance(secrets, str):
+            found.append(secrets)
+        elif isinstance(secrets, (list, tuple, set, frozenset)):
+            found += [secret for secret in secrets if isinstance(secret, str)]
+    return tuple(found)
 
 
 def _declared_secrets(instance: object, what: str) -> tuple[str, ...]:
@@ -325,12 +336,13 @@ class PluginProvider:
         # The class's own, SystemExit and KeyboardInterrupt too (a Ctrl-C while it loads stops
         # the worker as well, with this line): the user gets one line, the worker exits 2.
         except BaseException as exc:  # noqa: BLE001
-            # Without the secrets the class declares on itself, the only ones known yet: its
-            # error may be an upstream's quoting what it called (a URL with ?key=...), and this
-            # line is printed, by check-config too, where no log line's scrubbing reaches.
+            # Without the secrets it declares, on the class or set by __init__ before it
+            # raised: its error may be an upstream's quoting what it called (a URL with
+            # ?key=...), and this line is printed, by check-config too, where no log line's
+            # scrubbing reaches.
             from workers.base import scrub  # here only: workers.base loads httpx
 
-            shown = scrub(_shown(exc), _class_secrets(cls))
+            shown = scrub(_shown(exc), _secrets_before_made(cls, exc))
             raise ValueError(
                 f"{key}: {self.label} could not be made ({shown}); it is "
                 "called with its Settings when it declares them, else with nothing"
