@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import os
 import random
@@ -350,8 +351,60 @@ def tracer_provider_from_env(service_name: str, environ: Mapping[str, str] = os.
     for (
         exporter
     ) in classes:  # each reads its own settings: OTLP's OTEL_EXPORTER_OTLP_* endpoint, headers, ...
-        provider.add_span_processor(BatchSpanProcessor(exporter()))
+        provider.add_span_processor(BatchSpanProcessor(exporter(**_capped(exporter, "TRACES"))))
     return provider
+
+
+# What an OTLP/HTTP exporter reads of a collector's answer: an ExportTraceServiceResponse (or
+# a proxy's error page) is a few bytes, and the exporter only reads its status. `requests`
+# reads an answer whole into memory, each read bounded in time but not the answer: a
+# "collector" answering a body without end (a wrong endpoint, a proxy) grew a dispatcher by
+# 120 MB a second, to its OOM kill.
+MAX_COLLECTOR_ANSWER = 64 * 1024
+
+
+def _capped(exporter: type, signal: str) -> dict[str, Any]:
+    """The keyword arguments that make `exporter` read at most MAX_COLLECTOR_ANSWER of each
+    answer: a requests Session of its own, for an exporter that takes one (the OTLP/HTTP
+    ones). Nothing when a credential provider is configured: the SDK makes its session then."""
+    try:
+        takes_session = "session" in inspect.signature(exporter).parameters
+    except (TypeError, ValueError):  # no signature to read: built as it always was
+        return {}
+    credentials = (
+        "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+        f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal}_CREDENTIAL_PROVIDER",
+    )
+    if not takes_session or any(os.environ.get(name) for name in credentials):
+        return {}
+    import requests  # what the OTLP/HTTP exporters use: installed with them
+
+    session = requests.Session()
+    adapter = _capped_adapter(requests.adapters.HTTPAdapter)()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return {"session": session}
+
+
+def _capped_adapter(base: type) -> type:
+    class CappedAdapter(base):  # type: ignore[misc, valid-type]
+        """requests' HTTPAdapter that reads at most MAX_COLLECTOR_ANSWER of an answer, and
+        closes its connection when there was more (it cannot be reused then)."""
+
+        def send(self, request: Any, stream: bool = False, **kwargs: Any) -> Any:
+            response = super().send(request, stream=True, **kwargs)
+            body = bytearray()
+            try:
+                for chunk in response.iter_content(16 * 1024):
+                    body += chunk
+                    if len(body) > MAX_COLLECTOR_ANSWER:
+                        break
+            finally:
+                response.close()  # back to the pool when it was read to its end, else closed
+            response._content = bytes(body[:MAX_COLLECTOR_ANSWER])  # what .content gives
+            return response
+
+    return CappedAdapter
 
 
 # How long a stopping process waits for its spans and metrics to be exported: the SDK's own
@@ -404,7 +457,9 @@ def meter_provider_from_env(
         return None
     # An entry point may be a pull reader (e.g. Prometheus) rather than a push exporter.
     readers = [
-        cls() if issubclass(cls, MetricReader) else PeriodicExportingMetricReader(cls())
+        cls()
+        if issubclass(cls, MetricReader)
+        else PeriodicExportingMetricReader(cls(**_capped(cls, "METRICS")))
         for cls in classes
     ]
     return MeterProvider(

@@ -518,6 +518,60 @@ def test_a_collector_that_hangs_does_not_hold_a_stopping_process(nats_url, tmp_p
         hung.close()
 
 
+class _EndlessCollector(BaseHTTPRequestHandler):
+    """A "collector" answering each export 200 with a body that never ends (a wrong endpoint,
+    a proxy's stream)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        chunk = b"x" * 65536
+        try:
+            while True:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:  # the exporter hung up
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_a_collector_answering_without_end_does_not_grow_the_process(
+    nats_url, client, tmp_path
+):
+    """`requests` read an OTLP collector's answer whole: one answering a body without end grew
+    a dispatcher by 120 MB a second, to its OOM kill. An answer is read to 64 KiB at most."""
+    with serving(LocalHTTPServer(_EndlessCollector)) as collector:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+        }
+        service = Service(tmp_path, nats_url, config({"main": fake()}), env)
+        try:
+            dispatcher = service.dispatcher()
+            before = grown = _rss_kib(dispatcher.pid)
+            end = time.monotonic() + 3
+            while time.monotonic() < end and grown - before < 256 * 1024:
+                # Answered no_responders (no worker runs): spans all the same, to export.
+                replies = await asyncio.gather(*(ask(client, USER_HELLO) for _ in range(20)))
+                assert all(r.error is not None for r in replies)
+                grown = _rss_kib(dispatcher.pid)
+            assert grown - before < 64 * 1024, f"grew {(grown - before) // 1024} MiB"
+            assert "Failed to export" not in dispatcher.log()  # answered 200: exported
+        finally:
+            service.stop()
+
+
 def cancel_reasons(exporter) -> list[str]:
     """The lifeline.cancel.reason of every cancelled attempt span exported so far."""
     return [
