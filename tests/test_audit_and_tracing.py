@@ -572,6 +572,31 @@ async def test_a_collector_answering_without_end_does_not_grow_the_process(
             service.stop()
 
 
+async def test_a_clients_long_tracestate_never_fails_a_request_that_fits_without_it(
+    lifeline, client, exporter
+):
+    """A valid tracestate may be 8 KB (32 members); a request's size check keeps 1 KB for an
+    attempt's headers. A request that fit the NATS server with the client's tracestate failed
+    every attempt as bad_request ("shorten the messages") once the dispatcher's own headers
+    were added. Tracing is advisory: the tracestate is left behind, the trace goes on."""
+    await lifeline(config({"primary": fake(reply="hi")}))
+    traceparent = f"00-{0x1234:032x}-{0x5678:016x}-01"
+    headers = {
+        "traceparent": traceparent,
+        "tracestate": ",".join(f"k{i}={'v' * 240}" for i in range(32)),
+    }
+    header_bytes = len("NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+    empty = len(encoder.encode({"messages": [{"role": "user", "content": ""}]}))
+    room = client.max_payload - header_bytes - 64  # the client's message fits, just
+    request = encoder.encode({"messages": [{"role": "user", "content": "x" * (room - empty)}]})
+    reply = await ask(client, request, headers=headers)
+    assert reply.status == "ok", (reply.error, reply.attempts)
+    # Still one trace, the client's: the request's span, the attempt's, the worker's.
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["chat", "chat fake-1", "chat fake-1"]
+    assert {s.context.trace_id for s in spans} == {0x1234}
+
+
 def cancel_reasons(exporter) -> list[str]:
     """The lifeline.cancel.reason of every cancelled attempt span exported so far."""
     return [
