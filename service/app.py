@@ -590,9 +590,10 @@ async def start_worker(
     config: Config, name: str, url: NatsOptions | str, tracers: Tracing
 ) -> tuple[Component, WorkerRuntime]:
     from workers import testmode
-    from workers.base import HttpProvider, Scrubber
+    from workers.base import HttpProvider
     from workers.registry import build_provider
     from workers.runtime import WorkerRuntime
+    from workers.scrubbing import Scrubber
 
     settings = config.providers[name]
     # Fails here, before connecting, on a missing API key or a plug-in that does not load.

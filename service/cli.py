@@ -821,7 +821,7 @@ def _hide_otlp_secrets() -> None:
     """Every log line of a serving command without what its OTLP exporter settings hold that
     is secret: OpenTelemetry's SDK, which only they load, quotes them in its own lines."""
     from service import telemetry
-    from workers.base import Scrubber
+    from workers.scrubbing import Scrubber
 
     logs.hide(Scrubber(telemetry.otlp_secrets()))
 

@@ -48,7 +48,7 @@ _scrubbers: list[Callable[[str], str]] = []
 
 def hide(scrub: Callable[[str], str]) -> None:
     """Pass every log line of this process through `scrub` (a worker's credentials: its
-    provider's Scrubber, workers/base.py) from now on; a false one (nothing to hide) is left
+    provider's Scrubber, workers/scrubbing.py) from now on; a false one (nothing to hide) is left
     out."""
     if scrub:
         _scrubbers.append(scrub)

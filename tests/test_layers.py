@@ -61,6 +61,7 @@ def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
         "schemas.wire",
         "workers",
         "workers.base",
+        "workers.scrubbing",
         "workers.settings",
     ]
     assert loaded_by("import workers.base") == expected
@@ -76,6 +77,7 @@ def test_a_model_class_s_import_loads_the_wire_and_no_http_client_nats_or_teleme
         "schemas.wire",
         "workers",
         "workers.plugin",
+        "workers.scrubbing",
         "workers.settings",
     ]
     code = (

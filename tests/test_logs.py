@@ -11,7 +11,7 @@ import pytest
 from helpers import run_lifeline
 
 from service import logs
-from workers.base import Scrubber
+from workers.scrubbing import Scrubber
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 

@@ -32,15 +32,10 @@ from schemas import ChatMessage, ProviderOk, ProviderRequest
 from schemas.wire import ERROR_KINDS, ToolCall, ToolCallDelta, classify_status
 from workers.anthropic import AnthropicProvider, AnthropicSettings
 from workers.azure_openai import AzureOpenAIProvider, AzureOpenAISettings
-from workers.base import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    HttpProvider,
-    ProviderError,
-    Scrubber,
-    scrub,
-)
+from workers.base import DEFAULT_MAX_RESPONSE_BYTES, HttpProvider, ProviderError
 from workers.fake import FakeProvider, FakeSettings
 from workers.openai import OpenAIProvider, OpenAISettings
+from workers.scrubbing import Scrubber, scrub
 
 MiB = 1024 * 1024
 REQUEST = ProviderRequest(id="r1", messages=[ChatMessage("user", "Hello!")])

@@ -76,6 +76,7 @@ from msgspec import Meta
 from schemas import ProviderOk, ProviderRequest, Usage
 from schemas.errors import ProviderError
 from schemas.wire import FinishReason, ToolCall, ToolCallDelta, delta_bytes
+from workers.scrubbing import scrub
 from workers.settings import ProviderSettings
 
 __all__ = [
@@ -340,8 +341,6 @@ class PluginProvider:
             # raised: its error may be an upstream's quoting what it called (a URL with
             # ?key=...), and this line is printed, by check-config too, where no log line's
             # scrubbing reaches.
-            from workers.base import scrub  # here only: workers.base loads httpx
-
             shown = scrub(_shown(exc), _secrets_before_made(cls, exc))
             raise ValueError(
                 f"{key}: {self.label} could not be made ({shown}); it is "

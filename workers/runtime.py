@@ -60,7 +60,8 @@ from service.natsio import (
     publish_now,
     stop_taking,
 )
-from workers.base import Provider, ProviderError, Scrubber
+from workers.base import Provider, ProviderError
+from workers.scrubbing import Scrubber
 
 log = logging.getLogger("lifeline.worker")
 
