@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -166,9 +168,14 @@ async def connect(
     kwargs = options.connect_kwargs()
     connected = False
     told_undiscoverable = False
+    # A service says so; a client (ask, audit --follow, ...) as before, only when debugging.
+    slow = _SlowConsumerDrops(name, logging.WARNING if wait_for_server else logging.DEBUG)
 
     async def on_error(exc: Exception) -> None:
         nonlocal told_undiscoverable
+        if isinstance(exc, nats.errors.SlowConsumerError):  # first: one per message dropped
+            slow.drop(exc)
+            return
         if not connected and (_is_auth_refusal(exc) or _is_tls_refusal(exc)):
             raise _Refused(exc)  # out of nats-py's first-connect loop, which would retry
         if _is_service_api_refusal(exc):  # one per $SRV subject: say it once, and what to do
@@ -259,6 +266,35 @@ async def connect(
     if watch is not None:
         watch.nc = nc
     return nc
+
+
+class _SlowConsumerDrops:
+    """Messages nats-py dropped for a subscription's full queue (a flood on llm.jobs.result or
+    $SRV.*), told at most once a minute. nats-py calls the error callback for each one, in its
+    read: logging each (a LogRecord, and the checks above, every one a str() of the error) cost
+    ~30 us, and a flood of 450,000 on llm.jobs.result held the dispatcher's reads for seconds:
+    its requests answered 15 s late, its health bucket and results reads timed out."""
+
+    def __init__(self, name: str, level: int) -> None:
+        self.name, self.level = name, level
+        self.dropped = 0
+        self._since = 0
+        self._told_at = -math.inf
+
+    def drop(self, exc: nats.errors.SlowConsumerError) -> None:
+        self.dropped += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._told_at >= 60.0:
+            log.log(
+                self.level,
+                "%s: dropped %d message(s) that came faster than their subscription handled "
+                "them (the last on %s); their senders get no answer",
+                self.name,
+                self._since,
+                exc.subject,
+            )
+            self._told_at, self._since = now, 0
 
 
 # How a connection the server closes shows in nats-py, and what that can mean.

@@ -4,6 +4,7 @@ dispatcher says of a server whose max_payload is small."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
@@ -16,6 +17,7 @@ from schemas.wire import MAX_ID_LENGTH, clipped, encoder, message_bytes, salvage
 from service.app import start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats, redact_url
+from service.natsio import ensure_subscribed
 from service.transport import _fitting, fitted
 
 HEADERS = {
@@ -187,3 +189,38 @@ async def test_a_dispatcher_on_a_server_with_a_small_max_payload_says_so_at_star
     await stack.stop()
     [said] = [r.getMessage() for r in caplog.records if "max_payload is" in r.getMessage()]
     assert "max_payload is 4096 bytes" in said and "raise max_payload" in said
+
+
+async def test_a_flood_past_a_subscriptions_queue_is_told_not_logged_per_message(nats_url, caplog):
+    """nats-py calls the error callback for every message it drops from a full subscription
+    queue, in its read: logging each one (a record and several str() of the error, ~30 us) held
+    a dispatcher's reads for seconds under a flood on llm.jobs.result, its requests answered
+    15 s late and its health bucket lost. The drops are counted and told once a minute."""
+    from service.app import connect
+
+    nc = await connect(nats_url, "flooded")
+    sender = await nats.connect(nats_url)
+    try:
+        stuck = asyncio.Event()
+
+        async def never_done(msg):
+            await stuck.wait()
+
+        await nc.subscribe("side.subject", cb=never_done, pending_msgs_limit=10)
+        await ensure_subscribed(nc)
+        with caplog.at_level(logging.WARNING, logger="lifeline"):
+            for _ in range(5000):
+                await sender.publish("side.subject", b"x")
+            await ensure_subscribed(sender)
+            await ensure_subscribed(nc)  # every message read, so every drop told
+            stuck.set()
+        told = [
+            r
+            for r in caplog.records
+            if "dropped" in r.getMessage() or "SlowConsumer" in r.getMessage()
+        ]
+        assert len(told) == 1, f"{len(told)} log records for one flood"
+        assert "side.subject" in told[0].getMessage()
+    finally:
+        await sender.close()
+        await nc.close()
