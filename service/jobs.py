@@ -36,6 +36,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -70,7 +71,7 @@ from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
 from service.jobstore import ensure_jobs, max_value_of, results_max_value
 from service.loop import cancel_and_wait
-from service.natsio import deliveries_keep_no_status, publish_checked
+from service.natsio import deliveries_keep_no_status, fast_path, publish_checked
 from service.routing import Rejected
 from service.transport import ClientStream, as_error, fitted
 
@@ -85,6 +86,13 @@ _FETCH_MAX_BYTES = 16 * 1024 * 1024
 _FETCH_MAX_JOBS = 64
 _RETRY_DELAY_S = 5.0  # before a job whose handling failed by a bug is delivered again
 _OP_TIMEOUT_S = 5.0
+# llm.jobs.result: lookups run at once, each a KV round trip, and asks held waiting for one;
+# past that an ask is dropped as it is read (its asker times out, as it would behind the
+# backlog). One at a time behind nats-py's queue (524,288 asks), a flood of 200,000 took 55 s
+# and +73 MiB to answer, a real asker behind it timing out; of 1,000,000, the queue's drops (a
+# coroutine and an error callback each) held the dispatcher's reads: requests 15 s late.
+_RESULT_LOOKUPS = 64
+_RESULT_BACKLOG = 4096
 _CANCELLED_WAIT_S = 1.0  # for jobs cancelled at stop to tell their workers and end their spans
 _KV_HEADER_ROOM = 1024  # a KV write's headers (expected last sequence, and what JetStream adds)
 # A KV write's own headers, which a bucket's max value size counts with the value (52 bytes
@@ -351,6 +359,10 @@ class Jobs:
         self._remade_at = 0.0
         self._sub: Any = None
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
+        self._lookups: set[asyncio.Task[None]] = set()  # llm.jobs.result's, _RESULT_LOOKUPS at most
+        self._asks: collections.deque[Msg] = collections.deque()  # waiting for a lookup
+        self.asks_dropped = 0  # llm.jobs.result asks past _RESULT_BACKLOG
+        self._told_dropped_at = -math.inf
         # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
         # _pull), which its heartbeats and its ack go to.
         self._running: dict[tuple[int, Any], list[Msg]] = {}
@@ -395,19 +407,49 @@ class Jobs:
         except Exception as exc:  # noqa: BLE001 - nats-py: no JetStream answers with many types
             return jetstream.hint(exc, self.replicas)
         if self._results_sub is None:
-            self._results_sub = await self.nc.subscribe(
-                subjects.JOBS_RESULT, queue=subjects.JOBS_RESULT_QUEUE, cb=self._on_result_asked
+            # Read as llm.complete is (no coroutine per message): a flood costs its reads little.
+            self._results_sub = await fast_path(self.nc).subscribe(
+                subjects.JOBS_RESULT, self._on_result_asked, queue=subjects.JOBS_RESULT_QUEUE
             )
         log.info("jobs: taking jobs from %s (stream %s)", subjects.JOBS_SUBMIT, s.stream)
         return None
 
-    async def _on_result_asked(self, msg: Msg) -> None:
+    def _on_result_asked(self, msg: Msg) -> None:
         """llm.jobs.result: the result stored for the job id in the body, or an empty body.
         Not on a reply subject of Lifeline's or the server's: a dispatcher may write there (a
         result into another job's key, an event into the audit stream, a JetStream API
         request), and an asker may name any subject."""
         if not msg.reply or self.kv is None or subjects.reply_subject_refused(msg.reply):
             return
+        if len(self._lookups) < _RESULT_LOOKUPS:
+            self._start_lookup(msg)
+        elif len(self._asks) < _RESULT_BACKLOG:
+            self._asks.append(msg)
+        else:  # its asker times out, as it would have behind the backlog
+            self.asks_dropped += 1
+            now = time.monotonic()
+            if now - self._told_dropped_at >= 60.0:
+                self._told_dropped_at = now
+                log.warning(
+                    "jobs: %d ask(s) on %s dropped so far: they came faster than results are "
+                    "read (%d at once, %d waiting)",
+                    self.asks_dropped,
+                    subjects.JOBS_RESULT,
+                    _RESULT_LOOKUPS,
+                    _RESULT_BACKLOG,
+                )
+
+    def _start_lookup(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._look_up(msg))
+        self._lookups.add(task)
+        task.add_done_callback(self._looked_up)
+
+    def _looked_up(self, task: asyncio.Task[None]) -> None:
+        self._lookups.discard(task)
+        if self._asks:
+            self._start_lookup(self._asks.popleft())
+
+    async def _look_up(self, msg: Msg) -> None:
         job_id = msg.data.decode("utf-8", "replace")  # whole: a prefix could name another
         try:
             stored = await self._stored(subjects.job_key(job_id)) if job_id else None
@@ -448,6 +490,9 @@ class Jobs:
                     await one.unsubscribe()
                 except (nats.errors.Error, nats.js.errors.Error) as exc:
                     log.debug("jobs: unsubscribing: %s", exc)
+        self._asks.clear()  # not looked up: their askers time out
+        if self._lookups:  # their askers wait for them; each is one KV read, bounded by its timeout
+            await asyncio.wait(set(self._lookups), timeout=_OP_TIMEOUT_S + 1)
 
     @property
     def in_flight(self) -> int:

@@ -9,9 +9,9 @@ import logging
 
 import nats
 import pytest
-from helpers import config, fake
+from helpers import Service, config, fake
 
-from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo
+from schemas import Attempt, AuditEvent, CompletionReply, ErrorInfo, subjects
 from schemas.subjects import reply_subject_refused
 from schemas.wire import MAX_ID_LENGTH, clipped, encoder, message_bytes, salvage_id
 from service.app import start_stack
@@ -224,3 +224,40 @@ async def test_a_flood_past_a_subscriptions_queue_is_told_not_logged_per_message
     finally:
         await sender.close()
         await nc.close()
+
+
+async def test_a_flood_of_result_asks_is_bounded_and_a_real_ask_still_answered(nats_url, tmp_path):
+    """llm.jobs.result: each ask is a KV read. One at a time, 200,000 asks (unknown ids, as fast
+    as one client publishes) were queued whole in the dispatcher (+73 MiB) and answered over
+    55 s, long after their askers gave up, and a real ask behind them timed out. Now lookups run
+    side by side, and asks beyond a bounded backlog are dropped as they come."""
+    service = Service(tmp_path, nats_url, config({"a": fake()}))
+    try:
+        dispatcher = service.dispatcher()
+        before = dispatcher.memory_kib()["VmRSS"]
+        flooder = await nats.connect(nats_url)
+        asker = await nats.connect(nats_url)
+        try:
+            sink = flooder.new_inbox()
+            for n in range(200_000):
+                await flooder.publish(subjects.JOBS_RESULT, b"unknown-%d" % n, reply=sink)
+            await ensure_subscribed(flooder)
+
+            # An ask made while the backlog is full is dropped, as a flood's are: its asker asks
+            # again. Generous: answered within seconds here; behind the whole flood, after 55 s.
+            async def answered() -> bytes:
+                while True:
+                    try:
+                        return (await asker.request(subjects.JOBS_RESULT, b"a-job", timeout=2)).data
+                    except nats.errors.TimeoutError:
+                        continue
+
+            assert await asyncio.wait_for(answered(), 30) == b""  # no such job
+        finally:
+            await flooder.close()
+            await asker.close()
+        grown_mib = (dispatcher.memory_kib()["VmHWM"] - before) / 1024
+        assert grown_mib < 40, f"the dispatcher grew {grown_mib:.0f} MiB for a flood of asks"
+        assert "Traceback" not in dispatcher.log()
+    finally:
+        service.stop()
