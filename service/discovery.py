@@ -22,9 +22,13 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
+import logging
+import math
 import os
 import secrets
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Annotated, Any, NamedTuple
@@ -35,9 +39,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import subjects
-from service.natsio import ensure_subscribed
+from service.loop import cancel_and_wait
+from service.natsio import ensure_subscribed, fast_path
+
+log = logging.getLogger("lifeline.discovery")
 
 _TYPE = "io.nats.micro.v1.{}_response"
+# Service API requests held waiting for their answer; past it one is dropped as it is read (its
+# asker collects answers for a moment, and a flood's are stale long before they are answered).
+# Through nats-py (a coroutine per message read, its queue of 524,288 a subscription, answered
+# one after another without a yield), 600,000 pings held a dispatcher's loop: its requests on
+# llm.complete answered 17 s late, its health bucket's reads timed out.
+_BACKLOG = 1024
 
 
 class Endpoint(NamedTuple):
@@ -173,10 +186,14 @@ class Responder:
         self.version = version()
         self.started = datetime.now(UTC)
         self._subs: list[Subscription] = []
+        self._waiting: deque[Msg] = deque()  # asked, not yet answered: _BACKLOG at most
+        self._answering: asyncio.Task[None] | None = None
+        self.dropped = 0  # asks past _BACKLOG
+        self._told_dropped_at = -math.inf
 
     async def start(self) -> None:
         for subject in subjects.service_api_subjects(self.name, self.id):
-            self._subs.append(await self.nc.subscribe(subject, cb=self._answer))
+            self._subs.append(await fast_path(self.nc).subscribe(subject, self._asked))
         await ensure_subscribed(self.nc)
 
     async def stop(self) -> None:
@@ -184,6 +201,37 @@ class Responder:
         for sub in subs:
             with contextlib.suppress(Exception):  # a closed connection has nothing to drop
                 await sub.unsubscribe()
+        self._waiting.clear()
+        if self._answering is not None:
+            await cancel_and_wait(self._answering)
+
+    def _asked(self, msg: Msg) -> None:
+        """Called in the read: kept for `_answer_waiting`, or dropped past _BACKLOG."""
+        if not msg.reply or subjects.reply_subject_refused(msg.reply) is not None:
+            return  # never answered (see _answer): no room taken
+        if len(self._waiting) >= _BACKLOG:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._told_dropped_at >= 60.0:
+                self._told_dropped_at = now
+                log.warning(
+                    "%s: %d service API request(s) ($SRV) dropped so far: they came faster than "
+                    "they were answered (%d waiting at most)",
+                    self.name,
+                    self.dropped,
+                    _BACKLOG,
+                )
+            return
+        self._waiting.append(msg)
+        if self._answering is None or self._answering.done():
+            self._answering = asyncio.create_task(self._answer_waiting())
+
+    async def _answer_waiting(self) -> None:
+        while self._waiting:
+            await self._answer(self._waiting.popleft())
+            # nats-py's publish does not yield: without this a backlog is answered in one go,
+            # and nothing else on this loop (a dispatcher's requests) runs meanwhile.
+            await asyncio.sleep(0)
 
     async def _answer(self, msg: Msg) -> None:
         verb = msg.subject.split(".")[1]
