@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -268,33 +266,28 @@ async def connect(
     return nc
 
 
-class _SlowConsumerDrops:
+class _SlowConsumerDrops(natsio.Drops):
     """Messages nats-py dropped for a subscription's full queue (a flood on llm.jobs.result or
-    $SRV.*), told at most once a minute. nats-py calls the error callback for each one, in its
-    read: logging each (a LogRecord, and the checks above, every one a str() of the error) cost
-    ~30 us, and a flood of 450,000 on llm.jobs.result held the dispatcher's reads for seconds:
-    its requests answered 15 s late, its health bucket and results reads timed out."""
+    $SRV.*). nats-py calls the error callback for each one, in its read: logging each (a
+    LogRecord, and the checks of on_error, every one a str() of the error) cost ~30 us, and a
+    flood of 450,000 on llm.jobs.result held the dispatcher's reads for seconds: its requests
+    answered 15 s late, its health bucket and results reads timed out."""
 
     def __init__(self, name: str, level: int) -> None:
+        super().__init__()
         self.name, self.level = name, level
-        self.dropped = 0
-        self._since = 0
-        self._told_at = -math.inf
 
-    def drop(self, exc: nats.errors.SlowConsumerError) -> None:
-        self.dropped += 1
-        self._since += 1
-        now = time.monotonic()
-        if now - self._told_at >= 60.0:
+    def drop(self, exc: nats.errors.SlowConsumerError) -> None:  # type: ignore[override]
+        since = super().drop()
+        if since is not None:
             log.log(
                 self.level,
                 "%s: dropped %d message(s) that came faster than their subscription handled "
                 "them (the last on %s); their senders get no answer",
                 self.name,
-                self._since,
+                since,
                 exc.subject,
             )
-            self._told_at, self._since = now, 0
 
 
 # How a connection the server closes shows in nats-py, and what that can mean.

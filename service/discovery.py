@@ -23,11 +23,9 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import secrets
 import socket
-import time
 from collections import deque
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
@@ -40,7 +38,7 @@ from nats.aio.subscription import Subscription
 
 from schemas import subjects
 from service.loop import cancel_and_wait
-from service.natsio import ensure_subscribed, fast_path
+from service.natsio import Drops, ensure_subscribed, fast_path
 
 log = logging.getLogger("lifeline.discovery")
 
@@ -188,8 +186,7 @@ class Responder:
         self._subs: list[Subscription] = []
         self._waiting: deque[Msg] = deque()  # asked, not yet answered: _BACKLOG at most
         self._answering: asyncio.Task[None] | None = None
-        self.dropped = 0  # asks past _BACKLOG
-        self._told_dropped_at = -math.inf
+        self._dropped = Drops()  # asks past _BACKLOG
 
     async def start(self) -> None:
         for subject in subjects.service_api_subjects(self.name, self.id):
@@ -210,15 +207,12 @@ class Responder:
         if not msg.reply or subjects.reply_subject_refused(msg.reply) is not None:
             return  # never answered (see _answer): no room taken
         if len(self._waiting) >= _BACKLOG:
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._told_dropped_at >= 60.0:
-                self._told_dropped_at = now
+            if self._dropped.drop() is not None:
                 log.warning(
                     "%s: %d service API request(s) ($SRV) dropped so far: they came faster than "
                     "they were answered (%d waiting at most)",
                     self.name,
-                    self.dropped,
+                    self._dropped.dropped,
                     _BACKLOG,
                 )
             return

@@ -36,7 +36,6 @@ import collections
 import contextlib
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -71,7 +70,7 @@ from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
 from service.jobstore import ensure_jobs, max_value_of, results_max_value
 from service.loop import cancel_and_wait
-from service.natsio import deliveries_keep_no_status, fast_path, publish_checked
+from service.natsio import Drops, deliveries_keep_no_status, fast_path, publish_checked
 from service.routing import Rejected
 from service.transport import ClientStream, as_error, fitted
 
@@ -361,8 +360,7 @@ class Jobs:
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
         self._lookups: set[asyncio.Task[None]] = set()  # llm.jobs.result's, _RESULT_LOOKUPS at most
         self._asks: collections.deque[Msg] = collections.deque()  # waiting for a lookup
-        self.asks_dropped = 0  # llm.jobs.result asks past _RESULT_BACKLOG
-        self._told_dropped_at = -math.inf
+        self._asks_dropped = Drops()  # llm.jobs.result asks past _RESULT_BACKLOG
         # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
         # _pull), which its heartbeats and its ack go to.
         self._running: dict[tuple[int, Any], list[Msg]] = {}
@@ -425,19 +423,15 @@ class Jobs:
             self._start_lookup(msg)
         elif len(self._asks) < _RESULT_BACKLOG:
             self._asks.append(msg)
-        else:  # its asker times out, as it would have behind the backlog
-            self.asks_dropped += 1
-            now = time.monotonic()
-            if now - self._told_dropped_at >= 60.0:
-                self._told_dropped_at = now
-                log.warning(
-                    "jobs: %d ask(s) on %s dropped so far: they came faster than results are "
-                    "read (%d at once, %d waiting)",
-                    self.asks_dropped,
-                    subjects.JOBS_RESULT,
-                    _RESULT_LOOKUPS,
-                    _RESULT_BACKLOG,
-                )
+        elif self._asks_dropped.drop() is not None:  # its asker times out, as behind the backlog
+            log.warning(
+                "jobs: %d ask(s) on %s dropped so far: they came faster than results are "
+                "read (%d at once, %d waiting)",
+                self._asks_dropped.dropped,
+                subjects.JOBS_RESULT,
+                _RESULT_LOOKUPS,
+                _RESULT_BACKLOG,
+            )
 
     def _start_lookup(self, msg: Msg) -> None:
         task = asyncio.create_task(self._look_up(msg))

@@ -415,27 +415,42 @@ def header_block(headers: dict[str, str]) -> bytes | None:
     return b"".join(parts)
 
 
-class _Unreadable:
-    """Messages dropped as unreadable, told at most once a minute."""
+class Drops:
+    """Messages dropped, each counted, told at most once a minute: a flood (unreadable frames,
+    a full subscription's queue, asks past a backlog) must cost a count each, not a log line
+    each, which held a dispatcher's reads for seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 60.0) -> None:
         self.dropped = 0
-        self._told_at = -math.inf
+        self.every_s = every_s
         self._since = 0
+        self._told_at = -math.inf
 
-    def drop(self, exc: Exception) -> None:
+    def drop(self) -> int | None:
+        """Count one; the number dropped since the last telling when it is time to tell again
+        (the caller says it), else None."""
         self.dropped += 1
         self._since += 1
         now = time.monotonic()
-        if now - self._told_at >= 60.0:
+        if now - self._told_at < self.every_s:
+            return None
+        since, self._told_at, self._since = self._since, now, 0
+        return since
+
+
+class _Unreadable(Drops):
+    """Messages dropped as unreadable."""
+
+    def drop(self, exc: Exception) -> None:  # type: ignore[override]
+        since = super().drop()
+        if since is not None:
             log.warning(
                 "dropped %d message(s) nats-py cannot read (the last: %s: %s); a client or a "
                 "worker publishes bytes that are not NATS text",
-                self._since,
+                since,
                 type(exc).__name__,
                 str(exc)[:200],
             )
-            self._told_at, self._since = now, 0
 
 
 _unreadable = _Unreadable()
