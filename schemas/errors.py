@@ -22,6 +22,7 @@ Routes, targets and breakers name failures by kind or by HTTP status (`fallback_
 from __future__ import annotations
 
 import difflib
+import math
 from typing import NamedTuple
 
 
@@ -142,6 +143,20 @@ def kind_or_status_problem(entry: object) -> str | None:
     if close:  # as an unknown key is answered (service/config.py)
         return f"unknown error kind {entry!r} (did you mean {close[0]!r}?); known: {known}"
     return f"unknown error kind {entry!r} (known: {known})"
+
+
+# The longest wait a failed call may ask for (retry_after_s), as long as a breaker's longest
+# cooldown (service.health.COOLDOWN_MAX_S): a Retry-After of years (a date in 9999, 1e306 s)
+# is passed on as this, so no client is told to wait years and no figure overflows.
+RETRY_AFTER_MAX_S = 3600.0
+
+
+def bounded_retry_after(seconds: float) -> float | None:
+    """A Retry-After in seconds as a failure carries it: at most RETRY_AFTER_MAX_S, None for
+    one that is no wait (nan, inf, negative)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, RETRY_AFTER_MAX_S)
 
 
 class ProviderError(Exception):

@@ -363,6 +363,7 @@ class LooseModelErrors(Model):
             "status_bool": lambda: ModelError("rate_limit", "busy", status_code=True),
             "kind_int": lambda: ModelError(429, "busy"),  # type: ignore[arg-type]
             "huge": lambda: ModelError("rate_limit", "x" * 2_000_000, retry_after_s=2),
+            "retry_years": lambda: ModelError("rate_limit", "busy", retry_after_s=1e306),
         }
         if text == "usage":
             return Answer(text="hi", usage=Usage(input_tokens=-1, output_tokens=3))

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import nats
 import pytest
@@ -37,11 +38,11 @@ from schemas.wire import encoder
 
 class FakeOpenAI(LocalHTTPServer):
     """Answers POST /v1/chat/completions from a script: ("ok", text) | (status, message or the
-    whole error object) | ("hang", s) | ("slow", s): "hi" after s seconds."""
+    whole error object[, headers]) | ("hang", s) | ("slow", s): "hi" after s seconds."""
 
     def __init__(self) -> None:
         super().__init__(_Handler)
-        self.script: list[tuple[object, object]] = []
+        self.script: list[tuple[Any, ...]] = []
         self.requests: list[dict] = []
         self.finished_hangs = 0
 
@@ -58,7 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append(
             {"path": self.path, "headers": dict(self.headers), "body": body}
         )
-        action, arg = self.server.script.pop(0) if self.server.script else ("ok", "hi")
+        action, arg, *headers = self.server.script.pop(0) if self.server.script else ("ok", "hi")
         if action == "hang":
             time.sleep(float(arg))  # type: ignore[arg-type]
             self.server.finished_hangs += 1
@@ -70,12 +71,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _completion(str(arg), body["model"]))
         else:
             error = arg if isinstance(arg, dict) else _error(str(arg))
-            self._send(int(action), {"error": error})  # type: ignore[call-overload]
+            self._send(int(action), {"error": error}, *headers)  # type: ignore[call-overload]
 
-    def _send(self, status: int, payload: dict) -> None:
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -139,6 +142,34 @@ async def test_an_http_429_falls_back_with_the_providers_message(lifeline, clien
     failed = reply.attempts[0]
     assert (failed.error_type, failed.status_code) == ("rate_limit", 429)
     assert "Rate limit reached" in (failed.message or "")
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "1e306"}, 3600.0),
+        ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, 3600.0),
+        ({"retry-after-ms": "1e300", "retry-after": "2"}, 3600.0),
+        ({"retry-after": "-5"}, None),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "NaN"}, None),
+        ({"retry-after": "in a while"}, None),
+        ({"retry-after": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),
+    ],
+    ids=["1e306", "year-9999", "huge-ms", "negative", "inf", "nan", "words", "year-99999"],
+)
+async def test_a_providers_retry_after_reaches_the_client_at_most_an_hour(
+    lifeline, client, http_server, headers, seconds
+):
+    """A Retry-After of years (or 1e306 seconds) came through as it was: a client told to wait
+    that long, and the gateway's 429 failed to be written (round(1e306 * 1000) overflows).
+    It is bounded by the longest breaker cooldown, an hour; nonsense says nothing."""
+    await lifeline(config({"local": openai_at(http_server)}))
+    http_server.script = [(429, "Rate limit reached for requests", headers)]
+    reply = await ask(client, USER_HELLO)
+    assert reply.error is not None and reply.error.type == "all_failed"
+    assert reply.error.retry_after_s == seconds
+    assert (reply.attempts[0].error_type, reply.attempts[0].status_code) == ("rate_limit", 429)
 
 
 @pytest.mark.parametrize("echoed", [0, 100_000], ids=["short", "over-64-kib"])

@@ -513,6 +513,7 @@ async def test_an_answer_of_the_wrong_shape_is_refused_naming_the_field(
         ("status_bool", "rate_limit", None, None),
         ("kind_int", "server_error", None, None),
         ("huge", "rate_limit", None, 2.0),
+        ("retry_years", "rate_limit", None, 3600.0),  # at most an hour (RETRY_AFTER_MAX_S)
     ],
 )
 async def test_a_model_error_with_loosely_typed_fields_still_reaches_the_dispatcher_with_its_kind(

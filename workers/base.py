@@ -40,7 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from schemas import ProviderOk, ProviderRequest
 
 # The one exception type and status mapping of providers, re-exported for the provider modules.
-from schemas.errors import ProviderError, classify_status
+from schemas.errors import ProviderError, bounded_retry_after, classify_status
 from schemas.wire import ToolCallDelta, delta_bytes
 from workers.scrubbing import scrub
 
@@ -100,14 +100,15 @@ def redact(error: ProviderError, secrets: Iterable[str]) -> ProviderError:
 
 def retry_after_s(response: httpx.Response) -> float | None:
     """The Retry-After header in seconds, given as seconds or as an HTTP date (RFC 9110; a
-    date past is 0); None without one, or for one that is neither, nan, inf or negative.
+    date past is 0), at most RETRY_AFTER_MAX_S; None without one, or for one that is neither,
+    nan, inf or negative.
 
     Azure's retry-after-ms comes first when it holds a number: it is the finer of the two it
     sends, and the one the OpenAI and Azure SDKs wait by."""
     with suppress(ValueError):
         milliseconds = float(response.headers.get("retry-after-ms", "nan"))
-        if math.isfinite(milliseconds) and milliseconds >= 0:
-            return milliseconds / 1000
+        if (seconds := bounded_retry_after(milliseconds / 1000)) is not None:
+            return seconds
     value = response.headers.get("retry-after")
     if value is None:
         return None
@@ -120,8 +121,8 @@ def retry_after_s(response: httpx.Response) -> float | None:
             return None
         if when.tzinfo is None:  # -0000: UTC, said so by RFC 5322
             when = when.replace(tzinfo=datetime.UTC)
-        return max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+        seconds = max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
+    return bounded_retry_after(seconds)
 
 
 def error_body(response: httpx.Response) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Generator
@@ -35,7 +34,7 @@ from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
-from schemas.errors import timeout_message
+from schemas.errors import bounded_retry_after, timeout_message
 from schemas.streaming import TOOL_CALL, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
@@ -776,8 +775,8 @@ def _failure(exc: ProviderError) -> ProviderFailure:
     if status is not None and not 100 <= status <= 599:
         status = None
     after = _number(exc.retry_after_s, float)
-    if after is not None and not (math.isfinite(after) and after >= 0):
-        after = None
+    if after is not None:
+        after = bounded_retry_after(after)
     return ProviderFailure(kind, message, status, after)
 
 
