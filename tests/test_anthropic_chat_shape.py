@@ -624,6 +624,26 @@ def test_a_tool_input_streamed_in_many_small_pieces_is_held_in_about_its_own_siz
     assert ok.tool_calls == [ToolCall("toolu_01", "get_digits", text)]
 
 
+@pytest.mark.parametrize("second", ["tool_use", "text"])
+async def test_a_block_started_at_an_index_a_tool_call_holds_fails_the_answer(make, second):
+    """Each content block has an index of its own (its place in the message's content). A
+    second tool_use block started at the index of the first replaced it: the first call was
+    lost from the answer (though streamed on), and the deltas that followed were no one's.
+    Such a stream is malformed, as other unexpected events: a server_error, to fall back on."""
+    events = stream_events(more_blocks=1)
+    [start] = [e for e in events if e["type"] == "content_block_start" and e["index"] == 2]
+    start["index"] = 1
+    if second == "text":
+        start["content_block"] = {"type": "text", "text": ""}
+    with pytest.raises(ProviderError) as failed:
+        await stream(make, events)
+    assert (failed.value.kind, failed.value.status_code) == ("server_error", 200)
+    assert failed.value.message == (
+        "provider sent an unexpected stream event: a content block started at index 1, "
+        "which a tool_use block already has"
+    )
+
+
 async def test_a_streamed_answer_cut_by_max_tokens_finishes_with_length(make):
     _, ok = await stream(make, stream_events(stop_reason="max_tokens"))
     assert ok.finish_reason == "length"

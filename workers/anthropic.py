@@ -655,7 +655,12 @@ class MessageStream:
 
     def _block(self, index: int | None, block: _Block) -> Delta | None:
         """A block's start: a text block's first text (normally ""), or a tool call begun.
-        Other blocks (thinking, server tools) are no part of the answer, as in parse_message."""
+        Other blocks (thinking, server tools) are no part of the answer, as in parse_message.
+        Each block has an index of its own: one started at a tool call's would replace it."""
+        if index in self.calls:
+            raise self._unexpected(
+                f"a content block started at index {index}, which a tool_use block already has"
+            )
         self.said = True
         if block.type == "text":
             return self.unrepeated(block.text) if self.unrepeated and block.text else block.text
