@@ -458,6 +458,62 @@ async def test_what_a_provider_sends_past_an_answer_never_answers_the_next_call(
         await server.wait_closed()
 
 
+_UNAUTHORIZED = (
+    b'{"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "then", "kind"),
+    [
+        (401, "close", "auth"),
+        (413, "close", "bad_request"),
+        (401, "stop reading", "auth"),
+    ],
+)
+async def test_a_provider_answering_before_reading_a_large_request_is_heard(status, then, kind):
+    """A server that answers from the request's head (a bad key, a body too large) and closes,
+    or stops reading, before the body is in: httpcore wrote the whole body before reading
+    anything, so the answer was lost (the close resets the connection: `connection`) or never
+    read (the write waited until the deadline: `timeout`). It is read as soon as it comes,
+    and the writing stops, as RFC 9112 asks of a client sending a body (section 9.5)."""
+    import msgspec
+
+    from workers.base import ProviderError
+    from workers.openai import OpenAIProvider, OpenAISettings
+
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer), contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the head only
+            writer.write(
+                f"HTTP/1.1 {status} Nope\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(_UNAUTHORIZED)}\r\nconnection: close\r\n\r\n".encode()
+                + _UNAUTHORIZED
+            )
+            await writer.drain()
+            if then == "stop reading":
+                await done.wait()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = {"kind": "openai", "model": "m", "api_key_env": ""}
+    settings["base_url"] = f"http://127.0.0.1:{port}/v1"
+    provider = OpenAIProvider(msgspec.convert(settings, OpenAISettings))
+    large = ProviderRequest(id="r", messages=[ChatMessage("user", "x" * (8 << 20))])
+    try:
+        with pytest.raises(ProviderError) as failed:
+            await provider.complete(large, timeout_s=3)
+        assert (failed.value.kind, failed.value.status_code) == (kind, status)
+        assert "Incorrect API key provided" in failed.value.message
+    finally:
+        done.set()
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_worker_out_of_file_descriptors_says_so_and_which_limit_to_raise(
     lifeline, client, http_server, nats_url, tmp_path
 ):

@@ -61,6 +61,7 @@ def test_a_provider_authors_import_loads_the_wire_and_nothing_of_the_service():
         "schemas.wire",
         "workers",
         "workers.base",
+        "workers.early_answers",
         "workers.scrubbing",
         "workers.settings",
     ]

@@ -42,6 +42,7 @@ from schemas import ProviderOk, ProviderRequest
 # The one exception type and status mapping of providers, re-exported for the provider modules.
 from schemas.errors import ProviderError, bounded_retry_after, classify_status
 from schemas.wire import ToolCallDelta, delta_bytes
+from workers.early_answers import EarlyAnswers
 from workers.scrubbing import scrub
 
 # The keys every provider table accepts, in a module of their own so that a plug-in's import
@@ -346,11 +347,17 @@ def http_client(
     Its pool takes as many connections as the worker takes calls (max_in_flight): a call
     admitted must not then wait for a connection until its deadline, a timeout that would
     count against a healthy provider; the worker's admission is the one limit."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    # An answer sent before the body is all written is read (workers/early_answers.py): httpx
+    # takes no network backend, so its pool's is set (tests/test_http_providers.py pins it).
+    transport._pool._network_backend = EarlyAnswers()
     return httpx.AsyncClient(
         base_url=base_url,
         headers=headers,
         timeout=httpx.Timeout(timeout_s),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+        limits=limits,
+        transport=transport,
     )
 
 
