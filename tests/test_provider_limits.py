@@ -462,6 +462,50 @@ async def test_an_answer_of_exactly_max_response_bytes_is_read_and_one_byte_more
     assert error.kind == "response_too_large"
 
 
+def _calling(kind: Kind, calls: int) -> bytes:
+    """The kind's documented success body, its answer `calls` calls of a tool without
+    parameters, written as briefly as each kind allows."""
+    if kind.name == "anthropic":
+        call = {"type": "tool_use", "id": "t", "name": "f", "input": {}}
+        body = {**MESSAGE, "content": [call] * calls, "stop_reason": "tool_use"}
+    else:
+        body = json.loads(json.dumps(COMPLETION))
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "f"}}],
+        }
+        body["choices"][0]["message"] = message
+        body["choices"][0]["finish_reason"] = "tool_calls"
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if kind.name == "anthropic":
+        return data
+    one = b'{"function":{"name":"f"}}'
+    return data.replace(one, b",".join([one] * calls))
+
+
+@each_kind
+async def test_an_answer_of_more_tool_calls_than_max_response_bytes_holds_is_too_large(
+    kind, server, providers
+):
+    """A 4 MiB answer of 160,000 empty tool calls (25 bytes each in OpenAI's shape) was read
+    whole, and making, scrubbing and encoding so many calls held the worker's event loop for
+    a third of a second or more, for a reply ten times max_payload. Each call counts 512
+    bytes against max_response_bytes, its bookkeeping, as in a stream: the answer is
+    response_too_large, saying why; a few hundred calls are read as ever."""
+    one, each = len(_calling(kind, 1)), len(_calling(kind, 2)) - len(_calling(kind, 1))
+    many = _calling(kind, 1 + (DEFAULT_MAX_RESPONSE_BYTES - one) // each)
+    assert DEFAULT_MAX_RESPONSE_BYTES - each < len(many) <= DEFAULT_MAX_RESPONSE_BYTES
+    server.answer = lambda handler: send(handler, 200, [many])
+    error = await expect_failure(providers(kind, server.url), REQUEST)
+    assert (error.kind, error.status_code) == ("response_too_large", 200)
+    assert "tool calls" in error.message and "max_response_bytes (4194304" in error.message
+    few = _calling(kind, 300)
+    server.answer = lambda handler: send(handler, 200, [few])
+    ok = await providers(kind, server.url).complete(REQUEST, timeout_s=5)
+    assert ok.tool_calls is not None and len(ok.tool_calls) == 300
+
+
 @pytest.mark.parametrize(
     "compress",
     [gzip.compress, zlib.compress, lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)],

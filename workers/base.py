@@ -596,6 +596,28 @@ def response_too_large(
     )
 
 
+def _counted(answer: ProviderOk, max_bytes: int) -> ProviderOk:
+    """`answer`, counted against max_response_bytes as a stream's deltas are: its text, each
+    tool call's arguments, name and id, and _CALL_BYTES more per call. A body within the limit
+    can hold 160,000 empty calls (4 MiB), each then made, scrubbed and encoded: a third of a
+    second of the event loop, for a reply ten times the usual max_payload."""
+    calls = answer.tool_calls or ()
+    size = len(calls) * _CALL_BYTES
+    if size <= max_bytes:  # else over whatever they hold
+        size += len(answer.content.encode()) + sum(
+            len(call.arguments.encode()) + len(call.name) + len(call.id) for call in calls
+        )
+    if size <= max_bytes:
+        return answer
+    raise ProviderError(
+        "response_too_large",
+        f"provider answer of {len(calls)} tool calls is over max_response_bytes ({max_bytes} "
+        f"bytes decoded, each tool call counting {_CALL_BYTES} more); raise max_response_bytes "
+        "in this provider's [providers.<name>] table",
+        200,
+    )
+
+
 def _declared_bytes(response: httpx.Response) -> float:
     """The Content-Length (the encoded size), or 0 when there is none to go by."""
     value = response.headers.get("content-length", "")
@@ -812,7 +834,7 @@ class HttpProvider:
             )
             if response.status_code != 200:
                 raise self.error(response)
-            return self.parse(response, model)
+            return _counted(self.parse(response, model), self.settings.max_response_bytes)
         except ProviderError as exc:
             redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
             raise
