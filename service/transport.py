@@ -43,7 +43,7 @@ from schemas import (
     ProviderOk,
     ProviderReply,
 )
-from schemas.errors import timeout_message
+from schemas.errors import bounded_retry_after, timeout_message
 from schemas.ids import SecretIds
 from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset, pieces
 from schemas.subjects import (
@@ -285,7 +285,8 @@ def _short_msg_id(msg_id: str) -> str:
 
 def _bounded(reply: ProviderReply) -> ProviderReply:
     """A worker's reply with its free texts cut to a size that replies and audit events can
-    carry."""
+    carry, and a Retry-After of a worker in another language held to what Lifeline's own pass on
+    (an hour at most; 1e306 overflowed the gateway's Retry-After header)."""
     if isinstance(reply, ProviderOk):
         if len(reply.model) > MAX_NAME_LENGTH:
             return msgspec.structs.replace(reply, model=reply.model[:MAX_NAME_LENGTH])
@@ -293,6 +294,9 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
     if reply.kind not in _KINDS:  # a worker of another language's, say: what policy knows
         message = f"worker answered an unknown error kind {reply.kind[:64]!r}: {reply.message}"
         reply = msgspec.structs.replace(reply, kind="server_error", message=message)
+    after = reply.retry_after_s
+    if after is not None and bounded_retry_after(after) != after:  # Lifeline's own workers' bound
+        reply = msgspec.structs.replace(reply, retry_after_s=bounded_retry_after(after))
     if len(reply.message) > MAX_MESSAGE_CHARS:
         return msgspec.structs.replace(reply, message=reply.message[:MAX_MESSAGE_CHARS])
     return reply

@@ -397,6 +397,25 @@ async def test_an_error_kind_no_one_knows_counts_as_a_server_error_and_is_named(
     assert first.error_type == "server_error" and "unknown error kind 'ok'" in first.message
 
 
+@pytest.mark.parametrize("after", [1e306, -5.0, 7200.0])
+async def test_a_workers_retry_after_reaches_the_client_at_most_an_hour(lifeline, client, after):
+    """A worker in another language may answer any Retry-After: Lifeline's own workers pass on
+    an hour at most, and the dispatcher holds any other's to the same (1e306 made the gateway's
+    Retry-After header overflow, a 500)."""
+    await lifeline(config({"odd": fake()}), workers=[])
+
+    async def rate_limited(msg: Any) -> None:
+        failure = ProviderFailure("rate_limit", "slow down", 429, after)
+        await client.publish(msg.reply, encoder.encode(failure))
+
+    await client.subscribe(subjects.provider_subject("odd"), cb=rate_limited)
+    await ensure_subscribed(client)
+    reply = await ask(client, USER_HELLO)
+    assert reply.status == "error" and reply.attempts[0].error_type == "rate_limit"
+    expected = None if after < 0 else 3600.0
+    assert reply.error is not None and reply.error.retry_after_s == expected, reply.error
+
+
 async def test_the_client_helper_raises_on_a_sequence_gap(client):
     """A stand-in dispatcher that skips event 2: the helper must not hand out that text."""
 
