@@ -429,6 +429,31 @@ async def test_a_call_finding_every_thread_hung_is_refused_at_once_naming_thread
     await wait_for(lambda: _answers(client))  # the thread back, calls go to the model again
 
 
+async def test_calls_waiting_for_a_thread_when_the_last_one_hangs_are_refused_naming_threads(
+    lifeline, client
+):
+    """Calls already waiting for a thread when the last one was held by a call given up on
+    waited for their own deadlines and were answered `timeout`, where a new call was refused
+    at once as rate_limit."""
+    plugin_models.HANG.clear()
+    stack = await lifeline(config({"mine": python("HangsInItsThread", threads=1, timeout_s=30)}))
+    worker = stack.workers["mine"]
+    try:
+        hung = asyncio.ensure_future(ask_worker(client, "hang", deadline_s=1.5))
+        await wait_for(lambda: worker.in_flight == 1)
+        waiting = [ask_worker(client, "wait", deadline_s=5) for _ in range(3)]
+        replies = asyncio.gather(*waiting)
+        await wait_for(lambda: worker.in_flight == 4)  # the three wait for the one thread
+        hung_reply = await hung
+        assert isinstance(hung_reply, ProviderFailure) and hung_reply.kind == "timeout"
+        for reply in await replies:
+            assert isinstance(reply, ProviderFailure) and reply.kind == "rate_limit", reply
+            assert "each of its 1 threads is held by a call still running" in reply.message
+    finally:
+        plugin_models.HANG.set()
+    await wait_for(lambda: _answers(client))
+
+
 async def _answers(client: Client) -> bool:
     return (await ask(client, hello())).content == "late"
 

@@ -54,6 +54,7 @@ today uses goes away.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import difflib
@@ -351,12 +352,12 @@ class PluginProvider:
         self.secrets = _declared_secrets(self.instance, f"{key}: {self.label}.secrets")
         self._threads = _ModelThreads(settings.threads, f"model-{name}")
         self._thread_count = settings.threads
-        self._free: asyncio.Semaphore | None = None  # made on the loop that first calls
+        self._free = _FreeThreads(settings.threads)
         self._abandoned = 0  # threads still running a call whose caller stopped waiting
         self._async_call = inspect.iscoroutinefunction(self.instance.call)
         self._stream = getattr(self.instance, "stream", None)
         self._closing: set[asyncio.Task[None]] = set()  # sync streams closing (_close_later)
-        self._free_closers: asyncio.Semaphore | None = None  # made as _free is
+        self._free_closers: asyncio.Semaphore | None = None  # made on the loop that first closes
 
     def identifying_params(self) -> dict[str, Any]:
         """The class's own, only logged: one that fails says so instead of stopping the worker."""
@@ -416,13 +417,11 @@ class PluginProvider:
         here, not in the pool's queue: cancelled there (its deadline passed, the dispatcher
         gave up) it stays queued, request and all, until a thread is free, and with threads
         hung in the model that is never, one call more for every request."""
-        if self._free is None:
-            self._free = asyncio.Semaphore(self._thread_count)
         if self._free.locked() and self._abandoned >= self._thread_count:
             # Waiting for a thread, it would get none before its deadline, answered as a
             # `timeout` of the model that it never called, and nothing said why.
             raise self._threads_held()
-        await self._free.acquire()
+        await self._free.acquire()  # refused as above if the last free thread gets held
         loop = asyncio.get_running_loop()
         try:
             # With the caller's contextvars, the call's span among them: the trace context the
@@ -442,6 +441,14 @@ class PluginProvider:
             if not running.done():  # its caller gave up; Python cannot stop the thread
                 self._abandoned += 1
                 running.add_done_callback(partial(_call_on, loop, self._thread_returned))
+                if self._abandoned == self._thread_count:  # the last one: none left to wait for
+                    log.warning(
+                        "%s: each of its %d threads is held by a call still running after its "
+                        "caller gave up on it; calls are refused until one returns",
+                        self._key,
+                        self._thread_count,
+                    )
+                    self._free.refuse_waiting(self._threads_held)
             raise
 
     def _thread_returned(self) -> None:
@@ -450,12 +457,6 @@ class PluginProvider:
     def _threads_held(self) -> ProviderError:
         """Every thread held by a call given up on that still runs (hung in the model):
         refused at once, as a worker at its max_in_flight refuses, naming the limit."""
-        log.warning(
-            "%s: each of its %d threads is held by a call still running after its caller gave "
-            "up on it; calls are refused until one returns",
-            self._key,
-            self._thread_count,
-        )
         return ProviderError(
             "rate_limit",
             f"{self.label}: each of its {self._thread_count} threads is held by a call still "
@@ -636,7 +637,9 @@ class PluginProvider:
             self._threads.shutdown()
 
 
-def _release_on(loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore, _: Any) -> None:
+def _release_on(
+    loop: asyncio.AbstractEventLoop, free: asyncio.Semaphore | _FreeThreads, _: Any
+) -> None:
     """A model thread is free again (called in that thread)."""
     with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
         loop.call_soon_threadsafe(free.release)
@@ -718,6 +721,50 @@ def _surrogate_field(answer: ProviderOk) -> str:
             except UnicodeEncodeError:
                 return f"tool_calls[{i}].{field}"
     return "text"
+
+
+class _FreeThreads:
+    """How many of a model's threads are free, and the calls waiting for one, first come first
+    served: an asyncio.Semaphore that can also refuse every call waiting (`refuse_waiting`),
+    for when each thread is held by a call given up on and none will be free in time."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        return self._free == 0
+
+    async def acquire(self) -> None:
+        if self._free > 0:  # none waits then: `release` hands a thread to a waiting call first
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()  # given a thread as it was cancelled: the next call's
+            raise
+        finally:
+            with contextlib.suppress(ValueError):  # handed its thread, or refused, already
+                self._waiting.remove(waiter)
+
+    def release(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def refuse_waiting(self, error: Callable[[], BaseException]) -> None:
+        """Every call waiting for a thread raises `error()`."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
 
 
 _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
