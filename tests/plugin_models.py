@@ -208,6 +208,23 @@ class OddModelErrors(Model):
         raise ModelError("server_error", None)  # type: ignore[arg-type]
 
 
+class PlainKind(enum.Enum):  # a plain Enum, no str: its members are no kinds
+    RATE_LIMIT = "rate_limit"
+
+
+class Unshowable:
+    def __repr__(self) -> str:
+        raise SystemExit(3)
+
+
+class KindsNotStr(Model):
+    """ModelError given a kind that is no str, chosen by the request's text."""
+
+    def call(self, request: ProviderRequest) -> str:
+        kinds = {"int": 429, "enum": PlainKind.RATE_LIMIT, "none": None, "odd": Unshowable()}
+        raise ModelError(kinds[request.messages[-1].text], "busy")  # type: ignore[arg-type]
+
+
 class OwnTimeoutError(Model):
     """Python's TimeoutError from the model's own upstream call, long before any deadline."""
 

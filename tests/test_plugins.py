@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 import subprocess
@@ -476,6 +477,30 @@ async def test_a_model_error_whose_message_is_not_text_is_answered_at_once_with_
     reply = await ask(client, {**hello(text), "timeout_s": 5}, timeout_s=10)
     failed = reply.attempts[0]  # answered with its kind, not waited out (that is a "timeout")
     assert (failed.error_type, failed.message) == (kind, message)
+
+
+async def test_a_model_error_whose_kind_is_no_str_is_a_server_error_said_once_per_kind(
+    lifeline, client, caplog
+):
+    """Its kind became server_error without a word: the model's author never learnt why the
+    dispatcher did not take it as the rate_limit it meant."""
+    caplog.set_level(logging.WARNING, logger="lifeline.worker")
+    await lifeline(config({"mine": python("KindsNotStr")}))
+    for text in ("int", "enum", "none", "odd") * 2:
+        reply = await ask_worker(client, text)
+        assert isinstance(reply, ProviderFailure), reply
+        assert (reply.kind, reply.message) == ("server_error", "busy")
+    said = [r.getMessage() for r in caplog.records if "whose kind is no str" in r.getMessage()]
+    assert len(said) == 4, said  # once per kind, not per call
+    shown_as = (
+        "429",
+        "<PlainKind.RATE_LIMIT: 'rate_limit'>",
+        "None",
+        "(Unshowable that cannot be shown)",
+    )
+    for shown, line in zip(shown_as, said):
+        assert f"raised an error of kind {shown} (" in line, line
+        assert "one of timeout, rate_limit, server_error, connection, quota" in line, line
 
 
 async def test_a_reply_that_cannot_be_encoded_is_still_answered_at_once(

@@ -34,7 +34,7 @@ from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
 from schemas.deadline import Deadline
-from schemas.errors import bounded_retry_after, timeout_message
+from schemas.errors import ERROR_KINDS, bounded_retry_after, timeout_message
 from schemas.streaming import TOOL_CALL, pieces
 from schemas.subjects import (
     ATTEMPT_ID,
@@ -109,6 +109,7 @@ class WorkerRuntime:
         self._what = f"{name}'s reply"  # what a log line calls a reply it could not send
         # Span name and attributes per model (spans copy the attributes).
         self._span_templates: dict[str, tuple[str, dict[str, str]]] = {}
+        self._odd_kinds: set[str] = set()  # kinds that were no str, each said once (_failure)
         # Its credentials, scrubbed from every text of every reply, answers included (the process
         # scrubs its log lines: service/logs.py).
         scrubber = Scrubber(getattr(provider, "secrets", ()))
@@ -399,7 +400,7 @@ class WorkerRuntime:
             if expiry.task_cancelled():  # raised after a cancel it caught: the cancel decides
                 self._dropped(expiry)
                 expiry.settle(None)  # a dispatcher's cancel: nobody waits (else settled then)
-            reply = _failure(exc)
+            reply = _failure(exc, self.name, self._odd_kinds)
         # Anything else, Python's TimeoutError included: `timeout` is this call's deadline (the
         # CancelledError below), or a provider's ProviderError; its own TimeoutError is no
         # more than any other exception of its own.
@@ -638,6 +639,7 @@ class WorkerRuntime:
 
 
 _SPAN_ATTRIBUTES_MAX = 256
+_ODD_KINDS_SAID = 64  # error kinds that were no str, each said once: a worker's log says this many
 _EXPIRED_WARN_AFTER_S = 1.0  # later than this past its deadline, a request is worth a warning
 _REPLY_AFTER_CANCEL_S = 2.0  # for calls cut short at shutdown to end
 # What the dispatcher adds to a chunk when it passes it on (transport.STREAM_HEADER_ROOM).
@@ -760,17 +762,22 @@ def _attempt_key(attempt_id: bytes) -> str:
     return attempt_id[:64].decode(errors="replace")
 
 
-def _failure(exc: ProviderError) -> ProviderFailure:
+def _failure(exc: ProviderError, name: str, odd_kinds: set[str]) -> ProviderFailure:
     """A ProviderError as the reply, its message as text whatever the provider gave (a model's
     `ModelError("connection", exc)`, a number, None): no reply could carry anything else.
     Its kind, status_code and retry_after_s are made what the dispatcher decodes (a Retry-After
     passed on as the str it was read as is still a number of seconds), else left out: one
-    field of the wrong type would make the whole reply undecodable, its kind lost with it."""
+    field of the wrong type would make the whole reply undecodable, its kind lost with it.
+    A kind that is no str is a server_error, said once per kind (`odd_kinds`, worker `name`)."""
     message = exc.message
     if type(message) is not str:
         message = _as_text(message)
     # A str subclass (a StrEnum of the model's own kinds) is its str; anything else is no kind.
-    kind = str.__str__(exc.kind) if isinstance(exc.kind, str) else "server_error"
+    if isinstance(exc.kind, str):
+        kind = str.__str__(exc.kind)
+    else:
+        kind = "server_error"
+        _say_odd_kind(exc.kind, name, odd_kinds)
     status = _number(exc.status_code, int)
     if status is not None and not 100 <= status <= 599:
         status = None
@@ -778,6 +785,29 @@ def _failure(exc: ProviderError) -> ProviderFailure:
     if after is not None:
         after = bounded_retry_after(after)
     return ProviderFailure(kind, message, status, after)
+
+
+def _say_odd_kind(kind: object, name: str, said: set[str]) -> None:
+    """Warn, once per kind (up to _ODD_KINDS_SAID of them), that a provider's error kind is no
+    str (an int, a plain Enum, None): the model's author would not know why the dispatcher
+    took its rate_limit for a server_error."""
+    try:
+        shown = repr(kind)[:100]
+    # A __repr__ of the model's own that fails (SystemExit too: raised here, out of the call's
+    # handler, it would stop the worker): its type says something.
+    except BaseException:  # noqa: BLE001
+        shown = f"({type(kind).__name__} that cannot be shown)"
+    if shown in said or len(said) >= _ODD_KINDS_SAID:
+        return
+    said.add(shown)
+    log.warning(
+        "worker %s: its provider raised an error of kind %s (%s), whose kind is no str: "
+        "answered as server_error; a kind is one of %s (a str, or a StrEnum of them)",
+        name,
+        shown,
+        type(kind).__name__,
+        ", ".join(ERROR_KINDS),
+    )
 
 
 def _number(value: object, kind: type) -> Any:
