@@ -1299,12 +1299,15 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
     component, runtime = await start_worker(config, args.name, nats_opts, tracers)
+    # Off the event loop, which serves calls already: a model's identifying_params() may take
+    # its time (workers/plugin.py bounds it).
+    identity = await asyncio.to_thread(_identity, runtime.provider)
     log.info(
         "worker %s serving %s on %s%s",
         args.name,
         subjects.provider_subject(args.name),
         nats_opts.describe(),
-        _identity(runtime.provider),
+        identity,
     )
     return await _serve(component, tracers, args.health_port)
 

@@ -526,3 +526,14 @@ class ParamsNotShown(Model):
 
     def identifying_params(self) -> dict[str, object]:
         return {"weights": HalfMade()}
+
+
+class ParamsHang(Model):
+    """identifying_params() that never returns (a lazy load waiting on a dead peer)."""
+
+    def call(self, request: ProviderRequest) -> str:
+        return "still serving"
+
+    def identifying_params(self) -> dict[str, object]:
+        threading.Event().wait()
+        return {}

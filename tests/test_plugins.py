@@ -902,6 +902,16 @@ async def test_a_worker_whose_identifying_params_cannot_be_shown_serves_all_the_
     assert (await ask_worker(client, "hi")).content == "still serving"
 
 
+async def test_a_worker_whose_identifying_params_hangs_starts_and_serves_all_the_same(
+    model_worker, client
+):
+    """It was called on the event loop as the worker started: the worker never said it served,
+    nor answered a call."""
+    worker = model_worker(python("ParamsHang"))  # waits for "worker mine serving"
+    assert "identifying_params() failed': 'did not return within 2 s'" in worker.log()
+    assert (await ask_worker(client, "hi")).content == "still serving"
+
+
 @pytest.mark.parametrize("cls", ["SyncCloseHangs", "AsyncCloseHangs"])
 async def test_a_model_whose_close_hangs_still_lets_its_worker_stop(caplog, monkeypatch, cls):
     """close() ran unbounded (a sync one on the event loop itself): a worker given SIGTERM

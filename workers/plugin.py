@@ -94,6 +94,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "lifeline.providers"
 CLOSE_TIMEOUT_S = 5.0  # how long a model's close() may take when its worker stops
+IDENTIFY_TIMEOUT_S = 2.0  # how long its identifying_params() may take as its worker starts
 PYTHON_KIND = "python"
 FINISH_REASONS = get_args(FinishReason)
 
@@ -360,18 +361,30 @@ class PluginProvider:
         self._free_closers: asyncio.Semaphore | None = None  # made on the loop that first closes
 
     def identifying_params(self) -> dict[str, Any]:
-        """The class's own, only logged: one that fails says so instead of stopping the worker."""
+        """The class's own, only logged: one that fails says so instead of stopping the worker,
+        and one that does not return within IDENTIFY_TIMEOUT_S (a lazy load stuck on a peer)
+        is left to run in a daemon thread of its own: called as the worker started, it kept the
+        worker from serving, and from stopping on SIGTERM, for as long as it hung."""
         params = getattr(self.instance, "identifying_params", None)
         if not callable(params):
             return {}
+        done: Future[dict[str, Any]] = Future()
+        threading.Thread(
+            target=_run, args=(done, _identified, (params,)), name="model-params", daemon=True
+        ).start()
         try:
-            found = dict(params())
-            # Shown once logged, which raised out of the worker's start-up: a value whose repr
-            # fails (an object half made) fails here, said as any other failure of it is.
-            repr(found)
-        except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
-            return {"identifying_params() failed": _shown(exc)}
-        return found
+            return done.result(timeout=IDENTIFY_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "%s: %s.identifying_params() did not return within %g s; the worker serves "
+                "without it",
+                self._key,
+                self.label,
+                IDENTIFY_TIMEOUT_S,
+            )
+            return {
+                "identifying_params() failed": f"did not return within {IDENTIFY_TIMEOUT_S:g} s"
+            }
 
     async def complete(self, request: ProviderRequest, timeout_s: float) -> ProviderOk:
         if self._async_call:
@@ -635,6 +648,18 @@ class PluginProvider:
                 log.error("%s: %s.close() failed (%s)", self._key, self.label, _shown(exc))
         finally:
             self._threads.shutdown()
+
+
+def _identified(params: Callable[[], Any]) -> dict[str, Any]:
+    """A model's identifying_params() as a dict whose repr can be shown, or what failed."""
+    try:
+        found = dict(params())
+        # Shown once logged, which raised out of the worker's start-up: a value whose repr
+        # fails (an object half made) fails here, said as any other failure of it is.
+        repr(found)
+    except BaseException as exc:  # noqa: BLE001 - the class's own, SystemExit too
+        return {"identifying_params() failed": _shown(exc)}
+    return found
 
 
 def _release_on(
