@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import signal
 import subprocess
@@ -453,6 +454,25 @@ async def test_calls_waiting_for_a_thread_when_the_last_one_hangs_are_refused_na
     finally:
         plugin_models.HANG.set()
     await wait_for(lambda: _answers(client))
+
+
+@pytest.mark.parametrize("grace_s", [0.0, -1.0, math.nan])
+async def test_a_worker_stopped_without_grace_answers_each_call_at_once(lifeline, client, grace_s):
+    """Calls in a model's threads and calls waiting for one: each gets its no_responders as
+    the worker stops, whatever the grace. A NaN one waited for the calls to end (asyncio's
+    timer never fired: here, for as long as the model hangs), or raised (uvloop's), cutting
+    none short and closing nothing."""
+    plugin_models.HANG.clear()
+    stack = await lifeline(config({"mine": python("HangsInItsThread", threads=2, timeout_s=30)}))
+    worker = stack.workers["mine"]
+    try:
+        asked = [asyncio.ensure_future(ask_worker(client, "hi", deadline_s=20)) for _ in range(4)]
+        await wait_for(lambda: worker.in_flight == 4)
+        await asyncio.wait_for(worker.stop(grace_s), 10)
+        for reply in await asyncio.gather(*asked):
+            assert isinstance(reply, ProviderFailure) and reply.kind == "no_responders", reply
+    finally:
+        plugin_models.HANG.set()
 
 
 async def _answers(client: Client) -> bool:

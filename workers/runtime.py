@@ -128,6 +128,12 @@ class WorkerRuntime:
         await ensure_subscribed(self.nc)
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        """Take no more calls; those in flight may finish within `grace_s`, then each left is
+        cut short and answered no_responders. A negative or NaN grace is none: on NaN asyncio's
+        wait lasted as long as the calls (a hung model's, for ever) and uvloop's raised, so no
+        call was cut short."""
+        if not grace_s >= 0:
+            grace_s = 0.0
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await stop_taking(sub)
