@@ -101,6 +101,11 @@ _JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
 _ASK_MIN_S = 1.0  # the least a dispatcher is given to answer llm.jobs.result, whatever wait_s
 # (a busy one may take a while, and a client without bucket permissions has no other way)
 _MIN_TRY_S = 0.05  # the least time left worth sending a retry with
+# An overloaded reply's retry_after_s, as a dispatcher sends it (0.05 to 30 s): anything may
+# answer on a reply subject, and a wait outside these (negative, hours) is taken as the bound.
+_RETRY_AFTER_MIN_S = 0.05
+_RETRY_AFTER_MAX_S = 30.0
+_RETRY_AFTER_DEFAULT_S = 0.5  # without one (or one that is no positive number)
 # The jobs stream and results bucket as `lifeline run` names and shapes them
 # (service.config.JobsSettings' defaults; tests/test_client.py checks they agree).
 JOBS_STREAM = "LIFELINE_JOBS"
@@ -988,8 +993,13 @@ def _retry_after_s(reply: CompletionReply) -> float:
     spreads the requests refused together over the next interval, where a few per cent
     brought them back in one wave to be refused together again. Not exponential backoff:
     retry_after_s already grows with the dispatcher's load, and the request's deadline bounds
-    the retries."""
-    after = (reply.error.retry_after_s if reply.error is not None else None) or 0.5
+    the retries. A retry_after_s that is no positive number (negative, NaN: a reply from
+    something other than a dispatcher) counts as none, and one is taken within what a
+    dispatcher sends: a negative one sent every retry at once, a huge one waited for hours."""
+    after = reply.error.retry_after_s if reply.error is not None else None
+    if after is None or not after > 0:
+        after = _RETRY_AFTER_DEFAULT_S
+    after = min(max(after, _RETRY_AFTER_MIN_S), _RETRY_AFTER_MAX_S)
     return after * (1 + random.random())
 
 

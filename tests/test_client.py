@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import time
 from itertools import pairwise
@@ -841,6 +842,50 @@ async def test_overloaded_retries_end_within_the_requests_timeout(client, lifeli
         timeouts = [request.timeout_s for request in sent]
         assert timeouts[0] == 2 and 2 <= len(timeouts) <= 10, timeouts
         assert all(b <= a - 0.199 for a, b in pairwise(timeouts)), timeouts
+
+
+@pytest.mark.parametrize("retry_after_s", [-5.0, 1e6])
+async def test_a_spoofed_overloaded_reply_neither_hurries_nor_stalls_the_retries(
+    client, lifeline_client, monkeypatch, retry_after_s
+):
+    """Any subscriber of llm.complete (a rogue one, or anyone who learns a reply subject) can
+    answer overloaded with any retry_after_s: a negative one sent every retry at once; a huge
+    one was waited for up to the request's deadline, or, past it, ended the retries at once.
+    A wait is 0.5 s for one that is no positive number, and at most what a dispatcher asks
+    (30 s; 0.1 s here)."""
+    from service import client as client_module
+
+    if retry_after_s > 0:
+        monkeypatch.setattr(client_module, "_RETRY_AFTER_MAX_S", 0.1)
+    sent: list[CompletionRequest] = []
+
+    async def refuse(msg: Any) -> None:
+        request = msgspec.json.decode(msg.data, type=CompletionRequest)
+        sent.append(request)
+        await client.publish(msg.reply, _overloaded_reply(request.id or "", retry_after_s))
+
+    await client.subscribe(subjects.COMPLETE, cb=refuse)
+    await ensure_subscribed(client)
+    timeout_s, retries = (2, 100) if retry_after_s < 0 else (3600, 10)
+    reply = await asyncio.wait_for(
+        lifeline_client.complete("Hi", timeout_s=timeout_s, overloaded_retries=retries), 60
+    )
+    assert reply.status == "error" and reply.error.type == "overloaded"
+    timeouts = [request.timeout_s for request in sent]
+    if retry_after_s < 0:  # 0.5 s or more between tries, within 2 s: not 101 at once
+        assert 2 <= len(timeouts) <= 4, timeouts
+        assert all(b <= a - 0.499 for a, b in pairwise(timeouts)), timeouts
+    else:  # 0.1 to 0.2 s between tries: all sent, well within the hour
+        assert len(timeouts) == 11, len(timeouts)
+
+
+@pytest.mark.parametrize("retry_after_s", [math.nan, math.inf, -math.inf, 0.0, -1.0, 1e308])
+def test_a_retry_wait_is_within_what_a_dispatcher_may_ask(retry_after_s):
+    from service.client import _retry_after_s
+
+    error = ErrorInfo("overloaded", "busy", retry_after_s=retry_after_s)  # unchecked, in code
+    wait = _retry_after_s(CompletionReply("r", "error", error=error))
+    assert 0.05 <= wait <= 60
 
 
 def test_retries_wait_at_least_retry_after_s_spread_over_as_long_again():
