@@ -39,6 +39,7 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -1664,6 +1665,28 @@ class _Listener(socket.socket):
             ) from None
 
 
+def _close_delimited(cycle: Any) -> Callable[[Any], Awaitable[None]]:
+    """`cycle.send` for an HTTP/1.0 request on httptools' protocol, which frames a response
+    without a Content-Length (a stream) as chunked, a coding HTTP/1.0 does not have: its client
+    read the chunk sizes as part of the body. Such a body is sent as it is, and ends where the
+    connection closes (uvicorn closes an HTTP/1.0 connection after its answer), as h11 does."""
+    send = cycle.send
+    until_close = False
+
+    async def send_close_delimited(message: Any) -> None:
+        nonlocal until_close
+        if message["type"] == "http.response.start":
+            if not any(name.lower() == b"content-length" for name, _ in message.get("headers", ())):
+                until_close = True
+                cycle.chunked_encoding = False  # so uvicorn adds no Transfer-Encoding
+                cycle.expected_content_length = sys.maxsize  # and counts none of it
+        elif until_close and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # the last piece
+        await send(message)
+
+    return send_close_delimited
+
+
 def _head_size(scope: dict[str, Any]) -> int:
     """About the bytes of a parsed request's head: its request line and header lines."""
     line = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 32
@@ -1791,6 +1814,8 @@ class _Guarded:
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # httptools' protocol only (h11's reads no request before the last is answered).
         self._serving, self._ahead = cycle, 0
+        if cycle.scope["http_version"] == "1.0":
+            cycle.send = _close_delimited(cycle)
         super()._start_asgi_task(cycle, app)  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1788,3 +1788,35 @@ async def _a_stream_asked_by_a_client_that_does_not_read(
     )
     await writer.drain()
     return reader, writer
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_an_http_1_0_client_gets_its_stream_delimited_by_the_close(
+    gateway, monkeypatch, parser
+):
+    """HTTP/1.0 has no chunked transfer coding: uvicorn's httptools protocol sent a stream to
+    an HTTP/1.0 client chunked all the same, so the client read chunk sizes in its events. It
+    gets the events as they are, without Transfer-Encoding, the end of the body where the
+    connection closes (as h11 frames it)."""
+    import service.gateway as module
+
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake(chunks=3)}))
+    body = encoder.encode(chat(stream=True))
+    reader, writer = await _connect(gw)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)  # all of it: the close ends the body
+    writer.close()
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert b"transfer-encoding" not in head.lower(), head
+    assert b"content-length" not in head.lower(), head
+    data = [line[6:] for line in events.split(b"\n\n") if line]
+    assert all(line.startswith(b"data: ") for line in events.split(b"\n\n") if line), events
+    assert data[-1] == b"[DONE]"
+    text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1])
+    assert text == ANSWER
