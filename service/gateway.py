@@ -1804,6 +1804,29 @@ class _Guarded:
             self._refused = True
             self.transport.abort()  # type: ignore[attr-defined]
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refuses (a malformed request line or header,
+        a body framed by both Content-Length and Transfer-Encoding, a bad chunk), plain text
+        there: in OpenAI's error shape here, as the gateway's other refusals, and closed."""
+        serving = self._serving or self.cycle  # type: ignore[attr-defined]
+        if (
+            serving is not None
+            and not serving.response_complete
+            and (serving.response_started or self.scope is not serving.scope)  # type: ignore[attr-defined]
+        ):
+            # What is refused is a request sent before this one's answer, or it came while
+            # that answer is written: a 400 now would be read as (or in) that answer. Closed
+            # unanswered, the request being served aborted, as at any hang-up.
+            self._refused = True
+            self.transport.abort()  # type: ignore[attr-defined]
+            return
+        self._refuse(
+            400,
+            "the request is not valid HTTP/1.1 (a malformed request line or header, or a body "
+            "framed by both Content-Length and Transfer-Encoding)",
+            "invalid_http_request",
+        )
+
     def _too_large_head(self) -> None:
         self._refuse(
             431,

@@ -1820,3 +1820,72 @@ async def test_an_http_1_0_client_gets_its_stream_delimited_by_the_close(
     assert data[-1] == b"[DONE]"
     text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1])
     assert text == ANSWER
+
+
+_BAD_HEADER = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nBad Header: yes\r\n\r\n"
+_BAD_LINE = b"NOT HTTP AT ALL\r\n\r\n"
+_LENGTH_AND_CHUNKED = (  # h11 reads such a body by its Transfer-Encoding, as RFC 9112 allows
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("parser", "request_bytes"),
+    [
+        ("httptools", _LENGTH_AND_CHUNKED),
+        ("httptools", _BAD_HEADER),
+        ("httptools", _BAD_LINE),
+        ("h11", _BAD_HEADER),
+        ("h11", _BAD_LINE),
+    ],
+    ids=["length-and-chunked", "bad-header", "bad-line", "h11-bad-header", "h11-bad-line"],
+)
+async def test_a_request_the_http_parser_refuses_is_400_in_openai_s_shape(
+    gateway, monkeypatch, parser, request_bytes
+):
+    """uvicorn answers a request its parser refuses (both Content-Length and Transfer-Encoding,
+    a malformed header or request line) with a plain-text 400: the one answer of the gateway's
+    that an SDK could not read as an error of OpenAI's shape (its 408, 431 and 503 are)."""
+    import service.gateway as module
+
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    gw, _, _ = await gateway(config({"main": fake()}))
+    reader, writer = await _connect(gw)
+    writer.write(request_bytes)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status, error, head = _refusal(answer)
+    assert status == 400 and b"application/json" in head, answer
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_http_request")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:  # others still served
+        assert (await http.post("/chat/completions", json=chat())).status_code == 200
+
+
+async def test_a_malformed_request_pipelined_behind_one_being_served_is_not_answered_for_it(
+    gateway, audit
+):
+    """httptools' protocol reads a pipelined request while the one before it is served: one
+    its parser refuses was answered 400 there and then, which the client read as the answer
+    to the request being served. The connection is closed unanswered instead, and the request
+    being served aborted, as at any hang-up."""
+    cfg = config({"slow": fake(latency_ms=3000)})
+    gw, _, stack = await gateway(cfg)
+    reader, writer = await _connect(gw)
+    body = encoder.encode(chat())
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await wait_for(lambda: stack.dispatcher.in_flight == 1, timeout_s=5)
+    writer.write(_BAD_LINE)
+    try:
+        answer = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        answer = b""
+    writer.close()
+    assert b"HTTP/1.1" not in answer, answer
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == errors.ABORTED
