@@ -122,6 +122,11 @@ _MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor lim
 _MAX_UNREAD_BYTES = 16 * 1024 * 1024
 _UNREAD_GRACE_S = 5.0  # ... when nothing was taken from them for this long
 _UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
+# A connection whose answer waits to be written (its transport's buffer over its high-water
+# mark, its writes paused) with none of it taken for this long is closed (see _Guarded).
+# Longer than _UNREAD_GRACE_S: a stream cut for its unread events has its error event written
+# to a client that reads on.
+_UNDRAINED_S = 10.0
 _EVENT_COST = 512
 _TURN_EVERY = 32  # a stream's events written before the event loop gets a turn
 # Put in a stream's queue in place of its events once they were too many (see _Inbox._on_msg).
@@ -1698,9 +1703,10 @@ class _Guarded:
     does not set: a request's head (its request line and headers) must come within
     `_HEAD_TIMEOUT_S` of the connection opening or of data arriving between requests (else
     408), and within `_MAX_HEAD_BYTES` (else 431); past `max_connections` open at once, a new
-    connection is answered 503 and closed. Without them one client can hold a connection and
-    its buffered head for good, or send headers until the gateway runs out of memory, and
-    many can take every file descriptor, the NATS connection's reconnects included.
+    connection is answered 503 and closed; one whose answer its client stops taking is closed
+    after _UNDRAINED_S. Without them one client can hold a connection and its buffered head (or
+    its answer) for good, or send headers until the gateway runs out of memory, and many can
+    take every file descriptor, the NATS connection's reconnects included.
 
     Mixed into uvicorn's HttpToolsProtocol or H11Protocol (`_http_protocol`); it relies on
     attributes both share (`connections`, `cycle`, `scope`, `tasks`, `transport`, `loop`), which
@@ -1714,6 +1720,9 @@ class _Guarded:
     _ahead = 0  # about the bytes of a pipelined head come while _serving runs
     turned_away = 0  # connections refused for their number since the last warning (per class)
     warned_at = -math.inf
+    _drain: Timeout | None = None  # while its writes are paused: when to look at them again
+    _unsent = 0  # the bytes its transport held then
+    _drains = Timeouts()  # every connection's (one loop timer for all; stall-proof)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -1841,10 +1850,42 @@ class _Guarded:
             cycle.send = _close_delimited(cycle)
         super()._start_asgi_task(cycle, app)  # type: ignore[misc]
 
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self._await_drain()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if self._drain is not None:
+            self._drains.cancel(self._drain)
+            self._drain = None
+
+    def _await_drain(self) -> None:
+        """A client that stops reading, its connection open, had the gateway hold the answer
+        it does not take for as long as it kept the connection: a body whole in the
+        transport's buffer, a stream's events in its queue (never cut when its answer ended
+        short of _MAX_UNREAD_BYTES), past every timeout of uvicorn's (a close waits for the
+        buffer to be sent). Once none of it was taken for _UNDRAINED_S, the connection is
+        closed and that memory freed (a stream's request aborted, as at any hang-up); one
+        that takes some, however slowly, is looked at again after as long."""
+        self._unsent = self.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        self._drain = self._drains.call_later(_UNDRAINED_S, _Guarded._drained_some, self)
+
+    def _drained_some(self) -> None:
+        self._drain = None
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if transport.get_write_buffer_size() < self._unsent:
+            self._await_drain()
+        else:
+            transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._drain is not None:
+            self._drains.cancel(self._drain)
+            self._drain = None
         # A client that pipelines (sends its next request before its answer) makes httptools'
         # protocol take that queued request as its `cycle`, and uvicorn tells only `cycle` of
         # a hang-up: the request being served would run to its end, its provider calls too

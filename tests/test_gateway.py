@@ -1889,3 +1889,44 @@ async def test_a_malformed_request_pipelined_behind_one_being_served_is_not_answ
     assert b"HTTP/1.1" not in answer, answer
     [(_, event)] = await audit.wait_for(1)
     assert event.error_type == errors.ABORTED
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_its_client_never_reads_is_not_held_for_as_long_as_it_stays_connected(
+    gateway, monkeypatch, stream, parser
+):
+    """A client that sends its request and never reads the answer, its connection left open:
+    the answer's bytes that the sockets could not take (a body whole in the transport's
+    buffer; a stream's events in its queue too, up to 16 MiB) were held for as long as the
+    connection stayed, past the answer's end and uvicorn's keep-alive timeout (closing waits
+    for the buffer to be sent). Once none of it was taken for _UNDRAINED_S, the connection is
+    closed and nothing is held for it."""
+    import service.gateway as module
+
+    monkeypatch.setattr(module, "_UNDRAINED_S", 0.5)
+    guarded = module._http_protocol
+    monkeypatch.setattr(module, "_http_protocol", lambda: guarded(parser))
+    answer = "abcd" * 100_000  # in 400 events streamed
+    gw, _, _ = await gateway(config({"main": fake(reply=answer, chunks=400)}))
+    assert gw._sock is not None  # its connections' send buffers small: the sockets take little
+    gw._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    def holding() -> int:  # the answer's bytes held for the client: unsent, and unread events
+        protocols = gw.server.server_state.connections  # type: ignore[union-attr]
+        unsent = sum(p.transport.get_write_buffer_size() for p in protocols)
+        return unsent + sum(getattr(q, "bytes", 0) for q in gw.inbox.waiting.values())
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((gw.host, gw.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    body = encoder.encode(chat(stream=stream))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await wait_for(lambda: holding() > 100_000)  # what the sockets could not take
+    await wait_for(lambda: gw.connections == 0 and holding() == 0 and not gw.inbox.waiting)
+    writer.close()
