@@ -682,12 +682,37 @@ async def test_an_overloaded_dispatcher_is_503_with_retry_after(gateway):
 
 
 @shared_loop
-async def test_a_deadline_exceeded_is_504_and_the_timeout_header_sets_it(shared):
-    with pytest.raises(openai.APIStatusError) as late:
-        await shared.client.chat.completions.create(
-            **chat("deadline"), extra_headers={"x-lifeline-timeout-s": "0.2"}
-        )
-    assert (late.value.status_code, late.value.code) == (504, "deadline_exceeded")
+@pytest.mark.parametrize(
+    ("model", "timeout_s", "status", "kind"),
+    [
+        ("deadline", "0.0005", 504, "deadline_exceeded"),  # under a call's millisecond: none
+        ("deadline", "0.2", 504, "deadline_exceeded"),  # `hung` cut by it, `main` skipped
+        ("hung", "0.2", 502, "all_failed"),  # the last target cut by it: it failed (timeout)
+    ],
+    ids=["before-any-call", "during-a-call-a-target-left", "during-the-last-call"],
+)
+async def test_a_timeout_header_ends_a_request_as_the_same_timeout_s_does_on_nats(
+    shared, model, timeout_s, status, kind
+):
+    """`x-lifeline-timeout-s` is the request's timeout_s: whenever it runs out, the answer is
+    the error kind a NATS client gets for the same request and timeout_s (deadline_exceeded
+    when a target was left untried, else the chain's own end), streamed or not, with the
+    status of that kind."""
+    on_nats = {"route": model} if model == "deadline" else {"targets": [model]}
+    nc = await nats.connect(shared.url)
+    try:
+        request = on_nats | {"messages": HELLO, "timeout_s": float(timeout_s)}
+        answer = await nc.request(COMPLETE, encoder.encode(request), timeout=10)
+    finally:
+        await nc.close()
+    reply = msgspec.json.decode(answer.data, type=CompletionReply)
+    assert reply.error is not None and reply.error.type == kind
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as late:
+            await shared.client.chat.completions.create(
+                **chat(model, stream=stream), extra_headers={"x-lifeline-timeout-s": timeout_s}
+            )
+        assert (late.value.status_code, late.value.code) == (status, kind), stream
 
 
 @shared_loop
