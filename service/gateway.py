@@ -114,6 +114,9 @@ _BODY_TIMEOUT_S = 30.0
 # within this many bytes (else 431; nginx allows 32 KiB, Node.js 16): see _Guarded.
 _HEAD_TIMEOUT_S = 10.0
 _MAX_HEAD_BYTES = 64 * 1024
+# h11's own bound on a head (16 KiB) answered a plain 400 first: past ours by a read (asyncio's
+# and uvloop's are at most 256 KiB), so that the 431 above is what a head over ours gets.
+_H11_MAX_HEAD_BYTES = _MAX_HEAD_BYTES + 256 * 1024
 _WARN_EVERY_S = 10.0  # at most one line this often about connections refused for their number
 _LINGER_S = 2.0  # a refused head's connection waits this long for its client to close
 _MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor limit allows it
@@ -905,6 +908,7 @@ class Gateway:
             log_config=None,
             server_header=False,
             timeout_graceful_shutdown=_STOP_GRACE_S,
+            h11_max_incomplete_event_size=_H11_MAX_HEAD_BYTES,
         )
         config.load()
         # Bound here: uvicorn would log a bind error and sys.exit(). IPPROTO_TCP named, not 0:
