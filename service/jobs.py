@@ -300,10 +300,13 @@ class JobTrace(NamedTuple):
         only with `error_text` (`audit.error_text`), as on the request's own span."""
         if self.context is None:
             return
+        job_id = reply.id if reply is not None and reply.id else job_id_of(msg)
         attributes: dict[str, str | int] = {
             "messaging.system": "nats",
             "messaging.destination.name": subjects.JOBS_SUBMIT,
-            "lifeline.request.id": reply.id if reply is not None and reply.id else job_id_of(msg),
+            # Clipped as a request's id is bounded: a Nats-Msg-Id may be 60 KB (a job refused
+            # or dead-lettered for it), and the export queue counts spans, not bytes.
+            "lifeline.request.id": job_id[:MAX_ID_LENGTH],
             "lifeline.job.deliveries": msg.metadata.num_delivered,
             "lifeline.job.outcome": outcome,
         }

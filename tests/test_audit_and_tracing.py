@@ -34,7 +34,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas import subjects
 from schemas.streaming import Assembler
-from schemas.wire import ChatMessage, CompletionRequest, audit_decoder, encoder, reply_decoder
+from schemas.wire import (
+    MAX_ID_LENGTH,
+    ChatMessage,
+    CompletionRequest,
+    audit_decoder,
+    encoder,
+    reply_decoder,
+)
 from service.app import Stack, start_dispatcher, start_worker
 from service.audit import read_events
 from service.client import stream_text
@@ -779,3 +786,34 @@ async def test_a_dispatcher_that_does_not_trace_passes_its_callers_sampled_conte
     [worker] = exporter.get_finished_spans()
     assert (worker.context.trace_id, worker.parent.span_id) == (caller.trace_id, caller.span_id)
     assert seen == [f"00-{caller.trace_id:032x}-{worker.context.span_id:016x}-01"]
+
+
+async def test_a_dead_lettered_jobs_span_carries_its_id_clipped_as_every_span_does(
+    lifeline, client, exporter, monkeypatch
+):
+    """A job's id may come from its Nats-Msg-Id, which nothing bounds but JetStream's 64 KiB
+    of headers: the `job` span of one dead-lettered carried all of it (a 60 KB span, where
+    every other span's ids and names are at most 256 characters, and the export queue counts
+    spans, not bytes)."""
+    from service import jobs
+
+    async def broken(self: Any, *_: Any) -> None:
+        raise RuntimeError("results bucket unreachable")
+
+    monkeypatch.setattr(jobs.Jobs, "_answer", broken)
+    monkeypatch.setattr(jobs, "_RETRY_DELAY_S", 0.1)
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 2}
+    await lifeline(data)
+    long_id = "j" * 60_000
+    body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})  # no id of its own
+    await client.jetstream().publish(subjects.JOBS_SUBMIT, body, headers={subjects.MSG_ID: long_id})
+
+    def job_spans() -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.name == "job"]
+
+    await wait_for(lambda: len(job_spans()) == 1, timeout_s=15, what="the dead-lettered span")
+    [span] = job_spans()
+    assert span.attributes["lifeline.job.outcome"] == "dead_lettered"
+    request_id = span.attributes["lifeline.request.id"]
+    assert 0 < len(request_id) <= MAX_ID_LENGTH and long_id.startswith(request_id)
