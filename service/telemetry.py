@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import inspect
 import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -387,11 +390,44 @@ def _capped(exporter: type, signal: str) -> dict[str, Any]:
 
 
 def _capped_adapter(base: type) -> type:
+    import requests  # with urllib3, what the OTLP/HTTP exporters use
+    import urllib3
+
+    pools = _watched_pools()
+
     class CappedAdapter(base):  # type: ignore[misc, valid-type]
         """requests' HTTPAdapter that reads at most MAX_COLLECTOR_ANSWER of an answer, and
-        closes its connection when there was more (it cannot be reused then)."""
+        closes its connection when there was more (it cannot be reused then), within the
+        exporter's timeout in all (`_Deadline`)."""
+
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
+                manager.pool_classes_by_scheme = pools  # not a SOCKS proxy's own
+            return manager
 
         def send(self, request: Any, stream: bool = False, **kwargs: Any) -> Any:
+            timeout = kwargs.get("timeout")
+            if not isinstance(timeout, int | float) or timeout <= 0:
+                return self._read_capped(request, **kwargs)
+            deadline = _exchange.deadline = _Deadline(timeout)
+            try:
+                return self._read_capped(request, **kwargs)
+            except Exception as exc:
+                if not deadline.cut:
+                    raise
+                raise requests.exceptions.ReadTimeout(
+                    f"the collector's answer took more than the export's {timeout:g} s"
+                ) from exc
+            finally:
+                deadline.end()
+                _exchange.deadline = None
+
+        def _read_capped(self, request: Any, **kwargs: Any) -> Any:
             response = super().send(request, stream=True, **kwargs)
             body = bytearray()
             try:
@@ -405,6 +441,66 @@ def _capped_adapter(base: type) -> type:
             return response
 
     return CappedAdapter
+
+
+# The exchange the exporting thread is in, for the connection it runs on (`_watched_pools`).
+_exchange = threading.local()
+
+
+class _Deadline:
+    """An OTLP export's whole time. The SDK's exporters take their timeout
+    (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default) as a bound on the export and pass requests
+    what is left of it, but requests bounds each read of the socket, not the answer: a
+    collector answering a byte every few seconds held the export thread for as long as it
+    dripped, and no span went out again. When the time is up, the exchange's socket is shut
+    (a read waiting on it returns at once) and the export fails as timed out."""
+
+    def __init__(self, seconds: float) -> None:
+        self.connection: Any = None  # set as the request goes out on it
+        self.cut = False
+        self._over = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._over:  # done meanwhile: its connection may be back in the pool
+                return
+            self.cut = True
+            sock = getattr(self.connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def end(self) -> None:
+        with self._lock:
+            self._over = True
+        self._timer.cancel()
+
+
+@functools.cache
+def _watched_pools() -> dict[str, type]:
+    """urllib3's connection pools, whose connections tell the exchange's `_Deadline` which
+    socket it runs on."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Watched:
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            deadline = getattr(_exchange, "deadline", None)
+            if deadline is not None:
+                deadline.connection = self
+            return super().request(*args, **kwargs)  # type: ignore[misc]
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = type("WatchedHTTPConnection", (Watched, HTTPConnection), {})
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = type("WatchedHTTPSConnection", (Watched, HTTPSConnection), {})
+
+    return {"http": Pool, "https": TLSPool}
 
 
 # How long a stopping process waits for its spans and metrics to be exported: the SDK's own

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
@@ -42,6 +43,7 @@ from schemas.wire import (
     encoder,
     reply_decoder,
 )
+from service import telemetry
 from service.app import Stack, start_dispatcher, start_worker
 from service.audit import read_events
 from service.client import stream_text
@@ -577,6 +579,86 @@ async def test_a_collector_answering_without_end_does_not_grow_the_process(
             assert "Failed to export" not in dispatcher.log()  # answered 200: exported
         finally:
             service.stop()
+
+
+class _DrippingCollector(BaseHTTPRequestHandler):
+    """A "collector" whose first answer comes a byte at a time, for as long as the exporter
+    listens (a proxy or collector that is stuck, a link that trickles), in its headers or in
+    its body; every later export is answered at once, and its spans' trace ids kept."""
+
+    protocol_version = "HTTP/1.1"
+    drip_in: ClassVar[str] = "headers"
+    answered: ClassVar[int] = 0
+    trace_ids: ClassVar[set[int]] = set()
+    stop: ClassVar[threading.Event] = threading.Event()
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).answered += 1
+        if self.answered == 1:
+            self._drip()
+            return
+        exported = ExportTraceServiceRequest.FromString(body)
+        for resource in exported.resource_spans:
+            for scope in resource.scope_spans:
+                self.trace_ids.update(int.from_bytes(s.trace_id) for s in scope.spans)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def _drip(self) -> None:
+        if self.drip_in == "headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+        try:
+            while not self.stop.wait(0.05):  # a byte every 50 ms: each read well in time
+                self.wfile.write(b"x")
+                self.wfile.flush()
+        except OSError:  # the exporter hung up
+            pass
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("drip_in", ["headers", "body"])
+def test_a_collector_that_drips_its_answer_holds_no_export_past_its_timeout(monkeypatch, drip_in):
+    """The OTLP exporter's timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default) bounds an
+    export's whole time, the SDK says; `requests` bounds each read of the socket instead. A
+    collector answering a byte at a time held the export thread for as long as it dripped: no
+    span was exported again, even once the collector was well, and the queue dropped them."""
+    _DrippingCollector.drip_in, _DrippingCollector.answered = drip_in, 0
+    _DrippingCollector.trace_ids = set()
+    _DrippingCollector.stop = threading.Event()
+    with serving(LocalHTTPServer(_DrippingCollector)) as collector:
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_address[1]}"
+        )
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        provider = tracer_provider_from_env("lifeline-test")
+        spans = provider.recorder("test")
+        try:
+            spans.start("first", SpanKind.SERVER, {}).end()  # its export meets the drip
+            deadline = time.monotonic() + 5
+            while _DrippingCollector.answered == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            later = spans.start("later", SpanKind.SERVER, {})
+            later.end()
+            deadline = time.monotonic() + 30  # the export's timeout is 1 s
+            while later.trace_id not in _DrippingCollector.trace_ids:
+                assert time.monotonic() < deadline, "a later span was never exported"
+                time.sleep(0.05)
+        finally:
+            _DrippingCollector.stop.set()
+            telemetry.shut_down(provider)
 
 
 async def test_a_clients_long_tracestate_never_fails_a_request_that_fits_without_it(
