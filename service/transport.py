@@ -285,8 +285,9 @@ def _short_msg_id(msg_id: str) -> str:
 
 def _bounded(reply: ProviderReply) -> ProviderReply:
     """A worker's reply with its free texts cut to a size that replies and audit events can
-    carry, and a Retry-After of a worker in another language held to what Lifeline's own pass on
-    (an hour at most; 1e306 overflowed the gateway's Retry-After header)."""
+    carry, and its numbers held to what Lifeline's own workers send (a worker in another
+    language may send any): a Retry-After of an hour at most (1e306 overflowed the gateway's
+    Retry-After header), an HTTP status of three digits."""
     if isinstance(reply, ProviderOk):
         if len(reply.model) > MAX_NAME_LENGTH:
             return msgspec.structs.replace(reply, model=reply.model[:MAX_NAME_LENGTH])
@@ -297,6 +298,10 @@ def _bounded(reply: ProviderReply) -> ProviderReply:
     after = reply.retry_after_s
     if after is not None and bounded_retry_after(after) != after:  # Lifeline's own workers' bound
         reply = msgspec.structs.replace(reply, retry_after_s=bounded_retry_after(after))
+    if reply.status_code is not None and not 100 <= reply.status_code <= 999:
+        # An HTTP status is three digits; msgspec decodes any integer, and one past an int64
+        # could not go on a span (OTLP), nor be read by a client decoding an int64.
+        reply = msgspec.structs.replace(reply, status_code=None)
     if len(reply.message) > MAX_MESSAGE_CHARS:
         return msgspec.structs.replace(reply, message=reply.message[:MAX_MESSAGE_CHARS])
     return reply

@@ -33,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from schemas import subjects
+from schemas import ProviderFailure, subjects
 from schemas.streaming import Assembler
 from schemas.wire import (
     MAX_ID_LENGTH,
@@ -48,6 +48,7 @@ from service.app import Stack, start_dispatcher, start_worker
 from service.audit import read_events
 from service.client import stream_text
 from service.config import AuditSettings, parse_config
+from service.natsio import ensure_subscribed
 from service.telemetry import Tracing, tracer_provider_from_env
 
 SECRET_PROMPT = "my card number is 4111 1111 1111 1111"
@@ -899,3 +900,30 @@ async def test_a_dead_lettered_jobs_span_carries_its_id_clipped_as_every_span_do
     assert span.attributes["lifeline.job.outcome"] == "dead_lettered"
     request_id = span.attributes["lifeline.request.id"]
     assert 0 < len(request_id) <= MAX_ID_LENGTH and long_id.startswith(request_id)
+
+
+async def test_a_workers_status_code_past_any_http_one_is_no_status(
+    lifeline, client, exporter, caplog
+):
+    """A worker (of another language, or a buggy one) may answer any integer as its HTTP
+    status: msgspec decodes it whole. On an attempt's span and its fallback event, one past
+    an int64 could not be encoded for OTLP: the exporter logged a traceback for it at every
+    export and sent the span without it (a reply and an audit event carried it, which a
+    client decoding an int64 cannot read). A status code is three digits; any other is none."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    await lifeline(config({"odd": fake(), "backup": fake(reply="backup")}), workers=["backup"])
+
+    async def fails_with_a_wild_status(msg: Any) -> None:
+        failure = ProviderFailure("server_error", "down", status_code=2**64)
+        await client.publish(msg.reply, encoder.encode(failure))
+
+    await client.subscribe(subjects.provider_subject("odd"), cb=fails_with_a_wild_status)
+    await ensure_subscribed(client)
+    reply = await ask(client, USER_HELLO)
+    assert (reply.status, reply.content) == ("ok", "backup")
+    assert (reply.attempts[0].error_type, reply.attempts[0].status_code) == ("server_error", None)
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 4  # the request's, two attempts', the backup worker's
+    encode_spans(spans)  # what the OTLP exporter sends
+    assert "Failed to encode" not in caplog.text
