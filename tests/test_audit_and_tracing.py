@@ -33,10 +33,11 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from schemas import ProviderFailure, subjects
+from schemas import ProviderFailure, ProviderRequest, subjects
 from schemas.streaming import Assembler
 from schemas.wire import (
     MAX_ID_LENGTH,
+    MAX_NAME_LENGTH,
     ChatMessage,
     CompletionRequest,
     audit_decoder,
@@ -927,3 +928,21 @@ async def test_a_workers_status_code_past_any_http_one_is_no_status(
     assert len(spans) == 4  # the request's, two attempts', the backup worker's
     encode_spans(spans)  # what the OTLP exporter sends
     assert "Failed to encode" not in caplog.text
+
+
+async def test_a_model_name_sent_straight_to_a_worker_is_clipped_on_its_span(
+    lifeline, client, exporter
+):
+    """A request on llm.provider.<name> may come from any client the NATS server lets publish
+    there, with a model name as long as max_payload: the worker's span carried it twice (its
+    name and gen_ai.request.model), 2 MB a span in an export queue that counts spans, and kept
+    it among its span templates (256 of them: 500 MB held for good)."""
+    await lifeline(config({"main": fake()}))
+    model = "m" * 400_000
+    request = ProviderRequest(id="direct", messages=[ChatMessage("user", "hi")], model=model)
+    await client.request(subjects.provider_subject("main"), encoder.encode(request), timeout=10)
+    await wait_for(lambda: exporter.get_finished_spans(), what="the worker's span")
+    [span] = exporter.get_finished_spans()
+    assert len(span.name) <= len("chat ") + MAX_NAME_LENGTH
+    assert model.startswith(span.attributes["gen_ai.request.model"])
+    assert len(span.attributes["gen_ai.request.model"]) == MAX_NAME_LENGTH

@@ -46,7 +46,13 @@ from schemas.subjects import (
     provider_subject,
     reply_subject_refused,
 )
-from schemas.wire import MAX_MESSAGE_CHARS, ToolCallDelta, encoder, provider_request_decoder
+from schemas.wire import (
+    MAX_MESSAGE_CHARS,
+    MAX_NAME_LENGTH,
+    ToolCallDelta,
+    encoder,
+    provider_request_decoder,
+)
 from service import telemetry
 from service.discovery import Tally
 from service.loop import Timeouts, start_now
@@ -376,7 +382,9 @@ class WorkerRuntime:
     ) -> ProviderReply | None:
         """The call's reply; None when it was settled as it was cut short (`_Expiry.settle`):
         sent then (its deadline's timeout, a shutdown's no_responders) or never (cancelled)."""
-        model = request.model or self.provider.model
+        # Clipped as every name on a span: a request sent straight to this subject may name a
+        # model as long as max_payload, twice on its span and kept among the templates.
+        model = (request.model or self.provider.model)[:MAX_NAME_LENGTH]
         template = self._span_templates.get(model)
         if template is None:  # a request may name any model: the cache is bounded
             template = f"chat {model}", telemetry.provider_attributes(self.name, self.kind, model)
