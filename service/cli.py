@@ -89,7 +89,7 @@ from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
 from service.probes import Probes, parse_address
-from service.shared_health import STALE_AFTER_S, merge_status, read_bucket
+from service.shared_health import STALE_AFTER_S, BucketTooSlow, merge_status, read_bucket
 
 if sys.excepthook is _interrupted_quietly:  # unless one of the imports set a hook of its own
     sys.excepthook = _excepthook
@@ -465,6 +465,13 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=None,
         metavar="NAME",
         help="the bucket (default: the config's dispatcher.health_bucket, else lifeline_health)",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_positive_s,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds to read the whole bucket in (default: 10)",
     )
     status.add_argument("--json", action="store_true", help="print the merged view as JSON")
     _config_arg(status, client=True)
@@ -2076,12 +2083,19 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if nc is None:
         return 1
     try:
-        entries = await read_bucket(nc, args.bucket)
+        entries = await read_bucket(nc, args.bucket, args.timeout)
     except nats.js.errors.BucketNotFoundError:
         print(
             f"lifeline: no bucket {args.bucket} on {redact_url(url)}: no dispatcher has shared "
             "its health there yet. Start one (`lifeline run` or `lifeline dispatcher`), "
             "or pass --bucket",
+            file=sys.stderr,
+        )
+        return 1
+    except BucketTooSlow as exc:
+        print(
+            f"lifeline: bucket {args.bucket} on {redact_url(url)} {exc}: a slow or lossy link, "
+            "or a JetStream under strain; ask again, or give it longer with --timeout",
             file=sys.stderr,
         )
         return 1

@@ -582,19 +582,34 @@ def _empty(provider: str, model: str) -> dict[str, Any]:
     }
 
 
-async def read_bucket(nc: Client, bucket: str) -> dict[str, bytes]:
-    """Every live key of the health bucket; raises nats.js.errors.BucketNotFoundError."""
-    kv = await nc.jetstream(timeout=_OP_TIMEOUT_S * 2).key_value(bucket)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
+class BucketTooSlow(TimeoutError):
+    """The bucket was not read whole within the time `read_bucket` was given."""
+
+
+async def read_bucket(nc: Client, bucket: str, within_s: float) -> dict[str, bytes]:
+    """Every live key of the health bucket, read in one pass, within `within_s` in all: raises
+    nats.js.errors.BucketNotFoundError, or BucketTooSlow saying how far it got. nats-py's
+    key listing waits for its messages without a bound (a link that lost some held `lifeline
+    status` for good), and a read per key took a round trip each."""
     entries: dict[str, bytes] = {}
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:  # deleted meanwhile (a dispatcher stopped)
-            continue
-        if entry.value:
-            entries[key] = entry.value
+    bound = asyncio.timeout(within_s)
+    try:
+        async with bound:
+            kv = await nc.jetstream(timeout=_OP_TIMEOUT_S * 2).key_value(bucket)
+            watcher = await kv.watchall(ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the last of those there when the listing began
+                        break
+                    if entry.value and entry.key.startswith((STATS_PREFIX, BREAKER_PREFIX)):
+                        entries[entry.key] = entry.value  # what merge_status reads
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+    except TimeoutError:
+        if not bound.expired():  # one operation's own timeout: said as it is
+            raise
+        raise BucketTooSlow(
+            f"did not answer within {within_s:g} s ({len(entries)} key(s) read)"
+        ) from None
     return entries
