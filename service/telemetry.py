@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import inspect
 import logging
+import math
 import os
 import random
 import re
@@ -568,14 +570,16 @@ _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 
 def observe_health(meters: MeterProvider, health: Any) -> None:
     """Export the figures `lifeline status` shows as observable instruments, read from the
-    dispatcher's health (service/health.py) when the reader collects: nothing on the hot path."""
+    dispatcher's health (service/health.py) when the reader collects: nothing on the hot path.
+    Called on the dispatcher's event loop, where the health is read (`_on_loop`)."""
     meter = meters.get_meter("lifeline.dispatcher")
-    cached: list[Any] = [0.0, {}]  # one snapshot serves every gauge of a collection
+    read = _on_loop(health.snapshot)
+    cached: list[Any] = [-math.inf, {}]  # one snapshot serves every gauge of a collection
 
     def snapshot() -> dict[str, Any]:
         now = time.monotonic()
         if now - cached[0] > 1.0:
-            cached[0], cached[1] = now, health.snapshot()
+            cached[0], cached[1] = now, read()
         return cached[1]
 
     def gauge(
@@ -650,6 +654,48 @@ def observe_health(meters: MeterProvider, health: Any) -> None:
         description="1 while breaker state is shared through the JetStream bucket, "
         "0 on this dispatcher's own view",
     )
+
+
+# How long a metrics reader waits for the event loop to read the health for it.
+_LOOP_WAIT_S = 0.25
+
+
+def _on_loop(read: Callable[[], Any]) -> Callable[[], Any]:
+    """`read` for the metrics reader's thread: run on the event loop calling this, which
+    changes what it reads. Read from the reader's thread itself, a snapshot could take one
+    part of a change and not the rest (a slot's second renewed, its counts not yet cleared; a
+    latency window turned, its histogram counted twice). Waited for _LOOP_WAIT_S at most: a
+    loop that has not run it by then is mostly one that is stopping (its last export waits on
+    it) or stuck, and it is read where it is asked, as before."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
+    def on_loop() -> Any:
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop or not loop.is_running():
+            return read()
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(read())
+                except Exception as exc:  # noqa: BLE001 - the reader's thread says it
+                    done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+            return done.result(_LOOP_WAIT_S)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # closed, or not running it
+            done.cancel()
+            return read()
+
+    return on_loop
 
 
 def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None:

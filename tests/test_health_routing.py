@@ -670,6 +670,56 @@ async def test_lifeline_status_on_a_bucket_that_stalls_midway_fails_saying_so(na
     assert "did not answer within 1 s (5 key(s) read)" in err, err
 
 
+async def test_each_metrics_collection_reads_the_health_as_it_was_at_one_moment():
+    """The metrics reader collects in its own thread, and read the health there while the
+    event loop changed it: one target's figures from before a change, another's from after
+    (or a slot's second renewed and its counts not yet cleared). The two targets below are
+    always answered in the same step of the loop, so any one moment has them equal."""
+    import sys
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from service.telemetry import observe_health
+
+    health = Health()
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    observe_health(meters, health)
+    stop = asyncio.Event()
+
+    async def answer_both() -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            health.of("p", "a").answered(now, 1.0, now)
+            health.of("p", "b").answered(now, 1.0, now)
+            await asyncio.sleep(0)
+
+    def requests_of_each() -> dict[str, int]:
+        return {
+            point.attributes["lifeline.health_key"]: point.value
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "lifeline.target.requests"
+            for point in metric.data.data_points
+        }
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: a read cut by a change is likely
+    answering = asyncio.create_task(answer_both())
+    try:
+        for _ in range(3):  # a snapshot serves a second's collections: three of them
+            await asyncio.sleep(1.05)
+            seen = await asyncio.to_thread(requests_of_each)
+            assert seen["p:a"] == seen["p:b"] > 0, seen
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        await answering
+        meters.shutdown()
+
+
 async def test_breaker_state_and_figures_are_opentelemetry_metrics(nats_url, tracers, client):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
