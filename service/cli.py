@@ -40,10 +40,12 @@ import io
 import json
 import logging
 import math
+import re
 import shlex
 import shutil
 import signal
 import time
+import tomllib
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -841,6 +843,69 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _execute(args: argparse.Namespace) -> int:
+    """The command, everything it writes to stderr (its "lifeline: ..." lines, which quote
+    exceptions, and its log lines) scrubbed of the credentials it was given (logs.hidden)."""
+    if given := [secret for secret in _secrets_given(args) if secret]:
+        from workers.scrubbing import Scrubber  # the workers' own: none loaded with no secret
+
+        logs.hide(Scrubber(given))
+    with contextlib.redirect_stderr(_Scrubbed(sys.stderr)):
+        return _command(args)
+
+
+def _secrets_given(args: argparse.Namespace) -> list[str]:
+    """The NATS credentials of the flags and the environment, and what the config file holds
+    or names: its [nats] table's and its providers' (an api_key_env's value, the built-in
+    kinds' default ones, a key written in a plug-in's settings), read from the file as it is,
+    so that a config that fails to load is scrubbed of them too."""
+    flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
+    found = natsopts.secrets_given(flags)
+    path = Path(getattr(args, "config", None) or DEFAULT_CONFIG)
+    try:  # as the config's loader reads it, which says what is wrong with it, if anything
+        table = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):  # ValueError: TOML's, UTF-8's, 4,300 digits
+        return found
+    nats = table.get("nats") if isinstance(table.get("nats"), dict) else {}
+    files = {natsopts.ENV[k]: v for k, v in nats.items() if k in _NATS_FILES and isinstance(v, str)}
+    found += natsopts.secrets_given({}, files)
+    found += _secrets_in({k: v for k, v in nats.items() if k not in _NATS_FILES})
+    if isinstance(providers := table.get("providers"), dict):
+        from workers.registry import KINDS  # loaded with the config, by every command given one
+
+        for kind, _ in KINDS.values():
+            found += [
+                os.environ.get(f.default, "")
+                for f in msgspec.structs.fields(kind)
+                if f.name == "api_key_env" and isinstance(f.default, str)
+            ]
+        found += _secrets_in(providers)
+    return found
+
+
+_NATS_FILES = ("nkey", "creds", "ca", "cert", "key")  # paths, read by natsopts (seeds only)
+# A key that holds a secret, or names where one is: api_key, api_key_env, token_file, ...
+_SECRET_KEY = re.compile(r"(^|_)(key|token|secret|password|credentials?)(_env|_file)?$")
+
+
+def _secrets_in(table: object) -> list[str]:
+    """The secrets a config table holds or names at any depth, found by their keys' names."""
+    found: list[str] = []
+    for key, value in table.items() if isinstance(table, dict) else ():
+        if isinstance(value, dict):
+            found += _secrets_in(value)
+        elif isinstance(value, str) and (match := _SECRET_KEY.search(key)):
+            if match[3] == "_env":  # its value, and itself if a key was pasted there
+                found += [os.environ.get(value, "")]
+                found += [] if natsopts.looks_like_env_name(value) else [value]
+            elif match[3] == "_file":
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    found.append(Path(value).read_text()[:65536].strip())
+            else:
+                found.append(value)
+    return found
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         logs.setup(verbose=args.verbose)
     except ValueError as exc:
@@ -929,7 +994,43 @@ class _Stop:
 _stop: _Stop | None = None  # the running serving command's
 
 
-class _UntilGone(io.TextIOBase):
+class _Wrapped(io.TextIOBase):
+    """A text stream passing what is written on to `inner`: the terminal is still its."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        return self.inner.write(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.inner.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.inner.errors
+
+
+class _Scrubbed(_Wrapped):
+    """Every command's stderr: what it writes passes through logs.hidden, the one scrubbing
+    step of this process's output (a print quoting an exception, a log line)."""
+
+    def write(self, text: str) -> int:
+        self.inner.write(logs.hidden(text))
+        return len(text)
+
+
+class _UntilGone(_Wrapped):
     """A serving command's stdout or stderr: once its reader is gone (`lifeline run | head`,
     `> /dev/full`), what it prints is dropped instead of raised, for a status line must not
     stop a service (it made a clean stop exit 1, or `run` exit at start, its embedded
@@ -937,7 +1038,7 @@ class _UntilGone(io.TextIOBase):
     flush at exit finds nothing to complain of."""
 
     def __init__(self, inner: TextIO) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gone = False
 
     def write(self, text: str) -> int:
@@ -959,20 +1060,6 @@ class _UntilGone(io.TextIOBase):
         self.gone = True
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.inner.fileno())
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
-
-    def isatty(self) -> bool:
-        return self.inner.isatty()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return self.inner.encoding
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return self.inner.errors
 
 
 async def _serving(command: Awaitable[int]) -> int:

@@ -9,8 +9,9 @@ A traceback stays on its event's line (in text, its lines joined by " | "; in JS
 or a provider wrote (an id, an error text) may hold a line break or a terminal's escape
 sequence: every character that is not printable is written as its escape (`\n`, `\x1b`,
 `\x9b`), so no such text forges a line or acts on the terminal, in text and in JSON. Every
-line passes through the scrubbers of the process's workers (`hide`): a library may log what a
-provider sent back, and a provider may have echoed its key. httpx's one line per HTTP request
+line passes through the scrubbers of the process's workers and its CLI command (`hide`; a
+library may log what a provider sent back, and a provider may have echoed its key), and a
+URL's user info is hidden whatever it holds. httpx's one line per HTTP request
 shows at DEBUG only.
 
 Hostile traffic must not turn into a line per request (a disk filled, CPU spent on logging):
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,10 +56,21 @@ def hide(scrub: Callable[[str], str]) -> None:
         _scrubbers.append(scrub)
 
 
-def _hidden(text: str) -> str:
+def hidden(text: str) -> str:
+    """`text` as this process may write it anywhere (a log line, the CLI's stderr): without
+    any credential its scrubbers know, nor the user info of any URL in it (a config's
+    base_url quoted in an error, nats://alice:pw@host), whoever wrote the URL."""
     for scrub in _scrubbers:
         text = scrub(text)
+    if "@" in text:
+        text = _USER_INFO.sub(r"\1***@", text)
     return text
+
+
+# scheme://user:password@ or scheme://token@, up to the last "@" before a space, a quote or
+# the next URL of a list (a password may hold "@", "/", "#" or ","): too much hidden rather
+# than too little.
+_USER_INFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)(?:(?!://)[^\s'\"<>])*@")
 
 
 def printable(text: str) -> str:
@@ -75,14 +88,14 @@ class TextFormatter(logging.Formatter):
         # neither form after, as JsonFormatter finds it.
         line = (
             f"{_timestamp(record)} {record.levelname} {record.name} "
-            f"{printable(_hidden(record.getMessage()))}"
+            f"{printable(hidden(record.getMessage()))}"
         )
         if record.exc_info:
-            trace = _hidden(self.formatException(record.exc_info))
+            trace = hidden(self.formatException(record.exc_info))
             line += " | " + " | ".join(
                 printable(part) for part in trace.replace("\r", "").split("\n")
             )
-        return _hidden(line)
+        return hidden(line)
 
 
 def _json_escaped(text: str) -> str:
@@ -100,10 +113,10 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "message": _hidden(record.getMessage()),
+            "message": hidden(record.getMessage()),
         }
         if record.exc_info:
-            event["exc"] = _hidden(self.formatException(record.exc_info))
+            event["exc"] = hidden(self.formatException(record.exc_info))
         return _json_escaped(json.dumps(event, ensure_ascii=False))
 
 

@@ -24,6 +24,7 @@ set and where from, never their values).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import ssl
@@ -321,6 +322,43 @@ def resolve(
     return options
 
 
+def secrets_given(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """Every NATS credential the flags and the environment hold, by value, whether `resolve`
+    would use it or refuse it: what a process's output is scrubbed of (service/cli.py), should
+    an error quote one. A user without a password is a token; a URL's user info counts whole
+    and as its password; an NKey or .creds file counts by its seed."""
+
+    def given(key: str) -> list[str]:
+        return [value for value in (flags.get(key), environ.get(ENV[key])) if value]
+
+    found = given("password") + given("token")
+    if not found:  # a user alone is a token
+        found += given("user")
+    for url in given("url"):
+        found += _user_info(url)
+    for path in given("nkey") + given("creds"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            found += _SEED.findall(Path(path).read_text()[:65536])
+    return found
+
+
+# A user, account or operator NKey seed as `nsc` writes it: base32, 58 characters.
+_SEED = re.compile(r"\bS[UAO][A-Z2-7]{56}\b")
+
+
+def _user_info(url: str) -> list[str]:
+    """The user info of each server in `url` (and its password), and of the whole of a single
+    server's, whose password may hold a comma."""
+    found = []
+    pieces = url.split(",") if url.count("://") > 1 else [url]
+    for piece in pieces:
+        info = (piece.partition("://")[2] or piece).rpartition("@")[0].strip()
+        found += [info, info.partition(":")[2]] if info else []
+    return found
+
+
 def server_list(url: str) -> list[str]:
     """A NATS URL, or a comma-separated list of a cluster's URLs as the `nats` CLI takes them
     (nats-py wants a list). Any one reachable server is enough to start: the client learns
@@ -450,3 +488,8 @@ def _no_passphrase() -> str:
 _SHOWN_ENV_NAME = re.compile(
     r"[A-Z_][A-Z0-9_]{0,63}"
 )  # as workers.base shows names: the convention
+
+
+def looks_like_env_name(name: str) -> bool:
+    """Whether `name` looks like a variable's name (else it may be a secret pasted there)."""
+    return _SHOWN_ENV_NAME.fullmatch(name) is not None

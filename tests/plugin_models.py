@@ -537,3 +537,18 @@ class ParamsHang(Model):
     def identifying_params(self) -> dict[str, object]:
         threading.Event().wait()
         return {}
+
+
+class KeyInSettingsInitRaises(Model):
+    """Its key written in the config's settings and not declared in `secrets`: an upstream's
+    error quoting it stops the making."""
+
+    class Settings(msgspec.Struct, forbid_unknown_fields=True):
+        api_key: str
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        raise RuntimeError(f"401 Unauthorized: key {self.settings.api_key} is not valid")
+
+    def call(self, request: ProviderRequest) -> str:
+        return "never"
