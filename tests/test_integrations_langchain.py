@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from helpers import SilentServer, config, fake, wait_for
-from langchain_core.callbacks import AsyncCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.load import dumpd
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
@@ -453,10 +454,42 @@ async def test_an_invoke_watched_by_a_streaming_observer_keeps_its_fallback(life
     assert watched.content == '{"age": 36}'
 
 
-def test_the_models_repr_never_shows_the_credentials_in_its_nats_url():
-    """repr() is what LangChain hands every tracer (LangSmith, the console) as the model."""
-    model = ChatLifeline(nats_url="nats://alice:TopSecret-PW@nats.internal:4222")
-    assert "TopSecret" not in repr(model) and "TopSecret" not in str(model.to_json())
+def test_the_credentials_in_its_nats_url_leave_through_no_dump_trace_or_callback():
+    """What LangChain hands tracers (LangSmith, the console) and what saves a model: repr,
+    its dumps, dumpd and to_json, its identifying and LangSmith params, and a callback's
+    serialized model, invocation params, metadata and error. The URL stays, its user info
+    as ***; the model still connects with it."""
+    from service.client import Unreachable
+
+    url = _DEAD.replace("//", "//alice:TopSecret-PW@")
+    model = ChatLifeline(nats_url=url, metadata={"team": "search"})
+    seen: list[Any] = []
+
+    class Watcher(BaseCallbackHandler):
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            seen.extend([args, kwargs])
+
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            seen.extend([repr(error), kwargs])
+
+    try:
+        with pytest.raises(Unreachable):
+            model.invoke("hi", config={"callbacks": [Watcher()]})
+    finally:
+        bridge.close(url)
+    dumps = [model.model_dump(), json.loads(model.model_dump_json()), dumpd(model)]
+    seen += [
+        *dumps,
+        repr(model),
+        model.to_json(),
+        model._identifying_params,
+        model._get_ls_params(),
+    ]
+    assert len(seen) > 8 and "TopSecret" not in str(seen)
+    assert model.model_dump()["nats_url"] == "nats://***@127.0.0.1:1"
+    assert model.nats_url == url  # what it connects with
+    plain = ChatLifeline(nats_url="nats://nats.internal:4222")
+    assert json.loads(plain.model_dump_json())["nats_url"] == "nats://nats.internal:4222"
 
 
 async def test_a_forked_child_calls_through_a_connection_of_its_own(lifeline, nats_url):

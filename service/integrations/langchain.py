@@ -70,12 +70,13 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_serializer
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest
 from schemas.streaming import Event
 from schemas.wire import ImagePart, Part, TextPart, ToolCall
 from service.client import LifelineError, ReplyError, request_of
+from service.embedded import redact_url
 from service.integrations import bridge
 
 __all__ = ["ChatLifeline", "ReplyError", "TextWithdrawn"]
@@ -96,7 +97,7 @@ class ChatLifeline(BaseChatModel):
 
     model: str = "default"
     """The Lifeline route (its targets, in order, are the fallbacks)."""
-    nats_url: str | None = Field(default=None, repr=False)  # its credentials, if any: not shown
+    nats_url: str | None = Field(default=None, repr=False)  # credentials: shown, dumped as ***
     """NATS URL, or a comma-separated cluster list. Default: $NATS_URL, else
     nats://127.0.0.1:4222; credentials in it or in NATS_CREDS, NATS_USER, ... as for the
     `lifeline` commands."""
@@ -117,6 +118,13 @@ class ChatLifeline(BaseChatModel):
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Accepted as LangChain's standard parameter and never used or sent: the providers'
     keys live in Lifeline's config, and NATS credentials go in nats_url or NATS_*."""
+
+    @field_serializer("nats_url")
+    def _nats_url_dumped(self, url: str | None) -> str | None:
+        """model_dump() and model_dump_json() (what a tracer, a cache or a saved chain may
+        keep) give the URL without its user info, as the `lifeline` commands print it: the
+        credentials go to the connection only."""
+        return redact_url(url) if url else url
 
     @property
     def _llm_type(self) -> str:
