@@ -373,23 +373,32 @@ def url_problem(url: str) -> str | None:
     """What nats-py would refuse (or try to resolve as a host name) in a URL list, found
     before anything connects; None when each server in it can be dialled."""
     servers = server_list(url)
+    listed = {part.strip() for part in redact_url(url).split(",")}
     for server in servers:
+        shown = redact_url(server)
+        # Not a server of the list as shown: a piece of a password holding a ',' (split at
+        # it), which must not be quoted, nor what urlsplit's error quotes of it.
+        cut = shown not in listed
+        if cut:
+            shown = redact_url(url)
         scheme, sep, _ = server.partition("://")
+        if cut and sep:  # nats://alice:1234,<rest>@host would dial alice:1234
+            return f"{shown!r} is not a URL ({_COMMA_IN_USER_INFO}); e.g. nats://127.0.0.1:4222"
         if sep and scheme not in _SCHEMES:
             return f"{scheme}:// is not a NATS scheme (nats://, tls://, ws://, wss://)"
         try:
             parts = urlsplit(server if sep else f"nats://{server}")
             parts.port  # noqa: B018 - raises on a port that is not 0 to 65535
         except ValueError as exc:
-            why = _unparsed(server, exc)
-            return f"{redact_url(server)!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
+            why = _COMMA_IN_USER_INFO if cut else _unparsed(server, exc)
+            return f"{shown!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
         # Parsed, but with the user info cut short: alice:1234/x@host would dial alice:1234.
         if "@" in server and "@" not in parts.netloc:
             why = _CUT_USER_INFO
-            return f"{redact_url(server)!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
+            return f"{shown!r} is not a URL ({why}); e.g. nats://127.0.0.1:4222"
         host = parts.hostname or ""
         if not host or any(c.isspace() or not c.isprintable() for c in host):
-            return f"{redact_url(server)!r} names no host; e.g. nats://127.0.0.1:4222"
+            return f"{shown!r} names no host; e.g. nats://127.0.0.1:4222"
     websockets = {server.startswith(("ws://", "wss://")) for server in servers}
     if len(websockets) > 1:
         return "ws:// and wss:// servers cannot be mixed with nats:// or tls:// ones"
@@ -411,6 +420,10 @@ def _unparsed(server: str, exc: ValueError) -> str:
     return _CUT_USER_INFO
 
 
+_COMMA_IN_USER_INFO = (
+    "a ',' separates a cluster's URLs, so a password cannot hold one: give the credentials as "
+    "NATS_USER and NATS_PASSWORD (or NATS_TOKEN) instead"
+)
 _CUT_USER_INFO = (
     "its user info holds a '/', '?' or '#', which ends a URL's host, and nats-py does not "
     "undo percent-encoding: give the credentials as NATS_USER and NATS_PASSWORD (or "

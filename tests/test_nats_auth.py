@@ -439,12 +439,12 @@ async def test_no_secret_in_logs_status_replies_audit_or_spans(tmp_path, server_
         assert SECRET not in text
 
 
-@pytest.mark.parametrize("cut", ["/", "?", "#"])
+@pytest.mark.parametrize("cut", ["/", "?", "#", ","])
 async def test_a_password_a_url_cannot_hold_is_refused_without_quoting_any_of_it(tmp_path, cut):
-    """A password with a '/', '?' or '#' (base64 ones have '/') ends the URL's host there: the
-    refusal quoted what urlsplit took for the port, the password's start ("Port could not be
-    cast to integer value as 'Hunter2-...'"); one whose start is digits was not refused at all,
-    and alice:<digits> was dialled."""
+    """A password with a '/', '?' or '#' (base64 ones have '/') ends the URL's host there, and
+    one with a ',' is split as a cluster's list: the refusal quoted what urlsplit took for the
+    port, the password's start ("Port could not be cast to integer value as 'Hunter2-...'");
+    one whose start is digits was not refused at all, and alice:<digits> was dialled."""
     config = write_config(tmp_path / "lifeline.toml", LIFELINE_CONFIG)
     for password in (f"{SECRET}{cut}tail", f"1234{cut}{SECRET}"):
         url = f"nats://alice:{password}@127.0.0.1:4222"
