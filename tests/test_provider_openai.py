@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import email.utils
 import json
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from helpers import MockServer, expect_failure, provider_fixture
+from helpers import MisbehavingProvider, MockServer, expect_failure, provider_fixture
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import JsonSchemaFormat, ResponseFormat
@@ -460,3 +461,22 @@ async def test_an_openai_compatible_server_needs_no_key_and_gets_no_authorizatio
     assert str(server.request.url) == "http://localhost:11434/v1/chat/completions"
     assert "authorization" not in server.request.headers
     assert ok.model == "llama3.1:8b"
+
+
+async def test_a_base_urls_user_info_is_scrubbed_as_the_key_is():
+    """A proxy's password in base_url goes out as Basic auth (httpx's, from the URL): a
+    server echoing the Authorization header shows neither it nor its base64 form (the
+    provider's `secrets`, which the worker also scrubs every answer and log line of)."""
+    password = "Proxy-PW-31337"
+    basic = base64.b64encode(f"proxy:{password}".encode()).decode()
+    with MisbehavingProvider() as server:
+        url = server.base_url.replace("//", f"//proxy:{password}@")
+        settings = OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url)
+        provider = OpenAIProvider(settings, environ=ENV)
+        try:
+            with pytest.raises(ProviderError) as failed:
+                await provider.complete(ProviderRequest("r1", [ChatMessage("user", "echo key")]), 5)
+        finally:
+            await provider.aclose()
+    assert "bad key Basic ***" in failed.value.message
+    assert password not in failed.value.message and basic not in failed.value.message

@@ -16,6 +16,7 @@ keeps at most max_response_bytes of it in memory and quotes none of its credenti
 
 from __future__ import annotations
 
+import base64
 import datetime
 import email.utils
 import errno
@@ -809,7 +810,9 @@ class HttpProvider:
         self.settings = settings
         self.model = settings.model
         self._url = url
-        self.secrets: tuple[str, ...] = tuple(secret for secret in secrets if secret)
+        # A proxy's credentials in the URL are sent too (httpx makes them Basic auth).
+        given = (*secrets, *url_secrets(url))
+        self.secrets: tuple[str, ...] = tuple(secret for secret in given if secret)
         # Auth goes with each request (not on the client), so an injected client sends it too.
         self._headers = headers
         self._client = client or http_client(
@@ -943,6 +946,17 @@ class HttpProvider:
         """One streamed call's body and the reader of its answer. A kind whose reader needs to
         know something of the body as it was built overrides this, not the two above."""
         return self.stream_body(request, model), self.stream_reader(model)
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What a URL's user info sends (https://user:password@proxy/v1): the password (a user
+    alone: a token) as written and as decoded, and the Basic credentials httpx makes of them."""
+    parsed = httpx.URL(url)
+    if not parsed.userinfo:
+        return ()
+    user, _, password = parsed.userinfo.decode("ascii").partition(":")
+    basic = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+    return (password or user, parsed.password or parsed.username, basic)
 
 
 def require_api_key(environ: Mapping[str, str], name: str) -> str:
