@@ -46,6 +46,7 @@ import shutil
 import signal
 import time
 import tomllib
+import traceback
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -850,7 +851,11 @@ def _execute(args: argparse.Namespace) -> int:
 
         logs.hide(Scrubber(given))
     with contextlib.redirect_stderr(_Scrubbed(sys.stderr)):
-        return _command(args)
+        try:
+            return _command(args)
+        except Exception:  # noqa: BLE001 - a bug: its traceback through the same step, exit 1
+            traceback.print_exc()
+            return 1
 
 
 def _secrets_given(args: argparse.Namespace) -> list[str]:

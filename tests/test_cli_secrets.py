@@ -6,6 +6,8 @@ nats-server."""
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +155,27 @@ def _credential(way: str, server: EmbeddedNats, folder: Path) -> tuple[list[str]
         f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
     )
     return ["--nats-url", url], {"NATS_CREDS": str(creds)}
+
+
+def test_a_bugs_traceback_goes_through_the_same_scrubbing():
+    """An exception no command catches still ends in a traceback and exit status 1, without
+    the credential its message quotes."""
+    bug = (
+        "import sys\n"
+        "from service import cli\n"
+        "async def failing(args):\n"
+        f"    raise RuntimeError('unexpected: token {MARK} in hand')\n"
+        "cli.cmd_status = failing\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", bug, "status", "--nats-token", MARK],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+        check=False,
+    )
+    assert ran.returncode == 1, ran.stderr
+    assert "Traceback" in ran.stderr and "RuntimeError: unexpected: token *** in hand" in ran.stderr
+    assert MARK not in ran.stdout + ran.stderr
