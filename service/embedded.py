@@ -170,7 +170,8 @@ def default_nats_url(explicit: str | None = None) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """A NATS URL (or comma-separated list) fit to print: user info becomes '***'.
+    """A NATS URL (or comma-separated list) fit to print: user info and query values become
+    '***'.
 
     nats://alice:s3cret@host:4222 and nats://TOKEN@host:4222 both carry a secret. A password
     may hold commas (it cannot work, the list is split at each, but it must not be shown), so
@@ -186,7 +187,19 @@ def redact_url(url: str) -> str:
         if "@" in piece:
             shown.append(_without_user_info(",".join(pending)))
             pending = []
-    return ",".join(piece.strip() for piece in shown + pending)
+    return ",".join(_without_query_values(piece.strip()) for piece in shown + pending)
+
+
+def _without_query_values(url: str) -> str:
+    """A ws:// or wss:// URL's query goes to its server as written, and may carry a token
+    (wss://proxy/nats?token=...): its values become '***'."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    hidden = (
+        f"{item.partition('=')[0]}=***" if "=" in item else "***" for item in query.split("&")
+    )
+    return f"{base}?{'&'.join(hidden)}"
 
 
 def _without_user_info(url: str) -> str:

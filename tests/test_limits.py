@@ -173,6 +173,8 @@ def test_an_id_is_salvaged_past_thousands_of_nested_ids_in_one_pass():
         ("nats://alice:Secr3t,part2,part3@h:1", "nats://***@h:1"),  # commas in the password
         ("nats://a:b,c@h1, tls://d,e@h2,h3", "nats://***@h1,tls://***@h2,h3"),
         ("h1:4222,h2:4222", "h1:4222,h2:4222"),
+        ("wss://proxy:443/nats?token=s3cret", "wss://proxy:443/nats?token=***"),
+        ("ws://u:p@h:1/p?a=1&s3cret,ws://h2:1", "ws://***@h:1/p?a=***&***,ws://h2:1"),
     ],
 )
 def test_nats_urls_are_shown_without_their_secrets(url, shown):
