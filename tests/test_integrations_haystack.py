@@ -158,7 +158,13 @@ def test_a_pipeline_file_never_holds_the_nats_urls_credentials():
     with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
         LifelineChatGenerator("fast", nats_url=cluster).to_dict()
     # Without the scheme (nats-py dials it as nats://), a token, a password with a '/' in it.
-    for url in ("alice:TopSecret-PW@b:4222", "TopSecret-TOKEN@b", "nats://alice:Top/Secret@b"):
+    # A WebSocket proxy's token in a query: nats-py sends the URL as written.
+    for url in (
+        "alice:TopSecret-PW@b:4222",
+        "TopSecret-TOKEN@b",
+        "nats://alice:Top/Secret@b",
+        "wss://b/nats?token=TopSecret",
+    ):
         with pytest.raises(ValueError, match="NATS_USER and NATS_PASSWORD"):
             LifelineChatGenerator("fast", nats_url=f"nats://a:4222,{url}").to_dict()
     plain = LifelineChatGenerator("fast", nats_url="nats://nats.internal:4222")

@@ -488,6 +488,8 @@ def test_the_credentials_in_its_nats_url_leave_through_no_dump_trace_or_callback
     assert len(seen) > 8 and "TopSecret" not in str(seen)
     assert model.model_dump()["nats_url"] == "nats://***@127.0.0.1:1"
     assert model.nats_url == url  # what it connects with
+    proxied = ChatLifeline(nats_url="wss://proxy/nats?token=TopSecret-TOKEN")
+    assert proxied.model_dump()["nats_url"] == "wss://proxy/nats?token=***"
     plain = ChatLifeline(nats_url="nats://nats.internal:4222")
     assert json.loads(plain.model_dump_json())["nats_url"] == "nats://nats.internal:4222"
 

@@ -115,7 +115,7 @@ class LifelineChatGenerator:
         # Any "@": no host or port holds one. Looked for only between "://" and a "/", it was
         # missed in a URL without its scheme (alice:pw@host:4222, which nats-py dials as
         # nats://) and in one whose password holds a '/', and the password written out.
-        if "@" in (self.nats_url or ""):
+        if any(mark in (self.nats_url or "") for mark in "@?"):  # user info, a query's token
             # As Haystack's own Secret refuses to write a token: a pipeline file is shared.
             raise ValueError(
                 "nats_url holds credentials, which a pipeline's file must not: give them in "

@@ -122,8 +122,8 @@ class ChatLifeline(BaseChatModel):
     @field_serializer("nats_url")
     def _nats_url_dumped(self, url: str | None) -> str | None:
         """model_dump() and model_dump_json() (what a tracer, a cache or a saved chain may
-        keep) give the URL without its user info, as the `lifeline` commands print it: the
-        credentials go to the connection only."""
+        keep) give the URL without its user info or query values, as the `lifeline` commands
+        print it: the credentials go to the connection only."""
         return redact_url(url) if url else url
 
     @property
