@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
 def _execute(args: argparse.Namespace) -> int:
     """The command, everything it writes to stderr (its "lifeline: ..." lines, which quote
     exceptions, and its log lines) scrubbed of the credentials it was given (logs.hidden)."""
-    if given := [secret for secret in _secrets_given(args) if secret]:
+    if given := [secret for secret in _secrets_given(args) if len(secret) >= _SHORTEST_SECRET]:
         from workers.scrubbing import Scrubber  # the workers' own: none loaded with no secret
 
         logs.hide(Scrubber(given))
@@ -863,14 +863,16 @@ def _secrets_given(args: argparse.Namespace) -> list[str]:
     or names: its [nats] table's and its providers' (an api_key_env's value, the built-in
     kinds' default ones, a key written in a plug-in's settings), read from the file as it is,
     so that a config that fails to load is scrubbed of them too."""
-    flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
-    found = natsopts.secrets_given(flags)
     path = Path(getattr(args, "config", None) or DEFAULT_CONFIG)
     try:  # as the config's loader reads it, which says what is wrong with it, if anything
         table = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, RecursionError):  # ValueError: TOML's, UTF-8's, 4,300 digits
-        return found
+        table = {}
     nats = table.get("nats") if isinstance(table.get("nats"), dict) else {}
+    flags = {key: getattr(args, f"nats_{key}", None) for key in natsopts.ENV}
+    # A user is a token only without a password, the config's included.
+    password = any(nats.get(key) for key in ("password_env", "password_file"))
+    found = natsopts.secrets_given(flags, password_elsewhere=password)
     files = {natsopts.ENV[k]: v for k, v in nats.items() if k in _NATS_FILES and isinstance(v, str)}
     found += natsopts.secrets_given({}, files)
     found += _secrets_in({k: v for k, v in nats.items() if k not in _NATS_FILES})
@@ -887,6 +889,9 @@ def _secrets_given(args: argparse.Namespace) -> list[str]:
     return found
 
 
+# As for the OTLP settings' secrets (service/telemetry.py): a shorter one ("nats", "admin")
+# is a word every line may hold, and hiding it would hide what the line says.
+_SHORTEST_SECRET = 6
 _NATS_FILES = ("nkey", "creds", "ca", "cert", "key")  # paths, read by natsopts (seeds only)
 # A key that holds a secret, or names where one is: api_key, api_key_env, token_file, ...
 _SECRET_KEY = re.compile(r"(^|_)(key|token|secret|password|credentials?)(_env|_file)?$")

@@ -323,7 +323,10 @@ def resolve(
 
 
 def secrets_given(
-    flags: Mapping[str, str | None], environ: Mapping[str, str] = os.environ
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str] = os.environ,
+    *,
+    password_elsewhere: bool = False,
 ) -> list[str]:
     """Every NATS credential the flags and the environment hold, by value, whether `resolve`
     would use it or refuse it: what a process's output is scrubbed of (service/cli.py), should
@@ -334,7 +337,7 @@ def secrets_given(
         return [value for value in (flags.get(key), environ.get(ENV[key])) if value]
 
     found = given("password") + given("token")
-    if not found:  # a user alone is a token
+    if not found and not password_elsewhere:  # a user alone is a token
         found += given("user")
     for url in given("url"):
         found += _user_info(url)

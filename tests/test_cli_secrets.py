@@ -179,3 +179,20 @@ def test_a_bugs_traceback_goes_through_the_same_scrubbing():
     assert ran.returncode == 1, ran.stderr
     assert "Traceback" in ran.stderr and "RuntimeError: unexpected: token *** in hand" in ran.stderr
     assert MARK not in ran.stdout + ran.stderr
+
+
+def test_a_user_name_and_a_short_password_leave_the_lines_readable(tmp_path):
+    """Only what is secret is hidden: a user whose password the config names is no token,
+    and a password of a few letters ("nats") is a word every line may hold."""
+    table = {"password_env": "SWEEP_NATS_PASSWORD"}
+    path = write_config(tmp_path / "lifeline.toml", {"nats": table, "providers": {"e": fake()}})
+    commands = {
+        "user": ["status", "--config", str(path), "--nats-user", "lifeline"],
+        "short": ["status", "--nats-user", "alice", "--nats-password", "nats"],
+    }
+    env = cli_env(NATS_URL=f"nats://127.0.0.1:{free_port()}", SWEEP_NATS_PASSWORD=MARK)
+    with lifelines_side_by_side(commands, env=env) as runs:
+        for name, run in runs.items():
+            ran = run.result()
+            assert ran.returncode == 1, (name, ran.stderr)
+            assert "lifeline: cannot reach NATS at nats://127.0.0.1:" in ran.stderr, ran.stderr
