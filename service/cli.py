@@ -908,8 +908,7 @@ def _secrets_in(table: object) -> list[str]:
                 found += [os.environ.get(value, "")]
                 found += [] if natsopts.looks_like_env_name(value) else [value]
             elif match[3] == "_file":
-                with contextlib.suppress(OSError, UnicodeDecodeError):
-                    found.append(Path(value).read_text()[:65536].strip())
+                found.append(natsopts.head_of(value).strip())
             else:
                 found.append(value)
     return found

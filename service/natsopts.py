@@ -342,9 +342,18 @@ def secrets_given(
     for url in given("url"):
         found += _user_info(url)
     for path in given("nkey") + given("creds"):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            found += _SEED.findall(Path(path).read_text()[:65536])
+        found += _SEED.findall(head_of(path))
     return found
+
+
+def head_of(path: str) -> str:
+    """The start of a regular file that may hold a secret (its first 64 KiB), else "": never
+    a device or a pipe, which could be read without end."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if Path(path).is_file():
+            with open(path, encoding="utf-8", errors="strict") as file:
+                return file.read(65536)
+    return ""
 
 
 # A user, account or operator NKey seed as `nsc` writes it: base32, 58 characters.

@@ -5,6 +5,7 @@ nats-server."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import nkeys
 import pytest
-from helpers import cli_env, fake, free_port, lifelines_side_by_side, write_config
+from helpers import cli_env, fake, free_port, lifelines_side_by_side, run_lifeline, write_config
 
 from service.embedded import EmbeddedNats
 
@@ -196,3 +197,18 @@ def test_a_user_name_and_a_short_password_leave_the_lines_readable(tmp_path):
             ran = run.result()
             assert ran.returncode == 1, (name, ran.stderr)
             assert "lifeline: cannot reach NATS at nats://127.0.0.1:" in ran.stderr, ran.stderr
+
+
+def test_a_secret_file_that_is_a_pipe_is_not_read_for_scrubbing(tmp_path):
+    """Files the config names for secrets are read for their values, a regular file's start
+    only: a pipe (or /dev/zero) named there would have been read without end."""
+    fifo = tmp_path / "token.pipe"
+    os.mkfifo(fifo)
+    plugin = {
+        "kind": "python",
+        "class": "tests.plugin_models:KeyInSettingsInitRaises",
+        "settings": {"api_key": f"sk-{MARK}", "token_file": str(fifo)},
+    }
+    path = write_config(tmp_path / "lifeline.toml", {"providers": {"mine": plugin}})
+    ran = run_lifeline("check-config", "--config", str(path))
+    assert ran.returncode == 2 and "token_file" in ran.stderr, ran.stderr
