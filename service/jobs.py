@@ -37,7 +37,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
 import msgspec
@@ -367,6 +367,7 @@ class Jobs:
         # The jobs this dispatcher runs, by stream sequence: each one's latest delivery (see
         # _pull), which its heartbeats and its ack go to.
         self._running: dict[tuple[int, Any], list[Msg]] = {}
+        self._turns: dict[str, asyncio.Event] = {}  # by job key: the job of it running here
         self._unstored = _Unstored()
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -561,7 +562,9 @@ class Jobs:
         served: list[bool] = []  # the engine had it, and published its audit event
         traced = self._trace(msg)
         try:
-            outcome, reply = await self._answer(msg, arrived, served, latest, traced.headers)
+            async with self._turn(identity(msg).key) as turn:
+                arrived = max(arrived, turn)  # its deadline counts from when its turn came
+                outcome, reply = await self._answer(msg, arrived, served, latest, traced.headers)
         except Exception as exc:
             msg = latest[0]
             last = msg.metadata.num_delivered >= self.settings.max_deliver
@@ -591,6 +594,21 @@ class Jobs:
             traced.end(self.engine.spans, latest[0], outcome, reply, self.engine.error_text)
         except Exception:
             log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, key: str) -> AsyncIterator[float]:
+        """One job of an id at a time here, the others waiting their turn (the time it came):
+        one sent again past the dedup window while the first still waited or ran was run
+        beside it (a second provider call, and a second audit event the audit stream kept);
+        after it, it finds its result stored."""
+        while (ahead := self._turns.get(key)) is not None:
+            await ahead.wait()
+        done = self._turns[key] = asyncio.Event()
+        try:
+            yield time.monotonic()
+        finally:
+            del self._turns[key]
+            done.set()
 
     def _trace(self, msg: Msg) -> JobTrace:
         """The job's trace; tracing that fails (a sampler's bug) fails no job."""

@@ -184,6 +184,29 @@ async def test_a_repeat_after_the_window_gets_the_stored_result_without_a_provid
     assert len(audit.events) == 1
 
 
+async def test_a_repeat_after_the_window_while_the_first_still_waits_is_answered_from_its_result(
+    lifeline, client, audit
+):
+    """No dispatcher ran for longer than the dedup window, and the id was sent again: the
+    stream holds both, and one pull brings them together. The first is called and audited; the
+    second gets its stored result, pushed to its own Notify subject, with no call or event."""
+    window = {"dedup_window_s": 0.2}
+    await ensure_jobs(client.jetstream(), JobsSettings(**window))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    for _ in range(2):
+        await submit(client, job("resent"), "resent", **{subjects.NOTIFY: notify})
+        await asyncio.sleep(0.4)  # past the window: kept as a second job
+    stack = await lifeline({**config({"main": fake(latency_ms=300)}), "jobs": window})
+    first, second = [reply_decoder.decode((await pushed.next_msg(timeout=10)).data) for _ in "12"]
+    assert first == second and first.status == "ok"
+    jobs = stack.dispatcher.jobs
+    await wait_for(lambda: jobs.in_flight == 0, timeout_s=5)
+    assert (jobs.handled, jobs.found) == (1, 1)
+    assert [e.id for e in await kept_audit_events(client, 1)] == ["resent"]
+    assert await _waiting_jobs(client) == 0
+
+
 async def test_a_job_that_asks_for_events_streams_its_answer_and_stores_its_result(
     lifeline, client, audit
 ):
