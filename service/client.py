@@ -529,7 +529,14 @@ class Lifeline:
         try:
             if not self._jobs_ready:
                 await self._ensure_jobs()
-            ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+            try:
+                ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                # Gone since it was made (a server restarted on an empty store, an operator
+                # deleting it): made again, as `lifeline submit` does, rather than every job
+                # refused until a dispatcher makes it.
+                await self._ensure_jobs()
+                ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
         except LifelineError:
             raise
         except nats.errors.MaxPayloadError:

@@ -22,6 +22,7 @@ from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import ensure_audit_stream, read_events
+from service.client import Lifeline
 from service.config import AuditSettings, JobsSettings, parse_config
 from service.jetstream import hint as jetstream_hint
 from service.jobs import fetch_batch
@@ -263,6 +264,22 @@ async def test_a_long_job_is_held_by_heartbeats_past_its_ack_wait(lifeline, clie
     jobs = stack.dispatcher.jobs
     assert (jobs.handled, jobs.found) == (1, 0)  # never delivered a second time
     assert len(audit.events) == 1
+
+
+async def test_the_client_makes_the_jobs_stream_again_when_it_is_gone_before_a_dispatcher(
+    lifeline, client, nats_url
+):
+    """A long-lived client made the stream with its first job; gone since (a server restarted
+    on an empty store), its next job is taken, as `lifeline submit` takes it, not refused until
+    a dispatcher comes to make the stream again."""
+    async with Lifeline.connect(nats_url) as lf:
+        await lf.submit("before", job_id="before")
+        await client.jetstream().delete_stream(JobsSettings().stream)
+        submitted = await lf.submit("after the stream was gone", job_id="after")
+        assert (submitted.job_id, submitted.duplicate) == ("after", False)
+        await lifeline(config({"main": fake()}))
+        reply = await lf.result("after", wait_s=10)
+    assert reply is not None and reply.content == "after the stream was gone"
 
 
 async def test_a_full_stream_refuses_new_jobs(lifeline, client, nats_url):
