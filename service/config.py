@@ -147,6 +147,15 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
                 "would find its result gone and call its provider again; keep results at "
                 "least as long"
             )
+        # An id sent again once its result expired runs again; within the dedup window its
+        # publish is a duplicate, dropped: no run, and no result to find.
+        if self.results_ttl_s < self.dedup_window_s:
+            raise ValueError(
+                f"results_ttl_s ({self.results_ttl_s:g}) is under dedup_window_s "
+                f"({self.dedup_window_s:g}): a job sent again after its result expired, within "
+                "the window, would be dropped as a duplicate and never answered; keep results "
+                "at least as long, or shorten the window"
+            )
 
 
 class JetStreamSettings(Struct, frozen=True, forbid_unknown_fields=True):

@@ -285,7 +285,7 @@ async def test_jetstream_makes_the_audit_stream_and_results_bucket_at_the_shorte
         {
             **config({"p": fake()}),
             "audit": {"max_age_s": 600},
-            "jobs": {"results_ttl_s": 1, "ack_wait_s": 1},
+            "jobs": {"results_ttl_s": 1, "ack_wait_s": 1, "dedup_window_s": 1},
         }
     )
     nc = await nats.connect(nats_url)
@@ -304,7 +304,12 @@ def test_results_kept_shorter_than_a_jobs_redelivery_wait_are_refused():
     was gone and the job called its provider a second time."""
     with pytest.raises(ConfigError, match=r"results_ttl_s \(10\) is under ack_wait_s \(30\)"):
         parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10}})
-    parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 10, "ack_wait_s": 10}})
+    parse_config(
+        {
+            **config({"a": fake()}),
+            "jobs": {"results_ttl_s": 10, "ack_wait_s": 10, "dedup_window_s": 10},
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import ensure_audit_stream, read_events
 from service.client import Lifeline
-from service.config import AuditSettings, JobsSettings, parse_config
+from service.config import AuditSettings, ConfigError, JobsSettings, parse_config
 from service.jetstream import hint as jetstream_hint
 from service.jobs import fetch_batch
 from service.jobstore import ensure_jobs
@@ -206,6 +206,15 @@ async def test_a_repeat_after_the_window_while_the_first_still_waits_is_answered
     assert (jobs.handled, jobs.found) == (1, 1)
     assert [e.id for e in await kept_audit_events(client, 1)] == ["resent"]
     assert await _waiting_jobs(client) == 0
+
+
+def test_results_kept_shorter_than_the_dedup_window_are_refused():
+    """An id sent again once its result expired runs again, but within the dedup window its
+    publish is taken for a duplicate and dropped: with results kept for less than the window,
+    `submit` said duplicate and the job never had a result again."""
+    with pytest.raises(ConfigError, match=r"results_ttl_s \(60\) is under dedup_window_s \(120\)"):
+        parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 60}})
+    parse_config({**config({"a": fake()}), "jobs": {"results_ttl_s": 60, "dedup_window_s": 60}})
 
 
 async def test_a_job_that_asks_for_events_streams_its_answer_and_stores_its_result(
@@ -840,7 +849,9 @@ async def test_a_results_bucket_made_with_another_ttl_is_said_to_keep_its_own(
 ):
     """Made by a client's submit or an earlier config, the bucket kept its TTL while
     jobs.results_ttl_s said otherwise, and results went away without a word."""
-    await ensure_jobs(client.jetstream(), JobsSettings(results_ttl_s=3, ack_wait_s=3))
+    await ensure_jobs(
+        client.jetstream(), JobsSettings(results_ttl_s=3, ack_wait_s=3, dedup_window_s=3)
+    )
     await lifeline(config({"main": fake()}))
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("keeps results for 3 s, not the 86400 s" in line for line in said), said

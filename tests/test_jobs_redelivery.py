@@ -185,7 +185,8 @@ async def test_a_job_run_again_once_its_result_expired_keeps_its_own_audit_event
     job of the id, and the audit stream, within its 10-minute window, dropped it as that
     one's duplicate: a request paid for and kept nowhere."""
     calls = await client.subscribe(subjects.provider_subject("main"))
-    await lifeline({**config({"main": fake()}), "jobs": {"results_ttl_s": 1, "ack_wait_s": 1}})
+    brief = {"results_ttl_s": 1, "ack_wait_s": 1, "dedup_window_s": 1}
+    await lifeline({**config({"main": fake()}), "jobs": brief})
     await submit(client, job("brief"), "brief")
     assert (await result_of(client, "brief")).status == "ok"
     kv = await client.jetstream().key_value(jobs.JobsSettings().results_bucket)
