@@ -1547,6 +1547,15 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     try:
         js = nc.jetstream(timeout=5)
         payload = encoder.encode(request)
+        if (size := message_bytes(payload, headers)) > nc.max_payload:
+            # nats-py checks the body alone, and the server closes the connection over the
+            # rest: the publish waited 5 s for an ack and blamed JetStream.
+            print(
+                f"lifeline: the job is {size} bytes with its headers, above the NATS server's "
+                f"max_payload of {nc.max_payload}; shorten the prompt",
+                file=sys.stderr,
+            )
+            return 1
         try:
             ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
         except nats.js.errors.NoStreamResponseError:  # no dispatcher has made the stream yet

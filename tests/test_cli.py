@@ -33,8 +33,8 @@ from helpers import (
     wait_for_line,
 )
 
-from schemas import subjects
-from schemas.wire import audit_decoder
+from schemas import ChatMessage, CompletionRequest, subjects
+from schemas.wire import audit_decoder, encoder
 from service.config import JobsSettings
 from service.embedded import EmbeddedNats
 from service.jobstore import ensure_jobs
@@ -325,6 +325,27 @@ def test_submit_a_job_then_fetch_its_result_by_id(running):
     assert "backup:ok" in line
     latest = run_lifeline("audit", "--nats-url", url, "--last", "1", "--json")
     assert '"id":"cli-job-1"' in latest.stdout
+
+
+def test_a_job_that_fits_max_payload_only_without_its_headers_is_refused_at_once():
+    """nats-py checks a message's body alone; the server closes the connection over the whole,
+    and the submit waited out its 5 s for an ack, then blamed JetStream, permissions or a full
+    disk."""
+    with EmbeddedNats(port=-1, conf="max_payload: 65536") as server:
+        around = len(encoder.encode(CompletionRequest([ChatMessage("user", "x")], id="big"))) - 1
+        prompt = "x" * (65536 - around - 5)  # 5 bytes under max_payload, 25 over with headers
+        refused = subprocess.run(
+            [*LIFELINE, "submit", "--nats-url", server.url, "--id", "big", "-"],
+            input=prompt,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env=cli_env(),
+            check=False,
+        )
+    assert refused.returncode == 1
+    assert "with its headers, above the NATS server's max_payload of 65536" in refused.stderr
 
 
 def test_the_result_command_submit_prints_works_as_printed_with_a_config(running, tmp_path):
