@@ -708,6 +708,7 @@ class Jobs:
             if msg.metadata.num_delivered > 1 and await self._stored_by_this_job(key, msg):
                 await self.engine.audit_again(inbound, reply)
             await self._notify(msg, stored)
+            await self._stream_stored(msg, reply)
             await latest[0].ack()
             return "stored_before", reply
         if msg.metadata.num_delivered > self.settings.max_deliver:
@@ -757,10 +758,7 @@ class Jobs:
             await self._notify(msg, encoder.encode(result))
             return result
 
-        events_to = (msg.headers or {}).get(subjects.JOB_EVENTS)
-        sink = None
-        if events_to and subjects.reply_subject_refused(events_to) is None:
-            sink = ClientStream(self.nc, events_to)
+        sink = self._events_sink(msg)
         answered = self._unstored.take(key)  # answered on an earlier delivery, not stored
         reply = await self.engine.serve(inbound, keep, refused, sink=sink, answered=answered)
         served.append(True)
@@ -1015,6 +1013,27 @@ class Jobs:
         subject = (msg.headers or {}).get(subjects.NOTIFY)
         if subject and subjects.reply_subject_refused(subject) is None:
             await publish_checked(self.nc, subject, payload, "a job's result")
+
+    def _events_sink(self, msg: Msg) -> ClientStream | None:
+        """Where the job's answer is streamed as it is written (its Lifeline-Events), if any."""
+        events_to = (msg.headers or {}).get(subjects.JOB_EVENTS)
+        if events_to and subjects.reply_subject_refused(events_to) is None:
+            return ClientStream(self.nc, events_to)
+        return None
+
+    async def _stream_stored(self, msg: Msg, reply: CompletionReply) -> None:
+        """A result found stored, streamed to the job's Lifeline-Events subject as one answer
+        written at once: its text, then its end (or error) event. Its listener (the id sent
+        again, a delivery whose first died before its end event) got no event at all, and
+        waited for an end that never came."""
+        sink = self._events_sink(msg)
+        if sink is None:
+            return
+        attempt = 0  # none: an error found before any call
+        if reply.content:
+            attempt = 1
+            sink.delta(attempt, reply.content.encode())
+        await sink.end(msgspec.structs.replace(reply, content=None), attempt)
 
     async def _heartbeat(self, latest: list[Msg]) -> None:
         """Tell JetStream the job (its latest delivery) is still being worked on, well within

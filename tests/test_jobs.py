@@ -243,6 +243,28 @@ async def test_a_job_that_asks_for_events_streams_its_answer_and_stores_its_resu
     assert (subject, event.id, event.stream.resets) == ("llm.audit.ok", "streamed", 1)
 
 
+async def test_a_job_that_asks_for_events_and_finds_its_result_stored_gets_it_as_events(
+    lifeline, client
+):
+    """The id sent again, answered before: its listener got no event at all, and waited for
+    an end that never came. It gets the stored answer as a stream of it: its text, then end."""
+    stack = await lifeline(config({"main": fake()}))
+    await submit(client, job("streamed-again", "said once"), "streamed-again")
+    await result_of(client, "streamed-again")
+    events_to = client.new_inbox()
+    sub = await client.subscribe(events_to)
+    again = {subjects.JOB_EVENTS: events_to}
+    await submit(client, job("streamed-again", "said once"), "streamed-again-2", **again)
+    assembler = Assembler()
+    while not assembler.done:
+        msg = await sub.next_msg(timeout=10)
+        assembler.feed(msg.headers, msg.data)
+    stored = await result_of(client, "streamed-again")
+    assert assembler.text == stored.content == "said once"
+    assert assembler.reply == msgspec.structs.replace(stored, content=None)
+    assert (stack.dispatcher.jobs.handled, stack.dispatcher.jobs.found) == (1, 1)
+
+
 async def test_an_invalid_job_gets_an_error_result_at_once_and_is_not_redelivered(
     lifeline, client, audit
 ):
