@@ -1702,7 +1702,8 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
     jobs: dict[str, bytes] = {}
     where = source.resolve()
     # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
-    for n, line in enumerate(source.read_text(encoding="utf-8").split("\n"), 1):
+    # A byte order mark (Windows tools write one) is no part of the first line.
+    for n, line in enumerate(source.read_text(encoding="utf-8-sig").split("\n"), 1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue

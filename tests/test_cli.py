@@ -637,6 +637,19 @@ def test_batch_takes_odd_lines_and_resumes_after_a_line_cut_in_two(running, tmp_
     assert len([line for line in out.read_text().split("\n") if line.startswith("{")]) >= 7
 
 
+def test_batch_reads_a_file_that_starts_with_a_byte_order_mark(running, tmp_path):
+    """As Windows tools write UTF-8 (PowerShell's Out-File, older Notepad): its first line was
+    "not JSON" and the run stopped before sending anything."""
+    _, url = running
+    source = tmp_path / "bom.jsonl"
+    line = json.dumps({"id": "bom-1", "messages": [{"role": "user", "content": "hi"}]})
+    source.write_text(line + "\n", encoding="utf-8-sig")
+    run = run_lifeline("batch", "--nats-url", url, str(source))
+    assert run.returncode == 0, run.stderr
+    [result] = (tmp_path / "bom.results.jsonl").read_text().splitlines()
+    assert json.loads(result)["id"] == "bom-1"
+
+
 def test_batch_on_an_inbox_no_dispatcher_publishes_to_stops_before_sending_anything(
     running, tmp_path
 ):
