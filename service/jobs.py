@@ -643,6 +643,8 @@ class Jobs:
         result = None
         if not audited:  # it failed before the engine had it: its one result and event
             job_id, key, audit_id = identity(msg)
+            if len(job_id) > MAX_ID_LENGTH:  # a Nats-Msg-Id's: none, as a job answered says
+                job_id = ""
             inbound = Inbound(msg.data, msg.headers, time.monotonic(), job_id, audit_id)
             message = (
                 f"the jobs front end failed on each of the job's {msg.metadata.num_delivered} "

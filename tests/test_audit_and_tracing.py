@@ -873,12 +873,13 @@ async def test_a_dispatcher_that_does_not_trace_passes_its_callers_sampled_conte
 
 
 async def test_a_dead_lettered_jobs_span_carries_its_id_clipped_as_every_span_does(
-    lifeline, client, exporter, monkeypatch
+    lifeline, client, exporter, monkeypatch, audit
 ):
     """A job's id may come from its Nats-Msg-Id, which nothing bounds but JetStream's 64 KiB
     of headers: the `job` span of one dead-lettered carried all of it (a 60 KB span, where
     every other span's ids and names are at most 256 characters, and the export queue counts
-    spans, not bytes)."""
+    spans, not bytes); its result and audit event carried it too, where a job answered
+    refuses such an id (answered without one)."""
     from service import jobs
 
     async def broken(self: Any, *_: Any) -> None:
@@ -901,6 +902,8 @@ async def test_a_dead_lettered_jobs_span_carries_its_id_clipped_as_every_span_do
     assert span.attributes["lifeline.job.outcome"] == "dead_lettered"
     request_id = span.attributes["lifeline.request.id"]
     assert 0 < len(request_id) <= MAX_ID_LENGTH and long_id.startswith(request_id)
+    [(_, event)] = await audit.wait_for(1)
+    assert event.id == "" and event.error_type == "internal", event
 
 
 async def test_a_workers_status_code_past_any_http_one_is_no_status(
