@@ -276,7 +276,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds for the whole request (default: 30)",
     )
     ask.add_argument(
-        "--max-tokens", type=int, metavar="N", help="the most tokens the answer may take"
+        "--max-tokens", type=_at_least_one, metavar="N", help="the most tokens the answer may take"
     )
     ask.add_argument(
         "--json-output",
@@ -289,7 +289,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     ask.add_argument(
         "--max-attempts",
-        type=int,
+        type=_at_least_one,
         metavar="N",
         help="cap on calls across retries and fallbacks",
     )
@@ -597,7 +597,7 @@ or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conforman
     )
     conformance.add_argument(
         "--replicas",
-        type=int,
+        type=_at_least_one,
         default=2,
         metavar="N",
         help="how many copies of COMMAND to run (default: 2)",

@@ -212,3 +212,22 @@ def test_help_describes_the_command_and_names_each_value(capsys, command):
     assert not re.search(r"--[a-z-]+ (GATEWAY_PORT|TIMEOUT|MAX_TOKENS|TARGETS|SYSTEM)\b", usage)
     if command == "conformance":  # the first example runs on a fresh clone
         assert "npm ci --prefix workers/examples/node" in shown.split("examples:")[1]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ask", "--max-tokens", "0", "hi"],
+        ["ask", "--max-attempts", "-1", "hi"],
+        ["conformance", "--replicas", "0", "--", "true"],
+    ],
+    ids=["max-tokens", "max-attempts", "replicas"],
+)
+def test_a_count_under_one_is_a_command_line_mistake_named_by_its_option(args):
+    """ask sent --max-tokens 0 to a dispatcher and exited 1 with its invalid_request, telling a
+    command-line user to send JSON like {"messages": ...}; conformance printed "starting 0 x"."""
+    refused = lifeline_in(Path.cwd(), *args, "--nats-url", "nats://127.0.0.1:1")
+    assert refused.returncode == 2, refused
+    option = args[1]
+    assert f"argument {option}: {args[2]} is not 1 or more" in refused.stderr, refused.stderr
+    assert not refused.stdout
