@@ -2010,6 +2010,10 @@ def _tools(source: str) -> list[Tool]:
         inline = source.lstrip().startswith(("[", "{"))
         data = source.encode() if inline else Path(source).read_bytes()
         return msgspec.json.decode(data, type=list[Tool])
+    except FileNotFoundError:
+        raise ValueError(
+            f"--tools {source}: no such file; {expected}, inline or in a file"
+        ) from None
     except OSError as exc:
         raise ValueError(f"--tools {source}: {exc.strerror}") from None
     except msgspec.ValidationError as exc:

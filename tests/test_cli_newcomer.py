@@ -231,3 +231,12 @@ def test_a_count_under_one_is_a_command_line_mistake_named_by_its_option(args):
     option = args[1]
     assert f"argument {option}: {args[2]} is not 1 or more" in refused.stderr, refused.stderr
     assert not refused.stdout
+
+
+def test_tools_that_are_neither_a_file_nor_json_say_what_tools_takes():
+    """`--tools get_weather` said "--tools get_weather: No such file or directory" alone."""
+    refused = lifeline_in(Path.cwd(), "ask", "--tools", "get_weather", "hi")
+    assert refused.returncode == 2, refused
+    said = refused.stderr
+    assert "--tools get_weather: no such file" in said, said
+    assert 'a JSON list of tools, [{"name", "description", "parameters"}' in said, said
