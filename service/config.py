@@ -34,7 +34,7 @@ from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
 from service.health import SLOT_S, BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import Template
-from workers.registry import known_kinds, parse_settings, settings_type
+from workers.registry import KINDS, known_kinds, parse_settings, settings_type
 from workers.settings import ProviderSettings
 
 # Provider and route names become NATS subject tokens (a subscription's line, with its
@@ -549,7 +549,7 @@ def _provider(name: str, table: Any) -> ProviderSettings:
             f"got {table.get('kind')!r}"
         ) from None
     except msgspec.ValidationError as exc:
-        raise ConfigError(_located(key, exc, settings_type(table))) from None
+        raise ConfigError(_located(key, exc, settings_type(table), table.get("kind"))) from None
     for i, model in enumerate(settings.models):
         if not model.strip():
             raise ConfigError(f"{key}.models[{i}]: a model name cannot be empty")
@@ -802,9 +802,15 @@ def _convert(data: Any, type_: type, prefix: str) -> Any:
         raise ConfigError(_located(prefix, exc, type_)) from None
 
 
-def _located(prefix: str, exc: msgspec.ValidationError, type_: type | None = None) -> str:
+def _located(
+    prefix: str,
+    exc: msgspec.ValidationError,
+    type_: type | None = None,
+    kind: Any = None,
+) -> str:
     """Turn msgspec's "... - at `$.a.b`" into "prefix.a.b: ..." so the key comes first; an
-    unknown key of `type_` itself gets the closest known one as a suggestion."""
+    unknown key of `type_` itself gets the closest known one as a suggestion, else, for a
+    provider of `kind`, the built-in kinds that take it."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$")
     if not sep:
@@ -819,12 +825,20 @@ def _located(prefix: str, exc: msgspec.ValidationError, type_: type | None = Non
         key = unknown.group(1)
         hint = "check its spelling"
         if isinstance(type_, type) and issubclass(type_, msgspec.Struct) and not where:
-            known = [f.encode_name for f in msgspec.structs.fields(type_)]
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, _keys(type_), n=1, cutoff=0.6)
+            owners = [name for name, (other, _) in KINDS.items() if key in _keys(other)]
             if close:
                 hint = f"did you mean {close[0]!r}?"
+            elif kind is not None and owners:  # spelt right, in a table copied from a kind
+                takers = "kind {} takes" if len(owners) == 1 else "kinds {} take"
+                hint = f"kind {kind} has none; {takers.format(', '.join(owners))} it"
         return f"{path + '.' if path else ''}{key}: unknown key ({hint})"
     return f"{path}: {message}" if path else message
+
+
+def _keys(type_: type) -> list[str]:
+    """The keys a config table of the Struct `type_` takes."""
+    return [f.encode_name for f in msgspec.structs.fields(type_)]
 
 
 def _literals(type_: type | None, field: str) -> list[Any]:

@@ -336,3 +336,35 @@ def test_an_error_kind_near_none_still_lists_the_known_ones():
     target = {"provider": "p", "retry_on": ["zzz"]}
     message = error(config({"p": fake()}, routes={"r": {"targets": [target]}}))
     assert "unknown error kind 'zzz' (known: timeout, rate_limit," in message, message
+
+
+# ---- a provider's key of another kind ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "says"),
+    [
+        (
+            {"kind": "openai", "model": "m", "deployment": "d"},
+            (
+                "providers.p.deployment: unknown key (kind openai has none; kind azure_openai "
+                "takes it)"
+            ),
+        ),
+        (
+            {"kind": "fake", "api_key_env": "KEY"},
+            (
+                "providers.p.api_key_env: unknown key (kind fake has none; kinds openai, "
+                "azure_openai, anthropic take it)"
+            ),
+        ),
+        ({"kind": "fake", "latency": 3}, "unknown key (did you mean 'latency_ms'?)"),
+        ({"kind": "fake", "colour": 3}, "providers.p.colour: unknown key (check its spelling)"),
+    ],
+    ids=["azure-key-on-openai", "api-key-on-fake", "misspelt", "nowhere"],
+)
+def test_a_key_of_another_kind_says_which_kind_takes_it(provider, says):
+    """A table copied from one kind to another said "check its spelling" of a key spelt
+    right: `deployment` is Azure's, and an openai provider has none."""
+    message = error(config({"p": provider}, routes={"r": {"targets": ["p"]}}))
+    assert says in message, message
