@@ -18,6 +18,7 @@ TargetSpec with its name set, so the dispatcher never meets an unknown name from
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import tomllib
@@ -311,12 +312,26 @@ def _read_toml(path: Path, missing_hint: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {_toml_problem(str(exc))}") from None
     except ValueError:  # Python reads no integer of over 4,300 digits (sys.int_info)
         raise ConfigError(
             f"{path}: not valid TOML: an integer of thousands of digits; TOML integers are "
             f"64-bit ({_INT64_MIN} to {_INT64}): write a smaller number"
         ) from None
+
+
+def _toml_problem(text: str) -> str:
+    """tomllib's message, those about a table or key given twice in a config's words (its
+    own: "Cannot declare ('providers', 'p') twice", "Cannot overwrite a value")."""
+    message, sep, at = text.partition(" (at ")
+    where = sep + at  # " (at line 4, column 13)"
+    table = re.fullmatch(r"Cannot declare (\(.*\)) twice", message)
+    if table:
+        name = ".".join(ast.literal_eval(table.group(1)))
+        return f"[{name}] is declared twice{where}: merge the two into one"
+    if message == "Cannot overwrite a value":
+        return f"a key set twice{where}: keep one"
+    return text
 
 
 def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:

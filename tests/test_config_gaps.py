@@ -368,3 +368,30 @@ def test_a_key_of_another_kind_says_which_kind_takes_it(provider, says):
     right: `deployment` is Azure's, and an openai provider has none."""
     message = error(config({"p": provider}, routes={"r": {"targets": ["p"]}}))
     assert says in message, message
+
+
+# ---- a table or key given twice ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            '[providers.p]\nkind = "fake"\n\n[providers.p]\nkind = "fake"\n',
+            "[providers.p] is declared twice (at line 4, column 13): merge the two",
+        ),
+        (
+            '[providers.p]\nkind = "fake"\nkind = "fake"\n',
+            "a key set twice (at line 3, column 14): keep one",
+        ),
+    ],
+    ids=["table", "key"],
+)
+def test_a_table_or_key_given_twice_says_so_in_toml_s_words(tmp_path, text, says):
+    """tomllib's own words: "Cannot declare ('providers', 'p') twice", a Python tuple, and
+    "Cannot overwrite a value", which names no key."""
+    path = tmp_path / "twice.toml"
+    path.write_text(text)
+    checked = check_config(path)
+    assert checked.returncode == 2, checked
+    assert f"{path}: not valid TOML: {says}" in checked.stderr, checked.stderr
