@@ -291,20 +291,21 @@ class Config(Struct, frozen=True):
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    data = _read_toml(path, "pass --config, or copy lifeline.example.toml")
+    data = _read_toml(path)
     try:
         return parse_config(data, source=str(path))
     except ConfigError as exc:
         raise ConfigError(f"{_one_line(str(path))}: {exc}", lines=True) from None
 
 
-def _read_toml(path: Path, missing_hint: str) -> dict[str, Any]:
+def _read_toml(path: Path) -> dict[str, Any]:
     # TOML is UTF-8 whatever the locale (a latin-1 one read "Réponds" as "RÃ©ponds", an
     # ASCII one refused it); a leading byte-order mark, as Windows editors write, is skipped.
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file ({missing_hint})") from None
+    except FileNotFoundError:  # named by --config: a relative name, in the folder it is run in
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise ConfigError(f"{path}: no such file{where}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 (byte {exc.start}); a TOML file is UTF-8: save it as that"
@@ -466,7 +467,7 @@ def load_nats_settings(path: str | Path) -> NatsSettings:
     """Only the [nats] table of a config file, checked: for the commands that only connect
     (ask, status, ...), which a mistake elsewhere in the file should not stop."""
     path = Path(path)
-    data = _read_toml(path, "pass --config")
+    data = _read_toml(path)
     try:
         return _nats(data.get("nats", {}))
     except ConfigError as exc:

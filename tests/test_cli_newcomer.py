@@ -91,6 +91,16 @@ def test_serving_commands_outside_a_checkout_run_the_installed_example(tmp_path,
     assert [proc.returncode for proc in servers.values()] == [0, 0, 0]
 
 
+@pytest.mark.parametrize("command", [["run", "--port", "-1"], ["ask", "hi"]], ids=["run", "ask"])
+def test_a_config_not_there_says_where_it_was_looked_for(tmp_path, command):
+    """`--config mine.toml` that is not there said "no such file (pass --config, ...)" to
+    someone who had: the folder a relative name was looked for in is what they need."""
+    missing = lifeline_in(tmp_path, *command, "--config", "mine.toml")
+    assert missing.returncode == 2, missing
+    assert f"mine.toml: no such file in {tmp_path}\n" in missing.stderr, missing.stderr
+    assert "pass --config" not in missing.stderr
+
+
 # ---- result: what "no result" means, and --wait ------------------------------------------
 
 
