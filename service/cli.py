@@ -1544,18 +1544,10 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     nc = await _client(nats_opts, "lifeline-submit")
     if nc is None:
         return 1
+    payload = encoder.encode(request)
+    await _fit(nc, payload, headers)
     try:
         js = nc.jetstream(timeout=5)
-        payload = encoder.encode(request)
-        if (size := message_bytes(payload, headers)) > nc.max_payload:
-            # nats-py checks the body alone, and the server closes the connection over the
-            # rest: the publish waited 5 s for an ack and blamed JetStream.
-            print(
-                f"lifeline: the job is {size} bytes with its headers, above the NATS server's "
-                f"max_payload of {nc.max_payload}; shorten the prompt",
-                file=sys.stderr,
-            )
-            return 1
         try:
             ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
         except nats.js.errors.NoStreamResponseError:  # no dispatcher has made the stream yet
@@ -2063,6 +2055,8 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
     except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
         print(f"\nlifeline: {exc} ({redact_url(url)})", file=sys.stderr)
         return 1
+    except client.RequestTooLarge as exc:  # checked before anything is sent
+        raise ValueError(f"{exc}: shorten the prompt") from None
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -2071,6 +2065,19 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
     print()
     _print_reply(reply)
     return 0 if reply.status == "ok" else 1
+
+
+async def _fit(nc: Client, payload: bytes, headers: dict[str, str]) -> None:
+    """A request over the server's max_payload, headers included, is the user's to shorten:
+    `nc` closed, ValueError (exit 2), in the words of the client's RequestTooLarge, which
+    ask --stream gets."""
+    size = message_bytes(payload, headers)
+    if size > nc.max_payload:
+        await nc.close()
+        raise ValueError(
+            f"the request is {size} bytes with its headers, over the NATS server's max_payload "
+            f"of {nc.max_payload}: shorten the prompt"
+        )
 
 
 def _struck(text: str) -> str:
@@ -2083,18 +2090,11 @@ def _struck(text: str) -> str:
 async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg | None:
     """Send one request and close `nc`: the dispatcher's answer, or None after saying why
     there is none."""
-    if len(payload) > nc.max_payload:
-        await nc.close()
-        print(
-            f"lifeline: the request is {len(payload)} bytes, above the NATS server's max_payload "
-            f"of {nc.max_payload}; shorten the prompt",
-            file=sys.stderr,
-        )
-        return None
     key = client.abort_key()
+    headers = {subjects.ABORT_KEY: key}
+    await _fit(nc, payload, headers)
     try:
         # A little over the request's own timeout: the dispatcher always answers first.
-        headers = {subjects.ABORT_KEY: key}
         return await nc.request(subjects.COMPLETE, payload, timeout=timeout_s + 2, headers=headers)
     except asyncio.CancelledError:  # Ctrl-C: the dispatcher stops the request (closing flushes)
         await client.abort(nc, key)

@@ -344,8 +344,8 @@ def test_a_job_that_fits_max_payload_only_without_its_headers_is_refused_at_once
             env=cli_env(),
             check=False,
         )
-    assert refused.returncode == 1
-    assert "with its headers, above the NATS server's max_payload of 65536" in refused.stderr
+    assert refused.returncode == 2  # the prompt is the user's to shorten
+    assert "with its headers, over the NATS server's max_payload of 65536" in refused.stderr
 
 
 def test_the_result_command_submit_prints_works_as_printed_with_a_config(running, tmp_path):

@@ -250,3 +250,30 @@ def test_tools_that_are_neither_a_file_nor_json_say_what_tools_takes():
     said = refused.stderr
     assert "--tools get_weather: no such file" in said, said
     assert 'a JSON list of tools, [{"name", "description", "parameters"}' in said, said
+
+
+@pytest.mark.parametrize(
+    "command", [["ask"], ["ask", "--stream"], ["submit"]], ids=["ask", "stream", "submit"]
+)
+def test_a_prompt_over_max_payload_is_one_mistake_said_alike_by_every_command(
+    tmp_path, nats_url, command
+):
+    """ask exited 1 with "shorten the prompt", ask --stream 2 without it, and submit 1 asking
+    whether JetStream was on (`MaxPayloadError`) for the same 2 MB prompt."""
+    refused = subprocess.run(
+        [*LIFELINE, *command, "--nats-url", nats_url, "-"],
+        input="x" * 2_000_000,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=cli_env(),
+    )
+    assert refused.returncode == 2, refused.stderr
+    said = refused.stderr
+    assert re.fullmatch(
+        r"lifeline: the request is \d+ bytes with its headers, over the NATS server's "
+        r"max_payload of 1048576: shorten the prompt\n",
+        said,
+    ), said
