@@ -519,7 +519,7 @@ def _route(
 ) -> Route:
     """One [routes.<name>] table, checked, with its chains resolved by `resolve`."""
     key = f"routes.{name}"
-    route = _convert(table, RouteConfig, key)
+    route = _convert(table, RouteConfig, key, _target_taking)
     if not _NAME.match(name):
         raise ConfigError(f"{key}: route names are 1 to 256 letters, digits, '_' and '-'")
     problem = _bad_kind(route.fallback_on)
@@ -565,7 +565,8 @@ def _provider(name: str, table: Any) -> ProviderSettings:
             f"got {table.get('kind')!r}"
         ) from None
     except msgspec.ValidationError as exc:
-        raise ConfigError(_located(key, exc, settings_type(table), table.get("kind"))) from None
+        hint = _kinds_taking(table.get("kind"))
+        raise ConfigError(_located(key, exc, settings_type(table), hint)) from None
     for i, model in enumerate(settings.models):
         if not model.strip():
             raise ConfigError(f"{key}.models[{i}]: a model name cannot be empty")
@@ -811,22 +812,45 @@ def _bad_kind(entries: Collection[str | int] | None) -> tuple[int, str] | None:
     return None
 
 
-def _convert(data: Any, type_: type, prefix: str) -> Any:
+# Where an unknown key, spelt right, belongs instead (None: nowhere known).
+_Elsewhere = Callable[[str], str | None]
+
+
+def _convert(data: Any, type_: type, prefix: str, elsewhere: _Elsewhere | None = None) -> Any:
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_located(prefix, exc, type_)) from None
+        raise ConfigError(_located(prefix, exc, type_, elsewhere)) from None
+
+
+def _kinds_taking(kind: Any) -> _Elsewhere:
+    """For a provider of `kind`: the built-in kinds that take a key it does not (a table
+    copied from one kind to another)."""
+
+    def hint(key: str) -> str | None:
+        owners = [name for name, (other, _) in KINDS.items() if key in _keys(other)]
+        takers = "kind {} takes" if len(owners) == 1 else "kinds {} take"
+        return f"kind {kind} has none; {takers.format(', '.join(owners))} it" if owners else None
+
+    return hint
+
+
+def _target_taking(key: str) -> str | None:
+    """For a route: a key each of its targets takes instead (retries, timeout_s, ...)."""
+    if key not in _keys(TargetSpec):
+        return None
+    return f'a route has none; a target takes it: targets = [{{ provider = "...", {key} = ... }}]'
 
 
 def _located(
     prefix: str,
     exc: msgspec.ValidationError,
     type_: type | None = None,
-    kind: Any = None,
+    elsewhere: _Elsewhere | None = None,
 ) -> str:
     """Turn msgspec's "... - at `$.a.b`" into "prefix.a.b: ..." so the key comes first; an
-    unknown key of `type_` itself gets the closest known one as a suggestion, else, for a
-    provider of `kind`, the built-in kinds that take it."""
+    unknown key of `type_` itself gets the closest known one as a suggestion, else where it
+    belongs instead, as `elsewhere` says."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `$")
     if not sep:
@@ -842,12 +866,11 @@ def _located(
         hint = "check its spelling"
         if isinstance(type_, type) and issubclass(type_, msgspec.Struct) and not where:
             close = difflib.get_close_matches(key, _keys(type_), n=1, cutoff=0.6)
-            owners = [name for name, (other, _) in KINDS.items() if key in _keys(other)]
+            instead = elsewhere(key) if elsewhere is not None else None
             if close:
                 hint = f"did you mean {close[0]!r}?"
-            elif kind is not None and owners:  # spelt right, in a table copied from a kind
-                takers = "kind {} takes" if len(owners) == 1 else "kinds {} take"
-                hint = f"kind {kind} has none; {takers.format(', '.join(owners))} it"
+            elif instead:  # spelt right, for another table
+                hint = instead
         return f"{path + '.' if path else ''}{key}: unknown key ({hint})"
     return f"{path}: {message}" if path else message
 

@@ -370,6 +370,17 @@ def test_a_key_of_another_kind_says_which_kind_takes_it(provider, says):
     assert says in message, message
 
 
+@pytest.mark.parametrize("key", ["retries", "timeout_s", "temperature"])
+def test_a_target_s_key_on_a_route_says_to_give_it_to_the_targets(key):
+    """`retries = 2` under [routes.default] said "check its spelling": it is spelt right, and
+    it is a target's."""
+    message = error(config({"p": fake()}, routes={"r": {"targets": ["p"], key: 1}}))
+    assert message.startswith(
+        f"routes.r.{key}: unknown key (a route has none; a target takes it: targets = "
+        f'[{{ provider = "...", {key} = ... }}])'
+    ), message
+
+
 # ---- a table or key given twice ------------------------------------------------------------
 
 
