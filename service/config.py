@@ -560,10 +560,10 @@ def _provider(name: str, table: Any) -> ProviderSettings:
     try:
         settings = parse_settings(table)
     except KeyError:
-        raise ConfigError(
-            f"{key}.kind: expected one of {', '.join(known_kinds())} (the installed ones), "
-            f"got {table.get('kind')!r}"
-        ) from None
+        kinds = f"one of {', '.join(known_kinds())} (the installed ones)"
+        if "kind" not in table:
+            raise ConfigError(f"{key}.kind: missing: set it to {kinds}") from None
+        raise ConfigError(f"{key}.kind: expected {kinds}, got {table['kind']!r}") from None
     except msgspec.ValidationError as exc:
         hint = _kinds_taking(table.get("kind"))
         raise ConfigError(_located(key, exc, settings_type(table), hint)) from None

@@ -406,3 +406,12 @@ def test_a_table_or_key_given_twice_says_so_in_toml_s_words(tmp_path, text, says
     checked = check_config(path)
     assert checked.returncode == 2, checked
     assert f"{path}: not valid TOML: {says}" in checked.stderr, checked.stderr
+
+
+def test_a_provider_without_kind_is_told_to_set_one():
+    """It said `providers.p.kind: expected one of fake, ..., got None`: Python's None."""
+    message = error(config({"p": {"model": "m"}}, routes={"r": {"targets": ["p"]}}))
+    assert message.startswith(
+        "providers.p.kind: missing: set it to one of fake, openai, azure_openai, anthropic, "
+        "python (the installed ones)"
+    ), message
