@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -2292,7 +2293,7 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
             config, nats_opts, args.host, max(args.port, 0), args.max_connections
         )
     except OSError as exc:
-        raise ValueError(f"gateway: {exc}; try --port 0 (any free port)") from None
+        raise ValueError(f"gateway: {exc}{_listen_hint(exc)}") from None
     _print_gateway(server, config)
     lost = await _until_signalled(component.watch.wait_lost())
     if lost is not None:
@@ -2300,6 +2301,16 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
     await component.stop()
     print("stopped")
     return 0 if lost is None else 1
+
+
+def _listen_hint(exc: OSError) -> str:
+    """What to do when `lifeline gateway` cannot listen: its port is taken or privileged, or
+    its --host is no address here (one that does not resolve, or another machine's)."""
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        return "; try --port 0 (any free port)"
+    if exc.errno == errno.EADDRNOTAVAIL or (exc.errno or 0) < 0:  # < 0: getaddrinfo's EAI_*
+        return "; --host names no address of this machine: try 127.0.0.1, or 0.0.0.0 for all"
+    return ""
 
 
 async def _run_gateway(

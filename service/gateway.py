@@ -923,7 +923,9 @@ class Gateway:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            error = OSError(f"cannot listen on {host}:{port}: {exc.strerror}")
+            error.errno = exc.errno  # what to do depends on it (service/cli.py)
+            raise error from None
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
         await server.startup(sockets=[sock])

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -277,3 +278,26 @@ def test_a_prompt_over_max_payload_is_one_mistake_said_alike_by_every_command(
         r"max_payload of 1048576: shorten the prompt\n",
         said,
     ), said
+
+
+@pytest.mark.parametrize("host", ["nosuchhost.invalid", "192.0.2.1"], ids=["unknown", "not-here"])
+def test_a_gateway_host_it_cannot_listen_on_is_named_as_the_mistake(host, nats_url):
+    """It said "cannot listen on nosuchhost.invalid:0: ...; try --port 0 (any free port)": the
+    port was never the problem."""
+    refused = lifeline_in(
+        Path.cwd(), "gateway", "--host", host, "--port", "-1", "--nats-url", nats_url
+    )
+    assert refused.returncode == 2, refused
+    assert f"cannot listen on {host}:0" in refused.stderr, refused.stderr
+    assert "--host names no address of this machine" in refused.stderr, refused.stderr
+    assert "--port" not in refused.stderr
+
+
+def test_a_gateway_port_taken_still_says_to_take_any_free_one(nats_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = lifeline_in(Path.cwd(), "gateway", "--port", str(port), "--nats-url", nats_url)
+    assert refused.returncode == 2, refused
+    assert "Address already in use; try --port 0 (any free port)" in refused.stderr
