@@ -13,7 +13,7 @@ WORKER_NODE_STAMP := workers/examples/node/node_modules/.installed-stamp
 .PHONY: help install run lint test bench bench-ab bench-instr soak chaos chaos-cluster clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Lifeline needs Python 3.11+; set PYTHON=python3.11")'
@@ -45,7 +45,7 @@ CONFIG ?= lifeline.example.toml
 PORT   ?=
 GATEWAY_PORT ?=
 
-run: $(STAMP)  ## start NATS (embedded), the dispatcher and every worker (CONFIG=..., PORT=..., GATEWAY_PORT=... to choose)
+run: $(STAMP)  ## start NATS (embedded), the dispatcher, every worker and the HTTP gateway (CONFIG=..., PORT=..., GATEWAY_PORT=... to choose)
 	$(BIN)/lifeline run --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(GATEWAY_PORT),--gateway-port $(GATEWAY_PORT))
 
 # The rules are pyproject.toml's [tool.ruff.lint]; `ruff check --fix .` and `ruff format .` fix most.

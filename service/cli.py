@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
         "run",
-        help="start NATS (embedded unless a URL is given), the dispatcher and every worker",
+        help="start NATS (embedded unless a URL is given), the dispatcher, every worker and "
+        "the HTTP gateway",
         description="Everything in one process, for trying Lifeline and for small setups: an "
         "embedded NATS server with JetStream (unless --nats-url, the config's [nats] table or "
         "$NATS_URL names one), the dispatcher, one worker per provider of the config, and the "
