@@ -2578,7 +2578,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
             except ValueError as exc:  # named by its file, as the loader's mistakes are
                 raise ConfigError(f"{path}: {exc}") from None
         key_env = getattr(settings, "api_key_env", "")
-        if key_env and not os.environ.get(key_env):  # valid, but its worker would not start
+        # Valid, but its worker would not start (it strips a key: workers/base.py).
+        if key_env and not os.environ.get(key_env, "").strip():
             print(
                 f"warning: providers.{name}: {shown_env_name(key_env)} is not set here; "
                 "`lifeline worker "

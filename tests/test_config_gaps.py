@@ -415,3 +415,26 @@ def test_a_provider_without_kind_is_told_to_set_one():
         "providers.p.kind: missing: set it to one of fake, openai, azure_openai, anthropic, "
         "python (the installed ones)"
     ), message
+
+
+# ---- an API key the worker will not take --------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "", " \n"], ids=["unset", "empty", "blank"])
+def test_check_config_warns_of_an_api_key_the_worker_would_refuse(tmp_path, value):
+    """A key of only blanks (a secret file's empty line) passed check-config without a word,
+    and `lifeline worker` then refused it: "provider needs an API key"."""
+    path = tmp_path / "real.toml"
+    path.write_text('[providers.p]\nkind = "openai"\nmodel = "m"\napi_key_env = "P_KEY"\n')
+    env = {k: v for k, v in cli_env().items() if k != "P_KEY"}
+    if value is not None:
+        env["P_KEY"] = value
+    checked = subprocess.run(
+        [*LIFELINE, "check-config", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: providers.p: $P_KEY is not set here" in checked.stderr, checked.stderr
