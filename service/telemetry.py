@@ -157,6 +157,8 @@ def _otlp_entry_point(environ: Mapping[str, str], signal: str) -> str:
             f"{variable}={protocol} is not supported by the Python OTLP exporters: use "
             "http/protobuf or grpc"
         )
+    if protocol == "http/protobuf":
+        _check_http_endpoint(environ, signal)
     entry_point = _OTLP_ENTRY_POINT[protocol]
     if not entry_points(group=f"opentelemetry_{signal.lower()}_exporter", name=entry_point):
         other = "http/protobuf" if protocol == "grpc" else "grpc"
@@ -166,6 +168,21 @@ def _otlp_entry_point(environ: Mapping[str, str], signal: str) -> str:
             f"pip install {_OTLP_PACKAGE[protocol]}, or set {variable}={other}"
         )
     return entry_point
+
+
+def _check_http_endpoint(environ: Mapping[str, str], signal: str) -> None:
+    """An OTLP/HTTP endpoint is a URL: without its scheme (localhost:4318) the service started
+    and its every export failed ("No connection adapters were found"). Not quoted: an
+    endpoint may hold a token."""
+    variable = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+    if not environ.get(variable, "").strip():
+        variable = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    endpoint = environ.get(variable, "").strip().lower()
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise TelemetryConfigError(
+            f"{variable} is no http:// or https:// URL, which OTLP over HTTP needs: e.g. "
+            "http://localhost:4318"
+        )
 
 
 def service_resource(service_name: str) -> Resource:

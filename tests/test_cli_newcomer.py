@@ -301,3 +301,24 @@ def test_a_gateway_port_taken_still_says_to_take_any_free_one(nats_url):
         refused = lifeline_in(Path.cwd(), "gateway", "--port", str(port), "--nats-url", nats_url)
     assert refused.returncode == 2, refused
     assert "Address already in use; try --port 0 (any free port)" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_an_otlp_endpoint_without_its_scheme_stops_a_service_before_it_starts(variable):
+    """`localhost:4318` started the dispatcher, whose every export then failed with "No
+    connection adapters were found for 'localhost:4318/v1/traces'"; not quoted here, for an
+    endpoint may hold a token."""
+    refused = subprocess.run(
+        [*LIFELINE, "dispatcher", "--nats-url", "nats://127.0.0.1:1"],
+        env=cli_env(**{variable: "user:s3cret@localhost:4318"}),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert refused.returncode == 2, refused.stderr
+    said = refused.stderr
+    assert f"{variable} is no http:// or https:// URL" in said, said
+    assert "e.g. http://localhost:4318" in said and "s3cret" not in said
