@@ -919,6 +919,7 @@ def _secrets_in(table: object) -> list[str]:
 def _command(args: argparse.Namespace) -> int:
     try:
         logs.setup(verbose=args.verbose)
+        loop.loop_factory()  # LIFELINE_EVENT_LOOP, as the log variables: before any command
     except ValueError as exc:
         print(f"lifeline: {exc}", file=sys.stderr)
         return 2

@@ -28,8 +28,12 @@ log = logging.getLogger("lifeline.loop")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory, or None for asyncio's default loop."""
-    if os.environ.get(ENV, "").strip().lower() == "asyncio":
+    """uvloop's loop factory, or None for asyncio's default loop; ValueError for a name that
+    is neither (a typo ran on uvloop without a word)."""
+    chosen = os.environ.get(ENV, "").strip()
+    if chosen.lower() not in ("", "asyncio", "uvloop"):
+        raise ValueError(f"{ENV}={chosen!r}: expected asyncio, or uvloop (the default)")
+    if chosen.lower() == "asyncio":
         return None
     try:
         import uvloop

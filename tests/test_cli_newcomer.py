@@ -322,3 +322,21 @@ def test_an_otlp_endpoint_without_its_scheme_stops_a_service_before_it_starts(va
     said = refused.stderr
     assert f"{variable} is no http:// or https:// URL" in said, said
     assert "e.g. http://localhost:4318" in said and "s3cret" not in said
+
+
+def test_an_event_loop_it_does_not_know_is_a_mistake_as_a_log_level_is(tmp_path):
+    """LIFELINE_EVENT_LOOP=asycnio ran on uvloop without a word, LIFELINE_LOG_LEVEL=verbose
+    stopped with what it takes."""
+    refused = subprocess.run(
+        [*LIFELINE, "check-config"],
+        env=cli_env(LIFELINE_EVENT_LOOP="asycnio"),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=30,
+    )
+    assert refused.returncode == 2, refused
+    assert refused.stderr == (
+        "lifeline: LIFELINE_EVENT_LOOP='asycnio': expected asyncio, or uvloop (the default)\n"
+    )
