@@ -158,9 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help=f"debug logging (else ${logs.LEVEL_ENV})"
-    )
+    verbose = {"action": "store_true", "help": f"debug logging (else ${logs.LEVEL_ENV})"}
+    parser.add_argument("-v", "--verbose", **verbose)
     parser.add_argument("--version", action="version", version=f"lifeline {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
@@ -181,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_nats_config,
     ):
         add_command(commands)
+    for command in commands.choices.values():  # after the command too: `lifeline run -v`
+        command.add_argument("-v", "--verbose", default=argparse.SUPPRESS, **verbose)
     return parser
 
 

@@ -340,3 +340,13 @@ def test_an_event_loop_it_does_not_know_is_a_mistake_as_a_log_level_is(tmp_path)
     assert refused.stderr == (
         "lifeline: LIFELINE_EVENT_LOOP='asycnio': expected asyncio, or uvloop (the default)\n"
     )
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_taken_before_the_command_or_after_it(where):
+    """`lifeline ask -v ...` said "unrecognized arguments: -v": only `lifeline -v ask` took it."""
+    args = ["ask", "--nats-url", "nats://127.0.0.1:1", "hi"]
+    args = ["-v", *args] if where == "before" else [args[0], "-v", *args[1:]]
+    ran = lifeline_in(Path.cwd(), *args)
+    assert ran.returncode == 1, ran  # nothing listens there
+    assert " DEBUG lifeline lifeline-ask: NATS at nats://127.0.0.1:1" in ran.stderr, ran.stderr
