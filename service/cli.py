@@ -840,8 +840,12 @@ def _hide_otlp_secrets() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `lifeline` alone: what it can do
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        return _execute(build_parser().parse_args(argv))
+        return _execute(parser.parse_args(argv))
     except KeyboardInterrupt:  # in the command's loop, or before it (what the command loads)
         return 130
 

@@ -350,3 +350,11 @@ def test_verbose_is_taken_before_the_command_or_after_it(where):
     ran = lifeline_in(Path.cwd(), *args)
     assert ran.returncode == 1, ran  # nothing listens there
     assert " DEBUG lifeline lifeline-ask: NATS at nats://127.0.0.1:1" in ran.stderr, ran.stderr
+
+
+def test_lifeline_alone_lists_the_commands():
+    """It said only "the following arguments are required: COMMAND"."""
+    bare = lifeline_in(Path.cwd())
+    assert bare.returncode == 2, bare
+    assert re.search(r"check-config\s+validate a config file", bare.stderr), bare.stderr
+    assert "examples:" in bare.stderr and not bare.stdout
