@@ -2107,6 +2107,13 @@ async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg |
     except asyncio.CancelledError:  # Ctrl-C: the dispatcher stops the request (closing flushes)
         await client.abort(nc, key)
         raise
+    except nats.errors.NoRespondersError:  # as ask --stream says it (the client's NoDispatcher)
+        print(
+            f"lifeline: no dispatcher is subscribed to {subjects.COMPLETE}: start one "
+            f"(`lifeline run`) ({redact_url(url)})",
+            file=sys.stderr,
+        )
+        return None
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(
             f"lifeline: no answer from a dispatcher on {redact_url(url)} "

@@ -358,3 +358,18 @@ def test_lifeline_alone_lists_the_commands():
     assert bare.returncode == 2, bare
     assert re.search(r"check-config\s+validate a config file", bare.stderr), bare.stderr
     assert "examples:" in bare.stderr and not bare.stdout
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["ask", "ask --stream"])
+def test_ask_without_a_dispatcher_says_so_alike_on_either_subject(nats_url, stream):
+    """ask said "no answer from a dispatcher on ... (NoRespondersError); is `lifeline run`
+    up?", ask --stream "no dispatcher is subscribed to llm.stream: start one"."""
+    args = ["ask", *(["--stream"] if stream else []), "--nats-url", nats_url, "hi"]
+    asked = lifeline_in(Path.cwd(), *args)
+    assert asked.returncode == 1, asked
+    subject = "llm.stream" if stream else "llm.complete"
+    said = asked.stderr.strip()
+    assert said == (
+        f"lifeline: no dispatcher is subscribed to {subject}: start one (`lifeline run`) "
+        f"({nats_url})"
+    ), said
