@@ -1598,6 +1598,11 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "invalid_request"
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code in (404, 405):  # a base_url without /v1, the legacy completions API
+        message += (
+            "; this gateway serves POST /v1/chat/completions and GET /v1/models: an SDK's "
+            f"base_url is {str(request.base_url).rstrip('/')}/v1"
+        )
     return HTTPError(exc.status_code, message, kind, headers=exc.headers).response()
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
@@ -373,3 +374,31 @@ def test_ask_without_a_dispatcher_says_so_alike_on_either_subject(nats_url, stre
         f"lifeline: no dispatcher is subscribed to {subject}: start one (`lifeline run`) "
         f"({nats_url})"
     ), said
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/chat/completions")],
+    ids=["base-url-without-v1", "legacy-completions", "get"],
+)
+def test_a_gateway_path_it_does_not_serve_says_what_it_serves(nats_url, method, path):
+    """A base_url without /v1 (the SDK then posts to /chat/completions) or the legacy
+    completions API got "POST /chat/completions: Not Found" and nothing more."""
+    gateway = spawn_lifeline(
+        "gateway", "--port", "0", "--nats-url", nats_url, stdout=subprocess.PIPE
+    )
+    try:
+        line, _ = wait_for_line(gateway, r"OpenAI-compatible gateway on")
+        base = re.search(r"(http://\S+)/v1", line).group(1)
+        answer = httpx.request(method, base + path, json={}, timeout=10)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=15)
+        gateway.stdout.close()
+    assert answer.status_code in (404, 405), answer
+    message = answer.json()["error"]["message"]
+    assert message.startswith(f"{method} {path}: "), message
+    assert message.endswith(
+        "; this gateway serves POST /v1/chat/completions and GET /v1/models: an SDK's "
+        f"base_url is {base}/v1"
+    ), message
