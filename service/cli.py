@@ -1593,7 +1593,12 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         what = "is a directory" if source.is_dir() else "does not exist"
         raise ValueError(f"{source} {what}: batch reads a JSONL file, one request per line")
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
+    if out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a directory: name a file")
     jobs = _batch_jobs(source)
+    if not jobs:
+        print(f"{source} holds no request: nothing to submit")
+        return 0
     done = _results_in(out_path)
     pending = {subjects.job_key(job_id): (job_id, body) for job_id, body in jobs.items()}
     pending = {key: job for key, job in pending.items() if job[0] not in done}

@@ -402,3 +402,20 @@ def test_a_gateway_path_it_does_not_serve_says_what_it_serves(nats_url, method, 
         "; this gateway serves POST /v1/chat/completions and GET /v1/models: an SDK's "
         f"base_url is {base}/v1"
     ), message
+
+
+def test_batch_out_naming_a_directory_is_a_mistake_named_by_its_option(tmp_path):
+    """It said "lifeline: [Errno 21] Is a directory: '...'" and exited 1."""
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    refused = lifeline_in(tmp_path, "batch", str(source), "--out", str(tmp_path))
+    assert refused.returncode == 2, refused
+    assert refused.stderr == f"lifeline: --out {tmp_path} is a directory: name a file\n"
+
+
+def test_batch_of_an_empty_file_says_it_holds_no_request(tmp_path):
+    """It said "all 0 jobs of empty.jsonl have results in empty.results.jsonl"."""
+    (tmp_path / "empty.jsonl").write_text("\n")
+    ran = lifeline_in(tmp_path, "batch", "empty.jsonl")
+    assert ran.returncode == 0, ran
+    assert ran.stdout == "empty.jsonl holds no request: nothing to submit\n"
