@@ -203,7 +203,6 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument(
         "--port",
         type=_port_or_any,
-        default=4222,
         help="port of the embedded NATS server (default: 4222; -1: any free port)",
     )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
@@ -1165,9 +1164,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
     nats_opts = _nats_options(args, config, default_url="")
+    if nats_opts.servers and args.port is not None:  # a NATS_URL left in the shell, say
+        raise ValueError(
+            f"--port {args.port} is for an embedded NATS server, and none starts: "
+            f"{nats_opts.where('url')} names {nats_opts.shown}; drop one of them"
+        )
     server = None
     if not nats_opts.servers:
-        server, url = _start_embedded(args.port)
+        server, url = _start_embedded(4222 if args.port is None else args.port)
         nats_opts = dataclasses.replace(nats_opts, servers=url)
     lost = None
     stack: Stack | None = None

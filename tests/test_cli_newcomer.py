@@ -419,3 +419,27 @@ def test_batch_of_an_empty_file_says_it_holds_no_request(tmp_path):
     ran = lifeline_in(tmp_path, "batch", "empty.jsonl")
     assert ran.returncode == 0, ran
     assert ran.stdout == "empty.jsonl holds no request: nothing to submit\n"
+
+
+@pytest.mark.parametrize("given", ["flag", "variable"])
+def test_run_port_with_a_nats_url_is_a_mistake_not_ignored(tmp_path, given):
+    """`make run PORT=-1` with a NATS_URL left in the shell connected there, --port unsaid,
+    and waited for a server that was not up."""
+    url = "nats://127.0.0.1:1"
+    flag = ["--nats-url", url] if given == "flag" else []
+    env = cli_env(NATS_URL=url) if given == "variable" else cli_env()
+    refused = subprocess.run(
+        [*LIFELINE, "run", "--port", "-1", *flag],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=30,
+    )
+    assert refused.returncode == 2, refused
+    origin = "--nats-url" if given == "flag" else "$NATS_URL"
+    assert refused.stderr == (
+        f"lifeline: --port -1 is for an embedded NATS server, and none starts: {origin} names "
+        f"{url}; drop one of them\n"
+    ), refused.stderr
