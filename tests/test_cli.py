@@ -234,7 +234,7 @@ def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(runni
 MISTAKES = [
     (["batch", "no-such-file.jsonl"], "no-such-file.jsonl does not exist"),
     (["batch", "."], ". is a directory"),
-    (["batch", "JOBS", "--out", "."], "Is a directory"),
+    (["batch", "JOBS", "--out", "."], "--out . is a directory: name a file"),
     # before connecting (no server there), not after submitting
     (["batch", "JOBS", "--out", "nowhere/r.jsonl", "--nats-url", "nats://127.0.0.1:1"], "No such"),
     (["spec", "--out", "README.md"], "File exists"),
