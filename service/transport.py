@@ -830,7 +830,17 @@ class ClientStream:
         self._control(TOOL_CALL, attempt, piece)
 
     def reset(self, reset: StreamReset) -> None:
-        self._control(RESET, reset.attempt, encoder.encode(reset))
+        payload = encoder.encode(reset)
+        # A worker's message may fill its whole reply: on a small max_payload the reset, with
+        # its headers and fields, would not fit, and dropped it leaves the client a gap.
+        headers = _event_headers(self.seq + 1, reset.attempt, RESET)
+        room = self._nc.max_payload - message_bytes(b"", headers)
+        if len(payload) > room:  # each character cut is a byte or more; "…" is three
+            error = reset.error
+            most = max(len(error.message) - (len(payload) - room) - 3, 0)
+            error = ErrorInfo(error.type, clipped(error.message, most) if most else "")
+            payload = encoder.encode(msgspec.structs.replace(reset, error=error))
+        self._control(RESET, reset.attempt, payload)
 
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
         """The last event: end, or error. Returns what was sent (the audit event says the same)."""

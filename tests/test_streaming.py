@@ -1270,3 +1270,28 @@ async def test_a_failed_stream_whose_summary_does_not_fit_ends_with_its_own_kind
     ends.assert_one_end_and_one_audit_each()
     for reply in ends.reply.values():
         assert reply.error is not None and reply.error.type == "all_failed", reply
+
+
+async def test_a_reset_whose_error_does_not_fit_still_reaches_the_client(small_payload):
+    """A worker failing mid-stream with as long a message as its reply can carry (control
+    characters, six bytes each in JSON) on a 2 KiB max_payload: the reset event must still
+    reach the client, its message cut to fit, and the next target's answer follow. It was
+    dropped as too large: the client read a gap in the events (StreamGap) instead of an
+    answer that was there."""
+    cfg = config({"main": fake(), "backup": fake(reply="ok", chunks=1)})
+    _, nc = await small_payload(2048, cfg, workers=["backup"])
+
+    async def fails_after_a_chunk(msg: Any) -> None:
+        await nc.publish(msg.headers[subjects.STREAM_TO], b"Hello ")
+        # As long a failure as fits the worker's reply, in as few fields as the wire allows.
+        failure = b'{"status":"error","kind":"server_error","message":"%s"}'
+        await nc.publish(msg.reply, failure % (b"\\u0001" * ((2048 - len(failure)) // 6)))
+
+    await nc.subscribe(subjects.provider_subject("main"), cb=fails_after_a_chunk)
+    await ensure_subscribed(nc)
+    assembler = Assembler()
+    events = [e async for e in stream(nc, request("hi"), assembler)]
+    assert kinds(events) == ["delta", "reset", "delta", "end"]
+    reset = events[1].reset
+    assert (reset.attempt, reset.discard, reset.error.type) == (1, 1, "server_error")
+    assert assembler.text == "ok" and events[-1].reply.status == "ok"
