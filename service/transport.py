@@ -601,6 +601,7 @@ class ProviderStream:
         "done",
         "first",
         "first_at",
+        "intact",
         "provider",
     )
 
@@ -624,6 +625,7 @@ class ProviderStream:
         self.done: asyncio.Future[ProviderReply] = loop.create_future()
         self.chunks = 0
         self.first_at: float | None = None  # time.monotonic() of the first chunk
+        self.intact = True  # its end counted the chunks that arrived (see streaming.Stream)
         self._started = self._last = loop.time()
         self._close: Callable[[], object] | None = None
         # The soonest limit: timeout_s (the attempt's share of the deadline) bounds ttft_s too.
@@ -719,6 +721,8 @@ class ProviderStream:
             self.end(ProviderFailure("server_error", message[:MAX_MESSAGE_CHARS]))
             return
         if isinstance(reply, ProviderOk):
+            if reply.chunks != self.chunks:
+                self.intact = False
             if reply.chunks > self.chunks:
                 self.end(
                     ProviderFailure(

@@ -195,6 +195,37 @@ async def test_continue_falls_back_to_reset_for_a_target_without_prefill(lifelin
     assert assembler.text == "whole"
 
 
+@pytest.mark.parametrize(
+    "sent, counted",
+    [([b"one ", b"three "], 3), ([b"one ", b"one ", b"two "], 2)],
+    ids=["lost", "extra"],
+)
+async def test_continue_never_goes_on_from_text_whose_chunks_were_lost_or_added(
+    lifeline, client, sent, counted
+):
+    """A worker's end counts more chunks than arrived (one lost on the way, in the middle) or
+    fewer (one sent twice): the text so far is not what it wrote. Handed on as a prefill, the
+    next target went on from it (a reset with discard 0), and the client's answer kept the
+    hole, or the repeat, with nothing to tell it: it is voided, as a target without prefill
+    would have it."""
+    providers = {"liar": fake(), "resumer": fake(reply="whole", chunks=1)}
+    routes = route("liar", {"provider": "resumer", "prefill": True}, on_midstream="continue")
+    await lifeline(config(providers, routes), workers=["resumer"])
+
+    async def streams_then_miscounts(msg: Any) -> None:
+        for chunk in sent:
+            await client.publish(msg.headers[subjects.STREAM_TO], chunk)
+        await client.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=counted)))
+
+    await client.subscribe(subjects.provider_subject("liar"), cb=streams_then_miscounts)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(), assembler)]
+    [reset] = [e.reset for e in events if e.kind == "reset"]
+    assert (reset.attempt, reset.discard) == (1, len(sent))
+    assert assembler.text == "whole" and events[-1].reply.status == "ok"
+
+
 async def test_continue_with_text_too_long_to_hand_back_starts_the_next_target_afresh(
     lifeline, client
 ):
@@ -1028,6 +1059,8 @@ class Recorded:
 
 class Opened:
     """An attempt's stream as the Relay sees it (service.transport.ProviderStream's surface)."""
+
+    intact = True
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
