@@ -14,8 +14,9 @@ response_format, what the client has seen is dealt with per on_midstream:
     continue  the next attempt gets the text so far as a last assistant message (prefill) if
               its target says it can (prefill = true); when that attempt sends its first
               chunk, a reset event with discard 0 says the text goes on from there, or, for a
-              target without prefill, discard N as in reset. A text whose chunks were lost
-              or added on the way (its attempt's end counted others) is reset at once
+              target without prefill, discard N as in reset. A text some of whose chunks
+              may be lost or repeated on the way (its attempt's end counted others, or the
+              dispatcher's connection dropped meanwhile) is reset at once
     fail      nothing here: the policy stops the request, and the error event ends it
 
 Pure: no NATS (the Sink is), no policy decisions (service/policy.py makes them).
@@ -72,9 +73,9 @@ class Stream(Protocol):
 
     chunks: int
     first_at: float | None
-    # False once its end counted other chunks than arrived (lost on the way, or sent twice):
-    # the text relayed is then not the attempt's, and nobody may go on from it.
-    intact: bool
+
+    @property
+    def intact(self) -> bool: ...  # False: some chunks may be lost or repeated on the way
 
     @property
     def first(self) -> Any: ...  # awaitable: the first chunk came, or the attempt ended
@@ -229,13 +230,15 @@ class Relay:
             raise
         return _Output(self, number, stream, finished)
 
-    def ended(self, number: int, reply: ProviderReply, intact: bool = True) -> ProviderReply:
+    def ended(
+        self, number: int, reply: ProviderReply, stream: Stream | None = None
+    ) -> ProviderReply:
         """The owner's stream ended: its answer with the whole text as content, checked
         against response_format, or its failure, after which the output is voided or kept
-        for the next attempt (not when it is not `intact`)."""
+        for the next attempt (not when `stream` is not intact)."""
         reply = self._checked(number, reply)
         if isinstance(reply, ProviderFailure) and self.owner == number:
-            self._fail(number, reply, intact)
+            self._fail(number, reply, stream)
         return reply
 
     def stats(self) -> StreamStats:
@@ -285,9 +288,9 @@ class Relay:
         failure = ProviderFailure(HEDGE_LOST, f"attempt {number} lost the race to a rival")
         self._reset(number, self._held, failure)
 
-    def _fail(self, number: int, failure: ProviderFailure, intact: bool = True) -> None:
+    def _fail(self, number: int, failure: ProviderFailure, stream: Stream | None) -> None:
         self.owner = 0
-        if self._mode == CONTINUE and intact:
+        if self._mode == CONTINUE and (stream is None or stream.intact):
             self._partial = (number, failure)
         elif self._mode in (RESET, CONTINUE):  # a text with a hole or a repeat: no prefill
             self._reset(number, self._held, failure)
@@ -344,7 +347,7 @@ class _Output(Started):
             self.abandon(exc)
             raise
         self._delivered = self.delivered
-        reply = self._relay.ended(self._number, reply, self._stream.intact)
+        reply = self._relay.ended(self._number, reply, self._stream)
         self._finished(reply, None)
         return reply
 

@@ -586,6 +586,7 @@ class ProviderStream:
 
     __slots__ = (
         "_close",
+        "_counted",
         "_idle_s",
         "_last",
         "_left",
@@ -593,6 +594,7 @@ class ProviderStream:
         "_loop",
         "_max_chunk",
         "_on_chunk",
+        "_opened_at",
         "_started",
         "_timer",
         "_transport",
@@ -601,7 +603,6 @@ class ProviderStream:
         "done",
         "first",
         "first_at",
-        "intact",
         "provider",
     )
 
@@ -625,7 +626,8 @@ class ProviderStream:
         self.done: asyncio.Future[ProviderReply] = loop.create_future()
         self.chunks = 0
         self.first_at: float | None = None  # time.monotonic() of the first chunk
-        self.intact = True  # its end counted the chunks that arrived (see streaming.Stream)
+        self._opened_at = time.monotonic()
+        self._counted = True  # its end, if any, counted the chunks that arrived
         self._started = self._last = loop.time()
         self._close: Callable[[], object] | None = None
         # The soonest limit: timeout_s (the attempt's share of the deadline) bounds ttft_s too.
@@ -722,7 +724,7 @@ class ProviderStream:
             return
         if isinstance(reply, ProviderOk):
             if reply.chunks != self.chunks:
-                self.intact = False
+                self._counted = False
             if reply.chunks > self.chunks:
                 self.end(
                     ProviderFailure(
@@ -752,6 +754,13 @@ class ProviderStream:
                     if self.done.done():
                         return
         self.end(reply)
+
+    @property
+    def intact(self) -> bool:
+        """Whether the chunks relayed are all the worker sent so far, in order (see
+        streaming.Stream): its end did not count others, and no outage of this connection
+        since the attempt began lost some on the way (asked only when it failed)."""
+        return self._counted and not self._transport.spanned_an_outage(self._opened_at)
 
     def end(self, reply: ProviderReply) -> None:
         self._timer.cancel()

@@ -226,6 +226,62 @@ async def test_continue_never_goes_on_from_text_whose_chunks_were_lost_or_added(
     assert assembler.text == "whole" and events[-1].reply.status == "ok"
 
 
+async def test_continue_never_goes_on_from_text_streamed_across_the_dispatchers_outage(
+    nats_url, tracers, client
+):
+    """The dispatcher's connection dropped and came back mid-stream: a chunk the worker sent
+    meanwhile was lost, and the attempt then failed with no end to count its chunks by. The
+    next target went on from the text with the hole in it; it is voided instead."""
+    from test_client import _Cuttable
+
+    from service.app import start_worker
+
+    proxy = _Cuttable(nats_url)
+    providers = {"liar": fake(), "resumer": fake(reply="whole", chunks=1)}
+    routes = route("liar", {"provider": "resumer", "prefill": True}, on_midstream="continue")
+    cfg = parse_config(config(providers, routes))
+    stack = await start_stack(cfg, await proxy.up(), tracers, workers=[])
+    resumer, _ = await start_worker(cfg, "resumer", nats_url, tracers)  # not behind the proxy
+    asked: list[Any] = []
+
+    async def streams(msg: Any) -> None:
+        asked.append(msg)
+        await client.publish(msg.headers[subjects.STREAM_TO], b"one ")
+
+    try:
+        await client.subscribe(subjects.provider_subject("liar"), cb=streams)
+        await ensure_subscribed(client)
+        assembler = Assembler()
+        events = stream(client, request(timeout_s=30), assembler)
+        async with events:
+            async for event in events:
+                if event.kind == "delta":
+                    break
+            dispatcher = stack.dispatcher.transport.nc
+            await proxy.down()
+            await wait_for(lambda: not dispatcher.is_connected)
+            to = asked[0].headers[subjects.STREAM_TO]
+            await client.publish(to, b"two ")  # lost with the dispatcher's connection
+            await client.flush()
+            await proxy.up()
+            await wait_for(lambda: dispatcher.is_connected, 10)
+            await dispatcher.flush()
+            await client.publish(to, b"three ")
+            failure = ProviderFailure("server_error", "cut off")
+            await client.publish(asked[0].reply, encoder.encode(failure))
+            reply = await events.finish()
+        assert reply.status == "ok" and "three" not in assembler.text, (
+            reply.error,
+            reply.attempts,
+            assembler.text,
+        )
+        assert assembler.text == "whole"
+    finally:
+        await stack.stop()
+        await resumer.stop()
+        await proxy.down()
+
+
 async def test_continue_with_text_too_long_to_hand_back_starts_the_next_target_afresh(
     lifeline, client
 ):
