@@ -582,7 +582,8 @@ class ProviderStream:
     the worker's reply (a ProviderOk whose `content` is what did not stream) or the failure:
     the worker's, no_responders, or a timeout of the attempt's own timer (timeout_s, ttft_s,
     idle_s), which also tells the worker to cancel. A worker that does not stream answers once:
-    its content is passed on as the stream's chunks, then it ends."""
+    its content is passed on as the stream's chunks, then it ends; so are the tool calls of
+    one that streamed none of theirs."""
 
     __slots__ = (
         "_close",
@@ -597,6 +598,7 @@ class ProviderStream:
         "_opened_at",
         "_started",
         "_timer",
+        "_tools_streamed",
         "_transport",
         "attempt_id",
         "chunks",
@@ -628,6 +630,7 @@ class ProviderStream:
         self.first_at: float | None = None  # time.monotonic() of the first chunk
         self._opened_at = time.monotonic()
         self._counted = True  # its end, if any, counted the chunks that arrived
+        self._tools_streamed = False  # a tool-call piece came (else its end's calls are sent)
         self._started = self._last = loop.time()
         self._close: Callable[[], object] | None = None
         # The soonest limit: timeout_s (the attempt's share of the deadline) bounds ttft_s too.
@@ -655,6 +658,7 @@ class ProviderStream:
                 self._give_up("server_error", message[:MAX_MESSAGE_CHARS])
                 return
             size = delta_bytes(piece)
+            self._tools_streamed = True
             # Passed on as decoded, not as the worker wrote it: what max_response_bytes counts
             # is then all the client gets (no padding, no fields the wire does not know).
             data = encoder.encode(piece)
@@ -747,7 +751,7 @@ class ProviderStream:
                 self.chunk(piece)
                 if self.done.done():
                     return
-            if not reply.chunks:  # its tool calls, whole, as one piece each
+            if not self._tools_streamed:  # its tool calls, whole, as one piece each
                 for index, call in enumerate(reply.tool_calls or ()):
                     delta = ToolCallDelta(index, call.id, call.name, call.arguments)
                     self.chunk(encoder.encode(delta), _TOOL_CALL_HEADERS)

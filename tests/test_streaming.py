@@ -768,6 +768,30 @@ async def test_a_worker_that_does_not_stream_has_its_tool_calls_streamed_whole(l
     assert assembler.tool_calls == events[-1].reply.tool_calls
 
 
+async def test_a_worker_that_streams_only_its_text_has_its_tool_calls_streamed_whole(
+    lifeline, client
+):
+    """A worker (of another language, say) that streams its text and gives its tool calls
+    only in its end, as the protocol lets it give the content it did not stream: the calls
+    were in the end event alone, never a tool_call event, so a reader of the events (the
+    gateway's SDK clients, `tool_calls` so far) never saw them."""
+    await lifeline(config({"v1": fake()}), workers=[])
+
+    async def streams_its_text_only(msg: Any) -> None:
+        await client.publish(msg.headers[subjects.STREAM_TO], b"Let me look. ")
+        call = {"id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+        answer = ProviderOk("", "own-1", tool_calls=[call], finish_reason="tool_calls", chunks=1)
+        await client.publish(msg.reply, encoder.encode(answer))
+
+    await client.subscribe(subjects.provider_subject("v1"), cb=streams_its_text_only)
+    await ensure_subscribed(client)
+    assembler = Assembler()
+    events = [e async for e in stream(client, request(tools=[WEATHER]), assembler)]
+    assert kinds(events) == ["delta", "tool_call", "end"]
+    assert assembler.tool_calls == events[-1].reply.tool_calls
+    assert assembler.text == "Let me look. "
+
+
 async def test_a_stream_still_running_when_the_shutdown_grace_ends_ends_with_shutting_down(
     lifeline, client, audit
 ):
