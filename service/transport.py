@@ -89,6 +89,7 @@ _KINDS = frozenset(ERROR_KINDS)
 STREAM_HEADER_ROOM = 1024
 
 OnChunk = Callable[[bytes, bool], None]  # a chunk, and whether it is a piece of a tool call
+_SLACK_S = 0.001  # a stream's limit counts as reached this close to it (see ProviderStream._check)
 _TOOL_CALL_HEADERS = {EVENT: TOOL_CALL}
 
 
@@ -192,7 +193,9 @@ class NatsTransport:
         on_chunk: OnChunk,
     ) -> ProviderStream:
         """Start one streaming attempt: the worker streams its chunks to `on_chunk`."""
-        stream = ProviderStream(self, provider, limits, on_chunk, headers[ATTEMPT_ID])
+        stream = ProviderStream(
+            self, provider, limits, on_chunk, headers[ATTEMPT_ID], self._inbox._timeouts
+        )
         await self._inbox.open_stream(provider_subject(provider), payload, headers, stream)
         return stream
 
@@ -597,6 +600,7 @@ class ProviderStream:
         "_on_chunk",
         "_opened_at",
         "_started",
+        "_timeouts",
         "_timer",
         "_tools_streamed",
         "_transport",
@@ -615,6 +619,7 @@ class ProviderStream:
         limits: StreamLimits,
         on_chunk: OnChunk,
         attempt_id: str,
+        timeouts: Timeouts | None = None,
     ) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._transport = transport
@@ -637,7 +642,11 @@ class ProviderStream:
         first_check = (
             limits.timeout_s if limits.ttft_s is None else min(limits.ttft_s, limits.timeout_s)
         )
-        self._timer = loop.call_at(self._started + first_check, self._check)
+        # On the inbox's Timeouts, as every call's timeout: after a stall (a long read, a paused
+        # VM) it lets the loop read what came meanwhile first. A loop timer of its own fired
+        # first on uvloop, and failed a stream whose chunk had come in time.
+        self._timeouts = Timeouts() if timeouts is None else timeouts
+        self._timer = self._at(self._started + first_check)
 
     def opened(self, close: Callable[[], object]) -> None:
         """The inbox routes to this stream until `close` is called (at the end)."""
@@ -698,9 +707,9 @@ class ProviderStream:
             if not self.first.done():  # its waiter's cancel (a hedge lost, an abort) cancels it
                 self.first.set_result(None)
             idle_s = self._limits.idle_s
-            if idle_s is not None and self._timer.when() > self._last + idle_s:
-                self._timer.cancel()  # from now on the idle limit is the soonest
-                self._timer = self._loop.call_at(self._last + idle_s, self._check)
+            if idle_s is not None and self._timer[0] > self._last + idle_s:
+                self._timeouts.cancel(self._timer)  # from now on the idle limit is the soonest
+                self._timer = self._at(self._last + idle_s)
         self._on_chunk(data, tool)
         cut = self._limits.cut
         if cut is not None and self.chunks == cut[0]:  # a request's simulated failure
@@ -767,7 +776,7 @@ class ProviderStream:
         return self._counted and not self._transport.spanned_an_outage(self._opened_at)
 
     def end(self, reply: ProviderReply) -> None:
-        self._timer.cancel()
+        self._timeouts.cancel(self._timer)
         if self._close is not None:
             self._close()
         if not self.first.done():
@@ -786,7 +795,8 @@ class ProviderStream:
     def _check(self) -> None:
         """The attempt's one timer: it fires at the soonest of its limits and, when a chunk has
         come since, sets itself again instead of being reset on every chunk."""
-        limits, now = self._limits, self._loop.time()
+        # Timeouts fires an entry up to half a millisecond early: its time counts as reached.
+        limits, now = self._limits, max(self._loop.time(), self._timer[0]) + _SLACK_S
         end_at = self._started + limits.timeout_s
         if now >= end_at:
             self._give_up(
@@ -812,7 +822,11 @@ class ProviderStream:
                 )
                 return
             due = self._last + limits.idle_s if limits.idle_s is not None else end_at
-        self._timer = self._loop.call_at(min(due, end_at), self._check)
+        self._timer = self._at(min(due, end_at))
+
+    def _at(self, when: float) -> Timeout:
+        """`_check` at `when` (the loop's time)."""
+        return self._timeouts.call_later(when - self._loop.time(), ProviderStream._check, self)
 
     def _give_up(self, kind: str, message: str) -> None:
         self.end(ProviderFailure(kind, message))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+import uvloop
 from helpers import USER_HELLO, LocalHTTPServer, ask, config, fake, serving, settled, wait_for
 from opentelemetry.trace import SpanKind
 
@@ -44,6 +46,7 @@ from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 from service.streaming import Relay
+from service.telemetry import Tracing
 from service.transport import ClientStream
 
 ANSWER = "The quick brown fox jumps over the lazy dog, twice."
@@ -1408,3 +1411,74 @@ async def test_a_reset_whose_error_does_not_fit_still_reaches_the_client(small_p
     reset = events[1].reset
     assert (reset.attempt, reset.discard, reset.error.type) == (1, 1, "server_error")
     assert assembler.text == "ok" and events[-1].reply.status == "ok"
+
+
+@pytest.mark.parametrize(
+    "factory", [pytest.param(uvloop.new_event_loop, id="uvloop"), pytest.param(None, id="asyncio")]
+)
+def test_a_first_chunk_that_came_while_the_dispatcher_was_starved_is_served_not_timed_out(
+    nats_url, factory
+):
+    """A read callback that holds the dispatcher's loop past a stream's ttft_s (a burst to
+    handle, a GC pause), while the worker's first chunk arrives in time: uvloop runs due
+    timers before it reads its sockets again, so the attempt timed out, the worker was told to
+    cancel, and the next target was called and paid. Calls on llm.complete wait for the loop
+    to catch up (service.loop.Timeouts, README: Circuit breakers); a stream's timer now does."""
+    asked, starved, done, ready = (threading.Event() for _ in range(4))
+
+    def worker() -> None:  # on a loop of its own: it answers while the dispatcher's stands still
+        async def serve() -> None:
+            nc = await nats.connect(nats_url)
+
+            async def answer(msg: Any) -> None:
+                asked.set()
+                await asyncio.get_running_loop().run_in_executor(None, starved.wait, 10)
+                await nc.publish(msg.headers[subjects.STREAM_TO], b"served in time")
+                await nc.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=1)))
+
+            await nc.subscribe(subjects.provider_subject("main"), cb=answer)
+            await ensure_subscribed(nc)
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+            await nc.close()
+
+        asyncio.run(serve())
+
+    async def scenario() -> CompletionReply:
+        routes = route({"provider": "main", "ttft_s": 0.2}, "backup")
+        cfg = parse_config(config({"main": fake(), "backup": fake(reply="backup")}, routes))
+        stack = await start_stack(cfg, nats_url, Tracing(), workers=["backup"])
+        nc = await nats.connect(nats_url)
+        loop = asyncio.get_running_loop()
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+
+        def a_long_read() -> None:  # the loop is held in its I/O phase
+            reader.recv(1)
+            starved.set()
+            time.sleep(0.6)
+
+        loop.add_reader(reader.fileno(), a_long_read)
+        try:
+            reading = asyncio.ensure_future(stream(nc, request("hi")).finish())
+            while not asked.is_set():
+                await asyncio.sleep(0.001)
+            writer.send(b"x")
+            return await asyncio.wait_for(reading, 10)
+        finally:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
+            await nc.close()
+            await stack.stop()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            reply = runner.run(scenario())
+    finally:
+        done.set()
+        thread.join(10)
+    assert (reply.status, reply.provider) == ("ok", "main"), reply.attempts
