@@ -195,6 +195,8 @@ class Engine:
                 raise
             _uncancel()  # answered here: what follows (the reply, the audit) must still run
             error = if_cancelled()
+            if relay is not None:
+                attempts = relay.counted(attempts)
             reply = CompletionReply(
                 salvage_id(inbound.data) if request_id is None else request_id,
                 "error",
@@ -270,7 +272,7 @@ class Engine:
             else:
                 checked = injecting(checked, plan.faults, relay.cut, relay.number)
             health = Untouched(self.health)  # simulated outcomes are not the shared breakers'
-        return await run_chain(
+        result = await run_chain(
             plan.chain,
             checked,
             plan.limits,
@@ -281,6 +283,11 @@ class Engine:
             attempts=attempts,
             streamed=relay is not None,  # its race is to the first chunk: hedge = "p95" of those
         )
+        if relay is not None:  # a race's loser voided as it lost: its chunks, known only now
+            counted = relay.counted(result.attempts)
+            if counted is not result.attempts:
+                result = msgspec.structs.replace(result, attempts=counted)
+        return result
 
     def _streaming(
         self, plan: Plan, payloads: _Payloads, span: telemetry.LiteSpan, relay: Relay

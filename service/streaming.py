@@ -31,7 +31,14 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from schemas import ChatMessage, CompletionReply, ErrorInfo, ProviderFailure, ProviderOk
+from schemas import (
+    Attempt,
+    ChatMessage,
+    CompletionReply,
+    ErrorInfo,
+    ProviderFailure,
+    ProviderOk,
+)
 from schemas.errors import HEDGE_LOST
 from schemas.streaming import StreamReset
 from schemas.wire import ProviderReply, ProviderRequest, StreamStats
@@ -103,6 +110,7 @@ class Relay:
         "_text",
         "_tool_held",
         "_validate",
+        "_voided",
         "attempts",
         "chunks",
         "owner",
@@ -134,6 +142,9 @@ class Relay:
         # reading chunks then (a hedging route's first call, cancelled a turn after its
         # request was aborted): they are dropped here.
         self._closed = False
+        # Attempts voided as they lost a race, and the chunks of each the client had got: the
+        # policy lists a loser as it cancels it, before those are known (see counted()).
+        self._voided: dict[int, int] | None = None
 
     def follow(
         self, on_midstream: str, validate: Validate | None, on_event: OnEvent | None
@@ -245,6 +256,22 @@ class Relay:
         ttft_ms = None if self._first_at is None else (self._first_at - self._arrived) * 1000
         return StreamStats(ttft_ms, self.chunks, self.resets)
 
+    def counted(self, attempts: list[Attempt]) -> list[Attempt]:
+        """The request's `attempts` with the chunks the client got of each race loser voided
+        as it lost (an attempt's number is its place among the attempts not skipped)."""
+        voided = self._voided
+        if not voided:
+            return attempts
+        out, number = [], 0
+        for attempt in attempts:
+            if attempt.outcome != "skipped":
+                number += 1
+                chunks = voided.get(number)
+                if chunks and attempt.reason == HEDGE_LOST and not attempt.chunks:
+                    attempt = msgspec.structs.replace(attempt, chunks=chunks)
+            out.append(attempt)
+        return out
+
     def serving(self) -> int:
         """The attempt the end event names: the owner, else the one that answered whole,
         else the last one started."""
@@ -285,6 +312,9 @@ class Relay:
 
     def _void(self, number: int) -> None:
         self.owner = 0
+        if self._voided is None:
+            self._voided = {}
+        self._voided[number] = self._owner_sent
         failure = ProviderFailure(HEDGE_LOST, f"attempt {number} lost the race to a rival")
         self._reset(number, self._held, failure)
 
