@@ -1951,3 +1951,31 @@ async def test_an_answer_its_client_never_reads_is_not_held_for_as_long_as_it_st
     await wait_for(lambda: holding() > 100_000)  # what the sockets could not take
     await wait_for(lambda: gw.connections == 0 and holding() == 0 and not gw.inbox.waiting)
     writer.close()
+
+
+def test_malformed_requests_in_a_flood_write_a_few_log_lines_not_one_each(nats_url, tmp_path):
+    """uvicorn logs "Invalid HTTP request received." at WARNING for every request its parser
+    refuses: hostile traffic must not become a log line per request (the README's promise), so
+    the gateway's log holds at most a burst of them while each still gets its 400."""
+    from service import logs
+
+    log = tmp_path / "gateway.log"
+    with log.open("w") as err:
+        proc = spawn_lifeline(
+            "gateway", "--nats-url", nats_url, "--port", "0", stdout=subprocess.PIPE, stderr=err
+        )
+    try:
+        line, _ = wait_for_line(proc, r"http://127\.0\.0\.1:\d+/v1")
+        port = int(re.search(r":(\d+)/v1", line).group(1))  # type: ignore[union-attr]
+        answers = []
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GARBAGE / NOT-HTTP\r\n\r\n")
+                answers.append(conn.recv(4096).split(b"\r\n", 1)[0])
+        assert answers == [b"HTTP/1.1 400 Bad Request"] * 40, set(answers)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        proc.stdout and proc.stdout.close()
+    written = log.read_text()
+    assert 0 < written.count("Invalid HTTP request") <= logs.REPEATS_BURST, written
