@@ -313,7 +313,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ask.add_argument(
         "--tool-choice",
         metavar="CHOICE",
-        help="auto, none, required, or the name of the one tool the model must call",
+        help="with --tools: auto, none, required, or the name of the one tool the model must call",
     )
     shape = ask.add_mutually_exclusive_group()
     shape.add_argument(
@@ -2005,8 +2005,8 @@ def _ask_request(args: argparse.Namespace) -> CompletionRequest:
         faults=_faults(args.fault) or None,
         response_format=ResponseFormat("json_object") if args.json_output else None,
         on_midstream=args.on_midstream,
-        tools=_tools(args.tools) if args.tools else None,
-        tool_choice=_tool_choice(args.tool_choice),
+        tools=(tools := _tools(args.tools) if args.tools else None),
+        tool_choice=_tool_choice(args.tool_choice, tools),
     )
 
 
@@ -2034,9 +2034,20 @@ def _tools(source: str) -> list[Tool]:
 _CHOICES: dict[str, ToolChoice] = {"auto": "auto", "none": "none", "required": "required"}
 
 
-def _tool_choice(choice: str | None) -> ToolChoice | None:
+def _tool_choice(choice: str | None, tools: list[Tool] | None) -> ToolChoice | None:
+    """--tool-choice, refused here (not sent to be refused as invalid_request) when it says
+    how to use tools the command line does not give."""
     if choice is None:
         return None
+    if not tools:
+        raise ValueError(
+            f"--tool-choice {choice} says how the model uses --tools: give --tools too"
+        )
+    names = [tool.name for tool in tools]
+    if choice not in _CHOICES and choice not in names:
+        raise ValueError(
+            f"--tool-choice {choice}: not auto, none, required or one of --tools ({', '.join(names)})"
+        )
     return _CHOICES.get(choice) or NamedTool(choice)
 
 

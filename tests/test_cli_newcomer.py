@@ -443,3 +443,34 @@ def test_run_port_with_a_nats_url_is_a_mistake_not_ignored(tmp_path, given):
         f"lifeline: --port -1 is for an embedded NATS server, and none starts: {origin} names "
         f"{url}; drop one of them\n"
     ), refused.stderr
+
+
+@pytest.mark.parametrize("choice", ["required", "auto", "get_weather"])
+def test_a_tool_choice_without_tools_is_a_command_line_mistake_naming_both_options(choice):
+    """`ask --tool-choice required` without --tools was sent, and the dispatcher's
+    invalid_request exited 1, as if the request had run and failed."""
+    refused = lifeline_in(
+        Path.cwd(), "ask", "--tool-choice", choice, "hi", "--nats-url", "nats://127.0.0.1:1"
+    )
+    assert refused.returncode == 2, refused
+    assert "--tool-choice" in refused.stderr and "--tools" in refused.stderr, refused.stderr
+    assert not refused.stdout
+
+
+def test_a_tool_choice_naming_a_tool_not_in_tools_is_a_command_line_mistake():
+    tools = '[{"name": "get_weather", "parameters": {"type": "object"}}]'
+    refused = lifeline_in(
+        Path.cwd(),
+        "ask",
+        "--tools",
+        tools,
+        "--tool-choice",
+        "get_time",
+        "hi",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+    )
+    assert refused.returncode == 2, refused
+    assert "--tool-choice get_time" in refused.stderr and "get_weather" in refused.stderr, (
+        refused.stderr
+    )
