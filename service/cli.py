@@ -1534,8 +1534,10 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     messages = ([ChatMessage("system", args.system)] if args.system else []) + [
         ChatMessage("user", _prompt(args))
     ]
-    job_id = args.id or uuid.uuid4().hex
+    job_id = uuid.uuid4().hex if args.id is None else args.id
     try:
+        if not job_id:  # `--id "$UNSET"`: a random id would not be the one the user meant
+            raise ValueError("an empty id; leave --id out for a new random one")
         client.check_job_id(job_id)
         if len(job_id) > MAX_ID_LENGTH:
             raise ValueError(f"an id is at most {MAX_ID_LENGTH} characters, not {len(job_id)}")

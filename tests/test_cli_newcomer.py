@@ -474,3 +474,14 @@ def test_a_tool_choice_naming_a_tool_not_in_tools_is_a_command_line_mistake():
     assert "--tool-choice get_time" in refused.stderr and "get_weather" in refused.stderr, (
         refused.stderr
     )
+
+
+def test_submit_with_an_empty_id_is_a_command_line_mistake_not_a_random_id():
+    """`submit --id "$JOB"` with $JOB unset submitted under a random id, which the user never
+    learns to ask for unless they read the line it printed."""
+    refused = lifeline_in(
+        Path.cwd(), "submit", "--id", "", "hi", "--nats-url", "nats://127.0.0.1:1"
+    )
+    assert refused.returncode == 2, refused
+    assert "--id" in refused.stderr and "leave --id out" in refused.stderr, refused.stderr
+    assert not refused.stdout
