@@ -2621,6 +2621,17 @@ async def cmd_check(args: argparse.Namespace) -> int:
                 f"{name}` (and `lifeline run`) need it where they run",
                 file=sys.stderr,
             )
+    for name, route in config.routes.items():
+        # Valid, but a hedge starts the chain's next target, and one plain target has none.
+        if (route.hedge_after_ms is not None or route.hedge_p95) and (
+            len(route.targets) == 1 and not isinstance(route.targets[0], list)
+        ):
+            key = "hedge" if route.hedge_p95 else "hedge_after_ms"
+            print(
+                f"warning: routes.{name}.{key}: the route has one target, so no hedge can "
+                "start beside it; add a second target (or a group), or drop it",
+                file=sys.stderr,
+            )
     print(f"{path}: OK")
     _describe(config)
     return 0

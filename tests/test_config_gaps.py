@@ -438,3 +438,32 @@ def test_check_config_warns_of_an_api_key_the_worker_would_refuse(tmp_path, valu
     )
     assert checked.returncode == 0, checked.stderr
     assert "warning: providers.p: $P_KEY is not set here" in checked.stderr, checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("hedge", "key"), [("hedge_after_ms = 800", "hedge_after_ms"), ('hedge = "p95"', "hedge")]
+)
+def test_check_config_warns_of_a_hedge_on_a_route_of_one_target(tmp_path, hedge, key):
+    """A hedge starts the chain's next target; on a route of one it never started, and
+    check-config said nothing. A route of two, or of one group, is not warned of."""
+    path = tmp_path / "hedged.toml"
+    path.write_text(
+        '[providers.a]\nkind = "fake"\n[providers.b]\nkind = "fake"\n'
+        f'[routes.alone]\ntargets = ["a"]\n{hedge}\n'
+        f'[routes.pair]\ntargets = ["a", "b"]\n{hedge}\n'
+        f'[routes.grouped]\ntargets = [{{group = ["a", "b"]}}]\n{hedge}\n'
+    )
+    checked = subprocess.run(
+        [*LIFELINE, "check-config", "--config", str(path)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    warnings = [line for line in checked.stderr.splitlines() if line.startswith("warning:")]
+    said = (
+        f"warning: routes.alone.{key}: the route has one target, so no hedge can start beside "
+        "it; add a second target (or a group), or drop it"
+    )
+    assert warnings == [said], checked.stderr
