@@ -247,9 +247,14 @@ class Report:
 
     def text(self) -> str:
         where = f" on {self.url}" if self.url else ""
-        serving = f"serving {subjects.provider_subject(self.provider)}{where}"
+        subject = subjects.provider_subject(self.provider)
         copies = count(self.replicas, "replica")
-        lines = [f"lifeline conformance: {copies} of `{shlex.join(self.command)}` {serving}"]
+        if any(check.name == "starts" and check.passed for check in self.checks):
+            what = f"serving {subject}{where}"
+        else:  # the replicas never came up: "serving" would say they had
+            gone = "it did not start" if self.replicas == 1 else "not all started"
+            what = f"to serve {subject}{where}: {gone} (see starts)"
+        lines = [f"lifeline conformance: {copies} of `{shlex.join(self.command)}` {what}"]
         for check in self.checks:
             lines += check.lines()
         passed = sum(check.passed for check in self.checks)

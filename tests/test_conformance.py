@@ -362,6 +362,27 @@ def test_the_kit_reports_a_command_that_does_not_start():
     assert "FileNotFoundError" in report.text()
 
 
+@pytest.mark.parametrize(
+    ("command", "replicas", "said"),
+    [
+        (["/nonexistent/worker"], 2, "not all started"),
+        (["sh", "-c", "exit 3"], 2, "not all started"),
+        (["sh", "-c", "exit 3"], 1, "it did not start"),
+    ],
+    ids=["not-found", "exits", "one-exits"],
+)
+def test_the_header_of_replicas_that_never_started_does_not_say_they_served(
+    command, replicas, said
+):
+    """The header said "2 replicas of `...` serving llm.provider.p" above a failed starts."""
+    from service.conformance import run_checks
+
+    report = run_checks(command, replicas=replicas, start_timeout_s=5)
+    header = report.text().splitlines()[0]
+    assert report.failed == ["starts"]
+    assert "serving" not in header and said in header, header
+
+
 # ---- test mode, in Lifeline's own workers ---------------------------------------------------
 
 
