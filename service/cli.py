@@ -1160,6 +1160,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from service.config import load_config
 
     config = load_config(_config_path(args))
+    _require_api_keys(config)
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
@@ -1194,6 +1195,21 @@ async def cmd_run(args: argparse.Namespace) -> int:
             server.stop()
     print("stopped")
     return 0 if lost is None else 1
+
+
+def _require_api_keys(config: Config) -> None:
+    """The built-in providers' API keys, as their workers will read them: a missing one stops
+    `run` (exit 2) before its embedded NATS starts, rather than just after."""
+    from workers.base import require_api_key
+    from workers.plugin import PluginSettings
+
+    for name, settings in config.providers.items():
+        key_env = getattr(settings, "api_key_env", None)
+        if key_env and not isinstance(settings, PluginSettings):
+            try:
+                require_api_key(os.environ, key_env)
+            except ValueError as exc:  # named as build_provider names it
+                raise ValueError(f"providers.{name}: {exc}") from None
 
 
 def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:

@@ -485,3 +485,14 @@ def test_submit_with_an_empty_id_is_a_command_line_mistake_not_a_random_id():
     assert refused.returncode == 2, refused
     assert "--id" in refused.stderr and "leave --id out" in refused.stderr, refused.stderr
     assert not refused.stdout
+
+
+def test_run_refuses_a_missing_api_key_before_starting_its_embedded_nats(tmp_path):
+    """`run` printed "embedded NATS (JetStream) listening on ..." and then exited 2 for a
+    missing API key, as if it had started."""
+    path = tmp_path / "keyless.toml"
+    path.write_text('[providers.p]\nkind = "anthropic"\nmodel = "m"\napi_key_env = "R9_NO_KEY"\n')
+    refused = lifeline_in(tmp_path, "run", "--config", str(path), "--port", "-1", "--no-gateway")
+    assert refused.returncode == 2, refused
+    assert "providers.p: provider needs an API key: set $R9_NO_KEY" in refused.stderr, refused
+    assert "embedded NATS" not in refused.stdout, refused.stdout
