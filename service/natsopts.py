@@ -27,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import ssl
-from collections.abc import Mapping
+import stat
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,8 +477,16 @@ def _from_table(
     return (value, f"{source} [nats] {key}") if value else None
 
 
+# How long a pipe or a device named for a file may take to give its content (`<(vault read
+# ...)` does at once), and the most read from one (/dev/zero would never end).
+READ_WAIT_S = 10.0
+_MOST_CHARS = 1 << 20
+
+
 def _read(path: str, where: str, what: str) -> str:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO nobody writes blocks open()
+            return _read_waiting(path, where, what)
         return Path(path).read_text()
     except FileNotFoundError:
         problem = "no such file"
@@ -486,6 +497,56 @@ def _read(path: str, where: str, what: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         problem = f"cannot read it ({type(exc).__name__})"
     raise NatsOptionError(f"NATS {where}: the {what} {path}: {problem}")
+
+
+def _read_waiting(path: str, where: str, what: str) -> str:
+    """A pipe's (or device's) content, read in a thread for at most READ_WAIT_S. While this
+    waits, whatever event loop is running cannot see a stop signal, so SIGINT, SIGTERM and
+    SIGHUP take their default action meanwhile (in the main thread): they stop the process,
+    which has sent nothing yet."""
+    done: list[str | BaseException] = []
+
+    def read() -> None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                done.append(file.read(_MOST_CHARS + 1))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            done.append(exc)
+
+    reader = threading.Thread(target=read, name=f"read {what}", daemon=True)
+    with _default_stop_signals():
+        reader.start()
+        reader.join(READ_WAIT_S)
+    if not done:  # the thread stays blocked in open(): a daemon, it ends with the process
+        raise NatsOptionError(
+            f"NATS {where}: the {what} {path}: nothing came from it in {READ_WAIT_S:g} s "
+            "(a pipe nobody writes to?)"
+        )
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    if len(done[0]) > _MOST_CHARS:
+        raise NatsOptionError(f"NATS {where}: the {what} {path}: more than 1 MiB, not a {what}")
+    return done[0]
+
+
+@contextlib.contextmanager
+def _default_stop_signals() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP kill, as with no handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in _STOP_SIGNALS[1:]:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _check_seed(text: str, label: str) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -499,3 +500,51 @@ def test_the_nats_table_keeps_secrets_out_of_the_config_and_names_the_key():
     assert problem({"password_env": SECRET + " !"}).startswith("nats.password_env: expected")
     assert problem({"inbox_prefix": "_INBOX.*"}).startswith("nats.inbox_prefix: expected")
     assert problem({"crds": "x"}) == "nats.crds: unknown key (did you mean 'creds'?)"
+
+
+def _opened_by_a_reader(fifo: Path) -> int:
+    """A write end of `fifo`, once a reader has it open (ENXIO until then)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing opened {fifo} to read it")
+
+
+def test_a_secret_file_that_is_a_pipe_nobody_writes_to_ends_the_command(tmp_path):
+    """A password_file naming a FIFO nobody writes to hung `lifeline status` in open() for
+    good, deaf even to SIGTERM; one that is written (`<(vault read ...)`) is read."""
+    fifo = tmp_path / "password.pipe"
+    os.mkfifo(fifo)
+    config = write_config(
+        tmp_path / "lifeline.toml",
+        {**LIFELINE_CONFIG, "nats": {"user": "alice", "password_file": str(fifo)}},
+    )
+    status = ["status", "--config", str(config), "--nats-url", f"nats://127.0.0.1:{free_port()}"]
+    ran = subprocess.run(
+        [*LIFELINE, *status], check=False, capture_output=True, text=True, env=cli_env(), timeout=60
+    )
+    assert ran.returncode == 2, ran.stderr  # as for a missing file
+    said = f"[nats] password_file: the password file {fifo}: nothing came from it in 10 s"
+    assert ran.stderr.strip().splitlines() == [
+        f"lifeline: NATS {config} {said} (a pipe nobody writes to?)"
+    ]
+    for sig in (signal.SIGTERM, signal.SIGINT):  # each stops it while it waits
+        proc = subprocess.Popen([*LIFELINE, *status], env=cli_env(), stderr=subprocess.PIPE)
+        writer = _opened_by_a_reader(fifo)  # it waits in open(): no byte is written
+        try:
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) in (-signal.SIGTERM, 130), sig
+        finally:
+            os.close(writer)
+            proc.kill()
+            proc.communicate()
+    proc = subprocess.Popen([*LIFELINE, *status], env=cli_env(), stderr=subprocess.PIPE, text=True)
+    writer = _opened_by_a_reader(fifo)
+    os.write(writer, f"{SECRET}\n".encode())
+    os.close(writer)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "cannot reach NATS" in err, err  # read, then connected
+    assert SECRET not in err
