@@ -463,15 +463,29 @@ async def test_an_openai_compatible_server_needs_no_key_and_gets_no_authorizatio
     assert ok.model == "llama3.1:8b"
 
 
-async def test_a_base_urls_user_info_is_scrubbed_as_the_key_is():
-    """A proxy's password in base_url goes out as Basic auth (httpx's, from the URL): a
-    server echoing the Authorization header shows neither it nor its base64 form (the
-    provider's `secrets`, which the worker also scrubs every answer and log line of)."""
+def test_a_base_url_with_user_info_is_refused_beside_the_api_key():
+    """httpx makes a URL's user info an `Authorization: Basic` header, which replaced the
+    key's Bearer: the provider got the proxy's password and never the key. Refused, saying
+    why, without quoting the URL."""
+    password = "Proxy-PW-31337"
+    url = f"https://proxy:{password}@proxy.example/v1"
+    settings = OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url)
+    with pytest.raises(ValueError, match="base_url holds user info") as refused:
+        OpenAIProvider(settings, environ=ENV)
+    assert "in place of the API key" in str(refused.value)
+    assert password not in str(refused.value)
+
+
+async def test_a_base_urls_user_info_without_a_key_goes_as_basic_auth_and_is_scrubbed():
+    """With no key (api_key_env = ""), a proxy's password in base_url goes out as Basic auth
+    (httpx's, from the URL): a server echoing the Authorization header shows neither it nor
+    its base64 form (the provider's `secrets`, which the worker also scrubs every answer and
+    log line of)."""
     password = "Proxy-PW-31337"
     basic = base64.b64encode(f"proxy:{password}".encode()).decode()
     with MisbehavingProvider() as server:
         url = server.base_url.replace("//", f"//proxy:{password}@")
-        settings = OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url)
+        settings = OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url, api_key_env="")
         provider = OpenAIProvider(settings, environ=ENV)
         try:
             with pytest.raises(ProviderError) as failed:
