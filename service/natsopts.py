@@ -119,6 +119,8 @@ class NatsOptions:
     key: str | None = None
     inbox_prefix: str | None = None
     origin: Mapping[str, str] = field(default_factory=dict, compare=False)  # key -> whence
+    # creds and nkey given as a pipe (<(vault read ...)), read once: it gives its content once
+    piped: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:  # no secret, should one be logged
         return f"NatsOptions({self.describe()})"
@@ -193,19 +195,26 @@ class NatsOptions:
             )
         kwargs: dict[str, Any] = {"servers": server_list(self.servers)}
         if self.creds:
-            text = _read(self.creds, self.where("creds"), "credentials file")
+            text = self._content("creds")
             if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
                 raise NatsOptionError(
                     f"NATS {self.where('creds')} {self.creds}: not a .creds file "
                     "(it needs a user JWT and a user NKey seed, as `nsc` writes them)"
                 )
-            kwargs["user_credentials"] = self.creds
+            # nats-py reads a path again at each connect: a pipe's content goes as it is
+            if "creds" in self.piped:
+                from nats.aio.client import RawCredentials  # nats-py's, loaded only for this
+
+                kwargs["user_credentials"] = RawCredentials(text)
+            else:
+                kwargs["user_credentials"] = self.creds
         if self.nkey:
-            _check_seed(
-                _read(self.nkey, self.where("nkey"), "NKey seed file"),
-                f"NATS {self.where('nkey')} {self.nkey}",
-            )
-            kwargs["nkeys_seed"] = self.nkey
+            seed = self._content("nkey")
+            _check_seed(seed, f"NATS {self.where('nkey')} {self.nkey}")
+            if "nkey" in self.piped:
+                kwargs["nkeys_seed_str"] = seed.strip()
+            else:
+                kwargs["nkeys_seed"] = self.nkey
         if self.user and self.password is not None:
             kwargs["user"], kwargs["password"] = self.user, self.password
         elif self.user:  # as the `nats` CLI: a user without a password is a token
@@ -218,6 +227,12 @@ class NatsOptions:
         if self.inbox_prefix:
             kwargs["inbox_prefix"] = self.inbox_prefix
         return kwargs
+
+    def _content(self, key: str) -> str:
+        """The creds or nkey file's content: a pipe's as read by `resolve`."""
+        if key in self.piped:
+            return self.piped[key]
+        return _read(getattr(self, key), self.where(key), _FILES[key])
 
     def tls_context(self) -> ssl.SSLContext | None:
         """None when no TLS file is set (a tls:// server then uses the system's CAs)."""
@@ -319,7 +334,12 @@ def resolve(
     prefix = values.get("inbox_prefix")
     if prefix and not re.match(_INBOX_PREFIX, prefix):
         raise NatsOptionError(f"NATS {origin['inbox_prefix']} {prefix!r}: {_INBOX_PREFIX_WANTED}")
-    options = NatsOptions(servers=url, origin=origin, **values)
+    piped = {
+        key: _read(values[key], origin[key], _FILES[key])
+        for key in _FILES
+        if key in values and _is_pipe(values[key])
+    }
+    options = NatsOptions(servers=url, origin=origin, piped=piped, **values)
     if url:
         options.connect_kwargs()  # conflicts and files: an error now, not at connect time
     return options
@@ -481,6 +501,17 @@ def _from_table(
 # ...)` does at once), and the most read from one (/dev/zero would never end).
 READ_WAIT_S = 10.0
 _MOST_CHARS = 1 << 20
+
+
+_FILES = {"creds": "credentials file", "nkey": "NKey seed file"}
+
+
+def _is_pipe(path: str) -> bool:
+    """A FIFO, or a shell's <(...): its content can be read once."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _read(path: str, where: str, what: str) -> str:

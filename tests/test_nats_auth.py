@@ -548,3 +548,25 @@ def test_a_secret_file_that_is_a_pipe_nobody_writes_to_ends_the_command(tmp_path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "cannot reach NATS" in err, err  # read, then connected
     assert SECRET not in err
+
+
+@pytest.mark.parametrize("name", ["creds", "nkey"])
+def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, keys, server_for):
+    """`--nats-creds <(vault read ...)`: the pipe gives its content once, but it was read to
+    check it and again to connect (nats-py at each connect), then found empty."""
+    server = server_for(method(name, keys, Path()).conf)
+    path = keys["user.creds" if name == "creds" else "user.nk"]
+    url = f"nats://{server.host}:{server.port}"
+    script = f'exec "$@" status --nats-url {url} --nats-{name} <(cat {path})'
+    ran = subprocess.run(
+        ["bash", "-c", script, "bash", *LIFELINE],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    # Connected and authenticated: it found no dispatcher's health there (none runs)
+    assert "no dispatcher has shared its health there yet" in ran.stderr, ran.stderr
+    assert "/dev/fd/" not in ran.stderr, ran.stderr
