@@ -244,6 +244,12 @@ class NatsOptions:
                 f"NATS {self.where(have)} without {lack}: a client certificate needs its key "
                 f"(--nats-{lack}, [nats] {lack} or {ENV[lack]})"
             )
+        for key in ("ca", "cert", "key"):  # ssl opens them by name: a pipe read here is empty there
+            if getattr(self, key) and _is_pipe(getattr(self, key)):
+                raise NatsOptionError(
+                    f"NATS {self.where(key)} {getattr(self, key)}: a pipe, which TLS cannot read "
+                    "(it opens the file by its name); give a file"
+                )
         try:
             if self.ca:
                 _read(self.ca, self.where("ca"), "CA file")

@@ -570,3 +570,23 @@ def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, ke
     # Connected and authenticated: it found no dispatcher's health there (none runs)
     assert "no dispatcher has shared its health there yet" in ran.stderr, ran.stderr
     assert "/dev/fd/" not in ran.stderr, ran.stderr
+
+
+def test_a_tls_file_given_as_a_pipe_is_refused_saying_so(keys):
+    """ssl opens the CA, certificate and key files by name, after the check read the pipe:
+    it found it empty and said 'no PEM certificate' of a good one."""
+    script = f'exec "$@" status --nats-url tls://127.0.0.1:{free_port()} --nats-ca <(cat {keys["ca.pem"]})'
+    ran = subprocess.run(
+        ["bash", "-c", script, "bash", *LIFELINE],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.strip().endswith(
+        ": a pipe, which TLS cannot read (it opens the file by its name); give a file"
+    )
+    assert ran.stderr.startswith("lifeline: NATS --nats-ca /dev/fd/"), ran.stderr
