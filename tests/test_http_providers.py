@@ -553,3 +553,36 @@ async def test_a_worker_out_of_file_descriptors_says_so_and_which_limit_to_raise
         worker.terminate()
         worker.wait(timeout=15)
         log.close()
+
+
+async def test_a_worker_calls_its_provider_through_the_environments_proxy(monkeypatch):
+    """Behind a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, as httpx and the providers' SDKs
+    read them), the worker's calls go through it: the client made with a transport of its own
+    (to hear an answer sent before the body is all written) had httpx ignore the environment's
+    proxies, and every call went straight to a provider a proxy-only network cannot reach."""
+    import msgspec
+
+    from workers.openai import OpenAIProvider, OpenAISettings
+
+    with serving(FakeOpenAI()) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        settings = msgspec.convert(
+            {
+                "kind": "openai",
+                "model": "m",
+                "api_key_env": "",
+                "base_url": "http://llm.invalid/v1",
+            },
+            OpenAISettings,
+        )
+        provider = OpenAIProvider(settings)
+        try:
+            answer = await provider.complete(
+                ProviderRequest(id="r", messages=[ChatMessage("user", "hi")]), timeout_s=5
+            )
+        finally:
+            await provider.aclose()
+    assert answer.content == "hi"
+    assert [r["path"] for r in proxy.requests] == ["http://llm.invalid/v1/chat/completions"]

@@ -348,18 +348,18 @@ def http_client(
     Its pool takes as many connections as the worker takes calls (max_in_flight): a call
     admitted must not then wait for a connection until its deadline, a timeout that would
     count against a healthy provider; the worker's admission is the one limit."""
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
-    transport = httpx.AsyncHTTPTransport(limits=limits)
-    # An answer sent before the body is all written is read (workers/early_answers.py): httpx
-    # takes no network backend, so its pool's is set (tests/test_http_providers.py pins it).
-    transport._pool._network_backend = EarlyAnswers()
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         base_url=base_url,
         headers=headers,
         timeout=httpx.Timeout(timeout_s),
-        limits=limits,
-        transport=transport,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
     )
+    # An answer sent before the body is all written is read (workers/early_answers.py). httpx
+    # takes no network backend, so its pool's is set; a transport of our own would do it, but
+    # then httpx ignores the environment's proxies (HTTPS_PROXY, ...), whose connections keep
+    # httpcore's backend (tests/test_http_providers.py pins both).
+    client._transport._pool._network_backend = EarlyAnswers()  # type: ignore[attr-defined]
+    return client
 
 
 async def post_json(
