@@ -811,3 +811,51 @@ def hpub(subject: bytes, headers: bytes, payload: bytes = b"", reply: bytes = b"
     line = b" ".join(p for p in (b"HPUB", subject, reply) if p)
     total = len(headers) + len(payload)
     return b"%s %d %d\r\n%s%s\r\n" % (line, len(headers), total, headers, payload)
+
+
+class DeliveryProxy:
+    """A TCP proxy to a NATS server that passes on what the server sends until `after`
+    JetStream deliveries (messages with a `$JS.ACK.` reply subject) have passed; past them it
+    either `loses` every further delivery (API answers and heartbeats still come: a link that
+    drops messages) or holds back every byte, the connection left open (a link that stalls)."""
+
+    def __init__(self, upstream: str, after: int, loses: bool) -> None:
+        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
+        self.upstream, self.after, self.loses, self.passed = (host, int(port)), after, loses, 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.writers += [writer, up_writer]
+        await asyncio.gather(self._pass(reader, up_writer), self._frames(up_reader, writer))
+
+    async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                frame = await reader.readuntil(b"\r\n")
+                parts = frame.split()
+                delivery = False
+                if parts[0] in (b"MSG", b"HMSG"):
+                    frame += await reader.readexactly(int(parts[-1]) + 2)
+                    has_reply = len(parts) == (5 if parts[0] == b"MSG" else 6)
+                    delivery = has_reply and parts[3].startswith(b"$JS.ACK.")
+                if self.passed >= self.after and (delivery or not self.loses):
+                    continue  # lost, or held back: the connection stays up
+                self.passed += delivery
+                writer.write(frame)
+                await writer.drain()
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.server.close()

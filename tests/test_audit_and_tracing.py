@@ -17,6 +17,7 @@ import nats.js.api
 import pytest
 from helpers import (
     USER_HELLO,
+    DeliveryProxy,
     LocalHTTPServer,
     Service,
     ask,
@@ -364,51 +365,6 @@ async def test_jetstream_gone_silent_under_the_audit_stream_is_said_and_its_retu
         server.stop()
 
 
-class _StallingProxy:
-    """A TCP proxy to a NATS server that stops passing the server's bytes on once it has
-    passed `after` JetStream deliveries (their `$JS.ACK` reply subjects), keeping the
-    connection open: a link that stalls without breaking."""
-
-    def __init__(self, upstream: str, after: int) -> None:
-        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
-        self.upstream, self.after, self.passed = (host, int(port)), after, 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers += [writer, up_writer]
-        await asyncio.gather(
-            self._pump(reader, up_writer, count=False), self._pump(up_reader, writer, count=True)
-        )
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool
-    ) -> None:
-        while data := await reader.read(65536):
-            if count:
-                if self.passed >= self.after:
-                    continue  # stalled: read and held back, the connection stays up
-                at = -1
-                while self.passed < self.after:
-                    at = data.find(b"$JS.ACK.", at + 1)
-                    if at < 0:
-                        break
-                    self.passed += 1
-                if at >= 0 and (cut := data.find(b"$JS.ACK.", at + 1)) >= 0:
-                    data = data[: data.rfind(b"\r\n", 0, cut) + 2]  # up to that delivery's line
-            writer.write(data)
-            await writer.drain()
-
-    async def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        self.server.close()
-
-
 async def test_an_audit_listing_that_stalls_midway_fails_saying_so(nats_url, client, monkeypatch):
     """`lifeline audit` lists the events the stream holds. When the link stops delivering
     them partway (a stalled or half-dead connection), it fails saying what was shown is not
@@ -422,7 +378,7 @@ async def test_an_audit_listing_that_stalls_midway_fails_saying_so(nats_url, cli
     events = [encoder.encode({"id": f"r{i}", "status": "ok"}) for i in range(300)]
     for event in events:
         await js.publish("llm.audit.ok", event)
-    proxy = _StallingProxy(nats_url, after=50)
+    proxy = DeliveryProxy(nats_url, after=50, loses=False)
     through = await nats.connect(await proxy.start())
     read: list[bytes] = []
     try:

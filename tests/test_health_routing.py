@@ -22,6 +22,7 @@ import nats.js.errors
 import pytest
 from helpers import (
     USER_HELLO,
+    DeliveryProxy,
     LocalHTTPServer,
     ask,
     fake,
@@ -605,52 +606,6 @@ async def test_lifeline_status_says_what_to_do_when_no_dispatcher_shared_anythin
     assert "no bucket lifeline_health" in err and "lifeline run" in err
 
 
-class _LosingProxy:
-    """A TCP proxy to a NATS server that passes on every frame the server sends but the
-    JetStream deliveries (messages with a `$JS.ACK` reply subject) past the first `after`: a
-    link that loses messages, whose API answers and heartbeats still come."""
-
-    def __init__(self, upstream: str, after: int) -> None:
-        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
-        self.upstream, self.after, self.passed = (host, int(port)), after, 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers += [writer, up_writer]
-        await asyncio.gather(self._pass(reader, up_writer), self._frames(up_reader, writer))
-
-    async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-
-    async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                line = await reader.readuntil(b"\r\n")
-                parts = line.split()
-                frame = line
-                if parts[0] in (b"MSG", b"HMSG"):
-                    frame += await reader.readexactly(int(parts[-1]) + 2)
-                    has_reply = len(parts) == (5 if parts[0] == b"MSG" else 6)
-                    if has_reply and parts[3].startswith(b"$JS.ACK."):
-                        self.passed += 1
-                        if self.passed > self.after:
-                            continue  # lost
-                writer.write(frame)
-                await writer.drain()
-
-    async def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        self.server.close()
-
-
 async def test_lifeline_status_on_a_bucket_that_stalls_midway_fails_saying_so(nats_url, client):
     """`lifeline status` listed the bucket's keys, then read each, with no bound on the whole:
     a link that lost the listing's messages partway held it for good (nats-py's listing waits
@@ -659,7 +614,7 @@ async def test_lifeline_status_on_a_bucket_that_stalls_midway_fails_saying_so(na
     kv = await client.jetstream().create_key_value(bucket="lifeline_health")
     for i in range(20):
         await kv.put(f"stats.d{i}", b"{}")
-    proxy = _LosingProxy(nats_url, after=5)  # 5 of the listing's 20 deliveries
+    proxy = DeliveryProxy(nats_url, after=5, loses=True)  # 5 of the listing's 20 deliveries
     try:
         through = await proxy.start()
         code, out, err = await lifeline_cli("status", "--nats-url", through, "--timeout", "1")
