@@ -2064,7 +2064,8 @@ def _tool_choice(choice: str | None, tools: list[Tool] | None) -> ToolChoice | N
     names = [tool.name for tool in tools]
     if choice not in _CHOICES and choice not in names:
         raise ValueError(
-            f"--tool-choice {choice}: not auto, none, required or one of --tools ({', '.join(names)})"
+            f"--tool-choice {choice}: not auto, none, required or one of --tools "
+            f"({', '.join(names)})"
         )
     return _CHOICES.get(choice) or NamedTool(choice)
 

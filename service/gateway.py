@@ -1769,13 +1769,11 @@ class _Guarded:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
-            serving = self._serving
-            if serving is not None and (
-                serving is not self.cycle or self.scope is not serving.scope  # type: ignore[attr-defined]
-            ):
+            serving, scope = self._serving, self.scope  # type: ignore[attr-defined]
+            if serving is not None and (serving is not self.cycle or scope is not serving.scope):
                 self._pipelined_head(data, before is not None)
                 return
-            if before is not None and _head_size(self.scope) > _MAX_HEAD_BYTES:  # type: ignore[attr-defined]
+            if before is not None and _head_size(scope) > _MAX_HEAD_BYTES:
                 for task in tasks - before:  # not started yet: the request never runs
                     task.cancel()
                 self._too_large_head()
@@ -1829,10 +1827,11 @@ class _Guarded:
         a body framed by both Content-Length and Transfer-Encoding, a bad chunk), plain text
         there: in OpenAI's error shape here, as the gateway's other refusals, and closed."""
         serving = self._serving or self.cycle  # type: ignore[attr-defined]
+        scope = self.scope  # type: ignore[attr-defined]
         if (
             serving is not None
             and not serving.response_complete
-            and (serving.response_started or self.scope is not serving.scope)  # type: ignore[attr-defined]
+            and (serving.response_started or scope is not serving.scope)
         ):
             # What is refused is a request sent before this one's answer, or it came while
             # that answer is written: a 400 now would be read as (or in) that answer. Closed

@@ -82,7 +82,8 @@ MIN_SAMPLES = 20  # good answers needed before a p95 is trusted (hedge = "p95" w
 # targets never seen here: a peer (or keys an older version left in the bucket) cannot grow us.
 MAX_ADOPTED = 1000
 _PROBE_OUT = "cooldown over: one probe is out"
-# The longest cooldown_s a config may set: no open breaker, here or at another replica, lasts longer.
+# The longest cooldown_s a config may set: no open breaker, here or at another replica, lasts
+# longer.
 COOLDOWN_MAX_S = 3600.0
 # After a store refused a claim and nobody has told us who holds the probe, when to ask again.
 _RECLAIM_AFTER_S = 1.0

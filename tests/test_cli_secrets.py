@@ -152,7 +152,8 @@ def _credential(way: str, server: EmbeddedNats, folder: Path) -> tuple[list[str]
         return ["--nats-url", url, "--nats-nkey", str(folder / "user.nk")], {}
     creds = folder / "user.creds"
     creds.write_text(
-        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.e30\n------END NATS USER JWT------\n\n"
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.e30\n"
+        "------END NATS USER JWT------\n\n"
         f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
     )
     return ["--nats-url", url], {"NATS_CREDS": str(creds)}

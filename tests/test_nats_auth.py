@@ -576,7 +576,8 @@ def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, ke
 def test_a_tls_file_given_as_a_pipe_is_refused_saying_so(keys):
     """ssl opens the CA, certificate and key files by name, after the check read the pipe:
     it found it empty and said 'no PEM certificate' of a good one."""
-    script = f'exec "$@" status --nats-url tls://127.0.0.1:{free_port()} --nats-ca <(cat {keys["ca.pem"]})'
+    url = f"tls://127.0.0.1:{free_port()}"
+    script = f'exec "$@" status --nats-url {url} --nats-ca <(cat {keys["ca.pem"]})'
     ran = subprocess.run(
         ["bash", "-c", script, "bash", *LIFELINE],
         check=False,
