@@ -875,6 +875,10 @@ class Gateway:
         # stream: at its first event; an error after that is in its events, not here).
         self.tally = Tally()
         self._peak = 0  # the most in flight at once since in_flight was last 0 after a flood
+        # Requests still reading their body, and whether stop() has given up on them: told
+        # gateway_stopping, where uvicorn's cancel at the end of its grace sent a plain 500.
+        self._reading: set[asyncio.Task[Any]] = set()
+        self._cut_reads = False
         self._ticker: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self.host, self.port = "127.0.0.1", 0
@@ -959,6 +963,9 @@ class Gateway:
             await asyncio.wait_for(asyncio.shield(shutdown), _STOP_GRACE_S - 1)
         except TimeoutError:
             self.inbox.stop_waiting()
+            self._cut_reads = True
+            for task in self._reading:
+                task.cancel()
             await shutdown
         watcher = self.inbox._watcher
         if watcher is not None:
@@ -1133,6 +1140,9 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise _too_large(int(length), self.max_body_bytes)
         chunks, size = [], 0
+        task = asyncio.current_task()
+        assert task is not None
+        self._reading.add(task)
         try:
             async with asyncio.timeout(_BODY_TIMEOUT_S):
                 async for chunk in request.stream():
@@ -1142,6 +1152,13 @@ class Gateway:
                     chunks.append(chunk)
         except TimeoutError:
             raise _body_too_slow(size) from None
+        except asyncio.CancelledError:
+            if not self._cut_reads:  # its client hung up, or uvicorn cancels: not ours
+                raise
+            task.uncancel()
+            raise _stopping() from None
+        finally:
+            self._reading.discard(task)
         body = b"".join(chunks)
         return _gunzip(body, self.max_body_bytes) if gzipped else body
 

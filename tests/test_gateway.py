@@ -988,6 +988,13 @@ async def test_a_stopping_gateway_answers_what_still_waits_and_aborts_it(gateway
     first = await anext(aiter(stream))
     waiting = asyncio.ensure_future(client.chat.completions.create(**chat("hung")))
     await wait_for(lambda: stack.dispatcher.in_flight == 2, timeout_s=5)
+    # A third client still sending its body: uvicorn's cancel answered it a plain-text 500.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b'content-length: 100\r\n\r\n{"model": '
+    )
+    await writer.drain()
     stopping = asyncio.ensure_future(gw.stop())
     with pytest.raises(openai.APIError) as cut:
         async for _ in stream:
@@ -996,6 +1003,11 @@ async def test_a_stopping_gateway_answers_what_still_waits_and_aborts_it(gateway
     with pytest.raises(openai.InternalServerError) as refused:
         await waiting
     assert (refused.value.status_code, refused.value.code) == (503, "gateway_stopping")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert json.loads(body)["error"]["code"] == "gateway_stopping"
     await stopping
     await wait_for(lambda: stack.dispatcher.aborts == 2, timeout_s=5)
     assert "Exception in ASGI application" not in caplog.text
