@@ -162,6 +162,11 @@ class ReplyError(LifelineError):
         message = reply.error.message if reply.error is not None else "no error given"
         super().__init__(f"{self.type}: {message} (request {reply.id})")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the reply, not from the message (an exception's default): pickled (a
+        # process pool, a task queue) or copied, it arrives whole.
+        return type(self), (self.reply,), self.__dict__
+
 
 class Submitted(NamedTuple):
     job_id: str

@@ -1027,3 +1027,28 @@ async def test_a_stream_that_ended_while_its_connection_drains_keeps_its_reply(c
         release.set()
         if draining is not None:
             await draining
+
+
+def test_an_error_reply_raised_crosses_a_process_boundary_whole():
+    """ReplyError (what the LangChain and Haystack models raise) could not be unpickled, nor
+    copied: its one argument is the reply, and pickle rebuilt it from its message, so a process
+    pool, multiprocessing or a task queue handing it back broke (concurrent.futures' pool with
+    BrokenProcessPool) where the error kind and attempts should have arrived."""
+    import copy
+    import pickle
+
+    from service.client import ReplyError
+
+    reply = msgspec.convert(
+        {
+            "id": "r1",
+            "status": "error",
+            "error": {"type": "all_failed", "message": "every target failed"},
+            "attempts": [{"provider": "main", "model": "m", "outcome": "error", "latency_ms": 1.0}],
+        },
+        CompletionReply,
+    )
+    raised = ReplyError(reply)
+    for again in (pickle.loads(pickle.dumps(raised)), copy.copy(raised), copy.deepcopy(raised)):
+        assert type(again) is ReplyError and str(again) == str(raised)
+        assert (again.type, again.reply) == ("all_failed", reply)
