@@ -169,3 +169,26 @@ def test_a_pipeline_file_never_holds_the_nats_urls_credentials():
             LifelineChatGenerator("fast", nats_url=f"nats://a:4222,{url}").to_dict()
     plain = LifelineChatGenerator("fast", nats_url="nats://nats.internal:4222")
     assert plain.to_dict()["init_parameters"]["nats_url"] == "nats://nats.internal:4222"
+
+
+async def test_a_pydantic_response_format_is_asked_for_and_checked_as_its_json_schema(
+    lifeline, generator
+):
+    """OpenAIChatGenerator, and so a pipeline moving off one, takes a Pydantic model as
+    generation_kwargs' response_format: it raised msgspec's "Expected `object | null`, got
+    `ModelMetaclass`" here, and the pipeline's file could not be written."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    ada = '{"name": "Ada", "age": 36}'
+    await lifeline(config({"sloppy": fake(reply="Sure! Ada is 36."), "good": fake(reply=ada)}))
+    asked = await generator.run_async("Ada?", generation_kwargs={"response_format": Person})
+    [reply] = asked["replies"]
+    assert Person.model_validate_json(reply.text) == Person(name="Ada", age=36)
+    assert [a["target"] for a in reply.meta["attempts"]] == ["sloppy", "good"]  # checked
+    saved = LifelineChatGenerator("fast", generation_kwargs={"response_format": Person}).to_dict()
+    again = LifelineChatGenerator.from_dict(json.loads(json.dumps(saved)))
+    assert again.lifeline_request("Ada?").response_format.json_schema.name == "Person"

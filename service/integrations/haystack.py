@@ -11,7 +11,8 @@ FallbackChatGenerator.
 `run(messages, streaming_callback=None, generation_kwargs=None, *, tools=None)` returns
 {"replies": [ChatMessage]}; `run_async` is the same for AsyncPipeline. `generation_kwargs`
 (at init and per run, merged) are CompletionRequest fields: max_tokens (or OpenAI's
-max_completion_tokens), temperature, top_p, stop, seed, response_format, tool_choice,
+max_completion_tokens), temperature, top_p, stop, seed, response_format (a Pydantic model
+too, as OpenAIChatGenerator takes it: sent as its JSON Schema), tool_choice,
 parallel_tool_calls, and Lifeline's own (route, targets, fallback_on, timeout_s, ...).
 Tools are Haystack Tools or Toolsets; the reply's tool calls are ToolCalls, and a tool result
 message goes back as a `tool` message. The reply's `meta` has Haystack's model, index,
@@ -62,6 +63,7 @@ from haystack.tools import (
     serialize_tools_or_toolset,
 )
 from haystack.utils import deserialize_callable, serialize_callable
+from pydantic import BaseModel
 
 from schemas import ChatMessage as WireMessage
 from schemas import CompletionReply, CompletionRequest
@@ -126,7 +128,7 @@ class LifelineChatGenerator:
             self,
             route=self.route,
             nats_url=self.nats_url,
-            generation_kwargs=self.generation_kwargs,
+            generation_kwargs=_schema_of_model(self.generation_kwargs),
             streaming_callback=callback,
             tools=serialize_tools_or_toolset(self.tools),
             timeout=self.timeout,
@@ -213,7 +215,9 @@ class LifelineChatGenerator:
         if isinstance(messages, str):
             messages = [ChatMessage.from_user(messages)]
         fields: dict[str, Any] = {"route": self.route, "timeout_s": self.timeout}
-        for name, value in {**self.generation_kwargs, **(generation_kwargs or {})}.items():
+        for name, value in _schema_of_model(
+            {**self.generation_kwargs, **(generation_kwargs or {})}
+        ).items():
             fields[_ALIASES.get(name, name)] = value
         offered = flatten_tools_or_toolsets(tools if tools is not None else self.tools)
         if offered:
@@ -294,6 +298,16 @@ class _Relay:
 
 
 # ---- Haystack -> the wire ------------------------------------------------------------------
+
+
+def _schema_of_model(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generation_kwargs` with a Pydantic model as response_format (as OpenAIChatGenerator
+    takes it) given as its JSON Schema, the form the wire, and a pipeline's file, hold."""
+    model = generation_kwargs.get("response_format")
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return generation_kwargs
+    schema = {"name": model.__name__, "schema": model.model_json_schema()}
+    return generation_kwargs | {"response_format": {"type": "json_schema", "json_schema": schema}}
 
 
 def _to_wire(message: ChatMessage) -> WireMessage:
