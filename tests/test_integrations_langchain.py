@@ -133,6 +133,14 @@ def test_a_request_carries_the_chat_and_the_settings():
     assert (request.temperature, request.targets, request.route) == (0.3, ["a", "b"], "default")
 
 
+def test_a_providers_own_tool_is_refused_saying_what_lifeline_takes():
+    """OpenAI's built-in tools (web search, file search, ...), which LangChain passes through
+    as they are, raised KeyError: 'function' from bind_tools."""
+    for kind in ("web_search_preview", "file_search"):
+        with pytest.raises(ValueError, match=f"function tools.*'{kind}'"):
+            ChatLifeline().bind_tools([get_weather, {"type": kind}])
+
+
 async def test_invoke_stream_and_their_async_twins_over_lifeline(lifeline, model):
     providers = {"flaky": fake(fail_status=429), "backup": fake(chunks=3)}
     await lifeline(config(providers))

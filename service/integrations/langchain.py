@@ -445,7 +445,13 @@ def _content(message: BaseMessage, assistant: bool = False) -> str | list[Part]:
 
 
 def _tool(tool: Any, strict: bool | None) -> dict[str, Any]:
-    function = convert_to_openai_tool(tool, strict=strict)["function"]
+    converted = convert_to_openai_tool(tool, strict=strict)
+    if converted.get("type") != "function":  # passed through as it is: a provider's own tool
+        raise ValueError(
+            f"Lifeline sends function tools (a name, a description, JSON Schema parameters), "
+            f"which every provider of a route can take; not a {converted.get('type')!r} tool"
+        )
+    function = converted["function"]
     spec = {"name": function["name"], "parameters": function.get("parameters") or {}}
     if function.get("description"):
         spec["description"] = function["description"]
