@@ -160,7 +160,8 @@ class ReplyError(LifelineError):
         self.reply = reply
         self.type = reply.error.type if reply.error is not None else "internal"
         message = reply.error.message if reply.error is not None else "no error given"
-        super().__init__(f"{self.type}: {message} (request {reply.id})")
+        named = f" (request {reply.id})" if reply.id else ""  # a refusal comes before an id
+        super().__init__(f"{self.type}: {message}{named}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from the reply, not from the message (an exception's default): pickled (a

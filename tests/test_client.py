@@ -1052,3 +1052,15 @@ def test_an_error_reply_raised_crosses_a_process_boundary_whole():
     for again in (pickle.loads(pickle.dumps(raised)), copy.copy(raised), copy.deepcopy(raised)):
         assert type(again) is ReplyError and str(again) == str(raised)
         assert (again.type, again.reply) == ("all_failed", reply)
+
+
+def test_an_error_reply_without_an_id_is_raised_without_naming_an_empty_request():
+    """A dispatcher refuses a request as overloaded before giving it an id: ReplyError's message
+    ended in "(request )"."""
+    from service.client import ReplyError
+
+    error = {"type": "overloaded", "message": "at its maximum of 1 requests"}
+    refused = msgspec.convert({"id": "", "status": "error", "error": error}, CompletionReply)
+    assert str(ReplyError(refused)) == "overloaded: at its maximum of 1 requests"
+    named = msgspec.convert({"id": "r1", "status": "error", "error": error}, CompletionReply)
+    assert str(ReplyError(named)).endswith("(request r1)")
