@@ -192,3 +192,23 @@ async def test_a_pydantic_response_format_is_asked_for_and_checked_as_its_json_s
     saved = LifelineChatGenerator("fast", generation_kwargs={"response_format": Person}).to_dict()
     again = LifelineChatGenerator.from_dict(json.loads(json.dumps(saved)))
     assert again.lifeline_request("Ada?").response_format.json_schema.name == "Person"
+
+
+async def test_generation_kwargs_in_openais_forms_are_taken(lifeline, generator):
+    """A FallbackChatGenerator hands every generator the same generation_kwargs, written for
+    OpenAIChatGenerator: a tool_choice naming a function ({"type": "function", "function":
+    {"name": ...}}) and a stop that is one string were refused (msgspec's "Object missing
+    required field `name`"), so the pipeline always fell past Lifeline."""
+    from haystack.components.generators.chat import FallbackChatGenerator
+
+    calls = [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    await lifeline(config({"agent": fake(reply="", tool_calls=calls)}))
+    openai_forms = {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    openai_forms["stop"] = "END"
+    fallback = FallbackChatGenerator([generator])
+    asked = await asyncio.to_thread(
+        fallback.run, "Weather in Paris?", generation_kwargs=openai_forms, tools=[weather]
+    )
+    assert asked["replies"][0].tool_calls[0].tool_name == "get_weather"
+    request = generator.lifeline_request("Hi", openai_forms, [weather])
+    assert (request.tool_choice.name, request.stop) == ("get_weather", ["END"])

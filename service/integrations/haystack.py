@@ -11,9 +11,10 @@ FallbackChatGenerator.
 `run(messages, streaming_callback=None, generation_kwargs=None, *, tools=None)` returns
 {"replies": [ChatMessage]}; `run_async` is the same for AsyncPipeline. `generation_kwargs`
 (at init and per run, merged) are CompletionRequest fields: max_tokens (or OpenAI's
-max_completion_tokens), temperature, top_p, stop, seed, response_format (a Pydantic model
-too, as OpenAIChatGenerator takes it: sent as its JSON Schema), tool_choice,
-parallel_tool_calls, and Lifeline's own (route, targets, fallback_on, timeout_s, ...).
+max_completion_tokens), temperature, top_p, stop, seed, response_format, tool_choice,
+parallel_tool_calls (each in the wire's form or OpenAIChatGenerator's: a Pydantic model as
+response_format is sent as its JSON Schema), and Lifeline's own (route, targets, fallback_on,
+timeout_s, ...).
 Tools are Haystack Tools or Toolsets; the reply's tool calls are ToolCalls, and a tool result
 message goes back as a `tool` message. The reply's `meta` has Haystack's model, index,
 finish_reason and usage (prompt_tokens, completion_tokens, total_tokens), and Lifeline's
@@ -128,7 +129,7 @@ class LifelineChatGenerator:
             self,
             route=self.route,
             nats_url=self.nats_url,
-            generation_kwargs=_schema_of_model(self.generation_kwargs),
+            generation_kwargs=_wire_forms(self.generation_kwargs),
             streaming_callback=callback,
             tools=serialize_tools_or_toolset(self.tools),
             timeout=self.timeout,
@@ -215,9 +216,8 @@ class LifelineChatGenerator:
         if isinstance(messages, str):
             messages = [ChatMessage.from_user(messages)]
         fields: dict[str, Any] = {"route": self.route, "timeout_s": self.timeout}
-        for name, value in _schema_of_model(
-            {**self.generation_kwargs, **(generation_kwargs or {})}
-        ).items():
+        given = _wire_forms({**self.generation_kwargs, **(generation_kwargs or {})})
+        for name, value in given.items():
             fields[_ALIASES.get(name, name)] = value
         offered = flatten_tools_or_toolsets(tools if tools is not None else self.tools)
         if offered:
@@ -300,14 +300,23 @@ class _Relay:
 # ---- Haystack -> the wire ------------------------------------------------------------------
 
 
-def _schema_of_model(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`generation_kwargs` with a Pydantic model as response_format (as OpenAIChatGenerator
-    takes it) given as its JSON Schema, the form the wire, and a pipeline's file, hold."""
-    model = generation_kwargs.get("response_format")
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return generation_kwargs
-    schema = {"name": model.__name__, "schema": model.model_json_schema()}
-    return generation_kwargs | {"response_format": {"type": "json_schema", "json_schema": schema}}
+def _wire_forms(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generation_kwargs` with OpenAIChatGenerator's forms of them in the wire's (a
+    FallbackChatGenerator hands every generator the same): a Pydantic model as response_format
+    becomes its JSON Schema (the form a pipeline's file holds too), a tool_choice naming a
+    function {"type": "function", "function": {"name": ...}} becomes {"name": ...}, and a stop
+    that is one string a list of it."""
+    kwargs = dict(generation_kwargs)
+    model = kwargs.get("response_format")
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        schema = {"name": model.__name__, "schema": model.model_json_schema()}
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
+    choice = kwargs.get("tool_choice")
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        kwargs["tool_choice"] = {"name": choice["function"].get("name")}
+    if isinstance(kwargs.get("stop"), str):
+        kwargs["stop"] = [kwargs["stop"]]
+    return kwargs
 
 
 def _to_wire(message: ChatMessage) -> WireMessage:
