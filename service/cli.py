@@ -1155,11 +1155,21 @@ def _config_path(args: argparse.Namespace) -> str:
     return str(args.config)
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
-    from service import telemetry
+def _load_config(path: str) -> Config:
+    """The config at `path`, its warnings (what it holds that will never act) shown on stderr:
+    every command that loads it says them, once, before it does anything."""
     from service.config import load_config
 
-    config = load_config(_config_path(args))
+    config = load_config(path)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from service import telemetry
+
+    config = _load_config(_config_path(args))
     _require_api_keys(config)
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
@@ -1402,9 +1412,8 @@ def _audit_line(event: AuditEvent) -> str:
 
 async def cmd_dispatcher(args: argparse.Namespace) -> int:
     from service import telemetry
-    from service.config import load_config
 
-    config = load_config(_config_path(args))
+    config = _load_config(_config_path(args))
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
@@ -1420,10 +1429,10 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     from service import telemetry
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError
 
     path = _config_path(args)
-    config = load_config(path)
+    config = _load_config(path)
     if args.name not in config.providers:
         configured = ", ".join(config.providers)
         raise ConfigError(f"{path}: no [providers.{args.name}] table (configured: {configured})")
@@ -1534,12 +1543,12 @@ def _client_config_path(args: argparse.Namespace) -> str | None:
 def _config_or_default(args: argparse.Namespace) -> Config:
     """The config (for its stream and bucket names), or the defaults when no --config is given
     and the default config file is not there."""
-    from service.config import load_config, parse_config
+    from service.config import parse_config
 
     path = _client_config_path(args)
     if path is None:
         return parse_config({"providers": {"none": {"kind": "fake"}}})
-    return load_config(path)
+    return _load_config(path)
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
@@ -2337,9 +2346,7 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
     config = None
     path = _config_path(args)
     if args.config is not None or Path(path).exists():
-        from service.config import load_config
-
-        config = load_config(path)
+        config = _load_config(path)
     nats_opts = _nats_options(args, config)
     try:
         component, server = await _start_gateway(
@@ -2510,10 +2517,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
 def _expected_services(config_path: str) -> list[str]:
     """The services a whole deployment of this config runs: the dispatcher, a worker per
     provider."""
-    from service.config import load_config
-
     expected = [subjects.DISPATCHER_SERVICE]
-    return expected + [subjects.worker_service(n) for n in load_config(config_path).providers]
+    return expected + [subjects.worker_service(n) for n in _load_config(config_path).providers]
 
 
 def _count(n: int, noun: str, plural: str = "") -> str:
@@ -2601,12 +2606,11 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
 
 async def cmd_nats_config(args: argparse.Namespace) -> int:
     from service import permissions  # names in, text out: loads for this command only
-    from service.config import load_config
 
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
-    config = load_config(_config_path(args))
+    config = _load_config(_config_path(args))
     clients, operators = names(args.clients), names(args.operators)
     gateways = names(args.gateways)
     sys.stdout.write(permissions.server_config(config, clients, operators, gateways))
@@ -2614,12 +2618,12 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError
     from workers.plugin import PluginSettings
     from workers.settings import shown_env_name
 
     path = _config_path(args)
-    config = load_config(path)
+    config = _load_config(path)
     # Its [nats] table as a service would use it (its files read, its ways to authenticate
     # one), with this environment's NATS_* variables where the table says nothing.
     natsopts.resolve({}, config.nats, default_url=LOCAL_NATS, source=config.source)
@@ -2636,17 +2640,6 @@ async def cmd_check(args: argparse.Namespace) -> int:
                 f"warning: providers.{name}: {shown_env_name(key_env)} is not set here; "
                 "`lifeline worker "
                 f"{name}` (and `lifeline run`) need it where they run",
-                file=sys.stderr,
-            )
-    for name, route in config.routes.items():
-        # Valid, but a hedge starts the chain's next target, and one plain target has none.
-        if (route.hedge_after_ms is not None or route.hedge_p95) and (
-            len(route.targets) == 1 and not isinstance(route.targets[0], list)
-        ):
-            key = "hedge" if route.hedge_p95 else "hedge_after_ms"
-            print(
-                f"warning: routes.{name}.{key}: the route has one target, so no hedge can "
-                "start beside it; add a second target (or a group), or drop it",
                 file=sys.stderr,
             )
     print(f"{path}: OK")

@@ -276,6 +276,9 @@ class Config(Struct, frozen=True):
     audit: AuditSettings = AuditSettings()
     jetstream: JetStreamSettings = JetStreamSettings()
     nats: NatsSettings = NatsSettings()
+    # What is valid but does nothing as written (see _warnings): every command that loads the
+    # config shows them once, at its start; nothing reads them while serving.
+    warnings: tuple[str, ...] = ()
 
     def resolve_target(self, ref: str | TargetSpec) -> TargetSpec:
         """A chain entry (a target name, a provider name or a table) as a checked TargetSpec
@@ -396,6 +399,20 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         audit=audit,
         jetstream=jetstream,
         nats=nats,
+        warnings=_warnings(routes),
+    )
+
+
+def _warnings(routes: dict[str, Route]) -> tuple[str, ...]:
+    """What a valid config holds that will never act: a hedge starts the chain's next target,
+    and a route of one plain target has none."""
+    return tuple(
+        f"routes.{name}.{'hedge' if route.hedge_p95 else 'hedge_after_ms'}: the route has one "
+        "target, so no hedge can start beside it; add a second target (or a group), or drop it"
+        for name, route in routes.items()
+        if (route.hedge_after_ms is not None or route.hedge_p95)
+        and len(route.targets) == 1
+        and not isinstance(route.targets[0], list)
     )
 
 

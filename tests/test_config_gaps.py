@@ -3,13 +3,14 @@ loader now names the key and says what to do."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
-from helpers import LIFELINE, cli_env, config, fake
+from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
 
 from service.config import ConfigError, parse_config
 
@@ -467,3 +468,39 @@ def test_check_config_warns_of_a_hedge_on_a_route_of_one_target(tmp_path, hedge,
         "it; add a second target (or a group), or drop it"
     )
     assert warnings == [said], checked.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["dispatcher"], ["run", "--port", "-1", "--no-gateway", "--quiet"]],
+    ids=["dispatcher", "run"],
+)
+def test_a_command_that_loads_the_config_warns_of_its_useless_hedge_once(
+    tmp_path, nats_url, command
+):
+    """check-config warned of a hedge on a route of one plain target; `lifeline run` and
+    `lifeline dispatcher`, started with that config, said nothing: the hedge never started."""
+    path = tmp_path / "hedged.toml"
+    path.write_text(
+        '[providers.a]\nkind = "fake"\n[routes.alone]\ntargets = ["a"]\nhedge_after_ms = 5\n'
+    )
+    url = ["--nats-url", nats_url] if command == ["dispatcher"] else []
+    proc = spawn_lifeline(
+        *command, "--config", str(path), *url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    said: list[str] = []
+    try:
+        if command == ["dispatcher"]:
+            _, said = wait_for_line(proc, "dispatcher serving", stream=proc.stderr)
+        else:
+            wait_for_line(proc, "dispatcher ready")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=30)
+    stderr = "".join(said) + rest
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    said = (
+        "warning: routes.alone.hedge_after_ms: the route has one target, so no hedge can start "
+        "beside it; add a second target (or a group), or drop it"
+    )
+    assert warnings == [said], stderr
