@@ -504,3 +504,20 @@ def test_a_command_that_loads_the_config_warns_of_its_useless_hedge_once(
         "beside it; add a second target (or a group), or drop it"
     )
     assert warnings == [said], stderr
+
+
+def test_check_config_refuses_a_base_url_with_user_info_beside_a_key_as_the_worker_does(tmp_path):
+    """`lifeline worker` refused an openai base_url with user info beside its API key (httpx
+    would send the user info as Basic auth in the key's place); check-config said OK. Without a
+    key (api_key_env = ""), the user info is the credential, and both take it."""
+    path = tmp_path / "proxied.toml"
+    url = "https://proxy:Proxy-PW-31337@proxy.example/v1"
+    path.write_text(f'[providers.p]\nkind = "openai"\nmodel = "m"\nbase_url = "{url}"\n')
+    checked = check_config(path)
+    assert checked.returncode == 2, checked.stdout
+    assert "providers.p: base_url holds user info (user:password@)" in checked.stderr
+    assert "Proxy-PW-31337" not in checked.stderr
+    path.write_text(
+        f'[providers.p]\nkind = "openai"\nmodel = "m"\nbase_url = "{url}"\napi_key_env = ""\n'
+    )
+    assert check_config(path).returncode == 0

@@ -469,9 +469,8 @@ def test_a_base_url_with_user_info_is_refused_beside_the_api_key():
     why, without quoting the URL."""
     password = "Proxy-PW-31337"
     url = f"https://proxy:{password}@proxy.example/v1"
-    settings = OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url)
     with pytest.raises(ValueError, match="base_url holds user info") as refused:
-        OpenAIProvider(settings, environ=ENV)
+        OpenAISettings(kind="openai", model="gpt-4o-mini", base_url=url)  # as the config reads it
     assert "in place of the API key" in str(refused.value)
     assert password not in str(refused.value)
 

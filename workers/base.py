@@ -810,13 +810,6 @@ class HttpProvider:
         self.settings = settings
         self.model = settings.model
         self._url = url
-        # A proxy's credentials in the URL are sent too (httpx makes them Basic auth), which
-        # would overwrite a key sent as Authorization (httpx's _build_request_auth).
-        if url_secrets(url) and any(name.lower() == "authorization" for name in headers):
-            raise ValueError(
-                "base_url holds user info (user:password@), which httpx sends as an "
-                "Authorization: Basic header in place of the API key's: remove it from the URL"
-            )
         given = (*secrets, *url_secrets(url))
         self.secrets: tuple[str, ...] = tuple(secret for secret in given if secret)
         # Auth goes with each request (not on the client), so an injected client sends it too.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -77,6 +78,15 @@ class OpenAISettings(ProviderSettings, frozen=True, kw_only=True, forbid_unknown
             raise ValueError('model must be set, e.g. model = "gpt-4o-mini"')
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        # A proxy's credentials in the URL are sent too (httpx makes them Basic auth), which
+        # would overwrite the key sent as Authorization (httpx's _build_request_auth). Here, so
+        # that check-config refuses it as the worker does.
+        if self.api_key_env and urlsplit(self.base_url).netloc.rpartition("@")[0]:
+            raise ValueError(
+                "base_url holds user info (user:password@), which httpx sends as an "
+                "Authorization: Basic header in place of the API key's: remove it from the URL "
+                '(or set api_key_env = "" to send it instead of a key)'
+            )
 
 
 # A deployment's name or an API version: Azure allows no other characters, and a "/", "?",
