@@ -2084,14 +2084,17 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
     says why, then the next attempt's text follows."""
     assembler = Assembler()
     shown: list[str] = []  # the deltas printed since the last reset
+    printed = False  # anything on stdout: a note or the end then starts a line of its own
     try:
         async for event in client.stream(nc, request, assembler):
             if event.kind == "delta":
                 shown.append(event.text)
+                printed = printed or bool(event.text)
                 print(event.text, end="", flush=True)
             elif event.kind == "tool_call":
                 shown.append("")  # a reset's discard counts tool-call pieces too
                 if event.tool_call is not None and event.tool_call.name:
+                    printed = True
                     print(f"[calling {event.tool_call.name}]", end="", flush=True)
             elif event.kind == "reset" and event.reset is not None:
                 reset = event.reset
@@ -2103,13 +2106,13 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
                     else "continuing from here"
                 )
                 print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
-                    f"\n[reset: attempt {reset.attempt} failed with {reset.error.type} "
+                    f"{_line_end(printed)}[reset: attempt {reset.attempt} failed with {reset.error.type} "
                     f"({what}){': ' + _struck(voided) if voided else ''}]",
                     file=sys.stderr,
                     flush=True,
                 )
     except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
-        print(f"\nlifeline: {exc} ({redact_url(url)})", file=sys.stderr)
+        print(f"{_line_end(printed)}lifeline: {exc} ({redact_url(url)})", file=sys.stderr)
         return 1
     except client.RequestTooLarge as exc:  # checked before anything is sent
         raise ValueError(f"{exc}: shorten the prompt") from None
@@ -2118,9 +2121,15 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
             await nc.close()
     reply = assembler.reply
     assert reply is not None
-    print()
+    print(_line_end(printed), end="")
     _print_reply(reply)
     return 0 if reply.status == "ok" else 1
+
+
+def _line_end(printed: bool) -> str:
+    """The line break that ends the streamed text before a note or the reply, if any was
+    printed: nothing printed, the note starts with no blank line before it."""
+    return "\n" if printed else ""
 
 
 async def _fit(nc: Client, payload: bytes, headers: dict[str, str]) -> None:

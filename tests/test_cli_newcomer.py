@@ -496,3 +496,28 @@ def test_run_refuses_a_missing_api_key_before_starting_its_embedded_nats(tmp_pat
     assert refused.returncode == 2, refused
     assert "providers.p: provider needs an API key: set $R9_NO_KEY" in refused.stderr, refused
     assert "embedded NATS" not in refused.stdout, refused.stdout
+
+
+# ---- ask --stream failing before its first token -------------------------------------------
+
+
+def test_ask_stream_with_no_dispatcher_prints_its_error_alone(tmp_path, nats_url):
+    """The error came after a blank line on stderr, there to end a line of streamed text that
+    was never printed."""
+    asked = lifeline_in(tmp_path, "ask", "--stream", "--nats-url", nats_url, "hi")
+    assert asked.returncode == 1
+    assert asked.stdout == ""
+    assert asked.stderr.startswith("lifeline: no dispatcher"), repr(asked.stderr)
+    assert asked.stderr.count("\n") == 1, repr(asked.stderr)
+
+
+async def test_ask_stream_failing_before_its_first_token_prints_no_blank_line(
+    tmp_path, nats_url, lifeline
+):
+    """An error reply before any text: stdout stays empty (`> answer.txt` got a blank line)."""
+    await lifeline(config({"down": fake(fail_status=503)}))
+    ask = ("ask", "--stream", "--nats-url", nats_url, "hi")
+    asked = await asyncio.to_thread(lifeline_in, tmp_path, *ask)
+    assert asked.returncode == 1, asked.stderr
+    assert asked.stdout == ""
+    assert asked.stderr.startswith("error: "), repr(asked.stderr)
