@@ -845,11 +845,26 @@ def _kinds_taking(kind: Any) -> _Elsewhere:
     copied from one kind to another)."""
 
     def hint(key: str) -> str | None:
+        own = _url_key(kind) if key in _URL_KEYS else None
+        if own is not None and own != key:  # its URL, under another kind's name
+            return f"kind {kind} takes its URL as {own!r}{_URL_KEYS[own]}"
         owners = [name for name, (other, _) in KINDS.items() if key in _keys(other)]
         takers = "kind {} takes" if len(owners) == 1 else "kinds {} take"
         return f"kind {kind} has none; {takers.format(', '.join(owners))} it" if owners else None
 
     return hint
+
+
+# The key a built-in kind takes its server's URL by, and what it looks like where that helps:
+# a table copied from a kind of the other name has the other's.
+_URL_KEYS = {"base_url": "", "endpoint": ": https://<resource>.openai.azure.com"}
+
+
+def _url_key(kind: Any) -> str | None:
+    """The key of _URL_KEYS a built-in `kind` takes (None: none, or not a built-in kind)."""
+    if not isinstance(kind, str) or kind not in KINDS:
+        return None
+    return next((key for key in _URL_KEYS if key in _keys(KINDS[kind][0])), None)
 
 
 def _target_taking(key: str) -> str | None:

@@ -359,10 +359,28 @@ def test_an_error_kind_near_none_still_lists_the_known_ones():
                 "azure_openai, anthropic take it)"
             ),
         ),
+        (  # openai's and anthropic's URL key named Azure's: its own is endpoint
+            {"kind": "azure_openai", "deployment": "d", "base_url": "https://r.example"},
+            (
+                "providers.p.base_url: unknown key (kind azure_openai takes its URL as "
+                "'endpoint': https://<resource>.openai.azure.com)"
+            ),
+        ),
+        (
+            {"kind": "openai", "model": "m", "endpoint": "https://r.example"},
+            "providers.p.endpoint: unknown key (kind openai takes its URL as 'base_url')",
+        ),
         ({"kind": "fake", "latency": 3}, "unknown key (did you mean 'latency_ms'?)"),
         ({"kind": "fake", "colour": 3}, "providers.p.colour: unknown key (check its spelling)"),
     ],
-    ids=["azure-key-on-openai", "api-key-on-fake", "misspelt", "nowhere"],
+    ids=[
+        "azure-key-on-openai",
+        "api-key-on-fake",
+        "base-url-on-azure",
+        "endpoint-on-openai",
+        "misspelt",
+        "nowhere",
+    ],
 )
 def test_a_key_of_another_kind_says_which_kind_takes_it(provider, says):
     """A table copied from one kind to another said "check its spelling" of a key spelt
