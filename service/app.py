@@ -221,6 +221,16 @@ async def connect(
                 exc,
             )
             return
+        if wait_for_server and not connected and options.shown not in _told_waiting:
+            _told_waiting.add(options.shown)  # once a process, not at each retry
+            log.warning(
+                "%s: cannot reach NATS at %s (%s); waiting for it, trying again every 2 s: "
+                "start nats-server there, or use `lifeline run` with no NATS URL for an "
+                "embedded one, or check the URL (--nats-url, $NATS_URL, the config's [nats])",
+                name,
+                options.shown,
+                options.origin.get("url", "the default"),
+            )
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
             logging.WARNING if wait_for_server else logging.DEBUG,
@@ -264,6 +274,10 @@ async def connect(
     if watch is not None:
         watch.nc = nc
     return nc
+
+
+# The NATS URLs this process said it waits for (app.connect): said once, not per connection.
+_told_waiting: set[str] = set()
 
 
 class _SlowConsumerDrops(natsio.Drops):

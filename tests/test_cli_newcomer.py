@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from helpers import LIFELINE, cli_env, config, fake, spawn_lifeline, wait_for_line
+from helpers import LIFELINE, cli_env, config, fake, free_port, spawn_lifeline, wait_for_line
 
 from schemas import subjects
 from schemas.wire import AuditEvent, CompletionReply, StreamStats
@@ -521,3 +521,25 @@ async def test_ask_stream_failing_before_its_first_token_prints_no_blank_line(
     assert asked.returncode == 1, asked.stderr
     assert asked.stdout == ""
     assert asked.stderr.startswith("error: "), repr(asked.stderr)
+
+
+# ---- a service started before its NATS server ----------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["dispatcher"], ["worker", "backup"]])
+def test_a_service_waiting_for_nats_says_once_where_it_looks_and_what_to_do(tmp_path, command):
+    """It logged nats-py's "Connection refused" every 2 s and nothing else: no word of which
+    URL, nor that a NATS server has to be started first (or `lifeline run` used)."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    proc = spawn_lifeline(*command, "--nats-url", url, cwd=tmp_path, stderr=subprocess.PIPE)
+    said: list[str] = []
+    try:
+        for _ in range(3):  # three tries: the hint is not said again at each
+            said += wait_for_line(proc, "Connection refused", stream=proc.stderr)[1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=30)
+    hints = [line for line in [*said, *rest.splitlines()] if "lifeline run" in line]
+    assert len(hints) == 1, rest
+    assert f"cannot reach NATS at {url} (--nats-url)" in hints[0]
+    assert "start nats-server" in hints[0]
