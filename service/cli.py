@@ -1170,7 +1170,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from service import telemetry
 
     config = _load_config(_config_path(args))
-    _require_api_keys(config)
+    _require_worker_inputs(config)
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
@@ -1207,15 +1207,20 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0 if lost is None else 1
 
 
-def _require_api_keys(config: Config) -> None:
-    """The built-in providers' API keys, as their workers will read them: a missing one stops
-    `run` (exit 2) before its embedded NATS starts, rather than just after."""
+def _require_worker_inputs(config: Config) -> None:
+    """The built-in providers' API keys, as their workers will read them, and the plug-ins'
+    classes, imported with their settings checked (not made: that is their workers' to do
+    once): a missing one stops `run` (exit 2) before its embedded NATS starts, rather than
+    just after."""
+    from workers import plugin
     from workers.base import require_api_key
-    from workers.plugin import PluginSettings
 
     for name, settings in config.providers.items():
+        if isinstance(settings, plugin.PluginSettings):
+            plugin.load(settings, f"providers.{name}")  # its ValueError names the key
+            continue
         key_env = getattr(settings, "api_key_env", None)
-        if key_env and not isinstance(settings, PluginSettings):
+        if key_env:
             try:
                 require_api_key(os.environ, key_env)
             except ValueError as exc:  # named as build_provider names it

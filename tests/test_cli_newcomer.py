@@ -543,3 +543,20 @@ def test_a_service_waiting_for_nats_says_once_where_it_looks_and_what_to_do(tmp_
     assert len(hints) == 1, rest
     assert f"cannot reach NATS at {url} (--nats-url)" in hints[0]
     assert "start nats-server" in hints[0]
+
+
+# ---- run with a plug-in that cannot load ---------------------------------------------------
+
+
+def test_run_refuses_a_plug_in_it_cannot_import_before_starting_its_nats(tmp_path):
+    """It printed "embedded NATS (JetStream) listening on ..." and then refused the class:
+    a server started for nothing, and a line that said all was well."""
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        '[providers.mine]\nkind = "python"\nclass = "no_such_module_here:Model"\n'
+        '[routes.default]\ntargets = ["mine"]\n'
+    )
+    ran = lifeline_in(tmp_path, "run", "--config", str(path), "--port", "-1", "--no-gateway")
+    assert ran.returncode == 2, ran.stderr
+    assert "providers.mine.class: cannot import 'no_such_module_here'" in ran.stderr
+    assert "embedded NATS" not in ran.stdout, ran.stdout
