@@ -701,12 +701,14 @@ def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def _config_arg(parser: argparse.ArgumentParser, client: bool = False) -> None:
     """--config: None when not given (see _config_path and _client_config_path)."""
-    default = (
-        f"./{DEFAULT_CONFIG} if there, else the defaults, as the installed example has them"
-        if client  # what a client command reads of it: the [nats] table, stream and bucket names
-        else f"./{DEFAULT_CONFIG}, else the example installed with Lifeline"
-    )
-    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default: {default})")
+    if client:  # it reads how to connect, and the names of the streams and buckets
+        what = (
+            "the config whose [nats] table (how to connect) and stream and bucket names this "
+            f"command uses (default: ./{DEFAULT_CONFIG} if there, else the defaults)"
+        )
+    else:
+        what = f"TOML config file (default: ./{DEFAULT_CONFIG}, else the example installed with Lifeline)"
+    parser.add_argument("--config", metavar="FILE", help=what)
 
 
 def _nats_arg(parser: argparse.ArgumentParser, url_help: str = "") -> None:

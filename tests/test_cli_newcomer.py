@@ -560,3 +560,13 @@ def test_run_refuses_a_plug_in_it_cannot_import_before_starting_its_nats(tmp_pat
     assert ran.returncode == 2, ran.stderr
     assert "providers.mine.class: cannot import 'no_such_module_here'" in ran.stderr
     assert "embedded NATS" not in ran.stdout, ran.stdout
+
+
+@pytest.mark.parametrize("command", ["ask", "submit", "batch", "result", "audit", "status"])
+def test_a_client_command_s_help_says_what_it_reads_of_its_config(capsys, command):
+    """ "--config FILE  TOML config file" on `ask`, beside the same words on `run`: nothing said
+    that a client reads only how to connect and where jobs, results and audit events are."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert "the config whose [nats] table" in shown, shown
