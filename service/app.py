@@ -166,6 +166,9 @@ async def connect(
     kwargs = options.connect_kwargs()
     connected = False
     told_undiscoverable = False
+    # A client's inbox refused while it checks it (below): said as the command's error.
+    inbox_refused: list[Exception] = []
+    checking_inbox = not wait_for_server
     # A service says so; a client (ask, audit --follow, ...) as before, only when debugging.
     slow = _SlowConsumerDrops(name, logging.WARNING if wait_for_server else logging.DEBUG)
 
@@ -190,6 +193,9 @@ async def connect(
         if _is_inbox_refusal(exc):  # every answer to this connection would go unseen
             if watch is not None:  # a dispatcher stops at start (must_have_subscribed)
                 watch.on_error(exc)
+            inbox_refused.append(exc)
+            if checking_inbox:
+                return
             log.warning(
                 "%s: the NATS server refused this connection's subscription to its inbox "
                 "(%s), so no answer can reach it. A least-privilege user connects with its "
@@ -273,11 +279,47 @@ async def connect(
     connections_made += 1
     if watch is not None:
         watch.nc = nc
+    if checking_inbox:
+        await _must_reach_its_inbox(nc, options, inbox_refused)
+        checking_inbox = False
     return nc
 
 
 # The NATS URLs this process said it waits for (app.connect): said once, not per connection.
 _told_waiting: set[str] = set()
+
+
+_INBOX_CHECK_S = 2.0  # each round trip of a client's check of its inbox, at most
+
+
+async def _must_reach_its_inbox(nc: Client, options: NatsOptions, refused: list[Exception]) -> None:
+    """NatsRefused, the connection closed, when the server refuses a client's subscription to
+    its inbox, found before the client sends anything: every answer to it (a reply, a
+    JetStream or $SRV answer) would be dropped, while what it sends would still run (a
+    dispatcher paying a provider for an answer nobody may read), and it would wait out its
+    timeout. A server slow to confirm it is left to the command's own request."""
+    try:
+        sub = await nc.subscribe(nc.new_inbox())
+        try:  # natsio.ensure_subscribed's two flushes, each bounded: a frozen server
+            for _ in range(2):
+                await nc.flush(timeout=_INBOX_CHECK_S)
+        finally:
+            await sub.unsubscribe()
+    except nats.errors.Error:
+        return
+    if not refused:
+        return
+    await _abandon(nc, None)
+    from service.permissions import client_inbox  # only now: clients start without it
+
+    prefix = client_inbox(options.user) if options.user and options.password else None
+    raise NatsRefused(
+        f"NATS at {options.shown} refused this connection's subscription to its inbox "
+        f"({options.inbox_prefix or '_INBOX'}.>), so no answer could reach it; nothing was "
+        "sent. A least-privilege user connects with its inbox prefix: set "
+        f"NATS_INBOX_PREFIX={prefix or '_INBOX.<user>'} (or --nats-inbox-prefix, [nats] "
+        "inbox_prefix)"
+    )
 
 
 class _SlowConsumerDrops(natsio.Drops):

@@ -504,7 +504,39 @@ def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -
     )
     assert asked.returncode != 0
     assert "refused this connection's subscription to its inbox" in asked.stderr, asked.stderr
-    assert "NATS_INBOX_PREFIX=_INBOX.<user>" in asked.stderr
+    assert "set NATS_INBOX_PREFIX=_INBOX.bob" in asked.stderr, asked.stderr
+
+
+async def requests_taken(operator: Client) -> int:
+    """The requests every dispatcher has taken on llm.complete, from their $SRV.STATS."""
+    answers = await discovery.ask(operator, "STATS", subjects.DISPATCHER_SERVICE)
+    return sum(
+        e["num_requests"] for a in answers for e in a["endpoints"] if e["name"] == "complete"
+    )
+
+
+async def test_a_command_without_its_inbox_prefix_sends_nothing(secured: Secured) -> None:
+    """`lifeline ask` as a client user without NATS_INBOX_PREFIX sent its request all the
+    same: a dispatcher ran it (a provider paid) and answered into an inbox the server let no
+    one read. The command finds its inbox refused before it sends anything, and says which
+    prefix this user takes."""
+    operator = await secured.connect("operator")
+    try:
+        before = await requests_taken(operator)
+        asked = await asyncio.to_thread(
+            run_lifeline,
+            "ask",
+            "--timeout",
+            "5",
+            "hello",
+            env=cli_env(**secured.env("bob")),
+            timeout_s=60,
+        )
+        assert await requests_taken(operator) == before
+    finally:
+        await operator.close()
+    assert asked.returncode == 1, asked.stderr
+    assert "nothing was sent" in asked.stderr, asked.stderr
 
 
 def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(
