@@ -166,8 +166,7 @@ async def connect(
     kwargs = options.connect_kwargs()
     connected = False
     told_undiscoverable = False
-    # A client's inbox refused while it checks it (below): said as the command's error.
-    inbox_refused: list[Exception] = []
+    inbox_refused: list[str] = []  # a client's check of its inbox, below
     checking_inbox = not wait_for_server
     # A service says so; a client (ask, audit --follow, ...) as before, only when debugging.
     slow = _SlowConsumerDrops(name, logging.WARNING if wait_for_server else logging.DEBUG)
@@ -179,6 +178,9 @@ async def connect(
             return
         if not connected and (_is_auth_refusal(exc) or _is_tls_refusal(exc)):
             raise _Refused(exc)  # out of nats-py's first-connect loop, which would retry
+        if checking_inbox and (refused := _refused_subscription(exc)) is not None:
+            inbox_refused.append(refused.lower())  # said by the check, as the command's error
+            return
         if _is_service_api_refusal(exc):  # one per $SRV subject: say it once, and what to do
             if not told_undiscoverable:
                 told_undiscoverable = True
@@ -193,9 +195,6 @@ async def connect(
         if _is_inbox_refusal(exc):  # every answer to this connection would go unseen
             if watch is not None:  # a dispatcher stops at start (must_have_subscribed)
                 watch.on_error(exc)
-            inbox_refused.append(exc)
-            if checking_inbox:
-                return
             log.warning(
                 "%s: the NATS server refused this connection's subscription to its inbox "
                 "(%s), so no answer can reach it. A least-privilege user connects with its "
@@ -292,22 +291,14 @@ _told_waiting: set[str] = set()
 _INBOX_CHECK_S = 2.0  # each round trip of a client's check of its inbox, at most
 
 
-async def _must_reach_its_inbox(nc: Client, options: NatsOptions, refused: list[Exception]) -> None:
+async def _must_reach_its_inbox(nc: Client, options: NatsOptions, refused: list[str]) -> None:
     """NatsRefused, the connection closed, when the server refuses a client's subscription to
     its inbox, found before the client sends anything: every answer to it (a reply, a
     JetStream or $SRV answer) would be dropped, while what it sends would still run (a
     dispatcher paying a provider for an answer nobody may read), and it would wait out its
     timeout. A server slow to confirm it is left to the command's own request."""
-    try:
-        sub = await nc.subscribe(nc.new_inbox())
-        try:  # natsio.ensure_subscribed's two flushes, each bounded: a frozen server
-            for _ in range(2):
-                await nc.flush(timeout=_INBOX_CHECK_S)
-        finally:
-            await sub.unsubscribe()
-    except nats.errors.Error:
-        return
-    if not refused:
+    inbox = await natsio.subscribe_to_an_inbox(nc, _INBOX_CHECK_S)
+    if inbox is None or inbox.lower() not in refused:
         return
     await _abandon(nc, None)
     from service.permissions import client_inbox  # only now: clients start without it
@@ -315,8 +306,8 @@ async def _must_reach_its_inbox(nc: Client, options: NatsOptions, refused: list[
     prefix = client_inbox(options.user) if options.user and options.password else None
     raise NatsRefused(
         f"NATS at {options.shown} refused this connection's subscription to its inbox "
-        f"({options.inbox_prefix or '_INBOX'}.>), so no answer could reach it; nothing was "
-        "sent. A least-privilege user connects with its inbox prefix: set "
+        f"({inbox.rpartition('.')[0]}.>), so no answer could reach it; nothing was sent. A "
+        "least-privilege user connects with its inbox prefix: set "
         f"NATS_INBOX_PREFIX={prefix or '_INBOX.<user>'} (or --nats-inbox-prefix, [nats] "
         "inbox_prefix)"
     )

@@ -23,9 +23,9 @@ Errors: an answer with `status == "error"` (all_failed, deadline_exceeded, overl
 reply like any other: it is returned, never raised (complete(..., overloaded_retries=N) resends
 on `overloaded` and `shutting_down` after 1-2x its retry_after_s, within the request's own
 timeout). What raises is a transport problem, a LifelineError:
-Unreachable (no NATS server), NoDispatcher (nobody on llm.complete), NoAnswer (no reply within
-the request's timeout and a grace: a TimeoutError too), RequestTooLarge (over the server's
-max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
+Unreachable (no NATS server, or one refusing the connection its inbox), NoDispatcher (nobody
+on llm.complete), NoAnswer (no reply within the request's timeout and a grace: a TimeoutError
+too), RequestTooLarge (over the server's max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
 missing and StreamProtocolError on a message that is not an event (LifelineErrors too, and
 subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
@@ -285,7 +285,8 @@ class Lifeline:
         User info in the URL works too.
 
         Raises Unreachable when no server answers (every server refused once, or none within
-        connect_timeout_s), NatsOptionError (a ValueError) on conflicting options or an
+        connect_timeout_s) or when the server refuses the connection its inbox (a
+        least-privilege user without its inbox_prefix: no answer could reach it), NatsOptionError (a ValueError) on conflicting options or an
         unreadable file. Once connected, the connection reconnects for as long as it takes
         (requests meanwhile wait, then raise NoAnswer)."""
         unknown = set(options) - set(natsopts.ENV)
@@ -319,8 +320,12 @@ class Lifeline:
         every_server_failed = asyncio.Event()
 
         outage = _Outage(resolved.shown)
+        refused: list[str] = []  # while it checks its inbox: the server's refusals
 
         async def on_error(exc: Exception) -> None:
+            if checking_inbox and "permissions violation for subscription" in str(exc).lower():
+                refused.append(str(exc).lower())
+                return
             if connected and "permissions violation" in str(exc).lower():
                 # The server refused one message (a publish, a subscription); the connection
                 # is up: no outage, said as it is.
@@ -336,6 +341,7 @@ class Lifeline:
         async def on_reconnected() -> None:
             outage.over()
 
+        checking_inbox = False
         nc = Client()
         connecting = asyncio.ensure_future(
             nc.connect(
@@ -363,7 +369,16 @@ class Lifeline:
         finally:
             gave_up.cancel()
         if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
-            connected = True
+            connected = checking_inbox = True
+            try:
+                inbox = await natsio.subscribe_to_an_inbox(nc, connect_timeout_s)
+            except asyncio.CancelledError:  # given up on: no connection left behind
+                await asyncio.shield(natsio.close(nc))
+                raise
+            checking_inbox = False
+            if inbox is not None and any(f'"{inbox.lower()}"' in e for e in refused):
+                await natsio.close(nc)
+                raise Unreachable(_inbox_refused(resolved, inbox))
             return cls(nc, owns_connection=True, **settings)
         await _stop_connecting(nc, connecting)
         why: BaseException | None = failures[-1] if failures else None
@@ -855,6 +870,18 @@ def _closed_in_background(task: asyncio.Task[None]) -> None:
     _closing.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("closing a stream left by its `async for`: %r", task.exception())
+
+
+def _inbox_refused(resolved: natsopts.NatsOptions, inbox: str) -> str:
+    """Why a connection is given up at once: every answer to it would be dropped, while its
+    requests would still run (a dispatcher paying a provider for an answer nobody may read)."""
+    user = resolved.user if resolved.user and resolved.password else "<user>"
+    return (
+        f"NATS at {resolved.shown} refused this connection's subscription to its inbox "
+        f"({inbox.rpartition('.')[0]}.>), so no answer could reach it; nothing was sent. A "
+        f'least-privilege user connects with its inbox prefix: inbox_prefix="_INBOX.{user}" '
+        "(or $NATS_INBOX_PREFIX)"
+    )
 
 
 def _buffer_full() -> Unreachable:

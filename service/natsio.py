@@ -45,6 +45,24 @@ async def ensure_subscribed(nc: Client) -> None:
     await nc.flush()
 
 
+async def subscribe_to_an_inbox(nc: Client, timeout_s: float) -> str | None:
+    """Subscribe to a fresh inbox of `nc`'s, wait until the server has seen it (two round
+    trips, each within timeout_s), and drop it: the inbox, whose refusal (a least-privilege
+    user connected without its inbox prefix) has then reached `nc`'s error callback; None
+    when the server was too slow to tell."""
+    inbox = nc.new_inbox()
+    try:
+        sub = await nc.subscribe(inbox)
+        try:
+            for _ in range(2):  # as ensure_subscribed, each bounded: a frozen server
+                await nc.flush(timeout=timeout_s)
+        finally:
+            await sub.unsubscribe()
+    except NatsError:
+        return None
+    return inbox
+
+
 async def publish_checked(
     nc: Client,
     subject: str,

@@ -47,7 +47,7 @@ from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service import discovery, permissions
 from service.cli import build_parser, cmd_nats_config
-from service.client import Lifeline
+from service.client import Lifeline, Unreachable
 from service.config import load_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
@@ -537,6 +537,19 @@ async def test_a_command_without_its_inbox_prefix_sends_nothing(secured: Secured
         await operator.close()
     assert asked.returncode == 1, asked.stderr
     assert "nothing was sent" in asked.stderr, asked.stderr
+
+
+async def test_the_python_client_without_its_inbox_prefix_refuses_to_connect(
+    secured: Secured,
+) -> None:
+    """Lifeline.connect as a client user without inbox_prefix connected, and each request
+    ran at a dispatcher while its answer was dropped by the server, raising NoAnswer (blaming
+    the dispatcher) after the request's timeout."""
+    bob = {"user": "bob", "password": secured.passwords["bob"]}
+    with pytest.raises(Unreachable, match='inbox_prefix="_INBOX.bob"'):
+        await Lifeline.connect(secured.server.url, **bob)
+    async with await Lifeline.connect(secured.server.url, inbox_prefix="_INBOX.bob", **bob) as ll:
+        assert (await ll.complete("hello")).status == "ok"
 
 
 def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(
