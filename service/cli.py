@@ -75,7 +75,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
-from service import app, client, discovery, jetstream, logs, loop, natsopts
+from service import app, client, discovery, jetstream, logs, loop, natsio, natsopts
 from service.app import (
     Component,
     ConnectionWatch,
@@ -2171,6 +2171,9 @@ async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg |
     except asyncio.CancelledError:  # Ctrl-C: the dispatcher stops the request (closing flushes)
         await client.abort(nc, key)
         raise
+    except natsio.PublishRefused as exc:  # said as it came: its role is not a client's
+        print(f"lifeline: {exc}: no dispatcher got the request", file=sys.stderr)
+        return None
     except nats.errors.NoRespondersError:  # as ask --stream says it (the client's NoDispatcher)
         print(
             f"lifeline: no dispatcher is subscribed to {subjects.COMPLETE}: start one "

@@ -18,6 +18,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
+from service.natsio import PublishRefused
+
 # JetStream's error codes (an APIError's err_code), from nats-server's errors.json.
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists, with another configuration
 NO_SUITABLE_PEERS = 10005  # fewer servers up than the replicas asked for
@@ -63,6 +65,8 @@ def hint(exc: BaseException, replicas: int) -> str:
     """`exc`, from making or reaching a stream or bucket, with what to do about it."""
     if isinstance(exc, UnfitStream):
         return str(exc.description)
+    if isinstance(exc, PublishRefused):  # its user's role: nothing JetStream can change
+        return _said(exc)
     what = _said(exc)
     code = getattr(exc, "err_code", None)
     if code == NO_SUITABLE_PEERS:

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("lifeline.nats")
 
 
+class PublishRefused(NatsError):
+    """The server refused a client command's request (its user may not publish there): it
+    went nowhere, and no answer will come (service/app.py's _CommandConnection)."""
+
+
 async def ensure_subscribed(nc: Client) -> None:
     """Return once the server has registered every subscription made so far on `nc`.
 

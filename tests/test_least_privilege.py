@@ -560,11 +560,23 @@ def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(
     code, _, err = finished(lifeline(secured, "bob", "status"), timeout_s=30)
     assert code != 0, err
     assert (
-        "this NATS user may not publish $js.api.stream.info.kv_lifeline_health: its role "
+        "NATS user bob may not publish $js.api.stream.info.kv_lifeline_health: its role "
         "does not allow it"
     ) in err, err
     assert "`lifeline status`, `audit` and `health` are the operator's" in err, err
     assert "new_inbox" not in err, err
+
+
+def test_a_request_its_role_may_not_send_ends_at_once_naming_the_user_and_subject(
+    secured: Secured,
+) -> None:
+    """`lifeline ask` as the operator, who may not publish llm.complete: the server dropped
+    the request, and the command waited out its whole timeout, then said no dispatcher had
+    answered (is `lifeline run` up?)."""
+    code, _, err = finished(lifeline(secured, "operator", "ask", "hello"), timeout_s=90)
+    assert code == 1, err
+    assert "NATS user operator may not publish llm.complete: no dispatcher got the request" in err
+    assert "no answer from a dispatcher" not in err, err
 
 
 def test_a_worker_with_another_roles_credentials_stops_saying_so(secured: Secured) -> None:
