@@ -4,6 +4,7 @@
     ProviderError(kind, ...) raised inside a worker
         timeout, rate_limit, server_error, connection        the provider is unwell: retried and
                                                               counted by breakers by default
+                                                              (transient, as no_responders is)
         quota                                                 the account's credit is spent:
                                                               counted by breakers, not retried
         auth, bad_request, context_length, content_filter    the request's (or the key's) fault
@@ -13,7 +14,8 @@
         invalid_output                                        the answer failed response_format
                                                               (dispatcher side)
     a target is passed over without a call: Attempt.reason, SKIP_REASONS
-    a whole request fails: CompletionReply.error.type, REQUEST_ERRORS
+    a whole request fails: CompletionReply.error.type, REQUEST_ERRORS; what a resend can do
+    about it: RESEND, resend_is_futile (the Python client raises each family as its own class)
 
 Routes, targets and breakers name failures by kind or by HTTP status (`fallback_on`,
 `retry_on`, `trip_on`); `kind_or_status_problem` is the one check of such an entry.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 
@@ -36,6 +39,8 @@ class Kind(NamedTuple):
     retried: bool = False  # in a target's default retry_on
     trips: bool = False  # in a breaker's default trip_on: it says the provider is unwell
     own_chain: bool = False  # a route may name a chain for it (<kind>_fallbacks)
+    # A later call may not fail so: a chain failed on no such kind fails again, resent unchanged.
+    transient: bool = False
 
 
 KINDS: dict[str, Kind] = {
@@ -47,6 +52,7 @@ KINDS: dict[str, Kind] = {
             statuses=(408,),
             retried=True,
             trips=True,
+            transient=True,
         ),
         Kind(
             "rate_limit",
@@ -55,6 +61,7 @@ KINDS: dict[str, Kind] = {
             statuses=(429,),
             retried=True,
             trips=True,
+            transient=True,
         ),
         Kind(
             "server_error",
@@ -62,8 +69,15 @@ KINDS: dict[str, Kind] = {
             "(3xx: not followed, so that the key goes nowhere else)",
             retried=True,
             trips=True,
+            transient=True,
         ),
-        Kind("connection", "the provider could not be reached", retried=True, trips=True),
+        Kind(
+            "connection",
+            "the provider could not be reached",
+            retried=True,
+            trips=True,
+            transient=True,
+        ),
         Kind(
             "quota",
             "the account's quota or credit is spent: OpenAI's 429 insufficient_quota, "
@@ -88,6 +102,7 @@ KINDS: dict[str, Kind] = {
             "no_responders",
             "no worker is running for the provider (dispatcher side), or the one running the "
             "call stopped before it answered: falls back at once",
+            transient=True,
         ),
         Kind("invalid_output", "the answer failed the request's response_format (dispatcher side)"),
     )
@@ -249,3 +264,35 @@ REQUEST_ERRORS = (
 # that answered could not take the request (or not finish it); another one, or a later
 # moment, can. Clients, the HTTP gateway and the integrations resend (or say to) on these.
 RESEND = frozenset({OVERLOADED, SHUTTING_DOWN})
+# The request errors no resend cures: sent again unchanged, the request gets the same answer.
+REFUSED = frozenset(
+    {
+        INVALID_REQUEST,
+        PAYLOAD_TOO_LARGE,
+        REPLY_TOO_LARGE,
+        REPLY_SUBJECT_REFUSED,
+        UNKNOWN_ROUTE,
+        UNKNOWN_PROVIDER,
+        NO_CAPABLE_TARGET,
+    }
+)
+# The request errors of a chain that ran and failed: final or not by its calls' kinds.
+CHAIN_FAILED = frozenset({ALL_FAILED, FALLBACK_STOPPED, MAX_ATTEMPTS_REACHED, MIDSTREAM_FAILED})
+
+
+def resend_is_futile(
+    error_type: str, failed_kinds: Iterable[str | None], skip_reasons: Iterable[str | None] = ()
+) -> bool:
+    """Whether a request that failed with `error_type` fails again if sent unchanged: an error in
+    REFUSED, or a chain (CHAIN_FAILED) whose every call failed on a kind that is not transient
+    (the providers refused it: bad_request, context_length, auth, ...) and that skipped no
+    target for an open breaker (which closes)."""
+    if error_type in REFUSED:
+        return True
+    kinds = list(failed_kinds)
+    return (
+        error_type in CHAIN_FAILED
+        and bool(kinds)
+        and all(kind in KINDS and not KINDS[kind].transient for kind in kinds)
+        and "circuit_open" not in skip_reasons
+    )

@@ -29,7 +29,8 @@ too), RequestTooLarge (over the server's max_payload), JobsUnavailable (no JetSt
 missing and StreamProtocolError on a message that is not an event (LifelineErrors too, and
 subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
-before anything is sent.
+before anything is sent. ReplyError(reply) raises an error reply, as the integrations do, as
+the class of what a resend can do about it (RequestRefused, Unavailable, DeadlineExceeded).
 
 Stopping: cancel the task awaiting complete(), or leave a stream before its end (break out of
 its `async for`, or of its `async with`; aclose()), and the client aborts the request
@@ -65,7 +66,7 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, subjects
-from schemas.errors import RESEND
+from schemas.errors import DEADLINE_EXCEEDED, INTERNAL, RESEND, resend_is_futile
 from schemas.streaming import Assembler, Event
 from schemas.subjects import STREAM
 from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
@@ -73,17 +74,20 @@ from service import jetstream, natsio, natsopts
 from service.jobstore import ensure_jobs_as_a_client
 
 __all__ = [
+    "DeadlineExceeded",
     "JobsUnavailable",
     "Lifeline",
     "LifelineError",
     "NoAnswer",
     "NoDispatcher",
     "ReplyError",
+    "RequestRefused",
     "RequestTooLarge",
     "StreamGap",
     "StreamProtocolError",
     "Streamed",
     "Submitted",
+    "Unavailable",
     "Unreachable",
     "abort",
     "abort_key",
@@ -154,19 +158,69 @@ class StreamProtocolError(LifelineError, streaming.StreamProtocolError):
 
 class ReplyError(LifelineError):
     """An error reply, raised: the client returns error replies, the LangChain and Haystack
-    integrations raise this (their frameworks' fallbacks and retries expect an exception)."""
+    integrations raise this (their frameworks' fallbacks and retries expect an exception).
+
+    `ReplyError(reply)` makes the class of the reply's family, as OSError(errno, ...) makes a
+    FileNotFoundError, so that retry policies which decide by type (LangGraph's RetryPolicy,
+    tenacity's retry_if_exception_type) retry what a resend can cure and nothing else:
+        RequestRefused      a resend gets the same answer (also a ValueError)
+        Unavailable         overloaded, shutting_down: send it again after retry_after_s
+        DeadlineExceeded    deadline_exceeded (also a TimeoutError)
+        ReplyError itself   the rest: a chain that failed on a transient kind, aborted, internal
+    """
+
+    def __new__(cls, reply: CompletionReply) -> Self:
+        family = _family(reply) if cls is ReplyError else cls
+        return super(ReplyError, family).__new__(family, reply)
 
     def __init__(self, reply: CompletionReply) -> None:
         self.reply = reply
         self.type = reply.error.type if reply.error is not None else "internal"
         message = reply.error.message if reply.error is not None else "no error given"
         named = f" (request {reply.id})" if reply.id else ""  # a refusal comes before an id
-        super().__init__(f"{self.type}: {message}{named}")
+        text = f"{self.type}: {message}{named}"
+        super().__init__(text)
+        self.args = (text,)  # OSError's __init__ (DeadlineExceeded's) keeps __new__'s: the reply
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """When the dispatcher said to send it again (overloaded, shutting_down, a chain whose
+        calls were all rate limited), else None."""
+        return self.reply.error.retry_after_s if self.reply.error is not None else None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from the reply, not from the message (an exception's default): pickled (a
         # process pool, a task queue) or copied, it arrives whole.
         return type(self), (self.reply,), self.__dict__
+
+
+class RequestRefused(ReplyError, ValueError):
+    """Sent again unchanged, the request gets the same answer: Lifeline refused it
+    (invalid_request, payload_too_large, unknown_route, ...), or every call its chain made
+    failed on a kind no retry cures (bad_request, context_length, auth, ...). A ValueError, so
+    retry policies that treat one as final (LangGraph's default) do not pay for it again."""
+
+
+class Unavailable(ReplyError):
+    """The dispatcher could not take the request (overloaded) or finish it (shutting_down):
+    another one, or a later moment, can; send it again after `retry_after_s`."""
+
+
+class DeadlineExceeded(ReplyError, TimeoutError):
+    """The request's timeout_s or deadline_unix_ms ran out before a target could answer."""
+
+
+def _family(reply: CompletionReply) -> type[ReplyError]:
+    kind = reply.error.type if reply.error is not None else INTERNAL
+    if kind in RESEND:
+        return Unavailable
+    if kind == DEADLINE_EXCEEDED:
+        return DeadlineExceeded
+    calls = [a for a in reply.attempts if a.outcome not in ("ok", "skipped", "cancelled")]
+    skips = (a.reason for a in reply.attempts if a.outcome == "skipped")
+    if resend_is_futile(kind, (a.error_type for a in calls), skips):
+        return RequestRefused
+    return ReplyError
 
 
 class Submitted(NamedTuple):

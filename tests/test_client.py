@@ -1064,3 +1064,78 @@ def test_an_error_reply_without_an_id_is_raised_without_naming_an_empty_request(
     assert str(ReplyError(refused)) == "overloaded: at its maximum of 1 requests"
     named = msgspec.convert({"id": "r1", "status": "error", "error": error}, CompletionReply)
     assert str(ReplyError(named)).endswith("(request r1)")
+
+
+def _error_reply(error_type: str, *attempts: dict[str, Any]) -> CompletionReply:
+    error = {"type": error_type, "message": "failed"}
+    data = {"id": "r1", "status": "error", "error": error, "attempts": list(attempts)}
+    return msgspec.convert(data, CompletionReply)
+
+
+def _call(kind: str, **fields: Any) -> dict[str, Any]:
+    outcome = kind if kind in ("timeout", "no_responders") else "error"
+    return {"provider": "p", "model": "m", "outcome": outcome, "latency_ms": 1.0} | {
+        "error_type": kind,
+        **fields,
+    }
+
+
+def test_every_error_reply_is_raised_as_the_class_of_what_a_resend_can_do():
+    """Every error reply was one plain ReplyError, so retry policies that decide by type
+    (LangGraph's default skips ValueError and OSError and retries the rest) paid again for
+    requests no resend cures. Each request error, and a chain failed on each kind, against
+    schemas/errors.py, the one table of them."""
+    from schemas import errors
+    from service.client import DeadlineExceeded, ReplyError, RequestRefused, Unavailable
+
+    for error_type in errors.REQUEST_ERRORS:
+        raised = ReplyError(_error_reply(error_type))
+        if error_type in errors.RESEND:
+            expected: type[ReplyError] = Unavailable
+        elif error_type == errors.DEADLINE_EXCEEDED:
+            expected = DeadlineExceeded
+        elif error_type in errors.REFUSED:
+            expected = RequestRefused
+        else:  # a chain that made no call (or whose calls name no kind), aborted, internal
+            expected = ReplyError
+        assert type(raised) is expected, error_type
+        assert isinstance(raised, ValueError) == (expected is RequestRefused), error_type
+        assert isinstance(raised, OSError) == (expected is DeadlineExceeded), error_type
+    for error_type in errors.CHAIN_FAILED:
+        for kind, spec in errors.KINDS.items():
+            raised = ReplyError(_error_reply(error_type, _call(kind), _call("auth")))
+            assert isinstance(raised, ValueError) != spec.transient, (error_type, kind)
+            assert isinstance(raised, ReplyError) and raised.type == error_type
+
+
+def test_a_chain_refused_by_every_provider_is_final_and_one_a_later_call_may_cure_is_not():
+    from service.client import ReplyError, RequestRefused
+
+    refused = ReplyError(_error_reply("all_failed", _call("bad_request"), _call("context_length")))
+    assert type(refused) is RequestRefused and isinstance(refused, ValueError)
+    unwell = ReplyError(_error_reply("all_failed", _call("bad_request"), _call("server_error")))
+    assert type(unwell) is ReplyError
+    # A target passed over for its open breaker may answer once the breaker closes.
+    skipped = {"provider": "p", "model": "m", "outcome": "skipped", "latency_ms": 0.0}
+    breaker = ReplyError(
+        _error_reply("all_failed", skipped | {"reason": "circuit_open"}, _call("auth"))
+    )
+    assert type(breaker) is ReplyError
+    capability = ReplyError(
+        _error_reply("all_failed", skipped | {"reason": "tools"}, _call("auth"))
+    )
+    assert type(capability) is RequestRefused
+
+
+def test_an_error_reply_of_each_family_crosses_a_process_boundary_as_its_class():
+    import copy
+    import pickle
+
+    from service.client import ReplyError
+
+    for error_type in ("invalid_request", "overloaded", "deadline_exceeded", "internal"):
+        raised = ReplyError(_error_reply(error_type))
+        for again in (pickle.loads(pickle.dumps(raised)), copy.deepcopy(raised)):
+            assert type(again) is type(raised)
+            assert str(again) == f"{error_type}: failed (request r1)"
+            assert (again.type, again.reply) == (error_type, raised.reply)

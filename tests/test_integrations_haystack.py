@@ -20,7 +20,7 @@ from haystack.dataclasses import ChatMessage, StreamingChunk, ToolCall
 from haystack.tools import Tool
 from helpers import config, fake
 
-from service.integrations.haystack import LifelineChatGenerator, ReplyError
+from service.integrations.haystack import LifelineChatGenerator, ReplyError, RequestRefused
 
 STORY = "Once upon a time, a lighthouse keeper kept the light burning."
 
@@ -131,6 +131,22 @@ async def test_an_error_reply_is_raised(lifeline, generator):
         await generator.run_async("Hi")
     with pytest.raises(ValueError, match="not a CompletionRequest field: temprature"):
         generator.lifeline_request("Hi", {"temprature": 1})
+
+
+async def test_an_error_reply_no_resend_cures_is_raised_as_a_value_error(lifeline, generator):
+    """A retry that skips ValueErrors (tenacity's retry_if_not_exception_type, LangGraph's
+    default) pays once for a request every provider refused, and again for an unwell one."""
+    providers = {"down": fake(fail_status=503), "refuses": fake(fail_status=422)}
+    routes = {name: {"targets": [name]} for name in providers}
+    await lifeline(config(providers, {"default": {"targets": ["down"]}, **routes}))
+    with pytest.raises(RequestRefused, match="all_failed") as refused:
+        await generator.run_async("Hi", generation_kwargs={"route": "refuses"})
+    assert isinstance(refused.value, ValueError) and refused.value.reply.attempts
+    with pytest.raises(RequestRefused, match="unknown_route"):
+        await generator.run_async("Hi", generation_kwargs={"route": "nowhere"})
+    with pytest.raises(ReplyError, match="all_failed") as down:
+        await generator.run_async("Hi")
+    assert not isinstance(down.value, ValueError | OSError)
 
 
 def test_it_serializes_like_any_component():

@@ -25,7 +25,13 @@ from pydantic import BaseModel
 
 from service.client import NoDispatcher
 from service.integrations import bridge
-from service.integrations.langchain import ChatLifeline, ReplyError, TextWithdrawn
+from service.integrations.langchain import (
+    ChatLifeline,
+    ReplyError,
+    RequestRefused,
+    TextWithdrawn,
+    Unavailable,
+)
 
 
 class TestChatLifelineStandard(ChatModelUnitTests):
@@ -226,6 +232,51 @@ async def test_structured_output_and_errors(lifeline, model):
     # LangChain's own fallbacks see the failure: the error reply is an exception
     fallback = model.bind(model="down").with_fallbacks([model])
     assert (await fallback.ainvoke("rescued")).content == ada
+
+
+def _langgraph_retries(exc: BaseException) -> bool:
+    """LangGraph's RetryPolicy default, default_retry_on (langgraph/_internal/_retry.py), less
+    its checks of requests' and httpx's own errors."""
+    if isinstance(exc, ConnectionError):
+        return True
+    final = (ValueError, TypeError, ArithmeticError, ImportError, LookupError, NameError)
+    final += (SyntaxError, RuntimeError, ReferenceError, StopIteration, StopAsyncIteration)
+    return not isinstance(exc, (*final, OSError))
+
+
+async def test_retry_policies_pay_again_only_for_what_a_resend_can_cure(lifeline, model, audit):
+    """Every error reply was one plain ReplyError, so a retry policy deciding by type (LangGraph's
+    default, or with_retry given it) sent again requests that every provider had refused, or
+    that named no route: wasted calls. Now those are ValueErrors, and an overloaded one is not."""
+    providers = {"main": fake(), "refuses": fake(fail_status=400), "down": fake(fail_status=503)}
+    providers["slow"] = fake(chunks=2, chunk_delay_ms=4000)
+    routes = {name: {"targets": [name]} for name in providers}
+    await lifeline(config(providers, {"default": {"targets": ["main"]}, **routes}, max_in_flight=1))
+    once = model.model_copy(update={"max_retries": 0})  # no resends of its own on overloaded
+    policy = {"retry_if_exception_type": _langgraph_retries, "wait_exponential_jitter": False}
+
+    def retried(route: str) -> Any:
+        return once.bind(model=route).with_retry(**policy, stop_after_attempt=3)
+
+    with pytest.raises(RequestRefused, match="unknown_route"):
+        await retried("nowhere").ainvoke("Hi")
+    with pytest.raises(RequestRefused, match="all_failed") as refused:
+        await retried("refuses").ainvoke("Hi")
+    assert refused.value.reply.attempts[0].error_type == "bad_request"
+    with pytest.raises(ReplyError, match="all_failed") as down:  # a provider unwell: sent again
+        await retried("down").ainvoke("Hi")
+    assert not isinstance(down.value, ValueError)
+    events = await audit.wait_for(5)
+    assert [e.error_type for _, e in events] == ["unknown_route", "all_failed"] + ["all_failed"] * 3
+
+    held = once.bind(model="slow").astream("hold the dispatcher's one slot")
+    assert (await anext(held)).content
+    with pytest.raises(Unavailable, match="overloaded") as overloaded:
+        await retried("default").ainvoke("Hi")
+    assert overloaded.value.retry_after_s is not None
+    await held.aclose()
+    events = await audit.wait_for(5 + 3)
+    assert [e.error_type for _, e in events[5:]].count("overloaded") == 3
 
 
 async def test_a_stream_that_fails_midway_raises_rather_than_adding_up_wrong_text(lifeline, model):

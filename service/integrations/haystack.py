@@ -29,7 +29,9 @@ whose meta has "lifeline_reset" (the attempt, how many chunks are void, why) and
 reply itself is always the final text, resets applied.
 
 Errors: an error reply raises ReplyError (its `.reply` has the attempts), so a wrapper that
-falls back on exceptions still sees it; a transport problem raises the client's
+falls back on exceptions still sees it: RequestRefused (a ValueError) when no resend can cure
+it, Unavailable (overloaded, shutting_down), DeadlineExceeded (a TimeoutError), else ReplyError
+itself (service/client.py says which is which); a transport problem raises the client's
 LifelineError. Sync and async calls share one NATS connection per URL, owned by a private
 event loop in a daemon thread (service/integrations/bridge.py explains why); a generator's
 `close()` releases its own hold, and the connection closes with the last model's.
@@ -71,10 +73,23 @@ from schemas import CompletionReply, CompletionRequest
 from schemas.streaming import Event
 from schemas.wire import ImagePart, Part, TextPart
 from schemas.wire import ToolCall as WireToolCall
-from service.client import Lifeline, ReplyError, request_of
+from service.client import (
+    DeadlineExceeded,
+    Lifeline,
+    ReplyError,
+    RequestRefused,
+    Unavailable,
+    request_of,
+)
 from service.integrations import bridge
 
-__all__ = ["LifelineChatGenerator", "ReplyError"]
+__all__ = [
+    "DeadlineExceeded",
+    "LifelineChatGenerator",
+    "ReplyError",
+    "RequestRefused",
+    "Unavailable",
+]
 
 _ALIASES = {"max_completion_tokens": "max_tokens"}  # OpenAIChatGenerator's names
 

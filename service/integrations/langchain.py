@@ -17,7 +17,9 @@ field works as a call keyword too (`seed=7`, `targets=[...]`, `fallback_on=[...]
 call in `request_options`.
 
 Errors: an error reply raises ReplyError (its `.reply` has the attempts), so LangChain's own
-retries and fallbacks still see a failure; a transport problem raises the client's
+retries and fallbacks still see a failure: RequestRefused (a ValueError) when no resend can
+cure it, Unavailable (overloaded, shutting_down), DeadlineExceeded (a TimeoutError), else
+ReplyError itself (service/client.py says which is which); a transport problem raises the client's
 LifelineError (Unreachable, NoDispatcher, NoAnswer). `max_retries` sends a request again when
 the dispatcher answers `overloaded` or `shutting_down` (the errors worth resending: the rest
 Lifeline retried and fell back on already).
@@ -75,11 +77,25 @@ from pydantic import BaseModel, Field, SecretStr, field_serializer
 from schemas import ChatMessage, CompletionReply, CompletionRequest
 from schemas.streaming import Event
 from schemas.wire import ImagePart, Part, TextPart, ToolCall
-from service.client import LifelineError, ReplyError, request_of
+from service.client import (
+    DeadlineExceeded,
+    LifelineError,
+    ReplyError,
+    RequestRefused,
+    Unavailable,
+    request_of,
+)
 from service.embedded import redact_url
 from service.integrations import bridge
 
-__all__ = ["ChatLifeline", "ReplyError", "TextWithdrawn"]
+__all__ = [
+    "ChatLifeline",
+    "DeadlineExceeded",
+    "ReplyError",
+    "RequestRefused",
+    "TextWithdrawn",
+    "Unavailable",
+]
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 # Call keywords LangChain itself passes along, not for Lifeline.
