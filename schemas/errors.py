@@ -4,7 +4,8 @@
     ProviderError(kind, ...) raised inside a worker
         timeout, rate_limit, server_error, connection        the provider is unwell: retried and
                                                               counted by breakers by default
-                                                              (transient, as no_responders is)
+                                                              (transient, as no_responders and
+                                                              invalid_output are)
         quota                                                 the account's credit is spent:
                                                               counted by breakers, not retried
         auth, bad_request, context_length, content_filter    the request's (or the key's) fault
@@ -104,7 +105,11 @@ KINDS: dict[str, Kind] = {
             "call stopped before it answered: falls back at once",
             transient=True,
         ),
-        Kind("invalid_output", "the answer failed the request's response_format (dispatcher side)"),
+        Kind(
+            "invalid_output",
+            "the answer failed the request's response_format (dispatcher side)",
+            transient=True,  # a model draws its answer anew: the next may fit
+        ),
     )
 }
 
