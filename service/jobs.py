@@ -10,8 +10,10 @@
              breakers), each delivery in one trace under the job's span (JobTrace), and is
              heartbeated (in_progress) while it runs, so a slow provider does not get it
              delivered again
-    result   the reply goes into the results bucket under subjects.job_key(id), create-if-
-             absent, and only then is the job acknowledged: a dispatcher killed before the ack
+    result   a job is claimed before it runs, across dispatchers (its claim key created; a
+             copy of the id finding another's claim waits for its result), then the reply
+             goes into the results bucket under subjects.job_key(id), create-if-absent, and
+             only then is the job acknowledged: a dispatcher killed before the ack
              leaves the job to be delivered again after ack_wait_s, and a delivery that finds a
              result already stored (or a repeat of the id after the dedup window) is
              acknowledged without a provider call. A store that fails while the bucket is
@@ -178,6 +180,12 @@ _BUCKET_TROUBLE = (
 # again: no result, no dead letter, no audit event.
 _CONSUMER_MAX_DELIVER = -1
 _HEARTBEAT_MAX_S = 1.0  # a running job's in_progress at least this often (see _heartbeat)
+_CLAIM_POLL_S = jetstream.BACKOFF_S  # a copy of an id waiting for another's claim looks again
+
+
+def _claim_key(key: str) -> str:
+    """Where the job of result key `key` is claimed, in the results bucket (see _claimed)."""
+    return "claim." + key.removeprefix("job.")
 
 
 def _said(exc: BaseException) -> str:
@@ -562,9 +570,12 @@ class Jobs:
         served: list[bool] = []  # the engine had it, and published its audit event
         traced = self._trace(msg)
         try:
-            async with self._turn(identity(msg).key) as turn:
-                arrived = max(arrived, turn)  # its deadline counts from when its turn came
-                outcome, reply = await self._answer(msg, arrived, served, latest, traced.headers)
+            key = identity(msg).key
+            async with self._turn(key) as turn, self._claimed(key, msg) as (stored, came):
+                arrived = max(arrived, turn, came)  # its deadline counts from its turn
+                outcome, reply = await self._answer(
+                    msg, arrived, served, latest, traced.headers, stored
+                )
         except Exception as exc:
             msg = latest[0]
             last = msg.metadata.num_delivered >= self.settings.max_deliver
@@ -609,6 +620,76 @@ class Jobs:
         finally:
             del self._turns[key]
             done.set()
+
+    @contextlib.asynccontextmanager
+    async def _claimed(self, key: str, msg: Msg) -> AsyncIterator[tuple[bytes | None, float]]:
+        """One job of an id at a time across dispatchers, as `_turn` is here: its claim key
+        created (which fails where it exists) before it runs. A copy of the id another
+        dispatcher runs waits for its result, and is answered from it. Yields the result
+        stored already, if any, and when its claim was settled. A job that ends without its
+        result stored releases the claim; one stored leaves it, to expire with the result
+        (deleting it would cost a second round trip per job)."""
+        assert self.kv is not None
+        claim, mine = _claim_key(key), _place(msg).encode()
+        revision, stored = await self._claim(key, claim, mine)
+        if not revision:
+            yield stored, time.monotonic()
+            return
+        held = [revision]
+        refresh = asyncio.create_task(self._hold(claim, mine, held))
+        try:
+            yield stored, time.monotonic()
+        except BaseException:
+            refresh.cancel()
+            if held[0]:  # no result stored: the next copy of the id runs
+                await _quietly(self.kv.delete(claim, last=held[0]))
+            raise
+        finally:
+            refresh.cancel()
+
+    async def _claim(self, key: str, claim: str, mine: bytes) -> tuple[int, bytes | None]:
+        """The claim's revision once this job holds it (0 when the result came first), and
+        the result stored. A claim is taken over when it is this job's own (an earlier
+        delivery's, whose dispatcher died or stopped) or not written for the ack wait (see
+        _hold)."""
+        assert self.kv is not None
+        seen, since, tries = 0, 0.0, 0
+        while True:
+            revision = 0
+            try:
+                revision = await self.kv.create(claim, mine)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+                pass  # held (not found: let go or expired between nats-py's create and its read)
+            except _GONE as exc:
+                if not await self._bucket_again(exc):
+                    raise
+                await asyncio.sleep(_CLAIM_POLL_S[0])
+                continue
+            if not revision and (entry := await self._entry(claim)) is not None:
+                if entry.revision != seen:
+                    seen, since = entry.revision, time.monotonic()
+                if entry.value == mine or time.monotonic() - since > self.settings.ack_wait_s:
+                    with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                        revision = await self.kv.update(claim, mine, last=entry.revision)
+            stored = await self._stored(key)
+            if revision or stored is not None:
+                return revision, stored
+            await asyncio.sleep(_CLAIM_POLL_S[min(tries, len(_CLAIM_POLL_S) - 1)])
+            tries += 1
+
+    async def _hold(self, claim: str, mine: bytes, held: list[int]) -> None:
+        """The claim written again every third of the ack wait while its job runs, so that a
+        copy waiting for it takes it over only from a dispatcher gone for the ack wait. Most
+        jobs end sooner: no write."""
+        assert self.kv is not None
+        while held[0]:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            try:
+                held[0] = await self.kv.update(claim, mine, last=held[0])
+            except nats.js.errors.KeyWrongLastSequenceError:
+                held[0] = 0  # taken over: no longer this job's to write or release
+            except Exception as exc:  # noqa: BLE001 - tried again next time
+                log.debug("jobs: the claim %s not written again (%r)", claim, exc)
 
     def _trace(self, msg: Msg) -> JobTrace:
         """The job's trace; tracing that fails (a sampler's bug) fails no job."""
@@ -676,9 +757,11 @@ class Jobs:
         served: list[bool],
         latest: list[Msg] | None = None,
         headers: Mapping[str, str] | None = None,
+        stored: bytes | None = None,
     ) -> tuple[str, CompletionReply]:
         """`msg` answered and its result kept, then acknowledged (its `latest` delivery); how
-        it ended, and its result. `headers`: the job's, with its trace (JobTrace)."""
+        it ended, and its result. `headers`: the job's, with its trace (JobTrace); `stored`:
+        its result, read as it was claimed (see _claimed)."""
         latest = latest or [msg]
         assert self.kv is not None
         job_id, key, audit_id = identity(msg)
@@ -700,7 +783,6 @@ class Jobs:
             job_id = ""
         inbound = Inbound(msg.data, headers or msg.headers, arrived, job_id, audit_id)
         self.tally.requests += 1
-        stored = await self._stored(key)
         if stored is not None:  # answered before: a redelivery, or the id sent again
             self.found += 1
             # The delivery that stored it may have died before its audit event went out: this

@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
+import time
 from collections import Counter
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 import msgspec
 import nats.errors
 import nats.js.api
 import nats.js.errors
 import pytest
-from helpers import Service, ask, config, fake, hpub, raw_publish, settled, wait_for
+from helpers import (
+    LocalHTTPServer,
+    Service,
+    _completion,
+    ask,
+    config,
+    fake,
+    hpub,
+    raw_publish,
+    serving,
+    settled,
+    wait_for,
+)
 from opentelemetry.trace import SpanKind
 
 from schemas import subjects
@@ -206,6 +221,73 @@ async def test_a_repeat_after_the_window_while_the_first_still_waits_is_answered
     assert (jobs.handled, jobs.found) == (1, 1)
     assert [e.id for e in await kept_audit_events(client, 1)] == ["resent"]
     assert await _waiting_jobs(client) == 0
+
+
+class _SlowCountedProvider(BaseHTTPRequestHandler):
+    """OpenAI's chat completions, each answered after 3 s, every call counted."""
+
+    calls: ClassVar[list[str]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.calls.append(body["messages"][-1]["content"])
+        time.sleep(3)
+        answer = _completion("done")
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+async def test_a_repeat_taken_by_another_dispatcher_while_the_first_runs_gets_its_result(
+    client, nats_url, tmp_path
+):
+    """Two dispatcher processes, one job at a time each; the id sent again past the dedup
+    window while the first copy runs, so the other dispatcher takes the second copy. It waits
+    for the first's result: one provider call, one audit event, a result for each copy."""
+    _SlowCountedProvider.calls = []
+    with serving(LocalHTTPServer(_SlowCountedProvider)) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        data = config({"slow": {"kind": "openai", "model": "m", "base_url": url}})
+        data["jobs"] = {"in_flight": 1, "dedup_window_s": 0.2}
+        service = Service(tmp_path, nats_url, data)
+        try:
+            service.start_all(["slow"], dispatchers=2)
+            notify = client.new_inbox()
+            pushed = await client.subscribe(notify)
+            for _ in range(2):
+                await submit(client, job("twin", timeout_s=20), "twin", **{subjects.NOTIFY: notify})
+                await asyncio.sleep(0.5)  # past the window: kept as a second job
+            first, second = [
+                reply_decoder.decode((await pushed.next_msg(timeout=20)).data) for _ in "12"
+            ]
+            assert first == second and first.status == "ok"
+            assert await _waiting_jobs(client) == 0
+            await asyncio.sleep(0.5)  # room for a second event, which must not come
+            events = await kept_audit_events(client, 1)
+            assert ([e.id for e in events], _SlowCountedProvider.calls) == (["twin"], ["hello"])
+        finally:
+            service.stop()
+
+
+async def test_a_claim_its_dispatcher_left_behind_does_not_hold_the_id_for_ever(
+    lifeline, client, audit
+):
+    """A dispatcher died holding an id's claim, and its own job never came back (its stream
+    deleted, say): a copy of the id takes the claim over once it went unwritten for the ack
+    wait, and is answered."""
+    kv = await ensure_jobs(client.jetstream(), JobsSettings())
+    await kv.create("claim." + subjects.job_key("orphan").removeprefix("job."), b"7.1")
+    data = config({"main": fake()})
+    data["jobs"] = {"ack_wait_s": 1}
+    await lifeline(data)
+    await submit(client, job("orphan"), "orphan")
+    assert (await result_of(client, "orphan", timeout_s=15)).status == "ok"
+    assert [event.id for _, event in await audit.wait_for(1)] == ["orphan"]
 
 
 def test_results_kept_shorter_than_the_dedup_window_are_refused():
