@@ -252,6 +252,17 @@ def _place(msg: Msg) -> str:
     return f"{meta.sequence.stream}.{int(meta.timestamp.timestamp() * 1_000_000)}"
 
 
+class _Claim:
+    """A job's hold on its id (see Jobs._claimed)."""
+
+    __slots__ = ("came", "kept", "stored")
+
+    def __init__(self, stored: bytes | None, came: float) -> None:
+        self.stored = stored  # its result, stored before the job had its id
+        self.came = came  # when it had its id (monotonic)
+        self.kept = True  # False: the job failed, and lets its id go
+
+
 class JobTrace(NamedTuple):
     """The trace each delivery of a job joins, on whichever dispatcher: under a `job` span
     whose ids come from the job's place in the stream, the same on every delivery, itself a
@@ -564,47 +575,67 @@ class Jobs:
 
     async def _job(self, latest: list[Msg], arrived: float) -> None:
         """One job, from its first delivery here; `latest` holds its latest delivery, which
-        JetStream may have made again meanwhile (see _pull)."""
+        JetStream may have made again meanwhile (see _pull). A job that fails ends (delivered
+        again, or dead-lettered and its error result stored) before its id is let go: let go
+        first, a copy of the id waiting for it ran the provider before the error was stored."""
         msg = latest[0]
         heartbeat = asyncio.create_task(self._heartbeat(latest))
         served: list[bool] = []  # the engine had it, and published its audit event
         traced = self._trace(msg)
+        ended: tuple[str, CompletionReply | None] | None = None
+        failed_inside = False
         try:
             key = identity(msg).key
-            async with self._turn(key) as turn, self._claimed(key, msg) as (stored, came):
-                arrived = max(arrived, turn, came)  # its deadline counts from its turn
-                outcome, reply = await self._answer(
-                    msg, arrived, served, latest, traced.headers, stored
-                )
-        except Exception as exc:
-            msg = latest[0]
-            last = msg.metadata.num_delivered >= self.settings.max_deliver
-            if isinstance(exc, _Waits) and not last:
-                pass  # the engine logged why, and when it is tried again
-            elif isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
-                log.warning(
-                    "jobs: job %r not finished (%s); %s",
-                    job_id_of(msg),
-                    _said(exc),
-                    "its last delivery: dead-lettered"
-                    if last
-                    else f"it is delivered again in {_RETRY_DELAY_S:g} s",
-                )
-            elif last:
-                log.exception("jobs: bug while handling a job, its last delivery: dead-lettered")
-            else:
-                log.exception("jobs: bug while handling a job; it is delivered again later")
-            if not last:
-                await _quietly(msg.nak(delay=_RETRY_DELAY_S))
-                return
-            reply = await self._dead_letter(msg, exc, bool(served), traced.trace_id)
-            outcome = "dead_lettered"
+            async with self._turn(key) as turn, self._claimed(key, msg) as claim:
+                arrived = max(arrived, turn, claim.came)  # its deadline counts from its turn
+                try:
+                    ended = await self._answer(
+                        msg, arrived, served, latest, traced.headers, claim.stored
+                    )
+                except Exception as exc:  # noqa: BLE001 - _failed logs it, traceback and all
+                    failed_inside, claim.kept = True, False
+                    ended = await self._failed(latest, exc, served, traced.trace_id)
+        except Exception as exc:  # its id not had: the bucket unreachable, say
+            if failed_inside:
+                raise
+            ended = await self._failed(latest, exc, served, traced.trace_id)
         finally:
             heartbeat.cancel()
+        if ended is None:  # delivered again
+            return
         try:
-            traced.end(self.engine.spans, latest[0], outcome, reply, self.engine.error_text)
+            traced.end(self.engine.spans, latest[0], *ended, self.engine.error_text)
         except Exception:
             log.exception("jobs: bug while ending the span of job %r", job_id_of(msg))
+
+    async def _failed(
+        self, latest: list[Msg], exc: Exception, served: list[bool], trace_id: str | None
+    ) -> tuple[str, CompletionReply | None] | None:
+        """A job whose handling failed: delivered again later (None), or, on its last
+        delivery, dead-lettered (how it ended, and its result)."""
+        msg = latest[0]
+        last = msg.metadata.num_delivered >= self.settings.max_deliver
+        if isinstance(exc, _Waits) and not last:
+            pass  # the engine logged why, and when it is tried again
+        elif isinstance(exc, _BUCKET_TROUBLE):  # not a bug: no traceback
+            log.warning(
+                "jobs: job %r not finished (%s); %s",
+                job_id_of(msg),
+                _said(exc),
+                "its last delivery: dead-lettered"
+                if last
+                else f"it is delivered again in {_RETRY_DELAY_S:g} s",
+            )
+        elif last:
+            log.error(
+                "jobs: bug while handling a job, its last delivery: dead-lettered", exc_info=exc
+            )
+        else:
+            log.error("jobs: bug while handling a job; it is delivered again later", exc_info=exc)
+        if not last:
+            await _quietly(msg.nak(delay=_RETRY_DELAY_S))
+            return None
+        return "dead_lettered", await self._dead_letter(msg, exc, bool(served), trace_id)
 
     @contextlib.asynccontextmanager
     async def _turn(self, key: str) -> AsyncIterator[float]:
@@ -622,30 +653,31 @@ class Jobs:
             done.set()
 
     @contextlib.asynccontextmanager
-    async def _claimed(self, key: str, msg: Msg) -> AsyncIterator[tuple[bytes | None, float]]:
+    async def _claimed(self, key: str, msg: Msg) -> AsyncIterator[_Claim]:
         """One job of an id at a time across dispatchers, as `_turn` is here: its claim key
         created (which fails where it exists) before it runs. A copy of the id another
         dispatcher runs waits for its result, and is answered from it. Yields the result
-        stored already, if any, and when its claim was settled. A job that ends without its
-        result stored releases the claim; one stored leaves it, to expire with the result
-        (deleting it would cost a second round trip per job)."""
+        stored already, if any, and when its claim was settled. A job that fails (not `kept`)
+        releases the claim; one stored leaves it, to expire with the result (deleting it would
+        cost a second round trip per job)."""
         assert self.kv is not None
         claim, mine = _claim_key(key), _place(msg).encode()
         revision, stored = await self._claim(key, claim, mine)
+        found = _Claim(stored, time.monotonic())
         if not revision:
-            yield stored, time.monotonic()
+            yield found
             return
         held = [revision]
         refresh = asyncio.create_task(self._hold(claim, mine, held))
         try:
-            yield stored, time.monotonic()
+            yield found
         except BaseException:
-            refresh.cancel()
-            if held[0]:  # no result stored: the next copy of the id runs
-                await _quietly(self.kv.delete(claim, last=held[0]))
+            found.kept = False
             raise
         finally:
             refresh.cancel()
+            if not found.kept and held[0]:  # no result of its own: the next copy runs
+                await _quietly(self.kv.delete(claim, last=held[0]))
 
     async def _claim(self, key: str, claim: str, mine: bytes) -> tuple[int, bytes | None]:
         """The claim's revision once this job holds it (0 when the result came first), and

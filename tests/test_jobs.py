@@ -584,6 +584,43 @@ async def test_a_job_failing_by_a_bug_is_retried_then_dead_lettered_and_dropped(
     assert subjects.JOB_ERROR in letter.headers
 
 
+async def test_a_repeat_waiting_behind_a_dead_lettered_job_gets_its_error_result_not_a_call(
+    lifeline, client, audit, monkeypatch
+):
+    """The first copy of an id fails by a bug on its last delivery, while a second (sent with
+    another Nats-Msg-Id) waits its turn: the id was let go before the first's error result
+    was stored, and the second ran the provider in that gap. It gets the stored error."""
+    from service import jobs
+
+    real_answer, real_keep_or_fit = jobs.Jobs._answer, jobs.Jobs._keep_or_fit
+
+    async def broken_first(self: Any, msg: Any, *args: Any) -> Any:
+        if b"break" in msg.data:
+            raise RuntimeError("results bucket unreachable")
+        return await real_answer(self, msg, *args)
+
+    async def slow_keep_or_fit(self: Any, key: str, reply: Any) -> Any:
+        await asyncio.sleep(0.5)  # a store that takes its time, as over a busy cluster
+        return await real_keep_or_fit(self, key, reply)
+
+    monkeypatch.setattr(jobs.Jobs, "_answer", broken_first)
+    monkeypatch.setattr(jobs.Jobs, "_keep_or_fit", slow_keep_or_fit)
+    await ensure_jobs(client.jetstream(), JobsSettings())
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    await submit(client, job("doomed", "break"), "doomed-1", **{subjects.NOTIFY: notify})
+    await submit(client, job("doomed", "hello"), "doomed-2", **{subjects.NOTIFY: notify})
+    data = config({"main": fake()})
+    data["jobs"] = {"max_deliver": 1}
+    stack = await lifeline(data)
+    first, second = [reply_decoder.decode((await pushed.next_msg(timeout=10)).data) for _ in "12"]
+    assert first == second and first.error is not None and first.error.type == "internal"
+    assert (await result_of(client, "doomed")) == first
+    await asyncio.sleep(0.3)  # room for a second event, which must not come
+    assert [(event.id, event.error_type) for _, event in audit.events] == [("doomed", "internal")]
+    assert stack.dispatcher.jobs.handled == 0  # no provider call
+
+
 async def test_a_dead_letter_leaves_the_jobs_stream_directives_behind(
     lifeline, client, audit, monkeypatch
 ):
