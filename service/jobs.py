@@ -221,6 +221,9 @@ def identity(msg: Msg) -> JobIdentity:
             # a job would be answered with another's result. Kept by its place, as unnamed.
             place = _UNREADABLE_ID + _place(msg)
             return JobIdentity(job_id, "job." + place, "job:" + place)
+        if _UNCLEAR_MSG_ID in (msg.headers or {}):  # refused (_answer), kept by its place too
+            place = _UNCLEAR_ID + _place(msg)
+            return JobIdentity(job_id, "job." + place, "job:" + place)
     if job_id:
         audit_id = subjects.job_audit_id(job_id, _place(msg))
         return JobIdentity(job_id, subjects.job_key(job_id), audit_id)
@@ -238,11 +241,50 @@ def _kept_on_a_dead_letter(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {
         name: value
         for name, value in (headers or {}).items()
-        if name == subjects.MSG_ID or not name.lower().startswith("nats-")
+        if name == subjects.MSG_ID
+        or not (name.lower().startswith("nats-") or name == _UNCLEAR_MSG_ID)
     }
 
 
 _UNREADABLE_ID = "unreadable."  # the place-keyed result of a job whose Nats-Msg-Id is not UTF-8
+_UNCLEAR_ID = "unclear."  # and of one whose Nats-Msg-Id nats-server reads otherwise
+# Set on headers whose Nats-Msg-Id nats-server reads otherwise than nats-py: a name no header
+# read from the wire has (nats-py drops names holding whitespace), so no client can set it.
+_UNCLEAR_MSG_ID = "Lifeline unclear-msg-id"
+_MSG_ID_NAME = subjects.MSG_ID.encode()
+
+
+def read_msg_ids_as_the_server_does(nc: Client) -> None:
+    """Mark (with _UNCLEAR_MSG_ID) the headers of a message whose Nats-Msg-Id nats-server
+    reads otherwise than nats-py does. nats-server deduplicates by the first line written
+    exactly `Nats-Msg-Id:` (none when a space comes before the colon); nats-py strips each
+    name and keeps the last line's value. A job known by that id was deduplicated by another,
+    or by none: such a job is refused (_answer). It wraps the connection's
+    `_parse_header_lines`, which nats-py calls through the instance for every header block
+    it reads (not with fast_mail_parser installed, which Lifeline does not use); a header
+    block without a Nats-Msg-Id costs a dict lookup."""
+    parse = nc._parse_header_lines
+    if getattr(parse, "lifeline", False):  # once per connection
+        return
+
+    def parse_header_lines(raw: bytes) -> dict[str, str]:
+        headers = parse(raw)
+        if subjects.MSG_ID in headers and _msg_id_unclear(raw):
+            headers[_UNCLEAR_MSG_ID] = "1"
+        return headers
+
+    parse_header_lines.lifeline = True  # type: ignore[attr-defined]
+    nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]
+
+
+def _msg_id_unclear(raw: bytes) -> bool:
+    """Whether a header block gives Nats-Msg-Id twice, or with whitespace before its colon."""
+    names = [
+        name
+        for name, _, _ in (line.partition(b":") for line in raw.split(b"\r\n"))
+        if name.strip() == _MSG_ID_NAME
+    ]
+    return len(names) > 1 or (len(names) == 1 and names[0] != _MSG_ID_NAME)
 
 
 def _place(msg: Msg) -> str:
@@ -415,6 +457,7 @@ class Jobs:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
             self.kv = await ensure_jobs(js, s, self.replicas)
             await self._look_at_bucket(js)
+            read_msg_ids_as_the_server_does(self.nc)
             consumer = api.ConsumerConfig(
                 ack_wait=s.ack_wait_s,
                 max_deliver=_CONSUMER_MAX_DELIVER,
@@ -805,6 +848,15 @@ class Jobs:
                 f"is {len(job_id)}: send a shorter one",
             )
             job_id = ""  # as for an id in the body that is too long
+        elif key.startswith("job." + _UNCLEAR_ID):
+            refused = Rejected(
+                INVALID_REQUEST,
+                "a job's Nats-Msg-Id is given once, as `Nats-Msg-Id: <id>`; this one is given "
+                "twice, or with a space before its colon, and nats-server deduplicates jobs by "
+                "the first line written exactly so (none here when it has a space), not by the "
+                "id it would be known by: send it once, or give the job an `id` in its body",
+            )
+            job_id = ""
         elif key.startswith("job." + _UNREADABLE_ID):
             refused = Rejected(
                 INVALID_REQUEST,

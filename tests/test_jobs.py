@@ -169,6 +169,33 @@ async def test_ids_that_differ_only_in_bytes_not_utf8_are_two_jobs_each_refused(
     assert [event.error_type for _, event in events] == ["invalid_request"] * 2
 
 
+@pytest.mark.parametrize(
+    "given",
+    [b"Nats-Msg-Id: first\r\nNats-Msg-Id: second", b"Nats-Msg-Id : spaced"],
+    ids=["twice", "space before the colon"],
+)
+async def test_a_nats_msg_id_nats_server_reads_otherwise_is_refused_saying_so(
+    lifeline, client, audit, nats_url, given
+):
+    """nats-server deduplicates by the first line written exactly `Nats-Msg-Id:` (none for
+    `Nats-Msg-Id : K`), nats-py reads the last line whose name is Nats-Msg-Id once stripped:
+    a job known by that id was deduplicated by another, or by none. Refused, saying why."""
+    await lifeline(config({"main": fake()}))
+    notify = client.new_inbox()
+    pushed = await client.subscribe(notify)
+    body = encoder.encode({"messages": [{"role": "user", "content": "hi"}]})
+    block = b"NATS/1.0\r\n%s\r\nLifeline-Notify: %s\r\n\r\n" % (given, notify.encode())
+    await raw_publish(nats_url, [hpub(subjects.JOBS_SUBMIT.encode(), block, body)])
+    reply = reply_decoder.decode((await pushed.next_msg(timeout=5)).data)
+    assert reply.status == "error" and reply.error is not None and reply.id == ""
+    assert reply.error.type == "invalid_request" and "Nats-Msg-Id" in reply.error.message
+    [(_, event)] = await audit.wait_for(1)
+    assert event.error_type == "invalid_request"
+    for job_id in ("first", "second", "spaced"):  # no result kept under an id it may not have
+        with pytest.raises(AssertionError, match="no result"):
+            await result_of(client, job_id, timeout_s=0.2)
+
+
 async def test_a_repeat_within_the_dedup_window_is_kept_once_and_answered_once(
     lifeline, client, audit
 ):
