@@ -333,6 +333,10 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
             "result_errors": dict(
                 Counter(r["error"]["type"] for r in results.values() if r["status"] != "ok")
             ),
+            # Why, for a few: a job's error result is its result (not lost), yet worth a look.
+            "result_error_samples": [
+                r["error"]["message"][:300] for r in results.values() if r["status"] != "ok"
+            ][:3],
             "provider_calls": sum(calls.values()),
             "repeated_provider_calls": sum(n - 1 for n in calls.values() if n > 1),
             "jobs_lost": len(lost),
