@@ -442,6 +442,7 @@ class Router:
                 f"targets is empty; name at least one of {sorted(self.named)}", UNKNOWN_PROVIDER
             )
         targets = []
+        seen: dict[str, list[tuple[TargetSpec, int]]] = {}  # name -> its specs, where listed
         for i, ref in enumerate(request.targets):
             if isinstance(ref, str):
                 if ref not in self.named:
@@ -450,6 +451,7 @@ class Router:
                         f"{sorted(self.named)}",
                         UNKNOWN_PROVIDER,
                     )
+                _listed_once(self.config.resolve_target(ref), i, seen, refuse)
                 targets.append(self.named[ref])
                 continue
             if ref.breaker is not None:
@@ -464,6 +466,7 @@ class Router:
                     f"targets[{i}]{'.' + field if field else ''}: {exc}",
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
+            _listed_once(spec, i, seen, refuse)
             target = self.build(spec)
             provider_timeout_s = self.config.providers[spec.provider].timeout_s
             if (
@@ -522,6 +525,23 @@ class Router:
             return check_faults(faults)
         except ValueError as exc:
             raise refuse(str(exc)) from None
+
+
+def _listed_once(
+    spec: TargetSpec, i: int, seen: dict[str, list[tuple[TargetSpec, int]]], refuse
+) -> None:
+    """As in a configured chain (config._listed_once): a target named again would be called
+    again at once, past its retry_on, its backoff and the retry budget, so a request could
+    send one provider in an outage max_attempts calls, and open its shared breaker alone."""
+    name = spec.name or spec.provider
+    for earlier, at in seen.setdefault(name, []):
+        if earlier == spec:
+            raise refuse(
+                f"targets[{i}]: target {name!r} is already in this chain (targets[{at}]); "
+                "list it once, and for more calls to it give it `retries` (a second entry "
+                "calls it again at once, past its retry_on, its backoff and the retry budget)"
+            )
+    seen[name].append((spec, i))
 
 
 def _unmatched_tool_result(messages: Sequence[ChatMessage]) -> int | None:

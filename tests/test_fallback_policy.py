@@ -492,6 +492,27 @@ async def test_what_the_config_forbids_is_refused_with_invalid_request(lifeline,
     assert unknown.error is not None and unknown.error.type == "unknown_provider"
 
 
+async def test_a_request_naming_one_target_twice_is_refused_as_a_chain_in_the_config_is(
+    lifeline, client, audit
+):
+    """A request's own targets naming one target again called it again at once, past its
+    retry_on, its backoff and the retry budget: six calls to a provider in an outage for each
+    request, where the config refuses such a chain and points at `retries`."""
+    await lifeline(config({"down": fake(fail_status=503), "up": fake()}))
+    for twice in (["down"] * 6, ["down", {"provider": "down"}, "up"]):
+        reply = await ask(client, {**USER_HELLO, "targets": twice})
+        assert reply.error is not None, twice
+        assert reply.error.type == "invalid_request", reply.error
+        assert "targets[1]: target 'down' is already in this chain" in reply.error.message
+        assert "retries" in reply.error.message
+        assert reply.attempts == []
+    # The same provider shaped apart is two targets, as in a route.
+    reply = await ask(
+        client, {**USER_HELLO, "targets": ["down", {"provider": "down", "max_tokens": 9}, "up"]}
+    )
+    assert [a.target for a in reply.attempts] == ["down", "down", "up"]
+
+
 # ---- failure passed forward --------------------------------------------------------
 
 
@@ -608,8 +629,11 @@ def test_a_template_shared_by_many_targets_shapes_a_request_once(monkeypatch):
             }
         )
     )
-    target = {"provider": "p", "template": "rep", "max_input_tokens": 10}
-    request = {"messages": [{"role": "user", "content": "a" * 1000}], "targets": [target] * 64}
+    targets = [
+        {"provider": "p", "name": f"p{i}", "template": "rep", "max_input_tokens": 10}
+        for i in range(64)
+    ]
+    request = {"messages": [{"role": "user", "content": "a" * 1000}], "targets": targets}
     plan = router.plan(json.dumps(request).encode())
     assert plan.needs.shaped_tokens is not None
     tokens = [plan.needs.shaped_tokens(t.shaping.template, True) for t in plan.chain.targets]
