@@ -172,6 +172,9 @@ class Router:
             )
         # Requests that name their own targets share one budget (at the routes' defaults).
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
+        # Requests with `faults` share one of their own: their simulated failures' retries
+        # must not spend the budget of every other client's real ones (as for breakers).
+        self.fault_budgets = Budgets(Budget(0.2), Budget(0.1))
         # Per provider, the models the config names: each keeps a breaker and figures of its own.
         self.models = self._configured_models()
         self._ids = Ids()  # unique ids for requests that bring none
@@ -346,7 +349,7 @@ class Router:
             fallback_on,
             request.fallback,
             route.hedge,
-            route.budgets,
+            route.budgets if faults is None else self.fault_budgets,
             request.on_midstream or route.on_midstream,
         )
         return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)

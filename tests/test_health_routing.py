@@ -927,6 +927,27 @@ async def test_simulated_failures_never_change_the_real_shared_breakers(lifeline
     assert (await ask(client, USER_HELLO)).provider == "a"  # every other client still gets a
 
 
+async def test_simulated_failures_never_spend_the_retry_budget_of_real_requests(lifeline, client):
+    """Simulated 503s retried spent the route's retry budget: a few requests with faults, and
+    the next real failure of every other client fell back without its retry (retry_budget)."""
+    await lifeline(
+        breaker_config(
+            {"enabled": False},
+            targets=[{"provider": "a", "retries": 1, "backoff_s": 0}, "b"],
+            retry_budget=0.2,
+        )
+    )
+    for _ in range(6):  # each retries a simulated 503 once: the reserve of 3, and more
+        reply = await ask(client, {**USER_HELLO, "faults": {"a": [503, 503]}})
+        assert reply.provider == "b"
+    real = await ask(client, FAIL_A)
+    assert [(a.target, a.retry, a.reason) for a in real.attempts] == [
+        ("a", 0, None),
+        ("a", 1, None),  # retried: the budget is the real requests'
+        ("b", 0, None),
+    ]
+
+
 async def test_a_simulated_answer_does_not_close_a_really_open_breaker(lifeline, client):
     stack = await lifeline(breaker_config())
     health = stack.dispatcher.health
