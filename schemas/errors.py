@@ -211,6 +211,9 @@ SKIP_REASONS = (
 # Why a failed attempt was not retried although its target's retries allowed it (Attempt.reason),
 # and why a cancelled attempt was cancelled:
 #   retry_budget   the route's retry budget was spent: the dispatcher fell back instead
+#   retry_after    the provider's Retry-After is above the target's max_backoff_s
+#   deadline       the wait before the retry would end after the request's deadline
+#   circuit_open   the target's breaker is not closed (this failure may have opened it)
 #   hedge_lost     a hedged attempt's rival answered first; this one was cancelled at its worker
 #   aborted, shutting_down   still running when its request was aborted or cut short at
 #                  shutdown (the request's error type); cancelled at its worker

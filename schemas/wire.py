@@ -437,7 +437,7 @@ class Attempt(Struct, frozen=True):
     message: str | None = None
     target: str | None = None  # the target's name (differs from provider when a chain shapes it)
     retry: int = 0  # 0 for the first call of this target, 1 for its first retry, ...
-    # Why it was skipped (SKIP_REASONS), not retried (retry_budget) or cancelled (hedge_lost;
+    # Why it was skipped (SKIP_REASONS), not retried (retry_budget, ...) or cancelled (hedge_lost;
     # aborted or shutting_down: still running when its request was).
     reason: str | None = None
     next: Literal["retry", "fallback", "stop"] | None = (

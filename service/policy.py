@@ -897,7 +897,7 @@ class _Run:
         target, failure = outcome.target, outcome.reply
         assert isinstance(failure, ProviderFailure)
         self._failed_call(failure)
-        denied = None  # why a retry was refused, when a budget said no
+        denied = None  # why a retry its target allowed was not made
         if outcome.streamed and self.limits.on_midstream == "fail":
             self._record(outcome, retry, "stop")
             return Stop(_midstream_error(target, failure, outcome.streamed, self.cursor.rest()))
@@ -926,8 +926,8 @@ class _Run:
     def _retry_delay(
         self, target: Target, failure: ProviderFailure, retry: int
     ) -> tuple[float | None, str | None]:
-        """Seconds to wait before retrying `target` (None: no retry), and why not, when a
-        budget refused it."""
+        """Seconds to wait before retrying `target` (None: no retry), and why not when its
+        retries allowed one (the attempt's reason; max_attempts says so in the error)."""
         if retry >= target.retries or not matches(failure, target.retry_on):
             return None, None
         if self.physical >= self.limits.max_attempts:
@@ -938,14 +938,14 @@ class _Run:
             and target.breaker is not None
             and health.admit(*target.health_key) != CALL
         ):
-            return None, None  # this failure (or a failed probe) opened its breaker
+            return None, "circuit_open"  # this failure (or a failed probe) opened its breaker
         delay_s = backoff_s(target, retry, self.rand)
         if failure.retry_after_s is not None:
             if failure.retry_after_s > target.max_backoff_s:
-                return None, None  # the provider asks for a longer pause than allowed: fall back
+                return None, "retry_after"  # a longer pause than allowed: fall back
             delay_s = max(delay_s, failure.retry_after_s)
         if self.limits.deadline.passed(self.clock() + delay_s):  # no time left for the retry
-            return None, None
+            return None, "deadline"
         budgets = self.limits.budgets
         if budgets is not None:
             if not budgets.retry.spend():

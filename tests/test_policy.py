@@ -442,6 +442,35 @@ async def test_a_retry_after_longer_than_max_backoff_falls_back_instead_of_waiti
     assert result.attempts[0].next == "fallback"
 
 
+async def test_a_retry_its_target_allows_but_not_made_says_why_in_the_attempt():
+    """A target with retries left failing with a retry_on kind fell back at once, its attempt
+    saying nothing of why (only a spent budget said so): the provider's Retry-After was past
+    max_backoff_s, the wait would end after the deadline, or the failure opened its breaker."""
+    from service.health import BreakerSettings, Health
+
+    targets = [target("a", retries=3, max_backoff_s=5.0), target("b")]
+    too_long = fail("rate_limit", 429, retry_after_s=60.0)
+    result, _ = await run({"a": too_long, "b": ok()}, targets=targets)
+    assert (result.attempts[0].reason, result.attempts[0].next) == ("retry_after", "fallback")
+
+    past_deadline = fail("rate_limit", 429, retry_after_s=4.0)
+    result, _ = await run({"a": past_deadline, "b": ok()}, targets=targets, deadline_in=3.0)
+    assert (result.attempts[0].reason, result.attempts[0].next) == ("deadline", "fallback")
+
+    clock = Clock()
+    breaker = BreakerSettings(consecutive_failures=1)
+    opens = [target("a", retries=3, breaker=breaker), target("b")]
+    result = await run_chain(
+        Chain(opens),
+        Script(clock, {"a": fail("server_error", 503), "b": ok()}),
+        Limits(Deadline(clock.now + 60)),
+        health=Health(clock=clock, wall=clock),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert (result.attempts[0].reason, result.attempts[0].next) == ("circuit_open", "fallback")
+
+
 async def test_a_chain_every_call_of_which_was_rate_limited_says_when_to_come_back():
     """The soonest Retry-After among its providers: when the chain may find one taking calls
     (what the HTTP gateway's 429 passes on). A chain that failed otherwise too says nothing."""
