@@ -917,8 +917,8 @@ class _Run:
             self._record(outcome, retry, "stop", denied)
             return Stop(_stopped_error(target, failure, rest))
         goes_on = bool(chain) if chain is not None else bool(rest)
-        if self.physical >= self.limits.max_attempts:  # the rest are skipped: max_attempts
-            goes_on = False
+        if self.physical >= self.limits.max_attempts or self.limits.deadline.passed(self.clock()):
+            goes_on = False  # the rest are skipped: max_attempts, or the deadline
         self._record(outcome, retry, "fallback" if goes_on else "stop", denied)
         self.fell_back = outcome
         return FallBack() if chain is None else Switch(failure.kind)

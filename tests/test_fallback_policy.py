@@ -393,7 +393,7 @@ async def test_the_deadline_bounds_the_whole_chain_and_skips_what_cannot_start(
     reply = await ask(client, {**USER_HELLO, "timeout_s": 0.3}, timeout_s=30)
     assert reply.error is not None and reply.error.type == "deadline_exceeded"
     assert outcomes(reply) == [
-        ("slow", "timeout", "timeout", "fallback"),
+        ("slow", "timeout", "timeout", "stop"),  # no time was left for backup
         ("backup", "skipped", "deadline", None),
     ]
     [(_, event)] = await audit.wait_for(1)

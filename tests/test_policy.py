@@ -206,6 +206,14 @@ async def test_a_target_that_cannot_start_before_the_deadline_is_not_called():
     ]
 
 
+async def test_a_failure_at_the_deadline_says_the_chain_stopped_there():
+    """`next` says what the dispatcher did: a failure that left no time for another call said
+    "fallback", though nothing was tried after it (as after max_attempts, it stopped)."""
+    replies = {"a": fail("timeout"), "b": ok()}
+    result, _ = await run(replies, took={"a": 10.0}, deadline_in=10.0, timeouts={"a": 10.0})
+    assert [(a.target, a.next) for a in result.attempts] == [("a", "stop"), ("b", None)]
+
+
 async def test_a_timeout_cut_at_the_deadline_that_fired_a_hair_early_starts_no_other_call():
     """Event-loop timers fire up to half a millisecond early: an attempt cut at the deadline may
     end just before it. What is left then is no time for a call: the request's deadline has
