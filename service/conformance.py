@@ -492,6 +492,21 @@ class _Monitor:
         ]
         return f"the server saw {subject} subscribed by " + ("; ".join(parts) or "no connection")
 
+    def listing(self, subs: list[_Sub]) -> str:
+        """Every subscription the server saw (before the kit connects: the replicas'), for a
+        worker that subscribed to something else than its subject: a name of its own, say."""
+        seen = [
+            f"connection {s.cid}{f' ({s.client})' if s.client else ''}: {s.subject} in "
+            + (f"queue group {s.queue}" if s.queue else "NO queue group")
+            for s in subs[:LOG_LINES]
+        ]
+        name = f"<{PROVIDER_ENV}>"
+        return (
+            f"subscribe to {subjects.provider_subject(name)} in the queue group "
+            f"{subjects.provider_queue(name)}; the server saw "
+            + ("; ".join(seen) or "no subscription at all")
+        )
+
     def cancel_problem(self, subs: list[_Sub]) -> str | None:
         """What keeps some replica from hearing every cancel, read from the server's own
         subscriptions (not left to chance: a cancel in a queue group reaches one replica at
@@ -544,6 +559,7 @@ async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: flo
                 got,
                 f"{PROVIDER_ENV}={monitor.subject.removeprefix(subjects.PROVIDER_PREFIX)}, "
                 "NATS_URL and LIFELINE_TEST_MODE=1 were set; their output is below",
+                monitor.listing(subs),
             )
         await asyncio.sleep(0.05)
     cancel_by = time.monotonic() + 1.0

@@ -22,6 +22,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-duplicate-chunk     publish a stream's first chunk twice
     --stream-drop-chunk          leave a stream's second chunk out
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
+    --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
 
 and one slows it down, as a model on one thread is, and it still conforms:
 
@@ -123,10 +124,13 @@ async def main() -> None:
     flags.add_argument("--stream-duplicate-chunk", action="store_true")
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
+    flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     flags.add_argument("--never-answer", action="store_true")
     args = flags.parse_args()
     name = os.environ.get("LIFELINE_PROVIDER", "conformance")
+    if args.own_name:
+        name = "minimal"
     test_mode = os.environ.get("LIFELINE_TEST_MODE") == "1"
     nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=name)
     tasks: set[asyncio.Task[None]] = set()

@@ -362,6 +362,18 @@ def test_the_kit_reports_a_command_that_does_not_start():
     assert "FileNotFoundError" in report.text()
 
 
+def test_a_worker_serving_another_subject_fails_starts_naming_what_it_subscribed_to():
+    """A worker that ignores LIFELINE_PROVIDER (a name of its own hard-coded) waited out the
+    start timeout, and the report said only that no replica subscribed to the kit's subject."""
+    from service.conformance import run_checks
+
+    report = run_checks([*MINIMAL, "--own-name"], start_timeout_s=2)
+    text = report.text()
+    assert report.failed == ["starts"], text
+    assert "llm.provider.minimal in queue group lifeline-provider-minimal" in text
+    assert "subscribe to llm.provider.<LIFELINE_PROVIDER>" in text
+
+
 @pytest.mark.parametrize(
     ("command", "replicas", "said"),
     [
