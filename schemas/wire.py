@@ -230,6 +230,9 @@ KindOrStatus = (
     Annotated[str, Meta(max_length=64, extra_json_schema={"enum": list(ERROR_KINDS)})]
     | HttpErrorStatus
 )
+# A worker's error kind, as the contract (and the schema) says it: the dispatcher decodes any
+# string and takes one not in ERROR_KINDS as a server_error (service.transport).
+WorkerKind = Annotated[str, Meta(extra_json_schema={"enum": list(ERROR_KINDS)})]
 
 # A route's, a target's, a provider's, a model's or a template's name. Each comes back in
 # replies, attempts and audit events (and in the error that refuses it): bounded, so no name
@@ -544,7 +547,7 @@ class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
 class ProviderFailure(Struct, frozen=True, tag_field="status", tag="error"):
     """A failed call on the wire; inside a worker it is raised as schemas.errors.ProviderError."""
 
-    kind: str  # one of ERROR_KINDS
+    kind: WorkerKind
     message: str
     status_code: int | None = None
     retry_after_s: float | None = None

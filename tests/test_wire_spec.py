@@ -21,6 +21,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
 from schemas import subjects
+from schemas.errors import ERROR_KINDS
 from schemas.streaming import StreamReset
 from schemas.wire import (
     Attempt,
@@ -498,6 +499,18 @@ def test_a_named_tool_the_request_does_not_offer_is_a_documented_refusal():
         ROUTER.plan(json.dumps(body).encode())
     named = schema_file("CompletionRequest")["$defs"]["NamedTool"]
     assert "a request naming another is refused" in " ".join(named["description"].split())
+
+
+def test_a_worker_failure_of_a_kind_not_in_error_kinds_is_invalid_under_its_schema():
+    """The contract's rule (a worker's `kind` is one of the error kinds, which the conformance
+    kit checks) is in the schema that workers in other languages validate their replies by;
+    the dispatcher, lenient, still takes an unknown kind as a server_error."""
+    failure = {"status": "error", "kind": "overheated", "message": "too hot"}
+    errors = list(validator("ProviderFailure").iter_errors(failure))
+    assert "enum" in _keywords(errors)
+    for kind in ERROR_KINDS:
+        validator("ProviderFailure").validate({**failure, "kind": kind})
+    msgspec.json.decode(json.dumps(failure), type=ProviderFailure)  # decoded, then mapped
 
 
 def test_integers_are_said_to_be_written_without_a_fraction(document):
