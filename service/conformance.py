@@ -15,8 +15,9 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
 
     replies_decode         a valid ProviderRequest gets a ProviderOk with a model, on exactly
                            the reply subject it came with (nothing on any other subject)
-    bad_request            a malformed body (not JSON, JSON of the wrong shape) gets a
-                           ProviderFailure of kind bad_request, and the worker serves on
+    bad_request            a malformed body (not UTF-8, not JSON, nested too deeply, JSON of
+                           the wrong shape) gets a ProviderFailure of kind bad_request, and
+                           the worker serves on
     deadline               no reply to a request past its Lifeline-Deadline-Ms when it
                            arrives, nor to one whose deadline passes while it is worked on (a
                            `lifeline-test: sleep`; and ordinary requests, from a slow worker)
@@ -162,6 +163,7 @@ STREAMS = 2  # streamed requests sent by streaming (and two more unstreamed, to 
 # the burst, streaming's. A wait for answers grows by the worker's pace once per call.
 SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 2
 ORDINARY_CALLS = SPREAD // 2 + 3  # and deadline's and cancel's, when they cut calls short
+NESTING = 100_000  # arrays in one another, in bad_request's deeply nested body (200 KB)
 STOP_GRACE_S = 3.0  # SIGTERM to SIGKILL
 LOG_LINES = 25  # of a replica's output, shown when a check failed
 # The HTTP statuses error_kinds asks for (retry_after_s where given); each must come back as
@@ -957,6 +959,10 @@ class _Checks:
             "JSON of the wrong shape (messages not a list)": b'{"id": 7, "messages": "hello"}',
             "a JSON array": b"[1, 2, 3]",
             "an object without messages": b'{"id": "conformance-no-messages"}',
+            # What a JSON parser may raise other than its syntax error (Python's json: a
+            # UnicodeDecodeError, a RecursionError), left unanswered by a worker catching only that.
+            "a body that is not UTF-8": b"\xc3\x28 is not UTF-8, nor JSON",
+            "JSON nested too deeply": b"[" * NESTING + b"]" * NESTING,
         }
         sent = [
             (what, await self.wire.send(body, label=name))
@@ -969,7 +975,11 @@ class _Checks:
             reply = _reply_of(exchange)
             if not (isinstance(reply, ProviderFailure) and reply.kind == "bad_request"):
                 expected = f"a ProviderFailure of kind bad_request for {what}"
-                return self._wrong(name, expected, exchange, waited, timed=False)
+                hint = (
+                    "any error reading a body (its parser's, a decoding's, a recursion's: not "
+                    "only a syntax error) is answered as a bad_request failure"
+                )
+                return self._wrong(name, expected, exchange, waited, hint, timed=False)
         after = [await self.wire.ask("Still there?", label=name) for _ in range(SPREAD)]
         waited = self.wait_s(SPREAD)
         await self._answers(after, waited)

@@ -23,6 +23,8 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-drop-chunk          leave a stream's second chunk out
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
+    --json-errors-only           read a body with json.loads catching only JSONDecodeError, so
+                                 a body not UTF-8 (or nested too deep) raises, unanswered
 
 and one slows it down, as a model on one thread is, and it still conforms:
 
@@ -62,11 +64,16 @@ def kind_of(status: int, auth_as_server_error: bool = False) -> str:
     return known.get(status) or ("server_error" if status >= 500 else "bad_request")
 
 
-def parse(data: bytes) -> dict[str, Any]:
+def parse(data: bytes, json_errors_only: bool = False) -> dict[str, Any]:
     """The ProviderRequest's fields this worker reads, checked; BadRequest saying why not."""
+    unreadable = (
+        json.JSONDecodeError
+        if json_errors_only
+        else (UnicodeDecodeError, json.JSONDecodeError, RecursionError)
+    )
     try:
         request = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except unreadable as exc:
         raise BadRequest(f"not JSON: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("id"), str):
         raise BadRequest("a ProviderRequest is an object with a string id")
@@ -125,6 +132,7 @@ async def main() -> None:
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--own-name", action="store_true")
+    flags.add_argument("--json-errors-only", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     flags.add_argument("--never-answer", action="store_true")
     args = flags.parse_args()
@@ -166,7 +174,7 @@ async def main() -> None:
                 await reply(msg, failure("timeout", "deadline passed"))
             return  # nobody waits for it any more
         try:
-            request = parse(msg.data)
+            request = parse(msg.data, args.json_errors_only)
         except BadRequest as exc:
             if args.crash_on_bad_input:
                 print(f"crashing on bad input: {exc}", flush=True)

@@ -70,6 +70,7 @@ BROKEN = {
     "--answer-twice-late": ({"one_reply_per_request", "streaming"}, "ms after the first"),
     "--deadline-on-arrival-only": ({"deadline"}, "still worked on when it passed"),
     "--late-timeout-reply": ({"deadline"}, "250 ms of grace"),
+    "--json-errors-only": ({"bad_request"}, "for a body that is not UTF-8"),
     "--auth-as-server-error": ({"error_kinds"}, "kind auth, status_code 401"),
     "--cancel-in-queue-group": (
         {"cancel"},
