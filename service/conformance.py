@@ -1377,7 +1377,11 @@ def _stream_problem(
         return f"{count(len(after), 'chunk')} after the reply", ""
     pieces = []
     for i, chunk in enumerate(before, 1):
-        if (chunk.headers or {}).get(subjects.EVENT) == "tool_call":
+        event = (chunk.headers or {}).get(subjects.EVENT)
+        if event is not None and event != "tool_call":  # the spec's text piece has none
+            got = f"chunk {i} with the header {subjects.EVENT}: {event!r}"
+            return got, f"a text piece is bare: only a tool-call piece has {subjects.EVENT}"
+        if event == "tool_call":
             try:
                 tool_call_delta_decoder.decode(chunk.data)
             except msgspec.DecodeError as exc:

@@ -21,6 +21,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-and-repeat-content  put the streamed text in the final reply's content too
     --stream-duplicate-chunk     publish a stream's first chunk twice
     --stream-drop-chunk          leave a stream's second chunk out
+    --stream-event-header        publish text chunks with the header Lifeline-Event: delta
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
     --json-errors-only           read a body with json.loads catching only JSONDecodeError, so
@@ -130,6 +131,7 @@ async def main() -> None:
     flags.add_argument("--stream-and-repeat-content", action="store_true")
     flags.add_argument("--stream-duplicate-chunk", action="store_true")
     flags.add_argument("--stream-drop-chunk", action="store_true")
+    flags.add_argument("--stream-event-header", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--json-errors-only", action="store_true")
@@ -205,7 +207,8 @@ async def main() -> None:
             if args.stream_drop_chunk and len(pieces) > 1:
                 pieces = pieces[:1] + pieces[2:]
             for piece in reversed(pieces) if args.stream_in_reverse else pieces:
-                await nc.publish(stream_to, piece.encode())
+                event = {"Lifeline-Event": "delta"} if args.stream_event_header else None
+                await nc.publish(stream_to, piece.encode(), headers=event)
                 chunks += 1
             content = text if args.stream_and_repeat_content else ""
         usage = {"input_tokens": 1, "output_tokens": len(text.split())}

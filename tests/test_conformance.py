@@ -80,6 +80,7 @@ BROKEN = {
     "--stream-and-repeat-content": ({"streaming"}, "repeats the text"),
     "--stream-duplicate-chunk": ({"streaming"}, "reading 'echo:echo: Stream me a story.'"),
     "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
+    "--stream-event-header": ({"streaming"}, "chunk 1 with the header Lifeline-Event: 'delta'"),
     "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
 # A model that takes SLOW_CALL_S a call, one call at a time (a model on one thread): the
