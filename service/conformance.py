@@ -1202,7 +1202,7 @@ class _Checks:
             return _fail(  # one reply here, but two beside a Lifeline worker of the provider
                 name,
                 f"every replica subscribed to {subject} in the queue group {queue}",
-                f"queue group {', '.join(sorted(map(str, elsewhere)))}",
+                ", ".join(sorted(f"queue group {q}" if q else "NO queue group" for q in elsewhere)),
                 self.monitor.describe(),
             )
         strays = [e for x in missing for e in x.strays]

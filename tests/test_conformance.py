@@ -376,6 +376,17 @@ def test_a_worker_serving_another_subject_fails_starts_naming_what_it_subscribed
     assert "subscribe to llm.provider.<LIFELINE_PROVIDER>" in text
 
 
+def test_one_replica_outside_the_queue_group_is_said_to_be_in_no_queue_group():
+    """One replica answers each request once, so only the server's list tells: its failure
+    said `got queue group None`."""
+    from service.conformance import run_checks
+
+    report = run_checks([*MINIMAL, "--no-queue-group"], replicas=1)
+    assert report.failed == ["one_reply_per_request"], report.text()
+    head = next(line for line in report.text().splitlines() if line.startswith("FAIL"))
+    assert head.endswith("got NO queue group"), head
+
+
 @pytest.mark.parametrize(
     ("command", "replicas", "said"),
     [
