@@ -14,7 +14,9 @@ waits until both replicas subscribe to llm.provider.<NAME>, and then checks on t
 check printed as `PASS name` or `FAIL name: expected ..., got ...`:
 
     replies_decode         a valid ProviderRequest gets a ProviderOk with a model, on exactly
-                           the reply subject it came with (nothing on any other subject)
+                           the reply subject it came with (nothing on any other subject); one
+                           of the whole chat request's shape (parts, images, tool calls) gets
+                           a reply too
     bad_request            a malformed body (not UTF-8, not JSON, nested too deeply, JSON of
                            the wrong shape) gets a ProviderFailure of kind bad_request, and
                            the worker serves on
@@ -101,7 +103,15 @@ from nats.aio.msg import Msg
 
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest, subjects
 from schemas.errors import ERROR_KINDS, classify_status
-from schemas.wire import encoder, provider_reply_decoder, tool_call_delta_decoder
+from schemas.wire import (
+    ImagePart,
+    TextPart,
+    Tool,
+    ToolCall,
+    encoder,
+    provider_reply_decoder,
+    tool_call_delta_decoder,
+)
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 
@@ -161,7 +171,7 @@ SPREAD = 8  # requests sent where every replica should get some (the queue group
 STREAMS = 2  # streamed requests sent by streaming (and two more unstreamed, to compare)
 # Model calls that may be queued at once while the checks run side by side: replies_decode's,
 # the burst, streaming's. A wait for answers grows by the worker's pace once per call.
-SIDE_BY_SIDE_CALLS = SPREAD // 2 - 1 + BURST + STREAMS + 2
+SIDE_BY_SIDE_CALLS = SPREAD // 2 + BURST + STREAMS + 2
 ORDINARY_CALLS = SPREAD // 2 + 3  # and deadline's and cancel's, when they cut calls short
 NESTING = 100_000  # arrays in one another, in bad_request's deeply nested body (200 KB)
 STOP_GRACE_S = 3.0  # SIGTERM to SIGKILL
@@ -719,6 +729,49 @@ def request_body(text: str) -> bytes:
     return encoder.encode(request)
 
 
+# A 1x1 PNG, inline, for the whole chat request below.
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+WEATHER = Tool(
+    "get_weather",
+    "The weather in a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+RICH = "a request of the whole chat request's shape (parts, images, tool calls, tools)"
+
+
+def rich_request_body() -> bytes:
+    """A valid ProviderRequest as a dispatcher sends one for a real conversation: content in
+    parts (text, an image by URL and inline), an assistant's tool call with null content, the
+    tool's result, tools and the other parameters set. A worker may refuse what its model
+    cannot take (a failure), but must answer."""
+    call = ToolCall("call_1", "get_weather", '{"city": "Lyon"}')
+    request = ProviderRequest(
+        id=f"conformance-{secrets.token_hex(6)}",
+        messages=[
+            ChatMessage("system", "You are a weather assistant."),
+            ChatMessage(
+                "user",
+                [TextPart("Weather here?"), ImagePart(url="https://example.com/street.jpg")],
+            ),
+            ChatMessage("assistant", None, tool_calls=[call]),
+            ChatMessage("tool", "21 °C, clear", tool_call_id="call_1"),
+            ChatMessage(
+                "user",
+                [TextPart("And in this picture?"), ImagePart(data=PIXEL, media_type="image/png")],
+            ),
+        ],
+        max_tokens=64,
+        temperature=0.2,
+        top_p=0.9,
+        tools=[WEATHER],
+        tool_choice="auto",
+        parallel_tool_calls=True,
+        stop=["\n\n"],
+        seed=7,
+    )
+    return encoder.encode(request)
+
+
 def decode(data: bytes) -> ProviderOk | ProviderFailure | str:
     """A reply as the protocol's types, or why it is not one."""
     try:
@@ -926,11 +979,12 @@ class _Checks:
             self.first,
             *[await self.wire.ask(HELLO, label=name) for _ in range(SPREAD // 2 - 1)],
         ]
+        rich = await self.wire.send(rich_request_body(), label=name)
         waited = self.side_by_side_s()
-        await self._answers(sent, waited)
-        return self._judge(name, lambda: self._replies_decode(sent, waited))
+        await self._answers([*sent, rich], waited)
+        return self._judge(name, lambda: self._replies_decode(sent, rich, waited))
 
-    def _replies_decode(self, sent: list[_Exchange], waited_s: float) -> Check:
+    def _replies_decode(self, sent: list[_Exchange], rich: _Exchange, waited_s: float) -> Check:
         name = "replies_decode"
         for exchange in sent:
             reply = _reply_of(exchange)
@@ -941,6 +995,16 @@ class _Checks:
                     exchange,
                     waited_s,
                 )
+        if not isinstance(_reply_of(rich), ProviderOk | ProviderFailure):
+            return self._wrong(
+                name,
+                f"a ProviderOk, or a ProviderFailure for what the model cannot take, for {RICH}",
+                rich,
+                waited_s,
+                "a message's content is a string, a list of parts (text, image by url or "
+                "data) or, for an assistant's tool calls, null: read every shape",
+                timed=False,  # the plain requests sent with it were answered
+            )
         if self.wire.strays:
             strays = self.wire.strays
             return _fail(

@@ -24,6 +24,8 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-event-header        publish text chunks with the header Lifeline-Event: delta
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
+    --text-content-only          take every message's content for a string (`.strip()` it), so
+                                 a request with parts, or an assistant's null, goes unanswered
     --json-errors-only           read a body with json.loads catching only JSONDecodeError, so
                                  a body not UTF-8 (or nested too deep) raises, unanswered
 
@@ -135,6 +137,7 @@ async def main() -> None:
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--json-errors-only", action="store_true")
+    flags.add_argument("--text-content-only", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     flags.add_argument("--never-answer", action="store_true")
     args = flags.parse_args()
@@ -177,6 +180,10 @@ async def main() -> None:
             return  # nobody waits for it any more
         try:
             request = parse(msg.data, args.json_errors_only)
+            if args.text_content_only:  # raises on parts or null: nats-py logs it, no reply
+                request["messages"] = [
+                    {**m, "content": m["content"].strip()} for m in request["messages"]
+                ]
         except BadRequest as exc:
             if args.crash_on_bad_input:
                 print(f"crashing on bad input: {exc}", flush=True)

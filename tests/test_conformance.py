@@ -71,6 +71,7 @@ BROKEN = {
     "--deadline-on-arrival-only": ({"deadline"}, "still worked on when it passed"),
     "--late-timeout-reply": ({"deadline"}, "250 ms of grace"),
     "--json-errors-only": ({"bad_request"}, "for a body that is not UTF-8"),
+    "--text-content-only": ({"replies_decode"}, "for a request of the whole chat request's shape"),
     "--auth-as-server-error": ({"error_kinds"}, "kind auth, status_code 401"),
     "--cancel-in-queue-group": (
         {"cancel"},
