@@ -23,6 +23,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-drop-chunk          leave a stream's second chunk out
     --stream-event-header        publish text chunks with the header Lifeline-Event: delta
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
+    --answer-cancels             stop a cancelled attempt, then answer it with a failure
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
     --text-content-only          take every message's content for a string (`.strip()` it), so
                                  a request with parts, or an assistant's null, goes unanswered
@@ -135,6 +136,7 @@ async def main() -> None:
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--stream-event-header", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
+    flags.add_argument("--answer-cancels", action="store_true")
     flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--json-errors-only", action="store_true")
     flags.add_argument("--text-content-only", action="store_true")
@@ -196,6 +198,11 @@ async def main() -> None:
                 text, failed = await answer(request, test_mode, args, model)
         except ValueError as exc:  # a directive's number that is none
             text, failed = "", failure("bad_request", f"{exc}")
+        except asyncio.CancelledError:
+            if not args.answer_cancels:
+                raise
+            await reply(msg, failure("server_error", "cancelled"))
+            return
         except TimeoutError:  # the deadline passed while working: no reply
             if args.late_timeout_reply:
                 await asyncio.sleep(0.45)

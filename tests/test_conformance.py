@@ -82,6 +82,7 @@ BROKEN = {
     "--stream-duplicate-chunk": ({"streaming"}, "reading 'echo:echo: Stream me a story.'"),
     "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
     "--stream-event-header": ({"streaming"}, "chunk 1 with the header Lifeline-Event: 'delta'"),
+    "--answer-cancels": ({"cancel"}, "it answered once the cancel came"),
     "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
 # A model that takes SLOW_CALL_S a call, one call at a time (a model on one thread): the
