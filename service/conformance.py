@@ -91,7 +91,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1349,6 +1349,12 @@ class _Checks:
             if not exchange.settled and chunks:
                 got = f"{count(chunks, 'chunk')}, then no reply within {waited_s:.3g} s"
                 hint = "after the chunks, one reply ends the stream: a ProviderOk counting them"
+                last = exchange.events[-1]
+                if isinstance(decode(last.data), ProviderOk | ProviderFailure):
+                    hint = (
+                        f"the last chunk is a reply, {show(replace(last, what='reply'))}"
+                        f": it goes to the request's reply subject, not {subjects.STREAM_TO}"
+                    )
                 return _fail(name, expected, got, hint, self._dead())
             if not exchange.replies and not exchange.unheard:
                 return self._wrong(name, expected, exchange, waited_s)

@@ -22,6 +22,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-duplicate-chunk     publish a stream's first chunk twice
     --stream-drop-chunk          leave a stream's second chunk out
     --stream-event-header        publish text chunks with the header Lifeline-Event: delta
+    --reply-on-stream-to         send a streamed request's reply to its Lifeline-Stream-To
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
     --answer-cancels             stop a cancelled attempt, then answer it with a failure
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
@@ -135,6 +136,7 @@ async def main() -> None:
     flags.add_argument("--stream-duplicate-chunk", action="store_true")
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--stream-event-header", action="store_true")
+    flags.add_argument("--reply-on-stream-to", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--answer-cancels", action="store_true")
     flags.add_argument("--own-name", action="store_true")
@@ -227,7 +229,11 @@ async def main() -> None:
             content = text if args.stream_and_repeat_content else ""
         usage = {"input_tokens": 1, "output_tokens": len(text.split())}
         ok = {"content": content, "model": request.get("model") or MODEL, "usage": usage}
-        await reply(msg, {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"})
+        body = {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"}
+        if stream_to and args.reply_on_stream_to:
+            await nc.publish(stream_to, json.dumps(body).encode())
+            return
+        await reply(msg, body)
 
     async def on_request(msg: Msg) -> None:
         task = asyncio.create_task(handle(msg))

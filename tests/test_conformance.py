@@ -82,6 +82,7 @@ BROKEN = {
     "--stream-duplicate-chunk": ({"streaming"}, "reading 'echo:echo: Stream me a story.'"),
     "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
     "--stream-event-header": ({"streaming"}, "chunk 1 with the header Lifeline-Event: 'delta'"),
+    "--reply-on-stream-to": ({"streaming"}, "the last chunk is a reply, ProviderOk("),
     "--answer-cancels": ({"cancel"}, "it answered once the cancel came"),
     "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
