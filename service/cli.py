@@ -2610,6 +2610,9 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
     from service import conformance  # its checks load for this command only
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per look at the server
+    if (problem := conformance.provider_problem(args.provider)) is not None:
+        print(f"lifeline conformance: {problem}", file=sys.stderr)
+        return 2
     command = shlex.join(args.worker_command)
     print(f"starting {args.replicas} x `{command}` ...", file=sys.stderr, flush=True)
     report = await conformance.check_worker(

@@ -112,6 +112,7 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
+from service.config import _NAME as PROVIDER_NAME  # the config's own rule for the name
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 
@@ -331,6 +332,8 @@ async def check_worker(
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv:
         raise ValueError("no worker command given")
+    if (problem := provider_problem(provider)) is not None:
+        raise ValueError(problem)
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if not timeout_s > 0:
@@ -380,6 +383,14 @@ async def check_worker(
         shutil.rmtree(logs_dir, ignore_errors=True)
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why `provider` names no provider a config could hold, or None. The name makes the
+    subject and the queue group: a dot, a space or a wildcard would make others."""
+    if PROVIDER_NAME.match(provider):
+        return None
+    return f"the provider name {provider!r} is not 1 to 256 letters, digits, '_' and '-'"
 
 
 async def _ignore(exc: Exception) -> None:

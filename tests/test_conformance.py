@@ -359,6 +359,20 @@ def test_the_kit_refuses_a_timeout_that_is_not_positive():
         assert refused.returncode == 2 and "not a number of seconds above 0" in refused.stderr
 
 
+@pytest.mark.parametrize("name", ["a b", "", "x.y", "*", ">"])
+def test_the_kit_refuses_a_provider_name_no_config_could_hold(name: str):
+    """It started the replicas on a subject the name broke (`llm.provider.a b`), and failed
+    `starts` as if the worker were at fault."""
+    from service.conformance import run_checks
+
+    with pytest.raises(ValueError, match="provider name"):
+        run_checks(MINIMAL, provider=name)
+    refused = run_lifeline("conformance", "--provider", name, "--", *MINIMAL)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "letters, digits, '_' and '-'" in refused.stderr
+    assert "starting" not in refused.stderr
+
+
 def test_the_kit_reports_a_command_that_does_not_start():
     from service.conformance import run_checks
 
