@@ -33,7 +33,8 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
                            `chunks` counts them, and nothing after it (or, from a worker
                            that does not stream, no chunk and one ProviderOk with chunks=0);
                            the final content does not repeat the streamed text, and the
-                           chunks come in the text's order
+                           chunks come in the text's order, text ones bare (no
+                           Lifeline-Event header: only a tool_call piece has one)
     error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
                            rate_limit, 401/403 auth, 402 quota, other 5xx server_error, other
                            4xx bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
