@@ -1067,9 +1067,11 @@ class _Checks:
 
     async def deadline(self) -> Check:
         name = "deadline"
-        late = [
-            await self.wire.ask("Too late for this.", deadline_in_s=-1.0, label=name)
-            for _ in range(SPREAD // 2)
+        late = [  # half of them streamed: a worker may check on arrival only what it answers
+            await self.wire.ask(
+                "Too late for this.", deadline_in_s=-1.0, stream=i % 2 == 1, label=name
+            )
+            for i in range(SPREAD // 2)
         ]
         working = [  # still working when the deadline passes; half of them streamed
             await self.wire.ask(
@@ -1099,9 +1101,10 @@ class _Checks:
         if answered:
             return _fail(
                 name,
-                f"no reply to a request whose {subjects.DEADLINE_MS} had passed "
-                f"(listened {DEADLINE_WAIT_S:g} s, and to the end of the run)",
-                f"replies to {len(answered)} of {len(late)}",
+                f"no reply or chunk for a request whose {subjects.DEADLINE_MS} had passed "
+                f"(half of them with {subjects.STREAM_TO}; listened {DEADLINE_WAIT_S:g} s, and "
+                "to the end of the run)",
+                f"something for {len(answered)} of {len(late)}",
                 f"first: {show(answered[0].events[0])}",
                 "a worker drops a request past its deadline: the dispatcher no longer waits",
             )

@@ -13,6 +13,8 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --answer-twice-late          send every reply again a second later
     --deadline-on-arrival-only   drop a request past its deadline, but finish one that was
                                  still running when it passed
+    --stream-when-late           stream a request that came past its deadline (its reply
+                                 checked against the deadline; its chunks, not)
     --late-timeout-reply         answer `timeout` 450 ms after the deadline of a call still
                                  running when it passed (or that came less than 0.9 s late)
     --auth-as-server-error       map 401 and 403 to server_error
@@ -129,6 +131,7 @@ async def main() -> None:
     flags.add_argument("--answer-twice-late", action="store_true")
     flags.add_argument("--deadline-on-arrival-only", action="store_true")
     flags.add_argument("--late-timeout-reply", action="store_true")
+    flags.add_argument("--stream-when-late", action="store_true")
     flags.add_argument("--auth-as-server-error", action="store_true")
     flags.add_argument("--cancel-in-queue-group", action="store_true")
     flags.add_argument("--stream-in-reverse", action="store_true")
@@ -175,7 +178,8 @@ async def main() -> None:
         headers = msg.headers or {}
         deadline = headers.get("Lifeline-Deadline-Ms", "")
         left_s = int(deadline) / 1000 - time.time() if deadline.isdigit() else 30.0
-        if left_s <= 0 and not args.ignore_deadline:
+        late_stream = args.stream_when_late and "Lifeline-Stream-To" in headers
+        if left_s <= 0 and not args.ignore_deadline and not late_stream:
             if args.late_timeout_reply and left_s > -0.9:
                 # Reached here only after its deadline (a loaded machine delays delivery): still
                 # answered 450 ms past it, so the kit's verdict does not hang on the delivery.
@@ -227,6 +231,8 @@ async def main() -> None:
                 await nc.publish(stream_to, piece.encode(), headers=event)
                 chunks += 1
             content = text if args.stream_and_repeat_content else ""
+            if late_stream and left_s <= 0:
+                return  # the chunks went out all the same
         usage = {"input_tokens": 1, "output_tokens": len(text.split())}
         ok = {"content": content, "model": request.get("model") or MODEL, "usage": usage}
         body = {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"}

@@ -69,6 +69,7 @@ BROKEN = {
     ),
     "--answer-twice-late": ({"one_reply_per_request", "streaming"}, "ms after the first"),
     "--deadline-on-arrival-only": ({"deadline"}, "still worked on when it passed"),
+    "--stream-when-late": ({"deadline"}, "first: a chunk on Lifeline-Stream-To"),
     "--late-timeout-reply": ({"deadline"}, "250 ms of grace"),
     "--json-errors-only": ({"bad_request"}, "for a body that is not UTF-8"),
     "--text-content-only": ({"replies_decode"}, "for a request of the whole chat request's shape"),
@@ -258,7 +259,7 @@ def test_the_command_prints_a_line_per_check_and_fails_a_worker_that_ignores_dea
     verdicts = re.findall(r"^(PASS|FAIL) (\w+)", result.stdout, re.MULTILINE)
     assert [name for _, name in verdicts] == list(CHECKS), result.stdout
     assert [name for verdict, name in verdicts if verdict == "FAIL"] == ["deadline"]
-    assert "FAIL deadline: expected no reply to a request whose Lifeline-Deadline-Ms" in (
+    assert "FAIL deadline: expected no reply or chunk for a request whose Lifeline-Deadline-Ms" in (
         result.stdout
     )
     assert "8 of 9 checks passed" in result.stdout
