@@ -38,7 +38,7 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
     error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
                            rate_limit, 401/403 auth, 402 quota, other 5xx server_error, other
                            4xx bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
-                           and retry_after_s as asked
+                           and retry_after_s as asked, streamed (a 429, a 401) as not
     survives_bad_input     every replica is still running at the end
 
 (and `starts` first: the replicas came up and subscribed). The slow call and the failures come
@@ -194,6 +194,7 @@ STATUSES: tuple[tuple[int, float | None], ...] = (
     (503, 2.0),
     (529, None),
 )
+STREAMED_STATUSES = ((429, 3.0), (401, None))  # asked for again with Lifeline-Stream-To
 STATUS_MAP = (
     "408 timeout, 429 rate_limit, 401/403 auth, 402 quota, other 5xx server_error, "
     "other 4xx bad_request"
@@ -1388,15 +1389,22 @@ class _Checks:
                 classify_status(status),
                 status,
                 retry_after,
+                stream,
             )
-            for status, retry_after in STATUSES
+            # A streamed call fails before its first chunk with the same kinds (a 429 when
+            # the stream is asked for, say): a worker may map them on one path only.
+            for statuses, stream in ((STATUSES, False), (STREAMED_STATUSES, True))
+            for status, retry_after in statuses
         ]
-        sent = [await self.wire.ask(directive, label=name) for directive, *_ in cases]
+        sent = [
+            await self.wire.ask(directive, stream=stream, label=name)
+            for directive, *_, stream in cases
+        ]
         waited = self.timeout_s + self.pace_s
         await self._answers(sent, waited)
         wrong = []
         for case, exchange in zip(cases, sent, strict=True):
-            _, kind, status, retry_after = case
+            _, kind, status, retry_after, _ = case
             reply = _reply_of(exchange)
             if not (
                 isinstance(reply, ProviderFailure)
@@ -1405,12 +1413,15 @@ class _Checks:
             ):
                 wrong.append((case, exchange))
         if wrong:
-            (directive, kind, status, retry_after), exchange = wrong[0]
-            others = ", ".join(str(case[2]) for case, _ in wrong[1:])
+            (directive, kind, status, retry_after, stream), exchange = wrong[0]
+            others = ", ".join(
+                f"{case[2]}{' streamed' if case[4] else ''}" for case, _ in wrong[1:]
+            )
+            how = f" with {subjects.STREAM_TO}" if stream else ""
             return self._wrong(
                 name,
                 f"a ProviderFailure with kind {kind}, status_code {status} and retry_after_s "
-                f"{retry_after} for {directive!r}",
+                f"{retry_after} for {directive!r}{how}",
                 exchange,
                 waited,
                 f"wrong too: the failures for {others}" if others else "",

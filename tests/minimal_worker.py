@@ -18,6 +18,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --late-timeout-reply         answer `timeout` 450 ms after the deadline of a call still
                                  running when it passed (or that came less than 0.9 s late)
     --auth-as-server-error       map 401 and 403 to server_error
+    --stream-errors-as-server-error  fail a streamed request as server_error, whatever its status
     --cancel-in-queue-group      subscribe to llm.cancel.<name> in the queue group
     --stream-in-reverse          publish a stream's chunks last one first
     --stream-and-repeat-content  put the streamed text in the final reply's content too
@@ -133,6 +134,7 @@ async def main() -> None:
     flags.add_argument("--late-timeout-reply", action="store_true")
     flags.add_argument("--stream-when-late", action="store_true")
     flags.add_argument("--auth-as-server-error", action="store_true")
+    flags.add_argument("--stream-errors-as-server-error", action="store_true")
     flags.add_argument("--cancel-in-queue-group", action="store_true")
     flags.add_argument("--stream-in-reverse", action="store_true")
     flags.add_argument("--stream-and-repeat-content", action="store_true")
@@ -215,6 +217,8 @@ async def main() -> None:
                 await reply(msg, failure("timeout", "deadline passed"))
             return
         if failed is not None:
+            if args.stream_errors_as_server_error and "Lifeline-Stream-To" in headers:
+                failed = {**failed, "kind": "server_error"}
             await reply(msg, failed)
             return
         chunks, content = 0, text

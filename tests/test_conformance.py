@@ -74,6 +74,10 @@ BROKEN = {
     "--json-errors-only": ({"bad_request"}, "for a body that is not UTF-8"),
     "--text-content-only": ({"replies_decode"}, "for a request of the whole chat request's shape"),
     "--auth-as-server-error": ({"error_kinds"}, "kind auth, status_code 401"),
+    "--stream-errors-as-server-error": (
+        {"error_kinds"},
+        "retry_after 3' with Lifeline-Stream-To, got ProviderFailure(kind='server_error'",
+    ),
     "--cancel-in-queue-group": (
         {"cancel"},
         "subscribed to it in the queue group lifeline-provider-conformance",
