@@ -20,9 +20,10 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
     bad_request            a malformed body (not UTF-8, not JSON, nested too deeply, JSON of
                            the wrong shape) gets a ProviderFailure of kind bad_request, and
                            the worker serves on
-    deadline               no reply to a request past its Lifeline-Deadline-Ms when it
-                           arrives, nor to one whose deadline passes while it is worked on (a
-                           `lifeline-test: sleep`; and ordinary requests, from a slow worker)
+    deadline               no reply or chunk for a request past its Lifeline-Deadline-Ms when
+                           it arrives (streamed or not), nor for one whose deadline passes
+                           while it is worked on (a `lifeline-test: sleep`; and ordinary
+                           requests, from a slow worker)
     cancel                 every replica subscribes to llm.cancel.<NAME> in no queue group; an
                            attempt named there while it runs gets no reply (a sleep; and
                            ordinary ones, from a slow worker); one not cancelled does
