@@ -1,7 +1,8 @@
 """The anthropic provider against a local server that refuses what the Messages API refuses:
 a final assistant turn (a prefill) ending in whitespace, empty messages or text blocks, a turn
 whose text is only whitespace, a system prompt or a tool result that is empty or only
-whitespace, and no messages at all. What the client sees when a stream continues on Claude
+whitespace, no messages at all, and an inline image whose media_type is not one of the four
+it takes or not what its bytes are. What the client sees when a stream continues on Claude
 (on_midstream = "continue"), and conversations with empty or blank messages, which OpenAI
 takes and Claude refused as a 400.
 
@@ -14,6 +15,7 @@ takes and Claude refused as a 400.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -92,6 +94,45 @@ def tool_result_refusal(block: dict[str, Any]) -> str | None:
     return None
 
 
+# The image types the API takes, by the bytes each begins with (WebP: RIFF, then WEBP at 8).
+IMAGE_TYPES = {
+    b"\x89PNG\r\n\x1a\n": "image/png",
+    b"\xff\xd8\xff": "image/jpeg",
+    b"GIF87a": "image/gif",
+    b"GIF89a": "image/gif",
+    b"RIFF": "image/webp",
+}
+
+
+def image_refusal(source: dict[str, Any]) -> str | None:
+    """A base64 source's media_type is one of the four the API takes, and what its bytes are
+    (https://github.com/BerriAI/litellm/issues/24900, https://github.com/BoundaryML/baml/issues/1292)."""
+    if source["type"] != "base64":
+        return None
+    declared = source["media_type"]
+    if declared not in IMAGE_TYPES.values():
+        return (
+            "image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', "
+            "'image/gif' or 'image/webp'"
+        )
+    head = base64.b64decode(source["data"])[:12]
+    actual = next((t for magic, t in IMAGE_TYPES.items() if head.startswith(magic)), None)
+    if actual is not None and actual != declared:
+        return (
+            f"image.source.base64: The image was specified using the {declared} media type, "
+            f"but the image appears to be a {actual} image"
+        )
+    return None
+
+
+def images_of(blocks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for block in blocks:
+        if block["type"] == "image":
+            yield block["source"]
+        elif block["type"] == "tool_result" and isinstance(block.get("content"), list):
+            yield from images_of(block["content"])
+
+
 def messages_refusal(messages: list[dict[str, Any]]) -> str | None:
     if not messages:
         return "messages: at least one message is required"
@@ -118,6 +159,10 @@ def messages_refusal(messages: list[dict[str, Any]]) -> str | None:
             refused = tool_result_refusal(block) if block["type"] == "tool_result" else None
             if refused is not None:
                 return refused
+        for source in images_of(blocks):
+            refused = image_refusal(source)
+            if refused is not None:
+                return f"messages.{i}.content: {refused}"
     return None
 
 
@@ -520,3 +565,51 @@ async def test_concurrent_calls_each_leave_out_only_their_own_prefills_whitespac
     calls = [(prefill, whole) for prefill in prefills for whole in (True, False)]
     texts = await asyncio.gather(*(answered(prefill, whole) for prefill, whole in calls))
     assert texts == [prefills[prefill] for prefill, _ in calls]
+
+
+# ---- inline images ----------------------------------------------------------------------
+
+# The first bytes of a JPEG (a JFIF header), base64: what the API reads to tell its type.
+JPEG = base64.b64encode(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01").decode()
+
+
+@pytest.mark.parametrize(
+    ("image", "sent"),
+    [
+        (ImagePart(data=JPEG, media_type="image/png"), "image/jpeg"),
+        (ImagePart(data=JPEG, media_type="image/jpg"), "image/jpeg"),
+        (ImagePart(url=f"data:image/jpg;base64,{JPEG}"), "image/jpeg"),
+        (ImagePart(data=PNG, media_type="image/PNG"), "image/png"),
+        (ImagePart(data=PNG, media_type="image/octet-stream"), "image/png"),
+    ],
+    ids=["jpeg-said-png", "jpg", "jpg-data-url", "upper-case", "unnamed-type"],
+)
+async def test_an_inline_image_is_sent_as_the_type_its_bytes_are(provider, claude, image, sent):
+    """OpenAI reads an image whatever type it is said to be; the Messages API refuses one
+    whose media_type is not its own four names, or not what the bytes are (a screenshot tool
+    that labels every image PNG, image/jpg from a file name): a 400 on every fallback of such
+    a request to Claude, and on a tool result in any later turn of the conversation."""
+    call = ToolCall(id="call_1", name="screenshot", arguments="{}")
+    request = chat(
+        ChatMessage("user", [TextPart("What is this?"), image]),
+        ChatMessage("assistant", None, tool_calls=[call]),
+        ChatMessage("tool", [image], tool_call_id="call_1"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    messages = claude.bodies[-1]["messages"]
+    assert messages[0]["content"][1]["source"]["media_type"] == sent
+    assert messages[2]["content"][0]["content"][0]["source"]["media_type"] == sent
+
+
+async def test_an_inline_image_of_a_type_the_api_does_not_take_fails_before_the_call(
+    provider, claude
+):
+    """A HEIC photo (an iPhone's own format), which the API refuses: the request's fault,
+    named, without a call."""
+    heic = base64.b64encode(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00").decode()
+    request = chat(ChatMessage("user", [ImagePart(data=heic, media_type="image/heic")]))
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(request, timeout_s=5)
+    assert caught.value.kind == "bad_request"
+    assert "image/heic" in caught.value.message and "image/webp" in caught.value.message
+    assert claude.bodies == []

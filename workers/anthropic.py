@@ -33,6 +33,7 @@ messages alternate user and assistant: a tool's answer is a block of a user mess
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import os
@@ -117,6 +118,16 @@ _TOOL_CHOICE = {"auto": "auto", "none": "none", "required": "any"}
 # A tool_use block's id, as the API requires it (^[a-zA-Z0-9_-]+$), and what may not be in one.
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
 _NOT_IN_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
+# The image types the API takes, by the bytes each begins with (WebP: RIFF, then WEBP at 8).
+# It refuses a base64 source whose media_type is not one of them, or not what its bytes are;
+# OpenAI reads an image whatever it is said to be.
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 # The input_schema of a tool declared without parameters: the API requires an object schema.
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 # A tool declared only because the conversation used it (see _tool_fields): any object input.
@@ -342,9 +353,35 @@ def _image_source(part: ImagePart) -> dict[str, Any]:
         # which the wire passes on as a URL): that one is sent as the base64 source it is.
         inline = DATA_URL.fullmatch(part.url)
         if inline is not None and inline["type"].startswith("image/"):
-            return {"type": "base64", "media_type": inline["type"], "data": inline["data"]}
+            return _base64_source(inline["type"], inline["data"])
         return {"type": "url", "url": part.url}
-    return {"type": "base64", "media_type": part.media_type, "data": part.data}
+    return _base64_source(part.media_type or "", part.data or "")
+
+
+def _base64_source(declared: str, data: str) -> dict[str, Any]:
+    """An inline image as a base64 source, its media_type what its bytes are (a screenshot
+    tool may label a JPEG as PNG), else the declared one in the API's spelling (image/jpg,
+    image/PNG); ProviderError(bad_request) for a type the API does not take (HEIC, BMP, SVG)."""
+    media_type = _sniffed(data) or declared.lower().replace("/jpg", "/jpeg")
+    if media_type not in _IMAGE_TYPES:
+        raise ProviderError(
+            "bad_request",
+            f"an inline image is of type {declared[:64]!r}, which the Messages API does not "
+            f"take: send it as {', '.join(_IMAGE_TYPES)}",
+        )
+    return {"type": "base64", "media_type": media_type, "data": data}
+
+
+def _sniffed(data: str) -> str | None:
+    """The image type of base64 `data` by its first bytes; None when they tell none."""
+    head = "".join(data[:64].split())[:16]  # 12 bytes; line breaks in base64 are allowed
+    try:
+        first = binascii.a2b_base64(head[: len(head) // 4 * 4])
+    except binascii.Error:
+        return None
+    if first[:4] == b"RIFF" and first[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _IMAGE_MAGIC if first.startswith(magic)), None)
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
