@@ -204,6 +204,34 @@ async def test_a_multi_turn_tool_conversation_is_sent_as_openai_documents_it(mak
     assert body == {"model": "gpt-4o", "messages": CONVERSATION_SENT, "tools": TOOLS_SENT}
 
 
+async def test_images_a_tool_returned_follow_its_results_as_a_user_message(make):
+    """OpenAI's tool messages take text only: a screenshot a tool returned was dropped without
+    a word, and the model answered about an image it never saw. The images of a run of tool
+    results follow it in a user message, in order (a message between tool results would part
+    them from the calls they answer, which OpenAI refuses)."""
+    shot = ImagePart(data=PNG, media_type="image/png")
+    chat = [
+        ChatMessage("user", "Open both pages"),
+        ChatMessage("assistant", None, tool_calls=[MADISON, PARIS]),
+        ChatMessage("tool", [TextPart("page 1"), shot], tool_call_id="call_abc123"),
+        ChatMessage("tool", [ImagePart(url=IMAGE_URL)], tool_call_id="call_def456"),
+        ChatMessage("user", "Which is brighter?"),
+    ]
+    body = await sent(make, messages=chat)
+    assert body["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "call_abc123", "content": "page 1"},
+        {"role": "tool", "tool_call_id": "call_def456", "content": ""},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {"type": "image_url", "image_url": {"url": IMAGE_URL}},
+            ],
+        },
+        {"role": "user", "content": "Which is brighter?"},
+    ]
+
+
 async def test_the_streamed_request_carries_the_same_messages_and_tools(make):
     server = events_server(text_chunks(["Sunny."]))
     await answer_of(make(server).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5))

@@ -43,6 +43,7 @@ from httpx_sse import ServerSentEvent
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
 from schemas.wire import (
     FinishReason,
+    ImagePart,
     NamedTool,
     Part,
     TextPart,
@@ -99,7 +100,7 @@ def chat_body(
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
-        "messages": [chat_message(message) for message in request.messages],
+        "messages": chat_messages(request.messages),
     }
     # Unset options are left out so the provider's own defaults apply.
     if request.max_tokens is not None:
@@ -116,6 +117,24 @@ def chat_body(
     if request.response_format is not None and request.response_format.type != "regex":
         body["response_format"] = msgspec.to_builtins(request.response_format)
     return body | _tool_options(request)
+
+
+def chat_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation in Chat Completions' shape. Tool messages take text only: the images
+    of a run of tool results follow it, in order, as a user message (one between them would
+    part them from the calls they answer, which OpenAI refuses)."""
+    sent: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    for message in messages:
+        if images and message.role != "tool":
+            sent.append({"role": "user", "content": images})
+            images = []
+        sent.append(chat_message(message))
+        if message.role == "tool" and isinstance(message.content, list):
+            images += [_part(part) for part in message.content if isinstance(part, ImagePart)]
+    if images:
+        sent.append({"role": "user", "content": images})
+    return sent
 
 
 def chat_message(message: ChatMessage) -> dict[str, Any]:
