@@ -8,9 +8,10 @@ estimate_tokens()        input size in tokens, estimated offline (for max_input_
 output_validator()       what the request asks of an answer, as checks: response_format
                          (JSON that parses and validates against its JSON Schema, formats
                          such as date-time included; or a regular expression the whole
-                         answer matches), tool_choice (a tool call, of the named tool), tool
-                         calls whose arguments validate against their tool's parameters, and
-                         with fail_on_length an answer not cut short by max_tokens
+                         answer matches), tool_choice (a tool call, of the named tool; or
+                         none with none), tool calls whose arguments validate against their
+                         tool's parameters, and with fail_on_length an answer not cut short
+                         by max_tokens
 """
 
 from __future__ import annotations
@@ -573,9 +574,9 @@ def _regex_check(pattern: str | None) -> Check:
 
 
 class _ToolCheck:
-    """tool_choice kept (required: a tool call; a named tool: calls of that tool only), and
-    every tool call names one of the request's tools with arguments that are a JSON object
-    valid against the tool's parameters."""
+    """tool_choice kept (none: no tool call; required: a tool call; a named tool: calls of
+    that tool only), and every tool call names one of the request's tools with arguments that
+    are a JSON object valid against the tool's parameters."""
 
     __slots__ = ("choice", "tools")
 
@@ -596,6 +597,8 @@ class _ToolCheck:
     def __call__(self, answer: ProviderOk) -> ProviderOk | str:
         calls = answer.tool_calls or []
         choice = self.choice
+        if calls and choice == "none":
+            return "tool_choice none asks for no tool call; the answer calls a tool"
         if not calls and (choice == "required" or isinstance(choice, NamedTool)):
             wanted = "a call of " + choice.name if isinstance(choice, NamedTool) else "a tool call"
             return f"tool_choice asks for {wanted}; the answer calls no tool"

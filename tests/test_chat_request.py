@@ -154,6 +154,17 @@ async def test_a_tool_call_that_is_not_what_was_asked_falls_back(
     assert reply.tool_calls[0].name == "get_weather"
 
 
+async def test_a_tool_call_against_tool_choice_none_falls_back(lifeline, client):
+    """tool_choice "none" asks for an answer in words; a server that ignores it (several
+    OpenAI-compatible ones do) answered with a call, passed on as the answer."""
+    providers = {"weak": fake(tool_calls=[PARIS]), "strong": fake(reply="Sunny, 21 C.")}
+    await lifeline(config(providers))
+    reply = await ask(client, chat(tools=[WEATHER], tool_choice="none"))
+    assert outcomes(reply) == [("weak", "error", "invalid_output"), ("strong", "ok", None)]
+    assert "tool_choice none" in reply.attempts[0].message
+    assert reply.content == "Sunny, 21 C." and reply.tool_calls is None
+
+
 async def test_fail_on_length_treats_a_truncated_answer_as_a_failure(lifeline, client):
     providers = {"cut": fake(reply="Once upon a", finish_reason="length"), "whole": fake()}
     await lifeline(config(providers))
