@@ -293,3 +293,53 @@ async def test_a_tool_call_a_compatible_server_gave_no_id_can_still_be_answered(
     )
     assert (second.status, second.content) == ("ok", "18 °C")
     assert openai_server.bodies[1]["messages"][2]["tool_call_id"] == call.id
+
+
+def openai_refusal(body: dict[str, Any]) -> str | None:
+    """OpenAI's answer to a tool call id over 40 characters (code string_above_max_length):
+    https://github.com/agno-agi/agno/issues/5382, https://github.com/langmanus/langmanus/issues/119."""
+    for i, message in enumerate(body["messages"]):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            if len(call["id"]) > 40:
+                return f"Invalid 'messages[{i}].tool_calls[{j}].id': string too long."
+        if len(message.get("tool_call_id") or "") > 40:
+            return f"Invalid 'messages[{i}].tool_call_id': string too long."
+    return None
+
+
+async def test_another_providers_long_tool_call_ids_reach_openai_in_a_length_it_takes(
+    lifeline, client, openai_server, anthropic_server
+):
+    """vLLM names its calls "chatcmpl-tool-" and 32 hex digits (46 characters), and OpenAI
+    refuses a tool call id over 40: every fallback to OpenAI of a conversation another server
+    began was a 400. Each call and its result must still pair, and ids that differ only past
+    their 40th character must stay apart."""
+    anthropic_server.script = [(503, {"type": "error", "error": {"type": "overloaded_error"}})]
+    answer = {**OPENAI_TOOL_CALL, "choices": [{"index": 0, "finish_reason": "stop"}]}
+    answer["choices"][0]["message"] = {"role": "assistant", "content": "All warm."}
+    openai_server.script = [(200, answer)]
+    await lifeline(config(providers(openai_server, anthropic_server)))
+    stem = "chatcmpl-tool-" + "9f" * 16
+    ids = [stem, stem + "-a", stem + "-b", "call_abc"]
+    conversation = [
+        {"role": "user", "content": "Weather in Lyon, Paris, Nice and Metz?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": i, "name": "get_weather", "arguments": json.dumps({"city": city})}
+                for i, city in zip(ids, ["Lyon", "Paris", "Nice", "Metz"], strict=True)
+            ],
+        },
+        *({"role": "tool", "tool_call_id": i, "content": "20 °C"} for i in ids),
+    ]
+    reply = await ask(
+        client, {"messages": conversation, "tools": [WEATHER], "targets": ["claude", "gpt"]}
+    )
+    assert (reply.status, reply.content) == ("ok", "All warm.")
+    sent = openai_server.bodies[0]
+    assert openai_refusal(sent) is None
+    calls = [call["id"] for call in sent["messages"][1]["tool_calls"]]
+    assert [message["tool_call_id"] for message in sent["messages"][2:]] == calls
+    assert calls[3] == "call_abc"  # an id OpenAI takes is kept as it is
+    assert len(set(calls)) == 4

@@ -31,6 +31,7 @@ The body builder and the response and error parsing are shared with workers.azur
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -83,6 +84,8 @@ _CODE_KINDS = {
     # A 429 that no wait cures: the account's credit is spent (a retry would only fail again).
     "insufficient_quota": "quota",
 }
+# The longest tool call id OpenAI takes (400 string_above_max_length past it).
+_MOST_ID_CHARS = 40
 # error.type values that say more than the status, where error.code does not: llama.cpp's
 # server names a prompt over its context so (a 400, code 400), vLLM and OpenAI use the code.
 _TYPE_KINDS = {"exceed_context_size_error": "context_length"}
@@ -142,7 +145,8 @@ def chat_message(message: ChatMessage) -> dict[str, Any]:
     compatible server knows system (local ones may not know developer), and OpenAI's newer
     models read system as developer."""
     if message.role == "tool":
-        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+        call_id = _call_id(message.tool_call_id or "")
+        return {"role": "tool", "tool_call_id": call_id, "content": message.text}
     if message.role == "assistant" and message.tool_calls:
         calls = [_tool_call(call) for call in message.tool_calls]
         return {"role": "assistant", "content": message.text or None, "tool_calls": calls}
@@ -168,7 +172,17 @@ def _part(part: Part) -> dict[str, Any]:
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
     function = {"name": call.name, "arguments": call.arguments}
-    return {"id": call.id, "type": "function", "function": function}
+    return {"id": _call_id(call.id), "type": "function", "function": function}
+
+
+def _call_id(call_id: str) -> str:
+    """A tool call's id as OpenAI takes it: at most 40 characters (another server's may be
+    longer: vLLM's are 46). A longer one is cut, and a short digest of the whole id ends it so
+    that two ids never become one; the call and the result answering it get the same id."""
+    if len(call_id) <= _MOST_ID_CHARS:
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:12]
+    return f"{call_id[: _MOST_ID_CHARS - 13]}_{digest}"
 
 
 def _tool_options(request: ProviderRequest) -> dict[str, Any]:
