@@ -232,6 +232,29 @@ async def test_images_a_tool_returned_follow_its_results_as_a_user_message(make)
     ]
 
 
+@pytest.mark.parametrize("role", ["assistant", "system", "developer"])
+async def test_images_in_a_message_openai_takes_none_in_follow_it_as_a_user_message(make, role):
+    """OpenAI takes images in user messages only ("Image URLs are only allowed for messages
+    with role 'user'"): an image an assistant drew, echoed back in the history, made every
+    call to an OpenAI target a 400, though Claude reads it. Its text stays in the message, and
+    its images follow it as a user message."""
+    drawn = ImagePart(url=IMAGE_URL)
+    chat = [
+        ChatMessage("user", "Draw a cat"),
+        ChatMessage(role, [TextPart("Here it is:"), drawn]),  # type: ignore[arg-type]
+        ChatMessage("user", "Describe it"),
+    ]
+    body = await sent(make, messages=chat)
+    assert body["messages"][1:] == [
+        {
+            "role": "system" if role == "developer" else role,
+            "content": [{"type": "text", "text": "Here it is:"}],
+        },
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}]},
+        {"role": "user", "content": "Describe it"},
+    ]
+
+
 async def test_the_streamed_request_carries_the_same_messages_and_tools(make):
     server = events_server(text_chunks(["Sunny."]))
     await answer_of(make(server).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5))

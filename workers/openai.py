@@ -123,9 +123,10 @@ def chat_body(
 
 
 def chat_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
-    """The conversation in Chat Completions' shape. Tool messages take text only: the images
-    of a run of tool results follow it, in order, as a user message (one between them would
-    part them from the calls they answer, which OpenAI refuses)."""
+    """The conversation in Chat Completions' shape. OpenAI takes images in user messages only
+    (a 400 for one elsewhere): the images of any other message follow it, in order, as a user
+    message; those of a run of tool results follow the run (a message between them would part
+    them from the calls they answer, which OpenAI refuses)."""
     sent: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
     for message in messages:
@@ -133,7 +134,7 @@ def chat_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
             sent.append({"role": "user", "content": images})
             images = []
         sent.append(chat_message(message))
-        if message.role == "tool" and isinstance(message.content, list):
+        if message.role != "user" and isinstance(message.content, list):
             images += [_part(part) for part in message.content if isinstance(part, ImagePart)]
     if images:
         sent.append({"role": "user", "content": images})
@@ -151,15 +152,18 @@ def chat_message(message: ChatMessage) -> dict[str, Any]:
         calls = [_tool_call(call) for call in message.tool_calls]
         return {"role": "assistant", "content": message.text or None, "tool_calls": calls}
     role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": _content(message.content)}
+    return {"role": role, "content": _content(message.content, images=role == "user")}
 
 
-def _content(content: str | list[Part] | None) -> str | list[dict[str, Any]]:
-    """A message's content: a string as is, parts as OpenAI's content parts. Only an assistant
-    message calling tools may go without content: for any other, none is the empty string."""
+def _content(content: str | list[Part] | None, images: bool) -> str | list[dict[str, Any]]:
+    """A message's content: a string as is, parts as OpenAI's content parts, without images
+    unless `images` (see chat_messages). Only an assistant message calling tools may go without
+    content: for any other, none (or no text part) is the empty string."""
     if content is None or isinstance(content, str):
         return content or ""
-    return [_part(part) for part in content]
+    if images:
+        return [_part(part) for part in content]
+    return [_part(part) for part in content if isinstance(part, TextPart)] or ""
 
 
 def _part(part: Part) -> dict[str, Any]:
