@@ -20,7 +20,16 @@ from helpers import MockServer, provider_fixture
 from httpx_sse import ServerSentEvent
 
 from schemas import ChatMessage, ProviderOk, ProviderRequest, Usage
-from schemas.wire import ImagePart, NamedTool, TextPart, Tool, ToolCall, ToolCallDelta
+from schemas.wire import (
+    ImagePart,
+    JsonSchemaFormat,
+    NamedTool,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 from workers.anthropic import AnthropicProvider, AnthropicSettings, MessageStream
 from workers.base import ProviderError
 
@@ -364,6 +373,48 @@ async def test_stop_becomes_stop_sequences_and_seed_is_left_out(make):
     assert sent["stop_sequences"] == ["\n\nHuman:", "END"]
     assert "stop" not in sent
     assert "seed" not in sent
+
+
+INVOICE = {"type": "object", "properties": {"number": {"type": "string"}}, "required": ["number"]}
+
+
+@pytest.mark.parametrize(
+    ("system", "response_format", "said"),
+    [
+        (None, ResponseFormat("json_object"), "a JSON object"),
+        ("Be brief.", ResponseFormat("json_object"), "a JSON object"),
+        (
+            [TextPart("Be brief.")],
+            ResponseFormat("json_schema", JsonSchemaFormat("invoice", INVOICE, strict=True)),
+            json.dumps(INVOICE),
+        ),
+    ],
+    ids=["json_object", "json_object-beside-a-system-prompt", "json_schema-in-parts"],
+)
+async def test_a_json_response_format_is_said_in_the_system_prompt(
+    make, system, response_format, said
+):
+    """The Messages API has no response_format: a request for JSON (OpenAI's json_schema
+    gives the model the schema) fell back to Claude without a word of it, so its answer, in
+    prose or in keys of its own choosing, failed the dispatcher's check: the fallback could
+    not serve. The system prompt now asks for it, after the client's own."""
+    server = Server(body={**MESSAGE, "content": [{"type": "text", "text": '{"number": "7"}'}]})
+    chat = [ChatMessage("user", "Extract the invoice number: INV 7")]
+    if system is not None:
+        chat.insert(0, ChatMessage("system", system))
+    await make(server).complete(request(*chat, response_format=response_format), timeout_s=5)
+    sent = server.sent_json()["system"]
+    text = sent if isinstance(sent, str) else "\n\n".join(block["text"] for block in sent)
+    assert said in text and "JSON" in text
+    if system is not None:
+        assert text.startswith("Be brief.")
+
+
+async def test_a_text_or_regex_response_format_adds_nothing_to_the_system_prompt(make):
+    for response_format in (ResponseFormat("text"), ResponseFormat("regex", pattern=r"\d+")):
+        server = Server()
+        await make(server).complete(request(response_format=response_format), timeout_s=5)
+        assert "system" not in server.sent_json()
 
 
 async def test_top_p_is_sent_only_without_a_temperature_as_newer_models_refuse_both(make):

@@ -52,6 +52,7 @@ from schemas.wire import (
     ImagePart,
     NamedTool,
     Part,
+    ResponseFormat,
     TextPart,
     TokenCount,
     Tool,
@@ -149,7 +150,7 @@ def messages_body(
         "max_tokens": request.max_tokens if request.max_tokens is not None else default_max_tokens,
         "messages": turns,
     }
-    system = _system(request.messages)
+    system = _with_format(_system(request.messages), request.response_format)
     if system:
         body["system"] = system
     if request.temperature is not None:
@@ -166,9 +167,27 @@ def messages_body(
     if stops:
         body["stop_sequences"] = stops
     body.update(_tool_fields(request))
-    # response_format has no Messages API equivalent: the dispatcher checks the answer instead.
-    # Nor has seed: the API cannot make an answer repeatable, so it is left out.
+    # seed has no Messages API equivalent: the API cannot make an answer repeatable, so it is
+    # left out. Nor has response_format: it is said in the system prompt (_with_format).
     return body, stripped
+
+
+def _with_format(
+    system: str | list[dict[str, Any]], response_format: ResponseFormat | None
+) -> str | list[dict[str, Any]]:
+    """The system prompt, and after it what a JSON response_format asks: the Messages API has
+    no such field, and a model not told (of the schema, which OpenAI's json_schema gives its
+    model) answered in prose or in keys of its own, which the dispatcher's check fails."""
+    if response_format is None or response_format.type not in ("json_object", "json_schema"):
+        return system
+    asked = "Your text answer must be only a JSON object, without any other text"
+    spec = response_format.json_schema
+    if response_format.type == "json_schema" and spec is not None:
+        schema = json.dumps(spec.schema, ensure_ascii=False)
+        asked += f", valid against this JSON Schema ({spec.name}): {schema}"
+    if isinstance(system, list):
+        return [*system, {"type": "text", "text": asked + "."}]
+    return f"{system}\n\n{asked}." if system else asked + "."
 
 
 def _system(messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
