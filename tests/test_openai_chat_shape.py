@@ -302,6 +302,20 @@ async def test_a_regex_response_format_is_lifelines_own_check_and_not_sent(make)
     assert "response_format" not in body
 
 
+async def test_json_object_without_the_word_json_in_the_messages_asks_for_it(make):
+    """OpenAI refuses json_object unless a message says "JSON" (400 "'messages' must contain
+    the word 'json' in some form"), and documents that a model not told may write whitespace
+    until max_tokens: `lifeline ask --json-output "List three colours"` failed on every OpenAI
+    and Azure target. A system message asking for it follows the client's own."""
+    chat = [ChatMessage("system", "Be brief."), ChatMessage("user", "List three colours")]
+    body = await sent(make, messages=chat, response_format=ResponseFormat("json_object"))
+    assert [m["role"] for m in body["messages"]] == ["system", "system", "user"]
+    assert "JSON" in body["messages"][1]["content"]
+    said = [ChatMessage("user", "List three colours, as json")]
+    body = await sent(make, messages=said, response_format=ResponseFormat("json_object"))
+    assert body["messages"] == [{"role": "user", "content": "List three colours, as json"}]
+
+
 async def test_a_json_schema_response_format_is_still_sent(make):
     schema = JsonSchemaFormat("weather", {"type": "object"}, strict=True)
     body = await sent(make, response_format=ResponseFormat("json_schema", json_schema=schema))

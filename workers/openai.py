@@ -119,7 +119,21 @@ def chat_body(
     # json_object / json_schema, OpenAI's own shape; "regex" is Lifeline's check, not OpenAI's.
     if request.response_format is not None and request.response_format.type != "regex":
         body["response_format"] = msgspec.to_builtins(request.response_format)
+        if request.response_format.type == "json_object" and not _says_json(request.messages):
+            _ask_for_json(body["messages"])
     return body | _tool_options(request)
+
+
+def _says_json(messages: Iterable[ChatMessage]) -> bool:
+    return any("json" in message.text.lower() for message in messages)
+
+
+def _ask_for_json(messages: list[dict[str, Any]]) -> None:
+    """OpenAI refuses json_object unless a message says "JSON" (400 "'messages' must contain
+    the word 'json'"), and documents that a model not told may write whitespace to max_tokens:
+    a system message asks for it, after the client's own."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    messages.insert(first, {"role": "system", "content": "Answer with a JSON object."})
 
 
 def chat_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
