@@ -60,11 +60,13 @@ class TextPart(Struct, frozen=True, tag_field="type", tag="text"):
 
 
 class ImagePart(Struct, frozen=True, tag_field="type", tag="image", omit_defaults=True):
-    """An image by URL, or inline as base64 `data` with its `media_type` (image/png, ...)."""
+    """An image by URL, or inline as base64 `data` with its `media_type` (image/png, ...);
+    `detail` is OpenAI's resolution hint (providers without one ignore it)."""
 
     url: str | None = None
     data: str | None = None
     media_type: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.data is None):

@@ -444,12 +444,15 @@ def _part(part: dict[str, Any], where: str) -> Part:
         url = image.get("url") if isinstance(image, dict) else image
         if not isinstance(url, str):
             raise _bad("an image_url part needs image_url.url", f"{where}.image_url")
+        detail = image.get("detail") if isinstance(image, dict) else None
+        if detail not in (None, "auto", "low", "high"):
+            raise _bad('image_url.detail is "auto", "low" or "high"', f"{where}.image_url.detail")
         if not url.startswith("data:"):
-            return ImagePart(url=url)
+            return ImagePart(url=url, detail=detail)
         match = DATA_URL.fullmatch(url)
         if match is None or not match["type"].startswith("image/"):
             raise _bad("an image data URL must be data:image/<type>;base64,...", where)
-        return ImagePart(data=match["data"], media_type=match["type"])
+        return ImagePart(data=match["data"], media_type=match["type"], detail=detail)
     raise _bad(f"content part type {kind!r} is not supported (text, image_url)", f"{where}.type")
 
 

@@ -45,7 +45,7 @@ from schemas.wire import Attempt, CompletionReply, ErrorInfo, NamedTool, encoder
 from service.app import Stack, connect, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
-from service.gateway import ChatRequest, Gateway, Models, _Message, translate
+from service.gateway import ChatRequest, Gateway, HTTPError, Models, _Message, translate
 from service.probes import component_state
 from service.telemetry import Tracing
 
@@ -352,6 +352,22 @@ async def test_the_whole_chat_request_reaches_the_provider_translated(shared):
         ChatRequest("default", [_Message("user", "hi")], tool_choice=named), "r1", None, None
     )
     assert request.tool_choice == NamedTool("get_weather")
+
+
+def test_an_images_detail_is_carried_and_an_unknown_one_refused():
+    def part(image_url: dict[str, Any]) -> Any:
+        content = [{"type": "image_url", "image_url": image_url}]
+        request, _ = translate(
+            ChatRequest("default", [_Message("user", content)]), "r1", None, None
+        )
+        return request.messages[0].content[0]
+
+    assert part({"url": "https://example.com/a.png", "detail": "low"}).detail == "low"
+    assert part({"url": "data:image/png;base64,iVBORw0K", "detail": "high"}).detail == "high"
+    assert part({"url": "https://example.com/a.png"}).detail is None
+    with pytest.raises(HTTPError) as refused:
+        part({"url": "https://example.com/a.png", "detail": "tiny"})
+    assert refused.value.param == "messages[0].content[0].image_url.detail"
 
 
 @shared_loop

@@ -255,6 +255,17 @@ async def test_images_in_a_message_openai_takes_none_in_follow_it_as_a_user_mess
     ]
 
 
+async def test_an_images_detail_reaches_openai(make):
+    """OpenAI's image_url.detail ("low": 85 tokens an image, not up to some 1,100 in high
+    detail) was dropped, and every image was read, and billed, at the model's default."""
+    low, plain = ImagePart(url=IMAGE_URL, detail="low"), ImagePart(data=PNG, media_type="image/png")
+    body = await sent(make, messages=[ChatMessage("user", [low, plain])])
+    assert body["messages"][0]["content"] == [
+        {"type": "image_url", "image_url": {"url": IMAGE_URL, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+    ]
+
+
 async def test_the_streamed_request_carries_the_same_messages_and_tools(make):
     server = events_server(text_chunks(["Sunny."]))
     await answer_of(make(server).stream(request(CONVERSATION, tools=TOOLS), timeout_s=5))

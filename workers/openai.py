@@ -185,7 +185,8 @@ def _part(part: Part) -> dict[str, Any]:
         return {"type": "text", "text": part.text}
     # An inline image goes as a data URL, the one form image_url takes besides a link.
     url = part.url if part.url is not None else f"data:{part.media_type};base64,{part.data}"
-    return {"type": "image_url", "image_url": {"url": url}}
+    image = {"url": url} if part.detail is None else {"url": url, "detail": part.detail}
+    return {"type": "image_url", "image_url": image}
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
