@@ -464,6 +464,24 @@ async def test_assistant_tool_call_arguments_that_are_no_object_are_a_bad_reques
     assert server.requests == []  # refused before any call
 
 
+@pytest.mark.parametrize("arguments", ["", " ", "\n"])
+async def test_an_earlier_call_with_empty_arguments_is_sent_with_an_empty_input(make, arguments):
+    """Several OpenAI-compatible servers call a tool without parameters with arguments "",
+    and OpenAI takes the call back so in the history: falling back to Claude, such a
+    conversation failed as a bad_request before any call, though it means no arguments (as
+    Lifeline reads such an answer: "{}")."""
+    server = Server()
+    call = ToolCall("call_1", "get_time", arguments)
+    chat = request(
+        ChatMessage("user", "Time?"),
+        ChatMessage("assistant", None, tool_calls=[call]),
+        ChatMessage("tool", "12:00", tool_call_id="call_1"),
+    )
+    await make(server).complete(chat, timeout_s=5)
+    [use] = server.sent_json()["messages"][1]["content"]
+    assert use == {"type": "tool_use", "id": "call_1", "name": "get_time", "input": {}}
+
+
 # ---- the answer -----------------------------------------------------------------------
 
 

@@ -406,10 +406,13 @@ def _sniffed(data: str) -> str | None:
 def _tool_use(call: ToolCall) -> dict[str, Any]:
     """An earlier tool call of the assistant's. The API takes its input as an object, not as
     the encoded JSON OpenAI's wire carries: arguments that do not decode to one are the
-    client's mistake, named by the call's id (the arguments are the client's data, not quoted)."""
+    client's mistake, named by the call's id (the arguments are the client's data, not quoted).
+    Arguments of only whitespace, or none, are no arguments: several OpenAI-compatible servers
+    call a tool without parameters so, OpenAI takes the call back so, and Lifeline reads such
+    an answer as "{}"."""
     try:  # msgspec refuses what json.loads lets by (NaN, 1e400, a lone surrogate), which the
         # body's encoding then failed on: a server_error, charged to the provider's breaker
-        arguments = msgspec.json.decode(call.arguments)
+        arguments = msgspec.json.decode(call.arguments) if call.arguments.strip() else {}
     except (msgspec.DecodeError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
