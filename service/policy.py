@@ -105,6 +105,8 @@ class Needs(NamedTuple):
     # prompt; drop = ["tools"] leaves their definitions out). None: the request's own
     # estimate serves every target.
     shaped_tokens: Callable[[Template | None, bool], int] | None = None
+    # tool_choice is "required" or names a tool: a target sent no tools cannot answer it.
+    tool_call: bool = False
 
 
 class ChainResult(msgspec.Struct, frozen=True):
@@ -282,6 +284,8 @@ def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
         )
     if needs.tools and not target.tools:
         return "tools", f"the request offers tools; {target.name} sets tools = false"
+    if needs.tool_call and target.shaping is not None and "tools" in target.shaping.drop:
+        return "tools", f"the request requires a tool call; {target.name} drops tools"
     if needs.images and not target.vision:
         return "vision", f"the request has images; {target.name} sets vision = false"
     return None

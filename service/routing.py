@@ -36,6 +36,7 @@ from schemas.wire import (
     UNKNOWN_ROUTE,
     ChatMessage,
     Fault,
+    NamedTool,
     TargetSpec,
     Tool,
     clipped,
@@ -342,7 +343,9 @@ class Router:
                 if self.config.templates or request.tools:  # a target's own template, or
                     # its drop = ["tools"], makes its input other than the request's
                     shaped = _ShapedEstimates(request.messages, request.tools)
-            needs = Needs(tokens, json, bool(request.tools), images, shaped)
+            choice = request.tool_choice
+            must_call = choice == "required" or isinstance(choice, NamedTool)
+            needs = Needs(tokens, json, bool(request.tools), images, shaped, must_call)
         limits = Limits(
             deadline,
             max_attempts,

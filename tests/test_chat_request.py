@@ -93,6 +93,22 @@ async def test_a_target_without_tools_is_skipped_for_a_request_with_tools(lifeli
     assert outcomes(reply) == [("textonly", "ok", None)]
 
 
+@pytest.mark.parametrize("choice", ["required", {"name": "get_weather"}], ids=["required", "named"])
+async def test_a_target_that_drops_tools_is_skipped_for_a_request_that_must_call_one(
+    lifeline, client, choice
+):
+    """drop = ["tools"] sends a target no tools, so it cannot call the one the request
+    requires: it was called (and paid) anyway, its answer sure to fail as invalid_output."""
+    providers = {"textonly": fake(), "agent": fake(tool_calls=[PARIS])}
+    dropping = {"provider": "textonly", "drop": ["tools"]}
+    await lifeline(config(providers, route(dropping, "agent")))
+    reply = await ask(client, chat(tools=[WEATHER], tool_choice=choice))
+    assert outcomes(reply) == [("textonly", "skipped", "tools"), ("agent", "ok", None)]
+    assert "tool call" in reply.attempts[0].message
+    reply = await ask(client, chat(tools=[WEATHER], tool_choice="auto"))  # it may answer in text
+    assert outcomes(reply) == [("textonly", "ok", None)]
+
+
 async def test_a_target_without_vision_is_skipped_for_a_request_with_an_image(lifeline, client):
     providers = {"blind": fake(), "seeing": fake(reply="a cat")}
     await lifeline(config(providers, route({"provider": "blind", "vision": False}, "seeing")))
