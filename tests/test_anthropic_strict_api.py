@@ -613,3 +613,33 @@ async def test_an_inline_image_of_a_type_the_api_does_not_take_fails_before_the_
     assert caught.value.kind == "bad_request"
     assert "image/heic" in caught.value.message and "image/webp" in caught.value.message
     assert claude.bodies == []
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+async def test_images_in_a_system_message_reach_claude_in_a_user_turn(provider, claude, role):
+    """The API's system prompt takes text only, and a system message's images were left out
+    without a word: Claude answered about a diagram it never saw (OpenAI's worker sends them
+    in a user message after it). They now go where the message was, as a user turn's images,
+    merged with the user's words beside them."""
+    request = chat(
+        ChatMessage(
+            role,
+            [TextPart("Answer about this diagram."), ImagePart(data=PNG, media_type="image/png")],
+        ),  # type: ignore[arg-type]
+        ChatMessage("user", "What does it show?"),
+    )
+    assert (await provider.complete(request, timeout_s=5)).content == "Hi."
+    body = claude.bodies[-1]
+    assert body["system"] == [{"type": "text", "text": "Answer about this diagram."}]
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                },
+                {"type": "text", "text": "What does it show?"},
+            ],
+        }
+    ]

@@ -193,8 +193,9 @@ def _with_format(
 def _system(messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
     """The system and developer messages as the API's `system`: their strings joined by blank
     lines, or, when one came in parts, a text block per part (the API's long form: parts stay
-    apart as sent; images have no place there). A message or part of only whitespace is left
-    out: the API refuses a system text block without other text, even beside others."""
+    apart as sent; images have no place there: see _turns). A message or part of only
+    whitespace is left out: the API refuses a system text block without other text, even
+    beside others."""
     own = [m for m in messages if m.role in _SYSTEM_ROLES]
     if all(m.content is None or isinstance(m.content, str) for m in own):
         return "\n\n".join(m.content for m in own if m.content and m.content.strip())
@@ -215,14 +216,21 @@ def _turns(messages: Sequence[ChatMessage]) -> tuple[list[dict[str, Any]], str]:
     answer is a user turn's block: so consecutive messages of one resulting role (tool
     results, then the user's next words) become one turn of blocks. A conversation the
     assistant begins is sent as it begins: the API takes it (its reference no longer asks for
-    a user turn first), and a user turn made up before it would be words nobody wrote."""
+    a user turn first), and a user turn made up before it would be words nobody wrote. The
+    system prompt takes text only: a system message's images are a user turn where it was."""
     turns: list[dict[str, Any]] = []
     final = max((i for i, m in enumerate(messages) if m.role not in _SYSTEM_ROLES), default=-1)
     for index, message in enumerate(messages):
         if message.role in _SYSTEM_ROLES:
-            continue
-        role = "assistant" if message.role == "assistant" else "user"
-        content = _content(message)
+            if isinstance(message.content, str) or not message.images:
+                continue
+            role = "user"
+            content: str | list[dict[str, Any]] = [
+                _part(p) for p in message.content or () if isinstance(p, ImagePart)
+            ]
+        else:
+            role = "assistant" if message.role == "assistant" else "user"
+            content = _content(message)
         if index != final or role != "assistant":  # a prefill's whitespace is stripped below
             content = _without_blank_text(content)
         if not content and index != final:
