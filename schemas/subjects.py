@@ -182,3 +182,14 @@ def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:
 # fit nats-server's max_control_line (4 KiB by default).
 MAX_REPLY_SUBJECT_BYTES = 1024
 _NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
+
+
+# Clients and operators of a least-privilege setup (service/permissions.py) connect with inbox
+# prefix _INBOX.<user> (nats-py's inbox_prefix, --nats-inbox-prefix, [nats] inbox_prefix,
+# $NATS_INBOX_PREFIX).
+INBOX_ROOT = "_INBOX"
+
+
+def client_inbox(user: str) -> str:
+    """The inbox prefix a client or operator user connects with."""
+    return f"{INBOX_ROOT}.{user}"

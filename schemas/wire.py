@@ -241,6 +241,9 @@ WorkerKind = Annotated[str, Meta(extra_json_schema={"enum": list(ERROR_KINDS)})]
 # makes those larger than a NATS message may be.
 MAX_NAME_LENGTH = 256
 Name = Annotated[str, Meta(max_length=MAX_NAME_LENGTH)]
+# The names a config gives its routes, providers, targets and templates (service/config.py),
+# which requests and subjects carry: letters, digits, '_' and '-'. (?!\n): no "name\n".
+CONFIG_NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")
 # What a worker's failure message may carry into replies, audit events and spans: its texts
 # are untrusted input (its model name is bounded as a name).
 MAX_MESSAGE_CHARS = 1000

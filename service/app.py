@@ -347,9 +347,8 @@ async def _must_reach_its_inbox(nc: Client, options: NatsOptions, refused: list[
     if inbox is None or inbox.lower() not in refused:
         return
     await _abandon(nc, None)
-    from service.permissions import client_inbox  # only now: clients start without it
 
-    prefix = client_inbox(options.user) if options.user and options.password else None
+    prefix = subjects.client_inbox(options.user) if options.user and options.password else None
     raise NatsRefused(
         f"NATS at {options.shown} refused this connection's subscription to its inbox "
         f"({inbox.rpartition('.')[0]}.>), so no answer could reach it; nothing was sent. A "

@@ -31,7 +31,7 @@ from msgspec import Meta, Struct
 
 from schemas.deadline import MIN_CALL_S
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
-from schemas.wire import DROPPABLE, MAX_NAME_LENGTH, OnMidstream, TargetSpec
+from schemas.wire import CONFIG_NAME, DROPPABLE, OnMidstream, TargetSpec
 from service.health import SLOT_S, BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import Template
@@ -40,7 +40,7 @@ from workers.settings import ProviderSettings
 
 # Provider and route names become NATS subject tokens (a subscription's line, with its
 # queue group, must fit nats-server's 4 KiB protocol line) and come back in every reply.
-_NAME = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}(?!\n)$")  # (?!\n): no "name\n"
+_NAME = CONFIG_NAME  # the wire's rule: the conformance kit checks a name by it too
 
 # Durations are finite, and ones JetStream takes (it counts them in int64 nanoseconds, which
 # end at about 292 years). A year is more than any of these needs.

@@ -106,6 +106,7 @@ from nats.aio.msg import Msg
 from schemas import ChatMessage, ProviderFailure, ProviderOk, ProviderRequest, subjects
 from schemas.errors import ERROR_KINDS, classify_status
 from schemas.wire import (
+    CONFIG_NAME,
     ImagePart,
     TextPart,
     Tool,
@@ -114,7 +115,6 @@ from schemas.wire import (
     provider_reply_decoder,
     tool_call_delta_decoder,
 )
-from service.config import _NAME as PROVIDER_NAME  # the config's own rule for the name
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 
@@ -391,7 +391,7 @@ async def check_worker(
 def provider_problem(provider: str) -> str | None:
     """Why `provider` names no provider a config could hold, or None. The name makes the
     subject and the queue group: a dot, a space or a wildcard would make others."""
-    if PROVIDER_NAME.match(provider):
+    if CONFIG_NAME.match(provider):  # the config's own rule for the name
         return None
     return f"the provider name {provider!r} is not 1 to 256 letters, digits, '_' and '-'"
 

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from schemas import subjects
+from schemas.subjects import INBOX_ROOT, client_inbox
 from service.config import Config
 from service.embedded import MAX_PENDING
 
@@ -54,10 +55,8 @@ WORKER_USER_PREFIX = "worker-"
 DEFAULT_CLIENTS = ("client",)
 DEFAULT_OPERATORS = ("operator",)
 
-# Clients and operators connect with inbox prefix _INBOX.<user> (nats-py's inbox_prefix,
-# --nats-inbox-prefix, [nats] inbox_prefix, $NATS_INBOX_PREFIX): each may subscribe there
-# and nowhere else, and the dispatchers answer under _INBOX.>.
-INBOX_ROOT = "_INBOX"
+# Clients and operators connect with inbox prefix _INBOX.<user> (schemas.subjects.client_inbox):
+# each may subscribe there and nowhere else, and the dispatchers answer under _INBOX.>.
 # What a worker publishes a streaming attempt's chunks to: the Lifeline-Stream-To a dispatcher
 # sets, <its inbox prefix>.<connection id>.<attempt token>.c (service/transport.py's _Inbox).
 STREAM_CHUNKS = subjects.DISPATCHER_INBOX_PREFIX + ".*.*.c"
@@ -97,11 +96,6 @@ class User:
 
 def password_env(user: str) -> str:
     return "LIFELINE_" + re.sub(r"[^A-Za-z0-9]", "_", user).upper() + "_PASSWORD"
-
-
-def client_inbox(user: str) -> str:
-    """The inbox prefix a client or operator user connects with."""
-    return f"{INBOX_ROOT}.{user}"
 
 
 def worker_user(provider: str) -> str:
