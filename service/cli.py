@@ -707,7 +707,10 @@ def _config_arg(parser: argparse.ArgumentParser, client: bool = False) -> None:
             f"command uses (default: ./{DEFAULT_CONFIG} if there, else the defaults)"
         )
     else:
-        what = f"TOML config file (default: ./{DEFAULT_CONFIG}, else the example installed with Lifeline)"
+        what = (
+            f"TOML config file (default: ./{DEFAULT_CONFIG}, else the example installed with "
+            "Lifeline)"
+        )
     parser.add_argument("--config", metavar="FILE", help=what)
 
 
@@ -2113,7 +2116,8 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
                     else "continuing from here"
                 )
                 print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
-                    f"{_line_end(printed)}[reset: attempt {reset.attempt} failed with {reset.error.type} "
+                    f"{_line_end(printed)}[reset: attempt {reset.attempt} failed with "
+                    f"{reset.error.type} "
                     f"({what}){': ' + _struck(voided) if voided else ''}]",
                     file=sys.stderr,
                     flush=True,

@@ -25,9 +25,9 @@ on `overloaded` and `shutting_down` after 1-2x its retry_after_s, within the req
 timeout). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server, or one refusing the connection its inbox), NoDispatcher (nobody
 on llm.complete), NoAnswer (no reply within the request's timeout and a grace: a TimeoutError
-too), RequestTooLarge (over the server's max_payload), JobsUnavailable (no JetStream). A stream also raises StreamGap when an event went
-missing and StreamProtocolError on a message that is not an event (LifelineErrors too, and
-subclasses of schemas/streaming.py's own).
+too), RequestTooLarge (over the server's max_payload), JobsUnavailable (no JetStream). A
+stream also raises StreamGap when an event went missing and StreamProtocolError on a message
+that is not an event (LifelineErrors too, and subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
 before anything is sent. ReplyError(reply) raises an error reply, as the integrations do, as
 the class of what a resend can do about it (RequestRefused, Unavailable, DeadlineExceeded).
@@ -340,9 +340,10 @@ class Lifeline:
 
         Raises Unreachable when no server answers (every server refused once, or none within
         connect_timeout_s) or when the server refuses the connection its inbox (a
-        least-privilege user without its inbox_prefix: no answer could reach it), NatsOptionError (a ValueError) on conflicting options or an
-        unreadable file. Once connected, the connection reconnects for as long as it takes
-        (requests meanwhile wait, then raise NoAnswer)."""
+        least-privilege user without its inbox_prefix: no answer could reach it), NatsOptionError
+        (a ValueError) on conflicting options or an unreadable file. Once connected, the
+        connection reconnects for as long as it takes (requests meanwhile wait, then raise
+        NoAnswer)."""
         unknown = set(options) - set(natsopts.ENV)
         if unknown:
             raise TypeError(

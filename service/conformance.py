@@ -744,7 +744,10 @@ def request_body(text: str) -> bytes:
 
 
 # A 1x1 PNG, inline, for the whole chat request below.
-PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5Er"
+    "kJggg=="
+)
 WEATHER = Tool(
     "get_weather",
     "The weather in a city",

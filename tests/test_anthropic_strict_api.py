@@ -106,7 +106,8 @@ IMAGE_TYPES = {
 
 def image_refusal(source: dict[str, Any]) -> str | None:
     """A base64 source's media_type is one of the four the API takes, and what its bytes are
-    (https://github.com/BerriAI/litellm/issues/24900, https://github.com/BoundaryML/baml/issues/1292)."""
+    (https://github.com/BerriAI/litellm/issues/24900,
+    https://github.com/BoundaryML/baml/issues/1292)."""
     if source["type"] != "base64":
         return None
     declared = source["media_type"]

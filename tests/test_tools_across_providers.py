@@ -297,7 +297,8 @@ async def test_a_tool_call_a_compatible_server_gave_no_id_can_still_be_answered(
 
 def openai_refusal(body: dict[str, Any]) -> str | None:
     """OpenAI's answer to a tool call id over 40 characters (code string_above_max_length):
-    https://github.com/agno-agi/agno/issues/5382, https://github.com/langmanus/langmanus/issues/119."""
+    https://github.com/agno-agi/agno/issues/5382,
+    https://github.com/langmanus/langmanus/issues/119."""
     for i, message in enumerate(body["messages"]):
         for j, call in enumerate(message.get("tool_calls") or ()):
             if len(call["id"]) > 40:
