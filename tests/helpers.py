@@ -318,15 +318,20 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_lifeline(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 30
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 30,
+    cwd: str | os.PathLike[str] = ROOT,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`lifeline <args>` to its end, its output captured."""
+    """`lifeline <args>` to its end (in `cwd`, fed `input`), its output captured."""
     return subprocess.run(
         [*LIFELINE, *args],
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        cwd=ROOT,
+        cwd=cwd,
         env=env or cli_env(),
         check=False,  # the caller reads returncode: many tests expect a failure
     )

@@ -334,16 +334,7 @@ def test_a_job_that_fits_max_payload_only_without_its_headers_is_refused_at_once
     with EmbeddedNats(port=-1, conf="max_payload: 65536") as server:
         around = len(encoder.encode(CompletionRequest([ChatMessage("user", "x")], id="big"))) - 1
         prompt = "x" * (65536 - around - 5)  # 5 bytes under max_payload, 25 over with headers
-        refused = subprocess.run(
-            [*LIFELINE, "submit", "--nats-url", server.url, "--id", "big", "-"],
-            input=prompt,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-            env=cli_env(),
-            check=False,
-        )
+        refused = run_lifeline("submit", "--nats-url", server.url, "--id", "big", "-", input=prompt)
     assert refused.returncode == 2  # the prompt is the user's to shorten
     assert "with its headers, over the NATS server's max_payload of 65536" in refused.stderr
 

@@ -14,7 +14,16 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from helpers import LIFELINE, cli_env, config, fake, free_port, spawn_lifeline, wait_for_line
+from helpers import (
+    LIFELINE,
+    cli_env,
+    config,
+    fake,
+    free_port,
+    run_lifeline,
+    spawn_lifeline,
+    wait_for_line,
+)
 
 from schemas import subjects
 from schemas.wire import AuditEvent, CompletionReply, StreamStats
@@ -262,15 +271,8 @@ def test_a_prompt_over_max_payload_is_one_mistake_said_alike_by_every_command(
 ):
     """ask exited 1 with "shorten the prompt", ask --stream 2 without it, and submit 1 asking
     whether JetStream was on (`MaxPayloadError`) for the same 2 MB prompt."""
-    refused = subprocess.run(
-        [*LIFELINE, *command, "--nats-url", nats_url, "-"],
-        input="x" * 2_000_000,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-        env=cli_env(),
+    refused = run_lifeline(
+        *command, "--nats-url", nats_url, "-", input="x" * 2_000_000, cwd=tmp_path
     )
     assert refused.returncode == 2, refused.stderr
     said = refused.stderr
@@ -328,15 +330,7 @@ def test_an_otlp_endpoint_without_its_scheme_stops_a_service_before_it_starts(va
 def test_an_event_loop_it_does_not_know_is_a_mistake_as_a_log_level_is(tmp_path):
     """LIFELINE_EVENT_LOOP=asycnio ran on uvloop without a word, LIFELINE_LOG_LEVEL=verbose
     stopped with what it takes."""
-    refused = subprocess.run(
-        [*LIFELINE, "check-config"],
-        env=cli_env(LIFELINE_EVENT_LOOP="asycnio"),
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-        timeout=30,
-    )
+    refused = run_lifeline("check-config", env=cli_env(LIFELINE_EVENT_LOOP="asycnio"), cwd=tmp_path)
     assert refused.returncode == 2, refused
     assert refused.stderr == (
         "lifeline: LIFELINE_EVENT_LOOP='asycnio': expected asyncio, or uvloop (the default)\n"
@@ -428,15 +422,7 @@ def test_run_port_with_a_nats_url_is_a_mistake_not_ignored(tmp_path, given):
     url = "nats://127.0.0.1:1"
     flag = ["--nats-url", url] if given == "flag" else []
     env = cli_env(NATS_URL=url) if given == "variable" else cli_env()
-    refused = subprocess.run(
-        [*LIFELINE, "run", "--port", "-1", *flag],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-        timeout=30,
-    )
+    refused = run_lifeline("run", "--port", "-1", *flag, env=env, cwd=tmp_path)
     assert refused.returncode == 2, refused
     origin = "--nats-url" if given == "flag" else "$NATS_URL"
     assert refused.stderr == (

@@ -551,16 +551,10 @@ def test_a_secret_file_that_is_a_pipe_nobody_writes_to_ends_the_command(tmp_path
     assert SECRET not in err
 
 
-@pytest.mark.parametrize("name", ["creds", "nkey"])
-def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, keys, server_for):
-    """`--nats-creds <(vault read ...)`: the pipe gives its content once, but it was read to
-    check it and again to connect (nats-py at each connect), then found empty."""
-    server = server_for(method(name, keys, Path()).conf)
-    path = keys["user.creds" if name == "creds" else "user.nk"]
-    url = f"nats://{server.host}:{server.port}"
-    script = f'exec "$@" status --nats-url {url} --nats-{name} <(cat {path})'
-    ran = subprocess.run(
-        ["bash", "-c", script, "bash", *LIFELINE],
+def _in_bash(args: str) -> subprocess.CompletedProcess[str]:
+    """`lifeline <args>` run by bash, so that `<(...)` in args gives it a pipe."""
+    return subprocess.run(
+        ["bash", "-c", f'exec "$@" {args}', "bash", *LIFELINE],
         check=False,
         capture_output=True,
         text=True,
@@ -568,6 +562,16 @@ def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, ke
         cwd=ROOT,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("name", ["creds", "nkey"])
+def test_a_creds_or_nkey_file_given_as_a_pipe_is_read_once_and_connects(name, keys, server_for):
+    """`--nats-creds <(vault read ...)`: the pipe gives its content once, but it was read to
+    check it and again to connect (nats-py at each connect), then found empty."""
+    server = server_for(method(name, keys, Path()).conf)
+    path = keys["user.creds" if name == "creds" else "user.nk"]
+    url = f"nats://{server.host}:{server.port}"
+    ran = _in_bash(f"status --nats-url {url} --nats-{name} <(cat {path})")
     # Connected and authenticated: it found no dispatcher's health there (none runs)
     assert "no dispatcher has shared its health there yet" in ran.stderr, ran.stderr
     assert "/dev/fd/" not in ran.stderr, ran.stderr
@@ -577,16 +581,7 @@ def test_a_tls_file_given_as_a_pipe_is_refused_saying_so(keys):
     """ssl opens the CA, certificate and key files by name, after the check read the pipe:
     it found it empty and said 'no PEM certificate' of a good one."""
     url = f"tls://127.0.0.1:{free_port()}"
-    script = f'exec "$@" status --nats-url {url} --nats-ca <(cat {keys["ca.pem"]})'
-    ran = subprocess.run(
-        ["bash", "-c", script, "bash", *LIFELINE],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+    ran = _in_bash(f"status --nats-url {url} --nats-ca <(cat {keys['ca.pem']})")
     assert ran.returncode == 2, ran.stderr
     assert ran.stderr.strip().endswith(
         ": a pipe, which TLS cannot read (it opens the file by its name); give a file"
