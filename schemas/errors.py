@@ -215,6 +215,7 @@ SKIP_REASONS = (
 #   deadline       the wait before the retry would end after the request's deadline
 #   circuit_open   the target's breaker is not closed (this failure may have opened it)
 #   hedge_lost     a hedged attempt's rival answered first; this one was cancelled at its worker
+#                  (on an `ok` attempt: both answered in the same turn, the rival was served)
 #   aborted, shutting_down   still running when its request was aborted or cut short at
 #                  shutdown (the request's error type); cancelled at its worker
 RETRY_BUDGET = "retry_budget"

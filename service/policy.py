@@ -786,8 +786,9 @@ class _Run:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             # Both calls may have ended in the same turns: the one that owns the output (its
             # text is the client's) wins whatever the other answered, then a good answer wins
-            # over a failure that would settle the race.
-            for task in sorted(done, key=_precedence):
+            # over a failure that would settle the race, then the call the hedge raced (what
+            # would have answered without it) over the hedge.
+            for task in sorted(done, key=lambda task: (_precedence(task), running[task].hedge)):
                 call = running.pop(task)
                 reply = task.result()
                 if isinstance(reply, Started):
@@ -851,17 +852,21 @@ class _Run:
         self, running: dict[asyncio.Future[ProviderReply | Started], _Running], hedge: bool
     ) -> tuple[Attempt, ...]:
         """Cancel the calls still running in a race (their workers abort them); their attempts.
-        A call that failed in the same turns as the one that settled the race lost nothing: it
-        is the failure it is, for the attempts, its breaker and pass_failures."""
+        A call that ended in the same turns as the one that settled the race was not cut short:
+        a failure is the failure it is, for the attempts, its breaker and pass_failures; a good
+        answer is an `ok` attempt that lost the race (its target answered, and was paid)."""
         lost = []
         for task, call in running.items():
             t = call.target
-            failure = _result(task) if task.done() else None
-            if isinstance(failure, ProviderFailure):
-                ended = self.finish(t, failure, call.started, call.timeout_s)
-                self._failed_call(failure)
+            reply = _result(task) if task.done() else None
+            if isinstance(reply, (ProviderOk, ProviderFailure)):
+                ended = self.finish(t, reply, call.started, call.timeout_s)
                 ended = msgspec.structs.replace(ended, hedge=call.hedge)
-                lost.append(_failed(ended, failure, 0, "fallback", None))
+                if isinstance(ended.reply, ProviderOk):
+                    lost.append(msgspec.structs.replace(_answered(ended), reason=HEDGE_LOST))
+                    continue
+                self._failed_call(ended.reply)
+                lost.append(_failed(ended, ended.reply, 0, "fallback", None))
                 continue
             _stop(task, HEDGE_LOST)
             self.calling.pop((id(t), call.started), None)

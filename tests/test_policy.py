@@ -895,6 +895,33 @@ async def test_a_failure_in_the_same_turn_as_the_hedges_answer_is_recorded_as_a_
     assert health.of("a", "a-model").state == OPEN
 
 
+async def test_two_answers_in_the_same_turn_serve_the_hedged_call_and_count_both_as_answers():
+    """The call and its hedge both answer in the same turn: the call the hedge raced is
+    served, every time (not whichever the set of finished calls yields first), and the other's
+    answer, paid for and good, is an `ok` attempt that lost the race, counted by its target's
+    health as an answer, not as a cancelled call."""
+    from service.health import Health
+
+    loop = asyncio.get_running_loop()
+    for _ in range(20):
+        gate = loop.create_future()  # both calls end when it opens: in the same turn
+
+        async def call(t, timeout_s, previous, gate=gate):
+            if t.name == "b":  # the hedge started
+                loop.call_later(0.01, gate.set_result, None)
+            await gate
+            return ok(content=f"from {t.name}")
+
+        health = Health()
+        limits = Limits(Deadline(time.monotonic() + 5), hedge=Hedge(after_s=0.02))
+        result = await run_chain(Chain([target("a"), target("b")]), call, limits, health=health)
+        assert result.answer is not None and result.answer.content == "from a"
+        got = [(x.target, x.outcome, x.reason, x.hedge) for x in result.attempts]
+        assert got == [("a", "ok", None, False), ("b", "ok", "hedge_lost", True)]
+        seen = health.snapshot()
+        assert [(seen[t]["ok"], seen[t]["cancelled"]) for t in sorted(seen)] == [(1, 0), (1, 0)]
+
+
 def _hedged_race(a_says: ProviderReply):
     """`call` for a chain a, b, c hedged after 10 ms: b, the hedge, fails `auth` (outside
     fallback_on) at once, and a answers `a_says` only once b's failure is in; the calls made."""
