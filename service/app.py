@@ -17,7 +17,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import nats
 from nats.aio.client import Client, ServerVersion
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lifeline")
 
+T = TypeVar("T")
+
 
 class NatsUnreachable(RuntimeError):
     pass
@@ -45,9 +47,10 @@ class NatsUnreachable(RuntimeError):
 
 class _CommandConnection(Client):
     """A client command's connection (connect(wait_for_server=False)): a request whose publish
-    the server refuses raises PublishRefused as soon as the server says so. nats-py waits out
-    the request's timeout (the server drops the message and says so only in an error), and
-    the command then blamed the dispatcher: `lifeline ask` as the operator, 32 s later."""
+    the server refuses raises PublishRefused as soon as the server says so, as does a stream
+    awaited through unless_refused (`ask --stream`). nats-py waits out the request's timeout
+    (the server drops the message and says so only in an error), and the command then blamed
+    the dispatcher: `lifeline ask` as the operator, 32 s later."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,19 +74,34 @@ class _CommandConnection(Client):
         old_style: bool = False,
         headers: dict[str, str] | None = None,
     ) -> Msg:
+        asking = super().request(subject, payload, timeout, old_style, headers)
+        return await self.unless_refused(subject, asking)
+
+    async def unless_refused(self, subject: str, work: Awaitable[T]) -> T:
+        """What `work` returns, or PublishRefused as soon as the server refuses a publish of
+        this connection's to `subject` (`work` cancelled, and waited for: what it does when
+        cancelled, an abort say, goes out before the connection closes)."""
         refusal = self._refusal(subject)
-        asking = asyncio.ensure_future(
-            super().request(subject, payload, timeout, old_style, headers)
-        )
+        doing = asyncio.ensure_future(work)
         try:
-            await asyncio.wait((asking, refusal), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((doing, refusal), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            answered = asking.done()
-            if not answered:
-                asking.cancel()
-        if answered:
-            return asking.result()
+            finished = doing.done()
+            if not finished:
+                doing.cancel()
+                await asyncio.wait((doing,))
+        if finished:
+            return doing.result()
         raise natsio.PublishRefused(f"{refusal.result()} may not publish {subject}")
+
+
+async def unless_refused(nc: Client, subject: str, work: Awaitable[T]) -> T:
+    """What `work` returns; on a client command's connection, PublishRefused as soon as the
+    server refuses its publish to `subject` (which nats-py says only to its error callback,
+    while `work` would wait for an answer that never comes)."""
+    if isinstance(nc, _CommandConnection):
+        return await nc.unless_refused(subject, work)
+    return await work
 
 
 # The NATS connections this process has made (connect() below): a serving command stopped

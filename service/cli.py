@@ -60,7 +60,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
-from schemas.streaming import Assembler
+from schemas.streaming import Assembler, Event
 from schemas.wire import (
     INVALID_REQUEST,
     MAX_ID_LENGTH,
@@ -2093,37 +2093,21 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
     """Print the answer as its deltas arrive; a reset strikes the voided text through and
     says why, then the next attempt's text follows."""
     assembler = Assembler()
-    shown: list[str] = []  # the deltas printed since the last reset
-    printed = False  # anything on stdout: a note or the end then starts a line of its own
-    try:
+    printer = _StreamPrinter()
+
+    async def print_all() -> None:
         async for event in client.stream(nc, request, assembler):
-            if event.kind == "delta":
-                shown.append(event.text)
-                printed = printed or bool(event.text)
-                print(event.text, end="", flush=True)
-            elif event.kind == "tool_call":
-                shown.append("")  # a reset's discard counts tool-call pieces too
-                if event.tool_call is not None and event.tool_call.name:
-                    printed = True
-                    print(f"[calling {event.tool_call.name}]", end="", flush=True)
-            elif event.kind == "reset" and event.reset is not None:
-                reset = event.reset
-                keep = max(len(shown) - reset.discard, 0)
-                voided, shown = "".join(shown[keep:]), shown[:keep]
-                what = (
-                    f"{_count(reset.discard, 'chunk')} voided"
-                    if reset.discard
-                    else "continuing from here"
-                )
-                print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
-                    f"{_line_end(printed)}[reset: attempt {reset.attempt} failed with "
-                    f"{reset.error.type} "
-                    f"({what}){': ' + _struck(voided) if voided else ''}]",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            printer.show(event)
+
+    try:
+        # Refused by the server (a user whose role may not publish llm.stream), the request
+        # went nowhere: said at once, not after the stream's whole timeout as a stall.
+        await app.unless_refused(nc, subjects.STREAM, print_all())
+    except natsio.PublishRefused as exc:
+        print(f"lifeline: {exc}: no dispatcher got the request", file=sys.stderr)
+        return 1
     except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
-        print(f"{_line_end(printed)}lifeline: {exc} ({redact_url(url)})", file=sys.stderr)
+        print(f"{_line_end(printer.printed)}lifeline: {exc} ({redact_url(url)})", file=sys.stderr)
         return 1
     except client.RequestTooLarge as exc:  # checked before anything is sent
         raise ValueError(f"{exc}: shorten the prompt") from None
@@ -2132,9 +2116,45 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
             await nc.close()
     reply = assembler.reply
     assert reply is not None
-    print(_line_end(printed), end="")
+    print(_line_end(printer.printed), end="")
     _print_reply(reply)
     return 0 if reply.status == "ok" else 1
+
+
+class _StreamPrinter:
+    """A stream's events as `ask --stream` prints them: text on stdout as it comes, a reset
+    on stderr with the text it voided struck through."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []  # the deltas printed since the last reset
+        self.printed = False  # anything on stdout: a note or the end then starts a line of its own
+
+    def show(self, event: Event) -> None:
+        if event.kind == "delta":
+            self.shown.append(event.text)
+            self.printed = self.printed or bool(event.text)
+            print(event.text, end="", flush=True)
+        elif event.kind == "tool_call":
+            self.shown.append("")  # a reset's discard counts tool-call pieces too
+            if event.tool_call is not None and event.tool_call.name:
+                self.printed = True
+                print(f"[calling {event.tool_call.name}]", end="", flush=True)
+        elif event.kind == "reset" and event.reset is not None:
+            reset = event.reset
+            keep = max(len(self.shown) - reset.discard, 0)
+            voided, self.shown = "".join(self.shown[keep:]), self.shown[:keep]
+            what = (
+                f"{_count(reset.discard, 'chunk')} voided"
+                if reset.discard
+                else "continuing from here"
+            )
+            print(  # a diagnostic: stderr, so `ask ... > answer.txt` keeps only text
+                f"{_line_end(self.printed)}[reset: attempt {reset.attempt} failed with "
+                f"{reset.error.type} "
+                f"({what}){': ' + _struck(voided) if voided else ''}]",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _line_end(printed: bool) -> str:

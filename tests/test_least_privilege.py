@@ -567,16 +567,21 @@ def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(
     assert "new_inbox" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("way", "subject"), [((), subjects.COMPLETE), (("--stream",), subjects.STREAM)]
+)
 def test_a_request_its_role_may_not_send_ends_at_once_naming_the_user_and_subject(
-    secured: Secured,
+    secured: Secured, way: tuple[str, ...], subject: str
 ) -> None:
-    """`lifeline ask` as the operator, who may not publish llm.complete: the server dropped
-    the request, and the command waited out its whole timeout, then said no dispatcher had
-    answered (is `lifeline run` up?)."""
-    code, _, err = finished(lifeline(secured, "operator", "ask", "hello"), timeout_s=90)
+    """`lifeline ask` as the operator, who may not publish llm.complete nor llm.stream: the
+    server dropped the request, and the command waited out its whole timeout, then said no
+    dispatcher had answered (is `lifeline run` up?), or that the stream had stalled."""
+    asked = lifeline(secured, "operator", "ask", *way, "hello")
+    code, _, err = finished(asked, timeout_s=90)
     assert code == 1, err
-    assert "NATS user operator may not publish llm.complete: no dispatcher got the request" in err
+    assert f"NATS user operator may not publish {subject}: no dispatcher got the request" in err
     assert "no answer from a dispatcher" not in err, err
+    assert "stalled" not in err, err
 
 
 def test_a_worker_with_another_roles_credentials_stops_saying_so(secured: Secured) -> None:
