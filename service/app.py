@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from service.config import Config
     from service.dispatcher import Dispatcher
     from service.telemetry import Tracing
+    from workers.base import Provider
     from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("lifeline")
@@ -730,17 +731,16 @@ def _dispatcher_publishes(config: Config) -> list[str]:
     return audit + [subjects.provider_subject(name) for name in config.providers]
 
 
-async def start_worker(
-    config: Config, name: str, url: NatsOptions | str, tracers: Tracing
-) -> tuple[Component, WorkerRuntime]:
+def make_provider(config: Config, name: str) -> Provider:
+    """The provider a worker of `name` calls, made now (a plug-in's model class too): raises
+    ValueError naming the config key at fault, a missing API key, or a model class that does
+    not load or cannot be made."""
     from workers import testmode
     from workers.base import HttpProvider
     from workers.registry import build_provider
-    from workers.runtime import WorkerRuntime
     from workers.scrubbing import Scrubber
 
     settings = config.providers[name]
-    # Fails here, before connecting, on a missing API key or a plug-in that does not load.
     provider = build_provider(settings, name)
     logs.hide(Scrubber(getattr(provider, "secrets", ())))  # from its log lines too
     if testmode.enabled():  # the conformance kit's workers: lifeline-test: directives obeyed
@@ -748,8 +748,47 @@ async def start_worker(
         log.warning("worker %s in test mode (%s=1)", name, testmode.TEST_MODE_ENV)
     if isinstance(provider, HttpProvider):
         _warn_of_few_files(name, settings.max_in_flight)
+    return provider
+
+
+async def make_providers(config: Config, names: Sequence[str]) -> dict[str, Provider]:
+    """make_provider for each of `names`; those made are closed when one cannot be."""
+    made: dict[str, Provider] = {}
+    try:
+        for name in names:
+            made[name] = make_provider(config, name)
+    except BaseException:
+        await close_providers(made)
+        raise
+    return made
+
+
+async def close_providers(providers: dict[str, Provider]) -> None:
+    """Close providers no worker has taken (a worker's stop closes its own)."""
+    for provider in providers.values():
+        await provider.aclose()
+
+
+async def start_worker(
+    config: Config,
+    name: str,
+    url: NatsOptions | str,
+    tracers: Tracing,
+    provider: Provider | None = None,
+) -> tuple[Component, WorkerRuntime]:
+    """A worker of provider `name`, serving `provider` (made by make_provider) or one made
+    now, before connecting; the provider is the worker's from the call on, closed with it."""
+    from workers.runtime import WorkerRuntime
+
+    settings = config.providers[name]
+    # Fails here, before connecting, on a missing API key or a plug-in that does not load.
+    provider = make_provider(config, name) if provider is None else provider
     watch = ConnectionWatch(f"worker {name}")
-    nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
+    try:
+        nc = await connect(url, f"lifeline-worker-{name}", watch=watch)
+    except BaseException:  # refused, or stopped while it waited for its NATS server
+        await provider.aclose()
+        raise
     runtime = WorkerRuntime(
         name=name,
         kind=settings.kind,
@@ -838,16 +877,24 @@ async def start_stack(
     tracers: Tracing,
     workers: list[str] | None = None,
     meters: MeterProvider | None = None,
+    providers: dict[str, Provider] | None = None,
 ) -> Stack:
-    """One dispatcher and one worker per provider (or per name in `workers`)."""
+    """One dispatcher and one worker per provider (or per name in `workers`), each serving
+    its provider of `providers` (make_providers) or one made as it starts. The stack takes
+    `providers` over: those it did not start are closed when it cannot start."""
     stack = Stack()
+    left = dict(providers or {})  # made, and not yet a worker's
     try:
         for name in config.providers if workers is None else workers:
-            component, stack.workers[name] = await start_worker(config, name, url, tracers)
+            provider = left.pop(name, None)
+            component, stack.workers[name] = await start_worker(
+                config, name, url, tracers, provider
+            )
             stack.components.append(component)
         component, stack.dispatcher = await start_dispatcher(config, url, tracers, meters)
         stack.components.append(component)
     except BaseException:
         await stack.stop()
+        await close_providers(left)
         raise
     return stack

@@ -82,7 +82,9 @@ from service.app import (
     NatsRefused,
     NatsUnreachable,
     Stack,
+    close_providers,
     connect,
+    make_providers,
     must_be_allowed_to_publish,
     must_have_subscribed,
     start_dispatcher,
@@ -1175,7 +1177,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from service import telemetry
 
     config = _load_config(_config_path(args))
-    _require_worker_inputs(config)
     # Telemetry settings are checked before anything starts: a bad OTEL_* variable stops here.
     tracers = telemetry.tracer_provider_from_env("lifeline")
     meters = telemetry.meter_provider_from_env("lifeline")
@@ -1185,15 +1186,23 @@ async def cmd_run(args: argparse.Namespace) -> int:
             f"--port {args.port} is for an embedded NATS server, and none starts: "
             f"{nats_opts.where('url')} names {nats_opts.shown}; drop one of them"
         )
+    # Every provider made next, a plug-in's model with it (made once: the workers take them),
+    # so that a missing API key or a model that cannot be made stops `run` (exit 2) before
+    # anything starts, its embedded NATS included.
+    providers = await make_providers(config, list(config.providers))
     server = None
     if not nats_opts.servers:
-        server, url = _start_embedded(4222 if args.port is None else args.port)
+        try:
+            server, url = _start_embedded(4222 if args.port is None else args.port)
+        except BaseException:
+            await close_providers(providers)
+            raise
         nats_opts = dataclasses.replace(nats_opts, servers=url)
     lost = None
     stack: Stack | None = None
     probes = None
     try:
-        stack = await start_stack(config, nats_opts, tracers, meters=meters)
+        stack = await start_stack(config, nats_opts, tracers, meters=meters, providers=providers)
         probes = await _start_probes(stack.components, args.health_port)
         await _run_gateway(stack, config, nats_opts, args)
         # Connected before "ready" is printed: everything that connects has, by then.
@@ -1210,26 +1219,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
             server.stop()
     print("stopped")
     return 0 if lost is None else 1
-
-
-def _require_worker_inputs(config: Config) -> None:
-    """The built-in providers' API keys, as their workers will read them, and the plug-ins'
-    classes, imported with their settings checked (not made: that is their workers' to do
-    once): a missing one stops `run` (exit 2) before its embedded NATS starts, rather than
-    just after."""
-    from workers import plugin
-    from workers.base import require_api_key
-
-    for name, settings in config.providers.items():
-        if isinstance(settings, plugin.PluginSettings):
-            plugin.load(settings, f"providers.{name}")  # its ValueError names the key
-            continue
-        key_env = getattr(settings, "api_key_env", None)
-        if key_env:
-            try:
-                require_api_key(os.environ, key_env)
-            except ValueError as exc:  # named as build_provider names it
-                raise ValueError(f"providers.{name}: {exc}") from None
 
 
 def _start_embedded(port: int) -> tuple[EmbeddedNats, str]:

@@ -552,3 +552,25 @@ class KeyInSettingsInitRaises(Model):
 
     def call(self, request: ProviderRequest) -> str:
         return "never"
+
+
+class Recorded(Model):
+    """Writes "made" when made and "closed" when closed to the file its settings name: how many
+    times `lifeline run` made it, and whether it closed it."""
+
+    class Settings(msgspec.Struct, forbid_unknown_fields=True):
+        record: str
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self._write("made")
+
+    def _write(self, what: str) -> None:
+        with open(self.settings.record, "a", encoding="utf-8") as record:
+            record.write(what + "\n")
+
+    def call(self, request: ProviderRequest) -> str:
+        return "recorded"
+
+    def close(self) -> None:
+        self._write("closed")

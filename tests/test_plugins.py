@@ -318,6 +318,44 @@ def test_a_model_class_that_cannot_be_made_is_named_without_the_key_it_declares(
         assert key not in result.stdout + result.stderr
 
 
+def test_run_refuses_a_model_class_that_cannot_be_made_before_anything_starts(tmp_path):
+    """Its embedded NATS said it was listening, then the model's error came: the models were
+    made by the workers, after the server had started."""
+    path = write_config(tmp_path / "bad.toml", config({"mine": python("InitRaises")}))
+    args = ("run", "--config", str(path), "--port", "-1", "--no-gateway")
+    result = run_lifeline(*args, env=_env_with_tests())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "providers.mine: plugin_models:InitRaises could not be made (RuntimeError: weights" in (
+        result.stderr
+    )
+    assert "embedded NATS" not in result.stdout + result.stderr, result.stdout
+
+
+def test_run_makes_each_model_once_and_closes_it_when_another_cannot_be_made(tmp_path):
+    record = tmp_path / "record.txt"
+    good = python("Recorded", settings={"record": str(record)})
+    path = write_config(tmp_path / "bad.toml", config({"good": good, "bad": python("InitRaises")}))
+    args = ("run", "--config", str(path), "--port", "-1", "--no-gateway")
+    result = run_lifeline(*args, env=_env_with_tests())
+    assert result.returncode == 2, result.stderr
+    assert record.read_text().split() == ["made", "closed"], result.stderr
+
+
+def test_run_makes_each_model_once_and_closes_it_when_it_stops(tmp_path):
+    record = tmp_path / "record.txt"
+    good = python("Recorded", settings={"record": str(record)})
+    path = write_config(tmp_path / "good.toml", config({"good": good}))
+    args = ["run", "--config", str(path), "--port", "-1", "--no-gateway", "--quiet"]
+    run = LifelineProcess(args, tmp_path / "run.log", env=_env_with_tests())
+    try:
+        run.wait_for_log("dispatcher ready")
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(timeout=30) == 0, run.log()
+    finally:
+        run.stop()
+    assert record.read_text().split() == ["made", "closed"], run.log()
+
+
 def test_a_worker_whose_model_does_not_load_stops_before_connecting(tmp_path):
     table = python("WithSettings", settings={"temperature": "warm"})
     path = write_config(tmp_path / "bad.toml", config({"mine": table}))
