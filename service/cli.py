@@ -1169,7 +1169,7 @@ def _load_config(path: str) -> Config:
 
     config = load_config(path)
     for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        logs.warn(warning)
     return config
 
 
@@ -2671,11 +2671,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
         key_env = getattr(settings, "api_key_env", "")
         # Valid, but its worker would not start (it strips a key: workers/base.py).
         if key_env and not os.environ.get(key_env, "").strip():
-            print(
-                f"warning: providers.{name}: {shown_env_name(key_env)} is not set here; "
-                "`lifeline worker "
-                f"{name}` (and `lifeline run`) need it where they run",
-                file=sys.stderr,
+            logs.warn(
+                f"providers.{name}: {shown_env_name(key_env)} is not set here; `lifeline "
+                f"worker {name}` (and `lifeline run`) need it where they run"
             )
     print(f"{path}: OK")
     _describe(config)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -159,6 +160,21 @@ class Repeats(logging.Filter):
         return False
 
 
+_json = False  # LIFELINE_LOG_FORMAT=json, as setup() found it
+
+
+def warn(text: str) -> None:
+    """A warning a command says as it starts, whatever the level (what a config holds that
+    will never act): "warning: <text>" on stderr, or under JSON logs a WARNING record, as
+    every other line is, so that a log shipper parses it. Not a log line: the Repeats filter
+    would drop the sixth of a config's warnings, all said from one place."""
+    line = f"warning: {text}"
+    if _json:
+        record = logging.LogRecord("lifeline", logging.WARNING, __file__, 0, text, None, None)
+        line = JsonFormatter().format(record)
+    print(line, file=sys.stderr, flush=True)
+
+
 def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> None:
     """Configure the root logger from the environment; raises ValueError on a bad value."""
     level = environ.get(LEVEL_ENV, "").strip().upper() or "INFO"
@@ -167,8 +183,10 @@ def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Non
     form = environ.get(FORMAT_ENV, "").strip().lower() or "text"
     if form not in FORMATS:
         raise ValueError(f"{FORMAT_ENV}={form!r}: expected one of {', '.join(FORMATS)}")
+    global _json
+    _json = form == "json"
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if form == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     if not verbose and level != "DEBUG":  # debugging wants every line
         handler.addFilter(Repeats())
     root = logging.getLogger()

@@ -776,6 +776,26 @@ def test_a_missing_api_key_is_named_by_check_config_and_by_the_worker(tmp_path):
     assert "providers.primary: " in worker.stderr and "OPENAI_API_KEY" in worker.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "nats-config"])
+def test_config_warnings_under_json_logs_are_json_records_like_every_other_line(tmp_path, command):
+    """They were plain "warning: ..." lines among the JSON ones, which a log shipper could not
+    parse; each of the six is said (a place in the code writes at most five log lines in 10 s)."""
+    routes = "".join(
+        f'[routes.alone{n}]\ntargets = ["primary"]\nhedge_after_ms = 5\n' for n in range(6)
+    )
+    cfg = tmp_path / "warned.toml"
+    cfg.write_text(f'[providers.primary]\nkind = "openai"\nmodel = "gpt-4o-mini"\n{routes}')
+    env = {k: v for k, v in cli_env(LIFELINE_LOG_FORMAT="json").items() if k != "OPENAI_API_KEY"}
+    result = run_lifeline(command, "--config", str(cfg), env=env)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+    warned = [r["message"] for r in records if r["level"] == "WARNING"]
+    hedges = [m for m in warned if "so no hedge can start beside it" in m]
+    assert sorted(m.partition(".")[2][:6] for m in hedges) == [f"alone{n}" for n in range(6)]
+    if command == "check-config":  # its own: the environment it checks the config in
+        assert "providers.primary: $OPENAI_API_KEY is not set here" in " ".join(warned)
+
+
 def test_check_config_shows_groups_and_error_class_chains(tmp_path):
     cfg = tmp_path / "groups.toml"
     cfg.write_text(
