@@ -196,9 +196,11 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "embedded NATS server with JetStream (unless --nats-url, the config's [nats] table or "
         "$NATS_URL names one), the dispatcher, one worker per provider of the config, and the "
         "OpenAI-compatible HTTP gateway on 127.0.0.1:8080. It prints the config's providers "
-        "and routes, a command to ask it something, then a line per request. On Ctrl-C, SIGTERM or SIGHUP it lets "
-        "requests in flight finish (dispatcher.shutdown_grace_s), stops everything and exits "
-        "0; it exits 1 when its NATS connection is gone for good or its embedded server dies.",
+        "and routes, a command to ask it something, then a line per request. On Ctrl-C, "
+        "SIGTERM or SIGHUP it lets requests in flight finish (dispatcher.shutdown_grace_s), "
+        "stops everything and exits 0; it exits 1 when its NATS connection is gone for good "
+        "or its embedded server dies, and 2 before it starts anything when the config, a "
+        "provider's API key or a plug-in's model is wrong.",
     )
     _config_arg(run)
     _nats_arg(run, url_help="use this NATS server instead of starting one")
@@ -209,14 +211,15 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
     _health_arg(run)
-    run.add_argument(
+    gateway = run.add_mutually_exclusive_group()
+    gateway.add_argument(
         "--gateway-port",
         type=_port_or_any,
         metavar="PORT",
         help="port of the OpenAI-compatible HTTP gateway on 127.0.0.1 (default: 8080, skipped "
         "with a warning when taken; -1: any free port)",
     )
-    run.add_argument("--no-gateway", action="store_true", help="do not serve the HTTP gateway")
+    gateway.add_argument("--no-gateway", action="store_true", help="do not serve the HTTP gateway")
 
 
 def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -225,11 +228,11 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="run one dispatcher against an existing NATS",
         description="Serves llm.complete, llm.stream and (with JetStream) llm.jobs.submit in "
         "the queue group of every dispatcher, calling the provider workers of the config's "
-        "routes. On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish "
-        "for dispatcher.shutdown_grace_s (10 s), answers the rest shutting_down, and exits 0; "
-        "it exits 1 when its NATS connection is gone for good. Stopped before it has started "
-        "(still waiting for its NATS server, or signalled twice while starting), it exits 128 "
-        "+ the signal's number: 130 for Ctrl-C, 143 for SIGTERM.",
+        "routes. On Ctrl-C, SIGTERM or SIGHUP it stops taking requests, lets those in flight "
+        "finish for dispatcher.shutdown_grace_s (10 s), answers the rest shutting_down, and "
+        "exits 0; it exits 1 when its NATS connection is gone for good. Stopped before it has "
+        "started (still waiting for its NATS server, or signalled twice while starting), it "
+        "exits 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM.",
     )
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
@@ -240,12 +243,16 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     worker = commands.add_parser(
         "worker",
         help="run one provider worker against an existing NATS",
-        description="Serves llm.provider.<name> (and its cancels) for one provider of the "
-        "config, in the queue group of its replicas. On SIGTERM or Ctrl-C it stops taking "
-        "calls, lets those in flight finish for 10 s, cancels the rest and answers them "
-        "no_responders, so their dispatchers fall back at once.",
+        description="Serves llm.provider.<NAME> (and its cancels) for one provider of the "
+        "config, in the queue group of its replicas. On Ctrl-C, SIGTERM or SIGHUP it stops "
+        "taking calls, lets those in flight finish for 10 s, cancels the rest and answers them "
+        "no_responders, so their dispatchers fall back at once, and exits 0; it exits 1 when "
+        "its NATS connection is gone for good, and 2 before connecting when its API key is "
+        "not set or its plug-in's model cannot be made.",
     )
-    worker.add_argument("name", help="provider name, a [providers.<name>] table in the config")
+    worker.add_argument(
+        "name", metavar="NAME", help="provider name, a [providers.<NAME>] table in the config"
+    )
     _config_arg(worker)
     _nats_arg(worker)
     _health_arg(worker)
@@ -262,9 +269,9 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "SIGTERM or SIGHUP aborts the request at its dispatcher (its provider call is "
         "cancelled) and exits 128 + the signal's number.",
     )
-    ask.add_argument("prompt", help="the user message; - reads it from stdin")
+    ask.add_argument("prompt", metavar="TEXT", help="the user message; - reads it from stdin")
     ask.add_argument("--system", metavar="TEXT", help="a system message to send first")
-    ask.add_argument("--route", default="default", help="route name (default: default)")
+    ask.add_argument("--route", default="default", help=_ROUTE_HELP)
     ask.add_argument(
         "--target",
         action="append",
@@ -304,7 +311,7 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="TARGET=FAULT",
         help="simulate a failure of TARGET: timeout, invalid_output, an error kind or an HTTP "
         "status; comma-separate for successive attempts (e.g. flaky=429,ok). Needs "
-        "dispatcher.allow_fault_injection",
+        "dispatcher.allow_fault_injection = true in the dispatchers' config",
     )
     ask.add_argument(
         "--tools",
@@ -355,9 +362,9 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "runs now; the answer is kept by id in the results bucket. Sending the same id again "
         "within the dedup window is acknowledged as a duplicate.",
     )
-    submit.add_argument("prompt", help="the user message; - reads it from stdin")
+    submit.add_argument("prompt", metavar="TEXT", help="the user message; - reads it from stdin")
     submit.add_argument("--id", help="the job's id (default: a new random one)")
-    submit.add_argument("--route", default="default", help="route name (default: default)")
+    submit.add_argument("--route", default="default", help=_ROUTE_HELP)
     submit.add_argument("--system", metavar="TEXT", help="a system message to send first")
     submit.add_argument(
         "--timeout",
@@ -403,7 +410,7 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_positive_s,
         default=600.0,
         metavar="SECONDS",
-        help="give up waiting after this many seconds (default: 600)",
+        help="give up waiting for results after this many seconds; rerun to resume (default: 600)",
     )
     _config_arg(batch, client=True)
     _nats_arg(batch)
@@ -445,7 +452,7 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_at_least_one,
         default=20,
         metavar="N",
-        help="how many of the latest (default 20)",
+        help="how many of the latest (default 20; with an ID, all of its events)",
     )
     audit.add_argument("--follow", "-f", action="store_true", help="then print new ones")
     audit.add_argument("--json", action="store_true", help="print each event's JSON")
@@ -509,10 +516,17 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         type=_positive_s,
         default=2.0,
         metavar="SECONDS",
-        help="seconds to wait for answers; with --expect-all, for every expected instance (default: 2)",
+        help="seconds to wait for answers; with --expect-all, for every expected instance "
+        "(default: 2)",
     )
     health.add_argument("--json", action="store_true", help="print each instance as JSON")
-    _config_arg(health)
+    health.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config whose [nats] table says how to connect and whose providers "
+        f"--expect-all expects a worker of (default: ./{DEFAULT_CONFIG}, else the example "
+        "installed with Lifeline)",
+    )
     _nats_arg(health)
 
 
@@ -699,6 +713,9 @@ def _add_nats_config(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="HTTP gateway users (`lifeline gateway`), comma-separated (default: none; each "
         "connects with inbox prefix _INBOX.<name>)",
     )
+
+
+_ROUTE_HELP = "a route of the config the dispatchers run (default: default)"
 
 
 def _config_arg(parser: argparse.ArgumentParser, client: bool = False) -> None:

@@ -16,6 +16,7 @@ import nats
 import pytest
 from helpers import (
     LIFELINE,
+    ROOT,
     cli_env,
     config,
     fake,
@@ -556,3 +557,50 @@ def test_a_client_command_s_help_says_what_it_reads_of_its_config(capsys, comman
         cli.main([command, "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
     assert "the config whose [nats] table" in shown, shown
+
+
+def _commands_table() -> dict[str, str]:
+    """Each command's row of the README's Commands table, by command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.partition("\n## Commands\n")[2].partition("\nExit status")[0]
+    return dict(re.findall(r"^\| `lifeline ([a-z-]+)([^`]*)` \|", table, re.MULTILINE))
+
+
+def test_every_option_of_every_command_is_in_its_row_of_the_readmes_commands_table():
+    """`ask`, `submit`, `batch`, `result` and `audit` take --nats-url, as `status` does; their
+    rows left it out, while `status`'s and `health`'s gave it. The other connection options
+    (--nats-creds, ...) are said once, below the table, for every command that connects."""
+    rows = _commands_table()
+    commands = cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(rows) == set(commands)
+    left_out = [
+        f"{name} {option}"
+        for name, command in commands.items()
+        for option in command._option_string_actions
+        if option not in ("-h", "--help", "-v", "--verbose")
+        and (option == "--nats-url" or not option.startswith("--nats-"))
+        and not re.search(rf"{re.escape(option)}(?![\w-])", rows[name])
+    ]
+    assert not left_out, left_out
+
+
+def test_a_gateway_port_with_no_gateway_is_a_mistake_not_ignored(capsys):
+    """The README gives `[--gateway-port P | --no-gateway]`; both were taken, and the port
+    was ignored without a word."""
+    with pytest.raises(SystemExit) as refused:
+        cli.build_parser().parse_args(["run", "--gateway-port", "9000", "--no-gateway"])
+    assert refused.value.code == 2
+    assert "not allowed with argument --gateway-port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "dispatcher", "worker"])
+def test_a_serving_command_s_help_names_each_signal_it_stops_on_and_its_exit_status(
+    capsys, command
+):
+    """`dispatcher --help` and `worker --help` named SIGTERM and Ctrl-C, while SIGHUP (a
+    terminal closed) stops them as gracefully; the worker's said nothing of its exit status."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert "Ctrl-C, SIGTERM or SIGHUP" in shown, shown
+    assert "exits 0" in shown and "exits 1 when its NATS connection is gone for good" in shown
