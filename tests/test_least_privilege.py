@@ -681,7 +681,8 @@ def test_a_config_path_with_a_line_break_stays_inside_its_comment() -> None:
 DENYING = """
 authorization {
   users = [
-    {user: "no-requests", password: "pw", permissions: {publish: {deny: ["llm.complete", "llm.stream"]}}}
+    {user: "no-requests", password: "pw",
+     permissions: {publish: {deny: ["llm.complete", "llm.stream"]}}}
     {user: "no-audit", password: "pw", permissions: {publish: {deny: ["llm.audit.>"]}}}
   ]
 }
