@@ -38,6 +38,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
@@ -183,9 +184,35 @@ _HEARTBEAT_MAX_S = 1.0  # a running job's in_progress at least this often (see _
 _CLAIM_POLL_S = jetstream.BACKOFF_S  # a copy of an id waiting for another's claim looks again
 
 
+# The most a claim's value may say its holder goes without writing it (the largest ack_wait_s
+# a config takes): a corrupt or hostile value does not hold its id for longer.
+_CLAIM_STALE_MAX_S = 300.0
+
+
 def _claim_key(key: str) -> str:
     """Where the job of result key `key` is claimed, in the results bucket (see _claimed)."""
     return "claim." + key.removeprefix("job.")
+
+
+def _claim_value(place: str, ack_wait_s: float) -> bytes:
+    """A claim: its job's place in the stream, and the ack wait its dispatcher writes it again
+    within (see _hold), by which a copy waiting for it judges it stale: not by its own, which
+    a rolling config change may have set shorter."""
+    return f"{place} {ack_wait_s:g}".encode()
+
+
+def _claim_read(value: bytes, own_ack_wait_s: float) -> tuple[bytes, float]:
+    """A claim's place, and how long it may go unwritten before it is taken over: what its
+    holder said, at most _CLAIM_STALE_MAX_S; `own_ack_wait_s` when it said nothing readable
+    (an earlier version's claim, a corrupt one)."""
+    place, _, promised = value.partition(b" ")
+    try:
+        stale_s = float(promised)
+    except ValueError:
+        return place, own_ack_wait_s
+    if not math.isfinite(stale_s) or stale_s <= 0:
+        return place, own_ack_wait_s
+    return place, min(stale_s, _CLAIM_STALE_MAX_S)
 
 
 def _said(exc: BaseException) -> str:
@@ -704,7 +731,8 @@ class Jobs:
         releases the claim; one stored leaves it, to expire with the result (deleting it would
         cost a second round trip per job)."""
         assert self.kv is not None
-        claim, mine = _claim_key(key), _place(msg).encode()
+        claim, place = _claim_key(key), _place(msg)
+        mine = _claim_value(place, self.settings.ack_wait_s)
         revision, stored = await self._claim(key, claim, mine)
         found = _Claim(stored, time.monotonic())
         if not revision:
@@ -725,9 +753,10 @@ class Jobs:
     async def _claim(self, key: str, claim: str, mine: bytes) -> tuple[int, bytes | None]:
         """The claim's revision once this job holds it (0 when the result came first), and
         the result stored. A claim is taken over when it is this job's own (an earlier
-        delivery's, whose dispatcher died or stopped) or not written for the ack wait (see
-        _hold)."""
+        delivery's, whose dispatcher died or stopped) or not written for its holder's ack
+        wait (see _hold)."""
         assert self.kv is not None
+        own = _claim_read(mine, self.settings.ack_wait_s)[0]
         seen, since, tries = 0, 0.0, 0
         while True:
             revision = 0
@@ -743,7 +772,8 @@ class Jobs:
             if not revision and (entry := await self._entry(claim)) is not None:
                 if entry.revision != seen:
                     seen, since = entry.revision, time.monotonic()
-                if entry.value == mine or time.monotonic() - since > self.settings.ack_wait_s:
+                held_by, stale_s = _claim_read(entry.value or b"", self.settings.ack_wait_s)
+                if held_by == own or time.monotonic() - since > stale_s:
                     with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                         revision = await self.kv.update(claim, mine, last=entry.revision)
             stored = await self._stored(key)

@@ -33,14 +33,14 @@ from helpers import (
 )
 from opentelemetry.trace import SpanKind
 
-from schemas import subjects
+from schemas import CompletionReply, subjects
 from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service.audit import ensure_audit_stream, read_events
 from service.client import Lifeline
 from service.config import AuditSettings, ConfigError, JobsSettings, parse_config
 from service.jetstream import hint as jetstream_hint
-from service.jobs import fetch_batch
+from service.jobs import _claim_read, fetch_batch
 from service.jobstore import ensure_jobs
 
 
@@ -315,6 +315,37 @@ async def test_a_claim_its_dispatcher_left_behind_does_not_hold_the_id_for_ever(
     await submit(client, job("orphan"), "orphan")
     assert (await result_of(client, "orphan", timeout_s=15)).status == "ok"
     assert [event.id for _, event in await audit.wait_for(1)] == ["orphan"]
+
+
+async def test_a_live_claim_is_judged_by_its_holders_ack_wait_not_the_waiters(
+    lifeline, client, audit
+):
+    """A rolling config change: the claim's holder has a 30 s ack wait (it writes its claim
+    every 10 s), the dispatcher a copy of the id reaches has 1 s. The copy waits for the
+    holder's result, as long as the holder keeps its promise, rather than taking the claim
+    over after its own ack wait: a second provider call and a second audit event."""
+    kv = await ensure_jobs(client.jetstream(), JobsSettings())
+    key = subjects.job_key("rolling")
+    await kv.create("claim." + key.removeprefix("job."), b"7.1 30")
+    data = config({"main": fake()})
+    data["jobs"] = {"ack_wait_s": 1}
+    await lifeline(data)
+    await submit(client, job("rolling"), "rolling")
+    await asyncio.sleep(4)  # four of the copy's ack waits, well within the holder's
+    await kv.create(key, encoder.encode(CompletionReply("rolling", "ok", content="the holder's")))
+    assert (await result_of(client, "rolling")).content == "the holder's"
+    await asyncio.sleep(1)  # room for an audit event, which must not come
+    assert audit.events == []
+
+
+def test_a_claims_promise_is_bounded_and_an_unreadable_one_is_the_waiters_own():
+    """What a claim's value says of its holder's ack wait is read within the largest ack wait
+    a config takes (300 s): a corrupt or hostile value does not keep its id waiting for ever.
+    One without a reading (an earlier version's claim, garbage) is judged by the waiter's."""
+    assert _claim_read(b"7.1 30", 5.0) == (b"7.1", 30.0)
+    assert _claim_read(b"7.1 1e308", 5.0) == (b"7.1", 300.0)
+    for unreadable in (b"7.1", b"7.1 inf", b"7.1 nan", b"7.1 -3", b"7.1 0", b"\xff x", b""):
+        assert _claim_read(unreadable, 5.0)[1] == 5.0
 
 
 def test_results_kept_shorter_than_the_dedup_window_are_refused():
