@@ -181,6 +181,7 @@ _BUCKET_TROUBLE = (
 # again: no result, no dead letter, no audit event.
 _CONSUMER_MAX_DELIVER = -1
 _HEARTBEAT_MAX_S = 1.0  # a running job's in_progress at least this often (see _heartbeat)
+_UNCLAIM_PAUSE_S = 60.0  # claims not purged for this long after a purge timed out
 _CLAIM_POLL_S = jetstream.BACKOFF_S  # a copy of an id waiting for another's claim looks again
 
 
@@ -324,12 +325,11 @@ def _place(msg: Msg) -> str:
 class _Claim:
     """A job's hold on its id (see Jobs._claimed)."""
 
-    __slots__ = ("came", "kept", "stored")
+    __slots__ = ("came", "stored")
 
     def __init__(self, stored: bytes | None, came: float) -> None:
         self.stored = stored  # its result, stored before the job had its id
         self.came = came  # when it had its id (monotonic)
-        self.kept = True  # False: the job failed, and lets its id go
 
 
 class JobTrace(NamedTuple):
@@ -447,6 +447,7 @@ class Jobs:
         self.max_value: int | None = None  # the results bucket's own max value size, if any
         self._remaking: asyncio.Task[bool] | None = None  # the results bucket, made again
         self._remade_at = 0.0
+        self._unclaim_from = 0.0  # no claim purged before then (see _unclaim)
         self._sub: Any = None
         self._results_sub: Any = None  # llm.jobs.result, once the bucket is there
         self._lookups: set[asyncio.Task[None]] = set()  # llm.jobs.result's, _RESULT_LOOKUPS at most
@@ -663,7 +664,7 @@ class Jobs:
                         msg, arrived, served, latest, traced.headers, claim.stored
                     )
                 except Exception as exc:  # noqa: BLE001 - _failed logs it, traceback and all
-                    failed_inside, claim.kept = True, False
+                    failed_inside = True
                     ended = await self._failed(latest, exc, served, traced.trace_id)
         except Exception as exc:  # its id not had: the bucket unreachable, say
             if failed_inside:
@@ -727,9 +728,9 @@ class Jobs:
         """One job of an id at a time across dispatchers, as `_turn` is here: its claim key
         created (which fails where it exists) before it runs. A copy of the id another
         dispatcher runs waits for its result, and is answered from it. Yields the result
-        stored already, if any, and when its claim was settled. A job that fails (not `kept`)
-        releases the claim; one stored leaves it, to expire with the result (deleting it would
-        cost a second round trip per job)."""
+        stored already, if any, and when its claim was settled. The claim goes as the job
+        ends (see _unclaim): its result stored, a copy claiming the id after finds it; none
+        stored (the job failed), the next copy runs."""
         assert self.kv is not None
         claim, place = _claim_key(key), _place(msg)
         mine = _claim_value(place, self.settings.ack_wait_s)
@@ -742,13 +743,37 @@ class Jobs:
         refresh = asyncio.create_task(self._hold(claim, mine, held))
         try:
             yield found
-        except BaseException:
-            found.kept = False
-            raise
         finally:
             refresh.cancel()
-            if not found.kept and held[0]:  # no result of its own: the next copy runs
-                await _quietly(self.kv.delete(claim, last=held[0]))
+            if held[0]:  # not taken over meanwhile
+                await self._unclaim(claim, held[0])
+
+    async def _unclaim(self, claim: str, revision: int) -> None:
+        """A claim purged from the bucket's stream, if its message is still `revision`: a KV
+        delete leaves a marker in the key's place until the TTL, so a bucket limited in values
+        or bytes held a claim beside each result and filled twice as fast (the stream denies
+        deleting a message; a purge up to a sequence, on one subject, leaves nothing). A claim
+        taken over meanwhile is written anew, past `revision`, and stays: another's."""
+        if time.monotonic() < self._unclaim_from:
+            return  # left to expire with the results, as a purge that timed out said
+        bucket = self.settings.results_bucket
+        js = self.nc.jetstream(timeout=_OP_TIMEOUT_S)
+        try:
+            await js.purge_stream(f"KV_{bucket}", seq=revision + 1, subject=f"$KV.{bucket}.{claim}")
+        except nats.errors.TimeoutError:
+            # A NATS user made before claims were purged is refused without an answer: each
+            # job would hold its place here for the timeout.
+            self._unclaim_from = time.monotonic() + _UNCLAIM_PAUSE_S
+            log.warning(
+                "jobs: a claim was not purged within %g s; claims are left to expire with the "
+                "results for %g s. May this NATS user publish $JS.API.STREAM.PURGE.KV_%s? "
+                "(`lifeline nats-config` gives the dispatcher's user what it needs)",
+                _OP_TIMEOUT_S,
+                _UNCLAIM_PAUSE_S,
+                bucket,
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as exc:  # taken over, say
+            log.debug("jobs: the claim %s not purged (%r)", claim, exc)
 
     async def _claim(self, key: str, claim: str, mine: bytes) -> tuple[int, bytes | None]:
         """The claim's revision once this job holds it (0 when the result came first), and

@@ -188,6 +188,9 @@ def dispatcher(config: Config) -> User:
         *_stream_keeper(jobs.stream),
         *_jobs_puller(jobs.stream, subjects.JOBS_CONSUMER),
         *_bucket_keeper(jobs.results_bucket),
+        # A job's claim purged as it ends (service/jobs.py's _unclaim): no more than its
+        # $KV.<bucket>.> rights allow already (a Nats-Rollup: all write empties the bucket).
+        f"{_JS}.STREAM.PURGE.{_kv_stream(jobs.results_bucket)}",
     ]
     if audit.stream:
         publish += _stream_keeper(audit.stream)

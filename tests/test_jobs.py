@@ -338,6 +338,34 @@ async def test_a_live_claim_is_judged_by_its_holders_ack_wait_not_the_waiters(
     assert audit.events == []
 
 
+async def test_a_job_ended_leaves_no_claim_to_fill_a_bucket_limited_in_values(
+    lifeline, client, audit
+):
+    """An operator's results bucket keeps at most 4 values: a claim left beside each result
+    until the TTL filled it at the second job, the third refused. Claims go as their jobs end,
+    so it holds three results, and nothing else; the id sent again still finds its result."""
+    js = client.jetstream()
+    await ensure_jobs(js, JobsSettings())
+    stream = "KV_" + JobsSettings().results_bucket
+    info = await js.stream_info(stream)
+    await js.update_stream(info.config.evolve(max_msgs=4))
+    stack = await lifeline(config({"main": fake()}))
+    for name in ("one", "two", "three"):
+        await submit(client, job(name), name)
+        assert (await result_of(client, name)).status == "ok"
+    await audit.wait_for(3)
+    kv = await js.key_value(JobsSettings().results_bucket)
+    keys = [subjects.job_key(name) for name in ("one", "two", "three")]
+    await wait_for(lambda: _sorted_keys(kv, keys), timeout_s=5, what="only the results")
+    await submit(client, job("one"))  # no Nats-Msg-Id: not a duplicate of the first
+    await wait_for(lambda: stack.dispatcher.jobs.found == 1, timeout_s=10, what="the repeat")
+    assert len(audit.events) == 3
+
+
+async def _sorted_keys(kv: Any, expected: list[str]) -> bool:
+    return sorted(await kv.keys()) == sorted(expected)
+
+
 def test_a_claims_promise_is_bounded_and_an_unreadable_one_is_the_waiters_own():
     """What a claim's value says of its holder's ack wait is read within the largest ack wait
     a config takes (300 s): a corrupt or hostile value does not keep its id waiting for ever.
