@@ -362,6 +362,21 @@ async def test_a_job_ended_leaves_no_claim_to_fill_a_bucket_limited_in_values(
     assert len(audit.events) == 3
 
 
+async def test_a_claim_taken_over_is_not_purged_by_the_job_that_lost_it(lifeline, client):
+    """A job ends having lost its claim (unwritten past its ack wait, taken over by a copy of
+    the id): its purge, up to its own revision, leaves the copy's claim in place."""
+    stack = await lifeline(config({"main": fake()}))
+    kv = await client.jetstream().key_value(JobsSettings().results_bucket)
+    claim = "claim." + subjects.job_key("contested").removeprefix("job.")
+    lost = await kv.create(claim, b"7.1 30")
+    taken = await kv.update(claim, b"8.2 30", last=lost)
+    await stack.dispatcher.jobs._unclaim(claim, lost)
+    assert (await kv.get(claim)).revision == taken
+    await stack.dispatcher.jobs._unclaim(claim, taken)
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(claim)
+
+
 async def _sorted_keys(kv: Any, expected: list[str]) -> bool:
     return sorted(await kv.keys()) == sorted(expected)
 
