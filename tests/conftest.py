@@ -7,9 +7,19 @@ config, wait_for, the Ledger, the fake HTTP servers ...) are in helpers.py, not 
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Bytecode is cached (__pycache__, pytest's rewritten test modules) even where the environment
+# says not to (PYTHONDONTWRITEBYTECODE, as some images set): without it each of the four xdist
+# workers compiled and rewrote every test module (a collection took 9.8 s of CPU, not 4.5), and
+# every `lifeline` process the tests start compiled Lifeline's modules again (0.2 s of CPU for
+# `lifeline --help`, not 0.13). Before the imports below; in os.environ for those processes.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
