@@ -575,7 +575,7 @@ def _add_conformance(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "conformance",
         help="check a provider worker you wrote, in any language, against the worker protocol",
         usage="lifeline conformance [-h] [--provider NAME] [--replicas N] "
-        "[--start-timeout SECONDS] [--timeout SECONDS] -- COMMAND [ARGS...]",
+        "[--start-timeout SECONDS] [--timeout SECONDS] [--check NAME]... -- COMMAND [ARGS...]",
         description="""\
 The conformance kit: starts a nats-server of its own and COMMAND as two replicas, then
 checks on the wire that the worker keeps the protocol: replies decode; a malformed body gets
@@ -600,6 +600,7 @@ examples:
   lifeline conformance -- node workers/examples/node/worker.mjs
   lifeline conformance -- lifeline worker conformance --config my.toml
   lifeline conformance --provider mine --replicas 3 -- ./my-worker --verbose
+  lifeline conformance --check deadline --check cancel -- ./my-worker   # one breach at a time
 
 Lifeline's own workers obey test mode too; from Python, service.conformance.run_checks,
 or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conformance"]).
@@ -635,6 +636,14 @@ or the pytest fixture lifeline_conformance (pytest_plugins = ["service.conforman
         help="how long an answer may take beyond the worker's pace (the time its first "
         "request took, added once per call sent at once); raise it for a model slower than "
         "that per call (default: 10)",
+    )
+    conformance.add_argument(
+        "--check",
+        action="append",
+        metavar="NAME",
+        help="run only this check, after starts (repeatable; default: all): replies_decode, "
+        "bad_request, deadline, cancel, one_reply_per_request, streaming, error_kinds, "
+        "survives_bad_input",
     )
     conformance.add_argument(
         "worker_command",
@@ -2640,7 +2649,10 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
     from service import conformance  # its checks load for this command only
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per look at the server
-    if (problem := conformance.provider_problem(args.provider)) is not None:
+    problem = conformance.provider_problem(args.provider) or conformance.checks_problem(
+        args.check or ()
+    )
+    if problem is not None:
         print(f"lifeline conformance: {problem}", file=sys.stderr)
         return 2
     command = shlex.join(args.worker_command)
@@ -2651,6 +2663,7 @@ async def cmd_conformance(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         start_timeout_s=args.start_timeout,
         timeout_s=args.timeout,
+        checks=args.check,
     )
     print(report.text())
     return 0 if report.passed else 1

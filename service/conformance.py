@@ -1,7 +1,8 @@
 """The conformance kit: does a provider worker, in any language, keep Lifeline's worker protocol?
 
-    lifeline conformance [--provider NAME] [--replicas 2] [--timeout S] -- COMMAND [ARGS...]
-    run_checks(command, provider=..., env=..., timeout_s=...) -> Report      from Python
+    lifeline conformance [--provider NAME] [--replicas 2] [--timeout S] [--check NAME]...
+                         -- COMMAND [ARGS...]
+    run_checks(command, provider=..., env=..., timeout_s=..., checks=...) -> Report
     pytest_plugins = ["service.conformance"], then the lifeline_conformance fixture
 
 It starts a nats-server of its own (a free port, no JetStream), starts COMMAND as two
@@ -42,7 +43,8 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
                            and retry_after_s as asked, streamed (a 429, a 401) as not
     survives_bad_input     every replica is still running at the end
 
-(and `starts` first: the replicas came up and subscribed). The slow call and the failures come
+(and `starts` first: the replicas came up and subscribed; `checks` / --check run only the
+named ones after it, for a worker author fixing one breach). The slow call and the failures come
 from test mode (workers/testmode.py): with LIFELINE_TEST_MODE=1, a request whose last message
 is a user message `lifeline-test: sleep <ms>` or `lifeline-test: fail <status> [retry_after
 <s>]` is answered by the worker itself, as it says, carried out where it calls its model (in
@@ -92,7 +94,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,10 @@ CHECKS = (
     "error_kinds",
     "survives_bad_input",
 )
+# How _Checks.run runs them after `starts`: these side by side, then these one by one
+# (bad_request, which may crash a replica on purpose, last), then survives_bad_input.
+WAITING_CHECKS = ("replies_decode", "deadline", "cancel", "one_reply_per_request", "streaming")
+LATER_CHECKS = ("error_kinds", "bad_request")
 
 # How long the kit waits. Only the waits for silence (a deadline, a cancel, a duplicate) are
 # spent on every run; the others end as soon as what they wait for has come.
@@ -305,15 +311,17 @@ def run_checks(
     start_timeout_s: float = 20.0,
     cwd: str | os.PathLike[str] | None = None,
     timeout_s: float = REPLY_TIMEOUT_S,
+    checks: Sequence[str] | None = None,
 ) -> Report:
     """Run the kit against `command` (an argv list, or one string split as a shell would) and
     return its Report. `env` is added to this process's environment for the replicas;
     `timeout_s` is how long an answer may take beyond the worker's measured pace (raise it for
-    a model slower than that per call).
+    a model slower than that per call); `checks` names the checks to run (default: all of
+    CHECKS; `starts` always runs first).
 
     Blocks; from a running event loop (an async test), it runs in a thread of its own. In async
     code, `await check_worker(...)` instead."""
-    run = check_worker(command, provider, env, replicas, start_timeout_s, cwd, timeout_s)
+    run = check_worker(command, provider, env, replicas, start_timeout_s, cwd, timeout_s, checks)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -330,6 +338,7 @@ async def check_worker(
     start_timeout_s: float = 20.0,
     cwd: str | os.PathLike[str] | None = None,
     timeout_s: float = REPLY_TIMEOUT_S,
+    checks: Sequence[str] | None = None,
 ) -> Report:
     """run_checks, for a caller already in an event loop."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
@@ -341,6 +350,9 @@ async def check_worker(
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if not timeout_s > 0:
         raise ValueError(f"the timeout must be more than 0 s, got {timeout_s}")
+    if (problem := checks_problem(checks or ())) is not None:
+        raise ValueError(problem)
+    chosen = frozenset(checks or CHECKS)
     started = time.monotonic()
     report = Report(argv, provider, replicas)
     server = EmbeddedNats(port=-1, jetstream=False, conf="http_port: -1\n")
@@ -376,7 +388,7 @@ async def check_worker(
                     )
                     wire = _Wire(nc, provider)
                     await wire.start()
-                    report.checks += await _Checks(wire, running, monitor, timeout_s).run()
+                    report.checks += await _Checks(wire, running, monitor, timeout_s, chosen).run()
     finally:
         if nc is not None:
             await nc.close()
@@ -394,6 +406,14 @@ def provider_problem(provider: str) -> str | None:
     if CONFIG_NAME.match(provider):  # the config's own rule for the name
         return None
     return f"the provider name {provider!r} is not 1 to 256 letters, digits, '_' and '-'"
+
+
+def checks_problem(names: Sequence[str]) -> str | None:
+    """Why `names` are not all names of CHECKS, or None."""
+    unknown = [name for name in names if name not in CHECKS]
+    if not unknown:
+        return None
+    return f"no check named {', '.join(map(repr, unknown))}: the checks are {', '.join(CHECKS)}"
 
 
 async def _ignore(exc: Exception) -> None:
@@ -850,9 +870,15 @@ class _Checks:
     or a cancel, a late chunk, a stray) leaves it in `again`, judged once more at the end."""
 
     def __init__(
-        self, wire: _Wire, running: list[_Replica], monitor: _Monitor, timeout_s: float
+        self,
+        wire: _Wire,
+        running: list[_Replica],
+        monitor: _Monitor,
+        timeout_s: float,
+        chosen: frozenset[str] = frozenset(CHECKS),
     ) -> None:
         self.wire = wire
+        self.chosen = chosen  # the checks to run: the first request goes out for any of them
         self.running = running
         self.monitor = monitor
         self.provider = wire.provider
@@ -862,7 +888,7 @@ class _Checks:
         self.again: dict[str, Callable[[], Check]] = {}
 
     async def run(self) -> list[Check]:
-        """Every check, in CHECKS' order. The first request goes alone (the worker's pace);
+        """Every chosen check, in CHECKS' order. The first request goes alone (the worker's pace);
         the checks that wait run side by side; bad_request, which may crash a replica, after
         them; then the run listens for late replies, and survives_bad_input is last. A worker
         that gets its first request and sends nothing back is told so at once: every other
@@ -872,18 +898,18 @@ class _Checks:
         if not self.first.settled and self._alive():
             return self._unanswered()
         side_by_side = await asyncio.gather(
-            self.replies_decode(),
-            self.deadline(),
-            self.cancel(),
-            self.one_reply_per_request(),
-            self.streaming(),
+            *[self._run(name) for name in WAITING_CHECKS if name in self.chosen]
         )
-        errors = await self.error_kinds()
-        bad = await self.bad_request()
+        later = [await self._run(name) for name in LATER_CHECKS if name in self.chosen]
         await self.wire.linger(LATE_WAIT_S)
-        results = [self._by_the_end(check) for check in (*side_by_side, errors, bad)]
-        results.append(self.survives_bad_input())
+        results = [self._by_the_end(check) for check in (*side_by_side, *later)]
+        if "survives_bad_input" in self.chosen:
+            results.append(self.survives_bad_input())
         return sorted(results, key=lambda check: CHECKS.index(check.name))
+
+    async def _run(self, name: str) -> Check:
+        check: Callable[[], Awaitable[Check]] = getattr(self, name)
+        return await check()
 
     def _unanswered(self) -> list[Check]:
         """The checks of a run whose first request got nothing back: replies_decode fails
@@ -893,9 +919,15 @@ class _Checks:
         waited = self.timeout_s
         expected = "a ProviderOk (status ok) with a model string for a valid ProviderRequest"
         first = self._wrong("replies_decode", expected, self.first, waited)
-        results = [first, self.survives_bad_input()]
+        results = [first]  # the reason for the rest, chosen or not
+        if "survives_bad_input" in self.chosen:
+            results.append(self.survives_bad_input())
         for name in CHECKS:
-            if name not in ("starts", "replies_decode", "survives_bad_input"):
+            if name in self.chosen and name not in (
+                "starts",
+                "replies_decode",
+                "survives_bad_input",
+            ):
                 got = f"not run: the first request got no reply within {waited:g} s"
                 results.append(_fail(name, "a worker that answers", got, "see replies_decode"))
         return sorted(results, key=lambda check: CHECKS.index(check.name))
@@ -1580,5 +1612,5 @@ if pytest is not None:
                 report.assert_passed()  # fails with the whole report
 
         Takes run_checks' arguments (provider=, env=, replicas=, start_timeout_s=, cwd=,
-        timeout_s=)."""
+        timeout_s=, checks=)."""
         return run_checks

@@ -2,7 +2,8 @@
 Lifeline's built-in providers run as `lifeline worker conformance --config FILE` (the HTTP
 kinds against a local server answering with each provider's documented bodies and
 server-sent events), a minimal worker written from the protocol alone (tests/minimal_worker.py),
-and that worker broken on purpose, one flag at a time, failing exactly the checks it should;
+and that worker broken on purpose, one flag at a time, failing exactly the checks it should
+(of the checks it is about: the kit's --check; the full kit fails one for the one it breaks);
 and a worker whose test layer obeys the directives while its provider ignores deadlines and
 cancels (tests/directives_first_worker.py), which only ordinary calls cut short can fail.
 
@@ -91,6 +92,19 @@ BROKEN = {
     "--answer-cancels": ({"cancel"}, "it answered once the cancel came"),
     "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
+# The checks each broken worker is run with, beyond those it fails (which pass): the ones whose
+# requests it breaks the protocol on.
+ALSO_RUN = {"--answer-failures-twice": {"bad_request", "error_kinds"}}
+
+
+def checks_for(flag: str) -> list[str]:
+    """The checks a broken worker's run is about, in the kit's order."""
+    from service.conformance import CHECKS
+
+    about = BROKEN[flag][0] | ALSO_RUN.get(flag, set())
+    return [name for name in CHECKS if name in about]
+
+
 # A model that takes SLOW_CALL_S a call, one call at a time (a model on one thread): the
 # burst alone keeps each replica busy for about 10 x SLOW_CALL_S, past what a fixed wait of
 # 5 s allowed, so only waits that grow with the worker's pace pass it.
@@ -233,7 +247,7 @@ def runs(
         if shutil.which("node") is not None:
             started["node-example"] = pool.submit(run_checks, NODE_EXAMPLE, provider="node-echo")
         for flag in BROKEN:
-            started[flag] = pool.submit(run_checks, [*MINIMAL, flag])
+            started[flag] = pool.submit(run_checks, [*MINIMAL, flag], checks=checks_for(flag))
         yield started
         for future in started.values():
             future.cancel()
@@ -320,6 +334,7 @@ def test_a_worker_whose_provider_ignores_deadlines_and_cancels_fails_though_it_o
 def test_a_broken_worker_fails_the_checks_it_breaks_saying_why(flag: str, runs):
     report = runs[flag].result(timeout=120)
     checks, words = BROKEN[flag]
+    assert [check.name for check in report.checks] == ["starts", *checks_for(flag)]
     assert set(report.failed) == checks, report.text()
     for name in report.failed:
         assert f"FAIL {name}: expected " in report.text()
@@ -352,6 +367,24 @@ def test_a_worker_that_never_answers_fails_at_once_naming_the_first_request(runs
     # A deadline's or a cancel's silence is no pass from a worker that answers nothing.
     assert "FAIL deadline: expected a worker that answers, got not run: the first " in text
     assert "PASS survives_bad_input" in text
+
+
+def test_the_command_runs_only_the_checks_named_and_refuses_a_name_it_does_not_know():
+    from service.conformance import CHECKS, run_checks
+
+    named = ["--check", "deadline", "--check", "cancel"]
+    result = run_lifeline("conformance", *named, "--", *MINIMAL, "--ignore-deadline")
+    assert result.returncode == 1, result.stdout + result.stderr
+    verdicts = re.findall(r"^(PASS|FAIL) (\w+)", result.stdout, re.MULTILINE)
+    assert verdicts == [("PASS", "starts"), ("FAIL", "deadline"), ("PASS", "cancel")]
+    assert "2 of 3 checks passed" in result.stdout
+    refused = run_lifeline("conformance", "--check", "dedline", "--", *MINIMAL)
+    assert refused.returncode == 2 and "no check named 'dedline'" in refused.stderr
+    assert ", ".join(CHECKS) in refused.stderr and "starting" not in refused.stderr
+    with pytest.raises(ValueError, match="no check named 'x'"):
+        run_checks(MINIMAL, checks=["x"])
+    usage = run_lifeline("conformance", "--help").stdout
+    assert all(name in usage for name in CHECKS[1:]), usage
 
 
 def test_the_kit_refuses_a_timeout_that_is_not_positive():
