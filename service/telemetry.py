@@ -36,18 +36,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import (
     Event,
@@ -65,6 +59,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from schemas import ProviderOk
 from schemas.subjects import TRACEPARENT, TRACESTATE
 from schemas.wire import MAX_MESSAGE_CHARS, MAX_NAME_LENGTH
+
+# The metrics SDK (a fifth of a worker's start-up imports) loads only where metrics are
+# exported: in meter_provider_from_env, once OTEL_METRICS_EXPORTER names an exporter.
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 log = logging.getLogger("lifeline.telemetry")
 
@@ -93,11 +92,15 @@ _OTLP_PACKAGE = {
 }
 # The spec's default, and what Lifeline has always sent; the SDK's own configurator says grpc.
 _DEFAULT_OTLP_PROTOCOL = "http/protobuf"
-# Exporter classes each signal's entry points must give.
-_EXPORTER_TYPES: dict[str, tuple[type, ...]] = {
-    "TRACES": (SpanExporter,),
-    "METRICS": (MetricExporter, MetricReader),
-}
+
+
+def _exporter_types(signal: str) -> tuple[type, ...]:
+    """The exporter classes a signal's entry points must give."""
+    if signal == "TRACES":
+        return (SpanExporter,)
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+
+    return (MetricExporter, MetricReader)
 
 
 def exporter_names(environ: Mapping[str, str] = os.environ, signal: str = "TRACES") -> list[str]:
@@ -138,7 +141,7 @@ def _exporter_class(name: str, environ: Mapping[str, str], signal: str) -> type:
             f"OTEL_{signal}_EXPORTER: no exporter {name!r} is installed (installed: {installed})"
         )
     exporter = next(iter(found)).load()
-    if not (isinstance(exporter, type) and issubclass(exporter, _EXPORTER_TYPES[signal])):
+    if not (isinstance(exporter, type) and issubclass(exporter, _exporter_types(signal))):
         raise TelemetryConfigError(
             f"OTEL_{signal}_EXPORTER: {name!r} ({exporter!r}) is not a {signal.lower()} exporter"
         )
@@ -570,6 +573,9 @@ def meter_provider_from_env(
     classes = exporter_classes(environ, "METRICS")
     if not classes:
         return None
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+
     # An entry point may be a pull reader (e.g. Prometheus) rather than a push exporter.
     readers = [
         cls()

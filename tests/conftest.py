@@ -134,7 +134,8 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def lifeline(nats_url: str, tracers: Tracing) -> AsyncIterator[Any]:
-    """Factory: `await lifeline(toml_dict, workers=[...])` starts a stack; all are stopped at the end."""
+    """Factory: `await lifeline(toml_dict, workers=[...])` starts a stack; all are stopped at
+    the end."""
     stacks: list[Stack] = []
 
     async def start(config: dict[str, Any], workers: list[str] | None = None) -> Stack:
