@@ -296,6 +296,27 @@ async def test_parallel_tool_calls_stop_and_seed_are_sent_when_set(make):
     assert body["seed"] == 42
 
 
+@pytest.mark.parametrize("which", ["openai", "azure"])
+async def test_more_stop_sequences_than_openai_takes_fail_before_the_call(make, make_azure, which):
+    """OpenAI and Azure take up to 4 stop sequences (a 400 past them): a fifth is the
+    request's fault, named, without a call (the next target may take them)."""
+    server = Server()
+    provider = (make if which == "openai" else make_azure)(server)
+    failure = await expect_failure(provider, request(stop=["a", "b", "c", "d", "e"]))
+    assert failure.kind == "bad_request"
+    assert "5 stop sequences" in failure.message and "at most 4" in failure.message
+    assert server.requests == []
+
+
+async def test_an_openai_compatible_server_gets_more_than_4_stop_sequences(make):
+    """vLLM and llama.cpp's servers take any number: the limit is OpenAI's own."""
+    server = Server()
+    await make(server, base_url="http://localhost:8000/v1").complete(
+        request(stop=["a", "b", "c", "d", "e"]), timeout_s=5
+    )
+    assert server.sent_json()["stop"] == ["a", "b", "c", "d", "e"]
+
+
 async def test_unset_tool_options_stop_and_seed_are_left_out(make):
     body = await sent(make)
     assert body == {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}

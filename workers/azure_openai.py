@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import httpx
 
 from workers.base import HttpProvider, require_api_key
-from workers.openai import OpenAIProvider
+from workers.openai import MOST_STOPS, OpenAIProvider
 
 # The kind's keys live with the others' (no HTTP code loaded to check a config); imported from
 # here as before.
@@ -45,6 +45,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         self.max_tokens_as = settings.max_tokens_field
+        self.most_stops = MOST_STOPS
         endpoint = settings.endpoint.rstrip("/")
         url = (
             f"{endpoint}/openai/deployments/{settings.deployment}/chat/completions"

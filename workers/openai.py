@@ -91,6 +91,12 @@ _MOST_ID_CHARS = 40
 _TYPE_KINDS = {"exceed_context_size_error": "context_length"}
 
 
+# The most stop sequences OpenAI and Azure OpenAI take (their reference: "Up to 4 sequences
+# where the API will stop generating further tokens"; a 400 past them). Other OpenAI-compatible
+# servers (vLLM, llama.cpp) take any number.
+MOST_STOPS = 4
+
+
 def max_tokens_field(settings: OpenAISettings) -> str:
     if settings.max_tokens_field is not None:
         return settings.max_tokens_field
@@ -99,8 +105,19 @@ def max_tokens_field(settings: OpenAISettings) -> str:
 
 
 def chat_body(
-    request: ProviderRequest, model: str, max_tokens_as: str = "max_tokens"
+    request: ProviderRequest,
+    model: str,
+    max_tokens_as: str = "max_tokens",
+    most_stops: int | None = None,
 ) -> dict[str, Any]:
+    """The Chat Completions body; ProviderError(bad_request) for more stop sequences than
+    `most_stops` (None: any number), which the server would refuse."""
+    if most_stops is not None and len(request.stop or ()) > most_stops:
+        raise ProviderError(
+            "bad_request",
+            f"the request has {len(request.stop or ())} stop sequences; this API takes at most "
+            f"{most_stops}: send fewer",
+        )
     body: dict[str, Any] = {
         "model": model,
         "messages": chat_messages(request.messages),
@@ -574,6 +591,8 @@ class OpenAIProvider(HttpProvider):
             headers["OpenAI-Organization"] = settings.organization
         url = settings.base_url.rstrip("/") + "/chat/completions"
         self.max_tokens_as = max_tokens_field(settings)
+        official = urllib.parse.urlsplit(settings.base_url).hostname == "api.openai.com"
+        self.most_stops = MOST_STOPS if official else None
         super().__init__(
             settings,
             url=url,
@@ -584,7 +603,7 @@ class OpenAIProvider(HttpProvider):
         )
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
-        return chat_body(request, model, self.max_tokens_as)
+        return chat_body(request, model, self.max_tokens_as, self.most_stops)
 
     def parse(self, response: httpx.Response, model: str) -> ProviderOk:
         return parse_chat_completion(response, model)
@@ -595,7 +614,7 @@ class OpenAIProvider(HttpProvider):
     def stream_body(self, request: ProviderRequest, model: str) -> dict[str, Any]:
         # include_usage: the last chunk carries the usage, as the whole answer's body does.
         stream_options = {"include_usage": True}
-        body = chat_body(request, model, self.max_tokens_as)
+        body = chat_body(request, model, self.max_tokens_as, self.most_stops)
         return {**body, "stream": True, "stream_options": stream_options}
 
     def stream_reader(self, model: str) -> ChatStream:
