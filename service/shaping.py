@@ -30,7 +30,7 @@ import regex
 from msgspec import Struct
 
 from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
-from schemas.wire import ImagePart, NamedTool, ResponseFormat, TextPart, Tool
+from schemas.wire import ImagePart, NamedTool, Part, ResponseFormat, TextPart, Tool
 
 # The placeholders each field of a Template fills (apply_template); {previous_errors} is the
 # error kinds of the attempts before this one, comma-separated, for a target with pass_failures
@@ -181,14 +181,17 @@ _BASE_TOKENS = 3  # the reply's priming, as OpenAI's chat format counts it
 _PER_MESSAGE = 4  # role and separators, as OpenAI's chat format counts them
 _ASCII_CHARS_PER_TOKEN = 4  # English prose in the GPT and Claude tokenizers
 # An image: OpenAI counts 765 tokens for a high-detail 1024x1024 one, Anthropic about 1,600
-# for its largest (1092x1092); without decoding the image, a middle figure.
+# for its largest (1092x1092); without decoding the image, a middle figure. In low detail,
+# OpenAI's fixed 85 whatever its size (its vision guide; Anthropic, which has no detail,
+# counts it as any other, an estimate too low that a context_length failure catches).
 _IMAGE_TOKENS = 1000
+_LOW_DETAIL_TOKENS = 85
 
 
 def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> int:
     """About how many tokens the messages (and the tools' definitions) take, without a
-    tokenizer or the network: 3, plus per message 4, its text and 1,000 per image, plus per
-    tool call 4, its name and arguments, plus the tools' definitions as JSON.
+    tokenizer or the network: 3, plus per message 4, its text and 1,000 per image (85 in low
+    detail), plus per tool call 4, its name and arguments, plus the tools' definitions as JSON.
 
     ASCII text counts 4 characters per token; every other character counts a whole token,
     which is close for CJK scripts and errs high for accented Latin text. Errors either
@@ -198,12 +201,22 @@ def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[Tool] | Non
     """
     total = _BASE_TOKENS
     for m in messages:
-        total += _PER_MESSAGE + text_tokens(m.text) + _IMAGE_TOKENS * m.images
+        total += _PER_MESSAGE + text_tokens(m.text) + _image_tokens(m.content)
         for call in m.tool_calls or ():
             total += _PER_MESSAGE + text_tokens(call.name) + text_tokens(call.arguments)
     if tools:
         total += text_tokens(msgspec.json.encode(tools).decode())
     return total
+
+
+def _image_tokens(content: str | list[Part] | None) -> int:
+    if content is None or isinstance(content, str):
+        return 0
+    return sum(
+        _LOW_DETAIL_TOKENS if part.detail == "low" else _IMAGE_TOKENS
+        for part in content
+        if isinstance(part, ImagePart)
+    )
 
 
 def text_tokens(text: str) -> int:

@@ -128,6 +128,20 @@ async def test_images_count_towards_max_input_tokens(lifeline, client):
     assert outcomes(reply) == [("small", "skipped", "max_input_tokens"), ("large", "ok", None)]
 
 
+async def test_a_low_detail_image_counts_what_openai_charges_for_it(lifeline, client):
+    """OpenAI charges a fixed 85 tokens for an image in low detail: five of them fit a target
+    of 500 input tokens, which five of any other detail do not."""
+    providers = {"small": fake(reply="low is enough"), "large": fake(reply="big enough")}
+    await lifeline(
+        config(providers, route({"provider": "small", "max_input_tokens": 500}, "large"))
+    )
+    image = {"type": "image", "url": "https://example.com/cat.png"}
+    for detail, answered in [("low", "small"), ("high", "large"), (None, "large")]:
+        part = image if detail is None else {**image, "detail": detail}
+        reply = await ask(client, {"messages": [{"role": "user", "content": [part] * 5}]})
+        assert reply.provider == answered, detail
+
+
 # ---- output checks: invalid_output, and the next target answers -----------------------------
 
 
