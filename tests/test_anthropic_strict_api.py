@@ -616,6 +616,63 @@ async def test_an_inline_image_of_a_type_the_api_does_not_take_fails_before_the_
     assert claude.bodies == []
 
 
+def image(width: int, height: int, kind: str = "png", padding: int = 0) -> ImagePart:
+    """An inline image whose header says `width` x `height` (all the API reads to refuse it)."""
+    size_be = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    header = {
+        "png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + size_be + b"\x08\x06\x00\x00\x00",
+        "gif": b"GIF89a" + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\0",
+        "webp": b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0"
+        + (width - 1).to_bytes(3, "little")
+        + (height - 1).to_bytes(3, "little"),
+        # SOI, an APP0 (JFIF) segment, then the frame header (SOF0): precision, height, width
+        "jpeg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+        + b"\xff\xc0\x00\x11\x08"
+        + height.to_bytes(2, "big")
+        + width.to_bytes(2, "big")
+        + b"\x03\x01\x22\x00",
+    }[kind]
+    data = base64.b64encode(header + b"\0" * padding).decode()
+    return ImagePart(data=data, media_type=f"image/{kind}")
+
+
+@pytest.mark.parametrize("kind", ["png", "gif", "webp", "jpeg"])
+async def test_an_image_wider_than_the_api_takes_fails_before_the_call(provider, claude, kind):
+    """The API refuses an image over 8000 pixels on a side (a 400): the request's fault, named,
+    without a call, so the fallback tries the next target at once. One within is sent."""
+    request = chat(ChatMessage("user", [TextPart("What is it?"), image(8001, 600, kind)]))
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(request, timeout_s=5)
+    assert caught.value.kind == "bad_request"
+    assert "8001x600" in caught.value.message and "8000" in caught.value.message
+    assert claude.bodies == []
+    await provider.complete(chat(ChatMessage("user", [image(8000, 600, kind)])), timeout_s=5)
+    assert len(claude.bodies) == 1
+
+
+async def test_in_a_request_of_over_20_images_each_takes_at_most_2000_pixels(provider, claude):
+    twenty = [image(2001, 10)] * 20
+    await provider.complete(chat(ChatMessage("user", twenty)), timeout_s=5)
+    assert len(claude.bodies) == 1
+    with pytest.raises(ProviderError) as caught:
+        await provider.complete(chat(ChatMessage("user", [*twenty, image(10, 10)])), timeout_s=5)
+    assert caught.value.kind == "bad_request"
+    assert "2001x10" in caught.value.message and "more than 20 images" in caught.value.message
+    assert len(claude.bodies) == 1
+
+
+async def test_an_image_over_5_mib_of_base64_or_over_600_images_fail_before_the_call(
+    provider, claude
+):
+    large = [image(100, 100, padding=5 * 1024 * 1024 * 3 // 4)]  # just past 5 MiB as base64
+    for parts, said in [(large, "at most 5242880"), ([image(1, 1)] * 601, "at most 600")]:
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(chat(ChatMessage("user", parts)), timeout_s=5)
+        assert caught.value.kind == "bad_request"
+        assert said in caught.value.message
+    assert claude.bodies == []
+
+
 @pytest.mark.parametrize("role", ["system", "developer"])
 async def test_images_in_a_system_message_reach_claude_in_a_user_turn(provider, claude, role):
     """The API's system prompt takes text only, and a system message's images were left out

@@ -129,6 +129,16 @@ _IMAGE_MAGIC = (
     (b"GIF89a", "image/gif"),
 )
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+# The API's image limits (its vision guide, "General limits"), each a 400 past it: 600 images
+# a request (100 for models of a 200k-token context, which the worker cannot tell); 8000
+# pixels on a side, 2000 in a request of more than 20 images; and a base64 source of at most
+# 5 MiB, counted in base64 characters ("image exceeds 5 MB maximum: ... bytes > 5242880").
+_MOST_IMAGES = 600
+_MOST_SIDE, _MOST_SIDE_OF_MANY, _MANY_IMAGES = 8000, 2000, 20
+_MOST_BASE64_CHARS = 5 * 1024 * 1024
+# How much of a JPEG is read for its size (in base64 characters): its SOF segment follows
+# the APP ones (EXIF, with a thumbnail, is at most 64 KiB); past this, it is left to the API.
+_JPEG_HEAD_CHARS = 128 * 1024
 # The input_schema of a tool declared without parameters: the API requires an object schema.
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 # A tool declared only because the conversation used it (see _tool_fields): any object input.
@@ -144,6 +154,7 @@ def messages_body(
     """The Messages API body of `request`, and the whitespace left off the end of its prefill
     ("" if it has none: see _turns); ProviderError(bad_request) for an assistant tool call whose
     arguments the API cannot take (not a JSON object)."""
+    _check_images(request.messages)
     turns, stripped = _turns(request.messages)
     body: dict[str, Any] = {
         "model": model,
@@ -409,6 +420,107 @@ def _sniffed(data: str) -> str | None:
     if first[:4] == b"RIFF" and first[8:12] == b"WEBP":
         return "image/webp"
     return next((kind for magic, kind in _IMAGE_MAGIC if first.startswith(magic)), None)
+
+
+def _check_images(messages: Sequence[ChatMessage]) -> None:
+    """ProviderError(bad_request) for images past the API's limits (_MOST_IMAGES and the
+    others): the count, and each inline image's base64 length and, from its header, size."""
+    images = [
+        (index, part)
+        for index, message in enumerate(messages)
+        if isinstance(message.content, list)
+        for part in message.content
+        if isinstance(part, ImagePart)
+    ]
+    if len(images) > _MOST_IMAGES:
+        raise ProviderError(
+            "bad_request",
+            f"the request has {len(images)} images; the Messages API takes at most "
+            f"{_MOST_IMAGES}: send fewer",
+        )
+    most_side = _MOST_SIDE_OF_MANY if len(images) > _MANY_IMAGES else _MOST_SIDE
+    for index, part in images:
+        inline = DATA_URL.fullmatch(part.url) if part.url is not None else None
+        if inline is not None and inline["type"].startswith("image/"):
+            data: str | None = inline["data"]
+        else:
+            data = part.data
+        if data is None:
+            continue  # a URL the API fetches itself
+        where = f"an inline image in message {index}"
+        if len(data) > _MOST_BASE64_CHARS:
+            raise ProviderError(
+                "bad_request",
+                f"{where} is {len(data)} base64 characters; the Messages API takes at most "
+                f"{_MOST_BASE64_CHARS} (5 MiB): send it smaller",
+            )
+        size = _pixels(data)
+        if size is not None and max(size) > most_side:
+            many = _MANY_IMAGES if most_side == _MOST_SIDE_OF_MANY else None
+            many = f" in a request of more than {many} images" if many else ""
+            raise ProviderError(
+                "bad_request",
+                f"{where} is {size[0]}x{size[1]} pixels; the Messages API takes at most "
+                f"{most_side} on a side{many}: resize it",
+            )
+
+
+def _pixels(data: str) -> tuple[int, int] | None:
+    """An image's width and height from its header (PNG, GIF, WebP, JPEG); None when it tells
+    none (another type, or a JPEG whose frame header is not near its start)."""
+    head = _decoded("".join(data[:128].split())[:64])  # 48 bytes
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return _webp_pixels(head)
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_pixels(_decoded("".join(data[:_JPEG_HEAD_CHARS].split())))
+    return None
+
+
+def _decoded(text: str) -> bytes:
+    """The bytes of base64 `text`'s whole quads (a head cut anywhere); b"" if it is not base64."""
+    try:
+        return binascii.a2b_base64(text[: len(text) // 4 * 4])
+    except binascii.Error:
+        return b""
+
+
+def _webp_pixels(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit width and height, less one
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy: 14 bits each
+        return (
+            int.from_bytes(head[26:28], "little") & 0x3FFF,
+            int.from_bytes(head[28:30], "little") & 0x3FFF,
+        )
+    if chunk == b"VP8L" and head[20:21] == b"\x2f":  # lossless: 14 bits each, less one
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+# JPEG's start-of-frame markers, which carry its size: C0 to CF but for C4, C8 and CC.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_pixels(jpeg: bytes) -> tuple[int, int] | None:
+    at = 2
+    while at + 9 <= len(jpeg):
+        if jpeg[at] != 0xFF:
+            return None
+        marker = jpeg[at + 1]
+        if marker == 0xFF:  # fill
+            at += 1
+            continue
+        if marker in _JPEG_FRAMES:
+            height = int.from_bytes(jpeg[at + 5 : at + 7], "big")
+            return int.from_bytes(jpeg[at + 7 : at + 9], "big"), height
+        at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+    return None
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
