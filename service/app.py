@@ -55,17 +55,7 @@ class _CommandConnection(Client):
 
     def __init__(self) -> None:
         super().__init__()
-        self._refusals: dict[str, asyncio.Future[str]] = {}  # by subject, in lower case
-
-    def _refusal(self, subject: str) -> asyncio.Future[str]:
-        key = subject.lower()  # as nats-py passes the server's error on
-        if key not in self._refusals:
-            self._refusals[key] = asyncio.get_running_loop().create_future()
-        return self._refusals[key]
-
-    def refused(self, subject: str, who: str) -> None:
-        if not (refusal := self._refusal(subject)).done():
-            refusal.set_result(who)
+        self.refusals = natsio.PublishRefusals()
 
     async def request(  # type: ignore[override]
         self,
@@ -76,24 +66,7 @@ class _CommandConnection(Client):
         headers: dict[str, str] | None = None,
     ) -> Msg:
         asking = super().request(subject, payload, timeout, old_style, headers)
-        return await self.unless_refused(subject, asking)
-
-    async def unless_refused(self, subject: str, work: Awaitable[T]) -> T:
-        """What `work` returns, or PublishRefused as soon as the server refuses a publish of
-        this connection's to `subject` (`work` cancelled, and waited for: what it does when
-        cancelled, an abort say, goes out before the connection closes)."""
-        refusal = self._refusal(subject)
-        doing = asyncio.ensure_future(work)
-        try:
-            await asyncio.wait((doing, refusal), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            finished = doing.done()
-            if not finished:
-                doing.cancel()
-                await asyncio.wait((doing,))
-        if finished:
-            return doing.result()
-        raise natsio.PublishRefused(f"{refusal.result()} may not publish {subject}")
+        return await self.refusals.unless_refused(subject, asking)
 
 
 async def unless_refused(nc: Client, subject: str, work: Awaitable[T]) -> T:
@@ -101,7 +74,7 @@ async def unless_refused(nc: Client, subject: str, work: Awaitable[T]) -> T:
     server refuses its publish to `subject` (which nats-py says only to its error callback,
     while `work` would wait for an answer that never comes)."""
     if isinstance(nc, _CommandConnection):
-        return await nc.unless_refused(subject, work)
+        return await nc.refusals.unless_refused(subject, work)
     return await work
 
 
@@ -271,8 +244,8 @@ async def connect(
         if _is_publish_refusal(exc) and watch is not None and watch.probe_refused(exc):
             return  # a start-up check's own: it says what is wrong, and what to grant
         if _is_publish_refusal(exc) and isinstance(nc, _CommandConnection):  # its own request
-            refused = f"{_who(options)} may not publish {_refused_publish(exc)}"
-            nc.refused(_refused_publish(exc), _who(options))
+            refused = f"{options.who} may not publish {_refused_publish(exc)}"
+            nc.refusals.refused(_refused_publish(exc), options.who)
             log.warning(
                 "%s: %s: its role does not allow it (`lifeline nats-config`). `lifeline "
                 "status`, `audit` and `health` are the operator's; the jobs stream is made by "
@@ -497,15 +470,10 @@ def _refused_subscription(exc: Exception) -> str | None:
     return match.group(1) if match else None
 
 
-def _who(options: NatsOptions) -> str:
-    """The NATS user, as a message names it: by name when it has one."""
-    return f"NATS user {options.user}" if options.user and options.password else "this NATS user"
-
-
 def _refused_publish(exc: Exception) -> str:
     """The subject of a publish the server refused, as its error names it."""
-    match = re.search(r'permissions violation for publish to "([^"]*)"', str(exc), re.IGNORECASE)
-    return match.group(1) if match else str(exc)
+    subject = natsio.refused_publish(exc)
+    return subject if subject is not None else str(exc)
 
 
 def must_have_subscribed(

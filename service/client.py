@@ -25,7 +25,9 @@ on `overloaded` and `shutting_down` after 1-2x its retry_after_s, within the req
 timeout). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server, or one refusing the connection its inbox), NoDispatcher (nobody
 on llm.complete), NoAnswer (no reply within the request's timeout and a grace: a TimeoutError
-too), RequestTooLarge (over the server's max_payload), JobsUnavailable (no JetStream). A
+too), RequestTooLarge (over the server's max_payload), NotPermitted (the NATS user may not
+publish llm.complete or llm.stream: raised as the server refuses it, on a connection that
+connect() made; a ValueError), JobsUnavailable (no JetStream). A
 stream also raises StreamGap when an event went missing and StreamProtocolError on a message
 that is not an event (LifelineErrors too, and subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
@@ -55,9 +57,16 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, TypeVar
 
 import msgspec
 import nats.errors
@@ -98,6 +107,8 @@ __all__ = [
 
 log = logging.getLogger("lifeline.client")
 
+T = TypeVar("T")
+
 LOCAL_NATS = "nats://127.0.0.1:4222"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
 _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests without their own
@@ -137,6 +148,12 @@ class NoDispatcher(LifelineError):
 class NoAnswer(LifelineError, TimeoutError):
     """No reply (or, on a stream, no end) within the request's timeout and a grace: the
     dispatcher may have stopped."""
+
+
+class NotPermitted(LifelineError, ValueError):
+    """The NATS server refused the request: its user may not publish its subject (llm.complete,
+    llm.stream), so it went nowhere. Sent again, it is refused again (a ValueError, as
+    RequestRefused is): the user's role, not the request, must change."""
 
 
 class RequestTooLarge(LifelineError, ValueError):
@@ -313,6 +330,8 @@ class Lifeline:
         self._owns = owns_connection
         self._jobs_ready = False
         self._keys: set[str] = set()  # the abort keys of the requests in flight
+        # A connection that connect() made: its error callback tells the refused publishes.
+        self._refusals: natsio.PublishRefusals | None = None
         # The event loop its connection lives in: nats-py's tasks and futures are that loop's.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
@@ -375,9 +394,13 @@ class Lifeline:
         every_server_failed = asyncio.Event()
 
         outage = _Outage(resolved.shown)
+        refusals = natsio.PublishRefusals()
         refused: list[str] = []  # while it checks its inbox: the server's refusals
 
         async def on_error(exc: Exception) -> None:
+            refused_publish = natsio.refused_publish(exc)
+            if refused_publish is not None and refusals.refused(refused_publish, resolved.who):
+                return  # a request's own: it raises NotPermitted, saying so
             if checking_inbox and "permissions violation for subscription" in str(exc).lower():
                 refused.append(str(exc).lower())
                 return
@@ -434,7 +457,9 @@ class Lifeline:
             if inbox is not None and any(f'"{inbox.lower()}"' in e for e in refused):
                 await natsio.close(nc)
                 raise Unreachable(_inbox_refused(resolved, inbox))
-            return cls(nc, owns_connection=True, **settings)
+            lifeline = cls(nc, owns_connection=True, **settings)
+            lifeline._refusals = refusals
+            return lifeline
         await _stop_connecting(nc, connecting)
         why: BaseException | None = failures[-1] if failures else None
         if why is None and not connecting.cancelled():
@@ -509,12 +534,13 @@ class Lifeline:
             self._keys.add(key)
             reconnects = _reconnects(self.nc)
             try:
-                msg = await self.nc.request(
+                asking = self.nc.request(
                     subjects.COMPLETE,
                     payload,
                     timeout=_wait_s(sent, self.default_timeout_s),
                     headers=headers,
                 )
+                msg = await _unless_refused(self._refusals, subjects.COMPLETE, asking)
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
                 await abort(self.nc, key)
                 raise
@@ -566,7 +592,13 @@ class Lifeline:
         _check_retries(overloaded_retries)
         req = self.request(request, **fields)
         return Streamed(
-            self.nc, req, overloaded_retries, self.default_timeout_s, self._keys, self._check_loop
+            self.nc,
+            req,
+            overloaded_retries,
+            self.default_timeout_s,
+            self._keys,
+            self._check_loop,
+            refusals=self._refusals,
         )
 
     async def submit(
@@ -735,6 +767,7 @@ class Streamed:
         keys: set[str] | None = None,
         check_loop: Any = None,
         assembler: Assembler | None = None,
+        refusals: natsio.PublishRefusals | None = None,
     ) -> None:
         self.request = request
         self._given = assembler  # the caller's, for a single try (module-level stream())
@@ -745,6 +778,8 @@ class Streamed:
         self._default_s = default_s
         self._check_loop = check_loop
         self._events: AsyncGenerator[Event, None] | None = None  # this try's, while it runs
+        self._refusals = refusals
+        self._answered = False  # this try has had an event: its publish went through
         self._tries = 0
         self._over = False
         self._sent = request  # this try's request: a retry's has the time left as timeout_s
@@ -814,8 +849,13 @@ class Streamed:
                 self._events = _stream_try(
                     self._nc, self._sent, self.assembler, self._default_s, self._keys
                 )
+                self._answered = False
             try:
-                event = await anext(self._events)
+                if self._answered:  # the rest of a stream: no refusal can come any more
+                    event = await anext(self._events)
+                else:
+                    event = await _unless_refused(self._refusals, STREAM, anext(self._events))
+                    self._answered = True
             except BaseException:  # its end, or a failure: either way that try has closed
                 self._over, self._events = True, None
                 raise
@@ -937,6 +977,22 @@ def _inbox_refused(resolved: natsopts.NatsOptions, inbox: str) -> str:
         f'least-privilege user connects with its inbox prefix: inbox_prefix="_INBOX.{user}" '
         "(or $NATS_INBOX_PREFIX)"
     )
+
+
+async def _unless_refused(
+    refusals: natsio.PublishRefusals | None, subject: str, work: Awaitable[T]
+) -> T:
+    """What `work` returns; NotPermitted as soon as the server refuses its publish to
+    `subject` (on a connection that connect() made: its error callback hears of it)."""
+    if refusals is None:
+        return await work
+    try:
+        return await refusals.unless_refused(subject, work)
+    except natsio.PublishRefused as exc:
+        raise NotPermitted(
+            f"{exc}: the NATS server refused the request, and no dispatcher got it; its role "
+            "does not allow it (`lifeline nats-config` gives a client's subjects)"
+        ) from None
 
 
 def _buffer_full() -> Unreachable:

@@ -10,8 +10,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -32,10 +32,62 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lifeline.nats")
 
+T = TypeVar("T")
+
 
 class PublishRefused(NatsError):
-    """The server refused a client command's request (its user may not publish there): it
-    went nowhere, and no answer will come (service/app.py's _CommandConnection)."""
+    """The server refused a client's request (its user may not publish there): it went
+    nowhere, and no answer will come (PublishRefusals)."""
+
+
+def refused_publish(exc: Exception) -> str | None:
+    """The subject of a publish the server refused, as its error names it; else None."""
+    match = _REFUSED_PUBLISH.search(str(exc))
+    return match.group(1) if match else None
+
+
+_REFUSED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]*)"', re.IGNORECASE)
+
+
+class PublishRefusals:
+    """A client connection's requests waiting for an answer, by subject. The server refuses a
+    publish its user may not make in an -ERR that nats-py passes to the error callback alone,
+    while the request waits out its timeout for an answer that never comes: the callback's
+    refused() ends the requests waiting on that subject at once, as PublishRefused."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Future[str]]] = {}  # by subject, in lower case
+
+    def refused(self, subject: str, who: str) -> bool:
+        """Tell the requests waiting on `subject` that `who` may not publish it; whether any
+        waited (else the refusal was another publish's)."""
+        waiting = self._waiting.get(subject.lower(), ())
+        for refusal in waiting:
+            if not refusal.done():
+                refusal.set_result(who)
+        return bool(waiting)
+
+    async def unless_refused(self, subject: str, work: Awaitable[T]) -> T:
+        """What `work` (which publishes to `subject`, then waits) returns, or PublishRefused as
+        soon as the server refuses that publish (`work` cancelled, and waited for: what it
+        does when cancelled, an abort say, goes out before the connection closes)."""
+        refusal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(subject.lower(), set())
+        waiting.add(refusal)
+        doing = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait((doing, refusal), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.discard(refusal)
+            if not waiting:
+                self._waiting.pop(subject.lower(), None)
+            finished = doing.done()
+            if not finished:
+                doing.cancel()
+                await asyncio.wait((doing,))
+        if finished:
+            return doing.result()
+        raise PublishRefused(f"{refusal.result()} may not publish {subject}")
 
 
 async def ensure_subscribed(nc: Client) -> None:

@@ -130,6 +130,11 @@ class NatsOptions:
         """The servers fit to print: user info becomes '***'."""
         return redact_url(self.servers)
 
+    @property
+    def who(self) -> str:
+        """The NATS user, as a message names it: by name when it has one."""
+        return f"NATS user {self.user}" if self.user and self.password else "this NATS user"
+
     def where(self, key: str) -> str:
         """Where an option came from, for messages: '--nats-creds', '$NATS_CREDS', ..."""
         return self.origin.get(key, f"--nats-{key.replace('_', '-')}")

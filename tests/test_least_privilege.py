@@ -47,7 +47,7 @@ from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
 from service import discovery, permissions
 from service.cli import build_parser, cmd_nats_config
-from service.client import Lifeline, Unreachable
+from service.client import Lifeline, NotPermitted, Unreachable
 from service.config import load_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
@@ -550,6 +550,56 @@ async def test_the_python_client_without_its_inbox_prefix_refuses_to_connect(
         await Lifeline.connect(secured.server.url, **bob)
     async with await Lifeline.connect(secured.server.url, inbox_prefix="_INBOX.bob", **bob) as ll:
         assert (await ll.complete("hello")).status == "ok"
+
+
+async def test_the_python_client_refused_a_publish_raises_at_once_naming_user_and_subject(
+    secured: Secured,
+) -> None:
+    """Lifeline.complete and .stream as the operator, who may not publish llm.complete nor
+    llm.stream: the server dropped the request, and the client waited out its timeout, then
+    raised NoAnswer blaming the dispatcher (or a stream that stalled)."""
+    operator = {"user": "operator", "password": secured.passwords["operator"]}
+    inbox = permissions.client_inbox("operator")
+    async with await Lifeline.connect(secured.server.url, inbox_prefix=inbox, **operator) as ll:
+        for _ in range(2):  # and again: each request is refused, none left waiting
+            with pytest.raises(NotPermitted, match="NATS user operator may not publish llm.com"):
+                await ll.complete("hello", timeout_s=5)
+            with pytest.raises(NotPermitted, match="NATS user operator may not publish llm.str"):
+                async with ll.stream("hello", timeout_s=5) as answer:
+                    await answer.finish()
+        assert not ll._keys and not ll.nc._resp_map, "every refused request was let go"
+
+
+async def test_the_framework_models_refused_a_publish_raise_the_clients_error(
+    secured: Secured,
+) -> None:
+    """LangChain's and Haystack's models as the operator: the same NotPermitted as the client
+    (a ValueError: final to their retries), streamed or not; they waited out their timeout."""
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("haystack")
+    from haystack.dataclasses import ChatMessage
+
+    from service.integrations.haystack import LifelineChatGenerator
+    from service.integrations.langchain import ChatLifeline
+
+    operator = {
+        "NATS_USER": "operator",
+        "NATS_PASSWORD": secured.passwords["operator"],
+        "NATS_INBOX_PREFIX": permissions.client_inbox("operator"),
+    }
+    with environment(**operator):
+        chat = ChatLifeline(model="default", nats_url=secured.server.url, timeout=5)
+        generator = LifelineChatGenerator(nats_url=secured.server.url, timeout=5)
+        try:
+            with pytest.raises(NotPermitted, match="operator may not publish llm.complete"):
+                await chat.ainvoke("hello")
+            with pytest.raises(NotPermitted, match="operator may not publish llm.stream"):
+                [chunk async for chunk in chat.astream("hello")]
+            with pytest.raises(NotPermitted, match="operator may not publish llm.complete"):
+                await generator.run_async([ChatMessage.from_user("hello")])
+        finally:
+            chat.close()
+            generator.close()
 
 
 def test_an_operators_command_run_as_a_client_says_its_role_does_not_allow_it(

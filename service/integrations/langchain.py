@@ -20,7 +20,8 @@ Errors: an error reply raises ReplyError (its `.reply` has the attempts), so Lan
 retries and fallbacks still see a failure: RequestRefused (a ValueError) when no resend can
 cure it, Unavailable (overloaded, shutting_down), DeadlineExceeded (a TimeoutError), else
 ReplyError itself (service/client.py says which is which); a transport problem raises the client's
-LifelineError (Unreachable, NoDispatcher, NoAnswer). `max_retries` sends a request again when
+LifelineError (Unreachable, NoDispatcher, NoAnswer, NotPermitted: a ValueError, its user may not
+publish the request). `max_retries` sends a request again when
 the dispatcher answers `overloaded` or `shutting_down` (the errors worth resending: the rest
 Lifeline retried and fell back on already).
 
