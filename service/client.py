@@ -26,8 +26,8 @@ timeout). What raises is a transport problem, a LifelineError:
 Unreachable (no NATS server, or one refusing the connection its inbox), NoDispatcher (nobody
 on llm.complete), NoAnswer (no reply within the request's timeout and a grace: a TimeoutError
 too), RequestTooLarge (over the server's max_payload), NotPermitted (the NATS user may not
-publish llm.complete or llm.stream: raised as the server refuses it, on a connection that
-connect() made; a ValueError), JobsUnavailable (no JetStream). A
+publish llm.complete, llm.stream or llm.jobs.submit: raised as the server refuses it, on a
+connection that connect() made; a ValueError), JobsUnavailable (no JetStream). A
 stream also raises StreamGap when an event went missing and StreamProtocolError on a message
 that is not an event (LifelineErrors too, and subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
@@ -152,8 +152,9 @@ class NoAnswer(LifelineError, TimeoutError):
 
 class NotPermitted(LifelineError, ValueError):
     """The NATS server refused the request: its user may not publish its subject (llm.complete,
-    llm.stream), so it went nowhere. Sent again, it is refused again (a ValueError, as
-    RequestRefused is): the user's role, not the request, must change."""
+    llm.stream, llm.jobs.submit, a JetStream API's), so it went nowhere. Sent again, it is
+    refused again (a ValueError, as RequestRefused is): the user's role, not the request, must
+    change."""
 
 
 class RequestTooLarge(LifelineError, ValueError):
@@ -635,10 +636,12 @@ class Lifeline:
         payload = encoder.encode(req)
         _check_size(self.nc, payload, headers)
         try:
-            if not self._jobs_ready:
-                await self._ensure_jobs()
+            if not self._jobs_ready:  # its first request: the stream's INFO (nats-py's name)
+                info = f"{js._prefix}.STREAM.INFO.{self.jobs_stream}"
+                await _unless_refused(self._refusals, info, self._ensure_jobs())
             try:
-                ack = await js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+                publishing = js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
+                ack = await _unless_refused(self._refusals, subjects.JOBS_SUBMIT, publishing)
             except nats.js.errors.NoStreamResponseError:
                 # Gone since it was made (a server restarted on an empty store, an operator
                 # deleting it): made again, as `lifeline submit` does, rather than every job
@@ -990,8 +993,8 @@ async def _unless_refused(
         return await refusals.unless_refused(subject, work)
     except natsio.PublishRefused as exc:
         raise NotPermitted(
-            f"{exc}: the NATS server refused the request, and no dispatcher got it; its role "
-            "does not allow it (`lifeline nats-config` gives a client's subjects)"
+            f"{exc}: the NATS server refused the request, so nothing got it; its role does "
+            "not allow it (`lifeline nats-config` gives a client's subjects)"
         ) from None
 
 

@@ -568,6 +568,10 @@ async def test_the_python_client_refused_a_publish_raises_at_once_naming_user_an
                 async with ll.stream("hello", timeout_s=5) as answer:
                     await answer.finish()
         assert not ll._keys and not ll.nc._resp_map, "every refused request was let go"
+        with pytest.raises(
+            NotPermitted, match=r"NATS user operator may not publish \$JS.API.STREAM.INFO"
+        ):
+            await ll.submit("hello", job_id="refused")
 
 
 async def test_the_framework_models_refused_a_publish_raise_the_clients_error(
@@ -734,6 +738,7 @@ authorization {
     {user: "no-requests", password: "pw",
      permissions: {publish: {deny: ["llm.complete", "llm.stream"]}}}
     {user: "no-audit", password: "pw", permissions: {publish: {deny: ["llm.audit.>"]}}}
+    {user: "no-jobs", password: "pw", permissions: {publish: {deny: ["llm.jobs.submit"]}}}
   ]
 }
 """
@@ -785,6 +790,14 @@ def test_a_dispatcher_that_may_not_publish_audit_events_stops_saying_so(denying:
     assert code != 0, out + err
     assert "dispatcher: this NATS user may not publish to llm.audit.ok, llm.audit.error," in err
     assert "grant it publish there (`lifeline nats-config` gives the dispatcher's" in err, err
+
+
+async def test_a_job_its_user_may_not_submit_raises_at_once(denying: str) -> None:
+    """Lifeline.submit as a user who may not publish llm.jobs.submit: JetStream's publish
+    waited out its timeout, then raised JobsUnavailable asking whether JetStream was on."""
+    async with await Lifeline.connect(denying, user="no-jobs", password="pw") as ll:
+        with pytest.raises(NotPermitted, match="NATS user no-jobs may not publish llm.jobs.sub"):
+            await ll.submit("hello", job_id="refused")
 
 
 async def test_the_check_of_publish_rights_reaches_nobody(nats_url: str, tmp_path: Path) -> None:
