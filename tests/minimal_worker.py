@@ -34,8 +34,9 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --json-errors-only           read a body with json.loads catching only JSONDecodeError, so
                                  a body not UTF-8 (or nested too deep) raises, unanswered
 
-and one slows it down, as a model on one thread is, and it still conforms:
+and these leave it conforming:
 
+    --empty-model                answer `"model": ""` (the dispatcher names the target's)
     --slow-calls SECONDS         each answer (not a test directive) takes SECONDS, one at a
                                  time per replica
 
@@ -147,6 +148,7 @@ async def main() -> None:
     flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--json-errors-only", action="store_true")
     flags.add_argument("--text-content-only", action="store_true")
+    flags.add_argument("--empty-model", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     flags.add_argument("--never-answer", action="store_true")
     args = flags.parse_args()
@@ -238,7 +240,8 @@ async def main() -> None:
             if late_stream and left_s <= 0:
                 return  # the chunks went out all the same
         usage = {"input_tokens": 1, "output_tokens": len(text.split())}
-        ok = {"content": content, "model": request.get("model") or MODEL, "usage": usage}
+        model_name = "" if args.empty_model else request.get("model") or MODEL
+        ok = {"content": content, "model": model_name, "usage": usage}
         body = {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"}
         if stream_to and args.reply_on_stream_to:
             await nc.publish(stream_to, json.dumps(body).encode())

@@ -225,6 +225,8 @@ def runs(
         mute = [*MINIMAL, "--never-answer"]
         started["never-answers"] = pool.submit(run_checks, mute, timeout_s=1.0)
         started["directives-first"] = pool.submit(run_checks, DIRECTIVES_FIRST)
+        empty = [*MINIMAL, "--empty-model"]
+        started["empty-model"] = pool.submit(run_checks, empty, checks=["replies_decode"])
         slow_python = {**PYTHON_EXAMPLE, "settings": {"delay_s": SLOW_MODEL_S}}
         path = write_config(configs / "slow.toml", {"providers": {"mine": slow_python}})
         command = [sys.executable, "-m", "service.cli", "worker", "mine", "--config", str(path)]
@@ -339,6 +341,12 @@ def test_a_broken_worker_fails_the_checks_it_breaks_saying_why(flag: str, runs):
     for name in report.failed:
         assert f"FAIL {name}: expected " in report.text()
     assert words in report.text()
+
+
+def test_a_reply_whose_model_is_empty_decodes_as_the_dispatcher_takes_it(runs):
+    # The dispatcher names the target's model in its place (engine._reply): no breach.
+    report = runs["empty-model"].result(timeout=120)
+    assert report.passed, report.text()
 
 
 def test_a_correct_worker_answering_slowly_one_call_at_a_time_conforms(runs):
