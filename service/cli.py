@@ -585,7 +585,8 @@ kinds; no replica crashed. Prints PASS or FAIL per check, with what was expected
 came, and exits 1 when any failed.""",
         epilog="""\
 COMMAND runs with these variables set:
-  NATS_URL              the kit's nats-server
+  NATS_URL              the kit's nats-server, listed twice comma-separated (a cluster's
+                        servers come so)
   LIFELINE_PROVIDER     the provider to serve: llm.provider.<NAME>, queue group
                         lifeline-provider-<NAME>, cancels on llm.cancel.<NAME>
   LIFELINE_TEST_MODE=1  test mode: a request whose last message is a user message

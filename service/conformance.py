@@ -8,7 +8,8 @@
 It starts a nats-server of its own (a free port, no JetStream), starts COMMAND as two
 replicas (or --replicas) with this environment
 
-    NATS_URL=<the kit's server>   LIFELINE_PROVIDER=<NAME, default conformance>
+    NATS_URL=<the kit's server, twice: a cluster's comma-separated list>
+    LIFELINE_PROVIDER=<NAME, default conformance>
     LIFELINE_TEST_MODE=1
 
 waits until both replicas subscribe to llm.provider.<NAME>, and then checks on the wire, each
@@ -365,7 +366,8 @@ async def check_worker(
         report.url = server.url
         extra = {
             **(env or {}),
-            "NATS_URL": server.url,
+            # A cluster's list, as the README promises workers: here the one server twice.
+            "NATS_URL": f"{server.url},{server.url}",
             PROVIDER_ENV: provider,
             TEST_MODE_ENV: "1",
         }
@@ -605,7 +607,8 @@ async def _wait_ready(running: list[_Replica], monitor: _Monitor, timeout_s: flo
                 expected,
                 got,
                 f"{PROVIDER_ENV}={monitor.subject.removeprefix(subjects.PROVIDER_PREFIX)}, "
-                "NATS_URL and LIFELINE_TEST_MODE=1 were set; their output is below",
+                "LIFELINE_TEST_MODE=1 and NATS_URL, a comma-separated list of servers as for a "
+                "cluster (README: Write your own provider), were set; their output is below",
                 monitor.listing(subs),
             )
         await asyncio.sleep(0.05)

@@ -39,7 +39,8 @@ async def main() -> None:
     args = flags.parse_args()
     directives = argparse.Namespace(slow_calls=0.0, auth_as_server_error=False)
     name = os.environ.get("LIFELINE_PROVIDER", "conformance")
-    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=name)
+    url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")  # comma-separated for a cluster
+    nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()], name=name)
     tasks: set[asyncio.Task[None]] = set()
     directed: dict[str, asyncio.Task[Any]] = {}  # the test layer's cancellable directives
 

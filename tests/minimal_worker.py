@@ -31,6 +31,8 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --own-name                   serve llm.provider.minimal, not LIFELINE_PROVIDER's subject
     --text-content-only          take every message's content for a string (`.strip()` it), so
                                  a request with parts, or an assistant's null, goes unanswered
+    --nats-url-whole             pass NATS_URL to nats.connect as one URL, so that a cluster's
+                                 comma-separated list of servers fails it at start
     --json-errors-only           read a body with json.loads catching only JSONDecodeError, so
                                  a body not UTF-8 (or nested too deep) raises, unanswered
 
@@ -148,6 +150,7 @@ async def main() -> None:
     flags.add_argument("--own-name", action="store_true")
     flags.add_argument("--json-errors-only", action="store_true")
     flags.add_argument("--text-content-only", action="store_true")
+    flags.add_argument("--nats-url-whole", action="store_true")
     flags.add_argument("--empty-model", action="store_true")
     flags.add_argument("--slow-calls", type=float, default=0.0, metavar="SECONDS")
     flags.add_argument("--never-answer", action="store_true")
@@ -156,7 +159,9 @@ async def main() -> None:
     if args.own_name:
         name = "minimal"
     test_mode = os.environ.get("LIFELINE_TEST_MODE") == "1"
-    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), name=name)
+    url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    servers = url if args.nats_url_whole else [u.strip() for u in url.split(",") if u.strip()]
+    nc = await nats.connect(servers, name=name)
     tasks: set[asyncio.Task[None]] = set()
     by_attempt: dict[str, asyncio.Task[None]] = {}
     model = asyncio.Lock()

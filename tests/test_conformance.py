@@ -439,6 +439,17 @@ def test_a_worker_serving_another_subject_fails_starts_naming_what_it_subscribed
     assert "subscribe to llm.provider.<LIFELINE_PROVIDER>" in text
 
 
+def test_a_worker_that_takes_nats_url_for_one_server_fails_starts_naming_the_list():
+    """The README promises workers a cluster's servers in NATS_URL, comma-separated; the kit
+    gave one URL, so a worker dialling NATS_URL whole passed, and failed on a cluster."""
+    from service.conformance import run_checks
+
+    report = run_checks([*MINIMAL, "--nats-url-whole"], start_timeout_s=5)
+    text = report.text()
+    assert report.failed == ["starts"], text
+    assert "a comma-separated list of servers" in text
+
+
 def test_one_replica_outside_the_queue_group_is_said_to_be_in_no_queue_group():
     """One replica answers each request once, so only the server's list tells: its failure
     said `got queue group None`."""
