@@ -38,7 +38,8 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
                            that does not stream, no chunk and one ProviderOk with chunks=0);
                            the final content does not repeat the streamed text, and the
                            chunks come in the text's order, text ones bare (no
-                           Lifeline-Event header: only a tool_call piece has one)
+                           Lifeline-Event header: only a tool_call piece has one), a tool
+                           call's first piece with its id and name (where the worker sends any)
     error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
                            rate_limit, 401/403 auth, 402 quota, other 5xx server_error, other
                            4xx bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
@@ -1523,6 +1524,7 @@ def _stream_problem(
     if after:
         return f"{count(len(after), 'chunk')} after the reply", ""
     pieces = []
+    calls: set[int] = set()  # the tool calls whose first piece came
     for i, chunk in enumerate(before, 1):
         event = (chunk.headers or {}).get(subjects.EVENT)
         if event is not None and event != "tool_call":  # the spec's text piece has none
@@ -1530,9 +1532,21 @@ def _stream_problem(
             return got, f"a text piece is bare: only a tool-call piece has {subjects.EVENT}"
         if event == "tool_call":
             try:
-                tool_call_delta_decoder.decode(chunk.data)
+                delta = tool_call_delta_decoder.decode(chunk.data)
             except msgspec.DecodeError as exc:
                 return f"chunk {i}, a tool_call event, is no ToolCallDelta ({exc})", ""
+            if delta.index not in calls:
+                calls.add(delta.index)
+                lacks = " and ".join(f for f in ("id", "name") if not getattr(delta, f))
+                if lacks:
+                    got = (
+                        f"chunk {i}, the first piece of tool call {delta.index} without its {lacks}"
+                    )
+                    hint = (
+                        "a call's first piece carries its id and name, as clients read them "
+                        "(README: Streaming: llm.stream)"
+                    )
+                    return got, hint
             continue
         try:
             pieces.append(chunk.data.decode())

@@ -25,6 +25,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-duplicate-chunk     publish a stream's first chunk twice
     --stream-drop-chunk          leave a stream's second chunk out
     --stream-event-header        publish text chunks with the header Lifeline-Event: delta
+    --stream-tool-call-unnamed   stream a tool call too, its first piece without id and name
     --reply-on-stream-to         send a streamed request's reply to its Lifeline-Stream-To
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
     --answer-cancels             stop a cancelled attempt, then answer it with a failure
@@ -144,6 +145,7 @@ async def main() -> None:
     flags.add_argument("--stream-duplicate-chunk", action="store_true")
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--stream-event-header", action="store_true")
+    flags.add_argument("--stream-tool-call-unnamed", action="store_true")
     flags.add_argument("--reply-on-stream-to", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
     flags.add_argument("--answer-cancels", action="store_true")
@@ -228,7 +230,7 @@ async def main() -> None:
                 failed = {**failed, "kind": "server_error"}
             await reply(msg, failed)
             return
-        chunks, content = 0, text
+        chunks, content, tool_calls = 0, text, []
         stream_to = headers.get("Lifeline-Stream-To")
         if stream_to:
             words = text.split(" ")
@@ -241,6 +243,17 @@ async def main() -> None:
                 event = {"Lifeline-Event": "delta"} if args.stream_event_header else None
                 await nc.publish(stream_to, piece.encode(), headers=event)
                 chunks += 1
+            if args.stream_tool_call_unnamed:  # the id and name come in its second piece
+                call = {"id": "call_1", "name": "echo", "arguments": "{}"}
+                first, second = (
+                    {"index": 0, "arguments": "{"},
+                    {**call, "index": 0, "arguments": "}"},
+                )
+                for piece in (first, second):
+                    tool = {"Lifeline-Event": "tool_call"}
+                    await nc.publish(stream_to, json.dumps(piece).encode(), headers=tool)
+                    chunks += 1
+                tool_calls = [call]
             content = text if args.stream_and_repeat_content else ""
             if late_stream and left_s <= 0:
                 return  # the chunks went out all the same
@@ -248,6 +261,8 @@ async def main() -> None:
         model_name = "" if args.empty_model else request.get("model") or MODEL
         ok = {"content": content, "model": model_name, "usage": usage}
         body = {"status": "ok", **ok, "chunks": chunks, "finish_reason": "stop"}
+        if tool_calls:
+            body |= {"tool_calls": tool_calls, "finish_reason": "tool_calls"}
         if stream_to and args.reply_on_stream_to:
             await nc.publish(stream_to, json.dumps(body).encode())
             return

@@ -89,6 +89,10 @@ BROKEN = {
     "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
     "--stream-event-header": ({"streaming"}, "chunk 1 with the header Lifeline-Event: 'delta'"),
     "--reply-on-stream-to": ({"streaming"}, "the last chunk is a reply, ProviderOk("),
+    "--stream-tool-call-unnamed": (
+        {"streaming"},
+        "first piece of tool call 0 without its id and name",
+    ),
     "--answer-cancels": ({"cancel"}, "it answered once the cancel came"),
     "--cancel-only-unstreamed": ({"cancel"}, "sleep 1500', with Lifeline-Stream-To) cancelled"),
 }
