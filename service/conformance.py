@@ -39,7 +39,8 @@ check printed as `PASS name` or `FAIL name: expected ..., got ...`:
                            the final content does not repeat the streamed text, and the
                            chunks come in the text's order, text ones bare (no
                            Lifeline-Event header: only a tool_call piece has one), a tool
-                           call's first piece with its id and name (where the worker sends any)
+                           call's first piece with its id and name (where the worker sends any),
+                           and no chunk over the server's max_payload less 1 KiB
     error_kinds            failures carry the kind their HTTP status maps to (408 timeout, 429
                            rate_limit, 401/403 auth, 402 quota, other 5xx server_error, other
                            4xx bad_request), a kind of schemas.errors.ERROR_KINDS, and status_code
@@ -131,6 +132,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_PROVIDER = "conformance"
 PROVIDER_ENV = "LIFELINE_PROVIDER"
 TEST_MODE_ENV = "LIFELINE_TEST_MODE"  # workers.testmode.TEST_MODE_ENV: the kit imports no worker
+STREAM_HEADER_ROOM = 1024  # service.transport's: a stream event's headers, below max_payload
 CHECKS = (
     "starts",
     "replies_decode",
@@ -1416,7 +1418,8 @@ class _Checks:
                 return _fail(name, expected, got, hint, self._dead())
             if not exchange.replies and not exchange.unheard:
                 return self._wrong(name, expected, exchange, waited_s)
-            problem = _stream_problem(exchange, said[0], steady=said[0] == said[1])
+            max_chunk = self.wire.nc.max_payload - STREAM_HEADER_ROOM
+            problem = _stream_problem(exchange, said[0], max_chunk, steady=said[0] == said[1])
             if problem is not None:
                 got, hint = problem
                 return _fail(name, expected, got, hint, self._dead())
@@ -1495,7 +1498,7 @@ class _Checks:
 
 
 def _stream_problem(
-    exchange: _Exchange, said: str | None, steady: bool = False
+    exchange: _Exchange, said: str | None, max_chunk: int, steady: bool = False
 ) -> tuple[str, str] | None:
     """What is wrong with one streamed exchange's events, and a hint, or None. `said` is the
     text the same request got unstreamed (None when it got none): the stream is compared with
@@ -1526,6 +1529,13 @@ def _stream_problem(
     pieces = []
     calls: set[int] = set()  # the tool calls whose first piece came
     for i, chunk in enumerate(before, 1):
+        if len(chunk.data) > max_chunk:
+            got = f"chunk {i} of {len(chunk.data)} bytes, over {max_chunk}"
+            hint = (
+                "keep each piece under the server's max_payload less 1 KiB, room for the "
+                "dispatcher's headers: it fails a larger one (README: Provider workers)"
+            )
+            return got, hint
         event = (chunk.headers or {}).get(subjects.EVENT)
         if event is not None and event != "tool_call":  # the spec's text piece has none
             got = f"chunk {i} with the header {subjects.EVENT}: {event!r}"

@@ -25,6 +25,7 @@ Each flag breaks it on purpose, to show the kit failing the right checks:
     --stream-duplicate-chunk     publish a stream's first chunk twice
     --stream-drop-chunk          leave a stream's second chunk out
     --stream-event-header        publish text chunks with the header Lifeline-Event: delta
+    --stream-oversized-chunk     pad a stream's first chunk to max_payload less 1,000 bytes
     --stream-tool-call-unnamed   stream a tool call too, its first piece without id and name
     --reply-on-stream-to         send a streamed request's reply to its Lifeline-Stream-To
     --cancel-only-unstreamed     stop a cancelled attempt only when it is not streamed
@@ -145,6 +146,7 @@ async def main() -> None:
     flags.add_argument("--stream-duplicate-chunk", action="store_true")
     flags.add_argument("--stream-drop-chunk", action="store_true")
     flags.add_argument("--stream-event-header", action="store_true")
+    flags.add_argument("--stream-oversized-chunk", action="store_true")
     flags.add_argument("--stream-tool-call-unnamed", action="store_true")
     flags.add_argument("--reply-on-stream-to", action="store_true")
     flags.add_argument("--cancel-only-unstreamed", action="store_true")
@@ -237,6 +239,8 @@ async def main() -> None:
             pieces = [word if i == 0 else " " + word for i, word in enumerate(words)]
             if args.stream_duplicate_chunk:
                 pieces = [pieces[0], *pieces]
+            if args.stream_oversized_chunk:  # over max_payload less 1 KiB, yet publishable
+                pieces[0] = pieces[0].ljust(nc.max_payload - 1000)
             if args.stream_drop_chunk and len(pieces) > 1:
                 pieces = pieces[:1] + pieces[2:]
             for piece in reversed(pieces) if args.stream_in_reverse else pieces:

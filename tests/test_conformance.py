@@ -89,6 +89,7 @@ BROKEN = {
     "--stream-drop-chunk": ({"streaming"}, "reading 'echo: me a story.' joined as they came"),
     "--stream-event-header": ({"streaming"}, "chunk 1 with the header Lifeline-Event: 'delta'"),
     "--reply-on-stream-to": ({"streaming"}, "the last chunk is a reply, ProviderOk("),
+    "--stream-oversized-chunk": ({"streaming"}, "max_payload less 1 KiB"),
     "--stream-tool-call-unnamed": (
         {"streaming"},
         "first piece of tool call 0 without its id and name",
