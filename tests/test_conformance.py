@@ -542,17 +542,18 @@ def test_a_count_of_one_is_said_in_the_singular():
             exchange.events.append(_Event(what, data, None, 0.1 * i))
         return exchange
 
+    MAX_CHUNK = (1 << 20) - 1024  # nats-server's default max_payload, less the headers' room
     chunk = ("chunk", b"Hello")
     ok = ProviderOk("", "m-1", chunks=2)
-    assert _stream_problem(streamed(chunk, ("reply", ok)), None) == (
+    assert _stream_problem(streamed(chunk, ("reply", ok)), None, MAX_CHUNK) == (
         "1 chunk, and then a ProviderOk with chunks=2",
         "",
     )
     lost = ProviderFailure("server_error", "lost")
-    got, _ = _stream_problem(streamed(chunk, ("reply", lost)), None) or ("", "")
+    got, _ = _stream_problem(streamed(chunk, ("reply", lost)), None, MAX_CHUNK) or ("", "")
     assert got.endswith(" after 1 chunk"), got
     late = streamed(("reply", ProviderOk("Hello", "m-1")), chunk)
-    assert _stream_problem(late, None) == ("1 chunk after the reply", "")
+    assert _stream_problem(late, None, MAX_CHUNK) == ("1 chunk after the reply", "")
     repeated, _ = _text_problem("Hello", "Hello", 1, None) or ("", "")
     assert repeated.startswith("1 text chunk reading 'Hello', then"), repeated
 
