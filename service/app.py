@@ -244,8 +244,9 @@ async def connect(
         if _is_publish_refusal(exc) and watch is not None and watch.probe_refused(exc):
             return  # a start-up check's own: it says what is wrong, and what to grant
         if _is_publish_refusal(exc) and isinstance(nc, _CommandConnection):  # its own request
-            refused = f"{options.who} may not publish {_refused_publish(exc)}"
-            nc.refusals.refused(_refused_publish(exc), options.who)
+            subject = _refused_publish(exc)
+            refused = f"{options.who} may not publish {subject}"
+            nc.refusals.refused(subject, options.who)
             log.warning(
                 "%s: %s: its role does not allow it (`lifeline nats-config`). `lifeline "
                 "status`, `audit` and `health` are the operator's; the jobs stream is made by "
@@ -595,7 +596,7 @@ def _is_inbox_refusal(exc: Exception) -> bool:
 
 def _is_publish_refusal(exc: Exception) -> bool:
     """The server refused a publish: the connection stays up, the message is dropped."""
-    return "permissions violation for publish to" in str(exc).lower()
+    return natsio.refused_publish(exc) is not None
 
 
 def _is_auth_refusal(exc: Exception) -> bool:
