@@ -267,6 +267,33 @@ DROPPABLE = (
 )
 # One of DROPPABLE, as the schema says it (the config's check, service.config, refuses others).
 Droppable = Annotated[str, Meta(extra_json_schema={"enum": list(DROPPABLE)})]
+# Those a target may set itself, and what dropping one leaves unsent besides: a target that
+# sets one and drops it contradicts itself, as does one with tools = false (it skips every
+# request with tools) that drops tools. service.config refuses them, and the schema so.
+TARGET_SETS = ("temperature", "top_p", "max_tokens", "stop", "seed", "parallel_tool_calls")
+UNSENT_WITH = {"tools": ("parallel_tool_calls",)}
+
+
+def _dropping(dropped: str, field: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "required": [field, "drop"],
+        "properties": {field: value, "drop": {"contains": {"const": dropped}}},
+    }
+
+
+SCHEMA_RULES["TargetSpec"] = {
+    "not": {
+        "anyOf": [
+            *(
+                _dropping(dropped, field, {"not": {"type": "null"}})
+                for dropped in DROPPABLE
+                for field in (dropped, *UNSENT_WITH.get(dropped, ()))
+                if field in TARGET_SETS
+            ),
+            _dropping("tools", "tools", {"const": False}),
+        ]
+    }
+}
 
 
 class TargetSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -31,7 +31,14 @@ from msgspec import Meta, Struct
 
 from schemas.deadline import MIN_CALL_S
 from schemas.errors import CHAIN_KINDS, kind_or_status_problem
-from schemas.wire import CONFIG_NAME, DROPPABLE, OnMidstream, TargetSpec
+from schemas.wire import (
+    CONFIG_NAME,
+    DROPPABLE,
+    TARGET_SETS,
+    UNSENT_WITH,
+    OnMidstream,
+    TargetSpec,
+)
 from service.health import SLOT_S, BreakerSettings
 from service.natsopts import NatsSettings
 from service.shaping import Template
@@ -782,17 +789,40 @@ def _check_target(
     if problem is not None:
         raise TargetError(problem[1], f"retry_on[{problem[0]}]")
     for i, name in enumerate(ref.drop):
-        if name not in DROPPABLE:
-            raise TargetError(
-                f"{name!r} is not a request parameter a target can drop ({', '.join(DROPPABLE)})",
-                f"drop[{i}]",
-            )
+        problem = _drop_problem(ref, name)
+        if problem is not None:
+            raise TargetError(problem, f"drop[{i}]")
     if ref.breaker is not None:
         try:
             _breaker("breaker", ref.breaker)
         except ConfigError as exc:
             field, _, message = str(exc).partition(": ")
             raise TargetError(message, field) from None
+
+
+def _drop_problem(ref: TargetSpec, name: str) -> str | None:
+    """Why `ref` may not drop `name`: not a parameter it can, or one its own settings
+    contradict (accepted, the drop won silently, or the skip left it nothing to act on)."""
+    if name not in DROPPABLE:
+        return f"{name!r} is not a request parameter a target can drop ({', '.join(DROPPABLE)})"
+    for field in (name, *UNSENT_WITH.get(name, ())):
+        value = getattr(ref, field) if field in TARGET_SETS else None
+        if value is not None:
+            return (
+                f"this target sets {field} ({_shown(value)}), which dropping {name} leaves unsent: "
+                f"keep one (its own {field} replaces the request's; drop sends none)"
+            )
+    if name == "tools" and not ref.tools:
+        return (
+            "tools = false skips every request with tools, so dropping them never acts: keep "
+            "one (drop calls this target without the request's tools; tools = false skips it)"
+        )
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A config value as TOML's inline form mostly writes it (true, ["END"])."""
+    return msgspec.json.encode(value).decode()
 
 
 def breaker_settings(*layers: dict[str, Any] | None) -> BreakerSettings:

@@ -358,6 +358,48 @@ def test_a_named_target_may_not_share_a_providers_name():
     assert message.startswith("targets.p: a provider has this name too")
 
 
+@pytest.mark.parametrize(
+    ("setting", "dropped"),
+    [
+        ({"temperature": 0.2}, "temperature"),
+        ({"max_tokens": 256}, "max_tokens"),
+        ({"top_p": 0.9}, "top_p"),
+        ({"stop": ["END"]}, "stop"),
+        ({"seed": 7}, "seed"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"parallel_tool_calls": False}, "tools"),  # dropping tools leaves it unsent too
+    ],
+    ids=lambda v: str(v),
+)
+def test_a_target_that_sets_a_parameter_and_drops_it_is_refused(setting, dropped):
+    """Accepted, the drop won silently: the value the target set was never sent."""
+    message = error(policy(inline(**setting, drop=[dropped])))
+    (name,) = setting
+    assert message.startswith(f"routes.r.targets[0].drop[0]: this target sets {name}")
+    assert "keep one" in message
+
+
+def test_a_named_target_that_sets_and_drops_temperature_names_its_table():
+    targets = {"x": {"provider": "p", "temperature": 1.0, "drop": ["stop", "temperature"]}}
+    message = error(policy({"r": {"targets": ["x"]}}, targets=targets))
+    assert message.startswith("targets.x.drop[1]: this target sets temperature (1.0)")
+
+
+def test_a_target_that_skips_requests_with_tools_and_drops_them_is_refused():
+    """tools = false skips every request with tools, so its drop = ["tools"] never acted."""
+    message = error(policy(inline(tools=False, drop=["tools"])))
+    assert message.startswith("routes.r.targets[0].drop[0]: tools = false skips")
+
+
+def test_a_name_a_target_cannot_drop_is_refused_naming_those_it_can():
+    message = error(policy(inline(drop=["messages"])))
+    assert message.startswith(
+        "routes.r.targets[0].drop[0]: 'messages' is not a request parameter a target can drop "
+        "(temperature, top_p, max_tokens, stop, seed, tools, tool_choice, parallel_tool_calls, "
+        "response_format)"
+    )
+
+
 def test_a_user_template_without_input_is_refused():
     message = error(policy({"r": {"targets": ["p"]}}, templates={"t": {"user": "Answer briefly."}}))
     assert message.startswith("templates.t: `user` must contain {input}")

@@ -439,6 +439,14 @@ REFUSED_WHATEVER_THE_CONFIG = [
     (request_with(targets=[{"provider": "echo", "retry_on": ["bogus"]}]), "enum"),
     (request_with(targets=[{"provider": "echo", "retry_on": [600]}]), "maximum"),
     (request_with(targets=[{"provider": "echo", "drop": ["bogus"]}]), "enum"),
+    (request_with(targets=[{"provider": "echo", "seed": 7, "drop": ["seed"]}]), "not"),
+    (request_with(targets=[{"provider": "echo", "tools": False, "drop": ["tools"]}]), "not"),
+    (
+        request_with(
+            targets=[{"provider": "echo", "parallel_tool_calls": True, "drop": ["tools"]}]
+        ),
+        "not",
+    ),
     (request_with(targets=[{"provider": "echo", "timeout_s": 0.0005}]), "minimum"),
     (request_with(targets=[{"provider": "echo", "breaker": {"cooldown_s": 1}}]), "type"),
     (request_with(faults={"echo": "bogus"}), "anyOf"),
@@ -459,6 +467,7 @@ ACCEPTED = [
         targets=[{"provider": "echo", "retry_on": ["timeout", 429], "drop": ["seed", "tools"]}]
     ),
     request_with(targets=[{"provider": "echo", "breaker": None}]),
+    request_with(targets=[{"provider": "echo", "seed": None, "stop": ["END"], "drop": ["seed"]}]),
     request_with(targets=[{"provider": "echo", "timeout_s": 0.001}]),
     request_with(faults={"echo": ["ok", None, "timeout", "invalid_output", 429]}),
     request_with(faults={"echo": ["503 after 2", "rate_limit after 0"]}),
