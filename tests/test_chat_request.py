@@ -195,6 +195,15 @@ async def test_a_tool_call_against_tool_choice_none_falls_back(lifeline, client)
     assert reply.content == "Sunny, 21 C." and reply.tool_calls is None
 
 
+async def test_a_target_that_drops_response_format_is_still_held_to_it(lifeline, client):
+    """drop sends the target no response_format; the answer is checked as for any other."""
+    providers = {"plain": fake(reply="Sunny."), "strict": fake(reply='{"sky": "sunny"}')}
+    dropping = {"provider": "plain", "drop": ["response_format"]}
+    await lifeline(config(providers, route(dropping, "strict")))
+    reply = await ask(client, chat(response_format={"type": "json_object"}))
+    assert outcomes(reply) == [("plain", "error", "invalid_output"), ("strict", "ok", None)]
+
+
 async def test_fail_on_length_treats_a_truncated_answer_as_a_failure(lifeline, client):
     providers = {"cut": fake(reply="Once upon a", finish_reason="length"), "whole": fake()}
     await lifeline(config(providers))

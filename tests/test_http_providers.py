@@ -144,6 +144,57 @@ async def test_an_http_429_falls_back_with_the_providers_message(lifeline, clien
     assert "Rate limit reached" in (failed.message or "")
 
 
+# A reasoning model (o1, o3, gpt-5) answers 400 to temperature, top_p and stop; a local model
+# takes them. Sampling parameters every target gets but those the first drops:
+SAMPLED = {"temperature": 0.2, "top_p": 0.9, "stop": ["END"], "seed": 7, "max_tokens": 50}
+
+
+def reasoning_first(reasoning: FakeOpenAI, local: FakeOpenAI) -> dict:
+    data = config(
+        {"o3": openai_at(reasoning, model="o3-mini"), "local": openai_at(local)},
+        {"default": {"targets": ["reasoning", "local"]}},
+    )
+    data["targets"] = {"reasoning": {"provider": "o3", "drop": ["temperature", "top_p", "stop"]}}
+    return data
+
+
+@pytest.fixture
+def second_server() -> Iterator[FakeOpenAI]:
+    with serving(FakeOpenAI()) as server:
+        yield server
+
+
+async def test_a_target_that_drops_parameters_its_model_refuses_answers_without_them(
+    lifeline, client, audit, http_server, second_server
+):
+    await lifeline(reasoning_first(http_server, second_server))
+    http_server.script = [("ok", "Because.")]
+    reply = await ask(client, {**USER_HELLO, **SAMPLED})
+    assert (reply.status, reply.content, reply.target) == ("ok", "Because.", "reasoning")
+    [sent] = http_server.requests
+    assert {"temperature", "top_p", "stop"}.isdisjoint(sent["body"])
+    assert (sent["body"]["seed"], sent["body"]["max_tokens"]) == (7, 50)
+    [(_, event)] = await audit.wait_for(1)
+    assert (event.status, event.target, event.model) == ("ok", "reasoning", "o3-mini")
+    assert second_server.requests == []
+
+
+async def test_the_next_target_after_one_that_drops_parameters_gets_them_all(
+    lifeline, client, http_server, second_server
+):
+    await lifeline(reasoning_first(http_server, second_server))
+    http_server.script = [(503, "overloaded")]
+    reply = await ask(client, {**USER_HELLO, **SAMPLED})
+    assert (reply.status, reply.target) == ("ok", "local")
+    assert [(a.target, a.outcome) for a in reply.attempts] == [
+        ("reasoning", "error"),
+        ("local", "ok"),
+    ]
+    [dropped], [whole] = http_server.requests, second_server.requests
+    assert {"temperature", "top_p", "stop"}.isdisjoint(dropped["body"])
+    assert {name: whole["body"][name] for name in SAMPLED} == SAMPLED
+
+
 @pytest.mark.parametrize(
     ("headers", "seconds"),
     [
