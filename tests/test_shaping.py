@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from schemas import ChatMessage, CompletionRequest, ProviderFailure, ProviderOk, ProviderRequest
-from schemas.wire import ImagePart, JsonSchemaFormat, ResponseFormat, TextPart, Tool, ToolCall
+from schemas.wire import (
+    DROPPABLE,
+    ImagePart,
+    JsonSchemaFormat,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolCall,
+)
 from service.shaping import (
     Shaping,
     Template,
@@ -149,6 +157,35 @@ def test_parameters_the_target_leaves_unset_keep_the_requests_values():
 def test_shape_applies_the_targets_template():
     shaped = shape(base(), Shaping(template=Template(user="Q: {input}"), template_name="q"))
     assert shaped.messages == chat(("user", "Q: Hi"))
+
+
+# Every sampling or answer parameter a request may carry to a provider, set.
+EVERY_PARAMETER = {
+    "max_tokens": 100,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "response_format": ResponseFormat("json_object"),
+    "tools": [Tool("get_weather")],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "stop": ["END"],
+    "seed": 7,
+}
+
+
+def test_a_target_can_drop_each_parameter_the_provider_request_carries_and_no_other():
+    """A new optional field of ProviderRequest a model might refuse is one a target can drop;
+    its id, messages, model and metadata are Lifeline's own."""
+    own = {"id", "messages", "model", "metadata"}
+    assert set(DROPPABLE) == set(ProviderRequest.__struct_fields__) - own == set(EVERY_PARAMETER)
+
+
+@pytest.mark.parametrize("name", DROPPABLE)
+def test_a_dropped_parameter_is_left_out_and_the_others_are_kept(name):
+    shaped = shape(base(**EVERY_PARAMETER), Shaping(drop=frozenset([name])))
+    unsent = {name, "tool_choice", "parallel_tool_calls"} if name == "tools" else {name}
+    for field, value in EVERY_PARAMETER.items():
+        assert getattr(shaped, field) == (None if field in unsent else value), field
 
 
 # ---- estimate_tokens ------------------------------------------------------------------
