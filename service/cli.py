@@ -47,7 +47,6 @@ import shutil
 import signal
 import time
 import tomllib
-import traceback
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -893,8 +892,8 @@ def _execute(args: argparse.Namespace) -> int:
     with contextlib.redirect_stderr(_Scrubbed(sys.stderr)):
         try:
             return _command(args)
-        except Exception:  # noqa: BLE001 - a bug: its traceback through the same step, exit 1
-            traceback.print_exc()
+        except Exception as exc:  # noqa: BLE001 - a bug: its traceback through the same step
+            logs.say_bug(exc)
             return 1
 
 
@@ -959,7 +958,7 @@ def _command(args: argparse.Namespace) -> int:
         logs.setup(verbose=args.verbose)
         loop.loop_factory()  # LIFELINE_EVENT_LOOP, as the log variables: before any command
     except ValueError as exc:
-        print(f"lifeline: {exc}", file=sys.stderr)
+        _failed(str(exc))
         return 2
     if args.command in _SERVING:
         _hide_otlp_secrets()
@@ -985,23 +984,28 @@ def _command(args: argparse.Namespace) -> int:
     try:
         return loop.run(_serving(command) if args.command in _SERVING else _stoppable(command))
     except (NatsUnreachable, EmbeddedNatsError, ValueError) as exc:  # ConfigError among them
-        print(f"lifeline: {exc}", file=sys.stderr)
+        _failed(str(exc))
         return 2
     except BrokenPipeError:  # `lifeline ... | head`: the reader had enough; nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice
         return 1
     except OSError as exc:  # a file or a directory a command was given, as the system saw it
-        print(f"lifeline: {exc}", file=sys.stderr)
+        _failed(str(exc))
         return 1
     except RuntimeError as exc:
         if "can't start new thread" not in str(exc):
             raise
-        print(  # Python's words for EAGAIN from pthread_create
-            "lifeline: cannot start a thread: this process is at its limit of processes and "
-            "threads (`ulimit -u`, a container's pids limit, systemd's TasksMax=): raise it",
-            file=sys.stderr,
+        _failed(  # Python's words for EAGAIN from pthread_create
+            "cannot start a thread: this process is at its limit of processes and threads "
+            "(`ulimit -u`, a container's pids limit, systemd's TasksMax=): raise it"
         )
         return 1
+
+
+def _failed(text: str) -> None:
+    """Why a command stops before its end: "lifeline: <text>" on stderr, or an ERROR record
+    under JSON logs."""
+    logs.say(f"lifeline: {text}", message=text)
 
 
 # What stops a serving command: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed), each a
@@ -1278,9 +1282,9 @@ async def _serve_stack(
     settle_after_start()
     lost = await _until_signalled(_first(stack.lost(), server.gone() if server else None))
     if lost is not None and lost.startswith("the embedded nats-server"):
-        print(f"\n{lost}\nstopping everything", file=sys.stderr)
+        logs.say(f"\n{lost}\nstopping everything")
     elif lost is not None:
-        print(f"\n{lost} lost its NATS connection for good: stopping everything", file=sys.stderr)
+        logs.say(f"\n{lost} lost its NATS connection for good: stopping everything")
     else:
         print("\nshutting down: finishing requests in flight...")
     if watcher is not None:
@@ -2416,7 +2420,7 @@ async def cmd_gateway(args: argparse.Namespace) -> int:
     _print_gateway(server, config)
     lost = await _until_signalled(component.watch.wait_lost())
     if lost is not None:
-        print(f"{lost} lost its NATS connection for good: stopping", file=sys.stderr)
+        logs.say(f"{lost} lost its NATS connection for good: stopping")
     await component.stop()
     print("stopped")
     return 0 if lost is None else 1
@@ -2444,10 +2448,9 @@ async def _run_gateway(
     except OSError as exc:
         if args.gateway_port is not None:
             raise ValueError(f"gateway: {exc}; try --gateway-port -1 or --no-gateway") from None
-        print(
+        logs.say(
             f"gateway not started: {exc}; try --gateway-port -1 (make run GATEWAY_PORT=-1)",
-            file=sys.stderr,
-            flush=True,
+            logging.WARNING,
         )
         return
     stack.components.append(component)

@@ -12,7 +12,9 @@ sequence: every character that is not printable is written as its escape (`\n`, 
 line passes through the scrubbers of the process's workers and its CLI command (`hide`; a
 library may log what a provider sent back, and a provider may have echoed its key), and a
 URL's user info is hidden whatever it holds. httpx's one line per HTTP request
-shows at DEBUG only.
+shows at DEBUG only. What a command writes on stderr itself (`say`, `warn`, `say_bug`: a
+start-up mistake, why it stops, a traceback) is a record too under JSON, so that a collector
+that parses a JSON object per line finds nothing else.
 
 Hostile traffic must not turn into a line per request (a disk filled, CPU spent on logging):
 above DEBUG, one place in the code writes at most REPEATS_BURST warnings or errors in
@@ -27,6 +29,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -163,28 +166,50 @@ class Repeats(logging.Filter):
 _json = False  # LIFELINE_LOG_FORMAT=json, as setup() found it
 
 
-def warn(text: str) -> None:
-    """A warning a command says as it starts, whatever the level (what a config holds that
-    will never act): "warning: <text>" on stderr, or under JSON logs a WARNING record, as
-    every other line is, so that a log shipper parses it. Not a log line: the Repeats filter
+def say(line: str, level: int = logging.ERROR, message: str | None = None) -> None:
+    """A line a command writes on stderr itself, whatever the level (a start-up mistake, a
+    warning that must be seen, why it stops): `line` as it is, or under JSON logs a record of
+    `level` whose message is `message` (else `line` without its blank lines around it), so
+    that a log shipper parses it as every other line. Not a log line: the Repeats filter
     would drop the sixth of a config's warnings, all said from one place."""
-    line = f"warning: {text}"
     if _json:
-        record = logging.LogRecord("lifeline", logging.WARNING, __file__, 0, text, None, None)
-        line = JsonFormatter().format(record)
+        shown = line.strip("\n") if message is None else message
+        line = _record(level, shown, None)
     print(line, file=sys.stderr, flush=True)
+
+
+def warn(text: str) -> None:
+    """A warning a command says as it starts (what a config holds that will never act):
+    "warning: <text>", or a WARNING record."""
+    say(f"warning: {text}", logging.WARNING, text)
+
+
+def say_bug(exc: BaseException) -> None:
+    """An exception nothing caught (a bug): Python's traceback, or one ERROR record holding it
+    under JSON logs."""
+    if not _json:
+        traceback.print_exception(exc)
+        return
+    message = traceback.format_exception_only(exc)[-1].strip()
+    print(_record(logging.ERROR, message, exc), file=sys.stderr, flush=True)
+
+
+def _record(level: int, message: str, exc: BaseException | None) -> str:
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = logging.LogRecord("lifeline", level, __file__, 0, message, None, exc_info)
+    return JsonFormatter().format(record)
 
 
 def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> None:
     """Configure the root logger from the environment; raises ValueError on a bad value."""
-    level = environ.get(LEVEL_ENV, "").strip().upper() or "INFO"
-    if level not in LEVELS:
-        raise ValueError(f"{LEVEL_ENV}={level!r}: expected one of {', '.join(LEVELS)}")
     form = environ.get(FORMAT_ENV, "").strip().lower() or "text"
     if form not in FORMATS:
         raise ValueError(f"{FORMAT_ENV}={form!r}: expected one of {', '.join(FORMATS)}")
     global _json
-    _json = form == "json"
+    _json = form == "json"  # first: a bad level is then said as a JSON record
+    level = environ.get(LEVEL_ENV, "").strip().upper() or "INFO"
+    if level not in LEVELS:
+        raise ValueError(f"{LEVEL_ENV}={level!r}: expected one of {', '.join(LEVELS)}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     if not verbose and level != "DEBUG":  # debugging wants every line

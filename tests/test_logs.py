@@ -3,16 +3,27 @@ environment; and `lifeline --version`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers import run_lifeline
+from helpers import ROOT, SECRET_KEY, cli_env, free_port, run_lifeline, spawn_lifeline
 
 from service import logs
+from service.embedded import EmbeddedNats
 from workers.scrubbing import Scrubber
 
+EXAMPLE = str(ROOT / "lifeline.example.toml")
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
@@ -21,6 +32,7 @@ def restore_logging():
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
+    logs.setup(environ={})  # Python's own lines back to Python, JSON off
     root.handlers[:], root.level = handlers, level
 
 
@@ -185,3 +197,156 @@ def _env() -> dict[str, str]:
     from helpers import cli_env
 
     return cli_env()
+
+
+# ---- a serving command's stderr under JSON logs: every line a record -------------------------
+
+
+def _records(stderr: str) -> list[dict[str, str]]:
+    """Every line of a process's stderr as the JSON record each must be."""
+    records = []
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"a line that is not JSON: {line!r}\nin:\n{stderr}")
+        assert {"ts", "level", "logger", "message"} <= record.keys(), line
+        assert re.fullmatch(STAMP, record["ts"]), line
+        records.append(record)
+    return records
+
+
+def _said(records: list[dict[str, str]], level: str, text: str) -> dict[str, str]:
+    found = [r for r in records if r["level"] == level and text in r["message"]]
+    assert found, f"no {level} record saying {text!r} in {records}"
+    return found[0]
+
+
+def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """A serving command under JSON logs, its stdout in tmp_path/out, its stderr in err."""
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        return spawn_lifeline(
+            *args,
+            env=cli_env(OPENAI_API_KEY=SECRET_KEY, LIFELINE_LOG_FORMAT="json", **env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def _wait_for(proc: subprocess.Popen[str], path: Path, pattern: str) -> None:
+    deadline = time.monotonic() + 30
+    while not re.search(pattern, path.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            f"never wrote {pattern!r} (exit {proc.poll()}):\n{path.read_text()}"
+        )
+        time.sleep(0.05)
+
+
+def _stopped(proc: subprocess.Popen[str]) -> int:
+    try:
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def port_8080_taken() -> Iterator[None]:
+    """`lifeline run`'s default gateway port, taken (here, or already by someone else)."""
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8080))
+            taken.listen()
+        except OSError as exc:
+            assert exc.errno == errno.EADDRINUSE
+        yield
+
+
+def test_run_under_json_logs_says_its_gateway_was_not_started_and_why_it_stops_as_records(
+    tmp_path, port_8080_taken
+):
+    """ "gateway not started: ..." and "the embedded nats-server exited ... stopping
+    everything" were plain lines among the JSON ones: a log pipeline that parses a JSON object
+    per line broke on them, or dropped them."""
+    run = _serve(tmp_path, "run", "--port", "-1")
+    try:
+        _wait_for(run, tmp_path / "out", "dispatcher ready")
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        [server] = [c for c in children if "nats-server" in Path(f"/proc/{c}/cmdline").read_text()]
+        os.kill(int(server), signal.SIGKILL)
+    finally:
+        code = _stopped(run)
+    assert code == 1
+    records = _records((tmp_path / "err").read_text())
+    _said(records, "WARNING", "gateway not started: cannot listen on 127.0.0.1:8080")
+    stopping = _said(records, "ERROR", "the embedded nats-server exited (-9)")
+    assert stopping["message"].endswith("\nstopping everything"), stopping
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def test_the_gateway_under_json_logs_says_it_lost_its_nats_connection_as_a_record(tmp_path):
+    conf = f'authorization {{ token: "{TOKEN}" }}\n'
+    with EmbeddedNats(port=free_port(), conf=conf) as server:
+        url = f"nats://{TOKEN}@{server.host}:{server.port}"
+        gateway = _serve(tmp_path, "gateway", "--port", "0", "--nats-url", url)
+        try:
+            _wait_for(gateway, tmp_path / "out", "OpenAI-compatible gateway on")
+            # The server's token changed and its config reloaded: it closes the connection,
+            # and refuses the old token on every reconnect.
+            assert server.store_dir is not None and server.pid is not None
+            path = Path(server.store_dir) / "nats.conf"
+            path.write_text(path.read_text().replace(TOKEN, "another-token"))
+            os.kill(server.pid, signal.SIGHUP)
+        finally:
+            code = _stopped(gateway)
+    assert code == 1
+    stderr = (tmp_path / "err").read_text()
+    _said(_records(stderr), "ERROR", "gateway lost its NATS connection for good: stopping")
+    assert TOKEN not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (("worker", "nosuch", "--config", EXAMPLE), {}, "no [providers.nosuch] table"),
+        (("dispatcher",), {logs.LEVEL_ENV: "loud"}, "LIFELINE_LOG_LEVEL='LOUD'"),
+        (("gateway",), {"LIFELINE_EVENT_LOOP": "trio"}, "LIFELINE_EVENT_LOOP='trio'"),
+    ],
+    ids=["config", "log-level", "event-loop"],
+)
+def test_a_serving_command_that_cannot_start_says_why_as_a_json_record(args, env, says):
+    """ "lifeline: ..." (exit 2) was the one plain line a mistake in the config or the
+    environment wrote, whatever LIFELINE_LOG_FORMAT said."""
+    result = run_lifeline(*args, env=cli_env(LIFELINE_LOG_FORMAT="json", **env))
+    assert result.returncode == 2, result.stderr
+    [record] = _records(result.stderr)
+    assert record["level"] == "ERROR" and says in record["message"], record
+
+
+def test_a_bug_under_json_logs_is_one_record_holding_its_traceback():
+    """Python's traceback, a dozen plain lines, each of them a record to a log pipeline."""
+    bug = (
+        "import sys\n"
+        "from service import cli\n"
+        "async def failing(args):\n"
+        "    raise RuntimeError('unexpected')\n"
+        "cli.cmd_dispatcher = failing\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", bug, "dispatcher", "--config", EXAMPLE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=cli_env(LIFELINE_LOG_FORMAT="json"),
+        check=False,
+    )
+    assert ran.returncode == 1, ran.stderr
+    [record] = _records(ran.stderr)
+    assert (record["level"], record["message"]) == ("ERROR", "RuntimeError: unexpected")
+    assert "Traceback" in record["exc"] and "in failing" in record["exc"], record
