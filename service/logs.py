@@ -13,7 +13,8 @@ line passes through the scrubbers of the process's workers and its CLI command (
 library may log what a provider sent back, and a provider may have echoed its key), and a
 URL's user info is hidden whatever it holds. httpx's one line per HTTP request
 shows at DEBUG only. What a command writes on stderr itself (`say`, `warn`, `say_bug`: a
-start-up mistake, why it stops, a traceback) is a record too under JSON, so that a collector
+start-up mistake, why it stops, a traceback) is a record too under JSON, and so is what
+Python writes itself (a warning, an exception ignored or ending a thread), so that a collector
 that parses a JSON object per line finds nothing else.
 
 Hostile traffic must not turn into a line per request (a disk filled, CPU spent on logging):
@@ -28,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -207,6 +209,7 @@ def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Non
         raise ValueError(f"{FORMAT_ENV}={form!r}: expected one of {', '.join(FORMATS)}")
     global _json
     _json = form == "json"  # first: a bad level is then said as a JSON record
+    _log_pythons_own_lines(_json)
     level = environ.get(LEVEL_ENV, "").strip().upper() or "INFO"
     if level not in LEVELS:
         raise ValueError(f"{LEVEL_ENV}={level!r}: expected one of {', '.join(LEVELS)}")
@@ -223,3 +226,43 @@ def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> Non
     # line. Shown with the rest of DEBUG.
     debug = root.level <= logging.DEBUG
     logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)
+
+
+_hooks_replaced: tuple[Any, Any] | None = None  # Python's own, while ours log in their place
+
+
+def _log_pythons_own_lines(on: bool) -> None:
+    """Under JSON logs, what Python itself writes on stderr becomes a record too: a warning (a
+    plug-in's or a library's), an exception ignored in a __del__ or a weakref callback, one
+    that ended a thread. In text its own lines stay, as ever."""
+    global _hooks_replaced
+    logging.captureWarnings(on)
+    if on and _hooks_replaced is None:
+        _hooks_replaced = (sys.unraisablehook, threading.excepthook)
+        sys.unraisablehook, threading.excepthook = _unraisable, _thread_ended
+    elif not on and _hooks_replaced is not None:
+        sys.unraisablehook, threading.excepthook = _hooks_replaced
+        _hooks_replaced = None
+
+
+def _unraisable(unraisable: Any) -> None:
+    try:
+        logging.getLogger("lifeline").error(
+            "%s: %r",
+            unraisable.err_msg or "Exception ignored in",
+            unraisable.object,
+            exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+        )
+    except Exception:  # noqa: BLE001 - at the interpreter's exit, logging may be gone
+        sys.__unraisablehook__(unraisable)
+
+
+def _thread_ended(ended: Any) -> None:
+    if issubclass(ended.exc_type, SystemExit):  # as Python's own hook: not an error
+        return
+    name = ended.thread.name if ended.thread is not None else "?"
+    logging.getLogger("lifeline").error(
+        "exception in thread %s",
+        name,
+        exc_info=(ended.exc_type, ended.exc_value, ended.exc_traceback),
+    )

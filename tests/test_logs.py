@@ -350,3 +350,61 @@ def test_a_bug_under_json_logs_is_one_record_holding_its_traceback():
     [record] = _records(ran.stderr)
     assert (record["level"], record["message"]) == ("ERROR", "RuntimeError: unexpected")
     assert "Traceback" in record["exc"] and "in failing" in record["exc"], record
+
+
+# A plug-in model that makes Python itself write on stderr as it is made: a warning, an
+# exception ignored in a __del__, and one that ends a thread.
+NOISY_MODEL = """
+import threading
+import warnings
+
+from workers.plugin import Model
+
+
+class Dropped:
+    def __del__(self):
+        raise RuntimeError("noisy: raised in __del__")
+
+
+class Noisy(Model):
+    def __init__(self):
+        super().__init__()
+        warnings.warn("noisy: these weights are old", UserWarning)
+        Dropped()
+        loader = threading.Thread(target=self.load, name="noisy-loader")
+        loader.start()
+        loader.join()
+
+    def load(self):
+        raise RuntimeError("noisy: its loader thread failed")
+
+    def call(self, request):
+        return "noisy"
+"""
+
+
+def test_what_python_itself_writes_under_json_logs_is_a_record_too(tmp_path, nats_url):
+    """A plug-in's (or a library's) warning, an exception ignored in a __del__ and one that
+    ended a thread: Python writes each as plain lines of its own, a traceback among them."""
+    (tmp_path / "noisy_model.py").write_text(NOISY_MODEL)
+    cfg = tmp_path / "noisy.toml"
+    cfg.write_text('[providers.noisy]\nkind = "python"\nclass = "noisy_model:Noisy"\n')
+    path = f"{tmp_path}:{ROOT}"
+    worker = _serve(
+        tmp_path, "worker", "noisy", "--config", str(cfg), "--nats-url", nats_url, PYTHONPATH=path
+    )
+    try:
+        _wait_for(worker, tmp_path / "err", "worker noisy serving")
+        worker.terminate()
+    finally:
+        code = _stopped(worker)
+    assert code == 0
+    records = _records((tmp_path / "err").read_text())
+    assert (
+        "UserWarning: noisy: these weights are old"
+        in _said(records, "WARNING", "weights are old")["message"]
+    )
+    ignored = _said(records, "ERROR", "Exception ignored in")
+    assert "noisy: raised in __del__" in ignored["exc"], ignored
+    ended = _said(records, "ERROR", "exception in thread noisy-loader")
+    assert "noisy: its loader thread failed" in ended["exc"], ended
