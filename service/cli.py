@@ -134,7 +134,8 @@ NATS: --nats-url, --nats-creds, ... else the config's [nats] table, else $NATS_U
   ... (as the `nats` CLI); `run` starts an embedded server when no URL is set at all.
 Tracing: standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
 Event loop: uvloop where installed; LIFELINE_EVENT_LOOP=asyncio for asyncio's own
-Logs: LIFELINE_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR, LIFELINE_LOG_FORMAT=text|json
+Logs: LIFELINE_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR, LIFELINE_LOG_FORMAT=text|json (a serving
+  command's --log-format wins over it)
 Exit status: 0 done; 1 failed (an error reply or none, an instance not ready, a check failed,
   NATS lost for good); 2 a mistake to fix first (the command line, the config, a port taken);
   3 no result or audit event for that id; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM,
@@ -210,6 +211,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run.add_argument("--quiet", action="store_true", help="do not print a line per request")
     _health_arg(run)
+    _log_format_arg(run)
     gateway = run.add_mutually_exclusive_group()
     gateway.add_argument(
         "--gateway-port",
@@ -236,6 +238,7 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
     _config_arg(dispatcher)
     _nats_arg(dispatcher)
     _health_arg(dispatcher)
+    _log_format_arg(dispatcher)
 
 
 def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -255,6 +258,7 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _config_arg(worker)
     _nats_arg(worker)
     _health_arg(worker)
+    _log_format_arg(worker)
 
 
 def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -550,6 +554,15 @@ def _health_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _log_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="log lines as text, or as one JSON object each for a log collector (default: "
+        f"${logs.FORMAT_ENV}, else text)",
+    )
+
+
 def _add_spec(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     spec = commands.add_parser(
         "spec",
@@ -681,6 +694,7 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="HTTP connections open at once; a connection past them is answered 503 and closed "
         "(default: the open-files limit less 256, at most 10,000; half of it under 512)",
     )
+    _log_format_arg(gateway)
     _config_arg(gateway)
     _nats_arg(gateway)
 
@@ -955,7 +969,7 @@ def _secrets_in(table: object) -> list[str]:
 
 def _command(args: argparse.Namespace) -> int:
     try:
-        logs.setup(verbose=args.verbose)
+        logs.setup(verbose=args.verbose, form=getattr(args, "log_format", None))
         loop.loop_factory()  # LIFELINE_EVENT_LOOP, as the log variables: before any command
     except ValueError as exc:
         _failed(str(exc))

@@ -202,9 +202,12 @@ def _record(level: int, message: str, exc: BaseException | None) -> str:
     return JsonFormatter().format(record)
 
 
-def setup(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> None:
-    """Configure the root logger from the environment; raises ValueError on a bad value."""
-    form = environ.get(FORMAT_ENV, "").strip().lower() or "text"
+def setup(
+    verbose: bool = False, environ: Mapping[str, str] = os.environ, form: str | None = None
+) -> None:
+    """Configure the root logger from the environment, `form` (a serving command's
+    --log-format) before LIFELINE_LOG_FORMAT; raises ValueError on a bad value."""
+    form = form or environ.get(FORMAT_ENV, "").strip().lower() or "text"
     if form not in FORMATS:
         raise ValueError(f"{FORMAT_ENV}={form!r}: expected one of {', '.join(FORMATS)}")
     global _json

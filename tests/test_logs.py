@@ -327,6 +327,29 @@ def test_a_serving_command_that_cannot_start_says_why_as_a_json_record(args, env
     assert record["level"] == "ERROR" and says in record["message"], record
 
 
+@pytest.mark.parametrize("command", ["run", "dispatcher", "worker", "gateway"])
+@pytest.mark.parametrize(("flag", "variable"), [("json", "xml"), ("text", "json")])
+def test_a_serving_commands_log_format_flag_wins_over_the_variable(command, flag, variable):
+    """A service's unit or compose file says how it logs on its command line, whatever the
+    environment it inherits (a bad value there included: it is not read)."""
+    args = ["nosuch"] if command == "worker" else []
+    result = run_lifeline(
+        command,
+        *args,
+        "--config",
+        "no-such.toml",
+        "--log-format",
+        flag,
+        env=cli_env(LIFELINE_LOG_FORMAT=variable),
+    )
+    assert result.returncode == 2, result.stderr
+    if flag == "json":
+        [record] = _records(result.stderr)
+        assert record["level"] == "ERROR" and "no-such.toml" in record["message"], record
+    else:
+        assert result.stderr.startswith("lifeline: ") and "no-such.toml" in result.stderr
+
+
 def test_a_bug_under_json_logs_is_one_record_holding_its_traceback():
     """Python's traceback, a dozen plain lines, each of them a record to a log pipeline."""
     bug = (
