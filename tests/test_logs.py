@@ -289,12 +289,18 @@ TOKEN = "s3cret-token-0123456789"
 
 
 def test_the_gateway_under_json_logs_says_it_lost_its_nats_connection_as_a_record(tmp_path):
+    """Among uvicorn's own lines, which are records too (it has no handler of its own)."""
     conf = f'authorization {{ token: "{TOKEN}" }}\n'
     with EmbeddedNats(port=free_port(), conf=conf) as server:
         url = f"nats://{TOKEN}@{server.host}:{server.port}"
         gateway = _serve(tmp_path, "gateway", "--port", "0", "--nats-url", url)
         try:
             _wait_for(gateway, tmp_path / "out", "OpenAI-compatible gateway on")
+            port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", (tmp_path / "out").read_text())
+            assert port is not None
+            with socket.create_connection(("127.0.0.1", int(port[1])), timeout=10) as sock:
+                sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # uvicorn's parser logs it
+                assert sock.recv(65536).startswith(b"HTTP/1.1 400")
             # The server's token changed and its config reloaded: it closes the connection,
             # and refuses the old token on every reconnect.
             assert server.store_dir is not None and server.pid is not None
@@ -305,7 +311,9 @@ def test_the_gateway_under_json_logs_says_it_lost_its_nats_connection_as_a_recor
             code = _stopped(gateway)
     assert code == 1
     stderr = (tmp_path / "err").read_text()
-    _said(_records(stderr), "ERROR", "gateway lost its NATS connection for good: stopping")
+    records = _records(stderr)
+    _said(records, "ERROR", "gateway lost its NATS connection for good: stopping")
+    assert _said(records, "WARNING", "Invalid HTTP request")["logger"] == "uvicorn.error"
     assert TOKEN not in stderr
 
 
