@@ -14,8 +14,9 @@ library may log what a provider sent back, and a provider may have echoed its ke
 URL's user info is hidden whatever it holds. httpx's one line per HTTP request
 shows at DEBUG only. What a command writes on stderr itself (`say`, `warn`, `say_bug`: a
 start-up mistake, why it stops, a traceback) is a record too under JSON, and so is what
-Python writes itself (a warning, an exception ignored or ending a thread), so that a collector
-that parses a JSON object per line finds nothing else.
+Python writes itself (a warning, an exception ignored or ending a thread, logging's report of
+a line it could not write), so that a collector that parses a JSON object per line finds
+nothing else.
 
 Hostile traffic must not turn into a line per request (a disk filled, CPU spent on logging):
 above DEBUG, one place in the code writes at most REPEATS_BURST warnings or errors in
@@ -216,7 +217,7 @@ def setup(
     level = environ.get(LEVEL_ENV, "").strip().upper() or "INFO"
     if level not in LEVELS:
         raise ValueError(f"{LEVEL_ENV}={level!r}: expected one of {', '.join(LEVELS)}")
-    handler = logging.StreamHandler()
+    handler = _Handler()
     handler.setFormatter(JsonFormatter() if _json else TextFormatter())
     if not verbose and level != "DEBUG":  # debugging wants every line
         handler.addFilter(Repeats())
@@ -229,6 +230,22 @@ def setup(
     # line. Shown with the rest of DEBUG.
     debug = root.level <= logging.DEBUG
     logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line that could not be written (a call whose arguments do not fit its format):
+        under JSON, one record saying so, where logging writes a dozen plain lines."""
+        if not _json:
+            super().handleError(record)
+            return
+        if not logging.raiseExceptions:
+            return
+        message = f"a log line could not be written: {record.msg!r} with {record.args!r}"
+        try:
+            print(_record(logging.ERROR, message, sys.exc_info()[1]), file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr itself is gone: as logging's own, nothing to say
+            pass
 
 
 _hooks_replaced: tuple[Any, Any] | None = None  # Python's own, while ours log in their place

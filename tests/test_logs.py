@@ -386,6 +386,7 @@ def test_a_bug_under_json_logs_is_one_record_holding_its_traceback():
 # A plug-in model that makes Python itself write on stderr as it is made: a warning, an
 # exception ignored in a __del__, and one that ends a thread.
 NOISY_MODEL = """
+import logging
 import threading
 import warnings
 
@@ -405,6 +406,7 @@ class Noisy(Model):
         loader = threading.Thread(target=self.load, name="noisy-loader")
         loader.start()
         loader.join()
+        logging.getLogger("noisy").warning("%d weights", "some")  # its format does not fit
 
     def load(self):
         raise RuntimeError("noisy: its loader thread failed")
@@ -415,8 +417,9 @@ class Noisy(Model):
 
 
 def test_what_python_itself_writes_under_json_logs_is_a_record_too(tmp_path, nats_url):
-    """A plug-in's (or a library's) warning, an exception ignored in a __del__ and one that
-    ended a thread: Python writes each as plain lines of its own, a traceback among them."""
+    """A plug-in's (or a library's) warning, an exception ignored in a __del__, one that
+    ended a thread, and a log call whose arguments do not fit its format: Python writes each
+    as plain lines of its own, a traceback among them."""
     (tmp_path / "noisy_model.py").write_text(NOISY_MODEL)
     cfg = tmp_path / "noisy.toml"
     cfg.write_text('[providers.noisy]\nkind = "python"\nclass = "noisy_model:Noisy"\n')
@@ -439,3 +442,5 @@ def test_what_python_itself_writes_under_json_logs_is_a_record_too(tmp_path, nat
     assert "noisy: raised in __del__" in ignored["exc"], ignored
     ended = _said(records, "ERROR", "exception in thread noisy-loader")
     assert "noisy: its loader thread failed" in ended["exc"], ended
+    unwritten = _said(records, "ERROR", "a log line could not be written: '%d weights'")
+    assert "TypeError" in unwritten["exc"], unwritten
