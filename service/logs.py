@@ -155,9 +155,8 @@ class Repeats(logging.Filter):
         if seen is None or now - seen[0] >= self.window_s:
             left_out = seen[2] if seen is not None else 0
             self._places[place] = [now, 1, 0]
-            if left_out:
-                record.msg = f"{record.getMessage()} ({left_out} more like this left out before it)"
-                record.args = None
+            if left_out:  # its arguments formatted later, by the handler, under its guard
+                record.msg = f"{record.msg} ({left_out} more like this left out before it)"
             return True
         if seen[1] < self.burst:
             seen[1] += 1

@@ -173,6 +173,30 @@ def test_a_line_written_per_request_is_written_a_few_times_and_then_counted(
     assert len(capsys.readouterr().err.splitlines()) == 20
 
 
+def test_a_log_call_whose_arguments_do_not_fit_its_format_never_raises_in_its_caller(
+    restore_logging, capsys
+):
+    """The first line let through after a window that left some out was formatted by the
+    Repeats filter itself, outside logging's guard: a call whose arguments did not fit its
+    format (a plug-in's, a library's) raised TypeError in the code that logged it."""
+    logs.setup(environ={logs.FORMAT_ENV: "json"})
+    [repeats] = logging.getLogger().handlers[0].filters
+    now = [0.0]
+    repeats.clock = lambda: now[0]
+
+    def misfit() -> None:
+        logging.getLogger("lifeline.test").warning("%d weights", "some")  # one place
+
+    for _ in range(logs.REPEATS_BURST + 2):
+        misfit()
+    now[0] += logs.REPEATS_WINDOW_S
+    misfit()
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(records) == logs.REPEATS_BURST + 1
+    assert all("could not be written: '%d weights" in r["message"] for r in records), records
+    assert "(2 more like this left out before it)" in records[-1]["message"]
+
+
 def test_httpxs_line_per_request_shows_at_debug_only(restore_logging):
     logs.setup(environ={})
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
