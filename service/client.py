@@ -27,7 +27,7 @@ Unreachable (no NATS server, or one refusing the connection its inbox), NoDispat
 on llm.complete), NoAnswer (no reply within the request's timeout and a grace: a TimeoutError
 too), RequestTooLarge (over the server's max_payload), NotPermitted (the NATS user may not
 publish llm.complete, llm.stream or llm.jobs.submit: raised as the server refuses it, on a
-connection that connect() made; a ValueError), JobsUnavailable (no JetStream). A
+connection of your own too; a ValueError), JobsUnavailable (no JetStream). A
 stream also raises StreamGap when an event went missing and StreamProtocolError on a message
 that is not an event (LifelineErrors too, and subclasses of schemas/streaming.py's own).
 A request the wire's types refuse (a bad role, a negative timeout) raises msgspec.ValidationError
@@ -331,8 +331,6 @@ class Lifeline:
         self._owns = owns_connection
         self._jobs_ready = False
         self._keys: set[str] = set()  # the abort keys of the requests in flight
-        # A connection that connect() made: its error callback tells the refused publishes.
-        self._refusals: natsio.PublishRefusals | None = None
         # The event loop its connection lives in: nats-py's tasks and futures are that loop's.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
@@ -395,7 +393,7 @@ class Lifeline:
         every_server_failed = asyncio.Event()
 
         outage = _Outage(resolved.shown)
-        refusals = natsio.PublishRefusals()
+        refusals = natsio.PublishRefusals()  # told by on_error: nothing chained onto it
         refused: list[str] = []  # while it checks its inbox: the server's refusals
 
         async def on_error(exc: Exception) -> None:
@@ -422,6 +420,7 @@ class Lifeline:
 
         checking_inbox = False
         nc = Client()
+        natsio.tells_refusals(nc, refusals)
         connecting = asyncio.ensure_future(
             nc.connect(
                 **kwargs,
@@ -458,9 +457,7 @@ class Lifeline:
             if inbox is not None and any(f'"{inbox.lower()}"' in e for e in refused):
                 await natsio.close(nc)
                 raise Unreachable(_inbox_refused(resolved, inbox))
-            lifeline = cls(nc, owns_connection=True, **settings)
-            lifeline._refusals = refusals
-            return lifeline
+            return cls(nc, owns_connection=True, **settings)
         await _stop_connecting(nc, connecting)
         why: BaseException | None = failures[-1] if failures else None
         if why is None and not connecting.cancelled():
@@ -526,6 +523,7 @@ class Lifeline:
         # One deadline for the whole call, fixed at the first send: a retry is sent with what
         # is left of it (its timeout_s), and none is sent when the wait before it ends past it.
         deadline = time.monotonic() + _wait_s(req, self.default_timeout_s) - _GRACE_S
+        refusals = natsio.publish_refusals(self.nc)
         for retry in range(overloaded_retries + 1):
             payload = encoder.encode(sent)
             key = abort_key()
@@ -541,7 +539,7 @@ class Lifeline:
                     timeout=_wait_s(sent, self.default_timeout_s),
                     headers=headers,
                 )
-                msg = await _unless_refused(self._refusals, subjects.COMPLETE, asking)
+                msg = await _unless_refused(refusals, subjects.COMPLETE, asking)
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
                 await abort(self.nc, key)
                 raise
@@ -599,7 +597,7 @@ class Lifeline:
             self.default_timeout_s,
             self._keys,
             self._check_loop,
-            refusals=self._refusals,
+            refusals=natsio.publish_refusals(self.nc),
         )
 
     async def submit(
@@ -635,13 +633,14 @@ class Lifeline:
         js = self.nc.jetstream(timeout=_JS_TIMEOUT_S)
         payload = encoder.encode(req)
         _check_size(self.nc, payload, headers)
+        refusals = natsio.publish_refusals(self.nc)
         try:
             if not self._jobs_ready:  # its first request: the stream's INFO (nats-py's name)
                 info = f"{js._prefix}.STREAM.INFO.{self.jobs_stream}"
-                await _unless_refused(self._refusals, info, self._ensure_jobs())
+                await _unless_refused(refusals, info, self._ensure_jobs())
             try:
                 publishing = js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
-                ack = await _unless_refused(self._refusals, subjects.JOBS_SUBMIT, publishing)
+                ack = await _unless_refused(refusals, subjects.JOBS_SUBMIT, publishing)
             except nats.js.errors.NoStreamResponseError:
                 # Gone since it was made (a server restarted on an empty store, an operator
                 # deleting it): made again, as `lifeline submit` does, rather than every job
@@ -986,7 +985,7 @@ async def _unless_refused(
     refusals: natsio.PublishRefusals | None, subject: str, work: Awaitable[T]
 ) -> T:
     """What `work` returns; NotPermitted as soon as the server refuses its publish to
-    `subject` (on a connection that connect() made: its error callback hears of it)."""
+    `subject` (as the connection's error callback hears: natsio.publish_refusals)."""
     if refusals is None:
         return await work
     try:
@@ -1331,10 +1330,12 @@ def stream(
     retries of a refusal as overloaded). Pass an Assembler to read the text so far (with
     resets applied) between events; the Streamed's own `text` and `reply` say the same.
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
-    and NoAnswer (a TimeoutError) when the stream stalls for longer than the request's own
-    timeout allows. Left before its end (a break out of its `async for`, aclose(), any of
-    those errors), the stream is closed and its request aborted."""
-    return Streamed(nc, request, 0, default_timeout_s, assembler=assembler)
+    NotPermitted as soon as the server refuses the request (its user may not publish
+    llm.stream), and NoAnswer (a TimeoutError) when the stream stalls for longer than the
+    request's own timeout allows. Left before its end (a break out of its `async for`,
+    aclose(), any of those errors), the stream is closed and its request aborted."""
+    refusals = natsio.publish_refusals(nc)
+    return Streamed(nc, request, 0, default_timeout_s, assembler=assembler, refusals=refusals)
 
 
 async def _stream_try(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -88,6 +90,65 @@ class PublishRefusals:
         if finished:
             return doing.result()
         raise PublishRefused(f"{refusal.result()} may not publish {subject}")
+
+
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+# Each connection's refusals, and the error callback this module chained onto it to tell them
+# (None: the callback the connection was made with tells them itself).
+_TOLD: weakref.WeakKeyDictionary[Client, tuple[PublishRefusals, ErrorCallback | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def tells_refusals(nc: Client, refusals: PublishRefusals) -> None:
+    """`nc` is made with an error callback that tells `refusals` (Lifeline.connect's): the
+    requests on it wait on those, and nothing is chained onto it."""
+    _TOLD[nc] = (refusals, None)
+
+
+def publish_refusals(nc: Client) -> PublishRefusals | None:
+    """The PublishRefusals that `nc`'s error callback tells, for a request to wait on. On a
+    connection made without one (a user's own `nats.connect`), nats-py passes a refused
+    publish's -ERR to the error callback alone (Client._process_err), and no public hook adds
+    a listener: this chains onto nats-py 2.16's `Client._error_cb` once per connection (again
+    only if nats-py replaced it, as its connect() does), telling the refusals first and then
+    calling the callback it had with every error, unchanged. None, as before, when nats-py
+    has no such coroutine callback (tests/test_client.py pins it)."""
+    told = _TOLD.get(nc)
+    current = getattr(nc, "_error_cb", None)
+    if told is not None and (told[1] is None or current is told[1]):
+        return told[0]
+    if not inspect.iscoroutinefunction(current):
+        return None
+    refusals = told[0] if told is not None else PublishRefusals()
+    chained = _telling(refusals, weakref.ref(nc), current)
+    nc._error_cb = chained
+    _TOLD[nc] = (refusals, chained)
+    return refusals
+
+
+def _telling(
+    refusals: PublishRefusals, connection: weakref.ref[Client], then: ErrorCallback
+) -> ErrorCallback:
+    # The connection by a weak reference: the callback it holds must not keep it alive.
+    async def on_error(exc: Exception) -> None:
+        subject = refused_publish(exc)
+        nc = connection()
+        if subject is not None and nc is not None:
+            refusals.refused(subject, _user_of(nc))
+        await then(exc)
+
+    return on_error
+
+
+def _user_of(nc: Client) -> str:
+    """The connection's NATS user as a message names it (natsopts' NatsOptions.who): by name
+    when it has one and a password, given as options or in the URL."""
+    user, password = nc.options.get("user"), nc.options.get("password")
+    url = nc.connected_url
+    if not (user and password) and url is not None:
+        user, password = url.username, url.password
+    return f"NATS user {user}" if user and password else "this NATS user"
 
 
 async def ensure_subscribed(nc: Client) -> None:

@@ -776,6 +776,33 @@ def test_the_nats_py_internals_the_client_relies_on_are_there():
         assert hasattr(nc, name), name
 
 
+def test_the_error_callback_a_refusal_is_chained_onto_is_nats_pys():
+    """On a connection of the user's own, natsio.publish_refusals chains onto nats-py 2.16's
+    Client._error_cb, the coroutine its _process_err hands a refused publish to: renamed or
+    reshaped, the chain would go nowhere and refused requests wait out their timeout again."""
+    import inspect
+
+    from service import natsio
+
+    nc = Client()
+    assert inspect.iscoroutinefunction(nc._error_cb)
+    assert "self._error_cb(err)" in inspect.getsource(Client._process_err)
+    refusals = natsio.publish_refusals(nc)
+    assert refusals is not None and natsio.publish_refusals(nc) is refusals  # chained once
+    assert inspect.iscoroutinefunction(nc._error_cb)
+
+
+def test_without_nats_pys_error_callback_a_refusal_is_waited_out_as_before():
+    """A nats-py whose Client has no coroutine _error_cb: nothing is chained, and requests
+    wait for their answer as they did before refusals were told (no error of the client's)."""
+    from service import natsio
+
+    nc = Client()
+    nc._error_cb = None
+    assert natsio.publish_refusals(nc) is None
+    assert nc._error_cb is None
+
+
 async def test_requests_refused_while_nats_is_down_leave_nothing_behind(monkeypatch):
     """nats-py registers a request's answer future before it refuses the request for a full
     buffer: every complete() refused during an outage left one in its map for good, each

@@ -45,7 +45,7 @@ from nats.aio.client import Client
 from schemas import subjects
 from schemas.streaming import Assembler
 from schemas.wire import audit_decoder, encoder, reply_decoder
-from service import discovery, permissions
+from service import client, discovery, permissions
 from service.cli import build_parser, cmd_nats_config
 from service.client import Lifeline, NotPermitted, Unreachable
 from service.config import load_config
@@ -798,6 +798,103 @@ async def test_a_job_its_user_may_not_submit_raises_at_once(denying: str) -> Non
     async with await Lifeline.connect(denying, user="no-jobs", password="pw") as ll:
         with pytest.raises(NotPermitted, match="NATS user no-jobs may not publish llm.jobs.sub"):
             await ll.submit("hello", job_id="refused")
+
+
+async def _own_connection(url: str, user: str, errors: list[str]) -> Client:
+    """A connection the user made, with an error callback of its own recording every error."""
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    return await nats.connect(url, user=user, password="pw", error_cb=on_error)
+
+
+async def test_a_client_on_a_connection_of_ones_own_raises_not_permitted_at_once(
+    denying: str,
+) -> None:
+    """Lifeline(nc) and the module-level stream(nc, ...) on a connection the user made, as a
+    user who may not publish llm.complete nor llm.stream: only a client that connect() made
+    heard of the refusal, so these waited out the request's whole timeout, then blamed a
+    dispatcher (NoAnswer). The connection's own error callback still sees every refusal."""
+    errors: list[str] = []
+    nc = await _own_connection(denying, "no-requests", errors)
+    try:
+        ll = Lifeline(nc)
+        async with asyncio.timeout(20):  # well under the requests' 60 s: refused at once
+            with pytest.raises(NotPermitted, match="NATS user no-requests may not publish llm.com"):
+                await ll.complete("hello", timeout_s=60)
+            with pytest.raises(NotPermitted, match="NATS user no-requests may not publish llm.str"):
+                async with ll.stream("hello", timeout_s=60) as answer:
+                    await answer.finish()
+            request = ll.request("hello", timeout_s=60)
+            with pytest.raises(NotPermitted, match="NATS user no-requests may not publish llm.str"):
+                await client.stream_text(nc, request)
+        assert not nc._resp_map, "every refused request was let go"
+        refused = [e for e in errors if "violation" in e.lower()]
+        assert len(refused) == 3, errors  # each refusal, once, to the user's own callback
+        assert sum('"llm.complete"' in e for e in refused) == 1, errors
+    finally:
+        await nc.close()
+
+
+async def test_clients_sharing_a_connection_each_raise_not_permitted(denying: str) -> None:
+    """Two Lifeline objects on one connection of the user's own: each refusal raises in the
+    request that was refused, and reaches the user's error callback once (the connection's
+    callback is chained once, not once per client)."""
+    errors: list[str] = []
+    nc = await _own_connection(denying, "no-requests", errors)
+    try:
+        first, second = Lifeline(nc), Lifeline(nc)
+        async with asyncio.timeout(20):
+            for ll in (first, second, first):
+                with pytest.raises(NotPermitted, match="no-requests may not publish llm.complete"):
+                    await ll.complete("hello", timeout_s=60)
+            both = await asyncio.gather(
+                first.complete("hello", timeout_s=60),
+                second.complete("hello", timeout_s=60),
+                return_exceptions=True,
+            )
+        assert all(isinstance(e, NotPermitted) for e in both), both
+        assert len([e for e in errors if "violation" in e.lower()]) == 5, errors
+    finally:
+        await nc.close()
+
+
+async def test_a_client_made_before_its_connection_connected_raises_not_permitted(
+    denying: str,
+) -> None:
+    """Lifeline(nc) made while nc was not yet connected: nats-py's connect() sets the error
+    callback it is given, in place of whatever was chained onto the one before."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = Client()
+    ll = Lifeline(nc)
+    try:
+        await nc.connect(denying, user="no-requests", password="pw", error_cb=on_error)
+        async with asyncio.timeout(20):
+            with pytest.raises(NotPermitted, match="no-requests may not publish llm.complete"):
+                await ll.complete("hello", timeout_s=60)
+        assert any('"llm.complete"' in e for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_a_job_submitted_on_a_connection_of_ones_own_raises_not_permitted(
+    denying: str,
+) -> None:
+    """Lifeline(nc).submit as a user who may not publish llm.jobs.submit: JetStream's publish
+    waited out its timeout, then raised JobsUnavailable asking whether JetStream was on."""
+    errors: list[str] = []
+    nc = await _own_connection(denying, "no-jobs", errors)
+    try:
+        with pytest.raises(NotPermitted, match="NATS user no-jobs may not publish llm.jobs.sub"):
+            await Lifeline(nc).submit("hello", job_id="refused-own")
+        assert any('"llm.jobs.submit"' in e for e in errors), errors
+    finally:
+        await nc.close()
 
 
 async def test_the_check_of_publish_rights_reaches_nobody(nats_url: str, tmp_path: Path) -> None:
