@@ -72,6 +72,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, subjects
@@ -781,7 +782,6 @@ class Streamed:
         self._check_loop = check_loop
         self._events: AsyncGenerator[Event, None] | None = None  # this try's, while it runs
         self._refusals = refusals
-        self._answered = False  # this try has had an event: its publish went through
         self._tries = 0
         self._over = False
         self._sent = request  # this try's request: a retry's has the time left as timeout_s
@@ -849,15 +849,15 @@ class Streamed:
                 if self._tries or self._given is None:
                     self.assembler = Assembler()
                 self._events = _stream_try(
-                    self._nc, self._sent, self.assembler, self._default_s, self._keys
+                    self._nc,
+                    self._sent,
+                    self.assembler,
+                    self._default_s,
+                    self._keys,
+                    self._refusals,
                 )
-                self._answered = False
             try:
-                if self._answered:  # the rest of a stream: no refusal can come any more
-                    event = await anext(self._events)
-                else:
-                    event = await _unless_refused(self._refusals, STREAM, anext(self._events))
-                    self._answered = True
+                event = await anext(self._events)
             except BaseException:  # its end, or a failure: either way that try has closed
                 self._over, self._events = True, None
                 raise
@@ -1344,9 +1344,11 @@ async def _stream_try(
     assembler: Assembler,
     default_timeout_s: float,
     keys: set[str] | None,
+    refusals: natsio.PublishRefusals | None = None,
 ) -> AsyncGenerator[Event, None]:
     """One try of a Streamed: `request` sent to llm.stream, its events yielded until the end
-    or error event (see `stream`). Closed before its end, the request is aborted."""
+    or error event (see `stream`). Closed before its end, the request is aborted, unless the
+    server refused it (NotPermitted): then no dispatcher has it, and nothing is aborted."""
     payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
     _check_size(nc, payload, headers)
     _check_room(nc, payload, headers)  # before subscribing: nothing to undo
@@ -1363,7 +1365,19 @@ async def _stream_try(
     reconnects = _reconnects(nc)
     if keys is not None:
         keys.add(key)  # aborted by its Lifeline's close()
-    try:
+
+    async def next_msg() -> Msg:
+        try:
+            return await sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+        except nats.errors.ConnectionClosedError:
+            raise _closed() from None
+        except NatsTimeoutError:
+            raise NoAnswer(
+                f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
+                f"and a grace); {_why_silent(nc, reconnects=reconnects)}"
+            ) from None
+
+    async def sent() -> Msg:  # the request published, and its first answer
         try:
             await nc.publish(STREAM, payload, reply=inbox, headers=headers)
         except nats.errors.ConnectionClosedError:
@@ -1372,27 +1386,29 @@ async def _stream_try(
             raise _buffer_full() from None
         except nats.errors.Error as exc:
             raise _unsent(exc) from None
-        while not assembler.done:
-            left = give_up - time.monotonic()
-            try:
-                msg = await sub.next_msg(timeout=max(left, 0.001))
-            except nats.errors.ConnectionClosedError:
-                raise _closed() from None
-            except NatsTimeoutError:
-                raise NoAnswer(
-                    f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
-                    f"and a grace); {_why_silent(nc, reconnects=reconnects)}"
-                ) from None
+        return await next_msg()
+
+    refused = False  # by the server: it went nowhere, so no dispatcher has it to abort
+    try:
+        try:
+            msg = await _unless_refused(refusals, STREAM, sent())
+        except NotPermitted:
+            refused = True
+            raise
+        while True:
             if msg.headers and msg.headers.get("Status") == "503":
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {STREAM}: start one (`lifeline run`)"
                 )
             yield _fed(assembler, msg.headers, msg.data)
+            if assembler.done:
+                return
+            msg = await next_msg()
     finally:
         if keys is not None:
             keys.discard(key)
         try:
-            if not assembler.done:
+            if not assembler.done and not refused:
                 await asyncio.shield(abort(nc, key))
         finally:  # a second cancel while it aborts (its reader's, and aclose()'s) unsubscribes
             # Closed or draining (a connection of one's own, nc.drain()), nats-py refuses the

@@ -882,6 +882,33 @@ async def test_a_client_made_before_its_connection_connected_raises_not_permitte
         await nc.close()
 
 
+async def test_a_refused_stream_sends_no_abort(denying: str) -> None:
+    """A stream whose request the server refused went nowhere, yet leaving it published its
+    llm.abort: one more message for every dispatcher, and one more permissions warning for a
+    user who may not publish that either."""
+    errors: list[str] = []
+    own = await _own_connection(denying, "no-requests", errors)
+    made = await Lifeline.connect(denying, user="no-requests", password="pw")
+    aborts = await own.subscribe(subjects.ABORT)  # both connections' aborts reach it
+    await ensure_subscribed(own)
+    try:
+        for ll in (Lifeline(own), made):
+            async with asyncio.timeout(20):
+                with pytest.raises(NotPermitted, match="no-requests may not publish llm.stream"):
+                    async with ll.stream("hello", timeout_s=60) as answer:
+                        await answer.finish()
+                with pytest.raises(NotPermitted, match="no-requests may not publish llm.stream"):
+                    await client.stream_text(ll.nc, ll.request("hello", timeout_s=60))
+        await own.flush()  # its aborts, had it sent any, reached the server first
+        await client.abort(made.nc, "sent")  # what an abort looks like, sent after them
+        await made.nc.flush()
+        assert (await aborts.next_msg(timeout=10)).data == b"sent"
+        assert aborts.pending_msgs == 0
+    finally:
+        await made.close()
+        await own.close()
+
+
 async def test_a_job_submitted_on_a_connection_of_ones_own_raises_not_permitted(
     denying: str,
 ) -> None:
