@@ -48,10 +48,11 @@ class NatsUnreachable(RuntimeError):
 
 class _CommandConnection(Client):
     """A client command's connection (connect(wait_for_server=False)): a request whose publish
-    the server refuses raises PublishRefused as soon as the server says so, as does a stream
-    awaited through unless_refused (`ask --stream`). nats-py waits out the request's timeout
-    (the server drops the message and says so only in an error), and the command then blamed
-    the dispatcher: `lifeline ask` as the operator, 32 s later."""
+    the server refuses raises PublishRefused as soon as the server says so, and the client's
+    streams and jobs on it (`ask --stream`) NotPermitted, from the same refusals
+    (natsio.tells_refusals). nats-py waits out the request's timeout (the server drops the
+    message and says so only in an error), and the command then blamed the dispatcher:
+    `lifeline ask` as the operator, 32 s later."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,15 +68,6 @@ class _CommandConnection(Client):
     ) -> Msg:
         asking = super().request(subject, payload, timeout, old_style, headers)
         return await self.refusals.unless_refused(subject, asking)
-
-
-async def unless_refused(nc: Client, subject: str, work: Awaitable[T]) -> T:
-    """What `work` returns; on a client command's connection, PublishRefused as soon as the
-    server refuses its publish to `subject` (which nats-py says only to its error callback,
-    while `work` would wait for an answer that never comes)."""
-    if isinstance(nc, _CommandConnection):
-        return await nc.refusals.unless_refused(subject, work)
-    return await work
 
 
 # The NATS connections this process has made (connect() below): a serving command stopped
@@ -313,6 +305,8 @@ async def connect(
             + _unreachable_hint(options)
         ) from None
     connected = True
+    if isinstance(nc, _CommandConnection):  # the client's requests on it wait on these too
+        natsio.tells_refusals(nc, nc.refusals)
     global connections_made
     connections_made += 1
     if watch is not None:

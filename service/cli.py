@@ -2129,16 +2129,14 @@ async def _ask_streaming(nc: Client, url: str, request: CompletionRequest) -> in
     assembler = Assembler()
     printer = _StreamPrinter()
 
-    async def print_all() -> None:
-        async for event in client.stream(nc, request, assembler):
-            printer.show(event)
-
     try:
         # Refused by the server (a user whose role may not publish llm.stream), the request
-        # went nowhere: said at once, not after the stream's whole timeout as a stall.
-        await app.unless_refused(nc, subjects.STREAM, print_all())
-    except natsio.PublishRefused as exc:
-        print(f"lifeline: {exc}: no dispatcher got the request", file=sys.stderr)
+        # went nowhere: client.stream says so at once (no abort sent), not after the stream's
+        # whole timeout as a stall.
+        async for event in client.stream(nc, request, assembler):
+            printer.show(event)
+    except client.NotPermitted as exc:  # said as `ask` says it: the server's refusal
+        print(f"lifeline: {exc.__cause__ or exc}: no dispatcher got the request", file=sys.stderr)
         return 1
     except (client.NoDispatcher, TimeoutError, client.StreamGap) as exc:
         print(f"{_line_end(printer.printed)}lifeline: {exc} ({redact_url(url)})", file=sys.stderr)

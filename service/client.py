@@ -994,7 +994,7 @@ async def _unless_refused(
         raise NotPermitted(
             f"{exc}: the NATS server refused the request, so nothing got it; its role does "
             "not allow it (`lifeline nats-config` gives a client's subjects)"
-        ) from None
+        ) from exc
 
 
 def _buffer_full() -> Unreachable:

@@ -909,6 +909,26 @@ async def test_a_refused_stream_sends_no_abort(denying: str) -> None:
         await own.close()
 
 
+async def test_ask_stream_refused_by_the_server_sends_no_abort(denying: str) -> None:
+    """`lifeline ask --stream` as a user who may not publish llm.stream: its own wait for the
+    refusal cancelled the client's stream from outside, which then sent an abort for a request
+    that went nowhere."""
+    errors: list[str] = []
+    own = await _own_connection(denying, "no-requests", errors)
+    aborts = await own.subscribe(subjects.ABORT)
+    await ensure_subscribed(own)
+    env = {"NATS_URL": denying, "NATS_USER": "no-requests", "NATS_PASSWORD": "pw"}
+    try:
+        code, _, err = await asyncio.to_thread(_stopped_at_start, ["ask", "--stream", "hi"], env)
+        assert code == 1, err
+        assert "NATS user no-requests may not publish llm.stream: no dispatcher got" in err, err
+        await client.abort(own, "sent")  # what an abort looks like, sent after the command's
+        await own.flush()
+        assert (await aborts.next_msg(timeout=10)).data == b"sent"
+    finally:
+        await own.close()
+
+
 async def test_a_job_submitted_on_a_connection_of_ones_own_raises_not_permitted(
     denying: str,
 ) -> None:
