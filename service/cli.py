@@ -2282,7 +2282,8 @@ def _print_reply(reply: CompletionReply) -> None:
         print(line, file=sys.stderr)
 
     if reply.status == "ok":
-        if reply.content is not None:  # a streamed answer was printed as it came
+        # A streamed answer was printed as it came; a tool call's empty text is no line.
+        if reply.content is not None and (reply.content or not reply.tool_calls):
             print(reply.content)
         for call in reply.tool_calls or ():
             print(f"tool call {call.id}: {call.name}({call.arguments})")

@@ -219,12 +219,13 @@ WEATHER_TOOLS = (
 
 
 def test_ask_with_tools_shows_the_tool_call_the_finish_reason_and_the_skip(running):
-    """The example's tools route: backup cannot call tools and is skipped; agent calls one."""
+    """The example's tools route: backup cannot call tools and is skipped; agent calls one.
+    The answer is the tool call alone: agent's empty text printed a blank line before it."""
     _, url = running
     args = ("--route", "tools", "--tools", WEATHER_TOOLS, "--tool-choice", "required")
     result = run_lifeline("ask", "--nats-url", url, *args, "Weather in Paris?")
     assert result.returncode == 0, result.stderr
-    assert 'tool call call_1: get_weather({"city": "Paris"})' in result.stdout
+    assert result.stdout == 'tool call call_1: get_weather({"city": "Paris"})\n'
     out = result.stderr
     assert "finish: tool_calls" in out
     assert re.search(r"1\. backup .* skipped:tools", out)
