@@ -50,7 +50,7 @@ import tomllib
 import uuid
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import msgspec
 import nats.errors
@@ -891,9 +891,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return _execute(parser.parse_args(argv))
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _unrecognized(parser, args.command, unknown)
+        return _execute(args)
     except KeyboardInterrupt:  # in the command's loop, or before it (what the command loads)
         return 130
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> NoReturn:
+    """argparse's error for arguments a command does not take, said by the command's own
+    parser (its usage, not the top level's) with the option a misspelt one was likely meant
+    to be; exits 2."""
+    import difflib  # only for this mistake
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    own = commands.choices[command]
+    said = f"unrecognized arguments: {' '.join(unknown)}"
+    for option in (arg.split("=")[0] for arg in unknown if arg.startswith("--")):
+        if close := difflib.get_close_matches(option, own._option_string_actions, n=1):
+            said += f" (did you mean {close[0]}?)"
+            break
+    own.error(said)
 
 
 def _execute(args: argparse.Namespace) -> int:

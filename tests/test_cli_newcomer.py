@@ -237,6 +237,28 @@ def test_help_describes_the_command_and_names_each_value(capsys, command):
 
 
 @pytest.mark.parametrize(
+    ("args", "meant"),
+    [
+        (["ask", "--routes", "strict", "hi"], "--route"),
+        (["run", "--gateway-prot", "-1"], "--gateway-port"),
+        (["status", "--jsno"], "--json"),
+    ],
+    ids=["ask", "run", "status"],
+)
+def test_a_misspelt_option_is_named_with_its_command_and_the_option_meant(capsys, args, meant):
+    """`lifeline ask --routes strict hi` printed the usage of `lifeline` itself and
+    "lifeline: error: unrecognized arguments: --routes hi": neither the command's options
+    nor the one meant."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"usage: lifeline {args[0]} "), said
+    assert f"lifeline {args[0]}: error: unrecognized arguments: {args[1]}" in said, said
+    assert f"(did you mean {meant}?)" in said, said
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["ask", "--max-tokens", "0", "hi"],
