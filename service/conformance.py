@@ -96,6 +96,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -381,6 +382,8 @@ async def check_worker(
                     running.append(_Replica.start(index, argv, extra, Path(logs_dir), cwd))
             except OSError as exc:
                 got = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, FileNotFoundError):
+                    got += _off_path(argv[0], {**os.environ, **extra}.get("PATH"))
                 report.checks.append(_fail("starts", f"`{shlex.join(argv)}` to start", got))
             else:
                 starts = await _wait_ready(running, monitor, start_timeout_s)
@@ -404,6 +407,17 @@ async def check_worker(
         shutil.rmtree(logs_dir, ignore_errors=True)
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _off_path(program: str, path: str | None) -> str:
+    """Where a command not found may be: beside this Python, as the README's `lifeline` is
+    in `.venv/bin` when that virtualenv is not activated."""
+    if os.sep in program or shutil.which(program, path=path):
+        return ""
+    beside = Path(sys.executable).parent
+    if (beside / program).is_file():
+        return f": `{program}` is not on PATH; there is one in {beside} (give its path)"
+    return f": `{program}` is not on PATH"
 
 
 def provider_problem(provider: str) -> str | None:

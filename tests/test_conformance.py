@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -430,6 +431,20 @@ def test_the_kit_reports_a_command_that_does_not_start():
     report = run_checks(["/nonexistent/worker"], start_timeout_s=2)
     assert report.failed == ["starts"]
     assert "FileNotFoundError" in report.text()
+
+
+def test_a_command_not_on_path_but_beside_this_python_says_where_it_is():
+    """The README's `lifeline conformance -- lifeline worker mine ...`, run as the quick start
+    runs commands (`.venv/bin/lifeline`, the virtualenv not activated), failed `starts` with
+    "No such file or directory: 'lifeline'" alone."""
+    from service.conformance import run_checks
+
+    here = Path(sys.executable).parent
+    env = {"PATH": "/nonexistent"}  # the virtualenv's bin/ not on it
+    report = run_checks(["lifeline", "worker", "mine"], start_timeout_s=2, env=env)
+    assert report.failed == ["starts"]
+    said = report.text()
+    assert f"`lifeline` is not on PATH; there is one in {here}" in said, said
 
 
 def test_a_worker_serving_another_subject_fails_starts_naming_what_it_subscribed_to():
