@@ -261,6 +261,16 @@ def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _log_format_arg(worker)
 
 
+class _KeepsExamples(argparse.HelpFormatter):
+    """argparse's own layout, but an epilog of examples keeps its lines and their alignment
+    (a description is still wrapped to the terminal)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:\n"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ask = commands.add_parser(
         "ask",
@@ -271,6 +281,15 @@ def _add_ask(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "to stderr. Exit status 0 for an ok answer, 1 for an error reply or none. Ctrl-C, "
         "SIGTERM or SIGHUP aborts the request at its dispatcher (its provider call is "
         "cancelled) and exits 128 + the signal's number.",
+        epilog="""\
+examples:
+  lifeline ask "Why did the chicken cross the road?"   # against `lifeline run`'s example config
+  lifeline ask --route json --json-output '{"a": 1}'   # retries, a skip, a checked JSON answer
+  lifeline ask --stream --route streaming "hello"      # tokens as they come, and one reset
+  lifeline ask --target backup-terse "hi"              # one target, by name, and its template
+  lifeline ask - < prompt.txt > answer.txt             # the prompt from a file, the answer alone
+""",
+        formatter_class=_KeepsExamples,
     )
     ask.add_argument("prompt", metavar="TEXT", help="the user message; - reads it from stdin")
     ask.add_argument("--system", metavar="TEXT", help="a system message to send first")
@@ -401,6 +420,13 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "others are submitted again (within jobs.dedup_window_s of the first run, 2 minutes "
         "by default, JetStream keeps each once; after it, a job still waiting from the first "
         "run may be called twice).",
+        epilog="""\
+examples:
+  echo '{"id": "q1", "messages": [{"role": "user", "content": "Summarise: ..."}]}' > jobs.jsonl
+  lifeline batch jobs.jsonl                   # results in jobs.results.jsonl; rerun to resume
+  lifeline batch jobs.jsonl --out done.jsonl --timeout 3600
+""",
+        formatter_class=_KeepsExamples,
     )
     batch.add_argument("file", help="a JSONL file of requests")
     batch.add_argument(

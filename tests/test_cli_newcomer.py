@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import httpx
+import msgspec
 import nats
 import pytest
 from helpers import (
@@ -27,7 +29,7 @@ from helpers import (
 )
 
 from schemas import subjects
-from schemas.wire import AuditEvent, CompletionReply, StreamStats
+from schemas.wire import AuditEvent, CompletionReply, CompletionRequest, StreamStats
 from service import cli
 from service.natsio import ensure_subscribed
 
@@ -234,6 +236,26 @@ def test_help_describes_the_command_and_names_each_value(capsys, command):
     assert not re.search(r"--[a-z-]+ (GATEWAY_PORT|TIMEOUT|MAX_TOKENS|TARGETS|SYSTEM)\b", usage)
     if command == "conformance":  # the first example runs on a fresh clone
         assert "npm ci --prefix workers/examples/node" in shown.split("examples:")[1]
+
+
+@pytest.mark.parametrize("command", ["ask", "batch"])
+def test_a_client_command_s_help_shows_examples_it_takes(capsys, command):
+    """`batch --help` said each line is "a request body (as for llm.complete)" and showed
+    none; `ask --help` no example of its options. Each example line is one the command takes,
+    and batch's JSON line a request a dispatcher takes."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    examples = capsys.readouterr().out.partition("\nexamples:\n")[2]
+    lines = [shlex.split(line, comments=True) for line in examples.splitlines()]
+    runs = [words[1:] for words in lines if words[:2] == ["lifeline", command]]
+    assert len(runs) >= 2, examples
+    for words in runs:
+        redirect = next((i for i, w in enumerate(words) if w in ("<", ">")), len(words))
+        cli.build_parser().parse_args(words[:redirect])  # exits 2 on an option it lacks
+    if command == "batch":
+        line = next(words[1] for words in lines if words[:1] == ["echo"])
+        request = msgspec.json.decode(line, type=CompletionRequest)
+        assert request.id and request.messages[0].role == "user"
 
 
 @pytest.mark.parametrize(
