@@ -393,6 +393,16 @@ async def test_a_connect_error_maps_to_connection(make):
     assert err.kind == "connection"
 
 
+async def test_a_connection_refused_names_where_it_was_going(make):
+    """The example's commented `local` provider, uncommented with no Ollama running, failed
+    with "ConnectError: All connection attempts failed" alone: not which base_url to check."""
+    server = Server(raises=httpx.ConnectError)
+    err = await failure(
+        make(server, environ={}, api_key_env="", base_url="http://localhost:11434/v1")
+    )
+    assert err.message.endswith("(http://localhost:11434)"), err.message
+
+
 async def test_the_api_key_never_appears_in_an_error_message(make):
     body = error(f"Incorrect API key provided: {KEY}.", "invalid_request_error", "invalid_api_key")
     err = await failure(make(Server(401, body)))

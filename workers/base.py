@@ -436,7 +436,18 @@ def _transport_errors(timeout_s: float, silence: str = "no answer") -> Iterator[
     except httpx.TransportError as exc:
         if _out_of_files(exc):  # this worker's own limit, not the provider's failing
             raise ProviderError("rate_limit", _OUT_OF_FILES, retry_after_s=1.0) from exc
-        raise ProviderError("connection", f"{type(exc).__name__}: {exc}") from exc
+        raise ProviderError("connection", f"{type(exc).__name__}: {exc}{_to(exc)}") from exc
+
+
+def _to(exc: httpx.TransportError) -> str:
+    """Where the failed connection went (scheme, host and port: never user info, path or
+    query): httpx's ConnectError says only "All connection attempts failed", and a base_url
+    with nothing listening there is a config to check, not a provider down."""
+    try:
+        url = exc.request.url
+    except RuntimeError:  # raised without its request
+        return ""
+    return f" ({url.scheme}://{url.netloc.decode('ascii')})"
 
 
 _OUT_OF_FILES = (
