@@ -1700,7 +1700,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     # and without it the command printed would look for the job on the local default.
     where = f" --config {shlex.quote(args.config)}" if args.config is not None else ""
     where += f" --nats-url {shlex.quote(url)}" if args.nats_url else ""
-    print(f"result: lifeline result {shlex.quote(job_id)}{where} --wait 30")
+    print(f"result: {_own_command()} result {shlex.quote(job_id)}{where} --wait 30")
     return 0
 
 

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -342,15 +341,35 @@ def test_a_job_that_fits_max_payload_only_without_its_headers_is_refused_at_once
 
 def test_the_result_command_submit_prints_works_as_printed_with_a_config(running, tmp_path):
     """With --config naming the server in its [nats] table, the command printed had no
-    --config, and failed: it looked for the job on nats://127.0.0.1:4222."""
+    --config, and failed: it looked for the job on nats://127.0.0.1:4222. And it said
+    `lifeline result` to one who ran `.venv/bin/lifeline submit`, not on their PATH."""
     _, url = running
     path = tmp_path / "my configs" / "lifeline.toml"
     path.parent.mkdir()
     path.write_text(Path(EXAMPLE).read_text() + f'\n[nats]\nurl = "{url}"\n')
-    submitted = run_lifeline("submit", "--config", str(path), "a configured hello")
+    lifeline = Path(sys.executable).parent / "lifeline"  # this venv's, as `make run` installs it
+    env = cli_env(PATH="/usr/bin:/bin")  # the venv not activated
+    submitted = subprocess.run(
+        [lifeline, "submit", "--config", str(path), "a configured hello"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
     assert submitted.returncode == 0, submitted.stderr
-    [printed] = re.findall(r"^result: (lifeline .*)$", submitted.stdout, re.MULTILINE)
-    result = run_lifeline(*shlex.split(printed)[1:])  # as printed: from the same directory
+    [printed] = re.findall(r"^result: (.*)$", submitted.stdout, re.MULTILINE)
+    result = subprocess.run(  # as printed, from the same directory and shell
+        printed,
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "a configured hello\n"  # the example's backup echoes
 
