@@ -2417,7 +2417,8 @@ def _print_status(view: dict[str, Any], bucket: str, url: str) -> None:
     who = ", ".join(f"{d['host']}/{d['id']}" for d in dispatchers) or (
         f"none in the last {STALE_AFTER_S:g} s"  # a dispatcher's stats older are left out
     )
-    _say(f"bucket {bucket} on {url}: {len(dispatchers)} dispatcher(s) reporting ({who})")
+    counted = f"{len(dispatchers)} dispatcher{'' if len(dispatchers) == 1 else 's'}"
+    _say(f"bucket {bucket} on {url}: {counted} reporting ({who})")
     for d in dispatchers:
         # Its stats document is capped: the quietest closed targets were left out.
         if d.get("omitted"):

@@ -526,7 +526,7 @@ async def test_lifeline_status_shows_every_breaker_and_recent_figures(lifeline, 
 
     code, out, err = await lifeline_cli("status", "--nats-url", nats_url)
     assert code == 0, err
-    assert "1 dispatcher(s) reporting" in out
+    assert "1 dispatcher reporting" in out
     [a_line] = [line for line in out.splitlines() if line.startswith("a:fake-1")]
     assert a_line.split()[1:6] == ["open", "2", "0.0%", "0", "-"]
     assert "2 failures in a row (last: server_error); cooldown ends in" in out
@@ -1095,4 +1095,4 @@ async def test_lifeline_status_leaves_out_stats_with_counts_past_an_int64(
     for json_arg in ((), ("--json",)):
         code, out, err = await lifeline_cli("status", "--nats-url", nats_url, *json_arg)
         assert (code, err) == (0, "")
-        assert "1 dispatcher(s) reporting" in out or len(json.loads(out)["dispatchers"]) == 1
+        assert "1 dispatcher reporting" in out or len(json.loads(out)["dispatchers"]) == 1
