@@ -596,13 +596,22 @@ async def read_bucket(nc: Client, bucket: str, within_s: float) -> dict[str, byt
     try:
         async with bound:
             kv = await nc.jetstream(timeout=_OP_TIMEOUT_S * 2).key_value(bucket)
-            watcher = await kv.watchall(ignore_deletes=True)
+            watcher = await kv.watchall()
+            seen = False
             try:
                 async for entry in watcher:
-                    if entry is None:  # the last of those there when the listing began
-                        break
+                    # None: nats-py's end of the listing, but first of all also when the server
+                    # said "none left to send" before what it had sent arrived (seen under load:
+                    # an empty bucket printed, exit 0); the bucket's count tells those apart.
+                    if entry is None:
+                        if seen or (await kv.status()).values == 0:
+                            break
+                        continue
+                    seen = True
                     if entry.value and entry.key.startswith((STATS_PREFIX, BREAKER_PREFIX)):
                         entries[entry.key] = entry.value  # what merge_status reads
+                    if entry.delta == 0:  # the last of those there when the listing began
+                        break
             finally:
                 with contextlib.suppress(Exception):
                     await watcher.stop()

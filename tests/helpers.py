@@ -822,12 +822,20 @@ class DeliveryProxy:
     """A TCP proxy to a NATS server that passes on what the server sends until `after`
     JetStream deliveries (messages with a `$JS.ACK.` reply subject) have passed; past them it
     either `loses` every further delivery (API answers and heartbeats still come: a link that
-    drops messages) or holds back every byte, the connection left open (a link that stalls)."""
+    drops messages) or holds back every byte, the connection left open (a link that stalls).
+    With `late` (a number of deliveries), the client's first consumer info request waits until
+    that many deliveries have come from the server, and they reach the client only after its
+    answer (a server that answered it after sending them, the answer overtaking them on the
+    way: nats-py's key listing took that for an empty bucket)."""
 
-    def __init__(self, upstream: str, after: int, loses: bool) -> None:
+    def __init__(self, upstream: str, after: int, loses: bool, late: int = 0) -> None:
         host, port = upstream.removeprefix("nats://").rsplit(":", 1)
         self.upstream, self.after, self.loses, self.passed = (host, int(port)), after, loses, 0
         self.writers: list[asyncio.StreamWriter] = []
+        self.late = late
+        self.info_reply: bytes | None = None  # the inbox of the first consumer info request
+        self.held: list[bytes] = []
+        self.all_held = asyncio.Event()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -841,6 +849,13 @@ class DeliveryProxy:
     async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                info = re.search(rb"PUB \$JS\.API\.CONSUMER\.INFO\.\S+ (\S+)", data)
+                if self.late and self.info_reply is None and info is not None:
+                    self.info_reply = info[1]
+                    writer.write(data[: info.start()])  # its subscription, sent with it
+                    await writer.drain()
+                    await asyncio.wait_for(self.all_held.wait(), 10)
+                    data = data[info.start() :]
                 writer.write(data)
                 await writer.drain()
 
@@ -856,8 +871,20 @@ class DeliveryProxy:
                     delivery = has_reply and parts[3].startswith(b"$JS.ACK.")
                 if self.passed >= self.after and (delivery or not self.loses):
                     continue  # lost, or held back: the connection stays up
+                if self.late and delivery:
+                    self.held.append(frame)  # until the consumer info's answer has passed
+                    if len(self.held) >= self.late:
+                        self.all_held.set()
+                    continue
                 self.passed += delivery
                 writer.write(frame)
+                if self.late and parts[1:2] == [self.info_reply]:
+                    self.late = 0
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # the answer read and acted on before they come
+                    for held in self.held:
+                        writer.write(held)
+                    self.passed += len(self.held)
                 await writer.drain()
 
     async def close(self) -> None:

@@ -625,6 +625,25 @@ async def test_lifeline_status_on_a_bucket_that_stalls_midway_fails_saying_so(na
     assert "did not answer within 1 s (5 key(s) read)" in err, err
 
 
+async def test_lifeline_status_reads_every_key_when_the_count_outruns_the_keys(nats_url, client):
+    """nats-py's key listing asks the server how many keys are still to come, and took "none,
+    and none received yet" for an empty bucket: when that answer reached the client before
+    the keys did, `lifeline status` printed an empty bucket and exited 0 (seen under load)."""
+    kv = await client.jetstream().create_key_value(bucket="lifeline_health")
+    for i in range(3):
+        stats = {"dispatcher": f"d{i}", "host": "h", "ts_unix_ms": int(time.time() * 1000)}
+        await kv.put(f"stats.d{i}", json.dumps(stats).encode())
+    proxy = DeliveryProxy(nats_url, after=10**6, loses=False, late=3)
+    try:
+        through = await proxy.start()
+        code, out, err = await lifeline_cli("status", "--nats-url", through, "--json")
+    finally:
+        await proxy.close()
+    assert code == 0, err
+    assert proxy.held, "the keys were not held back behind the count"
+    assert sorted(d["id"] for d in json.loads(out)["dispatchers"]) == ["d0", "d1", "d2"], out
+
+
 async def test_each_metrics_collection_reads_the_health_as_it_was_at_one_moment():
     """The metrics reader collects in its own thread, and read the health there while the
     event loop changed it: one target's figures from before a change, another's from after
