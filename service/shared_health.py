@@ -586,6 +586,9 @@ class BucketTooSlow(TimeoutError):
     """The bucket was not read whole within the time `read_bucket` was given."""
 
 
+_READER_GONE_S = 2.0  # how long the server keeps a finished read's consumer
+
+
 async def read_bucket(nc: Client, bucket: str, within_s: float) -> dict[str, bytes]:
     """Every live key of the health bucket, read in one pass, within `within_s` in all: raises
     nats.js.errors.BucketNotFoundError, or BucketTooSlow saying how far it got. nats-py's
@@ -596,7 +599,9 @@ async def read_bucket(nc: Client, bucket: str, within_s: float) -> dict[str, byt
     try:
         async with bound:
             kv = await nc.jetstream(timeout=_OP_TIMEOUT_S * 2).key_value(bucket)
-            watcher = await kv.watchall()
+            # Its consumer gone soon after the read (nats-py's default keeps one 5 minutes:
+            # `lifeline status` every second left 300 on the bucket's stream).
+            watcher = await kv.watchall(inactive_threshold=_READER_GONE_S)
             seen = False
             try:
                 async for entry in watcher:

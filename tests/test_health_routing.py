@@ -41,7 +41,7 @@ from service.client import stream_text
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.health import CLOSED, MIN_SAMPLES, OPEN, PROBE, Health, bucket_ms, bucket_of
-from service.shared_health import BucketStore, breaker_key
+from service.shared_health import BucketStore, breaker_key, read_bucket
 
 
 def outcomes(reply) -> list[tuple]:
@@ -642,6 +642,19 @@ async def test_lifeline_status_reads_every_key_when_the_count_outruns_the_keys(n
     assert code == 0, err
     assert proxy.held, "the keys were not held back behind the count"
     assert sorted(d["id"] for d in json.loads(out)["dispatchers"]) == ["d0", "d1", "d2"], out
+
+
+async def test_status_reads_leave_no_consumers_behind(nats_url, client):
+    """Each read of the bucket made a consumer that the server kept for nats-py's default 5
+    minutes: `lifeline status` once a second left 300 on the bucket's stream."""
+    js = client.jetstream()
+    kv = await js.create_key_value(bucket="lifeline_health")
+    await kv.put("stats.x", b"{}")
+    for _ in range(5):
+        assert await read_bucket(client, "lifeline_health", 10) == {"stats.x": b"{}"}
+    async with asyncio.timeout(30):  # gone a little after each read
+        while (await js.stream_info("KV_lifeline_health")).state.consumer_count:
+            await asyncio.sleep(0.2)
 
 
 async def test_each_metrics_collection_reads_the_health_as_it_was_at_one_moment():
