@@ -933,7 +933,7 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[s
 
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     own = commands.choices[command]
-    said = f"unrecognized arguments: {' '.join(unknown)}"
+    said = logs.hidden(f"unrecognized arguments: {' '.join(unknown)}")  # a URL's user info
     for option in (arg.split("=")[0] for arg in unknown if arg.startswith("--")):
         if close := difflib.get_close_matches(option, own._option_string_actions, n=1):
             said += f" (did you mean {close[0]}?)"

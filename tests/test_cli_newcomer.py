@@ -280,6 +280,15 @@ def test_a_misspelt_option_is_named_with_its_command_and_the_option_meant(capsys
     assert f"(did you mean {meant}?)" in said, said
 
 
+def test_a_misspelt_option_does_not_echo_a_urls_password(capsys):
+    """The refusal quotes the arguments it did not take, a NATS URL with its password too."""
+    with pytest.raises(SystemExit):
+        cli.main(["ask", "--nats-urll=nats://bob:s3cret@127.0.0.1:4222", "hi"])
+    said = capsys.readouterr().err
+    assert "unrecognized arguments: --nats-urll=nats://***@127.0.0.1:4222" in said, said
+    assert "s3cret" not in said, said
+
+
 @pytest.mark.parametrize(
     "args",
     [
