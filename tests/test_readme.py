@@ -1,7 +1,7 @@
 """The README against the code: the config it shows is a config Lifeline takes, every key
 Lifeline takes is in it, every option it gives a `lifeline` command is one that command
-has, and the Quick start's Python runs as pasted. A newcomer copies these; a key renamed or a flag dropped in the code must fail here, not
-in their terminal."""
+has, and the Quick start's Python runs as pasted. A newcomer copies these; a key renamed or
+a flag dropped in the code must fail here, not in their terminal."""
 
 from __future__ import annotations
 
