@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,8 @@ from tests.helpers import LifelineProcess, LocalHTTPServer, free_port, serving, 
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results"
 PROVIDER_LATENCY_S = 0.15
 ACK_WAIT_S = 3
+# A job's event is tried for up to 20 s until the stream confirms it (service/transport.py)
+AUDIT_WAIT_S = 40
 
 
 async def _quiet(exc: Exception) -> None:
@@ -238,18 +241,47 @@ async def collect(url: str, ids: set[str], timeout_s: float) -> dict[str, Any]:
     return results
 
 
-async def audited(url: str, ids: set[str]) -> Counter[str]:
-    """The audit events the audit stream keeps, counted by id, for the jobs in `ids`."""
+async def audited(url: str, ids: set[str], timeout_s: float) -> Counter[str]:
+    """The audit events the audit stream keeps, counted by id, for the jobs in `ids`: read
+    again until every job has one or timeout_s is over. A job's result is stored before its
+    event is confirmed by the stream (and a stream electing a leader after the last node kill
+    confirms nothing for a while), so a job can have its result and not yet its event."""
     nc = await _connect(url)
-    counts: Counter[str] = Counter()
+    give_up = time.monotonic() + timeout_s
+    first: int | None = None  # how many jobs had their event at the first read
     try:
-        async for data in read_events(nc.jetstream(timeout=10), AuditSettings(), 0, False):
-            event_id = audit_decoder.decode(data).id
-            if event_id in ids:
-                counts[event_id] += 1
+        while True:
+            counts: Counter[str] = Counter()
+            try:
+                async for data in read_events(nc.jetstream(timeout=10), AuditSettings(), 0, False):
+                    event_id = audit_decoder.decode(data).id
+                    if event_id in ids:
+                        counts[event_id] += 1
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                print(f"chaos: reading audit events: {exc!r}; trying again", flush=True)
+            if first is None:
+                first = len(set(counts))
+            if ids <= set(counts) or time.monotonic() > give_up:
+                if len(set(counts)) > first:
+                    print(
+                        f"chaos: {len(set(counts)) - first} job(s)' events reached the audit "
+                        "stream after their results were read",
+                        flush=True,
+                    )
+                return counts
+            await asyncio.sleep(1)
     finally:
         await nc.close()
-    return counts
+
+
+def keep_logs(tmp: Path) -> None:
+    """The run's dispatcher and worker logs, copied next to its figures."""
+    into = RESULTS / "chaos-logs"
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    for log in tmp.glob("*.log"):
+        shutil.copy(log, into / log.name)
+    print(f"chaos: a job without its audit event: the logs are in {into}", flush=True)
 
 
 async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
@@ -315,8 +347,9 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
             await publisher
             results = await collect(server.url, accepted, timeout_s=120)
             kept_on = await replicas(server.url)
-            await asyncio.sleep(1)  # the last events reach the stream a moment after
-            events = await audited(server.url, accepted)
+            events = await audited(server.url, accepted, timeout_s=AUDIT_WAIT_S)
+            if accepted - set(events):  # the logs say why: kept where the run's figures are
+                keep_logs(Path(tmp))
         finally:
             await watcher.close()
             fleet.stop()
@@ -344,6 +377,7 @@ async def run(seconds: float, rate: float, nodes: int = 1) -> dict[str, Any]:
             "dead_lettered": len(dead),
             # The audit stream keeps one event per job (deduplicated by its id's hash).
             "audit_events_missing": len(accepted - set(events)),
+            "audit_missing_ids": sorted(accepted - set(events))[:20],
             "audit_events_repeated": sum(n - 1 for n in events.values() if n > 1),
             "dispatcher_kills": kills,
             "nats_servers": nodes,
