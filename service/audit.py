@@ -59,14 +59,15 @@ def _captures(info: api.StreamInfo) -> frozenset[str]:
     return frozenset(s for s in _EVENT_SUBJECTS if any(jetstream.covers(p, s) for p in patterns))
 
 
-async def _captured(js: JetStreamContext, settings: AuditSettings) -> frozenset[str]:
-    """_captures of the stream as it is now; none when it cannot be looked at (the watch's
+async def _captured(js: JetStreamContext, settings: AuditSettings) -> frozenset[str] | None:
+    """_captures of the stream as it is now; None when it cannot be looked at (a cluster
+    electing its leaders: not "none", which would send jobs' events unconfirmed; the watch's
     next look says)."""
     try:
         return _captures(await js.stream_info(settings.stream))
     except Exception as exc:  # noqa: BLE001 - not there for now: looked at again within _WATCH_S
         log.debug("audit: could not look at stream %s: %r", settings.stream, exc)
-        return frozenset()
+        return None
 
 
 _STALL_S = 5.0  # the longest wait for the next event of those the stream holds
@@ -252,7 +253,7 @@ async def keep_audit_stream(
     settings: AuditSettings,
     replicas: int,
     problem: str | None,
-    kept: Callable[[frozenset[str]], None] = lambda _: None,
+    kept: Callable[[frozenset[str] | None], None] = lambda _: None,
 ) -> None:
     """Keep the audit stream there for as long as the dispatcher runs. After ensure_audit_stream
     said `problem`: try again every _SETUP_RETRY_S until it is there (a cluster still electing
@@ -262,10 +263,15 @@ async def keep_audit_stream(
     JetStream silent at two looks in a row (nats-server disables it when its disk is full, and
     a server restarted without -js has none) is said once, and its return: meanwhile events
     reach live subscribers only, and the server confirms no capture that would tell.
-    `kept(subjects)` is told which audit subjects the stream is there to capture (none while it
-    is not), as each of these finds it: a job's event on another one is not waited for."""
+    `kept(subjects)` is told which audit subjects the stream is there to capture, as each of
+    these finds it: a job's event on another one is not waited for. None while that is not
+    known (a look failed, the stream not made yet or gone): a job's event waits then (a
+    cluster's stream has no leader for a few seconds after a node dies, and a core publish is
+    kept by nobody), at most its patience (service.transport's _audit_acked), after which the
+    next ones do not wait until the stream is seen. None kept (no wait) while JetStream does
+    not answer at all."""
     silent = 0
-    kept(await _captured(js, settings) if problem is None else frozenset())
+    kept(await _captured(js, settings) if problem is None else None)
     while True:
         if problem is not None:
             log.warning(
@@ -296,7 +302,7 @@ async def keep_audit_stream(
             continue
         except nats.js.errors.NotFoundError:
             problem = "it is gone (a server restarted on an empty store, or it was deleted)"
-            kept(frozenset())
+            kept(None)  # made again within _SETUP_RETRY_S: a job's event waits for it
             silent = 0  # JetStream answers: making the stream again says what follows
         except Exception as exc:  # noqa: BLE001 - unreachable for now: looked at next time
             log.debug("audit: could not look at stream %s: %r", settings.stream, exc)

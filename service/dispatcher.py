@@ -134,11 +134,14 @@ class Dispatcher:
             self._audit_setup = asyncio.create_task(
                 keep_audit_stream(js, self.audit_settings, self.replicas, problem, self._audit_kept)
             )
+        else:  # no stream to keep events: none waits for one
+            self._audit_kept(frozenset())
         if self.jobs is not None:
             await self.jobs.start()
 
-    def _audit_kept(self, captured: frozenset[str]) -> None:
-        self.transport.audit_kept = captured  # jobs' events on these wait for the stream's ack
+    def _audit_kept(self, captured: frozenset[str] | None) -> None:
+        # Jobs' events on these wait for the stream's ack (on any while it is not known: None).
+        self.transport.audit_kept = captured
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, answer those already received, then let the ones in flight

@@ -101,7 +101,9 @@ class NatsTransport:
         self._back_at = -math.inf  # monotonic: when a reconnect was first seen
         # The audit subjects the audit stream is there to capture (service.audit.keep_audit_stream
         # says): a job's event on one is published to JetStream and waited for (_audit_acked).
-        self.audit_kept: frozenset[str] = frozenset()
+        # None while that is not known (not looked at yet, or the look failed): waited for too,
+        # since a core publish is lost while a cluster's stream has no leader.
+        self.audit_kept: frozenset[str] | None = None
 
     def spanned_an_outage(self, started: float) -> bool:
         """Whether this connection was down at some time since `started` (time.monotonic()):
@@ -237,7 +239,7 @@ class NatsTransport:
         subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
         if (
             headers
-            and subject in self.audit_kept
+            and (self.audit_kept is None or subject in self.audit_kept)
             and await self._audit_acked(subject, payload, headers)
         ):
             return

@@ -851,6 +851,38 @@ async def test_a_jobs_audit_event_waits_for_an_audit_stream_gone_for_a_moment(li
     assert await _waiting_jobs(client) == 0  # acknowledged, once audited
 
 
+async def test_a_jobs_audit_event_waits_when_the_dispatcher_could_not_look_at_the_stream(
+    lifeline, client, monkeypatch
+):
+    """A dispatcher that cannot look at the audit stream as it starts (a cluster electing
+    leaders after a node died: its look times out) cannot tell which event subjects the stream
+    captures. It took that for "none" until its next look 30 s later, so its jobs' events went
+    as core publishes, kept by nobody while the stream had no leader: 152 of 1,200 jobs of a
+    `make chaos-cluster` lost their event, with no warning. Not known is not "not kept": a job's
+    event waits for the stream's confirmation as ever."""
+    from nats.js.client import JetStreamContext
+
+    real_info, looks = JetStreamContext.stream_info, []
+
+    async def first_look_times_out(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == AuditSettings().stream and not looks:
+            looks.append(name)
+            raise nats.errors.TimeoutError
+        return await real_info(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext, "stream_info", first_look_times_out)
+    await lifeline(config({"main": fake()}))
+    assert looks  # the dispatcher's look at the stream failed
+    js = client.jetstream()
+    await js.delete_stream(AuditSettings().stream)  # no leader, as in a cluster after a kill
+    await submit(client, job("unlooked"), "unlooked")
+    reply = await result_of(client, "unlooked")
+    assert await ensure_audit_stream(js, AuditSettings()) is None
+    events = await kept_audit_events(client, 1)
+    assert [(e.id, e.trace_id) for e in events] == [("unlooked", reply.trace_id)]
+    assert await _waiting_jobs(client) == 0  # acknowledged, once audited
+
+
 async def test_jobs_stop_waiting_for_an_audit_stream_that_stays_away(lifeline, client, monkeypatch):
     """Past its patience a job's event goes as a request's does, the job is acknowledged, and
     the next jobs do not wait for the stream until it is seen again."""
@@ -861,7 +893,7 @@ async def test_jobs_stop_waiting_for_an_audit_stream_that_stays_away(lifeline, c
     await client.jetstream().delete_stream(AuditSettings().stream)
     await submit(client, job("first"), "first")
     assert (await result_of(client, "first")).status == "ok"
-    await wait_for(lambda: not stack.dispatcher.transport.audit_kept, timeout_s=5)
+    await wait_for(lambda: stack.dispatcher.transport.audit_kept == frozenset(), timeout_s=5)
     assert await _waiting_jobs(client) == 0
     monkeypatch.setattr(transport, "_AUDIT_PATIENCE_S", 60.0)  # would hold the next job
     await submit(client, job("next"), "next")
