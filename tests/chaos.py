@@ -9,8 +9,9 @@ store. With --cluster, NATS is three nats-servers joined by routes, every stream
 kept on all three (`[jetstream] replicas = 3`), and every other round SIGKILLs one of the
 nodes instead of a dispatcher and starts it again. Then it waits for every accepted job's
 result and prints: jobs accepted, results stored, provider calls and how many of them were
-repeats, jobs lost (must be 0) and dead-lettered. Writes bench-results/chaos.json (or
-chaos-cluster.json); exits 1 when a job was lost.
+repeats, jobs lost (must be 0) and dead-lettered, and the audit events the audit stream keeps
+(exactly one per job). Writes bench-results/chaos.json (or chaos-cluster.json); exits 1 when a
+job was lost or has other than one event, its processes' logs kept in bench-results/chaos-logs/.
 """
 
 from __future__ import annotations
