@@ -193,6 +193,10 @@ async def connect(
     options = url if isinstance(url, NatsOptions) else NatsOptions(servers=url)
     kwargs = options.connect_kwargs()
     connected = False
+    # A cluster's list is tried server by server, in turn: one refusing is no outage until
+    # every one of them has refused in a row (one reachable server is enough to start).
+    servers = len(kwargs["servers"])
+    refused_in_a_row = 0
     told_undiscoverable = False
     inbox_refused: list[str] = []  # a client's check of its inbox, below
     checking_inbox = not wait_for_server
@@ -200,7 +204,7 @@ async def connect(
     slow = _SlowConsumerDrops(name, logging.WARNING if wait_for_server else logging.DEBUG)
 
     async def on_error(exc: Exception) -> None:
-        nonlocal told_undiscoverable
+        nonlocal told_undiscoverable, refused_in_a_row
         if isinstance(exc, nats.errors.SlowConsumerError):  # first: one per message dropped
             slow.drop(exc)
             return
@@ -257,7 +261,9 @@ async def connect(
                 exc,
             )
             return
-        if wait_for_server and not connected and options.shown not in _told_waiting:
+        refused_in_a_row += not connected
+        outage = wait_for_server and (connected or refused_in_a_row >= servers)
+        if outage and not connected and options.shown not in _told_waiting:
             _told_waiting.add(options.shown)  # once a process, not at each retry
             log.warning(
                 "%s: cannot reach NATS at %s (%s); waiting for it, trying again every 2 s: "
@@ -269,7 +275,7 @@ async def connect(
             )
         # A service logs each retry; a client (ask, status, ...) says once why it gave up.
         log.log(
-            logging.WARNING if wait_for_server else logging.DEBUG,
+            logging.WARNING if outage else logging.DEBUG,
             "%s: NATS at %s: %s: %s%s",
             name,
             options.shown,

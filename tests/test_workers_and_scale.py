@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import time
 
 import nats
 import pytest
-from helpers import USER_HELLO, Ledger, ask, config, fake, settled, wait_for
+from helpers import USER_HELLO, Ledger, ask, config, fake, free_port, settled, wait_for
 
 from schemas import subjects
 from schemas.wire import encoder, provider_reply_decoder
+from service.app import connect
 from service.natsio import ensure_subscribed
 
 PROVIDER_REQUEST = {"id": "r1", "messages": USER_HELLO["messages"]}
@@ -253,3 +256,36 @@ async def test_long_prompts_meet_the_byte_bound_before_the_request_bound(lifelin
     await ledger.send("alone", huge)
     await ledger.settle(len(ids) + 1, len(ids) + 1)
     assert ledger.reply_of["alone"].status == "ok"  # nothing else in flight: taken
+
+
+async def test_a_cluster_url_with_one_server_down_connects_without_a_warning(
+    nats_url, caplog, monkeypatch
+):
+    """A service given a cluster's URLs, the first of them down, logged "cannot reach NATS at
+    <every URL>; waiting for it ... start nats-server there" at each start, then served from
+    the next server a moment later: one reachable server is enough, as the README says."""
+    monkeypatch.setattr("nats.aio.client.shuffle", lambda pool: None)  # the down one first
+    caplog.set_level("DEBUG", logger="lifeline")
+    down = f"nats://127.0.0.1:{free_port()}"
+    nc = await connect(f"{down},{nats_url}", "lifeline-dispatcher")
+    try:
+        assert nc.is_connected
+    finally:
+        await nc.close()
+    refused = [r for r in caplog.records if "ConnectionRefusedError" in r.getMessage()]
+    assert refused, "the down server was never tried: nothing shown"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_cluster_url_with_every_server_down_says_it_waits(caplog):
+    """Only when every server of the list has refused is the service waiting for NATS."""
+    urls = ",".join(f"nats://127.0.0.1:{free_port()}" for _ in range(2))
+    task = asyncio.ensure_future(connect(urls, "lifeline-dispatcher"))
+    try:
+        await wait_for(lambda: any("waiting for it" in r.getMessage() for r in caplog.records))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    waiting = [r for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].levelno == logging.WARNING
