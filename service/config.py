@@ -68,6 +68,16 @@ _JETSTREAM_MIN_AGE_S = 0.1
 AUDIT_DEDUP_WINDOW_S = 600.0
 
 
+# A stream's or bucket's name, as JetStream takes it (a regex's $ also matches before a final
+# line break: (?!\n) refuses one); "" where the stream is optional. An error says which
+# characters, not the regex.
+_JS_NAME = r"^[A-Za-z0-9_-]+(?!\n)$"
+_JS_NAME_OR_NONE = r"^[A-Za-z0-9_-]*(?!\n)$"
+_PATTERNS = {
+    _JS_NAME: "letters, digits, '_' and '-' only (a JetStream name)",
+    _JS_NAME_OR_NONE: "letters, digits, '_' and '-' only (a JetStream name), or \"\" for none",
+}
+
 T = TypeVar("T")
 
 
@@ -114,7 +124,7 @@ class DispatcherSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Breaker state shared by every dispatcher through this JetStream key-value bucket; when
     # false, or when the bucket cannot be reached, each dispatcher acts on its own view.
     shared_health: bool = True
-    health_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_health"
+    health_bucket: Annotated[str, Meta(pattern=_JS_NAME)] = "lifeline_health"
 
     def __post_init__(self) -> None:
         if self.default_timeout_s > self.max_timeout_s:
@@ -141,8 +151,8 @@ class JobsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     dedup_window_s: Annotated[float, Meta(ge=_JETSTREAM_MIN_AGE_S, le=_YEAR_S)] = 120.0
     # How long a result is kept: JetStream makes no bucket that keeps its values shorter.
     results_ttl_s: Annotated[float, Meta(ge=_JETSTREAM_MIN_AGE_S, le=_YEAR_S)] = 86_400.0
-    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "LIFELINE_JOBS"
-    results_bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(?!\n)$")] = "lifeline_results"
+    stream: Annotated[str, Meta(pattern=_JS_NAME)] = "LIFELINE_JOBS"
+    results_bucket: Annotated[str, Meta(pattern=_JS_NAME)] = "lifeline_results"
 
     def __post_init__(self) -> None:
         # A job whose dispatcher stored its result and died before the ack comes back within
@@ -178,7 +188,7 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """The audit events' JetStream stream (service/audit.py), so none is lost when no one
     listens; needs JetStream on the NATS server."""
 
-    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*(?!\n)$")] = "LIFELINE_AUDIT"  # "": none
+    stream: Annotated[str, Meta(pattern=_JS_NAME_OR_NONE)] = "LIFELINE_AUDIT"  # "": none
     # Older events are dropped. JetStream makes no stream that keeps its messages for less than
     # its duplicate window, AUDIT_DEDUP_WINDOW_S.
     max_age_s: Annotated[float, Meta(ge=AUDIT_DEDUP_WINDOW_S, le=_YEAR_S)] = 7 * 86_400.0
@@ -922,6 +932,9 @@ def _located(
         allowed = _literals(type_, where[1:-1])
         if allowed:
             message += f" (expected one of {', '.join(map(repr, allowed))})"
+    for pattern, characters in _PATTERNS.items():
+        if message == f"Expected `str` matching regex {pattern!r}":
+            message = f"expected {characters}"
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:
         key = unknown.group(1)

@@ -184,6 +184,25 @@ def test_a_stream_name_ending_in_a_line_break_is_refused(table, key):
     assert error(data).startswith(f"{table}.{key}: ")
 
 
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ("jobs", "stream"),
+        ("jobs", "results_bucket"),
+        ("audit", "stream"),
+        ("dispatcher", "health_bucket"),
+    ],
+)
+def test_a_stream_or_bucket_name_with_a_dot_says_which_characters_it_takes(table, key):
+    """It said "Expected `str` matching regex '^[A-Za-z0-9_-]+(?!...)$'", its line-break
+    lookahead escaped twice: a regex to decode, not the characters to use."""
+    data = config({"primary": fake()})
+    data[table] = {key: "lifeline.prod"}
+    said = error(data)
+    assert said.startswith(f"{table}.{key}: ") and "regex" not in said, said
+    assert "letters, digits, '_' and '-'" in said, said
+
+
 def test_a_targets_timeout_above_its_providers_is_refused_naming_both():
     """The worker holds every call to its provider's timeout_s: a target's longer one was
     accepted and cut there, as a timeout counted against the provider."""
