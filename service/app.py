@@ -95,6 +95,7 @@ class ConnectionWatch:
         self.lost = asyncio.Event()
         self.closing = False  # set by Component.stop: our own close is not a loss
         self.nc: Client | None = None
+        self.options: NatsOptions | None = None  # set by connect(): names a refused credential
         self._auth_refusals = 0
         self._giving_up: asyncio.Future[None] | None = None
         self.refused_subjects: list[str] = []  # subscriptions the server refused (at most 16)
@@ -162,6 +163,17 @@ class ConnectionWatch:
         if self.closing or self.lost.is_set():
             return
         error = self.nc.last_error if self.nc is not None else None
+        if error is not None and _is_auth_refusal(error) and self.options is not None:
+            # Which credential, and what to do, as a refusal at start-up says.
+            refused = _refusal(self.options, error).removesuffix("; not retrying")
+            log.error(
+                "%s: %s; the NATS connection is gone for good: stopping so a supervisor can "
+                "restart it",
+                self.name,
+                refused,
+            )
+            self.lost.set()
+            return
         why = f"{type(error).__name__}: {error}" if error is not None else "closed"
         log.error(
             "%s: the NATS connection is gone for good (%s); "
@@ -317,6 +329,7 @@ async def connect(
     connections_made += 1
     if watch is not None:
         watch.nc = nc
+        watch.options = options
     if checking_inbox:
         await _must_reach_its_inbox(nc, options, inbox_refused)
         checking_inbox = False

@@ -637,7 +637,8 @@ async def test_a_connection_closed_for_good_by_the_server_ends_the_processes_non
         revoke(auth_server)
         for proc in (worker, dispatcher):
             assert proc.proc.wait(timeout=20) == 1
-            assert "gone for good" in proc.log() and "Authorization" in proc.log()
+            assert "gone for good" in proc.log() and "authorization" in proc.log().lower()
+            assert "refused the user info in the URL" in proc.log()  # which credential
             assert TOKEN not in proc.log()  # the URL is logged without its secret
     finally:
         svc.stop()
@@ -660,7 +661,9 @@ async def test_a_credential_refused_on_reconnect_ends_the_process_instead_of_ret
     tmp_path, provider
 ):
     """The server comes back with another token: every reconnect is refused. nats-py would
-    retry forever; Lifeline gives up on the second refusal, as the Go client does."""
+    retry forever; Lifeline gives up on the second refusal, as the Go client does, saying which
+    credential was refused and what to do, as a refusal at start-up does (it said only "gone
+    for good (Error: nats: 'Authorization Violation')")."""
     port = free_port()
     conf = 'authorization {{ token: "{}" }}\n'
     first = EmbeddedNats(port=port, conf=conf.format(TOKEN))
@@ -675,6 +678,8 @@ async def test_a_credential_refused_on_reconnect_ends_the_process_instead_of_ret
         assert dispatcher.proc.wait(timeout=30) == 1
         assert "gone for good" in dispatcher.log() and "Authorization" in dispatcher.log()
         assert TOKEN not in dispatcher.log()
+        assert "refused the user info in the URL" in dispatcher.log()
+        assert "check them (README: Connecting to a secured NATS)" in dispatcher.log()
     finally:
         svc.stop()
         if second is not None:
