@@ -25,6 +25,7 @@ from nats.aio.client import Client, ServerVersion
 from schemas import subjects
 from service import logs, natsio
 from service.discovery import Responder, dispatcher_endpoints, worker_endpoints
+from service.embedded import redact_url
 from service.natsopts import NatsOptions, server_list
 
 if TYPE_CHECKING:
@@ -158,6 +159,10 @@ class ConnectionWatch:
 
     async def on_reconnected(self) -> None:
         self._auth_refusals = 0
+        # Said, so a log whose last lines were a failover's refusals shows it came back.
+        where = self.nc.connected_url if self.nc is not None else None
+        shown = redact_url(where.geturl()) if where is not None else "its server"
+        log.info("%s: reconnected to NATS at %s", self.name, shown)
 
     async def on_closed(self) -> None:
         if self.closing or self.lost.is_set():

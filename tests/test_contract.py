@@ -713,6 +713,8 @@ async def test_a_server_restart_is_survived_by_reconnecting(tmp_path, provider):
             assert "or this process fell behind by more than the server's max_pending" in (
                 dispatcher.log()
             )
+            # And that it came back: its log ended on "Connection refused" warnings.
+            assert f"reconnected to NATS at {second.url}" in dispatcher.log()
         finally:
             await nc.close()
     finally:
