@@ -229,6 +229,17 @@ def setup(
     # line. Shown with the rest of DEBUG.
     debug = root.level <= logging.DEBUG
     logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.removeFilter(_tls_eof_noise)
+    if not debug:
+        asyncio_log.addFilter(_tls_eof_noise)
+
+
+def _tls_eof_noise(record: logging.LogRecord) -> bool:
+    """False for asyncio's warning at each close of a NATS connection over TLS: nats-py
+    upgrades it with start_tls, which never tells its stream protocol that it is over TLS, so
+    that protocol asks to stay half-open, which TLS ignores. Harmless: shown only with -v."""
+    return record.msg != "returning true from eof_received() has no effect when using ssl"
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -310,6 +310,28 @@ async def test_each_auth_method_serves_a_request_end_to_end(
         assert SECRET not in ran.out + ran.err
 
 
+async def test_a_command_over_tls_prints_no_asyncio_warning_as_it_closes(
+    keys, tmp_path, server_for, stacks, tracers
+):
+    """Every command over TLS (and every service as it stopped) printed "WARNING asyncio
+    returning true from eof_received() has no effect when using ssl": nats-py upgrades its
+    connection with start_tls, which never tells the stream protocol it is over TLS."""
+    m = method("mutual_tls", keys, tmp_path)
+    server = server_for(m.conf)
+    url = f"tls://{server.host}:{server.port}"
+    stacks.append(
+        await start_stack(
+            parse_config(LIFELINE_CONFIG), NatsOptions(servers=url, **m.stack), tracers
+        )
+    )
+    env = m.status.env
+    asked = await lifeline("ask", "--nats-url", url, QUESTION, env=env)
+    status = await lifeline("status", "--nats-url", url, env=env)
+    for ran in (asked, status):
+        assert ran.code == 0, ran.err
+        assert "eof_received" not in ran.err, ran.err
+
+
 # ---- failing fast -----------------------------------------------------------------------
 
 
