@@ -404,11 +404,28 @@ def _capped(exporter: type, signal: str) -> dict[str, Any]:
         return {}
     import requests  # what the OTLP/HTTP exporters use: installed with them
 
-    session = requests.Session()
+    session = _own_verify_session(requests.Session)()
     adapter = _capped_adapter(requests.adapters.HTTPAdapter)()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return {"session": session}
+
+
+def _own_verify_session(base: type) -> type:
+    """A requests Session whose own `verify` (where the SDK puts OTEL_EXPORTER_OTLP_CERTIFICATE)
+    wins over REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE: requests lets those override it, so the
+    collector's CA was ignored wherever an image sets one. Proxies still come from the
+    environment."""
+
+    class OwnVerifySession(base):  # type: ignore[misc, valid-type]
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:
+            if verify is None and self.verify is not True:
+                verify = self.verify  # a CA file set on the session, or False
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+
+    return OwnVerifySession
 
 
 def _capped_adapter(base: type) -> type:

@@ -7,9 +7,12 @@ import json
 import logging
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any, ClassVar
 
 import nats
@@ -616,6 +619,74 @@ def test_a_collector_that_drips_its_answer_holds_no_export_past_its_timeout(monk
                 time.sleep(0.05)
         finally:
             _DrippingCollector.stop.set()
+            telemetry.shut_down(provider)
+
+
+class _TLSCollector(BaseHTTPRequestHandler):
+    """A collector over HTTPS that keeps the trace ids of the spans it was sent."""
+
+    trace_ids: ClassVar[set[int]] = set()
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        exported = ExportTraceServiceRequest.FromString(
+            self.rfile.read(int(self.headers["content-length"]))
+        )
+        for resource in exported.resource_spans:
+            for scope in resource.scope_spans:
+                self.trace_ids.update(int.from_bytes(s.trace_id) for s in scope.spans)
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _collector_certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA of the test's own, and a certificate it signed for 127.0.0.1, with its key."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=t-ca")
+    openssl("req", *ec, "-keyout", "c.key", "-out", "c.csr", "-subj", "/CN=collector")
+    (tmp_path / "c.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    signed = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1"]
+    openssl("x509", "-req", "-in", "c.csr", "-out", "c.pem", "-extfile", "c.ext", *signed)
+    return tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "c.key"
+
+
+def test_the_otlp_certificate_is_trusted_beside_a_requests_ca_bundle(monkeypatch, tmp_path):
+    """OTEL_EXPORTER_OTLP_CERTIFICATE was ignored wherever REQUESTS_CA_BUNDLE (or
+    CURL_CA_BUNDLE) is set, as in many images: `requests` lets those variables override a
+    session's own `verify`, which is where the SDK puts the certificate. Every export to a
+    collector signed by that CA failed with CERTIFICATE_VERIFY_FAILED."""
+    ca, cert, key = _collector_certificate(tmp_path)
+    system = ssl.get_default_verify_paths().cafile or ssl.get_default_verify_paths().openssl_cafile
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", system)  # a bundle without the collector's CA
+    _TLSCollector.trace_ids = set()
+    server = LocalHTTPServer(_TLSCollector)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    with serving(server) as collector:
+        endpoint = f"https://127.0.0.1:{collector.server_address[1]}"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca))
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        provider = tracer_provider_from_env("lifeline-test")
+        try:
+            span = provider.recorder("test").start("sent", SpanKind.SERVER, {})
+            span.end()
+            provider.force_flush(10_000)
+            assert span.trace_id in _TLSCollector.trace_ids, "the span was not exported"
+        finally:
             telemetry.shut_down(provider)
 
 
