@@ -162,6 +162,7 @@ def _otlp_entry_point(environ: Mapping[str, str], signal: str) -> str:
         )
     if protocol == "http/protobuf":
         _check_http_endpoint(environ, signal)
+        _check_http_files(environ, signal)
     entry_point = _OTLP_ENTRY_POINT[protocol]
     if not entry_points(group=f"opentelemetry_{signal.lower()}_exporter", name=entry_point):
         other = "http/protobuf" if protocol == "grpc" else "grpc"
@@ -186,6 +187,22 @@ def _check_http_endpoint(environ: Mapping[str, str], signal: str) -> None:
             f"{variable} is no http:// or https:// URL, which OTLP over HTTP needs: e.g. "
             "http://localhost:4318"
         )
+
+
+def _check_http_files(environ: Mapping[str, str], signal: str) -> None:
+    """The TLS files an OTLP/HTTP exporter reads at each export: one that is not there started
+    the service, and every export failed ("Could not find a suitable TLS CA certificate
+    bundle, invalid path"). Each is the signal's variable, else the general one, as the SDK
+    reads them."""
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        variable = f"OTEL_EXPORTER_OTLP_{signal}_{name}"
+        if not environ.get(variable, ""):
+            variable = f"OTEL_EXPORTER_OTLP_{name}"
+        path = environ.get(variable, "")
+        if path and not os.path.isfile(path):
+            raise TelemetryConfigError(
+                f"{variable}={path}: no such file: name the PEM file it takes, or unset it"
+            )
 
 
 def service_resource(service_name: str) -> Resource:

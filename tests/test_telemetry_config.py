@@ -199,6 +199,33 @@ def test_an_unsupported_protocol_is_refused():
         )
 
 
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ],
+)
+def test_a_tls_file_that_is_not_there_is_refused_naming_its_variable(variable, tmp_path):
+    """The service started and every export failed ("Could not find a suitable TLS CA
+    certificate bundle, invalid path"), an ERROR a batch, tracing off in effect."""
+    missing = tmp_path / "nowhere" / "ca.pem"
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318", variable: str(missing)}
+    with pytest.raises(TelemetryConfigError, match=f"{variable}={missing}: no such file"):
+        exporter_classes(environ)
+
+
+def test_the_tls_files_that_are_there_are_taken(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4318"}
+    assert exporter_classes({**environ, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)}) == [
+        OTLPSpanExporter
+    ]
+
+
 def test_the_protocol_only_matters_when_otlp_is_asked_for():
     assert exporter_classes(
         {"OTEL_TRACES_EXPORTER": "console", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}
