@@ -255,6 +255,10 @@ def _other_limits(have: api.StreamConfig, wanted: api.StreamConfig) -> str | Non
         if getattr(wanted, limit) not in (None, 0, -1)
         and getattr(have, limit) != getattr(wanted, limit)
     ]
+    # Fewer copies than jetstream.replicas asks: losing its one server loses what it holds.
+    # (More is an operator's `nats stream edit`, and loses nothing.)
+    if (have.num_replicas or 1) < (wanted.num_replicas or 1):
+        differ.append(f"num_replicas {have.num_replicas} (the config's: {wanted.num_replicas})")
     if not differ:
         return None
     return (
@@ -285,10 +289,31 @@ async def look_at_existing(
     if wanted is not None and (other := _other_limits(info.config, wanted)):
         problems.append(other)
     for problem in problems:
-        key = (name, info.created, problem)
-        if key in _warned:
-            continue
-        if len(_warned) >= _WARNED_MAX:
-            _warned.clear()
-        _warned.add(key)
-        log.warning("%s (the stream existed already, made otherwise; used as it is)", problem)
+        _warn_once(log, name, info.created, problem)
+
+
+def _warn_once(log: logging.Logger, name: str, created: datetime | None, problem: str) -> None:
+    key = (name, created, problem)
+    if key in _warned:
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.clear()
+    _warned.add(key)
+    log.warning("%s (the stream existed already, made otherwise; used as it is)", problem)
+
+
+async def look_at_bucket(
+    js: JetStreamContext, bucket: str, replicas: int, log: logging.Logger
+) -> None:
+    """Warn, once per bucket made, when the bucket that exists already is kept on fewer
+    servers than jetstream.replicas asks (made before it was raised): a bucket found is used
+    as it is, and losing its one server loses what it holds."""
+    name = f"KV_{bucket}"
+    try:
+        info = await js.stream_info(name)
+    except Exception as exc:  # noqa: BLE001 - gone since, or not ours to look at: a look only
+        log.debug("could not look at bucket %s: %r", bucket, exc)
+        return
+    wanted = api.StreamConfig(name=name, num_replicas=replicas)
+    if (other := _other_limits(info.config, wanted)) is not None:
+        _warn_once(log, name, info.created, other)

@@ -58,7 +58,7 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
             js, settings.stream, subjects.JOBS_SUBMIT, log, jobs=True, wanted=config
         )
     try:
-        return await js.key_value(settings.results_bucket)
+        found = await js.key_value(settings.results_bucket)
     except nats.js.errors.BucketNotFoundError:
         return await js.create_key_value(
             bucket=settings.results_bucket,
@@ -71,6 +71,8 @@ async def ensure_jobs(js: JetStreamContext, settings: JobsShape, replicas: int =
             # that (service/permissions.py).
             direct=True,
         )
+    await jetstream.look_at_bucket(js, settings.results_bucket, replicas, log)
+    return found
 
 
 async def ensure_jobs_as_a_client(js: JetStreamContext, settings: JobsShape, replicas: int) -> None:

@@ -167,6 +167,7 @@ class BucketStore:
             js = self.nc.jetstream(timeout=_OP_TIMEOUT_S * 2)
             try:
                 kv = await js.key_value(self.bucket)
+                await jetstream.look_at_bucket(js, self.bucket, self.replicas, log)
             except nats.js.errors.BucketNotFoundError:
                 kv = await js.create_key_value(
                     bucket=self.bucket,

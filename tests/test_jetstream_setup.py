@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 import nats
 import nats.js.errors
 import pytest
-from helpers import config, fake, wait_for
+from helpers import config, fake, free_port, wait_for
 from nats.js import api
 
 from schemas import subjects
@@ -276,3 +276,69 @@ def test_a_full_store_is_named_as_such():
 def test_no_stream_on_a_subject_names_a_stream_made_on_other_subjects():
     said = hint(nats.js.errors.NotFoundError(), 1)
     assert "no stream captures this subject" in said and "made beforehand on other subjects" in said
+
+
+@contextmanager
+def three_node_cluster() -> Iterator[str]:
+    """Three nats-servers with JetStream, routed as one cluster: their URLs, comma-separated."""
+    ports = [free_port() for _ in range(3)]
+    routes = ", ".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers = [
+        EmbeddedNats(
+            port=-1,
+            conf=f'server_name: n{i}\ncluster {{ name: lifeline, listen: "127.0.0.1:{port}", '
+            f"routes: [{routes}] }}\n",
+        )
+        for i, port in enumerate(ports)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield ",".join(server.url for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_streams_kept_on_fewer_servers_than_the_config_asks_are_warned_about(caplog):
+    """jetstream.replicas = 3 set after the streams and buckets were made on one server each:
+    those the server did not scale up stayed there without a word (the jobs stream's "exists
+    with other settings" at INFO), so losing that server lost the jobs, results or audit events
+    the operator believed were kept on three."""
+    with three_node_cluster() as urls:
+        nc = await nats.connect(urls.split(","))
+        try:
+            js = nc.jetstream()
+
+            async def made(replicas: int) -> None:
+                await ensure_audit_stream(js, AuditSettings(), replicas)
+                await ensure_jobs(js, JobsSettings(), replicas)
+
+            await wait_for(lambda: _ready(made), timeout_s=20, what="JetStream's meta leader")
+            caplog.clear()
+            await made(3)
+            kept = {
+                name: (await js.stream_info(name)).config.num_replicas
+                for name in (JOBS, AUDIT, f"KV_{JobsSettings().results_bucket}")
+            }
+        finally:
+            await nc.close()
+    said = warnings(caplog)
+    assert kept[JOBS] == 1, kept  # JetStream keeps a stream's replicas on a create
+    for name, replicas in kept.items():
+        line = next((line for line in said if line.startswith(f"{name} was made")), "")
+        if replicas < 3:
+            assert "num_replicas 1 (the config's: 3)" in line, (name, said)
+            assert f"nats stream edit {name}" in line, (name, said)
+        else:
+            assert line == "", line
+
+
+async def _ready(made: object) -> bool:
+    """Whether the streams could be made on one server each (a young cluster has no JetStream
+    leader for its first seconds)."""
+    try:
+        await made(1)  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - no leader yet answers with several errors
+        return False
+    return True
