@@ -14,7 +14,8 @@ subject of its own that it subscribed to first, and receives one NATS message pe
     end        Lifeline-Event: end; body: the CompletionReply llm.complete would send, with
                content null (the text came as deltas), its tool_calls whole, and `stream`
                (ttft_ms, chunks, resets)
-    error      Lifeline-Event: error; body: the error CompletionReply llm.complete would send
+    error      Lifeline-Event: error; body: the error CompletionReply llm.complete would send,
+               with `stream` as on end (its chunks: the deltas sent before the failure)
 
 Every event carries Lifeline-Seq (1, 2, 3, ... per request) and Lifeline-Attempt (the attempt
 it belongs to: 1, 2, ... in the order attempts started, as the non-skipped entries of the

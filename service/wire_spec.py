@@ -303,7 +303,7 @@ STREAM_EVENTS = (
     Message(
         "error",
         wire.CompletionReply,
-        "The error reply llm.complete would send",
+        "The error reply llm.complete would send, with `stream` as on end (its chunks sent before it)",
         (*ERROR_NUMBERS, event(ERROR)),
     ),
 )

@@ -338,6 +338,7 @@ async def test_fail_ends_the_stream_with_an_error_and_tries_nothing_else(lifelin
     assert reply.error.type == "midstream_failed"
     assert "after 2 chunks" in reply.error.message and "backup" in reply.error.message
     assert [(a.target, a.next) for a in reply.attempts] == [("flaky", "stop")]
+    assert reply.stream is not None and reply.stream.chunks == 2  # the client can count its own
     [(subject, _)] = await audit.wait_for(1)
     assert subject == "llm.audit.error"
 
