@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
+import imagesize
 import msgspec
 from httpx_sse import ServerSentEvent
 
@@ -466,18 +468,14 @@ def _check_images(messages: Sequence[ChatMessage]) -> None:
 
 
 def _pixels(data: str) -> tuple[int, int] | None:
-    """An image's width and height from its header (PNG, GIF, WebP, JPEG); None when it tells
-    none (another type, or a JPEG whose frame header is not near its start)."""
+    """An image's width and height from its header, read by imagesize (PNG, GIF, WebP, JPEG:
+    a JPEG's frame header follows its APP segments, so more of it is decoded); None when it
+    tells none (another type, or a JPEG whose frame header is not near its start)."""
     head = _decoded("".join(data[:128].split())[:64])  # 48 bytes
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return _webp_pixels(head)
     if head.startswith(b"\xff\xd8"):
-        return _jpeg_pixels(_decoded("".join(data[:_JPEG_HEAD_CHARS].split())))
-    return None
+        head = _decoded("".join(data[:_JPEG_HEAD_CHARS].split()))
+    width, height = imagesize.get(io.BytesIO(head), exif_rotation=False)  # -1, -1: none
+    return (width, height) if width >= 0 and height >= 0 else None
 
 
 def _decoded(text: str) -> bytes:
@@ -486,41 +484,6 @@ def _decoded(text: str) -> bytes:
         return binascii.a2b_base64(text[: len(text) // 4 * 4])
     except binascii.Error:
         return b""
-
-
-def _webp_pixels(head: bytes) -> tuple[int, int] | None:
-    chunk = head[12:16]
-    if chunk == b"VP8X":  # extended: 24-bit width and height, less one
-        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
-    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy: 14 bits each
-        return (
-            int.from_bytes(head[26:28], "little") & 0x3FFF,
-            int.from_bytes(head[28:30], "little") & 0x3FFF,
-        )
-    if chunk == b"VP8L" and head[20:21] == b"\x2f":  # lossless: 14 bits each, less one
-        bits = int.from_bytes(head[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    return None
-
-
-# JPEG's start-of-frame markers, which carry its size: C0 to CF but for C4, C8 and CC.
-_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_pixels(jpeg: bytes) -> tuple[int, int] | None:
-    at = 2
-    while at + 9 <= len(jpeg):
-        if jpeg[at] != 0xFF:
-            return None
-        marker = jpeg[at + 1]
-        if marker == 0xFF:  # fill
-            at += 1
-            continue
-        if marker in _JPEG_FRAMES:
-            height = int.from_bytes(jpeg[at + 5 : at + 7], "big")
-            return int.from_bytes(jpeg[at + 7 : at + 9], "big"), height
-        at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
-    return None
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
