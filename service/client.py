@@ -1077,6 +1077,9 @@ def _reconnects(nc: Client) -> int:
     return nc.stats.get("reconnects", 0)
 
 
+_MAY_HAVE_STOPPED = "the dispatcher may have stopped"
+
+
 def _why_silent(
     nc: Client,
     request: CompletionRequest | None = None,
@@ -1107,7 +1110,7 @@ def _why_silent(
             "else the dispatcher may have stopped"
         )
     if nc.is_connected:
-        return "the dispatcher may have stopped"
+        return _MAY_HAVE_STOPPED
     return (
         "the NATS connection is down and reconnecting, so the request or its answer may have "
         "been lost on the way: send it again once NATS is back"
@@ -1365,6 +1368,7 @@ async def _stream_try(
     reconnects = _reconnects(nc)
     if keys is not None:
         keys.add(key)  # aborted by its Lifeline's close()
+    came = 0  # the events of this try that came
 
     async def next_msg() -> Msg:
         try:
@@ -1374,7 +1378,7 @@ async def _stream_try(
         except NatsTimeoutError:
             raise NoAnswer(
                 f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
-                f"and a grace); {_why_silent(nc, reconnects=reconnects)}"
+                f"and a grace); {_why_stalled(nc, reconnects, came)}"
             ) from None
 
     async def sent() -> Msg:  # the request published, and its first answer
@@ -1400,6 +1404,7 @@ async def _stream_try(
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {STREAM}: start one (`lifeline run`)"
                 )
+            came += 1
             yield _fed(assembler, msg.headers, msg.data)
             if assembler.done:
                 return
@@ -1416,6 +1421,19 @@ async def _stream_try(
             # would take the place of the stream's end, read already (or of the error raised).
             with contextlib.suppress(nats.errors.Error):
                 await asyncio.shield(sub.unsubscribe())
+
+
+def _why_stalled(nc: Client, reconnects: int, came: int) -> str:
+    """_why_silent for a stream that had `came` events: a dispatcher stops its streams with an
+    error event (shutting_down), so one silent mid-stream most likely died (no other takes a
+    stream over: llm.stream is core NATS, delivered once)."""
+    why = _why_silent(nc, reconnects=reconnects)
+    if came and why == _MAY_HAVE_STOPPED:
+        return (
+            f"{came} events came, then none: the dispatcher serving it most likely died "
+            "mid-stream (one that stops ends its streams with shutting_down); send it again"
+        )
+    return why
 
 
 def _fed(assembler: Assembler, headers: Mapping[str, str] | None, data: bytes) -> Event:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -19,7 +20,17 @@ import msgspec
 import nats
 import pytest
 import uvloop
-from helpers import USER_HELLO, LocalHTTPServer, ask, config, fake, serving, settled, wait_for
+from helpers import (
+    USER_HELLO,
+    LocalHTTPServer,
+    Service,
+    ask,
+    config,
+    fake,
+    serving,
+    settled,
+    wait_for,
+)
 from opentelemetry.trace import SpanKind
 
 from schemas import (
@@ -42,7 +53,7 @@ from schemas.wire import (
     reply_decoder,
 )
 from service.app import start_stack
-from service.client import NoDispatcher, stream, stream_text
+from service.client import NoAnswer, NoDispatcher, stream, stream_text
 from service.config import parse_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
@@ -1518,3 +1529,44 @@ def test_a_first_chunk_that_came_while_the_dispatcher_was_starved_is_served_not_
         done.set()
         thread.join(10)
     assert (reply.status, reply.provider) == ("ok", "main"), reply.attempts
+
+
+async def test_a_stream_whose_dispatcher_dies_says_so_and_the_other_dispatcher_serves_anew(
+    client, nats_url, tmp_path
+):
+    """Real processes: streams under way on one dispatcher, a second one started, the first
+    SIGKILLed. llm.stream is core NATS, delivered once: the other cannot take a stream over,
+    and the dead one cannot send its error event. The client's NoAnswer said only "the
+    dispatcher may have stopped"; it now says how many events came and that the dispatcher
+    serving it died mid-stream (one that stops sends shutting_down). A new stream is served."""
+    words = " ".join(f"w{n}" for n in range(30))  # 9 s of chunks: longer than the timeout
+    data = config({"slow": fake(reply=words, chunks=30, chunk_delay_ms=300)})
+    service = Service(tmp_path, nats_url, data)
+    try:
+        _, doomed = service.start_all(["slow"], dispatchers=1)
+        came = [0, 0, 0]
+        outcomes: list[BaseException | str] = []
+
+        async def read(i: int) -> None:
+            req = CompletionRequest(id=f"s{i}", timeout_s=6, **USER_HELLO)
+            try:
+                async for _ in stream(client, req):
+                    came[i] += 1
+                outcomes.append("ended")
+            except NoAnswer as exc:
+                outcomes.append(exc)
+
+        readers = [asyncio.create_task(read(i)) for i in range(3)]
+        await wait_for(lambda: all(came), what="every stream's first events")
+        service.dispatcher()  # the second one, serving before the first dies
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        await asyncio.gather(*readers)
+        assert len(outcomes) == 3 and all(isinstance(o, NoAnswer) for o in outcomes), outcomes
+        for exc in outcomes:
+            assert re.search(r"\d+ events came, then none.*died mid-stream", str(exc)), exc
+        async for event in stream(client, CompletionRequest(**USER_HELLO)):
+            assert event.kind == "delta"  # served: its first chunk (leaving aborts the rest)
+            break
+    finally:
+        service.stop()
