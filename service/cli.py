@@ -1506,14 +1506,19 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
-    component, _ = await start_dispatcher(config, nats_opts, tracers, meters)
+    probes = await _start_probes([], args.health_port)  # a port in use: before anything starts
+    try:
+        component, _ = await start_dispatcher(config, nats_opts, tracers, meters)
+    except BaseException:
+        await _stop_probes(probes)
+        raise
     log.info(
         "dispatcher serving %s on %s (queue group %s)",
         subjects.COMPLETE,
         nats_opts.describe(),
         subjects.DISPATCHER_QUEUE,
     )
-    return await _serve(component, tracers, args.health_port, meters)
+    return await _serve(component, tracers, probes, meters)
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
@@ -1527,7 +1532,12 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: no [providers.{args.name}] table (configured: {configured})")
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
-    component, runtime = await start_worker(config, args.name, nats_opts, tracers)
+    probes = await _start_probes([], args.health_port)  # a port in use: before anything starts
+    try:
+        component, runtime = await start_worker(config, args.name, nats_opts, tracers)
+    except BaseException:
+        await _stop_probes(probes)
+        raise
     # Off the event loop, which serves calls already: a model's identifying_params() may take
     # its time (workers/plugin.py bounds it).
     identity = await asyncio.to_thread(_identity, runtime.provider)
@@ -1538,7 +1548,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         nats_opts.describe(),
         identity,
     )
-    return await _serve(component, tracers, args.health_port)
+    return await _serve(component, tracers, probes)
 
 
 def _identity(provider: object) -> str:
@@ -1554,31 +1564,36 @@ def _identity(provider: object) -> str:
 async def _serve(
     component: Component,
     tracers: telemetry.Tracing,
-    health_port: str | None = None,
+    probes: Probes | None = None,
     meters: telemetry.MeterProvider | None = None,
 ) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
-    so a supervisor restarts the process)."""
+    so a supervisor restarts the process); `probes` (bound already) report on the component."""
     from service import telemetry
 
     lost = None
-    probes = None
     try:
-        probes = await _start_probes([component], health_port)
+        if probes is not None:
+            probes.components.append(component)
         settle_after_start()
         lost = await _until_signalled(component.watch.wait_lost())
         if lost is None:
             log.info("stopping %s: finishing requests in flight", component.name)
     finally:
-        if probes is not None:
-            await probes.stop()
+        await _stop_probes(probes)
         await component.stop()
         telemetry.shut_down(tracers, meters)
     return 0 if lost is None else 1
 
 
+async def _stop_probes(probes: Probes | None) -> None:
+    if probes is not None:
+        await probes.stop()
+
+
 async def _start_probes(components: list[Component], address: str | None) -> Probes | None:
-    """/healthz and /readyz on `address` ([HOST:]PORT), or nothing when it is None."""
+    """/healthz and /readyz on `address` ([HOST:]PORT), or nothing when it is None; for
+    `components`, a list that may grow (not ready while it is empty)."""
     if address is None:
         return None
     probes = Probes(components)

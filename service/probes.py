@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from service.discovery import problems
@@ -77,7 +76,7 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
 class Probes:
     """Serves /healthz and /readyz for `components` (a list that may still grow)."""
 
-    def __init__(self, components: Sequence[Any]) -> None:
+    def __init__(self, components: list[Any]) -> None:
         self.components = components
         self.port = 0
         self._server: asyncio.Server | None = None

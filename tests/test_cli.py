@@ -1264,3 +1264,29 @@ def test_run_stops_with_exit_1_when_its_embedded_nats_server_dies(tmp_path):
         assert "the embedded nats-server exited (-9)" in run.log()
     finally:
         run.stop()
+
+
+@pytest.mark.parametrize("command", [["worker", "p"], ["dispatcher"]])
+def test_a_health_port_in_use_is_refused_before_anything_starts(command, tmp_path):
+    """The probes' port was bound after the component had connected and logged "serving": a
+    port in use stopped the process (exit 2) only once NATS was reachable, after a "serving"
+    line, and with NATS down the process waited for it without a word. It is bound first."""
+    config_path = tmp_path / "lifeline.toml"
+    config_path.write_text('[providers.p]\nkind = "fake"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_lifeline(
+            *command,
+            "--config",
+            str(config_path),
+            "--health-port",
+            f"127.0.0.1:{port}",
+            "--nats-url",
+            "nats://127.0.0.1:1",  # nobody there: a process that connects first waits for good
+            timeout_s=20,
+        )
+    assert result.returncode == 2, result
+    assert f"--health-port 127.0.0.1:{port}: cannot listen there" in result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr
