@@ -636,9 +636,13 @@ class Lifeline:
         _check_size(self.nc, payload, headers)
         refusals = natsio.publish_refusals(self.nc)
         try:
-            if not self._jobs_ready:  # its first request: the stream's INFO (nats-py's name)
-                info = f"{js._prefix}.STREAM.INFO.{self.jobs_stream}"
-                await _unless_refused(refusals, info, self._ensure_jobs())
+            if not self._jobs_ready:  # its first request: the stream's INFO (nats-py's name),
+                # and where no dispatcher made them yet, the stream's and the bucket's CREATE
+                api = f"{js._prefix}.STREAM"
+                making = self._ensure_jobs()
+                for name in (self.jobs_stream, f"KV_{self.results_bucket}"):
+                    making = _unless_refused(refusals, f"{api}.CREATE.{name}", making)
+                await _unless_refused(refusals, f"{api}.INFO.{self.jobs_stream}", making)
             try:
                 publishing = js.publish(subjects.JOBS_SUBMIT, payload, headers=headers)
                 ack = await _unless_refused(refusals, subjects.JOBS_SUBMIT, publishing)

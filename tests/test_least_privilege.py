@@ -48,7 +48,7 @@ from schemas.wire import audit_decoder, encoder, reply_decoder
 from service import client, discovery, permissions
 from service.cli import build_parser, cmd_nats_config
 from service.client import Lifeline, NotPermitted, Unreachable
-from service.config import load_config
+from service.config import JobsSettings, load_config
 from service.embedded import EmbeddedNats
 from service.natsio import ensure_subscribed
 
@@ -739,6 +739,8 @@ authorization {
      permissions: {publish: {deny: ["llm.complete", "llm.stream"]}}}
     {user: "no-audit", password: "pw", permissions: {publish: {deny: ["llm.audit.>"]}}}
     {user: "no-jobs", password: "pw", permissions: {publish: {deny: ["llm.jobs.submit"]}}}
+    {user: "no-streams", password: "pw",
+     permissions: {publish: {deny: ["$JS.API.STREAM.CREATE.>"]}}}
   ]
 }
 """
@@ -798,6 +800,20 @@ async def test_a_job_its_user_may_not_submit_raises_at_once(denying: str) -> Non
     async with await Lifeline.connect(denying, user="no-jobs", password="pw") as ll:
         with pytest.raises(NotPermitted, match="NATS user no-jobs may not publish llm.jobs.sub"):
             await ll.submit("hello", job_id="refused")
+
+
+async def test_a_job_whose_user_may_not_make_the_jobs_stream_raises_at_once(denying: str) -> None:
+    """No dispatcher has made the jobs stream yet, and the user may look at streams but not
+    make them (a client role): the client's making it waited out JetStream's 5 s timeout,
+    then raised JobsUnavailable asking whether JetStream was on. It names what was refused."""
+    nc = await nats.connect(denying, user="no-requests", password="pw")
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await nc.jetstream().delete_stream(JobsSettings().stream)
+    await nc.close()
+    async with await Lifeline.connect(denying, user="no-streams", password="pw") as ll:
+        refused = r"NATS user no-streams may not publish \$JS\.API\.STREAM\.CREATE\.LIFELINE_JOBS"
+        with pytest.raises(NotPermitted, match=refused):
+            await ll.submit("hello", job_id="unmade")
 
 
 async def _own_connection(url: str, user: str, errors: list[str]) -> Client:
