@@ -1280,28 +1280,29 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # so that a missing API key or a model that cannot be made stops `run` (exit 2) before
     # anything starts, its embedded NATS included.
     providers = await make_providers(config, list(config.providers))
-    server = None
-    if not nats_opts.servers:
-        try:
+    server = probes = None
+    try:
+        probes = await _start_probes([], args.health_port)  # a port in use: before NATS starts
+        if not nats_opts.servers:
             server, url = _start_embedded(4222 if args.port is None else args.port)
-        except BaseException:
-            await close_providers(providers)
-            raise
-        nats_opts = dataclasses.replace(nats_opts, servers=url)
+            nats_opts = dataclasses.replace(nats_opts, servers=url)
+    except BaseException:
+        await _stop_probes(probes)
+        await close_providers(providers)
+        raise
     lost = None
     stack: Stack | None = None
-    probes = None
     try:
         stack = await start_stack(config, nats_opts, tracers, meters=meters, providers=providers)
-        probes = await _start_probes(stack.components, args.health_port)
+        if probes is not None:
+            probes.components = stack.components  # the gateway's joins it as it starts
         await _run_gateway(stack, config, nats_opts, args)
         # Connected before "ready" is printed: everything that connects has, by then.
         watcher = None if args.quiet else await _watch_audit(nats_opts)
         _print_started(config, nats_opts.shown)
         lost = await _serve_stack(stack, watcher, server)
     finally:
-        if probes is not None:
-            await probes.stop()
+        await _stop_probes(probes)
         if stack is not None:
             await stack.stop()
         telemetry.shut_down(tracers, meters)

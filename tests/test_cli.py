@@ -1266,7 +1266,7 @@ def test_run_stops_with_exit_1_when_its_embedded_nats_server_dies(tmp_path):
         run.stop()
 
 
-@pytest.mark.parametrize("command", [["worker", "p"], ["dispatcher"]])
+@pytest.mark.parametrize("command", [["worker", "p"], ["dispatcher"], ["run"]])
 def test_a_health_port_in_use_is_refused_before_anything_starts(command, tmp_path):
     """The probes' port was bound after the component had connected and logged "serving": a
     port in use stopped the process (exit 2) only once NATS was reachable, after a "serving"
