@@ -2608,7 +2608,11 @@ def _print_gateway(server: Any, config: Config | None) -> None:
         if keys
         else f"no API keys (${gateway.KEYS_ENV}): loopback clients only"
     )
-    models = f"model: a route ({', '.join(config.routes)})" if config else "model: a route"
+    models = "model: a route"
+    if config and config.routes:
+        models += f" ({', '.join(config.routes)})"
+    elif config:  # no route (a plug-in's own config): a target or provider is what to ask for
+        models += f" or a provider ({', '.join([*config.targets, *config.providers])})"
     print(f"OpenAI-compatible gateway on {server.url} ({models}; {auth})", flush=True)
 
 

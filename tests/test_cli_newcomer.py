@@ -657,3 +657,30 @@ def test_a_serving_command_s_help_names_each_signal_it_stops_on_and_its_exit_sta
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
     assert "Ctrl-C, SIGTERM or SIGHUP" in shown, shown
     assert "exits 0" in shown and "exits 1 when its NATS connection is gone for good" in shown
+
+
+def test_gateway_banner_names_the_providers_of_a_config_without_routes(tmp_path, nats_url):
+    """The README's plug-in config is one provider and no route: the gateway printed
+    "model: a route ()", naming nothing a client could ask for, though `model = "shouty"` works."""
+    config = tmp_path / "lifeline.toml"
+    config.write_text('[providers.shouty]\nkind = "fake"\nmodel = "shouty-1"\n')
+    gateway = spawn_lifeline(
+        "gateway",
+        "--port",
+        "0",
+        "--nats-url",
+        nats_url,
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line, _ = wait_for_line(gateway, r"OpenAI-compatible gateway on")
+        assert "model: a route or a provider (shouty)" in line, line
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=15)
+        gateway.stdout.close()
+        gateway.stderr.close()
