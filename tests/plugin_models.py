@@ -225,6 +225,13 @@ class KindsNotStr(Model):
         raise ModelError(kinds[request.messages[-1].text], "busy")  # type: ignore[arg-type]
 
 
+class KindsUnknown(Model):
+    """ModelError given a str kind that is no error kind (a typo: "ratelimit"), the request's text."""
+
+    def call(self, request: ProviderRequest) -> str:
+        raise ModelError(request.messages[-1].text, "busy")  # type: ignore[arg-type]
+
+
 class OwnTimeoutError(Model):
     """Python's TimeoutError from the model's own upstream call, long before any deadline."""
 

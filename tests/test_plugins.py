@@ -513,6 +513,25 @@ async def test_a_worker_stopped_without_grace_answers_each_call_at_once(lifeline
         plugin_models.HANG.set()
 
 
+async def test_a_model_error_whose_kind_is_no_error_kind_is_said_once_per_kind(
+    lifeline, client, caplog
+):
+    """The README: a kind that is not one is a server_error, said once per kind in the worker's
+    log. Only a kind that was no str was said: a typo ("ratelimit") left the worker's log silent,
+    its author never learning why the dispatcher did not take it as the rate_limit it meant."""
+    caplog.set_level(logging.WARNING, logger="lifeline.worker")
+    await lifeline(config({"mine": python("KindsUnknown")}))
+    for text in ("ratelimit", "weird") * 2:
+        reply = await ask(client, hello(text))
+        assert (reply.attempts[0].error_type, reply.attempts[0].message) == (
+            "server_error",
+            f"worker answered an unknown error kind {text!r}: busy",
+        )
+    said = [r.getMessage() for r in caplog.records if "is no error kind" in r.getMessage()]
+    assert len(said) == 2, said  # once per kind, not per call
+    assert "'ratelimit'" in said[0] and "rate_limit" in said[0], said[0]
+
+
 async def _answers(client: Client) -> bool:
     return (await ask(client, hello())).content == "late"
 

@@ -789,6 +789,8 @@ def _failure(exc: ProviderError, name: str, odd_kinds: set[str]) -> ProviderFail
     # A str subclass (a StrEnum of the model's own kinds) is its str; anything else is no kind.
     if isinstance(exc.kind, str):
         kind = str.__str__(exc.kind)
+        if kind not in ERROR_KINDS:  # sent as is: the dispatcher's server_error names it
+            _say_odd_kind(exc.kind, name, odd_kinds, "is no error kind")
     else:
         kind = "server_error"
         _say_odd_kind(exc.kind, name, odd_kinds)
@@ -801,10 +803,10 @@ def _failure(exc: ProviderError, name: str, odd_kinds: set[str]) -> ProviderFail
     return ProviderFailure(kind, message, status, after)
 
 
-def _say_odd_kind(kind: object, name: str, said: set[str]) -> None:
+def _say_odd_kind(kind: object, name: str, said: set[str], why: str = "is no str") -> None:
     """Warn, once per kind (up to _ODD_KINDS_SAID of them), that a provider's error kind is no
-    str (an int, a plain Enum, None): the model's author would not know why the dispatcher
-    took its rate_limit for a server_error."""
+    str (an int, a plain Enum, None) or no error kind (a typo): the model's author would not
+    know why the dispatcher took its rate_limit for a server_error."""
     try:
         shown = repr(kind)[:100]
     # A __repr__ of the model's own that fails (SystemExit too: raised here, out of the call's
@@ -815,11 +817,12 @@ def _say_odd_kind(kind: object, name: str, said: set[str]) -> None:
         return
     said.add(shown)
     log.warning(
-        "worker %s: its provider raised an error of kind %s (%s), whose kind is no str: "
+        "worker %s: its provider raised an error of kind %s (%s), whose kind %s: "
         "answered as server_error; a kind is one of %s (a str, or a StrEnum of them)",
         name,
         shown,
         type(kind).__name__,
+        why,
         ", ".join(ERROR_KINDS),
     )
 
