@@ -438,10 +438,10 @@ class Router:
         if request.targets is None:
             route = self.routes.get(request.route)
             if route is None:
-                raise refuse(
-                    f"unknown route {request.route!r}; configured routes: {sorted(self.routes)}",
-                    UNKNOWN_ROUTE,
-                )
+                known = f"configured routes: {sorted(self.routes)}"
+                if not self.routes:  # a plug-in's config of providers alone: targets is the way
+                    known = f"no route is configured: name one of {sorted(self.named)} in targets"
+                raise refuse(f"unknown route {request.route!r}; {known}", UNKNOWN_ROUTE)
             return route
         if not request.targets:
             raise refuse(

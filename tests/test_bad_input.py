@@ -153,3 +153,12 @@ async def test_requests_with_any_header_block_or_reply_subject_get_their_one_rep
     assert all(ledger.reply_of[i].error.type == "aborted" for i in aborted), ledger.reply_of
     assert all(ledger.audit_types[i] == "reply_subject_refused" for i in odd), ledger.audit_types
     assert elsewhere.pending_msgs == 0
+
+
+async def test_unknown_route_of_a_config_without_routes_says_to_name_a_target(lifeline, client):
+    """A plug-in's config as the README writes it is one provider and no route: a request
+    without `targets` got "unknown route 'default'; configured routes: []", nothing to do."""
+    await lifeline(config({"shouty": fake()}, routes={}))
+    reply = await ask(client, USER_HELLO)
+    assert reply.error is not None and reply.error.type == "unknown_route"
+    assert "targets" in reply.error.message and "'shouty'" in reply.error.message, reply.error
