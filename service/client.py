@@ -1081,17 +1081,15 @@ def _reconnects(nc: Client) -> int:
     return nc.stats.get("reconnects", 0)
 
 
-_MAY_HAVE_STOPPED = "the dispatcher may have stopped"
-
-
 def _why_silent(
     nc: Client,
     request: CompletionRequest | None = None,
     default_s: float | None = None,
     reconnects: int | None = None,
+    events: int = 0,
 ) -> str:
     """Why no answer came, as far as the connection tells: `reconnects` is its count of
-    reconnects when the request was sent."""
+    reconnects when the request was sent, `events` how many of a stream's events came."""
     if nc.is_closed:
         return "the NATS connection was closed meanwhile"
     if nc.is_connected and reconnects is not None and _reconnects(nc) != reconnects:
@@ -1113,8 +1111,16 @@ def _why_silent(
             "Haystack: timeout=...), or connect with default_timeout_s as the dispatcher's; "
             "else the dispatcher may have stopped"
         )
+    if nc.is_connected and events:
+        # A dispatcher that stops ends its streams with an error event (shutting_down): one
+        # silent mid-stream most likely died, and no other takes a stream over (llm.stream is
+        # core NATS, delivered once).
+        return (
+            f"{events} events came, then none: the dispatcher serving it most likely died "
+            "mid-stream (one that stops ends its streams with shutting_down); send it again"
+        )
     if nc.is_connected:
-        return _MAY_HAVE_STOPPED
+        return "the dispatcher may have stopped"
     return (
         "the NATS connection is down and reconnecting, so the request or its answer may have "
         "been lost on the way: send it again once NATS is back"
@@ -1382,7 +1388,7 @@ async def _stream_try(
         except NatsTimeoutError:
             raise NoAnswer(
                 f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
-                f"and a grace); {_why_stalled(nc, reconnects, came)}"
+                f"and a grace); {_why_silent(nc, reconnects=reconnects, events=came)}"
             ) from None
 
     async def sent() -> Msg:  # the request published, and its first answer
@@ -1425,19 +1431,6 @@ async def _stream_try(
             # would take the place of the stream's end, read already (or of the error raised).
             with contextlib.suppress(nats.errors.Error):
                 await asyncio.shield(sub.unsubscribe())
-
-
-def _why_stalled(nc: Client, reconnects: int, came: int) -> str:
-    """_why_silent for a stream that had `came` events: a dispatcher stops its streams with an
-    error event (shutting_down), so one silent mid-stream most likely died (no other takes a
-    stream over: llm.stream is core NATS, delivered once)."""
-    why = _why_silent(nc, reconnects=reconnects)
-    if came and why == _MAY_HAVE_STOPPED:
-        return (
-            f"{came} events came, then none: the dispatcher serving it most likely died "
-            "mid-stream (one that stops ends its streams with shutting_down); send it again"
-        )
-    return why
 
 
 def _fed(assembler: Assembler, headers: Mapping[str, str] | None, data: bytes) -> Event:
