@@ -23,6 +23,15 @@ reply's `attempts` are listed; 0 on an error event when no attempt started). Exa
 or error event closes a stream. Core NATS drops messages for a consumer that falls too far
 behind: a missing Lifeline-Seq means the text cannot be trusted, and Assembler raises
 StreamGap.
+
+A client may ask for heartbeats with the request header Lifeline-Heartbeat-Ms (milliseconds,
+kept within HEARTBEAT_MS_BOUNDS): the dispatcher that takes the request then sends an empty
+message with Lifeline-Event: heartbeat at once, and another whenever the stream sent nothing
+for that long, until its end event. A heartbeat has no Lifeline-Seq (it is no part of the
+answer) and comes at most once per interval. Once one came, a stream silent for
+`heartbeat_silence_s(interval)` lost its dispatcher (it died, or its NATS connection did):
+core NATS delivers a request once, so no other dispatcher takes it over; send it again. A
+client that asks for none gets none.
 """
 
 from __future__ import annotations
@@ -48,7 +57,21 @@ TOOL_CALL = "tool_call"
 RESET = "reset"
 END = "end"
 ERROR = "error"
-EventKind = Literal["delta", "tool_call", "reset", "end", "error"]
+HEARTBEAT = "heartbeat"
+EventKind = Literal["delta", "tool_call", "reset", "end", "error", "heartbeat"]
+
+HEARTBEAT_MS_BOUNDS = (200, 60_000)  # a request's Lifeline-Heartbeat-Ms is kept within these
+
+
+def heartbeat_silence_s(every_s: float) -> float:
+    """How long a stream that sends heartbeats every `every_s` may stay silent before its
+    dispatcher counts as gone: a dispatcher sends one within an interval and a tenth of a
+    second or so of its last event, so three intervals and a second leave room for a busy one."""
+    return 3 * every_s + 1.0
+
+
+def is_heartbeat(headers: Mapping[str, str] | None) -> bool:
+    return headers is not None and headers.get(EVENT) == HEARTBEAT
 
 
 class StreamReset(msgspec.Struct, frozen=True):
@@ -130,6 +153,8 @@ class Assembler:
         if self.reply is not None:
             raise StreamProtocolError(f"an event after the stream ended ({len(data)} bytes)")
         headers = headers or {}
+        if headers.get(EVENT) == HEARTBEAT:  # no part of the answer, and not numbered
+            return Event(HEARTBEAT, self.seq, 0)
         seq, attempt = _number(headers, SEQ), _number(headers, ATTEMPT_NO)
         if seq != self.seq + 1:
             raise StreamGap(

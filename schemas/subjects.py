@@ -85,6 +85,10 @@ STREAM_TO = "Lifeline-Stream-To"
 SEQ = "Lifeline-Seq"
 ATTEMPT_NO = "Lifeline-Attempt"
 EVENT = "Lifeline-Event"
+# On an llm.stream request: ask for heartbeat events, an empty one at once and one whenever the
+# stream sent nothing for this many milliseconds (schemas/streaming.py), so a client can tell a
+# dead dispatcher from a slow model.
+HEARTBEAT_MS = "Lifeline-Heartbeat-Ms"
 
 
 def provider_subject(name: str) -> str:

@@ -113,6 +113,9 @@ T = TypeVar("T")
 LOCAL_NATS = "nats://127.0.0.1:4222"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
 _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests without their own
+# A stream asks its dispatcher for a heartbeat when it sent nothing for this long: a dispatcher
+# that died mid-stream is told from a slow model in streaming.heartbeat_silence_s (7 s).
+STREAM_HEARTBEAT_S = 2.0
 _JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
 _ASK_MIN_S = 1.0  # the least a dispatcher is given to answer llm.jobs.result, whatever wait_s
 # (a busy one may take a while, and a client without bucket permissions has no other way)
@@ -579,6 +582,7 @@ class Lifeline:
         request: CompletionRequest | Messages,
         *,
         overloaded_retries: int = 0,
+        heartbeat_s: float | None = STREAM_HEARTBEAT_S,
         **fields: Any,
     ) -> Streamed:
         """Send one request to llm.stream: an async iterable of its events (schemas/streaming.py:
@@ -587,9 +591,13 @@ class Lifeline:
         exception) ends the stream: unsubscribed, its request aborted. In `async with`, the
         block ends it instead, and a loop left early can be followed by another (or finish())
         that reads on. `fields` and overloaded_retries as for complete(); a request refused as
-        overloaded is sent again before any event of it is yielded."""
+        overloaded is sent again before any event of it is yielded. `heartbeat_s`: the
+        dispatcher is asked for a heartbeat whenever the stream was quiet this long, so one
+        that died mid-stream raises NoAnswer within streaming.heartbeat_silence_s of its last
+        event, not at the request's timeout (None: no heartbeats)."""
         self._check_loop()
         _check_retries(overloaded_retries)
+        _check_heartbeat(heartbeat_s)
         req = self.request(request, **fields)
         return Streamed(
             self.nc,
@@ -599,6 +607,7 @@ class Lifeline:
             self._keys,
             self._check_loop,
             refusals=natsio.publish_refusals(self.nc),
+            heartbeat_s=heartbeat_s,
         )
 
     async def submit(
@@ -775,8 +784,10 @@ class Streamed:
         check_loop: Any = None,
         assembler: Assembler | None = None,
         refusals: natsio.PublishRefusals | None = None,
+        heartbeat_s: float | None = None,
     ) -> None:
         self.request = request
+        self._heartbeat_s = heartbeat_s
         self._given = assembler  # the caller's, for a single try (module-level stream())
         self.assembler = assembler or Assembler()
         self._nc = nc
@@ -859,6 +870,7 @@ class Streamed:
                     self._default_s,
                     self._keys,
                     self._refusals,
+                    self._heartbeat_s,
                 )
             try:
                 event = await anext(self._events)
@@ -1337,6 +1349,7 @@ def stream(
     request: CompletionRequest,
     assembler: Assembler | None = None,
     default_timeout_s: float = _DEFAULT_TIMEOUT_S,
+    heartbeat_s: float | None = STREAM_HEARTBEAT_S,
 ) -> Streamed:
     """Send `request` to llm.stream on a nats-py connection of your own: an async iterable
     of its events until the end or error event, as `Lifeline.stream()` gives (without its
@@ -1345,10 +1358,28 @@ def stream(
     Raises StreamGap when an event went missing, NoDispatcher when no dispatcher listens,
     NotPermitted as soon as the server refuses the request (its user may not publish
     llm.stream), and NoAnswer (a TimeoutError) when the stream stalls for longer than the
-    request's own timeout allows. Left before its end (a break out of its `async for`,
-    aclose(), any of those errors), the stream is closed and its request aborted."""
+    request's own timeout allows, or its dispatcher went silent (`heartbeat_s`, as for
+    `Lifeline.stream()`). Left before its end (a break out of its `async for`, aclose(), any
+    of those errors), the stream is closed and its request aborted."""
+    _check_heartbeat(heartbeat_s)
     refusals = natsio.publish_refusals(nc)
-    return Streamed(nc, request, 0, default_timeout_s, assembler=assembler, refusals=refusals)
+    return Streamed(
+        nc,
+        request,
+        0,
+        default_timeout_s,
+        assembler=assembler,
+        refusals=refusals,
+        heartbeat_s=heartbeat_s,
+    )
+
+
+def _check_heartbeat(heartbeat_s: float | None) -> None:
+    if heartbeat_s is not None and not (heartbeat_s > 0 and math.isfinite(heartbeat_s)):
+        raise ValueError(
+            f"heartbeat_s must be a number of seconds above 0, or None for no heartbeats; got "
+            f"{heartbeat_s!r}"
+        )
 
 
 async def _stream_try(
@@ -1358,11 +1389,20 @@ async def _stream_try(
     default_timeout_s: float,
     keys: set[str] | None,
     refusals: natsio.PublishRefusals | None = None,
+    heartbeat_s: float | None = None,
 ) -> AsyncGenerator[Event, None]:
     """One try of a Streamed: `request` sent to llm.stream, its events yielded until the end
     or error event (see `stream`). Closed before its end, the request is aborted, unless the
-    server refused it (NotPermitted): then no dispatcher has it, and nothing is aborted."""
+    server refused it (NotPermitted): then no dispatcher has it, and nothing is aborted.
+    With `heartbeat_s`, heartbeats are asked for; once one came (the dispatcher sends them:
+    an older one does not), a silence of streaming.heartbeat_silence_s ends the try."""
     payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
+    every_s = silence_s = None
+    if heartbeat_s is not None:
+        low, high = streaming.HEARTBEAT_MS_BOUNDS
+        every_ms = min(max(round(heartbeat_s * 1000), low), high)
+        headers[subjects.HEARTBEAT_MS] = str(every_ms)
+        every_s = every_ms / 1000
     _check_size(nc, payload, headers)
     _check_room(nc, payload, headers)  # before subscribing: nothing to undo
     inbox = nc.new_inbox()
@@ -1381,11 +1421,26 @@ async def _stream_try(
     came = 0  # the events of this try that came
 
     async def next_msg() -> Msg:
+        left_s = give_up - time.monotonic()
+        silent = silence_s is not None and silence_s < left_s
         try:
-            return await sub.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+            return await sub.next_msg(timeout=max(silence_s if silent else left_s, 0.001))
         except nats.errors.ConnectionClosedError:
             raise _closed() from None
         except NatsTimeoutError:
+            if silent:
+                why = (
+                    _why_silent(nc, reconnects=reconnects)
+                    if nc.is_closed or _reconnects(nc) != reconnects
+                    else "the dispatcher serving it most likely died or lost its NATS connection "
+                    "(llm.stream is core NATS: no other dispatcher takes a stream over): send it "
+                    "again"
+                )
+                raise NoAnswer(
+                    f"the stream went silent: nothing came for {silence_s:g} s after {came} "
+                    f"events, not even the heartbeat its dispatcher sends every {every_s:g} s "
+                    f"while it works; {why}"
+                ) from None
             raise NoAnswer(
                 f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "
                 f"and a grace); {_why_silent(nc, reconnects=reconnects, events=came)}"
@@ -1414,6 +1469,10 @@ async def _stream_try(
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {STREAM}: start one (`lifeline run`)"
                 )
+            if every_s is not None and streaming.is_heartbeat(msg.headers):
+                silence_s = streaming.heartbeat_silence_s(every_s)  # it sends them: heard
+                msg = await next_msg()
+                continue
             came += 1
             yield _fed(assembler, msg.headers, msg.data)
             if assembler.done:

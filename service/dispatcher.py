@@ -45,7 +45,7 @@ from service.memory import release_memory_soon
 from service.natsio import LIGHT, ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
-from service.transport import ClientStream, NatsTransport
+from service.transport import ClientStream, Heartbeats, NatsTransport, heartbeat_interval
 
 log = logging.getLogger("lifeline.dispatcher")
 
@@ -97,6 +97,7 @@ class Dispatcher:
         # Waiting for their "overloaded": (message, arrival, streamed, over the byte bound).
         self._refusals: deque[tuple[Msg, float, bool, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
+        self._heartbeats = Heartbeats()  # llm.stream requests whose client asked for them
         self._audit_setup: asyncio.Task[None] | None = None  # keeps the audit stream there
         self._subs: list[Subscription] = []
         # Figures for the NATS service API ($SRV.STATS, service/discovery.py).
@@ -177,6 +178,7 @@ class Dispatcher:
         if self._abort_sub is not None:  # aborts are honoured until every request is answered
             await stop_taking(self._abort_sub)
             self._abort_sub = None
+        self._heartbeats.stop()
         await self.health.stop()
 
     async def _cut_short(self, tasks: set[asyncio.Task[None]], grace_s: float) -> None:
@@ -240,6 +242,10 @@ class Dispatcher:
         self._bytes += size
         if key is not None:
             self._abortable[key] = task
+        if sink is not None and msg.headers:
+            every_s = heartbeat_interval(msg.headers.get(subjects.HEARTBEAT_MS))
+            if every_s is not None:
+                self._heartbeats.add(task, sink, every_s)
         task.add_done_callback(self._stream_done if stream else self._done)
 
     def _on_stream(self, msg: Msg) -> None:
@@ -287,6 +293,7 @@ class Dispatcher:
                 await asyncio.sleep(0)
 
     def _stream_done(self, task: asyncio.Task[CompletionReply]) -> None:
+        self._heartbeats.discard(task)
         self._done(task, self.stream_tally)
 
     def _done(self, task: asyncio.Task[CompletionReply], tally: Tally | None = None) -> None:

@@ -64,8 +64,23 @@ from starlette.routing import Route
 
 from schemas import errors
 from schemas.ids import SecretIds
-from schemas.streaming import Assembler, Event, StreamGap, StreamProtocolError
-from schemas.subjects import ABORT, ABORT_KEY, COMPLETE, STREAM, TRACEPARENT, TRACESTATE
+from schemas.streaming import (
+    Assembler,
+    Event,
+    StreamGap,
+    StreamProtocolError,
+    heartbeat_silence_s,
+    is_heartbeat,
+)
+from schemas.subjects import (
+    ABORT,
+    ABORT_KEY,
+    COMPLETE,
+    HEARTBEAT_MS,
+    STREAM,
+    TRACEPARENT,
+    TRACESTATE,
+)
 from schemas.wire import (
     DATA_URL,
     MAX_MESSAGE_CHARS,
@@ -124,7 +139,7 @@ _MAX_CONNECTIONS = 10_000  # the most open at once, when the file-descriptor lim
 # is its data and about this much of Python objects (nats-py's Msg, its headers and subject).
 _MAX_UNREAD_BYTES = 16 * 1024 * 1024
 _UNREAD_GRACE_S = 5.0  # ... when nothing was taken from them for this long
-_UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that
+_UNREAD_SWEEP_S = 1.0  # how often open streams are looked at for that (and for silence)
 # A connection whose answer waits to be written (its transport's buffer over its high-water
 # mark, its writes paused) with none of it taken for this long is closed (see _Guarded).
 # Longer than _UNREAD_GRACE_S: a stream cut for its unread events has its error event written
@@ -136,6 +151,11 @@ _TURN_EVERY = 32  # a stream's events written before the event loop gets a turn
 _READ_TOO_SLOWLY = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
 _STOPPING = Msg(None, "", "", b"", None)  # type: ignore[arg-type]
 _GAVE_UP = Msg(None, "", "", b"", None)  # type: ignore[arg-type]  # its wait_s ran out
+_SILENT = Msg(None, "", "", b"", None)  # type: ignore[arg-type]  # its dispatcher went silent
+# A stream asks its dispatcher for a heartbeat whenever it was quiet this long (see _Unread).
+_HEARTBEAT_S = 2.0
+_HEARTBEAT_MS = str(round(_HEARTBEAT_S * 1000))
+_SILENCE_S = heartbeat_silence_s(_HEARTBEAT_S)
 _STOP_GRACE_S = 5  # how long a stopping gateway lets its requests run (uvicorn's grace)
 # A request that finds the NATS connection down waits this long (within its own timeout) for
 # nats-py to reconnect, then gets a 503: a server restart is ridden out, an outage is not.
@@ -678,6 +698,10 @@ class _Inbox:
         token = msg.subject[len(self.prefix) :]
         target = self.waiting.get(token)
         if isinstance(target, _Unread):
+            target.heard_at = time.monotonic()
+            if is_heartbeat(msg.headers):  # its dispatcher is alive: nothing to write
+                target.silence_s = _SILENCE_S
+                return
             target.put_nowait(msg)
             target.bytes += len(msg.data) + _EVENT_COST
             if target.bytes > _MAX_UNREAD_BYTES and target.unread_for() > _UNREAD_GRACE_S:
@@ -772,7 +796,10 @@ class _Inbox:
         key = self.abort_keys[token] = self._keys.next()
         try:
             await self._publish(
-                STREAM, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
+                STREAM,
+                payload,
+                prefix + token,
+                {**(headers or {}), ABORT_KEY: key, HEARTBEAT_MS: _HEARTBEAT_MS},
             )
         except BaseException:  # not sent (too large, say): nothing to abort
             del self.waiting[token], self.abort_keys[token]
@@ -804,10 +831,19 @@ class _Inbox:
 
     async def _watch_unread(self) -> None:
         """While streams are open, cut those whose client stopped reading once no more events
-        come to them (_on_msg cuts the others as their events come)."""
+        come to them (_on_msg cuts the others as their events come), and end those whose
+        dispatcher went silent (no event, not even a heartbeat: it died, or lost NATS)."""
         while any(isinstance(target, _Unread) for target in self.waiting.values()):
             await asyncio.sleep(_UNREAD_SWEEP_S)
+            now = time.monotonic()
             for token, target in list(self.waiting.items()):
+                if (
+                    isinstance(target, _Unread)
+                    and target.silence_s is not None
+                    and now - target.heard_at > target.silence_s
+                ):
+                    target.silence_s = None  # said once
+                    target.put_nowait(_SILENT)
                 if (
                     isinstance(target, _Unread)
                     and target.bytes > _MAX_UNREAD_BYTES
@@ -1453,6 +1489,10 @@ class _Unread(asyncio.Queue[Msg]):
         self.bytes = 0
         self.taken_at = time.monotonic()  # when its writer last took an event
         self.timer: Timeout | None = None  # puts _GAVE_UP in it when the wait runs out
+        # When its last message (event or heartbeat) came, and, once a heartbeat came (its
+        # dispatcher sends them), how long a silence means the dispatcher is gone.
+        self.heard_at = time.monotonic()
+        self.silence_s: float | None = None
 
     def gave_up(self) -> None:
         self.put_nowait(_GAVE_UP)
@@ -1473,6 +1513,8 @@ async def _next_event(queue: _Unread, wait_s: float, nc: Client) -> Msg:
         raise _no_answer(wait_s, nc.is_connected)
     if msg is _STOPPING:
         raise _stopping()
+    if msg is _SILENT:
+        raise _went_silent(nc.is_connected)
     if msg is _READ_TOO_SLOWLY:
         raise HTTPError(
             408,
@@ -1601,6 +1643,23 @@ def _no_answer(wait_s: float, connected: bool = True) -> HTTPError:
     return HTTPError(
         504,
         f"no answer from Lifeline within {wait_s:g} s (the request's timeout and a grace): " + why,
+        "gateway_timeout",
+        kind="timeout_error",
+    )
+
+
+def _went_silent(connected: bool) -> HTTPError:
+    why = (
+        "the dispatcher serving it most likely died or lost its NATS connection (no other "
+        "dispatcher takes a stream over): send the request again"
+        if connected
+        else "this gateway's NATS connection dropped meanwhile and is reconnecting: send the "
+        "request again"
+    )
+    return HTTPError(
+        504,
+        f"the stream went silent: nothing came for {_SILENCE_S:g} s, not even the heartbeat its "
+        f"dispatcher sends every {_HEARTBEAT_S:g} s while it works; " + why,
         "gateway_timeout",
         kind="timeout_error",
     )

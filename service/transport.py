@@ -25,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -45,7 +45,16 @@ from schemas import (
 )
 from schemas.errors import bounded_retry_after, timeout_message
 from schemas.ids import SecretIds
-from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset, pieces
+from schemas.streaming import (
+    END,
+    ERROR,
+    HEARTBEAT,
+    HEARTBEAT_MS_BOUNDS,
+    RESET,
+    TOOL_CALL,
+    StreamReset,
+    pieces,
+)
 from schemas.subjects import (
     ATTEMPT_ID,
     ATTEMPT_NO,
@@ -841,13 +850,14 @@ class ClientStream:
     chunk, through the fast path with a header block built by one format; when the fast path
     cannot take a message (a reconnect), it and every later one go through nats-py in order."""
 
-    __slots__ = ("_backlog", "_drain", "_fast", "_nc", "seq", "subject")
+    __slots__ = ("_backlog", "_drain", "_ended", "_fast", "_nc", "seq", "subject")
 
     def __init__(self, nc: Client, subject: str) -> None:
         self._nc = nc
         self._fast = fast_path(nc)
         self.subject = subject
         self.seq = 0
+        self._ended = False  # its end (or error) event went: no heartbeat after it
         self._backlog: deque[tuple[dict[str, str], bytes]] = deque()  # held through a reconnect
         self._drain: asyncio.Task[None] | None = None
 
@@ -875,8 +885,16 @@ class ClientStream:
             payload = encoder.encode(msgspec.structs.replace(reset, error=error))
         self._control(RESET, reset.attempt, payload)
 
+    def heartbeat(self) -> None:
+        """An empty heartbeat event, unnumbered (see Heartbeats); none once the stream ended."""
+        if self._ended:
+            return
+        if self._backlog or not self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK):
+            self._later({EVENT: HEARTBEAT}, b"")
+
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:
         """The last event: end, or error. Returns what was sent (the audit event says the same)."""
+        self._ended = True
         # The room its own headers leave (as an error event's: "error" is the longer name),
         # not STREAM_HEADER_ROOM: that is for a worker's chunks, whose headers are added later.
         headers = _event_headers(self.seq + 1, attempt, ERROR)
@@ -911,6 +929,72 @@ class ClientStream:
             except NatsError as exc:
                 log.warning("could not send a stream event to %s: %s", self.subject, exc)
                 self._backlog.clear()  # the client sees a gap, or nothing: never a wrong order
+
+
+class Heartbeats:
+    """The llm.stream requests whose client asked for heartbeats (Lifeline-Heartbeat-Ms), and
+    the one task that sends them while any is open: a request gets one as it is taken (its
+    client learns that a dispatcher that sends them has it), then one whenever its stream sent
+    nothing for its interval, until its end event. One look at every such stream per tick
+    (a quarter of the shortest interval, 0.1 s at least) instead of a timer per stream set
+    again on every event: an event costs nothing more, and a heartbeat comes within an
+    interval and a tick of the last event (streaming.heartbeat_silence_s leaves more). A
+    stream leaves when its request's task is done (`discard`)."""
+
+    def __init__(self) -> None:
+        # Per request's task: [its stream, interval, when its last event was seen, its seq then]
+        self._beating: dict[object, list[Any]] = {}
+        self._tick_s = _HEARTBEAT_TICK_MAX_S
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, key: object, stream: ClientStream, every_s: float) -> None:
+        stream.heartbeat()
+        self._beating[key] = [stream, every_s, time.monotonic(), stream.seq]
+        self._tick_s = min(self._tick_s, max(every_s / 4, _HEARTBEAT_TICK_MIN_S))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._beat())
+
+    def discard(self, key: object) -> None:
+        self._beating.pop(key, None)
+
+    def stop(self) -> None:
+        self._beating.clear()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _beat(self) -> None:
+        try:
+            while self._beating:
+                await asyncio.sleep(self._tick_s)
+                now = time.monotonic()
+                for beat in self._beating.values():
+                    stream, every_s, since, seq = beat
+                    if stream.seq != seq:  # events went since the last look
+                        beat[2], beat[3] = now, stream.seq
+                    elif now - since >= every_s:
+                        stream.heartbeat()
+                        beat[2] = now
+        except Exception:  # a bug here must not end every stream's heartbeats unseen
+            log.exception("stream heartbeats stopped")
+        finally:
+            self._tick_s = _HEARTBEAT_TICK_MAX_S
+
+
+def heartbeat_interval(value: str | None) -> float | None:
+    """A request's Lifeline-Heartbeat-Ms, in seconds, kept within HEARTBEAT_MS_BOUNDS; None
+    when it asked for none (no header, or one that is no whole number of milliseconds)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 9:
+        return None
+    low, high = HEARTBEAT_MS_BOUNDS
+    return min(max(int(value), low), high) / 1000
+
+
+_HEARTBEAT_TICK_MAX_S, _HEARTBEAT_TICK_MIN_S = 1.0, 0.1
+_HEARTBEAT_BLOCK = b"NATS/1.0\r\n" + EVENT.encode() + b": " + HEARTBEAT.encode() + b"\r\n\r\n"
 
 
 def _event_headers(seq: int, attempt: int, kind: str) -> dict[str, str]:

@@ -36,7 +36,15 @@ from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import CoreSchema, core_schema
 
 from schemas import subjects, wire
-from schemas.streaming import END, ERROR, RESET, TOOL_CALL, StreamReset
+from schemas.streaming import (
+    END,
+    ERROR,
+    HEARTBEAT,
+    HEARTBEAT_MS_BOUNDS,
+    RESET,
+    TOOL_CALL,
+    StreamReset,
+)
 from schemas.subjects import (
     ATTEMPT_ID,
     ATTEMPT_NO,
@@ -232,6 +240,14 @@ ABORTABLE = (
         max_length=subjects.MAX_ABORT_KEY_LENGTH,
     ),
 )
+HEARTBEATS = Header(
+    subjects.HEARTBEAT_MS,
+    "ask for heartbeats: an empty heartbeat event at once, then one whenever the stream sent "
+    f"nothing for this many milliseconds (kept within {HEARTBEAT_MS_BOUNDS[0]} to "
+    f"{HEARTBEAT_MS_BOUNDS[1]:,}), until the end event; once one came, a stream silent for "
+    "three intervals and a second lost its dispatcher (it died, or lost NATS): send it again",
+    pattern=DIGITS,
+)
 SEQ_HEADER = Header(
     SEQ,
     "the event's number: 1, 2, 3, ... per request; a gap means an event was lost",
@@ -341,7 +357,14 @@ CHANNELS: tuple[Channel, ...] = (
         "request's reply subject: subscribe to it before publishing (a request helper that "
         f"keeps the first message only will not do). Dispatchers share the queue group "
         f"{subjects.DISPATCHER_QUEUE}.",
-        (Message("request", wire.CompletionRequest, "A chat request", (*ABORTABLE, *TRACE)),),
+        (
+            Message(
+                "request",
+                wire.CompletionRequest,
+                "A chat request",
+                (*ABORTABLE, HEARTBEATS, *TRACE),
+            ),
+        ),
         action="receive",
         summary="Stream the answer to a chat request as it comes",
         queue=subjects.DISPATCHER_QUEUE,
@@ -352,7 +375,18 @@ CHANNELS: tuple[Channel, ...] = (
         None,
         "The reply subject of a request on llm.stream: one message per event, in order. "
         "Exactly one end or error event closes the stream.",
-        STREAM_EVENTS,
+        (
+            *STREAM_EVENTS,
+            Message(
+                "heartbeat",
+                NoResult,
+                f"Only for a request that asked ({subjects.HEARTBEAT_MS}): its dispatcher is "
+                "alive and working on it. No part of the answer, unnumbered; never after the "
+                "end or error event",
+                (event(HEARTBEAT),),
+                without=(SEQ, ATTEMPT_NO),
+            ),
+        ),
     ),
     Channel(
         "abort",

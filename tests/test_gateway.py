@@ -802,6 +802,60 @@ async def test_a_dispatcher_that_never_answers_is_504_and_the_request_is_aborted
         await silent.close()
 
 
+@pytest.mark.parametrize("deltas", [0, 1], ids=["before_the_first_event", "mid_stream"])
+async def test_a_stream_whose_dispatcher_goes_silent_ends_at_once_not_at_its_timeout(
+    nats_url, monkeypatch, deltas
+):
+    """A dispatcher that took a stream, sent the heartbeat the gateway asks for (and a delta),
+    then died: its HTTP client waited out the request's whole timeout (a minute here). Once a
+    heartbeat came, a silence longer than heartbeats allow ends it: a 504 before its first
+    event, an error event after it, saying the dispatcher most likely died; the request is
+    aborted."""
+    monkeypatch.setattr("service.gateway._SILENCE_S", 0.5)
+    monkeypatch.setattr("service.gateway._UNREAD_SWEEP_S", 0.1)
+    aborted: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    nc = await nats.connect(nats_url)
+    doomed = await nats.connect(nats_url)
+    asked: list[str | None] = []
+
+    async def take(msg: Msg) -> None:
+        asked.append(msg.headers.get("Lifeline-Heartbeat-Ms"))
+        await doomed.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
+        for seq in range(1, deltas + 1):
+            headers = {"Lifeline-Seq": str(seq), "Lifeline-Attempt": "1"}
+            await doomed.publish(msg.reply, b"Hel", headers=headers)
+
+    async def abort(msg: Msg) -> None:
+        if not aborted.done():
+            aborted.set_result(msg.data)
+
+    await doomed.subscribe("llm.stream", cb=take)
+    await doomed.subscribe("llm.abort", cb=abort)
+    await doomed.flush()
+    gw = Gateway(nc)
+    await gw.start(port=0)
+    try:
+        async with openai.AsyncOpenAI(base_url=gw.url, api_key="-", max_retries=0) as client:
+            slow = {"x-lifeline-timeout-s": "60"}
+            with pytest.raises(openai.APIError) as failed:
+                stream = await client.chat.completions.create(
+                    **chat(stream=True), extra_headers=slow
+                )
+                async for _ in stream:
+                    pass
+        said = str(failed.value.body) + str(failed.value)
+        assert re.search(r"went silent.*heartbeat.*most likely died", said), said
+        if not deltas:
+            assert failed.value.status_code == 504  # type: ignore[attr-defined]
+        assert asked == ["2000"]
+        assert await asyncio.wait_for(aborted, 5)
+        assert not gw.inbox.waiting
+    finally:
+        await gw.stop()
+        await nc.close()
+        await doomed.close()
+
+
 async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
     nc = await nats.connect(nats_url)
     gw = Gateway(nc, keys=["sekret"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import signal
@@ -1536,37 +1537,117 @@ async def test_a_stream_whose_dispatcher_dies_says_so_and_the_other_dispatcher_s
 ):
     """Real processes: streams under way on one dispatcher, a second one started, the first
     SIGKILLed. llm.stream is core NATS, delivered once: the other cannot take a stream over,
-    and the dead one cannot send its error event. The client's NoAnswer said only "the
-    dispatcher may have stopped"; it now says how many events came and that the dispatcher
-    serving it died mid-stream (one that stops sends shutting_down). A new stream is served."""
+    and the dead one cannot send its error event. Streams that asked for heartbeats (the
+    client's default) end as soon as the silence outlasts them, long before their 30 s
+    timeout, saying the dispatcher most likely died; one that did not ask waits out its
+    timeout, and says how many events came and that the dispatcher serving it died mid-stream
+    (one that stops sends shutting_down). A new stream is served."""
     words = " ".join(f"w{n}" for n in range(30))  # 9 s of chunks: longer than the timeout
     data = config({"slow": fake(reply=words, chunks=30, chunk_delay_ms=300)})
     service = Service(tmp_path, nats_url, data)
     try:
         _, doomed = service.start_all(["slow"], dispatchers=1)
         came = [0, 0, 0]
-        outcomes: list[BaseException | str] = []
+        outcomes: dict[int, BaseException | str] = {}
 
-        async def read(i: int) -> None:
-            req = CompletionRequest(id=f"s{i}", timeout_s=6, **USER_HELLO)
+        async def read(i: int, timeout_s: float, heartbeat_s: float | None) -> None:
+            req = CompletionRequest(id=f"s{i}", timeout_s=timeout_s, **USER_HELLO)
             try:
-                async for _ in stream(client, req):
+                async for _ in stream(client, req, heartbeat_s=heartbeat_s):
                     came[i] += 1
-                outcomes.append("ended")
+                outcomes[i] = "ended"
             except NoAnswer as exc:
-                outcomes.append(exc)
+                outcomes[i] = exc
 
-        readers = [asyncio.create_task(read(i)) for i in range(3)]
+        readers = [
+            asyncio.create_task(read(0, 30, 0.5)),
+            asyncio.create_task(read(1, 30, 0.5)),
+            asyncio.create_task(read(2, 6, None)),
+        ]
         await wait_for(lambda: all(came), what="every stream's first events")
         service.dispatcher()  # the second one, serving before the first dies
         doomed.proc.send_signal(signal.SIGKILL)
         doomed.proc.wait()
         await asyncio.gather(*readers)
-        assert len(outcomes) == 3 and all(isinstance(o, NoAnswer) for o in outcomes), outcomes
-        for exc in outcomes:
-            assert re.search(r"\d+ events came, then none.*died mid-stream", str(exc)), exc
+        assert all(isinstance(o, NoAnswer) for o in outcomes.values()), outcomes
+        for i in (0, 1):
+            said = str(outcomes[i])
+            assert re.search(r"went silent.*not even the heartbeat.*most likely died", said), said
+        assert re.search(r"\d+ events came, then none.*died mid-stream", str(outcomes[2]))
         async for event in stream(client, CompletionRequest(**USER_HELLO)):
             assert event.kind == "delta"  # served: its first chunk (leaving aborts the rest)
             break
     finally:
         service.stop()
+
+
+# ---- heartbeats: a dead dispatcher told from a slow model ------------------------------------
+
+
+async def _raw_stream(client, req: CompletionRequest, headers: dict[str, str]) -> list[Any]:
+    """Every message on the reply subject until the end event and 0.6 s after it."""
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    await client.publish(subjects.STREAM, encoder.encode(req), reply=inbox, headers=headers)
+    messages = []
+    while not messages or (messages[-1].headers or {}).get(subjects.EVENT) not in (END, ERROR):
+        messages.append(await sub.next_msg(timeout=10))
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:  # nothing may follow the end, a heartbeat neither
+            messages.append(await sub.next_msg(timeout=0.6))
+    await sub.unsubscribe()
+    return messages
+
+
+async def test_a_stream_that_asks_for_heartbeats_gets_one_at_once_and_one_in_each_quiet_spell(
+    lifeline, client, audit
+):
+    """Chunks 1 s apart, heartbeats asked every 200 ms: one comes before anything else (the
+    client learns a dispatcher that sends them took its request), more between the chunks,
+    none after the end; they carry no Lifeline-Seq, so the numbered events are the answer's as
+    without them. A stream that does not ask gets none."""
+    slow = fake(reply="one two three", chunks=3, chunk_delay_ms=1000)
+    await lifeline(config({"main": slow}))
+    req = request("hi", timeout_s=10)
+    beating = await _raw_stream(client, req, {subjects.HEARTBEAT_MS: "200"})
+    heartbeat = {subjects.EVENT: "heartbeat"}
+    assert beating[0].headers == heartbeat and beating[0].data == b""
+    numbered = [m for m in beating if m.headers != heartbeat]
+    assert [int(m.headers[subjects.SEQ]) for m in numbered] == [1, 2, 3, 4]
+    assert b"".join(m.data for m in numbered[:3]) == b"one two three"
+    assert numbered[-1] is beating[-1]  # the end is the last message
+    between = [
+        sum(1 for m in beating[beating.index(a) : beating.index(b)] if m.headers == heartbeat)
+        for a, b in itertools.pairwise(numbered[:3])  # between the three chunks
+    ]
+    assert all(n >= 1 for n in between), between  # each second without a chunk had one
+    quiet = await _raw_stream(client, request("hi", timeout_s=10), {})
+    assert not [m for m in quiet if m.headers and m.headers.get(subjects.EVENT) == "heartbeat"]
+    await audit.wait_for(2)  # one audit event each, heartbeats or not
+
+
+async def test_a_client_asking_for_heartbeats_waits_on_a_dispatcher_that_sends_none(client):
+    """A dispatcher that sends no heartbeats (an older one) is not taken for a dead one: the
+    client holds the silence against it only once a heartbeat came. This one answers after
+    2 s, past the 1.6 s of silence that heartbeats every 0.2 s would allow."""
+
+    async def old_dispatcher(msg) -> None:
+        await asyncio.sleep(2)
+        assert subjects.HEARTBEAT_MS in msg.headers  # asked for, not given
+        reply = CompletionReply("h1", "ok", provider="old", attempts=[])
+        for seq, (event, data) in enumerate([(None, b"late"), (END, encoder.encode(reply))], 1):
+            headers = {subjects.SEQ: str(seq), subjects.ATTEMPT_NO: "1"}
+            if event is not None:
+                headers[subjects.EVENT] = event
+            await client.publish(msg.reply, data, headers=headers)
+
+    sub = await client.subscribe(subjects.STREAM, cb=old_dispatcher)
+    await ensure_subscribed(client)
+    try:
+        text, reply = "", None
+        async for event in stream(client, request("hi", timeout_s=10), heartbeat_s=0.2):
+            text += event.text
+            reply = event.reply or reply
+        assert (text, reply.provider) == ("late", "old")
+    finally:
+        await sub.unsubscribe()

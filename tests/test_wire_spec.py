@@ -174,7 +174,7 @@ def test_every_subject_queue_group_and_header_comes_from_subjects_py(document):
         if isinstance(value, str) and (value[:1].isupper() and "-" in value or "TRACE" in name)
     }
     assert headers == named
-    assert len(named) == 14
+    assert len(named) == 15
     assert set(messages["provider.request"]["headers"]["required"]) == {
         subjects.DEADLINE_MS,
         subjects.REQUEST_ID,
