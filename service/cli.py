@@ -2788,6 +2788,12 @@ async def cmd_check(args: argparse.Namespace) -> int:
                 f"providers.{name}: {shown_env_name(key_env)} is not set here; `lifeline "
                 f"worker {name}` (and `lifeline run`) need it where they run"
             )
+    if config.providers and not config.routes:  # valid (a plug-in's), but no request is routed
+        named = sorted({*config.targets, *config.providers})
+        logs.warn(
+            "no route is configured: a request must name its targets (`targets`, one of "
+            f"{named}), else it gets unknown_route"
+        )
     print(f"{path}: OK")
     _describe(config)
     return 0

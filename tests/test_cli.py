@@ -1290,3 +1290,15 @@ def test_a_health_port_in_use_is_refused_before_anything_starts(command, tmp_pat
     assert result.returncode == 2, result
     assert f"--health-port 127.0.0.1:{port}: cannot listen there" in result.stderr
     assert "serving" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_config_of_providers_without_routes_says_requests_must_name_their_targets(tmp_path):
+    """A plug-in's config as the README writes it (providers, no route) passed check-config
+    silently; a request without `targets` then met `unknown_route` at run time."""
+    cfg = tmp_path / "noroutes.toml"
+    cfg.write_text('[providers.shouty]\nkind = "fake"\n[providers.calm]\nkind = "fake"\n')
+    result = run_lifeline("check-config", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    [warned] = [line for line in result.stderr.splitlines() if "route" in line]
+    assert warned.startswith("warning: ") and "targets" in warned, warned
+    assert "'calm'" in warned and "'shouty'" in warned, warned
