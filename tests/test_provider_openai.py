@@ -410,6 +410,12 @@ async def test_the_api_key_never_appears_in_an_error_message(make):
     assert "***" in err.message
 
 
+async def test_an_error_with_an_empty_body_says_so_rather_than_ending_at_its_status(make):
+    """A proxy's 401 (or 429, 502) with no body read "openai 401:" and nothing after it."""
+    err = await failure(make(Server(401, b"")))
+    assert err.kind == "auth" and err.message == "openai 401: (empty body)", err.message
+
+
 async def test_error_messages_are_trimmed(make):
     err = await failure(make(Server(400, error("x" * 5000, "invalid_request_error", None))))
     assert len(err.message) <= 300

@@ -160,6 +160,8 @@ def error_text(error: dict[str, Any], response: httpx.Response) -> str:
         return text
     if len(response.content) > _ERROR_READ_BYTES:
         return _start_of(response.content, response.encoding or "utf-8")
+    if not response.content.strip():  # a proxy's 401 or 502 often has none: say so
+        return "(empty body)"
     try:
         return json.dumps(response.json(), ensure_ascii=False)
     except (ValueError, RecursionError, TypeError):  # not JSON Python reads: its escapes undone
