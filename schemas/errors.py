@@ -82,7 +82,8 @@ KINDS: dict[str, Kind] = {
         Kind(
             "quota",
             "the account's quota or credit is spent: OpenAI's 429 insufficient_quota, "
-            "HTTP 402 (Anthropic's billing_error); retrying cannot help, another provider can",
+            "HTTP 402 (Anthropic's billing_error, or its 400 saying so); retrying cannot help, "
+            "another provider can",
             statuses=(402,),
             trips=True,
         ),

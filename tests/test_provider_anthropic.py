@@ -217,6 +217,21 @@ async def test_a_billing_error_is_quota(make):
     assert err.kind == "quota"
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Your credit balance is too low to access the Anthropic API.",
+        "You have reached your specified API usage limits. You will regain access on 2026-04-01.",
+    ],
+)
+async def test_spent_credit_said_as_an_invalid_request_is_quota(make, message):
+    """The API says a spent balance or a reached spend limit as a 400 invalid_request_error,
+    not as billing_error: it was a bad_request, which no breaker counts, so every request
+    called Anthropic first again, and a client was told its request was at fault."""
+    err = await failure(make(Server(400, error("invalid_request_error", message))))
+    assert (err.kind, err.status_code) == ("quota", 400)
+
+
 async def test_overloaded_529_maps_to_server_error(make):
     err = await failure(make(Server(529, error("overloaded_error", "Overloaded"))))
     assert (err.kind, err.status_code) == ("server_error", 529)

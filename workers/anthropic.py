@@ -89,6 +89,9 @@ _TOO_LONG = ("prompt is too long", "exceed context limit")
 # How it words an answer its filters withheld (invalid_request_error, as a 400 or mid-stream):
 # no answer, as a refusal is, which the request's content_filter chain may take.
 _BLOCKED = "output blocked by content filtering policy"
+# How it words a spent balance and a reached spend limit: an invalid_request_error (a 400), not
+# the billing_error its reference lists, yet no wait and no other request cures them.
+_SPENT = ("credit balance is too low", "reached your specified api usage limits")
 # Each error type with the HTTP status it comes with (https://docs.anthropic.com/en/api/errors):
 # an error event in a stream has its type, and no status of its own.
 _TYPE_STATUS = {
@@ -665,7 +668,9 @@ def _error_kind(error_type: object, text: str, status: int) -> str:
         return "content_filter"
     if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         return "server_error"
-    if error_type == "billing_error":  # 402: the account's credit is spent
+    if error_type == "billing_error" or (  # 402: the account's credit is spent
+        error_type == "invalid_request_error" and any(p in text.lower() for p in _SPENT)
+    ):
         return "quota"
     return classify_status(status)
 
