@@ -359,6 +359,16 @@ async def test_a_spent_quota_is_quota_not_a_rate_limit_worth_waiting_for(make):
     assert plain.kind == "rate_limit"
 
 
+@pytest.mark.parametrize("code", ["billing_not_active", None])
+async def test_an_account_whose_billing_is_not_active_is_quota_not_a_rate_limit(make, code):
+    """OpenAI answers it as a 429 of type billing_not_active (its code the same, or null): it
+    was a rate_limit, retried and answered by the gateway as a 429 to send again, which no
+    wait cures."""
+    message = "Your account is not active, please check your billing details on our website."
+    err = await failure(make(Server(429, error(message, "billing_not_active", code))))
+    assert (err.kind, err.status_code) == ("quota", 429)
+
+
 @pytest.mark.parametrize("code", ["content_filter", "content_policy_violation"])
 async def test_content_policy_codes_map_to_content_filter(make, code):
     body = error(

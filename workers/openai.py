@@ -81,14 +81,17 @@ _CODE_KINDS = {
     "content_filter": "content_filter",
     "content_policy_violation": "content_filter",
     "ResponsibleAIPolicyViolation": "content_filter",
-    # A 429 that no wait cures: the account's credit is spent (a retry would only fail again).
+    # A 429 that no wait cures: the account's credit is spent, or its billing is not active
+    # (a retry would only fail again).
     "insufficient_quota": "quota",
+    "billing_not_active": "quota",
 }
 # The longest tool call id OpenAI takes (400 string_above_max_length past it).
 _MOST_ID_CHARS = 40
 # error.type values that say more than the status, where error.code does not: llama.cpp's
-# server names a prompt over its context so (a 400, code 400), vLLM and OpenAI use the code.
-_TYPE_KINDS = {"exceed_context_size_error": "context_length"}
+# server names a prompt over its context so (a 400, code 400), vLLM and OpenAI use the code;
+# OpenAI's inactive billing has come with a null code, its type saying it.
+_TYPE_KINDS = {"exceed_context_size_error": "context_length", "billing_not_active": "quota"}
 
 
 # The most stop sequences OpenAI and Azure OpenAI take (their reference: "Up to 4 sequences
