@@ -347,6 +347,31 @@ async def test_llama_cpps_prompt_over_its_context_maps_to_context_length(make):
     assert "exceeds the available context size" in err.message
 
 
+@pytest.mark.parametrize(
+    ("message", "type_", "code"),
+    [  # vLLM, DeepSeek and OpenRouter, as each answers a prompt past the model's context
+        (
+            "This model's maximum context length is 32768 tokens. However, your request has 40000",
+            "BadRequestError",
+            400,
+        ),
+        (
+            "This model's maximum context length is 65536 tokens. However, you requested 70000",
+            "invalid_request_error",
+            "invalid_request_error",
+        ),
+        ("This endpoint's maximum context length is 8192 tokens.", None, 400),
+    ],
+)
+async def test_compatible_servers_prompt_over_its_context_maps_to_context_length(
+    make, message, type_, code
+):
+    """They name it in the message alone, with no context_length_exceeded code: it was a
+    bad_request, so a route's context_length chain (a model with a larger context) never ran."""
+    err = await failure(make(Server(400, error(message, type_, code))))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+
+
 async def test_a_spent_quota_is_quota_not_a_rate_limit_worth_waiting_for(make):
     body = error(
         "You exceeded your current quota, please check your plan and billing details.",

@@ -89,9 +89,12 @@ _CODE_KINDS = {
 # The longest tool call id OpenAI takes (400 string_above_max_length past it).
 _MOST_ID_CHARS = 40
 # error.type values that say more than the status, where error.code does not: llama.cpp's
-# server names a prompt over its context so (a 400, code 400), vLLM and OpenAI use the code;
-# OpenAI's inactive billing has come with a null code, its type saying it.
+# server names a prompt over its context so (a 400, code 400); OpenAI's inactive billing has
+# come with a null code, its type saying it.
 _TYPE_KINDS = {"exceed_context_size_error": "context_length", "billing_not_active": "quota"}
+# How OpenAI words a prompt past the model's context, which servers that copy its message but
+# not its code say alone (vLLM: type BadRequestError, code 400; DeepSeek; OpenRouter).
+_TOO_LONG = "maximum context length is"
 
 
 # The most stop sequences OpenAI and Azure OpenAI take (their reference: "Up to 4 sequences
@@ -407,14 +410,17 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
 
 
 def _code_kind(error: dict[str, Any]) -> str | None:
-    """The kind error.code (or Azure's error.innererror.code) names, else error.type, if one
-    names one."""
+    """The kind error.code (or Azure's error.innererror.code) names, else error.type, else
+    error.message's wording of a prompt too long, if one names one."""
     inner = error.get("innererror")
     codes = [error.get("code"), inner.get("code") if isinstance(inner, dict) else None]
     kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
     kind = error.get("type")
     if isinstance(kind, str) and kind in _TYPE_KINDS:
         kinds.append(_TYPE_KINDS[kind])
+    message = error.get("message")
+    if isinstance(message, str) and _TOO_LONG in message.lower():
+        kinds.append("context_length")
     return kinds[0] if kinds else None
 
 
