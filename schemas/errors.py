@@ -12,7 +12,8 @@
         response_too_large                                    the answer was too large to carry
         no_responders                                         no worker runs (dispatcher side), or
                                                               it stopped before it answered
-        invalid_output                                        the answer failed response_format
+        invalid_output                                        the answer failed response_format,
+                                                              tools, tool_choice or fail_on_length
                                                               (dispatcher side)
     a target is passed over without a call: Attempt.reason, SKIP_REASONS
     a whole request fails: CompletionReply.error.type, REQUEST_ERRORS; what a resend can do
@@ -108,7 +109,8 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "invalid_output",
-            "the answer failed the request's response_format (dispatcher side)",
+            "the answer failed the request's response_format, tools, tool_choice or "
+            "fail_on_length (dispatcher side)",
             transient=True,  # a model draws its answer anew: the next may fit
         ),
     )
