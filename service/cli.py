@@ -93,7 +93,7 @@ from service.app import (
 from service.embedded import EmbeddedNats, EmbeddedNatsError, redact_url
 from service.jobstore import ensure_jobs, ensure_jobs_as_a_client
 from service.memory import settle_after_start
-from service.probes import Probes, parse_address
+from service.probes import Probes, health_probes, parse_address
 from service.shared_health import STALE_AFTER_S, BucketTooSlow, merge_status, read_bucket
 
 if sys.excepthook is _interrupted_quietly:  # unless one of the imports set a hook of its own
@@ -1280,29 +1280,25 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # so that a missing API key or a model that cannot be made stops `run` (exit 2) before
     # anything starts, its embedded NATS included.
     providers = await make_providers(config, list(config.providers))
-    server = probes = None
-    try:
-        probes = await _start_probes([], args.health_port)  # a port in use: before NATS starts
-        if not nats_opts.servers:
-            server, url = _start_embedded(4222 if args.port is None else args.port)
-            nats_opts = dataclasses.replace(nats_opts, servers=url)
-    except BaseException:
-        await _stop_probes(probes)
-        await close_providers(providers)
-        raise
-    lost = None
+    server: EmbeddedNats | None = None
     stack: Stack | None = None
+    lost = None
     try:
-        stack = await start_stack(config, nats_opts, tracers, meters=meters, providers=providers)
-        if probes is not None:
+        # Left before the stack stops: through its drain it would still look ready.
+        async with health_probes(args.health_port) as probes:  # a port in use: before NATS
+            if not nats_opts.servers:
+                server, url = _start_embedded(4222 if args.port is None else args.port)
+                nats_opts = dataclasses.replace(nats_opts, servers=url)
+            made, providers = providers, {}  # the stack's now: it closes those it cannot start
+            stack = await start_stack(config, nats_opts, tracers, meters=meters, providers=made)
             probes.components = stack.components  # the gateway's joins it as it starts
-        await _run_gateway(stack, config, nats_opts, args)
-        # Connected before "ready" is printed: everything that connects has, by then.
-        watcher = None if args.quiet else await _watch_audit(nats_opts)
-        _print_started(config, nats_opts.shown)
-        lost = await _serve_stack(stack, watcher, server)
+            await _run_gateway(stack, config, nats_opts, args)
+            # Connected before "ready" is printed: everything that connects has, by then.
+            watcher = None if args.quiet else await _watch_audit(nats_opts)
+            _print_started(config, nats_opts.shown)
+            lost = await _serve_stack(stack, watcher, server)
     finally:
-        await _stop_probes(probes)
+        await close_providers(providers)  # made, and no stack's: NATS or the probes failed
         if stack is not None:
             await stack.stop()
         telemetry.shut_down(tracers, meters)
@@ -1507,19 +1503,15 @@ async def cmd_dispatcher(args: argparse.Namespace) -> int:
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env("lifeline-dispatcher")
     meters = telemetry.meter_provider_from_env("lifeline-dispatcher")
-    probes = await _start_probes([], args.health_port)  # a port in use: before anything starts
-    try:
+    async with health_probes(args.health_port) as probes:  # a port in use: before NATS
         component, _ = await start_dispatcher(config, nats_opts, tracers, meters)
-    except BaseException:
-        await _stop_probes(probes)
-        raise
-    log.info(
-        "dispatcher serving %s on %s (queue group %s)",
-        subjects.COMPLETE,
-        nats_opts.describe(),
-        subjects.DISPATCHER_QUEUE,
-    )
-    return await _serve(component, tracers, probes, meters)
+        log.info(
+            "dispatcher serving %s on %s (queue group %s)",
+            subjects.COMPLETE,
+            nats_opts.describe(),
+            subjects.DISPATCHER_QUEUE,
+        )
+        return await _serve(component, tracers, probes, meters)
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
@@ -1533,23 +1525,19 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: no [providers.{args.name}] table (configured: {configured})")
     nats_opts = _nats_options(args, config)
     tracers = telemetry.tracer_provider_from_env(f"lifeline-worker-{args.name}")
-    probes = await _start_probes([], args.health_port)  # a port in use: before anything starts
-    try:
+    async with health_probes(args.health_port) as probes:  # a port in use: before NATS
         component, runtime = await start_worker(config, args.name, nats_opts, tracers)
-    except BaseException:
-        await _stop_probes(probes)
-        raise
-    # Off the event loop, which serves calls already: a model's identifying_params() may take
-    # its time (workers/plugin.py bounds it).
-    identity = await asyncio.to_thread(_identity, runtime.provider)
-    log.info(
-        "worker %s serving %s on %s%s",
-        args.name,
-        subjects.provider_subject(args.name),
-        nats_opts.describe(),
-        identity,
-    )
-    return await _serve(component, tracers, probes)
+        # Off the event loop, which serves calls already: a model's identifying_params() may
+        # take its time (workers/plugin.py bounds it).
+        identity = await asyncio.to_thread(_identity, runtime.provider)
+        log.info(
+            "worker %s serving %s on %s%s",
+            args.name,
+            subjects.provider_subject(args.name),
+            nats_opts.describe(),
+            identity,
+        )
+        return await _serve(component, tracers, probes)
 
 
 def _identity(provider: object) -> str:
@@ -1565,7 +1553,7 @@ def _identity(provider: object) -> str:
 async def _serve(
     component: Component,
     tracers: telemetry.Tracing,
-    probes: Probes | None = None,
+    probes: Probes,
     meters: telemetry.MeterProvider | None = None,
 ) -> int:
     """Serve until a signal (exit 0) or until the NATS connection is gone for good (exit 1,
@@ -1574,35 +1562,16 @@ async def _serve(
 
     lost = None
     try:
-        if probes is not None:
-            probes.components.append(component)
+        probes.components.append(component)
         settle_after_start()
         lost = await _until_signalled(component.watch.wait_lost())
         if lost is None:
             log.info("stopping %s: finishing requests in flight", component.name)
     finally:
-        await _stop_probes(probes)
+        await probes.stop()  # first: through the drain the component would still look ready
         await component.stop()
         telemetry.shut_down(tracers, meters)
     return 0 if lost is None else 1
-
-
-async def _stop_probes(probes: Probes | None) -> None:
-    if probes is not None:
-        await probes.stop()
-
-
-async def _start_probes(components: list[Component], address: str | None) -> Probes | None:
-    """/healthz and /readyz on `address` ([HOST:]PORT), or nothing when it is None; for
-    `components`, a list that may grow (not ready while it is empty)."""
-    if address is None:
-        return None
-    probes = Probes(components)
-    try:
-        await probes.start(address)
-    except OSError as exc:
-        raise ValueError(f"--health-port {address}: cannot listen there ({exc})") from None
-    return probes
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from service.discovery import problems
@@ -170,3 +171,22 @@ class Probes:
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         )
         return lines.encode() + (b"" if method == b"HEAD" else payload)
+
+
+@contextlib.asynccontextmanager
+async def health_probes(address: str | None) -> AsyncIterator[Probes]:
+    """Probes bound on `address` ([HOST:]PORT) for a process's components, which join
+    `components` as they start: entered before anything connects, so a port in use stops the
+    process at once (ValueError: exit 2) and one waiting for NATS is live but not ready. They
+    stop on the way out, whatever the way. `address` None: nothing listens (probes that answer
+    nothing, so the caller has no case of its own)."""
+    probes = Probes([])
+    if address is not None:
+        try:
+            await probes.start(address)
+        except OSError as exc:
+            raise ValueError(f"--health-port {address}: cannot listen there ({exc})") from None
+    try:
+        yield probes
+    finally:
+        await probes.stop()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from helpers import (
@@ -25,6 +26,7 @@ from helpers import (
     cli_env,
     config,
     fake,
+    free_port,
     lifelines_side_by_side,
     rest_of_output,
     run_lifeline,
@@ -1302,3 +1304,45 @@ def test_check_config_of_providers_without_routes_says_requests_must_name_their_
     [warned] = [line for line in result.stderr.splitlines() if "route" in line]
     assert warned.startswith("warning: ") and "targets" in warned, warned
     assert "'calm'" in warned and "'shouty'" in warned, warned
+
+
+def _probe(proc: LifelineProcess, url: str, until: Any) -> Any:
+    """GET `url` again and again (the process may not listen yet) until the answer passes
+    `until`; the last answer, or the test fails once 30 s pass or the process has exited."""
+    answer = None
+    for _ in range(300):
+        assert proc.proc.poll() is None, proc.log()[-3000:]
+        with contextlib.suppress(httpx.TransportError):
+            answer = httpx.get(url, timeout=5)
+            if until(answer):
+                return answer
+        threading.Event().wait(0.1)
+    raise AssertionError(f"{url}: last answered {answer and answer.text}; log:\n{proc.log()}")
+
+
+@pytest.mark.parametrize("command", [["worker", "p"], ["dispatcher"], ["run", "--no-gateway"]])
+def test_a_process_waiting_for_nats_is_live_not_ready_and_ready_once_connected(command, tmp_path):
+    """The probes are bound before the process connects, for the components that join them as
+    they start: while NATS is away /healthz says 200 and /readyz 503 with no component; once
+    NATS comes, /readyz says 200 for the process's components."""
+    config_path = tmp_path / "lifeline.toml"
+    config_path.write_text('[providers.p]\nkind = "fake"\n')
+    health = f"http://127.0.0.1:{free_port()}"
+    server = EmbeddedNats(port=free_port())
+    proc = LifelineProcess(
+        [*command, "--config", str(config_path), "--health-port", health.removeprefix("http://")]
+        + ["--nats-url", server.url],
+        tmp_path / "lifeline.log",
+    )
+    try:
+        _probe(proc, f"{health}/healthz", lambda answer: answer.status_code == 200)
+        waiting = httpx.get(f"{health}/readyz", timeout=5)
+        assert (waiting.status_code, waiting.json()["components"]) == (503, [])
+        server.start()
+        ready = _probe(proc, f"{health}/readyz", lambda answer: answer.status_code == 200)
+        names = {component["name"] for component in ready.json()["components"]}
+        expected = {"worker": {"lifeline-worker-p"}, "dispatcher": {"lifeline-dispatcher"}}
+        assert names == expected.get(command[0], {"lifeline-dispatcher", "lifeline-worker-p"})
+    finally:
+        proc.stop()
+        server.stop()
