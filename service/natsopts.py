@@ -59,7 +59,7 @@ _ENV_NAME = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 # Subject tokens separated by dots, no wildcards: nats-py appends ".<unique id>".
 _INBOX_PREFIX = r"^([A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*)?$"
 _INBOX_PREFIX_WANTED = (
-    "expected subject tokens separated by dots, without wildcards or spaces (e.g. _INBOX_alice)"
+    "expected subject tokens separated by dots, without wildcards or spaces (e.g. _INBOX.alice)"
 )
 
 

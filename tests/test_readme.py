@@ -19,7 +19,7 @@ import pytest
 from helpers import LifelineProcess, cli_env
 
 from schemas.wire import TargetSpec
-from service import config
+from service import config, permissions
 from service.cli import build_parser
 from service.health import BreakerSettings
 from service.natsopts import NatsSettings
@@ -59,6 +59,22 @@ def test_the_readme_shows_config_examples():
 def test_every_config_example_of_the_readme_is_a_config_lifeline_takes(block):
     snippet = tomllib.loads(textwrap.dedent(block))
     config.parse_config(_merged(BASE, snippet), source="README.md")
+
+
+def test_an_inbox_prefix_the_readme_sets_is_the_one_nats_config_grants_its_user():
+    """The [nats] example set inbox_prefix = "_INBOX_lifeline": copied into a deployment
+    secured by `lifeline nats-config`, the user could not subscribe there nor a dispatcher
+    answer there, and no reply came. A user's prefix is the one the generated file grants it."""
+    examples = [
+        tomllib.loads(textwrap.dedent(block))["nats"]
+        for block in TOML_BLOCKS
+        if "inbox_prefix" in tomllib.loads(textwrap.dedent(block)).get("nats", {})
+    ]
+    assert examples, "the README's [nats] example with an inbox_prefix was not found"
+    base = config.parse_config(BASE, source="README.md")
+    for nats in examples:
+        granted = permissions.client(nats.get("user", ""), base).inbox_prefix
+        assert nats["inbox_prefix"] == granted, nats
 
 
 # Every table of the config and the Struct that reads it (a provider's by its kind).
