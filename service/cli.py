@@ -236,7 +236,11 @@ def _add_dispatcher(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "exits 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM.",
     )
     _config_arg(dispatcher)
-    _nats_arg(dispatcher)
+    _nats_arg(
+        dispatcher,
+        inbox_help=f"its inbox prefix (default: {subjects.DISPATCHER_INBOX_PREFIX}, where "
+        "`lifeline nats-config` lets workers send stream chunks: leave it unset there)",
+    )
     _health_arg(dispatcher)
     _log_format_arg(dispatcher)
 
@@ -782,7 +786,11 @@ def _config_arg(parser: argparse.ArgumentParser, client: bool = False) -> None:
     parser.add_argument("--config", metavar="FILE", help=what)
 
 
-def _nats_arg(parser: argparse.ArgumentParser, url_help: str = "") -> None:
+def _nats_arg(
+    parser: argparse.ArgumentParser,
+    url_help: str = "",
+    inbox_help: str = "reply subjects' prefix instead of _INBOX",
+) -> None:
     """How to connect to NATS, the same for every command (service/natsopts.py)."""
     group = parser.add_argument_group(
         "NATS connection",
@@ -805,7 +813,7 @@ def _nats_arg(parser: argparse.ArgumentParser, url_help: str = "") -> None:
         ("ca", "FILE", "the CA certificates (PEM) that signed the server's TLS certificate"),
         ("cert", "FILE", "a client certificate (PEM), for a server that verifies clients"),
         ("key", "FILE", "the client certificate's key (PEM)"),
-        ("inbox-prefix", "PREFIX", "reply subjects' prefix instead of _INBOX"),
+        ("inbox-prefix", "PREFIX", inbox_help),
     ):
         env = natsopts.ENV[flag.replace("-", "_")]
         group.add_argument(f"--nats-{flag}", metavar=metavar, help=f"{what} (${env})")

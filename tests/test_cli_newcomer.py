@@ -637,6 +637,17 @@ def test_every_option_of_every_command_is_in_its_row_of_the_readmes_commands_tab
     assert not left_out, left_out
 
 
+def test_the_dispatchers_help_gives_its_own_inbox_prefix_as_the_default(capsys):
+    """Its --nats-inbox-prefix said "instead of _INBOX", as a client's does: its default is
+    _LIFELINE_DISPATCHER, the inbox `lifeline nats-config` lets workers stream chunks to, and
+    one set to _INBOX.<user> as a client's stops it at start."""
+    with pytest.raises(SystemExit):
+        cli.main(["dispatcher", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert "instead of _INBOX" not in shown, shown
+    assert f"default: {subjects.DISPATCHER_INBOX_PREFIX}" in shown, shown
+
+
 def test_a_gateway_port_with_no_gateway_is_a_mistake_not_ignored(capsys):
     """The README gives `[--gateway-port P | --no-gateway]`; both were taken, and the port
     was ignored without a word."""
