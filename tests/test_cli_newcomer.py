@@ -469,16 +469,19 @@ def test_batch_of_an_empty_file_says_it_holds_no_request(tmp_path):
     assert ran.stdout == "empty.jsonl holds no request: nothing to submit\n"
 
 
-@pytest.mark.parametrize("given", ["flag", "variable"])
+@pytest.mark.parametrize("given", ["flag", "variable", "config"])
 def test_run_port_with_a_nats_url_is_a_mistake_not_ignored(tmp_path, given):
     """`make run PORT=-1` with a NATS_URL left in the shell connected there, --port unsaid,
-    and waited for a server that was not up."""
+    and waited for a server that was not up. A config's [nats] url names one as well (the
+    README's row of `run` said only --nats-url and NATS_URL)."""
     url = "nats://127.0.0.1:1"
-    flag = ["--nats-url", url] if given == "flag" else []
+    config = tmp_path / "lifeline.toml"
+    config.write_text(f'[providers.p]\nkind = "fake"\n[nats]\nurl = "{url}"\n')
+    flag = {"flag": ["--nats-url", url], "config": ["--config", str(config)]}.get(given, [])
     env = cli_env(NATS_URL=url) if given == "variable" else cli_env()
     refused = run_lifeline("run", "--port", "-1", *flag, env=env, cwd=tmp_path)
     assert refused.returncode == 2, refused
-    origin = "--nats-url" if given == "flag" else "$NATS_URL"
+    origin = {"flag": "--nats-url", "variable": "$NATS_URL"}.get(given, f"{config} [nats] url")
     assert refused.stderr == (
         f"lifeline: --port -1 is for an embedded NATS server, and none starts: {origin} names "
         f"{url}; drop one of them\n"
