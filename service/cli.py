@@ -702,8 +702,8 @@ def _add_gateway(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="serve OpenAI's Chat Completions over HTTP (POST /v1/chat/completions, GET "
         "/v1/models) from Lifeline's NATS path",
         description="An OpenAI-compatible HTTP front door: point an OpenAI SDK's base_url at "
-        "http://HOST:PORT/v1 and name a route (or a target) as the model. It is a NATS client of "
-        "llm.complete and llm.stream; run it beside `lifeline run` or against dispatchers "
+        "http://HOST:PORT/v1 and name a route (else a target or provider) as the model. It is a "
+        "NATS client of llm.complete and llm.stream; run it beside `lifeline run` or against dispatchers "
         "anywhere. API keys: $LIFELINE_GATEWAY_KEYS (comma-separated), checked as "
         "`Authorization: Bearer <key>`; with none set, only loopback clients are served. "
         "GET /healthz and /readyz answer probes without a key.",
