@@ -390,6 +390,18 @@ def test_submit_and_batch_to_a_server_without_jetstream_say_what_to_do(tmp_path)
     assert "is JetStream on (nats-server -js)" in batch.stderr
 
 
+def test_batch_with_jobs_still_without_a_result_at_its_timeout_exits_1_to_be_rerun(tmp_path):
+    """No dispatcher runs: the job waits in the stream, and the run gives up at --timeout
+    with exit 1, saying to rerun it, its results file without a line for the job."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "j1", "messages": [{"role": "user", "content": "hello"}]}\n')
+    with EmbeddedNats(port=-1) as server:
+        batch = run_lifeline("batch", "--nats-url", server.url, "--timeout", "1", str(jobs))
+    assert batch.returncode == 1, batch
+    assert "1 job still without a result after 1 s; rerun the same command" in batch.stderr
+    assert (tmp_path / "jobs.results.jsonl").read_text() == ""
+
+
 def test_audit_skips_an_event_it_cannot_read_and_goes_on(running):
     """One event of another shape (a newer Lifeline's status, or anyone's publish) must not
     end the listing."""
