@@ -65,8 +65,8 @@ HEARTBEAT_MS_BOUNDS = (200, 60_000)  # a request's Lifeline-Heartbeat-Ms is kept
 
 def heartbeat_silence_s(every_s: float) -> float:
     """How long a stream that sends heartbeats every `every_s` may stay silent before its
-    dispatcher counts as gone: a dispatcher sends one within an interval and a tenth of a
-    second or so of its last event, so three intervals and a second leave room for a busy one."""
+    dispatcher counts as gone: a dispatcher sends one within twice the interval of its last
+    event at most, so three intervals and a second leave room for a busy one."""
     return 3 * every_s + 1.0
 
 

@@ -937,9 +937,10 @@ class Heartbeats:
     client learns that a dispatcher that sends them has it), then one whenever its stream sent
     nothing for its interval, until its end event. One look at every such stream per tick
     (a quarter of the shortest interval, 0.1 s at least) instead of a timer per stream set
-    again on every event: an event costs nothing more, and a heartbeat comes within an
-    interval and a tick of the last event (streaming.heartbeat_silence_s leaves more). A
-    stream leaves when its request's task is done (`discard`)."""
+    again on every event: an event costs nothing more, and a heartbeat comes within its
+    interval and two ticks of the last event, twice the interval at most (an event is seen at
+    the tick after it; streaming.heartbeat_silence_s leaves more). A stream leaves when its
+    request's task is done (`discard`)."""
 
     def __init__(self) -> None:
         # Per request's task: [its stream, interval, when its last event was seen, its seq then]
