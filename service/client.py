@@ -113,9 +113,9 @@ T = TypeVar("T")
 LOCAL_NATS = "nats://127.0.0.1:4222"
 _GRACE_S = 5.0  # past the request's own deadline, the dispatcher has surely answered or died
 _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests without their own
-# A stream asks its dispatcher for a heartbeat when it sent nothing for this long: a dispatcher
-# that died mid-stream is told from a slow model in streaming.heartbeat_silence_s (7 s).
-STREAM_HEARTBEAT_S = 2.0
+# A request asks its dispatcher for a heartbeat when it sent nothing for this long: a dispatcher
+# that died is told from a slow model in streaming.heartbeat_silence_s (7 s).
+HEARTBEAT_S = 2.0
 _JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
 _ASK_MIN_S = 1.0  # the least a dispatcher is given to answer llm.jobs.result, whatever wait_s
 # (a busy one may take a while, and a client without bucket permissions has no other way)
@@ -335,6 +335,7 @@ class Lifeline:
         self._owns = owns_connection
         self._jobs_ready = False
         self._keys: set[str] = set()  # the abort keys of the requests in flight
+        self._replies = _Replies(nc)  # llm.complete's, for requests that ask for heartbeats
         # The event loop its connection lives in: nats-py's tasks and futures are that loop's.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
@@ -490,6 +491,7 @@ class Lifeline:
             for key in list(self._keys):
                 await abort(self.nc, key)
             await natsio.close(self.nc)  # also while the server is gone
+            self._replies.closed()
 
     async def __aenter__(self) -> Self:
         return self
@@ -513,6 +515,7 @@ class Lifeline:
         request: CompletionRequest | Messages,
         *,
         overloaded_retries: int = 0,
+        heartbeat_s: float | None = HEARTBEAT_S,
         **fields: Any,
     ) -> CompletionReply:
         """Send one request to llm.complete and return its reply, ok or error (an error reply
@@ -520,9 +523,14 @@ class Lifeline:
         max_tokens, tools, tool_choice, response_format, ... An `overloaded` (or
         `shutting_down`) reply is sent again, after 1-2x its retry_after_s, up to
         overloaded_retries times, all within the request's timeout (fixed at the first send:
-        a retry is sent with what is left; the refusal is returned when no time is left)."""
+        a retry is sent with what is left; the refusal is returned when no time is left).
+        `heartbeat_s`: the dispatcher is asked for a heartbeat every this many seconds until
+        it replies, so one that died raises NoAnswer within streaming.heartbeat_silence_s of
+        its last, not at the request's timeout (None: no heartbeats)."""
         self._check_loop()
         _check_retries(overloaded_retries)
+        _check_heartbeat(heartbeat_s)
+        every_s = _heartbeat_ms(heartbeat_s)
         req = sent = self.request(request, **fields)
         # One deadline for the whole call, fixed at the first send: a retry is sent with what
         # is left of it (its timeout_s), and none is sent when the wait before it ends past it.
@@ -532,16 +540,18 @@ class Lifeline:
             payload = encoder.encode(sent)
             key = abort_key()
             headers = _traced({subjects.ABORT_KEY: key})
+            if every_s is not None:
+                headers[subjects.HEARTBEAT_MS] = str(round(every_s * 1000))
             _check_size(self.nc, payload, headers)
             _check_room(self.nc, payload, headers)
             self._keys.add(key)
             reconnects = _reconnects(self.nc)
+            wait_s = _wait_s(sent, self.default_timeout_s)
             try:
-                asking = self.nc.request(
-                    subjects.COMPLETE,
-                    payload,
-                    timeout=_wait_s(sent, self.default_timeout_s),
-                    headers=headers,
+                asking = (
+                    self.nc.request(subjects.COMPLETE, payload, timeout=wait_s, headers=headers)
+                    if every_s is None
+                    else self._replies.request(subjects.COMPLETE, payload, headers, wait_s, every_s)
                 )
                 msg = await _unless_refused(refusals, subjects.COMPLETE, asking)
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
@@ -551,6 +561,13 @@ class Lifeline:
                 raise NoDispatcher(
                     f"no dispatcher is subscribed to {subjects.COMPLETE}: start one "
                     "(`lifeline run`)"
+                ) from None
+            except _WentSilent as silent:
+                await abort(self.nc, key)  # most likely nobody runs it: in case one does
+                raise NoAnswer(
+                    f"no reply on {subjects.COMPLETE}, and nothing for {silent.silence_s:g} s, "
+                    f"not even the heartbeat its dispatcher sends every {every_s:g} s while it "
+                    f"works; {_silence_why(self.nc, reconnects)}"
                 ) from None
             except NatsTimeoutError:
                 await abort(self.nc, key)  # given up on: whatever still runs for it stops
@@ -582,7 +599,7 @@ class Lifeline:
         request: CompletionRequest | Messages,
         *,
         overloaded_retries: int = 0,
-        heartbeat_s: float | None = STREAM_HEARTBEAT_S,
+        heartbeat_s: float | None = HEARTBEAT_S,
         **fields: Any,
     ) -> Streamed:
         """Send one request to llm.stream: an async iterable of its events (schemas/streaming.py:
@@ -1349,7 +1366,7 @@ def stream(
     request: CompletionRequest,
     assembler: Assembler | None = None,
     default_timeout_s: float = _DEFAULT_TIMEOUT_S,
-    heartbeat_s: float | None = STREAM_HEARTBEAT_S,
+    heartbeat_s: float | None = HEARTBEAT_S,
 ) -> Streamed:
     """Send `request` to llm.stream on a nats-py connection of your own: an async iterable
     of its events until the end or error event, as `Lifeline.stream()` gives (without its
@@ -1372,6 +1389,119 @@ def stream(
         refusals=refusals,
         heartbeat_s=heartbeat_s,
     )
+
+
+def _heartbeat_ms(heartbeat_s: float | None) -> float | None:
+    """The heartbeat interval a request asks for, in seconds, as the dispatcher keeps it (whole
+    milliseconds within streaming.HEARTBEAT_MS_BOUNDS); None for none."""
+    if heartbeat_s is None:
+        return None
+    low, high = streaming.HEARTBEAT_MS_BOUNDS
+    return min(max(round(heartbeat_s * 1000), low), high) / 1000
+
+
+def _silence_why(nc: Client, reconnects: int) -> str:
+    """Why a request that got heartbeats heard nothing more: its dispatcher died (no other
+    takes a core request over), unless this connection's own outage says more."""
+    if nc.is_closed or _reconnects(nc) != reconnects:
+        return _why_silent(nc, reconnects=reconnects)
+    return (
+        "the dispatcher serving it most likely died or lost its NATS connection (a request on "
+        "llm.complete or llm.stream is core NATS: no other dispatcher takes it over): send it "
+        "again"
+    )
+
+
+class _WentSilent(Exception):
+    def __init__(self, silence_s: float) -> None:
+        self.silence_s = silence_s
+
+
+class _Waiting:
+    __slots__ = ("beating", "future", "heard_at")
+
+    def __init__(self, future: asyncio.Future[Msg]) -> None:
+        self.future = future
+        self.heard_at = 0.0
+        self.beating = False  # a heartbeat came: its dispatcher sends them
+
+
+class _Replies:
+    """Replies to llm.complete requests that ask for heartbeats, on one wildcard subscription
+    of the connection made at the first of them: nats-py's request() hands a request the first
+    message on its reply subject, which would be a heartbeat. A heartbeat marks its request
+    heard; the reply ends it. Once a heartbeat came, a request heard nothing of for
+    streaming.heartbeat_silence_s raises _WentSilent."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = ""
+        self.waiting: dict[str, _Waiting] = {}
+        self._subscribing: asyncio.Lock | None = None
+
+    async def _ready(self) -> str:
+        if not self.prefix:
+            if self._subscribing is None:
+                self._subscribing = asyncio.Lock()
+            async with self._subscribing:
+                if not self.prefix:
+                    prefix = self.nc.new_inbox() + "."
+                    await self.nc.subscribe(prefix + "*", cb=self._on_msg)
+                    self.prefix = prefix
+        return self.prefix
+
+    async def _on_msg(self, msg: Msg) -> None:
+        waiting = self.waiting.get(msg.subject[len(self.prefix) :])
+        if waiting is None:
+            return  # given up on, or answered already
+        if streaming.is_heartbeat(msg.headers):
+            waiting.heard_at, waiting.beating = time.monotonic(), True
+        elif not waiting.future.done():
+            waiting.future.set_result(msg)
+
+    def closed(self) -> None:
+        """The connection was closed: the requests waiting end now (as natsio.close ends
+        nats-py's), not at their timeouts."""
+        for waiting in self.waiting.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(nats.errors.ConnectionClosedError())
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        timeout_s: float,
+        every_s: float,
+    ) -> Msg:
+        """The reply to one request, as nats-py's request() gives it (NoRespondersError,
+        TimeoutError), or _WentSilent."""
+        prefix = await self._ready()
+        token = secrets.token_hex(12)
+        waiting = self.waiting[token] = _Waiting(asyncio.get_running_loop().create_future())
+        silence_s = streaming.heartbeat_silence_s(every_s)
+        give_up = time.monotonic() + timeout_s
+        try:
+            await self.nc.publish(subject, payload, reply=prefix + token, headers=headers)
+            while True:
+                # Looked at again a silence after the last heartbeat, or after this wait began
+                # (a heartbeat does not wake it: the first one starts the silence's count).
+                now = time.monotonic()
+                heard_at = waiting.heard_at if waiting.beating else now
+                wait_s = min(give_up - now, heard_at + silence_s - now)
+                done, _ = await asyncio.wait((waiting.future,), timeout=max(wait_s, 0.0))
+                if done:
+                    msg = waiting.future.result()
+                    if msg.headers and msg.headers.get("Status") == "503":
+                        raise nats.errors.NoRespondersError
+                    return msg
+                now = time.monotonic()
+                if now >= give_up:
+                    raise NatsTimeoutError
+                if waiting.beating and now - waiting.heard_at >= silence_s:
+                    raise _WentSilent(silence_s)
+        finally:
+            del self.waiting[token]
 
 
 def _check_heartbeat(heartbeat_s: float | None) -> None:
@@ -1397,12 +1527,9 @@ async def _stream_try(
     With `heartbeat_s`, heartbeats are asked for; once one came (the dispatcher sends them:
     an older one does not), a silence of streaming.heartbeat_silence_s ends the try."""
     payload, headers = encoder.encode(request), _traced({subjects.ABORT_KEY: abort_key()})
-    every_s = silence_s = None
-    if heartbeat_s is not None:
-        low, high = streaming.HEARTBEAT_MS_BOUNDS
-        every_ms = min(max(round(heartbeat_s * 1000), low), high)
-        headers[subjects.HEARTBEAT_MS] = str(every_ms)
-        every_s = every_ms / 1000
+    every_s, silence_s = _heartbeat_ms(heartbeat_s), None
+    if every_s is not None:
+        headers[subjects.HEARTBEAT_MS] = str(round(every_s * 1000))
     _check_size(nc, payload, headers)
     _check_room(nc, payload, headers)  # before subscribing: nothing to undo
     inbox = nc.new_inbox()
@@ -1429,17 +1556,10 @@ async def _stream_try(
             raise _closed() from None
         except NatsTimeoutError:
             if silent:
-                why = (
-                    _why_silent(nc, reconnects=reconnects)
-                    if nc.is_closed or _reconnects(nc) != reconnects
-                    else "the dispatcher serving it most likely died or lost its NATS connection "
-                    "(llm.stream is core NATS: no other dispatcher takes a stream over): send it "
-                    "again"
-                )
                 raise NoAnswer(
                     f"the stream went silent: nothing came for {silence_s:g} s after {came} "
                     f"events, not even the heartbeat its dispatcher sends every {every_s:g} s "
-                    f"while it works; {why}"
+                    f"while it works; {_silence_why(nc, reconnects)}"
                 ) from None
             raise NoAnswer(
                 f"the stream stalled: no end after {timeout_s:g} s (the request's timeout "

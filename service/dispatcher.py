@@ -45,7 +45,13 @@ from service.memory import release_memory_soon
 from service.natsio import LIGHT, ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
-from service.transport import ClientStream, Heartbeats, NatsTransport, heartbeat_interval
+from service.transport import (
+    ClientStream,
+    Heartbeats,
+    NatsTransport,
+    ReplyHeartbeat,
+    heartbeat_interval,
+)
 
 log = logging.getLogger("lifeline.dispatcher")
 
@@ -97,7 +103,7 @@ class Dispatcher:
         # Waiting for their "overloaded": (message, arrival, streamed, over the byte bound).
         self._refusals: deque[tuple[Msg, float, bool, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
-        self._heartbeats = Heartbeats()  # llm.stream requests whose client asked for them
+        self._heartbeats = Heartbeats()  # requests whose client asked for them
         self._audit_setup: asyncio.Task[None] | None = None  # keeps the audit stream there
         self._subs: list[Subscription] = []
         # Figures for the NATS service API ($SRV.STATS, service/discovery.py).
@@ -226,6 +232,15 @@ class Dispatcher:
         # The engine's own coroutine is the task (no wrapper frame kept alive while it waits:
         # memory per request in flight); the tally is taken when it is done (_done).
         inbound, respond, refused, sink = self._front(msg, arrived, stream)
+        beat = every_s = None
+        asked = msg.headers.get(subjects.HEARTBEAT_MS) if msg.headers else None
+        if asked is not None and (respond is not None or sink is not None):
+            every_s = heartbeat_interval(asked)
+            if every_s is not None:  # a client that asked for heartbeats
+                beat = sink
+                if beat is None:
+                    beat = ReplyHeartbeat(self.transport, msg.reply)
+                    respond = beat.respond
         serve = self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
         # Light traffic: the plan and the attempt's publish run in this read (see start_now).
         task = start_now(serve) if len(self._tasks) < LIGHT else self._loop.create_task(serve)
@@ -242,10 +257,9 @@ class Dispatcher:
         self._bytes += size
         if key is not None:
             self._abortable[key] = task
-        if sink is not None and msg.headers:
-            every_s = heartbeat_interval(msg.headers.get(subjects.HEARTBEAT_MS))
-            if every_s is not None:
-                self._heartbeats.add(task, sink, every_s)
+        if beat is not None and every_s is not None:
+            self._heartbeats.add(task, beat, every_s, at_once=sink is not None)
+            task.add_done_callback(self._heartbeats.discard)
         task.add_done_callback(self._stream_done if stream else self._done)
 
     def _on_stream(self, msg: Msg) -> None:
@@ -293,7 +307,6 @@ class Dispatcher:
                 await asyncio.sleep(0)
 
     def _stream_done(self, task: asyncio.Task[CompletionReply]) -> None:
-        self._heartbeats.discard(task)
         self._done(task, self.stream_tally)
 
     def _done(self, task: asyncio.Task[CompletionReply], tally: Tally | None = None) -> None:

@@ -675,6 +675,8 @@ class _Inbox:
         self.fast = fast_path(nc)
         self.prefix = ""
         self.waiting: dict[str, asyncio.Future[Msg] | _Unread] = {}
+        # When a request on llm.complete last heard a heartbeat (its dispatcher sends them).
+        self.heard: dict[str, float] = {}
         self.abort_keys: dict[str, str] = {}  # a stream's token -> its request's abort key
         self._subscribing = asyncio.Lock()
         self._aborting: set[asyncio.Task[None]] = set()
@@ -707,6 +709,10 @@ class _Inbox:
             if target.bytes > _MAX_UNREAD_BYTES and target.unread_for() > _UNREAD_GRACE_S:
                 self._cut(token, target)
         elif target is not None and not target.done():
+            if is_heartbeat(msg.headers):  # its dispatcher is alive: no answer yet
+                self.heard[token] = time.monotonic()
+                self._watch()
+                return
             target.set_result(msg)
 
     async def _reconnected(self, wait_s: float) -> None:
@@ -758,12 +764,18 @@ class _Inbox:
         timer = self._timeouts.call_later(wait_s, _give_up, future)
         try:
             await self._publish(
-                COMPLETE, payload, prefix + token, {**(headers or {}), ABORT_KEY: key}
+                COMPLETE,
+                payload,
+                prefix + token,
+                {**(headers or {}), ABORT_KEY: key, HEARTBEAT_MS: _HEARTBEAT_MS},
             )
             msg = await future
         except TimeoutError:
             self.abort(key)  # its answer would reach nobody now: stop what still runs for it
             raise _no_answer(wait_s, self.nc.is_connected) from None
+        except _Silent:  # its dispatcher sent heartbeats, then nothing: most likely died
+            self.abort(key)
+            raise _went_silent(self.nc.is_connected) from None
         except HTTPError:  # the gateway is stopping (stop_waiting)
             self.abort(key)
             raise
@@ -775,6 +787,7 @@ class _Inbox:
         finally:
             self._timeouts.cancel(timer)
             del self.waiting[token]
+            self.heard.pop(token, None)
             if watch is not None:
                 watch.stop()
         if msg.headers and msg.headers.get("Status") == "503":
@@ -791,8 +804,7 @@ class _Inbox:
         queue = _Unread()
         queue.timer = self._timeouts.call_later(wait_s, _Unread.gave_up, queue)
         self.waiting[token] = queue
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.ensure_future(self._watch_unread())
+        self._watch()
         key = self.abort_keys[token] = self._keys.next()
         try:
             await self._publish(
@@ -829,13 +841,24 @@ class _Inbox:
         queue.put_nowait(_READ_TOO_SLOWLY)
         self.close(token, ended=False)
 
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_unread())
+
     async def _watch_unread(self) -> None:
         """While streams are open, cut those whose client stopped reading once no more events
-        come to them (_on_msg cuts the others as their events come), and end those whose
-        dispatcher went silent (no event, not even a heartbeat: it died, or lost NATS)."""
-        while any(isinstance(target, _Unread) for target in self.waiting.values()):
+        come to them (_on_msg cuts the others as their events come); and while streams or
+        requests hear heartbeats, end those whose dispatcher went silent (no event, not even
+        a heartbeat: it died, or lost NATS)."""
+        while self.heard or any(isinstance(t, _Unread) for t in self.waiting.values()):
             await asyncio.sleep(_UNREAD_SWEEP_S)
             now = time.monotonic()
+            for token, heard_at in list(self.heard.items()):
+                future = self.waiting.get(token)
+                if now - heard_at > _SILENCE_S and isinstance(future, asyncio.Future):
+                    del self.heard[token]
+                    if not future.done():
+                        future.set_exception(_Silent())
             for token, target in list(self.waiting.items()):
                 if (
                     isinstance(target, _Unread)
@@ -1648,17 +1671,21 @@ def _no_answer(wait_s: float, connected: bool = True) -> HTTPError:
     )
 
 
+class _Silent(Exception):
+    """A request's dispatcher sent heartbeats, then nothing for _SILENCE_S."""
+
+
 def _went_silent(connected: bool) -> HTTPError:
     why = (
         "the dispatcher serving it most likely died or lost its NATS connection (no other "
-        "dispatcher takes a stream over): send the request again"
+        "dispatcher takes a request over): send the request again"
         if connected
         else "this gateway's NATS connection dropped meanwhile and is reconnecting: send the "
         "request again"
     )
     return HTTPError(
         504,
-        f"the stream went silent: nothing came for {_SILENCE_S:g} s, not even the heartbeat its "
+        f"Lifeline went silent: nothing came for {_SILENCE_S:g} s, not even the heartbeat its "
         f"dispatcher sends every {_HEARTBEAT_S:g} s while it works; " + why,
         "gateway_timeout",
         kind="timeout_error",

@@ -931,11 +931,36 @@ class ClientStream:
                 self._backlog.clear()  # the client sees a gap, or nothing: never a wrong order
 
 
+class ReplyHeartbeat:
+    """An llm.complete request's heartbeats (see Heartbeats) on its reply subject, until its
+    one reply: empty messages with `Lifeline-Event: heartbeat`, which its client, having asked,
+    reads apart from the reply. `respond` sends the reply (NatsTransport.answer)."""
+
+    __slots__ = ("_answer", "_ended", "_fast", "seq", "subject")
+
+    def __init__(self, transport: NatsTransport, subject: str) -> None:
+        self._answer = transport.answer
+        self._fast = fast_path(transport.nc)
+        self.subject = subject
+        self.seq = 0  # a reply has no events before it: a heartbeat every interval
+        self._ended = False
+
+    def heartbeat(self) -> None:
+        if not self._ended:  # none through a reconnect (the fast path refuses): late, it is none
+            self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK)
+
+    async def respond(self, reply: CompletionReply) -> CompletionReply:
+        self._ended = True
+        return await self._answer(self.subject, reply)
+
+
 class Heartbeats:
-    """The llm.stream requests whose client asked for heartbeats (Lifeline-Heartbeat-Ms), and
-    the one task that sends them while any is open: a request gets one as it is taken (its
-    client learns that a dispatcher that sends them has it), then one whenever its stream sent
-    nothing for its interval, until its end event. One look at every such stream per tick
+    """The llm.stream and llm.complete requests whose client asked for heartbeats
+    (Lifeline-Heartbeat-Ms), and the one task that sends them while any is open: a stream gets
+    one as it is taken (its client learns that a dispatcher that sends them has it), then one
+    whenever it sent nothing for its interval, until its end event; a request on llm.complete
+    one every interval until its reply (none at once: most are answered sooner, and a message
+    more for each would cost them all). One look at every such stream per tick
     (a quarter of the shortest interval, 0.1 s at least) instead of a timer per stream set
     again on every event: an event costs nothing more, and a heartbeat comes within its
     interval and two ticks of the last event, twice the interval at most (an event is seen at
@@ -948,8 +973,15 @@ class Heartbeats:
         self._tick_s = _HEARTBEAT_TICK_MAX_S
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, key: object, stream: ClientStream, every_s: float) -> None:
-        stream.heartbeat()
+    def add(
+        self,
+        key: object,
+        stream: ClientStream | ReplyHeartbeat,
+        every_s: float,
+        at_once: bool = True,
+    ) -> None:
+        if at_once:
+            stream.heartbeat()
         self._beating[key] = [stream, every_s, time.monotonic(), stream.seq]
         self._tick_s = min(self._tick_s, max(every_s / 4, _HEARTBEAT_TICK_MIN_S))
         if self._task is None or self._task.done():

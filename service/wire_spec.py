@@ -242,12 +242,27 @@ ABORTABLE = (
 )
 HEARTBEATS = Header(
     subjects.HEARTBEAT_MS,
-    "ask for heartbeats: an empty heartbeat event at once, then one whenever the stream sent "
-    f"nothing for this many milliseconds (kept within {HEARTBEAT_MS_BOUNDS[0]} to "
-    f"{HEARTBEAT_MS_BOUNDS[1]:,}), until the end event; once one came, a stream silent for "
-    "three intervals and a second lost its dispatcher (it died, or lost NATS): send it again",
+    "ask for heartbeats on the reply subject, every this many milliseconds (kept within "
+    f"{HEARTBEAT_MS_BOUNDS[0]} to {HEARTBEAT_MS_BOUNDS[1]:,}) while the dispatcher works on "
+    "the request: on llm.complete one each interval until the reply; on llm.stream one at "
+    "once, then one whenever the stream sent nothing that long, until the end event. Once one "
+    "came, a silence of three intervals and a second means its dispatcher died or lost NATS "
+    "(no other takes a request over): send it again",
     pattern=DIGITS,
 )
+
+
+def heartbeat(on: str) -> Message:
+    return Message(
+        "heartbeat",
+        NoResult,
+        f"Only for a request that asked ({subjects.HEARTBEAT_MS}): its dispatcher is alive and "
+        f"working on it. No part of the answer; never after {on}",
+        (event(HEARTBEAT),),
+        without=(SEQ, ATTEMPT_NO),
+    )
+
+
 SEQ_HEADER = Header(
     SEQ,
     "the event's number: 1, 2, 3, ... per request; a gap means an event was lost",
@@ -337,7 +352,14 @@ CHANNELS: tuple[Channel, ...] = (
         "Chat requests, core NATS request/reply. A request with a reply subject Lifeline may "
         "answer on gets exactly one CompletionReply there, errors included; every request "
         f"has one audit event. Dispatchers share the queue group {subjects.DISPATCHER_QUEUE}.",
-        (Message("request", wire.CompletionRequest, "A chat request", (*ABORTABLE, *TRACE)),),
+        (
+            Message(
+                "request",
+                wire.CompletionRequest,
+                "A chat request",
+                (*ABORTABLE, HEARTBEATS, *TRACE),
+            ),
+        ),
         action="receive",
         summary="Answer a chat request with the first good result of its route's targets",
         queue=subjects.DISPATCHER_QUEUE,
@@ -348,7 +370,15 @@ CHANNELS: tuple[Channel, ...] = (
         None,
         "The request's reply subject, its sender's own (an inbox, or a subject of its "
         f"service; subjects under {subjects.NAMESPACE} and the server's $... are refused).",
-        (Message("reply", wire.CompletionReply, "The request's one reply, ok or error"),),
+        (
+            Message(
+                "reply",
+                wire.CompletionReply,
+                "The request's one reply, ok or error",
+                without=(EVENT,),
+            ),
+            heartbeat("the reply"),
+        ),
     ),
     Channel(
         "stream",
@@ -375,18 +405,7 @@ CHANNELS: tuple[Channel, ...] = (
         None,
         "The reply subject of a request on llm.stream: one message per event, in order. "
         "Exactly one end or error event closes the stream.",
-        (
-            *STREAM_EVENTS,
-            Message(
-                "heartbeat",
-                NoResult,
-                f"Only for a request that asked ({subjects.HEARTBEAT_MS}): its dispatcher is "
-                "alive and working on it. No part of the answer, unnumbered; never after the "
-                "end or error event",
-                (event(HEARTBEAT),),
-                without=(SEQ, ATTEMPT_NO),
-            ),
-        ),
+        (*STREAM_EVENTS, heartbeat("the end or error event")),
     ),
     Channel(
         "abort",

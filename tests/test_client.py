@@ -1166,3 +1166,85 @@ def test_an_error_reply_of_each_family_crosses_a_process_boundary_as_its_class()
             assert type(again) is type(raised)
             assert str(again) == f"{error_type}: failed (request r1)"
             assert (again.type, again.reply) == (error_type, raised.reply)
+
+
+# ---- heartbeats on llm.complete: a dead dispatcher told from a slow model ------------------
+
+
+async def test_a_request_that_asks_for_heartbeats_gets_them_until_its_one_reply(
+    lifeline, client, audit
+):
+    """A provider taking a second, heartbeats asked every 200 ms: they come on the reply
+    subject before the reply (none at once: most requests are answered sooner), never after
+    it; a request that does not ask gets its one reply alone."""
+    await lifeline(config({"main": fake(latency_ms=1000)}))
+    payload = encoder.encode(CompletionRequest(messages=[ChatMessage("user", "hi")], timeout_s=10))
+    heartbeat = {subjects.EVENT: "heartbeat"}
+
+    async def messages(headers: dict[str, str]) -> list[Any]:
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await client.publish(subjects.COMPLETE, payload, reply=inbox, headers=headers)
+        got = [await sub.next_msg(timeout=10)]
+        while got[-1].headers == heartbeat:
+            got.append(await sub.next_msg(timeout=10))
+        with contextlib.suppress(TimeoutError):
+            got.append(await sub.next_msg(timeout=0.6))  # nothing may follow the reply
+        await sub.unsubscribe()
+        return got
+
+    beating = await messages({subjects.HEARTBEAT_MS: "200"})
+    *beats, reply = beating
+    assert len(beats) >= 2 and all(m.headers == heartbeat and m.data == b"" for m in beats)
+    assert reply_decoder.decode(reply.data).status == "ok"
+    quiet = await messages({})
+    assert len(quiet) == 1 and reply_decoder.decode(quiet[0].data).status == "ok"
+    await audit.wait_for(2)
+
+
+async def test_a_request_whose_dispatcher_dies_says_so_within_its_heartbeats_not_its_timeout(
+    nats_url, tmp_path
+):
+    """Real processes: a request waits on a slow provider, its dispatcher is SIGKILLed. It
+    waited out its whole timeout (a minute here) and then guessed; with heartbeats (the
+    client's default) it ends once they stop, saying the dispatcher most likely died."""
+    import signal
+
+    from helpers import Service
+
+    service = Service(tmp_path, nats_url, config({"main": fake(latency_ms=120_000)}))
+    try:
+        _, doomed = service.start_all(["main"], dispatchers=1)
+        async with Lifeline.connect(nats_url, timeout_s=60) as lifeline_client:
+            call = asyncio.ensure_future(lifeline_client.complete("hi", heartbeat_s=0.5))
+            waiting = lifeline_client._replies.waiting
+            await wait_for(lambda: any(w.beating for w in waiting.values()), what="a heartbeat")
+            doomed.proc.send_signal(signal.SIGKILL)
+            doomed.proc.wait()
+            with pytest.raises(NoAnswer) as silent:
+                await asyncio.wait_for(call, 30)
+        said = str(silent.value)
+        assert "not even the heartbeat" in said and "most likely died" in said, said
+    finally:
+        service.stop()
+
+
+async def test_a_request_asking_for_heartbeats_waits_on_a_dispatcher_that_sends_none(
+    client, nats_url
+):
+    """An older dispatcher sends no heartbeats: the client holds no silence against it, and
+    takes its reply, 2 s later than heartbeats every 0.2 s would allow."""
+
+    async def old_dispatcher(msg) -> None:
+        await asyncio.sleep(2)
+        reply = CompletionReply("h1", "ok", content="late", provider="old", attempts=[])
+        await client.publish(msg.reply, encoder.encode(reply))
+
+    sub = await client.subscribe(subjects.COMPLETE, cb=old_dispatcher)
+    await ensure_subscribed(client)
+    try:
+        async with Lifeline.connect(nats_url, timeout_s=10) as lifeline_client:
+            reply = await lifeline_client.complete("hi", heartbeat_s=0.2)
+        assert (reply.content, reply.provider) == ("late", "old")
+    finally:
+        await sub.unsubscribe()

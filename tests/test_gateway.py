@@ -856,6 +856,56 @@ async def test_a_stream_whose_dispatcher_goes_silent_ends_at_once_not_at_its_tim
         await doomed.close()
 
 
+@pytest.mark.parametrize("answers", [False, True], ids=["dies", "answers_after_it"])
+async def test_a_request_whose_dispatcher_goes_silent_is_504_at_once_not_at_its_timeout(
+    nats_url, monkeypatch, answers
+):
+    """The same for a request without `stream`: a dispatcher that took it, sent a heartbeat,
+    then died left its HTTP client waiting its whole timeout; now a 504 says why once the
+    heartbeats stop, and the request is aborted. A heartbeat is never taken for its answer."""
+    monkeypatch.setattr("service.gateway._SILENCE_S", 0.5)
+    monkeypatch.setattr("service.gateway._UNREAD_SWEEP_S", 0.1)
+    aborted: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    nc = await nats.connect(nats_url)
+    doomed = await nats.connect(nats_url)
+
+    async def take(msg: Msg) -> None:
+        assert msg.headers["Lifeline-Heartbeat-Ms"] == "2000"
+        await doomed.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
+        if answers:
+            await asyncio.sleep(0.2)
+            reply = CompletionReply("r1", "ok", content="late", provider="p", attempts=[])
+            await doomed.publish(msg.reply, encoder.encode(reply))
+
+    async def abort(msg: Msg) -> None:
+        if not aborted.done():
+            aborted.set_result(msg.data)
+
+    await doomed.subscribe("llm.complete", cb=take)
+    await doomed.subscribe("llm.abort", cb=abort)
+    await doomed.flush()
+    gw = Gateway(nc)
+    await gw.start(port=0)
+    try:
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            answer = await client.post(
+                "/chat/completions", json=chat(), headers={"x-lifeline-timeout-s": "60"}
+            )
+        if answers:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"] == "late"
+        else:
+            assert answer.status_code == 504, answer.text
+            said = answer.json()["error"]["message"]
+            assert re.search(r"went silent.*heartbeat.*most likely died", said), said
+            assert await asyncio.wait_for(aborted, 5)
+        assert not gw.inbox.waiting and not gw.inbox.heard
+    finally:
+        await gw.stop()
+        await nc.close()
+        await doomed.close()
+
+
 async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
     nc = await nats.connect(nats_url)
     gw = Gateway(nc, keys=["sekret"])

@@ -736,6 +736,7 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
                 chunks=3,
                 tool_calls=[{"name": "get_weather", "arguments": '{"city": "Paris"}'}],
             ),
+            "slowpoke": fake(latency_ms=600),  # heartbeats before its reply
         }
         stack = await lifeline(config(providers))
         trace = {subjects.TRACEPARENT: "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
@@ -771,9 +772,11 @@ async def test_every_message_a_running_lifeline_sends_is_in_the_document(
         assert json.loads((await results.next_msg(timeout=10)).data)["id"].startswith("seq-")
         # Results read by id: one stored, one there is none of.
         reading = Lifeline(client)
+        slow = await reading.complete("slow", targets=["slowpoke"], heartbeat_s=0.2)
+        assert slow.provider == "slowpoke"
         assert (await reading.result("wiretap-job")).id == "wiretap-job"  # type: ignore[union-attr]
         assert await reading.result("no-such-job") is None
-        await audit.wait_for(7)
+        await audit.wait_for(8)
         await settled(wiretap, stack)
         # Everything in the document went by, but the dead letter (it takes a bug in Lifeline).
         every = {f"{c}.{m}" for c, ch in document["channels"].items() for m in ch["messages"]}
