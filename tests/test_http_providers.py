@@ -637,3 +637,24 @@ async def test_a_worker_calls_its_provider_through_the_environments_proxy(monkey
             await provider.aclose()
     assert answer.content == "hi"
     assert [r["path"] for r in proxy.requests] == ["http://llm.invalid/v1/chat/completions"]
+
+
+@pytest.mark.parametrize(
+    "big",
+    [
+        pytest.param(lambda server: openai_at(server, max_response_bytes=64), id="openai"),
+        pytest.param(lambda server: fake(reply="x" * 100, max_response_bytes=64), id="fake"),
+    ],
+)
+async def test_an_answer_over_max_response_bytes_names_the_table_to_raise_it_in(
+    lifeline, client, http_server, big
+):
+    """It said "raise max_response_bytes in this provider's [providers.<name>] table", the
+    placeholder and all: a built-in kind was not told its name."""
+    await lifeline(config({"wordy": big(http_server), "backup": fake(reply="b")}))
+    http_server.script = [("ok", "x" * 100)]
+    reply = await ask(client, USER_HELLO)
+    failed = reply.attempts[0]
+    assert (reply.provider, failed.error_type) == ("backup", "response_too_large")
+    assert "max_response_bytes in [providers.wordy]" in (failed.message or "")
+    assert "<name>" not in (failed.message or "")

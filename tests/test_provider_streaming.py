@@ -192,22 +192,24 @@ class Kind:
     usage: Usage  # the usage its stream reports
 
 
-def _openai(base_url: str, **settings: Any) -> HttpProvider:
+def _openai(base_url: str, name: str = "", **settings: Any) -> HttpProvider:
     table = {"kind": "openai", "model": "gpt-4o-mini", "base_url": f"{base_url}/v1", **settings}
     environ = {"OPENAI_API_KEY": OPENAI.key}
-    return OpenAIProvider(msgspec.convert(table, OpenAISettings), environ=environ)
+    return OpenAIProvider(msgspec.convert(table, OpenAISettings), environ=environ, name=name)
 
 
-def _azure(base_url: str, **settings: Any) -> HttpProvider:
+def _azure(base_url: str, name: str = "", **settings: Any) -> HttpProvider:
     table = {"kind": "azure_openai", "endpoint": base_url, "deployment": "gpt4o-prod", **settings}
     environ = {"AZURE_OPENAI_API_KEY": AZURE.key}
-    return AzureOpenAIProvider(msgspec.convert(table, AzureOpenAISettings), environ=environ)
+    settings_ = msgspec.convert(table, AzureOpenAISettings)
+    return AzureOpenAIProvider(settings_, environ=environ, name=name)
 
 
-def _anthropic(base_url: str, **settings: Any) -> HttpProvider:
+def _anthropic(base_url: str, name: str = "", **settings: Any) -> HttpProvider:
     table = {"kind": "anthropic", "model": "claude-sonnet-4-0", "base_url": base_url, **settings}
     environ = {"ANTHROPIC_API_KEY": ANTHROPIC.key}
-    return AnthropicProvider(msgspec.convert(table, AnthropicSettings), environ=environ)
+    settings_ = msgspec.convert(table, AnthropicSettings)
+    return AnthropicProvider(settings_, environ=environ, name=name)
 
 
 OPENAI = Kind(
@@ -893,11 +895,13 @@ async def test_a_caller_that_stops_early_closes_the_connection(server, providers
 async def test_a_stream_over_max_response_bytes_fails_as_too_large(kind, server, providers):
     events = kind.events(["word "] * 5000)  # 25,000 bytes of text
     server.answer = lambda handler: send(handler, events)
-    deltas, error = await failed(providers(kind, server.url, max_response_bytes=16 * 1024))
+    provider = providers(kind, server.url, name="wordy", max_response_bytes=16 * 1024)
+    deltas, error = await failed(provider)
     assert deltas == ["word "] * len(deltas) and len(deltas) < 5000  # never the whole answer
     assert len("".join(deltas)) <= 16 * 1024  # nothing past the limit was passed on
     assert (error.kind, error.status_code) == ("response_too_large", 200)
     assert "max_response_bytes (16384 bytes decoded)" in error.message
+    assert error.message.endswith("raise max_response_bytes in [providers.wordy]")
 
 
 @each_kind

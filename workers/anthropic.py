@@ -890,6 +890,7 @@ class AnthropicProvider(HttpProvider):
         settings: AnthropicSettings,
         client: httpx.AsyncClient | None = None,
         environ: Mapping[str, str] = os.environ,
+        name: str = "",
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
@@ -901,6 +902,7 @@ class AnthropicProvider(HttpProvider):
             headers=headers,
             client=client,
             base_url=settings.base_url,
+            name=name,
         )
         self.default_max_tokens = settings.default_max_tokens
 

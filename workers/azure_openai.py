@@ -42,6 +42,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         settings: AzureOpenAISettings,
         client: httpx.AsyncClient | None = None,
         environ: Mapping[str, str] = os.environ,
+        name: str = "",
     ) -> None:
         key = require_api_key(environ, settings.api_key_env)
         self.max_tokens_as = settings.max_tokens_field
@@ -59,4 +60,5 @@ class AzureOpenAIProvider(OpenAIProvider):
             headers={"api-key": key},
             client=client,
             base_url=endpoint,
+            name=name,
         )

@@ -603,11 +603,24 @@ def response_too_large(
         )
     return ProviderError(
         "response_too_large",
-        f"provider answer is over max_response_bytes ({max_bytes} bytes decoded); "
-        "raise max_response_bytes in this provider's [providers.<name>] table, "
-        "or ask for fewer max_tokens",
+        f"provider answer is over max_response_bytes ({max_bytes} bytes decoded): "
+        f"ask for fewer max_tokens, or {_RAISE_LIMIT}",
         status_code,
     )
+
+
+# How a response_too_large message ends, for in_table to say where: the helpers that find an
+# answer too large know the limit, not the provider's name, which only its config gives.
+_RAISE_LIMIT = "raise max_response_bytes"
+
+
+def in_table(error: ProviderError, name: str) -> ProviderError:
+    """`error` itself, its message, when it is an answer over max_response_bytes, naming the
+    table to raise that in: [providers.<name>] (`name` empty: a provider made without one)."""
+    if error.kind == "response_too_large" and name and error.message.endswith(_RAISE_LIMIT):
+        error.message += f" in [providers.{name}]"
+        error.args = (error.message,)
+    return error
 
 
 def _counted(answer: ProviderOk, max_bytes: int) -> ProviderOk:
@@ -626,8 +639,7 @@ def _counted(answer: ProviderOk, max_bytes: int) -> ProviderOk:
     raise ProviderError(
         "response_too_large",
         f"provider answer of {len(calls)} tool calls is over max_response_bytes ({max_bytes} "
-        f"bytes decoded, each tool call counting {_CALL_BYTES} more); raise max_response_bytes "
-        "in this provider's [providers.<name>] table",
+        f"bytes decoded, each tool call counting {_CALL_BYTES} more): {_RAISE_LIMIT}",
         200,
     )
 
@@ -819,8 +831,10 @@ class HttpProvider:
         headers: dict[str, str],
         client: httpx.AsyncClient | None,
         base_url: str,
+        name: str = "",
     ) -> None:
         self.settings = settings
+        self.name = name  # its [providers.<name>] table, as the config names it
         self.model = settings.model
         self._url = url
         given = (*secrets, *url_secrets(url))
@@ -851,8 +865,7 @@ class HttpProvider:
                 raise self.error(response)
             return _counted(self.parse(response, model), self.settings.max_response_bytes)
         except ProviderError as exc:
-            redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
-            raise
+            raise self._leaving(exc)
 
     async def stream(
         self, request: ProviderRequest, timeout_s: float
@@ -911,8 +924,13 @@ class HttpProvider:
                 raise ProviderError("connection", f"{self.label} stream ended without {reader.end}")
             yield final
         except ProviderError as exc:
-            redact(exc, self.secrets)  # every failure passes here, whichever helper quoted the body
-            raise
+            raise self._leaving(exc)
+
+    def _leaving(self, error: ProviderError) -> ProviderError:
+        """`error` as it leaves `complete` or `stream`: every failure passes here, whichever
+        helper quoted the body (scrubbed of `secrets`) or found the answer too large (told its
+        table)."""
+        return redact(in_table(error, self.name), self.secrets)
 
     async def _events(self, response: httpx.Response) -> AsyncGenerator[ServerSentEvent, None]:
         """The answer's events, after its status and type say it is the stream asked for."""

@@ -20,7 +20,7 @@ import msgspec
 
 from schemas import ProviderOk, ProviderRequest, Usage
 from schemas.wire import ToolCall, ToolCallDelta
-from workers.base import ProviderError, classify_status, response_too_large
+from workers.base import ProviderError, classify_status, in_table, response_too_large
 
 # The kind's keys live with the others' (no provider code loaded to check a config); imported
 # from here as before.
@@ -31,8 +31,9 @@ from workers.settings import (
 
 
 class FakeProvider:
-    def __init__(self, settings: FakeSettings) -> None:
+    def __init__(self, settings: FakeSettings, name: str = "") -> None:
         self.settings = settings
+        self.name = name  # its [providers.<name>] table, as the config names it
         self.model = settings.model
         self._random = random.Random(settings.seed)
 
@@ -93,7 +94,7 @@ class FakeProvider:
         content = self._answer(request)
         # As an HTTP kind would: the limit is the same setting.
         if len(content.encode()) > s.max_response_bytes:
-            raise response_too_large(200, s.max_response_bytes)
+            raise in_table(response_too_large(200, s.max_response_bytes), self.name)
         usage = Usage(
             input_tokens=sum(len(m.text.split()) for m in request.messages),
             output_tokens=len(content.split()),

@@ -593,6 +593,7 @@ class OpenAIProvider(HttpProvider):
         settings: OpenAISettings,
         client: httpx.AsyncClient | None = None,
         environ: Mapping[str, str] = os.environ,
+        name: str = "",
     ) -> None:
         key = require_api_key(environ, settings.api_key_env) if settings.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -609,6 +610,7 @@ class OpenAIProvider(HttpProvider):
             headers=headers,
             client=client,
             base_url=settings.base_url,
+            name=name,
         )
 
     def body(self, request: ProviderRequest, model: str) -> dict[str, Any]:

@@ -123,12 +123,12 @@ def build_provider(settings: ProviderSettings, name: str = "") -> Provider:
         return PluginProvider(settings, name)
     factory = provider_class(settings.kind)
     try:
-        return factory(settings)
+        return factory(settings, name=name)  # its messages name its table
     except ValueError as exc:  # a missing API key: say which provider wants it
         raise ValueError(f"providers.{name}: {exc}" if name else str(exc)) from None
 
 
-def provider_class(kind: str) -> Callable[[Any], Provider]:
+def provider_class(kind: str) -> Callable[..., Provider]:
     """The provider class of a built-in kind, its module imported now (KeyError for a kind
     that is not built in), as a plug-in's class is."""
     return _import(KINDS[kind][1], f"kind {kind!r}")
