@@ -50,7 +50,8 @@ KINDS: dict[str, Kind] = {
     for k in (
         Kind(
             "timeout",
-            "no answer before the attempt's timeout, an HTTP timeout or 408",
+            "no answer before the attempt's timeout, an HTTP timeout or 408, Anthropic's 504 "
+            "timeout_error",
             statuses=(408,),
             retried=True,
             trips=True,

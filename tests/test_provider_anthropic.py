@@ -237,6 +237,16 @@ async def test_overloaded_529_maps_to_server_error(make):
     assert (err.kind, err.status_code) == ("server_error", 529)
 
 
+async def test_a_504_timeout_error_is_a_timeout(make):
+    """Its documented timeout_error (the request timed out while processing) came out as a
+    server_error, as any 5xx: a route falling back on `timeout` but not `server_error` stopped
+    on it."""
+    message = "Request timed out"
+    err = await failure(make(Server(504, error("timeout_error", message))))
+    assert (err.kind, err.status_code) == ("timeout", 504)
+    assert err.message == "anthropic 504: Request timed out"
+
+
 @pytest.mark.parametrize(
     ("status", "type_"), [(401, "authentication_error"), (403, "permission_error")]
 )

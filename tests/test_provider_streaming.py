@@ -692,6 +692,7 @@ async def test_an_error_line_before_any_choice_says_what_failed(server, provider
     [
         (anthropic_error("overloaded_error", "Overloaded"), "server_error"),
         (anthropic_error("api_error", "Internal server error"), "server_error"),
+        (anthropic_error("timeout_error", "Request timed out"), "timeout"),
         (anthropic_error("rate_limit_error", "Number of request tokens exceeded"), "rate_limit"),
         (anthropic_error("invalid_request_error", "prompt is too long: 1 > 0"), "context_length"),
         (

@@ -668,6 +668,8 @@ def _error_kind(error_type: object, text: str, status: int) -> str:
         return "content_filter"
     if error_type == "overloaded_error":  # 529: capacity, worth trying elsewhere
         return "server_error"
+    if error_type == "timeout_error":  # 504: it took too long processing, as a timeout does
+        return "timeout"
     if error_type == "billing_error" or (  # 402: the account's credit is spent
         error_type == "invalid_request_error" and any(p in text.lower() for p in _SPENT)
     ):
