@@ -403,6 +403,29 @@ async def test_content_policy_codes_map_to_content_filter(make, code):
     assert (err.kind, err.status_code) == ("content_filter", 400)
 
 
+async def test_openrouters_403_for_an_input_its_moderation_flagged_is_content_filter(make):
+    """OpenRouter answers a model that requires moderation and an input it flagged with a 403
+    (https://openrouter.ai/docs/api/reference/errors-and-debugging): it was `auth`, a key blamed for a
+    prompt, and a route's content_filter chain never ran."""
+    body = {
+        "error": {
+            "message": 'openai/gpt-4 requires moderation on OpenAI. Your input was flagged for "harassment". No credits were charged.',
+            "code": 403,
+            "metadata": {
+                "reasons": ["harassment"],
+                "flagged_input": "You are an auto-prompting tool",
+                "provider_name": "OpenAI",
+                "model_slug": "openai/gpt-4",
+            },
+        }
+    }
+    err = await failure(make(Server(403, body)))
+    assert (err.kind, err.status_code) == ("content_filter", 403)
+    assert "Your input was flagged" in err.message
+    denied = {"error": {"message": "Key is disabled", "code": 403}}  # a 403 about the key
+    assert (await failure(make(Server(403, denied)))).kind == "auth"
+
+
 async def test_other_400s_map_to_bad_request(make):
     message = "Invalid value for 'temperature': expected a number <= 2."
     body = error(message, "invalid_request_error", "invalid_value", param="temperature")

@@ -95,6 +95,9 @@ _TYPE_KINDS = {"exceed_context_size_error": "context_length", "billing_not_activ
 # How OpenAI words a prompt past the model's context, which servers that copy its message but
 # not its code say alone (vLLM: type BadRequestError, code 400; DeepSeek; OpenRouter).
 _TOO_LONG = "maximum context length is"
+# How OpenRouter words a 403 for an input the moderation its model requires flagged ("<model>
+# requires moderation on <provider>. Your input was flagged for ..."), with an integer code.
+_FLAGGED = "your input was flagged"
 
 
 # The most stop sequences OpenAI and Azure OpenAI take (their reference: "Up to 4 sequences
@@ -411,7 +414,7 @@ def parse_chat_completion(response: httpx.Response, model: str) -> ProviderOk:
 
 def _code_kind(error: dict[str, Any]) -> str | None:
     """The kind error.code (or Azure's error.innererror.code) names, else error.type, else
-    error.message's wording of a prompt too long, if one names one."""
+    error.message's wording of a prompt too long or of an input flagged, if one names one."""
     inner = error.get("innererror")
     codes = [error.get("code"), inner.get("code") if isinstance(inner, dict) else None]
     kinds = [_CODE_KINDS[c] for c in codes if isinstance(c, str) and c in _CODE_KINDS]
@@ -421,6 +424,8 @@ def _code_kind(error: dict[str, Any]) -> str | None:
     message = error.get("message")
     if isinstance(message, str) and _TOO_LONG in message.lower():
         kinds.append("context_length")
+    if isinstance(message, str) and _FLAGGED in message.lower():
+        kinds.append("content_filter")
     return kinds[0] if kinds else None
 
 
