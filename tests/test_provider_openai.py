@@ -426,6 +426,19 @@ async def test_openrouters_403_for_an_input_its_moderation_flagged_is_content_fi
     assert (await failure(make(Server(403, denied)))).kind == "auth"
 
 
+async def test_groqs_413_for_a_request_over_its_tokens_per_minute_is_not_a_rate_limit(make):
+    """Groq's 413 says the request alone asks for more tokens than the account's whole minute
+    allows (Requested over Limit): no wait cures it, so it is not retried as a 429 is, nor
+    counted against Groq's breaker; another target can take it."""
+    message = (
+        "Request too large for model `llama-3.1-70b-versatile` in organization `org_01hw8f0aa0ekm`"
+        " on tokens per minute (TPM): Limit 6000, Requested 14368, please reduce your message"
+        " size and try again. Visit https://console.groq.com/docs/rate-limits for more information."
+    )
+    err = await failure(make(Server(413, error(message, "tokens", "rate_limit_exceeded"))))
+    assert (err.kind, err.status_code) == ("bad_request", 413)
+
+
 async def test_other_400s_map_to_bad_request(make):
     message = "Invalid value for 'temperature': expected a number <= 2."
     body = error(message, "invalid_request_error", "invalid_value", param="temperature")
