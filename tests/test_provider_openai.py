@@ -372,6 +372,32 @@ async def test_compatible_servers_prompt_over_its_context_maps_to_context_length
     assert (err.kind, err.status_code) == ("context_length", 400)
 
 
+def vllm_error(message: str) -> dict[str, Any]:
+    """vLLM's error body before it took OpenAI's `error` wrapper (its ErrorResponse, which
+    servers built on its protocol still answer): the error object itself, at the top."""
+    return {
+        "object": "error",
+        "message": message,
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+
+
+@pytest.mark.parametrize("padding", [0, 100_000], ids=["short", "over-64-KiB"])
+async def test_vllms_unwrapped_error_is_read_as_its_error_object(make, padding):
+    """Without the `error` wrapper nothing of it was read: its prompt over the context was a
+    bad_request (the route's context_length chain never ran), said as the whole body's JSON."""
+    message = "This model's maximum context length is 4096 tokens. However, you requested 5000"
+    body = {**vllm_error(message), **({"detail": "x" * padding} if padding else {})}
+    err = await failure(make(Server(400, body)))
+    assert (err.kind, err.status_code) == ("context_length", 400)
+    assert err.message == f"openai 400: {message}"
+    other = vllm_error("max_tokens must be at least 1, got -186.")
+    err = await failure(make(Server(400, other)))
+    assert (err.kind, err.message) == ("bad_request", f"openai 400: {other['message']}")
+
+
 async def test_a_spent_quota_is_quota_not_a_rate_limit_worth_waiting_for(make):
     body = error(
         "You exceeded your current quota, please check your plan and billing details.",

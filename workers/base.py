@@ -130,14 +130,20 @@ def retry_after_s(response: httpx.Response) -> float | None:
 def error_body(response: httpx.Response) -> dict[str, Any]:
     """The provider's JSON error object, or {} when the body is not JSON (or nested too deep,
     or holds a number too long, to read). A body too long to read as JSON gives the fields
-    the kinds classify by (_long_error_fields), so that its kind does not hang on its size."""
+    the kinds classify by (_long_error_fields), so that its kind does not hang on its size.
+
+    The object is the body's `error`, or the body itself when it says it is one (vLLM's
+    shape before it took OpenAI's wrapper, still answered by servers built on its protocol:
+    {"object": "error", "message", "type", "param", "code"})."""
     if len(response.content) > _ERROR_READ_BYTES:
         return _long_error_body(response.content)
     try:
         body = response.json()
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, int digits
         return {}
-    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return {}
+    error = body.get("error", body if body.get("object") == _UNWRAPPED else None)
     return error if isinstance(error, dict) else {}
 
 
@@ -223,6 +229,11 @@ class _InnerError(msgspec.Struct):
 
 class _ErrorEnvelope(msgspec.Struct):
     error: msgspec.Raw = msgspec.Raw()
+    object: msgspec.Raw = msgspec.Raw()  # "error": the body is the error object (error_body)
+
+
+# What an error body that is itself the error object says it is (error_body).
+_UNWRAPPED = "error"
 
 
 _error_fields = msgspec.json.Decoder(_ErrorFields)
@@ -231,12 +242,15 @@ _error_envelope = msgspec.json.Decoder(_ErrorEnvelope)
 
 
 def _long_error_body(content: bytes) -> dict[str, Any]:
-    """error_body of a body too long to read as JSON: _long_error_fields of its `error`."""
+    """error_body of a body too long to read as JSON: _long_error_fields of its `error`, or
+    of itself when it says it is the error object."""
     try:
-        error = _error_envelope.decode(content).error
+        envelope = _error_envelope.decode(content)
     except (msgspec.DecodeError, RecursionError):  # not JSON, not an object, nested too deep
         return {}
-    return _long_error_fields(error)
+    if not envelope.error and _short_value(envelope.object) == _UNWRAPPED:
+        return _long_error_fields(content)
+    return _long_error_fields(envelope.error)
 
 
 def _long_error_fields(raw: bytes | msgspec.Raw) -> dict[str, Any]:
