@@ -640,7 +640,9 @@ class _Run:
         nothing about the target's health (short client deadlines must not open breakers). Cut
         short means by more than the moments a request spends before its call: a deadline of
         the target's own timeout_s leaves its first call a few ms less, and that call's timeout
-        counts. Nor does a timeout of a target whose time limits the request set itself.
+        counts. Nor does a timeout of a target whose time limits the request set itself. A
+        timeout the provider answered with a status of its own (Anthropic's 504
+        timeout_error, an HTTP 408) is its own clock's, and counts.
 
         A call let through a breaker that is not closed without this request holding its probe
         (the last target left, called anyway: _not_probing) fails as the breaker expects: it
@@ -651,7 +653,7 @@ class _Run:
         assert health is not None
         holds_probe = probe and self.claims is not None and key in self.claims
         capped = target.own_limits or timeout_s < target.timeout_s * _CAPPED_BELOW
-        if capped and reply.kind == "timeout":
+        if capped and reply.kind == "timeout" and reply.status_code is None:
             health.record(provider, model, None, False, reply.kind, started=started)
             if holds_probe:  # another's stays
                 health.release(provider, model)  # undecided: the next request probes

@@ -1069,6 +1069,23 @@ async def test_a_timeout_the_requests_short_deadline_cut_does_not_count():
     assert health.of("slow", "slow-model").state == CLOSED
 
 
+async def test_a_providers_own_timeout_counts_even_in_a_call_the_deadline_cut_short():
+    """A timeout the provider answered itself (Anthropic's 504 timeout_error, an HTTP 408)
+    is its own clock running out, not the request's short deadline cutting the call: it
+    counts toward the breaker as any failure of the provider does."""
+    from service.health import OPEN, BreakerSettings, Health
+
+    clock = Clock()
+    health = Health(clock=clock, wall=clock)
+    slow = target("slow", breaker=BreakerSettings(consecutive_failures=2))
+    for _ in range(2):
+        script = Script(clock, {"slow": fail("timeout", 504)}, took={"slow": 0.5})
+        await run_chain(
+            Chain([slow]), script, Limits(Deadline(clock.now + 2)), health=health, clock=clock
+        )
+    assert health.of("slow", "slow-model").state == OPEN
+
+
 async def test_a_retry_after_its_backoff_skips_a_breaker_that_opened_meanwhile():
     from service.health import BreakerSettings, Health
 
