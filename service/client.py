@@ -1403,7 +1403,7 @@ def _heartbeat_ms(heartbeat_s: float | None) -> float | None:
 def _silence_why(nc: Client, reconnects: int) -> str:
     """Why a request that got heartbeats heard nothing more: its dispatcher died (no other
     takes a core request over), unless this connection's own outage says more."""
-    if nc.is_closed or _reconnects(nc) != reconnects:
+    if not nc.is_connected or _reconnects(nc) != reconnects:  # its own outage lost it
         return _why_silent(nc, reconnects=reconnects)
     return (
         "the dispatcher serving it most likely died or lost its NATS connection (a request on "

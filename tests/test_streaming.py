@@ -1651,3 +1651,29 @@ async def test_a_client_asking_for_heartbeats_waits_on_a_dispatcher_that_sends_n
         assert (text, reply.provider) == ("late", "old")
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_stream_that_goes_silent_while_its_own_connection_is_down_blames_that(
+    lifeline, nats_url
+):
+    """The client's own NATS connection dropped mid-stream and stays down: nothing reaches it,
+    heartbeats neither. Its NoAnswer blamed the dispatcher ("most likely died"), which is
+    alive and still sending; it says the client's connection is down instead."""
+    from test_client import _Cuttable
+
+    await lifeline(config({"slow": fake(reply="a b", chunks=2, chunk_delay_ms=5000)}))
+    proxy = _Cuttable(nats_url)
+    nc = await nats.connect(await proxy.up(), reconnect_time_wait=0.1)
+    try:
+        with pytest.raises(NoAnswer) as failed:
+            async for event in stream(nc, request("hi", timeout_s=30), heartbeat_s=0.2):
+                if event.kind == "delta":
+                    await proxy.down()
+        said = str(failed.value)
+        assert "went silent" in said and "connection is down" in said, said
+        assert "dispatcher serving it most likely died" not in said, said
+        await proxy.up()
+        await wait_for(lambda: nc.is_connected, 10)
+    finally:
+        await nc.close()
+        await proxy.down()
