@@ -1020,10 +1020,13 @@ def heartbeat_interval(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isascii() or not value.isdigit() or len(value) > 9:
+    if not value.isascii() or not value.isdigit():
         return None
     low, high = HEARTBEAT_MS_BOUNDS
-    return min(max(int(value), low), high) / 1000
+    # Ten digits or more (leading zeros aside) are past the bound: not read as a number, which
+    # for a long enough value costs time, and past 4,300 digits int() refuses.
+    digits = value.lstrip("0")
+    return (min(max(int(digits or "0"), low), high) if len(digits) < 10 else high) / 1000
 
 
 _HEARTBEAT_TICK_MAX_S, _HEARTBEAT_TICK_MIN_S = 1.0, 0.1

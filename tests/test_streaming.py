@@ -1677,3 +1677,33 @@ async def test_a_stream_that_goes_silent_while_its_own_connection_is_down_blames
     finally:
         await nc.close()
         await proxy.down()
+
+
+@pytest.mark.parametrize(
+    "value, beats",
+    [
+        ("0", True),
+        (" 300 ", True),
+        ("99999999999", True),
+        ("0000000000300", True),
+        ("9" * 5000, True),
+        ("-5", False),
+        ("3e2", False),
+        ("\u0663\u0660\u0660", False),  # Arabic-Indic digits: no ASCII number
+        ("", False),
+    ],
+)
+async def test_any_whole_number_of_heartbeat_ms_is_kept_within_bounds_and_nothing_else_asks(
+    lifeline, client, audit, value, beats
+):
+    """Lifeline-Heartbeat-Ms is any run of ASCII digits (the AsyncAPI pattern), kept within
+    200 to 60,000. One of ten digits or more (a huge interval, or a small one written with
+    leading zeros) asked for none instead: no heartbeat at once, and its client, holding
+    the silence against none, waited out its timeout for a dead dispatcher. Whatever the
+    value, the answer is whole and ends once, with no heartbeat after its end."""
+    await lifeline(config({"main": fake(reply="a b", chunks=2)}))
+    messages = await _raw_stream(client, request("hi"), {subjects.HEARTBEAT_MS: value})
+    events = [(m.headers or {}).get(subjects.EVENT) for m in messages]
+    assert (events[0] == "heartbeat") is beats, events
+    assert events.count(END) == 1 and events[-1] == END, events
+    await audit.wait_for(1)
