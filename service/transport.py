@@ -886,10 +886,15 @@ class ClientStream:
         self._control(RESET, reset.attempt, payload)
 
     def heartbeat(self) -> None:
-        """An empty heartbeat event, unnumbered (see Heartbeats); none once the stream ended."""
-        if self._ended:
+        """An empty heartbeat event, unnumbered (see Heartbeats); none once the stream ended.
+        None either while events wait to go (they say as much) or the connection is down:
+        held through an outage, it would tell nothing when it came, and take room in nats-py's
+        reconnect buffer from the answers; the next one goes an interval after it is back."""
+        if self._ended or self._backlog:
             return
-        if self._backlog or not self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK):
+        if not self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK) and (
+            self._nc.is_connected
+        ):
             self._later({EVENT: HEARTBEAT}, b"")
 
     async def end(self, reply: CompletionReply, attempt: int) -> CompletionReply:

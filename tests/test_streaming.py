@@ -1707,3 +1707,40 @@ async def test_any_whole_number_of_heartbeat_ms_is_kept_within_bounds_and_nothin
     assert (events[0] == "heartbeat") is beats, events
     assert events.count(END) == 1 and events[-1] == END, events
     await audit.wait_for(1)
+
+
+async def test_heartbeats_are_not_held_through_the_dispatchers_outage(nats_url, tracers, client):
+    """The dispatcher's connection dropped mid-stream: each heartbeat due meanwhile was put in
+    nats-py's reconnect buffer (that the answers of every stream share, 2 MiB), to reach the
+    client in one stale burst when it came back. None is held now; they resume once it is
+    back, and the stream ends once."""
+    from test_client import _Cuttable
+
+    from service.app import start_worker
+
+    proxy = _Cuttable(nats_url)
+    cfg = parse_config(config({"slow": fake(reply="a b", chunks=2, chunk_delay_ms=4000)}))
+    stack = await start_stack(cfg, await proxy.up(), tracers, workers=[])
+    worker, _ = await start_worker(cfg, "slow", nats_url, tracers)  # not behind the proxy
+    dispatcher = stack.dispatcher.transport.nc
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    headers = {subjects.HEARTBEAT_MS: "200"}
+    try:
+        await client.publish(subjects.STREAM, encoder.encode(request(timeout_s=30)), inbox, headers)
+        first = await sub.next_msg(timeout=10)
+        assert first.headers == {subjects.EVENT: "heartbeat"}
+        await proxy.down()
+        await wait_for(lambda: not dispatcher.is_connected)
+        await asyncio.sleep(1.0)  # five intervals: five heartbeats were due
+        assert b"heartbeat" not in b"".join(dispatcher._pending)
+        await proxy.up()
+        await wait_for(lambda: dispatcher.is_connected, 10)
+        events = []
+        while not events or events[-1] not in (END, ERROR):
+            events.append((await sub.next_msg(timeout=20)).headers.get(subjects.EVENT))
+        assert "heartbeat" in events and events.count(END) + events.count(ERROR) == 1, events
+    finally:
+        await stack.stop()
+        await worker.stop()
+        await proxy.down()
