@@ -759,6 +759,7 @@ class _Inbox:
         prefix = await self._ready()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self.waiting[token] = future
+        reconnects = self.nc.stats["reconnects"]
         key = self._keys.next()
         watch = _HangUpWatch(gone, future) if gone is not None else None
         timer = self._timeouts.call_later(wait_s, _give_up, future)
@@ -775,7 +776,8 @@ class _Inbox:
             raise _no_answer(wait_s, self.nc.is_connected) from None
         except _Silent:  # its dispatcher sent heartbeats, then nothing: most likely died
             self.abort(key)
-            raise _went_silent(self.nc.is_connected) from None
+            reconnected = self.nc.stats["reconnects"] != reconnects
+            raise _went_silent(self.nc.is_connected, reconnected) from None
         except HTTPError:  # the gateway is stopping (stop_waiting)
             self.abort(key)
             raise
@@ -802,6 +804,7 @@ class _Inbox:
             await self._reconnected(wait_s)
         prefix = await self._ready()
         queue = _Unread()
+        queue.reconnects = self.nc.stats["reconnects"]
         queue.timer = self._timeouts.call_later(wait_s, _Unread.gave_up, queue)
         self.waiting[token] = queue
         self._watch()
@@ -1516,6 +1519,7 @@ class _Unread(asyncio.Queue[Msg]):
         # dispatcher sends them), how long a silence means the dispatcher is gone.
         self.heard_at = time.monotonic()
         self.silence_s: float | None = None
+        self.reconnects = 0  # the NATS connection's count of them when the request went
 
     def gave_up(self) -> None:
         self.put_nowait(_GAVE_UP)
@@ -1537,7 +1541,7 @@ async def _next_event(queue: _Unread, wait_s: float, nc: Client) -> Msg:
     if msg is _STOPPING:
         raise _stopping()
     if msg is _SILENT:
-        raise _went_silent(nc.is_connected)
+        raise _went_silent(nc.is_connected, nc.stats["reconnects"] != queue.reconnects)
     if msg is _READ_TOO_SLOWLY:
         raise HTTPError(
             408,
@@ -1675,18 +1679,24 @@ class _Silent(Exception):
     """A request's dispatcher sent heartbeats, then nothing for _SILENCE_S."""
 
 
-def _went_silent(connected: bool) -> HTTPError:
-    why = (
-        "the dispatcher serving it most likely died or lost its NATS connection (no other "
-        "dispatcher takes a request over): send the request again"
-        if connected
-        else "this gateway's NATS connection dropped meanwhile and is reconnecting: send the "
-        "request again"
-    )
+def _went_silent(connected: bool, reconnected: bool) -> HTTPError:
+    if not connected:
+        why = "this gateway's NATS connection dropped meanwhile and is reconnecting"
+    elif reconnected:  # whatever was sent to it while it was away is gone: the answer too
+        why = (
+            "this gateway's NATS connection dropped and reconnected meanwhile, and what was "
+            "sent to it while it was away was lost"
+        )
+    else:
+        why = (
+            "the dispatcher serving it most likely died or lost its NATS connection (no other "
+            "dispatcher takes a request over)"
+        )
     return HTTPError(
         504,
         f"Lifeline went silent: nothing came for {_SILENCE_S:g} s, not even the heartbeat its "
-        f"dispatcher sends every {_HEARTBEAT_S:g} s while it works; " + why,
+        f"dispatcher sends every {_HEARTBEAT_S:g} s while it works; {why}: send the request "
+        "again",
         "gateway_timeout",
         kind="timeout_error",
     )

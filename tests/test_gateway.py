@@ -906,6 +906,60 @@ async def test_a_request_whose_dispatcher_goes_silent_is_504_at_once_not_at_its_
         await doomed.close()
 
 
+async def test_a_stream_whose_end_the_gateways_own_reconnect_lost_does_not_blame_the_dispatcher(
+    nats_url, monkeypatch
+):
+    """The gateway's NATS connection dropped mid-stream and came back: the end event, sent
+    meanwhile by a dispatcher alive and well, was lost, and the silence that followed ended
+    the stream saying the dispatcher most likely died. It says the gateway's own reconnect
+    lost what was sent meanwhile."""
+    from test_client import _Cuttable
+
+    monkeypatch.setattr("service.gateway._SILENCE_S", 3.0)
+    monkeypatch.setattr("service.gateway._UNREAD_SWEEP_S", 0.1)
+    proxy = _Cuttable(nats_url)
+    nc = await nats.connect(await proxy.up(), reconnect_time_wait=0.1)
+    dispatcher = await nats.connect(nats_url)
+    asked: list[Msg] = []
+    ended = asyncio.Event()
+
+    async def take(msg: Msg) -> None:  # a live dispatcher: heartbeats until its end
+        asked.append(msg)
+        delta = {"Lifeline-Seq": "1", "Lifeline-Attempt": "1"}
+        await dispatcher.publish(msg.reply, b"Hel", headers=delta)
+        while not ended.is_set():
+            await dispatcher.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
+            await asyncio.sleep(0.1)
+
+    await dispatcher.subscribe("llm.stream", cb=take)
+    await dispatcher.flush()
+    gw = Gateway(nc)
+    await gw.start(port=0)
+    try:
+        async with openai.AsyncOpenAI(base_url=gw.url, api_key="-", max_retries=0) as client:
+            with pytest.raises(openai.APIError) as failed:
+                stream = await client.chat.completions.create(**chat(stream=True))
+                async for _ in stream:
+                    await proxy.down()
+                    await wait_for(lambda: not nc.is_connected)
+                    reply = CompletionReply("r", "ok", provider="p", attempts=[])
+                    end = {"Lifeline-Seq": "2", "Lifeline-Attempt": "1", "Lifeline-Event": "end"}
+                    await dispatcher.publish(asked[0].reply, encoder.encode(reply), headers=end)
+                    ended.set()
+                    await dispatcher.flush()  # lost: the gateway is away
+                    await proxy.up()
+                    await wait_for(lambda: nc.is_connected, 10)
+        said = str(failed.value.body) + str(failed.value)
+        assert "went silent" in said and "reconnected" in said, said
+        assert "most likely died" not in said, said
+    finally:
+        ended.set()
+        await gw.stop()
+        await nc.close()
+        await dispatcher.close()
+        await proxy.down()
+
+
 async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
     nc = await nats.connect(nats_url)
     gw = Gateway(nc, keys=["sekret"])
