@@ -106,7 +106,7 @@ from schemas.wire import (
     reply_decoder,
 )
 from service.discovery import Endpoint, Tally
-from service.loop import Timeout, Timeouts
+from service.loop import STALL_S, Timeout, Timeouts
 from service.memory import release_memory_soon
 from service.natsio import ensure_subscribed, fast_path
 
@@ -854,17 +854,27 @@ class _Inbox:
         requests hear heartbeats, end those whose dispatcher went silent (no event, not even
         a heartbeat: it died, or lost NATS)."""
         while self.heard or any(isinstance(t, _Unread) for t in self.waiting.values()):
+            slept_at = time.monotonic()
             await asyncio.sleep(_UNREAD_SWEEP_S)
             now = time.monotonic()
+            # Woken late, the loop stood still meanwhile, and uvloop runs due timers before it
+            # reads its sockets: the heartbeats that came meanwhile are unread. No silence is
+            # judged now; the next sweep does, once they are read.
+            stalled = now - slept_at > _UNREAD_SWEEP_S + STALL_S
             for token, heard_at in list(self.heard.items()):
                 future = self.waiting.get(token)
-                if now - heard_at > _SILENCE_S and isinstance(future, asyncio.Future):
+                if (
+                    not stalled
+                    and now - heard_at > _SILENCE_S
+                    and isinstance(future, asyncio.Future)
+                ):
                     del self.heard[token]
                     if not future.done():
                         future.set_exception(_Silent())
             for token, target in list(self.waiting.items()):
                 if (
                     isinstance(target, _Unread)
+                    and not stalled
                     and target.silence_s is not None
                     and now - target.heard_at > target.silence_s
                 ):

@@ -158,7 +158,7 @@ Timeout = list[Any]  # what Timeouts.call_later returns, for its cancel
 _EARLY = 0.0005  # s: how soon before its time an entry fires (see Timeouts)
 # After a stall (see Timeouts): a loop timer this late means the loop stood still; entries wait
 # a turn at a time, and at most this long, for what the stall left unread.
-_STALL_S = 0.25
+STALL_S = 0.25
 _CATCH_UP_S = 0.01
 _MAX_CATCH_UP_S = 1.0
 
@@ -182,7 +182,7 @@ class Timeouts:
     One Timeouts serves one event loop: made again when it finds another running (a test's
     next loop).
 
-    After a stall (the process stopped or starved, a loop timer fired more than `_STALL_S`
+    After a stall (the process stopped or starved, a loop timer fired more than `STALL_S`
     late), entries wait until the loop keeps time again, at most `_MAX_CATCH_UP_S`: a stalled
     loop runs its due timers before it reads its sockets (uvloop's order), so every call whose
     answer came during the stall and waits unread would time out, and be charged to its
@@ -255,7 +255,7 @@ class Timeouts:
     def _fire(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        if now - self._timer_at > _STALL_S:
+        if now - self._timer_at > STALL_S:
             since = self._stalled_since
             if since is None:
                 since = self._stalled_since = now

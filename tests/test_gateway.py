@@ -17,6 +17,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import nats
 import openai
 import pytest
 import pytest_asyncio
+import uvloop
 from helpers import (
     ROOT,
     cli_env,
@@ -958,6 +961,86 @@ async def test_a_stream_whose_end_the_gateways_own_reconnect_lost_does_not_blame
         await nc.close()
         await dispatcher.close()
         await proxy.down()
+
+
+@pytest.mark.parametrize(
+    "factory", [pytest.param(uvloop.new_event_loop, id="uvloop"), pytest.param(None, id="asyncio")]
+)
+def test_a_stream_whose_heartbeats_came_while_the_gateway_was_stalled_goes_on(
+    nats_url, monkeypatch, factory
+):
+    """The gateway's loop stood still for longer than the silence heartbeats allow (a read
+    callback holding it, a paused process) while its dispatcher, alive, kept sending them:
+    uvloop runs due timers before it reads its sockets again, so the silence sweep found the
+    stream silent and ended it with a 504 that blamed the dispatcher, with its heartbeats
+    waiting unread. A sweep that woke late judges no silence: the next one does, after the
+    sockets were read."""
+    monkeypatch.setattr("service.gateway._SILENCE_S", 0.5)
+    monkeypatch.setattr("service.gateway._UNREAD_SWEEP_S", 0.1)
+    ready, finish, done = threading.Event(), threading.Event(), threading.Event()
+
+    def dispatcher() -> None:  # on a loop of its own: it sends while the gateway's stands still
+        async def serve() -> None:
+            nc = await nats.connect(nats_url)
+
+            async def take(msg: Msg) -> None:
+                while not finish.is_set():
+                    await nc.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
+                    await asyncio.sleep(0.05)
+                delta = {"Lifeline-Seq": "1", "Lifeline-Attempt": "1"}
+                await nc.publish(msg.reply, b"Hi", headers=delta)
+                reply = CompletionReply("r", "ok", provider="p", attempts=[])
+                end = {**delta, "Lifeline-Seq": "2", "Lifeline-Event": "end"}
+                await nc.publish(msg.reply, encoder.encode(reply), headers=end)
+
+            await nc.subscribe("llm.stream", cb=take)
+            await nc.flush()
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+            await nc.close()
+
+        asyncio.run(serve())
+
+    async def scenario() -> httpx.Response:
+        nc = await nats.connect(nats_url)
+        gw = Gateway(nc)
+        await gw.start(port=0)
+        loop = asyncio.get_running_loop()
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+
+        def a_long_read() -> None:  # the loop is held in its I/O phase
+            reader.recv(1)
+            time.sleep(1.5)
+
+        loop.add_reader(reader.fileno(), a_long_read)
+        try:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+                call = asyncio.ensure_future(http.post("/chat/completions", json=chat(stream=True)))
+                await wait_for(lambda: gw.inbox.waiting, what="the stream's request")
+                writer.send(b"x")
+                await asyncio.sleep(0.3)  # the loop turns again after its stall
+                finish.set()
+                return await call
+        finally:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
+            await gw.stop()
+            await nc.close()
+
+    thread = threading.Thread(target=dispatcher)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            response = runner.run(scenario())
+    finally:
+        finish.set()
+        done.set()
+        thread.join(10)
+    assert response.status_code == 200, response.text
+    assert '"content":"Hi"' in response.text and "went silent" not in response.text
 
 
 async def test_probes_answer_without_a_key_and_turn_503_when_nats_is_gone(nats_url):
