@@ -116,6 +116,7 @@ _DEFAULT_TIMEOUT_S = 60.0  # the dispatcher's default_timeout_s, for requests wi
 # A request asks its dispatcher for a heartbeat when it sent nothing for this long: a dispatcher
 # that died is told from a slow model in streaming.heartbeat_silence_s (7 s).
 HEARTBEAT_S = 2.0
+_STALL_S = 0.25  # a wait that ran out this late: the loop stood still (service.loop's)
 _JS_TIMEOUT_S = 5.0  # one JetStream operation (publish, bucket read)
 _ASK_MIN_S = 1.0  # the least a dispatcher is given to answer llm.jobs.result, whatever wait_s
 # (a busy one may take a while, and a client without bucket permissions has no other way)
@@ -1488,17 +1489,19 @@ class _Replies:
                 # (a heartbeat does not wake it: the first one starts the silence's count).
                 now = time.monotonic()
                 heard_at = waiting.heard_at if waiting.beating else now
-                wait_s = min(give_up - now, heard_at + silence_s - now)
-                done, _ = await asyncio.wait((waiting.future,), timeout=max(wait_s, 0.0))
+                wait_s = max(min(give_up - now, heard_at + silence_s - now), 0.0)
+                done, _ = await asyncio.wait((waiting.future,), timeout=wait_s)
                 if done:
                     msg = waiting.future.result()
                     if msg.headers and msg.headers.get("Status") == "503":
                         raise nats.errors.NoRespondersError
                     return msg
-                now = time.monotonic()
-                if now >= give_up:
+                woke = time.monotonic()
+                if woke >= give_up:
                     raise NatsTimeoutError
-                if waiting.beating and now - waiting.heard_at >= silence_s:
+                if woke - now > wait_s + _STALL_S:
+                    continue  # ran out late: the loop stood still, and what came is unread
+                if waiting.beating and woke - waiting.heard_at >= silence_s:
                     raise _WentSilent(silence_s)
         finally:
             del self.waiting[token]
@@ -1548,13 +1551,19 @@ async def _stream_try(
     came = 0  # the events of this try that came
 
     async def next_msg() -> Msg:
-        left_s = give_up - time.monotonic()
+        asked_at = time.monotonic()
+        left_s = give_up - asked_at
         silent = silence_s is not None and silence_s < left_s
+        wait_s = max(silence_s if silent else left_s, 0.001)
         try:
-            return await sub.next_msg(timeout=max(silence_s if silent else left_s, 0.001))
+            return await sub.next_msg(timeout=wait_s)
         except nats.errors.ConnectionClosedError:
             raise _closed() from None
         except NatsTimeoutError:
+            # Ran out late, the loop stood still meanwhile, and its timers ran before it read
+            # its socket again: what came meanwhile (heartbeats) is unread. Wait once more.
+            if silent and time.monotonic() - asked_at > wait_s + _STALL_S:
+                return await next_msg()
             if silent:
                 raise NoAnswer(
                     f"the stream went silent: nothing came for {silence_s:g} s after {came} "

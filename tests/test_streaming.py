@@ -1744,3 +1744,75 @@ async def test_heartbeats_are_not_held_through_the_dispatchers_outage(nats_url, 
         await stack.stop()
         await worker.stop()
         await proxy.down()
+
+
+@pytest.mark.parametrize(
+    "factory", [pytest.param(uvloop.new_event_loop, id="uvloop"), pytest.param(None, id="asyncio")]
+)
+def test_a_stream_whose_heartbeats_came_while_the_client_was_stalled_goes_on(nats_url, factory):
+    """The client's loop stood still for longer than the silence heartbeats allow (a read
+    callback holding it, a paused process) while its dispatcher, alive, kept sending them:
+    the wait's timer fired before the socket was read again, and the stream raised NoAnswer
+    blaming the dispatcher, its heartbeats waiting unread. A wait that ran out late waits
+    once more before it judges."""
+    ready, finish, done = threading.Event(), threading.Event(), threading.Event()
+
+    def dispatcher() -> None:  # on a loop of its own: it sends while the client's stands still
+        async def serve() -> None:
+            nc = await nats.connect(nats_url)
+
+            async def take(msg: Any) -> None:
+                while not finish.is_set():
+                    await nc.publish(msg.reply, b"", headers={subjects.EVENT: "heartbeat"})
+                    await asyncio.sleep(0.05)
+                delta = {subjects.SEQ: "1", subjects.ATTEMPT_NO: "1"}
+                await nc.publish(msg.reply, b"Hi", headers=delta)
+                reply = CompletionReply("r", "ok", provider="p", attempts=[])
+                end = {**delta, subjects.SEQ: "2", subjects.EVENT: END}
+                await nc.publish(msg.reply, encoder.encode(reply), headers=end)
+
+            await nc.subscribe(subjects.STREAM, cb=take)
+            await ensure_subscribed(nc)
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+            await nc.close()
+
+        asyncio.run(serve())
+
+    async def scenario() -> tuple[str, CompletionReply]:
+        nc = await nats.connect(nats_url)
+        loop = asyncio.get_running_loop()
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+
+        def a_long_read() -> None:  # the loop is held in its I/O phase
+            reader.recv(1)
+            time.sleep(2.5)  # past the 1.6 s of silence heartbeats every 0.2 s allow
+
+        loop.add_reader(reader.fileno(), a_long_read)
+        try:
+            events = stream(nc, request("hi", timeout_s=20), heartbeat_s=0.2)
+            reading = asyncio.ensure_future(events.finish())
+            await wait_for(lambda: nc.stats["in_msgs"], what="the first heartbeat")
+            writer.send(b"x")
+            await asyncio.sleep(0.3)  # the loop turns again after its stall
+            finish.set()
+            reply = await asyncio.wait_for(reading, 10)
+            return events.assembler.text, reply
+        finally:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
+            await nc.close()
+
+    thread = threading.Thread(target=dispatcher)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            text, reply = runner.run(scenario())
+    finally:
+        finish.set()
+        done.set()
+        thread.join(10)
+    assert (text, reply.status) == ("Hi", "ok")
