@@ -778,8 +778,10 @@ def _message(message: Message, payload: dict[str, Any]) -> dict[str, Any]:
             headers["properties"] = {h.name: _header_schema(h) for h in message.headers}
         if required := [h.name for h in message.headers if h.required]:
             headers["required"] = required
-        if message.without:
+        if len(message.without) == 1:
             headers["not"] = {"required": list(message.without)}
+        elif message.without:  # none of them: `required` of them all refuses only all at once
+            headers["not"] = {"anyOf": [{"required": [name]} for name in message.without]}
         out["headers"] = headers
     out["payload"] = payload
     return out

@@ -577,6 +577,17 @@ def test_only_an_error_event_may_name_attempt_0(document):
         assert ("0 when no attempt started" in attempt["description"]) == (name == "error")
 
 
+def test_a_heartbeat_carries_neither_an_events_number_nor_its_attempt(document):
+    """A heartbeat is unnumbered: the document refused only one carrying both Lifeline-Seq and
+    Lifeline-Attempt (`not` all of them required), and took one with either alone."""
+    tap = Wiretap(document)
+    ref = document["channels"]["streamEvents"]["messages"]["heartbeat"]["$ref"]
+    beat = {subjects.EVENT: "heartbeat"}
+    assert tap.fits(ref, beat, b"")
+    for numbered in ({subjects.SEQ: "3"}, {subjects.ATTEMPT_NO: "1"}):
+        assert not tap.fits(ref, {**beat, **numbered}, b""), numbered
+
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
