@@ -1014,7 +1014,7 @@ class Heartbeats:
                         stream.heartbeat()
                         beat[2] = now
         except Exception:  # a bug here must not end every stream's heartbeats unseen
-            log.exception("stream heartbeats stopped")
+            log.exception("heartbeats stopped: a bug (requests still get their replies)")
         finally:
             self._tick_s = _HEARTBEAT_TICK_MAX_S
 
