@@ -580,7 +580,10 @@ class Lifeline:
             except nats.errors.ConnectionClosedError:
                 raise _closed() from None
             except nats.errors.OutboundBufferLimitError:
-                _forget_refused(self.nc)
+                # Only nats-py's request() left a future in its map; with heartbeats (_Replies)
+                # the newest there is another request's, whose answer would reach nobody.
+                if every_s is None:
+                    _forget_refused(self.nc)
                 raise _buffer_full() from None
             except nats.errors.Error as exc:  # a connection of one's own draining (nc.drain())
                 raise _unsent(exc) from None

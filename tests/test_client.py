@@ -1248,3 +1248,34 @@ async def test_a_request_asking_for_heartbeats_waits_on_a_dispatcher_that_sends_
         assert (reply.content, reply.provider) == ("late", "old")
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_refused_request_with_heartbeats_leaves_the_others_answers_alone(monkeypatch):
+    """During an outage, requests that ask for heartbeats, sent together past the room left in
+    nats-py's buffer: the one refused dropped the newest answer nats-py's request() awaited (a
+    request without heartbeats, a job's), as if it were its own, and that one's answer, once
+    NATS was back, reached nobody."""
+    monkeypatch.setattr("service.client._GRACE_S", 0.1)
+    server = EmbeddedNats(port=-1)
+    server.start()
+    try:
+        async with Lifeline.connect(server.url, timeout_s=0.5) as client:
+            server.stop()
+            await wait_for(lambda: not client.nc.is_connected)
+            big = "x" * 650_000  # three fill the buffer; each fits max_payload (1 MiB)
+            waiting = [
+                asyncio.ensure_future(client.complete(big, heartbeat_s=None, timeout_s=30))
+                for _ in range(2)
+            ]
+            await wait_for(lambda: len(client.nc._resp_map) == 2)
+            sent = await asyncio.gather(
+                client.complete(big), client.complete(big), return_exceptions=True
+            )
+            assert sorted(type(outcome).__name__ for outcome in sent) == ["NoAnswer", "Unreachable"]
+            assert len(client.nc._resp_map) == 2  # both still wait for their answers
+            assert not client._replies.waiting
+            for call in waiting:
+                call.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+    finally:
+        server.stop()
