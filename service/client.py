@@ -1485,13 +1485,14 @@ class _Replies:
         waiting = self.waiting[token] = _Waiting(asyncio.get_running_loop().create_future())
         silence_s = streaming.heartbeat_silence_s(every_s)
         give_up = time.monotonic() + timeout_s
+        stalled_at = 0.0  # the end of the loop's last stall: the silence counts from there
         try:
             await self.nc.publish(subject, payload, reply=prefix + token, headers=headers)
             while True:
                 # Looked at again a silence after the last heartbeat, or after this wait began
                 # (a heartbeat does not wake it: the first one starts the silence's count).
                 now = time.monotonic()
-                heard_at = waiting.heard_at if waiting.beating else now
+                heard_at = max(waiting.heard_at, stalled_at) if waiting.beating else now
                 wait_s = max(min(give_up - now, heard_at + silence_s - now), 0.0)
                 done, _ = await asyncio.wait((waiting.future,), timeout=wait_s)
                 if done:
@@ -1503,8 +1504,11 @@ class _Replies:
                 if woke >= give_up:
                     raise NatsTimeoutError
                 if woke - now > wait_s + _STALL_S:
-                    continue  # ran out late: the loop stood still, and what came is unread
-                if waiting.beating and woke - waiting.heard_at >= silence_s:
+                    # Ran out late: the loop stood still, and what came meanwhile is unread
+                    # (nats-py hands it on over a few turns of the loop). A whole silence more.
+                    stalled_at = woke
+                    continue
+                if waiting.beating and woke - max(waiting.heard_at, stalled_at) >= silence_s:
                     raise _WentSilent(silence_s)
         finally:
             del self.waiting[token]
