@@ -1356,3 +1356,74 @@ def test_a_request_whose_heartbeats_came_while_the_client_was_stalled_gets_its_r
         done.set()
         thread.join(10)
     assert (reply.status, reply.content) == ("ok", "Hi")
+
+
+async def test_every_request_asking_for_heartbeats_gets_one_reply_and_no_heartbeat_after_it(
+    lifeline, client, audit
+):
+    """Heartbeats every 200 ms asked by requests answered in the read that brought them
+    (invalid JSON, an unknown route, a refused reply subject), refused from the backlog,
+    aborted, hedged, failed over after longer than the interval, and cut short by a shutdown
+    whose grace ran out: each gets its one reply (none on a refused subject), no heartbeat
+    after it, and one audit event."""
+    providers = {
+        "slow": fake(latency_ms=3000),
+        "flaky": fake(fail_status=500, latency_ms=300),
+        "backup": fake(latency_ms=300),
+        "quick": fake(latency_ms=50),
+    }
+    routes = {
+        "default": {"targets": ["slow"]},
+        "chain": {"targets": ["flaky", "backup"]},
+        "hedged": {"targets": ["slow", "quick"], "hedge_after_ms": 300},
+    }
+    stack = await lifeline(config(providers, routes, max_in_flight=6, shutdown_grace_s=0.5))
+    inbox = client.new_inbox()
+    got: dict[str, list[str]] = {}
+    kinds: set[str] = set()
+
+    async def on_reply(msg: Any) -> None:
+        beat = msg.headers == {subjects.EVENT: "heartbeat"} and msg.data == b""
+        got.setdefault(msg.subject.rsplit(".", 1)[1], []).append("beat" if beat else "reply")
+        if not beat:
+            reply = reply_decoder.decode(msg.data)
+            kinds.add(reply.error.type if reply.error else reply.status)
+
+    await client.subscribe(inbox + ".*", cb=on_reply)
+    refused = await client.subscribe("llm.refused-here")
+    await ensure_subscribed(client)
+
+    async def send(name: str, payload: bytes, reply: str = "") -> None:
+        headers = {subjects.HEARTBEAT_MS: "200", subjects.ABORT_KEY: name}
+        await client.publish(
+            subjects.COMPLETE, payload, reply=reply or f"{inbox}.{name}", headers=headers
+        )
+
+    def ask(name: str, route: str = "default") -> bytes:
+        return encoder.encode(CompletionRequest([ChatMessage("user", "hi")], id=name, route=route))
+
+    await send("bad-json", b"{not json")
+    await send("no-route", ask("no-route", "nope"))
+    await send("refused", ask("refused"), reply="llm.refused-here")
+    for name in ("chain", "hedged"):
+        await send(name, ask(name, name))
+    await audit.wait_for(3)  # those answered as they were read are no longer in flight
+    # Seven slow ones past max_in_flight: at least one refused from the backlog.
+    for name in ("aborted", "cut-1", "cut-2", "ov-1", "ov-2", "ov-3", "ov-4"):
+        await send(name, ask(name))
+    await wait_for(lambda: "beat" in got.get("aborted", []), what="a heartbeat")
+    await client.publish(subjects.ABORT, b"aborted")
+    answered = ["bad-json", "no-route", "chain", "hedged", "aborted"]
+    await wait_for(lambda: all("reply" in got.get(name, []) for name in answered), 10)
+    await stack.stop()  # its grace runs out: the requests still in flight are cut short
+    sent = len(answered) + 1 + 6
+    await audit.wait_for(sent)
+    await asyncio.sleep(0.6)  # three intervals: a heartbeat after a reply would come in them
+    assert len(got) == sent - 1, got
+    for name, came in got.items():
+        assert came.count("reply") == 1 and came[-1] == "reply", (name, came)
+    assert len(audit.events) == sent
+    assert "beat" in got["chain"]  # it took longer than the interval
+    assert {"ok", "aborted", "overloaded", "shutting_down"} <= kinds, kinds
+    with pytest.raises(TimeoutError):
+        await refused.next_msg(timeout=0.1)
