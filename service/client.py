@@ -73,6 +73,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, subjects
@@ -1441,16 +1442,22 @@ class _Replies:
         self.nc = nc
         self.prefix = ""
         self.waiting: dict[str, _Waiting] = {}
+        self._sub: Subscription | None = None
         self._subscribing: asyncio.Lock | None = None
 
+    def _subscribed(self) -> bool:
+        # A close ends the subscription, and nats-py lets the same Client connect again (its
+        # request() then subscribes afresh): so does this.
+        return self._sub is not None and self.nc._subs.get(self._sub._id) is self._sub
+
     async def _ready(self) -> str:
-        if not self.prefix:
+        if not self._subscribed():
             if self._subscribing is None:
                 self._subscribing = asyncio.Lock()
             async with self._subscribing:
-                if not self.prefix:
+                if not self._subscribed():
                     prefix = self.nc.new_inbox() + "."
-                    await self.nc.subscribe(prefix + "*", cb=self._on_msg)
+                    self._sub = await self.nc.subscribe(prefix + "*", cb=self._on_msg)
                     self.prefix = prefix
         return self.prefix
 

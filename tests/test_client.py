@@ -1427,3 +1427,24 @@ async def test_every_request_asking_for_heartbeats_gets_one_reply_and_no_heartbe
     assert {"ok", "aborted", "overloaded", "shutting_down"} <= kinds, kinds
     with pytest.raises(TimeoutError):
         await refused.next_msg(timeout=0.1)
+
+
+async def test_a_client_on_a_connection_of_ones_own_closed_and_connected_again_gets_replies(
+    lifeline, nats_url
+):
+    """nats-py lets a program close its connection and connect the same Client again, and its
+    request() then subscribes afresh. The replies of requests with heartbeats came to the
+    subscription the close had ended: each waited out its timeout, then blamed the
+    dispatcher."""
+    await lifeline(config({"main": fake()}))
+    nc = Client()
+    await nc.connect(nats_url)
+    client = Lifeline(nc, timeout_s=3)
+    try:
+        assert (await client.complete("hi")).content == "hi"
+        await nc.close()
+        await nc.connect(nats_url)
+        assert (await asyncio.wait_for(client.complete("again"), 20)).content == "again"
+        assert not client._replies.waiting
+    finally:
+        await nc.close()
