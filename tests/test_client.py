@@ -125,16 +125,21 @@ async def test_connect_reads_nats_url_and_a_cluster_list(lifeline, nats_url, mon
     assert "s3cret" not in str(refused.value)
 
 
-async def test_transport_problems_raise(lifeline_client, client, tmp_path):
+# complete()'s two reply paths: its own subscription (heartbeats, the default), nats-py's request().
+REPLY_PATHS = pytest.mark.parametrize("heartbeat_s", [2.0, None], ids=["heartbeats", "none"])
+
+
+@REPLY_PATHS
+async def test_transport_problems_raise(lifeline_client, client, tmp_path, heartbeat_s):
     with pytest.raises(NoDispatcher, match="lifeline run"):
-        await lifeline_client.complete("Hi")
+        await lifeline_client.complete("Hi", heartbeat_s=heartbeat_s)
     with pytest.raises(NoDispatcher):
         await lifeline_client.stream("Hi").finish()
     with pytest.raises(NatsOptionError, match="credentials file"):  # as `lifeline --nats-creds`
         await Lifeline.connect(creds=str(tmp_path / "missing.creds"))
     own = Lifeline(client)  # a connection of your own: close() leaves it open
     with pytest.raises(NoDispatcher):
-        await own.complete("Hi")
+        await own.complete("Hi", heartbeat_s=heartbeat_s)
     await own.close()
     assert not client.is_closed
 
@@ -447,7 +452,10 @@ class _Cuttable:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-async def test_a_request_whose_answer_a_reconnect_lost_says_so(client, nats_url, monkeypatch):
+@REPLY_PATHS
+async def test_a_request_whose_answer_a_reconnect_lost_says_so(
+    client, nats_url, monkeypatch, heartbeat_s
+):
     """The connection dropped and came back while a request waited, and its answer, sent
     meanwhile, was lost: its NoAnswer blamed the dispatcher ("may have stopped"), which had
     answered, rather than the reconnect."""
@@ -464,7 +472,7 @@ async def test_a_request_whose_answer_a_reconnect_lost_says_so(client, nats_url,
     try:
         async with Lifeline.connect(await proxy.up(), timeout_s=2) as lifeline_client:
             for call in (
-                lambda: lifeline_client.complete("Hi"),
+                lambda: lifeline_client.complete("Hi", heartbeat_s=heartbeat_s),
                 lambda: lifeline_client.stream("Hi").finish(),
             ):
                 asked.clear()
@@ -628,8 +636,9 @@ async def test_a_notify_subject_no_dispatcher_would_publish_on_is_refused(lifeli
     assert (await lifeline_client.submit("hi", job_id="pushed", notify="results.x")).job_id
 
 
+@REPLY_PATHS
 async def test_closing_the_client_ends_its_calls_in_flight_and_aborts_them(
-    lifeline, nats_url, client
+    lifeline, nats_url, client, heartbeat_s
 ):
     """nats-py leaves a request waiting out its timeout when its connection closes: a
     complete() then waited a minute, said NATS was reconnecting, and its request ran on."""
@@ -640,7 +649,7 @@ async def test_closing_the_client_ends_its_calls_in_flight_and_aborts_them(
     stack = await lifeline(config({"main": fake(latency_ms=600_000)}))
     lifeline_client = await Lifeline.connect(nats_url, timeout_s=600)
     calls = [
-        asyncio.ensure_future(lifeline_client.complete("waiting")),
+        asyncio.ensure_future(lifeline_client.complete("waiting", heartbeat_s=heartbeat_s)),
         asyncio.ensure_future(lifeline_client.stream("waiting").finish()),
     ]
     await wait_for(lambda: stack.dispatcher.in_flight == 2, timeout_s=5)
@@ -807,7 +816,8 @@ def test_without_nats_pys_error_callback_a_refusal_is_waited_out_as_before():
     assert nc._error_cb is None
 
 
-async def test_requests_refused_while_nats_is_down_leave_nothing_behind(monkeypatch):
+@REPLY_PATHS
+async def test_requests_refused_while_nats_is_down_leave_nothing_behind(monkeypatch, heartbeat_s):
     """nats-py registers a request's answer future before it refuses the request for a full
     buffer: every complete() refused during an outage left one in its map for good, each
     printed as "Future exception was never retrieved" at exit."""
@@ -819,19 +829,22 @@ async def test_requests_refused_while_nats_is_down_leave_nothing_behind(monkeypa
             server.stop()
             await wait_for(lambda: not client.nc.is_connected)
             big = "x" * 650_000  # three fill the buffer; each fits max_payload (1 MiB)
-            waiting = [asyncio.ensure_future(client.complete(big)) for _ in range(3)]
+            waiting = [
+                asyncio.ensure_future(client.complete(big, heartbeat_s=heartbeat_s))
+                for _ in range(3)
+            ]
             await wait_for(lambda: client.nc.pending_data_size > 1_900_000)
             in_flight = len(client.nc._resp_map)
             subs_in_flight = len(client.nc._subs)
             for _ in range(5):
                 with pytest.raises(Unreachable, match="fill nats-py's buffer"):
-                    await client.complete(big)
+                    await client.complete(big, heartbeat_s=heartbeat_s)
                 with pytest.raises(Unreachable, match="fill nats-py's buffer"):
                     await client.stream(big).finish()
             assert len(client.nc._resp_map) == in_flight  # none of the refused left there
             assert len(client.nc._subs) == subs_in_flight
             await asyncio.gather(*waiting, return_exceptions=True)
-            assert not client.nc._resp_map
+            assert not client.nc._resp_map and not client._replies.waiting
     finally:
         server.stop()
 
