@@ -57,6 +57,7 @@ import secrets
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -73,7 +74,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, subjects
@@ -337,7 +337,7 @@ class Lifeline:
         self._owns = owns_connection
         self._jobs_ready = False
         self._keys: set[str] = set()  # the abort keys of the requests in flight
-        self._replies = _Replies(nc)  # llm.complete's, for requests that ask for heartbeats
+        self._replies = _Replies.of(nc)  # llm.complete's, for requests that ask for heartbeats
         # The event loop its connection lives in: nats-py's tasks and futures are that loop's.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
@@ -553,7 +553,9 @@ class Lifeline:
                 asking = (
                     self.nc.request(subjects.COMPLETE, payload, timeout=wait_s, headers=headers)
                     if every_s is None
-                    else self._replies.request(subjects.COMPLETE, payload, headers, wait_s, every_s)
+                    else self._replies.request(
+                        self.nc, subjects.COMPLETE, payload, headers, wait_s, every_s
+                    )
                 )
                 msg = await _unless_refused(refusals, subjects.COMPLETE, asking)
             except asyncio.CancelledError:  # nobody waits for the answer any more: stop it
@@ -1432,32 +1434,40 @@ class _Waiting:
 
 
 class _Replies:
-    """Replies to llm.complete requests that ask for heartbeats, on one wildcard subscription
-    of the connection made at the first of them: nats-py's request() hands a request the first
-    message on its reply subject, which would be a heartbeat. A heartbeat marks its request
-    heard; the reply ends it. Once a heartbeat came, a request heard nothing of for
-    streaming.heartbeat_silence_s raises _WentSilent."""
+    """Replies to llm.complete requests that ask for heartbeats (nats-py's request() hands a
+    request the first message on its reply subject, which would be a heartbeat), on one
+    wildcard subscription per connection, made at the first of them and shared by every
+    Lifeline on it as nats-py's request() shares its own: a Lifeline(nc) made per call adds
+    none. A heartbeat marks its request heard; the reply ends it. Once a heartbeat came, a
+    request heard nothing of for streaming.heartbeat_silence_s raises _WentSilent."""
 
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
+    def __init__(self) -> None:  # holds nothing of its connection's: see `of`
         self.prefix = ""
         self.waiting: dict[str, _Waiting] = {}
-        self._sub: Subscription | None = None
+        self._sid: int | None = None  # its subscription's, on the connection
         self._subscribing: asyncio.Lock | None = None
 
-    def _subscribed(self) -> bool:
+    @classmethod
+    def of(cls, nc: Client) -> _Replies:
+        replies = _REPLIES.get(nc)
+        if replies is None:
+            replies = _REPLIES[nc] = cls()
+        return replies
+
+    def _subscribed(self, nc: Client) -> bool:
         # A close ends the subscription, and nats-py lets the same Client connect again (its
         # request() then subscribes afresh): so does this.
-        return self._sub is not None and self.nc._subs.get(self._sub._id) is self._sub
+        sub = nc._subs.get(self._sid) if self._sid is not None else None
+        return sub is not None and sub._cb == self._on_msg
 
-    async def _ready(self) -> str:
-        if not self._subscribed():
+    async def _ready(self, nc: Client) -> str:
+        if not self._subscribed(nc):
             if self._subscribing is None:
                 self._subscribing = asyncio.Lock()
             async with self._subscribing:
-                if not self._subscribed():
-                    prefix = self.nc.new_inbox() + "."
-                    self._sub = await self.nc.subscribe(prefix + "*", cb=self._on_msg)
+                if not self._subscribed(nc):
+                    prefix = nc.new_inbox() + "."
+                    self._sid = (await nc.subscribe(prefix + "*", cb=self._on_msg))._id
                     self.prefix = prefix
         return self.prefix
 
@@ -1479,6 +1489,7 @@ class _Replies:
 
     async def request(
         self,
+        nc: Client,
         subject: str,
         payload: bytes,
         headers: dict[str, str],
@@ -1487,14 +1498,14 @@ class _Replies:
     ) -> Msg:
         """The reply to one request, as nats-py's request() gives it (NoRespondersError,
         TimeoutError), or _WentSilent."""
-        prefix = await self._ready()
+        prefix = await self._ready(nc)
         token = secrets.token_hex(12)
         waiting = self.waiting[token] = _Waiting(asyncio.get_running_loop().create_future())
         silence_s = streaming.heartbeat_silence_s(every_s)
         give_up = time.monotonic() + timeout_s
         stalled_at = 0.0  # the end of the loop's last stall: the silence counts from there
         try:
-            await self.nc.publish(subject, payload, reply=prefix + token, headers=headers)
+            await nc.publish(subject, payload, reply=prefix + token, headers=headers)
             while True:
                 # Looked at again a silence after the last heartbeat, or after this wait began
                 # (a heartbeat does not wake it: the first one starts the silence's count).
@@ -1519,6 +1530,10 @@ class _Replies:
                     raise _WentSilent(silence_s)
         finally:
             del self.waiting[token]
+
+
+# Each connection's _Replies, for as long as it lives (nothing in one refers back to it).
+_REPLIES: weakref.WeakKeyDictionary[Client, _Replies] = weakref.WeakKeyDictionary()
 
 
 def _check_heartbeat(heartbeat_s: float | None) -> None:

@@ -1461,3 +1461,18 @@ async def test_a_client_on_a_connection_of_ones_own_closed_and_connected_again_g
         assert not client._replies.waiting
     finally:
         await nc.close()
+
+
+async def test_clients_made_per_call_on_a_connection_of_ones_own_leave_no_subscriptions(
+    lifeline, client
+):
+    """A `Lifeline(nc)` made for each call, on one long-lived connection (a web handler's
+    pattern): each one's first complete() subscribed an inbox of its own for its replies,
+    never unsubscribed, so the connection's subscriptions (each with its nats-py task) and
+    the server's interest grew with every call. They share one, as nats-py's request() does."""
+    await lifeline(config({"main": fake()}))
+    await Lifeline(client).complete("first")
+    subscribed = len(client._subs)
+    for n in range(20):
+        assert (await Lifeline(client, timeout_s=5).complete(f"call {n}")).content == f"call {n}"
+    assert len(client._subs) == subscribed
