@@ -24,6 +24,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from schemas import ChatMessage, CompletionRequest, subjects
 from schemas.wire import CompletionReply, ErrorInfo, encoder, reply_decoder
+from service import natsio
 from service.client import (
     JOBS_STREAM,
     RESULTS_BUCKET,
@@ -1476,3 +1477,26 @@ async def test_clients_made_per_call_on_a_connection_of_ones_own_leave_no_subscr
     for n in range(20):
         assert (await Lifeline(client, timeout_s=5).complete(f"call {n}")).content == f"call {n}"
     assert len(client._subs) == subscribed
+
+
+async def test_a_request_silent_while_its_own_connection_is_down_blames_that(lifeline, nats_url):
+    """The client's own NATS connection dropped while a request with heartbeats waited, and
+    stays down: nothing reaches it, heartbeats neither. Its NoAnswer says the connection is
+    down, not that the dispatcher, alive and still sending them, died."""
+    stack = await lifeline(config({"slow": fake(latency_ms=30_000)}, shutdown_grace_s=0.1))
+    proxy = _Cuttable(nats_url)
+    nc = await nats.connect(await proxy.up(), reconnect_time_wait=0.1)
+    try:
+        client = Lifeline(nc, timeout_s=30)
+        asking = asyncio.ensure_future(client.complete("hi", heartbeat_s=0.2))
+        await wait_for(lambda: any(w.beating for w in client._replies.waiting.values()))
+        await proxy.down()
+        with pytest.raises(NoAnswer) as failed:
+            await asyncio.wait_for(asking, 20)
+        said = str(failed.value)
+        assert "not even the heartbeat" in said and "connection is down" in said, said
+        assert "most likely died" not in said, said
+        assert not client._replies.waiting and stack.dispatcher.in_flight == 1
+    finally:
+        await natsio.close(nc)  # nats-py's own close fails while the server is gone
+        await proxy.down()
