@@ -219,6 +219,7 @@ async def connect(
     checking_inbox = not wait_for_server
     # A service says so; a client (ask, audit --follow, ...) as before, only when debugging.
     slow = _SlowConsumerDrops(name, logging.WARNING if wait_for_server else logging.DEBUG)
+    lost_answers = _RefusedAnswers(name)
 
     async def on_error(exc: Exception) -> None:
         nonlocal told_undiscoverable, refused_in_a_row
@@ -269,14 +270,7 @@ async def connect(
             )
             return
         if _is_publish_refusal(exc):  # an answer to a reply subject this user may not use
-            log.warning(
-                "%s: the NATS server refused a publish (%s): an answer sent there is lost. A "
-                "client whose reply subject is outside its own inbox gets no answer when "
-                "Lifeline's users may publish only to inboxes (`lifeline nats-config`): ask "
-                "with a reply subject from nc.new_inbox()",
-                name,
-                exc,
-            )
+            lost_answers.drop(exc)
             return
         refused_in_a_row += not connected
         outage = wait_for_server and (connected or refused_in_a_row >= servers)
@@ -390,6 +384,31 @@ class _SlowConsumerDrops(natsio.Drops):
                 self.name,
                 since,
                 exc.subject,
+            )
+
+
+class _RefusedAnswers(natsio.Drops):
+    """Answers (replies, stream events, heartbeats) the server refused: a client may publish a
+    request whose reply subject its publish rights do not cover, and the server then refuses
+    each answer sent there. A warning each let one client make a dispatcher write lines as
+    fast as it sent requests (five a second per slow request with 200 ms heartbeats)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def drop(self, exc: Exception) -> None:  # type: ignore[override]
+        since = super().drop()
+        if since is not None:
+            log.warning(
+                "%s: the NATS server refused a publish (%s; %d refused since the last such "
+                "warning, at most one a minute): an answer sent there is lost. A client whose "
+                "reply subject is outside its own inbox gets no answer when Lifeline's users "
+                "may publish only to inboxes (`lifeline nats-config`): ask with a reply "
+                "subject from nc.new_inbox()",
+                self.name,
+                exc,
+                since,
             )
 
 

@@ -496,6 +496,29 @@ async def test_a_client_without_its_inbox_prefix_gets_no_reply(secured: Secured)
         await nc.close()
 
 
+async def test_answers_to_a_reply_subject_the_dispatcher_may_not_use_are_logged_once_counted(
+    secured: Secured,
+) -> None:
+    """A client may publish a request whose reply subject is outside the inboxes (publish
+    rights do not cover reply subjects): the server refuses each answer the dispatcher sends
+    there, a heartbeat too. The dispatcher logged a warning per refusal, so one client made it
+    write lines as fast as it sent requests (and five a second per slow request asking for
+    heartbeats every 200 ms); it now says so once, counting the rest."""
+    alice = await secured.connect("alice")
+    [dispatcher] = [p for p in secured.procs if p.log_path.name == "dispatcher.log"]
+    said = "the NATS server refused a publish"
+    before = dispatcher.log().count(said)
+    try:
+        for n in range(20):
+            request = encoder.encode({**USER_HELLO, "id": f"elsewhere-{n}"})
+            await alice.publish(subjects.COMPLETE, request, reply=f"alice.elsewhere.{n}")
+        await alice.flush()
+        await asyncio.sleep(1.0)  # the dispatcher answers and is refused meanwhile
+    finally:
+        await alice.close()
+    assert dispatcher.log().count(said) - before <= 1, dispatcher.log()[-2000:]
+
+
 def test_a_command_without_its_inbox_prefix_says_what_to_set(secured: Secured) -> None:
     """`lifeline ask` as a client user without NATS_INBOX_PREFIX waited out its timeout and
     blamed the dispatcher; the server had refused its inbox, which it now says, with the fix."""
