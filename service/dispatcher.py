@@ -257,9 +257,8 @@ class Dispatcher:
         self._bytes += size
         if key is not None:
             self._abortable[key] = task
-        if beat is not None and every_s is not None:
+        if beat is not None and every_s is not None:  # until `_done`
             self._heartbeats.add(task, beat, every_s, at_once=sink is not None)
-            task.add_done_callback(self._heartbeats.discard)
         task.add_done_callback(self._stream_done if stream else self._done)
 
     def _on_stream(self, msg: Msg) -> None:
@@ -318,6 +317,8 @@ class Dispatcher:
                 self._count(task.result(), self.complete_tally if tally is None else tally)
         key = self._tasks.pop(task, None)
         self._bytes -= self._sizes.pop(task, 0)
+        if self._heartbeats:
+            self._heartbeats.discard(task)
         if key is not None:
             del self._abortable[key]
             self._aborted.discard(task)

@@ -24,8 +24,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -850,7 +850,18 @@ class ClientStream:
     chunk, through the fast path with a header block built by one format; when the fast path
     cannot take a message (a reconnect), it and every later one go through nats-py in order."""
 
-    __slots__ = ("_backlog", "_drain", "_ended", "_fast", "_nc", "seq", "subject")
+    __slots__ = (
+        "_backlog",
+        "_drain",
+        "_ended",
+        "_fast",
+        "_nc",
+        "beat_every_s",
+        "beat_seq",
+        "beat_since",
+        "seq",
+        "subject",
+    )
 
     def __init__(self, nc: Client, subject: str) -> None:
         self._nc = nc
@@ -941,7 +952,16 @@ class ReplyHeartbeat:
     one reply: empty messages with `Lifeline-Event: heartbeat`, which its client, having asked,
     reads apart from the reply. `respond` sends the reply (NatsTransport.answer)."""
 
-    __slots__ = ("_answer", "_ended", "_fast", "seq", "subject")
+    __slots__ = (
+        "_answer",
+        "_ended",
+        "_fast",
+        "beat_every_s",
+        "beat_seq",
+        "beat_since",
+        "seq",
+        "subject",
+    )
 
     def __init__(self, transport: NatsTransport, subject: str) -> None:
         self._answer = transport.answer
@@ -954,9 +974,9 @@ class ReplyHeartbeat:
         if not self._ended:  # none through a reconnect (the fast path refuses): late, it is none
             self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK)
 
-    async def respond(self, reply: CompletionReply) -> CompletionReply:
+    def respond(self, reply: CompletionReply) -> Awaitable[CompletionReply]:
         self._ended = True
-        return await self._answer(self.subject, reply)
+        return self._answer(self.subject, reply)  # its coroutine: no frame of this one's
 
 
 class Heartbeats:
@@ -973,10 +993,14 @@ class Heartbeats:
     request's task is done (`discard`)."""
 
     def __init__(self) -> None:
-        # Per request's task: [its stream, interval, when its last event was seen, its seq then]
-        self._beating: dict[object, list[Any]] = {}
+        # Per request's task, its stream (or reply), which keeps its interval, when its last
+        # event was seen and its seq then (beat_*: no object more per request).
+        self._beating: dict[object, ClientStream | ReplyHeartbeat] = {}
         self._tick_s = _HEARTBEAT_TICK_MAX_S
         self._task: asyncio.Task[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._beating)
 
     def add(
         self,
@@ -987,8 +1011,11 @@ class Heartbeats:
     ) -> None:
         if at_once:
             stream.heartbeat()
-        self._beating[key] = [stream, every_s, time.monotonic(), stream.seq]
-        self._tick_s = min(self._tick_s, max(every_s / 4, _HEARTBEAT_TICK_MIN_S))
+        stream.beat_every_s, stream.beat_since = every_s, time.monotonic()
+        stream.beat_seq = stream.seq
+        self._beating[key] = stream
+        if every_s < self._tick_s * 4:
+            self._tick_s = max(every_s / 4, _HEARTBEAT_TICK_MIN_S)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._beat())
 
@@ -1006,13 +1033,12 @@ class Heartbeats:
             while self._beating:
                 await asyncio.sleep(self._tick_s)
                 now = time.monotonic()
-                for beat in self._beating.values():
-                    stream, every_s, since, seq = beat
-                    if stream.seq != seq:  # events went since the last look
-                        beat[2], beat[3] = now, stream.seq
-                    elif now - since >= every_s:
+                for stream in self._beating.values():
+                    if stream.seq != stream.beat_seq:  # events went since the last look
+                        stream.beat_since, stream.beat_seq = now, stream.seq
+                    elif now - stream.beat_since >= stream.beat_every_s:
                         stream.heartbeat()
-                        beat[2] = now
+                        stream.beat_since = now
         except Exception:  # a bug here must not end every stream's heartbeats unseen
             log.exception("heartbeats stopped: a bug (requests still get their replies)")
         finally:
