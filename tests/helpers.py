@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -794,6 +794,69 @@ async def expect_failure(provider: Provider, request: ProviderRequest) -> Provid
 
 
 # ---- raw NATS protocol ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def loop_stall(
+    seconds: float, first: Callable[[], None] | None = None
+) -> AsyncIterator[Callable[[], None]]:
+    """A read callback that, once the yielded function is called, holds this event loop in
+    its I/O phase for `seconds` (a burst to handle, a paused process), calling `first` as it
+    begins: uvloop then runs the timers that came due before it reads its sockets again."""
+    loop = asyncio.get_running_loop()
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+
+    def a_long_read() -> None:
+        reader.recv(1)
+        if first is not None:
+            first()
+        time.sleep(seconds)
+
+    loop.add_reader(reader.fileno(), a_long_read)
+    try:
+        yield lambda: writer.send(b"x")
+    finally:
+        loop.remove_reader(reader.fileno())
+        reader.close()
+        writer.close()
+
+
+@contextlib.contextmanager
+def peer_on_its_own_loop(
+    url: str, subject: str, handle: Callable[[Client, Msg], Any]
+) -> Iterator[None]:
+    """A NATS peer (a dispatcher, a worker) on a thread and an event loop of its own, so it
+    goes on while the test's loop stands still: `await handle(nc, msg)` for each message on
+    `subject`. Subscribed on entry; stopped on exit (a handler still looping must be told to
+    end first)."""
+    import nats
+
+    ready, done = threading.Event(), threading.Event()
+
+    def run() -> None:
+        async def serve() -> None:
+            nc = await nats.connect(url)
+
+            async def on_msg(msg: Msg) -> None:
+                await handle(nc, msg)
+
+            await nc.subscribe(subject, cb=on_msg)
+            await ensure_subscribed(nc)
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+            await nc.close()
+
+        asyncio.run(serve())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(10), f"the peer on {subject} did not subscribe"
+        yield
+    finally:
+        done.set()
+        thread.join(10)
 
 
 async def raw_publish(url: str, frames: list[bytes]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 import sys
 import threading
 import time
@@ -17,7 +16,15 @@ import msgspec
 import nats
 import pytest
 import uvloop
-from helpers import SilentServer, cli_env, config, fake, wait_for
+from helpers import (
+    SilentServer,
+    cli_env,
+    config,
+    fake,
+    loop_stall,
+    peer_on_its_own_loop,
+    wait_for,
+)
 from nats.aio.client import Client
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -1310,65 +1317,39 @@ def test_a_request_whose_heartbeats_came_while_the_client_was_stalled_gets_its_r
     The wait that ran out late was waited again for no time at all: the heartbeats read from
     the socket meanwhile had not yet reached the request, and complete() raised NoAnswer
     blaming the dispatcher, which then answered."""
-    ready, finish, done = threading.Event(), threading.Event(), threading.Event()
+    finish = threading.Event()
 
-    def dispatcher() -> None:  # on a loop of its own: it sends while the client's stands still
-        async def serve() -> None:
-            nc = await nats.connect(nats_url)
-
-            async def take(msg: Any) -> None:
-                while not finish.is_set():
-                    await nc.publish(msg.reply, b"", headers={subjects.EVENT: "heartbeat"})
-                    await asyncio.sleep(0.05)
-                reply = CompletionReply("r", "ok", content="Hi", provider="p", attempts=[])
-                await nc.publish(msg.reply, encoder.encode(reply))
-
-            await nc.subscribe(subjects.COMPLETE, cb=take)
-            await ensure_subscribed(nc)
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
-            await nc.close()
-
-        asyncio.run(serve())
+    async def take(nc: Any, msg: Any) -> None:  # a dispatcher alive while the client stalls
+        while not finish.is_set():
+            await nc.publish(msg.reply, b"", headers={subjects.EVENT: "heartbeat"})
+            await asyncio.sleep(0.05)
+        reply = CompletionReply("r", "ok", content="Hi", provider="p", attempts=[])
+        await nc.publish(msg.reply, encoder.encode(reply))
 
     async def scenario() -> CompletionReply:
         nc = await nats.connect(nats_url)
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
+        # Past the 1.6 s of silence heartbeats every 0.2 s allow.
+        async with loop_stall(2.5) as stall:
+            try:
+                client = Lifeline(nc, timeout_s=20)
+                asking = asyncio.ensure_future(client.complete("hi", heartbeat_s=0.2))
+                await wait_for(
+                    lambda: any(w.beating for w in client._replies.waiting.values()),
+                    what="the first heartbeat",
+                )
+                stall()
+                await asyncio.sleep(0.3)  # the loop turns again after its stall
+                finish.set()
+                return await asyncio.wait_for(asking, 10)
+            finally:
+                await nc.close()
 
-        def a_long_read() -> None:  # the loop is held in its I/O phase
-            reader.recv(1)
-            time.sleep(2.5)  # past the 1.6 s of silence heartbeats every 0.2 s allow
-
-        loop.add_reader(reader.fileno(), a_long_read)
+    with peer_on_its_own_loop(nats_url, subjects.COMPLETE, take):
         try:
-            client = Lifeline(nc, timeout_s=20)
-            asking = asyncio.ensure_future(client.complete("hi", heartbeat_s=0.2))
-            await wait_for(
-                lambda: any(w.beating for w in client._replies.waiting.values()),
-                what="the first heartbeat",
-            )
-            writer.send(b"x")
-            await asyncio.sleep(0.3)  # the loop turns again after its stall
-            finish.set()
-            return await asyncio.wait_for(asking, 10)
+            with asyncio.Runner(loop_factory=factory) as runner:
+                reply = runner.run(scenario())
         finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
-            await nc.close()
-
-    thread = threading.Thread(target=dispatcher)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with asyncio.Runner(loop_factory=factory) as runner:
-            reply = runner.run(scenario())
-    finally:
-        finish.set()
-        done.set()
-        thread.join(10)
+            finish.set()
     assert (reply.status, reply.content) == ("ok", "Hi")
 
 

@@ -35,6 +35,8 @@ from helpers import (
     cli_env,
     config,
     fake,
+    loop_stall,
+    peer_on_its_own_loop,
     run_lifeline,
     spawn_lifeline,
     wait_for,
@@ -978,74 +980,48 @@ def test_a_stream_whose_heartbeats_came_while_the_gateway_was_stalled_goes_on(
     sockets were read. The same for a request without `stream`."""
     monkeypatch.setattr("service.gateway._SILENCE_S", 0.5)
     monkeypatch.setattr("service.gateway._UNREAD_SWEEP_S", 0.1)
-    ready, finish, done = threading.Event(), threading.Event(), threading.Event()
+    finish = threading.Event()
 
-    def dispatcher() -> None:  # on a loop of its own: it sends while the gateway's stands still
-        async def serve() -> None:
-            nc = await nats.connect(nats_url)
-
-            async def take(msg: Msg) -> None:
-                while not finish.is_set():
-                    await nc.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
-                    await asyncio.sleep(0.05)
-                if not stream:
-                    reply = CompletionReply("r", "ok", content="Hi", provider="p", attempts=[])
-                    await nc.publish(msg.reply, encoder.encode(reply))
-                    return
-                delta = {"Lifeline-Seq": "1", "Lifeline-Attempt": "1"}
-                await nc.publish(msg.reply, b"Hi", headers=delta)
-                reply = CompletionReply("r", "ok", provider="p", attempts=[])
-                end = {**delta, "Lifeline-Seq": "2", "Lifeline-Event": "end"}
-                await nc.publish(msg.reply, encoder.encode(reply), headers=end)
-
-            await nc.subscribe("llm.stream" if stream else "llm.complete", cb=take)
-            await nc.flush()
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
-            await nc.close()
-
-        asyncio.run(serve())
+    async def take(nc: Any, msg: Msg) -> None:  # a dispatcher alive while the gateway stalls
+        while not finish.is_set():
+            await nc.publish(msg.reply, b"", headers={"Lifeline-Event": "heartbeat"})
+            await asyncio.sleep(0.05)
+        if not stream:
+            reply = CompletionReply("r", "ok", content="Hi", provider="p", attempts=[])
+            await nc.publish(msg.reply, encoder.encode(reply))
+            return
+        delta = {"Lifeline-Seq": "1", "Lifeline-Attempt": "1"}
+        await nc.publish(msg.reply, b"Hi", headers=delta)
+        reply = CompletionReply("r", "ok", provider="p", attempts=[])
+        end = {**delta, "Lifeline-Seq": "2", "Lifeline-Event": "end"}
+        await nc.publish(msg.reply, encoder.encode(reply), headers=end)
 
     async def scenario() -> httpx.Response:
         nc = await nats.connect(nats_url)
         gw = Gateway(nc)
         await gw.start(port=0)
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
+        async with loop_stall(1.5) as stall:
+            try:
+                async with httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+                    call = asyncio.ensure_future(
+                        http.post("/chat/completions", json=chat(stream=stream))
+                    )
+                    await wait_for(lambda: gw.inbox.waiting, what="the stream's request")
+                    stall()
+                    await asyncio.sleep(0.3)  # the loop turns again after its stall
+                    finish.set()
+                    return await call
+            finally:
+                await gw.stop()
+                await nc.close()
 
-        def a_long_read() -> None:  # the loop is held in its I/O phase
-            reader.recv(1)
-            time.sleep(1.5)
-
-        loop.add_reader(reader.fileno(), a_long_read)
+    subject = "llm.stream" if stream else "llm.complete"
+    with peer_on_its_own_loop(nats_url, subject, take):
         try:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
-                call = asyncio.ensure_future(
-                    http.post("/chat/completions", json=chat(stream=stream))
-                )
-                await wait_for(lambda: gw.inbox.waiting, what="the stream's request")
-                writer.send(b"x")
-                await asyncio.sleep(0.3)  # the loop turns again after its stall
-                finish.set()
-                return await call
+            with asyncio.Runner(loop_factory=factory) as runner:
+                response = runner.run(scenario())
         finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
-            await gw.stop()
-            await nc.close()
-
-    thread = threading.Thread(target=dispatcher)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with asyncio.Runner(loop_factory=factory) as runner:
-            response = runner.run(scenario())
-    finally:
-        finish.set()
-        done.set()
-        thread.join(10)
+            finish.set()
     assert response.status_code == 200, response.text
     assert '"content":"Hi"' in response.text.replace(" ", "") and "went silent" not in response.text
 
@@ -1980,7 +1956,6 @@ async def test_a_gateway_stopped_past_a_requests_wait_gives_the_answer_that_came
     meantime: on waking, its timers ran before the answer was read, and a request already
     served got a 504 (and a retrying client paid for a second call)."""
     import threading
-    import time
 
     from schemas import subjects
     from service.gateway import _Inbox

@@ -9,7 +9,6 @@ import itertools
 import json
 import re
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,8 @@ from helpers import (
     ask,
     config,
     fake,
+    loop_stall,
+    peer_on_its_own_loop,
     serving,
     settled,
     wait_for,
@@ -1472,63 +1473,33 @@ def test_a_first_chunk_that_came_while_the_dispatcher_was_starved_is_served_not_
     timers before it reads its sockets again, so the attempt timed out, the worker was told to
     cancel, and the next target was called and paid. Calls on llm.complete wait for the loop
     to catch up (service.loop.Timeouts, README: Circuit breakers); a stream's timer now does."""
-    asked, starved, done, ready = (threading.Event() for _ in range(4))
+    asked, starved = threading.Event(), threading.Event()
 
-    def worker() -> None:  # on a loop of its own: it answers while the dispatcher's stands still
-        async def serve() -> None:
-            nc = await nats.connect(nats_url)
-
-            async def answer(msg: Any) -> None:
-                asked.set()
-                await asyncio.get_running_loop().run_in_executor(None, starved.wait, 10)
-                await nc.publish(msg.headers[subjects.STREAM_TO], b"served in time")
-                await nc.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=1)))
-
-            await nc.subscribe(subjects.provider_subject("main"), cb=answer)
-            await ensure_subscribed(nc)
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
-            await nc.close()
-
-        asyncio.run(serve())
+    async def answer(nc: Any, msg: Any) -> None:  # a worker answering while the dispatcher stalls
+        asked.set()
+        await asyncio.get_running_loop().run_in_executor(None, starved.wait, 10)
+        await nc.publish(msg.headers[subjects.STREAM_TO], b"served in time")
+        await nc.publish(msg.reply, encoder.encode(ProviderOk("", "m", chunks=1)))
 
     async def scenario() -> CompletionReply:
         routes = route({"provider": "main", "ttft_s": 0.2}, "backup")
         cfg = parse_config(config({"main": fake(), "backup": fake(reply="backup")}, routes))
         stack = await start_stack(cfg, nats_url, Tracing(), workers=["backup"])
         nc = await nats.connect(nats_url)
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
+        async with loop_stall(0.6, first=starved.set) as stall:
+            try:
+                reading = asyncio.ensure_future(stream(nc, request("hi")).finish())
+                while not asked.is_set():
+                    await asyncio.sleep(0.001)
+                stall()
+                return await asyncio.wait_for(reading, 10)
+            finally:
+                await nc.close()
+                await stack.stop()
 
-        def a_long_read() -> None:  # the loop is held in its I/O phase
-            reader.recv(1)
-            starved.set()
-            time.sleep(0.6)
-
-        loop.add_reader(reader.fileno(), a_long_read)
-        try:
-            reading = asyncio.ensure_future(stream(nc, request("hi")).finish())
-            while not asked.is_set():
-                await asyncio.sleep(0.001)
-            writer.send(b"x")
-            return await asyncio.wait_for(reading, 10)
-        finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
-            await nc.close()
-            await stack.stop()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with asyncio.Runner(loop_factory=factory) as runner:
-            reply = runner.run(scenario())
-    finally:
-        done.set()
-        thread.join(10)
+    worker = peer_on_its_own_loop(nats_url, subjects.provider_subject("main"), answer)
+    with worker, asyncio.Runner(loop_factory=factory) as runner:
+        reply = runner.run(scenario())
     assert (reply.status, reply.provider) == ("ok", "main"), reply.attempts
 
 
@@ -1755,64 +1726,38 @@ def test_a_stream_whose_heartbeats_came_while_the_client_was_stalled_goes_on(nat
     the wait's timer fired before the socket was read again, and the stream raised NoAnswer
     blaming the dispatcher, its heartbeats waiting unread. A wait that ran out late waits
     once more before it judges."""
-    ready, finish, done = threading.Event(), threading.Event(), threading.Event()
+    finish = threading.Event()
 
-    def dispatcher() -> None:  # on a loop of its own: it sends while the client's stands still
-        async def serve() -> None:
-            nc = await nats.connect(nats_url)
-
-            async def take(msg: Any) -> None:
-                while not finish.is_set():
-                    await nc.publish(msg.reply, b"", headers={subjects.EVENT: "heartbeat"})
-                    await asyncio.sleep(0.05)
-                delta = {subjects.SEQ: "1", subjects.ATTEMPT_NO: "1"}
-                await nc.publish(msg.reply, b"Hi", headers=delta)
-                reply = CompletionReply("r", "ok", provider="p", attempts=[])
-                end = {**delta, subjects.SEQ: "2", subjects.EVENT: END}
-                await nc.publish(msg.reply, encoder.encode(reply), headers=end)
-
-            await nc.subscribe(subjects.STREAM, cb=take)
-            await ensure_subscribed(nc)
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
-            await nc.close()
-
-        asyncio.run(serve())
+    async def take(nc: Any, msg: Any) -> None:  # a dispatcher alive while the client stalls
+        while not finish.is_set():
+            await nc.publish(msg.reply, b"", headers={subjects.EVENT: "heartbeat"})
+            await asyncio.sleep(0.05)
+        delta = {subjects.SEQ: "1", subjects.ATTEMPT_NO: "1"}
+        await nc.publish(msg.reply, b"Hi", headers=delta)
+        reply = CompletionReply("r", "ok", provider="p", attempts=[])
+        end = {**delta, subjects.SEQ: "2", subjects.EVENT: END}
+        await nc.publish(msg.reply, encoder.encode(reply), headers=end)
 
     async def scenario() -> tuple[str, CompletionReply]:
         nc = await nats.connect(nats_url)
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
+        # Past the 1.6 s of silence heartbeats every 0.2 s allow.
+        async with loop_stall(2.5) as stall:
+            try:
+                events = stream(nc, request("hi", timeout_s=20), heartbeat_s=0.2)
+                reading = asyncio.ensure_future(events.finish())
+                await wait_for(lambda: nc.stats["in_msgs"], what="the first heartbeat")
+                stall()
+                await asyncio.sleep(0.3)  # the loop turns again after its stall
+                finish.set()
+                reply = await asyncio.wait_for(reading, 10)
+                return events.assembler.text, reply
+            finally:
+                await nc.close()
 
-        def a_long_read() -> None:  # the loop is held in its I/O phase
-            reader.recv(1)
-            time.sleep(2.5)  # past the 1.6 s of silence heartbeats every 0.2 s allow
-
-        loop.add_reader(reader.fileno(), a_long_read)
+    with peer_on_its_own_loop(nats_url, subjects.STREAM, take):
         try:
-            events = stream(nc, request("hi", timeout_s=20), heartbeat_s=0.2)
-            reading = asyncio.ensure_future(events.finish())
-            await wait_for(lambda: nc.stats["in_msgs"], what="the first heartbeat")
-            writer.send(b"x")
-            await asyncio.sleep(0.3)  # the loop turns again after its stall
-            finish.set()
-            reply = await asyncio.wait_for(reading, 10)
-            return events.assembler.text, reply
+            with asyncio.Runner(loop_factory=factory) as runner:
+                text, reply = runner.run(scenario())
         finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
-            await nc.close()
-
-    thread = threading.Thread(target=dispatcher)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with asyncio.Runner(loop_factory=factory) as runner:
-            text, reply = runner.run(scenario())
-    finally:
-        finish.set()
-        done.set()
-        thread.join(10)
+            finish.set()
     assert (text, reply.status) == ("Hi", "ok")
