@@ -317,7 +317,7 @@ class Dispatcher:
                 self._count(task.result(), self.complete_tally if tally is None else tally)
         key = self._tasks.pop(task, None)
         self._bytes -= self._sizes.pop(task, 0)
-        if self._heartbeats:
+        if self._heartbeats.beating:
             self._heartbeats.discard(task)
         if key is not None:
             del self._abortable[key]

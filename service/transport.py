@@ -994,13 +994,11 @@ class Heartbeats:
 
     def __init__(self) -> None:
         # Per request's task, its stream (or reply), which keeps its interval, when its last
-        # event was seen and its seq then (beat_*: no object more per request).
-        self._beating: dict[object, ClientStream | ReplyHeartbeat] = {}
+        # event was seen and its seq then (beat_*: no object more per request). Read by a
+        # dispatcher's every done request (a C-level test when empty, not a method call).
+        self.beating: dict[object, ClientStream | ReplyHeartbeat] = {}
         self._tick_s = _HEARTBEAT_TICK_MAX_S
         self._task: asyncio.Task[None] | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self._beating)
 
     def add(
         self,
@@ -1013,27 +1011,27 @@ class Heartbeats:
             stream.heartbeat()
         stream.beat_every_s, stream.beat_since = every_s, time.monotonic()
         stream.beat_seq = stream.seq
-        self._beating[key] = stream
+        self.beating[key] = stream
         if every_s < self._tick_s * 4:
             self._tick_s = max(every_s / 4, _HEARTBEAT_TICK_MIN_S)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._beat())
 
     def discard(self, key: object) -> None:
-        self._beating.pop(key, None)
+        self.beating.pop(key, None)
 
     def stop(self) -> None:
-        self._beating.clear()
+        self.beating.clear()
         if self._task is not None:
             self._task.cancel()
             self._task = None
 
     async def _beat(self) -> None:
         try:
-            while self._beating:
+            while self.beating:
                 await asyncio.sleep(self._tick_s)
                 now = time.monotonic()
-                for stream in self._beating.values():
+                for stream in self.beating.values():
                     if stream.seq != stream.beat_seq:  # events went since the last look
                         stream.beat_since, stream.beat_seq = now, stream.seq
                     elif now - stream.beat_since >= stream.beat_every_s:
