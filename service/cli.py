@@ -74,7 +74,7 @@ from schemas.wire import (
     message_bytes,
     reply_decoder,
 )
-from service import app, client, discovery, jetstream, logs, loop, natsio, natsopts
+from service import app, client, discovery, jetstream, logs, loop, natsopts
 from service.app import (
     Component,
     ConnectionWatch,
@@ -1594,7 +1594,7 @@ async def cmd_ask(args: argparse.Namespace) -> int:
     try:
         if args.stream:
             return await _ask_streaming(nc, url, request)
-        msg = await _send(nc, url, encoder.encode(request), timeout_s=args.timeout)
+        reply = await _send(nc, url, request)
     except asyncio.CancelledError:  # Ctrl-C, SIGTERM or SIGHUP: both ways have sent the abort
         # Said, for the exit status alone left the user wondering whether it ran on, paid for.
         after = "\n" if args.stream else ""  # the text so far ends without a line break
@@ -1604,13 +1604,13 @@ async def cmd_ask(args: argparse.Namespace) -> int:
             flush=True,
         )
         raise
-    if msg is None:
+    if reply is None:
         return 1
     if args.json:
-        print(msg.data.decode())
+        print(encoder.encode(reply).decode())
     else:
-        _print_reply(reply_decoder.decode(msg.data))
-    return 0 if reply_decoder.decode(msg.data).status == "ok" else 1
+        _print_reply(reply)
+    return 0 if reply.status == "ok" else 1
 
 
 def _client_config_path(args: argparse.Namespace) -> str | None:
@@ -2253,27 +2253,19 @@ def _struck(text: str) -> str:
     return "".join(c + "\u0336" for c in short)
 
 
-async def _send(nc: Client, url: str, payload: bytes, timeout_s: float) -> Msg | None:
-    """Send one request and close `nc`: the dispatcher's answer, or None after saying why
-    there is none."""
-    key = client.abort_key()
-    headers = {subjects.ABORT_KEY: key}
-    await _fit(nc, payload, headers)
+async def _send(nc: Client, url: str, request: CompletionRequest) -> CompletionReply | None:
+    """Send one request as the Python client does (an abort on Ctrl-C, heartbeats asked for,
+    so a dispatcher that died is noticed within seconds, not at the timeout) and close `nc`:
+    the dispatcher's answer, or None after saying why there is none."""
     try:
-        # A little over the request's own timeout: the dispatcher always answers first.
-        return await nc.request(subjects.COMPLETE, payload, timeout=timeout_s + 2, headers=headers)
-    except asyncio.CancelledError:  # Ctrl-C: the dispatcher stops the request (closing flushes)
-        await client.abort(nc, key)
-        raise
-    except natsio.PublishRefused as exc:  # said as it came: its role is not a client's
-        print(f"lifeline: {exc}: no dispatcher got the request", file=sys.stderr)
+        return await client.Lifeline(nc).complete(request)
+    except client.NotPermitted as exc:  # said as it came: its role is not a client's
+        print(f"lifeline: {exc.__cause__ or exc}: no dispatcher got the request", file=sys.stderr)
         return None
-    except nats.errors.NoRespondersError:  # as ask --stream says it (the client's NoDispatcher)
-        print(
-            f"lifeline: no dispatcher is subscribed to {subjects.COMPLETE}: start one "
-            f"(`lifeline run`) ({redact_url(url)})",
-            file=sys.stderr,
-        )
+    except client.RequestTooLarge as exc:  # checked before anything is sent
+        raise ValueError(f"{exc}: shorten the prompt") from None
+    except client.LifelineError as exc:  # NoDispatcher, NoAnswer (a silence, the timeout), ...
+        print(f"lifeline: {exc} ({redact_url(url)})", file=sys.stderr)
         return None
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the user gets one line
         print(

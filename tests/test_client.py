@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from schemas import ChatMessage, CompletionRequest, subjects
+from schemas import ChatMessage, CompletionRequest, streaming, subjects
 from schemas.wire import CompletionReply, ErrorInfo, encoder, reply_decoder
 from service import natsio
 from service.client import (
@@ -1250,6 +1250,40 @@ async def test_a_request_whose_dispatcher_dies_says_so_within_its_heartbeats_not
                 await asyncio.wait_for(call, 30)
         said = str(silent.value)
         assert "not even the heartbeat" in said and "most likely died" in said, said
+    finally:
+        service.stop()
+
+
+async def test_lifeline_ask_whose_dispatcher_dies_says_so_within_seconds_not_its_timeout(
+    client, nats_url, tmp_path
+):
+    """`lifeline ask` (no --stream) sent through nats-py's request() without heartbeats: a
+    dispatcher SIGKILLed mid-request cost it its whole --timeout and 2 s. Now it asks for them
+    as the Python client does, and ends at their silence saying the dispatcher most likely
+    died."""
+    import signal
+    import subprocess
+
+    from helpers import Service, spawn_lifeline
+
+    service = Service(tmp_path, nats_url, config({"main": fake(latency_ms=120_000)}))
+    beats = await client.subscribe("_INBOX.>")
+    try:
+        _, doomed = service.start_all(["main"], dispatchers=1)
+        ask = spawn_lifeline(
+            "ask", "--nats-url", nats_url, "--timeout", "100", "hi", stderr=subprocess.PIPE
+        )
+        try:
+            while not streaming.is_heartbeat((await beats.next_msg(timeout=20)).headers):
+                pass
+            doomed.proc.send_signal(signal.SIGKILL)
+            doomed.proc.wait()
+            _, err = await asyncio.to_thread(ask.communicate, timeout=30)
+        finally:
+            ask.kill()
+            ask.wait()
+        assert ask.returncode == 1, err
+        assert "not even the heartbeat" in err and "most likely died" in err, err
     finally:
         service.stop()
 
