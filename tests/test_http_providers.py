@@ -600,6 +600,7 @@ async def test_a_worker_out_of_file_descriptors_says_so_and_which_limit_to_raise
         assert kinds["ok"] and kinds["rate_limit"] and not kinds["connection"], kinds
         failed = next(a for r in replies for a in r.attempts if a.error_type)
         assert "out of file descriptors" in failed.message and "ulimit -n" in failed.message
+        assert failed.message.endswith("max_in_flight in [providers.local]"), failed.message
     finally:
         worker.terminate()
         worker.wait(timeout=15)

@@ -629,9 +629,10 @@ _RAISE_LIMIT = "raise max_response_bytes"
 
 
 def in_table(error: ProviderError, name: str) -> ProviderError:
-    """`error` itself, its message, when it is an answer over max_response_bytes, naming the
-    table to raise that in: [providers.<name>] (`name` empty: a provider made without one)."""
-    if error.kind == "response_too_large" and name and error.message.endswith(_RAISE_LIMIT):
+    """`error` itself, its message, when it asks for a setting of the provider's (an answer
+    over max_response_bytes, a worker out of file descriptors), naming the table to change it
+    in: [providers.<name>] (`name` empty: a provider made without one)."""
+    if name and error.message.endswith((_RAISE_LIMIT, _OUT_OF_FILES)):
         error.message += f" in [providers.{name}]"
         error.args = (error.message,)
     return error
