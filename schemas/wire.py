@@ -402,8 +402,9 @@ MAX_ID_LENGTH = 256
 RequestId = Annotated[str, Meta(max_length=MAX_ID_LENGTH)]
 
 
-class CompletionRequest(Struct, frozen=True):
-    """What a client sends to llm.complete (and to llm.stream, llm.jobs.submit)."""
+class CompletionRequest(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a client sends to llm.complete (and to llm.stream, llm.jobs.submit). A field it
+    does not know is refused, not ignored: a misspelt `max_token` must not pass unnoticed."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     id: RequestId = ""

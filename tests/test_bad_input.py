@@ -49,6 +49,17 @@ CASES = {
         "timeout_s",
     ),
     "not UTF-8": (b"\xff\xfe\x00", "invalid_request", "invalid request"),
+    # Ignored before: the request ran with no max_tokens, the client never told.
+    "misspelt field": (
+        encoder.encode({**USER_HELLO, "max_token": 5}),
+        "invalid_request",
+        "unknown field `max_token` (did you mean `max_tokens`?)",
+    ),
+    "unknown field": (
+        encoder.encode({**USER_HELLO, "zzz": 1}),
+        "invalid_request",
+        "unknown field `zzz` (the fields are messages, id, route,",
+    ),
 }
 
 

@@ -282,12 +282,14 @@ async def test_deeply_nested_input_gets_an_invalid_request_answer(service, ledge
         await ledger.send(request_id, payload)
     await ledger.settle(2, 2)
     ledger.assert_exactly_once(list(payloads))
+    # Under a field the request may not carry, it is refused for that field before its depth.
+    said = {"in-metadata": "nested too deeply", "top": "unknown field `x`"}
     for request_id in payloads:
         error = ledger.reply_of[request_id].error
         assert (
             error is not None
             and error.type == "invalid_request"
-            and "nested too deeply" in error.message
+            and said[request_id] in error.message
         )
     await still_serving(ledger)
 
