@@ -659,7 +659,8 @@ def message_bytes(payload: bytes, headers: Mapping[str, str] | None = None) -> i
     nats-py checks only the payload before publishing; a message whose headers push it over
     max_payload is refused by the server, which then closes the whole connection. So every
     publish of Lifeline's is measured here first. The header block is nats-py's encoding:
-    "NATS/1.0\r\n", "key: value\r\n" per header, "\r\n".
+    "NATS/1.0\r\n", "key: value\r\n" per header, "\r\n". A test publishes at the limit and
+    one byte over it to prove it counts as the server does (tests/test_limits.py).
     """
     if not headers:
         return len(payload)

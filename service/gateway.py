@@ -12,6 +12,11 @@ loads the wire and nothing of the dispatcher. `model` names a route, else a targ
 (sent as `targets: [model]`). Lifeline's own fields come back as x-lifeline-* headers and in
 a `lifeline` field of the body; errors in OpenAI's shape with the status of STATUS below.
 
+Starlette (Encode's ASGI toolkit, which FastAPI is built on) does routing and streamed
+responses, uvicorn with httptools' C parser is the server, run inside Lifeline's own event
+loop. Replies and stream events come through one wildcard inbox on the fast path; the request
+path is a third of the gateway's CPU (py-spy), the rest being the HTTP stack and socket writes.
+
 A reset on a stream (an attempt failed after its text was sent) is a chunk with an empty delta
 and a `lifeline.reset` field ({"attempt", "discard", "error"}): drop the last `discard` content
 and tool-call chunks. The official SDKs pass unknown fields through (Python:

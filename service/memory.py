@@ -50,7 +50,9 @@ _GC_THRESHOLDS = (20_000, 20, 20)
 
 def settle_after_start() -> None:
     """Once a component is up: what start-up allocated (modules, config, clients) is moved out
-    of the collector's sight for good (gc.freeze), and young collections come less often."""
+    of the collector's sight for good (gc.freeze), and young collections come less often:
+    every 20,000 allocations instead of 700. Requests make few reference cycles, so this costs
+    little memory."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLDS)

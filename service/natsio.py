@@ -357,6 +357,12 @@ async def close(nc: Client) -> None:
 # handler in nats-py (called from the socket's data callback, as nats.go's handlers are
 # called from its reader), and a publish that schedules one write per loop turn instead of a
 # Future per call.
+#
+# Why nats-py with this adapter and not a FastStream subscriber: on a 2-core machine a
+# FastStream 0.7.8 subscriber relays at about a quarter of a plain nats-py relay, and with its
+# default `max_workers=1` it handles one message at a time. FastStream writes the wire's
+# AsyncAPI document (`lifeline spec`); nothing else imports it. The newer `nats-core` package
+# was no option: PyPI has only a 0.0.0 placeholder (a 76-byte `__init__.py`, October 2025).
 
 NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
 # nats.aio.msg.Msg's dataclass fields in order, which `_FastParser._message` fills positionally.

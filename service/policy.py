@@ -26,7 +26,8 @@ rest. Each step is a decision, a value the loop in `run_chain` acts on:
     Stop      a failure fallback_on excludes, fallback disabled by the request, the deadline
               passed, or max_attempts physical attempts made
 
-Every attempt, skipped or made, lands in `attempts` with what happened next. Breaker state
+A new rule is a new decision, not a flag threaded through the loop. Every attempt, skipped
+or made, lands in `attempts` with what happened next. Breaker state
 and recent latencies come from an injected `health` (service/health.py), which also hears
 every call's outcome.
 

@@ -248,7 +248,9 @@ _MAX_EXPANDED = 10_000
 # many subschemas, a failure says only that the answer does not match.
 _EXPLAINED_UP_TO = 1_000
 # A regular expression from a request runs on the event loop: a pathological one (nested
-# quantifiers on a long answer) must not stall every other request for long.
+# quantifiers on a long answer) must not stall every other request for long. Python's `re` has
+# no timeout; `regex` (Matthew Barnett's `re`-compatible engine, on PyPI since 2010 and
+# released every few months) takes a timeout per match.
 _REGEX_TIMEOUT_S = 0.05
 _MAX_PATTERN_CHARS = 1000
 _MAX_REPEATS = 100_000  # counted repeats multiplied: about 40 ms to compile, at the most
@@ -314,11 +316,16 @@ def _format_check(response_format: ResponseFormat) -> Check:
 
 
 class _Schema:
-    """A request's JSON Schema, compiled by jsonschema-rs: the Rust implementation, whose
+    """A request's JSON Schema, compiled by jsonschema-rs (the `jsonschema` Rust crate's Python
+    binding, draft 2020-12, released every few weeks): the Rust implementation, whose
     schema check is dozens of times faster than Python's jsonschema (a request with a 900 KB
     schema: 0.10 s of the event loop against 3.75 s), whose patterns run on Rust's regex
     engines (linear time, or a backtracking limit where lookaround needs one: no pattern
-    stalls the loop), and which never fetches a remote $ref (offline)."""
+    stalls the loop), and which never fetches a remote $ref (offline). It replaced Python's
+    `jsonschema` (still what the test suite checks the published wire schemas with), which took
+    3.75 s of the event loop to check a request with a 900 KB schema and 4.6 s for one with
+    12,000 tools (now 0.10 and 0.11 s), and ran a schema's patterns with `re`, where one
+    request's `"^(a|a)+$"` could hold the dispatcher for days."""
 
     __slots__ = ("explained", "patterns", "schema", "validator")
 

@@ -21,6 +21,12 @@ A dispatcher that cannot reach the bucket (JetStream off, NATS trouble, a timeou
 in its log, keeps acting on its own view (as with service/health.py's LocalStore), and tries
 again every few seconds. Requests never wait on the bucket, except for the rare probe claim
 (bounded).
+
+Why JetStream KV: it is already in the NATS Lifeline runs on, instead of Redis or a gossip
+protocol. Only state changes are written (an open, a probe claim, a close). Failure counts
+stay per replica: sharing every outcome would put a JetStream write on every request. The
+price: with N replicas, a breaker opens when one replica has seen enough failures, not when
+all of them together have.
 """
 
 from __future__ import annotations

@@ -263,7 +263,9 @@ def hand_off(processor: SpanProcessor) -> HandOff:
     append, in order, and waking the export thread once a batch is full. It relies on
     attributes of the SDK's BatchProcessor that are not public API; `_QueueBatches.fits`
     checks them first, and a version without them gets on_end per span, as before
-    (tests/test_span_recorder.py fails loudly then, so the adapter is updated, not lost)."""
+    (tests/test_span_recorder.py fails loudly then, so the adapter is updated, not lost).
+    What would make it unnecessary upstream: an `on_end` for many spans at once, or one
+    without a system call per span."""
     if type(processor) is BatchSpanProcessor and _QueueBatches.fits(processor):
         return _QueueBatches(processor).hand
     return _OneByOne(processor.on_end).hand

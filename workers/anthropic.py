@@ -473,7 +473,11 @@ def _check_images(messages: Sequence[ChatMessage]) -> None:
 def _pixels(data: str) -> tuple[int, int] | None:
     """An image's width and height from its header, read by imagesize (PNG, GIF, WebP, JPEG:
     a JPEG's frame header follows its APP segments, so more of it is decoded); None when it
-    tells none (another type, or a JPEG whose frame header is not near its start)."""
+    tells none (another type, or a JPEG whose frame header is not near its start).
+
+    imagesize (MIT, pure Python, no dependencies, 2.0.1 in August 2026) replaced hand-written
+    PNG, GIF, WebP and JPEG parsers (puremagic and filetype tell the type only); the type
+    itself is still four magic numbers here, imagesize keeping its detection private."""
     head = _decoded("".join(data[:128].split())[:64])  # 48 bytes
     if head.startswith(b"\xff\xd8"):
         head = _decoded("".join(data[:_JPEG_HEAD_CHARS].split()))

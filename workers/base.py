@@ -765,10 +765,12 @@ def _event_source(response: httpx.Response, max_bytes: int) -> EventSource:
     """A 200 event stream's events, read by httpx-sse from the capped, decoded body.
 
     httpx-sse splits lines on CR, LF and CRLF only, as the SSE spec says (httpx's aiter_lines
-    also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings). Neither its
+    also splits on U+2028 and U+2029, which JSON leaves unescaped inside strings: a chunk with
+    one broke a hand-written parser). Neither its
     line buffer nor its event's data: lines have a bound of their own: the count of each
     event's bytes (see _capped_pieces) is the bound, so a stream, however it is framed, holds
-    at most about `max_bytes`.
+    at most about `max_bytes`. httpx-sse is kept by florimondmanca, small, on httpx's own API;
+    the worker checks the status first (an error body is not an event stream).
     """
     capped = httpx.Response(
         response.status_code,
