@@ -5,9 +5,10 @@ chooses asyncio's even where uvloop is there (to compare, or to rule it out).
 uvloop is libuv under asyncio's API, kept by the people who maintain asyncio's own
 event-loop code (MagicStack, whose Yury Selivanov co-maintains asyncio), with wheels on PyPI
 for Linux and macOS; elsewhere Lifeline runs on asyncio's loop unchanged. nats-py, httpx and
-the OpenTelemetry SDK run on uvloop as they are. It took about a tenth off the dispatcher's
-and the worker's CPU per request (see the README's benchmarks). It helps the relay about as
-much as Lifeline, so the bench runs every process on it and the ratio stays like for like.
+the OpenTelemetry SDK run on uvloop as they are. It took a few per cent off the dispatcher's
+and the worker's CPU per request (tests/bench/HISTORY.md, the first pass). It helps the relay
+about as much as Lifeline, so the bench runs every process on it and the ratio stays like for
+like.
 """
 
 from __future__ import annotations
