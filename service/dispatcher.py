@@ -66,6 +66,9 @@ _REFUSALS = frozenset((OVERLOADED, REPLY_SUBJECT_REFUSED))
 class Dispatcher:
     def __init__(self, nc: Client, config: Config, spans: telemetry.SpanRecorder) -> None:
         self.transport = NatsTransport(nc)
+        self.transport.confirm_requests = config.audit.confirm_requests and bool(
+            config.audit.stream
+        )
         # Circuit breakers and recent figures; with shared_health, shared with the other replicas
         # through JetStream KV.
         settings = config.dispatcher

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -113,6 +114,8 @@ class NatsTransport:
         # None while that is not known (not looked at yet, or the look failed): waited for too,
         # since a core publish is lost while a cluster's stream has no leader.
         self.audit_kept: frozenset[str] | None = None
+        # audit.confirm_requests: a request's event waits for the stream's ack as a job's does.
+        self.confirm_requests = False
 
     def spanned_an_outage(self, started: float) -> bool:
         """Whether this connection was down at some time since `started` (time.monotonic()):
@@ -242,16 +245,21 @@ class NatsTransport:
 
     async def audit(self, event: AuditEvent, msg_id: str | None = None) -> None:
         """Publish the request's one audit event (the audit stream captures it, and keeps one
-        per `msg_id` when given)."""
+        per `msg_id` when given). A job's event (one with a `msg_id`), and with
+        audit.confirm_requests every request's (given one of its own), waits for the stream's
+        confirmation (`_audit_acked`)."""
+        if msg_id is None and self.confirm_requests:
+            msg_id = f"req:{secrets.token_hex(12)}"  # this event's alone: tries share it
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
         subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
-        if (
-            headers
-            and (self.audit_kept is None or subject in self.audit_kept)
-            and await self._audit_acked(subject, payload, headers)
-        ):
-            return
+        if headers and (self.audit_kept is None or subject in self.audit_kept):
+            try:
+                if await self._audit_acked(subject, payload, headers):
+                    return
+            except asyncio.CancelledError:  # a stop past its grace: sent as is, kept if it can
+                publish_now(self.nc, subject, payload, "an audit event", headers)
+                raise
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
             await publish_later(self.nc, subject, payload, "an audit event", headers)
 
@@ -262,8 +270,9 @@ class NatsTransport:
         has no leader for a few seconds after a node dies: its jobs, acknowledged right after,
         lost their events for good (174 of 1,200 in one `make chaos-cluster`). The job's
         heartbeat holds it meanwhile; a try that timed out may have been kept, and the stream
-        keeps one event per Nats-Msg-Id. Requests' events stay core publishes: a JetStream
-        publish costs 93 to 200 µs of CPU against 2 to 4 (the README's Durable jobs)."""
+        keeps one event per Nats-Msg-Id. Requests' events stay core publishes unless
+        audit.confirm_requests says otherwise: a JetStream publish costs 93 to 200 µs of CPU
+        against 2 to 4 (the README's Durable jobs); a request's reply has gone by then."""
         js = self.nc.jetstream(timeout=_AUDIT_TRY_S)
         give_up, tries = time.monotonic() + _AUDIT_PATIENCE_S, 0
         while True:
@@ -277,9 +286,9 @@ class NatsTransport:
                 return False
             if time.monotonic() >= give_up:
                 log.warning(
-                    "audit: the audit stream did not confirm a job's event in %g s (%r); "
-                    "sent as other events are, kept only if the stream takes it now, as are "
-                    "the next jobs' until the stream is seen again",
+                    "audit: the audit stream did not confirm an event in %g s (%r); sent as a "
+                    "core publish, kept only if the stream takes it now, as are the next "
+                    "events until the stream is seen again",
                     _AUDIT_PATIENCE_S,
                     problem,
                 )

@@ -336,6 +336,39 @@ async def test_an_audit_stream_that_cannot_be_made_at_start_is_made_once_it_can(
     )
 
 
+@pytest.mark.parametrize("confirm", [False, True], ids=["core", "confirmed"])
+async def test_a_requests_event_outlives_an_audit_stream_outage_when_confirmed(
+    lifeline, client, audit, confirm
+):
+    """A request's event is a core publish: sent while the audit stream is away (a cluster's
+    has no leader for a few seconds after a node dies), it reaches live subscribers and the
+    stream keeps none of it. With audit.confirm_requests it is tried again until the stream
+    confirms it, as a job's is, and kept once the stream is back; the reply never waits."""
+    from service.audit import ensure_audit_stream
+
+    await lifeline({**config({"main": fake()}), "audit": {"confirm_requests": confirm}})
+    js = client.jetstream()
+    await js.delete_stream(AuditSettings().stream)
+    assert (await ask(client, {**USER_HELLO, "id": "while-gone"})).status == "ok"
+    await audit.wait_for(1)  # its first try went by: seen live, kept by no stream
+    assert await ensure_audit_stream(js, AuditSettings()) is None
+    assert (await ask(client, {**USER_HELLO, "id": "after"})).status == "ok"
+    expected = {"while-gone", "after"} if confirm else {"after"}
+
+    async def kept() -> set[str]:
+        return {
+            audit_decoder.decode(data).id
+            async for data in read_events(js, AuditSettings(), 0, False)
+        }
+
+    await wait_for(lambda: _at_least(kept, len(expected)), 10, "the events kept", interval_s=0.2)
+    assert await kept() == expected
+
+
+async def _at_least(kept: Any, count: int) -> bool:
+    return len(await kept()) >= count
+
+
 async def test_jetstream_gone_silent_under_the_audit_stream_is_said_and_its_return_too(
     tracers, caplog, monkeypatch
 ):
