@@ -6,6 +6,23 @@ provider run as `lifeline` processes, each connecting as its role's user (NATS_U
 NATS_PASSWORD); the test is client alice (inbox prefix _INBOX.alice), client bob and the
 operator. The service's own users never hit a permission violation: the server's log is read
 for them at the end.
+
+What the README said of this test until 2026-12-04, word for word: it runs a nats-server with
+the generated file, a dispatcher, workers and a gateway as `lifeline` processes each connected
+as its role, and then a core request, a stream, a timed-out attempt cancelled and fallen back
+from, a hedge's loser cancelled, a request through the gateway, a job (from Python and from
+`lifeline submit` and `result`), `lifeline status`, `lifeline audit` and `lifeline health`
+(every one of them found) as the operator; the service's users hit no permission violation.
+It then shows the server refusing, one by one: a client subscribing to `llm.provider.>`,
+another client's inbox, `_INBOX.>`, `llm.audit.>`, the dispatchers' inbox or `llm.complete` in
+the dispatchers' queue group; publishing a cancel or straight to a worker; reading the audit
+stream or the health bucket; watching, listing or reading (by sequence, or the newest of
+`job.*`) the results bucket, writing a result or making the jobs stream; a worker subscribing
+to another provider's subjects (or its own outside its queue group), publishing a cancel, a
+reply to a dispatcher it was not asked for, or anything to a client; a gateway reading a
+client's answers, posing as a dispatcher in `$SRV`, cancelling or answering a client; an
+operator cancelling or sending a request; and a client without its inbox prefix getting no
+reply.
 """
 
 from __future__ import annotations
