@@ -6,7 +6,18 @@ against a real worker), one image built from the checkout, nothing pip-installed
 traces to Jaeger with no metrics export for it to refuse; NATS on the least-privilege config
 that `lifeline nats-config` writes, each Lifeline service connected as its role with its
 password from a compose secret, and none written in the file (those scripts run here too, with
-a real nats-server, a worker, the gateway and `lifeline health`)."""
+a real nats-server, a worker, the gateway and `lifeline health`).
+
+What the README said was run, until 2026-12-04: Debian's `docker-compose` 1.29.2 parses and
+resolves the file (`docker-compose config`; it predates `dockerfile_inline`, so it is given the
+file with that one key renamed), and this module does so whenever a compose is installed
+(`docker compose` v2 gets the file as it is), checks the rest in Python (a worker per provider,
+a healthcheck per Lifeline service, nothing installed at start, no metrics export, a user and a
+secret per Lifeline service, no password in the file), builds a wheel from exactly the files
+the image copies, runs the healthcheck's command against a real worker, and runs the stack's
+scripts with `sh` and their paths moved: the generator, nats-server on its output with the
+README's secrets, a worker connecting as `worker-backup`, the gateway as `gateway` (refusing a
+request without its key, letting one with it through) and `lifeline health` as `operator`."""
 
 from __future__ import annotations
 
