@@ -35,6 +35,11 @@ Alongside the breaker, each target keeps 1-second slots of outcomes (the last 5 
 the recent latencies of its good answers, for the failure rate, `lifeline status`, the
 OpenTelemetry gauges and hedge = "p95"; and, apart, its streams' times to their first chunk:
 a streamed call's race is settled by its first chunk, so its hedge waits for their p95.
+
+Beside other gateways (the README's words until 2026-12-04): LiteLLM's defaults are similar: it
+benches a deployment on a 429, or on more than 50% failures in a minute, for 5 s; it needs
+Redis to share that state, where Lifeline uses the NATS it runs on. LiteLLM can only race all
+models at once; the other gateways do not hedge.
 """
 
 from __future__ import annotations

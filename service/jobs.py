@@ -29,6 +29,16 @@
 
 Audit: one event per job handled by the engine (a delivery that finds its result stored adds
 none). Without JetStream on the server the dispatcher logs why and takes no jobs.
+
+Claims, as the README gave them until 2026-12-04: a dispatcher claims the id before running a
+job (it creates the key `claim.` + the result key's hash in the bucket, which fails where it
+exists), writes the claim again every third of `jobs.ack_wait_s` while the job runs, and purges
+it as the job ends, its result stored first (two round trips more per job, and no claim left to
+fill a bucket limited in values or bytes). A copy finding another job's claim looks for the
+result until it is there, and takes the claim over from its own job's earlier delivery (come
+back after its dispatcher died) and from a dispatcher that has not written it for that
+dispatcher's ack wait (died, or stopped; the claim says it, read up to 300 s, so a rolling
+change of `jobs.ack_wait_s` takes no live claim early).
 """
 
 from __future__ import annotations
