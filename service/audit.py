@@ -3,10 +3,12 @@
 Every request's one audit event is published on llm.audit.<status> with a core publish: live
 subscribers get it at once, and the stream keeps it for later (for `lifeline audit`, and for
 consumers that were offline), up to audit.max_age_s and audit.max_bytes, dropping the oldest
-past them. A job's event carries Nats-Msg-Id "job:<a hash of its id>", so a job answered again
-after a dispatcher died keeps one event in the stream; it is a JetStream publish, waited for
-while the stream is there to capture its subject (service.transport's _audit_acked, told
-which subjects by keep_audit_stream).
+past them. A job's event carries Nats-Msg-Id "job:<a hash of its id and its place in the
+jobs stream>" (schemas.subjects.job_audit_id), so a job answered again after a dispatcher died
+keeps one event in the stream; it is a JetStream publish, waited for while the stream is there
+to capture its subject (service.transport's _audit_acked, told which subjects by
+keep_audit_stream). With audit.confirm_requests, a request's event goes the same way, under a
+Nats-Msg-Id of its own.
 
 Why a core publish into a captured subject rather than a JetStream publish: measured here (one
 process, an audit-sized event, 20,000 of each), the fast path's core publish costs 2 µs of

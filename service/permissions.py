@@ -25,10 +25,10 @@ them; regenerate the file when the config's providers, streams or buckets change
 JetStream is reached through its API subjects, and what a role may do is the list of those it
 may publish: a stream's INFO and CREATE, a consumer's CREATE (which also names where it
 delivers, so only roles that may read a whole stream get it), a key's direct get. A client
-reads a result with a direct get by subject ($JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.job.
-<hash>), which answers only the last value of that one key: knowing a job's id is what it
-takes to read its result (ids from `lifeline submit` are random), and no client may list,
-watch or read by sequence. Nothing here connects to NATS: it is names in, text out.
+has no access to the results bucket (its stream's info lists every key): it asks a dispatcher
+on llm.jobs.result for the id it knows (ids from `lifeline submit` are random), and no client
+may list, watch or read by sequence; operators may read the bucket. Nothing here connects to
+NATS: it is names in, text out.
 """
 
 from __future__ import annotations
