@@ -519,7 +519,10 @@ class _Run:
             self._fallback_event(self.fell_back, target)
             self.fell_back = None
         self.physical += 1
-        timeout_s = min(target.timeout_s, self.limits.deadline.left_s(self.clock()))
+        # min() spelled out, with its result on a tie or a NaN: on 3.11 a call of the builtin
+        # costs about 1,300 instructions, the comparison 200.
+        left_s = self.limits.deadline.left_s(self.clock())
+        timeout_s = left_s if left_s < target.timeout_s else target.timeout_s  # noqa: FURB136
         hedging = retry == 0 and not probe and self.limits.hedge is not None
         rival = self.cursor.peek() if hedging else None
         delay_s = self._hedge_delay(target) if rival is not None else None
