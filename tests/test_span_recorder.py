@@ -105,6 +105,21 @@ def test_children_and_traceparent_follow_the_request_span():
         assert (child.trace_hex, child.context.trace_id) == (root.trace_hex, root.context.trace_id)
 
 
+def test_ids_with_leading_zeros_are_written_zero_padded_in_lowercase_as_w3c_writes_them(
+    monkeypatch,
+):
+    recorder = Tracing().recorder("lifeline.test")
+    for trace_id, span_id in [(1, 1), (2**128 - 1, 2**64 - 1), (0xAB << 100, 0xCD << 40)]:
+        ctx = trace.SpanContext(trace_id, SPAN_ID, True, TraceFlags(1))
+        monkeypatch.setattr(telemetry, "_random_bits", lambda bits, span_id=span_id: span_id)
+        root = recorder.start("chat", SpanKind.SERVER, {}, ctx)
+        child = recorder.start("chat m", SpanKind.CLIENT, {}, root)
+        headers: dict[str, str] = {}
+        telemetry.inject(headers, child)
+        assert root.trace_hex == f"{trace_id:032x}" == child.trace_hex
+        assert headers["traceparent"] == f"00-{trace_id:032x}-{span_id:016x}-01"
+
+
 @pytest.mark.parametrize("flags", ["00", "01", "02", "03"])  # 02: W3C level 2's random id
 @pytest.mark.parametrize("extra", [{}, {"tracestate": "vendor=value"}])
 def test_where_tracing_is_off_spans_pass_the_callers_traceparent_on_as_it_came(flags, extra):
