@@ -14,6 +14,7 @@ form two machines agree on; `header()` and `from_header()` are the only conversi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -67,7 +68,7 @@ class Deadline:
     @staticmethod
     def header_after(seconds: float) -> str:
         """`Deadline.after(seconds).header()`, without making the Deadline (once per attempt)."""
-        return str(int((time.time() + seconds) * 1000))
+        return str(math.trunc((time.time() + seconds) * 1000))  # int(), in fewer instructions
 
     def left_s(self, now: float | None = None) -> float:
         """Seconds left; zero or less once it has passed."""

@@ -8,6 +8,7 @@ if it is not made after all.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,7 +34,7 @@ class Budget:
         self.spent_in = -1  # the second the last spend() charged
 
     def _slot(self) -> int:
-        second = int(self.clock())
+        second = math.trunc(self.clock())  # int(), cheaper: see TargetHealth._slot
         i = second % self.SLOTS
         if self._epochs[i] != second:
             self._epochs[i] = second

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -562,7 +563,7 @@ def _audit_event(
         attempts,  # attempts
         reply.latency_ms,  # latency_ms
         reply.trace_id,  # trace_id
-        int(time.time() * 1000),  # ts_unix_ms
+        math.trunc(time.time() * 1000),  # ts_unix_ms (int(), cheaper: see TargetHealth._slot)
         reply.error.type if reply.error else None,  # error_type
         reply.usage,  # usage
         request_bytes,  # request_bytes
