@@ -434,9 +434,9 @@ class Router:
                 f"timeout_s {timeout_s:g} is above this dispatcher's maximum of "
                 f"{limits.max_timeout_s:g}"
             )
-        if request.deadline_unix_ms is None:
-            return Deadline.after(
-                limits.default_timeout_s if timeout_s is None else timeout_s, arrived
+        if request.deadline_unix_ms is None:  # Deadline.after, without its call (per request)
+            return Deadline(
+                arrived + (limits.default_timeout_s if timeout_s is None else timeout_s)
             )
         deadline = Deadline.at_unix_ms(request.deadline_unix_ms)
         left_s = deadline.left_s()
