@@ -164,6 +164,17 @@ def _flat(steps: Sequence[Target | tuple[Target, ...]]) -> list[Target]:
     return [t for step in steps for t in ((step,) if isinstance(step, Target) else step)]
 
 
+class _Refused(Exception):
+    """A refusal found by one of Router.plan's helpers, which know neither the request's id nor
+    its route: plan raises it again as the Rejected that carries them. (A closure per request
+    that made the Rejected itself cost plan about 1,700 instructions, its cells and function.)"""
+
+    def __init__(self, message: str, error_type: str = INVALID_REQUEST) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -321,57 +332,60 @@ class Router:
         request_id = request.id or default_id or self._ids.next()
         route_name = request.route if request.targets is None else None
 
-        def refuse(message: str, error_type: str = INVALID_REQUEST) -> Rejected:
-            return Rejected(error_type, message, request_id, route_name)
-
-        deadline = self._deadline(request, time.monotonic() if arrived is None else arrived, refuse)
-        route = self._resolve(request, refuse)
-        chain = self._chain_for_request(route)
-        fallback_on = route.fallback_on
-        if request.fallback_on is not None:
-            fallback_on = self._narrowed(request.fallback_on, fallback_on, refuse)
-        max_attempts = self._max_attempts(request, route, refuse)
-        try:
-            validate = output_validator(request)
-        except ValueError as exc:
-            raise refuse(str(exc)) from None
-        images = tool_results = False  # a plain loop: a generator costs more
-        for message in request.messages:
-            if message.role == "tool":
-                tool_results = True
-            elif not images and type(message.content) is not str and message.images:
-                images = True
-        if tool_results and (unanswered := _unmatched_tool_result(request.messages)) is not None:
-            # Every provider refuses one (a 400 from each target, then all_failed): it is the
-            # client's mistake, refused here before any call, naming the message.
-            raise refuse(
-                "invalid request: a tool message answers a call of an earlier assistant message "
-                "by its id, and no call before it has this tool_call_id - at "
-                f"`$.messages[{unanswered}].tool_call_id`"
+        try:  # the helpers raise _Refused, which knows neither the request's id nor its route
+            deadline = self._deadline(request, time.monotonic() if arrived is None else arrived)
+            route = self._resolve(request)
+            chain = self._chain_for_request(route)
+            fallback_on = route.fallback_on
+            if request.fallback_on is not None:
+                fallback_on = self._narrowed(request.fallback_on, fallback_on)
+            max_attempts = self._max_attempts(request, route)
+            try:
+                validate = output_validator(request)
+            except ValueError as exc:
+                raise _Refused(str(exc)) from None
+            images = tool_results = False  # a plain loop: a generator costs more
+            for message in request.messages:
+                if message.role == "tool":
+                    tool_results = True
+                elif not images and type(message.content) is not str and message.images:
+                    images = True
+            if (
+                tool_results
+                and (unanswered := _unmatched_tool_result(request.messages)) is not None
+            ):
+                # Every provider refuses one (a 400 from each target, then all_failed): it is the
+                # client's mistake, refused here before any call, naming the message.
+                raise _Refused(
+                    "invalid request: a tool message answers a call of an earlier assistant "
+                    "message by its id, and no call before it has this tool_call_id - at "
+                    f"`$.messages[{unanswered}].tool_call_id`"
+                )
+            faults = self._faults(request.faults, chain) if request.faults else None
+            needs = NO_NEEDS
+            json = wants_json(request.response_format)
+            if route.counts_tokens or json or request.tools or images:
+                tokens, shaped = None, None
+                if route.counts_tokens:  # some target declares max_input_tokens
+                    tokens = estimate_tokens(request.messages, request.tools)
+                    if self.config.templates or request.tools:  # a target's own template, or
+                        # its drop = ["tools"], makes its input other than the request's
+                        shaped = _ShapedEstimates(request.messages, request.tools)
+                choice = request.tool_choice
+                must_call = choice == "required" or isinstance(choice, NamedTool)
+                needs = Needs(tokens, json, bool(request.tools), images, shaped, must_call)
+            limits = Limits(
+                deadline,
+                max_attempts,
+                fallback_on,
+                request.fallback,
+                route.hedge,
+                route.budgets if faults is None else self.fault_budgets,
+                request.on_midstream or route.on_midstream,
             )
-        faults = self._faults(request.faults, chain, refuse) if request.faults else None
-        needs = NO_NEEDS
-        json = wants_json(request.response_format)
-        if route.counts_tokens or json or request.tools or images:
-            tokens, shaped = None, None
-            if route.counts_tokens:  # some target declares max_input_tokens
-                tokens = estimate_tokens(request.messages, request.tools)
-                if self.config.templates or request.tools:  # a target's own template, or
-                    # its drop = ["tools"], makes its input other than the request's
-                    shaped = _ShapedEstimates(request.messages, request.tools)
-            choice = request.tool_choice
-            must_call = choice == "required" or isinstance(choice, NamedTool)
-            needs = Needs(tokens, json, bool(request.tools), images, shaped, must_call)
-        limits = Limits(
-            deadline,
-            max_attempts,
-            fallback_on,
-            request.fallback,
-            route.hedge,
-            route.budgets if faults is None else self.fault_budgets,
-            request.on_midstream or route.on_midstream,
-        )
-        return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)
+            return Plan(request, request_id, route_name, chain, limits, needs, validate, faults)
+        except _Refused as refused:
+            raise Rejected(refused.error_type, refused.message, request_id, route_name) from None
 
     def _decode(self, data: bytes, default_id: str = "") -> CompletionRequest:
         """The request, or Rejected carrying its id as far as it can be read (else the id it
@@ -413,24 +427,24 @@ class Router:
                 salvage_id(data) or default_id,
             ) from None
 
-    def _max_attempts(self, request: CompletionRequest, route: _Route, refuse) -> int:
+    def _max_attempts(self, request: CompletionRequest, route: _Route) -> int:
         ceiling = self.config.dispatcher.max_attempts
         if request.max_attempts is None:
             return route.max_attempts
         if request.max_attempts > ceiling:
-            raise refuse(
+            raise _Refused(
                 f"max_attempts {request.max_attempts} is above this dispatcher's maximum of "
                 f"{ceiling}"
             )
         return request.max_attempts
 
-    def _deadline(self, request: CompletionRequest, arrived: float, refuse) -> Deadline:
+    def _deadline(self, request: CompletionRequest, arrived: float) -> Deadline:
         """timeout_s after the request arrived (or the default), or its deadline_unix_ms when
         that comes sooner; neither may be further away than max_timeout_s."""
         limits = self.config.dispatcher
         timeout_s = request.timeout_s
         if timeout_s is not None and timeout_s > limits.max_timeout_s:
-            raise refuse(
+            raise _Refused(
                 f"timeout_s {timeout_s:g} is above this dispatcher's maximum of "
                 f"{limits.max_timeout_s:g}"
             )
@@ -441,14 +455,14 @@ class Router:
         deadline = Deadline.at_unix_ms(request.deadline_unix_ms)
         left_s = deadline.left_s()
         if left_s <= 0:
-            raise refuse(
+            raise _Refused(
                 f"deadline_unix_ms passed {-left_s * 1000:.0f} ms before the dispatcher got the "
                 "request, by its clock; no target was tried (if the request was sent in time, "
                 "the two clocks disagree: timeout_s counts from arrival and needs none)",
                 DEADLINE_EXCEEDED,
             )
         if left_s > limits.max_timeout_s:
-            raise refuse(
+            raise _Refused(
                 f"deadline_unix_ms is {left_s:.0f} s away, above this dispatcher's maximum of "
                 f"{limits.max_timeout_s:g} s"
             )
@@ -456,17 +470,17 @@ class Router:
             deadline if timeout_s is None else deadline.sooner(Deadline.after(timeout_s, arrived))
         )
 
-    def _resolve(self, request: CompletionRequest, refuse) -> _Route:
+    def _resolve(self, request: CompletionRequest) -> _Route:
         if request.targets is None:
             route = self.routes.get(request.route)
             if route is None:
                 known = f"configured routes: {sorted(self.routes)}"
                 if not self.routes:  # a plug-in's config of providers alone: targets is the way
                     known = f"no route is configured: name one of {sorted(self.named)} in targets"
-                raise refuse(f"unknown route {request.route!r}; {known}", UNKNOWN_ROUTE)
+                raise _Refused(f"unknown route {request.route!r}; {known}", UNKNOWN_ROUTE)
             return route
         if not request.targets:
-            raise refuse(
+            raise _Refused(
                 f"targets is empty; name at least one of {sorted(self.named)}", UNKNOWN_PROVIDER
             )
         targets = []
@@ -474,27 +488,27 @@ class Router:
         for i, ref in enumerate(request.targets):
             if isinstance(ref, str):
                 if ref not in self.named:
-                    raise refuse(
+                    raise _Refused(
                         f"targets[{i}]: unknown target or provider {ref!r}; configured: "
                         f"{sorted(self.named)}",
                         UNKNOWN_PROVIDER,
                     )
-                _listed_once(self.config.resolve_target(ref), i, seen, refuse)
+                _listed_once(self.config.resolve_target(ref), i, seen)
                 targets.append(self.named[ref])
                 continue
             if ref.breaker is not None:
-                raise refuse(
+                raise _Refused(
                     f"targets[{i}].breaker: circuit breakers are set in the config, not per request"
                 )
             try:
                 spec = self.config.resolve_target(ref)
             except ValueError as exc:
                 field = getattr(exc, "field", "")
-                raise refuse(
+                raise _Refused(
                     f"targets[{i}]{'.' + field if field else ''}: {exc}",
                     UNKNOWN_PROVIDER if field == "provider" else INVALID_REQUEST,
                 ) from None
-            _listed_once(spec, i, seen, refuse)
+            _listed_once(spec, i, seen)
             target = self.build(spec)
             provider_timeout_s = self.config.providers[spec.provider].timeout_s
             if (
@@ -520,23 +534,23 @@ class Router:
 
     @staticmethod
     def _narrowed(
-        asked: list[str | int], allowed: Collection[str | int] | None, refuse
+        asked: list[str | int], allowed: Collection[str | int] | None
     ) -> frozenset[str | int]:
         for entry in asked:
             problem = kind_or_status_problem(entry)
             if problem is not None:
-                raise refuse(f"fallback_on: {problem}")
+                raise _Refused(f"fallback_on: {problem}")
             if allowed is not None and entry not in allowed:
-                raise refuse(
+                raise _Refused(
                     f"fallback_on: {entry!r} is not in the route's fallback_on "
                     f"({sorted(map(str, allowed))}); "
                     "a request can only narrow it"
                 )
         return frozenset(asked)
 
-    def _faults(self, faults, chain: Chain, refuse) -> dict[str, tuple[Fault, ...]]:
+    def _faults(self, faults, chain: Chain) -> dict[str, tuple[Fault, ...]]:
         if not self.config.dispatcher.allow_fault_injection:
-            raise refuse(
+            raise _Refused(
                 "this dispatcher does not accept faults; set dispatcher.allow_fault_injection = "
                 "true "
                 "in a test or staging config (never in production)"
@@ -545,26 +559,24 @@ class Router:
         names = {t.name for t in every} | {t.provider for t in every}
         unknown = sorted(set(faults) - names)
         if unknown:
-            raise refuse(
+            raise _Refused(
                 f"faults name {unknown}, which are not targets of this request (targets: "
                 f"{sorted(names)})"
             )
         try:
             return check_faults(faults)
         except ValueError as exc:
-            raise refuse(str(exc)) from None
+            raise _Refused(str(exc)) from None
 
 
-def _listed_once(
-    spec: TargetSpec, i: int, seen: dict[str, list[tuple[TargetSpec, int]]], refuse
-) -> None:
+def _listed_once(spec: TargetSpec, i: int, seen: dict[str, list[tuple[TargetSpec, int]]]) -> None:
     """As in a configured chain (config._listed_once): a target named again would be called
     again at once, past its retry_on, its backoff and the retry budget, so a request could
     send one provider in an outage max_attempts calls, and open its shared breaker alone."""
     name = spec.name or spec.provider
     for earlier, at in seen.setdefault(name, []):
         if earlier == spec:
-            raise refuse(
+            raise _Refused(
                 f"targets[{i}]: target {name!r} is already in this chain (targets[{at}]); "
                 "list it once, and for more calls to it give it `retries` (a second entry "
                 "calls it again at once, past its retry_on, its backoff and the retry budget)"
