@@ -922,16 +922,13 @@ class SpanRecorder:
             self._started(span, context)
         return span
 
-    def emit_soon(self, span: LiteSpan) -> None:
-        """Hand an ended span to the processors at the end of this event-loop turn, with the
-        other spans ended in it (one callback per turn, not per span)."""
-        ended = self._ended
-        ended.append(span)
-        if len(ended) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self._emit)
-            except RuntimeError:  # no loop runs: nothing to wait for
-                self._emit()
+    def _emit_at_turn_end(self) -> None:
+        """Hand the spans ended in this event-loop turn (`_ended`, which LiteSpan.end_soon
+        fills) to the processors at its end: one callback per turn, not per span."""
+        try:
+            asyncio.get_running_loop().call_soon(self._emit)
+        except RuntimeError:  # no loop runs: nothing to wait for
+            self._emit()
 
     def _emit(self) -> None:
         ended, self._ended = self._ended, []
@@ -1096,7 +1093,12 @@ class LiteSpan(ReadableSpan):
         first, and the turn's spans are handed over together (`hand_off`)."""
         if self.recording:
             self._end_time = time.time_ns()
-            self.recorder.emit_soon(self)
+            # With the recorder's other spans ended this turn (its method for this cost a call
+            # more per span).
+            ended = self.recorder._ended
+            ended.append(self)
+            if len(ended) == 1:  # the turn's first
+                self.recorder._emit_at_turn_end()
 
     def emit(self) -> None:
         """The ended span (a ReadableSpan) to every processor."""
