@@ -175,17 +175,25 @@ class Engine:
             if relay is not None:
                 on_event = span.add_event if span.recording else None
                 relay.follow(plan.limits.on_midstream, plan.validate, on_event)
+            # A reply's latency_ms is taken as the reply is made, not set in a copy of it made
+            # afterwards (about 1,100 instructions); `answered` keeps its own: its call was then.
             if answered is not None:
                 reply = answered
             else:
                 result = await self._complete(plan, span, relay, attempts)
-                reply = _reply(plan.request_id, result, trace_id)
+                reply = _reply(plan.request_id, result, trace_id, _ms_since(inbound.arrived))
         except Rejected as exc:
             route = exc.route
-            reply = CompletionReply(exc.request_id, "error", trace_id=trace_id, error=exc.error)
+            reply = CompletionReply(
+                exc.request_id,
+                "error",
+                latency_ms=_ms_since(inbound.arrived),
+                trace_id=trace_id,
+                error=exc.error,
+            )
         except Exception:
             log.exception("bug while handling a request; answering with an internal error")
-            reply = _internal_error(request_id, inbound.data, trace_id)
+            reply = _internal_error(request_id, inbound.data, trace_id, _ms_since(inbound.arrived))
         except asyncio.CancelledError as exc:
             if if_cancelled is None:  # not answered here: its next delivery answers it
                 if span.recording:
@@ -202,12 +210,10 @@ class Engine:
                 salvage_id(inbound.data) if request_id is None else request_id,
                 "error",
                 attempts=_cut_short(attempts, error.type),
+                latency_ms=_ms_since(inbound.arrived),
                 trace_id=trace_id,
                 error=error,
             )
-        if answered is None:  # else its own latency stays: the call was made then
-            latency_ms = (time.monotonic() - inbound.arrived) * 1000
-            reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
         try:  # the last lines: nothing may escape a request unlogged, nor skip its audit
             if respond is not None:
                 reply = await respond(reply)
@@ -498,11 +504,23 @@ def _kept_then_streamed(keep: Respond, relay: Relay) -> Respond:
     return both
 
 
-def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> CompletionReply:
+def _ms_since(arrived: float) -> float:
+    """A reply's latency_ms: the time since its request `arrived` (time.monotonic())."""
+    return (time.monotonic() - arrived) * 1000
+
+
+def _reply(
+    request_id: str, result: ChainResult, trace_id: str | None, latency_ms: float
+) -> CompletionReply:
     target, answer = result.target, result.answer
     if answer is None or target is None:
         return CompletionReply(
-            request_id, "error", attempts=result.attempts, trace_id=trace_id, error=result.error
+            request_id,
+            "error",
+            attempts=result.attempts,
+            latency_ms=latency_ms,
+            trace_id=trace_id,
+            error=result.error,
         )
     return CompletionReply(  # positional, in field order (see _provider_request)
         request_id,  # id
@@ -512,7 +530,7 @@ def _reply(request_id: str, result: ChainResult, trace_id: str | None) -> Comple
         answer.model or target.model,  # model
         result.attempts,  # attempts
         answer.usage,  # usage
-        0.0,  # latency_ms: serve sets it
+        latency_ms,  # latency_ms
         trace_id,  # trace_id
         None,  # error
         target.name,  # target
@@ -540,10 +558,13 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _internal_error(request_id: str | None, data: bytes, trace_id: str | None) -> CompletionReply:
+def _internal_error(
+    request_id: str | None, data: bytes, trace_id: str | None, latency_ms: float
+) -> CompletionReply:
     message = "Lifeline failed unexpectedly; the dispatcher log has the traceback"
     known = salvage_id(data) if request_id is None else request_id
-    return CompletionReply(known, "error", trace_id=trace_id, error=ErrorInfo(INTERNAL, message))
+    error = ErrorInfo(INTERNAL, message)
+    return CompletionReply(known, "error", latency_ms=latency_ms, trace_id=trace_id, error=error)
 
 
 def _audit_event(

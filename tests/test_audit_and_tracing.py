@@ -253,7 +253,7 @@ def test_the_engines_positional_builders_fill_every_field_by_its_name():
         finish_reason="tool_calls",
     )
     attempts = [Attempt("prov", "model-x", "ok", 1.5, target="tgt")]
-    reply = engine._reply("rid", ChainResult(answer, target, attempts, None), "trace")
+    reply = engine._reply("rid", ChainResult(answer, target, attempts, None), "trace", 1.25)
     assert reply == CompletionReply(
         id="rid",
         status="ok",
@@ -262,6 +262,7 @@ def test_the_engines_positional_builders_fill_every_field_by_its_name():
         model="model-x",
         attempts=attempts,
         usage=Usage(1, 2),
+        latency_ms=1.25,
         trace_id="trace",
         target="tgt",
         tool_calls=answer.tool_calls,
