@@ -768,6 +768,9 @@ def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None
     traceparent = headers.get(TRACEPARENT)
     if traceparent is None:
         return None
+    plain = _plain_traceparent(traceparent, headers)
+    if plain is not None:
+        return plain[0]
     parts = traceparent.split("-")
     if (
         TRACESTATE in headers
@@ -791,6 +794,39 @@ def remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None
     # a span that records nothing passes the parent on as it came.
     trace_flags = _FLAGS[flags] if flags < 2 else trace.TraceFlags(flags)
     return span_context(trace_id, span_id, trace_flags, None, is_remote=True)
+
+
+# A traceparent as almost every caller sends it, `00-<32 hex>-<16 hex>-0[01]` without a
+# tracestate, is checked by its shape: each byte translated to what it is (a lowercase hex
+# digit to "0", "-" to itself, anything else to "x"), compared with the one shape it may have.
+_SHAPE_OF = bytes(
+    ord("0") if chr(b) in "0123456789abcdef" else b if b == ord("-") else ord("x")
+    for b in range(256)
+)
+_PLAIN_SHAPE = b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00"
+
+
+def _plain_traceparent(
+    traceparent: str, headers: Mapping[str, str]
+) -> tuple[trace.SpanContext, str] | None:
+    """The span context of a plain traceparent (see _PLAIN_SHAPE) with valid ids, and its trace
+    id as written (the span's `trace_hex`, not formatted again); None for any other, which
+    `remote_parent`'s general reading then reads as it did (what it gives a plain one is the
+    same: a test holds them alike)."""
+    flags = _PLAIN_FLAGS.get(traceparent[53:])
+    if (
+        flags is None
+        or traceparent[:3] != "00-"
+        or traceparent.encode().translate(_SHAPE_OF) != _PLAIN_SHAPE
+        or TRACESTATE in headers
+    ):
+        return None
+    trace_hex = traceparent[3:35]
+    trace_id, span_id = int(trace_hex, 16), int(traceparent[36:52], 16)
+    if not trace_id or not span_id:
+        return None
+    remote = _new_tuple(trace.SpanContext, (trace_id, span_id, True, flags, _EMPTY_STATE, True))
+    return remote, trace_hex
 
 
 def extract(headers: Mapping[str, str] | None) -> Context | None:
@@ -922,6 +958,28 @@ class SpanRecorder:
             self._started(span, context)
         return span
 
+    def start_remote(
+        self,
+        name: str,
+        kind: trace.SpanKind,
+        attributes: dict[str, Any],
+        headers: Mapping[str, str] | None,
+    ) -> LiteSpan:
+        """`start(name, kind, attributes, remote_parent(headers))`, a worker's span under the
+        attempt that called it: with the default sampler and a plain traceparent (nearly every
+        call), decided here and the trace id kept as the header wrote it."""
+        traceparent = headers.get(TRACEPARENT) if headers else None
+        if traceparent is not None and self.default_sampler and not self.starters:
+            plain = _plain_traceparent(traceparent, headers or {})
+            if plain is not None:  # as `start` decides it: the parent's sampled flag
+                remote, trace_hex = plain
+                recording = remote[_TRACE_FLAGS] is _SAMPLED
+                trace_id = remote[_TRACE_ID]
+                return LiteSpan(
+                    self, name, kind, attributes, remote, recording, trace_id, None, trace_hex
+                )
+        return self.start(name, kind, attributes, remote_parent(headers))
+
     def _emit_at_turn_end(self) -> None:
         """Hand the spans ended in this event-loop turn (`_ended`, which LiteSpan.end_soon
         fills) to the processors at its end: one callback per turn, not per span."""
@@ -946,6 +1004,7 @@ class SpanRecorder:
 _SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 _FLAGS = (_NOT_SAMPLED, _SAMPLED)
+_PLAIN_FLAGS = {"00": _NOT_SAMPLED, "01": _SAMPLED}  # a plain traceparent's (_plain_traceparent)
 _UNSET = trace.Status(trace.StatusCode.UNSET)
 _random_bits = random.getrandbits
 

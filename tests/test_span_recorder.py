@@ -415,3 +415,78 @@ def test_a_processor_failing_on_a_span_does_not_stop_the_others(caplog):
         recorder.start(name, SpanKind.CLIENT, {}).end_soon()  # no loop runs: at once
     assert [s.name for s in exported.get_finished_spans()] == ["bad", "good"]
     assert "a span processor failed on span 'bad'" in caplog.text
+
+
+_ODD_TRACEPARENTS = [
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-00",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-02",  # W3C level 2's random trace id
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-ff",
+    f"00-{TRACE_ID:032X}-{SPAN_ID:016x}-01",  # capitals
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016X}-01",
+    f"00-0x{TRACE_ID:030x}-{SPAN_ID:016x}-01",  # what int(..., 16) takes and W3C does not
+    f"00-{TRACE_ID:032x}-0x{SPAN_ID:014x}-01",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-0_",
+    f"00- {TRACE_ID:031x}-{SPAN_ID:016x}-01",
+    f"00-{TRACE_ID:031x}_-{SPAN_ID:016x}-01",
+    f"00--{TRACE_ID:031x}-{SPAN_ID:016x}-01",  # a sign
+    f"00-{TRACE_ID:030x}--{SPAN_ID:016x}-01",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}--1",
+    f"00-{TRACE_ID:032x}{SPAN_ID:016x}--01",  # dashes moved
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01-",
+    f"01-{TRACE_ID:032x}-{SPAN_ID:016x}-01",  # a later version
+    f"ff-{TRACE_ID:032x}-{SPAN_ID:016x}-01",
+    f"00-{0:032x}-{SPAN_ID:016x}-01",  # invalid ids
+    f"00-{TRACE_ID:032x}-{0:016x}-01",
+    f"00-{TRACE_ID:031x}\u0661-{SPAN_ID:016x}-01",  # a digit int() reads, not ASCII
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-0\u0661",
+    f"00-{TRACE_ID:032x}-{SPAN_ID:016x}",
+    "",
+    "00",
+]
+
+
+@pytest.mark.parametrize("traceparent", _ODD_TRACEPARENTS)
+@pytest.mark.parametrize("extra", [{}, {"tracestate": "vendor=value"}])
+def test_a_plain_traceparent_read_by_its_shape_is_read_as_the_general_reading_reads_it(
+    traceparent, extra, monkeypatch
+):
+    headers = {"traceparent": traceparent, **extra}
+    fast = telemetry.remote_parent(headers)
+    monkeypatch.setattr(telemetry, "_plain_traceparent", lambda *args: None)
+    general = telemetry.remote_parent(headers)
+    assert fast == general and type(fast) is type(general)
+
+
+@pytest.mark.parametrize("traceparent", [*_ODD_TRACEPARENTS, None])
+@pytest.mark.parametrize("extra", [{}, {"tracestate": "vendor=value"}])
+@pytest.mark.parametrize(
+    "sampler", [DEFAULT_ON, ALWAYS_OFF, ParentBased(TraceIdRatioBased(0.0)), ALWAYS_ON]
+)
+def test_a_workers_span_started_from_headers_is_the_span_started_under_their_parent(
+    traceparent, extra, sampler
+):
+    """start_remote (a worker's call) decides and records as start(remote_parent(headers))."""
+    recorder = Tracing(sampler=sampler).recorder("lifeline.test")
+    headers = {**extra} if traceparent is None else {"traceparent": traceparent, **extra}
+    attributes = {"gen_ai.request.model": "m"}
+    direct = recorder.start_remote("chat m", SpanKind.CLIENT, attributes, headers)
+    general = recorder.start(
+        "chat m", SpanKind.CLIENT, attributes, telemetry.remote_parent(headers)
+    )
+    assert type(direct) is type(general)
+    assert direct.recording == general.recording
+    assert direct.trace_hex == f"{direct.trace_id:032x}"
+    assert direct.parent == general.parent
+    if general.parent is not None:  # else each is a root of its own trace
+        assert (direct.trace_id, direct.trace_hex) == (general.trace_id, general.trace_hex)
+    assert direct.context.trace_flags == general.context.trace_flags
+    assert direct.context.trace_state == general.context.trace_state
+    assert direct.attributes == general.attributes and direct.kind == general.kind
+    sent: dict[str, str] = {}
+    telemetry.inject(sent, direct)
+    expected: dict[str, str] = {}
+    telemetry.inject(expected, general)
+    if type(direct) is not telemetry._PassedOn:  # a span of its own: its own id
+        sent.pop("traceparent"), expected.pop("traceparent")
+    assert sent == expected

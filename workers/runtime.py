@@ -391,7 +391,7 @@ class WorkerRuntime:
             if len(self._span_templates) < _SPAN_ATTRIBUTES_MAX:
                 self._span_templates[model] = template
         name, attributes = template
-        span = self.spans.start(name, SpanKind.CLIENT, attributes, telemetry.remote_parent(headers))
+        span = self.spans.start_remote(name, SpanKind.CLIENT, attributes, headers)
         # The provider gets the time left before the dispatcher's deadline, and no more: a
         # call nobody waits for is cancelled, not left running (and billing).
         expiry = _Expiry(timeout_s, self, reply_to)
