@@ -24,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -39,8 +40,10 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import (
@@ -1165,8 +1168,49 @@ class LiteSpan(ReadableSpan):
             hand((self,))
 
     def as_context(self) -> Context:
-        """An OTel Context with this span as the current one (for HTTP propagation)."""
-        return trace.set_span_in_context(trace.NonRecordingSpan(self.context))
+        """An OTel Context with this span as the current one (for HTTP propagation):
+        trace.set_span_in_context's, without its two calls."""
+        current = otel_context.get_current() if _CURRENT is None else _CURRENT.get()
+        return Context({**current, _SPAN_KEY: trace.NonRecordingSpan(self.context)})
+
+    def make_current(self) -> contextvars.Token[Context]:
+        """`context.attach(self.as_context())`: the span current (a provider's HTTP call
+        carries its traceparent) until `detach` is given what this returns."""
+        if _CURRENT is None:
+            return otel_context.attach(self.as_context())
+        current = _CURRENT.get()
+        return _CURRENT.set(Context({**current, _SPAN_KEY: trace.NonRecordingSpan(self.context)}))
+
+
+def detach(token: contextvars.Token[Context]) -> None:
+    """`context.detach(token)` for a token of `LiteSpan.make_current`."""
+    if _CURRENT is None:
+        otel_context.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except Exception:  # as OTel's detach: a token of another context is logged, not raised
+        log.exception("Failed to detach context")
+
+
+# The key under which a Context holds its current span (set_span_in_context's), read once.
+_SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, Context())))
+
+
+def _current_context_var() -> contextvars.ContextVar[Context] | None:
+    """The ContextVar in which OTel's default runtime context keeps the current Context, or
+    None under another runtime context (OTEL_PYTHON_CONTEXT). `context.attach` and `detach`
+    are two calls each around its set and reset, and `set_span_in_context` two more around
+    a copy: about 3,000 instructions of a worker's call (make bench-instr). Not public API:
+    tests/test_span_recorder.py fails when a new version keeps it otherwise."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(var, contextvars.ContextVar):
+        return var
+    return None
+
+
+_CURRENT = _current_context_var()
 
 
 class _PassedOn(LiteSpan):

@@ -490,3 +490,43 @@ def test_a_workers_span_started_from_headers_is_the_span_started_under_their_par
     if type(direct) is not telemetry._PassedOn:  # a span of its own: its own id
         sent.pop("traceparent"), expected.pop("traceparent")
     assert sent == expected
+
+
+def test_otels_current_context_is_kept_where_make_current_sets_it():
+    """make_current and detach set OTel's current Context through the ContextVar of its
+    default runtime context (not public API): if a new version keeps it elsewhere, this
+    fails, and the adapter in service/telemetry.py must follow."""
+    from opentelemetry import context
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    assert type(context._RUNTIME_CONTEXT) is ContextVarsRuntimeContext
+    assert telemetry._CURRENT is context._RUNTIME_CONTEXT._current_context
+    assert set(trace.set_span_in_context(trace.INVALID_SPAN, Context())) == {telemetry._SPAN_KEY}
+
+
+@pytest.mark.parametrize("through_otel", [False, True])
+def test_a_span_made_current_is_otels_current_span_until_detached(through_otel, monkeypatch):
+    """What a provider's HTTP call sends (the propagator reads the current context) is the
+    worker's span, and the context before it comes back after, other values kept."""
+    from opentelemetry import context
+
+    if through_otel:  # another runtime context: OTel's attach and detach
+        monkeypatch.setattr(telemetry, "_CURRENT", None)
+    span = Tracing().recorder("lifeline.test").start("chat", SpanKind.CLIENT, {})
+    outer = context.attach(context.set_value("other", 1))
+    try:
+        before = context.get_current()
+        made = span.as_context()
+        otels = trace.set_span_in_context(trace.NonRecordingSpan(span.context))
+        assert type(made) is type(otels) and made.keys() == otels.keys()
+        assert trace.get_current_span(made).get_span_context() == span.context
+        token = span.make_current()
+        assert trace.get_current_span().get_span_context() == span.context
+        assert context.get_value("other") == 1
+        sent: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(sent)
+        assert sent["traceparent"] == f"00-{span.trace_hex}-{span.span_id:016x}-01"
+        telemetry.detach(token)
+        assert context.get_current() is before
+    finally:
+        context.detach(outer)

@@ -29,7 +29,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from opentelemetry import context
 from opentelemetry.trace import SpanKind
 
 from schemas import ProviderFailure, ProviderOk, ProviderReply, ProviderRequest
@@ -396,7 +395,7 @@ class WorkerRuntime:
         # call nobody waits for is cancelled, not left running (and billing).
         expiry = _Expiry(timeout_s, self, reply_to)
         # The span is current during the call, so providers' HTTP requests carry its traceparent.
-        token = context.attach(span.as_context())
+        token = span.make_current()
         stream_to = headers.get(STREAM_TO) if headers else None
         try:
             reply: ProviderReply
@@ -449,7 +448,7 @@ class WorkerRuntime:
             )
         finally:
             expiry.stop()
-            context.detach(token)
+            telemetry.detach(token)
         if isinstance(reply, ProviderFailure):  # before the span and the reply see it
             message = reply.message
             if self._scrub is not None:
