@@ -245,8 +245,13 @@ class WorkerRuntime:
         A request past its deadline is dropped unanswered: nobody waits for it."""
         started = time.perf_counter()
         reply: ProviderReply
+        headers = msg.headers
         try:
-            timeout_s = self._time_left(msg.headers)
+            # What the attempt's deadline leaves, at most this worker's own timeout_s.
+            left_s = Deadline.left_in_header(headers.get(DEADLINE_MS)) if headers else None
+            timeout_s = self.timeout_s
+            if left_s is not None and left_s < timeout_s:
+                timeout_s = left_s
             if timeout_s <= 0:
                 self._drop_expired(timeout_s)
                 return  # the dispatcher has already moved on; calling now would only cost money
@@ -257,7 +262,7 @@ class WorkerRuntime:
                     "bad_request", f"worker {self.name}: invalid ProviderRequest: {exc}"[:1000]
                 )
             else:
-                answered = await self._call(request, timeout_s, msg.headers, msg.reply)
+                answered = await self._call(request, timeout_s, headers, msg.reply)
                 if answered is None:  # at its deadline already: the provider ran on past it
                     self.tally.busy_ms += (time.perf_counter() - started) * 1000
                     return
@@ -354,11 +359,6 @@ class WorkerRuntime:
             -left_s,
         )
         self._expired_warned_at, self._expired_since_warning = now, 0
-
-    def _time_left(self, headers: dict[str, str] | None) -> float:
-        """What the attempt's Deadline leaves, at most this worker's own timeout_s."""
-        left_s = Deadline.left_in_header(headers.get(DEADLINE_MS)) if headers else None
-        return self.timeout_s if left_s is None else min(self.timeout_s, left_s)
 
     def _timed_out(self, timeout_s: float) -> ProviderFailure:
         """A call that ran out of `timeout_s`, said as the dispatcher's own timer says it."""
