@@ -218,9 +218,17 @@ class Timeouts:
                 self._loop = loop
         return loop
 
-    def call_later(self, delay_s: float, callback: Callable[[Any], object], arg: Any) -> Timeout:
-        """`callback(arg)` after `delay_s`, unless `cancel` is given what this returns first."""
-        loop = self.loop()
+    def call_later(
+        self,
+        delay_s: float,
+        callback: Callable[[Any], object],
+        arg: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Timeout:
+        """`callback(arg)` after `delay_s`, unless `cancel` is given what this returns first.
+        `loop`: what `loop()` gave the caller just before (not asked again)."""
+        if loop is None:
+            loop = self.loop()
         when = loop.time() + delay_s
         entry = [when, next(self._order), callback, arg]
         heapq.heappush(self._heap, entry)
@@ -232,11 +240,14 @@ class Timeouts:
         if entry[2] is None:  # fired, or cancelled already
             return
         entry[2] = entry[3] = None  # what it would have called is free to go
-        self._dead += 1
         heap = self._heap
-        while heap and heap[0][2] is None:
+        if heap and heap[0] is entry:  # the usual: calls end about in the order they started
             heapq.heappop(heap)
-            self._dead -= 1
+            while heap and heap[0][2] is None:
+                heapq.heappop(heap)
+                self._dead -= 1
+            return
+        self._dead += 1
         if self._dead > 64 and self._dead * 2 > len(heap):
             heap[:] = [live for live in heap if live[2] is not None]
             heapq.heapify(heap)

@@ -279,6 +279,28 @@ def test_timeouts_follow_the_loop_that_runs_them():
     assert len(timeouts) == 0
 
 
+def test_a_timeout_left_on_an_earlier_loop_is_cancelled_without_a_word():
+    """Its entry went with that loop's heap: cancelling it on the next loop (its heap empty,
+    or holding only the next loop's entries) changes nothing there."""
+    timeouts = loop.Timeouts()
+
+    async def leave_one() -> loop.Timeout:
+        return timeouts.call_later(60, print, "never")
+
+    left = loop.run(leave_one())
+
+    async def cancel_it() -> int:
+        timeouts.loop()  # the next loop: the heap is its own
+        timeouts.cancel(left)
+        kept = timeouts.call_later(60, print, "never")
+        timeouts.cancel(left)
+        assert len(timeouts) == 1
+        timeouts.cancel(kept)
+        return len(timeouts)
+
+    assert loop.run(cancel_it()) == 0
+
+
 def test_a_timeout_fires_in_the_clock_tick_its_time_falls_in():
     """uvloop's clock counts milliseconds and rounds a timer's delay to them: an entry due
     less than half a millisecond after the clock's reading fires now, as its own loop timer

@@ -897,7 +897,8 @@ class _Expiry:
 
     def __init__(self, timeout_s: float, runtime: WorkerRuntime, reply_to: str | None) -> None:
         timeouts = runtime._timeouts
-        task = asyncio.current_task(timeouts.loop())
+        loop = timeouts.loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
@@ -907,7 +908,7 @@ class _Expiry:
         self._timeout_s = timeout_s
         self._runtime = runtime
         self._reply_to = reply_to
-        self._timer = timeouts.call_later(timeout_s, _Expiry._expire, self)
+        self._timer = timeouts.call_later(timeout_s, _Expiry._expire, self, loop)
 
     def _expire(self) -> None:
         self.expired = True
