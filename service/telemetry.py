@@ -1098,7 +1098,7 @@ class LiteSpan(ReadableSpan):
         self.trace_hex = trace_hex if trace_hex is not None else trace_id.to_bytes(16).hex()
         self._start_time = time.time_ns()
         self._end_time: int | None = None  # until it ends
-        self._events: list[Event] = []
+        self._events: list[Event] | tuple[()] = ()  # a list from the first event on
         self._status = _UNSET  # Status is immutable: one value serves every span
 
     @property
@@ -1141,7 +1141,10 @@ class LiteSpan(ReadableSpan):
 
     def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
         if self.recording:
-            self._events.append(Event(name, attributes))
+            if self._events:
+                self._events.append(Event(name, attributes))  # type: ignore[union-attr]
+            else:
+                self._events = [Event(name, attributes)]
 
     def end(self) -> None:
         if self.recording:

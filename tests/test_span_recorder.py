@@ -530,3 +530,28 @@ def test_a_span_made_current_is_otels_current_span_until_detached(through_otel, 
         assert context.get_current() is before
     finally:
         context.detach(outer)
+
+
+def test_a_spans_events_and_outcome_read_as_the_sdks_whatever_span_holds_them():
+    """A LiteSpan keeps no list until its first event, and a good answer's attributes are set
+    in its own: what the processors read is the same, and an SDK span is annotated alike."""
+    from schemas import ProviderOk, Usage
+
+    answer = ProviderOk("hi", "m-1", Usage(3, 4))
+    recorder = Tracing(sampler=ALWAYS_ON).recorder("lifeline.test")
+    quiet = recorder.start("chat", SpanKind.CLIENT, {"a": 1})
+    told = recorder.start("chat", SpanKind.CLIENT, {})
+    told.add_event("first", {"n": 1})
+    told.add_event("second", {})
+    assert quiet.events == () and [event.name for event in told.events] == ["first", "second"]
+    sdk = Tracing(sampler=ALWAYS_ON).get_tracer("t").start_span("chat")
+    for span in (quiet, sdk):
+        telemetry.annotate_outcome(span, answer)
+    expected = {
+        "gen_ai.response.model": "m-1",
+        "gen_ai.usage.input_tokens": 3,
+        "gen_ai.usage.output_tokens": 4,
+    }
+    assert dict(quiet.attributes) == {"a": 1, **expected}
+    assert dict(sdk.attributes) == expected
+    sdk.end()
