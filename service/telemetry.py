@@ -1181,8 +1181,7 @@ class LiteSpan(ReadableSpan):
         carries its traceparent) until `detach` is given what this returns."""
         if _CURRENT is None:
             return otel_context.attach(self.as_context())
-        current = _CURRENT.get()
-        return _CURRENT.set(Context({**current, _SPAN_KEY: trace.NonRecordingSpan(self.context)}))
+        return _CURRENT.set(self.as_context())
 
 
 def detach(token: contextvars.Token[Context]) -> None:
