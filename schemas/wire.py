@@ -11,6 +11,7 @@ Every field added after v1 must have a default, so old senders stay valid
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -597,6 +598,44 @@ audit_decoder = msgspec.json.Decoder(AuditEvent)
 provider_request_decoder = msgspec.json.Decoder(ProviderRequest)
 provider_reply_decoder = msgspec.json.Decoder(ProviderReply)
 tool_call_delta_decoder = msgspec.json.Decoder(ToolCallDelta)
+
+
+_EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+# msgspec's words for a field CompletionRequest does not have (at the top: nested structs say
+# where, with " - at `$...`").
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`", re.DOTALL)
+
+
+def not_a_request(exc: Exception, data: bytes) -> str:
+    """Why `request_decoder` could not read `data` (its DecodeError, or RecursionError for
+    nesting deeper than it follows), in the words a client needs: what a dispatcher answers
+    as an invalid_request, and what `lifeline batch` says of a line before submitting any."""
+    if isinstance(exc, RecursionError):
+        return "invalid request: JSON nested too deeply"
+    detail = clipped(str(exc), 300) or ""
+    if (unknown := _UNKNOWN_FIELD.fullmatch(detail)) is not None:
+        return f"invalid request: {_unknown_field(unknown[1])}"
+    if detail == "Input data was truncated" and _HIGH_SURROGATE.search(data):
+        # msgspec's words for a lone high surrogate escape too (JSON allows the escape, but no
+        # text holds half a character)
+        detail = (
+            "a \\uD800-\\uDBFF escape without the low surrogate that must follow it "
+            "(a lone half of a UTF-16 pair), or the JSON ends early"
+        )
+    return f"invalid request: {detail}. Expected JSON like {_EXAMPLE}"
+
+
+def _unknown_field(name: str) -> str:
+    """A field the request may not carry, named with the closest it may (a misspelt one), or
+    with every field when none is close."""
+    fields = CompletionRequest.__struct_fields__
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"did you mean `{close[0]}`?" if close else f"the fields are {', '.join(fields)}"
+    return (
+        f"unknown field `{name}` ({hint}): a field is refused, not ignored, and one added to "
+        "the wire later needs a dispatcher that knows it"
+    )
 
 
 class _IdOnly(Struct):

@@ -61,7 +61,6 @@ from nats.aio.msg import Msg
 from schemas import Attempt, AuditEvent, ChatMessage, CompletionReply, CompletionRequest, subjects
 from schemas.streaming import Assembler, Event
 from schemas.wire import (
-    INVALID_REQUEST,
     MAX_ID_LENGTH,
     PAYLOAD_TOO_LARGE,
     ErrorInfo,
@@ -72,7 +71,9 @@ from schemas.wire import (
     audit_decoder,
     encoder,
     message_bytes,
+    not_a_request,
     reply_decoder,
+    request_decoder,
 )
 from service import app, client, discovery, jetstream, logs, loop, natsopts
 from service.app import (
@@ -414,8 +415,10 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Each line of FILE is a request body (as for llm.complete); its id is "
         'its "id", else FILE:LINE:HASH (HASH: of the file\'s full path and the line, so an '
         "edited line, the same name in another folder, or a line moved by lines added or "
-        'removed above it is another job: give lines an "id" to resume across edits). Every job is '
-        "published through JetStream, then the results "
+        'removed above it is another job: give lines an "id" to resume across edits). Every line '
+        "is read as a dispatcher reads a request first: one that is not (not JSON, a field "
+        "misspelt or unknown) stops the run before any is submitted, each named with why. "
+        "Every job is published through JetStream, then the results "
         "are written to --out as JSON lines as they arrive (each pushed to this run's own "
         "inbox by the dispatcher that answers it; one submitted by an earlier run is asked "
         "for on llm.jobs.result: the rights of `lifeline nats-config`'s client role are "
@@ -1751,22 +1754,14 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         give_up = time.monotonic() + args.timeout  # for room in a full jobs stream, too
         for key, (job_id, body) in list(pending.items()):
             headers = {subjects.MSG_ID: job_id, subjects.NOTIFY: results.notify(key)}
+            # Every line was read as a request before (_batch_jobs): its id is no longer than
+            # a dispatcher takes, so JetStream takes it in the headers too (at most 64 KiB).
             size = message_bytes(body, headers)
-            refused = None
-            if len(job_id) > MAX_ID_LENGTH:  # the dispatcher would refuse it; a very long
-                # one, JetStream too (its headers are at most 64 KiB), stopping the batch
-                message = (
-                    f"a job's id is at most {MAX_ID_LENGTH} characters; this one is {len(job_id)}"
-                )
-                refused = CompletionReply(
-                    job_id, "error", error=ErrorInfo(INVALID_REQUEST, message)
-                )
-            elif size > nc.max_payload:  # refused here, as the server would close the link
+            if size > nc.max_payload:  # refused here, as the server would close the link
                 message = f"the job is {size} bytes, over the NATS server's max_payload"
                 refused = CompletionReply(
                     job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
                 )
-            if refused is not None:
                 progress.submitted += 1  # and done at once: never in flight
                 _write_result(out, encoder.encode(refused), refused, progress)
                 del pending[key]
@@ -1818,6 +1813,7 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
     HASH of the file's full path and the line (so the same name in another folder, or an edited
     line, is another job; a file moved elsewhere starts over)."""
     jobs: dict[str, bytes] = {}
+    refused: list[str] = []  # lines no dispatcher would take: said before any is submitted
     where = source.resolve()
     # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
     # A byte order mark (Windows tools write one) is no part of the first line.
@@ -1841,7 +1837,28 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         if job_id in jobs:
             raise ValueError(f"{source}:{n}: id {job_id!r} appears twice")
         jobs[job_id] = json.dumps(body).encode()
+        try:
+            request_decoder.decode(jobs[job_id])
+        except (msgspec.DecodeError, RecursionError) as exc:
+            refused.append(f"{source}:{n}: {not_a_request(exc, jobs[job_id])}")
+    if refused:
+        shown = refused[:_REFUSED_SHOWN]
+        if len(refused) > _REFUSED_SHOWN:
+            shown.append(f"... and {len(refused) - _REFUSED_SHOWN} more")
+        if len(jobs) == 1:
+            which = f"the one line of {source} is not a request"
+        else:
+            are = "is not a request" if len(refused) == 1 else "are not requests"
+            which = f"{len(refused)} of the {len(jobs)} lines of {source} {are}"
+        raise ValueError(
+            "\n".join(shown) + f"\n{which} (the wire contract: README's \"Wire contract "
+            f'v1"); nothing was submitted: mend {"it" if len(refused) == 1 else "them"} and run '
+            "again"
+        )
     return jobs
+
+
+_REFUSED_SHOWN = 5  # a batch's refused lines said one by one; the rest counted
 
 
 def _results_in(out_path: Path) -> dict[str, bool]:

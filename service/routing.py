@@ -15,10 +15,8 @@ dispatcher.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
@@ -41,6 +39,7 @@ from schemas.wire import (
     TargetSpec,
     Tool,
     clipped,
+    not_a_request,
     request_decoder,
     salvage_id,
 )
@@ -60,25 +59,8 @@ from service.shaping import (
 )
 from service.target import HealthKey, Target
 
-_EXAMPLE = '{"messages": [{"role": "user", "content": "Hello"}], "route": "default"}'
 # A refusal quotes what it refuses: at most this many characters of it go back.
 MAX_REFUSAL_CHARS = 2000
-_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
-# msgspec's words for a field CompletionRequest does not have (at the top: nested structs say
-# where, with " - at `$...`").
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`", re.DOTALL)
-
-
-def _unknown_field(name: str) -> str:
-    """A field the request may not carry, named with the closest it may (a misspelt one), or
-    with every field when none is close."""
-    fields = CompletionRequest.__struct_fields__
-    close = difflib.get_close_matches(name, fields, n=1)
-    hint = f"did you mean `{close[0]}`?" if close else f"the fields are {', '.join(fields)}"
-    return (
-        f"unknown field `{name}` ({hint}): a field is refused, not ignored, and one added to "
-        "the wire later needs a dispatcher that knows it"
-    )
 
 
 class Rejected(Exception):
@@ -400,31 +382,9 @@ class Router:
             )
         try:
             return request_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            detail = clipped(str(exc), 300)
-            if (unknown := _UNKNOWN_FIELD.fullmatch(detail)) is not None:
-                raise Rejected(
-                    INVALID_REQUEST,
-                    f"invalid request: {_unknown_field(unknown[1])}",
-                    salvage_id(data) or default_id,
-                ) from None
-            if detail == "Input data was truncated" and _HIGH_SURROGATE.search(data):
-                # msgspec's words for a lone high surrogate escape too (JSON allows the escape,
-                # but no text holds half a character)
-                detail = (
-                    "a \\uD800-\\uDBFF escape without the low surrogate that must follow it "
-                    "(a lone half of a UTF-16 pair), or the JSON ends early"
-                )
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise Rejected(
-                INVALID_REQUEST,
-                f"invalid request: {detail}. Expected JSON like {_EXAMPLE}",
-                salvage_id(data) or default_id,
-            ) from None
-        except RecursionError:  # msgspec's answer to JSON nested deeper than it can follow
-            raise Rejected(
-                INVALID_REQUEST,
-                "invalid request: JSON nested too deeply",
-                salvage_id(data) or default_id,
+                INVALID_REQUEST, not_a_request(exc, data), salvage_id(data) or default_id
             ) from None
 
     def _max_attempts(self, request: CompletionRequest, route: _Route) -> int:

@@ -698,3 +698,38 @@ def test_gateway_banner_names_the_providers_of_a_config_without_routes(tmp_path,
         gateway.wait(timeout=15)
         gateway.stdout.close()
         gateway.stderr.close()
+
+
+def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(tmp_path):
+    """An OpenAI Batch API file (`custom_id`, `method`, `url`, `body`) or a misspelt field was
+    submitted line by line, every job came back an invalid_request result, and the run took
+    as long as the file was. Each line is read as a dispatcher reads it first; no server is
+    needed to be told (none runs here)."""
+    good = {"id": "ok-1", "messages": [{"role": "user", "content": "hi"}]}
+    openai_line = {
+        "custom_id": "req-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    misspelt = {"id": "typo", "messages": [{"role": "user", "content": "hi"}], "max_token": 5}
+    lines = [good, openai_line, misspelt, {"id": "x", "messages": "hi"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ran = lifeline_in(tmp_path, "batch", "jobs.jsonl")
+    assert ran.returncode == 2, ran
+    first, *rest = ran.stderr.splitlines()
+    assert first.startswith("lifeline: jobs.jsonl:2: invalid request: unknown field `custom_id`"), (
+        ran.stderr
+    )
+    assert (
+        "jobs.jsonl:3: invalid request: unknown field `max_token` (did you mean `max_tokens`?)"
+        in (ran.stderr)
+    )
+    assert "jobs.jsonl:4: invalid request: Expected `array`, got `str` - at `$.messages`" in (
+        ran.stderr
+    )
+    assert rest[-1] == (
+        "3 of the 4 lines of jobs.jsonl are not requests (the wire contract: README's "
+        '"Wire contract v1"); nothing was submitted: mend them and run again'
+    ), ran.stderr
+    assert not (tmp_path / "jobs.results.jsonl").exists()

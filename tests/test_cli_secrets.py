@@ -130,7 +130,7 @@ def test_an_unreachable_nats_url_is_shown_without_its_user_info(tmp_path):
 
 def _jobs(folder: Path) -> Path:
     path = folder / "jobs.jsonl"
-    path.write_text('{"id": "job-1", "prompt": "hi"}\n')
+    path.write_text('{"id": "job-1", "messages": [{"role": "user", "content": "hi"}]}\n')
     return path
 
 
