@@ -8,7 +8,8 @@ jobs stream>" (schemas.subjects.job_audit_id), so a job answered again after a d
 keeps one event in the stream; it is a JetStream publish, waited for while the stream is there
 to capture its subject (service.transport's _audit_acked, told which subjects by
 keep_audit_stream). With audit.confirm_requests, a request's event goes the same way, under a
-Nats-Msg-Id of its own.
+Nats-Msg-Id of its own, in a task apart from its request (answered: its place in max_in_flight
+let go, so an outage of the stream refuses no request).
 
 Why a core publish into a captured subject rather than a JetStream publish: measured here (one
 process, an audit-sized event, 20,000 of each), the fast path's core publish costs 2 µs of

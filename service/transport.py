@@ -93,6 +93,9 @@ log = logging.getLogger("lifeline.transport")
 # seconds), pausing jetstream.BACKOFF_S between tries.
 _AUDIT_TRY_S = 1.0
 _AUDIT_PATIENCE_S = 20.0
+# At most this many requests' events wait for it at once (audit.confirm_requests), apart from
+# their requests: about 3 KiB each, so a bound on the memory an outage of the stream takes.
+_CONFIRMING_MAX = 10_000
 
 _KINDS = frozenset(ERROR_KINDS)
 # Room kept in every message of a stream for its headers: a chunk may use max_payload minus this.
@@ -114,8 +117,11 @@ class NatsTransport:
         # None while that is not known (not looked at yet, or the look failed): waited for too,
         # since a core publish is lost while a cluster's stream has no leader.
         self.audit_kept: frozenset[str] | None = None
-        # audit.confirm_requests: a request's event waits for the stream's ack as a job's does.
+        # audit.confirm_requests: a request's event waits for the stream's ack as a job's does,
+        # in a task of its own (`_confirming`), its request answered and its place let go.
         self.confirm_requests = False
+        self._confirming: set[asyncio.Task[None]] = set()
+        self._confirming_full = False  # said once per time the bound is reached
 
     def spanned_an_outage(self, started: float) -> bool:
         """Whether this connection was down at some time since `started` (time.monotonic()):
@@ -248,20 +254,73 @@ class NatsTransport:
         per `msg_id` when given). A job's event (one with a `msg_id`), and with
         audit.confirm_requests every request's (given one of its own), waits for the stream's
         confirmation (`_audit_acked`)."""
-        if msg_id is None and self.confirm_requests:
+        confirm_apart = msg_id is None and self.confirm_requests
+        if confirm_apart:
             msg_id = f"req:{secrets.token_hex(12)}"  # this event's alone: tries share it
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
         room = self.nc.max_payload - (400 if headers else 0)
         subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
         if headers and (self.audit_kept is None or subject in self.audit_kept):
-            try:
-                if await self._audit_acked(subject, payload, headers):
+            if confirm_apart:  # a request's: answered already, its place in max_in_flight
+                # is let go while its event waits (an audit outage must not refuse requests)
+                if self._confirm_apart(subject, payload, headers):
                     return
-            except asyncio.CancelledError:  # a stop past its grace: sent as is, kept if it can
-                publish_now(self.nc, subject, payload, "an audit event", headers)
-                raise
+            else:  # a job's: acknowledged only once its event is kept
+                await self._confirmed(subject, payload, headers)
+                return
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
             await publish_later(self.nc, subject, payload, "an audit event", headers)
+
+    def _confirm_apart(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+        """A request's event confirmed in a task of its own (`settle_audits` waits for them
+        at a stop); False when _CONFIRMING_MAX wait already: this one is sent as is."""
+        if len(self._confirming) >= _CONFIRMING_MAX:
+            if not self._confirming_full:
+                self._confirming_full = True
+                log.warning(
+                    "audit: %d request events already wait for the audit stream's "
+                    "confirmation; the next ones are sent as core publishes until fewer wait",
+                    _CONFIRMING_MAX,
+                )
+            return False
+        self._confirming_full = False
+        task = asyncio.ensure_future(self._confirmed(subject, payload, headers))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirm_done)
+        return True
+
+    def _confirm_done(self, task: asyncio.Task[None]) -> None:
+        self._confirming.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("bug while confirming an audit event", exc_info=exc)
+
+    async def _confirmed(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        """The event confirmed by the stream (`_audit_acked`), else sent as a core publish."""
+        try:
+            if await self._audit_acked(subject, payload, headers):
+                return
+        except asyncio.CancelledError:  # a stop past its grace: sent as is, kept if it can
+            publish_now(self.nc, subject, payload, "an audit event", headers)
+            raise
+        if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
+            await publish_later(self.nc, subject, payload, "an audit event", headers)
+
+    async def settle_audits(self, timeout_s: float) -> None:
+        """At a stop, once every request is answered: the requests' events still waiting for
+        the stream's confirmation get up to `timeout_s` more, then go as core publishes."""
+        if not self._confirming:
+            return
+        waiting = set(self._confirming)
+        _, late = await asyncio.wait(waiting, timeout=timeout_s)
+        if late:
+            log.warning(
+                "audit: %d request events not confirmed by the audit stream within the "
+                "shutdown grace; sent as core publishes, kept only if the stream takes them now",
+                len(late),
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
 
     async def _audit_acked(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
         """A job's audit event (one with a Nats-Msg-Id) published to JetStream, and tried again

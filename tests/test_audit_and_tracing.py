@@ -366,6 +366,58 @@ async def test_a_requests_event_outlives_an_audit_stream_outage_when_confirmed(
     assert await kept() == expected
 
 
+async def test_confirmed_events_waiting_for_the_stream_take_no_requests_place(
+    lifeline, client, audit
+):
+    """With audit.confirm_requests, a request's event waited for the stream in the request's
+    own task: while the stream was away (up to 20 s a try), every request answered kept its
+    place in max_in_flight, and the next ones were refused overloaded, an audit outage
+    turned into an outage of the service. The events wait apart from their requests now."""
+    from service.audit import ensure_audit_stream
+
+    stack = await lifeline(
+        {**config({"main": fake()}, max_in_flight=2), "audit": {"confirm_requests": True}}
+    )
+    js = client.jetstream()
+    await js.delete_stream(AuditSettings().stream)
+    ids = [f"during-{i}" for i in range(5)]
+    for request_id in ids:
+        reply = await ask(client, {**USER_HELLO, "id": request_id})
+        assert reply.status == "ok", reply.error
+    assert stack.dispatcher.in_flight == 0  # answered: only their events wait
+    assert await ensure_audit_stream(js, AuditSettings()) is None
+
+    async def kept() -> set[str]:
+        return {
+            audit_decoder.decode(data).id
+            async for data in read_events(js, AuditSettings(), 0, False)
+        }
+
+    await wait_for(lambda: _at_least(kept, len(ids)), 10, "the events kept", interval_s=0.2)
+    assert await kept() == set(ids)
+
+
+async def test_a_stop_sends_confirmed_events_still_waiting_once_its_grace_is_out(
+    lifeline, client, audit, caplog
+):
+    """A request's event still waiting for the audit stream at a stop gets the rest of the
+    shutdown grace, then goes as a core publish (live subscribers see it), said in a warning:
+    the stop does not wait out the 20 s of the event's patience."""
+    caplog.set_level(logging.WARNING, "lifeline.transport")
+    stack = await lifeline(
+        {**config({"main": fake()}, shutdown_grace_s=0.5), "audit": {"confirm_requests": True}}
+    )
+    await client.jetstream().delete_stream(AuditSettings().stream)
+    assert (await ask(client, {**USER_HELLO, "id": "at-stop"})).status == "ok"
+    seen = len(audit.events)
+    await asyncio.wait_for(stack.stop(), 10)
+    await audit.wait_for(seen + 1)  # sent once more, as a core publish, at the stop
+    assert {event.id for _, event in audit.events} == {"at-stop"}
+    assert "1 request events not confirmed by the audit stream within the shutdown grace" in (
+        " ".join(r.getMessage() for r in caplog.records)
+    )
+
+
 async def _at_least(kept: Any, count: int) -> bool:
     return len(await kept()) >= count
 
