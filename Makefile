@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := tests/node/node_modules/.installed-stamp
 WORKER_NODE_STAMP := workers/examples/node/node_modules/.installed-stamp
 
-.PHONY: help install run lint test bench bench-ab bench-instr soak chaos chaos-cluster clean
+.PHONY: help install run lint test bench bench-ab bench-instr bench-profile soak chaos chaos-cluster clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=r
 
 bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree); NO_SAMPLING=1: tracing samples nothing
 	$(BIN)/python -m tests.bench.instructions $(if $(NO_SAMPLING),--no-sampling) $(REVS)
+
+bench-profile: $(STAMP)  ## where the dispatcher's and the worker's time goes at 64 in flight (py-spy): REV=rev (default: the working tree); writes bench-results/profile.md
+	$(BIN)/python -m tests.bench.profile $(REV)
 
 soak: $(STAMP)  ## the contract under a flood for a few minutes (60,000-request bursts); writes bench-results/soak.json
 	$(BIN)/python -m tests.soak
