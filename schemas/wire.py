@@ -520,6 +520,15 @@ class CompletionReply(Struct, frozen=True):
     finish_reason: FinishReason | None = None
 
 
+class Progress(Struct, frozen=True):
+    """The body of a heartbeat on an llm.complete reply subject: how long the dispatcher has
+    had the request, and the attempts finished so far (failures, each as the reply will list
+    it; the one running now is not among them). An older dispatcher's heartbeat is empty."""
+
+    elapsed_ms: float
+    attempts: list[Attempt] = []
+
+
 class AuditEvent(Struct, frozen=True):
     """One per request on llm.audit.<status>. Never carries prompt, answer or credentials: its
     attempts carry no `message` (a provider's may quote the prompt) unless the dispatcher's
@@ -595,6 +604,7 @@ encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(CompletionRequest)
 reply_decoder = msgspec.json.Decoder(CompletionReply)
 audit_decoder = msgspec.json.Decoder(AuditEvent)
+progress_decoder = msgspec.json.Decoder(Progress)
 provider_request_decoder = msgspec.json.Decoder(ProviderRequest)
 provider_reply_decoder = msgspec.json.Decoder(ProviderReply)
 tool_call_delta_decoder = msgspec.json.Decoder(ToolCallDelta)

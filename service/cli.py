@@ -65,6 +65,7 @@ from schemas.wire import (
     PAYLOAD_TOO_LARGE,
     ErrorInfo,
     NamedTool,
+    Progress,
     ResponseFormat,
     Tool,
     ToolChoice,
@@ -2275,7 +2276,7 @@ async def _send(nc: Client, url: str, request: CompletionRequest) -> CompletionR
     so a dispatcher that died is noticed within seconds, not at the timeout) and close `nc`:
     the dispatcher's answer, or None after saying why there is none."""
     try:
-        return await client.Lifeline(nc).complete(request)
+        return await client.Lifeline(nc).complete(request, on_progress=_show_progress)
     except client.NotPermitted as exc:  # said as it came: its role is not a client's
         print(f"lifeline: {exc.__cause__ or exc}: no dispatcher got the request", file=sys.stderr)
         return None
@@ -2294,6 +2295,14 @@ async def _send(nc: Client, url: str, request: CompletionRequest) -> CompletionR
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
+
+
+def _show_progress(progress: Progress) -> None:
+    """A heartbeat's word on a request still running (every 2 s, on stderr): how long, and
+    the attempts that failed so far, as the reply's listing will name them."""
+    failed = "; ".join(f"{a.target or a.provider} {_outcome(a)}" for a in progress.attempts)
+    so_far = f", so far: {failed}" if failed else ""
+    print(f"... {progress.elapsed_ms / 1000:.0f} s{so_far}", file=sys.stderr, flush=True)
 
 
 def _faults(entries: list[str]) -> dict[str, list[str | int]]:

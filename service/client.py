@@ -62,6 +62,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Awaitable,
+    Callable,
     Generator,
     Iterable,
     Mapping,
@@ -80,7 +81,14 @@ from schemas import ChatMessage, CompletionReply, CompletionRequest, streaming, 
 from schemas.errors import DEADLINE_EXCEEDED, INTERNAL, RESEND, resend_is_futile
 from schemas.streaming import Assembler, Event
 from schemas.subjects import STREAM
-from schemas.wire import ToolCall, encoder, message_bytes, reply_decoder
+from schemas.wire import (
+    Progress,
+    ToolCall,
+    encoder,
+    message_bytes,
+    progress_decoder,
+    reply_decoder,
+)
 from service import jetstream, natsio, natsopts
 from service.jobstore import ensure_jobs_as_a_client
 
@@ -518,6 +526,7 @@ class Lifeline:
         *,
         overloaded_retries: int = 0,
         heartbeat_s: float | None = HEARTBEAT_S,
+        on_progress: Callable[[Progress], Any] | None = None,
         **fields: Any,
     ) -> CompletionReply:
         """Send one request to llm.complete and return its reply, ok or error (an error reply
@@ -528,7 +537,9 @@ class Lifeline:
         a retry is sent with what is left; the refusal is returned when no time is left).
         `heartbeat_s`: the dispatcher is asked for a heartbeat every this many seconds until
         it replies, so one that died raises NoAnswer within streaming.heartbeat_silence_s of
-        its last, not at the request's timeout (None: no heartbeats)."""
+        its last, not at the request's timeout (None: no heartbeats). `on_progress` is called
+        with each heartbeat's Progress (how long the dispatcher has had the request, the
+        attempts that failed so far), in the connection's read: keep it short."""
         self._check_loop()
         _check_retries(overloaded_retries)
         _check_heartbeat(heartbeat_s)
@@ -554,7 +565,7 @@ class Lifeline:
                     self.nc.request(subjects.COMPLETE, payload, timeout=wait_s, headers=headers)
                     if every_s is None
                     else self._replies.request(
-                        self.nc, subjects.COMPLETE, payload, headers, wait_s, every_s
+                        self.nc, subjects.COMPLETE, payload, headers, wait_s, every_s, on_progress
                     )
                 )
                 msg = await _unless_refused(refusals, subjects.COMPLETE, asking)
@@ -1425,12 +1436,15 @@ class _WentSilent(Exception):
 
 
 class _Waiting:
-    __slots__ = ("beating", "future", "heard_at")
+    __slots__ = ("beating", "future", "heard_at", "on_progress")
 
-    def __init__(self, future: asyncio.Future[Msg]) -> None:
+    def __init__(
+        self, future: asyncio.Future[Msg], on_progress: Callable[[Progress], Any] | None
+    ) -> None:
         self.future = future
         self.heard_at = 0.0
         self.beating = False  # a heartbeat came: its dispatcher sends them
+        self.on_progress = on_progress
 
 
 class _Replies:
@@ -1477,6 +1491,8 @@ class _Replies:
             return  # given up on, or answered already
         if streaming.is_heartbeat(msg.headers):
             waiting.heard_at, waiting.beating = time.monotonic(), True
+            if waiting.on_progress is not None and msg.data:  # an older dispatcher's is empty
+                _tell_progress(waiting.on_progress, msg.data)
         elif not waiting.future.done():
             waiting.future.set_result(msg)
 
@@ -1495,12 +1511,14 @@ class _Replies:
         headers: dict[str, str],
         timeout_s: float,
         every_s: float,
+        on_progress: Callable[[Progress], Any] | None = None,
     ) -> Msg:
         """The reply to one request, as nats-py's request() gives it (NoRespondersError,
-        TimeoutError), or _WentSilent."""
+        TimeoutError), or _WentSilent; each heartbeat's Progress to `on_progress`."""
         prefix = await self._ready(nc)
         token = secrets.token_hex(12)
-        waiting = self.waiting[token] = _Waiting(asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        waiting = self.waiting[token] = _Waiting(future, on_progress)
         silence_s = streaming.heartbeat_silence_s(every_s)
         give_up = time.monotonic() + timeout_s
         stalled_at = 0.0  # the end of the loop's last stall: the silence counts from there
@@ -1530,6 +1548,20 @@ class _Replies:
                     raise _WentSilent(silence_s)
         finally:
             del self.waiting[token]
+
+
+def _tell_progress(on_progress: Callable[[Progress], Any], data: bytes) -> None:
+    """A heartbeat's Progress to the caller's callback: one that does not decode (a newer
+    dispatcher's, say) is passed over, and the callback's own error is logged, not raised
+    into the connection's read (the request goes on)."""
+    try:
+        progress = progress_decoder.decode(data)
+    except msgspec.DecodeError:
+        return
+    try:
+        on_progress(progress)
+    except Exception:
+        log.exception("on_progress raised; the request goes on")
 
 
 # Each connection's _Replies, for as long as it lives (nothing in one refers back to it).

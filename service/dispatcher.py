@@ -244,10 +244,21 @@ class Dispatcher:
             every_s = heartbeat_interval(asked)
             if every_s is not None:  # a client that asked for heartbeats
                 beat = sink
-                if beat is None:
-                    beat = ReplyHeartbeat(self.transport, msg.reply)
+                if beat is None:  # on llm.complete, each tells the request's progress
+                    beat = ReplyHeartbeat(self.transport, msg.reply, arrived)
                     respond = beat.respond
-        serve = self.engine.serve(inbound, respond, refused, sink, if_cancelled=self._why_cancelled)
+        if beat is None or sink is not None:
+            serve = self.engine.serve(
+                inbound, respond, refused, sink, if_cancelled=self._why_cancelled
+            )
+        else:
+            serve = self.engine.serve(
+                inbound,
+                respond,
+                refused,
+                if_cancelled=self._why_cancelled,
+                progress=beat.attempts,  # type: ignore[union-attr]
+            )
         # Light traffic: the plan and the attempt's publish run in this read (see start_now).
         task = start_now(serve) if len(self._tasks) < LIGHT else self._loop.create_task(serve)
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None

@@ -146,6 +146,7 @@ class Engine:
         *,
         if_cancelled: Callable[[], ErrorInfo] | None = None,
         answered: CompletionReply | None = None,
+        progress: list[Attempt] | None = None,
     ) -> CompletionReply:
         """Answer one request through `respond` (None: nobody to answer), or as a stream of
         events through `sink` (with both, the stream's end event carries what `respond`
@@ -156,14 +157,16 @@ class Engine:
         was cancelled) and audited, its attempts cancelled at their workers; without it the
         cancel goes on up, unanswered. With `answered`, the front end has the answer already
         (a job answered on an earlier delivery whose result could not be stored): it is
-        responded and audited as it is, without a provider call."""
+        responded and audited as it is, without a provider call. With `progress`, the list
+        the request's attempts are kept in as the chain goes (its heartbeats report them)."""
         span = self.spans.start(
             "chat", SpanKind.SERVER, {}, telemetry.remote_parent(inbound.headers)
         )
         trace_id = span.trace_hex
         route: str | None = None
         request_id: str | None = None  # the plan's: generated when the request has none
-        attempts: list[Attempt] = []  # filled as the chain goes: a cancel still reports them
+        # Filled as the chain goes: a cancel still reports them, and so do heartbeats.
+        attempts: list[Attempt] = [] if progress is None else progress
         relay = Relay(sink, inbound.arrived) if sink is not None else None
         if relay is not None:
             respond = relay.end if respond is None else _kept_then_streamed(respond, relay)

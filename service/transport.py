@@ -73,6 +73,7 @@ from schemas.wire import (
     MAX_MESSAGE_CHARS,
     MAX_NAME_LENGTH,
     REPLY_TOO_LARGE,
+    Progress,
     ToolCallDelta,
     clipped,
     delta_bytes,
@@ -1017,13 +1018,18 @@ class ClientStream:
 
 class ReplyHeartbeat:
     """An llm.complete request's heartbeats (see Heartbeats) on its reply subject, until its
-    one reply: empty messages with `Lifeline-Event: heartbeat`, which its client, having asked,
-    reads apart from the reply. `respond` sends the reply (NatsTransport.answer)."""
+    one reply: messages with `Lifeline-Event: heartbeat`, which its client, having asked, reads
+    apart from the reply, each carrying the request's Progress: how long the dispatcher has had
+    it and the attempts finished so far (`attempts`, the list the engine fills as the chain
+    goes: Engine.serve's `progress`). `respond` sends the reply (NatsTransport.answer)."""
 
     __slots__ = (
         "_answer",
         "_ended",
         "_fast",
+        "_room",
+        "arrived",
+        "attempts",
         "beat_every_s",
         "beat_seq",
         "beat_since",
@@ -1031,16 +1037,25 @@ class ReplyHeartbeat:
         "subject",
     )
 
-    def __init__(self, transport: NatsTransport, subject: str) -> None:
+    def __init__(self, transport: NatsTransport, subject: str, arrived: float) -> None:
         self._answer = transport.answer
         self._fast = fast_path(transport.nc)
+        self._room = min(_PROGRESS_MAX, transport.nc.max_payload - len(_HEARTBEAT_BLOCK))
         self.subject = subject
+        self.arrived = arrived  # time.monotonic() when the request arrived
+        self.attempts: list[Attempt] = []
         self.seq = 0  # a reply has no events before it: a heartbeat every interval
         self._ended = False
 
     def heartbeat(self) -> None:
-        if not self._ended:  # none through a reconnect (the fast path refuses): late, it is none
-            self._fast.publish(self.subject, b"", block=_HEARTBEAT_BLOCK)
+        if self._ended:  # none after the reply
+            return
+        elapsed_ms = round((time.monotonic() - self.arrived) * 1000, 1)
+        body = encoder.encode(Progress(elapsed_ms, self.attempts))
+        if len(body) > self._room:  # many attempts with long messages: the time alone
+            body = encoder.encode(Progress(elapsed_ms))
+        # None through a reconnect (the fast path refuses): late, it is none
+        self._fast.publish(self.subject, body, block=_HEARTBEAT_BLOCK)
 
     def respond(self, reply: CompletionReply) -> Awaitable[CompletionReply]:
         self._ended = True
@@ -1138,6 +1153,7 @@ def _heartbeat_interval(value: str) -> float | None:
 
 
 _HEARTBEAT_TICK_MAX_S, _HEARTBEAT_TICK_MIN_S = 1.0, 0.1
+_PROGRESS_MAX = 16 * 1024  # a heartbeat's Progress, at most (else its elapsed time alone)
 _INTERVALS: dict[str, float | None] = {}  # heartbeat_interval's, by header value
 _INTERVALS_KEPT = 16
 _UNKNOWN = object()

@@ -252,12 +252,12 @@ HEARTBEATS = Header(
 )
 
 
-def heartbeat(on: str) -> Message:
+def heartbeat(on: str, payload: Any = NoResult, body: str = "") -> Message:
     return Message(
         "heartbeat",
-        NoResult,
+        payload,
         f"Only for a request that asked ({subjects.HEARTBEAT_MS}): its dispatcher is alive and "
-        f"working on it. No part of the answer; never after {on}",
+        f"working on it{body}. No part of the answer; never after {on}",
         (event(HEARTBEAT),),
         without=(SEQ, ATTEMPT_NO),
     )
@@ -377,7 +377,12 @@ CHANNELS: tuple[Channel, ...] = (
                 "The request's one reply, ok or error",
                 without=(EVENT,),
             ),
-            heartbeat("the reply"),
+            heartbeat(
+                "the reply",
+                wire.Progress,
+                "; its body is the request's progress (how long the dispatcher has had it, the "
+                "attempts that failed so far), empty from a dispatcher older than that",
+            ),
         ),
     ),
     Channel(

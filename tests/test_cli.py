@@ -32,6 +32,7 @@ from helpers import (
     run_lifeline,
     spawn_lifeline,
     wait_for_line,
+    write_config,
 )
 
 from schemas import ChatMessage, CompletionRequest, subjects
@@ -1270,6 +1271,32 @@ def test_a_process_that_cannot_start_a_thread_says_which_limit_to_raise():
     )
     assert done.returncode == 1 and "ulimit -u" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ask_shows_a_slow_requests_progress_while_it_falls_back(tmp_path):
+    """Without --stream, `ask` showed nothing until the reply while a route fell back past a
+    hung target. Every heartbeat (2 s) now prints how long it has run and the attempts that
+    failed so far on stderr; stdout keeps the answer alone."""
+    write_config(
+        tmp_path / "lifeline.toml",
+        config({"hung": fake(hang=True, timeout_s=2.2), "backup": fake(latency_ms=4000)}),
+    )
+    run = LifelineProcess(
+        ["run", "--config", "lifeline.toml", "--port", "-1", "--no-gateway"],
+        tmp_path / "run.log",
+        cwd=tmp_path,
+    )
+    try:
+        run.wait_for_log(r"dispatcher ready")
+        url = re.search(r"nats://[\d.]+:\d+", run.log()).group(0)  # type: ignore[union-attr]
+        asked = run_lifeline("ask", "--nats-url", url, "still there?", cwd=tmp_path)
+    finally:
+        run.stop()
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout == "still there?\n"
+    progress = [line for line in asked.stderr.splitlines() if line.startswith("... ")]
+    assert re.fullmatch(r"\.\.\. [23] s(, so far: hung timeout->fallback)?", progress[0]), progress
+    assert re.fullmatch(r"\.\.\. [45] s, so far: hung timeout->fallback", progress[1]), progress
 
 
 def test_run_stops_with_exit_1_when_its_embedded_nats_server_dies(tmp_path):

@@ -30,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from schemas import ChatMessage, CompletionRequest, streaming, subjects
-from schemas.wire import CompletionReply, ErrorInfo, encoder, reply_decoder
+from schemas.wire import CompletionReply, ErrorInfo, encoder, progress_decoder, reply_decoder
 from service import natsio
 from service.client import (
     JOBS_STREAM,
@@ -1220,11 +1220,32 @@ async def test_a_request_that_asks_for_heartbeats_gets_them_until_its_one_reply(
 
     beating = await messages({subjects.HEARTBEAT_MS: "200"})
     *beats, reply = beating
-    assert len(beats) >= 2 and all(m.headers == heartbeat and m.data == b"" for m in beats)
+    assert len(beats) >= 2 and all(m.headers == heartbeat for m in beats)
+    progress = [progress_decoder.decode(m.data) for m in beats]  # how long, nothing failed
+    assert all(p.attempts == [] and p.elapsed_ms >= 200 for p in progress), progress
     assert reply_decoder.decode(reply.data).status == "ok"
     quiet = await messages({})
     assert len(quiet) == 1 and reply_decoder.decode(quiet[0].data).status == "ok"
     await audit.wait_for(2)
+
+
+async def test_a_requests_heartbeats_say_how_long_it_ran_and_which_attempts_failed(
+    lifeline, lifeline_client
+):
+    """`lifeline ask` showed nothing while a route fell back past a hung target: a heartbeat
+    was an empty message. It carries the request's progress now (how long its dispatcher has
+    had it, the attempts finished so far as the reply will list them), which the client
+    hands to `on_progress`."""
+    await lifeline(config({"hung": fake(hang=True, timeout_s=0.5), "slow": fake(latency_ms=800)}))
+    seen: list[Any] = []
+    reply = await lifeline_client.complete("hi", heartbeat_s=0.2, on_progress=seen.append)
+    assert reply.status == "ok" and reply.target == "slow", reply
+    assert len(seen) >= 3, seen
+    assert seen[0].attempts == []  # 200 ms in: the hung target still has it
+    assert [p.elapsed_ms for p in seen] == sorted(p.elapsed_ms for p in seen)
+    later = seen[-1]  # the slow target has it, the hung one's timeout reported
+    assert later.elapsed_ms > 500 and later.attempts == reply.attempts[:1], later
+    assert later.attempts[0].outcome == "timeout" and later.attempts[0].next == "fallback"
 
 
 async def test_a_request_whose_dispatcher_dies_says_so_within_its_heartbeats_not_its_timeout(
@@ -1412,7 +1433,7 @@ async def test_every_request_asking_for_heartbeats_gets_one_reply_and_no_heartbe
     kinds: set[str] = set()
 
     async def on_reply(msg: Any) -> None:
-        beat = msg.headers == {subjects.EVENT: "heartbeat"} and msg.data == b""
+        beat = msg.headers == {subjects.EVENT: "heartbeat"}
         got.setdefault(msg.subject.rsplit(".", 1)[1], []).append("beat" if beat else "reply")
         if not beat:
             reply = reply_decoder.decode(msg.data)
