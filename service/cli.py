@@ -1841,7 +1841,14 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         try:
             request_decoder.decode(jobs[job_id])
         except (msgspec.DecodeError, RecursionError) as exc:
-            refused.append(f"{source}:{n}: {not_a_request(exc, jobs[job_id])}")
+            why = not_a_request(exc, jobs[job_id])
+            if {"custom_id", "body"} <= body.keys():  # OpenAI's Batch API wraps each request
+                why = (
+                    "an OpenAI Batch API line (custom_id, method, url, body); a line here is "
+                    'the request itself, {"id": ..., "messages": [...]}: its custom_id as the '
+                    "id, its body's messages, and a route or targets for its model"
+                )
+            refused.append(f"{source}:{n}: {why}")
     if refused:
         shown = refused[:_REFUSED_SHOWN]
         if len(refused) > _REFUSED_SHOWN:

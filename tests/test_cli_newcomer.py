@@ -718,9 +718,10 @@ def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(t
     ran = lifeline_in(tmp_path, "batch", "jobs.jsonl")
     assert ran.returncode == 2, ran
     first, *rest = ran.stderr.splitlines()
-    assert first.startswith("lifeline: jobs.jsonl:2: invalid request: unknown field `custom_id`"), (
-        ran.stderr
-    )
+    assert first.startswith(
+        "lifeline: jobs.jsonl:2: an OpenAI Batch API line (custom_id, method, url, body); a "
+        'line here is the request itself, {"id": ..., "messages": [...]}'
+    ), ran.stderr
     assert (
         "jobs.jsonl:3: invalid request: unknown field `max_token` (did you mean `max_tokens`?)"
         in (ran.stderr)
