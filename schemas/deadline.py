@@ -18,6 +18,8 @@ import math
 import time
 from collections.abc import Callable
 
+import msgspec
+
 Clock = Callable[[], float]
 
 # Less time than this left is no time for a call: no provider is asked and answers in it, and
@@ -26,13 +28,12 @@ Clock = Callable[[], float]
 MIN_CALL_S = 0.001
 
 
-class Deadline:
-    """A point in time after which nobody waits for an answer."""
+class Deadline(msgspec.Struct, frozen=True):
+    """A point in time after which nobody waits for an answer. A frozen msgspec Struct: made
+    per request, and built in C (a class with an `__init__` of its own cost about 1,000
+    instructions more per Deadline, counted)."""
 
-    __slots__ = ("at",)
-
-    def __init__(self, at: float) -> None:
-        self.at = at  # on time.monotonic()'s scale (or the injected clock's, in tests)
+    at: float  # on time.monotonic()'s scale (or the injected clock's, in tests)
 
     @classmethod
     def after(cls, seconds: float, start: float | None = None) -> Deadline:
