@@ -628,10 +628,7 @@ class _Run:
         if health is not None:
             # `started` goes to health too: a breaker weighs calls in the order they were made.
             if isinstance(reply, ProviderOk):  # the common case, in one call
-                provider, model = target.health_key
-                health.record(
-                    provider, model, target.breaker, True, None, None, latency_ms, probe, started
-                )
+                health.answered(target.health_key, target.breaker, latency_ms, probe, started)
             else:
                 self._record_failure(target, reply, started, timeout_s, probe)
         return Outcome(target, reply, latency_ms, False, False, (), streamed)
