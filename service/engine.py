@@ -163,7 +163,9 @@ class Engine:
         (a job answered on an earlier delivery whose result could not be stored): it is
         responded and audited as it is, without a provider call. With `progress`, the list
         the request's attempts are kept in as the chain goes (its heartbeats report them)."""
-        span = self.spans.start("chat", _SERVER, {}, telemetry.remote_parent(inbound.headers))
+        # A request without headers (no trace context of its own) is told so without the call.
+        parent = telemetry.remote_parent(inbound.headers) if inbound.headers else None
+        span = self.spans.start("chat", _SERVER, {}, parent)
         trace_id = span.trace_hex
         route: str | None = None
         request_id: str | None = None  # the plan's: generated when the request has none
@@ -190,7 +192,8 @@ class Engine:
                     counted = relay.counted(result.attempts)
                     if counted is not result.attempts:
                         result = msgspec.structs.replace(result, attempts=counted)
-                reply = _reply(plan.request_id, result, trace_id, _ms_since(inbound.arrived))
+                latency_ms = (time.monotonic() - inbound.arrived) * 1000  # _ms_since, inline
+                reply = _reply(plan.request_id, result, trace_id, latency_ms)
         except Rejected as exc:
             route = exc.route
             reply = CompletionReply(
