@@ -403,7 +403,8 @@ class WorkerRuntime:
                 reply = await self._stream(request, timeout_s, stream_to, expiry)
             else:
                 reply = await self.provider.complete(request, timeout_s)
-            if expiry.task_cancelled():
+            # expiry.task_cancelled(), inline on the path of every answer (a method call less).
+            if expiry._task.cancelling() > expiry._cancelling:
                 # The provider swallowed the cancel (a library catching BaseException, a
                 # retry loop): its answer is as late as if it had not, and goes as the cancel
                 # says (none, a timeout), never as an answer past its deadline.
@@ -447,7 +448,7 @@ class WorkerRuntime:
                 "server_error", f"worker {self.name} failed: {type(exc).__name__}"
             )
         finally:
-            expiry.stop()
+            self._timeouts.cancel(expiry._timer)  # expiry.stop(), a method call less
             telemetry.detach(token)
         if isinstance(reply, ProviderFailure):  # before the span and the reply see it
             message = reply.message
