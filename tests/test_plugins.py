@@ -46,7 +46,8 @@ from schemas.wire import (
 )
 from service.client import stream_text
 from service.config import ConfigError, parse_config
-from workers.runtime import WorkerRuntime, _raised_by_call
+from workers import runtime as runtime_module
+from workers.runtime import _raised_by_call
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -585,10 +586,13 @@ async def test_a_reply_that_cannot_be_encoded_is_still_answered_at_once(
 ):
     """A bug between the provider's answer and the wire: the one reply still goes."""
 
-    def broken(runtime: WorkerRuntime, reply: ProviderReply) -> bytes:
-        raise RuntimeError("a bug in encoding")
+    class Broken:  # the answer's encoding fails as a bug would (handle encodes one inline)
+        def encode(self, reply: ProviderReply) -> bytes:
+            if type(reply) is ProviderOk:  # the bug's own reply, a ProviderFailure, goes
+                raise RuntimeError("a bug in encoding")
+            return encoder.encode(reply)
 
-    monkeypatch.setattr(WorkerRuntime, "_payload", broken)
+    monkeypatch.setattr(runtime_module, "encoder", Broken())
     await lifeline(config({"mine": python("SyncUpper", timeout_s=30)}))
     reply = await ask(client, {**hello(), "timeout_s": 5}, timeout_s=10)
     failed = reply.attempts[0]

@@ -276,7 +276,20 @@ class WorkerRuntime:
         self.tally.busy_ms += latency_ms
         if msg.reply:
             try:
-                payload = self._payload(msgspec.structs.replace(reply, latency_ms=latency_ms))
+                reply = msgspec.structs.replace(reply, latency_ms=latency_ms)
+                # _payload's path for an answer that encodes and fits, inline (a method call
+                # less per request); anything else goes through it.
+                payload = None
+                if type(reply) is ProviderOk:
+                    try:
+                        payload = encoder.encode(reply)
+                    except (TypeError, ValueError, OverflowError):
+                        pass
+                    else:
+                        if len(payload) > self.nc.max_payload:
+                            payload = None
+                if payload is None:
+                    payload = self._payload(reply)
             except Exception:  # still one reply, and at once: the dispatcher would wait it out
                 log.exception("worker %s: bug while encoding a reply", self.name)
                 payload = self._bug_payload(latency_ms)
