@@ -176,9 +176,6 @@ class Dispatcher:
             await asyncio.wait(waits, timeout=max(until - loop.time(), 0.0))
         if self._tasks:
             await self._cut_short(set(self._tasks), grace_s)
-        # Requests' events waiting for the audit stream (audit.confirm_requests), each request
-        # answered: the rest of the grace, then sent as core publishes.
-        await self.transport.settle_audits(max(until - loop.time(), 0.0))
         if self._refuser is not None and not self._refuser.done():
             # Refusals cost no provider call and must each still get their one reply and
             # audit event: past the grace too (nothing new arrives any more).
@@ -187,6 +184,9 @@ class Dispatcher:
                 len(self._refusals),
             )
             await self._refuser
+        # Requests' events waiting for the audit stream (audit.confirm_requests), every request
+        # answered (the refused ones too): the rest of the grace, then sent as core publishes.
+        await self.transport.settle_audits(max(until - loop.time(), 0.0))
         if self._abort_sub is not None:  # aborts are honoured until every request is answered
             await stop_taking(self._abort_sub)
             self._abort_sub = None
