@@ -65,7 +65,7 @@ NEW  ?=
 bench-ab: $(STAMP)  ## what a change buys: BASE=rev (default HEAD) against NEW=rev (default: the working tree), loaded at once; PAIRED=1: p50 at 1 in flight instead; ROUTE=fail_ok|ghost_ok: through a fallback
 	$(BIN)/python -m tests.bench.ab $(if $(PAIRED),--paired) $(if $(ROUTE),--route $(ROUTE)) $(BASE) $(NEW)
 
-bench-instr: $(STAMP)  ## instructions per request of the engine and the worker under valgrind: REVS="rev ..." (default: the working tree); NO_SAMPLING=1: tracing samples nothing
+bench-instr: $(STAMP)  ## instructions per request of the engine, the worker and the NATS fast path under valgrind: REVS="rev ..." (default: the working tree); NO_SAMPLING=1: tracing samples nothing
 	$(BIN)/python -m tests.bench.instructions $(if $(NO_SAMPLING),--no-sampling) $(REVS)
 
 bench-profile: $(STAMP)  ## where the dispatcher's and the worker's time goes at 64 in flight (py-spy): REV=rev (default: the working tree); writes bench-results/profile.md

@@ -15,6 +15,11 @@ so the start-up's imports and compilation cancel out.
     worker   WorkerRuntime.handle for one `fake` call as the dispatcher sends it (traced,
              sampled), on uvloop; its reply goes through nats-py's publish to a stand-in that
              drops it (the fast path needs a real connection)
+    natsio   the NATS messages of one request through service.natsio's fast path, on uvloop:
+             the dispatcher reading the request, publishing the attempt, reading the worker's
+             answer, publishing the reply and the audit event; the worker reading the attempt
+             and publishing its answer (frames as the benchmark's are, read through the
+             direct reader, written to a transport that drops them; handlers do nothing)
 
 Needs valgrind (Debian: `apt-get install valgrind`); each revision is checked out into a
 temporary git worktree. Takes about 30 s per figure.
@@ -47,7 +52,7 @@ def main() -> None:
     )
     parser.add_argument("revisions", nargs="*", help="git revisions (default: the working tree)")
     parser.add_argument(
-        "--part", choices=("engine", "worker"), action="append", help="default: both"
+        "--part", choices=("engine", "worker", "natsio"), action="append", help="default: both"
     )
     parser.add_argument(
         "--no-sampling",
@@ -64,7 +69,7 @@ def main() -> None:
         os.environ[_NO_SAMPLING] = "1"
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
-    parts = args.part or ["engine", "worker"]
+    parts = args.part or ["engine", "worker", "natsio"]
     sampling = ", nothing sampled" if args.no_sampling else ""
     for revision in args.revisions or [None]:
         with _checkout(revision) as tree:
@@ -135,9 +140,9 @@ def _run(part: str, n: int) -> None:
     collects (service.memory.settle_after_start)."""
     from service.memory import settle_after_start
 
-    run = _engine if part == "engine" else _worker
+    run = {"engine": _engine, "worker": _worker, "natsio": _natsio}[part]
     settle_after_start()
-    if part == "worker":
+    if part != "engine":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -223,6 +228,96 @@ async def _worker(n: int) -> None:
     runtime = WorkerRuntime("ok", "fake", provider, Connection(), _tracing().recorder("w"), 30.0)
     for _ in range(WARMUP + n):
         await runtime.handle(message)
+
+
+async def _natsio(n: int) -> None:
+    from nats.aio.client import Client
+
+    from schemas import CompletionReply, ProviderOk, ProviderRequest, Usage
+    from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID, TRACEPARENT
+    from schemas.wire import ChatMessage, encoder
+    from service.natsio import FastPath, _DirectReader, _FastParser, measured, publish_now
+    from tests.bench.cases import completion_request
+
+    class Socket:  # a transport that drops what is written
+        def writelines(self, data):
+            pass
+
+    class Inner:  # nats-py's StreamReaderProtocol: nothing is left for it
+        def data_received(self, data):
+            raise AssertionError("a frame went to nats-py's parser")
+
+    def connection():
+        nc = Client()
+        nc._status = Client.CONNECTED
+        nc._transport = Socket()
+        nc._server_info = {"max_payload": 1 << 20}
+        path = FastPath(nc)
+        nc._ps = _FastParser(nc, path._handlers, path)
+        nc._lifeline_fast_path = path  # what fast_path(nc) finds
+        path.in_flight = lambda: 64  # busy: writes once per turn
+        return nc, path, _DirectReader(Inner(), nc._ps, asyncio.StreamReader())
+
+    def handled(msg):
+        pass
+
+    def subscribe(nc, path, sid):
+        nc._subs[sid] = object()
+        path._handlers[sid] = handled
+
+    def frame(subject, sid, reply, payload, headers=None):
+        if headers is None:
+            return b"MSG %s %d %s %d\r\n%s\r\n" % (subject, sid, reply, len(payload), payload)
+        _, block = measured(payload, headers)
+        return b"HMSG %s %d %s %d %d\r\n%s%s\r\n" % (
+            subject,
+            sid,
+            reply,
+            len(block),
+            len(block) + len(payload),
+            block,
+            payload,
+        )
+
+    headers = {
+        DEADLINE_MS: str(int((time.time() + 3600) * 1000)),
+        REQUEST_ID: "r" * 26,
+        ATTEMPT_ID: "a" * 24,
+        TRACEPARENT: f"00-{'1' * 32}-{'2' * 16}-01",
+    }
+    attempt = encoder.encode(ProviderRequest(id="r" * 26, messages=[ChatMessage("user", "Hello")]))
+    answer = encoder.encode(ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1)))
+    reply = (
+        encoder.encode(
+            CompletionReply(
+                id="r" * 26, status="ok", content="Hello", provider="ok", model="fake-1"
+            )
+        )
+        + b" " * 300
+    )  # a reply is about 580 bytes
+    event = b"{}" + b" " * 600
+    client_inbox, worker_inbox = (
+        b"_INBOX.abcdefghijklmnopqrstuv.1234",
+        b"_LIFELINE_DISPATCHER.x.y.1",
+    )
+    request_frame = frame(b"llm.complete", 1, client_inbox, completion_request("main"))
+    answer_frame = b"MSG %s 2 %d\r\n%s\r\n" % (worker_inbox, len(answer), answer)
+    attempt_frame = frame(b"llm.provider.ok", 1, worker_inbox, attempt, headers)
+    dispatcher, d_path, d_reader = connection()
+    worker, w_path, w_reader = connection()
+    subscribe(dispatcher, d_path, 1)
+    subscribe(dispatcher, d_path, 2)
+    subscribe(worker, w_path, 1)
+    for _ in range(WARMUP + n):
+        d_reader.data_received(request_frame)
+        _, block = measured(attempt, headers)
+        d_path.publish("llm.provider.ok", attempt, "_LIFELINE_DISPATCHER.x.y.1", block=block)
+        w_reader.data_received(attempt_frame)
+        publish_now(worker, worker_inbox.decode(), answer, "a reply", urgent=True)
+        d_reader.data_received(answer_frame)
+        publish_now(dispatcher, client_inbox.decode(), reply, "a reply", urgent=True)
+        publish_now(dispatcher, "llm.audit.ok", event, "an audit event")
+        await asyncio.sleep(0)  # the turn's writes
 
 
 if __name__ == "__main__":
