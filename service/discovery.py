@@ -38,7 +38,7 @@ from nats.aio.subscription import Subscription
 
 from schemas import subjects
 from service.loop import cancel_and_wait
-from service.natsio import Drops, ensure_subscribed, fast_path
+from service.natsio import Drops, Received, ensure_subscribed, fast_path
 
 log = logging.getLogger("lifeline.discovery")
 
@@ -202,7 +202,7 @@ class Responder:
         if self._answering is not None:
             await cancel_and_wait(self._answering)
 
-    def _asked(self, msg: Msg) -> None:
+    def _asked(self, msg: Received) -> None:
         """Called in the read: kept for `_answer_waiting`, or dropped past _BACKLOG."""
         if not msg.reply or subjects.reply_subject_refused(msg.reply) is not None:
             return  # never answered (see _answer): no room taken
@@ -227,7 +227,7 @@ class Responder:
             # and nothing else on this loop (a dispatcher's requests) runs meanwhile.
             await asyncio.sleep(0)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Received) -> None:
         verb = msg.subject.split(".")[1]
         body = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]()
         # Not on a subject of Lifeline's or the server's: whoever asks chooses the reply

@@ -21,7 +21,6 @@ from functools import partial
 
 import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import CompletionReply, subjects
@@ -42,7 +41,7 @@ from service.health import Health, LocalStore
 from service.jobs import Jobs
 from service.loop import cancel_and_wait, start_now
 from service.memory import release_memory_soon
-from service.natsio import LIGHT, ensure_subscribed, fast_path, stop_taking
+from service.natsio import LIGHT, Received, ensure_subscribed, fast_path, stop_taking
 from service.routing import Rejected
 from service.shared_health import BucketStore
 from service.transport import (
@@ -104,7 +103,7 @@ class Dispatcher:
         self._latency_s = 1.0  # moving average of served requests: overloaded's retry_after_s
         self._peak = 0  # most requests in flight since memory was last trimmed
         # Waiting for their "overloaded": (message, arrival, streamed, over the byte bound).
-        self._refusals: deque[tuple[Msg, float, bool, bool]] = deque()
+        self._refusals: deque[tuple[Received, float, bool, bool]] = deque()
         self._refuser: asyncio.Task[None] | None = None
         self._heartbeats = Heartbeats()  # requests whose client asked for them
         self._audit_setup: asyncio.Task[None] | None = None  # keeps the audit stream there
@@ -224,7 +223,7 @@ class Dispatcher:
     def subscribed(self) -> bool:
         return bool(self._subs)
 
-    def _on_msg(self, msg: Msg, stream: bool = False) -> None:
+    def _on_msg(self, msg: Received, stream: bool = False) -> None:
         """Called for each request as it is read: starts its task, or queues its refusal."""
         arrived = time.monotonic()
         (self.stream_tally if stream else self.complete_tally).requests += 1
@@ -278,10 +277,10 @@ class Dispatcher:
             self._heartbeats.add(task, beat, every_s, at_once=sink is not None)
         task.add_done_callback(self._stream_done if stream else self._done)
 
-    def _on_stream(self, msg: Msg) -> None:
+    def _on_stream(self, msg: Received) -> None:
         self._on_msg(msg, stream=True)
 
-    def _on_abort(self, msg: Msg) -> None:
+    def _on_abort(self, msg: Received) -> None:
         """llm.abort: stop the request sent with this abort key, if this dispatcher runs it."""
         self.aborts_heard += 1
         # As a header value is read (whitespace around it stripped): the key it was sent as.
@@ -364,7 +363,7 @@ class Dispatcher:
 
     async def handle(
         self,
-        msg: Msg,
+        msg: Received,
         arrived: float | None = None,
         refused: Rejected | None = None,
         stream: bool = False,
@@ -379,7 +378,7 @@ class Dispatcher:
         self._count(reply, self.stream_tally if stream else self.complete_tally)
 
     def _front(
-        self, msg: Msg, arrived: float, stream: bool, refused: Rejected | None = None
+        self, msg: Received, arrived: float, stream: bool, refused: Rejected | None = None
     ) -> tuple[Inbound, Respond | None, Rejected | None, ClientStream | None]:
         """What the engine needs to answer `msg` (Engine.serve): exactly one reply, or one
         stream ending in one end or error event (if it has a reply subject that may be

@@ -113,7 +113,7 @@ from schemas.wire import (
 from service.discovery import Endpoint, Tally
 from service.loop import STALL_S, Timeout, Timeouts
 from service.memory import release_memory_soon
-from service.natsio import ensure_subscribed, fast_path
+from service.natsio import Received, ensure_subscribed, fast_path
 
 __all__ = ["KEYS_ENV", "Gateway", "Models", "keys_from_env"]
 
@@ -701,7 +701,7 @@ class _Inbox:
                     self.prefix = prefix
         return self.prefix
 
-    def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Received) -> None:
         token = msg.subject[len(self.prefix) :]
         target = self.waiting.get(token)
         if isinstance(target, _Unread):

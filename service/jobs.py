@@ -83,7 +83,13 @@ from service.discovery import Tally
 from service.engine import DeliverAgain, Engine, Inbound, NotKept
 from service.jobstore import ensure_jobs, max_value_of, results_max_value
 from service.loop import cancel_and_wait
-from service.natsio import Drops, deliveries_keep_no_status, fast_path, publish_checked
+from service.natsio import (
+    Drops,
+    Received,
+    deliveries_keep_no_status,
+    fast_path,
+    publish_checked,
+)
 from service.routing import Rejected
 from service.transport import ClientStream, as_error, fitted
 
@@ -516,7 +522,7 @@ class Jobs:
         log.info("jobs: taking jobs from %s (stream %s)", subjects.JOBS_SUBMIT, s.stream)
         return None
 
-    def _on_result_asked(self, msg: Msg) -> None:
+    def _on_result_asked(self, msg: Received) -> None:
         """llm.jobs.result: the result stored for the job id in the body, or an empty body.
         Not on a reply subject of Lifeline's or the server's: a dispatcher may write there (a
         result into another job's key, an event into the audit stream, a JetStream API
@@ -537,7 +543,7 @@ class Jobs:
                 _RESULT_BACKLOG,
             )
 
-    def _start_lookup(self, msg: Msg) -> None:
+    def _start_lookup(self, msg: Received) -> None:
         task = asyncio.create_task(self._look_up(msg))
         self._lookups.add(task)
         task.add_done_callback(self._looked_up)
@@ -547,7 +553,7 @@ class Jobs:
         if self._asks:
             self._start_lookup(self._asks.popleft())
 
-    async def _look_up(self, msg: Msg) -> None:
+    async def _look_up(self, msg: Received) -> None:
         job_id = msg.data.decode("utf-8", "replace")  # whole: a prefix could name another
         try:
             stored = await self._stored(subjects.job_key(job_id)) if job_id else None

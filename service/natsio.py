@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -223,7 +224,10 @@ def publish_now(
     """`publish_checked` without waiting, for the hot path (no coroutine to make): True when
     sent through the fast path, False when refused as larger than max_payload (logged), None
     when it must go through nats-py's publish (`await publish_later` then)."""
-    size, block = measured(payload, headers)
+    if headers:
+        size, block = measured(payload, headers)
+    else:  # measured's answer, without its call: most messages have no headers
+        size, block = len(payload), None
     if size > nc.max_payload:
         log.error(
             "not publishing %s on %s: %d bytes, above max_payload %d",
@@ -233,7 +237,9 @@ def publish_now(
             nc.max_payload,
         )
         return False
-    if fast_path(nc).publish(subject, payload, headers=headers, block=block, urgent=urgent):
+    # Positionally: keywords cost a Python call more to match.
+    path = getattr(nc, "_lifeline_fast_path", None) or fast_path(nc)
+    if path.publish(subject, payload, "", headers, block, urgent):
         return True
     return None
 
@@ -346,9 +352,8 @@ async def close(nc: Client) -> None:
 #
 # It relies on these nats-py 2.16 internals, and tests/test_natsio.py fails loudly when any
 # of them changes: Client._ps, ._subs, ._pending, ._pending_data_size, ._transport,
-# ._parse_header_lines, ._send_unsubscribe (stop_taking), .msg_class, .stats, ._status (the
-# states in which a publish goes out: _OPEN); Msg's fields and their order (_MSG_FIELDS);
-# Subscription._id, ._conn; Parser.buf, .state, .needed,
+# ._parse_header_lines, ._send_unsubscribe (stop_taking), .stats, ._status (the
+# states in which a publish goes out: _OPEN); Subscription._id, ._conn; Parser.buf, .state, .needed,
 # the AWAITING_CONTROL_LINE state and CRLF_SIZE; TcpTransport._io_reader and ._io_writer; and
 # of asyncio, StreamReader._buffer. (Off the hot path, `deliveries_keep_no_status` relies on
 # PullSubscription._sub and Subscription._pending_queue, `_headers_made_readable` on
@@ -365,10 +370,26 @@ async def close(nc: Client) -> None:
 # was no option: PyPI has only a 0.0.0 placeholder (a 76-byte `__init__.py`, October 2025).
 
 NATS_PY_VERSIONS = ("2.16.",)  # what the adapter was written and tested against
-# nats.aio.msg.Msg's dataclass fields in order, which `_FastParser._take` fills positionally.
-_MSG_FIELDS = ("_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid")
 # The connection states in which nats-py publishes (is_connected and not is_draining_pubs).
 _OPEN = (Client.CONNECTED, Client.DRAINING_SUBS)
+
+
+class Message(msgspec.Struct, gc=False):
+    """What a fast-path handler is handed: the four fields of nats-py's Msg a core
+    subscription's handler reads, and nothing else (no respond(): publish to `reply`). Made
+    in C, where a Msg's dataclass __init__ runs in Python: three messages of every request
+    come through here. A message nats-py's own parser reads (odd headers) reaches the
+    handler as nats-py's Msg, which has the same four. (gc=False: its fields hold only
+    strings, bytes and a dict of strings, so it is never part of a cycle.)"""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
+
+# What a fast-path handler is handed: a Message, or nats-py's Msg (see Message).
+Received = Message | Msg
 
 
 def fast_path(nc: Client) -> FastPath:
@@ -385,7 +406,7 @@ class FastPath:
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self._handlers: dict[int, Callable[[Msg], None]] = {}
+        self._handlers: dict[int, Callable[[Received], None]] = {}
         self._flush_scheduled = False
         # Messages the connection's last read brought for fast-path subscriptions: 1 or 0
         # when traffic comes one message at a time (see `publish`'s `urgent`).
@@ -426,11 +447,12 @@ class FastPath:
         self._direct_for = reader
 
     async def subscribe(
-        self, subject: str, handler: Callable[[Msg], None], queue: str = ""
+        self, subject: str, handler: Callable[[Received], None], queue: str = ""
     ) -> Subscription:
-        """Subscribe with a plain (non-async) handler, called in order from the read loop.
-        It must not block: start a task for anything that waits. Messages nats-py's own
-        parser handles (odd headers) reach the same handler through the subscription."""
+        """Subscribe with a plain (non-async) handler, called in order from the read loop with
+        a Message. It must not block: start a task for anything that waits. Messages nats-py's
+        own parser handles (odd headers) reach the same handler through the subscription, as
+        nats-py's Msg (the same four fields)."""
 
         async def through_nats_py(msg: Msg) -> None:
             handler(msg)
@@ -602,7 +624,7 @@ class _FastParser(Parser):
     """nats-py's parser, with complete MSG/HMSG for fast-path subscriptions taken first."""
 
     def __init__(
-        self, nc: Client, handlers: dict[int, Callable[[Msg], None]], path: FastPath
+        self, nc: Client, handlers: dict[int, Callable[[Received], None]], path: FastPath
     ) -> None:
         super().__init__(nc)
         self.handlers = handlers
@@ -756,11 +778,8 @@ class _FastParser(Parser):
             stats["in_msgs"] += 1
             stats["in_bytes"] += len(data)
             path.last_read += 1
-            # Positionally, in Msg's field order (_MSG_FIELDS): a dataclass's __init__ is
-            # Python, and matching six keywords cost half of it.
-            msg = nc.msg_class(nc, subject, reply_to, data, headers, None, False, sid)
             try:
-                handler(msg)
+                handler(Message(subject, reply_to, data, headers))
             except Exception:  # a handler's bug must not stop the connection's read loop
                 log.exception("handler of %s failed", subject)
 

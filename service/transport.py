@@ -84,7 +84,7 @@ from schemas.wire import (
 )
 from service import jetstream
 from service.loop import Timeout, Timeouts
-from service.natsio import fast_path, measured, publish_later, publish_now
+from service.natsio import Received, fast_path, measured, publish_later, publish_now
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -573,7 +573,7 @@ class _Inbox:
             self.prefix = self._nc.new_inbox() + "."
             self._sub = await fast_path(self._nc).subscribe(self.prefix + ">", self._on_reply)
 
-    def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Received) -> None:
         token = msg.subject[len(self.prefix) :]
         if token[-2:] == ".c":
             stream = self._streams.get(token[:-2])
