@@ -406,7 +406,8 @@ class FastPath:
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self._handlers: dict[int, Callable[[Received], None]] = {}
+        # Each fast-path subscription's sid and handler, by its sid as nats-server writes it.
+        self._handlers: dict[bytes, tuple[int, Callable[[Received], None]]] = {}
         self._flush_scheduled = False
         # Messages the connection's last read brought for fast-path subscriptions: 1 or 0
         # when traffic comes one message at a time (see `publish`'s `urgent`).
@@ -461,9 +462,10 @@ class FastPath:
             subject, queue=queue, cb=through_nats_py, pending_msgs_limit=-1
         )
         if self.enabled:
-            for gone in [sid for sid in self._handlers if sid not in self.nc._subs]:
-                del self._handlers[gone]
-            self._handlers[sub._id] = handler
+            gone = [key for key, (sid, _) in self._handlers.items() if sid not in self.nc._subs]
+            for key in gone:
+                del self._handlers[key]
+            self._handlers[b"%d" % sub._id] = (sub._id, handler)
         return sub
 
     def publish(
@@ -624,7 +626,10 @@ class _FastParser(Parser):
     """nats-py's parser, with complete MSG/HMSG for fast-path subscriptions taken first."""
 
     def __init__(
-        self, nc: Client, handlers: dict[int, Callable[[Received], None]], path: FastPath
+        self,
+        nc: Client,
+        handlers: dict[bytes, tuple[int, Callable[[Received], None]]],
+        path: FastPath,
     ) -> None:
         super().__init__(nc)
         self.handlers = handlers
@@ -724,13 +729,14 @@ class _FastParser(Parser):
         if buf is None:
             buf = self.buf
         pos, nc, handlers, path = 0, self.nc, self.handlers, self.path
+        whole = type(buf) is bytes  # else a bytearray: its pieces are copied out as bytes
         while True:
             end = buf.find(b"\r\n", pos)
             if end < 0:
                 return pos
             # Split as nats-server writes it, on single spaces: split() would also split a
             # (reply) subject at the \x0b or \x0c a client may put in it, and answer elsewhere.
-            line = buf[pos:end].split(b" ")
+            line = (buf[pos:end] if whole else bytes(buf[pos:end])).split(b" ")
             parts, kind = len(line), line[0]
             if kind == b"MSG" and (parts == 5 or parts == 4):
                 headered, reply = False, line[3] if parts == 5 else b""
@@ -738,16 +744,18 @@ class _FastParser(Parser):
                 headered, reply = True, line[3] if parts == 6 else b""
             else:
                 return pos  # anything else, malformed ones too: nats-py's parser decides
+            # By the sid as nats-server writes it (an int() of bytes costs more than the look-up)
+            taker = handlers.get(line[2])
+            if taker is None:
+                return pos
+            sid, handler = taker
+            if sid not in nc._subs:  # unsubscribed: nats-py drops what still comes for it
+                del handlers[line[2]]
+                return pos
             try:
-                sid, total = int(line[2]), int(line[-1])
+                total = int(line[-1])
                 hsize = int(line[-2]) if headered else 0
             except ValueError:
-                return pos
-            handler = handlers.get(sid)
-            if handler is None:
-                return pos
-            if sid not in nc._subs:  # unsubscribed: nats-py drops what still comes for it
-                del handlers[sid]
                 return pos
             start = end + 2
             stop = start + total
@@ -764,9 +772,7 @@ class _FastParser(Parser):
                 if headers is None:
                     return pos  # headers for fast_mail_parser: nats-py's parser decides
                 headers = headers or None
-            data = buf[start + hsize : stop]
-            if type(data) is not bytes:
-                data = bytes(data)
+            data = buf[start + hsize : stop] if whole else bytes(buf[start + hsize : stop])
             try:
                 subject, reply_to = line[1].decode(), reply.decode()
             except UnicodeDecodeError:  # nats-server passes on any bytes a publisher chose:

@@ -62,7 +62,7 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], Subscription]:
     got: list[Msg] = []
     sub = await fast_path(nc).subscribe(subject, got.append)
     await ensure_subscribed(nc)
-    assert sub._id in fast_path(nc)._handlers  # the live check of Subscription._id
+    assert fast_path(nc)._handlers[b"%d" % sub._id][0] == sub._id  # Subscription._id, live
     assert sub._conn is nc  # and of Subscription._conn (stop_taking)
     return got, sub
 
@@ -232,7 +232,7 @@ async def test_an_unsubscribed_fast_handler_hears_nothing_and_is_forgotten(nats_
         await wait_for(lambda: len(markers) == 1)
         assert got == []
         await collect(nc, "fast.again")  # a new subscription prunes the handlers of gone ones
-        assert sub._id not in fast_path(nc)._handlers
+        assert b"%d" % sub._id not in fast_path(nc)._handlers
     finally:
         await nc.close()
 

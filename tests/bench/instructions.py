@@ -263,7 +263,7 @@ async def _natsio(n: int) -> None:
 
     def subscribe(nc, path, sid):
         nc._subs[sid] = object()
-        path._handlers[sid] = handled
+        path._handlers[b"%d" % sid] = (sid, handled)
 
     def frame(subject, sid, reply, payload, headers=None):
         if headers is None:
