@@ -154,7 +154,10 @@ def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:
     the server closes the publisher's connection (a header can carry one; a message's own
     reply subject cannot).
     """
-    if not subject or _NOT_A_SUBJECT.search(subject):
+    # Printable ASCII without a space has none of what _NOT_A_SUBJECT finds, and is told
+    # without the regex (a third of this check's cost; it runs for every request).
+    plain = subject.isascii() and subject.isprintable() and " " not in subject
+    if not subject or (not plain and _NOT_A_SUBJECT.search(subject)):
         return (
             "it is empty or has whitespace, a control character or bytes that are not UTF-8, "
             "which no subject may"
@@ -166,12 +169,13 @@ def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:
         # Published to, it makes a protocol line longer than the server takes (4 KiB by
         # default: max_control_line), and the server closes the publisher's connection.
         return f"it is over {MAX_REPLY_SUBJECT_BYTES} bytes long"
-    if subject.startswith(NAMESPACE):
-        return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
-    if subject.startswith("$"):
-        return "it is one of the NATS server's own subjects ($...)"
-    if not chunks and subject.startswith(DISPATCHER_INBOX_PREFIX):
-        return f"it is inside the dispatchers' own inbox ({DISPATCHER_INBOX_PREFIX}>)"
+    if subject.startswith(_REFUSED_STARTS):
+        if subject.startswith(NAMESPACE):
+            return f"it is inside Lifeline's own namespace ({NAMESPACE}>)"
+        if subject.startswith("$"):
+            return "it is one of the NATS server's own subjects ($...)"
+        if not chunks:
+            return f"it is inside the dispatchers' own inbox ({DISPATCHER_INBOX_PREFIX}>)"
     if ("*" in subject or ">" in subject) and any(t in ("*", ">") for t in subject.split(".")):
         return "it contains a wildcard"
     if subject[0] == "." or subject[-1] == "." or ".." in subject:
@@ -186,6 +190,7 @@ def reply_subject_refused(subject: str, *, chunks: bool = False) -> str | None:
 # fit nats-server's max_control_line (4 KiB by default).
 MAX_REPLY_SUBJECT_BYTES = 1024
 _NOT_A_SUBJECT = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
+_REFUSED_STARTS = (NAMESPACE, "$", DISPATCHER_INBOX_PREFIX)
 
 
 # Clients and operators of a least-privilege setup (service/permissions.py) connect with inbox
