@@ -725,7 +725,7 @@ class _FastParser(Parser):
     def _take(self, buf: bytes | bytearray | None = None) -> int:
         """Handle the complete fast-path messages at the front of `buf` (by default the
         parser's buffer); bytes used. One loop, no call per message but the handler's and
-        the Msg's: at 64 requests in flight this runs for three messages of every request."""
+        the Message's: at 64 requests in flight this runs for three messages of every request."""
         if buf is None:
             buf = self.buf
         pos, nc, handlers, path = 0, self.nc, self.handlers, self.path
