@@ -238,8 +238,7 @@ def publish_now(
         )
         return False
     # Positionally: keywords cost a Python call more to match.
-    path = getattr(nc, "_lifeline_fast_path", None) or fast_path(nc)
-    if path.publish(subject, payload, "", headers, block, urgent):
+    if fast_path(nc).publish(subject, payload, "", headers, block, urgent):
         return True
     return None
 

@@ -251,7 +251,6 @@ async def _natsio(n: int) -> None:
         nc = Client()
         nc._status = Client.CONNECTED
         nc._transport = Socket()
-        nc._server_info = {"max_payload": 1 << 20}
         path = FastPath(nc)
         nc._ps = _FastParser(nc, path._handlers, path)
         nc._lifeline_fast_path = path  # what fast_path(nc) finds
