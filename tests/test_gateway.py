@@ -1918,6 +1918,11 @@ async def test_while_nats_is_down_a_request_is_503_at_once_and_served_again_afte
             server.start()  # the same port
             await wait_for(lambda: nc.is_connected, timeout_s=15)
             await wait_for(lambda: all(component_state(c)["ready"] for c in stack.components), 15)
+            # Connected again, its subscriptions sent but maybe not yet taken by the server (a
+            # request then finds no dispatcher: a 503): a round trip on each connection says
+            # they are.
+            for component in stack.components:
+                await component.nc.flush()
             back = await http.post("/chat/completions", json=chat(), headers=slow)
             assert back.status_code == 200, back.text
             assert back.json()["choices"][0]["message"]["content"] == ANSWER
