@@ -513,6 +513,15 @@ def test_a_span_made_current_is_otels_current_span_until_detached(through_otel, 
     if through_otel:  # another runtime context: OTel's attach and detach
         monkeypatch.setattr(telemetry, "_CURRENT", None)
     span = Tracing().recorder("lifeline.test").start("chat", SpanKind.CLIENT, {})
+    alone = span.make_current()  # nothing else in the context
+    assert dict(context.get_current()).keys() == {telemetry._SPAN_KEY}
+    # What OTel's own set_span_in_context would hold: a span that records nothing of what a
+    # provider's code might set on it, with the worker span's ids.
+    current = trace.get_current_span()
+    assert isinstance(current, trace.NonRecordingSpan) and not current.is_recording()
+    assert repr(current) == repr(trace.NonRecordingSpan(span.context))
+    telemetry.detach(alone)
+    assert not context.get_current()
     outer = context.attach(context.set_value("other", 1))
     try:
         before = context.get_current()
