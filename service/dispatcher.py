@@ -259,7 +259,11 @@ class Dispatcher:
                 progress=beat.attempts,  # type: ignore[union-attr]
             )
         # Light traffic: the plan and the attempt's publish run in this read (see start_now).
-        task = start_now(serve) if len(self._tasks) < LIGHT else self._loop.create_task(serve)
+        task = (
+            start_now(serve, loop=self._loop)
+            if len(self._tasks) < LIGHT
+            else self._loop.create_task(serve)
+        )
         key = msg.headers.get(subjects.ABORT_KEY) if msg.headers else None
         # A key names one request in flight: a reused one stops none, and so does an empty one
         # (any stray empty abort would stop it) or one not UTF-8 (read with U+FFFD for its

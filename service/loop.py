@@ -72,7 +72,12 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved, as gather(return_exceptions=True) did: no warning at exit
 
 
-def start_now(coro: Coroutine[Any, Any, T], *, asks_current_task: bool = False) -> asyncio.Task[T]:
+def start_now(
+    coro: Coroutine[Any, Any, T],
+    *,
+    asks_current_task: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> asyncio.Task[T]:
     """A task for `coro` whose first step runs now, in the caller, up to the coroutine's first
     wait, instead of on the event loop's next turn: Python 3.12's eager tasks
     (`asyncio.Task(..., eager_start=True)`), and on 3.11, which has none, `_Started`.
@@ -90,9 +95,13 @@ def start_now(coro: Coroutine[Any, Any, T], *, asks_current_task: bool = False) 
     (`asks_current_task`). A worker's call does: its deadline timer cancels its task, and
     httpx (through sniffio) and anyio find their event loop by the current task, which a
     provider's first step, or a plug-in's, may ask for. A dispatcher's first step (the plan,
-    the spans, the attempt's publish) does not, and the tests, most at 1 in flight, run it."""
-    loop = asyncio.get_running_loop()
-    if asyncio.current_task(loop) is not None or (asks_current_task and not _EAGER):
+    the spans, the attempt's publish) does not, and the tests, most at 1 in flight, run it.
+
+    `loop`: the running loop, when the caller holds it: asked for, on 3.11, it costs a
+    system call (getpid, to notice a fork), as does asyncio.current_task() without one."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    if (asks_current_task and not _EAGER) or asyncio.current_task(loop) is not None:
         return loop.create_task(coro)
     if _EAGER:
         return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]

@@ -418,6 +418,7 @@ class FastPath:
         self.in_flight: Callable[[], int] | None = None
         # The reader (of nats-py's transport) the direct reader serves: a reconnect's is new.
         self._direct_for: object = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one `publish` last ran on
 
     def install(self) -> FastPath:
         """Put the fast parser in front of nats-py's (after connect; reconnects keep it), and
@@ -521,7 +522,12 @@ class FastPath:
         nc.stats["out_bytes"] += len(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            # The connection's loop, kept: asking for the running loop costs a system call on
+            # 3.11 (getpid, to notice a fork): 0.8 % of a dispatcher's time at 64 in flight (py-spy).
+            loop = self._loop
+            if loop is None or not loop.is_running():
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
             if urgent and (
                 self.last_read <= 1 if self.in_flight is None else self.in_flight() <= LIGHT
             ):

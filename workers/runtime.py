@@ -191,7 +191,7 @@ class WorkerRuntime:
         if len(self._tasks) < LIGHT:
             # Its task must exist in the first step on 3.11: _Expiry cancels it, and httpx
             # (sniffio) finds its event loop by it.
-            task = start_now(handle, asks_current_task=True)
+            task = start_now(handle, asks_current_task=True, loop=self._loop)
         else:
             task = self._loop.create_task(handle)
         attempt_id = msg.headers.get(ATTEMPT_ID) if msg.headers else None
