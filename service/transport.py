@@ -59,10 +59,13 @@ from schemas.streaming import (
 from schemas.subjects import (
     ATTEMPT_ID,
     ATTEMPT_NO,
+    DEADLINE_MS,
     EVENT,
     MSG_ID,
+    REQUEST_ID,
     SEQ,
     STREAM_TO,
+    TRACEPARENT,
     TRACESTATE,
     audit_subject,
     cancel_subject,
@@ -84,7 +87,13 @@ from schemas.wire import (
 )
 from service import jetstream
 from service.loop import Timeout, Timeouts
-from service.natsio import Received, fast_path, measured, publish_later, publish_now
+from service.natsio import (
+    Received,
+    fast_path,
+    measured,
+    publish_later,
+    publish_now,
+)
 from service.streaming import StreamLimits
 
 log = logging.getLogger("lifeline.transport")
@@ -105,6 +114,35 @@ STREAM_HEADER_ROOM = 1024
 OnChunk = Callable[[bytes, bool], None]  # a chunk, and whether it is a piece of a tool call
 _SLACK_S = 0.001  # a stream's limit counts as reached this close to it (see ProviderStream._check)
 _TOOL_CALL_HEADERS = {EVENT: TOOL_CALL}
+
+
+def attempt_block(headers: dict[str, str]) -> bytes | None:
+    """The NATS header block of an attempt as the engine heads it (Engine._attempt_span: its
+    deadline, request id, attempt id and traceparent, in that order), written in one go:
+    natsio.header_block's loop over the headers was about 12,400 instructions of every
+    attempt, this about 3,000 (make bench-instr). The same bytes as header_block writes
+    (test_transport checks them); None for any other set of headers (a tracestate, say), or a
+    request id header_block would write otherwise (a line break in it, or spaces around it:
+    it strips values), and then header_block decides. The other three are Lifeline's own:
+    digits, an id of its alphabet, a traceparent it formatted."""
+    if len(headers) != 4:
+        return None
+    deadline, request_id = headers.get(DEADLINE_MS), headers.get(REQUEST_ID)
+    attempt_id, traceparent = headers.get(ATTEMPT_ID), headers.get(TRACEPARENT)
+    if (
+        deadline is None
+        or request_id is None
+        or attempt_id is None
+        or traceparent is None
+        or "\r" in request_id
+        or "\n" in request_id
+        or request_id.strip() != request_id
+    ):
+        return None
+    return (
+        f"NATS/1.0\r\n{DEADLINE_MS}: {deadline}\r\n{REQUEST_ID}: {request_id}\r\n"
+        f"{ATTEMPT_ID}: {attempt_id}\r\n{TRACEPARENT}: {traceparent}\r\n\r\n"
+    ).encode()
 
 
 class NatsTransport:
@@ -158,7 +196,11 @@ class NatsTransport:
         `own_timeout_s`, the target's, tells a timeout of its own from one its request's
         deadline cut short (timeout_s is the shorter of the two)."""
         subject = provider_subject(provider)
-        size, block = measured(payload, headers)  # the block is built once, and sent as it is
+        block = attempt_block(headers)  # built once, and sent as it is
+        if block is not None:
+            size = len(block) + len(payload)
+        else:
+            size, block = measured(payload, headers)
         if size > self.nc.max_payload and TRACESTATE in headers:
             # A client's tracestate, up to 8 KB where the request's size check keeps 1 KB for
             # headers, failed a request that fit without it as bad_request ("shorten the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import time
 
 import nats
 from helpers import hpub, raw_publish, wait_for
@@ -337,6 +338,52 @@ def test_header_blocks_read_as_nats_py_reads_them():
         assert natsio._plain_headers(Client, block) == (
             Client._parse_header_lines(block[10:]) or None
         ), block
+
+
+async def test_an_attempts_header_block_is_written_in_one_go_as_header_block_writes_it():
+    """The engine's attempts (its four headers, as its real _attempt_span makes them) get their
+    header block from transport.attempt_block, byte for byte what natsio.header_block writes;
+    headers it does not know, or a request id header_block would write otherwise (it strips
+    values; a line break must be refused), are left to header_block."""
+    from schemas import ProviderOk, Usage
+    from schemas.subjects import REQUEST_ID, TRACESTATE
+    from service.config import parse_config
+    from service.engine import Engine, Inbound
+    from service.health import Health
+    from service.telemetry import Tracing
+    from service.transport import attempt_block
+    from tests.bench.cases import FULL, completion_request, lifeline_config
+
+    answer = ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1))
+    sent: list[dict[str, str]] = []
+
+    class Transport:  # what the engine's attempt hands the transport
+        max_payload = 1 << 20
+
+        async def ask_provider(self, provider, payload, timeout_s, headers, own_timeout_s=None):
+            sent.append(dict(headers))
+            return answer
+
+        async def audit(self, event, msg_id=None):
+            pass
+
+    async def respond(reply):
+        return reply
+
+    engine = Engine(
+        parse_config(lifeline_config(FULL)), Transport(), Health(), Tracing().recorder("t")
+    )
+    await engine.serve(Inbound(completion_request("main"), None, time.monotonic()), respond)
+    [headers] = sent
+    block = attempt_block(headers)
+    assert block is not None and block == natsio.header_block(headers)
+    for request_id in (" r", "r ", "r\r\nX-Evil: 1", "r\n", "\rr"):
+        assert attempt_block({**headers, REQUEST_ID: request_id}) is None
+    assert attempt_block({**headers, TRACESTATE: "a=b"}) is None
+    assert attempt_block({k: v for k, v in headers.items() if k != REQUEST_ID}) is None
+    assert attempt_block({**headers, REQUEST_ID: "r-é"}) == natsio.header_block(
+        {**headers, REQUEST_ID: "r-é"}
+    )
 
 
 async def test_a_write_that_fails_leaves_its_messages_to_nats_pys_reconnect(nats_url):

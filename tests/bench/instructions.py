@@ -16,7 +16,8 @@ so the start-up's imports and compilation cancel out.
              sampled), on uvloop; its reply goes through nats-py's publish to a stand-in that
              drops it (the fast path needs a real connection)
     natsio   the NATS messages of one request through service.natsio's fast path, on uvloop:
-             the dispatcher reading the request, publishing the attempt, reading the worker's
+             the dispatcher reading the request, publishing the attempt (its header block
+             made as NatsTransport.ask_provider makes it), reading the worker's
              answer, publishing the reply and the audit event; the worker reading the attempt
              and publishing its answer (frames as the benchmark's are, read through the
              direct reader, written to a transport that drops them; handlers do nothing)
@@ -237,6 +238,7 @@ async def _natsio(n: int) -> None:
     from schemas.subjects import ATTEMPT_ID, DEADLINE_MS, REQUEST_ID, TRACEPARENT
     from schemas.wire import ChatMessage, encoder
     from service.natsio import FastPath, _DirectReader, _FastParser, measured, publish_now
+    from service.transport import attempt_block
     from tests.bench.cases import completion_request
 
     class Socket:  # a transport that drops what is written
@@ -309,7 +311,7 @@ async def _natsio(n: int) -> None:
     subscribe(worker, w_path, 1)
     for _ in range(WARMUP + n):
         d_reader.data_received(request_frame)
-        _, block = measured(attempt, headers)
+        block = attempt_block(headers)  # as NatsTransport.ask_provider makes it
         d_path.publish("llm.provider.ok", attempt, "_LIFELINE_DISPATCHER.x.y.1", block=block)
         w_reader.data_received(attempt_frame)
         publish_now(worker, worker_inbox.decode(), answer, "a reply", urgent=True)
