@@ -574,7 +574,7 @@ class ProviderRequest(Struct, frozen=True):
     seed: int | None = None
 
 
-class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok"):
+class ProviderOk(Struct, frozen=True, tag_field="status", tag="ok", omit_defaults=True):
     """A call's answer. When it streamed, `content` holds only what was not sent as a chunk
     (normally ""), and `chunks` says how many were, so the dispatcher can tell one was lost."""
 
