@@ -523,7 +523,7 @@ class FastPath:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # The connection's loop, kept: asking for the running loop costs a system call on
-            # 3.11 (getpid, to notice a fork): 0.8 % of a dispatcher's time at 64 in flight (py-spy).
+            # 3.11 (getpid, to notice a fork), 0.8 % of a dispatcher's time at 64 in flight.
             loop = self._loop
             if loop is None or not loop.is_running():
                 loop = self._loop = asyncio.get_running_loop()

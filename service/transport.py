@@ -115,10 +115,10 @@ def attempt_block(headers: dict[str, str]) -> bytes | None:
     deadline, request id, attempt id and traceparent, in that order), written in one go:
     natsio.header_block's loop over the headers was about 12,400 instructions of every
     attempt, this about 4,300 (make bench-instr's natsio part). The same bytes as header_block
-    writes (tests/test_natsio.py checks them); None for any other set of headers (a tracestate, say), or a
-    request id header_block would write otherwise (a line break in it, or spaces around it:
-    it strips values), and then header_block decides. The other three are Lifeline's own:
-    digits, an id of its alphabet, a traceparent it formatted."""
+    writes (tests/test_natsio.py checks them); None for any other set of headers (a
+    tracestate, say), or a request id header_block would write otherwise (a line break in it,
+    or spaces around it: it strips values), and then header_block decides. The other three
+    are Lifeline's own: digits, an id of its alphabet, a traceparent it formatted."""
     if len(headers) != 4:
         return None
     deadline, request_id = headers.get(DEADLINE_MS), headers.get(REQUEST_ID)
