@@ -127,6 +127,32 @@ async def test_fast_publishes_arrive_as_nats_py_would_send_them(nats_url, client
     assert (received[1].reply, received[1].headers) == ("back", {"Trace": "t", "n": "1"})
 
 
+async def test_nats_pys_stats_count_the_fast_paths_messages_and_bytes(nats_url, client):
+    """Counted once a read and once a write rather than once a message: the totals nats-py
+    would have counted, its payloads' bytes without headers or protocol."""
+    nc = await nats.connect(nats_url)
+    try:
+        got, _ = await collect(nc, "fast.stats")
+        before = dict(nc.stats)
+        payloads = [str(i).encode() * (i % 7) for i in range(300)]
+        for payload in payloads:  # one flush: many to a read
+            await client.publish("fast.stats", payload)
+        await client.publish("fast.stats", b"headed", headers={"k": "v"})
+        await client.flush()
+        await wait_for(lambda: len(got) == 301)
+        assert nc.stats["in_msgs"] - before["in_msgs"] == 301
+        assert nc.stats["in_bytes"] - before["in_bytes"] == sum(map(len, payloads)) + 6
+        path = fast_path(nc)
+        for payload in payloads:  # one turn: one write
+            assert path.publish("fast.elsewhere", payload)
+        assert path.publish("fast.elsewhere", b"headed", headers={"k": "v"})
+        await nc.flush()
+        assert nc.stats["out_msgs"] - before["out_msgs"] == 301
+        assert nc.stats["out_bytes"] - before["out_bytes"] == sum(map(len, payloads)) + 6
+    finally:
+        await nc.close()
+
+
 async def test_a_closed_connection_publishes_nothing_through_the_fast_path(nats_url):
     nc = await nats.connect(nats_url)
     path = fast_path(nc)
