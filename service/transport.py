@@ -173,7 +173,7 @@ class NatsTransport:
     @property
     def max_payload(self) -> int:
         """The server's limit on one message, headers included (from its INFO)."""
-        return self.nc.max_payload
+        return self.nc._max_payload  # Client.max_payload's own attribute (see natsio)
 
     async def start(self) -> None:
         await self._inbox.start()
@@ -195,18 +195,19 @@ class NatsTransport:
             size = len(block) + len(payload)
         else:
             size, block = measured(payload, headers)
-        if size > self.nc.max_payload and TRACESTATE in headers:
+        max_payload = self.nc._max_payload  # Client.max_payload's own attribute (see natsio)
+        if size > max_payload and TRACESTATE in headers:
             # A client's tracestate, up to 8 KB where the request's size check keeps 1 KB for
             # headers, failed a request that fit without it as bad_request ("shorten the
             # messages"). Tracing never fails a request: W3C lets a participant drop
             # tracestate, and the traceparent still joins the worker's span to the trace.
             del headers[TRACESTATE]
             size, block = measured(payload, headers)
-        if size > self.nc.max_payload:  # e.g. a template made it longer: never send it
+        if size > max_payload:  # e.g. a template made it longer: never send it
             return ProviderFailure(
                 "bad_request",
                 f"the request for {provider} is {size} bytes with headers, above the NATS "
-                f"server's max_payload of {self.nc.max_payload}; shorten the messages or the "
+                f"server's max_payload of {max_payload}; shorten the messages or the "
                 "target's template",
             )
         inbox = self._inbox
@@ -280,7 +281,7 @@ class NatsTransport:
         """Send `reply` (urgent: see natsio's FastPath.publish), or, when it would not fit
         max_payload, an error reply that does. Returns what was sent (the audit event must say
         the same)."""
-        reply, payload = fitted(reply, self.nc.max_payload)
+        reply, payload = fitted(reply, self.nc._max_payload)
         # Named by its id only where a log line may say it: fitted, it is never too large for
         # publish_now to send (the f-string was about 1,600 instructions of every reply).
         if publish_now(self.nc, reply_subject, payload, "a reply", urgent=True) is None:
@@ -296,7 +297,7 @@ class NatsTransport:
         if confirm_apart:
             msg_id = f"req:{secrets.token_hex(12)}"  # this event's alone: tries share it
         headers = {MSG_ID: _short_msg_id(msg_id)} if msg_id else None
-        room = self.nc.max_payload - (400 if headers else 0)
+        room = self.nc._max_payload - (400 if headers else 0)
         subject, (_, payload) = audit_subject(event.status), _fitting(event, room)
         if headers and (self.audit_kept is None or subject in self.audit_kept):
             if confirm_apart:  # a request's: answered already, its place in max_in_flight

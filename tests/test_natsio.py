@@ -34,6 +34,9 @@ def test_the_internals_the_adapter_relies_on_are_there():
     nc = Client()
     for name in ("_ps", "_subs", "_pending", "_pending_data_size", "_transport"):
         assert hasattr(nc, name), name
+    # The hot path reads max_payload's own attribute (natsio, transport, the worker runtime).
+    nc._max_payload = 12345
+    assert nc.max_payload == 12345
     assert callable(Client._parse_header_lines) and callable(Client._send_unsubscribe)
     # An unreadable header block is told from other failures by nats-py's own step for one.
     assert asyncio.iscoroutinefunction(Client._process_headers)

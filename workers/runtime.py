@@ -286,7 +286,7 @@ class WorkerRuntime:
                         payload = encoder.encode(reply)
                     except (TypeError, ValueError, OverflowError):
                         payload = None
-                if payload is None or len(payload) > self.nc.max_payload:
+                if payload is None or len(payload) > self.nc._max_payload:
                     payload = self._payload(reply)
             except Exception:  # still one reply, and at once: the dispatcher would wait it out
                 log.exception("worker %s: bug while encoding a reply", self.name)

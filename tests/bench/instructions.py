@@ -177,7 +177,7 @@ async def _engine(n: int) -> None:
     answer = ProviderOk(content="Hello", model="fake-1", usage=Usage(1, 1))
 
     class Transport:
-        max_payload = 1 << 20
+        max_payload = _max_payload = 1 << 20
 
         async def ask_provider(self, provider, payload, timeout_s, headers, own_timeout_s=None):
             return answer
@@ -207,7 +207,7 @@ async def _worker(n: int) -> None:
     from workers.runtime import WorkerRuntime
 
     class Connection:  # what the runtime uses of nats-py's client, replies dropped
-        max_payload = 1 << 20
+        max_payload = _max_payload = 1 << 20
 
         async def publish(self, subject, payload, reply="", headers=None):
             pass
