@@ -1814,7 +1814,10 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
     HASH of the file's full path and the line (so the same name in another folder, or an edited
     line, is another job; a file moved elsewhere starts over)."""
     jobs: dict[str, bytes] = {}
-    refused: list[str] = []  # lines no dispatcher would take: said before any is submitted
+    # Lines no dispatcher would take, each said (the first few) before any is submitted: a
+    # file with many bad lines is mended in one go, not one run per line.
+    refused: list[str] = []
+    lines = 0  # the requests the file holds: its lines that are not blank
     where = source.resolve()
     # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
     # A byte order mark (Windows tools write one) is no part of the first line.
@@ -1822,21 +1825,26 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         line = line.removesuffix("\r")
         if not line.strip():
             continue
+        lines += 1
         try:
             body = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}:{n}: not JSON ({exc})") from None
+            refused.append(f"{source}:{n}: not JSON ({exc})")
+            continue
         if not isinstance(body, dict):
-            raise ValueError(f"{source}:{n}: a request is a JSON object")  # noqa: TRY004 - user's
+            refused.append(f"{source}:{n}: a request is a JSON object, not {_json_kind(body)}")
+            continue
         digest = hashlib.sha256(f"{where}\n{line}".encode()).hexdigest()[:12]
         job_id = str(body.get("id") or f"{source.name[:200]}:{n}:{digest}")
         try:
             client.check_job_id(job_id)
         except ValueError as exc:
-            raise ValueError(f"{source}:{n}: {exc}") from None
+            refused.append(f"{source}:{n}: {exc}")
+            continue
         body["id"] = job_id
         if job_id in jobs:
-            raise ValueError(f"{source}:{n}: id {job_id!r} appears twice")
+            refused.append(f"{source}:{n}: id {job_id!r} appears twice")
+            continue
         jobs[job_id] = json.dumps(body).encode()
         try:
             request_decoder.decode(jobs[job_id])
@@ -1853,11 +1861,11 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         shown = refused[:_REFUSED_SHOWN]
         if len(refused) > _REFUSED_SHOWN:
             shown.append(f"... and {len(refused) - _REFUSED_SHOWN} more")
-        if len(jobs) == 1:
+        if lines == 1:
             which = f"the one line of {source} is not a request"
         else:
             are = "is not a request" if len(refused) == 1 else "are not requests"
-            which = f"{len(refused)} of the {len(jobs)} lines of {source} {are}"
+            which = f"{len(refused)} of the {lines} lines of {source} {are}"
         raise ValueError(
             "\n".join(shown) + f"\n{which} (the wire contract: README's \"Wire contract "
             f'v1"); nothing was submitted: mend {"it" if len(refused) == 1 else "them"} and run '
@@ -1867,6 +1875,19 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
 
 
 _REFUSED_SHOWN = 5  # a batch's refused lines said one by one; the rest counted
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value that is no object is, as its line's refusal names it."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return "a number"
 
 
 def _results_in(out_path: Path) -> dict[str, bool]:

@@ -700,6 +700,36 @@ def test_gateway_banner_names_the_providers_of_a_config_without_routes(tmp_path,
         gateway.stderr.close()
 
 
+def test_batch_names_every_line_it_cannot_read_not_only_the_first(tmp_path):
+    """A line that was not JSON, not an object, had an id no header can carry or one used
+    before stopped the run at the first such line, unnamed the rest: a file of many bad lines
+    took a run per line to mend. Each is named now, with the requests the dispatcher would
+    refuse, and nothing is submitted (no server runs here)."""
+    good = json.dumps({"id": "ok-1", "messages": [{"role": "user", "content": "hi"}]})
+    lines = [
+        "{not json",
+        good,
+        '["a", "list"]',
+        json.dumps({"id": " padded", "messages": [{"role": "user", "content": "hi"}]}),
+        good,  # the same id again
+        json.dumps({"id": "typo", "messages": [{"role": "user", "content": "hi"}], "max_token": 5}),
+    ]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    ran = lifeline_in(tmp_path, "batch", "jobs.jsonl")
+    assert ran.returncode == 2, ran
+    said = ran.stderr.splitlines()
+    assert said[0].startswith("lifeline: jobs.jsonl:1: not JSON ("), ran.stderr
+    assert "jobs.jsonl:3: a request is a JSON object, not an array" in said, ran.stderr
+    assert any(line.startswith("jobs.jsonl:4: job id ' padded' starts or ends") for line in said)
+    assert "jobs.jsonl:5: id 'ok-1' appears twice" in said, ran.stderr
+    assert any(line.startswith("jobs.jsonl:6: invalid request: unknown field") for line in said)
+    assert said[-1] == (
+        "5 of the 6 lines of jobs.jsonl are not requests (the wire contract: README's "
+        '"Wire contract v1"); nothing was submitted: mend them and run again'
+    ), ran.stderr
+    assert not (tmp_path / "jobs.results.jsonl").exists()
+
+
 def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(tmp_path):
     """An OpenAI Batch API file (`custom_id`, `method`, `url`, `body`) or a misspelt field was
     submitted line by line, every job came back an invalid_request result, and the run took
