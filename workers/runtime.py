@@ -26,7 +26,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
@@ -57,6 +56,7 @@ from service.discovery import Tally
 from service.loop import Timeouts, start_now
 from service.natsio import (
     LIGHT,
+    Received,
     ensure_subscribed,
     fast_path,
     publish_checked,
@@ -179,7 +179,7 @@ class WorkerRuntime:
     def subscribed(self) -> bool:
         return self._sub is not None
 
-    def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Received) -> None:
         self.tally.requests += 1
         size = len(msg.data)
         full = len(self._tasks) >= self.max_in_flight
@@ -204,7 +204,7 @@ class WorkerRuntime:
         if attempt_id is not None:
             self._by_attempt[attempt_id] = task
 
-    def _refuse(self, msg: Msg, by_bytes: bool = False) -> None:
+    def _refuse(self, msg: Received, by_bytes: bool = False) -> None:
         """A call over max_in_flight (or max_in_flight_bytes): answered rate_limit at once,
         without a task, so a flood costs this worker a reply each and no memory."""
         if by_bytes:
@@ -233,13 +233,13 @@ class WorkerRuntime:
         if attempt_id is not None:
             self._by_attempt.pop(attempt_id, None)
 
-    def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Received) -> None:
         self.cancels_heard += 1
         task = self._by_attempt.pop(_attempt_key(msg.data), None)
         if task is not None and task.cancel():
             self.cancelled += 1
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, msg: Received) -> None:
         """Answer one ProviderRequest, once, whatever happens on the way: a bug (here or in the
         provider's answer) is logged and answered server_error, never left to the deadline.
         A request past its deadline is dropped unanswered: nobody waits for it."""
