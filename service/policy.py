@@ -264,6 +264,16 @@ def matches(failure: ProviderFailure, kinds: Collection[str | int]) -> bool:
     return failure.kind in kinds or (status is not None and status in kinds)
 
 
+def retried(failure: ProviderFailure, retry_on: Collection[str | int]) -> bool:
+    """Whether a target's `retry_on` retries this failure: by its kind or its HTTP status, but
+    a spent quota only when `quota` is named. OpenAI says "insufficient_quota" with the 429 of
+    a rate limit, and `retry_on = [429]` asks for rate limits to be waited out: no wait cures
+    a spent quota, which a retry would only call again (and spend the retry budget on)."""
+    if failure.kind == "quota":
+        return "quota" in retry_on
+    return matches(failure, retry_on)
+
+
 def skip_reason(target: Target, needs: Needs) -> tuple[str, str] | None:
     """(reason, message) when the request exceeds what the target declares it can take."""
     if target.max_input_tokens is not None and needs.input_tokens is not None:
@@ -923,7 +933,7 @@ class _Run(msgspec.Struct):
     ) -> tuple[float | None, str | None]:
         """Seconds to wait before retrying `target` (None: no retry), and why not when its
         retries allowed one (the attempt's reason; max_attempts says so in the error)."""
-        if retry >= target.retries or not matches(failure, target.retry_on):
+        if retry >= target.retries or not retried(failure, target.retry_on):
             return None, None
         if self.physical >= self.limits.max_attempts:
             return None, None

@@ -425,6 +425,20 @@ async def test_retry_on_may_name_an_http_status():
     assert script.called == ["a", "a"]
 
 
+async def test_a_spent_quota_is_retried_only_where_retry_on_names_quota_not_its_429():
+    """OpenAI's insufficient_quota comes with the 429 of a rate limit: `retry_on = [429]` waits
+    out rate limits, and called a spent account again, for nothing, until its retries ran out."""
+    spent = fail("quota", 429)
+    by_status = [target("a", retries=2, retry_on=frozenset({429})), target("b")]
+    _, script = await run({"a": [spent, ok()], "b": ok()}, targets=by_status)
+    assert script.called == ["a", "b"]
+    _, script = await run({"a": [fail("rate_limit", 429), ok()], "b": ok()}, targets=by_status)
+    assert script.called == ["a", "a"]  # the same status, a rate limit: waited out
+    named = [target("a", retries=2, retry_on=frozenset({"quota"})), target("b")]
+    _, script = await run({"a": [spent, ok()], "b": ok()}, targets=named)
+    assert script.called == ["a", "a"]
+
+
 async def test_backoff_doubles_with_full_jitter_up_to_max_backoff():
     targets = [target("a", retries=4, backoff_s=1.0, max_backoff_s=3.0)]
     _, script = await run({"a": fail("server_error")}, targets=targets, rand=lambda: 1.0)
