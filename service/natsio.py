@@ -764,8 +764,7 @@ class _FastParser(Parser):
                     headered, reply = True, line[3] if parts == 6 else b""
                 else:
                     return pos  # anything else, malformed ones too: nats-py's parser decides
-                # By the sid as nats-server writes it (an int() of bytes costs more than the
-                # look-up)
+                # By the sid as nats-server writes it: an int() of bytes costs more than this.
                 taker = handlers.get(line[2])
                 if taker is None:
                     return pos
