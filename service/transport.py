@@ -155,11 +155,7 @@ class NatsTransport:
         self.confirm_requests = False
         self._confirming: set[asyncio.Task[None]] = set()
         self._confirming_full = False  # said once per time the bound is reached
-        self._path: FastPath | None = None  # the connection's fast path, once asked for
-
-    def _fast_path(self) -> FastPath:
-        path = self._path = fast_path(self.nc)
-        return path
+        self._path: FastPath | None = None  # the connection's fast path, from `start` on
 
     def spanned_an_outage(self, started: float) -> bool:
         """Whether this connection was down at some time since `started` (time.monotonic()):
@@ -181,6 +177,7 @@ class NatsTransport:
         return self.nc._max_payload  # Client.max_payload's own attribute (see natsio)
 
     async def start(self) -> None:
+        self._path = fast_path(self.nc)
         await self._inbox.start()
 
     async def ask_provider(
@@ -290,7 +287,7 @@ class NatsTransport:
         # Fitted, it is never over max_payload: the fast path's publish itself, without
         # publish_now's size check and its two calls (about 1,700 instructions a reply). Named
         # by its id only where a log line may say it (the f-string was about 1,600 more).
-        path = self._path or self._fast_path()
+        path = self._path or fast_path(self.nc)
         if not path.publish(reply_subject, payload, "", None, None, True):
             await publish_later(self.nc, reply_subject, payload, f"the reply to {reply.id!r}")
         return reply
@@ -315,7 +312,7 @@ class NatsTransport:
                 await self._confirmed(subject, payload, headers)
                 return
         if headers is None:  # fitted to max_payload, as a reply is: the fast path's publish itself
-            if not (self._path or self._fast_path()).publish(subject, payload):
+            if not (self._path or fast_path(self.nc)).publish(subject, payload):
                 await publish_later(self.nc, subject, payload, "an audit event")
             return
         if publish_now(self.nc, subject, payload, "an audit event", headers) is None:
