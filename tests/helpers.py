@@ -54,6 +54,13 @@ USER_HELLO = {"messages": [{"role": "user", "content": "Why did the chicken cros
 
 # ---- waiting ------------------------------------------------------------------------------
 
+# How much sooner than its time a timer of the service may fire, as measured with
+# time.monotonic(): a deadline is set on the event loop's clock, which uvloop reads once a turn
+# and in whole milliseconds, and service.loop.Timeouts fires an entry within half a millisecond
+# of it (CI once saw a 0.2 s timeout's attempt last 199.95 ms). A lower bound on how long
+# something waited for a timer ("it waited for the timeout, not less") allows this much.
+TIMER_SLACK_MS = 5.0
+
 
 async def wait_for(
     condition: Callable[[], Any],

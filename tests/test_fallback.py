@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from helpers import USER_HELLO, ask, config, fake, settled
+from helpers import TIMER_SLACK_MS, USER_HELLO, ask, config, fake, settled
 
 from schemas import ProviderOk, subjects
 from schemas.ids import SecretIds
@@ -42,7 +42,7 @@ async def test_hung_provider_falls_back_after_its_own_timeout(lifeline, client):
     assert reply.provider == "backup"
     hung = reply.attempts[0]
     assert (hung.outcome, hung.error_type) == ("timeout", "timeout")
-    assert hung.latency_ms >= 200  # it waited for the timeout, not less
+    assert hung.latency_ms >= 200 - TIMER_SLACK_MS  # it waited for the timeout, not less
 
 
 async def test_no_responders_falls_back_at_once_without_waiting_for_the_timeout(lifeline, client):
