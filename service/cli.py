@@ -427,16 +427,23 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the same command to resume: ids that already have a line in --out are skipped, the "
         "others are submitted again (within jobs.dedup_window_s of the first run, 2 minutes "
         "by default, JetStream keeps each once; after it, a job still waiting from the first "
-        "run may be called twice).",
+        "run may be called twice). A file of OpenAI Batch API lines (custom_id, method, url "
+        "/v1/chat/completions, body) runs as it is: each body is read as the HTTP gateway "
+        "reads a chat request (`model` names a route, or with a config one of its targets or "
+        "providers), its custom_id is the job's id, and the results are the Batch API's "
+        "output lines.",
         epilog="""\
 examples:
   echo '{"id": "q1", "messages": [{"role": "user", "content": "Summarise: ..."}]}' > jobs.jsonl
   lifeline batch jobs.jsonl                   # results in jobs.results.jsonl; rerun to resume
   lifeline batch jobs.jsonl --out done.jsonl --timeout 3600
+  lifeline batch openai_batch_input.jsonl     # OpenAI's Batch API lines, answered in its shape
 """,
         formatter_class=_KeepsExamples,
     )
-    batch.add_argument("file", help="a JSONL file of requests")
+    batch.add_argument(
+        "file", help="a JSONL file of requests (Lifeline's, or OpenAI Batch API lines)"
+    )
     batch.add_argument(
         "--out",
         metavar="FILE",
@@ -1712,7 +1719,13 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
     if out_path.is_dir():
         raise ValueError(f"--out {out_path} is a directory: name a file")
-    jobs = _batch_jobs(source)
+    models = None  # what an OpenAI Batch API line's `model` may name: as at the gateway
+    if _client_config_path(args) is not None:
+        from service.gateway import Models
+
+        models = Models(list(config.routes), [*config.targets, *config.providers])
+    batch = _batch_jobs(source, models)
+    jobs = batch.jobs
     if not jobs:
         print(f"{source} holds no request: nothing to submit")
         return 0
@@ -1750,7 +1763,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         await ensure_jobs_as_a_client(js, settings, replicas)
         # Each job's result is pushed to a subject of this run's own inbox (a client may read
         # nothing else: not the bucket, which holds every client's results).
-        results = _Results(nc, pending, out, progress, settings.results_bucket)
+        results = _Results(nc, pending, out, progress, settings.results_bucket, batch)
         await results.start()
         give_up = time.monotonic() + args.timeout  # for room in a full jobs stream, too
         for key, (job_id, body) in list(pending.items()):
@@ -1764,7 +1777,9 @@ async def cmd_batch(args: argparse.Namespace) -> int:
                     job_id, "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, message)
                 )
                 progress.submitted += 1  # and done at once: never in flight
-                _write_result(out, encoder.encode(refused), refused, progress)
+                _write_result(
+                    out, batch.result_line(refused, encoder.encode(refused)), refused, progress
+                )
                 del pending[key]
                 continue
             while True:
@@ -1809,15 +1824,37 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if not progress.failed and not failed_before else 1
 
 
-def _batch_jobs(source: Path) -> dict[str, bytes]:
-    """The file's requests by id, as they will be published: their "id", else FILE:LINE:HASH,
-    HASH of the file's full path and the line (so the same name in another folder, or an edited
-    line, is another job; a file moved elsewhere starts over)."""
+class _BatchFile(msgspec.Struct):
+    """A batch file read: its requests by id, as they will be published, and, for a file of
+    OpenAI Batch API lines, each job's route (its results are written as the Batch API's
+    output lines: service/openai_batch.py; None for a file of Lifeline's requests)."""
+
+    jobs: dict[str, bytes]
+    routes: dict[str, str] | None = None
+
+    def result_line(self, reply: CompletionReply, data: bytes) -> bytes:
+        """The line a job's result is written as: `data`, the reply as it came (or re-encoded
+        when its id is not the job's), or the Batch API's output line."""
+        if self.routes is not None:
+            from service import openai_batch
+
+            return openai_batch.result_line(reply, self.routes.get(reply.id, ""), int(time.time()))
+        return data
+
+
+def _batch_jobs(source: Path, models: Any = None) -> _BatchFile:
+    """The file's requests by id: their "id", else FILE:LINE:HASH, HASH of the file's full path
+    and the line (so the same name in another folder, or an edited line, is another job; a file
+    moved elsewhere starts over); or, in a file of OpenAI Batch API lines, their custom_id.
+    `models`: what such a line's `model` may name (gateway.Models; None: a route)."""
     jobs: dict[str, bytes] = {}
+    routes: dict[str, str] = {}
     # Lines no dispatcher would take, each said (the first few) before any is submitted: a
     # file with many bad lines is mended in one go, not one run per line.
     refused: list[str] = []
     lines = 0  # the requests the file holds: its lines that are not blank
+    openai: bool | None = None  # whether the file's lines are OpenAI's, from its first request
+    ignored: dict[str, int] = {}  # an OpenAI line's fields Lifeline ignores: how many lines
     where = source.resolve()
     # Lines end at "\n" only: JSON may hold U+2028 and the like raw, where splitlines() splits.
     # A byte order mark (Windows tools write one) is no part of the first line.
@@ -1834,6 +1871,33 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         if not isinstance(body, dict):
             refused.append(f"{source}:{n}: a request is a JSON object, not {_json_kind(body)}")
             continue
+        if openai is None:
+            openai = "custom_id" in body  # an OpenAI Batch API line names one; ours cannot
+        elif openai != ("custom_id" in body):
+            kind = "an OpenAI Batch API line" if openai else "a Lifeline request"
+            refused.append(
+                f"{source}:{n}: the file's first request is {kind}, and a file holds one kind: "
+                "OpenAI Batch API lines (custom_id, method, url, body) or Lifeline's requests "
+                '({"id": ..., "messages": [...]})'
+            )
+            continue
+        if openai:
+            from service import openai_batch  # the gateway's translation: for such a file only
+
+            try:
+                request, skipped = openai_batch.to_request(body, models)
+                client.check_job_id(request.id or "")
+            except ValueError as exc:
+                refused.append(f"{source}:{n}: {exc}")
+                continue
+            if request.id in jobs:
+                refused.append(f"{source}:{n}: custom_id {request.id!r} appears twice")
+                continue
+            for name in skipped:
+                ignored[name] = ignored.get(name, 0) + 1
+            jobs[request.id or ""] = encoder.encode(request)
+            routes[request.id or ""] = request.route or "default"
+            continue
         digest = hashlib.sha256(f"{where}\n{line}".encode()).hexdigest()[:12]
         job_id = str(body.get("id") or f"{source.name[:200]}:{n}:{digest}")
         try:
@@ -1849,14 +1913,7 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         try:
             request_decoder.decode(jobs[job_id])
         except (msgspec.DecodeError, RecursionError) as exc:
-            why = not_a_request(exc, jobs[job_id])
-            if {"custom_id", "body"} <= body.keys():  # OpenAI's Batch API wraps each request
-                why = (
-                    "an OpenAI Batch API line (custom_id, method, url, body); a line here is "
-                    'the request itself, {"id": ..., "messages": [...]}: its custom_id as the '
-                    "id, its body's messages, and a route or targets for its model"
-                )
-            refused.append(f"{source}:{n}: {why}")
+            refused.append(f"{source}:{n}: {not_a_request(exc, jobs[job_id])}")
     if refused:
         shown = refused[:_REFUSED_SHOWN]
         if len(refused) > _REFUSED_SHOWN:
@@ -1866,12 +1923,17 @@ def _batch_jobs(source: Path) -> dict[str, bytes]:
         else:
             are = "is not a request" if len(refused) == 1 else "are not requests"
             which = f"{len(refused)} of the {lines} lines of {source} {are}"
+        guide = 'the wire contract: README\'s "Wire contract v1"'
+        if openai:
+            guide = 'OpenAI Batch API files: README\'s "Durable jobs"'
         raise ValueError(
-            "\n".join(shown) + f"\n{which} (the wire contract: README's \"Wire contract "
-            f'v1"); nothing was submitted: mend {"it" if len(refused) == 1 else "them"} and run '
-            "again"
+            "\n".join(shown) + f"\n{which} ({guide}); nothing was submitted: mend "
+            f"{'it' if len(refused) == 1 else 'them'} and run again"
         )
-    return jobs
+    if ignored:  # as the gateway's x-lifeline-ignored says it
+        said = ", ".join(f"{name} ({_count(count, 'line')})" for name, count in ignored.items())
+        print(f"lifeline: ignored what Lifeline does not carry: {said}", file=sys.stderr)
+    return _BatchFile(jobs, routes if openai else None)
 
 
 _REFUSED_SHOWN = 5  # a batch's refused lines said one by one; the rest counted
@@ -1901,6 +1963,11 @@ def _results_in(out_path: Path) -> dict[str, bool]:
         try:
             reply = reply_decoder.decode(line)
         except msgspec.DecodeError:
+            if b'"custom_id"' in line:  # an OpenAI Batch API output line
+                from service import openai_batch
+
+                if (result := openai_batch.read_result_line(line)) is not None:
+                    results[result[0]] = result[1]
             continue
         results[reply.id] = reply.status == "ok"
     return results
@@ -1918,8 +1985,9 @@ class _Results:
         out: Any,
         progress: _Progress,
         bucket: str,
+        batch: _BatchFile,
     ) -> None:
-        self.nc, self.pending, self.bucket = nc, pending, bucket
+        self.nc, self.pending, self.bucket, self.batch = nc, pending, bucket, batch
         self.out, self.progress = out, progress
         self.inbox = nc.new_inbox()
         self.keys: dict[str, str] = {}  # notify token -> job key
@@ -1975,7 +2043,7 @@ class _Results:
                 if reply.id != job_id:  # refused before its id was read: the line names its job
                     reply = msgspec.structs.replace(reply, id=job_id)
                     line = encoder.encode(reply)
-                _write_result(self.out, line, reply, self.progress)
+                _write_result(self.out, self.batch.result_line(reply, line), reply, self.progress)
 
     async def _ask(self, keys: list[str]) -> list[tuple[str | None, bytes]]:
         """The results stored for these jobs (asked of a dispatcher, as `lifeline result`

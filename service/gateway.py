@@ -1167,7 +1167,7 @@ class Gateway:
             if refused := self._refusal(request):
                 raise refused
             body = await self._body(request)
-            chat = _decode(body)
+            chat = decode_chat(body)
             request_id = os.urandom(16).hex()
             try:
                 completion, ignored = translate(
@@ -1428,7 +1428,8 @@ class _SSE:
 # ---- small pieces ------------------------------------------------------------------------
 
 
-def _decode(body: bytes) -> ChatRequest:
+def decode_chat(body: bytes) -> ChatRequest:
+    """A chat request's JSON body, or an HTTPError (400) saying what is wrong with it."""
     try:
         return _chat_decoder.decode(body)
     except msgspec.ValidationError as exc:

@@ -457,6 +457,63 @@ def test_batch_submits_a_file_of_jobs_shows_progress_and_resumes(running, tmp_pa
     assert again.stdout.rstrip().endswith(", 1 failed"), again.stdout
 
 
+def test_batch_runs_an_openai_batch_file_and_answers_in_its_output_shape(running, tmp_path):
+    """A file written for OpenAI's Batch API runs through the route's fallbacks as it is, and
+    its results are the Batch API's output lines: what the gateway would answer, a failed
+    job's error under its HTTP status. A rerun resumes from those lines."""
+
+    def line(custom_id: str, model: str, content: str, **body: object) -> str:
+        chat = {"model": model, "messages": [{"role": "user", "content": content}]} | body
+        return json.dumps(
+            {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": chat}
+        )
+
+    source = tmp_path / "input.jsonl"
+    source.write_text(
+        line("oa-route", "default", "through the default route")
+        + "\n"
+        + line("oa-target", "backup", "straight to backup", frequency_penalty=0.5, stream=True)
+        + "\n"
+        + line("oa-fails", "default", "to no provider", lifeline={"targets": ["missing"]})
+        + "\n"
+    )
+    _, url = running
+    first = run_lifeline("batch", "--nats-url", url, "--config", EXAMPLE, str(source))
+    assert first.returncode == 1, first  # oa-fails: its one target is in no config
+    assert "ignored what Lifeline does not carry: frequency_penalty (1 line), stream (1 line)" in (
+        first.stderr
+    )
+    assert "3/3 done, 1 failed, 0 in flight" in first.stderr
+    written = (tmp_path / "input.results.jsonl").read_text().splitlines()
+    results = {r["custom_id"]: r for r in map(json.loads, written)}
+    assert set(results) == {"oa-route", "oa-target", "oa-fails"}
+    assert all(r["id"].startswith("batch_req_") and r["error"] is None for r in results.values())
+
+    route = results["oa-route"]["response"]
+    assert route["status_code"] == 200 and route["request_id"] == "oa-route"
+    answer = route["body"]
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"] == "through the default route"  # echoed
+    fallbacks = [a["outcome"] for a in answer["lifeline"]["attempts"]]
+    assert answer["lifeline"]["provider"] == "backup" and fallbacks[-1] == "ok"
+    assert len(fallbacks) >= 2  # flaky (or its open breaker) first: a fallback, not one call
+
+    target = results["oa-target"]["response"]["body"]
+    assert target["lifeline"]["target"] == "backup" and len(target["lifeline"]["attempts"]) == 1
+
+    failed = results["oa-fails"]["response"]  # the dispatcher's refusal, as the gateway says it
+    assert failed["status_code"] == 404 and failed["request_id"] == "oa-fails"
+    error = failed["body"]["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
+    assert "unknown target or provider 'missing'" in error["message"]
+
+    again = run_lifeline("batch", "--nats-url", url, "--config", EXAMPLE, str(source))
+    assert again.returncode == 1, again
+    assert again.stdout.strip() == (
+        f"all 3 jobs of {source} have results in {tmp_path / 'input.results.jsonl'}, 1 failed"
+    )
+
+
 def test_batch_writes_to_stdout_and_passes_over_what_is_no_result(running, tmp_path):
     """`--out /dev/stdout` read its own stdout for ids to resume, and waited for ever; a value
     on a job's key that is no result (anyone may have JetStream write one there) stopped the

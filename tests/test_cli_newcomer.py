@@ -731,10 +731,10 @@ def test_batch_names_every_line_it_cannot_read_not_only_the_first(tmp_path):
 
 
 def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(tmp_path):
-    """An OpenAI Batch API file (`custom_id`, `method`, `url`, `body`) or a misspelt field was
-    submitted line by line, every job came back an invalid_request result, and the run took
-    as long as the file was. Each line is read as a dispatcher reads it first; no server is
-    needed to be told (none runs here)."""
+    """An OpenAI Batch API line (`custom_id`, `method`, `url`, `body`) among Lifeline's
+    requests, or a misspelt field, was submitted line by line, every job came back an
+    invalid_request result, and the run took as long as the file was. Each line is read as a
+    dispatcher reads it first; no server is needed to be told (none runs here)."""
     good = {"id": "ok-1", "messages": [{"role": "user", "content": "hi"}]}
     openai_line = {
         "custom_id": "req-1",
@@ -748,9 +748,10 @@ def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(t
     ran = lifeline_in(tmp_path, "batch", "jobs.jsonl")
     assert ran.returncode == 2, ran
     first, *rest = ran.stderr.splitlines()
-    assert first.startswith(
-        "lifeline: jobs.jsonl:2: an OpenAI Batch API line (custom_id, method, url, body); a "
-        'line here is the request itself, {"id": ..., "messages": [...]}'
+    assert first == (
+        "lifeline: jobs.jsonl:2: the file's first request is a Lifeline request, and a file "
+        "holds one kind: OpenAI Batch API lines (custom_id, method, url, body) or Lifeline's "
+        'requests ({"id": ..., "messages": [...]})'
     ), ran.stderr
     assert (
         "jobs.jsonl:3: invalid request: unknown field `max_token` (did you mean `max_tokens`?)"
@@ -764,3 +765,49 @@ def test_batch_of_lines_that_are_not_requests_says_which_before_submitting_any(t
         '"Wire contract v1"); nothing was submitted: mend them and run again'
     ), ran.stderr
     assert not (tmp_path / "jobs.results.jsonl").exists()
+
+
+def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sending_any(tmp_path):
+    """A file written for OpenAI's Batch API runs as it is; a line Lifeline cannot run (another
+    endpoint, a model the config does not have, a custom_id missing or repeated, what the
+    gateway refuses, one of Lifeline's own requests among them) is named with why before
+    anything is sent (no server runs here)."""
+
+    def line(custom_id: object, url: str = "/v1/chat/completions", **body: object) -> str:
+        body = {"model": "backup", "messages": [{"role": "user", "content": "hi"}]} | body
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+    lines = [
+        line("ok-1", frequency_penalty=0.5),
+        line("emb", url="/v1/embeddings"),
+        line("nope", model="gpt-4o-mini"),
+        line(""),
+        line("ok-1"),
+        line("two", n=2),
+        json.dumps({"id": "mine", "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    (tmp_path / "input.jsonl").write_text("\n".join(lines) + "\n")
+    example = str(ROOT / "lifeline.example.toml")
+    ran = lifeline_in(tmp_path, "batch", "input.jsonl", "--config", example)
+    assert ran.returncode == 2, ran
+    said = ran.stderr.splitlines()
+    assert said[0] == (
+        "lifeline: input.jsonl:2: its url is '/v1/embeddings': Lifeline answers chat "
+        "completions ('/v1/chat/completions') only"
+    ), ran.stderr
+    assert any(
+        s.startswith(
+            "input.jsonl:3: its body: The model `gpt-4o-mini` does not exist: `model` "
+            "names a Lifeline route or target (default, strict,"
+        )
+        for s in said
+    ), ran.stderr
+    assert "input.jsonl:4: its custom_id must be a string, not empty: it is the job's id" in said
+    assert "input.jsonl:5: custom_id 'ok-1' appears twice" in said, ran.stderr
+    assert "input.jsonl:6: its body: Lifeline answers with one choice: n must be 1" in said
+    assert "... and 1 more" in said, ran.stderr  # the seventh, Lifeline's own request
+    assert said[-1] == (
+        "6 of the 7 lines of input.jsonl are not requests (OpenAI Batch API files: README's "
+        '"Durable jobs"); nothing was submitted: mend them and run again'
+    ), ran.stderr
+    assert not (tmp_path / "input.results.jsonl").exists()
