@@ -888,6 +888,22 @@ def hpub(subject: bytes, headers: bytes, payload: bytes = b"", reply: bytes = b"
     return b"%s %d %d\r\n%s%s\r\n" % (line, len(headers), total, headers, payload)
 
 
+async def dial_upstream(
+    server: asyncio.Server, upstream: tuple[str, int], writers: list[asyncio.StreamWriter]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A test proxy's connection to the server behind it, for a client it took, kept in
+    `writers` (which the proxy closes as it stops or cuts its links); None, closed at once, when
+    the proxy stopped serving while it was being made. Made after the proxy's stop, it stayed
+    open, and the collector found it in a later test: CI failed that one on its ResourceWarning
+    ("unclosed transport", a StreamWriter whose "loop is closed")."""
+    up_reader, up_writer = await asyncio.open_connection(*upstream)
+    if not server.is_serving():
+        up_writer.close()
+        return None
+    writers.append(up_writer)
+    return up_reader, up_writer
+
+
 class DeliveryProxy:
     """A TCP proxy to a NATS server that passes on what the server sends until `after`
     JetStream deliveries (messages with a `$JS.ACK.` reply subject) have passed; past them it
@@ -912,8 +928,11 @@ class DeliveryProxy:
         return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers += [writer, up_writer]
+        self.writers.append(writer)
+        if (upstream := await dial_upstream(self.server, self.upstream, self.writers)) is None:
+            writer.close()
+            return
+        up_reader, up_writer = upstream
         await asyncio.gather(self._pass(reader, up_writer), self._frames(up_reader, writer))
 
     async def _pass(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

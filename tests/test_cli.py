@@ -25,6 +25,7 @@ from helpers import (
     LifelineProcess,
     cli_env,
     config,
+    dial_upstream,
     fake,
     free_port,
     lifelines_side_by_side,
@@ -587,8 +588,10 @@ class _CutLink:
                 writer.close()
                 return
             await asyncio.sleep(self.late_s)
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers.append(up_writer)
+        if (upstream := await dial_upstream(self.server, self.upstream, self.writers)) is None:
+            writer.close()
+            return
+        up_reader, up_writer = upstream
         await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -602,7 +605,7 @@ class _CutLink:
         self.cuts, self.late_s = self.cuts + 1, late_s
         for writer in self.writers:
             writer.close()
-        self.writers = []
+        self.writers.clear()  # in place: a link being made as it is cut lands in it, not lost
 
     async def close(self) -> None:
         self.cut(None)

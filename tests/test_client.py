@@ -21,6 +21,7 @@ from helpers import (
     SilentServer,
     cli_env,
     config,
+    dial_upstream,
     fake,
     loop_stall,
     peer_on_its_own_loop,
@@ -448,8 +449,12 @@ class _Cuttable:
         self.writers.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
-        self.writers += [writer, up_writer]
+        self.writers.append(writer)
+        upstream = await dial_upstream(self.server, (self.host, self.upstream_port), self.writers)
+        if upstream is None:
+            writer.close()
+            return
+        up_reader, up_writer = upstream
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):

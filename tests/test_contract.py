@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from helpers import (
     SECRET_KEY,
@@ -749,7 +750,11 @@ async def test_lifeline_run_stopped_while_nats_is_down_stops_cleanly(tmp_path, p
 async def stats_since(kv: Any, since_ms: int) -> list[Any]:
     """Every dispatcher's stats document in the bucket, once each was written at or after
     since_ms."""
-    entries = [await kv.get(key) for key in await kv.keys() if key.startswith("stats.")]
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:  # nats-py's answer for an empty bucket: none written yet
+        return []
+    entries = [await kv.get(key) for key in keys if key.startswith("stats.")]
     fresh = all(json.loads(entry.value)["ts_unix_ms"] >= since_ms for entry in entries)
     return entries if entries and fresh else []
 
