@@ -184,3 +184,26 @@ def test_the_quick_starts_three_ways_in_run_as_pasted_into_python_m_asyncio(tmp_
         run.stop()
     assert "Error" not in done.stderr, done.stderr
     assert done.stdout.count("hi\n") == 3, done.stdout  # the example's backup echoes each "hi"
+
+
+def _anchor(heading: str, taken: set[str]) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as
+    hyphens, a repeated one numbered."""
+    base = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    anchor, n = base, 0
+    while anchor in taken:
+        n += 1
+        anchor = f"{base}-{n}"
+    return anchor
+
+
+def test_every_link_within_the_readme_leads_to_one_of_its_headings():
+    """The contents and the cross-references are how a reader finds their way through a long
+    README: a heading reworded must not leave a link that goes nowhere."""
+    prose = re.sub(r"```.*?```", "", README, flags=re.DOTALL)
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", prose, re.MULTILINE):
+        anchors.add(_anchor(heading, anchors))
+    links = set(re.findall(r"\]\(#([^)]+)\)", README))
+    assert len(links) > 40  # the contents alone link to about thirty
+    assert sorted(links - anchors) == []
