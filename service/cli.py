@@ -1893,9 +1893,15 @@ def _batch_jobs(source: Path, models: Any = None) -> _BatchFile:
             if request.id in jobs:
                 refused.append(f"{source}:{n}: custom_id {request.id!r} appears twice")
                 continue
+            payload = encoder.encode(request)
+            try:  # what the wire's decoder holds beyond the gateway's rules (an id's length)
+                request_decoder.decode(payload)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                refused.append(f"{source}:{n}: {not_a_request(exc, payload)}")
+                continue
             for name in skipped:
                 ignored[name] = ignored.get(name, 0) + 1
-            jobs[request.id or ""] = encoder.encode(request)
+            jobs[request.id or ""] = payload
             routes[request.id or ""] = request.route or "default"
             continue
         digest = hashlib.sha256(f"{where}\n{line}".encode()).hexdigest()[:12]

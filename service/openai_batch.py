@@ -24,7 +24,7 @@ import hashlib
 import json
 from typing import Any
 
-from schemas.wire import CompletionReply, CompletionRequest, encoder
+from schemas.wire import MAX_ID_LENGTH, CompletionReply, CompletionRequest, encoder
 from service import gateway
 
 URL = "/v1/chat/completions"  # the one endpoint of the Batch API that Lifeline serves
@@ -45,6 +45,11 @@ def to_request(
     custom_id = line["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
         raise ValueError("its custom_id must be a string, not empty: it is the job's id")
+    if len(custom_id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"its custom_id is {len(custom_id)} characters long: a job's id is at most "
+            f"{MAX_ID_LENGTH}"
+        )
     if (url := line.get("url")) != URL:
         raise ValueError(f"its url is {url!r}: Lifeline answers chat completions ({URL!r}) only")
     if (method := line.get("method", "POST")) != "POST":

@@ -784,6 +784,7 @@ def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sendin
         line(""),
         line("ok-1"),
         line("two", n=2),
+        line("x" * 257),
         json.dumps({"id": "mine", "messages": [{"role": "user", "content": "hi"}]}),
     ]
     (tmp_path / "input.jsonl").write_text("\n".join(lines) + "\n")
@@ -805,9 +806,22 @@ def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sendin
     assert "input.jsonl:4: its custom_id must be a string, not empty: it is the job's id" in said
     assert "input.jsonl:5: custom_id 'ok-1' appears twice" in said, ran.stderr
     assert "input.jsonl:6: its body: Lifeline answers with one choice: n must be 1" in said
-    assert "... and 1 more" in said, ran.stderr  # the seventh, Lifeline's own request
+    assert "... and 2 more" in said, ran.stderr  # a custom_id too long, Lifeline's request
     assert said[-1] == (
-        "6 of the 7 lines of input.jsonl are not requests (OpenAI Batch API files: README's "
+        "7 of the 8 lines of input.jsonl are not requests (OpenAI Batch API files: README's "
         '"Durable jobs"); nothing was submitted: mend them and run again'
     ), ran.stderr
     assert not (tmp_path / "input.results.jsonl").exists()
+
+
+def test_an_openai_batch_custom_id_longer_than_a_job_id_may_be_is_refused_by_its_length():
+    """A custom_id over 256 characters was refused with the wire's advice for Lifeline's own
+    requests ("Expected JSON like {"messages": ...}"), which says nothing of the custom_id."""
+    from service import openai_batch
+
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "x" * 257, "url": openai_batch.URL, "body": body}
+    with pytest.raises(ValueError, match="its custom_id is 257 characters long: a job's id is at"):
+        openai_batch.to_request(line, None)
+    request, ignored = openai_batch.to_request({**line, "custom_id": "x" * 256}, None)
+    assert (request.id, request.route, ignored) == ("x" * 256, "default", [])
