@@ -1885,24 +1885,17 @@ def _batch_jobs(source: Path, models: Any = None) -> _BatchFile:
             from service import openai_batch  # the gateway's translation: for such a file only
 
             try:
-                request, skipped = openai_batch.to_request(body, models)
-                client.check_job_id(request.id or "")
+                job_id, payload, route, skipped = openai_batch.to_job(body, models)
+                client.check_job_id(job_id)
             except ValueError as exc:
                 refused.append(f"{source}:{n}: {exc}")
                 continue
-            if request.id in jobs:
-                refused.append(f"{source}:{n}: custom_id {request.id!r} appears twice")
-                continue
-            payload = encoder.encode(request)
-            try:  # what the wire's decoder holds beyond the gateway's rules (an id's length)
-                request_decoder.decode(payload)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                refused.append(f"{source}:{n}: {not_a_request(exc, payload)}")
+            if job_id in jobs:
+                refused.append(f"{source}:{n}: custom_id {job_id!r} appears twice")
                 continue
             for name in skipped:
                 ignored[name] = ignored.get(name, 0) + 1
-            jobs[request.id or ""] = payload
-            routes[request.id or ""] = request.route or "default"
+            jobs[job_id], routes[job_id] = payload, route
             continue
         digest = hashlib.sha256(f"{where}\n{line}".encode()).hexdigest()[:12]
         job_id = str(body.get("id") or f"{source.name[:200]}:{n}:{digest}")

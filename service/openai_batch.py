@@ -24,19 +24,42 @@ import hashlib
 import json
 from typing import Any
 
-from schemas.wire import MAX_ID_LENGTH, CompletionReply, CompletionRequest, encoder
+import msgspec
+
+from schemas.wire import (
+    MAX_ID_LENGTH,
+    CompletionReply,
+    CompletionRequest,
+    encoder,
+    not_a_request,
+    request_decoder,
+)
 from service import gateway
 
 URL = "/v1/chat/completions"  # the one endpoint of the Batch API that Lifeline serves
 _KEYS = ("custom_id", "method", "url", "body")
 
 
+def to_job(
+    line: dict[str, Any], models: gateway.Models | None
+) -> tuple[str, bytes, str, list[str]]:
+    """The job an input line asks for: its id (the line's custom_id), its request as published,
+    the route it names and the body's fields it ignores; ValueError saying what is wrong with
+    the line. `models`: what `model` may name (None: a route, which the dispatcher checks)."""
+    request, ignored = to_request(line, models)
+    payload = encoder.encode(request)
+    try:  # what the wire's decoder holds beyond the gateway's rules
+        request_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ValueError(not_a_request(exc, payload)) from None
+    return line["custom_id"], payload, request.route or "default", ignored
+
+
 def to_request(
     line: dict[str, Any], models: gateway.Models | None
 ) -> tuple[CompletionRequest, list[str]]:
-    """The job an input line asks for (its id the line's custom_id) and the body's fields it
-    ignores; ValueError saying what is wrong with the line. `models`: what `model` may name
-    (None: a route, which the dispatcher checks)."""
+    """The request an input line asks for (its id the line's custom_id) and the body's fields
+    it ignores; ValueError saying what is wrong with the line."""
     if unknown := [key for key in line if key not in _KEYS]:
         raise ValueError(
             "an OpenAI Batch API line holds custom_id, method, url and body, not "
