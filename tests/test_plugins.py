@@ -457,9 +457,9 @@ async def test_a_call_finding_every_thread_hung_is_refused_at_once_naming_thread
     try:
         hung = (await ask(client, hello())).attempts[0]
         assert hung.error_type == "timeout"  # its own call: the model had it
-        started = time.monotonic()
         refused = (await ask(client, hello())).attempts[0]
-        assert time.monotonic() - started < 0.25  # not its timeout waited out
+        # Refused, not waited out: a call that waited for a thread until its deadline was
+        # answered `timeout`. (No clock here: a loaded machine may take any time to answer.)
         assert refused.error_type == "rate_limit", refused
         assert "each of its 1 threads is held by a call still running after its caller" in (
             refused.message
