@@ -93,8 +93,9 @@ def to_request(
 
 
 def result_line(reply: CompletionReply, route: str, created: int) -> bytes:
-    """A job's result as the Batch API's output line (see the module). `route`: the one its
-    request named (the body's `model` when the reply names none), `created`: Unix seconds."""
+    """A job's result as the Batch API's output line (see the module). `route`: the route its
+    request went to (as the gateway gives it: named in the answer's `lifeline` field, and as
+    its `model` when the reply names none), `created`: Unix seconds."""
     if reply.status == "ok":
         status, body = 200, gateway.completion_body(reply, route, created)
     else:
