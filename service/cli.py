@@ -1411,6 +1411,8 @@ def _describe(config: Config) -> None:
                 f"         {'':<12} hedges after {after}; hedge_budget {route.hedge_budget:g}, "
                 f"retry_budget {route.retry_budget:g}"
             )
+    for alias, name in config.model_aliases.items():
+        print(f"alias    {alias:<12} -> {name}  (a `model` at the gateway and in batch files)")
     breaker = breaker_settings(config.breaker)
     print(
         f"breaker  opens after {_count(breaker.consecutive_failures, 'failure')} in a row or "
@@ -1719,11 +1721,9 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     out_path = Path(args.out) if args.out else source.with_suffix(".results.jsonl")
     if out_path.is_dir():
         raise ValueError(f"--out {out_path} is a directory: name a file")
-    models = None  # what an OpenAI Batch API line's `model` may name: as at the gateway
-    if _client_config_path(args) is not None:
-        from service.gateway import Models
-
-        models = Models(list(config.routes), [*config.targets, *config.providers])
+    # What an OpenAI Batch API line's `model` may name, as at the gateway: with no config, a
+    # route (the dispatcher's config decides).
+    models = _models(config) if _client_config_path(args) is not None else None
     batch = _batch_jobs(source, models)
     jobs = batch.jobs
     if not jobs:
@@ -1822,6 +1822,16 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     earlier = f"; {_count(failed_before, 'job')} failed in an earlier run" if failed_before else ""
     print(f"results in {out_path}{earlier}")
     return 0 if not progress.failed and not failed_before else 1
+
+
+def _models(config: Config) -> Any:
+    """What a request's `model` may name at the HTTP gateway and in an OpenAI Batch file
+    (gateway.Models): the config's routes, targets and providers, and its [model_aliases]."""
+    from service import gateway  # the HTTP server (Starlette, uvicorn) loads for it only
+
+    return gateway.Models(
+        list(config.routes), [*config.targets, *config.providers], config.model_aliases
+    )
 
 
 class _BatchFile(msgspec.Struct):
@@ -2633,9 +2643,7 @@ async def _start_gateway(
     from service.config import parse_config
 
     settings = (config or parse_config({"providers": {"none": {"kind": "fake"}}})).dispatcher
-    models = None
-    if config is not None:
-        models = gateway.Models(list(config.routes), [*config.targets, *config.providers])
+    models = _models(config) if config is not None else None
     watch = ConnectionWatch("gateway")
     nc = await connect(url, "lifeline-gateway", watch=watch)
     server = gateway.Gateway(

@@ -22,7 +22,7 @@ import ast
 import difflib
 import re
 import tomllib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -282,6 +282,7 @@ class _RawConfig(Struct, frozen=True, forbid_unknown_fields=True):
     audit: dict[str, Any] = {}
     jetstream: dict[str, Any] = {}
     nats: dict[str, Any] = {}
+    model_aliases: dict[str, Any] = {}
 
 
 class Config(Struct, frozen=True):
@@ -297,6 +298,9 @@ class Config(Struct, frozen=True):
     audit: AuditSettings = AuditSettings()
     jetstream: JetStreamSettings = JetStreamSettings()
     nats: NatsSettings = NatsSettings()
+    # [model_aliases]: what else a `model` may name at the HTTP gateway and in an OpenAI Batch
+    # file, each the name of a route, target or provider (an OpenAI SDK's "gpt-4o", say)
+    model_aliases: dict[str, str] = {}
     # What is valid but does nothing as written (see _warnings): every command that loads the
     # config shows them once, at its start; nothing reads them while serving.
     warnings: tuple[str, ...] = ()
@@ -406,6 +410,7 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         if (route := errors.check(_route, name, table, dispatcher, default_chains, resolve))
         is not None
     }
+    aliases = errors.check(_model_aliases, raw.model_aliases, routes, targets, providers)
     errors.raise_any()
     return Config(
         providers=providers,
@@ -420,8 +425,36 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         audit=audit,
         jetstream=jetstream,
         nats=nats,
+        model_aliases=aliases or {},
         warnings=_warnings(routes),
     )
+
+
+def _model_aliases(
+    table: dict[str, Any], routes: Mapping[str, Any], targets: Mapping[str, Any], providers: Any
+) -> dict[str, str]:
+    """[model_aliases], checked: each a name of at most 256 printable characters that names
+    nothing else, for a route, target or provider."""
+    known = [*routes, *targets, *providers]
+    for alias, name in table.items():
+        key = f"model_aliases.{_one_line(alias)}"
+        if not alias or len(alias) > 256 or not alias.isprintable():
+            raise ConfigError(f"{key}: an alias is 1 to 256 printable characters")
+        if alias in known:
+            raise ConfigError(
+                f"{key}: {alias!r} names a route, target or provider already, which a request "
+                "reaches by that name; drop the alias"
+            )
+        if isinstance(name, dict):  # `gpt-4.1 = "x"` is the table gpt-4 holding 1 = "x"
+            raise ConfigError(
+                f'{key}: a table; quote an alias with a dot in it: "{alias}.{next(iter(name), "")}" = ...'
+            )
+        if not isinstance(name, str) or name not in known:
+            raise ConfigError(
+                f"{key}: {_one_line(repr(name))} is no route, target or provider of this config "
+                f"({', '.join(dict.fromkeys(known))})"
+            )
+    return dict(table)
 
 
 def _warnings(routes: dict[str, Route]) -> tuple[str, ...]:

@@ -3,13 +3,13 @@
     POST /v1/chat/completions   the chat request -> a CompletionRequest on llm.complete (or,
                                 with "stream": true, llm.stream) -> chat.completion (or
                                 Server-Sent Events of chat.completion.chunk, then [DONE])
-    GET  /v1/models             the routes (and named targets) a request's `model` may name
+    GET  /v1/models             the routes (named targets, aliases) a request's `model` may name
     GET  /healthz, /readyz      liveness (its NATS connection not closed for good) and
                                 readiness (connected), without a key, for probes
 
 An async ASGI app (Starlette) served by uvicorn, and a NATS client like service/client.py: it
 loads the wire and nothing of the dispatcher. `model` names a route, else a target or provider
-(sent as `targets: [model]`). Lifeline's own fields come back as x-lifeline-* headers and in
+(sent as `targets: [model]`), else an alias of one (the config's [model_aliases]). Lifeline's own fields come back as x-lifeline-* headers and in
 a `lifeline` field of the body; errors in OpenAI's shape with the status of STATUS below.
 
 Starlette (Encode's ASGI toolkit, which FastAPI is built on) does routing and streamed
@@ -48,7 +48,7 @@ import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from http import HTTPStatus
 from typing import Any
@@ -220,13 +220,16 @@ def keys_from_env(environ: Mapping[str, str] = os.environ) -> list[str]:
 
 @dataclass(frozen=True)
 class Models:
-    """What `model` may name: routes first, then targets and providers (from the config)."""
+    """What `model` may name: routes first, then targets and providers, then the aliases of
+    any of these (the config's [model_aliases]: an OpenAI SDK's "gpt-4o", say)."""
 
     routes: Sequence[str]
     targets: Sequence[str] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     def resolve(self, model: str) -> tuple[str, list[str] | None] | None:
         """(route, targets) for a request naming `model`, or None when it names nothing."""
+        model = self.aliases.get(model, model)  # an alias never names a route or target itself
         if model in self.routes:
             return model, None
         if model in self.targets:
@@ -510,11 +513,14 @@ _QUOTED_NAME_CHARS = 300  # of a `model` quoted back (names are at most 256: rou
 
 
 def _model_not_found(model: str, models: Models | None) -> HTTPError:
-    known = ", ".join(dict.fromkeys([*models.routes, *models.targets])) if models else ""
+    what = "Lifeline route"
+    if models is not None:
+        kinds = "route, target or alias" if models.aliases else "route or target"
+        known = ", ".join(dict.fromkeys([*models.routes, *models.targets, *models.aliases]))
+        what = f"Lifeline {kinds} ({known})"
     return HTTPError(
         404,
-        f"The model `{clipped(model, _QUOTED_NAME_CHARS)}` does not exist: `model` names a "
-        "Lifeline route" + (f" or target ({known})" if known else ""),
+        f"The model `{clipped(model, _QUOTED_NAME_CHARS)}` does not exist: `model` names a {what}",
         "model_not_found",
         "model",
     )
@@ -1120,6 +1126,8 @@ class Gateway:
         owners = dict.fromkeys(self.models.routes, "lifeline-route")
         for name in self.models.targets:
             owners.setdefault(name, "lifeline-target")
+        for name in self.models.aliases:
+            owners.setdefault(name, "lifeline-alias")
         return [
             {"id": name, "object": "model", "created": 0, "owned_by": owner}
             for name, owner in owners.items()

@@ -471,7 +471,7 @@ def test_batch_runs_an_openai_batch_file_and_answers_in_its_output_shape(running
 
     source = tmp_path / "input.jsonl"
     source.write_text(
-        line("oa-route", "default", "through the default route")
+        line("oa-route", "gpt-4o-mini", "through the default route")  # the example's alias
         + "\n"
         + line("oa-target", "backup", "straight to backup", frequency_penalty=0.5, stream=True)
         + "\n"
@@ -496,6 +496,7 @@ def test_batch_runs_an_openai_batch_file_and_answers_in_its_output_shape(running
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"]["content"] == "through the default route"  # echoed
     fallbacks = [a["outcome"] for a in answer["lifeline"]["attempts"]]
+    assert answer["lifeline"]["route"] == "default"
     assert answer["lifeline"]["provider"] == "backup" and fallbacks[-1] == "ok"
     assert len(fallbacks) >= 2  # flaky (or its open breaker) first: a fallback, not one call
 

@@ -780,7 +780,7 @@ def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sendin
     lines = [
         line("ok-1", frequency_penalty=0.5),
         line("emb", url="/v1/embeddings"),
-        line("nope", model="gpt-4o-mini"),
+        line("nope", model="gpt-4o"),  # the example config aliases gpt-4o-mini, not it
         line(""),
         line("ok-1"),
         line("two", n=2),
@@ -798,8 +798,8 @@ def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sendin
     ), ran.stderr
     assert any(
         s.startswith(
-            "input.jsonl:3: its body: The model `gpt-4o-mini` does not exist: `model` "
-            "names a Lifeline route or target (default, strict,"
+            "input.jsonl:3: its body: The model `gpt-4o` does not exist: `model` "
+            "names a Lifeline route, target or alias (default, strict,"
         )
         for s in said
     ), ran.stderr

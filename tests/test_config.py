@@ -853,3 +853,28 @@ def test_an_empty_password_file_is_refused_by_check_config(tmp_path):
     assert done.stderr == (
         f"lifeline: NATS {path} [nats] password_file: the password file {secret} is empty\n"
     )
+
+
+# ---- model aliases --------------------------------------------------------------------------
+
+
+def test_model_aliases_name_routes_targets_or_providers_and_say_what_is_wrong(tmp_path):
+    base = config({"main": fake(), "backup": fake()}) | {"targets": {"small": {"provider": "main"}}}
+    aliases = {"gpt-4o-mini": "default", "gpt-4.1": "small", "llama/3.1 70b": "backup"}
+    assert parse_config(base | {"model_aliases": aliases}).model_aliases == aliases
+    assert error(base | {"model_aliases": {"gpt-4o": "nope"}}) == (
+        "model_aliases.gpt-4o: 'nope' is no route, target or provider of this config "
+        "(default, small, main, backup)"
+    )
+    assert "'backup' names a route, target or provider already" in error(
+        base | {"model_aliases": {"backup": "default"}}
+    )
+    assert "an alias is 1 to 256 printable characters" in error(
+        base | {"model_aliases": {"bell\a": "default"}}
+    )
+    assert "model_aliases.x: 3 is no route" in error(base | {"model_aliases": {"x": 3}})
+    # TOML reads an unquoted dotted key as a table: the mistake says to quote it.
+    written = write(tmp_path, '[providers.a]\nkind = "fake"\n[model_aliases]\ngpt-4.1 = "a"\n')
+    assert file_error(written).endswith(
+        'model_aliases.gpt-4: a table; quote an alias with a dot in it: "gpt-4.1" = ...'
+    )

@@ -47,6 +47,7 @@ from nats.aio.msg import Msg
 from schemas import errors
 from schemas.subjects import COMPLETE
 from schemas.wire import Attempt, CompletionReply, ErrorInfo, NamedTool, encoder
+from service import cli
 from service.app import Stack, connect, start_stack
 from service.config import parse_config
 from service.embedded import EmbeddedNats
@@ -97,14 +98,16 @@ SHARED = config(
         "mixed": {"targets": ["flaky", "a"]},
     },
     max_request_bytes=16_384,
-) | {"breaker": {"enabled": False}}
+) | {
+    "breaker": {"enabled": False},
+    "model_aliases": {"gpt-4o-mini": "fallback", "my-llama/3.1": "mirror"},
+}
 
 shared_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 def models_of(cfg: dict[str, Any]) -> Models:
-    parsed = parse_config(cfg)
-    return Models(list(parsed.routes), [*parsed.targets, *parsed.providers])
+    return cli._models(parse_config(cfg))  # as `lifeline gateway` makes them
 
 
 class Shared:
@@ -1141,6 +1144,25 @@ async def test_models_lists_the_routes_then_the_targets(shared):
     assert (await shared.client.models.retrieve("mirror")).id == "mirror"
     with pytest.raises(openai.NotFoundError):
         await shared.client.models.retrieve("gpt-4o")
+
+
+@shared_loop
+async def test_a_model_alias_runs_the_route_or_target_it_names_and_is_listed(shared):
+    """Code written for OpenAI's models (model="gpt-4o-mini") got model_not_found until it was
+    rewritten for a route's name, and a name with a dot could be no route at all: the config's
+    [model_aliases] send such names to a route or a target."""
+    routed = await shared.client.chat.completions.create(**chat("gpt-4o-mini"))
+    lifeline = routed.model_extra["lifeline"]
+    assert (lifeline["route"], lifeline["provider"]) == ("fallback", "backup")  # its chain ran
+    assert [a["outcome"] for a in lifeline["attempts"]] == ["error", "timeout", "ok"]
+    targeted = await shared.client.chat.completions.create(**chat("my-llama/3.1"))
+    assert (targeted.model_extra["lifeline"]["target"], targeted.model) == ("mirror", "fake-1")
+    models = [(m.id, m.owned_by) for m in (await shared.client.models.list()).data]
+    assert models[-2:] == [("gpt-4o-mini", "lifeline-alias"), ("my-llama/3.1", "lifeline-alias")]
+    assert (await shared.client.models.retrieve("my-llama/3.1")).owned_by == "lifeline-alias"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await shared.client.chat.completions.create(**chat("gpt-4o"))
+    assert "names a Lifeline route, target or alias (default, fallback," in missing.value.message
 
 
 # ---- Node.js, and the commands ------------------------------------------------------------
