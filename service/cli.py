@@ -2711,6 +2711,8 @@ def _print_gateway(server: Any, config: Config | None) -> None:
         models += f" ({', '.join(config.routes)})"
     elif config:  # no route (a plug-in's own config): a target or provider is what to ask for
         models += f" or a provider ({', '.join([*config.targets, *config.providers])})"
+    if config and config.model_aliases:
+        models += f", or an alias ({', '.join(config.model_aliases)})"
     print(f"OpenAI-compatible gateway on {server.url} ({models}; {auth})", flush=True)
 
 

@@ -95,6 +95,7 @@ def test_serving_commands_outside_a_checkout_run_the_installed_example(tmp_path,
         wait_for_line(servers["worker"], r"worker backup serving", stream=servers["worker"].stderr)
         line, _ = wait_for_line(servers["gateway"], r"OpenAI-compatible gateway on")
         assert "model: a route (default, strict," in line, line  # its routes, listed
+        assert "or an alias (gpt-4o-mini, gpt-4.1);" in line, line  # and the example's aliases
     finally:
         for proc in servers.values():
             proc.send_signal(signal.SIGTERM)
