@@ -431,7 +431,10 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
 
 
 def _model_aliases(
-    table: dict[str, Any], routes: Mapping[str, Any], targets: Mapping[str, Any], providers: Any
+    table: dict[str, Any],
+    routes: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    providers: Mapping[str, Any],
 ) -> dict[str, str]:
     """[model_aliases], checked: each a name of at most 256 printable characters that names
     nothing else, for a route, target or provider."""

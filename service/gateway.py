@@ -9,8 +9,9 @@
 
 An async ASGI app (Starlette) served by uvicorn, and a NATS client like service/client.py: it
 loads the wire and nothing of the dispatcher. `model` names a route, else a target or provider
-(sent as `targets: [model]`), else an alias of one (the config's [model_aliases]). Lifeline's own fields come back as x-lifeline-* headers and in
-a `lifeline` field of the body; errors in OpenAI's shape with the status of STATUS below.
+(sent as `targets: [model]`), else an alias of one (the config's [model_aliases]). Lifeline's
+own fields come back as x-lifeline-* headers and in a `lifeline` field of the body; errors in
+OpenAI's shape with the status of STATUS below.
 
 Starlette (Encode's ASGI toolkit, which FastAPI is built on) does routing and streamed
 responses, uvicorn with httptools' C parser is the server, run inside Lifeline's own event
