@@ -30,6 +30,7 @@ from schemas.wire import (
     MAX_ID_LENGTH,
     CompletionReply,
     CompletionRequest,
+    clipped,
     encoder,
     not_a_request,
     request_decoder,
@@ -37,6 +38,8 @@ from schemas.wire import (
 from service import gateway
 
 URL = "/v1/chat/completions"  # the one endpoint of the Batch API that Lifeline serves
+_URLS = (URL, "/chat/completions")  # OpenAI's, and Azure OpenAI's batch files' (no version)
+_QUOTED = 100  # characters of a line's value quoted back in a refusal
 _KEYS = ("custom_id", "method", "url", "body")
 
 
@@ -73,10 +76,15 @@ def to_request(
             f"its custom_id is {len(custom_id)} characters long: a job's id is at most "
             f"{MAX_ID_LENGTH}"
         )
-    if (url := line.get("url")) != URL:
-        raise ValueError(f"its url is {url!r}: Lifeline answers chat completions ({URL!r}) only")
+    if (url := line.get("url")) not in _URLS:
+        raise ValueError(
+            f"its url is {clipped(repr(url), _QUOTED)}: Lifeline answers chat completions only "
+            f"({URL!r}, or Azure's {_URLS[1]!r})"
+        )
     if (method := line.get("method", "POST")) != "POST":
-        raise ValueError(f"its method is {method!r}: the Batch API's is 'POST'")
+        raise ValueError(
+            f"its method is {clipped(repr(method), _QUOTED)}: the Batch API's is 'POST'"
+        )
     body = line.get("body")
     if not isinstance(body, dict):
         raise ValueError("its body must be a JSON object: the chat request")  # noqa: TRY004 - a line the user mends

@@ -795,7 +795,7 @@ def test_batch_of_openai_batch_lines_names_each_line_it_cannot_run_before_sendin
     said = ran.stderr.splitlines()
     assert said[0] == (
         "lifeline: input.jsonl:2: its url is '/v1/embeddings': Lifeline answers chat "
-        "completions ('/v1/chat/completions') only"
+        "completions only ('/v1/chat/completions', or Azure's '/chat/completions')"
     ), ran.stderr
     assert any(
         s.startswith(
@@ -826,3 +826,6 @@ def test_an_openai_batch_custom_id_longer_than_a_job_id_may_be_is_refused_by_its
         openai_batch.to_request(line, None)
     request, ignored = openai_batch.to_request({**line, "custom_id": "x" * 256}, None)
     assert (request.id, request.route, ignored) == ("x" * 256, "default", [])
+    # Azure OpenAI's batch files name the endpoint without its version
+    azure = {**line, "custom_id": "a", "url": "/chat/completions", "method": "POST"}
+    assert openai_batch.to_request(azure, None)[0].id == "a"
