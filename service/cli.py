@@ -1725,6 +1725,12 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     # route (the dispatcher's config decides).
     models = _models(config) if _client_config_path(args) is not None else None
     batch = _batch_jobs(source, models)
+    if batch.routes is not None and models is None:
+        print(
+            "lifeline: no --config: each line's `model` is taken for a route's name; give the "
+            "dispatcher's config for its targets, providers and [model_aliases]",
+            file=sys.stderr,
+        )
     jobs = batch.jobs
     if not jobs:
         print(f"{source} holds no request: nothing to submit")

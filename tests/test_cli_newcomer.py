@@ -829,3 +829,19 @@ def test_an_openai_batch_custom_id_longer_than_a_job_id_may_be_is_refused_by_its
     # Azure OpenAI's batch files name the endpoint without its version
     azure = {**line, "custom_id": "a", "url": "/chat/completions", "method": "POST"}
     assert openai_batch.to_request(azure, None)[0].id == "a"
+
+
+def test_an_openai_batch_run_without_a_config_says_models_are_taken_for_routes(tmp_path):
+    """Without the dispatcher's config a line's `model` can only be a route's name: its aliases
+    ("gpt-4o-mini"), targets and providers are unknown here, and every such line would come
+    back model_not_found, unexplained."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    (tmp_path / "input.jsonl").write_text(json.dumps(line) + "\n")
+    port = free_port()  # nothing listens there
+    ran = lifeline_in(tmp_path, "batch", "input.jsonl", "--nats-url", f"nats://127.0.0.1:{port}")
+    assert ran.returncode == 1, ran
+    assert ran.stderr.startswith(
+        "lifeline: no --config: each line's `model` is taken for a route's name; give the "
+        "dispatcher's config for its targets, providers and [model_aliases]\n"
+    ), ran.stderr
