@@ -429,9 +429,9 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "by default, JetStream keeps each once; after it, a job still waiting from the first "
         "run may be called twice). A file of OpenAI Batch API lines (custom_id, method, url "
         "/v1/chat/completions, body) runs as it is: each body is read as the HTTP gateway "
-        "reads a chat request (`model` names a route, or with a config one of its targets or "
-        "providers), its custom_id is the job's id, and the results are the Batch API's "
-        "output lines.",
+        "reads a chat request (`model` names a route, or with a config one of its targets, "
+        "providers or [model_aliases]), its custom_id is the job's id, and the results are the "
+        "Batch API's output lines.",
         epilog="""\
 examples:
   echo '{"id": "q1", "messages": [{"role": "user", "content": "Summarise: ..."}]}' > jobs.jsonl
