@@ -894,8 +894,8 @@ async def dial_upstream(
     """A test proxy's connection to the server behind it, for a client it took, kept in
     `writers` (which the proxy closes as it stops or cuts its links); None, closed at once, when
     the proxy stopped serving while it was being made. Made after the proxy's stop, it stayed
-    open, and the collector found it in a later test: CI failed that one on its ResourceWarning
-    ("unclosed transport", a StreamWriter whose "loop is closed")."""
+    open until the collector found it in a later test, which then failed on its ResourceWarning
+    ("unclosed transport", a StreamWriter whose "loop is closed": what a CI run once showed)."""
     up_reader, up_writer = await asyncio.open_connection(*upstream)
     if not server.is_serving():
         up_writer.close()
