@@ -845,3 +845,25 @@ def test_an_openai_batch_run_without_a_config_says_models_are_taken_for_routes(t
         "lifeline: no --config: each line's `model` is taken for a route's name; give the "
         "dispatcher's config for its targets, providers and [model_aliases]\n"
     ), ran.stderr
+
+
+def test_an_openai_batch_result_line_is_the_gateway_s_answer_and_reads_back_for_a_rerun():
+    """A job refused before it was sent (too large for NATS) and one answered: each an output
+    line in the Batch API's shape, under the status the gateway gives it, and read back by id
+    and outcome when the run is resumed."""
+    from schemas.errors import PAYLOAD_TOO_LARGE
+    from schemas.wire import ErrorInfo
+    from service import openai_batch
+
+    refused = CompletionReply("big", "error", error=ErrorInfo(PAYLOAD_TOO_LARGE, "too large"))
+    line = json.loads(openai_batch.result_line(refused, "default", 1_700_000_000))
+    assert (line["custom_id"], line["error"], line["response"]["status_code"]) == ("big", None, 413)
+    assert line["response"]["body"]["error"]["message"] == "too large"
+    answered = CompletionReply("ok-1", "ok", content="hi", model="fake-echo")
+    body = json.loads(openai_batch.result_line(answered, "default", 1_700_000_000))["response"]
+    assert (body["status_code"], body["body"]["choices"][0]["message"]["content"]) == (200, "hi")
+    assert body["body"]["created"] == 1_700_000_000 and body["body"]["model"] == "fake-echo"
+    for reply, ok in ((refused, False), (answered, True)):
+        written = openai_batch.result_line(reply, "default", 0)
+        assert openai_batch.read_result_line(written) == (reply.id, ok)
+    assert openai_batch.read_result_line(b'{"custom_id": "x", "response": null}') is None
