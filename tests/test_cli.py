@@ -516,6 +516,27 @@ def test_batch_runs_an_openai_batch_file_and_answers_in_its_output_shape(running
     )
 
 
+def test_the_readme_s_openai_batch_example_runs_on_the_example_config(running, tmp_path):
+    """The README's OpenAI Batch example file, as a newcomer runs it against `make run`: each
+    line's model (two aliases and a provider) served, every result a chat completion."""
+    _, url = running
+    out = tmp_path / "results.jsonl"
+    source = str(ROOT / "workers" / "examples" / "openai_batch.jsonl")
+    ran = run_lifeline("batch", "--nats-url", url, "--config", EXAMPLE, source, "--out", str(out))
+    assert ran.returncode == 0, ran
+    results = {r["custom_id"]: r["response"] for r in map(json.loads, out.read_text().splitlines())}
+    served = {
+        custom_id: (response["status_code"], response["body"]["lifeline"]["route"])
+        for custom_id, response in results.items()
+    }
+    assert served == {
+        "summary-1": (200, "default"),
+        "hedged-2": (200, "hedged"),
+        "direct-3": (200, "default"),  # a provider by name: its chain of one
+    }
+    assert results["direct-3"]["body"]["lifeline"]["provider"] == "backup"
+
+
 def test_batch_writes_to_stdout_and_passes_over_what_is_no_result(running, tmp_path):
     """`--out /dev/stdout` read its own stdout for ids to resume, and waited for ever; a value
     on a job's key that is no result (anyone may have JetStream write one there) stopped the
