@@ -426,9 +426,9 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "by default, JetStream keeps each once; after it, a job still waiting from the first "
         "run may be called twice). A file of OpenAI Batch API lines (custom_id, method, url "
         "/v1/chat/completions, body) runs as it is: each body is read as the HTTP gateway "
-        "reads a chat request (`model` names a route, or with a config one of its targets, "
-        "providers or [model_aliases]), its custom_id is the job's id, and the results are the "
-        "Batch API's output lines.",
+        "reads a chat request (`model` names a route or a [model_aliases] alias, or with a "
+        "config one of its targets or providers), its custom_id is the job's id, and the "
+        "results are the Batch API's output lines.",
         epilog="""\
 examples:
   echo '{"id": "q1", "messages": [{"role": "user", "content": "Summarise: ..."}]}' > jobs.jsonl
@@ -1409,7 +1409,7 @@ def _describe(config: Config) -> None:
                 f"retry_budget {route.retry_budget:g}"
             )
     for alias, name in config.model_aliases.items():
-        print(f"alias    {alias:<12} -> {name}  (a `model` at the gateway and in batch files)")
+        print(f"alias    {alias:<12} -> {name}  (another name for it: a request's route, a model)")
     breaker = breaker_settings(config.breaker)
     print(
         f"breaker  opens after {_count(breaker.consecutive_failures, 'failure')} in a row or "
@@ -1727,8 +1727,9 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         print(f"lifeline: ignored what Lifeline does not carry: {said}", file=sys.stderr)
     if batch.routes is not None and models is None:
         print(
-            "lifeline: no --config: each line's `model` is taken for a route's name; give the "
-            "dispatcher's config for its targets, providers and [model_aliases]",
+            "lifeline: no --config: each line's `model` is sent as its route (a route's name "
+            "or one of the dispatcher's [model_aliases]); give the dispatcher's config to name "
+            "its targets and providers too, and to have each checked before anything is sent",
             file=sys.stderr,
         )
     jobs = batch.jobs

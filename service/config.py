@@ -299,7 +299,8 @@ class Config(Struct, frozen=True):
     jetstream: JetStreamSettings = JetStreamSettings()
     nats: NatsSettings = NatsSettings()
     # [model_aliases]: what else a `model` may name at the HTTP gateway and in an OpenAI Batch
-    # file, each the name of a route, target or provider (an OpenAI SDK's "gpt-4o", say)
+    # file, and a request's `route`: each the name of a route, target or provider (an OpenAI
+    # SDK's "gpt-4o", say; routing.Router resolves them for the dispatcher)
     model_aliases: dict[str, str] = {}
     # What is valid but does nothing as written (see _warnings): every command that loads the
     # config shows them once, at its start; nothing reads them while serving.

@@ -182,6 +182,25 @@ class Router:
             )
         # Requests that name their own targets share one budget (at the routes' defaults).
         self.request_budgets = Budgets(Budget(0.2), Budget(0.1))
+        # [model_aliases]: a request's `route` may be an alias, as a gateway request's `model`
+        # may (a framework integration's model="gpt-4o-mini", a batch file's): the route it
+        # stands for (the same one, its budgets and hedging shared), or a target's or
+        # provider's chain of one, as a request naming it in `targets` gets. The plan names
+        # the route an alias stands for (None for a target's, as for `targets`).
+        self.aliased: dict[str, str | None] = {}
+        for alias, name in config.model_aliases.items():
+            if name in config.routes:
+                self.routes[alias], self.aliased[alias] = self.routes[name], name
+            else:
+                self.routes[alias] = self._route(
+                    [self.named[name]],
+                    self.default_by_kind,
+                    None,
+                    config.dispatcher.max_attempts,
+                    None,
+                    self.request_budgets,
+                )
+                self.aliased[alias] = None
         # Requests with `faults` share one of their own: their simulated failures' retries
         # must not spend the budget of every other client's real ones (as for breakers).
         self.fault_budgets = Budgets(Budget(0.2), Budget(0.1))
@@ -321,6 +340,8 @@ class Router:
             raise _undecodable(data, exc, default_id) from None
         request_id = request.id or default_id or self._ids.next()
         route_name = request.route if request.targets is None else None
+        if self.aliased and route_name in self.aliased:  # no aliases: no lookup
+            route_name = self.aliased[route_name]
 
         try:  # the helpers raise _Refused, which knows neither the request's id nor its route
             if arrived is None:
@@ -439,7 +460,9 @@ class Router:
         if request.targets is None:
             route = self.routes.get(request.route)
             if route is None:
-                known = f"configured routes: {sorted(self.routes)}"
+                known = f"configured routes: {sorted(self.config.routes)}"
+                if self.aliased:
+                    known += f"; model aliases: {sorted(self.aliased)}"
                 if not self.routes:  # a plug-in's config of providers alone: targets is the way
                     known = f"no route is configured: name one of {sorted(self.named)} in targets"
                 raise _Refused(f"unknown route {request.route!r}; {known}", UNKNOWN_ROUTE)

@@ -832,9 +832,9 @@ def test_an_openai_batch_custom_id_longer_than_a_job_id_may_be_is_refused_by_its
 
 
 def test_an_openai_batch_run_without_a_config_says_models_are_taken_for_routes(tmp_path):
-    """Without the dispatcher's config a line's `model` can only be a route's name: its aliases
-    ("gpt-4o-mini"), targets and providers are unknown here, and every such line would come
-    back model_not_found, unexplained."""
+    """Without the dispatcher's config a line's `model` can only go as its route (a route's
+    name or an alias, which the dispatcher resolves): a target's or provider's name would come
+    back unknown_route, unexplained."""
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     line = {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": body}
     (tmp_path / "input.jsonl").write_text(json.dumps(line) + "\n")
@@ -842,8 +842,9 @@ def test_an_openai_batch_run_without_a_config_says_models_are_taken_for_routes(t
     ran = lifeline_in(tmp_path, "batch", "input.jsonl", "--nats-url", f"nats://127.0.0.1:{port}")
     assert ran.returncode == 1, ran
     assert ran.stderr.startswith(
-        "lifeline: no --config: each line's `model` is taken for a route's name; give the "
-        "dispatcher's config for its targets, providers and [model_aliases]\n"
+        "lifeline: no --config: each line's `model` is sent as its route (a route's name or "
+        "one of the dispatcher's [model_aliases]); give the dispatcher's config to name its "
+        "targets and providers too, and to have each checked before anything is sent\n"
     ), ran.stderr
 
 

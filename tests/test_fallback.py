@@ -177,3 +177,27 @@ def test_secret_ids_stay_random_and_distinct_across_the_batches_they_are_drawn_i
     drawn = [ids.next() for _ in range(1000)]  # about 16 draws from the OS
     assert all(len(i) == 24 and int(i, 16) >= 0 for i in drawn)
     assert len(set(drawn)) == 1000 and len({i[:8] for i in drawn}) > 990
+
+
+async def test_a_route_named_by_a_model_alias_runs_the_route_or_target_it_stands_for(
+    lifeline, client, audit
+):
+    """An alias worked as a `model` at the gateway only: a framework integration's
+    model="gpt-4o-mini" or a batch file's line sent without the config reached the dispatcher
+    as an unknown route. The dispatcher takes it as the route it stands for (audited under that
+    route's name), or as a target's chain of one."""
+    cfg = config({"primary": fake(fail_status=503), "backup": fake(reply="from backup")})
+    await lifeline(cfg | {"model_aliases": {"gpt-4o-mini": "default", "gpt-4.1": "primary"}})
+    routed = await ask(client, {**USER_HELLO, "route": "gpt-4o-mini", "id": "by-alias"})
+    assert (routed.status, routed.provider) == ("ok", "backup")  # the default route's fallback
+    assert [a.provider for a in routed.attempts] == ["primary", "backup"]
+    targeted = await ask(client, {**USER_HELLO, "route": "gpt-4.1", "id": "by-target-alias"})
+    assert [a.provider for a in targeted.attempts] == ["primary"]  # its chain of one
+    assert targeted.error.type == "all_failed"
+    events = {event.id: event for _, event in await audit.wait_for(2)}
+    assert events["by-alias"].route == "default"
+    unknown = await ask(client, {**USER_HELLO, "route": "gpt-5"})
+    assert unknown.error.message == (
+        "unknown route 'gpt-5'; configured routes: ['default']; model aliases: "
+        "['gpt-4.1', 'gpt-4o-mini']"
+    )
