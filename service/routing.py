@@ -461,10 +461,10 @@ class Router:
             route = self.routes.get(request.route)
             if route is None:
                 known = f"configured routes: {sorted(self.config.routes)}"
+                if not self.config.routes:  # a plug-in's config of providers: targets is the way
+                    known = f"no route is configured: name one of {sorted(self.named)} in targets"
                 if self.aliased:
                     known += f"; model aliases: {sorted(self.aliased)}"
-                if not self.routes:  # a plug-in's config of providers alone: targets is the way
-                    known = f"no route is configured: name one of {sorted(self.named)} in targets"
                 raise _Refused(f"unknown route {request.route!r}; {known}", UNKNOWN_ROUTE)
             return route
         if not request.targets:

@@ -169,7 +169,11 @@ async def test_requests_with_any_header_block_or_reply_subject_get_their_one_rep
 async def test_unknown_route_of_a_config_without_routes_says_to_name_a_target(lifeline, client):
     """A plug-in's config as the README writes it is one provider and no route: a request
     without `targets` got "unknown route 'default'; configured routes: []", nothing to do."""
-    await lifeline(config({"shouty": fake()}, routes={}))
+    await lifeline(config({"shouty": fake()}, routes={}) | {"model_aliases": {"loud": "shouty"}})
     reply = await ask(client, USER_HELLO)
     assert reply.error is not None and reply.error.type == "unknown_route"
-    assert "targets" in reply.error.message and "'shouty'" in reply.error.message, reply.error
+    assert reply.error.message == (
+        "unknown route 'default'; no route is configured: name one of ['shouty'] in targets; "
+        "model aliases: ['loud']"
+    )
+    assert (await ask(client, {**USER_HELLO, "route": "loud"})).provider == "shouty"
