@@ -34,6 +34,7 @@ from schemas.errors import CHAIN_KINDS, kind_or_status_problem
 from schemas.wire import (
     CONFIG_NAME,
     DROPPABLE,
+    MAX_NAME_LENGTH,
     TARGET_SETS,
     UNSENT_WITH,
     OnMidstream,
@@ -411,7 +412,8 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
         if (route := errors.check(_route, name, table, dispatcher, default_chains, resolve))
         is not None
     }
-    aliases = errors.check(_model_aliases, raw.model_aliases, routes, targets, providers)
+    # Against every route the file declares: one refused above is said once, not again here.
+    aliases = errors.check(_model_aliases, raw.model_aliases, raw.routes, targets, providers)
     errors.raise_any()
     return Config(
         providers=providers,
@@ -442,7 +444,7 @@ def _model_aliases(
     known = [*routes, *targets, *providers]
     for alias, name in table.items():
         key = f"model_aliases.{_one_line(alias)}"
-        if not alias or len(alias) > 256 or not alias.isprintable():
+        if not alias or len(alias) > MAX_NAME_LENGTH or not alias.isprintable():
             raise ConfigError(f"{key}: an alias is 1 to 256 printable characters")
         if alias in known:
             raise ConfigError(

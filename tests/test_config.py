@@ -873,6 +873,14 @@ def test_model_aliases_name_routes_targets_or_providers_and_say_what_is_wrong(tm
         base | {"model_aliases": {"bell\a": "default"}}
     )
     assert "model_aliases.x: 3 is no route" in error(base | {"model_aliases": {"x": 3}})
+    # An alias of a route refused for its own mistake adds none of its own.
+    broken = base | {
+        "routes": {"default": {"targets": ["nope"]}},
+        "model_aliases": {"m": "default"},
+    }
+    assert error(broken) == "routes.default.targets[0]: unknown target or provider 'nope' " + (
+        "(configured: backup, main, small)"
+    )
     # TOML reads an unquoted dotted key as a table: the mistake says to quote it.
     written = write(tmp_path, '[providers.a]\nkind = "fake"\n[model_aliases]\ngpt-4.1 = "a"\n')
     assert file_error(written).endswith(
